@@ -1,0 +1,42 @@
+# Sluicegate — developer commands. `make run` for the offline demo, `make test` for the tests.
+PYTHON ?= python3
+PORT ?= 8080
+MOCK_PORT ?= 18080
+CONFIG ?= deploy/default_config.py
+PYTEST_ARGS ?=
+
+.PHONY: install run mock test services pgvector lint bench bench-tools check-config
+
+install:  ## the package (editable) with the test and lint tools
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+run: install  ## offline demo: mock provider on $(MOCK_PORT), gateway on $(PORT)
+	@$(PYTHON) -m tests.mock_providers --host 127.0.0.1 --port $(MOCK_PORT) & \
+	  mock=$$!; trap 'kill $$mock 2>/dev/null' EXIT INT TERM; \
+	  SLUICEGATE_DEMO_UPSTREAM=http://127.0.0.1:$(MOCK_PORT) \
+	  $(PYTHON) -m gateway.cli serve --config $(CONFIG) --host 127.0.0.1 --port $(PORT)
+
+mock:  ## the mock providers alone, in the foreground
+	$(PYTHON) -m tests.mock_providers --host 127.0.0.1 --port $(MOCK_PORT)
+
+check-config:
+	$(PYTHON) -m gateway.cli check-config $(CONFIG)
+
+services:  ## start local Redis and PostgreSQL if needed; build pgvector if missing
+	bash deploy/scripts/services.sh
+
+pgvector:  ## build and install pgvector for PostgreSQL 15 (idempotent)
+	bash deploy/scripts/build_pgvector.sh
+
+test: install services  ## everything the tests need, then the tests
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint:
+	$(PYTHON) -m ruff check --line-length 100 --target-version py311 gateway middleware providers tests deploy
+	$(PYTHON) -m mypy
+
+bench-tools:  ## wrk, hey, nginx (the fast mock upstream) and LiteLLM in its own venv
+	bash deploy/scripts/install_bench_tools.sh
+
+bench: install bench-tools  ## the benchmark table (tests/bench/RESULTS.md); not part of `make test`
+	$(PYTHON) tests/bench/run_bench.py $(BENCH_ARGS)

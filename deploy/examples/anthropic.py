@@ -1,0 +1,26 @@
+"""Example config: Anthropic's Messages API. OpenAI-SDK callers are translated; Anthropic-SDK callers pass through.
+
+Run: `sluicegate serve --config deploy/examples/anthropic.py`.
+"""
+from gateway.config import Deployment, Middleware, Model, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+providers = {
+    "anthropic": Provider("anthropic", api_key_env="ANTHROPIC_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
+}
+models: dict[str, Model | list[Deployment]] = {
+    "claude-sonnet": [Deployment("anthropic", "claude-sonnet-4-5")],
+    "claude-haiku": [Deployment("anthropic", "claude-3-5-haiku-latest")],
+}
+middleware = [
+    Middleware(AuthMiddleware),
+    Middleware(MeteringMiddleware),
+    Middleware(QuotaMiddleware),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware),
+]

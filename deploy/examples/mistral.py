@@ -1,0 +1,26 @@
+"""Example config: Mistral's OpenAI-compatible API at https://api.mistral.ai/v1.
+
+Run: `sluicegate serve --config deploy/examples/mistral.py`.
+"""
+from gateway.config import Deployment, Middleware, Model, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+providers = {
+    "mistral": Provider("mistral", api_key_env="MISTRAL_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
+}
+models: dict[str, Model | list[Deployment]] = {
+    "mistral-small": [Deployment("mistral", "mistral-small-latest")],
+    "mistral-embed": [Deployment("mistral", "mistral-embed")],
+}
+middleware = [
+    Middleware(AuthMiddleware),
+    Middleware(MeteringMiddleware),
+    Middleware(QuotaMiddleware),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware),
+]

@@ -1,0 +1,25 @@
+"""Example config: Ollama's OpenAI-compatible `/v1` endpoint on this host; it needs no key.
+
+Run: `sluicegate serve --config deploy/examples/ollama.py`.
+"""
+from gateway.config import Deployment, Middleware, Model, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+providers = {
+    "ollama": Provider("ollama", base_url="http://127.0.0.1:11434/v1", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
+}
+models: dict[str, Model | list[Deployment]] = {
+    "llama3": [Deployment("ollama", "llama3.2")],
+}
+middleware = [
+    Middleware(AuthMiddleware),
+    Middleware(MeteringMiddleware),
+    Middleware(QuotaMiddleware),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware),
+]

@@ -1,0 +1,25 @@
+"""Example config: A self-hosted vLLM server (`vllm serve ... --api-key $VLLM_API_KEY`).
+
+Run: `sluicegate serve --config deploy/examples/vllm.py`.
+"""
+from gateway.config import Deployment, Middleware, Model, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+providers = {
+    "vllm": Provider("vllm", base_url="http://127.0.0.1:8000/v1", api_key_env="VLLM_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
+}
+models: dict[str, Model | list[Deployment]] = {
+    "qwen": [Deployment("vllm", "Qwen/Qwen2.5-7B-Instruct")],
+}
+middleware = [
+    Middleware(AuthMiddleware),
+    Middleware(MeteringMiddleware),
+    Middleware(QuotaMiddleware),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware),
+]

@@ -1,0 +1,25 @@
+"""Example config: xAI's OpenAI-compatible API at https://api.x.ai/v1.
+
+Run: `sluicegate serve --config deploy/examples/xai.py`.
+"""
+from gateway.config import Deployment, Middleware, Model, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+providers = {
+    "xai": Provider("xai", api_key_env="XAI_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
+}
+models: dict[str, Model | list[Deployment]] = {
+    "grok": [Deployment("xai", "grok-2-latest")],
+}
+middleware = [
+    Middleware(AuthMiddleware),
+    Middleware(MeteringMiddleware),
+    Middleware(QuotaMiddleware),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware),
+]

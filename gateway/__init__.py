@@ -1,0 +1,11 @@
+"""Sluicegate's kernel: config loading, request context, errors, the app factory and the CLI."""
+from gateway.app import create_app
+from gateway.config import ConfigError, Deployment, Middleware, Model, Settings, load_config
+from gateway.context import RequestContext, Usage, request_context
+from gateway.errors import ClientDisconnected, GatewayError, UpstreamError
+
+__all__ = [
+    "ClientDisconnected", "ConfigError", "Deployment", "GatewayError", "Middleware", "Model",
+    "RequestContext", "Settings", "UpstreamError", "Usage", "create_app", "load_config",
+    "request_context",
+]

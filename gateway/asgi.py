@@ -1,0 +1,8 @@
+"""`gateway.asgi:app` — the app hypercorn workers import, built from $SLUICEGATE_CONFIG."""
+from __future__ import annotations
+
+import os
+
+from gateway.app import create_app
+
+app = create_app(os.environ["SLUICEGATE_CONFIG"])

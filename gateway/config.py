@@ -1,0 +1,150 @@
+"""Loading the operator's config module: providers, models, the middleware list, settings.
+
+The config module is a plain Python file. It defines `providers` (name -> adapter made with
+`providers.Provider(...)`), `models` (public name -> `Model` or a list of `Deployment`),
+`middleware` (a list of `Middleware(cls, **options)`, top = outermost) and optionally
+`settings = Settings(...)`. Every problem becomes one `ConfigError` sentence naming the file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.middleware import Middleware
+
+from gateway.upstream import Deployment, Model, ProviderAdapter, Timeouts
+
+__all__ = [
+    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Settings", "Timeouts",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, stated as one sentence for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Kernel settings; every field has a safe default."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    request_id_header: str = "x-request-id"
+    log_level: str = "info"
+    demo: bool = False  # marks a config that serves mock upstreams; shown by /v1/models
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    """A loaded, validated config module."""
+
+    path: str
+    providers: dict[str, ProviderAdapter]
+    models: dict[str, Model]
+    middleware: list[Middleware] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Executes the config module at `path` and validates what it declares."""
+    path = str(path)
+    module = _execute(path)
+    try:
+        config = GatewayConfig(
+            path=path,
+            providers=_providers(module),
+            models=_models(module),
+            middleware=_middleware(module),
+            settings=_settings(module),
+        )
+        _check_references(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _execute(path: str) -> Any:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file.")
+    name = "sluicegate_config_" + str(abs(hash(os.path.abspath(path))))
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: not a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # lets spawned hypercorn workers and pickling find classes
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except Exception as exc:
+        line = _config_line(exc, path)
+        raise ConfigError(f"{path}{line}: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _config_line(exc: BaseException, path: str) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+    return f", line {frames[-1].lineno}" if frames else ""
+
+
+def _providers(module: Any) -> dict[str, ProviderAdapter]:
+    providers = getattr(module, "providers", None)
+    if not isinstance(providers, dict) or not providers:
+        raise ConfigError("it must define `providers`, a non-empty dict of name -> Provider(...).")
+    for name, adapter in providers.items():
+        if not callable(getattr(adapter, "call", None)) or not hasattr(adapter, "resolve"):
+            raise ConfigError(f"provider {name!r} is not a Provider(...) from the providers package.")
+        adapter.resolve(name)
+    return dict(providers)
+
+
+def _models(module: Any) -> dict[str, Model]:
+    declared = getattr(module, "models", None)
+    if not isinstance(declared, dict) or not declared:
+        raise ConfigError("it must define `models`, a non-empty dict of public name -> Model(...).")
+    models: dict[str, Model] = {}
+    for name, value in declared.items():
+        if isinstance(value, (list, tuple)):
+            value = Model(list(value))
+        if not isinstance(value, Model):
+            raise ConfigError(f"model {name!r} must be a Model(...) or a list of Deployment(...).")
+        if not value.deployments:
+            raise ConfigError(f"model {name!r} has no deployments.")
+        for deployment in value.deployments:
+            if not isinstance(deployment, Deployment):
+                raise ConfigError(f"model {name!r} lists {deployment!r}, not a Deployment(...).")
+        models[str(name)] = value
+    return models
+
+
+def _middleware(module: Any) -> list[Middleware]:
+    stack = getattr(module, "middleware", [])
+    if not isinstance(stack, (list, tuple)):
+        raise ConfigError("`middleware` must be a list of Middleware(cls, **options).")
+    for item in stack:
+        if not isinstance(item, Middleware):
+            raise ConfigError(f"`middleware` holds {item!r}, not a Middleware(cls, **options).")
+    return list(stack)
+
+
+def _settings(module: Any) -> Settings:
+    settings = getattr(module, "settings", Settings())
+    if not isinstance(settings, Settings):
+        raise ConfigError("`settings` must be a Settings(...).")
+    return settings
+
+
+def _check_references(config: GatewayConfig) -> None:
+    for name, model in config.models.items():
+        for deployment in model.deployments:
+            if deployment.provider not in config.providers:
+                known = ", ".join(sorted(config.providers))
+                raise ConfigError(
+                    f"model {name!r} uses provider {deployment.provider!r}, which is not in "
+                    f"`providers` (known: {known})."
+                )

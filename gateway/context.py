@@ -1,0 +1,132 @@
+"""The typed per-request context every layer reads and writes.
+
+The kernel creates one `RequestContext` per API request and stores it in the ASGI scope under
+`CONTEXT_KEY`. Layers talk to each other only through it; each field names the layer that
+writes it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, MutableMapping
+
+CONTEXT_KEY = "sluicegate.context"
+
+# Ingress operations: which API the caller spoke. The first word is the wire format.
+OPENAI_CHAT = "openai.chat"
+OPENAI_COMPLETIONS = "openai.completions"
+OPENAI_EMBEDDINGS = "openai.embeddings"
+OPENAI_RESPONSES = "openai.responses"
+ANTHROPIC_MESSAGES = "anthropic.messages"
+ANTHROPIC_COUNT_TOKENS = "anthropic.count_tokens"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Actual token usage of one upstream call, in provider-neutral terms.
+
+    `input_tokens` includes cached input tokens (OpenAI's convention); `cached_input_tokens`
+    says how many of them were read from a provider-side prompt cache.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any] | None) -> "Usage | None":
+        """Reads an OpenAI `usage` object (chat, completions, embeddings or responses)."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        in_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        out_details = (
+            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        )
+        return cls(
+            input_tokens=int(prompt),
+            output_tokens=int(completion),
+            cached_input_tokens=int(in_details.get("cached_tokens") or 0),
+            reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
+        )
+
+    @classmethod
+    def from_anthropic(cls, usage: dict[str, Any] | None) -> "Usage | None":
+        """Reads an Anthropic `usage` object; its `input_tokens` excludes cache reads/writes."""
+        if not isinstance(usage, dict):
+            return None
+        cache_read = int(usage.get("cache_read_input_tokens") or 0)
+        cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+        return cls(
+            input_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
+            output_tokens=int(usage.get("output_tokens") or 0),
+            cached_input_tokens=cache_read,
+        )
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream call made for this request (written by the passthrough)."""
+
+    provider: str
+    deployment: str
+    status: int
+    error_type: str | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything known about one API request, shared by the layers."""
+
+    # Written by the kernel.
+    request_id: str
+    operation: str  # one of the ingress constants above
+    api_format: str  # "openai" or "anthropic": the shape of every response and error
+    body: dict[str, Any]
+    raw_body: bytes
+    model: str
+    stream: bool
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the scope's, lower-case
+    started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    # Written by the auth layer: who is calling.
+    principal: Any = None
+    customer: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    # Written by the failover layer: which deployment to call next. None: the first one.
+    deployment: Any = None
+    # Written by the passthrough.
+    attempts: list[Attempt] = field(default_factory=list)
+    served_model: str | None = None
+    provider: str | None = None
+    usage: Usage | None = None
+    first_byte_s: float | None = None
+    # Written by whoever ends the request.
+    status: int = 0
+    error_type: str | None = None
+    client_disconnected: bool = False
+    # Written by the cache layer.
+    cache_status: str | None = None
+    # Free room for operators' custom layers, like Starlette's `request.state`.
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+Scope = MutableMapping[str, Any]
+
+
+def request_context(scope: Scope) -> RequestContext:
+    """The context of an API request; a KeyError means the layer sits outside the kernel."""
+    ctx: RequestContext = scope[CONTEXT_KEY]
+    return ctx
+
+
+def find_request_context(scope: Scope) -> RequestContext | None:
+    """The context, or None for requests the kernel answers itself (health, models)."""
+    return scope.get(CONTEXT_KEY)

@@ -1,0 +1,120 @@
+"""API-shaped errors: one helper renders every refusal in the caller's wire format.
+
+A refusal (bad input, auth, quota, upstream failure) is a `GatewayError` raised by any layer;
+the kernel turns it into a response in the shape of the API the caller spoke, unless the
+response has already started. A bug is any other exception.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# Status -> (OpenAI error type, Anthropic error type). Sources: OpenAI "Error codes" guide,
+# Anthropic "Errors" page (https://docs.anthropic.com/en/api/errors).
+_TYPES_BY_STATUS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("authentication_error", "authentication_error"),
+    402: ("insufficient_quota", "billing_error"),
+    403: ("permission_error", "permission_error"),
+    404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
+    408: ("timeout_error", "timeout_error"),
+    409: ("conflict_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "invalid_request_error"),
+    422: ("invalid_request_error", "invalid_request_error"),
+    429: ("rate_limit_error", "rate_limit_error"),
+    500: ("server_error", "api_error"),
+    502: ("upstream_error", "api_error"),
+    503: ("service_unavailable", "overloaded_error"),
+    504: ("timeout_error", "timeout_error"),
+    529: ("service_unavailable", "overloaded_error"),
+}
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class GatewayError(Exception):
+    """A refusal with a status and a message meant for the API caller."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.error_type = error_type
+        self.headers = headers or []
+
+    def type_for(self, api_format: str) -> str:
+        if self.error_type:
+            return self.error_type
+        openai_type, anthropic_type = _TYPES_BY_STATUS.get(
+            self.status, ("server_error" if self.status >= 500 else "invalid_request_error",
+                          "api_error" if self.status >= 500 else "invalid_request_error"))
+        return anthropic_type if api_format == "anthropic" else openai_type
+
+    def body(self, api_format: str) -> dict[str, Any]:
+        error_type = self.type_for(api_format)
+        if api_format == "anthropic":
+            return {"type": "error", "error": {"type": error_type, "message": self.message}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def render(self, api_format: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        body = orjson.dumps(self.body(api_format))
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *self.headers]
+        return self.status, headers, body
+
+
+class UpstreamError(GatewayError):
+    """A provider call that failed before any byte reached the client.
+
+    The failover layer may retry it; otherwise the kernel renders it with the provider's
+    status and `Retry-After` kept.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        provider: str,
+        error_type: str | None = None,
+        retry_after: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        headers = [(b"retry-after", retry_after.encode("latin-1"))] if retry_after else []
+        super().__init__(status, message, headers=headers, code=error_type)
+        self.provider = provider
+        self.upstream_error_type = error_type
+        self.retry_after = retry_after
+        self.retryable = retryable if retryable is not None else status in (408, 429) or status >= 500
+
+
+class ClientDisconnected(Exception):
+    """The caller went away; there is nobody to answer. Layers may record it and re-raise."""
+
+
+def stream_error_event(api_format: str, error: GatewayError) -> bytes:
+    """The in-band SSE event that ends a stream whose response has already started."""
+    body = orjson.dumps(error.body(api_format))
+    if api_format == "anthropic":
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,79 @@
+"""Ingress detection and request validation: which API the caller spoke, and is it usable.
+
+Pure functions over the path, headers and parsed body; the kernel calls them once per request.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import context as c
+from gateway.errors import GatewayError
+
+# Route path -> ingress operation. Paths are accepted with and without the `/v1` prefix,
+# as the OpenAI and Anthropic SDKs can be pointed at either form of base URL.
+_OPERATIONS = {
+    "/chat/completions": c.OPENAI_CHAT,
+    "/completions": c.OPENAI_COMPLETIONS,
+    "/embeddings": c.OPENAI_EMBEDDINGS,
+    "/responses": c.OPENAI_RESPONSES,
+    "/messages": c.ANTHROPIC_MESSAGES,
+    "/messages/count_tokens": c.ANTHROPIC_COUNT_TOKENS,
+}
+OPERATIONS_BY_PATH = {**_OPERATIONS, **{"/v1" + path: op for path, op in _OPERATIONS.items()}}
+
+# Which body field must be a list for each operation (the rest is left to the provider).
+_REQUIRED_FIELDS = {
+    c.OPENAI_CHAT: ("messages", list),
+    c.ANTHROPIC_MESSAGES: ("messages", list),
+    c.ANTHROPIC_COUNT_TOKENS: ("messages", list),
+    c.OPENAI_COMPLETIONS: ("prompt", (str, list)),
+    c.OPENAI_EMBEDDINGS: ("input", (str, list)),
+    c.OPENAI_RESPONSES: ("input", (str, list)),
+}
+
+
+def api_format_of(operation: str) -> str:
+    return "anthropic" if operation.startswith("anthropic") else "openai"
+
+
+def guess_api_format(path: str, headers: list[tuple[bytes, bytes]]) -> str:
+    """The error shape for requests that matched no route: Anthropic if it looks like one."""
+    if "/messages" in path:
+        return "anthropic"
+    for name, _ in headers:
+        if name == b"anthropic-version":
+            return "anthropic"
+    return "openai"
+
+
+def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, bool]:
+    """Returns (model, stream) or raises the 4xx the caller should see."""
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None or model == "":
+        raise GatewayError(400, "You must provide a model parameter.", param="model",
+                           code="missing_model")
+    if not isinstance(model, str):
+        raise GatewayError(400, "The model parameter must be a string.", param="model")
+    if model not in models:
+        raise GatewayError(
+            404, f"The model '{model}' does not exist or you do not have access to it.",
+            param="model", code="model_not_found",
+        )
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise GatewayError(400, "The stream parameter must be a boolean.", param="stream")
+    field_name, kind = _REQUIRED_FIELDS[operation]
+    value = body.get(field_name)
+    if not isinstance(value, kind) or (isinstance(value, (list, str)) and not value):
+        raise GatewayError(
+            400, f"'{field_name}' is required and must be a non-empty "
+                 f"{'array' if kind is list else 'string or array'}.",
+            param=field_name,
+        )
+    if operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS) and stream:
+        raise GatewayError(400, "This endpoint does not stream.", param="stream")
+    return model, stream

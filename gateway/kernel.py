@@ -1,0 +1,310 @@
+"""The kernel: the outermost ASGI app, always present, never in the operator's list.
+
+It answers health, readiness and model-list requests itself; for API requests it assigns the
+request id, reads the body once (bounded), parses it once, detects the ingress format, puts a
+`RequestContext` in the scope, runs the operator's stack, and turns refusals into API-shaped
+errors while the response has not started. It also owns startup and shutdown of every
+component in the stack that has `startup`/`shutdown` methods.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+
+import orjson
+
+from gateway.config import GatewayConfig
+from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.errors import ClientDisconnected, GatewayError
+from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("sluicegate")
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
+    for name, value in headers:
+        if name == header:
+            # Passed through only when it is short and printable, so it is safe in logs.
+            if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").isalnum():
+                return value
+            break
+    return os.urandom(16).hex().encode()
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the mount point (Starlette keeps the full path and sets root_path)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+def stack_components(app: Any) -> list[Any]:
+    """The chain of layers under the kernel, outermost first, following `.app` links."""
+    components = []
+    seen: set[int] = set()
+    while app is not None and id(app) not in seen:
+        seen.add(id(app))
+        components.append(app)
+        app = getattr(app, "app", None)
+    return components
+
+
+class Kernel:
+    """The gateway's ASGI application (what `create_app` returns)."""
+
+    def __init__(self, app: ASGIApp, *, config: GatewayConfig) -> None:
+        self.app = app
+        self.config = config
+        self.max_body_bytes = config.settings.max_body_bytes
+        self.request_id_header = config.settings.request_id_header.lower().encode()
+        self.components = stack_components(app)
+        self._models_openai = orjson.dumps(self._model_list_openai())
+        self._models_anthropic = orjson.dumps(self._model_list_anthropic())
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Opens every component's resources, innermost first (idempotent)."""
+        async with self._start_lock:
+            if self._started:
+                return
+            for component in reversed(self.components):
+                start = getattr(component, "startup", None)
+                if callable(start):
+                    await start()
+            self._started = True
+
+    async def shutdown(self) -> None:
+        """Closes resources in the reverse order of startup: outermost first."""
+        async with self._start_lock:
+            if not self._started:
+                return
+            self._started = False
+            for component in self.components:
+                stop = getattr(component, "shutdown", None)
+                if callable(stop):
+                    await stop()
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator["Kernel"]:
+        """For host apps that own the lifespan: `async with gateway.lifespan(): yield`."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._serve_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        if not self._started:  # mounted in a host that never forwards lifespan
+            await self.startup()
+        path = route_path(scope)
+        operation = OPERATIONS_BY_PATH.get(path)
+        if operation is None:
+            await self._serve_builtin(scope, path, send)
+            return
+        request_id = _request_id(scope["headers"], self.request_id_header)
+        api_format = api_format_of(operation)
+        try:
+            ctx = await self._make_context(scope, receive, operation, api_format, request_id)
+        except GatewayError as exc:
+            await self._send_error(send, exc, api_format, request_id)
+            return
+        scope[CONTEXT_KEY] = ctx
+        await self._run_stack(scope, receive, send, ctx)
+
+    async def _make_context(
+        self, scope: Scope, receive: Receive, operation: str, api_format: str, request_id: bytes
+    ) -> RequestContext:
+        if scope["method"] != "POST":
+            raise GatewayError(405, f"Method {scope['method']} is not allowed here; use POST.",
+                               headers=[(b"allow", b"POST")])
+        content_length = self._check_headers(scope["headers"])
+        raw = await self._read_body(receive, content_length)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
+        model, stream = check_body(operation, body, self.config.models)
+        return RequestContext(
+            request_id=request_id.decode(), operation=operation, api_format=api_format,
+            body=body, raw_body=raw, model=model, stream=stream, headers=scope["headers"],
+        )
+
+    def _check_headers(self, headers: list[tuple[bytes, bytes]]) -> int | None:
+        content_length = None
+        for name, value in headers:
+            if name == b"content-type":
+                media_type = value.split(b";", 1)[0].strip().lower()
+                if media_type != b"application/json":
+                    raise GatewayError(
+                        415, f"Content-Type must be application/json, not "
+                             f"{media_type.decode('latin-1')!r}.")
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else None
+        if content_length is not None and content_length > self.max_body_bytes:
+            raise self._too_large()
+        return content_length
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, f"The request body exceeds {self.max_body_bytes} bytes.",
+                            code="request_too_large")
+
+    async def _read_body(self, receive: Receive, content_length: int | None) -> bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+            return body
+        chunks, size = [body], len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _run_stack(self, scope: Scope, receive: Receive, send: Send,
+                         ctx: RequestContext) -> None:
+        request_id = ctx.request_id.encode()
+        started = False
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                if started:
+                    raise RuntimeError("a layer sent a second response start")
+                started = True
+                ctx.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except GatewayError as exc:
+            ctx.status = exc.status
+            ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
+            if not started:
+                await self._send_error(send, exc, ctx.api_format, request_id)
+        except ClientDisconnected:
+            ctx.client_disconnected = True
+        except Exception:
+            logger.exception("unhandled error in request %s", ctx.request_id)
+            ctx.status, ctx.error_type = 500, "internal_error"
+            if not started:
+                error = GatewayError(500, "The gateway failed to handle this request; "
+                                          f"request id {ctx.request_id}.")
+                await self._send_error(send, error, ctx.api_format, request_id)
+
+    async def _send_error(self, send: Send, error: GatewayError, api_format: str,
+                          request_id: bytes) -> None:
+        status, headers, body = error.render(api_format)
+        headers.append((b"x-request-id", request_id))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- requests the kernel answers itself --------------------------------------------------
+
+    async def _serve_builtin(self, scope: Scope, path: str, send: Send) -> None:
+        request_id = _request_id(scope["headers"], self.request_id_header)
+        if path in ("/v1/models", "/models"):
+            anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
+            body = self._models_anthropic if anthropic else self._models_openai
+            await self._send_json(send, 200, body, request_id, scope)
+        elif path == "/healthz":
+            await self._send_json(send, 200, b'{"status":"ok"}', request_id, scope)
+        elif path == "/readyz":
+            status, body = await self._readiness()
+            await self._send_json(send, status, body, request_id, scope)
+        else:
+            api_format = guess_api_format(path, scope["headers"])
+            error = GatewayError(404, f"Unknown path {path!r}.", code="unknown_url")
+            await self._send_error(send, error, api_format, request_id)
+
+    async def _send_json(self, send: Send, status: int, body: bytes, request_id: bytes,
+                         scope: Scope) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET.",
+                                 headers=[(b"allow", b"GET")])
+            await self._send_error(send, error, "openai", request_id)
+            return
+        headers = [*_JSON, (b"content-length", str(len(body)).encode()),
+                   (b"x-request-id", request_id)]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})
+
+    async def _readiness(self) -> tuple[int, bytes]:
+        """Asks each component with a `check_ready()` for {store name: "ok" | problem}."""
+        checks: dict[str, str] = {}
+        for component in self.components:
+            check = getattr(component, "check_ready", None)
+            if callable(check):
+                try:
+                    checks.update(await asyncio.wait_for(check(), timeout=2.0))
+                except Exception as exc:  # a failing store is a report, not a crash
+                    checks[type(component).__name__] = f"error: {type(exc).__name__}"
+        ready = self._started and all(value == "ok" for value in checks.values())
+        payload = {"status": "ready" if ready else "not ready", "started": self._started,
+                   "checks": checks}
+        return (200 if ready else 503), orjson.dumps(payload)
+
+    def _model_list_openai(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": model.owned_by}
+            for name, model in self.config.models.items()
+        ]}
+
+    def _model_list_anthropic(self) -> dict[str, Any]:
+        names = list(self.config.models)
+        return {
+            "data": [{"type": "model", "id": name, "display_name": name,
+                      "created_at": "1970-01-01T00:00:00Z"} for name in names],
+            "has_more": False, "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None,
+        }

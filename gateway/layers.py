@@ -1,0 +1,70 @@
+"""Helpers for writing layers, built-in or the operator's own.
+
+A layer is a pure ASGI middleware: `__init__(app, **options)` that only stores configuration,
+and `async __call__(scope, receive, send)` whose first statement passes non-HTTP scopes
+through. It reads and writes the `RequestContext` (`find_request_context(scope)`; None for
+requests the kernel answers itself), refuses with `GatewayError` (rendered in the caller's
+API shape by the kernel), and may define `async startup()`, `async shutdown()` and
+`async check_ready() -> dict[str, str]`, which the kernel calls.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gateway.context import RequestContext, find_request_context, request_context
+from gateway.errors import GatewayError
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "ASGIApp", "GatewayError", "Message", "Receive", "RequestContext", "Scope", "Send",
+    "ShellLayer", "find_request_context", "request_context", "text_of_messages",
+]
+
+logger = logging.getLogger("sluicegate")
+
+
+class ShellLayer:
+    """A built-in concern whose behaviour has not been built yet: it passes every request
+    through untouched and says so at startup. It takes no options, so a configuration that
+    expects it to enforce something fails to start instead of silently enforcing nothing."""
+
+    concern = "shell"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def startup(self) -> None:
+        logger.warning("the %s layer is a pass-through shell: it enforces nothing yet",
+                       self.concern)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def text_of_messages(body: dict[str, Any]) -> list[str]:
+    """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers)."""
+    texts: list[str] = []
+    for key in ("system", "prompt", "input"):
+        texts.extend(_texts(body.get(key)))
+    for message in body.get("messages") or ():
+        if isinstance(message, dict):
+            texts.extend(_texts(message.get("content")))
+    return texts
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out: list[str] = []
+        for item in value:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, dict):
+                if isinstance(item.get("text"), str):
+                    out.append(item["text"])
+                elif "content" in item:
+                    out.extend(_texts(item["content"]))
+        return out
+    return []

@@ -1,0 +1,53 @@
+"""The innermost app: sends the request to the chosen deployment and streams the answer back.
+
+It holds no policy. The deployment is the one the failover layer put in the context, or the
+model's first deployment when no failover layer is configured. Translation and streaming are
+the provider adapter's job (providers/); this app only dispatches and watches for disconnects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.context import request_context
+from gateway.disconnect import run_until_disconnect
+from gateway.errors import GatewayError
+from gateway.kernel import Receive, Scope, Send
+from gateway.upstream import Deployment, Model, ProviderAdapter
+
+
+class Passthrough:
+    """Dispatches each API request to its deployment's provider adapter."""
+
+    def __init__(self, *, providers: dict[str, ProviderAdapter], models: dict[str, Model]) -> None:
+        self.providers = providers
+        self.models = models
+
+    async def startup(self) -> None:
+        for adapter in self.providers.values():
+            await adapter.startup()
+
+    async def shutdown(self) -> None:
+        for adapter in reversed(list(self.providers.values())):
+            await adapter.shutdown()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        ctx = request_context(scope)
+        deployment: Deployment = ctx.deployment or self.models[ctx.model].deployments[0]
+        adapter = self.providers[deployment.provider]
+        if not adapter.supports(ctx.operation):
+            raise GatewayError(
+                400, f"Model '{ctx.model}' is served by a {adapter.type_name} deployment, which "
+                     f"does not support {_OPERATION_NAMES.get(ctx.operation, ctx.operation)}.",
+                param="model", code="unsupported_operation",
+            )
+        await run_until_disconnect(adapter.call(ctx, deployment, send), receive, ctx)
+
+
+_OPERATION_NAMES: dict[str, Any] = {
+    "openai.completions": "/v1/completions",
+    "openai.embeddings": "/v1/embeddings",
+    "openai.responses": "/v1/responses",
+    "anthropic.count_tokens": "/v1/messages/count_tokens",
+}

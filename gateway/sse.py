@@ -1,0 +1,77 @@
+"""Server-sent events: an incremental parser and the encoders for both ingress formats.
+
+Parsing follows the WHATWG EventSource rules that OpenAI, Anthropic and Gemini streams use:
+events end at a blank line; `event:` names the event; `data:` lines are joined with newlines;
+lines starting with `:` are comments.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class SSEParser:
+    """Turns arbitrary byte chunks into complete (event name, data) pairs."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 2:]
+        return [event for block in buffer[:end].split(b"\n\n") if (event := _parse_block(block))]
+
+    def flush(self) -> list[tuple[str | None, str]]:
+        """What is left once the upstream closed (a last event without its blank line)."""
+        rest, self._buffer = self._buffer, b""
+        event = _parse_block(rest.strip(b"\n"))
+        return [event] if event else []
+
+
+def _parse_block(block: bytes) -> tuple[str | None, str] | None:
+    name: str | None = None
+    data: list[str] = []
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value.decode("utf-8", "replace"))
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if not data and name is None:
+        return None
+    return name, "\n".join(data)
+
+
+def split_complete_events(buffer: bytes) -> tuple[bytes, bytes]:
+    """Splits raw SSE bytes into (complete events, the unfinished tail), without parsing."""
+    end = buffer.rfind(b"\n\n")
+    if end < 0:
+        crlf = buffer.rfind(b"\r\n\r\n")
+        if crlf < 0:
+            return b"", buffer
+        return buffer[:crlf + 4], buffer[crlf + 4:]
+    return buffer[:end + 2], buffer[end + 2:]
+
+
+def openai_event(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+OPENAI_DONE = b"data: [DONE]\n\n"
+
+
+def named_event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

@@ -1,0 +1,59 @@
+"""Fast input-token estimates for requests, used where no provider counts for us.
+
+A heuristic (about four bytes of UTF-8 text per token, plus a per-message overhead as in
+OpenAI's chat format), cheap enough for the hot path. Exact counts come from the provider's
+usage after the call; admission (the quota layer) reconciles with those.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_PER_MESSAGE = 3
+_PER_IMAGE = 85  # OpenAI's low-detail image cost; images are otherwise not counted by size
+
+
+def estimate_text(text: str) -> int:
+    return (len(text.encode("utf-8")) + 3) // 4
+
+
+def _estimate_content(content: Any) -> int:
+    if isinstance(content, str):
+        return estimate_text(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, dict):
+                kind = part.get("type")
+                if kind in ("image_url", "image", "input_image"):
+                    total += _PER_IMAGE
+                elif kind == "tool_use":
+                    total += estimate_text(str(part.get("input", "")))
+                elif kind == "tool_result":
+                    total += _estimate_content(part.get("content"))
+                else:
+                    total += estimate_text(str(part.get("text", "")))
+            else:
+                total += estimate_text(str(part))
+        return total
+    return 0 if content is None else estimate_text(str(content))
+
+
+def estimate_messages(messages: list[Any], system: Any = None, tools: Any = None) -> int:
+    """Input tokens of a chat/messages request (messages, system prompt, tool definitions)."""
+    total = _estimate_content(system) if system else 0
+    for message in messages:
+        if isinstance(message, dict):
+            total += _PER_MESSAGE + _estimate_content(message.get("content"))
+            for call in message.get("tool_calls") or ():
+                total += estimate_text(str(call))
+    if tools:
+        total += estimate_text(str(tools))
+    return total + _PER_MESSAGE
+
+
+def estimate_input(texts: str | list[Any]) -> int:
+    """Input tokens of an embeddings/completions `input` or `prompt`."""
+    if isinstance(texts, str):
+        return estimate_text(texts)
+    return sum(estimate_text(t) if isinstance(t, str) else len(t) if isinstance(t, list) else 0
+               for t in texts)

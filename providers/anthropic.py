@@ -1,0 +1,118 @@
+"""Anthropic Messages: native for Anthropic-shaped callers, translated for OpenAI-shaped ones.
+
+Wire format: https://docs.anthropic.com/en/api/messages and .../messages-streaming.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway import context as c
+from gateway.context import RequestContext, Usage
+from gateway.upstream import Deployment
+from providers import anthropic_format as fmt
+from providers.base import Exchange, HTTPAdapter
+from providers.openai import with_usage_requested
+from providers.streams import OpenAIChunkSink, PassthroughCodec, StreamError, TranslatingCodec
+
+API_VERSION = "2023-06-01"
+_FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
+
+
+def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
+    """message_start carries input usage; message_delta carries the cumulative output."""
+    if payload.get("type") == "message_start":
+        return Usage.from_anthropic((payload.get("message") or {}).get("usage"))
+    delta = payload.get("usage")
+    if not isinstance(delta, dict):
+        return previous
+    usage = previous or Usage()
+    if delta.get("input_tokens") is not None:
+        fresh = Usage.from_anthropic(delta)
+        assert fresh is not None
+        usage.input_tokens, usage.cached_input_tokens = fresh.input_tokens, fresh.cached_input_tokens
+    usage.output_tokens = int(delta.get("output_tokens") or usage.output_tokens)
+    return usage
+
+
+def _decode_native(payload: dict[str, Any]) -> tuple[None, Usage | None]:
+    return None, Usage.from_anthropic(payload.get("usage"))
+
+
+class AnthropicSource:
+    """Anthropic events -> hub chunks, with the translator's error mapped to StreamError."""
+
+    __slots__ = ("_translator",)
+
+    def __init__(self, translator: fmt.MessagesStreamToChat) -> None:
+        self._translator = translator
+
+    def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
+        try:
+            return self._translator.feed(event or "", orjson.loads(data))
+        except fmt.UpstreamStreamError as exc:
+            raise StreamError(exc.error_type, exc.message) from None
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._translator.usage
+
+
+class AnthropicAdapter(HTTPAdapter):
+    """`Provider("anthropic", api_key_env="ANTHROPIC_API_KEY")`."""
+
+    type_name = "anthropic"
+    default_base_url = "https://api.anthropic.com"
+    operations = frozenset({c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS, c.OPENAI_CHAT})
+
+    def __init__(self, *, default_max_tokens: int = 4096, **options: Any) -> None:
+        super().__init__(**options)
+        self.default_max_tokens = default_max_tokens
+
+    def _headers(self, ctx: RequestContext) -> dict[str, str]:
+        headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
+                   **self.extra_headers}
+        if ctx.api_format == "anthropic":
+            for name, value in ctx.headers:
+                if name in _FORWARDED_HEADERS:
+                    headers[name.decode()] = value.decode("latin-1")
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        return headers
+
+    def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
+        headers = self._headers(ctx)
+        if ctx.operation == c.OPENAI_CHAT:
+            return self._plan_from_openai(ctx, deployment, headers)
+        body = dict(ctx.body)
+        body["model"] = deployment.model
+        if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:
+            return Exchange(self.base_url + "/v1/messages/count_tokens", headers,
+                            orjson.dumps(body), False, lambda payload: (None, None))
+        return Exchange(self.base_url + "/v1/messages", headers, orjson.dumps(body), ctx.stream,
+                        _decode_native, lambda: PassthroughCodec(_stream_usage))
+
+    def _plan_from_openai(self, ctx: RequestContext, deployment: Deployment,
+                          headers: dict[str, str]) -> Exchange:
+        body = fmt.chat_request_to_messages(ctx.body, deployment.model,
+                                            default_max_tokens=self.default_max_tokens)
+        public_model = ctx.model
+        _, client_asked = with_usage_requested(dict(ctx.body)) if ctx.stream else ({}, False)
+
+        def decode(payload: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
+            return (fmt.messages_response_to_chat(payload, public_model),
+                    Usage.from_anthropic(payload.get("usage")))
+
+        def codec() -> TranslatingCodec:
+            source = AnthropicSource(fmt.MessagesStreamToChat(public_model, client_asked))
+            return TranslatingCodec(source, OpenAIChunkSink(public_model, client_asked))
+
+        return Exchange(self.base_url + "/v1/messages", headers, orjson.dumps(body), ctx.stream,
+                        decode, codec)
+
+    def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
+        return fmt.parse_anthropic_error(status, body)

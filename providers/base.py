@@ -1,0 +1,290 @@
+"""What every provider family shares: secrets, one pooled aiohttp session, timeouts, the
+request/response cycle, error mapping, and streaming with the response start held back until
+the first complete event (so a failure before it can still be retried elsewhere).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+import orjson
+
+from gateway.config import ConfigError
+from gateway.context import Attempt, RequestContext, Usage
+from gateway.errors import GatewayError, UpstreamError, stream_error_event
+from gateway.upstream import Deployment, Send, Timeouts
+from providers.streams import StreamError
+
+JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
+SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache")]
+_MAX_ERROR_BODY = 64 * 1024
+_SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}")
+
+# In-band error types -> the status a caller would have seen had it come as a response.
+_STREAM_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "RESOURCE_EXHAUSTED": 429,
+                        "UNAVAILABLE": 503, "api_error": 502, "server_error": 502}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One planned upstream call and how to turn its answer into the caller's format."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    stream: bool
+    # Non-stream: upstream JSON -> (client JSON or None to forward the bytes untouched, usage).
+    decode: Callable[[dict[str, Any]], tuple[dict[str, Any] | None, Usage | None]]
+    # Stream: builds the codec for this call (providers/streams.py).
+    codec: Callable[[], Any] | None = None
+
+
+class HTTPAdapter:
+    """Base class of the provider adapters (see gateway.upstream.ProviderAdapter)."""
+
+    type_name = "http"
+    default_base_url = ""
+    operations: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key_env: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 512,
+        max_connections_per_host: int = 0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"a {self.type_name} provider needs an http(s) base_url, "
+                              f"not {self.base_url!r}.")
+        self.api_key_env = api_key_env
+        self.timeouts = timeouts or Timeouts()
+        self.max_connections = max_connections
+        self.max_connections_per_host = max_connections_per_host
+        self.extra_headers = dict(headers or {})
+        self.name = self.type_name
+        self._api_key = ""
+        self._session: aiohttp.ClientSession | None = None
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=self.timeouts.total_s, sock_connect=self.timeouts.connect_s,
+            sock_read=self.timeouts.idle_s)
+        self._json_timeout = aiohttp.ClientTimeout(
+            total=self.timeouts.total_s, sock_connect=self.timeouts.connect_s)
+
+    # -- configuration and lifecycle ----------------------------------------------------------
+
+    def resolve(self, name: str) -> None:
+        self.name = name
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ConfigError(f"provider {name!r} needs the environment variable "
+                                  f"{self.api_key_env}, which is not set.")
+            self._api_key = key
+
+    def supports(self, operation: str) -> bool:
+        return operation in self.operations
+
+    async def startup(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, limit_per_host=self.max_connections_per_host,
+                keepalive_timeout=75, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("user-agent",))
+
+    async def shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- what subclasses provide -------------------------------------------------------------
+
+    def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
+        raise NotImplementedError
+
+    def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
+        """(error type, message) from a provider error body."""
+        raise NotImplementedError
+
+    def redact(self, text: str) -> str:
+        """Provider messages sometimes quote the key they were sent; never pass that on."""
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return _SECRET_LIKE.sub("[redacted]", text)
+
+    # -- the call ----------------------------------------------------------------------------
+
+    async def call(self, ctx: RequestContext, deployment: Deployment, send: Send) -> None:
+        try:
+            exchange = self.plan(ctx, deployment)
+        except GatewayError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            # Translators raise these on request shapes they cannot express or read.
+            raise GatewayError(400, f"The request cannot be sent to this model: {exc}") from None
+        ctx.provider, ctx.served_model = self.name, deployment.model
+        attempt = Attempt(provider=self.name, deployment=deployment.name, status=0)
+        ctx.attempts.append(attempt)
+        began = time.monotonic()
+        try:
+            if exchange.stream:
+                await self._call_stream(ctx, exchange, send, attempt)
+            else:
+                await self._call_json(ctx, exchange, send, attempt)
+        finally:
+            attempt.duration_s = time.monotonic() - began
+
+    async def _post(self, exchange: Exchange) -> aiohttp.ClientResponse:
+        assert self._session is not None, "provider used before startup"
+        timeout = self._stream_timeout if exchange.stream else self._json_timeout
+        try:
+            return await self._session.post(exchange.url, data=exchange.body,
+                                            headers=exchange.headers, timeout=timeout)
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc) from None
+        except asyncio.TimeoutError:
+            raise self._timeout_error("waiting for the response") from None
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse, attempt: Attempt) -> None:
+        attempt.status = response.status
+        if response.status < 400:
+            return
+        try:
+            body = await response.content.read(_MAX_ERROR_BODY)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            body = b""
+        finally:
+            response.release()
+        error_type, message = self.parse_error(response.status, body)
+        attempt.error_type = error_type
+        raise UpstreamError(
+            response.status, f"Provider '{self.name}' returned {response.status}: "
+                             f"{self.redact(message)}",
+            provider=self.name, error_type=error_type,
+            retry_after=response.headers.get("retry-after"))
+
+    async def _call_json(self, ctx: RequestContext, exchange: Exchange, send: Send,
+                         attempt: Attempt) -> None:
+        response = await self._post(exchange)
+        await self._raise_for_status(response, attempt)
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._connection_error(exc) from None
+        finally:
+            response.release()
+        ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
+        try:
+            client_json, ctx.usage = exchange.decode(orjson.loads(raw))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise UpstreamError(502, f"Provider '{self.name}' sent an unreadable response "
+                                     f"({type(exc).__name__}).", provider=self.name,
+                                error_type="bad_response") from None
+        if client_json is not None:
+            raw = orjson.dumps(client_json)
+        headers = [*JSON_RESPONSE_HEADERS, (b"content-length", str(len(raw)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": raw})
+
+    async def _call_stream(self, ctx: RequestContext, exchange: Exchange, send: Send,
+                           attempt: Attempt) -> None:
+        assert exchange.codec is not None
+        codec = exchange.codec()
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte_s):
+                response = await self._post(exchange)
+                await self._raise_for_status(response, attempt)
+                first = await self._first_events(response, codec)
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise self._timeout_error("waiting for the first event") from None
+        assert response is not None
+        ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_RESPONSE_HEADERS})
+        finished = False
+        try:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            await self._relay(response, codec, send)
+            tail = codec.finish()
+            finished = True
+        except StreamErrorTypes as exc:
+            tail = self._in_band_error(ctx, exc)
+        finally:
+            # A stream cut short (error, cancellation on client disconnect) closes the
+            # connection so the provider stops generating; a finished one returns to the pool.
+            if finished:
+                response.release()
+            else:
+                response.close()
+            ctx.usage = codec.usage
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
+        """Reads until the codec yields client bytes; failures here are still retryable."""
+        try:
+            while True:
+                chunk = await response.content.readany()
+                if not chunk:
+                    out = codec.finish()
+                    if out:
+                        return bytes(out)
+                    raise UpstreamError(502, f"Provider '{self.name}' closed the stream before "
+                                             "sending any event.", provider=self.name,
+                                        error_type="empty_stream")
+                out = codec.feed(chunk)
+                if out:
+                    return bytes(out)
+        except StreamError as exc:
+            response.release()
+            status = _STREAM_ERROR_STATUS.get(exc.error_type, 502)
+            raise UpstreamError(status, f"Provider '{self.name}' reported an error in its "
+                                        f"stream: {self.redact(exc.message)}",
+                                provider=self.name, error_type=exc.error_type) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            response.release()
+            raise self._connection_error(exc) from None
+
+    async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send) -> None:
+        content = response.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return
+            out = codec.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+
+    def _in_band_error(self, ctx: RequestContext, exc: BaseException) -> bytes:
+        if isinstance(exc, StreamError):
+            error_type, message = exc.error_type, self.redact(exc.message)
+        elif isinstance(exc, asyncio.TimeoutError):
+            error_type, message = "timeout", "no data within the idle timeout"
+        else:
+            error_type, message = "connection_error", "the connection broke mid-stream"
+        ctx.error_type = error_type
+        error = GatewayError(502, f"Provider '{self.name}' failed mid-stream: {message}",
+                             code=error_type)
+        return stream_error_event(ctx.api_format, error)
+
+    def _connection_error(self, exc: BaseException) -> UpstreamError:
+        return UpstreamError(502, f"Could not reach provider '{self.name}': "
+                                  f"{type(exc).__name__}.",
+                             provider=self.name, error_type="connection_error", retryable=True)
+
+    def _timeout_error(self, what: str) -> UpstreamError:
+        return UpstreamError(504, f"Provider '{self.name}' timed out {what}.",
+                             provider=self.name, error_type="timeout", retryable=True)
+
+
+StreamErrorTypes = (StreamError, aiohttp.ClientError, asyncio.TimeoutError)

@@ -1,0 +1,164 @@
+"""OpenAI and every OpenAI-compatible API (Groq, Together, vLLM, Ollama, ...), and Azure OpenAI.
+
+Same format in and out: the request gets the upstream model id (and, for streams, a request
+for the usage chunk) and the response bytes pass through untouched. Anthropic-shaped callers
+are translated through providers.anthropic_format.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway import context as c
+from gateway.context import RequestContext, Usage
+from gateway.tokens import estimate_messages
+from gateway.upstream import Deployment, Send
+from providers import anthropic_format
+from providers.base import Exchange, HTTPAdapter
+from providers.streams import (AnthropicEventSink, OpenAIChunkSource, PassthroughCodec,
+                               TranslatingCodec)
+
+_PATHS = {
+    c.OPENAI_CHAT: "/chat/completions",
+    c.OPENAI_COMPLETIONS: "/completions",
+    c.OPENAI_EMBEDDINGS: "/embeddings",
+    c.OPENAI_RESPONSES: "/responses",
+    c.ANTHROPIC_MESSAGES: "/chat/completions",
+}
+
+
+def _chat_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
+    return Usage.from_openai(payload.get("usage")) or previous
+
+
+def _responses_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
+    response = payload.get("response")
+    usage = response.get("usage") if isinstance(response, dict) else None
+    return Usage.from_openai(usage) or previous
+
+
+def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
+    return None, Usage.from_openai(payload.get("usage"))
+
+
+def with_usage_requested(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Asks an OpenAI-family stream for its usage chunk; says whether the client had asked."""
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    client_asked = options.get("include_usage") is True
+    if not client_asked:
+        body["stream_options"] = {**options, "include_usage": True}
+    return body, client_asked
+
+
+class OpenAIAdapter(HTTPAdapter):
+    """`Provider("openai", ...)` and the OpenAI-compatible presets."""
+
+    type_name = "openai"
+    default_base_url = "https://api.openai.com/v1"
+    operations = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EMBEDDINGS,
+                            c.OPENAI_RESPONSES, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})
+
+    def __init__(self, *, type_name: str = "openai", responses_api: bool = True,
+                 **options: Any) -> None:
+        self.type_name = type_name
+        if not responses_api:
+            self.operations = self.operations - {c.OPENAI_RESPONSES}
+        super().__init__(**options)
+
+    def url(self, operation: str, deployment: Deployment) -> str:
+        return self.base_url + _PATHS[operation]
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"authorization": "Bearer " + self._api_key} if self._api_key else {}
+
+    def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
+        headers = {"content-type": "application/json", **self.extra_headers, **self.auth_headers()}
+        url = self.url(ctx.operation, deployment)
+        if ctx.operation == c.ANTHROPIC_MESSAGES:
+            return self._plan_from_anthropic(ctx, deployment, url, headers)
+        body = dict(ctx.body)
+        body["model"] = deployment.model
+        if not ctx.stream:
+            return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
+        if ctx.operation == c.OPENAI_RESPONSES:
+            return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
+                            lambda: PassthroughCodec(_responses_usage))
+        body, client_asked = with_usage_requested(body)
+        return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
+                        lambda: PassthroughCodec(_chat_usage, drop_usage_event=not client_asked))
+
+    def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
+                             headers: dict[str, str]) -> Exchange:
+        body = anthropic_format.messages_request_to_chat(ctx.body)
+        body["model"] = deployment.model
+        public_model = ctx.model
+
+        def decode(payload: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
+            return (anthropic_format.chat_response_to_messages(payload, public_model),
+                    Usage.from_openai(payload.get("usage")))
+
+        def codec() -> TranslatingCodec:
+            sink = AnthropicEventSink(anthropic_format.ChatStreamToMessages(public_model))
+            return TranslatingCodec(OpenAIChunkSource(), sink)
+
+        if ctx.stream:
+            body, _ = with_usage_requested(body)
+        return Exchange(url, headers, orjson.dumps(body), ctx.stream, decode, codec)
+
+    async def call(self, ctx: RequestContext, deployment: Deployment, send: Send) -> None:
+        if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:
+            await send_count_tokens(ctx, send)
+            return
+        await super().call(ctx, deployment, send)
+
+    def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
+        return parse_openai_error(status, body)
+
+
+def parse_openai_error(status: int, body: bytes) -> tuple[str, str]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"http_{status}", body[:200].decode("utf-8", "replace") or f"HTTP {status}"
+    if isinstance(payload, list) and payload:  # Azure and some proxies wrap errors in a list
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code") or f"http_{status}"
+        return str(kind), str(error.get("message") or f"HTTP {status}")
+    if isinstance(error, str):
+        return f"http_{status}", error
+    return f"http_{status}", str(payload)[:200]
+
+
+async def send_count_tokens(ctx: RequestContext, send: Send) -> None:
+    """Anthropic's count_tokens for providers without one: the gateway's local estimate."""
+    body = ctx.body
+    tokens = estimate_messages(body.get("messages") or [], body.get("system"), body.get("tools"))
+    raw = orjson.dumps({"input_tokens": tokens})
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+        (b"x-sluicegate-token-count", b"estimated")]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class AzureOpenAIAdapter(OpenAIAdapter):
+    """Azure OpenAI: `{base}/openai/deployments/{deployment}/...?api-version=`, `api-key`.
+
+    The deployment's `model` is the Azure deployment name.
+    """
+
+    default_base_url = ""
+
+    def __init__(self, *, api_version: str = "2024-10-21", **options: Any) -> None:
+        super().__init__(type_name="azure", responses_api=False, **options)
+        self.api_version = api_version
+
+    def url(self, operation: str, deployment: Deployment) -> str:
+        return (f"{self.base_url}/openai/deployments/{deployment.model}{_PATHS[operation]}"
+                f"?api-version={self.api_version}")
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"api-key": self._api_key} if self._api_key else {}

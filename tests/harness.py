@@ -1,0 +1,151 @@
+"""Running gateways for tests: in a hypercorn thread (fast) or as `sluicegate serve` processes.
+
+Everything binds to 127.0.0.1 on free ports; every start has a bounded wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, timeout_s: float = 20.0, process: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not come up within {timeout_s} s")
+
+
+class ThreadedServer:
+    """An ASGI app served by hypercorn on its own event loop in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.accesslog = None
+        config.graceful_timeout = 2
+        asyncio.set_event_loop(self._loop)
+        self._stop = asyncio.Event()
+        self._loop.run_until_complete(serve(self.app, config, shutdown_trigger=self._stop.wait))
+
+    def __enter__(self) -> "ThreadedServer":
+        self._thread.start()
+        wait_until_up(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+
+def write_config(directory: Path, text: str, name: str = "config.py") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") -> str:
+    """A config module serving one public model per mock provider.
+
+    Models: `gpt-mock` (OpenAI), `azure-mock` (Azure), `claude-mock` (Anthropic),
+    `gemini-mock` (Gemini), and `*-embed` embedding models for OpenAI and Gemini.
+    """
+    layers = {
+        "default": "[Middleware(AuthMiddleware), Middleware(MeteringMiddleware), "
+                   "Middleware(QuotaMiddleware), Middleware(CacheMiddleware), "
+                   "Middleware(FailoverMiddleware)]",
+        "none": "[]",
+    }.get(middleware, middleware)
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Model, Settings, Timeouts
+from middleware.auth import AuthMiddleware
+from middleware.cache import CacheMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.quota import QuotaMiddleware
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+MOCK = "{mock_url}"
+fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
+providers = {{
+    "openai": Provider("openai", base_url=MOCK + "/openai/v1", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+    "azure": Provider("azure", base_url=MOCK + "/azure", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+    "anthropic": Provider("anthropic", base_url=MOCK + "/anthropic", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+    "gemini": Provider("gemini", base_url=MOCK + "/gemini", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+}}
+models = {{
+    "gpt-mock": [Deployment("openai", "gpt-4o-mini")],
+    "azure-mock": [Deployment("azure", "my-gpt-deployment")],
+    "claude-mock": [Deployment("anthropic", "claude-3-5-haiku-latest")],
+    "gemini-mock": [Deployment("gemini", "gemini-2.0-flash")],
+    "openai-embed": [Deployment("openai", "text-embedding-3-small")],
+    "azure-embed": [Deployment("azure", "my-embedding-deployment")],
+    "gemini-embed": [Deployment("gemini", "text-embedding-004")],
+}}
+middleware = {layers}
+{extra}
+'''
+
+
+def start_cli_gateway(config_path: Path, *, workers: int = 1, env: dict[str, str] | None = None,
+                      log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`sluicegate serve` as a subprocess; returns (process, base URL) once /healthz answers."""
+    port = free_port()
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+        cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, timeout_s=30, process=process)
+    except Exception:
+        process.kill()
+        raise
+    return process, url
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 15) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
