@@ -1,0 +1,389 @@
+"""Anthropic Messages streams <-> OpenAI chat chunks, and the pieces both directions share.
+
+Anthropic (https://docs.anthropic.com/en/api/messages-streaming): `message_start` carries a
+Message with empty content and the input usage; each content block is a
+`content_block_start`, deltas (`text_delta`, `input_json_delta`, and `thinking_delta`,
+`signature_delta`, `citations_delta` which have no chat equivalent) and a
+`content_block_stop`; then `message_delta` (stop_reason and cumulative usage, which may
+repeat the input counts) and `message_stop`. `ping` may come anywhere; an `error` event
+ends a stream that already answered 200. The SDKs index `content[event.index]`, so block
+indexes must count up from 0 in start order.
+OpenAI (https://platform.openai.com/docs/api-reference/chat-streaming): the first chunk
+carries `delta.role`; a tool call's first delta carries its `index`, `id`, `type` and name,
+later ones only `index` and argument text; `finish_reason` comes on the last choice chunk;
+with `stream_options.include_usage` a final chunk has `choices: []` and the usage, and
+every other chunk `usage: null`.
+providers.anthropic_format re-exports the public names.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+JSON = dict[str, Any]
+Event = tuple[str, JSON]
+
+# Message.stop_reason -> finish_reason. pause_turn only follows Anthropic's own server
+# tools, so the answer so far is complete as far as a chat client can tell.
+_FINISH_BY_STOP = {
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
+    "max_tokens": "length", "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls", "refusal": "content_filter",
+}
+_STOP_BY_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                   "function_call": "tool_use", "content_filter": "refusal"}
+
+
+class UpstreamStreamError(Exception):
+    """An error event inside a stream that had already answered 200."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def completion_id(message_id: Any) -> str:
+    """chat.completion id from an Anthropic message id (msg_X -> chatcmpl-X)."""
+    if isinstance(message_id, str) and message_id:
+        return "chatcmpl-" + message_id.removeprefix("msg_")
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def message_id(chat_id: Any) -> str:
+    """Anthropic message id from a chat.completion id (chatcmpl-X -> msg_X)."""
+    if isinstance(chat_id, str) and chat_id:
+        return "msg_" + chat_id.removeprefix("chatcmpl-")
+    return "msg_" + uuid.uuid4().hex
+
+
+def created_now() -> int:
+    """OpenAI's `created`; reading the clock is the only impurity in the translators."""
+    return int(time.time())
+
+
+def finish_reason(stop_reason: Any, has_tool_calls: bool) -> str:
+    """Anthropic stop_reason -> OpenAI finish_reason."""
+    reason = _FINISH_BY_STOP.get(stop_reason) if isinstance(stop_reason, str) else None
+    if reason is None:  # missing, or a value newer than this table
+        return "tool_calls" if has_tool_calls else "stop"
+    return reason
+
+
+def stop_reason(finish: Any, has_tool_use: bool, refused: bool) -> str:
+    """OpenAI finish_reason -> Anthropic stop_reason.
+
+    Some OpenAI-compatible servers (vLLM, Ollama) report "stop" next to tool calls; an
+    Anthropic client runs tools on `tool_use`, so the calls decide. An OpenAI `refusal`
+    comes with "stop" too.
+    """
+    if finish in (None, "stop"):
+        if has_tool_use:
+            return "tool_use"
+        if refused:
+            return "refusal"
+    return _STOP_BY_FINISH.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def chat_usage(usage: Any) -> JSON | None:
+    """Anthropic usage -> OpenAI usage.
+
+    Anthropic's `input_tokens` excludes cache reads and writes; the prompt is their sum
+    (Message.usage docs). Reads become `cached_tokens` and writes `cache_write_tokens`
+    (both in OpenAI's prompt_tokens_details); thinking tokens are `reasoning_tokens`.
+    """
+    if not isinstance(usage, dict):
+        return None
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    cache_write = _count(usage.get("cache_creation_input_tokens"))
+    prompt = _count(usage.get("input_tokens")) + cache_read + cache_write
+    completion = _count(usage.get("output_tokens"))
+    details = usage.get("output_tokens_details")
+    thinking = _count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cache_read,
+                                      "cache_write_tokens": cache_write},
+            "completion_tokens_details": {"reasoning_tokens": thinking}}
+
+
+def anthropic_usage(usage: Any) -> JSON:
+    """OpenAI usage (None: all zero) -> Anthropic usage, whose input_tokens excludes cache."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = _count(details.get("cached_tokens"))
+    written = _count(details.get("cache_write_tokens"))
+    return {"input_tokens": max(_count(usage.get("prompt_tokens")) - cached - written, 0),
+            "output_tokens": _count(usage.get("completion_tokens")),
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+
+
+def stream_error(error: Any, default_type: str) -> UpstreamStreamError:
+    """UpstreamStreamError from an `error` object of either API (or a bare string)."""
+    if isinstance(error, dict):
+        return UpstreamStreamError(str(error.get("type") or error.get("code") or default_type),
+                                   str(error.get("message") or "upstream stream error"))
+    return UpstreamStreamError(default_type, str(error or "upstream stream error"))
+
+
+class MessagesStreamToChat:
+    """Anthropic stream events -> OpenAI `chat.completion.chunk` dicts, one message's worth."""
+
+    __slots__ = ("_calls", "_created", "_finish_sent", "_finished", "_id", "_include_usage",
+                 "_model", "_opened", "_usage")
+
+    def __init__(self, public_model: str, include_usage: bool) -> None:
+        self._model = public_model
+        self._include_usage = include_usage
+        self._id: str | None = None
+        self._created = created_now()
+        self._calls: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._usage: JSON | None = None   # Anthropic-shaped, merged as events arrive
+        self._opened = False
+        self._finish_sent = False
+        self._finished = False
+
+    @property
+    def usage(self) -> JSON | None:
+        """OpenAI-shaped usage: input counts from message_start, final after message_delta.
+
+        None until message_start; an interrupted stream still bills its prompt.
+        """
+        return chat_usage(self._usage)
+
+    @property
+    def finished(self) -> bool:
+        """True once message_stop arrived."""
+        return self._finished
+
+    def feed(self, event: str, data: JSON) -> list[JSON]:
+        """Chunks for one parsed event; raises UpstreamStreamError on an `error` event."""
+        kind = event or str(data.get("type") or "")
+        if kind == "error":
+            raise stream_error(data.get("error"), "api_error")
+        if kind == "message_start":
+            return self._message_start(data.get("message") or {})
+        if kind == "content_block_start":
+            return self._block_start(data)
+        if kind == "content_block_delta":
+            return self._block_delta(data)
+        if kind == "message_delta":
+            return self._message_delta(data)
+        if kind == "message_stop":
+            return self._message_stop()
+        return []  # ping, content_block_stop, and event types added later
+
+    def _message_start(self, message: JSON) -> list[JSON]:
+        if self._id is None:
+            self._id = completion_id(message.get("id"))
+        if isinstance(message.get("usage"), dict):
+            self._usage = dict(message["usage"])
+        return self._emit(None)
+
+    def _block_start(self, data: JSON) -> list[JSON]:
+        block = data.get("content_block") or {}
+        if block.get("type") == "tool_use":
+            position = len(self._calls)
+            self._calls[int(data.get("index", 0))] = position
+            call = {"index": position, "id": block.get("id"), "type": "function",
+                    "function": {"name": block.get("name"), "arguments": ""}}
+            return self._emit({"tool_calls": [call]})
+        if block.get("type") == "text" and block.get("text"):
+            return self._emit({"content": block["text"]})
+        return []  # thinking and server-tool blocks are not part of a chat answer
+
+    def _block_delta(self, data: JSON) -> list[JSON]:
+        delta = data.get("delta") or {}
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return self._emit({"content": delta["text"]})
+        if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+            position = self._calls.get(int(data.get("index", -1)))
+            if position is not None:  # else a server tool's input, not a client call
+                return self._emit({"tool_calls": [{"index": position, "function": {
+                    "arguments": delta["partial_json"]}}]})
+        return []
+
+    def _message_delta(self, data: JSON) -> list[JSON]:
+        usage = data.get("usage")
+        if isinstance(usage, dict):  # cumulative: overwrite, keeping fields it omits
+            merged = dict(self._usage or {})
+            merged.update({key: value for key, value in usage.items() if value is not None})
+            self._usage = merged
+        reason = (data.get("delta") or {}).get("stop_reason")
+        if not reason or self._finish_sent:
+            return []
+        self._finish_sent = True
+        return self._emit({}, finish=finish_reason(reason, bool(self._calls)))
+
+    def _message_stop(self) -> list[JSON]:
+        out: list[JSON] = []
+        if not self._finish_sent:
+            self._finish_sent = True
+            out = self._emit({}, finish=finish_reason(None, bool(self._calls)))
+        self._finished = True
+        if self._include_usage:
+            out.append({**self._envelope([]), "usage": self.usage or chat_usage({})})
+        return out
+
+    def _emit(self, delta: JSON | None, *, finish: str | None = None) -> list[JSON]:
+        """The chunk for `delta`, after the role chunk if that has not gone out yet."""
+        out: list[JSON] = []
+        if not self._opened:
+            self._opened = True
+            out.append(self._chunk({"role": "assistant", "content": ""}, None))
+        if delta is not None:
+            out.append(self._chunk(delta, finish))
+        return out
+
+    def _chunk(self, delta: JSON, finish: str | None) -> JSON:
+        return self._envelope([{"index": 0, "delta": delta, "logprobs": None,
+                                "finish_reason": finish}])
+
+    def _envelope(self, choices: list[JSON]) -> JSON:
+        if self._id is None:  # events before (or without) message_start
+            self._id = completion_id(None)
+        chunk: JSON = {"id": self._id, "object": "chat.completion.chunk",
+                       "created": self._created, "model": self._model, "choices": choices}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+
+class ChatStreamToMessages:
+    """OpenAI `chat.completion.chunk` dicts -> Anthropic stream events, one message's worth.
+
+    OpenAI sends usage only at the end (often in a chunk after the finish_reason), so
+    message_start carries zero input tokens and message_delta the real counts, input
+    included, which Anthropic's own message_delta may do too (its usage is cumulative).
+    Tool calls are expected one after another, as OpenAI sends them: a delta for a new
+    index (or a new id) closes the previous block. Only choice 0 is translated.
+    """
+
+    __slots__ = ("_block", "_finish", "_id", "_kind", "_model", "_refused", "_sent_delta",
+                 "_started", "_stopped", "_tool", "_tool_seen", "_usage")
+
+    def __init__(self, public_model: str) -> None:
+        self._model = public_model
+        self._id: str | None = None
+        self._usage: JSON | None = None
+        self._block = 0             # index of the open block, or of the next one
+        self._kind: str | None = None  # "text" or "tool_use" while a block is open
+        self._tool: tuple[int, str] | None = None  # (OpenAI index, id) of the open tool block
+        self._tool_seen = False
+        self._refused = False
+        self._finish: str | None = None
+        self._started = False
+        self._sent_delta = False
+        self._stopped = False
+
+    @property
+    def usage(self) -> JSON | None:
+        """The OpenAI usage the upstream reported, or None before it did."""
+        return self._usage
+
+    def feed(self, chunk: JSON) -> list[Event]:
+        """Events for one parsed chunk; raises UpstreamStreamError on an error chunk."""
+        if chunk.get("error"):
+            raise stream_error(chunk["error"], "api_error")
+        out = self._start(chunk)
+        if isinstance(chunk.get("usage"), dict):
+            self._usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # n > 1 has no Anthropic shape; the ingress never asks for it
+            out += self._delta(choice.get("delta") or {})
+            if choice.get("finish_reason"):
+                out += self._close_block()
+                self._finish = choice["finish_reason"]
+        if self._finish is not None and self._usage is not None and not self._sent_delta:
+            out += self._message_delta()
+        return out
+
+    def finish(self) -> list[Event]:
+        """The closing events once the upstream ended: open block, message_delta, stop."""
+        if self._stopped:
+            return []
+        self._stopped = True
+        out = self._start({}) + self._close_block()
+        if not self._sent_delta:
+            out += self._message_delta()
+        out.append(("message_stop", {"type": "message_stop"}))
+        return out
+
+    def _start(self, chunk: JSON) -> list[Event]:
+        if self._started:
+            return []
+        self._started = True
+        self._id = message_id(chunk.get("id"))
+        usage = anthropic_usage(chunk.get("usage"))
+        message: JSON = {"id": self._id, "type": "message", "role": "assistant", "content": [],
+                   "model": self._model, "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 0}}
+        return [("message_start", {"type": "message_start", "message": message}),
+                ("ping", {"type": "ping"})]
+
+    def _delta(self, delta: JSON) -> list[Event]:
+        out: list[Event] = []
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            out += self._text(delta["content"])
+        if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+            self._refused = True
+            out += self._text(delta["refusal"])
+        for call in delta.get("tool_calls") or ():
+            out += self._tool_delta(call)
+        return out
+
+    def _text(self, text: str) -> list[Event]:
+        out: list[Event] = []
+        if self._kind != "text":
+            out += self._close_block()
+            out += self._open("text", {"type": "text", "text": ""})
+        out.append(self._block_delta({"type": "text_delta", "text": text}))
+        return out
+
+    def _tool_delta(self, call: JSON) -> list[Event]:
+        out: list[Event] = []
+        function = call.get("function") or {}
+        position = call["index"] if isinstance(call.get("index"), int) else 0
+        new_id = call.get("id")
+        if (self._kind != "tool_use" or self._tool is None or position != self._tool[0]
+                or (new_id and new_id != self._tool[1])):
+            out += self._close_block()
+            tool_id = new_id or "toolu_" + uuid.uuid4().hex[:24]
+            self._tool, self._tool_seen = (position, tool_id), True
+            out += self._open("tool_use", {"type": "tool_use", "id": tool_id,
+                                           "name": function.get("name") or "", "input": {}})
+        if function.get("arguments"):
+            out.append(self._block_delta({"type": "input_json_delta",
+                                          "partial_json": function["arguments"]}))
+        return out
+
+    def _open(self, kind: str, block: JSON) -> list[Event]:
+        self._kind = kind
+        return [("content_block_start", {"type": "content_block_start", "index": self._block,
+                                         "content_block": block})]
+
+    def _block_delta(self, delta: JSON) -> Event:
+        return ("content_block_delta", {"type": "content_block_delta", "index": self._block,
+                                        "delta": delta})
+
+    def _close_block(self) -> list[Event]:
+        if self._kind is None:
+            return []
+        event = ("content_block_stop", {"type": "content_block_stop", "index": self._block})
+        self._kind, self._tool = None, None
+        self._block += 1
+        return [event]
+
+    def _message_delta(self) -> list[Event]:
+        self._sent_delta = True
+        reason = stop_reason(self._finish, self._tool_seen, self._refused)
+        return [("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": reason, "stop_sequence": None},
+                                   "usage": anthropic_usage(self._usage)})]
