@@ -1,0 +1,97 @@
+"""The targets under test: how to start each one in front of the mock, and where to send load."""
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+MOCK_PORT = 18080
+TARGET_PORT = 18100
+LITELLM_VENV = ROOT / ".bench" / "litellm-venv"
+
+
+def mock_base(stream: bool) -> str:
+    """The mock's OpenAI base URL for JSON or SSE answers (see nginx.conf.template)."""
+    return f"http://127.0.0.1:{MOCK_PORT}/{'sse' if stream else 'json'}/v1"
+
+
+class NotRunnable(Exception):
+    """The target cannot be started here (a command or file is missing); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start one target: the command, its working directory and extra environment."""
+
+    cmd: list[str]
+    cwd: Path
+    env: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A row of the results table."""
+
+    key: str
+    label: str
+    launch: Callable[[str], Launch] | None  # upstream base URL -> Launch; None: the mock itself
+    start_timeout_s: float = 30.0
+
+    def url(self, stream: bool) -> str:
+        if self.launch is None:
+            return mock_base(stream) + "/chat/completions"
+        return f"http://127.0.0.1:{TARGET_PORT}/v1/chat/completions"
+
+
+def _floor(upstream: str) -> Launch:
+    cmd = [sys.executable, "-m", "hypercorn", "-w", "1", "-k", "uvloop",
+           "--bind", f"127.0.0.1:{TARGET_PORT}", "floor_proxy:app"]
+    return Launch(cmd, HERE, {"FLOOR_UPSTREAM": upstream, "PYTHONPATH": str(HERE)})
+
+
+def _sluicegate_command() -> str:
+    # Prefer the script beside this interpreter: a pyenv shim adds a bash hop to every start.
+    beside = Path(sys.executable).parent / "sluicegate"
+    found = str(beside) if beside.exists() else shutil.which("sluicegate")
+    if found is None:
+        raise NotRunnable("the sluicegate command is missing (run `make install`)")
+    return found
+
+
+def _sluicegate(config_name: str) -> Callable[[str], Launch]:
+    def launch(upstream: str) -> Launch:
+        config = HERE / config_name
+        if not config.exists():
+            raise NotRunnable(f"{config.relative_to(ROOT)} does not exist")
+        cmd = [_sluicegate_command(), "serve", "--config", str(config.relative_to(ROOT)),
+               "--host", "127.0.0.1", "--port", str(TARGET_PORT), "--workers", "1"]
+        return Launch(cmd, ROOT, {"SLUICEGATE_BENCH_UPSTREAM": upstream})
+    return launch
+
+
+def _litellm(upstream: str) -> Launch:
+    litellm = LITELLM_VENV / "bin" / "litellm"
+    if not litellm.exists():
+        raise NotRunnable(f"{litellm.relative_to(ROOT)} is missing (run `make bench-tools`)")
+    cmd = [str(litellm), "--config", str(HERE / "litellm_config.yaml"), "--host", "127.0.0.1",
+           "--port", str(TARGET_PORT), "--num_workers", "1"]
+    # It refuses to start without a master key (in the config); the local cost map avoids a
+    # download at start-up, and ERROR keeps per-request logging out of the measurement.
+    env = {"LITELLM_BENCH_UPSTREAM": upstream, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "LITELLM_LOG": "ERROR"}
+    return Launch(cmd, ROOT, env)
+
+
+TARGETS = {
+    t.key: t for t in (
+        Target("direct", "direct to the mock", None),
+        Target("floor", "floor, hypercorn + uvloop (`-w 1 -k uvloop`)", _floor),
+        Target("bare", "Sluicegate, bare passthrough", _sluicegate("config_bare.py")),
+        Target("default", "Sluicegate, default stack", _sluicegate("config_default.py")),
+        Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
+    )
+}
