@@ -80,7 +80,7 @@ def _execute(path: str) -> Any:
     try:
         spec.loader.exec_module(module)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}{_config_line(exc, path)}: {exc}") from None
     except Exception as exc:
         line = _config_line(exc, path)
         raise ConfigError(f"{path}{line}: {type(exc).__name__}: {exc}") from None

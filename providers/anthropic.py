@@ -36,6 +36,10 @@ def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | No
     return usage
 
 
+def _event_has_content(event: dict[str, Any]) -> bool:
+    return event.get("type") in ("content_block_delta", "message_delta", "message_stop")
+
+
 def _decode_native(payload: dict[str, Any]) -> tuple[None, Usage | None]:
     return None, Usage.from_anthropic(payload.get("usage"))
 
@@ -94,7 +98,7 @@ class AnthropicAdapter(HTTPAdapter):
             return Exchange(self.base_url + "/v1/messages/count_tokens", headers,
                             orjson.dumps(body), False, lambda payload: (None, None))
         return Exchange(self.base_url + "/v1/messages", headers, orjson.dumps(body), ctx.stream,
-                        _decode_native, lambda: PassthroughCodec(_stream_usage))
+                        _decode_native, lambda: PassthroughCodec(_stream_usage, _event_has_content))
 
     def _plan_from_openai(self, ctx: RequestContext, deployment: Deployment,
                           headers: dict[str, str]) -> Exchange:

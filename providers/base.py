@@ -258,6 +258,8 @@ class HTTPAdapter:
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send) -> None:
         content = response.content
         while True:
+            if codec.error is not None:
+                raise codec.error
             chunk = await content.readany()
             if not chunk:
                 return

@@ -17,7 +17,7 @@ from gateway.upstream import Deployment, Send
 from providers import anthropic_format
 from providers.base import Exchange, HTTPAdapter
 from providers.streams import (AnthropicEventSink, OpenAIChunkSource, PassthroughCodec,
-                               TranslatingCodec)
+                               TranslatingCodec, chat_chunk_has_content)
 
 _PATHS = {
     c.OPENAI_CHAT: "/chat/completions",
@@ -36,6 +36,12 @@ def _responses_usage(payload: dict[str, Any], previous: Usage | None) -> Usage |
     response = payload.get("response")
     usage = response.get("usage") if isinstance(response, dict) else None
     return Usage.from_openai(usage) or previous
+
+
+def _responses_event_has_content(event: dict[str, Any]) -> bool:
+    kind = str(event.get("type", ""))
+    return kind.endswith((".delta", ".done")) or kind in ("response.completed",
+                                                            "response.incomplete")
 
 
 def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
@@ -84,10 +90,12 @@ class OpenAIAdapter(HTTPAdapter):
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
         if ctx.operation == c.OPENAI_RESPONSES:
             return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
-                            lambda: PassthroughCodec(_responses_usage))
+                            lambda: PassthroughCodec(_responses_usage,
+                                                     _responses_event_has_content))
         body, client_asked = with_usage_requested(body)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
-                        lambda: PassthroughCodec(_chat_usage, drop_usage_event=not client_asked))
+                        lambda: PassthroughCodec(_chat_usage, chat_chunk_has_content,
+                                                 drop_usage_event=not client_asked))
 
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:

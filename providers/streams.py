@@ -26,6 +26,9 @@ class StreamError(Exception):
 
 class StreamCodec(Protocol):
     usage: Usage | None
+    # An error that arrived after events still to be delivered: `feed` returns those events
+    # and the caller raises this once they are sent. With nothing to deliver, `feed` raises.
+    error: StreamError | None
 
     def feed(self, chunk: bytes) -> bytes:
         """Client bytes for this upstream chunk (b"" while an event is incomplete)."""
@@ -35,32 +38,86 @@ class StreamCodec(Protocol):
 
 
 UsageReader = Callable[[dict[str, Any], "Usage | None"], "Usage | None"]
+ContentTest = Callable[[dict[str, Any]], bool]
+
+
+def chat_chunk_has_content(chunk: dict[str, Any]) -> bool:
+    """Whether an OpenAI chat/completions chunk carries output (not just the role preamble)."""
+    choices = chunk.get("choices")
+    if not choices:
+        return bool(chunk.get("usage"))  # Azure opens with a choices-less prompt-filter chunk
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+                or delta.get("function_call") or choice.get("text") or choice.get("finish_reason")):
+            return True
+    return False
 
 
 class PassthroughCodec:
-    """Same format both sides: forward bytes, parse only events holding usage or errors."""
+    """Same format both sides: forward bytes, parse only events holding usage or errors.
 
-    __slots__ = ("usage", "_tail", "_read_usage", "_drop_usage_event")
+    The preamble (events before the first one with output, e.g. OpenAI's role chunk or
+    Anthropic's message_start) is parsed and held back, so that an error before any output
+    is still a plain error response that the failover layer can retry elsewhere.
+    """
 
-    def __init__(self, read_usage: UsageReader, *, drop_usage_event: bool = False) -> None:
+    __slots__ = ("usage", "error", "_tail", "_held", "_read_usage", "_drop_usage_event",
+                 "_has_content")
+
+    def __init__(self, read_usage: UsageReader, has_content: ContentTest, *,
+                 drop_usage_event: bool = False) -> None:
         self.usage: Usage | None = None
+        self.error: StreamError | None = None
         self._tail = b""
+        self._held: bytes | None = b""  # None once output has started flowing
         self._read_usage = read_usage
         self._drop_usage_event = drop_usage_event
+        self._has_content = has_content
 
     def feed(self, chunk: bytes) -> bytes:
         events, self._tail = split_complete_events(self._tail + chunk if self._tail else chunk)
         if not events:
             return b""
+        if self._held is not None:
+            events = self._release_after_preamble(events)
+            if not events:
+                return b""
+        return self._forward(events)
+
+    def _release_after_preamble(self, events: bytes) -> bytes:
+        assert self._held is not None
+        for _, data in SSEParser().feed(events):
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # e.g. "[DONE]"
+            if not isinstance(payload, dict):
+                continue
+            if isinstance(payload.get("error"), dict):  # failed before any output
+                raise _split_at_error(b"data: " + data.encode() + b"\n\n")[1] or StreamError(
+                    "api_error", "stream error")
+            if self._has_content(payload):
+                events, self._held = self._held + events, None
+                return events
+        self._held += events
+        return b""
+
+    def _forward(self, events: bytes) -> bytes:
         if b'"error":{' in events or b'"error": {' in events:
-            _raise_stream_error(events)
+            events, self.error = _split_at_error(events)
+            if self.error is not None and not events:
+                raise self.error
         if b'"usage":{' in events or b'"usage": {' in events:
             return self._take_usage(events)
         return events
 
     def finish(self) -> bytes:
         tail, self._tail = self._tail, b""
-        return self.feed(tail + b"\n\n") if tail.strip() else b""
+        out = self.feed(tail + b"\n\n") if tail.strip() else b""
+        if self._held:  # a stream without any output: deliver its preamble as it was
+            out, self._held = self._forward(self._held) + out, None
+        return out
 
     def _take_usage(self, events: bytes) -> bytes:
         kept = []
@@ -76,18 +133,24 @@ class PassthroughCodec:
         return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
 
-def _raise_stream_error(events: bytes) -> None:
-    for _, data in SSEParser().feed(events if events.endswith(b"\n\n") else events + b"\n\n"):
-        if '"error"' not in data:
+def _split_at_error(events: bytes) -> tuple[bytes, StreamError | None]:
+    """(the events before the first error event, that error) — or (events, None)."""
+    blocks = events.split(b"\n\n")
+    for index, block in enumerate(blocks):
+        if b'"error"' not in block:
             continue
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict):
-            raise StreamError(str(error.get("type") or error.get("status") or error.get("code")
-                                  or "api_error"), str(error.get("message") or "stream error"))
+        for _, data in SSEParser().feed(block + b"\n\n"):
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            error = payload.get("error") if isinstance(payload, dict) else None
+            if isinstance(error, dict):
+                kind = error.get("type") or error.get("status") or error.get("code")
+                before = b"".join(b + b"\n\n" for b in blocks[:index] if b)
+                return before, StreamError(str(kind or "api_error"),
+                                           str(error.get("message") or "stream error"))
+    return events, None
 
 
 class HubSource(Protocol):
@@ -112,9 +175,11 @@ class HubSink(Protocol):
 class TranslatingCodec:
     """Different formats: parse each upstream event, translate via the hub, re-encode."""
 
-    __slots__ = ("_parser", "_source", "_sink")
+    __slots__ = ("error", "_parser", "_source", "_sink", "_held")
 
     def __init__(self, source: HubSource, sink: HubSink) -> None:
+        self.error: StreamError | None = None
+        self._held: list[dict[str, Any]] | None = []  # hub chunks before the first output
         self._parser = SSEParser()
         self._source = source
         self._sink = sink
@@ -124,14 +189,37 @@ class TranslatingCodec:
         return Usage.from_openai(self._source.usage)
 
     def feed(self, chunk: bytes) -> bytes:
-        out = [self._sink.feed(self._source.feed(name, data))
-               for name, data in self._parser.feed(chunk)]
+        return self._translate(self._parser.feed(chunk))
+
+    def _translate(self, events: list[tuple[str | None, str]]) -> bytes:
+        out: list[bytes] = []
+        for name, data in events:
+            try:
+                out.append(self._sink.feed(self._hold_preamble(self._source.feed(name, data))))
+            except StreamError as exc:
+                if not any(out):
+                    raise
+                self.error = exc
+                break
         return b"".join(out)
 
+    def _hold_preamble(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self._held is None:
+            return chunks
+        self._held.extend(chunks)
+        if not any(chat_chunk_has_content(chunk) for chunk in chunks):
+            return []
+        chunks, self._held = self._held, None
+        return chunks
+
     def finish(self) -> bytes:
-        out = [self._sink.feed(self._source.feed(name, data))
-               for name, data in self._parser.flush()]
-        out.append(self._sink.feed(self._source.finish()))
+        out = [self._translate(self._parser.flush())]
+        if self.error is not None:
+            raise self.error
+        final = self._source.finish()
+        if self._held is not None:
+            final, self._held = self._held + final, None
+        out.append(self._sink.feed(final))
         out.append(self._sink.finish())
         return b"".join(out)
 

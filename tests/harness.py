@@ -25,13 +25,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_up(url: str, timeout_s: float = 20.0, process: subprocess.Popen[Any] | None = None) -> None:
+def wait_until_up(url: str, timeout_s: float = 20.0, process: subprocess.Popen[Any] | None = None,
+                  health_path: str = "/healthz") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(url + health_path, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -42,8 +43,9 @@ def wait_until_up(url: str, timeout_s: float = 20.0, process: subprocess.Popen[A
 class ThreadedServer:
     """An ASGI app served by hypercorn on its own event loop in a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, health_path: str = "/healthz") -> None:
         self.app = app
+        self.health_path = health_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -64,7 +66,7 @@ class ThreadedServer:
 
     def __enter__(self) -> "ThreadedServer":
         self._thread.start()
-        wait_until_up(self.url)
+        wait_until_up(self.url, health_path=self.health_path)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,45 @@
+"""Shared fixtures: one mock provider server per session, gateways on real sockets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from gateway import create_app
+from tests.harness import ThreadedServer, mock_config, write_config
+from tests.mock_providers import MockProviderServer
+
+
+@pytest.fixture(scope="session")
+def mock_server() -> Iterator[MockProviderServer]:
+    server = MockProviderServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mock(mock_server: MockProviderServer) -> Iterator[MockProviderServer]:
+    """The session's mock with a clean request log and no queued faults."""
+    mock_server.clear_faults()
+    mock_server.reset_log()
+    yield mock_server
+    mock_server.clear_faults()
+
+
+@pytest.fixture(scope="session")
+def mock_url(mock_server: MockProviderServer) -> str:
+    return f"http://127.0.0.1:{mock_server.port}"
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory: pytest.TempPathFactory, mock_url: str) -> Path:
+    return write_config(tmp_path_factory.mktemp("config"), mock_config(mock_url))
+
+
+@pytest.fixture(scope="session")
+def gateway(config_path: Path) -> Iterator[ThreadedServer]:
+    """The gateway with the default stack, in-process under hypercorn, on a real socket."""
+    with ThreadedServer(create_app(config_path)) as server:
+        yield server

@@ -1,0 +1,116 @@
+"""Config modules: loading, the one-sentence errors, check-config, every example in deploy/."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.app import build_stack, create_app
+from gateway.config import ConfigError, load_config
+from tests.harness import REPO, mock_config, write_config
+
+EXAMPLES = sorted((REPO / "deploy/examples").glob("*.py"))
+EXAMPLE_KEYS = {
+    "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY",
+    "GROQ_API_KEY", "TOGETHER_API_KEY", "DEEPSEEK_API_KEY", "XAI_API_KEY", "MISTRAL_API_KEY",
+    "OPENROUTER_API_KEY", "FIREWORKS_API_KEY", "VLLM_API_KEY",
+}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})}, timeout=60)
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        build_stack(load_config(path))
+    message = str(caught.value)
+    assert message.startswith(str(path)), message
+    assert "\n" not in message
+    return message
+
+
+HEAD = """
+from gateway.config import Deployment, Middleware, Model
+from providers import Provider
+from middleware.auth import AuthMiddleware
+"""
+
+
+def test_unknown_provider_type(tmp_path: Path) -> None:
+    message = error_for(tmp_path, HEAD + 'providers = {"x": Provider("openia")}\n'
+                        'models = {"m": [Deployment("x", "y")]}\n')
+    assert "unknown provider type 'openia'" in message and "line 5" in message
+
+
+def test_missing_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SG_TEST_MISSING_KEY", raising=False)
+    message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai", '
+                        'api_key_env="SG_TEST_MISSING_KEY")}\nmodels = {"m": [Deployment("oa", "y")]}\n')
+    assert "provider 'oa' needs the environment variable SG_TEST_MISSING_KEY" in message
+
+
+def test_layer_with_wrong_options(tmp_path: Path) -> None:
+    message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
+                        'models = {"m": [Deployment("oa", "y")]}\n'
+                        'middleware = [Middleware(AuthMiddleware, keys=["sk-1"])]\n')
+    assert "layer AuthMiddleware has wrong options" in message and "keys" in message
+
+
+def test_model_with_unknown_provider(tmp_path: Path) -> None:
+    message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
+                        'models = {"m": [Deployment("nope", "y")]}\n')
+    assert "uses provider 'nope'" in message
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    message = error_for(tmp_path, "providers = {\n")
+    assert "SyntaxError" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.py")
+
+
+def test_serve_refuses_to_start_with_one_sentence(tmp_path: Path) -> None:
+    path = write_config(tmp_path, HEAD + 'providers = {"x": Provider("bogus")}\nmodels = {}\n')
+    result = run_cli("serve", "--config", str(path), "--port", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown provider type 'bogus'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_prints_stack_models_and_deployments(tmp_path: Path) -> None:
+    path = write_config(tmp_path, mock_config("http://127.0.0.1:9"))
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    order = [out.index(name) for name in ("kernel", "AuthMiddleware", "MeteringMiddleware",
+                                          "QuotaMiddleware", "CacheMiddleware",
+                                          "FailoverMiddleware", "Passthrough")]
+    assert order == sorted(order)
+    assert "claude-mock:" in out and "-> anthropic / claude-3-5-haiku-latest" in out
+    assert "provider-secret" not in out  # the key's value is never printed, only its variable
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_config_loads(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in EXAMPLE_KEYS:
+        monkeypatch.setenv(name, "test-key")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example-resource.openai.azure.com")
+    app = create_app(example)
+    assert app.config.models
+
+
+def test_default_config_loads_without_any_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config(REPO / "deploy/default_config.py")
+    assert list(config.models) == ["demo"]
+    assert config.models["demo"].owned_by == "sluicegate-demo"

@@ -1,0 +1,275 @@
+"""Anthropic Messages API: `/v1/messages` (JSON and SSE), `/v1/messages/count_tokens`, models.
+
+Wire format from https://docs.anthropic.com/en/api/messages and .../messages-streaming:
+a stream is message_start, content_block_start, ping, content_block_delta (text_delta or
+input_json_delta), content_block_stop, message_delta (stop_reason, usage.output_tokens) and
+message_stop, each with an `event:` line. Errors are `{"type": "error", "error": {"type",
+"message"}, "request_id"}`; requests need `x-api-key` and `anthropic-version`.
+"""
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tests.mock_providers.behaviour import (
+    Conversation,
+    Reply,
+    ToolSpec,
+    count_input,
+    reply_for,
+    split_chunks,
+)
+from tests.mock_providers.faults import MockConfig
+from tests.mock_providers.wire import (
+    JSON,
+    BadRequest,
+    Call,
+    ProviderWire,
+    StreamItem,
+    body_dict,
+    dumps,
+    error_response,
+    random_id,
+    respond_json,
+    respond_stream,
+    retry_after_value,
+    sse,
+)
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use"}
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "Invalid request."),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", ("Your API key does not have permission to use the specified "
+                              "resource.")),
+    404: ("not_found_error", "The requested resource could not be found."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", ("Number of request tokens has exceeded your per-minute rate "
+                              "limit (https://docs.anthropic.com/en/api/rate-limits); see the "
+                              "response headers for current usage.")),
+    500: ("api_error", "Internal server error"),
+    503: ("overloaded_error", "Overloaded"),
+    504: ("timeout_error", "Request timeout"),
+    529: ("overloaded_error", "Overloaded"),
+}
+MODELS = (("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
+          ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+          ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
+          ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z"))
+
+
+def _error_kind(status: int) -> tuple[str, str]:
+    if status in _ERRORS:
+        return _ERRORS[status]
+    return ("api_error", "Internal server error") if status >= 500 else \
+        ("invalid_request_error", f"HTTP {status}")
+
+
+class AnthropicWire(ProviderWire):
+    name = "anthropic"
+
+    def __init__(self) -> None:
+        self._reset_second = -1
+        self._reset_text = ""
+
+    def _reset_at(self) -> str:
+        """The RFC 3339 time the rate-limit window resets, recomputed once a second."""
+        second = int(time.time())
+        if second != self._reset_second:
+            moment = datetime.fromtimestamp(second + 1, UTC) + timedelta(seconds=59)
+            self._reset_second, self._reset_text = second, moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return self._reset_text
+
+    def response_headers(self, config: MockConfig) -> dict[str, str]:
+        reset = self._reset_at()
+        headers = {"request-id": random_id("req_011C", 20),
+                   "anthropic-organization-id": "00000000-0000-4000-8000-000000000000"}
+        for limit, (size, left) in {"requests": ("4000", "3999"),
+                                    "tokens": ("2000000", "1999000"),
+                                    "input-tokens": ("1600000", "1599000"),
+                                    "output-tokens": ("400000", "400000")}.items():
+            headers[f"anthropic-ratelimit-{limit}-limit"] = size
+            headers[f"anthropic-ratelimit-{limit}-remaining"] = left
+            headers[f"anthropic-ratelimit-{limit}-reset"] = reset
+        return headers
+
+    def auth_refusal(self, request: web.Request, expected: str | None) -> web.Response | None:
+        key = request.headers.get("x-api-key", "").strip()
+        bearer = request.headers.get("authorization", "")
+        if not key and bearer[:7].lower() == "bearer " and bearer[7:].strip():
+            key = bearer[7:].strip()  # OAuth tokens (the SDK's auth_token) come as Bearer
+        if not key:
+            return self.error(401, "x-api-key header is required", {})
+        if expected is not None and key != expected:
+            return self.error(401, "invalid x-api-key", {})
+        if "anthropic-version" not in request.headers:
+            return self.error(400, "anthropic-version: header is required", {})
+        return None
+
+    def error(self, status: int, message: str | None, headers: dict[str, str], *,
+              param: str | None = None, code: str | None = None,
+              retry_after_s: float | None = None) -> web.Response:
+        kind, default = _error_kind(status)
+        if retry_after_s is not None:
+            headers = {**headers, "retry-after": retry_after_value(retry_after_s)}
+        if status == 429:
+            headers = {**headers, "anthropic-ratelimit-requests-remaining": "0"}
+        request_id = headers.get("request-id") or random_id("req_011C", 20)
+        body = orjson.dumps({"type": "error", "error": {"type": kind, "message": message or default},
+                             "request_id": request_id})
+        return error_response(status, body, headers)
+
+    def stream_error_event(self, message: str | None) -> bytes:
+        return sse({"type": "error", "error": {"type": "overloaded_error",
+                                               "message": message or "Overloaded"}}, "error")
+
+
+# -- reading a request ------------------------------------------------------------------------
+
+def block_text(content: Any) -> str:
+    """Text of a content value: a string or text blocks (tool results' text included)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            texts.append(str(block.get("text") or ""))
+        elif block.get("type") == "tool_result":
+            texts.append(block_text(block.get("content")))
+    return " ".join(texts)
+
+
+def _tool_results(content: Any) -> list[JSON]:
+    if not isinstance(content, list):
+        return []
+    return [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+
+
+def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
+    for field in ("model", "messages") + (("max_tokens",) if need_max_tokens else ()):
+        if field not in body:
+            raise BadRequest(f"{field}: Field required")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: at least one message is required")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise BadRequest(f"messages.{index}.role: Input should be 'user' or 'assistant'")
+    return messages
+
+
+def messages_conversation(body: JSON, messages: list[JSON]) -> Conversation:
+    texts = [block_text(m.get("content")) for m in messages]
+    system = body.get("system")
+    texts.append(block_text(system))
+    last = messages[-1]
+    conv = Conversation(input_tokens=count_input(texts, len(messages)),
+                        max_tokens=body.get("max_tokens"), user_last=last["role"] == "user")
+    results = _tool_results(last.get("content")) if last["role"] == "user" else []
+    if results:
+        conv.tool_result = " ".join(block_text(r.get("content")) for r in results)
+    user = next((m for m in reversed(messages) if m["role"] == "user"), None)
+    if user is not None:
+        content = user.get("content")
+        conv.last_user_text = content if isinstance(content, str) else " ".join(
+            str(b.get("text") or "") for b in content or ()
+            if isinstance(b, dict) and b.get("type") == "text")
+        conv.images = sum(1 for b in content or () if isinstance(b, dict)
+                          and b.get("type") == "image") if isinstance(content, list) else 0
+    conv.tools = [ToolSpec(str(tool.get("name")), tool.get("input_schema"))
+                  for tool in body.get("tools") or ()
+                  if isinstance(tool, dict) and "input_schema" in tool]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        conv.tools_enabled = choice.get("type") != "none"
+        if choice.get("type") == "tool":
+            conv.forced_tool = choice.get("name")
+    return conv
+
+
+# -- endpoints --------------------------------------------------------------------------------
+
+async def messages(call: Call) -> web.StreamResponse:
+    body = body_dict(call)
+    conv = messages_conversation(body, validate_messages(body, need_max_tokens=True))
+    reply = reply_for(conv, id_prefix="toolu_01")
+    message_id = random_id("msg_01", 22)
+    if body.get("stream") is True:
+        items = message_events(message_id, str(body["model"]), reply, call.config.chunk_chars)
+        return await respond_stream(call, items, call.stream_error())
+    return await respond_json(call, message_object(message_id, str(body["model"]), reply))
+
+
+async def count_tokens(call: Call) -> web.StreamResponse:
+    body = body_dict(call)
+    conv = messages_conversation(body, validate_messages(body, need_max_tokens=False))
+    return await respond_json(call, {"input_tokens": conv.input_tokens})
+
+
+_MODEL_LIST = dumps({"data": [{"type": "model", "id": model_id, "display_name": name,
+                               "created_at": created} for model_id, name, created in MODELS],
+                     "has_more": False, "first_id": MODELS[0][0], "last_id": MODELS[-1][0]})
+
+
+async def list_models(call: Call) -> web.StreamResponse:
+    return await respond_json(call, _MODEL_LIST)
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+def usage(input_tokens: int, output_tokens: int) -> JSON:
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": output_tokens, "service_tier": "standard"}
+
+
+def content_blocks(reply: Reply) -> list[JSON]:
+    call = reply.tool_call
+    if call is not None:
+        return [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.args}]
+    return [{"type": "text", "text": reply.text or ""}]
+
+
+def message_object(message_id: str, model: str, reply: Reply) -> JSON:
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content_blocks(reply), "stop_reason": STOP_REASONS[reply.finish],
+            "stop_sequence": None, "usage": usage(reply.input_tokens, reply.output_tokens)}
+
+
+def message_events(message_id: str, model: str, reply: Reply,
+                   chunk_chars: int) -> list[StreamItem]:
+    start: JSON = {"id": message_id, "type": "message", "role": "assistant", "model": model,
+             "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": usage(reply.input_tokens, 1)}
+    call = reply.tool_call
+    if call is not None:
+        block: JSON = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        deltas = [{"type": "input_json_delta", "partial_json": piece}
+                  for piece in split_chunks(call.arguments, chunk_chars)]
+    else:
+        block = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": piece}
+                  for piece in split_chunks(reply.text or "", chunk_chars)]
+    items: list[StreamItem] = [
+        (sse({"type": "message_start", "message": start}, "message_start"), False),
+        (sse({"type": "content_block_start", "index": 0, "content_block": block},
+             "content_block_start"), False),
+        (sse({"type": "ping"}, "ping"), False)]
+    items += [(sse({"type": "content_block_delta", "index": 0, "delta": delta},
+                   "content_block_delta"), True) for delta in deltas]
+    items += [
+        (sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), False),
+        (sse({"type": "message_delta", "delta": {"stop_reason": STOP_REASONS[reply.finish],
+                                                 "stop_sequence": None},
+              "usage": {"output_tokens": reply.output_tokens}}, "message_delta"), False),
+        (sse({"type": "message_stop"}, "message_stop"), False)]
+    return items

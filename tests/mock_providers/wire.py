@@ -1,0 +1,263 @@
+"""HTTP plumbing shared by the provider modules: JSON answers, paced SSE streams, faults.
+
+A stream is a list of pre-rendered events, each flagged as content (a text or arguments
+delta) or not. Faults cut a stream at a content boundary: `after_chunks` content events are
+sent (with every non-content event before the cut), then the connection is reset or the
+provider's in-band error event ends the stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tests.mock_providers.faults import Fault, FaultQueue, MockConfig
+
+JSON = dict[str, Any]
+StreamItem = tuple[bytes, bool]  # (rendered event, carries content)
+JSON_TYPE = "application/json"
+SSE_TYPE = "text/event-stream; charset=utf-8"
+_FLUSH_WAIT_S = 2.0
+_CUT_PAUSE_S = 0.02
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Everything the handlers share: settings, queued faults, the request log, counters."""
+
+    config: MockConfig
+    faults: FaultQueue = field(default_factory=FaultQueue)
+    requests: list[JSON] = field(default_factory=list)
+    active_streams: int = 0
+    cancelled_streams: int = 0
+
+    def record(self, entry: JSON) -> None:
+        log = self.requests
+        log.append(entry)
+        if len(log) > self.config.max_recorded:
+            del log[: len(log) - self.config.max_recorded]
+
+
+class BadRequest(Exception):
+    """A request the real provider would refuse; the wire renders it in its error shape."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+class ProviderWire(ABC):
+    """How one provider authenticates, names its headers and shapes its errors."""
+
+    name = ""
+
+    def response_headers(self, config: MockConfig) -> dict[str, str]:
+        return {}
+
+    @abstractmethod
+    def auth_refusal(self, request: web.Request, expected: str | None) -> web.Response | None:
+        """An error response when the request's key is missing or wrong, else None."""
+
+    @abstractmethod
+    def error(self, status: int, message: str | None, headers: dict[str, str], *,
+              param: str | None = None, code: str | None = None,
+              retry_after_s: float | None = None) -> web.Response:
+        """The provider's error response; `message` None means its usual text for `status`."""
+
+    @abstractmethod
+    def stream_error_event(self, message: str | None) -> bytes:
+        """The in-band error event a 200 stream ends with on an "error_event" fault."""
+
+
+@dataclass(slots=True)
+class Call:
+    """One provider request after auth: its parsed body, the fault it drew, reply headers."""
+
+    request: web.Request
+    wire: ProviderWire
+    body: Any
+    fault: Fault | None
+    state: ServerState
+    headers: dict[str, str]
+
+    @property
+    def provider(self) -> str:
+        return self.wire.name
+
+    @property
+    def config(self) -> MockConfig:
+        return self.state.config
+
+    def stream_error(self) -> bytes:
+        """The provider's in-band error event, with the fault's message if it has one."""
+        return self.wire.stream_error_event(self.fault.message if self.fault else None)
+
+    def fault_of(self, kind: str) -> Fault | None:
+        return self.fault if self.fault is not None and self.fault.kind == kind else None
+
+    async def wait_first_byte(self) -> None:
+        delay = self.config.ttft_s
+        slow = self.fault_of("slow_first_byte")
+        if slow is not None:
+            delay += slow.delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def dumps(payload: Any) -> bytes:
+    return orjson.dumps(payload)
+
+
+def sse(payload: Any, event: str | None = None) -> bytes:
+    data = b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"event: " + event.encode() + b"\n" + data if event else data
+
+
+def error_response(status: int, body: bytes, headers: dict[str, str] | None = None,
+                   content_type: str = JSON_TYPE) -> web.Response:
+    return _response(status, body, headers or {}, content_type)
+
+
+def _response(status: int, body: bytes, headers: dict[str, str],
+              content_type: str) -> web.Response:
+    response = web.Response(status=status, body=body, headers=headers)
+    response.headers["content-type"] = content_type
+    return response
+
+
+async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) -> web.Response:
+    """A 200 JSON answer after the first-byte delay; a "reset" fault drops the connection.
+
+    `payload` may be pre-rendered bytes (fixed answers such as model lists).
+    """
+    await call.wait_first_byte()
+    if call.fault_of("reset") is not None:
+        abort_connection(call.request)  # aiohttp then fails to send this, quietly
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return _response(200, body, call.headers, content_type)
+
+
+async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: bytes,
+                         content_type: str = SSE_TYPE) -> web.StreamResponse:
+    """Send `items` as a paced SSE stream, honouring a "reset" or "error_event" fault."""
+    await call.wait_first_byte()
+    response = web.StreamResponse(status=200, headers=call.headers)
+    response.headers["content-type"] = content_type
+    response.headers["cache-control"] = "no-cache"
+    state = call.state
+    state.active_streams += 1
+    try:
+        await response.prepare(call.request)
+        cut = _cut_fault(call)
+        if cut is None and call.config.chunk_delay_s <= 0:
+            await response.write(b"".join(item for item, _ in items))  # the fast path
+        else:
+            await _write_paced(call, response, items, cut, error_event)
+            if cut is not None and cut.kind == "reset":
+                return response
+        await response.write_eof()
+    except ConnectionError:  # the client went away mid-stream
+        state.cancelled_streams += 1
+    finally:
+        state.active_streams -= 1
+    return response
+
+
+def _cut_fault(call: Call) -> Fault | None:
+    return call.fault_of("reset") or call.fault_of("error_event")
+
+
+async def _write_paced(call: Call, response: web.StreamResponse, items: Sequence[StreamItem],
+                       cut: Fault | None, error_event: bytes) -> None:
+    head = items[:cut_index(items, cut.after_chunks)] if cut is not None else items
+    if cut is not None and not any(is_content for _, is_content in head):
+        # Failing before any content: the opening events and the failure leave in one write,
+        # as from a provider that gave up at once.
+        failure = error_event if cut.kind == "error_event" else b""
+        await response.write(b"".join(item for item, _ in head) + failure)
+        if cut.kind == "reset":
+            await _flush(call.request)
+            abort_connection(call.request)
+        return
+    delay = call.config.chunk_delay_s
+    seen_content = False
+    for item, is_content in head:
+        if is_content and seen_content and delay > 0:
+            await asyncio.sleep(delay)
+        seen_content = seen_content or is_content
+        await response.write(item)
+    if cut is None:
+        return
+    # Failing mid-stream: the content sent so far reaches the client before the failure
+    # (otherwise both could arrive in one TCP segment).
+    await _flush(call.request)
+    await asyncio.sleep(_CUT_PAUSE_S)
+    if cut.kind == "error_event":
+        await response.write(error_event)
+        return
+    abort_connection(call.request)
+
+
+def cut_index(items: Sequence[StreamItem], after_chunks: int) -> int:
+    """Where a fault cuts: before content event number `after_chunks` + 1, or after the last."""
+    seen = 0
+    last_content = -1
+    for index, (_, is_content) in enumerate(items):
+        if not is_content:
+            continue
+        if seen == after_chunks:
+            return index
+        seen += 1
+        last_content = index
+    return last_content + 1 if last_content >= 0 else min(len(items), 1)
+
+
+async def _flush(request: web.Request) -> None:
+    """Let written events leave the process, so a reset comes after them on the wire."""
+    transport = request.transport
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _FLUSH_WAIT_S
+    while transport is not None and transport.get_write_buffer_size() and loop.time() < deadline:
+        await asyncio.sleep(0.002)
+
+
+def abort_connection(request: web.Request) -> None:
+    """Reset the TCP connection (RST, not FIN): linger 0, then close without flushing."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def retry_after_value(retry_after_s: float) -> str:
+    """Retry-After is whole seconds (RFC 9110 delay-seconds); round a fraction up."""
+    return str(max(0, math.ceil(retry_after_s)))
+
+
+def random_id(prefix: str, hex_chars: int = 24) -> str:
+    return prefix + os.urandom((hex_chars + 1) // 2).hex()[:hex_chars]
+
+
+def body_dict(call: Call) -> JSON:
+    """The request body, which every generation endpoint needs to be a JSON object."""
+    if not isinstance(call.body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return call.body

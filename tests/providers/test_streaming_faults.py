@@ -1,0 +1,166 @@
+"""Provider failures, before and after the first byte, and client disconnects.
+
+Before the first byte a failure is an ordinary error response in the caller's shape, keeping
+the provider's status and Retry-After. After it, the stream ends with an in-band error event
+in the caller's format (never a second response start).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from tests.harness import ThreadedServer, mock_config, write_config
+from tests.mock_providers import Fault, MockProviderServer
+
+QUESTION = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(tmp_path_factory: pytest.TempPathFactory,
+                      mock_url: str) -> Iterator[ThreadedServer]:
+    """A gateway whose providers give up on a first byte after 0.5 s."""
+    text = mock_config(mock_url).replace("first_byte_s=5", "first_byte_s=0.5")
+    config = write_config(tmp_path_factory.mktemp("impatient"), text)
+    with ThreadedServer(create_app(config)) as server:
+        yield server
+
+
+def oai(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-client", max_retries=0)
+
+
+def claude(server: ThreadedServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="sk-client", max_retries=0)
+
+
+@pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("claude-mock", "anthropic"),
+                                            ("gemini-mock", "gemini")])
+def test_429_keeps_status_and_retry_after_in_openai_shape(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    mock.push_fault(Fault(kind="status", provider=provider, status=429, retry_after_s=7))
+    response = httpx.post(gateway.url + "/v1/chat/completions",
+                          json={"model": model, "messages": QUESTION})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_error"
+    assert f"Provider '{provider}' returned 429" in error["message"]
+
+
+@pytest.mark.parametrize("model,provider", [("claude-mock", "anthropic"), ("gpt-mock", "openai")])
+def test_503_in_anthropic_shape(gateway: ThreadedServer, mock: MockProviderServer, model: str,
+                                provider: str) -> None:
+    mock.push_fault(Fault(kind="status", provider=provider, status=503))
+    with pytest.raises(anthropic.APIStatusError) as failure:
+        claude(gateway).messages.create(model=model, max_tokens=50, messages=QUESTION)
+    assert failure.value.status_code == 503
+    assert failure.value.body["type"] == "error"  # type: ignore[index]
+    assert failure.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_500_before_first_byte_is_an_error_response(gateway: ThreadedServer,
+                                                    mock: MockProviderServer, stream: bool) -> None:
+    mock.push_fault(Fault(kind="status", provider="openai", status=500))
+    with pytest.raises(openai.InternalServerError) as failure:
+        result = oai(gateway).chat.completions.create(model="gpt-mock", messages=QUESTION,
+                                                      stream=stream)
+        list(result) if stream else None  # type: ignore[call-overload]
+    assert failure.value.status_code == 500
+
+
+def test_slow_first_byte_times_out_with_504(impatient_gateway: ThreadedServer,
+                                            mock: MockProviderServer) -> None:
+    mock.push_fault(Fault(kind="slow_first_byte", provider="openai", delay_s=2.0))
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as failure:
+        list(oai(impatient_gateway).chat.completions.create(model="gpt-mock", messages=QUESTION,
+                                                            stream=True))
+    assert failure.value.status_code == 504
+    assert "timed out" in failure.value.message
+    assert time.monotonic() - began < 2.0  # gave up at the first-byte timeout, not the mock
+
+
+@pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("claude-mock", "anthropic"),
+                                            ("gemini-mock", "gemini")])
+def test_error_event_before_content_is_an_error_response(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    mock.push_fault(Fault(kind="error_event", provider=provider, after_chunks=0))
+    response = httpx.post(gateway.url + "/v1/chat/completions",
+                          json={"model": model, "messages": QUESTION, "stream": True})
+    assert response.status_code >= 500
+    assert response.headers["content-type"] == "application/json"
+    assert "reported an error in its stream" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("claude-mock", "anthropic"),
+                                            ("gemini-mock", "gemini")])
+def test_reset_mid_stream_ends_openai_stream_in_band(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    mock.push_fault(Fault(kind="reset", provider=provider, after_chunks=2))
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as failure:
+        for chunk in oai(gateway).chat.completions.create(model=model, messages=QUESTION,
+                                                          stream=True):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(received)  # content arrived before the break
+    assert "failed mid-stream" in str(failure.value)
+
+
+@pytest.mark.parametrize("model,provider", [("claude-mock", "anthropic"), ("gpt-mock", "openai"),
+                                            ("gemini-mock", "gemini")])
+def test_error_event_mid_stream_ends_anthropic_stream_in_band(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    mock.push_fault(Fault(kind="error_event", provider=provider, after_chunks=2))
+    response = httpx.post(gateway.url + "/v1/messages", headers={"anthropic-version": "2023-06-01"},
+                          json={"model": model, "max_tokens": 50, "messages": QUESTION,
+                                "stream": True})
+    assert response.status_code == 200
+    text = response.text
+    assert text.count("event: message_start") == 1
+    assert "event: content_block_delta" in text
+    assert text.rstrip().split("\n\n")[-1].startswith("event: error")
+    with pytest.raises(anthropic.APIError):
+        mock.push_fault(Fault(kind="error_event", provider=provider, after_chunks=2))
+        with claude(gateway).messages.stream(model=model, max_tokens=50,
+                                             messages=QUESTION) as stream:
+            "".join(stream.text_stream)
+
+
+def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
+    from tests.mock_providers import MockConfig
+
+    slow = MockProviderServer(MockConfig(chunk_delay_s=0.2, chunk_chars=2))
+    slow.start()
+    try:
+        config = write_config(tmp_path, mock_config(f"http://127.0.0.1:{slow.port}"))
+        with ThreadedServer(create_app(config)) as server:
+            with httpx.stream("POST", server.url + "/v1/chat/completions",
+                              json={"model": "gpt-mock", "messages": QUESTION, "stream": True}) as r:
+                for _ in r.iter_raw():
+                    break  # first chunk seen, then the client goes away
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and slow.active_streams:
+                time.sleep(0.05)
+            assert slow.active_streams == 0
+            assert slow.cancelled_streams == 1
+    finally:
+        slow.stop()
+
+
+def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
+                                                       mock: MockProviderServer) -> None:
+    mock.push_fault(Fault(kind="status", provider="openai", status=401,
+                          message="Incorrect API key provided: provider-secret-123456789"))
+    response = httpx.post(gateway.url + "/v1/chat/completions",
+                          json={"model": "gpt-mock", "messages": QUESTION})
+    assert response.status_code == 401
+    assert "provider-secret" not in response.text
+    assert "[redacted]" in response.json()["error"]["message"]
