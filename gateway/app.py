@@ -19,6 +19,9 @@ def build_stack(config: GatewayConfig) -> ASGIApp:
             raise ConfigError(
                 f"{config.path}: layer {getattr(cls, '__name__', cls)!s} has wrong options: {exc}"
             ) from None
+        except Exception as exc:
+            raise ConfigError(f"{config.path}: layer {getattr(cls, '__name__', cls)!s} failed "
+                              f"to build: {type(exc).__name__}: {exc}") from None
     return app
 
 

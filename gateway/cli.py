@@ -39,7 +39,7 @@ def check_config(path: str) -> int:
     print("stack (outermost first):")
     print("  kernel (errors, request id, body, context, /healthz, /readyz, /v1/models)")
     for item in config.middleware:
-        options = ", ".join(f"{k}={v!r}" for k, v in item.kwargs.items())
+        options = ", ".join(f"{k}=..." for k in item.kwargs)  # values may hold secrets (DSNs)
         print(f"  {item.cls.__name__}({options})")
     print(f"  {type(_innermost(stack)).__name__} (innermost)")
     print("providers:")

@@ -132,10 +132,19 @@ def _middleware(module: Any) -> list[Middleware]:
     return list(stack)
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def _settings(module: Any) -> Settings:
     settings = getattr(module, "settings", Settings())
     if not isinstance(settings, Settings):
         raise ConfigError("`settings` must be a Settings(...).")
+    if not isinstance(settings.max_body_bytes, int) or settings.max_body_bytes <= 0:
+        raise ConfigError("Settings.max_body_bytes must be a positive number of bytes.")
+    if str(settings.log_level).lower() not in _LOG_LEVELS:
+        raise ConfigError(f"Settings.log_level must be one of {', '.join(_LOG_LEVELS)}.")
+    if not settings.request_id_header or not settings.request_id_header.isascii():
+        raise ConfigError("Settings.request_id_header must be a non-empty ASCII header name.")
     return settings
 
 

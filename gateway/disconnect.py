@@ -25,6 +25,9 @@ async def run_until_disconnect(
     work: Coroutine[Any, Any, None], receive: Receive, ctx: RequestContext
 ) -> None:
     """Awaits `work`; raises ClientDisconnected if the client disconnects first."""
+    if ctx.client_disconnected:  # seen by an earlier attempt's watcher
+        work.close()
+        raise ClientDisconnected()
     task = asyncio.current_task()
     assert task is not None
     loop = task.get_loop()
@@ -32,13 +35,15 @@ async def run_until_disconnect(
     watcher: asyncio.Future[dict[str, Any]] | None = None
 
     def on_message(received: asyncio.Future[dict[str, Any]]) -> None:
-        # Runs in a later loop step; `watching` is False once `work` has ended, so a late
-        # disconnect never cancels whatever the task does next.
-        if not watching or received.cancelled() or received.exception() is not None:
+        # Runs in a later loop step. The disconnect is always recorded (the server sends it
+        # once, and a retry of `work` must see it); the task is cancelled only while `work`
+        # runs, so a late disconnect never cancels whatever the task does next.
+        if received.cancelled() or received.exception() is not None:
             return
         if received.result().get("type") == "http.disconnect":
             ctx.client_disconnected = True
-            task.cancel()
+            if watching:
+                task.cancel()
 
     def start_watching() -> None:
         nonlocal watcher

@@ -134,8 +134,8 @@ class Kernel:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1003})
             return
-        if not self._started:  # mounted in a host that never forwards lifespan
-            await self.startup()
+        if not self._started and not await self._start_lazily(scope, send):
+            return
         path = route_path(scope)
         operation = OPERATIONS_BY_PATH.get(path)
         if operation is None:
@@ -148,8 +148,23 @@ class Kernel:
         except GatewayError as exc:
             await self._send_error(send, exc, api_format, request_id)
             return
+        except ClientDisconnected:  # gone while sending the body: nobody to answer
+            return
         scope[CONTEXT_KEY] = ctx
         await self._run_stack(scope, receive, send, ctx)
+
+    async def _start_lazily(self, scope: Scope, send: Send) -> bool:
+        """Mounted in a host that never forwards lifespan: start on the first request."""
+        try:
+            await self.startup()
+            return True
+        except Exception:
+            logger.exception("startup failed")
+            error = GatewayError(503, "The gateway could not start; see its log.")
+            api_format = guess_api_format(route_path(scope), scope["headers"])
+            await self._send_error(send, error, api_format,
+                                   _request_id(scope["headers"], self.request_id_header))
+            return False
 
     async def _make_context(
         self, scope: Scope, receive: Receive, operation: str, api_format: str, request_id: bytes

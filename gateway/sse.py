@@ -2,7 +2,8 @@
 
 Parsing follows the WHATWG EventSource rules that OpenAI, Anthropic and Gemini streams use:
 events end at a blank line; `event:` names the event; `data:` lines are joined with newlines;
-lines starting with `:` are comments.
+lines starting with `:` are comments. Lines end in LF or CRLF (a lone CR, which no LLM
+provider sends, is not treated as a line end).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
         buffer = self._buffer + chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\r" in buffer:  # CRLF line ends; a trailing "\r" waits for its "\n"
+            buffer = buffer.replace(b"\r\n", b"\n")
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer

@@ -74,11 +74,12 @@ class HTTPAdapter:
         self.name = self.type_name
         self._api_key = ""
         self._session: aiohttp.ClientSession | None = None
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=self.timeouts.total_s, sock_connect=self.timeouts.connect_s,
-            sock_read=self.timeouts.idle_s)
-        self._json_timeout = aiohttp.ClientTimeout(
-            total=self.timeouts.total_s, sock_connect=self.timeouts.connect_s)
+        # `connect` also bounds DNS and the wait for a free pooled connection. First byte and
+        # idle gaps of streams are timed in _call_stream; a non-stream answer comes whole
+        # when the model is done, so only `total_s` bounds it.
+        self._timeout = aiohttp.ClientTimeout(
+            total=self.timeouts.total_s, connect=self.timeouts.connect_s,
+            sock_connect=self.timeouts.connect_s)
 
     # -- configuration and lifecycle ----------------------------------------------------------
 
@@ -145,10 +146,13 @@ class HTTPAdapter:
 
     async def _post(self, exchange: Exchange) -> aiohttp.ClientResponse:
         assert self._session is not None, "provider used before startup"
-        timeout = self._stream_timeout if exchange.stream else self._json_timeout
         try:
+            # No redirects: they would carry the provider key and the prompt to another host.
             return await self._session.post(exchange.url, data=exchange.body,
-                                            headers=exchange.headers, timeout=timeout)
+                                            headers=exchange.headers, timeout=self._timeout,
+                                            allow_redirects=False)
+        except aiohttp.ServerTimeoutError:
+            raise self._timeout_error("waiting for the response") from None
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
         except asyncio.TimeoutError:
@@ -156,21 +160,24 @@ class HTTPAdapter:
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse, attempt: Attempt) -> None:
         attempt.status = response.status
-        if response.status < 400:
+        if response.status < 300:
             return
         try:
-            body = await response.content.read(_MAX_ERROR_BODY)
+            body = await _read_capped(response, _MAX_ERROR_BODY)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             body = b""
         finally:
             response.release()
         error_type, message = self.parse_error(response.status, body)
         attempt.error_type = error_type
+        status = response.status if response.status >= 400 else 502  # a redirect we won't follow
         raise UpstreamError(
-            response.status, f"Provider '{self.name}' returned {response.status}: "
-                             f"{self.redact(message)}",
+            status, f"Provider '{self.name}' returned {response.status}: "
+                    f"{self.redact(message)}",
             provider=self.name, error_type=error_type,
-            retry_after=response.headers.get("retry-after"))
+            retry_after=response.headers.get("retry-after"),
+            # A provider key that fails auth or billing may work on another deployment.
+            retryable=status in (401, 402, 403, 408, 429) or status >= 500)
 
     async def _call_json(self, ctx: RequestContext, exchange: Exchange, send: Send,
                          attempt: Attempt) -> None:
@@ -200,35 +207,34 @@ class HTTPAdapter:
         assert exchange.codec is not None
         codec = exchange.codec()
         response: aiohttp.ClientResponse | None = None
-        try:
-            async with asyncio.timeout(self.timeouts.first_byte_s):
-                response = await self._post(exchange)
-                await self._raise_for_status(response, attempt)
-                first = await self._first_events(response, codec)
-        except TimeoutError:
-            if response is not None:
-                response.close()
-            raise self._timeout_error("waiting for the first event") from None
-        assert response is not None
-        ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_RESPONSE_HEADERS})
         finished = False
         try:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            await self._relay(response, codec, send)
-            tail = codec.finish()
-            finished = True
-        except StreamErrorTypes as exc:
-            tail = self._in_band_error(ctx, exc)
+            try:
+                async with asyncio.timeout(self.timeouts.first_byte_s):
+                    response = await self._post(exchange)
+                    await self._raise_for_status(response, attempt)
+                    first = await self._first_events(response, codec)
+            except TimeoutError:
+                raise self._timeout_error("waiting for the first event") from None
+            ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": SSE_RESPONSE_HEADERS})
+            try:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                await self._relay(response, codec, send)
+                tail = codec.finish()
+                finished = True
+            except StreamErrorTypes as exc:
+                tail = self._in_band_error(ctx, exc)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
-            # A stream cut short (error, cancellation on client disconnect) closes the
+            # A stream cut short (error, timeout, cancellation on client disconnect) closes the
             # connection so the provider stops generating; a finished one returns to the pool.
-            if finished:
+            if response is not None and finished:
                 response.release()
-            else:
+            elif response is not None:
                 response.close()
             ctx.usage = codec.usage
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
         """Reads until the codec yields client bytes; failures here are still retryable."""
@@ -246,32 +252,35 @@ class HTTPAdapter:
                 if out:
                     return bytes(out)
         except StreamError as exc:
-            response.release()
             status = _STREAM_ERROR_STATUS.get(exc.error_type, 502)
             raise UpstreamError(status, f"Provider '{self.name}' reported an error in its "
                                         f"stream: {self.redact(exc.message)}",
                                 provider=self.name, error_type=exc.error_type) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            response.release()
+        except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send) -> None:
+        """Forwards the rest of the stream; a gap over `idle_s` ends it (TimeoutError)."""
         content = response.content
-        while True:
-            if codec.error is not None:
-                raise codec.error
-            chunk = await content.readany()
-            if not chunk:
-                return
-            out = codec.feed(chunk)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+        loop = asyncio.get_running_loop()
+        idle_s = self.timeouts.idle_s
+        async with asyncio.timeout_at(loop.time() + idle_s) as idle:
+            while True:
+                if codec.error is not None:
+                    raise codec.error
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                idle.reschedule(loop.time() + idle_s)
+                out = codec.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
 
     def _in_band_error(self, ctx: RequestContext, exc: BaseException) -> bytes:
         if isinstance(exc, StreamError):
             error_type, message = exc.error_type, self.redact(exc.message)
         elif isinstance(exc, asyncio.TimeoutError):
-            error_type, message = "timeout", "no data within the idle timeout"
+            error_type, message = "timeout", "the stream timed out (idle gap or total time)"
         else:
             error_type, message = "connection_error", "the connection broke mid-stream"
         ctx.error_type = error_type
@@ -290,3 +299,15 @@ class HTTPAdapter:
 
 
 StreamErrorTypes = (StreamError, aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to `limit` bytes (one `read(n)` returns only what is buffered so far)."""
+    parts, size = [], 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

@@ -76,9 +76,18 @@ class PassthroughCodec:
         self._has_content = has_content
 
     def feed(self, chunk: bytes) -> bytes:
-        events, self._tail = split_complete_events(self._tail + chunk if self._tail else chunk)
+        buffer = self._tail + chunk if self._tail else chunk
+        if b"\r" in buffer:  # CRLF servers (sse-starlette): same events, LF line ends
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events, self._tail = split_complete_events(buffer)
         if not events:
             return b""
+        try:
+            return self._feed_events(events)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StreamError("bad_response", f"unreadable event ({type(exc).__name__})") from None
+
+    def _feed_events(self, events: bytes) -> bytes:
         if self._held is not None:
             events = self._release_after_preamble(events)
             if not events:
@@ -87,16 +96,16 @@ class PassthroughCodec:
 
     def _release_after_preamble(self, events: bytes) -> bytes:
         assert self._held is not None
-        for _, data in SSEParser().feed(events):
-            try:
-                payload = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue  # e.g. "[DONE]"
+        for block in events.split(b"\n\n"):  # parse only up to the first event with output
+            data = _data_of(block)
+            if data is None or data == b"[DONE]":
+                continue
+            payload = orjson.loads(data)
             if not isinstance(payload, dict):
                 continue
             if isinstance(payload.get("error"), dict):  # failed before any output
-                raise _split_at_error(b"data: " + data.encode() + b"\n\n")[1] or StreamError(
-                    "api_error", "stream error")
+                raise _split_at_error(block + b"\n\n")[1] or StreamError("api_error",
+                                                                         "stream error")
             if self._has_content(payload):
                 events, self._held = self._held + events, None
                 return events
@@ -122,15 +131,24 @@ class PassthroughCodec:
     def _take_usage(self, events: bytes) -> bytes:
         kept = []
         for block in events.split(b"\n\n"):
-            if b'"usage"' in block:
-                for _, data in SSEParser().feed(block + b"\n\n"):
-                    payload = orjson.loads(data)
+            if b'"usage":{' in block or b'"usage": {' in block:
+                data = _data_of(block)
+                payload = orjson.loads(data) if data else None
+                if isinstance(payload, dict):
                     self.usage = self._read_usage(payload, self.usage)
                     if self._drop_usage_event and payload.get("choices") == []:
                         block = b""  # the usage-only chunk the gateway asked for, not the client
             if block:
                 kept.append(block)
         return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+
+def _data_of(block: bytes) -> bytes | None:
+    """The data of one LF-normalised SSE event block, without a full parse."""
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return block[6:]  # the common single-line case
+    lines = [line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 def _split_at_error(events: bytes) -> tuple[bytes, StreamError | None]:
@@ -195,7 +213,12 @@ class TranslatingCodec:
         out: list[bytes] = []
         for name, data in events:
             try:
-                out.append(self._sink.feed(self._hold_preamble(self._source.feed(name, data))))
+                try:
+                    chunks = self._hold_preamble(self._source.feed(name, data))
+                    out.append(self._sink.feed(chunks))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise StreamError("bad_response",
+                                      f"unreadable event ({type(exc).__name__})") from None
             except StreamError as exc:
                 if not any(out):
                     raise

@@ -58,3 +58,49 @@ def test_content_mentioning_error_or_usage_is_not_mistaken() -> None:
     codec = PassthroughCodec(_chat_usage, chat_chunk_has_content)
     assert codec.feed(text) == text
     assert codec.usage is None
+
+
+def test_parser_keeps_a_crlf_split_between_reads_together() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"event: content_block_delta\r") == []
+    assert parser.feed(b'\ndata: {"a":1}\r\n\r\n') == [("content_block_delta", '{"a":1}')]
+
+
+def test_passthrough_reads_crlf_streams_without_losing_events() -> None:
+    finish = (b'data: {"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+              b'"usage":null}\n\n')
+    crlf = (CHUNK + finish + USAGE + DONE).replace(b"\n", b"\r\n")
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, drop_usage_event=True)
+    out = codec.feed(crlf[:50]) + codec.feed(crlf[50:]) + codec.finish()
+    assert out == CHUNK + finish + DONE
+    assert codec.usage is not None and codec.usage.input_tokens == 3
+
+
+def test_an_unreadable_event_is_a_stream_error_not_a_crash() -> None:
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content)
+    codec.feed(CHUNK)
+    try:
+        codec.feed(b'data: {"usage":{"prompt_tokens": oops}}\n\n')
+    except StreamError as exc:
+        assert exc.error_type == "bad_response"
+    else:
+        raise AssertionError("no StreamError")
+
+
+def test_error_after_content_in_the_same_read_keeps_the_content() -> None:
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content)
+    error = b'data: {"error":{"type":"server_error","message":"boom"}}\n\n'
+    assert codec.feed(CHUNK + error) == CHUNK
+    assert codec.error is not None and codec.error.message == "boom"
+
+
+def test_error_before_any_output_raises_at_once() -> None:
+    role = b'data: {"id":"1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content)
+    assert codec.feed(role) == b""  # the preamble is held back
+    try:
+        codec.feed(b'data: {"error":{"type":"server_error","message":"boom"}}\n\n')
+    except StreamError as exc:
+        assert exc.message == "boom"
+    else:
+        raise AssertionError("no StreamError")

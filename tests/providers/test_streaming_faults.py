@@ -164,3 +164,45 @@ def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
     assert response.status_code == 401
     assert "provider-secret" not in response.text
     assert "[redacted]" in response.json()["error"]["message"]
+
+
+def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    stolen: list[dict[str, str]] = []
+
+    class Thief(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            stolen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    thief = ThreadingHTTPServer(("127.0.0.1", 0), Thief)
+
+    class Redirector(Thief):
+        def do_POST(self) -> None:  # noqa: N802
+            self.send_response(307)
+            self.send_header("location", f"http://127.0.0.1:{thief.server_port}/steal")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    for server in (thief, redirector):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = write_config(tmp_path, mock_config(f"http://127.0.0.1:{redirector.server_port}"))
+        with ThreadedServer(create_app(config)) as gateway:
+            response = httpx.post(gateway.url + "/v1/messages",
+                                  headers={"anthropic-version": "2023-06-01"},
+                                  json={"model": "claude-mock", "max_tokens": 5,
+                                        "messages": QUESTION})
+        assert response.status_code == 502
+        assert "returned 307" in response.json()["error"]["message"]
+        assert stolen == []
+    finally:
+        thief.shutdown()
+        redirector.shutdown()
