@@ -220,9 +220,8 @@ class HTTPAdapter:
             await send({"type": "http.response.start", "status": 200,
                         "headers": SSE_RESPONSE_HEADERS})
             try:
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-                await self._relay(response, codec, send)
-                tail = codec.finish()
+                last = await self._relay(response, codec, send, first)
+                tail = last + codec.finish()
                 finished = True
             except StreamErrorTypes as exc:
                 tail = self._in_band_error(ctx, exc)
@@ -259,22 +258,31 @@ class HTTPAdapter:
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
 
-    async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send) -> None:
-        """Forwards the rest of the stream; a gap over `idle_s` ends it (TimeoutError)."""
+    async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
+                     pending: bytes) -> bytes:
+        """Forwards the stream; returns the last bytes, to go out with the end of the body.
+
+        Each output is sent as soon as the next read shows the upstream is not done, so a
+        short stream (often one read) costs one body message, and a gap over `idle_s` ends
+        the stream (TimeoutError).
+        """
         content = response.content
         loop = asyncio.get_running_loop()
         idle_s = self.timeouts.idle_s
         async with asyncio.timeout_at(loop.time() + idle_s) as idle:
             while True:
                 if codec.error is not None:
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
                     raise codec.error
+                if content.at_eof():
+                    return pending
+                if pending:
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
                 chunk = await content.readany()
                 if not chunk:
-                    return
+                    return b""
                 idle.reschedule(loop.time() + idle_s)
-                out = codec.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                pending = codec.feed(chunk)
 
     def _in_band_error(self, ctx: RequestContext, exc: BaseException) -> bytes:
         if isinstance(exc, StreamError):

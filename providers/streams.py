@@ -96,7 +96,9 @@ class PassthroughCodec:
 
     def _release_after_preamble(self, events: bytes) -> bytes:
         assert self._held is not None
-        for block in events.split(b"\n\n"):  # parse only up to the first event with output
+        position = 0
+        while (end := events.find(b"\n\n", position)) >= 0:  # only up to the first output
+            block, position = events[position:end], end + 2
             data = _data_of(block)
             if data is None or data == b"[DONE]":
                 continue
@@ -129,18 +131,27 @@ class PassthroughCodec:
         return out
 
     def _take_usage(self, events: bytes) -> bytes:
-        kept = []
-        for block in events.split(b"\n\n"):
-            if b'"usage":{' in block or b'"usage": {' in block:
-                data = _data_of(block)
-                payload = orjson.loads(data) if data else None
-                if isinstance(payload, dict):
-                    self.usage = self._read_usage(payload, self.usage)
-                    if self._drop_usage_event and payload.get("choices") == []:
-                        block = b""  # the usage-only chunk the gateway asked for, not the client
-            if block:
-                kept.append(block)
-        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+        """Parses just the events holding a usage object, found by byte search."""
+        search_from = 0
+        while True:
+            marker = _find_usage(events, search_from)
+            if marker < 0:
+                return events
+            start = events.rfind(b"\n\n", 0, marker) + 2 if b"\n\n" in events[:marker] else 0
+            end = events.find(b"\n\n", marker) + 2
+            data = _data_of(events[start:end - 2])
+            payload = orjson.loads(data) if data else None
+            search_from = end
+            if isinstance(payload, dict):
+                self.usage = self._read_usage(payload, self.usage)
+                if self._drop_usage_event and payload.get("choices") == []:
+                    # The usage-only chunk the gateway asked for, not the client.
+                    events, search_from = events[:start] + events[end:], start
+
+
+def _find_usage(events: bytes, start: int) -> int:
+    at = events.find(b'"usage":{', start)
+    return at if at >= 0 else events.find(b'"usage": {', start)
 
 
 def _data_of(block: bytes) -> bytes | None:
