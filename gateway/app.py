@@ -19,7 +19,7 @@ def build_stack(config: GatewayConfig) -> ASGIApp:
             raise ConfigError(
                 f"{config.path}: layer {getattr(cls, '__name__', cls)!s} has wrong options: {exc}"
             ) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure here is a config problem)
             raise ConfigError(f"{config.path}: layer {getattr(cls, '__name__', cls)!s} failed "
                               f"to build: {type(exc).__name__}: {exc}") from None
     return app

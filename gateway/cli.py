@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -40,7 +40,7 @@ def check_config(path: str) -> int:
     print("  kernel (errors, request id, body, context, /healthz, /readyz, /v1/models)")
     for item in config.middleware:
         options = ", ".join(f"{k}=..." for k in item.kwargs)  # values may hold secrets (DSNs)
-        print(f"  {item.cls.__name__}({options})")
+        print(f"  {getattr(item.cls, '__name__', item.cls)}({options})")
     print(f"  {type(_innermost(stack)).__name__} (innermost)")
     print("providers:")
     for name, adapter in config.providers.items():
@@ -55,8 +55,9 @@ def check_config(path: str) -> int:
 
 
 def _innermost(app: object) -> object:
-    while getattr(app, "app", None) is not None:
-        app = getattr(app, "app")
+    inner: object = getattr(app, "app", None)
+    while inner is not None:
+        app, inner = inner, getattr(inner, "app", None)
     return app
 
 

@@ -81,7 +81,7 @@ def _execute(path: str) -> Any:
         spec.loader.exec_module(module)
     except ConfigError as exc:
         raise ConfigError(f"{path}{_config_line(exc, path)}: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (the operator's module may raise anything)
         line = _config_line(exc, path)
         raise ConfigError(f"{path}{line}: {type(exc).__name__}: {exc}") from None
     return module

@@ -7,8 +7,9 @@ writes it.
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, MutableMapping
+from typing import Any
 
 CONTEXT_KEY = "sluicegate.context"
 
@@ -39,7 +40,7 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
     @classmethod
-    def from_openai(cls, usage: dict[str, Any] | None) -> "Usage | None":
+    def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
         """Reads an OpenAI `usage` object (chat, completions, embeddings or responses)."""
         if not isinstance(usage, dict):
             return None
@@ -57,7 +58,7 @@ class Usage:
         )
 
     @classmethod
-    def from_anthropic(cls, usage: dict[str, Any] | None) -> "Usage | None":
+    def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
         """Reads an Anthropic `usage` object; its `input_tokens` excludes cache reads/writes."""
         if not isinstance(usage, dict):
             return None

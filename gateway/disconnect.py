@@ -12,12 +12,13 @@ provider call is cancelled at most `WATCH_AFTER_S` after the client left.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from typing import Any
 
 from gateway.context import RequestContext
 from gateway.errors import ClientDisconnected
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 WATCH_AFTER_S = 0.2
 
 
@@ -32,9 +33,9 @@ async def run_until_disconnect(
     assert task is not None
     loop = task.get_loop()
     watching = True
-    watcher: asyncio.Future[dict[str, Any]] | None = None
+    watcher: asyncio.Future[MutableMapping[str, Any]] | None = None
 
-    def on_message(received: asyncio.Future[dict[str, Any]]) -> None:
+    def on_message(received: asyncio.Future[MutableMapping[str, Any]]) -> None:
         # Runs in a later loop step. The disconnect is always recorded (the server sends it
         # once, and a retry of `work` must see it); the task is cancelled only while `work`
         # runs, so a late disconnect never cancels whatever the task does next.

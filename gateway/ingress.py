@@ -22,7 +22,7 @@ _OPERATIONS = {
 OPERATIONS_BY_PATH = {**_OPERATIONS, **{"/v1" + path: op for path, op in _OPERATIONS.items()}}
 
 # Which body field must be a list for each operation (the rest is left to the provider).
-_REQUIRED_FIELDS = {
+_REQUIRED_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     c.OPENAI_CHAT: ("messages", list),
     c.ANTHROPIC_MESSAGES: ("messages", list),
     c.ANTHROPIC_COUNT_TOKENS: ("messages", list),

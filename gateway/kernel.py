@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
 
 import orjson
 
@@ -101,7 +102,7 @@ class Kernel:
                     await stop()
 
     @asynccontextmanager
-    async def lifespan(self) -> AsyncIterator["Kernel"]:
+    async def lifespan(self) -> AsyncIterator[Kernel]:
         """For host apps that own the lifespan: `async with gateway.lifespan(): yield`."""
         await self.startup()
         try:
@@ -302,7 +303,7 @@ class Kernel:
             if callable(check):
                 try:
                     checks.update(await asyncio.wait_for(check(), timeout=2.0))
-                except Exception as exc:  # a failing store is a report, not a crash
+                except Exception as exc:  # noqa: BLE001 (a failing store is a report)
                     checks[type(component).__name__] = f"error: {type(exc).__name__}"
         ready = self._started and all(value == "ok" for value in checks.values())
         payload = {"status": "ready" if ready else "not ready", "started": self._started,

@@ -5,8 +5,9 @@ the gateway never imports them.
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, MutableMapping, Protocol
+from typing import Any, Protocol
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]

@@ -39,7 +39,7 @@ PROVIDER_TYPES: dict[str, tuple[type[HTTPAdapter], dict[str, Any]]] = {
 }
 
 
-def Provider(type: str, **options: Any) -> HTTPAdapter:  # noqa: N802 (reads as a declaration)
+def Provider(type: str, **options: Any) -> HTTPAdapter:
     """Declares a provider in the config module, e.g. `Provider("groq", api_key_env="GROQ_KEY")`."""
     if type not in PROVIDER_TYPES:
         known = ", ".join(sorted(PROVIDER_TYPES))

@@ -8,8 +8,9 @@ import asyncio
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -155,7 +156,7 @@ class HTTPAdapter:
             raise self._timeout_error("waiting for the response") from None
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._timeout_error("waiting for the response") from None
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse, attempt: Attempt) -> None:
@@ -164,7 +165,7 @@ class HTTPAdapter:
             return
         try:
             body = await _read_capped(response, _MAX_ERROR_BODY)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             body = b""
         finally:
             response.release()
@@ -185,7 +186,7 @@ class HTTPAdapter:
         await self._raise_for_status(response, attempt)
         try:
             raw = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._connection_error(exc) from None
         finally:
             response.release()

@@ -15,7 +15,8 @@ from gateway import context as c
 from gateway.context import RequestContext, Usage
 from gateway.tokens import estimate_input
 from gateway.upstream import Deployment
-from providers import anthropic_format, gemini_format as fmt
+from providers import anthropic_format
+from providers import gemini_format as fmt
 from providers.base import Exchange, HTTPAdapter
 from providers.openai import with_usage_requested
 from providers.streams import AnthropicEventSink, OpenAIChunkSink, StreamError, TranslatingCodec

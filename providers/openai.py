@@ -16,8 +16,13 @@ from gateway.tokens import estimate_messages
 from gateway.upstream import Deployment, Send
 from providers import anthropic_format
 from providers.base import Exchange, HTTPAdapter
-from providers.streams import (AnthropicEventSink, OpenAIChunkSource, PassthroughCodec,
-                               TranslatingCodec, chat_chunk_has_content)
+from providers.streams import (
+    AnthropicEventSink,
+    OpenAIChunkSource,
+    PassthroughCodec,
+    TranslatingCodec,
+    chat_chunk_has_content,
+)
 
 _PATHS = {
     c.OPENAI_CHAT: "/chat/completions",

@@ -7,7 +7,8 @@ search). `TranslatingCodec` parses every event and re-encodes it through the Ope
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import orjson
 
@@ -62,8 +63,15 @@ class PassthroughCodec:
     is still a plain error response that the failover layer can retry elsewhere.
     """
 
-    __slots__ = ("usage", "error", "_tail", "_held", "_read_usage", "_drop_usage_event",
-                 "_has_content")
+    __slots__ = (
+        "_drop_usage_event",
+        "_has_content",
+        "_held",
+        "_read_usage",
+        "_tail",
+        "error",
+        "usage",
+    )
 
     def __init__(self, read_usage: UsageReader, has_content: ContentTest, *,
                  drop_usage_event: bool = False) -> None:
@@ -204,7 +212,7 @@ class HubSink(Protocol):
 class TranslatingCodec:
     """Different formats: parse each upstream event, translate via the hub, re-encode."""
 
-    __slots__ = ("error", "_parser", "_source", "_sink", "_held")
+    __slots__ = ("_held", "_parser", "_sink", "_source", "error")
 
     def __init__(self, source: HubSource, sink: HubSink) -> None:
         self.error: StreamError | None = None

@@ -1,8 +1,8 @@
 """Shared fixtures: one mock provider server per session, gateways on real sockets."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

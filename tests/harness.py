@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -64,7 +64,7 @@ class ThreadedServer:
         self._stop = asyncio.Event()
         self._loop.run_until_complete(serve(self.app, config, shutdown_trigger=self._stop.wait))
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> Self:
         self._thread.start()
         wait_until_up(self.url, health_path=self.health_path)
         return self
@@ -130,7 +130,7 @@ def start_cli_gateway(config_path: Path, *, workers: int = 1, env: dict[str, str
                       log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """`sluicegate serve` as a subprocess; returns (process, base URL) once /healthz answers."""
     port = free_port()
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (Popen keeps it)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],

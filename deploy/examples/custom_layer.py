@@ -12,8 +12,15 @@ import re
 from typing import Any
 
 from gateway.config import Deployment, Middleware, Model
-from gateway.layers import (ASGIApp, GatewayError, Receive, Scope, Send, find_request_context,
-                            text_of_messages)
+from gateway.layers import (
+    ASGIApp,
+    GatewayError,
+    Receive,
+    Scope,
+    Send,
+    find_request_context,
+    text_of_messages,
+)
 from middleware.auth import AuthMiddleware
 from middleware.metering import MeteringMiddleware
 from providers import Provider

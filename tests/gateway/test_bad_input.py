@@ -50,8 +50,9 @@ CASES = [
     ("non-POST", b"", {}, "GET", 405, "use POST", "invalid_request_error"),
     ("missing messages", b'{"model": "gpt-mock"}', {}, "POST", 400, "'messages' is required",
      "invalid_request_error"),
-    ("stream not boolean", b'{"model": "gpt-mock", "stream": "yes", "messages": '
-     b'[{"role": "user", "content": "x"}]}', {}, "POST", 400, "stream parameter",
+    ("stream not boolean", (b'{"model": "gpt-mock", "stream": "yes", "messages": '
+                            b'[{"role": "user", "content": "x"}]}'), {}, "POST", 400,
+     "stream parameter",
      "invalid_request_error"),
 ]
 

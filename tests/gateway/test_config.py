@@ -22,7 +22,7 @@ EXAMPLE_KEYS = {
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})}, timeout=60)
+                          capture_output=True, check=False, env={**os.environ, **(env or {})}, timeout=60)
 
 
 def error_for(tmp_path: Path, text: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import openai
@@ -16,8 +17,14 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from gateway import create_app
-from tests.harness import (REPO, ThreadedServer, mock_config, start_cli_gateway, stop_process,
-                           write_config)
+from tests.harness import (
+    REPO,
+    ThreadedServer,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
 from tests.mock_providers import MockProviderServer
 
 LAYERS = ["AuthMiddleware", "MeteringMiddleware", "QuotaMiddleware", "CacheMiddleware",

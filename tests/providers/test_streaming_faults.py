@@ -7,8 +7,8 @@ in the caller's format (never a second response start).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import anthropic
 import httpx
@@ -173,7 +173,7 @@ def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> Non
     stolen: list[dict[str, str]] = []
 
     class Thief(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             stolen.append(dict(self.headers))
             self.send_response(200)
             self.end_headers()
@@ -184,7 +184,7 @@ def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> Non
     thief = ThreadingHTTPServer(("127.0.0.1", 0), Thief)
 
     class Redirector(Thief):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.send_response(307)
             self.send_header("location", f"http://127.0.0.1:{thief.server_port}/steal")
             self.send_header("content-length", "0")
