@@ -12,6 +12,7 @@ it starts is stopped at the end, also after an error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import importlib.metadata
@@ -67,9 +68,25 @@ def log(message: str) -> None:
 
 # --- the mock -----------------------------------------------------------------------------------
 
+def public_fixtures(rundir: Path) -> Path:
+    """The fixed bodies, copied where nginx's unprivileged worker can read them.
+
+    The checkout (or a 0700 temp dir such as pytest's) may not be traversable by the worker's
+    user, which would answer 403.
+    """
+    public = Path(tempfile.mkdtemp(prefix="sluicegate-bench-fixtures-"))
+    public.chmod(0o755)
+    for name in ("chat.json", "chat.sse"):
+        shutil.copyfile(HERE / name, public / name)
+        (public / name).chmod(0o644)
+    atexit.register(shutil.rmtree, public, True)
+    return public
+
+
 def start_mock(procs: ProcessSet, settings: Settings) -> Started:
     conf = (HERE / "nginx.conf.template").read_text()
-    for name, value in (("@RUN_DIR@", str(settings.rundir)), ("@BENCH_DIR@", str(HERE)),
+    fixtures = public_fixtures(settings.rundir)
+    for name, value in (("@RUN_DIR@", str(settings.rundir)), ("@BENCH_DIR@", str(fixtures)),
                         ("@PORT@", str(MOCK_PORT))):
         conf = conf.replace(name, value)
     conf_path = settings.rundir / "nginx.conf"

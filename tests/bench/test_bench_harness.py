@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))  # the harness imports its siblings by plain name,
 import bench_load
 import bench_procs
 import bench_report
+import run_bench
 from bench_load import LoadError, RoundResult
 from bench_report import TargetResult
 
@@ -212,7 +213,8 @@ def test_nginx_mock_answers_post_with_the_fixed_bodies(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     conf = (HERE / "nginx.conf.template").read_text()
-    for name, value in (("@RUN_DIR@", str(tmp_path)), ("@BENCH_DIR@", str(HERE)),
+    fixtures = run_bench.public_fixtures(tmp_path)
+    for name, value in (("@RUN_DIR@", str(tmp_path)), ("@BENCH_DIR@", str(fixtures)),
                         ("@PORT@", str(port))):
         conf = conf.replace(name, value)
     (tmp_path / "nginx.conf").write_text(conf)
