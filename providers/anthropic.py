@@ -14,7 +14,7 @@ from gateway.upstream import Deployment
 from providers import anthropic_format as fmt
 from providers.base import Exchange, HTTPAdapter
 from providers.openai import with_usage_requested
-from providers.streams import OpenAIChunkSink, PassthroughCodec, StreamError, TranslatingCodec
+from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCodec
 
 API_VERSION = "2023-06-01"
 _FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
@@ -45,7 +45,7 @@ def _decode_native(payload: dict[str, Any]) -> tuple[None, Usage | None]:
 
 
 class AnthropicSource:
-    """Anthropic events -> hub chunks, with the translator's error mapped to StreamError."""
+    """Anthropic events -> hub chunks (the translator raises StreamError on error events)."""
 
     __slots__ = ("_translator",)
 
@@ -53,10 +53,7 @@ class AnthropicSource:
         self._translator = translator
 
     def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
-        try:
-            return self._translator.feed(event or "", orjson.loads(data))
-        except fmt.UpstreamStreamError as exc:
-            raise StreamError(exc.error_type, exc.message) from None
+        return self._translator.feed(event or "", orjson.loads(data))
 
     def finish(self) -> list[dict[str, Any]]:
         return []

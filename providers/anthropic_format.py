@@ -40,7 +40,6 @@ import orjson
 from providers.anthropic_stream import (
     ChatStreamToMessages,
     MessagesStreamToChat,
-    UpstreamStreamError,
     anthropic_usage,
     chat_usage,
     completion_id,
@@ -49,6 +48,8 @@ from providers.anthropic_stream import (
     message_id,
     stop_reason,
 )
+from providers.streams import StreamError as UpstreamStreamError
+from providers.translation import TranslationError, tool_arguments
 
 JSON = dict[str, Any]
 
@@ -69,10 +70,6 @@ __all__ = [
     "chat_request_to_messages", "chat_response_to_messages", "messages_request_to_chat",
     "messages_response_to_chat", "parse_anthropic_error",
 ]
-
-
-class TranslationError(ValueError):
-    """A request the other API cannot express without silently changing the answer."""
 
 
 # -- OpenAI chat request -> Anthropic Messages request ---------------------------------------
@@ -258,22 +255,8 @@ def _assistant_blocks(message: JSON) -> list[JSON]:
                                    "to Anthropic models.")
         function = call.get("function") or {}
         blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
-                       "input": _arguments(function.get("arguments"))})
+                       "input": tool_arguments(function.get("arguments"))})
     return blocks
-
-
-def _arguments(arguments: Any) -> JSON:
-    if isinstance(arguments, dict):
-        return arguments
-    if arguments is None or arguments == "":
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        raise TranslationError("a tool call's `arguments` is not valid JSON.") from None
-    if not isinstance(parsed, dict):
-        raise TranslationError("a tool call's `arguments` must be a JSON object.")
-    return parsed
 
 
 def _tool_result(message: JSON) -> JSON:
@@ -574,7 +557,7 @@ def _message_text(content: Any) -> str:
 
 def _parsed_or_empty(arguments: Any) -> JSON:
     try:
-        return _arguments(arguments)
+        return tool_arguments(arguments)
     except TranslationError:
         return {}  # see the module docstring
 

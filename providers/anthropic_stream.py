@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+from providers.streams import StreamError as UpstreamStreamError
+
 JSON = dict[str, Any]
 Event = tuple[str, JSON]
 
@@ -33,15 +35,6 @@ _FINISH_BY_STOP = {
 }
 _STOP_BY_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                    "function_call": "tool_use", "content_filter": "refusal"}
-
-
-class UpstreamStreamError(Exception):
-    """An error event inside a stream that had already answered 200."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
 
 
 def completion_id(message_id: Any) -> str:

@@ -19,13 +19,13 @@ from providers import anthropic_format
 from providers import gemini_format as fmt
 from providers.base import Exchange, HTTPAdapter
 from providers.openai import with_usage_requested
-from providers.streams import AnthropicEventSink, OpenAIChunkSink, StreamError, TranslatingCodec
+from providers.streams import AnthropicEventSink, OpenAIChunkSink, TranslatingCodec
 
 Decoded = tuple[dict[str, Any], "Usage | None"]
 
 
 class GeminiSource:
-    """Gemini SSE chunks -> hub chunks, with the translator's error mapped to StreamError."""
+    """Gemini SSE chunks -> hub chunks (the translator raises StreamError on error payloads)."""
 
     __slots__ = ("_translator",)
 
@@ -36,10 +36,7 @@ class GeminiSource:
         payload = orjson.loads(data)
         if isinstance(payload, list):  # errors may arrive wrapped in a one-element list
             payload = payload[0] if payload else {}
-        try:
-            return self._translator.feed(payload)
-        except fmt.UpstreamStreamError as exc:
-            raise StreamError(exc.error_type, exc.message) from None
+        return self._translator.feed(payload)
 
     def finish(self) -> list[dict[str, Any]]:
         return self._translator.finish()

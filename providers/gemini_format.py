@@ -40,7 +40,6 @@ import orjson
 
 from providers.gemini_stream import (
     GeminiStreamToChat,
-    UpstreamStreamError,
     chat_usage,
     completion_id,
     created_now,
@@ -49,6 +48,8 @@ from providers.gemini_stream import (
     response_tool_call,
     walk_parts,
 )
+from providers.streams import StreamError as UpstreamStreamError
+from providers.translation import TranslationError, tool_arguments
 
 JSON = dict[str, Any]
 
@@ -72,10 +73,6 @@ __all__ = [
     "embeddings_request_to_gemini", "gemini_count_tokens_result", "gemini_embeddings_to_openai",
     "gemini_response_to_chat", "messages_count_request_to_gemini", "parse_gemini_error",
 ]
-
-
-class TranslationError(ValueError):
-    """A request Gemini cannot express without silently changing the answer."""
 
 
 # -- chat request ----------------------------------------------------------------------------
@@ -213,7 +210,7 @@ def _assistant_parts(message: JSON, call_names: dict[str, str]) -> list[JSON]:
         function = call["function"]
         call_names[call.get("id", "")] = function["name"]
         part: JSON = {"functionCall": {"name": function["name"],
-                                       "args": _arguments(function.get("arguments"))}}
+                                       "args": tool_arguments(function.get("arguments"))}}
         signature = _signature(call)
         if signature or position == 0:
             part["thoughtSignature"] = signature or PLACEHOLDER_SIGNATURE
@@ -226,20 +223,6 @@ def _signature(call: JSON) -> str | None:
     google = extra.get("google") if isinstance(extra, dict) else None
     signature = google.get("thought_signature") if isinstance(google, dict) else None
     return signature if isinstance(signature, str) and signature else None
-
-
-def _arguments(arguments: Any) -> JSON:
-    if isinstance(arguments, dict):
-        return arguments
-    if arguments is None or arguments == "":
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        raise TranslationError("a tool call's `arguments` is not valid JSON.") from None
-    if not isinstance(parsed, dict):
-        raise TranslationError("a tool call's `arguments` must be a JSON object.")
-    return parsed
 
 
 def _tool_result_part(message: JSON, call_names: dict[str, str]) -> JSON:

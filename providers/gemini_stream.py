@@ -16,20 +16,13 @@ from typing import Any
 
 import orjson
 
+from providers.streams import StreamError as UpstreamStreamError
+
 JSON = dict[str, Any]
 
 # finishReason values that mean the output was blocked (Candidate.FinishReason).
 _FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
                        "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"})
-
-
-class UpstreamStreamError(Exception):
-    """An `error` payload inside a Gemini stream that had already answered 200."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
 
 
 def completion_id(response_id: Any) -> str:
