@@ -69,6 +69,10 @@ class ThreadedServer:
         wait_until_up(self.url, health_path=self.health_path)
         return self
 
+    def run(self, coroutine: Any, timeout_s: float = 10.0) -> Any:
+        """Runs a coroutine on the server's event loop (e.g. an app's shutdown)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+
     def __exit__(self, *exc: object) -> None:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)

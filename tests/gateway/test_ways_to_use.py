@@ -89,6 +89,10 @@ def test_mounted_in_a_host_that_never_forwards_lifespan(config_path: Path) -> No
 
     with ThreadedServer(app, health_path="/gw/healthz") as server:
         assert ask(server.url + "/gw/v1", "lazy") == "Mock reply to: lazy"
+        # Such a host must close the gateway itself; the sessions it opened lazily close here.
+        server.run(gateway.shutdown())
+        sessions = [a._session for a in gateway.components[-1].providers.values()]
+        assert sessions == [None] * len(sessions)
 
 
 def test_custom_layer_blocks_and_redacts(tmp_path: Path, mock: MockProviderServer,
