@@ -13,21 +13,12 @@ CHECK_DB=${PGVECTOR_CHECK_DB:-test}
 SRC_LIST=/etc/apt/sources.list.d/sluicegate-trixie-src.sources
 BUILD_ROOT=${PGVECTOR_BUILD_DIR:-/var/tmp/sluicegate-pgvector}
 
-log() { echo "pgvector: $*"; }
-die() { echo "pgvector: error: $*" >&2; exit 1; }
+SCRIPT_TAG=pgvector
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# Run a noisy command with its output kept aside; show that output only if it fails.
-quietly() {
-    local out rc=0
-    out=$(mktemp)
-    "$@" >"$out" 2>&1 || rc=$?
-    if ((rc != 0)); then
-        cat "$out" >&2
-        rm -f "$out"
-        die "'$*' failed (exit $rc)"
-    fi
-    rm -f "$out"
-}
+# Here every step must succeed: a failing one ends the build with its output shown.
+must() { quietly "$@" || die "'$*' failed"; }
 
 extension_available() {
     [[ "$("${PSQL[@]}" -d postgres -c "SELECT 1 FROM pg_available_extensions WHERE name='vector'")" == 1 ]]
@@ -48,9 +39,9 @@ SOURCES
 
 install_build_deps() {
     log "apt-get update"
-    quietly apt-get update
+    must apt-get update
     log "installing postgresql-server-dev-$PG_MAJOR and build tools"
-    quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    must env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         "postgresql-server-dev-$PG_MAJOR" build-essential dpkg-dev
 }
 
@@ -62,8 +53,8 @@ fetch_source() {
             log "fetching source package $name into $BUILD_ROOT"
             # apt verifies the files against the signed Sources index, so dpkg-source need not
             # check the .dsc's own signature (that would need the maintainers' keyring).
-            (cd "$BUILD_ROOT" && quietly apt-get source --download-only "$name" \
-                && quietly dpkg-source -x --no-check "$(ls -t ./*.dsc | head -n1)" src)
+            (cd "$BUILD_ROOT" && must apt-get source --download-only "$name" \
+                && must dpkg-source -x --no-check "$(ls -t ./*.dsc | head -n1)" src)
             return 0
         fi
     done
@@ -72,9 +63,9 @@ fetch_source() {
 
 build_and_install() {
     log "building (make PG_CONFIG=$PG_CONFIG)"
-    quietly make -C "$BUILD_ROOT/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)"
+    must make -C "$BUILD_ROOT/src" PG_CONFIG="$PG_CONFIG" -j"$(nproc)"
     log "installing (make install)"
-    quietly make -C "$BUILD_ROOT/src" PG_CONFIG="$PG_CONFIG" install
+    must make -C "$BUILD_ROOT/src" PG_CONFIG="$PG_CONFIG" install
 }
 
 verify() {

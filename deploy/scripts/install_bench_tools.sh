@@ -12,18 +12,9 @@ PYTHON=${PYTHON:-python3}
 LITELLM_SPEC=${LITELLM_SPEC:-litellm[proxy]==1.106.2}
 APT_PACKAGES=(wrk hey nginx-light)
 
-log() { echo "bench-tools: $*"; }
-die() { echo "bench-tools: error: $*" >&2; exit 1; }
-
-# Run a noisy command with its output kept aside; show that output only if it fails.
-quietly() {
-    local out rc=0
-    out=$(mktemp)
-    "$@" >"$out" 2>&1 || rc=$?
-    ((rc == 0)) || cat "$out" >&2
-    rm -f "$out"
-    return "$rc"
-}
+SCRIPT_TAG=bench-tools
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 install_debian_packages() {
     local missing=() pkg

@@ -15,18 +15,9 @@ PSQL=(psql -h 127.0.0.1 -p 5432 -U postgres -X -v ON_ERROR_STOP=1 -Atq)
 HERE=$(cd "$(dirname "$0")" && pwd)
 APT_UPDATED=0
 
-log() { echo "services: $*"; }
-die() { echo "services: error: $*" >&2; exit 1; }
-
-# Run a noisy command with its output kept aside; show that output only if it fails.
-quietly() {
-    local out rc=0
-    out=$(mktemp)
-    "$@" >"$out" 2>&1 || rc=$?
-    ((rc == 0)) || cat "$out" >&2
-    rm -f "$out"
-    return "$rc"
-}
+SCRIPT_TAG=services
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 apt_install() {
     [[ $(id -u) == 0 ]] || die "must run as root to install $*"
