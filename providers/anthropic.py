@@ -13,7 +13,7 @@ from gateway.context import RequestContext, Usage
 from gateway.upstream import Deployment
 from providers import anthropic_format as fmt
 from providers.base import Exchange, HTTPAdapter
-from providers.openai import with_usage_requested
+from providers.openai import client_wants_usage
 from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCodec
 
 API_VERSION = "2023-06-01"
@@ -102,7 +102,7 @@ class AnthropicAdapter(HTTPAdapter):
         body = fmt.chat_request_to_messages(ctx.body, deployment.model,
                                             default_max_tokens=self.default_max_tokens)
         public_model = ctx.model
-        _, client_asked = with_usage_requested(dict(ctx.body)) if ctx.stream else ({}, False)
+        client_asked = ctx.stream and client_wants_usage(ctx.body)
 
         def decode(payload: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
             return (fmt.messages_response_to_chat(payload, public_model),
@@ -110,7 +110,7 @@ class AnthropicAdapter(HTTPAdapter):
 
         def codec() -> TranslatingCodec:
             source = AnthropicSource(fmt.MessagesStreamToChat(public_model, client_asked))
-            return TranslatingCodec(source, OpenAIChunkSink(public_model, client_asked))
+            return TranslatingCodec(source, OpenAIChunkSink())
 
         return Exchange(self.base_url + "/v1/messages", headers, orjson.dumps(body), ctx.stream,
                         decode, codec)

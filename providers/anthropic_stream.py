@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from providers.streams import StreamError as UpstreamStreamError
+from providers.streams import chat_chunk
 
 JSON = dict[str, Any]
 Event = tuple[str, JSON]
@@ -241,11 +242,7 @@ class MessagesStreamToChat:
     def _envelope(self, choices: list[JSON]) -> JSON:
         if self._id is None:  # events before (or without) message_start
             self._id = completion_id(None)
-        chunk: JSON = {"id": self._id, "object": "chat.completion.chunk",
-                       "created": self._created, "model": self._model, "choices": choices}
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
+        return chat_chunk(self._id, self._created, self._model, choices, self._include_usage)
 
 
 class ChatStreamToMessages:

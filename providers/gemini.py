@@ -18,7 +18,7 @@ from gateway.upstream import Deployment
 from providers import anthropic_format
 from providers import gemini_format as fmt
 from providers.base import Exchange, HTTPAdapter
-from providers.openai import with_usage_requested
+from providers.openai import client_wants_usage
 from providers.streams import AnthropicEventSink, OpenAIChunkSink, TranslatingCodec
 
 Decoded = tuple[dict[str, Any], "Usage | None"]
@@ -87,7 +87,7 @@ class GeminiAdapter(HTTPAdapter):
         if ctx.api_format == "anthropic":
             return Exchange(url, self._headers(), body, ctx.stream,
                             *self._to_anthropic(ctx.model))
-        client_asked = ctx.stream and with_usage_requested(dict(ctx.body))[1]
+        client_asked = ctx.stream and client_wants_usage(ctx.body)
         return Exchange(url, self._headers(), body, ctx.stream,
                         *self._to_openai(ctx.model, client_asked))
 
@@ -98,7 +98,7 @@ class GeminiAdapter(HTTPAdapter):
 
         def codec() -> TranslatingCodec:
             source = GeminiSource(fmt.GeminiStreamToChat(public_model, client_asked))
-            return TranslatingCodec(source, OpenAIChunkSink(public_model, client_asked))
+            return TranslatingCodec(source, OpenAIChunkSink())
 
         return decode, codec
 

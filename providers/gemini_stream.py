@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from providers.streams import StreamError as UpstreamStreamError
+from providers.streams import chat_chunk
 
 JSON = dict[str, Any]
 
@@ -209,8 +210,4 @@ class GeminiStreamToChat:
     def _envelope(self, choices: list[JSON]) -> JSON:
         if self._id is None:  # finish() on a stream that sent nothing
             self._id = completion_id(None)
-        chunk: JSON = {"id": self._id, "object": "chat.completion.chunk",
-                       "created": self._created, "model": self._model, "choices": choices}
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
+        return chat_chunk(self._id, self._created, self._model, choices, self._include_usage)

@@ -53,13 +53,19 @@ def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
     return None, Usage.from_openai(payload.get("usage"))
 
 
+def client_wants_usage(body: dict[str, Any]) -> bool:
+    """Whether an OpenAI-shaped stream request asked for the final usage chunk."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def with_usage_requested(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Asks an OpenAI-family stream for its usage chunk; says whether the client had asked."""
-    options = body.get("stream_options")
-    options = options if isinstance(options, dict) else {}
-    client_asked = options.get("include_usage") is True
+    client_asked = client_wants_usage(body)
     if not client_asked:
-        body["stream_options"] = {**options, "include_usage": True}
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
     return body, client_asked
 
 

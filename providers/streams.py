@@ -290,27 +290,27 @@ class OpenAIChunkSource:
 
 
 class OpenAIChunkSink:
-    """Hub chunks to an OpenAI-SDK client; drops the usage chunk unless it was asked for."""
+    """Hub chunks to an OpenAI-SDK client. The translators upstream of it already carry the
+    public model name and add the usage chunk only when the client asked for it."""
 
-    __slots__ = ("_include_usage", "_model")
-
-    def __init__(self, public_model: str, include_usage: bool) -> None:
-        self._model = public_model
-        self._include_usage = include_usage
+    __slots__ = ()
 
     def feed(self, chunks: Iterable[dict[str, Any]]) -> bytes:
-        out = []
-        for chunk in chunks:
-            if not chunk.get("choices") and chunk.get("usage") and not self._include_usage:
-                continue
-            chunk["model"] = self._model
-            if not self._include_usage:
-                chunk.pop("usage", None)
-            out.append(openai_event(chunk))
-        return b"".join(out)
+        return b"".join(openai_event(chunk) for chunk in chunks)
 
     def finish(self) -> bytes:
         return OPENAI_DONE
+
+
+def chat_chunk(chunk_id: str, created: int, model: str, choices: list[dict[str, Any]],
+               include_usage: bool) -> dict[str, Any]:
+    """A `chat.completion.chunk`; with include_usage every chunk carries `usage: null`, as
+    OpenAI's do until the final usage chunk."""
+    chunk: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk",
+                             "created": created, "model": model, "choices": choices}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
 
 
 class AnthropicEventSink:
