@@ -78,6 +78,7 @@ def serve_forever(args: argparse.Namespace) -> int:
     # One worker runs in this process (no spawn); N > 1 spawns N processes sharing the socket.
     hyper.workers = 0 if args.workers <= 1 else args.workers
     hyper.keep_alive_timeout = 75
+    hyper.include_server_header = False  # do not advertise the server software (OWASP)
     hyper.graceful_timeout = 30
     if args.access_log:
         hyper.accesslog = "-"

@@ -10,7 +10,8 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -208,24 +209,28 @@ class HTTPAdapter:
         assert exchange.codec is not None
         codec = exchange.codec()
         response: aiohttp.ClientResponse | None = None
+        deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         try:
             try:
-                async with asyncio.timeout(self.timeouts.first_byte_s):
+                async with deadline:
                     response = await self._post(exchange)
                     await self._raise_for_status(response, attempt)
                     first = await self._first_events(response, codec)
+                    ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": SSE_RESPONSE_HEADERS})
+                    deadline.streaming = True
+                    try:
+                        last = await self._relay(response, codec, send, first, deadline)
+                        tail = last + codec.finish()
+                        finished = True
+                    except StreamErrorTypes as exc:
+                        tail = self._in_band_error(ctx, exc)
             except TimeoutError:
-                raise self._timeout_error("waiting for the first event") from None
-            ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": SSE_RESPONSE_HEADERS})
-            try:
-                last = await self._relay(response, codec, send, first)
-                tail = last + codec.finish()
-                finished = True
-            except StreamErrorTypes as exc:
-                tail = self._in_band_error(ctx, exc)
+                if not deadline.streaming:
+                    raise self._timeout_error("waiting for the first event") from None
+                tail = self._in_band_error(ctx, TimeoutError())
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the
@@ -260,30 +265,27 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
-                     pending: bytes) -> bytes:
+                     pending: bytes, deadline: StreamDeadline) -> bytes:
         """Forwards the stream; returns the last bytes, to go out with the end of the body.
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
-        short stream (often one read) costs one body message, and a gap over `idle_s` ends
-        the stream (TimeoutError).
+        short stream (often one read) costs one body message. Every read moves the idle
+        deadline on.
         """
         content = response.content
-        loop = asyncio.get_running_loop()
-        idle_s = self.timeouts.idle_s
-        async with asyncio.timeout_at(loop.time() + idle_s) as idle:
-            while True:
-                if codec.error is not None:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                    raise codec.error
-                if content.at_eof():
-                    return pending
-                if pending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                chunk = await content.readany()
-                if not chunk:
-                    return b""
-                idle.reschedule(loop.time() + idle_s)
-                pending = codec.feed(chunk)
+        while True:
+            if codec.error is not None:
+                await send({"type": "http.response.body", "body": pending, "more_body": True})
+                raise codec.error
+            if content.at_eof():
+                return pending
+            if pending:
+                await send({"type": "http.response.body", "body": pending, "more_body": True})
+            chunk = await content.readany()
+            if not chunk:
+                return b""
+            deadline.touch()
+            pending = codec.feed(chunk)
 
     def _in_band_error(self, ctx: RequestContext, exc: BaseException) -> bytes:
         if isinstance(exc, StreamError):
@@ -307,7 +309,54 @@ class HTTPAdapter:
                              provider=self.name, error_type="timeout", retryable=True)
 
 
-StreamErrorTypes = (StreamError, aiohttp.ClientError, asyncio.TimeoutError)
+StreamErrorTypes = (StreamError, aiohttp.ClientError)
+
+
+class StreamDeadline:
+    """One timer for a whole stream: first the time to the first event, then the longest
+    idle gap between reads.
+
+    `asyncio.timeout` would need its timer moved on every chunk (a cancelled handle and a new
+    heap entry each time). Here a read only records a new deadline, and the timer, when it
+    fires early, re-arms itself for it. On expiry the task is cancelled and the cancellation
+    leaves the `async with` as TimeoutError, as with `asyncio.timeout`.
+    """
+
+    __slots__ = ("_expired", "_handle", "_loop", "_task", "deadline", "first_byte_s", "idle_s",
+                 "streaming")
+
+    def __init__(self, first_byte_s: float, idle_s: float) -> None:
+        self.first_byte_s = first_byte_s
+        self.idle_s = idle_s
+        self.streaming = False  # set once the response has started
+        self.deadline = 0.0
+        self._expired = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> Self:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task, self._loop = task, task.get_loop()
+        self.deadline = self._loop.time() + self.first_byte_s
+        self._handle = self._loop.call_at(self.deadline, self._on_timer)
+        return self
+
+    def touch(self) -> None:
+        self.deadline = self._loop.time() + self.idle_s
+
+    def _on_timer(self) -> None:
+        if self.deadline > self._loop.time():
+            self._handle = self._loop.call_at(self.deadline, self._on_timer)
+            return
+        self._expired = True
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() == 0:
+            raise TimeoutError from exc
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -123,12 +123,15 @@ class PassthroughCodec:
         return b""
 
     def _forward(self, events: bytes) -> bytes:
-        if b'"error":{' in events or b'"error": {' in events:
+        # As few scans as possible: JSON-escaped output text can never hold `"error"`
+        # (its quotes are escaped), so one scan rules errors out.
+        if b'"error"' in events:
             events, self.error = _split_at_error(events)
             if self.error is not None and not events:
                 raise self.error
-        if b'"usage":{' in events or b'"usage": {' in events:
-            return self._take_usage(events)
+        usage_at = _find_usage(events, 0)
+        if usage_at >= 0:
+            return self._take_usage(events, usage_at)
         return events
 
     def finish(self) -> bytes:
@@ -138,14 +141,13 @@ class PassthroughCodec:
             out, self._held = self._forward(self._held) + out, None
         return out
 
-    def _take_usage(self, events: bytes) -> bytes:
+    def _take_usage(self, events: bytes, marker: int) -> bytes:
         """Parses just the events holding a usage object, found by byte search."""
-        search_from = 0
         while True:
-            marker = _find_usage(events, search_from)
             if marker < 0:
                 return events
-            start = events.rfind(b"\n\n", 0, marker) + 2 if b"\n\n" in events[:marker] else 0
+            start = events.rfind(b"\n\n", 0, marker)
+            start = 0 if start < 0 else start + 2
             end = events.find(b"\n\n", marker) + 2
             data = _data_of(events[start:end - 2])
             payload = orjson.loads(data) if data else None
@@ -155,9 +157,11 @@ class PassthroughCodec:
                 if self._drop_usage_event and payload.get("choices") == []:
                     # The usage-only chunk the gateway asked for, not the client.
                     events, search_from = events[:start] + events[end:], start
+            marker = _find_usage(events, search_from)
 
 
 def _find_usage(events: bytes, start: int) -> int:
+    """Where a usage object starts (OpenAI sends `"usage":null` in the other chunks)."""
     at = events.find(b'"usage":{', start)
     return at if at >= 0 else events.find(b'"usage": {', start)
 
