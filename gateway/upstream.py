@@ -21,6 +21,10 @@ class Deployment:
     model: str
     weight: float = 1.0
     tags: tuple[str, ...] = ()
+    # What a call costs (gateway.pricing): an explicit Price, or None to look the model up in
+    # the shipped price table; `free=True` for self-hosted or mock models.
+    price: Any = None
+    free: bool = False
 
     @property
     def name(self) -> str:

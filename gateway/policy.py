@@ -1,0 +1,300 @@
+"""Who is calling and what they may use: the records the auth layer writes and the quota
+layer enforces, and the contract of the quota stores.
+
+They live in the kernel package because two layers share them and a layer never imports
+another. Money is integer micro-dollars (1 USD = 1_000_000) or `Decimal`, never float.
+"""
+from __future__ import annotations
+
+import calendar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+MICROS_PER_USD = 1_000_000
+
+PERIODS = ("daily", "weekly", "monthly", "lifetime")
+OVERFLOW_ACTIONS = ("block", "downgrade")
+STORE_ERROR_POLICIES = ("open", "closed")
+
+# Kinds of check, and the subjects a limit can be set on.
+REQUESTS, TOKENS, CONCURRENT, BUDGET = "requests", "tokens", "concurrent", "budget"
+SUBJECT_KINDS = ("key", "project", "customer", "model", "global")
+
+
+def usd_to_micros(value: Decimal | int | str) -> int:
+    """Dollars (a Decimal, an int or a decimal string; never a float) to micro-dollars."""
+    if isinstance(value, float):
+        raise TypeError("money must be a Decimal, an int or a string, not a float")
+    micros = Decimal(value) * MICROS_PER_USD
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{value} USD is finer than a micro-dollar")
+    return int(micros)
+
+
+def micros_to_usd(micros: int) -> Decimal:
+    return Decimal(micros) / MICROS_PER_USD
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending cap in USD over a calendar-aligned UTC period (or for ever: "lifetime").
+
+    On overflow, `block` refuses (402 by default, or 429 with `status=429`) and `downgrade`
+    routes to `downgrade_to`, a cheaper public model. With `stream_cutoff`, a stream whose
+    actual cost crosses what is left of the budget is ended with an in-band error event.
+    """
+
+    limit_usd: Decimal | int | str
+    period: str = "monthly"
+    on_overflow: str = "block"
+    downgrade_to: str | None = None
+    stream_cutoff: bool = False
+    on_store_error: str = "closed"  # Redis unavailable: "closed" refuses, "open" limits locally
+    status: int = 402
+    alert_at_percent: tuple[int, ...] = (50, 80, 100)
+
+    def __post_init__(self) -> None:
+        limit = Decimal(_money(self.limit_usd))
+        object.__setattr__(self, "limit_usd", limit)
+        if limit < 0:
+            raise ValueError("a budget's limit_usd cannot be negative")
+        _check_choice("period", self.period, PERIODS)
+        _check_overflow(self.on_overflow, self.downgrade_to)
+        _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
+        if self.status not in (402, 429):
+            raise ValueError("a budget's status must be 402 or 429")
+        if any(not 0 < p <= 100 for p in self.alert_at_percent):
+            raise ValueError("alert_at_percent values must be between 1 and 100")
+
+    @property
+    def limit_micros(self) -> int:
+        return usd_to_micros(self.limit_usd)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Rate limits and budgets for one subject (a key, project, customer, model, or all).
+
+    `rpm` and `tpm` are token buckets: the capacity is the per-minute figure and it refills
+    smoothly at that rate. `max_concurrent` counts requests in flight. On overflow of a rate
+    limit, `block` answers 429 with Retry-After; `downgrade` routes to `downgrade_to`.
+    """
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budgets: tuple[Budget, ...] = ()
+    on_overflow: str = "block"
+    downgrade_to: str | None = None
+    on_store_error: str = "open"  # for rpm, tpm and max_concurrent
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise ValueError(f"{name} must be a whole number >= 0 or None")
+        budgets = self.budgets
+        if isinstance(budgets, Budget):
+            budgets = (budgets,)
+        budgets = tuple(budgets)
+        if any(not isinstance(b, Budget) for b in budgets):
+            raise ValueError("budgets must be Budget(...) values")
+        object.__setattr__(self, "budgets", budgets)
+        _check_overflow(self.on_overflow, self.downgrade_to)
+        _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
+
+    @property
+    def empty(self) -> bool:
+        return (self.rpm is None and self.tpm is None and self.max_concurrent is None
+                and not self.budgets)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rpm": self.rpm, "tpm": self.tpm, "max_concurrent": self.max_concurrent,
+            "on_overflow": self.on_overflow, "downgrade_to": self.downgrade_to,
+            "on_store_error": self.on_store_error,
+            "budgets": [{
+                "limit_usd": str(b.limit_usd), "period": b.period, "on_overflow": b.on_overflow,
+                "downgrade_to": b.downgrade_to, "stream_cutoff": b.stream_cutoff,
+                "on_store_error": b.on_store_error, "status": b.status,
+                "alert_at_percent": list(b.alert_at_percent),
+            } for b in self.budgets],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Limits:
+        """The inverse of `to_json`; raises ValueError (or TypeError) on a bad document."""
+        known = {"rpm", "tpm", "max_concurrent", "on_overflow", "downgrade_to",
+                 "on_store_error", "budgets"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown limit field(s): {', '.join(sorted(unknown))}")
+        budgets = []
+        for item in data.get("budgets") or ():
+            if not isinstance(item, Mapping):
+                raise TypeError("each budget must be an object")
+            item = dict(item)
+            if "alert_at_percent" in item:
+                item["alert_at_percent"] = tuple(item["alert_at_percent"])
+            budgets.append(Budget(**item))
+        fields = {k: v for k, v in data.items() if k != "budgets" and v is not None}
+        return cls(**fields, budgets=tuple(budgets))
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller (written by the auth layer into `RequestContext.principal`).
+
+    `limits` holds the limits stored for this caller's key, project and customer, by subject
+    kind ("key", "project", "customer"); the quota layer adds per-model and global ones.
+    """
+
+    key_id: str  # public id of the virtual key (safe to log), or "anonymous"
+    project: str
+    customer: str | None = None
+    allowed_models: tuple[str, ...] = ()  # names or globs; empty means every model
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    limits: Mapping[str, Limits] = field(default_factory=dict)
+
+
+ANONYMOUS = Principal(key_id="anonymous", project="default")
+
+
+# -- periods -----------------------------------------------------------------------------------
+
+LIFETIME_END = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
+    """[start, end) of the calendar-aligned UTC period holding `now` (weeks start on Monday)."""
+    now = now.astimezone(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return day, day + timedelta(days=1)
+    if period == "weekly":
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    if period == "monthly":
+        start = day.replace(day=1)
+        days = calendar.monthrange(start.year, start.month)[1]
+        return start, start + timedelta(days=days)
+    if period == "lifetime":
+        return datetime(1970, 1, 1, tzinfo=UTC), LIFETIME_END
+    raise ValueError(f"unknown period {period!r}")
+
+
+def period_label(period: str, start: datetime) -> str:
+    """A short stable name for a period instance, used in storage keys: 2026-11, 2026-11-28."""
+    if period == "monthly":
+        return start.strftime("%Y-%m")
+    if period in ("daily", "weekly"):
+        return start.strftime("%Y-%m-%d")
+    return "all"
+
+
+# -- the quota store contract ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit that applies to one request, ready for a quota store.
+
+    - requests / tokens: a token bucket of `limit` that refills `limit` per `window_s`;
+      `amount` is taken from it (1 request, or the estimated tokens).
+    - concurrent: at most `limit` leases in flight; `amount` is 1; a lease is dropped after
+      `lease_s` even if never released (a crashed gateway does not hold capacity for ever).
+    - budget: a counter of micro-dollars committed (spent + reserved) in the period that
+      ends at `expires_at` (epoch seconds); admitted while counter + amount <= limit.
+    """
+
+    kind: str
+    key: str  # storage key without the store's prefix, e.g. "rpm:key:k_abc"
+    limit: int
+    amount: int
+    window_s: float = 60.0
+    lease_s: float = 900.0
+    expires_at: float = 0.0
+    on_store_error: str = "open"
+    label: str = ""  # for people: "project 'acme' monthly budget"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer of `QuotaStore.admit`, with one entry per check in `remaining`/`reset_s`.
+
+    When refused, nothing was reserved; `failed` is the index of the first failing check and
+    `retry_after_s` says when it could pass (None: not by waiting, e.g. a full budget or a
+    request larger than a bucket). `unseeded` lists the budget checks whose counter did not
+    exist (a new period, or Redis lost its data): the store reserved nothing, and the caller
+    should `seed` them from the ledger and ask again.
+    """
+
+    allowed: bool
+    failed: int | None = None
+    retry_after_s: float | None = None
+    remaining: tuple[int, ...] = ()
+    reset_s: tuple[float, ...] = ()
+    unseeded: tuple[int, ...] = ()
+
+
+class QuotaStore(Protocol):
+    """Where buckets, leases and spend counters live: in process, or in Redis (shared)."""
+
+    name: str
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
+        """Checks every limit and, if all pass, reserves every amount: all or nothing,
+        atomically. Raises `QuotaStoreError` when the store cannot be reached."""
+
+    async def settle(self, request_id: str, checks: Sequence[Check],
+                     actual: Sequence[int]) -> None:
+        """Replaces each reservation with the actual amount (same order as `checks`):
+        buckets and budgets move by actual - amount (a bucket may go below zero),
+        and concurrency leases are released. Raises `QuotaStoreError`."""
+
+    async def seed(self, check: Check, committed: int) -> None:
+        """Sets a budget counter that does not exist yet (never overwrites)."""
+
+    async def committed(self, checks: Sequence[Check]) -> list[int | None]:
+        """The current counter of each budget check (None: not seeded)."""
+
+
+class QuotaStoreError(Exception):
+    """The quota store could not be reached or answered nonsense."""
+
+
+class SpendLedger(Protocol):
+    """The durable record of spend, used to rebuild budget counters (see the metering layer)."""
+
+    async def spent_micros(self, subject_kind: str, subject_id: str,
+                           since: datetime) -> int: ...
+
+
+def _money(value: Any) -> str:
+    if isinstance(value, float):
+        raise TypeError("money must be a Decimal, an int or a string, not a float")
+    if isinstance(value, (Decimal, int, str)):
+        try:
+            Decimal(value)
+        except ArithmeticError:
+            raise TypeError(f"{value!r} is not an amount of money") from None
+        return str(value)
+    raise TypeError(f"{value!r} is not an amount of money")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_overflow(action: str, downgrade_to: str | None) -> None:
+    _check_choice("on_overflow", action, OVERFLOW_ACTIONS)
+    if action == "downgrade" and not downgrade_to:
+        raise ValueError("on_overflow='downgrade' needs downgrade_to, a cheaper model's name")
