@@ -7,11 +7,11 @@ environment. Copy this file to start your own; every line is yours to change.
 import os
 
 from gateway.config import Deployment, Middleware, Model, Settings
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, PostgresKeyStore, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
-from middleware.quota import QuotaMiddleware
+from middleware.quota import PostgresSpendLedger, QuotaMiddleware
 from providers import Provider
 
 settings = Settings(demo=True)
@@ -25,27 +25,48 @@ providers = {
                           api_key_env="SLUICEGATE_DEMO_KEY"),
 }
 models = {
-    "demo": Model([Deployment("demo-mock", "mock-gpt")], owned_by="sluicegate-demo",
+    # free=True: the mock is no real model, so there is nothing to bill.
+    "demo": Model([Deployment("demo-mock", "mock-gpt", free=True)], owned_by="sluicegate-demo",
                   description="DEMO: answered by the local mock provider, not a real model"),
 }
 
-# Real providers join when their keys are set.
+# Real providers join when their keys are set. Their models are priced by id from the shipped
+# price table (gateway/prices.json), so each id below must be one the table knows.
 if os.environ.get("OPENAI_API_KEY"):
     providers["openai"] = Provider("openai", api_key_env="OPENAI_API_KEY")
-    models["gpt-4o-mini"] = [Deployment("openai", "gpt-4o-mini")]
+    models["gpt-6-luna"] = [Deployment("openai", "gpt-6-luna")]
     models["text-embedding-3-small"] = [Deployment("openai", "text-embedding-3-small")]
 if os.environ.get("ANTHROPIC_API_KEY"):
     providers["anthropic"] = Provider("anthropic", api_key_env="ANTHROPIC_API_KEY")
-    models["claude-haiku"] = [Deployment("anthropic", "claude-3-5-haiku-latest")]
+    models["claude-haiku"] = [Deployment("anthropic", "claude-haiku-5-5")]
 if os.environ.get("GEMINI_API_KEY"):
     providers["gemini"] = Provider("gemini", api_key_env="GEMINI_API_KEY")
-    models["gemini-flash"] = [Deployment("gemini", "gemini-2.0-flash")]
+    models["gemini-flash"] = [Deployment("gemini", "gemini-3.8-flash")]
+
+# Virtual keys. Embedded: one key, its plaintext in $SLUICEGATE_API_KEY (the offline demo
+# sets a demo key; only its hash is kept). With $SLUICEGATE_DATABASE_URL, keys live in
+# PostgreSQL and are managed with the admin API / `sluicegate keys` (admin token in
+# $SLUICEGATE_ADMIN_TOKEN).
+os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-demo-offline-only-not-a-secret")
+database_url = os.environ.get("SLUICEGATE_DATABASE_URL")
+admin_token_env = "SLUICEGATE_ADMIN_TOKEN" if os.environ.get("SLUICEGATE_ADMIN_TOKEN") else None
+auth = Middleware(AuthMiddleware, keys=[StaticKey("demo", key_env="SLUICEGATE_API_KEY")],
+                  store=PostgresKeyStore(database_url) if database_url else None,
+                  admin_token_env=admin_token_env)
+
+# Rate limits and budgets: in process, or shared by every gateway through $SLUICEGATE_REDIS_URL
+# (with the spend ledger in PostgreSQL, so a Redis flush never resets a budget). Limits are
+# set per key, project and customer with the admin API; gateway-wide ones go in `limits=`.
+redis_url = os.environ.get("SLUICEGATE_REDIS_URL")
+quota = Middleware(QuotaMiddleware, store=redis_url or "memory",
+                   ledger=PostgresSpendLedger(database_url) if database_url else None,
+                   admin_token_env=admin_token_env)
 
 # Top = outermost. Reorder or delete lines freely; the kernel is always there.
 middleware = [
-    Middleware(AuthMiddleware),
+    auth,
     Middleware(MeteringMiddleware),
-    Middleware(QuotaMiddleware),
+    quota,
     Middleware(CacheMiddleware),
     Middleware(FailoverMiddleware),
 ]

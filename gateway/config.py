@@ -7,6 +7,7 @@ The config module is a plain Python file. It defines `providers` (name -> adapte
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -17,11 +18,12 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
+from gateway.pricing import Price, resolve_price
 from gateway.upstream import Deployment, Model, ProviderAdapter, Timeouts
 
 __all__ = [
-    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Settings", "Timeouts",
-    "load_config",
+    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Price", "Settings",
+    "Timeouts", "load_config",
 ]
 
 
@@ -37,6 +39,9 @@ class Settings:
     request_id_header: str = "x-request-id"
     log_level: str = "info"
     demo: bool = False  # marks a config that serves mock upstreams; shown by /v1/models
+    # Every deployment must have a price (the shipped table, `price=` or `free=True`), so
+    # budgets and the bill are never silently zero. False only for configs that bill nothing.
+    require_prices: bool = True
 
 
 @dataclass(slots=True)
@@ -63,6 +68,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             settings=_settings(module),
         )
         _check_references(config)
+        _resolve_prices(config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config
@@ -157,3 +163,24 @@ def _check_references(config: GatewayConfig) -> None:
                     f"model {name!r} uses provider {deployment.provider!r}, which is not in "
                     f"`providers` (known: {known})."
                 )
+
+
+def _resolve_prices(config: GatewayConfig) -> None:
+    """Gives every deployment its Price: explicit, free, or from the shipped price table."""
+    for name, model in list(config.models.items()):
+        resolved = []
+        for deployment in model.deployments:
+            if deployment.price is not None and not isinstance(deployment.price, Price):
+                raise ConfigError(f"model {name!r}: the price of {deployment.name} must be a "
+                                  "Price(...) from gateway.config.")
+            provider_type = config.providers[deployment.provider].type_name
+            price = resolve_price(provider_type, deployment.model, explicit=deployment.price,
+                                  free=deployment.free)
+            if price is None and config.settings.require_prices:
+                raise ConfigError(
+                    f"model {name!r}: no price is known for {deployment.name} "
+                    f"({provider_type}); give the Deployment price=Price(input_per_mtok=..., "
+                    "output_per_mtok=...) or free=True.")
+            resolved.append(dataclasses.replace(deployment, price=price))
+        config.models[name] = Model(resolved, description=model.description,
+                                    owned_by=model.owned_by, extra=model.extra)

@@ -95,6 +95,7 @@ class RequestContext:
     model: str
     stream: bool
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # the scope's, lower-case
+    models: Any = None  # every public model (name -> gateway.upstream.Model), for re-routing
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     # Written by the auth layer: who is calling.
@@ -104,6 +105,7 @@ class RequestContext:
     # Written by the failover layer: which deployment to call next. None: the first one.
     deployment: Any = None
     # Written by the passthrough.
+    served_deployment: Any = None  # the Deployment that answered (the last one tried)
     attempts: list[Attempt] = field(default_factory=list)
     served_model: str | None = None
     provider: str | None = None
@@ -126,6 +128,13 @@ def request_context(scope: Scope) -> RequestContext:
     """The context of an API request; a KeyError means the layer sits outside the kernel."""
     ctx: RequestContext = scope[CONTEXT_KEY]
     return ctx
+
+
+def route_to(ctx: RequestContext, model: str) -> None:
+    """Sends the request to another public model (a quota downgrade, a fallback model)."""
+    ctx.model = model
+    ctx.body["model"] = model
+    ctx.deployment = None
 
 
 def find_request_context(scope: Scope) -> RequestContext | None:

@@ -140,7 +140,10 @@ class Kernel:
         path = route_path(scope)
         operation = OPERATIONS_BY_PATH.get(path)
         if operation is None:
-            await self._serve_builtin(scope, path, send)
+            if path.startswith("/admin/"):
+                await self._serve_admin(scope, receive, send, path)
+            else:
+                await self._serve_builtin(scope, path, send)
             return
         request_id = _request_id(scope["headers"], self.request_id_header)
         api_format = api_format_of(operation)
@@ -183,6 +186,7 @@ class Kernel:
         return RequestContext(
             request_id=request_id.decode(), operation=operation, api_format=api_format,
             body=body, raw_body=raw, model=model, stream=stream, headers=scope["headers"],
+            models=self.config.models,
         )
 
     def _check_headers(self, headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -266,6 +270,39 @@ class Kernel:
 
     # -- requests the kernel answers itself --------------------------------------------------
 
+    async def _serve_admin(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """/admin/ requests go down the stack without a context; the layer that owns the
+        path answers (auth: keys and limits; quota: usage), and nobody answering is a 404."""
+        request_id = _request_id(scope["headers"], self.request_id_header)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except GatewayError as exc:
+            if not started:
+                await self._send_error(send, exc, "openai", request_id)
+            return
+        except ClientDisconnected:
+            return
+        except Exception:
+            logger.exception("unhandled error in admin request %s", request_id.decode())
+            if not started:
+                await self._send_error(send, GatewayError(500, "The admin request failed; "
+                                                               "see the gateway log."),
+                                       "openai", request_id)
+            return
+        if not started:
+            error = GatewayError(404, f"Unknown admin path {path!r} (is the layer that serves "
+                                      "it configured with an admin token?).", code="unknown_url")
+            await self._send_error(send, error, "openai", request_id)
+
     async def _serve_builtin(self, scope: Scope, path: str, send: Send) -> None:
         request_id = _request_id(scope["headers"], self.request_id_header)
         if path in ("/v1/models", "/models"):
@@ -305,7 +342,10 @@ class Kernel:
                     checks.update(await asyncio.wait_for(check(), timeout=2.0))
                 except Exception as exc:  # noqa: BLE001 (a failing store is a report)
                     checks[type(component).__name__] = f"error: {type(exc).__name__}"
-        ready = self._started and all(value == "ok" for value in checks.values())
+        # "degraded: ..." is still ready: the gateway serves (e.g. known keys from its cache
+        # while PostgreSQL is down); taking every pod out of the balancer would be worse.
+        ready = self._started and all(value == "ok" or value.startswith("degraded")
+                                      for value in checks.values())
         payload = {"status": "ready" if ready else "not ready", "started": self._started,
                    "checks": checks}
         return (200 if ready else 503), orjson.dumps(payload)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.context import request_context
+from gateway.context import find_request_context
 from gateway.disconnect import run_until_disconnect
 from gateway.errors import GatewayError
 from gateway.kernel import Receive, Scope, Send
@@ -31,10 +31,11 @@ class Passthrough:
             await adapter.shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        ctx = request_context(scope)
+        ctx = find_request_context(scope)
+        if scope["type"] != "http" or ctx is None:
+            return  # not an API request (e.g. /admin/ no layer answered): the kernel says 404
         deployment: Deployment = ctx.deployment or self.models[ctx.model].deployments[0]
+        ctx.served_deployment = deployment
         adapter = self.providers[deployment.provider]
         if not adapter.supports(ctx.operation):
             raise GatewayError(

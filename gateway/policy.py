@@ -211,7 +211,7 @@ class Check:
     """
 
     kind: str
-    key: str  # storage key without the store's prefix, e.g. "rpm:key:k_abc"
+    key: str  # storage key without the store's prefix, e.g. "rpm:key:k_abc"; unique per call
     limit: int
     amount: int
     window_s: float = 60.0
@@ -259,8 +259,9 @@ class QuotaStore(Protocol):
         buckets and budgets move by actual - amount (a bucket may go below zero),
         and concurrency leases are released. Raises `QuotaStoreError`."""
 
-    async def seed(self, check: Check, committed: int) -> None:
-        """Sets a budget counter that does not exist yet (never overwrites)."""
+    async def seed(self, check: Check, committed: int) -> bool:
+        """Sets a budget counter that does not exist yet (never overwrites); True if it did.
+        Also serves as a once-per-period marker (e.g. for budget alerts)."""
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         """The current counter of each budget check (None: not seeded)."""

@@ -85,6 +85,13 @@ def write_config(directory: Path, text: str, name: str = "config.py") -> Path:
     return path
 
 
+# The virtual key the default test stack accepts (declared by env var, as operators do).
+TEST_KEY = "sk-sg-" + "test-key-" * 4 + "0123456789"
+
+
+AUTH = {"authorization": f"Bearer {TEST_KEY}"}
+
+
 def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") -> str:
     """A config module serving one public model per mock provider.
 
@@ -92,15 +99,16 @@ def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") 
     `gemini-mock` (Gemini), and `*-embed` embedding models for OpenAI and Gemini.
     """
     layers = {
-        "default": "[Middleware(AuthMiddleware), Middleware(MeteringMiddleware), "
-                   "Middleware(QuotaMiddleware), Middleware(CacheMiddleware), "
-                   "Middleware(FailoverMiddleware)]",
+        "default": "[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
+                   "Middleware(MeteringMiddleware), Middleware(QuotaMiddleware), "
+                   "Middleware(CacheMiddleware), Middleware(FailoverMiddleware)]",
         "none": "[]",
     }.get(middleware, middleware)
     return f'''
 import os
-from gateway.config import Deployment, Middleware, Model, Settings, Timeouts
-from middleware.auth import AuthMiddleware
+from gateway.config import Deployment, Middleware, Model, Price, Settings, Timeouts
+from gateway.policy import Budget, Limits
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -108,6 +116,7 @@ from middleware.quota import QuotaMiddleware
 from providers import Provider
 
 os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
 MOCK = "{mock_url}"
 fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
 providers = {{
@@ -116,14 +125,16 @@ providers = {{
     "anthropic": Provider("anthropic", base_url=MOCK + "/anthropic", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
     "gemini": Provider("gemini", base_url=MOCK + "/gemini", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
 }}
+# One known price for every mock model, so tests can compute costs: $1 in, $2 out per 1M.
+MOCK_PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 models = {{
-    "gpt-mock": [Deployment("openai", "gpt-4o-mini")],
-    "azure-mock": [Deployment("azure", "my-gpt-deployment")],
-    "claude-mock": [Deployment("anthropic", "claude-3-5-haiku-latest")],
-    "gemini-mock": [Deployment("gemini", "gemini-2.0-flash")],
-    "openai-embed": [Deployment("openai", "text-embedding-3-small")],
-    "azure-embed": [Deployment("azure", "my-embedding-deployment")],
-    "gemini-embed": [Deployment("gemini", "text-embedding-004")],
+    "gpt-mock": [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE)],
+    "azure-mock": [Deployment("azure", "my-gpt-deployment", price=MOCK_PRICE)],
+    "claude-mock": [Deployment("anthropic", "claude-3-5-haiku-latest", price=MOCK_PRICE)],
+    "gemini-mock": [Deployment("gemini", "gemini-2.0-flash", price=MOCK_PRICE)],
+    "openai-embed": [Deployment("openai", "text-embedding-3-small", price=MOCK_PRICE)],
+    "azure-embed": [Deployment("azure", "my-embedding-deployment", price=MOCK_PRICE)],
+    "gemini-embed": [Deployment("gemini", "text-embedding-004", price=MOCK_PRICE)],
 }}
 middleware = {layers}
 {extra}

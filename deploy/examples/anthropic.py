@@ -3,7 +3,7 @@
 Run: `sluicegate serve --config deploy/examples/anthropic.py`.
 """
 from gateway.config import Deployment, Middleware, Model, Timeouts
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -15,10 +15,12 @@ providers = {
 }
 models: dict[str, Model | list[Deployment]] = {
     "claude-sonnet": [Deployment("anthropic", "claude-sonnet-4-5")],
-    "claude-haiku": [Deployment("anthropic", "claude-3-5-haiku-latest")],
+    "claude-haiku": [Deployment("anthropic", "claude-haiku-5-5")],
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

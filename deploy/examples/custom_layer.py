@@ -21,7 +21,7 @@ from gateway.layers import (
     find_request_context,
     text_of_messages,
 )
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.metering import MeteringMiddleware
 from providers import Provider
 
@@ -80,9 +80,12 @@ os.environ.setdefault("SLUICEGATE_DEMO_KEY", "demo-key-not-a-secret")
 upstream = os.environ.get("SLUICEGATE_DEMO_UPSTREAM", "http://127.0.0.1:18080")
 providers = {"mock": Provider("openai", base_url=f"{upstream}/openai/v1",
                               api_key_env="SLUICEGATE_DEMO_KEY")}
-models = {"demo": Model([Deployment("mock", "mock-gpt")], owned_by="sluicegate-demo")}
+# free=True: the mock is no real model, so there is nothing to bill.
+models = {"demo": Model([Deployment("mock", "mock-gpt", free=True)], owned_by="sluicegate-demo")}
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(PromptGuard, block_patterns=[r"(?i)ignore (all )?previous instructions"]),
 ]

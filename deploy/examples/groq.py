@@ -3,7 +3,7 @@
 Run: `sluicegate serve --config deploy/examples/groq.py`.
 """
 from gateway.config import Deployment, Middleware, Model, Timeouts
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -17,7 +17,9 @@ models: dict[str, Model | list[Deployment]] = {
     "llama-3.3-70b": [Deployment("groq", "llama-3.3-70b-versatile")],
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

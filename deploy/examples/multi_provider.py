@@ -4,7 +4,7 @@ OpenAI-, Anthropic- and Gemini-SDK-shaped traffic can reach any of these; the tr
 happens in providers/. Set the keys you have; remove the providers you don't use.
 """
 from gateway.config import Deployment, Middleware, Model
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -18,14 +18,17 @@ providers = {
     "groq": Provider("groq", api_key_env="GROQ_API_KEY"),
 }
 models = {
-    "smart": Model([Deployment("anthropic", "claude-sonnet-4-5"), Deployment("openai", "gpt-4o")],
-                   description="Claude first; the failover layer can fall back to GPT-4o"),
+    "smart": Model([Deployment("anthropic", "claude-sonnet-4-5"),
+                    Deployment("openai", "gpt-6.2-sol")],
+                   description="Claude first; the failover layer can fall back to GPT-6.2 Sol"),
     "fast": Model([Deployment("groq", "llama-3.3-70b-versatile"),
-                   Deployment("gemini", "gemini-2.0-flash")]),
+                   Deployment("gemini", "gemini-3.8-flash")]),
     "embed": Model([Deployment("openai", "text-embedding-3-small")]),
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

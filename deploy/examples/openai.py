@@ -3,7 +3,7 @@
 Run: `sluicegate serve --config deploy/examples/openai.py`.
 """
 from gateway.config import Deployment, Middleware, Model, Timeouts
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -14,12 +14,14 @@ providers = {
     "openai": Provider("openai", api_key_env="OPENAI_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
 }
 models: dict[str, Model | list[Deployment]] = {
-    "gpt-4o": [Deployment("openai", "gpt-4o")],
-    "gpt-4o-mini": [Deployment("openai", "gpt-4o-mini")],
+    "gpt-6.2-sol": [Deployment("openai", "gpt-6.2-sol")],
+    "gpt-6-luna": [Deployment("openai", "gpt-6-luna")],
     "text-embedding-3-small": [Deployment("openai", "text-embedding-3-small")],
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

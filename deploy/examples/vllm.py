@@ -3,7 +3,7 @@
 Run: `sluicegate serve --config deploy/examples/vllm.py`.
 """
 from gateway.config import Deployment, Middleware, Model, Timeouts
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -14,10 +14,14 @@ providers = {
     "vllm": Provider("vllm", base_url="http://127.0.0.1:8000/v1", api_key_env="VLLM_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
 }
 models: dict[str, Model | list[Deployment]] = {
-    "qwen": [Deployment("vllm", "Qwen/Qwen2.5-7B-Instruct")],
+    # free=True: self-hosted, so you pay for the hardware, not per token. Give it a
+    # price=Price(...) instead to charge callers an internal rate.
+    "qwen": [Deployment("vllm", "Qwen/Qwen2.5-7B-Instruct", free=True)],
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

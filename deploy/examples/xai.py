@@ -3,7 +3,7 @@
 Run: `sluicegate serve --config deploy/examples/xai.py`.
 """
 from gateway.config import Deployment, Middleware, Model, Timeouts
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
@@ -14,10 +14,12 @@ providers = {
     "xai": Provider("xai", api_key_env="XAI_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
 }
 models: dict[str, Model | list[Deployment]] = {
-    "grok": [Deployment("xai", "grok-2-latest")],
+    "grok": [Deployment("xai", "grok-4.7")],
 }
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

@@ -1,16 +1,217 @@
-"""The auth layer: authentication (virtual keys, customers).
+"""The auth layer: virtual keys to principals, model permissions, and the admin API.
 
-Today this is a pass-through shell (issue 3 gives it its behaviour): it satisfies the
-layer contract, sits in the default stack, and enforces nothing. It takes no options yet, so
-a config that asks it to enforce something refuses to start.
+It resolves the caller's key (`Authorization: Bearer`, `x-api-key` or `x-goog-api-key`) to a
+`gateway.policy.Principal` in `RequestContext.principal`: the key's public id, project,
+customer (the `X-Sluicegate-Customer` header, else the OpenAI `user` field or Anthropic's
+`metadata.user_id`), allowed models and the limits stored for the key, its project and its
+customer. Unknown, revoked, disabled and expired keys get 401; a model the key may not use
+gets 403; both in the caller's API shape. The key itself is never logged or echoed, and
+client credentials are stripped from the request before any layer below sees it.
+
+Keys come from the config module (`keys=[StaticKey(...)]`), from PostgreSQL
+(`store=PostgresKeyStore(dsn)`), or both (static keys are looked up first). Store lookups are
+cached in process; a change made on any instance reaches every instance's cache through
+PostgreSQL NOTIFY within about a second. With `admin_token_env`, the layer also serves the
+admin API under `/admin/keys` and `/admin/limits`.
 """
-from gateway.layers import ShellLayer
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+from gateway.config import ConfigError
+from gateway.context import RequestContext, find_request_context
+from gateway.errors import GatewayError
+from gateway.kernel import ASGIApp, Receive, Scope, Send
+from gateway.policy import Limits, Principal
+from middleware.auth.admin import AdminAPI
+from middleware.auth.keys import StaticKey, VirtualKey, hash_key
+from middleware.auth.store import (
+    CachedKeys,
+    KeyStore,
+    KeyStoreUnavailable,
+    PostgresKeyStore,
+    StaticKeyStore,
+)
+
+__all__ = ["AuthMiddleware", "PostgresKeyStore", "StaticKey"]
+
+logger = logging.getLogger("sluicegate.auth")
+
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key")
+_REASONS = {
+    "revoked": "This API key has been revoked.",
+    "disabled": "This API key is disabled.",
+    "expired": "This API key has expired.",
+}
 
 
-class AuthMiddleware(ShellLayer):
-    """authentication (virtual keys, customers) — pass-through shell; enforces nothing yet."""
+class AuthMiddleware:
+    """Authenticates every API request with a virtual key (see the module docstring)."""
 
-    concern = "auth"
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Sequence[StaticKey] = (),
+        store: KeyStore | None = None,
+        limits: Mapping[tuple[str, str], Limits] | None = None,
+        admin_token_env: str | None = None,
+        customer_header: str = "x-sluicegate-customer",
+        cache_ttl_s: float = 30.0,
+    ) -> None:
+        self.app = app
+        if not keys and store is None:
+            raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
+                              "store=PostgresKeyStore(dsn) (remove the layer to serve "
+                              "without authentication).")
+        for key in keys:
+            if not isinstance(key, StaticKey):
+                raise ConfigError(f"AuthMiddleware keys must be StaticKey(...), not {key!r}.")
+        self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) if keys else None
+        self.store = store
+        self.cache = CachedKeys(store, ttl_s=cache_ttl_s) if store is not None else None
+        self.customer_header = customer_header.lower().encode()
+        self.admin: AdminAPI | None = None
+        if admin_token_env is not None:
+            token = os.environ.get(admin_token_env, "")
+            if not token:
+                raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} names an "
+                                  "environment variable that is not set.")
+            self.admin = AdminAPI(store or self.static, token=token)  # type: ignore[arg-type]
+
+    # -- lifecycle (called by the kernel) ----------------------------------------------------
+
+    async def startup(self) -> None:
+        if self.store is not None:
+            await self.store.startup()
+
+    async def shutdown(self) -> None:
+        if self.store is not None:
+            await self.store.shutdown()
+
+    async def check_ready(self) -> dict[str, str]:
+        if self.store is None:
+            return {}
+        report = await self.store.check_ready()
+        return {name: value if value == "ok" else f"degraded: serving cached keys ({value})"
+                for name, value in report.items()}
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = find_request_context(scope)
+        if ctx is None:
+            if self.admin is not None and self.admin.handles(_route_path(scope)):
+                await self.admin(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        credential = _strip_credentials(scope, ctx)
+        key = await self._find(credential)
+        ctx.principal = await self._principal(key, ctx)
+        await self.app(scope, receive, send)
+
+    async def _find(self, credential: str | None) -> VirtualKey:
+        if not credential:
+            raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
+                                    "or in the 'x-api-key' header.", code="missing_api_key")
+        key_hash = hash_key(credential)
+        key = await self.static.find(key_hash) if self.static is not None else None
+        if key is None and self.cache is not None:
+            try:
+                key = await self.cache.find(key_hash)
+            except KeyStoreUnavailable:
+                raise GatewayError(503, "The key store is unavailable; try again shortly.",
+                                   code="key_store_unavailable") from None
+        if key is None:
+            raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
+        reason = key.usable(datetime.now(UTC))
+        if reason is not None:
+            raise GatewayError(401, _REASONS.get(reason, "This API key cannot be used."),
+                               code=f"key_{reason}")
+        return key
+
+    async def _principal(self, key: VirtualKey, ctx: RequestContext) -> Principal:
+        if not key.allows_model(ctx.model):
+            raise GatewayError(403, f"This API key may not use the model '{ctx.model}'.",
+                               param="model", code="model_not_allowed")
+        customer = self._customer(ctx)
+        if customer is None and key.require_customer:
+            raise GatewayError(400, "This API key requires the end user to be named: send the "
+                                    "'X-Sluicegate-Customer' header or the 'user' field.",
+                               param="user", code="customer_required")
+        ctx.customer = customer
+        limits: dict[str, Limits] = {}
+        if not key.limits.empty:
+            limits["key"] = key.limits
+        for kind, subject in (("project", key.project),
+                              ("customer", f"{key.project}/{customer}" if customer else None)):
+            if subject is not None:
+                found = await self._subject_limits(kind, subject)
+                if found is not None and not found.empty:
+                    limits[kind] = found
+        return Principal(key_id=key.id, project=key.project, customer=customer,
+                         allowed_models=key.allowed_models, metadata=key.metadata,
+                         limits=limits)
+
+    async def _subject_limits(self, kind: str, subject: str) -> Limits | None:
+        if self.static is not None:
+            found = await self.static.subject_limits(kind, subject)
+            if found is not None:
+                return found
+        if self.cache is None:
+            return None
+        try:
+            return await self.cache.subject_limits(kind, subject)
+        except KeyStoreUnavailable:
+            raise GatewayError(503, "The key store is unavailable; try again shortly.",
+                               code="key_store_unavailable") from None
+
+    def _customer(self, ctx: RequestContext) -> str | None:
+        for name, value in ctx.headers:
+            if name == self.customer_header and value:
+                return _clean_customer(value.decode("latin-1"))
+        body = ctx.body
+        user = body.get("user")
+        if user is None and isinstance(body.get("metadata"), dict):
+            user = body["metadata"].get("user_id")
+        return _clean_customer(user) if isinstance(user, str) and user else None
 
 
-__all__ = ["AuthMiddleware"]
+def _clean_customer(value: str) -> str | None:
+    value = value.strip()
+    if not value or len(value) > 256 or not value.isprintable():
+        raise GatewayError(400, "The customer id must be 1 to 256 printable characters.",
+                           param="user", code="invalid_customer")
+    return value
+
+
+def _strip_credentials(scope: Scope, ctx: RequestContext) -> str | None:
+    """Takes the client's key out of the request, so no layer or provider ever sees it."""
+    credential: str | None = None
+    kept = []
+    for name, value in scope["headers"]:
+        if name in _CREDENTIAL_HEADERS:
+            if credential is None:
+                text = value.decode("latin-1").strip()
+                if name == b"authorization":
+                    scheme, _, text = text.partition(" ")
+                    text = text.strip() if scheme.lower() == "bearer" else ""
+                credential = text or None
+            continue
+        kept.append((name, value))
+    scope["headers"] = kept
+    ctx.headers = kept
+    return credential
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

@@ -1,16 +1,462 @@
-"""The quota layer: rate limits and budgets.
+"""The quota layer: rate limits and budgets that hold exactly, across gateway processes.
 
-Today this is a pass-through shell (issue 3 gives it its behaviour): it satisfies the
-layer contract, sits in the default stack, and enforces nothing. It takes no options yet, so
-a config that asks it to enforce something refuses to start.
+Before the call it reserves, for every limit that applies (the caller's key, customer and
+project from the auth layer's `Principal`, the model's, and the gateway-wide ones): one
+request against RPM, the estimated tokens (input estimate plus the output bound) against
+TPM, a concurrency lease, and the estimated cost against each budget. All of them are checked
+and reserved in one atomic store call (one Lua script in Redis). After the response has gone
+out, a background task replaces the reservation with the actual usage, also one store call.
+
+Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
+resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
+response says so in `x-sluicegate-downgraded`. A budget with `stream_cutoff=True` ends a
+stream whose cost crosses what is left of it with an in-band error event.
+
+When the store (Redis) cannot be reached, each limit follows its `on_store_error`: "open"
+limits fall back to an in-process store, "closed" ones refuse with 503. After a Redis flush
+or restart, budget counters are rebuilt from the spend ledger before they are used.
 """
-from gateway.layers import ShellLayer
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.config import ConfigError
+from gateway.context import RequestContext, find_request_context, route_to
+from gateway.errors import GatewayError, stream_error_event
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+from gateway.policy import (
+    ANONYMOUS,
+    BUDGET,
+    PERIODS,
+    Check,
+    Decision,
+    Limits,
+    QuotaStore,
+    QuotaStoreError,
+    SpendLedger,
+    micros_to_usd,
+    period_bounds,
+    period_label,
+)
+from gateway.pricing import estimate_micros
+from middleware.quota import plan
+from middleware.quota.ledger import PostgresSpendLedger
+from middleware.quota.plan import Estimate, Planned
+from middleware.quota.store_memory import MemoryQuotaStore
+from middleware.quota.store_redis import RedisQuotaStore
+
+__all__ = ["MemoryQuotaStore", "PostgresSpendLedger", "QuotaMiddleware", "RedisQuotaStore"]
+
+logger = logging.getLogger("sluicegate.quota")
+alerts_logger = logging.getLogger("sluicegate.alerts")
+
+_MAX_DOWNGRADES = 2
 
 
-class QuotaMiddleware(ShellLayer):
-    """rate limits and budgets — pass-through shell; enforces nothing yet."""
-
-    concern = "quota"
+class _StreamCutOff(Exception):
+    """A stream crossed its budget and was ended in-band (the quota layer catches it)."""
 
 
-__all__ = ["QuotaMiddleware"]
+class QuotaMiddleware:
+    """Rate limits and budgets (see the module docstring).
+
+    `store`: "memory" (one process), a `redis://` URL, or a QuotaStore. `limits`: the
+    gateway-wide Limits; `model_limits`: per public model. `default_max_output_tokens` is the
+    output reserved for requests that set no max_tokens. `ledger`: a SpendLedger (e.g.
+    `PostgresSpendLedger(dsn)`) that records spend and rebuilds budget counters after a
+    Redis flush. `alert_webhook_url`: where 50/80/100% budget alerts are POSTed.
+    `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: QuotaStore | str = "memory",
+        limits: Limits | None = None,
+        model_limits: Mapping[str, Limits] | None = None,
+        default_max_output_tokens: int = 4096,
+        ledger: SpendLedger | None = None,
+        alert_webhook_url: str | None = None,
+        admin_token_env: str | None = None,
+        store_retry_s: float = 1.0,
+        lease_s: float = 900.0,
+    ) -> None:
+        self.app = app
+        self.store = _make_store(store)
+        self.fallback = MemoryQuotaStore()
+        self.limits = limits
+        self.model_limits = dict(model_limits or {})
+        for name, value in [("limits", limits), *self.model_limits.items()]:
+            if value is not None and not isinstance(value, Limits):
+                raise ConfigError(f"QuotaMiddleware {name} must be Limits(...), not {value!r}.")
+        if default_max_output_tokens <= 0:
+            raise ConfigError("QuotaMiddleware default_max_output_tokens must be positive.")
+        self.default_max_output_tokens = default_max_output_tokens
+        self.ledger = ledger
+        self.alert_webhook_url = alert_webhook_url
+        if alert_webhook_url is not None and not alert_webhook_url.startswith(("http://",
+                                                                             "https://")):
+            raise ConfigError("QuotaMiddleware alert_webhook_url must be an http(s) URL.")
+        self.admin_token: bytes | None = None
+        if admin_token_env is not None:
+            token = os.environ.get(admin_token_env, "")
+            if len(token) < 16:
+                raise ConfigError(f"QuotaMiddleware admin_token_env={admin_token_env!r} must "
+                                  "name an environment variable holding at least 16 characters.")
+            self.admin_token = token.encode()
+        self.store_retry_s = store_retry_s
+        self.lease_s = lease_s
+        self._store_down_until = 0.0
+        self._alerted: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._http: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.fallback.startup()
+        await self.store.startup()
+        if isinstance(self.ledger, PostgresSpendLedger):
+            await self.ledger.startup()
+        if self.alert_webhook_url is not None:
+            import aiohttp  # only when alerts go to a webhook
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    async def shutdown(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
+        if self._http is not None:
+            await self._http.close()
+        if isinstance(self.ledger, PostgresSpendLedger):
+            await self.ledger.shutdown()
+        await self.store.shutdown()
+        await self.fallback.shutdown()
+
+    async def check_ready(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        ping = getattr(self.store, "ping", None)
+        if ping is not None:
+            checks["quota_store"] = ("ok" if await ping() else
+                                     "degraded: unavailable; limits follow on_store_error")
+        if isinstance(self.ledger, PostgresSpendLedger):
+            checks.update({name: value if value == "ok" else f"degraded: {value}"
+                           for name, value in (await self.ledger.check_ready()).items()})
+        return checks
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = find_request_context(scope)
+        if ctx is None:
+            if self.admin_token is not None and _route_path(scope).startswith("/admin/usage/"):
+                await self._serve_usage(scope, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        admitted = await self._admit(ctx)
+        if admitted is None:  # nothing applies: no reservation, nothing to settle
+            await self.app(scope, receive, send)
+            return
+        store, planned, decision, est, headers = admitted
+        responder = _Responder(ctx, send, headers, self._cutoff_allowance(planned, decision),
+                               est)
+        try:
+            await self.app(scope, receive, responder.send)
+        except _StreamCutOff:
+            pass
+        finally:
+            self._spawn(self._settle(store, ctx, planned, decision, est, responder.events))
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def _admit(self, ctx: RequestContext) -> tuple[
+            QuotaStore, list[Planned], Decision, Estimate, list[tuple[bytes, bytes]]] | None:
+        principal = ctx.principal or ANONYMOUS
+        downgraded: list[str] = []
+        for _ in range(_MAX_DOWNGRADES + 1):
+            applicable = plan.subjects(principal, ctx.model, self.model_limits, self.limits)
+            if not applicable:
+                return None
+            est = plan.estimate(ctx, self.default_max_output_tokens)
+            planned = plan.plan_checks(applicable, est, datetime.now(UTC), self.lease_s)
+            store, decision = await self._reserve(ctx, planned)
+            if decision.allowed:
+                headers = plan.rate_limit_headers(planned, decision, time.time())
+                if downgraded:
+                    headers.append((b"x-sluicegate-downgraded", "; ".join(downgraded).encode()))
+                return store, planned, decision, est, headers
+            assert decision.failed is not None
+            item = planned[decision.failed]
+            target = plan.overflow_target(item)
+            if target is None or target == ctx.model or ctx.models is None \
+                    or target not in ctx.models:
+                raise plan.refusal(item, decision)
+            downgraded.append(f"{ctx.model} -> {target} ({item.check.label} "
+                              f"{'budget' if item.check.kind == BUDGET else item.check.kind})")
+            route_to(ctx, target)
+        raise plan.refusal(item, decision)
+
+    async def _reserve(self, ctx: RequestContext,
+                       planned: list[Planned]) -> tuple[QuotaStore, Decision]:
+        checks = [p.check for p in planned]
+        if time.monotonic() >= self._store_down_until:
+            try:
+                return self.store, await self._admit_seeded(self.store, ctx, planned, checks)
+            except QuotaStoreError as exc:
+                self._store_down_until = time.monotonic() + self.store_retry_s
+                logger.warning("quota store unavailable (%s); following each limit's "
+                               "on_store_error policy", exc)
+        closed = [c for c in checks if c.on_store_error == "closed"]
+        if closed:
+            raise GatewayError(503, f"Limits cannot be checked right now (the quota store is "
+                                    f"unavailable), and the {closed[0].label} fails closed.",
+                               code="quota_store_unavailable",
+                               headers=[(b"retry-after", b"1")])
+        return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
+
+    async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
+                            planned: list[Planned], checks: list[Check]) -> Decision:
+        decision = await store.admit(ctx.request_id, checks)
+        if not decision.unseeded:
+            return decision
+        for index in decision.unseeded:  # a new period, or Redis lost its data
+            await store.seed(checks[index], await self._spent(planned[index]))
+        decision = await store.admit(ctx.request_id, checks)
+        if decision.unseeded:
+            raise QuotaStoreError("budget counters vanished while being seeded")
+        return decision
+
+    async def _spent(self, item: Planned) -> int:
+        if self.ledger is None or item.period_start is None:
+            return 0
+        try:
+            return await self.ledger.spent_micros(item.subject_kind, item.subject_id,
+                                                  item.period_start)
+        except Exception as exc:  # noqa: BLE001 (the ledger is PostgreSQL: any failure)
+            raise QuotaStoreError(f"the spend ledger is unavailable: {type(exc).__name__}") \
+                from None
+
+    def _cutoff_allowance(self, planned: list[Planned], decision: Decision) -> int | None:
+        """What a stream may cost before a stream_cutoff budget ends it (None: no cutoff)."""
+        allowances = [decision.remaining[i] + p.check.amount for i, p in enumerate(planned)
+                      if p.budget is not None and p.budget.stream_cutoff]
+        return min(allowances) if allowances else None
+
+    # -- after the response ------------------------------------------------------------------
+
+    async def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
+                      decision: Decision, est: Estimate, events: int) -> None:
+        usage = plan.actual_usage(ctx, est, events)
+        cost = plan.actual_cost(ctx, usage)
+        actual = plan.actual_amounts(planned, usage.total_tokens, cost)
+        ctx.state["quota.cost_micros"] = cost
+        try:
+            await store.settle(ctx.request_id, [p.check for p in planned], actual)
+        except QuotaStoreError as exc:
+            logger.warning("could not settle request %s (%s); its reservation stands until "
+                           "the limits refill", ctx.request_id, exc)
+        if self.ledger is not None and cost and isinstance(self.ledger, PostgresSpendLedger):
+            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
+        await self._alerts(store, planned, decision, cost)
+
+    async def _alerts(self, store: QuotaStore, planned: list[Planned], decision: Decision,
+                      cost: int) -> None:
+        for index, item in enumerate(planned):
+            budget = item.budget
+            if budget is None or item.check.limit <= 0:
+                continue
+            used = item.check.limit - decision.remaining[index] - item.check.amount + cost
+            percent = used * 100 // item.check.limit
+            for threshold in budget.alert_at_percent:
+                if percent >= threshold:
+                    await self._alert_once(store, item, threshold, used)
+
+    async def _alert_once(self, store: QuotaStore, item: Planned, threshold: int,
+                          used: int) -> None:
+        marker = f"{item.check.key}:alert:{threshold}"
+        if marker in self._alerted:
+            return
+        self._alerted.add(marker)
+        check = Check(BUDGET, marker, 1, 0, expires_at=item.check.expires_at)
+        try:
+            first = await store.seed(check, 1)
+        except QuotaStoreError:
+            first = True  # better twice than never
+        if not first:
+            return
+        event = {
+            "event": "budget_threshold", "threshold_percent": threshold,
+            "subject_kind": item.subject_kind, "subject_id": item.subject_id,
+            "period": item.budget.period if item.budget else None,
+            "period_start": item.period_start.isoformat() if item.period_start else None,
+            "limit_usd": str(micros_to_usd(item.check.limit)),
+            "used_usd": str(micros_to_usd(used)),
+        }
+        alerts_logger.warning("%s", orjson.dumps(event).decode())
+        if self._http is not None:
+            try:
+                async with self._http.post(self.alert_webhook_url, json=event) as response:
+                    if response.status >= 300:
+                        logger.warning("budget alert webhook answered %d", response.status)
+            except Exception as exc:  # noqa: BLE001 (a webhook failure must not fail anything)
+                logger.warning("budget alert webhook failed: %s", type(exc).__name__)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+    # -- admin: current spend ----------------------------------------------------------------
+
+    async def _serve_usage(self, scope: Scope, send: Send) -> None:
+        assert self.admin_token is not None
+        if not _admin_allowed(scope, self.admin_token):
+            await _send_json(send, 401, {"error": {"message": "A valid admin token is required.",
+                                                   "type": "authentication_error"}})
+            return
+        if scope["method"] != "GET":
+            await _send_json(send, 405, {"error": {"message": "Use GET.",
+                                                   "type": "invalid_request_error"}})
+            return
+        parts = _route_path(scope)[len("/admin/usage/"):].split("/", 1)
+        if len(parts) != 2 or not all(parts):
+            await _send_json(send, 404, {"error": {
+                "message": "Use /admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
+            return
+        kind, subject = parts
+        now = datetime.now(UTC)
+        checks, starts = [], []
+        for period in PERIODS:
+            start, _end = period_bounds(period, now)
+            checks.append(Check(BUDGET, f"{kind}:{subject}:budget:{period}:"
+                                        f"{period_label(period, start)}", 0, 0))
+            starts.append(start)
+        try:
+            values = await self.store.committed(checks)
+        except QuotaStoreError:
+            await _send_json(send, 503, {"error": {"message": "The quota store is unavailable.",
+                                                   "type": "service_unavailable"}})
+            return
+        periods = {period: {"period_start": start.isoformat(),
+                            "committed_usd": None if value is None
+                            else str(micros_to_usd(value))}
+                   for period, start, value in zip(PERIODS, starts, values, strict=True)}
+        await _send_json(send, 200, {"kind": kind, "subject": subject, "periods": periods})
+
+
+class _Responder:
+    """Wraps `send`: adds the quota headers to the response start, counts stream events,
+    and ends a stream in-band when it would cross a stream_cutoff budget."""
+
+    __slots__ = (
+        "_send",
+        "allowance",
+        "ctx",
+        "est",
+        "events",
+        "headers",
+        "price",
+        "streaming",
+    )
+
+    def __init__(self, ctx: RequestContext, send: Send, headers: list[tuple[bytes, bytes]],
+                 allowance: int | None, est: Estimate) -> None:
+        self.ctx = ctx
+        self._send = send
+        self.headers = headers
+        self.allowance = allowance
+        self.est = est
+        self.events = 0
+        self.streaming = False
+        self.price = plan.reservation_price(ctx) if allowance is not None else None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.streaming = self.ctx.stream and message.get("status") == 200
+            if self.headers:
+                message["headers"] = [*message.get("headers", ()), *self.headers]
+        elif self.streaming and message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            self.events += body.count(b"\n\n")
+            if self.price is not None and self.allowance is not None and \
+                    self._over_budget():
+                await self._cut_off()
+        await self._send(message)
+
+    def _over_budget(self) -> bool:
+        assert self.price is not None and self.allowance is not None
+        spent = estimate_micros(self.price, self.est.input_tokens, self.events)
+        return spent > self.allowance
+
+    async def _cut_off(self) -> None:
+        error = GatewayError(402, "The stream was ended because its cost reached what is left "
+                                  "of the budget.", code="budget_exceeded")
+        self.ctx.error_type = "budget_exceeded"
+        await self._send({"type": "http.response.body",
+                          "body": stream_error_event(self.ctx.api_format, error),
+                          "more_body": False})
+        raise _StreamCutOff()
+
+
+def _make_store(store: QuotaStore | str) -> QuotaStore:
+    if isinstance(store, str):
+        if store == "memory":
+            return MemoryQuotaStore()
+        if store.startswith(("redis://", "rediss://", "unix://")):
+            return RedisQuotaStore(store)
+        raise ConfigError(f"QuotaMiddleware store must be 'memory', a redis:// URL or a "
+                          f"QuotaStore, not {store!r}.")
+    if not callable(getattr(store, "admit", None)):
+        raise ConfigError(f"QuotaMiddleware store {store!r} is not a QuotaStore.")
+    return store
+
+
+def _spend_rows(ctx: RequestContext, cost: int) -> list[tuple[str, str, int]]:
+    principal = ctx.principal or ANONYMOUS
+    rows = [("key", principal.key_id, cost), ("project", principal.project, cost),
+            ("model", ctx.model, cost), ("global", "all", cost)]
+    if principal.customer:
+        rows.append(("customer", f"{principal.project}/{principal.customer}", cost))
+    return rows
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("quota background task failed", exc_info=task.exception())
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _admin_allowed(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    body = orjson.dumps(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+

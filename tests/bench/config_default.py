@@ -2,18 +2,23 @@
 import os
 
 from gateway.config import Deployment, Middleware, Model
-from middleware.auth import AuthMiddleware
+from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
 from middleware.metering import MeteringMiddleware
 from middleware.quota import QuotaMiddleware
 from providers import Provider
 
+# The bench's load tools send `Authorization: Bearer sk-bench` (tests/bench/bench_load.py).
+os.environ.setdefault("SLUICEGATE_API_KEY", "sk-bench")
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
-models = {"bench": Model([Deployment("mock", "bench")])}
+# free=True: the bench upstream is a mock, so there is nothing to bill.
+models = {"bench": Model([Deployment("mock", "bench", free=True)])}
 middleware = [
-    Middleware(AuthMiddleware),
+    # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
+    # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.
+    Middleware(AuthMiddleware, keys=[StaticKey("my-team", key_env="SLUICEGATE_API_KEY")]),
     Middleware(MeteringMiddleware),
     Middleware(QuotaMiddleware),
     Middleware(CacheMiddleware),

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import ThreadedServer
+from tests.harness import AUTH, TEST_KEY, ThreadedServer
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -109,11 +109,11 @@ def test_unknown_path_is_404_in_the_guessed_shape(gateway: ThreadedServer) -> No
 
 
 def test_sdks_raise_their_own_typed_errors(gateway: ThreadedServer) -> None:
-    oai = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-test", max_retries=0)
+    oai = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as not_found:
         oai.chat.completions.create(model="no-such", messages=[{"role": "user", "content": "x"}])
     assert not_found.value.code == "model_not_found"
-    claude = anthropic.Anthropic(base_url=gateway.url, api_key="sk-test", max_retries=0)
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.messages.create(model="no-such", max_tokens=5,
                                messages=[{"role": "user", "content": "x"}])
@@ -131,12 +131,13 @@ def test_request_id_is_generated_or_passed_through(gateway: ThreadedServer) -> N
 
 def test_translation_refusal_is_400_not_500(gateway: ThreadedServer) -> None:
     # Anthropic cannot produce n > 1 choices: a clear 400 from the translator.
-    response = httpx.post(gateway.url + CHAT, json={**GOOD_OPENAI, "model": "claude-mock", "n": 2})
+    response = httpx.post(gateway.url + CHAT, headers=AUTH,
+                          json={**GOOD_OPENAI, "model": "claude-mock", "n": 2})
     assert_openai_error(response, 400, "")
 
 
 def test_embeddings_to_anthropic_is_unsupported_400(gateway: ThreadedServer) -> None:
-    response = httpx.post(gateway.url + "/v1/embeddings",
+    response = httpx.post(gateway.url + "/v1/embeddings", headers=AUTH,
                           json={"model": "claude-mock", "input": "hello"})
     error = assert_openai_error(response, 400, "does not support /v1/embeddings")
     assert error["code"] == "unsupported_operation"

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.app import build_stack, create_app
 from gateway.config import ConfigError, load_config
-from tests.harness import REPO, mock_config, write_config
+from tests.harness import REPO, TEST_KEY, mock_config, write_config
 
 EXAMPLES = sorted((REPO / "deploy/examples").glob("*.py"))
 EXAMPLE_KEYS = {
@@ -57,7 +57,7 @@ def test_missing_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_layer_with_wrong_options(tmp_path: Path) -> None:
     message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
-                        'models = {"m": [Deployment("oa", "y")]}\n'
+                        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
                         'middleware = [Middleware(AuthMiddleware, keys=["sk-1"])]\n')
     assert "layer AuthMiddleware has wrong options" in message and "keys" in message
 
@@ -104,6 +104,7 @@ def test_every_example_config_loads(example: Path, monkeypatch: pytest.MonkeyPat
     for name in EXAMPLE_KEYS:
         monkeypatch.setenv(name, "test-key")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example-resource.openai.azure.com")
+    monkeypatch.setenv("SLUICEGATE_API_KEY", TEST_KEY)
     app = create_app(example)
     assert app.config.models
 

@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.harness import ThreadedServer
+from tests.harness import TEST_KEY, ThreadedServer
 from tests.mock_providers import MockProviderServer
 
 CHAT_MODELS = ["gpt-mock", "azure-mock", "claude-mock", "gemini-mock"]
@@ -40,12 +40,12 @@ def expected_input_tokens(model: str, words: int, messages: int, system: bool) -
 
 
 def oai(gateway: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-client-not-forwarded",
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY,
                          max_retries=0)
 
 
 def claude(gateway: ThreadedServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key="sk-client-not-forwarded",
+    return anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY,
                                max_retries=0)
 
 
@@ -83,7 +83,7 @@ def test_openai_chat_non_stream(gateway: ThreadedServer, mock: MockProviderServe
 @pytest.mark.parametrize("model", CHAT_MODELS)
 async def test_openai_async_chat_stream_with_tools(gateway: ThreadedServer,
                                                    mock: MockProviderServer, model: str) -> None:
-    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="sk-client-not-forwarded",
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY,
                                 max_retries=0)
     stream = await client.chat.completions.create(
         model=model, stream=True, stream_options={"include_usage": True}, tools=[WEATHER_TOOL],

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from gateway import create_app
-from tests.harness import ThreadedServer, mock_config, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import Fault, MockProviderServer
 
 QUESTION = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
@@ -33,11 +33,11 @@ def impatient_gateway(tmp_path_factory: pytest.TempPathFactory,
 
 
 def oai(server: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-client", max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
 
 
 def claude(server: ThreadedServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="sk-client", max_retries=0)
+    return anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
 
 
 @pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("claude-mock", "anthropic"),
@@ -45,7 +45,7 @@ def claude(server: ThreadedServer) -> anthropic.Anthropic:
 def test_429_keeps_status_and_retry_after_in_openai_shape(
         gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
     mock.push_fault(Fault(kind="status", provider=provider, status=429, retry_after_s=7))
-    response = httpx.post(gateway.url + "/v1/chat/completions",
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": model, "messages": QUESTION})
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
@@ -93,7 +93,7 @@ def test_slow_first_byte_times_out_with_504(impatient_gateway: ThreadedServer,
 def test_error_event_before_content_is_an_error_response(
         gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
     mock.push_fault(Fault(kind="error_event", provider=provider, after_chunks=0))
-    response = httpx.post(gateway.url + "/v1/chat/completions",
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": model, "messages": QUESTION, "stream": True})
     assert response.status_code >= 500
     assert response.headers["content-type"] == "application/json"
@@ -119,7 +119,7 @@ def test_reset_mid_stream_ends_openai_stream_in_band(
 def test_error_event_mid_stream_ends_anthropic_stream_in_band(
         gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
     mock.push_fault(Fault(kind="error_event", provider=provider, after_chunks=2))
-    response = httpx.post(gateway.url + "/v1/messages", headers={"anthropic-version": "2023-06-01"},
+    response = httpx.post(gateway.url + "/v1/messages", headers={**AUTH, "anthropic-version": "2023-06-01"},
                           json={"model": model, "max_tokens": 50, "messages": QUESTION,
                                 "stream": True})
     assert response.status_code == 200
@@ -142,7 +142,7 @@ def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
     try:
         config = write_config(tmp_path, mock_config(f"http://127.0.0.1:{slow.port}"))
         with ThreadedServer(create_app(config)) as server:
-            with httpx.stream("POST", server.url + "/v1/chat/completions",
+            with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH,
                               json={"model": "gpt-mock", "messages": QUESTION, "stream": True}) as r:
                 for _ in r.iter_raw():
                     break  # first chunk seen, then the client goes away
@@ -159,7 +159,7 @@ def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
                                                        mock: MockProviderServer) -> None:
     mock.push_fault(Fault(kind="status", provider="openai", status=401,
                           message="Incorrect API key provided: provider-secret-123456789"))
-    response = httpx.post(gateway.url + "/v1/chat/completions",
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "gpt-mock", "messages": QUESTION})
     assert response.status_code == 401
     assert "provider-secret" not in response.text
@@ -197,7 +197,7 @@ def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> Non
         config = write_config(tmp_path, mock_config(f"http://127.0.0.1:{redirector.server_port}"))
         with ThreadedServer(create_app(config)) as gateway:
             response = httpx.post(gateway.url + "/v1/messages",
-                                  headers={"anthropic-version": "2023-06-01"},
+                                  headers={**AUTH, "anthropic-version": "2023-06-01"},
                                   json={"model": "claude-mock", "max_tokens": 5,
                                         "messages": QUESTION})
         assert response.status_code == 502

@@ -1,0 +1,358 @@
+"""What a model call costs: the shipped price table and exact cost arithmetic.
+
+Prices are USD per million tokens, held as `Decimal`; costs are integer micro-dollars
+(1 USD = 1_000_000), computed exactly and rounded up once at the end. Because the unit
+conversions cancel (USD/1M tokens x 1M micros/USD), a cost in micro-dollars is simply the sum
+of `tokens x price_per_mtok`.
+
+The shipped table (`gateway/prices.json`) covers the vendors' own APIs. Anything else, such as
+an OpenAI-compatible server, a reseller or a self-hosted model, is priced in config with
+`Deployment(..., price=Price(...))` or marked `free=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gateway.context import Usage
+
+_PRICE_FIELDS = frozenset({
+    "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok",
+})
+_ENTRY_FIELDS = _PRICE_FIELDS | {"effective_from", "source", "long_context", "note"}
+_TIER_FIELDS = _PRICE_FIELDS | {"above_input_tokens", "note"}
+_MODEL_FIELDS = frozenset({"aliases", "source", "prices", "note"})
+_VENDOR_FIELDS = frozenset({"source", "as_of", "models", "note"})
+
+
+def _money(name: str, value: object) -> Decimal:
+    # Money is never float: 0.1 has no exact binary form, and a price table is a contract.
+    # ValueError, not TypeError, for every bad amount: callers catch one error for bad data.
+    wanted = f"{name} must be a decimal string, int or Decimal"
+    if isinstance(value, float):
+        raise ValueError(f"{wanted}, not a float ({value!r})")  # noqa: TRY004
+    if isinstance(value, bool) or not isinstance(value, (int, str, Decimal)):
+        raise ValueError(f"{wanted}, got {value!r}")  # noqa: TRY004
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{name} is not a decimal number: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{name} must be a finite, non-negative amount, got {value!r}")
+    return amount
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What one model costs, in USD per million tokens.
+
+    `cached_input_per_mtok` None bills cache reads like fresh input; `reasoning_per_mtok` None
+    bills reasoning like output. When a request's input exceeds `long_context_threshold`
+    tokens, the whole request is billed at `long_context` instead (Gemini Pro above 200k,
+    OpenAI above 272k, ...).
+    """
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    reasoning_per_mtok: Decimal | None = None
+    effective_from: date | None = None
+    source: str = ""
+    long_context_threshold: int | None = None
+    long_context: Price | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "output_per_mtok"):
+            object.__setattr__(self, name, _money(name, getattr(self, name)))
+        for name in ("cached_input_per_mtok", "reasoning_per_mtok"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _money(name, getattr(self, name)))
+        self._check_tier()
+
+    def _check_tier(self) -> None:
+        threshold, long_context = self.long_context_threshold, self.long_context
+        if (threshold is None) != (long_context is None):
+            raise ValueError("long_context_threshold and long_context must be given together")
+        if threshold is not None and (type(threshold) is not int or threshold < 0):
+            raise ValueError(f"long_context_threshold must be an int >= 0, not {threshold!r}")
+        if long_context is not None and not isinstance(long_context, Price):
+            raise ValueError("long_context must be a Price")
+
+
+FREE = Price(input_per_mtok=Decimal(0), output_per_mtok=Decimal(0), source="free")
+
+
+def _tier(price: Price, input_tokens: int) -> Price:
+    threshold, long_context = price.long_context_threshold, price.long_context
+    if threshold is not None and long_context is not None and input_tokens > threshold:
+        return long_context
+    return price
+
+
+def cost_micros(price: Price, usage: Usage) -> int:
+    """The exact cost of `usage` in integer micro-dollars, rounded up once at the end."""
+    tier = _tier(price, usage.input_tokens)
+    # Providers occasionally report a cached (or reasoning) count above its total; clamping
+    # keeps every bucket non-negative instead of billing a negative amount.
+    input_tokens, output_tokens = max(usage.input_tokens, 0), max(usage.output_tokens, 0)
+    cached = min(max(usage.cached_input_tokens, 0), input_tokens)
+    reasoning = min(max(usage.reasoning_tokens, 0), output_tokens)
+    cached_rate = tier.input_per_mtok if tier.cached_input_per_mtok is None else (
+        tier.cached_input_per_mtok)
+    reasoning_rate = tier.output_per_mtok if tier.reasoning_per_mtok is None else (
+        tier.reasoning_per_mtok)
+    with localcontext() as ctx:
+        ctx.prec = 60  # far beyond any token count x price, so the sum is exact
+        total = (
+            (input_tokens - cached) * tier.input_per_mtok
+            + cached * cached_rate
+            + (output_tokens - reasoning) * tier.output_per_mtok
+            + reasoning * reasoning_rate
+        )
+        return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+def estimate_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
+    """A cost estimate for uncached input and plain output, rounded like `cost_micros`."""
+    return cost_micros(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+
+
+class PriceTable:
+    """Prices by vendor and model id, with aliases and effective dates.
+
+    Load one with `PriceTable.default()` (the shipped `gateway/prices.json`) or
+    `PriceTable.from_file(path)` (same format); a bad file raises `ValueError` with one
+    sentence naming the file and the offending key.
+    """
+
+    def __init__(
+        self,
+        prices: dict[str, dict[str, list[Price]]],
+        aliases: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        # Oldest first, so lookup walks back from the newest entry.
+        self._prices = {
+            vendor: {model: sorted(entries, key=_effective_key)
+                     for model, entries in models.items()}
+            for vendor, models in prices.items()
+        }
+        self._aliases = {vendor: dict(names) for vendor, names in (aliases or {}).items()}
+
+    @classmethod
+    def default(cls) -> PriceTable:
+        """The table shipped in `gateway/prices.json`, loaded once per process."""
+        return _default_table()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> PriceTable:
+        """Loads a price file in the shipped format; `ValueError` explains a bad one."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the price file ({exc.strerror})") from None
+        return _parse_table(text, str(path))
+
+    def lookup(self, vendor: str, model: str, at: datetime | None = None) -> Price | None:
+        """The price of `model` in force at `at` (default: now, UTC); None when unknown."""
+        models = self._prices.get(vendor, {})
+        entries = models.get(model) or models.get(self._aliases.get(vendor, {}).get(model, ""))
+        if not entries:
+            return None
+        day = _utc_day(at)
+        for entry in reversed(entries):
+            if entry.effective_from is None or entry.effective_from <= day:
+                return entry
+        return None
+
+    def vendors(self) -> list[str]:
+        return sorted(self._prices)
+
+    def models(self, vendor: str) -> list[str]:
+        """The canonical model ids of `vendor` (aliases not included)."""
+        return sorted(self._prices.get(vendor, {}))
+
+
+def _effective_key(price: Price) -> date:
+    return price.effective_from or date.min
+
+
+def _utc_day(at: datetime | None) -> date:
+    if at is None:
+        return datetime.now(UTC).date()
+    if at.tzinfo is None:  # naive datetimes are taken to be UTC
+        return at.date()
+    return at.astimezone(UTC).date()
+
+
+@cache
+def _default_table() -> PriceTable:
+    text = resources.files("gateway").joinpath("prices.json").read_text(encoding="utf-8")
+    return _parse_table(text, "gateway/prices.json")
+
+
+# Provider adapters whose upstream is the vendor's own API, so the vendor's list price applies.
+_VENDOR_BY_PROVIDER_TYPE = {
+    "openai": "openai",
+    "azure": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "mistral": "mistral",
+    "deepseek": "deepseek",
+    "xai": "xai",
+    "groq": "groq",
+}
+
+
+def vendor_for_provider_type(provider_type: str) -> str | None:
+    """The price-table vendor of a provider type; None for anything that must be priced
+    explicitly (OpenAI-compatible servers, resellers, routers, self-hosted runtimes)."""
+    return _VENDOR_BY_PROVIDER_TYPE.get(provider_type)
+
+
+def resolve_price(
+    provider_type: str,
+    model: str,
+    *,
+    explicit: Price | None = None,
+    free: bool = False,
+    table: PriceTable | None = None,
+) -> Price | None:
+    """The price of a deployment: `explicit` wins, then `free`, then the table; None if unknown."""
+    if explicit is not None:
+        return explicit
+    if free:
+        return FREE
+    vendor = vendor_for_provider_type(provider_type)
+    if vendor is None:
+        return None
+    return (table or PriceTable.default()).lookup(vendor, model)
+
+
+# --- reading the JSON format -------------------------------------------------------------
+
+
+class _BadFile(ValueError):
+    """A problem at one key of the file; `_parse_table` adds the file name."""
+
+
+def _parse_table(text: str, origin: str) -> PriceTable:
+    try:
+        data = json.loads(text)
+        return _read_document(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{origin}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except ValueError as exc:
+        raise ValueError(f"{origin}: {exc}") from None
+
+
+def _read_document(data: object) -> PriceTable:
+    document = _object(data, "the document")
+    _only(document, frozenset({"vendors"}), "the document")
+    vendors = _object(document.get("vendors"), "vendors")
+    prices: dict[str, dict[str, list[Price]]] = {}
+    aliases: dict[str, dict[str, str]] = {}
+    for vendor, body in vendors.items():
+        prices[vendor], aliases[vendor] = _read_vendor(body, f"vendors.{vendor}")
+    return PriceTable(prices, aliases)
+
+
+def _read_vendor(body: object, where: str) -> tuple[dict[str, list[Price]], dict[str, str]]:
+    vendor = _object(body, where)
+    _only(vendor, _VENDOR_FIELDS, where)
+    if "as_of" in vendor:
+        _date(vendor["as_of"], f"{where}.as_of")
+    source = _text(vendor.get("source", ""), f"{where}.source")
+    models: dict[str, list[Price]] = {}
+    aliases: dict[str, str] = {}
+    for model, spec in _object(vendor.get("models"), f"{where}.models").items():
+        models[model], names = _read_model(spec, f"{where}.models.{model}", source)
+        for name in names:
+            if name in models or name in aliases:
+                raise _BadFile(f"{where}: alias {name!r} names two models")
+            aliases[name] = model
+    clash = set(aliases) & set(models)
+    if clash:
+        raise _BadFile(f"{where}: {min(clash)!r} is both a model id and an alias")
+    return models, aliases
+
+
+def _read_model(spec: object, where: str, source: str) -> tuple[list[Price], list[str]]:
+    model = _object(spec, where)
+    _only(model, _MODEL_FIELDS, where)
+    source = _text(model.get("source", source), f"{where}.source")
+    names = model.get("aliases", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise _BadFile(f"{where}.aliases must be a list of model ids")
+    entries = model.get("prices")
+    if not isinstance(entries, list) or not entries:
+        raise _BadFile(f"{where}.prices must be a non-empty list")
+    prices = [_read_price(entry, f"{where}.prices[{i}]", source) for i, entry in enumerate(entries)]
+    dates = [price.effective_from for price in prices]
+    if len(set(dates)) != len(dates):
+        raise _BadFile(f"{where}.prices has two entries with the same effective_from")
+    return prices, names
+
+
+def _read_price(entry: object, where: str, source: str) -> Price:
+    fields = _object(entry, where)
+    _only(fields, _ENTRY_FIELDS, where)
+    threshold, long_context = None, None
+    if "long_context" in fields:
+        threshold, long_context = _read_tier(fields["long_context"], f"{where}.long_context")
+    raw_day = fields.get("effective_from")
+    day = None if raw_day is None else _date(raw_day, f"{where}.effective_from")
+    return _price(fields, where, effective_from=day,
+                  source=_text(fields.get("source", source), f"{where}.source"),
+                  long_context_threshold=threshold, long_context=long_context)
+
+
+def _read_tier(tier: object, where: str) -> tuple[int, Price]:
+    fields = _object(tier, where)
+    _only(fields, _TIER_FIELDS, where)
+    threshold = fields.get("above_input_tokens")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise _BadFile(f"{where}.above_input_tokens must be a non-negative integer")
+    return threshold, _price(fields, where)
+
+
+def _price(fields: dict[str, Any], where: str, **extra: Any) -> Price:
+    for name in ("input_per_mtok", "output_per_mtok"):
+        if name not in fields:
+            raise _BadFile(f"{where}.{name} is missing")
+    try:
+        return Price(**{name: fields[name] for name in _PRICE_FIELDS if name in fields}, **extra)
+    except ValueError as exc:
+        raise _BadFile(f"{where}: {exc}") from None
+
+
+def _object(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _BadFile(f"{where} must be a JSON object")
+    return value
+
+
+def _only(fields: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    # Keys starting with "_" are comments; anything else unknown is most likely a typo.
+    unknown = sorted(key for key in fields if key not in allowed and not key.startswith("_"))
+    if unknown:
+        raise _BadFile(f"{where} has an unknown key {unknown[0]!r}")
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _BadFile(f"{where} must be a string")
+    return value
+
+
+def _date(value: object, where: str) -> date:
+    try:
+        return date.fromisoformat(_text(value, where))
+    except ValueError:
+        raise _BadFile(f"{where} must be a date written YYYY-MM-DD, got {value!r}") from None

@@ -1,0 +1,405 @@
+"""The admin HTTP API for virtual keys and per-subject limits: a pure ASGI handler.
+
+Mount it where the operator wants it (it routes on the path below `root_path`), behind an
+admin token that is never a virtual key. JSON in and out; refusals are OpenAI-shaped
+errors rendered by the one shared helper. A plaintext key appears in exactly two responses:
+the one that creates it and the one that rotates to it.
+
+    POST   /admin/keys                     create a key (201, plaintext shown once)
+    GET    /admin/keys[?project=]          list keys
+    GET    /admin/keys/{id}                one key
+    PATCH  /admin/keys/{id}                change allowed_models, expires_at, disabled, ...
+    POST   /admin/keys/{id}/revoke         revoke at once, everywhere
+    POST   /admin/keys/{id}/rotate         new key with the same settings; old one revoked
+    GET    /admin/limits[?kind=]           every stored limit
+    GET|PUT|DELETE /admin/limits/{kind}/{subject_id}   kind: key, project or customer
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from gateway.errors import GatewayError
+from gateway.kernel import Receive, Scope, Send, route_path
+from gateway.policy import Limits
+from middleware.auth.keys import KEY_PREFIX, UPDATABLE_FIELDS, check_key_fields, check_subject_id
+from middleware.auth.store import (
+    KeyConflict,
+    KeyStore,
+    KeyStoreReadOnly,
+    KeyStoreUnavailable,
+)
+
+logger = logging.getLogger("sluicegate")
+
+MAX_BODY_BYTES = 1 << 20
+MIN_TOKEN_CHARS = 16
+ADMIN_LIMIT_KINDS = ("key", "project", "customer")
+CREATE_FIELDS = frozenset({"project", "allowed_models", "expires_at", "require_customer",
+                           "metadata", "limits"})
+
+_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+_CHALLENGE = [(b"www-authenticate", b'Bearer realm="sluicegate-admin"')]
+
+Payload = tuple[int, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Request:
+    """One admin request: what the handlers need, read lazily."""
+
+    params: list[str]
+    query: dict[str, str]
+    receive: Receive
+    content_length: int | None
+    max_body_bytes: int
+
+    async def json(self) -> dict[str, Any]:
+        if self.content_length is not None and self.content_length > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise GatewayError(400, "The client went away while sending the body.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        try:
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"The request body is not valid JSON: {exc}.",
+                               code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "The request body must be a JSON object.",
+                               code="invalid_json")
+        return body
+
+
+Handler = Callable[[_Request], Awaitable[Payload]]
+
+
+class AdminAPI:
+    """The admin API over a key store, guarded by `token` (`Authorization: Bearer <token>`).
+
+    It answers every path it is given (unknown ones with 404); a host that serves other
+    `/admin/` paths itself asks `handles(path)` first.
+    """
+
+    known_prefixes = ("/admin/keys", "/admin/limits")
+
+    def __init__(self, store: KeyStore, *, token: str,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the admin token must be at least {MIN_TOKEN_CHARS} characters")
+        if token.startswith(KEY_PREFIX):
+            raise ValueError(f"the admin token must not be a virtual key ({KEY_PREFIX}...)")
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+        self._token = token.encode()
+
+    def __repr__(self) -> str:  # never the token
+        return f"AdminAPI(store={self.store!r})"
+
+    def handles(self, path: str) -> bool:
+        """Whether `path` (below the mount point) is one of this API's routes' prefixes."""
+        return any(path == prefix or path.startswith(prefix + "/")
+                   for prefix in self.known_prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await _decline_non_http(scope, receive, send)
+            return
+        try:
+            status, payload = await self._respond(scope, receive)
+            body = orjson.dumps(payload)
+            headers = [*_HEADERS, (b"content-length", str(len(body)).encode())]
+        except GatewayError as exc:
+            status, headers, body = exc.render("openai")
+            headers = [*headers, (b"cache-control", b"no-store")]
+        except Exception:
+            logger.exception("admin API: unhandled error on %s %s", scope["method"],
+                             route_path(scope))
+            status, headers, body = GatewayError(
+                500, "The admin API failed to handle this request; see the gateway log."
+            ).render("openai")
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _respond(self, scope: Scope, receive: Receive) -> Payload:
+        self._authenticate(scope["headers"])
+        methods, params = self._route(route_path(scope))
+        handler = methods.get(scope["method"])
+        if handler is None:
+            allowed = ", ".join(methods)
+            raise GatewayError(405, f"Method {scope['method']} is not allowed here; use "
+                                    f"{allowed}.", headers=[(b"allow", allowed.encode())])
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        request = _Request(params, query, receive, _content_length(scope["headers"]),
+                           self.max_body_bytes)
+        try:
+            return await handler(request)
+        except KeyStoreReadOnly as exc:
+            raise GatewayError(409, f"This key store is read-only: {exc}.",
+                               code="read_only") from None
+        except KeyConflict as exc:
+            raise GatewayError(409, f"{exc}.", code="conflict") from None
+        except KeyStoreUnavailable as exc:
+            raise GatewayError(503, f"The key store is unavailable: {exc}.",
+                               code="store_unavailable") from None
+        except ValueError as exc:  # a value the store refused
+            raise GatewayError(400, f"{exc}.") from None
+
+    def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
+        value = next((v for k, v in headers if k == b"authorization"), None)
+        if value is None:
+            raise GatewayError(401, "Missing admin token: send 'Authorization: Bearer <admin "
+                                    "token>'.", code="missing_admin_token", headers=_CHALLENGE)
+        scheme, _, token = value.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            raise GatewayError(401, "The Authorization header must be 'Bearer <admin token>'.",
+                               code="invalid_admin_token", headers=_CHALLENGE)
+        if token.startswith(KEY_PREFIX.encode()):
+            raise GatewayError(401, "A virtual key is not an admin token.",
+                               code="virtual_key_not_admin", headers=_CHALLENGE)
+        if not hmac.compare_digest(token, self._token):
+            raise GatewayError(401, "Invalid admin token.", code="invalid_admin_token",
+                               headers=_CHALLENGE)
+
+    def _route(self, path: str) -> tuple[Mapping[str, Handler], list[str]]:
+        segments = path.rstrip("/").split("/")[1:]
+        head, rest = segments[:2], segments[2:]
+        methods: Mapping[str, Handler] | None = None
+        if head == ["admin", "keys"]:
+            if not rest:
+                methods = {"GET": self._list_keys, "POST": self._create_key}
+            elif len(rest) == 1 and rest[0]:
+                methods = {"GET": self._get_key, "PATCH": self._update_key}
+            elif len(rest) == 2 and rest[0] and rest[1] == "revoke":
+                methods = {"POST": self._revoke_key}
+            elif len(rest) == 2 and rest[0] and rest[1] == "rotate":
+                methods = {"POST": self._rotate_key}
+        elif head == ["admin", "limits"]:
+            if not rest:
+                methods = {"GET": self._list_limits}
+            elif len(rest) >= 2 and all(rest):
+                rest = [rest[0], "/".join(rest[1:])]  # customer ids hold a '/'
+                methods = {"GET": self._get_limits, "PUT": self._put_limits,
+                           "DELETE": self._delete_limits}
+        if methods is None:
+            raise GatewayError(404, f"Unknown admin path {path!r}.", code="unknown_url")
+        return methods, rest
+
+    # -- keys --------------------------------------------------------------------------------
+
+    async def _create_key(self, request: _Request) -> Payload:
+        body = await request.json()
+        _refuse_unknown(body, CREATE_FIELDS)
+        project = body.pop("project", None)
+        if not isinstance(project, str) or not project:
+            raise GatewayError(400, "'project' is required: the project the key belongs to.",
+                               param="project")
+        plaintext, key = await self.store.create(project, **_key_settings(body))
+        return 201, {"key": plaintext, **key.to_public_json()}
+
+    async def _list_keys(self, request: _Request) -> Payload:
+        keys = await self.store.list(request.query.get("project"))
+        return 200, {"object": "list", "data": [key.to_public_json() for key in keys]}
+
+    async def _get_key(self, request: _Request) -> Payload:
+        key = await self.store.get(request.params[0])
+        if key is None:
+            raise _no_key(request.params[0])
+        return 200, key.to_public_json()
+
+    async def _update_key(self, request: _Request) -> Payload:
+        body = await request.json()
+        _refuse_unknown(body, UPDATABLE_FIELDS)
+        if not body:
+            raise GatewayError(400, "Nothing to update: send one or more of "
+                                    f"{', '.join(sorted(UPDATABLE_FIELDS))}.")
+        key = await self.store.update(request.params[0], **_key_settings(body))
+        if key is None:
+            raise _no_key(request.params[0])
+        return 200, key.to_public_json()
+
+    async def _revoke_key(self, request: _Request) -> Payload:
+        key = await self.store.revoke(request.params[0])
+        if key is None:
+            raise _no_key(request.params[0])
+        return 200, key.to_public_json()
+
+    async def _rotate_key(self, request: _Request) -> Payload:
+        rotated = await self.store.rotate(request.params[0])
+        if rotated is None:
+            raise _no_key(request.params[0])
+        plaintext, key = rotated
+        return 200, {"key": plaintext, **key.to_public_json(),
+                     "rotated_from": request.params[0]}
+
+    # -- limits ------------------------------------------------------------------------------
+
+    async def _list_limits(self, request: _Request) -> Payload:
+        kind = request.query.get("kind")
+        if kind is not None:
+            _check_kind(kind)
+        data = []
+        if kind != "key":
+            for item in await self.store.list_limits(kind):
+                data.append(_limits_json(item.kind, item.subject_id, item.limits))
+        if kind in (None, "key"):
+            for key in await self.store.list():
+                if not key.limits.empty and key.revoked_at is None:
+                    data.append(_limits_json("key", key.id, key.limits))
+        return 200, {"object": "list", "data": data}
+
+    async def _get_limits(self, request: _Request) -> Payload:
+        kind, subject_id = _subject(request)
+        if kind == "key":
+            key = await self.store.get(subject_id)
+            if key is None:
+                raise _no_key(subject_id)
+            return 200, _limits_json(kind, subject_id, key.limits)
+        limits = await self.store.get_limits(kind, subject_id)
+        if limits is None:
+            raise _no_limits(kind, subject_id)
+        return 200, _limits_json(kind, subject_id, limits)
+
+    async def _put_limits(self, request: _Request) -> Payload:
+        kind, subject_id = _subject(request)
+        limits = _parse_limits(await request.json())
+        if kind == "key":
+            if await self.store.update(subject_id, limits=limits) is None:
+                raise _no_key(subject_id)
+        else:
+            await self.store.set_limits(kind, subject_id, limits)
+        return 200, _limits_json(kind, subject_id, limits)
+
+    async def _delete_limits(self, request: _Request) -> Payload:
+        kind, subject_id = _subject(request)
+        if kind == "key":
+            if await self.store.update(subject_id, limits=Limits()) is None:
+                raise _no_key(subject_id)
+        elif not await self.store.set_limits(kind, subject_id, None):
+            raise _no_limits(kind, subject_id)
+        return 200, {"object": "limits", "kind": kind, "subject_id": subject_id,
+                     "deleted": True}
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+def _key_settings(body: dict[str, Any]) -> dict[str, Any]:
+    """JSON key settings to `KeyStore` values, checked; GatewayError(400) names the field."""
+    settings: dict[str, Any] = {}
+    for name, value in body.items():
+        if name == "expires_at" and value is not None:
+            value = _parse_datetime(value)
+        elif name == "limits":
+            value = _parse_limits(value)
+        try:
+            settings.update(check_key_fields(**{name: value}))
+        except (ValueError, TypeError) as exc:
+            raise GatewayError(400, f"Invalid {name}: {exc}.", param=name) from None
+    return settings
+
+
+def _parse_datetime(value: Any) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except (ValueError, TypeError):
+        raise GatewayError(400, "Invalid expires_at: an ISO 8601 date and time with a "
+                                "timezone, e.g. 2030-01-01T00:00:00Z, or null.",
+                           param="expires_at") from None
+
+
+def _parse_limits(value: Any) -> Limits:
+    if not isinstance(value, dict):
+        raise GatewayError(400, "Invalid limits: an object like {\"rpm\": 60, \"budgets\": "
+                                "[{\"limit_usd\": \"10\", \"period\": \"monthly\"}]}.",
+                           param="limits")
+    try:
+        return Limits.from_json(value)
+    except (ValueError, TypeError) as exc:
+        raise GatewayError(400, f"Invalid limits: {exc}.", param="limits") from None
+
+
+def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise GatewayError(400, f"Unknown field(s): {', '.join(unknown)}; known: "
+                                f"{', '.join(sorted(known))}.", param=unknown[0])
+
+
+def _subject(request: _Request) -> tuple[str, str]:
+    kind, subject_id = request.params
+    _check_kind(kind)
+    if kind != "key":
+        try:
+            check_subject_id(kind, subject_id)
+        except ValueError as exc:
+            raise GatewayError(400, f"Invalid {kind} id: {exc}.") from None
+    return kind, subject_id
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ADMIN_LIMIT_KINDS:
+        raise GatewayError(400, f"Unknown limit kind {kind!r}; use one of "
+                                f"{', '.join(ADMIN_LIMIT_KINDS)}.", param="kind")
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    value = next((v for k, v in headers if k == b"content-length"), None)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+def _limits_json(kind: str, subject_id: str, limits: Limits) -> dict[str, Any]:
+    return {"object": "limits", "kind": kind, "subject_id": subject_id,
+            "limits": limits.to_json()}
+
+
+def _shown(key_id: str) -> str:
+    # Someone may paste a plaintext key where an id belongs: never echo it back.
+    if key_id.startswith(KEY_PREFIX) or len(key_id) > 128 or not key_id.isprintable():
+        return "(not shown)"
+    return repr(key_id)
+
+
+def _no_key(key_id: str) -> GatewayError:
+    return GatewayError(404, f"No key with id {_shown(key_id)}.", code="key_not_found")
+
+
+def _no_limits(kind: str, subject_id: str) -> GatewayError:
+    return GatewayError(404, f"No limits are stored for {kind} {subject_id!r}.",
+                        code="limits_not_found")
+
+
+def _too_large(max_body_bytes: int) -> GatewayError:
+    return GatewayError(413, f"The request body exceeds {max_body_bytes} bytes.",
+                        code="request_too_large")
+
+
+async def _decline_non_http(scope: Scope, receive: Receive, send: Send) -> None:
+    """Lifespan is acknowledged (the store's owner starts it); websockets are refused."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    elif scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1003})

@@ -1,0 +1,263 @@
+"""Virtual keys: generation, hashing and the record a key store keeps (pure logic, no I/O).
+
+A virtual key is shown to its owner once; the gateway keeps only its SHA-256 and finds a key
+by that hash. The key's `id` is public (safe in logs, URLs and metering records).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any
+
+from gateway.policy import Limits
+
+KEY_PREFIX = "sk-sg-"
+KEY_ID_PREFIX = "key_"
+MIN_ENV_KEY_CHARS = 16
+MAX_NAME_CHARS = 128
+MAX_METADATA_BYTES = 16_384
+
+# The fields an operator may change on an existing key (`KeyStore.update`).
+UPDATABLE_FIELDS = frozenset(
+    {"allowed_models", "expires_at", "disabled", "require_customer", "metadata", "limits"})
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def generate_key() -> str:
+    """A new plaintext virtual key: "sk-sg-" and 32 random bytes, URL-safe base64."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of a key: the only form in which keys are stored or looked up."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_hint(key: str) -> str:
+    """What listings show instead of the key: "sk-sg-…" and its last 4 characters."""
+    return KEY_PREFIX + "…" + key[-4:]
+
+
+def new_key_id() -> str:
+    return KEY_ID_PREFIX + secrets.token_hex(8)
+
+
+def is_key_hash(value: object) -> bool:
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualKey:
+    """One virtual key as a key store holds it (never the plaintext)."""
+
+    id: str
+    key_hash: str = field(repr=False)  # not a credential, but no reason to spread it
+    hint: str
+    project: str
+    allowed_models: tuple[str, ...] = ()  # names or fnmatch globs; empty means every model
+    expires_at: datetime | None = None
+    disabled: bool = False
+    require_customer: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    revoked_at: datetime | None = None
+
+    def allows_model(self, name: str) -> bool:
+        if not self.allowed_models or name in self.allowed_models:
+            return True
+        return any(fnmatchcase(name, pattern) for pattern in self.allowed_models)
+
+    def usable(self, now: datetime) -> str | None:
+        """None when the key may be used at `now`, else why not: revoked, disabled, expired."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.disabled:
+            return "disabled"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return None
+
+    def to_public_json(self, now: datetime | None = None) -> dict[str, Any]:
+        """The key for the admin API and logs: everything but the hash."""
+        return {
+            "id": self.id,
+            "object": "virtual_key",
+            "hint": self.hint,
+            "project": self.project,
+            "status": self.usable(now or datetime.now(UTC)) or "active",
+            "allowed_models": list(self.allowed_models),
+            "expires_at": _iso(self.expires_at),
+            "disabled": self.disabled,
+            "require_customer": self.require_customer,
+            "metadata": self.metadata,
+            "limits": self.limits.to_json(),
+            "created_at": _iso(self.created_at),
+            "revoked_at": _iso(self.revoked_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKey:
+    """A key declared in the config module, by hash or by the env var holding it.
+
+    Give exactly one of `key_hash` (the SHA-256 hex of the key, e.g. from
+    `python -c "from middleware.auth.keys import hash_key; print(hash_key('sk-sg-...'))"`)
+    or `key_env` (the name of an environment variable holding the plaintext, hashed here).
+    A plaintext key is never written in a config module. Without `id`, a stable one is
+    derived from the hash, so every gateway process reports the same id.
+    """
+
+    project: str
+    key_hash: str | None = field(default=None, kw_only=True)
+    key_env: str | None = field(default=None, kw_only=True, repr=False)
+    allowed_models: tuple[str, ...] = field(default=(), kw_only=True)
+    expires_at: datetime | None = field(default=None, kw_only=True)
+    require_customer: bool = field(default=False, kw_only=True)
+    metadata: Mapping[str, Any] | None = field(default=None, kw_only=True)
+    limits: Limits | None = field(default=None, kw_only=True)
+    id: str | None = field(default=None, kw_only=True)
+    hint: str = field(default=KEY_PREFIX + "…", init=False)
+
+    def __post_init__(self) -> None:
+        if (self.key_hash is None) == (self.key_env is None):
+            raise ValueError(f"StaticKey for project {self.project!r} needs exactly one of "
+                             "key_hash= (the key's SHA-256 hex) or key_env= (an env var name)")
+        if self.key_env is not None:
+            plaintext = os.environ.get(self.key_env)
+            if not plaintext:
+                raise ValueError(f"environment variable {self.key_env} (a virtual key for "
+                                 f"project {self.project!r}) is not set")
+            if len(plaintext) < MIN_ENV_KEY_CHARS:
+                raise ValueError(f"the key in environment variable {self.key_env} is shorter "
+                                 f"than {MIN_ENV_KEY_CHARS} characters")
+            object.__setattr__(self, "key_hash", hash_key(plaintext))
+            object.__setattr__(self, "hint", key_hint(plaintext))
+        elif not is_key_hash(self.key_hash):
+            # The value is not echoed: it may be a plaintext key pasted in the wrong place.
+            raise ValueError(f"StaticKey for project {self.project!r}: key_hash must be 64 "
+                             "lowercase hex characters (the SHA-256 of the key)")
+        fields = check_key_fields(
+            allowed_models=self.allowed_models, expires_at=self.expires_at,
+            require_customer=self.require_customer, metadata=self.metadata or {},
+            limits=self.limits or Limits())
+        check_project(self.project)
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        if self.id is not None and not _is_name(self.id):
+            raise ValueError(f"StaticKey id {self.id!r} must be 1-{MAX_NAME_CHARS} printable "
+                             "characters without spaces or '/'")
+
+    def to_virtual_key(self) -> VirtualKey:
+        assert self.key_hash is not None  # set or checked in __post_init__
+        key_id = self.id or KEY_ID_PREFIX + hashlib.sha256(
+            b"sluicegate static key id:" + self.key_hash.encode()).hexdigest()[:16]
+        return VirtualKey(
+            id=key_id, key_hash=self.key_hash, hint=self.hint, project=self.project,
+            allowed_models=self.allowed_models, expires_at=self.expires_at,
+            require_customer=self.require_customer, metadata=dict(self.metadata or {}),
+            limits=self.limits or Limits(), created_at=datetime(1970, 1, 1, tzinfo=UTC))
+
+
+# -- checks shared by the stores and the admin API --------------------------------------------
+
+def check_project(project: object) -> str:
+    """A project name: 1-128 printable characters, no spaces and no '/' (customer ids are
+    "<project>/<customer>")."""
+    if not isinstance(project, str) or not _is_name(project):
+        raise ValueError(f"project must be 1-{MAX_NAME_CHARS} printable characters without "
+                         "spaces or '/'")
+    return project
+
+
+def check_subject_id(kind: str, subject_id: object) -> str:
+    """A subject id for per-subject limits: a project name, or "<project>/<customer>"."""
+    if kind == "project":
+        return check_project(subject_id)
+    if kind == "customer":
+        if isinstance(subject_id, str) and subject_id.count("/") >= 1:
+            project, customer = subject_id.split("/", 1)
+            if _is_name(project) and _is_name(customer, slash_ok=True):
+                return subject_id
+        raise ValueError("a customer id is \"<project>/<customer>\", each part 1-"
+                         f"{MAX_NAME_CHARS} printable characters without spaces")
+    raise ValueError(f"limits are stored per project or customer, not per {kind!r}")
+
+
+def check_key_fields(**fields: Any) -> dict[str, Any]:
+    """Checks and normalises key settings (the `UPDATABLE_FIELDS`); raises ValueError or
+    TypeError."""
+    unknown = set(fields) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown key field(s): {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        out[name] = _CHECKS[name](value)
+    return out
+
+
+def _check_models(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError("allowed_models must be a list of model names or globs")
+    models = tuple(value)
+    if any(not isinstance(m, str) or not m or len(m) > 256 for m in models):
+        raise ValueError("allowed_models must hold non-empty strings of at most 256 characters")
+    return models
+
+
+def _check_expiry(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError("expires_at must be a date and time with a timezone, or null")
+    return value.astimezone(UTC)
+
+
+def _check_bool(name: str) -> Any:
+    def check(value: object) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false")
+        return value
+    return check
+
+
+def _check_metadata(value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or any(not isinstance(k, str) for k in value):
+        raise ValueError("metadata must be an object with string keys")
+    try:  # what the stores will write: plain JSON, no NaN (PostgreSQL's jsonb refuses it)
+        size = len(json.dumps(dict(value), allow_nan=False).encode())
+    except (TypeError, ValueError):
+        raise ValueError("metadata must hold only JSON values") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return dict(value)
+
+
+def _check_limits(value: object) -> Limits:
+    if not isinstance(value, Limits):
+        raise TypeError("limits must be a Limits(...) value")
+    return value
+
+
+_CHECKS: dict[str, Any] = {
+    "allowed_models": _check_models, "expires_at": _check_expiry,
+    "disabled": _check_bool("disabled"), "require_customer": _check_bool("require_customer"),
+    "metadata": _check_metadata, "limits": _check_limits,
+}
+
+
+def _is_name(value: str, *, slash_ok: bool = False) -> bool:
+    return (0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
+            and (slash_ok or "/" not in value) and not any(c.isspace() for c in value))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -1,0 +1,833 @@
+"""Where virtual keys and per-subject limits live, and the in-process cache in front of them.
+
+Two stores share one contract (`KeyStore`): `StaticKeyStore`, the read-only keys of the
+config module, and `PostgresKeyStore`, shared by every gateway process and changed through
+the admin API. Every change is announced as an invalidation token on a PostgreSQL channel,
+so `CachedKeys` in every process drops what changed within moments (a revoke takes effect
+everywhere in about the time of one NOTIFY), while the request path never waits on
+PostgreSQL for a key it has seen recently, even when PostgreSQL is down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, Protocol
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from gateway.policy import Limits
+from middleware.auth.keys import (
+    StaticKey,
+    VirtualKey,
+    check_key_fields,
+    check_project,
+    check_subject_id,
+    generate_key,
+    hash_key,
+    key_hint,
+    new_key_id,
+)
+
+logger = logging.getLogger("sluicegate")
+
+LIMIT_KINDS = ("project", "customer")
+EVERYTHING = "*"  # the invalidation token meaning "drop everything you cached"
+READ_ONLY_MESSAGE = "keys declared in the config module are read-only"
+
+Invalidation = Callable[[str], None]
+
+
+def key_token(key_hash: str) -> str:
+    return "key:" + key_hash
+
+
+def limits_token(kind: str, subject_id: str) -> str:
+    return f"limits:{kind}:{subject_id}"
+
+
+class KeyStoreError(Exception):
+    """Base of the errors a key store raises on purpose."""
+
+
+class KeyStoreUnavailable(KeyStoreError):
+    """The store cannot be reached (PostgreSQL down, pool exhausted, store not started)."""
+
+
+class KeyStoreReadOnly(KeyStoreError):
+    """The store cannot be changed at run time (keys declared in the config module)."""
+
+
+class KeyConflict(KeyStoreError):
+    """The change contradicts the key's state (e.g. rotating a revoked key)."""
+
+
+class SubjectLimits(NamedTuple):
+    kind: str  # "project" or "customer"
+    subject_id: str  # a project name, or "<project>/<customer>"
+    limits: Limits
+
+
+KeyList = list[VirtualKey]
+LimitsList = list[SubjectLimits]
+
+
+class KeyStore(Protocol):
+    """What the auth layer and the admin API need from a key store.
+
+    Stores raise `KeyStoreUnavailable` when they cannot be reached, `KeyStoreReadOnly` for
+    a change they do not accept, and `ValueError` for bad field values.
+    """
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def check_ready(self) -> dict[str, str]: ...
+
+    async def find(self, key_hash: str) -> VirtualKey | None:
+        """The key with this SHA-256 hex, revoked or not (the caller checks `usable`)."""
+
+    async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
+        """The limits stored for a project ("acme") or a customer ("acme/alice")."""
+
+    async def create(
+        self, project: str, *, allowed_models: Sequence[str] = (),
+        expires_at: datetime | None = None, require_customer: bool = False,
+        metadata: Mapping[str, Any] | None = None, limits: Limits | None = None,
+    ) -> tuple[str, VirtualKey]:
+        """A new key: (its plaintext, shown this once and never stored; its record)."""
+
+    async def get(self, key_id: str) -> VirtualKey | None: ...
+
+    async def list(self, project: str | None = None) -> KeyList: ...
+
+    async def revoke(self, key_id: str) -> VirtualKey | None: ...
+
+    async def rotate(self, key_id: str) -> tuple[str, VirtualKey] | None:
+        """A new key with the same settings; the old one is revoked at once."""
+
+    async def update(self, key_id: str, **fields: Any) -> VirtualKey | None:
+        """Changes some of `keys.UPDATABLE_FIELDS`; None when there is no such key."""
+
+    async def set_limits(self, kind: str, subject_id: str, limits: Limits | None) -> bool:
+        """Stores (or with None, deletes) a subject's limits; False if there was nothing
+        to delete."""
+
+    async def get_limits(self, kind: str, subject_id: str) -> Limits | None: ...
+
+    async def list_limits(self, kind: str | None = None) -> LimitsList: ...
+
+    def subscribe(self, callback: Invalidation) -> None:
+        """Calls `callback(token)`, on the event loop, whenever any gateway process changed
+        something: "key:<hash>", "limits:<kind>:<subject_id>", or "*" for everything."""
+
+
+# -- the config module's keys ------------------------------------------------------------------
+
+class StaticKeyStore:
+    """The keys and limits declared in the config module: read-only, no I/O."""
+
+    def __init__(self, keys: Sequence[StaticKey],
+                 limits: Mapping[tuple[str, str], Limits] | None = None) -> None:
+        self._by_hash: dict[str, VirtualKey] = {}
+        self._by_id: dict[str, VirtualKey] = {}
+        for static in keys:
+            key = static.to_virtual_key()
+            if key.key_hash in self._by_hash:
+                raise ValueError(f"keys {self._by_hash[key.key_hash].id} and {key.id} in the "
+                                 "config module are the same key")
+            if key.id in self._by_id:
+                raise ValueError(f"two keys in the config module have the id {key.id!r}")
+            self._by_hash[key.key_hash] = self._by_id[key.id] = key
+        self._limits: dict[tuple[str, str], Limits] = {}
+        for (kind, subject_id), value in (limits or {}).items():
+            check_subject_id(kind, subject_id)
+            if not isinstance(value, Limits):
+                raise TypeError(f"the limits of {kind} {subject_id!r} must be Limits(...)")
+            self._limits[kind, subject_id] = value
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def check_ready(self) -> dict[str, str]:
+        return {"auth_keys_static": "ok"}
+
+    async def find(self, key_hash: str) -> VirtualKey | None:
+        return self._by_hash.get(key_hash)
+
+    async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
+        return self._limits.get((kind, subject_id))
+
+    async def get(self, key_id: str) -> VirtualKey | None:
+        return self._by_id.get(key_id)
+
+    async def list(self, project: str | None = None) -> KeyList:
+        return [k for k in self._by_id.values() if project is None or k.project == project]
+
+    async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
+        return self._limits.get((kind, subject_id))
+
+    async def list_limits(self, kind: str | None = None) -> LimitsList:
+        return [SubjectLimits(k, s, v) for (k, s), v in sorted(self._limits.items())
+                if kind is None or k == kind]
+
+    def subscribe(self, callback: Invalidation) -> None:
+        pass  # nothing ever changes
+
+    async def create(self, project: str, **settings: Any) -> tuple[str, VirtualKey]:
+        raise KeyStoreReadOnly(READ_ONLY_MESSAGE)
+
+    async def revoke(self, key_id: str) -> VirtualKey | None:
+        raise KeyStoreReadOnly(READ_ONLY_MESSAGE)
+
+    async def rotate(self, key_id: str) -> tuple[str, VirtualKey] | None:
+        raise KeyStoreReadOnly(READ_ONLY_MESSAGE)
+
+    async def update(self, key_id: str, **fields: Any) -> VirtualKey | None:
+        raise KeyStoreReadOnly(READ_ONLY_MESSAGE)
+
+    async def set_limits(self, kind: str, subject_id: str, limits: Limits | None) -> bool:
+        raise KeyStoreReadOnly(READ_ONLY_MESSAGE)
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+# Numbered, append-only: a released migration is never edited, a change is a new number.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "virtual keys", """
+        CREATE TABLE sluicegate_keys (
+            id text PRIMARY KEY,
+            key_hash text NOT NULL UNIQUE,
+            hint text NOT NULL,
+            project text NOT NULL,
+            allowed_models text[] NOT NULL DEFAULT '{}',
+            expires_at timestamptz,
+            disabled boolean NOT NULL DEFAULT false,
+            require_customer boolean NOT NULL DEFAULT false,
+            metadata jsonb NOT NULL DEFAULT '{}',
+            limits jsonb NOT NULL DEFAULT '{}',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            revoked_at timestamptz
+        );
+        CREATE INDEX sluicegate_keys_project ON sluicegate_keys (project, created_at);
+    """),
+    (2, "per-subject limits", """
+        CREATE TABLE sluicegate_subject_limits (
+            kind text NOT NULL CHECK (kind IN ('project', 'customer')),
+            subject_id text NOT NULL,
+            limits jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (kind, subject_id)
+        );
+    """),
+)
+VERSION_TABLE = "sluicegate_auth_schema_version"
+_LOCK_CLASS = 0x53474155  # "SGAU": the advisory-lock namespace of these migrations
+
+_KEY_COLUMNS = sql.SQL("id, key_hash, hint, project, allowed_models, expires_at, disabled, "
+                       "require_customer, metadata, limits, created_at, revoked_at")
+_INSERT_KEY = ("INSERT INTO {keys} (id, key_hash, hint, project, allowed_models, expires_at, "
+               "disabled, require_customer, metadata, limits) "
+               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {columns}")
+_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
+
+Connection = psycopg.AsyncConnection[TupleRow]
+
+
+class _Connections:
+    """A few reusable connections, opened on demand.
+
+    Not psycopg_pool: its background reconnection backs off exponentially, so after a long
+    outage it may wait minutes before trying again; opening on demand uses a recovered
+    PostgreSQL at once (and `CachedKeys` already limits how often we try while it is down).
+    """
+
+    def __init__(self, dsn: str, *, max_size: int, connect_timeout_s: float,
+                 recheck_idle_s: float = 30.0) -> None:
+        self._dsn = dsn
+        self.connect_timeout_s = connect_timeout_s
+        self.recheck_idle_s = recheck_idle_s
+        self._slots = asyncio.Semaphore(max_size)
+        self._idle: list[tuple[Connection, float]] = []  # (connection, idle since)
+        self._closed = False
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        if self._closed:
+            raise KeyStoreUnavailable("the key store is shut down")
+        async with self._slots:
+            conn = await self._checkout()
+            try:
+                yield conn
+            finally:
+                # Reused only when idle: a cancelled query or a broken link is not.
+                if (self._closed or conn.closed
+                        or conn.info.transaction_status != TransactionStatus.IDLE):
+                    await conn.close()
+                else:
+                    self._idle.append((conn, time.monotonic()))
+
+    async def _checkout(self) -> Connection:
+        while self._idle:
+            conn, since = self._idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - since < self.recheck_idle_s:
+                return conn
+            try:  # idle for a while: a firewall or a restart may have cut it
+                await conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                await conn.close()
+        return await psycopg.AsyncConnection.connect(
+            self._dsn, autocommit=True, application_name="sluicegate-auth",
+            connect_timeout=max(2, int(self.connect_timeout_s)))
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await conn.close()
+
+
+class PostgresKeyStore:
+    """Keys and per-subject limits in PostgreSQL, shared by every gateway process.
+
+    `startup` creates or migrates the tables in `schema`, opens a small connection pool
+    and a dedicated LISTEN connection on `channel`; every change sends a NOTIFY in its own
+    transaction, and the listener passes it to the subscribers of every process. When the
+    listener loses its connection it reconnects with backoff and then announces "*",
+    since it may have missed changes meanwhile.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "public", channel: str = "sluicegate_auth",
+                 pool_max_size: int = 4, connect_timeout_s: float = 5.0,
+                 query_timeout_s: float = 5.0, listen_ping_s: float = 15.0,
+                 reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0) -> None:
+        if not schema or not channel:
+            raise ValueError("PostgresKeyStore needs a schema and a channel name")
+        if not _valid_dsn(dsn):
+            raise ValueError("the PostgreSQL DSN given to PostgresKeyStore is not a valid "
+                             "connection string or URI")
+        self._dsn = dsn
+        self.schema = schema
+        self.channel = channel
+        self.pool_max_size = pool_max_size
+        self.connect_timeout_s = connect_timeout_s
+        self.query_timeout_s = query_timeout_s
+        self.listen_ping_s = listen_ping_s
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self._keys = sql.Identifier(schema, "sluicegate_keys")
+        self._limits = sql.Identifier(schema, "sluicegate_subject_limits")
+        self._subscribers: list[Invalidation] = []
+        self._pool: _Connections | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self.listener_pid: int | None = None  # backend pid of the LISTEN connection
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PostgresKeyStore(schema={self.schema!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._pool is not None:
+            return
+        pool = _Connections(self._dsn, max_size=self.pool_max_size,
+                            connect_timeout_s=self.connect_timeout_s)
+        try:
+            async with asyncio.timeout(self.connect_timeout_s + self.query_timeout_s):
+                async with pool.connection() as conn:
+                    await self._migrate(conn)
+            listener = await self._connect_listener()
+        except _UNREACHABLE as exc:
+            await pool.close()
+            raise KeyStoreUnavailable(f"the key store could not reach PostgreSQL at startup "
+                                      f"({_describe(exc)})") from exc
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._listener = asyncio.get_running_loop().create_task(
+            self._relay_forever(listener), name="sluicegate-auth-listener")
+
+    async def shutdown(self) -> None:
+        task, self._listener = self._listener, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def check_ready(self) -> dict[str, str]:
+        name = "auth_keys_postgres"
+        try:
+            async with self._connection() as conn:
+                await conn.execute("SELECT 1")
+        except KeyStoreUnavailable as exc:
+            return {name: f"error: {exc}"}
+        if self.listener_pid is None:
+            return {name: "error: the notification listener is reconnecting"}
+        return {name: "ok"}
+
+    async def _migrate(self, conn: Connection) -> None:
+        """Applies the missing migrations in one transaction; an advisory lock makes
+        processes that start together take turns."""
+        schema = sql.Identifier(self.schema)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))",
+                               (_LOCK_CLASS, self.schema))
+            cur = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                     (self.schema,))
+            if await cur.fetchone() is None:
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+            await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(schema))
+            await conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, "
+                "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(VERSION_TABLE)))
+            cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(
+                sql.Identifier(VERSION_TABLE)))
+            applied = {row[0] for row in await cur.fetchall()}
+            for version, description, statements in MIGRATIONS:
+                if version not in applied:
+                    await conn.execute(statements.encode())
+                    await conn.execute(sql.SQL("INSERT INTO {} (version, description) "
+                                               "VALUES (%s, %s)").format(
+                        sql.Identifier(VERSION_TABLE)), (version, description))
+                    logger.info("key store: applied migration %d (%s) in schema %s",
+                                version, description, self.schema)
+        if applied and max(applied) > MIGRATIONS[-1][0]:
+            logger.warning("key store: schema %s is at version %d, newer than this gateway "
+                           "knows (%d)", self.schema, max(applied), MIGRATIONS[-1][0])
+
+    # -- connections -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        if self._pool is None:
+            raise KeyStoreUnavailable("the key store is not started")
+        try:
+            async with asyncio.timeout(self.query_timeout_s):
+                async with self._pool.connection() as conn:
+                    yield conn
+        except _UNREACHABLE as exc:
+            raise KeyStoreUnavailable(f"the key store cannot reach PostgreSQL "
+                                      f"({_describe(exc)})") from exc
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    async def _notify(self, conn: Connection, *tokens: str) -> None:
+        for token in tokens:
+            await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, token))
+
+    async def _fetch_key(self, query: sql.Composed, params: Sequence[Any]) -> VirtualKey | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            row = await cur.fetchone()
+        return _key_from_row(row) if row is not None else None
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def find(self, key_hash: str) -> VirtualKey | None:
+        return await self._fetch_key(sql.SQL("SELECT {} FROM {} WHERE key_hash = %s").format(
+            _KEY_COLUMNS, self._keys), (key_hash,))
+
+    async def get(self, key_id: str) -> VirtualKey | None:
+        return await self._fetch_key(sql.SQL("SELECT {} FROM {} WHERE id = %s").format(
+            _KEY_COLUMNS, self._keys), (key_id,))
+
+    async def list(self, project: str | None = None) -> KeyList:
+        where = sql.SQL("WHERE project = %s" if project is not None else "")
+        query = sql.SQL("SELECT {} FROM {} {} ORDER BY created_at, id").format(
+            _KEY_COLUMNS, self._keys, where)
+        async with self._connection() as conn:
+            cur = await conn.execute(query, (project,) if project is not None else ())
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
+        return await self.get_limits(kind, subject_id)
+
+    async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
+        _check_limit_kind(kind)
+        query = sql.SQL("SELECT limits FROM {} WHERE kind = %s AND subject_id = %s").format(
+            self._limits)
+        async with self._connection() as conn:
+            cur = await conn.execute(query, (kind, subject_id))
+            row = await cur.fetchone()
+        return Limits.from_json(row[0]) if row is not None else None
+
+    async def list_limits(self, kind: str | None = None) -> LimitsList:
+        if kind is not None:
+            _check_limit_kind(kind)
+        where = sql.SQL("WHERE kind = %s" if kind is not None else "")
+        query = sql.SQL("SELECT kind, subject_id, limits FROM {} {} "
+                        "ORDER BY kind, subject_id").format(self._limits, where)
+        async with self._connection() as conn:
+            cur = await conn.execute(query, (kind,) if kind is not None else ())
+            rows = await cur.fetchall()
+        return [SubjectLimits(k, s, Limits.from_json(v)) for k, s, v in rows]
+
+    # -- changes -----------------------------------------------------------------------------
+
+    async def create(
+        self, project: str, *, allowed_models: Sequence[str] = (),
+        expires_at: datetime | None = None, require_customer: bool = False,
+        metadata: Mapping[str, Any] | None = None, limits: Limits | None = None,
+    ) -> tuple[str, VirtualKey]:
+        check_project(project)
+        settings = check_key_fields(
+            allowed_models=allowed_models, expires_at=expires_at,
+            require_customer=require_customer, metadata=metadata or {},
+            limits=limits or Limits())
+        async with self._transaction() as conn:
+            plaintext, key = await self._insert_key(conn, project, disabled=False, **settings)
+            await self._notify(conn, key_token(key.key_hash))
+        self._emit(key_token(key.key_hash))
+        logger.info("key store: created key %s for project %s", key.id, project)
+        return plaintext, key
+
+    async def _insert_key(self, conn: Connection, project: str, *, allowed_models: Sequence[str],
+                          expires_at: datetime | None, disabled: bool, require_customer: bool,
+                          metadata: Mapping[str, Any], limits: Limits) -> tuple[str, VirtualKey]:
+        plaintext = generate_key()
+        cur = await conn.execute(
+            sql.SQL(_INSERT_KEY).format(keys=self._keys, columns=_KEY_COLUMNS),
+            (new_key_id(), hash_key(plaintext), key_hint(plaintext), project,
+             list(allowed_models), expires_at, disabled, require_customer, Jsonb(metadata),
+             Jsonb(limits.to_json())))
+        row = await cur.fetchone()
+        assert row is not None  # INSERT ... RETURNING always returns the row
+        return plaintext, _key_from_row(row)
+
+    async def update(self, key_id: str, **fields: Any) -> VirtualKey | None:
+        fields = check_key_fields(**fields)
+        if not fields:
+            return await self.get(key_id)
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = %s").format(sql.Identifier(name)) for name in fields)
+        query = sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE id = %s RETURNING {}").format(
+            self._keys, assignments, _KEY_COLUMNS)
+        key = await self._change_key(query, (*map(_db_value, fields.values()), key_id))
+        if key is not None:
+            logger.info("key store: updated %s of key %s", ", ".join(fields), key.id)
+        return key
+
+    async def revoke(self, key_id: str) -> VirtualKey | None:
+        query = sql.SQL("UPDATE {} SET revoked_at = coalesce(revoked_at, now()), "
+                        "updated_at = now() WHERE id = %s RETURNING {}").format(
+            self._keys, _KEY_COLUMNS)
+        key = await self._change_key(query, (key_id,))
+        if key is not None:
+            logger.info("key store: revoked key %s", key.id)
+        return key
+
+    async def _change_key(self, query: sql.Composed,
+                          params: Sequence[Any]) -> VirtualKey | None:
+        async with self._transaction() as conn:
+            cur = await conn.execute(query, params)
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            key = _key_from_row(row)
+            await self._notify(conn, key_token(key.key_hash))
+        self._emit(key_token(key.key_hash))
+        return key
+
+    async def rotate(self, key_id: str) -> tuple[str, VirtualKey] | None:
+        lock = sql.SQL("SELECT {} FROM {} WHERE id = %s FOR UPDATE").format(
+            _KEY_COLUMNS, self._keys)
+        revoke = sql.SQL("UPDATE {} SET revoked_at = now(), updated_at = now() "
+                         "WHERE id = %s").format(self._keys)
+        async with self._transaction() as conn:
+            cur = await conn.execute(lock, (key_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            old = _key_from_row(row)
+            if old.revoked_at is not None:
+                raise KeyConflict(f"key {key_id} is revoked; create a new key instead")
+            await conn.execute(revoke, (key_id,))
+            plaintext, new = await self._insert_key(
+                conn, old.project, allowed_models=old.allowed_models, expires_at=old.expires_at,
+                disabled=old.disabled, require_customer=old.require_customer,
+                metadata=old.metadata, limits=old.limits)
+            await self._notify(conn, key_token(old.key_hash), key_token(new.key_hash))
+        self._emit(key_token(old.key_hash))
+        logger.info("key store: rotated key %s to %s", old.id, new.id)
+        return plaintext, new
+
+    async def set_limits(self, kind: str, subject_id: str, limits: Limits | None) -> bool:
+        check_subject_id(kind, subject_id)
+        if limits is None:
+            query = sql.SQL("DELETE FROM {} WHERE kind = %s AND subject_id = %s "
+                            "RETURNING 1").format(self._limits)
+            params: tuple[Any, ...] = (kind, subject_id)
+        elif isinstance(limits, Limits):
+            query = sql.SQL("INSERT INTO {} (kind, subject_id, limits) VALUES (%s, %s, %s) "
+                            "ON CONFLICT (kind, subject_id) DO UPDATE "
+                            "SET limits = excluded.limits, updated_at = now() "
+                            "RETURNING 1").format(self._limits)
+            params = (kind, subject_id, Jsonb(limits.to_json()))
+        else:
+            raise TypeError("limits must be a Limits(...) value or None")
+        token = limits_token(kind, subject_id)
+        async with self._transaction() as conn:
+            cur = await conn.execute(query, params)
+            changed = await cur.fetchone() is not None
+            if changed:
+                await self._notify(conn, token)
+        if changed:
+            self._emit(token)
+            logger.info("key store: %s the limits of %s %s",
+                        "deleted" if limits is None else "set", kind, subject_id)
+        return changed
+
+    # -- notifications -----------------------------------------------------------------------
+
+    def subscribe(self, callback: Invalidation) -> None:
+        self._subscribers.append(callback)
+
+    def _emit(self, token: str) -> None:
+        for callback in self._subscribers:
+            try:
+                callback(token)
+            except Exception:
+                logger.exception("key store: an invalidation subscriber failed")
+
+    async def _connect_listener(self) -> Connection:
+        async with asyncio.timeout(self.connect_timeout_s + 1):
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, application_name="sluicegate-auth-listen",
+                connect_timeout=max(2, int(self.connect_timeout_s)))
+            try:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            except BaseException:
+                await conn.close()
+                raise
+        self.listener_pid = conn.info.backend_pid
+        return conn
+
+    async def _relay_forever(self, conn: Connection) -> None:
+        try:
+            while True:
+                try:
+                    await self._relay(conn)
+                except _UNREACHABLE as exc:
+                    logger.warning("key store: lost the notification connection (%s); "
+                                   "reconnecting", _describe(exc))
+                except Exception:  # a deaf listener would silently keep revoked keys alive
+                    logger.exception("key store: the notification listener failed; "
+                                     "reconnecting")
+                self.listener_pid = None
+                await conn.close()
+                conn = await self._reconnect_listener()
+                self._emit(EVERYTHING)  # changes made while away were never heard
+        finally:
+            self.listener_pid = None
+            await conn.close()
+
+    async def _relay(self, conn: Connection) -> None:
+        while True:
+            async for notify in conn.notifies(timeout=self.listen_ping_s):
+                self._emit(notify.payload)
+            # No news for a while: make sure the connection is still there (a silent network
+            # partition would otherwise leave us deaf for ever).
+            async with asyncio.timeout(self.connect_timeout_s):
+                await conn.execute("SELECT 1")
+
+    async def _reconnect_listener(self) -> Connection:
+        delay_s = self.reconnect_min_s
+        while True:
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))
+            try:
+                conn = await self._connect_listener()
+            except _UNREACHABLE as exc:
+                delay_s = min(delay_s * 2, self.reconnect_max_s)
+                logger.warning("key store: cannot reconnect the notification listener (%s); "
+                               "retrying within %.1f s", _describe(exc), delay_s)
+                continue
+            logger.info("key store: notification listener reconnected")
+            return conn
+
+
+def _valid_dsn(dsn: str) -> bool:
+    # Not raised from: libpq's message quotes the string, which may hold a password.
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _check_limit_kind(kind: str) -> None:
+    if kind not in LIMIT_KINDS:
+        raise ValueError(f"limits are stored per project or customer, not per {kind!r}")
+
+
+def _key_from_row(row: TupleRow) -> VirtualKey:
+    (key_id, key_hash, hint, project, models, expires_at, disabled, require_customer, metadata,
+     limits, created_at, revoked_at) = row
+    return VirtualKey(
+        id=key_id, key_hash=key_hash, hint=hint, project=project, allowed_models=tuple(models),
+        expires_at=_utc(expires_at), disabled=disabled, require_customer=require_customer,
+        metadata=metadata, limits=Limits.from_json(limits), created_at=created_at.astimezone(UTC),
+        revoked_at=_utc(revoked_at))
+
+
+def _db_value(value: Any) -> Any:
+    if isinstance(value, Limits):
+        return Jsonb(value.to_json())
+    if isinstance(value, dict):
+        return Jsonb(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+def _describe(exc: BaseException) -> str:
+    # psycopg's messages name the host and port, never the password.
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- the in-process cache ----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Entry:
+    value: Any  # VirtualKey, Limits, or None (a negative entry)
+    fetched_at: float
+
+
+class CachedKeys:
+    """The auth layer's view of a key store: answers from memory and asks the store at most
+    once per `ttl_s` per key (`negative_ttl_s` for unknown keys).
+
+    Entries are dropped as soon as the store announces a change (from any process). When
+    the store fails, a known key is served from its last good entry for up to
+    `stale_max_s`, so a PostgreSQL outage does not lock out known callers; a key never
+    seen raises `KeyStoreUnavailable`. After a failure the store is left alone for
+    `retry_after_failure_s`, so an outage costs one slow request per interval, not one
+    per request. Concurrent misses for the same key share one store query.
+    """
+
+    def __init__(self, store: KeyStore, *, ttl_s: float = 30.0, negative_ttl_s: float = 2.0,
+                 stale_max_s: float = 3600.0, max_entries: int = 100_000,
+                 retry_after_failure_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.stale_max_s = stale_max_s
+        self.max_entries = max_entries
+        self.retry_after_failure_s = retry_after_failure_s
+        self.clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[Any]] = {}
+        self._failed_at: float | None = None
+        store.subscribe(self.invalidate)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def find(self, key_hash: str) -> VirtualKey | None:
+        key: VirtualKey | None = await self._get(
+            key_token(key_hash), lambda: self.store.find(key_hash), stale_none=False)
+        return key
+
+    async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
+        # "No limits" is a fact worth serving stale; "no such key" is not (it may be new).
+        limits: Limits | None = await self._get(
+            limits_token(kind, subject_id), lambda: self.store.subject_limits(kind, subject_id),
+            stale_none=True)
+        return limits
+
+    def invalidate(self, token: str) -> None:
+        """Drops what a token names ("key:<hash>", "limits:<kind>:<id>") or, for "*", all."""
+        if token == EVERYTHING:
+            self._entries.clear()
+            self._loading.clear()
+        else:
+            self._entries.pop(token, None)
+            self._loading.pop(token, None)  # a load in flight may have read the old value
+
+    async def _get(self, token: str, load: Callable[[], Awaitable[Any]], *,
+                   stale_none: bool) -> Any:
+        now = self.clock()
+        entry = self._entries.get(token)
+        if entry is not None:
+            ttl_s = self.ttl_s if entry.value is not None else self.negative_ttl_s
+            if now - entry.fetched_at < ttl_s:
+                self._entries.move_to_end(token)
+                return entry.value
+        if self._failed_at is not None and now - self._failed_at < self.retry_after_failure_s:
+            return self._stale(token, now, stale_none, None)
+        try:
+            return await asyncio.shield(self._load_once(token, load))
+        except KeyStoreUnavailable as exc:
+            return self._stale(token, now, stale_none, exc)
+
+    def _load_once(self, token: str, load: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
+        task = self._loading.get(token)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(token, load))
+            task.add_done_callback(_retrieve_exception)
+            self._loading[token] = task
+        return task
+
+    async def _load(self, token: str, load: Callable[[], Awaitable[Any]]) -> Any:
+        started = self.clock()
+        try:
+            value = await load()
+        except KeyStoreUnavailable:
+            self._failed_at = self.clock()
+            raise
+        finally:
+            current = self._loading.get(token) is asyncio.current_task()
+            if current:
+                del self._loading[token]
+        self._failed_at = None
+        if current:  # not invalidated meanwhile
+            self._entries[token] = _Entry(value, started)
+            self._entries.move_to_end(token)
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def _stale(self, token: str, now: float, stale_none: bool,
+               error: KeyStoreUnavailable | None) -> Any:
+        entry = self._entries.get(token)  # read again: it may have been invalidated
+        if (entry is not None and (entry.value is not None or stale_none)
+                and now - entry.fetched_at < self.stale_max_s):
+            return entry.value
+        raise KeyStoreUnavailable(
+            "the key store is unavailable and this was not looked up recently") from error
+
+
+def _retrieve_exception(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a load whose callers all went away must not log "never retrieved"

@@ -1,0 +1,303 @@
+"""The pure part of the quota layer: which limits apply, what a request reserves, what it
+actually used, and how refusals and headers read. No I/O here; tested without ASGI.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import context as c
+from gateway.context import RequestContext, Usage
+from gateway.errors import GatewayError
+from gateway.policy import (
+    BUDGET,
+    CONCURRENT,
+    LIFETIME_END,
+    REQUESTS,
+    TOKENS,
+    Budget,
+    Check,
+    Decision,
+    Limits,
+    Principal,
+    micros_to_usd,
+    period_bounds,
+    period_label,
+)
+from gateway.pricing import Price, cost_micros, estimate_micros
+from gateway.tokens import estimate_input, estimate_messages
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A check with what it came from: the subject, its limits and (for budgets) the budget."""
+
+    check: Check
+    subject_kind: str
+    subject_id: str
+    limits: Limits
+    budget: Budget | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a request reserves before the call."""
+
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+# -- estimates -----------------------------------------------------------------------------
+
+def estimate_input_tokens(ctx: RequestContext) -> int:
+    body = ctx.body
+    if ctx.operation in (c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS):
+        return estimate_messages(body.get("messages") or [], body.get("system"),
+                                 body.get("tools"))
+    field = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
+             c.OPENAI_RESPONSES: "input"}.get(ctx.operation, "input")
+    value = body.get(field)
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
+        return estimate_messages(value, body.get("instructions"), body.get("tools"))
+    return estimate_input(value) if isinstance(value, (str, list)) else 0
+
+
+def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
+    """The most output tokens the request can produce: its own cap, else the default."""
+    if ctx.operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS):
+        return 0
+    body = ctx.body
+    cap = None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            cap = value
+            break
+    choices = body.get("n")
+    n = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    return (cap or default_max_output_tokens) * n
+
+
+def reservation_price(ctx: RequestContext) -> Price | None:
+    """The dearest price among the deployments that may serve the request (the failover
+    layer may pick any of them), so the reservation is never too small."""
+    deployments = _deployments(ctx)
+    prices = [d.price for d in deployments if d.price is not None]
+    if not prices:
+        return None
+    dearest: Price = max(prices, key=lambda p: (p.output_per_mtok, p.input_per_mtok))
+    return dearest
+
+
+def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
+    if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:  # answered without a model call
+        return Estimate(0, 0, 0)
+    input_tokens = estimate_input_tokens(ctx)
+    output_tokens = output_bound(ctx, default_max_output_tokens)
+    price = reservation_price(ctx)
+    cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
+    return Estimate(input_tokens, output_tokens, cost)
+
+
+def served_price(ctx: RequestContext) -> Price | None:
+    deployment = ctx.served_deployment
+    if deployment is None:
+        deployments = _deployments(ctx)
+        deployment = deployments[0] if deployments else None
+    return getattr(deployment, "price", None)
+
+
+def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:
+    """What the request really used. Cache hits and calls that never reached a model cost
+    nothing; a stream cut short without a usage report is charged its input estimate plus
+    one token per event it delivered."""
+    if ctx.cache_status == "hit":
+        return Usage()
+    if ctx.usage is not None:
+        return ctx.usage
+    if ctx.first_byte_s is not None and ctx.stream:
+        return Usage(input_tokens=est.input_tokens, output_tokens=streamed_events)
+    return Usage()
+
+
+def actual_cost(ctx: RequestContext, usage: Usage) -> int:
+    price = served_price(ctx)
+    if price is None or (usage.input_tokens == 0 and usage.output_tokens == 0):
+        return 0
+    return cost_micros(price, usage)
+
+
+def _deployments(ctx: RequestContext) -> Sequence[Any]:
+    models = ctx.models or {}
+    model = models.get(ctx.model)
+    return model.deployments if model is not None else ()
+
+
+# -- which limits apply --------------------------------------------------------------------
+
+def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits],
+             global_limits: Limits | None) -> list[tuple[str, str, Limits]]:
+    """(kind, subject id, limits) for every subject with limits, narrowest first."""
+    found: list[tuple[str, str, Limits]] = []
+    ids = {"key": principal.key_id, "project": principal.project,
+           "customer": (f"{principal.project}/{principal.customer}"
+                        if principal.customer else None)}
+    for kind in ("key", "customer", "project"):
+        limits = principal.limits.get(kind)
+        subject = ids[kind]
+        if limits is not None and subject is not None and not limits.empty:
+            found.append((kind, subject, limits))
+    if model in model_limits and not model_limits[model].empty:
+        found.append(("model", model, model_limits[model]))
+    if global_limits is not None and not global_limits.empty:
+        found.append(("global", "all", global_limits))
+    return found
+
+
+def plan_checks(applicable: Iterable[tuple[str, str, Limits]], est: Estimate, now: datetime,
+                lease_s: float) -> list[Planned]:
+    planned: list[Planned] = []
+    for kind, subject, limits in applicable:
+        base = f"{kind}:{subject}"
+        on_error = limits.on_store_error
+        if limits.rpm is not None:
+            planned.append(Planned(Check(REQUESTS, f"{base}:rpm", limits.rpm, 1,
+                                         on_store_error=on_error,
+                                         label=_who(kind, subject)),
+                                   kind, subject, limits))
+        if limits.tpm is not None:
+            planned.append(Planned(Check(TOKENS, f"{base}:tpm", limits.tpm, est.tokens,
+                                         on_store_error=on_error,
+                                         label=_who(kind, subject)),
+                                   kind, subject, limits))
+        if limits.max_concurrent is not None:
+            planned.append(Planned(Check(CONCURRENT, f"{base}:concurrent", limits.max_concurrent,
+                                         1, lease_s=lease_s, on_store_error=on_error,
+                                         label=_who(kind, subject)),
+                                   kind, subject, limits))
+        for budget in limits.budgets:
+            start, end = period_bounds(budget.period, now)
+            expires = 0.0 if end >= LIFETIME_END else end.timestamp()
+            key = f"{base}:budget:{budget.period}:{period_label(budget.period, start)}"
+            label = f"{_who(kind, subject)} {budget.period} budget"
+            planned.append(Planned(Check(BUDGET, key, budget.limit_micros, est.cost_micros,
+                                         expires_at=expires,
+                                         on_store_error=budget.on_store_error, label=label),
+                                   kind, subject, limits, budget, start, end))
+    return planned
+
+
+def actual_amounts(planned: Sequence[Planned], tokens: int, cost: int) -> list[int]:
+    out = []
+    for item in planned:
+        kind = item.check.kind
+        out.append(tokens if kind == TOKENS else cost if kind == BUDGET else item.check.amount)
+    return out
+
+
+def _who(kind: str, subject: str) -> str:
+    if kind == "global":
+        return "the gateway-wide"
+    if kind == "key":
+        return f"key {subject}"
+    return f"{kind} '{subject}'"
+
+
+# -- refusals and headers ------------------------------------------------------------------
+
+def overflow_target(item: Planned) -> str | None:
+    """The cheaper model to route to when this check overflows, if it says so."""
+    if item.budget is not None:
+        return item.budget.downgrade_to if item.budget.on_overflow == "downgrade" else None
+    return item.limits.downgrade_to if item.limits.on_overflow == "downgrade" else None
+
+
+def refusal(item: Planned, decision: Decision) -> GatewayError:
+    check = item.check
+    if check.kind == BUDGET:
+        return _budget_refusal(item)
+    headers: list[tuple[bytes, bytes]] = []
+    if decision.retry_after_s is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(decision.retry_after_s))).encode()))
+    who = check.label[0].upper() + check.label[1:]
+    if check.kind == CONCURRENT:
+        message = (f"Too many concurrent requests: {check.label} may have {check.limit} "
+                   "requests in flight.")
+    elif decision.retry_after_s is None and check.amount > check.limit:
+        message = (f"Request too large: it needs about {check.amount} tokens, and {check.label}"
+                   f" may use {check.limit} tokens per minute.")
+    else:
+        unit = "tokens" if check.kind == TOKENS else "requests"
+        message = (f"Rate limit exceeded: {who} may use {check.limit} {unit} per minute; "
+                   "retry after the number of seconds in the Retry-After header.")
+    return GatewayError(429, message, code="rate_limit_exceeded", headers=headers)
+
+
+def _budget_refusal(item: Planned) -> GatewayError:
+    budget, end = item.budget, item.period_end
+    assert budget is not None and end is not None
+    if end >= LIFETIME_END:
+        resets = "it does not reset"
+        headers: list[tuple[bytes, bytes]] = []
+    else:
+        stamp = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        resets = f"it resets at {stamp}"
+        headers = [(b"x-sluicegate-budget-reset", stamp.encode())]
+        if budget.status == 429:
+            seconds = max(1, math.ceil(end.timestamp() - datetime.now(UTC).timestamp()))
+            headers.append((b"retry-after", str(seconds).encode()))
+    message = (f"Budget exceeded: the {item.check.label} of ${budget.limit_usd} USD does not "
+               f"leave enough for this request; {resets}.")
+    return GatewayError(budget.status, message, code="budget_exceeded", headers=headers)
+
+
+def rate_limit_headers(planned: Sequence[Planned], decision: Decision,
+                       now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, and the
+    budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
+    headers: list[tuple[bytes, bytes]] = []
+    for kind, suffix in ((REQUESTS, b"requests"), (TOKENS, b"tokens")):
+        tightest = _tightest(planned, decision, kind)
+        if tightest is not None:
+            index = tightest
+            headers += [
+                (b"x-ratelimit-limit-" + suffix, str(planned[index].check.limit).encode()),
+                (b"x-ratelimit-remaining-" + suffix, str(decision.remaining[index]).encode()),
+                (b"x-ratelimit-reset-" + suffix, _duration(decision.reset_s[index]).encode()),
+            ]
+    budget = _tightest(planned, decision, BUDGET)
+    if budget is not None:
+        left = micros_to_usd(max(0, decision.remaining[budget])).quantize(micros_to_usd(1))
+        headers.append((b"x-sluicegate-budget-remaining", str(left).encode()))
+    return headers
+
+
+def _tightest(planned: Sequence[Planned], decision: Decision, kind: str) -> int | None:
+    best = None
+    for index, item in enumerate(planned):
+        if item.check.kind == kind and index < len(decision.remaining) and (
+                best is None or decision.remaining[index] < decision.remaining[best]):
+            best = index
+    return best
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms"."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"

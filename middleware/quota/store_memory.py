@@ -1,0 +1,230 @@
+"""The in-process quota store: token buckets, leases and spend counters for one gateway process.
+
+It is also the local fallback when Redis is down. It is the reference for the Redis store's
+Lua: both do the same float arithmetic in the same order, so they decide identically. Nothing
+here awaits, so under asyncio every method runs as one atomic step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Check, Decision, QuotaStoreError
+
+KINDS = (REQUESTS, TOKENS, CONCURRENT, BUDGET)
+
+# A budget counter outlives its period by a day: gateways whose clocks disagree by a little
+# still find it, and nobody reads it after that (the next period has its own key).
+BUDGET_SLACK_S = 86_400.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+    expires: float
+
+
+@dataclass(slots=True)
+class _Leases:
+    until: dict[str, float]  # request id -> lease expiry
+
+
+@dataclass(slots=True)
+class _Counter:
+    value: int
+    expires: float
+
+
+_State = TypeVar("_State", _Bucket, _Leases, _Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    passes: bool
+    retry_after_s: float | None = None
+    unseeded: bool = False
+    level: float = 0.0  # bucket tokens or lease count, after the refill or expiry
+
+
+class MemoryQuotaStore:
+    """Quota state in this process's memory, for a single gateway process.
+
+    `clock` gives epoch seconds. Idle buckets, free lease sets and budget counters past their
+    period (plus `budget_slack_s`) are forgotten, swept every `sweep_every_s` of the clock.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, clock: Callable[[], float] = time.time,
+                 budget_slack_s: float = BUDGET_SLACK_S, sweep_every_s: float = 60.0) -> None:
+        self.clock = clock
+        self.budget_slack_s = budget_slack_s
+        self.sweep_every_s = sweep_every_s
+        self._state: dict[str, _Bucket | _Leases | _Counter] = {}
+        self._next_sweep = -math.inf
+
+    def __len__(self) -> int:
+        """How many buckets, lease sets and counters are held (swept or not)."""
+        return len(self._state)
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self._state.clear()
+
+    async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
+        validate(checks)
+        now = self._now()
+        verdicts = [self._judge(check, now) for check in checks]
+        unseeded = tuple(i for i, verdict in enumerate(verdicts) if verdict.unseeded)
+        if unseeded:
+            return Decision(allowed=False, unseeded=unseeded)
+        for i, verdict in enumerate(verdicts):
+            if not verdict.passes:
+                return Decision(allowed=False, failed=i, retry_after_s=verdict.retry_after_s)
+        taken = [self._take(request_id, check, verdict, now)
+                 for check, verdict in zip(checks, verdicts, strict=True)]
+        return Decision(allowed=True, remaining=tuple(remaining for remaining, _ in taken),
+                        reset_s=tuple(reset for _, reset in taken))
+
+    async def settle(self, request_id: str, checks: Sequence[Check],
+                     actual: Sequence[int]) -> None:
+        validate(checks, actual)
+        now = self._now()
+        for check, used in zip(checks, actual, strict=True):
+            if check.kind == BUDGET:
+                counter = self._get(check.key, _Counter, now)
+                if counter is not None:
+                    counter.value += used - check.amount
+            elif check.kind == CONCURRENT:
+                leases = self._get(check.key, _Leases, now)
+                if leases is not None:
+                    leases.until.pop(request_id, None)
+            elif check.limit > 0:
+                level = self._bucket_level(check, now) + (check.amount - used)
+                self._store_bucket(check, min(float(check.limit), level), now)
+
+    async def seed(self, check: Check, committed: int) -> bool:
+        validate([check])
+        if check.kind != BUDGET:
+            raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
+        now = self._now()
+        if self._get(check.key, _Counter, now) is None:
+            self._state[check.key] = _Counter(committed, self._counter_expiry(check))
+            return True
+        return False
+
+    async def committed(self, checks: Sequence[Check]) -> list[int | None]:
+        now = self.clock()
+        counters = [self._state.get(check.key) for check in checks]
+        return [c.value if isinstance(c, _Counter) and now < c.expires else None
+                for c in counters]
+
+    # -- one check -----------------------------------------------------------------------
+
+    def _judge(self, check: Check, now: float) -> _Verdict:
+        if check.kind == BUDGET:
+            counter = self._get(check.key, _Counter, now)
+            if check.limit <= 0:
+                return _Verdict(False)
+            if counter is None:
+                return _Verdict(False, unseeded=True)
+            return _Verdict(counter.value + check.amount <= check.limit, level=counter.value)
+        if check.kind == CONCURRENT:
+            leases = self._get(check.key, _Leases, now)
+            until = leases.until if leases else {}
+            if len(until) < check.limit:
+                return _Verdict(True, level=len(until))
+            retry = min(until.values()) - now if check.limit > 0 else None
+            return _Verdict(False, retry)
+        if check.limit <= 0 or check.amount > check.limit:
+            return _Verdict(False)  # waiting never helps
+        level = self._bucket_level(check, now)
+        if level >= check.amount:
+            return _Verdict(True, level=level)
+        return _Verdict(False, (check.amount - level) / (check.limit / check.window_s))
+
+    def _take(self, request_id: str, check: Check, verdict: _Verdict,
+              now: float) -> tuple[int, float]:
+        """Reserves a check that passed: (remaining, seconds until it resets)."""
+        if check.kind == BUDGET:
+            counter = self._get(check.key, _Counter, now)
+            assert counter is not None  # judged just now, with no await in between
+            counter.value += check.amount
+            reset = max(check.expires_at - now, 0.0) if check.expires_at > 0 else 0.0
+            return max(check.limit - counter.value, 0), reset
+        if check.kind == CONCURRENT:
+            leases = self._get(check.key, _Leases, now)
+            if leases is None:
+                leases = self._state[check.key] = _Leases({})
+            leases.until[request_id] = now + check.lease_s
+            return max(check.limit - len(leases.until), 0), max(leases.until.values()) - now
+        level = verdict.level - check.amount
+        self._store_bucket(check, level, now)
+        return max(math.floor(level), 0), (check.limit - level) / (check.limit / check.window_s)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _bucket_level(self, check: Check, now: float) -> float:
+        """The tokens in a bucket now: it starts full and refills smoothly, up to the limit."""
+        bucket = self._get(check.key, _Bucket, now)
+        if bucket is None:
+            return float(check.limit)
+        elapsed = max(0.0, now - bucket.updated)
+        return min(float(check.limit), bucket.tokens + elapsed * (check.limit / check.window_s))
+
+    def _store_bucket(self, check: Check, level: float, now: float) -> None:
+        # Kept until a window after it is full again: forgetting it then changes nothing.
+        rate = check.limit / check.window_s
+        ttl = max(2 * check.window_s, (check.limit - level) / rate + check.window_s)
+        self._state[check.key] = _Bucket(level, now, now + ttl)
+
+    def _counter_expiry(self, check: Check) -> float:
+        return check.expires_at + self.budget_slack_s if check.expires_at > 0 else math.inf
+
+    def _get(self, key: str, kind: type[_State], now: float) -> _State | None:
+        entry = self._state.get(key)
+        if entry is None:
+            return None
+        if not isinstance(entry, kind):
+            raise QuotaStoreError(f"quota key {key!r} holds a different kind of state")
+        if _expired(entry, now):
+            del self._state[key]
+            return None
+        return entry
+
+    def _now(self) -> float:
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_every_s
+            for key in [key for key, entry in self._state.items() if _expired(entry, now)]:
+                del self._state[key]
+        return now
+
+
+def _expired(entry: _Bucket | _Leases | _Counter, now: float) -> bool:
+    if isinstance(entry, _Leases):
+        # Same rule as the Redis store's ZREMRANGEBYSCORE -inf now: a lease ends at its expiry.
+        for request_id in [r for r, until in entry.until.items() if until <= now]:
+            del entry.until[request_id]
+        return not entry.until
+    return entry.expires <= now
+
+
+def validate(checks: Sequence[Check], actual: Sequence[int] | None = None) -> None:
+    """Refuses a call that is a bug in the caller (both stores share this)."""
+    for check in checks:
+        if check.kind not in KINDS:
+            raise ValueError(f"unknown kind of check {check.kind!r}")
+        if check.kind in (REQUESTS, TOKENS) and check.window_s <= 0:
+            raise ValueError(f"check {check.key!r} needs a window_s above zero")
+    if len({check.key for check in checks}) != len(checks):
+        # Each check is judged against the state before the call: one key, one check.
+        raise ValueError("two checks of one call share a storage key")
+    if actual is not None and len(actual) != len(checks):
+        raise ValueError("settle needs one actual amount per check")

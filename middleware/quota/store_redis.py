@@ -1,0 +1,286 @@
+"""The shared quota store: the same buckets, leases and counters as the memory store, in Redis.
+
+`admit` and `settle` are one Lua script call each (one round trip, atomic), run with EVALSHA
+and sent in full with EVAL when the server has lost its script cache (SCRIPT FLUSH, restart,
+failover). Every key a script touches arrives in KEYS, and all share the prefix's hash tag
+(`{sluicegate}`), so a call never spans Redis Cluster slots. The time is the caller's clock,
+passed as an argument, never Redis TIME: the arithmetic is the memory store's, step for step.
+Floats cross the Lua boundary as "%.17g" strings, which round-trip exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
+from middleware.quota.store_memory import BUDGET_SLACK_S, validate
+
+# ARGV: now, request_id, budget_slack_s, then per check: kind, limit, amount, param, [actual]
+# where param is window_s (requests, tokens), lease_s (concurrent) or expires_at (budget).
+_PRELUDE = """
+local now = tonumber(ARGV[1])
+local request_id = ARGV[2]
+local slack = tonumber(ARGV[3])
+
+local function fmt(x) return string.format('%.17g', x) end
+
+local function bucket_level(key, limit, window)
+  local state = redis.call('HMGET', key, 'tokens', 'updated')
+  if not state[1] then return limit end
+  local elapsed = math.max(0, now - tonumber(state[2]))
+  return math.min(limit, tonumber(state[1]) + elapsed * (limit / window))
+end
+
+local function store_bucket(key, limit, window, level)
+  local ttl = math.max(2 * window, (limit - level) / (limit / window) + window)
+  redis.call('HSET', key, 'tokens', fmt(level), 'updated', ARGV[1])
+  redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl * 1000)))
+end
+
+local function counter(key, expires_at)
+  local value = redis.call('GET', key)
+  if not value or (expires_at > 0 and now >= expires_at + slack) then return nil end
+  return tonumber(value)
+end
+
+local function lease_score(key, index)
+  local found = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
+  return tonumber(found[2])
+end
+"""
+
+# Returns {1, remaining_1, reset_1, remaining_2, reset_2, ...} when admitted;
+# {0, failed, retry_after or nil} when refused; {2, i, j, ...} when budgets are unseeded.
+# Indices are 0-based. Every check is judged before anything is reserved.
+_ADMIT = _PRELUDE + """
+local levels, unseeded = {}, {}
+local failed, retry = nil, false
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 4
+  local key, kind = KEYS[i], ARGV[a]
+  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local passes, wait = false, false
+  if kind == 'budget' then
+    local value = counter(key, param)
+    if limit <= 0 then
+      passes = false
+    elseif value == nil then
+      passes = true
+      unseeded[#unseeded + 1] = i - 1
+    else
+      passes = value + amount <= limit
+    end
+  elseif kind == 'concurrent' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+    local count = redis.call('ZCARD', key)
+    passes = count < limit
+    if not passes and limit > 0 then wait = fmt(lease_score(key, 0) - now) end
+  elseif limit > 0 and amount <= limit then
+    levels[i] = bucket_level(key, limit, param)
+    passes = levels[i] >= amount
+    if not passes then wait = fmt((amount - levels[i]) / (limit / param)) end
+  end
+  if not passes and failed == nil then failed, retry = i - 1, wait end
+end
+if #unseeded > 0 then return {2, unpack(unseeded)} end
+if failed ~= nil then return {0, failed, retry} end
+
+local out = {1}
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 4
+  local key, kind = KEYS[i], ARGV[a]
+  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if kind == 'budget' then
+    local value = redis.call('INCRBY', key, ARGV[a + 2])
+    out[#out + 1] = math.max(limit - value, 0)
+    out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
+  elseif kind == 'concurrent' then
+    redis.call('ZADD', key, fmt(now + param), request_id)
+    local count = redis.call('ZCARD', key)
+    local latest = lease_score(key, -1)
+    redis.call('PEXPIRE', key, string.format('%d', math.ceil((latest - now) * 1000)))
+    out[#out + 1] = math.max(limit - count, 0)
+    out[#out + 1] = fmt(latest - now)
+  else
+    local level = levels[i] - amount
+    store_bucket(key, limit, param, level)
+    out[#out + 1] = math.max(math.floor(level), 0)
+    out[#out + 1] = fmt((limit - level) / (limit / param))
+  end
+end
+return out
+"""
+
+# Five ARGV per check (the fifth is the actual amount). Returns 0.
+_SETTLE = _PRELUDE + """
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 5
+  local key, kind = KEYS[i], ARGV[a]
+  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local actual = tonumber(ARGV[a + 4])
+  if kind == 'budget' then
+    if counter(key, param) ~= nil then
+      redis.call('INCRBY', key, string.format('%d', actual - amount))
+    end
+  elseif kind == 'concurrent' then
+    redis.call('ZREM', key, request_id)
+  elseif limit > 0 then
+    local level = math.min(limit, bucket_level(key, limit, param) + (amount - actual))
+    store_bucket(key, limit, param, level)
+  end
+end
+return 0
+"""
+
+# One budget check (amount = the committed value to seed). Returns 1 if it set the counter.
+_SEED = _PRELUDE + """
+local value, expires_at = ARGV[6], tonumber(ARGV[7])
+if counter(KEYS[1], expires_at) ~= nil then return 0 end
+if expires_at > 0 then
+  local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
+  redis.call('SET', KEYS[1], value, 'PXAT', at_ms)
+else
+  redis.call('SET', KEYS[1], value)
+end
+return 1
+"""
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+ADMIT, SETTLE, SEED = _Script(_ADMIT), _Script(_SETTLE), _Script(_SEED)
+
+
+class RedisQuotaStore:
+    """Quota state in Redis, shared by every gateway process: one round trip per admission.
+
+    Any connection error, timeout or error reply becomes `QuotaStoreError`; commands are not
+    retried (a script that timed out may have run), and a connection the server dropped is
+    replaced on the next call. `clock` gives epoch seconds and should follow real time: key
+    expiry (garbage collection only) runs on the Redis server's clock.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "{sluicegate}",
+                 socket_timeout_s: float = 0.5, clock: Callable[[], float] = time.time,
+                 budget_slack_s: float = BUDGET_SLACK_S) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.socket_timeout_s = socket_timeout_s
+        self.clock = clock
+        self.budget_slack_s = budget_slack_s
+        self._client: Redis | None = None
+
+    async def startup(self) -> None:
+        # No I/O: the gateway starts, and limits follow their store-error policy, while
+        # Redis is down. Connections open on first use.
+        self._client = Redis.from_url(
+            self.url, socket_timeout=self.socket_timeout_s,
+            socket_connect_timeout=self.socket_timeout_s, retry=Retry(NoBackoff(), 0))
+
+    async def shutdown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def ping(self) -> bool:
+        """True when Redis answers within the socket timeout."""
+        try:
+            return bool(await self._call("PING"))
+        except QuotaStoreError:
+            return False
+
+    async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
+        validate(checks)
+        if not checks:
+            return Decision(allowed=True)
+        args = [_args(check) for check in checks]
+        reply = await self._run(ADMIT, request_id, checks, args)
+        try:
+            return _decision(reply)
+        except (IndexError, TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") from exc
+
+    async def settle(self, request_id: str, checks: Sequence[Check],
+                     actual: Sequence[int]) -> None:
+        validate(checks, actual)
+        if checks:
+            args = [[*_args(check), str(used)] for check, used in zip(checks, actual, strict=True)]
+            await self._run(SETTLE, request_id, checks, args)
+
+    async def seed(self, check: Check, committed: int) -> bool:
+        validate([check])
+        if check.kind != BUDGET:
+            raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
+        seeding = Check(check.kind, check.key, check.limit, committed,
+                        expires_at=check.expires_at)
+        return bool(await self._run(SEED, "", [seeding], [_args(seeding)]))
+
+    async def committed(self, checks: Sequence[Check]) -> list[int | None]:
+        if not checks:
+            return []
+        values = await self._call("MGET", *(self._key(check) for check in checks))
+        now = self.clock()
+        try:
+            return [None if value is None or _over(check, now, self.budget_slack_s)
+                    else int(value) for check, value in zip(checks, values, strict=True)]
+        except ValueError as exc:
+            raise QuotaStoreError(f"a budget counter is not a number: {exc}") from exc
+
+    # -- the wire ------------------------------------------------------------------------
+
+    def _key(self, check: Check) -> str:
+        return f"{self.prefix}:{check.key}"
+
+    async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
+                   args: list[list[str]]) -> Any:
+        keys = [self._key(check) for check in checks]
+        argv = [repr(float(self.clock())), request_id, repr(float(self.budget_slack_s))]
+        argv += [arg for check_args in args for arg in check_args]
+        try:
+            return await self._call("EVALSHA", script.sha, len(keys), *keys, *argv)
+        except QuotaStoreError as exc:
+            if not isinstance(exc.__cause__, NoScriptError):
+                raise
+        # The server lost its script cache; EVAL runs the script and caches it again.
+        return await self._call("EVAL", script.source, len(keys), *keys, *argv)
+
+    async def _call(self, *command: Any) -> Any:
+        if self._client is None:
+            raise QuotaStoreError("the Redis quota store is not started")
+        try:
+            return await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+
+
+def _args(check: Check) -> list[str]:
+    param = {BUDGET: check.expires_at, CONCURRENT: check.lease_s}.get(check.kind, check.window_s)
+    return [check.kind, str(int(check.limit)), str(int(check.amount)), repr(float(param))]
+
+
+def _over(check: Check, now: float, slack_s: float) -> bool:
+    return check.expires_at > 0 and now >= check.expires_at + slack_s
+
+
+def _decision(reply: list[Any]) -> Decision:
+    status, rest = int(reply[0]), reply[1:]
+    if status == 2:
+        return Decision(allowed=False, unseeded=tuple(int(i) for i in rest))
+    if status == 0:
+        retry = None if rest[1] is None else float(rest[1])
+        return Decision(allowed=False, failed=int(rest[0]), retry_after_s=retry)
+    return Decision(allowed=True, remaining=tuple(int(r) for r in rest[0::2]),
+                    reset_s=tuple(float(s) for s in rest[1::2]))

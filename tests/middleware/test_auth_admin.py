@@ -1,0 +1,461 @@
+"""The admin API on a real socket (hypercorn) over the real PostgreSQL, with httpx.
+
+The app under test mounts three AdminAPIs: over a PostgresKeyStore at `/`, over a read-only
+StaticKeyStore at `/static` (Starlette-style mount: full path, `root_path` set), and over a
+store that was never started at `/down`.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from gateway.policy import Limits
+from middleware.auth.admin import AdminAPI
+from middleware.auth.keys import StaticKey, hash_key
+from middleware.auth.store import PostgresKeyStore, StaticKeyStore
+from tests.harness import ThreadedServer
+
+DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+TOKEN = "admin-" + uuid.uuid4().hex
+STATIC_PLAINTEXT = "sk-sg-static-key-for-the-admin-tests"
+
+
+class AdminTestApp:
+    """/healthz, lifespan that starts the store, and the three mounted admin APIs."""
+
+    def __init__(self, store: PostgresKeyStore) -> None:
+        self.store = store
+        static = StaticKeyStore([StaticKey("acme", key_hash=hash_key(STATIC_PLAINTEXT),
+                                           id="static-acme")],
+                                limits={("project", "acme"): Limits(rpm=9)})
+        self.main = AdminAPI(store, token=TOKEN)
+        self.mounts = {"/static": AdminAPI(static, token=TOKEN),
+                       "/down": AdminAPI(PostgresKeyStore(DSN, schema="never_started"),
+                                         token=TOKEN)}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await self.store.startup()
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await self.store.shutdown()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/healthz":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        for prefix, api in self.mounts.items():
+            if scope["path"].startswith(prefix + "/"):
+                await api({**scope, "root_path": prefix}, receive, send)
+                return
+        await self.main(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ThreadedServer]:
+    schema = "sg_admin_test_" + uuid.uuid4().hex[:12]
+    store = PostgresKeyStore(DSN, schema=schema)
+    try:
+        with ThreadedServer(AdminTestApp(store)) as running:
+            running.store = store  # type: ignore[attr-defined]
+            yield running
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema)))
+
+
+@pytest.fixture
+def client(server: ThreadedServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10,
+                      headers={"authorization": f"Bearer {TOKEN}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def anonymous(server: ThreadedServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+def project() -> str:
+    return "proj-" + uuid.uuid4().hex[:8]
+
+
+def create(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/admin/keys", json={"project": project(), **body})
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None,
+                 error_type: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert error["code"] == code
+    if error_type is not None:
+        assert error["type"] == error_type
+    return error
+
+
+# -- construction and admin auth ---------------------------------------------------------------
+
+def test_the_admin_token_is_checked_at_construction() -> None:
+    store = StaticKeyStore([])
+    with pytest.raises(ValueError, match="16"):
+        AdminAPI(store, token="short")
+    with pytest.raises(ValueError, match="virtual key"):
+        AdminAPI(store, token="sk-sg-" + "x" * 40)
+    assert TOKEN not in repr(AdminAPI(store, token=TOKEN))
+
+
+def test_handles_only_its_own_prefixes() -> None:
+    api = AdminAPI(StaticKeyStore([]), token=TOKEN)
+    assert api.known_prefixes == ("/admin/keys", "/admin/limits")
+    for path in ("/admin/keys", "/admin/keys/key_1/rotate", "/admin/limits",
+                 "/admin/limits/customer/a/b"):
+        assert api.handles(path), path
+    for path in ("/admin", "/admin/", "/admin/usage/daily", "/admin/keysmith", "/v1/keys"):
+        assert not api.handles(path), path
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/keys/key_x"),
+    ("POST", "/admin/keys/key_x/rotate"), ("PUT", "/admin/limits/project/acme"),
+    ("GET", "/admin/limits"), ("GET", "/admin/nowhere"),
+])
+def test_no_token_no_access(anonymous: httpx.Client, method: str, path: str) -> None:
+    response = anonymous.request(method, path, json={"project": "acme"})
+    assert_error(response, 401, "missing_admin_token", "authentication_error")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_wrong_or_malformed_tokens_are_refused(anonymous: httpx.Client) -> None:
+    for value in (f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer", f"Basic {TOKEN}",
+                  TOKEN, "Bearer " + "a" * 1000):
+        response = anonymous.get("/admin/keys", headers={"authorization": value})
+        assert_error(response, 401, "invalid_admin_token")
+    assert anonymous.get("/admin/keys", headers={"authorization": f"bearer {TOKEN}"}
+                         ).status_code == 200
+
+
+def test_a_virtual_key_is_never_an_admin_token(client: httpx.Client,
+                                               anonymous: httpx.Client) -> None:
+    plaintext = create(client)["key"]
+    for value in (plaintext, STATIC_PLAINTEXT):
+        response = anonymous.get("/admin/keys", headers={"authorization": f"Bearer {value}"})
+        error = assert_error(response, 401, "virtual_key_not_admin")
+        assert value not in response.text and value not in error["message"]
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+def test_create_a_key(client: httpx.Client, server: ThreadedServer) -> None:
+    name = project()
+    response = client.post("/admin/keys", json={
+        "project": name, "allowed_models": ["gpt-4o*"], "expires_at": "2030-01-01T00:00:00Z",
+        "require_customer": True, "metadata": {"owner": "ml-team"},
+        "limits": {"rpm": 60, "budgets": [{"limit_usd": "25.50", "period": "monthly"}]}})
+    assert response.status_code == 201
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    plaintext = body.pop("key")
+    assert plaintext.startswith("sk-sg-") and len(plaintext) >= 6 + 43
+    assert body["id"].startswith("key_") and body["object"] == "virtual_key"
+    assert body["hint"] == "sk-sg-…" + plaintext[-4:]
+    assert (body["project"], body["status"], body["allowed_models"]) == (
+        name, "active", ["gpt-4o*"])
+    assert body["expires_at"] == "2030-01-01T00:00:00+00:00"
+    assert body["require_customer"] is True and body["disabled"] is False
+    assert body["metadata"] == {"owner": "ml-team"}
+    assert body["limits"]["rpm"] == 60
+    assert body["limits"]["budgets"][0]["limit_usd"] == "25.50"
+    assert body["revoked_at"] is None and "key_hash" not in body
+    stored = server.run(server.store.find(hash_key(plaintext)))  # type: ignore[attr-defined]
+    assert stored is not None and stored.id == body["id"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({}, "project"),
+    ({"project": ""}, "project"),
+    ({"project": "a/b"}, None),
+    ({"project": "acme", "colour": "red"}, "colour"),
+    ({"project": "acme", "disabled": True}, "disabled"),
+    ({"project": "acme", "allowed_models": "gpt-4o"}, "allowed_models"),
+    ({"project": "acme", "expires_at": "next tuesday"}, "expires_at"),
+    ({"project": "acme", "expires_at": "2030-01-01T00:00:00"}, "expires_at"),  # no timezone
+    ({"project": "acme", "expires_at": 1893456000}, "expires_at"),
+    ({"project": "acme", "require_customer": "yes"}, "require_customer"),
+    ({"project": "acme", "metadata": ["a"]}, "metadata"),
+    ({"project": "acme", "limits": {"rpm": -1}}, "limits"),
+    ({"project": "acme", "limits": {"rpm": 1, "burst": 2}}, "limits"),
+    ({"project": "acme", "limits": {"budgets": [{"limit_usd": 1.5}]}}, "limits"),
+    ({"project": "acme", "limits": "fast"}, "limits"),
+])
+def test_create_refuses_bad_fields(client: httpx.Client, body: dict[str, Any],
+                                   param: str | None) -> None:
+    error = assert_error(client.post("/admin/keys", json=body), 400,
+                         error_type="invalid_request_error")
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b'"key"', b"\xff\xfe"])
+def test_bad_json_is_400(client: httpx.Client, content: bytes) -> None:
+    for method, path in (("POST", "/admin/keys"), ("PATCH", "/admin/keys/key_x"),
+                         ("PUT", "/admin/limits/project/acme")):
+        response = client.request(method, path, content=content,
+                                  headers={"content-type": "application/json"})
+        assert_error(response, 400, "invalid_json")
+
+
+def test_list_and_get_keys(client: httpx.Client) -> None:
+    first = create(client)
+    name = first["project"]
+    second_response = client.post("/admin/keys", json={"project": name})
+    second = second_response.json()
+    other = create(client)
+    listed = client.get("/admin/keys", params={"project": name}).json()
+    assert listed["object"] == "list"
+    assert [k["id"] for k in listed["data"]] == [first["id"], second["id"]]
+    everything = [k["id"] for k in client.get("/admin/keys").json()["data"]]
+    assert {first["id"], second["id"], other["id"]} <= set(everything)
+    got = client.get(f"/admin/keys/{first['id']}").json()
+    assert got == {k: v for k, v in first.items() if k != "key"}
+    assert client.get("/admin/keys/", params={"project": name}).json() == listed
+
+
+def test_unknown_key_is_404_and_a_pasted_key_is_not_echoed(client: httpx.Client) -> None:
+    error = assert_error(client.get("/admin/keys/key_0000000000000000"), 404, "key_not_found")
+    assert "key_0000000000000000" in error["message"]
+    pasted = "sk-sg-" + uuid.uuid4().hex
+    response = client.get(f"/admin/keys/{pasted}")
+    assert_error(response, 404, "key_not_found")
+    assert pasted not in response.text
+    for path in (f"/admin/keys/{pasted}/revoke", f"/admin/keys/{pasted}/rotate"):
+        response = client.post(path)
+        assert_error(response, 404, "key_not_found")
+        assert pasted not in response.text
+
+
+def test_patch_a_key(client: httpx.Client, server: ThreadedServer) -> None:
+    key = create(client, expires_at="2030-01-01T00:00:00+02:00")
+    assert key["expires_at"] == "2029-12-31T22:00:00+00:00"
+    response = client.patch(f"/admin/keys/{key['id']}", json={
+        "allowed_models": ["claude-*"], "disabled": True, "expires_at": None,
+        "metadata": {"ticket": 42}, "limits": {"tpm": 1000}, "require_customer": True})
+    assert response.status_code == 200, response.text
+    patched = response.json()
+    assert patched["allowed_models"] == ["claude-*"] and patched["disabled"] is True
+    assert patched["status"] == "disabled" and patched["expires_at"] is None
+    assert patched["metadata"] == {"ticket": 42} and patched["limits"]["tpm"] == 1000
+    assert patched["require_customer"] is True and "key" not in patched
+    stored = server.run(server.store.find(hash_key(key["key"])))  # type: ignore[attr-defined]
+    assert stored.disabled and stored.allowed_models == ("claude-*",)
+    assert_error(client.patch(f"/admin/keys/{key['id']}", json={}), 400)
+    error = assert_error(client.patch(f"/admin/keys/{key['id']}", json={"project": "x"}), 400)
+    assert error["param"] == "project"
+    assert_error(client.patch(f"/admin/keys/{key['id']}", json={"disabled": "no"}), 400)
+    assert_error(client.patch("/admin/keys/key_missing", json={"disabled": True}), 404,
+                 "key_not_found")
+
+
+def test_revoke_a_key(client: httpx.Client, server: ThreadedServer) -> None:
+    key = create(client)
+    response = client.post(f"/admin/keys/{key['id']}/revoke")
+    assert response.status_code == 200
+    revoked = response.json()
+    assert revoked["status"] == "revoked" and revoked["revoked_at"] is not None
+    assert "key" not in revoked
+    stored = server.run(server.store.find(hash_key(key["key"])))  # type: ignore[attr-defined]
+    assert stored.revoked_at is not None
+    again = client.post(f"/admin/keys/{key['id']}/revoke").json()
+    assert again["revoked_at"] == revoked["revoked_at"]
+    assert_error(client.post("/admin/keys/key_missing/revoke"), 404, "key_not_found")
+
+
+def test_rotate_a_key(client: httpx.Client, server: ThreadedServer) -> None:
+    key = create(client, allowed_models=["gpt-*"], metadata={"a": 1}, limits={"rpm": 5})
+    response = client.post(f"/admin/keys/{key['id']}/rotate")
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    rotated = response.json()
+    assert rotated["key"].startswith("sk-sg-") and rotated["key"] != key["key"]
+    assert rotated["id"] != key["id"] and rotated["rotated_from"] == key["id"]
+    assert (rotated["project"], rotated["allowed_models"], rotated["metadata"]) == (
+        key["project"], ["gpt-*"], {"a": 1})
+    assert rotated["limits"]["rpm"] == 5 and rotated["status"] == "active"
+    assert client.get(f"/admin/keys/{key['id']}").json()["status"] == "revoked"
+    store = server.store  # type: ignore[attr-defined]
+    assert server.run(store.find(hash_key(rotated["key"]))).revoked_at is None
+    assert_error(client.post(f"/admin/keys/{key['id']}/rotate"), 409, "conflict")
+    assert_error(client.post("/admin/keys/key_missing/rotate"), 404, "key_not_found")
+
+
+def test_the_plaintext_is_shown_only_by_create_and_rotate(client: httpx.Client) -> None:
+    created = client.post("/admin/keys", json={"project": project(), "limits": {"rpm": 1}})
+    plaintext, key_id = created.json()["key"], created.json()["id"]
+    key_hash = hash_key(plaintext)
+    assert plaintext in created.text
+    later = [
+        client.get("/admin/keys"),
+        client.get(f"/admin/keys/{key_id}"),
+        client.get("/admin/keys", params={"project": created.json()["project"]}),
+        client.patch(f"/admin/keys/{key_id}", json={"metadata": {"x": 1}}),
+        client.put(f"/admin/limits/key/{key_id}", json={"rpm": 2}),
+        client.get(f"/admin/limits/key/{key_id}"),
+        client.get("/admin/limits"),
+    ]
+    rotated = client.post(f"/admin/keys/{key_id}/rotate")
+    new_plaintext = rotated.json()["key"]
+    later += [client.post(f"/admin/keys/{key_id}/revoke"),
+              client.get(f"/admin/keys/{rotated.json()['id']}"), client.get("/admin/keys")]
+    for response in later:
+        assert response.status_code == 200, response.text
+        assert plaintext not in response.text and new_plaintext not in response.text
+        assert plaintext[-20:] not in response.text
+    for response in [created, rotated, *later]:
+        assert key_hash not in response.text and hash_key(new_plaintext) not in response.text
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+def test_project_and_customer_limits(client: httpx.Client, server: ThreadedServer) -> None:
+    name = project()
+    limits = {"rpm": 100, "tpm": 50_000,
+              "budgets": [{"limit_usd": "100", "period": "monthly", "on_overflow": "block"}]}
+    response = client.put(f"/admin/limits/project/{name}", json=limits)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"object": "limits", "kind": "project", "subject_id": name,
+                               "limits": Limits.from_json(limits).to_json()}
+    assert client.get(f"/admin/limits/project/{name}").json() == response.json()
+    customer = f"{name}/alice@example.com"
+    response = client.put(f"/admin/limits/customer/{customer}", json={"rpm": 3})
+    assert response.status_code == 200 and response.json()["subject_id"] == customer
+    store = server.store  # type: ignore[attr-defined]
+    assert server.run(store.subject_limits("customer", customer)) == Limits(rpm=3)
+    assert server.run(store.subject_limits("project", name)) == Limits.from_json(limits)
+    listed = client.get("/admin/limits", params={"kind": "customer"}).json()
+    assert listed["object"] == "list"
+    assert {(d["kind"], d["subject_id"]) for d in listed["data"]} >= {("customer", customer)}
+    assert all(d["kind"] == "customer" for d in listed["data"])
+    everything = client.get("/admin/limits").json()["data"]
+    assert {("project", name), ("customer", customer)} <= {
+        (d["kind"], d["subject_id"]) for d in everything}
+    deleted = client.delete(f"/admin/limits/project/{name}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"object": "limits", "kind": "project", "subject_id": name,
+                              "deleted": True}
+    assert_error(client.get(f"/admin/limits/project/{name}"), 404, "limits_not_found")
+    assert_error(client.delete(f"/admin/limits/project/{name}"), 404, "limits_not_found")
+    assert server.run(store.subject_limits("project", name)) is None
+
+
+def test_key_limits(client: httpx.Client) -> None:
+    key = create(client)
+    response = client.put(f"/admin/limits/key/{key['id']}", json={"rpm": 7})
+    assert response.status_code == 200
+    assert response.json()["limits"]["rpm"] == 7
+    assert client.get(f"/admin/keys/{key['id']}").json()["limits"]["rpm"] == 7
+    assert client.get(f"/admin/limits/key/{key['id']}").json()["limits"]["rpm"] == 7
+    keyed = client.get("/admin/limits", params={"kind": "key"}).json()["data"]
+    assert ("key", key["id"]) in {(d["kind"], d["subject_id"]) for d in keyed}
+    assert all(d["kind"] == "key" for d in keyed)
+    assert client.delete(f"/admin/limits/key/{key['id']}").json()["deleted"] is True
+    assert client.get(f"/admin/keys/{key['id']}").json()["limits"]["rpm"] is None
+    assert_error(client.put("/admin/limits/key/key_missing", json={"rpm": 1}), 404,
+                 "key_not_found")
+    assert_error(client.get("/admin/limits/key/key_missing"), 404, "key_not_found")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("PUT", "/admin/limits/model/gpt-4o", {"rpm": 1}),
+    ("GET", "/admin/limits/global/all", None),
+    ("PUT", "/admin/limits/customer/no-project-part", {"rpm": 1}),
+    ("PUT", "/admin/limits/project/acme", {"rpm": "many"}),
+    ("PUT", "/admin/limits/project/acme", {"budgets": [{"limit_usd": "1", "period": "hourly"}]}),
+    ("PUT", "/admin/limits/project/acme", {"on_overflow": "downgrade"}),
+    ("GET", "/admin/limits?kind=model", None),
+])
+def test_bad_limits_requests_are_400(client: httpx.Client, method: str, path: str,
+                                     body: dict[str, Any] | None) -> None:
+    assert_error(client.request(method, path, json=body), 400, error_type="invalid_request_error")
+
+
+# -- routing, methods, sizes, read-only and unavailable stores ---------------------------------
+
+@pytest.mark.parametrize("path", ["/admin/", "/admin/nothing", "/admin/usage/daily",
+                                  "/admin/keys/key_x/explode", "/admin/keys/key_x/revoke/now",
+                                  "/admin/limits/project", "/v1/chat/completions"])
+def test_unknown_paths_are_404(client: httpx.Client, path: str) -> None:
+    assert_error(client.get(path), 404, "unknown_url", "not_found_error")
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("DELETE", "/admin/keys", "GET, POST"),
+    ("PUT", "/admin/keys/key_x", "GET, PATCH"),
+    ("GET", "/admin/keys/key_x/revoke", "POST"),
+    ("DELETE", "/admin/keys/key_x/rotate", "POST"),
+    ("POST", "/admin/limits", "GET"),
+    ("POST", "/admin/limits/project/acme", "GET, PUT, DELETE"),
+])
+def test_wrong_methods_are_405(client: httpx.Client, method: str, path: str,
+                               allowed: str) -> None:
+    response = client.request(method, path)
+    assert_error(response, 405)
+    assert response.headers["allow"] == allowed
+
+
+def test_bodies_over_one_mebibyte_are_413(client: httpx.Client) -> None:
+    big = orjson.dumps({"project": "acme", "metadata": {"pad": "x" * (1 << 20)}})
+    assert_error(client.post("/admin/keys", content=big,
+                             headers={"content-type": "application/json"}), 413,
+                 "request_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no content-length: counted while reading
+        for _ in range(17):
+            yield b" " * 65536
+
+    assert_error(client.post("/admin/keys", content=chunks()), 413, "request_too_large")
+    just_under = b'{"project": "acme"}' + b" " * ((1 << 20) - 19)
+    assert client.post("/admin/keys", content=just_under).status_code == 201
+
+
+def test_a_read_only_store_answers_409_to_changes(client: httpx.Client) -> None:
+    listed = client.get("/static/admin/keys")
+    assert listed.status_code == 200
+    assert [k["id"] for k in listed.json()["data"]] == ["static-acme"]
+    assert client.get("/static/admin/keys/static-acme").json()["project"] == "acme"
+    assert client.get("/static/admin/limits/project/acme").json()["limits"]["rpm"] == 9
+    for method, path, body in (
+            ("POST", "/static/admin/keys", {"project": "acme"}),
+            ("PATCH", "/static/admin/keys/static-acme", {"disabled": True}),
+            ("POST", "/static/admin/keys/static-acme/revoke", None),
+            ("POST", "/static/admin/keys/static-acme/rotate", None),
+            ("PUT", "/static/admin/limits/project/acme", {"rpm": 1}),
+            ("DELETE", "/static/admin/limits/project/acme", None)):
+        error = assert_error(client.request(method, path, json=body), 409, "read_only")
+        assert "keys declared in the config module are read-only" in error["message"]
+
+
+def test_an_unreachable_store_is_503(client: httpx.Client) -> None:
+    assert_error(client.get("/down/admin/keys"), 503, "store_unavailable")
+    assert_error(client.post("/down/admin/keys", json={"project": "acme"}), 503,
+                 "store_unavailable")

@@ -1,0 +1,693 @@
+"""Key stores against the real PostgreSQL (a fresh schema per test), the static store, and
+the in-process cache: TTLs, invalidation across processes, and outages.
+
+Outages are real: a store that was shut down, or a TCP proxy in front of PostgreSQL that
+the test closes and reopens.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from gateway.policy import Budget, Limits
+from middleware.auth.keys import StaticKey, VirtualKey, hash_key
+from middleware.auth.store import (
+    MIGRATIONS,
+    READ_ONLY_MESSAGE,
+    CachedKeys,
+    KeyConflict,
+    KeyStore,
+    KeyStoreReadOnly,
+    KeyStoreUnavailable,
+    PostgresKeyStore,
+    StaticKeyStore,
+    SubjectLimits,
+)
+from tests.harness import free_port
+
+DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = "sg_auth_test_" + uuid.uuid4().hex[:12]
+    yield name
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def new_store(schema: str, dsn: str = DSN, **options: Any) -> PostgresKeyStore:
+    options = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.3, "connect_timeout_s": 2.0,
+               **options}
+    return PostgresKeyStore(dsn, schema=schema, **options)
+
+
+@pytest.fixture
+async def store(schema: str) -> AsyncIterator[PostgresKeyStore]:
+    s = new_store(schema)
+    await s.startup()
+    yield s
+    await s.shutdown()
+
+
+@pytest.fixture
+async def other(schema: str, store: PostgresKeyStore) -> AsyncIterator[PostgresKeyStore]:
+    """A second gateway process's store on the same database and schema."""
+    s = new_store(schema)
+    await s.startup()
+    yield s
+    await s.shutdown()
+
+
+def run_sql(query: str, *params: Any, schema: str | None = None) -> list[tuple[Any, ...]]:
+    """Straight to PostgreSQL, bypassing the store (so no NOTIFY is sent)."""
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        if schema:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        cur = conn.execute(query.encode(), params)
+        return cur.fetchall() if cur.description else []
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+
+
+async def drain_notifications(store: PostgresKeyStore) -> None:
+    """Waits until the store has heard back its own NOTIFYs (each one evicts from caches):
+    notifications reach a listener in commit order, so a marker sent now arrives last."""
+    heard: list[str] = []
+    store.subscribe(heard.append)
+    marker = "test-marker:" + uuid.uuid4().hex
+    run_sql("SELECT pg_notify(%s, %s)", store.channel, marker)
+
+    async def arrived() -> bool:
+        return marker in heard
+
+    assert await eventually(arrived, 2.0)
+
+
+async def create_settled(store: PostgresKeyStore, project: str) -> tuple[str, VirtualKey]:
+    plaintext, key = await store.create(project)
+    await drain_notifications(store)
+    return plaintext, key
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def terminate_backend(pid: int | None) -> None:
+    assert pid is not None
+    run_sql("SELECT pg_terminate_backend(%s)", pid)
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> PostgreSQL; `stop()` is a PostgreSQL outage, `start()` its end."""
+
+    def __init__(self, target_port: int = 5432) -> None:
+        self.port = free_port()
+        self.target_port = target_port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def dsn(self) -> str:
+        return DSN.replace("port=5432", f"port={self.port}")
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+class CountingStore(StaticKeyStore):
+    """A static store that counts lookups, answers slowly, and can be switched off."""
+
+    def __init__(self, keys: list[StaticKey], delay_s: float = 0.0) -> None:
+        super().__init__(keys)
+        self.calls = 0
+        self.delay_s = delay_s
+        self.down = False
+        self.callbacks: list[Callable[[str], None]] = []
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        self.callbacks.append(callback)
+
+    async def find(self, key_hash: str) -> VirtualKey | None:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.down:
+            raise KeyStoreUnavailable("switched off by the test")
+        return await super().find(key_hash)
+
+
+def static_keys(*plaintexts: str) -> list[StaticKey]:
+    return [StaticKey("acme", key_hash=hash_key(p)) for p in plaintexts]
+
+
+def test_stores_satisfy_the_protocol() -> None:
+    stores: list[KeyStore] = [StaticKeyStore([]), PostgresKeyStore(DSN)]
+    assert len(stores) == 2
+
+
+# -- schema and migrations ---------------------------------------------------------------------
+
+def schema_versions(schema: str) -> list[tuple[Any, ...]]:
+    return run_sql("SELECT version, description FROM sluicegate_auth_schema_version "
+                   "ORDER BY version", schema=schema)
+
+
+async def test_startup_creates_versioned_tables(store: PostgresKeyStore, schema: str) -> None:
+    assert schema_versions(schema) == [(v, d) for v, d, _ in MIGRATIONS]
+    tables = {r[0] for r in run_sql(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema)}
+    assert tables == {"sluicegate_auth_schema_version", "sluicegate_keys",
+                      "sluicegate_subject_limits"}
+    unique = run_sql("SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND "
+                     "tablename = 'sluicegate_keys' AND indexdef LIKE '%%UNIQUE%%key_hash%%'",
+                     schema)
+    assert len(unique) == 1
+
+
+async def test_migrations_are_idempotent(store: PostgresKeyStore, schema: str) -> None:
+    plaintext, key = await store.create("acme")
+    await store.shutdown()
+    await store.startup()
+    again = new_store(schema)
+    await again.startup()
+    try:
+        assert schema_versions(schema) == [(v, d) for v, d, _ in MIGRATIONS]
+        assert await again.find(hash_key(plaintext)) == key
+    finally:
+        await again.shutdown()
+
+
+async def test_concurrent_startup_migrates_once(schema: str) -> None:
+    stores = [new_store(schema) for _ in range(5)]
+    try:
+        await asyncio.gather(*(s.startup() for s in stores))
+        assert schema_versions(schema) == [(v, d) for v, d, _ in MIGRATIONS]
+        plaintext, key = await stores[0].create("acme")
+        assert all([await s.find(hash_key(plaintext)) == key for s in stores])
+    finally:
+        await asyncio.gather(*(s.shutdown() for s in stores))
+
+
+async def test_startup_against_a_closed_port_fails_clearly() -> None:
+    dsn = f"host=127.0.0.1 port={free_port()} dbname=test user=postgres password=hunter2-secret"
+    s = PostgresKeyStore(dsn, connect_timeout_s=0.5)
+    with pytest.raises(KeyStoreUnavailable, match="could not reach PostgreSQL") as info:
+        await s.startup()
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(s)
+    with pytest.raises(KeyStoreUnavailable):
+        await s.find(hash_key("anything"))
+
+
+def test_a_bad_dsn_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValueError, match="not a valid") as info:
+        PostgresKeyStore("host=db password=hunter2-secret oops")
+    assert info.value.__context__ is None and "hunter2" not in str(info.value)
+
+
+async def test_check_ready(store: PostgresKeyStore) -> None:
+    assert await store.check_ready() == {"auth_keys_postgres": "ok"}
+    await store.shutdown()
+    assert (await store.check_ready())["auth_keys_postgres"].startswith("error:")
+    with pytest.raises(KeyStoreUnavailable, match="not started"):
+        await store.find(hash_key("anything"))
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+async def test_create_stores_only_the_hash(store: PostgresKeyStore, schema: str) -> None:
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
+    plaintext, key = await store.create(
+        "acme", allowed_models=["gpt-*"], expires_at=expires, require_customer=True,
+        metadata={"team": "ml"}, limits=Limits(rpm=60, budgets=(Budget("12.5", "daily"),)))
+    assert plaintext.startswith("sk-sg-")
+    assert key.key_hash == hash_key(plaintext)
+    assert key.hint == "sk-sg-…" + plaintext[-4:]
+    assert (key.project, key.allowed_models, key.expires_at) == ("acme", ("gpt-*",), expires)
+    assert key.require_customer and not key.disabled and key.revoked_at is None
+    assert key.metadata == {"team": "ml"}
+    assert key.limits == Limits(rpm=60, budgets=(Budget("12.5", "daily"),))
+    assert key.created_at.tzinfo is not None
+    assert await store.find(hash_key(plaintext)) == key
+    assert await store.get(key.id) == key
+    rows = run_sql("SELECT row_to_json(k)::text FROM sluicegate_keys k", schema=schema)
+    assert len(rows) == 1 and plaintext not in rows[0][0] and plaintext[6:] not in rows[0][0]
+
+
+async def test_find_get_and_list(store: PostgresKeyStore) -> None:
+    _, a = await store.create("acme")
+    _, b = await store.create("globex")
+    _, c = await store.create("acme")
+    assert await store.find(hash_key("sk-sg-never-issued")) is None
+    assert await store.get("key_0000000000000000") is None
+    assert [k.id for k in await store.list()] == [a.id, b.id, c.id]
+    assert [k.id for k in await store.list("acme")] == [a.id, c.id]
+    assert await store.list("nobody") == []
+
+
+async def test_update(store: PostgresKeyStore) -> None:
+    _, key = await store.create("acme")
+    later = datetime(2031, 6, 1, tzinfo=UTC)
+    updated = await store.update(key.id, allowed_models=("claude-*",), expires_at=later,
+                                 disabled=True, require_customer=True, metadata={"x": 1},
+                                 limits=Limits(tpm=1000))
+    assert updated is not None
+    assert (updated.allowed_models, updated.expires_at, updated.disabled) == (
+        ("claude-*",), later, True)
+    assert updated.require_customer and updated.metadata == {"x": 1}
+    assert updated.limits == Limits(tpm=1000)
+    assert (updated.id, updated.key_hash, updated.project) == (key.id, key.key_hash, "acme")
+    assert await store.find(key.key_hash) == updated
+    cleared = await store.update(key.id, expires_at=None)
+    assert cleared is not None and cleared.expires_at is None and cleared.disabled
+    assert await store.update(key.id) == cleared
+    assert await store.update("key_missing", disabled=True) is None
+    with pytest.raises(ValueError, match="unknown key field"):
+        await store.update(key.id, project="other")
+    with pytest.raises(TypeError):
+        await store.update(key.id, disabled="yes")
+
+
+async def test_revoke(store: PostgresKeyStore) -> None:
+    _, key = await store.create("acme")
+    revoked = await store.revoke(key.id)
+    assert revoked is not None and revoked.revoked_at is not None
+    assert revoked.usable(datetime.now(UTC)) == "revoked"
+    again = await store.revoke(key.id)
+    assert again is not None and again.revoked_at == revoked.revoked_at
+    assert await store.revoke("key_missing") is None
+
+
+async def test_rotate(store: PostgresKeyStore) -> None:
+    old_plaintext, old = await store.create("acme", allowed_models=["gpt-*"],
+                                            metadata={"a": 1}, limits=Limits(rpm=3))
+    rotated = await store.rotate(old.id)
+    assert rotated is not None
+    plaintext, new = rotated
+    assert plaintext != old_plaintext and new.key_hash == hash_key(plaintext)
+    assert new.id != old.id
+    assert (new.project, new.allowed_models, new.metadata, new.limits) == (
+        "acme", ("gpt-*",), {"a": 1}, Limits(rpm=3))
+    assert new.revoked_at is None
+    old_now = await store.find(old.key_hash)
+    assert old_now is not None and old_now.revoked_at is not None
+    with pytest.raises(KeyConflict, match="revoked"):
+        await store.rotate(old.id)
+    assert await store.rotate("key_missing") is None
+
+
+async def test_subject_limits(store: PostgresKeyStore) -> None:
+    assert await store.subject_limits("project", "acme") is None
+    assert await store.set_limits("project", "acme", Limits(rpm=10)) is True
+    assert await store.set_limits("customer", "acme/alice", Limits(tpm=5)) is True
+    assert await store.set_limits("project", "acme", Limits(rpm=20)) is True  # replaces
+    assert await store.subject_limits("project", "acme") == Limits(rpm=20)
+    assert await store.get_limits("customer", "acme/alice") == Limits(tpm=5)
+    assert await store.list_limits() == [
+        SubjectLimits("customer", "acme/alice", Limits(tpm=5)),
+        SubjectLimits("project", "acme", Limits(rpm=20))]
+    assert await store.list_limits("project") == [SubjectLimits("project", "acme",
+                                                                Limits(rpm=20))]
+    assert await store.set_limits("project", "acme", None) is True
+    assert await store.set_limits("project", "acme", None) is False
+    assert await store.get_limits("project", "acme") is None
+    for kind, subject in (("model", "gpt-4o"), ("customer", "alice"), ("project", "a/b")):
+        with pytest.raises(ValueError):
+            await store.set_limits(kind, subject, Limits(rpm=1))
+    with pytest.raises(ValueError):
+        await store.list_limits("key")
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+async def test_every_change_notifies_every_instance(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    heard: list[str] = []
+    other.subscribe(heard.append)
+
+    async def heard_token(token: str) -> bool:
+        return token in heard
+
+    _, key = await store.create("acme")
+    assert await eventually(lambda: heard_token("key:" + key.key_hash), 2.0)
+    await store.set_limits("customer", "acme/bob", Limits(rpm=1))
+    assert await eventually(lambda: heard_token("limits:customer:acme/bob"), 2.0)
+    heard.clear()
+    await store.update(key.id, disabled=True)
+    assert await eventually(lambda: heard_token("key:" + key.key_hash), 2.0)
+    heard.clear()
+    rotated = await store.rotate(key.id)
+    assert rotated is not None
+    assert await eventually(lambda: heard_token("key:" + rotated[1].key_hash), 2.0)
+    assert "key:" + key.key_hash in heard
+
+
+async def test_local_subscribers_hear_their_own_changes(store: PostgresKeyStore) -> None:
+    heard: list[str] = []
+    store.subscribe(heard.append)
+    _, key = await store.create("acme")
+    assert heard[:1] == ["key:" + key.key_hash]  # at once, without waiting for the NOTIFY
+
+
+async def test_listener_reconnects_and_announces_everything(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    heard: list[str] = []
+    other.subscribe(heard.append)
+    old_pid = other.listener_pid
+    terminate_backend(old_pid)
+
+    async def announced() -> bool:
+        return "*" in heard
+
+    assert await eventually(announced, 5.0)
+    assert other.listener_pid not in (None, old_pid)
+    _, key = await store.create("acme")  # and it listens again
+
+    async def heard_key() -> bool:
+        return "key:" + key.key_hash in heard
+
+    assert await eventually(heard_key, 2.0)
+
+
+# -- the static store --------------------------------------------------------------------------
+
+async def test_static_store() -> None:
+    store = StaticKeyStore(
+        [StaticKey("acme", key_hash=hash_key("sk-sg-one-one-one-one"), limits=Limits(rpm=1)),
+         StaticKey("globex", key_hash=hash_key("sk-sg-two-two-two-two"), id="ops")],
+        limits={("project", "acme"): Limits(rpm=100),
+                ("customer", "acme/alice"): Limits(tpm=9)})
+    await store.startup()
+    found = await store.find(hash_key("sk-sg-one-one-one-one"))
+    assert found is not None and found.project == "acme" and found.limits == Limits(rpm=1)
+    assert await store.find(hash_key("sk-sg-unknown")) is None
+    assert await store.get("ops") == await store.find(hash_key("sk-sg-two-two-two-two"))
+    assert [k.project for k in await store.list()] == ["acme", "globex"]
+    assert [k.id for k in await store.list("globex")] == ["ops"]
+    assert await store.subject_limits("project", "acme") == Limits(rpm=100)
+    assert await store.get_limits("customer", "acme/alice") == Limits(tpm=9)
+    assert await store.subject_limits("project", "globex") is None
+    assert [s.kind for s in await store.list_limits()] == ["customer", "project"]
+    assert await store.check_ready() == {"auth_keys_static": "ok"}
+    changes: list[Awaitable[Any]] = [
+        store.create("acme"), store.revoke("ops"), store.rotate("ops"),
+        store.update("ops", disabled=True), store.set_limits("project", "acme", None)]
+    for change in changes:
+        with pytest.raises(KeyStoreReadOnly, match=READ_ONLY_MESSAGE):
+            await change
+
+
+def test_static_store_refuses_duplicates_and_bad_limits() -> None:
+    with pytest.raises(ValueError, match="same key"):
+        StaticKeyStore(static_keys("sk-sg-same-same-same", "sk-sg-same-same-same"))
+    with pytest.raises(ValueError, match="id 'x'"):
+        StaticKeyStore([StaticKey("a", key_hash=hash_key("k1"), id="x"),
+                        StaticKey("b", key_hash=hash_key("k2"), id="x")])
+    with pytest.raises(ValueError):
+        StaticKeyStore([], limits={("model", "gpt-4o"): Limits(rpm=1)})
+    with pytest.raises(TypeError):
+        StaticKeyStore([], limits={("project", "acme"): {"rpm": 1}})  # type: ignore[dict-item]
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+async def test_cache_serves_within_ttl_then_asks_again(
+        store: PostgresKeyStore, schema: str) -> None:
+    clock = FakeClock()
+    cache = CachedKeys(store, ttl_s=30, clock=clock)
+    _, key = await create_settled(store, "acme")
+    assert await cache.find(key.key_hash) == key
+    run_sql("UPDATE sluicegate_keys SET disabled = true", schema=schema)  # no NOTIFY
+    clock.now += 29.9
+    cached = await cache.find(key.key_hash)
+    assert cached is not None and not cached.disabled
+    clock.now += 0.2
+    fresh = await cache.find(key.key_hash)
+    assert fresh is not None and fresh.disabled
+
+
+async def test_cache_remembers_unknown_keys_briefly(
+        store: PostgresKeyStore, schema: str) -> None:
+    clock = FakeClock()
+    cache = CachedKeys(store, negative_ttl_s=2, clock=clock)
+    _, key = await create_settled(store, "acme")
+    unknown = hash_key("sk-sg-not-yet-issued")
+    assert await cache.find(unknown) is None
+    run_sql("UPDATE sluicegate_keys SET key_hash = %s", unknown, schema=schema)  # no NOTIFY
+    clock.now += 1.9
+    assert await cache.find(unknown) is None
+    clock.now += 0.2
+    found = await cache.find(unknown)
+    assert found is not None and found.id == key.id
+
+
+async def test_revoke_reaches_another_instances_cache_within_a_second(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    cache = CachedKeys(other, ttl_s=30, negative_ttl_s=30)
+    _, key = await store.create("acme")
+    await drain_notifications(other)
+    before = await cache.find(key.key_hash)
+    assert before is not None and before.revoked_at is None
+    assert await cache.subject_limits("project", "acme") is None
+    await store.revoke(key.id)
+
+    async def revoked() -> bool:
+        seen = await cache.find(key.key_hash)
+        return seen is not None and seen.revoked_at is not None
+
+    assert await eventually(revoked, 1.0)
+    await store.set_limits("project", "acme", Limits(rpm=7))
+
+    async def limited() -> bool:
+        return await cache.subject_limits("project", "acme") == Limits(rpm=7)
+
+    assert await eventually(limited, 1.0)
+
+
+async def test_lost_listener_drops_the_cache(
+        store: PostgresKeyStore, other: PostgresKeyStore, schema: str) -> None:
+    cache = CachedKeys(other, ttl_s=300)
+    _, key = await store.create("acme")
+    await drain_notifications(other)
+    assert await cache.find(key.key_hash) == key
+    # Changed behind the stores' back, as if the NOTIFY was lost with the connection.
+    run_sql("UPDATE sluicegate_keys SET disabled = true", schema=schema)
+    terminate_backend(other.listener_pid)
+
+    async def refreshed() -> bool:
+        seen = await cache.find(key.key_hash)
+        return seen is not None and seen.disabled
+
+    assert await eventually(refreshed, 5.0)
+
+
+async def test_cache_serves_stale_keys_while_the_store_is_shut_down(
+        store: PostgresKeyStore) -> None:
+    clock = FakeClock()
+    cache = CachedKeys(store, ttl_s=30, stale_max_s=3600, clock=clock)
+    _, key = await store.create("acme")
+    await store.set_limits("project", "acme", Limits(rpm=5))
+    await drain_notifications(store)
+    assert await cache.find(key.key_hash) == key
+    assert await cache.subject_limits("project", "acme") == Limits(rpm=5)
+    assert await cache.subject_limits("project", "nolimits") is None
+    await store.shutdown()
+    clock.now += 31
+    assert await cache.find(key.key_hash) == key
+    assert await cache.subject_limits("project", "acme") == Limits(rpm=5)
+    assert await cache.subject_limits("project", "nolimits") is None  # "no limits" is known
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.find(hash_key("sk-sg-never-seen"))
+    clock.now += 3600
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.find(key.key_hash)
+
+
+async def test_cache_through_a_postgres_outage_and_back(schema: str) -> None:
+    proxy = TcpProxy()
+    await proxy.start()
+    clock = FakeClock()
+    store = new_store(schema, dsn=proxy.dsn, connect_timeout_s=1.0, query_timeout_s=2.0)
+    await store.startup()
+    heard: list[str] = []
+    store.subscribe(heard.append)
+    cache = CachedKeys(store, ttl_s=30, retry_after_failure_s=1.0, clock=clock)
+    try:
+        _, key = await create_settled(store, "acme")
+        assert await cache.find(key.key_hash) == key
+        await proxy.stop()  # PostgreSQL is gone: pooled and listening connections drop
+        clock.now += 31
+        assert await cache.find(key.key_hash) == key  # stale, but known callers keep going
+        with pytest.raises(KeyStoreUnavailable):
+            await cache.find(hash_key("sk-sg-new-during-outage"))
+        assert (await store.check_ready())["auth_keys_postgres"].startswith("error:")
+        await proxy.start()
+
+        async def announced() -> bool:
+            return "*" in heard
+
+        assert await eventually(announced, 5.0)  # reconnected: everything may have changed
+        assert len(cache) == 0
+        clock.now += 1.1
+        assert await cache.find(key.key_hash) == key
+    finally:
+        await store.shutdown()
+        with contextlib.suppress(AssertionError):
+            await proxy.stop()
+
+
+async def test_concurrent_misses_share_one_query() -> None:
+    store = CountingStore(static_keys("sk-sg-aaaa-aaaa-aaaa"), delay_s=0.05)
+    cache = CachedKeys(store)
+    wanted = hash_key("sk-sg-aaaa-aaaa-aaaa")
+    results = await asyncio.gather(*(cache.find(wanted) for _ in range(50)))
+    assert store.calls == 1
+    assert all(r is not None and r.key_hash == wanted for r in results)
+    unknown = await asyncio.gather(*(cache.find(hash_key("nope")) for _ in range(10)))
+    assert unknown == [None] * 10 and store.calls == 2
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_query() -> None:
+    store = CountingStore(static_keys("sk-sg-aaaa-aaaa-aaaa"), delay_s=0.05)
+    cache = CachedKeys(store)
+    wanted = hash_key("sk-sg-aaaa-aaaa-aaaa")
+    first = asyncio.create_task(cache.find(wanted))
+    second = asyncio.create_task(cache.find(wanted))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    found = await second
+    assert found is not None and store.calls == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_cache_is_bounded_lru() -> None:
+    plaintexts = ["sk-sg-key-a-aaaaaaaa", "sk-sg-key-b-bbbbbbbb", "sk-sg-key-c-cccccccc"]
+    store = CountingStore(static_keys(*plaintexts))
+    cache = CachedKeys(store, max_entries=2)
+    a, b, c = (hash_key(p) for p in plaintexts)
+    await cache.find(a)
+    await cache.find(b)
+    await cache.find(a)  # a is now the most recent
+    assert store.calls == 2
+    await cache.find(c)  # evicts b
+    assert len(cache) == 2
+    await cache.find(a)
+    await cache.find(c)
+    assert store.calls == 3
+    await cache.find(b)
+    assert store.calls == 4
+
+
+async def test_invalidation_during_a_load_is_not_overwritten() -> None:
+    store = CountingStore(static_keys("sk-sg-aaaa-aaaa-aaaa"), delay_s=0.05)
+    cache = CachedKeys(store)
+    wanted = hash_key("sk-sg-aaaa-aaaa-aaaa")
+    loading = asyncio.create_task(cache.find(wanted))
+    await asyncio.sleep(0.01)
+    for callback in store.callbacks:
+        callback("key:" + wanted)  # the key changed while the (old) answer was in flight
+    assert await loading is not None
+    await cache.find(wanted)
+    assert store.calls == 2  # the answer read before the change was not kept
+
+
+async def test_invalidation_tokens() -> None:
+    plaintexts = ["sk-sg-key-a-aaaaaaaa", "sk-sg-key-b-bbbbbbbb"]
+    store = CountingStore(static_keys(*plaintexts))
+    cache = CachedKeys(store)
+    a, b = (hash_key(p) for p in plaintexts)
+    await cache.find(a)
+    await cache.find(b)
+    cache.invalidate("key:" + a)
+    cache.invalidate("limits:project:acme")  # unrelated tokens are harmless
+    await cache.find(a)
+    await cache.find(b)
+    assert store.calls == 3
+    cache.invalidate("*")
+    assert len(cache) == 0
+
+
+async def test_after_a_failure_the_store_is_left_alone_for_a_while() -> None:
+    plaintexts = ["sk-sg-key-a-aaaaaaaa", "sk-sg-key-b-bbbbbbbb"]
+    store = CountingStore(static_keys(*plaintexts))
+    clock = FakeClock()
+    cache = CachedKeys(store, ttl_s=10, retry_after_failure_s=1.0, clock=clock)
+    a, b = (hash_key(p) for p in plaintexts)
+    assert await cache.find(a) is not None
+    store.down = True
+    clock.now += 11
+    assert await cache.find(a) is not None  # stale
+    assert store.calls == 2
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.find(b)
+    assert await cache.find(a) is not None
+    assert store.calls == 2  # neither lookup went to the failed store
+    store.down = False
+    clock.now += 1.0
+    assert await cache.find(b) is not None
+    assert store.calls == 3
+
+
+async def test_an_unknown_key_is_not_served_stale() -> None:
+    store = CountingStore(static_keys("sk-sg-key-a-aaaaaaaa"))
+    clock = FakeClock()
+    cache = CachedKeys(store, negative_ttl_s=2, clock=clock)
+    unknown = hash_key("sk-sg-maybe-created-during-the-outage")
+    assert await cache.find(unknown) is None
+    store.down = True
+    clock.now += 2.1
+    with pytest.raises(KeyStoreUnavailable):  # it may exist by now: not "no such key"
+        await cache.find(unknown)
+
+
+def test_far_future_is_still_a_datetime() -> None:
+    # keys.expires_at round-trips through timestamptz; make sure aware values survive
+    assert datetime(9999, 1, 1, tzinfo=UTC) - timedelta(days=1) > datetime.now(UTC)

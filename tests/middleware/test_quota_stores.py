@@ -1,0 +1,593 @@
+"""The quota stores: the memory and Redis stores decide identically, atomically and all or nothing.
+
+Every behaviour test runs against both stores; Redis is the real server on 127.0.0.1:6379,
+each test under its own key prefix, deleted afterwards. Time is a fake clock that starts at
+the real time (budget counters expire on the server's clock too) and moves only when told.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+
+from gateway.policy import (
+    BUDGET,
+    CONCURRENT,
+    REQUESTS,
+    TOKENS,
+    Check,
+    Decision,
+    QuotaStoreError,
+)
+from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
+from middleware.quota.store_redis import RedisQuotaStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+Store = MemoryQuotaStore | RedisQuotaStore
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(float(int(time.time())))
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own (a Cluster hash tag), whose keys are deleted after."""
+    prefix = f"{{sgtest-{uuid.uuid4().hex}}}"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def make_store(kind: str, clock: FakeClock, prefix: str, **options: Any) -> Store:
+    if kind == "memory":
+        return MemoryQuotaStore(clock=clock, **options)
+    return RedisQuotaStore(REDIS_URL, prefix=prefix, clock=clock, **options)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, clock: FakeClock,
+                prefix: str) -> AsyncIterator[Store]:
+    store = make_store(request.param, clock, prefix)
+    await store.startup()
+    yield store
+    await store.shutdown()
+
+
+@pytest.fixture
+async def redis_store(clock: FakeClock, prefix: str) -> AsyncIterator[RedisQuotaStore]:
+    store = RedisQuotaStore(REDIS_URL, prefix=prefix, clock=clock)
+    await store.startup()
+    yield store
+    await store.shutdown()
+
+
+def rpm(limit: int, *, key: str = "rpm:k", window_s: float = 60.0) -> Check:
+    return Check(REQUESTS, key, limit, 1, window_s=window_s)
+
+
+def tpm(limit: int, amount: int, *, key: str = "tpm:k", window_s: float = 60.0) -> Check:
+    return Check(TOKENS, key, limit, amount, window_s=window_s)
+
+
+def leases(limit: int, *, key: str = "conc:k", lease_s: float = 30.0) -> Check:
+    return Check(CONCURRENT, key, limit, 1, lease_s=lease_s)
+
+
+def budget(limit: int, amount: int, ends_at: float, *, key: str = "budget:k") -> Check:
+    return Check(BUDGET, key, limit, amount, expires_at=ends_at)
+
+
+def refused(failed: int, retry_after_s: Any = None) -> Decision:
+    return Decision(allowed=False, failed=failed, retry_after_s=retry_after_s)
+
+
+# -- all or nothing ----------------------------------------------------------------------------
+
+async def test_a_failing_check_reserves_nothing(store: Store, clock: FakeClock) -> None:
+    first, lease, money = rpm(2), leases(1), budget(100, 60, clock.now + 3600)
+    await store.seed(money, 50)
+
+    assert await store.admit("r1", [first, lease, money]) == refused(2)
+
+    assert await store.committed([money]) == [50]
+    assert (await store.admit("r2", [first, lease])).remaining == (1, 0)  # both were untouched
+    assert (await store.admit("r3", [first])).remaining == (0,)
+    assert await store.admit("r4", [first]) == refused(0, 30.0)
+
+
+async def test_admit_reports_remaining_and_reset_per_check(store: Store,
+                                                           clock: FakeClock) -> None:
+    checks = [rpm(60), tpm(1000, 400), leases(3), budget(1000, 100, clock.now + 3600)]
+    await store.seed(checks[3], 200)
+
+    decision = await store.admit("r1", checks)
+
+    assert decision.allowed and decision.failed is None and decision.unseeded == ()
+    assert decision.remaining == (59, 600, 2, 700)
+    assert decision.reset_s == pytest.approx((1.0, 24.0, 30.0, 3600.0))
+
+
+async def test_no_checks_admits(store: Store) -> None:
+    assert await store.admit("r1", []) == Decision(allowed=True)
+    await store.settle("r1", [], [])
+    assert await store.committed([]) == []
+
+
+# -- token buckets -----------------------------------------------------------------------------
+
+async def test_bucket_refills_smoothly_up_to_its_capacity(store: Store, clock: FakeClock) -> None:
+    assert (await store.admit("r1", [tpm(60, 60)])).remaining == (0,)
+    assert await store.admit("r2", [tpm(60, 1)]) == refused(0, 1.0)
+
+    clock.advance(30)  # half the window: half the capacity
+    assert await store.admit("r3", [tpm(60, 31)]) == refused(0, 1.0)
+    assert (await store.admit("r4", [tpm(60, 30)])).remaining == (0,)
+
+    clock.advance(600)  # long idle: full, and no fuller
+    assert (await store.admit("r5", [tpm(60, 60)])).remaining == (0,)
+    assert not (await store.admit("r6", [tpm(60, 1)])).allowed
+
+
+async def test_retry_after_is_when_the_bucket_holds_enough(store: Store,
+                                                           clock: FakeClock) -> None:
+    check = rpm(6, window_s=48.0)  # one request every 8 s
+    for i in range(6):
+        assert (await store.admit(f"r{i}", [check])).allowed
+    assert await store.admit("r6", [check]) == refused(0, 8.0)
+
+    clock.advance(7.5)
+    assert await store.admit("r7", [check]) == refused(0, 0.5)
+    clock.advance(0.5)
+    assert (await store.admit("r8", [check])).allowed
+
+
+async def test_more_than_the_capacity_never_passes(store: Store, clock: FakeClock) -> None:
+    assert await store.admit("r1", [tpm(100, 101)]) == refused(0, None)
+    clock.advance(3600)
+    assert await store.admit("r2", [tpm(100, 101)]) == refused(0, None)
+    assert (await store.admit("r3", [tpm(100, 100)])).remaining == (0,)  # nothing was taken
+
+
+async def test_settle_above_the_estimate_leaves_a_debt(store: Store, clock: FakeClock) -> None:
+    check = tpm(120, 60)  # refills 2 tokens a second
+    assert (await store.admit("r1", [check])).remaining == (60,)
+    await store.settle("r1", [check], [180])  # 60 left - 120 more = -60
+
+    assert await store.admit("r2", [tpm(120, 10)]) == refused(0, 35.0)
+    clock.advance(34.5)
+    assert await store.admit("r3", [tpm(120, 10)]) == refused(0, 0.5)
+    clock.advance(0.5)
+    assert (await store.admit("r4", [tpm(120, 10)])).remaining == (0,)
+
+
+async def test_settle_below_the_estimate_refunds_up_to_the_capacity(store: Store) -> None:
+    assert (await store.admit("r1", [tpm(100, 80)])).remaining == (20,)
+    await store.settle("r1", [tpm(100, 80)], [30])
+    assert (await store.admit("r2", [tpm(100, 70)])).remaining == (0,)
+    assert not (await store.admit("r3", [tpm(100, 1)])).allowed
+
+    other = tpm(100, 100, key="tpm:other")
+    assert (await store.admit("r4", [other])).allowed
+    await store.settle("r4", [other], [0])
+    await store.settle("r4", [other], [0])  # a second refund cannot overfill the bucket
+    assert (await store.admit("r5", [other])).remaining == (0,)
+    assert not (await store.admit("r6", [tpm(100, 1, key="tpm:other")])).allowed
+
+
+# -- concurrency leases ------------------------------------------------------------------------
+
+async def test_leases_are_limited_released_and_expire(store: Store, clock: FakeClock) -> None:
+    check = leases(3, lease_s=30.0)
+    for request_id, left in (("r1", 2), ("r2", 1), ("r3", 0)):
+        decision = await store.admit(request_id, [check])
+        assert decision.remaining == (left,) and decision.reset_s == (30.0,)
+    assert await store.admit("r4", [check]) == refused(0, 30.0)
+
+    await store.settle("r2", [check], [1])
+    clock.advance(10)
+    assert (await store.admit("r4", [check])).reset_s == (30.0,)  # r4's lease, the latest
+    assert await store.admit("r5", [check]) == refused(0, 20.0)  # r1's ends first
+
+    clock.advance(20)  # r1 and r3 were never released: their leases end now
+    assert (await store.admit("r5", [check])).remaining == (1,)
+    assert (await store.admit("r6", [check])).remaining == (0,)
+    assert await store.admit("r7", [check]) == refused(0, 10.0)
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+async def test_budget_is_seeded_then_admits_up_to_exactly_its_limit(store: Store,
+                                                                     clock: FakeClock) -> None:
+    check = budget(1_000_000, 100_000, clock.now + 3600)
+    assert await store.admit("r0", [check]) == Decision(allowed=False, unseeded=(0,))
+    assert await store.committed([check]) == [None]
+
+    await store.seed(check, 700_000)
+    for request_id, left in (("r1", 200_000), ("r2", 100_000), ("r3", 0)):
+        assert (await store.admit(request_id, [check])).remaining == (left,)
+    assert await store.admit("r4", [check]) == refused(0, None)
+    assert await store.committed([check]) == [1_000_000]
+
+    await store.seed(check, 5)  # never overwrites
+    assert await store.committed([check]) == [1_000_000]
+
+
+async def test_unseeded_lists_every_unseeded_budget_and_reserves_nothing(
+        store: Store, clock: FakeClock) -> None:
+    ends = clock.now + 3600
+    checks = [rpm(1), budget(100, 1, ends, key="b:a"), budget(100, 1, ends, key="b:b"),
+              budget(100, 1, ends, key="b:c"), leases(1)]
+    await store.seed(checks[2], 0)
+
+    assert await store.admit("r1", checks) == Decision(allowed=False, unseeded=(1, 3))
+
+    assert await store.committed(checks[1:4]) == [None, 0, None]
+    assert (await store.admit("r2", [checks[0], checks[4]])).remaining == (0, 0)
+
+
+async def test_settle_moves_the_budget_by_actual_minus_amount(store: Store,
+                                                              clock: FakeClock) -> None:
+    check = budget(10_000, 100, clock.now + 3600)
+    await store.seed(check, 0)
+    await store.admit("r1", [check])
+    assert await store.committed([check]) == [100]
+    await store.settle("r1", [check], [30])
+    assert await store.committed([check]) == [30]
+    await store.admit("r2", [check])
+    await store.settle("r2", [check], [250])
+    assert await store.committed([check]) == [280]
+
+
+async def test_settle_never_creates_a_budget_nor_fails_on_missing_state(
+        store: Store, clock: FakeClock) -> None:
+    money = budget(1000, 100, clock.now + 3600, key="b:never")
+    await store.settle("r1", [rpm(10), tpm(100, 5), leases(2), money], [1, 500, 1, 900])
+    assert await store.committed([money]) == [None]
+    assert (await store.admit("r2", [rpm(10)])).remaining == (9,)
+    assert await store.admit("r3", [tpm(100, 1)]) == refused(0, pytest.approx(396 * 0.6))  # 100 + 5 - 500
+
+
+async def test_budget_counter_expires_after_its_period(store: Store, clock: FakeClock) -> None:
+    check = budget(1000, 10, clock.now + 3600)
+    await store.seed(check, 500)
+    assert (await store.admit("r1", [check])).reset_s == (3600.0,)
+
+    clock.advance(3600 + BUDGET_SLACK_S - 1)  # past the period, within the slack
+    assert await store.committed([check]) == [510]
+    assert (await store.admit("r2", [check])).reset_s == (0.0,)
+
+    clock.advance(1)
+    assert await store.committed([check]) == [None]
+    assert await store.admit("r3", [check]) == Decision(allowed=False, unseeded=(0,))
+    await store.settle("r2", [check], [0])  # the counter is gone: nothing moves
+    await store.seed(check, 7)  # a period that is over stays over
+    assert await store.committed([check]) == [None]
+    following = budget(1000, 10, clock.now + 3600, key="budget:next")
+    await store.seed(following, 7)
+    assert await store.committed([following]) == [7]
+
+
+@pytest.mark.parametrize("make", [lambda end: rpm(0), lambda end: tpm(0, 0),
+                                  lambda end: leases(0), lambda end: budget(0, 0, end)],
+                         ids=["requests", "tokens", "concurrent", "budget"])
+async def test_limit_zero_admits_nothing(store: Store, clock: FakeClock,
+                                         make: Callable[[float], Check]) -> None:
+    check = make(clock.now + 3600)
+    if check.kind == BUDGET:
+        assert await store.admit("r0", [check]) == refused(0, None)  # no need to seed
+        await store.seed(check, 0)
+    assert await store.admit("r1", [check]) == refused(0, None)
+    clock.advance(3600)
+    assert await store.admit("r2", [check]) == refused(0, None)
+
+
+async def test_committed_reads_every_counter(store: Store, clock: FakeClock) -> None:
+    ends = clock.now + 3600
+    first, second = budget(100, 1, ends, key="b:1"), budget(100, 1, ends, key="b:2")
+    await store.seed(first, 42)
+    assert await store.committed([first, second, rpm(5)]) == [42, None, None]
+
+
+async def test_one_key_used_for_two_kinds_is_a_store_error(store: Store,
+                                                           clock: FakeClock) -> None:
+    await store.admit("r1", [rpm(5, key="shared")])
+    with pytest.raises(QuotaStoreError):
+        await store.admit("r2", [budget(100, 1, clock.now + 60, key="shared")])
+    with pytest.raises(QuotaStoreError):
+        await store.settle("r2", [leases(2, key="shared")], [1])
+
+
+async def test_bad_calls_are_bugs_not_store_errors(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.admit("r1", [Check("bananas", "k", 1, 1)])
+    with pytest.raises(ValueError):
+        await store.settle("r1", [rpm(5)], [1, 2])
+    with pytest.raises(ValueError):
+        await store.seed(rpm(5), 0)
+    with pytest.raises(ValueError):
+        await store.admit("r1", [rpm(5), tpm(100, 1, key="rpm:k")])
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+async def admit_concurrently(stores: Sequence[Store], check: Check, n: int) -> list[Decision]:
+    return await asyncio.gather(*(stores[i % len(stores)].admit(f"r{i}", [check])
+                                  for i in range(n)))
+
+
+@asynccontextmanager
+async def peers_of(store: Store, clock: FakeClock) -> AsyncIterator[list[Store]]:
+    """The store, and for Redis a second store with its own connection pool, same keys."""
+    if isinstance(store, MemoryQuotaStore):
+        yield [store]
+        return
+    other = RedisQuotaStore(REDIS_URL, prefix=store.prefix, clock=clock)
+    await other.startup()
+    try:
+        yield [store, other]
+    finally:
+        await other.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["budget", "requests"])
+async def test_200_concurrent_admits_take_exactly_the_limit(store: Store, clock: FakeClock,
+                                                            kind: str) -> None:
+    check = budget(37 * 1000, 1000, clock.now + 3600) if kind == "budget" else rpm(37)
+    if kind == "budget":
+        await store.seed(check, 0)
+    async with peers_of(store, clock) as stores:
+        decisions = await admit_concurrently(stores, check, 200)
+    admitted = [d for d in decisions if d.allowed]
+    assert len(admitted) == 37
+    scale = 1000 if kind == "budget" else 1
+    assert sorted(d.remaining[0] for d in admitted) == [i * scale for i in range(37)]
+    assert all(d == refused(0, d.retry_after_s) for d in decisions if not d.allowed)
+    if kind == "budget":
+        assert await store.committed([check]) == [37_000]
+
+
+# -- identical semantics -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_memory_and_redis_decide_identically(prefix: str, seed: int) -> None:
+    """A random walk of admits, settles, seeds and clock moves gives equal answers, exactly."""
+    rng = random.Random(seed)
+    start = float(int(time.time()))
+    memory_clock, redis_clock = FakeClock(start), FakeClock(start)
+    memory = MemoryQuotaStore(clock=memory_clock, budget_slack_s=100.0)
+    shared = RedisQuotaStore(REDIS_URL, prefix=prefix, clock=redis_clock, budget_slack_s=100.0)
+    await shared.startup()
+    templates: list[Callable[[], Check]] = [
+        lambda: rpm(5, key="rpm:a", window_s=10.0),
+        lambda: tpm(100, rng.randint(0, 120), key="tpm:a", window_s=30.0),
+        lambda: leases(2, key="conc:a", lease_s=20.0),
+        lambda: budget(5000, rng.randint(0, 400), start + 4000, key="b:a"),
+        lambda: budget(500, rng.randint(0, 200), start + 400, key="b:b"),
+    ]
+    budgets = [templates[3](), templates[4]()]
+    admitted: list[tuple[str, list[Check]]] = []
+
+    async def both(method: str, *args: Any) -> Any:
+        expected = await getattr(memory, method)(*args)
+        assert await getattr(shared, method)(*args) == expected, (method, args)
+        return expected
+
+    try:
+        for step in range(400):
+            op = rng.random()
+            if op < 0.45:
+                checks = [make() for make in rng.sample(templates, rng.randint(1, 3))]
+                if (await both("admit", f"r{step}", checks)).allowed:
+                    admitted.append((f"r{step}", checks))
+            elif op < 0.65 and admitted:
+                request_id, checks = admitted.pop(rng.randrange(len(admitted)))
+                actual = [rng.randint(0, 2 * c.amount + 5) for c in checks]
+                await both("settle", request_id, checks, actual)
+            elif op < 0.75:
+                check, value = rng.choice(budgets), rng.randint(0, 900)
+                await both("seed", check, value)
+            elif op < 0.85:
+                await both("committed", budgets)
+            else:
+                seconds = rng.choice([0.0, 0.5, 1.25, 3.0, 10.0, 45.0, 150.0])
+                memory_clock.advance(seconds)
+                redis_clock.advance(seconds)
+    finally:
+        await shared.shutdown()
+
+
+# -- Redis only --------------------------------------------------------------------------------
+
+def command_names(sent: Iterable[bytes]) -> list[bytes]:
+    return [packed.split(b"\r\n")[2].upper() for packed in sent]
+
+
+async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStore,
+                                                     clock: FakeClock,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = [rpm(100), tpm(1000, 10), leases(5), budget(1000, 1, clock.now + 3600)]
+    await redis_store.seed(checks[3], 0)
+    await redis_store.admit("warm", checks)  # connects and caches the scripts
+    await redis_store.settle("warm", checks, [1, 10, 1, 1])
+    sent: list[bytes] = []
+    send = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent.append(command if isinstance(command, bytes) else b"".join(command))
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+
+    assert (await redis_store.admit("r1", checks)).allowed
+    assert command_names(sent) == [b"EVALSHA"]
+    sent.clear()
+    await redis_store.settle("r1", checks, [1, 20, 1, 2])
+    assert command_names(sent) == [b"EVALSHA"]
+
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    await admin.script_flush()
+    await admin.aclose()
+    sent.clear()
+    decision = await redis_store.admit("r2", checks)
+    assert decision.allowed and decision.remaining == (97, 960, 4, 996)
+    assert command_names(sent) == [b"EVALSHA", b"EVAL"]  # NOSCRIPT, then the full script
+    sent.clear()
+    await redis_store.admit("r3", checks)
+    assert command_names(sent) == [b"EVALSHA"]
+
+
+async def test_redis_keys_expire_when_they_no_longer_matter(redis_store: RedisQuotaStore,
+                                                            clock: FakeClock) -> None:
+    ends = clock.now + 3600.5
+    checks = [tpm(120, 60), leases(3, lease_s=30.0), budget(100, 1, ends)]
+    await redis_store.seed(checks[2], 0)
+    await redis_store.admit("r1", checks)
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [f"{redis_store.prefix}:{check.key}" for check in checks]
+        bucket_ms, leases_ms = await admin.pttl(keys[0]), await admin.pttl(keys[1])
+        assert 90_000 <= bucket_ms <= 120_000  # two windows (full again after 30 s, + a window)
+        assert 25_000 <= leases_ms <= 30_000  # the latest lease
+        at_ms = await admin.pexpiretime(keys[2])
+        assert at_ms == int((ends + BUDGET_SLACK_S) * 1000)
+    finally:
+        await admin.aclose()
+
+
+async def test_unreachable_redis_is_a_store_error(clock: FakeClock) -> None:
+    store = RedisQuotaStore("redis://127.0.0.1:1/0", clock=clock)
+    await store.startup()  # no I/O: the gateway starts while Redis is down
+    check = budget(100, 1, clock.now + 60)
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: store.admit("r1", [check]), lambda: store.settle("r1", [check], [1]),
+        lambda: store.seed(check, 0), lambda: store.committed([check])]
+    for call in calls:
+        with pytest.raises(QuotaStoreError):
+            await asyncio.wait_for(call(), 10)
+    assert await store.ping() is False
+    await store.shutdown()
+
+
+async def test_a_store_that_was_not_started_is_a_store_error() -> None:
+    with pytest.raises(QuotaStoreError):
+        await RedisQuotaStore().admit("r1", [rpm(1)])
+
+
+async def test_a_silent_redis_times_out_as_a_store_error(clock: FakeClock) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisQuotaStore(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.2, clock=clock)
+    await store.startup()
+    try:
+        with pytest.raises(QuotaStoreError):
+            await asyncio.wait_for(store.admit("r1", [rpm(1)]), 10)
+    finally:
+        await store.shutdown()
+        server.close()
+
+
+class TcpProxy:
+    """A TCP relay to Redis that can be switched off (dropping connections) and on again."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+async def test_the_store_recovers_when_redis_comes_back(clock: FakeClock, prefix: str) -> None:
+    proxy = TcpProxy()
+    await proxy.start()
+    store = RedisQuotaStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, clock=clock)
+    await store.startup()
+    try:
+        assert (await store.admit("r1", [rpm(10)])).remaining == (9,)
+
+        await proxy.stop()
+        with pytest.raises(QuotaStoreError):
+            await asyncio.wait_for(store.admit("r2", [rpm(10)]), 10)
+        assert await store.ping() is False
+
+        await proxy.start()  # same port
+        assert (await store.admit("r3", [rpm(10)])).remaining == (8,)
+        assert await store.ping() is True
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
+# -- memory only -------------------------------------------------------------------------------
+
+async def test_memory_store_forgets_idle_state(clock: FakeClock) -> None:
+    store = MemoryQuotaStore(clock=clock)
+    for i in range(50):
+        checks = [rpm(10, key=f"rpm:{i}"), leases(2, key=f"c:{i}"),
+                  budget(100, 1, clock.now + 60, key=f"b:{i}")]
+        await store.seed(checks[2], 0)
+        await store.admit(f"r{i}", checks)
+    assert len(store) == 150
+
+    clock.advance(121)  # buckets idle for two windows, leases gone; budgets still held
+    await store.admit("x", [])
+    assert len(store) == 50
+
+    clock.advance(BUDGET_SLACK_S)
+    await store.admit("x", [rpm(1, key="rpm:new")])
+    assert len(store) == 1
