@@ -1,14 +1,23 @@
-"""The `sluicegate` command: `serve` and `check-config`."""
+"""The `sluicegate` command: `serve`, `check-config`, and `keys` and `budgets`, which manage a
+running gateway through its admin HTTP API (see `gateway.admin_client`)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
+import orjson
+
+from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     check = commands.add_parser("check-config", help="load a config module and print it")
     check.add_argument("path")
+    _add_admin_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("keys", "budgets"):
+        return run_admin_command(args)
     try:
         if args.command == "check-config":
             return check_config(args.path)
@@ -83,6 +95,431 @@ def serve_forever(args: argparse.Namespace) -> int:
     if args.access_log:
         hyper.accesslog = "-"
     return run(hyper)
+
+
+# -- keys and budgets: a running gateway's admin API -------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_TOKEN_ENV = "SLUICEGATE_ADMIN_TOKEN"
+NEW_KEY_NOTE = ("Store the key now: this is the only time it is shown (the gateway keeps only "
+                "its hash).")
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+
+Handler = Callable[[AdminClient, argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A command line the CLI cannot act on: one sentence, exit status 2."""
+
+
+class _RefuseTokenOption(argparse.Action):
+    # A token in argv lands in shell history and `ps`; say so without echoing it.
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser.error("the admin token is never taken on the command line; put it in an "
+                     f"environment variable and name that with --token-env "
+                     f"(default {DEFAULT_TOKEN_ENV})")
+
+
+def _add_admin_commands(commands: Any) -> None:
+    keys = _admin_parser(commands, "keys", "manage virtual keys on a running gateway",
+                         group=True)
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = _admin_parser(actions, "create", "create a key (its plaintext is printed once)")
+    create.add_argument("--project", required=True)
+    create.add_argument("--model", dest="models", action="append", metavar="GLOB",
+                        help="a model the key may use (repeatable; default: every model)")
+    create.add_argument("--expires", type=_timestamp, metavar="ISO",
+                        help="expiry, e.g. 2030-01-01T00:00:00Z")
+    create.add_argument("--require-customer", action="store_true",
+                        help="refuse requests that do not name the end customer")
+    create.add_argument("--meta", action="append", type=_meta_item, metavar="KEY=VALUE")
+    _add_limit_options(create, budget_flag="--budget-usd")
+    create.set_defaults(handler=_keys_create, on_overflow=None, downgrade_to=None,
+                        stream_cutoff=None)
+    listing = _admin_parser(actions, "list", "list keys (never their plaintext or hash)")
+    listing.add_argument("--project")
+    listing.set_defaults(handler=_keys_list)
+    for name, handler, text in (
+            ("revoke", _keys_revoke, "revoke a key at once, on every gateway"),
+            ("rotate", _keys_rotate, "replace a key (same settings; the old one is revoked)")):
+        action = _admin_parser(actions, name, text)
+        action.add_argument("key_id", metavar="ID")
+        action.set_defaults(handler=handler)
+
+    budgets = _admin_parser(commands, "budgets", "rate limits and budgets of a key, project "
+                                                 "or customer", group=True)
+    actions = budgets.add_subparsers(dest="action", required=True)
+    put = _admin_parser(actions, "set", "change the limits (unnamed ones are kept)")
+    _add_subject_options(put)
+    _add_limit_options(put, budget_flag="--usd")
+    put.add_argument("--on-overflow", choices=OVERFLOW_ACTIONS,
+                     help="for the rate limits and every budget of the subject")
+    put.add_argument("--downgrade-to", metavar="MODEL", help="with --on-overflow downgrade")
+    put.add_argument("--stream-cutoff", action=argparse.BooleanOptionalAction,
+                     help="end streams that cross a budget (every budget of the subject)")
+    put.add_argument("--clear", action="store_true",
+                     help="drop the stored limits first (alone: remove them)")
+    put.set_defaults(handler=_budgets_set)
+    show = _admin_parser(actions, "show", "print the limits and the current spend")
+    _add_subject_options(show)
+    show.set_defaults(handler=_budgets_show)
+
+
+def _admin_parser(parent: Any, name: str, text: str, *,
+                  group: bool = False) -> argparse.ArgumentParser:
+    """A parser taking the connection options, both before and after the action's name."""
+    parser: argparse.ArgumentParser = parent.add_parser(name, help=text, description=text,
+                                                        allow_abbrev=False)
+
+    def default(value: object) -> object:
+        # An action's parser leaves unset options out, or they would override the group's.
+        return value if group else argparse.SUPPRESS
+
+    parser.add_argument("--url", default=default(None),
+                        help=f"the gateway (default: $SLUICEGATE_URL or {DEFAULT_URL})")
+    parser.add_argument("--token-env", default=default(DEFAULT_TOKEN_ENV), metavar="NAME",
+                        help="the environment variable holding the admin token "
+                             f"(default {DEFAULT_TOKEN_ENV})")
+    parser.add_argument("--json", dest="as_json", action="store_true",
+                        default=default(False), help="print the API's JSON")
+    parser.add_argument("--token", nargs="?", action=_RefuseTokenOption, help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_subject_options(parser: argparse.ArgumentParser) -> None:
+    subject = parser.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--key", metavar="ID", help="a key's id (key_...)")
+    subject.add_argument("--project", metavar="P")
+    subject.add_argument("--customer", metavar="P/C", help="a project's end customer")
+
+
+def _add_limit_options(parser: argparse.ArgumentParser, *, budget_flag: str) -> None:
+    parser.add_argument(budget_flag, dest="usd", type=_usd, metavar="D",
+                        help="a budget in US dollars")
+    parser.add_argument("--period", choices=PERIODS,
+                        help=f"of the budget (default monthly; with {budget_flag})")
+    parser.add_argument("--rpm", type=_count, metavar="N", help="requests per minute")
+    parser.add_argument("--tpm", type=_count, metavar="N", help="tokens per minute")
+    parser.add_argument("--max-concurrent", type=_count, metavar="N",
+                        help="requests in flight")
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    """Runs `keys ...` or `budgets ...`: 0 done, 1 the API refused, 2 a usage error."""
+    try:
+        handler: Handler = args.handler
+        return handler(_admin_client(args), args)
+    except UsageError as exc:
+        print(f"sluicegate: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
+        print(f"sluicegate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _admin_client(args: argparse.Namespace) -> AdminClient:
+    name: str = args.token_env
+    token = os.environ.get(name, "").strip()
+    if not token:
+        # If a token was given where the variable's name belongs, do not print it.
+        shown = (f"${name}" if _CONVENTIONAL_ENV_NAME.fullmatch(name)
+                 else "the variable named by --token-env")
+        raise UsageError(f"The admin token is read from {shown}, which is empty or not set; "
+                         "export it or name another variable with --token-env.")
+    url = args.url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL
+    try:
+        return AdminClient(url, token)
+    except ValueError as exc:  # the message never holds the token
+        raise UsageError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+def _keys_create(client: AdminClient, args: argparse.Namespace) -> int:
+    settings: dict[str, Any] = {}
+    if args.models:
+        settings["allowed_models"] = args.models
+    if args.expires is not None:
+        settings["expires_at"] = args.expires
+    if args.require_customer:
+        settings["require_customer"] = True
+    if args.meta:
+        settings["metadata"] = dict(args.meta)
+    if _limit_flags_given(args):
+        settings["limits"] = _changed_limits({}, args)
+    _print_new_key(client.create_key(args.project, **settings), args.as_json)
+    return 0
+
+
+def _keys_list(client: AdminClient, args: argparse.Namespace) -> int:
+    keys = [{k: v for k, v in key.items() if k not in ("key", "key_hash")}
+            for key in client.list_keys(args.project)]
+    if args.as_json:
+        _print_json({"object": "list", "data": keys})
+    elif not keys:
+        print("No keys." if args.project is None else f"No keys in project {args.project}.")
+    else:
+        rows = [["ID", "HINT", "PROJECT", "STATUS", "MODELS", "EXPIRES"]]
+        rows += [[_text(key.get("id")), _text(key.get("hint")), _text(key.get("project")),
+                  _text(key.get("status")), _text(",".join(key.get("allowed_models") or ()) or "*"),
+                  _text(key.get("expires_at") or "never")] for key in keys]
+        print(_table(rows))
+    return 0
+
+
+def _keys_revoke(client: AdminClient, args: argparse.Namespace) -> int:
+    key = client.revoke_key(args.key_id)
+    if args.as_json:
+        _print_json(key)
+    else:
+        print(f"Revoked key {_text(key.get('id'))} of project {_text(key.get('project'))}.")
+    return 0
+
+
+def _keys_rotate(client: AdminClient, args: argparse.Namespace) -> int:
+    rotated = client.rotate_key(args.key_id)
+    _print_new_key(rotated, args.as_json)
+    if not args.as_json:
+        print(f"The old key {_text(rotated.get('rotated_from'))} is revoked.", file=sys.stderr)
+    return 0
+
+
+def _print_new_key(payload: dict[str, Any], as_json: bool) -> None:
+    plaintext = payload.get("key")
+    if not isinstance(plaintext, str):
+        raise AdminError(200, "The gateway's answer holds no key.")
+    if as_json:
+        _print_json(payload)
+    else:
+        print(f"id:  {_text(payload.get('id'))}\nkey: {plaintext}")
+    print(NEW_KEY_NOTE, file=sys.stderr)
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+def _budgets_set(client: AdminClient, args: argparse.Namespace) -> int:
+    kind, subject = _subject(args)
+    changes = (_limit_flags_given(args) or args.on_overflow is not None
+               or args.stream_cutoff is not None)
+    if not changes and not args.clear:
+        raise UsageError("Nothing to set: give --usd, --rpm, --tpm, --max-concurrent, "
+                         "--on-overflow, --stream-cutoff or --clear.")
+    if not changes:
+        return _clear_limits(client, kind, subject, args.as_json)
+    current = {} if args.clear else _stored_limits(client, kind, subject) or {}
+    stored = client.put_limits(kind, subject, _changed_limits(current, args))
+    if args.as_json:
+        _print_json(stored)
+    else:
+        print(f"Limits of {kind} {subject} are now:")
+        print("\n".join(_describe_limits(stored.get("limits") or {})))
+    return 0
+
+
+def _clear_limits(client: AdminClient, kind: str, subject: str, as_json: bool) -> int:
+    try:
+        payload = client.delete_limits(kind, subject)
+    except AdminError as exc:
+        if exc.code != "limits_not_found":
+            raise
+        payload = {"object": "limits", "kind": kind, "subject_id": subject, "deleted": False}
+    if as_json:
+        _print_json(payload)
+    elif payload.get("deleted"):
+        print(f"Removed the limits of {kind} {subject}.")
+    else:
+        print(f"No limits were stored for {kind} {subject}.")
+    return 0
+
+
+def _budgets_show(client: AdminClient, args: argparse.Namespace) -> int:
+    kind, subject = _subject(args)
+    limits = _stored_limits(client, kind, subject)
+    usage: dict[str, Any] | None = None
+    unavailable = None
+    try:
+        usage = client.usage(kind, subject)
+    except AdminError as exc:
+        if exc.status != 404:
+            raise
+        unavailable = ("this gateway does not serve /admin/usage (its QuotaMiddleware has no "
+                       "admin_token_env)")
+    if args.as_json:
+        _print_json({"kind": kind, "subject_id": subject, "limits": limits, "usage": usage,
+                     "usage_unavailable": unavailable})
+        return 0
+    if limits is None:
+        print(f"No limits are stored for {kind} {subject}.")
+    else:
+        print(f"Limits of {kind} {subject}:")
+        print("\n".join(_describe_limits(limits)))
+    if unavailable is not None:
+        print(f"Current spend: not available; {unavailable}.")
+    else:
+        print("Current spend (committed: spent plus reserved by requests in flight):")
+        print("\n".join(_describe_usage(usage or {}, (limits or {}).get("budgets") or [])))
+    return 0
+
+
+def _subject(args: argparse.Namespace) -> tuple[str, str]:
+    if args.key is not None:
+        return "key", args.key
+    if args.project is not None:
+        return "project", args.project
+    project, _, customer = args.customer.partition("/")
+    if not project or not customer:
+        raise UsageError("--customer takes PROJECT/CUSTOMER, e.g. acme/alice.")
+    return "customer", args.customer
+
+
+def _stored_limits(client: AdminClient, kind: str, subject: str) -> dict[str, Any] | None:
+    """The subject's limits (`Limits.to_json` shape), None when none are stored."""
+    try:
+        limits = client.get_limits(kind, subject).get("limits")
+    except AdminError as exc:
+        if exc.code == "limits_not_found":
+            return None
+        raise
+    return limits if isinstance(limits, dict) else None
+
+
+def _limit_flags_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) is not None
+               for name in ("usd", "period", "rpm", "tpm", "max_concurrent"))
+
+
+def _changed_limits(current: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`current` with the command line's changes; a same-period budget is replaced, keeping
+    its other settings. Checked here, so a mistake is a usage error rather than an HTTP 400."""
+    if args.period is not None and args.usd is None:
+        raise UsageError("--period goes with a budget amount (--usd or --budget-usd).")
+    if (args.on_overflow == "downgrade") != (args.downgrade_to is not None):
+        raise UsageError("--on-overflow downgrade and --downgrade-to MODEL go together.")
+    limits = {**current}
+    for name in ("rpm", "tpm", "max_concurrent"):
+        if getattr(args, name) is not None:
+            limits[name] = getattr(args, name)
+    budgets = [dict(budget) for budget in limits.get("budgets") or ()]
+    if args.usd is not None:
+        period = args.period or "monthly"
+        same = [budget for budget in budgets if budget.get("period") == period]
+        budgets = [budget for budget in budgets if budget.get("period") != period]
+        budgets.append({**(same[0] if same else {}), "limit_usd": str(args.usd),
+                        "period": period})
+    if args.on_overflow is not None:
+        for target in (limits, *budgets):
+            target["on_overflow"], target["downgrade_to"] = args.on_overflow, args.downgrade_to
+    if args.stream_cutoff is not None:
+        if not budgets:
+            raise UsageError("--stream-cutoff applies to budgets, and this subject has none; "
+                             "give --usd too.")
+        for budget in budgets:
+            budget["stream_cutoff"] = args.stream_cutoff
+    limits["budgets"] = budgets
+    try:
+        return Limits.from_json(limits).to_json()
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"Those limits are not valid: {exc}.") from None
+
+
+def _describe_limits(limits: dict[str, Any]) -> list[str]:
+    lines = [f"  {label}: {_text(limits[name]) if limits.get(name) is not None else 'no limit'}"
+             for label, name in (("rpm", "rpm"), ("tpm", "tpm"),
+                                 ("max concurrent", "max_concurrent"))]
+    lines.append(f"  on overflow: {_overflow(limits)}")
+    for budget in limits.get("budgets") or ():
+        cutoff = ", streams cut off" if budget.get("stream_cutoff") else ""
+        lines.append(f"  budget: ${_text(budget.get('limit_usd'))} "
+                     f"{_text(budget.get('period'))}, {_overflow(budget)} on overflow{cutoff}")
+    if not limits.get("budgets"):
+        lines.append("  budget: none")
+    return lines
+
+
+def _describe_usage(usage: dict[str, Any], budgets: list[dict[str, Any]]) -> list[str]:
+    periods: dict[str, Any] = usage.get("periods") or {}
+    limits = {budget.get("period"): budget.get("limit_usd") for budget in budgets}
+    lines = []
+    for period in PERIODS:
+        spent = (periods.get(period) or {}).get("committed_usd")
+        since = _text((periods.get(period) or {}).get("period_start") or "?")
+        if period not in limits and spent is None:
+            continue
+        line = f"  {period}: ${_text(spent if spent is not None else '0')}"
+        if period in limits:
+            line += f" of ${_text(limits[period])}{_percent(spent, limits[period])}"
+        line += " in all" if period == "lifetime" else f" since {since}"
+        lines.append(line + (" (nothing counted yet)" if spent is None else ""))
+    return lines or ["  nothing counted yet"]
+
+
+def _overflow(limits: dict[str, Any]) -> str:
+    if limits.get("on_overflow") == "downgrade":
+        return f"downgrade to {_text(limits.get('downgrade_to'))}"
+    return _text(limits.get("on_overflow") or "block")
+
+
+def _percent(spent: Any, limit: Any) -> str:
+    try:
+        ratio = Decimal(spent or 0) / Decimal(limit) * 100
+    except (ArithmeticError, TypeError, ValueError):
+        return ""
+    return f" ({ratio.quantize(Decimal('0.1'))}%)"
+
+
+# -- argument types and output -----------------------------------------------------------------
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdecimal()):
+        raise argparse.ArgumentTypeError("must be a whole number >= 0")
+    return int(text)
+
+
+def _usd(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+        usd_to_micros(value)  # finer than a micro-dollar raises ValueError
+    except (ArithmeticError, ValueError):
+        raise argparse.ArgumentTypeError("must be an amount in US dollars, e.g. 25 or "
+                                         "12.50") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _timestamp(text: str) -> str:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an ISO 8601 date and time, e.g. "
+                                         "2030-01-01T00:00:00Z") from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError("needs a timezone, e.g. 2030-01-01T00:00:00Z")
+    return value.isoformat()
+
+
+def _meta_item(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("must be KEY=VALUE")
+    return name, value
+
+
+def _text(value: object) -> str:
+    """A value from the API, safe for a terminal: no control characters or escapes."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,307 @@
+"""`sluicegate keys` and `sluicegate budgets` against a real `sluicegate serve` process: keys in
+PostgreSQL (a fresh schema per run), the admin APIs of the auth and quota layers, and the
+official openai SDK using the keys the CLI printed."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from gateway.cli import NEW_KEY_NOTE
+from middleware.auth.keys import hash_key
+from tests.harness import REPO, mock_config, start_cli_gateway, stop_process, write_config
+
+DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
+ADMIN_TOKEN = "sg-admin-" + secrets.token_urlsafe(24)
+WRONG_TOKEN = "sg-admin-" + secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    url: str
+    log_path: Path
+
+
+def serve(directory: Path, mock_url: str, *, middleware: str = "none",
+          extra: str = "") -> tuple[subprocess.Popen[bytes], Gateway]:
+    config = write_config(directory, mock_config(mock_url, middleware=middleware, extra=extra))
+    log_path = directory / "gateway.log"
+    process, url = start_cli_gateway(config, env={"SG_ADMIN_TOKEN": ADMIN_TOKEN},
+                                     log_path=log_path)
+    return process, Gateway(url, log_path)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mock_url: str) -> Iterator[Gateway]:
+    """Keys in PostgreSQL; the auth layer serves /admin/keys and /admin/limits, the quota
+    layer /admin/usage, both behind the same admin token."""
+    schema = "sg_cli_test_" + uuid.uuid4().hex[:12]
+    extra = f"""
+from middleware.auth import PostgresKeyStore
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")],
+               store=PostgresKeyStore({DSN!r}, schema={schema!r}, channel={schema!r}),
+               admin_token_env="SG_ADMIN_TOKEN"),
+    Middleware(QuotaMiddleware, admin_token_env="SG_ADMIN_TOKEN"),
+]
+"""
+    process, server = serve(tmp_path_factory.mktemp("cli_admin"), mock_url, extra=extra)
+    try:
+        yield server
+    finally:
+        stop_process(process)
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema)))
+
+
+def sluicegate(server: Gateway, *args: str, token: str | None = ADMIN_TOKEN,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it: URL and admin token from the environment."""
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("SLUICEGATE_URL", "SLUICEGATE_ADMIN_TOKEN")}
+    environ["SLUICEGATE_URL"] = server.url
+    if token is not None:
+        environ["SLUICEGATE_ADMIN_TOKEN"] = token
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", *args], check=False,
+                            cwd=REPO, env={**environ, **(env or {})}, capture_output=True,
+                            text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert ADMIN_TOKEN not in output and WRONG_TOKEN not in output
+    return result
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def created(result: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """(id, plaintext) from the output of `keys create` or `keys rotate`."""
+    match = re.fullmatch(r"id:  (key_\w+)\nkey: (sk-sg-[\w-]+)\n", ok(result))
+    assert match, result.stdout
+    key_id, plaintext = match.groups()
+    assert (result.stdout + result.stderr).count(plaintext) == 1
+    assert NEW_KEY_NOTE in result.stderr
+    return key_id, plaintext
+
+
+def ask(server: Gateway, key: str) -> str:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    reply = client.chat.completions.create(model="gpt-mock",
+                                           messages=[{"role": "user", "content": "hello"}])
+    return str(reply.choices[0].message.content)
+
+
+def refused_within(server: Gateway, key: str, timeout_s: float = 2.0) -> bool:
+    """Whether calls with `key` get 401 within `timeout_s` (the key cache learns of a change
+    through PostgreSQL NOTIFY)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ask(server, key)
+        except openai.AuthenticationError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def admin_get(server: Gateway, path: str) -> Any:
+    response = httpx.get(server.url + path,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def project() -> str:
+    return "p-" + uuid.uuid4().hex[:8]
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+def test_create_prints_a_working_key_once(gateway: Gateway) -> None:
+    name = project()
+    result = sluicegate(gateway, "keys", "create", "--project", name, "--model", "gpt-*",
+                        "--meta", "team=search", "--rpm", "100", "--budget-usd", "12.50",
+                        "--period", "daily", "--expires", "2099-01-01T00:00:00Z")
+    key_id, plaintext = created(result)
+    assert ask(gateway, plaintext) == "Mock reply to: hello"
+    stored = admin_get(gateway, f"/admin/keys/{key_id}")
+    assert (stored["project"], stored["allowed_models"], stored["metadata"]) == \
+        (name, ["gpt-*"], {"team": "search"})
+    assert stored["expires_at"] == "2099-01-01T00:00:00+00:00"
+    assert stored["limits"]["rpm"] == 100
+    assert [(b["limit_usd"], b["period"]) for b in stored["limits"]["budgets"]] == \
+        [("12.50", "daily")]
+
+
+def test_create_with_json_output(gateway: Gateway) -> None:
+    result = sluicegate(gateway, "keys", "create", "--project", project(), "--json")
+    payload = orjson.loads(ok(result))
+    assert payload["id"].startswith("key_") and payload["key"].startswith("sk-sg-")
+    assert (result.stdout + result.stderr).count(payload["key"]) == 1
+    assert ask(gateway, payload["key"]) == "Mock reply to: hello"
+
+
+def test_list_shows_keys_without_plaintext_or_hash(gateway: Gateway) -> None:
+    name = project()
+    key_id, plaintext = created(sluicegate(gateway, "keys", "create", "--project", name,
+                                           "--model", "gpt-mock"))
+    table = ok(sluicegate(gateway, "keys", "list", "--project", name))
+    assert [re.split(r"\s{2,}", line) for line in table.splitlines()] == [
+        ["ID", "HINT", "PROJECT", "STATUS", "MODELS", "EXPIRES"],
+        [key_id, f"sk-sg-…{plaintext[-4:]}", name, "active", "gpt-mock", "never"],
+    ]
+    as_json = ok(sluicegate(gateway, "keys", "list", "--project", name, "--json"))
+    assert [key["id"] for key in orjson.loads(as_json)["data"]] == [key_id]
+    everything = ok(sluicegate(gateway, "keys", "list")) + as_json
+    assert key_id in everything
+    assert plaintext not in everything and hash_key(plaintext) not in everything
+
+
+def test_revoke_makes_the_key_fail(gateway: Gateway) -> None:
+    name = project()
+    key_id, plaintext = created(sluicegate(gateway, "keys", "create", "--project", name))
+    assert ask(gateway, plaintext) == "Mock reply to: hello"
+    assert ok(sluicegate(gateway, "keys", "revoke", key_id)) == \
+        f"Revoked key {key_id} of project {name}.\n"
+    assert refused_within(gateway, plaintext)
+    assert admin_get(gateway, f"/admin/keys/{key_id}")["status"] == "revoked"
+
+
+def test_rotate_gives_a_new_key_and_the_old_one_fails(gateway: Gateway) -> None:
+    old_id, old = created(sluicegate(gateway, "keys", "create", "--project", project()))
+    assert ask(gateway, old) == "Mock reply to: hello"
+    result = sluicegate(gateway, "keys", "rotate", old_id)
+    new_id, new = created(result)
+    assert new_id != old_id and new != old
+    assert f"The old key {old_id} is revoked." in result.stderr
+    assert ask(gateway, new) == "Mock reply to: hello"
+    assert refused_within(gateway, old)
+
+
+def test_an_unknown_key_is_an_api_error(gateway: Gateway) -> None:
+    result = sluicegate(gateway, "keys", "revoke", "key_does_not_exist")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "sluicegate: HTTP 404: No key with id 'key_does_not_exist'.\n"
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+def test_budgets_set_then_show_on_a_project(gateway: Gateway) -> None:
+    name = project()
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--usd", "25",
+                  "--period", "monthly", "--rpm", "100"))
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--tpm", "5000"))  # merges
+    stored = admin_get(gateway, f"/admin/limits/project/{name}")["limits"]
+    assert (stored["rpm"], stored["tpm"], stored["max_concurrent"]) == (100, 5000, None)
+    assert [(b["limit_usd"], b["period"], b["on_overflow"]) for b in stored["budgets"]] == \
+        [("25", "monthly", "block")]
+    shown = ok(sluicegate(gateway, "budgets", "show", "--project", name))
+    assert shown.splitlines()[:6] == [
+        f"Limits of project {name}:", "  rpm: 100", "  tpm: 5000", "  max concurrent: no limit",
+        "  on overflow: block", "  budget: $25 monthly, block on overflow"]
+    assert "  monthly: $0 of $25 (0.0%) since " in shown
+
+    _key_id, plaintext = created(sluicegate(gateway, "keys", "create", "--project", name))
+    ask(gateway, plaintext)
+    spent = Decimal(0)
+    deadline = time.monotonic() + 2
+    while spent == 0 and time.monotonic() < deadline:  # settled after the response went out
+        usage = orjson.loads(ok(sluicegate(gateway, "budgets", "show", "--project", name,
+                                           "--json")))["usage"]
+        spent = Decimal(usage["periods"]["monthly"]["committed_usd"] or 0)
+    assert spent > 0
+    shown = ok(sluicegate(gateway, "budgets", "show", "--project", name))
+    assert f"  monthly: ${spent} of $25 (0.0%) since " in shown
+
+
+def test_budgets_on_a_key_and_on_a_customer(gateway: Gateway) -> None:
+    name = project()
+    key_id, _ = created(sluicegate(gateway, "keys", "create", "--project", name))
+    ok(sluicegate(gateway, "budgets", "set", "--key", key_id, "--max-concurrent", "3",
+                  "--usd", "5", "--on-overflow", "downgrade", "--downgrade-to", "gpt-mock",
+                  "--stream-cutoff"))
+    limits = admin_get(gateway, f"/admin/keys/{key_id}")["limits"]
+    assert (limits["max_concurrent"], limits["on_overflow"], limits["downgrade_to"]) == \
+        (3, "downgrade", "gpt-mock")
+    assert [(b["limit_usd"], b["on_overflow"], b["stream_cutoff"]) for b in limits["budgets"]] \
+        == [("5", "downgrade", True)]
+    ok(sluicegate(gateway, "budgets", "set", "--key", key_id, "--clear"))
+    assert admin_get(gateway, f"/admin/keys/{key_id}")["limits"]["budgets"] == []
+
+    customer = f"{name}/alice"
+    ok(sluicegate(gateway, "budgets", "set", "--customer", customer, "--rpm", "7"))
+    assert admin_get(gateway, f"/admin/limits/customer/{customer}")["limits"]["rpm"] == 7
+    assert "  rpm: 7\n" in ok(sluicegate(gateway, "budgets", "show", "--customer", customer))
+
+
+def test_show_without_the_usage_route_prints_the_limits(tmp_path: Path, mock_url: str) -> None:
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')], "
+              "limits={('project', 'tests'): Limits(rpm=7)}, admin_token_env='SG_ADMIN_TOKEN')]")
+    process, server = serve(tmp_path, mock_url, middleware=layers)
+    try:
+        result = sluicegate(server, "budgets", "show", "--project", "tests")
+        assert ok(result).splitlines()[:2] == ["Limits of project tests:", "  rpm: 7"]
+        assert result.stdout.endswith("Current spend: not available; this gateway does not "
+                                      "serve /admin/usage (its QuotaMiddleware has no "
+                                      "admin_token_env).\n")
+        refused = sluicegate(server, "budgets", "set", "--project", "tests", "--rpm", "1")
+        assert (refused.returncode, refused.stdout) == (1, "")
+        assert refused.stderr.startswith("sluicegate: HTTP 409: This key store is read-only")
+        assert refused.stderr.count("\n") == 1
+    finally:
+        stop_process(process)
+
+
+# -- usage errors and the admin token ----------------------------------------------------------
+
+def test_a_missing_token_variable_exits_2_with_one_sentence(gateway: Gateway) -> None:
+    result = sluicegate(gateway, "keys", "list", token=None)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("sluicegate: The admin token is read from "
+                             "$SLUICEGATE_ADMIN_TOKEN, which is empty or not set; export it "
+                             "or name another variable with --token-env.\n")
+    other = sluicegate(gateway, "budgets", "show", "--project", "x", "--token-env", "SG_NONE")
+    assert other.returncode == 2 and "$SG_NONE, which is empty or not set" in other.stderr
+    named = sluicegate(gateway, "keys", "list", "--token-env", "SG_MINE", token=None,
+                       env={"SG_MINE": ADMIN_TOKEN})
+    assert named.returncode == 0, named.stderr
+
+
+def test_a_wrong_token_exits_1(gateway: Gateway) -> None:
+    result = sluicegate(gateway, "keys", "list", token=WRONG_TOKEN)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "sluicegate: HTTP 401: Invalid admin token.\n"
+
+
+def test_a_token_on_the_command_line_is_refused_without_echo(gateway: Gateway) -> None:
+    for args in (["--token", ADMIN_TOKEN], [f"--token={ADMIN_TOKEN}"],
+                 ["--token-env", ADMIN_TOKEN]):
+        result = sluicegate(gateway, "keys", "list", *args, token=None)
+        assert result.returncode == 2 and result.stdout == ""  # sluicegate() checks the echo
+
+
+def test_the_admin_token_never_reaches_the_log(gateway: Gateway) -> None:
+    _key_id, plaintext = created(sluicegate(gateway, "keys", "create", "--project", project()))
+    sluicegate(gateway, "keys", "list", token=WRONG_TOKEN)
+    log = gateway.log_path.read_text()
+    assert "Running on" in log
+    assert ADMIN_TOKEN not in log and WRONG_TOKEN not in log and plaintext not in log
