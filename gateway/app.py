@@ -1,6 +1,7 @@
 """Building the gateway: kernel over the operator's layers over the passthrough."""
 from __future__ import annotations
 
+import gc
 import os
 
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -35,3 +36,13 @@ def create_app(config: GatewayConfig | str | os.PathLike[str]) -> Kernel:
     if not isinstance(config, GatewayConfig):
         config = load_config(config)
     return Kernel(build_stack(config), config=config)
+
+
+def tune_gc() -> None:
+    """For a serving process, once its app is built: the objects made at startup (modules,
+    config, tables) move out of the collector's sight, and young collections run ten times
+    less often. Requests allocate many short-lived objects that die by reference counting;
+    scanning for cycles on every 700 allocations cost about a tenth of a request's CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
-from gateway.app import create_app
+from gateway.app import create_app, tune_gc
 
 app = create_app(os.environ["SLUICEGATE_CONFIG"])
+tune_gc()

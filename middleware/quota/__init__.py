@@ -119,6 +119,8 @@ class QuotaMiddleware:
         self._store_down_until = 0.0
         self._alerted: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
+        self._settle_scheduled = False
         self._http: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,6 +135,8 @@ class QuotaMiddleware:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
 
     async def shutdown(self) -> None:
+        if self._settles:
+            self._flush_settles()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
         if self._http is not None:
@@ -178,7 +182,7 @@ class QuotaMiddleware:
         except _StreamCutOff:
             pass
         finally:
-            self._spawn(self._settle(store, ctx, planned, decision, est, responder.events))
+            self._settle(store, ctx, planned, decision, est, responder.events)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -257,23 +261,49 @@ class QuotaMiddleware:
 
     # -- after the response ------------------------------------------------------------------
 
-    async def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
-                      decision: Decision, est: Estimate, events: int) -> None:
+    def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
+                decision: Decision, est: Estimate, events: int) -> None:
+        """Queues the replacement of the reservation by the actual usage. Settles queued in
+        one event-loop step go to the store together, after the responses went out."""
         usage = plan.actual_usage(ctx, est, events)
         cost = plan.actual_cost(ctx, usage)
-        actual = plan.actual_amounts(planned, usage.total_tokens, cost)
         ctx.state["quota.cost_micros"] = cost
-        try:
-            await store.settle(ctx.request_id, [p.check for p in planned], actual)
-        except QuotaStoreError as exc:
-            logger.warning("could not settle request %s (%s); its reservation stands until "
-                           "the limits refill", ctx.request_id, exc)
-        if self.ledger is not None and cost and isinstance(self.ledger, PostgresSpendLedger):
+        checks = [p.check for p in planned]
+        self._settles.setdefault(store, []).append(
+            (ctx.request_id, checks, plan.actual_amounts(planned, usage.total_tokens, cost)))
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_settles)
+        if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
-        await self._alerts(store, planned, decision, cost)
+        crossed = self._crossed_thresholds(planned, decision, cost)
+        if crossed:
+            self._spawn(self._send_alerts(store, crossed))
 
-    async def _alerts(self, store: QuotaStore, planned: list[Planned], decision: Decision,
-                      cost: int) -> None:
+    def _flush_settles(self) -> None:
+        self._settle_scheduled = False
+        batches, self._settles = self._settles, {}
+        for store, batch in batches.items():
+            self._spawn(self._settle_batch(store, batch))
+
+    async def _settle_batch(self, store: QuotaStore,
+                            batch: list[tuple[str, list[Check], list[int]]]) -> None:
+        try:
+            settle_many = getattr(store, "settle_many", None)
+            if settle_many is not None:
+                await settle_many(batch)
+            else:
+                for request_id, checks, actual in batch:
+                    await store.settle(request_id, checks, actual)
+        except QuotaStoreError as exc:
+            logger.warning("could not settle %d request(s) (%s); their reservations stand "
+                           "until the limits refill", len(batch), exc)
+
+    def _crossed_thresholds(self, planned: list[Planned], decision: Decision,
+                            cost: int) -> list[tuple[Planned, int, int]]:
+        """(budget, threshold, used) for alert thresholds this request reached that this
+        process has not alerted on yet in the period."""
+        crossed = []
         for index, item in enumerate(planned):
             budget = item.budget
             if budget is None or item.check.limit <= 0:
@@ -281,8 +311,15 @@ class QuotaMiddleware:
             used = item.check.limit - decision.remaining[index] - item.check.amount + cost
             percent = used * 100 // item.check.limit
             for threshold in budget.alert_at_percent:
-                if percent >= threshold:
-                    await self._alert_once(store, item, threshold, used)
+                if percent >= threshold and \
+                        f"{item.check.key}:alert:{threshold}" not in self._alerted:
+                    crossed.append((item, threshold, used))
+        return crossed
+
+    async def _send_alerts(self, store: QuotaStore,
+                           crossed: list[tuple[Planned, int, int]]) -> None:
+        for item, threshold, used in crossed:
+            await self._alert_once(store, item, threshold, used)
 
     async def _alert_once(self, store: QuotaStore, item: Planned, threshold: int,
                           used: int) -> None:

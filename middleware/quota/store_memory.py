@@ -109,6 +109,11 @@ class MemoryQuotaStore:
                 level = self._bucket_level(check, now) + (check.amount - used)
                 self._store_bucket(check, min(float(check.limit), level), now)
 
+    async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                          ) -> None:
+        for request_id, checks, actual in batch:
+            await self.settle(request_id, checks, actual)
+
     async def seed(self, check: Check, committed: int) -> bool:
         validate([check])
         if check.kind != BUDGET:

@@ -14,12 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-
 from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
+from middleware.quota.resp import RespClient, RespError
 from middleware.quota.store_memory import BUDGET_SLACK_S, validate
 
 # ARGV: now, request_id, budget_slack_s, then per check: kind, limit, amount, param, [actual]
@@ -181,19 +177,21 @@ class RedisQuotaStore:
         self.socket_timeout_s = socket_timeout_s
         self.clock = clock
         self.budget_slack_s = budget_slack_s
-        self._client: Redis | None = None
+        RespClient(url)  # checks the URL now, at config time
+        self._client: RespClient | None = None
+
+    def __repr__(self) -> str:  # the URL may hold a password
+        return f"RedisQuotaStore(prefix={self.prefix!r})"
 
     async def startup(self) -> None:
         # No I/O: the gateway starts, and limits follow their store-error policy, while
-        # Redis is down. Connections open on first use.
-        self._client = Redis.from_url(
-            self.url, socket_timeout=self.socket_timeout_s,
-            socket_connect_timeout=self.socket_timeout_s, retry=Retry(NoBackoff(), 0))
+        # Redis is down. The connection opens on first use.
+        self._client = RespClient(self.url, timeout_s=self.socket_timeout_s)
 
     async def shutdown(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
     async def ping(self) -> bool:
         """True when Redis answers within the socket timeout."""
@@ -220,6 +218,27 @@ class RedisQuotaStore:
             args = [[*_args(check), str(used)] for check, used in zip(checks, actual, strict=True)]
             await self._run(SETTLE, request_id, checks, args)
 
+    async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                          ) -> None:
+        """Settles many requests in one write (one script call each, pipelined)."""
+        commands = []
+        for request_id, checks, actual in batch:
+            validate(checks, actual)
+            if checks:
+                args = [[*_args(c), str(used)] for c, used in zip(checks, actual, strict=True)]
+                commands.append(self._command(SETTLE, request_id, checks, args))
+        if not commands or self._client is None:
+            return
+        try:
+            replies = await self._client.call_many([("EVALSHA", *cmd) for cmd in commands])
+        except (OSError, ValueError) as exc:
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
+                await self._call("EVAL", SETTLE.source, *command[1:])
+            elif isinstance(reply, BaseException):
+                raise QuotaStoreError(f"Redis quota store: {reply}") from reply
+
     async def seed(self, check: Check, committed: int) -> bool:
         validate([check])
         if check.kind != BUDGET:
@@ -244,25 +263,32 @@ class RedisQuotaStore:
     def _key(self, check: Check) -> str:
         return f"{self.prefix}:{check.key}"
 
-    async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
-                   args: list[list[str]]) -> Any:
+    def _command(self, script: _Script, request_id: str, checks: Sequence[Check],
+                 args: list[list[str]]) -> list[str]:
+        """sha, number of keys, keys, argv: what EVALSHA takes after its name."""
         keys = [self._key(check) for check in checks]
         argv = [repr(float(self.clock())), request_id, repr(float(self.budget_slack_s))]
         argv += [arg for check_args in args for arg in check_args]
+        return [script.sha, str(len(keys)), *keys, *argv]
+
+    async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
+                   args: list[list[str]]) -> Any:
+        command = self._command(script, request_id, checks, args)
         try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *argv)
+            return await self._call("EVALSHA", *command)
         except QuotaStoreError as exc:
-            if not isinstance(exc.__cause__, NoScriptError):
+            if not (isinstance(exc.__cause__, RespError)
+                    and str(exc.__cause__).startswith("NOSCRIPT")):
                 raise
         # The server lost its script cache; EVAL runs the script and caches it again.
-        return await self._call("EVAL", script.source, len(keys), *keys, *argv)
+        return await self._call("EVAL", script.source, *command[1:])
 
-    async def _call(self, *command: Any) -> Any:
+    async def _call(self, *command: str) -> Any:
         if self._client is None:
             raise QuotaStoreError("the Redis quota store is not started")
         try:
-            return await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+            return await self._client.call(*command)
+        except (RespError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
 
 

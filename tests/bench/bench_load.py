@@ -13,7 +13,7 @@ from bench_procs import pinned
 
 HERE = Path(__file__).resolve().parent
 POST_LUA = HERE / "post.lua"
-TOKEN = "sk-bench"
+TOKEN = "sk-sg-bench-not-a-secret-0123456789"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 

@@ -9,8 +9,8 @@ from middleware.metering import MeteringMiddleware
 from middleware.quota import QuotaMiddleware
 from providers import Provider
 
-# The bench's load tools send `Authorization: Bearer sk-bench` (tests/bench/bench_load.py).
-os.environ.setdefault("SLUICEGATE_API_KEY", "sk-bench")
+# The bench's load tools send `Authorization: Bearer sk-sg-bench-not-a-secret-0123456789` (tests/bench/bench_load.py).
+os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-bench-not-a-secret-0123456789")
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
 # free=True: the bench upstream is a mock, so there is nothing to bill.

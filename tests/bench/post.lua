@@ -3,7 +3,7 @@
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY") or '{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or "sk-bench")
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or "sk-sg-bench-not-a-secret-0123456789")
 
 -- Latency is wrk's time to the complete response, in microseconds.
 function done(summary, latency, requests)

@@ -264,7 +264,7 @@ def method_lines(settings: Settings) -> list[str]:
             f"a fixed {sse.count(b'data: ')}-event `chat.completion.chunk` stream of "
             f"{len(sse) / 1000:.1f} KB with a usage chunk and `data: [DONE]`.")
     load = (f"Load: {tool}, `POST /v1/chat/completions` with `{request_body(False)}` (plus "
-            '`"stream":true` for SSE) and `Authorization: Bearer sk-bench`. Latency is the time '
+            '`"stream":true` for SSE) and `Authorization: Bearer sk-sg-bench-not-a-secret-0123456789`. Latency is the time '
             "to the complete response.")
     rounds = (f"Each scenario: a {settings.warmup_s} s warm-up, then {settings.rounds} round(s) "
               f"of {settings.duration_s} s. req/s counts successful responses only and is shown "

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 
 from gateway.policy import (
     BUDGET,
@@ -27,6 +26,7 @@ from gateway.policy import (
     Decision,
     QuotaStoreError,
 )
+from middleware.quota import resp
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
 from middleware.quota.store_redis import RedisQuotaStore
 
@@ -435,13 +435,13 @@ async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStor
     await redis_store.admit("warm", checks)  # connects and caches the scripts
     await redis_store.settle("warm", checks, [1, 10, 1, 1])
     sent: list[bytes] = []
-    send = AbstractConnection.send_packed_command
+    request = resp._Connection.request
 
-    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent.append(command if isinstance(command, bytes) else b"".join(command))
-        await send(self, command, check_health)
+    def counting(self: resp._Connection, payload: bytes) -> Any:
+        sent.append(payload)  # every command written to the socket, as encoded
+        return request(self, payload)
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(resp._Connection, "request", counting)
 
     assert (await redis_store.admit("r1", checks)).allowed
     assert command_names(sent) == [b"EVALSHA"]
