@@ -187,7 +187,9 @@ class MemoryQuotaStore:
         # Kept until a window after it is full again: forgetting it then changes nothing.
         rate = check.limit / check.window_s
         ttl = max(2 * check.window_s, (check.limit - level) / rate + check.window_s)
-        self._state[check.key] = _Bucket(level, now, now + ttl)
+        previous = self._state.get(check.key)  # never move a bucket's time back
+        at = max(now, previous.updated) if isinstance(previous, _Bucket) else now
+        self._state[check.key] = _Bucket(level, at, now + ttl)
 
     def _counter_expiry(self, check: Check) -> float:
         return check.expires_at + self.budget_slack_s if check.expires_at > 0 else math.inf

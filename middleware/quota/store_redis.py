@@ -36,7 +36,12 @@ end
 
 local function store_bucket(key, limit, window, level)
   local ttl = math.max(2 * window, (limit - level) / (limit / window) + window)
-  redis.call('HSET', key, 'tokens', fmt(level), 'updated', ARGV[1])
+  -- Never move a bucket's time back: a gateway whose clock is behind would otherwise make
+  -- the next one refill the skew again on every switch between them.
+  local previous = tonumber(redis.call('HGET', key, 'updated'))
+  local at = now
+  if previous and previous > now then at = previous end
+  redis.call('HSET', key, 'tokens', fmt(level), 'updated', fmt(at))
   redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl * 1000)))
 end
 

@@ -152,6 +152,7 @@ def _ratio(num: TargetResult | None, den: TargetResult | None, scenario: str) ->
 RATIO_PAIRS = (
     ("bare", "floor", "Sluicegate bare / floor"),
     ("default", "floor", "Sluicegate default / floor"),
+    ("redis", "bare", "auth + quota on Redis / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
     ("default", "litellm", "Sluicegate default / LiteLLM"),
 )

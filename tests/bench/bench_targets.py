@@ -92,6 +92,8 @@ TARGETS = {
         Target("floor", "floor, hypercorn + uvloop (`-w 1 -k uvloop`)", _floor),
         Target("bare", "Sluicegate, bare passthrough", _sluicegate("config_bare.py")),
         Target("default", "Sluicegate, default stack", _sluicegate("config_default.py")),
+        Target("redis", "Sluicegate, default stack, auth + quota on Redis",
+               _sluicegate("config_redis.py")),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
     )
 }
