@@ -96,6 +96,31 @@ def _tier(price: Price, input_tokens: int) -> Price:
     return price
 
 
+_NANO = 10**9
+# id(price) -> (price, its four rates in nano-micro-dollars per token) or (price, None) when a
+# rate is finer than that; the price is kept so its id cannot be reused while cached.
+_SCALED: dict[int, tuple[Price, tuple[int, int, int, int] | None]] = {}
+
+
+def _scaled_rates(tier: Price) -> tuple[int, int, int, int] | None:
+    cached = _SCALED.get(id(tier))
+    if cached is not None and cached[0] is tier:
+        return cached[1]
+    rates = (tier.input_per_mtok,
+             tier.input_per_mtok if tier.cached_input_per_mtok is None
+             else tier.cached_input_per_mtok,
+             tier.output_per_mtok,
+             tier.output_per_mtok if tier.reasoning_per_mtok is None
+             else tier.reasoning_per_mtok)
+    scaled = [rate * _NANO for rate in rates]
+    exact = all(value == value.to_integral_value() for value in scaled)
+    result = (int(scaled[0]), int(scaled[1]), int(scaled[2]), int(scaled[3])) if exact else None
+    if len(_SCALED) > 10_000:
+        _SCALED.clear()
+    _SCALED[id(tier)] = (tier, result)
+    return result
+
+
 def cost_micros(price: Price, usage: Usage) -> int:
     """The exact cost of `usage` in integer micro-dollars, rounded up once at the end."""
     tier = _tier(price, usage.input_tokens)
@@ -104,6 +129,11 @@ def cost_micros(price: Price, usage: Usage) -> int:
     input_tokens, output_tokens = max(usage.input_tokens, 0), max(usage.output_tokens, 0)
     cached = min(max(usage.cached_input_tokens, 0), input_tokens)
     reasoning = min(max(usage.reasoning_tokens, 0), output_tokens)
+    scaled = _scaled_rates(tier)
+    if scaled is not None:  # integer arithmetic: exact, and far cheaper than a Decimal context
+        nanos = ((input_tokens - cached) * scaled[0] + cached * scaled[1]
+                 + (output_tokens - reasoning) * scaled[2] + reasoning * scaled[3])
+        return -(-nanos // _NANO)
     cached_rate = tier.input_per_mtok if tier.cached_input_per_mtok is None else (
         tier.cached_input_per_mtok)
     reasoning_rate = tier.output_per_mtok if tier.reasoning_per_mtok is None else (

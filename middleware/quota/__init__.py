@@ -170,11 +170,10 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        admitted = await self._admit(ctx)
-        if admitted is None:  # nothing applies: no reservation, nothing to settle
-            await self.app(scope, receive, send)
+        store, planned, decision, est, headers = await self._admit(ctx)
+        if store is None:  # nothing applies: no reservation, nothing to settle
+            await self.app(scope, receive, _adding_headers(send, headers) if headers else send)
             return
-        store, planned, decision, est, headers = admitted
         responder = _Responder(ctx, send, headers, self._cutoff_allowance(planned, decision),
                                est)
         try:
@@ -187,29 +186,37 @@ class QuotaMiddleware:
     # -- admission ---------------------------------------------------------------------------
 
     async def _admit(self, ctx: RequestContext) -> tuple[
-            QuotaStore, list[Planned], Decision, Estimate, list[tuple[bytes, bytes]]] | None:
+            QuotaStore | None, list[Planned], Decision, Estimate, list[tuple[bytes, bytes]]]:
+        """Reserves against every limit that applies; routes to a cheaper model where a limit
+        says so. A rate limit that sent a request elsewhere does not count that request
+        (`downgrade` means "beyond this limit, use the cheaper model"); a budget still has
+        to fit the cheaper model's cost."""
         principal = ctx.principal or ANONYMOUS
         downgraded: list[str] = []
+        overflowed: set[str] = set()
         for _ in range(_MAX_DOWNGRADES + 1):
             applicable = plan.subjects(principal, ctx.model, self.model_limits, self.limits)
-            if not applicable:
-                return None
             est = plan.estimate(ctx, self.default_max_output_tokens)
-            planned = plan.plan_checks(applicable, est, datetime.now(UTC), self.lease_s)
+            planned = [item for item in plan.plan_checks(applicable, est, datetime.now(UTC),
+                                                         self.lease_s)
+                       if item.check.key not in overflowed]
+            notice = ([(b"x-sluicegate-downgraded", "; ".join(downgraded).encode())]
+                      if downgraded else [])
+            if not planned:
+                return None, [], Decision(allowed=True), est, notice
             store, decision = await self._reserve(ctx, planned)
             if decision.allowed:
                 headers = plan.rate_limit_headers(planned, decision, time.time())
-                if downgraded:
-                    headers.append((b"x-sluicegate-downgraded", "; ".join(downgraded).encode()))
-                return store, planned, decision, est, headers
+                return store, planned, decision, est, headers + notice
             assert decision.failed is not None
             item = planned[decision.failed]
             target = plan.overflow_target(item)
             if target is None or target == ctx.model or ctx.models is None \
                     or target not in ctx.models:
                 raise plan.refusal(item, decision)
-            downgraded.append(f"{ctx.model} -> {target} ({item.check.label} "
-                              f"{'budget' if item.check.kind == BUDGET else item.check.kind})")
+            downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
+            if item.check.kind != BUDGET:
+                overflowed.add(item.check.key)
             route_to(ctx, target)
         raise plan.refusal(item, decision)
 
@@ -427,16 +434,16 @@ class _Responder:
             if self.headers:
                 message["headers"] = [*message.get("headers", ()), *self.headers]
         elif self.streaming and message["type"] == "http.response.body":
-            body = message.get("body", b"")
-            self.events += body.count(b"\n\n")
+            events = self.events + message.get("body", b"").count(b"\n\n")
             if self.price is not None and self.allowance is not None and \
-                    self._over_budget():
-                await self._cut_off()
+                    self._over_budget(events):
+                await self._cut_off()  # this message is replaced, so not counted
+            self.events = events
         await self._send(message)
 
-    def _over_budget(self) -> bool:
+    def _over_budget(self, events: int) -> bool:
         assert self.price is not None and self.allowance is not None
-        spent = estimate_micros(self.price, self.est.input_tokens, self.events)
+        spent = estimate_micros(self.price, self.est.input_tokens, events)
         return spent > self.allowance
 
     async def _cut_off(self) -> None:
@@ -447,6 +454,14 @@ class _Responder:
                           "body": stream_error_event(self.ctx.api_format, error),
                           "more_body": False})
         raise _StreamCutOff()
+
+
+def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+    return send_with_headers
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:

@@ -119,12 +119,21 @@ def served_price(ctx: RequestContext) -> Price | None:
 
 def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:
     """What the request really used. Cache hits and calls that never reached a model cost
-    nothing; a stream cut short without a usage report is charged its input estimate plus
-    one token per event it delivered."""
+    nothing; a stream cut short is charged at least its input estimate plus one token per
+    event it delivered (more if the provider reported more)."""
     if ctx.cache_status == "hit":
         return Usage()
-    if ctx.usage is not None:
-        return ctx.usage
+    usage = ctx.usage
+    cut_short = ctx.stream and (ctx.client_disconnected or ctx.error_type is not None)
+    if usage is not None and cut_short:
+        # A stream cut short may carry only an early usage report (Anthropic's message_start
+        # says output_tokens=1): never charge less than what was delivered.
+        return Usage(input_tokens=max(usage.input_tokens, est.input_tokens),
+                     output_tokens=max(usage.output_tokens, streamed_events),
+                     cached_input_tokens=usage.cached_input_tokens,
+                     reasoning_tokens=usage.reasoning_tokens)
+    if usage is not None:
+        return usage
     if ctx.first_byte_s is not None and ctx.stream:
         return Usage(input_tokens=est.input_tokens, output_tokens=streamed_events)
     return Usage()
@@ -189,7 +198,8 @@ def plan_checks(applicable: Iterable[tuple[str, str, Limits]], est: Estimate, no
             start, end = period_bounds(budget.period, now)
             expires = 0.0 if end >= LIFETIME_END else end.timestamp()
             key = f"{base}:budget:{budget.period}:{period_label(budget.period, start)}"
-            label = f"{_who(kind, subject)} {budget.period} budget"
+            owner = "the gateway-wide" if kind == "global" else _who(kind, subject)
+            label = f"{owner} {budget.period} budget"
             planned.append(Planned(Check(BUDGET, key, budget.limit_micros, est.cost_micros,
                                          expires_at=expires,
                                          on_store_error=budget.on_store_error, label=label),
@@ -207,7 +217,7 @@ def actual_amounts(planned: Sequence[Planned], tokens: int, cost: int) -> list[i
 
 def _who(kind: str, subject: str) -> str:
     if kind == "global":
-        return "the gateway-wide"
+        return "all callers together"
     if kind == "key":
         return f"key {subject}"
     return f"{kind} '{subject}'"
@@ -222,12 +232,24 @@ def overflow_target(item: Planned) -> str | None:
     return item.limits.downgrade_to if item.limits.on_overflow == "downgrade" else None
 
 
+def overflow_reason(item: Planned) -> str:
+    """Why a request was sent to a cheaper model, for the x-sluicegate-downgraded header."""
+    check = item.check
+    if check.kind == BUDGET:
+        return check.label
+    unit = {REQUESTS: "requests per minute", TOKENS: "tokens per minute",
+            CONCURRENT: "concurrent requests"}[check.kind]
+    return f"{check.label} {unit}"
+
+
 def refusal(item: Planned, decision: Decision) -> GatewayError:
     check = item.check
     if check.kind == BUDGET:
         return _budget_refusal(item)
     headers: list[tuple[bytes, bytes]] = []
-    if decision.retry_after_s is not None:
+    if check.kind == CONCURRENT:  # a slot frees when any request ends, usually in seconds
+        headers.append((b"retry-after", b"1"))
+    elif decision.retry_after_s is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(decision.retry_after_s))).encode()))
     who = check.label[0].upper() + check.label[1:]
     if check.kind == CONCURRENT:

@@ -1,0 +1,899 @@
+"""The quota layer end to end: a real gateway (hypercorn on a socket), mock providers, the
+official SDKs and httpx as clients, and the real Redis and PostgreSQL.
+
+Most tests run twice, over the in-process store and over Redis under a key prefix of the
+test's own (a Cluster hash tag), whose keys are deleted afterwards.
+
+The arithmetic: every mock model costs $1 per 1M input and $2 per 1M output tokens, so a
+cost in micro-dollars is input tokens + 2 x output tokens. PROMPT is seven one-letter words:
+the gateway estimates 3 + ceil(13 bytes / 4) + 3 = 10 input tokens, and the mock counts
+7 words + 3 per message = 10. Its reply, "Mock reply to: a b c d e f g", is 10 words. So
+with max_tokens=10 the reservation (10 + 2 x 10 = 30) equals the actual cost, and budget
+tests do not depend on when the background settle runs; with max_tokens=100 the
+reservation is 210 and the settle visibly brings it down to 30.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anthropic
+import httpx
+import openai
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from gateway import create_app
+from gateway.kernel import Kernel
+from gateway.policy import BUDGET, Check, period_bounds, period_label
+from gateway.tokens import estimate_messages
+from middleware.quota import QuotaMiddleware
+from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PG_DSN = "postgresql://root@127.0.0.1:5432/test"
+
+KEY_ID = "k-test"
+PROMPT = [{"role": "user", "content": "a b c d e f g"}]
+INPUT = 10  # both the gateway's estimate and the mock's count, see the module docstring
+OUTPUT = 10  # words of the mock's reply
+COST = INPUT + 2 * OUTPUT  # micro-dollars, actual; also the reservation with max_tokens=10
+RESERVED_100 = INPUT + 2 * 100  # the reservation with max_tokens=100
+ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
+SECOND_KEY = "sk-sg-second-key-0123456789"
+ADMIN_TOKEN = "quota-admin-token-0123456789"
+
+T = TypeVar("T")
+
+PRELUDE = '''
+import orjson
+from gateway.context import Usage, find_request_context
+from middleware.quota import PostgresSpendLedger, RedisQuotaStore
+
+
+class FixedAnswer:
+    """Answers every API request itself, as a cache layer does on a hit, reporting the
+    usage of the call it stands for (the documented contract of a layer below quota)."""
+
+    def __init__(self, app, *, cache_status):
+        self.app = app
+        self.cache_status = cache_status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = find_request_context(scope)
+        if ctx is None:
+            await self.app(scope, receive, send)
+            return
+        ctx.cache_status = self.cache_status
+        ctx.usage = Usage(input_tokens=10, output_tokens=10)
+        body = orjson.dumps({
+            "id": "chatcmpl-cached", "object": "chat.completion", "created": 0,
+            "model": ctx.model, "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "cached"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+models["cheap-mock"] = [Deployment("openai", "cheap-upstream",
+                                   price=Price(input_per_mtok="0.1", output_per_mtok="0.2"))]
+'''
+
+
+# -- building configs ----------------------------------------------------------------------------
+
+def static_key(limits: str = "None", *, key_id: str = KEY_ID, env: str = "SG_TEST_KEY") -> str:
+    return f"StaticKey('tests', key_env={env!r}, id={key_id!r}, limits={limits})"
+
+
+def auth(*keys: str) -> str:
+    return f"Middleware(AuthMiddleware, keys=[{', '.join(keys or (static_key(),))}])"
+
+
+def quota(store: str, **options: str) -> str:
+    extra = "".join(f", {name}={value}" for name, value in options.items())
+    return f"Middleware(QuotaMiddleware, store={store}{extra})"
+
+
+def budget_check(period: str, subject: str = f"key:{KEY_ID}") -> Check:
+    """The storage key the quota layer uses for a budget of `subject` in the current period."""
+    start, end = period_bounds(period, datetime.now(UTC))
+    expires = 0.0 if period == "lifetime" else end.timestamp()
+    return Check(BUDGET, f"{subject}:budget:{period}:{period_label(period, start)}", 0, 0,
+                 expires_at=expires)
+
+
+def eventually(read: Callable[[], T], expected: T, timeout_s: float = 5.0) -> T:
+    """Polls `read` until it returns `expected` (settling runs after the response, in the
+    background); returns the last value read, for the caller to assert on."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
+def settled(read: Callable[[], T], reserved: T, timeout_s: float = 5.0) -> T:
+    """Polls `read` until it no longer returns the reservation, i.e. until the background
+    settle has replaced it with the actual amount; returns that value."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while value == reserved and time.monotonic() < deadline:
+        time.sleep(0.02)
+        value = read()
+    return value
+
+
+@dataclass
+class Gateway:
+    server: ThreadedServer
+    app: Kernel
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def quota(self) -> QuotaMiddleware:
+        return next(c for c in self.app.components if isinstance(c, QuotaMiddleware))
+
+    def committed(self, period: str = "lifetime", subject: str = f"key:{KEY_ID}") -> int | None:
+        """The budget counter (spent + reserved) as the quota store holds it."""
+        check = budget_check(period, subject)
+        values: list[int | None] = self.server.run(self.quota.store.committed([check]))
+        return values[0]
+
+    def chat(self, key: str | None = TEST_KEY, **body: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        payload = {"model": "gpt-mock", "messages": PROMPT, "max_tokens": OUTPUT, **body}
+        return httpx.post(self.url + "/v1/chat/completions", headers=headers, json=payload,
+                          timeout=10)
+
+    def openai(self, key: str = TEST_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def anthropic(self, key: str = TEST_KEY) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0)
+
+
+Start = Callable[..., Gateway]
+
+
+@pytest.fixture
+def start(tmp_path: Path, mock_url: str, prefix: str) -> Iterator[Start]:
+    """Starts gateways whose `middleware` list is the given layer expressions; they stop
+    before the test's Redis keys are deleted."""
+    running: list[ThreadedServer] = []
+
+    def start(*layers: str, upstream: str = mock_url) -> Gateway:
+        text = mock_config(upstream, middleware="none",
+                           extra=PRELUDE + f"\nmiddleware = [{', '.join(layers)}]\n")
+        path = write_config(tmp_path, text, name=f"config_{len(running)}.py")
+        app = create_app(path)
+        server = ThreadedServer(app).__enter__()
+        running.append(server)
+        return Gateway(server, app)
+
+    yield start
+    for server in reversed(running):
+        server.__exit__(None, None, None)
+
+
+def delete_prefix(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own (a hash tag), whose keys are deleted after."""
+    value = f"{{sgq-{uuid.uuid4().hex}}}"
+    yield value
+    delete_prefix(value)
+
+
+def redis_store(prefix: str, url: str = REDIS_URL, **options: Any) -> str:
+    extra = "".join(f", {name}={value!r}" for name, value in options.items())
+    return f"RedisQuotaStore({url!r}, prefix={prefix!r}{extra})"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, prefix: str) -> str:
+    """The quota store, as an expression for the config module."""
+    return "'memory'" if request.param == "memory" else redis_store(prefix)
+
+
+@pytest.fixture(scope="module")
+def slow_mock() -> Iterator[MockProviderServer]:
+    """A mock whose streams carry one character per event and pause between events."""
+    server = MockProviderServer(MockConfig(chunk_delay_s=0.1, chunk_chars=1))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slow(slow_mock: MockProviderServer) -> Iterator[MockProviderServer]:
+    slow_mock.config.chunk_delay_s = 0.1
+    slow_mock.clear_faults()
+    slow_mock.reset_log()
+    yield slow_mock
+    slow_mock.config.chunk_delay_s = 0.1
+
+
+def wait_streams_done(mock: MockProviderServer) -> None:
+    assert eventually(lambda: mock.active_streams, 0) == 0
+
+
+# -- 1. requests per minute ----------------------------------------------------------------------
+
+def test_rpm_admits_exactly_n_then_429_in_openai_shape(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key("Limits(rpm=3)")), quota(store))
+    client = gateway.openai()
+    for remaining in ("2", "1", "0"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-mock", messages=PROMPT, max_tokens=OUTPUT)  # type: ignore[arg-type]
+        assert raw.status_code == 200
+        assert raw.headers["x-ratelimit-remaining-requests"] == remaining
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="gpt-mock", messages=PROMPT,  # type: ignore[arg-type]
+                                       max_tokens=OUTPUT)
+    response = refused.value.response
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["retry-after"]) <= 20  # a token every 20 s
+    assert response.json() == {"error": {
+        "message": "Rate limit exceeded: Key k-test may use 3 requests per minute; retry "
+                   "after the number of seconds in the Retry-After header.",
+        "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
+    assert len(mock.requests) == 3  # the refused request never reached the provider
+
+
+def test_rpm_refusal_in_anthropic_shape(start: Start, store: str,
+                                        mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key("Limits(rpm=2)")), quota(store))
+    client = gateway.anthropic()
+    for _ in range(2):
+        message = client.messages.create(model="claude-mock", max_tokens=OUTPUT,
+                                         messages=PROMPT)  # type: ignore[arg-type]
+        assert message.content[0].text == "Mock reply to: a b c d e f g"  # type: ignore[union-attr]
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        client.messages.create(model="claude-mock", max_tokens=OUTPUT,
+                               messages=PROMPT)  # type: ignore[arg-type]
+    response = refused.value.response
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["retry-after"]) <= 30
+    assert response.json() == {"type": "error", "error": {
+        "type": "rate_limit_error",
+        "message": "Rate limit exceeded: Key k-test may use 2 requests per minute; retry "
+                   "after the number of seconds in the Retry-After header."}}
+    assert len(mock.requests) == 2
+
+
+# -- 2. budgets that block -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [402, 429])
+def test_budget_admits_exactly_k_requests_then_refuses(
+        start: Start, store: str, mock: MockProviderServer, status: int) -> None:
+    limit = "0.00009"  # three requests of 30 micro-dollars
+    gateway = start(auth(static_key(
+        f"Limits(budgets=(Budget({limit!r}, period='daily', status={status}),))")), quota(store))
+    for remaining in ("0.000060", "0.000030", "0.000000"):
+        response = gateway.chat()
+        assert response.status_code == 200
+        assert response.headers["x-sluicegate-budget-remaining"] == remaining
+    refused = gateway.chat()
+    _, end = period_bounds("daily", datetime.now(UTC))
+    stamp = end.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert refused.status_code == status
+    assert refused.headers["x-sluicegate-budget-reset"] == stamp
+    assert refused.json() == {"error": {
+        "message": f"Budget exceeded: the key k-test daily budget of ${limit} USD does not "
+                   f"leave enough for this request; it resets at {stamp}.",
+        "type": "insufficient_quota" if status == 402 else "rate_limit_error",
+        "param": None, "code": "budget_exceeded"}}
+    if status == 429:
+        seconds = end.timestamp() - time.time()
+        assert 0 < int(refused.headers["retry-after"]) <= seconds + 2
+    else:
+        assert "retry-after" not in refused.headers
+    assert len(mock.requests) == 3
+    assert gateway.committed("daily") == 3 * COST
+
+
+# -- 3. headers ----------------------------------------------------------------------------------
+
+def test_rate_limit_and_budget_headers(start: Start, store: str) -> None:
+    gateway = start(auth(static_key(
+        "Limits(rpm=5, tpm=1000, budgets=(Budget('0.001', period='daily'),))")), quota(store))
+    first = gateway.chat()
+    assert first.status_code == 200
+    headers = {k: v for k, v in first.headers.items()
+               if k.startswith(("x-ratelimit-", "x-sluicegate-"))}
+    assert headers == {
+        "x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-reset-requests": "12s",  # one request refills in 60 / 5 s
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": str(1000 - (INPUT + OUTPUT)),
+        "x-ratelimit-reset-tokens": "2s",  # 20 tokens at 1000 per minute: 1.2 s, rounded up
+        "x-sluicegate-budget-remaining": "0.000970",
+    }
+    second = gateway.chat()
+    assert second.headers["x-ratelimit-remaining-requests"] == "3"
+    assert 1000 - 2 * (INPUT + OUTPUT) <= int(second.headers["x-ratelimit-remaining-tokens"]) \
+        <= 1000 - (INPUT + OUTPUT)  # the bucket refills a little between the two
+    assert second.headers["x-sluicegate-budget-remaining"] == "0.000940"
+
+
+def test_headers_report_the_tightest_subject(start: Start, store: str) -> None:
+    gateway = start("Middleware(AuthMiddleware, keys=[" + static_key("Limits(rpm=5)") + "], "
+                    "limits={('project', 'tests'): Limits(rpm=2)})", quota(store))
+    first = gateway.chat()
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert gateway.chat().status_code == 200
+    refused = gateway.chat()
+    assert refused.status_code == 429
+    assert refused.json()["error"]["message"].startswith(
+        "Rate limit exceeded: Project 'tests' may use 2 requests per minute")
+
+
+def test_a_request_larger_than_the_tpm_bucket_is_refused_without_retry_after(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key("Limits(tpm=100)")), quota(store))
+    refused = gateway.chat(max_tokens=100)  # 10 input + 100 output > 100: waiting never helps
+    assert refused.status_code == 429
+    assert "retry-after" not in refused.headers
+    assert refused.json()["error"]["message"] == (
+        "Request too large: it needs about 110 tokens, and key k-test may use 100 tokens "
+        "per minute.")
+    assert mock.requests == []
+    assert gateway.chat().headers["x-ratelimit-remaining-tokens"] == "80"
+
+
+def test_a_concurrency_lease_is_released_when_the_client_hangs_up(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    slow.config.chunk_delay_s = 0.3
+    gateway = start(auth(static_key("Limits(max_concurrent=1)")), quota(store),
+                    upstream=slow.url)
+    body = {"model": "gpt-mock", "messages": PROMPT, "max_tokens": OUTPUT, "stream": True}
+    with httpx.Client(timeout=10) as client, client.stream(
+            "POST", gateway.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {TEST_KEY}"}, json=body) as streaming:
+        next(streaming.iter_raw())
+        refused = gateway.chat()
+        assert refused.status_code == 429
+        assert refused.json()["error"]["message"] == (
+            "Too many concurrent requests: key k-test may have 1 requests in flight.")
+    assert eventually(lambda: gateway.chat().status_code, 200) == 200
+
+
+# -- 4. reconciliation to actual usage ----------------------------------------------------------
+
+LIFETIME_BUDGET = "Limits(budgets=(Budget('0.001', period='lifetime'),))"
+
+
+def test_non_stream_settles_to_the_reported_usage(start: Start, store: str) -> None:
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
+    first = gateway.chat(max_tokens=100)
+    assert first.status_code == 200
+    assert first.json()["usage"]["prompt_tokens"] == INPUT
+    assert first.headers["x-sluicegate-budget-remaining"] == "0.000790"  # 1000 - 210 reserved
+    assert settled(gateway.committed, RESERVED_100) == COST
+    second = gateway.chat(max_tokens=100)
+    assert second.headers["x-sluicegate-budget-remaining"] == "0.000760"  # 1000 - 30 - 210
+
+
+def test_stream_settles_to_the_usage_in_the_stream(start: Start, store: str) -> None:
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
+    response = gateway.chat(max_tokens=100, stream=True)
+    assert response.status_code == 200
+    assert response.text.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(event.removeprefix("data: "))
+              for event in response.text.split("\n\n")[:-2]]
+    assert [c.get("usage") for c in chunks] == [None] * len(chunks)  # the client did not ask
+    assert settled(gateway.committed, RESERVED_100) == COST
+
+
+def read_events_then_hang_up(url: str, path: str, body: dict[str, Any],
+                             headers: dict[str, str], events: int) -> bytes:
+    """Reads a stream until `events` SSE events arrived, then closes the connection."""
+    received = b""
+    with httpx.Client(timeout=10) as client, \
+            client.stream("POST", url + path, headers=headers, json=body) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += chunk
+            if received.count(b"\n\n") >= events:
+                break
+    return received
+
+
+def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    slow.config.chunk_delay_s = 0.3  # nothing else arrives between our last read and hang-up
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store), upstream=slow.url)
+    cancelled = slow.cancelled_streams
+    received = read_events_then_hang_up(
+        gateway.url, "/v1/chat/completions",
+        {"model": "gpt-mock", "messages": PROMPT, "max_tokens": 100, "stream": True},
+        {"authorization": f"Bearer {TEST_KEY}"}, events=3)
+    delivered = received.count(b"\n\n")
+    assert delivered == 3
+    expected = estimate_messages(PROMPT) + 2 * delivered  # plan.actual_usage, no usage came
+    assert settled(gateway.committed, RESERVED_100) == expected
+    wait_streams_done(slow)
+    assert slow.cancelled_streams == cancelled + 1
+
+
+@pytest.mark.parametrize("path,model,headers", [
+    ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS}),
+    ("/v1/chat/completions", "gemini-mock", {"authorization": f"Bearer {TEST_KEY}"}),
+])
+def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_events_delivered(
+        start: Start, slow: MockProviderServer, path: str, model: str,
+        headers: dict[str, str]) -> None:
+    slow.config.chunk_delay_s = 0.3
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota("'memory'"), upstream=slow.url)
+    received = read_events_then_hang_up(
+        gateway.url, path,
+        {"model": model, "messages": PROMPT, "max_tokens": 100, "stream": True},
+        headers, events=6)
+    expected = INPUT + 2 * received.count(b"\n\n")  # at least 6 events, 3+ of them text
+    assert settled(gateway.committed, RESERVED_100) == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_error_before_the_first_byte_costs_nothing(
+        start: Start, store: str, mock: MockProviderServer, stream: bool) -> None:
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
+    mock.push_fault(Fault(kind="status", provider="openai", status=500))
+    response = gateway.chat(max_tokens=100, stream=stream)
+    assert response.status_code == 500
+    assert settled(gateway.committed, RESERVED_100) == 0  # the reservation is given back
+
+
+@pytest.mark.parametrize("cache_status,cost", [("hit", 0), (None, COST)])
+def test_a_cache_hit_below_quota_costs_nothing(start: Start, store: str,
+                                               mock: MockProviderServer,
+                                               cache_status: str | None, cost: int) -> None:
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store),
+                    f"Middleware(FixedAnswer, cache_status={cache_status!r})")
+    response = gateway.chat(max_tokens=100)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "cached"
+    assert response.headers["x-sluicegate-budget-remaining"] == "0.000790"
+    assert settled(gateway.committed, RESERVED_100) == cost
+    assert mock.requests == []
+
+
+# -- 5. downgrades -------------------------------------------------------------------------------
+
+DOWNGRADING_MODEL = "{'gpt-mock': Limits(rpm=1, on_overflow='downgrade', downgrade_to='azure-mock')}"
+
+
+def test_model_rpm_overflow_downgrades_to_the_cheaper_model(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key("Limits(rpm=100)")),
+                    quota(store, model_limits=DOWNGRADING_MODEL))
+    first = gateway.chat()
+    assert "x-sluicegate-downgraded" not in first.headers
+    second = gateway.chat()
+    assert second.status_code == 200
+    assert second.headers["x-sluicegate-downgraded"] == \
+        "gpt-mock -> azure-mock (model 'gpt-mock' requests per minute)"
+    assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
+
+
+def test_downgrade_to_a_model_without_limits_still_says_so(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(), quota(store, model_limits=DOWNGRADING_MODEL))
+    gateway.chat()
+    second = gateway.chat()
+    assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
+    assert second.headers["x-sluicegate-downgraded"] == \
+        "gpt-mock -> azure-mock (model 'gpt-mock' requests per minute)"
+
+
+def test_key_rpm_overflow_downgrades_to_the_cheaper_model(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key(
+        "Limits(rpm=1, on_overflow='downgrade', downgrade_to='azure-mock')")), quota(store))
+    assert gateway.chat().status_code == 200
+    second = gateway.chat()
+    assert second.status_code == 200
+    assert second.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> azure-mock")
+    assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
+
+
+DOWNGRADING_BUDGET = ("Limits(budgets=(Budget('0.00004', period='daily', on_overflow='downgrade',"
+                      " downgrade_to='cheap-mock'),))")
+
+
+def test_budget_overflow_downgrades_to_the_cheaper_model(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    gateway = start(auth(static_key(DOWNGRADING_BUDGET)), quota(store))
+    first = gateway.chat()
+    assert first.headers["x-sluicegate-budget-remaining"] == "0.000010"
+    second = gateway.chat()  # 30 + 30 > 40, but the cheap model's 3 fit
+    assert second.status_code == 200
+    assert second.headers["x-sluicegate-downgraded"].startswith(
+        "gpt-mock -> cheap-mock (key k-test daily budget")
+    assert second.headers["x-sluicegate-budget-remaining"] == "0.000007"
+    assert [r["json"]["model"] for r in mock.requests] == ["gpt-4o-mini", "cheap-upstream"]
+    third = gateway.chat()  # 33 + 30 > 40, but the cheap model's 3 fit
+    assert third.headers["x-sluicegate-budget-remaining"] == "0.000004"
+    assert eventually(lambda: gateway.committed("daily"), 36) == 36
+
+
+def test_downgrade_header_names_the_budget_once(start: Start, store: str) -> None:
+    gateway = start(auth(static_key(DOWNGRADING_BUDGET)), quota(store))
+    gateway.chat()
+    assert "budget budget" not in gateway.chat().headers["x-sluicegate-downgraded"]
+
+
+# -- 6. stream cutoff ----------------------------------------------------------------------------
+
+# 35 micro-dollars: the reservation (30) fits; a stream of one character per event crosses
+# 10 + 2 x events > 35 at its 13th event, so 12 events are delivered before the error event.
+CUTOFF_BUDGET = "Limits(budgets=(Budget('0.000035', period='lifetime', stream_cutoff=True),))"
+STREAMS = {
+    "openai": ("/v1/chat/completions", "gpt-mock", {"authorization": f"Bearer {TEST_KEY}"}),
+    "anthropic": ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS}),
+}
+CUTOFF_MESSAGE = "The stream was ended because its cost reached what is left of the budget."
+
+
+def cut_off_stream(gateway: Gateway, api: str) -> httpx.Response:
+    path, model, headers = STREAMS[api]
+    body = {"model": model, "messages": PROMPT, "max_tokens": OUTPUT, "stream": True}
+    return httpx.post(gateway.url + path, headers=headers, json=body, timeout=10)
+
+
+@pytest.mark.parametrize("api", sorted(STREAMS))
+def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
+        start: Start, store: str, slow: MockProviderServer, api: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    cancelled = slow.cancelled_streams
+    response = cut_off_stream(gateway, api)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == ""
+    events = events[:-1]
+    assert len(events) == 13  # 12 delivered, then the error event
+    if api == "openai":
+        assert all(json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk"
+                   for e in events[:-1])
+        assert json.loads(events[-1].removeprefix("data: ")) == {"error": {
+            "message": CUTOFF_MESSAGE, "type": "insufficient_quota", "param": None,
+            "code": "budget_exceeded"}}
+    else:
+        assert events[0].startswith("event: message_start\n")
+        assert events[-1].startswith("event: error\ndata: ")
+        assert json.loads(events[-1].split("data: ", 1)[1]) == {
+            "type": "error", "error": {"type": "billing_error", "message": CUTOFF_MESSAGE}}
+    assert "[DONE]" not in response.text and "message_stop" not in response.text
+    wait_streams_done(slow)
+    assert slow.cancelled_streams == cancelled + 1
+    # Sending after the end (or a second response start) fails in the server, once the
+    # client has its answer; the kernel logs it as an unhandled error.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_stream_cutoff_charges_the_events_delivered(start: Start, store: str,
+                                                    slow: MockProviderServer) -> None:
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    response = cut_off_stream(gateway, "openai")
+    assert response.text.count("\n\n") == 13
+    wait_streams_done(slow)
+    assert settled(gateway.committed, COST) == INPUT + 2 * 12
+
+
+# -- 7. Redis unavailable ------------------------------------------------------------------------
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+class RedisProxy:
+    """A TCP proxy in front of Redis, on its own event loop thread; `stop` closes the port
+    and drops every connection, `start` opens the same port again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def _run(self, work: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(5)
+
+    def start(self) -> None:
+        self._run(self._start())
+
+    def stop(self) -> None:
+        self._run(self._stop())
+
+    def close(self) -> None:
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                  reuse_address=True)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open |= {writer, up_writer}
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        self._open -= {writer, up_writer}
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[RedisProxy]:
+    proxy = RedisProxy()
+    proxy.start()
+    yield proxy
+    proxy.close()
+
+
+def test_redis_outage_follows_each_limits_store_error_policy(
+        start: Start, prefix: str, redis_proxy: RedisProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_KEY_B", SECOND_KEY)
+    gateway = start(
+        auth(static_key("Limits(rpm=3)", key_id="k-open"),
+             static_key(LIFETIME_BUDGET, key_id="k-closed", env="SG_KEY_B")),
+        quota(redis_store(prefix, redis_proxy.url), store_retry_s="0.2"))
+    shared = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    bucket = f"{prefix}:key:k-open:rpm"
+    try:
+        assert gateway.chat().headers["x-ratelimit-remaining-requests"] == "2"
+        assert gateway.chat(key=SECOND_KEY).status_code == 200
+        before = shared.hgetall(bucket)
+        assert 2 <= float(before["tokens"]) < 2.1
+
+        redis_proxy.stop()
+        # "open": the in-process limiter takes over, with its own full bucket of 3.
+        assert [gateway.chat().status_code for _ in range(4)] == [200, 200, 200, 429]
+        # "closed" (a budget's default): 503 in the caller's shape.
+        refused = gateway.chat(key=SECOND_KEY)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert refused.json()["error"]["code"] == "quota_store_unavailable"
+        assert "key k-closed lifetime budget fails closed" in refused.json()["error"]["message"]
+        with pytest.raises(anthropic.APIStatusError) as failure:
+            gateway.anthropic(SECOND_KEY).messages.create(
+                model="claude-mock", max_tokens=OUTPUT, messages=PROMPT)  # type: ignore[arg-type]
+        assert failure.value.status_code == 503
+        assert failure.value.response.json()["error"]["type"] == "overloaded_error"
+        assert shared.hgetall(bucket) == before  # nothing reached Redis
+
+        redis_proxy.start()  # same port; the gateway is not restarted
+        assert eventually(lambda: gateway.chat(key=SECOND_KEY).status_code, 200) == 200
+        # The in-process bucket is empty, so a 200 now can only come from Redis.
+        assert gateway.chat().status_code == 200
+        after = shared.hgetall(bucket)
+        assert after["updated"] != before["updated"]
+        assert 1 <= float(after["tokens"]) < 1.1
+    finally:
+        shared.close()
+
+
+# -- 8. rebuilding budgets after a Redis flush ---------------------------------------------------
+
+@pytest.fixture
+def spend_table() -> Iterator[str]:
+    table = f"sgq_spend_{uuid.uuid4().hex[:12]}"
+    yield table
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+
+
+def ledger_spend(table: str) -> int | None:
+    query = sql.SQL("SELECT coalesce(sum(micros), 0) FROM {} WHERE subject_kind = 'key' "
+                    "AND subject_id = %s").format(sql.Identifier(table))
+    try:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            row = conn.execute(query, (KEY_ID,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return int(row[0]) if row else None
+
+
+def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(
+        spend_table: str, prefix: str, start: Start) -> None:
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.001', period='daily'),))")),
+                    quota(redis_store(prefix), ledger=ledger))
+    assert gateway.chat().headers["x-sluicegate-budget-remaining"] == "0.000970"
+    assert gateway.chat().headers["x-sluicegate-budget-remaining"] == "0.000940"
+    assert eventually(lambda: ledger_spend(spend_table), 2 * COST) == 2 * COST
+
+    delete_prefix(prefix)  # what FLUSHDB does, to this test's keys only
+    assert gateway.committed("daily") is None
+
+    assert gateway.chat().headers["x-sluicegate-budget-remaining"] == "0.000910"
+    assert gateway.committed("daily") == 3 * COST
+
+
+# -- 9. budget alerts ----------------------------------------------------------------------------
+
+class AlertReceiver:
+    """An ASGI app that records every POST body."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                done = message["type"] == "lifespan.shutdown"
+                await send({"type": message["type"] + ".complete"})
+                if done:
+                    return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if scope["method"] == "POST":
+            self.posts.append((scope["path"], json.loads(body)))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_budget_alerts_once_per_threshold(start: Start, store: str,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    receiver = AlertReceiver()
+    with ThreadedServer(receiver) as hook, \
+            caplog.at_level(logging.WARNING, logger="sluicegate.alerts"):
+        gateway = start(auth(static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")),
+                        quota(store, alert_webhook_url=repr(hook.url + "/hook")))
+        # 30 each: 50% at the 5th, 80% at the 8th, 100% at the 10th. Waiting for each alert
+        # before the next request keeps the order (a settle runs after its response).
+        for alerts in (0, 0, 0, 0, 1, 1, 1, 2, 2, 3):
+            assert gateway.chat().status_code == 200
+            assert eventually(lambda: len(receiver.posts), alerts) == alerts
+        time.sleep(0.3)  # room for a duplicate to arrive, if one were coming
+    start_of_day, _ = period_bounds("daily", datetime.now(UTC))
+    expected = [{"event": "budget_threshold", "threshold_percent": percent,
+                 "subject_kind": "key", "subject_id": KEY_ID, "period": "daily",
+                 "period_start": start_of_day.isoformat(), "limit_usd": "0.0003",
+                 "used_usd": used} for percent, used in ((50, "0.00015"), (80, "0.00024"),
+                                                         (100, "0.0003"))]
+    assert receiver.posts == [("/hook", event) for event in expected]
+    logged = [json.loads(r.getMessage()) for r in caplog.records
+              if r.name == "sluicegate.alerts"]
+    assert logged == expected
+
+
+def test_budget_alerts_once_per_threshold_across_gateways(
+        start: Start, prefix: str) -> None:
+    """Two gateways sharing Redis: the threshold marker in Redis, not each process's memory,
+    makes the alert go out once."""
+    receiver = AlertReceiver()
+    with ThreadedServer(receiver) as hook:
+        layers = (auth(static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")),
+                  quota(redis_store(prefix), alert_webhook_url=repr(hook.url + "/hook")))
+        gateways = [start(*layers), start(*layers)]
+        # The 5th request (gateway 0) crosses 50%, the 8th (gateway 1) 80%.
+        for index, alerts in enumerate((0, 0, 0, 0, 1, 1, 1, 2, 2)):
+            assert gateways[index % 2].chat().status_code == 200
+            assert eventually(lambda: len(receiver.posts), alerts) == alerts
+        time.sleep(0.3)  # room for a duplicate to arrive, if one were coming
+    assert [(path, event["threshold_percent"], event["used_usd"])
+            for path, event in receiver.posts] == [("/hook", 50, "0.00015"),
+                                                    ("/hook", 80, "0.00024")]
+
+
+# -- 10. quota without auth ----------------------------------------------------------------------
+
+def test_gateway_wide_limits_apply_to_anonymous_callers(start: Start, store: str,
+                                                        prefix: str) -> None:
+    gateway = start(quota(store, limits="Limits(rpm=2)"))
+    first = gateway.chat(key=None)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert gateway.chat(key=None).status_code == 200
+    refused = gateway.chat(key=None)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "2 requests per minute" in refused.json()["error"]["message"]
+    if "Redis" in store:
+        shared = redis.Redis.from_url(REDIS_URL)
+        try:
+            assert shared.exists(f"{prefix}:global:all:rpm") == 1
+        finally:
+            shared.close()
+
+
+def test_gateway_wide_refusal_reads_as_a_sentence(start: Start) -> None:
+    gateway = start(quota("'memory'", limits="Limits(rpm=1)"))
+    gateway.chat(key=None)
+    assert "The gateway-wide may" not in gateway.chat(key=None).json()["error"]["message"]
+
+
+# -- 11. admin usage -----------------------------------------------------------------------------
+
+def test_admin_usage_reports_committed_spend(start: Start, store: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_QUOTA_ADMIN", ADMIN_TOKEN)
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.001', period='daily'),))")),
+                    quota(store, admin_token_env="'SG_QUOTA_ADMIN'"))
+    url = gateway.url + f"/admin/usage/key/{KEY_ID}"
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    for headers in ({}, {"authorization": "Bearer not-the-admin-token-at-all"},
+                    {"authorization": f"Bearer {TEST_KEY}"}):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401
+        assert refused.json() == {"error": {"message": "A valid admin token is required.",
+                                            "type": "authentication_error"}}
+
+    now = datetime.now(UTC)
+
+    def usage(daily: str | None) -> dict[str, Any]:
+        return {"kind": "key", "subject": KEY_ID, "periods": {
+            period: {"period_start": period_bounds(period, now)[0].isoformat(),
+                     "committed_usd": daily if period == "daily" else None}
+            for period in ("daily", "weekly", "monthly", "lifetime")}}
+
+    assert httpx.get(url, headers=admin).json() == usage(None)
+    assert gateway.chat().status_code == 200
+    assert gateway.chat().status_code == 200
+    shown = httpx.get(url, headers=admin)
+    assert shown.status_code == 200
+    assert shown.json() == usage("0.00006")
