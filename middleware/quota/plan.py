@@ -195,9 +195,8 @@ def plan_checks(applicable: Iterable[tuple[str, str, Limits]], est: Estimate, no
                                          label=_who(kind, subject)),
                                    kind, subject, limits))
         for budget in limits.budgets:
-            start, end = period_bounds(budget.period, now)
-            expires = 0.0 if end >= LIFETIME_END else end.timestamp()
-            key = f"{base}:budget:{budget.period}:{period_label(budget.period, start)}"
+            start, end, expires, label_of_period = _period(budget.period, now)
+            key = f"{base}:budget:{budget.period}:{label_of_period}"
             owner = "the gateway-wide" if kind == "global" else _who(kind, subject)
             label = f"{owner} {budget.period} budget"
             planned.append(Planned(Check(BUDGET, key, budget.limit_micros, est.cost_micros,
@@ -205,6 +204,23 @@ def plan_checks(applicable: Iterable[tuple[str, str, Limits]], est: Estimate, no
                                          on_store_error=budget.on_store_error, label=label),
                                    kind, subject, limits, budget, start, end))
     return planned
+
+
+_PERIODS: dict[tuple[str, int], tuple[datetime, datetime, float, str]] = {}
+
+
+def _period(period: str, now: datetime) -> tuple[datetime, datetime, float, str]:
+    """(start, end, end as epoch seconds or 0 for lifetime, storage label), cached per day."""
+    day = now.toordinal()
+    found = _PERIODS.get((period, day))
+    if found is None:
+        start, end = period_bounds(period, now)
+        expires = 0.0 if end >= LIFETIME_END else end.timestamp()
+        found = (start, end, expires, period_label(period, start))
+        if len(_PERIODS) > 64:
+            _PERIODS.clear()
+        _PERIODS[(period, day)] = found
+    return found
 
 
 def actual_amounts(planned: Sequence[Planned], tokens: int, cost: int) -> list[int]:

@@ -31,6 +31,11 @@ _INCOMPLETE = _Incomplete()
 
 
 def encode_command(args: Sequence[str | bytes]) -> bytes:
+    texts = [arg for arg in args if isinstance(arg, str)]
+    if len(texts) == len(args):  # the usual case: one encode at the end
+        text = "".join([f"${len(arg) if arg.isascii() else len(arg.encode())}\r\n{arg}\r\n"
+                        for arg in texts])
+        return f"*{len(args)}\r\n{text}".encode()
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg.encode() if isinstance(arg, str) else arg
