@@ -1,0 +1,95 @@
+"""The auth layer through a real gateway process: keys in every header form, refusals in both
+API shapes, the customer, and no attempted key in any log line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.harness import TEST_KEY, mock_config, start_cli_gateway, stop_process, write_config
+
+RESTRICTED_KEY = "sk-sg-restricted-key-for-auth-tests-0123456789"
+CUSTOMER_KEY = "sk-sg-needs-a-customer-key-0123456789abcdef"
+ATTEMPTED = "sk-sg-attempted-" + "Zq7" * 12  # never valid; must never be logged
+QUESTION = [{"role": "user", "content": "hello"}]
+
+STACK = """[Middleware(AuthMiddleware, keys=[
+    StaticKey('tests', key_env='SG_TEST_KEY'),
+    StaticKey('restricted', key_env='SG_RESTRICTED_KEY', allowed_models=('claude-*',)),
+    StaticKey('shop', key_env='SG_CUSTOMER_KEY', require_customer=True),
+]), Middleware(QuotaMiddleware)]"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mock_url: str):  # type: ignore[no-untyped-def]
+    directory = tmp_path_factory.mktemp("auth")
+    config = write_config(directory, mock_config(
+        mock_url, middleware=STACK, extra="settings = Settings(log_level='debug')"))
+    log = directory / "gateway.log"
+    process, url = start_cli_gateway(config, log_path=log, env={
+        "SG_RESTRICTED_KEY": RESTRICTED_KEY, "SG_CUSTOMER_KEY": CUSTOMER_KEY})
+    yield url, log
+    stop_process(process)
+
+
+def chat(url: str, headers: dict[str, str], **body: object) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers=headers,
+                      json={"model": "gpt-mock", "messages": QUESTION, **body}, timeout=10)
+
+
+def test_every_key_header_is_accepted(gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    for headers in ({"authorization": f"Bearer {TEST_KEY}"}, {"x-api-key": TEST_KEY},
+                    {"x-goog-api-key": TEST_KEY}):
+        assert chat(url, headers).status_code == 200, headers
+
+
+def test_missing_and_unknown_keys_are_401_in_both_shapes(gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    missing = chat(url, {})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    unknown = chat(url, {"authorization": f"Bearer {ATTEMPTED}"})
+    assert unknown.status_code == 401 and unknown.json()["error"]["type"] == "authentication_error"
+    assert ATTEMPTED not in unknown.text
+    claude = anthropic.Anthropic(base_url=url, api_key=ATTEMPTED, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        claude.messages.create(model="claude-mock", max_tokens=5, messages=QUESTION)
+    assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+def test_a_model_the_key_may_not_use_is_403(gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    client = openai.OpenAI(base_url=url + "/v1", api_key=RESTRICTED_KEY, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="gpt-mock", messages=QUESTION)
+    assert refused.value.code == "model_not_allowed"
+    claude = client.chat.completions.create(model="claude-mock", messages=QUESTION)
+    assert claude.choices[0].message.content == "Mock reply to: hello"
+
+
+def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    auth = {"authorization": f"Bearer {CUSTOMER_KEY}"}
+    refused = chat(url, auth)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "customer_required"
+    assert chat(url, {**auth, "x-sluicegate-customer": "alice"}).status_code == 200
+    assert chat(url, auth, user="bob").status_code == 200
+
+
+def test_the_attempted_key_never_reaches_a_log_line(gateway: tuple[str, Path]) -> None:
+    url, log = gateway
+    for headers in ({"authorization": f"Bearer {ATTEMPTED}"}, {"x-api-key": ATTEMPTED},
+                    {"authorization": f"Basic {ATTEMPTED}"}):
+        assert chat(url, headers).status_code == 401
+    client = openai.OpenAI(base_url=url + "/v1", api_key=ATTEMPTED, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="gpt-mock", messages=QUESTION, stream=True)
+    assert chat(url, {"authorization": f"Bearer {TEST_KEY}"}).status_code == 200
+    text = log.read_text()
+    assert text.strip()  # the log is being written (debug level)
+    assert ATTEMPTED not in text and "Zq7Zq7" not in text
+    assert TEST_KEY not in text and RESTRICTED_KEY not in text
