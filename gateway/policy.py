@@ -198,7 +198,7 @@ def period_label(period: str, start: datetime) -> str:
 
 # -- the quota store contract ------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and frozen __init__ costs 5x
 class Check:
     """One limit that applies to one request, ready for a quota store.
 
@@ -221,7 +221,7 @@ class Check:
     label: str = ""  # for people: "project 'acme' monthly budget"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The answer of `QuotaStore.admit`, with one entry per check in `remaining`/`reset_s`.
 

@@ -291,7 +291,14 @@ class QuotaMiddleware:
         self._settle_scheduled = False
         batches, self._settles = self._settles, {}
         for store, batch in batches.items():
-            self._spawn(self._settle_batch(store, batch))
+            settle_soon = getattr(store, "settle_soon", None)
+            if settle_soon is not None:  # no task per batch: the store writes and moves on
+                try:
+                    settle_soon(batch)
+                except QuotaStoreError as exc:
+                    logger.warning("could not settle %d request(s) (%s)", len(batch), exc)
+            else:
+                self._spawn(self._settle_batch(store, batch))
 
     async def _settle_batch(self, store: QuotaStore,
                             batch: list[tuple[str, list[Check], list[int]]]) -> None:

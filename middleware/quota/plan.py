@@ -4,7 +4,7 @@ actually used, and how refusals and headers read. No I/O here; tested without AS
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +31,7 @@ from gateway.pricing import Price, cost_micros, estimate_micros
 from gateway.tokens import estimate_input, estimate_messages
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: not frozen (a frozen __init__ costs 5x)
 class Planned:
     """A check with what it came from: the subject, its limits and (for budgets) the budget."""
 
@@ -44,7 +44,7 @@ class Planned:
     period_end: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Estimate:
     """What a request reserves before the call."""
 
@@ -173,37 +173,58 @@ def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits
     return found
 
 
-def plan_checks(applicable: Iterable[tuple[str, str, Limits]], est: Estimate, now: datetime,
+def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
                 lease_s: float) -> list[Planned]:
-    planned: list[Planned] = []
+    """The checks for these subjects with this request's amounts. Everything but the amounts
+    is compiled once per set of limits and day (keys, labels, periods)."""
+    template = _template(applicable, now, lease_s)
+    amounts = {REQUESTS: 1, TOKENS: est.tokens, CONCURRENT: 1, BUDGET: est.cost_micros}
+    return [Planned(Check(kind, key, limit, amounts[kind], window, lease, expires, on_error,
+                          label), *rest)
+            for kind, key, limit, window, lease, expires, on_error, label, *rest in template]
+
+
+_Template = list[tuple[Any, ...]]
+_TEMPLATES: dict[tuple[Any, ...], tuple[Sequence[tuple[str, str, Limits]], _Template]] = {}
+
+
+def _template(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
+              lease_s: float) -> _Template:
+    # Keyed by the identity of the Limits objects (kept alive by the entry itself).
+    cache_key = (now.toordinal(), lease_s,
+                 *((kind, subject, id(limits)) for kind, subject, limits in applicable))
+    found = _TEMPLATES.get(cache_key)
+    if found is not None:
+        return found[1]
+    template = _compile(applicable, now, lease_s)
+    if len(_TEMPLATES) > 50_000:
+        _TEMPLATES.clear()
+    _TEMPLATES[cache_key] = (list(applicable), template)
+    return template
+
+
+def _compile(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
+             lease_s: float) -> _Template:
+    """(kind, key, limit, window_s, lease_s, expires_at, on_store_error, label,
+    subject_kind, subject_id, limits, budget, period_start, period_end) per check."""
+    rows: _Template = []
     for kind, subject, limits in applicable:
         base = f"{kind}:{subject}"
-        on_error = limits.on_store_error
-        if limits.rpm is not None:
-            planned.append(Planned(Check(REQUESTS, f"{base}:rpm", limits.rpm, 1,
-                                         on_store_error=on_error,
-                                         label=_who(kind, subject)),
-                                   kind, subject, limits))
-        if limits.tpm is not None:
-            planned.append(Planned(Check(TOKENS, f"{base}:tpm", limits.tpm, est.tokens,
-                                         on_store_error=on_error,
-                                         label=_who(kind, subject)),
-                                   kind, subject, limits))
-        if limits.max_concurrent is not None:
-            planned.append(Planned(Check(CONCURRENT, f"{base}:concurrent", limits.max_concurrent,
-                                         1, lease_s=lease_s, on_store_error=on_error,
-                                         label=_who(kind, subject)),
-                                   kind, subject, limits))
+        who, on_error = _who(kind, subject), limits.on_store_error
+        for check_kind, suffix, limit in ((REQUESTS, "rpm", limits.rpm),
+                                          (TOKENS, "tpm", limits.tpm),
+                                          (CONCURRENT, "concurrent", limits.max_concurrent)):
+            if limit is not None:
+                rows.append((check_kind, f"{base}:{suffix}", limit, 60.0, lease_s, 0.0,
+                             on_error, who, kind, subject, limits, None, None, None))
         for budget in limits.budgets:
             start, end, expires, label_of_period = _period(budget.period, now)
-            key = f"{base}:budget:{budget.period}:{label_of_period}"
-            owner = "the gateway-wide" if kind == "global" else _who(kind, subject)
-            label = f"{owner} {budget.period} budget"
-            planned.append(Planned(Check(BUDGET, key, budget.limit_micros, est.cost_micros,
-                                         expires_at=expires,
-                                         on_store_error=budget.on_store_error, label=label),
-                                   kind, subject, limits, budget, start, end))
-    return planned
+            owner = "the gateway-wide" if kind == "global" else who
+            rows.append((BUDGET, f"{base}:budget:{budget.period}:{label_of_period}",
+                         budget.limit_micros, 60.0, lease_s, expires, budget.on_store_error,
+                         f"{owner} {budget.period} budget", kind, subject, limits, budget,
+                         start, end))
+    return rows
 
 
 _PERIODS: dict[tuple[str, int], tuple[datetime, datetime, float, str]] = {}

@@ -189,6 +189,20 @@ class RespClient:
         finally:
             timer.cancel()
 
+    def send_soon(self, commands: Sequence[Sequence[str | bytes]]
+                  ) -> list[asyncio.Future[Any]] | None:
+        """Queues commands on the open connection without waiting: their futures, or None
+        when no connection is open (the caller then uses `call_many`)."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            return None
+        futures = [connection.request(encode_command(command)) for command in commands]
+        self.commands_sent += len(futures)
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, futures[-1],
+                                                      connection)
+        futures[-1].add_done_callback(lambda _: timer.cancel())
+        return futures
+
     async def _send(self, connection: _Connection, payload: bytes) -> Any:
         future = connection.request(payload)
         self.commands_sent += 1

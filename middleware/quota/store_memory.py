@@ -94,6 +94,15 @@ class MemoryQuotaStore:
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
+        self._settle_now(request_id, checks, actual)
+
+    def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
+        """Settles at once (no I/O here): what the quota layer calls after responses."""
+        for request_id, checks, actual in batch:
+            self._settle_now(request_id, checks, actual)
+
+    def _settle_now(self, request_id: str, checks: Sequence[Check],
+                    actual: Sequence[int]) -> None:
         validate(checks, actual)
         now = self._now()
         for check, used in zip(checks, actual, strict=True):

@@ -9,7 +9,10 @@ Floats cross the Lua boundary as "%.17g" strings, which round-trip exactly.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,12 +21,19 @@ from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
 from middleware.quota.resp import RespClient, RespError
 from middleware.quota.store_memory import BUDGET_SLACK_S, validate
 
-# ARGV: now, request_id, budget_slack_s, then per check: kind, limit, amount, param, [actual]
+logger = logging.getLogger("sluicegate.quota")
+
+# ARGV[1], split on spaces: now, request_id, budget_slack_s, then per check: kind, limit,
+# amount, param, [actual]
 # where param is window_s (requests, tokens), lease_s (concurrent) or expires_at (budget).
 _PRELUDE = """
-local now = tonumber(ARGV[1])
-local request_id = ARGV[2]
-local slack = tonumber(ARGV[3])
+-- All arguments arrive as one space-separated string: one RESP argument to encode and
+-- send instead of twenty, and splitting it is Redis's work, not the gateway's.
+local A = {}
+for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
+local now = tonumber(A[1])
+local request_id = A[2]
+local slack = tonumber(A[3])
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -65,8 +75,8 @@ local levels, unseeded = {}, {}
 local failed, retry = nil, false
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
-  local key, kind = KEYS[i], ARGV[a]
-  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local key, kind = KEYS[i], A[a]
+  local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   local passes, wait = false, false
   if kind == 'budget' then
     local value = counter(key, param)
@@ -79,7 +89,7 @@ for i = 1, #KEYS do
       passes = value + amount <= limit
     end
   elseif kind == 'concurrent' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', A[1])
     local count = redis.call('ZCARD', key)
     passes = count < limit
     if not passes and limit > 0 then wait = fmt(lease_score(key, 0) - now) end
@@ -96,10 +106,10 @@ if failed ~= nil then return {0, failed, retry} end
 local out = {1}
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
-  local key, kind = KEYS[i], ARGV[a]
-  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local key, kind = KEYS[i], A[a]
+  local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
-    local value = redis.call('INCRBY', key, ARGV[a + 2])
+    local value = redis.call('INCRBY', key, A[a + 2])
     out[#out + 1] = math.max(limit - value, 0)
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
@@ -123,9 +133,9 @@ return out
 _SETTLE = _PRELUDE + """
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 5
-  local key, kind = KEYS[i], ARGV[a]
-  local limit, amount, param = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local actual = tonumber(ARGV[a + 4])
+  local key, kind = KEYS[i], A[a]
+  local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
+  local actual = tonumber(A[a + 4])
   if kind == 'budget' then
     if counter(key, param) ~= nil then
       redis.call('INCRBY', key, string.format('%d', actual - amount))
@@ -142,7 +152,7 @@ return 0
 
 # One budget check (amount = the committed value to seed). Returns 1 if it set the counter.
 _SEED = _PRELUDE + """
-local value, expires_at = ARGV[6], tonumber(ARGV[7])
+local value, expires_at = A[6], tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
 if expires_at > 0 then
   local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
@@ -184,6 +194,7 @@ class RedisQuotaStore:
         self.budget_slack_s = budget_slack_s
         RespClient(url)  # checks the URL now, at config time
         self._client: RespClient | None = None
+        self._pending: set[asyncio.Future[Any]] = set()  # settles in flight
 
     def __repr__(self) -> str:  # the URL may hold a password
         return f"RedisQuotaStore(prefix={self.prefix!r})"
@@ -194,6 +205,8 @@ class RedisQuotaStore:
         self._client = RespClient(self.url, timeout_s=self.socket_timeout_s)
 
     async def shutdown(self) -> None:
+        if self._pending:  # let the last settles land
+            await asyncio.wait(list(self._pending), timeout=self.socket_timeout_s * 2)
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -223,15 +236,50 @@ class RedisQuotaStore:
             args = [[*_args(check), str(used)] for check, used in zip(checks, actual, strict=True)]
             await self._run(SETTLE, request_id, checks, args)
 
-    async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
-                          ) -> None:
-        """Settles many requests in one write (one script call each, pipelined)."""
+    def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
+        """Settles many requests in one write without waiting for the replies (no task per
+        batch); failures are logged. Falls back to `settle_many` when not connected."""
+        commands = self._settle_commands(batch)
+        if not commands or self._client is None:
+            return
+        futures = self._client.send_soon([("EVALSHA", *cmd) for cmd in commands])
+        if futures is None:
+            self._track(asyncio.ensure_future(self.settle_many(batch)))
+            return
+        for command, future in zip(commands, futures, strict=True):
+            self._pending.add(future)
+            future.add_done_callback(functools.partial(self._settled, command=command))
+
+    def _settled(self, future: asyncio.Future[Any], *, command: list[str]) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
+            self._track(asyncio.ensure_future(self._call("EVAL", SETTLE.source, *command[1:])))
+        elif error is not None:
+            logger.warning("could not settle a request in Redis (%s); its reservation stands "
+                           "until the limits refill", error)
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_task_failure)
+
+    def _settle_commands(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                         ) -> list[list[str]]:
         commands = []
         for request_id, checks, actual in batch:
             validate(checks, actual)
             if checks:
                 args = [[*_args(c), str(used)] for c, used in zip(checks, actual, strict=True)]
                 commands.append(self._command(SETTLE, request_id, checks, args))
+        return commands
+
+    async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                          ) -> None:
+        """Settles many requests in one write (one script call each, pipelined)."""
+        commands = self._settle_commands(batch)
         if not commands or self._client is None:
             return
         try:
@@ -272,9 +320,11 @@ class RedisQuotaStore:
                  args: list[list[str]]) -> list[str]:
         """sha, number of keys, keys, argv: what EVALSHA takes after its name."""
         keys = [self._key(check) for check in checks]
+        if not request_id or not request_id.isprintable() or " " in request_id:
+            request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
         argv = [repr(float(self.clock())), request_id, repr(float(self.budget_slack_s))]
         argv += [arg for check_args in args for arg in check_args]
-        return [script.sha, str(len(keys)), *keys, *argv]
+        return [script.sha, str(len(keys)), *keys, " ".join(argv)]
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
                    args: list[list[str]]) -> Any:
@@ -295,6 +345,11 @@ class RedisQuotaStore:
             return await self._client.call(*command)
         except (RespError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+
+
+def _log_task_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("a Redis settle failed: %s", task.exception())
 
 
 def _args(check: Check) -> list[str]:
