@@ -16,6 +16,7 @@ from gateway.policy import (
     BUDGET,
     CONCURRENT,
     LIFETIME_END,
+    MICROS_PER_USD,
     REQUESTS,
     TOKENS,
     Budget,
@@ -23,7 +24,6 @@ from gateway.policy import (
     Decision,
     Limits,
     Principal,
-    micros_to_usd,
     period_bounds,
     period_label,
 )
@@ -88,14 +88,22 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     return (cap or default_max_output_tokens) * n
 
 
+_DEAREST: dict[int, tuple[Any, Price | None]] = {}
+
+
 def reservation_price(ctx: RequestContext) -> Price | None:
     """The dearest price among the deployments that may serve the request (the failover
-    layer may pick any of them), so the reservation is never too small."""
-    deployments = _deployments(ctx)
-    prices = [d.price for d in deployments if d.price is not None]
-    if not prices:
-        return None
-    dearest: Price = max(prices, key=lambda p: (p.output_per_mtok, p.input_per_mtok))
+    layer may pick any of them), so the reservation is never too small. Cached per Model
+    (config objects live as long as the gateway; the entry keeps its Model alive)."""
+    model = (ctx.models or {}).get(ctx.model)
+    found = _DEAREST.get(id(model))
+    if found is not None and found[0] is model:
+        return found[1]
+    prices = [d.price for d in (model.deployments if model is not None else ())
+              if d.price is not None]
+    dearest = max(prices, key=lambda p: (p.output_per_mtok, p.input_per_mtok)) if prices \
+        else None
+    _DEAREST[id(model)] = (model, dearest)
     return dearest
 
 
@@ -324,30 +332,29 @@ def rate_limit_headers(planned: Sequence[Planned], decision: Decision,
                        now: float) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers for the tightest request and token limits, and the
     budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
+    remaining = decision.remaining
+    tightest: dict[str, int] = {}
+    for index, item in enumerate(planned):
+        kind = item.check.kind
+        best = tightest.get(kind)
+        if index < len(remaining) and (best is None or remaining[index] < remaining[best]):
+            tightest[kind] = index
     headers: list[tuple[bytes, bytes]] = []
     for kind, suffix in ((REQUESTS, b"requests"), (TOKENS, b"tokens")):
-        tightest = _tightest(planned, decision, kind)
-        if tightest is not None:
-            index = tightest
+        index_or_none = tightest.get(kind)
+        if index_or_none is not None:
             headers += [
-                (b"x-ratelimit-limit-" + suffix, str(planned[index].check.limit).encode()),
-                (b"x-ratelimit-remaining-" + suffix, str(decision.remaining[index]).encode()),
-                (b"x-ratelimit-reset-" + suffix, _duration(decision.reset_s[index]).encode()),
+                (b"x-ratelimit-limit-" + suffix, b"%d" % planned[index_or_none].check.limit),
+                (b"x-ratelimit-remaining-" + suffix, b"%d" % remaining[index_or_none]),
+                (b"x-ratelimit-reset-" + suffix,
+                 _duration(decision.reset_s[index_or_none]).encode()),
             ]
-    budget = _tightest(planned, decision, BUDGET)
+    budget = tightest.get(BUDGET)
     if budget is not None:
-        left = micros_to_usd(max(0, decision.remaining[budget])).quantize(micros_to_usd(1))
-        headers.append((b"x-sluicegate-budget-remaining", str(left).encode()))
+        left = max(0, remaining[budget])
+        headers.append((b"x-sluicegate-budget-remaining",
+                        b"%d.%06d" % (left // MICROS_PER_USD, left % MICROS_PER_USD)))
     return headers
-
-
-def _tightest(planned: Sequence[Planned], decision: Decision, kind: str) -> int | None:
-    best = None
-    for index, item in enumerate(planned):
-        if item.check.kind == kind and index < len(decision.remaining) and (
-                best is None or decision.remaining[index] < decision.remaining[best]):
-            best = index
-    return best
 
 
 def _duration(seconds: float) -> str:

@@ -67,8 +67,8 @@ local function lease_score(key, index)
 end
 """
 
-# Returns {1, remaining_1, reset_1, remaining_2, reset_2, ...} when admitted;
-# {0, failed, retry_after or nil} when refused; {2, i, j, ...} when budgets are unseeded.
+# Returns one string (one reply to parse): "1 remaining_1 reset_1 remaining_2 reset_2 ..." when
+# admitted; "0 failed retry_after|-" when refused; "2 i j ..." when budgets are unseeded.
 # Indices are 0-based. Every check is judged before anything is reserved.
 _ADMIT = _PRELUDE + """
 local levels, unseeded = {}, {}
@@ -100,33 +100,33 @@ for i = 1, #KEYS do
   end
   if not passes and failed == nil then failed, retry = i - 1, wait end
 end
-if #unseeded > 0 then return {2, unpack(unseeded)} end
-if failed ~= nil then return {0, failed, retry} end
+if #unseeded > 0 then return '2 ' .. table.concat(unseeded, ' ') end
+if failed ~= nil then return '0 ' .. failed .. ' ' .. (retry or '-') end
 
-local out = {1}
+local out = {'1'}
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
   local key, kind = KEYS[i], A[a]
   local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
     local value = redis.call('INCRBY', key, A[a + 2])
-    out[#out + 1] = math.max(limit - value, 0)
+    out[#out + 1] = string.format('%d', math.max(limit - value, 0))
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
     redis.call('ZADD', key, fmt(now + param), request_id)
     local count = redis.call('ZCARD', key)
     local latest = lease_score(key, -1)
     redis.call('PEXPIRE', key, string.format('%d', math.ceil((latest - now) * 1000)))
-    out[#out + 1] = math.max(limit - count, 0)
+    out[#out + 1] = string.format('%d', math.max(limit - count, 0))
     out[#out + 1] = fmt(latest - now)
   else
     local level = levels[i] - amount
     store_bucket(key, limit, param, level)
-    out[#out + 1] = math.max(math.floor(level), 0)
+    out[#out + 1] = string.format('%d', math.max(math.floor(level), 0))
     out[#out + 1] = fmt((limit - level) / (limit / param))
   end
 end
-return out
+return table.concat(out, ' ')
 """
 
 # Five ARGV per check (the fifth is the actual amount). Returns 0.
@@ -226,7 +226,7 @@ class RedisQuotaStore:
         reply = await self._run(ADMIT, request_id, checks, args)
         try:
             return _decision(reply)
-        except (IndexError, TypeError, ValueError) as exc:
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") from exc
 
     async def settle(self, request_id: str, checks: Sequence[Check],
@@ -353,20 +353,24 @@ def _log_task_failure(task: asyncio.Future[Any]) -> None:
 
 
 def _args(check: Check) -> list[str]:
-    param = {BUDGET: check.expires_at, CONCURRENT: check.lease_s}.get(check.kind, check.window_s)
-    return [check.kind, str(int(check.limit)), str(int(check.amount)), repr(float(param))]
+    kind = check.kind
+    param = check.expires_at if kind == BUDGET else \
+        check.lease_s if kind == CONCURRENT else check.window_s
+    return [f"{kind} {int(check.limit)} {int(check.amount)} {float(param)!r}"]
 
 
 def _over(check: Check, now: float, slack_s: float) -> bool:
     return check.expires_at > 0 and now >= check.expires_at + slack_s
 
 
-def _decision(reply: list[Any]) -> Decision:
-    status, rest = int(reply[0]), reply[1:]
-    if status == 2:
+def _decision(reply: bytes) -> Decision:
+    status, *rest = reply.split()
+    if status == b"2":
         return Decision(allowed=False, unseeded=tuple(int(i) for i in rest))
-    if status == 0:
-        retry = None if rest[1] is None else float(rest[1])
+    if status == b"0":
+        retry = None if rest[1] == b"-" else float(rest[1])
         return Decision(allowed=False, failed=int(rest[0]), retry_after_s=retry)
+    if status != b"1":
+        raise ValueError(f"unknown admission status {status!r}")
     return Decision(allowed=True, remaining=tuple(int(r) for r in rest[0::2]),
                     reset_s=tuple(float(s) for s in rest[1::2]))
