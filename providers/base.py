@@ -126,7 +126,17 @@ class HTTPAdapter:
 
     # -- the call ----------------------------------------------------------------------------
 
+    # Operations the adapter answers itself, without a provider call (e.g. a local token
+    # count where the provider has no counting endpoint).
+    answered_locally: frozenset[str] = frozenset()
+
+    async def answer_locally(self, ctx: RequestContext, send: Send) -> None:
+        raise NotImplementedError
+
     async def call(self, ctx: RequestContext, deployment: Deployment, send: Send) -> None:
+        if ctx.operation in self.answered_locally:
+            await self.answer_locally(ctx, send)
+            return
         try:
             exchange = self.plan(ctx, deployment)
         except GatewayError:

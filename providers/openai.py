@@ -126,11 +126,10 @@ class OpenAIAdapter(HTTPAdapter):
             body, _ = with_usage_requested(body)
         return Exchange(url, headers, orjson.dumps(body), ctx.stream, decode, codec)
 
-    async def call(self, ctx: RequestContext, deployment: Deployment, send: Send) -> None:
-        if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:
-            await send_count_tokens(ctx, send)
-            return
-        await super().call(ctx, deployment, send)
+    answered_locally = frozenset({c.ANTHROPIC_COUNT_TOKENS})  # OpenAI has no counting API
+
+    async def answer_locally(self, ctx: RequestContext, send: Send) -> None:
+        await send_count_tokens(ctx, send)
 
     def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
         return parse_openai_error(status, body)
