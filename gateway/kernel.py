@@ -45,6 +45,17 @@ def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
     return b"%032x" % _random_bits(128)
 
 
+async def _drain(receive: Receive, message: Message, limit_bytes: int = 64 * 1024 * 1024) -> None:
+    """Reads and drops the rest of an oversized body (up to a bound), so the client finishes
+    sending and reads the 413 rather than a reset connection."""
+    drained = 0
+    while message.get("more_body", False) and drained < limit_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        drained += len(message.get("body", b""))
+
+
 def route_path(scope: Scope) -> str:
     """The path below the mount point (Starlette keeps the full path and sets root_path)."""
     path: str = scope["path"]
@@ -227,6 +238,7 @@ class Kernel:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                await _drain(receive, message)
                 raise self._too_large()
             chunks.append(chunk)
         return b"".join(chunks)

@@ -72,6 +72,8 @@ class _Request:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await _drain(self.receive)
                 raise _too_large(self.max_body_bytes)
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -384,6 +386,18 @@ def _no_key(key_id: str) -> GatewayError:
 def _no_limits(kind: str, subject_id: str) -> GatewayError:
     return GatewayError(404, f"No limits are stored for {kind} {subject_id!r}.",
                         code="limits_not_found")
+
+
+async def _drain(receive: Receive, limit_bytes: int = 16 * 1024 * 1024) -> None:
+    """Reads and drops the rest of a body that is too large (up to a bound), so the client
+    finishes sending and reads the 413 instead of a connection reset."""
+    drained, more = 0, True
+    while more and drained < limit_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        drained += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 def _too_large(max_body_bytes: int) -> GatewayError:
