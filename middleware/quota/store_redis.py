@@ -222,8 +222,7 @@ class RedisQuotaStore:
         validate(checks)
         if not checks:
             return Decision(allowed=True)
-        args = [_args(check) for check in checks]
-        reply = await self._run(ADMIT, request_id, checks, args)
+        reply = await self._run(ADMIT, request_id, checks, [_args(check) for check in checks])
         try:
             return _decision(reply)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -233,7 +232,7 @@ class RedisQuotaStore:
                      actual: Sequence[int]) -> None:
         validate(checks, actual)
         if checks:
-            args = [[*_args(check), str(used)] for check, used in zip(checks, actual, strict=True)]
+            args = [f"{_args(check)} {used}" for check, used in zip(checks, actual, strict=True)]
             await self._run(SETTLE, request_id, checks, args)
 
     def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
@@ -270,9 +269,8 @@ class RedisQuotaStore:
                          ) -> list[list[str]]:
         commands = []
         for request_id, checks, actual in batch:
-            validate(checks, actual)
-            if checks:
-                args = [[*_args(c), str(used)] for c, used in zip(checks, actual, strict=True)]
+            if checks:  # (the layer built these checks; zip(strict) guards the lengths)
+                args = [f"{_args(c)} {used}" for c, used in zip(checks, actual, strict=True)]
                 commands.append(self._command(SETTLE, request_id, checks, args))
         return commands
 
@@ -317,17 +315,17 @@ class RedisQuotaStore:
         return f"{self.prefix}:{check.key}"
 
     def _command(self, script: _Script, request_id: str, checks: Sequence[Check],
-                 args: list[list[str]]) -> list[str]:
-        """sha, number of keys, keys, argv: what EVALSHA takes after its name."""
-        keys = [self._key(check) for check in checks]
-        if not request_id or not request_id.isprintable() or " " in request_id:
+                 args: Sequence[str]) -> list[str]:
+        """sha, number of keys, keys, and the one ARGV string: what EVALSHA takes."""
+        prefix = self.prefix
+        keys = [f"{prefix}:{check.key}" for check in checks]
+        if not request_id or " " in request_id or not request_id.isprintable():
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
-        argv = [repr(float(self.clock())), request_id, repr(float(self.budget_slack_s))]
-        argv += [arg for check_args in args for arg in check_args]
-        return [script.sha, str(len(keys)), *keys, " ".join(argv)]
+        head = f"{float(self.clock())!r} {request_id} {float(self.budget_slack_s)!r} "
+        return [script.sha, str(len(keys)), *keys, head + " ".join(args)]
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
-                   args: list[list[str]]) -> Any:
+                   args: Sequence[str]) -> Any:
         command = self._command(script, request_id, checks, args)
         try:
             return await self._call("EVALSHA", *command)
@@ -352,11 +350,11 @@ def _log_task_failure(task: asyncio.Future[Any]) -> None:
         logger.warning("a Redis settle failed: %s", task.exception())
 
 
-def _args(check: Check) -> list[str]:
+def _args(check: Check) -> str:
     kind = check.kind
     param = check.expires_at if kind == BUDGET else \
         check.lease_s if kind == CONCURRENT else check.window_s
-    return [f"{kind} {int(check.limit)} {int(check.amount)} {float(param)!r}"]
+    return f"{kind} {int(check.limit)} {int(check.amount)} {float(param)!r}"
 
 
 def _over(check: Check, now: float, slack_s: float) -> bool:
@@ -366,11 +364,11 @@ def _over(check: Check, now: float, slack_s: float) -> bool:
 def _decision(reply: bytes) -> Decision:
     status, *rest = reply.split()
     if status == b"2":
-        return Decision(allowed=False, unseeded=tuple(int(i) for i in rest))
+        return Decision(allowed=False, unseeded=tuple(map(int, rest)))
     if status == b"0":
         retry = None if rest[1] == b"-" else float(rest[1])
         return Decision(allowed=False, failed=int(rest[0]), retry_after_s=retry)
     if status != b"1":
         raise ValueError(f"unknown admission status {status!r}")
-    return Decision(allowed=True, remaining=tuple(int(r) for r in rest[0::2]),
-                    reset_s=tuple(float(s) for s in rest[1::2]))
+    return Decision(allowed=True, remaining=tuple(map(int, rest[0::2])),
+                    reset_s=tuple(map(float, rest[1::2])))
