@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
-from middleware.quota.resp import RespClient, RespError
+from gateway.resp import RespClient, RespError
 from middleware.quota.store_memory import BUDGET_SLACK_S, validate
 
 logger = logging.getLogger("sluicegate.quota")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import resp
 from gateway.policy import (
     BUDGET,
     CONCURRENT,
@@ -26,7 +27,6 @@ from gateway.policy import (
     Decision,
     QuotaStoreError,
 )
-from middleware.quota import resp
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
 from middleware.quota.store_redis import RedisQuotaStore
 

@@ -1,4 +1,4 @@
-"""A lean, pipelined Redis (RESP2) client for the quota store's hot path.
+"""A lean, pipelined Redis (RESP2) client for the hot paths (quota admission, cache lookups).
 
 Admission runs one Lua script per request, so the client's own cost is part of every
 request. redis-py spends more on a call than the rest of auth and quota together (argument
