@@ -1,0 +1,798 @@
+"""Where exact-cache entries live: in process, in Redis (hot), in PostgreSQL (warm), or tiered.
+
+Every store keeps `CachedResponse` entries under the key of `keys.cache_key`, each with a TTL
+and the invalidation tags it carries (`keys.cache_tags`: its model, project and namespace).
+`invalidate(*tags)` drops every entry that carries *all* the given tags, so one admin call
+drops a project, a model, a namespace, or an intersection of them. How each store finds
+those entries:
+
+- memory: an index tag -> keys, kept in step with eviction and expiry;
+- Redis: per tag a sorted set of entry keys scored by expiry (`<prefix>:t:<tag>`), written
+  atomically with the entry by one Lua call and trimmed of expired members on each write; it
+  expires with its last entry, so nothing outlives the entries it points at;
+- PostgreSQL: a `tags text[]` column with a GIN index (`DELETE ... WHERE tags @> $1`).
+
+Any failure of a store is a `CacheStoreError`: the layer answers it as a miss, never an error.
+A store that cannot reach its server fails fast for `retry_interval_s` afterwards, so an
+outage costs one timeout per interval, not one per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import math
+import re
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway.resp import RespClient, RespError
+
+__all__ = [
+    "CacheStore",
+    "CacheStoreError",
+    "CachedResponse",
+    "MemoryCacheStore",
+    "PostgresCacheStore",
+    "RedisCacheStore",
+    "TieredCacheStore",
+]
+
+logger = logging.getLogger("sluicegate.cache")
+
+class CacheStoreError(Exception):
+    """A cache store could not do what was asked (unreachable, not ready, refused)."""
+
+
+# -- the entry -----------------------------------------------------------------------------------
+
+_MAGIC = b"SGC1"
+_HEADER_SIZE = struct.Struct(">I")
+_API_FORMATS = ("openai", "anthropic")
+
+
+@dataclass(slots=True, frozen=True)
+class CachedResponse:
+    """One stored answer: the final non-stream JSON body a non-stream client of the ingress
+    format received (`api_format`), and what the layer needs to replay and meter it.
+
+    `tags` are the invalidation tags (`keys.cache_tags`); `expires_at` (epoch seconds) is set
+    by the store that keeps the entry, so a tier that promotes it keeps its remaining TTL.
+    `usage` is shared with the store: treat it as read-only.
+    """
+
+    body: bytes
+    api_format: str
+    status: int
+    created_at: float
+    usage: dict[str, Any] | None
+    model: str
+    cost_micros: int
+    tags: tuple[str, ...] = ()
+    expires_at: float | None = None
+
+    def encode(self) -> bytes:
+        """`SGC1`, the header's length (4 bytes, big-endian), the orjson header, the body
+        as is: the body is neither escaped nor parsed again on the way back."""
+        header = orjson.dumps({
+            "f": self.api_format, "s": self.status, "c": self.created_at, "u": self.usage,
+            "m": self.model, "$": self.cost_micros, "t": self.tags, "e": self.expires_at})
+        return b"".join((_MAGIC, _HEADER_SIZE.pack(len(header)), header, self.body))
+
+    @classmethod
+    def decode(cls, data: bytes) -> CachedResponse:
+        """The entry `encode` wrote; ValueError for anything else."""
+        if data[:4] != _MAGIC or len(data) < 8:
+            raise ValueError("not a Sluicegate cache entry")
+        (size,) = _HEADER_SIZE.unpack_from(data, 4)
+        if 8 + size > len(data):
+            raise ValueError("truncated cache entry")
+        header = orjson.loads(data[8:8 + size])  # orjson.JSONDecodeError is a ValueError
+        _expect(isinstance(header, dict), "cache entry header is not an object")
+        try:
+            return cls(body=bytes(data[8 + size:]), api_format=_one_of(header["f"]),
+                       status=_status(header["s"]), created_at=_number(header["c"]),
+                       usage=_usage(header["u"]), model=_text(header["m"]),
+                       cost_micros=_integer(header["$"]), tags=_tags(header["t"]),
+                       expires_at=None if header["e"] is None else _number(header["e"]))
+        except KeyError as exc:
+            raise ValueError(f"cache entry header lacks {exc}") from None
+
+
+def _expect(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(problem)
+
+
+def _one_of(value: Any) -> str:
+    if value not in _API_FORMATS:
+        raise ValueError(f"unknown api_format {value!r} in cache entry")
+    return str(value)
+
+
+def _integer(value: Any) -> int:
+    if type(value) is not int:
+        raise ValueError(f"expected an integer in cache entry, got {value!r}")
+    return value
+
+
+def _status(value: Any) -> int:
+    if not 100 <= _integer(value) <= 599:
+        raise ValueError(f"invalid HTTP status {value!r} in cache entry")
+    return int(value)
+
+
+def _number(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise ValueError(f"expected a number in cache entry, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    _expect(isinstance(value, str), f"expected a string in cache entry, got {value!r}")
+    return str(value)
+
+
+def _usage(value: Any) -> dict[str, Any] | None:
+    _expect(value is None or isinstance(value, dict),
+            "cache entry usage is neither an object nor null")
+    return None if value is None else dict(value)
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    _expect(isinstance(value, list), "cache entry tags are not a list")
+    return tuple(_text(tag) for tag in value)
+
+
+def _expiring(entry: CachedResponse, ttl_s: float) -> CachedResponse:
+    if not math.isfinite(ttl_s):
+        raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
+    return dataclasses.replace(entry, expires_at=time.time() + ttl_s)
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+class CacheStore(Protocol):
+    """What the cache layer and the admin API need from an exact-cache store."""
+
+    name: str
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def check_ready(self) -> dict[str, str]:
+        """{component: "ok" | "error: ..."}; never raises."""
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """The live entry under `key` (its `expires_at` set), or None."""
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        """Stores `entry` for `ttl_s` seconds, replacing any entry under `key`; a TTL of
+        zero or less stores nothing."""
+
+    async def invalidate(self, *tags: str) -> int:
+        """Drops every entry carrying all of `tags` (at least one); how many were dropped."""
+
+
+class _OutageGate:
+    """After a store could not reach its server, refuses at once for `retry_interval_s`."""
+
+    def __init__(self, what: str, retry_interval_s: float) -> None:
+        self.what = what
+        self.retry_interval_s = retry_interval_s
+        self._closed_until = 0.0
+        self._reason = ""
+
+    def check(self) -> None:
+        if self._closed_until and time.monotonic() < self._closed_until:
+            raise CacheStoreError(f"{self.what} is unavailable ({self._reason})")
+
+    def trip(self, exc: BaseException) -> CacheStoreError:
+        self._reason = _describe(exc)
+        self._closed_until = time.monotonic() + self.retry_interval_s
+        logger.warning("%s is unavailable (%s); cache lookups miss for %.1fs", self.what,
+                       self._reason, self.retry_interval_s)
+        return CacheStoreError(f"{self.what} is unavailable ({self._reason})")
+
+
+def _describe(exc: BaseException) -> str:
+    # psycopg's messages name the host and port, never the password.
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_tags(tags: Sequence[str]) -> None:
+    if not tags:
+        raise ValueError("invalidate() needs at least one tag")
+
+
+# -- in process ----------------------------------------------------------------------------------
+
+class MemoryCacheStore:
+    """The embedded default: an LRU in this process, bounded by the sum of its entries'
+    encoded sizes. Expired entries are dropped when read or when the LRU reaches them."""
+
+    name = "memory"
+
+    def __init__(self, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+        if max_bytes <= 0:
+            raise ValueError("MemoryCacheStore needs max_bytes > 0")
+        self.max_bytes = max_bytes
+        self.bytes_used = 0
+        self._entries: OrderedDict[str, tuple[CachedResponse, int]] = OrderedDict()
+        self._by_tag: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self._entries.clear()
+        self._by_tag.clear()
+        self.bytes_used = 0
+
+    async def check_ready(self) -> dict[str, str]:
+        return {"cache_memory": "ok"}
+
+    async def get(self, key: str) -> CachedResponse | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        entry = found[0]
+        if entry.expires_at is not None and entry.expires_at <= time.time():
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        entry = _expiring(entry, ttl_s)
+        size = len(entry.encode())
+        if key in self._entries:
+            self._remove(key)
+        if size > self.max_bytes:
+            return  # would evict everything and still not fit
+        while self.bytes_used + size > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+        self._entries[key] = (entry, size)
+        self.bytes_used += size
+        for tag in entry.tags:
+            self._by_tag.setdefault(tag, set()).add(key)
+
+    async def invalidate(self, *tags: str) -> int:
+        _check_tags(tags)
+        candidates = min((self._by_tag.get(tag, set()) for tag in tags), key=len)
+        wanted = set(tags)
+        doomed = [key for key in candidates if wanted.issubset(self._entries[key][0].tags)]
+        now, live = time.time(), 0
+        for key in doomed:
+            expires_at = self._entries[key][0].expires_at
+            live += expires_at is None or expires_at > now  # as Redis and PostgreSQL count
+            self._remove(key)
+        return live
+
+    def _remove(self, key: str) -> None:
+        entry, size = self._entries.pop(key)
+        self.bytes_used -= size
+        for tag in entry.tags:
+            keys = self._by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_tag[tag]
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+# KEYS[1]: the entry; KEYS[2..]: its tag sets. ARGV: value, ttl in ms, now in ms.
+_SET = _Script("""
+local ttl, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. now)
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return 1
+""")
+
+# KEYS[1]: the set being walked; KEYS[2..n+1]: the n wanted tags' sets; then one batch of
+# entry keys. ARGV: n, the n wanted tags. A tag set may still name an entry that was since
+# rewritten with other tags (or evicted), so each entry's own tags are read from its header
+# (see CachedResponse.encode) and only an entry carrying every wanted tag is dropped.
+_INVALIDATE = _Script("""
+local n, dropped = tonumber(ARGV[1]), 0
+for i = n + 2, #KEYS do
+  local entry, carried = KEYS[i], {}
+  local value = redis.call('GET', entry)
+  if value and string.sub(value, 1, 4) == 'SGC1' then
+    local ok, header = pcall(function()
+      return cjson.decode(string.sub(value, 9, 8 + struct.unpack('>I4', value, 5)))
+    end)
+    if ok and type(header) == 'table' and type(header.t) == 'table' then
+      for _, tag in ipairs(header.t) do carried[tag] = true end
+    end
+  end
+  local all = value and true or false
+  for t = 1, n do all = all and carried[ARGV[t + 1]] == true end
+  if all then
+    redis.call('DEL', entry)
+    dropped = dropped + 1
+  end
+  redis.call('ZREM', KEYS[1], entry)
+  for t = 1, n do
+    if all or not carried[ARGV[t + 1]] then redis.call('ZREM', KEYS[t + 1], entry) end
+  end
+end
+return dropped
+""")
+_INVALIDATE_BATCH = 500
+
+
+class RedisCacheStore:
+    """The hot tier, shared by every gateway process: one GET per lookup.
+
+    Entries live at `<prefix>:e:<key>` with a PX TTL, tag sets at `<prefix>:t:<tag>`. The
+    default prefix is a hash tag, so every key of the cache sits in one Redis Cluster slot
+    and no script spans slots. Invalidation walks the tag set (or, for several tags, their
+    intersection) in batches of 500 entries, one script call each, so Redis never blocks
+    long on a large one; an entry written while it runs may survive it.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, *, prefix: str = "{sgcache}",
+                 timeout_s: float = 0.25, retry_interval_s: float = 1.0) -> None:
+        if not prefix:
+            raise ValueError("RedisCacheStore needs a key prefix")
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._client = RespClient(url, timeout_s=timeout_s)
+        self._gate = _OutageGate("the Redis cache", retry_interval_s)
+
+    def __repr__(self) -> str:
+        return f"RedisCacheStore({self._client!r}, prefix={self.prefix!r})"
+
+    async def startup(self) -> None:
+        pass  # connects on first use: a Redis that is down must not stop the gateway
+
+    async def shutdown(self) -> None:
+        await self._client.close()
+
+    async def check_ready(self) -> dict[str, str]:
+        try:
+            await self._call("PING")
+        except CacheStoreError as exc:
+            return {"cache_redis": f"error: {exc}"}
+        return {"cache_redis": "ok"}
+
+    def entry_key(self, key: str) -> str:
+        return f"{self.prefix}:e:{key}"
+
+    def tag_key(self, tag: str) -> str:
+        return f"{self.prefix}:t:{tag}"
+
+    async def get(self, key: str) -> CachedResponse | None:
+        data = await self._call("GET", self.entry_key(key))
+        if data is None:
+            return None
+        try:
+            return CachedResponse.decode(data)
+        except ValueError as exc:
+            logger.warning("the Redis cache holds an unreadable entry at %s (%s); ignored",
+                           self.entry_key(key), exc)
+            return None
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        entry = _expiring(entry, ttl_s)
+        await self._run(_SET, [self.entry_key(key), *map(self.tag_key, entry.tags)],
+                        [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
+                         str(int(time.time() * 1000))])
+
+    async def invalidate(self, *tags: str) -> int:
+        _check_tags(tags)
+        tags = tuple(dict.fromkeys(tags))
+        tag_keys = [self.tag_key(tag) for tag in tags]
+        if len(tag_keys) == 1:
+            return await self._drop_members(tag_keys[0], tags, tag_keys)
+        scratch = f"{self.prefix}:x:{uuid.uuid4().hex}"
+        await self._many([("ZINTERSTORE", scratch, str(len(tag_keys)), *tag_keys),
+                          ("PEXPIRE", scratch, "60000")])
+        try:
+            return await self._drop_members(scratch, tags, tag_keys)
+        finally:
+            await self._call("DEL", scratch)
+
+    async def _drop_members(self, source: str, tags: Sequence[str],
+                            tag_keys: list[str]) -> int:
+        dropped = 0
+        while True:
+            members = await self._call("ZRANGE", source, "0", str(_INVALIDATE_BATCH - 1))
+            if not members:
+                return dropped
+            dropped += int(await self._run(_INVALIDATE, [source, *tag_keys, *members],
+                                           [str(len(tags)), *tags]))
+
+    async def _run(self, script: _Script, keys: Sequence[str | bytes],
+                   args: Sequence[str | bytes]) -> Any:
+        command = [str(len(keys)), *keys, *args]
+        try:
+            return await self._call("EVALSHA", script.sha, *command)
+        except CacheStoreError as exc:
+            if not str(exc.__cause__).startswith("NOSCRIPT"):
+                raise
+            return await self._call("EVAL", script.source, *command)
+
+    async def _call(self, *args: str | bytes) -> Any:
+        self._gate.check()
+        try:
+            return await self._client.call(*args)
+        except RespError as exc:
+            raise CacheStoreError(f"the Redis cache refused {args[0]!s}: {exc}") from exc
+        except OSError as exc:
+            raise self._gate.trip(exc) from exc
+
+    async def _many(self, commands: Sequence[Sequence[str | bytes]]) -> list[Any]:
+        self._gate.check()
+        try:
+            replies = await self._client.call_many(commands)
+        except OSError as exc:
+            raise self._gate.trip(exc) from exc
+        for reply in replies:
+            if isinstance(reply, OSError):
+                raise self._gate.trip(reply)
+            if isinstance(reply, BaseException):
+                raise CacheStoreError(f"the Redis cache refused a command: {reply}")
+        return replies
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+# Numbered, append-only: a released migration is never edited, a change is a new number.
+_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "exact cache entries", """
+        CREATE TABLE {table} (
+            key text PRIMARY KEY,
+            tags text[] NOT NULL DEFAULT '{{}}',
+            entry bytea NOT NULL,
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX {expires_index} ON {table} (expires_at);
+        CREATE INDEX {tags_index} ON {table} USING gin (tags);
+    """),
+)
+_LOCK_CLASS = 0x53474341  # "SGCA": the advisory-lock namespace of these migrations
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # room for the index and version suffixes
+_PURGE_BATCH = 5000
+_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError,
+                TimeoutError)
+
+Connection = psycopg.AsyncConnection[TupleRow]
+
+
+class PostgresCacheStore:
+    """The warm tier: survives restarts and Redis eviction; shared by every process.
+
+    `startup` never waits on PostgreSQL for more than `startup_wait_s`: it starts a
+    background task that creates or migrates the table (in one transaction under an advisory
+    lock, so processes that start together take turns), retrying with backoff, then opens a
+    small psycopg pool and purges expired rows every `purge_interval_s`. Until then, and
+    while PostgreSQL cannot be reached, every call raises CacheStoreError at once. Expired
+    rows are never returned, purged or not.
+    """
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, *, table: str = "sluicegate_cache", pool_max_size: int = 4,
+                 timeout_s: float = 1.0, connect_timeout_s: float = 2.0,
+                 startup_wait_s: float = 2.0, purge_interval_s: float = 60.0,
+                 retry_interval_s: float = 1.0, migrate_retry_max_s: float = 30.0) -> None:
+        if not _TABLE_NAME.fullmatch(table):
+            raise ValueError(f"invalid cache table name {table!r}: lower-case letters, digits "
+                             "and underscores, at most 40 characters")
+        self._dsn = dsn
+        self.table = table
+        self.pool_max_size = pool_max_size
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.startup_wait_s = startup_wait_s
+        self.purge_interval_s = purge_interval_s
+        self.migrate_retry_max_s = migrate_retry_max_s
+        self._gate = _OutageGate("the PostgreSQL cache", retry_interval_s)
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
+        self._not_ready_reason = "not started"
+        names = {"table": sql.Identifier(table),
+                 "versions": sql.Identifier(table + "_schema_version")}
+        self._sql = {name: sql.SQL(text).format(**names) for name, text in {
+            "get": "SELECT entry FROM {table} WHERE key = %s AND expires_at > to_timestamp(%s)",
+            "set": "INSERT INTO {table} (key, tags, entry, created_at, expires_at) "
+                   "VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s)) "
+                   "ON CONFLICT (key) DO UPDATE SET tags = EXCLUDED.tags, "
+                   "entry = EXCLUDED.entry, created_at = EXCLUDED.created_at, "
+                   "expires_at = EXCLUDED.expires_at",
+            "invalidate": "WITH gone AS (DELETE FROM {table} WHERE tags @> %s "
+                          "RETURNING expires_at) SELECT count(*) FILTER "
+                          "(WHERE expires_at > to_timestamp(%s)) FROM gone",
+            "purge": "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+                     "WHERE expires_at <= now() LIMIT %s FOR UPDATE SKIP LOCKED))",
+            "versions": "CREATE TABLE IF NOT EXISTS {versions} (version integer PRIMARY KEY, "
+                        "description text NOT NULL, "
+                        "applied_at timestamptz NOT NULL DEFAULT now())",
+            "applied": "SELECT version FROM {versions}",
+            "record": "INSERT INTO {versions} (version, description) VALUES (%s, %s)",
+        }.items()}
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PostgresCacheStore(table={self.table!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._maintainer is not None:
+            return
+        first_attempt = asyncio.Event()
+        self._maintainer = asyncio.get_running_loop().create_task(
+            self._maintain(first_attempt), name=f"sluicegate-cache-{self.table}")
+        try:
+            async with asyncio.timeout(self.startup_wait_s):
+                await first_attempt.wait()
+        except TimeoutError:
+            logger.warning("the PostgreSQL cache is still connecting; it misses until ready")
+
+    async def shutdown(self) -> None:
+        task, self._maintainer = self._maintainer, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close(timeout=self.timeout_s)
+        self._not_ready_reason = "shut down"
+
+    async def check_ready(self) -> dict[str, str]:
+        try:
+            async with self._connection() as conn:
+                await conn.execute("SELECT 1")
+        except CacheStoreError as exc:
+            return {"cache_postgres": f"error: {exc}"}
+        return {"cache_postgres": "ok"}
+
+    async def _maintain(self, first_attempt: asyncio.Event) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._migrate()
+                break
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self._not_ready_reason = _describe(exc)
+                logger.warning("the PostgreSQL cache cannot prepare table %s (%s); retrying "
+                               "in %.1fs", self.table, self._not_ready_reason, delay)
+            first_attempt.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.migrate_retry_max_s)
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            self._dsn, min_size=1, max_size=self.pool_max_size, open=False,
+            name=f"sluicegate-cache-{self.table}", reconnect_timeout=5.0,
+            kwargs={"autocommit": True, "application_name": "sluicegate-cache",
+                    "connect_timeout": max(2, int(self.connect_timeout_s))})
+        await pool.open(wait=False)
+        self._pool = pool
+        first_attempt.set()
+        while True:
+            await asyncio.sleep(self.purge_interval_s)
+            try:
+                await self.purge_expired()
+            except CacheStoreError as exc:
+                logger.warning("the PostgreSQL cache could not purge expired rows (%s)", exc)
+
+    async def _migrate(self) -> None:
+        """Applies the missing migrations in one transaction, on a connection of its own."""
+        async with asyncio.timeout(self.connect_timeout_s + 10.0):  # may wait for the lock
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, application_name="sluicegate-cache",
+                connect_timeout=max(2, int(self.connect_timeout_s)))
+            async with conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))",
+                                   (_LOCK_CLASS, self.table))
+                await conn.execute(self._sql["versions"])
+                cur = await conn.execute(self._sql["applied"])
+                applied = {row[0] for row in await cur.fetchall()}
+                for version, description, statements in _MIGRATIONS:
+                    if version not in applied:
+                        await conn.execute(sql.SQL(statements).format(
+                            table=sql.Identifier(self.table),
+                            expires_index=sql.Identifier(self.table + "_expires_at"),
+                            tags_index=sql.Identifier(self.table + "_tags")))
+                        await conn.execute(self._sql["record"], (version, description))
+                        logger.info("cache store: applied migration %d (%s) to table %s",
+                                    version, description, self.table)
+
+    # -- entries -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        pool = self._pool
+        if pool is None:
+            raise CacheStoreError(f"the PostgreSQL cache is not ready ({self._not_ready_reason})")
+        self._gate.check()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with pool.connection(timeout=self.timeout_s) as conn:
+                    yield conn
+        except _UNREACHABLE as exc:
+            raise self._gate.trip(exc) from exc
+        except psycopg.Error as exc:
+            raise CacheStoreError(f"the PostgreSQL cache failed: {_describe(exc)}") from exc
+
+    async def get(self, key: str) -> CachedResponse | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(self._sql["get"], (key, time.time()))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        try:
+            return CachedResponse.decode(row[0])
+        except ValueError as exc:
+            logger.warning("the PostgreSQL cache holds an unreadable entry %s (%s); ignored",
+                           key, exc)
+            return None
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        entry = _expiring(entry, ttl_s)
+        async with self._connection() as conn:
+            await conn.execute(self._sql["set"], (key, list(entry.tags), entry.encode(),
+                                                  entry.created_at, entry.expires_at))
+
+    async def invalidate(self, *tags: str) -> int:
+        _check_tags(tags)
+        async with self._connection() as conn:
+            cur = await conn.execute(self._sql["invalidate"], (list(tags), time.time()))
+            row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
+
+    async def purge_expired(self) -> int:
+        """Deletes expired rows in batches (several processes may purge at once); how many."""
+        purged = 0
+        while True:
+            async with self._connection() as conn:
+                cur = await conn.execute(self._sql["purge"], (_PURGE_BATCH,))
+            purged += cur.rowcount
+            if cur.rowcount < _PURGE_BATCH:
+                return purged
+
+
+# -- tiers ---------------------------------------------------------------------------------------
+
+class TieredCacheStore:
+    """A hot store in front of a warm one (Redis in front of PostgreSQL).
+
+    Reads try hot, then warm; a warm hit is copied to hot with its remaining TTL, after the
+    read returned. Writes go to both. A failing tier is a miss for that tier; only when both
+    fail does a read or write raise. Invalidation must reach both, so it raises if either
+    failed (after trying both).
+
+    A promotion must not bring back what an invalidation dropped: invalidation first waits
+    for the promotions in flight, and a read that overlapped an invalidation promotes
+    nothing. (This holds within one process; another process's promotion can still land
+    in the few milliseconds between its warm read and its hot write.)
+    """
+
+    name = "tiered"
+
+    def __init__(self, hot: CacheStore, warm: CacheStore) -> None:
+        self.hot = hot
+        self.warm = warm
+        self._promotions: set[asyncio.Task[None]] = set()
+        self._invalidations = 0  # how many began: a read that saw this change promotes nothing
+
+    async def startup(self) -> None:
+        await self.hot.startup()
+        await self.warm.startup()
+
+    async def shutdown(self) -> None:
+        if self._promotions:
+            await asyncio.wait(self._promotions)
+        await self.warm.shutdown()
+        await self.hot.shutdown()
+
+    async def check_ready(self) -> dict[str, str]:
+        return {**await self.hot.check_ready(), **await self.warm.check_ready()}
+
+    async def get(self, key: str) -> CachedResponse | None:
+        invalidations = self._invalidations
+        hot_failure: CacheStoreError | None = None
+        try:
+            entry = await self.hot.get(key)
+        except CacheStoreError as exc:
+            entry, hot_failure = None, exc
+        if entry is not None:
+            return entry
+        try:
+            entry = await self.warm.get(key)
+        except CacheStoreError as exc:
+            if hot_failure is not None:
+                raise CacheStoreError(f"both cache tiers failed: {hot_failure}; {exc}") from exc
+            return None
+        if entry is not None and entry.expires_at is not None and hot_failure is None:
+            self._promote_soon(key, entry, entry.expires_at - time.time(), invalidations)
+        return entry
+
+    def _promote_soon(self, key: str, entry: CachedResponse, ttl_s: float,
+                      invalidations: int) -> None:
+        if ttl_s <= 0 or invalidations != self._invalidations:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._promote(key, entry, ttl_s))
+        self._promotions.add(task)
+        task.add_done_callback(self._promotions.discard)
+
+    async def _promote(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        try:
+            await self.hot.set(key, entry, ttl_s)
+        except CacheStoreError as exc:
+            logger.debug("could not promote a cache entry to %s: %s", self.hot.name, exc)
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        failures = await _each(self.hot.set(key, entry, ttl_s), self.warm.set(key, entry, ttl_s))
+        if len(failures) == 2:
+            raise CacheStoreError(f"both cache tiers failed: {failures[0]}; {failures[1]}")
+
+    async def invalidate(self, *tags: str) -> int:
+        _check_tags(tags)
+        self._invalidations += 1
+        if self._promotions:
+            await asyncio.wait(self._promotions)
+        counts: list[int] = []
+
+        async def counting(operation: Awaitable[int]) -> None:
+            counts.append(await operation)
+
+        failures = await _each(counting(self.hot.invalidate(*tags)),
+                               counting(self.warm.invalidate(*tags)))
+        if failures:
+            raise CacheStoreError("invalidation did not reach every cache tier: "
+                                  + "; ".join(str(failure) for failure in failures))
+        return max(counts)
+
+
+async def _each(*operations: Awaitable[None]) -> list[CacheStoreError]:
+    """Runs the operations concurrently; the CacheStoreErrors they raised (others propagate)."""
+    results = await asyncio.gather(*operations, return_exceptions=True)
+    failures = []
+    for result in results:
+        if isinstance(result, CacheStoreError):
+            failures.append(result)
+        elif isinstance(result, BaseException):
+            raise result
+    return failures
+

@@ -1,0 +1,825 @@
+"""The exact-cache stores: memory, Redis, PostgreSQL and Redis+PostgreSQL behave alike.
+
+Real servers: Redis on 127.0.0.1:6379 (each test under its own key prefix, deleted after) and
+PostgreSQL on 127.0.0.1:5432 (each test with its own table, dropped after). Outages are real
+too: a port nobody listens on, a server that never answers, a TCP relay switched off.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+from psycopg import sql
+
+from middleware.cache.keys import model_tag, namespace_tag, project_tag
+from middleware.cache.stores import (
+    CachedResponse,
+    CacheStore,
+    CacheStoreError,
+    MemoryCacheStore,
+    PostgresCacheStore,
+    RedisCacheStore,
+    TieredCacheStore,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
+BACKENDS = ["memory", "redis", "postgres", "tiered"]
+
+
+def entry(*tags: str, body: bytes = b'{"id":"chatcmpl-1","choices":[]}',
+          **fields: Any) -> CachedResponse:
+    values: dict[str, Any] = {
+        "body": body, "api_format": "openai", "status": 200, "created_at": time.time(),
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+        "model": "gpt-4o", "cost_micros": 1234, "tags": tags}
+    return CachedResponse(**(values | fields))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0) -> None:
+    """Polls `check` (a CacheStoreError counts as "not yet") until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if await check():
+                return
+        except CacheStoreError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"still not true after {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class TcpProxy:
+    """A TCP relay to a local server that can be switched off (dropping every connection)
+    and on again, on the same port."""
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target_port = target_port
+        self.port = port
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+        self.server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
+                                                                         self.target_port)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A key prefix (a Cluster hash tag) of this test's own; its keys are deleted after."""
+    prefix = f"{{sgtest-cache-{uuid.uuid4().hex}}}"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def table() -> AsyncIterator[str]:
+    """A table name of this test's own; the table and its version table are dropped after."""
+    name = f"sgtest_cache_{uuid.uuid4().hex[:16]}"
+    yield name
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+        for dropped in (name, name + "_schema_version"):
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                sql.Identifier(dropped)))
+
+
+async def pg_rows(table: str) -> int:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(table)))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def make_store(kind: str, prefix: str, table: str, **options: Any) -> CacheStore:
+    if kind == "memory":
+        return MemoryCacheStore(**options)
+    if kind == "redis":
+        return RedisCacheStore(REDIS_URL, prefix=prefix, **options)
+    if kind == "postgres":
+        return PostgresCacheStore(PG_DSN, table=table, **options)
+    return TieredCacheStore(RedisCacheStore(REDIS_URL, prefix=prefix),
+                            PostgresCacheStore(PG_DSN, table=table))
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, prefix: str,
+                table: str) -> AsyncIterator[CacheStore]:
+    store = make_store(request.param, prefix, table)
+    await store.startup()
+    assert all(state == "ok" for state in (await store.check_ready()).values())
+    yield store
+    await store.shutdown()
+
+
+@pytest.fixture
+async def tiered(prefix: str, table: str) -> AsyncIterator[TieredCacheStore]:
+    store = TieredCacheStore(RedisCacheStore(REDIS_URL, prefix=prefix),
+                             PostgresCacheStore(PG_DSN, table=table))
+    await store.startup()
+    yield store
+    await store.shutdown()
+
+
+# -- the entry format ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("original", [
+    entry(),
+    entry("model:gpt-4o", "project:acme", "namespace:faq", expires_at=1764000000.25),
+    entry(body=b"", usage=None, api_format="anthropic", status=529, model="claude-\u00e9",
+          cost_micros=0, created_at=0.0),
+    entry(body=bytes(range(256)) * 10),  # the body is carried as bytes, never parsed
+])
+def test_an_entry_survives_encoding(original: CachedResponse) -> None:
+    assert CachedResponse.decode(original.encode()) == original
+
+
+def test_the_encoding_is_compact() -> None:
+    encoded = entry(body=b"x" * 1000).encode()
+    assert encoded.startswith(b"SGC1") and len(encoded) < 1000 + 200
+
+
+def _with_header(header: bytes, body: bytes = b"{}") -> bytes:
+    return b"SGC1" + len(header).to_bytes(4, "big") + header + body
+
+
+GOOD_HEADER = (b'{"f":"openai","s":200,"c":1.5,"u":null,"m":"m","$":1,"t":[],"e":null}')
+
+
+@pytest.mark.parametrize("garbage", [
+    b"",
+    b"SGC1",
+    b'{"choices": []}',
+    b"SGC2" + GOOD_HEADER[8:],
+    b"SGC1\x00\x00\x10\x00{}",  # a header longer than the data
+    _with_header(b"{not json"),
+    _with_header(b"[1, 2]"),
+    _with_header(b'{"f":"openai"}'),
+    _with_header(GOOD_HEADER.replace(b'"openai"', b'"gemini"')),
+    _with_header(GOOD_HEADER.replace(b'"s":200', b'"s":"200"')),
+    _with_header(GOOD_HEADER.replace(b'"s":200', b'"s":true')),
+    _with_header(GOOD_HEADER.replace(b'"s":200', b'"s":99')),
+    _with_header(GOOD_HEADER.replace(b'"c":1.5', b'"c":"now"')),
+    _with_header(GOOD_HEADER.replace(b'"u":null', b'"u":[1]')),
+    _with_header(GOOD_HEADER.replace(b'"m":"m"', b'"m":5')),
+    _with_header(GOOD_HEADER.replace(b'"$":1', b'"$":1.5')),
+    _with_header(GOOD_HEADER.replace(b'"t":[]', b'"t":"tag"')),
+    _with_header(GOOD_HEADER.replace(b'"t":[]', b'"t":[1]')),
+    _with_header(GOOD_HEADER.replace(b'"e":null', b'"e":"later"')),
+])
+def test_garbage_is_not_an_entry(garbage: bytes) -> None:
+    with pytest.raises(ValueError):
+        CachedResponse.decode(garbage)
+
+
+def test_the_good_header_of_the_garbage_cases_decodes() -> None:
+    assert CachedResponse.decode(_with_header(GOOD_HEADER)).status == 200
+
+
+# -- every store ---------------------------------------------------------------------------------
+
+async def test_set_then_get(store: CacheStore) -> None:
+    original = entry("model:gpt-4o", "project:acme")
+    assert await store.get("k1") is None
+
+    before = time.time()
+    await store.set("k1", original, 60)
+    found = await store.get("k1")
+
+    assert found is not None
+    assert dataclasses.replace(found, expires_at=None) == original
+    assert found.expires_at is not None and before + 60 <= found.expires_at <= time.time() + 60
+    assert await store.get("k2") is None
+
+
+async def test_a_set_replaces_the_entry_and_its_tags(store: CacheStore) -> None:
+    await store.set("k", entry("project:old", body=b"1"), 60)
+    await store.set("k", entry("project:new", body=b"2"), 60)
+
+    assert await store.invalidate("project:old") == 0
+    found = await store.get("k")
+    assert found is not None and found.body == b"2"
+    assert await store.invalidate("project:new") == 1
+    assert await store.get("k") is None
+
+
+async def test_entries_expire(store: CacheStore) -> None:
+    await store.set("short", entry(), 0.3)
+    await store.set("long", entry(), 60)
+    assert await store.get("short") is not None
+
+    async def short_expired() -> bool:
+        return await store.get("short") is None
+
+    await eventually(short_expired)
+    assert await store.get("long") is not None
+
+
+@pytest.mark.parametrize("ttl_s", [0, -1])
+async def test_a_ttl_of_zero_or_less_stores_nothing(store: CacheStore, ttl_s: float) -> None:
+    await store.set("k", entry(), ttl_s)
+    assert await store.get("k") is None
+
+
+POPULATION = {  # key: (project, model, namespace)
+    "a-m1-faq": ("a", "m1", "faq"),
+    "a-m2": ("a", "m2", None),
+    "b-m1-faq": ("b", "m1", "faq"),
+    "b-m2": ("b", "m2", None),
+}
+
+
+async def populate(store: CacheStore) -> None:
+    for key, (project, model, namespace) in POPULATION.items():
+        tags = [project_tag(project), model_tag(model)]
+        if namespace:
+            tags.append(namespace_tag(namespace))
+        await store.set(key, entry(*tags), 60)
+
+
+@pytest.mark.parametrize(("tags", "dropped"), [
+    ([project_tag("a")], {"a-m1-faq", "a-m2"}),
+    ([model_tag("m1")], {"a-m1-faq", "b-m1-faq"}),
+    ([namespace_tag("faq")], {"a-m1-faq", "b-m1-faq"}),
+    ([project_tag("b"), namespace_tag("faq")], {"b-m1-faq"}),  # one project's namespace
+    ([project_tag("b"), model_tag("m2"), project_tag("b")], {"b-m2"}),
+    ([project_tag("c")], set()),
+    ([project_tag("a"), project_tag("b")], set()),  # no entry is in both
+], ids=["project", "model", "namespace", "namespace-of-project", "three-tags", "unknown",
+        "disjoint"])
+async def test_invalidation_drops_the_entries_with_all_the_tags(
+        store: CacheStore, tags: list[str], dropped: set[str]) -> None:
+    await populate(store)
+
+    assert await store.invalidate(*tags) == len(dropped)
+
+    for key in POPULATION:
+        assert (await store.get(key) is None) == (key in dropped), key
+    assert await store.invalidate(*tags) == 0
+
+
+async def test_invalidated_entries_can_be_stored_again(store: CacheStore) -> None:
+    await populate(store)
+    assert await store.invalidate(project_tag("a")) == 2
+
+    await store.set("a-m2", entry(project_tag("a"), model_tag("m2")), 60)
+    assert await store.get("a-m2") is not None
+    assert await store.invalidate(model_tag("m2")) == 2  # the new one and b-m2
+
+
+async def test_a_large_invalidation(store: CacheStore) -> None:
+    await asyncio.gather(*(store.set(f"k{i}", entry(project_tag("big"), model_tag("m")), 60)
+                           for i in range(1200)))
+    await store.set("other", entry(project_tag("small"), model_tag("m")), 60)
+
+    assert await store.invalidate(project_tag("big")) == 1200
+    assert await store.get("k0") is None and await store.get("k1199") is None
+    assert await store.get("other") is not None
+
+
+async def test_invalidation_counts_live_entries_only(store: CacheStore) -> None:
+    await store.set("gone", entry(project_tag("a")), 0.05)
+    await store.set("live", entry(project_tag("a"), project_tag("a")), 60)  # a repeated tag
+    await asyncio.sleep(0.1)
+
+    assert await store.invalidate(project_tag("a")) == 1
+    assert await store.get("live") is None and await store.get("gone") is None
+    await store.set("alone", entry(model_tag("m"), model_tag("m")), 60)
+    assert await store.invalidate(model_tag("m")) == 1
+
+
+async def test_invalidate_needs_a_tag(store: CacheStore) -> None:
+    with pytest.raises(ValueError, match="at least one tag"):
+        await store.invalidate()
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+async def test_memory_evicts_the_least_recently_used_by_bytes() -> None:
+    probe = MemoryCacheStore()
+    await probe.set("probe", entry(body=b"x" * 1000), 60)
+    size = probe.bytes_used
+    store = MemoryCacheStore(max_bytes=3 * size + size // 2)  # room for three
+
+    for key in "abc":
+        await store.set(key, entry(body=b"x" * 1000), 60)
+    assert await store.get("a") is not None  # "a" is now the most recent; "b" the oldest
+    await store.set("d", entry(body=b"x" * 1000), 60)
+    assert [key for key in "abcd" if await store.get(key) is not None] == ["a", "c", "d"]
+
+    await store.set("e", entry(body=b"x" * 1000), 60)  # those reads left the order a, c, d
+    assert [key for key in "acde" if await store.get(key) is not None] == ["c", "d", "e"]
+    assert store.bytes_used <= store.max_bytes and len(store) == 3
+
+
+async def test_memory_evicts_several_for_one_large_entry() -> None:
+    store = MemoryCacheStore(max_bytes=10_000)
+    for key in "abcde":
+        await store.set(key, entry(body=b"x" * 1500), 60)
+    await store.set("big", entry(body=b"x" * 5000), 60)
+
+    kept = [key for key in ["a", "b", "c", "d", "e", "big"] if await store.get(key) is not None]
+    assert kept == ["d", "e", "big"]
+    assert store.bytes_used <= 10_000
+
+
+async def test_memory_refuses_an_entry_larger_than_the_bound_without_evicting() -> None:
+    store = MemoryCacheStore(max_bytes=2000)
+    await store.set("small", entry(body=b"x" * 100), 60)
+    await store.set("huge", entry(body=b"x" * 5000), 60)
+    assert await store.get("huge") is None
+    assert await store.get("small") is not None
+
+
+async def test_memory_counts_bytes_exactly() -> None:
+    store = MemoryCacheStore()
+
+    async def stored_bytes(*keys: str) -> int:
+        entries = [await store.get(key) for key in keys]
+        return sum(len(found.encode()) for found in entries if found is not None)
+
+    await store.set("k", entry(body=b"x" * 100), 60)
+    assert store.bytes_used == await stored_bytes("k") > 100
+
+    await store.set("k", entry(body=b"x" * 300), 60)  # a replacement is not counted twice
+    assert store.bytes_used == await stored_bytes("k") > 300
+    await store.set("short", entry(), 0.05)
+    await store.set("tagged", entry(model_tag("m")), 60)
+    assert store.bytes_used == await stored_bytes("k", "short", "tagged")
+
+    await asyncio.sleep(0.1)
+    assert await store.get("short") is None  # an expired entry gives its bytes back
+    assert await store.invalidate(model_tag("m")) == 1
+    assert store.bytes_used == await stored_bytes("k") and len(store) == 1
+
+
+def test_memory_needs_a_positive_bound() -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        MemoryCacheStore(max_bytes=0)
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+async def test_redis_keys_all_expire(prefix: str, redis_client: aioredis.Redis) -> None:
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await store.set("k2", entry(project_tag("a"), model_tag("n")), 90)
+    await store.set("k", entry(project_tag("a"), model_tag("m")), 30)  # does not shorten "a"
+
+    keys = sorted([key async for key in redis_client.scan_iter(match=f"{prefix}*")])
+    assert keys == sorted(f"{prefix}:{name}".encode() for name in
+                          ["e:k", "e:k2", "t:project:a", "t:model:m", "t:model:n"])
+    assert 29_000 < await redis_client.pttl(f"{prefix}:e:k") <= 30_000
+    assert 89_000 < await redis_client.pttl(f"{prefix}:t:project:a") <= 90_000  # the longest
+    assert 29_000 < await redis_client.pttl(f"{prefix}:t:model:m") <= 30_000
+    await store.shutdown()
+
+
+async def test_redis_tag_sets_forget_expired_entries(prefix: str,
+                                                   redis_client: aioredis.Redis) -> None:
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await store.set("long", entry(project_tag("a")), 30)  # keeps the tag set alive
+    for i in range(3):
+        await store.set(f"old{i}", entry(project_tag("a")), 0.05)
+    await asyncio.sleep(0.1)
+    await store.set("new", entry(project_tag("a")), 30)
+
+    members = await redis_client.zrange(f"{prefix}:t:project:a", 0, -1)
+    assert sorted(members) == [f"{prefix}:e:long".encode(), f"{prefix}:e:new".encode()]
+    await store.shutdown()
+
+
+async def test_redis_invalidation_leaves_nothing_behind(prefix: str,
+                                                        redis_client: aioredis.Redis) -> None:
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await store.set("k", entry(project_tag("a"), namespace_tag("faq")), 30)
+    await store.set("k2", entry(project_tag("a")), 30)
+
+    assert await store.invalidate(project_tag("a"), namespace_tag("faq")) == 1
+    assert await redis_client.zrange(f"{prefix}:t:project:a", 0, -1) == [f"{prefix}:e:k2".encode()]
+    assert await store.invalidate(project_tag("a")) == 1
+    assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
+    await store.shutdown()
+
+
+async def test_redis_ignores_a_value_it_did_not_write(prefix: str,
+                                                      redis_client: aioredis.Redis) -> None:
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await redis_client.set(f"{prefix}:e:k", b"not an entry", ex=30)
+    assert await store.get("k") is None
+    await store.shutdown()
+
+
+async def test_redis_reloads_its_script_after_a_flush(prefix: str,
+                                                      redis_client: aioredis.Redis) -> None:
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await store.set("k", entry(), 30)
+    await redis_client.script_flush()
+    await store.set("k2", entry(), 30)
+    assert await store.get("k2") is not None
+    await store.shutdown()
+
+
+async def test_redis_down_is_a_store_error_at_once() -> None:
+    store = RedisCacheStore(f"redis://127.0.0.1:{free_port()}/0", prefix="{sgtest}")
+    await store.startup()  # does not connect: a Redis that is down does not stop the gateway
+    async with asyncio.timeout(2):
+        with pytest.raises(CacheStoreError, match="unavailable"):
+            await store.get("k")
+        with pytest.raises(CacheStoreError):
+            await store.set("k", entry(), 30)
+        with pytest.raises(CacheStoreError):
+            await store.invalidate(project_tag("a"))
+        assert (await store.check_ready())["cache_redis"].startswith("error:")
+    await store.shutdown()
+
+
+async def test_a_silent_redis_times_out_and_is_not_asked_again_at_once() -> None:
+    connections = 0
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisCacheStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2,
+                            retry_interval_s=60)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(CacheStoreError, match="TimeoutError"):
+                await store.get("k")
+            for _ in range(5):
+                with pytest.raises(CacheStoreError, match="unavailable"):
+                    await store.get("k")
+        assert connections == 1  # refused from memory, without a connection or a timeout
+    finally:
+        await store.shutdown()
+        server.close()
+
+
+async def test_redis_outage_and_recovery(prefix: str) -> None:
+    proxy = TcpProxy(6379)
+    await proxy.start()
+    store = RedisCacheStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+                            retry_interval_s=0.1)
+    try:
+        await store.set("k", entry(), 30)
+        assert await store.get("k") is not None
+
+        await proxy.stop()
+        async with asyncio.timeout(2):
+            with pytest.raises(CacheStoreError):
+                await store.get("k")
+
+        await proxy.start()  # the same port
+
+        async def found() -> bool:
+            return await store.get("k") is not None
+
+        await eventually(found)
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+async def test_postgres_schema_is_created_once_under_concurrent_startup(table: str) -> None:
+    stores = [PostgresCacheStore(PG_DSN, table=table) for _ in range(4)]
+    await asyncio.gather(*(store.startup() for store in stores))
+    try:
+        for store in stores:
+            assert await store.check_ready() == {"cache_postgres": "ok"}
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(
+                sql.Identifier(table + "_schema_version")))
+            assert await cur.fetchall() == [(1,)]
+        await stores[0].set("k", entry(), 30)
+        assert await stores[3].get("k") is not None
+    finally:
+        for store in stores:
+            await store.shutdown()
+
+    again = PostgresCacheStore(PG_DSN, table=table)  # a restart: the data survived
+    await again.startup()
+    assert await again.get("k") is not None
+    await again.shutdown()
+
+
+async def test_postgres_ignores_expired_rows_and_purges_them(table: str) -> None:
+    store = PostgresCacheStore(PG_DSN, table=table, purge_interval_s=3600)
+    await store.startup()
+    try:
+        await store.set("old", entry(), 0.05)
+        await store.set("new", entry(), 60)
+        await asyncio.sleep(0.1)
+
+        assert await store.get("old") is None
+        assert await pg_rows(table) == 2  # still there, but never returned
+        assert await store.purge_expired() == 1
+        assert await pg_rows(table) == 1
+        assert await store.get("new") is not None
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_purges_in_the_background(table: str) -> None:
+    store = PostgresCacheStore(PG_DSN, table=table, purge_interval_s=0.1)
+    await store.startup()
+    try:
+        await store.set("old", entry(), 0.05)
+        await store.set("new", entry(), 60)
+
+        async def purged() -> bool:
+            return await pg_rows(table) == 1
+
+        await eventually(purged)
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_ignores_a_row_it_did_not_write(table: str) -> None:
+    store = PostgresCacheStore(PG_DSN, table=table)
+    await store.startup()
+    try:
+        await store.set("k", entry(), 60)
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(sql.SQL("UPDATE {} SET entry = 'garbage'::bytea").format(
+                sql.Identifier(table)))
+        assert await store.get("k") is None
+    finally:
+        await store.shutdown()
+
+
+def test_postgres_refuses_an_unsafe_table_name() -> None:
+    with pytest.raises(ValueError, match="invalid cache table name"):
+        PostgresCacheStore(PG_DSN, table='cache"; DROP TABLE x; --')
+
+
+async def test_postgres_down_does_not_block_startup_and_is_a_store_error(table: str) -> None:
+    dsn = f"host=127.0.0.1 port={free_port()} user=root dbname=test"
+    store = PostgresCacheStore(dsn, table=table, startup_wait_s=30)
+    try:
+        async with asyncio.timeout(5):  # the refused connection ends the first attempt
+            await store.startup()
+            with pytest.raises(CacheStoreError, match="not ready"):
+                await store.get("k")
+            with pytest.raises(CacheStoreError, match="not ready"):
+                await store.set("k", entry(), 30)
+            with pytest.raises(CacheStoreError, match="not ready"):
+                await store.invalidate(project_tag("a"))
+            assert (await store.check_ready())["cache_postgres"].startswith("error:")
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_becomes_ready_when_it_comes_up_after_startup(table: str) -> None:
+    proxy = TcpProxy(5432, port=free_port())  # not started yet: nothing listens
+    store = PostgresCacheStore(f"host=127.0.0.1 port={proxy.port} user=root dbname=test",
+                               table=table, startup_wait_s=0.5)
+    try:
+        await store.startup()
+        with pytest.raises(CacheStoreError):
+            await store.get("k")
+        await proxy.start()
+
+        async def ready() -> bool:
+            await store.set("k", entry(), 30)
+            return await store.get("k") is not None
+
+        await eventually(ready)
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
+async def test_postgres_outage_and_recovery(table: str) -> None:
+    proxy = TcpProxy(5432)
+    await proxy.start()
+    store = PostgresCacheStore(f"host=127.0.0.1 port={proxy.port} user=root dbname=test",
+                               table=table, retry_interval_s=0.1)
+    try:
+        await store.startup()
+        await store.set("k", entry(), 60)
+        assert await store.get("k") is not None
+
+        await proxy.stop()
+        async with asyncio.timeout(3):
+            with pytest.raises(CacheStoreError):
+                await store.get("k")
+            with pytest.raises(CacheStoreError):
+                await store.set("k2", entry(), 60)
+
+        await proxy.start()  # the same port
+
+        async def found() -> bool:
+            return await store.get("k") is not None
+
+        await eventually(found, timeout_s=30)
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
+# -- tiers ---------------------------------------------------------------------------------------
+
+async def test_a_warm_hit_is_promoted_to_hot_with_its_remaining_ttl(
+        tiered: TieredCacheStore, prefix: str, redis_client: aioredis.Redis) -> None:
+    await tiered.warm.set("k", entry(project_tag("a")), 30)
+    stored = await tiered.warm.get("k")
+    assert stored is not None and await tiered.hot.get("k") is None
+    await asyncio.sleep(1.1)  # a second of the TTL is gone
+
+    assert await tiered.get("k") == stored
+
+    async def promoted() -> bool:
+        return await tiered.hot.get("k") is not None
+
+    await eventually(promoted)
+    hot = await tiered.hot.get("k")
+    assert hot is not None and hot.expires_at is not None and stored.expires_at is not None
+    assert dataclasses.replace(hot, expires_at=None) == dataclasses.replace(stored,
+                                                                            expires_at=None)
+    assert abs(hot.expires_at - stored.expires_at) < 0.01  # the same expiry
+    assert 27_000 < await redis_client.pttl(f"{prefix}:e:k") <= 29_000
+    assert await tiered.hot.invalidate(project_tag("a")) == 1  # promoted with its tags
+
+
+async def test_an_expired_warm_entry_is_not_promoted(tiered: TieredCacheStore) -> None:
+    await tiered.warm.set("k", entry(), 0.2)
+    await asyncio.sleep(0.3)
+    assert await tiered.get("k") is None
+    await asyncio.sleep(0.1)
+    assert await tiered.hot.get("k") is None
+
+
+async def test_a_hot_hit_does_not_need_warm(tiered: TieredCacheStore) -> None:
+    await tiered.hot.set("k", entry(), 30)
+    assert await tiered.warm.get("k") is None
+    assert await tiered.get("k") is not None
+
+
+async def test_a_tiered_set_writes_both(tiered: TieredCacheStore) -> None:
+    await tiered.set("k", entry(), 30)
+    hot, warm = await tiered.hot.get("k"), await tiered.warm.get("k")
+    assert hot is not None and warm is not None
+    assert hot.expires_at is not None and warm.expires_at is not None
+    assert abs(hot.expires_at - warm.expires_at) < 1
+
+
+class SlowHot(MemoryCacheStore):
+    """A hot tier whose writes wait until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        await self.release.wait()
+        await super().set(key, entry, ttl_s)
+
+
+class SlowWarm(MemoryCacheStore):
+    """A warm tier whose reads find the entry, then wait until released to return it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def get(self, key: str) -> CachedResponse | None:
+        found = await super().get(key)
+        await self.release.wait()
+        return found
+
+
+async def test_an_invalidation_waits_for_promotions_in_flight() -> None:
+    hot, warm = SlowHot(), MemoryCacheStore()
+    store = TieredCacheStore(hot, warm)
+    await warm.set("k", entry(project_tag("a")), 60)
+    assert await store.get("k") is not None  # its promotion now waits to write
+
+    invalidation = asyncio.create_task(store.invalidate(project_tag("a")))
+    await asyncio.sleep(0.05)
+    hot.release.set()  # the promotion lands; then the invalidation must still drop it
+
+    assert await invalidation == 1
+    await asyncio.sleep(0.05)  # whatever was still to land has landed
+    assert await hot.get("k") is None and await store.get("k") is None
+
+
+async def test_a_read_that_overlapped_an_invalidation_promotes_nothing() -> None:
+    hot, warm = MemoryCacheStore(), SlowWarm()
+    store = TieredCacheStore(hot, warm)
+    await warm.set("k", entry(project_tag("a")), 60)
+    read = asyncio.create_task(store.get("k"))  # finds the entry, then is slow to return it
+    await asyncio.sleep(0.05)
+
+    assert await store.invalidate(project_tag("a")) == 1
+    warm.release.set()
+    assert await read is not None  # this request began before the invalidation
+    await asyncio.sleep(0.05)
+    assert await hot.get("k") is None
+
+
+async def test_a_failing_hot_tier_is_a_miss_for_that_tier(prefix: str, table: str) -> None:
+    store = TieredCacheStore(RedisCacheStore(f"redis://127.0.0.1:{free_port()}/0"),
+                             PostgresCacheStore(PG_DSN, table=table))
+    await store.startup()
+    try:
+        await store.set("k", entry(), 30)  # only warm took it; not an error
+        assert await store.get("k") is not None
+        assert (await store.check_ready())["cache_redis"].startswith("error:")
+        with pytest.raises(CacheStoreError, match="every cache tier"):
+            await store.invalidate(project_tag("a"))  # a stale hot tier must be known
+    finally:
+        await store.shutdown()
+
+
+async def test_a_failing_warm_tier_is_a_miss_for_that_tier(prefix: str) -> None:
+    dead = f"host=127.0.0.1 port={free_port()} user=root dbname=test"
+    store = TieredCacheStore(RedisCacheStore(REDIS_URL, prefix=prefix),
+                             PostgresCacheStore(dead, table="unused"))
+    await store.startup()
+    try:
+        assert await store.get("k") is None  # hot missed, warm failed: a miss
+        await store.set("k", entry(), 30)
+        assert await store.get("k") is not None
+    finally:
+        await store.shutdown()
+
+
+async def test_both_tiers_failing_is_a_store_error() -> None:
+    store = TieredCacheStore(
+        RedisCacheStore(f"redis://127.0.0.1:{free_port()}/0"),
+        PostgresCacheStore(f"host=127.0.0.1 port={free_port()} user=root dbname=test"))
+    await store.startup()
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(CacheStoreError, match="both cache tiers"):
+                await store.get("k")
+            with pytest.raises(CacheStoreError, match="both cache tiers"):
+                await store.set("k", entry(), 30)
+    finally:
+        await store.shutdown()
