@@ -1,16 +1,268 @@
-"""The cache layer: exact and semantic caching.
+"""The cache layer: exact caching (semantic caching is not built yet).
 
-Today this is a pass-through shell (issue 4 gives it its behaviour): it satisfies the
-layer contract, sits in the default stack, and enforces nothing. It takes no options yet, so
-a config that asks it to enforce something refuses to start.
+A request is looked up by a hash of its tenant scope (project by default), namespace, public
+model, operation and every body field that can change the answer (middleware/cache/keys.py).
+A hit is answered without calling below, in ~a millisecond: as JSON, or replayed as a stream
+in the caller's format (middleware/cache/replay.py), with the original usage marked as
+cached; the context says `cache_status = "hit"`, so the quota layer charges nothing. A miss is
+teed: once its last byte has gone out, a background task stores it (a completed stream is
+stored as the answer it amounts to, so it can serve non-stream requests too). A store that
+fails is a miss, never an error. Every answer says `x-sluicegate-cache: hit|miss|bypass`.
+
+Controls: `Cache-Control: no-cache` (do not answer from the cache), `no-store` (do not store),
+`max-age=N`; `x-sluicegate-cache-namespace`; `x-sluicegate-cache: on` opts a request in under
+the default policy (temperature 0, or embeddings). TTL per model, per project, or the default.
 """
-from gateway.layers import ShellLayer
+from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
 
-class CacheMiddleware(ShellLayer):
-    """exact and semantic caching — pass-through shell; enforces nothing yet."""
+import orjson
 
-    concern = "cache"
-
+from gateway import context as c
+from gateway.config import ConfigError
+from gateway.context import RequestContext, Usage, find_request_context
+from gateway.errors import GatewayError
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+from gateway.policy import ANONYMOUS
+from gateway.sse import SSEParser
+from middleware.cache.keys import cache_key, cache_tags, is_cacheable, parse_cache_control
+from middleware.cache.replay import collect_stream, mark_cached, replay_stream
+from middleware.cache.stores import (
+    CachedResponse,
+    CacheStore,
+    CacheStoreError,
+    MemoryCacheStore,
+    RedisCacheStore,
+)
 
 __all__ = ["CacheMiddleware"]
+
+logger = logging.getLogger("sluicegate.cache")
+
+_CACHED_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EMBEDDINGS,
+                                c.ANTHROPIC_MESSAGES})
+_SCOPES = ("project", "key", "global")
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+class CacheMiddleware:
+    """Exact cache (see the module docstring).
+
+    `store`: "memory" (in process, bounded by `max_bytes`), a `redis://` URL, or a CacheStore
+    (e.g. `TieredCacheStore(RedisCacheStore(url), PostgresCacheStore(dsn))`). `scope`:
+    "project" (default), "key" or "global" — who may share answers. `policy`:
+    "deterministic" (temperature 0 or opted in), "always" or "never".
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: CacheStore | str = "memory",
+        ttl_s: float = 3600.0,
+        model_ttl_s: Mapping[str, float] | None = None,
+        project_ttl_s: Mapping[str, float] | None = None,
+        scope: str = "project",
+        policy: str = "deterministic",
+        max_bytes: int = 64 * 1024 * 1024,
+        max_entry_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.app = app
+        if scope not in _SCOPES:
+            raise ConfigError(f"CacheMiddleware scope must be one of {', '.join(_SCOPES)}.")
+        if policy not in ("deterministic", "always", "never"):
+            raise ConfigError("CacheMiddleware policy must be deterministic, always or never.")
+        if ttl_s <= 0 or max_entry_bytes <= 0:
+            raise ConfigError("CacheMiddleware ttl_s and max_entry_bytes must be positive.")
+        self.store = _make_store(store, max_bytes)
+        self.ttl_s = ttl_s
+        self.model_ttl_s = dict(model_ttl_s or {})
+        self.project_ttl_s = dict(project_ttl_s or {})
+        self.scope = scope
+        self.policy = policy
+        self.max_entry_bytes = max_entry_bytes
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def startup(self) -> None:
+        await self.store.startup()
+
+    async def shutdown(self) -> None:
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=5)
+        await self.store.shutdown()
+
+    async def check_ready(self) -> dict[str, str]:
+        report = await self.store.check_ready()
+        return {name: value if value == "ok" else f"degraded: {value} (lookups miss)"
+                for name, value in report.items()}
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = find_request_context(scope)
+        if ctx is None or ctx.operation not in _CACHED_OPERATIONS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            control = parse_cache_control(ctx.headers)
+        except ValueError as exc:
+            raise GatewayError(400, f"Bad cache header: {exc}", code="invalid_cache_header") \
+                from None
+        if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
+                            operation=ctx.operation):
+            ctx.cache_status = "bypass"
+            await self.app(scope, receive, _with_header(send, b"bypass"))
+            return
+        principal = ctx.principal or ANONYMOUS
+        key = cache_key(self._scope_id(principal), ctx.model, ctx.operation, ctx.body,
+                        namespace=control.namespace)
+        if not control.no_cache:
+            entry = await self._lookup(key)
+            if entry is not None and entry.api_format == ctx.api_format and \
+                    control.accepts(entry.created_at, time.time()):
+                await self._answer(ctx, entry, send)
+                return
+        ctx.cache_status = "miss"
+        if control.no_store:
+            await self.app(scope, receive, _with_header(send, b"miss"))
+            return
+        tee = _Tee(send, self.max_entry_bytes)
+        await self.app(scope, receive, tee.send)
+        if tee.complete:
+            tags = cache_tags(model=ctx.model, project=principal.project,
+                              namespace=control.namespace)
+            self._spawn(self._store(ctx, key, tee, tags))
+
+    def _scope_id(self, principal: Any) -> str:
+        if self.scope == "global":
+            return "*"
+        if self.scope == "key":
+            return f"key:{principal.key_id}"
+        return f"project:{principal.project}"
+
+    async def _lookup(self, key: str) -> CachedResponse | None:
+        try:
+            return await self.store.get(key)
+        except CacheStoreError as exc:  # a failing store is a miss, never an error
+            logger.debug("cache lookup failed: %s", exc)
+            return None
+
+    async def _answer(self, ctx: RequestContext, entry: CachedResponse, send: Send) -> None:
+        ctx.cache_status = "hit"
+        body = orjson.loads(entry.body)
+        usage = entry.usage if isinstance(entry.usage, dict) else None
+        ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"
+                     else Usage.from_openai(usage))
+        ctx.served_model = entry.model
+        ctx.state["cache.saved_micros"] = entry.cost_micros
+        if ctx.stream:
+            options = ctx.body.get("stream_options")
+            include_usage = ctx.api_format == "anthropic" or (
+                isinstance(options, dict) and options.get("include_usage") is True)
+            payload = b"".join(replay_stream(body, ctx.api_format, include_usage=include_usage))
+            headers = [*_SSE, (b"x-sluicegate-cache", b"hit")]
+        else:
+            payload = orjson.dumps(mark_cached(body))
+            headers = [_JSON, (b"content-length", b"%d" % len(payload)),
+                       (b"x-sluicegate-cache", b"hit")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _store(self, ctx: RequestContext, key: str, tee: _Tee,
+                     tags: tuple[str, ...]) -> None:
+        raw = b"".join(tee.chunks)
+        if tee.streaming:
+            events = SSEParser().feed(raw + b"\n\n")
+            answer = collect_stream(events, ctx.api_format, ctx.operation)
+            if answer is None:  # cut short or failed: never cached
+                return
+            body = orjson.dumps(answer)
+            usage = answer.get("usage")
+        else:
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return
+            if not isinstance(parsed, dict):
+                return
+            body, usage = raw, parsed.get("usage")
+        entry = CachedResponse(body=body, api_format=ctx.api_format, status=200,
+                               created_at=time.time(),
+                               usage=usage if isinstance(usage, dict) else None,
+                               model=ctx.served_model or ctx.model,
+                               cost_micros=int(ctx.state.get("quota.cost_micros", 0)),
+                               tags=tags)
+        principal = ctx.principal or ANONYMOUS
+        ttl = self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(principal.project,
+                                                                     self.ttl_s))
+        try:
+            await self.store.set(key, entry, ttl)
+        except CacheStoreError as exc:
+            logger.debug("cache write failed: %s", exc)
+
+    def _spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+
+class _Tee:
+    """Wraps `send`: marks the answer a miss and keeps a copy of a 200 answer (up to a size)
+    until its last byte went out."""
+
+    __slots__ = ("_send", "chunks", "complete", "limit", "size", "status", "streaming")
+
+    def __init__(self, send: Send, limit: int) -> None:
+        self._send = send
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.status = 0
+        self.streaming = False
+        self.complete = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", ())
+            self.streaming = any(name == b"content-type" and value.startswith(
+                b"text/event-stream") for name, value in headers)
+            message["headers"] = [*headers, (b"x-sluicegate-cache", b"miss")]
+        elif message["type"] == "http.response.body" and self.status == 200 and \
+                self.size <= self.limit:
+            body = message.get("body", b"")
+            self.size += len(body)
+            self.chunks.append(body)
+            if not message.get("more_body", False) and self.size <= self.limit:
+                self.complete = True
+        await self._send(message)
+
+
+def _with_header(send: Send, status: bytes) -> Send:
+    async def send_with_cache_status(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-sluicegate-cache", status)]
+        await send(message)
+    return send_with_cache_status
+
+
+def _make_store(store: CacheStore | str, max_bytes: int) -> CacheStore:
+    if isinstance(store, str):
+        if store == "memory":
+            return MemoryCacheStore(max_bytes=max_bytes)
+        if store.startswith(("redis://", "unix://")):
+            return RedisCacheStore(store)
+        raise ConfigError(f"CacheMiddleware store must be 'memory', a redis:// URL or a "
+                          f"CacheStore, not {store!r}.")
+    if not callable(getattr(store, "get", None)) or not callable(getattr(store, "set", None)):
+        raise ConfigError(f"CacheMiddleware store {store!r} is not a CacheStore.")
+    return store
