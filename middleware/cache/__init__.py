@@ -158,7 +158,6 @@ class CacheMiddleware:
 
     async def _answer(self, ctx: RequestContext, entry: CachedResponse, send: Send) -> None:
         ctx.cache_status = "hit"
-        body = orjson.loads(entry.body)
         usage = entry.usage if isinstance(entry.usage, dict) else None
         ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"
                      else Usage.from_openai(usage))
@@ -168,10 +167,11 @@ class CacheMiddleware:
             options = ctx.body.get("stream_options")
             include_usage = ctx.api_format == "anthropic" or (
                 isinstance(options, dict) and options.get("include_usage") is True)
-            payload = b"".join(replay_stream(body, ctx.api_format, include_usage=include_usage))
+            payload = b"".join(replay_stream(orjson.loads(entry.body), ctx.api_format,
+                                             include_usage=include_usage))
             headers = [*_SSE, (b"x-sluicegate-cache", b"hit")]
-        else:
-            payload = orjson.dumps(mark_cached(body))
+        else:  # stored already marked as cached: the bytes go out as they are
+            payload = entry.body
             headers = [_JSON, (b"content-length", b"%d" % len(payload)),
                        (b"x-sluicegate-cache", b"hit")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -185,16 +185,15 @@ class CacheMiddleware:
             answer = collect_stream(events, ctx.api_format, ctx.operation)
             if answer is None:  # cut short or failed: never cached
                 return
-            body = orjson.dumps(answer)
-            usage = answer.get("usage")
         else:
             try:
-                parsed = orjson.loads(raw)
+                answer = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 return
-            if not isinstance(parsed, dict):
+            if not isinstance(answer, dict):
                 return
-            body, usage = raw, parsed.get("usage")
+        usage = answer.get("usage")
+        body = orjson.dumps(mark_cached(answer))  # hits send these bytes untouched
         entry = CachedResponse(body=body, api_format=ctx.api_format, status=200,
                                created_at=time.time(),
                                usage=usage if isinstance(usage, dict) else None,
