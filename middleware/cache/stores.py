@@ -366,12 +366,16 @@ class RedisCacheStore:
     name = "redis"
 
     def __init__(self, url: str, *, prefix: str = "{sgcache}",
-                 timeout_s: float = 0.25, retry_interval_s: float = 1.0) -> None:
+                 timeout_s: float = 0.25, retry_interval_s: float = 1.0,
+                 admin_timeout_s: float = 10.0) -> None:
         if not prefix:
             raise ValueError("RedisCacheStore needs a key prefix")
         self.prefix = prefix
         self.timeout_s = timeout_s
         self._client = RespClient(url, timeout_s=timeout_s)
+        # Invalidation walks many keys: its own connection and patience, so it neither times
+        # out on a busy server nor queues lookups behind it on the hot connection.
+        self._admin = RespClient(url, timeout_s=admin_timeout_s)
         self._gate = _OutageGate("the Redis cache", retry_interval_s)
 
     def __repr__(self) -> str:
@@ -382,6 +386,7 @@ class RedisCacheStore:
 
     async def shutdown(self) -> None:
         await self._client.close()
+        await self._admin.close()
 
     async def check_ready(self) -> dict[str, str]:
         try:
@@ -423,45 +428,47 @@ class RedisCacheStore:
             return await self._drop_members(tag_keys[0], tags, tag_keys)
         scratch = f"{self.prefix}:x:{uuid.uuid4().hex}"
         await self._many([("ZINTERSTORE", scratch, str(len(tag_keys)), *tag_keys),
-                          ("PEXPIRE", scratch, "60000")])
+                          ("PEXPIRE", scratch, "60000")], client=self._admin)
         try:
             return await self._drop_members(scratch, tags, tag_keys)
         finally:
-            await self._call("DEL", scratch)
+            await self._call("DEL", scratch, client=self._admin)
 
     async def _drop_members(self, source: str, tags: Sequence[str],
                             tag_keys: list[str]) -> int:
         dropped = 0
         while True:
-            members = await self._call("ZRANGE", source, "0", str(_INVALIDATE_BATCH - 1))
+            members = await self._call("ZRANGE", source, "0", str(_INVALIDATE_BATCH - 1),
+                                       client=self._admin)
             if not members:
                 return dropped
             dropped += int(await self._run(_INVALIDATE, [source, *tag_keys, *members],
-                                           [str(len(tags)), *tags]))
+                                           [str(len(tags)), *tags], client=self._admin))
 
     async def _run(self, script: _Script, keys: Sequence[str | bytes],
-                   args: Sequence[str | bytes]) -> Any:
+                   args: Sequence[str | bytes], *, client: RespClient | None = None) -> Any:
         command = [str(len(keys)), *keys, *args]
         try:
-            return await self._call("EVALSHA", script.sha, *command)
+            return await self._call("EVALSHA", script.sha, *command, client=client)
         except CacheStoreError as exc:
             if not str(exc.__cause__).startswith("NOSCRIPT"):
                 raise
-            return await self._call("EVAL", script.source, *command)
+            return await self._call("EVAL", script.source, *command, client=client)
 
-    async def _call(self, *args: str | bytes) -> Any:
+    async def _call(self, *args: str | bytes, client: RespClient | None = None) -> Any:
         self._gate.check()
         try:
-            return await self._client.call(*args)
+            return await (client or self._client).call(*args)
         except RespError as exc:
             raise CacheStoreError(f"the Redis cache refused {args[0]!s}: {exc}") from exc
         except OSError as exc:
             raise self._gate.trip(exc) from exc
 
-    async def _many(self, commands: Sequence[Sequence[str | bytes]]) -> list[Any]:
+    async def _many(self, commands: Sequence[Sequence[str | bytes]], *,
+                    client: RespClient | None = None) -> list[Any]:
         self._gate.check()
         try:
-            replies = await self._client.call_many(commands)
+            replies = await (client or self._client).call_many(commands)
         except OSError as exc:
             raise self._gate.trip(exc) from exc
         for reply in replies:
