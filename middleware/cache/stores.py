@@ -373,8 +373,9 @@ class RedisCacheStore:
         self.prefix = prefix
         self.timeout_s = timeout_s
         self._client = RespClient(url, timeout_s=timeout_s)
-        # Invalidation walks many keys: its own connection and patience, so it neither times
-        # out on a busy server nor queues lookups behind it on the hot connection.
+        # Writes (made after the response) and invalidations (which walk many keys) get their
+        # own connection and patience: they neither time out on a busy server nor queue
+        # lookups behind them on the hot connection.
         self._admin = RespClient(url, timeout_s=admin_timeout_s)
         self._gate = _OutageGate("the Redis cache", retry_interval_s)
 
@@ -418,7 +419,7 @@ class RedisCacheStore:
         entry = _expiring(entry, ttl_s)
         await self._run(_SET, [self.entry_key(key), *map(self.tag_key, entry.tags)],
                         [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
-                         str(int(time.time() * 1000))])
+                         str(int(time.time() * 1000))], client=self._admin)
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
