@@ -24,13 +24,22 @@ from typing import Any
 import orjson
 
 from gateway import context as c
+from gateway.admin import admin_token_from_env, is_admin, read_json, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
 from gateway.policy import ANONYMOUS
 from gateway.sse import SSEParser
-from middleware.cache.keys import cache_key, cache_tags, is_cacheable, parse_cache_control
+from middleware.cache.keys import (
+    cache_key,
+    cache_tags,
+    is_cacheable,
+    model_tag,
+    namespace_tag,
+    parse_cache_control,
+    project_tag,
+)
 from middleware.cache.replay import collect_stream, mark_cached, replay_stream
 from middleware.cache.stores import (
     CachedResponse,
@@ -72,8 +81,11 @@ class CacheMiddleware:
         policy: str = "deterministic",
         max_bytes: int = 64 * 1024 * 1024,
         max_entry_bytes: int = 1024 * 1024,
+        admin_token_env: str | None = None,
     ) -> None:
         self.app = app
+        self.admin_token = (admin_token_from_env(admin_token_env, "CacheMiddleware")
+                            if admin_token_env else None)
         if scope not in _SCOPES:
             raise ConfigError(f"CacheMiddleware scope must be one of {', '.join(_SCOPES)}.")
         if policy not in ("deterministic", "always", "never"):
@@ -109,6 +121,10 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = find_request_context(scope)
+        if ctx is None and self.admin_token is not None and \
+                route_path(scope) == "/admin/cache/invalidate":
+            await self._invalidate(scope, receive, send)
+            return
         if ctx is None or ctx.operation not in _CACHED_OPERATIONS:
             await self.app(scope, receive, send)
             return
@@ -141,6 +157,40 @@ class CacheMiddleware:
             tags = cache_tags(model=ctx.model, project=principal.project,
                               namespace=control.namespace)
             self._spawn(self._store(ctx, key, tee, tags))
+
+    async def _invalidate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /admin/cache/invalidate {"project": .., "model": .., "namespace": ..}: drops
+        every entry carrying all the given tags (at least one)."""
+        assert self.admin_token is not None
+        if not is_admin(scope, self.admin_token):
+            await send_json(send, 401, _admin_error("A valid admin token is required.",
+                                                    "authentication_error"))
+            return
+        if scope["method"] != "POST":
+            await send_json(send, 405, _admin_error("Use POST.", "invalid_request_error"))
+            return
+        body = await read_json(receive)
+        fields = {k: v for k, v in body.items() if v is not None} \
+            if isinstance(body, dict) else {}
+        tags = []
+        for name, make in (("project", project_tag), ("model", model_tag),
+                           ("namespace", namespace_tag)):
+            value = fields.pop(name, None)
+            if isinstance(value, str) and value:
+                tags.append(make(value))
+        if not tags or fields:
+            await send_json(send, 400, _admin_error(
+                'Send a JSON object with at least one of "project", "model" and "namespace" '
+                "(strings), and nothing else.", "invalid_request_error"))
+            return
+        try:
+            dropped = await self.store.invalidate(*tags)
+        except CacheStoreError as exc:
+            await send_json(send, 503, _admin_error(f"The cache store is unavailable: {exc}",
+                                                    "service_unavailable"))
+            return
+        await send_json(send, 200, {"object": "cache.invalidation", "tags": tags,
+                                    "dropped": dropped})
 
     def _scope_id(self, principal: Any) -> str:
         if self.scope == "global":
@@ -244,6 +294,10 @@ class _Tee:
             if not message.get("more_body", False) and self.size <= self.limit:
                 self.complete = True
         await self._send(message)
+
+
+def _admin_error(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind}}
 
 
 def _with_header(send: Send, status: bytes) -> Send:

@@ -18,6 +18,7 @@ from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_con
 from tests.mock_providers import MockProviderServer
 
 OTHER_KEY = "sk-sg-another-project-key-0123456789abcdef"
+ADMIN_TOKEN = "cache-admin-" + uuid.uuid4().hex
 OPT_IN = {"x-sluicegate-cache": "on"}  # cached without temperature 0
 
 
@@ -25,13 +26,14 @@ def stack(store: str) -> str:
     return ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY'), "
             "StaticKey('other', key_env='SG_OTHER_KEY')]), "
             "Middleware(QuotaMiddleware, limits=Limits(budgets=(Budget('100'),))), "
-            f"Middleware(CacheMiddleware, store={store})]")
+            f"Middleware(CacheMiddleware, store={store}, admin_token_env='SG_CACHE_ADMIN')]")
 
 
 @pytest.fixture(params=["memory", "redis"])
 def gateway(request: pytest.FixtureRequest, tmp_path: Path, mock_url: str,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedServer]:
     monkeypatch.setenv("SG_OTHER_KEY", OTHER_KEY)
+    monkeypatch.setenv("SG_CACHE_ADMIN", ADMIN_TOKEN)
     prefix = "{sgct-" + uuid.uuid4().hex + "}"
     store = ("'memory'" if request.param == "memory"
              else f"RedisCacheStore('redis://127.0.0.1:6379/0', prefix={prefix!r})")
@@ -155,3 +157,22 @@ def test_a_failed_upstream_answer_is_not_stored(gateway: ThreadedServer,
     with pytest.raises(openai.InternalServerError):
         ask(gateway, text)
     assert ask(gateway, text).headers["x-sluicegate-cache"] == "miss"
+
+
+def test_an_admin_call_invalidates_a_project(gateway: ThreadedServer,
+                                             mock: MockProviderServer) -> None:
+    text = "invalidate " + uuid.uuid4().hex
+    ask(gateway, text)
+    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    url = gateway.url + "/admin/cache/invalidate"
+    assert httpx.post(url, json={"project": "tests"}).status_code == 401
+    assert httpx.post(url, json={"project": "tests"},
+                      headers={"authorization": f"Bearer {TEST_KEY}"}).status_code == 401
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.post(url, json={}, headers=admin).status_code == 400
+    assert httpx.post(url, json={"project": "tests", "colour": "red"},
+                      headers=admin).status_code == 400
+    done = httpx.post(url, json={"project": "tests", "model": "gpt-mock"}, headers=admin)
+    assert done.status_code == 200 and done.json()["dropped"] >= 1
+    assert ask(gateway, text).headers["x-sluicegate-cache"] == "miss"
+    assert len([r for r in mock.requests if text in str(r)]) == 2

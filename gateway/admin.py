@@ -1,0 +1,65 @@
+"""What the layers' admin routes share: the admin token and JSON answers.
+
+The admin token is never a virtual key: it comes from an environment variable named in the
+config, is at least 16 characters, and is compared in constant time.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any
+
+import orjson
+
+from gateway.config import ConfigError
+from gateway.kernel import Scope, Send
+
+
+def admin_token_from_env(name: str, owner: str) -> bytes:
+    token = os.environ.get(name, "")
+    if len(token) < 16 or token.startswith("sk-sg-"):
+        raise ConfigError(f"{owner} admin_token_env={name!r} must name an environment variable "
+                          "holding an admin token of at least 16 characters (not a virtual key).")
+    return token.encode()
+
+
+def is_admin(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
+async def send_json(send: Send, status: int, payload: Any) -> None:
+    body = orjson.dumps(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", b"%d" % len(body)),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_json(receive: Any, limit_bytes: int = 64 * 1024) -> Any:
+    """The request body as JSON, or None when it is empty, too large or not JSON."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit_bytes:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    try:
+        return orjson.loads(b"".join(chunks)) if size else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
