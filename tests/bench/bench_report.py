@@ -153,6 +153,7 @@ RATIO_PAIRS = (
     ("bare", "floor", "Sluicegate bare / floor"),
     ("default", "floor", "Sluicegate default / floor"),
     ("redis", "bare", "auth + quota on Redis / bare"),
+    ("cache", "bare", "cache hits / bare (misses)"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
     ("default", "litellm", "Sluicegate default / LiteLLM"),
 )

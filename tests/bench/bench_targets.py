@@ -94,6 +94,8 @@ TARGETS = {
         Target("default", "Sluicegate, default stack", _sluicegate("config_default.py")),
         Target("redis", "Sluicegate, default stack, auth + quota on Redis",
                _sluicegate("config_redis.py")),
+        Target("cache", "Sluicegate, auth + exact cache hits (memory)",
+               _sluicegate("config_cache.py")),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
     )
 }

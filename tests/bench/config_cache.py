@@ -1,0 +1,21 @@
+"""Bench target: exact cache hits from memory (every request after the first is a hit).
+
+`policy="always"`: the bench request has no temperature, and the point is the hit path.
+"""
+import os
+
+from gateway.config import Deployment, Middleware, Model
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.cache import CacheMiddleware
+from providers import Provider
+
+# The bench's load tools send this key (tests/bench/bench_load.py).
+os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-bench-not-a-secret-0123456789")
+upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
+providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
+models = {"bench": Model([Deployment("mock", "bench", free=True)])}  # a mock: nothing to bill
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("bench", key_env="SLUICEGATE_API_KEY")]),
+    Middleware(CacheMiddleware, store=os.environ.get("SLUICEGATE_BENCH_CACHE", "memory"),
+               policy="always"),
+]
