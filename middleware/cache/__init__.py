@@ -100,6 +100,7 @@ class CacheMiddleware:
         self.policy = policy
         self.max_entry_bytes = max_entry_bytes
         self._writes: set[asyncio.Task[None]] = set()
+        self._replays: dict[tuple[bytes, str, bool], bytes] = {}
 
     async def startup(self) -> None:
         await self.store.startup()
@@ -217,8 +218,7 @@ class CacheMiddleware:
             options = ctx.body.get("stream_options")
             include_usage = ctx.api_format == "anthropic" or (
                 isinstance(options, dict) and options.get("include_usage") is True)
-            payload = b"".join(replay_stream(orjson.loads(entry.body), ctx.api_format,
-                                             include_usage=include_usage))
+            payload = self._replayed(entry, ctx.api_format, include_usage)
             headers = [*_SSE, (b"x-sluicegate-cache", b"hit")]
         else:  # stored already marked as cached: the bytes go out as they are
             payload = entry.body
@@ -226,6 +226,19 @@ class CacheMiddleware:
                        (b"x-sluicegate-cache", b"hit")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _replayed(self, entry: CachedResponse, api_format: str, include_usage: bool) -> bytes:
+        """The stream form of a stored answer, rendered once per entry and kept in process
+        (bounded), so a stream hit costs about what a JSON hit does."""
+        memo_key = (entry.body, api_format, include_usage)
+        payload = self._replays.get(memo_key)
+        if payload is None:
+            payload = b"".join(replay_stream(orjson.loads(entry.body), api_format,
+                                             include_usage=include_usage))
+            if len(self._replays) >= 4096:
+                self._replays.clear()
+            self._replays[memo_key] = payload
+        return payload
 
     async def _store(self, ctx: RequestContext, key: str, tee: _Tee,
                      tags: tuple[str, ...]) -> None:
