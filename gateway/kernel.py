@@ -190,6 +190,9 @@ class Kernel:
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use POST.",
                                headers=[(b"allow", b"POST")])
         content_length = self._check_headers(scope["headers"])
+        if content_length is not None and content_length > self.max_body_bytes:
+            await _drain(receive, {"more_body": True})  # so the client reads the 413
+            raise self._too_large()
         raw = await self._read_body(receive, content_length)
         try:
             body = orjson.loads(raw)
@@ -213,8 +216,6 @@ class Kernel:
                              f"{media_type.decode('latin-1')!r}.")
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else None
-        if content_length is not None and content_length > self.max_body_bytes:
-            raise self._too_large()
         return content_length
 
     def _too_large(self) -> GatewayError:

@@ -63,6 +63,7 @@ class _Request:
 
     async def json(self) -> dict[str, Any]:
         if self.content_length is not None and self.content_length > self.max_body_bytes:
+            await _drain(self.receive)  # so the client reads the 413, not a reset
             raise _too_large(self.max_body_bytes)
         chunks, size, more = [], 0, True
         while more:
