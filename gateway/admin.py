@@ -12,7 +12,9 @@ from typing import Any
 import orjson
 
 from gateway.config import ConfigError
-from gateway.kernel import Scope, Send
+from gateway.kernel import Scope, Send, route_path
+
+__all__ = ["admin_token_from_env", "is_admin", "read_json", "route_path", "send_json"]
 
 
 def admin_token_from_env(name: str, owner: str) -> bytes:
@@ -57,9 +59,3 @@ async def read_json(receive: Any, limit_bytes: int = 64 * 1024) -> Any:
         return orjson.loads(b"".join(chunks)) if size else None
     except orjson.JSONDecodeError:
         return None
-
-
-def route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path

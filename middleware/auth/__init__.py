@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from gateway.config import ConfigError
 from gateway.context import RequestContext, find_request_context
 from gateway.errors import GatewayError
-from gateway.kernel import ASGIApp, Receive, Scope, Send
+from gateway.kernel import ASGIApp, Receive, Scope, Send, route_path
 from gateway.policy import Limits, Principal
 from middleware.auth.admin import AdminAPI
 from middleware.auth.keys import StaticKey, VirtualKey, hash_key
@@ -107,7 +107,7 @@ class AuthMiddleware:
             return
         ctx = find_request_context(scope)
         if ctx is None:
-            if self.admin is not None and self.admin.handles(_route_path(scope)):
+            if self.admin is not None and self.admin.handles(route_path(scope)):
                 await self.admin(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -209,9 +209,3 @@ def _strip_credentials(scope: Scope, ctx: RequestContext) -> str | None:
     scope["headers"] = kept
     ctx.headers = kept
     return credential
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path

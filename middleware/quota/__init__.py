@@ -19,9 +19,7 @@ or restart, budget counters are rebuilt from the spend ledger before they are us
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -29,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from gateway.admin import admin_token_from_env, is_admin, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, find_request_context, route_to
 from gateway.errors import GatewayError, stream_error_event
@@ -107,13 +106,8 @@ class QuotaMiddleware:
         if alert_webhook_url is not None and not alert_webhook_url.startswith(("http://",
                                                                              "https://")):
             raise ConfigError("QuotaMiddleware alert_webhook_url must be an http(s) URL.")
-        self.admin_token: bytes | None = None
-        if admin_token_env is not None:
-            token = os.environ.get(admin_token_env, "")
-            if len(token) < 16:
-                raise ConfigError(f"QuotaMiddleware admin_token_env={admin_token_env!r} must "
-                                  "name an environment variable holding at least 16 characters.")
-            self.admin_token = token.encode()
+        self.admin_token = (admin_token_from_env(admin_token_env, "QuotaMiddleware")
+                            if admin_token_env is not None else None)
         self.store_retry_s = store_retry_s
         self.lease_s = lease_s
         self._store_down_until = 0.0
@@ -165,7 +159,7 @@ class QuotaMiddleware:
             return
         ctx = find_request_context(scope)
         if ctx is None:
-            if self.admin_token is not None and _route_path(scope).startswith("/admin/usage/"):
+            if self.admin_token is not None and route_path(scope).startswith("/admin/usage/"):
                 await self._serve_usage(scope, send)
             else:
                 await self.app(scope, receive, send)
@@ -375,17 +369,17 @@ class QuotaMiddleware:
 
     async def _serve_usage(self, scope: Scope, send: Send) -> None:
         assert self.admin_token is not None
-        if not _admin_allowed(scope, self.admin_token):
-            await _send_json(send, 401, {"error": {"message": "A valid admin token is required.",
+        if not is_admin(scope, self.admin_token):
+            await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
                                                    "type": "authentication_error"}})
             return
         if scope["method"] != "GET":
-            await _send_json(send, 405, {"error": {"message": "Use GET.",
+            await send_json(send, 405, {"error": {"message": "Use GET.",
                                                    "type": "invalid_request_error"}})
             return
-        parts = _route_path(scope)[len("/admin/usage/"):].split("/", 1)
+        parts = route_path(scope)[len("/admin/usage/"):].split("/", 1)
         if len(parts) != 2 or not all(parts):
-            await _send_json(send, 404, {"error": {
+            await send_json(send, 404, {"error": {
                 "message": "Use /admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
             return
         kind, subject = parts
@@ -399,14 +393,14 @@ class QuotaMiddleware:
         try:
             values = await self.store.committed(checks)
         except QuotaStoreError:
-            await _send_json(send, 503, {"error": {"message": "The quota store is unavailable.",
+            await send_json(send, 503, {"error": {"message": "The quota store is unavailable.",
                                                    "type": "service_unavailable"}})
             return
         periods = {period: {"period_start": start.isoformat(),
                             "committed_usd": None if value is None
                             else str(micros_to_usd(value))}
                    for period, start, value in zip(PERIODS, starts, values, strict=True)}
-        await _send_json(send, 200, {"kind": kind, "subject": subject, "periods": periods})
+        await send_json(send, 200, {"kind": kind, "subject": subject, "periods": periods})
 
 
 class _Responder:
@@ -498,24 +492,4 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         logger.error("quota background task failed", exc_info=task.exception())
 
 
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
-def _admin_allowed(scope: Scope, token: bytes) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, given = value.partition(b" ")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
-    return False
-
-
-async def _send_json(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
