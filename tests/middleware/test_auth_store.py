@@ -34,6 +34,7 @@ from middleware.auth.store import (
     SubjectLimits,
 )
 from tests.harness import free_port
+from tests.tcp_proxy import TcpProxy
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 
@@ -121,45 +122,6 @@ class FakeClock:
 def terminate_backend(pid: int | None) -> None:
     assert pid is not None
     run_sql("SELECT pg_terminate_backend(%s)", pid)
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> PostgreSQL; `stop()` is a PostgreSQL outage, `start()` its end."""
-
-    def __init__(self, target_port: int = 5432) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def dsn(self) -> str:
-        return DSN.replace("port=5432", f"port={self.port}")
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
 
 
 class CountingStore(StaticKeyStore):
@@ -551,10 +513,10 @@ async def test_cache_serves_stale_keys_while_the_store_is_shut_down(
 
 
 async def test_cache_through_a_postgres_outage_and_back(schema: str) -> None:
-    proxy = TcpProxy()
+    proxy = TcpProxy(5432, port=free_port())
     await proxy.start()
     clock = FakeClock()
-    store = new_store(schema, dsn=proxy.dsn, connect_timeout_s=1.0, query_timeout_s=2.0)
+    store = new_store(schema, dsn=DSN.replace("port=5432", f"port={proxy.port}"), connect_timeout_s=1.0, query_timeout_s=2.0)
     await store.startup()
     heard: list[str] = []
     store.subscribe(heard.append)

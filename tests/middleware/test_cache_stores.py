@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,8 @@ from middleware.cache.stores import (
     RedisCacheStore,
     TieredCacheStore,
 )
+from tests.harness import free_port
+from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
@@ -58,56 +59,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float =
         await asyncio.sleep(0.05)
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class TcpProxy:
-    """A TCP relay to a local server that can be switched off (dropping every connection)
-    and on again, on the same port."""
-
-    def __init__(self, target_port: int, port: int = 0) -> None:
-        self.target_port = target_port
-        self.port = port
-        self.accepted = 0
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is None:
-            return
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
-        await self.server.wait_closed()
-        self.server = None
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
-                                                                         self.target_port)
-        self.writers += [writer, upstream_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
 
 # -- fixtures ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from gateway.policy import (
 )
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
 from middleware.quota.store_redis import RedisQuotaStore
+from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -515,45 +516,8 @@ async def test_a_silent_redis_times_out_as_a_store_error(clock: FakeClock) -> No
         server.close()
 
 
-class TcpProxy:
-    """A TCP relay to Redis that can be switched off (dropping connections) and on again."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        self.writers.clear()
-        await self.server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", 6379)
-        self.writers += [writer, upstream_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-
 async def test_the_store_recovers_when_redis_comes_back(clock: FakeClock, prefix: str) -> None:
-    proxy = TcpProxy()
+    proxy = TcpProxy(6379)
     await proxy.start()
     store = RedisQuotaStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, clock=clock)
     await store.startup()
