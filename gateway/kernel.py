@@ -45,9 +45,12 @@ def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
     return b"%032x" % _random_bits(128)
 
 
-async def _drain(receive: Receive, message: Message, limit_bytes: int = 64 * 1024 * 1024) -> None:
+async def drain_body(receive: Receive, message: Message | None = None,
+                     limit_bytes: int = 64 * 1024 * 1024) -> None:
     """Reads and drops the rest of an oversized body (up to a bound), so the client finishes
-    sending and reads the 413 rather than a reset connection."""
+    sending and reads the 413 rather than a reset connection. `message`: the last one read
+    (None: nothing read yet)."""
+    message = message if message is not None else {"more_body": True}
     drained = 0
     while message.get("more_body", False) and drained < limit_bytes:
         message = await receive()
@@ -63,6 +66,13 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         return path[len(root):] or "/"
     return path
+
+
+def degraded(report: dict[str, str], why: str) -> dict[str, str]:
+    """A readiness report where a failing store is "degraded: ..." (still ready: the layer
+    keeps serving without it) instead of an error."""
+    return {name: value if value == "ok" else f"degraded: {value}; {why}"
+            for name, value in report.items()}
 
 
 def stack_components(app: Any) -> list[Any]:
@@ -191,7 +201,7 @@ class Kernel:
                                headers=[(b"allow", b"POST")])
         content_length = self._check_headers(scope["headers"])
         if content_length is not None and content_length > self.max_body_bytes:
-            await _drain(receive, {"more_body": True})  # so the client reads the 413
+            await drain_body(receive)  # so the client reads the 413
             raise self._too_large()
         raw = await self._read_body(receive, content_length)
         try:
@@ -239,7 +249,7 @@ class Kernel:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await _drain(receive, message)
+                await drain_body(receive, message)
                 raise self._too_large()
             chunks.append(chunk)
         return b"".join(chunks)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from gateway.config import ConfigError
 from gateway.context import RequestContext, find_request_context
 from gateway.errors import GatewayError
-from gateway.kernel import ASGIApp, Receive, Scope, Send, route_path
+from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
 from gateway.policy import Limits, Principal
 from middleware.auth.admin import AdminAPI
 from middleware.auth.keys import StaticKey, VirtualKey, hash_key
@@ -96,8 +96,7 @@ class AuthMiddleware:
         if self.store is None:
             return {}
         report = await self.store.check_ready()
-        return {name: value if value == "ok" else f"degraded: serving cached keys ({value})"
-                for name, value in report.items()}
+        return degraded(report, "serving known keys from the cache")
 
     # -- requests ----------------------------------------------------------------------------
 

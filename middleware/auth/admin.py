@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.errors import GatewayError
-from gateway.kernel import Receive, Scope, Send, route_path
+from gateway.kernel import Receive, Scope, Send, drain_body, route_path
 from gateway.policy import Limits
 from middleware.auth.keys import KEY_PREFIX, UPDATABLE_FIELDS, check_key_fields, check_subject_id
 from middleware.auth.store import (
@@ -63,7 +63,7 @@ class _Request:
 
     async def json(self) -> dict[str, Any]:
         if self.content_length is not None and self.content_length > self.max_body_bytes:
-            await _drain(self.receive)  # so the client reads the 413, not a reset
+            await drain_body(self.receive, limit_bytes=16 * 1024 * 1024)  # so the client reads the 413, not a reset
             raise _too_large(self.max_body_bytes)
         chunks, size, more = [], 0, True
         while more:
@@ -74,7 +74,7 @@ class _Request:
             size += len(chunk)
             if size > self.max_body_bytes:
                 if message.get("more_body", False):
-                    await _drain(self.receive)
+                    await drain_body(self.receive, limit_bytes=16 * 1024 * 1024)
                 raise _too_large(self.max_body_bytes)
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -387,18 +387,6 @@ def _no_key(key_id: str) -> GatewayError:
 def _no_limits(kind: str, subject_id: str) -> GatewayError:
     return GatewayError(404, f"No limits are stored for {kind} {subject_id!r}.",
                         code="limits_not_found")
-
-
-async def _drain(receive: Receive, limit_bytes: int = 16 * 1024 * 1024) -> None:
-    """Reads and drops the rest of a body that is too large (up to a bound), so the client
-    finishes sending and reads the 413 instead of a connection reset."""
-    drained, more = 0, True
-    while more and drained < limit_bytes:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        drained += len(message.get("body", b""))
-        more = message.get("more_body", False)
 
 
 def _too_large(max_body_bytes: int) -> GatewayError:

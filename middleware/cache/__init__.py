@@ -28,7 +28,7 @@ from gateway.admin import admin_token_from_env, is_admin, read_json, route_path,
 from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
-from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import ANONYMOUS
 from gateway.sse import SSEParser
 from middleware.cache.keys import (
@@ -111,9 +111,7 @@ class CacheMiddleware:
         await self.store.shutdown()
 
     async def check_ready(self) -> dict[str, str]:
-        report = await self.store.check_ready()
-        return {name: value if value == "ok" else f"degraded: {value} (lookups miss)"
-                for name, value in report.items()}
+        return degraded(await self.store.check_ready(), "lookups miss")
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from gateway.admin import admin_token_from_env, is_admin, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, find_request_context, route_to
 from gateway.errors import GatewayError, stream_error_event
-from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import (
     ANONYMOUS,
     BUDGET,
@@ -147,8 +147,7 @@ class QuotaMiddleware:
             checks["quota_store"] = ("ok" if await ping() else
                                      "degraded: unavailable; limits follow on_store_error")
         if isinstance(self.ledger, PostgresSpendLedger):
-            checks.update({name: value if value == "ok" else f"degraded: {value}"
-                           for name, value in (await self.ledger.check_ready()).items()})
+            checks.update(degraded(await self.ledger.check_ready(), "rebuilds wait for it"))
         return checks
 
     # -- requests ----------------------------------------------------------------------------
