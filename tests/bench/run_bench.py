@@ -46,6 +46,7 @@ from bench_targets import (
     mock_base,
 )
 
+REDIS_PORT = 18379  # the bench's own Redis, for the targets that keep quota state in one
 SETTLE_S = 0.5  # lets a slow target drain the previous run's requests before the next one
 
 
@@ -105,6 +106,32 @@ def start_mock(procs: ProcessSet, settings: Settings) -> Started:
         if mock.exited() is not None or time.monotonic() > deadline:
             raise SystemExit(f"bench: the nginx mock did not come up: {reasons}\n{mock.log_tail()}")
         time.sleep(0.1)
+
+
+def start_redis(procs: ProcessSet, settings: Settings) -> Started | None:
+    """A Redis of the bench's own for the targets that use one, on the load CPU.
+
+    Redis stands for a server on another machine: pinned beside nginx and the load tool it
+    never takes CPU from the target, which is measured on one core. Without redis-server the
+    targets fall back to $SLUICEGATE_BENCH_REDIS (default: the machine's Redis on 6379).
+    """
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(server).exists():
+        log("bench: redis-server not found; the Redis target uses $SLUICEGATE_BENCH_REDIS")
+        return None
+    if port_in_use(REDIS_PORT):
+        raise SystemExit(f"bench: port {REDIS_PORT} on 127.0.0.1 already in use; free it first")
+    cmd = [server, "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "",
+           "--appendonly", "no", "--dir", str(settings.rundir)]
+    started = procs.start("redis", cmd, log_path=settings.rundir / "redis.log",
+                          cpu=settings.load_cpu)
+    deadline = time.monotonic() + 10
+    while not port_in_use(REDIS_PORT):
+        if started.exited() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench: redis-server did not come up\n{started.log_tail()}")
+        time.sleep(0.05)
+    os.environ["SLUICEGATE_BENCH_REDIS"] = f"redis://127.0.0.1:{REDIS_PORT}/0"
+    return started
 
 
 # --- one target ---------------------------------------------------------------------------------
@@ -242,7 +269,8 @@ def machine_lines(settings: Settings) -> list[str]:
                       if line.startswith("Model name:")), "unknown CPU")
     mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemTotal:")), 0)
-    pinning = ("load tool and nginx on CPU 0, the target on CPU 1 (`taskset`)"
+    pinning = ("load tool, nginx and the bench's Redis (port 18379) on CPU 0, the target on"
+               " CPU 1 (`taskset`)"
                if settings.target_cpu is not None else "none (fewer than 2 CPUs available)")
     hardware = (f"{os.cpu_count()} CPUs (`nproc`), {cpu_model}, "
                 f"{mem_kib / 1024 / 1024:.0f} GiB RAM, Linux {platform.release()}")
@@ -363,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ProcessSet() as procs:
             start_mock(procs, settings)
+            if any(t.key == "redis" for t in settings.targets):
+                start_redis(procs, settings)
             for target in settings.targets:
                 results.append(bench_target(procs, target, settings))
     except KeyboardInterrupt as exc:
