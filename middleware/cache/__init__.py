@@ -1,4 +1,4 @@
-"""The cache layer: exact caching (semantic caching is not built yet).
+"""The cache layer: exact caching, and opt-in semantic caching of paraphrases.
 
 A request is looked up by a hash of its tenant scope (project by default), namespace, public
 model, operation and every body field that can change the answer (middleware/cache/keys.py).
@@ -12,6 +12,12 @@ fails is a miss, never an error. Every answer says `x-sluicegate-cache: hit|miss
 Controls: `Cache-Control: no-cache` (do not answer from the cache), `no-store` (do not store),
 `max-age=N`; `x-sluicegate-cache-namespace`; `x-sluicegate-cache: on` opts a request in under
 the default policy (temperature 0, or embeddings). TTL per model, per project, or the default.
+
+With `semantic=SemanticCache(embedder, index)`, an exact miss is looked up once more by meaning:
+the request's recent conversation is embedded and compared within its partition (tenant,
+model, system prompt, tools, earlier history; see middleware/cache/semantic.py); a match at or
+above the threshold is answered from the exact entry it points to, with
+`x-sluicegate-cache: semantic-hit`. Embedding or index failures are misses.
 """
 from __future__ import annotations
 
@@ -41,6 +47,12 @@ from middleware.cache.keys import (
     project_tag,
 )
 from middleware.cache.replay import collect_stream, mark_cached, replay_stream
+from middleware.cache.semantic import (
+    EmbedderError,
+    SemanticCache,
+    SemanticQuery,
+    VectorIndexError,
+)
 from middleware.cache.stores import (
     CachedResponse,
     CacheStore,
@@ -82,8 +94,12 @@ class CacheMiddleware:
         max_bytes: int = 64 * 1024 * 1024,
         max_entry_bytes: int = 1024 * 1024,
         admin_token_env: str | None = None,
+        semantic: SemanticCache | None = None,
     ) -> None:
         self.app = app
+        if semantic is not None and not isinstance(semantic, SemanticCache):
+            raise ConfigError("CacheMiddleware semantic must be SemanticCache(...).")
+        self.semantic = semantic
         self.admin_token = (admin_token_from_env(admin_token_env, "CacheMiddleware")
                             if admin_token_env else None)
         if scope not in _SCOPES:
@@ -104,14 +120,21 @@ class CacheMiddleware:
 
     async def startup(self) -> None:
         await self.store.startup()
+        if self.semantic is not None:
+            await self.semantic.startup()
 
     async def shutdown(self) -> None:
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=5)
+        if self.semantic is not None:
+            await self.semantic.shutdown()
         await self.store.shutdown()
 
     async def check_ready(self) -> dict[str, str]:
-        return degraded(await self.store.check_ready(), "lookups miss")
+        report = await self.store.check_ready()
+        if self.semantic is not None:
+            report.update(await self.semantic.index.check_ready())
+        return degraded(report, "lookups miss")
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -146,6 +169,18 @@ class CacheMiddleware:
                     control.accepts(entry.created_at, time.time()):
                 await self._answer(ctx, entry, send)
                 return
+        query: SemanticQuery | None = None
+        vector: list[float] | None = None
+        if self.semantic is not None and self.semantic.applies(principal.project, ctx.model):
+            query = self.semantic.query(self._scope_id(principal), ctx.model, ctx.operation,
+                                        ctx.body, control.namespace)
+            if query is not None and not (control.no_cache and control.no_store):
+                vector = await self._embed(query)
+            if vector is not None and not control.no_cache:
+                entry = await self._semantic_lookup(query, vector, ctx, control)  # type: ignore[arg-type]
+                if entry is not None:
+                    await self._answer(ctx, entry, send, status="semantic-hit")
+                    return
         ctx.cache_status = "miss"
         if control.no_store:
             await self.app(scope, receive, _with_header(send, b"miss"))
@@ -155,7 +190,32 @@ class CacheMiddleware:
         if tee.complete:
             tags = cache_tags(model=ctx.model, project=principal.project,
                               namespace=control.namespace)
-            self._spawn(self._store(ctx, key, tee, tags))
+            self._spawn(self._store(ctx, key, tee, tags, query, vector))
+
+    async def _embed(self, query: SemanticQuery) -> list[float] | None:
+        assert self.semantic is not None
+        try:
+            return await self.semantic.embed(query.text)
+        except EmbedderError as exc:  # a failing embedder is a miss, never an error
+            logger.warning("semantic cache: %s", exc)
+            return None
+
+    async def _semantic_lookup(self, query: SemanticQuery, vector: list[float],
+                               ctx: RequestContext, control: Any) -> CachedResponse | None:
+        assert self.semantic is not None
+        try:
+            candidates = await self.semantic.index.search(query.partition, vector,
+                                                          self.semantic.top_k)
+        except VectorIndexError as exc:
+            logger.warning("semantic cache: %s", exc)
+            return None
+        for candidate in self.semantic.best(query, candidates):
+            entry = await self._lookup(candidate.key)
+            if entry is not None and entry.api_format == ctx.api_format and \
+                    control.accepts(entry.created_at, time.time()):
+                ctx.state["cache.similarity"] = candidate.similarity
+                return entry
+        return None
 
     async def _invalidate(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /admin/cache/invalidate {"project": .., "model": .., "namespace": ..}: drops
@@ -205,8 +265,10 @@ class CacheMiddleware:
             logger.debug("cache lookup failed: %s", exc)
             return None
 
-    async def _answer(self, ctx: RequestContext, entry: CachedResponse, send: Send) -> None:
-        ctx.cache_status = "hit"
+    async def _answer(self, ctx: RequestContext, entry: CachedResponse, send: Send, *,
+                      status: str = "hit") -> None:
+        ctx.cache_status = status
+        marker = status.encode()
         usage = entry.usage if isinstance(entry.usage, dict) else None
         ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"
                      else Usage.from_openai(usage))
@@ -217,11 +279,11 @@ class CacheMiddleware:
             include_usage = ctx.api_format == "anthropic" or (
                 isinstance(options, dict) and options.get("include_usage") is True)
             payload = self._replayed(entry, ctx.api_format, include_usage)
-            headers = [*_SSE, (b"x-sluicegate-cache", b"hit")]
+            headers = [*_SSE, (b"x-sluicegate-cache", marker)]
         else:  # stored already marked as cached: the bytes go out as they are
             payload = entry.body
             headers = [_JSON, (b"content-length", b"%d" % len(payload)),
-                       (b"x-sluicegate-cache", b"hit")]
+                       (b"x-sluicegate-cache", marker)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -238,8 +300,9 @@ class CacheMiddleware:
             self._replays[memo_key] = payload
         return payload
 
-    async def _store(self, ctx: RequestContext, key: str, tee: _Tee,
-                     tags: tuple[str, ...]) -> None:
+    async def _store(self, ctx: RequestContext, key: str, tee: _Tee, tags: tuple[str, ...],
+                     query: SemanticQuery | None = None,
+                     vector: list[float] | None = None) -> None:
         raw = b"".join(tee.chunks)
         if tee.streaming:
             events = SSEParser().feed(raw + b"\n\n")
@@ -268,6 +331,13 @@ class CacheMiddleware:
             await self.store.set(key, entry, ttl)
         except CacheStoreError as exc:
             logger.debug("cache write failed: %s", exc)
+            return
+        if self.semantic is not None and query is not None and vector is not None:
+            try:
+                await self.semantic.index.add(query.partition, vector, key, query.guard,
+                                              entry.created_at + ttl)
+            except VectorIndexError as exc:
+                logger.warning("semantic cache: could not index an answer (%s)", exc)
 
     def _spawn(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)

@@ -129,7 +129,7 @@ def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Us
     """What the request really used. Cache hits and calls that never reached a model cost
     nothing; a stream cut short is charged at least its input estimate plus one token per
     event it delivered (more if the provider reported more)."""
-    if ctx.cache_status == "hit":
+    if ctx.cache_status in ("hit", "semantic-hit"):
         return Usage()
     usage = ctx.usage
     cut_short = ctx.stream and (ctx.client_disconnected or ctx.error_type is not None)

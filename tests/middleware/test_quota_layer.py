@@ -476,7 +476,7 @@ def test_upstream_error_before_the_first_byte_costs_nothing(
     assert settled(gateway.committed, RESERVED_100) == 0  # the reservation is given back
 
 
-@pytest.mark.parametrize("cache_status,cost", [("hit", 0), (None, COST)])
+@pytest.mark.parametrize("cache_status,cost", [("hit", 0), ("semantic-hit", 0), (None, COST)])
 def test_a_cache_hit_below_quota_costs_nothing(start: Start, store: str,
                                                mock: MockProviderServer,
                                                cache_status: str | None, cost: int) -> None:

