@@ -1,0 +1,538 @@
+"""The semantic cache: what is compared, the guard, the embedders, the vector indexes (memory
+and pgvector on the real PostgreSQL), and paraphrases answered through a real gateway with the
+official SDKs."""
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import psycopg
+import pytest
+
+from gateway.app import create_app
+from gateway.config import ConfigError
+from middleware.cache.semantic import (
+    Candidate,
+    EmbedderError,
+    HttpEmbedder,
+    LocalEmbedder,
+    MemoryVectorIndex,
+    OpenAIEmbedder,
+    PgVectorIndex,
+    SemanticCache,
+    VectorIndexError,
+    guard_of,
+    guards_agree,
+    semantic_query,
+)
+from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
+from tests.mock_providers import MockProviderServer
+
+PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
+OTHER_KEY = "sk-sg-another-project-key-0123456789abcdef"
+
+
+def chat(text: str, *, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"model": "m", "temperature": 0,
+            "messages": [*messages, {"role": "user", "content": text}], **extra}
+
+
+def query(body: dict[str, Any], scope: str = "project:a", model: str = "m",
+          operation: str = "openai.chat", **options: Any) -> Any:
+    return semantic_query(scope, model, operation, body, **options)
+
+
+def unit(values: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
+
+
+# -- what is compared ----------------------------------------------------------------------------
+
+def test_the_partition_holds_everything_but_the_embedded_window() -> None:
+    base = query(chat("What is the capital of France?", system="Be brief."))
+    assert base is not None and base.text == "What is the capital of France?"
+    same_context = query(chat("Which city is France's capital?", system="Be brief.",
+                              user="someone", stream=True))
+    assert same_context is not None and same_context.partition == base.partition
+    for other in (query(chat("What is the capital of France?", system="Be verbose.")),
+                  query(chat("What is the capital of France?", system="Be brief.",
+                             temperature=0.5)),
+                  query(chat("What is the capital of France?", system="Be brief.",
+                             tools=[{"type": "function", "function": {"name": "f"}}])),
+                  query(chat("What is the capital of France?", system="Be brief."),
+                        scope="project:b"),
+                  query(chat("What is the capital of France?", system="Be brief."), model="n"),
+                  query(chat("What is the capital of France?", system="Be brief."),
+                        namespace="ns")):
+        assert other is not None and other.partition != base.partition
+
+
+def test_the_window_is_the_recent_plain_text_turns_and_older_ones_must_match() -> None:
+    turns = [{"role": "user", "content": f"turn {i}"} if i % 2 == 0 else
+             {"role": "assistant", "content": f"answer {i}"} for i in range(7)]
+    found = query({"messages": turns})
+    assert found is not None
+    assert found.text == "assistant: answer 3\nuser: turn 4\nassistant: answer 5\nuser: turn 6"
+    changed_history = [dict(t) for t in turns]
+    changed_history[0]["content"] = "something else"
+    other = query({"messages": changed_history})
+    assert other is not None and other.partition != found.partition
+    # Two messages when the window is two; text parts count as plain text.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"},
+                                          {"type": "text", "text": "there"}]}]
+    assert query({"messages": parts}).text == "hello\nthere"  # type: ignore[union-attr]
+    assert query({"messages": turns}, window_messages=2).text == \
+        "assistant: answer 5\nuser: turn 6"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("body", [
+    chat("x" * 2001),  # longer than the window
+    {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                "image_url": {"url": "data:,"}}]}]},
+    {"messages": [{"role": "tool", "tool_call_id": "1", "content": "42"}]},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": []}]},
+    {"messages": [{"role": "user", "content": "   "}]},
+    {"messages": []},
+    {"input": "hello"},
+])
+def test_what_is_not_looked_up_by_meaning(body: dict[str, Any]) -> None:
+    assert query(body) is None
+
+
+def test_completions_embed_the_prompt_and_embeddings_are_never_semantic() -> None:
+    found = query({"prompt": "Say hi", "max_tokens": 5}, operation="openai.completions")
+    assert found is not None and found.text == "Say hi"
+    assert query({"input": "Say hi"}, operation="openai.embeddings") is None
+
+
+@pytest.mark.parametrize("a,b,agree", [
+    ("What's 15% of 80?", "Calculate fifteen percent of 80.", True),
+    ("What is 15% of 80?", "What is 15% of 90?", False),
+    ("Give me three tips", "What are 3 tips?", True),
+    ("Is Python dynamically typed?", "Isn't Python dynamically typed?", False),
+    ("List files modified in the last 7 days", "List files not modified in the last 7 days",
+     False),
+    ("Sort the users by age in ascending order", "Sort the users by age in descending order",
+     False),
+    ("Sort the users by age, ascending", "Sort the users by age from youngest", True),
+    ("Show commits before 2023", "Show commits after 2023", False),
+    ("Convert 5 miles to kilometers", "Convert 5 kilometers to miles", False),
+    ("Convert 5 miles to kilometers", "How many kilometers are 5 miles", True),
+    ("Arguments for raising the wage", "Arguments against raising the wage", False),
+])
+def test_the_guard(a: str, b: str, agree: bool) -> None:
+    assert guards_agree(guard_of(a), guard_of(b)) is agree
+    assert guards_agree(guard_of(b), guard_of(a)) is agree
+
+
+def test_best_applies_the_threshold_and_the_guard() -> None:
+    found = query(chat("What is 15% of 80?"))
+    assert found is not None
+    cache = SemanticCache(_FixedEmbedder(), threshold=0.9)
+    candidates = [Candidate(0.99, "wrong-number", guard_of("What is 15% of 90?")),
+                  Candidate(0.91, "right", guard_of("Compute 15 percent of 80")),
+                  Candidate(0.95, "better", guard_of("what's 15 % of 80")),
+                  Candidate(0.85, "too-far", found.guard)]
+    assert [c.key for c in cache.best(found, candidates)] == ["better", "right"]
+    assert [c.key for c in SemanticCache(_FixedEmbedder(), threshold=0.9, guard=False)
+            .best(found, candidates)] == ["wrong-number", "better", "right"]
+
+
+class _FixedEmbedder:
+    name = "fixed"
+
+    async def startup(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def embed(self, texts: Any) -> list[list[float]]:
+        return [[1.0, 0.0] for _ in texts]
+
+
+@pytest.mark.parametrize("options", [{"threshold": 0}, {"threshold": 1.5}, {"top_k": 0},
+                                     {"window_chars": 0}, {"index": "redis"}])
+def test_bad_settings_refuse_to_start(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        SemanticCache(_FixedEmbedder(), **options)
+
+
+def test_opt_in_per_project_and_model() -> None:
+    cache = SemanticCache(_FixedEmbedder(), projects=["acme"], models=["gpt"])
+    assert cache.applies("acme", "gpt")
+    assert not cache.applies("other", "gpt") and not cache.applies("acme", "claude")
+    assert SemanticCache(_FixedEmbedder()).applies(None, "anything")
+
+
+# -- vector indexes ------------------------------------------------------------------------------
+
+async def test_memory_index_nearest_first_within_a_partition_until_expiry() -> None:
+    now = [1000.0]
+    index = MemoryVectorIndex(max_entries=3, clock=lambda: now[0])
+    await index.add("p", unit([1, 0, 0]), "x", "g", 2000)
+    await index.add("p", unit([1, 1, 0]), "xy", "g", 1500)
+    await index.add("q", unit([1, 0, 0]), "other-partition", "g", 2000)
+    found = await index.search("p", unit([1, 0.1, 0]), 5)
+    assert [c.key for c in found] == ["x", "xy"]
+    assert found[0].similarity == pytest.approx(1 / math.sqrt(1.01), abs=1e-6)
+    now[0] = 1600  # "xy" expired
+    assert [c.key for c in await index.search("p", unit([1, 1, 0]), 5)] == ["x"]
+    await index.add("p", unit([0, 0, 1]), "z", "g", 3000)
+    await index.add("p", unit([0, 1, 1]), "yz", "g", 3000)  # the bound drops the oldest
+    assert len(index) == 3
+    assert "x" not in [c.key for c in await index.search("p", unit([1, 0, 0]), 5)]
+    assert await index.search("nowhere", unit([1, 0, 0]), 5) == []
+
+
+@pytest.fixture
+async def pg_index() -> Any:
+    table = "sg_semantic_" + uuid.uuid4().hex[:12]
+    index = PgVectorIndex(PG_DSN, dimensions=3, table=table)
+    await index.startup()
+    yield index
+    await index.shutdown()
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def test_pgvector_index_search_partitions_expiry_and_upsert(pg_index: PgVectorIndex
+                                                                  ) -> None:
+    import time
+    future = time.time() + 60
+    await pg_index.add("p", unit([1, 0, 0]), "x", "g1", future)
+    await pg_index.add("p", unit([1, 1, 0]), "xy", "g2", future)
+    await pg_index.add("p", unit([0, 0, 1]), "gone", "g", time.time() - 1)
+    await pg_index.add("q", unit([1, 0, 0]), "other-partition", "g", future)
+    found = await pg_index.search("p", unit([1, 0.1, 0]), 5)
+    assert [(c.key, c.guard) for c in found] == [("x", "g1"), ("xy", "g2")]
+    assert found[0].similarity == pytest.approx(1 / math.sqrt(1.01), abs=1e-5)
+    await pg_index.add("p", unit([0, 1, 0]), "x", "g3", future)  # the same key moves
+    assert (await pg_index.search("p", unit([0, 1, 0]), 1))[0].key == "x"
+    assert await pg_index.purge_expired() == 1
+    with pytest.raises(VectorIndexError):
+        await pg_index.search("p", [1.0, 0.0], 1)  # wrong dimensions
+    report = await pg_index.check_ready()
+    assert report == {"semantic_index": "ok"}
+
+
+async def test_pgvector_index_uses_hnsw(pg_index: PgVectorIndex) -> None:
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+        cur = await conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s",
+                                 (pg_index.table,))
+        definitions = " ".join(row[0] for row in await cur.fetchall())
+    assert "USING hnsw (embedding vector_cosine_ops)" in definitions
+
+
+async def test_an_unreachable_pgvector_is_an_error_the_layer_turns_into_a_miss() -> None:
+    index = PgVectorIndex(f"host=127.0.0.1 port={free_port()} user=root dbname=test "
+                          "connect_timeout=1", dimensions=3)
+    await index.startup()
+    try:
+        with pytest.raises(VectorIndexError):
+            await index.search("p", unit([1, 0, 0]), 1)
+        with pytest.raises(VectorIndexError):
+            await index.add("p", unit([1, 0, 0]), "k", "g", 0)
+        assert "error" in (await index.check_ready())["semantic_index"]
+    finally:
+        await index.shutdown()
+
+
+# -- embedders -----------------------------------------------------------------------------------
+
+def bag_of_words(text: str, dimensions: int = 64) -> list[float]:
+    """The test embedding service's vectors: word counts hashed into 64 buckets."""
+    vector = [0.0] * dimensions
+    for word in text.lower().replace("?", " ").split():
+        vector[zlib.crc32(word.encode()) % dimensions] += 1.0
+    return vector
+
+
+class EmbedService:
+    """An HTTP embedding service speaking the `POST /embed` contract, with injectable faults."""
+
+    def __init__(self) -> None:
+        self.fault: str | None = None
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status, payload = 200, {"ok": True}
+        if scope["path"] == "/embed":
+            self.calls += 1
+            texts = orjson.loads(body)["texts"]
+            payload = {"embeddings": [bag_of_words(t) for t in texts], "dimensions": 64}
+            if self.fault == "500":
+                status, payload = 500, {"error": "boom"}
+            elif self.fault == "count":
+                payload["embeddings"] = payload["embeddings"][:-1] + [[]]
+            elif self.fault == "dimensions":
+                payload["dimensions"] = 32
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": orjson.dumps(payload)})
+
+
+@pytest.fixture(scope="module")
+def embed_service() -> Iterator[tuple[EmbedService, ThreadedServer]]:
+    service = EmbedService()
+    with ThreadedServer(service, health_path="/health") as server:
+        yield service, server
+
+
+async def test_http_embedder_speaks_the_contract_and_fails_as_embedder_errors(
+        embed_service: tuple[EmbedService, ThreadedServer]) -> None:
+    service, server = embed_service
+    embedder = HttpEmbedder(server.url)
+    await embedder.startup()
+    try:
+        first, second = await embedder.embed(["how are you", "you are how"])
+        assert first == pytest.approx(second) and sum(x * x for x in first) == \
+            pytest.approx(1.0)
+        for fault in ("500", "count", "dimensions"):
+            service.fault = fault
+            with pytest.raises(EmbedderError):
+                await embedder.embed(["a", "b"])
+        service.fault = None
+    finally:
+        await embedder.shutdown()
+    dead = HttpEmbedder(f"http://127.0.0.1:{free_port()}", timeout_s=1)
+    await dead.startup()
+    try:
+        with pytest.raises(EmbedderError):
+            await dead.embed(["a"])
+    finally:
+        await dead.shutdown()
+
+
+def test_openai_embedder_through_the_gateways_own_embeddings_model(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_EMBED_KEY", TEST_KEY)
+    config = write_config(tmp_path, mock_config(mock_url))
+    with ThreadedServer(create_app(config)) as gateway:
+        embedder = OpenAIEmbedder(gateway.url + "/v1", "openai-embed", key_env="SG_EMBED_KEY")
+
+        async def run() -> list[list[float]]:
+            await embedder.startup()
+            try:
+                return await embedder.embed(["alpha", "beta", "alpha"])
+            finally:
+                await embedder.shutdown()
+        a, b, again = asyncio.run(run())
+    assert a == pytest.approx(again) and a != pytest.approx(b)
+    assert sum(x * x for x in a) == pytest.approx(1.0)
+    assert any("text-embedding-3-small" in str(r) for r in mock.requests)  # it went upstream
+
+
+def test_openai_embedder_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SG_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ConfigError):
+        OpenAIEmbedder("http://127.0.0.1:1/v1", "m", key_env="SG_NO_SUCH_KEY")
+    with pytest.raises(ConfigError):
+        HttpEmbedder("ftp://example")
+
+
+@pytest.fixture(scope="module")
+def local_embedder() -> Iterator[LocalEmbedder]:
+    embedder = LocalEmbedder()
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(embedder.startup())
+    yield embedder
+    loop.run_until_complete(embedder.shutdown())
+    loop.close()
+
+
+def test_local_embedder_puts_paraphrases_closer_than_near_topics(local_embedder: LocalEmbedder
+                                                                 ) -> None:
+    async def run() -> list[list[float]]:
+        # Concurrent callers are encoded together, and each gets its own vector back.
+        parts = await asyncio.gather(
+            local_embedder.embed(["How do I reverse a list in Python?"]),
+            local_embedder.embed(["what's the way to reverse a python list",
+                                  "How do I sort a dictionary in Go?"]))
+        return [*parts[0], *parts[1]]
+    loop = asyncio.new_event_loop()
+    try:
+        question, paraphrase, other = loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+    def cos(x: list[float], y: list[float]) -> float:
+        return sum(a * b for a, b in zip(x, y, strict=True))
+    assert len(question) == 384
+    assert cos(question, paraphrase) > 0.9
+    assert cos(question, other) < 0.5
+
+
+# -- through a gateway ---------------------------------------------------------------------------
+
+def stack(semantic: str) -> str:
+    return ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY'), "
+            "StaticKey('other', key_env='SG_OTHER_KEY')]), "
+            "Middleware(QuotaMiddleware, limits=Limits(budgets=(Budget('100'),))), "
+            f"Middleware(CacheMiddleware, semantic={semantic})]")
+
+
+def start_gateway(tmp_path: Path, mock_url: str, semantic: str) -> ThreadedServer:
+    extra = ("from middleware.cache.semantic import SemanticCache, LocalEmbedder, "
+             "HttpEmbedder, PgVectorIndex")
+    config = write_config(tmp_path, mock_config(mock_url, middleware=stack(semantic))
+                          .replace("from middleware.cache import CacheMiddleware",
+                                   "from middleware.cache import CacheMiddleware\n" + extra))
+    return ThreadedServer(create_app(config))
+
+
+@pytest.fixture(scope="module", params=["memory", "pgvector"])
+def semantic_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                     mock_url: str) -> Iterator[ThreadedServer]:
+    import os
+    os.environ["SG_OTHER_KEY"] = OTHER_KEY
+    table = "sg_semantic_" + uuid.uuid4().hex[:12]
+    index = "'memory'" if request.param == "memory" else \
+        f"PgVectorIndex({PG_DSN!r}, table={table!r})"
+    with start_gateway(tmp_path_factory.mktemp("semantic"), mock_url,
+                       f"SemanticCache(LocalEmbedder(), {index})") as server:
+        yield server
+    if request.param == "pgvector":
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def ask(server: ThreadedServer, text: str, *, session: str, key: str = TEST_KEY,
+        **extra: Any) -> Any:
+    """A chat request whose system prompt names the test's session: the system prompt is part
+    of the semantic partition, so tests (and reruns) never see each other's answers."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-mock", temperature=0, messages=[
+            {"role": "system", "content": f"Test session {session}."},
+            {"role": "user", "content": text}], **extra)
+
+
+def ask_until_stored(server: ThreadedServer, text: str, *, session: str, **extra: Any) -> Any:
+    """Asks once (a miss), then waits until the answer is stored (asking again hits)."""
+    import time
+    first = ask(server, text, session=session, **extra)
+    assert first.headers["x-sluicegate-cache"] == "miss"
+    deadline = time.monotonic() + 5
+    while ask(server, text, session=session, **extra).headers["x-sluicegate-cache"] != "hit":
+        assert time.monotonic() < deadline, "the answer was never stored"
+        time.sleep(0.05)
+    return first
+
+
+def upstream_calls(mock: MockProviderServer, session: str) -> int:
+    return len([r for r in mock.requests if session in str(r)])
+
+
+def test_a_paraphrase_is_answered_from_the_cache(semantic_gateway: ThreadedServer,
+                                                 mock: MockProviderServer) -> None:
+    session = uuid.uuid4().hex
+    first = ask_until_stored(semantic_gateway, "How do I reverse a list in Python?",
+                             session=session)
+    again = ask(semantic_gateway, "what's the way to reverse a python list", session=session)
+    assert again.headers["x-sluicegate-cache"] == "semantic-hit"
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert again.parse().usage.model_extra == {"x_sluicegate_cached": True}
+    assert upstream_calls(mock, session) == 1
+
+
+def test_near_misses_other_tenants_and_no_cache_go_upstream(semantic_gateway: ThreadedServer,
+                                                            mock: MockProviderServer) -> None:
+    session = uuid.uuid4().hex
+    ask_until_stored(semantic_gateway, "What is 15% of 80?", session=session)
+    ask_until_stored(semantic_gateway, "How do I install a specific version of a package with "
+                                       "pip?", session=session)
+    paraphrase = "pip: how to install a particular version of a package"
+    assert ask(semantic_gateway, paraphrase, session=session) \
+        .headers["x-sluicegate-cache"] == "semantic-hit"
+    assert ask(semantic_gateway, "What is 15% of 90?", session=session) \
+        .headers["x-sluicegate-cache"] == "miss"
+    assert ask(semantic_gateway, paraphrase, session=session, key=OTHER_KEY) \
+        .headers["x-sluicegate-cache"] == "miss"
+    assert ask(semantic_gateway, paraphrase, session=session,
+               extra_headers={"cache-control": "no-cache"}).headers["x-sluicegate-cache"] == \
+        "miss"
+    assert upstream_calls(mock, session) == 5  # two stored, then three misses
+
+
+def test_a_semantic_hit_replays_as_a_stream_and_in_anthropic_shape(
+        semantic_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    session = uuid.uuid4().hex
+    first = ask_until_stored(semantic_gateway, "What's the difference between VAT and sales "
+                                               "tax?", session=session)
+    client = openai.OpenAI(base_url=semantic_gateway.url + "/v1", api_key=TEST_KEY,
+                           max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-mock", temperature=0, stream=True,
+            messages=[{"role": "system", "content": f"Test session {session}."},
+                      {"role": "user", "content": "How is VAT different from sales tax?"}]
+    ) as response:
+        assert response.headers["x-sluicegate-cache"] == "semantic-hit"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse()
+                       if chunk.choices)
+    assert text == first.parse().choices[0].message.content
+    claude = anthropic.Anthropic(base_url=semantic_gateway.url, api_key=TEST_KEY,
+                                 max_retries=0)
+
+    def once(text: str) -> Any:
+        return claude.messages.with_raw_response.create(
+            model="claude-mock", max_tokens=50, extra_headers={"x-sluicegate-cache": "on"},
+            system=f"Test session {session}.", messages=[{"role": "user", "content": text}])
+    stored = once("How do I cancel my subscription?")
+    import time
+    deadline = time.monotonic() + 5
+    while once("How do I cancel my subscription?").headers["x-sluicegate-cache"] != "hit":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    paraphrased = once("I'd like to cancel my subscription - how do I do that?")
+    assert paraphrased.headers["x-sluicegate-cache"] == "semantic-hit"
+    assert paraphrased.parse().content[0].text == stored.parse().content[0].text
+    assert upstream_calls(mock, session) == 2
+
+
+def test_a_failing_embedder_is_a_miss_never_an_error(tmp_path: Path, mock_url: str,
+                                                     mock: MockProviderServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    session = uuid.uuid4().hex
+    with start_gateway(tmp_path, mock_url,
+                       f"SemanticCache(HttpEmbedder({dead!r}, timeout_s=1))") as server:
+        ask_until_stored(server, "Say hello", session=session)  # the exact cache still works
+        assert ask(server, "Please say hello", session=session) \
+            .headers["x-sluicegate-cache"] == "miss"
+    assert upstream_calls(mock, session) == 2
+
+
+def test_the_http_embedder_drives_semantic_hits(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer,
+        embed_service: tuple[EmbedService, ThreadedServer]) -> None:
+    _, service = embed_service
+    session = uuid.uuid4().hex
+    with start_gateway(tmp_path, mock_url, f"SemanticCache(HttpEmbedder({service.url!r}))"
+                       ) as server:
+        ask_until_stored(server, "reverse a python list", session=session)
+        # The bag-of-words service sees the same words in another order as the same text.
+        assert ask(server, "python list reverse a", session=session) \
+            .headers["x-sluicegate-cache"] == "semantic-hit"
+    assert upstream_calls(mock, session) == 1
