@@ -5,10 +5,14 @@ MOCK_PORT ?= 18080
 CONFIG ?= deploy/default_config.py
 PYTEST_ARGS ?=
 
-.PHONY: install run mock test services pgvector lint bench bench-tools check-config
+TORCH ?= torch==2.13.0
 
-install:  ## the package (editable) with the test and lint tools
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+.PHONY: install run mock test services pgvector lint bench bench-tools check-config eval-cache
+
+install:  ## the package (editable) with the test and lint tools and the semantic-cache extra
+	@# CPU torch first: sentence-transformers would otherwise pull a multi-GB CUDA build.
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check '$(TORCH)'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,semantic]'
 
 run: install  ## offline demo: mock provider on $(MOCK_PORT), gateway on $(PORT)
 	@$(PYTHON) -m tests.mock_providers --host 127.0.0.1 --port $(MOCK_PORT) & \
@@ -34,6 +38,9 @@ test: install services  ## everything the tests need, then the tests
 lint:
 	$(PYTHON) -m ruff check --line-length 100 --target-version py311 gateway middleware providers tests deploy
 	$(PYTHON) -m mypy
+
+eval-cache: install  ## semantic cache hit/false-hit rates per threshold (tests/eval/RESULTS.md)
+	HF_HUB_OFFLINE=1 $(PYTHON) tests/eval/eval_cache.py
 
 bench-tools:  ## wrk, hey, nginx (the fast mock upstream) and LiteLLM in its own venv
 	bash deploy/scripts/install_bench_tools.sh
