@@ -42,6 +42,10 @@ class Settings:
     # Every deployment must have a price (the shipped table, `price=` or `free=True`), so
     # budgets and the bill are never silently zero. False only for configs that bill nothing.
     require_prices: bool = True
+    # `Server-Timing: gateway;dur=<ms>` on every API response: the time from the request
+    # being read to its response head (what a cache hit costs server-side, without the
+    # client's queueing). Off by default: one more header on every response.
+    server_timing: bool = False
 
 
 @dataclass(slots=True)

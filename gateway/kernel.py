@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -94,6 +95,7 @@ class Kernel:
         self.config = config
         self.max_body_bytes = config.settings.max_body_bytes
         self.request_id_header = config.settings.request_id_header.lower().encode()
+        self.server_timing = config.settings.server_timing
         self.components = stack_components(app)
         self._models_openai = orjson.dumps(self._model_list_openai())
         self._models_anthropic = orjson.dumps(self._model_list_anthropic())
@@ -258,6 +260,7 @@ class Kernel:
                          ctx: RequestContext) -> None:
         request_id = ctx.request_id.encode()
         started = False
+        server_timing = self.server_timing
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal started
@@ -267,6 +270,9 @@ class Kernel:
                 started = True
                 ctx.status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                if server_timing:
+                    elapsed_ms = (time.monotonic() - ctx.started_monotonic) * 1000
+                    message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
             await send(message)
 
         try:
