@@ -116,6 +116,10 @@ class CacheMiddleware:
         self.policy = policy
         self.max_entry_bytes = max_entry_bytes
         self._writes: set[asyncio.Task[None]] = set()
+        # Misses to store, queued by the requests of one event-loop step and written by one
+        # task (a task per miss costs more than the memory store's write itself).
+        self._queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
+                                 SemanticQuery | None, list[float] | None]] = []
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
 
     async def startup(self) -> None:
@@ -124,6 +128,8 @@ class CacheMiddleware:
             await self.semantic.startup()
 
     async def shutdown(self) -> None:
+        if self._queued:
+            self._flush_queue()
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=5)
         if self.semantic is not None:
@@ -190,7 +196,23 @@ class CacheMiddleware:
         if tee.complete:
             tags = cache_tags(model=ctx.model, project=principal.project,
                               namespace=control.namespace)
-            self._spawn(self._store(ctx, key, tee, tags, query, vector))
+            if not self._queued:
+                asyncio.get_running_loop().call_soon(self._flush_queue)
+            self._queued.append((ctx, key, tee, tags, query, vector))
+
+    def _flush_queue(self) -> None:
+        queued, self._queued = self._queued, []
+        if queued:
+            self._spawn(self._store_all(queued))
+
+    async def _store_all(self, queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
+                                                  SemanticQuery | None, list[float] | None]]
+                         ) -> None:
+        for item in queued:
+            try:
+                await self._store(*item)
+            except Exception:  # one bad answer must not keep the others out
+                logger.exception("cache: storing an answer failed")
 
     async def _embed(self, query: SemanticQuery) -> list[float] | None:
         assert self.semantic is not None
