@@ -24,10 +24,12 @@ class Scenario:
     key: str
     stream: bool
     concurrency: int
+    unique: bool = False  # a new prompt every request (wrk only): the cache's miss path
 
     @property
     def label(self) -> str:
-        return f"{'SSE' if self.stream else 'JSON'} c={self.concurrency}"
+        unique = ", new prompts" if self.unique else ""
+        return f"{'SSE' if self.stream else 'JSON'} c={self.concurrency}{unique}"
 
 
 SCENARIOS = (
@@ -36,6 +38,7 @@ SCENARIOS = (
     Scenario("json-c64", False, 64),
     Scenario("sse-c16", True, 16),
     Scenario("sse-c64", True, 64),
+    Scenario("json-c16-unique", False, 16, unique=True),
 )
 
 
@@ -55,6 +58,8 @@ class RoundResult:
     p50_ms: float
     p99_ms: float
     errors: dict[str, int] = field(default_factory=dict)  # kind -> count, only non-zero kinds
+    server_p50_ms: float | None = None  # the Server-Timing header's median, when collected
+    server_p99_ms: float | None = None
 
     @property
     def rps(self) -> float:
@@ -78,7 +83,14 @@ def parse_wrk(output: str) -> RoundResult:
     return RoundResult(ok=values["requests"] - values["status"],
                        duration_s=values["duration_us"] / 1e6,
                        p50_ms=values["p50_us"] / 1000, p99_ms=values["p99_us"] / 1000,
-                       errors=errors)
+                       errors=errors, **_server_timing(values))
+
+
+def _server_timing(values: dict[str, int]) -> dict[str, float]:
+    if values.get("server_n", 0) <= 0:
+        return {}
+    return {"server_p50_ms": values["server_p50_us"] / 1000,
+            "server_p99_ms": values["server_p99_us"] / 1000}
 
 
 _HEY_TOTAL = re.compile(r"Total:\s+([\d.]+) secs")
@@ -116,13 +128,18 @@ def hey_command(url: str, scenario: Scenario, duration_s: int) -> list[str]:
 
 
 def run_load(tool: str, url: str, scenario: Scenario, duration_s: int, *,
-             cpu: int | None) -> RoundResult:
-    """One run of wrk or hey against `url`, bounded in time, pinned to `cpu`."""
+             cpu: int | None, server_timing: bool = False) -> RoundResult:
+    """One run of wrk or hey against `url`, bounded in time, pinned to `cpu`.
+    `server_timing`: also collect the target's Server-Timing header (wrk only)."""
     if tool == "wrk":
         cmd, parse = wrk_command(url, scenario, duration_s), parse_wrk
+    elif scenario.unique:
+        raise LoadError("new prompts on every request need wrk (--tool wrk)")
     else:
         cmd, parse = hey_command(url, scenario, duration_s), parse_hey
-    env = dict(os.environ, BENCH_BODY=request_body(scenario.stream), BENCH_TOKEN=TOKEN)
+    env = dict(os.environ, BENCH_BODY=request_body(scenario.stream), BENCH_TOKEN=TOKEN,
+               BENCH_UNIQUE="1" if scenario.unique else "0",
+               BENCH_SERVER_TIMING="1" if server_timing else "0")
     try:
         done = subprocess.run(pinned(cmd, cpu), check=False, env=env, capture_output=True, text=True,
                               timeout=duration_s + 30)

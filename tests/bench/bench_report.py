@@ -32,6 +32,13 @@ class TargetResult:
         runs = self.rounds.get(scenario)
         return mean(r.p99_ms for r in runs) if runs else None
 
+    def mean_server_ms(self, scenario: str, which: str = "p50") -> float | None:
+        runs = [r for r in self.rounds.get(scenario, []) if r.server_p50_ms is not None]
+        if not runs:
+            return None
+        return mean((r.server_p50_ms if which == "p50" else r.server_p99_ms) or 0.0
+                    for r in runs)
+
     def error_counts(self, scenario: str) -> dict[str, int]:
         total: dict[str, int] = {}
         for run in self.rounds.get(scenario, []):
@@ -153,7 +160,8 @@ RATIO_PAIRS = (
     ("bare", "floor", "Sluicegate bare / floor"),
     ("default", "floor", "Sluicegate default / floor"),
     ("redis", "bare", "auth + quota on Redis / bare"),
-    ("cache", "bare", "cache hits / bare (misses)"),
+    ("cache", "bare", "cache hits (memory) / bare"),
+    ("cache-redis", "bare", "cache hits (Redis) / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
     ("default", "litellm", "Sluicegate default / LiteLLM"),
 )
@@ -176,6 +184,48 @@ def ratios(results: list[TargetResult]) -> str:
     return "\n".join(lines)
 
 
+CACHE_TARGETS = ("cache", "cache-redis")
+
+
+def cache_section(results: list[TargetResult]) -> str:
+    """Hits: req/s against the bare passthrough (which always calls upstream), the gateway's
+    own time per hit (Server-Timing) and the CPU a hit costs (one saturated core / req/s).
+    Misses: the cache layer alone against bare, both asked a new prompt every time."""
+    by_key = {r.key: r for r in results if r.failure is None}
+    bare = by_key.get("bare")
+    header = ("| cache target | JSON c=16 req/s | / bare | server-side p50 | server-side p99 "
+              "| CPU per hit | JSON c=1 p50 (client) |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for key in CACHE_TARGETS:
+        hit = by_key.get(key)
+        if hit is None:
+            continue
+        rps = hit.mean_rps("json-c16")
+        cpu = f"{1000 / rps:.2f} ms" if rps else "—"
+        lines.append(f"| {hit.label} | {_cell(hit, 'json-c16', 'rps')} | "
+                     f"{_ratio(hit, bare, 'json-c16')} | "
+                     f"{fmt_ms3(hit.mean_server_ms('json-c16', 'p50'))} | "
+                     f"{fmt_ms3(hit.mean_server_ms('json-c16', 'p99'))} | {cpu} | "
+                     f"{fmt_ms(hit.mean_p50_ms('json-c1'))} |")
+    miss = by_key.get("cache-miss")
+    if miss is not None:
+        unique = "json-c16-unique"
+        bare_rps = _cell(bare, unique, "rps") if bare else "n/a"
+        line = (f"- Cache layer on its miss path (memory store, every request a new prompt, "
+                f"looked up, sent upstream, stored): {_cell(miss, unique, 'rps')} req/s, "
+                f"{_ratio(miss, bare, unique)} of the bare passthrough's {bare_rps} req/s on "
+                "the same load.")
+        lines += ["", line]
+    note = ("Server-side: the `Server-Timing` the gateway sends (from the request read to the "
+            "response head). CPU per hit: one core's second divided by the hits it served.")
+    lines += ["", note]
+    return "\n".join(lines)
+
+
+def fmt_ms3(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f} ms"
+
+
 def _latency_delta(target: TargetResult | None, floor: TargetResult | None) -> str:
     if target is None or floor is None:
         return "n/a"
@@ -196,6 +246,7 @@ def render(results: list[TargetResult], *, when: str, machine: list[str],
         "⚠ marks a cell whose runs saw errors (see the details); failed requests are never",
         "counted as throughput.", "",
         "## Ratios", "", ratios(results), "",
+        "## Cache", "", cache_section(results), "",
         "## Details", "", details_table(results), "",
     ]
     return "\n".join(parts)

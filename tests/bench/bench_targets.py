@@ -11,6 +11,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 MOCK_PORT = 18080
 TARGET_PORT = 18100
+REDIS_PORT = 18379  # the bench's own Redis (run_bench.start_redis), on the load CPU
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 LITELLM_VENV = ROOT / ".bench" / "litellm-venv"
 
 
@@ -40,6 +42,9 @@ class Target:
     label: str
     launch: Callable[[str], Launch] | None  # upstream base URL -> Launch; None: the mock itself
     start_timeout_s: float = 30.0
+    needs_redis: bool = False  # uses the bench's own Redis (REDIS_URL)
+    server_timing: bool = False  # answers with Server-Timing; the load tool collects it
+    scenarios: tuple[str, ...] | None = None  # only these scenarios (None: all)
 
     def url(self, stream: bool) -> str:
         if self.launch is None:
@@ -62,14 +67,15 @@ def _sluicegate_command() -> str:
     return found
 
 
-def _sluicegate(config_name: str) -> Callable[[str], Launch]:
+def _sluicegate(config_name: str, env: dict[str, str] | None = None
+                ) -> Callable[[str], Launch]:
     def launch(upstream: str) -> Launch:
         config = HERE / config_name
         if not config.exists():
             raise NotRunnable(f"{config.relative_to(ROOT)} does not exist")
         cmd = [_sluicegate_command(), "serve", "--config", str(config.relative_to(ROOT)),
                "--host", "127.0.0.1", "--port", str(TARGET_PORT), "--workers", "1"]
-        return Launch(cmd, ROOT, {"SLUICEGATE_BENCH_UPSTREAM": upstream})
+        return Launch(cmd, ROOT, {"SLUICEGATE_BENCH_UPSTREAM": upstream, **(env or {})})
     return launch
 
 
@@ -93,9 +99,15 @@ TARGETS = {
         Target("bare", "Sluicegate, bare passthrough", _sluicegate("config_bare.py")),
         Target("default", "Sluicegate, default stack", _sluicegate("config_default.py")),
         Target("redis", "Sluicegate, default stack, auth + quota on Redis",
-               _sluicegate("config_redis.py")),
+               _sluicegate("config_redis.py", {"SLUICEGATE_BENCH_REDIS": REDIS_URL}),
+               needs_redis=True),
         Target("cache", "Sluicegate, auth + exact cache hits (memory)",
-               _sluicegate("config_cache.py")),
+               _sluicegate("config_cache.py"), server_timing=True),
+        Target("cache-redis", "Sluicegate, auth + exact cache hits (Redis)",
+               _sluicegate("config_cache.py", {"SLUICEGATE_BENCH_CACHE": REDIS_URL}),
+               needs_redis=True, server_timing=True),
+        Target("cache-miss", "Sluicegate, cache layer alone, every request a miss (memory)",
+               _sluicegate("config_cache_miss.py"), scenarios=("json-c16-unique",)),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
     )
 }

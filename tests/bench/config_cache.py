@@ -1,10 +1,12 @@
-"""Bench target: exact cache hits from memory (every request after the first is a hit).
+"""Bench target: exact cache hits (every request after the first is a hit), from memory, or
+from Redis when $SLUICEGATE_BENCH_CACHE is a redis:// URL.
 
 `policy="always"`: the bench request has no temperature, and the point is the hit path.
+`server_timing`: every response says how long the gateway took (the hit's server-side time).
 """
 import os
 
-from gateway.config import Deployment, Middleware, Model
+from gateway.config import Deployment, Middleware, Model, Settings
 from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from providers import Provider
@@ -19,3 +21,4 @@ middleware = [
     Middleware(CacheMiddleware, store=os.environ.get("SLUICEGATE_BENCH_CACHE", "memory"),
                policy="always"),
 ]
+settings = Settings(server_timing=True)

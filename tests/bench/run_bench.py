@@ -38,6 +38,7 @@ from bench_targets import (
     HERE,
     LITELLM_VENV,
     MOCK_PORT,
+    REDIS_PORT,
     ROOT,
     TARGET_PORT,
     TARGETS,
@@ -46,7 +47,6 @@ from bench_targets import (
     mock_base,
 )
 
-REDIS_PORT = 18379  # the bench's own Redis, for the targets that keep quota state in one
 SETTLE_S = 0.5  # lets a slow target drain the previous run's requests before the next one
 
 
@@ -112,13 +112,11 @@ def start_redis(procs: ProcessSet, settings: Settings) -> Started | None:
     """A Redis of the bench's own for the targets that use one, on the load CPU.
 
     Redis stands for a server on another machine: pinned beside nginx and the load tool it
-    never takes CPU from the target, which is measured on one core. Without redis-server the
-    targets fall back to $SLUICEGATE_BENCH_REDIS (default: the machine's Redis on 6379).
+    never takes CPU from the target, which is measured on one core.
     """
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not Path(server).exists():
-        log("bench: redis-server not found; the Redis target uses $SLUICEGATE_BENCH_REDIS")
-        return None
+        raise SystemExit("bench: redis-server not found (the Redis targets need it)")
     if port_in_use(REDIS_PORT):
         raise SystemExit(f"bench: port {REDIS_PORT} on 127.0.0.1 already in use; free it first")
     cmd = [server, "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "",
@@ -130,7 +128,6 @@ def start_redis(procs: ProcessSet, settings: Settings) -> Started | None:
         if started.exited() is not None or time.monotonic() > deadline:
             raise SystemExit(f"bench: redis-server did not come up\n{started.log_tail()}")
         time.sleep(0.05)
-    os.environ["SLUICEGATE_BENCH_REDIS"] = f"redis://127.0.0.1:{REDIS_PORT}/0"
     return started
 
 
@@ -190,15 +187,19 @@ def run_scenario(target: Target, scenario: Scenario, settings: Settings,
     url = target.url(scenario.stream)
     try:
         if settings.warmup_s > 0:
-            run_load(settings.tool, url, scenario, settings.warmup_s, cpu=settings.load_cpu)
+            run_load(settings.tool, url, scenario, settings.warmup_s, cpu=settings.load_cpu,
+                     server_timing=target.server_timing)
             time.sleep(SETTLE_S)
         for number in range(1, settings.rounds + 1):
             run = run_load(settings.tool, url, scenario, settings.duration_s,
-                           cpu=settings.load_cpu)
+                           cpu=settings.load_cpu, server_timing=target.server_timing)
             result.rounds.setdefault(scenario.key, []).append(run)
             errors = f" errors {run.errors}" if run.errors else ""
+            server = (f", server-side p50 {run.server_p50_ms:.3f} ms"
+                      if run.server_p50_ms is not None else "")
             log(f"[{target.key}] {scenario.label} round {number}/{settings.rounds}: "
-                f"{run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms{errors}")
+                f"{run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms"
+                f"{server}{errors}")
             time.sleep(SETTLE_S)
     except LoadError as exc:
         result.problems[scenario.key] = str(exc)
@@ -210,7 +211,8 @@ def bench_target(procs: ProcessSet, target: Target, settings: Settings) -> Targe
     base URL is fixed when it starts."""
     result = TargetResult(target.key, target.label)
     for stream in (False, True):
-        scenarios = [s for s in settings.scenarios if s.stream == stream]
+        scenarios = [s for s in settings.scenarios if s.stream == stream
+                     and (target.scenarios is None or s.key in target.scenarios)]
         if not scenarios:
             continue
         if target.launch is None:
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ProcessSet() as procs:
             start_mock(procs, settings)
-            if any(t.key == "redis" for t in settings.targets):
+            if any(t.needs_redis for t in settings.targets):
                 start_redis(procs, settings)
             for target in settings.targets:
                 results.append(bench_target(procs, target, settings))

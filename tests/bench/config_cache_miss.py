@@ -1,0 +1,19 @@
+"""Bench target: the cache layer alone, on its miss path (the load asks a new prompt each time).
+
+Every request is looked up, missed, sent upstream, teed, and stored in memory after its last
+byte went out (`policy="always"`): what the cache layer costs a request it cannot answer.
+Compare with the bare passthrough on the same scenario (json-c16-unique).
+"""
+import os
+
+from gateway.config import Deployment, Middleware, Model
+from middleware.cache import CacheMiddleware
+from providers import Provider
+
+upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
+providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
+models = {"bench": Model([Deployment("mock", "bench", free=True)])}  # a mock: nothing to bill
+middleware = [
+    Middleware(CacheMiddleware, store=os.environ.get("SLUICEGATE_BENCH_CACHE", "memory"),
+               policy="always"),
+]
