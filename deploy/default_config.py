@@ -10,7 +10,7 @@ from gateway.config import Deployment, Middleware, Model, Settings
 from middleware.auth import AuthMiddleware, PostgresKeyStore, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
-from middleware.metering import MeteringMiddleware
+from middleware.metering import MeteringMiddleware, PostgresUsageStore
 from middleware.quota import PostgresSpendLedger, QuotaMiddleware
 from providers import Provider
 
@@ -62,10 +62,16 @@ quota = Middleware(QuotaMiddleware, store=redis_url or "memory",
                    ledger=PostgresSpendLedger(database_url) if database_url else None,
                    admin_token_env=admin_token_env)
 
+# Usage: one record per request, through a local journal (./sluicegate-journal or
+# $SLUICEGATE_JOURNAL_DIR) into PostgreSQL when $SLUICEGATE_DATABASE_URL is set.
+metering = Middleware(MeteringMiddleware,
+                      store=PostgresUsageStore(database_url) if database_url else None,
+                      admin_token_env=admin_token_env)
+
 # Top = outermost. Reorder or delete lines freely; the kernel is always there.
 middleware = [
     auth,
-    Middleware(MeteringMiddleware),
+    metering,
     quota,
     Middleware(CacheMiddleware),
     Middleware(FailoverMiddleware),

@@ -1,6 +1,8 @@
 """Shared fixtures: one mock provider server per session, gateways on real sockets."""
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,10 @@ import pytest
 from gateway import create_app
 from tests.harness import ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
+
+# Gateways in tests keep their usage journals in a directory of the run's own, not in the
+# checkout (each process claims a free slot in it; see middleware/metering).
+os.environ.setdefault("SLUICEGATE_JOURNAL_DIR", tempfile.mkdtemp(prefix="sluicegate-journals-"))
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,355 @@
-"""The metering layer: the usage ledger.
+"""The metering layer: one usage record per request, written exactly once.
 
-Today this is a pass-through shell (issue 6 gives it its behaviour): it satisfies the
-layer contract, sits in the default stack, and enforces nothing. It takes no options yet, so
-a config that asks it to enforce something refuses to start.
+On the request path it does one thing: append (context, end time) to an in-memory queue. A
+background writer turns the queued requests into `UsageRecord`s in batches (up to
+`batch_size`, or every `flush_interval_s`), appends each batch to the local journal (an
+append-only outbox of checksummed records, fsync by `fsync` policy), then writes it to
+PostgreSQL (COPY into staging, INSERT ... ON CONFLICT DO NOTHING into `usage_events`, and the
+rollups, in one transaction) and acknowledges the journal. A record is keyed by its request
+id, so a replay never counts twice.
+
+When PostgreSQL is slow or down, batches only go to the journal; once it answers again, the
+journal is replayed in order, then writing goes direct again. On startup after a crash the
+journal's unacknowledged records are replayed first. With no PostgreSQL configured, the
+journal is the ledger (`sluicegate usage --journal DIR` reads it).
+
+Loss window: with `fsync="batch"` (the default), a record is on disk `flush_interval_s` (0.2
+s) plus at most `fsync_interval_s` (0.05 s) after its response ended; a `kill -9` loses only
+what the queue held (the requests of the last ~0.25 s). `fsync="always"` fsyncs every batch
+before acknowledging it, which narrows that to the queue alone. If the queue grows past
+`queue_max` (the disk cannot keep up), requests append to the journal themselves (a short
+blocking write) rather than drop anything.
 """
-from gateway.layers import ShellLayer
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from gateway.admin import admin_token_from_env, is_admin, route_path, send_json
+from gateway.config import ConfigError
+from gateway.context import RequestContext, find_request_context
+from gateway.errors import ClientDisconnected, GatewayError
+from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
+from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
+from middleware.metering.record import UsageRecord, record_of
+from middleware.metering.store import PostgresUsageStore, UsageStoreError
+
+__all__ = ["MeteringMiddleware", "PostgresUsageStore", "UsageRecord"]
+
+logger = logging.getLogger("sluicegate.metering")
+
+_Queued = tuple[RequestContext, float, float]
 
 
-class MeteringMiddleware(ShellLayer):
-    """the usage ledger — pass-through shell; enforces nothing yet."""
+class MeteringMiddleware:
+    """The usage ledger (see the module docstring).
 
-    concern = "metering"
+    `store`: None (the journal is the ledger), a postgresql:// DSN or a PostgresUsageStore.
+    `journal_dir`: where the journals live (default: $SLUICEGATE_JOURNAL_DIR, else
+    ./sluicegate-journal). Each process takes a free `slot-NNN` subdirectory (an flock), so
+    workers never share a journal; at startup a process also replays slots nobody holds.
+    `admin_token_env`: serves `GET /admin/usage` (totals from the rollups).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: PostgresUsageStore | str | None = None,
+        journal_dir: str | None = None,
+        fsync: str = "batch",
+        fsync_interval_s: float = 0.05,
+        batch_size: int = 2000,
+        flush_interval_s: float = 0.2,
+        queue_max: int = 100_000,
+        retry_interval_s: float = 1.0,
+        admin_token_env: str | None = None,
+    ) -> None:
+        self.app = app
+        if fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"MeteringMiddleware fsync must be one of {FSYNC_POLICIES}.")
+        if batch_size < 1 or queue_max < batch_size or flush_interval_s <= 0:
+            raise ConfigError("MeteringMiddleware needs batch_size >= 1, queue_max >= "
+                              "batch_size and flush_interval_s > 0.")
+        if isinstance(store, str):
+            if not store.startswith(("postgresql://", "postgres://", "host=")):
+                raise ConfigError("MeteringMiddleware store must be a PostgreSQL DSN or a "
+                                  "PostgresUsageStore.")
+            store = PostgresUsageStore(store)
+        self.store = store
+        self.journal_root = Path(journal_dir or os.environ.get("SLUICEGATE_JOURNAL_DIR")
+                                 or "./sluicegate-journal")
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self.journal = Journal(self.journal_root / "unclaimed", fsync=fsync)  # set at startup
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.queue_max = queue_max
+        self.retry_interval_s = retry_interval_s
+        self.admin_token = (admin_token_from_env(admin_token_env, "MeteringMiddleware")
+                            if admin_token_env is not None else None)
+        self._queue: deque[_Queued] = deque()
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._replaying = False  # PostgreSQL is behind the journal: replay before direct writes
+        self._next_retry = 0.0
+        self._stopping = False
+        self.written = 0  # rows PostgreSQL took (for tests and /admin)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="sluicegate-journal")
+        loop = asyncio.get_running_loop()
+        self.journal = await loop.run_in_executor(self._io, self._open_free_slot)
+        if self.store is not None:
+            await self.store.startup()
+            pending = await loop.run_in_executor(self._io, self.journal.pending_count)
+            self._replaying = pending > 0
+            if pending:
+                logger.info("metering: %d record(s) in the journal to replay", pending)
+        self._wake = asyncio.Event()
+        self._writer = loop.create_task(self._run(), name="sluicegate-metering-writer")
+
+    def _open_free_slot(self) -> Journal:
+        """The journal of the first `slot-NNN` no live process holds (each journal holds an
+        flock on its directory while open)."""
+        self.journal_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for number in range(1024):
+            journal = Journal(self.journal_root / f"slot-{number:03d}", fsync=self.fsync,
+                              fsync_interval_s=self.fsync_interval_s)
+            try:
+                journal.open()
+            except JournalError as exc:
+                logger.debug("metering: journal slot %d: %s", number, exc)
+                continue
+            return journal
+        raise ConfigError(f"MeteringMiddleware: no usable journal slot under "
+                          f"{self.journal_root}.")
+
+    async def shutdown(self) -> None:
+        """Writes what is queued to the journal (and to PostgreSQL if it answers)."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout=30)
+            except TimeoutError:
+                logger.error("metering: the writer did not finish in 30 s; what it had not "
+                             "written is in the journal or lost with the queue")
+        if self._queue:  # the writer failed: keep the records anyway
+            await self._journal_batch(self._drain())
+        if self.store is not None:
+            await self.store.shutdown()
+        if self._io is not None:
+            await asyncio.get_running_loop().run_in_executor(self._io, self.journal.close)
+            self._io.shutdown(wait=True)
+            self._io = None
+
+    async def check_ready(self) -> dict[str, str]:
+        checks = {"usage_journal": "ok"}
+        if self.store is not None:
+            checks.update(degraded(await self.store.check_ready(),
+                                   "usage waits in the journal"))
+        return checks
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = find_request_context(scope)
+        if ctx is None:
+            if self.admin_token is not None and route_path(scope) == "/admin/usage":
+                await self._serve_usage(scope, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except GatewayError as exc:  # the kernel answers it; the record needs it now
+            ctx.status = exc.status
+            ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
+            raise
+        except ClientDisconnected:
+            ctx.client_disconnected = True
+            raise
+        except Exception:
+            ctx.status, ctx.error_type = 500, "internal_error"
+            raise
+        finally:
+            self._enqueue(ctx)
+
+    def _enqueue(self, ctx: RequestContext) -> None:
+        self._queue.append((ctx, time.time(), time.monotonic()))
+        if len(self._queue) >= self.batch_size and self._wake is not None:
+            self._wake.set()
+        if len(self._queue) > self.queue_max:
+            # The writer cannot keep up (a slow disk): keep the records, at a small cost here.
+            batch = self._drain()
+            self.journal.append([r.encode() for r in batch])
+            if self.store is not None:
+                self._replaying = True
+
+    def _drain(self, limit: int | None = None) -> list[UsageRecord]:
+        queue, out = self._queue, []
+        count = len(queue) if limit is None else min(limit, len(queue))
+        for _ in range(count):
+            ctx, ended_at, ended_monotonic = queue.popleft()
+            try:
+                out.append(record_of(ctx, ended_at=ended_at, ended_monotonic=ended_monotonic))
+            except Exception:
+                logger.exception("metering: request %s could not be recorded", ctx.request_id)
+        return out
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._queue and not self._stopping:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+            if self._queue:
+                try:
+                    await self._write_batch(self._drain(self.batch_size))
+                except Exception:
+                    logger.exception("metering: a batch failed")
+            elif self._replaying and time.monotonic() >= self._next_retry:
+                await self._replay()
+            if self._stopping and not self._queue:
+                if self._replaying:
+                    await self._replay()
+                return
+
+    async def _write_batch(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        position = await self._journal_batch(records)
+        if self.store is None or self._replaying:
+            return  # the journal is the ledger, or PostgreSQL is behind it
+        try:
+            self.written += await self.store.write(records)
+        except UsageStoreError as exc:
+            logger.warning("metering: %s; usage goes to the journal until it answers", exc)
+            self._replaying = True
+            self._next_retry = time.monotonic() + self.retry_interval_s
+            return
+        await self._acknowledge(position)
+
+    async def _journal_batch(self, records: list[UsageRecord]) -> Position:
+        payloads = [record.encode() for record in records]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self.journal.append, payloads)
+
+    async def _acknowledge(self, position: Position) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._io, self.journal.acknowledge,
+                                                         position)
+
+    async def _replay(self) -> None:
+        """Writes the journal's unacknowledged records to PostgreSQL, oldest first."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = await loop.run_in_executor(
+                self._io, lambda: self.journal.pending(limit=self.batch_size))
+            if not pending:
+                self._replaying = False
+                logger.info("metering: the journal is replayed; writing directly again")
+                return
+            records = []
+            for _, payload in pending:
+                try:
+                    records.append(UsageRecord.decode(payload))
+                except ValueError:
+                    logger.error("metering: an unreadable record in the journal was skipped")
+            try:
+                self.written += await self.store.write(records)
+            except UsageStoreError as exc:
+                logger.warning("metering: replay paused (%s)", exc)
+                self._next_retry = time.monotonic() + self.retry_interval_s
+                return
+            await self._acknowledge(pending[-1][0])
+            if self._queue and not self._stopping:
+                return  # new requests first; the replay continues on the next turn
+
+    # -- admin: usage totals -----------------------------------------------------------------
+
+    async def _serve_usage(self, scope: Scope, send: Send) -> None:
+        assert self.admin_token is not None
+        if not is_admin(scope, self.admin_token):
+            await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
+                                                   "type": "authentication_error"}})
+            return
+        if scope["method"] != "GET":
+            await send_json(send, 405, {"error": {"message": "Use GET.",
+                                                   "type": "invalid_request_error"}})
+            return
+        if self.store is None:
+            await send_json(send, 404, {"error": {
+                "message": "No PostgreSQL usage store is configured; use `sluicegate usage "
+                           "--journal DIR`.", "type": "not_found_error"}})
+            return
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+        now = datetime.now(UTC)
+        try:
+            group_by = query.get("group_by", "project")
+            grain = query.get("grain", "day")
+            since = _time(query.get("since"), now - timedelta(days=30))
+            until = _time(query.get("until"), now + timedelta(minutes=1))
+            rows = await self.store.usage(group_by=group_by, grain=grain, since=since,
+                                          until=until, subject=query.get("subject"))
+        except ValueError as exc:
+            await send_json(send, 400, {"error": {"message": str(exc),
+                                                   "type": "invalid_request_error"}})
+            return
+        except UsageStoreError as exc:
+            await send_json(send, 503, {"error": {"message": str(exc),
+                                                   "type": "service_unavailable"}})
+            return
+        await send_json(send, 200, {"object": "usage", "group_by": group_by, "grain": grain,
+                                    "since": since.isoformat(), "until": until.isoformat(),
+                                    "data": rows})
 
 
-__all__ = ["MeteringMiddleware"]
+def _time(value: str | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def journal_usage(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """Totals per project from a journal's records (for `sluicegate usage --journal`)."""
+    journal = Journal(directory)
+    journal.open()
+    try:
+        totals: dict[str, dict[str, Any]] = {}
+        for _, payload in journal.pending():
+            record = UsageRecord.decode(payload)
+            row = totals.setdefault(record.project or "-", {
+                "requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_micros": 0})
+            row["requests"] += 1
+            row["input_tokens"] += record.input_tokens
+            row["output_tokens"] += record.output_tokens
+            row["cost_micros"] += record.cost_micros
+        return totals
+    finally:
+        journal.close()

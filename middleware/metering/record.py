@@ -1,0 +1,137 @@
+"""One usage record per request: what the bill is made of.
+
+`record_of(ctx)` reads a finished request's context; `encode`/`decode` turn a record into the
+compact bytes the journal keeps (orjson, field names kept short but stable). Money is integer
+micro-dollars (1e-6 USD) in the record and `numeric` in PostgreSQL; no float ever holds money.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
+
+import orjson
+
+from gateway.context import RequestContext, Usage
+from gateway.pricing import cost_micros
+
+__all__ = ["UsageRecord", "labels_of", "micros_to_decimal", "record_of"]
+
+_TAG_PREFIX = b"x-sluicegate-tag-"
+_MAX_LABELS = 16
+_MAX_LABEL_KEY = 64
+_MAX_LABEL_VALUE = 256
+_CACHE_HITS = ("hit", "semantic-hit")
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    started_at: float  # epoch seconds (UTC)
+    ended_at: float
+    key_id: str | None = None
+    project: str | None = None
+    customer: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    api_format: str = "openai"
+    operation: str = ""
+    model: str = ""  # the public model the caller asked for
+    served_model: str | None = None  # the model id upstream that answered
+    provider: str | None = None
+    deployment: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    saved_micros: int = 0  # what a cache hit would have cost
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    status: int = 0
+    error_type: str | None = None
+    cache_status: str | None = None
+    attempts: int = 0
+    fallbacks: int = 0
+    stream: bool = False
+    client_disconnected: bool = False
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, data: bytes) -> UsageRecord:
+        """The record `encode` wrote; ValueError for anything else."""
+        raw = orjson.loads(data)
+        if not isinstance(raw, dict) or not isinstance(raw.get("request_id"), str):
+            raise ValueError("not a usage record")  # noqa: TRY004 (decode: bad data)
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{name: value for name, value in raw.items() if name in known})
+        except TypeError as exc:
+            raise ValueError(f"not a usage record: {exc}") from None
+
+    @property
+    def cost(self) -> Decimal:
+        return micros_to_decimal(self.cost_micros)
+
+    @property
+    def cost_saved(self) -> Decimal:
+        return micros_to_decimal(self.saved_micros)
+
+
+def micros_to_decimal(micros: int) -> Decimal:
+    return Decimal(micros).scaleb(-6)
+
+
+def labels_of(ctx: RequestContext) -> dict[str, str]:
+    """`X-Sluicegate-Tag-<name>: <value>` headers, then OpenAI's `metadata` strings (headers
+    win); at most 16, names up to 64 and values up to 256 characters."""
+    labels: dict[str, str] = {}
+    for name, value in ctx.headers:
+        if name.startswith(_TAG_PREFIX) and len(labels) < _MAX_LABELS:
+            key = name[len(_TAG_PREFIX):].decode("latin-1")[:_MAX_LABEL_KEY]
+            if key:
+                labels[key] = value.decode("latin-1")[:_MAX_LABEL_VALUE]
+    metadata = ctx.body.get("metadata") if ctx.api_format == "openai" else None
+    if isinstance(metadata, dict):
+        for key, value in metadata.items():
+            if len(labels) >= _MAX_LABELS:
+                break
+            if isinstance(key, str) and isinstance(value, str) and key:
+                labels.setdefault(key[:_MAX_LABEL_KEY], value[:_MAX_LABEL_VALUE])
+    return labels
+
+
+def record_of(ctx: RequestContext, *, ended_at: float | None = None,
+              ended_monotonic: float | None = None) -> UsageRecord:
+    """The record of a finished request. Cache hits cost 0 and record what they saved;
+    calls that never reached a model (refused, failed before upstream) cost 0."""
+    ended_at = time.time() if ended_at is None else ended_at
+    ended_monotonic = time.monotonic() if ended_monotonic is None else ended_monotonic
+    principal = ctx.principal
+    deployment = ctx.served_deployment
+    hit = ctx.cache_status in _CACHE_HITS
+    usage = ctx.usage or Usage()
+    cost = 0
+    if not hit:
+        price = getattr(deployment, "price", None)
+        if price is not None and (usage.input_tokens or usage.output_tokens):
+            cost = cost_micros(price, usage)
+    saved = int(ctx.state.get("cache.saved_micros", 0)) if hit else 0
+    ttft = (ctx.first_byte_s * 1000 if ctx.first_byte_s is not None and not hit else None)
+    return UsageRecord(
+        request_id=ctx.request_id, started_at=ctx.started_at, ended_at=ended_at,
+        key_id=getattr(principal, "key_id", None), project=getattr(principal, "project", None),
+        customer=ctx.customer, labels=labels_of(ctx), api_format=ctx.api_format,
+        operation=ctx.operation, model=ctx.model,
+        served_model=None if hit else ctx.served_model, provider=None if hit else ctx.provider,
+        deployment=None if hit or deployment is None else getattr(deployment, "name", None),
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens, reasoning_tokens=usage.reasoning_tokens,
+        cost_micros=cost, saved_micros=saved,
+        latency_ms=round((ended_monotonic - ctx.started_monotonic) * 1000, 3),
+        ttft_ms=None if ttft is None else round(ttft, 3), status=ctx.status,
+        error_type=ctx.error_type, cache_status=ctx.cache_status,
+        attempts=0 if hit else len(ctx.attempts),
+        fallbacks=int(ctx.state.get("failover.fallbacks", 0)), stream=ctx.stream,
+        client_disconnected=ctx.client_disconnected)

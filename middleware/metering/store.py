@@ -1,0 +1,362 @@
+"""The usage ledger in PostgreSQL: `usage_events` (one row per request, partitioned by month)
+and `usage_rollups` (per minute and per day, per key, project, customer and model).
+
+A batch is written in one transaction: COPY into a temporary staging table, then one statement
+that inserts the staged rows into `usage_events` with `ON CONFLICT (request_id, started_at) DO
+NOTHING` and adds *only the rows it inserted* to the rollups. A batch written twice (a replay
+after a crash) therefore changes nothing the second time, and the rollups always equal the
+sums of the events.
+
+Schema versions are recorded in `<prefix>_schema_version`; migrations run under an advisory
+lock, so processes starting together take turns. Monthly partitions are created on demand,
+before the batch that needs them. Retention: `drop_partitions_before(month)` drops whole
+months of events (rollups stay; they are small); nothing is dropped automatically.
+
+Indexes exist only for what the usage API asks: events by (project, started_at) for a
+project's recent requests; rollups by their primary key (grain, kind, subject, bucket).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from gateway.config import ConfigError
+from middleware.metering.record import UsageRecord
+
+logger = logging.getLogger("sluicegate.metering")
+
+__all__ = ["PostgresUsageStore", "UsageStoreError"]
+
+_COLUMNS = (
+    "request_id", "started_at", "ended_at", "key_id", "project", "customer", "labels",
+    "api_format", "operation", "model", "served_model", "provider", "deployment",
+    "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "cost",
+    "cost_saved", "latency_ms", "ttft_ms", "status", "error_type", "cache_status", "attempts",
+    "fallbacks", "stream", "client_disconnected",
+)
+_GROUPS = ("key", "project", "customer", "model")
+
+_MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "usage events (partitioned by month) and rollups", """
+CREATE TABLE IF NOT EXISTS {events} (
+    request_id          text             NOT NULL,
+    started_at          timestamptz      NOT NULL,
+    ended_at            timestamptz      NOT NULL,
+    key_id              text,
+    project             text,
+    customer            text,
+    labels              jsonb            NOT NULL DEFAULT '{{}}',
+    api_format          text             NOT NULL,
+    operation           text             NOT NULL,
+    model               text             NOT NULL,
+    served_model        text,
+    provider            text,
+    deployment          text,
+    input_tokens        bigint           NOT NULL,
+    output_tokens       bigint           NOT NULL,
+    cached_input_tokens bigint           NOT NULL,
+    reasoning_tokens    bigint           NOT NULL,
+    cost                numeric(20, 6)   NOT NULL,
+    cost_saved          numeric(20, 6)   NOT NULL,
+    latency_ms          double precision NOT NULL,
+    ttft_ms             double precision,
+    status              integer          NOT NULL,
+    error_type          text,
+    cache_status        text,
+    attempts            integer          NOT NULL,
+    fallbacks           integer          NOT NULL,
+    stream              boolean          NOT NULL,
+    client_disconnected boolean          NOT NULL,
+    PRIMARY KEY (request_id, started_at)
+) PARTITION BY RANGE (started_at);
+CREATE INDEX IF NOT EXISTS {events_project} ON {events} (project, started_at);
+CREATE TABLE IF NOT EXISTS {rollups} (
+    grain               text           NOT NULL,
+    bucket              timestamptz    NOT NULL,
+    kind                text           NOT NULL,
+    subject             text           NOT NULL,
+    requests            bigint         NOT NULL,
+    errors              bigint         NOT NULL,
+    input_tokens        bigint         NOT NULL,
+    output_tokens       bigint         NOT NULL,
+    cached_input_tokens bigint         NOT NULL,
+    reasoning_tokens    bigint         NOT NULL,
+    cost                numeric(20, 6) NOT NULL,
+    cost_saved          numeric(20, 6) NOT NULL,
+    PRIMARY KEY (grain, kind, subject, bucket)
+);
+"""),
+)
+
+# The staged rows go into the events; the ones that were new are summed into the rollups.
+_INSERT = """
+WITH inserted AS (
+    INSERT INTO {events} ({columns})
+    SELECT {columns} FROM {staging}
+    ON CONFLICT (request_id, started_at) DO NOTHING
+    RETURNING started_at, key_id, project, customer, model, status, input_tokens,
+              output_tokens, cached_input_tokens, reasoning_tokens, cost, cost_saved
+), grouped AS (
+    SELECT g.grain, date_trunc(g.grain, i.started_at, 'UTC') AS bucket, s.kind, s.subject,
+           count(*) AS requests, count(*) FILTER (WHERE i.status >= 400) AS errors,
+           sum(i.input_tokens) AS input_tokens, sum(i.output_tokens) AS output_tokens,
+           sum(i.cached_input_tokens) AS cached_input_tokens,
+           sum(i.reasoning_tokens) AS reasoning_tokens, sum(i.cost) AS cost,
+           sum(i.cost_saved) AS cost_saved
+    FROM inserted i
+    CROSS JOIN (VALUES ('minute'), ('day')) AS g(grain)
+    CROSS JOIN LATERAL (VALUES ('key', i.key_id), ('project', i.project),
+                               ('customer', i.project || '/' || i.customer),
+                               ('model', i.model)) AS s(kind, subject)
+    WHERE s.subject IS NOT NULL
+    GROUP BY 1, 2, 3, 4
+)
+INSERT INTO {rollups} AS r (grain, bucket, kind, subject, requests, errors, input_tokens,
+                            output_tokens, cached_input_tokens, reasoning_tokens, cost,
+                            cost_saved)
+SELECT grain, bucket, kind, subject, requests, errors, input_tokens, output_tokens,
+       cached_input_tokens, reasoning_tokens, cost, cost_saved FROM grouped
+ON CONFLICT (grain, kind, subject, bucket) DO UPDATE SET
+    requests = r.requests + EXCLUDED.requests, errors = r.errors + EXCLUDED.errors,
+    input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+    output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+    cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
+    reasoning_tokens = r.reasoning_tokens + EXCLUDED.reasoning_tokens,
+    cost = r.cost + EXCLUDED.cost, cost_saved = r.cost_saved + EXCLUDED.cost_saved
+"""
+
+
+class UsageStoreError(Exception):
+    """PostgreSQL could not take or answer (the writer keeps the records in the journal)."""
+
+
+def _month_start(at: datetime) -> datetime:
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def _next_month(start: datetime) -> datetime:
+    return start.replace(year=start.year + 1, month=1) if start.month == 12 else \
+        start.replace(month=start.month + 1)
+
+
+class PostgresUsageStore:
+    """`usage_events` and `usage_rollups` (module docstring). One connection of its own for
+    writes (batches are serial), and a small pool for the usage API's reads."""
+
+    def __init__(self, dsn: str, *, prefix: str = "sluicegate_usage",
+                 timeout_s: float = 10.0) -> None:
+        if not prefix.replace("_", "").isalnum() or not prefix.islower() or len(prefix) > 40:
+            raise ConfigError(f"PostgresUsageStore prefix {prefix!r}: lower-case letters, "
+                              "digits and underscores, at most 40 characters.")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigError("PostgresUsageStore needs psycopg: pip install "
+                              "'sluicegate[postgres]'.") from None
+        self._dsn = dsn
+        self.prefix = prefix
+        self.events = f"{prefix}_events"
+        self.rollups = f"{prefix}_rollups"
+        self.timeout_s = timeout_s
+        self._conn: Any = None
+        self._migrated = False
+        self._partitions: set[datetime] = set()
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return f"PostgresUsageStore(prefix={self.prefix!r})"
+
+    def _sql(self, text: str) -> Any:
+        from psycopg import sql
+        return sql.SQL(text).format(
+            events=sql.Identifier(self.events), rollups=sql.Identifier(self.rollups),
+            staging=sql.Identifier(f"{self.prefix}_staging"),
+            events_project=sql.Identifier(f"{self.events}_project"),
+            versions=sql.Identifier(f"{self.prefix}_schema_version"),
+            columns=sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS))
+
+    async def _connection(self) -> Any:
+        import psycopg
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._conn = await psycopg.AsyncConnection.connect(
+            self._dsn, autocommit=False, connect_timeout=max(2, int(self.timeout_s)),
+            application_name="sluicegate-metering")
+        async with self._conn.transaction():
+            await self._conn.execute("SET TIME ZONE 'UTC'")
+        if not self._migrated:
+            await self._migrate(self._conn)
+            self._migrated = True
+        async with self._conn.transaction():
+            await self._conn.execute(self._sql(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} "
+                "(LIKE {events} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"))
+        return self._conn
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.prefix,))
+            await conn.execute(self._sql(
+                "CREATE TABLE IF NOT EXISTS {versions} (version integer PRIMARY KEY, "
+                "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"))
+            cur = await conn.execute(self._sql("SELECT version FROM {versions}"))
+            applied = {row[0] for row in await cur.fetchall()}
+            for version, description, statements in _MIGRATIONS:
+                if version in applied:
+                    continue
+                await conn.execute(self._sql(statements))
+                await conn.execute(self._sql("INSERT INTO {versions} (version, description) "
+                                             "VALUES (%s, %s)"), (version, description))
+                logger.info("metering: applied migration %d (%s)", version, description)
+
+    async def startup(self) -> None:
+        try:
+            async with self._lock:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._connection()
+        except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
+            logger.warning("metering: PostgreSQL is not reachable at startup (%s); usage waits "
+                           "in the journal", type(exc).__name__)
+            await self._drop_connection()
+
+    async def shutdown(self) -> None:
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception as exc:  # noqa: BLE001 (closing a broken connection)
+                logger.debug("metering: closing the connection failed: %s", exc)
+
+    async def check_ready(self) -> dict[str, str]:
+        try:
+            async with self._lock, asyncio.timeout(self.timeout_s):
+                conn = await self._connection()
+                async with conn.transaction():
+                    await conn.execute("SELECT 1")
+        except Exception as exc:  # noqa: BLE001
+            await self._drop_connection()
+            return {"usage_postgres": f"error: {type(exc).__name__}"}
+        return {"usage_postgres": "ok"}
+
+    async def write(self, records: Sequence[UsageRecord]) -> int:
+        """Writes a batch exactly once (module docstring); how many rows were new."""
+        if not records:
+            return 0
+        try:
+            async with self._lock, asyncio.timeout(self.timeout_s):
+                conn = await self._connection()
+                await self._ensure_partitions(conn, records)
+                async with conn.transaction(), conn.cursor() as cur:
+                    async with cur.copy(self._sql("COPY {staging} ({columns}) FROM STDIN")
+                                        ) as copy:
+                        for record in records:
+                            await copy.write_row(_row(record))
+                    await cur.execute(self._sql(
+                        "SELECT count(DISTINCT (request_id, started_at)) FROM {staging} s "
+                        "WHERE NOT EXISTS (SELECT 1 FROM {events} e WHERE e.request_id = "
+                        "s.request_id AND e.started_at = s.started_at)"))
+                    found = await cur.fetchone()
+                    await cur.execute(self._sql(_INSERT))
+                return int(found[0]) if found else 0
+        except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
+            await self._drop_connection()
+            raise UsageStoreError(f"PostgreSQL did not take the usage batch: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+    async def _ensure_partitions(self, conn: Any, records: Sequence[UsageRecord]) -> None:
+        months = {_month_start(datetime.fromtimestamp(r.started_at, UTC)) for r in records}
+        for start in sorted(months - self._partitions):
+            end = _next_month(start)
+            name = f"{self.events}_{start:%Y%m}"
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+                # DDL takes no parameters: the bounds are literals of our own making.
+                await conn.execute(self._sql(
+                    f"CREATE TABLE IF NOT EXISTS {_quote(name)} PARTITION OF {{events}} "
+                    f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"))
+            self._partitions.add(start)
+
+    async def drop_partitions_before(self, month: datetime) -> list[str]:
+        """Drops every monthly partition of events that ends on or before `month` (UTC)."""
+        cutoff = _month_start(month.astimezone(UTC))
+        dropped = []
+        async with self._lock:
+            conn = await self._connection()
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s",
+                    (self.events,))
+                for (name,) in await cur.fetchall():
+                    stamp = name.rsplit("_", 1)[-1]
+                    if len(stamp) == 6 and stamp.isdigit():
+                        start = datetime(int(stamp[:4]), int(stamp[4:]), 1, tzinfo=UTC)
+                        if _next_month(start) <= cutoff:
+                            await conn.execute(f"DROP TABLE {_quote(name)}")
+                            dropped.append(name)
+                            self._partitions.discard(start)
+        return dropped
+
+    # -- reads (the usage API) -----------------------------------------------------------
+
+    async def usage(self, *, group_by: str, since: datetime, until: datetime,
+                    grain: str = "day", subject: str | None = None) -> list[dict[str, Any]]:
+        """Totals per subject of `group_by` (key, project, customer, model) between `since`
+        and `until`, from the rollups of `grain` ("minute" or "day")."""
+        if group_by not in _GROUPS or grain not in ("minute", "day"):
+            raise ValueError(f"group_by must be one of {_GROUPS} and grain minute or day")
+        query = ("SELECT subject, sum(requests), sum(errors), sum(input_tokens), "
+                 "sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), "
+                 "sum(cost), sum(cost_saved) FROM {rollups} WHERE grain = %s AND kind = %s "
+                 "AND bucket >= %s AND bucket < %s"
+                 + (" AND subject = %s" if subject is not None else "")
+                 + " GROUP BY subject ORDER BY sum(cost) DESC, subject")
+        params: list[Any] = [grain, group_by, since, until]
+        if subject is not None:
+            params.append(subject)
+        try:
+            async with self._lock, asyncio.timeout(self.timeout_s):
+                conn = await self._connection()
+                async with conn.transaction():
+                    cur = await conn.execute(self._sql(query), params)
+                    rows = await cur.fetchall()
+        except Exception as exc:  # noqa: BLE001
+            await self._drop_connection()
+            raise UsageStoreError(f"PostgreSQL did not answer: {type(exc).__name__}") from None
+        return [{"subject": row[0], "requests": int(row[1]), "errors": int(row[2]),
+                 "input_tokens": int(row[3]), "output_tokens": int(row[4]),
+                 "cached_input_tokens": int(row[5]), "reasoning_tokens": int(row[6]),
+                 "cost_usd": str(row[7]), "cost_saved_usd": str(row[8])} for row in rows]
+
+    async def spent_micros(self, subject_kind: str, subject_id: str, since: datetime) -> int:
+        """A SpendLedger for the quota layer: the cost of `subject` since `since` (a period
+        start, so a whole number of UTC days), from the day rollups."""
+        rows = await self.usage(group_by=subject_kind, since=since,
+                                until=datetime(9999, 1, 1, tzinfo=UTC), subject=subject_id)
+        return sum(int(Decimal(row["cost_usd"]).scaleb(6)) for row in rows)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _row(record: UsageRecord) -> tuple[Any, ...]:
+    return (record.request_id, datetime.fromtimestamp(record.started_at, UTC),
+            datetime.fromtimestamp(record.ended_at, UTC), record.key_id, record.project,
+            record.customer, orjson.dumps(record.labels).decode(), record.api_format,
+            record.operation, record.model, record.served_model, record.provider,
+            record.deployment, record.input_tokens, record.output_tokens,
+            record.cached_input_tokens, record.reasoning_tokens,
+            Decimal(record.cost_micros).scaleb(-6), Decimal(record.saved_micros).scaleb(-6),
+            record.latency_ms, record.ttft_ms, record.status, record.error_type,
+            record.cache_status, record.attempts, record.fallbacks, record.stream,
+            record.client_disconnected)

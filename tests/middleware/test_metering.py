@@ -1,0 +1,339 @@
+"""The metering layer: records, the PostgreSQL ledger (exactly once, rollups = events), and
+requests through a real gateway with the SDKs: JSON, streams, errors, cache hits, client
+disconnects, a PostgreSQL outage and a restart that replays the journal."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psycopg
+import pytest
+
+from gateway.app import create_app
+from gateway.context import RequestContext, Usage
+from gateway.pricing import Price
+from gateway.upstream import Deployment
+from middleware.metering.record import UsageRecord, labels_of, record_of
+from middleware.metering.store import PostgresUsageStore, UsageStoreError
+from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
+from tests.mock_providers import MockProviderServer
+from tests.mock_providers.faults import Fault
+from tests.tcp_proxy import TcpProxy
+
+PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
+
+
+def context(**fields: Any) -> RequestContext:
+    defaults: dict[str, Any] = {
+        "request_id": uuid.uuid4().hex, "operation": "openai.chat", "api_format": "openai",
+        "body": {"model": "m", "messages": []}, "raw_body": b"", "model": "m",
+        "stream": False}
+    return RequestContext(**{**defaults, **fields})
+
+
+# -- records -------------------------------------------------------------------------------------
+
+def test_a_record_prices_the_served_call_and_keeps_the_labels() -> None:
+    ctx = context(headers=[(b"x-sluicegate-tag-team", b"search"), (b"x-other", b"no")],
+                  body={"model": "m", "metadata": {"feature": "autocomplete", "team": "x"}})
+    ctx.served_deployment = Deployment("openai", "gpt-x",
+                                       price=Price(input_per_mtok="1", output_per_mtok="2"))
+    ctx.usage = Usage(input_tokens=1000, output_tokens=500)
+    ctx.status = 200
+    record = record_of(ctx)
+    assert record.cost_micros == 2000  # 1000 * $1/M + 500 * $2/M = $0.002
+    assert record.cost == Decimal("0.002000")
+    assert record.labels == {"team": "search", "feature": "autocomplete"}  # headers win
+    assert record.deployment == "openai/gpt-x" and record.saved_micros == 0
+    assert UsageRecord.decode(record.encode()) == record
+
+
+def test_a_cache_hit_costs_nothing_and_records_what_it_saved() -> None:
+    ctx = context(cache_status="semantic-hit", state={"cache.saved_micros": 1234})
+    ctx.usage = Usage(input_tokens=10, output_tokens=5)
+    ctx.served_deployment = Deployment("openai", "gpt-x",
+                                       price=Price(input_per_mtok="1", output_per_mtok="2"))
+    record = record_of(ctx)
+    assert (record.cost_micros, record.saved_micros) == (0, 1234)
+    assert record.input_tokens == 10 and record.deployment is None
+
+
+def test_labels_are_bounded() -> None:
+    headers = [(f"x-sluicegate-tag-k{i}".encode(), b"v" * 999) for i in range(40)]
+    labels = labels_of(context(headers=headers))
+    assert len(labels) == 16 and all(len(v) == 256 for v in labels.values())
+
+
+@pytest.mark.parametrize("garbage", [b"[]", b'{"x": 1}', b'{"request_id": "a", "nope": [}'])
+def test_garbage_is_not_a_record(garbage: bytes) -> None:
+    with pytest.raises(ValueError):
+        UsageRecord.decode(garbage)
+
+
+# -- the PostgreSQL ledger -----------------------------------------------------------------------
+
+def drop_tables(prefix: str) -> None:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        for table in ("events", "rollups", "schema_version"):
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = "sgu_" + uuid.uuid4().hex[:10]
+    yield name
+    drop_tables(name)
+
+
+def rows(query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+def assert_rollups_match_events(prefix: str) -> None:
+    """Every rollup equals the sums of its events, for every grain and grouping."""
+    for grain in ("minute", "day"):
+        for kind, subject in (("key", "key_id"), ("project", "project"), ("model", "model"),
+                              ("customer", "project || '/' || customer")):
+            expected = rows(
+                f"SELECT {subject}, date_trunc('{grain}', started_at, 'UTC'), count(*), "
+                f"sum(input_tokens), sum(output_tokens), sum(cost), sum(cost_saved) "
+                f"FROM {prefix}_events WHERE {subject} IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2")
+            found = rows(
+                f"SELECT subject, bucket, requests, input_tokens, output_tokens, cost, "
+                f"cost_saved FROM {prefix}_rollups WHERE grain = %s AND kind = %s "
+                f"ORDER BY 1, 2", grain, kind)
+            assert found == expected, (grain, kind)
+
+
+def sample(n: int, *, at: float | None = None, project: str = "p") -> list[UsageRecord]:
+    at = time.time() if at is None else at
+    return [UsageRecord(request_id=uuid.uuid4().hex, started_at=at - i * 7, ended_at=at,
+                        key_id=f"k{i % 3}", project=project,
+                        customer=None if i % 2 else f"c{i % 4}", model=f"m{i % 2}",
+                        input_tokens=i, output_tokens=2 * i, cost_micros=100 + i,
+                        saved_micros=i % 5, status=200 if i % 10 else 500)
+            for i in range(n)]
+
+
+async def test_batches_are_written_exactly_once_and_rollups_equal_events(prefix: str) -> None:
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    try:
+        batch = sample(500)
+        assert await store.write(batch) == 500
+        assert await store.write(batch[:100]) == 0  # a replay adds nothing
+        extra = sample(50)
+        assert await store.write([*batch[400:], *extra]) == 50
+        assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 550
+        assert_rollups_match_events(prefix)
+        totals = await store.usage(group_by="project", since=datetime.now(UTC) - timedelta(1),
+                                   until=datetime.now(UTC) + timedelta(1))
+        assert totals[0]["subject"] == "p" and totals[0]["requests"] == 550
+        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        expected = sum(r.cost_micros for r in [*batch, *extra] if r.key_id == "k1"
+                       and r.started_at >= start.timestamp())
+        assert await store.spent_micros("key", "k1", start) == expected
+    finally:
+        await store.shutdown()
+
+
+async def test_events_are_partitioned_by_month_and_old_months_drop(prefix: str) -> None:
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    try:
+        old = datetime(2025, 1, 15, tzinfo=UTC).timestamp()
+        await store.write(sample(3, at=old) + sample(3))
+        partitions = {name for (name,) in rows(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s", f"{prefix}_events")}
+        assert f"{prefix}_events_202501" in partitions and len(partitions) == 2
+        assert await store.drop_partitions_before(datetime(2025, 6, 1, tzinfo=UTC)) == \
+            [f"{prefix}_events_202501"]
+        assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 3
+    finally:
+        await store.shutdown()
+
+
+async def test_an_unreachable_database_is_a_store_error(prefix: str) -> None:
+    store = PostgresUsageStore(f"host=127.0.0.1 port={free_port()} user=root dbname=test",
+                               prefix=prefix, timeout_s=2)
+    await store.startup()  # does not raise: usage waits in the journal
+    with pytest.raises(UsageStoreError):
+        await store.write(sample(1))
+    assert "error" in (await store.check_ready())["usage_postgres"]
+
+
+# -- through a gateway ---------------------------------------------------------------------------
+
+def metering_config(tmp_path: Path, mock_url: str, dsn: str, prefix: str, journal: Path,
+                    *, cache: bool = False) -> Path:
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
+              f"Middleware(MeteringMiddleware, store=PostgresUsageStore({dsn!r}, "
+              f"prefix={prefix!r}, timeout_s=2), journal_dir={str(journal)!r}, "
+              "flush_interval_s=0.05, retry_interval_s=0.2, admin_token_env='SG_USAGE_ADMIN'), "
+              + ("Middleware(CacheMiddleware, policy='always'), " if cache else "")
+              + "Middleware(FailoverMiddleware)]")
+    extra = "from middleware.metering import PostgresUsageStore"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    text = mock_config(mock_url, middleware=layers).replace(
+        "from middleware.metering import MeteringMiddleware",
+        "from middleware.metering import MeteringMiddleware\n" + extra)
+    return write_config(tmp_path, text)
+
+
+def events(prefix: str) -> dict[str, tuple[Any, ...]]:
+    found = rows(f"SELECT request_id, status, input_tokens, output_tokens, cost, cost_saved, "
+                 f"cache_status, stream, client_disconnected, error_type, labels "
+                 f"FROM {prefix}_events")
+    return {row[0]: row[1:] for row in found}
+
+
+def wait_for_rows(prefix: str, count: int, timeout_s: float = 10) -> dict[str, tuple[Any, ...]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = events(prefix)
+        except psycopg.errors.UndefinedTable:
+            found = {}
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SG_USAGE_ADMIN", "usage-admin-token")
+    return tmp_path / "journal"
+
+
+def client(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def test_every_request_has_one_row_with_its_usage(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
+        journal: Path) -> None:
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    ids: dict[str, Any] = {}
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        for i in range(5):
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=[{"role": "user", "content": f"meter {i}"}],
+                extra_headers={"x-sluicegate-tag-team": "search"})
+            ids[raw.headers["x-request-id"]] = raw.parse().usage
+        with sdk.chat.completions.with_streaming_response.create(
+                model="gpt-mock", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "meter a stream"}]) as response:
+            chunks = list(response.parse())
+            stream_id = response.headers["x-request-id"]
+        mock.push_fault(Fault("status", provider="openai", status=500))
+        with pytest.raises(openai.InternalServerError) as failed:
+            sdk.chat.completions.create(model="gpt-mock",
+                                        messages=[{"role": "user", "content": "fail"}])
+        error_id = failed.value.response.headers["x-request-id"]
+        found = wait_for_rows(prefix, 7)
+        usage = httpx.get(server.url + "/admin/usage?group_by=key",
+                          headers={"authorization": "Bearer usage-admin-token"}).json()
+    assert len(found) == 7
+    for request_id, sdk_usage in ids.items():
+        status, prompt, completion, cost, *_, labels = found[request_id]
+        assert (status, prompt, completion) == (200, sdk_usage.prompt_tokens,
+                                                sdk_usage.completion_tokens)
+        assert cost == Decimal(prompt) / 10**6 + Decimal(completion) * 2 / 10**6
+        assert labels == {"team": "search"}
+    streamed = found[stream_id]
+    assert streamed[0] == 200 and streamed[6] is True
+    assert streamed[2] == chunks[-1].usage.completion_tokens  # type: ignore[union-attr]
+    assert found[error_id][0] == 500 and found[error_id][3] == 0
+    assert usage["data"][0]["requests"] == 7
+    assert_rollups_match_events(prefix)
+
+
+def test_cache_hits_and_disconnects_are_recorded(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
+        journal: Path) -> None:
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal, cache=True)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        text = "hit me " + uuid.uuid4().hex
+        first = sdk.chat.completions.with_raw_response.create(
+            model="gpt-mock", messages=[{"role": "user", "content": text}])
+        deadline = time.monotonic() + 5
+        while True:
+            again = sdk.chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=[{"role": "user", "content": text}])
+            if again.headers["x-sluicegate-cache"] == "hit" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", timeout=0.3,
+                       headers={"authorization": f"Bearer {TEST_KEY}"},
+                       json={"model": "gpt-mock", "stream": True,
+                             "messages": [{"role": "user", "content": "bye " + text}]})
+        found = wait_for_rows(prefix, 3)
+        deadline = time.monotonic() + 5
+        while not any(row[7] for row in found.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = events(prefix)
+    hit = found[again.headers["x-request-id"]]
+    miss = found[first.headers["x-request-id"]]
+    assert hit[5] == "hit" and hit[3] == 0 and hit[4] == miss[3] > 0  # saved = what it cost
+    assert any(row[7] for row in found.values()), "the disconnect was not recorded"
+
+
+def test_a_postgres_outage_loses_nothing_and_counts_nothing_twice(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    proxy = TcpProxy(5432, port=free_port())  # runs on the gateway's own event loop
+    dsn = f"host=127.0.0.1 port={proxy.port} user=root dbname=test"
+    config = metering_config(tmp_path, mock_url, dsn, prefix, journal)
+    sent: list[str] = []
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+
+        def ask(n: int) -> None:
+            for i in range(n):
+                raw = sdk.chat.completions.with_raw_response.create(
+                    model="gpt-mock", messages=[{"role": "user", "content": f"o{i}"}])
+                sent.append(raw.headers["x-request-id"])
+        server.run(proxy.start())
+        ask(20)
+        assert len(wait_for_rows(prefix, 20)) == 20
+        server.run(proxy.stop())
+        ask(30)  # every one succeeds while PostgreSQL is away
+        time.sleep(0.5)
+        server.run(proxy.start())
+        ask(10)
+        found = wait_for_rows(prefix, 60, timeout_s=15)
+        server.run(proxy.stop())
+    assert sorted(found) == sorted(sent) and len(sent) == 60
+    assert_rollups_match_events(prefix)
+
+
+def test_a_restart_replays_the_journal_exactly_once(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    dead = f"host=127.0.0.1 port={free_port()} user=root dbname=test"
+    sent = []
+    with ThreadedServer(create_app(metering_config(tmp_path / "a", mock_url, dead, prefix,
+                                                   journal))) as server:
+        for i in range(12):
+            raw = client(server).chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=[{"role": "user", "content": f"j{i}"}])
+            sent.append(raw.headers["x-request-id"])
+    assert any(journal.rglob("*.sgj")), "nothing reached the journal"
+    for attempt in ("b", "c"):  # the second restart finds nothing left to replay
+        with ThreadedServer(create_app(metering_config(tmp_path / attempt, mock_url, PG_DSN,
+                                                       prefix, journal))):
+            found = wait_for_rows(prefix, 12)
+    assert sorted(found) == sorted(sent)
+    assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 12
+    assert_rollups_match_events(prefix)
