@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import ANONYMOUS
+from gateway.pricing import cost_micros
 from gateway.sse import SSEParser
 from middleware.cache.keys import (
     cache_key,
@@ -106,8 +108,14 @@ class CacheMiddleware:
             raise ConfigError(f"CacheMiddleware scope must be one of {', '.join(_SCOPES)}.")
         if policy not in ("deterministic", "always", "never"):
             raise ConfigError("CacheMiddleware policy must be deterministic, always or never.")
-        if ttl_s <= 0 or max_entry_bytes <= 0:
-            raise ConfigError("CacheMiddleware ttl_s and max_entry_bytes must be positive.")
+        if not 0 < ttl_s < math.inf or max_entry_bytes <= 0:
+            raise ConfigError("CacheMiddleware ttl_s and max_entry_bytes must be positive "
+                              "(and the TTL finite).")
+        for name, ttls in (("model_ttl_s", model_ttl_s), ("project_ttl_s", project_ttl_s)):
+            for subject, value in (ttls or {}).items():
+                if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ConfigError(f"CacheMiddleware {name}[{subject!r}] must be a positive, "
+                                      f"finite number of seconds, not {value!r}.")
         self.store = _make_store(store, max_bytes)
         self.ttl_s = ttl_s
         self.model_ttl_s = dict(model_ttl_s or {})
@@ -344,7 +352,7 @@ class CacheMiddleware:
                                created_at=time.time(),
                                usage=usage if isinstance(usage, dict) else None,
                                model=ctx.served_model or ctx.model,
-                               cost_micros=int(ctx.state.get("quota.cost_micros", 0)),
+                               cost_micros=_cost_of(ctx),
                                tags=tags)
         principal = ctx.principal or ANONYMOUS
         ttl = self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(principal.project,
@@ -397,6 +405,18 @@ class _Tee:
             if not message.get("more_body", False) and self.size <= self.limit:
                 self.complete = True
         await self._send(message)
+
+
+def _cost_of(ctx: RequestContext) -> int:
+    """What the answer cost (what a hit on it saves): the quota layer's figure if it ran,
+    else the served deployment's price of the usage."""
+    cost = ctx.state.get("quota.cost_micros")
+    if cost is not None:
+        return int(cost)
+    price = getattr(ctx.served_deployment, "price", None)
+    if price is None or ctx.usage is None:
+        return 0
+    return cost_micros(price, ctx.usage)
 
 
 def _admin_error(message: str, kind: str) -> dict[str, Any]:

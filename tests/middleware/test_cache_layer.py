@@ -1,52 +1,176 @@
-"""The exact cache through a real gateway and the mock providers, over the in-process and the
-Redis store, with the official SDKs as clients."""
+"""The exact cache through a real gateway and the mock providers, on every store (in process,
+Redis, PostgreSQL, and Redis in front of PostgreSQL), with the official SDKs as clients.
+
+Real servers: Redis on 127.0.0.1:6379 (each test under its own key prefix, deleted after) and
+PostgreSQL on 127.0.0.1:5432 (each test with its own table, dropped after). Outages are real
+too: the gateway reaches its stores through TCP relays (tests/tcp_proxy.py) switched off.
+"""
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from gateway.app import create_app
+from middleware.cache.stores import CachedResponse
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
+from tests.tcp_proxy import TcpProxy
 
 OTHER_KEY = "sk-sg-another-project-key-0123456789abcdef"
 ADMIN_TOKEN = "cache-admin-" + uuid.uuid4().hex
 OPT_IN = {"x-sluicegate-cache": "on"}  # cached without temperature 0
+REDIS_PORT, PG_PORT = 6379, 5432
+PG_DSN = f"host=127.0.0.1 port={PG_PORT} user=root dbname=test"
+BACKENDS = ["memory", "redis", "postgres", "tiered"]
+OUTAGE_BACKENDS = ["redis", "postgres", "tiered"]  # the in-process store cannot be down
+# Through a relay, a store that lost its server tries it again after this long.
+FAST_RETRY = "retry_interval_s=0.2"
 
 
-def stack(store: str) -> str:
+def stack(store: str, options: str = "") -> str:
+    cache_options = f", {options}" if options else ""
     return ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY'), "
             "StaticKey('other', key_env='SG_OTHER_KEY')]), "
             "Middleware(QuotaMiddleware, limits=Limits(budgets=(Budget('100'),))), "
-            f"Middleware(CacheMiddleware, store={store}, admin_token_env='SG_CACHE_ADMIN')]")
+            f"Middleware(CacheMiddleware, store={store}, admin_token_env='SG_CACHE_ADMIN'"
+            f"{cache_options})]")
 
 
-@pytest.fixture(params=["memory", "redis"])
-def gateway(request: pytest.FixtureRequest, tmp_path: Path, mock_url: str,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedServer]:
+class Proxies:
+    """TCP relays to the real Redis and PostgreSQL on an event loop of their own (the tests
+    are synchronous): `stop` is an outage of that server for whoever connects through it,
+    `start` ends it, on the same port."""
+
+    def __init__(self) -> None:
+        self.redis = TcpProxy(REDIS_PORT)
+        self.postgres = TcpProxy(PG_PORT)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.start()
+
+    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def start(self, *proxies: TcpProxy) -> None:
+        for proxy in proxies or (self.redis, self.postgres):
+            if proxy.server is None:
+                self._run(proxy.start())
+
+    def stop(self, *proxies: TcpProxy) -> None:
+        for proxy in proxies or (self.redis, self.postgres):
+            self._run(proxy.stop())
+
+    def close(self) -> None:
+        self.stop()
+
+        async def settle() -> None:  # the relays of the aborted connections end
+            others = [task for task in asyncio.all_tasks() if task is not
+                      asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        self._run(settle())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+class Backend:
+    """One test's store: its kind, and the Redis key prefix and PostgreSQL table of its own
+    that it uses (removed by `clean`)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.prefix = "{sgct-" + uuid.uuid4().hex + "}"
+        self.table = "sgct_cache_" + uuid.uuid4().hex[:16]
+
+    def store(self, proxies: Proxies | None = None) -> str:
+        """The store as config source; through `proxies` when given."""
+        redis_port = proxies.redis.port if proxies else REDIS_PORT
+        pg_port = proxies.postgres.port if proxies else PG_PORT
+        retry = f", {FAST_RETRY}" if proxies else ""
+        hot = (f"RedisCacheStore('redis://127.0.0.1:{redis_port}/0', prefix={self.prefix!r}"
+               f"{retry})")
+        warm = (f"PostgresCacheStore('host=127.0.0.1 port={pg_port} user=root dbname=test', "
+                f"table={self.table!r}{retry})")
+        return {"memory": "'memory'", "redis": hot, "postgres": warm,
+                "tiered": f"TieredCacheStore({hot}, {warm})"}[self.kind]
+
+    def redis_entries(self) -> list[bytes]:
+        """The keys of the entries in Redis (`<prefix>:e:<key>`, see RedisCacheStore)."""
+        with redis.Redis(port=REDIS_PORT) as client:
+            return list(client.scan_iter(match=self.prefix + ":e:*"))
+
+    def clean(self) -> None:
+        with redis.Redis(port=REDIS_PORT) as client:
+            for key in client.scan_iter(match=self.prefix + "*"):
+                client.delete(key)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            for table in (self.table, self.table + "_schema_version"):
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    chosen = Backend(request.param)
+    yield chosen
+    chosen.clean()
+
+
+@pytest.fixture
+def proxies() -> Iterator[Proxies]:
+    relays = Proxies()
+    yield relays
+    relays.close()
+
+
+StartGateway = Callable[..., ThreadedServer]
+
+
+@pytest.fixture
+def start_gateway(backend: Backend, tmp_path: Path, mock_url: str,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[StartGateway]:
+    """Starts a gateway caching in `backend` (through `proxies` if given) with the given
+    CacheMiddleware options (config source); it stops before the backend is cleaned."""
     monkeypatch.setenv("SG_OTHER_KEY", OTHER_KEY)
     monkeypatch.setenv("SG_CACHE_ADMIN", ADMIN_TOKEN)
-    prefix = "{sgct-" + uuid.uuid4().hex + "}"
-    store = ("'memory'" if request.param == "memory"
-             else f"RedisCacheStore('redis://127.0.0.1:6379/0', prefix={prefix!r})")
-    extra = "from middleware.cache.stores import RedisCacheStore"
-    config = write_config(tmp_path, mock_config(mock_url, middleware=stack(store), extra=extra)
-                          .replace("from middleware.cache import CacheMiddleware",
-                                   "from middleware.cache import CacheMiddleware\n" + extra))
-    with ThreadedServer(create_app(config)) as server:
-        yield server
-    client = redis.Redis()
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
-    client.close()
+    servers: list[ThreadedServer] = []
+
+    def start(options: str = "", proxies: Proxies | None = None) -> ThreadedServer:
+        imports = ("from middleware.cache import CacheMiddleware\n"
+                   "from middleware.cache.stores import PostgresCacheStore, RedisCacheStore, "
+                   "TieredCacheStore")
+        text = mock_config(mock_url, middleware=stack(backend.store(proxies), options))
+        config = write_config(tmp_path, text.replace(
+            "from middleware.cache import CacheMiddleware", imports),
+            name=f"config{len(servers)}.py")
+        server = ThreadedServer(create_app(config)).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway) -> ThreadedServer:
+    return start_gateway()
 
 
 def ask(server: ThreadedServer, text: str, *, key: str = TEST_KEY, **extra: Any) -> Any:
@@ -56,11 +180,25 @@ def ask(server: ThreadedServer, text: str, *, key: str = TEST_KEY, **extra: Any)
         model="gpt-mock", messages=[{"role": "user", "content": text}], **extra)
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    import time
-    deadline = time.monotonic() + 3
+def ask_claude(server: ThreadedServer, text: str, *, key: str = TEST_KEY) -> Any:
+    claude = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+    return claude.messages.with_raw_response.create(
+        model="claude-mock", max_tokens=50, extra_headers=OPT_IN,
+        messages=[{"role": "user", "content": text}])
+
+
+def cache_status(response: Any) -> str:
+    return str(response.headers["x-sluicegate-cache"])
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def upstream_calls(mock: MockProviderServer, text: str) -> int:
+    return len([r for r in mock.requests if text in str(r)])
 
 
 def test_a_repeat_is_a_hit_with_the_original_usage(gateway: ThreadedServer,
@@ -176,3 +314,167 @@ def test_an_admin_call_invalidates_a_project(gateway: ThreadedServer,
     assert done.status_code == 200 and done.json()["dropped"] >= 1
     assert ask(gateway, text).headers["x-sluicegate-cache"] == "miss"
     assert len([r for r in mock.requests if text in str(r)]) == 2
+
+
+def test_entries_expire_after_the_ttl_of_their_model_project_or_default(
+        start_gateway: StartGateway, mock: MockProviderServer) -> None:
+    # The TTL is the model's, else the project's, else the default.
+    gateway = start_gateway("ttl_s=1, project_ttl_s={'other': 3600}, "
+                            "model_ttl_s={'claude-mock': 1}")
+    text = "ttl " + uuid.uuid4().hex
+    short: dict[str, Callable[[], Any]] = {  # default TTL: 1 s
+        "tests gpt-mock": lambda: ask(gateway, text),
+        # the model's TTL (1 s) over the project's
+        "other claude-mock": lambda: ask_claude(gateway, text, key=OTHER_KEY)}
+    kept: dict[str, Callable[[], Any]] = {  # the project's TTL: 1 h
+        "other gpt-mock": lambda: ask(gateway, text, key=OTHER_KEY)}
+    for name, once in {**short, **kept}.items():
+        assert cache_status(once()) == "miss", name
+        wait_for(lambda: cache_status(once()) == "hit")  # noqa: B023 (called right here)
+        assert cache_status(once()) == "hit", name
+    calls = upstream_calls(mock, text)
+
+    time.sleep(1.5)  # the last of the writes landed before its first hit
+
+    for name, once in short.items():
+        assert cache_status(once()) == "miss", name
+    for name, once in kept.items():
+        assert cache_status(once()) == "hit", name
+    assert upstream_calls(mock, text) == calls + len(short)
+    answer = short["tests gpt-mock"]  # and the fresh answer is stored again
+    wait_for(lambda: cache_status(answer()) == "hit")
+    assert cache_status(answer()) == "hit"
+
+
+def assert_answered(response: Any, text: str, status: str) -> None:
+    assert response.status_code == 200
+    assert cache_status(response) == status
+    assert response.parse().choices[0].message.content == f"Mock reply to: {text}"
+
+
+def readiness(gateway: ThreadedServer) -> dict[str, str]:
+    checks: dict[str, str] = httpx.get(gateway.url + "/readyz").json()["checks"]
+    return checks
+
+
+@pytest.mark.parametrize("backend", OUTAGE_BACKENDS, indirect=True)
+def test_a_store_outage_is_a_miss_not_an_error(proxies: Proxies, start_gateway: StartGateway,
+                                               mock: MockProviderServer) -> None:
+    gateway = start_gateway(proxies=proxies)
+    kept = "kept " + uuid.uuid4().hex
+    ask(gateway, kept)
+    wait_for(lambda: cache_status(ask(gateway, kept)) == "hit")
+    assert cache_status(ask(gateway, kept)) == "hit"
+
+    kept_calls = upstream_calls(mock, kept)
+    proxies.stop()  # every server of the store is gone (both tiers of a tiered one)
+    during = "during " + uuid.uuid4().hex
+    for text in (kept, during, during):
+        assert_answered(ask(gateway, text), text, "miss")
+    streamed = ask(gateway, during, stream=True)
+    assert streamed.status_code == 200 and cache_status(streamed) == "miss"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed.parse()
+                   if chunk.choices) == f"Mock reply to: {during}"
+    claude = ask_claude(gateway, during)
+    assert claude.status_code == 200 and cache_status(claude) == "miss"
+    assert upstream_calls(mock, during) == 4
+    assert upstream_calls(mock, kept) == kept_calls + 1
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 200, ready.text  # still ready: the cache is degraded
+    assert any(value.startswith("degraded") for value in readiness(gateway).values())
+    proxies.start()  # misses until the store tries its servers again
+    wait_for(lambda: all(value == "ok" for value in readiness(gateway).values()), timeout_s=15)
+    assert all(value == "ok" for value in readiness(gateway).values())
+    wait_for(lambda: cache_status(ask(gateway, kept)) == "hit")
+    calls = upstream_calls(mock, kept)
+    assert_answered(ask(gateway, kept), kept, "hit")  # what was stored before survived
+    after = "after " + uuid.uuid4().hex  # and new answers are stored again
+    assert cache_status(ask(gateway, after)) == "miss"
+    wait_for(lambda: cache_status(ask(gateway, after)) == "hit")
+    after_calls = upstream_calls(mock, after)
+    assert_answered(ask(gateway, after), after, "hit")
+    assert upstream_calls(mock, after) == after_calls
+    assert upstream_calls(mock, kept) == calls
+
+
+@pytest.mark.parametrize("backend", ["tiered"], indirect=True)
+def test_a_tiered_store_answers_from_the_tier_that_is_up(
+        proxies: Proxies, start_gateway: StartGateway, mock: MockProviderServer) -> None:
+    gateway = start_gateway(proxies=proxies)
+    both = "both tiers " + uuid.uuid4().hex
+    ask(gateway, both)
+    wait_for(lambda: cache_status(ask(gateway, both)) == "hit")
+
+    both_calls = upstream_calls(mock, both)
+
+    proxies.stop(proxies.redis)  # hot down: warm answers, and takes new answers alone
+    assert_answered(ask(gateway, both), both, "hit")
+    warm_only = "warm only " + uuid.uuid4().hex
+    assert cache_status(ask(gateway, warm_only)) == "miss"
+    wait_for(lambda: cache_status(ask(gateway, warm_only)) == "hit")
+    assert_answered(ask(gateway, warm_only), warm_only, "hit")
+    warm_only_calls = upstream_calls(mock, warm_only)
+
+    proxies.start(proxies.redis)
+    wait_for(lambda: readiness(gateway).get("cache_redis") == "ok")  # Redis was tried again
+    assert readiness(gateway).get("cache_redis") == "ok"
+    proxies.stop(proxies.postgres)  # warm down: hot answers what it holds
+    assert_answered(ask(gateway, both), both, "hit")
+    # The hot write failed while Redis was down, and nothing was promoted since: a miss.
+    assert_answered(ask(gateway, warm_only), warm_only, "miss")
+    hot_only = "hot only " + uuid.uuid4().hex
+    assert cache_status(ask(gateway, hot_only)) == "miss"
+    wait_for(lambda: cache_status(ask(gateway, hot_only)) == "hit")
+    hot_only_calls = upstream_calls(mock, hot_only)
+    assert_answered(ask(gateway, hot_only), hot_only, "hit")
+    assert upstream_calls(mock, both) == both_calls
+    assert upstream_calls(mock, warm_only) == warm_only_calls + 1
+    assert upstream_calls(mock, hot_only) == hot_only_calls
+    proxies.start(proxies.postgres)
+
+
+@pytest.mark.parametrize("backend", ["tiered"], indirect=True)
+def test_a_warm_hit_is_promoted_to_hot(backend: Backend, gateway: ThreadedServer,
+                                       mock: MockProviderServer) -> None:
+    text = "promote " + uuid.uuid4().hex
+    ask(gateway, text)
+    wait_for(lambda: cache_status(ask(gateway, text)) == "hit")
+    calls = upstream_calls(mock, text)
+    [hot_key] = backend.redis_entries()
+    with redis.Redis(port=REDIS_PORT) as client:
+        stored = CachedResponse.decode(client.get(hot_key))
+        assert client.delete(hot_key) == 1  # only PostgreSQL holds it now
+
+        assert_answered(ask(gateway, text), text, "hit")  # from warm
+        wait_for(lambda: bool(client.exists(hot_key)))  # promoted after the answer
+        promoted = CachedResponse.decode(client.get(hot_key))
+        assert 0 < client.pttl(hot_key) <= 3600 * 1000
+    assert promoted.body == stored.body and promoted.tags == stored.tags
+    assert promoted.expires_at is not None and stored.expires_at is not None
+    # the same expiry (the remaining TTL; test_cache_stores shows it is not renewed)
+    assert abs(promoted.expires_at - stored.expires_at) < 1
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        deleted = conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(backend.table)))
+        assert deleted.rowcount == 1
+    assert_answered(ask(gateway, text), text, "hit")  # now only Redis holds it
+    assert upstream_calls(mock, text) == calls
+    # promoted with its tags: an invalidation drops it
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    done = httpx.post(gateway.url + "/admin/cache/invalidate", json={"project": "tests"},
+                      headers=admin)
+    assert done.status_code == 200 and done.json()["dropped"] == 1
+    assert backend.redis_entries() == []
+    assert cache_status(ask(gateway, text)) == "miss"
+
+
+@pytest.mark.parametrize("options", [{"ttl_s": float("inf")}, {"model_ttl_s": {"m": 0}},
+                                     {"project_ttl_s": {"p": -5}},
+                                     {"model_ttl_s": {"m": float("nan")}}])
+def test_bad_ttls_refuse_to_start(options: dict[str, Any]) -> None:
+    from gateway.config import ConfigError
+    from middleware.cache import CacheMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+    with pytest.raises(ConfigError):
+        CacheMiddleware(app, **options)
