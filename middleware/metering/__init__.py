@@ -13,12 +13,15 @@ journal is replayed in order, then writing goes direct again. On startup after a
 journal's unacknowledged records are replayed first. With no PostgreSQL configured, the
 journal is the ledger (`sluicegate usage --journal DIR` reads it).
 
-Loss window: with `fsync="batch"` (the default), a record is on disk `flush_interval_s` (0.2
-s) plus at most `fsync_interval_s` (0.05 s) after its response ended; a `kill -9` loses only
-what the queue held (the requests of the last ~0.25 s). `fsync="always"` fsyncs every batch
-before acknowledging it, which narrows that to the queue alone. If the queue grows past
-`queue_max` (the disk cannot keep up), requests append to the journal themselves (a short
-blocking write) rather than drop anything.
+Loss window: with the defaults (`durability="batch"`, `fsync="batch"`), a record reaches the
+journal at most `flush_interval_s` (0.2 s) after its response ended and the disk within
+`fsync_interval_s` (0.05 s) more; a `kill -9` loses what the queue held, the requests of the
+last ~0.25 s, though their clients had their answers. `durability="response"` closes that
+window: a response's last message waits until its record is journaled and fsynced (group
+commit: the requests of one moment share one write and one fsync), so every answer a client
+received survives a crash, for the price of an fsync in each response's latency. If the queue
+grows past `queue_max` (the disk cannot keep up), requests append to the journal themselves (a
+short blocking write) rather than drop anything.
 """
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ __all__ = ["MeteringMiddleware", "PostgresUsageStore", "UsageRecord"]
 
 logger = logging.getLogger("sluicegate.metering")
 
-_Queued = tuple[RequestContext, float, float]
+# (context, end time, end monotonic, a future to resolve once the record is on disk or None)
+_Queued = tuple[RequestContext, float, float, "asyncio.Future[None] | None"]
+DURABILITY = ("batch", "response")
 
 
 class MeteringMiddleware:
@@ -71,9 +76,13 @@ class MeteringMiddleware:
         flush_interval_s: float = 0.2,
         queue_max: int = 100_000,
         retry_interval_s: float = 1.0,
+        durability: str = "batch",
         admin_token_env: str | None = None,
     ) -> None:
         self.app = app
+        if durability not in DURABILITY:
+            raise ConfigError(f"MeteringMiddleware durability must be one of {DURABILITY}.")
+        self.durability = durability
         if fsync not in FSYNC_POLICIES:
             raise ConfigError(f"MeteringMiddleware fsync must be one of {FSYNC_POLICIES}.")
         if batch_size < 1 or queue_max < batch_size or flush_interval_s <= 0:
@@ -97,6 +106,7 @@ class MeteringMiddleware:
         self.admin_token = (admin_token_from_env(admin_token_env, "MeteringMiddleware")
                             if admin_token_env is not None else None)
         self._queue: deque[_Queued] = deque()
+        self._urgent = 0  # queued records whose requests wait for them to be on disk
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._io: ThreadPoolExecutor | None = None
@@ -148,7 +158,9 @@ class MeteringMiddleware:
                 logger.error("metering: the writer did not finish in 30 s; what it had not "
                              "written is in the journal or lost with the queue")
         if self._queue:  # the writer failed: keep the records anyway
-            await self._journal_batch(self._drain())
+            records, waiting = self._drain()
+            await self._journal_batch(records, sync=True)
+            _resolve(waiting)
         if self.store is not None:
             await self.store.shutdown()
         if self._io is not None:
@@ -176,8 +188,20 @@ class MeteringMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        durable = self.durability == "response"
+        recorded = False
+
+        async def send_when_recorded(message: Any) -> None:
+            """The response's last message waits until its record is on disk."""
+            nonlocal recorded
+            if message["type"] == "http.response.body" and not message.get("more_body") \
+                    and not recorded:
+                recorded = True
+                await self._enqueue(ctx, durable=True)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_when_recorded if durable else send)
         except GatewayError as exc:  # the kernel answers it; the record needs it now
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
@@ -189,46 +213,74 @@ class MeteringMiddleware:
             ctx.status, ctx.error_type = 500, "internal_error"
             raise
         finally:
-            self._enqueue(ctx)
+            if not recorded:
+                if durable:
+                    await self._enqueue(ctx, durable=True)
+                else:
+                    self._enqueue_nowait(ctx)
 
-    def _enqueue(self, ctx: RequestContext) -> None:
-        self._queue.append((ctx, time.time(), time.monotonic()))
+    def _enqueue_nowait(self, ctx: RequestContext) -> None:
+        self._queue.append((ctx, time.time(), time.monotonic(), None))
+        self._check_queue()
+
+    async def _enqueue(self, ctx: RequestContext, *, durable: bool) -> None:
+        """Queues the record and waits until the batch holding it is fsynced (group commit:
+        the requests of one moment share one write and one fsync)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((ctx, time.time(), time.monotonic(), future))
+        self._urgent += 1
+        if self._wake is not None:
+            self._wake.set()
+        self._check_queue()
+        await asyncio.shield(future)
+
+    def _check_queue(self) -> None:
         if len(self._queue) >= self.batch_size and self._wake is not None:
             self._wake.set()
         if len(self._queue) > self.queue_max:
             # The writer cannot keep up (a slow disk): keep the records, at a small cost here.
-            batch = self._drain()
+            batch, waiting = self._drain()
             self.journal.append([r.encode() for r in batch])
+            self.journal.sync()
+            _resolve(waiting)
             if self.store is not None:
                 self._replaying = True
 
-    def _drain(self, limit: int | None = None) -> list[UsageRecord]:
-        queue, out = self._queue, []
+    def _drain(self, limit: int | None = None
+               ) -> tuple[list[UsageRecord], list[asyncio.Future[None]]]:
+        queue, out, waiting = self._queue, [], []
         count = len(queue) if limit is None else min(limit, len(queue))
         for _ in range(count):
-            ctx, ended_at, ended_monotonic = queue.popleft()
+            ctx, ended_at, ended_monotonic, future = queue.popleft()
+            if future is not None:
+                waiting.append(future)
+                self._urgent -= 1
             try:
                 out.append(record_of(ctx, ended_at=ended_at, ended_monotonic=ended_monotonic))
             except Exception:
                 logger.exception("metering: request %s could not be recorded", ctx.request_id)
-        return out
+        return out, waiting
 
     # -- the writer --------------------------------------------------------------------------
 
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
-            if not self._queue and not self._stopping:
+            # Batches fill for flush_interval_s (or to batch_size), unless a request waits.
+            if not self._stopping and not self._urgent and len(self._queue) < self.batch_size:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
                 except TimeoutError:
                     pass
                 self._wake.clear()
             if self._queue:
+                records, waiting = self._drain(self.batch_size)
                 try:
-                    await self._write_batch(self._drain(self.batch_size))
+                    await self._write_batch(records, durable=bool(waiting))
                 except Exception:
                     logger.exception("metering: a batch failed")
+                finally:
+                    _resolve(waiting)
             elif self._replaying and time.monotonic() >= self._next_retry:
                 await self._replay()
             if self._stopping and not self._queue:
@@ -236,10 +288,10 @@ class MeteringMiddleware:
                     await self._replay()
                 return
 
-    async def _write_batch(self, records: list[UsageRecord]) -> None:
+    async def _write_batch(self, records: list[UsageRecord], *, durable: bool = False) -> None:
         if not records:
             return
-        position = await self._journal_batch(records)
+        position = await self._journal_batch(records, sync=durable)
         if self.store is None or self._replaying:
             return  # the journal is the ledger, or PostgreSQL is behind it
         try:
@@ -251,10 +303,17 @@ class MeteringMiddleware:
             return
         await self._acknowledge(position)
 
-    async def _journal_batch(self, records: list[UsageRecord]) -> Position:
+    async def _journal_batch(self, records: list[UsageRecord], *, sync: bool = False
+                             ) -> Position:
         payloads = [record.encode() for record in records]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io, self.journal.append, payloads)
+        journal = self.journal
+
+        def append() -> Position:
+            position = journal.append(payloads)
+            if sync:
+                journal.sync()
+            return position
+        return await asyncio.get_running_loop().run_in_executor(self._io, append)
 
     async def _acknowledge(self, position: Position) -> None:
         await asyncio.get_running_loop().run_in_executor(self._io, self.journal.acknowledge,
@@ -324,6 +383,12 @@ class MeteringMiddleware:
         await send_json(send, 200, {"object": "usage", "group_by": group_by, "grain": grain,
                                     "since": since.isoformat(), "until": until.isoformat(),
                                     "data": rows})
+
+
+def _resolve(waiting: list[asyncio.Future[None]]) -> None:
+    for future in waiting:
+        if not future.done():
+            future.set_result(None)
 
 
 def _time(value: str | None, default: datetime) -> datetime:

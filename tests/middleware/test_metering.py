@@ -337,3 +337,64 @@ def test_a_restart_replays_the_journal_exactly_once(
     assert sorted(found) == sorted(sent)
     assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 12
     assert_rollups_match_events(prefix)
+
+
+def _crash_config(tmp_path: Path, mock_url: str, prefix: str, journal: Path,
+                  durability: str) -> Path:
+    path = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    path.write_text(path.read_text().replace(
+        "journal_dir=", f"durability={durability!r}, journal_dir="))
+    return path
+
+
+def test_kill_9_under_load_loses_no_answered_request(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    """durability="response": a response's last byte waits for its record to be fsynced, so
+    every answer a client got survives a kill -9 of the gateway, exactly once."""
+    import os
+    import signal
+    import threading
+
+    from tests.harness import start_cli_gateway
+    config = _crash_config(tmp_path, mock_url, prefix, journal, "response")
+    process, url = start_cli_gateway(config, env={"SG_USAGE_ADMIN": "usage-admin-token"})
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url, timeout=5) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/chat/completions",
+                                         headers={"authorization": f"Bearer {TEST_KEY}"},
+                                         json={"model": "gpt-mock", "messages": [
+                                             {"role": "user", "content": "crash me"}]})
+                except httpx.HTTPError:
+                    return  # the gateway is gone
+                if response.status_code == 200:
+                    answered.append(response.headers["x-request-id"])
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(answered) < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert len(answered) >= 200
+    restarted, _ = start_cli_gateway(_crash_config(tmp_path / "again", mock_url, prefix,
+                                                   journal, "response"),
+                                     env={"SG_USAGE_ADMIN": "usage-admin-token"})
+    try:
+        found = wait_for_rows(prefix, len(answered), timeout_s=15)
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
+    missing = set(answered) - set(found)
+    assert not missing, f"{len(missing)} answered request(s) have no row"
+    counts = rows(f"SELECT count(*), count(DISTINCT request_id) FROM {prefix}_events")[0]
+    assert counts[0] == counts[1]  # exactly once
+    assert_rollups_match_events(prefix)
