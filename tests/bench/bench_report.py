@@ -160,6 +160,7 @@ RATIO_PAIRS = (
     ("bare", "floor", "Sluicegate bare / floor"),
     ("default", "floor", "Sluicegate default / floor"),
     ("redis", "bare", "auth + quota on Redis / bare"),
+    ("metering", "bare", "metering layer / bare"),
     ("cache", "bare", "cache hits (memory) / bare"),
     ("cache-redis", "bare", "cache hits (Redis) / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
