@@ -398,3 +398,40 @@ def test_kill_9_under_load_loses_no_answered_request(
     counts = rows(f"SELECT count(*), count(DISTINCT request_id) FROM {prefix}_events")[0]
     assert counts[0] == counts[1]  # exactly once
     assert_rollups_match_events(prefix)
+
+
+def test_sigterm_finishes_streams_in_flight_and_flushes_their_records(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
+        journal: Path) -> None:
+    """SIGTERM: no new connections, the stream in flight completes, then every record
+    queued (a long flush interval keeps them queued) reaches PostgreSQL before the exit."""
+    import signal
+    import threading
+
+    from tests.harness import start_cli_gateway
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    config.write_text(config.read_text().replace("flush_interval_s=0.05",
+                                                 "flush_interval_s=60"))
+    process, url = start_cli_gateway(config, env={"SG_USAGE_ADMIN": "usage-admin-token"})
+    headers = {"authorization": f"Bearer {TEST_KEY}"}
+    answered = [httpx.post(url + "/v1/chat/completions", headers=headers, timeout=10, json={
+        "model": "gpt-mock", "messages": [{"role": "user", "content": f"t{i}"}]}
+    ).headers["x-request-id"] for i in range(5)]
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.5))
+    streamed: dict[str, Any] = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=headers, timeout=10,
+                          json={"model": "gpt-mock", "stream": True, "messages": [
+                              {"role": "user", "content": "finish me"}]}) as response:
+            streamed["id"] = response.headers["x-request-id"]
+            streamed["body"] = b"".join(response.iter_bytes())
+    thread = threading.Thread(target=stream)
+    thread.start()
+    time.sleep(0.5)  # the stream is waiting for its first byte
+    process.send_signal(signal.SIGTERM)
+    thread.join(15)
+    assert process.wait(30) == 0
+    assert b"data: [DONE]" in streamed["body"]
+    found = events(prefix)  # no waiting: the process is gone, its records must be there
+    assert set(found) == {*answered, streamed["id"]}
