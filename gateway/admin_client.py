@@ -1,6 +1,6 @@
 """A small synchronous client for a running gateway's admin HTTP API (keys, limits, usage).
 
-The `sluicegate keys` and `sluicegate budgets` commands use it: the gateway package may not
+The `sluicegate keys`, `budgets` and `usage` commands use it: the gateway package may not
 import the layers that serve these routes, so it speaks to them over HTTP, standard library
 only. The admin token goes in the Authorization header and nowhere else: not in errors, not
 in `repr`, and never to another host (redirects are refused rather than followed).
@@ -98,6 +98,15 @@ class AdminClient:
     def usage(self, kind: str, subject: str) -> dict[str, Any]:
         """GET /admin/usage/{kind}/{subject}: committed spend per period (quota layer)."""
         return self._call("GET", f"/admin/usage/{_segment(kind)}/{quote(subject, safe='/')}")
+
+    def usage_totals(self, group_by: str, *, since: str | None = None, until: str | None = None,
+                     grain: str | None = None) -> dict[str, Any]:
+        """GET /admin/usage: totals per key, project, customer or model from the metering
+        layer's rollups; `since` and `until` are ISO 8601 (the gateway's defaults: the last
+        30 days), `grain` "day" or "minute"."""
+        query = {"group_by": group_by, "since": since, "until": until, "grain": grain}
+        return self._call("GET", "/admin/usage",
+                          query={name: value for name, value in query.items() if value is not None})
 
     # -- transport ---------------------------------------------------------------------------
 

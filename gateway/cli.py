@@ -1,14 +1,16 @@
-"""The `sluicegate` command: `serve`, `check-config`, and `keys` and `budgets`, which manage a
-running gateway through its admin HTTP API (see `gateway.admin_client`)."""
+"""The `sluicegate` command: `serve`, `check-config`; `keys` and `budgets`, which manage a
+running gateway through its admin HTTP API (see `gateway.admin_client`); and `usage`, which
+asks a running gateway for usage totals, or reads the usage journals on disk."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("path")
     _add_admin_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in ("keys", "budgets"):
+    if args.command == "usage" and args.journal is not None:
+        return usage_from_journals(args)
+    if args.command in ("keys", "budgets", "usage"):
         return run_admin_command(args)
     try:
         if args.command == "check-config":
@@ -165,6 +169,25 @@ def _add_admin_commands(commands: Any) -> None:
     _add_subject_options(show)
     show.set_defaults(handler=_budgets_show)
 
+    usage = _admin_parser(commands, "usage", "usage totals from a running gateway, or with "
+                                             "--journal from the usage journals on disk",
+                          group=True)
+    usage.add_argument("--group-by", choices=USAGE_GROUPS, default="project",
+                       help="total per project (default), key, customer or model")
+    usage.add_argument("--since", type=_usage_time, metavar="ISO",
+                       help="from, e.g. 2025-01-01 or 2025-01-01T12:00:00Z (UTC unless an "
+                            "offset is given; default: 30 days ago; with --journal, no limit)")
+    usage.add_argument("--until", type=_usage_time, metavar="ISO",
+                       help="up to, excluded (default: now)")
+    usage.add_argument("--grain", choices=("day", "minute"),
+                       help="the gateway's rollups to sum: whole days (default) or minutes, "
+                            "so how finely --since and --until cut")
+    usage.add_argument("--journal", metavar="DIR",
+                       help="read the journals under DIR instead of asking a gateway (read-only, "
+                            "safe while a gateway runs): every request when the gateway has no "
+                            "PostgreSQL, else those not written to it yet")
+    usage.set_defaults(handler=_usage)
+
 
 def _admin_parser(parent: Any, name: str, text: str, *,
                   group: bool = False) -> argparse.ArgumentParser:
@@ -178,7 +201,8 @@ def _admin_parser(parent: Any, name: str, text: str, *,
 
     parser.add_argument("--url", default=default(None),
                         help=f"the gateway (default: $SLUICEGATE_URL or {DEFAULT_URL})")
-    parser.add_argument("--token-env", default=default(DEFAULT_TOKEN_ENV), metavar="NAME",
+    parser.add_argument("--token-env", "--admin-token-env", dest="token_env",
+                        default=default(DEFAULT_TOKEN_ENV), metavar="NAME",
                         help="the environment variable holding the admin token "
                              f"(default {DEFAULT_TOKEN_ENV})")
     parser.add_argument("--json", dest="as_json", action="store_true",
@@ -206,7 +230,7 @@ def _add_limit_options(parser: argparse.ArgumentParser, *, budget_flag: str) -> 
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
-    """Runs `keys ...` or `budgets ...`: 0 done, 1 the API refused, 2 a usage error."""
+    """Runs `keys ...`, `budgets ...` or `usage`: 0 done, 1 the API refused, 2 a usage error."""
     try:
         handler: Handler = args.handler
         return handler(_admin_client(args), args)
@@ -468,6 +492,64 @@ def _percent(spent: Any, limit: Any) -> str:
     return f" ({ratio.quantize(Decimal('0.1'))}%)"
 
 
+# -- usage -------------------------------------------------------------------------------------
+
+USAGE_GROUPS = ("project", "key", "customer", "model")
+
+
+def _usage(client: AdminClient, args: argparse.Namespace) -> int:
+    report = client.usage_totals(args.group_by, since=_iso(args.since), until=_iso(args.until),
+                                 grain=args.grain)
+    if args.as_json:
+        _print_json(report)
+        return 0
+    rows = report.get("data")
+    if not isinstance(rows, list):
+        raise AdminError(200, "The gateway answered the usage request without a 'data' list.")
+    print(f"Usage by {args.group_by} from {_text(report.get('since'))} to "
+          f"{_text(report.get('until'))} ({_text(report.get('grain'))} rollups):")
+    print(_usage_table(args.group_by, rows))
+    return 0
+
+
+def usage_from_journals(args: argparse.Namespace) -> int:
+    """Runs `usage --journal DIR`: 0 done, 1 the journals cannot be read, 2 a usage error."""
+    if args.url is not None or args.grain is not None:
+        print("sluicegate: --journal reads the journals on disk, so it takes no --url or "
+              "--grain.", file=sys.stderr)
+        return 2
+    # gateway/ never imports a layer (DESIGN.md), but the journal's format is the metering
+    # layer's own: this offline command loads the layer's reader by name when it runs, as a
+    # config module names its layers.
+    metering = importlib.import_module("middleware.metering")
+    try:
+        rows: list[dict[str, Any]] = metering.journal_usage(
+            args.journal, group_by=args.group_by, since=args.since, until=args.until)
+    except (metering.JournalError, OSError) as exc:
+        print(f"sluicegate: {_sentence(str(exc))}", file=sys.stderr)
+        return 1
+    if args.as_json:
+        _print_json({"object": "usage", "source": "journal", "journal": args.journal,
+                     "group_by": args.group_by, "since": _iso(args.since),
+                     "until": _iso(args.until), "data": rows})
+        return 0
+    print(f"Usage by {args.group_by} in the journals under {_text(args.journal)} (requests "
+          "not written to PostgreSQL; with no PostgreSQL, every request):")
+    print(_usage_table(args.group_by, rows))
+    return 0
+
+
+def _usage_table(group_by: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "No usage recorded."
+    table = [[group_by.upper(), "REQUESTS", "INPUT TOKENS", "OUTPUT TOKENS", "COST USD",
+              "SAVED USD"]]
+    table += [[_text(row.get(name)) for name in ("subject", "requests", "input_tokens",
+                                                  "output_tokens", "cost_usd", "cost_saved_usd")]
+              for row in rows]
+    return _table(table, right_aligned=range(1, 6))
+
+
 # -- argument types and output -----------------------------------------------------------------
 
 def _count(text: str) -> int:
@@ -499,6 +581,19 @@ def _timestamp(text: str) -> str:
     return value.isoformat()
 
 
+def _usage_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an ISO 8601 date or time, e.g. 2025-01-31 or "
+                                         "2025-01-31T12:00:00Z") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 def _meta_item(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -511,11 +606,18 @@ def _text(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value))
 
 
-def _table(rows: list[list[str]]) -> str:
+def _table(rows: list[list[str]], *, right_aligned: Collection[int] = ()) -> str:
+    """Columns padded to their widest cell; numbers go in the `right_aligned` columns."""
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
-    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+    lines = ("  ".join(cell.rjust(width) if index in right_aligned else cell.ljust(width)
+                       for index, (cell, width) in enumerate(zip(row, widths, strict=True)))
              for row in rows)
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _sentence(text: str) -> str:
+    text = _text(text).rstrip(".")
+    return f"{text[:1].upper()}{text[1:]}."
 
 
 def _print_json(payload: Any) -> None:

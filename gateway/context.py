@@ -3,15 +3,21 @@
 The kernel creates one `RequestContext` per API request and stores it in the ASGI scope under
 `CONTEXT_KEY`. Layers talk to each other only through it; each field names the layer that
 writes it.
+
+A key's own usage (`SELF_USAGE_PATH`) is not an API request and gets no context: the kernel
+passes it down the stack, the auth layer verifies the caller's key and puts a `ScopePrincipal`
+in the scope under `PRINCIPAL_KEY`, and the metering layer answers for that key alone.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 CONTEXT_KEY = "sluicegate.context"
+PRINCIPAL_KEY = "sluicegate.principal"
+SELF_USAGE_PATH = "/v1/usage/self"
 
 # Ingress operations: which API the caller spoke. The first word is the wire format.
 OPENAI_CHAT = "openai.chat"
@@ -119,6 +125,13 @@ class RequestContext:
     cache_status: str | None = None
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
+
+
+class ScopePrincipal(TypedDict):
+    """The verified caller of a request without a context (written by the auth layer)."""
+
+    key_id: str
+    project: str
 
 
 Scope = MutableMapping[str, Any]

@@ -1,10 +1,12 @@
 """The kernel: the outermost ASGI app, always present, never in the operator's list.
 
-It answers health, readiness and model-list requests itself; for API requests it assigns the
-request id, reads the body once (bounded), parses it once, detects the ingress format, puts a
-`RequestContext` in the scope, runs the operator's stack, and turns refusals into API-shaped
-errors while the response has not started. It also owns startup and shutdown of every
-component in the stack that has `startup`/`shutdown` methods.
+It answers health, readiness and model-list requests itself; admin requests and a key's own
+usage (`/v1/usage/self`) go down the stack without a context, for the layer that owns the
+path to answer. For API requests it assigns the request id, reads the body once (bounded),
+parses it once, detects the ingress format, puts a `RequestContext` in the scope, runs the
+operator's stack, and turns refusals into API-shaped errors while the response has not
+started. It also owns startup and shutdown of every component in the stack that has
+`startup`/`shutdown` methods.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 import orjson
 
 from gateway.config import GatewayConfig
-from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.context import CONTEXT_KEY, SELF_USAGE_PATH, RequestContext
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
 
@@ -165,8 +167,8 @@ class Kernel:
         path = route_path(scope)
         operation = OPERATIONS_BY_PATH.get(path)
         if operation is None:
-            if path.startswith("/admin/"):
-                await self._serve_admin(scope, receive, send, path)
+            if path.startswith("/admin/") or path == SELF_USAGE_PATH:
+                await self._serve_by_layers(scope, receive, send, path)
             else:
                 await self._serve_builtin(scope, path, send)
             return
@@ -301,9 +303,11 @@ class Kernel:
 
     # -- requests the kernel answers itself --------------------------------------------------
 
-    async def _serve_admin(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        """/admin/ requests go down the stack without a context; the layer that owns the
-        path answers (auth: keys and limits; quota: usage), and nobody answering is a 404."""
+    async def _serve_by_layers(self, scope: Scope, receive: Receive, send: Send,
+                               path: str) -> None:
+        """/admin/ requests and /v1/usage/self go down the stack without a context; the layer
+        that owns the path answers (auth: keys and limits; quota and metering: usage), and
+        nobody answering is a 404."""
         request_id = _request_id(scope["headers"], self.request_id_header)
         started = False
 
@@ -323,15 +327,17 @@ class Kernel:
         except ClientDisconnected:
             return
         except Exception:
-            logger.exception("unhandled error in admin request %s", request_id.decode())
+            logger.exception("unhandled error in request %s", request_id.decode())
             if not started:
-                await self._send_error(send, GatewayError(500, "The admin request failed; "
-                                                               "see the gateway log."),
+                await self._send_error(send, GatewayError(500, "The request failed; see the "
+                                                               "gateway log."),
                                        "openai", request_id)
             return
         if not started:
-            error = GatewayError(404, f"Unknown admin path {path!r} (is the layer that serves "
-                                      "it configured with an admin token?).", code="unknown_url")
+            message = (f"Unknown admin path {path!r} (is the layer that serves it configured "
+                       "with an admin token?)." if path.startswith("/admin/") else
+                       f"{path} is not served: this gateway has no metering layer.")
+            error = GatewayError(404, message, code="unknown_url")
             await self._send_error(send, error, "openai", request_id)
 
     async def _serve_builtin(self, scope: Scope, path: str, send: Send) -> None:

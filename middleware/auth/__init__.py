@@ -13,6 +13,10 @@ Keys come from the config module (`keys=[StaticKey(...)]`), from PostgreSQL
 cached in process; a change made on any instance reaches every instance's cache through
 PostgreSQL NOTIFY within about a second. With `admin_token_env`, the layer also serves the
 admin API under `/admin/keys` and `/admin/limits`.
+
+A key's own usage (`GET /v1/usage/self`) has no `RequestContext`: the layer checks the key
+there too (same headers, same 401s), strips it, and puts `{"key_id", "project"}` in the scope
+under `gateway.context.PRINCIPAL_KEY` for the metering layer, which answers.
 """
 from __future__ import annotations
 
@@ -22,7 +26,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from gateway.config import ConfigError
-from gateway.context import RequestContext, find_request_context
+from gateway.context import (
+    PRINCIPAL_KEY,
+    SELF_USAGE_PATH,
+    RequestContext,
+    ScopePrincipal,
+    find_request_context,
+)
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
 from gateway.policy import Limits, Principal
@@ -106,12 +116,18 @@ class AuthMiddleware:
             return
         ctx = find_request_context(scope)
         if ctx is None:
-            if self.admin is not None and self.admin.handles(route_path(scope)):
+            path = route_path(scope)
+            if path == SELF_USAGE_PATH:
+                key = await self._find(_take_credential(scope))
+                scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.id, project=key.project)
+                await self.app(scope, receive, send)
+            elif self.admin is not None and self.admin.handles(path):
                 await self.admin(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
-        credential = _strip_credentials(scope, ctx)
+        credential = _take_credential(scope)
+        ctx.headers = scope["headers"]
         key = await self._find(credential)
         ctx.principal = await self._principal(key, ctx)
         await self.app(scope, receive, send)
@@ -191,7 +207,7 @@ def _clean_customer(value: str) -> str | None:
     return value
 
 
-def _strip_credentials(scope: Scope, ctx: RequestContext) -> str | None:
+def _take_credential(scope: Scope) -> str | None:
     """Takes the client's key out of the request, so no layer or provider ever sees it."""
     credential: str | None = None
     kept = []
@@ -206,5 +222,4 @@ def _strip_credentials(scope: Scope, ctx: RequestContext) -> str | None:
             continue
         kept.append((name, value))
     scope["headers"] = kept
-    ctx.headers = kept
     return credential

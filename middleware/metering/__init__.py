@@ -11,7 +11,10 @@ id, so a replay never counts twice.
 When PostgreSQL is slow or down, batches only go to the journal; once it answers again, the
 journal is replayed in order, then writing goes direct again. On startup after a crash the
 journal's unacknowledged records are replayed first. With no PostgreSQL configured, the
-journal is the ledger (`sluicegate usage --journal DIR` reads it).
+journal is the ledger (`sluicegate usage --journal DIR` reads it, read-only).
+
+Usage is read back through `GET /admin/usage` (with `admin_token_env`) and, for a virtual key
+itself, `GET /v1/usage/self` (see `middleware.metering.usage`).
 
 Loss window: with the defaults (`durability="batch"`, `fsync="batch"`), a record reaches the
 journal at most `flush_interval_s` (0.2 s) after its response ended and the disk within
@@ -31,21 +34,21 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
-from gateway.admin import admin_token_from_env, is_admin, route_path, send_json
+from gateway.admin import admin_token_from_env, route_path
 from gateway.config import ConfigError
-from gateway.context import RequestContext, find_request_context
+from gateway.context import SELF_USAGE_PATH, RequestContext, find_request_context
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
 from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
 from middleware.metering.record import UsageRecord, record_of
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
+from middleware.metering.usage import journal_usage, serve_admin_usage, serve_own_usage
 
-__all__ = ["MeteringMiddleware", "PostgresUsageStore", "UsageRecord"]
+__all__ = ["JournalError", "MeteringMiddleware", "PostgresUsageStore", "UsageRecord",
+           "journal_usage"]
 
 logger = logging.getLogger("sluicegate.metering")
 
@@ -62,6 +65,8 @@ class MeteringMiddleware:
     ./sluicegate-journal). Each process takes a free `slot-NNN` subdirectory (an flock), so
     workers never share a journal; at startup a process also replays slots nobody holds.
     `admin_token_env`: serves `GET /admin/usage` (totals from the rollups).
+    Every key may read its own totals at `GET /v1/usage/self` (with a PostgreSQL store and
+    AuthMiddleware before this layer).
     """
 
     def __init__(
@@ -183,8 +188,11 @@ class MeteringMiddleware:
             return
         ctx = find_request_context(scope)
         if ctx is None:
-            if self.admin_token is not None and route_path(scope) == "/admin/usage":
-                await self._serve_usage(scope, send)
+            path = route_path(scope)
+            if path == SELF_USAGE_PATH:
+                await serve_own_usage(self.store, scope, send)
+            elif self.admin_token is not None and path == "/admin/usage":
+                await serve_admin_usage(self.store, self.admin_token, scope, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -346,75 +354,8 @@ class MeteringMiddleware:
             if self._queue and not self._stopping:
                 return  # new requests first; the replay continues on the next turn
 
-    # -- admin: usage totals -----------------------------------------------------------------
-
-    async def _serve_usage(self, scope: Scope, send: Send) -> None:
-        assert self.admin_token is not None
-        if not is_admin(scope, self.admin_token):
-            await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
-                                                   "type": "authentication_error"}})
-            return
-        if scope["method"] != "GET":
-            await send_json(send, 405, {"error": {"message": "Use GET.",
-                                                   "type": "invalid_request_error"}})
-            return
-        if self.store is None:
-            await send_json(send, 404, {"error": {
-                "message": "No PostgreSQL usage store is configured; use `sluicegate usage "
-                           "--journal DIR`.", "type": "not_found_error"}})
-            return
-        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-        now = datetime.now(UTC)
-        try:
-            group_by = query.get("group_by", "project")
-            grain = query.get("grain", "day")
-            since = _time(query.get("since"), now - timedelta(days=30))
-            until = _time(query.get("until"), now + timedelta(minutes=1))
-            rows = await self.store.usage(group_by=group_by, grain=grain, since=since,
-                                          until=until, subject=query.get("subject"))
-        except ValueError as exc:
-            await send_json(send, 400, {"error": {"message": str(exc),
-                                                   "type": "invalid_request_error"}})
-            return
-        except UsageStoreError as exc:
-            await send_json(send, 503, {"error": {"message": str(exc),
-                                                   "type": "service_unavailable"}})
-            return
-        await send_json(send, 200, {"object": "usage", "group_by": group_by, "grain": grain,
-                                    "since": since.isoformat(), "until": until.isoformat(),
-                                    "data": rows})
-
 
 def _resolve(waiting: list[asyncio.Future[None]]) -> None:
     for future in waiting:
         if not future.done():
             future.set_result(None)
-
-
-def _time(value: str | None, default: datetime) -> datetime:
-    if value is None:
-        return default
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
-def journal_usage(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """Totals per project from a journal's records (for `sluicegate usage --journal`)."""
-    journal = Journal(directory)
-    journal.open()
-    try:
-        totals: dict[str, dict[str, Any]] = {}
-        for _, payload in journal.pending():
-            record = UsageRecord.decode(payload)
-            row = totals.setdefault(record.project or "-", {
-                "requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_micros": 0})
-            row["requests"] += 1
-            row["input_tokens"] += record.input_tokens
-            row["output_tokens"] += record.output_tokens
-            row["cost_micros"] += record.cost_micros
-        return totals
-    finally:
-        journal.close()

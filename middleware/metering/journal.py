@@ -15,6 +15,10 @@ On disk, one directory holds:
 - `checkpoint`: the acknowledged position, replaced atomically (temporary file, fsync, rename).
 - `lock`: held with flock(2) while the journal is open, so that a second journal (another
   process) cannot append to the same segments.
+
+A reader (`Journal(directory, read_only=True)`, for `sluicegate usage --journal`) changes
+nothing on disk: it takes no lock, so it can read a journal a running gateway holds, and it
+reads around a torn tail instead of cutting it (the tail may be an append in progress).
 """
 from __future__ import annotations
 
@@ -73,11 +77,15 @@ class Journal:
     are in the page cache); a power loss loses what was not fsynced yet.
 
     `append` may be called from several threads; the journal serialises them.
+
+    `read_only=True` opens a reader (module docstring): `open` neither locks, cuts nor
+    creates anything, `pending` reads the records as they were at `open`, and `append` and
+    `acknowledge` raise JournalError.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *,
                  segment_bytes: int = 64 * 1024 * 1024, fsync: str = "batch",
-                 fsync_interval_s: float = 0.05) -> None:
+                 fsync_interval_s: float = 0.05, read_only: bool = False) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         if segment_bytes < MIN_SEGMENT_BYTES:
@@ -88,14 +96,17 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise JournalError(f"cannot keep a journal in {self.directory}: {exc}") from exc
+        self.read_only = read_only
+        if not read_only:
+            try:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JournalError(f"cannot keep a journal in {self.directory}: {exc}") from exc
         self._lock = threading.Lock()           # the open segment, its offset, the checkpoint
         self._ack_lock = threading.Lock()       # checkpoint writes, without blocking appends
         self._lock_fd: int | None = None
-        self._fd: int | None = None
+        self._fd: int | None = None             # the open segment (None when read-only)
+        self._open = False
         self._segment = 0
         self._offset = 0
         self._segments: list[int] = []
@@ -110,11 +121,16 @@ class Journal:
         Segments wholly before the checkpoint are deleted (a crash can come between writing
         the checkpoint and deleting them), and the last segment loses its torn tail (a partial
         record, or records failing their checksum, after the last good one), so that new
-        records follow the last good record.
+        records follow the last good record. A reader does none of this: it only notes where
+        the last good record ends.
         """
         with self._lock:
-            if self._fd is not None:
+            if self._open:
                 raise JournalError(f"the journal in {self.directory} is already open")
+            if self.read_only:
+                self._open_reader()
+                self._open = True
+                return
             self._lock_fd = self._lock_directory()
             try:
                 self._recover()
@@ -124,6 +140,7 @@ class Journal:
                     self._fd = None
                 self._release_directory()
                 raise
+            self._open = True
 
     def append(self, payloads: Sequence[bytes]) -> Position:
         """Append records in order; return the position just after the last one.
@@ -137,7 +154,7 @@ class Journal:
             raise TypeError("append() takes a sequence of payloads, not one payload")
         frames = [(_frame_header(payload), payload) for payload in payloads]
         with self._lock:
-            self._require_open()
+            self._require_writable()
             parts: list[bytes] = []
             end = self._offset
             for header, payload in frames:
@@ -169,7 +186,7 @@ class Journal:
         """
         with self._ack_lock:
             with self._lock:
-                self._require_open()
+                self._require_writable()
                 if position <= self._checkpoint:
                     return
                 if position > self._tail():
@@ -204,7 +221,10 @@ class Journal:
     def close(self) -> None:
         """fsync and close the open segment and let go of the directory; idempotent."""
         with self._lock:
-            if self._fd is None:
+            if not self._open:
+                return
+            self._open = False
+            if self._fd is None:        # a reader holds nothing
                 return
             try:
                 self._sync_locked()
@@ -250,6 +270,20 @@ class Journal:
         for number in self._forget_acknowledged_segments():
             self._segment_path(number).unlink()
 
+    def _open_reader(self) -> None:
+        """The checkpoint, the segments, and the end of the last good record of the last one
+        (where reading stops), all as they are now; nothing on disk changes."""
+        if not self.directory.is_dir():
+            raise JournalError(f"there is no journal in {self.directory}")
+        self._checkpoint = self._read_checkpoint()
+        try:
+            self._segments = self._existing_segments()
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal in {self.directory}: {exc}") from exc
+        last = self._segments[-1] if self._segments else 0
+        self._segment, self._offset = last, self._last_good_end(last) if last else 0
+        self._forget_acknowledged_segments()
+
     def _read_checkpoint(self) -> Position:
         try:
             data = (self.directory / "checkpoint").read_bytes()
@@ -269,9 +303,13 @@ class Journal:
 
     def _existing_segments(self) -> list[int]:
         numbers = _segment_numbers(self.directory)
-        for number in numbers:
-            with open(self._segment_path(number), "rb") as file:
-                head = file.read(_HEADER_BYTES)
+        for number in list(numbers):
+            try:
+                with open(self._segment_path(number), "rb") as file:
+                    head = file.read(_HEADER_BYTES)
+            except FileNotFoundError:   # a reader's race with a writer's acknowledge
+                numbers.remove(number)
+                continue
             if head != _MAGIC and not _MAGIC.startswith(head):    # short: a crash at creation
                 raise JournalError(f"{self._segment_path(number)} is not a journal segment "
                                    f"(version 1)")
@@ -284,10 +322,7 @@ class Journal:
         if size < _HEADER_BYTES:        # the crash came between creating it and its header
             _write_durably(path, _MAGIC)
             return _HEADER_BYTES
-        with open(path, "rb") as file, \
-                mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as buf:
-            end = max((end for _, end, _ in _good_records(buf, _HEADER_BYTES, size)),
-                      default=_HEADER_BYTES)
+        end = self._last_good_end(number)
         if end < size:
             logger.warning("journal segment %s: cut a torn tail of %d bytes at offset %d",
                            path.name, size - end, end)
@@ -296,11 +331,40 @@ class Journal:
                 os.fsync(segment.fileno())
         return end
 
+    def _last_good_end(self, number: int) -> int:
+        """The offset just after the segment's last good record (the header's end if none)."""
+        try:
+            fd = os.open(self._segment_path(number), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:       # a reader's race with a writer's acknowledge
+            return _HEADER_BYTES
+        try:
+            with self._contents(fd, os.fstat(fd).st_size) as buf:
+                return max((end for _, end, _ in _good_records(buf, _HEADER_BYTES, len(buf))),
+                           default=_HEADER_BYTES)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _contents(self, fd: int, size: int) -> Iterator[_Buffer]:
+        """The first `size` bytes of a segment (fewer if it is shorter now). A reader takes a
+        copy: the writer may shorten the file (cutting a torn tail, undoing a failed write),
+        and touching a mapping past the end of its file is SIGBUS."""
+        if self.read_only:
+            yield os.pread(fd, size, 0)
+        else:
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
+                yield buf
+
     # -- appending
 
     def _require_open(self) -> None:
-        if self._fd is None:
+        if not self._open:
             raise JournalError(f"the journal in {self.directory} is not open")
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise JournalError(f"the journal in {self.directory} is open read-only")
+        self._require_open()
 
     def _tail(self) -> Position:
         return Position(self._segment, self._offset)
@@ -391,7 +455,8 @@ class Journal:
             stop = size if stop is None else min(stop, size)
             if stop <= start:
                 return
-            with mmap.mmap(fd, stop, access=mmap.ACCESS_READ) as buf:
+            with self._contents(fd, stop) as buf:
+                stop = min(stop, len(buf))
                 expected = start
                 for record_start, end, payload in _good_records(buf, start, stop):
                     if record_start != expected:

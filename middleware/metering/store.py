@@ -31,7 +31,7 @@ from middleware.metering.record import UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
 
-__all__ = ["PostgresUsageStore", "UsageStoreError"]
+__all__ = ["GRAINS", "GROUPS", "PostgresUsageStore", "UsageStoreError"]
 
 _COLUMNS = (
     "request_id", "started_at", "ended_at", "key_id", "project", "customer", "labels",
@@ -40,7 +40,8 @@ _COLUMNS = (
     "cost_saved", "latency_ms", "ttft_ms", "status", "error_type", "cache_status", "attempts",
     "fallbacks", "stream", "client_disconnected",
 )
-_GROUPS = ("key", "project", "customer", "model")
+GROUPS = ("key", "project", "customer", "model")  # what usage is totalled by
+GRAINS = ("minute", "day")                        # the rollups' buckets
 
 _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "usage events (partitioned by month) and rollups", """
@@ -312,8 +313,8 @@ class PostgresUsageStore:
                     grain: str = "day", subject: str | None = None) -> list[dict[str, Any]]:
         """Totals per subject of `group_by` (key, project, customer, model) between `since`
         and `until`, from the rollups of `grain` ("minute" or "day")."""
-        if group_by not in _GROUPS or grain not in ("minute", "day"):
-            raise ValueError(f"group_by must be one of {_GROUPS} and grain minute or day")
+        if group_by not in GROUPS or grain not in GRAINS:
+            raise ValueError(f"group_by must be one of {GROUPS} and grain minute or day")
         query = ("SELECT subject, sum(requests), sum(errors), sum(input_tokens), "
                  "sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), "
                  "sum(cost), sum(cost_saved) FROM {rollups} WHERE grain = %s AND kind = %s "

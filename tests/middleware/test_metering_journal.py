@@ -607,6 +607,127 @@ def test_a_closed_journal_refuses_to_append(tmp_path: Path) -> None:
         journal.pending()
 
 
+# -- readers (read_only=True): `sluicegate usage --journal` beside a running gateway
+
+
+def reader(directory: Path) -> Journal:
+    journal = Journal(directory, read_only=True)
+    journal.open()
+    return journal
+
+
+def disk_state(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_a_reader_reads_a_journal_another_journal_holds(tmp_path: Path) -> None:
+    writer = opened(tmp_path, segment_bytes=4096)
+    payloads = records(30)
+    positions = append_each(writer, payloads)               # three segments
+    writer.acknowledge(positions[11])
+    before = disk_state(tmp_path)
+
+    journal = reader(tmp_path)
+    assert journal.pending() == list(zip(positions[12:], payloads[12:], strict=True))
+    assert journal.pending() == writer.pending() and journal.pending_count() == 18
+    journal.close()
+    assert disk_state(tmp_path) == before
+    with pytest.raises(JournalError, match="in use"):        # the writer's lock still holds
+        Journal(tmp_path).open()
+    assert writer.append([b"still appending"]) > positions[-1]
+    writer.close()
+
+
+def test_a_reader_sees_the_journal_as_it_was_at_open(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    writer.append(records(3, tag="a"))
+    journal = reader(tmp_path)
+    writer.append(records(2, tag="b"))                       # appended after the reader opened
+    assert [payload for _, payload in journal.pending()] == records(3, tag="a")
+    journal.close()
+    later = reader(tmp_path)
+    assert later.pending_count() == 5
+    later.close()
+    writer.close()
+
+
+def test_a_reader_can_neither_append_nor_acknowledge(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    position = writer.append([b"x"])
+    writer.close()
+    journal = reader(tmp_path)
+    with pytest.raises(JournalError, match="read-only"):
+        journal.append([b"y"])
+    with pytest.raises(JournalError, match="read-only"):
+        journal.acknowledge(position)
+    assert journal.pending() == [(position, b"x")]
+    journal.close()
+    with pytest.raises(JournalError, match="not open"):
+        journal.pending()
+    writer = opened(tmp_path)
+    assert writer.pending() == [(position, b"x")]            # nothing was acknowledged
+    writer.close()
+
+
+@pytest.mark.parametrize("tear", [
+    pytest.param(lambda segment, end: os.truncate(segment, end - 200), id="cut mid payload"),
+    pytest.param(lambda segment, end: damage(segment, end - 1), id="failing its checksum"),
+])
+def test_a_reader_skips_a_torn_tail_without_cutting_it(
+        tmp_path: Path, tear: Callable[[Path, int], None]) -> None:
+    journal = opened(tmp_path)
+    payloads = records(5)
+    positions = append_each(journal, payloads)
+    journal.close()
+    segment = tmp_path / "00000001.sgj"
+    tear(segment, positions[4].offset)
+    before = disk_state(tmp_path)
+
+    journal = reader(tmp_path)
+    assert journal.pending() == list(zip(positions[:4], payloads[:4], strict=True))
+    journal.close()
+    assert disk_state(tmp_path) == before                   # the tail is still there
+    opened(tmp_path).close()
+    assert segment.stat().st_size == positions[3].offset     # where a writer cuts it
+
+
+def test_a_reader_leaves_alone_what_a_writer_repairs(tmp_path: Path) -> None:
+    """A crash's leftovers that a writer's open cleans up: a segment wholly acknowledged but
+    not yet deleted, a checkpoint write cut short, a segment created without its header."""
+    writer = opened(tmp_path, segment_bytes=4096)
+    payloads = records(15)
+    positions = append_each(writer, payloads)               # segments 1 and 2
+    first_segment = (tmp_path / "00000001.sgj").read_bytes()
+    writer.acknowledge(positions[12])
+    writer.close()
+    (tmp_path / "00000001.sgj").write_bytes(first_segment)
+    (tmp_path / "checkpoint.tmp").write_bytes(b"cut short")
+    (tmp_path / "00000003.sgj").write_bytes(b"")
+    before = disk_state(tmp_path)
+
+    journal = reader(tmp_path)
+    assert [payload for _, payload in journal.pending()] == payloads[13:]
+    journal.close()
+    assert disk_state(tmp_path) == before
+    opened(tmp_path).close()
+    after = disk_state(tmp_path)
+    assert "00000001.sgj" not in after and "checkpoint.tmp" not in after
+    assert after["00000003.sgj"] == b"SGJ1"
+
+
+def test_a_reader_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(JournalError, match="no journal"):
+        Journal(missing, read_only=True).open()
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    journal = reader(empty)
+    assert journal.pending() == []
+    journal.close()
+    assert os.listdir(empty) == []                          # no lock file, no segment
+
+
 # -- threads and volume
 
 
