@@ -222,9 +222,21 @@ def _check_tags(tags: Sequence[str]) -> None:
 
 # -- in process ----------------------------------------------------------------------------------
 
+# What an entry costs in memory beyond its encoded size and its key: the entry object, its
+# usage dict, the tags tuple, the LRU's and the tag index's slots (measured with tracemalloc
+# on a typical chat answer: 1,810 bytes in memory for 915 encoded).
+ENTRY_OVERHEAD_BYTES = 800
+
+
+def memory_size(key: str, entry: CachedResponse) -> int:
+    """What the memory store counts for an entry against its bound."""
+    return len(entry.encode()) + len(key) + ENTRY_OVERHEAD_BYTES
+
+
 class MemoryCacheStore:
-    """The embedded default: an LRU in this process, bounded by the sum of its entries'
-    encoded sizes. Expired entries are dropped when read or when the LRU reaches them."""
+    """The embedded default: an LRU in this process, bounded by what its entries take in
+    memory (`memory_size`: encoded size, key and a measured per-entry overhead). Expired
+    entries are dropped when read or when the LRU reaches them."""
 
     name = "memory"
 
@@ -265,7 +277,7 @@ class MemoryCacheStore:
         if ttl_s <= 0:
             return
         entry = _expiring(entry, ttl_s)
-        size = len(entry.encode())
+        size = memory_size(key, entry)
         if key in self._entries:
             self._remove(key)
         if size > self.max_bytes:

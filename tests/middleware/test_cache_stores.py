@@ -27,6 +27,7 @@ from middleware.cache.stores import (
     PostgresCacheStore,
     RedisCacheStore,
     TieredCacheStore,
+    memory_size,
 )
 from tests.harness import free_port
 from tests.tcp_proxy import TcpProxy
@@ -324,14 +325,17 @@ async def test_memory_evicts_the_least_recently_used_by_bytes() -> None:
 
 
 async def test_memory_evicts_several_for_one_large_entry() -> None:
-    store = MemoryCacheStore(max_bytes=10_000)
+    one = memory_size("a", entry(body=b"x" * 1500))
+    big = memory_size("big", entry(body=b"x" * 5000))
+    assert 2 * one < big <= 3 * one  # room for it takes three of the small ones
+    store = MemoryCacheStore(max_bytes=5 * one + 10)
     for key in "abcde":
         await store.set(key, entry(body=b"x" * 1500), 60)
     await store.set("big", entry(body=b"x" * 5000), 60)
 
     kept = [key for key in ["a", "b", "c", "d", "e", "big"] if await store.get(key) is not None]
     assert kept == ["d", "e", "big"]
-    assert store.bytes_used <= 10_000
+    assert store.bytes_used <= store.max_bytes
 
 
 async def test_memory_refuses_an_entry_larger_than_the_bound_without_evicting() -> None:
@@ -342,12 +346,28 @@ async def test_memory_refuses_an_entry_larger_than_the_bound_without_evicting() 
     assert await store.get("small") is not None
 
 
+async def test_memory_counts_what_entries_take_in_memory() -> None:
+    """The bound counts at least what the entries really take (tracemalloc), not just their
+    encoded bytes: a bound of 64 MiB must not mean 130 MiB of memory."""
+    import tracemalloc
+    store = MemoryCacheStore(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            await store.set(f"{i:064x}", entry(body=b"x" * 700 + str(i).encode()), 60)
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.bytes_used >= 0.9 * taken
+
+
 async def test_memory_counts_bytes_exactly() -> None:
     store = MemoryCacheStore()
 
     async def stored_bytes(*keys: str) -> int:
-        entries = [await store.get(key) for key in keys]
-        return sum(len(found.encode()) for found in entries if found is not None)
+        entries = [(key, await store.get(key)) for key in keys]
+        return sum(memory_size(key, found) for key, found in entries if found is not None)
 
     await store.set("k", entry(body=b"x" * 100), 60)
     assert store.bytes_used == await stored_bytes("k") > 100
