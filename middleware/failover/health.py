@@ -1,0 +1,167 @@
+"""Health and retry arithmetic for the failover layer: circuit breakers, the retry budget and
+backoff. Pure and clock-driven (no I/O), so the layer and its tests share one definition.
+
+- `CircuitBreaker`: closed → open on `consecutive_failures` failures in a row, or when the
+  error rate over the last `window_s` seconds reaches `error_rate` with at least
+  `min_requests` calls in the window; open → half-open after `cooldown_s`; half-open lets
+  `half_open_probes` calls through at a time, closes on a success and opens again (for another
+  cooldown) on a failure. Callers report only upstream failures: a 4xx the caller caused is
+  never a failure of the deployment.
+- `RetryBudget`: retries may be at most `ratio` of the requests seen in the last `window_s`
+  seconds (plus `min_per_s` retries per second, so a quiet gateway can still retry): when a
+  provider is down for everyone, retries stop multiplying the load.
+- `backoff_s`: exponential backoff with full jitter, or the provider's Retry-After when it fits
+  in what is left of the request's deadline.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["BreakerSettings", "CircuitBreaker", "RetryBudget", "backoff_s"]
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    consecutive_failures: int = 5
+    error_rate: float = 0.5
+    min_requests: int = 20
+    window_s: float = 30.0
+    cooldown_s: float = 10.0
+    half_open_probes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1 or self.min_requests < 1 or self.half_open_probes < 1:
+            raise ValueError("consecutive_failures, min_requests and half_open_probes must be "
+                             "at least 1")
+        if not 0 < self.error_rate <= 1:
+            raise ValueError("error_rate must be in (0, 1]")
+        if self.window_s <= 0 or self.cooldown_s <= 0:
+            raise ValueError("window_s and cooldown_s must be positive")
+
+
+class CircuitBreaker:
+    """One deployment's (or one provider key's) breaker; see the module docstring."""
+
+    def __init__(self, settings: BreakerSettings | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings or BreakerSettings()
+        self.clock = clock
+        self.state = CLOSED
+        self.opened_at = 0.0
+        self.consecutive = 0
+        self.probes_in_flight = 0
+        self._calls: deque[tuple[float, bool]] = deque()  # (when, failed) within the window
+        self._failures_in_window = 0
+
+    def allows(self) -> bool:
+        """May a call go to this deployment now? (A half-open breaker counts the probe.)"""
+        if self.state == OPEN:
+            if self.clock() - self.opened_at < self.settings.cooldown_s:
+                return False
+            self.state, self.probes_in_flight = HALF_OPEN, 0
+        if self.state == HALF_OPEN:
+            if self.probes_in_flight >= self.settings.half_open_probes:
+                return False
+            self.probes_in_flight += 1
+        return True
+
+    def record(self, failed: bool) -> None:
+        """The outcome of a call `allows` let through."""
+        now = self.clock()
+        if self.state == HALF_OPEN:
+            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+            if failed:
+                self._open(now)
+            else:
+                self._close()
+            return
+        self._remember(now, failed)
+        self.consecutive = self.consecutive + 1 if failed else 0
+        if self.state == CLOSED and failed and self._should_open():
+            self._open(now)
+
+    def _remember(self, now: float, failed: bool) -> None:
+        calls = self._calls
+        calls.append((now, failed))
+        self._failures_in_window += failed
+        horizon = now - self.settings.window_s
+        while calls and calls[0][0] < horizon:
+            _, old_failed = calls.popleft()
+            self._failures_in_window -= old_failed
+
+    def _should_open(self) -> bool:
+        settings = self.settings
+        if self.consecutive >= settings.consecutive_failures:
+            return True
+        count = len(self._calls)
+        return count >= settings.min_requests and \
+            self._failures_in_window >= settings.error_rate * count
+
+    def _open(self, now: float) -> None:
+        self.state, self.opened_at, self.probes_in_flight = OPEN, now, 0
+
+    def _close(self) -> None:
+        self.state, self.consecutive = CLOSED, 0
+        self._calls.clear()
+        self._failures_in_window = 0
+
+
+class RetryBudget:
+    """Retries ≤ `ratio` × requests of the last `window_s` seconds + `min_per_s` × window."""
+
+    def __init__(self, *, ratio: float = 0.2, window_s: float = 10.0, min_per_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if ratio < 0 or window_s <= 0 or min_per_s < 0:
+            raise ValueError("ratio and min_per_s must be >= 0 and window_s positive")
+        self.ratio = ratio
+        self.window_s = window_s
+        self.min_per_s = min_per_s
+        self.clock = clock
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
+        for events in (self._requests, self._retries):
+            while events and events[0] < horizon:
+                events.popleft()
+
+    def request(self) -> None:
+        """A first attempt was made (it earns retry budget)."""
+        now = self.clock()
+        self._requests.append(now)
+        self._trim(now)
+
+    def try_retry(self) -> bool:
+        """True (and the retry is counted) when the budget allows one more retry now."""
+        now = self.clock()
+        self._trim(now)
+        allowed = self.ratio * len(self._requests) + self.min_per_s * self.window_s
+        if len(self._retries) + 1 > allowed:
+            return False
+        self._retries.append(now)
+        return True
+
+
+def backoff_s(attempt: int, *, base_s: float = 0.1, cap_s: float = 5.0,
+              retry_after_s: float | None = None, remaining_s: float | None = None,
+              rand: Callable[[], float] = random.random) -> float | None:
+    """How long to wait before retry number `attempt` (1 = the first retry): the provider's
+    Retry-After when it has one, else full jitter over min(cap, base × 2^(attempt-1)). None
+    when the wait would not fit in `remaining_s` (what is left of the request's deadline):
+    the caller falls back instead of waiting."""
+    if attempt < 1:
+        raise ValueError("attempt counts retries from 1")
+    if retry_after_s is not None and retry_after_s >= 0:
+        wait = retry_after_s
+    else:
+        wait = rand() * min(cap_s, base_s * 2 ** (attempt - 1))
+    if remaining_s is not None and wait >= remaining_s:
+        return None
+    return wait
