@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gateway.context import Usage
+from gateway.context import RequestContext, Usage
 
 _PRICE_FIELDS = frozenset({
     "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok",
@@ -386,3 +386,21 @@ def _date(value: object, where: str) -> date:
         return date.fromisoformat(_text(value, where))
     except ValueError:
         raise _BadFile(f"{where} must be a date written YYYY-MM-DD, got {value!r}") from None
+
+
+def served_price(ctx: RequestContext) -> Price | None:
+    """The price of the deployment that served the request (the model's first deployment
+    when no layer recorded one)."""
+    deployment = ctx.served_deployment
+    if deployment is None:
+        model = (ctx.models or {}).get(ctx.model)
+        deployment = model.deployments[0] if model is not None and model.deployments else None
+    return getattr(deployment, "price", None)
+
+
+def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
+    """What `usage` cost at the served deployment's price (0 unpriced or unused)."""
+    price = served_price(ctx)
+    if price is None or usage is None or (usage.input_tokens == 0 and usage.output_tokens == 0):
+        return 0
+    return cost_micros(price, usage)

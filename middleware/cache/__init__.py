@@ -37,7 +37,7 @@ from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import ANONYMOUS
-from gateway.pricing import cost_micros
+from gateway.pricing import call_cost_micros
 from gateway.sse import SSEParser
 from middleware.cache.keys import (
     cache_key,
@@ -411,12 +411,7 @@ def _cost_of(ctx: RequestContext) -> int:
     """What the answer cost (what a hit on it saves): the quota layer's figure if it ran,
     else the served deployment's price of the usage."""
     cost = ctx.state.get("quota.cost_micros")
-    if cost is not None:
-        return int(cost)
-    price = getattr(ctx.served_deployment, "price", None)
-    if price is None or ctx.usage is None:
-        return 0
-    return cost_micros(price, ctx.usage)
+    return int(cost) if cost is not None else call_cost_micros(ctx, ctx.usage)
 
 
 def _admin_error(message: str, kind: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from decimal import Decimal
 import orjson
 
 from gateway.context import RequestContext, Usage
-from gateway.pricing import cost_micros
+from gateway.pricing import call_cost_micros
 
 __all__ = ["UsageRecord", "labels_of", "micros_to_decimal", "record_of"]
 
@@ -112,11 +112,7 @@ def record_of(ctx: RequestContext, *, ended_at: float | None = None,
     deployment = ctx.served_deployment
     hit = ctx.cache_status in _CACHE_HITS
     usage = ctx.usage or Usage()
-    cost = 0
-    if not hit:
-        price = getattr(deployment, "price", None)
-        if price is not None and (usage.input_tokens or usage.output_tokens):
-            cost = cost_micros(price, usage)
+    cost = 0 if hit else call_cost_micros(ctx, usage)
     saved = int(ctx.state.get("cache.saved_micros", 0)) if hit else 0
     ttft = (ctx.first_byte_s * 1000 if ctx.first_byte_s is not None and not hit else None)
     return UsageRecord(

@@ -46,7 +46,7 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import estimate_micros
+from gateway.pricing import call_cost_micros, estimate_micros
 from middleware.quota import plan
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
@@ -266,7 +266,7 @@ class QuotaMiddleware:
         """Queues the replacement of the reservation by the actual usage. Settles queued in
         one event-loop step go to the store together, after the responses went out."""
         usage = plan.actual_usage(ctx, est, events)
-        cost = plan.actual_cost(ctx, usage)
+        cost = call_cost_micros(ctx, usage)
         ctx.state["quota.cost_micros"] = cost
         checks = [p.check for p in planned]
         self._settles.setdefault(store, []).append(

@@ -27,7 +27,7 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import Price, cost_micros, estimate_micros
+from gateway.pricing import Price, estimate_micros
 from gateway.tokens import estimate_input, estimate_messages
 
 
@@ -117,14 +117,6 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
     return Estimate(input_tokens, output_tokens, cost)
 
 
-def served_price(ctx: RequestContext) -> Price | None:
-    deployment = ctx.served_deployment
-    if deployment is None:
-        deployments = _deployments(ctx)
-        deployment = deployments[0] if deployments else None
-    return getattr(deployment, "price", None)
-
-
 def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:
     """What the request really used. Cache hits and calls that never reached a model cost
     nothing; a stream cut short is charged at least its input estimate plus one token per
@@ -145,19 +137,6 @@ def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Us
     if ctx.first_byte_s is not None and ctx.stream:
         return Usage(input_tokens=est.input_tokens, output_tokens=streamed_events)
     return Usage()
-
-
-def actual_cost(ctx: RequestContext, usage: Usage) -> int:
-    price = served_price(ctx)
-    if price is None or (usage.input_tokens == 0 and usage.output_tokens == 0):
-        return 0
-    return cost_micros(price, usage)
-
-
-def _deployments(ctx: RequestContext) -> Sequence[Any]:
-    models = ctx.models or {}
-    model = models.get(ctx.model)
-    return model.deployments if model is not None else ()
 
 
 # -- which limits apply --------------------------------------------------------------------
