@@ -13,9 +13,10 @@ from decimal import Decimal
 import orjson
 
 from gateway.context import RequestContext, Usage
+from gateway.policy import micros_to_usd
 from gateway.pricing import call_cost_micros
 
-__all__ = ["UsageRecord", "labels_of", "micros_to_decimal", "record_of"]
+__all__ = ["UsageRecord", "labels_of", "record_of"]
 
 _TAG_PREFIX = b"x-sluicegate-tag-"
 _MAX_LABELS = 16
@@ -72,15 +73,11 @@ class UsageRecord:
 
     @property
     def cost(self) -> Decimal:
-        return micros_to_decimal(self.cost_micros)
+        return micros_to_usd(self.cost_micros)
 
     @property
     def cost_saved(self) -> Decimal:
-        return micros_to_decimal(self.saved_micros)
-
-
-def micros_to_decimal(micros: int) -> Decimal:
-    return Decimal(micros).scaleb(-6)
+        return micros_to_usd(self.saved_micros)
 
 
 def labels_of(ctx: RequestContext) -> dict[str, str]:

@@ -21,12 +21,12 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from gateway.config import ConfigError
+from gateway.policy import micros_to_usd, usd_to_micros
 from middleware.metering.record import UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
@@ -343,7 +343,7 @@ class PostgresUsageStore:
         start, so a whole number of UTC days), from the day rollups."""
         rows = await self.usage(group_by=subject_kind, since=since,
                                 until=datetime(9999, 1, 1, tzinfo=UTC), subject=subject_id)
-        return sum(int(Decimal(row["cost_usd"]).scaleb(6)) for row in rows)
+        return sum(usd_to_micros(row["cost_usd"]) for row in rows)
 
 
 def _quote(name: str) -> str:
@@ -357,7 +357,7 @@ def _row(record: UsageRecord) -> tuple[Any, ...]:
             record.operation, record.model, record.served_model, record.provider,
             record.deployment, record.input_tokens, record.output_tokens,
             record.cached_input_tokens, record.reasoning_tokens,
-            Decimal(record.cost_micros).scaleb(-6), Decimal(record.saved_micros).scaleb(-6),
+            micros_to_usd(record.cost_micros), micros_to_usd(record.saved_micros),
             record.latency_ms, record.ttft_ms, record.status, record.error_type,
             record.cache_status, record.attempts, record.fallbacks, record.stream,
             record.client_disconnected)

@@ -23,8 +23,9 @@ from gateway.admin import is_admin, send_json
 from gateway.context import PRINCIPAL_KEY
 from gateway.errors import GatewayError
 from gateway.kernel import Scope, Send
+from gateway.policy import micros_to_usd
 from middleware.metering.journal import Journal, JournalError
-from middleware.metering.record import UsageRecord, micros_to_decimal
+from middleware.metering.record import UsageRecord
 from middleware.metering.store import GRAINS, GROUPS, PostgresUsageStore, UsageStoreError
 
 __all__ = ["journal_usage", "serve_admin_usage", "serve_own_usage"]
@@ -218,5 +219,5 @@ def _row(subject: str, counts: dict[str, int]) -> dict[str, Any]:
             "input_tokens": counts["input_tokens"], "output_tokens": counts["output_tokens"],
             "cached_input_tokens": counts["cached_input_tokens"],
             "reasoning_tokens": counts["reasoning_tokens"],
-            "cost_usd": f"{micros_to_decimal(counts['cost_micros']):.6f}",
-            "cost_saved_usd": f"{micros_to_decimal(counts['saved_micros']):.6f}"}
+            "cost_usd": f"{micros_to_usd(counts['cost_micros']):.6f}",
+            "cost_saved_usd": f"{micros_to_usd(counts['saved_micros']):.6f}"}
