@@ -14,7 +14,8 @@ import orjson
 from gateway.config import ConfigError
 from gateway.kernel import Scope, Send, route_path
 
-__all__ = ["admin_token_from_env", "is_admin", "read_json", "route_path", "send_json"]
+__all__ = ["admin_token_from_env", "admitted", "is_admin", "read_json", "route_path",
+           "send_json"]
 
 
 def admin_token_from_env(name: str, owner: str) -> bytes:
@@ -31,6 +32,20 @@ def is_admin(scope: Scope, token: bytes) -> bool:
             scheme, _, given = value.partition(b" ")
             return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
     return False
+
+
+async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:
+    """True for a request with the admin token and `method`; else answers 401 or 405 (in
+    OpenAI's error shape) and says False."""
+    if not is_admin(scope, token):
+        await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
+                                               "type": "authentication_error"}})
+        return False
+    if scope["method"] != method:
+        await send_json(send, 405, {"error": {"message": f"Use {method}.",
+                                               "type": "invalid_request_error"}})
+        return False
+    return True
 
 
 async def send_json(send: Send, status: int, payload: Any) -> None:

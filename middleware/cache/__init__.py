@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from gateway import context as c
-from gateway.admin import admin_token_from_env, is_admin, read_json, route_path, send_json
+from gateway.admin import admin_token_from_env, admitted, read_json, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
@@ -251,12 +251,7 @@ class CacheMiddleware:
         """POST /admin/cache/invalidate {"project": .., "model": .., "namespace": ..}: drops
         every entry carrying all the given tags (at least one)."""
         assert self.admin_token is not None
-        if not is_admin(scope, self.admin_token):
-            await send_json(send, 401, _admin_error("A valid admin token is required.",
-                                                    "authentication_error"))
-            return
-        if scope["method"] != "POST":
-            await send_json(send, 405, _admin_error("Use POST.", "invalid_request_error"))
+        if not await admitted(scope, send, self.admin_token, "POST"):
             return
         body = await read_json(receive)
         fields = {k: v for k, v in body.items() if v is not None} \

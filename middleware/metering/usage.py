@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from gateway.admin import is_admin, send_json
+from gateway.admin import admitted, send_json
 from gateway.context import PRINCIPAL_KEY
 from gateway.errors import GatewayError
 from gateway.kernel import Scope, Send
@@ -48,13 +48,7 @@ class _BadParameter(ValueError):
 async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes, scope: Scope,
                             send: Send) -> None:
     """`GET /admin/usage?group_by=key|project|customer|model&since=&until=&grain=[&subject=]`"""
-    if not is_admin(scope, admin_token):
-        await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
-                                               "type": "authentication_error"}})
-        return
-    if scope["method"] != "GET":
-        await send_json(send, 405, {"error": {"message": "Use GET.",
-                                               "type": "invalid_request_error"}})
+    if not await admitted(scope, send, admin_token, "GET"):
         return
     if store is None:
         await send_json(send, 404, {"error": {

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from gateway.admin import admin_token_from_env, is_admin, route_path, send_json
+from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, find_request_context, route_to
 from gateway.errors import GatewayError, stream_error_event
@@ -368,13 +368,7 @@ class QuotaMiddleware:
 
     async def _serve_usage(self, scope: Scope, send: Send) -> None:
         assert self.admin_token is not None
-        if not is_admin(scope, self.admin_token):
-            await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
-                                                   "type": "authentication_error"}})
-            return
-        if scope["method"] != "GET":
-            await send_json(send, 405, {"error": {"message": "Use GET.",
-                                                   "type": "invalid_request_error"}})
+        if not await admitted(scope, send, self.admin_token, "GET"):
             return
         parts = route_path(scope)[len("/admin/usage/"):].split("/", 1)
         if len(parts) != 2 or not all(parts):
