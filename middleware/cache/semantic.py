@@ -469,6 +469,48 @@ class VectorIndex(Protocol):
                   expires_at: float) -> None: ...
 
 
+class _Partition:
+    """One partition's vectors as rows of one matrix (grown by doubling, a removed row
+    replaced by the last), so a search is one matrix product, not a copy of every vector."""
+
+    __slots__ = ("expires", "guards", "keys", "matrix", "rows")
+
+    def __init__(self, np: Any, dimensions: int) -> None:
+        self.keys: list[str] = []
+        self.guards: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.matrix = np.empty((8, dimensions), dtype=np.float32)
+        self.expires = np.empty(8, dtype=np.float64)
+
+    def put(self, np: Any, key: str, vector: Any, guard: str, expires_at: float) -> None:
+        row = self.rows.get(key)
+        if row is None:
+            row = len(self.keys)
+            if row == len(self.matrix):
+                self.matrix = np.concatenate([self.matrix, np.empty_like(self.matrix)])
+                self.expires = np.concatenate([self.expires, np.empty_like(self.expires)])
+            self.keys.append(key)
+            self.guards.append(guard)
+            self.rows[key] = row
+        else:
+            self.guards[row] = guard
+        self.matrix[row] = vector
+        self.expires[row] = expires_at
+
+    def remove(self, key: str) -> None:
+        row = self.rows.pop(key, None)
+        if row is None:
+            return
+        last = len(self.keys) - 1
+        if row != last:
+            moved = self.keys[last]
+            self.keys[row], self.guards[row] = moved, self.guards[last]
+            self.matrix[row], self.expires[row] = self.matrix[last], self.expires[last]
+            self.rows[moved] = row
+        self.keys.pop()
+        self.guards.pop()
+
+
 class MemoryVectorIndex:
     """In process, exact (brute force over the partition, with NumPy), bounded by entries;
     the oldest entries go first."""
@@ -483,9 +525,8 @@ class MemoryVectorIndex:
         self._np = numpy
         self.max_entries = max_entries
         self.clock = clock
-        # partition -> key -> (vector, guard, expires_at); insertion order is age
-        self._partitions: dict[str, OrderedDict[str, tuple[Any, str, float]]] = {}
-        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._partitions: dict[str, _Partition] = {}
+        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()  # oldest first
 
     def __len__(self) -> int:
         return len(self._order)
@@ -501,24 +542,26 @@ class MemoryVectorIndex:
 
     async def search(self, partition: str, vector: Sequence[float],
                      k: int) -> list[Candidate]:
-        entries = self._partitions.get(partition)
-        if not entries:
+        found = self._partitions.get(partition)
+        if found is None:
             return []
-        now = self.clock()
-        for key in [key for key, (_, _, expires) in entries.items() if expires <= now]:
-            self._drop(partition, key)
-        if not entries:
-            return []
-        keys = list(entries)
-        matrix = self._np.stack([entries[key][0] for key in keys])
-        scores = matrix @ self._np.asarray(vector, dtype=self._np.float32)
-        best = self._np.argsort(-scores)[:k]
-        return [Candidate(float(scores[i]), keys[i], entries[keys[i]][1]) for i in best]
+        np, size = self._np, len(found.keys)
+        expired = found.expires[:size] <= self.clock()
+        if expired.any():
+            for key in [found.keys[row] for row in np.flatnonzero(expired)]:
+                self._drop(partition, key)
+            return await self.search(partition, vector, k)
+        scores = found.matrix[:size] @ np.asarray(vector, dtype=np.float32)
+        best = np.argsort(-scores)[:k]
+        return [Candidate(float(scores[row]), found.keys[row], found.guards[row])
+                for row in best]
 
     async def add(self, partition: str, vector: Sequence[float], key: str, guard: str,
                   expires_at: float) -> None:
-        entries = self._partitions.setdefault(partition, OrderedDict())
-        entries[key] = (self._np.asarray(vector, dtype=self._np.float32), guard, expires_at)
+        found = self._partitions.get(partition)
+        if found is None:
+            found = self._partitions[partition] = _Partition(self._np, len(vector))
+        found.put(self._np, key, vector, guard, expires_at)
         self._order[(partition, key)] = None
         self._order.move_to_end((partition, key))
         while len(self._order) > self.max_entries:
@@ -526,10 +569,10 @@ class MemoryVectorIndex:
             self._drop(old_partition, old_key, ordered=False)
 
     def _drop(self, partition: str, key: str, *, ordered: bool = True) -> None:
-        entries = self._partitions.get(partition)
-        if entries is not None:
-            entries.pop(key, None)
-            if not entries:
+        found = self._partitions.get(partition)
+        if found is not None:
+            found.remove(key)
+            if not found.keys:
                 del self._partitions[partition]
         if ordered:
             self._order.pop((partition, key), None)

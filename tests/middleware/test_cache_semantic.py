@@ -192,6 +192,10 @@ async def test_memory_index_nearest_first_within_a_partition_until_expiry() -> N
     await index.add("p", unit([0, 1, 1]), "yz", "g", 3000)  # the bound drops the oldest
     assert len(index) == 3
     assert "x" not in [c.key for c in await index.search("p", unit([1, 0, 0]), 5)]
+    # The rows moved into the freed slots still answer for their own keys.
+    assert [c.key for c in await index.search("p", unit([0, 1, 1]), 2)] == ["yz", "z"]
+    await index.add("p", unit([1, 0, 0]), "z", "g2", 3000)  # a key's vector is replaced
+    assert (await index.search("p", unit([1, 0, 0]), 1))[0].guard == "g2"
     assert await index.search("nowhere", unit([1, 0, 0]), 5) == []
 
 
