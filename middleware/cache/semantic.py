@@ -589,12 +589,15 @@ class PgVectorIndex:
     VectorIndexError, which the cache layer turns into a miss."""
 
     def __init__(self, dsn: str, *, dimensions: int = 384, table: str = "sluicegate_semantic",
-                 timeout_s: float = 1.0, pool_max_size: int = 4, ef_search: int = 100) -> None:
+                 timeout_s: float = 1.0, pool_max_size: int = 4, ef_search: int = 100,
+                 purge_interval_s: float = 300.0) -> None:
         if not _TABLE_NAME.fullmatch(table):
             raise ConfigError(f"PgVectorIndex table {table!r}: lower-case letters, digits and "
                               "underscores, at most 40 characters.")
         if not 0 < dimensions <= 2000:
             raise ConfigError("PgVectorIndex dimensions must be 1 to 2000 (HNSW's limit).")
+        if purge_interval_s <= 0:
+            raise ConfigError("PgVectorIndex purge_interval_s must be positive.")
         try:
             import psycopg  # noqa: F401
             import psycopg_pool  # noqa: F401
@@ -607,9 +610,11 @@ class PgVectorIndex:
         self.timeout_s = timeout_s
         self.pool_max_size = pool_max_size
         self.ef_search = ef_search
+        self.purge_interval_s = purge_interval_s
         self._pool: Any = None
         self._ready = False
         self._migrator: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # the DSN may hold a password
         return f"PgVectorIndex(table={self.table!r})"
@@ -622,7 +627,9 @@ class PgVectorIndex:
             kwargs={"autocommit": True, "application_name": "sluicegate-semantic"},
             configure=self._configure)
         await self._pool.open(wait=False)
-        self._migrator = asyncio.get_running_loop().create_task(self._migrate_until_done())
+        loop = asyncio.get_running_loop()
+        self._migrator = loop.create_task(self._migrate_until_done())
+        self._purger = loop.create_task(self._purge_now_and_then())
         try:
             async with asyncio.timeout(5.0):
                 await asyncio.shield(self._migrator)
@@ -640,16 +647,26 @@ class PgVectorIndex:
 
     async def _migrate_until_done(self) -> None:
         delay = 0.5
-        while True:
+        while not self._ready:
             try:
                 await self._migrate()
                 self._ready = True
-                return
             except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
                 logger.warning("cannot prepare the pgvector table %s (%s); retrying in %.1fs",
                                self.table, type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _purge_now_and_then(self) -> None:
+        """Searches skip expired rows; deleting them keeps the table and its index small."""
+        while True:
+            await asyncio.sleep(self.purge_interval_s)
+            try:
+                purged = await self.purge_expired()
+            except VectorIndexError as exc:
+                logger.warning("semantic cache: could not purge expired vectors (%s)", exc)
+            else:
+                logger.debug("semantic cache: purged %d expired vector(s)", purged)
 
     async def _migrate(self) -> None:
         import psycopg
@@ -676,10 +693,11 @@ class PgVectorIndex:
                     await conn.execute(sql.SQL(statement).format(**names))
 
     async def shutdown(self) -> None:
-        if self._migrator is not None:
-            self._migrator.cancel()
-            await asyncio.wait([self._migrator])
-            self._migrator = None
+        for task in (self._migrator, self._purger):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        self._migrator = self._purger = None
         if self._pool is not None:
             await self._pool.close(timeout=self.timeout_s)
             self._pool = None

@@ -230,6 +230,29 @@ async def test_pgvector_index_search_partitions_expiry_and_upsert(pg_index: PgVe
     assert report == {"semantic_index": "ok"}
 
 
+async def test_pgvector_index_purges_expired_rows_in_the_background() -> None:
+    import time
+    table = "sg_semantic_" + uuid.uuid4().hex[:12]
+    index = PgVectorIndex(PG_DSN, dimensions=3, table=table, purge_interval_s=0.1)
+    await index.startup()
+    try:
+        await index.add("p", unit([1, 0, 0]), "gone", "g", time.time() - 1)
+        await index.add("p", unit([0, 1, 0]), "kept", "g", time.time() + 60)
+        deadline = time.monotonic() + 5
+        while True:
+            async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+                cur = await conn.execute(f"SELECT key FROM {table}")
+                keys = {row[0] for row in await cur.fetchall()}
+            if keys == {"kept"} or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert keys == {"kept"}
+    finally:
+        await index.shutdown()
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 async def test_pgvector_index_uses_hnsw(pg_index: PgVectorIndex) -> None:
     async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
         cur = await conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s",
