@@ -198,18 +198,19 @@ class MeteringMiddleware:
             return
         durable = self.durability == "response"
         recorded = False
-
-        async def send_when_recorded(message: Any) -> None:
-            """The response's last message waits until its record is on disk."""
-            nonlocal recorded
-            if message["type"] == "http.response.body" and not message.get("more_body") \
-                    and not recorded:
-                recorded = True
-                await self._enqueue(ctx, durable=True)
-            await send(message)
-
+        downstream = send
+        if durable:
+            async def send_when_recorded(message: Any) -> None:
+                """The response's last message waits until its record is on disk."""
+                nonlocal recorded
+                if message["type"] == "http.response.body" and not message.get("more_body") \
+                        and not recorded:
+                    recorded = True
+                    await self._enqueue_durable(ctx)
+                await send(message)
+            downstream = send_when_recorded
         try:
-            await self.app(scope, receive, send_when_recorded if durable else send)
+            await self.app(scope, receive, downstream)
         except GatewayError as exc:  # the kernel answers it; the record needs it now
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
@@ -223,7 +224,7 @@ class MeteringMiddleware:
         finally:
             if not recorded:
                 if durable:
-                    await self._enqueue(ctx, durable=True)
+                    await self._enqueue_durable(ctx)
                 else:
                     self._enqueue_nowait(ctx)
 
@@ -231,7 +232,7 @@ class MeteringMiddleware:
         self._queue.append((ctx, time.time(), time.monotonic(), None))
         self._check_queue()
 
-    async def _enqueue(self, ctx: RequestContext, *, durable: bool) -> None:
+    async def _enqueue_durable(self, ctx: RequestContext) -> None:
         """Queues the record and waits until the batch holding it is fsynced (group commit:
         the requests of one moment share one write and one fsync)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
