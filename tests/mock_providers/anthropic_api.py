@@ -163,6 +163,10 @@ def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise BadRequest(f"messages.{index}.role: Input should be 'user' or 'assistant'")
+    last = messages[-1]
+    if last.get("role") == "assistant" and block_text(last.get("content")) != \
+            block_text(last.get("content")).rstrip():
+        raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
     return messages
 
 
@@ -173,6 +177,8 @@ def messages_conversation(body: JSON, messages: list[JSON]) -> Conversation:
     last = messages[-1]
     conv = Conversation(input_tokens=count_input(texts, len(messages)),
                         max_tokens=body.get("max_tokens"), user_last=last["role"] == "user")
+    if last["role"] == "assistant":
+        conv.prefill = block_text(last.get("content"))
     results = _tool_results(last.get("content")) if last["role"] == "user" else []
     if results:
         conv.tool_result = " ".join(block_text(r.get("content")) for r in results)

@@ -7,6 +7,8 @@ that tests assert on:
 - with tools enabled and a user message last, one call to the forced (else first) tool, its
   arguments built from the schema's properties;
 - after a tool result: "Tool result received: <result text>";
+- a final assistant message (Anthropic's prefill) is the start of the reply: only the rest
+  of the reply comes back;
 - a token limit below the reply's word count truncates to that many words;
 - input tokens: words of all message and system text plus 3 per message; output tokens:
   words of the reply (of the arguments JSON for a tool call, at least 1).
@@ -49,6 +51,9 @@ class Conversation:
     forced_tool: str | None = None
     tools_enabled: bool = True
     max_tokens: int | None = None
+    # Anthropic's prefill: a final assistant message is the start of the answer, which goes
+    # on from where it ends (the reply holds only the rest).
+    prefill: str | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +101,9 @@ def reply_for(conv: Conversation, id_prefix: str = "call_") -> Reply:
         text = "Tool result received: " + conv.tool_result
     else:
         text = "Mock reply to: " + conv.last_user_text + image_note(conv.images)
+    if conv.prefill is not None:
+        prefix = conv.prefill.rstrip()  # Anthropic refuses trailing whitespace in a prefill
+        text = text.removeprefix(prefix)
     text, truncated = truncate(text, conv.max_tokens)
     return Reply(text, None, truncated, conv.input_tokens, words(text))
 

@@ -1,12 +1,17 @@
-"""The mock's knobs: timing (`MockConfig`) and queued failures (`Fault`, `FaultQueue`).
+"""The mock's knobs: timing and random failures (`MockConfig`), queued failures (`Fault`,
+`FaultQueue`).
 
 Both are shared between the test thread that sets them and the server's event loop thread
-that reads them, so the queue takes a lock; config fields are single attribute writes.
+that reads them, so the queue and the random failure draw take a lock; config fields are
+single attribute writes.
 """
 from __future__ import annotations
 
+import copy
+import math
+import random
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini")
@@ -15,13 +20,21 @@ FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event")
 
 @dataclass(slots=True)
 class MockConfig:
-    """Timing and authentication of a mock provider server.
+    """Timing, authentication and random failures of a mock provider server.
 
     `ttft_s` delays the response headers (and so the first chunk); `chunk_delay_s` is slept
     between content chunks of a stream, which carries `chunk_chars` characters per chunk.
     `expected_keys` maps a provider ("openai", "azure", "anthropic", "gemini") to the only key
     it accepts; a provider missing from it (or `None`) accepts any non-empty key.
     `record_requests` keeps the request log (`max_recorded` newest entries).
+
+    Random failures: each provider request that drew no queued `Fault` fails with probability
+    `fail_ratio` (0..1), answered exactly as `Fault("status", status=fail_status,
+    retry_after_s=fail_retry_after_s)` would be (the provider's error body and headers).
+    `fail_providers` limits this to the named providers (None: every provider). With
+    `fail_seed` set, a `random.Random(fail_seed)` decides, so a run is reproducible; it is
+    reseeded by every `update` that names `fail_seed`, and when `fail_seed` is assigned a
+    different value directly.
     """
 
     ttft_s: float = 0.0
@@ -33,17 +46,91 @@ class MockConfig:
     # Azure streams open with a chunk that has `choices: []` and the prompt filter results;
     # off by default because most tests want the plain OpenAI stream shape.
     azure_prompt_filter_chunk: bool = False
+    fail_ratio: float = 0.0
+    fail_status: int = 503
+    fail_retry_after_s: float | None = None
+    fail_seed: int | None = None
+    fail_providers: list[str] | None = None
+    # The random failure draw: its generator, the seed it was last seeded with, a lock.
+    _rng: random.Random = field(default_factory=random.Random, init=False, repr=False,
+                                compare=False)
+    _rng_seed: int | None = field(default=None, init=False, repr=False, compare=False)
+    _rng_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                      compare=False)
+
+    def __post_init__(self) -> None:
+        self._check_failures()
+        self._reseed()
 
     def update(self, values: dict[str, Any]) -> None:
-        """Set the named fields (from `PUT /_mock/config`); unknown names raise ValueError."""
-        known = {f.name for f in fields(self)}
+        """Set the named fields (from `PUT /_mock/config`); unknown names or bad values raise
+        ValueError and change nothing."""
+        known = {f.name for f in fields(self) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        if values.get("chunk_chars", self.chunk_chars) < 1:
+            raise ValueError("chunk_chars must be at least 1")
+        replace(self, **values)  # validates the result before anything is set
         for name, value in values.items():
             setattr(self, name, value)
-        if self.chunk_chars < 1:
-            raise ValueError("chunk_chars must be at least 1")
+        if "fail_seed" in values:
+            with self._rng_lock:
+                self._reseed()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settable fields and their values (what `GET /_mock/config` answers)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init}
+
+    def draw_failure(self, provider: str) -> Fault | None:
+        """The status fault a request to `provider` fails with by `fail_ratio`, else None."""
+        ratio = self.fail_ratio
+        if ratio <= 0:
+            return None
+        chosen = self.fail_providers
+        if chosen is not None and provider not in chosen:
+            return None
+        with self._rng_lock:
+            if self.fail_seed != self._rng_seed:  # `fail_seed` was assigned directly
+                self._reseed()
+            failed = self._rng.random() < ratio
+        if not failed:
+            return None
+        return Fault("status", provider=provider, status=self.fail_status,
+                     retry_after_s=self.fail_retry_after_s)
+
+    def _reseed(self) -> None:
+        seed = self.fail_seed
+        self._rng.seed(seed)
+        self._rng_seed = seed
+
+    def _check_failures(self) -> None:
+        ratio = self.fail_ratio
+        if not _is_number(ratio) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"fail_ratio must be a number from 0 to 1, not {ratio!r}")
+        status = self.fail_status
+        if not _is_int(status) or not 400 <= status <= 599:
+            raise ValueError(f"fail_status must be an HTTP error status (400..599), "
+                             f"not {status!r}")
+        retry = self.fail_retry_after_s
+        if retry is not None and (not _is_number(retry) or not 0.0 <= retry < math.inf):
+            raise ValueError(f"fail_retry_after_s must be None or a number of seconds >= 0, "
+                             f"not {retry!r}")
+        if self.fail_seed is not None and not _is_int(self.fail_seed):
+            raise ValueError(f"fail_seed must be None or an integer, not {self.fail_seed!r}")
+        chosen = self.fail_providers
+        if chosen is not None and (not isinstance(chosen, list)
+                                   or any(name not in PROVIDERS for name in chosen)):
+            raise ValueError(f"fail_providers must be None or a list of provider names from "
+                             f"{PROVIDERS}, not {chosen!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)

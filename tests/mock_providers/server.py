@@ -3,8 +3,8 @@
 `MockProviderServer` runs it on its own event loop in a background thread (sync SDK clients,
 in-process gateways and subprocesses can all reach it) or on the caller's loop
 (`start_async`). Each provider request is recorded, authenticated, given the next matching
-queued fault, then answered by its provider module. `/_mock/...` controls the server over HTTP
-for subprocess use.
+queued fault (else, by `MockConfig.fail_ratio`, perhaps a status fault), then answered by its
+provider module. `/_mock/...` controls the server over HTTP for subprocess use.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any, Self
 
 import orjson
@@ -42,7 +41,11 @@ _START_TIMEOUT_S = 15.0
 
 def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callable[
         [web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a provider handler with recording, auth, bad-JSON refusal and fault dispatch."""
+    """Wrap a provider handler with recording, auth, bad-JSON refusal and fault dispatch.
+
+    A queued fault comes first; without one, `MockConfig.draw_failure` may give the request a
+    status fault (counted in `state.ratio_failures`), answered like a queued one.
+    """
     bad_json = _BAD_JSON.get(wire.name, _BAD_JSON["openai"])
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -63,7 +66,13 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         headers = wire.response_headers(config)
         if isinstance(body, bytes):
             return wire.error(400, bad_json, headers)
-        call = Call(request, wire, body, state.faults.take(wire.name), state, headers)
+        fault = state.faults.take(wire.name)
+        if fault is None:
+            fault = config.draw_failure(wire.name)
+            if fault is not None:
+                failures = state.ratio_failures
+                failures[wire.name] = failures.get(wire.name, 0) + 1
+        call = Call(request, wire, body, fault, state, headers)
         status_fault = call.fault_of("status")
         if status_fault is not None:
             await call.wait_first_byte()
@@ -159,16 +168,18 @@ def _add_controls(app: web.Application, state: ServerState) -> None:
             state.config.update(values)
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             return _json({"error": str(exc)}, 400)
-        return _json(asdict(state.config))
+        return _json(state.config.as_dict())
 
     async def get_config(request: web.Request) -> web.Response:
-        return _json(asdict(state.config))
+        return _json(state.config.as_dict())
 
     async def stats(request: web.Request) -> web.Response:
         return _json({"active_streams": state.active_streams,
                       "cancelled_streams": state.cancelled_streams,
                       "recorded_requests": len(state.requests),
-                      "pending_faults": len(state.faults.pending())})
+                      "pending_faults": len(state.faults.pending()),
+                      "ratio_failures": sum(state.ratio_failures.values()),
+                      "ratio_failures_by_provider": dict(state.ratio_failures)})
 
     async def health(request: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -201,7 +212,8 @@ class MockProviderServer:
 
     `start()`/`stop()` run it in a background thread (also a context manager);
     `start_async()`/`stop_async()` run it on the current event loop. Faults are queued with
-    `push_fault`; `requests` is the log of provider requests (provider, method, path, query,
+    `push_fault`, random failures set on `config` (`fail_ratio`, ...) and counted by
+    `ratio_failures()`; `requests` is the log of provider requests (provider, method, path, query,
     lower-cased headers, json body).
     """
 
@@ -263,6 +275,17 @@ class MockProviderServer:
     def cancelled_streams(self) -> int:
         """Streams whose client went away before the end."""
         return self._state.cancelled_streams
+
+    def ratio_failures(self, provider: str | None = None) -> int:
+        """Requests failed by `config.fail_ratio` (not by queued faults): all, or `provider`'s."""
+        if provider is None:
+            return sum(self._state.ratio_failures.values())
+        if provider not in PREFIXES:
+            raise ValueError(f"unknown provider {provider!r}; expected one of {list(PREFIXES)}")
+        return self._state.ratio_failures.get(provider, 0)
+
+    def reset_ratio_failures(self) -> None:
+        self._state.ratio_failures.clear()
 
     # -- lifecycle --
 

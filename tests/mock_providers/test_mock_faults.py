@@ -30,12 +30,19 @@ def srv() -> Iterator[MockProviderServer]:
         yield server
 
 
+NO_RANDOM_FAILURES: dict[str, Any] = {"fail_ratio": 0.0, "fail_status": 503,
+                                      "fail_retry_after_s": None, "fail_seed": None,
+                                      "fail_providers": None}
+
+
 @pytest.fixture
 def mock(srv: MockProviderServer) -> Iterator[MockProviderServer]:
     srv.clear_faults()
     srv.reset_log()
+    srv.reset_ratio_failures()
     yield srv
     srv.clear_faults()
+    srv.config.update(NO_RANDOM_FAILURES)
 
 
 def call(srv: MockProviderServer, provider: str, *, stream: bool = False, key: str = "k",
@@ -228,6 +235,137 @@ def test_http_control_endpoints(mock: MockProviderServer) -> None:
     assert logged[-1]["json"]["stream"] is True
     httpx.delete(control + "/requests")
     assert mock.requests == []
+
+
+# -- random failures (MockConfig.fail_ratio) --------------------------------------------------
+
+def test_fail_ratio_fails_about_half_in_openai_shape_reproducibly(
+        mock: MockProviderServer) -> None:
+    client = openai.OpenAI(base_url=mock.base_url("openai"), api_key="k", max_retries=0)
+
+    def run(requests: int) -> list[bool]:
+        failed = []
+        for _ in range(requests):
+            try:
+                reply = client.chat.completions.create(model="m", messages=USER)
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503
+                assert exc.body == {"message": "The server is overloaded or not ready yet.",
+                                    "type": "server_error", "param": None, "code": None}
+                assert exc.response.headers["x-request-id"].startswith("req_")
+                failed.append(True)
+            else:
+                assert reply.choices[0].message.content == REPLY
+                failed.append(False)
+        return failed
+
+    mock.config.update({"fail_ratio": 0.5, "fail_seed": 1234})
+    first = run(200)
+    assert 70 <= sum(first) <= 130  # 100 expected; the seed makes it one fixed number
+    assert mock.ratio_failures() == mock.ratio_failures("openai") == sum(first)
+    assert mock.ratio_failures("anthropic") == 0
+    stats = httpx.get(mock.url + "/_mock/stats").json()
+    assert stats["ratio_failures"] == sum(first)
+    assert stats["ratio_failures_by_provider"] == {"openai": sum(first)}
+    mock.config.update({"fail_seed": 1234})  # the same seed again: the same sequence
+    assert run(50) == first[:50]
+    mock.config.fail_seed = 99  # assigned directly: reseeded at the next draw
+    other = run(50)
+    mock.config.fail_seed = 1234
+    assert run(50) == first[:50] and other != first[:50]
+
+
+def test_fail_ratio_one_fails_only_the_chosen_providers(mock: MockProviderServer) -> None:
+    assert httpx.put(mock.url + "/_mock/config", json={
+        "fail_ratio": 1, "fail_providers": ["anthropic"], "fail_status": 529}).status_code == 200
+    claude = anthropic.Anthropic(base_url=mock.base_url("anthropic"), api_key="k", max_retries=0)
+    for _ in range(5):
+        with pytest.raises(anthropic.APIStatusError) as failure:
+            claude.messages.create(model="c", max_tokens=10, messages=USER)
+        assert failure.value.status_code == 529
+        assert failure.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    for provider in ("openai", "azure", "gemini"):
+        for stream in (False, True):
+            assert call(mock, provider, stream=stream).status_code == 200
+    assert call(mock, "anthropic", stream=True).status_code == 529
+    assert [mock.ratio_failures(p) for p in ("openai", "azure", "anthropic", "gemini")] == [
+        0, 0, 6, 0]
+    assert httpx.get(mock.url + "/_mock/stats").json()["ratio_failures_by_provider"] == {
+        "anthropic": 6}
+
+
+def test_fail_ratio_zero_fails_nothing(mock: MockProviderServer) -> None:
+    mock.config.update({"fail_ratio": 0.0, "fail_seed": 5})
+    for provider in ("openai", "azure", "anthropic", "gemini"):
+        for _ in range(5):
+            assert call(mock, provider).status_code == 200
+    assert mock.ratio_failures() == 0
+    assert httpx.get(mock.url + "/_mock/stats").json()["ratio_failures"] == 0
+
+
+VOLATILE = {"date", "x-request-id", "apim-request-id", "request-id"}
+
+
+def _comparable(response: httpx.Response) -> tuple[int, dict[str, str], Any]:
+    headers = {k: v for k, v in response.headers.items() if k not in VOLATILE}
+    body = response.json()
+    body.pop("request_id", None)  # Anthropic's, random like the header
+    return response.status_code, headers, body
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure", "anthropic", "gemini"])
+def test_a_random_failure_answers_like_the_status_fault(mock: MockProviderServer,
+                                                        provider: str) -> None:
+    mock.push_fault(Fault("status", status=429, retry_after_s=2.5))
+    queued = call(mock, provider)
+    mock.config.update({"fail_ratio": 1.0, "fail_status": 429, "fail_retry_after_s": 2.5})
+    drawn = call(mock, provider)
+    assert queued.status_code == 429 and queued.headers["retry-after"] == "3"
+    assert _comparable(drawn) == _comparable(queued)
+    assert mock.ratio_failures(provider) == 1  # the queued fault is not counted
+
+
+def test_queued_faults_come_before_the_ratio(mock: MockProviderServer) -> None:
+    mock.config.update({"fail_ratio": 1.0, "fail_seed": 0})
+    mock.push_fault(Fault("status", provider="gemini", status=504))
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=0.0))
+    assert call(mock, "gemini").status_code == 504
+    assert call(mock, "openai").status_code == 200  # drew the queued fault, not the ratio
+    assert [call(mock, "gemini").status_code, call(mock, "openai").status_code] == [503, 503]
+    assert mock.ratio_failures() == 2
+
+
+@pytest.mark.parametrize("values", [
+    {"fail_ratio": 1.5}, {"fail_ratio": -0.1}, {"fail_ratio": float("nan")},
+    {"fail_ratio": "half"}, {"fail_ratio": True}, {"fail_status": 200}, {"fail_status": 600},
+    {"fail_status": 503.0}, {"fail_retry_after_s": -1}, {"fail_seed": "seven"},
+    {"fail_providers": ["bedrock"]}, {"fail_providers": ["openai", "Azure"]},
+    {"fail_providers": "anthropic"}, {"fail_ratio": 0.5, "chunk_chars": 0},
+    {"fail_ratio": 0.5, "_rng": None}])
+def test_bad_failure_settings_are_refused_and_change_nothing(values: dict[str, Any]) -> None:
+    config = MockConfig()
+    before = config.as_dict()
+    with pytest.raises(ValueError):
+        config.update(values)
+    assert config.as_dict() == before
+
+
+def test_failure_settings_over_http_and_in_the_constructor(mock: MockProviderServer) -> None:
+    control = mock.url + "/_mock/config"
+    refused = httpx.put(control, json={"fail_ratio": 0.5, "fail_providers": ["bedrock"]})
+    assert refused.status_code == 400 and "fail_providers" in refused.json()["error"]
+    assert httpx.put(control, json={"fail_status": 99}).status_code == 400
+    assert mock.config.fail_ratio == 0.0  # nothing of a refused update was applied
+    shown = httpx.put(control, json={"fail_ratio": 0.25, "fail_providers": ["openai"],
+                                     "fail_seed": 3}).json()
+    assert {k: v for k, v in shown.items() if k.startswith("fail_")} == {
+        "fail_ratio": 0.25, "fail_status": 503, "fail_retry_after_s": None, "fail_seed": 3,
+        "fail_providers": ["openai"]}
+    assert not any(k.startswith("_") for k in httpx.get(control).json())
+    with pytest.raises(ValueError):
+        MockConfig(fail_ratio=2.0)
+    with pytest.raises(ValueError):
+        mock.ratio_failures("bedrock")
 
 
 def test_cli_serves_in_the_foreground(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ class ServerState:
     requests: list[JSON] = field(default_factory=list)
     active_streams: int = 0
     cancelled_streams: int = 0
+    ratio_failures: dict[str, int] = field(default_factory=dict)  # per provider, by fail_ratio
 
     def record(self, entry: JSON) -> None:
         log = self.requests
