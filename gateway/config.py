@@ -19,11 +19,11 @@ from typing import Any
 from starlette.middleware import Middleware
 
 from gateway.pricing import Price, resolve_price
-from gateway.upstream import Deployment, Model, ProviderAdapter, Timeouts
+from gateway.upstream import Deployment, Model, ProviderAdapter, ProviderKey, Timeouts
 
 __all__ = [
-    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Price", "Settings",
-    "Timeouts", "load_config",
+    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Price", "ProviderKey",
+    "Settings", "Timeouts", "load_config",
 ]
 
 
@@ -72,6 +72,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             settings=_settings(module),
         )
         _check_references(config)
+        _resolve_keys(config)
         _resolve_prices(config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -160,13 +161,41 @@ def _settings(module: Any) -> Settings:
 
 def _check_references(config: GatewayConfig) -> None:
     for name, model in config.models.items():
+        names = [deployment.name for deployment in model.deployments]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"model {name!r} has two deployments named the same "
+                              f"({', '.join(names)}); give them distinct `label`s.")
         for deployment in model.deployments:
+            if deployment.weight < 0 or any(
+                    value is not None and (not isinstance(value, int) or value < 1)
+                    for value in (deployment.rpm, deployment.tpm)):
+                raise ConfigError(f"model {name!r}: {deployment.name} needs weight >= 0 and "
+                                  "rpm/tpm that are positive integers or None.")
             if deployment.provider not in config.providers:
                 known = ", ".join(sorted(config.providers))
                 raise ConfigError(
                     f"model {name!r} uses provider {deployment.provider!r}, which is not in "
                     f"`providers` (known: {known})."
                 )
+
+
+def _resolve_keys(config: GatewayConfig) -> None:
+    """Reads each deployment's provider keys from the environment (names only in errors)."""
+    for name, model in list(config.models.items()):
+        resolved = []
+        for deployment in model.deployments:
+            envs = deployment.api_key_envs
+            if isinstance(envs, str) or not all(isinstance(env, str) and env for env in envs):
+                raise ConfigError(f"model {name!r}: api_key_envs of {deployment.name} must be a "
+                                  "tuple of environment variable names.")
+            missing = [env for env in envs if not os.environ.get(env)]
+            if missing:
+                raise ConfigError(f"model {name!r}: {deployment.name} needs the environment "
+                                  f"variable(s) {', '.join(missing)}, which are not set.")
+            keys = tuple(ProviderKey(env, os.environ[env]) for env in dict.fromkeys(envs))
+            resolved.append(dataclasses.replace(deployment, keys=keys))
+        config.models[name] = Model(resolved, description=model.description,
+                                    owned_by=model.owned_by, extra=model.extra)
 
 
 def _resolve_prices(config: GatewayConfig) -> None:

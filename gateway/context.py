@@ -86,6 +86,7 @@ class Attempt:
     status: int
     error_type: str | None = None
     duration_s: float = 0.0
+    key: str | None = None  # the provider key's public name (its environment variable)
 
 
 @dataclass(slots=True)
@@ -108,8 +109,14 @@ class RequestContext:
     principal: Any = None
     customer: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    # Written by the failover layer: which deployment to call next. None: the first one.
+    # Written by the failover layer: which deployment to call next (None: the first one) and
+    # which of its provider keys (a gateway.upstream.ProviderKey; None: its first key, or the
+    # provider's own key when it has none).
     deployment: Any = None
+    provider_key: Any = None
+    # A stream that breaks after it started raises gateway.errors.StreamInterrupted instead
+    # of ending with an error event, so the failover layer can continue it elsewhere.
+    continue_streams: bool = False
     # Written by the passthrough.
     served_deployment: Any = None  # the Deployment that answered (the last one tried)
     attempts: list[Attempt] = field(default_factory=list)
@@ -123,6 +130,9 @@ class RequestContext:
     client_disconnected: bool = False
     # Written by the cache layer.
     cache_status: str | None = None
+    # Headers any layer wants on the response: the kernel adds them to the response start (or
+    # to the error it renders), so a layer need not wrap `send` only to add a header.
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -148,6 +158,7 @@ def route_to(ctx: RequestContext, model: str) -> None:
     ctx.model = model
     ctx.body["model"] = model
     ctx.deployment = None
+    ctx.provider_key = None
 
 
 def find_request_context(scope: Scope) -> RequestContext | None:

@@ -108,6 +108,16 @@ class UpstreamError(GatewayError):
         self.retryable = retryable if retryable is not None else status in (408, 429) or status >= 500
 
 
+class StreamInterrupted(Exception):
+    """A stream broke after its response started, and the request asked to continue it
+    (`ctx.continue_streams`, set by the failover layer): the response is still open, nothing
+    has ended it. `error` is what to send in-band if it cannot be continued."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class ClientDisconnected(Exception):
     """The caller went away; there is nobody to answer. Layers may record it and re-raise."""
 

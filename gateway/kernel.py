@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -271,7 +271,8 @@ class Kernel:
                     raise RuntimeError("a layer sent a second response start")
                 started = True
                 ctx.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id),
+                                      *ctx.response_headers]
                 if server_timing:
                     elapsed_ms = (time.monotonic() - ctx.started_monotonic) * 1000
                     message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
@@ -283,7 +284,8 @@ class Kernel:
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
             if not started:
-                await self._send_error(send, exc, ctx.api_format, request_id)
+                await self._send_error(send, exc, ctx.api_format, request_id,
+                                       ctx.response_headers)
         except ClientDisconnected:
             ctx.client_disconnected = True
         except Exception:
@@ -295,9 +297,10 @@ class Kernel:
                 await self._send_error(send, error, ctx.api_format, request_id)
 
     async def _send_error(self, send: Send, error: GatewayError, api_format: str,
-                          request_id: bytes) -> None:
+                          request_id: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         status, headers, body = error.render(api_format)
         headers.append((b"x-request-id", request_id))
+        headers.extend(extra)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -14,8 +14,25 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderKey:
+    """One provider API key of a deployment: the environment variable it was read from (its
+    public name in logs, headers and /admin/deployments) and the secret, never shown."""
+
+    env: str
+    secret: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
-    """One way to serve a public model: a provider, its model id there, and a weight."""
+    """One way to serve a public model: a provider, its model id there, and a weight.
+
+    `api_key_envs` names environment variables holding provider keys for this deployment
+    (several keys multiply throughput; the failover layer spreads calls over them and takes a
+    key that fails auth or billing out); empty means the provider's own `api_key_env`.
+    `rpm`/`tpm` are the deployment's capacity per gateway process (a deployment whose capacity
+    is used up is skipped by the failover layer). `label` names the deployment when two in a
+    group share provider and model.
+    """
 
     provider: str
     model: str
@@ -25,10 +42,15 @@ class Deployment:
     # the shipped price table; `free=True` for self-hosted or mock models.
     price: Any = None
     free: bool = False
+    api_key_envs: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    label: str = ""
+    keys: tuple[ProviderKey, ...] = ()  # filled from `api_key_envs` when the config loads
 
     @property
     def name(self) -> str:
-        return f"{self.provider}/{self.model}"
+        return self.label or f"{self.provider}/{self.model}"
 
 
 @dataclass(frozen=True, slots=True)

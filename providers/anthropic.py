@@ -85,6 +85,9 @@ class AnthropicAdapter(HTTPAdapter):
             headers["x-api-key"] = self._api_key
         return headers
 
+    def key_headers(self, secret: str) -> dict[str, str]:
+        return {"x-api-key": secret}
+
     def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         headers = self._headers(ctx)
         if ctx.operation == c.OPENAI_CHAT:

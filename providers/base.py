@@ -18,7 +18,7 @@ import orjson
 
 from gateway.config import ConfigError
 from gateway.context import Attempt, RequestContext, Usage
-from gateway.errors import GatewayError, UpstreamError, stream_error_event
+from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.upstream import Deployment, Send, Timeouts
 from providers.streams import StreamError
 
@@ -75,6 +75,7 @@ class HTTPAdapter:
         self.extra_headers = dict(headers or {})
         self.name = self.type_name
         self._api_key = ""
+        self._secrets: set[str] = set()  # deployments' own keys, seen in calls (for redact)
         self._session: aiohttp.ClientSession | None = None
         # `connect` also bounds DNS and the wait for a free pooled connection. First byte and
         # idle gaps of streams are timed in _call_stream; a non-stream answer comes whole
@@ -118,10 +119,16 @@ class HTTPAdapter:
         """(error type, message) from a provider error body."""
         raise NotImplementedError
 
+    def key_headers(self, secret: str) -> dict[str, str]:
+        """The headers that carry a provider key (each provider family names its own)."""
+        raise NotImplementedError
+
     def redact(self, text: str) -> str:
         """Provider messages sometimes quote the key they were sent; never pass that on."""
         if self._api_key:
             text = text.replace(self._api_key, "[redacted]")
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
         return _SECRET_LIKE.sub("[redacted]", text)
 
     # -- the call ----------------------------------------------------------------------------
@@ -144,8 +151,13 @@ class HTTPAdapter:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             # Translators raise these on request shapes they cannot express or read.
             raise GatewayError(400, f"The request cannot be sent to this model: {exc}") from None
+        key = ctx.provider_key or (deployment.keys[0] if deployment.keys else None)
+        if key is not None:
+            exchange.headers.update(self.key_headers(key.secret))
+            self._secrets.add(key.secret)
         ctx.provider, ctx.served_model = self.name, deployment.model
-        attempt = Attempt(provider=self.name, deployment=deployment.name, status=0)
+        attempt = Attempt(provider=self.name, deployment=deployment.name, status=0,
+                          key=None if key is None else key.env)
         ctx.attempts.append(attempt)
         began = time.monotonic()
         try:
@@ -221,6 +233,7 @@ class HTTPAdapter:
         response: aiohttp.ClientResponse | None = None
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
+        broken: GatewayError | None = None
         try:
             try:
                 async with deadline:
@@ -236,11 +249,16 @@ class HTTPAdapter:
                         tail = last + codec.finish()
                         finished = True
                     except StreamErrorTypes as exc:
-                        tail = self._in_band_error(ctx, exc)
+                        broken = self._mid_stream_error(exc)
             except TimeoutError:
                 if not deadline.streaming:
                     raise self._timeout_error("waiting for the first event") from None
-                tail = self._in_band_error(ctx, TimeoutError())
+                broken = self._mid_stream_error(TimeoutError())
+            if broken is not None:
+                if ctx.continue_streams:  # the failover layer goes on from elsewhere
+                    raise StreamInterrupted(broken)
+                ctx.error_type = broken.code
+                tail = stream_error_event(ctx.api_format, broken)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the
@@ -297,17 +315,16 @@ class HTTPAdapter:
             deadline.touch()
             pending = codec.feed(chunk)
 
-    def _in_band_error(self, ctx: RequestContext, exc: BaseException) -> bytes:
+    def _mid_stream_error(self, exc: BaseException) -> GatewayError:
+        """What ends a stream that broke after it started (sent in-band)."""
         if isinstance(exc, StreamError):
             error_type, message = exc.error_type, self.redact(exc.message)
         elif isinstance(exc, asyncio.TimeoutError):
             error_type, message = "timeout", "the stream timed out (idle gap or total time)"
         else:
             error_type, message = "connection_error", "the connection broke mid-stream"
-        ctx.error_type = error_type
-        error = GatewayError(502, f"Provider '{self.name}' failed mid-stream: {message}",
-                             code=error_type)
-        return stream_error_event(ctx.api_format, error)
+        return GatewayError(502, f"Provider '{self.name}' failed mid-stream: {message}",
+                            code=error_type)
 
     def _connection_error(self, exc: BaseException) -> UpstreamError:
         return UpstreamError(502, f"Could not reach provider '{self.name}': "

@@ -73,6 +73,9 @@ class GeminiAdapter(HTTPAdapter):
             headers["x-goog-api-key"] = self._api_key
         return headers
 
+    def key_headers(self, secret: str) -> dict[str, str]:
+        return {"x-goog-api-key": secret}
+
     def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         if ctx.operation == c.OPENAI_EMBEDDINGS:
             return self._plan_embeddings(ctx, deployment)

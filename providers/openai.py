@@ -87,8 +87,11 @@ class OpenAIAdapter(HTTPAdapter):
     def url(self, operation: str, deployment: Deployment) -> str:
         return self.base_url + _PATHS[operation]
 
+    def key_headers(self, secret: str) -> dict[str, str]:
+        return {"authorization": "Bearer " + secret}
+
     def auth_headers(self) -> dict[str, str]:
-        return {"authorization": "Bearer " + self._api_key} if self._api_key else {}
+        return self.key_headers(self._api_key) if self._api_key else {}
 
     def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         headers = {"content-type": "application/json", **self.extra_headers, **self.auth_headers()}
@@ -178,5 +181,5 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         return (f"{self.base_url}/openai/deployments/{deployment.model}{_PATHS[operation]}"
                 f"?api-version={self.api_version}")
 
-    def auth_headers(self) -> dict[str, str]:
-        return {"api-key": self._api_key} if self._api_key else {}
+    def key_headers(self, secret: str) -> dict[str, str]:
+        return {"api-key": secret}
