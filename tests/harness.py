@@ -93,7 +93,8 @@ AUTH = {"authorization": f"Bearer {TEST_KEY}"}
 
 
 def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") -> str:
-    """A config module serving one public model per mock provider.
+    """A config module serving one public model per mock provider (the default stack's
+    failover layer makes one attempt per request and never opens a breaker).
 
     Models: `gpt-mock` (OpenAI), `azure-mock` (Azure), `claude-mock` (Anthropic),
     `gemini-mock` (Gemini), and `*-embed` embedding models for OpenAI and Gemini.
@@ -101,7 +102,8 @@ def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") 
     layers = {
         "default": "[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
                    "Middleware(MeteringMiddleware), Middleware(QuotaMiddleware), "
-                   "Middleware(CacheMiddleware), Middleware(FailoverMiddleware)]",
+                   "Middleware(CacheMiddleware), Middleware(FailoverMiddleware, "
+                   "retry=RetryPolicy(max_attempts=1), breaker=NEVER_OPENS)]",
         "none": "[]",
     }.get(middleware, middleware)
     return f'''
@@ -110,7 +112,7 @@ from gateway.config import Deployment, Middleware, Model, Price, Settings, Timeo
 from gateway.policy import Budget, Limits
 from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
-from middleware.failover import FailoverMiddleware
+from middleware.failover import BreakerSettings, FailoverMiddleware, RetryPolicy
 from middleware.metering import MeteringMiddleware
 from middleware.quota import QuotaMiddleware
 from providers import Provider
@@ -118,6 +120,10 @@ from providers import Provider
 os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
 os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
 MOCK = "{mock_url}"
+# The default stack's failover layer makes one attempt and never opens a breaker, so tests of
+# the other layers and of the passthrough see each provider answer as it is (the failover
+# tests configure the layer themselves).
+NEVER_OPENS = BreakerSettings(consecutive_failures=10**9, min_requests=10**9)
 fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
 providers = {{
     "openai": Provider("openai", base_url=MOCK + "/openai/v1", api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),

@@ -1,16 +1,528 @@
-"""The failover layer: routing, retries, fallbacks and circuit breakers.
+"""The failover layer: routing, retries, fallbacks, circuit breakers and hedging.
 
-Today this is a pass-through shell (issue 5 gives it its behaviour): it satisfies the
-layer contract, sits in the default stack, and enforces nothing. It takes no options yet, so
-a config that asks it to enforce something refuses to start.
+    Middleware(FailoverMiddleware,
+               routes={"gpt-4o": Route(strategy="latency", fallbacks=("claude-sonnet",),
+                                       ttft_timeout_s=8, hedge_after_s=2.5,
+                                       continuation=True)},
+               retry=RetryPolicy(max_attempts=3, deadline_s=60, budget_ratio=0.2),
+               breaker=BreakerSettings(consecutive_failures=5, cooldown_s=10),
+               shared=RedisHealth("redis://127.0.0.1:6379/0"),
+               admin_token_env="SLUICEGATE_ADMIN_TOKEN")
+
+Per request it picks a deployment of the model (`Route.strategy`, healthy ones only), puts it
+and one of its provider keys in the context, and calls the app below. An upstream failure
+before the response started (the provider adapter holds the start back until the first
+event, so this covers error statuses, connection errors, an error event inside a 200 and a
+missing first byte) is classified (policy.classify) and leads to, in order: another key of
+the same deployment (401/402/403), another deployment of the model, the model's fallbacks,
+then — after a backoff that honours Retry-After within the deadline — another round. Every
+attempt after the first needs the retry budget. After the response started, a failure ends
+the stream with an in-band error event (the adapter's job) and counts against the breaker,
+unless the route asks for continuation (continuation.py): then the next deployment goes on
+from the text the client already has.
+
+Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
+public model that served) when a fallback model answered. The number of fallbacks reaches
+metering as `ctx.state["failover.fallbacks"]`; every attempt is in `ctx.attempts`.
+
+Breakers, latency and in-flight counts live in this process; with `shared=RedisHealth(...)`
+breaker openings and closings and the latency averages are exchanged through Redis in the
+background (never on the request path), so every instance agrees within about a second.
+`GET /admin/deployments` (admin token) shows every deployment's state.
 """
-from gateway.layers import ShellLayer
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from gateway.admin import admin_token_from_env, admitted, route_path, send_json
+from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
+from gateway.layers import ASGIApp, Message, Receive, Scope, Send
+from middleware.failover.continuation import (
+    CONTINUABLE,
+    ContinuationRelay,
+    Transcript,
+    add_usage,
+    continuation_body,
+    estimated_usage,
+    transcript_tee,
+)
+from middleware.failover.health import BreakerSettings, RetryBudget, backoff_s
+from middleware.failover.hedge import Hedge, HedgeFailed
+from middleware.failover.policy import (
+    AUTH,
+    CONTENT_POLICY,
+    CONTEXT_WINDOW,
+    FATAL,
+    RETRYABLE,
+    RetryPolicy,
+    Route,
+    classify,
+    parse_retry_after,
+)
+from middleware.failover.routing import (
+    NO_STATES,
+    DeploymentState,
+    Group,
+    KeyState,
+    Tried,
+    route_headers,
+)
+from middleware.failover.shared import RedisHealth
+
+__all__ = ["BreakerSettings", "FailoverMiddleware", "RedisHealth", "RetryPolicy", "Route"]
+
+logger = logging.getLogger("sluicegate.failover")
+ADMIN_PATH = "/admin/deployments"
 
 
-class FailoverMiddleware(ShellLayer):
-    """routing, retries, fallbacks and circuit breakers — pass-through shell; enforces nothing yet."""
+class FailoverMiddleware:
+    """Routing, retries, fallbacks and circuit breakers (see the module docstring)."""
 
-    concern = "failover"
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: dict[str, Route] | None = None,
+        default: Route | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerSettings | None = None,
+        shared: RedisHealth | None = None,
+        admin_token_env: str | None = None,
+    ) -> None:
+        self.app = app
+        self.routes = dict(routes or {})
+        for name, route in self.routes.items():
+            if not isinstance(route, Route):
+                raise TypeError(f"FailoverMiddleware routes[{name!r}] must be a Route(...)")
+        self.default = default or Route()
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or BreakerSettings()
+        self.shared = shared
+        self.admin_token = (admin_token_from_env(admin_token_env, "FailoverMiddleware")
+                            if admin_token_env else None)
+        # Health state: built per public model on its first request (the models arrive with
+        # the request context), then shared by every request of this process.
+        self.groups: dict[str, Group] = {}
+        self._chains: dict[str, list[str]] = {}  # model -> [model, *fallbacks] (never mutated)
+        self.budget = RetryBudget(ratio=self.retry.budget_ratio,
+                                  window_s=self.retry.budget_window_s,
+                                  min_per_s=self.retry.budget_min_per_s)
+        self.counters = {"requests": 0, "retries": 0, "fallbacks": 0, "hedges": 0,
+                         "budget_refusals": 0}
+
+    async def startup(self) -> None:
+        if self.shared is not None:
+            await self.shared.startup(self)
+
+    async def shutdown(self) -> None:
+        if self.shared is not None:
+            await self.shared.shutdown()
+
+    async def check_ready(self) -> dict[str, str]:
+        return await self.shared.check_ready() if self.shared is not None else {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx: RequestContext | None = scope.get(CONTEXT_KEY)
+        if ctx is None:
+            if self.admin_token is not None and route_path(scope) == ADMIN_PATH:
+                if await admitted(scope, send, self.admin_token, "GET"):
+                    await send_json(send, 200, self.describe())
+                return
+            await self.app(scope, receive, send)
+            return
+        group = self.groups.get(ctx.model) or self.group(ctx, ctx.model)
+        if group is None:  # not a configured model: the passthrough answers
+            await self.app(scope, receive, send)
+            return
+        self.counters["requests"] += 1
+        began = time.monotonic()  # this layer's clock, like the groups' (time.monotonic)
+        self.budget.request(began)
+        route = self.routes.get(ctx.model, self.default)
+        state = None
+        if route.plain:
+            state = group.only
+            if state is None:
+                state = group.pick(NO_STATES)
+            elif not state.available(began):
+                state = None
+        if state is None or state.keys:
+            await self._serve(scope, receive, send, ctx, route, Tried(), None)
+            return
+        # The common request's first attempt, inline: every await below this frame is resumed
+        # through each frame above it, so the success path keeps to one.
+        ctx.deployment = state.deployment
+        ctx.response_headers.extend(state.first_headers)
+        state.started()
+        failure: UpstreamError | None = None
+        answered = False
+        try:
+            await self.app(scope, receive, send)
+            answered = True
+        except UpstreamError as error:
+            failure = error
+        finally:
+            state.finished(ctx.usage if answered else None)
+            if not answered and failure is None:  # client gone, or a refusal from below
+                state.breaker.release()
+        if failure is None:
+            self.succeeded(ctx, state, None, began)
+            return
+        if ctx.status:
+            raise failure  # the response started: never a second one
+        tried = Tried()
+        tried.attempts, tried.headers = 1, state.first_headers
+        next_chain = self.after_failure(failure, state, None, tried, ctx.model)
+        await self._serve(scope, receive, send, ctx, route, tried, next_chain)
+
+    # -- the attempt loop ------------------------------------------------------------------
+
+    def group(self, ctx: RequestContext, model: str) -> Group | None:
+        """The health state of a public model's deployments (made on its first request)."""
+        group = self.groups.get(model)
+        if group is None:
+            declared = (ctx.models or {}).get(model)
+            if declared is None:
+                return None
+            route = self.routes.get(model, self.default)
+            group = Group(model, declared.deployments, strategy=route.strategy,
+                          breaker=self.breaker)
+            if self.shared is not None:
+                self.shared.watch(group)
+            self.groups[model] = group
+        return group
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
+                     route: Route, tried: Tried, chain: list[str] | None) -> None:
+        """The attempt loop: picks, calls, and on failure moves along the chain, then waits
+        and goes round again, until an answer, the attempt limit, the deadline or the retry
+        budget stops it."""
+        requested = ctx.model
+        deadline = ctx.started_monotonic + self.retry.deadline_s
+        if chain is None:
+            chain = self._chains.get(requested) or self._chain(requested, route)
+        rounds = 0
+        while True:
+            position = 0
+            while position < len(chain):
+                model = chain[position]
+                group = self.group(ctx, model)
+                state = group.pick(tried.excluded) if group is not None else None
+                if state is None:
+                    position += 1
+                    continue
+                key = state.pick_key(tried.bad_keys)
+                if state.keys and key is None:  # every key failed or is broken
+                    state.breaker.release()
+                    tried.exclude(state)
+                    continue
+                if tried.attempts and not self._may_retry(tried, time.monotonic(), deadline):
+                    state.breaker.release()
+                    raise self._final_error(tried, requested, chain)
+                fallback_model = model if model != requested else None
+                partner = None
+                if route.hedge_after_s is not None and not tried.attempts:
+                    partner = self._hedge_partner(ctx, model, state, tried)
+                try:
+                    if partner is not None:
+                        await Hedge(self, scope, receive, send, ctx, route, tried,
+                                    fallback_model).run((state, key), partner)
+                    else:
+                        await self._attempt(scope, receive, send, ctx, route, state, key, tried,
+                                            fallback_model)
+                    return
+                except HedgeFailed as failed:  # both calls' failures are recorded
+                    next_chain = failed.next_chain
+                except UpstreamError as error:
+                    if tried.started or ctx.status or partner is not None:
+                        raise  # never a second response start
+                    next_chain = self.after_failure(error, state, key, tried, requested)
+                if next_chain is not None:
+                    chain, position = next_chain, 0
+            rounds += 1
+            wait = self._next_round_wait(tried, chain, rounds, time.monotonic(), deadline)
+            if wait is None:
+                raise self._final_error(tried, requested, chain)
+            await asyncio.sleep(wait)
+            tried.excluded = set()
+
+    def may_hedge(self, tried: Tried) -> bool:
+        """A hedged second call is a retry: it needs an attempt and the retry budget."""
+        if tried.attempts >= self.retry.max_attempts or not self.budget.try_retry():
+            return False
+        self.counters["hedges"] += 1
+        return True
+
+    def _chain(self, model: str, route: Route) -> list[str]:
+        chain = self._chains[model] = [model, *route.fallbacks]
+        return chain
+
+    def _may_retry(self, tried: Tried, now: float, deadline: float) -> bool:
+        if tried.attempts >= self.retry.max_attempts or now >= deadline:
+            return False
+        if not self.budget.try_retry():
+            self.counters["budget_refusals"] += 1
+            return False
+        self.counters["retries"] += 1
+        return True
+
+    def after_failure(self, error: UpstreamError, state: DeploymentState,
+                      key: KeyState | None, tried: Tried, requested: str) -> list[str] | None:
+        """Records a failed attempt; returns a new fallback chain when the error asks for one,
+        None to go on with the current one, and raises when the error goes back to the caller
+        as it is."""
+        tried.last_error = error
+        kind = classify(error, self.retry.retry_on)
+        if kind == AUTH and key is not None:
+            key.failures += 1
+            key.last_error = f"{error.status} {error.upstream_error_type or ''}".strip()
+            key.breaker.record(True)
+            state.breaker.record(False)  # the deployment answered; its key is the problem
+            tried.exclude_key(key.key.env)
+            logger.warning("provider key %s of %s failed with %s; trying another",
+                           key.key.env, state.name, error.status)
+            return None
+        if kind in (RETRYABLE, FATAL, AUTH):
+            # AUTH here: the provider's own key failed; another deployment may have a good one.
+            state.failures += 1
+            state.breaker.record(True)
+            if key is not None:
+                key.breaker.record(False)
+            tried.exclude(state)
+            if error.status == 429:
+                retry_after = parse_retry_after(error.retry_after, self.retry.max_retry_after_s)
+                if retry_after:
+                    state.cool_until = time.monotonic() + retry_after
+                    tried.retry_after_s = retry_after
+            if kind == FATAL:
+                raise error
+            return None
+        state.breaker.record(False)  # the deployment works; the request was the problem
+        if key is not None:
+            key.breaker.release()
+        route = self.routes.get(requested, self.default)
+        if kind == CONTEXT_WINDOW and route.context_window_fallbacks:
+            return list(route.context_window_fallbacks)
+        if kind == CONTENT_POLICY and route.content_policy_fallbacks:
+            return list(route.content_policy_fallbacks)
+        raise error
+
+    def _next_round_wait(self, tried: Tried, chain: list[str], rounds: int, now: float,
+                         deadline: float) -> float | None:
+        """How long to wait before trying the chain again; None to give up."""
+        if tried.attempts >= self.retry.max_attempts:
+            return None
+        retry_after = tried.retry_after_s
+        if tried.last_error is None:
+            # Nothing was tried: every deployment is cooling down after a 429 or its breaker
+            # is open. Wait once for the soonest cool-down when it fits; an open breaker
+            # means "not now" and is answered at once.
+            cooling = self._cooling_s(chain)
+            if not cooling or rounds > 1:
+                return None
+            retry_after = min(cooling)
+        tried.retry_after_s = None
+        return backoff_s(rounds, base_s=self.retry.backoff_base_s,
+                         cap_s=self.retry.backoff_cap_s, retry_after_s=retry_after,
+                         remaining_s=deadline - now)
+
+    def _cooling_s(self, chain: list[str]) -> list[float]:
+        now = time.monotonic()
+        return [state.cool_until - now for model in chain
+                if (group := self.groups.get(model)) is not None
+                for state in group.deployments if state.cool_until > now]
+
+    def _final_error(self, tried: Tried, requested: str, chain: list[str]) -> GatewayError:
+        if tried.last_error is not None:
+            return tried.last_error
+        cooling = self._cooling_s(chain)
+        if cooling:
+            return GatewayError(
+                429, f"Every deployment of model '{requested}' (and its fallbacks) is "
+                     "rate-limited by its provider right now.", code="rate_limited",
+                headers=[(b"retry-after", b"%d" % max(1, math.ceil(min(cooling))))])
+        return GatewayError(
+            503, f"No deployment of model '{requested}' (or its fallbacks) is healthy right "
+                 "now: their circuit breakers are open.", code="no_healthy_deployment",
+            headers=[(b"retry-after", b"%d" % max(1, math.ceil(self.breaker.cooldown_s)))])
+
+    async def _attempt(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
+                       route: Route, state: DeploymentState, key: KeyState | None,
+                       tried: Tried, fallback_model: str | None) -> None:
+        tried.attempts += 1
+        if fallback_model is not None:
+            ctx.state["failover.fallbacks"] = ctx.state.get("failover.fallbacks", 0) + 1
+            self.counters["fallbacks"] += 1
+        ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
+        tried.set_headers(ctx, route_headers(state, tried.attempts, fallback_model))
+        transcript = None
+        if route.continuation and ctx.stream and ctx.operation in CONTINUABLE:
+            ctx.continue_streams = True
+            transcript = Transcript(ctx.api_format)
+            send = transcript_tee(send, transcript)
+        state.started()
+        began = time.monotonic()
+        outcome = "cancelled"
+        try:
+            if route.ttft_timeout_s is None:
+                await self.app(scope, receive, send)
+            else:
+                await self.call_with_ttft_timeout(scope, receive, send, route.ttft_timeout_s,
+                                                  state, ctx)
+            outcome = "answered"
+        except UpstreamError:
+            outcome = "failed"  # after_failure records it
+            raise
+        except StreamInterrupted as interrupted:
+            outcome = "broken"
+            state.failures += 1
+            state.breaker.record(True)
+            if key is not None:
+                key.breaker.record(False)
+            tried.exclude(state)
+            assert transcript is not None
+            await self._continue(scope, receive, send, ctx, route, tried, transcript,
+                                 interrupted)
+            return
+        finally:
+            state.finished(ctx.usage if outcome == "answered" else None)
+            if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
+                state.breaker.release()
+                if key is not None:
+                    key.breaker.release()
+        self.succeeded(ctx, state, key, began)
+
+    async def _continue(self, scope: Scope, receive: Receive, send: Send,
+                        ctx: RequestContext, route: Route, tried: Tried, transcript: Transcript,
+                        interrupted: StreamInterrupted) -> None:
+        """Continues a broken stream from the next deployment (see continuation.py), or ends
+        it with the in-band error event when that is not possible."""
+        ctx.continue_streams = False  # one continuation per request
+        broken_usage = ctx.usage or estimated_usage(ctx, transcript.text)
+        target = self._next_for_continuation(ctx, route, tried) \
+            if transcript.plain and transcript.text else None
+        if target is None:
+            await self._end_broken_stream(send, ctx, interrupted)
+            return
+        state, key = target
+        tried.attempts += 1
+        ctx.state["failover.continuations"] = 1
+        original = ctx.body
+        ctx.body = continuation_body(ctx, transcript.text)
+        ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
+        ctx.usage = None
+        state.started()
+        began = time.monotonic()
+        try:
+            await self.app(scope, receive, ContinuationRelay(send, ctx.api_format, transcript))
+        except UpstreamError as error:
+            state.finished(None)
+            self.after_failure_quietly(error, state, key, tried)
+            ctx.usage = broken_usage
+            await self._end_broken_stream(send, ctx, interrupted)
+            return
+        finally:
+            ctx.body = original
+        state.finished(ctx.usage)
+        self.succeeded(ctx, state, key, began)
+        ctx.usage = add_usage(broken_usage, ctx.usage)
+
+    def _next_for_continuation(self, ctx: RequestContext, route: Route,
+                               tried: Tried) -> tuple[DeploymentState, KeyState | None] | None:
+        if tried.attempts >= self.retry.max_attempts or not self.budget.try_retry():
+            return None
+        self.counters["retries"] += 1
+        for model in self._chains.get(ctx.model) or self._chain(ctx.model, route):
+            group = self.group(ctx, model)
+            state = group.pick(tried.excluded) if group is not None else None
+            if state is None:
+                continue
+            key = state.pick_key(tried.bad_keys)
+            if state.keys and key is None:
+                state.breaker.release()
+                continue
+            return state, key
+        return None
+
+    def after_failure_quietly(self, error: UpstreamError, state: DeploymentState,
+                              key: KeyState | None, tried: Tried) -> None:
+        """Records a failed call whose error goes nowhere (the response already started)."""
+        tried.last_error = error
+        state.failures += 1
+        state.breaker.record(classify(error, self.retry.retry_on) in (RETRYABLE, FATAL, AUTH))
+
+    async def _end_broken_stream(self, send: Send, ctx: RequestContext,
+                                 interrupted: StreamInterrupted) -> None:
+        ctx.error_type = interrupted.error.code
+        await send({"type": "http.response.body", "more_body": False,
+                    "body": stream_error_event(ctx.api_format, interrupted.error)})
+
+    async def call_with_ttft_timeout(self, scope: Scope, receive: Receive, send: Send,
+                                     ttft_s: float, state: DeploymentState,
+                                     ctx: RequestContext) -> None:
+        """Calls the app below; a response not started within `ttft_s` is abandoned (the
+        call is cancelled, which closes the upstream connection) and fails over."""
+        started = False
+        try:
+            async with asyncio.timeout(ttft_s) as timer:
+                async def send_ending_timer(message: Message) -> None:
+                    nonlocal started
+                    if message["type"] == "http.response.start":
+                        started = True
+                        timer.reschedule(None)
+                    await send(message)
+                await self.app(scope, receive, send_ending_timer)
+        except TimeoutError:
+            if started or ctx.client_disconnected:
+                raise
+            raise UpstreamError(504, f"Deployment '{state.name}' sent no first byte within "
+                                     f"{ttft_s:g} s.", provider=state.deployment.provider,
+                                error_type="timeout", retryable=True) from None
+
+    def succeeded(self, ctx: RequestContext, state: DeploymentState, key: KeyState | None,
+                  began: float) -> None:
+        """Records a call that answered; a stream that broke after it started (it ended with
+        an in-band error event) counts as a failure of the deployment."""
+        failed = ctx.error_type is not None
+        if failed:
+            state.failures += 1
+        now = time.monotonic()
+        state.breaker.record(failed, now)
+        if key is not None:
+            key.breaker.record(False, now)
+        if state.tracks_ttft and ctx.first_byte_s is not None:
+            state.observe_ttft(max(0.0, ctx.started_monotonic + ctx.first_byte_s - began), now)
+
+    def _hedge_partner(self, ctx: RequestContext, model: str, first: DeploymentState,
+                       tried: Tried) -> tuple[DeploymentState, KeyState | None] | None:
+        group = self.groups.get(model)
+        if group is None or len(group.deployments) < 2:
+            return None
+        second = group.pick(tried.excluded | {first})
+        if second is None:
+            return None
+        key = second.pick_key(tried.bad_keys)
+        if second.keys and key is None:
+            second.breaker.release()
+            return None
+        return second, key
+
+    # -- admin -----------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self.counters),
+            "shared": None if self.shared is None else self.shared.describe(),
+            "models": {name: {"strategy": group.strategy,
+                              "deployments": [state.describe() for state in group.deployments]}
+                       for name, group in sorted(self.groups.items())},
+        }
 
 
-__all__ = ["FailoverMiddleware"]

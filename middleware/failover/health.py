@@ -21,9 +21,53 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BreakerSettings", "CircuitBreaker", "RetryBudget", "backoff_s"]
+__all__ = ["BreakerSettings", "CircuitBreaker", "RetryBudget", "Window", "backoff_s"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class Window:
+    """Two counts over the last `window_s` seconds, kept in `buckets` time slices: O(1) work
+    and no allocation per event (one small list per slice), so thousands of calls a second
+    cost what a few do. Events leave the window with their slice: it is exact to one slice's
+    width (`window_s / buckets`)."""
+
+    __slots__ = ("_slices", "buckets", "first", "second", "width")
+
+    def __init__(self, window_s: float, buckets: int = 20) -> None:
+        self.buckets = buckets
+        self.width = window_s / buckets
+        self._slices: deque[list[int]] = deque()  # [slice number, first, second]
+        self.first = 0  # the totals over the slices in the window
+        self.second = 0
+
+    def add(self, now: float, first: int, second: int) -> None:
+        number = int(now // self.width)
+        slices = self._slices
+        if slices and slices[-1][0] == number:
+            last = slices[-1]
+            last[1] += first
+            last[2] += second
+        else:
+            slices.append([number, first, second])
+            self._trim(number)
+        self.first += first
+        self.second += second
+
+    def totals(self, now: float) -> tuple[int, int]:
+        self._trim(int(now // self.width))
+        return self.first, self.second
+
+    def _trim(self, number: int) -> None:
+        slices, oldest_kept = self._slices, number - self.buckets + 1
+        while slices and slices[0][0] < oldest_kept:
+            _, first, second = slices.popleft()
+            self.first -= first
+            self.second -= second
+
+    def clear(self) -> None:
+        self._slices.clear()
+        self.first = self.second = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +93,16 @@ class CircuitBreaker:
     """One deployment's (or one provider key's) breaker; see the module docstring."""
 
     def __init__(self, settings: BreakerSettings | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[CircuitBreaker], None] | None = None) -> None:
         self.settings = settings or BreakerSettings()
         self.clock = clock
+        self.on_change = on_change  # told when this process opens or closes the breaker
         self.state = CLOSED
         self.opened_at = 0.0
         self.consecutive = 0
         self.probes_in_flight = 0
-        self._calls: deque[tuple[float, bool]] = deque()  # (when, failed) within the window
-        self._failures_in_window = 0
+        self._window = Window(self.settings.window_s)  # (calls, failures)
 
     def allows(self) -> bool:
         """May a call go to this deployment now? (A half-open breaker counts the probe.)"""
@@ -71,9 +116,10 @@ class CircuitBreaker:
             self.probes_in_flight += 1
         return True
 
-    def record(self, failed: bool) -> None:
-        """The outcome of a call `allows` let through."""
-        now = self.clock()
+    def record(self, failed: bool, now: float | None = None) -> None:
+        """The outcome of a call `allows` let through (`now` on this breaker's clock)."""
+        if now is None:
+            now = self.clock()
         if self.state == HALF_OPEN:
             self.probes_in_flight = max(0, self.probes_in_flight - 1)
             if failed:
@@ -81,35 +127,46 @@ class CircuitBreaker:
             else:
                 self._close()
             return
-        self._remember(now, failed)
+        self._window.add(now, 1, failed)
         self.consecutive = self.consecutive + 1 if failed else 0
         if self.state == CLOSED and failed and self._should_open():
             self._open(now)
 
-    def _remember(self, now: float, failed: bool) -> None:
-        calls = self._calls
-        calls.append((now, failed))
-        self._failures_in_window += failed
-        horizon = now - self.settings.window_s
-        while calls and calls[0][0] < horizon:
-            _, old_failed = calls.popleft()
-            self._failures_in_window -= old_failed
+    def release(self) -> None:
+        """A call `allows` let through ended without an outcome (cancelled, or refused before
+        it reached the deployment): a half-open probe slot is given back."""
+        if self.state == HALF_OPEN:
+            self.probes_in_flight = max(0, self.probes_in_flight - 1)
+
+    def open_until(self, until: float) -> None:
+        """Another instance opened this breaker: stay open until `until` (this clock)."""
+        if self.state == OPEN and self.opened_at + self.settings.cooldown_s >= until:
+            return
+        self.state, self.probes_in_flight = OPEN, 0
+        self.opened_at = until - self.settings.cooldown_s
+
+    def close_shared(self) -> None:
+        """Another instance's probe succeeded: close without telling anyone back."""
+        if self.state != CLOSED:
+            self.state, self.consecutive = CLOSED, 0
+            self._window.clear()
 
     def _should_open(self) -> bool:
         settings = self.settings
         if self.consecutive >= settings.consecutive_failures:
             return True
-        count = len(self._calls)
-        return count >= settings.min_requests and \
-            self._failures_in_window >= settings.error_rate * count
+        count, failures = self._window.first, self._window.second
+        return count >= settings.min_requests and failures >= settings.error_rate * count
 
     def _open(self, now: float) -> None:
         self.state, self.opened_at, self.probes_in_flight = OPEN, now, 0
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _close(self) -> None:
-        self.state, self.consecutive = CLOSED, 0
-        self._calls.clear()
-        self._failures_in_window = 0
+        self.close_shared()
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 class RetryBudget:
@@ -123,29 +180,19 @@ class RetryBudget:
         self.window_s = window_s
         self.min_per_s = min_per_s
         self.clock = clock
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
+        self._window = Window(window_s)  # (requests, retries)
 
-    def _trim(self, now: float) -> None:
-        horizon = now - self.window_s
-        for events in (self._requests, self._retries):
-            while events and events[0] < horizon:
-                events.popleft()
-
-    def request(self) -> None:
+    def request(self, now: float | None = None) -> None:
         """A first attempt was made (it earns retry budget)."""
-        now = self.clock()
-        self._requests.append(now)
-        self._trim(now)
+        self._window.add(self.clock() if now is None else now, 1, 0)
 
     def try_retry(self) -> bool:
         """True (and the retry is counted) when the budget allows one more retry now."""
         now = self.clock()
-        self._trim(now)
-        allowed = self.ratio * len(self._requests) + self.min_per_s * self.window_s
-        if len(self._retries) + 1 > allowed:
+        requests, retries = self._window.totals(now)
+        if retries + 1 > self.ratio * requests + self.min_per_s * self.window_s:
             return False
-        self._retries.append(now)
+        self._window.add(now, 0, 1)
         return True
 
 

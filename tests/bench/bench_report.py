@@ -161,6 +161,7 @@ RATIO_PAIRS = (
     ("default", "floor", "Sluicegate default / floor"),
     ("redis", "bare", "auth + quota on Redis / bare"),
     ("metering", "bare", "metering layer / bare"),
+    ("failover", "bare", "failover layer / bare"),
     ("cache", "bare", "cache hits (memory) / bare"),
     ("cache-redis", "bare", "cache hits (Redis) / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),

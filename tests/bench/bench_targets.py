@@ -108,6 +108,8 @@ TARGETS = {
                needs_redis=True, server_timing=True),
         Target("metering", "Sluicegate, metering layer alone (journal, no PostgreSQL)",
                _sluicegate("config_metering.py"), scenarios=("json-c16", "sse-c16")),
+        Target("failover", "Sluicegate, failover layer alone (success path)",
+               _sluicegate("config_failover.py"), scenarios=("json-c16", "sse-c16")),
         Target("cache-miss", "Sluicegate, cache layer alone, every request a miss (memory)",
                _sluicegate("config_cache_miss.py"), scenarios=("json-c16-unique",)),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),

@@ -235,7 +235,8 @@ def test_every_request_has_one_row_with_its_usage(
                 messages=[{"role": "user", "content": "meter a stream"}]) as response:
             chunks = list(response.parse())
             stream_id = response.headers["x-request-id"]
-        mock.push_fault(Fault("status", provider="openai", status=500))
+        for _ in range(3):  # the failover layer's first call and its two retries
+            mock.push_fault(Fault("status", provider="openai", status=500))
         with pytest.raises(openai.InternalServerError) as failed:
             sdk.chat.completions.create(model="gpt-mock",
                                         messages=[{"role": "user", "content": "fail"}])

@@ -1,0 +1,187 @@
+"""Hedged calls: a second deployment is called when the first is slow to start answering.
+
+The first call starts at once. If its response has not started after `Route.hedge_after_s`,
+a second deployment is called too (it needs the retry budget, like any retry). The first of
+the two to start its response wins; the other is cancelled, which closes its upstream
+connection. Each call runs in its own task with its own copy of the request context, so the
+two never write the same fields; the winner's fields are copied back, the loser's attempt is
+kept in `ctx.attempts`.
+
+Limits: a provider may bill the loser's input tokens even though it was cancelled before its
+first byte; those are not in the usage record (nobody told us how many there were).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.errors import UpstreamError
+from gateway.layers import Message, Receive, Scope, Send
+from middleware.failover.routing import DeploymentState, KeyState, Tried, route_headers
+
+if TYPE_CHECKING:
+    from middleware.failover import FailoverMiddleware
+    from middleware.failover.policy import Route
+
+__all__ = ["Hedge", "HedgeFailed"]
+
+# What the winning call wrote into its context copy, and goes back into the request's.
+_RESULT_FIELDS = ("deployment", "provider_key", "served_deployment", "served_model", "provider",
+                  "usage", "first_byte_s", "error_type", "client_disconnected")
+
+
+class HedgeFailed(Exception):
+    """Both hedged calls failed before answering (their failures are recorded)."""
+
+    def __init__(self, next_chain: list[str] | None) -> None:
+        super().__init__("both hedged calls failed")
+        self.next_chain = next_chain
+
+
+class _Lost(Exception):
+    """Raised inside the slower call when it tries to start a response."""
+
+
+class Hedge:
+    """One request's race between two deployments (see the module docstring)."""
+
+    def __init__(self, layer: FailoverMiddleware, scope: Scope, receive: Receive, send: Send,
+                 ctx: RequestContext, route: Route, tried: Tried,
+                 fallback_model: str | None) -> None:
+        self.layer, self.scope, self.send, self.ctx = layer, scope, send, ctx
+        self.route, self.tried, self.fallback_model = route, tried, fallback_model
+        self.receive = _SharedReceive(receive)
+        self.winner: asyncio.Task[None] | None = None
+        self.started = asyncio.Event()
+        self.copies: dict[asyncio.Task[None], RequestContext] = {}
+        self.began: dict[asyncio.Task[None], float] = {}
+
+    async def run(self, first: tuple[DeploymentState, KeyState | None],
+                  second: tuple[DeploymentState, KeyState | None]) -> None:
+        calls = {self._launch(*first): first}
+        try:
+            await self._wait_start_or_end(calls, self.route.hedge_after_s)
+            if not self.started.is_set() and not all(task.done() for task in calls) and \
+                    self.layer.may_hedge(self.tried):
+                calls[self._launch(*second)] = second
+            else:
+                second[0].breaker.release()
+                if second[1] is not None:
+                    second[1].breaker.release()
+            await self._finish(calls)
+        finally:
+            for task in calls:
+                if not task.done():
+                    task.cancel()
+            self.receive.close()
+
+    def _launch(self, state: DeploymentState, key: KeyState | None) -> asyncio.Task[None]:
+        self.tried.attempts += 1
+        number = self.tried.attempts
+        copy = dataclasses.replace(self.ctx, attempts=[], response_headers=[],
+                                   deployment=state.deployment,
+                                   provider_key=None if key is None else key.key)
+        scope = dict(self.scope)
+        scope[CONTEXT_KEY] = copy
+        extra = route_headers(state, number, self.fallback_model)
+        task: asyncio.Task[None]
+
+        async def send_if_first(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if self.winner is not None and self.winner is not task:
+                    raise _Lost()
+                self.winner = task
+                self.tried.started = True
+                self.started.set()
+                self._copy_back(copy)
+                self.tried.set_headers(self.ctx, extra)  # the kernel adds them to this start
+            await self.send(message)
+
+        async def call() -> None:
+            state.started()
+            try:
+                await self.layer.app(scope, self.receive, send_if_first)
+            finally:
+                state.finished(copy.usage)
+
+        task = asyncio.ensure_future(call())
+        self.began[task] = time.monotonic()
+        self.copies[task] = copy
+        return task
+
+    async def _wait_start_or_end(self, calls: dict[asyncio.Task[None], Any],
+                                 timeout_s: float | None) -> None:
+        started = asyncio.ensure_future(self.started.wait())
+        try:
+            await asyncio.wait([*calls, started], timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+
+    async def _finish(self, calls: dict[asyncio.Task[None], tuple[DeploymentState,
+                                                                     KeyState | None]]) -> None:
+        pending = set(calls)
+        while pending and self.winner is None:
+            await self._wait_start_or_end({task: None for task in pending}, None)
+            pending = {task for task in pending if not task.done()}
+        for task, (state, key) in calls.items():
+            if task is not self.winner and not task.done():
+                task.cancel()
+        await asyncio.wait(calls)
+        self.ctx.attempts.extend(a for task in calls for a in self.copies[task].attempts)
+        next_chain: list[str] | None = None
+        other: BaseException | None = None  # a refusal from below, or the client went away
+        for task, (state, key) in calls.items():
+            error = task.exception() if not task.cancelled() else None
+            if task is self.winner:
+                continue
+            if isinstance(error, UpstreamError):
+                next_chain = self.layer.after_failure(error, state, key, self.tried,
+                                                      self.ctx.model) or next_chain
+                continue
+            # Cancelled as the loser, lost the race, or ended otherwise: no verdict on health.
+            state.breaker.release()
+            if key is not None:
+                key.breaker.release()
+            if error is not None and not isinstance(error, _Lost):
+                other = error
+        if self.winner is None:
+            if other is not None:
+                raise other
+            raise HedgeFailed(next_chain)
+        state, key = calls[self.winner]
+        copy = self.copies[self.winner]
+        if self.winner.cancelled():
+            raise asyncio.CancelledError()
+        error = self.winner.exception()
+        self._copy_back(copy)
+        if error is not None:
+            raise error
+        self.layer.succeeded(self.ctx, state, key, self.began[self.winner])
+
+    def _copy_back(self, copy: RequestContext) -> None:
+        for name in _RESULT_FIELDS:
+            setattr(self.ctx, name, getattr(copy, name))
+        self.ctx.status = copy.status or self.ctx.status
+
+
+class _SharedReceive:
+    """One `receive()` for two concurrent calls: the server delivers `http.disconnect` once,
+    so both callers wait on the same message."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._pending: asyncio.Future[MutableMapping[str, Any]] | None = None
+
+    async def __call__(self) -> MutableMapping[str, Any]:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._receive())
+        return await asyncio.shield(self._pending)
+
+    def close(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()

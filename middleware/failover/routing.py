@@ -1,0 +1,303 @@
+"""Picking a deployment: per-deployment state and the load-balancing strategies.
+
+Pure and clock-driven (no I/O). A `Group` holds one public model's deployments; `pick` returns
+the next one to try among those that are healthy (breaker allows), not yet failed in this
+request, not cooling down after a 429, and within their rpm/tpm capacity.
+
+Strategies (`Route.strategy`):
+- "weighted": weighted random (the default);
+- "least-busy": fewest calls in flight (ties broken at random);
+- "latency": power of two choices over a peak-EWMA of time to first byte, weighted by the
+  calls in flight (Finagle's peak EWMA: a slow observation is taken at once, a fast one
+  decays in over `EWMA_TAU_S`);
+- "lowest-cost": cheapest list price (input + output per million tokens) first;
+- "priority": in the order the deployments are declared.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from decimal import Decimal
+from typing import Any
+
+from gateway.context import RequestContext, Usage
+from gateway.errors import UpstreamError
+from gateway.upstream import Deployment, ProviderKey
+from middleware.failover.health import BreakerSettings, CircuitBreaker
+
+__all__ = ["STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried", "route_headers"]
+
+STRATEGIES = ("weighted", "least-busy", "latency", "lowest-cost", "priority")
+EWMA_TAU_S = 10.0
+_H_DEPLOYMENT, _H_ATTEMPTS, _H_FALLBACK = (b"x-sluicegate-deployment", b"x-sluicegate-attempts",
+                                           b"x-sluicegate-fallback")
+
+
+class KeyState:
+    """One provider key of a deployment: its breaker and what it has done."""
+
+    __slots__ = ("breaker", "failures", "key", "last_error")
+
+    def __init__(self, key: ProviderKey, breaker: CircuitBreaker) -> None:
+        self.key = key
+        self.breaker = breaker
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key.env, "breaker": self.breaker.state, "failures": self.failures,
+                "last_error": self.last_error}
+
+
+class DeploymentState:
+    """A deployment's health, load and latency as this process sees them."""
+
+    __slots__ = ("_ewma_at", "_rpm_tokens", "_tpm_tokens", "_updated", "breaker", "clock",
+                 "cool_until", "cost", "deployment", "ewma_ttft_s", "failures", "first_headers",
+                 "header", "in_flight", "keys", "requests", "shared_ttft_s", "tracks_ttft")
+
+    def __init__(self, deployment: Deployment, breaker: BreakerSettings,
+                 clock: Callable[[], float]) -> None:
+        self.deployment = deployment
+        self.clock = clock
+        self.header = deployment.name.encode("latin-1", "replace")
+        # The route headers of a first attempt (shared by every such request: never mutated).
+        self.first_headers = [(_H_DEPLOYMENT, self.header), (_H_ATTEMPTS, b"1")]
+        self.breaker = CircuitBreaker(breaker, clock=clock)
+        self.keys = [KeyState(key, CircuitBreaker(breaker, clock=clock))
+                     for key in deployment.keys]
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.ewma_ttft_s = 0.0
+        self.shared_ttft_s: float | None = None  # other instances' view (shared health)
+        # Kept for the latency strategy and for shared health (both set it); the EWMA costs
+        # an exp() per call, which other strategies need not pay.
+        self.tracks_ttft = False
+        self._ewma_at = 0.0
+        self.cool_until = 0.0  # after a 429 with Retry-After
+        price = deployment.price
+        self.cost = (price.input_per_mtok + price.output_per_mtok) if price is not None \
+            else Decimal("Infinity")
+        self._rpm_tokens = float(deployment.rpm or 0)
+        self._tpm_tokens = float(deployment.tpm or 0)
+        self._updated = clock()
+
+    @property
+    def name(self) -> str:
+        return self.deployment.name
+
+    def available(self, now: float) -> bool:
+        """Healthy and within capacity; a half-open breaker counts its probe here."""
+        if now < self.cool_until:
+            return False
+        if self.deployment.rpm is not None or self.deployment.tpm is not None:
+            self._refill(now)
+            if self.deployment.rpm is not None and self._rpm_tokens < 1 - 1e-9:
+                return False
+            if self.deployment.tpm is not None and self._tpm_tokens <= 0:
+                return False
+        return self.breaker.allows()
+
+    def _refill(self, now: float) -> None:
+        elapsed, self._updated = now - self._updated, now
+        if self.deployment.rpm is not None:
+            rpm = self.deployment.rpm
+            self._rpm_tokens = min(rpm, self._rpm_tokens + elapsed * rpm / 60)
+        if self.deployment.tpm is not None:
+            tpm = self.deployment.tpm
+            self._tpm_tokens = min(tpm, self._tpm_tokens + elapsed * tpm / 60)
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.requests += 1
+        if self.deployment.rpm is not None:
+            self._refill(self.clock())
+            self._rpm_tokens -= 1
+
+    def finished(self, usage: Usage | None) -> None:
+        """A call ended; what it used (None: nothing known) counts against the tpm capacity."""
+        self.in_flight -= 1
+        if self.deployment.tpm is not None and usage is not None:
+            self._refill(self.clock())  # the call's own time refills first, then it pays
+            self._tpm_tokens -= usage.input_tokens + usage.output_tokens
+
+    def observe_ttft(self, ttft_s: float, now: float | None = None) -> None:
+        """Peak EWMA: a slower sample is taken at once, a faster one decays in."""
+        if now is None:
+            now = self.clock()
+        if ttft_s >= self.ewma_ttft_s:
+            self.ewma_ttft_s = ttft_s
+        else:
+            weight = math.exp(-(now - self._ewma_at) / EWMA_TAU_S)
+            self.ewma_ttft_s = self.ewma_ttft_s * weight + ttft_s * (1 - weight)
+        self._ewma_at = now
+
+    def latency_score(self) -> float:
+        ttft = self.ewma_ttft_s
+        if self.shared_ttft_s is not None:
+            ttft = max(ttft, self.shared_ttft_s)
+        return ttft * (self.in_flight + 1)
+
+    def pick_key(self, bad: AbstractSet[str]) -> KeyState | None:
+        """A key, at random, among those whose breaker allows a call and that have not failed
+        in this request (keys share the deployment's load evenly)."""
+        if not self.keys:
+            return None
+        usable = [state for state in self.keys if state.key.env not in bad]
+        random.shuffle(usable)  # an unusable key's share spreads over all the others
+        return next((state for state in usable if state.breaker.allows()), None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "provider": self.deployment.provider,
+            "model": self.deployment.model, "weight": self.deployment.weight,
+            "tags": list(self.deployment.tags), "breaker": self.breaker.state,
+            "in_flight": self.in_flight, "requests": self.requests, "failures": self.failures,
+            "ewma_ttft_ms": round(self.ewma_ttft_s * 1000, 3),
+            "shared_ttft_ms": None if self.shared_ttft_s is None
+            else round(self.shared_ttft_s * 1000, 3),
+            "cooling_s": round(max(0.0, self.cool_until - self.clock()), 3),
+            "rpm": self.deployment.rpm, "tpm": self.deployment.tpm,
+            "keys": [key.describe() for key in self.keys],
+        }
+
+
+class Group:
+    """One public model's deployments and the strategy that picks among them."""
+
+    __slots__ = ("_cumulative", "_total_weight", "clock", "deployments", "model", "only",
+                 "strategy")
+
+    def __init__(self, model: str, deployments: Sequence[Deployment], *, strategy: str,
+                 breaker: BreakerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+        self.model = model
+        self.strategy = strategy
+        self.clock = clock
+        self.deployments = [DeploymentState(d, breaker, clock) for d in deployments]
+        for state in self.deployments:
+            state.tracks_ttft = strategy == "latency"
+        if strategy == "lowest-cost":
+            self.deployments.sort(key=lambda state: state.cost)
+        self.only = self.deployments[0] if len(self.deployments) == 1 else None
+        weights = [max(0.0, float(state.deployment.weight)) for state in self.deployments]
+        self._total_weight = sum(weights)
+        running, self._cumulative = 0.0, []
+        for weight in weights:
+            running += weight
+            self._cumulative.append(running)
+
+    def pick(self, excluded: AbstractSet[DeploymentState]) -> DeploymentState | None:
+        """The next deployment to try, or None when none is available."""
+        now = self.clock()
+        only = self.only
+        if only is not None:  # the common single-deployment group
+            return None if only in excluded or not only.available(now) else only
+        if self.strategy == "weighted":
+            return self._weighted(excluded, now)
+        candidates = [s for s in self.deployments if s not in excluded]
+        if self.strategy in ("priority", "lowest-cost"):
+            return next((s for s in candidates if s.available(now)), None)
+        if self.strategy == "least-busy":
+            random.shuffle(candidates)
+            candidates.sort(key=lambda state: state.in_flight)
+            return next((s for s in candidates if s.available(now)), None)
+        return self._two_choices(candidates, now)
+
+    def _weighted(self, excluded: AbstractSet[DeploymentState], now: float) -> DeploymentState | None:
+        if not excluded and self._total_weight > 0:
+            first = self.deployments[_bisect(self._cumulative,
+                                             random.random() * self._total_weight)]
+            if first.available(now):
+                return first
+            excluded = {*excluded, first}
+        rest = [s for s in self.deployments if s not in excluded]
+        while rest:
+            total = sum(max(0.0, float(s.deployment.weight)) for s in rest)
+            if total > 0:
+                point, chosen = random.random() * total, rest[-1]
+                for state in rest:
+                    point -= max(0.0, float(state.deployment.weight))
+                    if point < 0:
+                        chosen = state
+                        break
+            else:
+                chosen = random.choice(rest)
+            if chosen.available(now):
+                return chosen
+            rest.remove(chosen)
+        return None
+
+    def _two_choices(self, candidates: list[DeploymentState],
+                     now: float) -> DeploymentState | None:
+        # Score first, then ask `available` only of the one chosen (it may count a probe).
+        random.shuffle(candidates)
+        while candidates:
+            if len(candidates) == 1:
+                return candidates[0] if candidates[0].available(now) else None
+            a, b = candidates[0], candidates[1]
+            best, other = (a, b) if a.latency_score() <= b.latency_score() else (b, a)
+            if best.available(now):
+                return best
+            candidates.remove(best)
+            del other
+        return None
+
+    def state(self, name: str) -> DeploymentState | None:
+        return next((s for s in self.deployments if s.name == name), None)
+
+
+def _bisect(cumulative: list[float], point: float) -> int:
+    for index, bound in enumerate(cumulative):
+        if point < bound:
+            return index
+    return len(cumulative) - 1
+
+
+def route_headers(state: DeploymentState, attempts: int,
+                  fallback_model: str | None) -> list[tuple[bytes, bytes]]:
+    if attempts == 1 and fallback_model is None:
+        return state.first_headers
+    headers = [(_H_DEPLOYMENT, state.header), (_H_ATTEMPTS, b"%d" % attempts)]
+    if fallback_model is not None:
+        headers.append((_H_FALLBACK, fallback_model.encode()))
+    return headers
+
+
+class Tried:
+    """Per-request bookkeeping of the attempts made so far (the sets are made on the first
+    failure: the common request never needs them)."""
+
+    __slots__ = ("attempts", "bad_keys", "excluded", "headers", "last_error", "retry_after_s",
+                 "started")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.started = False  # a hedged call started the response: nothing may be retried
+        self.excluded: set[DeploymentState] | frozenset[DeploymentState] = NO_STATES
+        self.bad_keys: set[str] | frozenset[str] = _NO_KEYS
+        self.headers: list[tuple[bytes, bytes]] = []  # this layer's, in ctx.response_headers
+        self.last_error: UpstreamError | None = None
+        self.retry_after_s: float | None = None
+
+    def exclude(self, state: DeploymentState) -> None:
+        self.excluded = {*self.excluded, state}
+
+    def exclude_key(self, env: str) -> None:
+        self.bad_keys = {*self.bad_keys, env}
+
+    def set_headers(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> None:
+        """Puts this attempt's route headers on the response (replacing an earlier attempt's)."""
+        if self.headers:
+            ctx.response_headers[:] = [h for h in ctx.response_headers if h not in self.headers]
+        ctx.response_headers.extend(headers)
+        self.headers = headers
+
+
+NO_STATES: frozenset[DeploymentState] = frozenset()
+_NO_KEYS: frozenset[str] = frozenset()

@@ -1,0 +1,183 @@
+"""Breaker state and latency shared by every gateway instance through Redis.
+
+`RedisHealth(url)` runs one background task per process that, every `sync_interval_s`:
+- writes this process's breaker openings (with their end, wall-clock) and closings into the
+  hash `{<prefix>-health}:open`, and its latency averages into `{<prefix>-health}:ttft`;
+- reads both back: a breaker another instance opened is opened here until the same moment, a
+  breaker another instance closed (its half-open probe succeeded) is closed here, and the
+  latency strategy sees the slowest recent view of each deployment.
+
+Nothing of this is on the request path: a breaker change only marks the breaker for the next
+sync. So instances agree within about `sync_interval_s` plus one Redis round trip. When Redis
+is unreachable each instance keeps its own breakers (the per-process behaviour) and the task
+retries; the hash tag keeps both keys in one Redis Cluster slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from middleware.failover.health import CLOSED, OPEN, CircuitBreaker
+from middleware.failover.routing import Group
+
+if TYPE_CHECKING:
+    from middleware.failover import FailoverMiddleware
+
+__all__ = ["RedisHealth"]
+
+logger = logging.getLogger("sluicegate.failover")
+_TTFT_FRESH_S = 30.0
+
+
+class RedisHealth:
+    """Shares breaker state and latency stats between instances (see the module docstring)."""
+
+    def __init__(self, url: str | None = None, *, url_env: str | None = None,
+                 prefix: str = "sluicegate", sync_interval_s: float = 0.5,
+                 instance_id: str | None = None) -> None:
+        if url is None and url_env is not None:
+            url = os.environ.get(url_env)
+        if not url:
+            raise ValueError("RedisHealth needs a Redis URL (url= or url_env=)")
+        if not sync_interval_s > 0:
+            raise ValueError("RedisHealth.sync_interval_s must be positive")
+        self.url = url
+        self.sync_interval_s = sync_interval_s
+        self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tag = "{" + prefix + "-health}"
+        self.open_key, self.ttft_key = f"{tag}:open", f"{tag}:ttft"
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._groups: list[Group] = []
+        self._changed: dict[str, CircuitBreaker] = {}
+        self._client: redis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.last_sync: float | None = None
+        self.errors = 0
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def watch(self, group: Group) -> None:
+        """Shares a model group's breakers (deployment and provider-key breakers)."""
+        self._groups.append(group)
+        for state in group.deployments:
+            state.tracks_ttft = True  # its latency is shared
+            self._share(f"{group.model}|{state.name}", state.breaker)
+            for key in state.keys:
+                self._share(f"{group.model}|{state.name}|{key.key.env}", key.breaker)
+
+    def _share(self, name: str, breaker: CircuitBreaker) -> None:
+        self._breakers[name] = breaker
+        breaker.on_change = lambda _: self._changed.__setitem__(name, breaker)
+
+    async def startup(self, layer: FailoverMiddleware) -> None:
+        self._client = redis.Redis.from_url(self.url, socket_timeout=2.0,
+                                            socket_connect_timeout=2.0)
+        self._task = asyncio.create_task(self._run(), name="sluicegate-failover-health")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._client is not None:
+            try:
+                await self.sync()  # the last openings still reach the others
+            except (RedisError, OSError):
+                pass
+            await self._client.aclose()
+            self._client = None
+
+    async def check_ready(self) -> dict[str, str]:
+        assert self._client is not None
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            return {"failover-redis": f"unreachable ({type(exc).__name__})"}
+        return {"failover-redis": "ok"}
+
+    def describe(self) -> dict[str, Any]:
+        return {"instance": self.instance_id, "sync_interval_s": self.sync_interval_s,
+                "last_sync_age_s": None if self.last_sync is None
+                else round(time.monotonic() - self.last_sync, 3), "errors": self.errors}
+
+    # -- the sync --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except (RedisError, OSError) as exc:
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0:
+                    logger.warning("failover health sync with Redis failed (%s); breakers stay "
+                                   "per process until it is back", type(exc).__name__)
+            await asyncio.sleep(self.sync_interval_s)
+
+    async def sync(self) -> None:
+        """One exchange with Redis: write what changed here, read what changed elsewhere."""
+        assert self._client is not None
+        changed, self._changed = self._changed, {}
+        wall, mono = time.time(), time.monotonic()
+        opened: dict[Any, Any] = {name: f"{wall + b.opened_at + b.settings.cooldown_s - mono:.3f}"
+                  for name, b in changed.items() if b.state == OPEN}
+        closed = [name for name, b in changed.items() if b.state == CLOSED]
+        ttft: dict[Any, Any] = {f"{g.model}|{s.name}|{self.instance_id}": f"{s.ewma_ttft_s:.6f}:{wall:.3f}"
+                for g in self._groups for s in g.deployments if s.requests}
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                if opened:
+                    pipe.hset(self.open_key, mapping=opened)
+                if closed:
+                    pipe.hdel(self.open_key, *closed)
+                if ttft:
+                    pipe.hset(self.ttft_key, mapping=ttft)
+                pipe.hgetall(self.open_key)
+                pipe.hgetall(self.ttft_key)
+                replies = await pipe.execute()
+        except BaseException:
+            for name, breaker in changed.items():  # tell the others next time
+                self._changed.setdefault(name, breaker)
+            raise
+        self._apply_open(replies[-2], time.time(), time.monotonic())
+        self._apply_ttft(replies[-1], time.time())
+        self.last_sync = time.monotonic()
+
+    def _apply_open(self, raw: dict[bytes, bytes], wall: float, mono: float) -> None:
+        remote: dict[str, float] = {}
+        for field, value in raw.items():
+            try:
+                remote[field.decode()] = float(value)
+            except ValueError:
+                continue
+        for name, breaker in self._breakers.items():
+            if name in self._changed:
+                continue  # changed here since the write: ours is newer
+            until = remote.get(name)
+            if until is not None and until > wall:
+                breaker.open_until(mono + (until - wall))
+            elif until is None and breaker.state != CLOSED:
+                breaker.close_shared()  # another instance's probe succeeded
+
+    def _apply_ttft(self, raw: dict[bytes, bytes], wall: float) -> None:
+        views: dict[str, float] = {}
+        for field, value in raw.items():
+            name, _, instance = field.decode().rpartition("|")
+            if instance == self.instance_id:
+                continue
+            ewma, _, at = value.decode().partition(":")
+            try:
+                if wall - float(at) > _TTFT_FRESH_S:
+                    continue
+                views[name] = max(views.get(name, 0.0), float(ewma))
+            except ValueError:
+                continue
+        for group in self._groups:
+            for state in group.deployments:
+                state.shared_ttft_s = views.get(f"{group.model}|{state.name}")

@@ -1,0 +1,517 @@
+"""The failover layer against real mock providers: retries, fallbacks, breakers, hedging.
+
+Two mock servers play two independent upstreams ("a" is the primary, "b" the fallback), so a
+fault injected into one never touches the other. Each test gets a gateway of its own: breaker
+state lives in the layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
+
+ADMIN_TOKEN = "failover-admin-token-0123456789"
+QUESTION = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+
+
+@pytest.fixture(scope="module")
+def upstream_a() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream_b() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_a)
+
+
+@pytest.fixture
+def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_b)
+
+
+def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
+    def reset() -> None:
+        server.clear_faults()
+        server.reset_log()
+        server.reset_ratio_failures()
+        server.config.update({"fail_ratio": 0.0, "expected_keys": None, "ttft_s": 0.0,
+                              "chunk_chars": 8})
+    reset()
+    yield server
+    reset()
+
+
+def failover_config(a: MockProviderServer, b: MockProviderServer, layer: str,
+                    extra: str = "") -> str:
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Price, Timeouts
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.failover import BreakerSettings, FailoverMiddleware, RedisHealth, RetryPolicy, Route
+from middleware.metering import MeteringMiddleware
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
+os.environ.setdefault("SG_FAILOVER_ADMIN", "{ADMIN_TOKEN}")
+fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
+providers = {{
+    "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
+                  timeouts=fast),
+    "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
+                  timeouts=fast),
+    "b-claude": Provider("anthropic", base_url="{b.base_url("anthropic")}",
+                         api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+    "a-claude": Provider("anthropic", base_url="{a.base_url("anthropic")}",
+                         api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
+}}
+PRICE = Price(input_per_mtok="1", output_per_mtok="2")
+models = {{
+    "primary": [Deployment("a", "gpt-4o-mini", price=PRICE)],
+    "backup": [Deployment("b", "gpt-4o-mini", price=PRICE)],
+    "big": [Deployment("b-claude", "claude-3-5-haiku-latest", price=PRICE)],
+    "pair": [Deployment("a", "gpt-4o-mini", price=PRICE), Deployment("b", "gpt-4o", price=PRICE)],
+    "claude-a": [Deployment("a-claude", "claude-3-5-haiku-latest", price=PRICE)],
+}}
+{extra}
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(FailoverMiddleware, admin_token_env="SG_FAILOVER_ADMIN", {layer}),
+]
+'''
+
+
+@contextmanager
+def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        yield server
+
+
+def client(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def chat(server: ThreadedServer, model: str, **options: object) -> httpx.Response:
+    return chat_at(server.url, model, **options)
+
+
+def chat_at(url: str, model: str, **options: object) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                      json={"model": model, "messages": QUESTION, **options})
+
+
+def deployments(server: ThreadedServer) -> dict[str, object]:
+    response = httpx.get(server.url + "/admin/deployments",
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    result: dict[str, object] = response.json()
+    return result
+
+
+def breaker_of(server: ThreadedServer, model: str, index: int = 0) -> str:
+    state = deployments(server)["models"][model]["deployments"][index]  # type: ignore[index]
+    return str(state["breaker"])
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+# -- acceptance: a flaky primary, a dead primary, Retry-After -------------------------------
+
+def test_half_failing_primary_with_a_healthy_fallback_succeeds_within_the_retry_budget(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.config.update({"fail_ratio": 0.5, "fail_status": 503, "fail_seed": 7})
+    layer = ('routes={"primary": Route(fallbacks=("backup",))}, '
+             'retry=RetryPolicy(max_attempts=3, budget_ratio=0.2, budget_window_s=10, '
+             'budget_min_per_s=1)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        sdk = client(gateway)
+        ok, began = 0, time.monotonic()
+        for _ in range(1000):
+            try:
+                answer = sdk.chat.completions.create(model="primary", messages=QUESTION)
+                ok += answer.choices[0].message.content is not None
+            except openai.APIError:
+                pass
+        windows = math.ceil((time.monotonic() - began) / 10)
+        state = deployments(gateway)
+    counters = state["counters"]  # type: ignore[index]
+    assert ok >= 999, f"only {ok} of 1000 succeeded"
+    assert counters["requests"] == 1000
+    # Every retry went through the budget: at most 20% of the requests of a 10 s window plus
+    # 1/s, so over the run at most 0.2 × 1000 + 10 per 10 s window it lasted.
+    assert counters["retries"] <= 0.2 * 1000 + 10 * windows
+    # Why so few retries are needed: a's error rate opened its breaker, and requests then
+    # went to the fallback as their first attempt (half-open probes test a again).
+    primary = state["models"]["primary"]["deployments"][0]  # type: ignore[index]
+    assert primary["failures"] == a.ratio_failures()
+    # The failures a saw are exactly the retries and fallbacks' causes: none was lost.
+    assert a.ratio_failures() >= 1
+    assert len(b.requests) >= a.ratio_failures() - counters["budget_refusals"]
+
+
+def test_a_dead_primary_opens_its_breaker_and_requests_go_straight_to_the_fallback(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.config.update({"fail_ratio": 1.0, "fail_status": 503})
+    layer = ('routes={"primary": Route(fallbacks=("backup",))}, '
+             'breaker=BreakerSettings(consecutive_failures=3, cooldown_s=0.5, min_requests=1000)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        for _ in range(3):
+            assert chat(gateway, "primary").status_code == 200
+        assert breaker_of(gateway, "primary") == "open"
+        calls_to_a = len(a.requests)
+        assert calls_to_a == 3
+        for _ in range(20):
+            response = chat(gateway, "primary")
+            assert response.status_code == 200
+            assert response.headers["x-sluicegate-attempts"] == "1"  # no time paid on a
+            assert response.headers["x-sluicegate-fallback"] == "backup"
+        assert len(a.requests) == calls_to_a
+        # a recovers; after the cool-down one half-open probe goes to a and closes it.
+        a.config.update({"fail_ratio": 0.0})
+        time.sleep(0.6)
+        response = chat(gateway, "primary")
+        assert response.status_code == 200
+        assert response.headers["x-sluicegate-deployment"] == "a/gpt-4o-mini"
+        assert "x-sluicegate-fallback" not in response.headers
+        assert breaker_of(gateway, "primary") == "closed"
+        assert len(a.requests) == calls_to_a + 1
+
+
+def test_a_refused_connection_fails_over_and_opens_the_breaker(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    text = failover_config(a, b, 'routes={"primary": Route(fallbacks=("backup",))}, '
+                                 'breaker=BreakerSettings(consecutive_failures=2)')
+    text = text.replace(a.base_url("openai"), "http://127.0.0.1:9/v1")  # nothing listens
+    with serve(tmp_path, text) as gateway:
+        for _ in range(4):
+            response = chat(gateway, "primary")
+            assert response.status_code == 200
+            assert response.headers["x-sluicegate-deployment"] == "b/gpt-4o-mini"
+        assert breaker_of(gateway, "primary") == "open"
+        attempts = [int(chat(gateway, "primary").headers["x-sluicegate-attempts"])
+                    for _ in range(3)]
+        assert attempts == [1, 1, 1]
+
+
+def test_429_retry_after_is_honoured_when_it_fits_the_deadline(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=1))
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(deadline_s=10)")) as gateway:
+        began = time.monotonic()
+        response = chat(gateway, "primary")
+        waited = time.monotonic() - began
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-attempts"] == "2"
+    assert waited >= 1.0  # the second call waited for Retry-After, not for a short backoff
+    assert len(a.requests) == 2
+
+
+def test_429_whose_retry_after_exceeds_the_deadline_is_answered_at_once(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(deadline_s=5)")) as gateway:
+        response = chat(gateway, "primary")
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "30"
+        assert response.json()["error"]["type"] == "rate_limit_error"
+        assert len(a.requests) == 1
+        # While a cools down, another request does not hammer it: it is refused with the
+        # time left, in the caller's shape.
+        again = chat(gateway, "primary")
+        assert again.status_code == 429
+        assert 1 <= int(again.headers["retry-after"]) <= 30
+        assert len(a.requests) == 1
+
+
+def test_429_on_one_deployment_moves_to_the_other_at_once(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
+    layer = 'routes={"pair": Route(strategy="priority")}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        began = time.monotonic()
+        response = chat(gateway, "pair")
+        assert time.monotonic() - began < 5  # did not wait 30 s for a
+        assert response.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+        # a is cooling down for 30 s: the next requests go to b first.
+        assert chat(gateway, "pair").headers["x-sluicegate-attempts"] == "1"
+        assert len(a.requests) == 1
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [
+    Fault("status", provider="openai", status=503),
+    Fault("error_event", provider="openai", after_chunks=0),
+    Fault("reset", provider="openai", after_chunks=0),
+], ids=["503", "error-event-in-200", "reset"])
+def test_a_stream_failing_before_its_first_chunk_fails_over_invisibly(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, fault: Fault) -> None:
+    a.push_fault(fault)
+    layer = 'routes={"primary": Route(fallbacks=("backup",))}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        stream = client(gateway).chat.completions.create(model="primary", messages=QUESTION,
+                                                         stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text  # one clean stream from b: the SDK saw no error
+    assert len(a.requests) == 1 and len(b.requests) == 1
+
+
+def test_stream_failover_headers_and_bytes(tmp_path: Path, a: MockProviderServer,
+                                           b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=503))
+    layer = 'routes={"primary": Route(fallbacks=("backup",))}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway, httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+            json={"model": "primary", "messages": QUESTION, "stream": True}) as r:
+        body = r.read().decode()
+        headers = r.headers
+    assert headers["x-sluicegate-deployment"] == "b/gpt-4o-mini"
+    assert headers["x-sluicegate-attempts"] == "2"
+    assert headers["x-sluicegate-fallback"] == "backup"
+    assert body.count("data: [DONE]") == 1 and '"error"' not in body
+
+
+def test_a_stream_failing_midway_ends_with_a_well_formed_error_event(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    layer = ('routes={"primary": Route(fallbacks=("backup",))}, '
+             'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=60)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "primary", "messages": QUESTION, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200
+        content = [e for e in events if '"choices"' in e]
+        assert len(content) >= 3
+        assert '"error"' in events[-1]
+        assert events[-1].startswith('data: {"error": {') or events[-1].startswith('data: {"error":{')
+        assert len(b.requests) == 0  # nothing is retried once content went out
+        # The broken stream counted against a: its breaker (1 failure) is open now.
+        assert breaker_of(gateway, "primary") == "open"
+        assert chat(gateway, "primary").headers["x-sluicegate-fallback"] == "backup"
+
+
+# -- continuation ------------------------------------------------------------------------------
+
+FULL_REPLY = "Mock reply to: " + QUESTION[0]["content"]
+
+
+def test_a_broken_openai_stream_is_continued_by_the_fallback_from_where_it_broke(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    layer = 'routes={"primary": Route(fallbacks=("big",), continuation=True)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway, httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+            json={"model": "primary", "messages": QUESTION, "stream": True,
+                  "stream_options": {"include_usage": True}}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == FULL_REPLY  # the client saw one answer, nothing repeated or lost
+    # The fallback was asked to go on from the text the client already had.
+    asked = b.requests[-1]["json"]
+    partial = asked["messages"][-1]
+    prefill = partial["content"] if isinstance(partial["content"], str) else "".join(
+        block["text"] for block in partial["content"])
+    assert partial["role"] == "assistant"
+    assert FULL_REPLY.startswith(prefill) and 0 < len(prefill) < len(text)
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("chunk_chars,after_chunks", [(8, 2), (5, 1)],
+                         ids=["mid-word", "after-a-space"])
+def test_a_broken_anthropic_stream_is_continued_as_one_message(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, chunk_chars: int,
+        after_chunks: int) -> None:
+    # "after-a-space": the client has "Mock " when it breaks; Anthropic refuses a prefill
+    # ending in whitespace, so the prefill is "Mock" and the continuation's " reply" loses
+    # the space the client already has.
+    a.config.update({"chunk_chars": chunk_chars})
+    a.push_fault(Fault("error_event", provider="anthropic", after_chunks=after_chunks))
+    layer = 'routes={"claude-a": Route(fallbacks=("big",), continuation=True)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+        with sdk.messages.stream(model="claude-a", max_tokens=100,
+                                 messages=QUESTION) as stream:  # type: ignore[arg-type]
+            names = [event.type for event in stream]
+            message = stream.get_final_message()
+    assert message.content[0].text == FULL_REPLY  # type: ignore[union-attr]
+    assert names.count("message_start") == 1 and names.count("message_stop") == 1
+    assert "error" not in names
+    assert b.requests[-1]["json"]["messages"][-1]["role"] == "assistant"
+
+
+def test_a_continuation_that_cannot_happen_ends_with_the_error_event(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    b.push_fault(Fault("status", provider="anthropic", status=503))
+    layer = 'routes={"primary": Route(fallbacks=("big",), continuation=True)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway, httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+            json={"model": "primary", "messages": QUESTION, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"]  # well-formed, and the last event
+    assert sum('"error"' in e for e in events) == 1
+
+
+# -- fallbacks by error kind, keys, caller errors ---------------------------------------------
+
+def test_context_window_errors_go_to_the_larger_model(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=400,
+                       message="This model's maximum context length is 8192 tokens. However, "
+                               "your messages resulted in 9000 tokens."))
+    layer = 'routes={"primary": Route(context_window_fallbacks=("big",))}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "primary")
+        assert response.status_code == 200
+        assert response.headers["x-sluicegate-fallback"] == "big"
+        assert response.headers["x-sluicegate-deployment"] == "b-claude/claude-3-5-haiku-latest"
+        assert response.json()["choices"][0]["message"]["content"]
+        assert breaker_of(gateway, "primary") == "closed"
+
+
+def test_content_policy_refusals_go_to_the_alternative(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=400,
+                       message="The response was filtered due to the prompt triggering Azure "
+                               "OpenAI's content management policy."))
+    layer = 'routes={"primary": Route(content_policy_fallbacks=("backup",))}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "primary")
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-fallback"] == "backup"
+
+
+def test_caller_errors_are_answered_as_they_are_and_never_open_a_breaker(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    layer = ('routes={"primary": Route(fallbacks=("backup",))}, '
+             'breaker=BreakerSettings(consecutive_failures=1)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        for _ in range(3):
+            a.push_fault(Fault("status", provider="openai", status=400,
+                               message="Invalid value for 'temperature'."))
+            response = chat(gateway, "primary")
+            assert response.status_code == 400
+            assert "temperature" in response.json()["error"]["message"]
+        assert breaker_of(gateway, "primary") == "closed"
+        assert len(b.requests) == 0
+
+
+def test_a_failing_provider_key_is_taken_out_and_another_key_serves(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    monkeypatch.setenv("KEY_REVOKED", "sk-revoked-key-000000000")
+    a.config.update({"expected_keys": {"openai": "sk-good-key-one-0000000000"}})
+    extra = ('models["keyed"] = [Deployment("a", "gpt-4o-mini", price=PRICE, '
+             'api_key_envs=("KEY_REVOKED", "KEY_ONE"))]')
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(max_attempts=2)",
+                                         extra)) as gateway:
+        for _ in range(12):
+            response = chat(gateway, "keyed")
+            assert response.status_code == 200, response.text
+            assert int(response.headers["x-sluicegate-attempts"]) <= 2
+        state = deployments(gateway)["models"]["keyed"]["deployments"][0]  # type: ignore[index]
+    keys = {key["key"]: key for key in state["keys"]}
+    assert keys["KEY_REVOKED"]["failures"] >= 1
+    assert keys["KEY_REVOKED"]["last_error"].startswith("401")
+    assert keys["KEY_ONE"]["failures"] == 0
+    sent = {r["headers"].get("authorization") for r in a.requests}
+    assert sent <= {"Bearer sk-good-key-one-0000000000", "Bearer sk-revoked-key-000000000"}
+    assert state["breaker"] == "closed"
+
+
+# -- timeouts and hedging ---------------------------------------------------------------------
+
+def test_no_first_byte_within_the_ttft_timeout_fails_over(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=3))
+    layer = 'routes={"primary": Route(fallbacks=("backup",), ttft_timeout_s=0.3)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        began = time.monotonic()
+        response = chat(gateway, "primary", stream=True)
+        elapsed = time.monotonic() - began
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "b/gpt-4o-mini"
+    assert elapsed < 3  # a's slow answer was abandoned, not waited for
+    assert "data: [DONE]" in response.text
+
+
+def test_hedging_starts_a_second_call_and_the_first_to_answer_wins(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=2))
+    layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=0.2)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        began = time.monotonic()
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "pair", "messages": QUESTION, "stream": True}) as r:
+            body = r.read().decode()
+            headers = r.headers
+        elapsed = time.monotonic() - began
+        counters = deployments(gateway)["counters"]  # type: ignore[index]
+        # An answer that comes in time is not hedged.
+        quick = chat(gateway, "pair")
+    assert headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert headers["x-sluicegate-attempts"] == "2"
+    assert body.count("data: [DONE]") == 1 and '"error"' not in body
+    assert elapsed < 2  # b won; a's slow call was cancelled, not waited for
+    assert counters["hedges"] == 1
+    assert quick.headers["x-sluicegate-deployment"] == "a/gpt-4o-mini"
+    assert quick.headers["x-sluicegate-attempts"] == "1"
+
+
+def test_hedged_call_falls_back_when_both_fail(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("status", provider="openai", status=503))
+    layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=0.2)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "pair")
+    # a failed at once (before the hedge delay): b is the next deployment, as a retry.
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+
+
+# -- admin --------------------------------------------------------------------------------------
+
+def test_admin_deployments_needs_the_admin_token(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    with serve(tmp_path, failover_config(a, b, 'routes={}')) as gateway:
+        assert chat(gateway, "pair").status_code == 200
+        anonymous = httpx.get(gateway.url + "/admin/deployments")
+        with_key = httpx.get(gateway.url + "/admin/deployments", headers=AUTH)
+        state = deployments(gateway)
+    assert anonymous.status_code == 401 and with_key.status_code == 401
+    pair = state["models"]["pair"]  # type: ignore[index]
+    assert pair["strategy"] == "weighted"
+    assert {d["name"] for d in pair["deployments"]} == {"a/gpt-4o-mini", "b/gpt-4o"}
+    assert sum(d["requests"] for d in pair["deployments"]) == 1
+    assert "provider-secret" not in httpx.Response(200, json=state).text
