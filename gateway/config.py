@@ -185,7 +185,10 @@ def _resolve_keys(config: GatewayConfig) -> None:
         resolved = []
         for deployment in model.deployments:
             envs = deployment.api_key_envs
-            if isinstance(envs, str) or not all(isinstance(env, str) and env for env in envs):
+            if isinstance(envs, str):  # one name given as a plain string
+                envs = (envs,)
+            if not isinstance(envs, (tuple, list)) or \
+                    not all(isinstance(env, str) and env for env in envs):
                 raise ConfigError(f"model {name!r}: api_key_envs of {deployment.name} must be a "
                                   "tuple of environment variable names.")
             missing = [env for env in envs if not os.environ.get(env)]

@@ -99,6 +99,10 @@ class Kernel:
         self.request_id_header = config.settings.request_id_header.lower().encode()
         self.server_timing = config.settings.server_timing
         self.components = stack_components(app)
+        for component in self.components:  # layers that check options against the config
+            check = getattr(component, "check_config", None)
+            if callable(check):
+                check(config)
         self._models_openai = orjson.dumps(self._model_list_openai())
         self._models_anthropic = orjson.dumps(self._model_list_anthropic())
         self._started = False

@@ -4,8 +4,10 @@ A layer is a pure ASGI middleware: `__init__(app, **options)` that only stores c
 and `async __call__(scope, receive, send)` whose first statement passes non-HTTP scopes
 through. It reads and writes the `RequestContext` (`find_request_context(scope)`; None for
 requests the kernel answers itself), refuses with `GatewayError` (rendered in the caller's
-API shape by the kernel), and may define `async startup()`, `async shutdown()` and
-`async check_ready() -> dict[str, str]`, which the kernel calls.
+API shape by the kernel), and may define `async startup()`, `async shutdown()`,
+`async check_ready() -> dict[str, str]` and `check_config(config)` (raises
+`gateway.config.ConfigError` when its options name models or providers the config does not
+have), which the kernel calls.
 """
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import CONTEXT_KEY, RequestContext
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
@@ -114,6 +115,18 @@ class FailoverMiddleware:
                                   min_per_s=self.retry.budget_min_per_s)
         self.counters = {"requests": 0, "retries": 0, "fallbacks": 0, "hedges": 0,
                          "budget_refusals": 0}
+
+    def check_config(self, config: GatewayConfig) -> None:
+        """Every model a route names (and its fallbacks) must be a configured model."""
+        for model, route in self.routes.items():
+            named = [model, *route.fallbacks, *route.context_window_fallbacks,
+                     *route.content_policy_fallbacks]
+            unknown = [name for name in named if name not in config.models]
+            if unknown:
+                raise ConfigError(f"{config.path}: FailoverMiddleware routes[{model!r}] names "
+                                  f"{', '.join(map(repr, unknown))}, which "
+                                  f"{'is not a model' if len(unknown) == 1 else 'are not models'}"
+                                  " in `models`.")
 
     async def startup(self) -> None:
         if self.shared is not None:

@@ -115,3 +115,52 @@ def test_default_config_loads_without_any_key(monkeypatch: pytest.MonkeyPatch) -
     config = load_config(REPO / "deploy/default_config.py")
     assert list(config.models) == ["demo"]
     assert config.models["demo"].owned_by == "sluicegate-demo"
+
+
+def create_error_for(tmp_path: Path, text: str) -> str:
+    """The error `create_app` (the kernel over the stack) gives for a config."""
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        create_app(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    return message
+
+
+FAILOVER_HEAD = HEAD + "from middleware.failover import FailoverMiddleware, Route\n"
+
+
+def test_a_failover_route_naming_an_unknown_model_refuses_to_start(tmp_path: Path) -> None:
+    message = create_error_for(tmp_path, FAILOVER_HEAD + (
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        'middleware = [Middleware(FailoverMiddleware, routes={"m": Route(fallbacks=("m2",), '
+        'context_window_fallbacks=("big",))})]\n'))
+    assert "routes['m'] names 'm2', 'big', which are not models" in message
+
+
+def test_deployment_keys_come_from_the_environment_or_refuse(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SG_TEST_NO_SUCH_KEY", raising=False)
+    monkeypatch.setenv("SG_TEST_KEY_A", "sk-a-secret-value-123456")
+    text = HEAD + ('providers = {"oa": Provider("openai")}\n'
+                   'models = {"m": [Deployment("oa", "y", free=True, '
+                   'api_key_envs=("SG_TEST_KEY_A", "SG_TEST_NO_SUCH_KEY"))]}\n')
+    message = error_for(tmp_path, text)
+    assert "needs the environment variable(s) SG_TEST_NO_SUCH_KEY" in message
+    assert "sk-a-secret" not in message
+    config = load_config(write_config(tmp_path, text.replace(', "SG_TEST_NO_SUCH_KEY"', "")))
+    key = config.models["m"].deployments[0].keys[0]
+    assert key.env == "SG_TEST_KEY_A" and key.secret == "sk-a-secret-value-123456"
+    assert "sk-a-secret" not in repr(config.models["m"])
+
+
+def test_two_deployments_of_a_model_need_distinct_names(tmp_path: Path) -> None:
+    message = error_for(tmp_path, HEAD + (
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True), Deployment("oa", "y", free=True)]}\n'))
+    assert "give them distinct `label`s" in message
+    error_for_rpm = error_for(tmp_path, HEAD + (
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True, rpm=0)]}\n'))
+    assert "rpm/tpm that are positive integers" in error_for_rpm
