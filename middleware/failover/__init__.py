@@ -71,6 +71,7 @@ from middleware.failover.routing import (
     Group,
     KeyState,
     Tried,
+    requested_tags,
     route_headers,
 )
 from middleware.failover.shared import RedisHealth
@@ -159,6 +160,10 @@ class FailoverMiddleware:
         began = time.monotonic()  # this layer's clock, like the groups' (time.monotonic)
         self.budget.request(began)
         route = self.routes.get(ctx.model, self.default)
+        if group.tagged and (wanted := requested_tags(ctx.headers)):
+            await self._serve(scope, receive, send, ctx, route, self._tried_with_tags(
+                ctx, route, wanted), None)
+            return
         state = None
         if route.plain:
             state = group.only
@@ -264,7 +269,7 @@ class FailoverMiddleware:
             if wait is None:
                 raise self._final_error(tried, requested, chain)
             await asyncio.sleep(wait)
-            tried.excluded = set()
+            tried.excluded = set(tried.ineligible)
 
     def may_hedge(self, tried: Tried) -> bool:
         """A hedged second call is a retry: it needs an attempt and the retry budget."""
@@ -272,6 +277,20 @@ class FailoverMiddleware:
             return False
         self.counters["hedges"] += 1
         return True
+
+    def _tried_with_tags(self, ctx: RequestContext, route: Route, wanted: frozenset[str]) -> Tried:
+        """Bookkeeping for a request that asks for deployment tags (`x-sluicegate-tags`):
+        every deployment of the model and its fallbacks without all of them is out, for
+        every round (a region pin must hold on the fallbacks too)."""
+        tried = Tried()
+        models = [*(self._chains.get(ctx.model) or self._chain(ctx.model, route)),
+                  *route.context_window_fallbacks, *route.content_policy_fallbacks]
+        tried.ineligible = frozenset(
+            state for model in models if (group := self.group(ctx, model)) is not None
+            for state in group.deployments if not wanted <= state.tags)
+        tried.excluded = set(tried.ineligible)
+        tried.wanted_tags = wanted
+        return tried
 
     def _chain(self, model: str, route: Route) -> list[str]:
         chain = self._chains[model] = [model, *route.fallbacks]
@@ -361,6 +380,13 @@ class FailoverMiddleware:
                 429, f"Every deployment of model '{requested}' (and its fallbacks) is "
                      "rate-limited by its provider right now.", code="rate_limited",
                 headers=[(b"retry-after", b"%d" % max(1, math.ceil(min(cooling))))])
+        if tried.wanted_tags and all(
+                state in tried.ineligible for model in chain
+                if (group := self.groups.get(model)) is not None for state in group.deployments):
+            return GatewayError(
+                400, f"No deployment of model '{requested}' (or its fallbacks) has the tags "
+                     f"{', '.join(sorted(tried.wanted_tags))} asked for in x-sluicegate-tags.",
+                code="no_deployment_with_tags", param="x-sluicegate-tags")
         return GatewayError(
             503, f"No deployment of model '{requested}' (or its fallbacks) is healthy right "
                  "now: their circuit breakers are open.", code="no_healthy_deployment",

@@ -28,7 +28,8 @@ from gateway.errors import UpstreamError
 from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
-__all__ = ["STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried", "route_headers"]
+__all__ = ["NO_STATES", "STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried",
+           "requested_tags", "route_headers"]
 
 STRATEGIES = ("weighted", "least-busy", "latency", "lowest-cost", "priority")
 EWMA_TAU_S = 10.0
@@ -57,13 +58,14 @@ class DeploymentState:
 
     __slots__ = ("_ewma_at", "_rpm_tokens", "_tpm_tokens", "_updated", "breaker", "clock",
                  "cool_until", "cost", "deployment", "ewma_ttft_s", "failures", "first_headers",
-                 "header", "in_flight", "keys", "requests", "shared_ttft_s", "tracks_ttft")
+                 "header", "in_flight", "keys", "requests", "shared_ttft_s", "tags", "tracks_ttft")
 
     def __init__(self, deployment: Deployment, breaker: BreakerSettings,
                  clock: Callable[[], float]) -> None:
         self.deployment = deployment
         self.clock = clock
         self.header = deployment.name.encode("latin-1", "replace")
+        self.tags = frozenset(deployment.tags)
         # The route headers of a first attempt (shared by every such request: never mutated).
         self.first_headers = [(_H_DEPLOYMENT, self.header), (_H_ATTEMPTS, b"1")]
         self.breaker = CircuitBreaker(breaker, clock=clock)
@@ -170,7 +172,7 @@ class Group:
     """One public model's deployments and the strategy that picks among them."""
 
     __slots__ = ("_cumulative", "_total_weight", "clock", "deployments", "model", "only",
-                 "strategy")
+                 "strategy", "tagged")
 
     def __init__(self, model: str, deployments: Sequence[Deployment], *, strategy: str,
                  breaker: BreakerSettings, clock: Callable[[], float] = time.monotonic) -> None:
@@ -185,6 +187,7 @@ class Group:
         if strategy == "lowest-cost":
             self.deployments.sort(key=lambda state: state.cost)
         self.only = self.deployments[0] if len(self.deployments) == 1 else None
+        self.tagged = any(state.tags for state in self.deployments)
         weights = [max(0.0, float(state.deployment.weight)) for state in self.deployments]
         self._total_weight = sum(weights)
         running, self._cumulative = 0.0, []
@@ -259,6 +262,19 @@ def _bisect(cumulative: list[float], point: float) -> int:
     return len(cumulative) - 1
 
 
+TAGS_HEADER = b"x-sluicegate-tags"
+
+
+def requested_tags(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
+    """The deployment tags a request asks for: `x-sluicegate-tags: eu, premium` (all must
+    be on the deployment)."""
+    for name, value in headers:
+        if name == TAGS_HEADER:
+            return frozenset(tag.strip() for tag in value.decode("latin-1").split(",")
+                             if tag.strip())
+    return frozenset()
+
+
 def route_headers(state: DeploymentState, attempts: int,
                   fallback_model: str | None) -> list[tuple[bytes, bytes]]:
     if attempts == 1 and fallback_model is None:
@@ -273,11 +289,13 @@ class Tried:
     """Per-request bookkeeping of the attempts made so far (the sets are made on the first
     failure: the common request never needs them)."""
 
-    __slots__ = ("attempts", "bad_keys", "excluded", "headers", "last_error", "retry_after_s",
-                 "started")
+    __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
+                 "retry_after_s", "started", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
+        self.ineligible: frozenset[DeploymentState] = NO_STATES  # out for every round
+        self.wanted_tags: frozenset[str] = frozenset()
         self.started = False  # a hedged call started the response: nothing may be retried
         self.excluded: set[DeploymentState] | frozenset[DeploymentState] = NO_STATES
         self.bad_keys: set[str] | frozenset[str] = _NO_KEYS

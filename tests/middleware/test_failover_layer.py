@@ -515,3 +515,33 @@ def test_admin_deployments_needs_the_admin_token(
     assert {d["name"] for d in pair["deployments"]} == {"a/gpt-4o-mini", "b/gpt-4o"}
     assert sum(d["requests"] for d in pair["deployments"]) == 1
     assert "provider-secret" not in httpx.Response(200, json=state).text
+
+
+def test_x_sluicegate_tags_pins_requests_to_deployments_with_those_tags(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    extra = ('models["regions"] = [Deployment("a", "gpt-4o-mini", price=PRICE, tags=("us",)), '
+             'Deployment("b", "gpt-4o", price=PRICE, tags=("eu", "premium"))]')
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(max_attempts=3)",
+                                         extra)) as gateway:
+        def served(tags: str | None) -> httpx.Response:
+            headers = {**AUTH, **({"x-sluicegate-tags": tags} if tags is not None else {})}
+            return httpx.post(gateway.url + "/v1/chat/completions", headers=headers,
+                              json={"model": "regions", "messages": QUESTION})
+        assert {served("eu").headers["x-sluicegate-deployment"] for _ in range(8)} == \
+            {"b/gpt-4o"}
+        assert {served("premium, eu").headers["x-sluicegate-deployment"]
+                for _ in range(4)} == {"b/gpt-4o"}
+        assert {served("us").headers["x-sluicegate-deployment"] for _ in range(8)} == \
+            {"a/gpt-4o-mini"}
+        unknown = served("apac")
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["code"] == "no_deployment_with_tags"
+        # A pinned request never leaves its tags, even when its deployment fails.
+        b.push_fault(Fault("status", provider="openai", status=503))
+        b.push_fault(Fault("status", provider="openai", status=503))
+        b.push_fault(Fault("status", provider="openai", status=503))
+        failed = served("eu")
+        assert failed.status_code == 503
+        assert len([r for r in a.requests if r["json"]["model"] == "gpt-4o-mini"]) == 8
+        assert {served(None).headers["x-sluicegate-deployment"] for _ in range(40)} == \
+            {"a/gpt-4o-mini", "b/gpt-4o"}
