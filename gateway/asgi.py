@@ -1,9 +1,40 @@
-"""`gateway.asgi:app` — the app hypercorn workers import, built from $SLUICEGATE_CONFIG."""
+"""`gateway.asgi:app` — the app hypercorn workers import, built from $SLUICEGATE_CONFIG.
+
+A reload (SIGHUP to `sluicegate serve --workers N`: hypercorn lets the workers finish their
+requests and starts new ones, which import this module again) reads the config file anew.
+When the new file is broken, the workers keep serving the last config that loaded
+(`$SLUICEGATE_CONFIG_LAST_GOOD`, a copy `serve` keeps) and log why, so a bad edit never
+takes the gateway down.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 
 from gateway.app import create_app, tune_gc
+from gateway.config import ConfigError
+from gateway.kernel import Kernel
 
-app = create_app(os.environ["SLUICEGATE_CONFIG"])
+logger = logging.getLogger("sluicegate")
+
+
+def _load() -> Kernel:
+    path = os.environ["SLUICEGATE_CONFIG"]
+    last_good = os.environ.get("SLUICEGATE_CONFIG_LAST_GOOD")
+    try:
+        kernel = create_app(path)
+    except ConfigError as exc:
+        if not last_good or not os.path.isfile(last_good):
+            raise
+        logger.error("the config did not load (%s); serving the last config that did", exc)
+        return create_app(last_good)
+    if last_good:
+        temporary = last_good + f".{os.getpid()}.tmp"
+        shutil.copyfile(path, temporary)
+        os.replace(temporary, last_good)  # the other workers see the old or the new copy
+    return kernel
+
+
+app = _load()
 tune_gc()

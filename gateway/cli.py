@@ -1,14 +1,19 @@
-"""The `sluicegate` command: `serve`, `check-config`; `keys` and `budgets`, which manage a
+"""The `sluicegate` command: `serve`, `check-config`, `doctor` (can the config's stores and
+providers be reached; see `gateway.doctor`); `keys` and `budgets`, which manage a
 running gateway through its admin HTTP API (see `gateway.admin_client`); and `usage`, which
 asks a running gateway for usage totals, or reads the usage journals on disk."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,6 +24,8 @@ import orjson
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.doctor import DEFAULT_TIMEOUT_S, positive_seconds, run_doctor
+from gateway.metrics import METRICS_DIR_ENV
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
 
 
@@ -33,6 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     check = commands.add_parser("check-config", help="load a config module and print it")
     check.add_argument("path")
+    doctor = commands.add_parser(
+        "doctor", help="check that the config's stores and providers answer",
+        description="Starts the config's stack, checks every store its layers report, "
+                    "pgvector and each provider (and deployment key) with a model-list call, "
+                    "then shuts everything down. Exit 0: all ok; 1: a check failed; 2: the "
+                    "config is wrong.")
+    doctor.add_argument("--config", required=True, help="path of the config module")
+    doctor.add_argument("--json", dest="as_json", action="store_true",
+                        help="print the checks as a JSON list")
+    doctor.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S,
+                        metavar="S", help="bound of each check, in seconds "
+                                          f"(default {DEFAULT_TIMEOUT_S:g})")
     _add_admin_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "usage" and args.journal is not None:
@@ -42,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.path)
+        if args.command == "doctor":
+            return run_doctor(args.config, as_json=args.as_json, timeout_s=args.timeout)
         return serve_forever(args)
     except ConfigError as exc:
         print(f"sluicegate: {exc}", file=sys.stderr)
@@ -85,6 +106,16 @@ def serve_forever(args: argparse.Namespace) -> int:
     config: GatewayConfig = load_config(path)  # fail fast, in the parent, with one sentence
     build_stack(config)
     os.environ["SLUICEGATE_CONFIG"] = path
+    # This serve's own directory: the last config that loaded (a reload with a broken file
+    # keeps serving it, see gateway/asgi.py) and, with several workers, their metrics.
+    run_dir = tempfile.mkdtemp(prefix="sluicegate-serve-")
+    atexit.register(shutil.rmtree, run_dir, True)
+    last_good = os.path.join(run_dir, "last-good-config.py")
+    shutil.copyfile(path, last_good)
+    os.environ["SLUICEGATE_CONFIG_LAST_GOOD"] = last_good
+    if args.workers > 1:
+        os.environ.setdefault(METRICS_DIR_ENV, os.path.join(run_dir, "metrics"))
+        os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
     logging.basicConfig(level=config.settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     hyper = Config()
@@ -98,6 +129,11 @@ def serve_forever(args: argparse.Namespace) -> int:
     hyper.graceful_timeout = 30
     if args.access_log:
         hyper.accesslog = "-"
+    if hyper.workers == 0 and hasattr(signal, "SIGHUP"):
+        # One in-process worker cannot be swapped: a reload (SIGHUP) needs --workers 2 or
+        # more, or a rolling restart. Say so instead of dying on the signal.
+        signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("sluicegate").warning(
+            "SIGHUP ignored: reloading the config needs --workers 2 or more"))
     return run(hyper)
 
 

@@ -46,6 +46,11 @@ class Settings:
     # being read to its response head (what a cache hit costs server-side, without the
     # client's queueing). Off by default: one more header on every response.
     server_timing: bool = False
+    # Prometheus metrics of every request at this path (None: not recorded, not served).
+    metrics_path: str | None = "/metrics"
+    # An OpenTelemetry TracerProvider to trace with (a host app's, a test's); without one,
+    # tracing follows the OTEL_* environment variables (gateway/tracing.py).
+    tracer_provider: Any = None
 
 
 @dataclass(slots=True)
@@ -154,6 +159,11 @@ def _settings(module: Any) -> Settings:
         raise ConfigError("Settings.max_body_bytes must be a positive number of bytes.")
     if str(settings.log_level).lower() not in _LOG_LEVELS:
         raise ConfigError(f"Settings.log_level must be one of {', '.join(_LOG_LEVELS)}.")
+    if settings.metrics_path is not None and (not isinstance(settings.metrics_path, str) or
+                                              not settings.metrics_path.startswith("/") or
+                                              settings.metrics_path.startswith("/v1/")):
+        raise ConfigError("Settings.metrics_path must be a path such as '/metrics' (not under "
+                          "/v1/), or None.")
     if not settings.request_id_header or not settings.request_id_header.isascii():
         raise ConfigError("Settings.request_id_header must be a non-empty ASCII header name.")
     return settings

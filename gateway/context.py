@@ -124,6 +124,7 @@ class RequestContext:
     provider: str | None = None
     usage: Usage | None = None
     first_byte_s: float | None = None
+    finish_reasons: list[str] | None = None  # only while tracing (gateway.tracing)
     # Written by whoever ends the request.
     status: int = 0
     error_type: str | None = None
@@ -133,6 +134,9 @@ class RequestContext:
     # Headers any layer wants on the response: the kernel adds them to the response start (or
     # to the error it renders), so a layer need not wrap `send` only to add a header.
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Written by the kernel when tracing is on: the request's span (a gateway.tracing
+    # RequestTrace); adapters open a child span per upstream attempt through it.
+    trace: Any = None
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
@@ -24,6 +25,14 @@ from gateway.config import GatewayConfig
 from gateway.context import CONTEXT_KEY, SELF_USAGE_PATH, RequestContext
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import (
+    METRICS_DIR_ENV,
+    SNAPSHOT_INTERVAL_S,
+    RequestMetrics,
+    Sample,
+)
+from gateway.tracing import tracing_from
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -34,7 +43,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("sluicegate")
 _random_bits = random.Random().getrandbits  # seeded from os.urandom
 
-_JSON = [(b"content-type", b"application/json")]
 
 
 def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
@@ -98,6 +106,11 @@ class Kernel:
         self.max_body_bytes = config.settings.max_body_bytes
         self.request_id_header = config.settings.request_id_header.lower().encode()
         self.server_timing = config.settings.server_timing
+        self.metrics_path = config.settings.metrics_path
+        self.metrics = RequestMetrics(config.models, directory=os.environ.get(METRICS_DIR_ENV)) \
+            if self.metrics_path is not None else None
+        self._snapshots: asyncio.Task[None] | None = None
+        self.tracing = tracing_from(config.settings.tracer_provider)
         self.components = stack_components(app)
         for component in self.components:  # layers that check options against the config
             check = getattr(component, "check_config", None)
@@ -119,6 +132,9 @@ class Kernel:
                 start = getattr(component, "startup", None)
                 if callable(start):
                     await start()
+            if self.metrics is not None and self.metrics.directory is not None:
+                self._snapshots = asyncio.create_task(self._write_snapshots(),
+                                                      name="sluicegate-metrics-snapshots")
             self._started = True
 
     async def shutdown(self) -> None:
@@ -127,6 +143,10 @@ class Kernel:
             if not self._started:
                 return
             self._started = False
+            if self._snapshots is not None:
+                self._snapshots.cancel()
+                await asyncio.gather(self._snapshots, return_exceptions=True)
+                self._snapshots = None
             for component in self.components:
                 stop = getattr(component, "shutdown", None)
                 if callable(stop):
@@ -186,6 +206,8 @@ class Kernel:
         except ClientDisconnected:  # gone while sending the body: nobody to answer
             return
         scope[CONTEXT_KEY] = ctx
+        if self.tracing is not None:
+            ctx.trace = self.tracing.start(ctx)
         await self._run_stack(scope, receive, send, ctx)
 
     async def _start_lazily(self, scope: Scope, send: Send) -> bool:
@@ -282,6 +304,9 @@ class Kernel:
                     message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
             await send(message)
 
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_with_request_id)
         except GatewayError as exc:
@@ -299,6 +324,12 @@ class Kernel:
                 error = GatewayError(500, "The gateway failed to handle this request; "
                                           f"request id {ctx.request_id}.")
                 await self._send_error(send, error, ctx.api_format, request_id)
+        finally:
+            if metrics is not None:
+                metrics.in_flight -= 1
+                metrics.record(ctx, time.monotonic())
+            if ctx.trace is not None:
+                ctx.trace.end(ctx)
 
     async def _send_error(self, send: Send, error: GatewayError, api_format: str,
                           request_id: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -353,6 +384,10 @@ class Kernel:
             anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
             body = self._models_anthropic if anthropic else self._models_openai
             await self._send_json(send, 200, body, request_id, scope)
+        elif path == self.metrics_path and self.metrics is not None:
+            body = self.metrics.exposition(self._gauges())
+            await self._send_json(send, 200, body, request_id, scope,
+                                  content_type=METRICS_CONTENT_TYPE)
         elif path == "/healthz":
             await self._send_json(send, 200, b'{"status":"ok"}', request_id, scope)
         elif path == "/readyz":
@@ -363,14 +398,39 @@ class Kernel:
             error = GatewayError(404, f"Unknown path {path!r}.", code="unknown_url")
             await self._send_error(send, error, api_format, request_id)
 
+    def _gauges(self) -> list[Sample]:
+        """What the layers report at scrape time (`metric_samples()`), never failing a scrape."""
+        samples: list[Sample] = []
+        for component in self.components:
+            collect = getattr(component, "metric_samples", None)
+            if callable(collect):
+                try:
+                    samples.extend(collect())
+                except Exception:
+                    logger.exception("metric_samples() of %s failed", type(component).__name__)
+        return samples
+
+    async def _write_snapshots(self) -> None:
+        """Several workers: this one's metrics on disk for the others' scrapes, every second."""
+        metrics = self.metrics
+        assert metrics is not None
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            try:
+                metrics.write_snapshot(self._gauges())
+            except OSError as exc:
+                logger.warning("cannot write the metrics snapshot: %s", exc)
+            except Exception:
+                logger.exception("counting the metrics failed")
+
     async def _send_json(self, send: Send, status: int, body: bytes, request_id: bytes,
-                         scope: Scope) -> None:
+                         scope: Scope, content_type: bytes = b"application/json") -> None:
         if scope["method"] not in ("GET", "HEAD"):
             error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET.",
                                  headers=[(b"allow", b"GET")])
             await self._send_error(send, error, "openai", request_id)
             return
-        headers = [*_JSON, (b"content-length", str(len(body)).encode()),
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                    (b"x-request-id", request_id)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body",

@@ -88,6 +88,11 @@ class AnthropicAdapter(HTTPAdapter):
     def key_headers(self, secret: str) -> dict[str, str]:
         return {"x-api-key": secret}
 
+    def probe_request(self, secret: str) -> tuple[str, dict[str, str]]:
+        """`GET /v1/models` (https://docs.anthropic.com/en/api/models-list)."""
+        _, headers = super().probe_request(secret)
+        return self.base_url + "/v1/models", {"anthropic-version": API_VERSION, **headers}
+
     def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         headers = self._headers(ctx)
         if ctx.operation == c.OPENAI_CHAT:

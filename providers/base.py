@@ -19,7 +19,7 @@ import orjson
 from gateway.config import ConfigError
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
-from gateway.upstream import Deployment, Send, Timeouts
+from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
 
 JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
@@ -131,6 +131,61 @@ class HTTPAdapter:
             text = text.replace(secret, "[redacted]")
         return _SECRET_LIKE.sub("[redacted]", text)
 
+    # -- a health probe (`sluicegate doctor`) ------------------------------------------------
+
+    def probe_request(self, secret: str) -> tuple[str, dict[str, str]]:
+        """(URL, headers) of a cheap authenticated GET: the family's model list. With an
+        empty `secret`, the headers carry no key (e.g. to show the URL)."""
+        headers = dict(self.extra_headers)
+        if secret:
+            headers.update(self.key_headers(secret))
+        return self.base_url + "/models", headers
+
+    async def probe(self, key: ProviderKey | None = None, *,
+                    timeout_s: float = 10.0) -> tuple[bool, str]:
+        """GETs the model list with the provider's own key, or with `key` (a deployment's):
+        (True, "HTTP 200") or (False, one redacted line saying why). Never follows a redirect
+        (it would carry the key elsewhere); raises nothing but cancellation."""
+        secret = self._api_key if key is None else key.secret
+        if key is not None and key.secret:
+            self._secrets.add(key.secret)
+        url, headers = self.probe_request(secret)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(self.timeouts.connect_s,
+                                                                     timeout_s))
+        session = self._session
+        own = session is None
+        if session is None:
+            session = aiohttp.ClientSession(skip_auto_headers=("user-agent",))
+        try:
+            async with session.get(url, headers=headers, timeout=timeout,
+                                   allow_redirects=False) as response:
+                status = response.status
+                if status < 300:
+                    kind = response.headers.get("content-type", "")
+                    if "json" not in kind.lower():
+                        return False, (f"HTTP {status} but not JSON ({self.redact(kind)[:60]}); "
+                                       "is base_url right?")
+                    return True, f"HTTP {status}"
+                if status < 400:
+                    return False, f"HTTP {status}: a redirect, not followed (check base_url)"
+                try:
+                    body = await _read_capped(response, _MAX_ERROR_BODY)
+                except (TimeoutError, aiohttp.ClientError):
+                    body = b""
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return False, f"timed out after {timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            return False, _one_line(f"cannot connect: {type(exc).__name__}: "
+                                    f"{self.redact(str(exc))}")
+        except OSError as exc:
+            return False, _one_line(f"cannot connect: {type(exc).__name__}")
+        finally:
+            if own:
+                await session.close()
+        error_type, message = self.parse_error(status, body)
+        return False, _one_line(f"HTTP {status} {self.redact(error_type)}: "
+                                f"{self.redact(message)}")
+
     # -- the call ----------------------------------------------------------------------------
 
     # Operations the adapter answers itself, without a provider call (e.g. a local token
@@ -159,14 +214,24 @@ class HTTPAdapter:
         attempt = Attempt(provider=self.name, deployment=deployment.name, status=0,
                           key=None if key is None else key.env)
         ctx.attempts.append(attempt)
+        trace = ctx.trace
+        span = None if trace is None else trace.start_attempt(
+            self.type_name, self.name, deployment.model, exchange.url, exchange.headers)
         began = time.monotonic()
+        failure: str | None = None
         try:
             if exchange.stream:
                 await self._call_stream(ctx, exchange, send, attempt)
             else:
                 await self._call_json(ctx, exchange, send, attempt)
+        except BaseException as exc:  # noted on the attempt's span, then on its way
+            failure = attempt.error_type or getattr(exc, "upstream_error_type", None) or \
+                type(exc).__name__
+            raise
         finally:
             attempt.duration_s = time.monotonic() - began
+            if span is not None:
+                trace.end_attempt(span, ctx, attempt.status, failure)
 
     async def _post(self, exchange: Exchange) -> aiohttp.ClientResponse:
         assert self._session is not None, "provider used before startup"
@@ -215,7 +280,10 @@ class HTTPAdapter:
             response.release()
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
         try:
-            client_json, ctx.usage = exchange.decode(orjson.loads(raw))
+            payload = orjson.loads(raw)
+            if ctx.trace is not None:
+                ctx.finish_reasons = finish_reasons(payload)
+            client_json, ctx.usage = exchange.decode(payload)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UpstreamError(502, f"Provider '{self.name}' sent an unreadable response "
                                      f"({type(exc).__name__}).", provider=self.name,
@@ -339,6 +407,21 @@ class HTTPAdapter:
 StreamErrorTypes = (StreamError, aiohttp.ClientError)
 
 
+def finish_reasons(payload: Any) -> list[str] | None:
+    """Why the model stopped, from an OpenAI, Anthropic or Gemini response (for traces)."""
+    if not isinstance(payload, dict):
+        return None
+    if isinstance(payload.get("stop_reason"), str):  # Anthropic
+        return [payload["stop_reason"]]
+    for field, key in (("choices", "finish_reason"), ("candidates", "finishReason")):
+        items = payload.get(field)
+        if isinstance(items, list):
+            reasons = [str(item[key]) for item in items
+                       if isinstance(item, dict) and item.get(key)]
+            return reasons or None
+    return None
+
+
 class StreamDeadline:
     """One timer for a whole stream: first the time to the first event, then the longest
     idle gap between reads.
@@ -384,6 +467,12 @@ class StreamDeadline:
             self._handle.cancel()
         if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() == 0:
             raise TimeoutError from exc
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """`text` on one line (whitespace collapsed), at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

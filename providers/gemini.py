@@ -76,6 +76,12 @@ class GeminiAdapter(HTTPAdapter):
     def key_headers(self, secret: str) -> dict[str, str]:
         return {"x-goog-api-key": secret}
 
+    def probe_request(self, secret: str) -> tuple[str, dict[str, str]]:
+        """`GET /{version}/models` (https://ai.google.dev/api/models#method:-models.list);
+        the key goes in its header, never in the query string."""
+        _, headers = super().probe_request(secret)
+        return f"{self.base_url}/{self.api_version}/models", headers
+
     def plan(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         if ctx.operation == c.OPENAI_EMBEDDINGS:
             return self._plan_embeddings(ctx, deployment)

@@ -183,3 +183,8 @@ class AzureOpenAIAdapter(OpenAIAdapter):
 
     def key_headers(self, secret: str) -> dict[str, str]:
         return {"api-key": secret}
+
+    def probe_request(self, secret: str) -> tuple[str, dict[str, str]]:
+        """Azure's data-plane model list (the resource's base models, not deployments)."""
+        _, headers = super().probe_request(secret)
+        return f"{self.base_url}/openai/models?api-version={self.api_version}", headers

@@ -79,6 +79,7 @@ from middleware.failover.shared import RedisHealth
 __all__ = ["BreakerSettings", "FailoverMiddleware", "RedisHealth", "RetryPolicy", "Route"]
 
 logger = logging.getLogger("sluicegate.failover")
+_BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 ADMIN_PATH = "/admin/deployments"
 
 
@@ -552,6 +553,14 @@ class FailoverMiddleware:
             second.breaker.release()
             return None
         return second, key
+
+    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Gauges for /metrics: each deployment's breaker (0 closed, 1 half-open, 2 open)."""
+        help_ = "Circuit breaker of a deployment: 0 closed, 1 half-open, 2 open."
+        return [("sluicegate_breaker_state", help_,
+                 {"model": group.model, "deployment": state.name},
+                 float(_BREAKER_LEVELS[state.breaker.state]))
+                for group in self.groups.values() for state in group.deployments]
 
     # -- admin -----------------------------------------------------------------------------
 

@@ -243,6 +243,25 @@ class MeteringMiddleware:
         self._check_queue()
         await asyncio.shield(future)
 
+    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Gauges for /metrics: the queue, the journal and how far the ledger is behind."""
+        queue = self._queue
+        lag = time.monotonic() - queue[0][2] if queue else 0.0
+        try:
+            journal_bytes = float(self.journal.disk_bytes())
+        except OSError:
+            journal_bytes = 0.0
+        return [
+            ("sluicegate_metering_queue_depth", "Usage records waiting for the writer.", {},
+             float(len(queue))),
+            ("sluicegate_metering_journal_bytes", "Bytes of usage journal on disk.", {},
+             journal_bytes),
+            ("sluicegate_metering_writer_lag_seconds",
+             "Age of the oldest usage record the writer has not taken yet.", {}, lag),
+            ("sluicegate_metering_replaying", "1 while PostgreSQL is behind the journal.", {},
+             float(self._replaying)),
+        ]
+
     def _check_queue(self) -> None:
         if len(self._queue) >= self.batch_size and self._wake is not None:
             self._wake.set()

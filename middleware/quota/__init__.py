@@ -206,12 +206,12 @@ class QuotaMiddleware:
             target = plan.overflow_target(item)
             if target is None or target == ctx.model or ctx.models is None \
                     or target not in ctx.models:
-                raise plan.refusal(item, decision)
+                raise refused(ctx, item, decision)
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
                 overflowed.add(item.check.key)
             route_to(ctx, target)
-        raise plan.refusal(item, decision)
+        raise refused(ctx, item, decision)
 
     async def _reserve(self, ctx: RequestContext,
                        planned: list[Planned]) -> tuple[QuotaStore, Decision]:
@@ -225,6 +225,7 @@ class QuotaMiddleware:
                                "on_store_error policy", exc)
         closed = [c for c in checks if c.on_store_error == "closed"]
         if closed:
+            ctx.state["quota.refused"] = "store_unavailable"
             raise GatewayError(503, f"Limits cannot be checked right now (the quota store is "
                                     f"unavailable), and the {closed[0].label} fails closed.",
                                code="quota_store_unavailable",
@@ -485,4 +486,8 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         logger.error("quota background task failed", exc_info=task.exception())
 
 
-
+def refused(ctx: RequestContext, item: Planned, decision: Decision) -> GatewayError:
+    """The refusal for the limit that failed; its kind is noted for the metrics
+    (`ctx.state["quota.refused"]`: requests, tokens, concurrent or budget)."""
+    ctx.state["quota.refused"] = item.check.kind
+    return plan.refusal(item, decision)

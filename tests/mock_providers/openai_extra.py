@@ -1,4 +1,4 @@
-"""OpenAI legacy text completions, embeddings and the model list (OpenAI and Azure).
+"""OpenAI legacy text completions, embeddings and the model lists (OpenAI and Azure).
 
 Legacy completions (https://platform.openai.com/docs/api-reference/completions) default
 `max_tokens` to 16 and answer one choice per prompt times `n`. Embeddings honour
@@ -190,3 +190,27 @@ _MODEL_LIST = dumps({"object": "list", "data": [
 
 async def list_models(call: Call) -> web.StreamResponse:
     return await respond_json(call, _MODEL_LIST)
+
+
+def _azure_model(model: str) -> JSON:
+    embeddings = model.startswith("text-embedding")
+    return {"status": "succeeded",
+            "capabilities": {"fine_tune": False, "inference": True,
+                             "completion": model == "gpt-3.5-turbo-instruct",
+                             "chat_completion": not embeddings
+                             and model != "gpt-3.5-turbo-instruct",
+                             "embeddings": embeddings},
+            "lifecycle_status": "generally-available",
+            "deprecation": {"inference": 1767225600},
+            "id": model, "created_at": 1721172741, "object": "model"}
+
+
+# Azure OpenAI's data-plane model list (`GET {endpoint}/openai/models?api-version=...`, "Models
+# - List"): the base models the resource offers, with capabilities and lifecycle, not the
+# deployments; the `api-key` and `api-version` checks are the Azure wire's.
+_AZURE_MODEL_LIST = dumps({"data": [_azure_model(model) for model in MODELS],
+                           "object": "list"})
+
+
+async def list_azure_models(call: Call) -> web.StreamResponse:
+    return await respond_json(call, _AZURE_MODEL_LIST)

@@ -111,6 +111,7 @@ def build_app(state: ServerState) -> web.Application:
          openai_extra.completions),
         ("POST", "/azure/openai/deployments/{deployment}/embeddings", "azure",
          openai_extra.embeddings),
+        ("GET", "/azure/openai/models", "azure", openai_extra.list_azure_models),
         ("POST", "/anthropic/v1/messages", "anthropic", anthropic_api.messages),
         ("POST", "/anthropic/v1/messages/count_tokens", "anthropic", anthropic_api.count_tokens),
         ("GET", "/anthropic/v1/models", "anthropic", anthropic_api.list_models),

@@ -221,6 +221,25 @@ def test_azure_sdk_chat_embeddings_and_api_version(srv: MockProviderServer) -> N
     assert missing.json() == {"error": {"code": "404", "message": "Resource not found"}}
 
 
+def test_azure_models_list_checks_key_and_api_version(srv: MockProviderServer) -> None:
+    azure = openai.AzureOpenAI(azure_endpoint=srv.base_url("azure"), api_key="azure-key",
+                               api_version="2024-10-21", max_retries=0)
+    listed = azure.models.list()
+    assert "gpt-4o-mini" in [model.id for model in listed]
+    logged = srv.requests[-1]
+    assert (logged["method"], logged["path"], logged["query"]) == (
+        "GET", "/azure/openai/models", {"api-version": "2024-10-21"})
+    first = httpx.get(srv.base_url("azure") + "/openai/models?api-version=2024-10-21",
+                      headers={"api-key": "k"}).json()
+    assert first["object"] == "list"
+    assert {"status", "capabilities", "lifecycle_status", "id", "created_at", "object"} <= \
+        set(first["data"][0])
+    no_key = httpx.get(srv.base_url("azure") + "/openai/models?api-version=2024-10-21")
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "401"
+    no_version = httpx.get(srv.base_url("azure") + "/openai/models", headers={"api-key": "k"})
+    assert no_version.status_code == 404
+
+
 # -- Anthropic --------------------------------------------------------------------------------
 
 def test_anthropic_message_usage_and_headers(claude: anthropic.Anthropic) -> None:

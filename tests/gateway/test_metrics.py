@@ -1,0 +1,188 @@
+"""/metrics after known traffic: the counts, tokens, cost, histograms and layer gauges."""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from gateway.metrics import LATENCY_BUCKETS, RequestMetrics, render
+from tests.harness import (
+    TEST_KEY,
+    ThreadedServer,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
+from tests.mock_providers import Fault, MockProviderServer
+
+LINE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text format -> {(name, labels): value}; also checks every line's shape."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith(("# HELP ", "# TYPE ")):
+            continue
+        match = LINE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        labels = frozenset(LABEL.findall(match["labels"] or ""))
+        samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    """The sum over samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def scrape_until(url: str, name: str, total: float) -> dict[tuple[str, frozenset[tuple[
+        str, str]]], float]:
+    """/metrics once `name` sums to `total` (a request is counted just after its last byte
+    went out, so the client can be a moment ahead)."""
+    deadline = time.monotonic() + 5
+    while True:
+        samples = parse(httpx.get(url + "/metrics").text)
+        if value(samples, name) >= total or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def metered_gateway(tmp_path: Path, mock_url: str) -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_app(write_config(tmp_path, mock_config(mock_url)))) as server:
+        yield server
+
+
+def test_metrics_count_known_traffic(metered_gateway: ThreadedServer,
+                                     mock: MockProviderServer) -> None:
+    sdk = openai.OpenAI(base_url=metered_gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    prompt, completion = 0, 0
+    for i in range(3):
+        answer = sdk.chat.completions.create(
+            model="gpt-mock", messages=[{"role": "user", "content": f"count me {i}"}])
+        assert answer.usage is not None
+        prompt += answer.usage.prompt_tokens
+        completion += answer.usage.completion_tokens
+    stream = sdk.chat.completions.create(
+        model="claude-mock", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "a stream"}])
+    chunks = list(stream)
+    assert chunks[-1].usage is not None
+    mock.push_fault(Fault("status", provider="openai", status=500))
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="gpt-mock", messages=[{"role": "user", "content": "x"}])
+    # Deterministic requests are cached by the default stack: the second one is a hit.
+    for _ in range(2):
+        sdk.chat.completions.create(model="gpt-mock", temperature=0,
+                                    messages=[{"role": "user", "content": "cache me"}])
+    response = httpx.get(metered_gateway.url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = scrape_until(metered_gateway.url, "sluicegate_requests_total", 7)
+
+    ok = value(samples, "sluicegate_requests_total", model="gpt-mock", status="200",
+               operation="openai.chat", provider="openai")
+    assert ok == 4  # three, then the miss of the cached pair; its hit came from the cache
+    assert value(samples, "sluicegate_requests_total", model="gpt-mock", status="200",
+                 provider="cache") == 1
+    assert value(samples, "sluicegate_requests_total", model="gpt-mock", status="500") == 1
+    assert value(samples, "sluicegate_requests_total", model="claude-mock", status="200",
+                 provider="anthropic") == 1
+    # Tokens: the three plain calls plus the cached pair's miss (a hit bills nothing).
+    miss = sdk.chat.completions.create(model="gpt-mock", temperature=0, messages=[
+        {"role": "user", "content": "cache me"}], extra_headers={"cache-control": "no-cache"})
+    assert miss.usage is not None
+    assert value(samples, "sluicegate_tokens_total", model="gpt-mock", direction="input") == \
+        prompt + miss.usage.prompt_tokens
+    assert value(samples, "sluicegate_tokens_total", model="gpt-mock", direction="output") == \
+        completion + miss.usage.completion_tokens
+    # The mock price is $1 in, $2 out per million tokens (rounded up per request).
+    cost = value(samples, "sluicegate_cost_usd_total", model="gpt-mock")
+    exact = (Decimal(prompt + miss.usage.prompt_tokens)
+             + 2 * Decimal(completion + miss.usage.completion_tokens)) / 10**6
+    assert abs(Decimal(str(cost)) - exact) <= Decimal("0.000005")
+    assert value(samples, "sluicegate_cache_requests_total", model="gpt-mock", result="hit") == 1
+    assert value(samples, "sluicegate_cost_saved_usd_total", model="gpt-mock") > 0
+    # Histograms: one observation per request, cumulative buckets ending at the count.
+    count = value(samples, "sluicegate_request_duration_seconds_count", model="gpt-mock")
+    assert count == 6
+    assert value(samples, "sluicegate_request_duration_seconds_bucket", model="gpt-mock",
+                 le="+Inf") == count
+    buckets = [value(samples, "sluicegate_request_duration_seconds_bucket", model="gpt-mock",
+                     le=repr(float(bound))) for bound in LATENCY_BUCKETS]
+    assert buckets == sorted(buckets)
+    assert value(samples, "sluicegate_ttft_seconds_count", model="claude-mock") == 1
+    assert value(samples, "sluicegate_requests_in_flight") == 0
+    assert ("sluicegate_metering_queue_depth", frozenset()) in samples
+
+
+def test_quota_refusals_breakers_and_unknown_models(tmp_path: Path, mock_url: str) -> None:
+    extra = ("middleware[2] = Middleware(QuotaMiddleware, limits=Limits(rpm=2))\n"
+             "middleware[-1] = Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1))")
+    text = mock_config(mock_url, extra=extra)
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        statuses = [httpx.post(server.url + "/v1/chat/completions",
+                               headers={"authorization": f"Bearer {TEST_KEY}"},
+                               json={"model": "gpt-mock",
+                                     "messages": [{"role": "user", "content": str(i)}]}
+                               ).status_code for i in range(4)]
+        samples = scrape_until(server.url, "sluicegate_requests_total", 4)
+    assert statuses.count(429) == 2
+    assert value(samples, "sluicegate_quota_refusals_total", model="gpt-mock",
+                 reason="requests") == 2
+    assert value(samples, "sluicegate_breaker_state", model="gpt-mock") == 0  # closed
+    assert ("sluicegate_breaker_state", frozenset({("model", "gpt-mock"),
+                                                   ("deployment", "openai/gpt-4o-mini")})) \
+        in samples
+
+
+def test_render_merges_workers_and_escapes_labels() -> None:
+    first, second = RequestMetrics(["m"]), RequestMetrics(["m"])
+    first.counters["sluicegate_retries_total"][("m",)] = 2
+    second.counters["sluicegate_retries_total"][("m",)] = 3
+    second.counters["sluicegate_quota_refusals_total"][("m", 'a"b\\c\nd')] = 1
+    snapshots = [first.snapshot(), second.snapshot()]
+    snapshots[1]["pid"] = 12345
+    samples = parse(render(snapshots, {}, multi=True).decode())
+    assert value(samples, "sluicegate_retries_total", model="m") == 5
+    assert value(samples, "sluicegate_quota_refusals_total") == 1
+    text = render(snapshots, {}, multi=True).decode()
+    assert 'reason="a\\"b\\\\c\\nd"' in text
+    in_flight = [k for k in samples if k[0] == "sluicegate_requests_in_flight"]
+    assert {dict(labels)["worker"] for _, labels in in_flight} == {str(first.pid), "12345"}
+
+
+def test_workers_are_aggregated(tmp_path: Path, mock_url: str) -> None:
+    """`serve --workers 2`: whichever worker answers a scrape, the counts are everyone's."""
+    config = write_config(tmp_path, mock_config(mock_url))
+    process, url = start_cli_gateway(config, workers=2)
+    try:
+        with httpx.Client(headers={"authorization": f"Bearer {TEST_KEY}"}) as client:
+            for i in range(30):
+                answer = client.post(url + "/v1/chat/completions", json={
+                    "model": "gpt-mock", "messages": [{"role": "user", "content": f"w{i}"}]})
+                assert answer.status_code == 200
+        time.sleep(1.5)  # every worker has written a snapshot since
+        totals = set()
+        pids = set()
+        for _ in range(8):
+            samples = parse(httpx.get(url + "/metrics").text)  # new connections: any worker
+            totals.add(value(samples, "sluicegate_requests_total", model="gpt-mock"))
+            pids |= {dict(labels)["worker"] for name, labels in samples
+                     if name == "sluicegate_requests_in_flight"}
+        assert totals == {30}
+        assert len(pids) == 2
+    finally:
+        stop_process(process)

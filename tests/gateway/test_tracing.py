@@ -1,0 +1,173 @@
+"""Traces: GenAI attributes on the request span and one child span per upstream attempt,
+for chat, streams, embeddings and Anthropic messages, with the caller's traceparent."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from opentelemetry.trace import SpanKind
+
+from gateway import create_app
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
+from tests.mock_providers import Fault, MockProviderServer
+from tests.tracing_support import EXPORTER
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+SECRET_PROMPT = "the prompt must never be recorded 7a1c"
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory, mock_url: str) -> Iterator[ThreadedServer]:
+    text = mock_config(mock_url, extra=(
+        "from tests.tracing_support import PROVIDER\n"
+        "settings = Settings(tracer_provider=PROVIDER)"))
+    path = write_config(tmp_path_factory.mktemp("traced"), text)
+    with ThreadedServer(create_app(path)) as server:
+        yield server
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    EXPORTER.clear()
+    yield EXPORTER
+    EXPORTER.clear()
+
+
+def server_spans(exporter: Any, count: int) -> list[Any]:
+    """The request spans, once `count` have ended (the kernel ends one just after the last
+    byte went out, so the client can be a moment ahead)."""
+    deadline = time.monotonic() + 5
+    while True:
+        servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+        if len(servers) >= count or time.monotonic() > deadline:
+            return servers
+        time.sleep(0.01)
+
+
+def request_span(exporter: Any) -> Any:
+    servers = server_spans(exporter, 1)
+    assert len(servers) == 1, [s.name for s in exporter.get_finished_spans()]
+    return servers[0]
+
+
+def children(exporter: Any, parent: Any) -> list[Any]:
+    return [s for s in exporter.get_finished_spans()
+            if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def assert_no_prompt(exporter: Any) -> None:
+    for span in exporter.get_finished_spans():
+        values = [str(v) for v in span.attributes.values()]
+        values += [str(v) for event in span.events for v in event.attributes.values()]
+        assert not any(SECRET_PROMPT in v for v in values), span.name
+
+
+def test_chat_span_has_genai_attributes_and_follows_traceparent(
+        traced: ThreadedServer, mock: MockProviderServer, spans: Any) -> None:
+    sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0,
+                        default_headers={"traceparent": TRACEPARENT})
+    answer = sdk.chat.completions.create(model="gpt-mock", max_tokens=50, temperature=0.5,
+                                         messages=[{"role": "user", "content": SECRET_PROMPT}])
+    span = request_span(spans)
+    assert span.name == "chat gpt-mock"
+    assert format(span.context.trace_id, "032x") == TRACE_ID  # the caller's trace goes on
+    attributes = span.attributes
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == "gpt-mock"
+    assert attributes["gen_ai.response.model"] == "gpt-4o-mini"
+    assert attributes["gen_ai.request.max_tokens"] == 50
+    assert answer.usage is not None
+    assert attributes["gen_ai.usage.input_tokens"] == answer.usage.prompt_tokens
+    assert attributes["gen_ai.usage.output_tokens"] == answer.usage.completion_tokens
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["stop"]
+    (attempt,) = children(spans, span)
+    assert attempt.kind == SpanKind.CLIENT
+    assert attempt.name == "chat gpt-4o-mini"
+    assert attempt.attributes["gen_ai.provider.name"] == "openai"
+    assert attempt.attributes["server.address"] == "127.0.0.1"
+    assert attempt.attributes["http.response.status_code"] == 200
+    # The upstream got the attempt span's context.
+    sent = mock.requests[-1]["headers"]["traceparent"]
+    assert sent.split("-")[1] == TRACE_ID
+    assert sent.split("-")[2] == format(attempt.context.span_id, "016x")
+    assert_no_prompt(spans)
+
+
+def test_stream_span_carries_usage(traced: ThreadedServer, mock: MockProviderServer,
+                                   spans: Any) -> None:
+    sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    chunks = list(sdk.chat.completions.create(
+        model="claude-mock", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": SECRET_PROMPT}]))
+    span = request_span(spans)
+    assert span.attributes["sluicegate.stream"] is True
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert span.attributes["gen_ai.usage.input_tokens"] == usage.prompt_tokens
+    assert span.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    (attempt,) = children(spans, span)
+    assert attempt.attributes["gen_ai.provider.name"] == "anthropic"
+    assert_no_prompt(spans)
+
+
+def test_embeddings_span(traced: ThreadedServer, mock: MockProviderServer, spans: Any) -> None:
+    sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    result = sdk.embeddings.create(model="openai-embed", input=[SECRET_PROMPT, "two"])
+    span = request_span(spans)
+    assert span.name == "embeddings openai-embed"
+    assert span.attributes["gen_ai.operation.name"] == "embeddings"
+    assert span.attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
+    assert_no_prompt(spans)
+
+
+def test_anthropic_messages_span(traced: ThreadedServer, mock: MockProviderServer,
+                                 spans: Any) -> None:
+    sdk = anthropic.Anthropic(base_url=traced.url, api_key=TEST_KEY, max_retries=0)
+    message = sdk.messages.create(model="claude-mock", max_tokens=64,
+                                  messages=[{"role": "user", "content": SECRET_PROMPT}])
+    span = request_span(spans)
+    assert span.attributes["gen_ai.operation.name"] == "chat"
+    assert span.attributes["sluicegate.api_format"] == "anthropic"
+    assert span.attributes["gen_ai.usage.output_tokens"] == message.usage.output_tokens
+    assert list(span.attributes["gen_ai.response.finish_reasons"]) == ["end_turn"]
+    (attempt,) = children(spans, span)
+    assert attempt.attributes["gen_ai.provider.name"] == "anthropic"
+    assert_no_prompt(spans)
+
+
+def test_failed_attempts_and_cache_hits_are_visible(
+        traced: ThreadedServer, mock: MockProviderServer, spans: Any) -> None:
+    mock.push_fault(Fault("status", provider="openai", status=503))
+    response = httpx.post(traced.url + "/v1/chat/completions", headers=AUTH, json={
+        "model": "gpt-mock", "messages": [{"role": "user", "content": "fails"}]})
+    assert response.status_code == 503
+    span = request_span(spans)
+    assert span.status.status_code.name == "ERROR"
+    (attempt,) = children(spans, span)
+    assert attempt.attributes["http.response.status_code"] == 503
+    assert attempt.status.status_code.name == "ERROR"
+    spans.clear()
+    for _ in range(2):
+        httpx.post(traced.url + "/v1/chat/completions", headers=AUTH, json={
+            "model": "gpt-mock", "temperature": 0,
+            "messages": [{"role": "user", "content": "cache me for the trace"}]})
+    hits = [s for s in server_spans(spans, 2) if s.attributes.get("sluicegate.cache") == "hit"]
+    assert len(hits) == 1
+    assert [e.name for e in hits[0].events] == ["sluicegate.cache.hit"]
+    assert children(spans, hits[0]) == []  # no upstream call for a hit
+
+
+def test_tracing_is_off_without_a_provider_or_otel_environment(
+        tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    app = create_app(write_config(tmp_path, mock_config(mock_url)))
+    assert app.tracing is None
