@@ -15,6 +15,7 @@ import shutil
 from gateway.app import create_app, tune_gc
 from gateway.config import ConfigError
 from gateway.kernel import Kernel
+from gateway.logs import configure_logging
 
 logger = logging.getLogger("sluicegate")
 
@@ -36,5 +37,9 @@ def _load() -> Kernel:
     return kernel
 
 
+# A spawned worker starts with no logging set up: the serve process's handler, first with
+# the defaults (so loading the config logs as JSON too), then as the config says.
+configure_logging("info", "json")
 app = _load()
+configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()

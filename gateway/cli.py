@@ -25,6 +25,7 @@ from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, positive_seconds, run_doctor
+from gateway.logs import configure_logging
 from gateway.metrics import METRICS_DIR_ENV
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
 
@@ -116,8 +117,7 @@ def serve_forever(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ.setdefault(METRICS_DIR_ENV, os.path.join(run_dir, "metrics"))
         os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
-    logging.basicConfig(level=config.settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(config.settings.log_level, config.settings.log_format)
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.worker_class = "uvloop"
@@ -127,8 +127,10 @@ def serve_forever(args: argparse.Namespace) -> int:
     hyper.keep_alive_timeout = 75
     hyper.include_server_header = False  # do not advertise the server software (OWASP)
     hyper.graceful_timeout = 30
+    # Hypercorn's own logs go through the root handler (JSON lines, with everything else).
+    hyper.errorlog = logging.getLogger("hypercorn.error")
     if args.access_log:
-        hyper.accesslog = "-"
+        hyper.accesslog = logging.getLogger("hypercorn.access")
     if hyper.workers == 0 and hasattr(signal, "SIGHUP"):
         # One in-process worker cannot be swapped: a reload (SIGHUP) needs --workers 2 or
         # more, or a rolling restart. Say so instead of dying on the signal.

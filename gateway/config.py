@@ -38,6 +38,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     request_id_header: str = "x-request-id"
     log_level: str = "info"
+    log_format: str = "json"  # one JSON object per line with request and trace ids, or "text"
     demo: bool = False  # marks a config that serves mock upstreams; shown by /v1/models
     # Every deployment must have a price (the shipped table, `price=` or `free=True`), so
     # budgets and the bill are never silently zero. False only for configs that bill nothing.
@@ -157,6 +158,8 @@ def _settings(module: Any) -> Settings:
         raise ConfigError("`settings` must be a Settings(...).")
     if not isinstance(settings.max_body_bytes, int) or settings.max_body_bytes <= 0:
         raise ConfigError("Settings.max_body_bytes must be a positive number of bytes.")
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError("Settings.log_format must be 'json' or 'text'.")
     if str(settings.log_level).lower() not in _LOG_LEVELS:
         raise ConfigError(f"Settings.log_level must be one of {', '.join(_LOG_LEVELS)}.")
     if settings.metrics_path is not None and (not isinstance(settings.metrics_path, str) or

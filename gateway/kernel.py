@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.context import CONTEXT_KEY, SELF_USAGE_PATH, RequestContext
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
+from gateway.logs import REQUEST_IDS
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
     METRICS_DIR_ENV,
@@ -208,7 +209,11 @@ class Kernel:
         scope[CONTEXT_KEY] = ctx
         if self.tracing is not None:
             ctx.trace = self.tracing.start(ctx)
-        await self._run_stack(scope, receive, send, ctx)
+        ids = REQUEST_IDS.set((ctx.request_id, ctx.trace.trace_id if ctx.trace else None))
+        try:
+            await self._run_stack(scope, receive, send, ctx)
+        finally:
+            REQUEST_IDS.reset(ids)
 
     async def _start_lazily(self, scope: Scope, send: Send) -> bool:
         """Mounted in a host that never forwards lifespan: start on the first request."""

@@ -76,6 +76,10 @@ class RequestTrace:
     def __init__(self, tracing: Tracing, span: Any, operation: str) -> None:
         self.tracing, self.span, self.operation = tracing, span, operation
 
+    @property
+    def trace_id(self) -> str:
+        return format(self.span.get_span_context().trace_id, "032x")
+
     def start_attempt(self, provider_type: str, provider: str, model: str, url: str,
                       headers: MutableMapping[str, str]) -> Any:
         """A CLIENT span for one upstream call; its context goes upstream in `headers`."""

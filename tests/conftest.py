@@ -1,6 +1,7 @@
 """Shared fixtures: one mock provider server per session, gateways on real sockets."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -9,12 +10,36 @@ from pathlib import Path
 import pytest
 
 from gateway import create_app
-from tests.harness import ThreadedServer, mock_config, write_config
+from gateway.logs import JsonFormatter
+from tests.harness import ThreadedServer, find_secrets_in_logs, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 
 # Gateways in tests keep their usage journals in a directory of the run's own, not in the
 # checkout (each process claims a free slot in it; see middleware/metering).
 os.environ.setdefault("SLUICEGATE_JOURNAL_DIR", tempfile.mkdtemp(prefix="sluicegate-journals-"))
+# Every log line of the run (this process at DEBUG, and every `sluicegate serve` the tests
+# start) lands in one directory, which is searched for secrets when the run ends.
+LOG_DIR = Path(os.environ.setdefault("SLUICEGATE_TEST_LOG_DIR",
+                                     tempfile.mkdtemp(prefix="sluicegate-test-logs-")))
+_run_log = logging.FileHandler(LOG_DIR / f"pytest-{os.getpid()}.log")
+_run_log.setFormatter(JsonFormatter())
+_run_log.setLevel(logging.DEBUG)
+logging.getLogger().addHandler(_run_log)
+logging.getLogger().setLevel(logging.DEBUG)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run when any log line of it holds a key the tests used (or any virtual
+    key at all: the gateway must never log one)."""
+    _run_log.flush()
+    leaks = list(find_secrets_in_logs(LOG_DIR))
+    if leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for where, what in leaks[:20]:
+            message = f"SECRET IN LOGS: {what} in {where}"
+            if reporter is not None:
+                reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -151,7 +153,10 @@ def start_cli_gateway(config_path: Path, *, workers: int = 1, env: dict[str, str
                       log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """`sluicegate serve` as a subprocess; returns (process, base URL) once /healthz answers."""
     port = free_port()
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (Popen keeps it)
+    if log_path is None and os.environ.get("SLUICEGATE_TEST_LOG_DIR"):
+        # Kept with the run's logs, which are searched for secrets when the run ends.
+        log_path = Path(os.environ["SLUICEGATE_TEST_LOG_DIR"]) / f"serve-{port}.log"
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (Popen keeps it)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
@@ -172,3 +177,20 @@ def stop_process(process: subprocess.Popen[Any], timeout_s: float = 15) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+# Secrets the tests hand the gateway, by value; and the shape of any virtual key.
+KNOWN_SECRETS = (TEST_KEY, "provider-secret-123456789")
+_VIRTUAL_KEY = re.compile(rb"sk-sg-[A-Za-z0-9_\-]{20,}")
+
+
+def find_secrets_in_logs(directory: Path) -> Iterator[tuple[str, str]]:
+    """(file, what) for every secret in the log files under `directory` (what is redacted:
+    the first characters only)."""
+    for path in sorted(directory.rglob("*.log")):
+        data = path.read_bytes()
+        for secret in KNOWN_SECRETS:
+            if secret.encode() in data:
+                yield str(path), secret[:10] + "..."
+        for match in _VIRTUAL_KEY.finditer(data):
+            yield str(path), match.group().decode()[:10] + "..."
