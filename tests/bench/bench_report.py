@@ -162,6 +162,7 @@ RATIO_PAIRS = (
     ("redis", "bare", "auth + quota on Redis / bare"),
     ("metering", "bare", "metering layer / bare"),
     ("failover", "bare", "failover layer / bare"),
+    ("tracing", "bare", "tracing on / off (bare)"),
     ("cache", "bare", "cache hits (memory) / bare"),
     ("cache-redis", "bare", "cache hits (Redis) / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
@@ -180,9 +181,23 @@ def ratios(results: list[TargetResult]) -> str:
         cells = [_ratio(by_key.get(num), by_key.get(den), s) for s in RATIO_SCENARIOS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    for key, label in (("bare", "bare passthrough"), ("default", "default stack")):
+    for key, label in (("bare", "bare passthrough"), ("default", "default stack"),
+                       ("production", "production stack")):
         lines.append(f"- JSON c=1 p50, Sluicegate {label} minus floor: "
                      f"{_latency_delta(by_key.get(key), by_key.get('floor'))}")
+    production = by_key.get("production")
+    if production is not None:
+        unique, rps = "json-c16-unique", production.mean_rps("json-c16-unique")
+        peers = [(key, by_key.get(key)) for key in ("floor", "litellm")]
+        shares = ", ".join(f"{rps / peer_rps:.2f}× {key}" for key, peer in peers
+                           if peer is not None and rps
+                           and (peer_rps := peer.mean_rps("json-c16")))
+        rss = (f"; RSS {production.rss_bytes / 2**20:.0f} MB"
+               if production.rss_bytes else "")
+        lines.append(f"- Production stack (auth + quota on Redis, metering into PostgreSQL, "
+                     f"cache miss on Redis, failover, tracing off), JSON c=16 with a new "
+                     f"prompt every request: {_cell(production, unique, 'rps')} req/s "
+                     f"({shares or 'no peers measured'}){rss}.")
     return "\n".join(lines)
 
 
