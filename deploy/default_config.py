@@ -43,14 +43,19 @@ if os.environ.get("GEMINI_API_KEY"):
     providers["gemini"] = Provider("gemini", api_key_env="GEMINI_API_KEY")
     models["gemini-flash"] = [Deployment("gemini", "gemini-3.8-flash")]
 
-# Virtual keys. Embedded: one key, its plaintext in $SLUICEGATE_API_KEY (the offline demo
-# sets a demo key; only its hash is kept). With $SLUICEGATE_DATABASE_URL, keys live in
-# PostgreSQL and are managed with the admin API / `sluicegate keys` (admin token in
-# $SLUICEGATE_ADMIN_TOKEN).
-os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-demo-offline-only-not-a-secret")
+# Virtual keys. Embedded: one key, its plaintext in $SLUICEGATE_API_KEY (only its hash is
+# kept). With $SLUICEGATE_DATABASE_URL, keys live in PostgreSQL and are managed with the admin
+# API / `sluicegate keys` (admin token in $SLUICEGATE_ADMIN_TOKEN). The public demo key is
+# set only while the mock is the only provider: once a real provider is configured, a
+# forgotten $SLUICEGATE_API_KEY (and no database) refuses to start instead of opening the
+# gateway to a key printed in this file.
+if len(providers) == 1:
+    os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-demo-offline-only-not-a-secret")
 database_url = os.environ.get("SLUICEGATE_DATABASE_URL")
 admin_token_env = "SLUICEGATE_ADMIN_TOKEN" if os.environ.get("SLUICEGATE_ADMIN_TOKEN") else None
-auth = Middleware(AuthMiddleware, keys=[StaticKey("demo", key_env="SLUICEGATE_API_KEY")],
+static_keys = ([StaticKey("demo", key_env="SLUICEGATE_API_KEY")]
+               if os.environ.get("SLUICEGATE_API_KEY") else [])
+auth = Middleware(AuthMiddleware, keys=static_keys,
                   store=PostgresKeyStore(database_url) if database_url else None,
                   admin_token_env=admin_token_env)
 
