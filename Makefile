@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 TORCH ?= torch==2.13.0
 
-.PHONY: install run mock test services pgvector lint bench bench-tools check-config eval-cache metering-demo
+.PHONY: install run mock test services pgvector lint bench bench-tools bench-peers check-config eval-cache metering-demo
 
 install:  ## the package (editable) with the test and lint tools and the semantic-cache extra
 	@# CPU torch first: sentence-transformers would otherwise pull a multi-GB CUDA build.
@@ -45,8 +45,12 @@ metering-demo: install services  ## PostgreSQL away for 12 s under load: zero fa
 eval-cache: install  ## semantic cache hit/false-hit rates per threshold (tests/eval/RESULTS.md)
 	HF_HUB_OFFLINE=1 $(PYTHON) tests/eval/eval_cache.py
 
-bench-tools:  ## wrk, hey, nginx (the fast mock upstream) and LiteLLM in its own venv
+bench-tools:  ## wrk, hey, nginx (the fast mock upstream), LiteLLM in its own venv, Portkey (npm)
 	bash deploy/scripts/install_bench_tools.sh
 
 bench: install bench-tools  ## the benchmark table (tests/bench/RESULTS.md); not part of `make test`
 	$(PYTHON) tests/bench/run_bench.py $(BENCH_ARGS)
+
+bench-peers: install bench-tools  ## the production stack beside LiteLLM and Portkey: ratios in tests/bench/PEERS.md
+	$(PYTHON) tests/bench/run_bench.py --targets direct,floor,bare,production,litellm,portkey \
+		--scenarios json-c1,json-c16,json-c16-unique,sse-c16 --output tests/bench/PEERS.md $(BENCH_ARGS)

@@ -10,6 +10,8 @@ PYTHON=${PYTHON:-python3}
 # 1.106.2 is the version the reference measurements used. Pinned on purpose: LiteLLM releases
 # have been hijacked on PyPI before (1.82.7/1.82.8), so never float to whatever is newest.
 LITELLM_SPEC=${LITELLM_SPEC:-litellm[proxy]==1.106.2}
+PORTKEY_DIR=${PORTKEY_DIR:-$ROOT/.bench/portkey}
+PORTKEY_SPEC=${PORTKEY_SPEC:-@portkey-ai/gateway@1.15.2}
 APT_PACKAGES=(wrk hey nginx-light)
 
 SCRIPT_TAG=bench-tools
@@ -73,6 +75,26 @@ install_litellm() {
     log "LiteLLM $(litellm_installed_version) installed in $VENV"
 }
 
+install_portkey() {
+    # The Portkey gateway (Node.js) in its own npm prefix; the machine's node and npm.
+    local server=$PORTKEY_DIR/node_modules/@portkey-ai/gateway/build/start-server.js
+    local wanted=${PORTKEY_SPEC##*@} have
+    have=$(node -p "require('$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json').version" \
+           2>/dev/null || true)
+    if [[ -f $server && $have == "$wanted" ]]; then
+        log "Portkey gateway $have already in $PORTKEY_DIR"
+        return 0
+    fi
+    command -v npm >/dev/null || die "npm is needed for the Portkey gateway (apt-get install npm)"
+    mkdir -p "$PORTKEY_DIR"
+    log "npm install $PORTKEY_SPEC into $PORTKEY_DIR"
+    quietly npm install --prefix "$PORTKEY_DIR" --no-audit --no-fund "$PORTKEY_SPEC" \
+        || die "npm install $PORTKEY_SPEC failed"
+    [[ -f $server ]] || die "no $server after npm install"
+    log "Portkey gateway $wanted installed in $PORTKEY_DIR"
+}
+
 install_debian_packages
 check_binaries
 install_litellm
+install_portkey

@@ -121,10 +121,18 @@ def wrk_command(url: str, scenario: Scenario, duration_s: int) -> list[str]:
             "--timeout", "10s", "-s", str(POST_LUA), url]
 
 
+def extra_headers() -> dict[str, str]:
+    """Headers the current target needs on every request (`BENCH_HEADERS`, set per target by
+    run_bench.py as "Name: value|Name: value"; post.lua reads the same variable)."""
+    pairs = (item.partition(":") for item in os.environ.get("BENCH_HEADERS", "").split("|"))
+    return {name.strip(): value.strip() for name, _, value in pairs if name.strip()}
+
+
 def hey_command(url: str, scenario: Scenario, duration_s: int) -> list[str]:
+    extra = [arg for name, value in extra_headers().items() for arg in ("-H", f"{name}: {value}")]
     return ["hey", "-z", f"{duration_s}s", "-c", str(scenario.concurrency), "-cpus", "1",
             "-m", "POST", "-T", "application/json", "-H", f"Authorization: Bearer {TOKEN}",
-            "-t", "10", "-disable-compression", "-d", request_body(scenario.stream), url]
+            *extra, "-t", "10", "-disable-compression", "-d", request_body(scenario.stream), url]
 
 
 def run_load(tool: str, url: str, scenario: Scenario, duration_s: int, *,
@@ -158,7 +166,7 @@ def probe(url: str, stream: bool, timeout_s: float = 10.0) -> str | None:
     try:
         conn.request("POST", "/" + path, body=request_body(stream),
                      headers={"Content-Type": "application/json",
-                              "Authorization": f"Bearer {TOKEN}"})
+                              "Authorization": f"Bearer {TOKEN}", **extra_headers()})
         resp = conn.getresponse()
         body = resp.read()
     except (OSError, http.client.HTTPException) as exc:

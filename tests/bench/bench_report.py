@@ -167,6 +167,8 @@ RATIO_PAIRS = (
     ("cache-redis", "bare", "cache hits (Redis) / bare"),
     ("bare", "litellm", "Sluicegate bare / LiteLLM"),
     ("default", "litellm", "Sluicegate default / LiteLLM"),
+    ("bare", "portkey", "Sluicegate bare / Portkey"),
+    ("default", "portkey", "Sluicegate default / Portkey"),
 )
 RATIO_SCENARIOS = ("json-c16", "json-c64", "sse-c16", "sse-c64")
 
@@ -188,7 +190,7 @@ def ratios(results: list[TargetResult]) -> str:
     production = by_key.get("production")
     if production is not None:
         unique, rps = "json-c16-unique", production.mean_rps("json-c16-unique")
-        peers = [(key, by_key.get(key)) for key in ("floor", "litellm")]
+        peers = [(key, by_key.get(key)) for key in ("floor", "litellm", "portkey")]
         shares = ", ".join(f"{rps / peer_rps:.2f}× {key}" for key, peer in peers
                            if peer is not None and rps
                            and (peer_rps := peer.mean_rps("json-c16")))

@@ -14,6 +14,8 @@ TARGET_PORT = 18100
 REDIS_PORT = 18379  # the bench's own Redis (run_bench.start_redis), on the load CPU
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 LITELLM_VENV = ROOT / ".bench" / "litellm-venv"
+PORTKEY_DIR = ROOT / ".bench" / "portkey"
+PORTKEY_SERVER = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
 
 
 def mock_base(stream: bool) -> str:
@@ -45,6 +47,7 @@ class Target:
     needs_redis: bool = False  # uses the bench's own Redis (REDIS_URL)
     server_timing: bool = False  # answers with Server-Timing; the load tool collects it
     scenarios: tuple[str, ...] | None = None  # only these scenarios (None: all)
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request (BENCH_HEADERS)
 
     def url(self, stream: bool) -> str:
         if self.launch is None:
@@ -92,6 +95,16 @@ def _litellm(upstream: str) -> Launch:
     return Launch(cmd, ROOT, env)
 
 
+def _portkey(_upstream: str) -> Launch:
+    if not PORTKEY_SERVER.is_file():
+        raise NotRunnable(f"{PORTKEY_SERVER.relative_to(ROOT)} is missing (run `make bench-peers`)")
+    # One Node.js process (it is single-threaded anyway), production mode, no UI; it routes
+    # by request headers: x-portkey-provider plus the mock as x-portkey-custom-host (the
+    # target's headers, sent by the load tool).
+    cmd = ["node", str(PORTKEY_SERVER), f"--port={TARGET_PORT}", "--headless"]
+    return Launch(cmd, ROOT, {"NODE_ENV": "production"})
+
+
 TARGETS = {
     t.key: t for t in (
         Target("direct", "direct to the mock", None),
@@ -118,5 +131,10 @@ TARGETS = {
         Target("cache-miss", "Sluicegate, cache layer alone, every request a miss (memory)",
                _sluicegate("config_cache_miss.py"), scenarios=("json-c16-unique",)),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
+        # JSON only: Portkey 1.15.2 answers the nginx mock's SSE stream with HTTP 500.
+        Target("portkey", "Portkey gateway 1.15.2 (Node.js), no policy", _portkey,
+               start_timeout_s=60.0, headers=(("x-portkey-provider", "openai"),
+                                              ("x-portkey-custom-host", "{upstream}")),
+               scenarios=("json-c1", "json-c16", "json-c64")),
     )
 }

@@ -7,6 +7,11 @@ wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY") or '{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or "sk-sg-bench-not-a-secret-0123456789")
+-- BENCH_HEADERS="Name: value|Name: value": headers a target needs (Portkey's routing headers).
+for pair in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^|]+") do
+   local name, value = string.match(pair, "^%s*([^:]+):%s*(.-)%s*$")
+   if name then wrk.headers[name] = value end
+end
 
 if os.getenv("BENCH_UNIQUE") == "1" then
    local counter = 0

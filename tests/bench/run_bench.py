@@ -215,6 +215,11 @@ def bench_target(procs: ProcessSet, target: Target, settings: Settings) -> Targe
                      and (target.scenarios is None or s.key in target.scenarios)]
         if not scenarios:
             continue
+        # Headers the target needs on every request (the probe, wrk and hey read them);
+        # "{upstream}" is the mock's base URL for this phase (Portkey routes by header).
+        os.environ["BENCH_HEADERS"] = "|".join(
+            f"{name}: {value.replace('{upstream}', mock_base(stream))}"
+            for name, value in target.headers)
         if target.launch is None:
             for scenario in scenarios:
                 run_scenario(target, scenario, settings, result)
