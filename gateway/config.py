@@ -52,6 +52,9 @@ class Settings:
     # An OpenTelemetry TracerProvider to trace with (a host app's, a test's); without one,
     # tracing follows the OTEL_* environment variables (gateway/tracing.py).
     tracer_provider: Any = None
+    # An OpenTelemetry MeterProvider to export the /metrics numbers to (a host app's, a
+    # test's); without one, OTEL_METRICS_EXPORTER=otlp or an OTLP endpoint makes one.
+    meter_provider: Any = None
 
 
 @dataclass(slots=True)

@@ -32,6 +32,9 @@ from gateway.metrics import (
     SNAPSHOT_INTERVAL_S,
     RequestMetrics,
     Sample,
+    otlp_exporter_wanted,
+    otlp_meter_provider,
+    register_otlp,
 )
 from gateway.tracing import tracing_from
 
@@ -112,6 +115,10 @@ class Kernel:
             if self.metrics_path is not None else None
         self._snapshots: asyncio.Task[None] | None = None
         self.tracing = tracing_from(config.settings.tracer_provider)
+        self._meter_provider = config.settings.meter_provider
+        self._owns_meter_provider = False
+        if self.metrics is not None and self._meter_provider is None and otlp_exporter_wanted():
+            self._meter_provider, self._owns_meter_provider = otlp_meter_provider(), True
         self.components = stack_components(app)
         for component in self.components:  # layers that check options against the config
             check = getattr(component, "check_config", None)
@@ -136,6 +143,8 @@ class Kernel:
             if self.metrics is not None and self.metrics.directory is not None:
                 self._snapshots = asyncio.create_task(self._write_snapshots(),
                                                       name="sluicegate-metrics-snapshots")
+            if self.metrics is not None and self._meter_provider is not None:
+                register_otlp(self.metrics, self._gauges, self._meter_provider)
             self._started = True
 
     async def shutdown(self) -> None:
@@ -144,6 +153,9 @@ class Kernel:
             if not self._started:
                 return
             self._started = False
+            if self._owns_meter_provider:
+                self._meter_provider.shutdown()  # the last export
+                self._owns_meter_provider, self._meter_provider = False, None
             if self._snapshots is not None:
                 self._snapshots.cancel()
                 await asyncio.gather(self._snapshots, return_exceptions=True)

@@ -293,3 +293,85 @@ def _number(value: float) -> str:
     if value == int(value) and abs(value) < 2 ** 53:
         return str(int(value))
     return repr(float(value))
+
+
+# -- OTLP --------------------------------------------------------------------------------------
+
+def otlp_exporter_wanted() -> bool:
+    """Whether the standard environment asks for metrics over OTLP."""
+    exporter = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    if exporter == "none" or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return exporter == "otlp" or bool(os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+                                      or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def register_otlp(metrics: RequestMetrics, gauges: Any, meter_provider: Any) -> None:
+    """The same numbers as /metrics, as OpenTelemetry observable instruments on
+    `meter_provider` (read when its reader collects): counters as monotonic sums, each
+    histogram as `<name>_bucket` (cumulative, with `le`), `_sum` and `_count`, and the layers'
+    gauges. This process's numbers only: each worker exports its own, with its pid as
+    `worker`, and the collector adds them up."""
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    meter = meter_provider.get_meter("sluicegate")
+    worker = {"worker": str(os.getpid())}
+
+    def counter(name: str) -> Any:
+        def observe(_: CallbackOptions) -> Iterator[Observation]:
+            labels = _LABELS[name]
+            for key, value in list(metrics.counters[name].items()):
+                yield Observation(value, {**dict(zip(labels, key, strict=True)), **worker})
+        return observe
+
+    def histogram(name: str, part: str) -> Any:
+        def observe(_: CallbackOptions) -> Iterator[Observation]:
+            labels = _LABELS[name]
+            for key, counts in list(metrics.histograms[name].items()):
+                attributes = {**dict(zip(labels, key, strict=True)), **worker}
+                if part == "sum":
+                    yield Observation(counts[-2], attributes)
+                elif part == "count":
+                    yield Observation(counts[-1], attributes)
+                else:
+                    running = 0.0
+                    bounds = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+                    for le, count in zip(bounds, counts[:-2], strict=True):
+                        running += count
+                        yield Observation(running, {**attributes, "le": le})
+        return observe
+
+    def gauge(name: str) -> Any:
+        def observe(_: CallbackOptions) -> Iterator[Observation]:
+            samples = [("sluicegate_requests_in_flight", "", {}, float(metrics.in_flight)),
+                       *gauges()]
+            for sample_name, _help, labels, value in samples:
+                if sample_name == name:
+                    yield Observation(value, {**labels, **worker})
+        return observe
+
+    for name in metrics.counters:
+        meter.create_observable_counter(name, callbacks=[counter(name)],
+                                        description=_HELP[name][1])
+    for name in metrics.histograms:
+        for part in ("bucket", "sum", "count"):
+            meter.create_observable_counter(f"{name}_{part}", callbacks=[histogram(name, part)],
+                                            description=_HELP[name][1])
+    gauge_names = {"sluicegate_requests_in_flight", *(sample[0] for sample in gauges())}
+    for name in sorted(gauge_names):
+        meter.create_observable_gauge(name, callbacks=[gauge(name)])
+
+
+def otlp_meter_provider() -> Any:
+    """A MeterProvider exporting over OTLP (endpoint, headers, interval from OTEL_*)."""
+    from gateway.config import ConfigError
+
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    except ImportError:
+        raise ConfigError("OTEL_* asks for metrics over OTLP, but opentelemetry-sdk and "
+                          "opentelemetry-exporter-otlp-proto-http are not installed (pip "
+                          "install 'sluicegate[otel]').") from None
+    return MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])

@@ -9,3 +9,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 EXPORTER = InMemorySpanExporter()
 PROVIDER = TracerProvider()
 PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+
+# Metrics: an in-memory reader the tests collect from when they want.
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+METER_READER = InMemoryMetricReader()
+METER_PROVIDER = MeterProvider(metric_readers=[METER_READER])

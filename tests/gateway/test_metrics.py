@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -186,3 +187,37 @@ def test_workers_are_aggregated(tmp_path: Path, mock_url: str) -> None:
         assert len(pids) == 2
     finally:
         stop_process(process)
+
+
+def test_the_same_metrics_go_out_over_otlp(tmp_path: Path, mock_url: str) -> None:
+    from tests.tracing_support import METER_READER
+
+    text = mock_config(mock_url, extra=(
+        "from tests.tracing_support import METER_PROVIDER\n"
+        "settings = Settings(meter_provider=METER_PROVIDER)"))
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        for i in range(3):
+            assert httpx.post(server.url + "/v1/chat/completions",
+                              headers={"authorization": f"Bearer {TEST_KEY}"},
+                              json={"model": "gpt-mock", "messages": [
+                                  {"role": "user", "content": f"otlp {i}"}]}).status_code == 200
+        scrape_until(server.url, "sluicegate_requests_total", 3)
+        data = METER_READER.get_metrics_data()
+    points: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    requests = [p for p in points["sluicegate_requests_total"]
+                if p.attributes.get("model") == "gpt-mock"]
+    assert sum(p.value for p in requests) == 3
+    assert {p.attributes["status"] for p in requests} == {"200"}
+    counts = [p for p in points["sluicegate_request_duration_seconds_count"]
+              if p.attributes.get("model") == "gpt-mock"]
+    assert sum(p.value for p in counts) == 3
+    inf = [p for p in points["sluicegate_request_duration_seconds_bucket"]
+           if p.attributes.get("le") == "+Inf" and p.attributes.get("model") == "gpt-mock"]
+    assert sum(p.value for p in inf) == 3
+    (in_flight,) = points["sluicegate_requests_in_flight"]
+    assert in_flight.value == 0 and in_flight.attributes["worker"].isdigit()
+    assert "sluicegate_metering_queue_depth" in points
