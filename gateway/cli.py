@@ -24,7 +24,7 @@ import orjson
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.doctor import DEFAULT_TIMEOUT_S, positive_seconds, run_doctor
+from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
 from gateway.logs import configure_logging
 from gateway.metrics import METRICS_DIR_ENV
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args.path)
         if args.command == "doctor":
-            return run_doctor(args.config, as_json=args.as_json, timeout_s=args.timeout)
+            rows = run_doctor(args.config, timeout_s=args.timeout)
+            print(report(rows, as_json=args.as_json))
+            return 1 if any(row.status == FAIL for row in rows) else 0
         return serve_forever(args)
     except ConfigError as exc:
         print(f"sluicegate: {exc}", file=sys.stderr)

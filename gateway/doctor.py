@@ -79,22 +79,23 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def run_doctor(path: str, *, as_json: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """Runs `sluicegate doctor`: 0 every check passed, 1 one failed. A ConfigError (exit 2 in
-    the CLI) propagates."""
+def run_doctor(path: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Row]:
+    """The checks of `sluicegate doctor` (the CLI prints them with `report`). A ConfigError
+    (exit 2 in the CLI) propagates."""
     config = load_config(path)
     kernel = create_app(config)  # builds the stack and runs the layers' check_config
     scrub = Scrubber.for_config(config, stack_components(kernel.app))
     _quiet_logging(scrub)
-    rows = asyncio.run(diagnose(config, kernel.app, timeout_s=timeout_s, scrub=scrub))
+    return asyncio.run(diagnose(config, kernel.app, timeout_s=timeout_s, scrub=scrub))
+
+
+def report(rows: list[Row], *, as_json: bool = False) -> str:
+    """The rows as the CLI prints them: a table and a summary line, or a JSON list."""
     if as_json:
-        sys.stdout.write(orjson.dumps([row.as_dict() for row in rows],
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(render_table(rows))
-        failed = sum(row.status == FAIL for row in rows)
-        print(f"{len(rows)} checks: " + (f"{failed} failed." if failed else "all ok."))
-    return 1 if any(row.status == FAIL for row in rows) else 0
+        return orjson.dumps([row.as_dict() for row in rows], option=orjson.OPT_INDENT_2).decode()
+    failed = sum(row.status == FAIL for row in rows)
+    summary = f"{len(rows)} checks: " + (f"{failed} failed." if failed else "all ok.")
+    return render_table(rows) + "\n" + summary
 
 
 def _quiet_logging(scrub: Scrubber) -> None:

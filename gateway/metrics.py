@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,6 @@ class RequestMetrics:
         self.in_flight = 0
         self.directory = Path(directory) if directory else None
         self.pid = os.getpid()
-        self._snapshot_at = 0.0
         self._requests = self.counters["sluicegate_requests_total"]
         self._tokens = self.counters["sluicegate_tokens_total"]
         self._cost = self.counters["sluicegate_cost_usd_total"]
@@ -149,11 +147,6 @@ class RequestMetrics:
         temporary = path.with_suffix(".tmp")
         temporary.write_bytes(orjson.dumps(snapshot))
         os.replace(temporary, path)  # readers see the old or the new file, never half
-        self._snapshot_at = time.monotonic()
-
-    def due(self) -> bool:
-        return self.directory is not None and \
-            time.monotonic() - self._snapshot_at >= SNAPSHOT_INTERVAL_S
 
     def exposition(self, gauges: list[Sample]) -> bytes:
         """The text format of every worker's metrics (this one's fresh), gauges included."""

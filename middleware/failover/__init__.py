@@ -43,6 +43,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.context import CONTEXT_KEY, RequestContext
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
+from gateway.metrics import Sample
 from middleware.failover.continuation import (
     CONTINUABLE,
     ContinuationRelay,
@@ -132,7 +133,7 @@ class FailoverMiddleware:
 
     async def startup(self) -> None:
         if self.shared is not None:
-            await self.shared.startup(self)
+            await self.shared.startup()
 
     async def shutdown(self) -> None:
         if self.shared is not None:
@@ -554,7 +555,7 @@ class FailoverMiddleware:
             return None
         return second, key
 
-    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+    def metric_samples(self) -> list[Sample]:
         """Gauges for /metrics: each deployment's breaker (0 closed, 1 half-open, 2 open)."""
         help_ = "Circuit breaker of a deployment: 0 closed, 1 half-open, 2 open."
         return [("sluicegate_breaker_state", help_,

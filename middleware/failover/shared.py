@@ -19,16 +19,13 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from middleware.failover.health import CLOSED, OPEN, CircuitBreaker
 from middleware.failover.routing import Group
-
-if TYPE_CHECKING:
-    from middleware.failover import FailoverMiddleware
 
 __all__ = ["RedisHealth"]
 
@@ -76,7 +73,7 @@ class RedisHealth:
         self._breakers[name] = breaker
         breaker.on_change = lambda _: self._changed.__setitem__(name, breaker)
 
-    async def startup(self, layer: FailoverMiddleware) -> None:
+    async def startup(self) -> None:
         self._client = redis.Redis.from_url(self.url, socket_timeout=2.0,
                                             socket_connect_timeout=2.0)
         self._task = asyncio.create_task(self._run(), name="sluicegate-failover-health")

@@ -42,6 +42,7 @@ from gateway.config import ConfigError
 from gateway.context import SELF_USAGE_PATH, RequestContext, find_request_context
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
+from gateway.metrics import Sample
 from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
 from middleware.metering.record import UsageRecord, record_of
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
@@ -243,7 +244,7 @@ class MeteringMiddleware:
         self._check_queue()
         await asyncio.shield(future)
 
-    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+    def metric_samples(self) -> list[Sample]:
         """Gauges for /metrics: the queue, the journal and how far the ledger is behind."""
         queue = self._queue
         lag = time.monotonic() - queue[0][2] if queue else 0.0
