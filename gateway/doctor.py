@@ -41,7 +41,7 @@ import orjson
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.kernel import stack_components
-from gateway.resp import RespClient
+from gateway.resp import RedisEndpoint, RespClient
 from gateway.upstream import ProviderKey
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -322,7 +322,8 @@ async def _leftover_tasks() -> list[Row]:
 # -- where the stores are ----------------------------------------------------------------------
 
 _ADDRESS_ATTRIBUTES = ("url", "dsn", "_url", "_dsn")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                  "redis+cluster", "rediss+cluster")
 _POSTGRES_SCHEMES = ("postgres", "postgresql")
 _LIBPQ_KEYWORD = re.compile(r"\b(host|hostaddr|dbname|port|user)\s*=")
 _LOCAL_STORES = frozenset({"memory", "journal", "static", "local"})
@@ -372,14 +373,25 @@ def find_resources(component: Any) -> list[Resource]:
                 continue
             if isinstance(value, RespClient):
                 seen.add(id(value))
-                raw = (f"unix://{value.unix_path}" if value.unix_path else
-                       f"redis://{_host_port(value.host, str(value.port))}/{value.db}")
-                _add_resource(found, path, holder, raw,
-                              {value.password} if value.password else set())
+                _add_resource(found, path, holder, _resp_address(value.endpoint),
+                              {secret for secret in (value.endpoint.password,
+                                                     value.endpoint.sentinel_password)
+                               if secret})
             elif depth < _MAX_DEPTH and _walkable(value, package):
                 seen.add(id(value))
                 queue.append((f"{path}.{name}" if path else name, value, depth + 1))
     return list(found.values())
+
+
+def _resp_address(endpoint: RedisEndpoint) -> str:
+    """A RespClient's endpoint as a URL without credentials."""
+    if endpoint.mode == "unix":
+        return f"unix://{endpoint.unix_path}"
+    scheme = ("rediss" if endpoint.tls else "redis") + \
+        {"direct": "", "sentinel": "+sentinel", "cluster": "+cluster"}[endpoint.mode]
+    hosts = ",".join(_host_port(host, str(port)) for host, port in endpoint.addresses)
+    path = f"/{endpoint.service}/{endpoint.db}" if endpoint.service else f"/{endpoint.db}"
+    return f"{scheme}://{hosts}{path}"
 
 
 def _add_resource(found: dict[int, Resource], path: str, holder: Any, raw: str,
@@ -449,7 +461,9 @@ def _targets(resources: list[Resource]) -> str:
 
 # -- addresses without credentials -------------------------------------------------------------
 
-_DEFAULT_PORTS = {"redis": "6379", "rediss": "6379", "postgres": "5432", "postgresql": "5432"}
+_DEFAULT_PORTS = {"redis": "6379", "rediss": "6379", "redis+sentinel": "26379",
+                  "rediss+sentinel": "26379", "redis+cluster": "6379", "rediss+cluster": "6379",
+                  "postgres": "5432", "postgresql": "5432"}
 _LIBPQ_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
 
 
@@ -475,8 +489,10 @@ def redact_target(address: str) -> str:
     hostport = parts.netloc.rpartition("@")[2]
     if not hostport and scheme in _POSTGRES_SCHEMES:
         hostport = (parse_qs(parts.query).get("host") or ["localhost"])[0]
-    if scheme in _DEFAULT_PORTS and not re.search(r":\d+$", hostport):
-        hostport = _host_port(hostport, _DEFAULT_PORTS[scheme])
+    if scheme in _DEFAULT_PORTS:  # Sentinel and Cluster URLs name several hosts
+        hostport = ",".join(host if re.search(r":\d+$", host) else
+                            _host_port(host, _DEFAULT_PORTS[scheme])
+                            for host in hostport.split(","))
     return f"{scheme}://{hostport}{parts.path}"
 
 

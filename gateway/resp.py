@@ -7,16 +7,25 @@ quota store speaks RESP itself: one connection, requests written as they come, r
 matched to callers in order (Redis answers a connection's commands in order), one timer per
 call. A call that times out closes the connection, failing what was in flight with it,
 since a late reply could no longer be matched; the next call reconnects.
+
+Where Redis lives is the URL's business (`parse_redis_url`): one server (`redis://`, TLS with
+`rediss://`, or a `unix://` socket), a primary found through Sentinel (`redis+sentinel://`:
+asked on every connect, checked with ROLE, and looked up again when the old primary answers
+READONLY), or a Redis Cluster (`redis+cluster://`: commands go to the node that owns their
+key's slot, MOVED and ASK redirections are followed and the slot map is refreshed).
 """
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
-__all__ = ["RespClient", "RespError"]
+__all__ = ["RedisEndpoint", "RespClient", "RespError", "has_hash_tag", "key_slot",
+           "parse_redis_url", "require_hash_tag"]
 
 
 class RespError(Exception):
@@ -144,39 +153,245 @@ class _Connection(asyncio.Protocol):
                 future.set_exception(error)
 
 
+# -- where Redis is ------------------------------------------------------------------------------
+
+_SCHEMES = {"redis": ("direct", False), "rediss": ("direct", True), "unix": ("unix", False),
+            "redis+sentinel": ("sentinel", False), "rediss+sentinel": ("sentinel", True),
+            "redis+cluster": ("cluster", False), "rediss+cluster": ("cluster", True)}
+_DEFAULT_PORTS = {"direct": 6379, "unix": 0, "sentinel": 26379, "cluster": 6379}
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+                "ssl_check_hostname")
+_OPTIONS = (*_TLS_OPTIONS, "db", "sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisEndpoint:
+    """A parsed Redis URL. `mode`: direct, unix, sentinel or cluster; `addresses`: the server
+    (direct), the Sentinels (sentinel) or the seed nodes (cluster)."""
+
+    mode: str
+    addresses: tuple[tuple[str, int], ...]
+    unix_path: str | None = None
+    service: str | None = None  # the Sentinel's name for the primary
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:  # never the passwords
+        where = self.unix_path or ",".join(f"{host}:{port}" for host, port in self.addresses)
+        service = f", service={self.service!r}" if self.service else ""
+        return f"RedisEndpoint({self.mode} {where}{service}, db={self.db}, tls={bool(self.tls)})"
+
+
+def parse_redis_url(url: str) -> RedisEndpoint:
+    """Parses the URLs the gateway accepts (raises ValueError with the reason):
+
+    - `redis://[[user]:password@]host[:port][/db]`, `rediss://...` for TLS;
+    - `unix:///path/to/redis.sock[?db=N]`;
+    - `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]` (the
+      password is the primary's; `sentinel_password=` in the query is the Sentinels');
+    - `redis+cluster://[[user]:password@]host:port[,host:port...]` (seed nodes; db 0 only).
+
+    TLS options in the query, as redis-py names them: `ssl_ca_certs`, `ssl_certfile`,
+    `ssl_keyfile`, `ssl_cert_reqs` (required, optional, none), `ssl_check_hostname`.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise ValueError(f"unsupported Redis URL scheme {scheme!r} (redis://, rediss://, "
+                         "unix://, redis+sentinel://, redis+cluster://, or rediss+...)")
+    mode, tls = _SCHEMES[scheme.lower()]
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown Redis URL option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(_OPTIONS)})")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+        if not colon:  # redis://password@host is not a thing; user-only is rare but valid
+            password = None
+    if mode == "unix":
+        _check_no_tls(options)
+        return RedisEndpoint("unix", (), unix_path="/" + path, db=_db(options.get("db", "0")),
+                             username=username, password=password)
+    addresses = tuple(_address(item, _DEFAULT_PORTS[mode]) for item in hosts.split(",") if item)
+    if not addresses:
+        addresses = (("127.0.0.1", _DEFAULT_PORTS[mode]),)
+    if mode == "direct" and len(addresses) > 1:
+        raise ValueError("a redis:// URL names one server; for several use redis+sentinel:// "
+                         "or redis+cluster://")
+    segments = [unquote(part) for part in path.split("/") if part] if slash else []
+    service = None
+    if mode == "sentinel":
+        if not segments:
+            raise ValueError("a redis+sentinel:// URL needs the primary's service name: "
+                             "redis+sentinel://host:26379/mymaster[/db]")
+        service, segments = segments[0], segments[1:]
+    if len(segments) > 1:
+        raise ValueError(f"unexpected path in the Redis URL: /{'/'.join(segments)}")
+    db = _db(segments[0] if segments else options.get("db", "0"))
+    if mode == "cluster" and db:
+        raise ValueError("Redis Cluster has only database 0")
+    _ = fragment
+    if not tls:
+        _check_no_tls(options)
+    return RedisEndpoint(mode, addresses, service=service, db=db, username=username,
+                         password=password,
+                         sentinel_username=options.get("sentinel_username") or None,
+                         sentinel_password=options.get("sentinel_password") or None,
+                         tls=_tls_context(options) if tls else None)
+
+
+def _db(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"the Redis database must be a number, not {text!r}")
+    return int(text)
+
+
+def _address(text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):  # [v6]:port
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if port and not port.isdigit():
+        raise ValueError(f"bad port in Redis address {text!r}")
+    return unquote(host) or "127.0.0.1", int(port) if port else default_port
+
+
+def _check_no_tls(options: dict[str, str]) -> None:
+    given = [name for name in _TLS_OPTIONS if name in options]
+    if given:
+        raise ValueError(f"TLS options ({', '.join(given)}) need a rediss:// URL")
+
+
+def _tls_context(options: dict[str, str]) -> ssl.SSLContext:
+    try:
+        return _load_tls(options)
+    except (OSError, ssl.SSLError) as exc:  # read at config load: a config error
+        raise ValueError(f"the Redis URL's TLS files cannot be used: {exc}") from None
+
+
+def _load_tls(options: dict[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs") or None)
+    reqs = options.get("ssl_cert_reqs", "required").lower()
+    if reqs not in ("required", "optional", "none"):
+        raise ValueError(f"ssl_cert_reqs must be required, optional or none, not {reqs!r}")
+    check = options.get("ssl_check_hostname", "true" if reqs == "required" else "false")
+    context.check_hostname = check.lower() in ("1", "true", "yes")
+    context.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                           "none": ssl.CERT_NONE}[reqs]
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile") or None)
+    return context
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def key_slot(key: str | bytes) -> int:
+    """The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag (the part between the
+    first `{` and the next `}`, when not empty) or of the whole key, modulo 16384."""
+    data = key.encode() if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1:end]
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFF00) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
+    return crc % 16384
+
+
+def has_hash_tag(prefix: str) -> bool:
+    """True when keys starting with `prefix` all hash to one Cluster slot (a `{tag}`)."""
+    start = prefix.find("{")
+    return start >= 0 and prefix.find("}", start + 1) > start + 1
+
+
+def require_hash_tag(client: RespClient, prefix: str, what: str) -> None:
+    """A Cluster needs the keys one script touches in one slot: refuses a prefix without a
+    hash tag there (ValueError, a config error)."""
+    if client.endpoint.mode == "cluster" and not has_hash_tag(prefix):
+        raise ValueError(f"{what}: on a Redis Cluster the key prefix must be a hash tag such as "
+                         f"'{{{prefix or 'sluicegate'}}}', not {prefix!r} (the keys one script "
+                         "touches must share a slot)")
+
+
+_KEYLESS = frozenset({"PING", "SCRIPT", "INFO", "ECHO", "TIME", "DBSIZE", "ROLE", "CLUSTER"})
+
+
+def command_key(args: Sequence[str | bytes]) -> str | bytes | None:
+    """The key a command's slot is decided by (its first key), or None for keyless ones."""
+    name = args[0].upper() if isinstance(args[0], str) else args[0].decode().upper()
+    if name in ("EVAL", "EVALSHA"):
+        return args[3] if len(args) > 3 and int(args[2]) > 0 else None
+    if name in _KEYLESS or len(args) < 2:
+        return None
+    return args[1]
+
+
+# -- the client ----------------------------------------------------------------------------------
+
 class RespClient:
     """`await client.call("EVALSHA", sha, "1", key, ...)`; raises RespError for error
     replies, and OSError (ConnectionError, TimeoutError) when Redis cannot be reached."""
 
     def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} "
-                             "(redis:// or unix://)")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.unix_path = parts.path if parts.scheme == "unix" else None
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-        db = parts.path.strip("/") if parts.scheme == "redis" else ""
-        self.db = int(db) if db else 0
+        self.endpoint = parse_redis_url(url)
         self.timeout_s = timeout_s
         self.commands_sent = 0  # for tests that count round trips
         self._connection: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
+        self._cluster = _Cluster(self) if self.endpoint.mode == "cluster" else None
+        self._sentinel = self.endpoint.mode == "sentinel"
+        self.primary: tuple[str, int] | None = None  # Sentinel: the primary last found
 
     def __repr__(self) -> str:  # never the password
-        return f"RespClient({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
+        return f"RespClient({self.endpoint!r})"
 
     async def call(self, *args: str | bytes) -> Any:
+        if self._cluster is not None:
+            return await self._cluster.call(args)
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await self._send(connection, encode_command(args))
+        try:
+            return await self._send(connection, encode_command(args))
+        except RespError as exc:
+            if not (self._sentinel and str(exc).startswith("READONLY")):
+                raise
+        # The primary failed over and this one is a replica now: ask the Sentinels again.
+        # Nothing was written (a replica refuses the first write), so the retry is safe.
+        connection.abort(ConnectionError("the Redis primary moved"))
+        return await self._send(await self._connect(), encode_command(args))
 
     async def call_many(self, commands: Sequence[Sequence[str | bytes]]) -> list[Any]:
         """Sends every command in one write and waits for all replies; an error reply is
         returned in place (as a RespError), a lost connection raises."""
+        if self._cluster is not None:
+            return await asyncio.gather(*(self._cluster.call(command) for command in commands),
+                                        return_exceptions=True)
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
@@ -185,22 +400,30 @@ class RespClient:
         timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, futures[-1],
                                                       connection)
         try:
-            return await asyncio.gather(*futures, return_exceptions=True)
+            replies = await asyncio.gather(*futures, return_exceptions=True)
         finally:
             timer.cancel()
+        if self._sentinel and any(isinstance(reply, RespError)
+                                  and str(reply).startswith("READONLY") for reply in replies):
+            connection.abort(ConnectionError("the Redis primary moved"))  # next call: Sentinel
+        return replies
 
     def send_soon(self, commands: Sequence[Sequence[str | bytes]]
                   ) -> list[asyncio.Future[Any]] | None:
         """Queues commands on the open connection without waiting: their futures, or None
-        when no connection is open (the caller then uses `call_many`)."""
+        when no connection is open or the commands need routing (the caller then uses
+        `call_many`)."""
         connection = self._connection
-        if connection is None or connection.closed:
+        if connection is None or connection.closed or self._cluster is not None:
             return None
         futures = [connection.request(encode_command(command)) for command in commands]
         self.commands_sent += len(futures)
         timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, futures[-1],
                                                       connection)
         futures[-1].add_done_callback(lambda _: timer.cancel())
+        if self._sentinel:
+            for future in futures:
+                future.add_done_callback(lambda f: _drop_if_readonly(f, connection))
         return futures
 
     async def _send(self, connection: _Connection, payload: bytes) -> Any:
@@ -219,31 +442,201 @@ class RespClient:
         async with self._connecting:  # concurrent callers share one new connection
             if self._connection is not None and not self._connection.closed:
                 return self._connection
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self.timeout_s):
-                if self.unix_path:
-                    _, connection = await loop.create_unix_connection(_Connection,
-                                                                      self.unix_path)
-                else:
-                    _, connection = await loop.create_connection(_Connection, self.host,
-                                                                 self.port)
-            await self._handshake(connection)
+            endpoint = self.endpoint
+            if self._sentinel:
+                connection = await self._connect_primary()
+            elif endpoint.mode == "unix":
+                connection = await self._open(None, endpoint.unix_path)
+                await self._handshake(connection, endpoint.username, endpoint.password,
+                                      endpoint.db)
+            else:
+                connection = await self._open(endpoint.addresses[0])
+                await self._handshake(connection, endpoint.username, endpoint.password,
+                                      endpoint.db)
             self._connection = connection
             return connection
 
-    async def _handshake(self, connection: _Connection) -> None:
-        if self.password is not None:
-            auth = ("AUTH", self.username, self.password) if self.username else \
-                ("AUTH", self.password)
-            await self._send(connection, encode_command(auth))
-        if self.db:
-            await self._send(connection, encode_command(("SELECT", str(self.db))))
+    async def _open(self, address: tuple[str, int] | None,
+                    unix_path: str | None = None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.timeout_s):
+            if unix_path is not None:
+                _, connection = await loop.create_unix_connection(_Connection, unix_path)
+                return connection
+            assert address is not None
+            host, port = address
+            tls = self.endpoint.tls
+            _, connection = await loop.create_connection(
+                _Connection, host, port, ssl=tls, server_hostname=host if tls else None)
+            return connection
+
+    async def _handshake(self, connection: _Connection, username: str | None,
+                         password: str | None, db: int) -> None:
+        try:
+            if password is not None:
+                auth = ("AUTH", username, password) if username else ("AUTH", password)
+                await self._send(connection, encode_command(auth))
+            if db:
+                await self._send(connection, encode_command(("SELECT", str(db))))
+        except BaseException:
+            _close(connection)
+            raise
+
+    async def _connect_primary(self) -> _Connection:
+        """Asks each Sentinel in turn where the primary is, connects, and checks with ROLE
+        that it is one (a Sentinel can be behind a failover for a moment)."""
+        endpoint = self.endpoint
+        reasons = []
+        for sentinel in endpoint.addresses:
+            try:
+                probe = await self._open(sentinel)
+                try:
+                    await self._handshake(probe, endpoint.sentinel_username,
+                                          endpoint.sentinel_password, 0)
+                    reply = await self._send(probe, encode_command(
+                        ("SENTINEL", "get-master-addr-by-name", endpoint.service or "")))
+                finally:
+                    _close(probe)
+            except (OSError, RespError) as exc:
+                reasons.append(f"{sentinel[0]}:{sentinel[1]}: {type(exc).__name__}")
+                continue
+            if not reply:
+                reasons.append(f"{sentinel[0]}:{sentinel[1]}: does not know "
+                               f"{endpoint.service!r}")
+                continue
+            primary = (reply[0].decode(), int(reply[1]))
+            try:
+                connection = await self._open(primary)
+                await self._handshake(connection, endpoint.username, endpoint.password,
+                                      endpoint.db)
+                role = await self._send(connection, encode_command(("ROLE",)))
+            except (OSError, RespError) as exc:
+                reasons.append(f"primary {primary[0]}:{primary[1]}: {type(exc).__name__}")
+                continue
+            if not role or role[0] != b"master":
+                _close(connection)
+                reasons.append(f"{primary[0]}:{primary[1]} is not a primary (yet)")
+                continue
+            self.primary = primary
+            return connection
+        raise ConnectionError(f"no Redis primary for {endpoint.service!r} through Sentinel "
+                              f"({'; '.join(reasons)})")
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None and connection.transport is not None:
-            connection.closed = True
-            connection.transport.close()
+        if connection is not None:
+            _close(connection)
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _close(connection: _Connection) -> None:
+    connection.closed = True
+    if connection.transport is not None:
+        connection.transport.close()
+
+
+def _drop_if_readonly(future: asyncio.Future[Any], connection: _Connection) -> None:
+    if not future.cancelled() and isinstance(future.exception(), RespError) \
+            and str(future.exception()).startswith("READONLY"):
+        connection.abort(ConnectionError("the Redis primary moved"))
+
+
+_MAX_REDIRECTS = 5
+
+
+class _Cluster:
+    """Redis Cluster routing for one RespClient: a connection per node, the slot map from
+    CLUSTER SLOTS (fetched on first use and again after a redirection or a lost node), MOVED
+    followed to the new owner, ASK answered with ASKING on the importing node."""
+
+    def __init__(self, client: RespClient) -> None:
+        self.client = client
+        self.slots: list[tuple[str, int] | None] = [None] * 16384
+        self.nodes: dict[tuple[str, int], _Connection] = {}
+        self.stale = True
+        self._refreshing: asyncio.Lock | None = None
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def call(self, args: Sequence[str | bytes]) -> Any:
+        if self.stale:
+            await self.refresh()
+        key = command_key(args)
+        address = self.slots[key_slot(key)] if key is not None else None
+        if address is None:
+            address = next(iter(self.nodes), None) or self.client.endpoint.addresses[0]
+        payload = encode_command(args)
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            try:
+                connection = await self._node(address)
+                if asking:
+                    connection.request(encode_command(("ASKING",)))
+                return await self.client._send(connection, payload)
+            except RespError as exc:
+                kind, _, rest = str(exc).partition(" ")
+                if kind not in ("MOVED", "ASK"):
+                    raise
+                slot, _, where = rest.partition(" ")
+                address = _address(where, 6379)
+                if kind == "MOVED":
+                    self.slots[int(slot)] = address
+                    self.stale = True  # the rest of the map has likely moved too
+                asking = kind == "ASK"
+            except OSError:
+                self.stale = True  # a node went away: its slots have new owners soon
+                raise
+        raise ConnectionError(f"Redis Cluster redirected a command {_MAX_REDIRECTS} times")
+
+    async def refresh(self) -> None:
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            if not self.stale:
+                return
+            reasons = []
+            seeds = list(dict.fromkeys([*self.nodes, *self.client.endpoint.addresses]))
+            for address in seeds:
+                try:
+                    reply = await self.client._send(await self._node(address),
+                                                    encode_command(("CLUSTER", "SLOTS")))
+                except (OSError, RespError) as exc:
+                    reasons.append(f"{address[0]}:{address[1]}: {type(exc).__name__}")
+                    continue
+                slots: list[tuple[str, int] | None] = [None] * 16384
+                for start, end, primary, *_replicas in reply:
+                    host = primary[0].decode() if primary[0] else ""
+                    owner = (host if host and host != "?" else address[0], int(primary[1]))
+                    slots[int(start):int(end) + 1] = [owner] * (int(end) - int(start) + 1)
+                self.slots = slots
+                self.stale = False
+                owners = set(slots)
+                for gone in [a for a in self.nodes if a not in owners and a not in seeds]:
+                    _close(self.nodes.pop(gone))
+                return
+            raise ConnectionError(f"no Redis Cluster node answered CLUSTER SLOTS "
+                                  f"({'; '.join(reasons)})")
+
+    async def _node(self, address: tuple[str, int]) -> _Connection:
+        connection = self.nodes.get(address)
+        if connection is not None and not connection.closed:
+            return connection
+        lock = self._connecting.setdefault(address, asyncio.Lock())
+        async with lock:
+            connection = self.nodes.get(address)
+            if connection is not None and not connection.closed:
+                return connection
+            endpoint = self.client.endpoint
+            connection = await self.client._open(address)
+            await self.client._handshake(connection, endpoint.username, endpoint.password, 0)
+            self.nodes[address] = connection
+            return connection
+
+    def close(self) -> None:
+        for connection in self.nodes.values():
+            _close(connection)
+        self.nodes.clear()
+        self.stale = True
 
 
 def _expire(future: asyncio.Future[Any], connection: _Connection) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from gateway import create_app
 from gateway.logs import JsonFormatter
+from tests import redis_topologies
 from tests.harness import ThreadedServer, find_secrets_in_logs, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 
@@ -74,3 +75,22 @@ def gateway(config_path: Path) -> Iterator[ThreadedServer]:
     """The gateway with the default stack, in-process under hypercorn, on a real socket."""
     with ThreadedServer(create_app(config_path)) as server:
         yield server
+
+
+# -- Redis deployments beyond the machine's one server (started on first use) -------------------
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_topologies.TlsRedis]:
+    yield from redis_topologies.tls_redis(tmp_path_factory.mktemp("redis-tls"))
+
+
+@pytest.fixture(scope="session")
+def sentinel_redis(tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[redis_topologies.SentinelRedis]:
+    yield from redis_topologies.sentinel_redis(tmp_path_factory.mktemp("redis-sentinel"))
+
+
+@pytest.fixture(scope="session")
+def cluster_redis(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[redis_topologies.ClusterRedis]:
+    yield from redis_topologies.cluster_redis(tmp_path_factory.mktemp("redis-cluster"))

@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.resp import RespClient, RespError
+from gateway.resp import RespClient, RespError, require_hash_tag
 
 __all__ = [
     "CacheStore",
@@ -385,6 +385,7 @@ class RedisCacheStore:
         self.prefix = prefix
         self.timeout_s = timeout_s
         self._client = RespClient(url, timeout_s=timeout_s)
+        require_hash_tag(self._client, prefix, "RedisCacheStore")
         # Writes (made after the response) and invalidations (which walk many keys) get their
         # own connection and patience: they neither time out on a busy server nor queue
         # lookups behind them on the hot connection.

@@ -10,7 +10,8 @@
 Nothing of this is on the request path: a breaker change only marks the breaker for the next
 sync. So instances agree within about `sync_interval_s` plus one Redis round trip. When Redis
 is unreachable each instance keeps its own breakers (the per-process behaviour) and the task
-retries; the hash tag keeps both keys in one Redis Cluster slot.
+retries; the hash tag keeps both keys in one Redis Cluster slot. The URL takes every form the
+gateway's Redis client does (TLS, Sentinel, Cluster: see gateway.resp).
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import time
 import uuid
 from typing import Any
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
+from gateway.resp import RespClient, RespError, parse_redis_url
 from middleware.failover.health import CLOSED, OPEN, CircuitBreaker
 from middleware.failover.routing import Group
 
@@ -45,6 +44,7 @@ class RedisHealth:
             raise ValueError("RedisHealth needs a Redis URL (url= or url_env=)")
         if not sync_interval_s > 0:
             raise ValueError("RedisHealth.sync_interval_s must be positive")
+        parse_redis_url(url)  # a bad URL is a config error now, not a sync failure later
         self.url = url
         self.sync_interval_s = sync_interval_s
         self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -53,7 +53,7 @@ class RedisHealth:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._groups: list[Group] = []
         self._changed: dict[str, CircuitBreaker] = {}
-        self._client: redis.Redis | None = None
+        self._client: RespClient | None = None
         self._task: asyncio.Task[None] | None = None
         self.last_sync: float | None = None
         self.errors = 0
@@ -74,8 +74,7 @@ class RedisHealth:
         breaker.on_change = lambda _: self._changed.__setitem__(name, breaker)
 
     async def startup(self) -> None:
-        self._client = redis.Redis.from_url(self.url, socket_timeout=2.0,
-                                            socket_connect_timeout=2.0)
+        self._client = RespClient(self.url, timeout_s=2.0)
         self._task = asyncio.create_task(self._run(), name="sluicegate-failover-health")
 
     async def shutdown(self) -> None:
@@ -86,16 +85,16 @@ class RedisHealth:
         if self._client is not None:
             try:
                 await self.sync()  # the last openings still reach the others
-            except (RedisError, OSError):
+            except (RespError, OSError):
                 pass
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def check_ready(self) -> dict[str, str]:
         assert self._client is not None
         try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
+            await self._client.call("PING")
+        except (RespError, OSError) as exc:
             return {"failover-redis": f"unreachable ({type(exc).__name__})"}
         return {"failover-redis": "ok"}
 
@@ -110,7 +109,7 @@ class RedisHealth:
         while True:
             try:
                 await self.sync()
-            except (RedisError, OSError) as exc:
+            except (RespError, OSError) as exc:
                 self.errors += 1
                 if self.errors == 1 or self.errors % 100 == 0:
                     logger.warning("failover health sync with Redis failed (%s); breakers stay "
@@ -127,23 +126,25 @@ class RedisHealth:
         closed = [name for name, b in changed.items() if b.state == CLOSED]
         ttft: dict[Any, Any] = {f"{g.model}|{s.name}|{self.instance_id}": f"{s.ewma_ttft_s:.6f}:{wall:.3f}"
                 for g in self._groups for s in g.deployments if s.requests}
+        commands: list[list[str]] = []
+        if opened:
+            commands.append(["HSET", self.open_key, *_flat(opened)])
+        if closed:
+            commands.append(["HDEL", self.open_key, *closed])
+        if ttft:
+            commands.append(["HSET", self.ttft_key, *_flat(ttft)])
+        commands += [["HGETALL", self.open_key], ["HGETALL", self.ttft_key]]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                if opened:
-                    pipe.hset(self.open_key, mapping=opened)
-                if closed:
-                    pipe.hdel(self.open_key, *closed)
-                if ttft:
-                    pipe.hset(self.ttft_key, mapping=ttft)
-                pipe.hgetall(self.open_key)
-                pipe.hgetall(self.ttft_key)
-                replies = await pipe.execute()
+            replies = await self._client.call_many(commands)
+            failed = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+            if failed is not None:
+                raise failed
         except BaseException:
             for name, breaker in changed.items():  # tell the others next time
                 self._changed.setdefault(name, breaker)
             raise
-        self._apply_open(replies[-2], time.time(), time.monotonic())
-        self._apply_ttft(replies[-1], time.time())
+        self._apply_open(_pairs(replies[-2]), time.time(), time.monotonic())
+        self._apply_ttft(_pairs(replies[-1]), time.time())
         self.last_sync = time.monotonic()
 
     def _apply_open(self, raw: dict[bytes, bytes], wall: float, mono: float) -> None:
@@ -178,3 +179,12 @@ class RedisHealth:
         for group in self._groups:
             for state in group.deployments:
                 state.shared_ttft_s = views.get(f"{group.model}|{state.name}")
+
+
+def _flat(mapping: dict[str, str]) -> list[str]:
+    return [item for pair in mapping.items() for item in pair]
+
+
+def _pairs(reply: list[bytes]) -> dict[bytes, bytes]:
+    """HGETALL's flat field, value, field, value... reply as a dict."""
+    return dict(zip(reply[0::2], reply[1::2], strict=True))

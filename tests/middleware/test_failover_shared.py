@@ -39,13 +39,18 @@ def breaker_at(url: str, model: str) -> str:
     return str(models[model]["deployments"][0]["breaker"]) if model in models else "unknown"
 
 
+@pytest.mark.parametrize("topology", ["single", "cluster"])
 def test_two_processes_sharing_redis_agree_on_a_breaker_opening_and_closing(
-        tmp_path: Path, upstreams: tuple[MockProviderServer, MockProviderServer]) -> None:
+        tmp_path: Path, upstreams: tuple[MockProviderServer, MockProviderServer],
+        topology: str, request: pytest.FixtureRequest) -> None:
+    """On the machine's Redis, and on a Redis Cluster (the sync's keys share a hash tag)."""
     a, b = upstreams
+    redis_url = REDIS_URL if topology == "single" else \
+        request.getfixturevalue("cluster_redis").url
     prefix = "sgtest-" + uuid.uuid4().hex[:8]
     layer = (f'routes={{"primary": Route(fallbacks=("backup",))}}, '
              f'breaker=BreakerSettings(consecutive_failures=3, cooldown_s=2, min_requests=1000), '
-             f'shared=RedisHealth("{REDIS_URL}", prefix="{prefix}", sync_interval_s=0.2)')
+             f'shared=RedisHealth("{redis_url}", prefix="{prefix}", sync_interval_s=0.2)')
     config = write_config(tmp_path, failover_config(a, b, layer))
     first, url1 = start_cli_gateway(config)
     second, url2 = start_cli_gateway(config)
@@ -73,9 +78,10 @@ def test_two_processes_sharing_redis_agree_on_a_breaker_opening_and_closing(
     finally:
         stop_process(first)
         stop_process(second)
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete("{" + prefix + "-health}:open", "{" + prefix + "-health}:ttft")
-        client.close()
+        if topology == "single":
+            client = redis.Redis.from_url(REDIS_URL)
+            client.delete("{" + prefix + "-health}:open", "{" + prefix + "-health}:ttft")
+            client.close()
 
 
 def test_without_redis_breakers_stay_per_process_and_requests_still_flow(

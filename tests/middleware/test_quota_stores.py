@@ -64,16 +64,26 @@ async def prefix() -> AsyncIterator[str]:
     await client.aclose()
 
 
-def make_store(kind: str, clock: FakeClock, prefix: str, **options: Any) -> Store:
+def make_store(kind: str, clock: FakeClock, prefix: str, url: str = REDIS_URL,
+               **options: Any) -> Store:
     if kind == "memory":
         return MemoryQuotaStore(clock=clock, **options)
-    return RedisQuotaStore(REDIS_URL, prefix=prefix, clock=clock, **options)
+    return RedisQuotaStore(url, prefix=prefix, clock=clock, **options)
 
 
-@pytest.fixture(params=["memory", "redis"])
+# The Redis backend runs the suite on the machine's server and, through the same client, on
+# a Redis Cluster, a Sentinel-managed primary and a TLS server (tests/redis_topologies.py).
+_TOPOLOGIES = {"redis-cluster": "cluster_redis", "redis-sentinel": "sentinel_redis",
+               "redis-tls": "tls_redis"}
+
+
+@pytest.fixture(params=["memory", "redis", *_TOPOLOGIES])
 async def store(request: pytest.FixtureRequest, clock: FakeClock,
                 prefix: str) -> AsyncIterator[Store]:
-    store = make_store(request.param, clock, prefix)
+    url = REDIS_URL
+    if request.param in _TOPOLOGIES:
+        url = request.getfixturevalue(_TOPOLOGIES[request.param]).url
+    store = make_store(request.param, clock, prefix, url)
     await store.startup()
     yield store
     await store.shutdown()
@@ -347,7 +357,7 @@ async def peers_of(store: Store, clock: FakeClock) -> AsyncIterator[list[Store]]
     if isinstance(store, MemoryQuotaStore):
         yield [store]
         return
-    other = RedisQuotaStore(REDIS_URL, prefix=store.prefix, clock=clock)
+    other = RedisQuotaStore(store.url, prefix=store.prefix, clock=clock)
     await other.startup()
     try:
         yield [store, other]
