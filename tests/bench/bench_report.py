@@ -159,7 +159,8 @@ def _ratio(num: TargetResult | None, den: TargetResult | None, scenario: str) ->
 RATIO_PAIRS = (
     ("bare", "floor", "Sluicegate bare / floor"),
     ("default", "floor", "Sluicegate default / floor"),
-    ("redis", "bare", "auth + quota on Redis / bare"),
+    ("redis", "bare", "default stack + auth + quota on Redis / bare"),
+    ("auth-quota", "bare", "auth + quota on Redis alone / bare"),
     ("metering", "bare", "metering layer / bare"),
     ("failover", "bare", "failover layer / bare"),
     ("tracing", "bare", "tracing on / off (bare)"),
