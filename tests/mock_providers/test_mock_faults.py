@@ -308,6 +308,9 @@ VOLATILE = {"date", "x-request-id", "apim-request-id", "request-id"}
 
 def _comparable(response: httpx.Response) -> tuple[int, dict[str, str], Any]:
     headers = {k: v for k, v in response.headers.items() if k not in VOLATILE}
+    for name in [k for k in headers if k.startswith("anthropic-ratelimit-") and
+                 k.endswith("-reset")]:  # a timestamp to the second: two calls can straddle one
+        headers[name] = "<reset>"
     body = response.json()
     body.pop("request_id", None)  # Anthropic's, random like the header
     return response.status_code, headers, body
