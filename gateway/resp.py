@@ -4,9 +4,10 @@ Admission runs one Lua script per request, so the client's own cost is part of e
 request. redis-py spends more on a call than the rest of auth and quota together (argument
 encoding in Python, a pool checkout, a timeout context and several reads per reply), so the
 quota store speaks RESP itself: one connection, requests written as they come, replies
-matched to callers in order (Redis answers a connection's commands in order), one timer per
-call. A call that times out closes the connection, failing what was in flight with it,
-since a late reply could no longer be matched; the next call reconnects.
+matched to callers in order (Redis answers a connection's commands in order), one watchdog
+timer per connection (not one per call). A call that times out closes the connection,
+failing what was in flight with it, since a late reply could no longer be matched; the next
+call reconnects.
 
 Where Redis lives is the URL's business (`parse_redis_url`): one server (`redis://`, TLS with
 `rediss://`, or a `unix://` socket), a primary found through Sentinel (`redis+sentinel://`:
@@ -88,26 +89,48 @@ def parse_reply(buffer: bytearray, pos: int) -> tuple[Any, int] | _Incomplete:
 
 class _Connection(asyncio.Protocol):
     """Commands issued in one event-loop step go out in one write (one system call), and
-    replies that arrive together are handed out in one `data_received`."""
+    replies that arrive together are handed out in one `data_received`.
+
+    Timeouts: Redis answers a connection's commands in order, so the oldest unanswered
+    command is always the first to be late. One watchdog timer per connection looks at it
+    (and sleeps until its deadline) instead of a timer per command; a late reply closes the
+    connection, failing what was in flight with it."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.deadlines: deque[float] = deque()  # the waiters' deadlines, same order
         self.buffer = bytearray()
         self.outgoing: list[bytes] = []
         self.closed = False
         self.loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def request(self, payload: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = self.loop.create_future()
+    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[Any]:
+        loop = self.loop
+        future: asyncio.Future[Any] = loop.create_future()
+        deadline = loop.time() + timeout_s
         self.waiters.append(future)
+        self.deadlines.append(deadline)
+        if self._watchdog is None and not self.closed:
+            self._watchdog = loop.call_at(deadline, self._watch)
         if not self.outgoing:
-            self.loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
         self.outgoing.append(payload)
         return future
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self.closed or not self.deadlines:
+            return
+        oldest = self.deadlines[0]
+        if oldest <= self.loop.time():
+            self.abort(TimeoutError("Redis did not answer in time"))
+        else:
+            self._watchdog = self.loop.call_at(oldest, self._watch)
 
     def _flush(self) -> None:
         outgoing, self.outgoing = self.outgoing, []
@@ -118,14 +141,16 @@ class _Connection(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         pos = 0
+        waiters, deadlines = self.waiters, self.deadlines
         try:
-            while self.waiters:
+            while waiters:
                 parsed = parse_reply(buffer, pos)
                 if isinstance(parsed, _Incomplete):
                     break
                 value, pos = parsed
-                future = self.waiters.popleft()
-                if future.done():  # its caller timed out
+                future = waiters.popleft()
+                deadlines.popleft()
+                if future.done():  # its caller went away (cancelled)
                     continue
                 if isinstance(value, RespError):
                     future.set_exception(value)
@@ -147,6 +172,10 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.deadlines.clear()
         while self.waiters:
             future = self.waiters.popleft()
             if not future.done():
@@ -395,14 +424,11 @@ class RespClient:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        futures = [connection.request(encode_command(command)) for command in commands]
+        timeout_s = self.timeout_s
+        futures = [connection.request(encode_command(command), timeout_s)
+                   for command in commands]
         self.commands_sent += len(futures)
-        timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, futures[-1],
-                                                      connection)
-        try:
-            replies = await asyncio.gather(*futures, return_exceptions=True)
-        finally:
-            timer.cancel()
+        replies = await asyncio.gather(*futures, return_exceptions=True)
         if self._sentinel and any(isinstance(reply, RespError)
                                   and str(reply).startswith("READONLY") for reply in replies):
             connection.abort(ConnectionError("the Redis primary moved"))  # next call: Sentinel
@@ -416,25 +442,18 @@ class RespClient:
         connection = self._connection
         if connection is None or connection.closed or self._cluster is not None:
             return None
-        futures = [connection.request(encode_command(command)) for command in commands]
+        timeout_s = self.timeout_s
+        futures = [connection.request(encode_command(command), timeout_s)
+                   for command in commands]
         self.commands_sent += len(futures)
-        timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, futures[-1],
-                                                      connection)
-        futures[-1].add_done_callback(lambda _: timer.cancel())
         if self._sentinel:
             for future in futures:
                 future.add_done_callback(lambda f: _drop_if_readonly(f, connection))
         return futures
 
     async def _send(self, connection: _Connection, payload: bytes) -> Any:
-        future = connection.request(payload)
         self.commands_sent += 1
-        timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, future,
-                                                      connection)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return await connection.request(payload, self.timeout_s)
 
     async def _connect(self) -> _Connection:
         if self._connecting is None:
@@ -571,7 +590,7 @@ class _Cluster:
             try:
                 connection = await self._node(address)
                 if asking:
-                    connection.request(encode_command(("ASKING",)))
+                    connection.request(encode_command(("ASKING",)), self.client.timeout_s)
                 return await self.client._send(connection, payload)
             except RespError as exc:
                 kind, _, rest = str(exc).partition(" ")
@@ -637,8 +656,3 @@ class _Cluster:
             _close(connection)
         self.nodes.clear()
         self.stale = True
-
-
-def _expire(future: asyncio.Future[Any], connection: _Connection) -> None:
-    if not future.done():
-        connection.abort(TimeoutError("Redis did not answer in time"))

@@ -6,6 +6,7 @@ import asyncio
 import ssl
 import time
 import uuid
+from typing import Self
 
 import pytest
 import redis
@@ -239,3 +240,81 @@ def test_cluster_stores_need_a_hash_tag_prefix() -> None:
     RedisQuotaStore(url, prefix="{sluicegate}")  # the defaults are tags
     RedisCacheStore(url)
     RedisQuotaStore("redis://127.0.0.1:6379/0", prefix="plain")  # one server: any prefix
+
+
+# -- timeouts (one watchdog per connection) -------------------------------------------------------
+
+
+class _ScriptedRedis:
+    """A RESP server on 127.0.0.1 that answers +OK to each command after `delay_s`, and
+    stops answering after `answers` commands (None: never stops)."""
+
+    def __init__(self, delay_s: float = 0.0, answers: int | None = None) -> None:
+        self.delay_s, self.answers, self.port = delay_s, answers, 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = 0
+        try:
+            while True:
+                header = await reader.readline()  # *N
+                if not header:
+                    break
+                for _ in range(int(header[1:]) * 2):  # $len, then the argument
+                    await reader.readline()
+                if self.answers is not None and answered >= self.answers:
+                    continue
+                answered += 1
+                await asyncio.sleep(self.delay_s)
+                writer.write(b"+OK\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+
+async def test_a_slow_answer_within_the_timeout_arrives() -> None:
+    """The watchdog first wakes at the first call's deadline, finds a later call still in
+    time, and sleeps on until that one's deadline: the later call is not cut short."""
+    async with _ScriptedRedis(delay_s=0.25) as server:
+        client = RespClient(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.4)
+        assert await client.call("PING") == "OK"  # deadline t+0.4; answered at t+0.25
+        assert await client.call("PING") == "OK"  # sent at t+0.25, answered at t+0.5
+        await client.close()
+
+
+async def test_a_silent_server_times_out_and_the_next_call_reconnects() -> None:
+    async with _ScriptedRedis(answers=2) as server:
+        client = RespClient(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.3)
+        assert await client.call_many([("PING",), ("PING",)]) == ["OK", "OK"]
+        results = await asyncio.gather(client.call("PING"), client.call("PING"),
+                                       return_exceptions=True)
+        assert all(isinstance(result, TimeoutError) for result in results)
+        assert await client.call("PING") == "OK"  # a new connection, answered again
+        await client.close()
+
+
+async def test_an_abandoned_call_still_closes_a_stuck_connection() -> None:
+    """A caller that gave up (cancelled) leaves its reply owed; if it never comes, the
+    connection is stuck and is closed, so the next call does not queue behind it."""
+    async with _ScriptedRedis(answers=1) as server:
+        client = RespClient(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.3)
+        assert await client.call("PING") == "OK"
+        connection = client._connection
+        assert connection is not None
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.call("PING"), 0.05)
+        deadline = time.monotonic() + 5
+        while not connection.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert connection.closed
+        await client.close()

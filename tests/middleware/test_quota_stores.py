@@ -448,9 +448,9 @@ async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStor
     sent: list[bytes] = []
     request = resp._Connection.request
 
-    def counting(self: resp._Connection, payload: bytes) -> Any:
+    def counting(self: resp._Connection, payload: bytes, timeout_s: float) -> Any:
         sent.append(payload)  # every command written to the socket, as encoded
-        return request(self, payload)
+        return request(self, payload, timeout_s)
 
     monkeypatch.setattr(resp._Connection, "request", counting)
 
