@@ -365,6 +365,10 @@ return dropped
 _INVALIDATE_BATCH = 500
 
 
+_DECODED_MAX_BYTES = 8 << 20  # the decoded-entry memo of a Redis store, all entries
+_DECODED_MAX_ENTRY_BYTES = 64 << 10  # larger entries are decoded on every hit
+
+
 class RedisCacheStore:
     """The hot tier, shared by every gateway process: one GET per lookup.
 
@@ -391,6 +395,11 @@ class RedisCacheStore:
         # lookups behind them on the hot connection.
         self._admin = RespClient(url, timeout_s=admin_timeout_s)
         self._gate = _OutageGate("the Redis cache", retry_interval_s)
+        # Hot entries decoded once per process: the exact bytes Redis returned map to the
+        # (immutable) entry they decode to, so a hit skips parsing and checking the header.
+        # Keyed by the bytes themselves, a rewritten or re-expiring entry is a new key.
+        self._decoded: dict[bytes, CachedResponse] = {}
+        self._decoded_bytes = 0
 
     def __repr__(self) -> str:
         return f"RedisCacheStore({self._client!r}, prefix={self.prefix!r})"
@@ -419,12 +428,22 @@ class RedisCacheStore:
         data = await self._call("GET", self.entry_key(key))
         if data is None:
             return None
+        decoded = self._decoded.get(data)
+        if decoded is not None:
+            return decoded
         try:
-            return CachedResponse.decode(data)
+            entry = CachedResponse.decode(data)
         except ValueError as exc:
             logger.warning("the Redis cache holds an unreadable entry at %s (%s); ignored",
                            self.entry_key(key), exc)
             return None
+        if len(data) <= _DECODED_MAX_ENTRY_BYTES:
+            if self._decoded_bytes + len(data) > _DECODED_MAX_BYTES:
+                self._decoded.clear()
+                self._decoded_bytes = 0
+            self._decoded[data] = entry
+            self._decoded_bytes += len(data)
+        return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if ttl_s <= 0:

@@ -803,3 +803,25 @@ async def test_both_tiers_failing_is_a_store_error() -> None:
                 await store.set("k", entry(), 30)
     finally:
         await store.shutdown()
+
+
+async def test_redis_hits_reuse_decoded_entries_without_going_stale(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from middleware.cache import stores as stores_module
+    monkeypatch.setattr(stores_module, "_DECODED_MAX_BYTES", 1000)
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    await store.startup()
+    try:
+        await store.set("k", entry(body=b'{"answer":1}'), 60)
+        first, again = await store.get("k"), await store.get("k")
+        assert first is not None and again is first  # decoded once
+        await store.set("k", entry(body=b'{"answer":2}'), 60)  # rewritten: new bytes
+        replaced = await store.get("k")
+        assert replaced is not None and replaced.body == b'{"answer":2}'
+        for i in range(20):  # the memo stays within its byte bound
+            await store.set(f"k{i}", entry(body=b'{"n":%d}' % i), 60)
+            assert (await store.get(f"k{i}")) is not None
+            assert store._decoded_bytes <= 1000
+        assert len(store._decoded) < 20
+    finally:
+        await store.shutdown()
