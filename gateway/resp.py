@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -105,6 +105,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
+        self.on_push: Callable[[Any], None] | None = None  # a subscriber's messages
+        self.on_lost: asyncio.Future[None] | None = None  # a subscriber's end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -156,6 +158,12 @@ class _Connection(asyncio.Protocol):
                     future.set_exception(value)
                 else:
                     future.set_result(value)
+            while self.on_push is not None and not waiters:  # pub/sub messages
+                parsed = parse_reply(buffer, pos)
+                if isinstance(parsed, _Incomplete):
+                    break
+                value, pos = parsed
+                self.on_push(value)
         except (ValueError, ConnectionError) as exc:
             self.abort(ConnectionError(f"unreadable reply from Redis: {exc}"))
             return
@@ -164,6 +172,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError("the connection to Redis was lost"))
+        if self.on_lost is not None and not self.on_lost.done():
+            self.on_lost.set_result(None)
 
     def abort(self, error: Exception) -> None:
         self._fail(error)
@@ -395,6 +405,8 @@ class RespClient:
         self._cluster = _Cluster(self) if self.endpoint.mode == "cluster" else None
         self._sentinel = self.endpoint.mode == "sentinel"
         self.primary: tuple[str, int] | None = None  # Sentinel: the primary last found
+        self.switches_seen = 0  # Sentinel: +switch-master announcements acted on
+        self._sentinel_watch: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the password
         return f"RespClient({self.endpoint!r})"
@@ -537,9 +549,53 @@ class RespClient:
                 reasons.append(f"{primary[0]}:{primary[1]} is not a primary (yet)")
                 continue
             self.primary = primary
+            if self._sentinel_watch is None or self._sentinel_watch.done():
+                self._sentinel_watch = asyncio.create_task(
+                    self._watch_sentinels(), name="sluicegate-redis-sentinel-watch")
             return connection
         raise ConnectionError(f"no Redis primary for {endpoint.service!r} through Sentinel "
                               f"({'; '.join(reasons)})")
+
+    async def _watch_sentinels(self) -> None:
+        """Listens for the Sentinels' `+switch-master` announcement: when the primary moves,
+        new calls go to the new one at once (the old connection is retired once its
+        in-flight replies are in) instead of writing to the old primary until it is demoted.
+        Runs while the client is open; moves to the next Sentinel when one goes away."""
+        endpoint = self.endpoint
+        while True:
+            for sentinel in endpoint.addresses:
+                try:
+                    subscriber = await self._open(sentinel)
+                except OSError:
+                    continue
+                try:
+                    await self._handshake(subscriber, endpoint.sentinel_username,
+                                          endpoint.sentinel_password, 0)
+                    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    subscriber.on_push = self._on_sentinel_message
+                    subscriber.on_lost = lost
+                    await self._send(subscriber, encode_command(("SUBSCRIBE",
+                                                                 "+switch-master")))
+                    await lost  # until the Sentinel goes away
+                except (OSError, RespError):
+                    pass
+                finally:
+                    _close(subscriber)
+            await asyncio.sleep(1.0)
+
+    def _on_sentinel_message(self, message: Any) -> None:
+        # ["message", "+switch-master", "<name> <old ip> <old port> <new ip> <new port>"]
+        if not (isinstance(message, list) and len(message) == 3 and message[0] == b"message"):
+            return
+        name, _, _, host, port = (message[2].decode(errors="replace").split() + [""] * 5)[:5]
+        if name != self.endpoint.service or not port.isdigit():
+            return
+        self.switches_seen += 1
+        if self.primary == (host, int(port)):
+            return
+        connection, self._connection = self._connection, None
+        if connection is not None:  # in-flight replies still arrive; then it goes
+            asyncio.get_running_loop().call_later(self.timeout_s, _close, connection)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -547,6 +603,10 @@ class RespClient:
             _close(connection)
         if self._cluster is not None:
             self._cluster.close()
+        watch, self._sentinel_watch = self._sentinel_watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
 
 def _close(connection: _Connection) -> None:

@@ -127,8 +127,9 @@ class SentinelRedis:
     def fail_over(self, timeout_s: float = 20.0) -> int:
         """Forces a failover and waits until the old replica is the primary, the Sentinel
         says so and the old primary has been turned into a replica; returns the new
-        primary's port. (Until that last step the old primary still takes writes, which
-        the resync then drops: Redis Sentinel's split-brain window.)"""
+        primary's port, once the old primary replicates from it. (Until it is demoted the
+        old primary still takes writes, which the resync then drops: Redis Sentinel's
+        split-brain window.)"""
         before = self.primary_port()
         with self.sentinel() as client:
             deadline = time.monotonic() + timeout_s
@@ -147,6 +148,7 @@ class SentinelRedis:
                 with redis.Redis(port=after) as new, redis.Redis(port=before) as old:
                     if new.execute_command("ROLE")[0] == b"master" and \
                             old.execute_command("ROLE")[0] == b"slave":
+                        _wait_replicated(after, before, timeout_s)  # ready for the next one
                         return after
             time.sleep(0.1)
         raise TimeoutError("the Sentinel failover did not finish")

@@ -112,6 +112,29 @@ async def test_sentinel_unknown_service(sentinel_redis: SentinelRedis) -> None:
     await client.close()
 
 
+async def test_sentinel_announcement_moves_new_calls_at_once(
+        sentinel_redis: SentinelRedis) -> None:
+    """The client listens for +switch-master: after a failover its next call goes straight
+    to the new primary, without first writing to (or being refused by) the old one."""
+    client = RespClient(sentinel_redis.url, timeout_s=2.0)
+    key = f"sgtest-switch-{uuid.uuid4().hex}"
+    assert await client.call("INCR", key) == 1
+    assert await client.call("WAIT", "1", "1500") == 1  # on the replica before the failover
+    old = client._connection
+    assert old is not None
+    new_port = await asyncio.to_thread(sentinel_redis.fail_over)
+    deadline = time.monotonic() + 10
+    while client.switches_seen == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert client.switches_seen >= 1
+    assert client._connection is None  # retired: the next call asks the Sentinel
+    assert await client.call("INCR", key) == 2
+    assert client.primary == ("127.0.0.1", new_port)
+    assert client._connection is not old
+    await client.close()
+    assert client._sentinel_watch is None
+
+
 async def test_sentinel_follows_a_failover(sentinel_redis: SentinelRedis) -> None:
     """After the primary is demoted, the client's open connection reaches a replica: the
     next write there is refused (READONLY) and the client asks the Sentinel again, so the
@@ -119,7 +142,10 @@ async def test_sentinel_follows_a_failover(sentinel_redis: SentinelRedis) -> Non
     client = RespClient(sentinel_redis.url, timeout_s=2.0)
     key = f"sgtest-failover-{uuid.uuid4().hex}"
     assert await client.call("INCR", key) == 1
+    assert await client.call("WAIT", "1", "1500") == 1  # on the replica before the failover
     before = client.primary
+    assert client._sentinel_watch is not None  # this test is about the client without it:
+    client._sentinel_watch.cancel()  # a missed announcement (say, a Sentinel restarting)
     new_port = await asyncio.to_thread(sentinel_redis.fail_over)
     deadline = time.monotonic() + 20
     while True:  # the demoted server may drop connections while it resyncs
@@ -132,6 +158,7 @@ async def test_sentinel_follows_a_failover(sentinel_redis: SentinelRedis) -> Non
             await asyncio.sleep(0.1)
     assert value == 2  # the replica had the first write; nothing was lost or doubled
     assert client.primary == ("127.0.0.1", new_port) != before
+    assert client.switches_seen == 0  # READONLY sent it back to the Sentinel
     with redis.Redis(port=new_port) as direct:
         assert direct.get(key) == b"2"
     await client.close()
