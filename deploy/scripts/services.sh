@@ -73,6 +73,9 @@ ensure_postgres() {
 
 ensure_redis() {
     command -v redis-server >/dev/null || apt_install redis-server
+    # redis-cli builds the tests' Redis Cluster; openssl makes the TLS test server's certificate.
+    command -v redis-cli >/dev/null || apt_install redis-tools
+    command -v openssl >/dev/null || apt_install openssl
     if ! redis_up; then
         log "starting Redis"
         mkdir -p /var/lib/redis /var/log/redis
