@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-__all__ = ["RedisEndpoint", "RespClient", "RespError", "has_hash_tag", "key_slot",
-           "parse_redis_url", "require_hash_tag"]
+__all__ = ["RedisEndpoint", "RespClient", "RespError", "has_hash_tag", "is_redis_url",
+           "key_slot", "parse_redis_url", "require_hash_tag"]
 
 
 class RespError(Exception):
@@ -223,6 +223,12 @@ class RedisEndpoint:
         where = self.unix_path or ",".join(f"{host}:{port}" for host, port in self.addresses)
         service = f", service={self.service!r}" if self.service else ""
         return f"RedisEndpoint({self.mode} {where}{service}, db={self.db}, tls={bool(self.tls)})"
+
+
+def is_redis_url(text: str) -> bool:
+    """True when `text` starts with a scheme `parse_redis_url` takes."""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() in _SCHEMES
 
 
 def parse_redis_url(url: str) -> RedisEndpoint:

@@ -38,6 +38,7 @@ from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import ANONYMOUS
 from gateway.pricing import call_cost_micros
+from gateway.resp import is_redis_url
 from gateway.sse import SSEParser
 from middleware.cache.keys import (
     cache_key,
@@ -425,10 +426,11 @@ def _make_store(store: CacheStore | str, max_bytes: int) -> CacheStore:
     if isinstance(store, str):
         if store == "memory":
             return MemoryCacheStore(max_bytes=max_bytes)
-        if store.startswith(("redis://", "unix://")):
+        if is_redis_url(store):
             return RedisCacheStore(store)
-        raise ConfigError(f"CacheMiddleware store must be 'memory', a redis:// URL or a "
-                          f"CacheStore, not {store!r}.")
+        raise ConfigError(f"CacheMiddleware store must be 'memory', a Redis URL (redis://, "
+                          f"rediss://, redis+sentinel://, redis+cluster://, unix://) or a "
+                          f"CacheStore, not a {store.partition(':')[0]!r} string.")
     if not callable(getattr(store, "get", None)) or not callable(getattr(store, "set", None)):
         raise ConfigError(f"CacheMiddleware store {store!r} is not a CacheStore.")
     return store

@@ -47,6 +47,7 @@ from gateway.policy import (
     period_label,
 )
 from gateway.pricing import call_cost_micros, estimate_micros
+from gateway.resp import is_redis_url
 from middleware.quota import plan
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
@@ -463,10 +464,11 @@ def _make_store(store: QuotaStore | str) -> QuotaStore:
     if isinstance(store, str):
         if store == "memory":
             return MemoryQuotaStore()
-        if store.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_url(store):
             return RedisQuotaStore(store)
-        raise ConfigError(f"QuotaMiddleware store must be 'memory', a redis:// URL or a "
-                          f"QuotaStore, not {store!r}.")
+        raise ConfigError(f"QuotaMiddleware store must be 'memory', a Redis URL (redis://, "
+                          f"rediss://, redis+sentinel://, redis+cluster://, unix://) or a "
+                          f"QuotaStore, not a {store.partition(':')[0]!r} string.")
     if not callable(getattr(store, "admit", None)):
         raise ConfigError(f"QuotaMiddleware store {store!r} is not a QuotaStore.")
     return store

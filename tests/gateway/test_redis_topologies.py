@@ -345,3 +345,24 @@ async def test_an_abandoned_call_still_closes_a_stuck_connection() -> None:
             await asyncio.sleep(0.05)
         assert connection.closed
         await client.close()
+
+
+def test_layers_take_every_redis_url_form_as_a_store_string() -> None:
+    from gateway.config import ConfigError
+    from middleware.cache import CacheMiddleware
+    from middleware.cache.stores import RedisCacheStore
+    from middleware.quota import QuotaMiddleware, RedisQuotaStore
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("not called")
+
+    for url in ("redis+sentinel://127.0.0.1:26379/mymaster/0", "rediss+cluster://n1:7000",
+                "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none"):
+        assert isinstance(QuotaMiddleware(app, store=url).store, RedisQuotaStore)
+        assert isinstance(CacheMiddleware(app, store=url).store, RedisCacheStore)
+    with pytest.raises(ConfigError) as refused:
+        QuotaMiddleware(app, store="memcached://:hunter2@cache:11211")
+    assert "hunter2" not in str(refused.value) and "'memcached'" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        CacheMiddleware(app, store="memcached://:hunter2@cache:11211")
+    assert "hunter2" not in str(refused.value)
