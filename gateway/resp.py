@@ -562,6 +562,14 @@ class RespClient:
         raise ConnectionError(f"no Redis primary for {endpoint.service!r} through Sentinel "
                               f"({'; '.join(reasons)})")
 
+    async def ping(self) -> None:
+        """Raises unless Redis answers; on a Cluster, unless every node serving slots answers
+        and the cluster says its state is ok (a PING to one node proves little there)."""
+        if self._cluster is None:
+            await self.call("PING")
+            return
+        await self._cluster.check()
+
     async def _watch_sentinels(self) -> None:
         """Listens for the Sentinels' `+switch-master` announcement: when the primary moves,
         new calls go to the new one at once (the old connection is retired once its
@@ -701,6 +709,19 @@ class _Cluster:
                 return
             raise ConnectionError(f"no Redis Cluster node answered CLUSTER SLOTS "
                                   f"({'; '.join(reasons)})")
+
+    async def check(self) -> None:
+        self.stale = True  # a fresh map: the owners as they are now
+        await self.refresh()
+        owners = {address for address in self.slots if address is not None}
+        if len(owners) == 0 or None in self.slots:
+            raise ConnectionError("the Redis Cluster does not serve every slot")
+        for address in sorted(owners):
+            info = await self.client._send(await self._node(address),
+                                           encode_command(("CLUSTER", "INFO")))
+            if b"cluster_state:ok" not in info:
+                raise ConnectionError(f"Redis Cluster node {address[0]}:{address[1]} reports "
+                                      "cluster_state other than ok")
 
     async def _node(self, address: tuple[str, int]) -> _Connection:
         connection = self.nodes.get(address)

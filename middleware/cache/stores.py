@@ -413,9 +413,14 @@ class RedisCacheStore:
 
     async def check_ready(self) -> dict[str, str]:
         try:
-            await self._call("PING")
+            self._gate.check()
+            await self._client.ping()  # on a Cluster: every node, and the cluster's state
         except CacheStoreError as exc:
             return {"cache_redis": f"error: {exc}"}
+        except RespError as exc:
+            return {"cache_redis": f"error: the Redis cache refused PING: {exc}"}
+        except OSError as exc:
+            return {"cache_redis": f"error: {self._gate.trip(exc)}"}
         return {"cache_redis": "ok"}
 
     def entry_key(self, key: str) -> str:

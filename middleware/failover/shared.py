@@ -93,7 +93,7 @@ class RedisHealth:
     async def check_ready(self) -> dict[str, str]:
         assert self._client is not None
         try:
-            await self._client.call("PING")
+            await self._client.ping()
         except (RespError, OSError) as exc:
             return {"failover-redis": f"unreachable ({type(exc).__name__})"}
         return {"failover-redis": "ok"}

@@ -212,11 +212,15 @@ class RedisQuotaStore:
             await client.close()
 
     async def ping(self) -> bool:
-        """True when Redis answers within the socket timeout."""
-        try:
-            return bool(await self._call("PING"))
-        except QuotaStoreError:
+        """True when Redis answers within the socket timeout (on a Cluster: every node
+        serving slots, with the cluster's state ok)."""
+        if self._client is None:
             return False
+        try:
+            await self._client.ping()
+        except (RespError, OSError, ValueError):
+            return False
+        return True
 
     async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
         validate(checks)

@@ -366,3 +366,21 @@ def test_layers_take_every_redis_url_form_as_a_store_string() -> None:
     with pytest.raises(ConfigError) as refused:
         CacheMiddleware(app, store="memcached://:hunter2@cache:11211")
     assert "hunter2" not in str(refused.value)
+
+
+async def test_cluster_readiness_asks_every_node(cluster_redis: ClusterRedis) -> None:
+    """A PING to one node proves little on a Cluster: readiness maps the slots again, asks
+    every node that serves some, and wants cluster_state:ok from each."""
+    from middleware.quota.store_redis import RedisQuotaStore
+    store = RedisQuotaStore(cluster_redis.url)
+    await store.startup()
+    try:
+        assert await store.ping() is True
+        assert store._client is not None and store._client._cluster is not None
+        assert {port for _, port in store._client._cluster.nodes} == set(cluster_redis.ports)
+    finally:
+        await store.shutdown()
+    client = RespClient(f"redis+cluster://127.0.0.1:9,127.0.0.1:{cluster_redis.ports[0]}",
+                        timeout_s=1.0)
+    await client.ping()  # a dead seed is skipped while a live one answers
+    await client.close()
