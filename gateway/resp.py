@@ -629,6 +629,11 @@ def _close(connection: _Connection) -> None:
         connection.transport.close()
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: no "never retrieved" warning
+
+
 def _drop_if_readonly(future: asyncio.Future[Any], connection: _Connection) -> None:
     if not future.cancelled() and isinstance(future.exception(), RespError) \
             and str(future.exception()).startswith("READONLY"):
@@ -663,8 +668,9 @@ class _Cluster:
         for _ in range(_MAX_REDIRECTS):
             try:
                 connection = await self._node(address)
-                if asking:
-                    connection.request(encode_command(("ASKING",)), self.client.timeout_s)
+                if asking:  # its +OK is not awaited; an error reply is dropped here
+                    connection.request(encode_command(("ASKING",)),
+                                       self.client.timeout_s).add_done_callback(_retrieved)
                 return await self.client._send(connection, payload)
             except RespError as exc:
                 kind, _, rest = str(exc).partition(" ")
