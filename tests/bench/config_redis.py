@@ -2,6 +2,8 @@
 
 Every request is authenticated (a static virtual key) and admitted against a key RPM, a key
 TPM and a project budget in Redis: one EVALSHA before the upstream call, one after it.
+With SLUICEGATE_BENCH_ONLY_AUTH_QUOTA=1 the two layers run alone over the bare passthrough
+(the `auth-quota` target: what auth + quota cost, the ratio the quota issue names).
 """
 import os
 
@@ -27,13 +29,13 @@ models = {"bench": Model([Deployment("mock", "bench",
 key_limits = Limits(rpm=100_000_000, tpm=10_000_000_000)
 project_budget = Limits(budgets=(Budget("1000000", period="monthly"),))
 _store = os.environ.get("SLUICEGATE_BENCH_QUOTA_STORE", "redis")
-middleware = [
-    Middleware(AuthMiddleware, keys=[StaticKey("bench", key_env="SLUICEGATE_API_KEY",
-                                               limits=key_limits)],
-               limits={("project", "bench"): project_budget}),
-    Middleware(MeteringMiddleware),
-    Middleware(QuotaMiddleware, store=RedisQuotaStore(redis_url, prefix="{sluicegate-bench}")
-               if _store == "redis" else "memory"),
-    Middleware(CacheMiddleware),
-    Middleware(FailoverMiddleware),
-]
+auth = Middleware(AuthMiddleware, keys=[StaticKey("bench", key_env="SLUICEGATE_API_KEY",
+                                                  limits=key_limits)],
+                  limits={("project", "bench"): project_budget})
+quota = Middleware(QuotaMiddleware, store=RedisQuotaStore(redis_url, prefix="{sluicegate-bench}")
+                   if _store == "redis" else "memory")
+if os.environ.get("SLUICEGATE_BENCH_ONLY_AUTH_QUOTA") == "1":
+    middleware = [auth, quota]
+else:
+    middleware = [auth, Middleware(MeteringMiddleware), quota, Middleware(CacheMiddleware),
+                  Middleware(FailoverMiddleware)]
