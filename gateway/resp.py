@@ -248,7 +248,7 @@ def parse_redis_url(url: str) -> RedisEndpoint:
         raise ValueError(f"unsupported Redis URL scheme {scheme!r} (redis://, rediss://, "
                          "unix://, redis+sentinel://, redis+cluster://, or rediss+...)")
     mode, tls = _SCHEMES[scheme.lower()]
-    rest, _, fragment = rest.partition("#")
+    rest = rest.partition("#")[0]
     rest, _, query = rest.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -261,9 +261,7 @@ def parse_redis_url(url: str) -> RedisEndpoint:
     if at:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
-        password = unquote(secret) if colon else None
-        if not colon:  # redis://password@host is not a thing; user-only is rare but valid
-            password = None
+        password = unquote(secret) if colon else None  # user-only is rare but valid
     if mode == "unix":
         _check_no_tls(options)
         return RedisEndpoint("unix", (), unix_path="/" + path, db=_db(options.get("db", "0")),
@@ -286,7 +284,6 @@ def parse_redis_url(url: str) -> RedisEndpoint:
     db = _db(segments[0] if segments else options.get("db", "0"))
     if mode == "cluster" and db:
         raise ValueError("Redis Cluster has only database 0")
-    _ = fragment
     if not tls:
         _check_no_tls(options)
     return RedisEndpoint(mode, addresses, service=service, db=db, username=username,
@@ -374,10 +371,10 @@ def has_hash_tag(prefix: str) -> bool:
     return start >= 0 and prefix.find("}", start + 1) > start + 1
 
 
-def require_hash_tag(client: RespClient, prefix: str, what: str) -> None:
+def require_hash_tag(endpoint: RedisEndpoint, prefix: str, what: str) -> None:
     """A Cluster needs the keys one script touches in one slot: refuses a prefix without a
     hash tag there (ValueError, a config error)."""
-    if client.endpoint.mode == "cluster" and not has_hash_tag(prefix):
+    if endpoint.mode == "cluster" and not has_hash_tag(prefix):
         raise ValueError(f"{what}: on a Redis Cluster the key prefix must be a hash tag such as "
                          f"'{{{prefix or 'sluicegate'}}}', not {prefix!r} (the keys one script "
                          "touches must share a slot)")
@@ -482,12 +479,9 @@ class RespClient:
             endpoint = self.endpoint
             if self._sentinel:
                 connection = await self._connect_primary()
-            elif endpoint.mode == "unix":
-                connection = await self._open(None, endpoint.unix_path)
-                await self._handshake(connection, endpoint.username, endpoint.password,
-                                      endpoint.db)
-            else:
-                connection = await self._open(endpoint.addresses[0])
+            else:  # one server, over TCP or a unix socket
+                connection = await self._open(endpoint.addresses[0] if endpoint.addresses
+                                              else None, endpoint.unix_path)
                 await self._handshake(connection, endpoint.username, endpoint.password,
                                       endpoint.db)
             self._connection = connection

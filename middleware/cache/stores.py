@@ -389,7 +389,7 @@ class RedisCacheStore:
         self.prefix = prefix
         self.timeout_s = timeout_s
         self._client = RespClient(url, timeout_s=timeout_s)
-        require_hash_tag(self._client, prefix, "RedisCacheStore")
+        require_hash_tag(self._client.endpoint, prefix, "RedisCacheStore")
         # Writes (made after the response) and invalidations (which walk many keys) get their
         # own connection and patience: they neither time out on a busy server nor queue
         # lookups behind them on the hot connection.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
-from gateway.resp import RespClient, RespError, require_hash_tag
+from gateway.resp import RespClient, RespError, parse_redis_url, require_hash_tag
 from middleware.quota.store_memory import BUDGET_SLACK_S, validate
 
 logger = logging.getLogger("sluicegate.quota")
@@ -192,7 +192,7 @@ class RedisQuotaStore:
         self.socket_timeout_s = socket_timeout_s
         self.clock = clock
         self.budget_slack_s = budget_slack_s
-        require_hash_tag(RespClient(url), prefix, "RedisQuotaStore")  # the URL, at config time
+        require_hash_tag(parse_redis_url(url), prefix, "RedisQuotaStore")  # at config time
         self._client: RespClient | None = None
         self._pending: set[asyncio.Future[Any]] = set()  # settles in flight
 
