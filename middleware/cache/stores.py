@@ -19,7 +19,6 @@ outage costs one timeout per interval, not one per request.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import math
@@ -87,10 +86,17 @@ class CachedResponse:
     def encode(self) -> bytes:
         """`SGC1`, the header's length (4 bytes, big-endian), the orjson header, the body
         as is: the body is neither escaped nor parsed again on the way back."""
-        header = orjson.dumps({
+        header = self._header()
+        return b"".join((_MAGIC, _HEADER_SIZE.pack(len(header)), header, self.body))
+
+    def encoded_size(self) -> int:
+        """len(self.encode()), without building it."""
+        return 8 + len(self._header()) + len(self.body)
+
+    def _header(self) -> bytes:
+        return orjson.dumps({
             "f": self.api_format, "s": self.status, "c": self.created_at, "u": self.usage,
             "m": self.model, "$": self.cost_micros, "t": self.tags, "e": self.expires_at})
-        return b"".join((_MAGIC, _HEADER_SIZE.pack(len(header)), header, self.body))
 
     @classmethod
     def decode(cls, data: bytes) -> CachedResponse:
@@ -160,7 +166,10 @@ def _tags(value: Any) -> tuple[str, ...]:
 def _expiring(entry: CachedResponse, ttl_s: float) -> CachedResponse:
     if not math.isfinite(ttl_s):
         raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
-    return dataclasses.replace(entry, expires_at=time.time() + ttl_s)
+    # Positional: dataclasses.replace costs about twice as much, on every store.
+    return CachedResponse(entry.body, entry.api_format, entry.status, entry.created_at,
+                          entry.usage, entry.model, entry.cost_micros, entry.tags,
+                          time.time() + ttl_s)
 
 
 # -- the contract --------------------------------------------------------------------------------
@@ -230,7 +239,7 @@ ENTRY_OVERHEAD_BYTES = 800
 
 def memory_size(key: str, entry: CachedResponse) -> int:
     """What the memory store counts for an entry against its bound."""
-    return len(entry.encode()) + len(key) + ENTRY_OVERHEAD_BYTES
+    return entry.encoded_size() + len(key) + ENTRY_OVERHEAD_BYTES
 
 
 class MemoryCacheStore:
