@@ -87,6 +87,18 @@ def parse_reply(buffer: bytearray, pos: int) -> tuple[Any, int] | _Incomplete:
     raise ConnectionError(f"Redis sent an unknown reply type {chr(kind)!r}")
 
 
+class _Unawaited:
+    """A waiter slot for a reply nobody awaits: an error reply, or the connection failing
+    before the reply came, goes to `on_error(error, context)`; a good reply is dropped.
+    Cheaper than a future with a done-callback (no future, no callback through the loop)."""
+
+    __slots__ = ("context", "on_error")
+
+    def __init__(self, on_error: Callable[[Exception, Any], None], context: Any) -> None:
+        self.on_error = on_error
+        self.context = context
+
+
 class _Connection(asyncio.Protocol):
     """Commands issued in one event-loop step go out in one write (one system call), and
     replies that arrive together are handed out in one `data_received`.
@@ -98,7 +110,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.waiters: deque[asyncio.Future[Any] | _Unawaited] = deque()
         self.deadlines: deque[float] = deque()  # the waiters' deadlines, same order
         self.buffer = bytearray()
         self.outgoing: list[bytes] = []
@@ -123,6 +135,20 @@ class _Connection(asyncio.Protocol):
             loop.call_soon(self._flush)
         self.outgoing.append(payload)
         return future
+
+    def send_unawaited(self, payload: bytes, waiters: list[_Unawaited],
+                       timeout_s: float) -> None:
+        """Queues `payload` (one command per waiter) whose replies nobody awaits. They are
+        timed like any other: a late one closes the connection (and reports to its waiter)."""
+        loop = self.loop
+        deadline = loop.time() + timeout_s
+        self.waiters.extend(waiters)
+        self.deadlines.extend([deadline] * len(waiters))
+        if self._watchdog is None and not self.closed:
+            self._watchdog = loop.call_at(deadline, self._watch)
+        if not self.outgoing:
+            loop.call_soon(self._flush)
+        self.outgoing.append(payload)
 
     def _watch(self) -> None:
         self._watchdog = None
@@ -152,6 +178,10 @@ class _Connection(asyncio.Protocol):
                 value, pos = parsed
                 future = waiters.popleft()
                 deadlines.popleft()
+                if isinstance(future, _Unawaited):
+                    if isinstance(value, RespError):
+                        future.on_error(value, future.context)
+                    continue
                 if future.done():  # its caller went away (cancelled)
                     continue
                 if isinstance(value, RespError):
@@ -188,7 +218,9 @@ class _Connection(asyncio.Protocol):
         self.deadlines.clear()
         while self.waiters:
             future = self.waiters.popleft()
-            if not future.done():
+            if isinstance(future, _Unawaited):
+                future.on_error(error, future.context)
+            elif not future.done():
                 future.set_exception(error)
 
 
@@ -420,8 +452,9 @@ class RespClient:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        try:
-            return await self._send(connection, encode_command(args))
+        self.commands_sent += 1
+        try:  # (the request inline, not through _send: one coroutine less per call)
+            return await connection.request(encode_command(args), self.timeout_s)
         except RespError as exc:
             if not (self._sentinel and str(exc).startswith("READONLY")):
                 raise
@@ -449,22 +482,24 @@ class RespClient:
             connection.abort(ConnectionError("the Redis primary moved"))  # next call: Sentinel
         return replies
 
-    def send_soon(self, commands: Sequence[Sequence[str | bytes]]
-                  ) -> list[asyncio.Future[Any]] | None:
-        """Queues commands on the open connection without waiting: their futures, or None
-        when no connection is open or the commands need routing (the caller then uses
-        `call_many`)."""
+    def send_unawaited(self, payloads: Sequence[bytes], on_error: Callable[[Exception, Any],
+                                                                           None],
+                       contexts: Sequence[Any]) -> bool:
+        """Queues already-encoded commands on the open connection; nobody awaits their
+        replies. An error reply (or losing the connection first) calls
+        `on_error(error, context)` with the command's context. False, sending nothing, when
+        no connection is open or commands need routing (a Cluster): use `call_many` then.
+        Not for a Sentinel deployment's writes either (a READONLY reply must move the
+        client): False there too."""
         connection = self._connection
-        if connection is None or connection.closed or self._cluster is not None:
-            return None
-        timeout_s = self.timeout_s
-        futures = [connection.request(encode_command(command), timeout_s)
-                   for command in commands]
-        self.commands_sent += len(futures)
-        if self._sentinel:
-            for future in futures:
-                future.add_done_callback(lambda f: _drop_if_readonly(f, connection))
-        return futures
+        if connection is None or connection.closed or self._cluster is not None \
+                or self._sentinel:
+            return False
+        connection.send_unawaited(
+            payloads[0] if len(payloads) == 1 else b"".join(payloads),
+            [_Unawaited(on_error, context) for context in contexts], self.timeout_s)
+        self.commands_sent += len(payloads)
+        return True
 
     async def _send(self, connection: _Connection, payload: bytes) -> Any:
         self.commands_sent += 1
@@ -556,6 +591,13 @@ class RespClient:
         raise ConnectionError(f"no Redis primary for {endpoint.service!r} through Sentinel "
                               f"({'; '.join(reasons)})")
 
+    async def drain(self) -> None:
+        """Waits until every command already sent on the open connection is answered (a
+        PING queued behind them: Redis answers in order). Nothing to do with none open."""
+        connection = self._connection
+        if connection is not None and not connection.closed and connection.waiters:
+            await self._send(connection, encode_command(("PING",)))
+
     async def ping(self) -> None:
         """Raises unless Redis answers; on a Cluster, unless every node serving slots answers
         and the cluster says its state is ok (a PING to one node proves little there)."""
@@ -626,12 +668,6 @@ def _close(connection: _Connection) -> None:
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # marks it retrieved: no "never retrieved" warning
-
-
-def _drop_if_readonly(future: asyncio.Future[Any], connection: _Connection) -> None:
-    if not future.cancelled() and isinstance(future.exception(), RespError) \
-            and str(future.exception()).startswith("READONLY"):
-        connection.abort(ConnectionError("the Redis primary moved"))
 
 
 _MAX_REDIRECTS = 5

@@ -10,7 +10,7 @@ Floats cross the Lua boundary as "%.17g" strings, which round-trip exactly.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hashlib
 import logging
 import time
@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
-from gateway.resp import RespClient, RespError, parse_redis_url, require_hash_tag
+from gateway.resp import (
+    RespClient,
+    RespError,
+    encode_command,
+    parse_redis_url,
+    require_hash_tag,
+)
 from middleware.quota.store_memory import BUDGET_SLACK_S, validate
 
 logger = logging.getLogger("sluicegate.quota")
@@ -205,7 +211,10 @@ class RedisQuotaStore:
         self._client = RespClient(self.url, timeout_s=self.socket_timeout_s)
 
     async def shutdown(self) -> None:
-        if self._pending:  # let the last settles land
+        if self._client is not None:  # let the unawaited settles land: Redis answers in order
+            with contextlib.suppress(RespError, OSError, ValueError):
+                await self._client.drain()
+        if self._pending:  # settles that went through a task (also NOSCRIPT's re-sends)
             await asyncio.wait(list(self._pending), timeout=self.socket_timeout_s * 2)
         client, self._client = self._client, None
         if client is not None:
@@ -226,7 +235,18 @@ class RedisQuotaStore:
         validate(checks)
         if not checks:
             return Decision(allowed=True)
-        reply = await self._run(ADMIT, request_id, checks, [_args(check) for check in checks])
+        command = self._command(ADMIT, request_id, checks, [_args(check) for check in checks])
+        client = self._client
+        if client is None:
+            raise QuotaStoreError("the Redis quota store is not started")
+        try:  # the hot path: the client called directly, not through _run and _call
+            reply = await client.call("EVALSHA", *command)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+            reply = await self._call("EVAL", ADMIT.source, *command[1:])
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
         try:
             return _decision(reply)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -240,27 +260,21 @@ class RedisQuotaStore:
             await self._run(SETTLE, request_id, checks, args)
 
     def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
-        """Settles many requests in one write without waiting for the replies (no task per
-        batch); failures are logged. Falls back to `settle_many` when not connected."""
+        """Settles many requests in one write without awaiting the replies (no task, no
+        future per settle); an error reply is logged, or answered with EVAL on NOSCRIPT.
+        Falls back to a `settle_many` task when not connected (or on a Cluster, where the
+        commands need routing)."""
         commands = self._settle_commands(batch)
         if not commands or self._client is None:
             return
-        futures = self._client.send_soon([("EVALSHA", *cmd) for cmd in commands])
-        if futures is None:
+        payloads = [encode_command(("EVALSHA", *command)) for command in commands]
+        if not self._client.send_unawaited(payloads, self._settle_failed, commands):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
-            return
-        for command, future in zip(commands, futures, strict=True):
-            self._pending.add(future)
-            future.add_done_callback(functools.partial(self._settled, command=command))
 
-    def _settled(self, future: asyncio.Future[Any], *, command: list[str]) -> None:
-        self._pending.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
+    def _settle_failed(self, error: Exception, command: list[str]) -> None:
         if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
             self._track(asyncio.ensure_future(self._call("EVAL", SETTLE.source, *command[1:])))
-        elif error is not None:
+        else:
             logger.warning("could not settle a request in Redis (%s); its reservation stands "
                            "until the limits refill", error)
 

@@ -472,6 +472,58 @@ async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStor
     assert command_names(sent) == [b"EVALSHA"]
 
 
+async def test_settle_soon_lands_without_anyone_awaiting_it(store: Store,
+                                                            clock: FakeClock) -> None:
+    """The layer's path: settles queued together, written at once, replies not awaited.
+    Every backend (and every Redis topology: a Cluster or Sentinel falls back to a task)
+    applies them; shutdown lets the last ones land."""
+    ends = clock.now + 3600
+    checks = [rpm(100), budget(1000, 10, ends)]
+    await store.seed(checks[1], 0)
+    for request_id in ("a", "b", "c"):
+        assert (await store.admit(request_id, checks)).allowed
+    store.settle_soon([("a", checks, [1, 4]), ("b", checks, [1, 25]), ("c", checks, [1, 0])])
+    if isinstance(store, RedisQuotaStore):
+        await store.shutdown()  # waits for them to land (the memory store settles at once)
+        await store.startup()
+    assert await store.committed([checks[1]]) == [29]
+
+
+async def test_settle_soon_after_a_script_flush_reloads_the_script(
+        redis_store: RedisQuotaStore, clock: FakeClock) -> None:
+    checks = [budget(1000, 10, clock.now + 3600)]
+    await redis_store.seed(checks[0], 0)
+    assert (await redis_store.admit("r1", checks)).allowed  # connected, script cached
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    await admin.script_flush()
+    await admin.aclose()
+    redis_store.settle_soon([("r1", checks, [7])])  # NOSCRIPT, then EVAL in a task
+    await redis_store.shutdown()
+    await redis_store.startup()
+    assert await redis_store.committed(checks) == [7]
+
+
+async def test_a_settle_lost_with_its_connection_is_logged(
+        clock: FakeClock, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = TcpProxy(6379)
+    await proxy.start()
+    store = RedisQuotaStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, clock=clock)
+    await store.startup()
+    try:
+        checks = [rpm(100)]
+        assert (await store.admit("r1", checks)).allowed
+        store.settle_soon([("r1", checks, [1])])  # written on the next loop step...
+        await proxy.stop()  # ...to a connection that is gone by then
+        for _ in range(100):
+            if "could not settle" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "could not settle a request in Redis" in caplog.text
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
 async def test_redis_keys_expire_when_they_no_longer_matter(redis_store: RedisQuotaStore,
                                                             clock: FakeClock) -> None:
     ends = clock.now + 3600.5
