@@ -446,22 +446,34 @@ class RespClient:
     def __repr__(self) -> str:  # never the password
         return f"RespClient({self.endpoint!r})"
 
+    @property
+    def routed(self) -> bool:
+        """True on a Cluster: commands go by key, so `call_encoded` cannot take them."""
+        return self._cluster is not None
+
     async def call(self, *args: str | bytes) -> Any:
         if self._cluster is not None:
             return await self._cluster.call(args)
+        return await self.call_encoded(encode_command(args))
+
+    async def call_encoded(self, payload: bytes) -> Any:
+        """`call` for one command already encoded (`encode_command`, or bytes a caller keeps
+        ready); not on a Cluster (`routed`)."""
+        if self._cluster is not None:
+            raise ValueError("a Redis Cluster routes commands by key: use call()")
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
         self.commands_sent += 1
         try:  # (the request inline, not through _send: one coroutine less per call)
-            return await connection.request(encode_command(args), self.timeout_s)
+            return await connection.request(payload, self.timeout_s)
         except RespError as exc:
             if not (self._sentinel and str(exc).startswith("READONLY")):
                 raise
         # The primary failed over and this one is a replica now: ask the Sentinels again.
         # Nothing was written (a replica refuses the first write), so the retry is safe.
         connection.abort(ConnectionError("the Redis primary moved"))
-        return await self._send(await self._connect(), encode_command(args))
+        return await self._send(await self._connect(), payload)
 
     async def call_many(self, commands: Sequence[Sequence[str | bytes]]) -> list[Any]:
         """Sends every command in one write and waits for all replies; an error reply is

@@ -201,6 +201,7 @@ class RedisQuotaStore:
         require_hash_tag(parse_redis_url(url), prefix, "RedisQuotaStore")  # at config time
         self._client: RespClient | None = None
         self._pending: set[asyncio.Future[Any]] = set()  # settles in flight
+        self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}  # see _payload
 
     def __repr__(self) -> str:  # the URL may hold a password
         return f"RedisQuotaStore(prefix={self.prefix!r})"
@@ -235,18 +236,23 @@ class RedisQuotaStore:
         validate(checks)
         if not checks:
             return Decision(allowed=True)
-        command = self._command(ADMIT, request_id, checks, [_args(check) for check in checks])
         client = self._client
         if client is None:
             raise QuotaStoreError("the Redis quota store is not started")
-        try:  # the hot path: the client called directly, not through _run and _call
-            reply = await client.call("EVALSHA", *command)
-        except RespError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
+        args = [_args(check) for check in checks]
+        if client.routed:
+            reply = await self._run(ADMIT, request_id, checks, args)
+        else:
+            try:  # the hot path: encoded here, the client called directly
+                reply = await client.call_encoded(self._payload(ADMIT, request_id, checks,
+                                                                args))
+            except RespError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+                reply = await self._call("EVAL", ADMIT.source,
+                                         *self._command(ADMIT, request_id, checks, args)[1:])
+            except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-            reply = await self._call("EVAL", ADMIT.source, *command[1:])
-        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
-            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
         try:
             return _decision(reply)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -264,15 +270,22 @@ class RedisQuotaStore:
         future per settle); an error reply is logged, or answered with EVAL on NOSCRIPT.
         Falls back to a `settle_many` task when not connected (or on a Cluster, where the
         commands need routing)."""
-        commands = self._settle_commands(batch)
-        if not commands or self._client is None:
+        client = self._client
+        if client is None or client.routed:
+            if client is not None:
+                self._track(asyncio.ensure_future(self.settle_many(batch)))
             return
-        payloads = [encode_command(("EVALSHA", *command)) for command in commands]
-        if not self._client.send_unawaited(payloads, self._settle_failed, commands):
+        settles = [(request_id, checks, [f"{_args(c)} {used}"
+                                         for c, used in zip(checks, actual, strict=True)])
+                   for request_id, checks, actual in batch if checks]
+        payloads = [self._payload(SETTLE, *settle) for settle in settles]
+        if payloads and not client.send_unawaited(payloads, self._settle_failed, settles):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
 
-    def _settle_failed(self, error: Exception, command: list[str]) -> None:
+    def _settle_failed(self, error: Exception,
+                       settle: tuple[str, Sequence[Check], list[str]]) -> None:
         if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
+            command = self._command(SETTLE, *settle)
             self._track(asyncio.ensure_future(self._call("EVAL", SETTLE.source, *command[1:])))
         else:
             logger.warning("could not settle a request in Redis (%s); its reservation stands "
@@ -337,10 +350,31 @@ class RedisQuotaStore:
         """sha, number of keys, keys, and the one ARGV string: what EVALSHA takes."""
         prefix = self.prefix
         keys = [f"{prefix}:{check.key}" for check in checks]
+        return [script.sha, str(len(keys)), *keys, self._argv(request_id, args)]
+
+    def _payload(self, script: _Script, request_id: str, checks: Sequence[Check],
+                 args: Sequence[str]) -> bytes:
+        """`EVALSHA` + `_command`, encoded for the wire. Everything before the ARGV string
+        (sha, key count, keys) is encoded once per script and set of keys."""
+        names = tuple([check.key for check in checks])
+        head = self._heads.get((script.sha, names))
+        if head is None:
+            if len(self._heads) >= 10_000:
+                self._heads.clear()
+            prefix = self.prefix
+            head = encode_command(("EVALSHA", script.sha, str(len(names)),
+                                   *[f"{prefix}:{name}" for name in names]))
+            # One more argument (the ARGV string) follows: the count says so.
+            head = b"*%d\r\n" % (len(names) + 4) + head[head.index(b"\r\n") + 2:]
+            self._heads[(script.sha, names)] = head
+        argv = self._argv(request_id, args).encode()
+        return b"%b$%d\r\n%b\r\n" % (head, len(argv), argv)
+
+    def _argv(self, request_id: str, args: Sequence[str]) -> str:
         if not request_id or " " in request_id or not request_id.isprintable():
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
-        head = f"{float(self.clock())!r} {request_id} {float(self.budget_slack_s)!r} "
-        return [script.sha, str(len(keys)), *keys, head + " ".join(args)]
+        return f"{float(self.clock())!r} {request_id} {float(self.budget_slack_s)!r} " + \
+            " ".join(args)
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
                    args: Sequence[str]) -> Any:

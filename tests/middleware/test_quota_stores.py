@@ -28,7 +28,7 @@ from gateway.policy import (
     QuotaStoreError,
 )
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
-from middleware.quota.store_redis import RedisQuotaStore
+from middleware.quota.store_redis import ADMIT, SETTLE, RedisQuotaStore, _args
 from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -470,6 +470,20 @@ async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStor
     sent.clear()
     await redis_store.admit("r3", checks)
     assert command_names(sent) == [b"EVALSHA"]
+
+
+def test_the_encoded_hot_path_sends_exactly_the_command(clock: FakeClock) -> None:
+    """Admission and settles encode EVALSHA themselves, with the part before ARGV made once
+    per set of keys: the bytes must be what the general encoder makes of the command."""
+    store = RedisQuotaStore(REDIS_URL, prefix="{p}", clock=clock)
+    checks = [rpm(100), tpm(1000, 10, key="tpm:ключ"), budget(1000, 1, clock.now + 60)]
+    for request_id in ("r1", "r 2", "", "r\n3"):  # and ids the ARGV string cannot carry
+        for script in (ADMIT, SETTLE):
+            args = [f"{_args(check)}" for check in checks]
+            expected = resp.encode_command(("EVALSHA", *store._command(script, request_id,
+                                                                        checks, args)))
+            assert store._payload(script, request_id, checks, args) == expected
+            assert store._payload(script, request_id, checks, args) == expected  # memo
 
 
 async def test_settle_soon_lands_without_anyone_awaiting_it(store: Store,
