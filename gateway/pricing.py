@@ -399,8 +399,21 @@ def served_price(ctx: RequestContext) -> Price | None:
 
 
 def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
-    """What `usage` cost at the served deployment's price (0 unpriced or unused)."""
+    """What `usage` cost at the served deployment's price (0 unpriced or unused).
+
+    Several layers price the same request (quota, metering, the metrics, the cache): the
+    last answer is kept on the request, keyed by the price and every count it used."""
     price = served_price(ctx)
     if price is None or usage is None or (usage.input_tokens == 0 and usage.output_tokens == 0):
         return 0
-    return cost_micros(price, usage)
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+              usage.reasoning_tokens)
+    memo: tuple[Price, tuple[int, int, int, int], int] | None = ctx.state.get(_COST_MEMO)
+    if memo is not None and memo[0] is price and memo[1] == counts:
+        return memo[2]
+    cost = cost_micros(price, usage)
+    ctx.state[_COST_MEMO] = (price, counts, cost)
+    return cost
+
+
+_COST_MEMO = "pricing.cost"

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
-from gateway.context import Usage
+from gateway.config import Deployment
+from gateway.context import RequestContext, Usage
 from gateway.pricing import (
     FREE,
     Price,
     PriceTable,
+    call_cost_micros,
     cost_micros,
     estimate_micros,
     resolve_price,
@@ -413,3 +415,23 @@ def test_shipped_long_context_tiers_bill_whole_requests() -> None:
     assert cost_micros(haiku, usage) == 50_000 + 2_500 + 5_000
     assert estimate_micros(pro, 200_000, 1_000) == 250_000 + 10_000
     assert estimate_micros(pro, 200_001, 1_000) == 500_003 + 15_000
+
+
+def test_a_requests_cost_is_kept_only_while_the_price_and_counts_are_the_same() -> None:
+    """Several layers price one request; the kept answer must never outlive what it priced:
+    a stream's usage grows in place (Anthropic's message_delta), and failover may change the
+    serving deployment."""
+    cheap = Deployment("p", "m", price=price("1", "2"))
+    dear = Deployment("p", "m", price=price("3", "4"))
+    ctx = RequestContext(request_id="r", operation="openai.chat", api_format="openai", body={},
+                         raw_body=b"", model="m", stream=True, served_deployment=cheap)
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    assert call_cost_micros(ctx, usage) == 3_000_000
+    assert call_cost_micros(ctx, usage) == 3_000_000
+    usage.output_tokens = 2_000_000  # grown in place
+    assert call_cost_micros(ctx, usage) == 5_000_000
+    ctx.served_deployment = dear
+    assert call_cost_micros(ctx, usage) == 11_000_000
+    assert call_cost_micros(ctx, Usage(input_tokens=1_000_000, cached_input_tokens=1_000_000,
+                                       output_tokens=2_000_000)) == 11_000_000  # no cached rate: input
+    assert call_cost_micros(ctx, Usage()) == 0
