@@ -12,6 +12,7 @@ PYTHON=${PYTHON:-python3}
 LITELLM_SPEC=${LITELLM_SPEC:-litellm[proxy]==1.106.2}
 PORTKEY_DIR=${PORTKEY_DIR:-$ROOT/.bench/portkey}
 PORTKEY_SPEC=${PORTKEY_SPEC:-@portkey-ai/gateway@1.15.2}
+PORTKEY_HONO_NODE_SERVER=${PORTKEY_HONO_NODE_SERVER:-1.14.1}
 APT_PACKAGES=(wrk hey nginx-light)
 
 SCRIPT_TAG=bench-tools
@@ -78,17 +79,28 @@ install_litellm() {
 install_portkey() {
     # The Portkey gateway (Node.js) in its own npm prefix; the machine's node and npm.
     local server=$PORTKEY_DIR/node_modules/@portkey-ai/gateway/build/start-server.js
-    local wanted=${PORTKEY_SPEC##*@} have
+    local wanted=${PORTKEY_SPEC##*@} have hono
     have=$(node -p "require('$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json').version" \
            2>/dev/null || true)
-    if [[ -f $server && $have == "$wanted" ]]; then
-        log "Portkey gateway $have already in $PORTKEY_DIR"
+    hono=$(node -p "require('$PORTKEY_DIR/node_modules/@hono/node-server/package.json').version" \
+           2>/dev/null || true)
+    if [[ -f $server && $have == "$wanted" && $hono == "$PORTKEY_HONO_NODE_SERVER" ]]; then
+        log "Portkey gateway $have (@hono/node-server $hono) already in $PORTKEY_DIR"
         return 0
     fi
     command -v npm >/dev/null || die "npm is needed for the Portkey gateway (apt-get install npm)"
     mkdir -p "$PORTKEY_DIR"
-    log "npm install $PORTKEY_SPEC into $PORTKEY_DIR"
-    quietly npm install --prefix "$PORTKEY_DIR" --no-audit --no-fund "$PORTKEY_SPEC" \
+    # Portkey 1.15.2 answers every streaming request with HTTP 500 under the newest
+    # @hono/node-server (../shared/bench/README.md); pinned with an npm override, it streams.
+    cat > "$PORTKEY_DIR/package.json" <<JSON
+{
+  "private": true,
+  "dependencies": {"${PORTKEY_SPEC%@*}": "$wanted"},
+  "overrides": {"@hono/node-server": "$PORTKEY_HONO_NODE_SERVER"}
+}
+JSON
+    log "npm install $PORTKEY_SPEC (@hono/node-server $PORTKEY_HONO_NODE_SERVER) into $PORTKEY_DIR"
+    quietly npm install --prefix "$PORTKEY_DIR" --no-audit --no-fund \
         || die "npm install $PORTKEY_SPEC failed"
     [[ -f $server ]] || die "no $server after npm install"
     log "Portkey gateway $wanted installed in $PORTKEY_DIR"
