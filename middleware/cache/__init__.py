@@ -364,6 +364,9 @@ class CacheMiddleware:
         principal = ctx.principal or ANONYMOUS
         ttl = self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(principal.project,
                                                                      self.ttl_s))
+        set_soon = getattr(self.store, "set_soon", None)
+        if query is None and set_soon is not None and set_soon(key, entry, ttl):
+            return  # written without waiting (no semantic index entry has to follow it)
         try:
             await self.store.set(key, entry, ttl)
         except CacheStoreError as exc:

@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.resp import RespClient, RespError, require_hash_tag
+from gateway.resp import RespClient, RespError, encode_command, require_hash_tag
 
 __all__ = [
     "CacheStore",
@@ -409,6 +409,7 @@ class RedisCacheStore:
         # Keyed by the bytes themselves, a rewritten or re-expiring entry is a new key.
         self._decoded: dict[bytes, CachedResponse] = {}
         self._decoded_bytes = 0
+        self._resends: set[asyncio.Task[Any]] = set()  # writes re-sent after NOSCRIPT
 
     def __repr__(self) -> str:
         return f"RedisCacheStore({self._client!r}, prefix={self.prefix!r})"
@@ -417,6 +418,12 @@ class RedisCacheStore:
         pass  # connects on first use: a Redis that is down must not stop the gateway
 
     async def shutdown(self) -> None:
+        try:  # let the writes sent with set_soon land (Redis answers in order)
+            await self._admin.drain()
+        except (RespError, OSError):
+            pass
+        if self._resends:
+            await asyncio.wait(list(self._resends), timeout=self.timeout_s * 4)
         await self._client.close()
         await self._admin.close()
 
@@ -466,6 +473,41 @@ class RedisCacheStore:
         await self._run(_SET, [self.entry_key(key), *map(self.tag_key, entry.tags)],
                         [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
                          str(int(time.time() * 1000))], client=self._admin)
+
+    def set_soon(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
+        """`set` without waiting for Redis: the write goes out with the loop's next flush
+        and nobody awaits its reply (an error reply is logged; NOSCRIPT re-sends the script
+        in a task). False, having done nothing, when it cannot go that way (no connection
+        open yet, a Cluster or Sentinel, an outage): the caller awaits `set` then."""
+        if ttl_s <= 0:
+            return True
+        try:
+            self._gate.check()
+        except CacheStoreError:
+            return False
+        entry = _expiring(entry, ttl_s)
+        keys = [self.entry_key(key), *map(self.tag_key, entry.tags)]
+        args: list[str | bytes] = [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
+                                   str(int(time.time() * 1000))]
+        payload = encode_command(("EVALSHA", _SET.sha, str(len(keys)), *keys, *args))
+        return self._admin.send_unawaited([payload], self._set_failed, [(keys, args)])
+
+    def _set_failed(self, error: Exception,
+                    write: tuple[list[str], list[str | bytes]]) -> None:
+        if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
+            task = asyncio.ensure_future(self._resend(*write))
+            self._resends.add(task)
+            task.add_done_callback(self._resends.discard)
+        elif isinstance(error, OSError):
+            self._gate.trip(error)  # logs it
+        else:
+            logger.debug("cache write failed: the Redis cache refused it: %s", error)
+
+    async def _resend(self, keys: list[str], args: list[str | bytes]) -> None:
+        try:
+            await self._run(_SET, keys, args, client=self._admin)
+        except CacheStoreError as exc:
+            logger.debug("cache write failed: %s", exc)
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)

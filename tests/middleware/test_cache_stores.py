@@ -400,6 +400,53 @@ def test_memory_needs_a_positive_bound() -> None:
 
 # -- Redis ---------------------------------------------------------------------------------------
 
+async def test_redis_set_soon_writes_without_waiting(prefix: str,
+                                                     redis_client: aioredis.Redis) -> None:
+    """The layer's path for a miss: the write is queued and nobody awaits its reply. Before
+    the store has a connection it declines (the caller awaits set); afterwards the entry,
+    its TTL and its tags land as set() would write them, also after a script flush."""
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    try:
+        assert store.set_soon("k0", entry(project_tag("a")), 30) is False  # not connected
+        await store.set("k0", entry(project_tag("a")), 30)
+        assert store.set_soon("k1", entry(project_tag("a"), model_tag("m")), 30) is True
+        await redis_client.script_flush()
+        assert store.set_soon("k2", entry(project_tag("a")), 30) is True  # NOSCRIPT: re-sent
+    finally:
+        await store.shutdown()  # lets both land
+    store = RedisCacheStore(REDIS_URL, prefix=prefix)
+    try:
+        for key in ("k1", "k2"):
+            found = await store.get(key)
+            assert found is not None and found.body == entry().body
+            assert 25_000 <= await redis_client.pttl(store.entry_key(key)) <= 30_000
+        assert await store.invalidate(model_tag("m")) == 1
+        assert await store.get("k1") is None and await store.get("k2") is not None
+    finally:
+        await store.shutdown()
+
+
+async def test_redis_set_soon_declines_during_an_outage(prefix: str) -> None:
+    proxy = TcpProxy(6379)
+    await proxy.start()
+    store = RedisCacheStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+                            retry_interval_s=30)
+    try:
+        await store.set("k", entry(), 30)  # connected
+        await proxy.stop()
+        assert store.set_soon("lost", entry(), 30) is True  # queued on a connection now gone
+        for _ in range(100):  # the lost write trips the outage gate...
+            if store.set_soon("k3", entry(), 30) is False:
+                break
+            await asyncio.sleep(0.02)
+        assert store.set_soon("k3", entry(), 30) is False  # ...writes decline (set() raises)
+        with pytest.raises(CacheStoreError):  # and lookups fail fast (the layer: a miss)
+            await store.get("k")
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
 async def test_redis_keys_all_expire(prefix: str, redis_client: aioredis.Redis) -> None:
     store = RedisCacheStore(REDIS_URL, prefix=prefix)
     await store.set("k2", entry(project_tag("a"), model_tag("n")), 90)
