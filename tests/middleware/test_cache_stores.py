@@ -11,6 +11,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -426,12 +427,23 @@ async def test_redis_set_soon_writes_without_waiting(prefix: str,
         await store.shutdown()
 
 
-async def test_redis_set_soon_declines_during_an_outage(prefix: str) -> None:
+@asynccontextmanager
+async def behind_a_proxy(prefix: str, retry_interval_s: float
+                         ) -> AsyncIterator[tuple[TcpProxy, RedisCacheStore]]:
+    """A Redis store reaching Redis through a relay the test can switch off."""
     proxy = TcpProxy(6379)
     await proxy.start()
     store = RedisCacheStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
-                            retry_interval_s=30)
+                            retry_interval_s=retry_interval_s)
     try:
+        yield proxy, store
+    finally:
+        await store.shutdown()
+        await proxy.stop()
+
+
+async def test_redis_set_soon_declines_during_an_outage(prefix: str) -> None:
+    async with behind_a_proxy(prefix, 30) as (proxy, store):
         await store.set("k", entry(), 30)  # connected
         await proxy.stop()
         assert store.set_soon("lost", entry(), 30) is True  # queued on a connection now gone
@@ -442,9 +454,6 @@ async def test_redis_set_soon_declines_during_an_outage(prefix: str) -> None:
         assert store.set_soon("k3", entry(), 30) is False  # ...writes decline (set() raises)
         with pytest.raises(CacheStoreError):  # and lookups fail fast (the layer: a miss)
             await store.get("k")
-    finally:
-        await store.shutdown()
-        await proxy.stop()
 
 
 async def test_redis_keys_all_expire(prefix: str, redis_client: aioredis.Redis) -> None:
@@ -547,11 +556,7 @@ async def test_a_silent_redis_times_out_and_is_not_asked_again_at_once() -> None
 
 
 async def test_redis_outage_and_recovery(prefix: str) -> None:
-    proxy = TcpProxy(6379)
-    await proxy.start()
-    store = RedisCacheStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
-                            retry_interval_s=0.1)
-    try:
+    async with behind_a_proxy(prefix, 0.1) as (proxy, store):
         await store.set("k", entry(), 30)
         assert await store.get("k") is not None
 
@@ -566,9 +571,6 @@ async def test_redis_outage_and_recovery(prefix: str) -> None:
             return await store.get("k") is not None
 
         await eventually(found)
-    finally:
-        await store.shutdown()
-        await proxy.stop()
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
