@@ -499,7 +499,11 @@ class RedisCacheStore:
             self._resends.add(task)
             task.add_done_callback(self._resends.discard)
         elif isinstance(error, OSError):
-            self._gate.trip(error)  # logs it
+            try:
+                self._gate.check()
+            except CacheStoreError:
+                return  # tripped already (by another write lost with the same connection)
+            self._gate.trip(error)  # logs it, once per outage
         else:
             logger.debug("cache write failed: the Redis cache refused it: %s", error)
 
