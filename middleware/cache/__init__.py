@@ -130,7 +130,6 @@ class CacheMiddleware:
         self._queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
                                  SemanticQuery | None, list[float] | None]] = []
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
-        self._tag_sets: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
 
     async def startup(self) -> None:
         await self.store.startup()
@@ -204,7 +203,8 @@ class CacheMiddleware:
         tee = _Tee(send, self.max_entry_bytes)
         await self.app(scope, receive, tee.send)
         if tee.complete:
-            tags = self._tags(ctx.model, principal.project, control.namespace)
+            tags = cache_tags(model=ctx.model, project=principal.project,
+                              namespace=control.namespace)
             if not self._queued:
                 asyncio.get_running_loop().call_soon(self._flush_queue)
             self._queued.append((ctx, key, tee, tags, query, vector))
@@ -276,17 +276,6 @@ class CacheMiddleware:
             return
         await send_json(send, 200, {"object": "cache.invalidation", "tags": tags,
                                     "dropped": dropped})
-
-    def _tags(self, model: str, project: str, namespace: str | None) -> tuple[str, ...]:
-        """`cache_tags`, made once per (model, project, namespace): one tuple shared by
-        their entries (bounded: cleared past 4,096 combinations)."""
-        found = self._tag_sets.get((model, project, namespace))
-        if found is None:
-            if len(self._tag_sets) >= 4096:
-                self._tag_sets.clear()
-            found = cache_tags(model=model, project=project, namespace=namespace)
-            self._tag_sets[(model, project, namespace)] = found
-        return found
 
     def _scope_id(self, principal: Any) -> str:
         if self.scope == "global":

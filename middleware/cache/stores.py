@@ -469,10 +469,15 @@ class RedisCacheStore:
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if ttl_s <= 0:
             return
+        await self._run(_SET, *self._write(key, entry, ttl_s), client=self._admin)
+
+    def _write(self, key: str, entry: CachedResponse, ttl_s: float
+               ) -> tuple[list[str], list[str | bytes]]:
+        """The _SET script's keys (the entry's, its tag sets') and arguments."""
         entry = _expiring(entry, ttl_s)
-        await self._run(_SET, [self.entry_key(key), *map(self.tag_key, entry.tags)],
-                        [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
-                         str(int(time.time() * 1000))], client=self._admin)
+        return ([self.entry_key(key), *map(self.tag_key, entry.tags)],
+                [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
+                 str(int(time.time() * 1000))])
 
     def set_soon(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
         """`set` without waiting for Redis: the write goes out with the loop's next flush
@@ -485,10 +490,7 @@ class RedisCacheStore:
             self._gate.check()
         except CacheStoreError:
             return False
-        entry = _expiring(entry, ttl_s)
-        keys = [self.entry_key(key), *map(self.tag_key, entry.tags)]
-        args: list[str | bytes] = [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
-                                   str(int(time.time() * 1000))]
+        keys, args = self._write(key, entry, ttl_s)
         payload = encode_command(("EVALSHA", _SET.sha, str(len(keys)), *keys, *args))
         return self._admin.send_unawaited([payload], self._set_failed, [(keys, args)])
 

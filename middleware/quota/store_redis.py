@@ -236,23 +236,7 @@ class RedisQuotaStore:
         validate(checks)
         if not checks:
             return Decision(allowed=True)
-        client = self._client
-        if client is None:
-            raise QuotaStoreError("the Redis quota store is not started")
-        args = [_args(check) for check in checks]
-        if client.routed:
-            reply = await self._run(ADMIT, request_id, checks, args)
-        else:
-            try:  # the hot path: encoded here, the client called directly
-                reply = await client.call_encoded(self._payload(ADMIT, request_id, checks,
-                                                                args))
-            except RespError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-                reply = await self._call("EVAL", ADMIT.source,
-                                         *self._command(ADMIT, request_id, checks, args)[1:])
-            except (OSError, ValueError) as exc:  # TimeoutError is an OSError
-                raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        reply = await self._run(ADMIT, request_id, checks, [_args(check) for check in checks])
         try:
             return _decision(reply)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -262,8 +246,7 @@ class RedisQuotaStore:
                      actual: Sequence[int]) -> None:
         validate(checks, actual)
         if checks:
-            args = [f"{_args(check)} {used}" for check, used in zip(checks, actual, strict=True)]
-            await self._run(SETTLE, request_id, checks, args)
+            await self._run(SETTLE, request_id, checks, _settle_args(checks, actual))
 
     def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
         """Settles many requests in one write without awaiting the replies (no task, no
@@ -275,8 +258,7 @@ class RedisQuotaStore:
             if client is not None:
                 self._track(asyncio.ensure_future(self.settle_many(batch)))
             return
-        settles = [(request_id, checks, [f"{_args(c)} {used}"
-                                         for c, used in zip(checks, actual, strict=True)])
+        settles = [(request_id, checks, _settle_args(checks, actual))
                    for request_id, checks, actual in batch if checks]
         payloads = [self._payload(SETTLE, *settle) for settle in settles]
         if payloads and not client.send_unawaited(payloads, self._settle_failed, settles):
@@ -301,8 +283,8 @@ class RedisQuotaStore:
         commands = []
         for request_id, checks, actual in batch:
             if checks:  # (the layer built these checks; zip(strict) guards the lengths)
-                args = [f"{_args(c)} {used}" for c, used in zip(checks, actual, strict=True)]
-                commands.append(self._command(SETTLE, request_id, checks, args))
+                commands.append(self._command(SETTLE, request_id, checks,
+                                              _settle_args(checks, actual)))
         return commands
 
     async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
@@ -378,15 +360,23 @@ class RedisQuotaStore:
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
                    args: Sequence[str]) -> Any:
-        command = self._command(script, request_id, checks, args)
+        """One script call: EVALSHA, encoded here (routed by the client on a Cluster), then
+        EVAL when the server lost its script cache (which runs and caches it again)."""
+        client = self._client
+        if client is None:
+            raise QuotaStoreError("the Redis quota store is not started")
         try:
-            return await self._call("EVALSHA", *command)
-        except QuotaStoreError as exc:
-            if not (isinstance(exc.__cause__, RespError)
-                    and str(exc.__cause__).startswith("NOSCRIPT")):
-                raise
-        # The server lost its script cache; EVAL runs the script and caches it again.
-        return await self._call("EVAL", script.source, *command[1:])
+            if client.routed:
+                return await client.call("EVALSHA", *self._command(script, request_id, checks,
+                                                                   args))
+            return await client.call_encoded(self._payload(script, request_id, checks, args))
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        return await self._call("EVAL", script.source,
+                                *self._command(script, request_id, checks, args)[1:])
 
     async def _call(self, *command: str) -> Any:
         if self._client is None:
@@ -407,6 +397,10 @@ def _args(check: Check) -> str:
     param = check.expires_at if kind == BUDGET else \
         check.lease_s if kind == CONCURRENT else check.window_s
     return f"{kind} {int(check.limit)} {int(check.amount)} {float(param)!r}"
+
+
+def _settle_args(checks: Sequence[Check], actual: Sequence[int]) -> list[str]:
+    return [f"{_args(check)} {used}" for check, used in zip(checks, actual, strict=True)]
 
 
 def _over(check: Check, now: float, slack_s: float) -> bool:
