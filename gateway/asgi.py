@@ -14,6 +14,7 @@ import shutil
 
 from gateway.app import create_app, tune_gc
 from gateway.config import ConfigError
+from gateway.h11_headers import install as install_h11_header_memo
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
 
@@ -43,3 +44,4 @@ configure_logging("info", "json")
 app = _load()
 configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()
+install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py

@@ -1,0 +1,121 @@
+"""The memo in front of h11's header checks (gateway/h11_headers.py) keeps h11's answers:
+the same normalised headers for good input, the same errors for bad input, the first time a
+header is seen and every time after."""
+from __future__ import annotations
+
+import h11
+import h11._events
+import h11._headers
+import pytest
+
+from gateway import h11_headers
+
+
+@pytest.fixture(scope="module")
+def original():
+    assert h11_headers.install()
+    assert h11_headers.install()  # once is enough; a second call changes nothing
+    assert h11_headers.installed()
+    return h11_headers._original
+
+
+def _items(headers):
+    return list(headers._full_items)
+
+
+GOOD = [
+    [(b"content-type", b"application/json"), (b"content-length", b"676"),
+     (b"x-request-id", b"63966cc975961f18820cd1a277f0a649"), (b"X-Sluicegate-Attempts", b"1")],
+    [(b"Content-Type", b"text/event-stream; charset=utf-8"), (b"transfer-encoding", b"Chunked"),
+     (b"cache-control", b"no-cache")],
+    [("content-type", "application/json"), ("x-str", "values too")],  # h11 takes str
+    [(b"content-length", b"5, 5"), (b"x-empty", b"")],  # a repeated length h11 folds
+    [(bytearray(b"x-bytearray"), b"ok")],  # unhashable: h11 alone
+    (( b"x-tuple", b"of tuples"),),
+]
+
+
+@pytest.mark.parametrize("headers", GOOD)
+def test_good_headers_come_out_as_h11_makes_them(original, headers) -> None:
+    for _ in range(2):  # first sight, then from the memo
+        assert _items(h11._headers.normalize_and_validate(headers)) == \
+            _items(original(list(headers)))
+        response = h11.Response(status_code=200, headers=headers)
+        assert _items(response.headers) == _items(original(list(headers)))
+
+
+def test_a_generator_is_read_once_and_still_checked(original) -> None:
+    made = h11._headers.normalize_and_validate(pair for pair in GOOD[0])
+    assert _items(made) == _items(original(GOOD[0]))
+    with pytest.raises(h11.LocalProtocolError, match="Illegal header value"):
+        h11._headers.normalize_and_validate((b"x-bad", v) for v in (b"a\r\nb",))
+
+
+BAD = [
+    ([(b"x-ok", b"fine"), (b"x-bad", b"line\r\nbreak")], "Illegal header value"),
+    ([(b"bad name", b"value")], "Illegal header name"),
+    ([(b"x-lead", b" leading space")], "Illegal header value"),
+    ([(b"content-length", b"5"), (b"content-length", b"6")], "conflicting Content-Length"),
+    ([(b"content-length", b"five")], "bad Content-Length"),
+    ([(b"transfer-encoding", b"gzip")], "Only Transfer-Encoding: chunked"),
+    ([(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
+     "multiple Transfer-Encoding"),
+]
+
+
+@pytest.mark.parametrize(("headers", "message"), BAD)
+def test_bad_headers_are_refused_with_h11s_message(original, headers, message) -> None:
+    with pytest.raises(h11.LocalProtocolError, match=message) as theirs:
+        original(list(headers))
+    for _ in range(2):  # a refused pair is never remembered as good
+        with pytest.raises(h11.LocalProtocolError) as ours:
+            h11.Response(status_code=200, headers=headers)
+        assert str(ours.value) == str(theirs.value)
+        assert ours.value.error_status_hint == theirs.value.error_status_hint
+
+
+def test_values_of_letters_and_digits_are_checked_like_any_other(original) -> None:
+    for number in range(3):
+        headers = [(b"x-ratelimit-remaining-requests", b"%d" % (99 - number)),
+                   (b"x-id", b"abcDEF%d" % number), (b"x-tricky", b"12\x80")]
+        assert _items(h11.Response(status_code=200, headers=headers).headers) == \
+            _items(original(headers))
+    for bad_name in (b"x y", b"x:y", b"", b"x\xe9"):  # an alnum value does not vouch for a name
+        with pytest.raises(h11.LocalProtocolError, match="Illegal header name"):
+            h11.Response(status_code=200, headers=[(bad_name, b"123")])
+
+
+def test_the_memo_stays_bounded(original) -> None:
+    for number in range(h11_headers.MEMO_MAX + 50):
+        h11.Response(status_code=200, headers=[(b"x-request-id", b"%d" % number)])
+    assert 0 < len(h11_headers._memo) <= h11_headers.MEMO_MAX
+    assert (b"x-request-id", b"%d" % (h11_headers.MEMO_MAX + 49)) in h11_headers._memo
+    for number in range(h11_headers.MEMO_MAX + 50):
+        h11.Response(status_code=200, headers=[(b"x-name-%d" % number, b"v")])
+    assert 0 < len(h11_headers._names) <= h11_headers.MEMO_MAX
+    assert (b"x-name-%d" % (h11_headers.MEMO_MAX + 49), b"v") in h11_headers._memo
+
+
+def test_parsed_requests_go_straight_to_h11(original) -> None:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
+                            b"Content-Length: 2\r\nX-Thing: yes\r\n\r\n{}")
+    request = connection.next_event()
+    assert isinstance(request, h11.Request)
+    assert (b"x-thing", b"yes") in list(request.headers)
+
+
+def test_a_whole_exchange_through_h11(original) -> None:
+    """What hypercorn does per response: Response, Data, EndOfMessage, for a sized body and
+    for a stream (where h11 rewrites the framing headers)."""
+    for headers, framing in (([(b"content-length", b"2")], b"content-length: 2"),
+                             ([(b"content-type", b"text/event-stream")],
+                              b"Transfer-Encoding: chunked")):
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        connection.next_event()
+        head = connection.send(h11.Response(status_code=200, headers=headers))
+        assert head is not None and framing in head
+        assert connection.send(h11.Data(data=b"{}")) is not None
+        connection.send(h11.EndOfMessage())
+        assert connection.our_state is h11.DONE
