@@ -1,11 +1,17 @@
 """One usage record per request: what the bill is made of.
 
 `record_of(ctx)` reads a finished request's context; `encode`/`decode` turn a record into the
-compact bytes the journal keeps (orjson, field names kept short but stable). Money is integer
-micro-dollars (1e-6 USD) in the record and `numeric` in PostgreSQL; no float ever holds money.
+compact bytes the journal keeps. Money is integer micro-dollars (1e-6 USD) in the record and
+`numeric` in PostgreSQL; no float ever holds money.
+
+The bytes are a JSON array: the format number, then the fields in the order of
+`ARRAY_FIELDS`, which only ever grows at its end (a shorter array, from an older gateway,
+leaves the newer fields at their defaults). Journals written before the array existed hold
+JSON objects keyed by field name; `decode` reads both.
 """
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -57,15 +63,21 @@ class UsageRecord:
     client_disconnected: bool = False
 
     def encode(self) -> bytes:
-        return orjson.dumps(self)  # orjson writes a dataclass as an object, natively (fast)
+        # One C call gathers the fields, one writes them: a third of what orjson takes to
+        # write a slotted dataclass as an object.
+        return orjson.dumps((ARRAY_FORMAT, *_array_values(self)))
 
     @classmethod
     def decode(cls, data: bytes) -> UsageRecord:
-        """The record `encode` wrote; ValueError for anything else."""
+        """The record `encode` wrote (either format); ValueError for anything else."""
         raw = orjson.loads(data)
+        if isinstance(raw, list):
+            if len(raw) < 2 or raw[0] != ARRAY_FORMAT or len(raw) > len(ARRAY_FIELDS) + 1:
+                raise ValueError("not a usage record")
+            raw = dict(zip(ARRAY_FIELDS, raw[1:], strict=False))
         if not isinstance(raw, dict) or not isinstance(raw.get("request_id"), str):
             raise ValueError("not a usage record")  # noqa: TRY004 (decode: bad data)
-        known = {f.name for f in fields(cls)}
+        known = _FIELD_NAMES
         try:
             return cls(**{name: value for name, value in raw.items() if name in known})
         except TypeError as exc:
@@ -78,6 +90,20 @@ class UsageRecord:
     @property
     def cost_saved(self) -> Decimal:
         return micros_to_usd(self.saved_micros)
+
+
+ARRAY_FORMAT = 2
+# The journal's field order: append new fields at the end, never reorder or remove one.
+ARRAY_FIELDS = (
+    "request_id", "started_at", "ended_at", "key_id", "project", "customer", "labels",
+    "api_format", "operation", "model", "served_model", "provider", "deployment",
+    "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "cost_micros",
+    "saved_micros", "latency_ms", "ttft_ms", "status", "error_type", "cache_status",
+    "attempts", "fallbacks", "stream", "client_disconnected",
+)
+_FIELD_NAMES = frozenset(f.name for f in fields(UsageRecord))
+assert _FIELD_NAMES == set(ARRAY_FIELDS), "a UsageRecord field is missing from ARRAY_FIELDS"
+_array_values = operator.attrgetter(*ARRAY_FIELDS)
 
 
 def labels_of(ctx: RequestContext) -> dict[str, str]:

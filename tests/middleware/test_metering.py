@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import psycopg
 import pytest
 
@@ -20,7 +21,13 @@ from gateway.app import create_app
 from gateway.context import RequestContext, Usage
 from gateway.pricing import Price
 from gateway.upstream import Deployment
-from middleware.metering.record import UsageRecord, labels_of, record_of
+from middleware.metering.record import (
+    ARRAY_FIELDS,
+    ARRAY_FORMAT,
+    UsageRecord,
+    labels_of,
+    record_of,
+)
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import MockProviderServer
@@ -71,7 +78,27 @@ def test_labels_are_bounded() -> None:
     assert len(labels) == 16 and all(len(v) == 256 for v in labels.values())
 
 
-@pytest.mark.parametrize("garbage", [b"[]", b'{"x": 1}', b'{"request_id": "a", "nope": [}'])
+def test_records_the_object_format_wrote_still_decode() -> None:
+    """Journals written before the array format hold JSON objects: a restart replays them."""
+    record = UsageRecord("req-1", 1.5, 2.5, key_id="k", labels={"team": "a"}, input_tokens=7,
+                         cost_micros=42, ttft_ms=1.25, stream=True)
+    old = orjson.dumps(record)  # what encode() wrote: the dataclass as an object
+    assert old.startswith(b'{"request_id":"req-1"')
+    assert UsageRecord.decode(old) == record
+    assert record.encode().startswith(b'[2,"req-1",1.5,2.5,"k"')
+    assert UsageRecord.decode(record.encode()) == record
+
+
+def test_an_array_from_an_older_gateway_leaves_newer_fields_at_their_defaults() -> None:
+    shorter = orjson.dumps([ARRAY_FORMAT, "req-2", 1.0, 2.0, "k", "p"])
+    assert UsageRecord.decode(shorter) == UsageRecord("req-2", 1.0, 2.0, key_id="k", project="p")
+
+
+@pytest.mark.parametrize("garbage", [
+    b"[]", b'{"x": 1}', b'{"request_id": "a", "nope": [}', b'[2]', b'[1, "a", 1.0, 2.0]',
+    b'[2, 7, 1.0, 2.0]',
+    orjson.dumps([ARRAY_FORMAT, "a", *([0] * len(ARRAY_FIELDS))]),  # one field too many
+])
 def test_garbage_is_not_a_record(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         UsageRecord.decode(garbage)
