@@ -13,7 +13,7 @@ LITELLM_SPEC=${LITELLM_SPEC:-litellm[proxy]==1.106.2}
 PORTKEY_DIR=${PORTKEY_DIR:-$ROOT/.bench/portkey}
 PORTKEY_SPEC=${PORTKEY_SPEC:-@portkey-ai/gateway@1.15.2}
 PORTKEY_HONO_NODE_SERVER=${PORTKEY_HONO_NODE_SERVER:-1.14.1}
-APT_PACKAGES=(wrk hey nginx-light)
+APT_PACKAGES=(wrk hey nginx-light valgrind)  # valgrind: make bench-instructions (callgrind)
 
 SCRIPT_TAG=bench-tools
 # shellcheck source=common.sh
@@ -26,7 +26,7 @@ install_debian_packages() {
             || missing+=("$pkg")
     done
     if ((${#missing[@]} == 0)); then
-        log "wrk, hey and nginx already installed"
+        log "wrk, hey, nginx and valgrind already installed"
         return 0
     fi
     [[ $(id -u) == 0 ]] || die "must run as root to install ${missing[*]}"

@@ -239,3 +239,47 @@ def test_nginx_mock_answers_post_with_the_fixed_bodies(tmp_path: Path) -> None:
             assert (resp.status, resp.getheader("content-type")) == (200, ctype)
             assert resp.read() == (HERE / f"chat.{suffix}").read_bytes()
             conn.close()
+
+
+# --- the instruction counts (run_instructions.py) -----------------------------------------------
+
+def test_a_callgrind_dump_gives_its_instruction_total(tmp_path: Path) -> None:
+    import run_instructions
+    dump = tmp_path / "callgrind.out.123.1"
+    dump.write_text("# callgrind format\nversion: 1\ncmd: python3 sluicegate serve\n"
+                    "events: Ir\nsummary: 1530541209\n\nfl=(1) x.c\nfn=(1) f\n16 4\n"
+                    "totals: 1530541209\n")
+    assert run_instructions.dumped_instructions(dump) == 1_530_541_209
+    dump.write_text("events: Ir\n")
+    with pytest.raises(LoadError, match="no summary"):
+        run_instructions.dumped_instructions(dump)
+
+
+def test_scripts_run_under_callgrind_through_this_interpreter(tmp_path: Path) -> None:
+    import run_instructions
+    out = tmp_path / "callgrind.out.%p"
+    cmd = run_instructions.callgrind_command(["/venv/bin/sluicegate", "serve", "--port", "1"],
+                                             out)
+    assert cmd == ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                   sys.executable, "/venv/bin/sluicegate", "serve", "--port", "1"]
+    assert run_instructions.callgrind_command([sys.executable, "-m", "x"], out)[3:] == \
+        [sys.executable, "-m", "x"]
+
+
+def test_instruction_table_compares_each_target_with_bare_on_its_scenario() -> None:
+    import run_instructions
+    from run_instructions import Count
+    scenarios = [s for s in bench_load.SCENARIOS if s.key in ("json-c16", "sse-c16")]
+    text = run_instructions.render([
+        Count("bare", "json-c16", 1_500_000_000, 1000),
+        Count("bare", "sse-c16", 1_600_000, 1),
+        Count("failover", "json-c16", 1_530_000_000, 1000),
+        Count("failover", "sse-c16", 1_680_000_000, 1000),
+        Count("metering", "json-c16-unique", 2_000_000, 1),  # no bare run to compare with
+    ], [*scenarios, *(s for s in bench_load.SCENARIOS if s.key == "json-c16-unique")], 20)
+    rows = [line for line in text.splitlines() if line.startswith("| Sluicegate")]
+    assert rows[0] == "| Sluicegate, bare passthrough | JSON c=16 | 1,500.0k | 1.000× | — |"
+    assert rows[2] == ("| Sluicegate, failover layer alone (success path) | JSON c=16 | "
+                       "1,530.0k | 0.980× | +2.0% |")
+    assert rows[3].endswith("| SSE c=16 | 1,680.0k | 0.952× | +5.0% |")
+    assert rows[4].endswith("| 2,000.0k | n/a | — |")
