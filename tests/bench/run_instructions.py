@@ -40,12 +40,12 @@ from bench_procs import ProcessSet, port_in_use, wait_port_free
 from bench_targets import HERE, MOCK_PORT, TARGET_PORT, TARGETS, NotRunnable, Target, mock_base
 from run_bench import Settings, log, start_mock, start_redis, wait_ready
 
-DEFAULT_TARGETS = ("bare,failover,metering,cache-miss,auth-quota,cache,cache-redis,default,"
+DEFAULT_TARGETS = ("floor,bare,failover,metering,cache-miss,auth-quota,cache,cache-redis,default,"
                    "production")
 DEFAULT_SCENARIOS = "json-c16,sse-c16,json-c16-unique"
 # New prompts on every request: the miss paths (the cache's, the production stack's) and the
 # bare passthrough they are compared with.
-UNIQUE_ONLY_FOR = ("bare", "cache-miss", "production")
+UNIQUE_ONLY_FOR = ("floor", "bare", "cache-miss", "production")
 START_TIMEOUT_S = 300.0  # imports alone take half a minute under callgrind
 _SUMMARY = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
@@ -64,10 +64,15 @@ class Count:
 
 def callgrind_command(cmd: list[str], out_pattern: Path) -> list[str]:
     """The target's command under callgrind; a script is run through this interpreter (a
-    shebang would make valgrind count a shell's start too)."""
+    shebang would make valgrind count a shell's start too). The floor's `hypercorn -w 1`
+    becomes `-w 0`: the same worker code, run in the process callgrind watches rather than
+    in a child it spawns."""
     program = cmd[0]
     if program.endswith("sluicegate"):
         cmd = [sys.executable, *cmd]
+    if cmd[1:3] == ["-m", "hypercorn"] and "-w" in cmd:
+        at = cmd.index("-w") + 1
+        cmd = [*cmd[:at], "0", *cmd[at + 1:]]
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_pattern}", *cmd]
 
 
@@ -124,6 +129,7 @@ def count_target(procs: ProcessSet, target: Target, scenario: Scenario, settings
 def render(counts: list[Count], scenarios: list[Scenario], duration_s: int) -> str:
     labels = {s.key: s.label for s in scenarios}
     bare = {c.scenario: c.per_request for c in counts if c.target == "bare"}
+    floor = {c.scenario: c.per_request for c in counts if c.target == "floor"}
     lines = [
         "# Sluicegate instruction counts per request",
         "",
@@ -137,16 +143,19 @@ def render(counts: list[Count], scenarios: list[Scenario], duration_s: int) -> s
         "responses wrk completed. See the script's docstring for what this does not "
         "measure."),
         "",
-        "| target | scenario | instructions per request | bare / target | layer cost |",
-        "|---|---|---:|---:|---:|",
+        ("| target | scenario | instructions per request | floor / target | bare / target "
+        "| layer cost |"),
+        "|---|---|---:|---:|---:|---:|",
     ]
     for count in counts:
         base = bare.get(count.scenario)
         ratio = f"{base / count.per_request:.3f}×" if base else "n/a"
+        low = floor.get(count.scenario)
+        to_floor = f"{low / count.per_request:.3f}×" if low else "n/a"
         cost = (f"{(count.per_request - base) / base * 100:+.1f}%"
-                if base and count.target != "bare" else "—")
+                if base and count.target not in ("bare", "floor") else "—")
         lines.append(f"| {TARGETS[count.target].label} | {labels[count.scenario]} | "
-                     f"{count.per_request / 1e3:,.1f}k | {ratio} | {cost} |")
+                     f"{count.per_request / 1e3:,.1f}k | {to_floor} | {ratio} | {cost} |")
     lines += ["", ("Layer cost: the target's instructions over the bare passthrough's, on the "
               "same scenario (the issues' bars: auth + quota ≤ 10%, failover, metering and "
               "the cache's miss path ≤ 3%)."), ""]
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench: port {MOCK_PORT} or {TARGET_PORT} is in use; free it first")
     keys = [k for k in args.targets.split(",") if k]
     unknown = [k for k in keys if k not in TARGETS or TARGETS[k].launch is None
-               or k in ("floor", "litellm", "portkey")]
+               or k in ("litellm", "portkey")]
     if unknown:
         raise SystemExit(f"bench: not a Sluicegate target: {', '.join(unknown)}")
     wanted = set(args.scenarios.split(","))

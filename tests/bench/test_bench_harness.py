@@ -264,6 +264,9 @@ def test_scripts_run_under_callgrind_through_this_interpreter(tmp_path: Path) ->
                    sys.executable, "/venv/bin/sluicegate", "serve", "--port", "1"]
     assert run_instructions.callgrind_command([sys.executable, "-m", "x"], out)[3:] == \
         [sys.executable, "-m", "x"]
+    floor = [sys.executable, "-m", "hypercorn", "-w", "1", "-k", "uvloop", "floor_proxy:app"]
+    assert run_instructions.callgrind_command(floor, out)[3:] == \
+        [sys.executable, "-m", "hypercorn", "-w", "0", "-k", "uvloop", "floor_proxy:app"]
 
 
 def test_instruction_table_compares_each_target_with_bare_on_its_scenario() -> None:
@@ -271,6 +274,7 @@ def test_instruction_table_compares_each_target_with_bare_on_its_scenario() -> N
     from run_instructions import Count
     scenarios = [s for s in bench_load.SCENARIOS if s.key in ("json-c16", "sse-c16")]
     text = run_instructions.render([
+        Count("floor", "json-c16", 1_200_000_000, 1000),
         Count("bare", "json-c16", 1_500_000_000, 1000),
         Count("bare", "sse-c16", 1_600_000, 1),
         Count("failover", "json-c16", 1_530_000_000, 1000),
@@ -278,8 +282,10 @@ def test_instruction_table_compares_each_target_with_bare_on_its_scenario() -> N
         Count("metering", "json-c16-unique", 2_000_000, 1),  # no bare run to compare with
     ], [*scenarios, *(s for s in bench_load.SCENARIOS if s.key == "json-c16-unique")], 20)
     rows = [line for line in text.splitlines() if line.startswith("| Sluicegate")]
-    assert rows[0] == "| Sluicegate, bare passthrough | JSON c=16 | 1,500.0k | 1.000× | — |"
+    assert text.count("| floor, hypercorn") == 1
+    assert rows[0] == ("| Sluicegate, bare passthrough | JSON c=16 | 1,500.0k | 0.800× | 1.000× "
+                       "| — |")
     assert rows[2] == ("| Sluicegate, failover layer alone (success path) | JSON c=16 | "
-                       "1,530.0k | 0.980× | +2.0% |")
-    assert rows[3].endswith("| SSE c=16 | 1,680.0k | 0.952× | +5.0% |")
-    assert rows[4].endswith("| 2,000.0k | n/a | — |")
+                       "1,530.0k | 0.784× | 0.980× | +2.0% |")
+    assert rows[3].endswith("| SSE c=16 | 1,680.0k | n/a | 0.952× | +5.0% |")
+    assert rows[4].endswith("| 2,000.0k | n/a | n/a | — |")
