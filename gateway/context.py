@@ -124,6 +124,9 @@ class RequestContext:
     provider: str | None = None
     usage: Usage | None = None
     first_byte_s: float | None = None
+    # The JSON body the passthrough sent a non-stream client: (the bytes, their parse), so
+    # the cache keeps an answer without parsing it again. Read-only: it went out as is.
+    sent_json: tuple[bytes, Any] | None = None
     finish_reasons: list[str] | None = None  # only while tracing (gateway.tracing)
     # Written by whoever ends the request.
     status: int = 0

@@ -290,6 +290,7 @@ class HTTPAdapter:
                                 error_type="bad_response") from None
         if client_json is not None:
             raw = orjson.dumps(client_json)
+        ctx.sent_json = (raw, payload if client_json is None else client_json)
         headers = [*JSON_RESPONSE_HEADERS, (b"content-length", str(len(raw)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": raw})

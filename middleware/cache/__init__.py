@@ -336,10 +336,10 @@ class CacheMiddleware:
             if answer is None:  # cut short or failed: never cached
                 return
         else:
-            try:
-                answer = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return
+            # The passthrough parsed what it sent; other bytes (a custom layer below this one
+            # changed them) are parsed here.
+            sent = ctx.sent_json
+            answer = sent[1] if sent is not None and sent[0] == raw else _parsed(raw)
             if not isinstance(answer, dict):
                 return
         usage = answer.get("usage")
@@ -404,6 +404,13 @@ class _Tee:
             if not message.get("more_body", False) and self.size <= self.limit:
                 self.complete = True
         await self._send(message)
+
+
+def _parsed(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _cost_of(ctx: RequestContext) -> int:

@@ -63,14 +63,16 @@ _HEADER_SIZE = struct.Struct(">I")
 _API_FORMATS = ("openai", "anthropic")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CachedResponse:
     """One stored answer: the final non-stream JSON body a non-stream client of the ingress
     format received (`api_format`), and what the layer needs to replay and meter it.
 
     `tags` are the invalidation tags (`keys.cache_tags`); `expires_at` (epoch seconds) is set
     by the store that keeps the entry, so a tier that promotes it keeps its remaining TTL.
-    `usage` is shared with the store: treat it as read-only.
+    An entry is shared by every hit on it: treat it, and its `usage`, as read-only. (It is
+    not a frozen dataclass only because a frozen one takes four times as long to build, and
+    a miss builds two.)
     """
 
     body: bytes

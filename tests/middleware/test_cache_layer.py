@@ -478,3 +478,49 @@ def test_bad_ttls_refuse_to_start(options: dict[str, Any]) -> None:
         return None
     with pytest.raises(ConfigError):
         CacheMiddleware(app, **options)
+
+
+EDITING_LAYER = '''
+import orjson
+
+class Editor:
+    """A custom layer under the cache that rewrites the answer's text."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def edit(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [(k, v) for k, v in message["headers"]
+                                      if k != b"content-length"]
+            elif message["type"] == "http.response.body" and message.get("body"):
+                answer = orjson.loads(message["body"])
+                answer["choices"][0]["message"]["content"] += " [edited]"
+                message["body"] = orjson.dumps(answer)
+            await send(message)
+        await self.app(scope, receive, edit)
+
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]),
+    Middleware(CacheMiddleware),
+    Middleware(Editor),
+]
+'''
+
+
+def test_the_cache_keeps_what_passed_through_it_not_what_the_passthrough_sent(
+        tmp_path: Path, mock_url: str) -> None:
+    """The passthrough hands the cache its parse of what it sent, which saves parsing it
+    again; when a layer below the cache changed those bytes, the cache parses what it saw."""
+    config = write_config(tmp_path, mock_config(mock_url, middleware="[]", extra=EDITING_LAYER))
+    text = "edit me " + uuid.uuid4().hex
+    with ThreadedServer(create_app(config)) as server:
+        first = ask(server, text)
+        assert cache_status(first) == "miss"
+        assert first.parse().choices[0].message.content.endswith(" [edited]")
+        wait_for(lambda: cache_status(ask(server, text)) == "hit")
+        second = ask(server, text)
+        assert cache_status(second) == "hit"
+        assert second.parse().choices[0].message.content == \
+            first.parse().choices[0].message.content
