@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 TORCH ?= torch==2.13.0
 
-.PHONY: install run mock test services pgvector lint bench bench-tools bench-peers bench-instructions check-config eval-cache metering-demo
+.PHONY: install run mock test services pgvector lint bench bench-tools bench-peers bench-instructions bench-paired check-config eval-cache metering-demo
 
 install:  ## the package (editable) with the test and lint tools and the semantic-cache extra
 	@# CPU torch first: sentence-transformers would otherwise pull a multi-GB CUDA build.
@@ -53,6 +53,9 @@ bench: install bench-tools  ## the benchmark table (tests/bench/RESULTS.md); not
 
 bench-instructions: install bench-tools  ## each layer's CPU instructions per request, counted by callgrind (tests/bench/INSTRUCTIONS.md)
 	$(PYTHON) tests/bench/run_instructions.py $(BENCH_ARGS)
+
+bench-paired: install bench-tools  ## failover and metering beside bare, in alternating rounds (tests/bench/PAIRED.md)
+	$(PYTHON) tests/bench/run_paired.py $(BENCH_ARGS)
 
 bench-peers: install bench-tools  ## the production stack beside LiteLLM and Portkey: ratios in tests/bench/PEERS.md
 	$(PYTHON) tests/bench/run_bench.py --targets direct,floor,bare,production,litellm,portkey \

@@ -289,3 +289,23 @@ def test_instruction_table_compares_each_target_with_bare_on_its_scenario() -> N
                        "1,530.0k | 0.784× | 0.980× | +2.0% |")
     assert rows[3].endswith("| SSE c=16 | 1,680.0k | n/a | 0.952× | +5.0% |")
     assert rows[4].endswith("| 2,000.0k | n/a | n/a | — |")
+
+
+# --- paired rounds (run_paired.py) --------------------------------------------------------------
+
+def test_paired_rounds_alternate_so_that_each_pair_sits_side_by_side() -> None:
+    import run_paired
+    assert run_paired.abba(3) == ["bare", "target", "target", "bare", "bare", "target"]
+    assert run_paired.on_port(["sluicegate", "serve", "--port", "18100", "--workers", "1"],
+                              18101) == ["sluicegate", "serve", "--port", "18101", "--workers", "1"]
+
+
+def test_paired_table_gives_the_median_pair_and_the_spread() -> None:
+    import run_paired
+    pairs = run_paired.Pairs("failover", "json-c16", bare_rps=[1000.0, 2000.0, 1500.0],
+                             target_rps=[990.0, 1900.0, 1500.0])
+    assert pairs.ratios == [0.99, 0.95, 1.0]
+    text = run_paired.render([pairs, run_paired.Pairs("metering", "sse-c16")], 5)
+    rows = [line for line in text.splitlines() if line.startswith("| Sluicegate")]
+    assert rows == [("| Sluicegate, failover layer alone (success path) | JSON c=16 | 3 | "
+                    "0.990× | 0.950–1.000× | 1,500 |")]  # a target with no rounds has no row
