@@ -11,4 +11,9 @@ upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/j
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
 models = {"bench": Model([Deployment("mock", "bench", free=True)])}  # a mock: nothing to bill
 journal = os.environ.get("SLUICEGATE_BENCH_JOURNAL") or tempfile.mkdtemp(prefix="sg-bench-journal-")
-middleware = [Middleware(MeteringMiddleware, journal_dir=journal)]
+# The writer's batch interval; 0.2 s is the layer's default. `make bench-instructions` runs this
+# target at 1/50 of full speed and stretches it, so a batch holds as many records as at full
+# speed (see tests/bench/run_instructions.py).
+flush_interval_s = float(os.environ.get("SLUICEGATE_BENCH_FLUSH_S", "0.2"))
+middleware = [Middleware(MeteringMiddleware, journal_dir=journal,
+                         flush_interval_s=flush_interval_s)]
