@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -350,7 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _pick(names: str, known: dict[str, object], what: str) -> list[str]:
+def pick(names: str, known: dict[str, object], what: str) -> list[str]:
+    """The comma-separated `names`, each one of `known` (SystemExit naming the others)."""
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in known]
     if unknown or not chosen:
@@ -359,26 +361,38 @@ def _pick(names: str, known: dict[str, object], what: str) -> list[str]:
 
 
 def make_settings(args: argparse.Namespace, rundir: Path) -> Settings:
-    targets = [TARGETS[k] for k in _pick(args.targets, dict(TARGETS), "targets")]
+    targets = [TARGETS[k] for k in pick(args.targets, dict(TARGETS), "targets")]
     scenario_map = {s.key: s for s in SCENARIOS}
-    picked = set(_pick(args.scenarios, dict(scenario_map), "scenarios"))
-    cpus = os.sched_getaffinity(0)
-    pin = {0, 1} <= cpus and shutil.which("taskset") is not None
+    picked = set(pick(args.scenarios, dict(scenario_map), "scenarios"))
     if min(args.duration, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit("bench: --duration and --rounds must be at least 1, --warmup at least 0")
     return Settings(targets, [s for s in SCENARIOS if s.key in picked], args.duration,
-                    args.warmup, args.rounds, args.tool, 0 if pin else None,
-                    1 if pin else None, rundir)
+                    args.warmup, args.rounds, args.tool, *pinned_cpus(), rundir)
 
 
-def preflight(tool: str) -> None:
-    missing = [b for b in (tool, "nginx") if shutil.which(b) is None
+def pinned_cpus() -> tuple[int | None, int | None]:
+    """(load CPU, target CPU): 0 and 1 where both are ours and taskset exists, else unpinned."""
+    if {0, 1} <= os.sched_getaffinity(0) and shutil.which("taskset") is not None:
+        return 0, 1
+    return None, None
+
+
+def preflight(tools: Sequence[str], ports: Sequence[int] = (MOCK_PORT, TARGET_PORT)) -> None:
+    """SystemExit unless `tools` and nginx are installed and `ports` are free."""
+    missing = [b for b in (*tools, "nginx") if shutil.which(b) is None
                and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
         raise SystemExit(f"bench: {', '.join(missing)} not installed (run `make bench-tools`)")
-    busy = [p for p in (MOCK_PORT, TARGET_PORT) if port_in_use(p)]
+    busy = [p for p in ports if port_in_use(p)]
     if busy:
         raise SystemExit(f"bench: port(s) {busy} on 127.0.0.1 already in use; free them first")
+
+
+def start_services(procs: ProcessSet, settings: Settings) -> None:
+    """The nginx mock, and the bench's Redis when a target needs it."""
+    start_mock(procs, settings)
+    if any(t.needs_redis for t in settings.targets):
+        start_redis(procs, settings)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -389,7 +403,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    preflight(args.tool)
+    preflight([args.tool])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     rundir = Path(tempfile.mkdtemp(prefix="sluicegate-bench-"))
@@ -397,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[TargetResult] = []
     try:
         with ProcessSet() as procs:
-            start_mock(procs, settings)
-            if any(t.needs_redis for t in settings.targets):
-                start_redis(procs, settings)
+            start_services(procs, settings)
             for target in settings.targets:
                 results.append(bench_target(procs, target, settings))
     except KeyboardInterrupt as exc:

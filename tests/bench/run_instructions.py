@@ -41,9 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, however this is started
 
 from bench_load import SCENARIOS, LoadError, Scenario, run_load
-from bench_procs import ProcessSet, port_in_use, wait_port_free
-from bench_targets import HERE, MOCK_PORT, TARGET_PORT, TARGETS, NotRunnable, Target, mock_base
-from run_bench import Settings, log, start_mock, start_redis, wait_ready
+from bench_procs import ProcessSet, wait_port_free
+from bench_targets import HERE, TARGET_PORT, TARGETS, NotRunnable, Target, mock_base
+from run_bench import Settings, log, pick, pinned_cpus, preflight, start_services, wait_ready
 
 DEFAULT_TARGETS = ("floor,bare,failover,metering,cache-miss,auth-quota,cache,cache-redis,default,"
                    "production")
@@ -181,29 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--output", type=Path, default=HERE / "INSTRUCTIONS.md")
     args = parser.parse_args(argv)
-    for tool in ("valgrind", "callgrind_control", "wrk", "nginx"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            raise SystemExit(f"bench: {tool} not installed (run `make bench-tools`)")
-    if any(port_in_use(port) for port in (MOCK_PORT, TARGET_PORT)):
-        raise SystemExit(f"bench: port {MOCK_PORT} or {TARGET_PORT} is in use; free it first")
-    keys = [k for k in args.targets.split(",") if k]
+    preflight(["valgrind", "callgrind_control", "wrk"])
+    keys = pick(args.targets, dict(TARGETS), "targets")
     unknown = [k for k in keys if k not in TARGETS or TARGETS[k].launch is None
                or k in ("litellm", "portkey")]
     if unknown:
         raise SystemExit(f"bench: not a Sluicegate target: {', '.join(unknown)}")
-    wanted = set(args.scenarios.split(","))
+    wanted = set(pick(args.scenarios, {s.key: s for s in SCENARIOS}, "scenarios"))
     scenarios = [s for s in SCENARIOS if s.key in wanted]
     rundir = Path(tempfile.mkdtemp(prefix="sluicegate-instructions-"))
-    cpus = os.sched_getaffinity(0)
-    pin = {0, 1} <= cpus and shutil.which("taskset") is not None
     targets = [dataclasses.replace(TARGETS[k], start_timeout_s=START_TIMEOUT_S) for k in keys]
-    settings = Settings(targets, scenarios, args.duration, args.warmup, 1,
-                        "wrk", 0 if pin else None, 1 if pin else None, rundir)
+    settings = Settings(targets, scenarios, args.duration, args.warmup, 1, "wrk",
+                        *pinned_cpus(), rundir)
     counts: list[Count] = []
     with ProcessSet() as procs:
-        start_mock(procs, settings)
-        if any(t.needs_redis for t in settings.targets):
-            start_redis(procs, settings)
+        start_services(procs, settings)
         for target in settings.targets:
             for scenario in scenarios:
                 if target.scenarios is not None and scenario.key not in target.scenarios:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, however th
 from bench_load import SCENARIOS, LoadError, Scenario, run_load
 from bench_procs import ProcessSet, Started, port_in_use, wait_port_free
 from bench_targets import HERE, MOCK_PORT, REDIS_PORT, TARGET_PORT, TARGETS, Target, mock_base
-from run_bench import Settings, log, start_mock, start_redis
+from run_bench import Settings, log, pick, pinned_cpus, preflight, start_services
 
 BARE_PORT = TARGET_PORT + 1
 
@@ -140,31 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output", type=Path, default=HERE / "PAIRED.md")
     args = parser.parse_args(argv)
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            raise SystemExit(f"bench: {tool} not installed (run `make bench-tools`)")
-    busy = [p for p in (MOCK_PORT, TARGET_PORT, BARE_PORT, REDIS_PORT) if port_in_use(p)]
-    if busy:
-        raise SystemExit(f"bench: port(s) {busy} on 127.0.0.1 already in use; free them first")
-    keys = [k for k in args.targets.split(",") if k]
+    preflight(["wrk"], (MOCK_PORT, TARGET_PORT, BARE_PORT, REDIS_PORT))
+    keys = pick(args.targets, dict(TARGETS), "targets")
     if any(k not in TARGETS or TARGETS[k].launch is None or k in ("bare", "floor", "litellm",
                                                                   "portkey") for k in keys):
         raise SystemExit("bench: --targets takes Sluicegate layer targets (not bare or peers)")
     if args.pairs < 1 or args.duration < 1:
         raise SystemExit("bench: --pairs and --duration must be at least 1")
-    wanted = set(args.scenarios.split(","))
+    wanted = set(pick(args.scenarios, {s.key: s for s in SCENARIOS}, "scenarios"))
     scenarios = [s for s in SCENARIOS if s.key in wanted]
     rundir = Path(tempfile.mkdtemp(prefix="sluicegate-paired-"))
-    cpus = os.sched_getaffinity(0)
-    pin = {0, 1} <= cpus and shutil.which("taskset") is not None
     targets = [TARGETS[k] for k in keys]
     settings = Settings(targets, scenarios, args.duration, args.warmup, args.pairs, "wrk",
-                        0 if pin else None, 1 if pin else None, rundir)
+                        *pinned_cpus(), rundir)
     results: list[Pairs] = []
     with ProcessSet() as procs:
-        start_mock(procs, settings)
-        if any(t.needs_redis for t in targets):
-            start_redis(procs, settings)
+        start_services(procs, settings)
         for target in targets:
             for scenario in scenarios:
                 if target.scenarios is not None and scenario.key not in target.scenarios:
