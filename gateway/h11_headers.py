@@ -32,9 +32,8 @@ __all__ = ["install", "installed"]
 MEMO_MAX = 4096
 
 _original: Callable[..., Any] | None = None
-# (name, value) pairs that passed h11's checks, in the order they first did.
-_memo: dict[tuple[bytes, bytes], None] = {}
-_names: dict[bytes, None] = {}  # and the names that did
+_memo: set[tuple[bytes, bytes]] = set()  # (name, value) pairs that passed h11's checks
+_names: set[bytes] = set()  # and the names that did
 
 
 def installed() -> bool:
@@ -85,14 +84,14 @@ def install() -> bool:
                     validate(name_re, name, "Illegal header name {!r}", name)
                     if len(names) >= MEMO_MAX:
                         names.clear()
-                    names[name] = None
+                    names.add(name)
                 # Letters and digits alone always match h11's field-value grammar; a count
                 # that changes on every response (a rate limit's remaining) skips the regex.
                 if not value.isalnum():
                     validate(value_re, value, "Illegal header value {!r}", value)
                 if len(valid) >= MEMO_MAX:
                     valid.clear()
-                valid[pair] = None
+                valid.add(pair)
             pairs.append(pair)
         return original(pairs, True)
 
