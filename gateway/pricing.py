@@ -125,10 +125,22 @@ def cost_micros(price: Price, usage: Usage) -> int:
     """The exact cost of `usage` in integer micro-dollars, rounded up once at the end."""
     tier = _tier(price, usage.input_tokens)
     # Providers occasionally report a cached (or reasoning) count above its total; clamping
-    # keeps every bucket non-negative instead of billing a negative amount.
-    input_tokens, output_tokens = max(usage.input_tokens, 0), max(usage.output_tokens, 0)
-    cached = min(max(usage.cached_input_tokens, 0), input_tokens)
-    reasoning = min(max(usage.reasoning_tokens, 0), output_tokens)
+    # keeps every bucket non-negative instead of billing a negative amount. (Comparisons,
+    # not min() and max(): those parse keyword arguments on every call.)
+    input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
+    cached, reasoning = usage.cached_input_tokens, usage.reasoning_tokens
+    if input_tokens < 0:  # noqa: PLR1730 (see above)
+        input_tokens = 0
+    if output_tokens < 0:  # noqa: PLR1730
+        output_tokens = 0
+    if cached < 0:
+        cached = 0
+    elif cached > input_tokens:
+        cached = input_tokens
+    if reasoning < 0:
+        reasoning = 0
+    elif reasoning > output_tokens:
+        reasoning = output_tokens
     scaled = _scaled_rates(tier)
     if scaled is not None:  # integer arithmetic: exact, and far cheaper than a Decimal context
         nanos = ((input_tokens - cached) * scaled[0] + cached * scaled[1]
@@ -404,7 +416,8 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
     Several layers price the same request (quota, metering, the metrics, the cache): the
     last answer is kept on the request, keyed by the price and every count it used."""
     price = served_price(ctx)
-    if price is None or usage is None or (usage.input_tokens == 0 and usage.output_tokens == 0):
+    if price is None or price is FREE or usage is None or (
+            usage.input_tokens == 0 and usage.output_tokens == 0):
         return 0
     counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
               usage.reasoning_tokens)

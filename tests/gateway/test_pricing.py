@@ -103,6 +103,8 @@ def test_inconsistent_counts_are_clamped_instead_of_billing_negative() -> None:
     p = price("1", "1", cached_input_per_mtok=Decimal("0.5"), reasoning_per_mtok=Decimal(3))
     usage = Usage(input_tokens=10, cached_input_tokens=50, output_tokens=4, reasoning_tokens=9)
     assert cost_micros(p, usage) == 10 * Decimal("0.5") + 4 * 3
+    negative = Usage(input_tokens=-5, cached_input_tokens=-3, output_tokens=4, reasoning_tokens=-1)
+    assert cost_micros(p, negative) == 4
 
 
 def test_estimate_bills_plain_input_and_output() -> None:
