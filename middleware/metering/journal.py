@@ -152,12 +152,25 @@ class Journal:
         """
         if isinstance(payloads, bytes | bytearray | memoryview):
             raise TypeError("append() takes a sequence of payloads, not one payload")
-        frames = [(_frame_header(payload), payload) for payload in payloads]
+        sizes = list(map(len, payloads))
+        if sizes and (min(sizes) < 1 or max(sizes) > MAX_RECORD_BYTES):
+            # An empty record is refused so that zeros (a file grown but not yet written when
+            # the power went) can never read as records: length 0 with CRC 0 would check out.
+            bad = next(size for size in sizes if not 0 < size <= MAX_RECORD_BYTES)
+            raise ValueError(f"a journal record holds 1 to {MAX_RECORD_BYTES} bytes, not {bad}")
+        pack, crc32 = _FRAME.pack, zlib.crc32
+        headers = [pack(size, crc32(payload)) for size, payload in zip(sizes, payloads,
+                                                                        strict=True)]
         with self._lock:
             self._require_writable()
+            batch_bytes = _FRAME.size * len(sizes) + sum(sizes)
+            if self._offset + batch_bytes <= self.segment_bytes:  # the usual case: one write
+                self._write([*itertools.chain.from_iterable(zip(headers, payloads, strict=True))])
+                self._sync_if_due()
+                return self._tail()
             parts: list[bytes] = []
             end = self._offset
-            for header, payload in frames:
+            for header, payload in zip(headers, payloads, strict=True):
                 size = len(header) + len(payload)
                 if end + size > self.segment_bytes and end > _HEADER_BYTES:
                     self._write(parts)
@@ -166,11 +179,14 @@ class Journal:
                 parts += (header, payload)
                 end += size
             self._write(parts)
-            if self.fsync == "always" or (
-                    self.fsync == "batch"
-                    and time.monotonic() - self._synced_at >= self.fsync_interval_s):
-                self._sync_locked()
+            self._sync_if_due()
             return self._tail()
+
+    def _sync_if_due(self) -> None:
+        if self.fsync == "always" or (
+                self.fsync == "batch"
+                and time.monotonic() - self._synced_at >= self.fsync_interval_s):
+            self._sync_locked()
 
     def sync(self) -> None:
         """fsync the open segment now; nothing to do if nothing was written since the last."""
@@ -476,15 +492,6 @@ class Journal:
 
     def _segment_path(self, number: int) -> Path:
         return self.directory / f"{number:08d}.sgj"
-
-
-def _frame_header(payload: bytes) -> bytes:
-    if not 0 < len(payload) <= MAX_RECORD_BYTES:
-        # An empty record is refused so that zeros (a file grown but not yet written when the
-        # power went) can never read as records: length 0 with CRC 0 would check out.
-        raise ValueError(f"a journal record holds 1 to {MAX_RECORD_BYTES} bytes, "
-                         f"not {len(payload)}")
-    return _FRAME.pack(len(payload), zlib.crc32(payload))
 
 
 def _good_records(buf: _Buffer, start: int, stop: int) -> Iterator[tuple[int, int, bytes]]:
