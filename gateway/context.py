@@ -11,7 +11,7 @@ in the scope under `PRINCIPAL_KEY`, and the metering layer answers for that key 
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -140,6 +140,10 @@ class RequestContext:
     # Written by the kernel when tracing is on: the request's span (a gateway.tracing
     # RequestTrace); adapters open a child span per upstream attempt through it.
     trace: Any = None
+    # Callbacks the kernel runs once the request has ended (its response sent or failed),
+    # with the final status, in the order added. A layer that only needs to see a request end
+    # (metering) adds one instead of wrapping the rest of the stack. Failures are logged.
+    on_end: list[Callable[[RequestContext], None]] | None = None
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -347,6 +347,8 @@ class Kernel:
                 metrics.record(ctx, time.monotonic())
             if ctx.trace is not None:
                 ctx.trace.end(ctx)
+            if ctx.on_end is not None:
+                _run_end_hooks(ctx)
 
     async def _send_error(self, send: Send, error: GatewayError, api_format: str,
                           request_id: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -485,3 +487,12 @@ class Kernel:
             "has_more": False, "first_id": names[0] if names else None,
             "last_id": names[-1] if names else None,
         }
+
+
+def _run_end_hooks(ctx: RequestContext) -> None:
+    assert ctx.on_end is not None
+    for hook in ctx.on_end:
+        try:
+            hook(ctx)
+        except Exception:
+            logger.exception("an end-of-request hook failed for request %s", ctx.request_id)

@@ -1,12 +1,15 @@
 """The metering layer: one usage record per request, written exactly once.
 
-On the request path it does one thing: append (context, end time) to an in-memory queue. A
-background writer turns the queued requests into `UsageRecord`s in batches (up to
-`batch_size`, or every `flush_interval_s`), appends each batch to the local journal (an
-append-only outbox of checksummed records, fsync by `fsync` policy), then writes it to
-PostgreSQL (COPY into staging, INSERT ... ON CONFLICT DO NOTHING into `usage_events`, and the
-rollups, in one transaction) and acknowledges the journal. A record is keyed by its request
-id, so a replay never counts twice.
+On the request path it does one thing: when the request has ended, its record is encoded (as
+the bytes the journal keeps) and appended to an in-memory queue, which so holds a few hundred
+bytes per request rather than the request's context with its bodies. The layer does not wrap
+the rest of the stack for that: it asks the kernel to call it back at the end
+(`RequestContext.on_end`), which costs a request less than another coroutine around everything
+below. A background writer takes the queued records in batches (up to `batch_size`, or every
+`flush_interval_s`), appends each batch to the local journal (an append-only outbox of
+checksummed records, fsync by `fsync` policy), then writes it to PostgreSQL (COPY into staging,
+INSERT ... ON CONFLICT DO NOTHING into `usage_events`, and the rollups, in one transaction) and
+acknowledges the journal. A record is keyed by its request id, so a replay never counts twice.
 
 When PostgreSQL is slow or down, batches only go to the journal; once it answers again, the
 journal is replayed in order, then writing goes direct again. On startup after a crash the
@@ -32,7 +35,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
 from gateway.metrics import Sample
 from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
-from middleware.metering.record import UsageRecord, record_of
+from middleware.metering.record import UsageRecord, payload_of
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
 from middleware.metering.usage import journal_usage, serve_admin_usage, serve_own_usage
 
@@ -53,8 +56,6 @@ __all__ = ["JournalError", "MeteringMiddleware", "PostgresUsageStore", "UsageRec
 
 logger = logging.getLogger("sluicegate.metering")
 
-# (context, end time, end monotonic, a future to resolve once the record is on disk or None)
-_Queued = tuple[RequestContext, float, float, "asyncio.Future[None] | None"]
 DURABILITY = ("batch", "response")
 
 
@@ -111,8 +112,11 @@ class MeteringMiddleware:
         self.retry_interval_s = retry_interval_s
         self.admin_token = (admin_token_from_env(admin_token_env, "MeteringMiddleware")
                             if admin_token_env is not None else None)
-        self._queue: deque[_Queued] = deque()
-        self._urgent = 0  # queued records whose requests wait for them to be on disk
+        self._queue: list[bytes] = []  # encoded records, oldest first
+        self._queued_at = 0.0  # when the oldest of them was queued (monotonic)
+        # Requests waiting for their record to be on disk: (how many queued records must be
+        # written first, including theirs; the future to resolve then).
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._io: ThreadPoolExecutor | None = None
@@ -164,8 +168,8 @@ class MeteringMiddleware:
                 logger.error("metering: the writer did not finish in 30 s; what it had not "
                              "written is in the journal or lost with the queue")
         if self._queue:  # the writer failed: keep the records anyway
-            records, waiting = self._drain()
-            await self._journal_batch(records, sync=True)
+            payloads, waiting = self._drain()
+            await self._journal_batch(payloads, sync=True)
             _resolve(waiting)
         if self.store is not None:
             await self.store.shutdown()
@@ -183,35 +187,60 @@ class MeteringMiddleware:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: an API request goes on down the stack as it is (no frame of ours
+        # around it), with `_record` on the kernel's list of things to run at its end.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         ctx = find_request_context(scope)
         if ctx is None:
-            path = route_path(scope)
-            if path == SELF_USAGE_PATH:
-                await serve_own_usage(self.store, scope, send)
-            elif self.admin_token is not None and path == "/admin/usage":
-                await serve_admin_usage(self.store, self.admin_token, scope, send)
-            else:
-                await self.app(scope, receive, send)
-            return
-        durable = self.durability == "response"
-        recorded = False
-        downstream = send
-        if durable:
-            async def send_when_recorded(message: Any) -> None:
-                """The response's last message waits until its record is on disk."""
-                nonlocal recorded
-                if message["type"] == "http.response.body" and not message.get("more_body") \
-                        and not recorded:
-                    recorded = True
-                    await self._enqueue_durable(ctx)
-                await send(message)
-            downstream = send_when_recorded
+            return self._serve(scope, receive, send)
+        if self.durability == "response":
+            return self._call_durable(ctx, scope, receive, send)
+        if ctx.on_end is None:
+            ctx.on_end = [self._record]
+        else:
+            ctx.on_end.append(self._record)
+        return self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if path == SELF_USAGE_PATH:
+            await serve_own_usage(self.store, scope, send)
+        elif self.admin_token is not None and path == "/admin/usage":
+            await serve_admin_usage(self.store, self.admin_token, scope, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _record(self, ctx: RequestContext) -> None:
+        """The kernel calls this once the request has ended, its status and error final."""
         try:
-            await self.app(scope, receive, downstream)
+            payload = payload_of(ctx)
+        except Exception:
+            logger.exception("metering: request %s could not be recorded", ctx.request_id)
+            return
+        queue = self._queue
+        if not queue:
+            self._queued_at = time.monotonic()
+        queue.append(payload)
+        if len(queue) >= self.batch_size:
+            self._queue_full()
+
+    async def _call_durable(self, ctx: RequestContext, scope: Scope, receive: Receive,
+                            send: Send) -> None:
+        """durability="response": the response's last message waits until its record is on
+        disk, so the record is made here, before the kernel has seen the end."""
+        recorded = False
+
+        async def send_when_recorded(message: Any) -> None:
+            nonlocal recorded
+            if message["type"] == "http.response.body" and not message.get("more_body") \
+                    and not recorded:
+                recorded = True
+                await self._record_durable(ctx)
+            await send(message)
+        try:
+            await self.app(scope, receive, send_when_recorded)
         except GatewayError as exc:  # the kernel answers it; the record needs it now
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
@@ -224,30 +253,31 @@ class MeteringMiddleware:
             raise
         finally:
             if not recorded:
-                if durable:
-                    await self._enqueue_durable(ctx)
-                else:
-                    self._enqueue_nowait(ctx)
+                await self._record_durable(ctx)
 
-    def _enqueue_nowait(self, ctx: RequestContext) -> None:
-        self._queue.append((ctx, time.time(), time.monotonic(), None))
-        self._check_queue()
-
-    async def _enqueue_durable(self, ctx: RequestContext) -> None:
+    async def _record_durable(self, ctx: RequestContext) -> None:
         """Queues the record and waits until the batch holding it is fsynced (group commit:
         the requests of one moment share one write and one fsync)."""
+        try:
+            payload = payload_of(ctx)
+        except Exception:
+            logger.exception("metering: request %s could not be recorded", ctx.request_id)
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((ctx, time.time(), time.monotonic(), future))
-        self._urgent += 1
+        if not self._queue:
+            self._queued_at = time.monotonic()
+        self._queue.append(payload)
+        self._waiting.append((len(self._queue), future))
         if self._wake is not None:
             self._wake.set()
-        self._check_queue()
+        if len(self._queue) >= self.batch_size:
+            self._queue_full()
         await asyncio.shield(future)
 
     def metric_samples(self) -> list[Sample]:
         """Gauges for /metrics: the queue, the journal and how far the ledger is behind."""
         queue = self._queue
-        lag = time.monotonic() - queue[0][2] if queue else 0.0
+        lag = time.monotonic() - self._queued_at if queue else 0.0
         try:
             journal_bytes = float(self.journal.disk_bytes())
         except OSError:
@@ -263,32 +293,38 @@ class MeteringMiddleware:
              float(self._replaying)),
         ]
 
-    def _check_queue(self) -> None:
-        if len(self._queue) >= self.batch_size and self._wake is not None:
+    def _queue_full(self) -> None:
+        if self._wake is not None:
             self._wake.set()
         if len(self._queue) > self.queue_max:
             # The writer cannot keep up (a slow disk): keep the records, at a small cost here.
-            batch, waiting = self._drain()
-            self.journal.append([r.encode() for r in batch])
+            payloads, waiting = self._drain()
+            self.journal.append(payloads)
             self.journal.sync()
             _resolve(waiting)
             if self.store is not None:
                 self._replaying = True
 
     def _drain(self, limit: int | None = None
-               ) -> tuple[list[UsageRecord], list[asyncio.Future[None]]]:
-        queue, out, waiting = self._queue, [], []
-        count = len(queue) if limit is None else min(limit, len(queue))
-        for _ in range(count):
-            ctx, ended_at, ended_monotonic, future = queue.popleft()
-            if future is not None:
-                waiting.append(future)
-                self._urgent -= 1
-            try:
-                out.append(record_of(ctx, ended_at=ended_at, ended_monotonic=ended_monotonic))
-            except Exception:
-                logger.exception("metering: request %s could not be recorded", ctx.request_id)
-        return out, waiting
+               ) -> tuple[list[bytes], list[asyncio.Future[None]]]:
+        """Takes the oldest `limit` (default: all) queued records, and the futures of the
+        requests that wait for exactly those to be written."""
+        queue = self._queue
+        if limit is None or limit >= len(queue):
+            taken, self._queue = queue, []
+        else:
+            taken = queue[:limit]
+            del queue[:limit]  # _queued_at stays: the lag it reports errs on the high side
+        if not self._waiting:
+            return taken, []
+        count, ready, still = len(taken), [], []
+        for needed, future in self._waiting:
+            if needed <= count:
+                ready.append(future)
+            else:
+                still.append((needed - count, future))
+        self._waiting = still
+        return taken, ready
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -296,16 +332,16 @@ class MeteringMiddleware:
         assert self._wake is not None
         while True:
             # Batches fill for flush_interval_s (or to batch_size), unless a request waits.
-            if not self._stopping and not self._urgent and len(self._queue) < self.batch_size:
+            if not self._stopping and not self._waiting and len(self._queue) < self.batch_size:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
                 except TimeoutError:
                     pass
                 self._wake.clear()
             if self._queue:
-                records, waiting = self._drain(self.batch_size)
+                payloads, waiting = self._drain(self.batch_size)
                 try:
-                    await self._write_batch(records, durable=bool(waiting))
+                    await self._write_batch(payloads, durable=bool(waiting))
                 except Exception:
                     logger.exception("metering: a batch failed")
                 finally:
@@ -317,14 +353,14 @@ class MeteringMiddleware:
                     await self._replay()
                 return
 
-    async def _write_batch(self, records: list[UsageRecord], *, durable: bool = False) -> None:
-        if not records:
+    async def _write_batch(self, payloads: list[bytes], *, durable: bool = False) -> None:
+        if not payloads:
             return
-        position = await self._journal_batch(records, sync=durable)
+        position = await self._journal_batch(payloads, sync=durable)
         if self.store is None or self._replaying:
             return  # the journal is the ledger, or PostgreSQL is behind it
         try:
-            self.written += await self.store.write(records)
+            self.written += await self.store.write_payloads(payloads)
         except UsageStoreError as exc:
             logger.warning("metering: %s; usage goes to the journal until it answers", exc)
             self._replaying = True
@@ -332,9 +368,7 @@ class MeteringMiddleware:
             return
         await self._acknowledge(position)
 
-    async def _journal_batch(self, records: list[UsageRecord], *, sync: bool = False
-                             ) -> Position:
-        payloads = [record.encode() for record in records]
+    async def _journal_batch(self, payloads: list[bytes], *, sync: bool = False) -> Position:
         journal = self.journal
 
         def append() -> Position:
@@ -359,14 +393,14 @@ class MeteringMiddleware:
                 self._replaying = False
                 logger.info("metering: the journal is replayed; writing directly again")
                 return
-            records = []
-            for _, payload in pending:
+            payloads = []
+            for _, payload in pending:  # checked (and older formats rewritten) before SQL
                 try:
-                    records.append(UsageRecord.decode(payload))
+                    payloads.append(UsageRecord.decode(payload).encode())
                 except ValueError:
                     logger.error("metering: an unreadable record in the journal was skipped")
             try:
-                self.written += await self.store.write(records)
+                self.written += await self.store.write_payloads(payloads)
             except UsageStoreError as exc:
                 logger.warning("metering: replay paused (%s)", exc)
                 self._next_retry = time.monotonic() + self.retry_interval_s

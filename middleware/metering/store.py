@@ -1,16 +1,22 @@
 """The usage ledger in PostgreSQL: `usage_events` (one row per request, partitioned by month)
 and `usage_rollups` (per minute and per day, per key, project, customer and model).
 
-A batch is written in one transaction: COPY into a temporary staging table, then one statement
-that inserts the staged rows into `usage_events` with `ON CONFLICT (request_id, started_at) DO
-NOTHING` and adds *only the rows it inserted* to the rollups. A batch written twice (a replay
-after a crash) therefore changes nothing the second time, and the rollups always equal the
-sums of the events.
+A batch is written in one transaction: the records go in as the JSON the journal keeps (COPY
+into a temporary table of jsonb), PostgreSQL takes them apart into a staging table of
+`usage_events` rows, then one statement inserts the staged rows into `usage_events` with `ON
+CONFLICT (request_id, started_at) DO NOTHING` and adds *only the rows it inserted* to the
+rollups. A batch written twice (a replay after a crash) therefore changes nothing the second
+time, and the rollups always equal the sums of the events.
+
+Taking the records apart in SQL rather than in Python leaves the gateway's process one bulk
+write per batch instead of a row to format per request. The conversions are Python's:
+timestamps are rounded half-even to the microsecond, as `datetime.fromtimestamp` does, so a
+replay finds the rows an earlier direct write made.
 
 Schema versions are recorded in `<prefix>_schema_version`; migrations run under an advisory
-lock, so processes starting together take turns. Monthly partitions are created on demand,
-before the batch that needs them. Retention: `drop_partitions_before(month)` drops whole
-months of events (rollups stay; they are small); nothing is dropped automatically.
+lock, so processes starting together take turns. Monthly partitions are created on demand, in
+the transaction of the batch that needs them. Retention: `drop_partitions_before(month)` drops
+whole months of events (rollups stay; they are small); nothing is dropped automatically.
 
 Indexes exist only for what the usage API asks: events by (project, started_at) for a
 project's recent requests; rollups by their primary key (grain, kind, subject, bucket).
@@ -23,10 +29,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from gateway.config import ConfigError
-from gateway.policy import micros_to_usd, usd_to_micros
+from gateway.policy import usd_to_micros
 from middleware.metering.record import UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
@@ -94,6 +98,25 @@ CREATE TABLE IF NOT EXISTS {rollups} (
 );
 """),
 )
+
+# The journal's JSON arrays (middleware.metering.record.ARRAY_FIELDS, after the format number)
+# taken apart into rows of the events table. Timestamps: whole seconds plus the fraction
+# rounded half-even to the microsecond (float8 round() is rint()), exactly as
+# datetime.fromtimestamp rounds. A field an older, shorter array lacks takes its default.
+_TS = ("(to_timestamp(trunc(({x})::float8)) "
+       "+ round((({x})::float8 - trunc(({x})::float8)) * 1e6) * interval '1 microsecond')")
+_FROM_JSON = """
+INSERT INTO {staging} ({columns})
+SELECT d->>1, %(started)s, %(ended)s, d->>4, d->>5, d->>6, COALESCE(d->7, '{{}}'),
+       COALESCE(d->>8, 'openai'), COALESCE(d->>9, ''), COALESCE(d->>10, ''), d->>11, d->>12,
+       d->>13, COALESCE((d->>14)::bigint, 0), COALESCE((d->>15)::bigint, 0),
+       COALESCE((d->>16)::bigint, 0), COALESCE((d->>17)::bigint, 0),
+       COALESCE((d->>18)::numeric, 0) * 0.000001, COALESCE((d->>19)::numeric, 0) * 0.000001,
+       COALESCE((d->>20)::float8, 0), (d->>21)::float8, COALESCE((d->>22)::integer, 0),
+       d->>23, d->>24, COALESCE((d->>25)::integer, 0), COALESCE((d->>26)::integer, 0),
+       COALESCE((d->>27)::boolean, false), COALESCE((d->>28)::boolean, false)
+FROM {raw}
+""".replace("%(started)s", _TS.format(x="d->>2")).replace("%(ended)s", _TS.format(x="d->>3"))
 
 # The staged rows go into the events; the ones that were new are summed into the rollups.
 _INSERT = """
@@ -178,6 +201,7 @@ class PostgresUsageStore:
         return sql.SQL(text).format(
             events=sql.Identifier(self.events), rollups=sql.Identifier(self.rollups),
             staging=sql.Identifier(f"{self.prefix}_staging"),
+            raw=sql.Identifier(f"{self.prefix}_raw"),
             events_project=sql.Identifier(f"{self.events}_project"),
             versions=sql.Identifier(f"{self.prefix}_schema_version"),
             columns=sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS))
@@ -191,6 +215,7 @@ class PostgresUsageStore:
             application_name="sluicegate-metering")
         async with self._conn.transaction():
             await self._conn.execute("SET TIME ZONE 'UTC'")
+            await self._conn.execute("SET client_encoding TO 'UTF8'")  # the JSON we COPY
         if not self._migrated:
             await self._migrate(self._conn)
             self._migrated = True
@@ -198,6 +223,9 @@ class PostgresUsageStore:
             await self._conn.execute(self._sql(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} "
                 "(LIKE {events} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"))
+            await self._conn.execute(self._sql(
+                "CREATE TEMP TABLE IF NOT EXISTS {raw} (d jsonb NOT NULL) "
+                "ON COMMIT DELETE ROWS"))
         return self._conn
 
     async def _migrate(self, conn: Any) -> None:
@@ -250,41 +278,52 @@ class PostgresUsageStore:
 
     async def write(self, records: Sequence[UsageRecord]) -> int:
         """Writes a batch exactly once (module docstring); how many rows were new."""
-        if not records:
+        return await self.write_payloads([record.encode() for record in records])
+
+    async def write_payloads(self, payloads: Sequence[bytes]) -> int:
+        """`write` for records already encoded (`UsageRecord.encode`, the array form): the
+        metering writer's batches, as queued and journaled."""
+        if not payloads:
             return 0
+        # COPY's text format: one record per line; JSON never holds a raw newline or tab,
+        # but its backslashes must be doubled.
+        data = b"\n".join(payloads).replace(b"\\", b"\\\\") + b"\n"
         try:
             async with self._lock, asyncio.timeout(self.timeout_s):
                 conn = await self._connection()
-                await self._ensure_partitions(conn, records)
                 async with conn.transaction(), conn.cursor() as cur:
-                    async with cur.copy(self._sql("COPY {staging} ({columns}) FROM STDIN")
-                                        ) as copy:
-                        for record in records:
-                            await copy.write_row(_row(record))
+                    async with cur.copy(self._sql("COPY {raw} (d) FROM STDIN")) as copy:
+                        await copy.write(data)
+                    await cur.execute(self._sql(_FROM_JSON))
                     await cur.execute(self._sql(
-                        "SELECT count(DISTINCT (request_id, started_at)) FROM {staging} s "
-                        "WHERE NOT EXISTS (SELECT 1 FROM {events} e WHERE e.request_id = "
-                        "s.request_id AND e.started_at = s.started_at)"))
+                        "SELECT (SELECT count(DISTINCT (request_id, started_at)) FROM {staging} s"
+                        " WHERE NOT EXISTS (SELECT 1 FROM {events} e WHERE e.request_id = "
+                        "s.request_id AND e.started_at = s.started_at)), "
+                        "(SELECT array_agg(DISTINCT date_trunc('month', started_at, 'UTC')) "
+                        "FROM {staging})"))
                     found = await cur.fetchone()
+                    assert found is not None
+                    new, months = int(found[0]), set(found[1] or ())
+                    await self._create_partitions(cur, months - self._partitions)
                     await cur.execute(self._sql(_INSERT))
-                return int(found[0]) if found else 0
+                self._partitions |= months  # they exist once the batch has committed
+                return new
         except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
             await self._drop_connection()
             raise UsageStoreError(f"PostgreSQL did not take the usage batch: "
                                   f"{type(exc).__name__}: {exc}") from None
 
-    async def _ensure_partitions(self, conn: Any, records: Sequence[UsageRecord]) -> None:
-        months = {_month_start(datetime.fromtimestamp(r.started_at, UTC)) for r in records}
-        for start in sorted(months - self._partitions):
+    async def _create_partitions(self, cur: Any, months: set[datetime]) -> None:
+        """Creates monthly partitions in the batch's transaction (an advisory lock per
+        partition keeps processes from racing on the DDL)."""
+        for start in sorted(months):
             end = _next_month(start)
             name = f"{self.events}_{start:%Y%m}"
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
-                # DDL takes no parameters: the bounds are literals of our own making.
-                await conn.execute(self._sql(
-                    f"CREATE TABLE IF NOT EXISTS {_quote(name)} PARTITION OF {{events}} "
-                    f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"))
-            self._partitions.add(start)
+            await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))
+            # DDL takes no parameters: the bounds are literals of our own making.
+            await cur.execute(self._sql(
+                f"CREATE TABLE IF NOT EXISTS {_quote(name)} PARTITION OF {{events}} "
+                f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"))
 
     async def drop_partitions_before(self, month: datetime) -> list[str]:
         """Drops every monthly partition of events that ends on or before `month` (UTC)."""
@@ -348,16 +387,3 @@ class PostgresUsageStore:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _row(record: UsageRecord) -> tuple[Any, ...]:
-    return (record.request_id, datetime.fromtimestamp(record.started_at, UTC),
-            datetime.fromtimestamp(record.ended_at, UTC), record.key_id, record.project,
-            record.customer, orjson.dumps(record.labels).decode(), record.api_format,
-            record.operation, record.model, record.served_model, record.provider,
-            record.deployment, record.input_tokens, record.output_tokens,
-            record.cached_input_tokens, record.reasoning_tokens,
-            micros_to_usd(record.cost_micros), micros_to_usd(record.saved_micros),
-            record.latency_ms, record.ttft_ms, record.status, record.error_type,
-            record.cache_status, record.attempts, record.fallbacks, record.stream,
-            record.client_disconnected)

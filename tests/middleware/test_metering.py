@@ -26,6 +26,7 @@ from middleware.metering.record import (
     ARRAY_FORMAT,
     UsageRecord,
     labels_of,
+    payload_of,
     record_of,
 )
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
@@ -60,6 +61,26 @@ def test_a_record_prices_the_served_call_and_keeps_the_labels() -> None:
     assert record.labels == {"team": "search", "feature": "autocomplete"}  # headers win
     assert record.deployment == "openai/gpt-x" and record.saved_micros == 0
     assert UsageRecord.decode(record.encode()) == record
+
+
+def test_the_request_path_encodes_exactly_the_record() -> None:
+    """What the request path queues (`payload_of`) is the record's own encoding, for a served
+    call, a cache hit and a request that never reached a model."""
+    served = context(headers=[(b"x-sluicegate-tag-team", b"search")], stream=True,
+                     customer="c1", status=200, first_byte_s=0.0123456)
+    served.served_deployment = Deployment("openai", "gpt-x",
+                                          price=Price(input_per_mtok="1", output_per_mtok="2"))
+    served.usage = Usage(input_tokens=1000, output_tokens=500, reasoning_tokens=20)
+    hit = context(cache_status="hit", state={"cache.saved_micros": 99}, first_byte_s=0.001)
+    hit.usage = Usage(input_tokens=10, output_tokens=5)
+    refused = context(status=429, error_type="rate_limit_error")
+    for ctx in (served, hit, refused):
+        payload = payload_of(ctx, 1_700_000_000.25, ctx.started_monotonic + 0.5)
+        record = record_of(ctx, ended_at=1_700_000_000.25,
+                           ended_monotonic=ctx.started_monotonic + 0.5)
+        assert payload == record.encode()
+        assert UsageRecord.decode(payload) == record
+    assert record_of(served).ttft_ms == 12.346 and record_of(hit).ttft_ms is None
 
 
 def test_a_cache_hit_costs_nothing_and_records_what_it_saved() -> None:
@@ -185,6 +206,53 @@ async def test_events_are_partitioned_by_month_and_old_months_drop(prefix: str) 
         assert await store.drop_partitions_before(datetime(2025, 6, 1, tzinfo=UTC)) == \
             [f"{prefix}_events_202501"]
         assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 3
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_takes_records_apart_as_python_would(prefix: str) -> None:
+    """The records reach PostgreSQL as JSON and are taken apart in SQL: every column equals
+    what Python makes of the field (Decimal money, labels with quotes, backslashes, newlines
+    and non-ASCII), and timestamps round to the microsecond as datetime.fromtimestamp does
+    (half-even), so a replay of a record finds the row a direct write made."""
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    base = float(int(time.time()))
+    stamps = [base + f for f in (0.0, 0.5, 0.0000005, 0.0000015, 0.0000025, 0.9999995,
+                                 0.9999996, 0.1234565, 0.7654325, 0.333333333)]
+    stamps += [base - 86_400 * 40 + i * 0.0137 + i / 7_000_000 for i in range(40)]
+    records = [UsageRecord(request_id=f"r{i}", started_at=at, ended_at=at + 0.25 + i / 3e6,
+                           key_id="k", project="p", customer="c\\u00e9",
+                           labels={"quote": 'a"b', "slash": "a\\b\\\\n", "line": "x\ny\tz",
+                                   "ünï": "çødé ✓"},
+                           api_format="anthropic", operation="anthropic.messages", model="m",
+                           served_model="sm", provider="prov", deployment="prov/sm",
+                           input_tokens=10**12 + i, output_tokens=i, cached_input_tokens=3,
+                           reasoning_tokens=2, cost_micros=123_456_789_012 + i,
+                           saved_micros=i, latency_ms=12.345 + i, ttft_ms=None if i % 2 else 1.5,
+                           status=200 + i, error_type=None if i % 3 else "api_error",
+                           cache_status="miss", attempts=2, fallbacks=1, stream=bool(i % 2),
+                           client_disconnected=i == 3)
+               for i, at in enumerate(stamps)]
+    try:
+        assert await store.write(records) == len(records)
+        found = {row[0]: row for row in rows(
+            f"SELECT request_id, started_at, ended_at, key_id, project, customer, labels, "
+            f"api_format, operation, model, served_model, provider, deployment, input_tokens, "
+            f"output_tokens, cached_input_tokens, reasoning_tokens, cost, cost_saved, "
+            f"latency_ms, ttft_ms, status, error_type, cache_status, attempts, fallbacks, "
+            f"stream, client_disconnected FROM {prefix}_events")}
+        for r in records:
+            assert found[r.request_id] == (
+                r.request_id, datetime.fromtimestamp(r.started_at, UTC),
+                datetime.fromtimestamp(r.ended_at, UTC), r.key_id, r.project, r.customer,
+                r.labels, r.api_format, r.operation, r.model, r.served_model, r.provider,
+                r.deployment, r.input_tokens, r.output_tokens, r.cached_input_tokens,
+                r.reasoning_tokens, r.cost, r.cost_saved, r.latency_ms, r.ttft_ms, r.status,
+                r.error_type, r.cache_status, r.attempts, r.fallbacks, r.stream,
+                r.client_disconnected), r.request_id
+        assert await store.write(records) == 0  # the same records again: all found
+        assert_rollups_match_events(prefix)
     finally:
         await store.shutdown()
 
