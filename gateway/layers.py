@@ -13,7 +13,6 @@ have), which the kernel calls.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from gateway.context import RequestContext, find_request_context, request_context
@@ -22,29 +21,8 @@ from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "ASGIApp", "GatewayError", "Message", "Receive", "RequestContext", "Scope", "Send",
-    "ShellLayer", "find_request_context", "request_context", "text_of_messages",
+    "find_request_context", "request_context", "text_of_messages",
 ]
-
-logger = logging.getLogger("sluicegate")
-
-
-class ShellLayer:
-    """A built-in concern whose behaviour has not been built yet: it passes every request
-    through untouched and says so at startup. It takes no options, so a configuration that
-    expects it to enforce something fails to start instead of silently enforcing nothing."""
-
-    concern = "shell"
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def startup(self) -> None:
-        logger.warning("the %s layer is a pass-through shell: it enforces nothing yet",
-                       self.concern)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
-
 
 def text_of_messages(body: dict[str, Any]) -> list[str]:
     """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers)."""
