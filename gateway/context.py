@@ -143,7 +143,7 @@ class RequestContext:
     # Callbacks the kernel runs once the request has ended (its response sent or failed),
     # with the final status, in the order added. A layer that only needs to see a request end
     # (metering) adds one instead of wrapping the rest of the stack. Failures are logged.
-    on_end: list[Callable[[RequestContext], None]] | None = None
+    on_end: list[Callable[[RequestContext], object]] | None = None  # results ignored
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
 

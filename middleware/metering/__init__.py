@@ -212,19 +212,21 @@ class MeteringMiddleware:
         else:
             await self.app(scope, receive, send)
 
-    def _record(self, ctx: RequestContext) -> None:
-        """The kernel calls this once the request has ended, its status and error final."""
+    def _record(self, ctx: RequestContext) -> bool:
+        """Queues the record of a request that has ended (the kernel calls this with the
+        status and error final); False if it could not be made (logged)."""
         try:
             payload = payload_of(ctx)
         except Exception:
             logger.exception("metering: request %s could not be recorded", ctx.request_id)
-            return
+            return False
         queue = self._queue
         if not queue:
             self._queued_at = time.monotonic()
         queue.append(payload)
         if len(queue) >= self.batch_size:
             self._queue_full()
+        return True
 
     async def _call_durable(self, ctx: RequestContext, scope: Scope, receive: Receive,
                             send: Send) -> None:
@@ -258,20 +260,12 @@ class MeteringMiddleware:
     async def _record_durable(self, ctx: RequestContext) -> None:
         """Queues the record and waits until the batch holding it is fsynced (group commit:
         the requests of one moment share one write and one fsync)."""
-        try:
-            payload = payload_of(ctx)
-        except Exception:
-            logger.exception("metering: request %s could not be recorded", ctx.request_id)
-            return
+        if not self._record(ctx) or not self._queue:
+            return  # not recorded, or already journaled and synced (the queue overflowed)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._queue:
-            self._queued_at = time.monotonic()
-        self._queue.append(payload)
         self._waiting.append((len(self._queue), future))
         if self._wake is not None:
             self._wake.set()
-        if len(self._queue) >= self.batch_size:
-            self._queue_full()
         await asyncio.shield(future)
 
     def metric_samples(self) -> list[Sample]:
