@@ -326,7 +326,8 @@ class MeteringMiddleware:
         assert self._wake is not None
         while True:
             # Batches fill for flush_interval_s (or to batch_size), unless a request waits.
-            if not self._stopping and not self._waiting and len(self._queue) < self.batch_size:
+            urgent = self._waiting and self._queue  # a request waits for what is queued
+            if not self._stopping and not urgent and len(self._queue) < self.batch_size:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
                 except TimeoutError:

@@ -3,6 +3,7 @@ requests through a real gateway with the SDKs: JSON, streams, errors, cache hits
 disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ import psycopg
 import pytest
 
 from gateway.app import create_app
-from gateway.context import RequestContext, Usage
+from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.pricing import Price
 from gateway.upstream import Deployment
+from middleware.metering import MeteringMiddleware
 from middleware.metering.record import (
     ARRAY_FIELDS,
     ARRAY_FORMAT,
@@ -30,6 +32,7 @@ from middleware.metering.record import (
     record_of,
 )
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
+from middleware.metering.usage import journal_usage
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 from tests.mock_providers.faults import Fault
@@ -123,6 +126,36 @@ def test_an_array_from_an_older_gateway_leaves_newer_fields_at_their_defaults() 
 def test_garbage_is_not_a_record(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         UsageRecord.decode(garbage)
+
+
+async def test_durable_records_that_overflow_the_queue_are_written_and_nobody_hangs(
+        tmp_path: Path) -> None:
+    """durability="response" with a queue bound of one: the second request's record
+    overflows the queue, so the request path journals and fsyncs both itself; neither request
+    then waits on a batch the writer will never take."""
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    layer = MeteringMiddleware(answer, journal_dir=str(tmp_path), durability="response",
+                               batch_size=1, queue_max=1, flush_interval_s=60)
+    await layer.startup()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def request(project: str) -> None:
+        ctx = context(status=200)
+        ctx.principal = type("P", (), {"key_id": "k", "project": project})()
+        await layer({"type": "http", CONTEXT_KEY: ctx}, None, send)  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(asyncio.gather(request("a"), request("b")), timeout=10)
+    finally:
+        await asyncio.wait_for(layer.shutdown(), timeout=10)
+    assert len(sent) == 4
+    assert {row["subject"]: row["requests"] for row in journal_usage(tmp_path)} == \
+        {"a": 1, "b": 1}
 
 
 # -- the PostgreSQL ledger -----------------------------------------------------------------------
