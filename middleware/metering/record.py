@@ -139,7 +139,7 @@ def record_of(ctx: RequestContext, *, ended_at: float | None = None,
 def payload_of(ctx: RequestContext, ended_at: float | None = None,
                ended_monotonic: float | None = None) -> bytes:
     """`record_of(ctx).encode()`, without building the record: what the request path
-    queues, while the context is still in the CPU's cache."""
+    queues."""
     return orjson.dumps((ARRAY_FORMAT, *values_of(ctx, ended_at, ended_monotonic)))
 
 
@@ -167,13 +167,9 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         # decimal digits first, and costs a record as much as its labels.
         ttft = None if first_byte is None else round(first_byte * 1e6) / 1000
         cost, saved, attempts = call_cost_micros(ctx, usage), 0, len(ctx.attempts)
-    if principal is None:
-        key_id = project = None
-    else:
-        key_id = getattr(principal, "key_id", None)
-        project = getattr(principal, "project", None)
     return (
-        ctx.request_id, ctx.started_at, ended_at, key_id, project, ctx.customer,
+        ctx.request_id, ctx.started_at, ended_at, getattr(principal, "key_id", None),
+        getattr(principal, "project", None), ctx.customer,
         labels_of(ctx), ctx.api_format, ctx.operation, ctx.model, served_model, provider,
         deployment, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
         usage.reasoning_tokens, cost, saved,

@@ -31,7 +31,7 @@ from typing import Any
 
 from gateway.config import ConfigError
 from gateway.policy import usd_to_micros
-from middleware.metering.record import UsageRecord
+from middleware.metering.record import ARRAY_FIELDS, UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
 
@@ -99,24 +99,42 @@ CREATE TABLE IF NOT EXISTS {rollups} (
 """),
 )
 
-# The journal's JSON arrays (middleware.metering.record.ARRAY_FIELDS, after the format number)
-# taken apart into rows of the events table. Timestamps: whole seconds plus the fraction
+# The journal's JSON arrays taken apart into rows of the events table, a field found by its
+# place in ARRAY_FIELDS (after the format number). Timestamps: whole seconds plus the fraction
 # rounded half-even to the microsecond (float8 round() is rint()), exactly as
 # datetime.fromtimestamp rounds. A field an older, shorter array lacks takes its default.
-_TS = ("(to_timestamp(trunc(({x})::float8)) "
-       "+ round((({x})::float8 - trunc(({x})::float8)) * 1e6) * interval '1 microsecond')")
-_FROM_JSON = """
-INSERT INTO {staging} ({columns})
-SELECT d->>1, %(started)s, %(ended)s, d->>4, d->>5, d->>6, COALESCE(d->7, '{{}}'),
-       COALESCE(d->>8, 'openai'), COALESCE(d->>9, ''), COALESCE(d->>10, ''), d->>11, d->>12,
-       d->>13, COALESCE((d->>14)::bigint, 0), COALESCE((d->>15)::bigint, 0),
-       COALESCE((d->>16)::bigint, 0), COALESCE((d->>17)::bigint, 0),
-       COALESCE((d->>18)::numeric, 0) * 0.000001, COALESCE((d->>19)::numeric, 0) * 0.000001,
-       COALESCE((d->>20)::float8, 0), (d->>21)::float8, COALESCE((d->>22)::integer, 0),
-       d->>23, d->>24, COALESCE((d->>25)::integer, 0), COALESCE((d->>26)::integer, 0),
-       COALESCE((d->>27)::boolean, false), COALESCE((d->>28)::boolean, false)
-FROM {raw}
-""".replace("%(started)s", _TS.format(x="d->>2")).replace("%(ended)s", _TS.format(x="d->>3"))
+def _at(name: str) -> str:
+    return f"d->>{ARRAY_FIELDS.index(name) + 1}"
+
+
+def _timestamp(name: str) -> str:
+    x = f"({_at(name)})::float8"
+    return f"to_timestamp(trunc({x})) + round(({x} - trunc({x})) * 1e6) * interval '1 microsecond'"
+
+
+def _number(name: str, sql_type: str, default: str) -> str:
+    return f"COALESCE(({_at(name)})::{sql_type}, {default})"
+
+
+_FROM_JSON = f"""
+INSERT INTO {{staging}} ({{columns}})
+SELECT {_at("request_id")}, {_timestamp("started_at")}, {_timestamp("ended_at")},
+       {_at("key_id")}, {_at("project")}, {_at("customer")},
+       COALESCE(d->{ARRAY_FIELDS.index("labels") + 1}, '{{{{}}}}'),
+       COALESCE({_at("api_format")}, 'openai'), COALESCE({_at("operation")}, ''),
+       COALESCE({_at("model")}, ''), {_at("served_model")}, {_at("provider")},
+       {_at("deployment")}, {_number("input_tokens", "bigint", "0")},
+       {_number("output_tokens", "bigint", "0")}, {_number("cached_input_tokens", "bigint", "0")},
+       {_number("reasoning_tokens", "bigint", "0")},
+       {_number("cost_micros", "numeric", "0")} * 0.000001,
+       {_number("saved_micros", "numeric", "0")} * 0.000001,
+       {_number("latency_ms", "float8", "0")}, ({_at("ttft_ms")})::float8,
+       {_number("status", "integer", "0")}, {_at("error_type")}, {_at("cache_status")},
+       {_number("attempts", "integer", "0")}, {_number("fallbacks", "integer", "0")},
+       {_number("stream", "boolean", "false")},
+       {_number("client_disconnected", "boolean", "false")}
+FROM {{raw}}
+"""
 
 # The staged rows go into the events; the ones that were new are summed into the rollups.
 _INSERT = """
