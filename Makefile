@@ -48,8 +48,9 @@ eval-cache: install  ## semantic cache hit/false-hit rates per threshold (tests/
 bench-tools:  ## wrk, hey, nginx (the fast mock upstream), LiteLLM in its own venv, Portkey (npm)
 	bash deploy/scripts/install_bench_tools.sh
 
-bench: install bench-tools  ## the benchmark table (tests/bench/RESULTS.md); not part of `make test`
+bench: install bench-tools  ## the benchmark table (tests/bench/RESULTS.md), then the layers' paired ratios (PAIRED.md); not part of `make test`
 	$(PYTHON) tests/bench/run_bench.py $(BENCH_ARGS)
+	$(PYTHON) tests/bench/run_paired.py
 
 bench-instructions: install bench-tools  ## each layer's CPU instructions per request, counted by callgrind (tests/bench/INSTRUCTIONS.md)
 	$(PYTHON) tests/bench/run_instructions.py $(BENCH_ARGS)

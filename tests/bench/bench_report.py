@@ -266,6 +266,10 @@ def render(results: list[TargetResult], *, when: str, machine: list[str],
         "⚠ marks a cell whose runs saw errors (see the details); failed requests are never",
         "counted as throughput.", "",
         "## Ratios", "", ratios(results), "",
+        ("A layer's ratio here compares rounds run minutes apart, and the host's drift over "
+         "that time can exceed the 3% a layer may cost. `make bench` then runs the failover "
+         "and metering layers beside the bare passthrough in alternating rounds "
+         "(`tests/bench/run_paired.py`): `tests/bench/PAIRED.md` has those ratios."), "",
         "## Cache", "", cache_section(results), "",
         "## Details", "", details_table(results), "",
     ]
