@@ -162,7 +162,12 @@ def cost_micros(price: Price, usage: Usage) -> int:
 
 
 def estimate_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
-    """A cost estimate for uncached input and plain output, rounded like `cost_micros`."""
+    """A cost estimate for uncached input and plain output, rounded like `cost_micros`
+    (which it is, without the Usage it would build: this runs on every admission)."""
+    if input_tokens >= 0 and output_tokens >= 0:
+        scaled = _scaled_rates(_tier(price, input_tokens))
+        if scaled is not None:
+            return -(-(input_tokens * scaled[0] + output_tokens * scaled[2]) // _NANO)
     return cost_micros(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
 

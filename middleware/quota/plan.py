@@ -307,42 +307,52 @@ def _budget_refusal(item: Planned) -> GatewayError:
     return GatewayError(budget.status, message, code="budget_exceeded", headers=headers)
 
 
+_RATE_HEADERS = ((REQUESTS, b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests",
+                  b"x-ratelimit-reset-requests"),
+                 (TOKENS, b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens",
+                  b"x-ratelimit-reset-tokens"))
+
+
 def rate_limit_headers(planned: Sequence[Planned], decision: Decision,
                        now: float) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers for the tightest request and token limits, and the
     budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
     remaining = decision.remaining
+    count = len(remaining)
     tightest: dict[str, int] = {}
     for index, item in enumerate(planned):
+        if index >= count:
+            break
         kind = item.check.kind
         best = tightest.get(kind)
-        if index < len(remaining) and (best is None or remaining[index] < remaining[best]):
+        if best is None or remaining[index] < remaining[best]:
             tightest[kind] = index
     headers: list[tuple[bytes, bytes]] = []
-    for kind, suffix in ((REQUESTS, b"requests"), (TOKENS, b"tokens")):
+    for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
         index_or_none = tightest.get(kind)
         if index_or_none is not None:
-            headers += [
-                (b"x-ratelimit-limit-" + suffix, b"%d" % planned[index_or_none].check.limit),
-                (b"x-ratelimit-remaining-" + suffix, b"%d" % remaining[index_or_none]),
-                (b"x-ratelimit-reset-" + suffix,
-                 _duration(decision.reset_s[index_or_none]).encode()),
-            ]
+            headers += (
+                (limit_name, b"%d" % planned[index_or_none].check.limit),
+                (remaining_name, b"%d" % remaining[index_or_none]),
+                (reset_name, _duration(decision.reset_s[index_or_none])),
+            )
     budget = tightest.get(BUDGET)
     if budget is not None:
-        left = max(0, remaining[budget])
+        left = remaining[budget]
+        if left < 0:  # noqa: PLR1730 (a comparison, not max(): that parses keywords)
+            left = 0
         headers.append((b"x-sluicegate-budget-remaining",
-                        b"%d.%06d" % (left // MICROS_PER_USD, left % MICROS_PER_USD)))
+                        b"%d.%06d" % divmod(left, MICROS_PER_USD)))
     return headers
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float) -> bytes:
     """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms"."""
     if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
+        return b"%dms" % int(seconds * 1000) if seconds > 0 else b"0ms"
     whole = math.ceil(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+        return b"%dh%dm%ds" % (hours, minutes, secs)
+    return b"%dm%ds" % (minutes, secs) if minutes else b"%ds" % secs

@@ -112,6 +112,23 @@ def test_estimate_bills_plain_input_and_output() -> None:
     assert estimate_micros(price("0.15", "0.60"), 1, 0) == 1
 
 
+def test_estimate_is_the_cost_of_the_same_usage_on_every_price_form() -> None:
+    """The estimate takes a shortcut past Usage; it must round exactly as cost_micros does,
+    on integer-scalable rates, rates finer than that, long-context tiers and bad counts."""
+    long = price("5", "20")
+    prices = [price("2.50", "10.00"), price("0.15", "0.60"), FREE,
+              price("0.0000000001", "0.3333333333333"),  # finer than a nano-micro-dollar
+              price("1.25", "5", long_context_threshold=1000, long_context=long)]
+    counts = [0, 1, 7, 999, 1000, 1001, 123_457, 10**9, -3]
+    for p in prices:
+        for input_tokens in counts:
+            for output_tokens in counts:
+                expected = cost_micros(p, Usage(input_tokens=input_tokens,
+                                                output_tokens=output_tokens))
+                assert estimate_micros(p, input_tokens, output_tokens) == expected, \
+                    (p, input_tokens, output_tokens)
+
+
 def test_free_costs_nothing() -> None:
     usage = Usage(input_tokens=10**9, output_tokens=10**9, cached_input_tokens=5)
     assert cost_micros(FREE, usage) == 0
