@@ -1,7 +1,7 @@
 """`gateway.asgi:app` — the app hypercorn workers import, built from $SLUICEGATE_CONFIG.
 
-A reload (SIGHUP to `sluicegate serve --workers N`: hypercorn lets the workers finish their
-requests and starts new ones, which import this module again) reads the config file anew.
+A reload (SIGHUP to `sluicegate serve --workers N`: new workers start and import this module
+again, then the old ones drain, see gateway/supervisor.py) reads the config file anew.
 When the new file is broken, the workers keep serving the last config that loaded
 (`$SLUICEGATE_CONFIG_LAST_GOOD`, a copy `serve` keeps) and log why, so a bad edit never
 takes the gateway down.
@@ -17,6 +17,7 @@ from gateway.config import ConfigError
 from gateway.h11_headers import install as install_h11_header_memo
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
+from gateway.supervisor import announce_ready
 
 logger = logging.getLogger("sluicegate")
 
@@ -42,6 +43,7 @@ def _load() -> Kernel:
 # the defaults (so loading the config logs as JSON too), then as the config says.
 configure_logging("info", "json")
 app = _load()
+app.after_startup.append(announce_ready)  # a reload waits for this before old workers stop
 configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py

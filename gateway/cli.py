@@ -105,6 +105,8 @@ def serve_forever(args: argparse.Namespace) -> int:
     from hypercorn.config import Config
     from hypercorn.run import run
 
+    from gateway.supervisor import Supervisor
+
     path = os.path.abspath(args.config)
     config: GatewayConfig = load_config(path)  # fail fast, in the parent, with one sentence
     build_stack(config)
@@ -138,6 +140,8 @@ def serve_forever(args: argparse.Namespace) -> int:
         # more, or a rolling restart. Say so instead of dying on the signal.
         signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("sluicegate").warning(
             "SIGHUP ignored: reloading the config needs --workers 2 or more"))
+    if hyper.workers > 1:  # reloads start the new workers before the old ones drain
+        return Supervisor(hyper, hyper.workers, ready_dir=os.path.join(run_dir, "ready")).run()
     return run(hyper)
 
 

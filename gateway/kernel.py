@@ -128,6 +128,8 @@ class Kernel:
         self._models_anthropic = orjson.dumps(self._model_list_anthropic())
         self._started = False
         self._start_lock = asyncio.Lock()
+        # Called once the server's lifespan startup has completed (see gateway/asgi.py).
+        self.after_startup: list[Callable[[], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class Kernel:
                     logger.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                for hook in self.after_startup:
+                    hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()

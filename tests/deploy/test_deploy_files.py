@@ -252,6 +252,7 @@ def test_hypercorn_toml_is_what_serve_configures(monkeypatch: pytest.MonkeyPatch
     from hypercorn.config import Config
 
     import gateway.cli
+    import gateway.supervisor
 
     configured: list[Config] = []
     for name in (*REQUIRED_ENV, *PROVIDER_KEYS):
@@ -260,6 +261,9 @@ def test_hypercorn_toml_is_what_serve_configures(monkeypatch: pytest.MonkeyPatch
     args.config = str(DEPLOY / "default_config.py")
     monkeypatch.undo()  # the real serve_forever again
     monkeypatch.setattr(hypercorn.run, "run", recorder(configured))  # `serve` imports it late
+    # With --workers 2 `serve` runs the workers itself (gateway/supervisor.py), on this config.
+    monkeypatch.setattr(gateway.supervisor.Supervisor, "run",
+                        lambda self: recorder(configured)(self.config))
     assert gateway.cli.serve_forever(args) == 0
     (served,) = configured
 
@@ -596,3 +600,8 @@ def test_no_file_under_deploy_holds_a_secret() -> None:
     assert len(files) > 20
     found = {str(p.relative_to(REPO)): secrets_in(p.read_text(errors="replace")) for p in files}
     assert {path: hits for path, hits in found.items() if hits} == {}
+
+
+def test_systemctl_reload_sends_sighup_to_serve() -> None:
+    """`systemctl reload` is the zero-downtime config reload of gateway/supervisor.py."""
+    assert unit_value("Service", "ExecReload") == "/bin/kill -HUP $MAINPID"

@@ -1,6 +1,7 @@
 """Config reload: SIGHUP to `sluicegate serve --workers 2` swaps the workers for ones built
-from the edited config, without failing a request in flight or one arriving meanwhile; a
-broken edit keeps the last config that loaded."""
+from the edited config, without failing a request in flight or one arriving meanwhile, and
+new workers serve before the old ones drain; a broken edit keeps the last config that
+loaded."""
 from __future__ import annotations
 
 import os
@@ -49,6 +50,16 @@ def slow_streams(mock: MockProviderServer) -> Iterator[MockProviderServer]:
     mock.config.update({"chunk_delay_s": 0.0})
 
 
+def old_workers_gone(url: str, old: set[str], timeout_s: float = 60) -> set[str]:
+    """The worker pids once none of `old` is left (they drain, then exit)."""
+    deadline = time.monotonic() + timeout_s
+    pids = worker_pids(url)
+    while pids & old and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = worker_pids(url)
+    return pids
+
+
 def test_sighup_reloads_the_config_without_failing_requests(
         tmp_path: Path, mock_url: str, slow_streams: MockProviderServer) -> None:
     config = write_config(tmp_path, mock_config(mock_url))
@@ -60,7 +71,8 @@ def test_sighup_reloads_the_config_without_failing_requests(
         deadline = time.monotonic() + 10
         while len(before) < 2 and time.monotonic() < deadline:
             before |= worker_pids(url)
-        # A stream long enough to be in flight across the reload.
+        # A stream long enough (about 15 s) to be in flight across the whole reload.
+        slow_streams.config.update({"chunk_delay_s": 0.1})
         streamed: list[str] = []
 
         def stream() -> None:
@@ -85,24 +97,92 @@ def test_sighup_reloads_the_config_without_failing_requests(
                 # before its request was read (hypercorn's graceful stop); the SDKs retry
                 # these. Anything else (a 5xx, a refused connection) fails the test.
                 unanswered += 1
+        # The new workers answered while an old one was still draining the stream: a reload
+        # never leaves the gateway without a worker that accepts.
+        assert streaming.is_alive()
         assert unanswered <= 2
         streaming.join(timeout=60)
-        assert chat(url, "gpt-mock-2").status_code == 200  # the new config serves
+        after = old_workers_gone(url, before)
+        assert after and not after & before  # new workers only, once the old ones drained
+        assert {chat(url, "gpt-mock-2").status_code for _ in range(6)} == {200}
         assert set(statuses) == {200}, statuses
         assert streamed and streamed[-1] == "data: [DONE]"
         assert not any('"error"' in line for line in streamed)
-        after = worker_pids(url)
-        assert after and not after & before  # new workers
 
         # A broken edit: the new workers keep the last config that loaded, and say why.
         write_config(tmp_path, "providers = {\n")
         os.kill(process.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (worker_pids(url) & after):
-            time.sleep(0.2)
-        assert not worker_pids(url) & after  # swapped again
+        assert not old_workers_gone(url, after) & after  # swapped again
         assert process.poll() is None
         assert chat(url, "gpt-mock-2").status_code == 200
         assert "serving the last config that did" in log.read_text()
     finally:
         stop_process(process)
+
+
+def test_a_reload_whose_workers_cannot_start_keeps_the_running_ones(
+        tmp_path: Path, mock_url: str) -> None:
+    """New workers that fail their startup are stopped; the old ones never stopped serving."""
+    flag = tmp_path / "fail-startup"
+    layer = f'''
+class FailsToStartWhenFlagged:
+    def __init__(self, app):
+        self.app = app
+
+    async def startup(self):
+        if os.path.exists({str(flag)!r}):
+            raise RuntimeError("flagged to fail")
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+middleware = [Middleware(FailsToStartWhenFlagged)]
+'''
+    config = write_config(tmp_path, mock_config(mock_url, middleware="none") + layer)
+    log = tmp_path / "serve.log"
+    process, url = start_cli_gateway(config, workers=2, log_path=log)
+    try:
+        before = set()
+        deadline = time.monotonic() + 10
+        while len(before) < 2 and time.monotonic() < deadline:
+            before |= worker_pids(url)
+        flag.touch()
+        os.kill(process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while "did not start" not in log.read_text() and time.monotonic() < deadline:
+            assert chat(url, "gpt-mock").status_code == 200  # served throughout
+            time.sleep(0.1)
+        assert "reload: the new workers did not start" in log.read_text()
+        assert process.poll() is None
+        assert worker_pids(url) <= before  # the same workers
+        assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
+    finally:
+        stop_process(process)
+
+
+def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
+        tmp_path: Path, mock_url: str, slow_streams: MockProviderServer) -> None:
+    config = write_config(tmp_path, mock_config(mock_url))
+    process, url = start_cli_gateway(config, workers=2, log_path=tmp_path / "serve.log")
+    streamed: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                          json={"model": "gpt-mock", "stream": True,
+                                "messages": [{"role": "user", "content": LONG}]}) as r:
+            streamed.extend(line for line in r.iter_lines() if line.startswith("data: "))
+    try:
+        slow_streams.config.update({"chunk_delay_s": 0.05})  # about 7 s of stream
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        streaming.join(timeout=60)
+        assert streamed and streamed[-1] == "data: [DONE]"  # finished, not cut
+        with pytest.raises(httpx.ConnectError):
+            chat(url, "gpt-mock")  # nobody listens any more
+    finally:
+        if process.poll() is None:
+            stop_process(process)

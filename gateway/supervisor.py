@@ -1,0 +1,164 @@
+"""The worker processes of `sluicegate serve --workers N`, and reloads that never stop serving.
+
+hypercorn's own multi-worker loop reloads (SIGHUP) by stopping every worker, waiting until
+their last requests have ended, and only then starting new ones. While a long stream drains
+(minutes, for some LLM calls), no worker accepts: new requests wait in the listen backlog.
+
+Here a reload starts the new workers first, beside the old ones, on the same listening
+sockets. Each new worker loads the config and runs its startup, then says it is ready (a
+file named by its pid in `$SLUICEGATE_READY_DIR`, written by gateway/asgi.py). Once all are
+ready, the old workers are told to stop accepting and to drain: their requests in flight
+end normally, up to hypercorn's `graceful_timeout`. If the new workers do not come up within
+`start_timeout_s`, they are stopped, the old ones go on serving, and the error is logged.
+
+SIGTERM or SIGINT: every worker stops accepting and drains, then `serve` exits. A worker that
+exits by itself with a failure status stops the gateway with that status (as hypercorn
+does: a worker that cannot serve would otherwise be restarted in a loop); one that exits
+cleanly is replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.connection import wait
+from multiprocessing.context import SpawnContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from hypercorn.config import Config, Sockets
+
+logger = logging.getLogger("sluicegate")
+
+READY_DIR_ENV = "SLUICEGATE_READY_DIR"
+
+
+def announce_ready() -> None:
+    """Called in a worker once its startup has completed (see the module docstring)."""
+    directory = os.environ.get(READY_DIR_ENV)
+    if directory:
+        Path(directory, str(os.getpid())).touch()
+
+
+@dataclass(slots=True)
+class _Worker:
+    process: BaseProcess
+    stop: Event
+
+
+class Supervisor:
+    """Runs `workers` hypercorn uvloop workers on `config`'s sockets until told to stop."""
+
+    def __init__(self, config: Config, workers: int, *, ready_dir: str,
+                 start_timeout_s: float = 120.0) -> None:
+        if workers < 1:
+            raise ValueError("the supervisor needs at least one worker")
+        self.config = config
+        self.workers = workers
+        self.ready_dir = Path(ready_dir)
+        self.start_timeout_s = start_timeout_s
+        self._ctx: SpawnContext = get_context("spawn")
+        self._sockets: Sockets | None = None
+        self._signals: list[str] = []  # "reload" or "stop", acted on by the loop
+
+    def run(self) -> int:
+        from hypercorn.asyncio.run import uvloop_worker
+
+        self.ready_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[READY_DIR_ENV] = str(self.ready_dir)  # the workers inherit it
+        self._sockets = self.config.create_sockets()
+        # The workers inherit SIGINT ignored: a Ctrl-C in a terminal reaches the whole process
+        # group, and the supervisor alone decides how they stop (drained, not killed).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        current = [self._spawn(uvloop_worker) for _ in range(self.workers)]
+        draining: list[_Worker] = []
+        for name in ("SIGINT", "SIGTERM"):
+            signal.signal(getattr(signal, name), lambda *_: self._signals.append("stop"))
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self._signals.append("reload"))
+        exitcode = 0
+        try:
+            while True:
+                wait([w.process.sentinel for w in current + draining], timeout=0.5)
+                draining = [w for w in draining if not self._reaped(w)]
+                exited = [w for w in current if not w.process.is_alive()]
+                if exited:
+                    failed = [w.process.exitcode for w in exited if w.process.exitcode]
+                    for worker in exited:
+                        self._reaped(worker)
+                    if failed:
+                        exitcode = failed[0]
+                        logger.error("a worker exited with status %s; stopping", exitcode)
+                        break
+                    current = [w for w in current if w not in exited]
+                    current += [self._spawn(uvloop_worker) for _ in exited]
+                if "stop" in self._signals:
+                    break
+                if self._signals:
+                    self._signals.clear()
+                    current, old = self._reload(current, uvloop_worker)
+                    for worker in old:
+                        worker.stop.set()  # stop accepting; drain what is in flight
+                    draining += old
+        finally:
+            self._stop_all(current + draining)
+            for sock in [*self._sockets.secure_sockets, *self._sockets.insecure_sockets]:
+                sock.close()
+        return exitcode
+
+    def _spawn(self, target: Any) -> _Worker:
+        stop = self._ctx.Event()
+        process = self._ctx.Process(target=target, kwargs={
+            "config": self.config, "sockets": self._sockets, "shutdown_event": stop})
+        process.daemon = False
+        process.start()
+        return _Worker(process, stop)
+
+    def _reload(self, current: list[_Worker], target: Any
+                ) -> tuple[list[_Worker], list[_Worker]]:
+        """(the workers that serve now, the ones to drain)."""
+        logger.info("reload: starting %d new worker(s) beside the running ones", self.workers)
+        fresh = [self._spawn(target) for _ in range(self.workers)]
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            ready = [(self.ready_dir / str(w.process.pid)).exists() for w in fresh]
+            if all(ready):
+                logger.info("reload: the new workers are ready; the old ones drain")
+                return fresh, current
+            failed = [w for w in fresh if not w.process.is_alive()]
+            if failed or time.monotonic() > deadline or "stop" in self._signals:
+                if failed or time.monotonic() > deadline:
+                    logger.error("reload: the new workers did not start (%s); the running "
+                                 "ones go on serving",
+                                 "one exited" if failed else "timed out")
+                self._stop_all(fresh)
+                return current, []
+            wait([w.process.sentinel for w in fresh], timeout=0.1)
+
+    def _reaped(self, worker: _Worker) -> bool:
+        """True (and its ready file removed) once the worker's process has exited."""
+        if worker.process.is_alive():
+            return False
+        worker.process.join()
+        with contextlib.suppress(FileNotFoundError):
+            (self.ready_dir / str(worker.process.pid)).unlink()
+        return True
+
+    def _stop_all(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            worker.stop.set()
+        deadline = time.monotonic() + float(self.config.graceful_timeout) + 5
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.process.is_alive():
+                logger.error("a worker did not stop within the graceful timeout; killing it")
+                worker.process.kill()
+                worker.process.join()
+            self._reaped(worker)
