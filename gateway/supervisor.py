@@ -12,9 +12,9 @@ end normally, up to hypercorn's `graceful_timeout`. If the new workers do not co
 `start_timeout_s`, they are stopped, the old ones go on serving, and the error is logged.
 
 SIGTERM or SIGINT: every worker stops accepting and drains, then `serve` exits. A worker that
-exits by itself with a failure status stops the gateway with that status (as hypercorn
-does: a worker that cannot serve would otherwise be restarted in a loop); one that exits
-cleanly is replaced.
+dies while serving (a crash, the OOM killer) is replaced, and the others serve on; one that
+fails before it is ready stops `serve` with its exit status (it cannot start: restarting it
+would only loop).
 """
 from __future__ import annotations
 
@@ -89,12 +89,8 @@ class Supervisor:
                 draining = [w for w in draining if not self._reaped(w)]
                 exited = [w for w in current if not w.process.is_alive()]
                 if exited:
-                    failed = [w.process.exitcode for w in exited if w.process.exitcode]
-                    for worker in exited:
-                        self._reaped(worker)
-                    if failed:
-                        exitcode = failed[0]
-                        logger.error("a worker exited with status %s; stopping", exitcode)
+                    exitcode = self._fatal(exited)
+                    if exitcode:
                         break
                     current = [w for w in current if w not in exited]
                     current += [self._spawn(uvloop_worker) for _ in exited]
@@ -112,6 +108,27 @@ class Supervisor:
                 sock.close()
         return exitcode
 
+    def _fatal(self, exited: list[_Worker]) -> int:
+        """The status to stop `serve` with (0: replace the workers and go on). A worker that
+        failed before it was ready cannot start; one that died while serving (a crash, the
+        OOM killer) is replaced and the others serve on."""
+        status = 0
+        for worker in exited:
+            ready = self._ready(worker)
+            code = worker.process.exitcode or 0
+            self._reaped(worker)
+            if code and not ready:
+                logger.error("a worker exited with status %s before it was ready; stopping",
+                             code)
+                status = status or code
+            elif code:
+                logger.error("a worker (pid %s) exited with status %s while serving; starting "
+                             "another", worker.process.pid, code)
+        return status
+
+    def _ready(self, worker: _Worker) -> bool:
+        return (self.ready_dir / str(worker.process.pid)).exists()
+
     def _spawn(self, target: Any) -> _Worker:
         stop = self._ctx.Event()
         process = self._ctx.Process(target=target, kwargs={
@@ -127,8 +144,7 @@ class Supervisor:
         fresh = [self._spawn(target) for _ in range(self.workers)]
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            ready = [(self.ready_dir / str(w.process.pid)).exists() for w in fresh]
-            if all(ready):
+            if all(self._ready(w) for w in fresh):
                 logger.info("reload: the new workers are ready; the old ones drain")
                 return fresh, current
             failed = [w for w in fresh if not w.process.is_alive()]

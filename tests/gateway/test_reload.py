@@ -186,3 +186,30 @@ def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
     finally:
         if process.poll() is None:
             stop_process(process)
+
+
+def test_a_worker_that_dies_while_serving_is_replaced(tmp_path: Path, mock_url: str) -> None:
+    config = write_config(tmp_path, mock_config(mock_url))
+    log = tmp_path / "serve.log"
+    process, url = start_cli_gateway(config, workers=2, log_path=log)
+    try:
+        before: set[str] = set()
+        deadline = time.monotonic() + 10
+        while len(before) < 2 and time.monotonic() < deadline:
+            before |= worker_pids(url)
+        victim = min(before)
+        os.kill(int(victim), signal.SIGKILL)  # as the OOM killer would
+        deadline = time.monotonic() + 60
+        pids = worker_pids(url)
+        while (victim in pids or len(pids) < 2) and time.monotonic() < deadline:
+            try:
+                assert chat(url, "gpt-mock").status_code == 200  # the other one serves
+            except SWAP_RACE:
+                pass  # a connection the dying worker had accepted
+            pids = worker_pids(url) | pids - {victim}
+        assert victim not in pids and len(pids) == 2, pids
+        assert process.poll() is None
+        assert "exited with status -9 while serving; starting another" in log.read_text()
+        assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
+    finally:
+        stop_process(process)
