@@ -191,9 +191,10 @@ class QuotaMiddleware:
         for _ in range(_MAX_DOWNGRADES + 1):
             applicable = plan.subjects(principal, ctx.model, self.model_limits, self.limits)
             est = plan.estimate(ctx, self.default_max_output_tokens)
-            planned = [item for item in plan.plan_checks(applicable, est, datetime.now(UTC),
-                                                         self.lease_s)
-                       if item.check.key not in overflowed]
+            planned: list[Planned] = plan.plan_checks(applicable, est, datetime.now(UTC),
+                                                      self.lease_s)
+            if overflowed:  # (then no longer a whole template: no memo)
+                planned = [item for item in planned if item.check.key not in overflowed]
             notice = ([(b"x-sluicegate-downgraded", "; ".join(downgraded).encode())]
                       if downgraded else [])
             if not planned:
@@ -216,7 +217,7 @@ class QuotaMiddleware:
 
     async def _reserve(self, ctx: RequestContext,
                        planned: list[Planned]) -> tuple[QuotaStore, Decision]:
-        checks = [p.check for p in planned]
+        checks = plan.checks_of(planned)
         if time.monotonic() >= self._store_down_until:
             try:
                 return self.store, await self._admit_seeded(self.store, ctx, planned, checks)
@@ -270,7 +271,7 @@ class QuotaMiddleware:
         usage = plan.actual_usage(ctx, est, events)
         cost = call_cost_micros(ctx, usage)
         ctx.state["quota.cost_micros"] = cost
-        checks = [p.check for p in planned]
+        checks = plan.checks_of(planned)
         self._settles.setdefault(store, []).append(
             (ctx.request_id, checks, plan.actual_amounts(planned, usage.total_tokens, cost)))
         if not self._settle_scheduled:

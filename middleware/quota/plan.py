@@ -160,34 +160,69 @@ def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits
     return found
 
 
+class PlannedChecks(list[Planned]):
+    """`plan_checks`' answer: the planned checks, and `memo`, a dict shared by every request
+    planned from the same template (same subjects, limits, periods and order; only the
+    amounts differ). A store may keep there what it derives from the checks but their
+    amounts (see `Checks`)."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, items: Any, memo: dict[Any, Any]) -> None:
+        super().__init__(items)
+        self.memo = memo
+
+
+class Checks(list[Check]):
+    """The checks a store is asked to admit or settle, with `memo` from `PlannedChecks`:
+    the Redis store encodes each template's script arguments once there, and per request
+    only fills in the amounts. A plain list (no memo) works the same, only slower."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, items: Any, memo: dict[Any, Any] | None) -> None:
+        super().__init__(items)
+        self.memo = memo
+
+
+def checks_of(planned: Sequence[Planned]) -> list[Check]:
+    """The checks of `planned`, with the template's memo when it is a whole template's."""
+    memo = planned.memo if isinstance(planned, PlannedChecks) else None
+    return Checks([item.check for item in planned], memo)
+
+
 def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
-                lease_s: float) -> list[Planned]:
+                lease_s: float) -> PlannedChecks:
     """The checks for these subjects with this request's amounts. Everything but the amounts
     is compiled once per set of limits and day (keys, labels, periods)."""
-    template = _template(applicable, now, lease_s)
+    template, memo = _template(applicable, now, lease_s)
     amounts = {REQUESTS: 1, TOKENS: est.tokens, CONCURRENT: 1, BUDGET: est.cost_micros}
-    return [Planned(Check(kind, key, limit, amounts[kind], window, lease, expires, on_error,
-                          label), *rest)
-            for kind, key, limit, window, lease, expires, on_error, label, *rest in template]
+    return PlannedChecks(
+        [Planned(Check(kind, key, limit, amounts[kind], window, lease, expires, on_error,
+                       label), *rest)
+         for kind, key, limit, window, lease, expires, on_error, label, *rest in template],
+        memo)
 
 
 _Template = list[tuple[Any, ...]]
-_TEMPLATES: dict[tuple[Any, ...], tuple[Sequence[tuple[str, str, Limits]], _Template]] = {}
+_TEMPLATES: dict[tuple[Any, ...], tuple[Sequence[tuple[str, str, Limits]], _Template,
+                                        dict[Any, Any]]] = {}
 
 
 def _template(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
-              lease_s: float) -> _Template:
+              lease_s: float) -> tuple[_Template, dict[Any, Any]]:
     # Keyed by the identity of the Limits objects (kept alive by the entry itself).
     cache_key = (now.toordinal(), lease_s,
                  *((kind, subject, id(limits)) for kind, subject, limits in applicable))
     found = _TEMPLATES.get(cache_key)
     if found is not None:
-        return found[1]
+        return found[1], found[2]
     template = _compile(applicable, now, lease_s)
     if len(_TEMPLATES) > 50_000:
         _TEMPLATES.clear()
-    _TEMPLATES[cache_key] = (list(applicable), template)
-    return template
+    memo: dict[Any, Any] = {}
+    _TEMPLATES[cache_key] = (list(applicable), template, memo)
+    return template, memo
 
 
 def _compile(applicable: Sequence[tuple[str, str, Limits]], now: datetime,

@@ -236,10 +236,15 @@ class RedisQuotaStore:
         return True
 
     async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
-        validate(checks)
-        if not checks:
-            return Decision(allowed=True)
-        reply = await self._run(ADMIT, request_id, checks, [_args(check) for check in checks])
+        wire = self._wire(checks) if checks else None
+        if wire is None:
+            validate(checks)
+            if not checks:
+                return Decision(allowed=True)
+            args, head = [_args(check) for check in checks], None
+        else:
+            args, head = [wire.admit_args(checks)], wire.admit_head
+        reply = await self._run(ADMIT, request_id, checks, args, head)
         try:
             return _decision(reply)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -247,6 +252,11 @@ class RedisQuotaStore:
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
+        wire = self._wire(checks) if checks else None
+        if wire is not None:
+            await self._run(SETTLE, request_id, checks, [wire.settle_args(checks, actual)],
+                            wire.settle_head)
+            return
         validate(checks, actual)
         if checks:
             await self._run(SETTLE, request_id, checks, _settle_args(checks, actual))
@@ -261,9 +271,20 @@ class RedisQuotaStore:
             if client is not None:
                 self._track(asyncio.ensure_future(self.settle_many(batch)))
             return
-        settles = [(request_id, checks, _settle_args(checks, actual))
-                   for request_id, checks, actual in batch if checks]
-        payloads = [self._payload(SETTLE, *settle) for settle in settles]
+        settles: list[tuple[str, Sequence[Check], list[str]]] = []
+        payloads = []
+        for request_id, checks, actual in batch:
+            if not checks:
+                continue
+            wire = self._wire(checks)
+            if wire is None:
+                settle = (request_id, checks, _settle_args(checks, actual))
+                payloads.append(self._payload(SETTLE, *settle))
+            else:
+                settle = (request_id, checks, [wire.settle_args(checks, actual)])
+                payloads.append(self._framed(wire.settle_head, self._argv(request_id,
+                                                                          settle[2])))
+            settles.append(settle)
         if payloads and not client.send_unawaited(payloads, self._settle_failed, settles):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
 
@@ -342,6 +363,9 @@ class RedisQuotaStore:
         """`EVALSHA` + `_command`, encoded for the wire. Everything before the ARGV string
         (sha, key count, keys) is encoded once per script and set of keys."""
         names = tuple([check.key for check in checks])
+        return self._framed(self._head(script, names), self._argv(request_id, args))
+
+    def _head(self, script: _Script, names: tuple[str, ...]) -> bytes:
         head = self._heads.get((script.sha, names))
         if head is None:
             if len(self._heads) >= 10_000:
@@ -352,8 +376,24 @@ class RedisQuotaStore:
             # One more argument (the ARGV string) follows: the count says so.
             head = b"*%d\r\n" % (len(names) + 4) + head[head.index(b"\r\n") + 2:]
             self._heads[(script.sha, names)] = head
-        argv = self._argv(request_id, args).encode()
-        return b"%b$%d\r\n%b\r\n" % (head, len(argv), argv)
+        return head
+
+    @staticmethod
+    def _framed(head: bytes, argv: str) -> bytes:
+        data = argv.encode()
+        return b"%b$%d\r\n%b\r\n" % (head, len(data), data)
+
+    def _wire(self, checks: Sequence[Check]) -> _Wire | None:
+        """The encoding of the template `checks` were planned from (see plan.Checks), made
+        (and the checks validated) on its first use; None for checks without a memo."""
+        memo = getattr(checks, "memo", None)
+        if memo is None:
+            return None
+        wire: _Wire | None = memo.get(self)
+        if wire is None:
+            validate(checks)
+            wire = memo[self] = _Wire(self, checks)
+        return wire
 
     def _argv(self, request_id: str, args: Sequence[str]) -> str:
         if not request_id or " " in request_id or not request_id.isprintable():
@@ -361,9 +401,10 @@ class RedisQuotaStore:
         return f"{float(self.clock()).hex()} {request_id} {self._slack} " + " ".join(args)
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
-                   args: Sequence[str]) -> Any:
+                   args: Sequence[str], head: bytes | None = None) -> Any:
         """One script call: EVALSHA, encoded here (routed by the client on a Cluster), then
-        EVAL when the server lost its script cache (which runs and caches it again)."""
+        EVAL when the server lost its script cache (which runs and caches it again).
+        `head`: the encoded command before ARGV, when the caller has it (`_Wire`)."""
         client = self._client
         if client is None:
             raise QuotaStoreError("the Redis quota store is not started")
@@ -371,7 +412,9 @@ class RedisQuotaStore:
             if client.routed:
                 return await client.call("EVALSHA", *self._command(script, request_id, checks,
                                                                    args))
-            return await client.call_encoded(self._payload(script, request_id, checks, args))
+            payload = (self._payload(script, request_id, checks, args) if head is None
+                       else self._framed(head, self._argv(request_id, args)))
+            return await client.call_encoded(payload)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise QuotaStoreError(f"Redis quota store: {exc}") from exc
@@ -395,15 +438,48 @@ def _log_task_failure(task: asyncio.Future[Any]) -> None:
 
 
 def _args(check: Check) -> str:
+    return f"{check.kind} {int(check.limit)} {int(check.amount)} {_param(check)}"
+
+
+def _param(check: Check) -> str:
     kind = check.kind
     param = check.expires_at if kind == BUDGET else \
         check.lease_s if kind == CONCURRENT else check.window_s
     # A window, lease or period end is one of a few values: its repr (a few thousand
     # instructions of shortest-digits arithmetic) is made once.
     text = _REPRS.get(param)
-    if text is None:
-        text = _repr(param)
-    return f"{kind} {int(check.limit)} {int(check.amount)} {text}"
+    return _repr(param) if text is None else text
+
+
+class _Wire:
+    """One template's script arguments (plan.Checks: the same keys, kinds, limits and
+    params for every request planned from it), encoded once with the amounts (and, for
+    settles, the actual amounts) left to fill in. Per request that is one str.format
+    instead of an f-string per check, and the command's head without a lookup."""
+
+    __slots__ = ("admit_format", "admit_head", "count", "settle_format", "settle_head")
+
+    def __init__(self, store: RedisQuotaStore, checks: Sequence[Check]) -> None:
+        names = tuple([check.key for check in checks])
+        count = self.count = len(names)
+        self.admit_head = store._head(ADMIT, names)
+        self.settle_head = store._head(SETTLE, names)
+        admit, settle = [], []
+        for index, check in enumerate(checks):
+            # The same words as _args and _settle_args, with {i} where the amounts go.
+            head = f"{check.kind} {int(check.limit)} {{{index}}} {_param(check)}"
+            admit.append(head)
+            settle.append(f"{head} {{{count + index}}}")
+        self.admit_format = " ".join(admit)
+        self.settle_format = " ".join(settle)
+
+    def admit_args(self, checks: Sequence[Check]) -> str:
+        return self.admit_format.format(*[int(check.amount) for check in checks])
+
+    def settle_args(self, checks: Sequence[Check], actual: Sequence[int]) -> str:
+        if len(actual) != self.count:
+            raise ValueError("settle needs one actual amount per check")
+        return self.settle_format.format(*[int(check.amount) for check in checks], *actual)
 
 
 _REPRS: dict[float, str] = {}

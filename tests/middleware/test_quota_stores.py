@@ -27,6 +27,7 @@ from gateway.policy import (
     Decision,
     QuotaStoreError,
 )
+from middleware.quota.plan import Checks
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
 from middleware.quota.store_redis import ADMIT, SETTLE, RedisQuotaStore, _args
 from tests.tcp_proxy import TcpProxy
@@ -484,6 +485,46 @@ def test_the_encoded_hot_path_sends_exactly_the_command(clock: FakeClock) -> Non
                                                                         checks, args)))
             assert store._payload(script, request_id, checks, args) == expected
             assert store._payload(script, request_id, checks, args) == expected  # memo
+
+
+def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock) -> None:
+    """Checks planned from one template (plan.Checks, with its memo) are encoded from the
+    template's format: the bytes must be what the general encoder makes of the command,
+    amounts and actual amounts included, for every request of the template."""
+    store = RedisQuotaStore(REDIS_URL, prefix="{p}", clock=clock)
+    memo: dict[Any, Any] = {}
+    for amounts, actual in (((1, 10, 1, 7), [1, 12, 1, 5]), ((1, 999, 1, 0), [0, 0, 0, 0])):
+        checks = Checks([rpm(100), tpm(1000, amounts[1], key="tpm:ключ"), leases(5),
+                         budget(1000, amounts[3], clock.now + 60)], memo)
+        wire = store._wire(checks)
+        assert wire is not None and memo[store] is wire
+        for request_id in ("r1", "r 2", ""):
+            admit = [_args(check) for check in checks]
+            settle = [f"{_args(check)} {used}" for check, used in zip(checks, actual)]
+            for script, args, head, sent in (
+                    (ADMIT, admit, wire.admit_head, wire.admit_args(checks)),
+                    (SETTLE, settle, wire.settle_head, wire.settle_args(checks, actual))):
+                expected = resp.encode_command(("EVALSHA", *store._command(
+                    script, request_id, checks, args)))
+                assert store._framed(head, store._argv(request_id, [sent])) == expected
+        with pytest.raises(ValueError, match="one actual amount per check"):
+            wire.settle_args(checks, actual[:2])
+
+
+async def test_templates_admit_and_settle_like_plain_lists(store: Store, clock: FakeClock
+                                                           ) -> None:
+    """The same decisions and the same state with or without a template's memo."""
+    memo: dict[Any, Any] = {}
+    seed = budget(100, 0, clock.now + 3600)
+    await store.seed(seed, 0)
+    for step in range(6):
+        checks = Checks([rpm(4), budget(100, 30, clock.now + 3600)], memo)
+        decision = await store.admit(f"r{step}", checks)
+        if step < 3:
+            assert decision.allowed and decision.remaining == (3 - step, 70 - 30 * step)
+            await store.settle(f"r{step}", checks, [1, 30])
+        else:  # the budget is spent (3 x 30, and 30 more does not fit)
+            assert decision == refused(1)
 
 
 async def test_settle_soon_lands_without_anyone_awaiting_it(store: Store,
