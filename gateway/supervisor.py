@@ -73,9 +73,6 @@ class Supervisor:
         self.ready_dir.mkdir(parents=True, exist_ok=True)
         os.environ[READY_DIR_ENV] = str(self.ready_dir)  # the workers inherit it
         self._sockets = self.config.create_sockets()
-        # The workers inherit SIGINT ignored: a Ctrl-C in a terminal reaches the whole process
-        # group, and the supervisor alone decides how they stop (drained, not killed).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         current = [self._spawn(uvloop_worker) for _ in range(self.workers)]
         draining: list[_Worker] = []
         for name in ("SIGINT", "SIGTERM"):
@@ -134,7 +131,14 @@ class Supervisor:
         process = self._ctx.Process(target=target, kwargs={
             "config": self.config, "sockets": self._sockets, "shutdown_event": stop})
         process.daemon = False
-        process.start()
+        # A worker inherits SIGINT ignored (a handler would not survive the exec): a Ctrl-C
+        # in a terminal reaches the whole process group, and the supervisor alone decides
+        # how workers stop (drained, not killed).
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
         return _Worker(process, stop)
 
     def _reload(self, current: list[_Worker], target: Any

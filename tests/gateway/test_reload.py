@@ -211,5 +211,11 @@ def test_a_worker_that_dies_while_serving_is_replaced(tmp_path: Path, mock_url: 
         assert process.poll() is None
         assert "exited with status -9 while serving; starting another" in log.read_text()
         assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
+        # A Ctrl-C reaches every process of the group: workers ignore it, the new one too.
+        (replacement,) = pids - before
+        os.kill(int(replacement), signal.SIGINT)
+        time.sleep(1)
+        assert replacement in worker_pids(url) | worker_pids(url)
+        assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
     finally:
         stop_process(process)
