@@ -50,6 +50,29 @@ def slow_streams(mock: MockProviderServer) -> Iterator[MockProviderServer]:
     mock.config.update({"chunk_delay_s": 0.0})
 
 
+def stream_in_background(url: str) -> tuple[threading.Thread, list[str]]:
+    """A stream of LONG in a thread; its `data:` lines land in the list as it ends."""
+    streamed: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                          json={"model": "gpt-mock", "stream": True,
+                                "messages": [{"role": "user", "content": LONG}]}) as r:
+            streamed.extend(line for line in r.iter_lines() if line.startswith("data: "))
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    return streaming, streamed
+
+
+def both_workers(url: str) -> set[str]:
+    """The pids of the two workers (each scrape is answered by one of them)."""
+    pids: set[str] = set()
+    deadline = time.monotonic() + 10
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids |= worker_pids(url)
+    return pids
+
+
 def old_workers_gone(url: str, old: set[str], timeout_s: float = 60) -> set[str]:
     """The worker pids once none of `old` is left (they drain, then exit)."""
     deadline = time.monotonic() + timeout_s
@@ -67,21 +90,10 @@ def test_sighup_reloads_the_config_without_failing_requests(
     process, url = start_cli_gateway(config, workers=2, log_path=log)
     try:
         assert chat(url, "gpt-mock-2").status_code == 404  # not a model yet
-        before = set()
-        deadline = time.monotonic() + 10
-        while len(before) < 2 and time.monotonic() < deadline:
-            before |= worker_pids(url)
+        before = both_workers(url)
         # A stream long enough (about 15 s) to be in flight across the whole reload.
         slow_streams.config.update({"chunk_delay_s": 0.1})
-        streamed: list[str] = []
-
-        def stream() -> None:
-            with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=60,
-                              json={"model": "gpt-mock", "stream": True,
-                                    "messages": [{"role": "user", "content": LONG}]}) as r:
-                streamed.extend(line for line in r.iter_lines() if line.startswith("data: "))
-        streaming = threading.Thread(target=stream)
-        streaming.start()
+        streaming, streamed = stream_in_background(url)
         time.sleep(0.3)
         write_config(tmp_path, mock_config(mock_url, extra=NEW_MODEL))
         os.kill(process.pid, signal.SIGHUP)
@@ -143,10 +155,7 @@ middleware = [Middleware(FailsToStartWhenFlagged)]
     log = tmp_path / "serve.log"
     process, url = start_cli_gateway(config, workers=2, log_path=log)
     try:
-        before = set()
-        deadline = time.monotonic() + 10
-        while len(before) < 2 and time.monotonic() < deadline:
-            before |= worker_pids(url)
+        before = both_workers(url)
         flag.touch()
         os.kill(process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 60
@@ -165,17 +174,9 @@ def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
         tmp_path: Path, mock_url: str, slow_streams: MockProviderServer) -> None:
     config = write_config(tmp_path, mock_config(mock_url))
     process, url = start_cli_gateway(config, workers=2, log_path=tmp_path / "serve.log")
-    streamed: list[str] = []
-
-    def stream() -> None:
-        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=60,
-                          json={"model": "gpt-mock", "stream": True,
-                                "messages": [{"role": "user", "content": LONG}]}) as r:
-            streamed.extend(line for line in r.iter_lines() if line.startswith("data: "))
     try:
         slow_streams.config.update({"chunk_delay_s": 0.05})  # about 7 s of stream
-        streaming = threading.Thread(target=stream)
-        streaming.start()
+        streaming, streamed = stream_in_background(url)
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
@@ -193,10 +194,7 @@ def test_a_worker_that_dies_while_serving_is_replaced(tmp_path: Path, mock_url: 
     log = tmp_path / "serve.log"
     process, url = start_cli_gateway(config, workers=2, log_path=log)
     try:
-        before: set[str] = set()
-        deadline = time.monotonic() + 10
-        while len(before) < 2 and time.monotonic() < deadline:
-            before |= worker_pids(url)
+        before = both_workers(url)
         victim = min(before)
         os.kill(int(victim), signal.SIGKILL)  # as the OOM killer would
         deadline = time.monotonic() + 60
