@@ -60,6 +60,7 @@ logger = logging.getLogger("sluicegate.quota")
 alerts_logger = logging.getLogger("sluicegate.alerts")
 
 _MAX_DOWNGRADES = 2
+_NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
 
 
 class _StreamCutOff(Exception):
@@ -190,6 +191,8 @@ class QuotaMiddleware:
         overflowed: set[str] = set()
         for _ in range(_MAX_DOWNGRADES + 1):
             applicable = plan.subjects(principal, ctx.model, self.model_limits, self.limits)
+            if not applicable and not downgraded:  # no limit applies: nothing to estimate
+                return None, [], Decision(allowed=True), _NOTHING_RESERVED, []
             est = plan.estimate(ctx, self.default_max_output_tokens)
             planned: list[Planned] = plan.plan_checks(applicable, est, datetime.now(UTC),
                                                       self.lease_s)
