@@ -4,7 +4,8 @@ A layer is a pure ASGI middleware: `__init__(app, **options)` that only stores c
 and `async __call__(scope, receive, send)` whose first statement passes non-HTTP scopes
 through. (A layer with nothing to do around the call itself may instead be a plain
 `__call__` that returns `self.app(scope, receive, send)`, and add a callback to
-`RequestContext.on_end` for when the request has ended: the metering layer does so.) It reads and writes the `RequestContext` (`find_request_context(scope)`; None for
+`RequestContext.on_end` for when the request has ended: the metering layer does so.) It
+reads and writes the `RequestContext` (`find_request_context(scope)`; None for
 requests the kernel answers itself), refuses with `GatewayError` (rendered in the caller's
 API shape by the kernel), and may define `async startup()`, `async shutdown()`,
 `async check_ready() -> dict[str, str]` and `check_config(config)` (raises

@@ -204,7 +204,7 @@ class QuotaMiddleware:
                 return None, [], Decision(allowed=True), est, notice
             store, decision = await self._reserve(ctx, planned)
             if decision.allowed:
-                headers = plan.rate_limit_headers(planned, decision, time.time())
+                headers = plan.rate_limit_headers(planned, decision)
                 return store, planned, decision, est, headers + notice
             assert decision.failed is not None
             item = planned[decision.failed]

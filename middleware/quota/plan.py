@@ -4,10 +4,10 @@ actually used, and how refusals and headers read. No I/O here; tested without AS
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import context as c
 from gateway.context import RequestContext, Usage
@@ -29,6 +29,8 @@ from gateway.policy import (
 )
 from gateway.pricing import Price, estimate_micros
 from gateway.tokens import estimate_input, estimate_messages
+
+_Item = TypeVar("_Item")
 
 
 @dataclass(slots=True)  # made per request: not frozen (a frozen __init__ costs 5x)
@@ -160,44 +162,33 @@ def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits
     return found
 
 
-class PlannedChecks(list[Planned]):
-    """`plan_checks`' answer: the planned checks, and `memo`, a dict shared by every request
-    planned from the same template (same subjects, limits, periods and order; only the
-    amounts differ). A store may keep there what it derives from the checks but their
-    amounts (see `Checks`)."""
+class Templated(list[_Item]):
+    """A list made from one limit template (same subjects, limits, periods and order; only
+    the amounts differ from request to request), with the template's `memo`: a dict shared by
+    every such list, where a store may keep what it derives from the checks but their amounts
+    (the Redis store encodes its script arguments there once). `plan_checks` answers one of
+    Planned; `checks_of` hands the store one of Check. A plain list works the same, slower."""
 
     __slots__ = ("memo",)
 
-    def __init__(self, items: Any, memo: dict[Any, Any]) -> None:
-        super().__init__(items)
-        self.memo = memo
-
-
-class Checks(list[Check]):
-    """The checks a store is asked to admit or settle, with `memo` from `PlannedChecks`:
-    the Redis store encodes each template's script arguments once there, and per request
-    only fills in the amounts. A plain list (no memo) works the same, only slower."""
-
-    __slots__ = ("memo",)
-
-    def __init__(self, items: Any, memo: dict[Any, Any] | None) -> None:
+    def __init__(self, items: Iterable[_Item], memo: dict[Any, Any] | None) -> None:
         super().__init__(items)
         self.memo = memo
 
 
 def checks_of(planned: Sequence[Planned]) -> list[Check]:
     """The checks of `planned`, with the template's memo when it is a whole template's."""
-    memo = planned.memo if isinstance(planned, PlannedChecks) else None
-    return Checks([item.check for item in planned], memo)
+    memo = planned.memo if isinstance(planned, Templated) else None
+    return Templated([item.check for item in planned], memo)
 
 
 def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
-                lease_s: float) -> PlannedChecks:
+                lease_s: float) -> Templated[Planned]:
     """The checks for these subjects with this request's amounts. Everything but the amounts
     is compiled once per set of limits and day (keys, labels, periods)."""
     template, memo = _template(applicable, now, lease_s)
     amounts = {REQUESTS: 1, TOKENS: est.tokens, CONCURRENT: 1, BUDGET: est.cost_micros}
-    return PlannedChecks(
+    return Templated(
         [Planned(Check(kind, key, limit, amounts[kind], window, lease, expires, on_error,
                        label), *rest)
          for kind, key, limit, window, lease, expires, on_error, label, *rest in template],
@@ -348,8 +339,8 @@ _RATE_HEADERS = ((REQUESTS, b"x-ratelimit-limit-requests", b"x-ratelimit-remaini
                   b"x-ratelimit-reset-tokens"))
 
 
-def rate_limit_headers(planned: Sequence[Planned], decision: Decision,
-                       now: float) -> list[tuple[bytes, bytes]]:
+def rate_limit_headers(planned: Sequence[Planned],
+                       decision: Decision) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers for the tightest request and token limits, and the
     budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
     remaining = decision.remaining

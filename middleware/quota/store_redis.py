@@ -384,7 +384,7 @@ class RedisQuotaStore:
         return b"%b$%d\r\n%b\r\n" % (head, len(data), data)
 
     def _wire(self, checks: Sequence[Check]) -> _Wire | None:
-        """The encoding of the template `checks` were planned from (see plan.Checks), made
+        """The encoding of the template `checks` were planned from (see plan.Templated), made
         (and the checks validated) on its first use; None for checks without a memo."""
         memo = getattr(checks, "memo", None)
         if memo is None:
@@ -452,7 +452,7 @@ def _param(check: Check) -> str:
 
 
 class _Wire:
-    """One template's script arguments (plan.Checks: the same keys, kinds, limits and
+    """One template's script arguments (plan.Templated: the same keys, kinds, limits and
     params for every request planned from it), encoded once with the amounts (and, for
     settles, the actual amounts) left to fill in. Per request that is one str.format
     instead of an f-string per check, and the command's head without a lookup."""

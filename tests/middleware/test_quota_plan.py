@@ -14,7 +14,7 @@ def test_headers_name_the_tightest_limit_of_each_kind_with_openai_reset_formats(
               planned(TOKENS, "a:tpm", 10_000), planned(BUDGET, "a:budget", 5_000_000)]
     decision = Decision(allowed=True, remaining=(90, 7, 9_000, 1_234_567),
                         reset_s=(0.25, 3723.2, 61.0, 86_400.0))
-    assert rate_limit_headers(checks, decision, 0.0) == [
+    assert rate_limit_headers(checks, decision) == [
         (b"x-ratelimit-limit-requests", b"50"),  # the tighter of the two request limits
         (b"x-ratelimit-remaining-requests", b"7"),
         (b"x-ratelimit-reset-requests", b"1h2m4s"),  # 3723.2 s, rounded up
@@ -30,12 +30,12 @@ def test_reset_below_a_second_is_in_milliseconds_and_never_negative() -> None:
     for reset, text in ((0.2509, b"250ms"), (6e-07, b"0ms"), (-0.5, b"0ms"), (0.0, b"0ms"),
                         (1.0, b"1s"), (59.01, b"1m0s")):
         decision = Decision(allowed=True, remaining=(1, 2), reset_s=(reset, reset))
-        headers = dict(rate_limit_headers(checks, decision, 0.0))
+        headers = dict(rate_limit_headers(checks, decision))
         assert headers[b"x-ratelimit-reset-requests"] == text
         assert headers[b"x-ratelimit-reset-tokens"] == text
 
 
 def test_an_overdrawn_budget_shows_zero_left() -> None:
     decision = Decision(allowed=True, remaining=(-40,), reset_s=(10.0,))
-    assert rate_limit_headers([planned(BUDGET, "a:budget", 10)], decision, 0.0) == [
+    assert rate_limit_headers([planned(BUDGET, "a:budget", 10)], decision) == [
         (b"x-sluicegate-budget-remaining", b"0.000000")]
