@@ -39,9 +39,9 @@ SOURCES
 
 install_build_deps() {
     log "apt-get update"
-    must apt-get update
+    must apt-get -o DPkg::Lock::Timeout=300 update
     log "installing postgresql-server-dev-$PG_MAJOR and build tools"
-    must env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    must env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
         "postgresql-server-dev-$PG_MAJOR" build-essential dpkg-dev
 }
 

@@ -33,9 +33,9 @@ install_debian_packages() {
     local nginx_was_running=0
     pgrep -x nginx >/dev/null && nginx_was_running=1
     log "apt-get update"
-    quietly apt-get update || die "apt-get update failed"
+    quietly apt-get -o DPkg::Lock::Timeout=300 update || die "apt-get update failed"
     log "installing ${missing[*]}"
-    quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    quietly env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
         "${missing[@]}" || die "apt-get install ${missing[*]} failed"
     # Where no policy-rc.d forbids it, the package starts a system nginx on port 80 of every
     # interface; the bench runs its own nginx on loopback, so stop the one the install started.

@@ -23,11 +23,11 @@ apt_install() {
     [[ $(id -u) == 0 ]] || die "must run as root to install $*"
     if ((APT_UPDATED == 0)); then
         log "apt-get update"
-        quietly apt-get update || die "apt-get update failed"
+        quietly apt-get -o DPkg::Lock::Timeout=300 update || die "apt-get update failed"
         APT_UPDATED=1
     fi
     log "installing $*"
-    quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" \
+    quietly env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends "$@" \
         || die "apt-get install $* failed"
 }
 
