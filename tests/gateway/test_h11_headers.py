@@ -31,6 +31,10 @@ GOOD = [
     [("content-type", "application/json"), ("x-str", "values too")],  # h11 takes str
     [(b"content-length", b"5, 5"), (b"x-empty", b"")],  # a repeated length h11 folds
     [(bytearray(b"x-bytearray"), b"ok")],  # unhashable: h11 alone
+    [(b"Content-Length", b"12"), (b"X-Mixed-Case", b"Kept")],  # raw casing kept, lowered too
+    [(b"content-length", b"5"), (b"content-length", b"5")],  # a repeat of the same: one
+    [(b"transfer-encoding", b"chunked"), (b"content-length", b"3"), (b"x-a", b"b")],
+    [(b"content-length", b"0" * 20)],  # the longest length h11 takes
     (( b"x-tuple", b"of tuples"),),
 ]
 
@@ -42,6 +46,19 @@ def test_good_headers_come_out_as_h11_makes_them(original, headers) -> None:
             _items(original(list(headers)))
         response = h11.Response(status_code=200, headers=headers)
         assert _items(response.headers) == _items(original(list(headers)))
+
+
+def test_h11s_own_headers_object_comes_out_the_same(original) -> None:
+    made = original(GOOD[0])
+    assert _items(h11._headers.normalize_and_validate(made)) == _items(original(made))
+
+
+def test_the_framing_headers_are_never_remembered(original) -> None:
+    for length in (b"1", b"22", b"333"):
+        h11.Response(status_code=200, headers=[(b"content-length", length),
+                                               (b"transfer-encoding", b"chunked")])
+    assert not any(name.lower() in (b"content-length", b"transfer-encoding")
+                   for name, _value in h11_headers._memo)
 
 
 def test_a_generator_is_read_once_and_still_checked(original) -> None:
@@ -57,6 +74,12 @@ BAD = [
     ([(b"x-lead", b" leading space")], "Illegal header value"),
     ([(b"content-length", b"5"), (b"content-length", b"6")], "conflicting Content-Length"),
     ([(b"content-length", b"five")], "bad Content-Length"),
+    ([(b"content-length", b"")], "bad Content-Length"),
+    ([(b"content-length", b"1" * 21)], "bad Content-Length"),
+    ([(b"content-length", b"5"), (b"Content-Length", b"6")], "conflicting Content-Length"),
+    ([(b"content-length", b"5, 6")], "conflicting Content-Length"),
+    ([(b"Transfer-Encoding", b"Chunked"), (b"transfer-encoding", b"chunked")],
+     "multiple Transfer-Encoding"),
     ([(b"transfer-encoding", b"gzip")], "Only Transfer-Encoding: chunked"),
     ([(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
      "multiple Transfer-Encoding"),
