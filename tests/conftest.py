@@ -27,6 +27,10 @@ _run_log.setFormatter(JsonFormatter())
 _run_log.setLevel(logging.DEBUG)
 logging.getLogger().addHandler(_run_log)
 logging.getLogger().setLevel(logging.DEBUG)
+# The tests' own HTTP clients (httpx, also under the openai and anthropic SDKs) log every
+# request's URL at INFO, so a test that pastes a key into a URL on purpose (to see the gateway
+# not echo it) read as a leak when run on its own. The gateway never uses httpx.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
