@@ -167,19 +167,25 @@ class Templated(list[_Item]):
     the amounts differ from request to request), with the template's `memo`: a dict shared by
     every such list, where a store may keep what it derives from the checks but their amounts
     (the Redis store encodes its script arguments there once). `plan_checks` answers one of
-    Planned; `checks_of` hands the store one of Check. A plain list works the same, slower."""
+    Planned; `checks_of` hands the store one of Check. A plain list works the same, slower.
+    Made with `templated(items, memo)` (list's own constructor, then the memo: a Python
+    __init__ calling list's through super() cost 3.5k instructions a list)."""
 
     __slots__ = ("memo",)
+    memo: dict[Any, Any] | None
 
-    def __init__(self, items: Iterable[_Item], memo: dict[Any, Any] | None) -> None:
-        super().__init__(items)
-        self.memo = memo
+
+def templated(items: Iterable[_Item], memo: dict[Any, Any] | None) -> Templated[_Item]:
+    made: Templated[_Item] = Templated(items)
+    made.memo = memo
+    return made
 
 
 def checks_of(planned: Sequence[Planned]) -> list[Check]:
     """The checks of `planned`, with the template's memo when it is a whole template's."""
-    memo = planned.memo if isinstance(planned, Templated) else None
-    return Templated([item.check for item in planned], memo)
+    made: Templated[Check] = Templated([item.check for item in planned])
+    made.memo = planned.memo if isinstance(planned, Templated) else None
+    return made
 
 
 def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
@@ -187,12 +193,18 @@ def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, no
     """The checks for these subjects with this request's amounts. Everything but the amounts
     is compiled once per set of limits and day (keys, labels, periods)."""
     template, memo = _template(applicable, now, lease_s)
-    amounts = {REQUESTS: 1, TOKENS: est.tokens, CONCURRENT: 1, BUDGET: est.cost_micros}
-    return Templated(
-        [Planned(Check(kind, key, limit, amounts[kind], window, lease, expires, on_error,
-                       label), *rest)
-         for kind, key, limit, window, lease, expires, on_error, label, *rest in template],
-        memo)
+    tokens, cost = est.input_tokens + est.output_tokens, est.cost_micros
+    planned: Templated[Planned] = Templated()
+    planned.memo = memo
+    append = planned.append
+    # Unpacked by name, not with *rest: a starred target and a starred call cost more than
+    # the two objects they make.
+    for (kind, key, limit, window, lease, expires, on_error, label, subject_kind, subject_id,
+         limits, budget, period_start, period_end) in template:
+        amount = tokens if kind == TOKENS else cost if kind == BUDGET else 1
+        append(Planned(Check(kind, key, limit, amount, window, lease, expires, on_error, label),
+                       subject_kind, subject_id, limits, budget, period_start, period_end))
+    return planned
 
 
 _Template = list[tuple[Any, ...]]
@@ -344,27 +356,24 @@ def rate_limit_headers(planned: Sequence[Planned],
     """OpenAI's x-ratelimit-* headers for the tightest request and token limits, and the
     budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
     remaining = decision.remaining
-    count = len(remaining)
-    tightest: dict[str, int] = {}
-    for index, item in enumerate(planned):
-        if index >= count:
-            break
-        kind = item.check.kind
-        best = tightest.get(kind)
-        if best is None or remaining[index] < remaining[best]:
-            tightest[kind] = index
+    reset_s = decision.reset_s
     headers: list[tuple[bytes, bytes]] = []
+    kinds = _indexes_by_kind(planned, len(remaining))
     for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
-        index_or_none = tightest.get(kind)
-        if index_or_none is not None:
+        indexes = kinds.get(kind)
+        if indexes is not None:
+            index = indexes[0] if len(indexes) == 1 else \
+                min(indexes, key=remaining.__getitem__)
+            seconds = reset_s[index]
+            reset = _DURATIONS.get(seconds)
             headers += (
-                (limit_name, b"%d" % planned[index_or_none].check.limit),
-                (remaining_name, b"%d" % remaining[index_or_none]),
-                (reset_name, _duration(decision.reset_s[index_or_none])),
+                (limit_name, b"%d" % planned[index].check.limit),
+                (remaining_name, b"%d" % remaining[index]),
+                (reset_name, _duration(seconds) if reset is None else reset),
             )
-    budget = tightest.get(BUDGET)
-    if budget is not None:
-        left = remaining[budget]
+    indexes = kinds.get(BUDGET)
+    if indexes is not None:
+        left = min([remaining[index] for index in indexes])
         if left < 0:  # noqa: PLR1730 (a comparison, not max(): that parses keywords)
             left = 0
         headers.append((b"x-sluicegate-budget-remaining",
@@ -372,13 +381,37 @@ def rate_limit_headers(planned: Sequence[Planned],
     return headers
 
 
+def _indexes_by_kind(planned: Sequence[Planned], count: int) -> dict[str, list[int]]:
+    """{check kind: the indexes of its checks} among the first `count`; kept in the
+    template's memo (the same for every request planned from it)."""
+    memo = planned.memo if isinstance(planned, Templated) else None
+    if memo is not None:
+        found: dict[str, list[int]] | None = memo.get(("kinds", count))
+        if found is not None:
+            return found
+    kinds: dict[str, list[int]] = {}
+    for index, item in enumerate(planned[:count]):
+        kinds.setdefault(item.check.kind, []).append(index)
+    if memo is not None:
+        memo[("kinds", count)] = kinds
+    return kinds
+
+
+_DURATIONS: dict[float, bytes] = {}
+
+
 def _duration(seconds: float) -> bytes:
-    """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms"."""
+    """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms" (remembered per value: a
+    bucket that refills at a steady pace resets after the same few values)."""
     if seconds < 1:
-        return b"%dms" % int(seconds * 1000) if seconds > 0 else b"0ms"
-    whole = math.ceil(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return b"%dh%dm%ds" % (hours, minutes, secs)
-    return b"%dm%ds" % (minutes, secs) if minutes else b"%ds" % secs
+        text = b"%dms" % int(seconds * 1000) if seconds > 0 else b"0ms"
+    else:
+        whole = math.ceil(seconds)
+        hours, rest = divmod(whole, 3600)
+        minutes, secs = divmod(rest, 60)
+        text = b"%dh%dm%ds" % (hours, minutes, secs) if hours else \
+            b"%dm%ds" % (minutes, secs) if minutes else b"%ds" % secs
+    if len(_DURATIONS) >= 4096:
+        _DURATIONS.clear()
+    _DURATIONS[seconds] = text
+    return text

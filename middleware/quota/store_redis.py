@@ -502,13 +502,14 @@ def _over(check: Check, now: float, slack_s: float) -> bool:
 
 
 def _decision(reply: bytes) -> Decision:
-    status, *rest = reply.split()
+    parts = reply.split()
+    status = parts[0]
+    if status == b"1":  # admitted (positional: a keyword call costs more)
+        return Decision(True, None, None, tuple(map(int, parts[1::2])),
+                        tuple(map(float, parts[2::2])))
     if status == b"2":
-        return Decision(allowed=False, unseeded=tuple(map(int, rest)))
+        return Decision(allowed=False, unseeded=tuple(map(int, parts[1:])))
     if status == b"0":
-        retry = None if rest[1] == b"-" else float(rest[1])
-        return Decision(allowed=False, failed=int(rest[0]), retry_after_s=retry)
-    if status != b"1":
-        raise ValueError(f"unknown admission status {status!r}")
-    return Decision(allowed=True, remaining=tuple(map(int, rest[0::2])),
-                    reset_s=tuple(map(float, rest[1::2])))
+        retry = None if parts[2] == b"-" else float(parts[2])
+        return Decision(allowed=False, failed=int(parts[1]), retry_after_s=retry)
+    raise ValueError(f"unknown admission status {status!r}")

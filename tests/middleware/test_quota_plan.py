@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gateway.policy import BUDGET, REQUESTS, TOKENS, Check, Decision, Limits
-from middleware.quota.plan import Planned, rate_limit_headers
+from middleware.quota.plan import Planned, rate_limit_headers, templated
 
 
 def planned(kind: str, key: str, limit: int) -> Planned:
@@ -39,3 +39,25 @@ def test_an_overdrawn_budget_shows_zero_left() -> None:
     decision = Decision(allowed=True, remaining=(-40,), reset_s=(10.0,))
     assert rate_limit_headers([planned(BUDGET, "a:budget", 10)], decision) == [
         (b"x-sluicegate-budget-remaining", b"0.000000")]
+
+
+def test_a_templated_list_gives_the_headers_a_plain_list_gives() -> None:
+    """The kinds' indexes are kept in the template's memo: the tightest limit is still the
+    one this decision says, request after request, and each reset is formatted afresh."""
+    plain = [planned(REQUESTS, "a:rpm", 100), planned(REQUESTS, "b:rpm", 50),
+             planned(TOKENS, "a:tpm", 10_000), planned(BUDGET, "a:budget", 500),
+             planned(BUDGET, "b:budget", 900)]
+    memo: dict[object, object] = {}
+    decisions = [((90, 7, 9_000, 400, 800), (0.25, 3723.2, 61.0, 9.0, 9.0)),
+                 ((3, 40, 8_000, 450, 20), (1.5, 0.002, 0.0, 9.0, 9.0)),
+                 ((5, 5, 7_000, -1, 300), (0.25, 0.75, 59.01, 9.0, 9.0))]
+    for remaining, reset_s in decisions + decisions:
+        decision = Decision(allowed=True, remaining=remaining, reset_s=reset_s)
+        assert rate_limit_headers(templated(plain, memo), decision) == \
+            rate_limit_headers(list(plain), decision)
+    first = dict(rate_limit_headers(templated(plain, memo), Decision(
+        allowed=True, remaining=decisions[1][0], reset_s=decisions[1][1])))
+    assert first[b"x-ratelimit-remaining-requests"] == b"3"  # a:rpm is the tighter now
+    assert first[b"x-ratelimit-reset-requests"] == b"2s"
+    assert first[b"x-sluicegate-budget-remaining"] == b"0.000020"
+    assert memo  # the indexes were kept

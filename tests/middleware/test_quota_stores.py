@@ -27,7 +27,7 @@ from gateway.policy import (
     Decision,
     QuotaStoreError,
 )
-from middleware.quota.plan import Templated
+from middleware.quota.plan import templated
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
 from middleware.quota.store_redis import ADMIT, SETTLE, RedisQuotaStore, _args
 from tests.tcp_proxy import TcpProxy
@@ -494,7 +494,7 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
     store = RedisQuotaStore(REDIS_URL, prefix="{p}", clock=clock)
     memo: dict[Any, Any] = {}
     for amounts, actual in (((1, 10, 1, 7), [1, 12, 1, 5]), ((1, 999, 1, 0), [0, 0, 0, 0])):
-        checks = Templated([rpm(100), tpm(1000, amounts[1], key="tpm:ключ"), leases(5),
+        checks = templated([rpm(100), tpm(1000, amounts[1], key="tpm:ключ"), leases(5),
                          budget(1000, amounts[3], clock.now + 60)], memo)
         wire = store._wire(checks)
         assert wire is not None and memo[store] is wire
@@ -518,7 +518,7 @@ async def test_templates_admit_and_settle_like_plain_lists(store: Store, clock: 
     seed = budget(100, 0, clock.now + 3600)
     await store.seed(seed, 0)
     for step in range(6):
-        checks = Templated([rpm(4), budget(100, 30, clock.now + 3600)], memo)
+        checks = templated([rpm(4), budget(100, 30, clock.now + 3600)], memo)
         decision = await store.admit(f"r{step}", checks)
         if step < 3:
             assert decision.allowed and decision.remaining == (3 - step, 70 - 30 * step)
