@@ -507,6 +507,10 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
                 expected = resp.encode_command(("EVALSHA", *store._command(
                     script, request_id, checks, args)))
                 assert store._framed(head, store._argv(request_id, [sent])) == expected
+                prefix = store._prefix_args(request_id).encode()
+                whole = wire.admit_payload(prefix, checks) if script is ADMIT \
+                    else wire.settle_payload(prefix, checks, actual)
+                assert whole == expected  # what the hot paths send
         with pytest.raises(ValueError, match="one actual amount per check"):
             wire.settle_args(checks, actual[:2])
 
@@ -556,6 +560,29 @@ async def test_settle_soon_after_a_script_flush_reloads_the_script(
     await redis_store.shutdown()
     await redis_store.startup()
     assert await redis_store.committed(checks) == [7]
+
+
+async def test_templated_checks_reload_the_script_after_a_flush(
+        redis_store: RedisQuotaStore, clock: FakeClock) -> None:
+    """The encoded paths (admit's whole payload, settle_soon's) fall back to EVAL on
+    NOSCRIPT with the same arguments."""
+    memo: dict[Any, Any] = {}
+
+    def checks() -> list[Check]:
+        return templated([rpm(10), budget(1000, 10, clock.now + 3600)], memo)
+
+    await redis_store.seed(checks()[1], 0)
+    assert (await redis_store.admit("r1", checks())).allowed
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    await admin.script_flush()
+    decision = await redis_store.admit("r2", checks())  # NOSCRIPT, then EVAL
+    assert decision.allowed and decision.remaining[1] == 980
+    await admin.script_flush()
+    redis_store.settle_soon([("r1", checks(), [1, 3]), ("r2", checks(), [1, 4])])
+    await redis_store.shutdown()
+    await redis_store.startup()
+    await admin.aclose()
+    assert await redis_store.committed([checks()[1]]) == [7]
 
 
 async def test_a_settle_lost_with_its_connection_is_logged(
