@@ -430,8 +430,9 @@ class RedisQuotaStore:
                 raise QuotaStoreError(f"Redis quota store: {exc}") from exc
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-        if payload is not None:
-            args = [_Wire(self, checks).admit_args(checks)]  # (only admit passes a payload)
+        if payload is not None:  # only admit passes one: its words, made the general way
+            assert script is ADMIT
+            args = [_args(check) for check in checks]
         return await self._call("EVAL", script.source,
                                 *self._command(script, request_id, checks, args)[1:])
 
