@@ -184,7 +184,7 @@ def templated(items: Iterable[_Item], memo: dict[Any, Any] | None) -> Templated[
 def checks_of(planned: Sequence[Planned]) -> list[Check]:
     """The checks of `planned`, with the template's memo when it is a whole template's."""
     made: Templated[Check] = Templated([item.check for item in planned])
-    made.memo = planned.memo if isinstance(planned, Templated) else None
+    made.memo = getattr(planned, "memo", None)  # (a Templated made without one has none)
     return made
 
 
@@ -384,7 +384,7 @@ def rate_limit_headers(planned: Sequence[Planned],
 def _indexes_by_kind(planned: Sequence[Planned], count: int) -> dict[str, list[int]]:
     """{check kind: the indexes of its checks} among the first `count`; kept in the
     template's memo (the same for every request planned from it)."""
-    memo = planned.memo if isinstance(planned, Templated) else None
+    memo: dict[Any, Any] | None = getattr(planned, "memo", None)
     if memo is not None:
         found: dict[str, list[int]] | None = memo.get(("kinds", count))
         if found is not None:

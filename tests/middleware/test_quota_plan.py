@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gateway.policy import BUDGET, REQUESTS, TOKENS, Check, Decision, Limits
-from middleware.quota.plan import Planned, rate_limit_headers, templated
+from middleware.quota.plan import Planned, Templated, checks_of, rate_limit_headers, templated
 
 
 def planned(kind: str, key: str, limit: int) -> Planned:
@@ -61,3 +61,11 @@ def test_a_templated_list_gives_the_headers_a_plain_list_gives() -> None:
     assert first[b"x-ratelimit-reset-requests"] == b"2s"
     assert first[b"x-sluicegate-budget-remaining"] == b"0.000020"
     assert memo  # the indexes were kept
+
+
+def test_a_templated_list_made_without_a_memo_works_as_a_plain_list() -> None:
+    items = [planned(REQUESTS, "a:rpm", 5), planned(REQUESTS, "b:rpm", 3)]
+    bare = Templated(items)  # list's own constructor: no memo set
+    decision = Decision(allowed=True, remaining=(4, 1), reset_s=(0.5, 2.0))
+    assert rate_limit_headers(bare, decision) == rate_limit_headers(items, decision)
+    assert checks_of(bare).memo is None and checks_of(bare) == [p.check for p in items]
