@@ -15,6 +15,7 @@ import shutil
 from gateway.app import create_app, tune_gc
 from gateway.config import ConfigError
 from gateway.h11_headers import install as install_h11_header_memo
+from gateway.h11_headers import install_hypercorn as install_hypercorn_header_memo
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
 from gateway.supervisor import announce_ready
@@ -47,3 +48,4 @@ app.after_startup.append(announce_ready)  # a reload waits for this before old w
 configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py
+install_hypercorn_header_memo()

@@ -20,6 +20,15 @@ takes them; anything else about them (a repeat, a list, a bad value) goes to h11
 folds or refuses it with its own message. So do anything but a tuple of two `bytes`, and
 anything but a list, a tuple or h11's own `Headers`.
 
+Before h11, hypercorn checks the same headers its own way (`build_and_validate_headers`: no
+pseudo-header, and each name and value stripped of surrounding whitespace, through `bytes()`
+and `strip()` calls), about 3k instructions a header. `install()` puts a memo in front of
+that too: a remembered (name, value) pair comes back as hypercorn made it, and a pair of
+plain `bytes` seen for the first time gets hypercorn's steps inline, without the `bytes()`
+copies (identities for `bytes`); anything else (a list of headers that is not a list or a
+tuple, a pair that is not a tuple of two `bytes`) goes to hypercorn whole, which refuses it
+with its own error or takes it as it would.
+
 `gateway.asgi` (the app `sluicegate serve` runs) installs it. Mounted into a host's app, the
 gateway leaves the host's h11 alone. An h11 without the expected function is left as it is.
 """
@@ -32,7 +41,7 @@ from typing import Any, cast
 
 logger = logging.getLogger("sluicegate")
 
-__all__ = ["install", "installed"]
+__all__ = ["hypercorn_installed", "install", "install_hypercorn", "installed"]
 
 MEMO_MAX = 4096
 CONTENT_LENGTH, TRANSFER_ENCODING = b"content-length", b"transfer-encoding"
@@ -129,4 +138,60 @@ def install() -> bool:
     headers.normalize_and_validate = normalize_and_validate  # type: ignore[assignment]
     events.normalize_and_validate = normalize_and_validate  # type: ignore[attr-defined,assignment]
     _original = original
+    return True
+
+
+_hypercorn_original: Callable[..., Any] | None = None
+# (name, value) pairs hypercorn took, with what it made of them (the pair, stripped).
+_checked: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+
+
+def hypercorn_installed() -> bool:
+    return _hypercorn_original is not None
+
+
+def install_hypercorn() -> bool:
+    """Puts the memo in front of hypercorn's response header checks (once); False when
+    hypercorn is not the shape this was written against, and then nothing changes."""
+    global _hypercorn_original
+    if _hypercorn_original is not None:
+        return True
+    try:
+        from hypercorn import utils
+        from hypercorn.protocol import http_stream
+    except ImportError:
+        return False
+    found: Callable[..., Any] | None = getattr(utils, "build_and_validate_headers", None)
+    if found is None or getattr(http_stream, "build_and_validate_headers", None) is not found:
+        logger.info("hypercorn: response headers keep hypercorn's own checks")
+        return False
+    original: Callable[..., Any] = cast("Callable[..., Any]", found)
+    checked = _checked
+
+    def build_and_validate_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+        if type(headers) is not list and type(headers) is not tuple:
+            return cast("list[tuple[bytes, bytes]]", original(headers))  # read once
+        out = []
+        for pair in headers:
+            try:
+                known = checked.get(pair)
+            except TypeError:  # unhashable: a list, a bytearray
+                return cast("list[tuple[bytes, bytes]]", original(headers))
+            if known is None:
+                if type(pair) is not tuple or len(pair) != 2:
+                    return cast("list[tuple[bytes, bytes]]", original(headers))
+                name, value = pair
+                if type(name) is not bytes or type(value) is not bytes:
+                    return cast("list[tuple[bytes, bytes]]", original(headers))
+                if name[0] == 58:  # hypercorn's check, its error (an empty name: IndexError)
+                    raise ValueError("Pseudo headers are not valid")
+                known = (name.strip(), value.strip())
+                if len(checked) >= MEMO_MAX:
+                    checked.clear()
+                checked[pair] = known
+            out.append(known)
+        return out
+
+    http_stream.build_and_validate_headers = build_and_validate_headers  # type: ignore[attr-defined]
+    _hypercorn_original = original
     return True

@@ -142,3 +142,72 @@ def test_a_whole_exchange_through_h11(original) -> None:
         assert connection.send(h11.Data(data=b"{}")) is not None
         connection.send(h11.EndOfMessage())
         assert connection.our_state is h11.DONE
+
+
+# -- hypercorn's checks (build_and_validate_headers, before h11's) --------------------------
+
+@pytest.fixture(scope="module")
+def hypercorn_original():
+    import hypercorn.utils
+    assert h11_headers.install_hypercorn()
+    assert h11_headers.install_hypercorn()  # once is enough
+    assert h11_headers.hypercorn_installed()
+    assert h11_headers._hypercorn_original is hypercorn.utils.build_and_validate_headers
+    return h11_headers._hypercorn_original
+
+
+def _hypercorn_checks():
+    import hypercorn.protocol.http_stream
+    return hypercorn.protocol.http_stream.build_and_validate_headers
+
+
+HYPERCORN_GOOD = [
+    [(b"content-type", b"application/json"), (b"x-request-id", b"abc")],
+    [(b" x-padded ", b"  value with spaces  "), (b"x-empty", b"")],  # stripped, as hypercorn does
+    ((b"x-tuple", b"of tuples"),),
+    [[b"x-list", b"pair"]],  # unhashable pair: hypercorn alone
+    [(bytearray(b"x-bytearray"), b"ok"), (b"x-after", b"it")],
+    [(memoryview(b"x-view"), b"ok")],  # bytes() copies it; hypercorn alone
+    [],
+]
+
+
+@pytest.mark.parametrize("headers", HYPERCORN_GOOD)
+def test_hypercorn_headers_come_out_as_hypercorn_makes_them(hypercorn_original,
+                                                            headers) -> None:
+    checks = _hypercorn_checks()
+    assert checks is not hypercorn_original
+    for _ in range(2):  # first sight, then from the memo
+        assert checks(headers) == hypercorn_original(list(headers))
+
+
+def test_hypercorn_reads_a_generator_once(hypercorn_original) -> None:
+    checks = _hypercorn_checks()
+    assert checks(pair for pair in HYPERCORN_GOOD[0]) == hypercorn_original(HYPERCORN_GOOD[0])
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"x-ok", b"fine"), (b":status", b"200")],
+    [(b"", b"no name")],
+    [(b"x-three", b"values", b"here")],
+    [("x-str", "not bytes")],
+    [(b"x-none", None)],
+])
+def test_bad_hypercorn_headers_get_hypercorns_error(hypercorn_original, headers) -> None:
+    checks = _hypercorn_checks()
+    with pytest.raises(Exception) as expected:
+        hypercorn_original(list(headers))
+    for _ in range(2):
+        with pytest.raises(type(expected.value)) as got:
+            checks(headers)
+        assert str(got.value) == str(expected.value)
+    bad = headers[-1]  # the pair hypercorn refuses is never remembered
+    assert not (len(bad) == 2 and isinstance(bad[1], bytes) and bad in h11_headers._checked)
+
+
+def test_the_hypercorn_memo_stays_bounded(hypercorn_original) -> None:
+    checks = _hypercorn_checks()
+    for number in range(h11_headers.MEMO_MAX + 50):
+        assert checks([(b"x-request-id", b"%d" % number)]) == \
+            [(b"x-request-id", b"%d" % number)]
+    assert 0 < len(h11_headers._checked) <= h11_headers.MEMO_MAX
