@@ -51,6 +51,7 @@ __all__ = ["AuthMiddleware", "PostgresKeyStore", "StaticKey"]
 logger = logging.getLogger("sluicegate.auth")
 
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key")
+_PRINCIPALS_MAX = 10_000  # remembered (key, customer) principals; the memo starts over when full
 _REASONS = {
     "revoked": "This API key has been revoked.",
     "disabled": "This API key is disabled.",
@@ -84,6 +85,9 @@ class AuthMiddleware:
         self.store = store
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s) if store is not None else None
         self.customer_header = customer_header.lower().encode()
+        # (id(key), customer) -> (key, project limits, customer limits, Principal)
+        self._principals: dict[tuple[int, str | None],
+                               tuple[VirtualKey, Limits | None, Limits | None, Principal]] = {}
         self.admin: AdminAPI | None = None
         if admin_token_env is not None:
             token = os.environ.get(admin_token_env, "")
@@ -162,18 +166,32 @@ class AuthMiddleware:
                                     "'X-Sluicegate-Customer' header or the 'user' field.",
                                param="user", code="customer_required")
         ctx.customer = customer
+        project_limits = await self._subject_limits("project", key.project)
+        customer_limits = (await self._subject_limits("customer", f"{key.project}/{customer}")
+                           if customer else None)
+        # One Principal per key, customer and limits while none of them changes: making one
+        # (a frozen dataclass) cost more than the rest of this method, and the quota layer
+        # keys its compiled limits by it. A key or limit changed by the admin API is a new
+        # object, so it misses here.
+        memo_key = (id(key), customer)
+        found = self._principals.get(memo_key)
+        if found is not None and found[0] is key and found[1] is project_limits \
+                and found[2] is customer_limits:
+            return found[3]
         limits: dict[str, Limits] = {}
         if not key.limits.empty:
             limits["key"] = key.limits
-        for kind, subject in (("project", key.project),
-                              ("customer", f"{key.project}/{customer}" if customer else None)):
-            if subject is not None:
-                found = await self._subject_limits(kind, subject)
-                if found is not None and not found.empty:
-                    limits[kind] = found
-        return Principal(key_id=key.id, project=key.project, customer=customer,
-                         allowed_models=key.allowed_models, metadata=key.metadata,
-                         limits=limits)
+        for kind, subject_limits in (("project", project_limits),
+                                     ("customer", customer_limits)):
+            if subject_limits is not None and not subject_limits.empty:
+                limits[kind] = subject_limits
+        principal = Principal(key_id=key.id, project=key.project, customer=customer,
+                              allowed_models=key.allowed_models, metadata=key.metadata,
+                              limits=limits)
+        if len(self._principals) >= _PRINCIPALS_MAX:
+            self._principals.clear()
+        self._principals[memo_key] = (key, project_limits, customer_limits, principal)
+        return principal
 
     async def _subject_limits(self, kind: str, subject: str) -> Limits | None:
         if self.static is not None:

@@ -653,3 +653,51 @@ async def test_an_unknown_key_is_not_served_stale() -> None:
 def test_far_future_is_still_a_datetime() -> None:
     # keys.expires_at round-trips through timestamptz; make sure aware values survive
     assert datetime(9999, 1, 1, tzinfo=UTC) - timedelta(days=1) > datetime.now(UTC)
+
+
+async def test_the_auth_layer_reuses_a_principal_until_its_limits_change(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    """The layer makes one Principal per key and customer and keeps it while the key and its
+    limits are the same objects; limits set on another instance reach it (a new Principal)."""
+    from gateway.context import CONTEXT_KEY, OPENAI_CHAT, RequestContext
+    from middleware.auth import AuthMiddleware
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope[CONTEXT_KEY].principal)
+
+    layer = AuthMiddleware(app, store=store)
+    plaintext, _key = await store.create("memo", limits=Limits(rpm=10))
+    await store.set_limits("project", "memo", Limits(tpm=100))
+
+    async def call(customer: str | None = None) -> Any:
+        headers = [(b"authorization", b"Bearer " + plaintext.encode())]
+        if customer:
+            headers.append((b"x-sluicegate-customer", customer.encode()))
+        ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
+                             body={}, raw_body=b"{}", model="gpt-mock", stream=False)
+        await layer({"type": "http", "headers": headers, CONTEXT_KEY: ctx}, None, None)
+        return seen[-1]
+
+    first = await call()
+    assert await call() is first
+    assert first.limits == {"key": Limits(rpm=10), "project": Limits(tpm=100)}
+    acme = await call("acme")
+    assert acme is not first and acme.customer == "acme" and "customer" not in acme.limits
+    assert await call("acme") is acme
+
+    await other.set_limits("customer", "memo/acme", Limits(rpm=3))
+    deadline = time.monotonic() + 5
+    while (await call("acme")).limits.get("customer") != Limits(rpm=3):
+        assert time.monotonic() < deadline, "the new customer limits never arrived"
+        await asyncio.sleep(0.05)
+    assert await call() is first  # the key without a customer is unchanged
+
+    await other.set_limits("project", "memo", Limits(budgets=(Budget("5"),)))
+    deadline = time.monotonic() + 5
+    while (changed := await call()) is first:
+        assert time.monotonic() < deadline, "the new project limits never arrived"
+        await asyncio.sleep(0.05)
+    assert changed.limits["project"].budgets[0].limit_usd == 5
+    assert await call() is changed
