@@ -39,6 +39,7 @@ from gateway.policy import (
     Check,
     Decision,
     Limits,
+    Principal,
     QuotaStore,
     QuotaStoreError,
     SpendLedger,
@@ -60,6 +61,7 @@ logger = logging.getLogger("sluicegate.quota")
 alerts_logger = logging.getLogger("sluicegate.alerts")
 
 _MAX_DOWNGRADES = 2
+_TEMPLATES_MAX = 10_000  # remembered (principal, model) templates; starts over when full
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
 
 
@@ -118,6 +120,9 @@ class QuotaMiddleware:
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
         self._settle_scheduled = False
         self._http: Any = None
+        # (id(principal), model) -> (principal, UTC day, its template or None)
+        self._templates: dict[tuple[int, str], tuple[
+            Principal, int, tuple[list[tuple[Any, ...]], dict[Any, Any]] | None]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,12 +195,12 @@ class QuotaMiddleware:
         downgraded: list[str] = []
         overflowed: set[str] = set()
         for _ in range(_MAX_DOWNGRADES + 1):
-            applicable = plan.subjects(principal, ctx.model, self.model_limits, self.limits)
-            if not applicable and not downgraded:  # no limit applies: nothing to estimate
+            template = self._template(principal, ctx.model)
+            if template is None and not downgraded:  # no limit applies: nothing to estimate
                 return None, [], Decision(allowed=True), _NOTHING_RESERVED, []
             est = plan.estimate(ctx, self.default_max_output_tokens)
-            planned: list[Planned] = plan.plan_checks(applicable, est, datetime.now(UTC),
-                                                      self.lease_s)
+            planned: list[Planned] = [] if template is None else \
+                plan.planned_from(template, est)
             if overflowed:  # (then no longer a whole template: no memo)
                 planned = [item for item in planned if item.check.key not in overflowed]
             notice = ([(b"x-sluicegate-downgraded", "; ".join(downgraded).encode())]
@@ -217,6 +222,23 @@ class QuotaMiddleware:
                 overflowed.add(item.check.key)
             route_to(ctx, target)
         raise refused(ctx, item, decision)
+
+    def _template(self, principal: Principal, model: str
+                  ) -> tuple[list[tuple[Any, ...]], dict[Any, Any]] | None:
+        """The compiled limits that apply to this caller and model today (None: none do).
+        Remembered per Principal object (the auth layer makes one per key, customer and
+        limits) and model: finding the subjects and their template cost more than using it."""
+        day = int(time.time() // 86_400)  # the UTC day: templates hold the day's periods
+        found = self._templates.get((id(principal), model))
+        if found is not None and found[0] is principal and found[1] == day:
+            return found[2]
+        applicable = plan.subjects(principal, model, self.model_limits, self.limits)
+        template = plan.template(applicable, datetime.now(UTC), self.lease_s) \
+            if applicable else None
+        if len(self._templates) >= _TEMPLATES_MAX:
+            self._templates.clear()
+        self._templates[(id(principal), model)] = (principal, day, template)
+        return template
 
     async def _reserve(self, ctx: RequestContext,
                        planned: list[Planned]) -> tuple[QuotaStore, Decision]:

@@ -192,7 +192,13 @@ def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, no
                 lease_s: float) -> Templated[Planned]:
     """The checks for these subjects with this request's amounts. Everything but the amounts
     is compiled once per set of limits and day (keys, labels, periods)."""
-    template, memo = _template(applicable, now, lease_s)
+    return planned_from(template(applicable, now, lease_s), est)
+
+
+def planned_from(compiled: tuple[_Template, dict[Any, Any]],
+                 est: Estimate) -> Templated[Planned]:
+    """`plan_checks` with the template already found (`template`)."""
+    template, memo = compiled
     tokens, cost = est.input_tokens + est.output_tokens, est.cost_micros
     planned: Templated[Planned] = Templated()
     planned.memo = memo
@@ -212,8 +218,9 @@ _TEMPLATES: dict[tuple[Any, ...], tuple[Sequence[tuple[str, str, Limits]], _Temp
                                         dict[Any, Any]]] = {}
 
 
-def _template(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
-              lease_s: float) -> tuple[_Template, dict[Any, Any]]:
+def template(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
+             lease_s: float) -> tuple[_Template, dict[Any, Any]]:
+    """The compiled checks for these subjects on `now`'s UTC day, and the template's memo."""
     # Keyed by the identity of the Limits objects (kept alive by the entry itself).
     cache_key = (now.toordinal(), lease_s,
                  *((kind, subject, id(limits)) for kind, subject, limits in applicable))

@@ -253,6 +253,24 @@ def test_budgets_on_a_key_and_on_a_customer(gateway: Gateway) -> None:
     assert "  rpm: 7\n" in ok(sluicegate(gateway, "budgets", "show", "--customer", customer))
 
 
+def test_limits_set_while_a_key_is_in_use_apply_to_its_next_requests(gateway: Gateway) -> None:
+    """The auth layer reuses a caller's Principal and the quota layer its compiled limits;
+    limits set with the CLI still reach the key's next requests (through NOTIFY)."""
+    name = project()
+    _key_id, plaintext = created(sluicegate(gateway, "keys", "create", "--project", name))
+    for _ in range(3):  # no limits yet: nothing refuses
+        ask(gateway, plaintext)
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--rpm", "1"))
+    deadline = time.monotonic() + 5
+    while True:  # one request fits the new bucket; the next is refused
+        try:
+            ask(gateway, plaintext)
+        except openai.RateLimitError:
+            break
+        assert time.monotonic() < deadline, "the project's new rpm limit never applied"
+        time.sleep(0.05)
+
+
 def test_show_without_the_usage_route_prints_the_limits(tmp_path: Path, mock_url: str) -> None:
     layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')], "
               "limits={('project', 'tests'): Limits(rpm=7)}, admin_token_env='SG_ADMIN_TOKEN')]")
