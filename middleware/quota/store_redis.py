@@ -22,6 +22,8 @@ from itertools import chain
 from string import Formatter
 from typing import Any
 
+import orjson
+
 from gateway.policy import BUDGET, CONCURRENT, Check, Decision, QuotaStoreError
 from gateway.resp import (
     RespClient,
@@ -78,9 +80,10 @@ local function lease_score(key, index)
 end
 """
 
-# Returns one string (one reply to parse): "1 remaining_1 reset_1 remaining_2 reset_2 ..." when
-# admitted; "0 failed retry_after|-" when refused; "2 i j ..." when budgets are unseeded.
-# Indices are 0-based. Every check is judged before anything is reserved.
+# Returns one string (one reply to parse), a JSON array (one orjson call reads every number):
+# [1, remaining_1, reset_1, remaining_2, reset_2, ...] when admitted; [0, failed, retry_after
+# or null] when refused; [2, i, j, ...] when budgets are unseeded. Indices are 0-based.
+# Every check is judged before anything is reserved.
 _ADMIT = _PRELUDE + """
 local levels, unseeded = {}, {}
 local failed, retry = nil, false
@@ -111,8 +114,8 @@ for i = 1, #KEYS do
   end
   if not passes and failed == nil then failed, retry = i - 1, wait end
 end
-if #unseeded > 0 then return '2 ' .. table.concat(unseeded, ' ') end
-if failed ~= nil then return '0 ' .. failed .. ' ' .. (retry or '-') end
+if #unseeded > 0 then return '[2,' .. table.concat(unseeded, ',') .. ']' end
+if failed ~= nil then return '[0,' .. failed .. ',' .. (retry or 'null') .. ']' end
 
 local out = {'1'}
 for i = 1, #KEYS do
@@ -137,7 +140,7 @@ for i = 1, #KEYS do
     out[#out + 1] = fmt((limit - level) / (limit / param))
   end
 end
-return table.concat(out, ' ')
+return '[' .. table.concat(out, ',') .. ']'
 """
 
 # Five ARGV per check (the fifth is the actual amount). Returns 0.
@@ -551,14 +554,20 @@ def _over(check: Check, now: float, slack_s: float) -> bool:
 
 
 def _decision(reply: bytes) -> Decision:
-    parts = reply.split()
-    status = parts[0]
-    if status == b"1":  # admitted (positional: a keyword call costs more)
-        return Decision(True, None, None, tuple(map(int, parts[1::2])),
-                        tuple(map(float, parts[2::2])))
-    if status == b"2":
-        return Decision(allowed=False, unseeded=tuple(map(int, parts[1:])))
-    if status == b"0":
-        retry = None if parts[2] == b"-" else float(parts[2])
-        return Decision(allowed=False, failed=int(parts[1]), retry_after_s=retry)
+    """The admit script's answer (a JSON array: a third of the cost of int() and float() on
+    each word of a split string)."""
+    values = orjson.loads(reply)
+    if type(values) is not list:
+        raise ValueError("not an array")
+    status = values[0]
+    # int() and float() of what already is one are cheap, and refuse anything else.
+    if status == 1:  # admitted (positional: a keyword call costs more)
+        return Decision(True, None, None, tuple(map(int, values[1::2])),
+                        tuple(map(float, values[2::2])))
+    if status == 2:
+        return Decision(allowed=False, unseeded=tuple(map(int, values[1:])))
+    if status == 0:
+        retry = values[2]
+        return Decision(allowed=False, failed=int(values[1]),
+                        retry_after_s=None if retry is None else float(retry))
     raise ValueError(f"unknown admission status {status!r}")

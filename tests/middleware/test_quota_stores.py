@@ -699,3 +699,15 @@ async def test_memory_store_forgets_idle_state(clock: FakeClock) -> None:
     clock.advance(BUDGET_SLACK_S)
     await store.admit("x", [rpm(1, key="rpm:new")])
     assert len(store) == 1
+
+
+@pytest.mark.parametrize("reply", [b"", b"1 5 0.5", b"[]", b"[7,1]", b"{}", b"5",
+                                   b"[1,\"x\",1]", b"[1,5,\"later\"]", b"[0,1,\"soon\"]",
+                                   b"[2,\"a\"]", b"[0,null,1]"])
+def test_a_nonsense_admit_reply_is_a_store_error(reply: bytes) -> None:
+    """Whatever the admit script's reply turns into, a caller sees QuotaStoreError (which
+    the layer answers by each limit's on_store_error), never another exception."""
+    from middleware.quota import store_redis
+
+    with pytest.raises((AttributeError, IndexError, TypeError, ValueError)):
+        store_redis._decision(reply)  # (what RedisQuotaStore.admit turns into QuotaStoreError)
