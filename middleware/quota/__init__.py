@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -170,23 +171,24 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        store, planned, decision, est, headers = await self._admit(ctx)
+        store, planned, checks, decision, est, headers = await self._admit(ctx)
         if store is None:  # nothing applies: no reservation, nothing to settle
             await self.app(scope, receive, _adding_headers(send, headers) if headers else send)
             return
-        responder = _Responder(ctx, send, headers, self._cutoff_allowance(planned, decision),
-                               est)
+        responder = _Responder(ctx, send, headers,
+                               self._cutoff_allowance(planned, checks, decision), est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             pass
         finally:
-            self._settle(store, ctx, planned, decision, est, responder.events)
+            self._settle(store, ctx, planned, checks, decision, est, responder.events)
 
     # -- admission ---------------------------------------------------------------------------
 
     async def _admit(self, ctx: RequestContext) -> tuple[
-            QuotaStore | None, list[Planned], Decision, Estimate, list[tuple[bytes, bytes]]]:
+            QuotaStore | None, list[Planned], list[Check], Decision, Estimate,
+            list[tuple[bytes, bytes]]]:
         """Reserves against every limit that applies; routes to a cheaper model where a limit
         says so. A rate limit that sent a request elsewhere does not count that request
         (`downgrade` means "beyond this limit, use the cheaper model"); a budget still has
@@ -197,22 +199,24 @@ class QuotaMiddleware:
         for _ in range(_MAX_DOWNGRADES + 1):
             template = self._template(principal, ctx.model)
             if template is None and not downgraded:  # no limit applies: nothing to estimate
-                return None, [], Decision(allowed=True), _NOTHING_RESERVED, []
+                return None, [], [], Decision(allowed=True), _NOTHING_RESERVED, []
             est = plan.estimate(ctx, self.default_max_output_tokens)
-            planned: list[Planned] = [] if template is None else \
-                plan.planned_from(template, est)
-            if overflowed:  # (then no longer a whole template: no memo)
-                planned = [item for item in planned if item.check.key not in overflowed]
+            planned: list[Planned]
+            checks: list[Check]
+            planned, checks = ([], []) if template is None else plan.planned_from(template, est)
+            if overflowed:  # (then no longer a whole template: plain lists, no memo)
+                kept = [i for i, check in enumerate(checks) if check.key not in overflowed]
+                planned, checks = [planned[i] for i in kept], [checks[i] for i in kept]
             notice = ([(b"x-sluicegate-downgraded", "; ".join(downgraded).encode())]
                       if downgraded else [])
             if not planned:
-                return None, [], Decision(allowed=True), est, notice
-            store, decision = await self._reserve(ctx, planned)
+                return None, [], [], Decision(allowed=True), est, notice
+            store, decision = await self._reserve(ctx, planned, checks)
             if decision.allowed:
                 headers = plan.rate_limit_headers(planned, decision)
-                return store, planned, decision, est, headers + notice
+                return store, planned, checks, decision, est, headers + notice
             assert decision.failed is not None
-            item = planned[decision.failed]
+            item = replace(planned[decision.failed], check=checks[decision.failed])
             target = plan.overflow_target(item)
             if target is None or target == ctx.model or ctx.models is None \
                     or target not in ctx.models:
@@ -240,9 +244,8 @@ class QuotaMiddleware:
         self._templates[(id(principal), model)] = (principal, day, template)
         return template
 
-    async def _reserve(self, ctx: RequestContext,
-                       planned: list[Planned]) -> tuple[QuotaStore, Decision]:
-        checks = plan.checks_of(planned)
+    async def _reserve(self, ctx: RequestContext, planned: list[Planned],
+                       checks: list[Check]) -> tuple[QuotaStore, Decision]:
         if time.monotonic() >= self._store_down_until:
             try:
                 return self.store, await self._admit_seeded(self.store, ctx, planned, checks)
@@ -281,30 +284,30 @@ class QuotaMiddleware:
             raise QuotaStoreError(f"the spend ledger is unavailable: {type(exc).__name__}") \
                 from None
 
-    def _cutoff_allowance(self, planned: list[Planned], decision: Decision) -> int | None:
+    def _cutoff_allowance(self, planned: list[Planned], checks: list[Check],
+                          decision: Decision) -> int | None:
         """What a stream may cost before a stream_cutoff budget ends it (None: no cutoff)."""
-        allowances = [decision.remaining[i] + p.check.amount for i, p in enumerate(planned)
+        allowances = [decision.remaining[i] + checks[i].amount for i, p in enumerate(planned)
                       if p.budget is not None and p.budget.stream_cutoff]
         return min(allowances) if allowances else None
 
     # -- after the response ------------------------------------------------------------------
 
     def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
-                decision: Decision, est: Estimate, events: int) -> None:
+                checks: list[Check], decision: Decision, est: Estimate, events: int) -> None:
         """Queues the replacement of the reservation by the actual usage. Settles queued in
         one event-loop step go to the store together, after the responses went out."""
         usage = plan.actual_usage(ctx, est, events)
         cost = call_cost_micros(ctx, usage)
         ctx.state["quota.cost_micros"] = cost
-        checks = plan.checks_of(planned)
         self._settles.setdefault(store, []).append(
-            (ctx.request_id, checks, plan.actual_amounts(planned, usage.total_tokens, cost)))
+            (ctx.request_id, checks, plan.actual_amounts(checks, usage.total_tokens, cost)))
         if not self._settle_scheduled:
             self._settle_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_settles)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
-        crossed = self._crossed_thresholds(planned, decision, cost)
+        crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
@@ -334,8 +337,8 @@ class QuotaMiddleware:
             logger.warning("could not settle %d request(s) (%s); their reservations stand "
                            "until the limits refill", len(batch), exc)
 
-    def _crossed_thresholds(self, planned: list[Planned], decision: Decision,
-                            cost: int) -> list[tuple[Planned, int, int]]:
+    def _crossed_thresholds(self, planned: list[Planned], checks: list[Check],
+                            decision: Decision, cost: int) -> list[tuple[Planned, int, int]]:
         """(budget, threshold, used) for alert thresholds this request reached that this
         process has not alerted on yet in the period."""
         crossed = []
@@ -343,7 +346,7 @@ class QuotaMiddleware:
             budget = item.budget
             if budget is None or item.check.limit <= 0:
                 continue
-            used = item.check.limit - decision.remaining[index] - item.check.amount + cost
+            used = item.check.limit - decision.remaining[index] - checks[index].amount + cost
             percent = used * 100 // item.check.limit
             for threshold in budget.alert_at_percent:
                 if percent >= threshold and \

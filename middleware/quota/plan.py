@@ -167,7 +167,8 @@ class Templated(list[_Item]):
     the amounts differ from request to request), with the template's `memo`: a dict shared by
     every such list, where a store may keep what it derives from the checks but their amounts
     (the Redis store encodes its script arguments there once). `plan_checks` answers one of
-    Planned; `checks_of` hands the store one of Check. A plain list works the same, slower.
+    Planned (the template's own) and one of Check (the request's). A plain list works the
+    same, slower.
     Made with `templated(items, memo)` (list's own constructor, then the memo: a Python
     __init__ calling list's through super() cost 3.5k instructions a list)."""
 
@@ -181,36 +182,43 @@ def templated(items: Iterable[_Item], memo: dict[Any, Any] | None) -> Templated[
     return made
 
 
-def checks_of(planned: Sequence[Planned]) -> list[Check]:
-    """The checks of `planned`, with the template's memo when it is a whole template's."""
-    made: Templated[Check] = Templated([item.check for item in planned])
-    made.memo = getattr(planned, "memo", None)  # (a Templated made without one has none)
-    return made
-
-
 def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
-                lease_s: float) -> Templated[Planned]:
-    """The checks for these subjects with this request's amounts. Everything but the amounts
-    is compiled once per set of limits and day (keys, labels, periods)."""
+                lease_s: float) -> tuple[Templated[Planned], Templated[Check]]:
+    """The checks for these subjects with this request's amounts, and what each came from.
+    Everything but the amounts is compiled once per set of limits and day (keys, labels,
+    periods)."""
     return planned_from(template(applicable, now, lease_s), est)
 
 
 def planned_from(compiled: tuple[_Template, dict[Any, Any]],
-                 est: Estimate) -> Templated[Planned]:
-    """`plan_checks` with the template already found (`template`)."""
+                 est: Estimate) -> tuple[Templated[Planned], Templated[Check]]:
+    """`plan_checks` with the template already found (`template`): the template's Planned
+    list (made once: the same for every request; each one's `check` has the amount 0) and
+    this request's checks, in the same order."""
     template, memo = compiled
-    tokens, cost = est.input_tokens + est.output_tokens, est.cost_micros
-    planned: Templated[Planned] = Templated()
-    planned.memo = memo
-    append = planned.append
+    planned: Templated[Planned] | None = memo.get(_PLANNED)
+    if planned is None:
+        planned = memo[_PLANNED] = templated(
+            [Planned(Check(kind, key, limit, 0, window, lease, expires, on_error, label),
+                     subject_kind, subject_id, limits, budget, period_start, period_end)
+             for (kind, key, limit, window, lease, expires, on_error, label, subject_kind,
+                  subject_id, limits, budget, period_start, period_end) in template], memo)
+        memo[_ROWS] = [(kind, key, limit, window, lease, expires, on_error, label,
+                        1 if kind == TOKENS else 2 if kind == BUDGET else 0)
+                       for (kind, key, limit, window, lease, expires, on_error, label,
+                            *_rest) in template]
+    amounts = (1, est.input_tokens + est.output_tokens, est.cost_micros)
+    checks: Templated[Check] = Templated()
+    checks.memo = memo
+    append = checks.append
     # Unpacked by name, not with *rest: a starred target and a starred call cost more than
-    # the two objects they make.
-    for (kind, key, limit, window, lease, expires, on_error, label, subject_kind, subject_id,
-         limits, budget, period_start, period_end) in template:
-        amount = tokens if kind == TOKENS else cost if kind == BUDGET else 1
-        append(Planned(Check(kind, key, limit, amount, window, lease, expires, on_error, label),
-                       subject_kind, subject_id, limits, budget, period_start, period_end))
-    return planned
+    # the objects they make.
+    for kind, key, limit, window, lease, expires, on_error, label, which in memo[_ROWS]:
+        append(Check(kind, key, limit, amounts[which], window, lease, expires, on_error, label))
+    return planned, checks
+
+
+_PLANNED, _ROWS = "planned", "rows"  # the template memo's entries made here
 
 
 _Template = list[tuple[Any, ...]]
@@ -276,11 +284,11 @@ def _period(period: str, now: datetime) -> tuple[datetime, datetime, float, str]
     return found
 
 
-def actual_amounts(planned: Sequence[Planned], tokens: int, cost: int) -> list[int]:
+def actual_amounts(checks: Sequence[Check], tokens: int, cost: int) -> list[int]:
     out = []
-    for item in planned:
-        kind = item.check.kind
-        out.append(tokens if kind == TOKENS else cost if kind == BUDGET else item.check.amount)
+    for check in checks:
+        kind = check.kind
+        out.append(tokens if kind == TOKENS else cost if kind == BUDGET else check.amount)
     return out
 
 

@@ -1,8 +1,17 @@
 """The quota layer's pure part: the rate-limit headers, from planned checks and a decision."""
 from __future__ import annotations
 
-from gateway.policy import BUDGET, REQUESTS, TOKENS, Check, Decision, Limits
-from middleware.quota.plan import Planned, Templated, checks_of, rate_limit_headers, templated
+from datetime import UTC, datetime
+
+from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Budget, Check, Decision, Limits
+from middleware.quota.plan import (
+    Estimate,
+    Planned,
+    Templated,
+    plan_checks,
+    rate_limit_headers,
+    templated,
+)
 
 
 def planned(kind: str, key: str, limit: int) -> Planned:
@@ -68,4 +77,22 @@ def test_a_templated_list_made_without_a_memo_works_as_a_plain_list() -> None:
     bare = Templated(items)  # list's own constructor: no memo set
     decision = Decision(allowed=True, remaining=(4, 1), reset_s=(0.5, 2.0))
     assert rate_limit_headers(bare, decision) == rate_limit_headers(items, decision)
-    assert checks_of(bare).memo is None and checks_of(bare) == [p.check for p in items]
+
+
+def test_each_request_gets_its_own_checks_and_the_templates_planned_list() -> None:
+    """The Planned list is the template's (the same object for every request, amounts 0);
+    the checks carry this request's amounts: 1 request, its tokens, its cost, 1 lease."""
+    limits = Limits(rpm=10, tpm=1_000, max_concurrent=2, budgets=(Budget("5"),))
+    applicable = [("key", "k1", limits)]
+    now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    planned, checks = plan_checks(applicable, Estimate(30, 70, 1_234), now, 900.0)
+    again, other = plan_checks(applicable, Estimate(5, 0, 7), now, 900.0)
+    assert again is planned and other is not checks
+    assert [c.kind for c in checks] == [p.check.kind for p in planned] == \
+        [REQUESTS, TOKENS, CONCURRENT, BUDGET]
+    assert [c.amount for c in checks] == [1, 100, 1, 1_234]
+    assert [c.amount for c in other] == [1, 5, 1, 7]
+    assert [p.check.amount for p in planned] == [0, 0, 0, 0]
+    assert [c.key for c in checks] == [p.check.key for p in planned] == \
+        ["key:k1:rpm", "key:k1:tpm", "key:k1:concurrent", "key:k1:budget:monthly:2026-11"]
+    assert checks.memo is planned.memo is not None
