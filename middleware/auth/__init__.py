@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 
 from gateway.config import ConfigError
 from gateway.context import (
@@ -150,7 +149,7 @@ class AuthMiddleware:
                                    code="key_store_unavailable") from None
         if key is None:
             raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
-        reason = key.usable(datetime.now(UTC))
+        reason = key.usable()  # (reads the clock only for a key that expires)
         if reason is not None:
             raise GatewayError(401, _REASONS.get(reason, "This API key cannot be used."),
                                code=f"key_{reason}")

@@ -76,13 +76,14 @@ class VirtualKey:
             return True
         return any(fnmatchcase(name, pattern) for pattern in self.allowed_models)
 
-    def usable(self, now: datetime) -> str | None:
-        """None when the key may be used at `now`, else why not: revoked, disabled, expired."""
+    def usable(self, now: datetime | None = None) -> str | None:
+        """None when the key may be used at `now` (default: the current time, read only for a
+        key that expires), else why not: revoked, disabled, expired."""
         if self.revoked_at is not None:
             return "revoked"
         if self.disabled:
             return "disabled"
-        if self.expires_at is not None and now >= self.expires_at:
+        if self.expires_at is not None and (now or datetime.now(UTC)) >= self.expires_at:
             return "expired"
         return None
 

@@ -86,6 +86,14 @@ def test_usable_gives_the_first_reason() -> None:
     assert make_key(disabled=True, expires_at=NOW).usable(NOW) == "disabled"
 
 
+def test_usable_without_a_time_reads_the_clock_for_a_key_that_expires() -> None:
+    now = datetime.now(UTC)
+    assert make_key().usable() is None
+    assert make_key(expires_at=now - timedelta(seconds=1)).usable() == "expired"
+    assert make_key(expires_at=now + timedelta(hours=1)).usable() is None
+    assert make_key(revoked_at=now).usable() == "revoked"
+
+
 def test_public_json_never_holds_the_hash() -> None:
     key = make_key(allowed_models=("gpt-*",), metadata={"team": "ml"},
                    limits=Limits(rpm=60, budgets=(Budget("10"),)), expires_at=NOW)
