@@ -247,8 +247,14 @@ class QuotaMiddleware:
     async def _reserve(self, ctx: RequestContext, planned: list[Planned],
                        checks: list[Check]) -> tuple[QuotaStore, Decision]:
         if time.monotonic() >= self._store_down_until:
+            store = self.store
             try:
-                return self.store, await self._admit_seeded(self.store, ctx, planned, checks)
+                # store.admit awaited here, not through _admit_seeded: every await below is
+                # resumed through each frame above it, so the common path keeps to one.
+                decision = await store.admit(ctx.request_id, checks)
+                if decision.unseeded:
+                    decision = await self._seed_and_admit(store, ctx, planned, checks, decision)
+                return store, decision
             except QuotaStoreError as exc:
                 self._store_down_until = time.monotonic() + self.store_retry_s
                 logger.warning("quota store unavailable (%s); following each limit's "
@@ -267,6 +273,12 @@ class QuotaMiddleware:
         decision = await store.admit(ctx.request_id, checks)
         if not decision.unseeded:
             return decision
+        return await self._seed_and_admit(store, ctx, planned, checks, decision)
+
+    async def _seed_and_admit(self, store: QuotaStore, ctx: RequestContext,
+                              planned: list[Planned], checks: list[Check],
+                              decision: Decision) -> Decision:
+        """Seeds the budget counters the store did not have, then asks again."""
         for index in decision.unseeded:  # a new period, or Redis lost its data
             await store.seed(checks[index], await self._spent(planned[index]))
         decision = await store.admit(ctx.request_id, checks)

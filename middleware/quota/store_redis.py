@@ -252,7 +252,15 @@ class RedisQuotaStore:
             client = self._client
             if client is not None and not client.routed:
                 payload = wire.admit_payload(self._prefix_args(request_id).encode(), checks)
-                reply = await self._run(ADMIT, request_id, checks, (), payload=payload)
+                try:  # the client awaited here, not through _run (one frame less to resume)
+                    reply = await client.call_encoded(payload)
+                except RespError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+                    reply = await self._eval(ADMIT, request_id, checks,
+                                             [_args(check) for check in checks])
+                except (OSError, ValueError) as exc:  # never re-sent: it may have run
+                    raise QuotaStoreError(f"Redis quota store: {exc}") from exc
             else:
                 reply = await self._run(ADMIT, request_id, checks, [wire.admit_args(checks)])
         try:
@@ -414,11 +422,10 @@ class RedisQuotaStore:
         return f"{float(self.clock()).hex()} {request_id} {self._slack} "
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
-                   args: Sequence[str], *, payload: bytes | None = None) -> Any:
+                   args: Sequence[str]) -> Any:
         """One script call: EVALSHA, encoded here (routed by the client on a Cluster), then
-        EVAL when the server lost its script cache (which runs and caches it again).
-        `payload`: the whole EVALSHA already encoded (`_Wire`), with `args` left empty; they
-        are made from the checks again for the EVAL, which is rare."""
+        EVAL when the server lost its script cache (which runs and caches it again). (The
+        admit of a templated list sends its ready payload itself: see `admit`.)"""
         client = self._client
         if client is None:
             raise QuotaStoreError("the Redis quota store is not started")
@@ -426,16 +433,17 @@ class RedisQuotaStore:
             if client.routed:
                 return await client.call("EVALSHA", *self._command(script, request_id, checks,
                                                                    args))
-            return await client.call_encoded(payload if payload is not None else
-                                             self._payload(script, request_id, checks, args))
+            return await client.call_encoded(self._payload(script, request_id, checks, args))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise QuotaStoreError(f"Redis quota store: {exc}") from exc
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-        if payload is not None:  # only admit passes one: its words, made the general way
-            assert script is ADMIT
-            args = [_args(check) for check in checks]
+        return await self._eval(script, request_id, checks, args)
+
+    async def _eval(self, script: _Script, request_id: str, checks: Sequence[Check],
+                    args: Sequence[str]) -> Any:
+        """The script sent whole (EVAL), after the server answered NOSCRIPT."""
         return await self._call("EVAL", script.source,
                                 *self._command(script, request_id, checks, args)[1:])
 
