@@ -380,11 +380,12 @@ def rate_limit_headers(planned: Sequence[Planned],
             index = indexes[0] if len(indexes) == 1 else \
                 min(indexes, key=remaining.__getitem__)
             seconds = reset_s[index]
-            reset = _DURATIONS.get(seconds)
+            # Under a second (a bucket that refills fast): one of a thousand ready texts.
+            reset = _MILLIS[int(seconds * 1000)] if 0 < seconds < 1 else _duration(seconds)
             headers += (
                 (limit_name, b"%d" % planned[index].check.limit),
                 (remaining_name, b"%d" % remaining[index]),
-                (reset_name, _duration(seconds) if reset is None else reset),
+                (reset_name, reset),
             )
     indexes = kinds.get(BUDGET)
     if indexes is not None:
@@ -412,21 +413,23 @@ def _indexes_by_kind(planned: Sequence[Planned], count: int) -> dict[str, list[i
     return kinds
 
 
-_DURATIONS: dict[float, bytes] = {}
+_MILLIS = tuple(b"%dms" % millis for millis in range(1000))
+_WHOLE: dict[int, bytes] = {}  # whole seconds -> text
 
 
 def _duration(seconds: float) -> bytes:
-    """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms" (remembered per value: a
-    bucket that refills at a steady pace resets after the same few values)."""
+    """OpenAI's reset format: "1s", "6m0s", "1h2m3s", "250ms" (a text per whole second is
+    remembered: a bucket that refills at a steady pace resets after the same few values)."""
     if seconds < 1:
-        text = b"%dms" % int(seconds * 1000) if seconds > 0 else b"0ms"
-    else:
-        whole = math.ceil(seconds)
+        return _MILLIS[int(seconds * 1000)] if seconds > 0 else b"0ms"
+    whole = math.ceil(seconds)
+    text = _WHOLE.get(whole)
+    if text is None:
         hours, rest = divmod(whole, 3600)
         minutes, secs = divmod(rest, 60)
         text = b"%dh%dm%ds" % (hours, minutes, secs) if hours else \
             b"%dm%ds" % (minutes, secs) if minutes else b"%ds" % secs
-    if len(_DURATIONS) >= 4096:
-        _DURATIONS.clear()
-    _DURATIONS[seconds] = text
+        if len(_WHOLE) >= 4096:
+            _WHOLE.clear()
+        _WHOLE[whole] = text
     return text
