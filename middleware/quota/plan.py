@@ -79,6 +79,9 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     if ctx.operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS):
         return 0
     body = ctx.body
+    if "max_tokens" not in body and "max_completion_tokens" not in body \
+            and "max_output_tokens" not in body and "n" not in body:
+        return default_max_output_tokens  # (four lookups, not the loop below)
     cap = None
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name)

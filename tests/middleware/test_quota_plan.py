@@ -96,3 +96,25 @@ def test_each_request_gets_its_own_checks_and_the_templates_planned_list() -> No
     assert [c.key for c in checks] == [p.check.key for p in planned] == \
         ["key:k1:rpm", "key:k1:tpm", "key:k1:concurrent", "key:k1:budget:monthly:2026-11"]
     assert checks.memo is planned.memo is not None
+
+
+def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default() -> None:
+    from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_EMBEDDINGS, RequestContext
+    from middleware.quota.plan import output_bound
+
+    def bound(body: dict[str, object], operation: str = OPENAI_CHAT) -> int:
+        ctx = RequestContext(request_id="r", operation=operation, api_format="openai",
+                             body=body, raw_body=b"", model="m", stream=False)
+        return output_bound(ctx, 4096)
+
+    assert bound({}) == 4096
+    assert bound({"max_tokens": 100}) == 100
+    assert bound({"max_completion_tokens": 50, "max_tokens": 100}) == 50
+    assert bound({"max_output_tokens": 70}) == 70
+    assert bound({"max_tokens": 0}) == bound({"max_tokens": True}) == 4096
+    assert bound({"max_tokens": "100"}) == bound({"max_tokens": None}) == 4096
+    assert bound({"n": 3}) == 3 * 4096
+    assert bound({"max_tokens": 10, "n": 2}) == 20
+    assert bound({"max_tokens": 10, "n": 0}) == bound({"max_tokens": 10, "n": False}) == 10
+    assert bound({"max_tokens": 300}, ANTHROPIC_MESSAGES) == 300
+    assert bound({"max_tokens": 10}, OPENAI_EMBEDDINGS) == 0
