@@ -290,6 +290,7 @@ class RedisQuotaStore:
             return
         settles: list[tuple[str, Sequence[Check], Sequence[int]]] = []
         payloads = []
+        clock = float(self.clock()).hex()  # one reading for the batch: they settle together
         for settle in batch:
             request_id, checks, actual = settle
             if not checks:
@@ -298,7 +299,8 @@ class RedisQuotaStore:
             payloads.append(
                 self._payload(SETTLE, request_id, checks, _settle_args(checks, actual))
                 if wire is None else
-                wire.settle_payload(self._prefix_args(request_id).encode(), checks, actual))
+                wire.settle_payload(self._prefix_args(request_id, clock).encode(), checks,
+                                    actual))
             settles.append(settle)
         if payloads and not client.send_unawaited(payloads, self._settle_failed, settles):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
@@ -414,12 +416,15 @@ class RedisQuotaStore:
     def _argv(self, request_id: str, args: Sequence[str]) -> str:
         return self._prefix_args(request_id) + " ".join(args)
 
-    def _prefix_args(self, request_id: str) -> str:
-        """What every script's ARGV string starts with: the clock, the request id, the budget
-        slack, and a space before the checks' words."""
+    def _prefix_args(self, request_id: str, clock: str | None = None) -> str:
+        """What every script's ARGV string starts with: the clock (`clock`, a reading as
+        float.hex(), or read now), the request id, the budget slack, and a space before the
+        checks' words."""
         if not request_id or " " in request_id or not request_id.isprintable():
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
-        return f"{float(self.clock()).hex()} {request_id} {self._slack} "
+        if clock is None:
+            clock = float(self.clock()).hex()
+        return f"{clock} {request_id} {self._slack} "
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
                    args: Sequence[str]) -> Any:
