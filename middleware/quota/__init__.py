@@ -299,8 +299,9 @@ class QuotaMiddleware:
     def _cutoff_allowance(self, planned: list[Planned], checks: list[Check],
                           decision: Decision) -> int | None:
         """What a stream may cost before a stream_cutoff budget ends it (None: no cutoff)."""
-        allowances = [decision.remaining[i] + checks[i].amount for i, p in enumerate(planned)
-                      if p.budget is not None and p.budget.stream_cutoff]
+        allowances = [decision.remaining[i] + checks[i].amount
+                      for i in plan.budget_indexes(planned)
+                      if planned[i].budget.stream_cutoff]  # type: ignore[union-attr]
         return min(allowances) if allowances else None
 
     # -- after the response ------------------------------------------------------------------
@@ -354,7 +355,8 @@ class QuotaMiddleware:
         """(budget, threshold, used) for alert thresholds this request reached that this
         process has not alerted on yet in the period."""
         crossed = []
-        for index, item in enumerate(planned):
+        for index in plan.budget_indexes(planned):
+            item = planned[index]
             budget = item.budget
             if budget is None or item.check.limit <= 0:
                 continue

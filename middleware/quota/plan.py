@@ -400,6 +400,11 @@ def rate_limit_headers(planned: Sequence[Planned],
     return headers
 
 
+def budget_indexes(planned: Sequence[Planned]) -> list[int]:
+    """The indexes of the budget checks in `planned` (from the template's memo when whole)."""
+    return _indexes_by_kind(planned, len(planned)).get(BUDGET, [])
+
+
 def _indexes_by_kind(planned: Sequence[Planned], count: int) -> dict[str, list[int]]:
     """{check kind: the indexes of its checks} among the first `count`; kept in the
     template's memo (the same for every request planned from it)."""
