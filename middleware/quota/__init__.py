@@ -172,11 +172,19 @@ class QuotaMiddleware:
                 await self.app(scope, receive, send)
             return
         store, planned, checks, decision, est, headers = await self._admit(ctx)
+        if headers:  # the kernel puts them on the response start, or on the error it renders
+            ctx.response_headers += headers
         if store is None:  # nothing applies: no reservation, nothing to settle
-            await self.app(scope, receive, _adding_headers(send, headers) if headers else send)
+            await self.app(scope, receive, send)
             return
-        responder = _Responder(ctx, send, headers,
-                               self._cutoff_allowance(planned, checks, decision), est)
+        if not ctx.stream:  # nothing to count, nothing to cut off: `send` is not wrapped
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self._settle(store, ctx, planned, checks, decision, est, 0)
+            return
+        responder = _Responder(ctx, send, self._cutoff_allowance(planned, checks, decision),
+                               est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
@@ -442,8 +450,8 @@ class QuotaMiddleware:
 
 
 class _Responder:
-    """Wraps `send`: adds the quota headers to the response start, counts stream events,
-    and ends a stream in-band when it would cross a stream_cutoff budget."""
+    """Wraps a stream's `send`: counts its events, and ends it in-band when it would cross a
+    stream_cutoff budget."""
 
     __slots__ = (
         "_send",
@@ -451,16 +459,14 @@ class _Responder:
         "ctx",
         "est",
         "events",
-        "headers",
         "price",
         "streaming",
     )
 
-    def __init__(self, ctx: RequestContext, send: Send, headers: list[tuple[bytes, bytes]],
-                 allowance: int | None, est: Estimate) -> None:
+    def __init__(self, ctx: RequestContext, send: Send, allowance: int | None,
+                 est: Estimate) -> None:
         self.ctx = ctx
         self._send = send
-        self.headers = headers
         self.allowance = allowance
         self.est = est
         self.events = 0
@@ -469,9 +475,7 @@ class _Responder:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            self.streaming = self.ctx.stream and message.get("status") == 200
-            if self.headers:
-                message["headers"] = [*message.get("headers", ()), *self.headers]
+            self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
             events = self.events + message.get("body", b"").count(b"\n\n")
             if self.price is not None and self.allowance is not None and \
@@ -493,14 +497,6 @@ class _Responder:
                           "body": stream_error_event(self.ctx.api_format, error),
                           "more_body": False})
         raise _StreamCutOff()
-
-
-def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), *headers]
-        await send(message)
-    return send_with_headers
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:

@@ -473,6 +473,8 @@ def test_upstream_error_before_the_first_byte_costs_nothing(
     mock.push_fault(Fault(kind="status", provider="openai", status=500))
     response = gateway.chat(max_tokens=100, stream=stream)
     assert response.status_code == 500
+    # The error carries the quota headers too (as of the admission, before the settle).
+    assert response.headers["x-sluicegate-budget-remaining"] == "0.000790"
     assert settled(gateway.committed, RESERVED_100) == 0  # the reservation is given back
 
 
