@@ -307,10 +307,10 @@ class QuotaMiddleware:
     def _cutoff_allowance(self, planned: list[Planned], checks: list[Check],
                           decision: Decision) -> int | None:
         """What a stream may cost before a stream_cutoff budget ends it (None: no cutoff)."""
-        allowances = [decision.remaining[i] + checks[i].amount
-                      for i in plan.budget_indexes(planned)
-                      if planned[i].budget.stream_cutoff]  # type: ignore[union-attr]
-        return min(allowances) if allowances else None
+        indexes = plan.budget_indexes(planned, cutoff=True)
+        if not indexes:
+            return None
+        return min([decision.remaining[i] + checks[i].amount for i in indexes])
 
     # -- after the response ------------------------------------------------------------------
 

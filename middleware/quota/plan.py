@@ -400,9 +400,23 @@ def rate_limit_headers(planned: Sequence[Planned],
     return headers
 
 
-def budget_indexes(planned: Sequence[Planned]) -> list[int]:
-    """The indexes of the budget checks in `planned` (from the template's memo when whole)."""
-    return _indexes_by_kind(planned, len(planned)).get(BUDGET, [])
+def budget_indexes(planned: Sequence[Planned], *, cutoff: bool = False) -> tuple[int, ...]:
+    """The indexes of the budget checks in `planned` (with `cutoff`: of those with
+    stream_cutoff), kept in the template's memo when `planned` is a whole template's."""
+    memo: dict[Any, Any] | None = getattr(planned, "memo", None)
+    name = _CUTOFF_BUDGETS if cutoff else _BUDGETS
+    if memo is not None:
+        found: tuple[int, ...] | None = memo.get(name)
+        if found is not None:
+            return found
+    found = tuple([index for index, item in enumerate(planned) if item.budget is not None
+                   and (item.budget.stream_cutoff or not cutoff)])
+    if memo is not None:
+        memo[name] = found
+    return found
+
+
+_BUDGETS, _CUTOFF_BUDGETS = "budgets", "cutoff budgets"  # template memo entries
 
 
 def _indexes_by_kind(planned: Sequence[Planned], count: int) -> dict[str, list[int]]:
