@@ -15,10 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import operator
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain
 from string import Formatter
 from typing import Any
 
@@ -487,8 +485,8 @@ class _Wire:
     (a third of str.format's cost) instead of an f-string per check, and the command's head
     without a lookup."""
 
-    __slots__ = ("admit_bytes", "admit_format", "admit_head", "count", "settle_bytes",
-                 "settle_format", "settle_head")
+    __slots__ = ("admit_bytes", "admit_format", "admit_head", "amounts", "count",
+                 "interleaved", "settle_bytes", "settle_format", "settle_head")
 
     def __init__(self, store: RedisQuotaStore, checks: Sequence[Check]) -> None:
         names = tuple([check.key for check in checks])
@@ -508,6 +506,8 @@ class _Wire:
         marks = {str(index): b"%d" for index in range(2 * count)}
         self.admit_bytes = _percent_template(self.admit_format, marks)
         self.settle_bytes = _percent_template(self.settle_format, marks)
+        self.amounts = _fields_reader(count, with_actual=False)
+        self.interleaved = _fields_reader(count, with_actual=True)
 
     def admit_args(self, checks: Sequence[Check]) -> str:
         return self.admit_format.format(*[int(check.amount) for check in checks])
@@ -520,19 +520,34 @@ class _Wire:
     def admit_payload(self, prefix: bytes, checks: Sequence[Check]) -> bytes:
         """The whole EVALSHA of the admit script: the head, then the ARGV string (`prefix`
         from the store, then this template's words with the amounts)."""
-        data = prefix + self.admit_bytes % tuple(map(_AMOUNT, checks))
+        if len(checks) != self.count:
+            raise ValueError("admit needs this template's checks")
+        data = prefix + self.admit_bytes % self.amounts(checks)
         return b"%b$%d\r\n%b\r\n" % (self.admit_head, len(data), data)
 
     def settle_payload(self, prefix: bytes, checks: Sequence[Check],
                        actual: Sequence[int]) -> bytes:
         if len(actual) != self.count:
             raise ValueError("settle needs one actual amount per check")
-        data = prefix + self.settle_bytes % tuple(chain.from_iterable(
-            zip(map(_AMOUNT, checks), actual)))
+        if len(checks) != self.count:
+            raise ValueError("settle needs this template's checks")
+        data = prefix + self.settle_bytes % self.interleaved(checks, actual)
         return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
 
 
-_AMOUNT = operator.attrgetter("amount")
+def _fields_reader(count: int, *, with_actual: bool) -> Callable[..., tuple[int, ...]]:
+    """A function giving the %-format's arguments for `count` checks: their amounts, or each
+    amount followed by its actual amount. Straight-line code made once per count (as
+    dataclasses makes its __init__): for three checks, a chain of iterators over them cost 7k
+    instructions, this about 1k. The source holds nothing but integers."""
+    if with_actual:
+        fields = ", ".join(f"checks[{i}].amount, actual[{i}]" for i in range(count))
+        source = f"lambda checks, actual: ({fields},)"
+    else:
+        fields = ", ".join(f"checks[{i}].amount" for i in range(count))
+        source = f"lambda checks: ({fields},)"
+    made: Callable[..., tuple[int, ...]] = eval(source)  # (integers only, above)
+    return made
 
 
 def _percent_template(words: str, marks: dict[str, bytes]) -> bytes:

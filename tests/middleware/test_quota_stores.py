@@ -513,6 +513,11 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
                 assert whole == expected  # what the hot paths send
         with pytest.raises(ValueError, match="one actual amount per check"):
             wire.settle_args(checks, actual[:2])
+        prefix = store._prefix_args("r1").encode()
+        with pytest.raises(ValueError, match="this template's checks"):
+            wire.admit_payload(prefix, checks[:3])
+        with pytest.raises(ValueError, match="this template's checks"):
+            wire.settle_payload(prefix, [*checks, rpm(1)], actual)
 
 
 async def test_templates_admit_and_settle_like_plain_lists(store: Store, clock: FakeClock
