@@ -22,15 +22,16 @@ anything but a list, a tuple or h11's own `Headers`.
 
 Before h11, hypercorn checks the same headers its own way (`build_and_validate_headers`: no
 pseudo-header, and each name and value stripped of surrounding whitespace, through `bytes()`
-and `strip()` calls), about 3k instructions a header. `install()` puts a memo in front of
-that too: a remembered (name, value) pair comes back as hypercorn made it, and a pair of
+and `strip()` calls), about 3k instructions a header. `install_hypercorn()` puts a memo in
+front of that too: a remembered (name, value) pair comes back as hypercorn made it, and a pair of
 plain `bytes` seen for the first time gets hypercorn's steps inline, without the `bytes()`
 copies (identities for `bytes`); anything else (a list of headers that is not a list or a
 tuple, a pair that is not a tuple of two `bytes`) goes to hypercorn whole, which refuses it
 with its own error or takes it as it would.
 
-`gateway.asgi` (the app `sluicegate serve` runs) installs it. Mounted into a host's app, the
-gateway leaves the host's h11 alone. An h11 without the expected function is left as it is.
+`gateway.asgi` (the app `sluicegate serve` runs) installs both. Mounted into a host's app, the
+gateway leaves the host's h11 and hypercorn alone. An h11 or hypercorn without the
+expected function is left as it is.
 """
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ class Templated(list[_Item]):
     """A list made from one limit template (same subjects, limits, periods and order; only
     the amounts differ from request to request), with the template's `memo`: a dict shared by
     every such list, where a store may keep what it derives from the checks but their amounts
-    (the Redis store encodes its script arguments there once). `plan_checks` answers one of
+    (the Redis store encodes its script arguments there once). `planned_from` answers one of
     Planned (the template's own) and one of Check (the request's). A plain list works the
     same, slower.
     Made with `templated(items, memo)` (list's own constructor, then the memo: a Python
@@ -185,19 +185,12 @@ def templated(items: Iterable[_Item], memo: dict[Any, Any] | None) -> Templated[
     return made
 
 
-def plan_checks(applicable: Sequence[tuple[str, str, Limits]], est: Estimate, now: datetime,
-                lease_s: float) -> tuple[Templated[Planned], Templated[Check]]:
-    """The checks for these subjects with this request's amounts, and what each came from.
-    Everything but the amounts is compiled once per set of limits and day (keys, labels,
-    periods)."""
-    return planned_from(template(applicable, now, lease_s), est)
-
-
 def planned_from(compiled: tuple[_Template, dict[Any, Any]],
                  est: Estimate) -> tuple[Templated[Planned], Templated[Check]]:
-    """`plan_checks` with the template already found (`template`): the template's Planned
-    list (made once: the same for every request; each one's `check` has the amount 0) and
-    this request's checks, in the same order."""
+    """The checks of a template (`template`) with this request's amounts, and the template's
+    Planned list (what each check came from: made once, the same for every request; each
+    one's `check` has the amount 0), in the same order. Everything but the amounts is
+    compiled once per set of limits and day (keys, labels, periods)."""
     template, memo = compiled
     planned: Templated[Planned] | None = memo.get(_PLANNED)
     if planned is None:

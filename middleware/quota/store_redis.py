@@ -582,8 +582,8 @@ def _over(check: Check, now: float, slack_s: float) -> bool:
 
 
 def _decision(reply: bytes) -> Decision:
-    """The admit script's answer (a JSON array: a third of the cost of int() and float() on
-    each word of a split string)."""
+    """The admit script's answer (a JSON array: one orjson call costs less than int() and
+    float() on each word of a split string, 14.0k against 16.0k instructions here)."""
     values = orjson.loads(reply)
     if type(values) is not list:
         raise ValueError("not an array")

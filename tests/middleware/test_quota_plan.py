@@ -8,8 +8,9 @@ from middleware.quota.plan import (
     Estimate,
     Planned,
     Templated,
-    plan_checks,
+    planned_from,
     rate_limit_headers,
+    template,
     templated,
 )
 
@@ -85,8 +86,8 @@ def test_each_request_gets_its_own_checks_and_the_templates_planned_list() -> No
     limits = Limits(rpm=10, tpm=1_000, max_concurrent=2, budgets=(Budget("5"),))
     applicable = [("key", "k1", limits)]
     now = datetime(2026, 11, 28, 12, tzinfo=UTC)
-    planned, checks = plan_checks(applicable, Estimate(30, 70, 1_234), now, 900.0)
-    again, other = plan_checks(applicable, Estimate(5, 0, 7), now, 900.0)
+    planned, checks = planned_from(template(applicable, now, 900.0), Estimate(30, 70, 1_234))
+    again, other = planned_from(template(applicable, now, 900.0), Estimate(5, 0, 7))
     assert again is planned and other is not checks
     assert [c.kind for c in checks] == [p.check.kind for p in planned] == \
         [REQUESTS, TOKENS, CONCURRENT, BUDGET]
