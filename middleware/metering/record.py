@@ -140,7 +140,11 @@ def payload_of(ctx: RequestContext, ended_at: float | None = None,
                ended_monotonic: float | None = None) -> bytes:
     """`record_of(ctx).encode()`, without building the record: what the request path
     queues."""
-    return orjson.dumps((ARRAY_FORMAT, *values_of(ctx, ended_at, ended_monotonic)))
+    # orjson hands back its whole 4 KiB output buffer with every result, however short; a
+    # queued record would hold it until the writer took the batch (~3 MB of scattered 4 KiB
+    # blocks at full speed). The join keeps the ~250 bytes only, for ~50 ns.
+    return b"".join((orjson.dumps((ARRAY_FORMAT, *values_of(ctx, ended_at, ended_monotonic))),
+                     b""))
 
 
 def values_of(ctx: RequestContext, ended_at: float | None = None,

@@ -86,6 +86,21 @@ def test_the_request_path_encodes_exactly_the_record() -> None:
     assert record_of(served).ttft_ms == 12.346 and record_of(hit).ttft_ms is None
 
 
+def test_a_queued_record_holds_its_own_bytes_only() -> None:
+    """orjson returns each result in a 4 KiB buffer; a queued payload must not keep it (the
+    queue holds up to `queue_max` of them during an outage: 400 MB, not 25)."""
+    import tracemalloc
+    ctx = context(status=200)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        payloads = [payload_of(ctx) for _ in range(1000)]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(payloads)
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * max(map(len, payloads)) < 1024
+
+
 def test_a_cache_hit_costs_nothing_and_records_what_it_saved() -> None:
     ctx = context(cache_status="semantic-hit", state={"cache.saved_micros": 1234})
     ctx.usage = Usage(input_tokens=10, output_tokens=5)
