@@ -56,11 +56,19 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     whitespace, `stream`, 1 vs 1.0) and different whenever a field that changes the output
     differs. `scope_id` is the tenant scope ("project:acme", "key:...", "global");
     `namespace` (from `x-sluicegate-cache-namespace`) partitions it further."""
-    request = {name: _canonical(value) for name, value in body.items()
-               if name not in IGNORED_FIELDS}
+    # The canonical form differs from the body only where a float is integral (1.0 -> 1).
+    # Top-level floats (temperature, top_p) are made canonical here; deeper ones are rare, and
+    # orjson writes every one of them that _canonical would change (|x| <= 2**53) as "N.0",
+    # so a document without ".0" anywhere is canonical already and needs no walk through it.
+    request = {name: _canonical(value) if type(value) is float else value
+               for name, value in body.items() if name not in IGNORED_FIELDS}
     document = {"scope": scope_id, "namespace": namespace, "model": model,
                 "operation": operation, "request": request}
-    return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    if b".0" in text:  # perhaps a nested integral float (or only ".0" in some string)
+        document["request"] = {name: _canonical(value) for name, value in request.items()}
+        text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(text).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
@@ -152,6 +160,8 @@ class CacheControl:
 
 
 DEFAULT_CACHE_CONTROL = CacheControl()
+_CONTROL_HEADERS = frozenset({b"cache-control", b"pragma", b"x-sluicegate-cache",
+                              b"x-sluicegate-cache-namespace"})
 
 
 def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
@@ -167,6 +177,8 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
     pragma_no_cache = seen_cache_control = opt_in = opt_out = False
     namespace: str | None = None
     for name, value in headers:
+        if name not in _CONTROL_HEADERS:  # nearly every header: one set lookup, not four tests
+            continue
         if name == b"cache-control":
             seen_cache_control = True
             directives += value.decode("latin-1").split(",")

@@ -110,6 +110,34 @@ def test_an_integral_float_is_the_same_number(integral: int, decimal: float) -> 
         {**OPENAI_CHAT, "logit_bias": {"50256": integral}, "temperature": integral})
 
 
+def _schema(bound: object) -> dict[str, Any]:
+    return {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "number", "minimum": bound}}}}}]}
+
+
+@pytest.mark.parametrize(("floats", "integers"), [
+    (_schema(1.0), _schema(1)),
+    ({"response_format": {"json_schema": {"maximum": 1e15}}},
+     {"response_format": {"json_schema": {"maximum": 10 ** 15}}}),
+    ({"logit_bias": {"1": -0.0, "2": 3.0}}, {"logit_bias": {"1": 0, "2": 3}}),
+])
+def test_a_nested_integral_float_is_the_same_number(floats: dict[str, Any],
+                                                     integers: dict[str, Any]) -> None:
+    assert key_of({**OPENAI_CHAT, **floats}) == key_of({**OPENAI_CHAT, **integers})
+
+
+def test_digits_in_text_and_unsafe_floats_stay_as_they_are() -> None:
+    """Only numbers are made canonical: ".0" in a string is text, and a float above 2**53 or a
+    fraction deep in a body keeps its value."""
+    def said(text: str) -> str:
+        return key_of({**OPENAI_CHAT, "messages": [{"role": "user", "content": text}]})
+    assert said("version 2.0") != said("version 2")
+    assert said("version 2.0") == said("version 2.0")
+    assert key_of({**OPENAI_CHAT, **_schema(9007199254740994.0)}) != \
+        key_of({**OPENAI_CHAT, **_schema(9007199254740994)})
+    assert key_of({**OPENAI_CHAT, **_schema(2.5)}) != key_of({**OPENAI_CHAT, **_schema(2)})
+
+
 def test_fractions_and_huge_floats_keep_their_value() -> None:
     assert key_of({**OPENAI_CHAT, "temperature": 0.5}) != key_of({**OPENAI_CHAT, "temperature": 0})
     assert key_of({**OPENAI_CHAT, "top_p": 1e300}) != key_of({**OPENAI_CHAT, "top_p": 1e299})
