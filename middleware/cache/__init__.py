@@ -25,7 +25,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import orjson
@@ -72,6 +72,7 @@ _CACHED_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EM
                                 c.ANTHROPIC_MESSAGES})
 _SCOPES = ("project", "key", "global")
 _JSON = (b"content-type", b"application/json")
+_MISS = (b"x-sluicegate-cache", b"miss")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -126,10 +127,15 @@ class CacheMiddleware:
         self.max_entry_bytes = max_entry_bytes
         self._writes: set[asyncio.Task[None]] = set()
         # Misses to store, queued by the requests of one event-loop step and written by one
-        # task (a task per miss costs more than the memory store's write itself).
+        # callback (`_flush_queue`); only writes that must be awaited get a task.
         self._queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
                                  SemanticQuery | None, list[float] | None]] = []
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
+        # Stores that answer without I/O (the memory store) are called without a coroutine.
+        self._get_now = getattr(self.store, "get_now", None)
+        self._set_soon = getattr(self.store, "set_soon", None)
+        self._scope_ids: dict[str | None, str] = {}
+        self._tags: dict[tuple[str, str | None, str | None], tuple[str, ...]] = {}
 
     async def startup(self) -> None:
         await self.store.startup()
@@ -179,7 +185,8 @@ class CacheMiddleware:
         key = cache_key(self._scope_id(principal), ctx.model, ctx.operation, ctx.body,
                         namespace=control.namespace)
         if not control.no_cache:
-            entry = await self._lookup(key)
+            get_now = self._get_now
+            entry = get_now(key) if get_now is not None else await self._lookup(key)
             if entry is not None and entry.api_format == ctx.api_format and \
                     control.accepts(entry.created_at, time.time()):
                 await self._answer(ctx, entry, send)
@@ -203,24 +210,47 @@ class CacheMiddleware:
         tee = _Tee(send, self.max_entry_bytes)
         await self.app(scope, receive, tee.send)
         if tee.complete:
-            tags = cache_tags(model=ctx.model, project=principal.project,
-                              namespace=control.namespace)
+            tags_of = (ctx.model, principal.project, control.namespace)
+            tags = self._tags.get(tags_of)
+            if tags is None:
+                if len(self._tags) >= 4096:  # namespaces come from requests: keep it bounded
+                    self._tags.clear()
+                tags = self._tags[tags_of] = cache_tags(
+                    model=ctx.model, project=principal.project, namespace=control.namespace)
             if not self._queued:
                 asyncio.get_running_loop().call_soon(self._flush_queue)
             self._queued.append((ctx, key, tee, tags, query, vector))
 
     def _flush_queue(self) -> None:
+        """Stores the misses queued since the last call (the loop runs it once their answers
+        have gone out). A store that can write without waiting (`set_soon`: the memory store,
+        Redis) takes them here; the rest are awaited in one task."""
         queued, self._queued = self._queued, []
-        if queued:
-            self._spawn(self._store_all(queued))
+        set_soon = self._set_soon
+        later: list[tuple[str, CachedResponse, float, SemanticQuery | None,
+                          list[float] | None]] = []
+        for ctx, key, tee, tags, query, vector in queued:
+            try:
+                made = self._entry_of(ctx, tee, tags)
+                if made is None:
+                    continue
+                entry, ttl = made
+                if query is None and set_soon is not None and set_soon(key, entry, ttl):
+                    continue  # written (no semantic index entry has to follow it)
+            except Exception:  # one bad answer must not keep the others out
+                logger.exception("cache: storing an answer failed")
+                continue
+            later.append((key, entry, ttl, query, vector))
+        if later:
+            self._spawn(self._write_all(later))
 
-    async def _store_all(self, queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
+    async def _write_all(self, writes: list[tuple[str, CachedResponse, float,
                                                   SemanticQuery | None, list[float] | None]]
                          ) -> None:
-        for item in queued:
+        for key, entry, ttl, query, vector in writes:
             try:
-                await self._store(*item)
-            except Exception:  # one bad answer must not keep the others out
+                await self._write(key, entry, ttl, query, vector)
+            except Exception:
                 logger.exception("cache: storing an answer failed")
 
     async def _embed(self, query: SemanticQuery) -> list[float] | None:
@@ -280,9 +310,13 @@ class CacheMiddleware:
     def _scope_id(self, principal: Any) -> str:
         if self.scope == "global":
             return "*"
-        if self.scope == "key":
-            return f"key:{principal.key_id}"
-        return f"project:{principal.project}"
+        name = principal.key_id if self.scope == "key" else principal.project
+        scope_id = self._scope_ids.get(name)
+        if scope_id is None:
+            if len(self._scope_ids) >= 4096:
+                self._scope_ids.clear()
+            scope_id = self._scope_ids[name] = f"{self.scope}:{name}"
+        return scope_id
 
     async def _lookup(self, key: str) -> CachedResponse | None:
         try:
@@ -326,36 +360,34 @@ class CacheMiddleware:
             self._replays[memo_key] = payload
         return payload
 
-    async def _store(self, ctx: RequestContext, key: str, tee: _Tee, tags: tuple[str, ...],
-                     query: SemanticQuery | None = None,
-                     vector: list[float] | None = None) -> None:
+    def _entry_of(self, ctx: RequestContext, tee: _Tee, tags: tuple[str, ...]
+                  ) -> tuple[CachedResponse, float] | None:
+        """The entry a complete answer makes, and its TTL; None for an answer that is not
+        worth keeping (a cut or failed stream, a body that is not a JSON object)."""
         raw = b"".join(tee.chunks)
         if tee.streaming:
             events = SSEParser().feed(raw + b"\n\n")
             answer = collect_stream(events, ctx.api_format, ctx.operation)
             if answer is None:  # cut short or failed: never cached
-                return
+                return None
         else:
             # The passthrough parsed what it sent; other bytes (a custom layer below this one
             # changed them) are parsed here.
             sent = ctx.sent_json
             answer = sent[1] if sent is not None and sent[0] == raw else _parsed(raw)
             if not isinstance(answer, dict):
-                return
+                return None
         usage = answer.get("usage")
         body = orjson.dumps(mark_cached(answer))  # hits send these bytes untouched
-        entry = CachedResponse(body=body, api_format=ctx.api_format, status=200,
-                               created_at=time.time(),
-                               usage=usage if isinstance(usage, dict) else None,
-                               model=ctx.served_model or ctx.model,
-                               cost_micros=_cost_of(ctx),
-                               tags=tags)
-        principal = ctx.principal or ANONYMOUS
-        ttl = self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(principal.project,
-                                                                     self.ttl_s))
-        set_soon = getattr(self.store, "set_soon", None)
-        if query is None and set_soon is not None and set_soon(key, entry, ttl):
-            return  # written without waiting (no semantic index entry has to follow it)
+        entry = CachedResponse(body, ctx.api_format, 200, time.time(),
+                               usage if isinstance(usage, dict) else None,
+                               ctx.served_model or ctx.model, _cost_of(ctx), tags)
+        project = (ctx.principal or ANONYMOUS).project
+        return entry, self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(project,
+                                                                             self.ttl_s))
+
+    async def _write(self, key: str, entry: CachedResponse, ttl: float,
+                     query: SemanticQuery | None, vector: list[float] | None) -> None:
         try:
             await self.store.set(key, entry, ttl)
         except CacheStoreError as exc:
@@ -389,21 +421,24 @@ class _Tee:
         self.streaming = False
         self.complete = False
 
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine: the message goes on with the caller awaiting `send` itself.
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.status == 200 and self.size <= self.limit:
+                body = message.get("body", b"")
+                self.size += len(body)
+                self.chunks.append(body)
+                if not message.get("more_body", False) and self.size <= self.limit:
+                    self.complete = True
+        elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
-            self.streaming = any(name == b"content-type" and value.startswith(
-                b"text/event-stream") for name, value in headers)
-            message["headers"] = [*headers, (b"x-sluicegate-cache", b"miss")]
-        elif message["type"] == "http.response.body" and self.status == 200 and \
-                self.size <= self.limit:
-            body = message.get("body", b"")
-            self.size += len(body)
-            self.chunks.append(body)
-            if not message.get("more_body", False) and self.size <= self.limit:
-                self.complete = True
-        await self._send(message)
+            for name, value in headers:
+                if name == b"content-type" and value.startswith(b"text/event-stream"):
+                    self.streaming = True
+            message["headers"] = [*headers, _MISS]
+        return self._send(message)
 
 
 def _parsed(raw: bytes) -> Any:

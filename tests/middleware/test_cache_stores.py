@@ -12,8 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import redis.asyncio as aioredis
@@ -370,6 +372,28 @@ async def test_memory_counts_what_entries_take_in_memory() -> None:
     finally:
         tracemalloc.stop()
     assert store.bytes_used >= 0.9 * taken
+
+
+async def test_memory_counts_a_real_answer_and_not_orjsons_buffer() -> None:
+    """A chat answer as the layer stores it (body written by orjson, usage with nested
+    details): the bound counts at least what the entry takes, and the entry does not keep
+    the 4 KiB buffer orjson returns its output in."""
+    import tracemalloc
+    answer = orjson.loads((Path(__file__).parents[1] / "bench" / "chat.json").read_bytes())
+    store = MemoryCacheStore(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            parsed = orjson.loads(orjson.dumps(answer))
+            await store.set(f"{i:064x}", entry(body=orjson.dumps(parsed), usage=parsed["usage"]),
+                            60)
+            del parsed
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.bytes_used >= 0.9 * taken
+    assert taken / 2000 < 3000  # about 1.8 KB; 5.2 KB with orjson's buffers
 
 
 async def test_memory_counts_bytes_exactly() -> None:
