@@ -108,7 +108,6 @@ class RequestContext:
     # Written by the auth layer: who is calling.
     principal: Any = None
     customer: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
     # Written by the failover layer: which deployment to call next (None: the first one) and
     # which of its provider keys (a gateway.upstream.ProviderKey; None: its first key, or the
     # provider's own key when it has none).
