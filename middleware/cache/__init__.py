@@ -49,7 +49,7 @@ from middleware.cache.keys import (
     parse_cache_control,
     project_tag,
 )
-from middleware.cache.replay import collect_stream, mark_cached, replay_stream
+from middleware.cache.replay import collect_stream, marked_json, replay_stream
 from middleware.cache.semantic import (
     EmbedderError,
     SemanticCache,
@@ -130,7 +130,11 @@ class CacheMiddleware:
         # callback (`_flush_queue`); only writes that must be awaited get a task.
         self._queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
                                  SemanticQuery | None, list[float] | None]] = []
+        # What hits send, per stored body (bounded by MEMO_BYTES each).
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
+        self._replays_bytes = 0
+        self._marked: dict[bytes, bytes] = {}
+        self._marked_bytes = 0
         # Stores that answer without I/O (the memory store) are called without a coroutine.
         self._get_now = getattr(self.store, "get_now", None)
         self._set_soon = getattr(self.store, "set_soon", None)
@@ -340,12 +344,21 @@ class CacheMiddleware:
                 isinstance(options, dict) and options.get("include_usage") is True)
             payload = self._replayed(entry, ctx.api_format, include_usage)
             headers = [*_SSE, (b"x-sluicegate-cache", marker)]
-        else:  # stored already marked as cached: the bytes go out as they are
-            payload = entry.body
+        else:
+            payload = self._marked_json(entry.body)
             headers = [_JSON, (b"content-length", b"%d" % len(payload)),
                        (b"x-sluicegate-cache", marker)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _marked_json(self, body: bytes) -> bytes:
+        """A stored answer with its usage marked as cached, made once per entry and kept in
+        process (bounded), so a miss never pays for marking an answer nobody asks again."""
+        marked = self._marked.get(body)
+        if marked is None:
+            marked = marked_json(body)
+            self._marked_bytes = _remember(self._marked, self._marked_bytes, body, marked)
+        return marked
 
     def _replayed(self, entry: CachedResponse, api_format: str, include_usage: bool) -> bytes:
         """The stream form of a stored answer, rendered once per entry and kept in process
@@ -355,9 +368,8 @@ class CacheMiddleware:
         if payload is None:
             payload = b"".join(replay_stream(orjson.loads(entry.body), api_format,
                                              include_usage=include_usage))
-            if len(self._replays) >= 4096:
-                self._replays.clear()
-            self._replays[memo_key] = payload
+            self._replays_bytes = _remember(self._replays, self._replays_bytes, memo_key,
+                                            payload)
         return payload
 
     def _entry_of(self, ctx: RequestContext, tee: _Tee, tags: tuple[str, ...]
@@ -370,6 +382,7 @@ class CacheMiddleware:
             answer = collect_stream(events, ctx.api_format, ctx.operation)
             if answer is None:  # cut short or failed: never cached
                 return None
+            body = orjson.dumps(answer)  # the JSON answer the stream amounts to, unmarked
         else:
             # The passthrough parsed what it sent; other bytes (a custom layer below this one
             # changed them) are parsed here.
@@ -377,8 +390,8 @@ class CacheMiddleware:
             answer = sent[1] if sent is not None and sent[0] == raw else _parsed(raw)
             if not isinstance(answer, dict):
                 return None
+            body = raw  # as it was served; a hit marks its usage (`_marked_json`)
         usage = answer.get("usage")
-        body = orjson.dumps(mark_cached(answer))  # hits send these bytes untouched
         entry = CachedResponse(body, ctx.api_format, 200, time.time(),
                                usage if isinstance(usage, dict) else None,
                                ctx.served_model or ctx.model, _cost_of(ctx), tags)
@@ -439,6 +452,20 @@ class _Tee:
                     self.streaming = True
             message["headers"] = [*headers, _MISS]
         return self._send(message)
+
+
+MEMO_BYTES = 32 * 1024 * 1024  # per memo of rendered hits: stored body plus rendering
+
+
+def _remember(memo: dict[Any, bytes], used: int, key: Any, value: bytes) -> int:
+    """Adds to a memo of renderings of stored bodies (the body is the key or its first
+    item); empties it first when it would grow past MEMO_BYTES. Returns the bytes it holds."""
+    size = len(value) + len(key if isinstance(key, bytes) else key[0])
+    if used + size > MEMO_BYTES:
+        memo.clear()
+        used = 0
+    memo[key] = value
+    return used + size
 
 
 def _parsed(raw: bytes) -> Any:

@@ -84,6 +84,35 @@ def pieces(text: str) -> list[str]:
     return out
 
 
+_USAGE_KEY = b'"usage"'
+_FLAG_KEY = b'"' + CACHED_USAGE_FLAG.encode() + b'"'
+_FLAG_MEMBER = _FLAG_KEY + b":true"
+
+
+def marked_json(raw: bytes) -> bytes:
+    """A stored JSON answer as a hit sends it: `mark_cached` of it, as JSON text.
+
+    The flag is written into raw's `usage` object, so the answer keeps the bytes it was
+    first served with and is not parsed. That holds when `"usage"` occurs in raw exactly once
+    (a quote inside a JSON string is escaped, so those seven bytes can only be a key or the
+    string "usage", and an answer with usage has the top-level key) and the flag does not;
+    anything else is parsed, marked and written anew.
+    """
+    if _FLAG_KEY not in raw:
+        found = raw.count(_USAGE_KEY)
+        if found == 0:
+            return raw  # no usage to mark
+        if found == 1:
+            after_key = raw.index(_USAGE_KEY) + len(_USAGE_KEY)
+            opening = raw.find(b"{", after_key)
+            if opening > 0 and raw[after_key:opening].strip() == b":":
+                empty = raw[opening + 1:].lstrip()[:1] == b"}"
+                member = _FLAG_MEMBER if empty else _FLAG_MEMBER + b","
+                return b"".join((raw[:opening + 1], member, raw[opening + 1:]))
+    body = orjson.loads(raw)
+    return orjson.dumps(mark_cached(body)) if isinstance(body, dict) else raw
+
+
 # -- replay: stored body -> SSE chunks ---------------------------------------------------------
 
 def replay_stream(body: JSON, api_format: str, *, include_usage: bool,

@@ -18,12 +18,14 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import orjson
 import psycopg
 import pytest
 import redis
 from psycopg import sql
 
 from gateway.app import create_app
+from middleware.cache.replay import mark_cached
 from middleware.cache.stores import CachedResponse
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
@@ -215,6 +217,8 @@ def test_a_repeat_is_a_hit_with_the_original_usage(gateway: ThreadedServer,
     assert b.usage is not None and a.usage is not None
     assert b.usage.prompt_tokens == a.usage.prompt_tokens
     assert b.usage.model_extra == {"x_sluicegate_cached": True}
+    # The whole answer as first served, marked (stored unmarked, marked when a hit is sent).
+    assert orjson.loads(second.content) == mark_cached(orjson.loads(first.content))
 
 
 def test_a_stored_answer_replays_as_a_stream_and_a_stream_answers_json(

@@ -16,6 +16,7 @@ from middleware.cache.replay import (
     CACHED_USAGE_FLAG,
     collect_stream,
     mark_cached,
+    marked_json,
     pieces,
     replay_stream,
 )
@@ -263,6 +264,32 @@ def test_mark_cached_copies() -> None:
     assert marked["usage"] == {**CHAT_USAGE, CACHED_USAGE_FLAG: True}
     assert CACHED_USAGE_FLAG not in CHAT_TEXT["usage"]
     assert mark_cached(CHAT_NO_USAGE) == CHAT_NO_USAGE
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"usage":{}}',
+    b'{"usage" : \n {  } , "a": 1}',
+    b'{"a":{"usage":{"x":1}},"usage":{"y":2}}',  # a nested usage key: written anew
+    b'{"type":"usage","usage":{"y":2}}',  # "usage" as a value too
+    b'{"usage":{"x_sluicegate_cached":false}}',  # the flag already there
+    b'{"usage":{"p":1,"x_sluicegate_cached":true}}',  # marked by an older gateway
+    b'{"x":"say \\"usage\\": {","usage":{"p":1}}',  # the key, escaped, inside a string
+    b'{"u":1}',
+    b'{"usage":null}',
+    b'{"usage":"none"}',
+])
+def test_marked_json_is_the_marked_answer(raw: bytes) -> None:
+    assert orjson.loads(marked_json(raw)) == mark_cached(orjson.loads(raw))
+
+
+def test_marked_json_keeps_the_bytes_the_client_got() -> None:
+    """A pretty-printed answer (as OpenAI sends it) stays as it was, with the flag written
+    into its usage object."""
+    body = {**CHAT_TEXT, "usage": CHAT_USAGE}
+    raw = orjson.dumps(body, option=orjson.OPT_INDENT_2)
+    marked = marked_json(raw)
+    assert orjson.loads(marked) == mark_cached(body)
+    assert marked.replace(b'"x_sluicegate_cached":true,', b"") == raw
 
 
 # -- collecting upstream streams (the mock providers' independent renderings) ----------------
