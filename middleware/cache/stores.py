@@ -161,11 +161,15 @@ def _tags(value: Any) -> tuple[str, ...]:
     return tuple(_text(tag) for tag in value)
 
 
-def _expiring(entry: CachedResponse, ttl_s: float) -> CachedResponse:
+def _expiring(entry: CachedResponse, ttl_s: float, body: bytes | None = None
+              ) -> CachedResponse:
+    """The entry as a store keeps it: expiring `ttl_s` from now (and with `body` instead of
+    its own, if given)."""
     if not math.isfinite(ttl_s):
         raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
     # Positional: dataclasses.replace costs about twice as much, on every store.
-    return CachedResponse(entry.body, entry.api_format, entry.status, entry.created_at,
+    return CachedResponse(entry.body if body is None else body, entry.api_format,
+                          entry.status, entry.created_at,
                           entry.usage, entry.model, entry.cost_micros, entry.tags,
                           time.time() + ttl_s)
 
@@ -292,14 +296,10 @@ class MemoryCacheStore:
         """`set`, done at once (there is nothing to wait for); always True."""
         if ttl_s <= 0:
             return True
-        if not math.isfinite(ttl_s):
-            raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
         # The body is copied: orjson returns each result in a 4 KiB buffer, which a kept
         # entry would hold for its whole life (a 700-byte answer took 4.1 KB).
-        entry = CachedResponse(b"".join((entry.body, b"")), entry.api_format, entry.status,
-                               entry.created_at, entry.usage, entry.model, entry.cost_micros,
-                               entry.tags, time.time() + ttl_s)
-        size = len(entry.body) + len(key) + ENTRY_OVERHEAD_BYTES  # memory_size, inline
+        entry = _expiring(entry, ttl_s, b"".join((entry.body, b"")))
+        size = memory_size(key, entry)
         entries = self._entries
         if key in entries:
             self._remove(key)
