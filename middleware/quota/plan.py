@@ -4,7 +4,7 @@ actually used, and how refusals and headers read. No I/O here; tested without AS
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -368,6 +368,16 @@ def rate_limit_headers(planned: Sequence[Planned],
     budget left (x-sluicegate-budget-remaining, USD) when a budget applies."""
     remaining = decision.remaining
     reset_s = decision.reset_s
+    memo: dict[Any, Any] | None = getattr(planned, "memo", None)
+    if memo is not None:  # one template, one layout: its compiled maker (or False: none)
+        maker = memo.get(_MAKERS)
+        if maker is None or maker[0] != len(remaining):
+            maker = memo[_MAKERS] = (len(remaining),
+                                     _header_maker(planned, _indexes_by_kind(planned,
+                                                                             len(remaining))))
+        if maker[1] is not None:
+            made: list[tuple[bytes, bytes]] = maker[1](remaining, reset_s)
+            return made
     headers: list[tuple[bytes, bytes]] = []
     kinds = _indexes_by_kind(planned, len(remaining))
     for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
@@ -391,6 +401,54 @@ def rate_limit_headers(planned: Sequence[Planned],
         headers.append((b"x-sluicegate-budget-remaining",
                         b"%d.%06d" % divmod(left, MICROS_PER_USD)))
     return headers
+
+
+_MAKERS = "header maker"  # template memo entry: (check count, maker or None)
+
+
+def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]]
+                  ) -> Callable[[tuple[int, ...], tuple[float, ...]],
+                                list[tuple[bytes, bytes]]] | None:
+    """`rate_limit_headers` for one template whose request and token limits are one check
+    each (the usual case: the tightest is then always that one) and with at most one budget,
+    as straight-line code made once (as dataclasses makes its __init__): the limit headers
+    are ready pairs, and only the remaining counts and resets are formatted per request
+    (callgrind, auth + quota bench config in process: 20.5k instructions a request through
+    the loop, 11.5k this way). None for any other template (the loop answers)."""
+    budgets = kinds.get(BUDGET, [])
+    if len(budgets) > 1:
+        return None
+    names: dict[str, Any] = {"_reset": _reset_text, "_usd": _usd_text}
+    items = []
+    for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
+        indexes = kinds.get(kind)
+        if indexes is None:
+            continue
+        if len(indexes) != 1:
+            return None
+        index = indexes[0]
+        at = len(names)
+        names[f"L{at}"] = (limit_name, b"%d" % planned[index].check.limit)
+        names[f"R{at}"], names[f"S{at}"] = remaining_name, reset_name
+        # (Only integers and names made here go into the source.)
+        items += [f"L{at}", f"(R{at}, b'%d' % remaining[{int(index)}])",
+                  f"(S{at}, _reset(reset_s[{int(index)}]))"]
+    if budgets:
+        names["B"] = b"x-sluicegate-budget-remaining"
+        items.append(f"(B, _usd(remaining[{int(budgets[0])}]))")
+    source = f"lambda remaining, reset_s: [{', '.join(items)}]"
+    maker: Callable[[tuple[int, ...], tuple[float, ...]], list[tuple[bytes, bytes]]] = \
+        eval(source, names)  # (integers and the names above only)
+    return maker
+
+
+def _reset_text(seconds: float) -> bytes:
+    return _MILLIS[int(seconds * 1000)] if 0 < seconds < 1 else _duration(seconds)
+
+
+def _usd_text(left: int) -> bytes:
+    # (A comparison, not max(): that parses keyword arguments on every call.)
+    return b"%d.%06d" % divmod(left if left > 0 else 0, MICROS_PER_USD)  # noqa: FURB136
 
 
 def budget_indexes(planned: Sequence[Planned], *, cutoff: bool = False) -> tuple[int, ...]:

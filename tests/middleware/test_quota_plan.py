@@ -119,3 +119,28 @@ def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default
     assert bound({"max_tokens": 10, "n": 0}) == bound({"max_tokens": 10, "n": False}) == 10
     assert bound({"max_tokens": 300}, ANTHROPIC_MESSAGES) == 300
     assert bound({"max_tokens": 10}, OPENAI_EMBEDDINGS) == 0
+
+
+def test_a_template_of_one_limit_per_kind_gives_the_loops_headers() -> None:
+    """Such a template's headers come from code made for it once (the limit pairs ready,
+    the counts and resets formatted per decision): the same bytes as the plain list's loop,
+    for every reset format and for an overdrawn budget."""
+    plain = [planned(TOKENS, "a:tpm", 10_000), planned(CONCURRENT, "a:concurrent", 4),
+             planned(REQUESTS, "a:rpm", 100), planned(BUDGET, "a:budget", 500)]
+    memo: dict[object, object] = {}
+    resets = (0.0, 6e-07, 0.2509, 0.999, 1.0, 59.01, 3723.2, -0.5, 86_400.0)
+    for number, reset in enumerate(resets):
+        remaining = (9_000 - number, 3, 99 - number, 450 - 100 * number)
+        decision = Decision(allowed=True, remaining=remaining,
+                            reset_s=(reset, 1.0, resets[-1 - number], 9.0))
+        made = rate_limit_headers(templated(plain, memo), decision)
+        assert made == rate_limit_headers(list(plain), decision)
+        assert dict(made)[b"x-ratelimit-remaining-requests"] == b"%d" % (99 - number)
+    assert memo  # the maker was kept
+    only_budget = [planned(BUDGET, "a:budget", 500)]
+    decision = Decision(allowed=True, remaining=(-3,), reset_s=(5.0,))
+    assert rate_limit_headers(templated(only_budget, {}), decision) == \
+        [(b"x-sluicegate-budget-remaining", b"0.000000")]
+    no_limits: list[Planned] = [planned(CONCURRENT, "a:concurrent", 4)]
+    assert rate_limit_headers(templated(no_limits, {}), Decision(
+        allowed=True, remaining=(2,), reset_s=(1.0,))) == []
