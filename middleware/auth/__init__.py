@@ -140,7 +140,7 @@ class AuthMiddleware:
             raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
                                     "or in the 'x-api-key' header.", code="missing_api_key")
         key_hash = hash_key(credential)
-        key = await self.static.find(key_hash) if self.static is not None else None
+        key = self.static.find_now(key_hash) if self.static is not None else None
         if key is None and self.cache is not None:
             try:
                 key = await self.cache.find(key_hash)
@@ -165,9 +165,20 @@ class AuthMiddleware:
                                     "'X-Sluicegate-Customer' header or the 'user' field.",
                                param="user", code="customer_required")
         ctx.customer = customer
-        project_limits = await self._subject_limits("project", key.project)
-        customer_limits = (await self._subject_limits("customer", f"{key.project}/{customer}")
-                           if customer else None)
+        # Static limits first, without a coroutine each (the store's are awaited only when
+        # there is a store and the config has none).
+        static = self.static
+        project_limits = static.subject_limits_now("project", key.project) \
+            if static is not None else None
+        if project_limits is None and self.cache is not None:
+            project_limits = await self._stored_limits("project", key.project)
+        customer_limits = None
+        if customer:
+            subject = f"{key.project}/{customer}"
+            customer_limits = static.subject_limits_now("customer", subject) \
+                if static is not None else None
+            if customer_limits is None and self.cache is not None:
+                customer_limits = await self._stored_limits("customer", subject)
         # One Principal per key, customer and limits while none of them changes: making one
         # (a frozen dataclass) cost more than the rest of this method, and the quota layer
         # keys its compiled limits by it. A key or limit changed by the admin API is a new
@@ -192,13 +203,8 @@ class AuthMiddleware:
         self._principals[memo_key] = (key, project_limits, customer_limits, principal)
         return principal
 
-    async def _subject_limits(self, kind: str, subject: str) -> Limits | None:
-        if self.static is not None:
-            found = await self.static.subject_limits(kind, subject)
-            if found is not None:
-                return found
-        if self.cache is None:
-            return None
+    async def _stored_limits(self, kind: str, subject: str) -> Limits | None:
+        assert self.cache is not None
         try:
             return await self.cache.subject_limits(kind, subject)
         except KeyStoreUnavailable:

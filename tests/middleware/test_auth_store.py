@@ -396,6 +396,12 @@ async def test_static_store() -> None:
     assert await store.subject_limits("project", "acme") == Limits(rpm=100)
     assert await store.get_limits("customer", "acme/alice") == Limits(tpm=9)
     assert await store.subject_limits("project", "globex") is None
+    # The auth layer's per-request lookups, without a coroutine: the same answers.
+    assert store.find_now(hash_key("sk-sg-one-one-one-one")) == found
+    assert store.find_now(hash_key("sk-sg-unknown")) is None
+    assert store.subject_limits_now("project", "acme") == Limits(rpm=100)
+    assert store.subject_limits_now("customer", "acme/alice") == Limits(tpm=9)
+    assert store.subject_limits_now("project", "globex") is None
     assert [s.kind for s in await store.list_limits()] == ["customer", "project"]
     assert await store.check_ready() == {"auth_keys_static": "ok"}
     changes: list[Awaitable[Any]] = [
@@ -701,3 +707,41 @@ async def test_the_auth_layer_reuses_a_principal_until_its_limits_change(
         await asyncio.sleep(0.05)
     assert changed.limits["project"].budgets[0].limit_usd == 5
     assert await call() is changed
+
+
+async def test_static_limits_come_first_then_the_stores(store: PostgresKeyStore) -> None:
+    """With static keys and a store: a subject's limits from the config win; a subject the
+    config has no limits for gets the store's (for static and stored keys alike)."""
+    from gateway.context import CONTEXT_KEY, OPENAI_CHAT, RequestContext
+    from middleware.auth import AuthMiddleware
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope[CONTEXT_KEY].principal)
+
+    static_plaintext = "sk-sg-static-first-0123456789abcdef"
+    layer = AuthMiddleware(app, store=store,
+                           keys=[StaticKey("acme", key_hash=hash_key(static_plaintext))],
+                           limits={("project", "acme"): Limits(rpm=5),
+                                   ("customer", "acme/alice"): Limits(tpm=7)})
+    await store.set_limits("project", "acme", Limits(rpm=500))  # the config's wins
+    await store.set_limits("customer", "acme/bob", Limits(tpm=70))
+    stored_plaintext, _key = await store.create("globex")
+    await store.set_limits("project", "globex", Limits(rpm=40))
+
+    async def call(plaintext: str, customer: str | None = None) -> Any:
+        headers = [(b"authorization", b"Bearer " + plaintext.encode())]
+        if customer:
+            headers.append((b"x-sluicegate-customer", customer.encode()))
+        ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
+                             body={}, raw_body=b"{}", model="gpt-mock", stream=False)
+        await layer({"type": "http", "headers": headers, CONTEXT_KEY: ctx}, None, None)
+        return seen[-1]
+
+    assert (await call(static_plaintext)).limits == {"project": Limits(rpm=5)}
+    assert (await call(static_plaintext, "alice")).limits == {
+        "project": Limits(rpm=5), "customer": Limits(tpm=7)}
+    assert (await call(static_plaintext, "bob")).limits == {
+        "project": Limits(rpm=5), "customer": Limits(tpm=70)}
+    assert (await call(stored_plaintext)).limits == {"project": Limits(rpm=40)}
