@@ -13,7 +13,8 @@ _PER_IMAGE = 85  # OpenAI's low-detail image cost; images are otherwise not coun
 
 
 def estimate_text(text: str) -> int:
-    return (len(text.encode("utf-8")) + 3) // 4
+    # An ASCII str knows it is one (a flag, no scan): its length is its UTF-8 length.
+    return ((len(text) if text.isascii() else len(text.encode("utf-8"))) + 3) // 4
 
 
 def _estimate_content(content: Any) -> int:
@@ -43,9 +44,14 @@ def estimate_messages(messages: list[Any], system: Any = None, tools: Any = None
     total = _estimate_content(system) if system else 0
     for message in messages:
         if isinstance(message, dict):
-            total += _PER_MESSAGE + _estimate_content(message.get("content"))
-            for call in message.get("tool_calls") or ():
-                total += estimate_text(str(call))
+            content = message.get("content")
+            # Text content, the usual case, inline (estimate_text's arithmetic).
+            total += _PER_MESSAGE + (
+                ((len(content) if content.isascii() else len(content.encode("utf-8"))) + 3) // 4
+                if type(content) is str else _estimate_content(content))
+            if "tool_calls" in message:
+                for call in message["tool_calls"] or ():
+                    total += estimate_text(str(call))
     if tools:
         total += estimate_text(str(tools))
     return total + _PER_MESSAGE

@@ -1,0 +1,41 @@
+"""The input-token estimator (gateway/tokens.py): a quarter of the UTF-8 bytes, rounded up,
+plus 3 per message and 3 for the reply's priming, as OpenAI's chat format counts."""
+from __future__ import annotations
+
+from gateway.tokens import estimate_input, estimate_messages, estimate_text
+
+
+def test_text_is_a_quarter_of_its_utf8_bytes_rounded_up() -> None:
+    assert estimate_text("") == 0
+    assert estimate_text("Say hello") == 3  # 9 bytes
+    assert estimate_text("abcd") == 1
+    assert estimate_text("abcde") == 2
+    assert estimate_text("h\u00e9llo") == 2  # 6 bytes: \u00e9 is two
+    assert estimate_text("\U0001f44b" * 3) == 3  # 12 bytes: four each
+    assert estimate_text("\u4f60\u597d") == 2  # 6 bytes: three each
+
+
+def test_messages_count_their_text_and_three_each() -> None:
+    messages = [{"role": "user", "content": "Say hello"}]
+    assert estimate_messages(messages) == 3 + 3 + 3
+    messages.append({"role": "assistant", "content": "\u4f60\u597d\u4f60\u597d"})  # 12 bytes
+    assert estimate_messages(messages) == 3 + (3 + 3) + (3 + 3)
+
+
+def test_content_parts_tool_calls_system_and_tools_count_too() -> None:
+    parts = [{"type": "text", "text": "abcdefgh"}, {"type": "image_url", "image_url": {}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": parts},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "assistant", "content": "ok", "tool_calls": None},
+                "not a message"]
+    expected = (3 + 2 + 85) + (3 + estimate_text(str(call))) + (3 + 1) + 3
+    assert estimate_messages(messages) == expected
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert estimate_messages(messages, system="abcd", tools=tools) == \
+        expected + 1 + estimate_text(str(tools))
+
+
+def test_inputs_of_embeddings_and_completions() -> None:
+    assert estimate_input("abcdefgh") == 2
+    assert estimate_input(["abcd", "h\u00e9llo", [1, 2, 3], 7]) == 1 + 2 + 3 + 0
