@@ -661,30 +661,40 @@ def test_far_future_is_still_a_datetime() -> None:
     assert datetime(9999, 1, 1, tzinfo=UTC) - timedelta(days=1) > datetime.now(UTC)
 
 
-async def test_the_auth_layer_reuses_a_principal_until_its_limits_change(
-        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
-    """The layer makes one Principal per key and customer and keeps it while the key and its
-    limits are the same objects; limits set on another instance reach it (a new Principal)."""
-    from gateway.context import CONTEXT_KEY, OPENAI_CHAT, RequestContext
-    from middleware.auth import AuthMiddleware
+class _PrincipalProbe:
+    """An auth layer over an app that keeps the Principal each request got."""
 
-    seen: list[Any] = []
+    def __init__(self, **options: Any) -> None:
+        from middleware.auth import AuthMiddleware
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(scope[CONTEXT_KEY].principal)
+        self.seen: list[Any] = []
+        self.layer = AuthMiddleware(self._app, **options)
 
-    layer = AuthMiddleware(app, store=store)
-    plaintext, _key = await store.create("memo", limits=Limits(rpm=10))
-    await store.set_limits("project", "memo", Limits(tpm=100))
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        from gateway.context import CONTEXT_KEY
+        self.seen.append(scope[CONTEXT_KEY].principal)
 
-    async def call(customer: str | None = None) -> Any:
+    async def principal(self, plaintext: str, customer: str | None = None) -> Any:
+        from gateway.context import CONTEXT_KEY, OPENAI_CHAT, RequestContext
         headers = [(b"authorization", b"Bearer " + plaintext.encode())]
         if customer:
             headers.append((b"x-sluicegate-customer", customer.encode()))
         ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
                              body={}, raw_body=b"{}", model="gpt-mock", stream=False)
-        await layer({"type": "http", "headers": headers, CONTEXT_KEY: ctx}, None, None)
-        return seen[-1]
+        await self.layer({"type": "http", "headers": headers, CONTEXT_KEY: ctx}, None, None)
+        return self.seen[-1]
+
+
+async def test_the_auth_layer_reuses_a_principal_until_its_limits_change(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    """The layer makes one Principal per key and customer and keeps it while the key and its
+    limits are the same objects; limits set on another instance reach it (a new Principal)."""
+    probe = _PrincipalProbe(store=store)
+    plaintext, _key = await store.create("memo", limits=Limits(rpm=10))
+    await store.set_limits("project", "memo", Limits(tpm=100))
+
+    async def call(customer: str | None = None) -> Any:
+        return await probe.principal(plaintext, customer)
 
     first = await call()
     assert await call() is first
@@ -712,32 +722,16 @@ async def test_the_auth_layer_reuses_a_principal_until_its_limits_change(
 async def test_static_limits_come_first_then_the_stores(store: PostgresKeyStore) -> None:
     """With static keys and a store: a subject's limits from the config win; a subject the
     config has no limits for gets the store's (for static and stored keys alike)."""
-    from gateway.context import CONTEXT_KEY, OPENAI_CHAT, RequestContext
-    from middleware.auth import AuthMiddleware
-
-    seen: list[Any] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(scope[CONTEXT_KEY].principal)
-
     static_plaintext = "sk-sg-static-first-0123456789abcdef"
-    layer = AuthMiddleware(app, store=store,
-                           keys=[StaticKey("acme", key_hash=hash_key(static_plaintext))],
-                           limits={("project", "acme"): Limits(rpm=5),
-                                   ("customer", "acme/alice"): Limits(tpm=7)})
+    probe = _PrincipalProbe(store=store,
+                            keys=[StaticKey("acme", key_hash=hash_key(static_plaintext))],
+                            limits={("project", "acme"): Limits(rpm=5),
+                                    ("customer", "acme/alice"): Limits(tpm=7)})
+    call = probe.principal
     await store.set_limits("project", "acme", Limits(rpm=500))  # the config's wins
     await store.set_limits("customer", "acme/bob", Limits(tpm=70))
     stored_plaintext, _key = await store.create("globex")
     await store.set_limits("project", "globex", Limits(rpm=40))
-
-    async def call(plaintext: str, customer: str | None = None) -> Any:
-        headers = [(b"authorization", b"Bearer " + plaintext.encode())]
-        if customer:
-            headers.append((b"x-sluicegate-customer", customer.encode()))
-        ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
-                             body={}, raw_body=b"{}", model="gpt-mock", stream=False)
-        await layer({"type": "http", "headers": headers, CONTEXT_KEY: ctx}, None, None)
-        return seen[-1]
 
     assert (await call(static_plaintext)).limits == {"project": Limits(rpm=5)}
     assert (await call(static_plaintext, "alice")).limits == {
