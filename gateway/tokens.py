@@ -45,10 +45,8 @@ def estimate_messages(messages: list[Any], system: Any = None, tools: Any = None
     for message in messages:
         if isinstance(message, dict):
             content = message.get("content")
-            # Text content, the usual case, inline (estimate_text's arithmetic).
-            total += _PER_MESSAGE + (
-                ((len(content) if content.isascii() else len(content.encode("utf-8"))) + 3) // 4
-                if type(content) is str else _estimate_content(content))
+            total += _PER_MESSAGE + (estimate_text(content) if type(content) is str
+                                     else _estimate_content(content))
             if "tool_calls" in message:
                 for call in message["tool_calls"] or ():
                     total += estimate_text(str(call))

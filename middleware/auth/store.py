@@ -168,14 +168,14 @@ class StaticKeyStore:
         return {"auth_keys_static": "ok"}
 
     async def find(self, key_hash: str) -> VirtualKey | None:
-        return self._by_hash.get(key_hash)
+        return self.find_now(key_hash)
 
     def find_now(self, key_hash: str) -> VirtualKey | None:
         """`find` without a coroutine to make and await (the auth layer's per-request path)."""
         return self._by_hash.get(key_hash)
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
-        return self._limits.get((kind, subject_id))
+        return self.subject_limits_now(kind, subject_id)
 
     def subject_limits_now(self, kind: str, subject_id: str) -> Limits | None:
         return self._limits.get((kind, subject_id))

@@ -369,7 +369,7 @@ def rate_limit_headers(planned: Sequence[Planned],
     remaining = decision.remaining
     reset_s = decision.reset_s
     memo: dict[Any, Any] | None = getattr(planned, "memo", None)
-    if memo is not None:  # one template, one layout: its compiled maker (or False: none)
+    if memo is not None:  # one template, one layout: (check count, its maker or None)
         maker = memo.get(_MAKERS)
         if maker is None or maker[0] != len(remaining):
             maker = memo[_MAKERS] = (len(remaining),
@@ -385,21 +385,15 @@ def rate_limit_headers(planned: Sequence[Planned],
         if indexes is not None:
             index = indexes[0] if len(indexes) == 1 else \
                 min(indexes, key=remaining.__getitem__)
-            seconds = reset_s[index]
-            # Under a second (a bucket that refills fast): one of a thousand ready texts.
-            reset = _MILLIS[int(seconds * 1000)] if 0 < seconds < 1 else _duration(seconds)
             headers += (
                 (limit_name, b"%d" % planned[index].check.limit),
                 (remaining_name, b"%d" % remaining[index]),
-                (reset_name, reset),
+                (reset_name, _duration(reset_s[index])),
             )
     indexes = kinds.get(BUDGET)
     if indexes is not None:
-        left = min([remaining[index] for index in indexes])
-        if left < 0:  # noqa: PLR1730 (a comparison, not max(): that parses keywords)
-            left = 0
         headers.append((b"x-sluicegate-budget-remaining",
-                        b"%d.%06d" % divmod(left, MICROS_PER_USD)))
+                        _usd_text(min([remaining[index] for index in indexes]))))
     return headers
 
 
@@ -418,7 +412,7 @@ def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]]
     budgets = kinds.get(BUDGET, [])
     if len(budgets) > 1:
         return None
-    names: dict[str, Any] = {"_reset": _reset_text, "_usd": _usd_text}
+    names: dict[str, Any] = {"_reset": _duration, "_usd": _usd_text}
     items = []
     for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
         indexes = kinds.get(kind)
@@ -442,11 +436,8 @@ def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]]
     return maker
 
 
-def _reset_text(seconds: float) -> bytes:
-    return _MILLIS[int(seconds * 1000)] if 0 < seconds < 1 else _duration(seconds)
-
-
 def _usd_text(left: int) -> bytes:
+    """A budget's remaining micro-dollars as USD text (an overdrawn one shows 0)."""
     # (A comparison, not max(): that parses keyword arguments on every call.)
     return b"%d.%06d" % divmod(left if left > 0 else 0, MICROS_PER_USD)  # noqa: FURB136
 
