@@ -16,6 +16,7 @@ from gateway.app import create_app, tune_gc
 from gateway.config import ConfigError
 from gateway.h11_headers import install as install_h11_header_memo
 from gateway.h11_headers import install_hypercorn as install_hypercorn_header_memo
+from gateway.hypercorn_idle import install as install_idle_timer
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
 from gateway.supervisor import announce_ready
@@ -49,3 +50,4 @@ configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py
 install_hypercorn_header_memo()
+install_idle_timer()  # one timer per idle connection: see gateway/hypercorn_idle.py
