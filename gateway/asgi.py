@@ -17,6 +17,7 @@ from gateway.config import ConfigError
 from gateway.h11_headers import install as install_h11_header_memo
 from gateway.h11_headers import install_hypercorn as install_hypercorn_header_memo
 from gateway.hypercorn_idle import install as install_idle_timer
+from gateway.hypercorn_writes import install as install_gathering_writer
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
 from gateway.supervisor import announce_ready
@@ -51,3 +52,4 @@ tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py
 install_hypercorn_header_memo()
 install_idle_timer()  # one timer per idle connection: see gateway/hypercorn_idle.py
+install_gathering_writer()  # one send(2) per turn: see gateway/hypercorn_writes.py
