@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -40,6 +41,39 @@ def wait_until_up(url: str, timeout_s: float = 20.0, process: subprocess.Popen[A
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not come up within {timeout_s} s")
+
+
+@asynccontextmanager
+async def served_here(app: Any, **config: Any) -> AsyncIterator[tuple[int, asyncio.Event,
+                                                                    asyncio.Task[None]]]:
+    """Hypercorn serving `app` on this event loop on a free 127.0.0.1 port, with the given
+    hypercorn `Config` attributes: (port, the event that stops it, its task). Leaving stops
+    it and waits (bounded) for it to end."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    port = free_port()
+    settings = Config()
+    settings.bind = [f"127.0.0.1:{port}"]
+    settings.accesslog = None
+    settings.errorlog = None
+    for name, value in config.items():
+        setattr(settings, name, value)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, settings, shutdown_trigger=stop.wait))
+    for _ in range(500):
+        try:
+            _reader, probe = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        probe.close()
+        break
+    try:
+        yield port, stop, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 class ThreadedServer:

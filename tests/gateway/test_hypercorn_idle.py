@@ -5,17 +5,15 @@ a real hypercorn server on 127.0.0.1 and talks HTTP/1.1 to it over a socket."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
-from hypercorn.asyncio import serve, tcp_server
+from hypercorn.asyncio import tcp_server
 from hypercorn.asyncio.task_group import TaskGroup
-from hypercorn.config import Config
 
 from gateway import hypercorn_idle
-from tests.harness import free_port
+from tests.harness import served_here
 
 REQUEST = b"GET / HTTP/1.1\r\nhost: test\r\n\r\n"
 
@@ -38,31 +36,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@asynccontextmanager
-async def server(keep_alive_timeout: float, graceful_timeout: float = 3
-                 ) -> AsyncIterator[tuple[int, asyncio.Event, asyncio.Task[None]]]:
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.keep_alive_timeout = keep_alive_timeout
-    config.graceful_timeout = graceful_timeout
-    config.accesslog = None
-    config.errorlog = None
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    for _ in range(200):
-        try:
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.02)
-            continue
-        w.close()
-        break
-    try:
-        yield port, stop, task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+def server(keep_alive_timeout: float, graceful_timeout: float = 3
+           ) -> AbstractAsyncContextManager[tuple[int, asyncio.Event, asyncio.Task[None]]]:
+    return served_here(app, keep_alive_timeout=keep_alive_timeout,
+                       graceful_timeout=graceful_timeout)
 
 
 async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -10,12 +10,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from hypercorn.asyncio import serve, tcp_server
-from hypercorn.config import Config
+from hypercorn.asyncio import tcp_server
 
 from gateway import hypercorn_writes
 from gateway.hypercorn_writes import GatheringWriter
-from tests.harness import free_port
+from tests.harness import served_here
 
 
 @asynccontextmanager
@@ -108,35 +107,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@asynccontextmanager
-async def hypercorn_server() -> AsyncIterator[int]:
+async def test_hypercorn_serves_through_it() -> None:
     assert hypercorn_writes.install()
     assert hypercorn_writes.install()  # once is enough
     assert hypercorn_writes.installed()
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    for _ in range(200):
-        try:
-            _reader, probe = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.02)
-            continue
-        probe.close()
-        break
-    try:
-        yield port
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
-async def test_hypercorn_serves_through_it() -> None:
-    async with hypercorn_server() as port:
+    async with served_here(app) as (port, _stop, _task):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(3):  # kept alive: one response after another on one connection
             writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
