@@ -98,9 +98,10 @@ def install() -> bool:
         return False
     server_class = getattr(tcp_server, "TCPServer", None)
     original = getattr(server_class, "__init__", None)
-    if server_class is None or original is None \
-            or original.__code__.co_varnames[:8] != ("self", "app", "loop", "config", "context",
-                                                     "state", "reader", "writer"):
+    code = getattr(original, "__code__", None)  # a plain function, as hypercorn 0.18 has it
+    if server_class is None or original is None or code is None \
+            or code.co_varnames[:8] != ("self", "app", "loop", "config", "context", "state",
+                                        "reader", "writer"):
         logger.info("hypercorn: responses keep hypercorn's own writes")
         return False
 
