@@ -33,8 +33,7 @@ logger = logging.getLogger("sluicegate")
 
 __all__ = ["IdleTimer", "install", "installed"]
 
-_installed = False
-_idle_timeout: Callable[..., Any] | None = None  # TCPServer._idle_timeout, what we replace
+_idle_timeout: Callable[..., Any] | None = None  # TCPServer._idle_timeout, once installed
 # Per worker context: the connections whose idle timer is armed, and the task that closes
 # them all when the worker stops.
 _armed: weakref.WeakKeyDictionary[Any, set[IdleTimer]] = weakref.WeakKeyDictionary()
@@ -42,7 +41,7 @@ _watchers: set[asyncio.Task[None]] = set()
 
 
 def installed() -> bool:
-    return _installed
+    return _idle_timeout is not None
 
 
 class IdleTimer:
@@ -122,8 +121,8 @@ def _watch(loop: asyncio.AbstractEventLoop, context: Any, armed: set[IdleTimer])
 def install() -> bool:
     """Gives hypercorn's connections the timer (once); False when hypercorn is not the shape
     this was written against, and then nothing changes."""
-    global _installed, _idle_timeout
-    if _installed:
+    global _idle_timeout
+    if _idle_timeout is not None:
         return True
     try:
         from hypercorn.asyncio import tcp_server, worker_context
@@ -136,7 +135,6 @@ def install() -> bool:
             is not getattr(worker_context, "AsyncioSingleTask", None):
         logger.info("hypercorn: idle connections keep hypercorn's own timeout task")
         return False
-    _idle_timeout = found
     tcp_server.AsyncioSingleTask = IdleTimer  # type: ignore[assignment,attr-defined]
-    _installed = True
+    _idle_timeout = found
     return True
