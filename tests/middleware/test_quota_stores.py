@@ -65,10 +65,17 @@ async def prefix() -> AsyncIterator[str]:
     await client.aclose()
 
 
+# The stores under test wait this long for Redis. The production default (half a second) is
+# short enough that a loaded two-core CI host, stalling this process or a test Redis node, once
+# timed out a CLUSTER SLOTS on a fresh connection; what a timeout does is tested on its own.
+_SOCKET_TIMEOUT_S = 5.0
+
+
 def make_store(kind: str, clock: FakeClock, prefix: str, url: str = REDIS_URL,
                **options: Any) -> Store:
     if kind == "memory":
         return MemoryQuotaStore(clock=clock, **options)
+    options.setdefault("socket_timeout_s", _SOCKET_TIMEOUT_S)
     return RedisQuotaStore(url, prefix=prefix, clock=clock, **options)
 
 
@@ -92,7 +99,8 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock,
 
 @pytest.fixture
 async def redis_store(clock: FakeClock, prefix: str) -> AsyncIterator[RedisQuotaStore]:
-    store = RedisQuotaStore(REDIS_URL, prefix=prefix, clock=clock)
+    store = RedisQuotaStore(REDIS_URL, prefix=prefix, clock=clock,
+                            socket_timeout_s=_SOCKET_TIMEOUT_S)
     await store.startup()
     yield store
     await store.shutdown()
@@ -358,7 +366,8 @@ async def peers_of(store: Store, clock: FakeClock) -> AsyncIterator[list[Store]]
     if isinstance(store, MemoryQuotaStore):
         yield [store]
         return
-    other = RedisQuotaStore(store.url, prefix=store.prefix, clock=clock)
+    other = RedisQuotaStore(store.url, prefix=store.prefix, clock=clock,
+                            socket_timeout_s=_SOCKET_TIMEOUT_S)
     await other.startup()
     try:
         yield [store, other]
