@@ -13,8 +13,8 @@ over when full, since request ids and dates never repeat). A remembered pair cos
 lookup on each pass instead of h11's loop body (a lower(), three comparisons, a tuple): about
 1.5k of the 10k instructions each of the quota layer's seven headers costs in h11 as a whole
 (the rest is h11's other loops over the headers, and writing them). A value of letters and
-digits alone needs no regex: it always matches h11's field-value grammar, and such values (a
-rate limit's remaining count) change on every response. The framing headers are never
+digits alone, one dot allowed, needs no regex: it always matches h11's field-value grammar,
+and such values (a rate limit's remaining count, a budget's USD) change on every response. The framing headers are never
 remembered: one plain Content-Length and one `chunked` Transfer-Encoding are taken as h11
 takes them; anything else about them (a repeat, a list, a bad value) goes to h11 whole, which
 folds or refuses it with its own message. So do anything but a tuple of two `bytes`, and
@@ -112,9 +112,10 @@ def install() -> bool:
                 if len(names) >= MEMO_MAX:
                     names.clear()
                 names[name] = lowered
-            # Letters and digits alone always match h11's field-value grammar; a count
-            # that changes on every response (a rate limit's remaining) skips the regex.
-            if not value.isalnum():
+            # Letters and digits (and one dot) always match h11's field-value grammar; a
+            # value that changes on every response (a rate limit's remaining count, a
+            # budget's USD) skips the regex.
+            if not value.isalnum() and not value.replace(b".", b"", 1).isalnum():
                 validate(value_re, value, "Illegal header value {!r}", value)
             if lowered == CONTENT_LENGTH:
                 # One plain length; anything else (a repeat, a list h11 folds, a bad

@@ -72,6 +72,7 @@ BAD = [
     ([(b"x-ok", b"fine"), (b"x-bad", b"line\r\nbreak")], "Illegal header value"),
     ([(b"bad name", b"value")], "Illegal header name"),
     ([(b"x-lead", b" leading space")], "Illegal header value"),
+    ([(b"x-dot", b"1.5\r\n")], "Illegal header value"),
     ([(b"content-length", b"5"), (b"content-length", b"6")], "conflicting Content-Length"),
     ([(b"content-length", b"five")], "bad Content-Length"),
     ([(b"content-length", b"")], "bad Content-Length"),
@@ -100,7 +101,9 @@ def test_bad_headers_are_refused_with_h11s_message(original, headers, message) -
 def test_values_of_letters_and_digits_are_checked_like_any_other(original) -> None:
     for number in range(3):
         headers = [(b"x-ratelimit-remaining-requests", b"%d" % (99 - number)),
-                   (b"x-id", b"abcDEF%d" % number), (b"x-tricky", b"12\x80")]
+                   (b"x-id", b"abcDEF%d" % number), (b"x-tricky", b"12\x80"),
+                   (b"x-sluicegate-budget-remaining", b"99.%06d" % number),
+                   (b"x-dots", b"1.2.%d" % number), (b"x-dot", b".")]
         assert _items(h11.Response(status_code=200, headers=headers).headers) == \
             _items(original(headers))
     for bad_name in (b"x y", b"x:y", b"", b"x\xe9"):  # an alnum value does not vouch for a name
