@@ -1,0 +1,148 @@
+"""The body shortcut in front of h11 (gateway/h11_body.py) sends what h11 sends: the same
+bytes, the same states after every event, the same errors and the ERROR state after them,
+for Content-Length, chunked and HTTP/1.0 bodies; and hypercorn serves through it intact."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import h11
+import pytest
+
+from gateway import h11_body
+from tests.harness import served_here
+
+
+@pytest.fixture(scope="module")
+def original() -> Callable[..., Any]:
+    assert h11_body.install()
+    assert h11_body.install()  # once is enough
+    assert h11_body.installed()
+    assert h11_body._original is not None
+    assert h11.Connection.send is not h11_body._original
+    return h11_body._original
+
+
+def _server(request: bytes) -> h11.Connection:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(request)
+    while connection.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+        pass
+    return connection
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+HEAD = b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n"
+OLD = b"GET / HTTP/1.0\r\n\r\n"
+
+
+def _events(length: bytes | None, chunks: list[bytes]) -> list[Any]:
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", length))
+    return [h11.Response(status_code=200, headers=headers),
+            *[h11.Data(data=chunk) for chunk in chunks], h11.EndOfMessage()]
+
+
+def _run(send: Callable[[h11.Connection, Any], Any], request: bytes,
+         events: list[Any]) -> list[Any]:
+    """What each event gave (bytes, or the error's type and text) and the states after it."""
+    connection = _server(request)
+    seen: list[Any] = []
+    for event in events:
+        try:
+            seen.append(send(connection, event))
+        except h11.LocalProtocolError as exc:
+            seen.append((type(exc), str(exc)))
+        seen.append((connection.our_state, connection.their_state))
+    return seen
+
+
+CASES = [
+    (POST, _events(b"11", [b'{"ok":', b"true}"])),  # Content-Length, two chunks
+    (POST, _events(None, [b"data: 1\n\n", b"", b"data: [DONE]\n\n"])),  # chunked, an empty one
+    (POST, _events(b"3", [b"abcd"])),  # more than the length: an error, then ERROR
+    (POST, _events(b"5", [b"ab"])),  # fewer: EndOfMessage is refused, by h11 alone
+    (HEAD, _events(b"5", [b"abcde"])),  # HEAD: no body may go out
+    (OLD, _events(None, [b"raw ", b"bytes"])),  # HTTP/1.0: no framing, close at the end
+    (POST, [h11.Data(data=b"early")]),  # before the response: h11 alone refuses it
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "events"), CASES)
+def test_the_same_bytes_states_and_errors_as_h11(original, request_bytes, events) -> None:
+    ours = _run(lambda connection, event: connection.send(event), request_bytes, events)
+    theirs = _run(original, request_bytes, events)
+    assert ours == theirs
+
+
+def test_after_an_error_the_connection_is_in_error_as_with_h11(original) -> None:
+    connection = _server(POST)
+    connection.send(h11.Response(status_code=200, headers=[(b"content-length", b"1")]))
+    with pytest.raises(h11.LocalProtocolError, match="Too much data"):
+        connection.send(h11.Data(data=b"too long"))
+    assert connection.our_state is h11.ERROR
+    with pytest.raises(h11.LocalProtocolError, match="state is ERROR"):
+        connection.send(h11.Data(data=b"x"))
+
+
+def test_a_client_goes_to_h11(original) -> None:
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/", headers=[
+        (b"host", b"x"), (b"content-length", b"2"), (b"expect", b"100-continue")]))
+    assert client.client_is_waiting_for_100_continue
+    assert client.send(h11.Data(data=b"{}")) == b"{}"
+    assert not client.client_is_waiting_for_100_continue  # h11's own bookkeeping ran
+
+
+def test_kept_alive_connections_start_their_next_cycle(original) -> None:
+    connection = _server(POST)
+    for event in _events(b"2", [b"ok"]):
+        connection.send(event)
+    assert (connection.our_state, connection.their_state) == (h11.DONE, h11.DONE)
+    connection.start_next_cycle()
+    assert (connection.our_state, connection.their_state) == (h11.IDLE, h11.IDLE)
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for index in range(50):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % index,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", b"11")]})
+    await send({"type": "http.response.body", "body": b'{"ok":', "more_body": True})
+    await send({"type": "http.response.body", "body": b"true}", "more_body": False})
+
+
+async def test_hypercorn_serves_through_it(original) -> None:
+    async with served_here(app) as (port, _stop, _task):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):  # kept alive: one response after another on one connection
+            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200") and b"content-length: 11" in head
+            assert await asyncio.wait_for(reader.readexactly(11), 10) == b'{"ok":true}'
+        writer.write(b"GET /stream HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        chunks = []
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            length = int(size, 16)
+            chunks.append(rest[:length])
+            body = rest[length + 2:]
+        assert chunks == [b"data: %d\n\n" % index for index in range(50)] + [b""]
+        writer.close()
