@@ -1,10 +1,13 @@
-"""The body shortcut in front of h11 (gateway/h11_body.py) sends what h11 sends: the same
-bytes, the same states after every event, the same errors and the ERROR state after them,
-for Content-Length, chunked and HTTP/1.0 bodies; and hypercorn serves through it intact."""
+"""The body shortcuts in h11 (gateway/h11_body.py) do what stock h11 does: a server sends the
+same bytes, with the same states after every event and the same errors (and ERROR state)
+after them, for Content-Length, chunked, HEAD and HTTP/1.0 bodies; a server reads the same
+events and ends in the same states from request bodies however they arrive; and hypercorn
+serves through them intact."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import h11
@@ -22,6 +25,18 @@ def original() -> Callable[..., Any]:
     assert h11_body._original is not None
     assert h11.Connection.send is not h11_body._original
     return h11_body._original
+
+
+@contextmanager
+def stock_h11() -> Iterator[None]:
+    """h11 as it ships, the reference the shortcuts are held to."""
+    patched = (h11.Connection.send, h11.Connection._process_event)
+    h11.Connection.send = h11_body._original  # type: ignore[method-assign]
+    h11.Connection._process_event = h11_body._original_process_event  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        h11.Connection.send, h11.Connection._process_event = patched  # type: ignore[method-assign]
 
 
 def _server(request: bytes) -> h11.Connection:
@@ -73,8 +88,51 @@ CASES = [
 @pytest.mark.parametrize(("request_bytes", "events"), CASES)
 def test_the_same_bytes_states_and_errors_as_h11(original, request_bytes, events) -> None:
     ours = _run(lambda connection, event: connection.send(event), request_bytes, events)
-    theirs = _run(original, request_bytes, events)
+    with stock_h11():
+        theirs = _run(lambda connection, event: connection.send(event), request_bytes, events)
     assert ours == theirs
+    assert any(isinstance(event, h11.Data) for event in events)
+
+
+def _read(pieces: list[bytes]) -> list[Any]:
+    """Every event a server reads as `pieces` arrive one by one (or the error it raises), with
+    the states and the 100-continue flag after each."""
+    connection = h11.Connection(h11.SERVER)
+    seen: list[Any] = []
+    for piece in pieces:
+        connection.receive_data(piece)
+        while True:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as exc:
+                seen.append((type(exc), str(exc), connection.their_state))
+                return seen
+            seen.append((event, connection.our_state, connection.their_state,
+                         connection.client_is_waiting_for_100_continue))
+            if event in (h11.NEED_DATA, h11.PAUSED):
+                break
+    return seen
+
+
+HEADERS = b"POST / HTTP/1.1\r\nhost: x\r\n"
+BODIES = [
+    [HEADERS + b"content-length: 10\r\n\r\n0123", b"45", b"6789"],  # in three pieces
+    [HEADERS + b"transfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n", b"3\r\nef",
+     b"g\r\n0\r\n\r\n"],  # chunked, one chunk split across pieces
+    [HEADERS + b"content-length: 4\r\nexpect: 100-continue\r\n\r\n", b"ab", b"cd"],
+    [HEADERS + b"content-length: 2\r\n\r\nabGET / HTTP/1.1\r\nhost: x\r\n\r\n"],  # pipelined
+    [HEADERS + b"transfer-encoding: chunked\r\n\r\n4\r\nabcd\r\nzz\r\n"],  # a bad size
+    [HEADERS + b"content-length: 4\r\n\r\nab", b""],  # the peer closed mid-body
+]
+
+
+@pytest.mark.parametrize("pieces", BODIES)
+def test_request_bodies_read_as_with_h11(original, pieces) -> None:
+    ours = _read(pieces)
+    with stock_h11():
+        theirs = _read(pieces)
+    assert ours == theirs
+    assert any(isinstance(item[0], h11.Data) for item in ours)
 
 
 def test_after_an_error_the_connection_is_in_error_as_with_h11(original) -> None:
