@@ -76,6 +76,34 @@ async def served_here(app: Any, **config: Any) -> AsyncIterator[tuple[int, async
         await asyncio.wait_for(task, 10)
 
 
+async def kept_alive_then_streamed(port: int, json_body: bytes) -> list[bytes]:
+    """The client of a served-through test: three `GET /` on one kept-alive connection, each
+    answered 200 with `json_body` and its Content-Length, then `GET /stream` with
+    `connection: close`, answered chunked. Returns the stream's chunks in order (the last one
+    is the empty chunk that ends it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(3):  # kept alive: one response after another on one connection
+            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert b"content-length: %d" % len(json_body) in head
+            assert await asyncio.wait_for(reader.readexactly(len(json_body)), 10) == json_body
+        writer.write(b"GET /stream HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        length = int(size, 16)
+        chunks.append(rest[:length])
+        body = rest[length + 2:]
+    return chunks
+
+
 class ThreadedServer:
     """An ASGI app served by hypercorn on its own event loop in a background thread."""
 

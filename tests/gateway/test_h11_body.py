@@ -5,7 +5,6 @@ events and ends in the same states from request bodies however they arrive; and 
 serves through them intact."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +13,7 @@ import h11
 import pytest
 
 from gateway import h11_body
-from tests.harness import served_here
+from tests.harness import kept_alive_then_streamed, served_here
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +59,13 @@ def _events(length: bytes | None, chunks: list[bytes]) -> list[Any]:
             *[h11.Data(data=chunk) for chunk in chunks], h11.EndOfMessage()]
 
 
-def _run(send: Callable[[h11.Connection, Any], Any], request: bytes,
-         events: list[Any]) -> list[Any]:
+def _run(request: bytes, events: list[Any]) -> list[Any]:
     """What each event gave (bytes, or the error's type and text) and the states after it."""
     connection = _server(request)
     seen: list[Any] = []
     for event in events:
         try:
-            seen.append(send(connection, event))
+            seen.append(connection.send(event))
         except h11.LocalProtocolError as exc:
             seen.append((type(exc), str(exc)))
         seen.append((connection.our_state, connection.their_state))
@@ -87,9 +85,9 @@ CASES = [
 
 @pytest.mark.parametrize(("request_bytes", "events"), CASES)
 def test_the_same_bytes_states_and_errors_as_h11(original, request_bytes, events) -> None:
-    ours = _run(lambda connection, event: connection.send(event), request_bytes, events)
+    ours = _run(request_bytes, events)
     with stock_h11():
-        theirs = _run(lambda connection, event: connection.send(event), request_bytes, events)
+        theirs = _run(request_bytes, events)
     assert ours == theirs
     assert any(isinstance(event, h11.Data) for event in events)
 
@@ -186,21 +184,5 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 async def test_hypercorn_serves_through_it(original) -> None:
     async with served_here(app) as (port, _stop, _task):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(3):  # kept alive: one response after another on one connection
-            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200") and b"content-length: 11" in head
-            assert await asyncio.wait_for(reader.readexactly(11), 10) == b'{"ok":true}'
-        writer.write(b"GET /stream HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
-        received = await asyncio.wait_for(reader.read(), 10)  # to the server's close
-        head, _, body = received.partition(b"\r\n\r\n")
-        assert b"transfer-encoding: chunked" in head.lower()
-        chunks = []
-        while body:
-            size, _, rest = body.partition(b"\r\n")
-            length = int(size, 16)
-            chunks.append(rest[:length])
-            body = rest[length + 2:]
-        assert chunks == [b"data: %d\n\n" % index for index in range(50)] + [b""]
-        writer.close()
+        chunks = await kept_alive_then_streamed(port, b'{"ok":true}')
+    assert chunks == [b"data: %d\n\n" % index for index in range(50)] + [b""]

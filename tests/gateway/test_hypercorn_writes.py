@@ -14,7 +14,7 @@ from hypercorn.asyncio import tcp_server
 
 from gateway import hypercorn_writes
 from gateway.hypercorn_writes import GatheringWriter
-from tests.harness import served_here
+from tests.harness import kept_alive_then_streamed, served_here
 
 
 @asynccontextmanager
@@ -112,23 +112,7 @@ async def test_hypercorn_serves_through_it() -> None:
     assert hypercorn_writes.install()  # once is enough
     assert hypercorn_writes.installed()
     async with served_here(app) as (port, _stop, _task):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(3):  # kept alive: one response after another on one connection
-            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200") and b"content-length: 11" in head
-            assert await asyncio.wait_for(reader.readexactly(11), 10) == b'{"ok":true}'
-        writer.write(b"GET /stream HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
-        received = await asyncio.wait_for(reader.read(), 10)  # to the server's close
-        head, _, body = received.partition(b"\r\n\r\n")
-        assert b"transfer-encoding: chunked" in head.lower()
-        chunks = []
-        while body:
-            size, _, rest = body.partition(b"\r\n")
-            length = int(size, 16)
-            chunks.append(rest[:length])
-            body = rest[length + 2:]
+        chunks = await kept_alive_then_streamed(port, b'{"ok":true}')
         assert chunks == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n",
                           b""]
-        writer.close()
         assert tcp_server.TCPServer.__init__ is not hypercorn_writes._original_init
