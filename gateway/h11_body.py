@@ -50,7 +50,7 @@ def installed() -> bool:
 def install() -> bool:
     """Puts the shortcut in front of `h11.Connection.send` (once); False when h11 is not the
     shape this was written against, and then nothing changes."""
-    global _original
+    global _original, _original_process_event
     if _original is not None:
         return True
     try:
@@ -58,7 +58,6 @@ def install() -> bool:
         from h11._connection import Connection
     except ImportError:
         return False
-    global _original_process_event
     found: Callable[..., Any] | None = getattr(Connection, "send", None)
     process: Callable[..., Any] | None = getattr(Connection, "_process_event", None)
     probe = Connection(h11.SERVER)

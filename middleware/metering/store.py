@@ -237,7 +237,7 @@ class PostgresUsageStore:
         again for every batch cost more than the rest of the batch's Python."""
         found = self._rendered.get(text)
         if found is None:
-            found = self._rendered[text] = bytes(self._sql(text).as_bytes(conn))
+            found = self._rendered[text] = self._sql(text).as_bytes(conn)
         return found
 
     async def _connection(self) -> Any:
