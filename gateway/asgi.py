@@ -15,6 +15,7 @@ import shutil
 from gateway.app import create_app, tune_gc
 from gateway.config import ConfigError
 from gateway.h11_body import install as install_h11_body_shortcut
+from gateway.h11_cycle import install as install_h11_cycle_shortcut
 from gateway.h11_headers import install as install_h11_header_memo
 from gateway.h11_headers import install_hypercorn as install_hypercorn_header_memo
 from gateway.hypercorn_idle import install as install_idle_timer
@@ -53,5 +54,6 @@ tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py
 install_hypercorn_header_memo()
 install_h11_body_shortcut()  # body chunks straight to the writer: see gateway/h11_body.py
+install_h11_cycle_shortcut()  # a plain request/response cycle: see gateway/h11_cycle.py
 install_idle_timer()  # one timer per idle connection: see gateway/hypercorn_idle.py
 install_gathering_writer()  # one send(2) per turn: see gateway/hypercorn_writes.py

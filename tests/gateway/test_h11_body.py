@@ -12,7 +12,7 @@ from typing import Any
 import h11
 import pytest
 
-from gateway import h11_body
+from gateway import h11_body, h11_cycle
 from tests.harness import kept_alive_then_streamed, served_here
 
 
@@ -28,14 +28,20 @@ def original() -> Callable[..., Any]:
 
 @contextmanager
 def stock_h11() -> Iterator[None]:
-    """h11 as it ships, the reference the shortcuts are held to."""
-    patched = (h11.Connection.send, h11.Connection._process_event)
+    """h11 as it ships, the reference the shortcuts are held to (without gateway/h11_cycle.py's
+    shortcuts either, when this process installed them)."""
+    patched = (h11.Connection.send, h11.Connection._process_event,
+               h11.Connection.next_event, h11.Connection.start_next_cycle)
     h11.Connection.send = h11_body._original  # type: ignore[method-assign]
     h11.Connection._process_event = h11_body._original_process_event  # type: ignore[method-assign]
+    if h11_cycle.installed():
+        h11.Connection.next_event = h11_cycle._original_next_event  # type: ignore[method-assign]
+        h11.Connection.start_next_cycle = h11_cycle._original_start_next_cycle  # type: ignore[method-assign]
     try:
         yield
     finally:
-        h11.Connection.send, h11.Connection._process_event = patched  # type: ignore[method-assign]
+        (h11.Connection.send, h11.Connection._process_event, h11.Connection.next_event,
+         h11.Connection.start_next_cycle) = patched  # type: ignore[method-assign]
 
 
 def _server(request: bytes) -> h11.Connection:
