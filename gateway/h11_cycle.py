@@ -21,7 +21,9 @@ code, which then behaves, fails and words its errors exactly as it always did:
   keep-alive flag (`Connection: close`), the request method, the peer's HTTP version, the
   reader (Content-Length) and the writer as h11 would. Header lines already seen are
   remembered with what they parse to (up to 4,096; never the framing or connection ones), so
-  a client's fixed headers cost a dict lookup. Lines that may carry a secret (a name with
+  a client's fixed headers cost a dict lookup. Its headers iterate in C (`plain_headers`, a
+  subclass of h11's `Headers` that compares equal to it), which also tells
+  gateway/hypercorn_h11.py that the request has no Upgrade header. Lines that may carry a secret (a name with
   auth, key, cookie, token or secret in it) are parsed every time instead, so no credential
   outlives its request in the memo.
 - `next_event`, with the client sending a Content-Length body: the next `Data` from the
@@ -50,6 +52,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 logger = logging.getLogger("sluicegate")
@@ -63,6 +66,9 @@ _original_send: Callable[..., Any] | None = None
 _original_start_next_cycle: Callable[..., Any] | None = None
 # request header lines that parsed, with what h11 makes of them (raw name, lower-cased, value)
 _lines: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+# The class of a shortcut request's headers (h11's `Headers`, iterated in C): such a request
+# is HTTP/1.1 with no Upgrade header (gateway/hypercorn_h11.py relies on it).
+plain_headers: type | None = None
 
 
 def _credential(name: bytes) -> bool:
@@ -79,7 +85,7 @@ def installed() -> bool:
 def install() -> bool:
     """Puts the shortcuts in front of h11's `Connection` (once); False when h11 is not the
     shape this was written against, and then nothing changes."""
-    global _original_next_event, _original_send, _original_start_next_cycle
+    global _original_next_event, _original_send, _original_start_next_cycle, plain_headers
     if _original_next_event is not None:
         return True
     try:
@@ -123,6 +129,17 @@ def install() -> bool:
     request_line_re, header_field_re = _readers.request_line_re, _readers.header_field_re
     lines_memo = _lines
     new = object.__new__
+    pair = itemgetter(1, 2)
+
+    class PlainHeaders(Headers):
+        """h11's Headers of a request the shortcut read: the same pairs, iterated in C
+        (hypercorn lists them for the ASGI scope) rather than by `Sequence.__getitem__`."""
+
+        __slots__ = ()
+
+        def __iter__(self) -> Any:
+            return map(pair, self._full_items)
+
     setattr_ = object.__setattr__
     # request headers that decide framing, keep-alive or a protocol switch: never remembered
     deciding = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
@@ -189,7 +206,7 @@ def install() -> bool:
         buffer._next_line_search = 0
         buffer._multiple_lines_search = 0
         request = new(request_type)
-        setattr_(request, "headers", Headers(full))
+        setattr_(request, "headers", PlainHeaders(full))
         setattr_(request, "method", method)
         setattr_(request, "target", matched.group("target"))
         setattr_(request, "http_version", b"1.1")
@@ -328,4 +345,5 @@ def install() -> bool:
     _original_next_event = original_next_event
     _original_send = original_send
     _original_start_next_cycle = original_start_next_cycle
+    plain_headers = PlainHeaders
     return True
