@@ -20,8 +20,9 @@ code, which then behaves, fails and words its errors exactly as it always did:
   method is not CONNECT. It returns the `Request` h11 would, and leaves the states, the
   keep-alive flag (`Connection: close`), the request method, the peer's HTTP version, the
   reader (Content-Length) and the writer as h11 would. Header lines already seen are
-  remembered with what they parse to (up to 4,096; never the framing or connection ones), so
-  a client's fixed headers cost a dict lookup. Its headers iterate in C (`plain_headers`, a
+  remembered with what they parse to (up to 4,096), and Host, Content-Length and Connection
+  lines with what they decide (up to 4,096 more), so a client's fixed headers cost a dict
+  lookup. Its headers iterate in C (`plain_headers`, a
   subclass of h11's `Headers` that compares equal to it), which also tells
   gateway/hypercorn_h11.py that the request has no Upgrade header. Lines that may carry a secret (a name with
   auth, key, cookie, token or secret in it) are parsed every time instead, so no credential
@@ -66,6 +67,10 @@ _original_send: Callable[..., Any] | None = None
 _original_start_next_cycle: Callable[..., Any] | None = None
 # request header lines that parsed, with what h11 makes of them (raw name, lower-cased, value)
 _lines: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+# Host, Content-Length and Connection lines that parsed: what h11 makes of them, and what
+# they decide (one of the kinds below)
+_deciding: dict[bytes, tuple[tuple[bytes, bytes, bytes], str]] = {}
+HOST, LENGTH, CLOSE, KEEP = "host", "length", "close", "keep"
 # The class of a shortcut request's headers (h11's `Headers`, iterated in C): such a request
 # is HTTP/1.1 with no Upgrade header (gateway/hypercorn_h11.py relies on it).
 plain_headers: type | None = None
@@ -127,7 +132,7 @@ def install() -> bool:
     write_response = _writers.write_any_response
     chunked_writer, length_writer = _writers.ChunkedWriter, _writers.ContentLengthWriter
     request_line_re, header_field_re = _readers.request_line_re, _readers.header_field_re
-    lines_memo = _lines
+    lines_memo, deciding_memo = _lines, _deciding
     new = object.__new__
     pair = itemgetter(1, 2)
 
@@ -173,32 +178,45 @@ def install() -> bool:
             if known is not None:
                 full.append(known)
                 continue
-            field = header_field_re.fullmatch(line)
-            if field is None:
-                return None
-            name, value = field.group("field_name", "field_value")
-            lowered = name.lower()
-            if lowered in deciding:
+            decided = deciding_memo.get(line)
+            if decided is None:
+                field = header_field_re.fullmatch(line)
+                if field is None:
+                    return None
+                name, value = field.group("field_name", "field_value")
+                lowered = name.lower()
+                known = (name, lowered, value)
+                if lowered not in deciding:
+                    if not _credential(lowered):
+                        if len(lines_memo) >= MEMO_MAX:
+                            lines_memo.clear()
+                        lines_memo[line] = known
+                    full.append(known)
+                    continue
                 if lowered == b"host":
-                    hosts += 1
+                    decided = (known, HOST)
                 elif lowered == b"content-length":
-                    if length is not None or not value.isdigit() \
-                            or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+                    if not value.isdigit() or len(value) > CONTENT_LENGTH_MAX_DIGITS:
                         return None
-                    length = value
+                    decided = (known, LENGTH)
                 elif lowered == b"connection":
                     # get_comma_header's reading of it, for h11's keep-alive rule
-                    if b"close" in [token.strip() for token in value.lower().split(b",")]:
-                        close = True
+                    closes = b"close" in [token.strip() for token in value.lower().split(b",")]
+                    decided = (known, CLOSE if closes else KEEP)
                 else:  # transfer-encoding, upgrade, expect
                     return None
-                full.append((name, lowered, value))
-                continue
-            known = (name, lowered, value)
-            if not _credential(lowered):
-                if len(lines_memo) >= MEMO_MAX:
-                    lines_memo.clear()
-                lines_memo[line] = known
+                if len(deciding_memo) >= MEMO_MAX:
+                    deciding_memo.clear()
+                deciding_memo[line] = decided
+            known, kind = decided
+            if kind is HOST:
+                hosts += 1
+            elif kind is LENGTH:
+                if length is not None:  # a second one: h11 folds or refuses it
+                    return None
+                length = known[2]
+            elif kind is CLOSE:
+                close = True
             full.append(known)
         if hosts != 1:
             return None

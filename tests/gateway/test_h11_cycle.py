@@ -318,6 +318,12 @@ def test_the_memo_stays_bounded(installed) -> None:
         connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-n: %d\r\n\r\n" % index)
         assert type(connection.next_event()) is h11.Request
     assert len(h11_cycle._lines) <= h11_cycle.MEMO_MAX
+    for index in range(h11_cycle.MEMO_MAX + 10):
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+                                % index)
+        assert type(connection.next_event()) is h11.Request
+    assert len(h11_cycle._deciding) <= h11_cycle.MEMO_MAX
 
 
 async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Any) -> None:
