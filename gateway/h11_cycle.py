@@ -20,9 +20,9 @@ code, which then behaves, fails and words its errors exactly as it always did:
   method is not CONNECT. It returns the `Request` h11 would, and leaves the states, the
   keep-alive flag (`Connection: close`), the request method, the peer's HTTP version, the
   reader (Content-Length) and the writer as h11 would. Header lines already seen are
-  remembered with what they parse to (up to 4,096), and Host, Content-Length and Connection
-  lines with what they decide (up to 4,096 more), so a client's fixed headers cost a dict
-  lookup. Its headers iterate in C (`plain_headers`, a
+  remembered with what they parse to (up to 4,096 lines of up to 512 bytes), and Host,
+  Content-Length and Connection lines with what they decide (as many more), so a client's
+  fixed headers cost a dict lookup. Its headers iterate in C (`plain_headers`, a
   subclass of h11's `Headers` that compares equal to it), which also tells
   gateway/hypercorn_h11.py that the request has no Upgrade header. Lines that may carry a secret (a name with
   auth, key, cookie, token or secret in it) are parsed every time instead, so no credential
@@ -61,6 +61,7 @@ logger = logging.getLogger("sluicegate")
 __all__ = ["install", "installed"]
 
 MEMO_MAX = 4096
+LINE_MAX = 512  # longer header lines are parsed every time: the memos stay under 4 MiB
 
 _original_next_event: Callable[..., Any] | None = None
 _original_send: Callable[..., Any] | None = None
@@ -158,7 +159,9 @@ def install() -> bool:
         when h11 has to look at it (then nothing has changed)."""
         buffer = self._receive_buffer
         data = buffer._data
-        end = data.find(b"\r\n\r\n")
+        # h11 has searched up to its hint, so a head that arrives in many pieces is not
+        # scanned from its start on each one (a new CRLFCRLF can begin one byte before it).
+        end = data.find(b"\r\n\r\n", max(0, buffer._multiple_lines_search - 1))
         if end <= 0:
             return None
         # A bare LF or CR, or a folded line (h11 takes them all), fails the grammar below.
@@ -187,7 +190,7 @@ def install() -> bool:
                 lowered = name.lower()
                 known = (name, lowered, value)
                 if lowered not in deciding:
-                    if not _credential(lowered):
+                    if len(line) <= LINE_MAX and not _credential(lowered):
                         if len(lines_memo) >= MEMO_MAX:
                             lines_memo.clear()
                         lines_memo[line] = known
@@ -205,9 +208,10 @@ def install() -> bool:
                     decided = (known, CLOSE if closes else KEEP)
                 else:  # transfer-encoding, upgrade, expect
                     return None
-                if len(deciding_memo) >= MEMO_MAX:
-                    deciding_memo.clear()
-                deciding_memo[line] = decided
+                if len(line) <= LINE_MAX:
+                    if len(deciding_memo) >= MEMO_MAX:
+                        deciding_memo.clear()
+                    deciding_memo[line] = decided
             known, kind = decided
             if kind is HOST:
                 hosts += 1

@@ -324,6 +324,11 @@ def test_the_memo_stays_bounded(installed) -> None:
                                 % index)
         assert type(connection.next_event()) is h11.Request
     assert len(h11_cycle._deciding) <= h11_cycle.MEMO_MAX
+    long_line = b"x-long: " + b"y" * h11_cycle.LINE_MAX
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n%s\r\n\r\n" % long_line)
+    assert (b"x-long", b"y" * h11_cycle.LINE_MAX) in list(connection.next_event().headers)
+    assert long_line not in h11_cycle._lines  # read, not remembered
 
 
 async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Any) -> None:
