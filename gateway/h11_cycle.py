@@ -114,7 +114,8 @@ def install() -> bool:
             or probe._writer is not getattr(_writers, "write_any_response", None) \
             or not all(hasattr(_readers, name) for name in (
                 "request_line_re", "header_field_re", "ContentLengthReader", "expect_nothing")) \
-            or not hasattr(_writers, "ChunkedWriter"):
+            or not all(hasattr(_writers, name) for name in (
+                "ChunkedWriter", "ContentLengthWriter")):
         logger.info("h11 %s: requests and responses keep h11's own state machine",
                     getattr(sys.modules.get("h11"), "__version__", "?"))
         return False
@@ -147,7 +148,8 @@ def install() -> bool:
             return map(pair, self._full_items)
 
     setattr_ = object.__setattr__
-    # request headers that decide framing, keep-alive or a protocol switch: never remembered
+    # request headers that decide framing, keep-alive or a protocol switch (remembered apart,
+    # with what they decide; the last three always go to h11)
     deciding = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
                           b"upgrade", b"expect"))
     # response headers h11's clean-up and writer look at
