@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -74,6 +74,68 @@ async def served_here(app: Any, **config: Any) -> AsyncIterator[tuple[int, async
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """A test app's side of the ASGI lifespan: every startup is complete, then the shutdown."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def read_body(receive: Any) -> bytes:
+    """A request's whole body, however many `http.request` messages it comes in."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def kept_alive_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The server of a served-through test (see `kept_alive_then_streamed`): `/stream` sends
+    50 events and no length, anything else `{"ok":true}` in two pieces with its length."""
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send)
+        return
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for index in range(50):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % index,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", b"11")]})
+    await send({"type": "http.response.body", "body": b'{"ok":', "more_body": True})
+    await send({"type": "http.response.body", "body": b"true}", "more_body": False})
+
+
+@contextmanager
+def stock_h11() -> Iterator[None]:
+    """h11 as it ships, the reference gateway/h11_body.py and gateway/h11_cycle.py are held to:
+    their shortcuts taken out of `h11.Connection` (those this process installed) inside."""
+    import h11
+
+    from gateway import h11_body, h11_cycle
+
+    connection = h11.Connection
+    patched = (connection.send, connection._process_event, connection.next_event,
+               connection.start_next_cycle)
+    if h11_body.installed():
+        connection.send = h11_body._original  # type: ignore[method-assign]
+        connection._process_event = h11_body._original_process_event  # type: ignore[method-assign]
+    if h11_cycle.installed():
+        connection.next_event = h11_cycle._original_next_event  # type: ignore[method-assign]
+        connection.start_next_cycle = h11_cycle._original_start_next_cycle  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        (connection.send, connection._process_event, connection.next_event,
+         connection.start_next_cycle) = patched  # type: ignore[method-assign]
 
 
 async def kept_alive_then_streamed(port: int, json_body: bytes) -> list[bytes]:

@@ -5,15 +5,14 @@ events and ends in the same states from request bodies however they arrive; and 
 serves through them intact."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import h11
 import pytest
 
-from gateway import h11_body, h11_cycle
-from tests.harness import kept_alive_then_streamed, served_here
+from gateway import h11_body
+from tests.harness import kept_alive_app, kept_alive_then_streamed, served_here, stock_h11
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +24,6 @@ def original() -> Callable[..., Any]:
     assert h11.Connection.send is not h11_body._original
     return h11_body._original
 
-
-@contextmanager
-def stock_h11() -> Iterator[None]:
-    """h11 as it ships, the reference the shortcuts are held to (without gateway/h11_cycle.py's
-    shortcuts either, when this process installed them)."""
-    patched = (h11.Connection.send, h11.Connection._process_event,
-               h11.Connection.next_event, h11.Connection.start_next_cycle)
-    h11.Connection.send = h11_body._original  # type: ignore[method-assign]
-    h11.Connection._process_event = h11_body._original_process_event  # type: ignore[method-assign]
-    if h11_cycle.installed():
-        h11.Connection.next_event = h11_cycle._original_next_event  # type: ignore[method-assign]
-        h11.Connection.start_next_cycle = h11_cycle._original_start_next_cycle  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        (h11.Connection.send, h11.Connection._process_event, h11.Connection.next_event,
-         h11.Connection.start_next_cycle) = patched  # type: ignore[method-assign]
 
 
 def _server(request: bytes) -> h11.Connection:
@@ -167,28 +149,7 @@ def test_kept_alive_connections_start_their_next_cycle(original) -> None:
     assert (connection.our_state, connection.their_state) == (h11.IDLE, h11.IDLE)
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    if scope["path"] == "/stream":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        for index in range(50):
-            await send({"type": "http.response.body", "body": b"data: %d\n\n" % index,
-                        "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", b"11")]})
-    await send({"type": "http.response.body", "body": b'{"ok":', "more_body": True})
-    await send({"type": "http.response.body", "body": b"true}", "more_body": False})
-
-
 async def test_hypercorn_serves_through_it(original) -> None:
-    async with served_here(app) as (port, _stop, _task):
+    async with served_here(kept_alive_app) as (port, _stop, _task):
         chunks = await kept_alive_then_streamed(port, b'{"ok":true}')
     assert chunks == [b"data: %d\n\n" % index for index in range(50)] + [b""]

@@ -8,8 +8,6 @@ through it intact, and no credential is kept in its memo."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import fields
 from types import FunctionType
 from typing import Any
@@ -18,7 +16,7 @@ import h11
 import pytest
 
 from gateway import h11_body, h11_cycle
-from tests.harness import kept_alive_then_streamed, served_here
+from tests.harness import kept_alive_app, kept_alive_then_streamed, served_here, stock_h11
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +27,6 @@ def installed() -> None:
     assert h11_cycle.installed()
     assert h11.Connection.next_event is not h11_cycle._original_next_event
 
-
-@contextmanager
-def stock_h11() -> Iterator[None]:
-    """h11 as it ships (neither this module's shortcuts nor h11_body's): the reference."""
-    connection = h11.Connection
-    patched = (connection.next_event, connection.send, connection.start_next_cycle,
-               connection._process_event)
-    connection.next_event = h11_cycle._original_next_event  # type: ignore[method-assign]
-    connection.send = h11_body._original  # type: ignore[method-assign]
-    connection.start_next_cycle = h11_cycle._original_start_next_cycle  # type: ignore[method-assign]
-    connection._process_event = h11_body._original_process_event  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        (connection.next_event, connection.send, connection.start_next_cycle,
-         connection._process_event) = patched  # type: ignore[method-assign]
 
 
 def _io(item: Any) -> Any:
@@ -331,28 +313,7 @@ def test_the_memo_stays_bounded(installed) -> None:
     assert long_line not in h11_cycle._lines  # read, not remembered
 
 
-async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    if scope["path"] == "/stream":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        for index in range(50):
-            await send({"type": "http.response.body", "body": b"data: %d\n\n" % index,
-                        "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", b"11")]})
-    await send({"type": "http.response.body", "body": b'{"ok":', "more_body": True})
-    await send({"type": "http.response.body", "body": b"true}", "more_body": False})
-
-
 async def test_hypercorn_serves_through_it(installed) -> None:
-    async with served_here(app) as (port, _stop, _task):
+    async with served_here(kept_alive_app) as (port, _stop, _task):
         chunks = await kept_alive_then_streamed(port, b'{"ok":true}')
     assert chunks == [b"data: %d\n\n" % index for index in range(50)] + [b""]

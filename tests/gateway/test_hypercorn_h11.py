@@ -13,7 +13,7 @@ import pytest
 from hypercorn.protocol.h11 import H11Protocol
 
 from gateway import h11_body, h11_cycle, hypercorn_h11
-from tests.harness import served_here
+from tests.harness import answer_lifespan, read_body, served_here
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,14 @@ def stock_hypercorn() -> Iterator[None]:
 def recording_app(seen: list[Any]) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         if scope["type"] == "websocket":
             seen.append(("websocket", scope["path"], scope["headers"]))
             await receive()
             await send({"type": "websocket.close", "code": 1000})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         kept = {name: value for name, value in scope.items()
                 if name not in ("client", "state", "server")}
         seen.append((kept, body))

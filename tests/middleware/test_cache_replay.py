@@ -20,7 +20,7 @@ from middleware.cache.replay import (
     pieces,
     replay_stream,
 )
-from tests.harness import ThreadedServer
+from tests.harness import ThreadedServer, answer_lifespan, read_body
 from tests.mock_providers.anthropic_api import message_events, message_object
 from tests.mock_providers.behaviour import Reply, ToolCall
 from tests.mock_providers.openai_chat import (
@@ -399,16 +399,9 @@ class CachedAnswers:
 
     async def __call__(self, scope: JSON, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = orjson.loads(body) if body else {}
         api_format = "anthropic" if scope["path"].endswith("/messages") else "openai"
         if not request.get("stream"):

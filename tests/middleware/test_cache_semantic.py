@@ -33,7 +33,14 @@ from middleware.cache.semantic import (
     guards_agree,
     semantic_query,
 )
-from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
+from tests.harness import (
+    TEST_KEY,
+    ThreadedServer,
+    free_port,
+    mock_config,
+    read_body,
+    write_config,
+)
 from tests.mock_providers import MockProviderServer
 
 PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
@@ -298,12 +305,7 @@ class EmbedService:
                 await send({"type": message["type"] + ".complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         status, payload = 200, {"ok": True}
         if scope["path"] == "/embed":
             self.calls += 1
