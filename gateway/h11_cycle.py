@@ -64,7 +64,6 @@ MEMO_MAX = 4096
 LINE_MAX = 512  # longer header lines are parsed every time: the memos stay under 4 MiB
 
 _original_next_event: Callable[..., Any] | None = None
-_original_send: Callable[..., Any] | None = None
 _original_start_next_cycle: Callable[..., Any] | None = None
 # request header lines that parsed, with what h11 makes of them (raw name, lower-cased, value)
 _lines: dict[bytes, tuple[bytes, bytes, bytes]] = {}
@@ -84,6 +83,12 @@ def _credential(name: bytes) -> bool:
         or b"secret" in name
 
 
+def _says_close(connection: bytes) -> bool:
+    """Whether a Connection header's value holds the `close` token, read as h11 reads it
+    (get_comma_header: lower-cased, split at commas, stripped) for its keep-alive rule."""
+    return b"close" in [token.strip() for token in connection.lower().split(b",")]
+
+
 def installed() -> bool:
     return _original_next_event is not None
 
@@ -91,7 +96,7 @@ def installed() -> bool:
 def install() -> bool:
     """Puts the shortcuts in front of h11's `Connection` (once); False when h11 is not the
     shape this was written against, and then nothing changes."""
-    global _original_next_event, _original_send, _original_start_next_cycle, plain_headers
+    global _original_next_event, _original_start_next_cycle, plain_headers
     if _original_next_event is not None:
         return True
     try:
@@ -205,9 +210,7 @@ def install() -> bool:
                         return None
                     decided = (known, LENGTH)
                 elif lowered == b"connection":
-                    # get_comma_header's reading of it, for h11's keep-alive rule
-                    closes = b"close" in [token.strip() for token in value.lower().split(b",")]
-                    decided = (known, CLOSE if closes else KEEP)
+                    decided = (known, CLOSE if _says_close(value) else KEEP)
                 else:  # transfer-encoding, upgrade, expect
                     return None
                 if len(line) <= LINE_MAX:
@@ -304,8 +307,7 @@ def install() -> bool:
                 elif name == b"transfer-encoding":
                     chunked = True
                 elif name == b"connection":
-                    if b"close" in [token.strip() for token in value.lower().split(b",")]:
-                        close = True
+                    close = close or _says_close(value)
                 else:  # host: h11 writes it first
                     return None
         if chunked or length is None:  # h11: Transfer-Encoding: chunked, no Content-Length
@@ -367,7 +369,6 @@ def install() -> bool:
     Connection.send = send  # type: ignore[method-assign,assignment]
     Connection.start_next_cycle = start_next_cycle  # type: ignore[method-assign]
     _original_next_event = original_next_event
-    _original_send = original_send
     _original_start_next_cycle = original_start_next_cycle
     plain_headers = PlainHeaders
     return True
