@@ -183,6 +183,8 @@ class CacheMiddleware:
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
             ctx.cache_status = "bypass"
+            if control.only_if_cached:
+                raise _not_cached()
             await self.app(scope, receive, _with_header(send, b"bypass"))
             return
         principal = ctx.principal or ANONYMOUS
@@ -208,6 +210,8 @@ class CacheMiddleware:
                     await self._answer(ctx, entry, send, status="semantic-hit")
                     return
         ctx.cache_status = "miss"
+        if control.only_if_cached:
+            raise _not_cached()
         if control.no_store:
             await self.app(scope, receive, _with_header(send, b"miss"))
             return
@@ -480,6 +484,13 @@ def _cost_of(ctx: RequestContext) -> int:
     else the served deployment's price of the usage."""
     cost = ctx.state.get("quota.cost_micros")
     return int(cost) if cost is not None else call_cost_micros(ctx, ctx.usage)
+
+
+def _not_cached() -> GatewayError:
+    # RFC 9111 §5.2.1.7: without a stored answer, only-if-cached gets a 504. The SDKs retry a
+    # 504 unless told not to, and asking again cannot help.
+    return GatewayError(504, "No cached answer for this request (Cache-Control: only-if-cached)",
+                        code="not_cached", headers=[(b"x-should-retry", b"false")])
 
 
 def _admin_error(message: str, kind: str) -> dict[str, Any]:

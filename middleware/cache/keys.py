@@ -146,6 +146,7 @@ class CacheControl:
     `max_age_s`: accept only entries at most this many seconds old.
     `namespace`: `x-sluicegate-cache-namespace`, a partition of the tenant's cache.
     `opt_in`: `x-sluicegate-cache: on`; `x-sluicegate-cache: off` sets no_cache and no_store.
+    `only_if_cached`: answer from the cache or not at all (RFC 9111 §5.2.1.7: 504 otherwise).
     """
 
     no_cache: bool = False
@@ -153,6 +154,7 @@ class CacheControl:
     max_age_s: int | None = None
     namespace: str | None = None
     opt_in: bool = False
+    only_if_cached: bool = False
 
     def accepts(self, created_at: float, now: float) -> bool:
         """Whether an entry created at `created_at` (epoch seconds) is young enough."""
@@ -191,14 +193,15 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
             namespace = _namespace(value)
     if not (directives or pragma_no_cache or opt_in or opt_out or namespace):
         return DEFAULT_CACHE_CONTROL
-    no_cache, no_store, max_age = _directives(directives)
+    no_cache, no_store, max_age, only_if_cached = _directives(directives)
     no_cache |= pragma_no_cache and not seen_cache_control
     return CacheControl(no_cache=no_cache or opt_out, no_store=no_store or opt_out,
-                        max_age_s=max_age, namespace=namespace, opt_in=opt_in)
+                        max_age_s=max_age, namespace=namespace, opt_in=opt_in,
+                        only_if_cached=only_if_cached)
 
 
-def _directives(directives: list[str]) -> tuple[bool, bool, int | None]:
-    no_cache = no_store = False
+def _directives(directives: list[str]) -> tuple[bool, bool, int | None, bool]:
+    no_cache = no_store = only_if_cached = False
     max_age: int | None = None
     for directive in directives:
         name, _, argument = directive.strip().partition("=")
@@ -207,11 +210,13 @@ def _directives(directives: list[str]) -> tuple[bool, bool, int | None]:
             no_cache = True
         elif name == "no-store":
             no_store = True
+        elif name == "only-if-cached":
+            only_if_cached = True
         elif name == "max-age":
             seconds = _delta_seconds(argument)
             if seconds is not None:
                 max_age = seconds if max_age is None else min(max_age, seconds)
-    return no_cache, no_store, max_age
+    return no_cache, no_store, max_age, only_if_cached
 
 
 def _delta_seconds(argument: str) -> int | None:

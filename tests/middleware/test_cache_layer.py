@@ -199,6 +199,26 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
         time.sleep(0.02)
 
 
+ONLY_IF_CACHED = {"cache-control": "only-if-cached"}
+
+
+def probe(server: ThreadedServer, text: str, *, key: str = TEST_KEY) -> str:
+    """The cache status of `text` without reaching upstream: "hit", or "none" (the 504 that
+    only-if-cached gets when nothing is stored)."""
+    try:
+        return cache_status(ask(server, text, key=key, extra_headers=ONLY_IF_CACHED))
+    except openai.APIStatusError as exc:
+        assert exc.status_code == 504, exc
+        return "none"
+
+
+def wait_stored(server: ThreadedServer, text: str, *, key: str = TEST_KEY) -> None:
+    """Waits until the answer to `text` is stored (writes follow the answer, in the
+    background), asking only the cache: the upstream calls a test counts stay its own."""
+    wait_for(lambda: probe(server, text, key=key) == "hit", timeout_s=10)
+    assert probe(server, text, key=key) == "hit"
+
+
 def upstream_calls(mock: MockProviderServer, text: str) -> int:
     return len([r for r in mock.requests if text in str(r)])
 
@@ -208,7 +228,7 @@ def test_a_repeat_is_a_hit_with_the_original_usage(gateway: ThreadedServer,
     text = "cache me " + uuid.uuid4().hex
     first = ask(gateway, text)
     assert first.headers["x-sluicegate-cache"] == "miss"
-    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, text)
     second = ask(gateway, text)
     assert second.headers["x-sluicegate-cache"] == "hit"
     assert len([r for r in mock.requests if text in str(r)]) == 1
@@ -226,7 +246,7 @@ def test_a_stored_answer_replays_as_a_stream_and_a_stream_answers_json(
     text = "replay me " + uuid.uuid4().hex
     ask(gateway, text)
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
-    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, text)
     stream = client.chat.completions.create(
         model="gpt-mock", temperature=0, stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": text}])
@@ -238,7 +258,7 @@ def test_a_stored_answer_replays_as_a_stream_and_a_stream_answers_json(
     streamed = "streamed first " + uuid.uuid4().hex
     list(client.chat.completions.create(model="gpt-mock", temperature=0, stream=True,
                                         messages=[{"role": "user", "content": streamed}]))
-    wait_for(lambda: ask(gateway, streamed).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, streamed)
     assert ask(gateway, streamed).parse().choices[0].message.content == \
         f"Mock reply to: {streamed}"
     assert len([r for r in mock.requests if streamed in str(r)]) == 1
@@ -265,7 +285,7 @@ def test_projects_never_share_answers(gateway: ThreadedServer,
                                       mock: MockProviderServer) -> None:
     text = "tenant " + uuid.uuid4().hex
     ask(gateway, text)
-    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, text)
     other = ask(gateway, text, key=OTHER_KEY)
     assert other.headers["x-sluicegate-cache"] == "miss"
     assert len([r for r in mock.requests if text in str(r)]) == 2
@@ -279,7 +299,7 @@ def test_controls_bypass_no_cache_and_no_store(gateway: ThreadedServer,
     stored = ask(gateway, text, extra_headers={"cache-control": "no-store"})
     assert stored.headers["x-sluicegate-cache"] == "miss"
     assert ask(gateway, text).headers["x-sluicegate-cache"] == "miss"  # no-store kept it out
-    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, text)
     fresh = ask(gateway, text, extra_headers={"cache-control": "no-cache"})
     assert fresh.headers["x-sluicegate-cache"] == "miss"
     spaced = ask(gateway, text, extra_headers={"x-sluicegate-cache-namespace": "eval"})
@@ -289,6 +309,34 @@ def test_controls_bypass_no_cache_and_no_store(gateway: ThreadedServer,
                      json={"model": "gpt-mock", "temperature": 0,
                            "messages": [{"role": "user", "content": text}]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cache_header"
+
+
+def test_only_if_cached_answers_from_the_cache_or_with_a_504(gateway: ThreadedServer,
+                                                             mock: MockProviderServer) -> None:
+    text = "only if cached " + uuid.uuid4().hex
+    with pytest.raises(openai.APIStatusError) as refused:
+        ask(gateway, text, extra_headers=ONLY_IF_CACHED)
+    assert refused.value.status_code == 504
+    assert refused.value.response.headers["x-should-retry"] == "false"  # the SDKs give up
+    assert refused.value.body["code"] == "not_cached"  # type: ignore[index]
+    with pytest.raises(anthropic.APIStatusError) as claude_refused:
+        anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY).messages.create(
+            model="claude-mock", max_tokens=50, messages=[{"role": "user", "content": text}],
+            extra_headers={**OPT_IN, **ONLY_IF_CACHED})
+    assert claude_refused.value.status_code == 504
+    assert claude_refused.value.body["type"] == "error"  # type: ignore[index]
+    assert "only-if-cached" in claude_refused.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(openai.APIStatusError) as uncacheable:  # bypass: never stored either
+        ask(gateway, text, temperature=0.7, extra_headers=ONLY_IF_CACHED)
+    assert uncacheable.value.status_code == 504
+    assert upstream_calls(mock, text) == 0
+    ask(gateway, text)
+    wait_stored(gateway, text)
+    answered = ask(gateway, text, extra_headers=ONLY_IF_CACHED)
+    assert_answered(answered, text, "hit")
+    with pytest.raises(openai.APIStatusError):  # no-cache: the stored answer may not be used
+        ask(gateway, text, extra_headers={"cache-control": "only-if-cached, no-cache"})
+    assert upstream_calls(mock, text) == 1
 
 
 def test_a_failed_upstream_answer_is_not_stored(gateway: ThreadedServer,
@@ -305,7 +353,7 @@ def test_an_admin_call_invalidates_a_project(gateway: ThreadedServer,
                                              mock: MockProviderServer) -> None:
     text = "invalidate " + uuid.uuid4().hex
     ask(gateway, text)
-    wait_for(lambda: ask(gateway, text).headers["x-sluicegate-cache"] == "hit")
+    wait_stored(gateway, text)
     url = gateway.url + "/admin/cache/invalidate"
     assert httpx.post(url, json={"project": "tests"}).status_code == 401
     assert httpx.post(url, json={"project": "tests"},
