@@ -459,16 +459,26 @@ def ask(server: ThreadedServer, text: str, *, session: str, key: str = TEST_KEY,
             {"role": "user", "content": text}], **extra)
 
 
+ONLY_IF_CACHED = {"cache-control": "only-if-cached"}
+
+
 def ask_until_stored(server: ThreadedServer, text: str, *, session: str, **extra: Any) -> Any:
-    """Asks once (a miss), then waits until the answer is stored (asking again hits)."""
+    """Asks once (a miss), then waits until the answer is stored: it asks again with
+    only-if-cached (a hit, or a 504 that never reaches upstream), so the upstream calls a
+    test counts are its own whenever the write lands."""
     import time
     first = ask(server, text, session=session, **extra)
     assert first.headers["x-sluicegate-cache"] == "miss"
-    deadline = time.monotonic() + 5
-    while ask(server, text, session=session, **extra).headers["x-sluicegate-cache"] != "hit":
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if ask(server, text, session=session, extra_headers=ONLY_IF_CACHED, **extra) \
+                    .headers["x-sluicegate-cache"] == "hit":
+                return first
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 504, exc
         assert time.monotonic() < deadline, "the answer was never stored"
         time.sleep(0.05)
-    return first
 
 
 def upstream_calls(mock: MockProviderServer, session: str) -> int:
@@ -531,8 +541,18 @@ def test_a_semantic_hit_replays_as_a_stream_and_in_anthropic_shape(
             system=f"Test session {session}.", messages=[{"role": "user", "content": text}])
     stored = once("How do I cancel my subscription?")
     import time
-    deadline = time.monotonic() + 5
-    while once("How do I cancel my subscription?").headers["x-sluicegate-cache"] != "hit":
+    deadline = time.monotonic() + 10
+    while True:  # until stored, asking only the cache (see ask_until_stored)
+        try:
+            if claude.messages.with_raw_response.create(
+                    model="claude-mock", max_tokens=50,
+                    extra_headers={"x-sluicegate-cache": "on", **ONLY_IF_CACHED},
+                    system=f"Test session {session}.",
+                    messages=[{"role": "user", "content": "How do I cancel my subscription?"}]
+            ).headers["x-sluicegate-cache"] == "hit":
+                break
+        except anthropic.APIStatusError as exc:
+            assert exc.status_code == 504, exc
         assert time.monotonic() < deadline
         time.sleep(0.05)
     paraphrased = once("I'd like to cancel my subscription - how do I do that?")
