@@ -487,10 +487,12 @@ def _cost_of(ctx: RequestContext) -> int:
 
 
 def _not_cached() -> GatewayError:
-    # RFC 9111 §5.2.1.7: without a stored answer, only-if-cached gets a 504. The SDKs retry a
-    # 504 unless told not to, and asking again cannot help.
+    # RFC 9111 §5.2.1.7: without a stored answer, only-if-cached gets a 504. Nothing timed
+    # out (the status's default error type would say so): the request asked for what is not
+    # there. The SDKs retry a 504 unless told not to, and asking again cannot help.
     return GatewayError(504, "No cached answer for this request (Cache-Control: only-if-cached)",
-                        code="not_cached", headers=[(b"x-should-retry", b"false")])
+                        code="not_cached", error_type="invalid_request_error",
+                        headers=[(b"x-should-retry", b"false")])
 
 
 def _admin_error(message: str, kind: str) -> dict[str, Any]:

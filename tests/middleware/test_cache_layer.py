@@ -319,12 +319,15 @@ def test_only_if_cached_answers_from_the_cache_or_with_a_504(gateway: ThreadedSe
     assert refused.value.status_code == 504
     assert refused.value.response.headers["x-should-retry"] == "false"  # the SDKs give up
     assert refused.value.body["code"] == "not_cached"  # type: ignore[index]
+    assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     with pytest.raises(anthropic.APIStatusError) as claude_refused:
         anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY).messages.create(
             model="claude-mock", max_tokens=50, messages=[{"role": "user", "content": text}],
             extra_headers={**OPT_IN, **ONLY_IF_CACHED})
     assert claude_refused.value.status_code == 504
     assert claude_refused.value.body["type"] == "error"  # type: ignore[index]
+    assert claude_refused.value.body["error"]["type"] == \
+        "invalid_request_error"  # type: ignore[index]
     assert "only-if-cached" in claude_refused.value.body["error"]["message"]  # type: ignore[index]
     with pytest.raises(openai.APIStatusError) as uncacheable:  # bypass: never stored either
         ask(gateway, text, temperature=0.7, extra_headers=ONLY_IF_CACHED)
