@@ -188,6 +188,18 @@ class Journal:
                 and time.monotonic() - self._synced_at >= self.fsync_interval_s):
             self._sync_locked()
 
+    @property
+    def unsynced(self) -> bool:
+        """Whether something was written since the last fsync (the open segment's records)."""
+        return self._unsynced and self._fd is not None
+
+    def sync_due(self) -> bool:
+        """With fsync="batch": whether what was appended since the last fsync has waited
+        `fsync_interval_s` (a writer's timer then calls `sync()`, so that a quiet journal's
+        last records reach the disk too). Read without the lock: a hint for that timer."""
+        return self.fsync == "batch" and self.unsynced and \
+            time.monotonic() - self._synced_at >= self.fsync_interval_s
+
     def sync(self) -> None:
         """fsync the open segment now; nothing to do if nothing was written since the last."""
         with self._lock:

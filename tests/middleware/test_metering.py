@@ -4,6 +4,7 @@ disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.context import CONTEXT_KEY, RequestContext, Usage
+from gateway.kernel import _run_end_hooks
 from gateway.pricing import Price
 from gateway.upstream import Deployment
 from middleware.metering import MeteringMiddleware
@@ -171,6 +173,45 @@ async def test_durable_records_that_overflow_the_queue_are_written_and_nobody_ha
     assert len(sent) == 4
     assert {row["subject"]: row["requests"] for row in journal_usage(tmp_path)} == \
         {"a": 1, "b": 1}
+
+
+async def test_a_quiet_journal_reaches_the_disk_within_the_fsync_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fsync="batch", a batch appended less than fsync_interval_s after the last fsync
+    is not synced by its append; with no later append, the writer's timer syncs it (before
+    the timer, such records waited for the next append, however long)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    layer = MeteringMiddleware(answer, journal_dir=str(tmp_path), flush_interval_s=0.05,
+                               fsync_interval_s=0.5)
+    await layer.startup()
+
+    async def send(message: Any) -> None:
+        pass
+    try:
+        ctx = context(status=200)
+        await layer({"type": "http", CONTEXT_KEY: ctx}, None, send)  # type: ignore[arg-type]
+        _run_end_hooks(ctx)  # what the kernel does when a request has ended
+        deadline = time.monotonic() + 5
+        while layer.journal.pending_count() < 1:  # journaled by the writer's next batch
+            assert time.monotonic() < deadline, "the record was never journaled"
+            await asyncio.sleep(0.01)
+        while layer.journal.unsynced:  # (an append 0.5 s after the last fsync syncs itself)
+            assert time.monotonic() < deadline, "the journal was never synced"
+            await asyncio.sleep(0.01)
+        assert synced
+    finally:
+        await asyncio.wait_for(layer.shutdown(), timeout=10)
 
 
 # -- the PostgreSQL ledger -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -525,6 +526,28 @@ def test_batch_fsyncs_once_the_interval_has_passed(tmp_path: Path,
     journal.append(records(2))
     assert len(fsync_calls) == 2
     journal.close()
+
+
+def test_sync_is_due_once_unsynced_records_waited_the_interval(
+        tmp_path: Path, fsync_calls: list[int]) -> None:
+    journal = opened(tmp_path, fsync="batch", fsync_interval_s=0.2)
+    journal.append(records(1))
+    journal.sync()
+    fsync_calls.clear()
+    assert not journal.sync_due()                       # nothing unsynced
+    journal.append(records(2))                          # within the interval: no fsync
+    assert fsync_calls == [] and not journal.sync_due()
+    time.sleep(0.25)
+    assert journal.sync_due()
+    journal.sync()
+    assert len(fsync_calls) == 1 and not journal.sync_due()
+    journal.close()
+    assert not journal.sync_due()                       # closed: nothing to sync
+    for policy in ("always", "never"):
+        other = opened(tmp_path / policy, fsync=policy, fsync_interval_s=0.0)
+        other.append(records(1))
+        assert not other.sync_due()                     # not this policy's business
+        other.close()
 
 
 def test_batch_leaves_the_rest_to_sync(tmp_path: Path, fsync_calls: list[int]) -> None:
