@@ -297,6 +297,44 @@ def test_stream_failover_headers_and_bytes(tmp_path: Path, a: MockProviderServer
     assert body.count("data: [DONE]") == 1 and '"error"' not in body
 
 
+def test_a_fallback_is_metered_at_the_deployment_that_served_it(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """The usage record of a request the fallback answered: the model asked for, the model,
+    provider and deployment that served it, its attempts and fallbacks, and its cost at the
+    served deployment's price (the backup's is three times the primary's here)."""
+    from middleware.metering.journal import Journal
+    from middleware.metering.record import UsageRecord
+    a.push_fault(Fault("status", provider="openai", status=503))
+    journal = tmp_path / "journal"
+    text = failover_config(
+        a, b, 'routes={"primary": Route(fallbacks=("backup",))}',
+        extra='DEAR = Price(input_per_mtok="3", output_per_mtok="6")\n'
+              'models["backup"] = [Deployment("b", "gpt-4o-mini", price=DEAR)]')
+    text = text.replace(
+        "    Middleware(FailoverMiddleware,",
+        f"    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
+        "flush_interval_s=0.05),\n    Middleware(FailoverMiddleware,")
+    with serve(tmp_path, text) as gateway:
+        answered = client(gateway).chat.completions.with_raw_response.create(
+            model="primary", messages=QUESTION)
+        request_id = answered.headers["x-request-id"]
+        usage = answered.parse().usage
+    assert usage is not None and answered.headers["x-sluicegate-fallback"] == "backup"
+    [slot] = sorted(journal.glob("slot-*"))
+    reader = Journal(slot, read_only=True)
+    reader.open()
+    records = [UsageRecord.decode(payload) for _, payload in reader.pending()]
+    reader.close()
+    [record] = [r for r in records if r.request_id == request_id]
+    assert (record.model, record.served_model, record.provider, record.deployment) == \
+        ("primary", "gpt-4o-mini", "b", "b/gpt-4o-mini")
+    assert (record.attempts, record.fallbacks, record.status) == (2, 1, 200)
+    assert (record.input_tokens, record.output_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens)
+    assert record.cost_micros == 3 * usage.prompt_tokens + 6 * usage.completion_tokens
+    assert len(a.requests) == 1 and len(b.requests) == 1
+
+
 def test_a_stream_failing_midway_ends_with_a_well_formed_error_event(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
