@@ -146,7 +146,8 @@ class CacheControl:
     `max_age_s`: accept only entries at most this many seconds old.
     `namespace`: `x-sluicegate-cache-namespace`, a partition of the tenant's cache.
     `opt_in`: `x-sluicegate-cache: on`; `x-sluicegate-cache: off` sets no_cache and no_store.
-    `only_if_cached`: answer from the cache or not at all (RFC 9111 §5.2.1.7: 504 otherwise).
+    `only_if_cached`: answer from the cache or not at all (RFC 9111 §5.2.1.7: 504 otherwise);
+    it sets no_store too (there is never a fresh answer to store, nor a vector to index).
     """
 
     no_cache: bool = False
@@ -195,7 +196,8 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
         return DEFAULT_CACHE_CONTROL
     no_cache, no_store, max_age, only_if_cached = _directives(directives)
     no_cache |= pragma_no_cache and not seen_cache_control
-    return CacheControl(no_cache=no_cache or opt_out, no_store=no_store or opt_out,
+    return CacheControl(no_cache=no_cache or opt_out,
+                        no_store=no_store or opt_out or only_if_cached,
                         max_age_s=max_age, namespace=namespace, opt_in=opt_in,
                         only_if_cached=only_if_cached)
 

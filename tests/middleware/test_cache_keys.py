@@ -360,8 +360,9 @@ def headers(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
     ("max-age=1.5", CacheControl()),
     ("max-age=", CacheControl()),
     ("max-age=\u00b2", CacheControl()),  # "²": str.isdigit() says yes, RFC 9111 says no
-    ("only-if-cached", CacheControl(only_if_cached=True)),
-    ("Only-If-Cached, max-age=5", CacheControl(only_if_cached=True, max_age_s=5)),
+    ("only-if-cached", CacheControl(no_store=True, only_if_cached=True)),
+    ("Only-If-Cached, max-age=5", CacheControl(no_store=True, max_age_s=5,
+                                               only_if_cached=True)),
     ("private, must-revalidate, x-thing=1", CacheControl()),
     ("", CacheControl()),
 ])

@@ -576,7 +576,7 @@ def test_a_failing_embedder_is_a_miss_never_an_error(tmp_path: Path, mock_url: s
 def test_the_http_embedder_drives_semantic_hits(
         tmp_path: Path, mock_url: str, mock: MockProviderServer,
         embed_service: tuple[EmbedService, ThreadedServer]) -> None:
-    _, service = embed_service
+    service_app, service = embed_service
     session = uuid.uuid4().hex
     with start_gateway(tmp_path, mock_url, f"SemanticCache(HttpEmbedder({service.url!r}))"
                        ) as server:
@@ -584,4 +584,10 @@ def test_the_http_embedder_drives_semantic_hits(
         # The bag-of-words service sees the same words in another order as the same text.
         assert ask(server, "python list reverse a", session=session) \
             .headers["x-sluicegate-cache"] == "semantic-hit"
+        embedded = service_app.calls
+        with pytest.raises(openai.APIStatusError) as refused:  # nothing to look up or store
+            ask(server, "python list reverse a", session=session,
+                extra_headers={"cache-control": "only-if-cached, no-cache"})
+        assert refused.value.status_code == 504
+        assert service_app.calls == embedded  # so nothing was embedded
     assert upstream_calls(mock, session) == 1
