@@ -183,9 +183,7 @@ class Journal:
             return self._tail()
 
     def _sync_if_due(self) -> None:
-        if self.fsync == "always" or (
-                self.fsync == "batch"
-                and time.monotonic() - self._synced_at >= self.fsync_interval_s):
+        if self.fsync == "always" or self.sync_due():
             self._sync_locked()
 
     @property
@@ -196,7 +194,8 @@ class Journal:
     def sync_due(self) -> bool:
         """With fsync="batch": whether what was appended since the last fsync has waited
         `fsync_interval_s` (a writer's timer then calls `sync()`, so that a quiet journal's
-        last records reach the disk too). Read without the lock: a hint for that timer."""
+        last records reach the disk too). `append` asks it under the lock; the timer without
+        it, as a hint."""
         return self.fsync == "batch" and self.unsynced and \
             time.monotonic() - self._synced_at >= self.fsync_interval_s
 

@@ -4,7 +4,6 @@ disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -176,17 +175,10 @@ async def test_durable_records_that_overflow_the_queue_are_written_and_nobody_ha
 
 
 async def test_a_quiet_journal_reaches_the_disk_within_the_fsync_interval(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fsync_calls: list[int]) -> None:
     """With fsync="batch", a batch appended less than fsync_interval_s after the last fsync
     is not synced by its append; with no later append, the writer's timer syncs it (before
     the timer, such records waited for the next append, however long)."""
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        synced.append(fd)
-        real_fsync(fd)
-    monkeypatch.setattr(os, "fsync", counting_fsync)
 
     async def answer(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -209,7 +201,7 @@ async def test_a_quiet_journal_reaches_the_disk_within_the_fsync_interval(
         while layer.journal.unsynced:  # (an append 0.5 s after the last fsync syncs itself)
             assert time.monotonic() < deadline, "the journal was never synced"
             await asyncio.sleep(0.01)
-        assert synced
+        assert fsync_calls
     finally:
         await asyncio.wait_for(layer.shutdown(), timeout=10)
 

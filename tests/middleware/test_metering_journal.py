@@ -53,20 +53,6 @@ def damage(path: Path, offset: int, value: bytes | None = None) -> None:
 
 
 @pytest.fixture
-def fsync_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every os.fsync the code makes (they still happen)."""
-    calls: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        calls.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
-    return calls
-
-
-@pytest.fixture
 def damage_warnings(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
     caplog.set_level(logging.WARNING, logger="sluicegate.metering")
     return lambda: [r.getMessage() for r in caplog.records if r.name == "sluicegate.metering"]
