@@ -49,8 +49,9 @@ from gateway.policy import (
     period_label,
 )
 from gateway.pricing import call_cost_micros, estimate_micros
-from gateway.resp import is_redis_url
+from gateway.resp import RespError, is_redis_url
 from middleware.quota import plan
+from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
 from middleware.quota.store_memory import MemoryQuotaStore
@@ -63,6 +64,7 @@ alerts_logger = logging.getLogger("sluicegate.alerts")
 
 _MAX_DOWNGRADES = 2
 _TEMPLATES_MAX = 10_000  # remembered (principal, model) templates; starts over when full
+_SERVED = object()  # what QuotaMiddleware._admit_in_lane gives for a request it served
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
 
 
@@ -119,6 +121,9 @@ class QuotaMiddleware:
         self._alerted: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
+        # Admissions through a Lane (middleware/quota/lane.py): with the Redis store only.
+        self._redis = self.store if type(self.store) is RedisQuotaStore else None
+        self._lane_settles: list[tuple[Lane, str, Estimate, int, int]] = []
         self._settle_scheduled = False
         self._http: Any = None
         # (id(principal), model) -> (principal, UTC day, its template or None)
@@ -137,7 +142,7 @@ class QuotaMiddleware:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
 
     async def shutdown(self) -> None:
-        if self._settles:
+        if self._settles or self._lane_settles:
             self._flush_settles()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
@@ -171,7 +176,15 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        store, planned, checks, decision, est, headers = await self._admit(ctx)
+        handed: bytes | QuotaStoreError | None = None
+        lane = self._lane(ctx, self._redis) if self._redis is not None else None
+        if lane is not None:
+            # The general path's admission, as one command made for the template (see
+            # middleware/quota/lane.py); what is not an admission is handed to it.
+            handed = await self._admit_in_lane(scope, receive, send, ctx, lane)
+            if handed is _SERVED:
+                return
+        store, planned, checks, decision, est, headers = await self._admit(ctx, handed, lane)
         if headers:  # the kernel puts them on the response start, or on the error it renders
             ctx.response_headers += headers
         if store is None:  # nothing applies: no reservation, nothing to settle
@@ -192,15 +205,72 @@ class QuotaMiddleware:
         finally:
             self._settle(store, ctx, planned, checks, decision, est, responder.events)
 
+    async def _admit_in_lane(self, scope: Scope, receive: Receive, send: Send,
+                             ctx: RequestContext, lane: Lane) -> Any:
+        """Admits through `lane` and serves the request (then `_SERVED`), or gives what the
+        general path has to take over with: the store's reply, its failure, or None (ask
+        again: Redis lost the script, or is not connected)."""
+        redis = self._redis
+        client = redis.direct_client() if redis is not None else None
+        if redis is None or client is None:
+            return None
+        est = plan.estimate(ctx, self.default_max_output_tokens)
+        try:
+            reply = await client.call_encoded(lane.admit_payload(
+                redis.argv_prefix(ctx.request_id), est.input_tokens + est.output_tokens,
+                est.cost_micros))
+        except RespError as exc:  # NOSCRIPT: nothing ran; the general path sends it whole
+            return None if str(exc).startswith("NOSCRIPT") else \
+                QuotaStoreError(f"Redis quota store: {exc}")
+        except (OSError, ValueError) as exc:  # never re-sent: it may have run
+            return QuotaStoreError(f"Redis quota store: {exc}")
+        values = _admitted(reply, lane, ctx)
+        if values is None:
+            return reply
+        if not ctx.stream:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self._settle_in_lane(ctx, lane, est, values, 0)
+            return _SERVED
+        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff]) \
+            if lane.cutoff else None
+        responder = _Responder(ctx, send, allowance, est)
+        try:
+            await self.app(scope, receive, responder.send)
+        except _StreamCutOff:
+            pass
+        finally:
+            self._settle_in_lane(ctx, lane, est, values, responder.events)
+        return _SERVED
+
+    def _lane(self, ctx: RequestContext, redis: RedisQuotaStore) -> Lane | None:
+        """The Lane for this caller and model in the Redis store, when one may admit now."""
+        if time.monotonic() < self._store_down_until:
+            return None
+        template = self._template(ctx.principal or ANONYMOUS, ctx.model)
+        if template is None:
+            return None
+        lanes: dict[Any, Lane | None] | None = template[1].get("lane")
+        if lanes is not None:
+            found = lanes.get(redis, False)
+            if found is not False:
+                return found  # type: ignore[return-value]
+        return lane_for(redis, plan.planned_from(template, _NOTHING_RESERVED)[0])
+
     # -- admission ---------------------------------------------------------------------------
 
-    async def _admit(self, ctx: RequestContext) -> tuple[
+    async def _admit(self, ctx: RequestContext,
+                     handed: bytes | QuotaStoreError | None = None,
+                     lane: Lane | None = None) -> tuple[
             QuotaStore | None, list[Planned], list[Check], Decision, Estimate,
             list[tuple[bytes, bytes]]]:
         """Reserves against every limit that applies; routes to a cheaper model where a limit
         says so. A rate limit that sent a request elsewhere does not count that request
         (`downgrade` means "beyond this limit, use the cheaper model"); a budget still has
-        to fit the cheaper model's cost."""
+        to fit the cheaper model's cost. `handed`: what `lane`'s admission got instead of an
+        admission (the store's reply, or its failure), taken as the first answer when the
+        template is still the Lane's (a new UTC day makes a new one: then ask again)."""
         principal = ctx.principal or ANONYMOUS
         downgraded: list[str] = []
         overflowed: set[str] = set()
@@ -219,7 +289,10 @@ class QuotaMiddleware:
                       if downgraded else [])
             if not planned:
                 return None, [], [], Decision(allowed=True), est, notice
-            store, decision = await self._reserve(ctx, planned, checks)
+            if isinstance(handed, bytes) and (lane is None or planned is not lane.planned):
+                handed = None  # (a reply that admitted nothing: nothing to undo)
+            store, decision = await self._reserve(ctx, planned, checks, handed)
+            handed = None
             if decision.allowed:
                 headers = plan.rate_limit_headers(planned, decision)
                 return store, planned, checks, decision, est, headers + notice
@@ -253,13 +326,19 @@ class QuotaMiddleware:
         return template
 
     async def _reserve(self, ctx: RequestContext, planned: list[Planned],
-                       checks: list[Check]) -> tuple[QuotaStore, Decision]:
-        if time.monotonic() >= self._store_down_until:
+                       checks: list[Check], handed: bytes | QuotaStoreError | None = None
+                       ) -> tuple[QuotaStore, Decision]:
+        if time.monotonic() >= self._store_down_until or handed is not None:
             store = self.store
             try:
                 # store.admit awaited here, not through _admit_seeded: every await below is
                 # resumed through each frame above it, so the common path keeps to one.
-                decision = await store.admit(ctx.request_id, checks)
+                if handed is None:
+                    decision = await store.admit(ctx.request_id, checks)
+                elif isinstance(handed, QuotaStoreError):
+                    raise handed
+                else:  # a Lane's reply for these checks (the same template, in order)
+                    decision = RedisQuotaStore.decision(handed)
                 if decision.unseeded:
                     decision = await self._seed_and_admit(store, ctx, planned, checks, decision)
                 return store, decision
@@ -332,8 +411,56 @@ class QuotaMiddleware:
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
+    def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
+                        values: list[Any], events: int) -> None:
+        """`_settle` for a request its Lane admitted."""
+        usage = plan.actual_usage(ctx, est, events)
+        cost = call_cost_micros(ctx, usage)
+        ctx.state["quota.cost_micros"] = cost
+        self._lane_settles.append((lane, ctx.request_id, est, usage.total_tokens, cost))
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_settles)
+        if cost and isinstance(self.ledger, PostgresSpendLedger):
+            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
+        if lane.budgets:
+            crossed: list[tuple[Planned, int, int]] = []
+            for index, item in lane.budgets:
+                used = item.check.limit - values[1 + 2 * index] - est.cost_micros + cost
+                self._crossed(item, used, crossed)
+            if crossed:
+                self._spawn(self._send_alerts(self.store, crossed))
+
+    def _flush_lane_settles(self) -> None:
+        """Sends the settles of Lane admissions in one write, unawaited (as `settle_soon`
+        does the general path's)."""
+        settles, self._lane_settles = self._lane_settles, []
+        store = self._redis
+        assert store is not None  # (only a Redis store has Lanes)
+        client = store.direct_client()
+        if client is not None:
+            clock = store.clock_text()  # one reading for the batch: they settle together
+            payloads = [lane.settle_payload(store.argv_prefix(request_id, clock),
+                                            est.input_tokens + est.output_tokens,
+                                            est.cost_micros, tokens, cost)
+                        for lane, request_id, est, tokens, cost in settles]
+            if client.send_unawaited(payloads, self._lane_settle_failed, settles):
+                return
+        # Not connected (or a Sentinel's writes): the general path's settle, in a task.
+        try:
+            store.settle_soon([_general_settle(settle) for settle in settles])
+        except QuotaStoreError as exc:
+            logger.warning("could not settle %d request(s) (%s)", len(settles), exc)
+
+    def _lane_settle_failed(self, error: Exception,
+                            settle: tuple[Lane, str, Estimate, int, int]) -> None:
+        assert self._redis is not None
+        self._redis.settle_failed(error, _general_settle(settle))
+
     def _flush_settles(self) -> None:
         self._settle_scheduled = False
+        if self._lane_settles:
+            self._flush_lane_settles()
         batches, self._settles = self._settles, {}
         for store, batch in batches.items():
             settle_soon = getattr(store, "settle_soon", None)
@@ -362,19 +489,25 @@ class QuotaMiddleware:
                             decision: Decision, cost: int) -> list[tuple[Planned, int, int]]:
         """(budget, threshold, used) for alert thresholds this request reached that this
         process has not alerted on yet in the period."""
-        crossed = []
+        crossed: list[tuple[Planned, int, int]] = []
         for index in plan.budget_indexes(planned):
             item = planned[index]
-            budget = item.budget
-            if budget is None or item.check.limit <= 0:
-                continue
             used = item.check.limit - decision.remaining[index] - checks[index].amount + cost
-            percent = used * 100 // item.check.limit
-            for threshold in budget.alert_at_percent:
-                if percent >= threshold and \
-                        f"{item.check.key}:alert:{threshold}" not in self._alerted:
-                    crossed.append((item, threshold, used))
+            self._crossed(item, used, crossed)
         return crossed
+
+    def _crossed(self, item: Planned, used: int,
+                 crossed: list[tuple[Planned, int, int]]) -> None:
+        """Adds (budget, threshold, used) for each threshold of `item`'s budget that `used`
+        reaches and this process has not alerted on yet in the period."""
+        budget = item.budget
+        if budget is None or item.check.limit <= 0:
+            return
+        percent = used * 100 // item.check.limit
+        for threshold in budget.alert_at_percent:
+            if percent >= threshold and \
+                    f"{item.check.key}:alert:{threshold}" not in self._alerted:
+                crossed.append((item, threshold, used))
 
     async def _send_alerts(self, store: QuotaStore,
                            crossed: list[tuple[Planned, int, int]]) -> None:
@@ -511,6 +644,29 @@ def _make_store(store: QuotaStore | str) -> QuotaStore:
     if not callable(getattr(store, "admit", None)):
         raise ConfigError(f"QuotaMiddleware store {store!r} is not a QuotaStore.")
     return store
+
+
+def _admitted(reply: Any, lane: Lane, ctx: RequestContext) -> list[Any] | None:
+    """The admit script's reply as its JSON array when it admitted the request and has the
+    template's shape, with the request's response headers added from it; None for anything
+    else, headers untouched (the general path reads the reply, and refuses nonsense)."""
+    try:
+        values = orjson.loads(reply)
+        if type(values) is not list or len(values) != lane.reply_size or values[0] != 1:
+            return None
+        headers = lane.headers(values)
+    except (TypeError, ValueError):  # (orjson.JSONDecodeError is a ValueError)
+        return None
+    ctx.response_headers += headers
+    return values
+
+
+def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
+                    ) -> tuple[str, list[Check], list[int]]:
+    """A Lane's settle as the general path's (request id, checks, actual amounts)."""
+    lane, request_id, est, tokens, cost = settle
+    checks = lane.checks(est.input_tokens + est.output_tokens, est.cost_micros)
+    return request_id, checks, plan.actual_amounts(checks, tokens, cost)
 
 
 def _spend_rows(ctx: RequestContext, cost: int) -> list[tuple[str, str, int]]:

@@ -400,9 +400,19 @@ def rate_limit_headers(planned: Sequence[Planned],
 _MAKERS = "header maker"  # template memo entry: (check count, maker or None)
 
 
-def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]]
-                  ) -> Callable[[tuple[int, ...], tuple[float, ...]],
-                                list[tuple[bytes, bytes]]] | None:
+def reply_header_maker(planned: Sequence[Planned]
+                       ) -> Callable[[list[Any]], list[tuple[bytes, bytes]]] | None:
+    """`rate_limit_headers` for the template `planned` (a whole one, from `planned_from`)
+    read straight from an admitted reply of the Redis admit script (its JSON array: 1, then
+    each check's remaining count and reset seconds), as `_header_maker` makes it; None
+    where that makes none."""
+    maker: Callable[[list[Any]], list[tuple[bytes, bytes]]] | None = _header_maker(
+        planned, _indexes_by_kind(planned, len(planned)), reply=True)
+    return maker
+
+
+def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]], *,
+                  reply: bool = False) -> Callable[..., list[tuple[bytes, bytes]]] | None:
     """`rate_limit_headers` for one template whose request and token limits are one check
     each (the usual case: the tightest is then always that one) and with at most one budget,
     as straight-line code made once (as dataclasses makes its __init__): the limit headers
@@ -425,15 +435,25 @@ def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]]
         names[f"L{at}"] = (limit_name, b"%d" % planned[index].check.limit)
         names[f"R{at}"], names[f"S{at}"] = remaining_name, reset_name
         # (Only integers and names made here go into the source.)
-        items += [f"L{at}", f"(R{at}, b'%d' % remaining[{int(index)}])",
-                  f"(S{at}, _reset(reset_s[{int(index)}]))"]
+        items += [f"L{at}", f"(R{at}, b'%d' % {_left(index, reply)})",
+                  f"(S{at}, _reset({_reset_at(index, reply)}))"]
     if budgets:
         names["B"] = b"x-sluicegate-budget-remaining"
-        items.append(f"(B, _usd(remaining[{int(budgets[0])}]))")
-    source = f"lambda remaining, reset_s: [{', '.join(items)}]"
-    maker: Callable[[tuple[int, ...], tuple[float, ...]], list[tuple[bytes, bytes]]] = \
+        items.append(f"(B, _usd({_left(budgets[0], reply)}))")
+    source = (f"lambda values: [{', '.join(items)}]" if reply else
+              f"lambda remaining, reset_s: [{', '.join(items)}]")
+    maker: Callable[..., list[tuple[bytes, bytes]]] = \
         eval(source, names)  # (integers and the names above only)
     return maker
+
+
+def _left(index: int, reply: bool) -> str:
+    """Where a maker's source reads check `index`'s remaining count (see _header_maker)."""
+    return f"values[{1 + 2 * int(index)}]" if reply else f"remaining[{int(index)}]"
+
+
+def _reset_at(index: int, reply: bool) -> str:
+    return f"values[{2 + 2 * int(index)}]" if reply else f"reset_s[{int(index)}]"
 
 
 def _usd_text(left: int) -> bytes:

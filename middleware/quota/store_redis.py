@@ -261,10 +261,7 @@ class RedisQuotaStore:
                     raise QuotaStoreError(f"Redis quota store: {exc}") from exc
             else:
                 reply = await self._run(ADMIT, request_id, checks, [wire.admit_args(checks)])
-        try:
-            return _decision(reply)
-        except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") from exc
+        return self.decision(reply)
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
@@ -398,6 +395,40 @@ class RedisQuotaStore:
     def _framed(head: bytes, argv: str) -> bytes:
         data = argv.encode()
         return b"%b$%d\r\n%b\r\n" % (head, len(data), data)
+
+    def direct_client(self) -> RespClient | None:
+        """The client, when a command can go to it as encoded bytes (`call_encoded`, and
+        `send_unawaited` for settles): started, and not a Cluster, which routes by key."""
+        client = self._client
+        return client if client is not None and not client.routed else None
+
+    def argv_prefix(self, request_id: str, clock: str | None = None) -> bytes:
+        """What every script's ARGV string starts with (see `_prefix_args`): the clock
+        (`clock`, from `clock_text`, or read now), the request id and the budget slack."""
+        return self._prefix_args(request_id, clock).encode()
+
+    def clock_text(self) -> str:
+        """A reading of the store's clock as the scripts take it (one per batch of settles,
+        which settle together)."""
+        return float(self.clock()).hex()
+
+    @staticmethod
+    def decision(reply: Any) -> Decision:
+        """The admit script's reply as a Decision; QuotaStoreError when it is nonsense."""
+        try:
+            return _decision(reply)
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
+                from exc
+
+    def settle_failed(self, error: Exception,
+                      settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
+        """What `settle_soon` does when an unawaited settle fails: NOSCRIPT sends it again
+        whole (EVAL), anything else is logged."""
+        self._settle_failed(error, settle)
+
+    def wire(self, checks: Sequence[Check]) -> _Wire | None:
+        return self._wire(checks)
 
     def _wire(self, checks: Sequence[Check]) -> _Wire | None:
         """The encoding of the template `checks` were planned from (see plan.Templated), made

@@ -1,0 +1,106 @@
+"""The quota layer's admissions in Redis for one limit template, without per-request objects.
+
+A template (plan.template: the same subjects, limits and periods for every request of one
+caller and model on one day) differs from request to request only in two numbers, the
+estimated tokens and the estimated cost, and after the call in two more, the actual ones.
+The general path still builds what describes the template on every request: a Check per
+limit, a Decision with tuples of the reply's numbers, the list of actual amounts. A `Lane`
+is made once per template and Redis store, and per request it makes only the bytes that go
+to Redis (the store's own encoding, `store_redis._Wire`, with the amounts filled in by
+straight-line code made for the template) and the response headers (from the reply's JSON
+array, read in place).
+
+Both scripts, their arguments and their replies are the store's; a Lane is a faster way to
+build the same command and read the same answer, never another semantics. Anything that is
+not an admitted request (a refusal, budget counters to seed, a script Redis lost, an
+unreachable Redis) goes back to the general path with what happened, which then does what
+it always did (tests/middleware/test_quota_lane.py holds the two paths to the same
+commands and the same answers).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Check
+from middleware.quota import plan
+from middleware.quota.plan import Planned
+
+__all__ = ["Lane", "lane_for"]
+
+# Which of a request's amounts a check takes: 1 (a request, a concurrency lease), the
+# estimated (or actual) tokens, or the estimated (or actual) cost.
+_ONE, _TOKENS, _COST = "1", "tokens", "cost"
+_AMOUNT = {REQUESTS: _ONE, CONCURRENT: _ONE, TOKENS: _TOKENS, BUDGET: _COST}
+
+_LANE = "lane"  # the template memo's entry: {store: Lane or None}
+
+
+class Lane:
+    """One template's admissions and settles in one RedisQuotaStore (see the module
+    docstring). `admit_payload` and `settle_payload` give the whole EVALSHA commands;
+    `headers` reads an admitted reply; `budgets` are (index, Planned) of the template's
+    budget checks, `cutoff` the indexes of those that cut streams off."""
+
+    __slots__ = ("admit_args", "admit_bytes", "admit_head", "budgets", "cutoff", "headers",
+                 "planned", "reply_size", "settle_args", "settle_bytes", "settle_head")
+
+    def __init__(self, wire: Any, planned: Sequence[Planned],
+                 headers: Callable[[list[Any]], list[tuple[bytes, bytes]]]) -> None:
+        self.planned = planned
+        self.admit_head, self.settle_head = wire.admit_head, wire.settle_head
+        self.admit_bytes, self.settle_bytes = wire.admit_bytes, wire.settle_bytes
+        which = [_AMOUNT[item.check.kind] for item in planned]
+        # (Only the names above go into the source: "1", "tokens", "cost", "actual_...".)
+        admit = ", ".join(which)
+        settle = ", ".join(f"{w}, {w if w == _ONE else 'actual_' + w}" for w in which)
+        self.admit_args: Callable[[int, int], tuple[int, ...]] = eval(
+            f"lambda tokens, cost: ({admit},)")
+        self.settle_args: Callable[[int, int, int, int], tuple[int, ...]] = eval(
+            f"lambda tokens, cost, actual_tokens, actual_cost: ({settle},)")
+        self.headers = headers
+        self.reply_size = 1 + 2 * len(planned)  # an admitted reply: 1, then two per check
+        self.budgets = tuple([(index, planned[index]) for index in plan.budget_indexes(planned)])
+        self.cutoff = plan.budget_indexes(planned, cutoff=True)
+
+    def admit_payload(self, prefix: bytes, tokens: int, cost: int) -> bytes:
+        data = prefix + self.admit_bytes % self.admit_args(tokens, cost)
+        return b"%b$%d\r\n%b\r\n" % (self.admit_head, len(data), data)
+
+    def settle_payload(self, prefix: bytes, tokens: int, cost: int, actual_tokens: int,
+                       actual_cost: int) -> bytes:
+        data = prefix + self.settle_bytes % self.settle_args(tokens, cost, actual_tokens,
+                                                              actual_cost)
+        return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
+
+    def checks(self, tokens: int, cost: int) -> list[Check]:
+        """The Checks the general path would have made for these amounts (for the rare
+        cases a Lane hands back: a settle Redis must be sent again in full)."""
+        amounts = {_ONE: 1, _TOKENS: tokens, _COST: cost}
+        made: list[Check] = plan.templated([], getattr(self.planned, "memo", None))
+        for item in self.planned:
+            check = item.check
+            made.append(Check(check.kind, check.key, check.limit,
+                              amounts[_AMOUNT[check.kind]], check.window_s, check.lease_s,
+                              check.expires_at, check.on_store_error, check.label))
+        return made
+
+
+def lane_for(store: Any, planned: Sequence[Planned]) -> Lane | None:
+    """The Lane of the template `planned` came from (plan.planned_from) in `store`, made on
+    first use and kept in the template's memo; None when the general path has to answer
+    every request of it (a template whose headers have no straight-line maker)."""
+    memo: dict[Any, Any] | None = getattr(planned, "memo", None)
+    if memo is None:
+        return None
+    lanes: dict[Any, Lane | None] = memo.setdefault(_LANE, {})
+    if store in lanes:
+        return lanes[store]
+    lane = None
+    headers = plan.reply_header_maker(planned)
+    if headers is not None:  # (the wire reads no amount: the template's own checks do)
+        wire = store.wire(plan.templated([item.check for item in planned], memo))
+        if wire is not None:
+            lane = Lane(wire, planned, headers)
+    lanes[store] = lane
+    return lane
