@@ -88,19 +88,15 @@ class Lane:
 
 def lane_for(store: Any, planned: Sequence[Planned]) -> Lane | None:
     """The Lane of the template `planned` came from (plan.planned_from) in `store`, made on
-    first use and kept in the template's memo; None when the general path has to answer
-    every request of it (a template whose headers have no straight-line maker)."""
+    first use and kept in the template's memo; None for a list that is not a template's."""
     memo: dict[Any, Any] | None = getattr(planned, "memo", None)
     if memo is None:
         return None
     lanes: dict[Any, Lane | None] = memo.setdefault(_LANE, {})
     if store in lanes:
         return lanes[store]
-    lane = None
-    headers = plan.reply_header_maker(planned)
-    if headers is not None:  # (the wire reads no amount: the template's own checks do)
-        wire = store.wire(plan.templated([item.check for item in planned], memo))
-        if wire is not None:
-            lane = Lane(wire, planned, headers)
+    # (The wire reads no amount: the template's own checks do.)
+    wire = store.wire(plan.templated([item.check for item in planned], memo))
+    lane = Lane(wire, planned, plan.reply_header_maker(planned)) if wire is not None else None
     lanes[store] = lane
     return lane

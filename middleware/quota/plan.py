@@ -369,15 +369,14 @@ def rate_limit_headers(planned: Sequence[Planned],
     remaining = decision.remaining
     reset_s = decision.reset_s
     memo: dict[Any, Any] | None = getattr(planned, "memo", None)
-    if memo is not None:  # one template, one layout: (check count, its maker or None)
+    if memo is not None:  # one template, one layout: (check count, its maker)
         maker = memo.get(_MAKERS)
         if maker is None or maker[0] != len(remaining):
             maker = memo[_MAKERS] = (len(remaining),
                                      _header_maker(planned, _indexes_by_kind(planned,
                                                                              len(remaining))))
-        if maker[1] is not None:
-            made: list[tuple[bytes, bytes]] = maker[1](remaining, reset_s)
-            return made
+        made: list[tuple[bytes, bytes]] = maker[1](remaining, reset_s)
+        return made
     headers: list[tuple[bytes, bytes]] = []
     kinds = _indexes_by_kind(planned, len(remaining))
     for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
@@ -397,53 +396,53 @@ def rate_limit_headers(planned: Sequence[Planned],
     return headers
 
 
-_MAKERS = "header maker"  # template memo entry: (check count, maker or None)
+_MAKERS = "header maker"  # template memo entry: (check count, its maker)
 
 
 def reply_header_maker(planned: Sequence[Planned]
-                       ) -> Callable[[list[Any]], list[tuple[bytes, bytes]]] | None:
+                       ) -> Callable[[list[Any]], list[tuple[bytes, bytes]]]:
     """`rate_limit_headers` for the template `planned` (a whole one, from `planned_from`)
     read straight from an admitted reply of the Redis admit script (its JSON array: 1, then
-    each check's remaining count and reset seconds), as `_header_maker` makes it; None
-    where that makes none."""
-    maker: Callable[[list[Any]], list[tuple[bytes, bytes]]] | None = _header_maker(
-        planned, _indexes_by_kind(planned, len(planned)), reply=True)
-    return maker
+    each check's remaining count and reset seconds), as `_header_maker` makes it."""
+    return _header_maker(planned, _indexes_by_kind(planned, len(planned)), reply=True)
 
 
 def _header_maker(planned: Sequence[Planned], kinds: dict[str, list[int]], *,
-                  reply: bool = False) -> Callable[..., list[tuple[bytes, bytes]]] | None:
-    """`rate_limit_headers` for one template whose request and token limits are one check
-    each (the usual case: the tightest is then always that one) and with at most one budget,
-    as straight-line code made once (as dataclasses makes its __init__): the limit headers
-    are ready pairs, and only the remaining counts and resets are formatted per request
-    (callgrind, auth + quota bench config in process: 20.5k instructions a request through
-    the loop, 11.5k this way). None for any other template (the loop answers)."""
-    budgets = kinds.get(BUDGET, [])
-    if len(budgets) > 1:
-        return None
+                  reply: bool = False) -> Callable[..., list[tuple[bytes, bytes]]]:
+    """`rate_limit_headers` for one template as straight-line code made once (as
+    dataclasses makes its __init__): the limit headers are ready pairs, and only the
+    remaining counts and resets are formatted per request (callgrind, auth + quota bench
+    config in process: 20.5k instructions a request through the loop, 11.5k this way). Where
+    a kind has several limits, the code picks the one with the least remaining, the first of
+    equals, as the loop does. `reply`: the code reads the Redis admit script's reply (1, then
+    each check's remaining count and reset) instead of a Decision's two tuples."""
     names: dict[str, Any] = {"_reset": _duration, "_usd": _usd_text}
-    items = []
+    lines, items = [], []
+    # (Only integers and names made here go into the source.)
     for kind, limit_name, remaining_name, reset_name in _RATE_HEADERS:
         indexes = kinds.get(kind)
         if indexes is None:
             continue
-        if len(indexes) != 1:
-            return None
-        index = indexes[0]
         at = len(names)
-        names[f"L{at}"] = (limit_name, b"%d" % planned[index].check.limit)
         names[f"R{at}"], names[f"S{at}"] = remaining_name, reset_name
-        # (Only integers and names made here go into the source.)
-        items += [f"L{at}", f"(R{at}, b'%d' % {_left(index, reply)})",
-                  f"(S{at}, _reset({_reset_at(index, reply)}))"]
-    if budgets:
+        for number, index in enumerate(indexes):
+            names[f"L{at}_{number}"] = (limit_name, b"%d" % planned[index].check.limit)
+        first = indexes[0]
+        lines.append(f"    l{at}, r{at}, s{at} = L{at}_0, {_left(first, reply)}, "
+                     f"{_reset_at(first, reply)}")
+        for number, index in enumerate(indexes[1:], start=1):
+            lines.append(f"    if {_left(index, reply)} < r{at}: l{at}, r{at}, s{at} = "
+                         f"L{at}_{number}, {_left(index, reply)}, {_reset_at(index, reply)}")
+        items += [f"l{at}", f"(R{at}, b'%d' % r{at})", f"(S{at}, _reset(s{at}))"]
+    budgets = kinds.get(BUDGET)
+    if budgets is not None:
         names["B"] = b"x-sluicegate-budget-remaining"
-        items.append(f"(B, _usd({_left(budgets[0], reply)}))")
-    source = (f"lambda values: [{', '.join(items)}]" if reply else
-              f"lambda remaining, reset_s: [{', '.join(items)}]")
-    maker: Callable[..., list[tuple[bytes, bytes]]] = \
-        eval(source, names)  # (integers and the names above only)
+        left = ", ".join([_left(index, reply) for index in budgets])
+        items.append(f"(B, _usd({left if len(budgets) == 1 else f'min({left})'}))")
+    arguments = "values" if reply else "remaining, reset_s"
+    source = "\n".join([f"def maker({arguments}):", *lines, f"    return [{', '.join(items)}]"])
+    exec(source, names)  # noqa: S102 (integers and the names above only)
+    maker: Callable[..., list[tuple[bytes, bytes]]] = names["maker"]
     return maker
 
 

@@ -59,6 +59,12 @@ TEMPLATES = {
                                        budgets=(Budget("2.5", period="daily"),))),
                    ("global", "all", Limits(max_concurrent=1_000))],
     "budget only": [("customer", "p1/c1", Limits(budgets=(Budget("1", period="lifetime"),)))],
+    "two of each": [("key", "k1", Limits(rpm=60, tpm=10_000,
+                                        budgets=(Budget("1", period="daily"),))),
+                    ("project", "p1", Limits(rpm=600, tpm=50_000,
+                                             budgets=(Budget("9", period="monthly"),))),
+                    ("global", "all", Limits(rpm=6_000))],
+    "concurrency only": [("key", "k1", Limits(max_concurrent=2))],
 }
 
 
@@ -87,21 +93,26 @@ def test_a_lane_sends_the_commands_of_the_general_path(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
-@pytest.mark.parametrize("numbers", [(7, 0.25, 9_000, 61.0, 1_234_567, 86_400.0),
-                                     (0, 59.01, 0, 3723.2, -40, 0.0),
-                                     (1, 6e-07, 3, 1.0, 0, 12.5)])
+@pytest.mark.parametrize("numbers", [(7, 0.25, 9_000, 61.0, 1_234_567, 86_400.0, 7, 3.5),
+                                     (0, 59.01, 0, 3723.2, -40, 0.0, 0, 1.0),
+                                     (1, 6e-07, 3, 1.0, 0, 12.5, 9, 2.0),
+                                     (5, 1.0, 5, 2.0, 5, 3.0, 5, 4.0)])  # ties: the first
 def test_a_lane_reads_an_admitted_reply_as_the_general_path_does(
         name: str, numbers: tuple[float, ...]) -> None:
+    """Against the loop (a plain list has no memo, so no made code): the tightest limit of
+    each kind, the least budget left, the same texts."""
     store, planned, _checks = lane_and_general(name, tokens=10, cost=10)
     lane = lane_for(store, planned)
     assert lane is not None
     values: list[float] = [1]
     for index in range(len(planned)):
-        values += [int(numbers[(2 * index) % 6]), numbers[(2 * index + 1) % 6]]
+        values += [int(numbers[(2 * index) % 8]), numbers[(2 * index + 1) % 8]]
     reply = orjson.dumps(values)
-    general = plan.rate_limit_headers(planned, store.decision(reply))
-    assert lane.headers(orjson.loads(reply)) == general
-    assert general  # (every template here has a limit with headers)
+    decision = store.decision(reply)
+    loop = plan.rate_limit_headers(list(planned), decision)
+    assert lane.headers(orjson.loads(reply)) == loop
+    assert plan.rate_limit_headers(planned, decision) == loop  # the template's made code
+    assert bool(loop) == (name != "concurrency only")
 
 
 @pytest.mark.parametrize("reply", [
@@ -127,18 +138,10 @@ def test_a_lane_hands_back_any_reply_but_a_plain_admission(reply: object) -> Non
     assert dict(ctx.response_headers)[b"x-ratelimit-remaining-tokens"] == b"7"
 
 
-@pytest.mark.parametrize("applicable", [
-    [("key", "k1", Limits(budgets=(Budget("1", period="daily"),))),
-     ("project", "p1", Limits(budgets=(Budget("9", period="monthly"),)))],
-    [("key", "k1", Limits(rpm=10)), ("project", "p1", Limits(rpm=100))],
-], ids=["two budgets", "two request limits"])
-def test_a_template_whose_headers_need_the_loop_has_no_lane(
-        applicable: list[tuple[str, str, Limits]]) -> None:
-    """The tightest of two limits of a kind is found per request: the general path answers."""
+def test_a_list_that_is_not_a_template_has_no_lane() -> None:
     store = RedisQuotaStore(REDIS_URL, prefix="{sgq-lane}")
-    planned, _checks = plan.planned_from(plan.template(applicable, NOW, 900.0),
-                                         plan.Estimate(1, 1, 1))
-    assert lane_for(store, planned) is None
+    _store, planned, _checks = lane_and_general("rpm", tokens=1, cost=1)
+    assert lane_for(store, list(planned)) is None
 
 
 # -- the layer, with what a Lane hands back ------------------------------------------------------
