@@ -27,6 +27,7 @@ from tests.harness import TEST_KEY
 from tests.middleware.test_quota_layer import (
     COST,
     INPUT,
+    KEY_ID,
     OUTPUT,
     PROMPT,
     REDIS_URL,
@@ -212,10 +213,14 @@ def test_a_settle_after_redis_lost_its_scripts_is_sent_whole(
     assert settled(gateway.committed, COST + RESERVED_100) == 2 * COST
 
 
-def test_a_refusal_takes_one_round_trip(start: Start, prefix: str) -> None:
+def test_a_refusal_takes_one_round_trip(start: Start, prefix: str,
+                                        shared: redis.Redis) -> None:
     """The Lane's reply refuses; the general path answers from it without asking again."""
-    gateway = start(auth(static_key("Limits(rpm=1)")), quota(redis_store(prefix)))
+    gateway = start(auth(static_key("Limits(rpm=1, max_concurrent=5)")),
+                    quota(redis_store(prefix)))
     assert gateway.chat().status_code == 200
+    leases = f"{prefix}:key:{KEY_ID}:concurrent"
+    assert eventually(lambda: shared.zcard(leases), 0) == 0  # settled: the lease is gone
     before = sent(gateway)
     refused = gateway.chat()
     assert refused.status_code == 429
@@ -229,10 +234,10 @@ def test_a_new_budget_counter_is_seeded_then_admitted(
     general path seeds it and admits; the next request goes through the Lane alone, one
     command before the call and one (the settle) after it."""
     gateway = start(auth(static_key(LIFETIME_1000)), quota(redis_store(prefix)))
-    first = gateway.chat()
+    first = gateway.chat(max_tokens=100)
     assert first.status_code == 200
-    assert first.headers["x-sluicegate-budget-remaining"] == "0.000970"
-    assert eventually(lambda: counter(shared, prefix), COST) == COST
+    assert first.headers["x-sluicegate-budget-remaining"] == f"0.000{1000 - RESERVED_100}"
+    assert eventually(lambda: counter(shared, prefix), COST) == COST  # settled
     before = sent(gateway)
     second = gateway.chat(max_tokens=100)
     assert second.status_code == 200
