@@ -254,3 +254,21 @@ def test_reservations_through_the_lane_match_the_estimate(start: Start, prefix: 
     assert response.headers["x-ratelimit-remaining-tokens"] == str(1000 - INPUT - 100)
     later = gateway.chat()
     assert int(later.headers["x-ratelimit-remaining-tokens"]) >= 1000 - 2 * (INPUT + OUTPUT) - 1
+
+
+@pytest.mark.parametrize("topology", ["sentinel_redis", "cluster_redis"])
+def test_settles_reach_a_sentinel_primary_and_a_cluster(
+        start: Start, prefix: str, topology: str, request: pytest.FixtureRequest) -> None:
+    """Behind Sentinel a Lane admits (its client takes encoded commands) but cannot send its
+    settles unawaited (a READONLY reply must move the client): they go the general path's
+    way, in a task. A Cluster routes by key, so the general path admits there. Either way the
+    reservation (max_tokens=100) comes down to the actual cost."""
+    url = request.getfixturevalue(topology).url
+    gateway = start(auth(static_key(LIFETIME_1000)), quota(redis_store(prefix, url)))
+    assert gateway.chat().status_code == 200  # seeds the budget counter (the general path)
+    assert settled(gateway.committed, None) == COST
+    response = gateway.chat(max_tokens=100)  # the Lane, behind Sentinel
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-budget-remaining"] == \
+        f"0.000{1000 - COST - RESERVED_100}"
+    assert settled(gateway.committed, COST + RESERVED_100) == 2 * COST
