@@ -27,12 +27,12 @@ though their clients had their answers; what reached the page cache survives it.
 can lose ~1.2 s (with PostgreSQL up, records written there are durable at its commit). An
 fsync costs the process's core about as much as a few milliseconds of requests on this
 bench's file system (paired rounds, 2026-11-29: 0.923× the bare passthrough's req/s at one
-fsync per 0.05 s, 0.971× with none), hence one a second rather than one a batch. `durability="response"` closes that
-window: a response's last message waits until its record is journaled and fsynced (group
-commit: the requests of one moment share one write and one fsync), so every answer a client
-received survives a crash, for the price of an fsync in each response's latency. If the queue
-grows past `queue_max` (the disk cannot keep up), requests append to the journal themselves (a
-short blocking write) rather than drop anything.
+fsync per 0.05 s, 0.971× with none), hence one a second rather than one a batch.
+`durability="response"` closes that window: a response's last message waits until its record
+is journaled and fsynced (group commit: the requests of one moment share one write and one
+fsync), so every answer a client received survives a crash, for the price of an fsync in each
+response's latency. If the queue grows past `queue_max` (the disk cannot keep up), requests
+append to the journal themselves (a short blocking write) rather than drop anything.
 """
 from __future__ import annotations
 

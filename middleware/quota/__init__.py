@@ -249,14 +249,7 @@ class QuotaMiddleware:
         if time.monotonic() < self._store_down_until:
             return None
         template = self._template(ctx.principal or ANONYMOUS, ctx.model)
-        if template is None:
-            return None
-        lanes: dict[Any, Lane | None] | None = template[1].get("lane")
-        if lanes is not None:
-            found = lanes.get(redis, False)
-            if found is not False:
-                return found  # type: ignore[return-value]
-        return lane_for(redis, plan.planned_from(template, _NOTHING_RESERVED)[0])
+        return lane_for(redis, template) if template is not None else None
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -397,32 +390,32 @@ class QuotaMiddleware:
                 checks: list[Check], decision: Decision, est: Estimate, events: int) -> None:
         """Queues the replacement of the reservation by the actual usage. Settles queued in
         one event-loop step go to the store together, after the responses went out."""
-        usage = plan.actual_usage(ctx, est, events)
-        cost = call_cost_micros(ctx, usage)
-        ctx.state["quota.cost_micros"] = cost
+        tokens, cost = self._charge(ctx, est, events)
         self._settles.setdefault(store, []).append(
-            (ctx.request_id, checks, plan.actual_amounts(checks, usage.total_tokens, cost)))
-        if not self._settle_scheduled:
-            self._settle_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_settles)
-        if cost and isinstance(self.ledger, PostgresSpendLedger):
-            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
+            (ctx.request_id, checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
-    def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
-                        values: list[Any], events: int) -> None:
-        """`_settle` for a request its Lane admitted."""
+    def _charge(self, ctx: RequestContext, est: Estimate, events: int) -> tuple[int, int]:
+        """What the request actually used, (tokens, cost): noted for the metrics, recorded
+        in the ledger, and a flush of the queued settles scheduled for the end of this
+        event-loop step (the caller queues the request's)."""
         usage = plan.actual_usage(ctx, est, events)
         cost = call_cost_micros(ctx, usage)
         ctx.state["quota.cost_micros"] = cost
-        self._lane_settles.append((lane, ctx.request_id, est, usage.total_tokens, cost))
         if not self._settle_scheduled:
             self._settle_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_settles)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
+        return usage.total_tokens, cost
+
+    def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
+                        values: list[Any], events: int) -> None:
+        """`_settle` for a request its Lane admitted."""
+        tokens, cost = self._charge(ctx, est, events)
+        self._lane_settles.append((lane, ctx.request_id, est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:
@@ -665,7 +658,7 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
                     ) -> tuple[str, list[Check], list[int]]:
     """A Lane's settle as the general path's (request id, checks, actual amounts)."""
     lane, request_id, est, tokens, cost = settle
-    checks = lane.checks(est.input_tokens + est.output_tokens, est.cost_micros)
+    checks = lane.checks(est)
     return request_id, checks, plan.actual_amounts(checks, tokens, cost)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Check
 from middleware.quota import plan
-from middleware.quota.plan import Planned
+from middleware.quota.plan import Estimate, Planned
 
 __all__ = ["Lane", "lane_for"]
 
@@ -33,20 +33,23 @@ __all__ = ["Lane", "lane_for"]
 _ONE, _TOKENS, _COST = "1", "tokens", "cost"
 _AMOUNT = {REQUESTS: _ONE, CONCURRENT: _ONE, TOKENS: _TOKENS, BUDGET: _COST}
 
-_LANE = "lane"  # the template memo's entry: {store: Lane or None}
+_LANE = "lane"  # the template memo's entry: {store: Lane}
+_Compiled = tuple[list[tuple[Any, ...]], dict[Any, Any]]  # plan.template's: rows and memo
 
 
 class Lane:
     """One template's admissions and settles in one RedisQuotaStore (see the module
     docstring). `admit_payload` and `settle_payload` give the whole EVALSHA commands;
-    `headers` reads an admitted reply; `budgets` are (index, Planned) of the template's
-    budget checks, `cutoff` the indexes of those that cut streams off."""
+    `headers` reads an admitted reply; `planned` is the template's Planned list,
+    `budgets` the (index, Planned) of its budget checks, `cutoff` the indexes of those that
+    cut streams off."""
 
-    __slots__ = ("admit_args", "admit_bytes", "admit_head", "budgets", "cutoff", "headers",
-                 "planned", "reply_size", "settle_args", "settle_bytes", "settle_head")
+    __slots__ = ("admit_args", "admit_bytes", "admit_head", "budgets", "compiled", "cutoff",
+                 "headers", "planned", "reply_size", "settle_args", "settle_bytes",
+                 "settle_head")
 
-    def __init__(self, wire: Any, planned: Sequence[Planned],
-                 headers: Callable[[list[Any]], list[tuple[bytes, bytes]]]) -> None:
+    def __init__(self, compiled: _Compiled, planned: Sequence[Planned], wire: Any) -> None:
+        self.compiled = compiled
         self.planned = planned
         self.admit_head, self.settle_head = wire.admit_head, wire.settle_head
         self.admit_bytes, self.settle_bytes = wire.admit_bytes, wire.settle_bytes
@@ -58,7 +61,7 @@ class Lane:
             f"lambda tokens, cost: ({admit},)")
         self.settle_args: Callable[[int, int, int, int], tuple[int, ...]] = eval(
             f"lambda tokens, cost, actual_tokens, actual_cost: ({settle},)")
-        self.headers = headers
+        self.headers = plan.reply_header_maker(planned)
         self.reply_size = 1 + 2 * len(planned)  # an admitted reply: 1, then two per check
         self.budgets = tuple([(index, planned[index]) for index in plan.budget_indexes(planned)])
         self.cutoff = plan.budget_indexes(planned, cutoff=True)
@@ -73,30 +76,22 @@ class Lane:
                                                               actual_cost)
         return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
 
-    def checks(self, tokens: int, cost: int) -> list[Check]:
-        """The Checks the general path would have made for these amounts (for the rare
+    def checks(self, est: Estimate) -> list[Check]:
+        """The Checks the general path makes for a request of this estimate (for the rare
         cases a Lane hands back: a settle Redis must be sent again in full)."""
-        amounts = {_ONE: 1, _TOKENS: tokens, _COST: cost}
-        made: list[Check] = plan.templated([], getattr(self.planned, "memo", None))
-        for item in self.planned:
-            check = item.check
-            made.append(Check(check.kind, check.key, check.limit,
-                              amounts[_AMOUNT[check.kind]], check.window_s, check.lease_s,
-                              check.expires_at, check.on_store_error, check.label))
-        return made
+        return plan.planned_from(self.compiled, est)[1]
 
 
-def lane_for(store: Any, planned: Sequence[Planned]) -> Lane | None:
-    """The Lane of the template `planned` came from (plan.planned_from) in `store`, made on
-    first use and kept in the template's memo; None for a list that is not a template's."""
-    memo: dict[Any, Any] | None = getattr(planned, "memo", None)
-    if memo is None:
-        return None
-    lanes: dict[Any, Lane | None] = memo.setdefault(_LANE, {})
-    if store in lanes:
-        return lanes[store]
-    # (The wire reads no amount: the template's own checks do.)
-    wire = store.wire(plan.templated([item.check for item in planned], memo))
-    lane = Lane(wire, planned, plan.reply_header_maker(planned)) if wire is not None else None
-    lanes[store] = lane
+def lane_for(store: Any, compiled: _Compiled) -> Lane:
+    """The Lane of the template `compiled` (plan.template's) in `store`, a RedisQuotaStore:
+    made on first use and kept in the template's memo."""
+    memo = compiled[1]
+    lanes: dict[Any, Lane] | None = memo.get(_LANE)
+    if lanes is None:
+        lanes = memo[_LANE] = {}
+    lane = lanes.get(store)
+    if lane is None:
+        planned, checks = plan.planned_from(compiled, Estimate(0, 0, 0))
+        wire = store.wire(checks)  # (it reads no amount)
+        lane = lanes[store] = Lane(compiled, planned, wire)
     return lane

@@ -240,7 +240,7 @@ class RedisQuotaStore:
         return True
 
     async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
-        wire = self._wire(checks) if checks else None
+        wire = self.wire(checks) if checks else None
         if wire is None:
             validate(checks)
             if not checks:
@@ -265,7 +265,7 @@ class RedisQuotaStore:
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
-        wire = self._wire(checks) if checks else None
+        wire = self.wire(checks) if checks else None
         if wire is not None:
             await self._run(SETTLE, request_id, checks, [wire.settle_args(checks, actual)])
             return
@@ -285,23 +285,25 @@ class RedisQuotaStore:
             return
         settles: list[tuple[str, Sequence[Check], Sequence[int]]] = []
         payloads = []
-        clock = float(self.clock()).hex()  # one reading for the batch: they settle together
+        clock = self.clock_text()  # one reading for the batch: they settle together
         for settle in batch:
             request_id, checks, actual = settle
             if not checks:
                 continue
-            wire = self._wire(checks)
+            wire = self.wire(checks)
             payloads.append(
                 self._payload(SETTLE, request_id, checks, _settle_args(checks, actual))
                 if wire is None else
                 wire.settle_payload(self._prefix_args(request_id, clock).encode(), checks,
                                     actual))
             settles.append(settle)
-        if payloads and not client.send_unawaited(payloads, self._settle_failed, settles):
+        if payloads and not client.send_unawaited(payloads, self.settle_failed, settles):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
 
-    def _settle_failed(self, error: Exception,
-                       settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
+    def settle_failed(self, error: Exception,
+                      settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
+        """What an unawaited settle's failure does: NOSCRIPT sends it again whole (EVAL),
+        anything else is logged."""
         if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
             request_id, checks, actual = settle  # (the same words as the wire's encoding)
             command = self._command(SETTLE, request_id, checks, _settle_args(checks, actual))
@@ -421,16 +423,7 @@ class RedisQuotaStore:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
                 from exc
 
-    def settle_failed(self, error: Exception,
-                      settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
-        """What `settle_soon` does when an unawaited settle fails: NOSCRIPT sends it again
-        whole (EVAL), anything else is logged."""
-        self._settle_failed(error, settle)
-
     def wire(self, checks: Sequence[Check]) -> _Wire | None:
-        return self._wire(checks)
-
-    def _wire(self, checks: Sequence[Check]) -> _Wire | None:
         """The encoding of the template `checks` were planned from (see plan.Templated), made
         (and the checks validated) on its first use; None for checks without a memo."""
         memo = getattr(checks, "memo", None)
@@ -452,7 +445,7 @@ class RedisQuotaStore:
         if not request_id or " " in request_id or not request_id.isprintable():
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
         if clock is None:
-            clock = float(self.clock()).hex()
+            clock = self.clock_text()
         return f"{clock} {request_id} {self._slack} "
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],

@@ -22,7 +22,7 @@ import redis
 from gateway.context import OPENAI_CHAT, RequestContext
 from gateway.policy import Budget, Check, Limits
 from middleware.quota import RedisQuotaStore, _admitted, plan
-from middleware.quota.lane import lane_for
+from middleware.quota.lane import Lane, lane_for
 from tests.harness import TEST_KEY
 from tests.middleware.test_quota_layer import (
     COST,
@@ -69,19 +69,23 @@ TEMPLATES = {
 }
 
 
-def lane_and_general(name: str, tokens: int, cost: int) -> tuple[
-        RedisQuotaStore, plan.Templated[plan.Planned], plan.Templated[Check]]:
+def lane_and_general(name: str, est: plan.Estimate) -> tuple[
+        Lane, RedisQuotaStore, plan.Templated[plan.Planned], plan.Templated[Check]]:
+    """A Lane for the template `name` in a new store, and what the general path plans for a
+    request of `est`."""
     store = RedisQuotaStore(REDIS_URL, prefix="{sgq-lane}")
     compiled = plan.template(TEMPLATES[name], NOW, 900.0)
-    planned, checks = plan.planned_from(compiled, plan.Estimate(tokens - 7, 7, cost))
-    return store, planned, checks
+    planned, checks = plan.planned_from(compiled, est)
+    lane = lane_for(store, compiled)
+    assert lane_for(store, compiled) is lane  # made once per template and store
+    assert lane.planned is planned
+    return lane, store, planned, checks
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_a_lane_sends_the_commands_of_the_general_path(name: str) -> None:
-    store, planned, checks = lane_and_general(name, tokens=130, cost=477)
-    lane = lane_for(store, planned)
-    assert lane is not None
+    est = plan.Estimate(123, 7, 477)
+    lane, store, _planned, checks = lane_and_general(name, est)
     wire = store.wire(checks)  # type: ignore[arg-type]
     assert wire is not None
     assert lane.admit_payload(PREFIX, 130, 477) == wire.admit_payload(
@@ -89,8 +93,7 @@ def test_a_lane_sends_the_commands_of_the_general_path(name: str) -> None:
     actual = plan.actual_amounts(checks, 95, 301)  # type: ignore[arg-type]
     assert lane.settle_payload(PREFIX, 130, 477, 95, 301) == wire.settle_payload(
         PREFIX, checks, actual)  # type: ignore[arg-type]
-    assert lane.checks(130, 477) == list(checks)
-    assert lane_for(store, planned) is lane  # made once per template and store
+    assert lane.checks(est) == list(checks)
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -102,9 +105,7 @@ def test_a_lane_reads_an_admitted_reply_as_the_general_path_does(
         name: str, numbers: tuple[float, ...]) -> None:
     """Against the loop (a plain list has no memo, so no made code): the tightest limit of
     each kind, the least budget left, the same texts."""
-    store, planned, _checks = lane_and_general(name, tokens=10, cost=10)
-    lane = lane_for(store, planned)
-    assert lane is not None
+    lane, store, planned, _checks = lane_and_general(name, plan.Estimate(3, 7, 10))
     values: list[float] = [1]
     for index in range(len(planned)):
         values += [int(numbers[(2 * index) % 8]), numbers[(2 * index + 1) % 8]]
@@ -127,9 +128,8 @@ def test_a_lane_reads_an_admitted_reply_as_the_general_path_does(
     7,
 ])
 def test_a_lane_hands_back_any_reply_but_a_plain_admission(reply: object) -> None:
-    store, planned, _checks = lane_and_general("tpm and budget", tokens=10, cost=10)
-    lane = lane_for(store, planned)
-    assert lane is not None
+    lane, _store, _planned, _checks = lane_and_general("tpm and budget",
+                                                       plan.Estimate(3, 7, 10))
     ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai", body={},
                          raw_body=b"{}", model="gpt-mock", stream=False)
     assert _admitted(reply, lane, ctx) is None
@@ -137,12 +137,6 @@ def test_a_lane_hands_back_any_reply_but_a_plain_admission(reply: object) -> Non
     admitted = _admitted(b"[1,7,0.25,9000,61.0]", lane, ctx)
     assert admitted == [1, 7, 0.25, 9000, 61.0]
     assert dict(ctx.response_headers)[b"x-ratelimit-remaining-tokens"] == b"7"
-
-
-def test_a_list_that_is_not_a_template_has_no_lane() -> None:
-    store = RedisQuotaStore(REDIS_URL, prefix="{sgq-lane}")
-    _store, planned, _checks = lane_and_general("rpm", tokens=1, cost=1)
-    assert lane_for(store, list(planned)) is None
 
 
 # -- the layer, with what a Lane hands back ------------------------------------------------------

@@ -505,7 +505,7 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
     for amounts, actual in (((1, 10, 1, 7), [1, 12, 1, 5]), ((1, 999, 1, 0), [0, 0, 0, 0])):
         checks = templated([rpm(100), tpm(1000, amounts[1], key="tpm:ключ"), leases(5),
                          budget(1000, amounts[3], clock.now + 60)], memo)
-        wire = store._wire(checks)
+        wire = store.wire(checks)
         assert wire is not None and memo[store] is wire
         for request_id in ("r1", "r 2", ""):
             admit = [_args(check) for check in checks]
