@@ -35,7 +35,8 @@ code, which then behaves, fails and words its errors exactly as it always did:
   an HTTP/1.1 peer, keep-alive on, no pending switch, a request that was not HEAD or CONNECT,
   a status that is not 204 or 304, and no Host header in the response: h11's clean-up (a
   body of unknown length gets `Transfer-Encoding: chunked` in place of any Content-Length)
-  and its writer give the same bytes, and the states, keep-alive flag, writer and reader
+  and its writer give the same bytes (from the lines gateway/h11_headers.py made of the
+  headers when it checked them, if it did), and the states, keep-alive flag, writer and reader
   end as h11 leaves them.
 - `send` of an `EndOfMessage` with the server in SEND_BODY, the client DONE and keep-alive
   on; the writer's own checks (too little data for the Content-Length, trailers) send it to
@@ -55,6 +56,9 @@ import sys
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
+
+from gateway import h11_headers
+from gateway.h11_headers import says_close as _says_close
 
 logger = logging.getLogger("sluicegate")
 
@@ -81,12 +85,6 @@ def _credential(name: bytes) -> bool:
     are parsed every time, never kept in the memo."""
     return b"auth" in name or b"key" in name or b"cookie" in name or b"token" in name \
         or b"secret" in name
-
-
-def _says_close(connection: bytes) -> bool:
-    """Whether a Connection header's value holds the `close` token, read as h11 reads it
-    (get_comma_header: lower-cased, split at commas, stripped) for its keep-alive rule."""
-    return b"close" in [token.strip() for token in connection.lower().split(b",")]
 
 
 def installed() -> bool:
@@ -160,6 +158,7 @@ def install() -> bool:
     # response headers h11's clean-up and writer look at
     framing = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host"))
     chunked_header = (b"Transfer-Encoding", b"transfer-encoding", b"chunked")
+    chunked_line = b"Transfer-Encoding: chunked\r\n"
 
     def read_request(self: Any) -> Any:
         """The Request at the head of the buffer, with the states set as h11 sets them; None
@@ -296,31 +295,45 @@ def install() -> bool:
         client_state = states[client]
         if client_state is not send_body and client_state is not done:
             return None
-        items = event.headers._full_items
-        length: bytes | None = None
-        chunked = False
-        close = False
-        for _raw, name, value in items:
-            if name in framing:
-                if name == b"content-length":  # (h11 keeps one: a repeat is folded or refused)
-                    length = value
-                elif name == b"transfer-encoding":
-                    chunked = True
-                elif name == b"connection":
-                    close = close or _says_close(value)
-                else:  # host: h11 writes it first
-                    return None
-        if chunked or length is None:  # h11: Transfer-Encoding: chunked, no Content-Length
-            items = [item for item in items
-                     if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
-            items.append(chunked_header)
-            writer: Any = chunked_writer()
+        headers: Any = event.headers
+        writer: Any
+        if type(headers) is h11_headers.rendered_type:  # lines made as h11 checked them
+            length: bytes | None = headers.length
+            close = headers.close
+            lines = headers.lines
+            if headers.chunked or length is None:
+                if headers.framing:
+                    lines = [line for line, item in zip(lines, headers._full_items, strict=True)
+                             if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
+                lines = [*lines, chunked_line]
+                writer = chunked_writer()
+            else:
+                writer = length_writer(int(length))
         else:
-            writer = length_writer(int(length))
-        written = [b"HTTP/1.1 %s %s\r\n" % (str(event.status_code).encode("ascii"),
-                                            event.reason)]
-        written += [b"%s: %s\r\n" % (raw, value) for raw, _name, value in items]
-        written.append(b"\r\n")
+            items = headers._full_items
+            length = None
+            chunked = False
+            close = False
+            for _raw, name, value in items:
+                if name in framing:
+                    if name == b"content-length":  # (h11 keeps one: a repeat is folded or refused)
+                        length = value
+                    elif name == b"transfer-encoding":
+                        chunked = True
+                    elif name == b"connection":
+                        close = close or _says_close(value)
+                    else:  # host: h11 writes it first
+                        return None
+            if chunked or length is None:  # h11: Transfer-Encoding: chunked, no Content-Length
+                items = [item for item in items
+                         if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
+                items.append(chunked_header)
+                writer = chunked_writer()
+            else:
+                writer = length_writer(int(length))
+            lines = [b"%s: %s\r\n" % (raw, value) for raw, _name, value in items]
+        head = b"HTTP/1.1 %s %s\r\n%s\r\n" % (str(event.status_code).encode("ascii"),
+                                                event.reason, b"".join(lines))
         states[server] = send_body
         if close:
             cstate.keep_alive = False
@@ -329,7 +342,7 @@ def install() -> bool:
                 self._reader = expect_nothing
         self.client_is_waiting_for_100_continue = False
         self._writer = writer
-        return b"".join(written)
+        return head
 
     def send(self: Any, event: Any) -> bytes | None:
         if self.our_role is server:

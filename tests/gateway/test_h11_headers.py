@@ -3,6 +3,8 @@ the same normalised headers for good input, the same errors for bad input, the f
 header is seen and every time after."""
 from __future__ import annotations
 
+import re
+
 import h11
 import h11._events
 import h11._headers
@@ -214,3 +216,123 @@ def test_the_hypercorn_memo_stays_bounded(hypercorn_original) -> None:
         assert checks([(b"x-request-id", b"%d" % number)]) == \
             [(b"x-request-id", b"%d" % number)]
     assert 0 < len(h11_headers._checked) <= h11_headers.MEMO_MAX
+
+
+# -- one reading for the whole head: hypercorn's checks hand h11 its entries, and the lines
+# -- h11's writer would make go with them to gateway/h11_cycle.py ---------------------------
+
+HEADS = [
+    [(b"content-type", b"application/json"), (b"content-length", b"676"),
+     (b"x-request-id", b"63966cc975961f18820cd1a277f0a649"),
+     (b"x-ratelimit-remaining-requests", b"99999"), (b"x-sluicegate-budget-remaining", b"9.5")],
+    [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")],  # no length
+    [(b"content-type", b"text/event-stream"), (b"Transfer-Encoding", b"CHUNKED"),
+     (b"content-length", b"12"), (b"x-after", b"framing")],  # chunked wins, both dropped
+    [(b"content-length", b"2"), (b"Connection", b"keep-alive, Close")],  # closes
+    [(b"content-length", b"2"), (b"connection", b"keep-alive")],
+    [(b"content-length", b"2"), (b"x-empty", b""), (b"X-Spaces", b"a  b")],
+    [(b"content-length", b"2"), (b"host", b"elsewhere")],  # h11 writes Host first
+    [(b"content-length", b"2"), (b"content-length", b"2")],  # h11 folds the repeat
+    [(b"content-length", b"5, 5")],  # and the list
+    [],
+]
+DATE = (b"date", b"Sun, 29 Nov 2026 18:00:00 GMT")
+
+
+def _head(response: h11.Response) -> tuple[bytes | None, object]:
+    """The head a server writes for `response` after a plain GET, and its states after."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    connection.next_event()
+    connection.next_event()
+    head = connection.send(response)
+    return head, (connection.our_state, connection.their_state, connection._cstate.keep_alive,
+                  type(connection._writer))
+
+
+def _stock_head(pairs) -> tuple[bytes | None, object]:
+    from tests.harness import stock_h11
+    with stock_h11():
+        return _head(h11.Response(status_code=200, headers=h11_headers._original(list(pairs))))
+
+
+@pytest.fixture(scope="module")
+def whole_cycle(original, hypercorn_original):
+    from gateway import h11_body, h11_cycle
+    assert h11_body.install() and h11_cycle.install()
+    assert h11_headers.rendered_type is not None
+
+
+@pytest.mark.parametrize("pairs", HEADS)
+def test_a_head_is_written_as_h11_writes_it(whole_cycle, pairs) -> None:
+    for _ in range(2):  # first sight, then from the memo
+        response = h11.Response(status_code=200, headers=[*pairs, DATE])
+        assert _items(response.headers) == _items(h11_headers._original([*pairs, DATE]))
+        assert _head(response) == _stock_head([*pairs, DATE])
+    assert (type(response.headers) is h11_headers.rendered_type) is not _h11s_own(pairs)
+
+
+def _h11s_own(pairs) -> bool:
+    """Headers h11 writes its own way (Host first) or folds (a repeated or listed length)."""
+    names = [name.lower() for name, _value in pairs]
+    return b"host" in names or names.count(b"content-length") > 1 or \
+        any(b"," in value for name, value in pairs if name.lower() == b"content-length")
+
+
+@pytest.mark.parametrize("pairs", HEADS)
+def test_hypercorns_checks_hand_h11_the_same_headers(whole_cycle, pairs) -> None:
+    """What hypercorn does for a response start: its checks, then an h11 Response of what
+    they passed followed by its own date header."""
+    checks = _hypercorn_checks()
+    for _ in range(3):  # first sight (the date too), then from the memos
+        passed = checks(pairs)
+        handed = h11_headers._handoff[0]
+        response = h11.Response(status_code=200, headers=[*passed, DATE])
+        assert h11_headers._handoff[0] is None  # taken once
+        assert _items(response.headers) == _items(h11_headers._original([*pairs, DATE]))
+        assert _head(response) == _stock_head([*pairs, DATE])
+    assert (handed is None) is _h11s_own(pairs)
+    if handed is not None:
+        assert type(response.headers) is h11_headers.rendered_type
+        assert response.headers._full_items is handed[1]  # h11 read nothing again
+
+
+def test_a_handed_list_is_taken_only_by_the_same_pairs(whole_cycle) -> None:
+    checks = _hypercorn_checks()
+    checks([(b"content-length", b"3"), (b"x-a", b"1")])
+    other = [(b"content-length", b"4"), (b"x-a", b"2"), DATE]  # another response's headers
+    response = h11.Response(status_code=200, headers=other)
+    assert _items(response.headers) == _items(h11_headers._original(other))
+    assert _head(response) == _stock_head(other)
+    assert h11_headers._handoff[0] is None
+
+
+def test_after_a_handed_list_anything_but_remembered_headers_goes_the_long_way(
+        whole_cycle) -> None:
+    checks = _hypercorn_checks()
+    for tail in ([(b"x-new-each-time", b"tail")], [(b"Host", b"x")],
+                 [(b"content-length", b"9")], [(b"x-bad", b"a\x00b")]):
+        passed = checks([(b"content-type", b"text/plain"), (b"content-length", b"2")])
+        headers = [*passed, *tail]
+        try:
+            expected = _items(h11_headers._original(headers))
+        except h11.LocalProtocolError as exc:
+            with pytest.raises(h11.LocalProtocolError, match=re.escape(str(exc))):
+                h11.Response(status_code=200, headers=headers)
+            continue
+        response = h11.Response(status_code=200, headers=headers)
+        assert _items(response.headers) == expected
+        assert _head(response) == _stock_head(headers)
+
+
+def test_keep_alive_ends_when_the_date_is_followed_by_connection_close(whole_cycle) -> None:
+    """Hypercorn appends `connection: close` after its date when a connection has served its
+    quota of requests."""
+    checks = _hypercorn_checks()
+    for _ in range(2):
+        passed = checks([(b"content-length", b"2")])
+        headers = [*passed, DATE, (b"connection", b"close")]
+        response = h11.Response(status_code=200, headers=headers)
+        head, states = _head(response)
+        assert (head, states) == _stock_head(headers)
+        assert states[2] is False  # keep-alive off
