@@ -259,6 +259,11 @@ _hypercorn_original: Callable[..., Any] | None = None
 _checked: dict[tuple[bytes, bytes], tuple[tuple[bytes, bytes], Entry | None]] = {}
 
 
+# Names hypercorn and h11 both take as they are (stripped, valid, not Host, Connection or a
+# framing header), with h11's lower-cased name and the start of the line h11 writes.
+_plain_names: dict[bytes, tuple[bytes, bytes]] = {}
+
+
 def hypercorn_installed() -> bool:
     return _hypercorn_original is not None
 
@@ -279,7 +284,7 @@ def install_hypercorn() -> bool:
         logger.info("hypercorn: response headers keep hypercorn's own checks")
         return False
     original: Callable[..., Any] = cast("Callable[..., Any]", found)
-    checked, handoff = _checked, _handoff
+    checked, handoff, plain_names = _checked, _handoff, _plain_names
     entry_for = _entry_for  # None unless install() ran first: then there is nothing to hand on
 
     def build_and_validate_headers(headers: Any) -> list[tuple[bytes, bytes]]:
@@ -303,13 +308,25 @@ def install_hypercorn() -> bool:
                 name, value = pair
                 if type(name) is not bytes or type(value) is not bytes:
                     return cast("list[tuple[bytes, bytes]]", original(headers))
-                if name[0] == 58:  # hypercorn's check, its error (an empty name: IndexError)
-                    raise ValueError("Pseudo headers are not valid")
-                stripped = (name.strip(), value.strip())
-                known = (stripped, entry_for(*stripped) if entry_for is not None else None)
-                if len(checked) >= MEMO_MAX:
-                    checked.clear()
-                checked[pair] = known
+                plain = plain_names.get(name)
+                if plain is not None and value.isalnum():
+                    # A count or an id under a name both take as it is: nothing to strip or
+                    # match, and likely new next time (not remembered).
+                    known = (pair, ((name, plain[0], value), plain[1] + value + b"\r\n", PLAIN))
+                else:
+                    if name[0] == 58:  # hypercorn's check, its error (an empty name: IndexError)
+                        raise ValueError("Pseudo headers are not valid")
+                    stripped = (name.strip(), value.strip())
+                    entry = entry_for(*stripped) if entry_for is not None else None
+                    known = (stripped, entry)
+                    if len(checked) >= MEMO_MAX:
+                        checked.clear()
+                    checked[pair] = known
+                    if entry is not None and entry[2] == PLAIN and stripped[0] is name \
+                            and entry[0][1] != b"connection":  # (its value decides its kind)
+                        if len(plain_names) >= MEMO_MAX:
+                            plain_names.clear()
+                        plain_names[name] = (entry[0][1], name + b": ")
             out.append(known[0])
             if whole:
                 entry = known[1]

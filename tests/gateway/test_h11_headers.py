@@ -336,3 +336,27 @@ def test_keep_alive_ends_when_the_date_is_followed_by_connection_close(whole_cyc
         head, states = _head(response)
         assert (head, states) == _stock_head(headers)
         assert states[2] is False  # keep-alive off
+
+
+def test_new_counts_under_a_known_name_come_out_as_both_make_them(whole_cycle) -> None:
+    """A value of letters and digits under a name both took as it is skips the memo: the
+    same pair, entry and head as a first sight gives."""
+    checks = _hypercorn_checks()
+    names = (b"x-ratelimit-remaining-requests", b"X-Request-Id", b" x-padded ",
+             b"content-length", b"connection", b"host")
+    for number in range(3):
+        pairs = [(name, b"%d" % (100 + number) if name != b"connection" else b"close")
+                 for name in names]
+        for pair in pairs:
+            expected = h11_headers._hypercorn_original([pair])
+            assert checks([pair]) == expected
+            if pair[0] != b"host":
+                response = h11.Response(status_code=200, headers=[*expected, DATE])
+                assert _items(response.headers) == _items(h11_headers._original([*expected,
+                                                                                  DATE]))
+                assert _head(response) == _stock_head([*expected, DATE])
+    plain = set(h11_headers._plain_names)
+    assert {b"x-ratelimit-remaining-requests", b"X-Request-Id"} <= plain
+    assert not plain & {b" x-padded ", b"content-length", b"connection", b"host"}
+    with pytest.raises(ValueError, match="Pseudo headers"):
+        checks([(b":status", b"200")])
