@@ -42,12 +42,12 @@ class _Counter:
 _State = TypeVar("_State", _Bucket, _Leases, _Counter)
 
 
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    passes: bool
-    retry_after_s: float | None = None
-    unseeded: bool = False
-    level: float = 0.0  # bucket tokens or lease count, after the refill or expiry
+# What judging one check found: (passes, retry_after_s, unseeded, level) where level is the
+# bucket's tokens or the lease count after the refill or expiry, or the budget counter. A
+# tuple, not a class: one is made per check on every admission.
+_Verdict = tuple[bool, "float | None", bool, float]
+_REFUSED: _Verdict = (False, None, False, 0.0)
+_UNSEEDED: _Verdict = (False, None, True, 0.0)
 
 
 class MemoryQuotaStore:
@@ -81,12 +81,12 @@ class MemoryQuotaStore:
         validate(checks)
         now = self._now()
         verdicts = [self._judge(check, now) for check in checks]
-        unseeded = tuple(i for i, verdict in enumerate(verdicts) if verdict.unseeded)
+        unseeded = tuple(i for i, verdict in enumerate(verdicts) if verdict[2])
         if unseeded:
             return Decision(allowed=False, unseeded=unseeded)
         for i, verdict in enumerate(verdicts):
-            if not verdict.passes:
-                return Decision(allowed=False, failed=i, retry_after_s=verdict.retry_after_s)
+            if not verdict[0]:
+                return Decision(allowed=False, failed=i, retry_after_s=verdict[1])
         taken = [self._take(request_id, check, verdict, now)
                  for check, verdict in zip(checks, verdicts, strict=True)]
         return Decision(allowed=True, remaining=tuple(remaining for remaining, _ in taken),
@@ -142,63 +142,81 @@ class MemoryQuotaStore:
     # -- one check -----------------------------------------------------------------------
 
     def _judge(self, check: Check, now: float) -> _Verdict:
-        if check.kind == BUDGET:
+        # (Two-way min and max written out: the builtins parse their arguments on each call.
+        # `b if b < a else a` is min(a, b) and `b if b > a else a` is max(a, b), ties and
+        # all, as the Redis store's Lua computes them.)
+        kind = check.kind
+        if kind == BUDGET:
             counter = self._get(check.key, _Counter, now)
             if check.limit <= 0:
-                return _Verdict(False)
+                return _REFUSED
             if counter is None:
-                return _Verdict(False, unseeded=True)
-            return _Verdict(counter.value + check.amount <= check.limit, level=counter.value)
-        if check.kind == CONCURRENT:
+                return _UNSEEDED
+            return (counter.value + check.amount <= check.limit, None, False, counter.value)
+        if kind == CONCURRENT:
             leases = self._get(check.key, _Leases, now)
             until = leases.until if leases else {}
             if len(until) < check.limit:
-                return _Verdict(True, level=len(until))
+                return (True, None, False, len(until))
             retry = min(until.values()) - now if check.limit > 0 else None
-            return _Verdict(False, retry)
+            return (False, retry, False, 0.0)
         if check.limit <= 0 or check.amount > check.limit:
-            return _Verdict(False)  # waiting never helps
+            return _REFUSED  # waiting never helps
         level = self._bucket_level(check, now)
         if level >= check.amount:
-            return _Verdict(True, level=level)
-        return _Verdict(False, (check.amount - level) / (check.limit / check.window_s))
+            return (True, None, False, level)
+        return (False, (check.amount - level) / (check.limit / check.window_s), False, 0.0)
 
     def _take(self, request_id: str, check: Check, verdict: _Verdict,
               now: float) -> tuple[int, float]:
         """Reserves a check that passed: (remaining, seconds until it resets)."""
-        if check.kind == BUDGET:
+        kind = check.kind
+        if kind == BUDGET:
             counter = self._get(check.key, _Counter, now)
             assert counter is not None  # judged just now, with no await in between
             counter.value += check.amount
-            reset = max(check.expires_at - now, 0.0) if check.expires_at > 0 else 0.0
-            return max(check.limit - counter.value, 0), reset
-        if check.kind == CONCURRENT:
+            left = check.expires_at - now
+            reset = (0.0 if 0.0 > left else left) if check.expires_at > 0 else 0.0  # noqa: FURB136
+            left_amount = check.limit - counter.value
+            return (0 if 0 > left_amount else left_amount), reset  # noqa: FURB136
+        if kind == CONCURRENT:
             leases = self._get(check.key, _Leases, now)
             if leases is None:
                 leases = self._state[check.key] = _Leases({})
             leases.until[request_id] = now + check.lease_s
             return max(check.limit - len(leases.until), 0), max(leases.until.values()) - now
-        level = verdict.level - check.amount
+        level = verdict[3] - check.amount
         self._store_bucket(check, level, now)
-        return max(math.floor(level), 0), (check.limit - level) / (check.limit / check.window_s)
+        floor = math.floor(level)
+        remaining = 0 if 0 > floor else floor  # noqa: FURB136
+        return remaining, (check.limit - level) / (check.limit / check.window_s)
 
     # -- state ---------------------------------------------------------------------------
 
     def _bucket_level(self, check: Check, now: float) -> float:
         """The tokens in a bucket now: it starts full and refills smoothly, up to the limit."""
         bucket = self._get(check.key, _Bucket, now)
+        limit = float(check.limit)
         if bucket is None:
-            return float(check.limit)
-        elapsed = max(0.0, now - bucket.updated)
-        return min(float(check.limit), bucket.tokens + elapsed * (check.limit / check.window_s))
+            return limit
+        elapsed = now - bucket.updated
+        elapsed = elapsed if elapsed > 0.0 else 0.0  # noqa: FURB136
+        level = bucket.tokens + elapsed * (check.limit / check.window_s)
+        return level if level < limit else limit  # noqa: FURB136
 
     def _store_bucket(self, check: Check, level: float, now: float) -> None:
         # Kept until a window after it is full again: forgetting it then changes nothing.
-        rate = check.limit / check.window_s
-        ttl = max(2 * check.window_s, (check.limit - level) / rate + check.window_s)
+        window_s = check.window_s
+        full_again = (check.limit - level) / (check.limit / window_s) + window_s
+        ttl = full_again if full_again > 2 * window_s else 2 * window_s  # noqa: FURB136
         previous = self._state.get(check.key)  # never move a bucket's time back
-        at = max(now, previous.updated) if isinstance(previous, _Bucket) else now
-        self._state[check.key] = _Bucket(level, at, now + ttl)
+        if type(previous) is _Bucket:  # (one bucket per key, changed in place)
+            updated = previous.updated
+            previous.tokens = level
+            previous.updated = updated if updated > now else now  # noqa: FURB136
+            previous.expires = now + ttl
+        else:
+            self._state[check.key] = _Bucket(level, now, now + ttl)
 
     def _counter_expiry(self, check: Check) -> float:
         return check.expires_at + self.budget_slack_s if check.expires_at > 0 else math.inf
@@ -207,9 +225,9 @@ class MemoryQuotaStore:
         entry = self._state.get(key)
         if entry is None:
             return None
-        if not isinstance(entry, kind):
+        if type(entry) is not kind:
             raise QuotaStoreError(f"quota key {key!r} holds a different kind of state")
-        if _expired(entry, now):
+        if _expired(entry, now) if isinstance(entry, _Leases) else entry.expires <= now:
             del self._state[key]
             return None
         return entry
