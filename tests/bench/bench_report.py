@@ -161,6 +161,7 @@ RATIO_PAIRS = (
     ("default", "floor", "Sluicegate default / floor"),
     ("redis", "bare", "default stack + auth + quota on Redis / bare"),
     ("auth-quota", "bare", "auth + quota on Redis alone / bare"),
+    ("auth-quota-memory", "bare", "auth + quota in process (the embedded default) / bare"),
     ("redis-rtt", "bare", "one Redis round trip, nothing else / bare (auth + quota's floor)"),
     ("metering", "bare", "metering layer / bare"),
     ("failover", "bare", "failover layer / bare"),

@@ -3,7 +3,9 @@
 Every request is authenticated (a static virtual key) and admitted against a key RPM, a key
 TPM and a project budget in Redis: one EVALSHA before the upstream call, one after it.
 With SLUICEGATE_BENCH_ONLY_AUTH_QUOTA=1 the two layers run alone over the bare passthrough
-(the `auth-quota` target: what auth + quota cost, the ratio the quota issue names).
+(the `auth-quota` target: what auth + quota cost, the ratio the quota issue names);
+SLUICEGATE_BENCH_QUOTA_STORE=memory puts the quota state in process instead (the
+`auth-quota-memory` target: the embedded default, no Redis).
 """
 import os
 

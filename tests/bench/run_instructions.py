@@ -45,8 +45,8 @@ from bench_procs import ProcessSet, wait_port_free
 from bench_targets import HERE, TARGET_PORT, TARGETS, NotRunnable, Target, mock_base
 from run_bench import Settings, log, pick, pinned_cpus, preflight, start_services, wait_ready
 
-DEFAULT_TARGETS = ("floor,bare,failover,metering,cache-miss,auth-quota,redis-rtt,cache,cache-redis,"
-                   "default,production")
+DEFAULT_TARGETS = ("floor,bare,failover,metering,cache-miss,auth-quota,auth-quota-memory,redis-rtt,"
+                   "cache,cache-redis,default,production")
 DEFAULT_SCENARIOS = "json-c16,sse-c16,json-c16-unique"
 # New prompts on every request: the miss paths (the cache's, the production stack's) and the
 # bare passthrough they are compared with.
