@@ -37,9 +37,13 @@ header appended) takes the entries instead of reading the pairs again, when the 
 starts with those same pairs (compared in C) and the rest are remembered pairs; either way the
 hand-off is used once. The headers h11 gets (`Rendered`, h11's `Headers` with the same items)
 also carry the lines h11's writer makes of them and what they say about framing, so
-gateway/h11_cycle.py writes the response head without a loop of its own. Together about 1k
-instructions a header less than the two memos and the writer's loop apart (callgrind: 167k
-instructions to 157k for a response of eleven headers, four of them new values each time).
+gateway/h11_cycle.py writes the response head without a loop of its own. A value of letters
+and digits under a name both have taken as it is (remembered apart: stripped, valid, not Host,
+Connection or a framing header) needs neither's checks: its entry is the name's plus the value,
+and it is not remembered, since a count or an id is new on the next response too. Together
+about 1.4k instructions a header less than the two memos and the writer's loop apart
+(callgrind: 167k instructions to 152k for a response of eleven headers, four of them new
+values each time).
 
 `gateway.asgi` (the app `sluicegate serve` runs) installs both. Mounted into a host's app, the
 gateway leaves the host's h11 and hypercorn alone. An h11 or hypercorn without the
