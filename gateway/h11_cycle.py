@@ -302,7 +302,7 @@ def install() -> bool:
             close = headers.close
             lines = headers.lines
             if headers.chunked or length is None:
-                if headers.framing:
+                if headers.chunked or length is not None:  # either framing header is there
                     lines = [line for line, item in zip(lines, headers._full_items, strict=True)
                              if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
                 lines = [*lines, chunked_line]

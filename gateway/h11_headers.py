@@ -31,19 +31,19 @@ with its own error or takes it as it would.
 
 One reading for the whole head. With both installed, hypercorn's check also makes each pair's
 h11 entry (kept in its memo with the pair), and when h11 would take every pair as it is (no
-Host, one plain Content-Length, at most one `chunked`), it leaves the list it returns with the
-entries beside it. The h11 `Response` hypercorn builds next from that list (its own date
-header appended) takes the entries instead of reading the pairs again, when the list it gets
-starts with those same pairs (compared in C) and the rest are remembered pairs; either way the
-hand-off is used once. The headers h11 gets (`Rendered`, h11's `Headers` with the same items)
-also carry the lines h11's writer makes of them and what they say about framing, so
-gateway/h11_cycle.py writes the response head without a loop of its own. A value of letters
-and digits under a name both have taken as it is (remembered apart: stripped, valid, not Host,
-Connection or a framing header) needs neither's checks: its entry is the name's plus the value,
-and it is not remembered, since a count or an id is new on the next response too. Together
-about 1.4k instructions a header less than the two memos and the writer's loop apart
-(callgrind: 167k instructions to 152k for a response of eleven headers, four of them new
-values each time).
+Host, one plain Content-Length, at most one `chunked`), it makes the headers h11 would make of
+them (`Rendered`: h11's `Headers` with the same items, plus the lines h11's writer makes of
+them and what they say about framing) and leaves them beside the list it returns. The h11
+`Response` hypercorn builds next from that list (its own date header appended) takes them,
+with the rest added from the memo, instead of reading the pairs again, when the list it gets
+starts with those same pairs (compared in C) and the rest are remembered pairs; either way
+the hand-off is used once. gateway/h11_cycle.py writes the response head from the lines,
+without a loop of its own. A value of letters and digits under a name both have taken as it
+is (remembered apart: stripped, valid, not Host, Connection or a framing header) needs
+neither's checks: its entry is the name's plus the value, and it is not remembered, since a
+count or an id is new on the next response too. Together about 1.3k instructions a header
+less than the two memos and the writer's loop apart (callgrind: 167k instructions to 153k for
+a response of eleven headers, four of them new values each time).
 
 `gateway.asgi` (the app `sluicegate serve` runs) installs both. Mounted into a host's app, the
 gateway leaves the host's h11 and hypercorn alone. An h11 or hypercorn without the
@@ -77,9 +77,11 @@ _memo: dict[tuple[bytes, bytes], Entry] = {}
 _names: dict[bytes, bytes] = {}  # names that passed, lower-cased
 # The entry of a pair seen for the first time (None: h11 has to look at it); set by install().
 _entry_for: Callable[[bytes, bytes], Entry | None] | None = None
-# The last header list hypercorn's checks passed that h11 would take whole, with what h11
-# makes of it: (pairs, entries' triples, their lines, length, chunked, close, framing). The
-# h11 `Response` hypercorn builds next from those pairs (and its own date) picks it up.
+# The headers h11 makes of entries (see install()); set by install().
+_headers_of: Callable[[list[Entry]], Any] | None = None
+# The last header list hypercorn's checks passed that h11 would take as it is, with the
+# headers h11 makes of it: (pairs, `Rendered`). The h11 `Response` hypercorn builds next from
+# those pairs (and its own date) picks them up.
 _handoff: list[Any] = [None]
 # h11's Headers with the head lines its writer would make of them (see `Rendered`).
 rendered_type: Any = None
@@ -98,7 +100,7 @@ def says_close(connection: bytes) -> bool:
 def install() -> bool:
     """Puts the memo in front of h11's header checks (once); False when h11 is not the shape
     this was written against, and then nothing changes."""
-    global _original, _entry_for, rendered_type
+    global _original, _entry_for, _headers_of, rendered_type
     if _original is not None:
         return True
     try:
@@ -125,21 +127,44 @@ def install() -> bool:
     class Rendered(make_headers):  # type: ignore[misc,valid-type]
         """h11's Headers (equal to them, the same items) that also carry the lines h11's
         writer makes of them, in order, and what they say about framing: the Content-Length
-        value (None without one), whether they hold `Transfer-Encoding: chunked`, whether a
-        Connection header says close, and whether either framing header is among the lines.
-        gateway/h11_cycle.py writes a response head from them without reading the headers
-        again. Never made for headers with Host (h11 writes it first)."""
+        value (None without one), whether they hold `Transfer-Encoding: chunked`, and whether
+        a Connection header says close. gateway/h11_cycle.py writes a response head from
+        them without reading the headers again. Never made for headers with Host (h11 writes
+        it first)."""
 
-        __slots__ = ("chunked", "close", "framing", "length", "lines")
+        __slots__ = ("chunked", "close", "length", "lines")
 
-    def rendered(full: list[Any], lines: list[bytes], length: bytes | None, chunked: bool,
-                 close: bool, framing: bool) -> Any:
+    def headers_of(entries: list[Entry]) -> Any:
+        """The headers h11 makes of these entries: `Rendered`, or h11's own Headers when they
+        hold Host; None when h11 has to fold or refuse them (a second Content-Length or
+        Transfer-Encoding), which it then does with its own words."""
+        full = []
+        lines = []
+        length: bytes | None = None
+        chunked = close = host = False
+        for triple, line, kind in entries:
+            if kind:
+                if kind == LENGTH:
+                    if length is not None:
+                        return None
+                    length = triple[2]
+                elif kind == CHUNKED:
+                    if chunked:
+                        return None
+                    chunked = True
+                elif kind == CLOSE:
+                    close = True
+                else:
+                    host = True
+            full.append(triple)
+            lines.append(line)
+        if host:
+            return make_headers(full)
         made = Rendered(full)
         made.lines = lines
         made.length = length
         made.chunked = chunked
         made.close = close
-        made.framing = framing
         return made
 
     def entry_for(name: bytes, value: bytes) -> Entry | None:
@@ -172,43 +197,31 @@ def install() -> bool:
             CLOSE if lowered == b"connection" and says_close(value) else PLAIN
         return (name, lowered, value), b"%s: %s\r\n" % (name, value), kind
 
-    def handed_on(handed: Any, items: list[Any], count: int) -> Any:
-        """The headers of a list that starts with the pairs hypercorn's checks passed: their
-        entries as made there, then the rest (hypercorn's date) from the memo; None when the
-        rest holds anything else."""
-        _pairs, full, lines, length, chunked, close, framing = handed
-        for pair in items[count:]:
-            try:
-                known = valid.get(pair)
-            except TypeError:
-                return None
-            if known is None:
-                return None
-            kind = known[2]
-            if kind:
-                if kind != CLOSE:
-                    return None
-                close = True
-            full.append(known[0])
-            lines.append(known[1])
-        return rendered(full, lines, length, chunked, close, framing)
-
     def normalize_and_validate(items: Any, _parsed: bool = False) -> Any:
         if _parsed or not isinstance(items, reusable):
             return original(items, _parsed)
         handed = handoff[0]
         if handed is not None:
-            handoff[0] = None  # its lists become this response's
-            pairs = handed[0]
+            # A list that starts with the pairs hypercorn's checks passed: the headers made
+            # of them there, then the rest (hypercorn's date) from the memo.
+            handoff[0] = None  # those headers become this response's
+            pairs, made = handed
             count = len(pairs)
             if type(items) is list and items[:count] == pairs:
-                made = handed_on(handed, items, count)
-                if made is not None:
+                for pair in items[count:]:
+                    try:
+                        known = valid.get(pair)
+                    except TypeError:
+                        break
+                    if known is None or known[2] == HOST:  # (the memo holds no framing)
+                        break
+                    made._full_items.append(known[0])
+                    made.lines.append(known[1])
+                    if known[2] == CLOSE:
+                        made.close = True
+                else:
                     return made
-        full = []
-        lines = []
-        length: bytes | None = None
-        chunked = close = framing = host = False
+        entries = []
         for pair in items:
             try:
                 known = valid.get(pair)
@@ -227,32 +240,15 @@ def install() -> bool:
                     if len(valid) >= MEMO_MAX:
                         valid.clear()
                     valid[pair] = known
-            kind = known[2]
-            if kind:
-                if kind == LENGTH:
-                    # One length; a repeat goes to h11, which folds it or refuses it.
-                    if length is not None:
-                        return original(items, False)
-                    length = known[0][2]
-                    framing = True
-                elif kind == CHUNKED:
-                    if chunked:
-                        return original(items, False)
-                    chunked = framing = True
-                elif kind == CLOSE:
-                    close = True
-                else:
-                    host = True
-            full.append(known[0])
-            lines.append(known[1])
-        if host:
-            return make_headers(full)
-        return rendered(full, lines, length, chunked, close, framing)
+            entries.append(known)
+        made = headers_of(entries)
+        return made if made is not None else original(items, False)
 
     headers.normalize_and_validate = normalize_and_validate  # type: ignore[assignment]
     events.normalize_and_validate = normalize_and_validate  # type: ignore[attr-defined,assignment]
     _original = original
     _entry_for = entry_for
+    _headers_of = headers_of
     rendered_type = Rendered
     return True
 
@@ -289,18 +285,15 @@ def install_hypercorn() -> bool:
         return False
     original: Callable[..., Any] = cast("Callable[..., Any]", found)
     checked, handoff, plain_names = _checked, _handoff, _plain_names
-    entry_for = _entry_for  # None unless install() ran first: then there is nothing to hand on
+    # None unless install() ran first: then there is nothing to hand on
+    entry_for, headers_of, rendered = _entry_for, _headers_of, rendered_type
 
     def build_and_validate_headers(headers: Any) -> list[tuple[bytes, bytes]]:
         if type(headers) is not list and type(headers) is not tuple:
             return cast("list[tuple[bytes, bytes]]", original(headers))  # read once
         out = []
         # h11's entries for the pairs, while h11 would take every one as it is
-        whole = entry_for is not None
-        full = []
-        lines = []
-        length: bytes | None = None
-        chunked = close = framing = False
+        entries: list[Entry] | None = [] if entry_for is not None else None
         for pair in headers:
             try:
                 known = checked.get(pair)
@@ -332,32 +325,14 @@ def install_hypercorn() -> bool:
                             plain_names.clear()
                         plain_names[name] = (entry[0][1], name + b": ")
             out.append(known[0])
-            if whole:
+            if entries is not None:
                 entry = known[1]
                 if entry is None:
-                    whole = False
-                    continue
-                kind = entry[2]
-                if kind:
-                    if kind == LENGTH:
-                        if length is not None:
-                            whole = False
-                            continue
-                        length = entry[0][2]
-                        framing = True
-                    elif kind == CHUNKED:
-                        if chunked:
-                            whole = False
-                            continue
-                        chunked = framing = True
-                    elif kind == CLOSE:
-                        close = True
-                    else:  # Host
-                        whole = False
-                        continue
-                full.append(entry[0])
-                lines.append(entry[1])
-        handoff[0] = (out, full, lines, length, chunked, close, framing) if whole else None
+                    entries = None
+                else:
+                    entries.append(entry)
+        made = headers_of(entries) if entries is not None and headers_of is not None else None
+        handoff[0] = (out, made) if type(made) is rendered else None
         return out
 
     http_stream.build_and_validate_headers = build_and_validate_headers  # type: ignore[attr-defined]
