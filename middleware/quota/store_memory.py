@@ -140,11 +140,11 @@ class MemoryQuotaStore:
                 for c in counters]
 
     # -- one check -----------------------------------------------------------------------
+    # (Here and below, two-way min and max are written out where they run per request: the
+    # builtins parse their arguments on each call. `b if b < a else a` is min(a, b) and
+    # `b if b > a else a` is max(a, b), ties and all, as the Redis store's Lua computes them.)
 
     def _judge(self, check: Check, now: float) -> _Verdict:
-        # (Two-way min and max written out: the builtins parse their arguments on each call.
-        # `b if b < a else a` is min(a, b) and `b if b > a else a` is max(a, b), ties and
-        # all, as the Redis store's Lua computes them.)
         kind = check.kind
         if kind == BUDGET:
             counter = self._get(check.key, _Counter, now)
