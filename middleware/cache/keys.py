@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -65,10 +66,16 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     document = {"scope": scope_id, "namespace": namespace, "model": model,
                 "operation": operation, "request": request}
     text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    if b".0" in text:  # perhaps a nested integral float (or only ".0" in some string)
+    # (find, not `in`: bytes' `in` first tries its argument as an integer, and raises)
+    if text.find(b".0") != -1:  # perhaps a nested integral float (or only ".0" in a string)
         document["request"] = {name: _canonical(value) for name, value in request.items()}
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(text).hexdigest()
+    digest = _SHA256.copy()  # (hashlib.sha256() looks the algorithm up in OpenSSL each time)
+    digest.update(text)
+    return digest.hexdigest()
+
+
+_SHA256 = hashlib.sha256()
 
 
 def _canonical(value: Any) -> Any:
@@ -165,6 +172,7 @@ class CacheControl:
 DEFAULT_CACHE_CONTROL = CacheControl()
 _CONTROL_HEADERS = frozenset({b"cache-control", b"pragma", b"x-sluicegate-cache",
                               b"x-sluicegate-cache-namespace"})
+_NAME = itemgetter(0)
 
 
 def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
@@ -176,11 +184,13 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
     than 256 bytes raises ValueError (the caller answers 400) rather than being dropped, which
     would merge it with the default namespace.
     """
+    if _CONTROL_HEADERS.isdisjoint(map(_NAME, headers)):  # nearly every request (in C)
+        return DEFAULT_CACHE_CONTROL
     directives: list[str] = []
     pragma_no_cache = seen_cache_control = opt_in = opt_out = False
     namespace: str | None = None
     for name, value in headers:
-        if name not in _CONTROL_HEADERS:  # nearly every header: one set lookup, not four tests
+        if name not in _CONTROL_HEADERS:  # one set lookup, not four tests
             continue
         if name == b"cache-control":
             seen_cache_control = True

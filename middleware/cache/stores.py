@@ -6,7 +6,8 @@ and the invalidation tags it carries (`keys.cache_tags`: its model, project and 
 drops a project, a model, a namespace, or an intersection of them. How each store finds
 those entries:
 
-- memory: an index tag -> keys, kept in step with eviction and expiry;
+- memory: an index from each set of tags to the keys carrying it, kept in step with eviction
+  and expiry;
 - Redis: per tag a sorted set of entry keys scored by expiry (`<prefix>:t:<tag>`), written
   atomically with the entry by one Lua call and trimmed of expired members on each write; it
   expires with its last entry, so nothing outlives the entries it points at;
@@ -29,8 +30,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 import psycopg
@@ -63,16 +63,14 @@ _HEADER_SIZE = struct.Struct(">I")
 _API_FORMATS = ("openai", "anthropic")
 
 
-@dataclass(slots=True)
-class CachedResponse:
+class CachedResponse(NamedTuple):
     """One stored answer: the final non-stream JSON body a non-stream client of the ingress
     format received (`api_format`), and what the layer needs to replay and meter it.
 
     `tags` are the invalidation tags (`keys.cache_tags`); `expires_at` (epoch seconds) is set
     by the store that keeps the entry, so a tier that promotes it keeps its remaining TTL.
-    An entry is shared by every hit on it: treat it, and its `usage`, as read-only. (It is
-    not a frozen dataclass only because a frozen one takes four times as long to build, and
-    a miss builds two.)
+    An entry is shared by every hit on it: its `usage` is read-only too. (A named tuple: a
+    miss builds two, and a dataclass's __init__ runs a line of Python per field.)
     """
 
     body: bytes
@@ -258,7 +256,9 @@ class MemoryCacheStore:
         self.max_bytes = max_bytes
         self.bytes_used = 0
         self._entries: OrderedDict[str, tuple[CachedResponse, int]] = OrderedDict()
-        self._by_tag: dict[str, set[str]] = {}
+        # The keys of the entries carrying each set of tags (a model, a project and a
+        # namespace: few distinct ones), so a store adds a key to one set, not three.
+        self._by_tags: dict[tuple[str, ...], set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -268,7 +268,7 @@ class MemoryCacheStore:
 
     async def shutdown(self) -> None:
         self._entries.clear()
-        self._by_tag.clear()
+        self._by_tags.clear()
         self.bytes_used = 0
 
     async def check_ready(self) -> dict[str, str]:
@@ -309,20 +309,18 @@ class MemoryCacheStore:
             self._remove(next(iter(entries)))
         entries[key] = (entry, size)
         self.bytes_used += size
-        by_tag = self._by_tag
-        for tag in entry.tags:
-            keys = by_tag.get(tag)
-            if keys is None:
-                by_tag[tag] = {key}
-            else:
-                keys.add(key)
+        keys = self._by_tags.get(entry.tags)
+        if keys is None:
+            self._by_tags[entry.tags] = {key}
+        else:
+            keys.add(key)
         return True
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
-        candidates = min((self._by_tag.get(tag, set()) for tag in tags), key=len)
         wanted = set(tags)
-        doomed = [key for key in candidates if wanted.issubset(self._entries[key][0].tags)]
+        doomed = [key for carried, keys in self._by_tags.items() if wanted.issubset(carried)
+                  for key in keys]
         now, live = time.time(), 0
         for key in doomed:
             expires_at = self._entries[key][0].expires_at
@@ -333,12 +331,11 @@ class MemoryCacheStore:
     def _remove(self, key: str) -> None:
         entry, size = self._entries.pop(key)
         self.bytes_used -= size
-        for tag in entry.tags:
-            keys = self._by_tag.get(tag)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_tag[tag]
+        keys = self._by_tags.get(entry.tags)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_tags[entry.tags]
 
 
 # -- Redis ---------------------------------------------------------------------------------------
