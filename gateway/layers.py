@@ -11,6 +11,12 @@ API shape by the kernel), and may define `async startup()`, `async shutdown()`,
 `async check_ready() -> dict[str, str]` and `check_config(config)` (raises
 `gateway.config.ConfigError` when its options name models or providers the config does not
 have), which the kernel calls.
+
+A layer that never changes the bytes of a non-stream JSON answer coming up from below says so
+with the class attribute `passes_json_through = True` (every built-in layer does). The cache
+layer keeps a miss's answer from the passthrough's record of what it sent
+(`RequestContext.sent_json`) when every layer under it says so, and otherwise copies the answer
+as it passes (which costs every miss a wrapped `send`).
 """
 from __future__ import annotations
 
@@ -18,12 +24,20 @@ from typing import Any
 
 from gateway.context import RequestContext, find_request_context, request_context
 from gateway.errors import GatewayError
-from gateway.kernel import ASGIApp, Message, Receive, Scope, Send
+from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, stack_components
 
 __all__ = [
     "ASGIApp", "GatewayError", "Message", "Receive", "RequestContext", "Scope", "Send",
-    "find_request_context", "request_context", "text_of_messages",
+    "find_request_context", "json_passes_through", "request_context", "text_of_messages",
 ]
+
+
+def json_passes_through(app: Any) -> bool:
+    """Whether `app` and everything under it declare `passes_json_through = True`: then a
+    non-stream JSON answer reaches `app`'s caller as the passthrough (which declares it too)
+    recorded it in `RequestContext.sent_json`."""
+    return all(getattr(component, "passes_json_through", False) is True
+               for component in stack_components(app))
 
 def text_of_messages(body: dict[str, Any]) -> list[str]:
     """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers)."""

@@ -18,6 +18,9 @@ from gateway.upstream import Deployment, Model, ProviderAdapter
 class Passthrough:
     """Dispatches each API request to its deployment's provider adapter."""
 
+    # Sends a JSON answer as it records it in `ctx.sent_json` (see gateway/layers.py).
+    passes_json_through = True
+
     def __init__(self, *, providers: dict[str, ProviderAdapter], models: dict[str, Model]) -> None:
         self.providers = providers
         self.models = models

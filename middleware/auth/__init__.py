@@ -61,6 +61,8 @@ _REASONS = {
 class AuthMiddleware:
     """Authenticates every API request with a virtual key (see the module docstring)."""
 
+    passes_json_through = True  # a JSON answer from below goes on as it came
+
     def __init__(
         self,
         app: ASGIApp,

@@ -36,6 +36,7 @@ from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
+from gateway.layers import json_passes_through
 from gateway.policy import ANONYMOUS
 from gateway.pricing import call_cost_micros
 from gateway.resp import is_redis_url
@@ -73,6 +74,7 @@ _CACHED_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EM
 _SCOPES = ("project", "key", "global")
 _JSON = (b"content-type", b"application/json")
 _MISS = (b"x-sluicegate-cache", b"miss")
+_BYPASS = (b"x-sluicegate-cache", b"bypass")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -84,6 +86,8 @@ class CacheMiddleware:
     "project" (default), "key" or "global" — who may share answers. `policy`:
     "deterministic" (temperature 0 or opted in), "always" or "never".
     """
+
+    passes_json_through = True  # a JSON answer from below goes on as it came
 
     def __init__(
         self,
@@ -128,8 +132,9 @@ class CacheMiddleware:
         self._writes: set[asyncio.Task[None]] = set()
         # Misses to store, queued by the requests of one event-loop step and written by one
         # callback (`_flush_queue`); only writes that must be awaited get a task.
-        self._queued: list[tuple[RequestContext, str, _Tee, tuple[str, ...],
-                                 SemanticQuery | None, list[float] | None]] = []
+        self._queued: list[tuple[RequestContext, str, _Tee | tuple[bytes, Any],
+                                 tuple[str, ...], SemanticQuery | None,
+                                 list[float] | None]] = []
         # What hits send, per stored body (bounded by MEMO_BYTES each).
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
         self._replays_bytes = 0
@@ -139,6 +144,9 @@ class CacheMiddleware:
         self._get_now = getattr(self.store, "get_now", None)
         self._set_soon = getattr(self.store, "set_soon", None)
         self._scope_ids: dict[str | None, str] = {}
+        # Whether every layer below passes a JSON answer on as it came (see
+        # `passes_json_through`): then a non-stream miss is kept from the passthrough's copy.
+        self._json_passes_below = json_passes_through(app)
         self._tags: dict[tuple[str, str | None, str | None], tuple[str, ...]] = {}
 
     async def startup(self) -> None:
@@ -185,7 +193,8 @@ class CacheMiddleware:
             ctx.cache_status = "bypass"
             if control.only_if_cached:
                 raise _not_cached()
-            await self.app(scope, receive, _with_header(send, b"bypass"))
+            ctx.response_headers.append(_BYPASS)  # the kernel puts it on the answer
+            await self.app(scope, receive, send)
             return
         principal = ctx.principal or ANONYMOUS
         key = cache_key(self._scope_id(principal), ctx.model, ctx.operation, ctx.body,
@@ -212,22 +221,35 @@ class CacheMiddleware:
         ctx.cache_status = "miss"
         if control.only_if_cached:
             raise _not_cached()
+        ctx.response_headers.append(_MISS)  # on the answer, or on the error the kernel renders
         if control.no_store:
-            await self.app(scope, receive, _with_header(send, b"miss"))
+            await self.app(scope, receive, send)
             return
-        tee = _Tee(send, self.max_entry_bytes)
-        await self.app(scope, receive, tee.send)
-        if tee.complete:
-            tags_of = (ctx.model, principal.project, control.namespace)
-            tags = self._tags.get(tags_of)
-            if tags is None:
-                if len(self._tags) >= 4096:  # namespaces come from requests: keep it bounded
-                    self._tags.clear()
-                tags = self._tags[tags_of] = cache_tags(
-                    model=ctx.model, project=principal.project, namespace=control.namespace)
-            if not self._queued:
-                asyncio.get_running_loop().call_soon(self._flush_queue)
-            self._queued.append((ctx, key, tee, tags, query, vector))
+        answer: _Tee | tuple[bytes, Any]
+        if ctx.stream or not self._json_passes_below:
+            tee = _Tee(send, self.max_entry_bytes)
+            await self.app(scope, receive, tee.send)
+            if not tee.complete:
+                return
+            answer = tee
+        else:
+            # Every layer below passes a JSON answer on as it came: what went out is what the
+            # passthrough sent (and parsed), so `send` is not wrapped to copy it.
+            await self.app(scope, receive, send)
+            sent = ctx.sent_json
+            if sent is None or len(sent[0]) > self.max_entry_bytes:
+                return
+            answer = sent
+        tags_of = (ctx.model, principal.project, control.namespace)
+        tags = self._tags.get(tags_of)
+        if tags is None:
+            if len(self._tags) >= 4096:  # namespaces come from requests: keep it bounded
+                self._tags.clear()
+            tags = self._tags[tags_of] = cache_tags(
+                model=ctx.model, project=principal.project, namespace=control.namespace)
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush_queue)
+        self._queued.append((ctx, key, answer, tags, query, vector))
 
     def _flush_queue(self) -> None:
         """Stores the misses queued since the last call (the loop runs it once their answers
@@ -237,9 +259,9 @@ class CacheMiddleware:
         set_soon = self._set_soon
         later: list[tuple[str, CachedResponse, float, SemanticQuery | None,
                           list[float] | None]] = []
-        for ctx, key, tee, tags, query, vector in queued:
+        for ctx, key, answer, tags, query, vector in queued:
             try:
-                made = self._entry_of(ctx, tee, tags)
+                made = self._entry_of(ctx, answer, tags)
                 if made is None:
                     continue
                 entry, ttl = made
@@ -376,32 +398,42 @@ class CacheMiddleware:
                                             payload)
         return payload
 
-    def _entry_of(self, ctx: RequestContext, tee: _Tee, tags: tuple[str, ...]
-                  ) -> tuple[CachedResponse, float] | None:
-        """The entry a complete answer makes, and its TTL; None for an answer that is not
-        worth keeping (a cut or failed stream, a body that is not a JSON object)."""
-        raw = b"".join(tee.chunks)
-        if tee.streaming:
-            events = SSEParser().feed(raw + b"\n\n")
-            answer = collect_stream(events, ctx.api_format, ctx.operation)
-            if answer is None:  # cut short or failed: never cached
-                return None
-            body = orjson.dumps(answer)  # the JSON answer the stream amounts to, unmarked
+    def _entry_of(self, ctx: RequestContext, answer: _Tee | tuple[bytes, Any],
+                  tags: tuple[str, ...]) -> tuple[CachedResponse, float] | None:
+        """The entry a complete answer makes (`answer`: the tee that copied it, or the
+        passthrough's (bytes, parse) of the JSON it sent), and its TTL; None for an answer
+        that is not worth keeping (a cut or failed stream, a body that is not a JSON
+        object)."""
+        if type(answer) is tuple:
+            body, parsed = answer
         else:
-            # The passthrough parsed what it sent; other bytes (a custom layer below this one
-            # changed them) are parsed here.
-            sent = ctx.sent_json
-            answer = sent[1] if sent is not None and sent[0] == raw else _parsed(raw)
-            if not isinstance(answer, dict):
-                return None
-            body = raw  # as it was served; a hit marks its usage (`_marked_json`)
-        usage = answer.get("usage")
+            assert isinstance(answer, _Tee)
+            raw = b"".join(answer.chunks)
+            if answer.streaming:
+                events = SSEParser().feed(raw + b"\n\n")
+                parsed = collect_stream(events, ctx.api_format, ctx.operation)
+                if parsed is None:  # cut short or failed: never cached
+                    return None
+                body = orjson.dumps(parsed)  # the JSON answer the stream amounts to, unmarked
+            else:
+                # The passthrough parsed what it sent; other bytes (a custom layer below this
+                # one changed them) are parsed here.
+                sent = ctx.sent_json
+                parsed = sent[1] if sent is not None and sent[0] == raw else _parsed(raw)
+                body = raw  # as it was served; a hit marks its usage (`_marked_json`)
+        if not isinstance(parsed, dict):
+            return None
+        usage = parsed.get("usage")
         entry = CachedResponse(body, ctx.api_format, 200, time.time(),
                                usage if isinstance(usage, dict) else None,
                                ctx.served_model or ctx.model, _cost_of(ctx), tags)
-        project = (ctx.principal or ANONYMOUS).project
-        return entry, self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(project,
-                                                                             self.ttl_s))
+        model_ttl_s = self.model_ttl_s
+        if model_ttl_s and ctx.model in model_ttl_s:
+            return entry, model_ttl_s[ctx.model]
+        project_ttl_s = self.project_ttl_s
+        if project_ttl_s:
+            return entry, project_ttl_s.get((ctx.principal or ANONYMOUS).project, self.ttl_s)
+        return entry, self.ttl_s
 
     async def _write(self, key: str, entry: CachedResponse, ttl: float,
                      query: SemanticQuery | None, vector: list[float] | None) -> None:
@@ -424,8 +456,8 @@ class CacheMiddleware:
 
 
 class _Tee:
-    """Wraps `send`: marks the answer a miss and keeps a copy of a 200 answer (up to a size)
-    until its last byte went out."""
+    """Wraps `send`: keeps a copy of a 200 answer (up to a size) until its last byte went
+    out."""
 
     __slots__ = ("_send", "chunks", "complete", "limit", "size", "status", "streaming")
 
@@ -450,11 +482,9 @@ class _Tee:
                     self.complete = True
         elif kind == "http.response.start":
             self.status = message["status"]
-            headers = message.get("headers", ())
-            for name, value in headers:
+            for name, value in message.get("headers", ()):
                 if name == b"content-type" and value.startswith(b"text/event-stream"):
                     self.streaming = True
-            message["headers"] = [*headers, _MISS]
         return self._send(message)
 
 
@@ -497,14 +527,6 @@ def _not_cached() -> GatewayError:
 
 def _admin_error(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind}}
-
-
-def _with_header(send: Send, status: bytes) -> Send:
-    async def send_with_cache_status(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), (b"x-sluicegate-cache", status)]
-        await send(message)
-    return send_with_cache_status
 
 
 def _make_store(store: CacheStore | str, max_bytes: int) -> CacheStore:

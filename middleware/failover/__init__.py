@@ -87,6 +87,8 @@ ADMIN_PATH = "/admin/deployments"
 class FailoverMiddleware:
     """Routing, retries, fallbacks and circuit breakers (see the module docstring)."""
 
+    passes_json_through = True  # a JSON answer from below goes on as it came
+
     def __init__(
         self,
         app: ASGIApp,

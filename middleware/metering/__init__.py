@@ -76,6 +76,8 @@ class MeteringMiddleware:
     AuthMiddleware before this layer).
     """
 
+    passes_json_through = True  # a JSON answer from below goes on as it came
+
     def __init__(
         self,
         app: ASGIApp,

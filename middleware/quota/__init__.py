@@ -83,6 +83,8 @@ class QuotaMiddleware:
     `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).
     """
 
+    passes_json_through = True  # a JSON answer from below goes on as it came
+
     def __init__(
         self,
         app: ASGIApp,

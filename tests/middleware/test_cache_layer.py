@@ -24,7 +24,11 @@ import pytest
 import redis
 from psycopg import sql
 
-from gateway.app import create_app
+from gateway.app import build_stack, create_app
+from gateway.config import load_config
+from gateway.kernel import stack_components
+from gateway.layers import json_passes_through
+from middleware.cache import CacheMiddleware
 from middleware.cache.replay import mark_cached
 from middleware.cache.stores import CachedResponse
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
@@ -527,7 +531,6 @@ def test_a_warm_hit_is_promoted_to_hot(backend: Backend, gateway: ThreadedServer
                                      {"model_ttl_s": {"m": float("nan")}}])
 def test_bad_ttls_refuse_to_start(options: dict[str, Any]) -> None:
     from gateway.config import ConfigError
-    from middleware.cache import CacheMiddleware
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         return None
@@ -579,3 +582,37 @@ def test_the_cache_keeps_what_passed_through_it_not_what_the_passthrough_sent(
         assert cache_status(second) == "hit"
         assert second.parse().choices[0].message.content == \
             first.parse().choices[0].message.content
+
+
+def test_a_layer_that_says_it_passes_json_through_is_taken_at_its_word(
+        tmp_path: Path, mock_url: str) -> None:
+    """When every layer below says `passes_json_through`, the cache keeps the passthrough's
+    record of what it sent and does not copy the answer on its way out: a layer that says so
+    and edits anyway (as this one does) is not noticed. The test above is the other side."""
+    lying = EDITING_LAYER.replace('''    def __init__(self, app):''', '''    passes_json_through = True
+
+    def __init__(self, app):''')
+    config = write_config(tmp_path, mock_config(mock_url, middleware="[]", extra=lying))
+    text = "edit me too " + uuid.uuid4().hex
+    with ThreadedServer(create_app(config)) as server:
+        first = ask(server, text)
+        assert cache_status(first) == "miss"
+        assert first.parse().choices[0].message.content.endswith(" [edited]")
+        wait_for(lambda: cache_status(ask(server, text)) == "hit")
+        second = ask(server, text)
+        assert cache_status(second) == "hit"
+        assert second.parse().choices[0].message.content + " [edited]" == \
+            first.parse().choices[0].message.content
+
+
+def test_which_stacks_pass_json_through(tmp_path: Path) -> None:
+    def cache_layer(config_source: str) -> CacheMiddleware:
+        config = load_config(write_config(tmp_path, config_source))
+        return next(layer for layer in stack_components(build_stack(config))
+                    if isinstance(layer, CacheMiddleware))
+
+    default = cache_layer(mock_config("http://127.0.0.1:9"))  # failover, then the passthrough
+    assert json_passes_through(default.app) and default._json_passes_below
+    editing = cache_layer(mock_config("http://127.0.0.1:9", middleware="[]",
+                                      extra=EDITING_LAYER))
+    assert not json_passes_through(editing.app) and not editing._json_passes_below

@@ -583,3 +583,30 @@ def test_x_sluicegate_tags_pins_requests_to_deployments_with_those_tags(
         assert len([r for r in a.requests if r["json"]["model"] == "gpt-4o-mini"]) == 8
         assert {served(None).headers["x-sluicegate-deployment"] for _ in range(40)} == \
             {"a/gpt-4o-mini", "b/gpt-4o"}
+
+
+def test_a_hedged_answer_is_cached_like_any_other(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """The cache above keeps what the winning call sent (its context copy's record of it)."""
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=2))
+    layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=0.2)}'
+    text = failover_config(a, b, layer).replace(
+        "    Middleware(FailoverMiddleware",
+        '    Middleware(CacheMiddleware, policy="always"),\n    Middleware(FailoverMiddleware')
+    with serve(tmp_path, "from middleware.cache import CacheMiddleware\n" + text) as gateway:
+        first = chat(gateway, "pair")
+        assert first.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+        assert first.headers["x-sluicegate-cache"] == "miss"
+        # Asked of the cache only (no upstream call that could store another answer):
+        # only-if-cached gets a 504 until the first answer is stored.
+        deadline = time.monotonic() + 5
+        while (second := httpx.post(
+                gateway.url + "/v1/chat/completions", timeout=30,
+                headers={**AUTH, "cache-control": "only-if-cached"},
+                json={"model": "pair", "messages": QUESTION})).status_code == 504 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert second.status_code == 200, second.text
+    assert second.headers["x-sluicegate-cache"] == "hit"
+    assert second.json()["choices"] == first.json()["choices"]
+    assert len(b.requests) == 1
