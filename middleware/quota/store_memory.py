@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Check, Decision, QuotaStoreError
+from middleware.quota.plan import Templated
 
 KINDS = (REQUESTS, TOKENS, CONCURRENT, BUDGET)
 
@@ -251,7 +252,14 @@ def _expired(entry: _Bucket | _Leases | _Counter, now: float) -> bool:
 
 
 def validate(checks: Sequence[Check], actual: Sequence[int] | None = None) -> None:
-    """Refuses a call that is a bug in the caller (both stores share this)."""
+    """Refuses a call that is a bug in the caller (both stores share this). What it checks is
+    the same for every request of one limit template (`plan.Templated`): such a list is
+    checked once, and its template's memo remembers it."""
+    if actual is not None and len(actual) != len(checks):
+        raise ValueError("settle needs one actual amount per check")
+    memo = checks.memo if type(checks) is Templated else None
+    if memo is not None and memo.get(_VALID) == len(checks):
+        return
     for check in checks:
         if check.kind not in KINDS:
             raise ValueError(f"unknown kind of check {check.kind!r}")
@@ -260,5 +268,8 @@ def validate(checks: Sequence[Check], actual: Sequence[int] | None = None) -> No
     if len({check.key for check in checks}) != len(checks):
         # Each check is judged against the state before the call: one key, one check.
         raise ValueError("two checks of one call share a storage key")
-    if actual is not None and len(actual) != len(checks):
-        raise ValueError("settle needs one actual amount per check")
+    if memo is not None:
+        memo[_VALID] = len(checks)
+
+
+_VALID = "valid"  # the template memo's entry: its checks passed `validate` (how many)

@@ -7,6 +7,7 @@ too: a port nobody listens on, a server that never answers, a TCP relay switched
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -211,7 +212,7 @@ async def test_set_then_get(store: CacheStore) -> None:
     found = await store.get("k1")
 
     assert found is not None
-    assert found._replace(expires_at=None) == original
+    assert dataclasses.replace(found, expires_at=None) == original
     assert found.expires_at is not None and before + 60 <= found.expires_at <= time.time() + 60
     assert await store.get("k2") is None
 
@@ -753,7 +754,8 @@ async def test_a_warm_hit_is_promoted_to_hot_with_its_remaining_ttl(
     await eventually(promoted)
     hot = await tiered.hot.get("k")
     assert hot is not None and hot.expires_at is not None and stored.expires_at is not None
-    assert hot._replace(expires_at=None) == stored._replace(expires_at=None)
+    assert dataclasses.replace(hot, expires_at=None) == dataclasses.replace(stored,
+                                                                            expires_at=None)
     assert abs(hot.expires_at - stored.expires_at) < 0.01  # the same expiry
     assert 27_000 < await redis_client.pttl(f"{prefix}:e:k") <= 29_000
     assert await tiered.hot.invalidate(project_tag("a")) == 1  # promoted with its tags

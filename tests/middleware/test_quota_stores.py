@@ -28,7 +28,7 @@ from gateway.policy import (
     QuotaStoreError,
 )
 from middleware.quota.plan import templated
-from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore
+from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore, validate
 from middleware.quota.store_redis import ADMIT, SETTLE, RedisQuotaStore, _args
 from tests.tcp_proxy import TcpProxy
 
@@ -527,6 +527,26 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
             wire.admit_payload(prefix, checks[:3])
         with pytest.raises(ValueError, match="this template's checks"):
             wire.settle_payload(prefix, [*checks, rpm(1)], actual)
+
+
+def test_a_template_is_validated_once_and_anything_else_every_time() -> None:
+    """What `validate` checks (kinds, windows, one key per check) is the same for every
+    request of a template, so its memo remembers it; the actual amounts' count, and lists that
+    are not a whole template, are checked on every call."""
+    memo: dict[Any, Any] = {}
+    checks = templated([rpm(100), tpm(1000, 10), budget(1000, 5, 60.0)], memo)
+    validate(checks)
+    assert memo["valid"] == 3
+    validate(checks)  # (from the memo)
+    with pytest.raises(ValueError, match="one actual amount per check"):
+        validate(checks, [1, 2])
+    with pytest.raises(ValueError, match="share a storage key"):
+        validate([rpm(100), rpm(100)])  # a plain list: no memo, checked
+    shorter = templated([rpm(100), rpm(100)], memo)  # not the template the memo holds
+    with pytest.raises(ValueError, match="share a storage key"):
+        validate(shorter)
+    with pytest.raises(ValueError, match="window_s above zero"):
+        validate(templated([rpm(100, window_s=0.0)], {}))
 
 
 async def test_templates_admit_and_settle_like_plain_lists(store: Store, clock: FakeClock
