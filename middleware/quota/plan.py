@@ -199,8 +199,12 @@ def planned_from(compiled: tuple[_Template, dict[Any, Any]],
                      subject_kind, subject_id, limits, budget, period_start, period_end)
              for (kind, key, limit, window, lease, expires, on_error, label, subject_kind,
                   subject_id, limits, budget, period_start, period_end) in template], memo)
+        # A check whose amount is always 1 (a request, a lease) is made once and shared by
+        # every request of the template (nobody changes a Check).
         memo[_ROWS] = [(kind, key, limit, window, lease, expires, on_error, label,
-                        1 if kind == TOKENS else 2 if kind == BUDGET else 0)
+                        1 if kind == TOKENS else 2 if kind == BUDGET else 0,
+                        Check(kind, key, limit, 1, window, lease, expires, on_error, label)
+                        if kind in (REQUESTS, CONCURRENT) else None)
                        for (kind, key, limit, window, lease, expires, on_error, label,
                             *_rest) in template]
     amounts = (1, est.input_tokens + est.output_tokens, est.cost_micros)
@@ -209,8 +213,9 @@ def planned_from(compiled: tuple[_Template, dict[Any, Any]],
     append = checks.append
     # Unpacked by name, not with *rest: a starred target and a starred call cost more than
     # the objects they make.
-    for kind, key, limit, window, lease, expires, on_error, label, which in memo[_ROWS]:
-        append(Check(kind, key, limit, amounts[which], window, lease, expires, on_error, label))
+    for kind, key, limit, window, lease, expires, on_error, label, which, made in memo[_ROWS]:
+        append(made if made is not None else
+               Check(kind, key, limit, amounts[which], window, lease, expires, on_error, label))
     return planned, checks
 
 

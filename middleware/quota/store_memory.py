@@ -43,12 +43,14 @@ class _Counter:
 _State = TypeVar("_State", _Bucket, _Leases, _Counter)
 
 
-# What judging one check found: (passes, retry_after_s, unseeded, level) where level is the
-# bucket's tokens or the lease count after the refill or expiry, or the budget counter. A
-# tuple, not a class: one is made per check on every admission.
-_Verdict = tuple[bool, "float | None", bool, float]
-_REFUSED: _Verdict = (False, None, False, 0.0)
-_UNSEEDED: _Verdict = (False, None, True, 0.0)
+# What judging one check found: (passes, retry_after_s, unseeded, level, state) where level is
+# the bucket's tokens or the lease count after the refill or expiry, or the budget counter,
+# and state the bucket, lease set or counter found (None: none yet), which taking the check
+# changes without looking it up again. A tuple, not a class: one is made per check on every
+# admission.
+_Verdict = tuple[bool, "float | None", bool, float, "_Bucket | _Leases | _Counter | None"]
+_REFUSED: _Verdict = (False, None, False, 0.0, None)
+_UNSEEDED: _Verdict = (False, None, True, 0.0, None)
 
 
 class MemoryQuotaStore:
@@ -116,8 +118,9 @@ class MemoryQuotaStore:
                 if leases is not None:
                     leases.until.pop(request_id, None)
             elif check.limit > 0:
-                level = self._bucket_level(check, now) + (check.amount - used)
-                self._store_bucket(check, min(float(check.limit), level), now)
+                bucket = self._get(check.key, _Bucket, now)
+                level = _level(bucket, check, now) + (check.amount - used)
+                self._store_bucket(check, bucket, min(float(check.limit), level), now)
 
     async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
                           ) -> None:
@@ -153,66 +156,62 @@ class MemoryQuotaStore:
                 return _REFUSED
             if counter is None:
                 return _UNSEEDED
-            return (counter.value + check.amount <= check.limit, None, False, counter.value)
+            return (counter.value + check.amount <= check.limit, None, False, counter.value,
+                    counter)
         if kind == CONCURRENT:
             leases = self._get(check.key, _Leases, now)
             until = leases.until if leases else {}
             if len(until) < check.limit:
-                return (True, None, False, len(until))
+                return (True, None, False, len(until), leases)
             retry = min(until.values()) - now if check.limit > 0 else None
-            return (False, retry, False, 0.0)
+            return (False, retry, False, 0.0, None)
         if check.limit <= 0 or check.amount > check.limit:
             return _REFUSED  # waiting never helps
-        level = self._bucket_level(check, now)
+        bucket = self._get(check.key, _Bucket, now)
+        level = _level(bucket, check, now)
         if level >= check.amount:
-            return (True, None, False, level)
-        return (False, (check.amount - level) / (check.limit / check.window_s), False, 0.0)
+            return (True, None, False, level, bucket)
+        return (False, (check.amount - level) / (check.limit / check.window_s), False, 0.0,
+                None)
 
     def _take(self, request_id: str, check: Check, verdict: _Verdict,
               now: float) -> tuple[int, float]:
         """Reserves a check that passed: (remaining, seconds until it resets)."""
         kind = check.kind
+        state = verdict[4]  # (judged just now, with no await in between)
         if kind == BUDGET:
-            counter = self._get(check.key, _Counter, now)
-            assert counter is not None  # judged just now, with no await in between
+            counter = state
+            assert type(counter) is _Counter
             counter.value += check.amount
             left = check.expires_at - now
             reset = (0.0 if 0.0 > left else left) if check.expires_at > 0 else 0.0  # noqa: FURB136
             left_amount = check.limit - counter.value
             return (0 if 0 > left_amount else left_amount), reset  # noqa: FURB136
         if kind == CONCURRENT:
-            leases = self._get(check.key, _Leases, now)
+            leases = state
             if leases is None:
                 leases = self._state[check.key] = _Leases({})
+            assert type(leases) is _Leases
             leases.until[request_id] = now + check.lease_s
             return max(check.limit - len(leases.until), 0), max(leases.until.values()) - now
         level = verdict[3] - check.amount
-        self._store_bucket(check, level, now)
+        assert state is None or type(state) is _Bucket
+        self._store_bucket(check, state, level, now)
         floor = math.floor(level)
         remaining = 0 if 0 > floor else floor  # noqa: FURB136
         return remaining, (check.limit - level) / (check.limit / check.window_s)
 
     # -- state ---------------------------------------------------------------------------
 
-    def _bucket_level(self, check: Check, now: float) -> float:
-        """The tokens in a bucket now: it starts full and refills smoothly, up to the limit."""
-        bucket = self._get(check.key, _Bucket, now)
-        limit = float(check.limit)
-        if bucket is None:
-            return limit
-        elapsed = now - bucket.updated
-        elapsed = elapsed if elapsed > 0.0 else 0.0  # noqa: FURB136
-        level = bucket.tokens + elapsed * (check.limit / check.window_s)
-        return level if level < limit else limit  # noqa: FURB136
-
-    def _store_bucket(self, check: Check, level: float, now: float) -> None:
+    def _store_bucket(self, check: Check, previous: _Bucket | None, level: float,
+                      now: float) -> None:
+        """Stores `level` in the bucket `previous` (`_get` found it just now) or a new one."""
         # Kept until a window after it is full again: forgetting it then changes nothing.
         window_s = check.window_s
         full_again = (check.limit - level) / (check.limit / window_s) + window_s
         ttl = full_again if full_again > 2 * window_s else 2 * window_s  # noqa: FURB136
-        previous = self._state.get(check.key)  # never move a bucket's time back
-        if type(previous) is _Bucket:  # (one bucket per key, changed in place)
-            updated = previous.updated
+        if previous is not None:  # (one bucket per key, changed in place)
+            updated = previous.updated  # never move a bucket's time back
             previous.tokens = level
             previous.updated = updated if updated > now else now  # noqa: FURB136
             previous.expires = now + ttl
@@ -240,6 +239,18 @@ class MemoryQuotaStore:
             for key in [key for key, entry in self._state.items() if _expired(entry, now)]:
                 del self._state[key]
         return now
+
+
+def _level(bucket: _Bucket | None, check: Check, now: float) -> float:
+    """The tokens in `check`'s bucket now: it starts full and refills smoothly, up to the
+    limit."""
+    limit = float(check.limit)
+    if bucket is None:
+        return limit
+    elapsed = now - bucket.updated
+    elapsed = elapsed if elapsed > 0.0 else 0.0  # noqa: FURB136
+    level = bucket.tokens + elapsed * (check.limit / check.window_s)
+    return level if level < limit else limit  # noqa: FURB136
 
 
 def _expired(entry: _Bucket | _Leases | _Counter, now: float) -> bool:
