@@ -83,17 +83,26 @@ class MemoryQuotaStore:
     async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
         validate(checks)
         now = self._now()
-        verdicts = [self._judge(check, now) for check in checks]
-        unseeded = tuple(i for i, verdict in enumerate(verdicts) if verdict[2])
+        judge = self._judge
+        verdicts = [judge(check, now) for check in checks]
+        for verdict in verdicts:
+            if not verdict[0]:  # (an unseeded budget does not pass either)
+                return self._refusal(verdicts)
+        if not verdicts:
+            return Decision(allowed=True)
+        take = self._take
+        remaining, reset_s = zip(*[take(request_id, check, verdict, now)
+                                   for check, verdict in zip(checks, verdicts, strict=True)])
+        return Decision(True, None, None, remaining, reset_s)
+
+    @staticmethod
+    def _refusal(verdicts: list[_Verdict]) -> Decision:
+        """Budgets to seed first, if any; else the first check that does not pass."""
+        unseeded = tuple([i for i, verdict in enumerate(verdicts) if verdict[2]])
         if unseeded:
             return Decision(allowed=False, unseeded=unseeded)
-        for i, verdict in enumerate(verdicts):
-            if not verdict[0]:
-                return Decision(allowed=False, failed=i, retry_after_s=verdict[1])
-        taken = [self._take(request_id, check, verdict, now)
-                 for check, verdict in zip(checks, verdicts, strict=True)]
-        return Decision(allowed=True, remaining=tuple(remaining for remaining, _ in taken),
-                        reset_s=tuple(reset for _, reset in taken))
+        failed = next(i for i, verdict in enumerate(verdicts) if not verdict[0])
+        return Decision(allowed=False, failed=failed, retry_after_s=verdicts[failed][1])
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
