@@ -38,6 +38,10 @@ class PromptGuard:
     """Blocks prompts matching `block_patterns`; replaces matches of `redact_patterns` (and,
     with `redact_secrets`, of common secret formats) by `replacement`."""
 
+    # It changes requests, never answers: a cache layer above it may keep the passthrough's
+    # record of a JSON answer instead of copying it on its way out (see gateway/layers.py).
+    passes_json_through = True
+
     def __init__(self, app: ASGIApp, *, block_patterns: list[str] | tuple[str, ...] = (),
                  redact_patterns: list[str] | tuple[str, ...] = (), redact_secrets: bool = True,
                  replacement: str = "[REDACTED]") -> None:
