@@ -69,12 +69,7 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     if text.find(b".0") != -1:  # perhaps a nested integral float (or only ".0" in a string)
         document["request"] = {name: _canonical(value) for name, value in request.items()}
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    digest = _SHA256.copy()  # (hashlib.sha256() looks the algorithm up in OpenSSL each time)
-    digest.update(text)
-    return digest.hexdigest()
-
-
-_SHA256 = hashlib.sha256()
+    return hashlib.sha256(text).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
