@@ -49,7 +49,7 @@ __all__ = ["AuthMiddleware", "PostgresKeyStore", "StaticKey"]
 
 logger = logging.getLogger("sluicegate.auth")
 
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key")
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-goog-api-key"})
 _PRINCIPALS_MAX = 10_000  # remembered (key, customer) principals; the memo starts over when full
 _REASONS = {
     "revoked": "This API key has been revoked.",
@@ -236,15 +236,16 @@ def _take_credential(scope: Scope) -> str | None:
     """Takes the client's key out of the request, so no layer or provider ever sees it."""
     credential: str | None = None
     kept = []
-    for name, value in scope["headers"]:
+    for pair in scope["headers"]:
+        name = pair[0]
         if name in _CREDENTIAL_HEADERS:
             if credential is None:
-                text = value.decode("latin-1").strip()
+                text = pair[1].decode("latin-1").strip()
                 if name == b"authorization":
                     scheme, _, text = text.partition(" ")
                     text = text.strip() if scheme.lower() == "bearer" else ""
                 credential = text or None
             continue
-        kept.append((name, value))
+        kept.append(pair)  # (the pair itself: no new tuple for each header kept)
     scope["headers"] = kept
     return credential
