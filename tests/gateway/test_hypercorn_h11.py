@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import hypercorn.config
 import pytest
 from hypercorn.protocol.h11 import H11Protocol
 
@@ -96,8 +97,15 @@ async def _exchange(port: int, requests: list[bytes]) -> bytes:
 
 async def _serve(exchanges: list[list[bytes]], **config: Any) -> tuple[list[Any], list[bytes]]:
     seen: list[Any] = []
-    async with served_here(recording_app(seen), **config) as (port, _stop, _task):
-        answers = [await _exchange(port, requests) for requests in exchanges]
+    # One date for every answer: the h2c answer's is HPACK-coded (no `date:` line to drop),
+    # and two runs a second apart differed there and nowhere else.
+    original = hypercorn.config.format_date_time
+    hypercorn.config.format_date_time = lambda _when: "Sun, 29 Nov 2026 00:00:00 GMT"
+    try:
+        async with served_here(recording_app(seen), **config) as (port, _stop, _task):
+            answers = [await _exchange(port, requests) for requests in exchanges]
+    finally:
+        hypercorn.config.format_date_time = original
     return seen, answers
 
 
