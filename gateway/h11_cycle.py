@@ -33,11 +33,12 @@ code, which then behaves, fails and words its errors exactly as it always did:
   make them. An empty buffer (h11: NEED_DATA, or an error after EOF) goes to h11.
 - `send` of a `Response` with the server in SEND_RESPONSE, the client in SEND_BODY or DONE,
   an HTTP/1.1 peer, keep-alive on, no pending switch, a request that was not HEAD or CONNECT,
-  a status that is not 204 or 304, and no Host header in the response: h11's clean-up (a
-  body of unknown length gets `Transfer-Encoding: chunked` in place of any Content-Length)
-  and its writer give the same bytes (from the lines gateway/h11_headers.py made of the
-  headers when it checked them, if it did), and the states, keep-alive flag, writer and reader
-  end as h11 leaves them.
+  a status that is not 204 or 304, and headers gateway/h11_headers.py made when it checked
+  them (never with a Host header, nor a repeated framing header): h11's clean-up (a body of
+  unknown length gets `Transfer-Encoding: chunked` in place of any Content-Length) and its
+  writer give the same bytes as the lines it made, and the states, keep-alive flag, writer and
+  reader end as h11 leaves them. Other headers (h11_headers not installed, or headers h11
+  folded itself) go to h11's writer.
 - `send` of an `EndOfMessage` with the server in SEND_BODY, the client DONE and keep-alive
   on; the writer's own checks (too little data for the Content-Length, trailers) send it to
   h11 instead, which then fails it as it does.
@@ -155,9 +156,6 @@ def install() -> bool:
     # with what they decide; the last three always go to h11)
     deciding = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
                           b"upgrade", b"expect"))
-    # response headers h11's clean-up and writer look at
-    framing = frozenset((b"content-length", b"transfer-encoding", b"connection", b"host"))
-    chunked_header = (b"Transfer-Encoding", b"transfer-encoding", b"chunked")
     chunked_line = b"Transfer-Encoding: chunked\r\n"
 
     def read_request(self: Any) -> Any:
@@ -296,42 +294,20 @@ def install() -> bool:
         if client_state is not send_body and client_state is not done:
             return None
         headers: Any = event.headers
+        if type(headers) is not h11_headers.rendered_type:
+            return None  # (headers gateway/h11_headers.py did not make: h11 writes them)
+        length: bytes | None = headers.length
+        close = headers.close
+        lines = headers.lines
         writer: Any
-        if type(headers) is h11_headers.rendered_type:  # lines made as h11 checked them
-            length: bytes | None = headers.length
-            close = headers.close
-            lines = headers.lines
-            if headers.chunked or length is None:
-                if headers.chunked or length is not None:  # either framing header is there
-                    lines = [line for line, item in zip(lines, headers._full_items, strict=True)
-                             if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
-                lines = [*lines, chunked_line]
-                writer = chunked_writer()
-            else:
-                writer = length_writer(int(length))
-        else:
-            items = headers._full_items
-            length = None
-            chunked = False
-            close = False
-            for _raw, name, value in items:
-                if name in framing:
-                    if name == b"content-length":  # (h11 keeps one: a repeat is folded or refused)
-                        length = value
-                    elif name == b"transfer-encoding":
-                        chunked = True
-                    elif name == b"connection":
-                        close = close or _says_close(value)
-                    else:  # host: h11 writes it first
-                        return None
-            if chunked or length is None:  # h11: Transfer-Encoding: chunked, no Content-Length
-                items = [item for item in items
+        if headers.chunked or length is None:  # h11: Transfer-Encoding: chunked, no length
+            if headers.chunked or length is not None:  # either framing header is there
+                lines = [line for line, item in zip(lines, headers._full_items, strict=True)
                          if item[1] != b"content-length" and item[1] != b"transfer-encoding"]
-                items.append(chunked_header)
-                writer = chunked_writer()
-            else:
-                writer = length_writer(int(length))
-            lines = [b"%s: %s\r\n" % (raw, value) for raw, _name, value in items]
+            lines = [*lines, chunked_line]
+            writer = chunked_writer()
+        else:
+            writer = length_writer(int(length))
         head = b"HTTP/1.1 %s %s\r\n%s\r\n" % (str(event.status_code).encode("ascii"),
                                                 event.reason, b"".join(lines))
         states[server] = send_body

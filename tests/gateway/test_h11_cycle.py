@@ -15,12 +15,15 @@ from typing import Any
 import h11
 import pytest
 
-from gateway import h11_body, h11_cycle
+from gateway import h11_body, h11_cycle, h11_headers
 from tests.harness import kept_alive_app, kept_alive_then_streamed, served_here, stock_h11
 
 
 @pytest.fixture(scope="module")
 def installed() -> None:
+    # As `sluicegate serve` runs them: the response shortcut takes the headers
+    # gateway/h11_headers.py makes (others go to h11's writer).
+    assert h11_headers.install()
     assert h11_body.install()
     assert h11_cycle.install()
     assert h11_cycle.install()  # once is enough
@@ -214,42 +217,48 @@ def test_random_splits_of_pipelined_requests(installed) -> None:
         _same_as_h11(pieces, [_json(), _stream(), _json(0), _json(3), _json(5)])
 
 
-RESPONSES = {
-    "content-length": _json(5),
-    "chunked": _stream(),
-    "both framings": _stream((b"Content-Length", b"9"), (b"Transfer-Encoding", b"chunked")),
-    "transfer-encoding alone": _stream((b"transfer-encoding", b"chunked")),
-    "connection close": _json(2, (b"Connection", b"close")),
-    "connection close chunked": _stream((b"connection", b"keep-alive, close")),
-    "connection keep-alive": _json(2, (b"connection", b"keep-alive")),
-    "host": _json(2, (b"Host", b"x")),
-    "204": [h11.Response(status_code=204, headers=[(b"content-length", b"0")]),
-            h11.EndOfMessage()],
-    "304": [h11.Response(status_code=304, headers=[]), h11.EndOfMessage()],
-    "reason": [h11.Response(status_code=404, reason=b"Not Found",
-                            headers=[(b"content-length", b"0")]), h11.EndOfMessage()],
-    "status enum": [h11.Response(status_code=__import__("http").HTTPStatus.CREATED,
-                                 headers=[(b"content-length", b"0")]), h11.EndOfMessage()],
-    "http/1.0 response": [h11.Response(status_code=200, http_version=b"1.0",
-                                       headers=[(b"content-length", b"0")])],
-    "too little": _json(5)[:1] + [h11.Data(data=b"ab"), h11.EndOfMessage()],
-    "too much": _json(2)[:1] + [h11.Data(data=b"abc")],
-    "length trailers": _json(2)[:2] + [h11.EndOfMessage(headers=[(b"x-t", b"1")])],
-    "chunked trailers": _stream()[:2] + [h11.EndOfMessage(headers=[(b"X-T", b"1")])],
-    "informational first": [h11.InformationalResponse(status_code=103, headers=[]),
-                            *_json(2)],
-    "twice": _json(2)[:1] + _json(2),
-    "eom first": [h11.EndOfMessage()],
-    "closed": [h11.ConnectionClosed()],
-}
+def _responses() -> dict[str, list[Any]]:
+    """The responses, made when called: made after the fixture installed
+    gateway/h11_headers.py, their headers are the ones the response shortcut takes."""
+    return {
+        "content-length": _json(5),
+        "chunked": _stream(),
+        "both framings": _stream((b"Content-Length", b"9"), (b"Transfer-Encoding", b"chunked")),
+        "transfer-encoding alone": _stream((b"transfer-encoding", b"chunked")),
+        "connection close": _json(2, (b"Connection", b"close")),
+        "connection close chunked": _stream((b"connection", b"keep-alive, close")),
+        "connection keep-alive": _json(2, (b"connection", b"keep-alive")),
+        "host": _json(2, (b"Host", b"x")),
+        "204": [h11.Response(status_code=204, headers=[(b"content-length", b"0")]),
+                h11.EndOfMessage()],
+        "304": [h11.Response(status_code=304, headers=[]), h11.EndOfMessage()],
+        "reason": [h11.Response(status_code=404, reason=b"Not Found",
+                                headers=[(b"content-length", b"0")]), h11.EndOfMessage()],
+        "status enum": [h11.Response(status_code=__import__("http").HTTPStatus.CREATED,
+                                     headers=[(b"content-length", b"0")]), h11.EndOfMessage()],
+        "http/1.0 response": [h11.Response(status_code=200, http_version=b"1.0",
+                                           headers=[(b"content-length", b"0")])],
+        "too little": _json(5)[:1] + [h11.Data(data=b"ab"), h11.EndOfMessage()],
+        "too much": _json(2)[:1] + [h11.Data(data=b"abc")],
+        "length trailers": _json(2)[:2] + [h11.EndOfMessage(headers=[(b"x-t", b"1")])],
+        "chunked trailers": _stream()[:2] + [h11.EndOfMessage(headers=[(b"X-T", b"1")])],
+        "informational first": [h11.InformationalResponse(status_code=103, headers=[]),
+                                *_json(2)],
+        "twice": _json(2)[:1] + _json(2),
+        "eom first": [h11.EndOfMessage()],
+        "closed": [h11.ConnectionClosed()],
+    }
 
 
-@pytest.mark.parametrize("name", list(RESPONSES))
+RESPONSE_NAMES = list(_responses())
+
+
+@pytest.mark.parametrize("name", RESPONSE_NAMES)
 def test_responses_sent_as_with_h11(installed, name) -> None:
     for request in (POST, GET, REQUESTS["head"], REQUESTS["http/1.0 with host"],
                     REQUESTS["expect"], REQUESTS["connection close"]):
-        _same_as_h11([request + GET], [RESPONSES[name], _json(1)])
-        _same_as_h11([POST[:-4]], [RESPONSES[name]])  # answered before the body is in
+        _same_as_h11([request + GET], [_responses()[name], _json(1)])
+        _same_as_h11([POST[:-4]], [_responses()[name]])  # answered before the body is in
 
 
 def test_the_next_cycle_only_from_done_as_with_h11(installed) -> None:
