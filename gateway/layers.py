@@ -39,6 +39,7 @@ def json_passes_through(app: Any) -> bool:
     return all(getattr(component, "passes_json_through", False) is True
                for component in stack_components(app))
 
+
 def text_of_messages(body: dict[str, Any]) -> list[str]:
     """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers)."""
     texts: list[str] = []

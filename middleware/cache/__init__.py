@@ -427,13 +427,9 @@ class CacheMiddleware:
         entry = CachedResponse(body, ctx.api_format, 200, time.time(),
                                usage if isinstance(usage, dict) else None,
                                ctx.served_model or ctx.model, _cost_of(ctx), tags)
-        model_ttl_s = self.model_ttl_s
-        if model_ttl_s and ctx.model in model_ttl_s:
-            return entry, model_ttl_s[ctx.model]
-        project_ttl_s = self.project_ttl_s
-        if project_ttl_s:
-            return entry, project_ttl_s.get((ctx.principal or ANONYMOUS).project, self.ttl_s)
-        return entry, self.ttl_s
+        project = (ctx.principal or ANONYMOUS).project
+        return entry, self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(project,
+                                                                             self.ttl_s))
 
     async def _write(self, key: str, entry: CachedResponse, ttl: float,
                      query: SemanticQuery | None, vector: list[float] | None) -> None:
