@@ -48,18 +48,20 @@ local slack = tonumber(A[3])
 
 local function fmt(x) return string.format('%.17g', x) end
 
+-- The bucket's level now, and the time it was last stored (nil for a new bucket), which
+-- store_bucket takes back: the script reads the hash once.
 local function bucket_level(key, limit, window)
   local state = redis.call('HMGET', key, 'tokens', 'updated')
-  if not state[1] then return limit end
-  local elapsed = math.max(0, now - tonumber(state[2]))
-  return math.min(limit, tonumber(state[1]) + elapsed * (limit / window))
+  if not state[1] then return limit, nil end
+  local updated = tonumber(state[2])
+  local elapsed = math.max(0, now - updated)
+  return math.min(limit, tonumber(state[1]) + elapsed * (limit / window)), updated
 end
 
-local function store_bucket(key, limit, window, level)
+local function store_bucket(key, limit, window, level, previous)
   local ttl = math.max(2 * window, (limit - level) / (limit / window) + window)
   -- Never move a bucket's time back: a gateway whose clock is behind would otherwise make
   -- the next one refill the skew again on every switch between them.
-  local previous = tonumber(redis.call('HGET', key, 'updated'))
   local at = now
   if previous and previous > now then at = previous end
   redis.call('HSET', key, 'tokens', fmt(level), 'updated', fmt(at))
@@ -83,7 +85,7 @@ end
 # or null] when refused; [2, i, j, ...] when budgets are unseeded. Indices are 0-based.
 # Every check is judged before anything is reserved.
 _ADMIT = _PRELUDE + """
-local levels, unseeded = {}, {}
+local levels, updated, unseeded = {}, {}, {}
 local failed, retry = nil, false
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
@@ -106,7 +108,7 @@ for i = 1, #KEYS do
     passes = count < limit
     if not passes and limit > 0 then wait = fmt(lease_score(key, 0) - now) end
   elseif limit > 0 and amount <= limit then
-    levels[i] = bucket_level(key, limit, param)
+    levels[i], updated[i] = bucket_level(key, limit, param)
     passes = levels[i] >= amount
     if not passes then wait = fmt((amount - levels[i]) / (limit / param)) end
   end
@@ -133,7 +135,7 @@ for i = 1, #KEYS do
     out[#out + 1] = fmt(latest - now)
   else
     local level = levels[i] - amount
-    store_bucket(key, limit, param, level)
+    store_bucket(key, limit, param, level, updated[i])
     out[#out + 1] = string.format('%d', math.max(math.floor(level), 0))
     out[#out + 1] = fmt((limit - level) / (limit / param))
   end
@@ -155,8 +157,8 @@ for i = 1, #KEYS do
   elseif kind == 'concurrent' then
     redis.call('ZREM', key, request_id)
   elseif limit > 0 then
-    local level = math.min(limit, bucket_level(key, limit, param) + (amount - actual))
-    store_bucket(key, limit, param, level)
+    local level, previous = bucket_level(key, limit, param)
+    store_bucket(key, limit, param, math.min(limit, level + (amount - actual)), previous)
   end
 end
 return 0
