@@ -44,6 +44,7 @@ logger = logging.getLogger("sluicegate")
 
 LIMIT_KINDS = ("project", "customer")
 EVERYTHING = "*"  # the invalidation token meaning "drop everything you cached"
+UNKNOWN: Any = object()  # CachedKeys.find_now's "not known without asking the store"
 READ_ONLY_MESSAGE = "keys declared in the config module are read-only"
 
 Invalidation = Callable[[str], None]
@@ -760,6 +761,25 @@ class CachedKeys:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def find_now(self, key_hash: str) -> Any:
+        """What `find` answers from memory without a coroutine (the auth layer's per-request
+        path): the key, or None for a key known not to exist, while the entry is fresh;
+        `UNKNOWN` when `find` has to ask the store (or serve a stale entry)."""
+        return self._fresh(key_token(key_hash))
+
+    def subject_limits_now(self, kind: str, subject_id: str) -> Any:
+        """`subject_limits` from memory while fresh, else `UNKNOWN` (see `find_now`)."""
+        return self._fresh(limits_token(kind, subject_id))
+
+    def _fresh(self, token: str) -> Any:
+        # (The first step of `_get`, which does the same when this says UNKNOWN.)
+        entry = self._entries.get(token)
+        if entry is not None and self.clock() - entry.fetched_at < (
+                self.ttl_s if entry.value is not None else self.negative_ttl_s):
+            self._entries.move_to_end(token)
+            return entry.value
+        return UNKNOWN
 
     async def find(self, key_hash: str) -> VirtualKey | None:
         key: VirtualKey | None = await self._get(

@@ -24,6 +24,7 @@ from middleware.auth.keys import StaticKey, VirtualKey, hash_key
 from middleware.auth.store import (
     MIGRATIONS,
     READ_ONLY_MESSAGE,
+    UNKNOWN,
     CachedKeys,
     KeyConflict,
     KeyStore,
@@ -432,14 +433,23 @@ async def test_cache_serves_within_ttl_then_asks_again(
     clock = FakeClock()
     cache = CachedKeys(store, ttl_s=30, clock=clock)
     _, key = await create_settled(store, "acme")
+    assert cache.find_now(key.key_hash) is UNKNOWN  # (the auth layer then awaits find)
+    assert cache.subject_limits_now("project", "acme") is UNKNOWN
     assert await cache.find(key.key_hash) == key
+    assert await cache.subject_limits("project", "acme") is None
+    assert cache.subject_limits_now("project", "acme") is None  # known: no limits
     run_sql("UPDATE sluicegate_keys SET disabled = true", schema=schema)  # no NOTIFY
     clock.now += 29.9
+    assert cache.find_now(key.key_hash) == key  # what find answers, without a coroutine
+    # ("No limits" is a negative entry: asked again after negative_ttl_s, as find does.)
+    assert cache.subject_limits_now("project", "acme") is UNKNOWN
     cached = await cache.find(key.key_hash)
     assert cached is not None and not cached.disabled
     clock.now += 0.2
+    assert cache.find_now(key.key_hash) is UNKNOWN
     fresh = await cache.find(key.key_hash)
     assert fresh is not None and fresh.disabled
+    assert cache.find_now(key.key_hash) == fresh
 
 
 async def test_cache_remembers_unknown_keys_briefly(
@@ -451,8 +461,10 @@ async def test_cache_remembers_unknown_keys_briefly(
     assert await cache.find(unknown) is None
     run_sql("UPDATE sluicegate_keys SET key_hash = %s", unknown, schema=schema)  # no NOTIFY
     clock.now += 1.9
+    assert cache.find_now(unknown) is None  # known not to exist (not UNKNOWN)
     assert await cache.find(unknown) is None
     clock.now += 0.2
+    assert cache.find_now(unknown) is UNKNOWN
     found = await cache.find(unknown)
     assert found is not None and found.id == key.id
 
