@@ -427,19 +427,23 @@ class QuotaMiddleware:
                 self._spawn(self._send_alerts(self.store, crossed))
 
     def _flush_lane_settles(self) -> None:
-        """Sends the settles of Lane admissions in one write, unawaited (as `settle_soon`
-        does the general path's)."""
+        """Sends the settles of Lane admissions as one call of the settle script (one
+        write, one reply), unawaited (as `settle_soon` does the general path's)."""
         settles, self._lane_settles = self._lane_settles, []
         store = self._redis
         assert store is not None  # (only a Redis store has Lanes)
         client = store.direct_client()
         if client is not None:
             clock = store.clock_text()  # one reading for the batch: they settle together
-            payloads = [lane.settle_payload(store.argv_prefix(request_id, clock),
-                                            est.input_tokens + est.output_tokens,
-                                            est.cost_micros, tokens, cost)
-                        for lane, request_id, est, tokens, cost in settles]
-            if client.send_unawaited(payloads, self._lane_settle_failed, settles):
+            keys, argvs, key_count = [], [], 0
+            for lane, request_id, est, tokens, cost in settles:
+                keys.append(lane.settle_keys)
+                key_count += lane.key_count
+                argvs.append(lane.settle_argv(store.argv_prefix(request_id, clock),
+                                              est.input_tokens + est.output_tokens,
+                                              est.cost_micros, tokens, cost))
+            if client.send_unawaited([store.settle_batch_payload(keys, key_count, argvs)],
+                                     self._lane_settles_failed, [settles]):
                 return
         # Not connected (or a Sentinel's writes): the general path's settle, in a task.
         try:
@@ -447,10 +451,10 @@ class QuotaMiddleware:
         except QuotaStoreError as exc:
             logger.warning("could not settle %d request(s) (%s)", len(settles), exc)
 
-    def _lane_settle_failed(self, error: Exception,
-                            settle: tuple[Lane, str, Estimate, int, int]) -> None:
+    def _lane_settles_failed(self, error: Exception,
+                             settles: list[tuple[Lane, str, Estimate, int, int]]) -> None:
         assert self._redis is not None
-        self._redis.settle_failed(error, _general_settle(settle))
+        self._redis.settle_batch_failed(error, [_general_settle(settle) for settle in settles])
 
     def _flush_settles(self) -> None:
         self._settle_scheduled = False

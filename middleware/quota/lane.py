@@ -39,19 +39,21 @@ _Compiled = tuple[list[tuple[Any, ...]], dict[Any, Any]]  # plan.template's: row
 
 class Lane:
     """One template's admissions and settles in one RedisQuotaStore (see the module
-    docstring). `admit_payload` and `settle_payload` give the whole EVALSHA commands;
+    docstring). `admit_payload` gives the whole EVALSHA command; `settle_argv` a request's
+    ARGV string in the settle script's (batched) call, after its keys, `settle_keys`;
     `headers` reads an admitted reply; `planned` is the template's Planned list,
     `budgets` the (index, Planned) of its budget checks, `cutoff` the indexes of those that
     cut streams off."""
 
     __slots__ = ("admit_args", "admit_bytes", "admit_head", "budgets", "compiled", "cutoff",
-                 "headers", "planned", "reply_size", "settle_args", "settle_bytes",
-                 "settle_head")
+                 "headers", "key_count", "planned", "reply_size", "settle_args",
+                 "settle_bytes", "settle_keys")
 
     def __init__(self, compiled: _Compiled, planned: Sequence[Planned], wire: Any) -> None:
         self.compiled = compiled
         self.planned = planned
-        self.admit_head, self.settle_head = wire.admit_head, wire.settle_head
+        self.admit_head, self.settle_keys = wire.admit_head, wire.keys
+        self.key_count = wire.count
         self.admit_bytes, self.settle_bytes = wire.admit_bytes, wire.settle_bytes
         which = [_AMOUNT[item.check.kind] for item in planned]
         # (Only the names above go into the source: "1", "tokens", "cost", "actual_...".)
@@ -70,11 +72,11 @@ class Lane:
         data = prefix + self.admit_bytes % self.admit_args(tokens, cost)
         return b"%b$%d\r\n%b\r\n" % (self.admit_head, len(data), data)
 
-    def settle_payload(self, prefix: bytes, tokens: int, cost: int, actual_tokens: int,
-                       actual_cost: int) -> bytes:
-        data = prefix + self.settle_bytes % self.settle_args(tokens, cost, actual_tokens,
-                                                              actual_cost)
-        return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
+    def settle_argv(self, prefix: bytes, tokens: int, cost: int, actual_tokens: int,
+                    actual_cost: int) -> bytes:
+        data: bytes = prefix + self.settle_bytes % self.settle_args(tokens, cost,
+                                                                     actual_tokens, actual_cost)
+        return data
 
     def checks(self, est: Estimate) -> list[Check]:
         """The Checks the general path makes for a request of this estimate (for the rare

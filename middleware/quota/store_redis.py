@@ -40,11 +40,13 @@ logger = logging.getLogger("sluicegate.quota")
 _PRELUDE = """
 -- All arguments arrive as one space-separated string: one RESP argument to encode and
 -- send instead of twenty, and splitting it is Redis's work, not the gateway's.
-local A = {}
-for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
-local now = tonumber(A[1])
-local request_id = A[2]
-local slack = tonumber(A[3])
+local A, now, request_id, slack
+local function read_args(text)
+  A = {}
+  for word in string.gmatch(text, '%S+') do A[#A + 1] = word end
+  now, request_id, slack = tonumber(A[1]), A[2], tonumber(A[3])
+end
+read_args(ARGV[1])
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -143,23 +145,48 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 
-# Five ARGV per check (the fifth is the actual amount). Returns 0.
+# Settles one request per ARGV string (each as the prelude reads ARGV[1], with five words per
+# check: the fifth is the actual amount), its keys in KEYS in the same order, one request's
+# after another's: the quota layer settles what one event-loop step finished in one call.
+# Each request is settled on its own (pcall): one that fails leaves the others settled, and
+# the error reply names how many failed and the first error. Returns 0.
 _SETTLE = _PRELUDE + """
-for i = 1, #KEYS do
-  local a = 4 + (i - 1) * 5
-  local key, kind = KEYS[i], A[a]
-  local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
-  local actual = tonumber(A[a + 4])
-  if kind == 'budget' then
-    if counter(key, param) ~= nil then
-      redis.call('INCRBY', key, string.format('%d', actual - amount))
+local function settle(first, count)
+  for i = 1, count do
+    local a = 4 + (i - 1) * 5
+    local key, kind = KEYS[first + i], A[a]
+    local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
+    local actual = tonumber(A[a + 4])
+    if kind == 'budget' then
+      if counter(key, param) ~= nil then
+        redis.call('INCRBY', key, string.format('%d', actual - amount))
+      end
+    elseif kind == 'concurrent' then
+      redis.call('ZREM', key, request_id)
+    elseif limit > 0 then
+      local level, previous = bucket_level(key, limit, param)
+      store_bucket(key, limit, param, math.min(limit, level + (amount - actual)), previous)
     end
-  elseif kind == 'concurrent' then
-    redis.call('ZREM', key, request_id)
-  elseif limit > 0 then
-    local level, previous = bucket_level(key, limit, param)
-    store_bucket(key, limit, param, math.min(limit, level + (amount - actual)), previous)
   end
+end
+
+local first, failed, problem = 0, 0, nil
+for j = 1, #ARGV do
+  if j > 1 then read_args(ARGV[j]) end
+  local count = (#A - 3) / 5
+  if count ~= math.floor(count) or first + count > #KEYS then
+    return redis.error_reply('ERR settle: ARGV ' .. j .. ' does not match KEYS')
+  end
+  local ok, err = pcall(settle, first, count)
+  if not ok then
+    failed = failed + 1
+    problem = problem or (type(err) == 'table' and err.err or tostring(err))
+  end
+  first = first + count
+end
+if first ~= #KEYS then return redis.error_reply('ERR settle: KEYS left over') end
+if failed > 0 then
+  return redis.error_reply('ERR ' .. failed .. ' of ' .. #ARGV .. ' settles failed: ' .. problem)
 end
 return 0
 """
@@ -185,6 +212,7 @@ class _Script:
 
 
 ADMIT, SETTLE, SEED = _Script(_ADMIT), _Script(_SETTLE), _Script(_SEED)
+_SETTLE_SHA = SETTLE.sha.encode()
 
 
 class RedisQuotaStore:
@@ -276,31 +304,63 @@ class RedisQuotaStore:
             await self._run(SETTLE, request_id, checks, _settle_args(checks, actual))
 
     def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
-        """Settles many requests in one write without awaiting the replies (no task, no
-        future per settle); an error reply is logged, or answered with EVAL on NOSCRIPT.
-        Falls back to a `settle_many` task when not connected (or on a Cluster, where the
-        commands need routing)."""
+        """Settles many requests in one call of the settle script (one write, one reply)
+        without awaiting it (no task, no future); an error reply is logged, or answered with
+        EVAL on NOSCRIPT. Falls back to a `settle_many` task when not connected (or on a
+        Cluster, where the commands need routing)."""
         client = self._client
         if client is None or client.routed:
             if client is not None:
                 self._track(asyncio.ensure_future(self.settle_many(batch)))
             return
         settles: list[tuple[str, Sequence[Check], Sequence[int]]] = []
-        payloads = []
+        keys, argvs, key_count = [], [], 0
         clock = self.clock_text()  # one reading for the batch: they settle together
         for settle in batch:
             request_id, checks, actual = settle
             if not checks:
                 continue
             wire = self.wire(checks)
-            payloads.append(
-                self._payload(SETTLE, request_id, checks, _settle_args(checks, actual))
-                if wire is None else
-                wire.settle_payload(self._prefix_args(request_id, clock).encode(), checks,
-                                    actual))
+            if wire is None:
+                keys.append(b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in
+                                      [f"{self.prefix}:{check.key}".encode()
+                                       for check in checks]]))
+                argvs.append(self._argv(request_id, _settle_args(checks, actual)).encode())
+            else:
+                keys.append(wire.keys)
+                argvs.append(wire.settle_argv(self._prefix_args(request_id, clock).encode(),
+                                              checks, actual))
+            key_count += len(checks)
             settles.append(settle)
-        if payloads and not client.send_unawaited(payloads, self.settle_failed, settles):
+        if settles and not client.send_unawaited(
+                [self.settle_batch_payload(keys, key_count, argvs)], self.settle_batch_failed,
+                [settles]):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
+
+    @staticmethod
+    def settle_batch_payload(keys: Sequence[bytes], key_count: int,
+                             argvs: Sequence[bytes]) -> bytes:
+        """One EVALSHA of the settle script for many requests: `keys` each request's keys
+        as encoded arguments (`_Wire.keys`, `key_count` of them in all) and `argvs` each
+        request's ARGV string, in the same order. The script settles each on its own."""
+        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%d\r\n" % (
+            3 + key_count + len(argvs), _SETTLE_SHA, len(b"%d" % key_count), key_count), *keys]
+        for data in argvs:
+            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    def settle_batch_failed(self, error: Exception,
+                            batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                            ) -> None:
+        """What a batched settle's failure does: NOSCRIPT (nothing ran) sends each again
+        whole (EVAL); anything else is logged once (the script settles each request on its
+        own, so those it did not name went through)."""
+        if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
+            for settle in batch:
+                self.settle_failed(error, settle)
+        else:
+            logger.warning("settling %d request(s) in Redis failed (%s); what did not settle "
+                           "stays reserved until the limits refill", len(batch), error)
 
     def settle_failed(self, error: Exception,
                       settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
@@ -512,13 +572,16 @@ class _Wire:
     without a lookup."""
 
     __slots__ = ("admit_bytes", "admit_format", "admit_head", "amounts", "count",
-                 "interleaved", "settle_bytes", "settle_format", "settle_head")
+                 "interleaved", "keys", "settle_bytes", "settle_format", "settle_head")
 
     def __init__(self, store: RedisQuotaStore, checks: Sequence[Check]) -> None:
         names = tuple([check.key for check in checks])
         count = self.count = len(names)
         self.admit_head = store._head(ADMIT, names)
         self.settle_head = store._head(SETTLE, names)
+        # The keys alone (as the heads end), for a batch of settles (`settle_batch_payload`).
+        self.keys = b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in
+                              [f"{store.prefix}:{name}".encode() for name in names]])
         admit, settle = [], []
         for index, check in enumerate(checks):
             # The same words as _args and _settle_args, with {i} where the amounts go.
@@ -553,12 +616,19 @@ class _Wire:
 
     def settle_payload(self, prefix: bytes, checks: Sequence[Check],
                        actual: Sequence[int]) -> bytes:
+        """The whole EVALSHA of the settle script for one request."""
+        data = self.settle_argv(prefix, checks, actual)
+        return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
+
+    def settle_argv(self, prefix: bytes, checks: Sequence[Check],
+                    actual: Sequence[int]) -> bytes:
+        """One request's ARGV string for the settle script (after its keys, `keys`)."""
         if len(actual) != self.count:
             raise ValueError("settle needs one actual amount per check")
         if len(checks) != self.count:
             raise ValueError("settle needs this template's checks")
-        data = prefix + self.settle_bytes % self.interleaved(checks, actual)
-        return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
+        data: bytes = prefix + self.settle_bytes % self.interleaved(checks, actual)
+        return data
 
 
 def _fields_reader(count: int, *, with_actual: bool) -> Callable[..., tuple[int, ...]]:

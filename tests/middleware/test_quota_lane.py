@@ -91,8 +91,10 @@ def test_a_lane_sends_the_commands_of_the_general_path(name: str) -> None:
     assert lane.admit_payload(PREFIX, 130, 477) == wire.admit_payload(
         PREFIX, checks)  # type: ignore[arg-type]
     actual = plan.actual_amounts(checks, 95, 301)  # type: ignore[arg-type]
-    assert lane.settle_payload(PREFIX, 130, 477, 95, 301) == wire.settle_payload(
-        PREFIX, checks, actual)  # type: ignore[arg-type]
+    # A batch of one settle is the general path's single settle, byte for byte.
+    assert store.settle_batch_payload(
+        [lane.settle_keys], lane.key_count, [lane.settle_argv(PREFIX, 130, 477, 95, 301)]
+    ) == wire.settle_payload(PREFIX, checks, actual)  # type: ignore[arg-type]
     assert lane.checks(est) == list(checks)
 
 
