@@ -509,7 +509,7 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
                          budget(1000, amounts[3], clock.now + 60)], memo)
         wire = store.wire(checks)
         assert wire is not None and memo[store] is wire
-        for request_id in ("r1", "r 2", ""):
+        for request_id in ("r1", "r 2", "", "ключ", "a\tb"):
             admit = [_args(check) for check in checks]
             settle = [f"{_args(check)} {used}" for check, used in zip(checks, actual)]
             for script, args, head, sent in (
@@ -519,6 +519,9 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
                     script, request_id, checks, args)))
                 assert store._framed(head, store._argv(request_id, [sent])) == expected
                 prefix = store._prefix_args(request_id).encode()
+                assert store.argv_prefix(request_id) == prefix  # (the Lane's, inlined)
+                assert store.argv_prefix(request_id, "0x1p+0") == \
+                    store._prefix_args(request_id, "0x1p+0").encode()
                 whole = wire.admit_payload(prefix, checks) if script is ADMIT \
                     else wire.settle_payload(prefix, checks, actual)
                 assert whole == expected  # what the hot paths send
