@@ -5,7 +5,9 @@ project from the auth layer's `Principal`, the model's, and the gateway-wide one
 request against RPM, the estimated tokens (input estimate plus the output bound) against
 TPM, a concurrency lease, and the estimated cost against each budget. All of them are checked
 and reserved in one atomic store call (one Lua script in Redis). After the response has gone
-out, a background task replaces the reservation with the actual usage, also one store call.
+out, the reservation is replaced with the actual usage: the requests that finished in one
+event-loop step are settled together, in one store call (one script call in Redis, which
+settles each request on its own).
 
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
