@@ -344,13 +344,24 @@ def test_new_counts_under_a_known_name_come_out_as_both_make_them(whole_cycle) -
     checks = _hypercorn_checks()
     names = (b"x-ratelimit-remaining-requests", b"X-Request-Id", b" x-padded ",
              b"content-length", b"connection", b"host")
-    for number in range(3):
-        pairs = [(name, b"%d" % (100 + number) if name != b"connection" else b"close")
-                 for name in names]
+    values = [b"%d" % (100 + number) for number in range(3)]
+    # Amounts (a budget's USD) too; two dots, or a dot alone, take the checks' long way.
+    values += [b"999.997500", b"5.", b".5", b"1.2.3", b"."]
+    for value in values:
+        pairs = [(name, value if name != b"connection" else b"close") for name in names]
         for pair in pairs:
             expected = h11_headers._hypercorn_original([pair])
             assert checks([pair]) == expected
-            if pair[0] != b"host":
+            if pair[0] == b"x-ratelimit-remaining-requests" and value != b"100":
+                # (a value with at most one dot is new every time: not remembered)
+                assert (pair in h11_headers._checked) == (value.count(b".") > 1
+                                                          or value == b".")
+            if pair[0] == b"content-length" and not value.isdigit():
+                with pytest.raises(h11.LocalProtocolError, match="bad Content-Length"):
+                    h11.Response(status_code=200, headers=[*expected, DATE])
+                with pytest.raises(h11.LocalProtocolError, match="bad Content-Length"):
+                    h11_headers._original([*expected, DATE])
+            elif pair[0] != b"host":
                 response = h11.Response(status_code=200, headers=[*expected, DATE])
                 assert _items(response.headers) == _items(h11_headers._original([*expected,
                                                                                   DATE]))
