@@ -57,7 +57,7 @@ from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
 from middleware.quota.store_memory import MemoryQuotaStore
-from middleware.quota.store_redis import RedisQuotaStore
+from middleware.quota.store_redis import SETTLE_BATCH_MAX, RedisQuotaStore
 
 __all__ = ["MemoryQuotaStore", "PostgresSpendLedger", "QuotaMiddleware", "RedisQuotaStore"]
 
@@ -429,23 +429,28 @@ class QuotaMiddleware:
                 self._spawn(self._send_alerts(self.store, crossed))
 
     def _flush_lane_settles(self) -> None:
-        """Sends the settles of Lane admissions as one call of the settle script (one
-        write, one reply), unawaited (as `settle_soon` does the general path's)."""
+        """Sends the settles of Lane admissions in calls of the settle script, up to
+        SETTLE_BATCH_MAX settles each, in one write, unawaited (as `settle_soon` does the
+        general path's)."""
         settles, self._lane_settles = self._lane_settles, []
         store = self._redis
         assert store is not None  # (only a Redis store has Lanes)
         client = store.direct_client()
         if client is not None:
             clock = store.clock_text()  # one reading for the batch: they settle together
-            keys, argvs, key_count = [], [], 0
-            for lane, request_id, est, tokens, cost in settles:
-                keys.append(lane.settle_keys)
-                key_count += lane.key_count
-                argvs.append(lane.settle_argv(store.argv_prefix(request_id, clock),
-                                              est.input_tokens + est.output_tokens,
-                                              est.cost_micros, tokens, cost))
-            if client.send_unawaited([store.settle_batch_payload(keys, key_count, argvs)],
-                                     self._lane_settles_failed, [settles]):
+            payloads, batches = [], []
+            for start in range(0, len(settles), SETTLE_BATCH_MAX):
+                batch = settles[start:start + SETTLE_BATCH_MAX]
+                keys, argvs, key_count = [], [], 0
+                for lane, request_id, est, tokens, cost in batch:
+                    keys.append(lane.settle_keys)
+                    key_count += lane.key_count
+                    argvs.append(lane.settle_argv(store.argv_prefix(request_id, clock),
+                                                  est.input_tokens + est.output_tokens,
+                                                  est.cost_micros, tokens, cost))
+                payloads.append(store.settle_batch_payload(keys, key_count, argvs))
+                batches.append(batch)
+            if client.send_unawaited(payloads, self._lane_settles_failed, batches):
                 return
         # Not connected (or a Sentinel's writes): the general path's settle, in a task.
         try:

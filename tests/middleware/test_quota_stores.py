@@ -29,7 +29,13 @@ from gateway.policy import (
 )
 from middleware.quota.plan import templated
 from middleware.quota.store_memory import BUDGET_SLACK_S, MemoryQuotaStore, validate
-from middleware.quota.store_redis import ADMIT, SETTLE, RedisQuotaStore, _args
+from middleware.quota.store_redis import (
+    ADMIT,
+    SETTLE,
+    SETTLE_BATCH_MAX,
+    RedisQuotaStore,
+    _args,
+)
 from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -636,6 +642,30 @@ async def test_settle_soon_settles_a_batch_as_one_call_each_on_its_own(
     assert await redis_store.committed([money]) == [5 + 10]  # (15 - 10) + (20 - 10)
     assert "settling 3 request(s) in Redis failed (ERR 1 of 3 settles failed: WRONGTYPE" \
         in caplog.text
+
+
+async def test_a_burst_of_settles_goes_in_calls_of_at_most_the_batch_size(
+        redis_store: RedisQuotaStore, clock: FakeClock) -> None:
+    """A long script holds Redis, and every other gateway's admissions with it: a burst of
+    settles is cut into calls of SETTLE_BATCH_MAX, all in one write, all applied."""
+    memo: dict[Any, Any] = {}
+    ends = clock.now + 3600
+
+    def checks() -> list[Check]:
+        return templated([rpm(1000), budget(100_000, 10, ends)], memo)
+
+    await redis_store.seed(checks()[1], 0)
+    count = 2 * SETTLE_BATCH_MAX + 5
+    for i in range(count):
+        assert (await redis_store.admit(f"r{i}", checks())).allowed
+    client = redis_store.direct_client()
+    assert client is not None
+    sent = client.commands_sent
+    redis_store.settle_soon([(f"r{i}", checks(), [1, i]) for i in range(count)])
+    assert client.commands_sent - sent == 3
+    await redis_store.shutdown()
+    await redis_store.startup()
+    assert await redis_store.committed([checks()[1]]) == [sum(range(count))]
 
 
 async def test_settle_soon_after_a_script_flush_reloads_the_script(
