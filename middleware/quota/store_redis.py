@@ -309,8 +309,8 @@ class RedisQuotaStore:
     def settle_soon(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]) -> None:
         """Settles many requests in calls of the settle script, up to SETTLE_BATCH_MAX
         settles each, in one write, without awaiting them (no task, no future); an error
-        reply is logged, or answered with EVAL on NOSCRIPT. Falls back to a `settle_many` task when not connected (or on a
-        Cluster, where the commands need routing)."""
+        reply is logged, or answered with EVAL on NOSCRIPT. Falls back to a `settle_many`
+        task when not connected (or on a Cluster, where the commands need routing)."""
         client = self._client
         if client is None or client.routed:
             if client is not None:
