@@ -57,7 +57,7 @@ from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
 from middleware.quota.store_memory import MemoryQuotaStore
-from middleware.quota.store_redis import SETTLE_BATCH_MAX, RedisQuotaStore
+from middleware.quota.store_redis import RedisQuotaStore
 
 __all__ = ["MemoryQuotaStore", "PostgresSpendLedger", "QuotaMiddleware", "RedisQuotaStore"]
 
@@ -438,19 +438,15 @@ class QuotaMiddleware:
         client = store.direct_client()
         if client is not None:
             clock = store.clock_text()  # one reading for the batch: they settle together
-            payloads, batches = [], []
-            for start in range(0, len(settles), SETTLE_BATCH_MAX):
-                batch = settles[start:start + SETTLE_BATCH_MAX]
-                keys, argvs, key_count = [], [], 0
-                for lane, request_id, est, tokens, cost in batch:
-                    keys.append(lane.settle_keys)
-                    key_count += lane.key_count
-                    argvs.append(lane.settle_argv(store.argv_prefix(request_id, clock),
-                                                  est.input_tokens + est.output_tokens,
-                                                  est.cost_micros, tokens, cost))
-                payloads.append(store.settle_batch_payload(keys, key_count, argvs))
-                batches.append(batch)
-            if client.send_unawaited(payloads, self._lane_settles_failed, batches):
+            keys, counts, argvs = [], [], []
+            for lane, request_id, est, tokens, cost in settles:
+                keys.append(lane.settle_keys)
+                counts.append(lane.key_count)
+                argvs.append(lane.settle_argv(store.argv_prefix(request_id, clock),
+                                              est.input_tokens + est.output_tokens,
+                                              est.cost_micros, tokens, cost))
+            if store.send_settles(client, keys, counts, argvs, settles,
+                                  self._lane_settles_failed):
                 return
         # Not connected (or a Sentinel's writes): the general path's settle, in a task.
         try:

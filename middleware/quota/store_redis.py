@@ -282,7 +282,7 @@ class RedisQuotaStore:
         else:
             client = self._client
             if client is not None and not client.routed:
-                payload = wire.admit_payload(self._prefix_args(request_id).encode(), checks)
+                payload = wire.admit_payload(self.argv_prefix(request_id), checks)
                 try:  # the client awaited here, not through _run (one frame less to resume)
                     reply = await client.call_encoded(payload)
                 except RespError as exc:
@@ -318,26 +318,36 @@ class RedisQuotaStore:
             return
         settles = [settle for settle in batch if settle[1]]
         clock = self.clock_text()  # one reading for the batch: they settle together
-        payloads, batches = [], []
-        for start in range(0, len(settles), SETTLE_BATCH_MAX):
-            some = settles[start:start + SETTLE_BATCH_MAX]
-            keys, argvs, key_count = [], [], 0
-            for request_id, checks, actual in some:
-                wire = self.wire(checks)
-                if wire is None:
-                    keys.append(b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in
-                                          [f"{self.prefix}:{check.key}".encode()
-                                           for check in checks]]))
-                    argvs.append(self._argv(request_id, _settle_args(checks, actual)).encode())
-                else:
-                    keys.append(wire.keys)
-                    argvs.append(wire.settle_argv(
-                        self._prefix_args(request_id, clock).encode(), checks, actual))
-                key_count += len(checks)
-            payloads.append(self.settle_batch_payload(keys, key_count, argvs))
-            batches.append(some)
-        if payloads and not client.send_unawaited(payloads, self.settle_batch_failed, batches):
+        keys, counts, argvs = [], [], []
+        for request_id, checks, actual in settles:
+            wire = self.wire(checks)
+            if wire is None:
+                keys.append(self._encoded_keys(tuple([check.key for check in checks])))
+                argvs.append(self._argv(request_id, _settle_args(checks, actual)).encode())
+            else:
+                keys.append(wire.keys)
+                argvs.append(wire.settle_argv(self.argv_prefix(request_id, clock), checks,
+                                              actual))
+            counts.append(len(checks))
+        if settles and not self.send_settles(client, keys, counts, argvs, settles,
+                                             self.settle_batch_failed):
             self._track(asyncio.ensure_future(self.settle_many(batch)))
+
+    @staticmethod
+    def send_settles(client: RespClient, keys: Sequence[bytes], counts: Sequence[int],
+                     argvs: Sequence[bytes], contexts: Sequence[Any],
+                     on_error: Callable[[Exception, Any], None]) -> bool:
+        """Sends settles, given per request as its keys (`_Wire.keys`), how many, and its
+        ARGV string, in calls of the settle script of up to SETTLE_BATCH_MAX requests each,
+        all in one write, unawaited: a call that fails calls `on_error(error, its requests'
+        contexts)`. False, sending nothing, when the client cannot send unawaited."""
+        payloads, batches = [], []
+        for start in range(0, len(argvs), SETTLE_BATCH_MAX):
+            end = start + SETTLE_BATCH_MAX
+            payloads.append(RedisQuotaStore.settle_batch_payload(
+                keys[start:end], sum(counts[start:end]), argvs[start:end]))
+            batches.append(contexts[start:end])
+        return client.send_unawaited(payloads, on_error, batches)
 
     @staticmethod
     def settle_batch_payload(keys: Sequence[bytes], key_count: int,
@@ -449,13 +459,16 @@ class RedisQuotaStore:
         if head is None:
             if len(self._heads) >= 10_000:
                 self._heads.clear()
-            prefix = self.prefix
-            head = encode_command(("EVALSHA", script.sha, str(len(names)),
-                                   *[f"{prefix}:{name}" for name in names]))
-            # One more argument (the ARGV string) follows: the count says so.
-            head = b"*%d\r\n" % (len(names) + 4) + head[head.index(b"\r\n") + 2:]
+            # One more argument (the ARGV string) follows the keys: the count says so.
+            head = encode_command(("EVALSHA", script.sha, str(len(names))))
+            head = b"*%d\r\n" % (len(names) + 4) + head[head.index(b"\r\n") + 2:] \
+                + self._encoded_keys(names)
             self._heads[(script.sha, names)] = head
         return head
+
+    def _encoded_keys(self, names: tuple[str, ...]) -> bytes:
+        """The Redis keys of `names` (under the prefix), encoded as command arguments."""
+        return encode_command([f"{self.prefix}:{name}" for name in names]).split(b"\r\n", 1)[1]
 
     @staticmethod
     def _framed(head: bytes, argv: str) -> bytes:
@@ -469,14 +482,8 @@ class RedisQuotaStore:
         return client if client is not None and not client.routed else None
 
     def argv_prefix(self, request_id: str, clock: str | None = None) -> bytes:
-        """What every script's ARGV string starts with (see `_prefix_args`): the clock
-        (`clock`, from `clock_text`, or read now), the request id and the budget slack."""
-        if not request_id or " " in request_id or not request_id.isprintable():
-            return self._prefix_args(request_id, clock).encode()
-        # (_prefix_args' text, without its two calls: this runs twice a request.)
-        if clock is None:
-            clock = float(self.clock()).hex()
-        return f"{clock} {request_id} {self._slack} ".encode()
+        """`_prefix_args`, encoded (what the encoded paths start an ARGV string with)."""
+        return self._prefix_args(request_id, clock).encode()
 
     def clock_text(self) -> str:
         """A reading of the store's clock as the scripts take it (one per batch of settles,
@@ -513,8 +520,8 @@ class RedisQuotaStore:
         checks' words."""
         if not request_id or " " in request_id or not request_id.isprintable():
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
-        if clock is None:
-            clock = self.clock_text()
+        if clock is None:  # (clock_text, inline: this runs for every admission)
+            clock = float(self.clock()).hex()
         return f"{clock} {request_id} {self._slack} "
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],
@@ -586,9 +593,7 @@ class _Wire:
         count = self.count = len(names)
         self.admit_head = store._head(ADMIT, names)
         self.settle_head = store._head(SETTLE, names)
-        # The keys alone (as the heads end), for a batch of settles (`settle_batch_payload`).
-        self.keys = b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in
-                              [f"{store.prefix}:{name}".encode() for name in names]])
+        self.keys = store._encoded_keys(names)  # (for a batch of settles)
         admit, settle = [], []
         for index, check in enumerate(checks):
             # The same words as _args and _settle_args, with {i} where the amounts go.
