@@ -134,55 +134,33 @@ class AuthMiddleware:
             return
         credential = _take_credential(scope)
         ctx.headers = scope["headers"]
-        # What memory knows (static keys, fresh cache entries) without a coroutine; the
-        # store is awaited only for what it does not.
-        known = self._find_now(credential)
-        key = known if known is not None else await self._find(credential)
-        principal = self._principal_now(key, ctx)
-        ctx.principal = principal if principal is not None else \
-            await self._principal(key, ctx.customer)
+        key = await self._find(credential)
+        ctx.principal = await self._principal(key, ctx)
         await self.app(scope, receive, send)
-
-    def _find_now(self, credential: str | None) -> VirtualKey | None:
-        """`_find` from memory: the key, or None when the key store has to be asked."""
-        if not credential:
-            raise _missing_key()
-        key_hash = hash_key(credential)
-        key = self.static.find_now(key_hash) if self.static is not None else None
-        if key is None:
-            if self.cache is None:
-                raise _invalid_key()
-            key = self.cache.find_now(key_hash)
-            if key is UNKNOWN:
-                return None
-            if key is None:  # known not to exist
-                raise _invalid_key()
-        reason = key.usable()  # (reads the clock only for a key that expires)
-        if reason is not None:
-            raise _unusable_key(reason)
-        return key
 
     async def _find(self, credential: str | None) -> VirtualKey:
         if not credential:
-            raise _missing_key()
+            raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
+                                    "or in the 'x-api-key' header.", code="missing_api_key")
         key_hash = hash_key(credential)
         key = self.static.find_now(key_hash) if self.static is not None else None
         if key is None and self.cache is not None:
-            try:
-                key = await self.cache.find(key_hash)
-            except KeyStoreUnavailable:
-                raise _store_unavailable() from None
+            # From memory while the cache holds it fresh; the store is awaited otherwise.
+            key = self.cache.find_now(key_hash)
+            if key is UNKNOWN:
+                try:
+                    key = await self.cache.find(key_hash)
+                except KeyStoreUnavailable:
+                    raise _store_unavailable() from None
         if key is None:
-            raise _invalid_key()
-        reason = key.usable()
+            raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
+        reason = key.usable()  # (reads the clock only for a key that expires)
         if reason is not None:
-            raise _unusable_key(reason)
+            raise GatewayError(401, _REASONS.get(reason, "This API key cannot be used."),
+                               code=f"key_{reason}")
         return key
 
-    def _principal_now(self, key: VirtualKey, ctx: RequestContext) -> Principal | None:
-        """Checks the model and the customer (into `ctx.customer`), then the Principal from
-        memory: None when a subject's limits have to be asked of the key store (static
-        limits and fresh cache entries do not; `_principal` asks)."""
+    async def _principal(self, key: VirtualKey, ctx: RequestContext) -> Principal:
         if not key.allows_model(ctx.model):
             raise GatewayError(403, f"This API key may not use the model '{ctx.model}'.",
                                param="model", code="model_not_allowed")
@@ -192,30 +170,8 @@ class AuthMiddleware:
                                     "'X-Sluicegate-Customer' header or the 'user' field.",
                                param="user", code="customer_required")
         ctx.customer = customer
-        static, cache = self.static, self.cache
-        project_limits = static.subject_limits_now("project", key.project) \
-            if static is not None else None
-        if project_limits is None and cache is not None:
-            project_limits = cache.subject_limits_now("project", key.project)
-            if project_limits is UNKNOWN:
-                return None
-        customer_limits = None
-        if customer:
-            subject = f"{key.project}/{customer}"
-            customer_limits = static.subject_limits_now("customer", subject) \
-                if static is not None else None
-            if customer_limits is None and cache is not None:
-                customer_limits = cache.subject_limits_now("customer", subject)
-                if customer_limits is UNKNOWN:
-                    return None
-        found = self._principals.get((id(key), customer))  # (see _principal_of)
-        if found is not None and found[0] is key and found[1] is project_limits \
-                and found[2] is customer_limits:
-            return found[3]
-        return self._principal_of(key, customer, project_limits, customer_limits)
-
-    async def _principal(self, key: VirtualKey, customer: str | None) -> Principal:
-        """`_principal_now` (which checked the request) asking the key store for limits."""
+        # Static limits first, without a coroutine each (the store's are awaited only when
+        # there is a store and the config has none).
         static = self.static
         project_limits = static.subject_limits_now("project", key.project) \
             if static is not None else None
@@ -228,11 +184,6 @@ class AuthMiddleware:
                 if static is not None else None
             if customer_limits is None and self.cache is not None:
                 customer_limits = await self._stored_limits("customer", subject)
-        return self._principal_of(key, customer, project_limits, customer_limits)
-
-    def _principal_of(self, key: VirtualKey, customer: str | None,
-                      project_limits: Limits | None,
-                      customer_limits: Limits | None) -> Principal:
         # One Principal per key, customer and limits while none of them changes: making one
         # (a frozen dataclass) cost more than the rest of this method, and the quota layer
         # keys its compiled limits by it. A key or limit changed by the admin API is a new
@@ -259,6 +210,9 @@ class AuthMiddleware:
 
     async def _stored_limits(self, kind: str, subject: str) -> Limits | None:
         assert self.cache is not None
+        limits: Limits | None = self.cache.subject_limits_now(kind, subject)  # (while fresh)
+        if limits is not UNKNOWN:
+            return limits
         try:
             return await self.cache.subject_limits(kind, subject)
         except KeyStoreUnavailable:
@@ -275,23 +229,9 @@ class AuthMiddleware:
         return _clean_customer(user) if isinstance(user, str) and user else None
 
 
-def _missing_key() -> GatewayError:
-    return GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>' or in "
-                             "the 'x-api-key' header.", code="missing_api_key")
-
-
-def _invalid_key() -> GatewayError:
-    return GatewayError(401, "Invalid API key.", code="invalid_api_key")
-
-
 def _store_unavailable() -> GatewayError:
     return GatewayError(503, "The key store is unavailable; try again shortly.",
                         code="key_store_unavailable")
-
-
-def _unusable_key(reason: str) -> GatewayError:
-    return GatewayError(401, _REASONS.get(reason, "This API key cannot be used."),
-                        code=f"key_{reason}")
 
 
 def _clean_customer(value: str) -> str | None:
