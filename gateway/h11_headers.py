@@ -41,9 +41,10 @@ the hand-off is used once. gateway/h11_cycle.py writes the response head from th
 without a loop of its own. A value of letters and digits under a name both have taken as it
 is (remembered apart: stripped, valid, not Host, Connection or a framing header), one dot
 allowed, needs neither's checks: its entry is the name's plus the value, and it is not
-remembered, since a count, an id or an amount is new on the next response too. Together about 1.3k instructions a header
-less than the two memos and the writer's loop apart (callgrind: 167k instructions to 153k for
-a response of eleven headers, four of them new values each time).
+remembered, since a count, an id or an amount is new on the next response too. Together
+about 1.3k instructions a header less than the two memos and the writer's loop apart
+(callgrind: 167k instructions to 153k for a response of eleven headers, four of them new
+values each time).
 
 `gateway.asgi` (the app `sluicegate serve` runs) installs both. Mounted into a host's app, the
 gateway leaves the host's h11 and hypercorn alone. An h11 or hypercorn without the
