@@ -323,7 +323,8 @@ class RedisQuotaStore:
             wire = self.wire(checks)
             if wire is None:
                 keys.append(self._encoded_keys(tuple([check.key for check in checks])))
-                argvs.append(self._argv(request_id, _settle_args(checks, actual)).encode())
+                argvs.append(self.argv_prefix(request_id, clock)
+                             + " ".join(_settle_args(checks, actual)).encode())
             else:
                 keys.append(wire.keys)
                 argvs.append(wire.settle_argv(self.argv_prefix(request_id, clock), checks,
