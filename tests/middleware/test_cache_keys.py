@@ -78,6 +78,32 @@ def test_the_key_is_the_sha256_of_the_documented_canonical_json() -> None:
         hashlib.sha256(canonical).hexdigest()
 
 
+def test_the_documented_key_holds_for_every_scope_namespace_and_model_seen() -> None:
+    # The text around the request is written once per scope, namespace, model and operation
+    # (and forgotten after 4,096 of them: namespaces come from requests). Each key is still
+    # the hash of its whole document, the first time, the second, and after the forgetting.
+    body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+
+    def documented(scope: str, namespace: str | None, model: str) -> str:
+        document = {"scope": scope, "namespace": namespace, "model": model,
+                    "operation": "openai.chat",
+                    "request": {"temperature": 0, "messages": body["messages"]}}
+        return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    cases = [(SCOPE, None, "m"), (SCOPE, "faq", "m"), ("key:k1", None, "m"),
+             ("global", 'quote " and \\ "request":null', "m"), (SCOPE, None, "other")]
+    for _ in range(2):
+        for scope, namespace, model in cases:
+            assert cache_key(scope, model, "openai.chat", body, namespace=namespace) == \
+                documented(scope, namespace, model)
+    for number in range(4_200):
+        assert cache_key(SCOPE, "m", "openai.chat", body, namespace=f"n{number}") == \
+            documented(SCOPE, f"n{number}", "m")
+    for scope, namespace, model in cases:
+        assert cache_key(scope, model, "openai.chat", body, namespace=namespace) == \
+            documented(scope, namespace, model)
+
+
 @pytest.mark.parametrize(("operation", "body"), SHAPES, ids=SHAPE_IDS)
 def test_key_order_and_whitespace_do_not_matter(operation: str, body: dict[str, Any]) -> None:
     compact = orjson.loads(orjson.dumps(body))
