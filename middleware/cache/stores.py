@@ -293,31 +293,51 @@ class MemoryCacheStore:
         return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        self.set_soon(key, entry, ttl_s)
+        if ttl_s > 0:
+            # The body is copied: orjson returns each result in a 4 KiB buffer, which a kept
+            # entry would hold for its whole life (a 700-byte answer took 4.1 KB).
+            self._keep(key, _expiring(entry, ttl_s, b"".join((entry.body, b""))))
 
     def set_soon(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
-        """`set`, done at once (there is nothing to wait for); always True."""
-        if ttl_s <= 0:
-            return True
-        # The body is copied: orjson returns each result in a 4 KiB buffer, which a kept
-        # entry would hold for its whole life (a 700-byte answer took 4.1 KB).
-        entry = _expiring(entry, ttl_s, b"".join((entry.body, b"")))
+        """`set`, done at once (there is nothing to wait for); always True. The entry is
+        taken over: the caller made it for this call (the cache layer's `_entry_of`) and
+        never uses it again, so it is kept itself, its body copied and its expiry set,
+        rather than as a copy (`set` copies what it is given)."""
+        if ttl_s > 0:
+            if not math.isfinite(ttl_s):
+                _expiring(entry, ttl_s)  # (raises: the same error as `set`)
+            entry.body = b"".join((entry.body, b""))  # (as `set`, for the same reason)
+            entry.expires_at = time.time() + ttl_s
+            self._keep(key, entry)
+        return True
+
+    def _keep(self, key: str, entry: CachedResponse) -> None:
+        """Stores an entry that is the store's own (body and expiry as kept)."""
         size = memory_size(key, entry)
         entries = self._entries
         if key in entries:
             self._remove(key)
         if size > self.max_bytes:
-            return True  # would evict everything and still not fit
-        while self.bytes_used + size > self.max_bytes:
-            self._remove(next(iter(entries)))
+            return  # would evict everything and still not fit
+        used = self.bytes_used + size
+        by_tags = self._by_tags
+        if used > self.max_bytes:  # evict from the least recently used end (`_remove` inline)
+            popitem = entries.popitem
+            while used > self.max_bytes:
+                old_key, old = popitem(False)
+                used -= len(old.body) + len(old_key) + ENTRY_OVERHEAD_BYTES  # (memory_size)
+                holders = by_tags.get(old.tags)
+                if holders is not None:
+                    holders.discard(old_key)
+                    if not holders:
+                        del by_tags[old.tags]
         entries[key] = entry
-        self.bytes_used += size
-        keys = self._by_tags.get(entry.tags)
+        self.bytes_used = used
+        keys = by_tags.get(entry.tags)
         if keys is None:
-            self._by_tags[entry.tags] = {key}
+            by_tags[entry.tags] = {key}
         else:
             keys.add(key)
-        return True
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)

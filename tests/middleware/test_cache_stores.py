@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -351,6 +352,36 @@ async def test_memory_evicts_several_for_one_large_entry() -> None:
     assert store.bytes_used <= store.max_bytes
 
 
+async def test_memory_set_soon_keeps_the_entry_it_is_given_and_set_a_copy() -> None:
+    store = MemoryCacheStore()
+    given = entry(model_tag("m"), body=b'{"id":"x"}')
+    before = time.time()
+    assert store.set_soon("soon", given, 60) is True
+    kept = store.get_now("soon")
+    assert kept is given  # taken over: its body copied and its expiry set, in place
+    assert given.body == b'{"id":"x"}' and given.expires_at is not None
+    assert before + 60 <= given.expires_at <= time.time() + 60
+
+    original = entry(model_tag("m"))
+    await store.set("later", original, 60)
+    assert store.get_now("later") is not original and original.expires_at is None
+    with pytest.raises(ValueError, match="finite"):
+        store.set_soon("never", entry(), math.inf)
+    assert store.get_now("never") is None
+
+
+async def test_memory_evicted_entries_leave_no_tags_behind() -> None:
+    one = memory_size("a", entry(body=b"x" * 1000))
+    store = MemoryCacheStore(max_bytes=2 * one + 10)  # room for two
+    for key, tag in [("a", "model:a"), ("b", "model:b"), ("c", "model:c"), ("d", "model:b")]:
+        assert store.set_soon(key, entry(tag, body=b"x" * 1000), 60)
+    assert [key for key in "abcd" if store.get_now(key) is not None] == ["c", "d"]
+    assert await store.invalidate("model:a") == 0  # evicted, and its tag with it
+    assert await store.invalidate("model:b") == 1  # "d" only: "b" was evicted
+    assert [key for key in "abcd" if store.get_now(key) is not None] == ["c"]
+    assert store.bytes_used == memory_size("c", store.get_now("c"))  # type: ignore[arg-type]
+
+
 async def test_memory_refuses_an_entry_larger_than_the_bound_without_evicting() -> None:
     store = MemoryCacheStore(max_bytes=2000)
     await store.set("small", entry(body=b"x" * 100), 60)
@@ -375,10 +406,12 @@ async def test_memory_counts_what_entries_take_in_memory() -> None:
     assert store.bytes_used >= 0.9 * taken
 
 
-async def test_memory_counts_a_real_answer_and_not_orjsons_buffer() -> None:
+@pytest.mark.parametrize("how", ["set", "set_soon"])
+async def test_memory_counts_a_real_answer_and_not_orjsons_buffer(how: str) -> None:
     """A chat answer as the layer stores it (body written by orjson, usage with nested
     details): the bound counts at least what the entry takes, and the entry does not keep
-    the 4 KiB buffer orjson returns its output in."""
+    the 4 KiB buffer orjson returns its output in, whether `set` keeps a copy of it or
+    `set_soon` (the layer's way) keeps the entry itself."""
     import tracemalloc
     answer = orjson.loads((Path(__file__).parents[1] / "bench" / "chat.json").read_bytes())
     store = MemoryCacheStore(max_bytes=1 << 40)
@@ -387,9 +420,12 @@ async def test_memory_counts_a_real_answer_and_not_orjsons_buffer() -> None:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(2000):
             parsed = orjson.loads(orjson.dumps(answer))
-            await store.set(f"{i:064x}", entry(body=orjson.dumps(parsed), usage=parsed["usage"]),
-                            60)
-            del parsed
+            made = entry(body=orjson.dumps(parsed), usage=parsed["usage"])
+            if how == "set":
+                await store.set(f"{i:064x}", made, 60)
+            else:
+                assert store.set_soon(f"{i:064x}", made, 60) is True
+            del parsed, made
         taken = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
