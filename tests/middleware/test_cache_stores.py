@@ -24,6 +24,7 @@ from psycopg import sql
 
 from middleware.cache.keys import model_tag, namespace_tag, project_tag
 from middleware.cache.stores import (
+    INVALIDATE_SLICE,
     CachedResponse,
     CacheStore,
     CacheStoreError,
@@ -380,6 +381,38 @@ async def test_memory_evicted_entries_leave_no_tags_behind() -> None:
     assert await store.invalidate("model:b") == 1  # "d" only: "b" was evicted
     assert [key for key in "abcd" if store.get_now(key) is not None] == ["c"]
     assert store.bytes_used == memory_size("c", store.get_now("c"))  # type: ignore[arg-type]
+
+
+async def test_memory_invalidation_lets_the_loop_run_and_misses_nothing() -> None:
+    # The memory store keeps no index by tag: an invalidation reads every entry, a slice at a
+    # time, and requests go on between slices (storing, evicting, reading).
+    store = MemoryCacheStore(max_bytes=1 << 40)
+    count = 2 * INVALIDATE_SLICE + 500
+    for i in range(count):
+        store.set_soon(f"k{i}", entry(model_tag("a" if i % 2 else "b"), project_tag("p")), 60)
+    store.set_soon("old", entry(model_tag("a"), project_tag("p")), 0.05)
+    await asyncio.sleep(0.1)  # "old" is expired: dropped, but not counted as live
+    turns: list[int] = []
+
+    async def meanwhile() -> None:
+        for turn in range(3):
+            turns.append(turn)
+            store.set_soon(f"new{turn}", entry(model_tag("a"), project_tag("p")), 60)
+            await store.invalidate(project_tag("elsewhere"))  # (matches nothing)
+            await asyncio.sleep(0)
+
+    side = asyncio.ensure_future(meanwhile())
+    dropped = await store.invalidate(model_tag("a"), project_tag("p"))
+    assert turns  # the loop ran during the scan (three slices: two turns)
+    await side
+    assert dropped == count // 2  # the live ones it found ("old" had expired)
+    assert store.get_now("old") is None
+    assert all(store.get_now(f"k{i}") is None for i in range(1, count, 2))
+    kept = [f"k{i}" for i in range(0, count, 2)] + ["new0", "new1", "new2"]  # (stored after
+    found = [store.get_now(key) for key in kept]  # the invalidation began: not its to drop)
+    assert all(item is not None for item in found) and len(store) == len(kept)
+    assert store.bytes_used == sum(memory_size(key, item)  # type: ignore[arg-type]
+                                   for key, item in zip(kept, found, strict=True))
 
 
 async def test_memory_refuses_an_entry_larger_than_the_bound_without_evicting() -> None:
