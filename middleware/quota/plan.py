@@ -61,13 +61,18 @@ class Estimate:
 
 # -- estimates -----------------------------------------------------------------------------
 
+_MESSAGES_OPERATIONS = frozenset({c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})
+_INPUT_FIELDS = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
+                 c.OPENAI_RESPONSES: "input"}
+_NO_OUTPUT_OPERATIONS = frozenset({c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS})
+
+
 def estimate_input_tokens(ctx: RequestContext) -> int:
     body = ctx.body
-    if ctx.operation in (c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS):
+    if ctx.operation in _MESSAGES_OPERATIONS:
         return estimate_messages(body.get("messages") or [], body.get("system"),
                                  body.get("tools"))
-    field = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
-             c.OPENAI_RESPONSES: "input"}.get(ctx.operation, "input")
+    field = _INPUT_FIELDS.get(ctx.operation, "input")
     value = body.get(field)
     if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
         return estimate_messages(value, body.get("instructions"), body.get("tools"))
@@ -76,7 +81,7 @@ def estimate_input_tokens(ctx: RequestContext) -> int:
 
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     """The most output tokens the request can produce: its own cap, else the default."""
-    if ctx.operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS):
+    if ctx.operation in _NO_OUTPUT_OPERATIONS:
         return 0
     body = ctx.body
     if "max_tokens" not in body and "max_completion_tokens" not in body \
