@@ -123,10 +123,6 @@ class RequestContext:
     provider: str | None = None
     usage: Usage | None = None
     first_byte_s: float | None = None
-    # Written by the kernel: the SSE events (blank-line-ended) of a stream request's 200
-    # answer that went to the server so far, whichever layer made them (the quota layer's
-    # floor for a stream cut short without a usage report).
-    events_sent: int = 0
     # The JSON body the passthrough sent a non-stream client: (the bytes, their parse), so
     # the cache keeps an answer without parsing it again. Read-only: it went out as is.
     sent_json: tuple[bytes, Any] | None = None

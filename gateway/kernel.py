@@ -308,24 +308,21 @@ class Kernel:
     async def _run_stack(self, scope: Scope, receive: Receive, send: Send,
                          ctx: RequestContext) -> None:
         request_id = ctx.request_id.encode()
-        started = counting = False
+        started = False
         server_timing = self.server_timing
 
         async def send_with_request_id(message: Message) -> None:
-            nonlocal started, counting
+            nonlocal started
             if message["type"] == "http.response.start":
                 if started:
                     raise RuntimeError("a layer sent a second response start")
                 started = True
                 ctx.status = message["status"]
-                counting = ctx.stream and ctx.status == 200
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id),
                                       *ctx.response_headers]
                 if server_timing:
                     elapsed_ms = (time.monotonic() - ctx.started_monotonic) * 1000
                     message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
-            elif counting:  # a stream's events, counted once here for every layer
-                ctx.events_sent += message.get("body", b"").count(b"\n\n")
             await send(message)
 
         metrics = self.metrics

@@ -194,14 +194,14 @@ class QuotaMiddleware:
         if store is None:  # nothing applies: no reservation, nothing to settle
             await self.app(scope, receive, send)
             return
-        allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream else None
-        if allowance is None:  # nothing to cut off: `send` is not wrapped (the kernel counts
-            try:  # a stream's events: RequestContext.events_sent)
+        if not ctx.stream:  # nothing to count, nothing to cut off: `send` is not wrapped
+            try:
                 await self.app(scope, receive, send)
             finally:
-                self._settle(store, ctx, planned, checks, decision, est, ctx.events_sent)
+                self._settle(store, ctx, planned, checks, decision, est, 0)
             return
-        responder = _Responder(ctx, send, allowance, est)
+        responder = _Responder(ctx, send, self._cutoff_allowance(planned, checks, decision),
+                               est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
@@ -231,13 +231,14 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
-        if not (ctx.stream and lane.cutoff):  # as in __call__: `send` is not wrapped
+        if not ctx.stream:
             try:
                 await self.app(scope, receive, send)
             finally:
-                self._settle_in_lane(ctx, lane, est, values, ctx.events_sent)
+                self._settle_in_lane(ctx, lane, est, values, 0)
             return _SERVED
-        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff])
+        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff]) \
+            if lane.cutoff else None
         responder = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
@@ -584,9 +585,8 @@ class QuotaMiddleware:
 
 
 class _Responder:
-    """Wraps a stream's `send` when a stream_cutoff budget applies: counts its events, and
-    ends it in-band when it would cross the budget. (Without one, `send` is not wrapped: the
-    kernel counts every stream's events, `RequestContext.events_sent`.)"""
+    """Wraps a stream's `send`: counts its events, and ends it in-band when it would cross a
+    stream_cutoff budget."""
 
     __slots__ = (
         "_send",
