@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from gateway import create_app
 from gateway.kernel import Kernel
 from gateway.policy import BUDGET, Check, period_bounds, period_label
 from gateway.tokens import estimate_messages
-from middleware.quota import _EVENT_END, QuotaMiddleware
+from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
@@ -900,17 +899,3 @@ def test_admin_usage_reports_committed_spend(start: Start, store: str,
     shown = httpx.get(url, headers=admin)
     assert shown.status_code == 200
     assert shown.json() == usage("0.00006")
-
-
-def test_a_streams_events_are_counted_as_bytes_count_would() -> None:
-    # The layer counts a stream's events (the floor it charges a stream cut short) with a
-    # regex, faster than bytes.count(b"\n\n"), which it must match exactly: leftmost, not
-    # overlapping ("\n\n\n" is one event end, "\n\n\n\n" two).
-    rng = random.Random(7)
-    bodies = [b"", b"\n\n\n", b"\n\n\n\n", b"data: {}\n\ndata: [DONE]\n\n",
-              (Path(__file__).parents[1] / "bench" / "chat.sse").read_bytes()]
-    bodies += [bytes(rng.choice(b"\n\nab:") for _ in range(rng.randint(0, 60)))
-               for _ in range(5000)]
-    for body in bodies:
-        assert len(_EVENT_END.findall(body)) == body.count(b"\n\n"), body
-
