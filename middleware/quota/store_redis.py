@@ -587,13 +587,12 @@ class _Wire:
     without a lookup."""
 
     __slots__ = ("admit_bytes", "admit_format", "admit_head", "amounts", "count",
-                 "interleaved", "keys", "settle_bytes", "settle_format", "settle_head")
+                 "interleaved", "keys", "settle_bytes", "settle_format")
 
     def __init__(self, store: RedisQuotaStore, checks: Sequence[Check]) -> None:
         names = tuple([check.key for check in checks])
         count = self.count = len(names)
         self.admit_head = store._head(ADMIT, names)
-        self.settle_head = store._head(SETTLE, names)
         self.keys = store._encoded_keys(names)  # (for a batch of settles)
         admit, settle = [], []
         for index, check in enumerate(checks):
@@ -626,12 +625,6 @@ class _Wire:
             raise ValueError("admit needs this template's checks")
         data = prefix + self.admit_bytes % self.amounts(checks)
         return b"%b$%d\r\n%b\r\n" % (self.admit_head, len(data), data)
-
-    def settle_payload(self, prefix: bytes, checks: Sequence[Check],
-                       actual: Sequence[int]) -> bytes:
-        """The whole EVALSHA of the settle script for one request."""
-        data = self.settle_argv(prefix, checks, actual)
-        return b"%b$%d\r\n%b\r\n" % (self.settle_head, len(data), data)
 
     def settle_argv(self, prefix: bytes, checks: Sequence[Check],
                     actual: Sequence[int]) -> bytes:

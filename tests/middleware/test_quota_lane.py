@@ -23,6 +23,7 @@ from gateway.context import OPENAI_CHAT, RequestContext
 from gateway.policy import Budget, Check, Limits
 from middleware.quota import RedisQuotaStore, _admitted, plan
 from middleware.quota.lane import Lane, lane_for
+from middleware.quota.store_redis import SETTLE
 from tests.harness import TEST_KEY
 from tests.middleware.test_quota_layer import (
     COST,
@@ -92,9 +93,11 @@ def test_a_lane_sends_the_commands_of_the_general_path(name: str) -> None:
         PREFIX, checks)  # type: ignore[arg-type]
     actual = plan.actual_amounts(checks, 95, 301)  # type: ignore[arg-type]
     # A batch of one settle is the general path's single settle, byte for byte.
+    names = tuple([check.key for check in checks])
     assert store.settle_batch_payload(
         [lane.settle_keys], lane.key_count, [lane.settle_argv(PREFIX, 130, 477, 95, 301)]
-    ) == wire.settle_payload(PREFIX, checks, actual)  # type: ignore[arg-type]
+    ) == store._framed(store._head(SETTLE, names),
+                       PREFIX.decode() + wire.settle_args(checks, actual))  # type: ignore[arg-type]
     assert lane.checks(est) == list(checks)
 
 

@@ -520,7 +520,8 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
             settle = [f"{_args(check)} {used}" for check, used in zip(checks, actual)]
             for script, args, head, sent in (
                     (ADMIT, admit, wire.admit_head, wire.admit_args(checks)),
-                    (SETTLE, settle, wire.settle_head, wire.settle_args(checks, actual))):
+                    (SETTLE, settle, store._head(SETTLE, tuple([c.key for c in checks])),
+                     wire.settle_args(checks, actual))):
                 expected = resp.encode_command(("EVALSHA", *store._command(
                     script, request_id, checks, args)))
                 assert store._framed(head, store._argv(request_id, [sent])) == expected
@@ -529,15 +530,16 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
                 assert store.argv_prefix(request_id, "0x1p+0") == \
                     store._prefix_args(request_id, "0x1p+0").encode()
                 whole = wire.admit_payload(prefix, checks) if script is ADMIT \
-                    else wire.settle_payload(prefix, checks, actual)
-                assert whole == expected  # what the hot paths send
+                    else store.settle_batch_payload(
+                        [wire.keys], wire.count, [wire.settle_argv(prefix, checks, actual)])
+                assert whole == expected  # what the hot paths send (a batch of one settle)
         with pytest.raises(ValueError, match="one actual amount per check"):
             wire.settle_args(checks, actual[:2])
         prefix = store._prefix_args("r1").encode()
         with pytest.raises(ValueError, match="this template's checks"):
             wire.admit_payload(prefix, checks[:3])
         with pytest.raises(ValueError, match="this template's checks"):
-            wire.settle_payload(prefix, [*checks, rpm(1)], actual)
+            wire.settle_argv(prefix, [*checks, rpm(1)], actual)
 
 
 def test_a_template_is_validated_once_and_anything_else_every_time() -> None:
