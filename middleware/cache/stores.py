@@ -162,12 +162,16 @@ def _tags(value: Any) -> tuple[str, ...]:
     return tuple(_text(tag) for tag in value)
 
 
+def _check_ttl(ttl_s: float) -> None:
+    if not math.isfinite(ttl_s):
+        raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
+
+
 def _expiring(entry: CachedResponse, ttl_s: float, body: bytes | None = None
               ) -> CachedResponse:
     """The entry as a store keeps it: expiring `ttl_s` from now (and with `body` instead of
     its own, if given)."""
-    if not math.isfinite(ttl_s):
-        raise ValueError(f"a cache TTL must be a finite number of seconds, not {ttl_s!r}")
+    _check_ttl(ttl_s)
     # Positional: dataclasses.replace costs about twice as much, on every store.
     return CachedResponse(entry.body if body is None else body, entry.api_format,
                           entry.status, entry.created_at,
@@ -309,8 +313,7 @@ class MemoryCacheStore:
         never uses it again, so it is kept itself, its body copied and its expiry set,
         rather than as a copy (`set` copies what it is given)."""
         if ttl_s > 0:
-            if not math.isfinite(ttl_s):
-                _expiring(entry, ttl_s)  # (raises: the same error as `set`)
+            _check_ttl(ttl_s)
             entry.body = b"".join((entry.body, b""))  # (as `set`, for the same reason)
             entry.expires_at = time.time() + ttl_s
             self._keep(key, entry)
