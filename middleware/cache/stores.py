@@ -6,8 +6,8 @@ and the invalidation tags it carries (`keys.cache_tags`: its model, project and 
 drops a project, a model, a namespace, or an intersection of them. How each store finds
 those entries:
 
-- memory: an index from each set of tags to the keys carrying it, kept in step with eviction
-  and expiry;
+- memory: no index; `invalidate` reads each entry's tags, a slice of entries per turn of the
+  event loop (an index written on every store and eviction cost every request);
 - Redis: per tag a sorted set of entry keys scored by expiry (`<prefix>:t:<tag>`), written
   atomically with the entry by one Lua call and trimmed of expired members on each write; it
   expires with its last entry, so nothing outlives the entries it points at;
@@ -302,21 +302,23 @@ class MemoryCacheStore:
         return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        if ttl_s > 0:
-            # The body is copied: orjson returns each result in a 4 KiB buffer, which a kept
-            # entry would hold for its whole life (a 700-byte answer took 4.1 KB).
-            self._keep(key, _expiring(entry, ttl_s, b"".join((entry.body, b""))))
+        if ttl_s <= 0:  # (NaN goes on, to be refused as the other stores refuse it)
+            return
+        # The body is copied: orjson returns each result in a 4 KiB buffer, which a kept
+        # entry would hold for its whole life (a 700-byte answer took 4.1 KB).
+        self._keep(key, _expiring(entry, ttl_s, b"".join((entry.body, b""))))
 
     def set_soon(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
         """`set`, done at once (there is nothing to wait for); always True. The entry is
         taken over: the caller made it for this call (the cache layer's `_entry_of`) and
         never uses it again, so it is kept itself, its body copied and its expiry set,
         rather than as a copy (`set` copies what it is given)."""
-        if ttl_s > 0:
-            _check_ttl(ttl_s)
-            entry.body = b"".join((entry.body, b""))  # (as `set`, for the same reason)
-            entry.expires_at = time.time() + ttl_s
-            self._keep(key, entry)
+        if ttl_s <= 0:  # (NaN goes on, to be refused as `set` refuses it)
+            return True
+        _check_ttl(ttl_s)
+        entry.body = b"".join((entry.body, b""))  # (as `set`, for the same reason)
+        entry.expires_at = time.time() + ttl_s
+        self._keep(key, entry)
         return True
 
     def _keep(self, key: str, entry: CachedResponse) -> None:

@@ -248,6 +248,18 @@ async def test_a_ttl_of_zero_or_less_stores_nothing(store: CacheStore, ttl_s: fl
     assert await store.get("k") is None
 
 
+@pytest.mark.parametrize("ttl_s", [math.inf, math.nan])
+async def test_a_ttl_that_is_not_a_finite_number_is_refused(store: CacheStore,
+                                                            ttl_s: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        await store.set("k", entry(), ttl_s)
+    set_soon = getattr(store, "set_soon", None)
+    if set_soon is not None:
+        with pytest.raises(ValueError, match="finite"):
+            set_soon("k", entry(), ttl_s)
+    assert await store.get("k") is None
+
+
 POPULATION = {  # key: (project, model, namespace)
     "a-m1-faq": ("a", "m1", "faq"),
     "a-m2": ("a", "m2", None),
