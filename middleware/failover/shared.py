@@ -8,7 +8,8 @@
   latency strategy sees the slowest recent view of each deployment.
 
 Nothing of this is on the request path: a breaker change only marks the breaker for the next
-sync. So instances agree within about `sync_interval_s` plus one Redis round trip. When Redis
+sync. So instances agree within two `sync_interval_s` (the change is written at its process's
+next sync and read at each other's) plus one Redis round trip. When Redis
 is unreachable each instance keeps its own breakers (the per-process behaviour) and the task
 retries; the hash tag keeps both keys in one Redis Cluster slot. The URL takes every form the
 gateway's Redis client does (TLS, Sentinel, Cluster: see gateway.resp).

@@ -30,7 +30,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.0)  # twice the idle timeout of the tests below
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -50,7 +50,7 @@ async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:
-    async with server(keep_alive_timeout=0.3) as (port, _stop, _task):
+    async with server(keep_alive_timeout=1.0) as (port, _stop, _task):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(3):  # each request disarms the timer, each response arms it again
             assert (await get(reader, writer)).startswith(b"HTTP/1.1 200")
@@ -61,7 +61,7 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> No
 
 
 async def test_a_request_longer_than_the_timeout_is_not_cut() -> None:
-    async with server(keep_alive_timeout=0.3) as (port, _stop, _task):
+    async with server(keep_alive_timeout=1.0) as (port, _stop, _task):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert (await get(reader, writer)).startswith(b"HTTP/1.1 200")
         # The app takes twice the idle timeout: the connection is busy, not idle.

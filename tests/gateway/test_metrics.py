@@ -175,14 +175,21 @@ def test_workers_are_aggregated(tmp_path: Path, mock_url: str) -> None:
                 answer = client.post(url + "/v1/chat/completions", json={
                     "model": "gpt-mock", "messages": [{"role": "user", "content": f"w{i}"}]})
                 assert answer.status_code == 200
-        time.sleep(1.5)  # every worker has written a snapshot since
-        totals = set()
-        pids = set()
-        for _ in range(8):
-            samples = parse(httpx.get(url + "/metrics").text)  # new connections: any worker
-            totals.add(value(samples, "sluicegate_requests_total", model="gpt-mock"))
-            pids |= {dict(labels)["worker"] for name, labels in samples
-                     if name == "sluicegate_requests_in_flight"}
+        # Workers write their snapshots every second: until each has written one since,
+        # a scrape may be a moment behind. Then every scrape (new connections: any worker)
+        # has everyone's counts.
+        deadline = time.monotonic() + 10
+        while True:
+            totals: set[float] = set()
+            pids: set[str] = set()
+            for _ in range(8):
+                samples = parse(httpx.get(url + "/metrics").text)
+                totals.add(value(samples, "sluicegate_requests_total", model="gpt-mock"))
+                pids |= {dict(labels)["worker"] for name, labels in samples
+                         if name == "sluicegate_requests_in_flight"}
+            if (totals == {30} and len(pids) == 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert totals == {30}
         assert len(pids) == 2
     finally:

@@ -312,10 +312,13 @@ class _ScriptedRedis:
 async def test_a_slow_answer_within_the_timeout_arrives() -> None:
     """The watchdog first wakes at the first call's deadline, finds a later call still in
     time, and sleeps on until that one's deadline: the later call is not cut short."""
-    async with _ScriptedRedis(delay_s=0.25) as server:
-        client = RespClient(f"redis://127.0.0.1:{server.port}/0", timeout_s=0.4)
-        assert await client.call("PING") == "OK"  # deadline t+0.4; answered at t+0.25
-        assert await client.call("PING") == "OK"  # sent at t+0.25, answered at t+0.5
+    # (Seconds, not tenths: a loop that stalls for a tenth on a loaded host must not turn
+    # an answer in time into a late one. The timeout stays under twice the delay, so the
+    # second call is still pending when the watchdog first wakes.)
+    async with _ScriptedRedis(delay_s=1.0) as server:
+        client = RespClient(f"redis://127.0.0.1:{server.port}/0", timeout_s=1.6)
+        assert await client.call("PING") == "OK"  # deadline t+1.6; answered at t+1.0
+        assert await client.call("PING") == "OK"  # sent at t+1.0, answered at t+2.0
         await client.close()
 
 

@@ -176,8 +176,12 @@ def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
     process, url = start_cli_gateway(config, workers=2, log_path=tmp_path / "serve.log")
     try:
         slow_streams.config.update({"chunk_delay_s": 0.05})  # about 7 s of stream
+        calls = len(slow_streams.requests)
         streaming, streamed = stream_in_background(url)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while len(slow_streams.requests) == calls:  # until the stream is in flight
+            assert time.monotonic() < deadline, "the stream never reached the upstream"
+            time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         streaming.join(timeout=60)

@@ -419,7 +419,9 @@ def test_a_breaker_opened_by_one_process_is_open_on_the_others(
             time.sleep(0.02)
         print(f"\nprocesses 1 and 2 saw the breaker open after {agreed_after} s")
         assert set(agreed_after) == {1, 2}, f"not open after 5 s on {({1, 2} - set(agreed_after))}"
-        assert max(agreed_after.values()) <= 1.5, agreed_after
+        # Within two sync intervals (0.5 s: written at process 0's next sync, read at each
+        # other's), with a second to spare for three gateways on a loaded host.
+        assert max(agreed_after.values()) <= 2.0, agreed_after
 
         calls_to_primary, calls_to_fallback = len(primary.requests), len(fallback.requests)
         replies = [client.chat(key, question, process=p) for p in (1, 2, 1, 2)]

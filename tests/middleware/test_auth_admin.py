@@ -66,7 +66,7 @@ class AdminTestApp:
 @pytest.fixture(scope="module")
 def server() -> Iterator[ThreadedServer]:
     schema = "sg_admin_test_" + uuid.uuid4().hex[:12]
-    store = PostgresKeyStore(DSN, schema=schema)
+    store = PostgresKeyStore(DSN, schema=schema, channel=schema)
     try:
         with ThreadedServer(AdminTestApp(store)) as running:
             running.store = store  # type: ignore[attr-defined]

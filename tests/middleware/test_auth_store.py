@@ -51,8 +51,9 @@ def schema() -> Iterator[str]:
 
 
 def new_store(schema: str, dsn: str = DSN, **options: Any) -> PostgresKeyStore:
+    # A channel per schema: another test's (or another run's) changes are never heard here.
     options = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.3, "connect_timeout_s": 2.0,
-               **options}
+               "channel": schema, **options}
     return PostgresKeyStore(dsn, schema=schema, **options)
 
 

@@ -49,7 +49,7 @@ def test_two_processes_sharing_redis_agree_on_a_breaker_opening_and_closing(
         request.getfixturevalue("cluster_redis").url
     prefix = "sgtest-" + uuid.uuid4().hex[:8]
     layer = (f'routes={{"primary": Route(fallbacks=("backup",))}}, '
-             f'breaker=BreakerSettings(consecutive_failures=3, cooldown_s=2, min_requests=1000), '
+             f'breaker=BreakerSettings(consecutive_failures=3, cooldown_s=5, min_requests=1000), '
              f'shared=RedisHealth("{redis_url}", prefix="{prefix}", sync_interval_s=0.2)')
     config = write_config(tmp_path, failover_config(a, b, layer))
     first, url1 = start_cli_gateway(config)
@@ -69,9 +69,11 @@ def test_two_processes_sharing_redis_agree_on_a_breaker_opening_and_closing(
         assert response.headers["x-sluicegate-fallback"] == "backup"
         assert len(a.requests) == calls_to_a  # process 2 did not pay a call to learn it
         assert agreed_after < 1.5
-        # a recovers; one instance's probe after the cool-down closes it for both.
+        # a recovers; one instance's probe after the cool-down closes it for both. (The
+        # cool-down is long enough that process 2 asks while the breaker is still open on a
+        # loaded host, rather than sending a half-open probe to a.)
         a.config.update({"fail_ratio": 0.0})
-        time.sleep(2.1)
+        time.sleep(max(0.0, 5.1 - (time.monotonic() - opened)))
         assert chat_at(url1, "primary").headers["x-sluicegate-deployment"] == "a/gpt-4o-mini"
         assert breaker_at(url1, "primary") == "closed"
         assert wait_for(lambda: breaker_at(url2, "primary") == "closed", timeout_s=3)

@@ -605,9 +605,13 @@ def test_sigterm_finishes_streams_in_flight_and_flushes_their_records(
                               {"role": "user", "content": "finish me"}]}) as response:
             streamed["id"] = response.headers["x-request-id"]
             streamed["body"] = b"".join(response.iter_bytes())
+    calls = len(mock.requests)
     thread = threading.Thread(target=stream)
     thread.start()
-    time.sleep(0.5)  # the stream is waiting for its first byte
+    deadline = time.monotonic() + 10
+    while len(mock.requests) == calls:  # until the stream waits for its first byte
+        assert time.monotonic() < deadline, "the stream never reached the upstream"
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     thread.join(15)
     assert process.wait(30) == 0

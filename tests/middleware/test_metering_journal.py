@@ -516,14 +516,14 @@ def test_batch_fsyncs_once_the_interval_has_passed(tmp_path: Path,
 
 def test_sync_is_due_once_unsynced_records_waited_the_interval(
         tmp_path: Path, fsync_calls: list[int]) -> None:
-    journal = opened(tmp_path, fsync="batch", fsync_interval_s=0.2)
+    journal = opened(tmp_path, fsync="batch", fsync_interval_s=1.0)
     journal.append(records(1))
     journal.sync()
     fsync_calls.clear()
     assert not journal.sync_due()                       # nothing unsynced
     journal.append(records(2))                          # within the interval: no fsync
     assert fsync_calls == [] and not journal.sync_due()
-    time.sleep(0.25)
+    time.sleep(1.05)
     assert journal.sync_due()
     journal.sync()
     assert len(fsync_calls) == 1 and not journal.sync_due()

@@ -434,7 +434,8 @@ def read_events_then_hang_up(url: str, path: str, body: dict[str, Any],
 
 def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
         start: Start, store: str, slow: MockProviderServer) -> None:
-    slow.config.chunk_delay_s = 0.3  # nothing else arrives between our last read and hang-up
+    # Nothing else arrives between our last read and hang-up, even on a loaded host.
+    slow.config.chunk_delay_s = 0.6
     gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store), upstream=slow.url)
     cancelled = slow.cancelled_streams
     received = read_events_then_hang_up(
@@ -456,7 +457,7 @@ def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
 def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_events_delivered(
         start: Start, slow: MockProviderServer, path: str, model: str,
         headers: dict[str, str]) -> None:
-    slow.config.chunk_delay_s = 0.3
+    slow.config.chunk_delay_s = 0.6  # (as above)
     gateway = start(auth(static_key(LIFETIME_BUDGET)), quota("'memory'"), upstream=slow.url)
     received = read_events_then_hang_up(
         gateway.url, path,
