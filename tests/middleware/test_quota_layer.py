@@ -437,6 +437,7 @@ def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
     # Nothing else arrives between our last read and hang-up, even on a loaded host.
     slow.config.chunk_delay_s = 0.6
     gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store), upstream=slow.url)
+    wait_streams_done(slow)  # an earlier test's stream is not cancelled in this one
     cancelled = slow.cancelled_streams
     received = read_events_then_hang_up(
         gateway.url, "/v1/chat/completions",
@@ -465,6 +466,7 @@ def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_events_d
         headers, events=6)
     expected = INPUT + 2 * received.count(b"\n\n")  # at least 6 events, 3+ of them text
     assert settled(gateway.committed, RESERVED_100) == expected
+    wait_streams_done(slow)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -581,6 +583,7 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
         start: Start, store: str, slow: MockProviderServer, api: str,
         caplog: pytest.LogCaptureFixture) -> None:
     gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    wait_streams_done(slow)  # an earlier test's stream is not cancelled in this one
     cancelled = slow.cancelled_streams
     response = cut_off_stream(gateway, api)
     assert response.status_code == 200
