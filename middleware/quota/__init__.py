@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -608,16 +608,18 @@ class _Responder:
         self.streaming = False
         self.price = plan.reservation_price(ctx) if allowance is not None else None
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine function: it returns what the caller awaits (the next `send`, or
+        # the cut-off), so a stream's every event costs no coroutine of this layer's own.
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
             events = self.events + message.get("body", b"").count(b"\n\n")
             if self.price is not None and self.allowance is not None and \
                     self._over_budget(events):
-                await self._cut_off()  # this message is replaced, so not counted
+                return self._cut_off()  # this message is replaced, so not counted
             self.events = events
-        await self._send(message)
+        return self._send(message)
 
     def _over_budget(self, events: int) -> bool:
         assert self.price is not None and self.allowance is not None
