@@ -311,7 +311,9 @@ class Kernel:
         started = False
         server_timing = self.server_timing
 
-        async def send_with_request_id(message: Message) -> None:
+        def send_with_request_id(message: Message) -> Awaitable[None]:
+            # Not a coroutine function: it returns the server's `send` for the caller to
+            # await, so each message (a stream's every event) costs no coroutine of its own.
             nonlocal started
             if message["type"] == "http.response.start":
                 if started:
@@ -323,7 +325,7 @@ class Kernel:
                 if server_timing:
                     elapsed_ms = (time.monotonic() - ctx.started_monotonic) * 1000
                     message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
-            await send(message)
+            return send(message)
 
         metrics = self.metrics
         if metrics is not None:

@@ -36,6 +36,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
@@ -515,12 +516,12 @@ class FailoverMiddleware:
         started = False
         try:
             async with asyncio.timeout(ttft_s) as timer:
-                async def send_ending_timer(message: Message) -> None:
-                    nonlocal started
+                def send_ending_timer(message: Message) -> Awaitable[None]:
+                    nonlocal started  # (returns `send`'s awaitable: no coroutine per message)
                     if message["type"] == "http.response.start":
                         started = True
                         timer.reschedule(None)
-                    await send(message)
+                    return send(message)
                 await self.app(scope, receive, send_ending_timer)
         except TimeoutError:
             if started or ctx.client_disconnected:
