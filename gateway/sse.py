@@ -39,6 +39,17 @@ class SSEParser:
 
 
 def _parse_block(block: bytes) -> tuple[str | None, str] | None:
+    # The two shapes every provider sends, read without splitting lines: one `data:` line
+    # (OpenAI, Gemini), and `event:` then one `data:` line (Anthropic). The same pair the
+    # general reading below gives them.
+    if block.startswith(b"data: "):
+        if b"\n" not in block:
+            return None, block[6:].decode("utf-8", "replace")
+    elif block.startswith(b"event: "):
+        end = block.find(b"\n")
+        if end > 0 and block.startswith(b"data: ", end + 1) and b"\n" not in block[end + 1:]:
+            return (block[7:end].decode("utf-8", "replace"),
+                    block[end + 7:].decode("utf-8", "replace"))
     name: str | None = None
     data: list[str] = []
     for line in block.split(b"\n"):

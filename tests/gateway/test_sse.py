@@ -21,6 +21,27 @@ def test_parser_handles_split_events_names_comments_and_crlf() -> None:
     assert parser.flush() == [(None, "tail")]
 
 
+def test_the_usual_event_shapes_read_as_the_general_rules_read_them() -> None:
+    """One `data:` line, and `event:` then one `data:` line, are read without splitting
+    lines; the pairs are those the WHATWG rules give (names with colons, empty data, no
+    space after the colon, several data lines, comments)."""
+    cases = {
+        b"data: {}": (None, "{}"),
+        b"data: ": (None, ""),
+        b"data:  two spaces": (None, " two spaces"),
+        b"data:no-space": (None, "no-space"),
+        b"event: a:b\ndata: x": ("a:b", "x"),
+        b"event: ping\ndata: ": ("ping", ""),
+        b"event:tight\ndata: x": ("tight", "x"),
+        b"event: two\ndata: a\ndata: b": ("two", "a\nb"),
+        b"event: e\n: comment\ndata: x": ("e", "x"),
+        b"data: caf\xc3\xa9 \xff": (None, "caf\u00e9 \ufffd"),
+        b"event: only": ("only", ""),
+    }
+    for block, pair in cases.items():
+        assert SSEParser().feed(block + b"\n\n") == [pair], block
+
+
 def test_split_complete_events_keeps_the_unfinished_tail() -> None:
     assert split_complete_events(CHUNK + b"data: {") == (CHUNK, b"data: {")
     assert split_complete_events(b"data: {") == (b"", b"data: {")
