@@ -262,6 +262,13 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _checked_text(value: Any) -> Any:
+    """A text (or one being rebuilt) that must be a string, as adding to one required."""
+    if type(value) is not _Text and not isinstance(value, str):
+        raise TypeError("a text that is not a string")
+    return value
+
+
 # -- collect: SSE events -> stored body --------------------------------------------------------
 
 def collect_stream(events: list[SSEEvent], api_format: str, operation: str) -> JSON | None:
@@ -279,7 +286,10 @@ def collect_stream(events: list[SSEEvent], api_format: str, operation: str) -> J
         body = collect(events)
     except (ValueError, TypeError, LookupError, AttributeError):  # not a stream we can rebuild
         return None
-    if body is None or not isinstance(body.get("usage"), dict):
+    if body is None:
+        return None
+    _joined(body)
+    if not isinstance(body.get("usage"), dict):
         return body
     # A stored answer is never marked: the flag is added when a hit is served.
     return {**body, "usage": {k: v for k, v in body["usage"].items() if k != CACHED_USAGE_FLAG}}
@@ -295,6 +305,7 @@ def _collect_text(events: list[SSEEvent]) -> JSON | None:
 
 def _collect_openai(events: list[SSEEvent], body_object: str, empty: JSON) -> JSON | None:
     envelope: JSON = {}
+    filled = set(_CHUNK_ONLY)  # keys the envelope takes nothing more of
     choices: dict[int, JSON] = {}
     usage: JSON | None = None
     for name, data in events:
@@ -305,9 +316,12 @@ def _collect_openai(events: list[SSEEvent], body_object: str, empty: JSON) -> JS
         chunk = orjson.loads(data)
         if name == "error" or chunk.get("error"):
             return None
-        for key, value in chunk.items():  # Azure opens with an id-less filter chunk
-            if key not in _CHUNK_ONLY and not envelope.get(key):
-                envelope[key] = value
+        if not chunk.keys() <= filled:  # (after the first chunks, every key is filled)
+            for key, value in chunk.items():  # Azure opens with an id-less filter chunk
+                if key not in filled and not envelope.get(key):
+                    envelope[key] = value
+                    if value:
+                        filled.add(key)
         if isinstance(chunk.get("usage"), dict):
             usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
@@ -335,7 +349,7 @@ def _merge_choice(state: JSON, choice: JSON) -> None:
         if key == "delta":
             _merge_delta(state.setdefault("message", {}), value or {})
         elif key == "text":
-            state["text"] = state.get("text", "") + _text(value)
+            state["text"] = _grow(state.get("text"), _text(value))
         elif key == "logprobs":
             state["logprobs"] = _merge_logprobs(state.get("logprobs"), value)
         elif key == "finish_reason":
@@ -371,7 +385,7 @@ def _merge_call(call: JSON, delta: JSON) -> None:
 def _merge_function(function: JSON, delta: JSON) -> None:
     for key, value in delta.items():
         if key == "arguments":
-            function[key] = function.get(key, "") + _text(value)
+            function[key] = _grow(function.get(key), _text(value))
         elif value is not None:
             function[key] = value
 
@@ -388,11 +402,50 @@ def _accumulate(current: Any, value: Any) -> Any:
     """Strings and lists grow by their deltas; anything else is replaced (None never wins)."""
     if value is None:
         return current
-    if isinstance(current, str) and isinstance(value, str):
-        return current + value
-    if isinstance(current, list) and isinstance(value, list):
-        return current + value
+    if isinstance(value, str) and (type(current) is _Text or isinstance(current, str)):
+        return _grow(current, value)
+    if isinstance(value, list) and isinstance(current, list) and type(current) is not _Text:
+        current.extend(value)  # (a list of this collection's own: the parsed chunks')
+        return current
     return value
+
+
+class _Text(list[str]):
+    """A text being rebuilt from its deltas: its pieces, joined once the stream is collected
+    (`_joined`), since adding each delta to a string copies all of it (quadratic in the
+    length of a long answer)."""
+
+    __slots__ = ()
+
+
+def _grow(current: Any, piece: str) -> Any:
+    """`current + piece` for a text built from deltas (`current` None or absent: "")."""
+    if type(current) is _Text:
+        current.append(piece)
+        return current
+    if not current:
+        return piece
+    return _Text((current, piece))
+
+
+def _str(value: Any) -> Any:
+    return "".join(value) if type(value) is _Text else value
+
+
+def _joined(value: Any) -> None:
+    """Makes every `_Text` in `value` (at any depth) a string, in place."""
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(item) is _Text:
+                value[key] = "".join(item)
+            elif type(item) is dict or type(item) is list:
+                _joined(item)
+    elif type(value) is list:
+        for index, item in enumerate(value):
+            if type(item) is _Text:
+                value[index] = "".join(item)
+            elif type(item) is dict or type(item) is list:
+                _joined(item)
 
 
 def _collect_message(events: list[SSEEvent]) -> JSON | None:
@@ -426,11 +479,13 @@ def _block_delta(message: JSON, partial_inputs: dict[int, str], event: JSON) -> 
     block = message["content"][index]
     kind = delta["type"]
     if kind == "text_delta":
-        block["text"] = block.get("text", "") + delta["text"]
+        block["text"] = _grow(_checked_text(block.get("text", "")), _checked_text(delta["text"]))
     elif kind == "input_json_delta":
-        partial_inputs[index] = partial_inputs.get(index, "") + delta["partial_json"]
+        partial_inputs[index] = _grow(partial_inputs.get(index),
+                                      _checked_text(delta["partial_json"]))
     elif kind == "thinking_delta":
-        block["thinking"] = block.get("thinking", "") + delta["thinking"]
+        block["thinking"] = _grow(_checked_text(block.get("thinking", "")),
+                                  _checked_text(delta["thinking"]))
     elif kind == "signature_delta":
         block["signature"] = delta["signature"]
     elif kind == "citations_delta":
@@ -442,7 +497,8 @@ def _block_delta(message: JSON, partial_inputs: dict[int, str], event: JSON) -> 
 def _block_stop(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:
     index = event["index"]
     if index in partial_inputs:  # a tool without arguments may stream "" as its input
-        message["content"][index]["input"] = orjson.loads(partial_inputs.pop(index) or "{}")
+        message["content"][index]["input"] = orjson.loads(_str(partial_inputs.pop(index))
+                                                          or "{}")
 
 
 def _message_delta(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:

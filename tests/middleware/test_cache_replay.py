@@ -332,6 +332,98 @@ def test_collect_an_anthropic_stream_as_its_message(kind: str) -> None:
     assert collect_stream(mock_items(items), "anthropic", "anthropic.messages") == expected
 
 
+def plain_strings_only(value: Any) -> bool:
+    """Whether every text in `value` is a `str` itself (nothing of the collector's own)."""
+    if isinstance(value, dict):
+        return all(plain_strings_only(item) for item in value.values())
+    if isinstance(value, list):
+        return type(value) is list and all(plain_strings_only(item) for item in value)
+    return not isinstance(value, str) or type(value) is str
+
+
+def test_a_long_chat_stream_collects_every_piece_in_order() -> None:
+    """Thousands of deltas (some empty) in the content, a tool call's arguments and a second
+    choice's text: each field is exactly its pieces joined, and only plain strings remain."""
+    words = [f"w{i} " if i % 7 else "" for i in range(3000)]
+    head = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini"}
+    events: list[tuple[str | None, str]] = []
+    for i, word in enumerate(words):
+        args = '{"n":' if i == 0 else (f"{i}," if i < len(words) - 1 else "0}")
+        events.append((None, orjson.dumps({**head, "choices": [
+            {"index": 0, "delta": {"content": word} if i else {"role": "assistant",
+                                                              "content": word},
+             "finish_reason": None},
+            {"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {
+                "arguments": args}}]}, "finish_reason": None}]}).decode()))
+    events.append((None, orjson.dumps({**head, "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "stop"},
+        {"index": 1, "delta": {}, "finish_reason": "tool_calls"}]}).decode()))
+    events.append((None, "[DONE]"))
+    body = collect_stream(events, "openai", "openai.chat")
+    assert body is not None and plain_strings_only(body)
+    first, second = body["choices"]
+    assert first["message"] == {"role": "assistant", "content": "".join(words)}
+    arguments = second["message"]["tool_calls"][0]["function"]["arguments"]
+    assert arguments == '{"n":' + "".join(f"{i}," for i in range(1, len(words) - 1)) + "0}"
+    assert orjson.loads(orjson.dumps(body)) == body
+
+
+def test_a_long_anthropic_stream_collects_every_piece_in_order() -> None:
+    pieces_of_text = [f"t{i} " if i % 5 else "" for i in range(2000)]
+    events: list[tuple[str | None, str]] = [("message_start", orjson.dumps({
+        "type": "message_start", "message": {
+            "id": "msg_long", "type": "message", "role": "assistant", "model": "claude",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1}}}).decode())]
+
+    def event(name: str, payload: JSON) -> None:
+        events.append((name, orjson.dumps({"type": name, **payload}).decode()))
+
+    event("content_block_start", {"index": 0, "content_block": {"type": "thinking",
+                                                                "thinking": ""}})
+    for piece in pieces_of_text:
+        event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta",
+                                                            "thinking": piece}})
+    event("content_block_stop", {"index": 0})
+    event("content_block_start", {"index": 1, "content_block": {"type": "text", "text": "A"}})
+    for piece in pieces_of_text:
+        event("content_block_delta", {"index": 1, "delta": {"type": "text_delta",
+                                                            "text": piece}})
+    event("content_block_stop", {"index": 1})
+    event("content_block_start", {"index": 2, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}})
+    for piece in ['{"a": [', *[f"{i}," for i in range(500)], "", "1]}"]:
+        event("content_block_delta", {"index": 2, "delta": {"type": "input_json_delta",
+                                                            "partial_json": piece}})
+    event("content_block_stop", {"index": 2})
+    event("content_block_start", {"index": 3, "content_block": {
+        "type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}})
+    for piece in ["", ""]:  # a tool without arguments: empty pieces mean {}
+        event("content_block_delta", {"index": 3, "delta": {"type": "input_json_delta",
+                                                            "partial_json": piece}})
+    event("content_block_stop", {"index": 3})
+    event("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                            "usage": {"output_tokens": 4000}})
+    event("message_stop", {})
+    body = collect_stream(events, "anthropic", "anthropic.messages")
+    assert body is not None and plain_strings_only(body)
+    thinking, text, tool, empty_tool = body["content"]
+    assert thinking["thinking"] == "".join(pieces_of_text)
+    assert text["text"] == "A" + "".join(pieces_of_text)
+    assert tool["input"] == {"a": [*range(500), 1]}
+    assert empty_tool["input"] == {}
+
+
+def test_a_text_delta_that_is_not_a_string_is_not_collected() -> None:
+    events = message_stream_events()
+    at = next(i for i, (name, data) in enumerate(events) if '"text_delta"' in data)
+    bad = orjson.loads(events[at][1])
+    bad["delta"]["text"] = 7
+    broken = [*events[:at], (events[at][0], orjson.dumps(bad).decode()), *events[at + 1:]]
+    assert collect_stream(broken, "anthropic", "anthropic.messages") is None
+
+
 # -- what must not be cached ------------------------------------------------------------------
 
 def chat_events(**replay: Any) -> list[tuple[str | None, str]]:
