@@ -140,7 +140,8 @@ TARGETS = {
                _sluicegate("config_production.py", {"SLUICEGATE_BENCH_REDIS": REDIS_URL}),
                needs_redis=True, scenarios=("json-c16-unique", "json-c1")),
         Target("cache-miss", "Sluicegate, cache layer alone, every request a miss (memory)",
-               _sluicegate("config_cache_miss.py"), scenarios=("json-c16-unique",)),
+               _sluicegate("config_cache_miss.py"),
+               scenarios=("json-c16-unique", "sse-c16-unique")),
         Target("litellm", "LiteLLM proxy, 1 worker, no DB", _litellm, start_timeout_s=120.0),
         # With @hono/node-server pinned (deploy/scripts/install_bench_tools.sh): Portkey 1.15.2
         # answers streams with HTTP 500 under the newest one.

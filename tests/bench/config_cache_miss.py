@@ -2,7 +2,8 @@
 
 Every request is looked up, missed, sent upstream, teed, and stored in memory after its last
 byte went out (`policy="always"`): what the cache layer costs a request it cannot answer.
-Compare with the bare passthrough on the same scenario (json-c16-unique).
+Compare with the bare passthrough on the same scenario (json-c16-unique; sse-c16-unique for
+streams, each stored as the answer it amounts to).
 """
 import os
 

@@ -15,11 +15,13 @@ end
 
 if os.getenv("BENCH_UNIQUE") == "1" then
    local counter = 0
+   -- a stream scenario's fixed body asks for a stream: so does each new one
+   local stream = string.find(wrk.body, '"stream":true', 1, true) and ',"stream":true' or ''
    local run = tostring(os.time())  -- a new run never hits what an earlier one stored
    request = function()
       counter = counter + 1
       local body = '{"model":"bench","messages":[{"role":"user","content":"Say hello ' ..
-         run .. "-" .. counter .. '"}]}'
+         run .. "-" .. counter .. '"}]' .. stream .. '}'
       return wrk.format(nil, nil, nil, body)
    end
 end
