@@ -47,7 +47,7 @@ from run_bench import Settings, log, pick, pinned_cpus, preflight, start_service
 
 DEFAULT_TARGETS = ("floor,bare,failover,metering,cache-miss,auth-quota,auth-quota-memory,redis-rtt,"
                    "cache,cache-redis,default,production")
-DEFAULT_SCENARIOS = "json-c16,sse-c16,json-c16-unique"
+DEFAULT_SCENARIOS = "json-c16,sse-c16,json-c16-unique,sse-c16-unique"
 # New prompts on every request: the miss paths (the cache's, the production stack's) and the
 # bare passthrough they are compared with.
 UNIQUE_ONLY_FOR = ("floor", "bare", "cache-miss", "production")
