@@ -432,20 +432,13 @@ def _str(value: Any) -> Any:
     return "".join(value) if type(value) is _Text else value
 
 
-def _joined(value: Any) -> None:
+def _joined(value: dict[Any, Any] | list[Any]) -> None:
     """Makes every `_Text` in `value` (at any depth) a string, in place."""
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(item) is _Text:
-                value[key] = "".join(item)
-            elif type(item) is dict or type(item) is list:
-                _joined(item)
-    elif type(value) is list:
-        for index, item in enumerate(value):
-            if type(item) is _Text:
-                value[index] = "".join(item)
-            elif type(item) is dict or type(item) is list:
-                _joined(item)
+    for key, item in value.items() if type(value) is dict else enumerate(value):
+        if type(item) is _Text:
+            value[key] = "".join(item)  # (a value replaced: the dict keeps its size)
+        elif type(item) is dict or type(item) is list:
+            _joined(item)
 
 
 def _collect_message(events: list[SSEEvent]) -> JSON | None:
