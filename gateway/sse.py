@@ -29,16 +29,18 @@ class SSEParser:
             self._buffer = buffer
             return []
         self._buffer = buffer[end + 2:]
-        return [event for block in buffer[:end].split(b"\n\n") if (event := _parse_block(block))]
+        return [event for block in buffer[:end].split(b"\n\n") if (event := parse_sse_block(block))]
 
     def flush(self) -> list[tuple[str | None, str]]:
         """What is left once the upstream closed (a last event without its blank line)."""
         rest, self._buffer = self._buffer, b""
-        event = _parse_block(rest.strip(b"\n"))
+        event = parse_sse_block(rest.strip(b"\n"))
         return [event] if event else []
 
 
-def _parse_block(block: bytes) -> tuple[str | None, str] | None:
+def parse_sse_block(block: bytes) -> tuple[str | None, str] | None:
+    """The (event name, data) of one event's lines (a block between blank lines, "\n"
+    line ends), or None for a block with neither (comments, blank lines)."""
     # The two shapes every provider sends, read without splitting lines: one `data:` line
     # (OpenAI, Gemini), and `event:` then one `data:` line (Anthropic). The same pair the
     # general reading below gives them.

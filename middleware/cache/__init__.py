@@ -31,7 +31,13 @@ from typing import Any
 import orjson
 
 from gateway import context as c
-from gateway.admin import admin_token_from_env, admitted, read_json, route_path, send_json
+from gateway.admin import (
+    admin_token_from_env,
+    admitted,
+    read_json,
+    route_path,
+    send_json,
+)
 from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError
@@ -40,7 +46,7 @@ from gateway.layers import json_passes_through
 from gateway.policy import ANONYMOUS
 from gateway.pricing import call_cost_micros
 from gateway.resp import is_redis_url
-from gateway.sse import SSEParser
+from middleware.cache.collect import collect_sse
 from middleware.cache.keys import (
     cache_key,
     cache_tags,
@@ -50,7 +56,7 @@ from middleware.cache.keys import (
     parse_cache_control,
     project_tag,
 )
-from middleware.cache.replay import collect_stream, marked_json, replay_stream
+from middleware.cache.replay import marked_json, replay_stream
 from middleware.cache.semantic import (
     EmbedderError,
     SemanticCache,
@@ -410,8 +416,7 @@ class CacheMiddleware:
             assert isinstance(answer, _Tee)
             raw = b"".join(answer.chunks)
             if answer.streaming:
-                events = SSEParser().feed(raw + b"\n\n")
-                parsed = collect_stream(events, ctx.api_format, ctx.operation)
+                parsed = collect_sse(raw, ctx.api_format, ctx.operation)
                 if parsed is None:  # cut short or failed: never cached
                     return None
                 body = orjson.dumps(parsed)  # the JSON answer the stream amounts to, unmarked

@@ -1,4 +1,4 @@
-"""Stored answers replayed as streams, and finished streams turned into stored answers.
+"""Stored answers replayed as streams (middleware/cache/collect.py does the reverse).
 
 The cache keeps every answer as the non-stream response body in the caller's format, so one
 entry serves both kinds of request (issue 4, "Streams"). Pure: no I/O, no clock.
@@ -40,11 +40,9 @@ from typing import Any
 
 import orjson
 
-from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_COMPLETIONS
 from gateway.sse import OPENAI_DONE, named_event, openai_event
 
 JSON = dict[str, Any]
-SSEEvent = tuple[str | None, str]
 
 CACHED_USAGE_FLAG = "x_sluicegate_cached"
 # A replay cuts each text into about MAX_PIECES deltas of at least PIECE_MIN_CHARS: enough
@@ -53,7 +51,7 @@ CACHED_USAGE_FLAG = "x_sluicegate_cached"
 PIECE_MIN_CHARS = 20
 MAX_PIECES = 16
 
-_CHUNK_ONLY = ("object", "choices", "usage")  # envelope keys a chunk sets for itself
+CHUNK_ONLY = ("object", "choices", "usage")  # envelope keys a chunk sets for itself
 _CHOICE_STREAMED = ("index", "message", "delta", "text", "logprobs", "finish_reason")
 _MESSAGE_STREAMED = ("role", "content", "refusal", "tool_calls", "function_call")
 # Sent in message_delta; stop_details only by API versions that have it.
@@ -141,7 +139,7 @@ def replay_stream(body: JSON, api_format: str, *, include_usage: bool,
 def _replay_openai(body: JSON, include_usage: bool, chunk_object: str,
                    choice_chunks: Callable[[JSON], list[JSON]], finish: JSON) -> list[bytes]:
     envelope: JSON = {"id": body.get("id"), "object": chunk_object}
-    envelope.update((key, value) for key, value in body.items() if key not in _CHUNK_ONLY)
+    envelope.update((key, value) for key, value in body.items() if key not in CHUNK_ONLY)
     no_usage_yet: JSON = {"usage": None} if include_usage else {}
     choices = [choice for choice in body.get("choices") or () if isinstance(choice, dict)]
     # Choices interleave, as OpenAI sends them for n > 1; each ends with its finish_reason.
@@ -260,259 +258,3 @@ def _block_start_and_deltas(block: JSON) -> tuple[JSON, list[JSON]]:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _checked_text(value: Any) -> Any:
-    """A text (or one being rebuilt) that must be a string, as adding to one required."""
-    if type(value) is not _Text and not isinstance(value, str):
-        raise TypeError("a text that is not a string")
-    return value
-
-
-# -- collect: SSE events -> stored body --------------------------------------------------------
-
-def collect_stream(events: list[SSEEvent], api_format: str, operation: str) -> JSON | None:
-    """The non-stream response a completed stream stands for, or None if it must not be cached.
-
-    `events` are the (event name, data) pairs delivered to the client, as gateway.sse's
-    SSEParser gives them. None when the stream did not complete cleanly (no `[DONE]` or
-    `message_stop`, a choice without finish_reason, an error event), when an event is
-    unreadable, or for an operation without a stream form.
-    """
-    collect = _COLLECTORS.get((api_format, operation))
-    if collect is None:
-        return None
-    try:
-        body = collect(events)
-    except (ValueError, TypeError, LookupError, AttributeError):  # not a stream we can rebuild
-        return None
-    if body is None:
-        return None
-    _joined(body)
-    if not isinstance(body.get("usage"), dict):
-        return body
-    # A stored answer is never marked: the flag is added when a hit is served.
-    return {**body, "usage": {k: v for k, v in body["usage"].items() if k != CACHED_USAGE_FLAG}}
-
-
-def _collect_chat(events: list[SSEEvent]) -> JSON | None:
-    return _collect_openai(events, "chat.completion", {"message": {"role": "assistant"}})
-
-
-def _collect_text(events: list[SSEEvent]) -> JSON | None:
-    return _collect_openai(events, "text_completion", {"text": ""})
-
-
-def _collect_openai(events: list[SSEEvent], body_object: str, empty: JSON) -> JSON | None:
-    envelope: JSON = {}
-    filled = set(_CHUNK_ONLY)  # keys the envelope takes nothing more of
-    choices: dict[int, JSON] = {}
-    usage: JSON | None = None
-    for name, data in events:
-        if data == "[DONE]":
-            return _openai_body(envelope, choices, usage, body_object, empty)
-        if not data:
-            continue
-        chunk = orjson.loads(data)
-        if name == "error" or chunk.get("error"):
-            return None
-        if not chunk.keys() <= filled:  # (after the first chunks, every key is filled)
-            for key, value in chunk.items():  # Azure opens with an id-less filter chunk
-                if key not in filled and not envelope.get(key):
-                    envelope[key] = value
-                    if value:
-                        filled.add(key)
-        if isinstance(chunk.get("usage"), dict):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            _merge_choice(choices.setdefault(choice.get("index", 0), {}), choice)
-    return None
-
-
-def _openai_body(envelope: JSON, choices: dict[int, JSON], usage: JSON | None,
-                 body_object: str, empty: JSON) -> JSON | None:
-    if not choices or any(c.get("finish_reason") is None for c in choices.values()):
-        return None
-    ordered = [{**empty, "logprobs": None, **choices[index]} for index in sorted(choices)]
-    for choice in ordered:
-        calls = choice.get("message", {}).get("tool_calls")
-        if isinstance(calls, dict):
-            choice["message"]["tool_calls"] = [calls[position] for position in sorted(calls)]
-    body: JSON = {"id": envelope.get("id"), "object": body_object, **envelope, "choices": ordered}
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-def _merge_choice(state: JSON, choice: JSON) -> None:
-    for key, value in choice.items():
-        if key == "delta":
-            _merge_delta(state.setdefault("message", {}), value or {})
-        elif key == "text":
-            state["text"] = _grow(state.get("text"), _text(value))
-        elif key == "logprobs":
-            state["logprobs"] = _merge_logprobs(state.get("logprobs"), value)
-        elif key == "finish_reason":
-            if value is not None or key not in state:
-                state[key] = value
-        elif not state.get(key):
-            state[key] = value
-
-
-def _merge_delta(message: JSON, delta: JSON) -> None:
-    for key, value in delta.items():
-        if key == "role":
-            message[key] = value
-        elif key == "tool_calls":
-            for call in value or ():
-                calls = message.setdefault("tool_calls", {})
-                _merge_call(calls.setdefault(call.get("index", 0), {}), call)
-        elif key == "function_call":
-            if isinstance(value, dict):
-                _merge_function(message.setdefault("function_call", {}), value)
-        else:
-            message[key] = _accumulate(message.get(key), value)
-
-
-def _merge_call(call: JSON, delta: JSON) -> None:
-    for key, value in delta.items():
-        if key == "function" and isinstance(value, dict):
-            _merge_function(call.setdefault("function", {}), value)
-        elif key != "index" and value is not None:
-            call[key] = value
-
-
-def _merge_function(function: JSON, delta: JSON) -> None:
-    for key, value in delta.items():
-        if key == "arguments":
-            function[key] = _grow(function.get(key), _text(value))
-        elif value is not None:
-            function[key] = value
-
-
-def _merge_logprobs(current: JSON | None, delta: Any) -> JSON | None:
-    if not isinstance(delta, dict):
-        return current
-    if current is None:
-        return dict(delta)
-    return {**current, **{k: _accumulate(current.get(k), v) for k, v in delta.items()}}
-
-
-def _accumulate(current: Any, value: Any) -> Any:
-    """Strings and lists grow by their deltas; anything else is replaced (None never wins)."""
-    if value is None:
-        return current
-    if isinstance(value, str) and (type(current) is _Text or isinstance(current, str)):
-        return _grow(current, value)
-    if isinstance(value, list) and isinstance(current, list) and type(current) is not _Text:
-        current.extend(value)  # (a list of this collection's own: the parsed chunks')
-        return current
-    return value
-
-
-class _Text(list[str]):
-    """A text being rebuilt from its deltas: its pieces, joined once the stream is collected
-    (`_joined`), since adding each delta to a string copies all of it (quadratic in the
-    length of a long answer)."""
-
-    __slots__ = ()
-
-
-def _grow(current: Any, piece: str) -> Any:
-    """`current + piece` for a text built from deltas (`current` None or absent: "")."""
-    if type(current) is _Text:
-        current.append(piece)
-        return current
-    if not current:
-        return piece
-    return _Text((current, piece))
-
-
-def _str(value: Any) -> Any:
-    return "".join(value) if type(value) is _Text else value
-
-
-def _joined(value: dict[Any, Any] | list[Any]) -> None:
-    """Makes every `_Text` in `value` (at any depth) a string, in place."""
-    for key, item in value.items() if type(value) is dict else enumerate(value):
-        if type(item) is _Text:
-            value[key] = "".join(item)  # (a value replaced: the dict keeps its size)
-        elif type(item) is dict or type(item) is list:
-            _joined(item)
-
-
-def _collect_message(events: list[SSEEvent]) -> JSON | None:
-    message: JSON | None = None
-    partial_inputs: dict[int, str] = {}  # tool input JSON per block index, until its stop
-    for name, data in events:
-        payload = orjson.loads(data)
-        kind = name or payload.get("type")
-        if kind == "error":
-            return None
-        if kind == "message_start":
-            message = {**payload["message"], "content": []}
-        elif kind == "message_stop":
-            complete = message is not None and message.get("stop_reason") is not None
-            return message if complete and not partial_inputs else None
-        elif kind in _MESSAGE_EVENTS:
-            if message is None:
-                return None
-            _MESSAGE_EVENTS[kind](message, partial_inputs, payload)
-    return None
-
-
-def _block_start(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:
-    if event["index"] != len(message["content"]):  # the SDKs index content by it too
-        raise ValueError("content blocks out of order")
-    message["content"].append(dict(event["content_block"]))
-
-
-def _block_delta(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:
-    index, delta = event["index"], event["delta"]
-    block = message["content"][index]
-    kind = delta["type"]
-    if kind == "text_delta":
-        block["text"] = _grow(_checked_text(block.get("text", "")), _checked_text(delta["text"]))
-    elif kind == "input_json_delta":
-        partial_inputs[index] = _grow(partial_inputs.get(index),
-                                      _checked_text(delta["partial_json"]))
-    elif kind == "thinking_delta":
-        block["thinking"] = _grow(_checked_text(block.get("thinking", "")),
-                                  _checked_text(delta["thinking"]))
-    elif kind == "signature_delta":
-        block["signature"] = delta["signature"]
-    elif kind == "citations_delta":
-        block["citations"] = [*(block.get("citations") or ()), delta["citation"]]
-    else:
-        raise ValueError(f"no way to rebuild a {kind!r} delta")
-
-
-def _block_stop(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:
-    index = event["index"]
-    if index in partial_inputs:  # a tool without arguments may stream "" as its input
-        message["content"][index]["input"] = orjson.loads(_str(partial_inputs.pop(index))
-                                                          or "{}")
-
-
-def _message_delta(message: JSON, partial_inputs: dict[int, str], event: JSON) -> None:
-    for key, value in (event.get("delta") or {}).items():
-        if value is not None or key not in message:
-            message[key] = value
-    usage = event.get("usage")
-    if isinstance(usage, dict):  # cumulative: it overwrites, and what it omits stays
-        counts = {key: value for key, value in usage.items() if value is not None}
-        message["usage"] = {**(message.get("usage") or {}), **counts}
-
-
-_MESSAGE_EVENTS: dict[str, Callable[[JSON, dict[int, str], JSON], None]] = {
-    "content_block_start": _block_start,
-    "content_block_delta": _block_delta,
-    "content_block_stop": _block_stop,
-    "message_delta": _message_delta,
-}
-
-_COLLECTORS: dict[tuple[str, str], Callable[[list[SSEEvent]], JSON | None]] = {
-    ("openai", OPENAI_CHAT): _collect_chat,
-    ("openai", OPENAI_COMPLETIONS): _collect_text,
-    ("anthropic", ANTHROPIC_MESSAGES): _collect_message,
-}

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from gateway.sse import SSEParser
+from middleware.cache.collect import collect_sse, collect_stream
 from middleware.cache.replay import (
     CACHED_USAGE_FLAG,
-    collect_stream,
     mark_cached,
     marked_json,
     pieces,
@@ -134,6 +134,21 @@ def parse(chunks: list[bytes]) -> list[tuple[str | None, str]]:
     return events + parser.flush()
 
 
+def sse_bytes(events: list[tuple[str | None, str]]) -> bytes:
+    """Events as the bytes a client was sent (one `data:` line each, after an `event:` line
+    for a named one)."""
+    return b"".join((b"event: %s\n" % name.encode() if name else b"") + b"data: "
+                    + data.encode() + b"\n\n" for name, data in events)
+
+
+def collected(events: list[tuple[str | None, str]], api_format: str, operation: str
+              ) -> JSON | None:
+    """`collect_stream` of the events, held to `collect_sse` of their bytes."""
+    body = collect_stream(events, api_format, operation)
+    assert collect_sse(sse_bytes(events), api_format, operation) == body
+    return body
+
+
 def datas(chunks: list[bytes]) -> list[Any]:
     return [orjson.loads(data) for _, data in parse(chunks) if data != "[DONE]"]
 
@@ -158,7 +173,7 @@ def test_round_trip(case: tuple[JSON, str, str, bool], cached: bool) -> None:
     body, api_format, operation, include_usage = case
     original = copy.deepcopy(body)
     chunks = replay_stream(body, api_format, include_usage=include_usage, cached=cached)
-    assert collect_stream(parse(chunks), api_format, operation) == original
+    assert collected(parse(chunks), api_format, operation) == original
     assert body == original  # the stored answer is not mutated
     assert chunks == replay_stream(body, api_format, include_usage=include_usage, cached=cached)
 
@@ -174,7 +189,7 @@ def test_usage_left_out_when_the_client_did_not_ask_for_it() -> None:
     chunks = replay_stream(CHAT_TEXT, "openai", include_usage=False)
     assert all("usage" not in data for data in datas(chunks))
     expected = {key: value for key, value in CHAT_TEXT.items() if key != "usage"}
-    assert collect_stream(parse(chunks), "openai", "openai.chat") == expected
+    assert collected(parse(chunks), "openai", "openai.chat") == expected
 
 
 # -- wire shapes ------------------------------------------------------------------------------
@@ -321,7 +336,7 @@ def test_collect_a_chat_stream_as_its_non_stream_answer(kind: str, n: int, azure
     if azure:
         items.insert(0, azure_prompt_filter_chunk())
     expected = without_annotations(chat_completion(settings, reply, finish))
-    assert collect_stream(mock_items(items), "openai", "openai.chat") == expected
+    assert collected(mock_items(items), "openai", "openai.chat") == expected
 
 
 @pytest.mark.parametrize("kind", MOCK_REPLIES)
@@ -329,7 +344,7 @@ def test_collect_an_anthropic_stream_as_its_message(kind: str) -> None:
     reply, _ = MOCK_REPLIES[kind]
     items = message_events("msg_mock1", "claude-3-5-haiku", reply, chunk_chars=8)
     expected = message_object("msg_mock1", "claude-3-5-haiku", reply)
-    assert collect_stream(mock_items(items), "anthropic", "anthropic.messages") == expected
+    assert collected(mock_items(items), "anthropic", "anthropic.messages") == expected
 
 
 def plain_strings_only(value: Any) -> bool:
@@ -360,7 +375,7 @@ def test_a_long_chat_stream_collects_every_piece_in_order() -> None:
         {"index": 0, "delta": {}, "finish_reason": "stop"},
         {"index": 1, "delta": {}, "finish_reason": "tool_calls"}]}).decode()))
     events.append((None, "[DONE]"))
-    body = collect_stream(events, "openai", "openai.chat")
+    body = collected(events, "openai", "openai.chat")
     assert body is not None and plain_strings_only(body)
     first, second = body["choices"]
     assert first["message"] == {"role": "assistant", "content": "".join(words)}
@@ -406,7 +421,7 @@ def test_a_long_anthropic_stream_collects_every_piece_in_order() -> None:
     event("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None},
                             "usage": {"output_tokens": 4000}})
     event("message_stop", {})
-    body = collect_stream(events, "anthropic", "anthropic.messages")
+    body = collected(events, "anthropic", "anthropic.messages")
     assert body is not None and plain_strings_only(body)
     thinking, text, tool, empty_tool = body["content"]
     assert thinking["thinking"] == "".join(pieces_of_text)
@@ -421,7 +436,7 @@ def test_a_text_delta_that_is_not_a_string_is_not_collected() -> None:
     bad = orjson.loads(events[at][1])
     bad["delta"]["text"] = 7
     broken = [*events[:at], (events[at][0], orjson.dumps(bad).decode()), *events[at + 1:]]
-    assert collect_stream(broken, "anthropic", "anthropic.messages") is None
+    assert collected(broken, "anthropic", "anthropic.messages") is None
 
 
 # -- what must not be cached ------------------------------------------------------------------
@@ -435,32 +450,32 @@ def message_stream_events() -> list[tuple[str | None, str]]:
 
 
 def test_an_openai_stream_without_done_is_not_collected() -> None:
-    assert collect_stream(chat_events()[:-1], "openai", "openai.chat") is None
-    assert collect_stream(chat_events()[:-2], "openai", "openai.chat") is None
+    assert collected(chat_events()[:-1], "openai", "openai.chat") is None
+    assert collected(chat_events()[:-2], "openai", "openai.chat") is None
 
 
 def test_an_openai_error_chunk_is_not_collected() -> None:
     events = chat_events()
     error = (None, '{"error":{"message":"The server had an error","type":"server_error"}}')
-    assert collect_stream([*events[:3], error, *events[3:]], "openai", "openai.chat") is None
+    assert collected([*events[:3], error, *events[3:]], "openai", "openai.chat") is None
 
 
 def test_an_openai_choice_without_finish_reason_is_not_collected() -> None:
     events = [event for event in chat_events() if '"finish_reason":"tool_calls"' not in event[1]]
-    assert collect_stream(events, "openai", "openai.chat") is None
+    assert collected(events, "openai", "openai.chat") is None
 
 
 def test_an_anthropic_stream_without_message_stop_is_not_collected() -> None:
     events = message_stream_events()
-    assert collect_stream(events[:-1], "anthropic", "anthropic.messages") is None
+    assert collected(events[:-1], "anthropic", "anthropic.messages") is None
     no_delta = [event for event in events if event[0] != "message_delta"]
-    assert collect_stream(no_delta, "anthropic", "anthropic.messages") is None
+    assert collected(no_delta, "anthropic", "anthropic.messages") is None
 
 
 def test_an_anthropic_error_event_is_not_collected() -> None:
     events = message_stream_events()
     error = ("error", '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}')
-    assert collect_stream([*events[:4], error, *events[4:]], "anthropic",
+    assert collected([*events[:4], error, *events[4:]], "anthropic",
                           "anthropic.messages") is None
 
 
@@ -468,16 +483,16 @@ def test_unfinished_tool_input_is_not_collected() -> None:
     events = message_stream_events()
     stops = [i for i, (name, _) in enumerate(events) if name == "content_block_stop"]
     cut = events[:stops[1] - 1] + events[stops[1]:]  # the last input_json_delta is lost
-    assert collect_stream(cut, "anthropic", "anthropic.messages") is None
+    assert collected(cut, "anthropic", "anthropic.messages") is None
     unstopped = events[:stops[1]] + events[stops[1] + 1:]  # the tool block never closed
-    assert collect_stream(unstopped, "anthropic", "anthropic.messages") is None
+    assert collected(unstopped, "anthropic", "anthropic.messages") is None
 
 
 def test_unreadable_or_unknown_streams_are_not_collected() -> None:
-    assert collect_stream([(None, "{not json"), (None, "[DONE]")], "openai", "openai.chat") is None
-    assert collect_stream(chat_events(), "openai", "openai.responses") is None
-    assert collect_stream(chat_events(), "anthropic", "openai.chat") is None
-    assert collect_stream(message_stream_events(), "openai", "openai.chat") is None
+    assert collected([(None, "{not json"), (None, "[DONE]")], "openai", "openai.chat") is None
+    assert collected(chat_events(), "openai", "openai.responses") is None
+    assert collected(chat_events(), "anthropic", "openai.chat") is None
+    assert collected(message_stream_events(), "openai", "openai.chat") is None
 
 
 # -- the official SDKs read the replay --------------------------------------------------------

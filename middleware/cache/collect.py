@@ -1,0 +1,592 @@
+"""Finished streams turned into stored answers: the reverse of middleware/cache/replay.py.
+
+`collect_stream` reads the (event name, data) pairs gateway.sse's SSEParser gives;
+`collect_sse` reads the raw bytes the client was sent and gives the same answer, faster.
+Either is None for a stream that must not be cached: one that did not complete cleanly (no
+`[DONE]` or `message_stop`, a choice without finish_reason, an error event), has an
+unreadable event, or belongs to an operation without a stream form. Pure: no I/O, no clock.
+
+Most events of a long answer are text deltas that differ from the delta before only in their
+text (and, from OpenAI, in the random `obfuscation` pad of each chunk: stream_options.
+include_obfuscation, on by default). `collect_sse` reads one such event in full, notes the
+bytes around its strings (a `_Template`), and reads the next events that have exactly those
+bytes around strings by decoding the strings alone (see `_Template`). An event that does not
+fit is read in full, so every stream gives what `collect_stream` gives; the tests hold the
+two to each other on streams built to break the shortcut.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+
+from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_COMPLETIONS
+from gateway.sse import parse_sse_block
+from middleware.cache.replay import CACHED_USAGE_FLAG, CHUNK_ONLY
+
+__all__ = ["collect_sse", "collect_stream"]
+
+JSON = dict[str, Any]
+SSEEvent = tuple[str | None, str]
+_UNREADABLE = (ValueError, TypeError, LookupError, AttributeError)  # not a stream to rebuild
+
+
+def collect_stream(events: Iterable[SSEEvent], api_format: str, operation: str
+                   ) -> JSON | None:
+    """The non-stream response a completed stream stands for, or None (module docstring).
+
+    `events` are the (event name, data) pairs delivered to the client, as gateway.sse's
+    SSEParser gives them."""
+    make = _COLLECTORS.get((api_format, operation))
+    if make is None:
+        return None
+    collector = make()
+    try:
+        for name, data in events:
+            if collector.feed(name, data):
+                return _finished(collector.result)
+    except _UNREADABLE:
+        return None
+    return None
+
+
+# At most this many templates are made per stream (each costs about a full read of an event).
+MAX_TEMPLATES = 8
+
+
+def collect_sse(raw: bytes, api_format: str, operation: str) -> JSON | None:
+    """`collect_stream(SSEParser().feed(raw + b"\\n\\n"), ...)`, from the raw SSE bytes."""
+    make = _COLLECTORS.get((api_format, operation))
+    if make is None:
+        return None
+    collector = make()
+    buffer = raw + b"\n\n"  # (what SSEParser does with these bytes, step by step)
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    template: _Template | None = None
+    texts: list[str] = []  # what the template's events add, added at once before any other
+    made = 0
+    try:
+        for block in buffer[:buffer.rfind(b"\n\n")].split(b"\n\n"):
+            if template is not None:
+                text = template.text(block)
+                if text is not None:
+                    texts.append(text)
+                    continue
+                if texts:
+                    template.add("".join(texts))  # (as adding each in turn: see _Template)
+                    texts.clear()
+            event = parse_sse_block(block)
+            if event is None:
+                continue
+            if collector.feed(*event):
+                return _finished(collector.result)
+            if made < MAX_TEMPLATES:
+                shape = collector.shape(event[0])
+                if shape is not None:
+                    made += 1
+                    template = _Template.of(block, event, collector.last, *shape) or template
+    except _UNREADABLE:
+        return None
+    return None
+
+
+def _finished(body: JSON | None) -> JSON | None:
+    if body is None:
+        return None
+    _joined(body)
+    if not isinstance(body.get("usage"), dict):
+        return body
+    # A stored answer is never marked: the flag is added when a hit is served.
+    return {**body, "usage": {k: v for k, v in body["usage"].items() if k != CACHED_USAGE_FLAG}}
+
+
+# -- templates ------------------------------------------------------------------------------------
+
+Path = tuple[str | int, ...]
+# What a template's event does to the answer: adds its text (the first path's string) where
+# the event it was made from added its own. The other paths' strings change nothing.
+Shape = tuple[list[Path], Callable[[str], None]]
+
+
+class _Template:
+    """The bytes of one event around the JSON strings at some paths: `fixed[0]`, a string,
+    `fixed[1]`, ..., a string, `fixed[-1]`.
+
+    An event whose bytes are the same fixed parts around JSON strings (each decodes, alone,
+    to one string) is the template's event with other strings at those paths: a complete
+    string token cannot change how the bytes around it parse (it holds no raw newline and
+    no unescaped quote, so it also cannot be split at the wrong place). The collector's
+    `shape` only offers events whose effect, read again with other strings, is to add the
+    first string (`add`).
+
+    The texts of consecutive template events are added as one: every `add` grows a text by
+    its string (or replaces a value that is not a text by it), so adding "a" then "b" leaves
+    what adding "ab" does."""
+
+    __slots__ = ("add", "head", "head_size", "inner", "tail", "tail_size", "text_at")
+
+    def __init__(self, fixed: list[bytes], text_at: int, add: Callable[[str], None]) -> None:
+        self.head, self.inner, self.tail = fixed[0], fixed[1:-1], fixed[-1]
+        self.head_size, self.tail_size = len(self.head), len(self.tail)
+        self.text_at = text_at
+        self.add = add
+
+    @classmethod
+    def of(cls, block: bytes, event: SSEEvent, parsed: Any, paths: list[Path],
+           add: Callable[[str], None]) -> _Template | None:
+        """The template of an event just read (`parsed`: its data), or None unless the event
+        is one `data:` line (after an `event:` line or not) holding what orjson writes for
+        `parsed`: then the bytes around each string are known exactly, as orjson writes
+        `parsed` with a mark in its place. (OpenAI and Anthropic write compact JSON as
+        orjson does; other writers' events are read in full.)"""
+        data = event[1].encode()
+        if not block.endswith(data) or orjson.dumps(parsed) != data:
+            return None
+        marked = parsed
+        for position, path in enumerate(paths):
+            marked = _with(marked, path, _MARKS[position])
+        text = orjson.dumps(marked)  # the same bytes as `data` but for the marks
+        spans = []
+        for position in range(len(paths)):
+            mark = _MARK_TOKENS[position]
+            found = text.find(mark)
+            if found < 0 or text.find(mark, found + 1) >= 0:  # (the text has the mark too)
+                return None
+            spans.append((found, position))
+        spans.sort()
+        fixed = [block[:len(block) - len(data)]]  # the event's `data: ` (and `event:`) line
+        end = 0
+        for found, position in spans:
+            fixed[-1] += text[end:found]
+            fixed.append(b"")
+            end = found + len(_MARK_TOKENS[position])
+        fixed[-1] += text[end:]
+        if not all(fixed[1:-1]):  # adjacent strings: no bytes to tell them apart
+            return None
+        return cls(fixed, [position for _, position in spans].index(0), add)
+
+    def text(self, block: bytes) -> str | None:
+        """The text `block` adds, if it is this template's event with other strings; None
+        otherwise (it is then read in full)."""
+        end = len(block) - self.tail_size
+        if end < self.head_size or not block.startswith(self.head) or \
+                not block.endswith(self.tail):
+            return None
+        if self.inner:
+            return self._text_among(block[self.head_size:end])
+        try:
+            text = orjson.loads(block[self.head_size:end])
+        except orjson.JSONDecodeError:
+            return None
+        return text if type(text) is str else None
+
+    def _text_among(self, middle: bytes) -> str | None:
+        strings = []
+        for part in self.inner:
+            found = middle.find(part)
+            if found < 0:
+                return None
+            strings.append(middle[:found])
+            middle = middle[found + len(part):]
+        strings.append(middle)
+        text = None
+        for position, string in enumerate(strings):
+            value = _string(string)
+            if value is None:
+                return None
+            if position == self.text_at:
+                text = value
+        return text
+
+
+# Put in the strings' places to find them in orjson's text: a text holding the mark's
+# characters exactly would not be told apart from it (`of` then makes no template).
+_MARKS = ("\x00sluicegate-text", "\x00sluicegate-pad")
+_MARK_TOKENS = [orjson.dumps(mark) for mark in _MARKS]
+
+
+def _string(token: bytes) -> str | None:
+    """The string a JSON string token decodes to; None for anything else."""
+    try:
+        value = orjson.loads(token)
+    except orjson.JSONDecodeError:
+        return None
+    return value if type(value) is str else None
+
+
+def _with(value: Any, path: Path, new: Any) -> Any:
+    """A copy of `value` with `new` at `path` (the containers on the path copied)."""
+    if not path:
+        return new
+    copy = list(value) if type(value) is list else dict(value)
+    copy[path[0]] = _with(value[path[0]], path[1:], new)  # type: ignore[index]
+    return copy
+
+
+# -- OpenAI chat and completions --------------------------------------------------------------
+
+# A chunk pads itself with a random string under this key (OpenAI, since 2025-08). Only the
+# first chunk's reaches the envelope, as with every key already filled.
+_PADDING = ("obfuscation",)
+_PLAIN_CHOICE = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
+_DELTA_MERGED = ("role", "tool_calls", "function_call")  # delta keys not grown as text
+
+
+class _OpenAICollector:
+    """Chat completion chunks (or completions) -> the chat.completion (text_completion)."""
+
+    __slots__ = ("body_object", "choices", "empty", "envelope", "filled", "last", "result",
+                 "usage")
+
+    def __init__(self, body_object: str, empty: JSON) -> None:
+        self.body_object = body_object
+        self.empty = empty
+        self.envelope: JSON = {}
+        self.filled = set(CHUNK_ONLY)  # keys the envelope takes nothing more of
+        self.choices: dict[int, JSON] = {}
+        self.usage: JSON | None = None
+        self.last: Any = None  # the chunk read last
+        self.result: JSON | None = None
+
+    def feed(self, name: str | None, data: str) -> bool:
+        """Reads one event; True once the stream has ended (`result`: the answer or None)."""
+        if data == "[DONE]":
+            self.result = self._body()
+            return True
+        self.last = None
+        if not data:
+            return False
+        chunk = orjson.loads(data)
+        if name == "error" or chunk.get("error"):
+            return True
+        filled = self.filled
+        if not chunk.keys() <= filled:  # (after the first chunks, every key is filled)
+            envelope = self.envelope
+            for key, value in chunk.items():  # Azure opens with an id-less filter chunk
+                if key not in filled and not envelope.get(key):
+                    envelope[key] = value
+                    if value:
+                        filled.add(key)
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            _merge_choice(self.choices.setdefault(choice.get("index", 0), {}), choice)
+        self.last = chunk
+        return False
+
+    def shape(self, name: str | None) -> Shape | None:
+        """For a chunk that only added one text (content, a tool call's arguments, a
+        completion's text) to one choice: where its text is and how another's is added."""
+        chunk = self.last
+        if name is not None or type(chunk) is not dict or chunk.get("usage") is not None:
+            return None
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+            return None
+        choice = choices[0]
+        if not choice.keys() <= _PLAIN_CHOICE or choice.get("logprobs") is not None or \
+                choice.get("finish_reason") is not None:
+            return None
+        found = _choice_text(self.choices[choice.get("index", 0)], choice)
+        if found is None:
+            return None
+        path, add = found
+        filled = self.filled
+        paddings: list[Path] = [(key,) for key in _PADDING
+                                if key in filled and type(chunk.get(key)) is str]
+        # A key the envelope has no value for yet takes the chunk's (falsy) one again on
+        # every chunk that carries it, as `feed` does.
+        unfilled = [(key, value) for key, value in chunk.items() if key not in filled]
+        if unfilled:
+            add = _filling(self.envelope, filled, unfilled, add)
+        return [("choices", 0, *path), *paddings], add
+
+    def _body(self) -> JSON | None:
+        choices = self.choices
+        if not choices or any(c.get("finish_reason") is None for c in choices.values()):
+            return None
+        ordered = [{**self.empty, "logprobs": None, **choices[index]}
+                   for index in sorted(choices)]
+        for choice in ordered:
+            calls = choice.get("message", {}).get("tool_calls")
+            if isinstance(calls, dict):
+                choice["message"]["tool_calls"] = [calls[position] for position in sorted(calls)]
+        envelope = self.envelope
+        body: JSON = {"id": envelope.get("id"), "object": self.body_object, **envelope,
+                      "choices": ordered}
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
+
+
+def _filling(envelope: JSON, filled: set[str], unfilled: list[tuple[str, Any]],
+             add: Callable[[str], None]) -> Callable[[str], None]:
+    def add_filling(text: str) -> None:
+        for key, value in unfilled:
+            if key not in filled and not envelope.get(key):
+                envelope[key] = value
+        add(text)
+    return add_filling
+
+
+def _choice_text(state: JSON, choice: JSON) -> tuple[Path, Callable[[str], None]] | None:
+    """Where a plain choice's one text is, and how `_merge_choice` adds another there."""
+    if "text" in choice:
+        if "delta" in choice or type(choice["text"]) is not str:
+            return None
+
+        def add_text(text: str) -> None:
+            state["text"] = _grow(state.get("text"), text)
+        return ("text",), add_text
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return None
+    # A None adds nothing, except to `role`, which it sets.
+    texts = [key for key, value in delta.items() if value is not None or key == "role"]
+    if len(texts) != 1:
+        return None
+    key = texts[0]
+    value, message = delta[key], state["message"]
+    if key == "tool_calls":
+        if type(value) is not list or len(value) != 1 or type(value[0]) is not dict:
+            return None
+        call = value[0]
+        function = call.get("function")
+        if type(function) is not dict or type(function.get("arguments")) is not str:
+            return None
+        kept = message["tool_calls"][call.get("index", 0)]["function"]
+
+        def add_arguments(text: str) -> None:
+            kept["arguments"] = _grow(kept.get("arguments"), text)
+        return ("delta", "tool_calls", 0, "function", "arguments"), add_arguments
+    if key in _DELTA_MERGED or type(value) is not str:
+        return None
+
+    def add_delta(text: str) -> None:
+        message[key] = _accumulate(message.get(key), text)
+    return ("delta", key), add_delta
+
+
+def _merge_choice(state: JSON, choice: JSON) -> None:
+    for key, value in choice.items():
+        if key == "delta":
+            _merge_delta(state.setdefault("message", {}), value or {})
+        elif key == "text":
+            state["text"] = _grow(state.get("text"), _text(value))
+        elif key == "logprobs":
+            state["logprobs"] = _merge_logprobs(state.get("logprobs"), value)
+        elif key == "finish_reason":
+            if value is not None or key not in state:
+                state[key] = value
+        elif not state.get(key):
+            state[key] = value
+
+
+def _merge_delta(message: JSON, delta: JSON) -> None:
+    for key, value in delta.items():
+        if key == "role":
+            message[key] = value
+        elif key == "tool_calls":
+            for call in value or ():
+                calls = message.setdefault("tool_calls", {})
+                _merge_call(calls.setdefault(call.get("index", 0), {}), call)
+        elif key == "function_call":
+            if isinstance(value, dict):
+                _merge_function(message.setdefault("function_call", {}), value)
+        else:
+            message[key] = _accumulate(message.get(key), value)
+
+
+def _merge_call(call: JSON, delta: JSON) -> None:
+    for key, value in delta.items():
+        if key == "function" and isinstance(value, dict):
+            _merge_function(call.setdefault("function", {}), value)
+        elif key != "index" and value is not None:
+            call[key] = value
+
+
+def _merge_function(function: JSON, delta: JSON) -> None:
+    for key, value in delta.items():
+        if key == "arguments":
+            function[key] = _grow(function.get(key), _text(value))
+        elif value is not None:
+            function[key] = value
+
+
+def _merge_logprobs(current: JSON | None, delta: Any) -> JSON | None:
+    if not isinstance(delta, dict):
+        return current
+    if current is None:
+        return dict(delta)
+    return {**current, **{k: _accumulate(current.get(k), v) for k, v in delta.items()}}
+
+
+def _accumulate(current: Any, value: Any) -> Any:
+    """Strings and lists grow by their deltas; anything else is replaced (None never wins)."""
+    if value is None:
+        return current
+    if isinstance(value, str) and (type(current) is _Text or isinstance(current, str)):
+        return _grow(current, value)
+    if isinstance(value, list) and isinstance(current, list) and type(current) is not _Text:
+        current.extend(value)  # (a list of this collection's own: the parsed chunks')
+        return current
+    return value
+
+
+# -- texts ----------------------------------------------------------------------------------------
+
+class _Text(list[str]):
+    """A text being rebuilt from its deltas: its pieces, joined once the stream is collected
+    (`_joined`), since adding each delta to a string copies all of it (quadratic in the
+    length of a long answer)."""
+
+    __slots__ = ()
+
+
+def _grow(current: Any, piece: str) -> Any:
+    """`current + piece` for a text built from deltas (`current` None or absent: "")."""
+    if type(current) is _Text:
+        current.append(piece)
+        return current
+    if not current:
+        return piece
+    return _Text((current, piece))
+
+
+def _str(value: Any) -> Any:
+    return "".join(value) if type(value) is _Text else value
+
+
+def _joined(value: dict[Any, Any] | list[Any]) -> None:
+    """Makes every `_Text` in `value` (at any depth) a string, in place."""
+    for key, item in value.items() if type(value) is dict else enumerate(value):
+        if type(item) is _Text:
+            value[key] = "".join(item)  # (a value replaced: the dict keeps its size)
+        elif type(item) is dict or type(item) is list:
+            _joined(item)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _checked_text(value: Any) -> Any:
+    """A text (or one being rebuilt) that must be a string, as adding to one required."""
+    if type(value) is not _Text and not isinstance(value, str):
+        raise TypeError("a text that is not a string")
+    return value
+
+
+# -- Anthropic messages ---------------------------------------------------------------------------
+
+_DELTA_TEXTS = {"text_delta": "text", "thinking_delta": "thinking"}  # delta type -> its text
+
+
+class _MessageCollector:
+    """Anthropic Messages stream events -> the Message."""
+
+    __slots__ = ("last", "message", "partial_inputs", "result")
+
+    def __init__(self) -> None:
+        self.message: JSON | None = None
+        self.partial_inputs: dict[int, Any] = {}  # tool input JSON per block, until its stop
+        self.last: Any = None  # the event read last
+        self.result: JSON | None = None
+
+    def feed(self, name: str | None, data: str) -> bool:
+        """Reads one event; True once the stream has ended (`result`: the answer or None)."""
+        self.last = payload = orjson.loads(data)
+        kind = name or payload.get("type")
+        message = self.message
+        if kind == "error":
+            return True
+        if kind == "message_start":
+            self.message = {**payload["message"], "content": []}
+        elif kind == "message_stop":
+            complete = message is not None and message.get("stop_reason") is not None
+            self.result = message if complete and not self.partial_inputs else None
+            return True
+        elif kind in _MESSAGE_EVENTS:
+            if message is None:
+                return True
+            _MESSAGE_EVENTS[kind](message, self.partial_inputs, payload)
+        return False
+
+    def shape(self, name: str | None) -> Shape | None:
+        """For a text or thinking delta: where its text is, and how another's is added."""
+        payload = self.last
+        if name != "content_block_delta" or type(payload) is not dict:
+            return None
+        delta = payload.get("delta")
+        if type(delta) is not dict:
+            return None
+        field = _DELTA_TEXTS.get(delta.get("type"))  # type: ignore[arg-type]
+        if field is None or delta.keys() != {"type", field} or type(delta[field]) is not str:
+            return None
+        index = payload["index"]
+
+        def add(text: str) -> None:  # (as _block_delta; a new message_start is read in full)
+            block = self.message["content"][index]  # type: ignore[index]
+            block[field] = _grow(_checked_text(block.get(field, "")), text)
+        return [("delta", field)], add
+
+
+def _block_start(message: JSON, partial_inputs: dict[int, Any], event: JSON) -> None:
+    if event["index"] != len(message["content"]):  # the SDKs index content by it too
+        raise ValueError("content blocks out of order")
+    message["content"].append(dict(event["content_block"]))
+
+
+def _block_delta(message: JSON, partial_inputs: dict[int, Any], event: JSON) -> None:
+    index, delta = event["index"], event["delta"]
+    block = message["content"][index]
+    kind = delta["type"]
+    if kind == "text_delta":
+        block["text"] = _grow(_checked_text(block.get("text", "")), _checked_text(delta["text"]))
+    elif kind == "input_json_delta":
+        partial_inputs[index] = _grow(partial_inputs.get(index),
+                                      _checked_text(delta["partial_json"]))
+    elif kind == "thinking_delta":
+        block["thinking"] = _grow(_checked_text(block.get("thinking", "")),
+                                  _checked_text(delta["thinking"]))
+    elif kind == "signature_delta":
+        block["signature"] = delta["signature"]
+    elif kind == "citations_delta":
+        block["citations"] = [*(block.get("citations") or ()), delta["citation"]]
+    else:
+        raise ValueError(f"no way to rebuild a {kind!r} delta")
+
+
+def _block_stop(message: JSON, partial_inputs: dict[int, Any], event: JSON) -> None:
+    index = event["index"]
+    if index in partial_inputs:  # a tool without arguments may stream "" as its input
+        message["content"][index]["input"] = orjson.loads(_str(partial_inputs.pop(index))
+                                                          or "{}")
+
+
+def _message_delta(message: JSON, partial_inputs: dict[int, Any], event: JSON) -> None:
+    for key, value in (event.get("delta") or {}).items():
+        if value is not None or key not in message:
+            message[key] = value
+    usage = event.get("usage")
+    if isinstance(usage, dict):  # cumulative: it overwrites, and what it omits stays
+        counts = {key: value for key, value in usage.items() if value is not None}
+        message["usage"] = {**(message.get("usage") or {}), **counts}
+
+
+_MESSAGE_EVENTS: dict[str, Callable[[JSON, dict[int, Any], JSON], None]] = {
+    "content_block_start": _block_start,
+    "content_block_delta": _block_delta,
+    "content_block_stop": _block_stop,
+    "message_delta": _message_delta,
+}
+
+_Collector = _OpenAICollector | _MessageCollector
+_COLLECTORS: dict[tuple[str, str], Callable[[], _Collector]] = {
+    ("openai", OPENAI_CHAT): lambda: _OpenAICollector("chat.completion",
+                                                      {"message": {"role": "assistant"}}),
+    ("openai", OPENAI_COMPLETIONS): lambda: _OpenAICollector("text_completion", {"text": ""}),
+    ("anthropic", ANTHROPIC_MESSAGES): _MessageCollector,
+}
