@@ -111,19 +111,22 @@ Shape = tuple[list[Path], Callable[[str], None]]
 
 
 class _Template:
-    """The bytes of one event around the JSON strings at some paths: `fixed[0]`, a string,
-    `fixed[1]`, ..., a string, `fixed[-1]`.
+    """The bytes of one event around the insides of the JSON strings at some paths:
+    `fixed[0]` (ending in a quote), a string's inside, `fixed[1]` (from quote to quote),
+    ..., a string's inside, `fixed[-1]` (from a quote on).
 
-    An event whose bytes are the same fixed parts around JSON strings (each decodes, alone,
-    to one string) is the template's event with other strings at those paths: a complete
-    string token cannot change how the bytes around it parse (it holds no raw newline and
-    no unescaped quote, so it also cannot be split at the wrong place). The collector's
-    `shape` only offers events whose effect, read again with other strings, is to add the
-    first string (`add`).
+    An event whose bytes are the same fixed parts around JSON string tokens (from quote to
+    quote, the quotes in the fixed parts; each decoding alone to one string) is the
+    template's event with other strings at those paths: a string token cannot change how
+    the bytes around it parse (it holds no raw newline and no unescaped quote, so it also
+    cannot be split at the wrong place). The strings at the other paths (a pad) are ones
+    the collector ignores once it has one.
 
-    The texts of consecutive template events are added as one: every `add` grows a text by
-    its string (or replaces a value that is not a text by it), so adding "a" then "b" leaves
-    what adding "ab" does."""
+    `add(text)` reads the template's event again with `text` at the first path. The
+    collector's `shape` only offers events that grow that one text and set nothing else that
+    reading them again would change (no other text or list that grows), so the texts of
+    consecutive template events are added as one: reading the event with "a" and then with
+    "b" leaves what reading it with "ab" does."""
 
     __slots__ = ("add", "head", "head_size", "inner", "tail", "tail_size", "text_at")
 
@@ -156,55 +159,56 @@ class _Template:
                 return None
             spans.append((found, position))
         spans.sort()
+        # The fixed parts keep each string's quotes: `text` then needs no check that a
+        # string's bytes run from quote to quote (orjson.loads would also take whitespace
+        # around one, and a newline there would end the SSE line).
         fixed = [block[:len(block) - len(data)]]  # the event's `data: ` (and `event:`) line
         end = 0
         for found, position in spans:
-            fixed[-1] += text[end:found]
+            fixed[-1] += text[end:found + 1]
             fixed.append(b"")
-            end = found + len(_MARK_TOKENS[position])
+            end = found + len(_MARK_TOKENS[position]) - 1
         fixed[-1] += text[end:]
-        if not all(fixed[1:-1]):  # adjacent strings: no bytes to tell them apart
-            return None
         return cls(fixed, [position for _, position in spans].index(0), add)
 
     def text(self, block: bytes) -> str | None:
         """The text `block` adds, if it is this template's event with other strings; None
         otherwise (it is then read in full)."""
-        end = len(block) - self.tail_size
-        if end < self.head_size or not block.startswith(self.head) or \
-                not block.endswith(self.tail):
+        start, end = self.head_size, len(block) - self.tail_size  # (strings' insides)
+        if end < start or not block.startswith(self.head) or not block.endswith(self.tail):
             return None
         if self.inner:
-            return self._text_among(block[self.head_size:end])
-        try:
-            text = orjson.loads(block[self.head_size:end])
-        except orjson.JSONDecodeError:
-            return None
-        return text if type(text) is str else None
+            return self._text_among(block, start, end)
+        return _string(block[start - 1:end + 1])
 
-    def _text_among(self, middle: bytes) -> str | None:
-        strings = []
-        for part in self.inner:
-            found = middle.find(part)
-            if found < 0:
+    def _text_among(self, block: bytes, start: int, end: int) -> str | None:
+        # Each inner part runs from a string's closing quote to the next one's opening quote.
+        if len(self.inner) == 1:  # (the text and a pad: OpenAI's chunks, straight through)
+            part = self.inner[0]
+            stop = block.find(part, start, end)
+            if stop < 0:
                 return None
-            strings.append(middle[:found])
-            middle = middle[found + len(part):]
-        strings.append(middle)
+            if self.text_at == 0:
+                text_span, pad_span = (start, stop), (stop + len(part), end)
+            else:
+                text_span, pad_span = (stop + len(part), end), (start, stop)
+            if not _is_pad(block, *pad_span):
+                return None
+            return _string(block[text_span[0] - 1:text_span[1] + 1])
         text = None
-        for position, string in enumerate(strings):
-            value = _string(string)
-            if value is None:
+        for position, between in enumerate((*self.inner, None)):
+            stop = end if between is None else block.find(between, start, end)
+            if stop < 0:
                 return None
             if position == self.text_at:
-                text = value
+                text = _string(block[start - 1:stop + 1])
+                if text is None:
+                    return None
+            elif not _is_pad(block, start, stop):
+                return None
+            if between is not None:
+                start = stop + len(between)
         return text
-
-
-# Put in the strings' places to find them in orjson's text: a text holding the mark's
-# characters exactly would not be told apart from it (`of` then makes no template).
-_MARKS = ("\x00sluicegate-text", "\x00sluicegate-pad")
-_MARK_TOKENS = [orjson.dumps(mark) for mark in _MARKS]
 
 
 def _string(token: bytes) -> str | None:
@@ -214,6 +218,18 @@ def _string(token: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     return value if type(value) is str else None
+
+
+def _is_pad(block: bytes, start: int, stop: int) -> bool:
+    """Whether the inside of a string that is not the text makes a string with its quotes
+    (letters and digits, as OpenAI's pads, need no decoding)."""
+    return block[start:stop].isalnum() or _string(block[start - 1:stop + 1]) is not None
+
+
+# Put in the strings' places to find them in orjson's text: a text holding the mark's
+# characters exactly would not be told apart from it (`of` then makes no template).
+_MARKS = ("\x00sluicegate-text", "\x00sluicegate-pad")
+_MARK_TOKENS = [orjson.dumps(mark) for mark in _MARKS]
 
 
 def _with(value: Any, path: Path, new: Any) -> Any:
@@ -230,7 +246,6 @@ def _with(value: Any, path: Path, new: Any) -> Any:
 # A chunk pads itself with a random string under this key (OpenAI, since 2025-08). Only the
 # first chunk's reaches the envelope, as with every key already filled.
 _PADDING = ("obfuscation",)
-_PLAIN_CHOICE = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
 _DELTA_MERGED = ("role", "tool_calls", "function_call")  # delta keys not grown as text
 
 
@@ -261,6 +276,11 @@ class _OpenAICollector:
         chunk = orjson.loads(data)
         if name == "error" or chunk.get("error"):
             return True
+        self._read(chunk)
+        self.last = chunk
+        return False
+
+    def _read(self, chunk: JSON) -> None:
         filled = self.filled
         if not chunk.keys() <= filled:  # (after the first chunks, every key is filled)
             envelope = self.envelope
@@ -273,12 +293,11 @@ class _OpenAICollector:
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
             _merge_choice(self.choices.setdefault(choice.get("index", 0), {}), choice)
-        self.last = chunk
-        return False
 
     def shape(self, name: str | None) -> Shape | None:
-        """For a chunk that only added one text (content, a tool call's arguments, a
-        completion's text) to one choice: where its text is and how another's is added."""
+        """For a chunk of one choice that grows one text (content, a tool call's arguments,
+        a completion's text) and sets nothing else that reading it twice would change: the
+        paths of its strings, and how another text is added (the chunk read again with it)."""
         chunk = self.last
         if name is not None or type(chunk) is not dict or chunk.get("usage") is not None:
             return None
@@ -286,22 +305,19 @@ class _OpenAICollector:
         if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
             return None
         choice = choices[0]
-        if not choice.keys() <= _PLAIN_CHOICE or choice.get("logprobs") is not None or \
-                choice.get("finish_reason") is not None:
+        if choice.get("logprobs") is not None:  # (their lists grow)
             return None
-        found = _choice_text(self.choices[choice.get("index", 0)], choice)
-        if found is None:
+        path = _text_path(choice)
+        if path is None:
             return None
-        path, add = found
+        text_path = ("choices", 0, *path)
         filled = self.filled
         paddings: list[Path] = [(key,) for key in _PADDING
                                 if key in filled and type(chunk.get(key)) is str]
-        # A key the envelope has no value for yet takes the chunk's (falsy) one again on
-        # every chunk that carries it, as `feed` does.
-        unfilled = [(key, value) for key, value in chunk.items() if key not in filled]
-        if unfilled:
-            add = _filling(self.envelope, filled, unfilled, add)
-        return [("choices", 0, *path), *paddings], add
+
+        def add(text: str) -> None:
+            self._read(_with(chunk, text_path, text))
+        return [text_path, *paddings], add
 
     def _body(self) -> JSON | None:
         choices = self.choices
@@ -321,52 +337,35 @@ class _OpenAICollector:
         return body
 
 
-def _filling(envelope: JSON, filled: set[str], unfilled: list[tuple[str, Any]],
-             add: Callable[[str], None]) -> Callable[[str], None]:
-    def add_filling(text: str) -> None:
-        for key, value in unfilled:
-            if key not in filled and not envelope.get(key):
-                envelope[key] = value
-        add(text)
-    return add_filling
-
-
-def _choice_text(state: JSON, choice: JSON) -> tuple[Path, Callable[[str], None]] | None:
-    """Where a plain choice's one text is, and how `_merge_choice` adds another there."""
+def _text_path(choice: JSON) -> Path | None:
+    """Where a choice's one growing text is: its only text (a completion's), or its delta's
+    only value that grows (besides `role`, which is set); None for anything else."""
     if "text" in choice:
-        if "delta" in choice or type(choice["text"]) is not str:
-            return None
-
-        def add_text(text: str) -> None:
-            state["text"] = _grow(state.get("text"), text)
-        return ("text",), add_text
+        return ("text",) if "delta" not in choice and _grows(choice["text"]) else None
     delta = choice.get("delta")
     if type(delta) is not dict:
         return None
-    # A None adds nothing, except to `role`, which it sets.
-    texts = [key for key, value in delta.items() if value is not None or key == "role"]
-    if len(texts) != 1:
+    growing = [key for key, value in delta.items() if value is not None and key != "role"]
+    if len(growing) != 1:
         return None
-    key = texts[0]
-    value, message = delta[key], state["message"]
+    key = growing[0]
+    value = delta[key]
     if key == "tool_calls":
         if type(value) is not list or len(value) != 1 or type(value[0]) is not dict:
             return None
-        call = value[0]
-        function = call.get("function")
-        if type(function) is not dict or type(function.get("arguments")) is not str:
+        function = value[0].get("function")
+        if type(function) is not dict or not _grows(function.get("arguments")):
             return None
-        kept = message["tool_calls"][call.get("index", 0)]["function"]
-
-        def add_arguments(text: str) -> None:
-            kept["arguments"] = _grow(kept.get("arguments"), text)
-        return ("delta", "tool_calls", 0, "function", "arguments"), add_arguments
-    if key in _DELTA_MERGED or type(value) is not str:
+        return ("delta", "tool_calls", 0, "function", "arguments")
+    if key in _DELTA_MERGED or not _grows(value):
         return None
+    return ("delta", key)
 
-    def add_delta(text: str) -> None:
-        message[key] = _accumulate(message.get(key), text)
-    return ("delta", key), add_delta
+
+def _grows(text: Any) -> bool:
+    # Not an empty text: a choice's first chunk (its role, a tool call's id and name) has
+    # one, and the chunks after it have other bytes, so a template of it would be wasted.
+    return type(text) is str and text != ""
 
 
 def _merge_choice(state: JSON, choice: JSON) -> None:
@@ -498,7 +497,9 @@ class _MessageCollector:
     def feed(self, name: str | None, data: str) -> bool:
         """Reads one event; True once the stream has ended (`result`: the answer or None)."""
         self.last = payload = orjson.loads(data)
-        kind = name or payload.get("type")
+        return self._read(name or payload.get("type"), payload)
+
+    def _read(self, kind: Any, payload: JSON) -> bool:
         message = self.message
         if kind == "error":
             return True
@@ -515,7 +516,8 @@ class _MessageCollector:
         return False
 
     def shape(self, name: str | None) -> Shape | None:
-        """For a text or thinking delta: where its text is, and how another's is added."""
+        """For a text or thinking delta: the path of its text, and how another text is added
+        (the event read again with it)."""
         payload = self.last
         if name != "content_block_delta" or type(payload) is not dict:
             return None
@@ -523,14 +525,13 @@ class _MessageCollector:
         if type(delta) is not dict:
             return None
         field = _DELTA_TEXTS.get(delta.get("type"))  # type: ignore[arg-type]
-        if field is None or delta.keys() != {"type", field} or type(delta[field]) is not str:
+        if field is None or not _grows(delta.get(field)):
             return None
-        index = payload["index"]
+        path = ("delta", field)
 
-        def add(text: str) -> None:  # (as _block_delta; a new message_start is read in full)
-            block = self.message["content"][index]  # type: ignore[index]
-            block[field] = _grow(_checked_text(block.get(field, "")), text)
-        return [("delta", field)], add
+        def add(text: str) -> None:
+            self._read(name, _with(payload, path, text))
+        return [path], add
 
 
 def _block_start(message: JSON, partial_inputs: dict[int, Any], event: JSON) -> None:
