@@ -51,7 +51,8 @@ def collect_stream(events: Iterable[SSEEvent], api_format: str, operation: str
     return None
 
 
-# At most this many templates are made per stream (each costs about a full read of an event).
+# At most this many events a stream are tried as templates (making one costs about a full
+# read of an event; with n > 1 choices interleaved, each choice's events miss the other's).
 MAX_TEMPLATES = 8
 
 
@@ -105,8 +106,8 @@ def _finished(body: JSON | None) -> JSON | None:
 # -- templates ------------------------------------------------------------------------------------
 
 Path = tuple[str | int, ...]
-# What a template's event does to the answer: adds its text (the first path's string) where
-# the event it was made from added its own. The other paths' strings change nothing.
+# An event a template may be made of: its strings' paths (the text's first, then pads the
+# collector ignores), and `add(text)`, which reads the event again with `text` at the first.
 Shape = tuple[list[Path], Callable[[str], None]]
 
 
@@ -139,11 +140,11 @@ class _Template:
     @classmethod
     def of(cls, block: bytes, event: SSEEvent, parsed: Any, paths: list[Path],
            add: Callable[[str], None]) -> _Template | None:
-        """The template of an event just read (`parsed`: its data), or None unless the event
-        is one `data:` line (after an `event:` line or not) holding what orjson writes for
-        `parsed`: then the bytes around each string are known exactly, as orjson writes
-        `parsed` with a mark in its place. (OpenAI and Anthropic write compact JSON as
-        orjson does; other writers' events are read in full.)"""
+        """The template of an event just read (`parsed`: its data), or None unless the
+        event's data ends its block (one last `data:` line, after whatever lines) and is
+        what orjson writes for `parsed`: then the bytes around each string are known
+        exactly, as orjson writes `parsed` with a mark in its place. (OpenAI and Anthropic
+        write compact JSON as orjson does; other writers' events are read in full.)"""
         data = event[1].encode()
         if not block.endswith(data) or orjson.dumps(parsed) != data:
             return None
