@@ -234,12 +234,14 @@ _MARK_TOKENS = [orjson.dumps(mark) for mark in _MARKS]
 
 
 def _with(value: Any, path: Path, new: Any) -> Any:
-    """A copy of `value` with `new` at `path` (the containers on the path copied)."""
-    if not path:
-        return new
-    copy = list(value) if type(value) is list else dict(value)
-    copy[path[0]] = _with(value[path[0]], path[1:], new)  # type: ignore[index]
-    return copy
+    """A copy of `value` with `new` at `path` (the dicts and lists on the path copied)."""
+    top = node = value.copy()
+    for step in path[:-1]:
+        inner = node[step].copy()
+        node[step] = inner
+        node = inner
+    node[path[-1]] = new
+    return top
 
 
 # -- OpenAI chat and completions --------------------------------------------------------------
