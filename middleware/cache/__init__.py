@@ -31,13 +31,7 @@ from typing import Any
 import orjson
 
 from gateway import context as c
-from gateway.admin import (
-    admin_token_from_env,
-    admitted,
-    read_json,
-    route_path,
-    send_json,
-)
+from gateway.admin import admin_token_from_env, admitted, read_json, route_path, send_json
 from gateway.config import ConfigError
 from gateway.context import RequestContext, Usage, find_request_context
 from gateway.errors import GatewayError

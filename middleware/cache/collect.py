@@ -106,22 +106,22 @@ def _finished(body: JSON | None) -> JSON | None:
 # -- templates ------------------------------------------------------------------------------------
 
 Path = tuple[str | int, ...]
-# An event a template may be made of: its strings' paths (the text's first, then pads the
-# collector ignores), and `add(text)`, which reads the event again with `text` at the first.
+# An event a template may be made of: its strings' paths (the text's, then perhaps a pad's,
+# which the collector ignores), and `add(text)`, which reads the event again with `text`.
 Shape = tuple[list[Path], Callable[[str], None]]
 
 
 class _Template:
-    """The bytes of one event around the insides of the JSON strings at some paths:
-    `fixed[0]` (ending in a quote), a string's inside, `fixed[1]` (from quote to quote),
-    ..., a string's inside, `fixed[-1]` (from a quote on).
+    """The bytes of one event around the insides of its text's JSON string and, perhaps, a
+    pad's: `head` (ending in a quote), a string's inside, [`between` (from quote to quote),
+    the other string's inside,] `tail` (from a quote on).
 
     An event whose bytes are the same fixed parts around JSON string tokens (from quote to
     quote, the quotes in the fixed parts; each decoding alone to one string) is the
     template's event with other strings at those paths: a string token cannot change how
     the bytes around it parse (it holds no raw newline and no unescaped quote, so it also
-    cannot be split at the wrong place). The strings at the other paths (a pad) are ones
-    the collector ignores once it has one.
+    cannot be split at the wrong place). A pad is a string the collector ignores once it
+    has one.
 
     `add(text)` reads the template's event again with `text` at the first path. The
     collector's `shape` only offers events that grow that one text and set nothing else that
@@ -129,12 +129,14 @@ class _Template:
     consecutive template events are added as one: reading the event with "a" and then with
     "b" leaves what reading it with "ab" does."""
 
-    __slots__ = ("add", "head", "head_size", "inner", "tail", "tail_size", "text_at")
+    __slots__ = ("add", "between", "head", "head_size", "tail", "tail_size", "text_first")
 
-    def __init__(self, fixed: list[bytes], text_at: int, add: Callable[[str], None]) -> None:
-        self.head, self.inner, self.tail = fixed[0], fixed[1:-1], fixed[-1]
+    def __init__(self, fixed: list[bytes], text_first: bool, add: Callable[[str], None]
+                 ) -> None:
+        self.head, self.tail = fixed[0], fixed[-1]
         self.head_size, self.tail_size = len(self.head), len(self.tail)
-        self.text_at = text_at
+        self.between = fixed[1] if len(fixed) == 3 else None
+        self.text_first = text_first
         self.add = add
 
     @classmethod
@@ -145,6 +147,7 @@ class _Template:
         what orjson writes for `parsed`: then the bytes around each string are known
         exactly, as orjson writes `parsed` with a mark in its place. (OpenAI and Anthropic
         write compact JSON as orjson does; other writers' events are read in full.)"""
+        assert len(paths) <= len(_MARKS)  # (the text and at most one pad)
         data = event[1].encode()
         if not block.endswith(data) or orjson.dumps(parsed) != data:
             return None
@@ -170,7 +173,7 @@ class _Template:
             fixed.append(b"")
             end = found + len(_MARK_TOKENS[position]) - 1
         fixed[-1] += text[end:]
-        return cls(fixed, [position for _, position in spans].index(0), add)
+        return cls(fixed, spans[0][1] == 0, add)
 
     def text(self, block: bytes) -> str | None:
         """The text `block` adds, if it is this template's event with other strings; None
@@ -178,38 +181,18 @@ class _Template:
         start, end = self.head_size, len(block) - self.tail_size  # (strings' insides)
         if end < start or not block.startswith(self.head) or not block.endswith(self.tail):
             return None
-        if self.inner:
-            return self._text_among(block, start, end)
-        return _string(block[start - 1:end + 1])
-
-    def _text_among(self, block: bytes, start: int, end: int) -> str | None:
-        # Each inner part runs from a string's closing quote to the next one's opening quote.
-        if len(self.inner) == 1:  # (the text and a pad: OpenAI's chunks, straight through)
-            part = self.inner[0]
-            stop = block.find(part, start, end)
-            if stop < 0:
-                return None
-            if self.text_at == 0:
-                text_span, pad_span = (start, stop), (stop + len(part), end)
-            else:
-                text_span, pad_span = (stop + len(part), end), (start, stop)
-            if not _is_pad(block, *pad_span):
-                return None
-            return _string(block[text_span[0] - 1:text_span[1] + 1])
-        text = None
-        for position, between in enumerate((*self.inner, None)):
-            stop = end if between is None else block.find(between, start, end)
-            if stop < 0:
-                return None
-            if position == self.text_at:
-                text = _string(block[start - 1:stop + 1])
-                if text is None:
-                    return None
-            elif not _is_pad(block, start, stop):
-                return None
-            if between is not None:
-                start = stop + len(between)
-        return text
+        between = self.between
+        if between is None:
+            return _string(block[start - 1:end + 1])
+        stop = block.find(between, start, end)
+        if stop < 0:
+            return None
+        after = stop + len(between)
+        text_span, pad_span = ((start, stop), (after, end)) if self.text_first else \
+            ((after, end), (start, stop))
+        if not _is_pad(block, *pad_span):
+            return None
+        return _string(block[text_span[0] - 1:text_span[1] + 1])
 
 
 def _string(token: bytes) -> str | None:
@@ -248,7 +231,7 @@ def _with(value: Any, path: Path, new: Any) -> Any:
 
 # A chunk pads itself with a random string under this key (OpenAI, since 2025-08). Only the
 # first chunk's reaches the envelope, as with every key already filled.
-_PADDING = ("obfuscation",)
+_PADDING = "obfuscation"
 _DELTA_MERGED = ("role", "tool_calls", "function_call")  # delta keys not grown as text
 
 
@@ -314,13 +297,13 @@ class _OpenAICollector:
         if path is None:
             return None
         text_path = ("choices", 0, *path)
-        filled = self.filled
-        paddings: list[Path] = [(key,) for key in _PADDING
-                                if key in filled and type(chunk.get(key)) is str]
+        paths: list[Path] = [text_path]
+        if _PADDING in self.filled and type(chunk.get(_PADDING)) is str:
+            paths.append((_PADDING,))
 
         def add(text: str) -> None:
             self._read(_with(chunk, text_path, text))
-        return [text_path, *paddings], add
+        return paths, add
 
     def _body(self) -> JSON | None:
         choices = self.choices
