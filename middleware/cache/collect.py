@@ -66,18 +66,22 @@ def collect_sse(raw: bytes, api_format: str, operation: str) -> JSON | None:
     if b"\r" in buffer:
         buffer = buffer.replace(b"\r\n", b"\n")
     template: _Template | None = None
-    texts: list[str] = []  # what the template's events add, added at once before any other
     made = 0
+    blocks = buffer[:buffer.rfind(b"\n\n")].split(b"\n\n")
+    count = len(blocks)
+    index = 0
     try:
-        for block in buffer[:buffer.rfind(b"\n\n")].split(b"\n\n"):
+        while index < count:
             if template is not None:
-                text = template.text(block)
+                # The template's events from here on, added at once (as adding each in turn:
+                # see _Template) before the next event is read in full.
+                text, index = template.run(blocks, index)
                 if text is not None:
-                    texts.append(text)
-                    continue
-                if texts:
-                    template.add("".join(texts))  # (as adding each in turn: see _Template)
-                    texts.clear()
+                    template.add(text)
+                    if index == count:
+                        break
+            block = blocks[index]
+            index += 1
             event = parse_sse_block(block)
             if event is None:
                 continue
@@ -175,6 +179,53 @@ class _Template:
         fixed[-1] += text[end:]
         return cls(fixed, spans[0][1] == 0, add)
 
+    def run(self, blocks: list[bytes], start: int) -> tuple[str | None, int]:
+        """The text that the template's events among `blocks[start:]`, up to the first block
+        that is not one, add together (None if `blocks[start]` is not one), and the index of
+        that first other block. What `text` gives for each in turn, joined; the strings of
+        the run are decoded at once (one orjson call for the run, not one an event)."""
+        head, tail, head_size, tail_size = self.head, self.tail, self.head_size, self.tail_size
+        between = self.between
+        tokens: list[bytes] = []  # each text's JSON string token, quotes included
+        pads: list[bytes] = []
+        index, count = start, len(blocks)
+        while index < count:
+            block = blocks[index]
+            end = len(block) - tail_size
+            if end < head_size or not block.startswith(head) or not block.endswith(tail):
+                break
+            if between is None:
+                tokens.append(block[head_size - 1:end + 1])
+            else:
+                stop = block.find(between, head_size, end)
+                if stop < 0:
+                    break
+                if self.text_first:
+                    tokens.append(block[head_size - 1:stop + 1])
+                    pads.append(block[stop + len(between):end])
+                else:
+                    pads.append(block[head_size:stop])
+                    tokens.append(block[stop + len(between) - 1:end + 1])
+            index += 1
+        if not tokens:
+            return None, start
+        texts = _strings(tokens)
+        if texts is None or (pads and not b"".join(pads).isalnum()):
+            return self._run_one_by_one(blocks, start, index)
+        return "".join(texts), index
+
+    def _run_one_by_one(self, blocks: list[bytes], start: int, stop: int
+                        ) -> tuple[str | None, int]:
+        """`run` for blocks[start:stop] one event at a time (a token that is not one string
+        on its own, a pad that is not letters and digits: `text` says where the run ends)."""
+        texts: list[str] = []
+        for index in range(start, stop):
+            text = self.text(blocks[index])
+            if text is None:
+                return ("".join(texts) if texts else None), index
+            texts.append(text)
+        return "".join(texts), stop
+
     def text(self, block: bytes) -> str | None:
         """The text `block` adds, if it is this template's event with other strings; None
         otherwise (it is then read in full)."""
@@ -202,6 +253,27 @@ def _string(token: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     return value if type(value) is str else None
+
+
+def _strings(tokens: list[bytes]) -> list[str] | None:
+    """What `_string` gives for each token (each from a quote to a quote), in one parse; None
+    unless every token is one JSON string on its own.
+
+    In `[t1,t2,...]`, each token's quotes delimit it when neither is escaped: the opening one
+    follows `[` or `,`, and the closing one is escaped only after a backslash, which the
+    check for a backslash before `","` (and before the last `"]`) rules out (also, needlessly,
+    after an escaped backslash: those runs are read one by one; inside one string token a
+    `","` cannot follow `\"`, as its second quote would end the string). A token with a quote of
+    its own inside then parses as more than one value or not at all, so a parse into as
+    many values as tokens is one string per token."""
+    joined = b"[" + b",".join(tokens) + b"]"
+    if joined.find(b'\\","') != -1 or joined.endswith(b'\\"]'):
+        return None
+    try:
+        values = orjson.loads(joined)
+    except orjson.JSONDecodeError:
+        return None
+    return values if len(values) == len(tokens) else None
 
 
 def _is_pad(block: bytes, start: int, stop: int) -> bool:

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.sse import SSEParser
-from middleware.cache.collect import _Template, collect_sse, collect_stream
+from middleware.cache.collect import _string, _strings, _Template, collect_sse, collect_stream
 
 JSON = dict[str, Any]
 Event = tuple[str | None, JSON | str]
@@ -265,6 +265,60 @@ def test_a_template_refuses_events_that_are_not_its_own() -> None:
     assert made.text(block.replace(b'"aZ9"', b'7')) is None
     assert made.text(block.replace(b'"aZ9"', b'"a","b":"c"')) is None
     assert made.text(b"data: [DONE]") is None
+
+
+# Bytes that can make a string token's insides end early, escape its closing quote, or
+# look like the separators `_strings` puts between tokens.
+TOKEN_BYTES = [b'"', b"\\", b",", b"[", b"]", b"a", b" ", b"\n", b"u", b"0", b"\xff", b'\\"',
+               b'","', b"\\\\", b"\\u00e9", b"\\n"]
+
+
+def test_a_run_of_tokens_decodes_as_each_token_alone_or_not_at_all() -> None:
+    """`_strings` decodes a run's tokens in one parse: whenever it gives values, they are
+    what each token gives alone (and each is a string); it may refuse a run whose tokens are
+    all strings alone (a token ending in an escaped backslash), never accept one that is not."""
+    rng = random.Random(7)
+    accepted = refused_valid = 0
+    for _ in range(20_000):
+        tokens = [b'"' + b"".join(rng.choice(TOKEN_BYTES) for _ in range(rng.randint(0, 4)))
+                  + b'"' for _ in range(rng.randint(1, 4))]
+        alone = [_string(token) for token in tokens]
+        together = _strings(tokens)
+        if together is not None:
+            accepted += 1
+            assert together == alone
+        elif None not in alone:
+            refused_valid += 1
+    assert accepted > 2_000 and refused_valid < accepted  # (the check is not vacuous)
+    assert _strings([b'"a\\"', b'","z"']) is None  # an escaped closing quote, made up for
+    assert _strings([b'"a\\\\"', b'"b"']) is None  # (valid alone: refused, read one by one)
+    assert _strings([b'"a","b"']) is None
+    assert _strings([b'"x"', b'"y\\"z"']) == ["x", 'y"z']
+
+
+def test_a_run_of_template_events_adds_what_each_event_adds_in_turn() -> None:
+    """`_Template.run` over blocks that are the template's events with random strings in
+    the text's and the pad's places (some not its events at all) stops where `text` would,
+    and gives what `text` gives for each event before it, joined."""
+    rng = random.Random(11)
+    base = with_content("Hello")
+    for paths in ([CONTENT], [CONTENT, ("obfuscation",)]):
+        made, _ = template(base, paths)
+        assert made is not None
+        for _ in range(3_000):
+            blocks = []
+            for _ in range(rng.randint(1, 5)):
+                inside = b"".join(rng.choice(TOKEN_BYTES) for _ in range(rng.randint(0, 3)))
+                pad = b"".join(rng.choice([b"aZ", b"9", b"-", b'"', b""]) for _ in range(2))
+                blocks.append(base.replace(b'"Hello"', b'"' + inside + b'"')
+                              .replace(b'"aZ9"', b'"' + pad + b'"'))
+            start = rng.randint(0, 1)
+            texts, index = [], start
+            while index < len(blocks) and made.text(blocks[index]) is not None:
+                texts.append(made.text(blocks[index]))
+                index += 1
+            expected = ("".join(texts) if texts else None), index
+            assert made.run(blocks, start) == expected
 
 
 def test_no_template_where_the_writer_is_not_orjson_or_the_mark_is_in_the_text() -> None:
