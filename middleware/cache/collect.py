@@ -263,9 +263,10 @@ def _strings(tokens: list[bytes]) -> list[str] | None:
     follows `[` or `,`, and the closing one is escaped only after a backslash, which the
     check for a backslash before `","` (and before the last `"]`) rules out (also, needlessly,
     after an escaped backslash: those runs are read one by one; inside one string token a
-    `","` cannot follow `\"`, as its second quote would end the string). A token with a quote of
-    its own inside then parses as more than one value or not at all, so a parse into as
-    many values as tokens is one string per token."""
+    `","` cannot follow `\"`, as its second quote would end the string). The tokens then
+    bring two unescaped quotes each, plus any of their own; a parse into as many values as
+    tokens, all strings (no arrays: a token may open one that another closes), has two
+    unescaped quotes a value, so no token has a quote of its own: one string per token."""
     joined = b"[" + b",".join(tokens) + b"]"
     if joined.find(b'\\","') != -1 or joined.endswith(b'\\"]'):
         return None
@@ -273,7 +274,8 @@ def _strings(tokens: list[bytes]) -> list[str] | None:
         values = orjson.loads(joined)
     except orjson.JSONDecodeError:
         return None
-    return values if len(values) == len(tokens) else None
+    return values if len(values) == len(tokens) and all(type(value) is str for value in values) \
+        else None
 
 
 def _is_pad(block: bytes, start: int, stop: int) -> bool:

@@ -294,6 +294,8 @@ def test_a_run_of_tokens_decodes_as_each_token_alone_or_not_at_all() -> None:
     assert _strings([b'"a\\\\"', b'"b"']) is None  # (valid alone: refused, read one by one)
     assert _strings([b'"a","b"']) is None
     assert _strings([b'"x"', b'"y\\"z"']) == ["x", 'y"z']
+    # (found by a review's exhaustive search: as many values as tokens, one an array)
+    assert _strings([b'"a",["', b'","', b'"],"a"']) is None
 
 
 def test_a_run_of_template_events_adds_what_each_event_adds_in_turn() -> None:
