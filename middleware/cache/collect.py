@@ -167,7 +167,7 @@ class _Template:
                 return None
             spans.append((found, position))
         spans.sort()
-        # The fixed parts keep each string's quotes: `text` then needs no check that a
+        # The fixed parts keep each string's quotes: `run` then needs no check that a
         # string's bytes run from quote to quote (orjson.loads would also take whitespace
         # around one, and a newline there would end the SSE line).
         fixed = [block[:len(block) - len(data)]]  # the event's `data: ` (and `event:`) line
@@ -182,68 +182,73 @@ class _Template:
     def run(self, blocks: list[bytes], start: int) -> tuple[str | None, int]:
         """The text that the template's events among `blocks[start:]`, up to the first block
         that is not one, add together (None if `blocks[start]` is not one), and the index of
-        that first other block. What `text` gives for each in turn, joined; the strings of
-        the run are decoded at once (one orjson call for the run, not one an event)."""
+        that first other block. A block is the template's event when it has the template's
+        bytes around a text token that decodes alone to one string (and a pad that does).
+        The texts are decoded RUN_BATCH events at a time, in one orjson call a batch; a
+        batch that call cannot take is decoded one event at a time up to the first that is
+        not the template's. (The batch bounds how far past such an event the blocks are
+        read, so blocks that fit the template's bytes but fail it cost linear time, not
+        quadratic: each is read in full and the next run starts after it.)"""
+        texts: list[str] = []
+        index, count = start, len(blocks)
+        while True:
+            tokens, pads = self._tokens(blocks, index, min(index + RUN_BATCH, count))
+            if not tokens:
+                break
+            text = _strings(tokens) if not pads or b"".join(pads).isalnum() else None
+            found = len(tokens)
+            if text is None:
+                text, found = _one_by_one(tokens, pads)
+            if found:
+                texts.append(text)
+                index += found
+            if found < RUN_BATCH:
+                break
+        return ("".join(texts) if texts else None), index
+
+    def _tokens(self, blocks: list[bytes], start: int, stop: int
+                ) -> tuple[list[bytes], list[bytes]]:
+        """The text's JSON string token (quotes included) and the pad's inside (if the
+        template has one) of each block in `blocks[start:stop]` up to the first that is not
+        this template's bytes around two strings' places (not yet decoded)."""
         head, tail, head_size, tail_size = self.head, self.tail, self.head_size, self.tail_size
         between = self.between
-        tokens: list[bytes] = []  # each text's JSON string token, quotes included
+        tokens: list[bytes] = []
         pads: list[bytes] = []
-        index, count = start, len(blocks)
-        while index < count:
+        for index in range(start, stop):
             block = blocks[index]
-            end = len(block) - tail_size
+            end = len(block) - tail_size  # (the strings' insides run from head_size to end)
             if end < head_size or not block.startswith(head) or not block.endswith(tail):
                 break
             if between is None:
                 tokens.append(block[head_size - 1:end + 1])
+                continue
+            middle = block.find(between, head_size, end)
+            if middle < 0:
+                break
+            if self.text_first:
+                tokens.append(block[head_size - 1:middle + 1])
+                pads.append(block[middle + len(between):end])
             else:
-                stop = block.find(between, head_size, end)
-                if stop < 0:
-                    break
-                if self.text_first:
-                    tokens.append(block[head_size - 1:stop + 1])
-                    pads.append(block[stop + len(between):end])
-                else:
-                    pads.append(block[head_size:stop])
-                    tokens.append(block[stop + len(between) - 1:end + 1])
-            index += 1
-        if not tokens:
-            return None, start
-        texts = _strings(tokens)
-        if texts is None or (pads and not b"".join(pads).isalnum()):
-            return self._run_one_by_one(blocks, start, index)
-        return "".join(texts), index
+                pads.append(block[head_size:middle])
+                tokens.append(block[middle + len(between) - 1:end + 1])
+        return tokens, pads
 
-    def _run_one_by_one(self, blocks: list[bytes], start: int, stop: int
-                        ) -> tuple[str | None, int]:
-        """`run` for blocks[start:stop] one event at a time (a token that is not one string
-        on its own, a pad that is not letters and digits: `text` says where the run ends)."""
-        texts: list[str] = []
-        for index in range(start, stop):
-            text = self.text(blocks[index])
-            if text is None:
-                return ("".join(texts) if texts else None), index
-            texts.append(text)
-        return "".join(texts), stop
 
-    def text(self, block: bytes) -> str | None:
-        """The text `block` adds, if it is this template's event with other strings; None
-        otherwise (it is then read in full)."""
-        start, end = self.head_size, len(block) - self.tail_size  # (strings' insides)
-        if end < start or not block.startswith(self.head) or not block.endswith(self.tail):
-            return None
-        between = self.between
-        if between is None:
-            return _string(block[start - 1:end + 1])
-        stop = block.find(between, start, end)
-        if stop < 0:
-            return None
-        after = stop + len(between)
-        text_span, pad_span = ((start, stop), (after, end)) if self.text_first else \
-            ((after, end), (start, stop))
-        if not _is_pad(block, *pad_span):
-            return None
-        return _string(block[text_span[0] - 1:text_span[1] + 1])
+# Events decoded in one orjson call at most (see _Template.run).
+RUN_BATCH = 64
+
+
+def _one_by_one(tokens: list[bytes], pads: list[bytes]) -> tuple[str, int]:
+    """The strings of `tokens` up to the first that is not one string on its own or whose
+    pad (if `pads`) is not, joined, and how many that is."""
+    texts: list[str] = []
+    for position, token in enumerate(tokens):
+        text = _string(token)
+        if text is None or (pads and not _is_pad(pads[position])):
+            break
+        texts.append(text)
+    return "".join(texts), len(texts)
 
 
 def _string(token: bytes) -> str | None:
@@ -255,9 +260,9 @@ def _string(token: bytes) -> str | None:
     return value if type(value) is str else None
 
 
-def _strings(tokens: list[bytes]) -> list[str] | None:
-    """What `_string` gives for each token (each from a quote to a quote), in one parse; None
-    unless every token is one JSON string on its own.
+def _strings(tokens: list[bytes]) -> str | None:
+    """What `_string` gives for each token (each from a quote to a quote), joined, in one
+    parse; None unless every token is one JSON string on its own.
 
     In `[t1,t2,...]`, each token's quotes delimit it when neither is escaped: the opening one
     follows `[` or `,`, and the closing one is escaped only after a backslash, which the
@@ -265,23 +270,23 @@ def _strings(tokens: list[bytes]) -> list[str] | None:
     after an escaped backslash: those runs are read one by one; inside one string token a
     `","` cannot follow `\"`, as its second quote would end the string). The tokens then
     bring two unescaped quotes each, plus any of their own; a parse into as many values as
-    tokens, all strings (no arrays: a token may open one that another closes), has two
-    unescaped quotes a value, so no token has a quote of its own: one string per token."""
+    tokens, all strings (no arrays: a token may open one that another closes; joining
+    anything else raises TypeError), has two unescaped quotes a value, so no token has a
+    quote of its own: one string per token."""
     joined = b"[" + b",".join(tokens) + b"]"
     if joined.find(b'\\","') != -1 or joined.endswith(b'\\"]'):
         return None
     try:
         values = orjson.loads(joined)
-    except orjson.JSONDecodeError:
+        return "".join(values) if len(values) == len(tokens) else None
+    except (orjson.JSONDecodeError, TypeError):
         return None
-    return values if len(values) == len(tokens) and all(type(value) is str for value in values) \
-        else None
 
 
-def _is_pad(block: bytes, start: int, stop: int) -> bool:
+def _is_pad(inside: bytes) -> bool:
     """Whether the inside of a string that is not the text makes a string with its quotes
     (letters and digits, as OpenAI's pads, need no decoding)."""
-    return block[start:stop].isalnum() or _string(block[start - 1:stop + 1]) is not None
+    return inside.isalnum() or _string(b'"' + inside + b'"') is not None
 
 
 # Put in the strings' places to find them in orjson's text: a text holding the mark's

@@ -18,7 +18,14 @@ import orjson
 import pytest
 
 from gateway.sse import SSEParser
-from middleware.cache.collect import _string, _strings, _Template, collect_sse, collect_stream
+from middleware.cache.collect import (
+    RUN_BATCH,
+    _string,
+    _strings,
+    _Template,
+    collect_sse,
+    collect_stream,
+)
 
 JSON = dict[str, Any]
 Event = tuple[str | None, JSON | str]
@@ -244,27 +251,34 @@ def with_content(value: Any, pad: str = "aZ9") -> bytes:
     return b"data: " + orjson.dumps(chunk)
 
 
+def read(made: _Template, block: bytes) -> str | None:
+    """The text `made` takes from `block` alone, or None if `block` is not its event."""
+    found, index = made.run([block], 0)
+    assert index == (0 if found is None else 1)
+    return found
+
+
 def test_a_template_reads_the_text_of_events_that_differ_only_in_their_strings() -> None:
     made, _ = template(with_content("Hello"), [CONTENT, ("obfuscation",)])
     assert made is not None
     for value in ["", '"},"x":1', "\\", "é😀", "\x00sluicegate-text", "a\nb"]:
-        assert made.text(with_content(value, pad="different")) == value
-    assert made.text(with_content("x", pad="")) == "x"
-    assert made.text(with_content("x", pad='a-"b\\')) == "x"  # (not letters and digits)
+        assert read(made, with_content(value, pad="different")) == value
+    assert read(made, with_content("x", pad="")) == "x"
+    assert read(made, with_content("x", pad='a-"b\\')) == "x"  # (not letters and digits)
 
 
 def test_a_template_refuses_events_that_are_not_its_own() -> None:
     made, _ = template(with_content("Hello"), [CONTENT, ("obfuscation",)])
     assert made is not None
     block = with_content("Hi")
-    assert made.text(block.replace(b'"created":1', b'"created":2')) is None
-    assert made.text(with_content(7)) is None
-    assert made.text(with_content(None)) is None
-    assert made.text(block.replace(b'"Hi"', b'"Hi","content":"x"')) is None
-    assert made.text(block.replace(b'"Hi"', b'"H\xffi"')) is None  # not UTF-8: read in full
-    assert made.text(block.replace(b'"aZ9"', b'7')) is None
-    assert made.text(block.replace(b'"aZ9"', b'"a","b":"c"')) is None
-    assert made.text(b"data: [DONE]") is None
+    assert read(made, block.replace(b'"created":1', b'"created":2')) is None
+    assert read(made, with_content(7)) is None
+    assert read(made, with_content(None)) is None
+    assert read(made, block.replace(b'"Hi"', b'"Hi","content":"x"')) is None
+    assert read(made, block.replace(b'"Hi"', b'"H\xffi"')) is None  # not UTF-8: read in full
+    assert read(made, block.replace(b'"aZ9"', b'7')) is None
+    assert read(made, block.replace(b'"aZ9"', b'"a","b":"c"')) is None
+    assert read(made, b"data: [DONE]") is None
 
 
 # Bytes that can make a string token's insides end early, escape its closing quote, or
@@ -274,8 +288,8 @@ TOKEN_BYTES = [b'"', b"\\", b",", b"[", b"]", b"a", b" ", b"\n", b"u", b"0", b"\
 
 
 def test_a_run_of_tokens_decodes_as_each_token_alone_or_not_at_all() -> None:
-    """`_strings` decodes a run's tokens in one parse: whenever it gives values, they are
-    what each token gives alone (and each is a string); it may refuse a run whose tokens are
+    """`_strings` decodes a run's tokens in one parse: whenever it gives a text, it is what
+    each token gives alone, joined (and each is a string); it may refuse a run whose tokens are
     all strings alone (a token ending in an escaped backslash), never accept one that is not."""
     rng = random.Random(7)
     accepted = refused_valid = 0
@@ -286,41 +300,78 @@ def test_a_run_of_tokens_decodes_as_each_token_alone_or_not_at_all() -> None:
         together = _strings(tokens)
         if together is not None:
             accepted += 1
-            assert together == alone
+            assert None not in alone and together == "".join(alone)
         elif None not in alone:
             refused_valid += 1
     assert accepted > 2_000 and refused_valid < accepted  # (the check is not vacuous)
     assert _strings([b'"a\\"', b'","z"']) is None  # an escaped closing quote, made up for
     assert _strings([b'"a\\\\"', b'"b"']) is None  # (valid alone: refused, read one by one)
     assert _strings([b'"a","b"']) is None
-    assert _strings([b'"x"', b'"y\\"z"']) == ["x", 'y"z']
+    assert _strings([b'"x"', b'"y\\"z"']) == 'xy"z'
     # (found by a review's exhaustive search: as many values as tokens, one an array)
     assert _strings([b'"a",["', b'","', b'"],"a"']) is None
 
 
 def test_a_run_of_template_events_adds_what_each_event_adds_in_turn() -> None:
     """`_Template.run` over blocks that are the template's events with random strings in
-    the text's and the pad's places (some not its events at all) stops where `text` would,
-    and gives what `text` gives for each event before it, joined."""
+    the text's and the pad's places (some not its events at all) stops where reading each
+    block alone would, and gives what each block before it gives alone, joined; also for
+    runs longer than a batch, whose strings are decoded a batch at a time."""
     rng = random.Random(11)
     base = with_content("Hello")
     for paths in ([CONTENT], [CONTENT, ("obfuscation",)]):
         made, _ = template(base, paths)
         assert made is not None
-        for _ in range(3_000):
+        for trial in range(3_000):
+            long = trial % 10 == 0
             blocks = []
-            for _ in range(rng.randint(1, 5)):
-                inside = b"".join(rng.choice(TOKEN_BYTES) for _ in range(rng.randint(0, 3)))
-                pad = b"".join(rng.choice([b"aZ", b"9", b"-", b'"', b""]) for _ in range(2))
+            for _ in range(rng.randint(RUN_BATCH, 2 * RUN_BATCH + 12) if long
+                           else rng.randint(1, 5)):
+                odd = not long or rng.random() < 0.01
+                inside = b"".join(rng.choice(TOKEN_BYTES if odd else [b"a", b"\\n", b" "])
+                                  for _ in range(rng.randint(0, 3)))
+                pad = b"".join(rng.choice([b"aZ", b"9", b"-", b'"', b""] if odd else [b"aZ"])
+                               for _ in range(2))
                 blocks.append(base.replace(b'"Hello"', b'"' + inside + b'"')
                               .replace(b'"aZ9"', b'"' + pad + b'"'))
             start = rng.randint(0, 1)
             texts, index = [], start
-            while index < len(blocks) and made.text(blocks[index]) is not None:
-                texts.append(made.text(blocks[index]))
+            while index < len(blocks) and read(made, blocks[index]) is not None:
+                texts.append(read(made, blocks[index]))
                 index += 1
             expected = ("".join(texts) if texts else None), index
             assert made.run(blocks, start) == expected
+
+
+class Counted(list[bytes]):
+    """Blocks that count how often they are read."""
+    reads = 0
+
+    def __getitem__(self, index: Any) -> Any:
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+def test_events_that_fit_the_template_but_fail_it_cost_each_a_bounded_read() -> None:
+    """Template events alternating with events of the template's bytes that are not its
+    events (a text cut in a UTF-8 character: read in full): reading the stream as
+    `collect_sse` does reads each block a bounded number of times, not once for every
+    template event before it (a review found the first version quadratic here)."""
+    made, _ = template(with_content("Hello"), [CONTENT, ("obfuscation",)])
+    assert made is not None
+    good, cut = with_content("ab"), with_content("Hi").replace(b'"Hi"', b'"a\xe6"')
+    blocks = Counted([good, cut] * 2_000)
+    index, texts = 0, 0
+    while index < len(blocks):
+        text, index = made.run(blocks, index)
+        if text is None:
+            index += 1  # (read in full)
+        else:
+            assert text == "ab"
+            texts += 1
+    assert texts == 2_000
+    # (reading on to the end of the stream from each template event: ~4,000,000 reads)
+    assert blocks.reads <= (RUN_BATCH + 2) * len(blocks)
 
 
 def test_no_template_where_the_writer_is_not_orjson_or_the_mark_is_in_the_text() -> None:
