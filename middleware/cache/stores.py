@@ -67,7 +67,11 @@ _API_FORMATS = ("openai", "anthropic")
 @dataclass(slots=True)
 class CachedResponse:
     """One stored answer: the final non-stream JSON body a non-stream client of the ingress
-    format received (`api_format`), and what the layer needs to replay and meter it.
+    format received (`api_format`), and what the layer needs to replay and meter it. Or,
+    when `stream_operation` is set, the event stream a stream client of that operation
+    received, as it went out, zlib-compressed: the cache layer makes the JSON answer of it
+    (and its `usage`, None until then) when it is first asked for again (see
+    `CacheMiddleware._entry_of`).
 
     `tags` are the invalidation tags (`keys.cache_tags`); `expires_at` (epoch seconds) is set
     by the store that keeps the entry, so a tier that promotes it keeps its remaining TTL.
@@ -85,16 +89,22 @@ class CachedResponse:
     cost_micros: int
     tags: tuple[str, ...] = ()
     expires_at: float | None = None
+    stream_operation: str | None = None
 
     def encode(self) -> bytes:
         """`SGC1`, the header's length (4 bytes, big-endian), the orjson header, the body
-        as is: the body is neither escaped nor parsed again on the way back."""
+        as is: the body is neither escaped nor parsed again on the way back. A stream's
+        format is written with its operation, `[api_format, operation]`, which a reader from
+        before streams were kept as such refuses (a miss) rather than take the stream for
+        the JSON answer."""
         header = self._header()
         return b"".join((_MAGIC, _HEADER_SIZE.pack(len(header)), header, self.body))
 
     def _header(self) -> bytes:
+        form = self.api_format if self.stream_operation is None else \
+            [self.api_format, self.stream_operation]
         return orjson.dumps({
-            "f": self.api_format, "s": self.status, "c": self.created_at, "u": self.usage,
+            "f": form, "s": self.status, "c": self.created_at, "u": self.usage,
             "m": self.model, "$": self.cost_micros, "t": self.tags, "e": self.expires_at})
 
     @classmethod
@@ -108,11 +118,15 @@ class CachedResponse:
         header = orjson.loads(data[8:8 + size])  # orjson.JSONDecodeError is a ValueError
         _expect(isinstance(header, dict), "cache entry header is not an object")
         try:
-            return cls(body=bytes(data[8 + size:]), api_format=_one_of(header["f"]),
+            form, stream_operation = header["f"], None
+            if type(form) is list and len(form) == 2:
+                form, stream_operation = form[0], _text(form[1])
+            return cls(body=bytes(data[8 + size:]), api_format=_one_of(form),
                        status=_status(header["s"]), created_at=_number(header["c"]),
                        usage=_usage(header["u"]), model=_text(header["m"]),
                        cost_micros=_integer(header["$"]), tags=_tags(header["t"]),
-                       expires_at=None if header["e"] is None else _number(header["e"]))
+                       expires_at=None if header["e"] is None else _number(header["e"]),
+                       stream_operation=stream_operation)
         except KeyError as exc:
             raise ValueError(f"cache entry header lacks {exc}") from None
 
@@ -176,7 +190,7 @@ def _expiring(entry: CachedResponse, ttl_s: float, body: bytes | None = None
     return CachedResponse(entry.body if body is None else body, entry.api_format,
                           entry.status, entry.created_at,
                           entry.usage, entry.model, entry.cost_micros, entry.tags,
-                          time.time() + ttl_s)
+                          time.time() + ttl_s, entry.stream_operation)
 
 
 # -- the contract --------------------------------------------------------------------------------

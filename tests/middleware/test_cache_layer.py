@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from gateway.kernel import stack_components
 from gateway.layers import json_passes_through
 from middleware.cache import CacheMiddleware
 from middleware.cache.replay import mark_cached
-from middleware.cache.stores import CachedResponse
+from middleware.cache.stores import CachedResponse, MemoryCacheStore
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 from tests.tcp_proxy import TcpProxy
@@ -266,6 +267,121 @@ def test_a_stored_answer_replays_as_a_stream_and_a_stream_answers_json(
     assert ask(gateway, streamed).parse().choices[0].message.content == \
         f"Mock reply to: {streamed}"
     assert len([r for r in mock.requests if streamed in str(r)]) == 1
+
+
+def cache_layer(server: ThreadedServer) -> CacheMiddleware:
+    return next(layer for layer in stack_components(server.app.app)
+                if isinstance(layer, CacheMiddleware))
+
+
+def stored(backend: Backend, server: ThreadedServer) -> dict[str, CachedResponse]:
+    """The entries `server`'s store holds, by their key in the store (the memory store's
+    from the layer itself; the others' from their server: Redis for a tiered store)."""
+    if backend.kind == "memory":
+        store = cache_layer(server).store
+        assert isinstance(store, MemoryCacheStore)
+        return dict(store._entries)
+    if backend.kind == "postgres":
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            rows = conn.execute(sql.SQL("SELECT key, entry FROM {}").format(
+                sql.Identifier(backend.table))).fetchall()
+        return {key: CachedResponse.decode(entry) for key, entry in rows}
+    with redis.Redis(port=REDIS_PORT) as client:
+        return {key.decode(): CachedResponse.decode(client.get(key))
+                for key in backend.redis_entries()}
+
+
+def change_stored(backend: Backend, server: ThreadedServer,
+                  change: Callable[[CachedResponse], CachedResponse]) -> None:
+    """Replaces each stored entry with `change(entry)` (in both tiers of a tiered store)."""
+    if backend.kind == "memory":
+        store = cache_layer(server).store
+        assert isinstance(store, MemoryCacheStore)
+        for key, entry in list(store._entries.items()):
+            store._entries[key] = change(entry)
+        return
+    if backend.kind in ("redis", "tiered"):
+        with redis.Redis(port=REDIS_PORT) as client:
+            for key in backend.redis_entries():
+                client.set(key, change(CachedResponse.decode(client.get(key))).encode(),
+                           keepttl=True)
+    if backend.kind in ("postgres", "tiered"):
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            table = sql.Identifier(backend.table)
+            for key, entry in conn.execute(sql.SQL("SELECT key, entry FROM {}").format(table)):
+                conn.execute(sql.SQL("UPDATE {} SET entry = %s WHERE key = %s").format(table),
+                             (change(CachedResponse.decode(entry)).encode(), key))
+
+
+def stream_raw(server: ThreadedServer, text: str) -> bytes:
+    """The bytes of a streamed answer to `text`, as the client received them."""
+    body = {"model": "gpt-mock", "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": text}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH,
+                      timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["x-sluicegate-cache"] == "miss"
+        return b"".join(response.iter_bytes())
+
+
+def test_a_stream_is_kept_as_sent_and_read_into_its_answer_when_asked_again(
+        backend: Backend, gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """A streamed miss is stored as the bytes that went out, compressed (not read event by
+    event on every miss); the first hit makes its JSON answer, with the stream's usage. The memory
+    store then holds the answer in the stream's place; a shared store is not written from a
+    hit (each process keeps the answer it made)."""
+    text = "keep the stream " + uuid.uuid4().hex
+    sent = stream_raw(gateway, text)
+    wait_for(lambda: len(stored(backend, gateway)) == 1, timeout_s=10)
+    [(key, entry)] = stored(backend, gateway).items()
+    assert entry.stream_operation == "openai.chat" and zlib.decompress(entry.body) == sent
+    assert entry.usage is None
+    usage = orjson.loads(sent.split(b"\n\n")[-3][len(b"data: "):])["usage"]
+    for _ in range(2):
+        answer = ask(gateway, text)
+        assert cache_status(answer) == "hit"
+        parsed = answer.parse()
+        assert parsed.choices[0].message.content == f"Mock reply to: {text}"
+        assert parsed.choices[0].finish_reason == "stop"
+        assert parsed.usage.prompt_tokens == usage["prompt_tokens"]
+        assert parsed.usage.completion_tokens == usage["completion_tokens"]
+        assert parsed.usage.model_extra == {"x_sluicegate_cached": True}
+    assert upstream_calls(mock, text) == 1
+    [(after_key, after)] = stored(backend, gateway).items()
+    assert after_key == key
+    if backend.kind == "memory":
+        assert after.stream_operation is None and after.usage == usage
+        assert orjson.loads(after.body)["choices"][0]["message"]["content"] == \
+            f"Mock reply to: {text}"
+        assert after.expires_at == pytest.approx(entry.expires_at, abs=1)
+    else:
+        assert after.body == entry.body and after.stream_operation == "openai.chat"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not compressed"])
+def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
+        damage: str, backend: Backend, gateway: ThreadedServer,
+        mock: MockProviderServer) -> None:
+    text = "cut later " + uuid.uuid4().hex
+    sent = stream_raw(gateway, text)
+    wait_for(lambda: len(stored(backend, gateway)) == 1, timeout_s=10)
+    cut = zlib.compress(sent[:sent.index(b'"finish_reason":"stop"')].rpartition(b"\n\n")[0]
+                        + b"\n\n") if damage == "cut short" else sent
+
+    def cut_short(entry: CachedResponse) -> CachedResponse:
+        return CachedResponse(cut, entry.api_format, entry.status, entry.created_at, None,
+                              entry.model, entry.cost_micros, entry.tags, None,
+                              entry.stream_operation)
+
+    change_stored(backend, gateway, cut_short)
+    assert [entry.body for entry in stored(backend, gateway).values()] == [cut]
+    assert cache_status(ask(gateway, text)) == "miss"
+    assert upstream_calls(mock, text) == 2
+    wait_for(lambda: [e.stream_operation for e in stored(backend, gateway).values()] == [None],
+             timeout_s=10)
+    assert_answered(ask(gateway, text), text, "hit")
+    assert upstream_calls(mock, text) == 2
 
 
 def test_anthropic_callers_get_their_own_shape(gateway: ThreadedServer) -> None:

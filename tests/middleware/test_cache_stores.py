@@ -193,6 +193,10 @@ GOOD_HEADER = (b'{"f":"openai","s":200,"c":1.5,"u":null,"m":"m","$":1,"t":[],"e"
     _with_header(GOOD_HEADER.replace(b'"t":[]', b'"t":"tag"')),
     _with_header(GOOD_HEADER.replace(b'"t":[]', b'"t":[1]')),
     _with_header(GOOD_HEADER.replace(b'"e":null', b'"e":"later"')),
+    _with_header(GOOD_HEADER.replace(b'"openai"', b'["openai"]')),
+    _with_header(GOOD_HEADER.replace(b'"openai"', b'["gemini","openai.chat"]')),
+    _with_header(GOOD_HEADER.replace(b'"openai"', b'["openai",5]')),
+    _with_header(GOOD_HEADER.replace(b'"openai"', b'["openai","openai.chat","x"]')),
 ])
 def test_garbage_is_not_an_entry(garbage: bytes) -> None:
     with pytest.raises(ValueError):
@@ -201,6 +205,23 @@ def test_garbage_is_not_an_entry(garbage: bytes) -> None:
 
 def test_the_good_header_of_the_garbage_cases_decodes() -> None:
     assert CachedResponse.decode(_with_header(GOOD_HEADER)).status == 200
+
+
+def test_a_kept_stream_round_trips_and_a_reader_of_answers_only_refuses_it() -> None:
+    """A stream kept as it went out (`stream_operation`) keeps its operation through the
+    stores' encoding; its format is written as `[format, operation]`, which a reader from
+    before (one format string) refuses: a miss, not the stream taken for a JSON answer."""
+    stream = entry("a", body=b"data: {}\n\ndata: [DONE]\n\n", usage=None,
+                   stream_operation="anthropic.messages", api_format="anthropic")
+    assert CachedResponse.decode(stream.encode()) == stream
+    assert header_of(stream.encode())["f"] == ["anthropic", "anthropic.messages"]
+    answer = entry("a")
+    assert CachedResponse.decode(answer.encode()) == answer
+    assert header_of(answer.encode())["f"] == "openai"  # (all an earlier reader takes)
+
+
+def header_of(encoded: bytes) -> Any:
+    return orjson.loads(encoded[8:8 + int.from_bytes(encoded[4:8], "big")])
 
 
 # -- every store ---------------------------------------------------------------------------------
