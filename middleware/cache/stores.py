@@ -69,7 +69,7 @@ class CachedResponse:
     """One stored answer: the final non-stream JSON body a non-stream client of the ingress
     format received (`api_format`), and what the layer needs to replay and meter it. Or,
     when `stream_operation` is set, the event stream a stream client of that operation
-    received, as it went out, zlib-compressed: the cache layer makes the JSON answer of it
+    received, as it went out, LZ4-compressed: the cache layer makes the JSON answer of it
     (and its `usage`, None until then) when it is first asked for again (see
     `CacheMiddleware._entry_of`).
 

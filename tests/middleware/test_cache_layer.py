@@ -11,13 +11,13 @@ import asyncio
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
+import lz4.block
 import openai
 import orjson
 import psycopg
@@ -335,7 +335,7 @@ def test_a_stream_is_kept_as_sent_and_read_into_its_answer_when_asked_again(
     sent = stream_raw(gateway, text)
     wait_for(lambda: len(stored(backend, gateway)) == 1, timeout_s=10)
     [(key, entry)] = stored(backend, gateway).items()
-    assert entry.stream_operation == "openai.chat" and zlib.decompress(entry.body) == sent
+    assert entry.stream_operation == "openai.chat" and lz4.block.decompress(entry.body) == sent
     assert entry.usage is None
     usage = orjson.loads(sent.split(b"\n\n")[-3][len(b"data: "):])["usage"]
     for _ in range(2):
@@ -359,15 +359,17 @@ def test_a_stream_is_kept_as_sent_and_read_into_its_answer_when_asked_again(
         assert after.body == entry.body and after.stream_operation == "openai.chat"
 
 
-@pytest.mark.parametrize("damage", ["cut short", "not compressed"])
+@pytest.mark.parametrize("damage", ["cut short", "not compressed", "too large"])
 def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
         damage: str, backend: Backend, gateway: ThreadedServer,
         mock: MockProviderServer) -> None:
     text = "cut later " + uuid.uuid4().hex
     sent = stream_raw(gateway, text)
     wait_for(lambda: len(stored(backend, gateway)) == 1, timeout_s=10)
-    cut = zlib.compress(sent[:sent.index(b'"finish_reason":"stop"')].rpartition(b"\n\n")[0]
-                        + b"\n\n") if damage == "cut short" else sent
+    cut = {"cut short": lz4.block.compress(
+        sent[:sent.index(b'"finish_reason":"stop"')].rpartition(b"\n\n")[0] + b"\n\n"),
+        "not compressed": len(sent).to_bytes(4, "little") + sent,
+        "too large": (2**31 - 1).to_bytes(4, "little") + lz4.block.compress(sent)[4:]}[damage]
 
     def cut_short(entry: CachedResponse) -> CachedResponse:
         return CachedResponse(cut, entry.api_format, entry.status, entry.created_at, None,
