@@ -6,8 +6,9 @@ A hit is answered without calling below, in ~a millisecond: as JSON, or replayed
 in the caller's format (middleware/cache/replay.py), with the original usage marked as
 cached; the context says `cache_status = "hit"`, so the quota layer charges nothing. A miss is
 teed: once its last byte has gone out, a loop callback stores it as it was served (a
-completed stream as the JSON answer it amounts to, so it can serve non-stream requests too;
-a store that must be awaited gets a task). A store that fails is a miss, never an error. Every answer says `x-sluicegate-cache: hit|miss|bypass`.
+completed stream LZ4-compressed, read into the JSON answer it amounts to when it is first
+asked for again, so it can serve non-stream requests too; a store that must be awaited gets
+a task). A store that fails is a miss, never an error. Every answer says `x-sluicegate-cache: hit|miss|bypass`.
 
 Controls: `Cache-Control: no-cache` (do not answer from the cache), `no-store` (do not store),
 `max-age=N`; `x-sluicegate-cache-namespace`; `x-sluicegate-cache: on` opts a request in under
