@@ -142,7 +142,7 @@ class CacheMiddleware:
         self._replays_bytes = 0
         self._marked: dict[bytes, bytes] = {}
         self._marked_bytes = 0
-        self._streams: dict[bytes, CachedResponse] = {}  # see `_collected`
+        self._streams: dict[bytes, tuple[bytes, dict[str, Any] | None] | None] = {}  # (`_collected`)
         self._streams_bytes = 0
         # Stores that answer without I/O (the memory store) are called without a coroutine.
         self._get_now = getattr(self.store, "get_now", None)
@@ -236,7 +236,8 @@ class CacheMiddleware:
         if ctx.stream or not self._json_passes_below:
             tee = _Tee(send, self.max_entry_bytes)
             await self.app(scope, receive, tee.send)
-            if not tee.complete:
+            # (a stream that broke ends with an error event, complete and said so: not kept)
+            if not tee.complete or ctx.error_type is not None:
                 return
             answer = tee
         else:
@@ -421,8 +422,8 @@ class CacheMiddleware:
         for the bench's 20 events), and most stored answers are never asked for again.
         Compressed, the stream takes about the room its answer would (the bench's: 659
         bytes against 658; 124 chunks with OpenAI's pads: 2,374 against 1,202), where as
-        sent it would take 10 to 50 times that. (A stream that was cut short or failed was
-        not copied whole, or raised.)"""
+        sent it would take 10 to 50 times that. (A stream that broke is not kept: see
+        `__call__`.)"""
         usage: Any = None
         stream_operation = None
         if type(answer) is tuple:
@@ -453,38 +454,30 @@ class CacheMiddleware:
 
     def _collected(self, key: str, entry: CachedResponse) -> CachedResponse | None:
         """The JSON answer a stored stream makes, with its usage; None for a stream that
-        makes none (it ended without finishing: then it is a miss, whose answer replaces
-        it). Made once: written back in the stream's place in a store that reads and writes
-        at once (the memory store: nothing can happen between the two), else kept in process
-        per stream (bounded by MEMO_BYTES), so a shared store is never written from a hit (a
-        write there could put back what an invalidation just dropped)."""
+        makes none (then it is a miss, whose answer replaces it). Made once: written back in
+        the stream's place in a store that reads and writes at once (the memory store:
+        nothing can happen between the two), else kept in process per stream (bounded by
+        MEMO_BYTES), so a shared store is never written from a hit (a write there could put
+        back what an invalidation just dropped). The memo keeps only what the stream's bytes
+        make (the answer's body and usage, or that there is none): two entries holding the
+        same stream keep their own model, cost and tags."""
         assert entry.stream_operation is not None
         kept = self._set_soon if self._get_now is not None else None
-        if kept is None:
-            collected = self._streams.get(entry.body)
-            if collected is not None:
-                return collected
-        body = entry.body
-        # (the size it says it holds, checked first: a damaged one could ask for gigabytes)
-        if len(body) < 4 or int.from_bytes(body[:4], "little") > self.max_entry_bytes:
-            return None
-        try:
-            sent = lz4.block.decompress(body)
-        except lz4.block.LZ4BlockError:
-            return None
-        parsed = collect_sse(sent, entry.api_format, entry.stream_operation)
-        if parsed is None:
-            return None
-        usage = parsed.get("usage")
-        collected = CachedResponse(orjson.dumps(parsed), entry.api_format, entry.status,
-                                   entry.created_at, usage if isinstance(usage, dict) else None,
-                                   entry.model, entry.cost_micros, entry.tags)
-        if kept is not None:
-            if entry.expires_at is not None:
-                kept(key, collected, entry.expires_at - time.time())
+        if kept is not None or entry.body not in self._streams:
+            made = _answer_of(entry, self.max_entry_bytes)
+            if kept is None:
+                self._streams_bytes = _remember(self._streams, self._streams_bytes,
+                                                entry.body, made, len(made[0]) if made else 0)
         else:
-            self._streams_bytes = _remember(self._streams, self._streams_bytes, entry.body,
-                                            collected, len(collected.body))
+            made = self._streams[entry.body]
+        if made is None:
+            return None
+        body, usage = made
+        collected = CachedResponse(body, entry.api_format, entry.status, entry.created_at,
+                                   usage, entry.model, entry.cost_micros, entry.tags,
+                                   entry.expires_at)
+        if kept is not None and entry.expires_at is not None:
+            kept(key, collected, entry.expires_at - time.time())
         return collected
 
     async def _write(self, key: str, entry: CachedResponse, ttl: float,
@@ -553,6 +546,27 @@ def _remember(memo: dict[Any, Any], used: int, key: Any, value: Any, size: int =
         used = 0
     memo[key] = value
     return used + size
+
+
+def _answer_of(entry: CachedResponse, max_bytes: int) -> tuple[bytes, dict[str, Any] | None] | None:
+    """The JSON answer (unmarked) and usage a kept stream's bytes make; None if they make
+    none: cut short, not LZ4, saying it holds more than `max_bytes`, or an answer that
+    cannot be read or written (nested too deep), each a miss rather than an error."""
+    body = entry.body
+    # (the size it says it holds, checked first: a damaged one could ask for gigabytes)
+    if len(body) < 4 or int.from_bytes(body[:4], "little") > max_bytes:
+        return None
+    try:
+        parsed = collect_sse(lz4.block.decompress(body), entry.api_format,
+                             entry.stream_operation or "")
+        if parsed is None:
+            return None
+        usage = parsed.get("usage")
+        return orjson.dumps(parsed), usage if isinstance(usage, dict) else None
+    except Exception:  # (a damaged or hostile entry; logged, never raised on a hit)
+        logger.warning("cache: a kept stream could not be read into its answer; a miss",
+                       exc_info=True)
+        return None
 
 
 def _parsed(raw: bytes) -> Any:

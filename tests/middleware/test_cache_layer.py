@@ -359,7 +359,8 @@ def test_a_stream_is_kept_as_sent_and_read_into_its_answer_when_asked_again(
         assert after.body == entry.body and after.stream_operation == "openai.chat"
 
 
-@pytest.mark.parametrize("damage", ["cut short", "not compressed", "too large"])
+@pytest.mark.parametrize("damage", ["cut short", "not compressed", "too large",
+                                    "nested too deep"])
 def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
         damage: str, backend: Backend, gateway: ThreadedServer,
         mock: MockProviderServer) -> None:
@@ -369,7 +370,11 @@ def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
     cut = {"cut short": lz4.block.compress(
         sent[:sent.index(b'"finish_reason":"stop"')].rpartition(b"\n\n")[0] + b"\n\n"),
         "not compressed": len(sent).to_bytes(4, "little") + sent,
-        "too large": (2**31 - 1).to_bytes(4, "little") + lz4.block.compress(sent)[4:]}[damage]
+        "too large": (2**31 - 1).to_bytes(4, "little") + lz4.block.compress(sent)[4:],
+        # (orjson reads 1,024 levels but writes 255: the answer cannot be written)
+        "nested too deep": lz4.block.compress(sent.replace(
+            b'"object":', b'"x":' + b"[" * 300 + b"]" * 300 + b',"object":', 1)),
+    }[damage]
 
     def cut_short(entry: CachedResponse) -> CachedResponse:
         return CachedResponse(cut, entry.api_format, entry.status, entry.created_at, None,
@@ -384,6 +389,48 @@ def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
              timeout_s=10)
     assert_answered(ask(gateway, text), text, "hit")
     assert upstream_calls(mock, text) == 2
+
+
+def test_a_stream_that_broke_is_not_kept_in_place_of_a_good_answer(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """A stream that broke upstream ends with an error event, a complete 200 to the tee:
+    it is not stored (not even by a request that may not use the stored answer)."""
+    from tests.mock_providers import Fault
+    text = "break later " + uuid.uuid4().hex
+    stream_raw(gateway, text)
+    wait_stored(gateway, text)
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1))
+    body = {"model": "gpt-mock", "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": text}]}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
+                      headers={**AUTH, "cache-control": "no-cache"}, timeout=10) as response:
+        broken = b"".join(response.iter_bytes())
+    assert response.status_code == 200 and b'"error"' in broken
+    assert upstream_calls(mock, text) == 2
+    time.sleep(0.5)  # (what a store would take: the tests above wait for less)
+    assert_answered(ask(gateway, text), text, "hit")
+    assert upstream_calls(mock, text) == 2
+
+
+def test_one_stream_kept_twice_is_read_once_and_each_entry_keeps_its_own_figures() -> None:
+    """Away from the memory store, the answer a kept stream makes is kept in process per
+    stream: another entry with the same bytes gets the same answer and its own model,
+    cost and tags."""
+    layer = CacheMiddleware(lambda *_: None, store=f"redis://127.0.0.1:{REDIS_PORT}/0")
+    sent = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+            b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+            b"data: [DONE]\n\n")
+    body = lz4.block.compress(sent)
+    first, second = (CachedResponse(body, "openai", 200, time.time(), None, model, cost, tags,
+                                    time.time() + 60, "openai.chat")
+                     for model, cost, tags in (("a", 1000, ("t:a",)), ("b", 4000, ("t:b",))))
+    one, other = layer._collected("k1", first), layer._collected("k2", second)
+    assert one is not None and other is not None
+    assert orjson.loads(one.body)["choices"][0]["message"]["content"] == "Hi"
+    assert other.body is one.body  # (read once)
+    assert (one.model, one.cost_micros, one.tags) == ("a", 1000, ("t:a",))
+    assert (other.model, other.cost_micros, other.tags) == ("b", 4000, ("t:b",))
+    assert other.stream_operation is None and other.expires_at == second.expires_at
 
 
 def test_anthropic_callers_get_their_own_shape(gateway: ThreadedServer) -> None:
