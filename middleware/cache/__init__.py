@@ -8,7 +8,8 @@ cached; the context says `cache_status = "hit"`, so the quota layer charges noth
 teed: once its last byte has gone out, a loop callback stores it as it was served (a
 completed stream LZ4-compressed, read into the JSON answer it amounts to when it is first
 asked for again, so it can serve non-stream requests too; a store that must be awaited gets
-a task). A store that fails is a miss, never an error. Every answer says `x-sluicegate-cache: hit|miss|bypass`.
+a task). A store that fails is a miss, never an error. Every answer says
+`x-sluicegate-cache: hit|miss|bypass`.
 
 Controls: `Cache-Control: no-cache` (do not answer from the cache), `no-store` (do not store),
 `max-age=N`; `x-sluicegate-cache-namespace`; `x-sluicegate-cache: on` opts a request in under
@@ -142,7 +143,8 @@ class CacheMiddleware:
         self._replays_bytes = 0
         self._marked: dict[bytes, bytes] = {}
         self._marked_bytes = 0
-        self._streams: dict[bytes, tuple[bytes, dict[str, Any] | None] | None] = {}  # (`_collected`)
+        # What kept streams made, per stream (see `_collected`).
+        self._streams: dict[bytes, tuple[bytes, dict[str, Any] | None] | None] = {}
         self._streams_bytes = 0
         # Stores that answer without I/O (the memory store) are called without a coroutine.
         self._get_now = getattr(self.store, "get_now", None)
@@ -548,7 +550,8 @@ def _remember(memo: dict[Any, Any], used: int, key: Any, value: Any, size: int =
     return used + size
 
 
-def _answer_of(entry: CachedResponse, max_bytes: int) -> tuple[bytes, dict[str, Any] | None] | None:
+def _answer_of(entry: CachedResponse, max_bytes: int
+               ) -> tuple[bytes, dict[str, Any] | None] | None:
     """The JSON answer (unmarked) and usage a kept stream's bytes make; None if they make
     none: cut short, not LZ4, saying it holds more than `max_bytes`, or an answer that
     cannot be read or written (nested too deep), each a miss rather than an error."""
