@@ -465,13 +465,15 @@ class CacheMiddleware:
         same stream keep their own model, cost and tags."""
         assert entry.stream_operation is not None
         kept = self._set_soon if self._get_now is not None else None
-        if kept is not None or entry.body not in self._streams:
+        if entry.body in self._streams:
+            made = self._streams[entry.body]
+        else:
             made = _answer_of(entry, self.max_entry_bytes)
-            if kept is None:
+            # (a stream that makes no answer is remembered by every store: it stays stored
+            # until a miss that may store replaces it, and is not read again meanwhile)
+            if kept is None or made is None:
                 self._streams_bytes = _remember(self._streams, self._streams_bytes,
                                                 entry.body, made, len(made[0]) if made else 0)
-        else:
-            made = self._streams[entry.body]
         if made is None:
             return None
         body, usage = made

@@ -383,12 +383,18 @@ def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
 
     change_stored(backend, gateway, cut_short)
     assert [entry.body for entry in stored(backend, gateway).values()] == [cut]
+    # A miss that may not store leaves it stored; that it makes no answer is remembered
+    # (every store), so it is not read again on every request.
+    assert cache_status(ask(gateway, text, extra_headers={"cache-control": "no-store"})) == \
+        "miss"
+    assert [entry.body for entry in stored(backend, gateway).values()] == [cut]
+    assert cache_layer(gateway)._streams == {cut: None}
     assert cache_status(ask(gateway, text)) == "miss"
-    assert upstream_calls(mock, text) == 2
+    assert upstream_calls(mock, text) == 3
     wait_for(lambda: [e.stream_operation for e in stored(backend, gateway).values()] == [None],
              timeout_s=10)
     assert_answered(ask(gateway, text), text, "hit")
-    assert upstream_calls(mock, text) == 2
+    assert upstream_calls(mock, text) == 3
 
 
 def test_a_stream_that_broke_is_not_kept_in_place_of_a_good_answer(
