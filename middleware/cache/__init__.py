@@ -426,7 +426,6 @@ class CacheMiddleware:
         bytes against 658; 124 chunks with OpenAI's pads: 2,374 against 1,202), where as
         sent it would take 10 to 50 times that. (A stream that broke is not kept: see
         `__call__`.)"""
-        usage: Any = None
         stream_operation = None
         if type(answer) is tuple:
             body, parsed = answer
@@ -435,17 +434,19 @@ class CacheMiddleware:
             body = b"".join(answer.chunks)
             if answer.streaming:
                 body = lz4.block.compress(body, store_size=True)
-                parsed, stream_operation = None, ctx.operation
+                stream_operation = ctx.operation
             else:
                 # The passthrough parsed what it sent; other bytes (a custom layer below this
                 # one changed them) are parsed here. The body is kept as it was served; a hit
                 # marks its usage (`_marked_json`).
                 sent = ctx.sent_json
                 parsed = sent[1] if sent is not None and sent[0] == body else _parsed(body)
-        if stream_operation is None:
-            if not isinstance(parsed, dict):
-                return None
+        if stream_operation is not None:
+            usage = None  # (known once the stream is read, on its first hit)
+        elif isinstance(parsed, dict):
             usage = parsed.get("usage")
+        else:
+            return None
         entry = CachedResponse(body, ctx.api_format, 200, time.time(),
                                usage if isinstance(usage, dict) else None,
                                ctx.served_model or ctx.model, _cost_of(ctx), tags, None,
@@ -465,9 +466,8 @@ class CacheMiddleware:
         same stream keep their own model, cost and tags."""
         assert entry.stream_operation is not None
         kept = self._set_soon if self._get_now is not None else None
-        if entry.body in self._streams:
-            made = self._streams[entry.body]
-        else:
+        made = self._streams.get(entry.body, _UNREAD)
+        if made is _UNREAD:
             made = _answer_of(entry, self.max_entry_bytes)
             # (a stream that makes no answer is remembered by every store: it stays stored
             # until a miss that may store replaces it, and is not read again meanwhile)
@@ -550,6 +550,9 @@ def _remember(memo: dict[Any, Any], used: int, key: Any, value: Any, size: int =
         used = 0
     memo[key] = value
     return used + size
+
+
+_UNREAD: Any = object()  # (`_collected`: a stream not in its memo)
 
 
 def _answer_of(entry: CachedResponse, max_bytes: int
