@@ -94,7 +94,7 @@ class RequestContext:
     """Everything known about one API request, shared by the layers."""
 
     # Written by the kernel.
-    request_id: str
+    request_id: str  # the caller's `x-request-id` when it sent a usable one, else made up
     operation: str  # one of the ingress constants above
     api_format: str  # "openai" or "anthropic": the shape of every response and error
     body: dict[str, Any]
@@ -105,6 +105,10 @@ class RequestContext:
     models: Any = None  # every public model (name -> gateway.upstream.Model), for re-routing
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
+    # No other request of any gateway process has it (the caller may send one request id
+    # many times): `request_id` when the gateway made that up, else `request_id` with random
+    # bits added. What a layer keys per-request state in shared stores by (quota leases).
+    unique_id: str = ""
     # Written by the auth layer: who is calling.
     principal: Any = None
     customer: str | None = None

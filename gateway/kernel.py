@@ -50,12 +50,21 @@ _random_bits = random.Random().getrandbits  # seeded from os.urandom
 
 
 def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
+    callers = _callers_request_id(headers, header)
+    return callers if callers is not None else _new_request_id()
+
+
+def _callers_request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes | None:
     for name, value in headers:
         if name == header:
             # Passed through only when it is short and printable, so it is safe in logs.
             if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").isalnum():
                 return value
             break
+    return None
+
+
+def _new_request_id() -> bytes:
     # Unique, not secret: the process's PRNG (seeded from os.urandom) spares a system call.
     return b"%032x" % _random_bits(128)
 
@@ -213,10 +222,13 @@ class Kernel:
             else:
                 await self._serve_builtin(scope, path, send)
             return
-        request_id = _request_id(scope["headers"], self.request_id_header)
+        callers = _callers_request_id(scope["headers"], self.request_id_header)
+        request_id = callers if callers is not None else _new_request_id()
         api_format = api_format_of(operation)
         try:
             ctx = await self._make_context(scope, receive, operation, api_format, request_id)
+            if callers is not None:  # (it may come with other requests: see `unique_id`)
+                ctx.unique_id = f"{ctx.request_id}.{_random_bits(64):016x}"
         except GatewayError as exc:
             await self._send_error(send, exc, api_format, request_id)
             return
@@ -260,8 +272,9 @@ class Kernel:
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
         model, stream = check_body(operation, body, self.config.models)
+        text = request_id.decode()
         return RequestContext(
-            request_id=request_id.decode(), operation=operation, api_format=api_format,
+            request_id=text, unique_id=text, operation=operation, api_format=api_format,
             body=body, raw_body=raw, model=model, stream=stream, headers=scope["headers"],
             models=self.config.models,
         )

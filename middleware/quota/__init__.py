@@ -221,7 +221,7 @@ class QuotaMiddleware:
         est = plan.estimate(ctx, self.default_max_output_tokens)
         try:
             reply = await client.call_encoded(lane.admit_payload(
-                redis.argv_prefix(ctx.request_id), est.input_tokens + est.output_tokens,
+                redis.argv_prefix(_lease(ctx)), est.input_tokens + est.output_tokens,
                 est.cost_micros))
         except RespError as exc:  # NOSCRIPT: nothing ran; the general path sends it whole
             return None if str(exc).startswith("NOSCRIPT") else \
@@ -331,7 +331,7 @@ class QuotaMiddleware:
                 # store.admit awaited here, not through _admit_seeded: every await below is
                 # resumed through each frame above it, so the common path keeps to one.
                 if handed is None:
-                    decision = await store.admit(ctx.request_id, checks)
+                    decision = await store.admit(_lease(ctx), checks)
                 elif isinstance(handed, QuotaStoreError):
                     raise handed
                 else:  # a Lane's reply for these checks (the same template, in order)
@@ -354,7 +354,7 @@ class QuotaMiddleware:
 
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
                             planned: list[Planned], checks: list[Check]) -> Decision:
-        decision = await store.admit(ctx.request_id, checks)
+        decision = await store.admit(_lease(ctx), checks)
         if not decision.unseeded:
             return decision
         return await self._seed_and_admit(store, ctx, planned, checks, decision)
@@ -365,7 +365,7 @@ class QuotaMiddleware:
         """Seeds the budget counters the store did not have, then asks again."""
         for index in decision.unseeded:  # a new period, or Redis lost its data
             await store.seed(checks[index], await self._spent(planned[index]))
-        decision = await store.admit(ctx.request_id, checks)
+        decision = await store.admit(_lease(ctx), checks)
         if decision.unseeded:
             raise QuotaStoreError("budget counters vanished while being seeded")
         return decision
@@ -396,7 +396,7 @@ class QuotaMiddleware:
         one event-loop step go to the store together, after the responses went out."""
         tokens, cost = self._charge(ctx, est, events)
         self._settles.setdefault(store, []).append(
-            (ctx.request_id, checks, plan.actual_amounts(checks, tokens, cost)))
+            (_lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
@@ -419,7 +419,7 @@ class QuotaMiddleware:
                         values: list[Any], events: int) -> None:
         """`_settle` for a request its Lane admitted."""
         tokens, cost = self._charge(ctx, est, events)
-        self._lane_settles.append((lane, ctx.request_id, est, tokens, cost))
+        self._lane_settles.append((lane, _lease(ctx), est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:
@@ -672,6 +672,12 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
     checks = lane.checks(est)
     return request_id, checks, plan.actual_amounts(checks, tokens, cost)
 
+
+def _lease(ctx: RequestContext) -> str:
+    """What the stores know a request's reservation by (its leases, its settle): an id no
+    other request shares, not the caller's request id, which one caller may send with any
+    number of requests at once (each would replace the other's concurrency lease)."""
+    return ctx.unique_id or ctx.request_id  # (contexts made outside the kernel: theirs)
 
 def _spend_rows(ctx: RequestContext, cost: int) -> list[tuple[str, str, int]]:
     principal = ctx.principal or ANONYMOUS

@@ -391,6 +391,34 @@ def test_a_concurrency_lease_is_released_when_the_client_hangs_up(
     assert eventually(lambda: gateway.chat().status_code, 200) == 200
 
 
+def test_requests_sent_with_one_request_id_hold_a_lease_each(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    # The caller chooses x-request-id. Were leases kept under it, every request sent with one
+    # id would replace the same lease, and max_concurrent would never count past one.
+    slow.config.chunk_delay_s = 0.3
+    gateway = start(auth(static_key("Limits(max_concurrent=2)")), quota(store),
+                    upstream=slow.url)
+    headers = {"authorization": f"Bearer {TEST_KEY}", "x-request-id": "same-id"}
+    body = {"model": "gpt-mock", "messages": PROMPT, "max_tokens": OUTPUT, "stream": True}
+    with httpx.Client(timeout=10) as client, \
+            client.stream("POST", gateway.url + "/v1/chat/completions", headers=headers,
+                          json=body) as first, \
+            client.stream("POST", gateway.url + "/v1/chat/completions", headers=headers,
+                          json=body) as second:
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert first.headers["x-request-id"] == "same-id"  # still the caller's, as sent
+        next(first.iter_raw())
+        next(second.iter_raw())
+        again = httpx.post(gateway.url + "/v1/chat/completions", headers=headers,
+                           json={**body, "stream": False}, timeout=10)
+        assert again.status_code == 429
+        assert again.headers["x-request-id"] == "same-id"
+        assert gateway.chat().status_code == 429  # a fresh id: two leases are held
+        assert len(slow.requests) == 2
+    # Both streams hung up: each released its own lease, and only its own.
+    assert eventually(lambda: gateway.chat().status_code, 200) == 200
+
+
 # -- 4. reconciliation to actual usage ----------------------------------------------------------
 
 LIFETIME_BUDGET = "Limits(budgets=(Budget('0.001', period='lifetime'),))"
