@@ -1,6 +1,7 @@
 """A TCP relay in front of a local server (Redis, PostgreSQL) that tests switch off — an
 outage: listening stops and every relayed connection is dropped — and on again, on the same
-port."""
+port. `reply_delay_s` holds what the server sends back for that long (a slow network or a
+busy server: what the client sent has arrived and runs, its reply is late)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ class TcpProxy:
     def __init__(self, target_port: int, port: int = 0) -> None:
         self.target_port = target_port
         self.port = port
+        self.reply_delay_s = 0.0
         self.accepted = 0
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -37,12 +39,16 @@ class TcpProxy:
                                                                          self.target_port)
         self.writers |= {writer, upstream_writer}
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       replies: bool) -> None:
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
+                    if replies and self.reply_delay_s:
+                        await asyncio.sleep(self.reply_delay_s)
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(pipe(reader, upstream_writer, False),
+                             pipe(upstream_reader, writer, True))
         self.writers -= {writer, upstream_writer}

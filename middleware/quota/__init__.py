@@ -38,6 +38,7 @@ from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import (
     ANONYMOUS,
     BUDGET,
+    CONCURRENT,
     PERIODS,
     Check,
     Decision,
@@ -129,6 +130,10 @@ class QuotaMiddleware:
         self._redis = self.store if type(self.store) is RedisQuotaStore else None
         self._lane_settles: list[tuple[Lane, str, Estimate, int, int]] = []
         self._settle_scheduled = False
+        # Concurrency leases an admit may have taken though its reply never came (a timeout:
+        # the script may have run), released once the store answers again (`_unsure_admit`).
+        self._unsure: list[tuple[str, list[Check], list[int], float]] = []
+        self._releasing: asyncio.Task[None] | None = None
         self._http: Any = None
         # (id(principal), model) -> (principal, UTC day, its template or None)
         self._templates: dict[tuple[int, str], tuple[
@@ -148,6 +153,8 @@ class QuotaMiddleware:
     async def shutdown(self) -> None:
         if self._settles or self._lane_settles:
             self._flush_settles()
+        if self._releasing is not None:  # (its leases lapse after lease_s by themselves)
+            self._releasing.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
         if self._http is not None:
@@ -343,6 +350,7 @@ class QuotaMiddleware:
                 self._store_down_until = time.monotonic() + self.store_retry_s
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
+                self._unsure_admit(_lease(ctx), checks)
         closed = [c for c in checks if c.on_store_error == "closed"]
         if closed:
             ctx.state["quota.refused"] = "store_unavailable"
@@ -351,6 +359,49 @@ class QuotaMiddleware:
                                code="quota_store_unavailable",
                                headers=[(b"retry-after", b"1")])
         return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
+
+    def _unsure_admit(self, lease: str, checks: list[Check]) -> None:
+        """An admit to the store failed, perhaps after it ran (its reply timed out): the
+        request is served by the fallback or refused, and never settled in the store. Its
+        concurrency leases would stand for `lease_s` (15 minutes by default) and shut out a
+        small max_concurrent meanwhile, so they are released once the store answers again:
+        a settle of the leases alone at their reserved amounts (removing a lease that is not
+        there changes nothing, so the release is right whether the admit ran or not). What
+        it reserved against budgets and rate limits stays reserved: undoing that is right
+        only if it ran, and a reservation kept by mistake refuses early, where one undone by
+        mistake would let spend past a cap."""
+        leases = [check for check in checks if check.kind == CONCURRENT]
+        if not leases:
+            return
+        if len(self._unsure) >= _UNSURE_MAX:  # (an outage long enough: drop the oldest)
+            del self._unsure[:len(self._unsure) - _UNSURE_MAX + 1]
+        self._unsure.append((lease, leases, [check.amount for check in leases],
+                             time.monotonic() + self.lease_s))
+        if self._releasing is None or self._releasing.done():
+            self._releasing = self._spawn(self._release_unsure())
+
+    async def _release_unsure(self) -> None:
+        """Sends the releases `_unsure_admit` keeps, every `store_retry_s` until the store
+        takes them (a lease past its `lease_s` is gone by itself and is not sent)."""
+        while self._unsure:
+            await asyncio.sleep(self.store_retry_s)
+            now = time.monotonic()
+            batch = [(lease, checks, amounts)
+                     for lease, checks, amounts, until in self._unsure if until > now]
+            taken = len(self._unsure)
+            settle_many = getattr(self.store, "settle_many", None)
+            try:
+                if settle_many is not None:
+                    await settle_many(batch)
+                else:
+                    for lease, checks, amounts in batch:
+                        await self.store.settle(lease, checks, amounts)
+            except QuotaStoreError:  # still down: again later (what came meanwhile too)
+                self._unsure = [item for item in self._unsure if item[3] > now]
+                continue
+            del self._unsure[:taken]  # (what came while this was sent waits for the next)
+            logger.info("quota: released %d concurrency lease(s) of admits whose replies "
+                        "never came", len(batch))
 
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
                             planned: list[Planned], checks: list[Check]) -> Decision:
@@ -546,11 +597,12 @@ class QuotaMiddleware:
             except Exception as exc:  # noqa: BLE001 (a webhook failure must not fail anything)
                 logger.warning("budget alert webhook failed: %s", type(exc).__name__)
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     # -- admin: current spend ----------------------------------------------------------------
 
@@ -671,6 +723,9 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
     lane, request_id, est, tokens, cost = settle
     checks = lane.checks(est)
     return request_id, checks, plan.actual_amounts(checks, tokens, cost)
+
+
+_UNSURE_MAX = 10_000  # releases kept for an unreachable store (see `_unsure_admit`)
 
 
 def _lease(ctx: RequestContext) -> str:

@@ -41,6 +41,7 @@ from gateway.tokens import estimate_messages
 from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_DSN = "postgresql://root@127.0.0.1:5432/test"
@@ -417,6 +418,50 @@ def test_requests_sent_with_one_request_id_hold_a_lease_each(
         assert len(slow.requests) == 2
     # Both streams hung up: each released its own lease, and only its own.
     assert eventually(lambda: gateway.chat().status_code, 200) == 200
+
+
+def leases_in_redis(prefix: str) -> list[bytes]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return [member for key in client.scan_iter(match=f"{prefix}*")
+                if client.type(key) == b"zset" for member in client.zrange(key, 0, -1)]
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def late_redis() -> Iterator[TcpProxy]:
+    """A relay to Redis (on a loop of its own) whose replies can be held back."""
+    proxy = TcpProxy(6379)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
+    yield proxy
+    asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_a_lease_whose_admit_reply_timed_out_is_released_when_redis_answers_again(
+        start: Start, prefix: str, late_redis: TcpProxy) -> None:
+    # The admit reaches Redis and runs, but its reply comes too late: the request is served
+    # under the fallback store, and the lease the script took is never settled. It would
+    # shut the key (max_concurrent=1) out for lease_s, 15 minutes.
+    url = f"redis://127.0.0.1:{late_redis.port}/0"
+    gateway = start(auth(static_key("Limits(max_concurrent=1)")),
+                    quota(redis_store(prefix, url, socket_timeout_s=0.2), store_retry_s=1.0))
+    assert gateway.chat().status_code == 200  # connected, scripts loaded, nothing held
+    assert leases_in_redis(prefix) == []
+    late_redis.reply_delay_s = 0.5
+    assert gateway.chat().status_code == 200  # max_concurrent fails open: the fallback
+    late_redis.reply_delay_s = 0.0
+    held = leases_in_redis(prefix)
+    assert len(held) == 1  # the timed-out admit ran, and holds a lease
+    # Once Redis answers again (the next request after store_retry_s, or the release's own
+    # try), the lease is released, and the key may send a request again.
+    assert eventually(lambda: leases_in_redis(prefix), []) == []
+    assert gateway.chat().status_code == 200
 
 
 # -- 4. reconciliation to actual usage ----------------------------------------------------------
