@@ -21,6 +21,12 @@ STORE_ERROR_POLICIES = ("open", "closed")
 
 # Kinds of check, and the subjects a limit can be set on.
 REQUESTS, TOKENS, CONCURRENT, BUDGET = "requests", "tokens", "concurrent", "budget"
+# Limits and amounts go to Redis's Lua as doubles, exact only up to 2**53. A limit is at most
+# LIMIT_MAX (rpm, tpm or concurrent requests, or a budget of $4.5 billion in micro-dollars),
+# and a reservation or a settled amount at most AMOUNT_MAX, above every limit (so an amount
+# made smaller is refused as its whole would be): both stores then decide alike.
+LIMIT_MAX = 2 ** 52
+AMOUNT_MAX = 2 ** 53 - 1
 SUBJECT_KINDS = ("key", "project", "customer", "model", "global")
 
 
@@ -61,6 +67,8 @@ class Budget:
         object.__setattr__(self, "limit_usd", limit)
         if limit < 0:
             raise ValueError("a budget's limit_usd cannot be negative")
+        if usd_to_micros(limit) > LIMIT_MAX:
+            raise ValueError(f"a budget's limit_usd can be at most {micros_to_usd(LIMIT_MAX)}")
         _check_choice("period", self.period, PERIODS)
         _check_overflow(self.on_overflow, self.downgrade_to)
         _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
@@ -95,8 +103,8 @@ class Limits:
         for name in ("rpm", "tpm", "max_concurrent"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 0):
-                raise ValueError(f"{name} must be a whole number >= 0 or None")
+                                      or not 0 <= value <= LIMIT_MAX):
+                raise ValueError(f"{name} must be a whole number from 0 to {LIMIT_MAX}, or None")
         budgets = self.budgets
         if isinstance(budgets, Budget):
             budgets = (budgets,)

@@ -36,6 +36,7 @@ from gateway.context import RequestContext, find_request_context, route_to
 from gateway.errors import GatewayError, stream_error_event
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import (
+    AMOUNT_MAX,
     ANONYMOUS,
     BUDGET,
     CONCURRENT,
@@ -464,7 +465,8 @@ class QuotaMiddleware:
             asyncio.get_running_loop().call_soon(self._flush_settles)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
-        return usage.total_tokens, cost
+        # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
+        return min(usage.total_tokens, AMOUNT_MAX), min(cost, AMOUNT_MAX)
 
     def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
                         values: list[Any], events: int) -> None:

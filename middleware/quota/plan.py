@@ -13,9 +13,11 @@ from gateway import context as c
 from gateway.context import RequestContext, Usage
 from gateway.errors import GatewayError
 from gateway.policy import (
+    AMOUNT_MAX,
     BUDGET,
     CONCURRENT,
     LIFETIME_END,
+    LIMIT_MAX,
     MICROS_PER_USD,
     REQUESTS,
     TOKENS,
@@ -121,10 +123,12 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
     if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:  # answered without a model call
         return Estimate(0, 0, 0)
     input_tokens = estimate_input_tokens(ctx)
-    output_tokens = output_bound(ctx, default_max_output_tokens)
+    # (max_tokens is the caller's: 10**30 asks more than any limit, and is kept below 2**53,
+    # where Redis's Lua counts exactly, as more than any limit still: see AMOUNT_MAX)
+    output_tokens = min(output_bound(ctx, default_max_output_tokens), LIMIT_MAX)
     price = reservation_price(ctx)
     cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
-    return Estimate(input_tokens, output_tokens, cost)
+    return Estimate(input_tokens, output_tokens, min(cost, AMOUNT_MAX))
 
 
 def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:

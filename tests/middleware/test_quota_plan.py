@@ -3,11 +3,27 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Budget, Check, Decision, Limits
+import pytest
+
+from gateway.context import OPENAI_CHAT, RequestContext
+from gateway.policy import (
+    AMOUNT_MAX,
+    BUDGET,
+    CONCURRENT,
+    LIMIT_MAX,
+    REQUESTS,
+    TOKENS,
+    Budget,
+    Check,
+    Decision,
+    Limits,
+    micros_to_usd,
+)
 from middleware.quota.plan import (
     Estimate,
     Planned,
     Templated,
+    estimate,
     planned_from,
     rate_limit_headers,
     template,
@@ -144,3 +160,26 @@ def test_a_template_of_one_limit_per_kind_gives_the_loops_headers() -> None:
     no_limits: list[Planned] = [planned(CONCURRENT, "a:concurrent", 4)]
     assert rate_limit_headers(templated(no_limits, {}), Decision(
         allowed=True, remaining=(2,), reset_s=(1.0,))) == []
+
+
+def test_limits_past_what_redis_counts_exactly_are_refused_at_startup() -> None:
+    # Redis's Lua holds numbers as doubles: past 2**53 it would admit what the in-process
+    # store refuses (a budget of 2**53 micro-dollars took a reservation of 2**53 + 1).
+    assert LIMIT_MAX < AMOUNT_MAX < 2 ** 53
+    for name in ("rpm", "tpm", "max_concurrent"):
+        assert getattr(Limits(**{name: LIMIT_MAX}), name) == LIMIT_MAX
+        with pytest.raises(ValueError, match=f"{name} must be a whole number from 0 to "):
+            Limits(**{name: LIMIT_MAX + 1})
+    assert Budget(micros_to_usd(LIMIT_MAX)).limit_micros == LIMIT_MAX
+    with pytest.raises(ValueError, match="limit_usd can be at most 4503599627.370496"):
+        Budget(micros_to_usd(LIMIT_MAX + 1))
+
+
+def test_a_reservation_for_any_max_tokens_stays_where_both_stores_count_exactly() -> None:
+    ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
+                         body={"messages": [{"role": "user", "content": "hi"}],
+                               "max_tokens": 2 ** 62, "n": 4},
+                         raw_body=b"{}", model="gpt-mock", stream=False)
+    reserved = estimate(ctx, 4096)
+    assert reserved.output_tokens == LIMIT_MAX  # more than any limit, as 2**64 would be
+    assert reserved.tokens <= AMOUNT_MAX
