@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway.policy import BUDGET, CONCURRENT, REQUESTS, TOKENS, Check, Decision, QuotaStoreError
@@ -38,6 +38,10 @@ class _Leases:
 class _Counter:
     value: int
     expires: float
+    # The reservations in `value` (request id -> amount), so that a settle knows whether the
+    # one it replaces is there: not when the counter was lost and seeded again after the
+    # admit (in Redis; the seed counts only what the ledger has, never what is in flight).
+    held: dict[str, int] = field(default_factory=dict)
 
 
 _State = TypeVar("_State", _Bucket, _Leases, _Counter)
@@ -120,8 +124,9 @@ class MemoryQuotaStore:
         for check, used in zip(checks, actual, strict=True):
             if check.kind == BUDGET:
                 counter = self._get(check.key, _Counter, now)
-                if counter is not None:
-                    counter.value += used - check.amount
+                if counter is not None:  # (its reservation, if it holds it, becomes `used`)
+                    held = counter.held.pop(request_id, None) is not None
+                    counter.value += used - check.amount if held else used
             elif check.kind == CONCURRENT:
                 leases = self._get(check.key, _Leases, now)
                 if leases is not None:
@@ -192,6 +197,8 @@ class MemoryQuotaStore:
             counter = state
             assert type(counter) is _Counter
             counter.value += check.amount
+            if check.amount:  # (settling an amount of 0 adds `used` either way)
+                counter.held[request_id] = check.amount
             left = check.expires_at - now
             reset = (0.0 if 0.0 > left else left) if check.expires_at > 0 else 0.0  # noqa: FURB136
             left_amount = check.limit - counter.value

@@ -50,11 +50,22 @@ read_args(ARGV[1])
 
 local function fmt(x) return string.format('%.17g', x) end
 
+-- A key that holds another kind of state is an error, as in the memory store. (Buckets and
+-- budget counters are both hashes: a hash without the field looked for is looked into.)
+local function other_kind(key)
+  if redis.call('EXISTS', key) == 1 then
+    error({err = 'WRONGTYPE quota key holds a different kind of state'})
+  end
+end
+
 -- The bucket's level now, and the time it was last stored (nil for a new bucket), which
 -- store_bucket takes back: the script reads the hash once.
 local function bucket_level(key, limit, window)
   local state = redis.call('HMGET', key, 'tokens', 'updated')
-  if not state[1] then return limit, nil end
+  if not state[1] then
+    other_kind(key)
+    return limit, nil
+  end
   local updated = tonumber(state[2])
   local elapsed = math.max(0, now - updated)
   return math.min(limit, tonumber(state[1]) + elapsed * (limit / window)), updated
@@ -70,8 +81,20 @@ local function store_bucket(key, limit, window, level, previous)
   redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl * 1000)))
 end
 
+-- A budget's counter is a hash: 'v', the committed value, and per reservation in it, the
+-- request's id and amount (see the settle script). One written as a plain string (before
+-- reservations were kept) is made a hash the first time it is read.
 local function counter(key, expires_at)
-  local value = redis.call('GET', key)
+  local value = redis.pcall('HGET', key, 'v')
+  if type(value) == 'table' and value.err then
+    value = redis.call('GET', key)
+    local ttl = redis.call('PTTL', key)
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'v', value)
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  elseif not value then
+    other_kind(key)
+  end
   if not value or (expires_at > 0 and now >= expires_at + slack) then return nil end
   return tonumber(value)
 end
@@ -125,7 +148,8 @@ for i = 1, #KEYS do
   local key, kind = KEYS[i], A[a]
   local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
-    local value = redis.call('INCRBY', key, A[a + 2])
+    local value = redis.call('HINCRBY', key, 'v', A[a + 2])
+    if amount ~= 0 then redis.call('HSET', key, request_id, A[a + 2]) end
     out[#out + 1] = string.format('%d', math.max(limit - value, 0))
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
@@ -158,8 +182,12 @@ local function settle(first, count)
     local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
     local actual = tonumber(A[a + 4])
     if kind == 'budget' then
+      -- The reservation becomes the actual amount, if the counter holds it: it does not
+      -- when Redis lost the counter after the admit and it was seeded again from the
+      -- ledger, which counts no request in flight; then the actual amount is added.
       if counter(key, param) ~= nil then
-        redis.call('INCRBY', key, string.format('%d', actual - amount))
+        if redis.call('HDEL', key, request_id) == 1 then actual = actual - amount end
+        redis.call('HINCRBY', key, 'v', string.format('%d', actual))
       end
     elseif kind == 'concurrent' then
       redis.call('ZREM', key, request_id)
@@ -195,11 +223,10 @@ return 0
 _SEED = _PRELUDE + """
 local value, expires_at = A[6], tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
+redis.call('DEL', KEYS[1])  -- (an expired counter still there: its reservations with it)
+redis.call('HSET', KEYS[1], 'v', value)
 if expires_at > 0 then
-  local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
-  redis.call('SET', KEYS[1], value, 'PXAT', at_ms)
-else
-  redis.call('SET', KEYS[1], value)
+  redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil((expires_at + slack) * 1000)))
 end
 return 1
 """
@@ -428,7 +455,19 @@ class RedisQuotaStore:
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         if not checks:
             return []
-        values = await self._call("MGET", *(self._key(check) for check in checks))
+        if self._client is None:
+            raise QuotaStoreError("the Redis quota store is not started")
+        keys = [self._key(check) for check in checks]
+        try:
+            values = await self._client.call_many([("HGET", key, "v") for key in keys])
+        except (OSError, ValueError) as exc:
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        for index, value in enumerate(values):
+            if isinstance(value, RespError) and str(value).startswith("WRONGTYPE"):
+                # (a counter written before reservations were kept: a plain string)
+                values[index] = await self._call("GET", keys[index])
+            elif isinstance(value, BaseException):
+                raise QuotaStoreError(f"Redis quota store: {value}")
         now = self.clock()
         try:
             return [None if value is None or _over(check, now, self.budget_slack_s)

@@ -289,6 +289,58 @@ async def test_settle_moves_the_budget_by_actual_minus_amount(store: Store,
     assert await store.committed([check]) == [280]
 
 
+async def test_a_settle_replaces_only_a_reservation_the_counter_holds(
+        store: Store, clock: FakeClock) -> None:
+    # A counter holds the reservations admitted into it. A settle of one it does not hold
+    # (it was admitted into a counter Redis lost since, and the seed that rebuilt it from the
+    # ledger did not count what was in flight) adds the actual amount; subtracting a
+    # reservation never added would let spend past the cap.
+    check = budget(1000, 100, clock.now + 3600)
+    await store.seed(check, 0)
+    await store.settle("never-admitted", [check], [30])
+    assert await store.committed([check]) == [30]
+    await store.admit("r1", [check])
+    await store.settle("r1", [check], [40])
+    await store.settle("r1", [check], [40])  # the second time, r1 is no longer held
+    assert await store.committed([check]) == [30 + 40 + 40]
+
+
+async def test_in_flight_reservations_do_not_refund_a_counter_rebuilt_after_a_flush(
+        redis_store: RedisQuotaStore, clock: FakeClock, prefix: str) -> None:
+    limit = budget(1000, 1000, clock.now + 3600)
+    await redis_store.seed(limit, 0)
+    assert (await redis_store.admit("q1", [limit])).allowed
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.delete(f"{prefix}:{limit.key}")  # Redis lost it, with q1's reservation
+    await client.aclose()
+    assert (await redis_store.admit("q2", [limit])).unseeded == (0,)
+    await redis_store.seed(limit, 0)  # the ledger has nothing yet: q1 is still in flight
+    assert (await redis_store.admit("q2", [limit])).allowed
+    await redis_store.settle("q1", [limit], [10])  # q1 spent 10, on top of q2's 1000
+    assert await redis_store.committed([limit]) == [1010]
+    assert not (await redis_store.admit("q3", [budget(1000, 990, limit.expires_at)])).allowed
+
+
+async def test_a_budget_counter_written_as_a_string_is_read_and_kept(
+        redis_store: RedisQuotaStore, clock: FakeClock, prefix: str) -> None:
+    # Counters were plain strings before they kept their reservations: one left by an
+    # older gateway is read (and made a hash, keeping its expiry) rather than refused.
+    old, new = budget(1000, 100, clock.now + 3600, key="b:old"), budget(1000, 100,
+                                                                         clock.now + 3600)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        for check in (old, new):
+            await client.set(f"{prefix}:{check.key}", "250", px=7_200_000)
+        assert await redis_store.committed([old]) == [250]
+        assert (await redis_store.admit("r1", [old])).remaining == (650,)
+        await redis_store.settle("r1", [old], [30])
+        assert await redis_store.committed([old, new]) == [280, 250]
+        assert await client.type(f"{prefix}:{old.key}") == b"hash"
+        assert 7_000_000 < await client.pttl(f"{prefix}:{old.key}") <= 7_200_000
+    finally:
+        await client.aclose()
+
+
 async def test_settle_never_creates_a_budget_nor_fails_on_missing_state(
         store: Store, clock: FakeClock) -> None:
     money = budget(1000, 100, clock.now + 3600, key="b:never")
@@ -637,11 +689,13 @@ async def test_settle_soon_settles_a_batch_as_one_call_each_on_its_own(
     await admin.aclose()
     money = budget(5000, 10, ends, key="budget:third")
     await redis_store.seed(money, 0)
+    for request_id in ("s1", "s3"):
+        assert (await redis_store.admit(request_id, [money])).allowed
     redis_store.settle_soon([("s1", [money], [15]), ("s2", [tpm(100, 5, key="tpm:broken")], [1]),
                              ("s3", [money], [20])])
     await redis_store.shutdown()
     await redis_store.startup()
-    assert await redis_store.committed([money]) == [5 + 10]  # (15 - 10) + (20 - 10)
+    assert await redis_store.committed([money]) == [15 + 20]  # (each reserved 10)
     assert "settling 3 request(s) in Redis failed (ERR 1 of 3 settles failed: WRONGTYPE" \
         in caplog.text
 
