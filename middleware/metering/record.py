@@ -172,7 +172,11 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         ttft = None if first_byte is None else round(first_byte * 1e6) / 1000
         cost, saved, attempts = call_cost_micros(ctx, usage), 0, len(ctx.attempts)
     return (
-        ctx.request_id, ctx.started_at, ended_at, getattr(principal, "key_id", None),
+        # (the caller may send one x-request-id with many requests: a record of such a
+        # request carries it with random digits added, `unique_id`, so no two records
+        # share one, and one is never taken for the replay of another)
+        ctx.unique_id or ctx.request_id, ctx.started_at, ended_at,
+        getattr(principal, "key_id", None),
         getattr(principal, "project", None), ctx.customer,
         labels_of(ctx), ctx.api_format, ctx.operation, ctx.model, served_model, provider,
         deployment, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,

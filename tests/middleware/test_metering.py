@@ -437,6 +437,26 @@ def test_every_request_has_one_row_with_its_usage(
     assert_rollups_match_events(prefix)
 
 
+def test_requests_sent_with_one_request_id_are_recorded_apart(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    # The caller chooses x-request-id and may send one with many requests. Records are kept
+    # by request id (and start time): each of these gets one of its own, which begins with
+    # the caller's id, while the response still carries the caller's id as sent.
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        for i in range(3):
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=[{"role": "user", "content": f"same id {i}"}],
+                extra_headers={"x-request-id": "caller-chosen-id"})
+            assert raw.headers["x-request-id"] == "caller-chosen-id"
+        found = wait_for_rows(prefix, 3)
+    assert len(found) == 3
+    for request_id in found:
+        head, dot, digits = request_id.partition(".")
+        assert (head, dot, len(digits)) == ("caller-chosen-id", ".", 16)
+
+
 def test_cache_hits_and_disconnects_are_recorded(
         tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
         journal: Path) -> None:
