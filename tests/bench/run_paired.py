@@ -7,7 +7,10 @@ Here the bare passthrough and the layer's target run side by side (both pinned t
 core, on two ports; only the one under load uses it), and their rounds alternate in ABBA
 order: bare, layer, layer, bare, bare, layer, ... Each pair (one round of each, next to each
 other) gives a ratio; a linear drift cancels within a pair, and the table gives the median
-pair and the spread.
+pair and the spread. Each round also reads the server's CPU time (user + system, the whole
+process tree, from /proc) and divides it by the responses: the CPU a request costs, the
+other face of req/s on a saturated core, given as the bare passthrough's over the target's
+(the req/s ratio the CPU predicts) and as the target's extra microseconds per request.
 
     python tests/bench/run_paired.py --targets failover --scenarios json-c16,sse-c16
 """
@@ -40,10 +43,45 @@ class Pairs:
     scenario: str
     bare_rps: list[float] = field(default_factory=list)
     target_rps: list[float] = field(default_factory=list)
+    bare_cpu_us: list[float] = field(default_factory=list)  # CPU per response, per round
+    target_cpu_us: list[float] = field(default_factory=list)
 
     @property
     def ratios(self) -> list[float]:
         return [t / b for t, b in zip(self.target_rps, self.bare_rps, strict=False) if b > 0]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """Per pair, bare's CPU per request over the target's (as req/s: below 1 costs)."""
+        return [b / t for t, b in zip(self.target_cpu_us, self.bare_cpu_us, strict=False)
+                if t > 0]
+
+    @property
+    def cpu_extra_us(self) -> list[float]:
+        return [t - b for t, b in zip(self.target_cpu_us, self.bare_cpu_us, strict=False)]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and every process under it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # (gone meanwhile)
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += children.get(current, [])
+    return total
 
 
 def abba(pairs: int) -> list[str]:
@@ -89,13 +127,18 @@ def measure(procs: ProcessSet, target: Target, scenario: Scenario, settings: Set
     try:
         for side in ("bare", "target"):
             run_load("wrk", url(ports[side]), scenario, settings.warmup_s, cpu=settings.load_cpu)
+        pids = {"bare": bare.proc.pid, "target": layer.proc.pid}
         for side in abba(pairs):
+            cpu_before = tree_cpu_s(pids[side])
             run = run_load("wrk", url(ports[side]), scenario, settings.duration_s,
                            cpu=settings.load_cpu)
+            cpu_us = (tree_cpu_s(pids[side]) - cpu_before) / max(run.ok, 1) * 1e6
             if run.errors:
                 raise LoadError(f"{side} saw errors: {run.errors}")
             (result.bare_rps if side == "bare" else result.target_rps).append(run.rps)
-            log(f"[{target.key}] {scenario.label} {side}: {run.rps:,.0f} req/s")
+            (result.bare_cpu_us if side == "bare" else result.target_cpu_us).append(cpu_us)
+            log(f"[{target.key}] {scenario.label} {side}: {run.rps:,.0f} req/s, "
+                f"{cpu_us:.1f} us CPU a request")
             time.sleep(0.3)
     finally:
         for started in (layer, bare):
@@ -116,17 +159,22 @@ def render(results: list[Pairs], duration_s: int) -> str:
         f"({duration_s} s each) alternate bare, target, target, bare, ...; each adjacent "
         "pair gives one ratio of req/s."),
         "",
-        "| target | scenario | pairs | median target/bare | range | bare req/s (median) |",
-        "|---|---|---:|---:|---:|---:|",
+        ("| target | scenario | pairs | median target/bare | range | bare req/s (median) | "
+         "CPU a request, bare/target (median) | range | extra CPU a request (median) |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         ratios = result.ratios
         if not ratios:
             continue
+        cpu = result.cpu_ratios
+        cpu_cells = (f"{statistics.median(cpu):.3f}× | {min(cpu):.3f}–{max(cpu):.3f}× | "
+                     f"{statistics.median(result.cpu_extra_us):+.1f} µs" if cpu else
+                     "— | — | —")
         lines.append(
             f"| {TARGETS[result.target].label} | {labels[result.scenario]} | {len(ratios)} | "
             f"{statistics.median(ratios):.3f}× | {min(ratios):.3f}–{max(ratios):.3f}× | "
-            f"{statistics.median(result.bare_rps):,.0f} |")
+            f"{statistics.median(result.bare_rps):,.0f} | {cpu_cells} |")
     lines.append("")
     return "\n".join(lines)
 

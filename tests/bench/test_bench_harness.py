@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -308,4 +309,21 @@ def test_paired_table_gives_the_median_pair_and_the_spread() -> None:
     text = run_paired.render([pairs, run_paired.Pairs("metering", "sse-c16")], 5)
     rows = [line for line in text.splitlines() if line.startswith("| Sluicegate")]
     assert rows == [("| Sluicegate, failover layer alone (success path) | JSON c=16 | 3 | "
-                    "0.990× | 0.950–1.000× | 1,500 |")]  # a target with no rounds has no row
+                    "0.990× | 0.950–1.000× | 1,500 | — | — | — |")]  # no rounds: no row
+    pairs.bare_cpu_us, pairs.target_cpu_us = [150.0, 160.0, 155.0], [165.0, 160.0, 170.5]
+    assert pairs.cpu_ratios == [150 / 165, 1.0, 155 / 170.5]
+    row = run_paired.render([pairs], 5).splitlines()[-1]
+    assert row.endswith("| 1,500 | 0.909× | 0.909–1.000× | +15.0 µs |")
+
+
+def test_a_process_trees_cpu_time_counts_its_children() -> None:
+    import run_paired
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        spun = run_paired.tree_cpu_s(child.pid)
+        assert spun > 0.2  # (it spins)
+        assert run_paired.tree_cpu_s(os.getpid()) >= spun  # (it is under this process)
+    finally:
+        child.kill()
+        child.wait()
