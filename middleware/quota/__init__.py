@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import replace
@@ -121,6 +122,9 @@ class QuotaMiddleware:
             raise ConfigError("QuotaMiddleware alert_webhook_url must be an http(s) URL.")
         self.admin_token = (admin_token_from_env(admin_token_env, "QuotaMiddleware")
                             if admin_token_env is not None else None)
+        if not 0 < store_retry_s < math.inf or not 0 < lease_s < math.inf:
+            raise ConfigError("QuotaMiddleware store_retry_s and lease_s must be positive, "
+                              "finite numbers of seconds.")
         self.store_retry_s = store_retry_s
         self.lease_s = lease_s
         self._store_down_until = 0.0
@@ -352,6 +356,8 @@ class QuotaMiddleware:
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
                 self._unsure_admit(_lease(ctx), checks)
+                # (admitted again later, by Redis, under an id its release cannot remove)
+                ctx.unique_id = _lease(ctx) + ".r"
         closed = [c for c in checks if c.on_store_error == "closed"]
         if closed:
             ctx.state["quota.refused"] = "store_unavailable"
@@ -397,7 +403,7 @@ class QuotaMiddleware:
                 else:
                     for lease, checks, amounts in batch:
                         await self.store.settle(lease, checks, amounts)
-            except QuotaStoreError:  # still down: again later (what came meanwhile too)
+            except Exception:  # noqa: BLE001 (down, or refusing us: again later)
                 self._unsure = [item for item in self._unsure if item[3] > now]
                 continue
             del self._unsure[:taken]  # (what came while this was sent waits for the next)

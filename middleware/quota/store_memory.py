@@ -20,6 +20,9 @@ KINDS = (REQUESTS, TOKENS, CONCURRENT, BUDGET)
 # A budget counter outlives its period by a day: gateways whose clocks disagree by a little
 # still find it, and nobody reads it after that (the next period has its own key).
 BUDGET_SLACK_S = 86_400.0
+# A bucket is kept until it is full again, but at most this long (68 years): a debt that
+# takes longer to pay off (absurd usage reported upstream) would overflow Redis's PEXPIRE.
+BUCKET_TTL_MAX_S = 2 ** 31
 
 
 @dataclass(slots=True)
@@ -226,6 +229,7 @@ class MemoryQuotaStore:
         window_s = check.window_s
         full_again = (check.limit - level) / (check.limit / window_s) + window_s
         ttl = full_again if full_again > 2 * window_s else 2 * window_s  # noqa: FURB136
+        ttl = ttl if ttl < BUCKET_TTL_MAX_S else BUCKET_TTL_MAX_S  # noqa: FURB136
         if previous is not None:  # (one bucket per key, changed in place)
             updated = previous.updated  # never move a bucket's time back
             previous.tokens = level

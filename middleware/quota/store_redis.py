@@ -2,7 +2,8 @@
 
 `admit` and `settle` are one Lua script call each (one round trip, atomic), run with EVALSHA
 and sent in full with EVAL when the server has lost its script cache (SCRIPT FLUSH, restart,
-failover). Every key a script touches arrives in KEYS, and all share the prefix's hash tag
+failover). Every key a script touches arrives in KEYS, but for the hash of reservations
+beside each budget counter (`<counter>:held`), and all share the prefix's hash tag
 (`{sluicegate}`), so a call never spans Redis Cluster slots. The time is the caller's clock,
 passed as an argument, never Redis TIME: the arithmetic is the memory store's, step for step.
 Floats cross the Lua boundary exactly: to Lua as Python's shortest repr or, for the clock,
@@ -30,7 +31,7 @@ from gateway.resp import (
     parse_redis_url,
     require_hash_tag,
 )
-from middleware.quota.store_memory import BUDGET_SLACK_S, validate
+from middleware.quota.store_memory import BUCKET_TTL_MAX_S, BUDGET_SLACK_S, validate
 
 logger = logging.getLogger("sluicegate.quota")
 
@@ -49,30 +50,23 @@ end
 read_args(ARGV[1])
 
 local function fmt(x) return string.format('%.17g', x) end
-
--- A key that holds another kind of state is an error, as in the memory store. (Buckets and
--- budget counters are both hashes: a hash without the field looked for is looked into.)
-local function other_kind(key)
-  if redis.call('EXISTS', key) == 1 then
-    error({err = 'WRONGTYPE quota key holds a different kind of state'})
-  end
-end
+local BUCKET_TTL_MAX_S = {bucket_ttl_max_s}
 
 -- The bucket's level now, and the time it was last stored (nil for a new bucket), which
 -- store_bucket takes back: the script reads the hash once.
 local function bucket_level(key, limit, window)
   local state = redis.call('HMGET', key, 'tokens', 'updated')
-  if not state[1] then
-    other_kind(key)
-    return limit, nil
-  end
+  if not state[1] then return limit, nil end
   local updated = tonumber(state[2])
   local elapsed = math.max(0, now - updated)
   return math.min(limit, tonumber(state[1]) + elapsed * (limit / window)), updated
 end
 
 local function store_bucket(key, limit, window, level, previous)
-  local ttl = math.max(2 * window, (limit - level) / (limit / window) + window)
+  -- (at most BUCKET_TTL_MAX_S: a debt that takes longer to pay off would overflow PEXPIRE's
+  -- milliseconds, which deletes the key)
+  local ttl = math.min(math.max(2 * window, (limit - level) / (limit / window) + window),
+                       BUCKET_TTL_MAX_S)
   -- Never move a bucket's time back: a gateway whose clock is behind would otherwise make
   -- the next one refill the skew again on every switch between them.
   local at = now
@@ -81,20 +75,15 @@ local function store_bucket(key, limit, window, level, previous)
   redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl * 1000)))
 end
 
--- A budget's counter is a hash: 'v', the committed value, and per reservation in it, the
--- request's id and amount (see the settle script). One written as a plain string (before
--- reservations were kept) is made a hash the first time it is read.
+-- What a budget counter holds: its committed amount (a string, INCRBY), and beside it,
+-- `<counter>:held`, the reservations in that amount (request id -> amount; none for an
+-- amount of 0), so a settle knows whether the one it replaces is there (see the settle
+-- script). Kept a day past the last reservation added: one lost with its settle (a crash)
+-- does not stay for ever in a lifetime budget's.
+local HELD_TTL_MS = 86400000
+
 local function counter(key, expires_at)
-  local value = redis.pcall('HGET', key, 'v')
-  if type(value) == 'table' and value.err then
-    value = redis.call('GET', key)
-    local ttl = redis.call('PTTL', key)
-    redis.call('DEL', key)
-    redis.call('HSET', key, 'v', value)
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
-  elseif not value then
-    other_kind(key)
-  end
+  local value = redis.call('GET', key)
   if not value or (expires_at > 0 and now >= expires_at + slack) then return nil end
   return tonumber(value)
 end
@@ -103,7 +92,7 @@ local function lease_score(key, index)
   local found = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
   return tonumber(found[2])
 end
-"""
+""".replace("{bucket_ttl_max_s}", str(BUCKET_TTL_MAX_S))
 
 # Returns one string (one reply to parse), a JSON array (one orjson call reads every number):
 # [1, remaining_1, reset_1, remaining_2, reset_2, ...] when admitted; [0, failed, retry_after
@@ -148,8 +137,11 @@ for i = 1, #KEYS do
   local key, kind = KEYS[i], A[a]
   local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
-    local value = redis.call('HINCRBY', key, 'v', A[a + 2])
-    if amount ~= 0 then redis.call('HSET', key, request_id, A[a + 2]) end
+    local value = redis.call('INCRBY', key, A[a + 2])
+    if amount ~= 0 then
+      redis.call('HSET', key .. ':held', request_id, A[a + 2])
+      redis.call('PEXPIRE', key .. ':held', HELD_TTL_MS)
+    end
     out[#out + 1] = string.format('%d', math.max(limit - value, 0))
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
@@ -186,8 +178,8 @@ local function settle(first, count)
       -- when Redis lost the counter after the admit and it was seeded again from the
       -- ledger, which counts no request in flight; then the actual amount is added.
       if counter(key, param) ~= nil then
-        if redis.call('HDEL', key, request_id) == 1 then actual = actual - amount end
-        redis.call('HINCRBY', key, 'v', string.format('%d', actual))
+        if redis.call('HDEL', key .. ':held', request_id) == 1 then actual = actual - amount end
+        redis.call('INCRBY', key, string.format('%d', actual))
       end
     elseif kind == 'concurrent' then
       redis.call('ZREM', key, request_id)
@@ -223,10 +215,12 @@ return 0
 _SEED = _PRELUDE + """
 local value, expires_at = A[6], tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
-redis.call('DEL', KEYS[1])  -- (an expired counter still there: its reservations with it)
-redis.call('HSET', KEYS[1], 'v', value)
+redis.call('DEL', KEYS[1] .. ':held')  -- (what the lost counter held, if any of it is left)
 if expires_at > 0 then
-  redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil((expires_at + slack) * 1000)))
+  local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
+  redis.call('SET', KEYS[1], value, 'PXAT', at_ms)
+else
+  redis.call('SET', KEYS[1], value)
 end
 return 1
 """
@@ -455,19 +449,7 @@ class RedisQuotaStore:
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         if not checks:
             return []
-        if self._client is None:
-            raise QuotaStoreError("the Redis quota store is not started")
-        keys = [self._key(check) for check in checks]
-        try:
-            values = await self._client.call_many([("HGET", key, "v") for key in keys])
-        except (OSError, ValueError) as exc:
-            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-        for index, value in enumerate(values):
-            if isinstance(value, RespError) and str(value).startswith("WRONGTYPE"):
-                # (a counter written before reservations were kept: a plain string)
-                values[index] = await self._call("GET", keys[index])
-            elif isinstance(value, BaseException):
-                raise QuotaStoreError(f"Redis quota store: {value}")
+        values = await self._call("MGET", *(self._key(check) for check in checks))
         now = self.clock()
         try:
             return [None if value is None or _over(check, now, self.budget_slack_s)

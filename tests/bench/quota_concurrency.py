@@ -147,12 +147,12 @@ async def burst(urls: list[str], key: str, count: int) -> tuple[list[Outcome], f
 def budget_counter(client: redis.Redis, key: str, expected: int, timeout_s: float = 10.0) -> int:
     """The budget counter once every settle has landed (it reaches `expected` and stays)."""
     deadline = time.monotonic() + timeout_s
-    value = int(client.hget(key, "v") or 0)
+    value = int(client.get(key) or 0)
     while value != expected and time.monotonic() < deadline:
         time.sleep(0.05)
-        value = int(client.hget(key, "v") or 0)
+        value = int(client.get(key) or 0)
     time.sleep(0.3)  # a late settle would still move it
-    return int(client.hget(key, "v") or 0)
+    return int(client.get(key) or 0)
 
 
 def judge(kind: str, outcomes: list[Outcome], burst_s: float, admit: int,

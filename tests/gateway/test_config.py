@@ -62,6 +62,17 @@ def test_layer_with_wrong_options(tmp_path: Path) -> None:
     assert "layer AuthMiddleware has wrong options" in message and "keys" in message
 
 
+@pytest.mark.parametrize("option", ["store_retry_s=0", "lease_s=-1", "store_retry_s=float('inf')"])
+def test_quota_timings_that_are_not_positive_refuse_to_start(tmp_path: Path,
+                                                           option: str) -> None:
+    # (a retry interval of 0 had the release of unsure leases spin on an unreachable Redis)
+    message = error_for(tmp_path, HEAD + 'from middleware.quota import QuotaMiddleware\n'
+                        'providers = {"oa": Provider("openai")}\n'
+                        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+                        f'middleware = [Middleware(QuotaMiddleware, {option})]\n')
+    assert "store_retry_s and lease_s must be positive, finite numbers of seconds" in message
+
+
 def test_model_with_unknown_provider(tmp_path: Path) -> None:
     message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
                         'models = {"m": [Deployment("nope", "y")]}\n')

@@ -160,7 +160,7 @@ def sent(gateway: Gateway) -> int:
 
 def counter(shared: redis.Redis, prefix: str) -> int | None:
     """The key's lifetime budget counter, read by the test's own client."""
-    value = shared.hget(f"{prefix}:{budget_check('lifetime').key}", "v")
+    value = shared.get(f"{prefix}:{budget_check('lifetime').key}")
     return None if value is None else int(value)
 
 

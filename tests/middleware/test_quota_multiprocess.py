@@ -226,7 +226,7 @@ async def test_budget_admits_exactly_n_requests_across_two_processes(
     async def sample_counter() -> None:  # committed spend (spent + reserved) during the burst
         nonlocal highest
         while sampling:
-            value = await client.hget(counter, "v")
+            value = await client.get(counter)
             highest = max(highest, int(value or 0))
             await asyncio.sleep(0.002)
 
@@ -245,11 +245,11 @@ async def test_budget_admits_exactly_n_requests_across_two_processes(
     assert highest <= cap
 
     async def all_settled() -> bool:
-        return int(await client.hget(counter, "v") or 0) == sum(spent)
+        return int(await client.get(counter) or 0) == sum(spent)
 
-    assert await eventually(all_settled), await client.hget(counter, "v")
+    assert await eventually(all_settled), await client.get(counter)
     await asyncio.sleep(0.3)  # a late settle would move the counter again
-    recorded = int(await client.hget(counter, "v") or 0)
+    recorded = int(await client.get(counter) or 0)
     await client.aclose()
     assert recorded == sum(spent) == cap
     assert recorded <= cap + reservation_error
