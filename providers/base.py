@@ -328,6 +328,9 @@ class HTTPAdapter:
                     raise StreamInterrupted(broken)
                 ctx.error_type = broken.code
                 tail = stream_error_event(ctx.api_format, broken)
+            # (set before the last message: a layer may record the request as it passes,
+            # the metering layer's durability="response" does)
+            ctx.usage = codec.usage
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the

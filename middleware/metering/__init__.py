@@ -348,7 +348,9 @@ class MeteringMiddleware:
                     logger.exception("metering: a batch failed")
                 finally:
                     _resolve(waiting)
-            elif self._replaying and time.monotonic() >= self._next_retry:
+            # (not only when no request is queued: under steady traffic that never is, and
+            # the journal would wait for a quiet moment to reach PostgreSQL after an outage)
+            if self._replaying and time.monotonic() >= self._next_retry:
                 await self._replay()
             if not self._queue and self.journal.sync_due():
                 # A quiet moment: the last batches wait for no later append to reach the disk.

@@ -107,6 +107,12 @@ assert _FIELD_NAMES == set(ARRAY_FIELDS), "a UsageRecord field is missing from A
 _array_values = operator.attrgetter(*ARRAY_FIELDS)
 
 
+def _text(value: str) -> str:
+    """A caller's string as PostgreSQL's text and jsonb take it: they refuse NUL, and one
+    record holding it would fail its whole batch, so it becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
 def labels_of(ctx: RequestContext) -> dict[str, str]:
     """`X-Sluicegate-Tag-<name>: <value>` headers, then OpenAI's `metadata` strings (headers
     win); at most 16, names up to 64 and values up to 256 characters."""
@@ -116,16 +122,16 @@ def labels_of(ctx: RequestContext) -> dict[str, str]:
         # costs the others a third as much.
         if name and name[0] == 120 and name.startswith(_TAG_PREFIX) \
                 and len(labels) < _MAX_LABELS:
-            key = name[len(_TAG_PREFIX):].decode("latin-1")[:_MAX_LABEL_KEY]
+            key = _text(name[len(_TAG_PREFIX):].decode("latin-1")[:_MAX_LABEL_KEY])
             if key:
-                labels[key] = value.decode("latin-1")[:_MAX_LABEL_VALUE]
+                labels[key] = _text(value.decode("latin-1")[:_MAX_LABEL_VALUE])
     metadata = ctx.body.get("metadata") if ctx.api_format == "openai" else None
     if isinstance(metadata, dict):
         for key, value in metadata.items():
             if len(labels) >= _MAX_LABELS:
                 break
             if isinstance(key, str) and isinstance(value, str) and key:
-                labels.setdefault(key[:_MAX_LABEL_KEY], value[:_MAX_LABEL_VALUE])
+                labels.setdefault(_text(key[:_MAX_LABEL_KEY]), _text(value[:_MAX_LABEL_VALUE]))
     return labels
 
 

@@ -4,6 +4,7 @@ disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -457,6 +458,44 @@ def test_requests_sent_with_one_request_id_are_recorded_apart(
         assert (head, dot, len(digits)) == ("caller-chosen-id", ".", 16)
 
 
+def test_a_nul_in_a_label_does_not_stop_the_ledger(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    # PostgreSQL's jsonb refuses \u0000: a label holding one failed its whole batch, and the
+    # replay retried that batch for ever, so no later record reached PostgreSQL.
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        poisoned = sdk.chat.completions.with_raw_response.create(
+            model="gpt-mock", messages=[{"role": "user", "content": "nul"}],
+            metadata={"team": "a\u0000b", "o\u0000k": "v"})  # (a customer id is checked)
+        for i in range(5):
+            sdk.chat.completions.create(model="gpt-mock",
+                                        messages=[{"role": "user", "content": f"after {i}"}])
+        found = wait_for_rows(prefix, 6)
+    assert len(found) == 6
+    assert found[poisoned.headers["x-request-id"]][-1] == {"team": "a\ufffdb",
+                                                           "o\ufffdk": "v"}
+
+
+def test_a_stream_recorded_before_its_end_is_sent_has_its_usage(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    # With durability="response" the record is made as the stream's last message passes the
+    # layer; the passthrough set the usage only after sending it, so streams recorded 0.
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    config.write_text(config.read_text().replace("journal_dir=",
+                                                 "durability='response', journal_dir="))
+    with ThreadedServer(create_app(config)) as server:
+        with client(server).chat.completions.with_streaming_response.create(
+                model="gpt-mock", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "durable stream"}]) as response:
+            usage = [chunk.usage for chunk in response.parse() if chunk.usage][-1]
+            request_id = response.headers["x-request-id"]
+        found = wait_for_rows(prefix, 1)
+    status, prompt, completion, cost = found[request_id][:4]
+    assert (status, prompt, completion) == (200, usage.prompt_tokens, usage.completion_tokens)
+    assert cost == Decimal(prompt) / 10**6 + Decimal(completion) * 2 / 10**6 > 0
+
+
 def test_cache_hits_and_disconnects_are_recorded(
         tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
         journal: Path) -> None:
@@ -516,6 +555,47 @@ def test_a_postgres_outage_loses_nothing_and_counts_nothing_twice(
         server.run(proxy.stop())
     assert sorted(found) == sorted(sent) and len(sent) == 60
     assert_rollups_match_events(prefix)
+
+
+def test_the_journal_reaches_postgresql_under_steady_traffic_after_an_outage(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    # The replay ran only when no record was queued; under traffic there always is one, and
+    # what the journal kept during an outage reached PostgreSQL only at the next quiet moment.
+    proxy = TcpProxy(5432, port=free_port())
+    dsn = f"host=127.0.0.1 port={proxy.port} user=root dbname=test"
+    config = metering_config(tmp_path, mock_url, dsn, prefix, journal)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        server.run(proxy.start())
+        sdk.chat.completions.create(model="gpt-mock", messages=[{"role": "user", "content": "up"}])
+        assert len(wait_for_rows(prefix, 1)) == 1
+        server.run(proxy.stop())
+        during = [sdk.chat.completions.with_raw_response.create(
+            model="gpt-mock", messages=[{"role": "user", "content": f"down {i}"}]
+        ).headers["x-request-id"] for i in range(20)]
+        server.run(proxy.start())
+        stop = threading.Event()
+
+        def traffic() -> None:  # a request every ~10 ms, without a pause
+            own = client(server)
+            while not stop.is_set():
+                own.chat.completions.create(model="gpt-mock",
+                                            messages=[{"role": "user", "content": "steady"}])
+                time.sleep(0.01)
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not set(during) <= set(wait_for_rows(prefix, 1, timeout_s=0)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            arrived = set(during) & set(events(prefix))
+            assert sender.is_alive()  # (the traffic never paused)
+        finally:
+            stop.set()
+            sender.join(10)
+        server.run(proxy.stop())
+    assert len(arrived) == 20
 
 
 def test_a_restart_replays_the_journal_exactly_once(
