@@ -11,9 +11,11 @@ an OpenAI-compatible server, a reseller or a self-hosted model, is priced in con
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
 from functools import cache
@@ -67,8 +69,17 @@ class Price:
     source: str = ""
     long_context_threshold: int | None = None
     long_context: Price | None = None
+    # The table's next price for the same model (set by PriceTable), and when it starts:
+    # `in_force` moves a deployment's price on at midnight UTC of its effective date, in a
+    # gateway that was started before it.
+    successor: Price | None = field(default=None, compare=False, repr=False)
+    # When it comes into force: midnight UTC of `effective_from` (epoch seconds; -inf).
+    starts_at_s: float = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        start = self.effective_from
+        object.__setattr__(self, "starts_at_s", -math.inf if start is None else datetime(
+            start.year, start.month, start.day, tzinfo=UTC).timestamp())
         for name in ("input_per_mtok", "output_per_mtok"):
             object.__setattr__(self, name, _money(name, getattr(self, name)))
         for name in ("cached_input_per_mtok", "reasoning_per_mtok"):
@@ -190,6 +201,10 @@ class PriceTable:
                      for model, entries in models.items()}
             for vendor, models in prices.items()
         }
+        for models in self._prices.values():
+            for entries in models.values():
+                for entry, later in itertools.pairwise(entries):
+                    object.__setattr__(entry, "successor", later)
         self._aliases = {vendor: dict(names) for vendor, names in (aliases or {}).items()}
 
     @classmethod
@@ -405,14 +420,27 @@ def _date(value: object, where: str) -> date:
         raise _BadFile(f"{where} must be a date written YYYY-MM-DD, got {value!r}") from None
 
 
+def in_force(price: Price, at_s: float) -> Price:
+    """`price`, or the later price of the table it came from in force at `at_s` (epoch
+    seconds): a deployment keeps the price it had when the gateway started, and this moves
+    it on when the table says the price changes."""
+    later = price.successor
+    while later is not None and at_s >= later.starts_at_s:
+        price, later = later, later.successor
+    return price
+
+
 def served_price(ctx: RequestContext) -> Price | None:
     """The price of the deployment that served the request (the model's first deployment
-    when no layer recorded one)."""
+    when no layer recorded one), in force when the request started."""
     deployment = ctx.served_deployment
     if deployment is None:
         model = (ctx.models or {}).get(ctx.model)
         deployment = model.deployments[0] if model is not None and model.deployments else None
-    return getattr(deployment, "price", None)
+    price = getattr(deployment, "price", None)
+    if price is not None and price.successor is not None:
+        return in_force(price, ctx.started_at)
+    return price
 
 
 def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:

@@ -29,7 +29,7 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import Price, estimate_micros
+from gateway.pricing import Price, estimate_micros, in_force
 from gateway.tokens import estimate_input, estimate_messages
 
 _Item = TypeVar("_Item")
@@ -100,7 +100,7 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     return (cap or default_max_output_tokens) * n
 
 
-_DEAREST: dict[int, tuple[Any, Price | None]] = {}
+_DEAREST: dict[int, tuple[Any, Price | None, float]] = {}
 
 
 def reservation_price(ctx: RequestContext) -> Price | None:
@@ -109,13 +109,16 @@ def reservation_price(ctx: RequestContext) -> Price | None:
     (config objects live as long as the gateway; the entry keeps its Model alive)."""
     model = (ctx.models or {}).get(ctx.model)
     found = _DEAREST.get(id(model))
-    if found is not None and found[0] is model:
+    if found is not None and found[0] is model and ctx.started_at < found[2]:
         return found[1]
-    prices = [d.price for d in (model.deployments if model is not None else ())
-              if d.price is not None]
+    prices = [in_force(d.price, ctx.started_at)
+              for d in (model.deployments if model is not None else ()) if d.price is not None]
     dearest = max(prices, key=lambda p: (p.output_per_mtok, p.input_per_mtok)) if prices \
         else None
-    _DEAREST[id(model)] = (model, dearest)
+    # (until the first of these prices is followed by another)
+    until = min([p.successor.starts_at_s for p in prices if p.successor is not None],
+                default=math.inf)
+    _DEAREST[id(model)] = (model, dearest, until)
     return dearest
 
 

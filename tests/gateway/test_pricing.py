@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import FrozenInstanceError
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -19,6 +20,7 @@ from gateway.pricing import (
     call_cost_micros,
     cost_micros,
     estimate_micros,
+    in_force,
     resolve_price,
     vendor_for_provider_type,
 )
@@ -454,3 +456,27 @@ def test_a_requests_cost_is_kept_only_while_the_price_and_counts_are_the_same() 
     assert call_cost_micros(ctx, Usage(input_tokens=1_000_000, cached_input_tokens=1_000_000,
                                        output_tokens=2_000_000)) == 11_000_000  # no cached rate: input
     assert call_cost_micros(ctx, Usage()) == 0
+
+
+def test_a_price_resolved_before_it_changes_bills_the_new_one_from_its_date(
+        tmp_path: Path) -> None:
+    """A gateway resolves each deployment's price once, at startup; the table's next price
+    must still apply from midnight UTC of its date (the shipped table has such changes)."""
+    table = dated_table(tmp_path)
+    resolved = table.lookup("acme", "m", at=datetime(2025, 12, 31, 12, tzinfo=UTC))
+    assert resolved is not None and resolved.input_per_mtok == 1
+    served = Deployment("p", "m", price=resolved)
+
+    def billed_at(when: datetime) -> int:
+        ctx = RequestContext(request_id="r", operation="openai.chat", api_format="openai",
+                             body={}, raw_body=b"", model="m", stream=False,
+                             served_deployment=served, started_at=when.timestamp())
+        return call_cost_micros(ctx, Usage(input_tokens=1_000_000, output_tokens=1_000_000))
+
+    assert billed_at(datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC)) == 1_000_000 + 2_000_000
+    assert billed_at(datetime(2026, 1, 1, tzinfo=UTC)) == 3_000_000 + 4_000_000
+    assert billed_at(datetime(2026, 7, 1, tzinfo=UTC)) == 5_000_000 + 6_000_000
+    assert in_force(resolved, datetime(2026, 5, 31, 23, 59, tzinfo=UTC).timestamp()) == \
+        table.lookup("acme", "m", at=datetime(2026, 5, 31, tzinfo=UTC))
+    assert in_force(price("1", "2"), math.inf) == price("1", "2")  # an explicit price stays
+

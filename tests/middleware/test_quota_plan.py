@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from gateway.config import Deployment, Model
 from gateway.context import OPENAI_CHAT, RequestContext
 from gateway.policy import (
     AMOUNT_MAX,
@@ -26,9 +29,11 @@ from middleware.quota.plan import (
     estimate,
     planned_from,
     rate_limit_headers,
+    reservation_price,
     template,
     templated,
 )
+from tests.gateway.test_pricing import dated_table
 
 
 def planned(kind: str, key: str, limit: int) -> Planned:
@@ -183,3 +188,21 @@ def test_a_reservation_for_any_max_tokens_stays_where_both_stores_count_exactly(
     reserved = estimate(ctx, 4096)
     assert reserved.output_tokens == LIMIT_MAX  # more than any limit, as 2**64 would be
     assert reserved.tokens <= AMOUNT_MAX
+
+def test_the_quota_layer_reserves_at_the_price_in_force_when_the_request_starts(
+        tmp_path: Path) -> None:
+    table = dated_table(tmp_path)  # (1 until 2026, 3 from 2026-01-01, 5 from 2026-06-01)
+    resolved = table.lookup("acme", "m", at=datetime(2025, 12, 31, tzinfo=UTC))
+    model = Model([Deployment("p", "m", price=resolved)])
+
+    def reserved_input_price(when: datetime) -> Decimal:
+        ctx = RequestContext(request_id="r", operation="openai.chat", api_format="openai",
+                             body={}, raw_body=b"", model="m", stream=False,
+                             models={"m": model}, started_at=when.timestamp())
+        found = reservation_price(ctx)
+        assert found is not None
+        return found.input_per_mtok
+
+    assert reserved_input_price(datetime(2025, 12, 31, 23, tzinfo=UTC)) == 1
+    assert reserved_input_price(datetime(2026, 1, 2, tzinfo=UTC)) == 3  # (past its memo)
+    assert reserved_input_price(datetime(2026, 6, 2, tzinfo=UTC)) == 5
