@@ -345,13 +345,30 @@ class MeteringMiddleware:
                 try:
                     await self._write_batch(payloads, durable=bool(waiting))
                 except Exception:
-                    logger.exception("metering: a batch failed")
+                    # Kept nowhere (the journal failed, and PostgreSQL too or it is behind):
+                    # queued again, oldest first, and tried again after a pause; at shutdown,
+                    # lost, and said so.
+                    if self._stopping:
+                        logger.exception("metering: %d record(s) could be kept neither in the "
+                                         "journal nor in PostgreSQL, and are lost",
+                                         len(payloads))
+                    else:
+                        logger.exception("metering: a batch could be kept neither in the "
+                                         "journal nor in PostgreSQL; it is tried again")
+                        self._queue[0:0] = payloads
+                        self._waiting = [(needed + len(payloads), future)
+                                         for needed, future in self._waiting]
+                        await asyncio.sleep(self.retry_interval_s)
                 finally:
                     _resolve(waiting)
             # (not only when no request is queued: under steady traffic that never is, and
             # the journal would wait for a quiet moment to reach PostgreSQL after an outage)
             if self._replaying and time.monotonic() >= self._next_retry:
-                await self._replay()
+                try:
+                    await self._replay()
+                except Exception:  # (a journal that cannot be read or acknowledged)
+                    logger.exception("metering: the replay failed; it is tried again")
+                    self._next_retry = time.monotonic() + self.retry_interval_s
             if not self._queue and self.journal.sync_due():
                 # A quiet moment: the last batches wait for no later append to reach the disk.
                 try:
@@ -364,19 +381,34 @@ class MeteringMiddleware:
                 return
 
     async def _write_batch(self, payloads: list[bytes], *, durable: bool = False) -> None:
+        """Journals the batch, then writes it to PostgreSQL (unless the journal is behind).
+        Raises only when the batch is kept in neither."""
         if not payloads:
             return
-        position = await self._journal_batch(payloads, sync=durable)
+        position: Position | None = None
+        try:
+            position = await self._journal_batch(payloads, sync=durable)
+        except (OSError, JournalError) as exc:  # (a full or failing disk)
+            if self.store is None or self._replaying:
+                raise
+            logger.error("metering: the journal failed (%s); this batch goes to PostgreSQL "
+                         "alone", exc)
         if self.store is None or self._replaying:
             return  # the journal is the ledger, or PostgreSQL is behind it
         try:
             self.written += await self.store.write_payloads(payloads)
         except UsageStoreError as exc:
+            if position is None:
+                raise
             logger.warning("metering: %s; usage goes to the journal until it answers", exc)
             self._replaying = True
             self._next_retry = time.monotonic() + self.retry_interval_s
             return
-        await self._acknowledge(position)
+        if position is not None:
+            try:
+                await self._acknowledge(position)
+            except (OSError, JournalError) as exc:  # written: a replay writes it again, once
+                logger.error("metering: the journal could not be acknowledged: %s", exc)
 
     async def _journal_batch(self, payloads: list[bytes], *, sync: bool = False) -> Position:
         journal = self.journal

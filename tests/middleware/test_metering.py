@@ -598,6 +598,32 @@ def test_the_journal_reaches_postgresql_under_steady_traffic_after_an_outage(
     assert len(arrived) == 20
 
 
+def test_a_journal_that_cannot_be_acknowledged_does_not_stop_the_writer(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
+    # The replay's acknowledgement raised out of the writer task (its checkpoint could not be
+    # written: here a directory stands where the checkpoint's temporary file goes), and no
+    # record was written after it.
+    proxy = TcpProxy(5432, port=free_port())
+    dsn = f"host=127.0.0.1 port={proxy.port} user=root dbname=test"
+    config = metering_config(tmp_path, mock_url, dsn, prefix, journal)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+
+        def ask(n: int) -> list[str]:
+            return [sdk.chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=[{"role": "user", "content": f"ack {i}"}]
+            ).headers["x-request-id"] for i in range(n)]
+        before = ask(5)  # PostgreSQL is away: these go to the journal
+        time.sleep(0.3)
+        (journal / "slot-000" / "checkpoint.tmp").mkdir()
+        server.run(proxy.start())
+        time.sleep(1.0)  # the replay writes them, and cannot acknowledge them
+        after = ask(5)
+        found = wait_for_rows(prefix, 10)
+        server.run(proxy.stop())
+    assert set(found) == set(before) | set(after)  # each once (a replay counts once)
+
+
 def test_a_restart_replays_the_journal_exactly_once(
         tmp_path: Path, mock_url: str, prefix: str, journal: Path) -> None:
     dead = f"host=127.0.0.1 port={free_port()} user=root dbname=test"
