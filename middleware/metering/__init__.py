@@ -37,6 +37,7 @@ append to the journal themselves (a short blocking write) rather than drop anyth
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -62,6 +63,7 @@ __all__ = ["JournalError", "MeteringMiddleware", "PostgresUsageStore", "UsageRec
 logger = logging.getLogger("sluicegate.metering")
 
 DURABILITY = ("batch", "response")
+ORPHAN_SCAN_S = 60.0  # how often a process looks for journals no process holds
 
 
 class MeteringMiddleware:
@@ -70,7 +72,8 @@ class MeteringMiddleware:
     `store`: None (the journal is the ledger), a postgresql:// DSN or a PostgresUsageStore.
     `journal_dir`: where the journals live (default: $SLUICEGATE_JOURNAL_DIR, else
     ./sluicegate-journal). Each process takes a free `slot-NNN` subdirectory (an flock), so
-    workers never share a journal; at startup a process also replays slots nobody holds.
+    workers never share a journal; a process also replays the slots nobody holds, when
+    its writer starts and every ORPHAN_SCAN_S (a minute) after.
     `admin_token_env`: serves `GET /admin/usage` (totals from the rollups).
     Every key may read its own totals at `GET /v1/usage/self` (with a PostgreSQL store and
     AuthMiddleware before this layer).
@@ -129,6 +132,7 @@ class MeteringMiddleware:
         self._io: ThreadPoolExecutor | None = None
         self._replaying = False  # PostgreSQL is behind the journal: replay before direct writes
         self._next_retry = 0.0
+        self._next_orphan_scan = 0.0  # (at the writer's start, then every ORPHAN_SCAN_S)
         self._stopping = False
         self.written = 0  # rows PostgreSQL took (for tests and /admin)
 
@@ -361,6 +365,13 @@ class MeteringMiddleware:
                         await asyncio.sleep(self.retry_interval_s)
                 finally:
                     _resolve(waiting)
+            if self.store is not None and not self._replaying and not self._stopping \
+                    and time.monotonic() >= self._next_orphan_scan:
+                self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
+                try:
+                    await self._adopt_orphans()
+                except Exception:  # (never the writer's end)
+                    logger.exception("metering: reading the journals nobody holds failed")
             # (not only when no request is queued: under steady traffic that never is, and
             # the journal would wait for a quiet moment to reach PostgreSQL after an outage)
             if self._replaying and time.monotonic() >= self._next_retry:
@@ -424,6 +435,39 @@ class MeteringMiddleware:
         await asyncio.get_running_loop().run_in_executor(self._io, self.journal.acknowledge,
                                                          position)
 
+    async def _adopt_orphans(self) -> None:
+        """Replays the journals of slots no live process holds: one whose process crashed
+        and was not started again, or is one of fewer workers after a scale-down or a
+        reload. Each is held (its flock) while it is read, so a process starting meanwhile
+        takes another slot; its records go to PostgreSQL and are acknowledged there."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        own = self.journal.directory
+        paths = await loop.run_in_executor(self._io, lambda: sorted(
+            path for path in self.journal_root.glob("slot-*")
+            if path.is_dir() and path != own))
+        for path in paths:
+            orphan = Journal(path, fsync=self.fsync, fsync_interval_s=self.fsync_interval_s)
+            try:
+                await loop.run_in_executor(self._io, orphan.open)
+            except (OSError, JournalError):
+                continue  # a live process holds it (or it is not a journal)
+            try:
+                while not self._stopping:
+                    pending = await loop.run_in_executor(
+                        self._io, functools.partial(orphan.pending, limit=self.batch_size))
+                    if not pending:
+                        break
+                    self.written += await self.store.write_payloads(_checked(pending))
+                    await loop.run_in_executor(self._io, orphan.acknowledge, pending[-1][0])
+                    logger.info("metering: replayed %d record(s) of %s, which no process "
+                                "holds", len(pending), path.name)
+            except (UsageStoreError, OSError, JournalError) as exc:
+                logger.warning("metering: the journal of %s waits (%s)", path.name, exc)
+                return
+            finally:
+                await loop.run_in_executor(self._io, orphan.close)
+
     async def _replay(self) -> None:
         """Writes the journal's unacknowledged records to PostgreSQL, oldest first."""
         assert self.store is not None
@@ -435,14 +479,8 @@ class MeteringMiddleware:
                 self._replaying = False
                 logger.info("metering: the journal is replayed; writing directly again")
                 return
-            payloads = []
-            for _, payload in pending:  # checked (and older formats rewritten) before SQL
-                try:
-                    payloads.append(UsageRecord.decode(payload).encode())
-                except ValueError:
-                    logger.error("metering: an unreadable record in the journal was skipped")
             try:
-                self.written += await self.store.write_payloads(payloads)
+                self.written += await self.store.write_payloads(_checked(pending))
             except UsageStoreError as exc:
                 logger.warning("metering: replay paused (%s)", exc)
                 self._next_retry = time.monotonic() + self.retry_interval_s
@@ -450,6 +488,18 @@ class MeteringMiddleware:
             await self._acknowledge(pending[-1][0])
             if self._queue and not self._stopping:
                 return  # new requests first; the replay continues on the next turn
+
+
+def _checked(pending: list[tuple[Position, bytes]]) -> list[bytes]:
+    """Journaled records as PostgreSQL takes them: checked (and older formats rewritten)
+    before SQL; an unreadable one is skipped and logged."""
+    payloads = []
+    for _, payload in pending:
+        try:
+            payloads.append(UsageRecord.decode(payload).encode())
+        except ValueError:
+            logger.error("metering: an unreadable record in the journal was skipped")
+    return payloads
 
 
 def _resolve(waiting: list[asyncio.Future[None]]) -> None:

@@ -277,6 +277,39 @@ async def test_batches_are_written_exactly_once_and_rollups_equal_events(prefix:
         await store.shutdown()
 
 
+async def test_journals_no_process_holds_are_replayed(tmp_path: Path, prefix: str) -> None:
+    # Two workers crashed while PostgreSQL was away, and one comes back: it replays its own
+    # slot, and the other slot too, which no process holds (it waited for ever before).
+    from middleware.metering.journal import Journal
+    records = {}
+    for number in (0, 1, 3):
+        journal = Journal(tmp_path / f"slot-{number:03d}")
+        journal.open()
+        batch = sample(5)
+        journal.append([record.encode() for record in batch])
+        journal.close()
+        records.update({record.request_id: record for record in batch})
+    held = Journal(tmp_path / "slot-003")  # a live process holds slot 3
+    held.open()
+
+    async def nothing(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request is sent")
+    layer = MeteringMiddleware(nothing, store=PostgresUsageStore(PG_DSN, prefix=prefix),
+                               journal_dir=str(tmp_path), flush_interval_s=0.05)
+    await layer.startup()
+    try:
+        deadline = time.monotonic() + 10
+        while layer.written < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # (nothing more comes: slot 3 is held)
+    finally:
+        await layer.shutdown()
+        held.close()
+    written = {row[0] for row in rows(f"SELECT request_id FROM {prefix}_events")}
+    in_slot_3 = {record.request_id for record in list(records.values())[10:]}
+    assert written == set(records) - in_slot_3 and layer.written == 10
+
+
 async def test_events_are_partitioned_by_month_and_old_months_drop(prefix: str) -> None:
     store = PostgresUsageStore(PG_DSN, prefix=prefix)
     await store.startup()
