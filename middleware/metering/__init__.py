@@ -133,6 +133,7 @@ class MeteringMiddleware:
         self._replaying = False  # PostgreSQL is behind the journal: replay before direct writes
         self._next_retry = 0.0
         self._next_orphan_scan = 0.0  # (at the writer's start, then every ORPHAN_SCAN_S)
+        self._overflowed = False  # records journaled outside the writer (see `_replay`)
         self._stopping = False
         self.written = 0  # rows PostgreSQL took (for tests and /admin)
 
@@ -308,7 +309,7 @@ class MeteringMiddleware:
             self.journal.sync()
             _resolve(waiting)
             if self.store is not None:
-                self._replaying = True
+                self._replaying = self._overflowed = True
 
     def _drain(self, limit: int | None = None
                ) -> tuple[list[bytes], list[asyncio.Future[None]]]:
@@ -473,9 +474,12 @@ class MeteringMiddleware:
         assert self.store is not None
         loop = asyncio.get_running_loop()
         while True:
+            self._overflowed = False
             pending = await loop.run_in_executor(
                 self._io, lambda: self.journal.pending(limit=self.batch_size))
             if not pending:
+                if self._overflowed:  # (journaled by `_queue_full` while this read ran)
+                    continue
                 self._replaying = False
                 logger.info("metering: the journal is replayed; writing directly again")
                 return
