@@ -447,7 +447,26 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
     """What `usage` cost at the served deployment's price (0 unpriced or unused).
 
     Several layers price the same request (quota, metering, the metrics, the cache): the
-    last answer is kept on the request, keyed by the price and every count it used."""
+    last answer is kept on the request, keyed by the price and every count it used. When
+    the usage includes an earlier attempt's, priced at its own deployment (a stream broken
+    and continued elsewhere: `EARLIER_ATTEMPT`), that part costs what it cost there."""
+    earlier: tuple[Usage, int] | None = ctx.state.get(EARLIER_ATTEMPT)
+    if earlier is not None and usage is not None:
+        before, before_cost = earlier
+        return before_cost + _priced(ctx, Usage(
+            max(usage.input_tokens - before.input_tokens, 0),
+            max(usage.output_tokens - before.output_tokens, 0),
+            max(usage.cached_input_tokens - before.cached_input_tokens, 0),
+            max(usage.reasoning_tokens - before.reasoning_tokens, 0)))
+    return _priced(ctx, usage)
+
+
+# The usage of an attempt that broke after it had streamed, and its cost at its own
+# deployment (set by the failover layer before it continues the stream elsewhere).
+EARLIER_ATTEMPT = "pricing.earlier_attempt"
+
+
+def _priced(ctx: RequestContext, usage: Usage | None) -> int:
     price = served_price(ctx)
     if price is None or price is FREE or usage is None or (
             usage.input_tokens == 0 and usage.output_tokens == 0):

@@ -45,6 +45,7 @@ from gateway.context import CONTEXT_KEY, RequestContext
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
+from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
 from middleware.failover.continuation import (
     CONTINUABLE,
     ContinuationRelay,
@@ -458,6 +459,9 @@ class FailoverMiddleware:
         state, key = target
         tried.attempts += 1
         ctx.state["failover.continuations"] = 1
+        # What the broken attempt streamed costs what it cost where it ran (the price is
+        # still the served deployment's here), whatever the continuation's price.
+        ctx.state[EARLIER_ATTEMPT] = (broken_usage, call_cost_micros(ctx, broken_usage))
         original = ctx.body
         ctx.body = continuation_body(ctx, transcript.text)
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key

@@ -19,6 +19,8 @@ import openai
 import pytest
 
 from gateway import create_app
+from middleware.metering.journal import Journal
+from middleware.metering.record import UsageRecord
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
@@ -382,6 +384,41 @@ def test_a_broken_openai_stream_is_continued_by_the_fallback_from_where_it_broke
     assert FULL_REPLY.startswith(prefill) and 0 < len(prefill) < len(text)
     usage = [c["usage"] for c in chunks if c.get("usage")]
     assert usage and usage[-1]["completion_tokens"] >= 1
+
+
+def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The broken attempt's usage was added to the continuation's and the sum priced at the
+    # continuation's deployment: here 100 times the broken attempt's price.
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    journal = tmp_path / "journal"
+    text = failover_config(
+        a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
+        extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
+              'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
+    text = text.replace("    Middleware(FailoverMiddleware,",
+                        f"    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
+                        "flush_interval_s=0.05),\n    Middleware(FailoverMiddleware,")
+    with serve(tmp_path, text) as gateway:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "primary", "messages": QUESTION, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            request_id = r.headers["x-request-id"]
+        # (the continuation's own usage, as the client saw it)
+        [later] = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+    [slot] = sorted(journal.glob("slot-*"))
+    kept = Journal(slot, read_only=True)
+    kept.open()
+    [record] = [r for r in (UsageRecord.decode(p) for _, p in kept.pending())
+                if r.request_id == request_id]
+    kept.close()
+    broken_in = record.input_tokens - later["prompt_tokens"]
+    broken_out = record.output_tokens - later["completion_tokens"]
+    assert broken_in > 0 and broken_out > 0 and record.attempts == 2
+    assert record.cost_micros == (broken_in * 1 + broken_out * 2  # $1/$2 per 1M: micros
+                                  + later["prompt_tokens"] * 100
+                                  + later["completion_tokens"] * 200)
 
 
 @pytest.mark.parametrize("chunk_chars,after_chunks", [(8, 2), (5, 1)],
