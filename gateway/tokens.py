@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway import context as c
+from gateway.context import RequestContext, Usage
+
 _PER_MESSAGE = 3
 _PER_IMAGE = 85  # OpenAI's low-detail image cost; images are otherwise not counted by size
 
@@ -61,3 +64,34 @@ def estimate_input(texts: str | list[Any]) -> int:
         return estimate_text(texts)
     return sum(estimate_text(t) if isinstance(t, str) else len(t) if isinstance(t, list) else 0
                for t in texts)
+
+
+_MESSAGES_OPERATIONS = frozenset({c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})
+_INPUT_FIELDS = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
+                 c.OPENAI_RESPONSES: "input"}
+
+
+def estimate_input_tokens(ctx: RequestContext) -> int:
+    """The input tokens of a request's body, estimated (its operation says where they are)."""
+    body = ctx.body
+    if ctx.operation in _MESSAGES_OPERATIONS:
+        return estimate_messages(body.get("messages") or [], body.get("system"),
+                                 body.get("tools"))
+    field = _INPUT_FIELDS.get(ctx.operation, "input")
+    value = body.get(field)
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
+        return estimate_messages(value, body.get("instructions"), body.get("tools"))
+    return estimate_input(value) if isinstance(value, (str, list)) else 0
+
+
+def delivered_usage(ctx: RequestContext, usage: Usage | None, events: int) -> Usage:
+    """What a stream cut short (the client left, the provider broke) is billed at least: the
+    request's estimated input and one output token per event delivered, or the provider's
+    own counts where they are higher (a stream may end before its usage report, or carry
+    only an early one: Anthropic's message_start says output_tokens=1)."""
+    if usage is None:
+        return Usage(input_tokens=estimate_input_tokens(ctx), output_tokens=events)
+    return Usage(input_tokens=max(usage.input_tokens, estimate_input_tokens(ctx)),
+                 output_tokens=max(usage.output_tokens, events),
+                 cached_input_tokens=usage.cached_input_tokens,
+                 reasoning_tokens=usage.reasoning_tokens)

@@ -19,6 +19,7 @@ import orjson
 from gateway.config import ConfigError
 from gateway.context import Attempt, RequestContext, Usage
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
+from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
 
@@ -303,6 +304,7 @@ class HTTPAdapter:
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         broken: GatewayError | None = None
+        delivered = [0]  # events sent on (what a stream cut short is billed at least)
         try:
             try:
                 async with deadline:
@@ -314,7 +316,8 @@ class HTTPAdapter:
                                 "headers": SSE_RESPONSE_HEADERS})
                     deadline.streaming = True
                     try:
-                        last = await self._relay(response, codec, send, first, deadline)
+                        last = await self._relay(response, codec, send, first, deadline,
+                                                 delivered)
                         tail = last + codec.finish()
                         finished = True
                     except StreamErrorTypes as exc:
@@ -330,7 +333,8 @@ class HTTPAdapter:
                 tail = stream_error_event(ctx.api_format, broken)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
-            ctx.usage = codec.usage
+            ctx.usage = codec.usage if finished else \
+                delivered_usage(ctx, codec.usage, delivered[0])
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the
@@ -339,7 +343,10 @@ class HTTPAdapter:
                 response.release()
             elif response is not None:
                 response.close()
-            ctx.usage = codec.usage
+            # A stream cut short after it started (the client left, the provider broke) is
+            # billed at least what it delivered: its provider may never have said.
+            ctx.usage = codec.usage if finished or not deadline.streaming else \
+                delivered_usage(ctx, codec.usage, delivered[0])
 
     async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
         """Reads until the codec yields client bytes; failures here are still retryable."""
@@ -365,7 +372,7 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
-                     pending: bytes, deadline: StreamDeadline) -> bytes:
+                     pending: bytes, deadline: StreamDeadline, delivered: list[int]) -> bytes:
         """Forwards the stream; returns the last bytes, to go out with the end of the body.
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
@@ -376,11 +383,13 @@ class HTTPAdapter:
         while True:
             if codec.error is not None:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
+                delivered[0] += pending.count(b"\n\n")
                 raise codec.error
             if content.at_eof():
                 return pending
             if pending:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
+                delivered[0] += pending.count(b"\n\n")
             chunk = await content.readany()
             if not chunk:
                 return b""

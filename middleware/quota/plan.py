@@ -30,7 +30,7 @@ from gateway.policy import (
     period_label,
 )
 from gateway.pricing import Price, estimate_micros, in_force
-from gateway.tokens import estimate_input, estimate_messages
+from gateway.tokens import estimate_input_tokens
 
 _Item = TypeVar("_Item")
 
@@ -63,22 +63,7 @@ class Estimate:
 
 # -- estimates -----------------------------------------------------------------------------
 
-_MESSAGES_OPERATIONS = frozenset({c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})
-_INPUT_FIELDS = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
-                 c.OPENAI_RESPONSES: "input"}
 _NO_OUTPUT_OPERATIONS = frozenset({c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS})
-
-
-def estimate_input_tokens(ctx: RequestContext) -> int:
-    body = ctx.body
-    if ctx.operation in _MESSAGES_OPERATIONS:
-        return estimate_messages(body.get("messages") or [], body.get("system"),
-                                 body.get("tools"))
-    field = _INPUT_FIELDS.get(ctx.operation, "input")
-    value = body.get(field)
-    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
-        return estimate_messages(value, body.get("instructions"), body.get("tools"))
-    return estimate_input(value) if isinstance(value, (str, list)) else 0
 
 
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:

@@ -529,6 +529,42 @@ def test_a_stream_recorded_before_its_end_is_sent_has_its_usage(
     assert cost == Decimal(prompt) / 10**6 + Decimal(completion) * 2 / 10**6 > 0
 
 
+@pytest.mark.parametrize("model", ["gpt-mock", "claude-mock"])
+def test_a_stream_the_client_leaves_is_billed_what_it_was_sent(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str, journal: Path,
+        model: str) -> None:
+    # OpenAI reports usage in a stream's last chunk, Anthropic its output in the last
+    # events: a client that left before them was recorded at 0 tokens and $0 (Anthropic:
+    # the input, and message_start's output_tokens=1), though the provider bills both.
+    mock.config.update({"chunk_delay_s": 0.05, "chunk_chars": 4})
+    prompt = "a long prompt " * 50
+    try:
+        config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+        with ThreadedServer(create_app(config)) as server, httpx.stream(
+                "POST", server.url + "/v1/chat/completions",
+                headers={"authorization": f"Bearer {TEST_KEY}"},
+                json={"model": model, "stream": True, "stream_options": {"include_usage": True},
+                      "messages": [{"role": "user", "content": prompt}]}) as response:
+            read = 0
+            for line in response.iter_lines():
+                read += '"content"' in line
+                if read >= 5:
+                    break
+            request_id = response.headers["x-request-id"]
+            response.close()
+            deadline = time.monotonic() + 5
+            while request_id not in events(prefix) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            found = events(prefix)
+    finally:
+        mock.config.update({"chunk_delay_s": 0.0, "chunk_chars": 8})
+    _status, prompt_tokens, completion_tokens, cost, *_ = found[request_id]
+    assert found[request_id][7] is True  # client_disconnected
+    assert prompt_tokens >= 150  # ~ the gateway's estimate of the prompt (or the provider's)
+    assert completion_tokens >= 5  # at least one a content event it was sent
+    assert cost == Decimal(prompt_tokens) / 10**6 + Decimal(completion_tokens) * 2 / 10**6
+
+
 def test_cache_hits_and_disconnects_are_recorded(
         tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
         journal: Path) -> None:
