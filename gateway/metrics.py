@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.context import RequestContext
-from gateway.pricing import call_cost_micros
+from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
 
 __all__ = ["METRICS_DIR_ENV", "RequestMetrics", "Sample", "render", "request_cost_micros"]
 
@@ -166,7 +166,8 @@ def request_cost_micros(ctx: RequestContext) -> int:
     if ctx.usage is None or ctx.cache_status in ("hit", "semantic-hit"):
         return 0
     price = getattr(ctx.served_deployment, "price", None)
-    if price is not None and not price.input_per_mtok and not price.output_per_mtok:
+    if price is not None and not price.input_per_mtok and not price.output_per_mtok \
+            and EARLIER_ATTEMPT not in ctx.state:  # (a broken attempt elsewhere may cost)
         return 0
     return call_cost_micros(ctx, ctx.usage)
 

@@ -11,6 +11,7 @@ an OpenAI-compatible server, a reseller or a self-hosted model, is priced in con
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -72,7 +73,8 @@ class Price:
     # The table's next price for the same model (set by PriceTable), and when it starts:
     # `in_force` moves a deployment's price on at midnight UTC of its effective date, in a
     # gateway that was started before it.
-    successor: Price | None = field(default=None, compare=False, repr=False)
+    # (init=False: a Price made from this one, by dataclasses.replace, does not follow it)
+    successor: Price | None = field(default=None, init=False, compare=False, repr=False)
     # When it comes into force: midnight UTC of `effective_from` (epoch seconds; -inf).
     starts_at_s: float = field(init=False, compare=False, repr=False)
 
@@ -195,9 +197,12 @@ class PriceTable:
         prices: dict[str, dict[str, list[Price]]],
         aliases: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        # Oldest first, so lookup walks back from the newest entry.
+        # Oldest first, so lookup walks back from the newest entry. Each table keeps copies,
+        # linked to their successors: a Price given to two tables or two models follows
+        # neither's (the caller's objects are not changed).
         self._prices = {
-            vendor: {model: sorted(entries, key=_effective_key)
+            vendor: {model: [dataclasses.replace(entry)
+                             for entry in sorted(entries, key=_effective_key)]
                      for model, entries in models.items()}
             for vendor, models in prices.items()
         }

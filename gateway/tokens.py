@@ -84,14 +84,15 @@ def estimate_input_tokens(ctx: RequestContext) -> int:
     return estimate_input(value) if isinstance(value, (str, list)) else 0
 
 
-def delivered_usage(ctx: RequestContext, usage: Usage | None, events: int) -> Usage:
-    """What a stream cut short (the client left, the provider broke) is billed at least: the
-    request's estimated input and one output token per event delivered, or the provider's
-    own counts where they are higher (a stream may end before its usage report, or carry
-    only an early one: Anthropic's message_start says output_tokens=1)."""
+def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Usage:
+    """What a stream cut short (the client left, the provider broke) is billed at least:
+    the input the provider reported (else the request's estimate), and one output token per
+    content delta delivered, or the provider's output count where higher (a stream may end
+    before its usage report, or carry only an early one: Anthropic's message_start says
+    output_tokens=1)."""
     if usage is None:
-        return Usage(input_tokens=estimate_input_tokens(ctx), output_tokens=events)
-    return Usage(input_tokens=max(usage.input_tokens, estimate_input_tokens(ctx)),
-                 output_tokens=max(usage.output_tokens, events),
+        return Usage(input_tokens=estimate_input_tokens(ctx), output_tokens=deltas)
+    return Usage(input_tokens=usage.input_tokens or estimate_input_tokens(ctx),
+                 output_tokens=max(usage.output_tokens, deltas),
                  cached_input_tokens=usage.cached_input_tokens,
                  reasoning_tokens=usage.reasoning_tokens)

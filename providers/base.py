@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from gateway.config import ConfigError
-from gateway.context import Attempt, RequestContext, Usage
+from gateway.context import OPENAI_COMPLETIONS, Attempt, RequestContext, Usage
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
@@ -304,7 +304,10 @@ class HTTPAdapter:
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         broken: GatewayError | None = None
-        delivered = [0]  # events sent on (what a stream cut short is billed at least)
+        # Content deltas sent on (what a stream cut short is billed at least): a `"delta"`
+        # per chunk in every stream format but the legacy completions' (`"text"`).
+        delivered = [0]
+        marker = b'"text"' if ctx.operation == OPENAI_COMPLETIONS else b'"delta"'
         try:
             try:
                 async with deadline:
@@ -317,7 +320,7 @@ class HTTPAdapter:
                     deadline.streaming = True
                     try:
                         last = await self._relay(response, codec, send, first, deadline,
-                                                 delivered)
+                                                 delivered, marker)
                         tail = last + codec.finish()
                         finished = True
                     except StreamErrorTypes as exc:
@@ -372,7 +375,8 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
-                     pending: bytes, deadline: StreamDeadline, delivered: list[int]) -> bytes:
+                     pending: bytes, deadline: StreamDeadline, delivered: list[int],
+                     marker: bytes) -> bytes:
         """Forwards the stream; returns the last bytes, to go out with the end of the body.
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
@@ -383,13 +387,13 @@ class HTTPAdapter:
         while True:
             if codec.error is not None:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                delivered[0] += pending.count(b"\n\n")
+                delivered[0] += pending.count(marker)
                 raise codec.error
             if content.at_eof():
                 return pending
             if pending:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                delivered[0] += pending.count(b"\n\n")
+                delivered[0] += pending.count(marker)
             chunk = await content.readany()
             if not chunk:
                 return b""

@@ -41,7 +41,7 @@ from typing import Any
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError, GatewayConfig
-from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
@@ -450,7 +450,15 @@ class FailoverMiddleware:
         """Continues a broken stream from the next deployment (see continuation.py), or ends
         it with the in-band error event when that is not possible."""
         ctx.continue_streams = False  # one continuation per request
-        broken_usage = ctx.usage or estimated_usage(ctx, transcript.text)
+        # What the broken call used: its provider's counts, or (when it never said) the
+        # passthrough's floor for a stream cut short, raised to the estimate of the text it
+        # delivered (one token a delta undercounts deltas of several words).
+        estimate = estimated_usage(ctx, transcript.text)
+        reported = ctx.usage
+        broken_usage = estimate if reported is None else Usage(
+            reported.input_tokens or estimate.input_tokens,
+            max(reported.output_tokens, estimate.output_tokens),
+            reported.cached_input_tokens, reported.reasoning_tokens)
         target = self._next_for_continuation(ctx, route, tried) \
             if transcript.plain and transcript.text else None
         if target is None:

@@ -53,7 +53,7 @@ from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
 from gateway.metrics import Sample
 from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
-from middleware.metering.record import UsageRecord, payload_of
+from middleware.metering.record import UsageRecord, clean_labels, payload_of
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
 from middleware.metering.usage import journal_usage, serve_admin_usage, serve_own_usage
 
@@ -64,6 +64,9 @@ logger = logging.getLogger("sluicegate.metering")
 
 DURABILITY = ("batch", "response")
 ORPHAN_SCAN_S = 60.0  # how often a process looks for journals no process holds
+# Records kept in memory while the journal fails and PostgreSQL cannot take them either;
+# past this many, the oldest are dropped (and logged).
+QUEUE_HARD_MAX = 1_000_000
 
 
 class MeteringMiddleware:
@@ -134,6 +137,7 @@ class MeteringMiddleware:
         self._next_retry = 0.0
         self._next_orphan_scan = 0.0  # (at the writer's start, then every ORPHAN_SCAN_S)
         self._overflowed = False  # records journaled outside the writer (see `_replay`)
+        self._overflow_retry = 0.0  # (`_queue_full`: after the journal failed it)
         self._stopping = False
         self.written = 0  # rows PostgreSQL took (for tests and /admin)
 
@@ -302,11 +306,23 @@ class MeteringMiddleware:
     def _queue_full(self) -> None:
         if self._wake is not None:
             self._wake.set()
-        if len(self._queue) > self.queue_max:
+        if len(self._queue) > self.queue_max and time.monotonic() >= self._overflow_retry:
             # The writer cannot keep up (a slow disk): keep the records, at a small cost here.
             payloads, waiting = self._drain()
-            self.journal.append(payloads)
-            self.journal.sync()
+            try:
+                self.journal.append(payloads)
+                self.journal.sync()
+            except (OSError, JournalError) as exc:
+                # A failing disk: the records stay queued (up to a bound), the writer tries
+                # them again, and this waits a retry interval before it journals again.
+                keep = payloads[-QUEUE_HARD_MAX:]
+                if len(keep) < len(payloads):
+                    logger.error("metering: the journal fails (%s) and the queue is full: "
+                                 "%d record(s) are lost", exc, len(payloads) - len(keep))
+                self._queue[0:0] = keep
+                self._waiting = [(len(keep), future) for future in waiting]
+                self._overflow_retry = time.monotonic() + self.retry_interval_s
+                return
             _resolve(waiting)
             if self.store is not None:
                 self._replaying = self._overflowed = True
@@ -351,20 +367,22 @@ class MeteringMiddleware:
                     await self._write_batch(payloads, durable=bool(waiting))
                 except Exception:
                     # Kept nowhere (the journal failed, and PostgreSQL too or it is behind):
-                    # queued again, oldest first, and tried again after a pause; at shutdown,
-                    # lost, and said so.
+                    # queued again, oldest first, its waiters with it (a durable response
+                    # waits until its record is kept), and tried again after a pause; at
+                    # shutdown, lost, and said so.
                     if self._stopping:
                         logger.exception("metering: %d record(s) could be kept neither in the "
                                          "journal nor in PostgreSQL, and are lost",
                                          len(payloads))
+                        _resolve(waiting)
                     else:
                         logger.exception("metering: a batch could be kept neither in the "
                                          "journal nor in PostgreSQL; it is tried again")
                         self._queue[0:0] = payloads
-                        self._waiting = [(needed + len(payloads), future)
-                                         for needed, future in self._waiting]
+                        self._waiting = [(len(payloads), future) for future in waiting] + [
+                            (needed + len(payloads), future) for needed, future in self._waiting]
                         await asyncio.sleep(self.retry_interval_s)
-                finally:
+                else:
                     _resolve(waiting)
             if self.store is not None and not self._replaying and not self._stopping \
                     and time.monotonic() >= self._next_orphan_scan:
@@ -463,6 +481,9 @@ class MeteringMiddleware:
                     await loop.run_in_executor(self._io, orphan.acknowledge, pending[-1][0])
                     logger.info("metering: replayed %d record(s) of %s, which no process "
                                 "holds", len(pending), path.name)
+                    if self._queue:  # new requests first: go on at the writer's next turn
+                        self._next_orphan_scan = 0.0
+                        return
             except (UsageStoreError, OSError, JournalError) as exc:
                 logger.warning("metering: the journal of %s waits (%s)", path.name, exc)
                 return
@@ -500,7 +521,7 @@ def _checked(pending: list[tuple[Position, bytes]]) -> list[bytes]:
     payloads = []
     for _, payload in pending:
         try:
-            payloads.append(UsageRecord.decode(payload).encode())
+            payloads.append(clean_labels(UsageRecord.decode(payload)).encode())
         except ValueError:
             logger.error("metering: an unreadable record in the journal was skipped")
     return payloads

@@ -11,6 +11,7 @@ JSON objects keyed by field name; `decode` reads both.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 import time
 from dataclasses import dataclass, field, fields
@@ -111,6 +112,16 @@ def _text(value: str) -> str:
     """A caller's string as PostgreSQL's text and jsonb take it: they refuse NUL, and one
     record holding it would fail its whole batch, so it becomes U+FFFD."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def clean_labels(record: UsageRecord) -> UsageRecord:
+    """`record`, with a NUL in its labels replaced as `labels_of` does (a record journaled
+    by a gateway from before it did would stop every replay)."""
+    labels = record.labels
+    if not labels or not any("\x00" in key or "\x00" in value for key, value in labels.items()):
+        return record
+    return dataclasses.replace(record, labels={_text(key): _text(value)
+                                               for key, value in labels.items()})
 
 
 def labels_of(ctx: RequestContext) -> dict[str, str]:

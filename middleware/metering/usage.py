@@ -171,9 +171,16 @@ def journal_usage(directory: str | Path, *, group_by: str = "project",
     start = since.timestamp() if since is not None else float("-inf")
     end = until.timestamp() if until is not None else float("inf")
     totals: dict[str, dict[str, int]] = {}
+    seen: set[tuple[str, float]] = set()
     for record in _journal_records(Path(directory)):
         if not start <= record.started_at < end:
             continue
+        # (a record journaled twice, by a batch retried after a failed append, counts once:
+        # the same key as PostgreSQL's ON CONFLICT)
+        identity = (record.request_id, record.started_at)
+        if identity in seen:
+            continue
+        seen.add(identity)
         row = totals.setdefault(subject_of(record) or NO_SUBJECT, dict.fromkeys(_COUNTERS, 0))
         row["requests"] += 1
         row["errors"] += record.status >= 400

@@ -1,6 +1,7 @@
 """The price table and the cost arithmetic, without ASGI: exact micro-dollars, tiers, dates."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import FrozenInstanceError
@@ -480,3 +481,23 @@ def test_a_price_resolved_before_it_changes_bills_the_new_one_from_its_date(
         table.lookup("acme", "m", at=datetime(2026, 5, 31, tzinfo=UTC))
     assert in_force(price("1", "2"), math.inf) == price("1", "2")  # an explicit price stays
 
+
+
+def test_a_price_follows_its_own_tables_successor_only(tmp_path: Path) -> None:
+    """Tables keep linked copies: a Price given to two tables (or models) is not changed,
+    and a Price made from a table's one (dataclasses.replace: a discount, say) keeps its
+    own figures after the table's next date."""
+    shared = price("1", "2", effective_from=date(2026, 1, 1))
+    later_a = price("3", "4", effective_from=date(2026, 6, 1))
+    later_b = price("5", "6", effective_from=date(2026, 3, 1))
+    table_a = PriceTable({"acme": {"m1": [shared, later_a]}})
+    table_b = PriceTable({"acme": {"m2": [shared, later_b]}})
+    assert shared.successor is None  # (the caller's object)
+    july = datetime(2026, 7, 1, tzinfo=UTC)
+    from_a = table_a.lookup("acme", "m1", at=datetime(2026, 1, 2, tzinfo=UTC))
+    from_b = table_b.lookup("acme", "m2", at=datetime(2026, 1, 2, tzinfo=UTC))
+    assert from_a is not None and from_b is not None
+    assert in_force(from_a, july.timestamp()).input_per_mtok == 3
+    assert in_force(from_b, july.timestamp()).input_per_mtok == 5
+    discounted = dataclasses.replace(from_a, input_per_mtok=Decimal("0.5"))
+    assert in_force(discounted, july.timestamp()) is discounted

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from gateway import create_app
+from gateway.tokens import estimate_text
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
@@ -416,6 +417,11 @@ def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
     broken_in = record.input_tokens - later["prompt_tokens"]
     broken_out = record.output_tokens - later["completion_tokens"]
     assert broken_in > 0 and broken_out > 0 and record.attempts == 2
+    # The broken part is at least the estimate of the text it delivered (the fallback was
+    # asked to go on from it), not one token a chunk.
+    partial = b.requests[-1]["json"]["messages"][-1]["content"]
+    text = partial if isinstance(partial, str) else "".join(p["text"] for p in partial)
+    assert broken_out >= estimate_text(text) > 3
     assert record.cost_micros == (broken_in * 1 + broken_out * 2  # $1/$2 per 1M: micros
                                   + later["prompt_tokens"] * 100
                                   + later["completion_tokens"] * 200)

@@ -4,6 +4,7 @@ disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -310,6 +311,34 @@ async def test_journals_no_process_holds_are_replayed(tmp_path: Path, prefix: st
     assert written == set(records) - in_slot_3 and layer.written == 10
 
 
+async def test_a_journaled_nul_from_an_older_gateway_is_replayed_cleaned(
+        tmp_path: Path, prefix: str) -> None:
+    # Journals written before labels were cleaned may hold a NUL, which would fail every
+    # replay batch: the replay cleans what it reads.
+    from middleware.metering.journal import Journal
+    dirty = sample(3)
+    dirty[1] = UsageRecord(**{**{f: getattr(dirty[1], f) for f in ARRAY_FIELDS},
+                              "labels": {"te\x00am": "a\x00b"}})
+    journal = Journal(tmp_path / "slot-000")
+    journal.open()
+    journal.append([record.encode() for record in dirty])
+    journal.close()
+
+    async def nothing(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request is sent")
+    layer = MeteringMiddleware(nothing, store=PostgresUsageStore(PG_DSN, prefix=prefix),
+                               journal_dir=str(tmp_path), flush_interval_s=0.05)
+    await layer.startup()
+    try:
+        deadline = time.monotonic() + 10
+        while layer.written < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await layer.shutdown()
+    labels = dict(rows(f"SELECT request_id, labels FROM {prefix}_events"))
+    assert labels[dirty[1].request_id] == {"te\ufffdam": "a\ufffdb"} and len(labels) == 3
+
+
 async def test_events_are_partitioned_by_month_and_old_months_drop(prefix: str) -> None:
     store = PostgresUsageStore(PG_DSN, prefix=prefix)
     await store.startup()
@@ -563,6 +592,41 @@ def test_a_stream_the_client_leaves_is_billed_what_it_was_sent(
     assert prompt_tokens >= 150  # ~ the gateway's estimate of the prompt (or the provider's)
     assert completion_tokens >= 5  # at least one a content event it was sent
     assert cost == Decimal(prompt_tokens) / 10**6 + Decimal(completion_tokens) * 2 / 10**6
+
+
+def test_an_anthropic_stream_left_midway_keeps_the_input_its_provider_reported(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
+        journal: Path) -> None:
+    # message_start reports the exact input; the floor for a stream cut short is only for
+    # what the provider did not say, and framing events (message_start, pings) are not
+    # output tokens.
+    mock.config.update({"chunk_delay_s": 0.05, "chunk_chars": 4})
+    try:
+        config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+        with ThreadedServer(create_app(config)) as server, httpx.stream(
+                "POST", server.url + "/v1/messages",
+                headers={"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"},
+                json={"model": "claude-mock", "max_tokens": 100, "stream": True,
+                      "messages": [{"role": "user", "content": "short words " * 40}]}
+                ) as response:
+            started, deltas = None, 0
+            for line in response.iter_lines():
+                if line.startswith("data: ") and '"message_start"' in line:
+                    started = json.loads(line[6:])["message"]["usage"]["input_tokens"]
+                deltas += '"content_block_delta"' in line
+                if deltas >= 3:
+                    break
+            request_id = response.headers["x-request-id"]
+            response.close()
+            deadline = time.monotonic() + 5
+            while request_id not in events(prefix) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            found = events(prefix)
+    finally:
+        mock.config.update({"chunk_delay_s": 0.0, "chunk_chars": 8})
+    _status, prompt_tokens, completion_tokens, *_ = found[request_id]
+    assert started is not None and prompt_tokens == started  # not the gateway's estimate
+    assert 3 <= completion_tokens <= 8  # the deltas sent (a few more may have left)
 
 
 def test_cache_hits_and_disconnects_are_recorded(

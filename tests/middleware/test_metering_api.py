@@ -442,3 +442,19 @@ def test_journal_usage_groups_filters_and_skips_a_torn_tail(tmp_path: Path) -> N
     assert (tmp_path / "slot-000" / f"{end.segment:08d}.sgj").stat().st_size == end.offset - 3
     with pytest.raises(JournalError, match="no usage journal"):
         journal_usage(tmp_path / "nowhere")
+
+
+def test_a_record_journaled_twice_counts_once(tmp_path: Path) -> None:
+    # A batch whose append failed part way is queued again and journaled again; the journal
+    # as the ledger counts each (request id, start) once, as PostgreSQL does.
+    record = UsageRecord(request_id="twice", started_at=1_700_000_000.0, ended_at=1.7e9,
+                         project="acme", model="m", input_tokens=10, cost_micros=7)
+    other = UsageRecord(request_id="twice", started_at=1_700_000_001.0, ended_at=1.7e9,
+                        project="acme", model="m", input_tokens=10, cost_micros=7)
+    writer = Journal(tmp_path / "slot-000")
+    writer.open()
+    writer.append([record.encode(), other.encode()])
+    writer.append([record.encode()])
+    writer.close()
+    [row] = journal_usage(tmp_path)
+    assert (row["requests"], row["input_tokens"], row["cost_usd"]) == (2, 20, "0.000014")
