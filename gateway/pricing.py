@@ -455,35 +455,32 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
     last answer is kept on the request, keyed by the price and every count it used. When
     the usage includes an earlier attempt's, priced at its own deployment (a stream broken
     and continued elsewhere: `EARLIER_ATTEMPT`), that part costs what it cost there."""
-    earlier: tuple[Usage, int] | None = ctx.state.get(EARLIER_ATTEMPT)
+    state = ctx.state
+    earlier: tuple[Usage, int] | None = state.get(EARLIER_ATTEMPT)
+    before_cost = 0
     if earlier is not None and usage is not None:
         before, before_cost = earlier
-        return before_cost + _priced(ctx, Usage(
-            max(usage.input_tokens - before.input_tokens, 0),
-            max(usage.output_tokens - before.output_tokens, 0),
-            max(usage.cached_input_tokens - before.cached_input_tokens, 0),
-            max(usage.reasoning_tokens - before.reasoning_tokens, 0)))
-    return _priced(ctx, usage)
+        usage = Usage(max(usage.input_tokens - before.input_tokens, 0),
+                      max(usage.output_tokens - before.output_tokens, 0),
+                      max(usage.cached_input_tokens - before.cached_input_tokens, 0),
+                      max(usage.reasoning_tokens - before.reasoning_tokens, 0))
+    price = served_price(ctx)
+    if price is None or price is FREE or usage is None or (
+            usage.input_tokens == 0 and usage.output_tokens == 0):
+        return before_cost
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+              usage.reasoning_tokens)
+    memo: tuple[Price, tuple[int, int, int, int], int] | None = state.get(_COST_MEMO)
+    if memo is not None and memo[0] is price and memo[1] == counts:
+        return before_cost + memo[2]
+    cost = cost_micros(price, usage)
+    state[_COST_MEMO] = (price, counts, cost)
+    return before_cost + cost
 
 
 # The usage of an attempt that broke after it had streamed, and its cost at its own
 # deployment (set by the failover layer before it continues the stream elsewhere).
 EARLIER_ATTEMPT = "pricing.earlier_attempt"
-
-
-def _priced(ctx: RequestContext, usage: Usage | None) -> int:
-    price = served_price(ctx)
-    if price is None or price is FREE or usage is None or (
-            usage.input_tokens == 0 and usage.output_tokens == 0):
-        return 0
-    counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
-              usage.reasoning_tokens)
-    memo: tuple[Price, tuple[int, int, int, int], int] | None = ctx.state.get(_COST_MEMO)
-    if memo is not None and memo[0] is price and memo[1] == counts:
-        return memo[2]
-    cost = cost_micros(price, usage)
-    ctx.state[_COST_MEMO] = (price, counts, cost)
-    return cost
 
 
 _COST_MEMO = "pricing.cost"
