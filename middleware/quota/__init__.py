@@ -472,7 +472,9 @@ class QuotaMiddleware:
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
-        return min(usage.total_tokens, AMOUNT_MAX), min(cost, AMOUNT_MAX)
+        tokens = usage.total_tokens
+        return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
+                cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 
     def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
                         values: list[Any], events: int) -> None:

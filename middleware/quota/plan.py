@@ -113,10 +113,13 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
     input_tokens = estimate_input_tokens(ctx)
     # (max_tokens is the caller's: 10**30 asks more than any limit, and is kept below 2**53,
     # where Redis's Lua counts exactly, as more than any limit still: see AMOUNT_MAX)
-    output_tokens = min(output_bound(ctx, default_max_output_tokens), LIMIT_MAX)
+    # (conditional expressions, not min(): the builtin parses keyword arguments per call)
+    output_tokens = output_bound(ctx, default_max_output_tokens)
+    output_tokens = output_tokens if output_tokens < LIMIT_MAX else LIMIT_MAX  # noqa: FURB136
     price = reservation_price(ctx)
     cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
-    return Estimate(input_tokens, output_tokens, min(cost, AMOUNT_MAX))
+    return Estimate(input_tokens, output_tokens,
+                    cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 
 
 def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:
