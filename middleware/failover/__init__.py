@@ -178,6 +178,8 @@ class FailoverMiddleware:
             elif not state.available(began):
                 state = None
         if state is None or state.keys:
+            if state is not None:  # picked (a half-open breaker counted its probe): `_serve`
+                state.breaker.release()  # picks again, so the slot is given back first
             await self._serve(scope, receive, send, ctx, route, Tried(), None)
             return
         # The common request's first attempt, inline: every await below this frame is resumed

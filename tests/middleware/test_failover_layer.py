@@ -387,6 +387,27 @@ def test_a_broken_openai_stream_is_continued_by_the_fallback_from_where_it_broke
     assert usage and usage[-1]["completion_tokens"] >= 1
 
 
+def test_a_deployment_with_provider_keys_closes_its_breaker_after_the_cooldown(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first attempt's pick took the half-open probe, then a deployment with provider keys
+    # went to the attempt loop, which picked again and was refused: the probe was never given
+    # back, and the model answered 503 for ever.
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    extra = ('models["keyed"] = [Deployment("a", "gpt-4o-mini", price=PRICE, '
+             'api_key_envs=("KEY_ONE",))]')
+    layer = ("breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5), "
+             "retry=RetryPolicy(max_attempts=1)")
+    with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:
+        a.push_fault(Fault("status", provider="openai", status=503))
+        assert chat(gateway, "keyed").status_code == 503  # opens the breaker
+        time.sleep(0.7)  # past the cool-down: half-open
+        assert chat(gateway, "keyed").status_code == 200  # the probe goes, and closes it
+        assert chat(gateway, "keyed").status_code == 200
+        state = deployments(gateway)["models"]["keyed"]["deployments"][0]  # type: ignore[index]
+    assert state["breaker"] == "closed"
+
+
 def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     # The broken attempt's usage was added to the continuation's and the sum priced at the
