@@ -336,8 +336,7 @@ class HTTPAdapter:
                 tail = stream_error_event(ctx.api_format, broken)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
-            ctx.usage = codec.usage if finished else \
-                delivered_usage(ctx, codec.usage, delivered[0])
+            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the
@@ -346,10 +345,7 @@ class HTTPAdapter:
                 response.release()
             elif response is not None:
                 response.close()
-            # A stream cut short after it started (the client left, the provider broke) is
-            # billed at least what it delivered: its provider may never have said.
-            ctx.usage = codec.usage if finished or not deadline.streaming else \
-                delivered_usage(ctx, codec.usage, delivered[0])
+            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])
 
     async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
         """Reads until the codec yields client bytes; failures here are still retryable."""
@@ -502,3 +498,13 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts)
+
+
+def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: bool,
+                 delivered: int) -> Usage | None:
+    """A stream's usage at its end: the codec's, or for a stream cut short after it started
+    (the client left, the provider broke) at least what it delivered, as its provider may
+    never have said (see `gateway.tokens.delivered_usage`)."""
+    if finished or not streaming:
+        return codec.usage  # type: ignore[no-any-return]
+    return delivered_usage(ctx, codec.usage, delivered)

@@ -319,13 +319,20 @@ class MeteringMiddleware:
                 if len(keep) < len(payloads):
                     logger.error("metering: the journal fails (%s) and the queue is full: "
                                  "%d record(s) are lost", exc, len(payloads) - len(keep))
-                self._queue[0:0] = keep
-                self._waiting = [(len(keep), future) for future in waiting]
+                self._requeue(keep, waiting)
                 self._overflow_retry = time.monotonic() + self.retry_interval_s
                 return
             _resolve(waiting)
             if self.store is not None:
                 self._replaying = self._overflowed = True
+
+    def _requeue(self, payloads: list[bytes], waiting: list[asyncio.Future[None]]) -> None:
+        """Puts records `_drain` took back at the head of the queue, and the requests that
+        waited for them back to waiting, for all of them (`_drain` undone, give or take
+        where each waiter's own record was)."""
+        self._queue[0:0] = payloads
+        self._waiting = [(len(payloads), future) for future in waiting] + [
+            (needed + len(payloads), future) for needed, future in self._waiting]
 
     def _drain(self, limit: int | None = None
                ) -> tuple[list[bytes], list[asyncio.Future[None]]]:
@@ -378,9 +385,7 @@ class MeteringMiddleware:
                     else:
                         logger.exception("metering: a batch could be kept neither in the "
                                          "journal nor in PostgreSQL; it is tried again")
-                        self._queue[0:0] = payloads
-                        self._waiting = [(len(payloads), future) for future in waiting] + [
-                            (needed + len(payloads), future) for needed, future in self._waiting]
+                        self._requeue(payloads, waiting)
                         await asyncio.sleep(self.retry_interval_s)
                 else:
                     _resolve(waiting)
