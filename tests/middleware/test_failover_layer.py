@@ -300,35 +300,45 @@ def test_stream_failover_headers_and_bytes(tmp_path: Path, a: MockProviderServer
     assert body.count("data: [DONE]") == 1 and '"error"' not in body
 
 
+def metered(text: str, journal: Path) -> str:
+    """A failover config with the metering layer (journal only) in front of the failover
+    layer."""
+    return text.replace("    Middleware(FailoverMiddleware,",
+                        f"    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
+                        "flush_interval_s=0.05),\n    Middleware(FailoverMiddleware,")
+
+
+def journaled_record(journal: Path, request_id: str) -> UsageRecord:
+    """The one usage record of `request_id` in the gateway's (one) journal slot."""
+    [slot] = sorted(journal.glob("slot-*"))
+    reader = Journal(slot, read_only=True)
+    reader.open()
+    try:
+        [record] = [r for r in (UsageRecord.decode(p) for _, p in reader.pending())
+                    if r.request_id == request_id]
+    finally:
+        reader.close()
+    return record
+
+
 def test_a_fallback_is_metered_at_the_deployment_that_served_it(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     """The usage record of a request the fallback answered: the model asked for, the model,
     provider and deployment that served it, its attempts and fallbacks, and its cost at the
     served deployment's price (the backup's is three times the primary's here)."""
-    from middleware.metering.journal import Journal
-    from middleware.metering.record import UsageRecord
     a.push_fault(Fault("status", provider="openai", status=503))
     journal = tmp_path / "journal"
     text = failover_config(
         a, b, 'routes={"primary": Route(fallbacks=("backup",))}',
         extra='DEAR = Price(input_per_mtok="3", output_per_mtok="6")\n'
               'models["backup"] = [Deployment("b", "gpt-4o-mini", price=DEAR)]')
-    text = text.replace(
-        "    Middleware(FailoverMiddleware,",
-        f"    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
-        "flush_interval_s=0.05),\n    Middleware(FailoverMiddleware,")
-    with serve(tmp_path, text) as gateway:
+    with serve(tmp_path, metered(text, journal)) as gateway:
         answered = client(gateway).chat.completions.with_raw_response.create(
             model="primary", messages=QUESTION)
         request_id = answered.headers["x-request-id"]
         usage = answered.parse().usage
     assert usage is not None and answered.headers["x-sluicegate-fallback"] == "backup"
-    [slot] = sorted(journal.glob("slot-*"))
-    reader = Journal(slot, read_only=True)
-    reader.open()
-    records = [UsageRecord.decode(payload) for _, payload in reader.pending()]
-    reader.close()
-    [record] = [r for r in records if r.request_id == request_id]
+    record = journaled_record(journal, request_id)
     assert (record.model, record.served_model, record.provider, record.deployment) == \
         ("primary", "gpt-4o-mini", "b", "b/gpt-4o-mini")
     assert (record.attempts, record.fallbacks, record.status) == (2, 1, 200)
@@ -418,10 +428,7 @@ def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
         a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
         extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
               'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
-    text = text.replace("    Middleware(FailoverMiddleware,",
-                        f"    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
-                        "flush_interval_s=0.05),\n    Middleware(FailoverMiddleware,")
-    with serve(tmp_path, text) as gateway:
+    with serve(tmp_path, metered(text, journal)) as gateway:
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "primary", "messages": QUESTION, "stream": True,
                                 "stream_options": {"include_usage": True}}) as r:
@@ -429,12 +436,7 @@ def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
             request_id = r.headers["x-request-id"]
         # (the continuation's own usage, as the client saw it)
         [later] = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
-    [slot] = sorted(journal.glob("slot-*"))
-    kept = Journal(slot, read_only=True)
-    kept.open()
-    [record] = [r for r in (UsageRecord.decode(p) for _, p in kept.pending())
-                if r.request_id == request_id]
-    kept.close()
+    record = journaled_record(journal, request_id)
     broken_in = record.input_tokens - later["prompt_tokens"]
     broken_out = record.output_tokens - later["completion_tokens"]
     assert broken_in > 0 and broken_out > 0 and record.attempts == 2

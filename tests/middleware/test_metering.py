@@ -4,6 +4,7 @@ disconnects, a PostgreSQL outage and a restart that replays the journal."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ from gateway.kernel import _run_end_hooks
 from gateway.pricing import Price
 from gateway.upstream import Deployment
 from middleware.metering import MeteringMiddleware
+from middleware.metering.journal import Journal
 from middleware.metering.record import (
     ARRAY_FIELDS,
     ARRAY_FORMAT,
@@ -278,63 +280,61 @@ async def test_batches_are_written_exactly_once_and_rollups_equal_events(prefix:
         await store.shutdown()
 
 
-async def test_journals_no_process_holds_are_replayed(tmp_path: Path, prefix: str) -> None:
-    # Two workers crashed while PostgreSQL was away, and one comes back: it replays its own
-    # slot, and the other slot too, which no process holds (it waited for ever before).
-    from middleware.metering.journal import Journal
-    records = {}
-    for number in (0, 1, 3):
-        journal = Journal(tmp_path / f"slot-{number:03d}")
-        journal.open()
-        batch = sample(5)
-        journal.append([record.encode() for record in batch])
-        journal.close()
-        records.update({record.request_id: record for record in batch})
-    held = Journal(tmp_path / "slot-003")  # a live process holds slot 3
-    held.open()
+def journal_records(slot: Path, records: list[UsageRecord]) -> None:
+    """Journals `records` in `slot` as a process that then stopped would have left them."""
+    journal = Journal(slot)
+    journal.open()
+    journal.append([record.encode() for record in records])
+    journal.close()
 
+
+async def started_process_writes(journal_dir: Path, prefix: str, expected: int, *,
+                                 settle_s: float = 0.0) -> int:
+    """Starts a metering layer (no requests) over `journal_dir` and PostgreSQL, waits until
+    it has written `expected` rows (at most 10 s, then `settle_s` more), stops it, and
+    returns how many rows it wrote."""
     async def nothing(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("no request is sent")
     layer = MeteringMiddleware(nothing, store=PostgresUsageStore(PG_DSN, prefix=prefix),
-                               journal_dir=str(tmp_path), flush_interval_s=0.05)
+                               journal_dir=str(journal_dir), flush_interval_s=0.05)
     await layer.startup()
     try:
         deadline = time.monotonic() + 10
-        while layer.written < 10 and time.monotonic() < deadline:
+        while layer.written < expected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # (nothing more comes: slot 3 is held)
+        await asyncio.sleep(settle_s)
     finally:
         await layer.shutdown()
+    return layer.written
+
+
+async def test_journals_no_process_holds_are_replayed(tmp_path: Path, prefix: str) -> None:
+    # Two workers crashed while PostgreSQL was away, and one comes back: it replays its own
+    # slot, and the other slot too, which no process holds (it waited for ever before).
+    records = {}
+    for number in (0, 1, 3):
+        batch = sample(5)
+        journal_records(tmp_path / f"slot-{number:03d}", batch)
+        records.update({record.request_id: record for record in batch})
+    held = Journal(tmp_path / "slot-003")  # a live process holds slot 3
+    held.open()
+    try:
+        written_by_it = await started_process_writes(tmp_path, prefix, 10, settle_s=0.2)
+    finally:
         held.close()
     written = {row[0] for row in rows(f"SELECT request_id FROM {prefix}_events")}
     in_slot_3 = {record.request_id for record in list(records.values())[10:]}
-    assert written == set(records) - in_slot_3 and layer.written == 10
+    assert written == set(records) - in_slot_3 and written_by_it == 10
 
 
 async def test_a_journaled_nul_from_an_older_gateway_is_replayed_cleaned(
         tmp_path: Path, prefix: str) -> None:
     # Journals written before labels were cleaned may hold a NUL, which would fail every
     # replay batch: the replay cleans what it reads.
-    from middleware.metering.journal import Journal
     dirty = sample(3)
-    dirty[1] = UsageRecord(**{**{f: getattr(dirty[1], f) for f in ARRAY_FIELDS},
-                              "labels": {"te\x00am": "a\x00b"}})
-    journal = Journal(tmp_path / "slot-000")
-    journal.open()
-    journal.append([record.encode() for record in dirty])
-    journal.close()
-
-    async def nothing(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("no request is sent")
-    layer = MeteringMiddleware(nothing, store=PostgresUsageStore(PG_DSN, prefix=prefix),
-                               journal_dir=str(tmp_path), flush_interval_s=0.05)
-    await layer.startup()
-    try:
-        deadline = time.monotonic() + 10
-        while layer.written < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-    finally:
-        await layer.shutdown()
+    dirty[1] = dataclasses.replace(dirty[1], labels={"te\x00am": "a\x00b"})
+    journal_records(tmp_path / "slot-000", dirty)
+    await started_process_writes(tmp_path, prefix, 3)
     labels = dict(rows(f"SELECT request_id, labels FROM {prefix}_events"))
     assert labels[dirty[1].request_id] == {"te\ufffdam": "a\ufffdb"} and len(labels) == 3
 
