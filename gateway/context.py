@@ -33,13 +33,18 @@ class Usage:
     """Actual token usage of one upstream call, in provider-neutral terms.
 
     `input_tokens` includes cached input tokens (OpenAI's convention); `cached_input_tokens`
-    says how many of them were read from a provider-side prompt cache.
+    says how many of them were read from a provider-side prompt cache, `cache_write_tokens`
+    how many were written to one (Anthropic bills them above fresh input), and
+    `cache_write_1h_tokens` how many of those were written for an hour (billed higher
+    still) rather than five minutes.
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -61,19 +66,30 @@ class Usage:
             output_tokens=int(completion),
             cached_input_tokens=int(in_details.get("cached_tokens") or 0),
             reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
+            # (not OpenAI's own: what the Anthropic translation and some routers report)
+            cache_write_tokens=int(in_details.get("cache_write_tokens") or 0),
         )
 
     @classmethod
     def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
-        """Reads an Anthropic `usage` object; its `input_tokens` excludes cache reads/writes."""
+        """Reads an Anthropic `usage` object; its `input_tokens` excludes cache reads/writes.
+        `cache_creation` splits the writes by how long they are kept (5 minutes, 1 hour)."""
         if not isinstance(usage, dict):
             return None
         cache_read = int(usage.get("cache_read_input_tokens") or 0)
         cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+        by_ttl = usage.get("cache_creation")
+        written_1h = 0
+        if isinstance(by_ttl, dict):
+            written_1h = int(by_ttl.get("ephemeral_1h_input_tokens") or 0)
+            split = int(by_ttl.get("ephemeral_5m_input_tokens") or 0) + written_1h
+            cache_write = max(cache_write, split)  # (the total is their sum: the larger)
         return cls(
             input_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
             output_tokens=int(usage.get("output_tokens") or 0),
             cached_input_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            cache_write_1h_tokens=written_1h,
         )
 
 

@@ -28,6 +28,7 @@ from gateway.context import RequestContext, Usage
 
 _PRICE_FIELDS = frozenset({
     "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok",
+    "cache_write_per_mtok", "cache_write_1h_per_mtok",
 })
 _ENTRY_FIELDS = _PRICE_FIELDS | {"effective_from", "source", "long_context", "note"}
 _TIER_FIELDS = _PRICE_FIELDS | {"above_input_tokens", "note"}
@@ -52,20 +53,29 @@ def _money(name: str, value: object) -> Decimal:
     return amount
 
 
+_OPTIONAL_RATES = ("cached_input_per_mtok", "reasoning_per_mtok", "cache_write_per_mtok",
+                   "cache_write_1h_per_mtok")
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """What one model costs, in USD per million tokens.
 
     `cached_input_per_mtok` None bills cache reads like fresh input; `reasoning_per_mtok` None
-    bills reasoning like output. When a request's input exceeds `long_context_threshold`
-    tokens, the whole request is billed at `long_context` instead (Gemini Pro above 200k,
-    OpenAI above 272k, ...).
+    bills reasoning like output. `cache_write_per_mtok` is what input written to a
+    provider-side prompt cache costs (Anthropic: 1.25x input for its 5-minute cache), None
+    billing it like fresh input; `cache_write_1h_per_mtok` the same for Anthropic's 1-hour
+    cache (2x input), None billing it at `cache_write_per_mtok`. When a request's input
+    exceeds `long_context_threshold` tokens, the whole request is billed at `long_context`
+    instead (Gemini Pro above 200k, OpenAI above 272k, ...).
     """
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
     reasoning_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+    cache_write_1h_per_mtok: Decimal | None = None
     effective_from: date | None = None
     source: str = ""
     long_context_threshold: int | None = None
@@ -84,7 +94,7 @@ class Price:
             start.year, start.month, start.day, tzinfo=UTC).timestamp())
         for name in ("input_per_mtok", "output_per_mtok"):
             object.__setattr__(self, name, _money(name, getattr(self, name)))
-        for name in ("cached_input_per_mtok", "reasoning_per_mtok"):
+        for name in _OPTIONAL_RATES:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _money(name, getattr(self, name)))
         self._check_tier()
@@ -110,38 +120,47 @@ def _tier(price: Price, input_tokens: int) -> Price:
 
 
 _NANO = 10**9
-# id(price) -> (price, its four rates in nano-micro-dollars per token) or (price, None) when a
+Rates = tuple[int, int, int, int, int, int]
+# id(price) -> (price, its six rates in nano-micro-dollars per token) or (price, None) when a
 # rate is finer than that; the price is kept so its id cannot be reused while cached.
-_SCALED: dict[int, tuple[Price, tuple[int, int, int, int] | None]] = {}
+_SCALED: dict[int, tuple[Price, Rates | None]] = {}
 
 
-def _scaled_rates(tier: Price) -> tuple[int, int, int, int] | None:
+def _rates(tier: Price) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]:
+    """Per token kind, what a million cost: fresh input, cache reads, 5-minute and 1-hour
+    cache writes, plain output and reasoning (each rate left out falls back)."""
+    fresh = tier.input_per_mtok
+    write = fresh if tier.cache_write_per_mtok is None else tier.cache_write_per_mtok
+    return (fresh,
+            fresh if tier.cached_input_per_mtok is None else tier.cached_input_per_mtok,
+            write,
+            write if tier.cache_write_1h_per_mtok is None else tier.cache_write_1h_per_mtok,
+            tier.output_per_mtok,
+            tier.output_per_mtok if tier.reasoning_per_mtok is None else tier.reasoning_per_mtok)
+
+
+def _scaled_rates(tier: Price) -> Rates | None:
     cached = _SCALED.get(id(tier))
     if cached is not None and cached[0] is tier:
         return cached[1]
-    rates = (tier.input_per_mtok,
-             tier.input_per_mtok if tier.cached_input_per_mtok is None
-             else tier.cached_input_per_mtok,
-             tier.output_per_mtok,
-             tier.output_per_mtok if tier.reasoning_per_mtok is None
-             else tier.reasoning_per_mtok)
-    scaled = [rate * _NANO for rate in rates]
+    scaled = [rate * _NANO for rate in _rates(tier)]
     exact = all(value == value.to_integral_value() for value in scaled)
-    result = (int(scaled[0]), int(scaled[1]), int(scaled[2]), int(scaled[3])) if exact else None
+    result = (int(scaled[0]), int(scaled[1]), int(scaled[2]), int(scaled[3]), int(scaled[4]),
+              int(scaled[5])) if exact else None
     if len(_SCALED) > 10_000:
         _SCALED.clear()
     _SCALED[id(tier)] = (tier, result)
     return result
 
 
-def cost_micros(price: Price, usage: Usage) -> int:
-    """The exact cost of `usage` in integer micro-dollars, rounded up once at the end."""
-    tier = _tier(price, usage.input_tokens)
-    # Providers occasionally report a cached (or reasoning) count above its total; clamping
-    # keeps every bucket non-negative instead of billing a negative amount. (Comparisons,
-    # not min() and max(): those parse keyword arguments on every call.)
+def _counts(usage: Usage) -> tuple[int, int, int, int, int, int]:
+    """`usage` as tokens of each kind `_rates` prices, none negative: providers occasionally
+    report a part (cached, written, reasoning) above its whole, which would otherwise bill
+    a negative amount. (Comparisons, not min() and max(): those parse keyword arguments on
+    every call.)"""
     input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
     cached, reasoning = usage.cached_input_tokens, usage.reasoning_tokens
+    written, written_1h = usage.cache_write_tokens, usage.cache_write_1h_tokens
     if input_tokens < 0:  # noqa: PLR1730 (see above)
         input_tokens = 0
     if output_tokens < 0:  # noqa: PLR1730
@@ -150,27 +169,35 @@ def cost_micros(price: Price, usage: Usage) -> int:
         cached = 0
     elif cached > input_tokens:
         cached = input_tokens
+    if written < 0:
+        written = 0
+    elif written > input_tokens - cached:
+        written = input_tokens - cached
+    if written_1h < 0:
+        written_1h = 0
+    elif written_1h > written:
+        written_1h = written
     if reasoning < 0:
         reasoning = 0
     elif reasoning > output_tokens:
         reasoning = output_tokens
+    return (input_tokens - cached - written, cached, written - written_1h, written_1h,
+            output_tokens - reasoning, reasoning)
+
+
+def cost_micros(price: Price, usage: Usage) -> int:
+    """The exact cost of `usage` in integer micro-dollars, rounded up once at the end."""
+    tier = _tier(price, usage.input_tokens)
+    counts = _counts(usage)
     scaled = _scaled_rates(tier)
     if scaled is not None:  # integer arithmetic: exact, and far cheaper than a Decimal context
-        nanos = ((input_tokens - cached) * scaled[0] + cached * scaled[1]
-                 + (output_tokens - reasoning) * scaled[2] + reasoning * scaled[3])
+        nanos = (counts[0] * scaled[0] + counts[1] * scaled[1] + counts[2] * scaled[2]
+                 + counts[3] * scaled[3] + counts[4] * scaled[4] + counts[5] * scaled[5])
         return -(-nanos // _NANO)
-    cached_rate = tier.input_per_mtok if tier.cached_input_per_mtok is None else (
-        tier.cached_input_per_mtok)
-    reasoning_rate = tier.output_per_mtok if tier.reasoning_per_mtok is None else (
-        tier.reasoning_per_mtok)
     with localcontext() as ctx:
         ctx.prec = 60  # far beyond any token count x price, so the sum is exact
-        total = (
-            (input_tokens - cached) * tier.input_per_mtok
-            + cached * cached_rate
-            + (output_tokens - reasoning) * tier.output_per_mtok
-            + reasoning * reasoning_rate
-        )
+        total = sum((count * rate for count, rate in zip(counts, _rates(tier), strict=True)),
+                    Decimal(0))
         return int(total.to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -180,7 +207,7 @@ def estimate_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
     if input_tokens >= 0 and output_tokens >= 0:
         scaled = _scaled_rates(_tier(price, input_tokens))
         if scaled is not None:
-            return -(-(input_tokens * scaled[0] + output_tokens * scaled[2]) // _NANO)
+            return -(-(input_tokens * scaled[0] + output_tokens * scaled[4]) // _NANO)
     return cost_micros(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
 
@@ -463,14 +490,16 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
         usage = Usage(max(usage.input_tokens - before.input_tokens, 0),
                       max(usage.output_tokens - before.output_tokens, 0),
                       max(usage.cached_input_tokens - before.cached_input_tokens, 0),
-                      max(usage.reasoning_tokens - before.reasoning_tokens, 0))
+                      max(usage.reasoning_tokens - before.reasoning_tokens, 0),
+                      max(usage.cache_write_tokens - before.cache_write_tokens, 0),
+                      max(usage.cache_write_1h_tokens - before.cache_write_1h_tokens, 0))
     price = served_price(ctx)
     if price is None or price is FREE or usage is None or (
             usage.input_tokens == 0 and usage.output_tokens == 0):
         return before_cost
     counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
-              usage.reasoning_tokens)
-    memo: tuple[Price, tuple[int, int, int, int], int] | None = state.get(_COST_MEMO)
+              usage.reasoning_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens)
+    memo: tuple[Price, tuple[int, ...], int] | None = state.get(_COST_MEMO)
     if memo is not None and memo[0] is price and memo[1] == counts:
         return before_cost + memo[2]
     cost = cost_micros(price, usage)

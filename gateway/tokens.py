@@ -95,4 +95,6 @@ def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Us
     return Usage(input_tokens=usage.input_tokens or estimate_input_tokens(ctx),
                  output_tokens=max(usage.output_tokens, deltas),
                  cached_input_tokens=usage.cached_input_tokens,
-                 reasoning_tokens=usage.reasoning_tokens)
+                 reasoning_tokens=usage.reasoning_tokens,
+                 cache_write_tokens=usage.cache_write_tokens,
+                 cache_write_1h_tokens=usage.cache_write_1h_tokens)

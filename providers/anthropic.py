@@ -32,6 +32,8 @@ def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | No
         fresh = Usage.from_anthropic(delta)
         assert fresh is not None
         usage.input_tokens, usage.cached_input_tokens = fresh.input_tokens, fresh.cached_input_tokens
+        usage.cache_write_tokens = fresh.cache_write_tokens
+        usage.cache_write_1h_tokens = fresh.cache_write_1h_tokens
     usage.output_tokens = int(delta.get("output_tokens") or usage.output_tokens)
     return usage
 

@@ -15,15 +15,16 @@ providers = {
 }
 models: dict[str, Model | list[Deployment]] = {
     # OpenRouter has no table in gateway/prices.json, so each deployment carries its price.
-    # OpenRouter passes Anthropic's list price through: $3 in / $0.30 cache reads / $15 out per
-    # 1M tokens, as for claude-sonnet-4-6 in gateway/prices.json. Read 2026-11-28 from
+    # OpenRouter passes Anthropic's list price through: $3 in / $0.30 cache reads / $3.75
+    # cache writes / $15 out per 1M tokens, as for claude-sonnet-4-6 in gateway/prices.json. Read 2026-11-28 from
     # models.dev (providers/openrouter/models/anthropic/claude-sonnet-4.6.toml) and
     # https://planpulse.online/blog/openrouter-vs-official-api; live rates:
     # https://openrouter.ai/anthropic/claude-sonnet-4.6. OpenRouter's credit-purchase fee is
     # not included.
     "claude-via-openrouter": [Deployment(
         "openrouter", "anthropic/claude-sonnet-4.6",
-        price=Price(input_per_mtok="3.00", cached_input_per_mtok="0.30", output_per_mtok="15.00",
+        price=Price(input_per_mtok="3.00", cached_input_per_mtok="0.30",
+                    cache_write_per_mtok="3.75", output_per_mtok="15.00",
                     source="https://openrouter.ai/anthropic/claude-sonnet-4.6"))],
 }
 middleware = [

@@ -460,7 +460,8 @@ class FailoverMiddleware:
         broken_usage = estimate if reported is None else Usage(
             reported.input_tokens or estimate.input_tokens,
             max(reported.output_tokens, estimate.output_tokens),
-            reported.cached_input_tokens, reported.reasoning_tokens)
+            reported.cached_input_tokens, reported.reasoning_tokens,
+            reported.cache_write_tokens, reported.cache_write_1h_tokens)
         target = self._next_for_continuation(ctx, route, tried) \
             if transcript.plain and transcript.text else None
         if target is None:

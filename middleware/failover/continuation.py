@@ -115,7 +115,9 @@ def add_usage(first: Usage, second: Usage | None) -> Usage:
     return Usage(first.input_tokens + second.input_tokens,
                  first.output_tokens + second.output_tokens,
                  first.cached_input_tokens + second.cached_input_tokens,
-                 first.reasoning_tokens + second.reasoning_tokens)
+                 first.reasoning_tokens + second.reasoning_tokens,
+                 first.cache_write_tokens + second.cache_write_tokens,
+                 first.cache_write_1h_tokens + second.cache_write_1h_tokens)
 
 
 def continuation_body(ctx: RequestContext, partial: str) -> dict[str, object]:

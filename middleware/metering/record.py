@@ -63,6 +63,9 @@ class UsageRecord:
     fallbacks: int = 0
     stream: bool = False
     client_disconnected: bool = False
+    # Of the input tokens: written to a provider-side prompt cache, and of those for an hour.
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def encode(self) -> bytes:
         # One C call gathers the fields, one writes them: a third of what orjson takes to
@@ -101,7 +104,8 @@ ARRAY_FIELDS = (
     "api_format", "operation", "model", "served_model", "provider", "deployment",
     "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "cost_micros",
     "saved_micros", "latency_ms", "ttft_ms", "status", "error_type", "cache_status",
-    "attempts", "fallbacks", "stream", "client_disconnected",
+    "attempts", "fallbacks", "stream", "client_disconnected", "cache_write_tokens",
+    "cache_write_1h_tokens",
 )
 _FIELD_NAMES = frozenset(f.name for f in fields(UsageRecord))
 assert _FIELD_NAMES == set(ARRAY_FIELDS), "a UsageRecord field is missing from ARRAY_FIELDS"
@@ -200,7 +204,8 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         usage.reasoning_tokens, cost, saved,
         round(elapsed_s * 1e6) / 1000, ttft, ctx.status,
         ctx.error_type, ctx.cache_status, attempts,
-        int(ctx.state.get("failover.fallbacks", 0)), ctx.stream, ctx.client_disconnected)
+        int(ctx.state.get("failover.fallbacks", 0)), ctx.stream, ctx.client_disconnected,
+        usage.cache_write_tokens, usage.cache_write_1h_tokens)
 
 
 _NO_USAGE = Usage()

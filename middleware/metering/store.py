@@ -42,7 +42,7 @@ _COLUMNS = (
     "api_format", "operation", "model", "served_model", "provider", "deployment",
     "input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "cost",
     "cost_saved", "latency_ms", "ttft_ms", "status", "error_type", "cache_status", "attempts",
-    "fallbacks", "stream", "client_disconnected",
+    "fallbacks", "stream", "client_disconnected", "cache_write_tokens", "cache_write_1h_tokens",
 )
 GROUPS = ("key", "project", "customer", "model")  # what usage is totalled by
 GRAINS = ("minute", "day")                        # the rollups' buckets
@@ -97,6 +97,13 @@ CREATE TABLE IF NOT EXISTS {rollups} (
     PRIMARY KEY (grain, kind, subject, bucket)
 );
 """),
+    # (a constant default: no table is rewritten; a gateway from before it writes 0)
+    (2, "input written to provider-side prompt caches", """
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS cache_write_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS cache_write_1h_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE {rollups} ADD COLUMN IF NOT EXISTS cache_write_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE {rollups} ADD COLUMN IF NOT EXISTS cache_write_1h_tokens bigint NOT NULL DEFAULT 0;
+"""),
 )
 
 # The journal's JSON arrays taken apart into rows of the events table, a field found by its
@@ -139,7 +146,9 @@ SELECT {_at("request_id")}, {_timestamp("started_at")}, {_timestamp("ended_at")}
        {_number("status", "integer", "0")}, {_at("error_type")}, {_at("cache_status")},
        {_number("attempts", "integer", "0")}, {_number("fallbacks", "integer", "0")},
        {_number("stream", "boolean", "false")},
-       {_number("client_disconnected", "boolean", "false")}
+       {_number("client_disconnected", "boolean", "false")},
+       {_number("cache_write_tokens", "bigint", "0")},
+       {_number("cache_write_1h_tokens", "bigint", "0")}
 FROM {{raw}}
 """
 
@@ -150,14 +159,16 @@ WITH inserted AS (
     SELECT {columns} FROM {staging}
     ON CONFLICT (request_id, started_at) DO NOTHING
     RETURNING started_at, key_id, project, customer, model, status, input_tokens,
-              output_tokens, cached_input_tokens, reasoning_tokens, cost, cost_saved
+              output_tokens, cached_input_tokens, reasoning_tokens, cost, cost_saved,
+              cache_write_tokens, cache_write_1h_tokens
 ), grouped AS (
     SELECT g.grain, date_trunc(g.grain, i.started_at, 'UTC') AS bucket, s.kind, s.subject,
            count(*) AS requests, count(*) FILTER (WHERE i.status >= 400) AS errors,
            sum(i.input_tokens) AS input_tokens, sum(i.output_tokens) AS output_tokens,
            sum(i.cached_input_tokens) AS cached_input_tokens,
            sum(i.reasoning_tokens) AS reasoning_tokens, sum(i.cost) AS cost,
-           sum(i.cost_saved) AS cost_saved
+           sum(i.cost_saved) AS cost_saved, sum(i.cache_write_tokens) AS cache_write_tokens,
+           sum(i.cache_write_1h_tokens) AS cache_write_1h_tokens
     FROM inserted i
     CROSS JOIN (VALUES ('minute'), ('day')) AS g(grain)
     CROSS JOIN LATERAL (VALUES ('key', i.key_id), ('project', i.project),
@@ -168,16 +179,19 @@ WITH inserted AS (
 )
 INSERT INTO {rollups} AS r (grain, bucket, kind, subject, requests, errors, input_tokens,
                             output_tokens, cached_input_tokens, reasoning_tokens, cost,
-                            cost_saved)
+                            cost_saved, cache_write_tokens, cache_write_1h_tokens)
 SELECT grain, bucket, kind, subject, requests, errors, input_tokens, output_tokens,
-       cached_input_tokens, reasoning_tokens, cost, cost_saved FROM grouped
+       cached_input_tokens, reasoning_tokens, cost, cost_saved, cache_write_tokens,
+       cache_write_1h_tokens FROM grouped
 ON CONFLICT (grain, kind, subject, bucket) DO UPDATE SET
     requests = r.requests + EXCLUDED.requests, errors = r.errors + EXCLUDED.errors,
     input_tokens = r.input_tokens + EXCLUDED.input_tokens,
     output_tokens = r.output_tokens + EXCLUDED.output_tokens,
     cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
     reasoning_tokens = r.reasoning_tokens + EXCLUDED.reasoning_tokens,
-    cost = r.cost + EXCLUDED.cost, cost_saved = r.cost_saved + EXCLUDED.cost_saved
+    cost = r.cost + EXCLUDED.cost, cost_saved = r.cost_saved + EXCLUDED.cost_saved,
+    cache_write_tokens = r.cache_write_tokens + EXCLUDED.cache_write_tokens,
+    cache_write_1h_tokens = r.cache_write_1h_tokens + EXCLUDED.cache_write_1h_tokens
 """
 
 
@@ -385,7 +399,8 @@ class PostgresUsageStore:
             raise ValueError(f"group_by must be one of {GROUPS} and grain minute or day")
         query = ("SELECT subject, sum(requests), sum(errors), sum(input_tokens), "
                  "sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), "
-                 "sum(cost), sum(cost_saved) FROM {rollups} WHERE grain = %s AND kind = %s "
+                 "sum(cost), sum(cost_saved), sum(cache_write_tokens), "
+                 "sum(cache_write_1h_tokens) FROM {rollups} WHERE grain = %s AND kind = %s "
                  "AND bucket >= %s AND bucket < %s"
                  + (" AND subject = %s" if subject is not None else "")
                  + " GROUP BY subject ORDER BY sum(cost) DESC, subject")
@@ -404,6 +419,7 @@ class PostgresUsageStore:
         return [{"subject": row[0], "requests": int(row[1]), "errors": int(row[2]),
                  "input_tokens": int(row[3]), "output_tokens": int(row[4]),
                  "cached_input_tokens": int(row[5]), "reasoning_tokens": int(row[6]),
+                 "cache_write_tokens": int(row[9]), "cache_write_1h_tokens": int(row[10]),
                  "cost_usd": str(row[7]), "cost_saved_usd": str(row[8])} for row in rows]
 
     async def spent_micros(self, subject_kind: str, subject_id: str, since: datetime) -> int:

@@ -154,7 +154,8 @@ _SUBJECT_OF: dict[str, Callable[[UsageRecord], str | None]] = {
     "model": lambda record: record.model or None,
 }
 _COUNTERS = ("requests", "errors", "input_tokens", "output_tokens", "cached_input_tokens",
-             "reasoning_tokens", "cost_micros", "saved_micros")
+             "reasoning_tokens", "cache_write_tokens", "cache_write_1h_tokens", "cost_micros",
+             "saved_micros")
 
 
 def journal_usage(directory: str | Path, *, group_by: str = "project",
@@ -188,6 +189,8 @@ def journal_usage(directory: str | Path, *, group_by: str = "project",
         row["output_tokens"] += record.output_tokens
         row["cached_input_tokens"] += record.cached_input_tokens
         row["reasoning_tokens"] += record.reasoning_tokens
+        row["cache_write_tokens"] += record.cache_write_tokens
+        row["cache_write_1h_tokens"] += record.cache_write_1h_tokens
         row["cost_micros"] += record.cost_micros
         row["saved_micros"] += record.saved_micros
     ordered = sorted(totals.items(), key=lambda item: (-item[1]["cost_micros"], item[0]))
@@ -220,5 +223,7 @@ def _row(subject: str, counts: dict[str, int]) -> dict[str, Any]:
             "input_tokens": counts["input_tokens"], "output_tokens": counts["output_tokens"],
             "cached_input_tokens": counts["cached_input_tokens"],
             "reasoning_tokens": counts["reasoning_tokens"],
+            "cache_write_tokens": counts["cache_write_tokens"],
+            "cache_write_1h_tokens": counts["cache_write_1h_tokens"],
             "cost_usd": f"{micros_to_usd(counts['cost_micros']):.6f}",
             "cost_saved_usd": f"{micros_to_usd(counts['saved_micros']):.6f}"}

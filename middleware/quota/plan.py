@@ -136,7 +136,9 @@ def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Us
         return Usage(input_tokens=max(usage.input_tokens, est.input_tokens),
                      output_tokens=max(usage.output_tokens, streamed_events),
                      cached_input_tokens=usage.cached_input_tokens,
-                     reasoning_tokens=usage.reasoning_tokens)
+                     reasoning_tokens=usage.reasoning_tokens,
+                     cache_write_tokens=usage.cache_write_tokens,
+                     cache_write_1h_tokens=usage.cache_write_1h_tokens)
     if usage is not None:
         return usage
     if ctx.first_byte_s is not None and ctx.stream:

@@ -29,7 +29,8 @@ from gateway.pricing import (
 SHIPPED = Path(__file__).resolve().parents[2] / "gateway" / "prices.json"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 ONE = {"input_per_mtok": "1", "output_per_mtok": "1"}
-PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok")
+PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok",
+              "cache_write_per_mtok", "cache_write_1h_per_mtok")
 
 
 def price(input_per_mtok: str, output_per_mtok: str, **extra: Any) -> Price:
@@ -68,6 +69,55 @@ def test_missing_cached_and_reasoning_prices_bill_as_input_and_output() -> None:
     usage = Usage(input_tokens=10_000, output_tokens=2_000, cached_input_tokens=4_000,
                   reasoning_tokens=500)
     assert cost_micros(price("3", "15"), usage) == 10_000 * 3 + 2_000 * 15
+
+
+def test_prompt_cache_writes_bill_at_their_own_rates_by_how_long_they_are_kept() -> None:
+    # Claude Sonnet 4: $3 input, $0.30 cache reads, $3.75 5-minute writes, $6 1-hour writes.
+    p = price("3", "15", cached_input_per_mtok=Decimal("0.30"),
+              cache_write_per_mtok=Decimal("3.75"), cache_write_1h_per_mtok=Decimal(6))
+    usage = Usage(input_tokens=10_000, output_tokens=1_000, cached_input_tokens=2_000,
+                  cache_write_tokens=5_000, cache_write_1h_tokens=1_000)
+    # 3,000 fresh x 3 + 2,000 x 0.30 + 4,000 x 3.75 + 1,000 x 6 + 1,000 x 15
+    assert cost_micros(p, usage) == 9_000 + 600 + 15_000 + 6_000 + 15_000
+    # The same on a rate finer than the integer path takes (Decimal arithmetic).
+    fine = dataclasses.replace(p, output_per_mtok=Decimal("15.0000000001"))
+    assert cost_micros(fine, usage) == 9_000 + 600 + 15_000 + 6_000 + 15_001
+
+
+def test_missing_cache_write_prices_fall_back_to_input_then_to_the_5_minute_rate() -> None:
+    usage = Usage(input_tokens=10_000, cache_write_tokens=4_000, cache_write_1h_tokens=1_000)
+    assert cost_micros(price("3", "15"), usage) == 30_000
+    p = price("3", "15", cache_write_per_mtok=Decimal("3.75"))
+    assert cost_micros(p, usage) == 6_000 * 3 + 4_000 * Decimal("3.75")
+
+
+def test_cache_writes_beyond_their_totals_are_clamped() -> None:
+    p = price("1", "1", cached_input_per_mtok=Decimal("0.5"), cache_write_per_mtok=Decimal(2),
+              cache_write_1h_per_mtok=Decimal(4))
+    # 10 input, 6 read: at most 4 can have been written, and at most those for an hour.
+    usage = Usage(input_tokens=10, cached_input_tokens=6, cache_write_tokens=9,
+                  cache_write_1h_tokens=20)
+    assert cost_micros(p, usage) == 6 * Decimal("0.5") + 4 * 4
+    negative = Usage(input_tokens=10, cache_write_tokens=-4, cache_write_1h_tokens=-1)
+    assert cost_micros(p, negative) == 10
+
+
+def test_anthropic_usage_says_what_was_written_and_for_how_long() -> None:
+    usage = Usage.from_anthropic({
+        "input_tokens": 50, "cache_read_input_tokens": 2_000,
+        "cache_creation_input_tokens": 3_000, "output_tokens": 7,
+        "cache_creation": {"ephemeral_5m_input_tokens": 2_000,
+                           "ephemeral_1h_input_tokens": 1_000}})
+    assert usage == Usage(input_tokens=5_050, output_tokens=7, cached_input_tokens=2_000,
+                          cache_write_tokens=3_000, cache_write_1h_tokens=1_000)
+    # (an older API version: the total alone, all of it 5-minute writes)
+    assert Usage.from_anthropic({"input_tokens": 1, "cache_creation_input_tokens": 9}) == \
+        Usage(input_tokens=10, cache_write_tokens=9)
+    # OpenAI's shape of the same (the Anthropic translation's, some routers')
+    assert Usage.from_openai({"prompt_tokens": 10, "completion_tokens": 1,
+                              "prompt_tokens_details": {"cached_tokens": 2,
+                                                        "cache_write_tokens": 3}}) == \
+        Usage(input_tokens=10, output_tokens=1, cached_input_tokens=2, cache_write_tokens=3)
 
 
 def test_rounds_up_once_at_the_end_never_per_bucket() -> None:
@@ -421,6 +471,26 @@ def test_shipped_spot_checks(vendor: str, model: str, at: datetime,
     assert found is not None
     assert (found.input_per_mtok, found.cached_input_per_mtok, found.output_per_mtok) == tuple(
         Decimal(value) for value in expected)
+
+
+def test_shipped_anthropic_prices_bill_cache_writes_at_the_pricing_pages_rates() -> None:
+    table = PriceTable.default()
+    for vendor_model, five_minutes, one_hour in [
+            ("claude-sonnet-4-5", "3.75", "6.00"), ("claude-opus-4-1", "18.75", "30.00"),
+            ("claude-3-5-haiku-20241022", "1.00", "1.60"),
+            ("claude-3-haiku-20240307", "0.30", "0.50")]:
+        found = table.lookup("anthropic", vendor_model, NOW)
+        assert found is not None
+        assert (found.cache_write_per_mtok, found.cache_write_1h_per_mtok) == \
+            (Decimal(five_minutes), Decimal(one_hour)), vendor_model
+    for model in table.models("anthropic"):
+        found = table.lookup("anthropic", model, datetime(2027, 6, 1, tzinfo=UTC))
+        assert found is not None
+        for tier in (found, found.long_context):
+            if tier is not None:
+                assert tier.cache_write_per_mtok is not None, model
+                assert tier.cache_write_per_mtok > tier.input_per_mtok, model
+                assert tier.cache_write_1h_per_mtok > tier.cache_write_per_mtok, model
 
 
 def test_shipped_long_context_tiers_bill_whole_requests() -> None:

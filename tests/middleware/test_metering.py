@@ -11,10 +11,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -378,7 +379,8 @@ async def test_postgres_takes_records_apart_as_python_would(prefix: str) -> None
                            saved_micros=i, latency_ms=12.345 + i, ttft_ms=None if i % 2 else 1.5,
                            status=200 + i, error_type=None if i % 3 else "api_error",
                            cache_status="miss", attempts=2, fallbacks=1, stream=bool(i % 2),
-                           client_disconnected=i == 3)
+                           client_disconnected=i == 3, cache_write_tokens=5 + i,
+                           cache_write_1h_tokens=i)
                for i, at in enumerate(stamps)]
     try:
         assert await store.write(records) == len(records)
@@ -387,7 +389,8 @@ async def test_postgres_takes_records_apart_as_python_would(prefix: str) -> None
             f"api_format, operation, model, served_model, provider, deployment, input_tokens, "
             f"output_tokens, cached_input_tokens, reasoning_tokens, cost, cost_saved, "
             f"latency_ms, ttft_ms, status, error_type, cache_status, attempts, fallbacks, "
-            f"stream, client_disconnected FROM {prefix}_events")}
+            f"stream, client_disconnected, cache_write_tokens, cache_write_1h_tokens "
+            f"FROM {prefix}_events")}
         for r in records:
             assert found[r.request_id] == (
                 r.request_id, datetime.fromtimestamp(r.started_at, UTC),
@@ -396,9 +399,43 @@ async def test_postgres_takes_records_apart_as_python_would(prefix: str) -> None
                 r.deployment, r.input_tokens, r.output_tokens, r.cached_input_tokens,
                 r.reasoning_tokens, r.cost, r.cost_saved, r.latency_ms, r.ttft_ms, r.status,
                 r.error_type, r.cache_status, r.attempts, r.fallbacks, r.stream,
-                r.client_disconnected), r.request_id
+                r.client_disconnected, r.cache_write_tokens, r.cache_write_1h_tokens), r.request_id
         assert await store.write(records) == 0  # the same records again: all found
         assert_rollups_match_events(prefix)
+    finally:
+        await store.shutdown()
+
+
+async def test_a_ledger_from_before_cache_writes_gains_their_columns(prefix: str) -> None:
+    """Migration 2 on a ledger that has only migration 1's tables (a gateway from before it):
+    its rows keep 0 writes, new rows carry theirs, in the events, rollups and usage API."""
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    try:
+        await store.write(sample(2, project="old"))
+    finally:
+        await store.shutdown()
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:  # back to migration 1
+        for table in ("events", "rollups"):
+            conn.execute(f"ALTER TABLE {prefix}_{table} DROP COLUMN cache_write_tokens, "
+                         f"DROP COLUMN cache_write_1h_tokens")
+        conn.execute(f"DELETE FROM {prefix}_schema_version WHERE version = 2")
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    try:
+        new = dataclasses.replace(sample(1, project="new")[0], input_tokens=900,
+                                  cache_write_tokens=700, cache_write_1h_tokens=200)
+        assert await store.write([new]) == 1
+        found = rows(f"SELECT project, sum(cache_write_tokens), sum(cache_write_1h_tokens) "
+                     f"FROM {prefix}_events GROUP BY 1 ORDER BY 1")
+        assert found == [("new", 700, 200), ("old", 0, 0)]
+        since = datetime.now(UTC) - timedelta(days=1)
+        until = datetime.now(UTC) + timedelta(days=1)
+        totals = {row["subject"]: (row["cache_write_tokens"], row["cache_write_1h_tokens"])
+                  for row in await store.usage(group_by="project", since=since, until=until)}
+        assert totals == {"new": (700, 200), "old": (0, 0)}
+        assert [version for (version,) in rows(
+            f"SELECT version FROM {prefix}_schema_version ORDER BY 1")] == [1, 2]
     finally:
         await store.shutdown()
 
@@ -627,6 +664,67 @@ def test_an_anthropic_stream_left_midway_keeps_the_input_its_provider_reported(
     _status, prompt_tokens, completion_tokens, *_ = found[request_id]
     assert started is not None and prompt_tokens == started  # not the gateway's estimate
     assert 3 <= completion_tokens <= 8  # the deltas sent (a few more may have left)
+
+
+# Claude Sonnet 4's prices: $3 input, $0.30 cache reads, $3.75 5-minute and $6 1-hour writes.
+_PROMPT_CACHE_PRICE = ("Price(input_per_mtok='3', output_per_mtok='15', "
+                       "cached_input_per_mtok='0.30', cache_write_per_mtok='3.75', "
+                       "cache_write_1h_per_mtok='6')")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_prompt_cache_writes_and_reads_are_billed_at_their_own_rates(
+        tmp_path: Path, mock_url: str, prefix: str, journal: Path, stream: bool) -> None:
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    text = config.read_text()
+    served = 'Deployment("anthropic", "claude-3-5-haiku-latest", price=MOCK_PRICE)'
+    assert served in text
+    config.write_text(text.replace(served, served.replace("MOCK_PRICE", _PROMPT_CACHE_PRICE)))
+    # A new prompt for each run: the mock's prompt cache outlives a test.
+    marker = uuid.uuid4().hex
+    long_5m = [{"type": "text", "text": f"{marker} rules " + "stay calm " * 700,
+                "cache_control": {"type": "ephemeral"}}]
+    long_1h = [{"type": "text", "text": f"{marker} facts " + "be brief " * 900,
+                "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    usages: dict[str, Any] = {}
+    with ThreadedServer(create_app(config)) as server:
+        sdk = anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
+        for system in (long_5m, long_5m, long_1h):
+            kwargs: dict[str, Any] = {"model": "claude-mock", "max_tokens": 50,
+                                      "system": system,
+                                      "messages": [{"role": "user", "content": "hello there"}]}
+            if stream:
+                with sdk.messages.stream(**kwargs) as events_stream:
+                    message = events_stream.get_final_message()
+                    request_id = events_stream.response.headers["x-request-id"]
+            else:
+                raw = sdk.messages.with_raw_response.create(**kwargs)
+                message, request_id = raw.parse(), raw.headers["x-request-id"]
+            usages[request_id] = message.usage
+        wait_for_rows(prefix, 3)
+    found = {row[0]: row[1:] for row in rows(
+        f"SELECT request_id, input_tokens, cached_input_tokens, cache_write_tokens, "
+        f"cache_write_1h_tokens, cost FROM {prefix}_events")}
+    assert len(found) == 3
+    written, read, written_1h = [], [], []
+    for request_id, usage in usages.items():
+        writes = usage.cache_creation_input_tokens or 0
+        for_an_hour = usage.cache_creation.ephemeral_1h_input_tokens \
+            if usage.cache_creation is not None else 0
+        reads = usage.cache_read_input_tokens or 0
+        fresh = usage.input_tokens
+        exact = Decimal(fresh * 3) + Decimal(reads) * Decimal("0.30") \
+            + Decimal(writes - for_an_hour) * Decimal("3.75") + Decimal(for_an_hour * 6) \
+            + Decimal(usage.output_tokens * 15)
+        cost_micros = exact.to_integral_value(rounding=ROUND_CEILING)
+        assert found[request_id] == (fresh + reads + writes, reads, writes, for_an_hour,
+                                     cost_micros / 1_000_000), request_id
+        written.append(writes - for_an_hour)
+        read.append(reads)
+        written_1h.append(for_an_hour)
+    # What the requests were: a 5-minute write, its read, a 1-hour write.
+    assert written[0] > 1024 and read[1] == written[0] and written_1h[2] > 1024
+    assert written[1:] == [0, 0] and read[0] == read[2] == 0 and written_1h[:2] == [0, 0]
 
 
 def test_cache_hits_and_disconnects_are_recorded(

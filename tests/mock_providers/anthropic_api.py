@@ -5,9 +5,16 @@ a stream is message_start, content_block_start, ping, content_block_delta (text_
 input_json_delta), content_block_stop, message_delta (stop_reason, usage.output_tokens) and
 message_stop, each with an `event:` line. Errors are `{"type": "error", "error": {"type",
 "message"}, "request_id"}`; requests need `x-api-key` and `anthropic-version`.
+
+Prompt caching (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching): a
+block marked `cache_control` ends a cacheable prefix (tools, then system, then messages) of
+at least PROMPT_CACHE_MIN_TOKENS; the longest prefix cached before is read, the rest up to
+the last mark written, for 5 minutes or for `"ttl": "1h"`. `usage.input_tokens` counts only
+what was neither read nor written; `cache_creation` splits the writes by TTL.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +29,7 @@ from tests.mock_providers.behaviour import (
     count_input,
     reply_for,
     split_chunks,
+    words,
 )
 from tests.mock_providers.faults import MockConfig
 from tests.mock_providers.wire import (
@@ -207,11 +215,71 @@ async def messages(call: Call) -> web.StreamResponse:
     body = body_dict(call)
     conv = messages_conversation(body, validate_messages(body, need_max_tokens=True))
     reply = reply_for(conv, id_prefix="toolu_01")
+    cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)
     if body.get("stream") is True:
-        items = message_events(message_id, str(body["model"]), reply, call.config.chunk_chars)
+        items = message_events(message_id, str(body["model"]), reply, call.config.chunk_chars,
+                               cache)
         return await respond_stream(call, items, call.stream_error())
-    return await respond_json(call, message_object(message_id, str(body["model"]), reply))
+    return await respond_json(call, message_object(message_id, str(body["model"]), reply,
+                                                   cache))
+
+
+PROMPT_CACHE_MIN_TOKENS = 1024  # (Claude Sonnet and Opus; Haiku's is larger)
+_CACHE_TTLS_S = {"5m": 300.0, "1h": 3600.0}
+Cached = tuple[int, int, int]  # input tokens read from the cache, written for 5m, for 1h
+
+
+def _blocks(body: JSON) -> list[tuple[Any, JSON]]:
+    """The request's blocks in the cache's prefix order: tools, system, messages' content."""
+    blocks: list[tuple[Any, JSON]] = [("tool", tool) for tool in body.get("tools") or ()
+                                      if isinstance(tool, dict)]
+    system = body.get("system")
+    if isinstance(system, list):
+        blocks += [("system", block) for block in system if isinstance(block, dict)]
+    elif isinstance(system, str):
+        blocks.append(("system", {"type": "text", "text": system}))
+    for message in body.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        blocks += [(message.get("role"), block) for block in content or ()
+                   if isinstance(block, dict)]
+    return blocks
+
+
+def prompt_cache(call: Call, body: JSON, input_tokens: int) -> Cached:
+    """Reads and writes the server's prompt cache for this request (module docstring)."""
+    marks: list[tuple[str, int, str]] = []  # (prefix key, its tokens, ttl) per cache_control
+    digest = hashlib.sha256(str(body.get("model")).encode())
+    tokens = 0
+    for role, block in _blocks(body):
+        digest.update(orjson.dumps([role, {k: v for k, v in block.items()
+                                           if k != "cache_control"}], option=orjson.OPT_SORT_KEYS))
+        if role != "tool":
+            tokens += words(block_text([block]))
+        control = block.get("cache_control")
+        if isinstance(control, dict):
+            ttl = control.get("ttl", "5m")
+            if ttl not in _CACHE_TTLS_S:
+                raise BadRequest(f"cache_control.ttl: Input should be '5m' or '1h', got {ttl!r}")
+            marks.append((digest.copy().hexdigest(), min(tokens, input_tokens), ttl))
+    cache, now = call.state.prompt_cache, time.monotonic()
+    cacheable = [mark for mark in marks if mark[1] >= PROMPT_CACHE_MIN_TOKENS]
+    read, first_new = 0, 0
+    for index in range(len(cacheable) - 1, -1, -1):
+        key, size, ttl = cacheable[index]
+        if cache.get(key, 0.0) > now:
+            read, first_new = size, index + 1
+            cache[key] = now + _CACHE_TTLS_S[ttl]  # a read refreshes it
+            break
+    written = {"5m": 0, "1h": 0}
+    done = read
+    for key, size, ttl in cacheable[first_new:]:
+        written[ttl] += max(size - done, 0)
+        done = max(done, size)
+        cache[key] = now + _CACHE_TTLS_S[ttl]
+    return read, written["5m"], written["1h"]
 
 
 async def count_tokens(call: Call) -> web.StreamResponse:
@@ -231,10 +299,13 @@ async def list_models(call: Call) -> web.StreamResponse:
 
 # -- rendering --------------------------------------------------------------------------------
 
-def usage(input_tokens: int, output_tokens: int) -> JSON:
-    return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+def usage(input_tokens: int, output_tokens: int, cache: Cached = (0, 0, 0)) -> JSON:
+    read, written_5m, written_1h = cache
+    return {"input_tokens": input_tokens - read - written_5m - written_1h,
+            "cache_creation_input_tokens": written_5m + written_1h,
+            "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": written_5m,
+                               "ephemeral_1h_input_tokens": written_1h},
             "output_tokens": output_tokens, "service_tier": "standard"}
 
 
@@ -245,17 +316,19 @@ def content_blocks(reply: Reply) -> list[JSON]:
     return [{"type": "text", "text": reply.text or ""}]
 
 
-def message_object(message_id: str, model: str, reply: Reply) -> JSON:
+def message_object(message_id: str, model: str, reply: Reply,
+                   cache: Cached = (0, 0, 0)) -> JSON:
     return {"id": message_id, "type": "message", "role": "assistant", "model": model,
             "content": content_blocks(reply), "stop_reason": STOP_REASONS[reply.finish],
-            "stop_sequence": None, "usage": usage(reply.input_tokens, reply.output_tokens)}
+            "stop_sequence": None,
+            "usage": usage(reply.input_tokens, reply.output_tokens, cache)}
 
 
 def message_events(message_id: str, model: str, reply: Reply,
-                   chunk_chars: int) -> list[StreamItem]:
+                   chunk_chars: int, cache: Cached = (0, 0, 0)) -> list[StreamItem]:
     start: JSON = {"id": message_id, "type": "message", "role": "assistant", "model": model,
              "content": [], "stop_reason": None, "stop_sequence": None,
-             "usage": usage(reply.input_tokens, 1)}
+             "usage": usage(reply.input_tokens, 1, cache)}
     call = reply.tool_call
     if call is not None:
         block: JSON = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}

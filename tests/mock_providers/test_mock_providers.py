@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -256,6 +257,26 @@ def test_anthropic_message_usage_and_headers(claude: anthropic.Anthropic) -> Non
     short = claude.messages.create(model="c", max_tokens=2,
                                    messages=[{"role": "user", "content": QUESTION}])
     assert (short.content[0].text, short.stop_reason) == ("Mock reply", "max_tokens")  # type: ignore[union-attr]
+
+
+def test_anthropic_prompt_cache_writes_a_marked_prefix_then_reads_it(
+        claude: anthropic.Anthropic) -> None:
+    def usage(text: str, **control: str) -> tuple[int, int, int, int]:
+        system = [{"type": "text", "text": text,
+                   "cache_control": {"type": "ephemeral", **control}}]
+        got = claude.messages.create(model="claude-haiku-4-5", max_tokens=5, system=system,  # type: ignore[arg-type]
+                                     messages=[{"role": "user", "content": QUESTION}]).usage
+        assert got.cache_creation is not None
+        return (got.input_tokens, got.cache_read_input_tokens or 0,
+                got.cache_creation.ephemeral_5m_input_tokens,
+                got.cache_creation.ephemeral_1h_input_tokens)
+
+    prefix = uuid.uuid4().hex + " " + "word " * 1100  # 1,101 tokens to the mark
+    fresh = 6 + 3  # the question, and three a message (the mock's count)
+    assert usage(prefix) == (fresh, 0, 1101, 0)
+    assert usage(prefix) == (fresh, 1101, 0, 0)
+    assert usage(prefix + "more", ttl="1h") == (fresh, 0, 0, 1102)
+    assert usage("short " + uuid.uuid4().hex) == (fresh + 2, 0, 0, 0)  # below the minimum
 
 
 def test_anthropic_stream_event_sequence(claude: anthropic.Anthropic,

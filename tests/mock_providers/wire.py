@@ -41,6 +41,8 @@ class ServerState:
     active_streams: int = 0
     cancelled_streams: int = 0
     ratio_failures: dict[str, int] = field(default_factory=dict)  # per provider, by fail_ratio
+    # Anthropic's prompt cache: a cached prefix's key -> when it expires (time.monotonic())
+    prompt_cache: dict[str, float] = field(default_factory=dict)
 
     def record(self, entry: JSON) -> None:
         log = self.requests
