@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 MICROS_PER_USD = 1_000_000
@@ -167,6 +168,13 @@ class Principal:
     allowed_models: tuple[str, ...] = ()  # names or globs; empty means every model
     metadata: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Limits] = field(default_factory=dict)
+
+    def allows_model(self, name: str) -> bool:
+        """Whether this caller may be served by the public model `name`: the one it asked
+        for, and any a layer would route it to instead (a downgrade, a fallback)."""
+        allowed = self.allowed_models
+        return not allowed or name in allowed or any(
+            fnmatchcase(name, pattern) for pattern in allowed)
 
 
 ANONYMOUS = Principal(key_id="anonymous", project="default")

@@ -309,8 +309,8 @@ class QuotaMiddleware:
             item = replace(planned[decision.failed], check=checks[decision.failed])
             target = plan.overflow_target(item)
             if target is None or target == ctx.model or ctx.models is None \
-                    or target not in ctx.models:
-                raise refused(ctx, item, decision)
+                    or target not in ctx.models or not principal.allows_model(target):
+                raise refused(ctx, item, decision)  # (no way round the limit for this caller)
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
                 overflowed.add(item.check.key)

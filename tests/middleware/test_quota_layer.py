@@ -607,6 +607,21 @@ def test_key_rpm_overflow_downgrades_to_the_cheaper_model(
     assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
 
 
+def test_no_downgrade_to_a_model_the_key_may_not_use(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # The key may use gpt-mock only: past its rpm, the cheaper azure-mock is not a way round
+    # that, so the limit refuses as if no downgrade were configured.
+    key = static_key("Limits(rpm=1, on_overflow='downgrade', downgrade_to='azure-mock')")
+    gateway = start(auth(key.replace("limits=", "allowed_models=('gpt-*',), limits=")),
+                    quota(store))
+    assert gateway.chat(model="azure-mock").status_code == 403
+    assert gateway.chat().status_code == 200
+    second = gateway.chat()
+    assert second.status_code == 429 and "x-sluicegate-downgraded" not in second.headers
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert [r["provider"] for r in mock.requests] == ["openai"]
+
+
 DOWNGRADING_BUDGET = ("Limits(budgets=(Budget('0.00004', period='daily', on_overflow='downgrade',"
                       " downgrade_to='cheap-mock'),))")
 
