@@ -11,6 +11,7 @@ from gateway.passthrough import Passthrough
 
 def build_stack(config: GatewayConfig) -> ASGIApp:
     """Wraps the passthrough in the configured layers; the first listed is the outermost."""
+    check_order(config)
     app: ASGIApp = Passthrough(providers=config.providers, models=config.models)
     for item in reversed(config.middleware):
         cls, args, kwargs = item
@@ -24,6 +25,26 @@ def build_stack(config: GatewayConfig) -> ASGIApp:
             raise ConfigError(f"{config.path}: layer {getattr(cls, '__name__', cls)!s} failed "
                               f"to build: {type(exc).__name__}: {exc}") from None
     return app
+
+
+def check_order(config: GatewayConfig) -> None:
+    """Refuses a stack where a layer that acts per caller before calling the layers under
+    it (`acts_per_caller = True`: quota, cache) sits above the layer that says who the
+    caller is (`identifies_caller = True`: auth). Above it, the quota layer would admit and
+    the cache answer every caller as one anonymous caller, before the key is even checked:
+    a cached answer would reach a caller without a key, and no key's limit would hold."""
+    acting: list[str] = []
+    for item in config.middleware:
+        cls, _args, _kwargs = item
+        name = getattr(cls, "__name__", str(cls))
+        if getattr(cls, "identifies_caller", False) is True and acting:
+            raise ConfigError(
+                f"{config.path}: {', '.join(acting)} {'is' if len(acting) == 1 else 'are'} "
+                f"above {name}, so {'it' if len(acting) == 1 else 'they'} would act before "
+                f"the caller is known (every caller as one, without a key); list {name} "
+                "first.")
+        if getattr(cls, "acts_per_caller", False) is True:
+            acting.append(name)
 
 
 def create_app(config: GatewayConfig | str | os.PathLike[str]) -> Kernel:

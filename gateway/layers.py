@@ -17,6 +17,11 @@ with the class attribute `passes_json_through = True` (every built-in layer does
 layer keeps a miss's answer from the passthrough's record of what it sent
 (`RequestContext.sent_json`) when every layer under it says so, and otherwise copies the answer
 as it passes (which costs every miss a wrapped `send`).
+
+A layer that acts on the caller's identity before it calls the layers under it (admits by
+the caller's limits, answers from the caller's cache) says so with `acts_per_caller = True`,
+and one that establishes that identity (writes `RequestContext.principal`) with
+`identifies_caller = True`; the gateway refuses to start with the first above the second.
 """
 from __future__ import annotations
 

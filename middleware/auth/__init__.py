@@ -63,6 +63,7 @@ class AuthMiddleware:
     """Authenticates every API request with a virtual key (see the module docstring)."""
 
     passes_json_through = True  # a JSON answer from below goes on as it came
+    identifies_caller = True  # quota and cache go under it (gateway.app.check_order)
 
     def __init__(
         self,

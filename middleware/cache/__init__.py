@@ -91,6 +91,7 @@ class CacheMiddleware:
     """
 
     passes_json_through = True  # a JSON answer from below goes on as it came
+    acts_per_caller = True  # answers by the caller before calling the layers under it
 
     def __init__(
         self,

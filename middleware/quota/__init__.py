@@ -89,6 +89,7 @@ class QuotaMiddleware:
     """
 
     passes_json_through = True  # a JSON answer from below goes on as it came
+    acts_per_caller = True  # admits by the caller before calling the layers under it
 
     def __init__(
         self,

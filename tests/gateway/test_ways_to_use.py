@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from gateway import create_app
+from gateway.config import ConfigError
 from tests.harness import (
     REPO,
     TEST_KEY,
@@ -121,9 +122,10 @@ def stack_of(layers: Iterable[str]) -> str:
 
 
 def stack_variants() -> list[tuple[str, list[str]]]:
-    variants = [("default", LAYERS), ("reversed", LAYERS[::-1]), ("none", [])]
+    variants = [("default", LAYERS), ("reversed-under-auth", LAYERS[:1] + LAYERS[:0:-1]),
+                ("none", [])]
     variants += [(f"without-{name}", [n for n in LAYERS if n != name]) for name in LAYERS]
-    variants += [("shuffled", [LAYERS[i] for i in (2, 0, 4, 1, 3)])]
+    variants += [("shuffled", [LAYERS[i] for i in (4, 1, 0, 3, 2)])]
     return variants
 
 
@@ -142,11 +144,37 @@ def test_reordered_or_trimmed_stack_still_serves(tmp_path: Path, mock_url: str, 
             f"Mock reply to: streamed {name}"
 
 
-def test_permutations_are_all_accepted(mock_url: str, tmp_path: Path) -> None:
-    # Every order of the five layers builds (120 stacks), each with the same components.
+def test_every_order_builds_but_quota_or_cache_above_auth(mock_url: str,
+                                                        tmp_path: Path) -> None:
+    # Of the 120 orders of the five layers, those with auth above quota and cache build,
+    # each with its components in that order; the others are refused with one sentence.
+    built = 0
     for order in itertools.permutations(LAYERS):
         config = write_config(tmp_path, mock_config(mock_url, middleware=stack_of(order)))
+        above_auth = [name for name in order[:order.index("AuthMiddleware")]
+                      if name in ("QuotaMiddleware", "CacheMiddleware")]
+        if above_auth:
+            with pytest.raises(ConfigError) as refused:
+                create_app(config)
+            assert str(refused.value).startswith(f"{config}: {', '.join(above_auth)} ")
+            assert "list AuthMiddleware first" in str(refused.value)
+            continue
         assert [type(c).__name__ for c in create_app(config).components][:-1] == list(order)
+        built += 1
+    assert built == 40  # auth first of the three: a third of the orders
+
+
+def test_quota_and_cache_above_a_custom_layer_that_identifies_the_caller_are_refused(
+        mock_url: str, tmp_path: Path) -> None:
+    text = mock_config(mock_url, middleware="[Middleware(CacheMiddleware), Middleware(Who)]")
+    assert text.count("\nmiddleware = ") == 1
+    text = text.replace("\nmiddleware = ", (
+        "\nclass Who:\n    identifies_caller = True\n\n"
+        "    def __init__(self, app):\n        self.app = app\n\n"
+        "    async def __call__(self, scope, receive, send):\n"
+        "        await self.app(scope, receive, send)\n\n\nmiddleware = "))
+    with pytest.raises(ConfigError, match="CacheMiddleware is above Who"):
+        create_app(write_config(tmp_path, text))
 
 
 def test_sigterm_stops_the_standalone_server(tmp_path: Path, mock_url: str) -> None:
