@@ -64,19 +64,22 @@ class Budget:
     alert_at_percent: tuple[int, ...] = (50, 80, 100)
 
     def __post_init__(self) -> None:
-        limit = Decimal(_money(self.limit_usd))
+        limit = _money(self.limit_usd)
         object.__setattr__(self, "limit_usd", limit)
         if limit < 0:
             raise ValueError("a budget's limit_usd cannot be negative")
-        if usd_to_micros(limit) > LIMIT_MAX:
+        # Compared before converting: micro-dollars of "1E+999999" overflow the decimal context.
+        if limit > micros_to_usd(LIMIT_MAX):
             raise ValueError(f"a budget's limit_usd can be at most {micros_to_usd(LIMIT_MAX)}")
+        usd_to_micros(limit)  # finer than a micro-dollar: ValueError
         _check_choice("period", self.period, PERIODS)
         _check_overflow(self.on_overflow, self.downgrade_to)
         _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
-        if self.status not in (402, 429):
+        if not isinstance(self.stream_cutoff, bool):
+            raise ValueError("a budget's stream_cutoff must be true or false")
+        if not _is_int(self.status) or self.status not in (402, 429):
             raise ValueError("a budget's status must be 402 or 429")
-        if any(not 0 < p <= 100 for p in self.alert_at_percent):
-            raise ValueError("alert_at_percent values must be between 1 and 100")
+        object.__setattr__(self, "alert_at_percent", _percents(self.alert_at_percent))
 
     @property
     def limit_micros(self) -> int:
@@ -146,9 +149,6 @@ class Limits:
         for item in data.get("budgets") or ():
             if not isinstance(item, Mapping):
                 raise TypeError("each budget must be an object")
-            item = dict(item)
-            if "alert_at_percent" in item:
-                item["alert_at_percent"] = tuple(item["alert_at_percent"])
             budgets.append(Budget(**item))
         fields = {k: v for k, v in data.items() if k != "budgets" and v is not None}
         return cls(**fields, budgets=tuple(budgets))
@@ -294,24 +294,43 @@ class SpendLedger(Protocol):
                            since: datetime) -> int: ...
 
 
-def _money(value: Any) -> str:
+def _money(value: Any) -> Decimal:
     if isinstance(value, float):
         raise TypeError("money must be a Decimal, an int or a string, not a float")
-    if isinstance(value, (Decimal, int, str)):
-        try:
-            Decimal(value)
-        except ArithmeticError:
-            raise TypeError(f"{value!r} is not an amount of money") from None
-        return str(value)
-    raise TypeError(f"{value!r} is not an amount of money")
+    if not isinstance(value, Decimal | int | str) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an amount of money")
+    try:
+        amount = Decimal(value)
+    except ArithmeticError:
+        raise TypeError(f"{value!r} is not an amount of money") from None
+    if not amount.is_finite():  # NaN, sNaN and Infinity parse, then break every comparison
+        raise ValueError(f"a budget's limit_usd must be a finite amount, not {value!r}")
+    return amount
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _percents(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError("alert_at_percent must be a list of percentages, e.g. [50, 80, 100]")
+    if any(not _is_int(p) or not 0 < p <= 100 for p in value):
+        raise ValueError("alert_at_percent values must be whole numbers from 1 to 100")
+    return tuple(value)
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _check_overflow(action: str, downgrade_to: str | None) -> None:
+def _check_overflow(action: str, downgrade_to: object) -> None:
     _check_choice("on_overflow", action, OVERFLOW_ACTIONS)
+    if downgrade_to is not None and (not isinstance(downgrade_to, str) or not downgrade_to
+                                     or len(downgrade_to) > 256
+                                     or not downgrade_to.isprintable()):
+        raise ValueError("downgrade_to must be a model's name (1-256 printable characters) "
+                         "or null")
     if action == "downgrade" and not downgrade_to:
         raise ValueError("on_overflow='downgrade' needs downgrade_to, a cheaper model's name")

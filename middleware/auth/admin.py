@@ -333,7 +333,7 @@ def _parse_limits(value: Any) -> Limits:
                            param="limits")
     try:
         return Limits.from_json(value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:  # (decimal's, on odd amounts)
         raise GatewayError(400, f"Invalid limits: {exc}.", param="limits") from None
 
 

@@ -459,3 +459,40 @@ def test_an_unreachable_store_is_503(client: httpx.Client) -> None:
     assert_error(client.get("/down/admin/keys"), 503, "store_unavailable")
     assert_error(client.post("/down/admin/keys", json={"project": "acme"}), 503,
                  "store_unavailable")
+
+
+# -- input the store cannot hold, and subjects the auth layer accepts --------------------------
+
+@pytest.mark.parametrize("limit_usd", ["NaN", "sNaN", "Infinity", "-Infinity", "1E+999999"])
+def test_a_budget_that_is_not_a_finite_amount_is_400(client: httpx.Client,
+                                                     limit_usd: str) -> None:
+    budgets = {"budgets": [{"limit_usd": limit_usd, "period": "monthly"}]}
+    for response in (client.put(f"/admin/limits/project/{project()}", json=budgets),
+                     client.post("/admin/keys", json={"project": project(), "limits": budgets})):
+        error = assert_error(response, 400, error_type="invalid_request_error")
+        assert error["param"] == "limits" and "limit_usd" in error["message"]
+
+
+@pytest.mark.parametrize("limits", [
+    {"on_overflow": "downgrade", "downgrade_to": 5},
+    {"downgrade_to": ["x"]},
+    {"on_overflow": "downgrade", "downgrade_to": ""},
+    {"rpm": True},
+    {"on_store_error": ["open"]},
+    {"budgets": [{"limit_usd": "1", "stream_cutoff": "no"}]},
+    {"budgets": [{"limit_usd": "1", "on_overflow": "downgrade", "downgrade_to": {"a": 1}}]},
+    {"budgets": [{"limit_usd": "1", "status": "402"}]},
+    {"budgets": [{"limit_usd": "1", "status": 402.0}]},
+    {"budgets": [{"limit_usd": "1", "alert_at_percent": [True]}]},
+    {"budgets": [{"limit_usd": "1", "alert_at_percent": ["50"]}]},
+    {"budgets": [{"limit_usd": "1", "alert_at_percent": 50}]},
+    {"budgets": [{"limit_usd": "1", "period": ["monthly"]}]},
+])
+def test_limits_with_wrongly_typed_fields_are_400(client: httpx.Client,
+                                                  limits: dict[str, Any]) -> None:
+    key = create(client)
+    for response in (client.put(f"/admin/limits/project/{project()}", json=limits),
+                     client.put(f"/admin/limits/key/{key['id']}", json=limits),
+                     client.post("/admin/keys", json={"project": project(), "limits": limits})):
+        assert_error(response, 400, error_type="invalid_request_error")
+    assert client.get(f"/admin/keys/{key['id']}").json()["limits"] == Limits().to_json()

@@ -1,0 +1,77 @@
+"""The limit records the auth layer stores and the quota layer enforces: what `Budget` and
+`Limits` accept, from the config module and from JSON (the admin API), pure logic."""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway.policy import Budget, Limits
+
+
+def test_valid_limits_round_trip_through_json() -> None:
+    limits = Limits(rpm=60, on_overflow="downgrade", downgrade_to="gpt-mini",
+                    budgets=(Budget("12.5", stream_cutoff=True, status=429,
+                                    alert_at_percent=(10, 100)),))
+    assert Limits.from_json(limits.to_json()) == limits
+    assert limits.budgets[0].limit_usd == Decimal("12.5")
+    assert Budget(1, alert_at_percent=[50]).alert_at_percent == (50,)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("amount", ["NaN", "sNaN", "Infinity", "-Infinity", Decimal("NaN"),
+                                    Decimal("Infinity"), "1E+999999", "-0.0000001"])
+def test_a_budget_must_be_a_finite_amount_of_micro_dollars(amount: Any) -> None:
+    with pytest.raises(ValueError, match="limit_usd"):
+        Budget(amount)
+    with pytest.raises(ValueError, match="limit_usd"):
+        Limits.from_json({"budgets": [{"limit_usd": amount}]})
+
+
+@pytest.mark.parametrize("amount", [1.5, True, None, [1], "ten"])
+def test_a_budget_amount_of_another_type_is_refused(amount: Any) -> None:
+    with pytest.raises(TypeError, match="money"):
+        Budget(amount)
+
+
+@pytest.mark.parametrize("fields", [
+    {"on_overflow": "downgrade", "downgrade_to": 5},
+    {"downgrade_to": ["x"]},
+    {"downgrade_to": {"a": 1}},
+    {"downgrade_to": ""},
+    {"downgrade_to": "gpt\u0000"},
+    {"downgrade_to": "m" * 257},
+    {"on_overflow": ["block"]},
+    {"on_store_error": {"open": 1}},
+    {"rpm": True},
+    {"tpm": 1.0},
+    {"max_concurrent": "3"},
+])
+def test_limits_refuse_wrongly_typed_fields(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Limits(**fields)
+    with pytest.raises(ValueError):
+        Limits.from_json(fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"stream_cutoff": "no"},
+    {"stream_cutoff": 1},
+    {"on_overflow": "downgrade", "downgrade_to": {"a": 1}},
+    {"downgrade_to": 5},
+    {"period": ["monthly"]},
+    {"status": "402"},
+    {"status": 402.0},
+    {"status": True},
+    {"alert_at_percent": 50},
+    {"alert_at_percent": "50"},
+    {"alert_at_percent": [True]},
+    {"alert_at_percent": [50.5]},
+    {"alert_at_percent": [0]},
+    {"alert_at_percent": [101]},
+])
+def test_budgets_refuse_wrongly_typed_fields(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Budget("1", **fields)
+    with pytest.raises(ValueError):
+        Limits.from_json({"budgets": [{"limit_usd": "1", **fields}]})
