@@ -29,7 +29,14 @@ import orjson
 from gateway.errors import GatewayError
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
 from gateway.policy import Limits
-from middleware.auth.keys import KEY_PREFIX, UPDATABLE_FIELDS, check_key_fields, check_subject_id
+from middleware.auth.keys import (
+    KEY_PREFIX,
+    UPDATABLE_FIELDS,
+    check_key_fields,
+    check_project,
+    check_subject_id,
+    is_key_id,
+)
 from middleware.auth.store import (
     KeyConflict,
     KeyStore,
@@ -217,11 +224,17 @@ class AdminAPI:
         return 201, {"key": plaintext, **key.to_public_json()}
 
     async def _list_keys(self, request: _Request) -> Payload:
-        keys = await self.store.list(request.query.get("project"))
+        project = request.query.get("project")
+        if project is not None:
+            try:
+                check_project(project)
+            except ValueError as exc:
+                raise GatewayError(400, f"Invalid project: {exc}.", param="project") from None
+        keys = await self.store.list(project)
         return 200, {"object": "list", "data": [key.to_public_json() for key in keys]}
 
     async def _get_key(self, request: _Request) -> Payload:
-        key = await self.store.get(request.params[0])
+        key = await self.store.get(_key_id(request.params[0]))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
@@ -232,19 +245,19 @@ class AdminAPI:
         if not body:
             raise GatewayError(400, "Nothing to update: send one or more of "
                                     f"{', '.join(sorted(UPDATABLE_FIELDS))}.")
-        key = await self.store.update(request.params[0], **_key_settings(body))
+        key = await self.store.update(_key_id(request.params[0]), **_key_settings(body))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
 
     async def _revoke_key(self, request: _Request) -> Payload:
-        key = await self.store.revoke(request.params[0])
+        key = await self.store.revoke(_key_id(request.params[0]))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
 
     async def _rotate_key(self, request: _Request) -> Payload:
-        rotated = await self.store.rotate(request.params[0])
+        rotated = await self.store.rotate(_key_id(request.params[0]))
         if rotated is None:
             raise _no_key(request.params[0])
         plaintext, key = rotated
@@ -347,12 +360,21 @@ def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:
 def _subject(request: _Request) -> tuple[str, str]:
     kind, subject_id = request.params
     _check_kind(kind)
-    if kind != "key":
+    if kind == "key":
+        _key_id(subject_id)
+    else:
         try:
             check_subject_id(kind, subject_id)
         except ValueError as exc:
             raise GatewayError(400, f"Invalid {kind} id: {exc}.") from None
     return kind, subject_id
+
+
+def _key_id(key_id: str) -> str:
+    # An id no key can have (a NUL, say) is no key: 404 without asking the store.
+    if not is_key_id(key_id):
+        raise _no_key(key_id)
+    return key_id
 
 
 def _check_kind(kind: str) -> None:

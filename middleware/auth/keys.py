@@ -23,6 +23,8 @@ KEY_ID_PREFIX = "key_"
 MIN_ENV_KEY_CHARS = 16
 MAX_NAME_CHARS = 128
 MAX_METADATA_BYTES = 16_384
+EXPIRY_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+EXPIRY_MAX = datetime(9999, 1, 1, tzinfo=UTC)
 
 # The fields an operator may change on an existing key (`KeyStore.update`).
 UPDATABLE_FIELDS = frozenset(
@@ -193,6 +195,12 @@ def check_subject_id(kind: str, subject_id: object) -> str:
     raise ValueError(f"limits are stored per project or customer, not per {kind!r}")
 
 
+def is_key_id(value: object) -> bool:
+    """Whether `value` could be a key's id (generated, or a StaticKey's `id=`): an id that
+    is not is no key, whatever a store would answer."""
+    return isinstance(value, str) and _is_name(value)
+
+
 def check_key_fields(**fields: Any) -> dict[str, Any]:
     """Checks and normalises key settings (the `UPDATABLE_FIELDS`); raises ValueError or
     TypeError."""
@@ -209,8 +217,9 @@ def _check_models(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise TypeError("allowed_models must be a list of model names or globs")
     models = tuple(value)
-    if any(not isinstance(m, str) or not m or len(m) > 256 for m in models):
-        raise ValueError("allowed_models must hold non-empty strings of at most 256 characters")
+    if any(not isinstance(m, str) or not m or len(m) > 256 or not m.isprintable()
+           for m in models):
+        raise ValueError("allowed_models must hold names of 1-256 printable characters")
     return models
 
 
@@ -219,6 +228,11 @@ def _check_expiry(value: object) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise ValueError("expires_at must be a date and time with a timezone, or null")
+    # Bounded so that it converts to UTC, and back to any session time zone PostgreSQL may
+    # read it in (a year-9999 expiry read at +01:00 is year 10000, which psycopg refuses).
+    if not EXPIRY_MIN <= value < EXPIRY_MAX:
+        raise ValueError(f"expires_at must fall in the years {EXPIRY_MIN.year} to "
+                         f"{EXPIRY_MAX.year - 1} (UTC)")
     return value.astimezone(UTC)
 
 
@@ -237,6 +251,8 @@ def _check_metadata(value: object) -> dict[str, Any]:
         size = len(json.dumps(dict(value), allow_nan=False).encode())
     except (TypeError, ValueError):
         raise ValueError("metadata must hold only JSON values") from None
+    if _holds_nul(value):  # jsonb refuses \u0000 too
+        raise ValueError("metadata must not hold NUL characters")
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return dict(value)
@@ -253,6 +269,16 @@ _CHECKS: dict[str, Any] = {
     "disabled": _check_bool("disabled"), "require_customer": _check_bool("require_customer"),
     "metadata": _check_metadata, "limits": _check_limits,
 }
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, Mapping):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _is_name(value: str, *, slash_ok: bool = False) -> bool:

@@ -439,6 +439,11 @@ class PostgresKeyStore:
         except _UNREACHABLE as exc:
             raise KeyStoreUnavailable(f"the key store cannot reach PostgreSQL "
                                       f"({_describe(exc)})") from exc
+        except psycopg.DataError:
+            # A value PostgreSQL cannot hold (a NUL in text or jsonb, a date past year 9999)
+            # that no check caught; not quoted: the message may hold the value.
+            raise ValueError("PostgreSQL cannot store or read a value of this request "
+                             "(a NUL character, or a date out of range)") from None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:

@@ -496,3 +496,49 @@ def test_limits_with_wrongly_typed_fields_are_400(client: httpx.Client,
                      client.post("/admin/keys", json={"project": project(), "limits": limits})):
         assert_error(response, 400, error_type="invalid_request_error")
     assert client.get(f"/admin/keys/{key['id']}").json()["limits"] == Limits().to_json()
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00"])
+def test_an_expiry_past_the_edge_of_the_calendar_is_400(client: httpx.Client, when: str) -> None:
+    error = assert_error(client.post("/admin/keys", json={"project": project(),
+                                                          "expires_at": when}), 400)
+    assert error["param"] == "expires_at"
+    key = create(client)
+    error = assert_error(client.patch(f"/admin/keys/{key['id']}", json={"expires_at": when}), 400)
+    assert error["param"] == "expires_at"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("metadata", {"note": "x\u0000y"}),
+    ("metadata", {"n\u0000te": "x"}),
+    ("metadata", {"deep": [{"note": "\u0000"}]}),
+    ("allowed_models", ["gpt\u0000"]),
+    ("allowed_models", ["gpt\n4o"]),
+    ("limits", {"on_overflow": "downgrade", "downgrade_to": "gpt\u0000"}),
+])
+def test_nul_and_control_characters_in_key_settings_are_400(client: httpx.Client, field: str,
+                                                            value: Any) -> None:
+    error = assert_error(client.post("/admin/keys", json={"project": project(), field: value}),
+                         400, error_type="invalid_request_error")
+    assert error["param"] == field
+    key = create(client)
+    error = assert_error(client.patch(f"/admin/keys/{key['id']}", json={field: value}), 400)
+    assert error["param"] == field
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/admin/keys/key_%00", 404),
+    ("PATCH", "/admin/keys/key_%00", 404),
+    ("POST", "/admin/keys/key_%00/revoke", 404),
+    ("POST", "/admin/keys/key_%00/rotate", 404),
+    ("GET", "/admin/keys/key_%01x", 404),
+    ("PUT", "/admin/limits/key/key_%00", 404),
+    ("GET", "/admin/limits/key/key_%00", 404),
+    ("GET", "/admin/keys?project=a%00b", 400),
+    ("PUT", "/admin/limits/project/a%00b", 400),
+    ("PUT", "/admin/limits/customer/acme/a%00b", 400),
+])
+def test_a_nul_in_an_id_is_404_or_400_never_500(client: httpx.Client, method: str, path: str,
+                                                status: int) -> None:
+    body = {"disabled": True} if method == "PATCH" else {"rpm": 1} if method == "PUT" else None
+    assert_error(client.request(method, path, json=body), status)

@@ -17,6 +17,7 @@ from middleware.auth.keys import (
     generate_key,
     hash_key,
     is_key_hash,
+    is_key_id,
     key_hint,
     new_key_id,
 )
@@ -198,6 +199,15 @@ def test_check_key_fields_normalises() -> None:
     ({"metadata": {"when": datetime(2030, 1, 1)}}, ValueError),
     ({"metadata": {"big": "x" * 20_000}}, ValueError),
     ({"metadata": {"nan": float("nan")}}, ValueError),
+    ({"metadata": {"note": "x\u0000y"}}, ValueError),
+    ({"metadata": {"n\u0000te": "x"}}, ValueError),
+    ({"metadata": {"deep": [{"note": "\u0000"}]}}, ValueError),
+    ({"allowed_models": ["gpt\u0000"]}, ValueError),
+    ({"allowed_models": ["gpt\n4o"]}, ValueError),
+    ({"expires_at": datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=5)))},
+     ValueError),
+    ({"expires_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))}, ValueError),
+    ({"expires_at": datetime(9999, 1, 1, tzinfo=UTC)}, ValueError),
     ({"limits": {"rpm": 1}}, TypeError),
 ])
 def test_check_key_fields_refuses(fields: dict[str, object], error: type[Exception]) -> None:
@@ -217,3 +227,9 @@ def test_names_and_subject_ids() -> None:
                       ("project", "acme/alice"), ("model", "gpt-4o"), ("key", "key_1")):
         with pytest.raises(ValueError):
             check_subject_id(kind, bad)
+
+
+def test_key_ids() -> None:
+    assert is_key_id(new_key_id()) and is_key_id("static-acme")
+    for bad in ("", "key_\u0000", "key_\x01", "a b", "a/b", "k" * 129, None, 7):
+        assert not is_key_id(bad), bad

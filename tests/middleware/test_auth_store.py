@@ -329,6 +329,19 @@ async def test_subject_limits(store: PostgresKeyStore) -> None:
         await store.list_limits("key")
 
 
+async def test_values_postgresql_cannot_hold_are_value_errors(store: PostgresKeyStore) -> None:
+    """psycopg's DataError (a NUL in text) becomes the ValueError the contract promises."""
+    for call in (store.get("key_\u0000"), store.list("a\u0000b"), store.revoke("key_\u0000"),
+                 store.rotate("key_\u0000"), store.update("key_\u0000", disabled=True),
+                 store.get_limits("project", "a\u0000b")):
+        with pytest.raises(ValueError, match="NUL"):
+            await call
+    with pytest.raises(ValueError, match="NUL"):
+        await store.create("acme", metadata={"note": "\u0000"})
+    _, key = await store.create("acme", expires_at=datetime(9998, 12, 31, tzinfo=UTC))
+    assert await store.get(key.id) == key
+
+
 # -- notifications -----------------------------------------------------------------------------
 
 async def test_every_change_notifies_every_instance(
