@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +57,7 @@ _HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-stor
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="sluicegate-admin"')]
 
 Payload = tuple[int, dict[str, Any]]
+_PASTED_KEY = re.compile(re.escape(KEY_PREFIX) + "[^/]*")
 
 
 @dataclass(slots=True)
@@ -138,8 +140,8 @@ class AdminAPI:
             status, headers, body = exc.render("openai")
             headers = [*headers, (b"cache-control", b"no-store")]
         except Exception:
-            logger.exception("admin API: unhandled error on %s %s", scope["method"],
-                             route_path(scope))
+            logger.exception("admin API: unhandled error on %s %r", scope["method"],
+                             _loggable_path(route_path(scope)))
             status, headers, body = GatewayError(
                 500, "The admin API failed to handle this request; see the gateway log."
             ).render("openai")
@@ -400,6 +402,11 @@ def _shown(key_id: str) -> str:
     if key_id.startswith(KEY_PREFIX) or len(key_id) > 128 or not key_id.isprintable():
         return "(not shown)"
     return repr(key_id)
+
+
+def _loggable_path(path: str) -> str:
+    # Someone may paste a plaintext key into the URL: what follows the prefix is not logged.
+    return _PASTED_KEY.sub(KEY_PREFIX + "…", path)
 
 
 def _no_key(key_id: str) -> GatewayError:

@@ -6,10 +6,12 @@ store that was never started at `/down`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -542,3 +544,47 @@ def test_a_nul_in_an_id_is_404_or_400_never_500(client: httpx.Client, method: st
                                                 status: int) -> None:
     body = {"disabled": True} if method == "PATCH" else {"rpm": 1} if method == "PUT" else None
     assert_error(client.request(method, path, json=body), status)
+
+
+# -- logging -----------------------------------------------------------------------------------
+
+class _FailingStore(StaticKeyStore):
+    """A store with a bug: every read or change raises."""
+
+    async def get(self, key_id: str) -> Any:
+        raise RuntimeError("a bug in the store")
+
+    async def update(self, key_id: str, **fields: Any) -> Any:
+        raise RuntimeError("a bug in the store")
+
+
+async def _call_asgi(app: Any, method: str, path: str, body: bytes = b"") -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    raw = quote(path, safe="/").encode()
+    await app({"type": "http", "method": method, "path": path, "raw_path": raw,
+               "query_string": b"", "root_path": "",
+               "headers": [(b"authorization", f"Bearer {TOKEN}".encode())]}, receive, send)
+    status: int = sent[0]["status"]
+    return status
+
+
+async def test_a_key_pasted_into_an_admin_url_never_reaches_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    pasted = "sk-sg-" + uuid.uuid4().hex + "PastedPlaintext"
+    api = AdminAPI(_FailingStore([]), token=TOKEN)
+    caplog.set_level(logging.DEBUG)
+    for method, path, body in (("GET", f"/admin/keys/{pasted}", b""),
+                               ("PUT", f"/admin/limits/key/{pasted}", b'{"rpm": 1}'),
+                               ("GET", f"/admin/keys/Bearer:{pasted}", b"")):
+        assert await _call_asgi(api, method, path, body) == 500
+    assert caplog.records and "unhandled error" in caplog.text
+    leaked = pasted[6:] in caplog.text
+    assert not leaked  # (not `pasted not in caplog.text`: pytest would print the key)
+    assert "'/admin/keys/sk-sg-…'" in caplog.text and "Bearer:sk-sg-…'" in caplog.text
