@@ -11,6 +11,7 @@ the one that creates it and the one that rotates to it.
     PATCH  /admin/keys/{id}                change allowed_models, expires_at, disabled, ...
     POST   /admin/keys/{id}/revoke         revoke at once, everywhere
     POST   /admin/keys/{id}/rotate         new key with the same settings; old one revoked
+                                           (409 if it is revoked, disabled or expired)
     GET    /admin/limits[?kind=]           every stored limit
     GET|PUT|DELETE /admin/limits/{kind}/{subject_id}   kind: key, project or customer
 """

@@ -117,7 +117,8 @@ class KeyStore(Protocol):
     async def revoke(self, key_id: str) -> VirtualKey | None: ...
 
     async def rotate(self, key_id: str) -> tuple[str, VirtualKey] | None:
-        """A new key with the same settings; the old one is revoked at once."""
+        """A new key with the same settings; the old one is revoked at once. `KeyConflict`
+        for a revoked, disabled or expired key (its replacement would not work either)."""
 
     async def update(self, key_id: str, **fields: Any) -> VirtualKey | None:
         """Changes some of `keys.UPDATABLE_FIELDS`; None when there is no such key."""
@@ -578,8 +579,7 @@ class PostgresKeyStore:
             if row is None:
                 return None
             old = _key_from_row(row)
-            if old.revoked_at is not None:
-                raise KeyConflict(f"key {key_id} is revoked; create a new key instead")
+            _check_rotatable(old)
             await conn.execute(revoke, (key_id,))
             plaintext, new = await self._insert_key(
                 conn, old.project, allowed_models=old.allowed_models, expires_at=old.expires_at,
@@ -691,6 +691,21 @@ def _valid_dsn(dsn: str) -> bool:
     except psycopg.Error:
         return False
     return True
+
+
+def _check_rotatable(key: VirtualKey) -> None:
+    # The new key takes the old one's settings: from a disabled or expired key it would be
+    # refused just the same, a plaintext that cannot be used. Re-enabling it here instead
+    # would undo an operator's decision behind their back, so: say what to do first.
+    reason = key.usable()
+    if reason == "revoked":
+        raise KeyConflict(f"key {key.id} is revoked; create a new key instead")
+    if reason == "disabled":
+        raise KeyConflict(f"key {key.id} is disabled, and its replacement would be too; "
+                          "enable it first (PATCH disabled=false), or create a new key")
+    if reason == "expired":
+        raise KeyConflict(f"key {key.id} has expired, and its replacement would have too; "
+                          "give it a later expires_at first (PATCH), or create a new key")
 
 
 def _check_limit_kind(kind: str) -> None:

@@ -546,6 +546,20 @@ def test_a_nul_in_an_id_is_404_or_400_never_500(client: httpx.Client, method: st
     assert_error(client.request(method, path, json=body), status)
 
 
+@pytest.mark.parametrize("state", [{"disabled": True}, {"expires_at": "2001-01-01T00:00:00Z"}])
+def test_rotating_a_disabled_or_expired_key_is_409(client: httpx.Client,
+                                                   state: dict[str, Any]) -> None:
+    """The new key would inherit the state and be refused like the old one: say so instead
+    of handing out a plaintext that cannot be used."""
+    key = create(client)
+    assert client.patch(f"/admin/keys/{key['id']}", json=state).status_code == 200
+    error = assert_error(client.post(f"/admin/keys/{key['id']}/rotate"), 409, "conflict")
+    assert ("disabled" if "disabled" in state else "expired") in error["message"]
+    assert client.get(f"/admin/keys/{key['id']}").json()["revoked_at"] is None
+    assert [k["id"] for k in client.get("/admin/keys", params={
+        "project": key["project"]}).json()["data"]] == [key["id"]]
+
+
 # -- logging -----------------------------------------------------------------------------------
 
 class _FailingStore(StaticKeyStore):

@@ -307,6 +307,19 @@ async def test_rotate(store: PostgresKeyStore) -> None:
     assert await store.rotate("key_missing") is None
 
 
+@pytest.mark.parametrize(("state", "reason"), [
+    ({"disabled": True}, "disabled"),
+    ({"expires_at": datetime(2001, 1, 1, tzinfo=UTC)}, "expired")])
+async def test_rotate_refuses_a_key_its_replacement_could_not_be_used_for(
+        store: PostgresKeyStore, state: dict[str, Any], reason: str) -> None:
+    _, key = await store.create("acme")
+    changed = await store.update(key.id, **state)
+    with pytest.raises(KeyConflict, match=f"{reason}.*first"):
+        await store.rotate(key.id)
+    assert await store.get(key.id) == changed  # not revoked
+    assert [k.id for k in await store.list("acme")] == [key.id]  # and nothing created
+
+
 async def test_subject_limits(store: PostgresKeyStore) -> None:
     assert await store.subject_limits("project", "acme") is None
     assert await store.set_limits("project", "acme", Limits(rpm=10)) is True
@@ -357,7 +370,7 @@ async def test_every_change_notifies_every_instance(
     await store.set_limits("customer", "acme/bob", Limits(rpm=1))
     assert await eventually(lambda: heard_token("limits:customer:acme/bob"), 2.0)
     heard.clear()
-    await store.update(key.id, disabled=True)
+    await store.update(key.id, metadata={"x": 1})  # (not disabled: that key cannot rotate)
     assert await eventually(lambda: heard_token("key:" + key.key_hash), 2.0)
     heard.clear()
     rotated = await store.rotate(key.id)
