@@ -152,6 +152,8 @@ DEFAULT_TOKEN_ENV = "SLUICEGATE_ADMIN_TOKEN"
 NEW_KEY_NOTE = ("Store the key now: this is the only time it is shown (the gateway keeps only "
                 "its hash).")
 _CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+VIRTUAL_KEY_PREFIX = "sk-sg-"  # middleware.auth.keys.KEY_PREFIX (the gateway package may not
+                               # import a layer)
 
 Handler = Callable[[AdminClient, argparse.Namespace], int]
 
@@ -295,6 +297,11 @@ def _admin_client(args: argparse.Namespace) -> AdminClient:
                  else "the variable named by --token-env")
         raise UsageError(f"The admin token is read from {shown}, which is empty or not set; "
                          "export it or name another variable with --token-env.")
+    if token.startswith(VIRTUAL_KEY_PREFIX):  # the admin API would refuse it: not sent at all
+        raise UsageError(f"${name} holds a virtual key ({VIRTUAL_KEY_PREFIX}...), not the admin "
+                         "token." if _CONVENTIONAL_ENV_NAME.fullmatch(name) else
+                         "The variable named by --token-env holds a virtual key, not the "
+                         "admin token.")
     url = args.url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL
     try:
         return AdminClient(url, token)

@@ -114,7 +114,8 @@ class StaticKey:
 
     Give exactly one of `key_hash` (the SHA-256 hex of the key, e.g. from
     `python -c "from middleware.auth.keys import hash_key; print(hash_key('sk-sg-...'))"`)
-    or `key_env` (the name of an environment variable holding the plaintext, hashed here).
+    or `key_env` (the name of an environment variable holding the plaintext, which starts
+    with "sk-sg-", hashed here).
     A plaintext key is never written in a config module. Without `id`, a stable one is
     derived from the hash, so every gateway process reports the same id.
     """
@@ -142,6 +143,11 @@ class StaticKey:
             if len(plaintext) < MIN_ENV_KEY_CHARS:
                 raise ValueError(f"the key in environment variable {self.key_env} is shorter "
                                  f"than {MIN_ENV_KEY_CHARS} characters")
+            # Only a virtual key: the admin token (never "sk-sg-...") must not open the API too.
+            if not plaintext.startswith(KEY_PREFIX):
+                raise ValueError(f"the key in environment variable {self.key_env} must start "
+                                 f"with {KEY_PREFIX!r} (a virtual key, not a token or a "
+                                 "provider's key)")
             object.__setattr__(self, "key_hash", hash_key(plaintext))
             object.__setattr__(self, "hint", key_hint(plaintext))
         elif not is_key_hash(self.key_hash):

@@ -310,6 +310,17 @@ def test_a_wrong_token_exits_1(gateway: Gateway) -> None:
     assert result.stderr == "sluicegate: HTTP 401: Invalid admin token.\n"
 
 
+def test_a_virtual_key_as_the_admin_token_is_refused_before_it_is_sent(gateway: Gateway) -> None:
+    virtual_key = "sk-sg-" + secrets.token_urlsafe(32)
+    for args, shown in (([], "$SLUICEGATE_ADMIN_TOKEN holds"),
+                        (["--token-env", "sg_lower"], "The variable named by --token-env holds")):
+        result = sluicegate(gateway, "keys", "list", *args, token=virtual_key,
+                            env={"sg_lower": virtual_key})
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr.startswith(f"sluicegate: {shown} a virtual key")
+        assert virtual_key[6:] not in result.stderr
+
+
 def test_a_token_on_the_command_line_is_refused_without_echo(gateway: Gateway) -> None:
     for args in (["--token", ADMIN_TOKEN], [f"--token={ADMIN_TOKEN}"],
                  ["--token-env", ADMIN_TOKEN]):

@@ -152,6 +152,17 @@ def test_static_key_short_env_key_is_refused_without_echo(
     assert "sk-sg-tiny" not in str(info.value)
 
 
+@pytest.mark.parametrize("plaintext", ["shared-secret-0123456789abcdef",
+                                       "sk-proj-an-openai-key-0123456789", "SK-SG-0123456789abcdef"])
+def test_static_key_from_env_must_be_a_virtual_key(monkeypatch: pytest.MonkeyPatch,
+                                                   plaintext: str) -> None:
+    """Else the admin token (which may not start with sk-sg-) could be a key as well."""
+    monkeypatch.setenv("REVIEW_ADMIN_TOKEN", plaintext)
+    with pytest.raises(ValueError, match="REVIEW_ADMIN_TOKEN.*sk-sg-") as info:
+        StaticKey("acme", key_env="REVIEW_ADMIN_TOKEN")
+    assert plaintext not in str(info.value)
+
+
 def test_static_key_needs_exactly_one_source(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("K", "sk-sg-0123456789abcdef")
     with pytest.raises(ValueError, match="exactly one"):
