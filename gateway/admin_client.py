@@ -174,5 +174,7 @@ def _segment(value: str) -> str:
 
 
 def _limits_path(kind: str, subject_id: str) -> str:
-    # The API joins what follows the kind back together: customer ids are "<project>/<customer>".
-    return f"/admin/limits/{_segment(kind)}/{quote(subject_id, safe='/')}"
+    # Customer ids are "<project>/<customer>" and the customer may hold a '/' too (or end
+    # with one): one segment each, the customer's slashes encoded.
+    parts = subject_id.split("/", 1) if kind == "customer" else [subject_id]
+    return f"/admin/limits/{_segment(kind)}/" + "/".join(_segment(part) for part in parts)

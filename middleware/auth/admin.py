@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 
@@ -151,7 +151,7 @@ class AdminAPI:
 
     async def _respond(self, scope: Scope, receive: Receive) -> Payload:
         self._authenticate(scope["headers"])
-        methods, params = self._route(route_path(scope))
+        methods, params = self._route(route_path(scope), _path_segments(scope))
         handler = methods.get(scope["method"])
         if handler is None:
             allowed = ", ".join(methods)
@@ -190,8 +190,8 @@ class AdminAPI:
             raise GatewayError(401, "Invalid admin token.", code="invalid_admin_token",
                                headers=_CHALLENGE)
 
-    def _route(self, path: str) -> tuple[Mapping[str, Handler], list[str]]:
-        segments = path.rstrip("/").split("/")[1:]
+    def _route(self, path: str,
+               segments: list[str]) -> tuple[Mapping[str, Handler], list[str]]:
         head, rest = segments[:2], segments[2:]
         methods: Mapping[str, Handler] | None = None
         if head == ["admin", "keys"]:
@@ -207,7 +207,9 @@ class AdminAPI:
             if not rest:
                 methods = {"GET": self._list_limits}
             elif len(rest) >= 2 and all(rest):
-                rest = [rest[0], "/".join(rest[1:])]  # customer ids hold a '/'
+                # A customer id is "<project>/<customer>", and the customer may hold a '/'
+                # too: sent as "<project>/<customer, its '/' as %2F>", or unencoded.
+                rest = [rest[0], "/".join(rest[1:])]
                 methods = {"GET": self._get_limits, "PUT": self._put_limits,
                            "DELETE": self._delete_limits}
         if methods is None:
@@ -384,6 +386,24 @@ def _check_kind(kind: str) -> None:
     if kind not in ADMIN_LIMIT_KINDS:
         raise GatewayError(400, f"Unknown limit kind {kind!r}; use one of "
                                 f"{', '.join(ADMIN_LIMIT_KINDS)}.", param="kind")
+
+
+def _path_segments(scope: Scope) -> list[str]:
+    """The route's segments after the mount point, each percent-decoded on its own (from
+    `raw_path`), so that an encoded '/' stays inside its segment; trailing empty ones
+    dropped ("/admin/keys/" is "/admin/keys")."""
+    path = route_path(scope)
+    segments = path.split("/")[1:]
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        root = scope.get("root_path", "")
+        mounted = raw.decode("latin-1").split("/")[1 + root.count("/") if root else 1:]
+        decoded = [unquote(segment) for segment in mounted]
+        if "/" + "/".join(decoded) == path:  # else the path was rewritten: trust `path`
+            segments = decoded
+    while segments and not segments[-1]:
+        segments.pop()
+    return segments
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -22,6 +22,7 @@ KEY_PREFIX = "sk-sg-"
 KEY_ID_PREFIX = "key_"
 MIN_ENV_KEY_CHARS = 16
 MAX_NAME_CHARS = 128
+MAX_CUSTOMER_CHARS = 256
 MAX_METADATA_BYTES = 16_384
 EXPIRY_MIN = datetime(1970, 1, 1, tzinfo=UTC)
 EXPIRY_MAX = datetime(9999, 1, 1, tzinfo=UTC)
@@ -187,17 +188,26 @@ def check_project(project: object) -> str:
     return project
 
 
+def is_customer(value: object) -> bool:
+    """Whether `value` is a customer as the auth layer names one (its `_clean_customer`: the
+    header or `user` field, stripped, of 1-256 printable characters; spaces and '/' are
+    allowed), so that every customer it serves can be given limits."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_CUSTOMER_CHARS
+            and value.isprintable() and value == value.strip())
+
+
 def check_subject_id(kind: str, subject_id: object) -> str:
     """A subject id for per-subject limits: a project name, or "<project>/<customer>"."""
     if kind == "project":
         return check_project(subject_id)
     if kind == "customer":
-        if isinstance(subject_id, str) and subject_id.count("/") >= 1:
+        if isinstance(subject_id, str) and "/" in subject_id:
             project, customer = subject_id.split("/", 1)
-            if _is_name(project) and _is_name(customer, slash_ok=True):
+            if _is_name(project) and is_customer(customer):
                 return subject_id
-        raise ValueError("a customer id is \"<project>/<customer>\", each part 1-"
-                         f"{MAX_NAME_CHARS} printable characters without spaces")
+        raise ValueError("a customer id is \"<project>/<customer>\": a project name, then the "
+                         f"customer as requests name it, 1-{MAX_CUSTOMER_CHARS} printable "
+                         "characters without leading or trailing spaces")
     raise ValueError(f"limits are stored per project or customer, not per {kind!r}")
 
 
@@ -287,9 +297,9 @@ def _holds_nul(value: object) -> bool:
     return False
 
 
-def _is_name(value: str, *, slash_ok: bool = False) -> bool:
+def _is_name(value: str) -> bool:
     return (0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
-            and (slash_ok or "/" not in value) and not any(c.isspace() for c in value))
+            and "/" not in value and not any(c.isspace() for c in value))
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -251,6 +252,18 @@ def test_budgets_on_a_key_and_on_a_customer(gateway: Gateway) -> None:
     ok(sluicegate(gateway, "budgets", "set", "--customer", customer, "--rpm", "7"))
     assert admin_get(gateway, f"/admin/limits/customer/{customer}")["limits"]["rpm"] == 7
     assert "  rpm: 7\n" in ok(sluicegate(gateway, "budgets", "show", "--customer", customer))
+
+
+def test_budgets_on_every_customer_the_auth_layer_accepts(gateway: Gateway) -> None:
+    """Customers as requests name them: spaces, up to 256 characters, '/' anywhere."""
+    name = project()
+    for customer in ("Jane Doe", "u" * 200, "a//b/", "/lead", "100% sure?"):
+        subject = f"{name}/{customer}"
+        ok(sluicegate(gateway, "budgets", "set", "--customer", subject, "--rpm", "7"))
+        stored = admin_get(gateway, f"/admin/limits/customer/{name}/{quote(customer, safe='')}")
+        assert (stored["subject_id"], stored["limits"]["rpm"]) == (subject, 7)
+        shown = ok(sluicegate(gateway, "budgets", "show", "--customer", subject))
+        assert shown.startswith(f"Limits of customer {subject}:\n  rpm: 7\n"), shown
 
 
 def test_limits_set_while_a_key_is_in_use_apply_to_its_next_requests(gateway: Gateway) -> None:

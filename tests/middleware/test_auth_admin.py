@@ -560,6 +560,32 @@ def test_rotating_a_disabled_or_expired_key_is_409(client: httpx.Client,
         "project": key["project"]}).json()["data"]] == [key["id"]]
 
 
+@pytest.mark.parametrize("customer", [
+    "Jane Doe", "u" * 256, "café€", "a/b", "a//b", "trailing/", "/leading", "100% sure?",
+    "a%2Fb",
+])
+def test_limits_can_be_set_for_every_customer_the_auth_layer_accepts(
+        client: httpx.Client, server: ThreadedServer, customer: str) -> None:
+    """The customer id is percent-encoded as one path segment (slashes included)."""
+    subject = f"{project()}/{customer}"
+    path = f"/admin/limits/customer/{subject.split('/')[0]}/{quote(customer, safe='')}"
+    response = client.put(path, json={"rpm": 4})
+    assert response.status_code == 200, response.text
+    assert response.json()["subject_id"] == subject
+    assert client.get(path).json()["limits"]["rpm"] == 4
+    store = server.store  # type: ignore[attr-defined]
+    assert server.run(store.subject_limits("customer", subject)) == Limits(rpm=4)
+    assert client.delete(path).json()["deleted"] is True
+
+
+@pytest.mark.parametrize("customer", [" padded", "padded ", "u" * 257, "tab\there", "nul\u0000"])
+def test_customer_ids_the_auth_layer_never_produces_are_400(client: httpx.Client,
+                                                            customer: str) -> None:
+    path = f"/admin/limits/customer/{project()}/{quote(customer, safe='')}"
+    error = assert_error(client.put(path, json={"rpm": 1}), 400)
+    assert "customer" in error["message"]
+
+
 # -- logging -----------------------------------------------------------------------------------
 
 class _FailingStore(StaticKeyStore):

@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
+from gateway.errors import GatewayError
 from gateway.policy import Budget, Limits
+from middleware.auth import _clean_customer
 from middleware.auth.keys import (
     StaticKey,
     VirtualKey,
@@ -17,6 +19,7 @@ from middleware.auth.keys import (
     generate_key,
     hash_key,
     is_key_hash,
+    is_customer,
     is_key_id,
     key_hint,
     new_key_id,
@@ -234,10 +237,36 @@ def test_names_and_subject_ids() -> None:
     assert check_subject_id("customer", "acme/alice") == "acme/alice"
     assert check_subject_id("customer", "acme/org/alice") == "acme/org/alice"
     assert check_subject_id("project", "acme") == "acme"
+    for customer in ("acme/Jane Doe", "acme/" + "u" * 256, "acme/a//b/", "acme/café€"):
+        assert check_subject_id("customer", customer) == customer
     for kind, bad in (("customer", "alice"), ("customer", "/alice"), ("customer", "acme/"),
+                      ("customer", "acme/ alice"), ("customer", "acme/" + "u" * 257),
+                      ("customer", "acme/a\u0000"), ("customer", "a b/alice"),
                       ("project", "acme/alice"), ("model", "gpt-4o"), ("key", "key_1")):
         with pytest.raises(ValueError):
             check_subject_id(kind, bad)
+
+
+CUSTOMER_SAMPLES = [
+    "alice", "Jane Doe", "  padded  ", "u" * 256, "u" * 257, " " + "u" * 256 + " ", "a/b",
+    "a//b/", "/x", "café€", "emoji 😀", "", "   ", "tab\there", "nul\u0000", "line\nbreak",
+    "\u00a0nbsp", "in\u00a0side", "\u3000ideographic", "zero\u200bwidth", "c1\u0085", "%2F",
+]
+
+
+@pytest.mark.parametrize("sample", CUSTOMER_SAMPLES)
+def test_customer_ids_are_what_the_auth_layer_accepts(sample: str) -> None:
+    """The admin API takes limits for exactly the customers the auth layer serves: its rule
+    lives in middleware/auth/__init__.py (`_clean_customer`), and this one must agree."""
+    try:
+        served: str | None = _clean_customer(sample)
+    except GatewayError:
+        served = None
+    assert is_customer(sample.strip()) == (served is not None)
+    if served is not None:
+        assert check_subject_id("customer", f"acme/{served}") == f"acme/{served}"
+    if is_customer(sample):
+        assert served == sample
 
 
 def test_key_ids() -> None:
