@@ -76,7 +76,7 @@ class Budget:
         _check_overflow(self.on_overflow, self.downgrade_to)
         _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
         if not isinstance(self.stream_cutoff, bool):
-            raise ValueError("a budget's stream_cutoff must be true or false")
+            raise TypeError("a budget's stream_cutoff must be true or false")
         if not _is_int(self.status) or self.status not in (402, 429):
             raise ValueError("a budget's status must be 402 or 429")
         object.__setattr__(self, "alert_at_percent", _percents(self.alert_at_percent))
@@ -314,7 +314,7 @@ def _is_int(value: object) -> bool:
 
 def _percents(value: Any) -> tuple[int, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ValueError("alert_at_percent must be a list of percentages, e.g. [50, 80, 100]")
+        raise TypeError("alert_at_percent must be a list of percentages, e.g. [50, 80, 100]")
     if any(not _is_int(p) or not 0 < p <= 100 for p in value):
         raise ValueError("alert_at_percent values must be whole numbers from 1 to 100")
     return tuple(value)
