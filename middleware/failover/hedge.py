@@ -5,7 +5,8 @@ a second deployment is called too (it needs the retry budget, like any retry). T
 the two to start its response wins; the other is cancelled, which closes its upstream
 connection. Each call runs in its own task with its own copy of the request context, so the
 two never write the same fields; the winner's fields are copied back, the loser's attempt is
-kept in `ctx.attempts`.
+kept in `ctx.attempts`. A call that failed while the other went on to answer counts against
+its deployment, but never replaces the answer (nor its metering).
 
 Limits: a provider may bill the loser's input tokens even though it was cancelled before its
 first byte; those are not in the usage record (nobody told us how many there were).
@@ -134,14 +135,18 @@ class Hedge:
         await asyncio.wait(calls)
         self.ctx.attempts.extend(a for task in calls for a in self.copies[task].attempts)
         next_chain: list[str] | None = None
+        answer: UpstreamError | None = None  # a failure that goes back to the caller as it is
         other: BaseException | None = None  # a refusal from below, or the client went away
         for task, (state, key) in calls.items():
             error = task.exception() if not task.cancelled() else None
             if task is self.winner:
                 continue
             if isinstance(error, UpstreamError):
-                next_chain = self.layer.after_failure(error, state, key, self.tried,
-                                                      self.ctx.model) or next_chain
+                try:
+                    next_chain = self.layer.after_failure(error, state, key, self.tried,
+                                                          self.ctx.model) or next_chain
+                except UpstreamError as refusal:  # the caller's, unless the other call answered
+                    answer = refusal
                 continue
             # Cancelled as the loser, lost the race, or ended otherwise: no verdict on health.
             state.breaker.release()
@@ -150,6 +155,8 @@ class Hedge:
             if error is not None and not isinstance(error, _Lost):
                 other = error
         if self.winner is None:
+            if answer is not None:
+                raise answer
             if other is not None:
                 raise other
             raise HedgeFailed(next_chain)

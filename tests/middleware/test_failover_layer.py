@@ -676,3 +676,29 @@ def test_a_hedged_answer_is_cached_like_any_other(
     assert second.headers["x-sluicegate-cache"] == "hit"
     assert second.json()["choices"] == first.json()["choices"]
     assert len(b.requests) == 1
+
+
+def test_a_hedge_losers_refusal_does_not_replace_the_winners_answer(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # a is slow, so b is called too; a then refuses with a 400 before b starts answering. b's
+    # answer is the response: it is metered as b's 200, its usage and cost (the loser's 400
+    # was raised after b's answer had gone out, and metered as a $0 400).
+    a.config.update({"ttft_s": 0.5})
+    a.push_fault(Fault("status", provider="openai", status=400,
+                       message="Invalid value for 'temperature'."))
+    b.config.update({"ttft_s": 1.5})
+    journal = tmp_path / "journal"
+    layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=0.2)}'
+    with serve(tmp_path, metered(failover_config(a, b, layer), journal)) as gateway:
+        answered = client(gateway).chat.completions.with_raw_response.create(
+            model="pair", messages=QUESTION)
+        request_id = answered.headers["x-request-id"]
+        usage = answered.parse().usage
+        assert breaker_of(gateway, "pair", 1) == "closed"
+    assert usage is not None and answered.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert len(a.requests) == 1 and len(b.requests) == 1  # the race did happen
+    record = journaled_record(journal, request_id)
+    assert (record.status, record.deployment, record.attempts) == (200, "b/gpt-4o", 2)
+    assert (record.input_tokens, record.output_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens)
+    assert record.cost_micros == usage.prompt_tokens + 2 * usage.completion_tokens > 0
