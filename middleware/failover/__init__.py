@@ -409,34 +409,21 @@ class FailoverMiddleware:
             self.counters["fallbacks"] += 1
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
         tried.set_headers(ctx, route_headers(state, tried.attempts, fallback_model))
-        transcript = None
-        if route.continuation and ctx.stream and ctx.operation in CONTINUABLE:
-            ctx.continue_streams = True
-            transcript = Transcript(ctx.api_format)
-            send = transcript_tee(send, transcript)
+        send, transcript = self.continuable(send, ctx, route)
         state.started()
         began = time.monotonic()
         outcome = "cancelled"
         try:
-            if route.ttft_timeout_s is None:
-                await self.app(scope, receive, send)
-            else:
-                await self.call_with_ttft_timeout(scope, receive, send, route.ttft_timeout_s,
-                                                  state, ctx)
+            await self.call(scope, receive, send, ctx, route, state)
             outcome = "answered"
         except UpstreamError:
             outcome = "failed"  # after_failure records it
             raise
         except StreamInterrupted as interrupted:
             outcome = "broken"
-            state.failures += 1
-            state.breaker.record(True)
-            if key is not None:
-                key.breaker.record(False)
-            tried.exclude(state)
             assert transcript is not None
-            await self._continue(scope, receive, send, ctx, route, tried, transcript,
-                                 interrupted)
+            await self.continue_broken(scope, receive, send, ctx, route, state, key, tried,
+                                       transcript, interrupted)
             return
         finally:
             state.finished(ctx.usage if outcome == "answered" else None)
@@ -445,6 +432,37 @@ class FailoverMiddleware:
                 if key is not None:
                     key.breaker.release()
         self.succeeded(ctx, state, key, began)
+
+    def continuable(self, send: Send, ctx: RequestContext,
+                    route: Route) -> tuple[Send, Transcript | None]:
+        """For a stream the route continues: `send` noting the text sent, and the adapter
+        told to leave a broken stream open. Otherwise `send` as it is."""
+        if not (route.continuation and ctx.stream and ctx.operation in CONTINUABLE):
+            return send, None
+        ctx.continue_streams = True
+        transcript = Transcript(ctx.api_format)
+        return transcript_tee(send, transcript), transcript
+
+    async def call(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
+                   route: Route, state: DeploymentState) -> None:
+        """One call to the app below, held to the route's TTFT timeout when it has one."""
+        if route.ttft_timeout_s is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.call_with_ttft_timeout(scope, receive, send, route.ttft_timeout_s,
+                                              state, ctx)
+
+    async def continue_broken(self, scope: Scope, receive: Receive, send: Send,
+                              ctx: RequestContext, route: Route, state: DeploymentState,
+                              key: KeyState | None, tried: Tried, transcript: Transcript,
+                              interrupted: StreamInterrupted) -> None:
+        """Records a stream that broke after it started, then continues it elsewhere."""
+        state.failures += 1
+        state.breaker.record(True)
+        if key is not None:
+            key.breaker.record(False)
+        tried.exclude(state)
+        await self._continue(scope, receive, send, ctx, route, tried, transcript, interrupted)
 
     async def _continue(self, scope: Scope, receive: Receive, send: Send,
                         ctx: RequestContext, route: Route, tried: Tried, transcript: Transcript,

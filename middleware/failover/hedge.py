@@ -6,7 +6,8 @@ the two to start its response wins; the other is cancelled, which closes its ups
 connection. Each call runs in its own task with its own copy of the request context, so the
 two never write the same fields; the winner's fields are copied back, the loser's attempt is
 kept in `ctx.attempts`. A call that failed while the other went on to answer counts against
-its deployment, but never replaces the answer (nor its metering).
+its deployment, but never replaces the answer (nor its metering). Each call is held to the
+route's TTFT timeout, and the winner's stream continued when it breaks, as an unhedged call.
 
 Limits: a provider may bill the loser's input tokens even though it was cancelled before its
 first byte; those are not in the usage record (nobody told us how many there were).
@@ -20,12 +21,13 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.context import CONTEXT_KEY, RequestContext
-from gateway.errors import UpstreamError
+from gateway.errors import StreamInterrupted, UpstreamError
 from gateway.layers import Message, Receive, Scope, Send
 from middleware.failover.routing import DeploymentState, KeyState, Tried, route_headers
 
 if TYPE_CHECKING:
     from middleware.failover import FailoverMiddleware
+    from middleware.failover.continuation import Transcript
     from middleware.failover.policy import Route
 
 __all__ = ["Hedge", "HedgeFailed"]
@@ -60,6 +62,7 @@ class Hedge:
         self.started = asyncio.Event()
         self.copies: dict[asyncio.Task[None], RequestContext] = {}
         self.began: dict[asyncio.Task[None], float] = {}
+        self.transcripts: dict[asyncio.Task[None], Transcript | None] = {}
 
     async def run(self, first: tuple[DeploymentState, KeyState | None],
                   second: tuple[DeploymentState, KeyState | None]) -> None:
@@ -102,16 +105,20 @@ class Hedge:
                 self.tried.set_headers(self.ctx, extra)  # the kernel adds them to this start
             await self.send(message)
 
+        # Each call as an unhedged attempt makes it: the TTFT timeout, and continuation.
+        send, transcript = self.layer.continuable(send_if_first, copy, self.route)
+
         async def call() -> None:
             state.started()
             try:
-                await self.layer.app(scope, self.receive, send_if_first)
+                await self.layer.call(scope, self.receive, send, copy, self.route, state)
             finally:
                 state.finished(copy.usage)
 
         task = asyncio.ensure_future(call())
         self.began[task] = time.monotonic()
         self.copies[task] = copy
+        self.transcripts[task] = transcript
         return task
 
     async def _wait_start_or_end(self, calls: dict[asyncio.Task[None], Any],
@@ -166,6 +173,13 @@ class Hedge:
             raise asyncio.CancelledError()
         error = self.winner.exception()
         self._copy_back(copy)
+        if isinstance(error, StreamInterrupted):
+            transcript = self.transcripts[self.winner]
+            assert transcript is not None
+            await self.layer.continue_broken(self.scope, self.receive, self.send, self.ctx,
+                                             self.route, state, key, self.tried, transcript,
+                                             error)
+            return
         if error is not None:
             raise error
         self.layer.succeeded(self.ctx, state, key, self.began[self.winner])

@@ -702,3 +702,43 @@ def test_a_hedge_losers_refusal_does_not_replace_the_winners_answer(
     assert (record.input_tokens, record.output_tokens) == \
         (usage.prompt_tokens, usage.completion_tokens)
     assert record.cost_micros == usage.prompt_tokens + 2 * usage.completion_tokens > 0
+
+
+def test_hedged_calls_are_held_to_the_ttft_timeout(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Both deployments of "pair" are slow to start: the TTFT timeout abandons the first call
+    # and the hedge's second alike, and the fallback answers (hedged calls went straight to
+    # the app below, with no TTFT timeout: the slow a answered after its 3 s).
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=3))
+    b.push_fault(Fault("slow_first_byte", provider="openai", delay_s=3))
+    layer = ('routes={"pair": Route(strategy="priority", fallbacks=("backup",), '
+             'hedge_after_s=0.2, ttft_timeout_s=0.6)}')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "pair", stream=True)
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "b/gpt-4o-mini"
+    assert response.headers["x-sluicegate-fallback"] == "backup"
+    assert response.headers["x-sluicegate-attempts"] == "3"
+    assert response.text.count("data: [DONE]") == 1 and '"error"' not in response.text
+
+
+def test_a_hedged_stream_that_breaks_is_continued(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # a answers before the hedge delay, then breaks: the route asks for continuation, so
+    # the other deployment (one that prefills) goes on from the text sent. The hedged call
+    # was not continued: it ended with the error event.
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    extra = ('models["mixed"] = [Deployment("a", "gpt-4o-mini", price=PRICE), '
+             'Deployment("b-claude", "claude-3-5-haiku-latest", price=PRICE)]')
+    layer = 'routes={"mixed": Route(strategy="priority", hedge_after_s=0.5, continuation=True)}'
+    with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway, httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+            json={"model": "mixed", "messages": QUESTION, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == FULL_REPLY
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    assert b.requests[-1]["json"]["messages"][-1] == {
+        "role": "assistant", "content": [{"type": "text", "text": "Mock reply to: one two t"}]}
