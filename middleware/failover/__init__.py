@@ -445,8 +445,10 @@ class FailoverMiddleware:
 
     async def call(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
                    route: Route, state: DeploymentState) -> None:
-        """One call to the app below, held to the route's TTFT timeout when it has one."""
-        if route.ttft_timeout_s is None:
+        """One call to the app below; a stream is held to the route's TTFT timeout when it
+        has one (a non-stream answer comes whole when the model is done: the provider's
+        `total_s` bounds it, as its `first_byte_s` bounds only streams)."""
+        if route.ttft_timeout_s is None or not ctx.stream:
             await self.app(scope, receive, send)
         else:
             await self.call_with_ttft_timeout(scope, receive, send, route.ttft_timeout_s,
@@ -544,8 +546,8 @@ class FailoverMiddleware:
     async def call_with_ttft_timeout(self, scope: Scope, receive: Receive, send: Send,
                                      ttft_s: float, state: DeploymentState,
                                      ctx: RequestContext) -> None:
-        """Calls the app below; a response not started within `ttft_s` is abandoned (the
-        call is cancelled, which closes the upstream connection) and fails over."""
+        """Calls the app below; a stream not started within `ttft_s` is abandoned (the call
+        is cancelled, which closes the upstream connection) and fails over."""
         started = False
         try:
             async with asyncio.timeout(ttft_s) as timer:

@@ -38,8 +38,10 @@ class Route:
     - `fallbacks`: public models tried, in order, when every deployment of this one failed or
       is unhealthy. `context_window_fallbacks` replace the rest of the chain when the provider
       says the input is too long; `content_policy_fallbacks` when it refuses on content policy.
-    - `ttft_timeout_s`: a call whose response has not started by then is abandoned and fails
-      over (the provider's own first-byte timeout still applies when this is None).
+    - `ttft_timeout_s`: a stream whose response has not started by then is abandoned and
+      fails over (the provider's own first-byte timeout still applies when this is None).
+      Streams only, like that timeout: a non-stream answer comes whole when the model is
+      done, and the provider's `total_s` bounds it.
     - `hedge_after_s`: when the first call has not started answering after this long, a
       second deployment is called too; the first to answer wins, the other is cancelled.
     - `continuation`: a chat stream that breaks after content went out is continued by the

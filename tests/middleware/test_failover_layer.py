@@ -742,3 +742,19 @@ def test_a_hedged_stream_that_breaks_is_continued(
     assert len(a.requests) == 1 and len(b.requests) == 1
     assert b.requests[-1]["json"]["messages"][-1] == {
         "role": "assistant", "content": [{"type": "text", "text": "Mock reply to: one two t"}]}
+
+
+def test_the_ttft_timeout_leaves_non_stream_calls_alone(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # A non-stream answer arrives whole when the model is done, so its first byte is its
+    # last: like the provider's first_byte_s, ttft_timeout_s bounds streams only (total_s
+    # bounds a non-stream call). The slower answer was thrown away and asked again of backup.
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1))
+    layer = 'routes={"primary": Route(fallbacks=("backup",), ttft_timeout_s=0.3)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "primary")
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "a/gpt-4o-mini"
+    assert response.headers["x-sluicegate-attempts"] == "1"
+    assert response.json()["choices"][0]["message"]["content"] == FULL_REPLY
+    assert len(a.requests) == 1 and len(b.requests) == 0
