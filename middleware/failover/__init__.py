@@ -347,11 +347,18 @@ class FailoverMiddleware:
         state.breaker.record(False)  # the deployment works; the request was the problem
         if key is not None:
             key.breaker.release()
-        route = self.routes.get(requested, self.default)
-        if kind == CONTEXT_WINDOW and route.context_window_fallbacks:
-            return list(route.context_window_fallbacks)
-        if kind == CONTENT_POLICY and route.content_policy_fallbacks:
-            return list(route.content_policy_fallbacks)
+        if kind in (CONTEXT_WINDOW, CONTENT_POLICY):
+            route = self.routes.get(requested, self.default)
+            fallbacks = route.context_window_fallbacks if kind == CONTEXT_WINDOW \
+                else route.content_policy_fallbacks
+            # It would refuse this request again: out for every round, and so is a fallback
+            # model with nothing else left to ask.
+            tried.ineligible = tried.ineligible | {state}
+            tried.exclude(state)
+            chain = [model for model in fallbacks if (group := self.groups.get(model)) is None
+                     or any(s not in tried.ineligible for s in group.deployments)]
+            if chain:
+                return chain
         raise error
 
     def _next_round_wait(self, tried: Tried, chain: list[str], rounds: int, now: float,

@@ -758,3 +758,26 @@ def test_the_ttft_timeout_leaves_non_stream_calls_alone(
     assert response.headers["x-sluicegate-attempts"] == "1"
     assert response.json()["choices"][0]["message"]["content"] == FULL_REPLY
     assert len(a.requests) == 1 and len(b.requests) == 0
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("context_window", "prompt is too long: 9000 tokens > 8192 maximum"),
+    ("content_policy", "Output blocked by content filtering policy."),
+])
+def test_a_deployment_that_refused_the_request_is_not_asked_again(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, kind: str,
+        message: str) -> None:
+    # primary refuses, and so does "big", the first of its fallbacks for that refusal: the
+    # next one answers. (The fallback chain started over at "big", which refused again
+    # until the attempts ran out.)
+    a.push_fault(Fault("status", provider="openai", status=400, message=message))
+    for _ in range(2):
+        b.push_fault(Fault("status", provider="anthropic", status=400, message=message))
+    layer = f'routes={{"primary": Route({kind}_fallbacks=("big", "backup"))}}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "primary")
+        assert breaker_of(gateway, "big") == "closed"
+    assert [r["provider"] for r in a.requests + b.requests] == ["openai", "anthropic", "openai"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sluicegate-fallback"] == "backup"
+    assert response.headers["x-sluicegate-attempts"] == "3"
