@@ -236,7 +236,7 @@ class FailoverMiddleware:
             chain = self._chains.get(requested) or self._chain(requested, route)
         rounds = 0
         while True:
-            position = 0
+            position, attempts_before = 0, tried.attempts
             while position < len(chain):
                 model = chain[position]
                 group = self.group(ctx, model)
@@ -273,7 +273,11 @@ class FailoverMiddleware:
                 if next_chain is not None:
                     chain, position = next_chain, 0
             rounds += 1
-            wait = self._next_round_wait(tried, chain, rounds, time.monotonic(), deadline)
+            # A round after a wait that found nothing to call (breakers open, every key
+            # refused) would find nothing after another wait either: answer now.
+            idle = rounds > 1 and tried.attempts == attempts_before
+            wait = None if idle else self._next_round_wait(tried, chain, rounds,
+                                                           time.monotonic(), deadline)
             if wait is None:
                 raise self._final_error(tried, requested, chain)
             await asyncio.sleep(wait)

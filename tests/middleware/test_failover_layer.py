@@ -781,3 +781,19 @@ def test_a_deployment_that_refused_the_request_is_not_asked_again(
     assert response.status_code == 200, response.text
     assert response.headers["x-sluicegate-fallback"] == "backup"
     assert response.headers["x-sluicegate-attempts"] == "3"
+
+
+def test_a_deployment_whose_only_key_is_refused_answers_at_once(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # After its one key failed, every round found nothing to call, yet the layer backed off
+    # and went round again until the 120 s deadline (the client gave up first: ReadTimeout).
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    extra = ('models["keyed"] = [Deployment("a", "gpt-4o-mini", price=PRICE, '
+             'api_key_envs=("KEY_ONE",))]')
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(deadline_s=120)",
+                                         extra)) as gateway:
+        a.push_fault(Fault("status", provider="openai", status=401))
+        response = chat(gateway, "keyed")
+    assert response.status_code == 401
+    assert len(a.requests) == 1
