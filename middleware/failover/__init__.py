@@ -251,6 +251,8 @@ class FailoverMiddleware:
                     continue
                 if tried.attempts and not self._may_retry(tried, time.monotonic(), deadline):
                     state.breaker.release()
+                    if key is not None:
+                        key.breaker.release()
                     raise self._final_error(tried, requested, chain)
                 fallback_model = model if model != requested else None
                 partner = None
@@ -510,25 +512,30 @@ class FailoverMiddleware:
         ctx.usage = None
         state.started()
         began = time.monotonic()
+        outcome = "cancelled"
         try:
             await self.app(scope, receive, ContinuationRelay(send, ctx.api_format, transcript))
+            outcome = "answered"
         except UpstreamError as error:
-            state.finished(None)
+            outcome = "failed"
             self.after_failure_quietly(error, state, key, tried)
             ctx.usage = broken_usage
             await self._end_broken_stream(send, ctx, interrupted)
             return
         finally:
             ctx.body = original
-        state.finished(ctx.usage)
+            state.finished(ctx.usage if outcome == "answered" else None)
+            if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
+                state.breaker.release()
+                if key is not None:
+                    key.breaker.release()
         self.succeeded(ctx, state, key, began)
         ctx.usage = add_usage(broken_usage, ctx.usage)
 
     def _next_for_continuation(self, ctx: RequestContext, route: Route,
                                tried: Tried) -> tuple[DeploymentState, KeyState | None] | None:
-        if tried.attempts >= self.retry.max_attempts or not self.budget.try_retry():
+        if tried.attempts >= self.retry.max_attempts:
             return None
-        self.counters["retries"] += 1
         for model in self._chains.get(ctx.model) or self._chain(ctx.model, route):
             group = self.group(ctx, model)
             state = group.pick(tried.excluded) if group is not None else None
@@ -538,6 +545,13 @@ class FailoverMiddleware:
             if state.keys and key is None:
                 state.breaker.release()
                 continue
+            if not self.budget.try_retry():  # asked only with somewhere to go
+                self.counters["budget_refusals"] += 1
+                state.breaker.release()
+                if key is not None:
+                    key.breaker.release()
+                return None
+            self.counters["retries"] += 1
             return state, key
         return None
 
@@ -546,7 +560,11 @@ class FailoverMiddleware:
         """Records a failed call whose error goes nowhere (the response already started)."""
         tried.last_error = error
         state.failures += 1
-        state.breaker.record(classify(error, self.retry.retry_on) in (RETRYABLE, FATAL, AUTH))
+        kind = classify(error, self.retry.retry_on)
+        key_failed = kind == AUTH and key is not None  # the key, not the deployment
+        state.breaker.record(not key_failed and kind in (RETRYABLE, FATAL, AUTH))
+        if key is not None:
+            key.breaker.record(key_failed)
 
     async def _end_broken_stream(self, send: Send, ctx: RequestContext,
                                  interrupted: StreamInterrupted) -> None:

@@ -797,3 +797,94 @@ def test_a_deployment_whose_only_key_is_refused_answers_at_once(
         response = chat(gateway, "keyed")
     assert response.status_code == 401
     assert len(a.requests) == 1
+
+
+def key_breaker_of(server: ThreadedServer, model: str) -> str:
+    state = deployments(server)["models"][model]["deployments"][0]  # type: ignore[index]
+    return str(state["keys"][0]["breaker"])
+
+
+def test_a_key_probe_refused_by_the_attempt_limit_is_given_back(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback's pick took its half-open key's probe, then the attempt limit refused the
+    # retry: the deployment's slot was given back, the key's never was, and "keyed" had no
+    # usable key for ever after.
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    extra = ('models["keyed"] = [Deployment("b", "gpt-4o", price=PRICE, '
+             'api_key_envs=("KEY_ONE",))]')
+    layer = ('routes={"primary": Route(fallbacks=("keyed",))}, '
+             'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5), '
+             'retry=RetryPolicy(max_attempts=1)')
+    with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:
+        b.push_fault(Fault("status", provider="openai", status=401))
+        assert chat(gateway, "keyed").status_code == 401  # opens the key's breaker
+        assert key_breaker_of(gateway, "keyed") == "open"
+        time.sleep(0.7)  # past the cool-down: the key is half-open
+        a.push_fault(Fault("status", provider="openai", status=503))
+        assert chat(gateway, "primary").status_code == 503  # no attempt left for "keyed"
+        response = chat(gateway, "keyed")  # the key's probe
+        assert response.status_code == 200, response.text
+        assert key_breaker_of(gateway, "keyed") == "closed"
+    assert len(b.requests) == 2
+
+
+def test_a_failed_continuation_records_its_keys_probe(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A continuation that failed recorded its deployment's failure but not its key's: the
+    # half-open key kept its probe for ever, and "keyed-claude" never answered again.
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    extra = ('models["keyed-claude"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
+             'price=PRICE, api_key_envs=("KEY_ONE",))]')
+    layer = ('routes={"primary": Route(fallbacks=("keyed-claude",), continuation=True)}, '
+             'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5)')
+    with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:
+        b.push_fault(Fault("status", provider="anthropic", status=401))
+        assert chat(gateway, "keyed-claude").status_code == 401  # opens the key's breaker
+        time.sleep(0.7)  # the key is half-open
+        a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+        b.push_fault(Fault("status", provider="anthropic", status=503))
+        broken = chat(gateway, "primary", stream=True)  # the continuation fails: 503
+        assert broken.text.count('"error"') == 1 and len(b.requests) == 2
+        time.sleep(0.7)  # the deployment's breaker, opened by that 503, is half-open
+        response = chat(gateway, "keyed-claude")
+        assert response.status_code == 200, response.text
+        assert key_breaker_of(gateway, "keyed-claude") == "closed"
+        assert breaker_of(gateway, "keyed-claude") == "closed"
+
+
+def test_a_continuation_with_nowhere_to_go_spends_no_retry_budget(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    layer = 'routes={"primary": Route(continuation=True)}'  # no other deployment, no fallback
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        broken = chat(gateway, "primary", stream=True)
+        counters = deployments(gateway)["counters"]  # type: ignore[index]
+    assert broken.text.count('"error"') == 1
+    assert counters["retries"] == 0 and counters["budget_refusals"] == 0
+
+
+def test_a_continuation_the_client_left_gives_its_deployment_back(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The client leaves while the continuation waits for its first byte: the call is
+    # cancelled, and it was never counted as finished (in flight for ever, and a half-open
+    # breaker's probe never given back).
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    b.config.update({"ttft_s": 3.0})
+    layer = 'routes={"primary": Route(fallbacks=("big",), continuation=True)}'
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "primary", "messages": QUESTION, "stream": True}) as r:
+            content = 0
+            for line in r.iter_lines():
+                content += line.startswith('data: {"id"')
+                if content == 2:
+                    break
+            assert wait_for(lambda: len(b.requests) == 1)  # the continuation is under way
+        # (the client has gone)
+
+        def big() -> dict[str, int]:
+            return deployments(gateway)["models"]["big"]["deployments"][0]  # type: ignore
+
+        assert wait_for(lambda: big()["requests"] == 1 and big()["in_flight"] == 0)
