@@ -376,7 +376,9 @@ class FailoverMiddleware:
         if tried.last_error is None:
             # Nothing was tried: every deployment is cooling down after a 429 or its breaker
             # is open. Wait once for the soonest cool-down when it fits; an open breaker
-            # means "not now" and is answered at once.
+            # means "not now" and is answered at once. (The requests that waited all go when
+            # it ends: a half-open probe, as for a breaker, would answer them 503 instead of
+            # serving them, and a breaker opened here alone RedisHealth closes again.)
             cooling = self._cooling_s(chain)
             if not cooling or rounds > 1:
                 return None
