@@ -239,7 +239,8 @@ class FailoverMiddleware:
             position, attempts_before = 0, tried.attempts
             while position < len(chain):
                 model = chain[position]
-                group = self.group(ctx, model)
+                group = self.group(ctx, model) if model == requested or _may_use(ctx, model) \
+                    else None  # (a fallback the caller's key may not use is no way round)
                 state = group.pick(tried.excluded) if group is not None else None
                 if state is None:
                     position += 1
@@ -539,7 +540,7 @@ class FailoverMiddleware:
         if tried.attempts >= self.retry.max_attempts:
             return None
         for model in self._chains.get(ctx.model) or self._chain(ctx.model, route):
-            group = self.group(ctx, model)
+            group = self.group(ctx, model) if _may_use(ctx, model) else None
             state = group.pick(tried.excluded) if group is not None else None
             if state is None:
                 continue
@@ -644,3 +645,8 @@ class FailoverMiddleware:
         }
 
 
+def _may_use(ctx: RequestContext, model: str) -> bool:
+    """Whether the caller's key may be served by `model` (auth checked only the model it
+    asked for)."""
+    principal = ctx.principal
+    return principal is None or principal.allows_model(model)

@@ -22,7 +22,7 @@ from gateway import create_app
 from gateway.tokens import estimate_text
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 ADMIN_TOKEN = "failover-admin-token-0123456789"
@@ -888,3 +888,31 @@ def test_a_continuation_the_client_left_gives_its_deployment_back(
             return deployments(gateway)["models"]["big"]["deployments"][0]  # type: ignore
 
         assert wait_for(lambda: big()["requests"] == 1 and big()["in_flight"] == 0)
+
+
+def test_a_fallback_the_key_may_not_use_is_passed_over(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The key may use gpt-mock and azure-mock: its primary failing, the route's first
+    # fallback (claude-mock) is not a way round that; the second serves.
+    limited = "sk-sg-gpt-and-azure-only-0123456789abcdef0123"
+    monkeypatch.setenv("SG_LIMITED_KEY", limited)
+    stack = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY'), "
+             "StaticKey('limited', key_env='SG_LIMITED_KEY', "
+             "allowed_models=('gpt-mock', 'azure-*'))]), "
+             "Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=3), "
+             "routes={'gpt-mock': Route(fallbacks=('claude-mock', 'azure-mock'))})]")
+    text = mock_config(mock_url, middleware="[]",
+                       extra="from middleware.failover import Route\nmiddleware = " + stack)
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        for key, fallback, provider in ((limited, "azure-mock", "azure"),
+                                        (TEST_KEY, "claude-mock", "anthropic")):
+            mock.reset_log()
+            mock.push_fault(Fault("status", provider="openai", status=503))
+            response = httpx.post(server.url + "/v1/chat/completions",
+                                  headers={"authorization": f"Bearer {key}"},
+                                  json={"model": "gpt-mock", "messages": [
+                                      {"role": "user", "content": "hello"}]}, timeout=10)
+            assert response.status_code == 200, response.text
+            assert response.headers["x-sluicegate-fallback"] == fallback
+            assert [r["provider"] for r in mock.requests] == ["openai", provider]
