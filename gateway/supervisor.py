@@ -37,6 +37,9 @@ from hypercorn.config import Config, Sockets
 logger = logging.getLogger("sluicegate")
 
 READY_DIR_ENV = "SLUICEGATE_READY_DIR"
+# A directory the workers share (every worker of this serve, across reloads): what they must
+# agree on lives there (the memory cache's invalidations, middleware/cache/shared.py).
+SHARED_DIR_ENV = "SLUICEGATE_SHARED_DIR"
 
 
 def announce_ready() -> None:
@@ -56,12 +59,14 @@ class Supervisor:
     """Runs `workers` hypercorn uvloop workers on `config`'s sockets until told to stop."""
 
     def __init__(self, config: Config, workers: int, *, ready_dir: str,
-                 start_timeout_s: float = 120.0) -> None:
+                 shared_dir: str | None = None, start_timeout_s: float = 120.0) -> None:
         if workers < 1:
             raise ValueError("the supervisor needs at least one worker")
         self.config = config
         self.workers = workers
         self.ready_dir = Path(ready_dir)
+        # (beside the ready directory by default: in the serve's own directory, removed at exit)
+        self.shared_dir = Path(shared_dir) if shared_dir else self.ready_dir.with_name("shared")
         self.start_timeout_s = start_timeout_s
         self._ctx: SpawnContext = get_context("spawn")
         self._sockets: Sockets | None = None
@@ -72,6 +77,8 @@ class Supervisor:
 
         self.ready_dir.mkdir(parents=True, exist_ok=True)
         os.environ[READY_DIR_ENV] = str(self.ready_dir)  # the workers inherit it
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[SHARED_DIR_ENV] = str(self.shared_dir)
         self._sockets = self.config.create_sockets()
         current = [self._spawn(uvloop_worker) for _ in range(self.workers)]
         draining: list[_Worker] = []

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
+import os
 import re
 import struct
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +42,8 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.resp import RespClient, RespError, encode_command, require_hash_tag
+from gateway.supervisor import SHARED_DIR_ENV
+from middleware.cache.shared import FILE_NAME, InvalidationLog
 
 __all__ = [
     "CacheStore",
@@ -270,18 +274,43 @@ def memory_size(key: str, entry: CachedResponse) -> int:
     return len(entry.body) + len(key) + ENTRY_OVERHEAD_BYTES
 
 
+# Invalidations a memory store remembers (each: its tags and when); past that, the oldest
+# are forgotten and every entry made before the newest forgotten one counts as invalidated.
+MAX_CUTOFFS = 1024
+
+
 class MemoryCacheStore:
     """The embedded default: an LRU in this process, bounded by what its entries take in
     memory (`memory_size`: encoded size, key and a measured per-entry overhead). Expired
-    entries are dropped when read or when the LRU reaches them."""
+    entries are dropped when read or when the LRU reaches them.
+
+    An invalidation holds for answers in flight too: it is remembered (its tags and time),
+    and an entry created (its request began) before an invalidation of all its tags is
+    refused when written. With `shared_path`, or under `serve --workers N` (the supervisor
+    names a directory in `$SLUICEGATE_SHARED_DIR`), invalidations are shared with the other
+    workers through a small mapped file (middleware/cache/shared.py): each lookup checks
+    whether one was made elsewhere and, if so, applies it before answering.
+    """
 
     name = "memory"
 
-    def __init__(self, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, *, max_bytes: int = 64 * 1024 * 1024,
+                 shared_path: str | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError("MemoryCacheStore needs max_bytes > 0")
         self.max_bytes = max_bytes
+        self.shared_path = shared_path
         self.bytes_used = 0
+        # Invalidations: when each set of tags was last invalidated; the newest time of all
+        # (an entry created after it is never looked at further); `_floor`: every entry
+        # created at or before it is invalidated. `_sweeping`: how many scans dropping
+        # invalidated entries are under way (meanwhile a hit checks its entry).
+        self._cutoffs: dict[frozenset[str], float] = {}
+        self._newest_cutoff = -math.inf
+        self._floor = -math.inf
+        self._sweeping = 0
+        self._sweeps: set[asyncio.Task[None]] = set()
+        self._log: InvalidationLog | None = None
         # The entries, least recently used first (each counted as `memory_size`). There is
         # no index by tag: an invalidation reads every entry's tags (~10 ms for the default
         # bound's ~35,000 answers), which spares each store and each eviction a write into
@@ -292,9 +321,19 @@ class MemoryCacheStore:
         return len(self._entries)
 
     async def startup(self) -> None:
-        pass
+        directory = os.environ.get(SHARED_DIR_ENV)
+        path = self.shared_path or (os.path.join(directory, FILE_NAME) if directory else None)
+        if path is not None and self._log is None:
+            self._log = InvalidationLog(path)
+            self.get_now = self._get_now_shared  # type: ignore[method-assign]
 
     async def shutdown(self) -> None:
+        if self._sweeps:
+            await asyncio.wait(list(self._sweeps))
+        log, self._log = self._log, None
+        if log is not None:
+            del self.get_now  # (the class's again)
+            log.close()
         self._entries.clear()
         self.bytes_used = 0
 
@@ -311,6 +350,30 @@ class MemoryCacheStore:
             return None
         if entry.expires_at is not None and entry.expires_at <= time.time():
             self._remove(key)
+            return None
+        if self._sweeping and entry.created_at <= self._newest_cutoff and self._is_cut(entry):
+            self._remove(key)  # (invalidated; the scan under way has not reached it yet)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def _get_now_shared(self, key: str) -> CachedResponse | None:
+        """`get_now` of a store that shares its invalidations (its `get_now` from startup):
+        `get_now` as it is, once another worker's invalidations are applied. (Not a call to
+        it: a lookup without a shared file does not pay for the check, nor this one for a
+        frame more.)"""
+        log = self._log
+        assert log is not None
+        if log.generation[0] != log.read_up_to:
+            self._catch_up(log)  # another worker invalidated: applied before answering
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at is not None and entry.expires_at <= time.time():
+            self._remove(key)
+            return None
+        if self._sweeping and entry.created_at <= self._newest_cutoff and self._is_cut(entry):
+            self._remove(key)  # (invalidated; the scan under way has not reached it yet)
             return None
         self._entries.move_to_end(key)
         return entry
@@ -336,7 +399,13 @@ class MemoryCacheStore:
         return True
 
     def _keep(self, key: str, entry: CachedResponse) -> None:
-        """Stores an entry that is the store's own (body and expiry as kept)."""
+        """Stores an entry that is the store's own (body and expiry as kept), unless an
+        invalidation of its tags came after its request began."""
+        log = self._log
+        if log is not None and log.generation[0] != log.read_up_to:
+            self._catch_up(log)
+        if entry.created_at <= self._newest_cutoff and self._is_cut(entry):
+            return
         size = memory_size(key, entry)
         entries = self._entries
         if key in entries:
@@ -354,6 +423,20 @@ class MemoryCacheStore:
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
+        at = time.time()
+        log = self._log
+        if log is not None:
+            if log.generation[0] != log.read_up_to:
+                self._catch_up(log)
+            log.append(tags, at)  # the other workers apply it before their next answer
+        self._cut(tags, at)
+        self._sweeping += 1
+        try:
+            return await self._drop_tagged(tags)
+        finally:
+            self._sweeping -= 1
+
+    async def _drop_tagged(self, tags: tuple[str, ...]) -> int:
         wanted = set(tags)
         carries: dict[tuple[str, ...], bool] = {}  # per set of tags: does it hold every wanted
         entries = self._entries
@@ -379,6 +462,61 @@ class MemoryCacheStore:
         entry = self._entries.pop(key)
         self.bytes_used -= memory_size(key, entry)
 
+    def _cut(self, tags: Iterable[str] | None, at: float) -> None:
+        """Remembers that the entries carrying all `tags` (None: every entry) created at or
+        before `at` are invalidated."""
+        if tags is None:
+            self._floor = max(self._floor, at)
+        else:
+            wanted = frozenset(tags)
+            if len(self._cutoffs) >= MAX_CUTOFFS and wanted not in self._cutoffs:
+                self._floor = max(self._floor, *self._cutoffs.values())
+                self._cutoffs.clear()
+            self._cutoffs[wanted] = max(at, self._cutoffs.get(wanted, at))
+        self._newest_cutoff = max(self._newest_cutoff, at)
+
+    def _is_cut(self, entry: CachedResponse) -> bool:
+        created = entry.created_at
+        if created <= self._floor:
+            return True
+        return any(created <= at and wanted.issubset(entry.tags)
+                   for wanted, at in self._cutoffs.items())
+
+    def _catch_up(self, log: InvalidationLog) -> None:
+        """Applies the invalidations other workers made since the last look: remembered at
+        once (lookups and writes check them), the entries they drop removed by a scan."""
+        records = log.read_new()
+        for tags, at in records:
+            self._cut(tags, at)
+        if not records:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop: the scan runs here)
+            self._drop_invalidated(list(self._entries))
+            return
+        self._sweeping += 1
+        task = loop.create_task(self._sweep())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep(self) -> None:
+        try:
+            keys = list(self._entries)  # (entries written meanwhile were checked then)
+            for start in range(0, len(keys), INVALIDATE_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                self._drop_invalidated(keys[start:start + INVALIDATE_SLICE])
+        finally:
+            self._sweeping -= 1
+
+    def _drop_invalidated(self, keys: list[str]) -> None:
+        entries, newest = self._entries, self._newest_cutoff
+        for key in keys:
+            entry = entries.get(key)
+            if entry is not None and entry.created_at <= newest and self._is_cut(entry):
+                self._remove(key)
+
 
 # -- Redis ---------------------------------------------------------------------------------------
 
@@ -388,11 +526,19 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-# KEYS[1]: the entry; KEYS[2..]: its tag sets. ARGV: value, ttl in ms, now in ms.
+# KEYS[1]: the entry; KEYS[2]: the invalidations (a hash: tag set -> when, in µs);
+# KEYS[3..]: its tag sets. ARGV: value, ttl in ms, now in ms, when the entry's request
+# began (µs), then every set of its tags that an invalidation may have named. An entry whose
+# request began before an invalidation of its tags is not written (an answer from before it).
 _SET = _Script("""
-local ttl, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl, now, created = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if #ARGV > 4 then
+  for _, at in ipairs(redis.call('HMGET', KEYS[2], unpack(ARGV, 5))) do
+    if at and tonumber(at) >= created then return 0 end
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. now)
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
@@ -432,6 +578,16 @@ return dropped
 """)
 _INVALIDATE_BATCH = 500
 
+# KEYS[1]: the invalidations. ARGV: the tag set, when (µs), how long to keep them (ms): longer
+# than any request (one in flight when its tags are invalidated must not store its answer).
+_RECORD = _Script("""
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+""")
+_KEEP_INVALIDATIONS_MS = 24 * 3600 * 1000
+
 
 _DECODED_MAX_BYTES = 8 << 20  # the decoded-entry memo of a Redis store, all entries
 _DECODED_MAX_ENTRY_BYTES = 64 << 10  # larger entries are decoded on every hit
@@ -469,6 +625,8 @@ class RedisCacheStore:
         self._decoded: dict[bytes, CachedResponse] = {}
         self._decoded_bytes = 0
         self._resends: set[asyncio.Task[Any]] = set()  # writes re-sent after NOSCRIPT
+        self._invalidations_key = f"{prefix}:i"
+        self._tag_sets: dict[tuple[str, ...], list[str]] = {}  # (see `_write`)
 
     def __repr__(self) -> str:
         return f"RedisCacheStore({self._client!r}, prefix={self.prefix!r})"
@@ -534,9 +692,14 @@ class RedisCacheStore:
                ) -> tuple[list[str], list[str | bytes]]:
         """The _SET script's keys (the entry's, its tag sets') and arguments."""
         entry = _expiring(entry, ttl_s)
-        return ([self.entry_key(key), *map(self.tag_key, entry.tags)],
+        tag_sets = self._tag_sets.get(entry.tags)
+        if tag_sets is None:
+            if len(self._tag_sets) >= 4096:  # (namespaces come from requests)
+                self._tag_sets.clear()
+            tag_sets = self._tag_sets[entry.tags] = _tag_sets(entry.tags)
+        return ([self.entry_key(key), self._invalidations_key, *map(self.tag_key, entry.tags)],
                 [entry.encode(), str(max(1, math.ceil(ttl_s * 1000))),
-                 str(int(time.time() * 1000))])
+                 str(int(time.time() * 1000)), str(int(entry.created_at * 1e6)), *tag_sets])
 
     def set_soon(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
         """`set` without waiting for Redis: the write goes out with the loop's next flush
@@ -577,6 +740,11 @@ class RedisCacheStore:
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
         tags = tuple(dict.fromkeys(tags))
+        # First remembered (a write of an answer from before it is refused from then on),
+        # then the entries already written are dropped.
+        await self._run(_RECORD, [self._invalidations_key],
+                        [_tag_set(tags), str(int(time.time() * 1e6)),
+                         str(_KEEP_INVALIDATIONS_MS)], client=self._admin)
         tag_keys = [self.tag_key(tag) for tag in tags]
         if len(tag_keys) == 1:
             return await self._drop_members(tag_keys[0], tags, tag_keys)
@@ -633,6 +801,19 @@ class RedisCacheStore:
         return replies
 
 
+def _tag_set(tags: Iterable[str]) -> str:
+    """The name of a set of tags in the record of invalidations."""
+    return "\n".join(sorted(set(tags)))
+
+
+def _tag_sets(tags: tuple[str, ...]) -> list[str]:
+    """Every set of these tags an invalidation may have named (an entry has at most three
+    tags: its model, project and namespace; seven sets)."""
+    unique = sorted(set(tags))
+    return [_tag_set(chosen) for size in range(1, len(unique) + 1)
+            for chosen in itertools.combinations(unique, size)]
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 # Numbered, append-only: a released migration is never edited, a change is a new number.
@@ -647,6 +828,12 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         CREATE INDEX {expires_index} ON {table} (expires_at);
         CREATE INDEX {tags_index} ON {table} USING gin (tags);
+    """),
+    (2, "invalidations remembered", """
+        CREATE TABLE {invalidations} (
+            tags text[] PRIMARY KEY,
+            at timestamptz NOT NULL
+        );
     """),
 )
 _LOCK_CLASS = 0x53474341  # "SGCA": the advisory-lock namespace of these migrations
@@ -691,14 +878,30 @@ class PostgresCacheStore:
         self._maintainer: asyncio.Task[None] | None = None
         self._not_ready_reason = "not started"
         names = {"table": sql.Identifier(table),
-                 "versions": sql.Identifier(table + "_schema_version")}
+                 "versions": sql.Identifier(table + "_schema_version"),
+                 "invalidations": sql.Identifier(table + "_invalidations")}
+        # An entry whose request began before an invalidation of its tags is neither written
+        # nor read (a write whose statement began before the invalidation committed can still
+        # land after its DELETE: the read keeps it out).
         self._sql = {name: sql.SQL(text).format(**names) for name, text in {
-            "get": "SELECT entry FROM {table} WHERE key = %s AND expires_at > to_timestamp(%s)",
+            "get": "SELECT entry FROM {table} WHERE key = %s AND expires_at > to_timestamp(%s) "
+                   "AND NOT EXISTS (SELECT 1 FROM {invalidations} i WHERE "
+                   "i.tags <@ {table}.tags AND i.at >= {table}.created_at)",
             "set": "INSERT INTO {table} (key, tags, entry, created_at, expires_at) "
-                   "VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s)) "
+                   "SELECT %s, %s, %s, to_timestamp(%s), to_timestamp(%s) "
+                   "WHERE NOT EXISTS (SELECT 1 FROM {invalidations} WHERE tags <@ %s::text[] "
+                   "AND at >= to_timestamp(%s)) "
                    "ON CONFLICT (key) DO UPDATE SET tags = EXCLUDED.tags, "
                    "entry = EXCLUDED.entry, created_at = EXCLUDED.created_at, "
                    "expires_at = EXCLUDED.expires_at",
+            "record": "INSERT INTO {invalidations} (tags, at) VALUES (%s, to_timestamp(%s)) "
+                      "ON CONFLICT (tags) DO UPDATE SET at = greatest({invalidations}.at, "
+                      "EXCLUDED.at)",
+            # Kept a day, longer than any request; the entries one covers go with it.
+            "forget": "WITH old AS (DELETE FROM {invalidations} WHERE "
+                      "at < now() - interval '1 day' RETURNING tags, at) "
+                      "DELETE FROM {table} t USING old WHERE t.tags @> old.tags "
+                      "AND t.created_at <= old.at",
             "invalidate": "WITH gone AS (DELETE FROM {table} WHERE tags @> %s "
                           "RETURNING expires_at) SELECT count(*) FILTER "
                           "(WHERE expires_at > to_timestamp(%s)) FROM gone",
@@ -708,7 +911,7 @@ class PostgresCacheStore:
                         "description text NOT NULL, "
                         "applied_at timestamptz NOT NULL DEFAULT now())",
             "applied": "SELECT version FROM {versions}",
-            "record": "INSERT INTO {versions} (version, description) VALUES (%s, %s)",
+            "version": "INSERT INTO {versions} (version, description) VALUES (%s, %s)",
         }.items()}
 
     def __repr__(self) -> str:  # the DSN may hold a password
@@ -771,6 +974,8 @@ class PostgresCacheStore:
             await asyncio.sleep(self.purge_interval_s)
             try:
                 await self.purge_expired()
+                async with self._connection() as conn:
+                    await conn.execute(self._sql["forget"])
             except CacheStoreError as exc:
                 logger.warning("the PostgreSQL cache could not purge expired rows (%s)", exc)
 
@@ -791,8 +996,9 @@ class PostgresCacheStore:
                         await conn.execute(sql.SQL(statements).format(
                             table=sql.Identifier(self.table),
                             expires_index=sql.Identifier(self.table + "_expires_at"),
-                            tags_index=sql.Identifier(self.table + "_tags")))
-                        await conn.execute(self._sql["record"], (version, description))
+                            tags_index=sql.Identifier(self.table + "_tags"),
+                            invalidations=sql.Identifier(self.table + "_invalidations")))
+                        await conn.execute(self._sql["version"], (version, description))
                         logger.info("cache store: applied migration %d (%s) to table %s",
                                     version, description, self.table)
 
@@ -832,11 +1038,14 @@ class PostgresCacheStore:
         entry = _expiring(entry, ttl_s)
         async with self._connection() as conn:
             await conn.execute(self._sql["set"], (key, list(entry.tags), entry.encode(),
-                                                  entry.created_at, entry.expires_at))
+                                                  entry.created_at, entry.expires_at,
+                                                  list(entry.tags), entry.created_at))
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
         async with self._connection() as conn:
+            # Remembered first (committed: writes from before it are refused), then dropped.
+            await conn.execute(self._sql["record"], (sorted(set(tags)), time.time()))
             cur = await conn.execute(self._sql["invalidate"], (list(tags), time.time()))
             row = await cur.fetchone()
         return int(row[0]) if row is not None else 0

@@ -97,7 +97,7 @@ async def table() -> AsyncIterator[str]:
     name = f"sgtest_cache_{uuid.uuid4().hex[:16]}"
     yield name
     async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
-        for dropped in (name, name + "_schema_version"):
+        for dropped in (name, name + "_schema_version", name + "_invalidations"):
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
                 sql.Identifier(dropped)))
 
@@ -325,6 +325,73 @@ async def test_invalidated_entries_can_be_stored_again(store: CacheStore) -> Non
     await store.set("a-m2", entry(project_tag("a"), model_tag("m2")), 60)
     assert await store.get("a-m2") is not None
     assert await store.invalidate(model_tag("m2")) == 2  # the new one and b-m2
+
+
+async def test_an_answer_from_before_an_invalidation_is_not_stored_after_it(
+        store: CacheStore) -> None:
+    """A request in flight when its tags are invalidated (its entry created when it began)
+    must not store its answer after the invalidation answered; entries with other tags, or
+    from requests that began after it, are stored."""
+    began = time.time()
+    await asyncio.sleep(0.01)
+    assert await store.invalidate(project_tag("a"), model_tag("m")) == 0
+    await store.set("in flight", entry(project_tag("a"), model_tag("m"), created_at=began), 60)
+    await store.set("other model", entry(project_tag("a"), model_tag("n"), created_at=began),
+                    60)
+    await store.set("after", entry(project_tag("a"), model_tag("m")), 60)
+    assert await store.get("in flight") is None
+    assert await store.get("other model") is not None
+    assert await store.get("after") is not None
+
+
+async def test_memory_stores_sharing_a_file_apply_each_others_invalidations(
+        tmp_path: Path) -> None:
+    """The workers of one gateway (`serve --workers N`): an invalidation made in one holds
+    in the others from their next lookup, and keeps their answers in flight out too."""
+    path = str(tmp_path / "invalidations")
+    one, other = MemoryCacheStore(shared_path=path), MemoryCacheStore(shared_path=path)
+    await one.startup()
+    await other.startup()
+    try:
+        began = time.time()
+        for store in (one, other):
+            await store.set("k", entry(project_tag("a")), 60)
+            await store.set("kept", entry(project_tag("b")), 60)
+        assert await one.invalidate(project_tag("a")) == 1
+        assert other.get_now("k") is None  # at once: before its scan of the rest has run
+        assert other.get_now("kept") is not None
+        other.set_soon("in flight", entry(project_tag("a"), created_at=began), 60)
+        assert other.get_now("in flight") is None
+        await other.set("after", entry(project_tag("a")), 60)
+        assert other.get_now("after") is not None
+        await asyncio.sleep(0.05)  # (the scan ran: the entry is gone, not only hidden)
+        assert "k" not in other._entries and len(other) == 2
+        assert await other.invalidate(project_tag("b")) == 1  # and the other way round
+        assert one.get_now("kept") is None and one.get_now("k") is None
+    finally:
+        await one.shutdown()
+        await other.shutdown()
+
+
+async def test_a_memory_store_far_behind_the_shared_file_drops_everything_older(
+        tmp_path: Path) -> None:
+    """A worker that missed more invalidations than the file's ring holds cannot know what
+    they named: everything older than the newest counts as invalidated (more, never less)."""
+    from middleware.cache.shared import RING_SLOTS
+    path = str(tmp_path / "invalidations")
+    one, other = MemoryCacheStore(shared_path=path), MemoryCacheStore(shared_path=path)
+    await one.startup()
+    await other.startup()
+    try:
+        await other.set("k", entry(project_tag("a")), 60)
+        for i in range(RING_SLOTS):
+            await one.invalidate(project_tag(f"elsewhere{i}"))
+        assert other.get_now("k") is None
+        await other.set("new", entry(project_tag("a")), 60)
+        assert other.get_now("new") is not None
+    finally:
+        await one.shutdown()
+        await other.shutdown()
 
 
 async def test_a_large_invalidation(store: CacheStore) -> None:
@@ -613,6 +680,8 @@ async def test_redis_tag_sets_forget_expired_entries(prefix: str,
 
 async def test_redis_invalidation_leaves_nothing_behind(prefix: str,
                                                         redis_client: aioredis.Redis) -> None:
+    """Nothing but the record of the invalidations themselves, which expires (a day after
+    the last one: longer than any request in flight, whose answer it keeps out)."""
     store = RedisCacheStore(REDIS_URL, prefix=prefix)
     await store.set("k", entry(project_tag("a"), namespace_tag("faq")), 30)
     await store.set("k2", entry(project_tag("a")), 30)
@@ -620,7 +689,9 @@ async def test_redis_invalidation_leaves_nothing_behind(prefix: str,
     assert await store.invalidate(project_tag("a"), namespace_tag("faq")) == 1
     assert await redis_client.zrange(f"{prefix}:t:project:a", 0, -1) == [f"{prefix}:e:k2".encode()]
     assert await store.invalidate(project_tag("a")) == 1
-    assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
+    assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == \
+        [f"{prefix}:i".encode()]
+    assert 0 < await redis_client.pttl(f"{prefix}:i") <= 24 * 3600 * 1000
     await store.shutdown()
 
 
@@ -711,7 +782,7 @@ async def test_postgres_schema_is_created_once_under_concurrent_startup(table: s
         async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
             cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(
                 sql.Identifier(table + "_schema_version")))
-            assert await cur.fetchall() == [(1,)]
+            assert await cur.fetchall() == [(1,), (2,)]
         await stores[0].set("k", entry(), 30)
         assert await stores[3].get("k") is not None
     finally:
