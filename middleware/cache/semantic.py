@@ -161,9 +161,11 @@ def guards_agree(first: str, second: str) -> bool:
 
 def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str, Any], *,
                    namespace: str | None = None, window_messages: int = 4,
-                   window_chars: int = 2000) -> SemanticQuery | None:
+                   window_chars: int = 2000,
+                   headers: tuple[tuple[str, str], ...] | None = None) -> SemanticQuery | None:
     """The partition and embedded window of a request (module docstring), or None when the
-    request is not looked up semantically."""
+    request is not looked up semantically. `headers`: the output-changing request headers
+    sent on to the provider (`keys.forwarded_headers`), part of the partition."""
     if operation not in _SEMANTIC_OPERATIONS:
         return None
     rest = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
@@ -181,11 +183,17 @@ def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str,
             return None
         start, texts = split
         history = messages[:start]
-        roles = [str(m.get("role")) for m in messages[start:]]
+        # A speaker's `name` is who the model answers (multi-party chats, personas): it
+        # is part of the partition, with the role.
+        roles = [f"{m.get('role')}:{m['name']}" if "name" in m else str(m.get("role"))
+                 for m in messages[start:]]
         window_text = "\n".join(f"{role}: {text}" if len(texts) > 1 else text
                                 for role, text in zip(roles, texts, strict=True))
-    document = {"scope": scope_id, "namespace": namespace, "model": model,
-                "operation": operation, "request": rest, "history": history, "roles": roles}
+    document: dict[str, Any] = {"scope": scope_id, "namespace": namespace, "model": model,
+                                "operation": operation, "request": rest, "history": history,
+                                "roles": roles}
+    if headers:
+        document["headers"] = headers
     try:
         encoded = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     except TypeError:
@@ -440,8 +448,12 @@ class OpenAIEmbedder(_HttpEmbedderBase):
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list):
             raise EmbedderError("the embeddings endpoint answered without a data list")
-        ordered = sorted(data, key=lambda item: item.get("index", 0)
-                         if isinstance(item, dict) else 0)
+        indexes = [item.get("index", 0) if isinstance(item, dict) else 0 for item in data]
+        if not all(type(index) is int for index in indexes):
+            raise EmbedderError("the embeddings endpoint answered an index that is not an "
+                                "integer")
+        ordered = [item for _, item in sorted(zip(indexes, data, strict=True),
+                                              key=lambda pair: pair[0])]
         return _vectors([item.get("embedding") if isinstance(item, dict) else None
                          for item in ordered], len(texts), None)
 
@@ -545,6 +557,7 @@ class MemoryVectorIndex:
         found = self._partitions.get(partition)
         if found is None:
             return []
+        _check_dimensions(found, vector)
         np, size = self._np, len(found.keys)
         expired = found.expires[:size] <= self.clock()
         if expired.any():
@@ -561,6 +574,12 @@ class MemoryVectorIndex:
         found = self._partitions.get(partition)
         if found is None:
             found = self._partitions[partition] = _Partition(self._np, len(vector))
+        elif len(vector) != found.matrix.shape[1]:
+            # The embedder now answers with another model: the partition's vectors can no
+            # longer be compared with new ones, and the new ones take their place.
+            for old_key in list(found.keys):
+                self._drop(partition, old_key)
+            found = self._partitions[partition] = _Partition(self._np, len(vector))
         found.put(self._np, key, vector, guard, expires_at)
         self._order[(partition, key)] = None
         self._order.move_to_end((partition, key))
@@ -576,6 +595,14 @@ class MemoryVectorIndex:
                 del self._partitions[partition]
         if ordered:
             self._order.pop((partition, key), None)
+
+
+def _check_dimensions(found: _Partition, vector: Sequence[float]) -> None:
+    # An embedder redeployed with another model answers vectors of another size: a miss
+    # (and nothing indexed), as PgVectorIndex does, not NumPy's error.
+    if len(vector) != found.matrix.shape[1]:
+        raise VectorIndexError(f"a {len(vector)}-dimension vector for a partition of "
+                               f"{found.matrix.shape[1]}-dimension vectors")
 
 
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
@@ -808,10 +835,11 @@ class SemanticCache:
             (self.models is None or model in self.models)
 
     def query(self, scope_id: str, model: str, operation: str, body: Mapping[str, Any],
-              namespace: str | None) -> SemanticQuery | None:
+              namespace: str | None, headers: tuple[tuple[str, str], ...] | None = None
+              ) -> SemanticQuery | None:
         return semantic_query(scope_id, model, operation, body, namespace=namespace,
                               window_messages=self.window_messages,
-                              window_chars=self.window_chars)
+                              window_chars=self.window_chars, headers=headers)
 
     async def embed(self, text: str) -> list[float]:
         vectors = await self.embedder.embed([text])

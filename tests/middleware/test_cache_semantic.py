@@ -84,6 +84,27 @@ def test_the_partition_holds_everything_but_the_embedded_window() -> None:
         assert other is not None and other.partition != base.partition
 
 
+def test_the_speaker_name_and_the_forwarded_headers_are_part_of_the_partition() -> None:
+    """`name` says who is speaking (multi-party chats, personas): the answer to alice is not
+    bob's, however alike their words. The headers the Anthropic adapter sends on (a beta, a
+    version) change the answer too."""
+    def said_by(name: str | None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "user", "content": "Hello, who am I?"}
+        if name is not None:
+            message["name"] = name
+        return {"messages": [{"role": "system", "content": "Greet the user by name."},
+                             message]}
+    alice, bob, nobody = (query(said_by(name)) for name in ("alice", "bob", None))
+    assert alice is not None and bob is not None and nobody is not None
+    assert alice.text == bob.text == nobody.text
+    assert len({alice.partition, bob.partition, nobody.partition}) == 3
+    body = chat("What is the capital of France?")
+    plain = semantic_query("project:a", "m", "anthropic.messages", body)
+    beta = semantic_query("project:a", "m", "anthropic.messages", body,
+                          headers=(("anthropic-beta", "interleaved-thinking-2025-05-14"),))
+    assert plain is not None and beta is not None and plain.partition != beta.partition
+
+
 def test_the_window_is_the_recent_plain_text_turns_and_older_ones_must_match() -> None:
     turns = [{"role": "user", "content": f"turn {i}"} if i % 2 == 0 else
              {"role": "assistant", "content": f"answer {i}"} for i in range(7)]
@@ -206,6 +227,19 @@ async def test_memory_index_nearest_first_within_a_partition_until_expiry() -> N
     assert await index.search("nowhere", unit([1, 0, 0]), 5) == []
 
 
+async def test_memory_index_takes_no_vector_of_another_size() -> None:
+    """An embedder redeployed with another model answers vectors of another size: a search
+    is a VectorIndexError (the layer's miss), not NumPy's; an add replaces the partition's
+    vectors, which can no longer be compared with the new ones."""
+    index = MemoryVectorIndex()
+    await index.add("p", unit([1, 0, 0]), "three", "g", 2e9)
+    with pytest.raises(VectorIndexError, match="4-dimension"):
+        await index.search("p", unit([1, 0, 0, 0]), 5)
+    await index.add("p", unit([1, 0, 0, 0]), "four", "g", 2e9)
+    assert [c.key for c in await index.search("p", unit([1, 0, 0, 0]), 5)] == ["four"]
+    assert len(index) == 1
+
+
 @pytest.fixture
 async def pg_index() -> Any:
     table = "sg_semantic_" + uuid.uuid4().hex[:12]
@@ -298,6 +332,7 @@ class EmbedService:
     def __init__(self) -> None:
         self.fault: str | None = None
         self.calls = 0
+        self.dimensions = 64  # (a service redeployed with another model answers another size)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -310,7 +345,8 @@ class EmbedService:
         if scope["path"] == "/embed":
             self.calls += 1
             texts = orjson.loads(body)["texts"]
-            payload = {"embeddings": [bag_of_words(t) for t in texts], "dimensions": 64}
+            payload = {"embeddings": [bag_of_words(t, self.dimensions) for t in texts],
+                       "dimensions": self.dimensions}
             if self.fault == "500":
                 status, payload = 500, {"error": "boom"}
             elif self.fault == "count":
@@ -372,6 +408,19 @@ def test_openai_embedder_through_the_gateways_own_embeddings_model(
     assert a == pytest.approx(again) and a != pytest.approx(b)
     assert sum(x * x for x in a) == pytest.approx(1.0)
     assert any("text-embedding-3-small" in str(r) for r in mock.requests)  # it went upstream
+
+
+@pytest.mark.parametrize("index", ["0", 0.5, None, [0]])
+async def test_openai_embedder_refuses_an_index_that_is_not_an_integer(
+        index: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder = OpenAIEmbedder("http://127.0.0.1:1/v1", "m")
+
+    async def answer(payload: dict[str, Any]) -> Any:
+        return {"data": [{"index": 1, "embedding": [1.0, 0.0]},
+                         {"index": index, "embedding": [0.0, 1.0]}]}
+    monkeypatch.setattr(embedder, "_post", answer)
+    with pytest.raises(EmbedderError, match="index"):
+        await embedder.embed(["a", "b"])
 
 
 def test_openai_embedder_needs_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -591,3 +640,64 @@ def test_the_http_embedder_drives_semantic_hits(
         assert refused.value.status_code == 504
         assert service_app.calls == embedded  # so nothing was embedded
     assert upstream_calls(mock, session) == 1
+
+
+def test_the_speaker_name_keeps_one_participant_from_answering_for_another(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer,
+        embed_service: tuple[EmbedService, ThreadedServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_OTHER_KEY", OTHER_KEY)
+    _, service = embed_service
+    session = uuid.uuid4().hex
+    client_messages = [{"role": "system", "content": f"Session {session}. Greet by name."}]
+    with start_gateway(tmp_path, mock_url, f"SemanticCache(HttpEmbedder({service.url!r}))"
+                       ) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+        def said_by(name: str, **extra: Any) -> Any:
+            return client.chat.completions.with_raw_response.create(
+                model="gpt-mock", temperature=0, **extra, messages=[
+                    *client_messages,
+                    {"role": "user", "name": name, "content": "Hello, who am I?"}])
+        assert said_by("alice").headers["x-sluicegate-cache"] == "miss"
+        wait_until_cached(lambda: said_by("alice", extra_headers=ONLY_IF_CACHED))
+        assert said_by("bob").headers["x-sluicegate-cache"] == "miss"
+    assert upstream_calls(mock, session) == 2
+
+
+def test_an_embedder_that_changes_its_dimensions_is_a_miss_not_an_error(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer,
+        embed_service: tuple[EmbedService, ThreadedServer],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_OTHER_KEY", OTHER_KEY)
+    service_app, service = embed_service
+    session = uuid.uuid4().hex
+    with start_gateway(tmp_path, mock_url, f"SemanticCache(HttpEmbedder({service.url!r}))"
+                       ) as server:
+        ask_until_stored(server, "reverse a python list", session=session)
+        service_app.dimensions = 96  # the service was redeployed with another model
+        try:
+            again = ask(server, "python list reverse a", session=session)  # an exact miss
+            assert again.status_code == 200 and again.headers["x-sluicegate-cache"] == "miss"
+            # its answer is indexed with the new size: the next paraphrase is a hit again
+            wait_until_cached(lambda: ask(server, "python list reverse a", session=session,
+                                          extra_headers=ONLY_IF_CACHED))
+            assert ask(server, "a reverse list python", session=session) \
+                .headers["x-sluicegate-cache"] == "semantic-hit"
+        finally:
+            service_app.dimensions = 64
+    assert upstream_calls(mock, session) == 2
+
+
+def wait_until_cached(probe: Any) -> None:
+    """Until `probe()` (a request with only-if-cached) is a hit."""
+    import time
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if probe().headers["x-sluicegate-cache"] in ("hit", "semantic-hit"):
+                return
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 504, exc
+        assert time.monotonic() < deadline, "never stored"
+        time.sleep(0.05)
