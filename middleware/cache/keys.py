@@ -16,11 +16,13 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "ANTHROPIC_FORWARDED_HEADERS",
     "CACHE_POLICIES",
     "IGNORED_FIELDS",
     "CacheControl",
     "cache_key",
     "cache_tags",
+    "forwarded_headers",
     "is_cacheable",
     "model_tag",
     "namespace_tag",
@@ -51,11 +53,14 @@ _MAX_SAFE_INTEGER = 2 ** 53  # floats above this are not all integers exactly re
 
 
 def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any], *,
-              namespace: str | None = None) -> str:
+              namespace: str | None = None,
+              headers: tuple[tuple[str, str], ...] | None = None) -> str:
     """The hex SHA-256 that identifies an answer: equal for equivalent requests (key order,
     whitespace, `stream`, 1 vs 1.0) and different whenever a field that changes the output
     differs. `scope_id` is the tenant scope ("project:acme", "key:...", "global");
-    `namespace` (from `x-sluicegate-cache-namespace`) partitions it further."""
+    `namespace` (from `x-sluicegate-cache-namespace`) partitions it further; `headers` are
+    the request headers sent on to the provider that change its answer
+    (`forwarded_headers`)."""
     # The canonical form differs from the body only where a float is integral (1.0 -> 1).
     # Top-level floats (temperature, top_p) are made canonical here; deeper ones are rare, and
     # orjson writes every one of them that _canonical would change (|x| <= 2**53) as "N.0",
@@ -70,31 +75,59 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     # The document's other members, written once per scope, namespace, model and operation:
     # sorted, they sit before and after "request", so the bytes are the whole document's.
     # (A copy of a hash that has read the text before: no new hash object to set up.)
-    around = _AROUND.get((scope_id, namespace, model, operation))
+    around = _AROUND.get((scope_id, namespace, model, operation, headers))
     if around is None:
-        around = _around(scope_id, namespace, model, operation)
+        around = _around(scope_id, namespace, model, operation, headers)
     digest = around[0].copy()
     digest.update(text)
     digest.update(around[1])
     return digest.hexdigest()
 
 
-_AROUND: dict[tuple[str, str | None, str, str], tuple[hashlib._Hash, bytes]] = {}
+Headers = tuple[tuple[str, str], ...]
+_AROUND: dict[tuple[str, str | None, str, str, Headers | None],
+              tuple[hashlib._Hash, bytes]] = {}
 
 
-def _around(scope_id: str, namespace: str | None, model: str, operation: str
-            ) -> tuple[hashlib._Hash, bytes]:
+def _around(scope_id: str, namespace: str | None, model: str, operation: str,
+            headers: Headers | None) -> tuple[hashlib._Hash, bytes]:
     """The canonical document's text before and after the request's: a SHA-256 that has
-    read `{"model":...,"namespace":...,"operation":...,"request":`, and `,"scope":...}`."""
-    document = orjson.dumps({"scope": scope_id, "namespace": namespace, "model": model,
-                             "operation": operation, "request": None},
-                            option=orjson.OPT_SORT_KEYS)
-    before, _, after = document.rpartition(b'"request":null')
-    if len(_AROUND) >= 4096:  # namespaces come from requests: keep it bounded
+    read `{"headers":...,"model":...,"namespace":...,"operation":...,"request":`, and
+    `,"scope":...}` ("headers" only when the request has some: other keys stay as they were)."""
+    document: dict[str, Any] = {"scope": scope_id, "namespace": namespace, "model": model,
+                                "operation": operation, "request": None}
+    if headers:
+        document["headers"] = headers
+    text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    before, _, after = text.rpartition(b'"request":null')
+    if len(_AROUND) >= 4096:  # namespaces and headers come from requests: keep it bounded
         _AROUND.clear()
-    around = _AROUND[(scope_id, namespace, model, operation)] = \
+    around = _AROUND[(scope_id, namespace, model, operation, headers)] = \
         (hashlib.sha256(before + b'"request":'), after)
     return around
+
+
+# The request headers the Anthropic adapter sends on to the provider (providers/anthropic.py
+# `_FORWARDED_HEADERS`, which a layer may not import: tests/test_dependency_direction.py;
+# test_cache_keys checks the two agree). A beta enables features, output limits and response
+# shapes; a version changes the response format: both change the answer.
+ANTHROPIC_FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
+
+
+def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> Headers | None:
+    """The output-changing headers an Anthropic-format request sends on to the provider, as
+    `cache_key` and the semantic partition take them (None: none). The beta list is read as
+    a set (`a,b` is `b, a`); several lines of one header count as one list."""
+    found: dict[str, set[str]] | None = None
+    for name, value in headers:
+        if name in ANTHROPIC_FORWARDED_HEADERS:
+            if found is None:
+                found = {}
+            found.setdefault(name.decode("latin-1"), set()).update(
+                item.strip() for item in value.decode("latin-1").split(",") if item.strip())
+    if found is None:
+        return None
+    return tuple((name, ",".join(sorted(values))) for name, values in sorted(found.items()))
 
 
 def _canonical(value: Any) -> Any:

@@ -9,10 +9,12 @@ import orjson
 import pytest
 
 from middleware.cache.keys import (
+    ANTHROPIC_FORWARDED_HEADERS,
     IGNORED_FIELDS,
     CacheControl,
     cache_key,
     cache_tags,
+    forwarded_headers,
     is_cacheable,
     model_tag,
     namespace_tag,
@@ -447,3 +449,32 @@ def test_max_age_accepts_only_young_enough_entries() -> None:
     assert control.accepts(created_at=1000.0, now=1010.5) is False
     assert CacheControl().accepts(created_at=0.0, now=1e12) is True
     assert CacheControl(max_age_s=0).accepts(created_at=5.0, now=5.0) is True
+
+
+# -- request headers sent on to the provider ---------------------------------------------------
+
+def test_the_headers_the_anthropic_adapter_sends_on_are_the_ones_keyed() -> None:
+    # (a layer may not import providers/: the two lists are kept alike by this test)
+    from providers.anthropic import _FORWARDED_HEADERS
+    assert set(ANTHROPIC_FORWARDED_HEADERS) == set(_FORWARDED_HEADERS)
+
+
+def test_a_beta_or_a_version_changes_the_key_and_other_headers_do_not() -> None:
+    body = copy.deepcopy(ANTHROPIC_MESSAGES)
+
+    def key_with(*headers: tuple[bytes, bytes]) -> str:
+        return key_of(body, "anthropic.messages",
+                      headers=forwarded_headers([(b"x-api-key", b"k"), *headers]))
+    plain = key_with()
+    assert plain == key_of(body, "anthropic.messages")  # (keys without them are unchanged)
+    version = key_with((b"anthropic-version", b"2023-06-01"))
+    beta = key_with((b"anthropic-version", b"2023-06-01"),
+                    (b"anthropic-beta", b"interleaved-thinking-2025-05-14"))
+    assert len({plain, version, beta}) == 3
+    assert key_with((b"anthropic-version", b"2023-01-01")) != version
+    # a beta list is a set, however it is written or split over lines
+    two = key_with((b"anthropic-beta", b"a-1, b-2"))
+    assert two == key_with((b"anthropic-beta", b"b-2,a-1")) == \
+        key_with((b"anthropic-beta", b"b-2"), (b"anthropic-beta", b"a-1"))
+    assert two != key_with((b"anthropic-beta", b"a-1"))
+    assert forwarded_headers([(b"x-api-key", b"k"), (b"accept", b"*/*")]) is None
