@@ -47,6 +47,7 @@ from middleware.cache.collect import collect_sse
 from middleware.cache.keys import (
     cache_key,
     cache_tags,
+    forwarded_headers,
     is_cacheable,
     model_tag,
     namespace_tag,
@@ -158,6 +159,7 @@ class CacheMiddleware:
 
     async def startup(self) -> None:
         await self.store.startup()
+        self._get_now = getattr(self.store, "get_now", None)  # (a store's startup may set it)
         if self.semantic is not None:
             await self.semantic.startup()
 
@@ -188,6 +190,10 @@ class CacheMiddleware:
             await self._invalidate(scope, receive, send)
             return
         if ctx is None or ctx.operation not in _CACHED_OPERATIONS:
+            # only-if-cached promises never a call to the model, on every operation (README):
+            # one the cache does not keep has nothing stored to answer with.
+            if ctx is not None and _asks_only_if_cached(ctx.headers):
+                raise _not_cached()
             await self.app(scope, receive, send)
             return
         try:
@@ -195,6 +201,8 @@ class CacheMiddleware:
         except ValueError as exc:
             raise GatewayError(400, f"Bad cache header: {exc}", code="invalid_cache_header") \
                 from None
+        # (Anthropic callers only: the headers the adapter sends on change the answer)
+        varies = forwarded_headers(ctx.headers) if ctx.api_format == "anthropic" else None
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
             ctx.cache_status = "bypass"
@@ -205,7 +213,7 @@ class CacheMiddleware:
             return
         principal = ctx.principal or ANONYMOUS
         key = cache_key(self._scope_id(principal), ctx.model, ctx.operation, ctx.body,
-                        namespace=control.namespace)
+                        namespace=control.namespace, headers=varies)
         if not control.no_cache:
             get_now = self._get_now
             entry = get_now(key) if get_now is not None else await self._lookup(key)
@@ -213,20 +221,19 @@ class CacheMiddleware:
                     control.accepts(entry.created_at, time.time()):
                 if entry.stream_operation is not None:
                     entry = self._collected(key, entry)
-                if entry is not None:
-                    await self._answer(ctx, entry, send)
+                if entry is not None and await self._answer(ctx, entry, send):
                     return
         query: SemanticQuery | None = None
         vector: list[float] | None = None
         if self.semantic is not None and self.semantic.applies(principal.project, ctx.model):
             query = self.semantic.query(self._scope_id(principal), ctx.model, ctx.operation,
-                                        ctx.body, control.namespace)
+                                        ctx.body, control.namespace, varies)
             if query is not None and not (control.no_cache and control.no_store):
                 vector = await self._embed(query)
             if vector is not None and not control.no_cache:
                 entry = await self._semantic_lookup(query, vector, ctx, control)  # type: ignore[arg-type]
-                if entry is not None:
-                    await self._answer(ctx, entry, send, status="semantic-hit")
+                if entry is not None and \
+                        await self._answer(ctx, entry, send, status="semantic-hit"):
                     return
         ctx.cache_status = "miss"
         if control.only_if_cached:
@@ -301,6 +308,9 @@ class CacheMiddleware:
         except EmbedderError as exc:  # a failing embedder is a miss, never an error
             logger.warning("semantic cache: %s", exc)
             return None
+        except Exception:  # an embedder's bug too (a custom one, a library): logged, a miss
+            logger.warning("semantic cache: the embedder failed; a miss", exc_info=True)
+            return None
 
     async def _semantic_lookup(self, query: SemanticQuery, vector: list[float],
                                ctx: RequestContext, control: Any) -> CachedResponse | None:
@@ -310,6 +320,9 @@ class CacheMiddleware:
                                                           self.semantic.top_k)
         except VectorIndexError as exc:
             logger.warning("semantic cache: %s", exc)
+            return None
+        except Exception:  # an index's bug too (a custom one, NumPy): logged, a miss
+            logger.warning("semantic cache: the vector index failed; a miss", exc_info=True)
             return None
         for candidate in self.semantic.best(query, candidates):
             entry = await self._lookup(candidate.key)
@@ -336,8 +349,12 @@ class CacheMiddleware:
         for name, make in (("project", project_tag), ("model", model_tag),
                            ("namespace", namespace_tag)):
             value = fields.pop(name, None)
-            if isinstance(value, str) and value:
-                tags.append(make(value))
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:  # (dropping it would widen the call)
+                fields[name] = value
+                break
+            tags.append(make(value))
         if not tags or fields:
             await send_json(send, 400, _admin_error(
                 'Send a JSON object with at least one of "project", "model" and "namespace" '
@@ -371,26 +388,31 @@ class CacheMiddleware:
             return None
 
     async def _answer(self, ctx: RequestContext, entry: CachedResponse, send: Send, *,
-                      status: str = "hit") -> None:
-        ctx.cache_status = status
+                      status: str = "hit") -> bool:
+        """Sends a stored answer; False, having sent nothing, when it has no form for this
+        request (a stream asked of an answer that cannot be replayed): then it is a miss."""
         marker = status.encode()
-        usage = entry.usage if isinstance(entry.usage, dict) else None
-        ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"
-                     else Usage.from_openai(usage))
-        ctx.served_model = entry.model
-        ctx.state["cache.saved_micros"] = entry.cost_micros
         if ctx.stream:
-            options = ctx.body.get("stream_options")
-            include_usage = ctx.api_format == "anthropic" or (
-                isinstance(options, dict) and options.get("include_usage") is True)
-            payload = self._replayed(entry, ctx.api_format, include_usage)
+            include_usage = ctx.api_format == "anthropic" or _asked_for_usage(ctx.body)
+            try:
+                payload = self._replayed(entry, ctx.api_format, include_usage)
+            except ValueError as exc:
+                logger.warning("cache: a stored answer has no stream form (%s); a miss", exc)
+                return False
             headers = [*_SSE, (b"x-sluicegate-cache", marker)]
         else:
             payload = self._marked_json(entry.body)
             headers = [_JSON, (b"content-length", b"%d" % len(payload)),
                        (b"x-sluicegate-cache", marker)]
+        ctx.cache_status = status
+        usage = entry.usage if isinstance(entry.usage, dict) else None
+        ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"
+                     else Usage.from_openai(usage))
+        ctx.served_model = entry.model
+        ctx.state["cache.saved_micros"] = entry.cost_micros
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+        return True
 
     def _marked_json(self, body: bytes) -> bytes:
         """A stored answer with its usage marked as cached, made once per entry and kept in
@@ -443,12 +465,18 @@ class CacheMiddleware:
                 sent = ctx.sent_json
                 parsed = sent[1] if sent is not None and sent[0] == body else _parsed(body)
         if stream_operation is not None:
-            usage = None  # (known once the stream is read, on its first hit)
-        elif isinstance(parsed, dict):
+            # (known once the stream is read, on its first hit) Unless the client did not ask
+            # for usage: the provider's usage chunk was then dropped on its way out
+            # (providers/openai.py), and the call's usage is kept here for the answer.
+            usage = None if ctx.api_format == "anthropic" or _asked_for_usage(ctx.body) \
+                else _openai_usage(ctx.usage)
+        elif _is_answer(parsed, ctx.operation):
             usage = parsed.get("usage")
         else:
-            return None
-        entry = CachedResponse(body, ctx.api_format, 200, time.time(),
+            return None  # not a JSON object, or not a success (a 200 with an error body)
+        # Created when the request began: an invalidation after that point must not keep
+        # out an answer that may be older than it (see MemoryCacheStore).
+        entry = CachedResponse(body, ctx.api_format, 200, ctx.started_at,
                                usage if isinstance(usage, dict) else None,
                                ctx.served_model or ctx.model, _cost_of(ctx), tags, None,
                                stream_operation)
@@ -566,16 +594,62 @@ def _answer_of(entry: CachedResponse, max_bytes: int
     if len(body) < 4 or int.from_bytes(body[:4], "little") > max_bytes:
         return None
     try:
-        parsed = collect_sse(lz4.block.decompress(body), entry.api_format,
-                             entry.stream_operation or "")
-        if parsed is None:
+        operation = entry.stream_operation or ""
+        parsed = collect_sse(lz4.block.decompress(body), entry.api_format, operation)
+        if parsed is None or not _is_answer(parsed, operation):
             return None
+        if not isinstance(parsed.get("usage"), dict) and entry.usage is not None:
+            parsed["usage"] = entry.usage  # (the call's usage, which its stream did not carry)
         usage = parsed.get("usage")
         return orjson.dumps(parsed), usage if isinstance(usage, dict) else None
     except Exception:  # (a damaged or hostile entry; logged, never raised on a hit)
         logger.warning("cache: a kept stream could not be read into its answer; a miss",
                        exc_info=True)
         return None
+
+
+# What a successful answer of each operation says it is (its `object`, or Anthropic's
+# `type`), and the member it must have when an OpenAI-compatible server leaves that out.
+_ANSWER_KINDS = {c.OPENAI_CHAT: ("object", "chat.completion", "choices"),
+                 c.OPENAI_COMPLETIONS: ("object", "text_completion", "choices"),
+                 c.OPENAI_EMBEDDINGS: ("object", "list", "data"),
+                 c.ANTHROPIC_MESSAGES: ("type", "message", "content")}
+
+
+def _is_answer(parsed: Any, operation: str) -> bool:
+    """Whether a 200's body is the operation's answer, not an error some OpenAI-compatible
+    servers (OpenRouter, proxies) send with status 200 (`{"error": {...}}`)."""
+    if type(parsed) is not dict or parsed.get("error") is not None:
+        return False
+    field, kind, member = _ANSWER_KINDS.get(operation, ("", "", ""))
+    found = parsed.get(field)
+    return found == kind if found is not None else isinstance(parsed.get(member), list)
+
+
+def _asked_for_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _openai_usage(usage: Usage | None) -> dict[str, Any] | None:
+    """An OpenAI `usage` object of the call's usage (gateway.context.Usage reads it back)."""
+    if usage is None:
+        return None
+    made: dict[str, Any] = {"prompt_tokens": usage.input_tokens,
+                            "completion_tokens": usage.output_tokens,
+                            "total_tokens": usage.total_tokens}
+    if usage.cached_input_tokens:
+        made["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.reasoning_tokens:
+        made["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return made
+
+
+def _asks_only_if_cached(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"cache-control" and b"only-if-cached" in value.lower():
+            return True
+    return False
 
 
 def _parsed(raw: bytes) -> Any:

@@ -128,7 +128,8 @@ class Backend:
             for key in client.scan_iter(match=self.prefix + "*"):
                 client.delete(key)
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            for table in (self.table, self.table + "_schema_version"):
+            for table in (self.table, self.table + "_schema_version",
+                          self.table + "_invalidations"):
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
 
@@ -784,3 +785,193 @@ def test_which_stacks_pass_json_through(tmp_path: Path) -> None:
     editing = cache_layer(mock_config("http://127.0.0.1:9", middleware="[]",
                                       extra=EDITING_LAYER))
     assert not json_passes_through(editing.app) and not editing._json_passes_below
+
+
+# -- what the review found ------------------------------------------------------------------------
+
+def test_an_invalidation_reaches_every_worker(tmp_path: Path, mock_url: str,
+                                              mock: MockProviderServer) -> None:
+    """`serve --workers 2` with the memory store: each worker keeps its own entries; an
+    invalidation answered 200 by one holds on both for every request after it."""
+    from tests.harness import start_cli_gateway, stop_process
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
+              "Middleware(CacheMiddleware, admin_token_env='SG_CACHE_ADMIN')]")
+    config = write_config(tmp_path, mock_config(mock_url, middleware=layers))
+    process, url = start_cli_gateway(config, workers=2, env={"SG_CACHE_ADMIN": ADMIN_TOKEN})
+    try:
+        text = "workers " + uuid.uuid4().hex
+        body = {"model": "gpt-mock", "temperature": 0,
+                "messages": [{"role": "user", "content": text}]}
+
+        def status() -> str:  # (a new connection each time: either worker may take it)
+            return str(httpx.post(url + "/v1/chat/completions", json=body,
+                                  headers={**AUTH, "connection": "close"}
+                                  ).headers["x-sluicegate-cache"])
+        for _ in range(30):  # until each worker has stored its own copy
+            status()
+            time.sleep(0.02)
+        assert upstream_calls(mock, text) == 2, "each worker should have missed once"
+        done = httpx.post(url + "/admin/cache/invalidate", json={"project": "tests"},
+                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert done.status_code == 200, done.text
+        statuses = [status() for _ in range(20)]
+        # each worker's first answer after the invalidation came from the model again
+        assert upstream_calls(mock, text) == 4, statuses
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+def test_an_anthropic_beta_is_part_of_the_key(gateway: ThreadedServer,
+                                              mock: MockProviderServer) -> None:
+    """The Anthropic adapter sends `anthropic-beta` and `anthropic-version` on to the
+    provider: they change its answer, so a request with a beta is not answered with the
+    answer to one without it."""
+    text = "beta " + uuid.uuid4().hex
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+
+    def once(beta: str | None = None) -> Any:
+        return claude.messages.with_raw_response.create(
+            model="claude-mock", max_tokens=50,
+            extra_headers={**OPT_IN, **({"anthropic-beta": beta} if beta else {})},
+            messages=[{"role": "user", "content": text}])
+    assert cache_status(once()) == "miss"
+    wait_for(lambda: cache_status(once()) == "hit", timeout_s=10)
+    calls = upstream_calls(mock, text)
+    assert cache_status(once("interleaved-thinking-2025-05-14")) == "miss"
+    assert upstream_calls(mock, text) == calls + 1
+    wait_for(lambda: cache_status(once("interleaved-thinking-2025-05-14")) == "hit",
+             timeout_s=10)
+    assert cache_status(once()) == "hit"  # each has its own answer
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_a_stream_kept_without_its_usage_chunk_keeps_the_calls_usage(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """A client that did not ask for include_usage gets no usage chunk (the gateway asked
+    for it, and drops it on the way out): the stream it saw has none, yet its answer, as
+    JSON or replayed with include_usage, carries the call's usage."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    for then_stream in (False, True):
+        text = f"no usage chunk {then_stream} " + uuid.uuid4().hex
+        streamed = list(client.chat.completions.create(
+            model="gpt-mock", temperature=0, stream=True,
+            messages=[{"role": "user", "content": text}]))
+        assert all(chunk.usage is None for chunk in streamed)
+        wait_stored(gateway, text)
+        if then_stream:
+            chunks = list(client.chat.completions.create(
+                model="gpt-mock", temperature=0, stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": text}]))
+            usage = chunks[-1].usage
+            assert chunks[-1].choices == []
+        else:
+            answer = ask(gateway, text)
+            assert cache_status(answer) == "hit"
+            usage = answer.parse().usage
+        assert upstream_calls(mock, text) == 1
+        assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert usage.model_extra == {"x_sluicegate_cached": True}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "tiered"], indirect=True)
+def test_an_invalidation_during_a_miss_in_flight_keeps_its_answer_out(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """A miss whose provider call began before an invalidation answers after it: its answer
+    may be from before the invalidation, and is not stored."""
+    from tests.mock_providers import Fault
+    text = "race " + uuid.uuid4().hex
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", ask(gateway, text)))
+    thread.start()
+    time.sleep(0.4)  # the miss is waiting for the provider
+    done = httpx.post(gateway.url + "/admin/cache/invalidate", json={"project": "tests"},
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert done.status_code == 200
+    thread.join(10)
+    assert cache_status(result["r"]) == "miss"
+    time.sleep(0.5)  # (what its write would take)
+    assert probe(gateway, text) == "none"
+    assert cache_status(ask(gateway, text)) == "miss"  # a request after it is stored
+    wait_stored(gateway, text)
+    assert upstream_calls(mock, text) == 2
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_an_error_answered_with_a_200_is_not_stored(gateway: ThreadedServer,
+                                                    mock: MockProviderServer) -> None:
+    """OpenRouter and some OpenAI-compatible proxies answer certain failures with HTTP 200
+    and an `{"error": ...}` body: it goes to the caller as it came, and is not kept."""
+    from tests.mock_providers import Fault
+    text = "error body " + uuid.uuid4().hex
+    mock.push_fault(Fault("status", provider="openai", status=502, sent_status=200))
+    body = {"model": "gpt-mock", "temperature": 0,
+            "messages": [{"role": "user", "content": text}]}
+    first = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=AUTH)
+    assert first.status_code == 200 and "error" in first.json()
+    time.sleep(0.5)  # (what its write would take)
+    assert probe(gateway, text) == "none"
+    assert_answered(ask(gateway, text), text, "miss")
+    assert upstream_calls(mock, text) == 2
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_a_stream_asked_of_an_answer_without_a_stream_form_is_a_miss(
+        backend: Backend, gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """A stored answer the replay cannot stream (here one without `object`, as some
+    OpenAI-compatible servers answer) still answers JSON; a stream asked of it goes to the
+    provider rather than failing."""
+    text = "no object " + uuid.uuid4().hex
+    ask(gateway, text)
+    wait_stored(gateway, text)
+
+    def without_object(entry: CachedResponse) -> CachedResponse:
+        answer = orjson.loads(entry.body)
+        del answer["object"]
+        return CachedResponse(orjson.dumps(answer), entry.api_format, entry.status,
+                              entry.created_at, entry.usage, entry.model, entry.cost_micros,
+                              entry.tags, None, entry.stream_operation)
+    change_stored(backend, gateway, without_object)
+    assert_answered(ask(gateway, text), text, "hit")
+    streamed = ask(gateway, text, stream=True)
+    assert streamed.status_code == 200 and cache_status(streamed) == "miss"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed.parse()
+                   if chunk.choices) == f"Mock reply to: {text}"
+    assert upstream_calls(mock, text) == 2
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+def test_only_if_cached_never_reaches_the_model_on_an_operation_not_cached(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    text = "responses " + uuid.uuid4().hex
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.responses.create(model="gpt-mock", input=text, temperature=0,
+                                extra_headers=ONLY_IF_CACHED)
+    assert refused.value.status_code == 504
+    assert refused.value.body["code"] == "not_cached"  # type: ignore[index]
+    assert upstream_calls(mock, text) == 0
+    client.responses.create(model="gpt-mock", input=text, temperature=0)  # (not refused)
+    assert upstream_calls(mock, text) == 1
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+@pytest.mark.parametrize("fields", [{"project": "tests", "model": 123},
+                                    {"project": "tests", "namespace": ""},
+                                    {"project": "tests", "model": ["gpt-mock"]},
+                                    {"project": 7}])
+def test_an_invalidation_with_a_field_that_is_not_a_name_is_refused(
+        gateway: ThreadedServer, fields: dict[str, Any]) -> None:
+    """Leaving out a field it cannot read would widen the call: `{"project": "tests",
+    "model": 123}` would drop every answer of the project."""
+    text = "narrow " + uuid.uuid4().hex
+    ask(gateway, text)
+    wait_stored(gateway, text)
+    refused = httpx.post(gateway.url + "/admin/cache/invalidate", json=fields,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == \
+        "invalid_request_error"
+    assert probe(gateway, text) == "hit"

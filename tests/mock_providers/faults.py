@@ -146,6 +146,8 @@ class Fault:
       "error_event"      streams: status 200, `after_chunks` content events, then the
                          provider's in-band error event, then the stream ends.
     `provider` None matches any provider. `message` overrides the error message.
+    `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
+    OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
     """
 
     kind: str
@@ -155,6 +157,7 @@ class Fault:
     after_chunks: int = 0
     delay_s: float = 1.0
     message: str | None = None
+    sent_status: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -76,8 +76,11 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         status_fault = call.fault_of("status")
         if status_fault is not None:
             await call.wait_first_byte()
-            return wire.error(status_fault.status, status_fault.message, headers,
-                              retry_after_s=status_fault.retry_after_s)
+            refused = wire.error(status_fault.status, status_fault.message, headers,
+                                 retry_after_s=status_fault.retry_after_s)
+            if status_fault.sent_status is not None:
+                refused.set_status(status_fault.sent_status)
+            return refused
         try:
             return await handler(call)
         except BadRequest as exc:
