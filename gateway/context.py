@@ -18,6 +18,9 @@ from typing import Any, TypedDict
 CONTEXT_KEY = "sluicegate.context"
 PRINCIPAL_KEY = "sluicegate.principal"
 SELF_USAGE_PATH = "/v1/usage/self"
+# The model list: answered by the kernel, but with an auth layer only to a caller it let
+# through, and only with the models its key may use (the auth layer sets PRINCIPAL_KEY).
+MODELS_PATHS = frozenset({"/v1/models", "/models"})
 
 # Ingress operations: which API the caller spoke. The first word is the wire format.
 OPENAI_CHAT = "openai.chat"
@@ -172,6 +175,7 @@ class ScopePrincipal(TypedDict):
 
     key_id: str
     project: str
+    allowed_models: tuple[str, ...]  # names or globs; empty: every model
 
 
 Scope = MutableMapping[str, Any]

@@ -15,14 +15,27 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 
 from gateway.config import GatewayConfig
-from gateway.context import CONTEXT_KEY, SELF_USAGE_PATH, RequestContext
+from gateway.context import (
+    CONTEXT_KEY,
+    MODELS_PATHS,
+    PRINCIPAL_KEY,
+    SELF_USAGE_PATH,
+    RequestContext,
+)
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
 from gateway.logs import REQUEST_IDS
@@ -36,6 +49,7 @@ from gateway.metrics import (
     otlp_meter_provider,
     register_otlp,
 )
+from gateway.policy import Principal
 from gateway.tracing import tracing_from
 
 Scope = MutableMapping[str, Any]
@@ -133,8 +147,11 @@ class Kernel:
             check = getattr(component, "check_config", None)
             if callable(check):
                 check(config)
-        self._models_openai = orjson.dumps(self._model_list_openai())
-        self._models_anthropic = orjson.dumps(self._model_list_anthropic())
+        self._models_openai = orjson.dumps(self._model_list_openai(list(config.models)))
+        self._models_anthropic = orjson.dumps(self._model_list_anthropic(list(config.models)))
+        # With a layer that says who the caller is, the model list goes down the stack to it.
+        self._models_guarded = any(getattr(component, "identifies_caller", False) is True
+                                   for component in self.components)
         self._started = False
         self._start_lock = asyncio.Lock()
         # Called once the server's lifespan startup has completed (see gateway/asgi.py).
@@ -217,7 +234,8 @@ class Kernel:
         path = route_path(scope)
         operation = OPERATIONS_BY_PATH.get(path)
         if operation is None:
-            if path.startswith("/admin/") or path == SELF_USAGE_PATH:
+            if path.startswith("/admin/") or path == SELF_USAGE_PATH or (
+                    path in MODELS_PATHS and self._models_guarded):
                 await self._serve_by_layers(scope, receive, send, path)
             else:
                 await self._serve_builtin(scope, path, send)
@@ -384,8 +402,11 @@ class Kernel:
                                path: str) -> None:
         """/admin/ requests and /v1/usage/self go down the stack without a context; the layer
         that owns the path answers (auth: keys and limits; quota and metering: usage), and
-        nobody answering is a 404."""
+        nobody answering is a 404. So does the model list when an auth layer is configured:
+        it lets the caller through, and the kernel answers with the models its key may use."""
         request_id = _request_id(scope["headers"], self.request_id_header)
+        api_format = guess_api_format(path, scope["headers"]) if path in MODELS_PATHS \
+            else "openai"
         started = False
 
         async def send_tracked(message: Message) -> None:
@@ -399,7 +420,7 @@ class Kernel:
             await self.app(scope, receive, send_tracked)
         except GatewayError as exc:
             if not started:
-                await self._send_error(send, exc, "openai", request_id)
+                await self._send_error(send, exc, api_format, request_id)
             return
         except ClientDisconnected:
             return
@@ -408,21 +429,21 @@ class Kernel:
             if not started:
                 await self._send_error(send, GatewayError(500, "The request failed; see the "
                                                                "gateway log."),
-                                       "openai", request_id)
+                                       api_format, request_id)
             return
-        if not started:
+        if not started and path in MODELS_PATHS:
+            await self._send_models(scope, send, request_id, scope.get(PRINCIPAL_KEY))
+        elif not started:
             message = (f"Unknown admin path {path!r} (is the layer that serves it configured "
                        "with an admin token?)." if path.startswith("/admin/") else
                        f"{path} is not served: this gateway has no metering layer.")
             error = GatewayError(404, message, code="unknown_url")
-            await self._send_error(send, error, "openai", request_id)
+            await self._send_error(send, error, api_format, request_id)
 
     async def _serve_builtin(self, scope: Scope, path: str, send: Send) -> None:
         request_id = _request_id(scope["headers"], self.request_id_header)
-        if path in ("/v1/models", "/models"):
-            anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
-            body = self._models_anthropic if anthropic else self._models_openai
-            await self._send_json(send, 200, body, request_id, scope)
+        if path in MODELS_PATHS:
+            await self._send_models(scope, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
             body = self.metrics.exposition(self._gauges())
             await self._send_json(send, 200, body, request_id, scope,
@@ -493,14 +514,30 @@ class Kernel:
                    "checks": checks}
         return (200 if ready else 503), orjson.dumps(payload)
 
-    def _model_list_openai(self) -> dict[str, Any]:
+    async def _send_models(self, scope: Scope, send: Send, request_id: bytes,
+                           caller: Mapping[str, Any] | None) -> None:
+        """The model list, in the caller's shape (Anthropic's when it sent anthropic-version),
+        of the models `caller`'s key may use (every model: no caller, or a key without
+        allowed models)."""
+        anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
+        allowed = caller.get("allowed_models") if caller is not None else None
+        if allowed:
+            who = Principal(key_id="", project="", allowed_models=tuple(allowed))
+            names = [name for name in self.config.models if who.allows_model(name)]
+            body = orjson.dumps(self._model_list_anthropic(names) if anthropic
+                                else self._model_list_openai(names))
+        else:
+            body = self._models_anthropic if anthropic else self._models_openai
+        await self._send_json(send, 200, body, request_id, scope)
+
+    def _model_list_openai(self, names: list[str]) -> dict[str, Any]:
+        models = self.config.models
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": model.owned_by}
-            for name, model in self.config.models.items()
+            {"id": name, "object": "model", "created": 0, "owned_by": models[name].owned_by}
+            for name in names
         ]}
 
-    def _model_list_anthropic(self) -> dict[str, Any]:
-        names = list(self.config.models)
+    def _model_list_anthropic(self, names: list[str]) -> dict[str, Any]:
         return {
             "data": [{"type": "model", "id": name, "display_name": name,
                       "created_at": "1970-01-01T00:00:00Z"} for name in names],

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from gateway.config import ConfigError
 from gateway.context import (
+    MODELS_PATHS,
     PRINCIPAL_KEY,
     SELF_USAGE_PATH,
     RequestContext,
@@ -97,6 +98,10 @@ class AuthMiddleware:
             if not token:
                 raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} names an "
                                   "environment variable that is not set.")
+            if token.startswith("sk-sg-") or (
+                    self.static is not None and self.static.find_now(hash_key(token))):
+                raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} holds a "
+                                  "virtual key: the admin token must be a secret of its own.")
             self.admin = AdminAPI(store or self.static, token=token)  # type: ignore[arg-type]
 
     # -- lifecycle (called by the kernel) ----------------------------------------------------
@@ -124,9 +129,10 @@ class AuthMiddleware:
         ctx = find_request_context(scope)
         if ctx is None:
             path = route_path(scope)
-            if path == SELF_USAGE_PATH:
+            if path == SELF_USAGE_PATH or path in MODELS_PATHS:
                 key = await self._find(_take_credential(scope))
-                scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.id, project=key.project)
+                scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.id, project=key.project,
+                                                      allowed_models=key.allowed_models)
                 await self.app(scope, receive, send)
             elif self.admin is not None and self.admin.handles(path):
                 await self.admin(scope, receive, send)
@@ -222,7 +228,12 @@ class AuthMiddleware:
     def _customer(self, ctx: RequestContext) -> str | None:
         for name, value in ctx.headers:
             if name == self.customer_header and value:
-                return _clean_customer(value.decode("latin-1"))
+                # UTF-8, as in the body's `user`: one end user, one id, whichever way it came
+                try:
+                    text = value.decode()
+                except UnicodeDecodeError:
+                    raise _bad_customer() from None
+                return _clean_customer(text)
         body = ctx.body
         user = body.get("user")
         if user is None and isinstance(body.get("metadata"), dict):
@@ -238,9 +249,13 @@ def _store_unavailable() -> GatewayError:
 def _clean_customer(value: str) -> str | None:
     value = value.strip()
     if not value or len(value) > 256 or not value.isprintable():
-        raise GatewayError(400, "The customer id must be 1 to 256 printable characters.",
-                           param="user", code="invalid_customer")
+        raise _bad_customer()
     return value
+
+
+def _bad_customer() -> GatewayError:
+    return GatewayError(400, "The customer id must be 1 to 256 printable characters (UTF-8).",
+                        param="user", code="invalid_customer")
 
 
 def _take_credential(scope: Scope) -> str | None:

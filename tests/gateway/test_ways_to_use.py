@@ -72,7 +72,8 @@ def test_mounted_under_a_prefix_with_the_host_lifespan(config_path: Path) -> Non
     with ThreadedServer(host, health_path="/llm/healthz") as server:
         assert httpx.get(server.url + "/").text == "host app"
         assert ask(server.url + "/llm/v1", "mounted") == "Mock reply to: mounted"
-        models = httpx.get(server.url + "/llm/v1/models").json()
+        models = httpx.get(server.url + "/llm/v1/models",
+                           headers={"authorization": f"Bearer {TEST_KEY}"}).json()
         assert "gpt-mock" in [m["id"] for m in models["data"]]
         assert httpx.get(server.url + "/llm/readyz").json()["status"] == "ready"
     assert events == ["gateway started", "gateway stopped"]

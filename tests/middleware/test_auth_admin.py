@@ -19,7 +19,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from gateway.config import ConfigError
 from gateway.policy import Limits
+from middleware.auth import AuthMiddleware
 from middleware.auth.admin import AdminAPI
 from middleware.auth.keys import StaticKey, hash_key
 from middleware.auth.store import PostgresKeyStore, StaticKeyStore
@@ -126,6 +128,19 @@ def test_the_admin_token_is_checked_at_construction() -> None:
     with pytest.raises(ValueError, match="virtual key"):
         AdminAPI(store, token="sk-sg-" + "x" * 40)
     assert TOKEN not in repr(AdminAPI(store, token=TOKEN))
+
+
+def test_an_admin_token_that_is_also_a_static_key_refuses_to_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Declared by hash, a static key need not look like a virtual key: the gateway compares
+    # hashes, so the one secret cannot open both the API and the admin API.
+    monkeypatch.setenv("SG_SHARED_SECRET", TOKEN)
+    with pytest.raises(ConfigError, match="holds a virtual key") as refused:
+        AuthMiddleware(None, keys=[StaticKey("p", key_hash=hash_key(TOKEN))],  # type: ignore[arg-type]
+                       admin_token_env="SG_SHARED_SECRET")
+    assert TOKEN not in str(refused.value)
+    AuthMiddleware(None, keys=[StaticKey("p", key_hash=hash_key(TOKEN + "-other"))],  # type: ignore[arg-type]
+                   admin_token_env="SG_SHARED_SECRET")
 
 
 def test_handles_only_its_own_prefixes() -> None:

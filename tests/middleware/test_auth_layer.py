@@ -71,6 +71,26 @@ def test_a_model_the_key_may_not_use_is_403(gateway: tuple[str, Path]) -> None:
     assert claude.choices[0].message.content == "Mock reply to: hello"
 
 
+def test_the_model_list_needs_a_key_and_shows_the_models_it_may_use(
+        gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    missing = httpx.get(url + "/v1/models", timeout=10)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    claude_shaped = httpx.get(url + "/v1/models", headers={
+        "x-api-key": ATTEMPTED, "anthropic-version": "2023-06-01"}, timeout=10)
+    assert claude_shaped.status_code == 401
+    assert claude_shaped.json()["error"]["type"] == "authentication_error"
+    every = {model.id for model in openai.OpenAI(
+        base_url=url + "/v1", api_key=TEST_KEY, max_retries=0).models.list()}
+    assert {"gpt-mock", "claude-mock", "gemini-mock"} <= every
+    restricted = openai.OpenAI(base_url=url + "/v1", api_key=RESTRICTED_KEY, max_retries=0)
+    assert {model.id for model in restricted.models.list()} == {
+        name for name in every if name.startswith("claude-")}
+    claude = anthropic.Anthropic(base_url=url, api_key=RESTRICTED_KEY, max_retries=0)
+    assert [model.id for model in claude.models.list()] == sorted(
+        name for name in every if name.startswith("claude-"))
+
+
 def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
     url, _ = gateway
     auth = {"authorization": f"Bearer {CUSTOMER_KEY}"}
@@ -78,6 +98,16 @@ def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "customer_required"
     assert chat(url, {**auth, "x-sluicegate-customer": "alice"}).status_code == 200
     assert chat(url, auth, user="bob").status_code == 200
+
+
+def test_the_customer_header_is_utf8_as_the_user_field_is(gateway: tuple[str, Path]) -> None:
+    url, _ = gateway
+    auth = {"authorization": f"Bearer {CUSTOMER_KEY}"}
+    assert chat(url, auth, user="café €").status_code == 200
+    assert chat(url, {**auth, "x-sluicegate-customer": "café €".encode()}).status_code == 200
+    refused = chat(url, {**auth, "x-sluicegate-customer": b"caf\xe9"})  # (latin-1: not UTF-8)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_customer"
 
 
 def test_the_attempted_key_never_reaches_a_log_line(gateway: tuple[str, Path]) -> None:
