@@ -27,6 +27,7 @@ from psycopg import sql
 
 from gateway.app import build_stack, create_app
 from gateway.config import load_config
+from gateway.context import Usage
 from gateway.kernel import stack_components
 from gateway.layers import json_passes_through
 from middleware.cache import CacheMiddleware
@@ -975,3 +976,12 @@ def test_an_invalidation_with_a_field_that_is_not_a_name_is_refused(
     assert refused.status_code == 400 and refused.json()["error"]["type"] == \
         "invalid_request_error"
     assert probe(gateway, text) == "hit"
+
+
+def test_the_usage_kept_for_a_stream_reads_back_as_the_calls_usage() -> None:
+    # (kept when the client's stream carried none: see the layer's _entry_of)
+    from middleware.cache import _openai_usage
+
+    for usage in (Usage(10, 5), Usage(10, 5, cached_input_tokens=4, reasoning_tokens=2),
+                  Usage(3_000, 7, cached_input_tokens=1_000, cache_write_tokens=1_500)):
+        assert Usage.from_openai(_openai_usage(usage)) == usage
