@@ -359,24 +359,13 @@ class MemoryCacheStore:
 
     def _get_now_shared(self, key: str) -> CachedResponse | None:
         """`get_now` of a store that shares its invalidations (its `get_now` from startup):
-        `get_now` as it is, once another worker's invalidations are applied. (Not a call to
-        it: a lookup without a shared file does not pay for the check, nor this one for a
-        frame more.)"""
+        `get_now`, once another worker's invalidations are applied. (A lookup without a
+        shared file does not pay for the check.)"""
         log = self._log
         assert log is not None
         if log.generation[0] != log.read_up_to:
             self._catch_up(log)  # another worker invalidated: applied before answering
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires_at is not None and entry.expires_at <= time.time():
-            self._remove(key)
-            return None
-        if self._sweeping and entry.created_at <= self._newest_cutoff and self._is_cut(entry):
-            self._remove(key)  # (invalidated; the scan under way has not reached it yet)
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        return MemoryCacheStore.get_now(self, key)
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if ttl_s <= 0:  # (NaN goes on, to be refused as the other stores refuse it)
