@@ -71,6 +71,7 @@ class Usage:
             reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
             # (not OpenAI's own: what the Anthropic translation and some routers report)
             cache_write_tokens=int(in_details.get("cache_write_tokens") or 0),
+            cache_write_1h_tokens=int(in_details.get("cache_write_1h_tokens") or 0),
         )
 
     @classmethod

@@ -21,19 +21,33 @@ _FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
 
 
 def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
-    """message_start carries input usage; message_delta carries the cumulative output."""
+    """message_start carries the input usage; message_delta the cumulative output and, from
+    the API of 2025 on, the cumulative input counts again, without `cache_creation`'s split
+    by TTL: a count the delta carries replaces its earlier value, one it lacks (or sends
+    as null) keeps it."""
     if payload.get("type") == "message_start":
         return Usage.from_anthropic((payload.get("message") or {}).get("usage"))
     delta = payload.get("usage")
     if not isinstance(delta, dict):
         return previous
     usage = previous or Usage()
+    fresh = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
     if delta.get("input_tokens") is not None:
-        fresh = Usage.from_anthropic(delta)
-        assert fresh is not None
-        usage.input_tokens, usage.cached_input_tokens = fresh.input_tokens, fresh.cached_input_tokens
-        usage.cache_write_tokens = fresh.cache_write_tokens
-        usage.cache_write_1h_tokens = fresh.cache_write_1h_tokens
+        fresh = int(delta["input_tokens"])
+    if delta.get("cache_read_input_tokens") is not None:
+        usage.cached_input_tokens = int(delta["cache_read_input_tokens"])
+    by_ttl = delta.get("cache_creation")
+    if delta.get("cache_creation_input_tokens") is not None or isinstance(by_ttl, dict):
+        split = Usage.from_anthropic({"cache_creation_input_tokens":
+                                      delta.get("cache_creation_input_tokens"),
+                                      "cache_creation": by_ttl})
+        assert split is not None
+        usage.cache_write_tokens = split.cache_write_tokens
+        if isinstance(by_ttl, dict):
+            usage.cache_write_1h_tokens = split.cache_write_1h_tokens
+        elif usage.cache_write_1h_tokens > usage.cache_write_tokens:
+            usage.cache_write_1h_tokens = usage.cache_write_tokens
+    usage.input_tokens = fresh + usage.cached_input_tokens + usage.cache_write_tokens
     usage.output_tokens = int(delta.get("output_tokens") or usage.output_tokens)
     return usage
 

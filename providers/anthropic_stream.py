@@ -89,12 +89,16 @@ def chat_usage(usage: Any) -> JSON | None:
 
     Anthropic's `input_tokens` excludes cache reads and writes; the prompt is their sum
     (Message.usage docs). Reads become `cached_tokens` and writes `cache_write_tokens`
-    (both in OpenAI's prompt_tokens_details); thinking tokens are `reasoning_tokens`.
+    (both in OpenAI's prompt_tokens_details), the writes kept for an hour, which cost more,
+    also `cache_write_1h_tokens`; thinking tokens are `reasoning_tokens`.
     """
     if not isinstance(usage, dict):
         return None
     cache_read = _count(usage.get("cache_read_input_tokens"))
     cache_write = _count(usage.get("cache_creation_input_tokens"))
+    by_ttl = usage.get("cache_creation")
+    written_1h = _count(by_ttl.get("ephemeral_1h_input_tokens")) \
+        if isinstance(by_ttl, dict) else 0
     prompt = _count(usage.get("input_tokens")) + cache_read + cache_write
     completion = _count(usage.get("output_tokens"))
     details = usage.get("output_tokens_details")
@@ -102,7 +106,9 @@ def chat_usage(usage: Any) -> JSON | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cache_read,
-                                      "cache_write_tokens": cache_write},
+                                      "cache_write_tokens": cache_write,
+                                      **({"cache_write_1h_tokens": written_1h}
+                                         if written_1h else {})},
             "completion_tokens_details": {"reasoning_tokens": thinking}}
 
 

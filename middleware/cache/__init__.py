@@ -640,7 +640,8 @@ def _openai_usage(usage: Usage | None) -> dict[str, Any] | None:
                             "total_tokens": usage.total_tokens}
     if usage.cached_input_tokens or usage.cache_write_tokens:
         made["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens,
-                                         "cache_write_tokens": usage.cache_write_tokens}
+                                         "cache_write_tokens": usage.cache_write_tokens,
+                                         "cache_write_1h_tokens": usage.cache_write_1h_tokens}
     if usage.reasoning_tokens:
         made["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
     return made

@@ -983,5 +983,6 @@ def test_the_usage_kept_for_a_stream_reads_back_as_the_calls_usage() -> None:
     from middleware.cache import _openai_usage
 
     for usage in (Usage(10, 5), Usage(10, 5, cached_input_tokens=4, reasoning_tokens=2),
-                  Usage(3_000, 7, cached_input_tokens=1_000, cache_write_tokens=1_500)):
+                  Usage(3_000, 7, cached_input_tokens=1_000, cache_write_tokens=1_500,
+                        cache_write_1h_tokens=500)):
         assert Usage.from_openai(_openai_usage(usage)) == usage

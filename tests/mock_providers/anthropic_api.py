@@ -309,6 +309,14 @@ def usage(input_tokens: int, output_tokens: int, cache: Cached = (0, 0, 0)) -> J
             "output_tokens": output_tokens, "service_tier": "standard"}
 
 
+def delta_usage(reply: Reply, cache: Cached) -> JSON:
+    """message_delta's usage (MessageDeltaUsage): the cumulative counts, without
+    `cache_creation`'s split by TTL."""
+    whole = usage(reply.input_tokens, reply.output_tokens, cache)
+    return {name: whole[name] for name in ("input_tokens", "cache_creation_input_tokens",
+                                           "cache_read_input_tokens", "output_tokens")}
+
+
 def content_blocks(reply: Reply) -> list[JSON]:
     call = reply.tool_call
     if call is not None:
@@ -349,6 +357,6 @@ def message_events(message_id: str, model: str, reply: Reply,
         (sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), False),
         (sse({"type": "message_delta", "delta": {"stop_reason": STOP_REASONS[reply.finish],
                                                  "stop_sequence": None},
-              "usage": {"output_tokens": reply.output_tokens}}, "message_delta"), False),
+              "usage": delta_usage(reply, cache)}, "message_delta"), False),
         (sse({"type": "message_stop"}, "message_stop"), False)]
     return items

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
@@ -17,7 +18,9 @@ from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
+from gateway.context import Usage
 from providers import anthropic_format, anthropic_stream
+from providers.anthropic import AnthropicSource, _event_has_content, _stream_usage
 from providers.anthropic_format import (
     ChatStreamToMessages,
     MessagesStreamToChat,
@@ -29,6 +32,7 @@ from providers.anthropic_format import (
     messages_response_to_chat,
     parse_anthropic_error,
 )
+from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCodec
 
 CREATED = 1_700_000_000
 PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
@@ -579,6 +583,48 @@ def test_stream_usage_with_cache_tokens_and_cumulative_input_in_message_delta() 
         "prompt_tokens_details": {"cached_tokens": 2048, "cache_write_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0}}
     assert not translator.finished
+
+
+# A stream that wrote 3,000 input tokens to the prompt cache, 1,000 of them for an hour:
+# message_start splits the writes by TTL; message_delta (MessageDeltaUsage) repeats the
+# cumulative counts without the split.
+_CACHING_STREAM = b"".join(
+    b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    for kind, payload in (
+        ("message_start", {"type": "message_start", "message": {
+            "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "cache_creation_input_tokens": 3000,
+                      "cache_read_input_tokens": 0,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 2000,
+                                         "ephemeral_1h_input_tokens": 1000},
+                      "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "hi"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta",
+                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"input_tokens": 10, "cache_creation_input_tokens": 3000,
+                                     "cache_read_input_tokens": None, "output_tokens": 7}}),
+        ("message_stop", {"type": "message_stop"})))
+_CACHING_USAGE = Usage(input_tokens=3010, output_tokens=7, cache_write_tokens=3000,
+                       cache_write_1h_tokens=1000)
+
+
+def test_a_native_stream_keeps_what_message_start_said_and_message_delta_did_not() -> None:
+    codec = PassthroughCodec(_stream_usage, _event_has_content)
+    codec.feed(_CACHING_STREAM)
+    codec.finish()
+    assert codec.usage == _CACHING_USAGE  # the hour's 1,000 writes, the null read count
+
+
+def test_a_translated_stream_keeps_the_writes_kept_for_an_hour() -> None:
+    codec = TranslatingCodec(AnthropicSource(MessagesStreamToChat("claude-x", False)),
+                             OpenAIChunkSink())
+    codec.feed(_CACHING_STREAM)
+    assert codec.usage == _CACHING_USAGE
 
 
 def test_server_tool_input_and_unknown_events_are_not_chunks() -> None:
