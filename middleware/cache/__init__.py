@@ -522,8 +522,9 @@ class CacheMiddleware:
             return
         if self.semantic is not None and query is not None and vector is not None:
             try:
+                # (from now, as the store keeps it: created_at is when the request began)
                 await self.semantic.index.add(query.partition, vector, key, query.guard,
-                                              entry.created_at + ttl)
+                                              time.time() + ttl)
             except VectorIndexError as exc:
                 logger.warning("semantic cache: could not index an answer (%s)", exc)
 
@@ -608,12 +609,11 @@ def _answer_of(entry: CachedResponse, max_bytes: int
         return None
 
 
-# What a successful answer of each operation says it is (its `object`, or Anthropic's
-# `type`), and the member it must have when an OpenAI-compatible server leaves that out.
-_ANSWER_KINDS = {c.OPENAI_CHAT: ("object", "chat.completion", "choices"),
-                 c.OPENAI_COMPLETIONS: ("object", "text_completion", "choices"),
-                 c.OPENAI_EMBEDDINGS: ("object", "list", "data"),
-                 c.ANTHROPIC_MESSAGES: ("type", "message", "content")}
+# The member a successful answer of each operation has, a list: what an error some
+# OpenAI-compatible servers send with status 200 lacks. (Not its `object`: servers spell it
+# their own way, Together's completions "text.completion".)
+_ANSWER_MEMBERS = {c.OPENAI_CHAT: "choices", c.OPENAI_COMPLETIONS: "choices",
+                   c.OPENAI_EMBEDDINGS: "data", c.ANTHROPIC_MESSAGES: "content"}
 
 
 def _is_answer(parsed: Any, operation: str) -> bool:
@@ -621,9 +621,8 @@ def _is_answer(parsed: Any, operation: str) -> bool:
     servers (OpenRouter, proxies) send with status 200 (`{"error": {...}}`)."""
     if type(parsed) is not dict or parsed.get("error") is not None:
         return False
-    field, kind, member = _ANSWER_KINDS.get(operation, ("", "", ""))
-    found = parsed.get(field)
-    return found == kind if found is not None else isinstance(parsed.get(member), list)
+    member = _ANSWER_MEMBERS.get(operation)
+    return member is None or isinstance(parsed.get(member), list)
 
 
 def _asked_for_usage(body: Mapping[str, Any]) -> bool:

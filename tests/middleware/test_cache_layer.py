@@ -986,3 +986,24 @@ def test_the_usage_kept_for_a_stream_reads_back_as_the_calls_usage() -> None:
                   Usage(3_000, 7, cached_input_tokens=1_000, cache_write_tokens=1_500,
                         cache_write_1h_tokens=500)):
         assert Usage.from_openai(_openai_usage(usage)) == usage
+
+
+def test_an_answer_is_told_from_an_error_by_its_members_not_its_object() -> None:
+    from gateway import context as c
+    from middleware.cache import _is_answer
+
+    # Together's completions say "text.completion"; an answer that says nothing is one too
+    together = {"id": "8f3317dd3c3a39ef-YYZ", "object": "text.completion",
+                "choices": [{"text": " Paris", "finish_reason": "eos", "index": 0}],
+                "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}}
+    assert _is_answer(together, c.OPENAI_COMPLETIONS)
+    assert _is_answer({"choices": []}, c.OPENAI_CHAT)
+    assert _is_answer({"type": "message", "content": []}, c.ANTHROPIC_MESSAGES)
+    assert _is_answer({"object": "list", "data": [{"embedding": [0.1]}]}, c.OPENAI_EMBEDDINGS)
+    for error in ({"error": {"message": "upstream failed", "code": 502}},
+                  {"object": "chat.completion", "error": "x", "choices": []},
+                  {"type": "error", "error": {"type": "overloaded_error"}}, [], "text",
+                  {"object": "chat.completion"}):
+        operation = c.ANTHROPIC_MESSAGES if isinstance(error, dict) and \
+            error.get("type") == "error" else c.OPENAI_CHAT
+        assert not _is_answer(error, operation), error
