@@ -70,15 +70,19 @@ class UsageRecord:
     def encode(self) -> bytes:
         # One C call gathers the fields, one writes them: a third of what orjson takes to
         # write a slotted dataclass as an object.
-        return orjson.dumps((ARRAY_FORMAT, *_array_values(self)))
+        values = _array_values(self)
+        if values[-2:] == _NO_CACHE_WRITES:  # (as `values_of` leaves them out)
+            values = values[:-2]
+        return orjson.dumps((ARRAY_FORMAT, *values))
 
     @classmethod
     def decode(cls, data: bytes) -> UsageRecord:
         """The record `encode` wrote (either format); ValueError for anything else."""
         raw = orjson.loads(data)
         if isinstance(raw, list):
-            if len(raw) < 2 or raw[0] != ARRAY_FORMAT or len(raw) > len(ARRAY_FIELDS) + 1:
+            if len(raw) < 2 or raw[0] != ARRAY_FORMAT:
                 raise ValueError("not a usage record")
+            # (a newer gateway's array is longer: the fields this one knows are its start)
             raw = dict(zip(ARRAY_FIELDS, raw[1:], strict=False))
         if not isinstance(raw, dict) or not isinstance(raw.get("request_id"), str):
             raise ValueError("not a usage record")  # noqa: TRY004 (decode: bad data)
@@ -98,7 +102,10 @@ class UsageRecord:
 
 
 ARRAY_FORMAT = 2
-# The journal's field order: append new fields at the end, never reorder or remove one.
+# The journal's field order: append new fields at the end, never reorder or remove one. A
+# reader takes an array shorter than its fields (the rest at their defaults) or longer (the
+# fields it knows). Gateways before the cache-write fields refuse a longer array, so a
+# record leaves them out while they are 0: what such a gateway, rolled back to, can replay.
 ARRAY_FIELDS = (
     "request_id", "started_at", "ended_at", "key_id", "project", "customer", "labels",
     "api_format", "operation", "model", "served_model", "provider", "deployment",
@@ -192,7 +199,7 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         # decimal digits first, and costs a record as much as its labels.
         ttft = None if first_byte is None else round(first_byte * 1e6) / 1000
         cost, saved, attempts = call_cost_micros(ctx, usage), 0, len(ctx.attempts)
-    return (
+    values = (
         # (the caller may send one x-request-id with many requests: a record of such a
         # request carries it with random digits added, `unique_id`, so no two records
         # share one, and one is never taken for the replay of another)
@@ -204,8 +211,13 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         usage.reasoning_tokens, cost, saved,
         round(elapsed_s * 1e6) / 1000, ttft, ctx.status,
         ctx.error_type, ctx.cache_status, attempts,
-        int(ctx.state.get("failover.fallbacks", 0)), ctx.stream, ctx.client_disconnected,
-        usage.cache_write_tokens, usage.cache_write_1h_tokens)
+        int(ctx.state.get("failover.fallbacks", 0)), ctx.stream, ctx.client_disconnected)
+    if usage.cache_write_tokens or usage.cache_write_1h_tokens:  # (see ARRAY_FIELDS)
+        return (*values, usage.cache_write_tokens, usage.cache_write_1h_tokens)
+    return values
+
+
+_NO_CACHE_WRITES = (0, 0)
 
 
 _NO_USAGE = Usage()
