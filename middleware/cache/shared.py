@@ -9,14 +9,20 @@ flock, before it answers. Every lookup compares the mapped counter (a memory rea
 call) with the generation it last read and, when it moved, reads the new records (under a
 shared flock, which also orders the reads after the writer's) before it answers. A reader
 that fell more than half a ring behind takes every entry older than the newest record as
-invalidated, which drops more than asked but never less.
+invalidated, which drops more than asked but never less; so does a record it cannot read.
+
+The file lives in the serve's own directory (`tempfile.mkdtemp`: this user's alone) and is
+never made shorter: a file cut short under a worker's mapping would end the worker with
+SIGBUS on its next lookup. A cleaner that deletes it leaves the mapping working.
 """
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -90,10 +96,15 @@ class InvalidationLog:
     def _record(self, number: int) -> Record:
         offset = _HEADER_BYTES + number % RING_SLOTS * SLOT_BYTES
         at, size = _RECORD.unpack_from(self._map, offset)
-        if size == _EVERY_ENTRY:
+        if not math.isfinite(at):  # (damaged: everything up to now is invalidated)
+            return None, time.time()
+        if size == _EVERY_ENTRY or size > _TEXT_MAX:
             return None, at
         start = offset + _RECORD.size
-        return tuple(bytes(self._map[start:start + size]).decode().split("\n")), at
+        try:
+            return tuple(bytes(self._map[start:start + size]).decode().split("\n")), at
+        except UnicodeDecodeError:  # (damaged: it drops more than asked, never less)
+            return None, at
 
     @contextmanager
     def _locked(self, how: int) -> Iterator[None]:

@@ -373,6 +373,33 @@ async def test_memory_stores_sharing_a_file_apply_each_others_invalidations(
         await other.shutdown()
 
 
+async def test_a_damaged_record_in_the_shared_file_drops_more_and_breaks_nothing(
+        tmp_path: Path) -> None:
+    """A record the worker cannot read (the file damaged, or shared with a gateway of
+    another layout) invalidates everything made before it, as a record too old to read
+    does; lookups go on."""
+    from middleware.cache import shared
+
+    path = str(tmp_path / shared.FILE_NAME)
+    store = MemoryCacheStore(shared_path=path)
+    await store.startup()
+    writer = shared.InvalidationLog(path)
+    try:
+        await store.set("k", entry(project_tag("a")), 60)
+        await store.set("other", entry(project_tag("b")), 60)
+        writer.append([project_tag("a")], time.time())
+        offset = shared._HEADER_BYTES + (writer.generation[0] - 1) % shared.RING_SLOTS \
+            * shared.SLOT_BYTES
+        writer._map[offset + shared._RECORD.size] = 0xFF  # its tags no longer UTF-8
+        for _ in range(3):
+            assert store.get_now("k") is None and store.get_now("other") is None
+        await store.set("later", entry(project_tag("b")), 60)
+        assert store.get_now("later") is not None
+    finally:
+        writer.close()
+        await store.shutdown()
+
+
 async def test_a_memory_store_far_behind_the_shared_file_drops_everything_older(
         tmp_path: Path) -> None:
     """A worker that missed more invalidations than the file's ring holds cannot know what
