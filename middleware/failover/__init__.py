@@ -277,10 +277,12 @@ class FailoverMiddleware:
                     chain, position = next_chain, 0
             rounds += 1
             # A round after a wait that found nothing to call (breakers open, every key
-            # refused) would find nothing after another wait either: answer now.
-            idle = rounds > 1 and tried.attempts == attempts_before
-            wait = None if idle else self._next_round_wait(tried, chain, rounds,
-                                                           time.monotonic(), deadline)
+            # refused) would find nothing after a backoff either: it waits only for an open
+            # breaker of the chain to let a probe through, when that comes in the deadline.
+            now = time.monotonic()
+            wait = self._reopening_wait(tried, chain, now, deadline) \
+                if rounds > 1 and tried.attempts == attempts_before \
+                else self._next_round_wait(tried, chain, rounds, now, deadline)
             if wait is None:
                 raise self._final_error(tried, requested, chain)
             await asyncio.sleep(wait)
@@ -388,6 +390,19 @@ class FailoverMiddleware:
         return backoff_s(rounds, base_s=self.retry.backoff_base_s,
                          cap_s=self.retry.backoff_cap_s, retry_after_s=retry_after,
                          remaining_s=deadline - now)
+
+    def _reopening_wait(self, tried: Tried, chain: list[str], now: float,
+                        deadline: float) -> float | None:
+        """Until the soonest open breaker of the chain's eligible deployments half-opens,
+        when that is before the deadline; None (answer now) otherwise."""
+        soonest = min((reopens for model in chain
+                       if (group := self.groups.get(model)) is not None
+                       for state in group.deployments if state not in tried.ineligible
+                       and (reopens := state.breaker.reopens_in_s()) is not None),
+                      default=None)
+        if soonest is None or now + soonest >= deadline:
+            return None
+        return soonest + 0.001  # (a hair past it: the breaker's own clock decides)
 
     def _cooling_s(self, chain: list[str]) -> list[float]:
         now = time.monotonic()

@@ -116,6 +116,13 @@ class CircuitBreaker:
             self.probes_in_flight += 1
         return True
 
+    def reopens_in_s(self) -> float | None:
+        """How long until an open breaker lets a probe through (0: it would now); None for
+        a breaker that is not open."""
+        if self.state != OPEN:
+            return None
+        return max(self.opened_at + self.settings.cooldown_s - self.clock(), 0.0)
+
     def record(self, failed: bool, now: float | None = None) -> None:
         """The outcome of a call `allows` let through (`now` on this breaker's clock)."""
         if now is None:

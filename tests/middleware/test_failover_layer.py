@@ -916,3 +916,18 @@ def test_a_fallback_the_key_may_not_use_is_passed_over(
             assert response.status_code == 200, response.text
             assert response.headers["x-sluicegate-fallback"] == fallback
             assert [r["provider"] for r in mock.requests] == ["openai", provider]
+
+
+def test_a_round_that_finds_the_breaker_open_waits_for_it_to_half_open_in_the_deadline(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The only deployment answers 429 Retry-After: 1, which opens its breaker (cool-down
+    # 1.5 s). After the second's wait the breaker is still open: the request waits for it
+    # to half-open (well inside the 10 s deadline) and its probe serves the answer, rather
+    # than the 429 going back to a client that would retry into the open breaker.
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=1))
+    layer = ('retry=RetryPolicy(deadline_s=10, max_attempts=3), '
+             'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=1.5)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        response = chat(gateway, "primary")
+    assert response.status_code == 200, response.text
+    assert len(a.requests) == 2 and b.requests == []
