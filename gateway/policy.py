@@ -153,6 +153,15 @@ class Limits:
         fields = {k: v for k, v in data.items() if k != "budgets" and v is not None}
         return cls(**fields, budgets=tuple(budgets))
 
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> Limits:
+        """`from_json` for a document a key store holds, which an older version may have
+        written: what it accepted and the checks now refuse, yet means one thing, is read as
+        that thing (see `_upgraded`); anything else raises as `from_json` does."""
+        if not isinstance(data, Mapping):
+            raise TypeError("stored limits must be an object")
+        return cls.from_json(_upgraded(data))
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -327,10 +336,50 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 
 def _check_overflow(action: str, downgrade_to: object) -> None:
     _check_choice("on_overflow", action, OVERFLOW_ACTIONS)
-    if downgrade_to is not None and (not isinstance(downgrade_to, str) or not downgrade_to
-                                     or len(downgrade_to) > 256
-                                     or not downgrade_to.isprintable()):
+    if downgrade_to is not None and not _is_model_name(downgrade_to):
         raise ValueError("downgrade_to must be a model's name (1-256 printable characters) "
                          "or null")
     if action == "downgrade" and not downgrade_to:
         raise ValueError("on_overflow='downgrade' needs downgrade_to, a cheaper model's name")
+
+
+def _is_model_name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 256 and value.isprintable()
+
+
+# -- documents stored by older versions --------------------------------------------------------
+# Up to 956f523 the admin API stored what `Budget` and `Limits` accepted then: any number
+# for a status or a percentage, any value for stream_cutoff, anything for a downgrade_to that
+# on_overflow="block" never used. Rows like these are still in PostgreSQL.
+
+def _upgraded(data: Mapping[str, Any]) -> dict[str, Any]:
+    limits = _without_unused_downgrade(data)
+    budgets = limits.get("budgets")
+    if isinstance(budgets, list):
+        limits["budgets"] = [_upgraded_budget(item) if isinstance(item, Mapping) else item
+                             for item in budgets]
+    return limits
+
+
+def _upgraded_budget(item: Mapping[str, Any]) -> dict[str, Any]:
+    budget = _without_unused_downgrade(item)
+    if "status" in budget:  # 429.0
+        budget["status"] = _whole(budget["status"])
+    if isinstance(budget.get("alert_at_percent"), list):  # [50.0, 80.0, 100.0]
+        budget["alert_at_percent"] = [_whole(p) for p in budget["alert_at_percent"]]
+    cutoff = budget.get("stream_cutoff", False)
+    if cutoff is None or (isinstance(cutoff, int | float) and not isinstance(cutoff, bool)):
+        budget["stream_cutoff"] = bool(cutoff)  # 1, 0, null: as the old version read them
+    return budget
+
+
+def _without_unused_downgrade(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    if out.get("on_overflow", "block") != "downgrade" and out.get("downgrade_to") is not None \
+            and not _is_model_name(out["downgrade_to"]):
+        out["downgrade_to"] = None  # "" or 5: never routed to, since nothing downgrades
+    return out
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value

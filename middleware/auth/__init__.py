@@ -45,6 +45,7 @@ from middleware.auth.store import (
     KeyStoreUnavailable,
     PostgresKeyStore,
     StaticKeyStore,
+    UnreadableLimits,
 )
 
 __all__ = ["AuthMiddleware", "PostgresKeyStore", "StaticKey"]
@@ -177,6 +178,10 @@ class AuthMiddleware:
                                     "'X-Sluicegate-Customer' header or the 'user' field.",
                                param="user", code="customer_required")
         ctx.customer = customer
+        if key.limits_error is not None:
+            logger.error("auth: the limits stored for key %s cannot be read (%s); its requests "
+                         "are refused until they are replaced", key.id, key.limits_error)
+            raise _limits_unreadable()
         # Static limits first, without a coroutine each (the store's are awaited only when
         # there is a store and the config has none).
         static = self.static
@@ -224,6 +229,10 @@ class AuthMiddleware:
             return await self.cache.subject_limits(kind, subject)
         except KeyStoreUnavailable:
             raise _store_unavailable() from None
+        except UnreadableLimits as exc:
+            logger.error("auth: %s; the requests they govern are refused until they are "
+                         "replaced", exc)
+            raise _limits_unreadable() from None
 
     def _customer(self, ctx: RequestContext) -> str | None:
         for name, value in ctx.headers:
@@ -244,6 +253,14 @@ class AuthMiddleware:
 def _store_unavailable() -> GatewayError:
     return GatewayError(503, "The key store is unavailable; try again shortly.",
                         code="key_store_unavailable")
+
+
+def _limits_unreadable() -> GatewayError:
+    # Serving the request without its budget or rate limits could overspend; the operator
+    # sees the row flagged in the admin API and replaces it (PUT /admin/limits/...).
+    return GatewayError(503, "The limits that apply to this request cannot be read; the "
+                             "operator has been told (see the gateway log).",
+                        code="limits_unreadable")
 
 
 def _clean_customer(value: str) -> str | None:

@@ -14,6 +14,9 @@ the one that creates it and the one that rotates to it.
                                            (409 if it is revoked, disabled or expired)
     GET    /admin/limits[?kind=]           every stored limit
     GET|PUT|DELETE /admin/limits/{kind}/{subject_id}   kind: key, project or customer
+
+Stored limits that cannot be read are shown as `"limits": null` with a `limits_error`, in
+listings too, so that the operator sees them and can PUT new ones.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from middleware.auth.store import (
     KeyStore,
     KeyStoreReadOnly,
     KeyStoreUnavailable,
+    UnreadableLimits,
 )
 
 logger = logging.getLogger("sluicegate")
@@ -278,11 +282,11 @@ class AdminAPI:
         data = []
         if kind != "key":
             for item in await self.store.list_limits(kind):
-                data.append(_limits_json(item.kind, item.subject_id, item.limits))
+                data.append(_limits_json(item.kind, item.subject_id, item.limits, item.error))
         if kind in (None, "key"):
             for key in await self.store.list():
-                if not key.limits.empty and key.revoked_at is None:
-                    data.append(_limits_json("key", key.id, key.limits))
+                if (not key.limits.empty or key.limits_error) and key.revoked_at is None:
+                    data.append(_limits_json("key", key.id, key.limits, key.limits_error))
         return 200, {"object": "list", "data": data}
 
     async def _get_limits(self, request: _Request) -> Payload:
@@ -291,8 +295,11 @@ class AdminAPI:
             key = await self.store.get(subject_id)
             if key is None:
                 raise _no_key(subject_id)
-            return 200, _limits_json(kind, subject_id, key.limits)
-        limits = await self.store.get_limits(kind, subject_id)
+            return 200, _limits_json(kind, subject_id, key.limits, key.limits_error)
+        try:
+            limits = await self.store.get_limits(kind, subject_id)
+        except UnreadableLimits as exc:  # shown, so that the operator can replace them
+            return 200, _limits_json(kind, subject_id, Limits(), str(exc))
         if limits is None:
             raise _no_limits(kind, subject_id)
         return 200, _limits_json(kind, subject_id, limits)
@@ -413,7 +420,13 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 # -- responses ---------------------------------------------------------------------------------
 
-def _limits_json(kind: str, subject_id: str, limits: Limits) -> dict[str, Any]:
+def _limits_json(kind: str, subject_id: str, limits: Limits,
+                 error: str | None = None) -> dict[str, Any]:
+    """A subject's limits; stored limits that cannot be read are null, and `limits_error`
+    says why (PUT replaces them)."""
+    if error is not None:
+        return {"object": "limits", "kind": kind, "subject_id": subject_id, "limits": None,
+                "limits_error": error}
     return {"object": "limits", "kind": kind, "subject_id": subject_id,
             "limits": limits.to_json()}
 

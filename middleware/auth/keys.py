@@ -73,6 +73,9 @@ class VirtualKey:
     limits: Limits = field(default_factory=Limits)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     revoked_at: datetime | None = None
+    # Why the stored limits cannot be read (then `limits` is empty and must not be applied:
+    # the auth layer refuses the key's requests until the operator replaces them).
+    limits_error: str | None = None
 
     def allows_model(self, name: str) -> bool:
         if not self.allowed_models or name in self.allowed_models:
@@ -91,8 +94,9 @@ class VirtualKey:
         return None
 
     def to_public_json(self, now: datetime | None = None) -> dict[str, Any]:
-        """The key for the admin API and logs: everything but the hash."""
-        return {
+        """The key for the admin API and logs: everything but the hash. Limits that cannot
+        be read are null, and `limits_error` says why."""
+        public: dict[str, Any] = {
             "id": self.id,
             "object": "virtual_key",
             "hint": self.hint,
@@ -107,6 +111,9 @@ class VirtualKey:
             "created_at": _iso(self.created_at),
             "revoked_at": _iso(self.revoked_at),
         }
+        if self.limits_error is not None:
+            public.update(limits=None, limits_error=self.limits_error)
+        return public
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,10 +74,16 @@ class KeyConflict(KeyStoreError):
     """The change contradicts the key's state (e.g. rotating a revoked key)."""
 
 
+class UnreadableLimits(KeyStoreError):
+    """The limits stored for a project or customer cannot be read, even as an older version
+    wrote them (`Limits.from_stored`); replacing them (`set_limits`) repairs the row."""
+
+
 class SubjectLimits(NamedTuple):
     kind: str  # "project" or "customer"
     subject_id: str  # a project name, or "<project>/<customer>"
-    limits: Limits
+    limits: Limits  # empty when `error` is set
+    error: str | None = None  # why the stored limits cannot be read
 
 
 KeyList = list[VirtualKey]
@@ -489,7 +495,13 @@ class PostgresKeyStore:
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind, subject_id))
             row = await cur.fetchone()
-        return Limits.from_json(row[0]) if row is not None else None
+        if row is None:
+            return None
+        limits, error = _read_limits(row[0])
+        if error is not None:
+            raise UnreadableLimits(f"the limits stored for {kind} {subject_id!r} cannot be "
+                                   f"read ({error})")
+        return limits
 
     async def list_limits(self, kind: str | None = None) -> LimitsList:
         if kind is not None:
@@ -500,7 +512,7 @@ class PostgresKeyStore:
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind,) if kind is not None else ())
             rows = await cur.fetchall()
-        return [SubjectLimits(k, s, Limits.from_json(v)) for k, s, v in rows]
+        return [SubjectLimits(k, s, *_read_limits(v)) for k, s, v in rows]
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -697,6 +709,10 @@ def _check_rotatable(key: VirtualKey) -> None:
     # The new key takes the old one's settings: from a disabled or expired key it would be
     # refused just the same, a plaintext that cannot be used. Re-enabling it here instead
     # would undo an operator's decision behind their back, so: say what to do first.
+    if key.limits_error is not None:  # the replacement would lose them
+        raise KeyConflict(f"the limits stored for key {key.id} cannot be read, and its "
+                          f"replacement would have none; replace them first "
+                          f"(PUT /admin/limits/key/{key.id}), then rotate")
     reason = key.usable()
     if reason == "revoked":
         raise KeyConflict(f"key {key.id} is revoked; create a new key instead")
@@ -715,12 +731,24 @@ def _check_limit_kind(kind: str) -> None:
 
 def _key_from_row(row: TupleRow) -> VirtualKey:
     (key_id, key_hash, hint, project, models, expires_at, disabled, require_customer, metadata,
-     limits, created_at, revoked_at) = row
+     document, created_at, revoked_at) = row
+    limits, limits_error = _read_limits(document)
     return VirtualKey(
         id=key_id, key_hash=key_hash, hint=hint, project=project, allowed_models=tuple(models),
         expires_at=_utc(expires_at), disabled=disabled, require_customer=require_customer,
-        metadata=metadata, limits=Limits.from_json(limits), created_at=created_at.astimezone(UTC),
-        revoked_at=_utc(revoked_at))
+        metadata=metadata, limits=limits, limits_error=limits_error,
+        created_at=created_at.astimezone(UTC), revoked_at=_utc(revoked_at))
+
+
+def _read_limits(document: Any) -> tuple[Limits, str | None]:
+    """A stored limits document, as this or an older version wrote it; or, when it still
+    cannot be read, no limits and why. One such row must not break the others (a listing,
+    a lookup): the admin API shows it flagged and can replace it, and the auth layer refuses
+    the requests it governs rather than serve them without their limits."""
+    try:
+        return Limits.from_stored(document), None
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        return Limits(), str(exc)
 
 
 def _db_value(value: Any) -> Any:

@@ -75,3 +75,60 @@ def test_budgets_refuse_wrongly_typed_fields(fields: dict[str, Any]) -> None:
         Budget("1", **fields)
     with pytest.raises((ValueError, TypeError)):
         Limits.from_json({"budgets": [{"limit_usd": "1", **fields}]})
+
+
+# -- documents stored by older versions ---------------------------------------------------------
+
+# What 956f523's admin API accepted and stored (`Limits.to_json`, one field off each time):
+# its Budget checked only `0 < p <= 100` and `status in (402, 429)`, and nothing looked at
+# stream_cutoff or at a downgrade_to that on_overflow="block" never used.
+OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
+              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
+              "status": 402, "alert_at_percent": [50, 80, 100]}
+OLD_LIMITS = {"rpm": None, "tpm": None, "max_concurrent": None, "on_overflow": "block",
+              "downgrade_to": None, "on_store_error": "open", "budgets": []}
+
+
+@pytest.mark.parametrize(("stored", "meant"), [
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
+     Limits(budgets=(Budget("10", alert_at_percent=(50, 80, 100)),))),
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "status": 429.0}]},
+     Limits(budgets=(Budget("10", status=429),))),
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
+     Limits(budgets=(Budget("10", stream_cutoff=True),))),
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "stream_cutoff": 0}]},
+     Limits(budgets=(Budget("10"),))),
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "stream_cutoff": None}]},
+     Limits(budgets=(Budget("10"),))),
+    ({**OLD_LIMITS, "budgets": [{**OLD_BUDGET, "downgrade_to": ""}]},
+     Limits(budgets=(Budget("10"),))),
+    ({**OLD_LIMITS, "rpm": 100, "downgrade_to": ""}, Limits(rpm=100)),
+    ({**OLD_LIMITS, "rpm": 100, "downgrade_to": ["x"]}, Limits(rpm=100)),
+])
+def test_limits_stored_by_the_previous_version_read_as_it_meant_them(
+        stored: dict[str, Any], meant: Limits) -> None:
+    assert Limits.from_stored(stored) == meant
+    with pytest.raises((ValueError, TypeError)):  # still refused from the admin API
+        Limits.from_json(stored)
+
+
+@pytest.mark.parametrize("stored", [
+    {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]},  # truthy to the old version
+    {"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.5]}]},
+    {"budgets": [{**OLD_BUDGET, "status": 402.5}]},
+    {"on_overflow": "downgrade", "downgrade_to": 5},
+    {"budgets": [{**OLD_BUDGET, "on_overflow": "downgrade", "downgrade_to": ""}]},
+    {"rpm": 1.0},
+    {"surprise": 1},
+    ["not", "an", "object"],
+])
+def test_stored_limits_without_one_meaning_are_still_refused(stored: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        Limits.from_stored(stored)
+
+
+def test_current_limits_read_back_from_storage_unchanged() -> None:
+    limits = Limits(rpm=60, on_overflow="downgrade", downgrade_to="gpt-mini",
+                    budgets=(Budget("12.5", stream_cutoff=True, status=429,
+                                    alert_at_percent=(10, 100)),))
+    assert Limits.from_stored(limits.to_json()) == limits

@@ -6,6 +6,7 @@ store that was never started at `/down`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -414,6 +415,84 @@ def test_key_limits(client: httpx.Client) -> None:
 def test_bad_limits_requests_are_400(client: httpx.Client, method: str, path: str,
                                      body: dict[str, Any] | None) -> None:
     assert_error(client.request(method, path, json=body), 400, error_type="invalid_request_error")
+
+
+# Limits as 956f523's admin API stored them (its Limits.to_json of what it accepted), and
+# limits no version reads as one thing (stream_cutoff "no" was truthy to 956f523).
+OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
+              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
+              "status": 402, "alert_at_percent": [50, 80, 100]}
+OLD_DOCS = [
+    {"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
+    {"budgets": [{**OLD_BUDGET, "status": 429.0}]},
+    {"budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
+    {"rpm": 100, "on_overflow": "block", "downgrade_to": ""},
+]
+UNREADABLE = {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]}
+
+
+def store_limits(server: ThreadedServer, table: str, where: str, document: Any,
+                 *params: str) -> None:
+    """Writes a limits document straight to PostgreSQL, as an older version did."""
+    schema = server.store.schema  # type: ignore[attr-defined]
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET limits = %s::jsonb WHERE " + where).format(
+            sql.Identifier(schema, table)), (json.dumps(document), *params))
+
+
+def test_limits_stored_by_the_previous_version_list_and_show(
+        client: httpx.Client, server: ThreadedServer) -> None:
+    keys = [create(client) for _ in OLD_DOCS]
+    for key, document in zip(keys, OLD_DOCS, strict=True):
+        store_limits(server, "sluicegate_keys", "id = %s", document, key["id"])
+    name = project()
+    assert client.put(f"/admin/limits/project/{name}", json={"rpm": 1}).status_code == 200
+    store_limits(server, "sluicegate_subject_limits", "subject_id = %s", OLD_DOCS[0], name)
+    listing = client.get("/admin/keys")
+    assert listing.status_code == 200, listing.text
+    shown = {key["id"]: key["limits"] for key in listing.json()["data"]}
+    for key, document in zip(keys, OLD_DOCS, strict=True):
+        expected = Limits.from_stored(document).to_json()
+        assert shown[key["id"]] == expected
+        assert client.get(f"/admin/keys/{key['id']}").json()["limits"] == expected
+    limits = client.get("/admin/limits")
+    assert limits.status_code == 200, limits.text
+    assert {"object": "limits", "kind": "project", "subject_id": name,
+            "limits": Limits.from_stored(OLD_DOCS[0]).to_json()} in limits.json()["data"]
+
+
+def test_limits_that_cannot_be_read_are_flagged_and_the_operator_replaces_them(
+        client: httpx.Client, server: ThreadedServer) -> None:
+    broken, fine = create(client), create(client, limits={"rpm": 5})
+    store_limits(server, "sluicegate_keys", "id = %s", UNREADABLE, broken["id"])
+    name = project()
+    assert client.put(f"/admin/limits/project/{name}", json={"rpm": 1}).status_code == 200
+    store_limits(server, "sluicegate_subject_limits", "subject_id = %s", UNREADABLE, name)
+
+    listing = client.get("/admin/keys")
+    assert listing.status_code == 200, listing.text
+    by_id = {key["id"]: key for key in listing.json()["data"]}
+    assert by_id[broken["id"]]["limits"] is None
+    assert "stream_cutoff" in by_id[broken["id"]]["limits_error"]
+    assert by_id[fine["id"]]["limits"] == Limits(rpm=5).to_json()
+    assert "limits_error" not in by_id[fine["id"]]
+    shown = client.get(f"/admin/keys/{broken['id']}")
+    assert shown.status_code == 200 and shown.json()["limits_error"]
+    every = client.get("/admin/limits")
+    assert every.status_code == 200, every.text
+    flagged = {(d["kind"], d["subject_id"]): d for d in every.json()["data"]
+               if d["limits"] is None}
+    assert {("key", broken["id"]), ("project", name)} <= set(flagged)
+    assert "stream_cutoff" in flagged[("project", name)]["limits_error"]
+    one = client.get(f"/admin/limits/project/{name}")
+    assert one.status_code == 200 and one.json()["limits"] is None
+    assert_error(client.post(f"/admin/keys/{broken['id']}/rotate"), 409, "conflict")
+
+    for path in (f"/admin/limits/key/{broken['id']}", f"/admin/limits/project/{name}"):
+        repaired = client.put(path, json={"rpm": 10})
+        assert repaired.status_code == 200, repaired.text
+        assert client.get(path).json()["limits"] == Limits(rpm=10).to_json()
+    assert "limits_error" not in client.get(f"/admin/keys/{broken['id']}").json()
 
 
 # -- routing, methods, sizes, read-only and unavailable stores ---------------------------------

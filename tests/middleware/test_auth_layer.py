@@ -2,14 +2,29 @@
 API shapes, the customer, and no attempted key in any log line."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
+from psycopg import sql
 
-from tests.harness import TEST_KEY, mock_config, start_cli_gateway, stop_process, write_config
+from gateway import create_app
+from tests.harness import (
+    TEST_KEY,
+    ThreadedServer,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
 
 RESTRICTED_KEY = "sk-sg-restricted-key-for-auth-tests-0123456789"
 CUSTOMER_KEY = "sk-sg-needs-a-customer-key-0123456789abcdef"
@@ -123,3 +138,88 @@ def test_the_attempted_key_never_reaches_a_log_line(gateway: tuple[str, Path]) -
     assert text.strip()  # the log is being written (debug level)
     assert ATTEMPTED not in text and "Zq7Zq7" not in text
     assert TEST_KEY not in text and RESTRICTED_KEY not in text
+
+
+# -- keys and limits in PostgreSQL -------------------------------------------------------------
+
+DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
+ADMIN_TOKEN = "auth-layer-admin-" + uuid.uuid4().hex
+# As 956f523's admin API stored them, and limits no version reads as one thing.
+OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
+              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
+              "status": 402, "alert_at_percent": [50, 80, 100]}
+OLD_DOCS = [
+    {"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
+    {"budgets": [{**OLD_BUDGET, "status": 429.0}]},
+    {"budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
+    {"rpm": 100, "on_overflow": "block", "downgrade_to": ""},
+]
+UNREADABLE = {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]}
+
+
+@pytest.fixture(scope="module")
+def pg_gateway(tmp_path_factory: pytest.TempPathFactory, mock_url: str
+               ) -> Iterator[tuple[ThreadedServer, str]]:
+    schema = "sg_auth_layer_" + uuid.uuid4().hex[:10]
+    os.environ["SG_AUTH_LAYER_ADMIN"] = ADMIN_TOKEN
+    stack = (f"[Middleware(AuthMiddleware, store=PostgresKeyStore({DSN!r}, schema={schema!r}, "
+             f"channel={schema!r}), admin_token_env='SG_AUTH_LAYER_ADMIN'), "
+             "Middleware(QuotaMiddleware)]")
+    config = write_config(tmp_path_factory.mktemp("auth-pg"), mock_config(
+        mock_url, middleware="[]",
+        extra="from middleware.auth import PostgresKeyStore\nmiddleware = " + stack))
+    try:
+        with ThreadedServer(create_app(config)) as server:
+            yield server, schema
+    finally:
+        del os.environ["SG_AUTH_LAYER_ADMIN"]
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema)))
+
+
+def stored_key(server: ThreadedServer, schema: str, limits: object) -> tuple[str, str]:
+    """A key made through the admin API whose limits are then written straight to
+    PostgreSQL, as an older version wrote them; (plaintext, id)."""
+    created = httpx.post(server.url + "/admin/keys", json={"project": "legacy"}, timeout=10,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert created.status_code == 201, created.text
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET limits = %s::jsonb WHERE id = %s").format(
+            sql.Identifier(schema, "sluicegate_keys")),
+            (json.dumps(limits), created.json()["id"]))
+    return created.json()["key"], created.json()["id"]
+
+
+def test_keys_with_limits_the_previous_version_stored_are_served(
+        pg_gateway: tuple[ThreadedServer, str]) -> None:
+    server, schema = pg_gateway
+    for document in OLD_DOCS:
+        plaintext, _ = stored_key(server, schema, document)
+        answer = chat(server.url, {"authorization": f"Bearer {plaintext}"})
+        assert answer.status_code == 200, (document, answer.text)
+
+
+def test_a_key_whose_limits_cannot_be_read_is_503_in_both_shapes_until_replaced(
+        pg_gateway: tuple[ThreadedServer, str], caplog: pytest.LogCaptureFixture) -> None:
+    server, schema = pg_gateway
+    fine, _ = stored_key(server, schema, {"rpm": 1000})
+    broken, key_id = stored_key(server, schema, UNREADABLE)
+    with caplog.at_level(logging.ERROR, logger="sluicegate.auth"):
+        refused = chat(server.url, {"authorization": f"Bearer {broken}"})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "limits_unreadable"
+    assert refused.json()["error"]["type"] == "service_unavailable"
+    assert any(key_id in r.getMessage() and "cannot be read" in r.getMessage()
+               for r in caplog.records)
+    claude = anthropic.Anthropic(base_url=server.url, api_key=broken, max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as overloaded:
+        claude.messages.create(model="claude-mock", max_tokens=5, messages=QUESTION)
+    assert overloaded.value.status_code == 503
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert chat(server.url, {"authorization": f"Bearer {fine}"}).status_code == 200
+
+    repaired = httpx.put(f"{server.url}/admin/limits/key/{key_id}", json={"rpm": 10},
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+    assert repaired.status_code == 200, repaired.text
+    assert chat(server.url, {"authorization": f"Bearer {broken}"}).status_code == 200

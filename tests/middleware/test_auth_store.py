@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -33,6 +34,7 @@ from middleware.auth.store import (
     PostgresKeyStore,
     StaticKeyStore,
     SubjectLimits,
+    UnreadableLimits,
 )
 from tests.harness import free_port
 from tests.tcp_proxy import TcpProxy
@@ -340,6 +342,96 @@ async def test_subject_limits(store: PostgresKeyStore) -> None:
             await store.set_limits(kind, subject, Limits(rpm=1))
     with pytest.raises(ValueError):
         await store.list_limits("key")
+
+
+# -- limits stored by the previous version -----------------------------------------------------
+
+# Rows as 956f523 wrote them (its Limits.to_json of what its admin API accepted), and one
+# that no version can read as one thing (stream_cutoff "no" was truthy to 956f523).
+OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
+              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
+              "status": 402, "alert_at_percent": [50, 80, 100]}
+OLD_DOCS = {
+    "float_percent": ({"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
+                      Limits(budgets=(Budget("10"),))),
+    "float_status": ({"budgets": [{**OLD_BUDGET, "status": 429.0}]},
+                     Limits(budgets=(Budget("10", status=429),))),
+    "int_cutoff": ({"budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
+                   Limits(budgets=(Budget("10", stream_cutoff=True),))),
+    "empty_downgrade": ({"rpm": 100, "on_overflow": "block", "downgrade_to": ""},
+                        Limits(rpm=100)),
+}
+UNREADABLE = {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]}
+
+
+def store_key_limits(schema: str, key_id: str, document: Any) -> None:
+    run_sql("UPDATE sluicegate_keys SET limits = %s::jsonb WHERE id = %s",
+            json.dumps(document), key_id, schema=schema)
+
+
+def store_subject_limits(schema: str, kind: str, subject_id: str, document: Any) -> None:
+    run_sql("UPDATE sluicegate_subject_limits SET limits = %s::jsonb "
+            "WHERE kind = %s AND subject_id = %s", json.dumps(document), kind, subject_id,
+            schema=schema)
+
+
+@pytest.mark.parametrize("name", sorted(OLD_DOCS))
+async def test_a_key_row_the_previous_version_wrote_still_reads(
+        store: PostgresKeyStore, schema: str, name: str) -> None:
+    document, meant = OLD_DOCS[name]
+    _, key = await store.create("legacy")
+    _, other = await store.create("legacy", limits=Limits(rpm=7))
+    store_key_limits(schema, key.id, document)
+    found = await store.find(key.key_hash)
+    assert found is not None and (found.limits, found.limits_error) == (meant, None)
+    assert [(k.id, k.limits) for k in await store.list()] == [(key.id, meant),
+                                                             (other.id, Limits(rpm=7))]
+
+
+async def test_subject_limits_the_previous_version_wrote_still_read(
+        store: PostgresKeyStore, schema: str) -> None:
+    document, meant = OLD_DOCS["float_percent"]
+    await store.set_limits("project", "legacy", Limits(rpm=1))
+    await store.set_limits("customer", "legacy/alice", Limits(rpm=2))
+    store_subject_limits(schema, "project", "legacy", document)
+    assert await store.subject_limits("project", "legacy") == meant
+    assert await store.list_limits() == [
+        SubjectLimits("customer", "legacy/alice", Limits(rpm=2)),
+        SubjectLimits("project", "legacy", meant)]
+
+
+async def test_a_key_row_that_cannot_be_read_is_flagged_and_can_be_replaced(
+        store: PostgresKeyStore, schema: str) -> None:
+    _, key = await store.create("legacy")
+    _, other = await store.create("legacy", limits=Limits(rpm=7))
+    store_key_limits(schema, key.id, UNREADABLE)
+    found = await store.get(key.id)
+    assert found is not None and found.limits == Limits()
+    assert found.limits_error is not None and "stream_cutoff" in found.limits_error
+    assert [(k.id, k.limits_error is None) for k in await store.list()] == [
+        (key.id, False), (other.id, True)]  # the other key still lists
+    public = found.to_public_json()
+    assert (public["limits"], public["limits_error"]) == (None, found.limits_error)
+    with pytest.raises(KeyConflict, match="limits"):  # its replacement would have none
+        await store.rotate(key.id)
+    repaired = await store.update(key.id, limits=Limits(rpm=10))
+    assert repaired is not None and (repaired.limits, repaired.limits_error) == (
+        Limits(rpm=10), None)
+    assert "limits_error" not in repaired.to_public_json()
+
+
+async def test_subject_limits_that_cannot_be_read_are_flagged_and_can_be_replaced(
+        store: PostgresKeyStore, schema: str) -> None:
+    await store.set_limits("project", "legacy", Limits(rpm=1))
+    await store.set_limits("project", "other", Limits(rpm=2))
+    store_subject_limits(schema, "project", "legacy", UNREADABLE)
+    with pytest.raises(UnreadableLimits, match="project 'legacy'.*stream_cutoff"):
+        await store.subject_limits("project", "legacy")
+    listed = await store.list_limits()
+    assert [(item.subject_id, item.limits, item.error is None) for item in listed] == [
+        ("legacy", Limits(), False), ("other", Limits(rpm=2), True)]
+    assert await store.set_limits("project", "legacy", Limits(rpm=3)) is True
+    assert await store.get_limits("project", "legacy") == Limits(rpm=3)
 
 
 async def test_values_postgresql_cannot_hold_are_value_errors(store: PostgresKeyStore) -> None:
@@ -782,3 +874,27 @@ async def test_static_limits_come_first_then_the_stores(store: PostgresKeyStore)
     assert (await call(static_plaintext, "bob")).limits == {
         "project": Limits(rpm=5), "customer": Limits(tpm=70)}
     assert (await call(stored_plaintext)).limits == {"project": Limits(rpm=40)}
+
+
+async def test_the_auth_layer_refuses_what_unreadable_limits_govern_and_serves_the_rest(
+        store: PostgresKeyStore, schema: str) -> None:
+    """Limits the previous version wrote apply as it meant them; limits no version can read
+    refuse the requests they govern (503, never served without them), and only those."""
+    from gateway.errors import GatewayError
+
+    probe = _PrincipalProbe(store=store)
+    legacy_plaintext, legacy = await store.create("legacy")
+    broken_plaintext, broken = await store.create("legacy")
+    fine_plaintext, _fine = await store.create("fine")
+    store_key_limits(schema, legacy.id, OLD_DOCS["float_status"][0])
+    store_key_limits(schema, broken.id, UNREADABLE)
+    await store.set_limits("customer", "fine/alice", Limits(rpm=1))
+    store_subject_limits(schema, "customer", "fine/alice", UNREADABLE)
+
+    assert (await probe.principal(legacy_plaintext)).limits == {
+        "key": OLD_DOCS["float_status"][1]}
+    assert (await probe.principal(fine_plaintext, "bob")).limits == {}
+    for plaintext, customer in ((broken_plaintext, None), (fine_plaintext, "alice")):
+        with pytest.raises(GatewayError) as refused:
+            await probe.principal(plaintext, customer)
+        assert (refused.value.status, refused.value.code) == (503, "limits_unreadable")
