@@ -237,12 +237,7 @@ class AuthMiddleware:
     def _customer(self, ctx: RequestContext) -> str | None:
         for name, value in ctx.headers:
             if name == self.customer_header and value:
-                # UTF-8, as in the body's `user`: one end user, one id, whichever way it came
-                try:
-                    text = value.decode()
-                except UnicodeDecodeError:
-                    raise _bad_customer() from None
-                return _clean_customer(text)
+                return _clean_customer(_header_text(value))
         body = ctx.body
         user = body.get("user")
         if user is None and isinstance(body.get("metadata"), dict):
@@ -263,6 +258,16 @@ def _limits_unreadable() -> GatewayError:
                         code="limits_unreadable")
 
 
+def _header_text(value: bytes) -> str:
+    # UTF-8, as in the body's `user`: one end user, one id, whichever way it came. Else
+    # Latin-1 (RFC 9110's obs-text), which Python's http.client, requests and Node's fetch
+    # send for a str header: "café" arrives as b"caf\xe9", and is "café" here too.
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 def _clean_customer(value: str) -> str | None:
     value = value.strip()
     if not value or len(value) > 256 or not value.isprintable():
@@ -271,7 +276,7 @@ def _clean_customer(value: str) -> str | None:
 
 
 def _bad_customer() -> GatewayError:
-    return GatewayError(400, "The customer id must be 1 to 256 printable characters (UTF-8).",
+    return GatewayError(400, "The customer id must be 1 to 256 printable characters.",
                         param="user", code="invalid_customer")
 
 
