@@ -37,8 +37,8 @@ from gateway.policy import Limits
 from middleware.auth.keys import (
     KEY_PREFIX,
     UPDATABLE_FIELDS,
-    check_key_fields,
     check_project,
+    check_storable_key_fields,
     check_subject_id,
     is_key_id,
 )
@@ -336,7 +336,7 @@ def _key_settings(body: dict[str, Any]) -> dict[str, Any]:
         elif name == "limits":
             value = _parse_limits(value)
         try:
-            settings.update(check_key_fields(**{name: value}))
+            settings.update(check_storable_key_fields(**{name: value}))
         except (ValueError, TypeError) as exc:
             raise GatewayError(400, f"Invalid {name}: {exc}.", param=name) from None
     return settings

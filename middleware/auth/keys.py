@@ -236,6 +236,20 @@ def check_key_fields(**fields: Any) -> dict[str, Any]:
     return out
 
 
+def check_storable_key_fields(**fields: Any) -> dict[str, Any]:
+    """`check_key_fields`, and what PostgreSQL can hold: an `expires_at` from 1970 to the end
+    of 9998 (UTC). The key stores and the admin API check this; a static key, kept only in
+    memory, may expire at any time UTC can express (9999-12-31 is a common "never")."""
+    out = check_key_fields(**fields)
+    expires_at = out.get("expires_at")
+    # Bounded so that it converts back to any session time zone PostgreSQL may read it in
+    # (a year-9999 expiry read at +01:00 is year 10000, which psycopg refuses).
+    if expires_at is not None and not EXPIRY_MIN <= expires_at < EXPIRY_MAX:
+        raise ValueError(f"expires_at must fall in the years {EXPIRY_MIN.year} to "
+                         f"{EXPIRY_MAX.year - 1} (UTC)")
+    return out
+
+
 def _check_models(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise TypeError("allowed_models must be a list of model names or globs")
@@ -251,12 +265,10 @@ def _check_expiry(value: object) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise ValueError("expires_at must be a date and time with a timezone, or null")
-    # Bounded so that it converts to UTC, and back to any session time zone PostgreSQL may
-    # read it in (a year-9999 expiry read at +01:00 is year 10000, which psycopg refuses).
-    if not EXPIRY_MIN <= value < EXPIRY_MAX:
-        raise ValueError(f"expires_at must fall in the years {EXPIRY_MIN.year} to "
-                         f"{EXPIRY_MAX.year - 1} (UTC)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+        raise ValueError("expires_at must fall in the years 1 to 9999 in UTC") from None
 
 
 def _check_bool(name: str) -> Any:

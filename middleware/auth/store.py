@@ -31,8 +31,8 @@ from gateway.policy import Limits
 from middleware.auth.keys import (
     StaticKey,
     VirtualKey,
-    check_key_fields,
     check_project,
+    check_storable_key_fields,
     check_subject_id,
     generate_key,
     hash_key,
@@ -522,7 +522,7 @@ class PostgresKeyStore:
         metadata: Mapping[str, Any] | None = None, limits: Limits | None = None,
     ) -> tuple[str, VirtualKey]:
         check_project(project)
-        settings = check_key_fields(
+        settings = check_storable_key_fields(
             allowed_models=allowed_models, expires_at=expires_at,
             require_customer=require_customer, metadata=metadata or {},
             limits=limits or Limits())
@@ -547,7 +547,7 @@ class PostgresKeyStore:
         return plaintext, _key_from_row(row)
 
     async def update(self, key_id: str, **fields: Any) -> VirtualKey | None:
-        fields = check_key_fields(**fields)
+        fields = check_storable_key_fields(**fields)
         if not fields:
             return await self.get(key_id)
         assignments = sql.SQL(", ").join(

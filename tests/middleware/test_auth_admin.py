@@ -594,7 +594,8 @@ def test_limits_with_wrongly_typed_fields_are_400(client: httpx.Client,
     assert client.get(f"/admin/keys/{key['id']}").json()["limits"] == Limits().to_json()
 
 
-@pytest.mark.parametrize("when", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00"])
+@pytest.mark.parametrize("when", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00",
+                                  "9999-12-31T00:00:00Z", "1969-12-31T00:00:00Z"])
 def test_an_expiry_past_the_edge_of_the_calendar_is_400(client: httpx.Client, when: str) -> None:
     error = assert_error(client.post("/admin/keys", json={"project": project(),
                                                           "expires_at": when}), 400)

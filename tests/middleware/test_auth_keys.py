@@ -15,6 +15,7 @@ from middleware.auth.keys import (
     VirtualKey,
     check_key_fields,
     check_project,
+    check_storable_key_fields,
     check_subject_id,
     generate_key,
     hash_key,
@@ -190,6 +191,15 @@ def test_static_key_checks_its_settings() -> None:
         StaticKey("acme", key_hash=key_hash, allowed_models="gpt-4o")  # type: ignore[arg-type]
 
 
+def test_a_static_key_may_expire_on_the_last_day_of_the_calendar() -> None:
+    # 9999-12-31 is a common "never expires"; only PostgreSQL needs a bound (it reads the
+    # value back in its session's time zone), and a static key never goes there.
+    never = datetime(9999, 12, 31, tzinfo=UTC)
+    key = StaticKey("acme", key_hash=hash_key("k"), expires_at=never).to_virtual_key()
+    assert key.expires_at == never and key.usable() is None
+    assert key.to_public_json()["expires_at"] == "9999-12-31T00:00:00+00:00"
+
+
 def test_check_key_fields_normalises() -> None:
     later = datetime(2030, 1, 1, 9, tzinfo=timezone(timedelta(hours=9)))
     fields = check_key_fields(allowed_models=["a", "b*"], expires_at=later, disabled=True,
@@ -221,12 +231,22 @@ def test_check_key_fields_normalises() -> None:
     ({"expires_at": datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=5)))},
      ValueError),
     ({"expires_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))}, ValueError),
-    ({"expires_at": datetime(9999, 1, 1, tzinfo=UTC)}, ValueError),
     ({"limits": {"rpm": 1}}, TypeError),
 ])
 def test_check_key_fields_refuses(fields: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         check_key_fields(**fields)
+
+
+@pytest.mark.parametrize("when", [datetime(9999, 1, 1, tzinfo=UTC),
+                                  datetime(9999, 12, 31, tzinfo=UTC),
+                                  datetime(1969, 12, 31, 23, 59, tzinfo=UTC)])
+def test_only_a_stored_key_is_bound_to_the_years_postgresql_reads_back(when: datetime) -> None:
+    assert check_key_fields(expires_at=when) == {"expires_at": when}
+    with pytest.raises(ValueError, match="expires_at must fall in the years 1970 to 9998"):
+        check_storable_key_fields(expires_at=when)
+    later = datetime(9998, 12, 31, tzinfo=UTC)
+    assert check_storable_key_fields(expires_at=later) == {"expires_at": later}
 
 
 def test_names_and_subject_ids() -> None:

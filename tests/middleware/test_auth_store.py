@@ -445,6 +445,11 @@ async def test_values_postgresql_cannot_hold_are_value_errors(store: PostgresKey
         await store.create("acme", metadata={"note": "\u0000"})
     _, key = await store.create("acme", expires_at=datetime(9998, 12, 31, tzinfo=UTC))
     assert await store.get(key.id) == key
+    never = datetime(9999, 12, 31, tzinfo=UTC)  # a static key may; a stored one may not
+    with pytest.raises(ValueError, match="expires_at"):
+        await store.create("acme", expires_at=never)
+    with pytest.raises(ValueError, match="expires_at"):
+        await store.update(key.id, expires_at=never)
 
 
 # -- notifications -----------------------------------------------------------------------------
