@@ -73,7 +73,9 @@ metering = Middleware(MeteringMiddleware,
                       store=PostgresUsageStore(database_url) if database_url else None,
                       admin_token_env=admin_token_env)
 
-# Top = outermost. Reorder or delete lines freely; the kernel is always there.
+# Top = outermost; the kernel is always there. Reorder or delete lines freely, except that
+# quota and cache stay below auth: they act per caller, and above it they would act before
+# the key is checked, so the gateway refuses to start with either above auth.
 middleware = [
     auth,
     metering,
