@@ -449,13 +449,20 @@ def _subject(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _stored_limits(client: AdminClient, kind: str, subject: str) -> dict[str, Any] | None:
-    """The subject's limits (`Limits.to_json` shape), None when none are stored."""
+    """The subject's limits (`Limits.to_json` shape), None when none are stored. Stored
+    limits the gateway cannot read (written by an older version) are an error: neither
+    shown as none nor merged into as if empty."""
     try:
-        limits = client.get_limits(kind, subject).get("limits")
+        payload = client.get_limits(kind, subject)
     except AdminError as exc:
         if exc.code == "limits_not_found":
             return None
         raise
+    if payload.get("limits_error"):
+        raise UsageError(f"The limits stored for {kind} {subject} cannot be read "
+                         f"({payload['limits_error']}); set them anew with "
+                         "`sluicegate budgets set ... --clear` and the limits to keep.")
+    limits = payload.get("limits")
     return limits if isinstance(limits, dict) else None
 
 

@@ -37,6 +37,7 @@ WRONG_TOKEN = "sg-admin-" + secrets.token_urlsafe(24)
 class Gateway:
     url: str
     log_path: Path
+    schema: str = ""  # its key store's PostgreSQL schema
 
 
 def serve(directory: Path, mock_url: str, *, middleware: str = "none",
@@ -64,7 +65,7 @@ middleware = [
 """
     process, server = serve(tmp_path_factory.mktemp("cli_admin"), mock_url, extra=extra)
     try:
-        yield server
+        yield Gateway(server.url, server.log_path, schema)
     finally:
         stop_process(process)
         with psycopg.connect(DSN, autocommit=True) as conn:
@@ -303,6 +304,25 @@ def test_show_without_the_usage_route_prints_the_limits(tmp_path: Path, mock_url
 
 
 # -- usage errors and the admin token ----------------------------------------------------------
+
+def test_limits_the_gateway_cannot_read_are_neither_shown_as_none_nor_merged_into(
+        gateway: Gateway) -> None:
+    name = project()
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--usd", "25",
+                  "--period", "monthly"))
+    unreadable = {"budgets": [{"limit_usd": "10", "period": "monthly", "on_overflow": "block",
+                               "stream_cutoff": "no", "status": 402}]}
+    with psycopg.connect(DSN, autocommit=True) as conn:  # as an older version might have
+        conn.execute(sql.SQL("UPDATE {} SET limits = %s::jsonb WHERE subject_id = %s").format(
+            sql.Identifier(gateway.schema, "sluicegate_subject_limits")),
+            (orjson.dumps(unreadable).decode(), name))
+    for action in (["show"], ["set", "--rpm", "5"]):
+        refused = sluicegate(gateway, "budgets", *action, "--project", name)
+        assert refused.returncode == 2, refused.stdout
+        assert f"The limits stored for project {name} cannot be read" in refused.stderr
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--rpm", "5", "--clear"))
+    assert "  rpm: 5" in ok(sluicegate(gateway, "budgets", "show", "--project", name))
+
 
 def test_a_missing_token_variable_exits_2_with_one_sentence(gateway: Gateway) -> None:
     result = sluicegate(gateway, "keys", "list", token=None)
