@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini")
-FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event")
+FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate")
 
 
 @dataclass(slots=True)
@@ -145,7 +145,11 @@ class Fault:
                          connection; non-streams: drop the connection without a response.
       "error_event"      streams: status 200, `after_chunks` content events, then the
                          provider's in-band error event, then the stream ends.
-    `provider` None matches any provider. `message` overrides the error message.
+      "truncate"         streams: status 200, `after_chunks` content events, then the stream
+                         ends cleanly without its closing events (no finish reason, usage,
+                         `[DONE]` or `message_stop`), as when a proxy cuts it short.
+    `provider` None matches any provider. `message` overrides the error message; `code` and
+    `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only).
     `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
     OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
     """
@@ -158,6 +162,8 @@ class Fault:
     delay_s: float = 1.0
     message: str | None = None
     sent_status: int | None = None
+    code: str | None = None
+    param: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -77,7 +77,8 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         if status_fault is not None:
             await call.wait_first_byte()
             refused = wire.error(status_fault.status, status_fault.message, headers,
-                                 retry_after_s=status_fault.retry_after_s)
+                                 retry_after_s=status_fault.retry_after_s,
+                                 param=status_fault.param, code=status_fault.code)
             if status_fault.sent_status is not None:
                 refused.set_status(status_fault.sent_status)
             return refused

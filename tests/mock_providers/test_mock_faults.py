@@ -160,6 +160,24 @@ def test_error_event_ends_streams_in_band(mock: MockProviderServer) -> None:
     assert '"status":"UNAVAILABLE"' in lines[1] and lines[1].startswith("data: {\"error\"")
 
 
+def test_truncate_ends_streams_cleanly_without_their_closing_events(
+        mock: MockProviderServer) -> None:
+    for provider, ending in (("openai", b"[DONE]"), ("anthropic", b"message_stop"),
+                             ("gemini", b"finishReason")):
+        mock.push_fault(Fault("truncate", provider=provider, after_chunks=2))
+        body = call(mock, provider, stream=True).content  # ends without an error
+        assert body.count(REPLY[8:16].encode()) == 1 and REPLY[16:24].encode() not in body
+        assert ending not in body and b"error" not in body
+
+
+def test_status_fault_code_and_param_in_openai_shape(mock: MockProviderServer) -> None:
+    mock.push_fault(Fault("status", provider="openai", status=400, message="too long",
+                          code="context_length_exceeded", param="messages"))
+    assert call(mock, "openai").json() == {"error": {
+        "message": "too long", "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}}
+
+
 def test_slow_first_byte_and_ttft_hold_back_the_headers(mock: MockProviderServer) -> None:
     mock.push_fault(Fault("slow_first_byte", provider="gemini", delay_s=3.0))
     with pytest.raises(httpx.ReadTimeout):

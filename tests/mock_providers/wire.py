@@ -2,8 +2,8 @@
 
 A stream is a list of pre-rendered events, each flagged as content (a text or arguments
 delta) or not. Faults cut a stream at a content boundary: `after_chunks` content events are
-sent (with every non-content event before the cut), then the connection is reset or the
-provider's in-band error event ends the stream.
+sent (with every non-content event before the cut), then the connection is reset, the
+provider's in-band error event ends the stream, or (truncate) it just ends.
 """
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
 
 async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: bytes,
                          content_type: str = SSE_TYPE) -> web.StreamResponse:
-    """Send `items` as a paced SSE stream, honouring a "reset" or "error_event" fault."""
+    """Send `items` as a paced SSE stream, honouring a "reset", "error_event" or "truncate"
+    fault."""
     await call.wait_first_byte()
     response = web.StreamResponse(status=200, headers=call.headers)
     response.headers["content-type"] = content_type
@@ -181,7 +182,7 @@ async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: b
 
 
 def _cut_fault(call: Call) -> Fault | None:
-    return call.fault_of("reset") or call.fault_of("error_event")
+    return call.fault_of("reset") or call.fault_of("error_event") or call.fault_of("truncate")
 
 
 async def _write_paced(call: Call, response: web.StreamResponse, items: Sequence[StreamItem],
@@ -203,7 +204,7 @@ async def _write_paced(call: Call, response: web.StreamResponse, items: Sequence
             await asyncio.sleep(delay)
         seen_content = seen_content or is_content
         await response.write(item)
-    if cut is None:
+    if cut is None or cut.kind == "truncate":
         return
     # Failing mid-stream: the content sent so far reaches the client before the failure
     # (otherwise both could arrive in one TCP segment).
