@@ -84,10 +84,16 @@ class GatewayError(Exception):
 
 
 class UpstreamError(GatewayError):
-    """A provider call that failed before any byte reached the client.
+    """A provider's failure: a call that failed before any byte reached the client, or (sent
+    in-band) a stream that broke after it started.
 
     The failover layer may retry it; otherwise the kernel renders it with the provider's
-    status and `Retry-After` kept.
+    status and `Retry-After` kept. `error_type` names the failure for the gateway (the
+    provider's error type, or a word such as "timeout"); it is also this error's `code`.
+    What the provider said in its own wire format (`wire_format`: "openai", "anthropic",
+    "gemini") reaches a caller of that same format as it was: `native_type`, and for OpenAI
+    `native_code` (when it gave one) and `param`. Other callers get the type their API uses
+    for the status: for OpenAI's any 5xx is a `server_error`, as its own are.
     """
 
     def __init__(
@@ -99,13 +105,35 @@ class UpstreamError(GatewayError):
         error_type: str | None = None,
         retry_after: str | None = None,
         retryable: bool | None = None,
+        wire_format: str | None = None,
+        native_type: str | None = None,
+        native_code: str | None = None,
+        param: str | None = None,
     ) -> None:
         headers = [(b"retry-after", retry_after.encode("latin-1"))] if retry_after else []
-        super().__init__(status, message, headers=headers, code=error_type)
+        super().__init__(status, message, headers=headers, code=error_type, param=param)
         self.provider = provider
         self.upstream_error_type = error_type
+        self.wire_format = wire_format
+        self.native_type = native_type
+        self.native_code = native_code
         self.retry_after = retry_after
         self.retryable = retryable if retryable is not None else status in (408, 429) or status >= 500
+
+    def type_for(self, api_format: str) -> str:
+        if self.error_type:
+            return self.error_type
+        if self.native_type and api_format == self.wire_format:
+            return self.native_type
+        if api_format == "openai" and self.status >= 500:
+            return "server_error"
+        return super().type_for(api_format)
+
+    def body(self, api_format: str) -> dict[str, Any]:
+        body = super().body(api_format)
+        if api_format == "openai" == self.wire_format and self.native_code is not None:
+            body["error"]["code"] = self.native_code  # (else the error's kind, `code`)
+        return body
 
 
 class StreamInterrupted(Exception):

@@ -18,6 +18,8 @@ from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCode
 
 API_VERSION = "2023-06-01"
 _FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
+# In the stream's final event; quoted, so escaped output text cannot hold it.
+_MESSAGE_STOP = (b'"message_stop"',)
 
 
 def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
@@ -78,11 +80,16 @@ class AnthropicSource:
     def usage(self) -> dict[str, Any] | None:
         return self._translator.usage
 
+    @property
+    def ended(self) -> bool:
+        return self._translator.finished
+
 
 class AnthropicAdapter(HTTPAdapter):
     """`Provider("anthropic", api_key_env="ANTHROPIC_API_KEY")`."""
 
     type_name = "anthropic"
+    wire_format = "anthropic"
     default_base_url = "https://api.anthropic.com"
     operations = frozenset({c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS, c.OPENAI_CHAT})
 
@@ -119,7 +126,9 @@ class AnthropicAdapter(HTTPAdapter):
             return Exchange(self.base_url + "/v1/messages/count_tokens", headers,
                             orjson.dumps(body), False, lambda payload: (None, None))
         return Exchange(self.base_url + "/v1/messages", headers, orjson.dumps(body), ctx.stream,
-                        _decode_native, lambda: PassthroughCodec(_stream_usage, _event_has_content))
+                        _decode_native, lambda: PassthroughCodec(
+                            _stream_usage, _event_has_content, end_markers=_MESSAGE_STOP,
+                            final_event="message_stop"))
 
     def _plan_from_openai(self, ctx: RequestContext, deployment: Deployment,
                           headers: dict[str, str]) -> Exchange:

@@ -52,6 +52,7 @@ class HTTPAdapter:
     """Base class of the provider adapters (see gateway.upstream.ProviderAdapter)."""
 
     type_name = "http"
+    wire_format = ""  # the API the provider speaks: "openai", "anthropic" or "gemini"
     default_base_url = ""
     operations: frozenset[str] = frozenset()
 
@@ -119,6 +120,12 @@ class HTTPAdapter:
     def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
         """(error type, message) from a provider error body."""
         raise NotImplementedError
+
+    def native_error(self, error_type: str, body: bytes) -> tuple[str | None, str | None,
+                                                                  str | None]:
+        """(type, code, param) as the provider's error body gave them, for a caller of the
+        same format; by default the type `parse_error` found, alone."""
+        return error_type, None, None
 
     def key_headers(self, secret: str) -> dict[str, str]:
         """The headers that carry a provider key (each provider family names its own)."""
@@ -261,13 +268,20 @@ class HTTPAdapter:
         error_type, message = self.parse_error(response.status, body)
         attempt.error_type = error_type
         status = response.status if response.status >= 400 else 502  # a redirect we won't follow
+        native_type, native_code, param = (self._redacted(field) for field in
+                                           self.native_error(error_type, body))
         raise UpstreamError(
             status, f"Provider '{self.name}' returned {response.status}: "
                     f"{self.redact(message)}",
             provider=self.name, error_type=error_type,
             retry_after=response.headers.get("retry-after"),
             # A provider key that fails auth or billing may work on another deployment.
-            retryable=status in (401, 402, 403, 408, 429) or status >= 500)
+            retryable=status in (401, 402, 403, 408, 429) or status >= 500,
+            wire_format=self.wire_format if status == response.status else None,
+            native_type=native_type, native_code=native_code, param=param)
+
+    def _redacted(self, text: str | None) -> str | None:
+        return None if text is None else self.redact(text)
 
     async def _call_json(self, ctx: RequestContext, exchange: Exchange, send: Send,
                          attempt: Attempt) -> None:
@@ -321,7 +335,7 @@ class HTTPAdapter:
                     try:
                         last = await self._relay(response, codec, send, first, deadline,
                                                  delivered, marker)
-                        tail = last + codec.finish()
+                        tail = await self._finish_codec(codec, last, send, delivered, marker)
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
@@ -363,12 +377,29 @@ class HTTPAdapter:
                 if out:
                     return bytes(out)
         except StreamError as exc:
-            status = _STREAM_ERROR_STATUS.get(exc.error_type, 502)
-            raise UpstreamError(status, f"Provider '{self.name}' reported an error in its "
-                                        f"stream: {self.redact(exc.message)}",
-                                provider=self.name, error_type=exc.error_type) from None
+            what = "reported an error in its stream" if exc.from_provider else "sent a broken stream"
+            raise self._stream_error(exc, f"Provider '{self.name}' {what}") from None
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
+
+    async def _finish_codec(self, codec: Any, last: bytes, send: Send, delivered: list[int],
+                            marker: bytes) -> bytes:
+        """The stream's last bytes once the upstream ended. An error found at the end (a
+        stream without its final event, a last error event) is raised after the output
+        before it has gone out."""
+        error: StreamError | None
+        try:
+            out: bytes = codec.finish()
+            error = codec.error
+        except StreamError as exc:
+            out, error = b"", exc
+        tail = last + out
+        if error is None:
+            return tail
+        if tail:
+            await send({"type": "http.response.body", "body": tail, "more_body": True})
+            delivered[0] += tail.count(marker)
+        raise error
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
                      pending: bytes, deadline: StreamDeadline, delivered: list[int],
@@ -396,16 +427,27 @@ class HTTPAdapter:
             deadline.touch()
             pending = codec.feed(chunk)
 
-    def _mid_stream_error(self, exc: BaseException) -> GatewayError:
+    def _mid_stream_error(self, exc: BaseException) -> UpstreamError:
         """What ends a stream that broke after it started (sent in-band)."""
         if isinstance(exc, StreamError):
-            error_type, message = exc.error_type, self.redact(exc.message)
-        elif isinstance(exc, asyncio.TimeoutError):
+            return self._stream_error(exc, f"Provider '{self.name}' failed mid-stream")
+        if isinstance(exc, asyncio.TimeoutError):
             error_type, message = "timeout", "the stream timed out (idle gap or total time)"
         else:
             error_type, message = "connection_error", "the connection broke mid-stream"
-        return GatewayError(502, f"Provider '{self.name}' failed mid-stream: {message}",
-                            code=error_type)
+        return UpstreamError(502, f"Provider '{self.name}' failed mid-stream: {message}",
+                             provider=self.name, error_type=error_type)
+
+    def _stream_error(self, exc: StreamError, what: str) -> UpstreamError:
+        """An error event (or a broken stream) as an UpstreamError with the status its type
+        would have had as a response; the provider's own words kept for its own format."""
+        status = _STREAM_ERROR_STATUS.get(exc.error_type, 502) if exc.from_provider else 502
+        return UpstreamError(status, f"{what}: {self.redact(exc.message)}", provider=self.name,
+                             error_type=exc.error_type,
+                             wire_format=self.wire_format if exc.from_provider else None,
+                             native_type=self._redacted(exc.error_type),
+                             native_code=self._redacted(exc.code),
+                             param=self._redacted(exc.param))
 
     def _connection_error(self, exc: BaseException) -> UpstreamError:
         return UpstreamError(502, f"Could not reach provider '{self.name}': "

@@ -45,6 +45,10 @@ class GeminiSource:
     def usage(self) -> dict[str, Any] | None:
         return self._translator.usage
 
+    @property
+    def ended(self) -> bool:
+        return self._translator.ended
+
 
 def _base64_floats(vector: list[float]) -> str:
     """OpenAI's `encoding_format: base64`: little-endian float32, base64-encoded."""
@@ -55,6 +59,7 @@ class GeminiAdapter(HTTPAdapter):
     """`Provider("gemini", api_key_env="GEMINI_API_KEY")`."""
 
     type_name = "gemini"
+    wire_format = "gemini"
     default_base_url = "https://generativelanguage.googleapis.com"
     operations = frozenset({c.OPENAI_CHAT, c.OPENAI_EMBEDDINGS, c.ANTHROPIC_MESSAGES,
                             c.ANTHROPIC_COUNT_TOKENS})

@@ -143,6 +143,12 @@ class GeminiStreamToChat:
         """The latest (cumulative) usage, OpenAI-shaped; None until Gemini sent any."""
         return chat_usage(self._metadata)
 
+    @property
+    def ended(self) -> bool:
+        """Whether every candidate that answered has its finishReason (Gemini's stream has
+        no other end): a stream without one was cut short."""
+        return bool(self._finished) and all(index in self._finished for index in self._opened)
+
     def feed(self, data: JSON) -> list[JSON]:
         """Chunks for one parsed `data:` payload; raises UpstreamStreamError on an error one."""
         error = data.get("error")

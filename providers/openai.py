@@ -33,6 +33,12 @@ _PATHS = {
 }
 
 
+# The bytes one of which a stream's final event holds (checked once the upstream ended):
+# chat and completions end with `data: [DONE]`, Responses with its terminal response event.
+_CHAT_END = (b"[DONE]\n\n",)
+_RESPONSES_END = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+
+
 def _chat_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
     return Usage.from_openai(payload.get("usage")) or previous
 
@@ -73,6 +79,7 @@ class OpenAIAdapter(HTTPAdapter):
     """`Provider("openai", ...)` and the OpenAI-compatible presets."""
 
     type_name = "openai"
+    wire_format = "openai"
     default_base_url = "https://api.openai.com/v1"
     operations = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EMBEDDINGS,
                             c.OPENAI_RESPONSES, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})
@@ -105,11 +112,14 @@ class OpenAIAdapter(HTTPAdapter):
         if ctx.operation == c.OPENAI_RESPONSES:
             return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
                             lambda: PassthroughCodec(_responses_usage,
-                                                     _responses_event_has_content))
+                                                     _responses_event_has_content,
+                                                     end_markers=_RESPONSES_END,
+                                                     final_event="response.completed"))
         body, client_asked = with_usage_requested(body)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
                         lambda: PassthroughCodec(_chat_usage, chat_chunk_has_content,
-                                                 drop_usage_event=not client_asked))
+                                                 drop_usage_event=not client_asked,
+                                                 end_markers=_CHAT_END, final_event="[DONE]"))
 
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:
@@ -137,6 +147,10 @@ class OpenAIAdapter(HTTPAdapter):
     def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
         return parse_openai_error(status, body)
 
+    def native_error(self, error_type: str, body: bytes) -> tuple[str | None, str | None,
+                                                                  str | None]:
+        return openai_error_fields(body)
+
 
 def parse_openai_error(status: int, body: bytes) -> tuple[str, str]:
     try:
@@ -152,6 +166,22 @@ def parse_openai_error(status: int, body: bytes) -> tuple[str, str]:
     if isinstance(error, str):
         return f"http_{status}", error
     return f"http_{status}", str(payload)[:200]
+
+
+def openai_error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(type, code, param) of an OpenAI error body, each None where it has none (Azure's own
+    errors carry only a code)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, None
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return None, None, None
+    fields = (error.get("type"), error.get("code"), error.get("param"))
+    return tuple(None if value is None else str(value) for value in fields)  # type: ignore[return-value]
 
 
 async def send_count_tokens(ctx: RequestContext, send: Send) -> None:

@@ -17,12 +17,27 @@ from gateway.sse import OPENAI_DONE, SSEParser, named_event, openai_event, split
 
 
 class StreamError(Exception):
-    """An error event inside a 200 stream, or a stream that broke."""
+    """An error event inside a 200 stream, or a stream that broke.
 
-    def __init__(self, error_type: str, message: str) -> None:
+    `from_provider`: the provider's own error event, whose `error_type` (and for OpenAI
+    `code` and `param`) are its words; else the gateway found the stream broken
+    (`error_type` "bad_response", "incomplete_stream").
+    """
+
+    def __init__(self, error_type: str, message: str, *, code: str | None = None,
+                 param: str | None = None, from_provider: bool = True) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.code = code
+        self.param = param
+        self.from_provider = from_provider
+
+
+def incomplete_stream(final_event: str) -> StreamError:
+    """A stream that ended cleanly but without its final event: cut short somewhere."""
+    return StreamError("incomplete_stream", f"the stream ended before its {final_event}",
+                       from_provider=False)
 
 
 class StreamCodec(Protocol):
@@ -35,7 +50,9 @@ class StreamCodec(Protocol):
         """Client bytes for this upstream chunk (b"" while an event is incomplete)."""
 
     def finish(self) -> bytes:
-        """Client bytes once the upstream ended cleanly."""
+        """Client bytes once the upstream ended cleanly. A stream that ended without its
+        final event is an error (`incomplete_stream`), raised or left in `error` as in
+        `feed`."""
 
 
 UsageReader = Callable[[dict[str, Any], "Usage | None"], "Usage | None"]
@@ -61,12 +78,18 @@ class PassthroughCodec:
     The preamble (events before the first one with output, e.g. OpenAI's role chunk or
     Anthropic's message_start) is parsed and held back, so that an error before any output
     is still a plain error response that the failover layer can retry elsewhere.
+
+    `end_markers` are bytes of which one is in the stream's final event (`[DONE]\n\n`,
+    `"message_stop"`): only the last events are searched, once the upstream ended.
     """
 
     __slots__ = (
         "_drop_usage_event",
+        "_end_markers",
+        "_final_event",
         "_has_content",
         "_held",
+        "_last",
         "_read_usage",
         "_tail",
         "error",
@@ -74,14 +97,18 @@ class PassthroughCodec:
     )
 
     def __init__(self, read_usage: UsageReader, has_content: ContentTest, *,
-                 drop_usage_event: bool = False) -> None:
+                 drop_usage_event: bool = False, end_markers: tuple[bytes, ...] = (),
+                 final_event: str = "final event") -> None:
         self.usage: Usage | None = None
         self.error: StreamError | None = None
         self._tail = b""
+        self._last = b""  # the latest complete events
         self._held: bytes | None = b""  # None once output has started flowing
         self._read_usage = read_usage
         self._drop_usage_event = drop_usage_event
         self._has_content = has_content
+        self._end_markers = end_markers
+        self._final_event = final_event
 
     def feed(self, chunk: bytes) -> bytes:
         buffer = self._tail + chunk if self._tail else chunk
@@ -90,10 +117,12 @@ class PassthroughCodec:
         events, self._tail = split_complete_events(buffer)
         if not events:
             return b""
+        self._last = events
         try:
             return self._feed_events(events)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise StreamError("bad_response", f"unreadable event ({type(exc).__name__})") from None
+            raise StreamError("bad_response", f"unreadable event ({type(exc).__name__})",
+                              from_provider=False) from None
 
     def _feed_events(self, events: bytes) -> bytes:
         if self._held is not None:
@@ -137,6 +166,13 @@ class PassthroughCodec:
     def finish(self) -> bytes:
         tail, self._tail = self._tail, b""
         out = self.feed(tail + b"\n\n") if tail.strip() else b""
+        if self.error is None and self._last and self._end_markers and not any(
+                marker in self._last for marker in self._end_markers):
+            error = incomplete_stream(self._final_event)
+            if not out:  # (a preamble still held back is dropped: nothing went out)
+                raise error
+            self.error = error
+            return out
         if self._held:  # a stream without any output: deliver its preamble as it was
             out, self._held = self._forward(self._held) + out, None
         return out
@@ -187,11 +223,18 @@ def _split_at_error(events: bytes) -> tuple[bytes, StreamError | None]:
                 continue
             error = payload.get("error") if isinstance(payload, dict) else None
             if isinstance(error, dict):
-                kind = error.get("type") or error.get("status") or error.get("code")
                 before = b"".join(b + b"\n\n" for b in blocks[:index] if b)
-                return before, StreamError(str(kind or "api_error"),
-                                           str(error.get("message") or "stream error"))
+                return before, error_of(error)
     return events, None
+
+
+def error_of(error: dict[str, Any]) -> StreamError:
+    """The StreamError for an in-stream `error` object of any of the three APIs."""
+    kind = error.get("type") or error.get("status") or error.get("code")
+    code, param = error.get("code"), error.get("param")
+    return StreamError(str(kind or "api_error"), str(error.get("message") or "stream error"),
+                       code=None if code is None else str(code),
+                       param=None if param is None else str(param))
 
 
 class HubSource(Protocol):
@@ -203,6 +246,10 @@ class HubSource(Protocol):
 
     @property
     def usage(self) -> dict[str, Any] | None: ...
+
+    @property
+    def ended(self) -> bool:
+        """Whether the upstream's final event (or finish reason) arrived."""
 
 
 class HubSink(Protocol):
@@ -241,7 +288,8 @@ class TranslatingCodec:
                     out.append(self._sink.feed(chunks))
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StreamError("bad_response",
-                                      f"unreadable event ({type(exc).__name__})") from None
+                                      f"unreadable event ({type(exc).__name__})",
+                                      from_provider=False) from None
             except StreamError as exc:
                 if not any(out):
                     raise
@@ -261,7 +309,12 @@ class TranslatingCodec:
     def finish(self) -> bytes:
         out = [self._translate(self._parser.flush())]
         if self.error is not None:
-            raise self.error
+            return out[0]
+        if not self._source.ended:  # cut short: no made-up ending, an error instead
+            if not out[0]:
+                raise incomplete_stream("final event")
+            self.error = incomplete_stream("final event")
+            return out[0]
         final = self._source.finish()
         if self._held is not None:
             final, self._held = self._held + final, None
@@ -271,20 +324,24 @@ class TranslatingCodec:
 
 
 class OpenAIChunkSource:
-    """OpenAI chat chunks upstream: the hub already; only parse and watch usage/errors."""
+    """OpenAI chat chunks upstream: the hub already; only parse and watch usage/errors.
+    The stream's end is its `[DONE]`."""
 
-    __slots__ = ("usage",)
+    __slots__ = ("ended", "usage")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
+        self.ended = False
 
     def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
-        if data == "[DONE]" or not data:
+        if data == "[DONE]":
+            self.ended = True
+            return []
+        if not data:
             return []
         chunk = orjson.loads(data)
         if "error" in chunk and isinstance(chunk["error"], dict):
-            error = chunk["error"]
-            raise StreamError(str(error.get("type") or "api_error"), str(error.get("message")))
+            raise error_of(chunk["error"])
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         return [chunk]

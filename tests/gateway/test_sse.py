@@ -125,3 +125,42 @@ def test_error_before_any_output_raises_at_once() -> None:
         assert exc.message == "boom"
     else:
         raise AssertionError("no StreamError")
+
+
+def test_a_stream_that_ends_without_its_final_event_is_an_error_at_the_end() -> None:
+    """Checked once, at the end: a [DONE] cut across reads is found, one in the text is not."""
+    stream = CHUNK * 2 + USAGE + DONE
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=(b"[DONE]\n\n",))
+    out = b"".join(codec.feed(stream[i:i + 5]) for i in range(0, len(stream), 5))
+    assert out + codec.finish() == stream and codec.error is None
+    mention = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"[DONE]"}}]}\n\n'
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=(b"[DONE]\n\n",),
+                             final_event="[DONE]")
+    assert codec.feed(CHUNK + mention) == CHUNK + mention
+    try:
+        codec.finish()
+    except StreamError as exc:
+        assert (exc.error_type, exc.message) == ("incomplete_stream",
+                                                 "the stream ended before its [DONE]")
+    else:
+        raise AssertionError("no StreamError")
+    # The last events without their blank line: delivered, the error left for after them.
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=(b"[DONE]\n\n",))
+    assert codec.feed(CHUNK + CHUNK[:-2]) == CHUNK
+    assert codec.finish() == CHUNK
+    assert codec.error is not None and codec.error.error_type == "incomplete_stream"
+
+
+def test_a_stream_cut_in_its_preamble_raises_and_delivers_nothing() -> None:
+    role = b'data: {"id":"1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=(b"[DONE]\n\n",))
+    assert codec.feed(role) == b""
+    try:
+        codec.finish()
+    except StreamError as exc:
+        assert (exc.error_type, exc.from_provider) == ("incomplete_stream", False)
+    else:
+        raise AssertionError("no StreamError")
+    # An empty stream is left to the caller (the adapter's "empty_stream").
+    assert PassthroughCodec(_chat_usage, chat_chunk_has_content,
+                            end_markers=(b"[DONE]\n\n",)).finish() == b""

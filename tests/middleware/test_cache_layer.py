@@ -420,6 +420,27 @@ def test_a_stream_that_broke_is_not_kept_in_place_of_a_good_answer(
     assert upstream_calls(mock, text) == 2
 
 
+@pytest.mark.parametrize("model,provider", [("gemini-mock", "gemini"), ("gpt-mock", "openai"),
+                                            ("claude-mock", "anthropic")])
+def test_a_stream_cut_short_upstream_is_not_kept(gateway: ThreadedServer,
+                                                 mock: MockProviderServer, model: str,
+                                                 provider: str) -> None:
+    """The provider's stream ends cleanly but without its final events: its part of an
+    answer ends with an error event, and is not served to the next caller as a whole one."""
+    from tests.mock_providers import Fault
+    text = "cut short " + uuid.uuid4().hex
+    mock.push_fault(Fault("truncate", provider=provider, after_chunks=1))
+    body = {"model": model, "max_tokens": 50, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": text}]}
+    headers = {**AUTH, "anthropic-version": "2023-06-01"}
+    cut = httpx.post(gateway.url + "/v1/messages", json=body, headers=headers, timeout=10)
+    assert cut.status_code == 200 and "event: error" in cut.text
+    time.sleep(0.5)  # (what a store would take)
+    again = httpx.post(gateway.url + "/v1/messages", json=body, headers=headers, timeout=10)
+    assert again.headers["x-sluicegate-cache"] != "hit"
+    assert "event: message_stop" in again.text and upstream_calls(mock, text) == 2
+
+
 def test_one_stream_kept_twice_is_read_once_and_each_entry_keeps_its_own_figures() -> None:
     """Away from the memory store, the answer a kept stream makes is kept in process per
     stream: another entry with the same bytes gets the same answer and its own model,

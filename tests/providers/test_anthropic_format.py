@@ -627,6 +627,21 @@ def test_a_translated_stream_keeps_the_writes_kept_for_an_hour() -> None:
     assert codec.usage == _CACHING_USAGE
 
 
+def test_a_translated_stream_without_message_stop_ends_in_an_error_not_a_finish() -> None:
+    cut = _CACHING_STREAM[:_CACHING_STREAM.index(b"event: content_block_stop")]
+    codec = TranslatingCodec(AnthropicSource(MessagesStreamToChat("claude-x", False)),
+                             OpenAIChunkSink())
+    out = codec.feed(cut)
+    assert b'"hi"' in out and b"finish_reason\":\"" not in out
+    with pytest.raises(UpstreamStreamError) as caught:
+        codec.finish()  # nothing made up to deliver: raised
+    assert (caught.value.error_type, caught.value.from_provider) == ("incomplete_stream", False)
+    whole = TranslatingCodec(AnthropicSource(MessagesStreamToChat("claude-x", False)),
+                             OpenAIChunkSink())
+    whole.feed(_CACHING_STREAM)
+    assert whole.finish().endswith(b"data: [DONE]\n\n") and whole.error is None
+
+
 def test_server_tool_input_and_unknown_events_are_not_chunks() -> None:
     translator = MessagesStreamToChat("p", False)
     translator.feed(*message_start({"input_tokens": 5, "output_tokens": 1}))

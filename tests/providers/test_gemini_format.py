@@ -540,6 +540,20 @@ def test_finish_closes_a_stream_that_ended_without_a_finish_reason() -> None:
     assert translator.finish() == []
 
 
+def test_the_stream_has_ended_once_every_candidate_has_its_finish_reason() -> None:
+    translator = GeminiStreamToChat("pub", include_usage=False)
+    assert not translator.ended
+    translator.feed({"candidates": [model_turn({"text": "A"}, finish=None),
+                                    model_turn({"text": "B"}, finish=None, index=1)]})
+    translator.feed({"candidates": [model_turn({"text": "!"}, index=1)]})
+    assert not translator.ended  # candidate 0 was cut short
+    translator.feed({"candidates": [model_turn({"text": "?"})]})
+    assert translator.ended
+    blocked = GeminiStreamToChat("pub", include_usage=False)
+    blocked.feed({"promptFeedback": {"blockReason": "SAFETY"}})
+    assert blocked.ended
+
+
 def test_finish_on_an_empty_stream_still_makes_a_valid_reply() -> None:
     chunks = GeminiStreamToChat("pub", include_usage=True).finish()
     assert deltas(chunks) == [(0, {"role": "assistant", "content": ""}, None), (0, {}, "stop")]

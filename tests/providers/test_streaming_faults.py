@@ -6,6 +6,7 @@ in the caller's format (never a second response start).
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_429_keeps_status_and_retry_after_in_openai_shape(
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     error = response.json()["error"]
-    assert error["type"] == "rate_limit_error"
+    # An OpenAI provider's own type and code reach an OpenAI caller as they were.
+    assert error["type"] == ("requests" if provider == "openai" else "rate_limit_error")
     assert f"Provider '{provider}' returned 429" in error["message"]
 
 
@@ -132,6 +134,108 @@ def test_error_event_mid_stream_ends_anthropic_stream_in_band(
         with claude(gateway).messages.stream(model=model, max_tokens=50,
                                              messages=QUESTION) as stream:
             "".join(stream.text_stream)
+
+
+# -- streams cut short: the provider's stream ends cleanly, without its final events ----------
+
+@pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("azure-mock", "azure"),
+                                            ("claude-mock", "anthropic"),
+                                            ("gemini-mock", "gemini")])
+def test_truncated_stream_ends_openai_stream_in_band(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    """No [DONE], message_stop or finishReason came: no finish_reason is made up, the stream
+    ends with the error event (passthrough and translated alike)."""
+    mock.push_fault(Fault("truncate", provider=provider, after_chunks=2))
+    received: list[str] = []
+    finishes: list[str] = []
+    with pytest.raises(openai.APIError) as failure:
+        for chunk in oai(gateway).chat.completions.create(model=model, messages=QUESTION,
+                                                          stream=True):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+            finishes.extend(c.finish_reason for c in chunk.choices if c.finish_reason)
+    assert "".join(received) and finishes == []
+    assert "failed mid-stream: the stream ended before its" in str(failure.value)
+
+
+@pytest.mark.parametrize("model,provider", [("claude-mock", "anthropic"), ("gpt-mock", "openai"),
+                                            ("gemini-mock", "gemini")])
+def test_truncated_stream_ends_anthropic_stream_in_band(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    mock.push_fault(Fault("truncate", provider=provider, after_chunks=2))
+    response = httpx.post(gateway.url + "/v1/messages",
+                          headers={**AUTH, "anthropic-version": "2023-06-01"},
+                          json={"model": model, "max_tokens": 50, "messages": QUESTION,
+                                "stream": True})
+    text = response.text
+    assert "event: content_block_delta" in text
+    assert "event: message_delta" not in text  # no stop_reason made up
+    assert "event: message_stop" not in text
+    assert text.rstrip().split("\n\n")[-1].startswith("event: error")
+    mock.push_fault(Fault("truncate", provider=provider, after_chunks=2))
+    with pytest.raises(anthropic.APIError), claude(gateway).messages.stream(
+            model=model, max_tokens=50, messages=QUESTION) as stream:
+        stream.get_final_message()
+
+
+@pytest.mark.parametrize("model,provider", [("claude-mock", "anthropic"), ("gpt-mock", "openai"),
+                                            ("gemini-mock", "gemini")])
+def test_truncated_stream_before_content_is_an_error_response(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str) -> None:
+    """Cut before any output: a 502 the failover layer may retry, not an empty answer."""
+    mock.push_fault(Fault("truncate", provider=provider, after_chunks=0))
+    response = httpx.post(gateway.url + "/v1/messages",
+                          headers={**AUTH, "anthropic-version": "2023-06-01"},
+                          json={"model": model, "max_tokens": 50, "messages": QUESTION,
+                                "stream": True})
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert "sent a broken stream: the stream ended before its" in \
+        response.json()["error"]["message"]
+
+
+# -- the provider's own error words --------------------------------------------------------------
+
+def test_openai_error_code_and_param_reach_an_openai_caller(gateway: ThreadedServer,
+                                                            mock: MockProviderServer) -> None:
+    mock.push_fault(Fault("status", provider="openai", status=400,
+                          message="This model's maximum context length is 128000 tokens.",
+                          code="context_length_exceeded", param="messages"))
+    with pytest.raises(openai.BadRequestError) as failure:
+        oai(gateway).chat.completions.create(model="gpt-mock", messages=QUESTION)
+    assert (failure.value.type, failure.value.code, failure.value.param) == (
+        "invalid_request_error", "context_length_exceeded", "messages")
+    mock.push_fault(Fault("status", provider="openai", status=400, message="too long",
+                          code="context_length_exceeded", param="messages"))
+    with pytest.raises(anthropic.BadRequestError) as translated:
+        claude(gateway).messages.create(model="gpt-mock", max_tokens=50, messages=QUESTION)
+    assert translated.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+        "type": "invalid_request_error", "message": "Provider 'openai' returned 400: too long"}}
+
+
+def test_anthropic_error_event_mid_stream_keeps_its_type(gateway: ThreadedServer,
+                                                         mock: MockProviderServer) -> None:
+    mock.push_fault(Fault("error_event", provider="anthropic", after_chunks=2))
+    with pytest.raises(anthropic.APIStatusError) as failure, claude(gateway).messages.stream(
+            model="claude-mock", max_tokens=50, messages=QUESTION) as stream:
+        "".join(stream.text_stream)
+    assert failure.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("model,provider,kind,code", [
+    ("gpt-mock", "openai", "server_error", "server_error"),
+    ("claude-mock", "anthropic", "server_error", "overloaded_error"),
+    ("gemini-mock", "gemini", "server_error", "UNAVAILABLE")])
+def test_error_event_mid_stream_has_an_openai_type(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, provider: str, kind: str,
+        code: str) -> None:
+    """OpenAI's own words for an OpenAI provider; OpenAI's type with the provider's in
+    `code` for the others."""
+    mock.push_fault(Fault("error_event", provider=provider, after_chunks=2))
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                      json={"model": model, "messages": QUESTION, "stream": True}) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    error = json.loads(events[-1])["error"]
+    assert (error["type"], error["code"]) == (kind, code)
 
 
 def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
