@@ -345,8 +345,13 @@ def messages_response_to_chat(resp: JSON, public_model: str) -> JSON:
 
 # -- Anthropic Messages request -> OpenAI chat request ---------------------------------------
 
-def messages_request_to_chat(body: JSON) -> JSON:
-    """Anthropic Messages request -> OpenAI chat request; `model` is kept for the caller."""
+def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens") -> JSON:
+    """Anthropic Messages request -> OpenAI chat request; `model` is kept for the caller.
+
+    `max_tokens_field` names the limit: OpenAI's own API has deprecated `max_tokens` for
+    `max_completion_tokens` (which its o-series and gpt-5 models require); the
+    OpenAI-compatible servers read `max_tokens`.
+    """
     if body.get("mcp_servers"):
         raise TranslationError("MCP servers are only available on Anthropic models.")
     messages = _system_messages(body.get("system"))
@@ -359,7 +364,7 @@ def messages_request_to_chat(body: JSON) -> JSON:
             raise TranslationError(f"message role {message.get('role')!r} is not supported.")
     chat: JSON = {"model": body.get("model"), "messages": messages}
     if body.get("max_tokens") is not None:
-        chat["max_tokens"] = body["max_tokens"]
+        chat[max_tokens_field] = body["max_tokens"]
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             chat[key] = body[key]

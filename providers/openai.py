@@ -87,6 +87,10 @@ class OpenAIAdapter(HTTPAdapter):
     def __init__(self, *, type_name: str = "openai", responses_api: bool = True,
                  **options: Any) -> None:
         self.type_name = type_name
+        # OpenAI's and Azure's own API take max_completion_tokens (max_tokens is deprecated
+        # and refused by reasoning models); the compatible servers read max_tokens.
+        self.max_tokens_field = ("max_completion_tokens" if type_name in ("openai", "azure")
+                                 else "max_tokens")
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
         super().__init__(**options)
@@ -123,7 +127,8 @@ class OpenAIAdapter(HTTPAdapter):
 
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:
-        body = anthropic_format.messages_request_to_chat(ctx.body)
+        body = anthropic_format.messages_request_to_chat(
+            ctx.body, max_tokens_field=self.max_tokens_field)
         body["model"] = deployment.model
         public_model = ctx.model
 

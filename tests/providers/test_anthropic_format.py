@@ -683,6 +683,9 @@ def test_minimal_messages_request() -> None:
     assert messages_request_to_chat(messages_body()) == {
         "model": "gpt-public", "max_tokens": 1024,
         "messages": [{"role": "user", "content": "Hello, Claude"}]}
+    assert messages_request_to_chat(messages_body(), max_tokens_field="max_completion_tokens") \
+        == {"model": "gpt-public", "max_completion_tokens": 1024,
+            "messages": [{"role": "user", "content": "Hello, Claude"}]}
 
 
 @pytest.mark.parametrize(("system", "content"), [

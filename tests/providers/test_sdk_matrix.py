@@ -260,3 +260,22 @@ def test_anthropic_max_tokens_stop_reason(gateway: ThreadedServer) -> None:
             model=model, max_tokens=2, messages=[{"role": "user", "content": QUESTION}])
         assert message.stop_reason == "max_tokens", model
         assert message.content[0].text == "Mock reply"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("model", ["gpt-mock", "azure-mock"])
+def test_anthropic_max_tokens_reach_openai_as_max_completion_tokens(
+        gateway: ThreadedServer, mock: MockProviderServer, model: str) -> None:
+    """OpenAI deprecated `max_tokens` (its reasoning models refuse it) for
+    `max_completion_tokens`; Azure's API takes the same."""
+    claude(gateway).messages.create(model=model, max_tokens=50,
+                                    messages=[{"role": "user", "content": QUESTION}])
+    body = [r for r in mock.requests if r["provider"] == PROVIDER_OF[model]][-1]["json"]
+    assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
+
+
+def test_openai_compatible_presets_keep_max_tokens() -> None:
+    from providers import PROVIDER_TYPES, Provider
+    fields = {name: Provider(name, base_url="http://127.0.0.1:1").max_tokens_field  # type: ignore[attr-defined]
+              for name in PROVIDER_TYPES if name not in ("anthropic", "gemini")}
+    assert {name for name, field in fields.items() if field == "max_completion_tokens"} == {
+        "openai", "azure"}
