@@ -340,8 +340,9 @@ def message_events(message_id: str, model: str, reply: Reply,
     call = reply.tool_call
     if call is not None:
         block: JSON = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
-        deltas = [{"type": "input_json_delta", "partial_json": piece}
-                  for piece in split_chunks(call.arguments, chunk_chars)]
+        # A call without arguments streams one empty partial_json, as Anthropic's does.
+        pieces = split_chunks(call.arguments, chunk_chars) if call.args else [""]
+        deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces]
     else:
         block = {"type": "text", "text": ""}
         deltas = [{"type": "text_delta", "text": piece}

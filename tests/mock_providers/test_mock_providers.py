@@ -318,6 +318,18 @@ def test_anthropic_tool_use_stream_and_result(claude: anthropic.Anthropic) -> No
     assert answer.content[0].text == "Tool result received: sunny"  # type: ignore[union-attr]
 
 
+def test_anthropic_tool_use_without_arguments_streams_an_empty_partial_json(
+        claude: anthropic.Anthropic) -> None:
+    tools: list[Any] = [{"name": "now", "input_schema": {"type": "object", "properties": {}}}]
+    with claude.messages.stream(model="c", max_tokens=100, tools=tools,
+                                messages=[{"role": "user", "content": "Time?"}]) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    deltas = [e.delta for e in events if e.type == "content_block_delta"]
+    assert [(d.type, d.partial_json) for d in deltas] == [("input_json_delta", "")]  # type: ignore[union-attr]
+    assert message.content[0].input == {}  # type: ignore[union-attr]
+
+
 def test_anthropic_count_tokens_models_and_errors(claude: anthropic.Anthropic,
                                                   srv: MockProviderServer) -> None:
     count = claude.messages.count_tokens(model="c", system="Be brief",
