@@ -136,7 +136,7 @@ class MessagesStreamToChat:
     """Anthropic stream events -> OpenAI `chat.completion.chunk` dicts, one message's worth."""
 
     __slots__ = ("_calls", "_created", "_finish_sent", "_finished", "_id", "_include_usage",
-                 "_model", "_opened", "_usage")
+                 "_model", "_opened", "_usage", "_with_arguments")
 
     def __init__(self, public_model: str, include_usage: bool) -> None:
         self._model = public_model
@@ -144,6 +144,7 @@ class MessagesStreamToChat:
         self._id: str | None = None
         self._created = created_now()
         self._calls: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._with_arguments: set[int] = set()  # tool_calls indexes that got argument text
         self._usage: JSON | None = None   # Anthropic-shaped, merged as events arrive
         self._opened = False
         self._finish_sent = False
@@ -177,7 +178,9 @@ class MessagesStreamToChat:
             return self._message_delta(data)
         if kind == "message_stop":
             return self._message_stop()
-        return []  # ping, content_block_stop, and event types added later
+        if kind == "content_block_stop":
+            return self._block_stop(data)
+        return []  # ping, and event types added later
 
     def _message_start(self, message: JSON) -> list[JSON]:
         if self._id is None:
@@ -205,9 +208,19 @@ class MessagesStreamToChat:
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
             position = self._calls.get(int(data.get("index", -1)))
             if position is not None:  # else a server tool's input, not a client call
+                self._with_arguments.add(position)
                 return self._emit({"tool_calls": [{"index": position, "function": {
                     "arguments": delta["partial_json"]}}]})
         return []
+
+    def _block_stop(self, data: JSON) -> list[JSON]:
+        """A call without arguments streams `input: {}` and an empty partial_json; its
+        OpenAI arguments are "{}", as OpenAI's own and the non-stream translation say."""
+        position = self._calls.get(int(data.get("index", -1)))
+        if position is None or position in self._with_arguments:
+            return []
+        self._with_arguments.add(position)
+        return self._emit({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})
 
     def _message_delta(self, data: JSON) -> list[JSON]:
         usage = data.get("usage")

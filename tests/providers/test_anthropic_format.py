@@ -642,6 +642,22 @@ def test_a_translated_stream_without_message_stop_ends_in_an_error_not_a_finish(
     assert whole.finish().endswith(b"data: [DONE]\n\n") and whole.error is None
 
 
+def test_a_streamed_call_without_arguments_gets_empty_object_arguments() -> None:
+    _, out = run_to_chat([
+        message_start({"input_tokens": 10, "output_tokens": 1}),
+        ev("content_block_start", index=0, content_block={
+            "type": "tool_use", "id": "toolu_A", "name": "now", "input": {}}),
+        json_delta(0, ""),
+        ev("content_block_stop", index=0),
+        ev("message_delta", delta={"stop_reason": "tool_use", "stop_sequence": None},
+           usage={"output_tokens": 3}),
+        ev("message_stop")], include_usage=False)
+    assert [c["choices"][0]["delta"] for c in out][1:] == [
+        {"tool_calls": [{"index": 0, "id": "toolu_A", "type": "function",
+                         "function": {"name": "now", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, {}]
+
+
 def test_server_tool_input_and_unknown_events_are_not_chunks() -> None:
     translator = MessagesStreamToChat("p", False)
     translator.feed(*message_start({"input_tokens": 5, "output_tokens": 1}))

@@ -279,3 +279,17 @@ def test_openai_compatible_presets_keep_max_tokens() -> None:
               for name in PROVIDER_TYPES if name not in ("anthropic", "gemini")}
     assert {name for name, field in fields.items() if field == "max_completion_tokens"} == {
         "openai", "azure"}
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_openai_stream_of_a_tool_call_without_arguments(gateway: ThreadedServer,
+                                                        model: str) -> None:
+    """Anthropic streams it as `input: {}` and one empty partial_json: still "{}" here."""
+    now = {"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {}}}}
+    with oai(gateway).chat.completions.stream(
+            model=model, tools=[now], messages=[{"role": "user", "content": QUESTION}]) as s:
+        final = s.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert (call.function.name, call.function.arguments) == ("now", "{}")  # type: ignore[union-attr]
+    assert final.choices[0].finish_reason == "tool_calls"
