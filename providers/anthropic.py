@@ -101,9 +101,14 @@ class AnthropicAdapter(HTTPAdapter):
         headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
                    **self.extra_headers}
         if ctx.api_format == "anthropic":
+            betas = []
             for name, value in ctx.headers:
-                if name in _FORWARDED_HEADERS:
+                if name == b"anthropic-beta":  # repeated lines make one list (RFC 9110 5.3)
+                    betas.append(value.decode("latin-1"))
+                elif name in _FORWARDED_HEADERS:
                     headers[name.decode()] = value.decode("latin-1")
+            if betas:
+                headers["anthropic-beta"] = ", ".join(betas)
         if self._api_key:
             headers["x-api-key"] = self._api_key
         return headers

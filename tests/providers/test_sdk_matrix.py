@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -293,3 +294,19 @@ def test_openai_stream_of_a_tool_call_without_arguments(gateway: ThreadedServer,
     call = final.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert (call.function.name, call.function.arguments) == ("now", "{}")  # type: ignore[union-attr]
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_repeated_anthropic_beta_lines_all_reach_anthropic(gateway: ThreadedServer,
+                                                           mock: MockProviderServer) -> None:
+    """Two `anthropic-beta` lines are one list (RFC 9110 section 5.3), as the cache key
+    reads them: the provider gets both, joined."""
+    response = httpx.post(gateway.url + "/v1/messages", headers=[
+        ("x-api-key", TEST_KEY), ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ("anthropic-beta", "token-efficient-tools-2025-02-19")],
+        json={"model": "claude-mock", "max_tokens": 50,
+              "messages": [{"role": "user", "content": QUESTION}]})
+    assert response.status_code == 200
+    seen = [r for r in mock.requests if r["provider"] == "anthropic"][-1]["headers"]
+    assert seen["anthropic-beta"] == \
+        "prompt-caching-2024-07-31, token-efficient-tools-2025-02-19"
