@@ -35,7 +35,9 @@ _PATHS = {
 
 # The bytes one of which a stream's final event holds (checked once the upstream ended):
 # chat and completions end with `data: [DONE]`, Responses with its terminal response event.
-_CHAT_END = (b"[DONE]\n\n",)
+# A chat stream's end: `[DONE]`, or a choice's finish reason in its last events (some
+# OpenAI-compatible servers end without `[DONE]`; orjson and Python's json spell it apart).
+_CHAT_END = (b"[DONE]", b'"finish_reason":"', b'"finish_reason": "')
 _RESPONSES_END = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 
 

@@ -325,7 +325,8 @@ class TranslatingCodec:
 
 class OpenAIChunkSource:
     """OpenAI chat chunks upstream: the hub already; only parse and watch usage/errors.
-    The stream's end is its `[DONE]`."""
+    The stream's end is its `[DONE]`, or a choice's finish reason (some OpenAI-compatible
+    servers end without `[DONE]`)."""
 
     __slots__ = ("ended", "usage")
 
@@ -344,6 +345,10 @@ class OpenAIChunkSource:
             raise error_of(chunk["error"])
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if not self.ended:
+            for choice in chunk.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.ended = True
         return [chunk]
 
     def finish(self) -> list[dict[str, Any]]:

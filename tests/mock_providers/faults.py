@@ -46,6 +46,9 @@ class MockConfig:
     # Azure streams open with a chunk that has `choices: []` and the prompt filter results;
     # off by default because most tests want the plain OpenAI stream shape.
     azure_prompt_filter_chunk: bool = False
+    # Some OpenAI-compatible servers end a chat stream after its finish (and usage) chunk,
+    # without `data: [DONE]`.
+    omit_done: bool = False
     fail_ratio: float = 0.0
     fail_status: int = 503
     fail_retry_after_s: float | None = None

@@ -66,6 +66,8 @@ async def chat_completions(call: Call) -> web.StreamResponse:
         items = chat_chunks(chat, reply, finish, call.config.chunk_chars)
         if chat.azure and call.config.azure_prompt_filter_chunk:
             items.insert(0, azure_prompt_filter_chunk())
+        if call.config.omit_done:
+            items.pop()  # (the DONE line)
         return await respond_stream(call, items, call.stream_error())
     return await respond_json(call, chat_completion(chat, reply, finish))
 

@@ -157,6 +157,26 @@ def test_truncated_stream_ends_openai_stream_in_band(
     assert "failed mid-stream: the stream ended before its" in str(failure.value)
 
 
+def test_a_chat_stream_that_ends_after_its_finish_without_done_is_complete(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """Some OpenAI-compatible servers end after the finish (and usage) chunk, without
+    `data: [DONE]`: the finish reason is the stream's end, passthrough and translated."""
+    mock.config.update({"omit_done": True})
+    try:
+        stream = oai(gateway).chat.completions.create(
+            model="gpt-mock", messages=QUESTION, stream=True,
+            stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage is not None
+        with claude(gateway).messages.stream(model="gpt-mock", max_tokens=50,
+                                             messages=QUESTION) as events:
+            message = events.get_final_message()
+        assert message.stop_reason == "end_turn" and message.content[0].text  # type: ignore[union-attr]
+    finally:
+        mock.config.update({"omit_done": False})
+
+
 @pytest.mark.parametrize("model,provider", [("claude-mock", "anthropic"), ("gpt-mock", "openai"),
                                             ("gemini-mock", "gemini")])
 def test_truncated_stream_ends_anthropic_stream_in_band(
