@@ -27,6 +27,7 @@ from middleware.auth.admin import AdminAPI
 from middleware.auth.keys import StaticKey, hash_key
 from middleware.auth.store import PostgresKeyStore, StaticKeyStore
 from tests.harness import ThreadedServer
+from tests.middleware.stored_limits import OLD_DOCS, UNREADABLE
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 TOKEN = "admin-" + uuid.uuid4().hex
@@ -417,18 +418,6 @@ def test_bad_limits_requests_are_400(client: httpx.Client, method: str, path: st
     assert_error(client.request(method, path, json=body), 400, error_type="invalid_request_error")
 
 
-# Limits as 956f523's admin API stored them (its Limits.to_json of what it accepted), and
-# limits no version reads as one thing (stream_cutoff "no" was truthy to 956f523).
-OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
-              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
-              "status": 402, "alert_at_percent": [50, 80, 100]}
-OLD_DOCS = [
-    {"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
-    {"budgets": [{**OLD_BUDGET, "status": 429.0}]},
-    {"budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
-    {"rpm": 100, "on_overflow": "block", "downgrade_to": ""},
-]
-UNREADABLE = {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]}
 
 
 def store_limits(server: ThreadedServer, table: str, where: str, document: Any,

@@ -25,6 +25,7 @@ from tests.harness import (
     stop_process,
     write_config,
 )
+from tests.middleware.stored_limits import OLD_DOCS, UNREADABLE
 
 RESTRICTED_KEY = "sk-sg-restricted-key-for-auth-tests-0123456789"
 CUSTOMER_KEY = "sk-sg-needs-a-customer-key-0123456789abcdef"
@@ -149,17 +150,6 @@ def test_the_attempted_key_never_reaches_a_log_line(gateway: tuple[str, Path]) -
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
 ADMIN_TOKEN = "auth-layer-admin-" + uuid.uuid4().hex
-# As 956f523's admin API stored them, and limits no version reads as one thing.
-OLD_BUDGET = {"limit_usd": "10", "period": "monthly", "on_overflow": "block",
-              "downgrade_to": None, "stream_cutoff": False, "on_store_error": "closed",
-              "status": 402, "alert_at_percent": [50, 80, 100]}
-OLD_DOCS = [
-    {"budgets": [{**OLD_BUDGET, "alert_at_percent": [50.0, 80.0, 100.0]}]},
-    {"budgets": [{**OLD_BUDGET, "status": 429.0}]},
-    {"budgets": [{**OLD_BUDGET, "stream_cutoff": 1}]},
-    {"rpm": 100, "on_overflow": "block", "downgrade_to": ""},
-]
-UNREADABLE = {"budgets": [{**OLD_BUDGET, "stream_cutoff": "no"}]}
 
 
 @pytest.fixture(scope="module")
