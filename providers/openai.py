@@ -37,7 +37,7 @@ _PATHS = {
 # chat and completions end with `data: [DONE]`, Responses with its terminal response event.
 # A chat stream's end: `[DONE]`, or a choice's finish reason in its last events (some
 # OpenAI-compatible servers end without `[DONE]`; orjson and Python's json spell it apart).
-_CHAT_END = (b"[DONE]", b'"finish_reason":"', b'"finish_reason": "')
+_CHAT_END = (b"[DONE]\n", b'"finish_reason":"', b'"finish_reason": "')
 _RESPONSES_END = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 
 
@@ -89,10 +89,12 @@ class OpenAIAdapter(HTTPAdapter):
     def __init__(self, *, type_name: str = "openai", responses_api: bool = True,
                  **options: Any) -> None:
         self.type_name = type_name
-        # OpenAI's and Azure's own API take max_completion_tokens (max_tokens is deprecated
-        # and refused by reasoning models); the compatible servers read max_tokens.
-        self.max_tokens_field = ("max_completion_tokens" if type_name in ("openai", "azure")
-                                 else "max_tokens")
+        # OpenAI's API takes max_completion_tokens (max_tokens is deprecated and refused by
+        # reasoning models). Azure's older API versions and some of its deployments refuse
+        # max_completion_tokens (openai-python#1724), and the compatible servers read
+        # max_tokens: they get max_tokens.
+        self.max_tokens_field = "max_completion_tokens" if type_name == "openai" \
+            else "max_tokens"
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
         super().__init__(**options)

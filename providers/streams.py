@@ -84,6 +84,7 @@ class PassthroughCodec:
     """
 
     __slots__ = (
+        "_before",
         "_drop_usage_event",
         "_end_markers",
         "_final_event",
@@ -103,6 +104,7 @@ class PassthroughCodec:
         self.error: StreamError | None = None
         self._tail = b""
         self._last = b""  # the latest complete events
+        self._before = b""  # the read before them
         self._held: bytes | None = b""  # None once output has started flowing
         self._read_usage = read_usage
         self._drop_usage_event = drop_usage_event
@@ -117,7 +119,7 @@ class PassthroughCodec:
         events, self._tail = split_complete_events(buffer)
         if not events:
             return b""
-        self._last = events
+        self._before, self._last = self._last, events
         try:
             return self._feed_events(events)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -167,7 +169,7 @@ class PassthroughCodec:
         tail, self._tail = self._tail, b""
         out = self.feed(tail + b"\n\n") if tail.strip() else b""
         if self.error is None and self._last and self._end_markers and not any(
-                marker in self._last for marker in self._end_markers):
+                marker in self._last or marker in self._before for marker in self._end_markers):
             error = incomplete_stream(self._final_event)
             if not out:  # (a preamble still held back is dropped: nothing went out)
                 raise error

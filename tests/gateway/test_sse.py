@@ -164,3 +164,37 @@ def test_a_stream_cut_in_its_preamble_raises_and_delivers_nothing() -> None:
     # An empty stream is left to the caller (the adapter's "empty_stream").
     assert PassthroughCodec(_chat_usage, chat_chunk_has_content,
                             end_markers=(b"[DONE]\n\n",)).finish() == b""
+
+
+def _chat_codec() -> PassthroughCodec:
+    from providers.openai import _CHAT_END  # (as the OpenAI adapter builds a chat stream's)
+
+    return PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END,
+                            final_event="[DONE]")
+
+
+def _verdict(codec: PassthroughCodec, reads: list[bytes]) -> StreamError | None:
+    try:
+        for read in reads:
+            codec.feed(read)
+        codec.finish()
+    except StreamError as exc:
+        return exc
+    return codec.error
+
+
+FINISH = b'data: {"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+
+
+def test_the_end_of_a_chat_stream_may_be_a_read_before_the_last() -> None:
+    # No [DONE] (some servers), the usage chunk in a read of its own: the finish is the end.
+    assert _verdict(_chat_codec(), [CHUNK, FINISH, USAGE]) is None
+    # Something complete after the end, in a later read (a keep-alive comment, a blank line).
+    for after in (b": keep-alive\n\n", b"\n\n"):
+        assert _verdict(_chat_codec(), [CHUNK + FINISH + USAGE + DONE, after]) is None
+
+
+def test_done_in_the_answers_text_is_not_the_end() -> None:
+    said = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"Reply [DONE] when"}}]}\n\n'
+    error = _verdict(_chat_codec(), [CHUNK, said])
+    assert error is not None and error.error_type == "incomplete_stream"
