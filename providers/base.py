@@ -266,6 +266,7 @@ class HTTPAdapter:
         finally:
             response.release()
         error_type, message = self.parse_error(response.status, body)
+        error_type = self.redact(error_type)  # (it reaches the caller as `code`, and logs)
         attempt.error_type = error_type
         status = response.status if response.status >= 400 else 502  # a redirect we won't follow
         native_type, native_code, param = (self._redacted(field) for field in
@@ -443,7 +444,7 @@ class HTTPAdapter:
         would have had as a response; the provider's own words kept for its own format."""
         status = _STREAM_ERROR_STATUS.get(exc.error_type, 502) if exc.from_provider else 502
         return UpstreamError(status, f"{what}: {self.redact(exc.message)}", provider=self.name,
-                             error_type=exc.error_type,
+                             error_type=self.redact(exc.error_type),
                              wire_format=self.wire_format if exc.from_provider else None,
                              native_type=self._redacted(exc.error_type),
                              native_code=self._redacted(exc.code),

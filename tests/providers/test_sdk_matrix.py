@@ -263,15 +263,17 @@ def test_anthropic_max_tokens_stop_reason(gateway: ThreadedServer) -> None:
         assert message.content[0].text == "Mock reply"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("model", ["gpt-mock", "azure-mock"])
+@pytest.mark.parametrize("model,field", [("gpt-mock", "max_completion_tokens"),
+                                         ("azure-mock", "max_tokens")])
 def test_anthropic_max_tokens_reach_openai_as_max_completion_tokens(
-        gateway: ThreadedServer, mock: MockProviderServer, model: str) -> None:
+        gateway: ThreadedServer, mock: MockProviderServer, model: str, field: str) -> None:
     """OpenAI deprecated `max_tokens` (its reasoning models refuse it) for
-    `max_completion_tokens`; Azure's API takes the same."""
+    `max_completion_tokens`; Azure's older API versions refuse that, so Azure keeps
+    `max_tokens`."""
     claude(gateway).messages.create(model=model, max_tokens=50,
                                     messages=[{"role": "user", "content": QUESTION}])
     body = [r for r in mock.requests if r["provider"] == PROVIDER_OF[model]][-1]["json"]
-    assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
+    assert body[field] == 50 and len({"max_tokens", "max_completion_tokens"} & set(body)) == 1
 
 
 def test_openai_compatible_presets_keep_max_tokens() -> None:
@@ -279,7 +281,7 @@ def test_openai_compatible_presets_keep_max_tokens() -> None:
     fields = {name: Provider(name, base_url="http://127.0.0.1:1").max_tokens_field  # type: ignore[attr-defined]
               for name in PROVIDER_TYPES if name not in ("anthropic", "gemini")}
     assert {name for name, field in fields.items() if field == "max_completion_tokens"} == {
-        "openai", "azure"}
+        "openai"}
 
 
 @pytest.mark.parametrize("model", CHAT_MODELS)

@@ -290,6 +290,20 @@ def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
     assert "[redacted]" in response.json()["error"]["message"]
 
 
+def test_a_key_like_error_type_is_redacted_where_it_becomes_the_callers_code() -> None:
+    # A provider's error type (of a response or an in-band event) becomes the caller's
+    # `code` and the recorded error type: redacted as the message is.
+    from providers.anthropic import AnthropicAdapter
+    from providers.streams import StreamError
+
+    secret = "sk-live-" + "Q7x" * 12
+    adapter = AnthropicAdapter(base_url="http://127.0.0.1:9")
+    error = adapter._stream_error(StreamError(f"invalid_key {secret}", "nope"), "broke")
+    for rendered in (error.render("openai")[2], error.render("anthropic")[2]):
+        assert secret.encode() not in rendered
+    assert secret not in (error.upstream_error_type or "")
+
+
 def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
