@@ -49,7 +49,7 @@ from gateway.metrics import (
     otlp_meter_provider,
     register_otlp,
 )
-from gateway.policy import Principal
+from gateway.policy import model_allowed
 from gateway.tracing import tracing_from
 
 Scope = MutableMapping[str, Any]
@@ -522,8 +522,7 @@ class Kernel:
         anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
         allowed = caller.get("allowed_models") if caller is not None else None
         if allowed:
-            who = Principal(key_id="", project="", allowed_models=tuple(allowed))
-            names = [name for name in self.config.models if who.allows_model(name)]
+            names = [name for name in self.config.models if model_allowed(allowed, name)]
             body = orjson.dumps(self._model_list_anthropic(names) if anthropic
                                 else self._model_list_openai(names))
         else:

@@ -181,9 +181,14 @@ class Principal:
     def allows_model(self, name: str) -> bool:
         """Whether this caller may be served by the public model `name`: the one it asked
         for, and any a layer would route it to instead (a downgrade, a fallback)."""
-        allowed = self.allowed_models
-        return not allowed or name in allowed or any(
-            fnmatchcase(name, pattern) for pattern in allowed)
+        return model_allowed(self.allowed_models, name)
+
+
+def model_allowed(allowed_models: Sequence[str], name: str) -> bool:
+    """Whether a key allowed `allowed_models` (names or globs; none: every model) may use
+    the public model `name`."""
+    return not allowed_models or name in allowed_models or any(
+        fnmatchcase(name, pattern) for pattern in allowed_models)
 
 
 ANONYMOUS = Principal(key_id="anonymous", project="default")

@@ -13,10 +13,9 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
-from gateway.policy import Limits
+from gateway.policy import Limits, model_allowed
 
 KEY_PREFIX = "sk-sg-"
 KEY_ID_PREFIX = "key_"
@@ -78,9 +77,7 @@ class VirtualKey:
     limits_error: str | None = None
 
     def allows_model(self, name: str) -> bool:
-        if not self.allowed_models or name in self.allowed_models:
-            return True
-        return any(fnmatchcase(name, pattern) for pattern in self.allowed_models)
+        return model_allowed(self.allowed_models, name)
 
     def usable(self, now: datetime | None = None) -> str | None:
         """None when the key may be used at `now` (default: the current time, read only for a
