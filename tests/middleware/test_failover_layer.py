@@ -399,15 +399,21 @@ def test_a_broken_openai_stream_is_continued_by_the_fallback_from_where_it_broke
     assert usage and usage[-1]["completion_tokens"] >= 1
 
 
+def keyed_model(monkeypatch: pytest.MonkeyPatch, name: str, provider: str, model: str) -> str:
+    """Config lines for a public model of one deployment whose one provider key is in
+    KEY_ONE (set here)."""
+    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
+    return (f'models["{name}"] = [Deployment("{provider}", "{model}", price=PRICE, '
+            'api_key_envs=("KEY_ONE",))]')
+
+
 def test_a_deployment_with_provider_keys_closes_its_breaker_after_the_cooldown(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The first attempt's pick took the half-open probe, then a deployment with provider keys
     # went to the attempt loop, which picked again and was refused: the probe was never given
     # back, and the model answered 503 for ever.
-    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
-    extra = ('models["keyed"] = [Deployment("a", "gpt-4o-mini", price=PRICE, '
-             'api_key_envs=("KEY_ONE",))]')
+    extra = keyed_model(monkeypatch, "keyed", "a", "gpt-4o-mini")
     layer = ("breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5), "
              "retry=RetryPolicy(max_attempts=1)")
     with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:
@@ -790,9 +796,7 @@ def test_a_deployment_whose_only_key_is_refused_answers_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # After its one key failed, every round found nothing to call, yet the layer backed off
     # and went round again until the 120 s deadline (the client gave up first: ReadTimeout).
-    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
-    extra = ('models["keyed"] = [Deployment("a", "gpt-4o-mini", price=PRICE, '
-             'api_key_envs=("KEY_ONE",))]')
+    extra = keyed_model(monkeypatch, "keyed", "a", "gpt-4o-mini")
     with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(deadline_s=120)",
                                          extra)) as gateway:
         a.push_fault(Fault("status", provider="openai", status=401))
@@ -812,9 +816,7 @@ def test_a_key_probe_refused_by_the_attempt_limit_is_given_back(
     # The fallback's pick took its half-open key's probe, then the attempt limit refused the
     # retry: the deployment's slot was given back, the key's never was, and "keyed" had no
     # usable key for ever after.
-    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
-    extra = ('models["keyed"] = [Deployment("b", "gpt-4o", price=PRICE, '
-             'api_key_envs=("KEY_ONE",))]')
+    extra = keyed_model(monkeypatch, "keyed", "b", "gpt-4o")
     layer = ('routes={"primary": Route(fallbacks=("keyed",))}, '
              'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5), '
              'retry=RetryPolicy(max_attempts=1)')
@@ -836,9 +838,7 @@ def test_a_failed_continuation_records_its_keys_probe(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A continuation that failed recorded its deployment's failure but not its key's: the
     # half-open key kept its probe for ever, and "keyed-claude" never answered again.
-    monkeypatch.setenv("KEY_ONE", "sk-good-key-one-0000000000")
-    extra = ('models["keyed-claude"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
-             'price=PRICE, api_key_envs=("KEY_ONE",))]')
+    extra = keyed_model(monkeypatch, "keyed-claude", "b-claude", "claude-3-5-haiku-latest")
     layer = ('routes={"primary": Route(fallbacks=("keyed-claude",), continuation=True)}, '
              'breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.5)')
     with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:

@@ -506,6 +506,14 @@ def wait_for_rows(prefix: str, count: int, timeout_s: float = 10) -> dict[str, t
         time.sleep(0.05)
 
 
+def events_with(prefix: str, request_id: str, timeout_s: float = 5) -> dict[str, tuple[Any, ...]]:
+    """The events, once `request_id`'s row is among them (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while request_id not in (found := events(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 @pytest.fixture
 def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SG_USAGE_ADMIN", "usage-admin-token")
@@ -638,10 +646,7 @@ def test_a_stream_the_client_leaves_is_billed_what_it_was_sent(
                     break
             request_id = response.headers["x-request-id"]
             response.close()
-            deadline = time.monotonic() + 5
-            while request_id not in events(prefix) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            found = events(prefix)
+            found = events_with(prefix, request_id)
     finally:
         mock.config.update({"chunk_delay_s": 0.0, "chunk_chars": 8})
     _status, prompt_tokens, completion_tokens, cost, *_ = found[request_id]
@@ -675,10 +680,7 @@ def test_an_anthropic_stream_left_midway_keeps_the_input_its_provider_reported(
                     break
             request_id = response.headers["x-request-id"]
             response.close()
-            deadline = time.monotonic() + 5
-            while request_id not in events(prefix) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            found = events(prefix)
+            found = events_with(prefix, request_id)
     finally:
         mock.config.update({"chunk_delay_s": 0.0, "chunk_chars": 8})
     _status, prompt_tokens, completion_tokens, *_ = found[request_id]
