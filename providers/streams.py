@@ -79,8 +79,9 @@ class PassthroughCodec:
     Anthropic's message_start) is parsed and held back, so that an error before any output
     is still a plain error response that the failover layer can retry elsewhere.
 
-    `end_markers` are bytes of which one is in the stream's final event (`[DONE]\n\n`,
-    `"message_stop"`): only the last events are searched, once the upstream ended.
+    `end_markers` are bytes of which one is in the stream's final event (`[DONE]\n`,
+    `"message_stop"`): only the events of the last two reads are searched, once the upstream
+    ended.
     """
 
     __slots__ = (

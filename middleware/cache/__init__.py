@@ -647,10 +647,11 @@ def _openai_usage(usage: Usage | None) -> dict[str, Any] | None:
 
 
 def _asks_only_if_cached(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"cache-control" and b"only-if-cached" in value.lower():
-            return True
-    return False
+    """`Cache-Control: only-if-cached`, read as the cached operations read it."""
+    try:
+        return parse_cache_control(headers).only_if_cached
+    except ValueError:  # (a bad namespace: it matters only to an operation that is cached)
+        return False
 
 
 def _parsed(raw: bytes) -> Any:
