@@ -4,8 +4,9 @@ It answers health, readiness and model-list requests itself; admin requests and 
 usage (`/v1/usage/self`) go down the stack without a context, for the layer that owns the
 path to answer. For API requests it assigns the request id, reads the body once (bounded),
 parses it once, detects the ingress format, puts a `RequestContext` in the scope, runs the
-operator's stack, and turns refusals into API-shaped errors while the response has not
-started. It also owns startup and shutdown of every component in the stack that has
+operator's stack (with auth outermost, the body is read only once the caller's key is
+checked: `body_after_auth`), and turns refusals into API-shaped errors while the response
+has not started. It also owns startup and shutdown of every component in the stack that has
 `startup`/`shutdown` methods.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -84,17 +86,18 @@ def _new_request_id() -> bytes:
 
 
 async def drain_body(receive: Receive, message: Message | None = None,
-                     limit_bytes: int = 64 * 1024 * 1024) -> None:
+                     limit_bytes: int = 64 * 1024 * 1024) -> bool:
     """Reads and drops the rest of an oversized body (up to a bound), so the client finishes
     sending and reads the 413 rather than a reset connection. `message`: the last one read
-    (None: nothing read yet)."""
+    (None: nothing read yet). False if the client disconnected meanwhile."""
     message = message if message is not None else {"more_body": True}
     drained = 0
     while message.get("more_body", False) and drained < limit_bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return False
         drained += len(message.get("body", b""))
+    return True
 
 
 def route_path(scope: Scope) -> str:
@@ -122,6 +125,21 @@ def stack_components(app: Any) -> list[Any]:
         components.append(app)
         app = getattr(app, "app", None)
     return components
+
+
+def body_after_auth(components: Sequence[Any]) -> bool:
+    """Whether the kernel leaves a request's body unread for the layer that checks the
+    caller (gateway/layers.py): when the outermost layers, before one that says it loads the
+    body once the caller is checked (`loads_body = True`: auth), all read the request only
+    once it has ended (`reads_request_at_end = True`: metering). Then a request without a
+    valid key is refused before any byte of its body is parsed, and its errors say nothing of
+    which models exist."""
+    for component in components:
+        if getattr(component, "loads_body", False) is True:
+            return True
+        if getattr(component, "reads_request_at_end", False) is not True:
+            return False
+    return False
 
 
 class Kernel:
@@ -152,6 +170,7 @@ class Kernel:
         # With a layer that says who the caller is, the model list goes down the stack to it.
         self._models_guarded = any(getattr(component, "identifies_caller", False) is True
                                    for component in self.components)
+        self._body_after_auth = body_after_auth(self.components)
         self._started = False
         self._start_lock = asyncio.Lock()
         # Called once the server's lifespan startup has completed (see gateway/asgi.py).
@@ -285,18 +304,41 @@ class Kernel:
         if content_length is not None and content_length > self.max_body_bytes:
             await drain_body(receive)  # so the client reads the 413
             raise self._too_large()
-        raw = await self._read_body(receive, content_length)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
-        model, stream = check_body(operation, body, self.config.models)
         text = request_id.decode()
+        if self._body_after_auth:
+            # The caller is checked before the body is read: see `body_after_auth`.
+            ctx = RequestContext(
+                request_id=text, unique_id=text, operation=operation, api_format=api_format,
+                body={}, raw_body=b"", model="", stream=False, headers=scope["headers"],
+                models=self.config.models,
+            )
+            ctx.body_loader = partial(self._load_body, receive, content_length)
+            return ctx
+        raw = await self._read_body(receive, content_length)
+        body, model, stream = self._checked_body(operation, raw)
         return RequestContext(
             request_id=text, unique_id=text, operation=operation, api_format=api_format,
             body=body, raw_body=raw, model=model, stream=stream, headers=scope["headers"],
             models=self.config.models,
         )
+
+    async def _load_body(self, receive: Receive, content_length: int | None,
+                         ctx: RequestContext) -> None:
+        """`RequestContext.load_body` of a request whose body the kernel left unread."""
+        raw = await self._read_body(receive, content_length)
+        ctx.body, ctx.model, ctx.stream = self._checked_body(ctx.operation, raw)
+        ctx.raw_body = raw
+        if ctx.trace is not None:
+            ctx.trace.read_request(ctx)
+
+    def _checked_body(self, operation: str, raw: bytes) -> tuple[Any, str, bool]:
+        """The parsed body, its model and whether it streams; or the 4xx it gets."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
+        model, stream = check_body(operation, body, self.config.models)
+        return body, model, stream
 
     def _check_headers(self, headers: list[tuple[bytes, bytes]]) -> int | None:
         content_length = None
@@ -367,7 +409,11 @@ class Kernel:
         except GatewayError as exc:
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
-            if not started:
+            if ctx.body_loader is not None:  # refused before its body was read (auth): it
+                ctx.body_loader = None  # is read to its end unparsed, as for a 413
+                if not await drain_body(receive):
+                    ctx.client_disconnected = True  # (nobody to answer)
+            if not started and not ctx.client_disconnected:
                 await self._send_error(send, exc, ctx.api_format, request_id,
                                        ctx.response_headers)
         except ClientDisconnected:

@@ -76,6 +76,14 @@ class RequestTrace:
     def __init__(self, tracing: Tracing, span: Any, operation: str) -> None:
         self.tracing, self.span, self.operation = tracing, span, operation
 
+    def read_request(self, ctx: RequestContext) -> None:
+        """Names the span by the request's model once the body is read (it was started
+        before: the kernel reads it only once the caller is checked, `body_after_auth`)."""
+        self.span.update_name(f"{self.operation} {ctx.model}")
+        self.span.set_attributes({"gen_ai.request.model": ctx.model,
+                                  "sluicegate.stream": ctx.stream,
+                                  **_request_attributes(ctx.body)})
+
     @property
     def trace_id(self) -> str:
         return format(self.span.get_span_context().trace_id, "032x")

@@ -83,6 +83,7 @@ class MeteringMiddleware:
     """
 
     passes_json_through = True  # a JSON answer from below goes on as it came
+    reads_request_at_end = True  # (so above auth it keeps the body unread: body_after_auth)
 
     def __init__(
         self,

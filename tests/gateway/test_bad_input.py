@@ -1,6 +1,8 @@
 """Bad input gets the right 4xx in the caller's API shape, never a 500 or a traceback."""
 from __future__ import annotations
 
+import http.client
+import json
 from typing import Any
 
 import anthropic
@@ -62,7 +64,7 @@ CASES = [
 def test_openai_shape(gateway: ThreadedServer, name: str, content: bytes, headers: dict[str, str],
                       method: str, status: int, fragment: str, anthropic_type: str) -> None:
     response = httpx.request(method, gateway.url + CHAT, content=content,
-                             headers={"content-type": "application/json", **headers})
+                             headers={"content-type": "application/json", **AUTH, **headers})
     assert_openai_error(response, status, fragment)
 
 
@@ -73,9 +75,67 @@ def test_anthropic_shape(gateway: ThreadedServer, name: str, content: bytes,
                          anthropic_type: str) -> None:
     content = content.replace(b"gpt-mock", b"claude-mock")
     response = httpx.request(method, gateway.url + MESSAGES, content=content,
-                             headers={"content-type": "application/json",
+                             headers={"content-type": "application/json", "x-api-key": TEST_KEY,
                                       "anthropic-version": "2023-06-01", **headers})
     assert_anthropic_error(response, status, fragment, anthropic_type)
+
+
+# What a request's body holds is looked at only once its key is checked: without a valid key
+# every bad body gets the 401, and the 404 of a model that does not exist is not there to
+# tell a caller without a key which models do.
+BODY_CASES = [case for case in CASES if case[4] not in (405, 415)]
+
+
+@pytest.mark.parametrize("credential", [None, "sk-sg-" + "x" * 43], ids=["no key", "unknown key"])
+@pytest.mark.parametrize("name,content,headers,method,status,fragment,anthropic_type",
+                         BODY_CASES, ids=[case[0] for case in BODY_CASES])
+def test_a_bad_body_without_a_valid_key_is_a_401_in_both_shapes(
+        gateway: ThreadedServer, credential: str | None, name: str, content: bytes,
+        headers: dict[str, str], method: str, status: int, fragment: str,
+        anthropic_type: str) -> None:
+    given = {} if credential is None else {"authorization": f"Bearer {credential}"}
+    response = httpx.request(method, gateway.url + CHAT, content=content,
+                             headers={"content-type": "application/json", **given})
+    assert_openai_error(response, 401, "API key")
+    given = {} if credential is None else {"x-api-key": credential}
+    response = httpx.request(method, gateway.url + MESSAGES, content=content,
+                             headers={"content-type": "application/json",
+                                      "anthropic-version": "2023-06-01", **given})
+    assert_anthropic_error(response, 401, "API key", "authentication_error")
+
+
+def test_a_model_that_exists_and_one_that_does_not_look_the_same_without_a_key(
+        gateway: ThreadedServer) -> None:
+    answers = []
+    for model in ("gpt-mock", "no-such-model"):
+        response = httpx.post(gateway.url + CHAT, json={
+            "model": model, "messages": [{"role": "user", "content": "x"}]})
+        answers.append((response.status_code, response.json()["error"]))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 401 and "no-such-model" not in str(answers)
+
+
+def test_a_large_body_refused_for_its_key_leaves_the_connection_usable(
+        gateway: ThreadedServer) -> None:
+    # Refused before it was read, the body is read to its end (unparsed: it is not JSON), so
+    # the client reads the 401 and its next request goes over the same connection.
+    host, port = gateway.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("POST", CHAT, body=b"{" + b"x" * (4 * 1024 * 1024),
+                           headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 401 and b"Missing API key" in response.read()
+        assert response.getheader("connection") != "close"
+        sock = connection.sock
+        connection.request("POST", CHAT, body=json.dumps(GOOD_OPENAI),
+                           headers={"content-type": "application/json", **AUTH})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        assert json.loads(response.read())["choices"]
+        assert connection.sock is sock  # (the same connection, not a new one)
+    finally:
+        connection.close()
 
 
 def test_oversized_body_is_413_in_both_shapes(gateway: ThreadedServer) -> None:
@@ -97,7 +157,7 @@ def test_oversized_chunked_body_without_content_length_is_413(gateway: ThreadedS
         yield b'"}]}'
 
     response = httpx.post(gateway.url + CHAT, content=body(),
-                          headers={"content-type": "application/json"}, timeout=30)
+                          headers={"content-type": "application/json", **AUTH}, timeout=30)
     assert_openai_error(response, 413, "exceeds")
 
 
