@@ -11,7 +11,7 @@ in the scope under `PRINCIPAL_KEY`, and the metering layer answers for that key 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -169,18 +169,18 @@ class RequestContext:
     on_end: list[Callable[[RequestContext], object]] | None = None  # results ignored
     # Free room for operators' custom layers, like Starlette's `request.state`.
     state: dict[str, Any] = field(default_factory=dict)
-    # Set by the kernel when it left the body unread for the layer that checks the caller
-    # (`loads_body`, gateway/layers.py): until `load_body` ran, `body` is {}, `raw_body` b"",
-    # `model` "" and `stream` False.
-    body_loader: Callable[[RequestContext], Awaitable[None]] | None = None
+    # Set by the kernel when it left the body unparsed for the layer that checks the caller
+    # (`loads_body`, gateway/layers.py): until `parse_body` ran, `body` is {}, `model` "" and
+    # `stream` False (`raw_body` is read).
+    body_parser: Callable[[RequestContext], None] | None = None
 
-    async def load_body(self) -> None:
-        """Reads, parses and checks the request body the kernel left unread (`body_loader`),
-        filling in `body`, `raw_body`, `model` and `stream`; raises the GatewayError (400,
-        404, 413) a bad body gets. Does nothing when the body has been read."""
-        loader, self.body_loader = self.body_loader, None
-        if loader is not None:
-            await loader(self)
+    def parse_body(self) -> None:
+        """Parses and checks the request body the kernel left unparsed (`body_parser`),
+        filling in `body`, `model` and `stream`; raises the GatewayError (400, 404) a bad
+        body gets. Does nothing when the body has been parsed."""
+        parser, self.body_parser = self.body_parser, None
+        if parser is not None:
+            parser(self)
 
 
 class ScopePrincipal(TypedDict):

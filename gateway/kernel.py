@@ -4,7 +4,7 @@ It answers health, readiness and model-list requests itself; admin requests and 
 usage (`/v1/usage/self`) go down the stack without a context, for the layer that owns the
 path to answer. For API requests it assigns the request id, reads the body once (bounded),
 parses it once, detects the ingress format, puts a `RequestContext` in the scope, runs the
-operator's stack (with auth outermost, the body is read only once the caller's key is
+operator's stack (with auth outermost, the body is parsed only once the caller's key is
 checked: `body_after_auth`), and turns refusals into API-shaped errors while the response
 has not started. It also owns startup and shutdown of every component in the stack that has
 `startup`/`shutdown` methods.
@@ -25,7 +25,6 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import orjson
@@ -86,18 +85,17 @@ def _new_request_id() -> bytes:
 
 
 async def drain_body(receive: Receive, message: Message | None = None,
-                     limit_bytes: int = 64 * 1024 * 1024) -> bool:
+                     limit_bytes: int = 64 * 1024 * 1024) -> None:
     """Reads and drops the rest of an oversized body (up to a bound), so the client finishes
     sending and reads the 413 rather than a reset connection. `message`: the last one read
-    (None: nothing read yet). False if the client disconnected meanwhile."""
+    (None: nothing read yet)."""
     message = message if message is not None else {"more_body": True}
     drained = 0
     while message.get("more_body", False) and drained < limit_bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return False
+            return
         drained += len(message.get("body", b""))
-    return True
 
 
 def route_path(scope: Scope) -> str:
@@ -128,12 +126,12 @@ def stack_components(app: Any) -> list[Any]:
 
 
 def body_after_auth(components: Sequence[Any]) -> bool:
-    """Whether the kernel leaves a request's body unread for the layer that checks the
-    caller (gateway/layers.py): when the outermost layers, before one that says it loads the
+    """Whether the kernel leaves a request's body unparsed for the layer that checks the
+    caller (gateway/layers.py): when the outermost layers, before one that says it parses the
     body once the caller is checked (`loads_body = True`: auth), all read the request only
     once it has ended (`reads_request_at_end = True`: metering). Then a request without a
-    valid key is refused before any byte of its body is parsed, and its errors say nothing of
-    which models exist."""
+    valid key is refused before its body is parsed, and its errors say nothing of which
+    models exist."""
     for component in components:
         if getattr(component, "loads_body", False) is True:
             return True
@@ -304,17 +302,17 @@ class Kernel:
         if content_length is not None and content_length > self.max_body_bytes:
             await drain_body(receive)  # so the client reads the 413
             raise self._too_large()
+        raw = await self._read_body(receive, content_length)
         text = request_id.decode()
         if self._body_after_auth:
-            # The caller is checked before the body is read: see `body_after_auth`.
+            # Parsed and checked only once the caller is: see `body_after_auth`.
             ctx = RequestContext(
                 request_id=text, unique_id=text, operation=operation, api_format=api_format,
-                body={}, raw_body=b"", model="", stream=False, headers=scope["headers"],
+                body={}, raw_body=raw, model="", stream=False, headers=scope["headers"],
                 models=self.config.models,
             )
-            ctx.body_loader = partial(self._load_body, receive, content_length)
+            ctx.body_parser = self._parse_body
             return ctx
-        raw = await self._read_body(receive, content_length)
         body, model, stream = self._checked_body(operation, raw)
         return RequestContext(
             request_id=text, unique_id=text, operation=operation, api_format=api_format,
@@ -322,12 +320,9 @@ class Kernel:
             models=self.config.models,
         )
 
-    async def _load_body(self, receive: Receive, content_length: int | None,
-                         ctx: RequestContext) -> None:
-        """`RequestContext.load_body` of a request whose body the kernel left unread."""
-        raw = await self._read_body(receive, content_length)
-        ctx.body, ctx.model, ctx.stream = self._checked_body(ctx.operation, raw)
-        ctx.raw_body = raw
+    def _parse_body(self, ctx: RequestContext) -> None:
+        """`RequestContext.parse_body` of a request whose body the kernel left unparsed."""
+        ctx.body, ctx.model, ctx.stream = self._checked_body(ctx.operation, ctx.raw_body)
         if ctx.trace is not None:
             ctx.trace.read_request(ctx)
 
@@ -409,11 +404,7 @@ class Kernel:
         except GatewayError as exc:
             ctx.status = exc.status
             ctx.error_type = ctx.error_type or exc.type_for(ctx.api_format)
-            if ctx.body_loader is not None:  # refused before its body was read (auth): it
-                ctx.body_loader = None  # is read to its end unparsed, as for a 413
-                if not await drain_body(receive):
-                    ctx.client_disconnected = True  # (nobody to answer)
-            if not started and not ctx.client_disconnected:
+            if not started:
                 await self._send_error(send, exc, ctx.api_format, request_id,
                                        ctx.response_headers)
         except ClientDisconnected:

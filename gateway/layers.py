@@ -23,13 +23,14 @@ the caller's limits, answers from the caller's cache) says so with `acts_per_cal
 and one that establishes that identity (writes `RequestContext.principal`) with
 `identifies_caller = True`; the gateway refuses to start with the first above the second.
 
-The body of an API request is read only once the caller's key is checked when the outermost
+The body of an API request is parsed only once the caller's key is checked when the outermost
 layers, before one that says `loads_body = True` (auth), all say `reads_request_at_end = True`
 (they read the `RequestContext` only once the request has ended: metering). Until then the
-context's `body` is {}, `model` "" and `stream` False; the `loads_body` layer awaits
-`RequestContext.load_body()` before anything under it reads them (it raises the 4xx of a bad
-body). So a request without a valid key is refused before its body is parsed, and its error
-says nothing of which models exist. Any other layer above auth gets the request read.
+context's `body` is {}, `model` "" and `stream` False (`raw_body` is read); the `loads_body`
+layer calls `RequestContext.parse_body()` before anything under it reads them (it raises the
+4xx of a bad body). So a request without a valid key is refused before its body is parsed,
+and its error says nothing of which models exist. Any other layer above auth gets the
+request parsed and checked.
 """
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ class Passthrough:
         ctx = find_request_context(scope)
         if scope["type"] != "http" or ctx is None:
             return  # not an API request (e.g. /admin/ no layer answered): the kernel says 404
-        if ctx.body_loader is not None:  # (a `loads_body` layer that did not: never unread)
-            await ctx.load_body()
+        if ctx.body_parser is not None:  # (a `loads_body` layer that did not: never unparsed)
+            ctx.parse_body()
         deployment: Deployment = ctx.deployment or self.models[ctx.model].deployments[0]
         ctx.served_deployment = deployment
         adapter = self.providers[deployment.provider]

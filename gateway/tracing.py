@@ -77,8 +77,8 @@ class RequestTrace:
         self.tracing, self.span, self.operation = tracing, span, operation
 
     def read_request(self, ctx: RequestContext) -> None:
-        """Names the span by the request's model once the body is read (it was started
-        before: the kernel reads it only once the caller is checked, `body_after_auth`)."""
+        """Names the span by the request's model once the body is parsed (it was started
+        before: the body is parsed only once the caller is checked, `body_after_auth`)."""
         self.span.update_name(f"{self.operation} {ctx.model}")
         self.span.set_attributes({"gen_ai.request.model": ctx.model,
                                   "sluicegate.stream": ctx.stream,

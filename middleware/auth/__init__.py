@@ -66,7 +66,7 @@ class AuthMiddleware:
 
     passes_json_through = True  # a JSON answer from below goes on as it came
     identifies_caller = True  # quota and cache go under it (gateway.app.check_order)
-    loads_body = True  # reads the body once the key is checked (gateway.kernel.body_after_auth)
+    loads_body = True  # parses the body once the key is checked (gateway.kernel.body_after_auth)
 
     def __init__(
         self,
@@ -144,10 +144,8 @@ class AuthMiddleware:
         credential = _take_credential(scope)
         ctx.headers = scope["headers"]
         key = await self._find(credential)
-        loader = ctx.body_loader
-        if loader is not None:  # left unread for us (gateway.kernel.body_after_auth):
-            ctx.body_loader = None  # `ctx.load_body()`, without a coroutine of its own
-            await loader(ctx)
+        if ctx.body_parser is not None:  # left unparsed for us (gateway.kernel.body_after_auth)
+            ctx.parse_body()
         ctx.principal = await self._principal(key, ctx)
         await self.app(scope, receive, send)
 

@@ -117,8 +117,8 @@ def test_a_model_that_exists_and_one_that_does_not_look_the_same_without_a_key(
 
 def test_a_large_body_refused_for_its_key_leaves_the_connection_usable(
         gateway: ThreadedServer) -> None:
-    # Refused before it was read, the body is read to its end (unparsed: it is not JSON), so
-    # the client reads the 401 and its next request goes over the same connection.
+    # Refused before it was parsed (it is not JSON), the body was read to its end: the client
+    # reads the 401 and its next request goes over the same connection.
     host, port = gateway.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:

@@ -1,7 +1,7 @@
-"""Which layers see a request before its body is read (gateway.kernel.body_after_auth).
+"""Which layers see a request before its body is parsed (gateway.kernel.body_after_auth).
 
 With auth outermost, or below layers that read a request only once it has ended (metering),
-the body is read once the key is checked; any other layer above auth gets it read first.
+the body is parsed once the key is checked; any other layer above auth gets it parsed first.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class ReadsAtEnd(SeesTheModel):
 
 
 class SaysItLoadsButDoesNot:
-    """A layer that says it loads the body and never does: the passthrough reads it."""
+    """A layer that says it parses the body and never does: the passthrough parses it."""
 
     loads_body = True
 
@@ -77,14 +77,14 @@ def _clean() -> Iterator[None]:
     SEEN.clear()
 
 
-def test_layers_that_read_at_the_end_keep_the_body_unread_above_auth(
+def test_layers_that_read_at_the_end_keep_the_body_unparsed_above_auth(
         tmp_path: Path, mock_url: str, mock: MockProviderServer) -> None:
     layers = f"Middleware(ReadsAtEnd), Middleware(MeteringMiddleware), {AUTH_LAYER}"
     with server(tmp_path, mock_url, layers) as gateway:
         refused = httpx.post(gateway.url + CHAT, json=UNKNOWN_MODEL)
         assert refused.status_code == 401, refused.text
         assert "no-such-model" not in refused.text
-        assert SEEN == [("at-end", "")]  # (it came in before its body was read)
+        assert SEEN == [("at-end", "")]  # (it came in before its body was parsed)
         assert mock.requests == []
         sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
         answer = sdk.chat.completions.create(
@@ -96,19 +96,19 @@ def test_layers_that_read_at_the_end_keep_the_body_unread_above_auth(
         assert missing.status_code == 404 and "no-such-model" in missing.text
 
 
-def test_a_layer_above_auth_that_reads_the_request_gets_it_read(
+def test_a_layer_above_auth_that_reads_the_request_gets_it_parsed(
         tmp_path: Path, mock_url: str, mock: MockProviderServer) -> None:
     with server(tmp_path, mock_url, f"Middleware(SeesTheModel), {AUTH_LAYER}") as gateway:
         sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
         sdk.chat.completions.create(model="gpt-mock",
                                     messages=[{"role": "user", "content": "hello"}])
         assert SEEN == [("sees", "gpt-mock")]
-        # Read before the key is checked, a body's errors come first (as documented).
+        # Parsed before the key is checked, a body's errors come first (as documented).
         refused = httpx.post(gateway.url + CHAT, json=UNKNOWN_MODEL)
         assert refused.status_code == 404
 
 
-def test_a_body_no_layer_loaded_is_read_by_the_passthrough(
+def test_a_body_no_layer_parsed_is_parsed_by_the_passthrough(
         tmp_path: Path, mock_url: str, mock: MockProviderServer) -> None:
     with server(tmp_path, mock_url, "Middleware(SaysItLoadsButDoesNot)") as gateway:
         sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
