@@ -49,6 +49,9 @@ class Settings:
     server_timing: bool = False
     # Prometheus metrics of every request at this path (None: not recorded, not served).
     metrics_path: str | None = "/metrics"
+    # The environment variable holding a token the metrics path then asks for
+    # (`Authorization: Bearer <token>`); None: served to anyone who can reach it.
+    metrics_token_env: str | None = None
     # An OpenTelemetry TracerProvider to trace with (a host app's, a test's); without one,
     # tracing follows the OTEL_* environment variables (gateway/tracing.py).
     tracer_provider: Any = None
@@ -170,6 +173,17 @@ def _settings(module: Any) -> Settings:
                                               settings.metrics_path.startswith("/v1/")):
         raise ConfigError("Settings.metrics_path must be a path such as '/metrics' (not under "
                           "/v1/), or None.")
+    if settings.metrics_token_env is not None:
+        if not isinstance(settings.metrics_token_env, str) or not settings.metrics_token_env:
+            raise ConfigError("Settings.metrics_token_env must name an environment variable, "
+                              "or be None.")
+        token = os.environ.get(settings.metrics_token_env, "")
+        if not token:
+            raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} "
+                              "names an environment variable that is not set.")
+        if token.startswith("sk-sg-"):
+            raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} holds "
+                              "a virtual key: the metrics token must be a secret of its own.")
     if not settings.request_id_header or not settings.request_id_header.isascii():
         raise ConfigError("Settings.request_id_header must be a non-empty ASCII header name.")
     return settings

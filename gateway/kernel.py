@@ -12,6 +12,7 @@ has not started. It also owns startup and shutdown of every component in the sta
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import random
@@ -98,6 +99,15 @@ async def drain_body(receive: Receive, message: Message | None = None,
         drained += len(message.get("body", b""))
 
 
+def _bearer_is(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
+    """Whether the request's `Authorization: Bearer` is `token` (compared in constant time)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
 def route_path(scope: Scope) -> str:
     """The path below the mount point (Starlette keeps the full path and sets root_path)."""
     path: str = scope["path"]
@@ -150,6 +160,8 @@ class Kernel:
         self.request_id_header = config.settings.request_id_header.lower().encode()
         self.server_timing = config.settings.server_timing
         self.metrics_path = config.settings.metrics_path
+        token_env = config.settings.metrics_token_env  # (set and checked by load_config)
+        self._metrics_token = os.environ[token_env].encode() if token_env else None
         self.metrics = RequestMetrics(config.models, directory=os.environ.get(METRICS_DIR_ENV)) \
             if self.metrics_path is not None else None
         self._snapshots: asyncio.Task[None] | None = None
@@ -482,6 +494,14 @@ class Kernel:
         if path in MODELS_PATHS:
             await self._send_models(scope, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
+            if self._metrics_token is not None and \
+                    not _bearer_is(scope["headers"], self._metrics_token):
+                error = GatewayError(401, "The metrics need the metrics token: send it as "
+                                          "'Authorization: Bearer <token>'.",
+                                     code="invalid_metrics_token")
+                await self._send_error(send, error, "openai", request_id,
+                                       [(b"www-authenticate", b"Bearer")])
+                return
             body = self.metrics.exposition(self._gauges())
             await self._send_json(send, 200, body, request_id, scope,
                                   content_type=METRICS_CONTENT_TYPE)

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from gateway import create_app
+from gateway.config import ConfigError
 from gateway.metrics import LATENCY_BUCKETS, RequestMetrics, render
 from tests.harness import (
     TEST_KEY,
@@ -147,6 +148,47 @@ def test_quota_refusals_breakers_and_unknown_models(tmp_path: Path, mock_url: st
     assert ("sluicegate_breaker_state", frozenset({("model", "gpt-mock"),
                                                    ("deployment", "openai/gpt-4o-mini")})) \
         in samples
+
+
+METRICS_TOKEN = "metrics-token-5f0c2e9a"
+
+
+def test_a_metrics_token_keeps_the_metrics_from_those_without_it(
+        tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SG_METRICS_TOKEN", METRICS_TOKEN)
+    text = mock_config(mock_url, extra="settings = Settings(metrics_token_env='SG_METRICS_TOKEN')")
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        sdk.chat.completions.create(model="gpt-mock",
+                                    messages=[{"role": "user", "content": "hi"}])
+        for headers in ({}, {"authorization": "Bearer wrong-token"},
+                        {"authorization": f"Basic {METRICS_TOKEN}"},
+                        {"authorization": f"Bearer {TEST_KEY}"}):  # (a virtual key is not it)
+            refused = httpx.get(server.url + "/metrics", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert refused.json()["error"]["code"] == "invalid_metrics_token"
+            assert "gpt-mock" not in refused.text and METRICS_TOKEN not in refused.text
+        answered = httpx.get(server.url + "/metrics",
+                             headers={"authorization": f"bearer {METRICS_TOKEN}"})
+        assert answered.status_code == 200
+        assert value(parse(answered.text), "sluicegate_requests_total", model="gpt-mock") >= 1
+        assert httpx.get(server.url + "/healthz").status_code == 200  # (only the metrics)
+
+
+@pytest.mark.parametrize("token,fragment", [
+    (None, "is not set"), ("", "is not set"), (TEST_KEY, "holds a virtual key")])
+def test_a_metrics_token_that_is_missing_or_a_key_refuses_to_start(
+        tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch, token: str | None,
+        fragment: str) -> None:
+    if token is None:
+        monkeypatch.delenv("SG_METRICS_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("SG_METRICS_TOKEN", token)
+    text = mock_config(mock_url, extra="settings = Settings(metrics_token_env='SG_METRICS_TOKEN')")
+    with pytest.raises(ConfigError) as caught:
+        create_app(write_config(tmp_path, text))
+    assert fragment in str(caught.value) and TEST_KEY not in str(caught.value)
 
 
 def test_render_merges_workers_and_escapes_labels() -> None:
