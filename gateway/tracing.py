@@ -59,12 +59,15 @@ class Tracing:
                    if name in (b"traceparent", b"tracestate")}
         parent = self.propagator.extract(carrier) if carrier else None
         operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
+        attributes: dict[str, Any] = {"gen_ai.operation.name": operation,
+                                      "sluicegate.request_id": ctx.request_id,
+                                      "sluicegate.api_format": ctx.api_format}
+        if ctx.body_parser is None:  # (else the model is not known yet: `read_request`)
+            attributes.update({"gen_ai.request.model": ctx.model, "sluicegate.stream": ctx.stream,
+                               **_request_attributes(ctx.body)})
         span = self.tracer.start_span(
-            f"{operation} {ctx.model}", context=parent, kind=SpanKind.SERVER,
-            attributes={"gen_ai.operation.name": operation, "gen_ai.request.model": ctx.model,
-                        "sluicegate.request_id": ctx.request_id,
-                        "sluicegate.api_format": ctx.api_format,
-                        "sluicegate.stream": ctx.stream, **_request_attributes(ctx.body)})
+            f"{operation} {ctx.model}" if ctx.model else operation, context=parent,
+            kind=SpanKind.SERVER, attributes=attributes)
         return RequestTrace(self, span, operation)
 
 

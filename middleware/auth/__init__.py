@@ -145,7 +145,13 @@ class AuthMiddleware:
         ctx.headers = scope["headers"]
         key = await self._find(credential)
         if ctx.body_parser is not None:  # left unparsed for us (gateway.kernel.body_after_auth)
-            ctx.parse_body()
+            try:
+                ctx.parse_body()
+            except GatewayError:  # a bad body of a known caller: its record names the key
+                ctx.principal = Principal(key_id=key.id, project=key.project,
+                                          allowed_models=key.allowed_models,
+                                          metadata=key.metadata)
+                raise
         ctx.principal = await self._principal(key, ctx)
         await self.app(scope, receive, send)
 

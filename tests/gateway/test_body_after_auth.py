@@ -15,6 +15,8 @@ import pytest
 
 from gateway import create_app
 from gateway.context import find_request_context
+from middleware.metering.journal import Journal
+from middleware.metering.record import UsageRecord
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 
@@ -118,3 +120,24 @@ def test_a_body_no_layer_parsed_is_parsed_by_the_passthrough(
         assert mock.requests[-1]["json"]["messages"] == [{"role": "user", "content": "read me"}]
         bad = httpx.post(gateway.url + CHAT, json=UNKNOWN_MODEL)
         assert bad.status_code == 404 and "no-such-model" in bad.text
+
+
+def test_a_bad_body_from_a_valid_key_is_recorded_with_that_key(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer) -> None:
+    journal_dir = tmp_path / "journal"
+    layers = f"Middleware(MeteringMiddleware, journal_dir={str(journal_dir)!r}), {AUTH_LAYER}"
+    with server(tmp_path, mock_url, layers) as gateway:
+        response = httpx.post(gateway.url + CHAT, json=UNKNOWN_MODEL, headers=AUTH)
+        assert response.status_code == 404
+        request_id = response.headers["x-request-id"]
+    records = []
+    for slot in sorted(journal_dir.glob("slot-*")):
+        journal = Journal(slot)
+        journal.open()
+        try:
+            records += [UsageRecord.decode(payload) for _, payload in journal.pending(limit=100)]
+        finally:
+            journal.close()
+    (record,) = [r for r in records if r.request_id == request_id]
+    assert record.status == 404
+    assert record.key_id is not None and record.project == "tests"

@@ -171,3 +171,17 @@ def test_tracing_is_off_without_a_provider_or_otel_environment(
         monkeypatch.delenv(name, raising=False)
     app = create_app(write_config(tmp_path, mock_config(mock_url)))
     assert app.tracing is None
+
+
+def test_the_span_of_a_request_refused_before_its_body_was_parsed_names_no_model(
+        traced: ThreadedServer, spans: Any) -> None:
+    # Refused for its key, the body was never parsed: the span is named by the operation
+    # alone (the GenAI conventions' name without a model), with no empty model attribute.
+    response = httpx.post(traced.url + "/v1/chat/completions", json={
+        "model": "gpt-mock", "messages": [{"role": "user", "content": SECRET_PROMPT}]})
+    assert response.status_code == 401
+    span = request_span(spans)
+    assert span.name == "chat"
+    assert "gen_ai.request.model" not in span.attributes
+    assert span.attributes["gen_ai.operation.name"] == "chat"
+    assert_no_prompt(spans)
