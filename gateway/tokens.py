@@ -50,8 +50,9 @@ def estimate_messages(messages: list[Any], system: Any = None, tools: Any = None
             content = message.get("content")
             total += _PER_MESSAGE + (estimate_text(content) if type(content) is str
                                      else _estimate_content(content))
-            if "tool_calls" in message:
-                for call in message["tool_calls"] or ():
+            calls = message.get("tool_calls")
+            if type(calls) is list:  # (anything else is the provider's to refuse)
+                for call in calls:
                     total += estimate_text(str(call))
     if tools:
         total += estimate_text(str(tools))
@@ -59,11 +60,12 @@ def estimate_messages(messages: list[Any], system: Any = None, tools: Any = None
 
 
 def estimate_input(texts: str | list[Any]) -> int:
-    """Input tokens of an embeddings/completions `input` or `prompt`."""
+    """Input tokens of an embeddings/completions `input` or `prompt`: text, a list of texts,
+    token ids (one each), or a list of token-id lists."""
     if isinstance(texts, str):
         return estimate_text(texts)
-    return sum(estimate_text(t) if isinstance(t, str) else len(t) if isinstance(t, list) else 0
-               for t in texts)
+    return sum(estimate_text(t) if isinstance(t, str) else len(t) if isinstance(t, list)
+               else 1 if type(t) is int else 0 for t in texts)
 
 
 _MESSAGES_OPERATIONS = frozenset({c.OPENAI_CHAT, c.ANTHROPIC_MESSAGES, c.ANTHROPIC_COUNT_TOKENS})

@@ -67,22 +67,38 @@ _NO_OUTPUT_OPERATIONS = frozenset({c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS
 
 
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
-    """The most output tokens the request can produce: its own cap, else the default."""
+    """The most output tokens the request can produce: its own cap, else the default, for
+    each choice (`n`) and, in a legacy completion, for each prompt of a batch and each of
+    `best_of` candidates (all generated and billed)."""
     if ctx.operation in _NO_OUTPUT_OPERATIONS:
         return 0
     body = ctx.body
     if "max_tokens" not in body and "max_completion_tokens" not in body \
-            and "max_output_tokens" not in body and "n" not in body:
+            and "max_output_tokens" not in body and "n" not in body \
+            and ctx.operation != c.OPENAI_COMPLETIONS:
         return default_max_output_tokens  # (four lookups, not the loop below)
     cap = None
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = _positive(body.get(name))
+        if value:
             cap = value
             break
-    choices = body.get("n")
-    n = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    n = _positive(body.get("n")) or 1
+    if ctx.operation == c.OPENAI_COMPLETIONS:
+        n = max(n, _positive(body.get("best_of")) or 1) * _prompts(body.get("prompt"))
     return (cap or default_max_output_tokens) * n
+
+
+def _positive(value: Any) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a legacy completion's `prompt` holds: a list of strings or of token
+    lists is a batch (one completion each); a string or one token list is one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
 
 
 _DEAREST: dict[int, tuple[Any, Price | None, float]] = {}

@@ -38,4 +38,13 @@ def test_content_parts_tool_calls_system_and_tools_count_too() -> None:
 
 def test_inputs_of_embeddings_and_completions() -> None:
     assert estimate_input("abcdefgh") == 2
-    assert estimate_input(["abcd", "h\u00e9llo", [1, 2, 3], 7]) == 1 + 2 + 3 + 0
+    assert estimate_input(["abcd", "h\u00e9llo", [1, 2, 3], 7]) == 1 + 2 + 3 + 1
+    # One prompt as token ids (the OpenAI APIs take `input: [id, ...]`): one token each.
+    assert estimate_input(list(range(1000))) == 1000
+    assert estimate_input([True, None, {"a": 1}]) == 0  # (the provider's to refuse)
+
+
+def test_tool_calls_that_are_not_a_list_are_not_counted_and_raise_nothing() -> None:
+    for calls in (1, "call", {"id": "c1"}, None):
+        messages = [{"role": "assistant", "content": "hi", "tool_calls": calls}]
+        assert estimate_messages(messages) == 3 + 1 + 3

@@ -325,6 +325,25 @@ def test_budget_admits_exactly_k_requests_then_refuses(
     assert gateway.committed("daily") == 3 * COST
 
 
+def test_a_batched_completion_reserves_every_prompts_output(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # 40 prompts answered with up to 30 tokens each can cost 40 times what one can: the
+    # reservation counts them all, so a budget that one prompt's bound fits does not admit
+    # the batch (before, it did, and the call cost more than twice the budget).
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.0002', period='lifetime'),))")),
+                    quota(store))
+    body = {"model": "gpt-mock", "prompt": ["a b"] * 40, "max_tokens": 30}
+    refused = httpx.post(gateway.url + "/v1/completions", json=body, timeout=10,
+                         headers={"authorization": f"Bearer {TEST_KEY}"})
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert mock.requests == []
+    single = httpx.post(gateway.url + "/v1/completions", timeout=10,
+                        json={**body, "prompt": "a b"},
+                        headers={"authorization": f"Bearer {TEST_KEY}"})
+    assert single.status_code == 200, single.text
+
+
 # -- 3. headers ----------------------------------------------------------------------------------
 
 def test_rate_limit_and_budget_headers(start: Start, store: str) -> None:

@@ -138,6 +138,16 @@ def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default
     assert bound({"n": 3}) == 3 * 4096
     assert bound({"max_tokens": 10, "n": 2}) == 20
     assert bound({"max_tokens": 10, "n": 0}) == bound({"max_tokens": 10, "n": False}) == 10
+
+    # A legacy completion: every prompt of a batch and every best_of candidate is generated.
+    from gateway.context import OPENAI_COMPLETIONS
+    assert bound({"prompt": "one", "max_tokens": 30}, OPENAI_COMPLETIONS) == 30
+    assert bound({"prompt": ["a b"] * 40, "max_tokens": 30}, OPENAI_COMPLETIONS) == 40 * 30
+    assert bound({"prompt": [[1, 2], [3]], "max_tokens": 5}, OPENAI_COMPLETIONS) == 10
+    assert bound({"prompt": [1, 2, 3], "max_tokens": 5}, OPENAI_COMPLETIONS) == 5  # (one)
+    assert bound({"prompt": "x", "max_tokens": 5, "best_of": 4, "n": 2},
+                 OPENAI_COMPLETIONS) == 20
+    assert bound({"prompt": ["x", "y"], "n": 3}, OPENAI_COMPLETIONS) == 2 * 3 * 4096
     assert bound({"max_tokens": 300}, ANTHROPIC_MESSAGES) == 300
     assert bound({"max_tokens": 10}, OPENAI_EMBEDDINGS) == 0
 
