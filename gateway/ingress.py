@@ -68,6 +68,10 @@ def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, 
         raise GatewayError(400, "The stream parameter must be a boolean.", param="stream")
     field_name, kind = _REQUIRED_FIELDS[operation]
     value = body.get(field_name)
+    if operation == c.OPENAI_RESPONSES:
+        _check_responses(body)
+        if value is None:  # (optional: a stored `prompt`, a `conversation` can stand for it)
+            return model, stream
     if not isinstance(value, kind) or (isinstance(value, (list, str)) and not value):
         raise GatewayError(
             400, f"'{field_name}' is required and must be a non-empty "
@@ -77,3 +81,12 @@ def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, 
     if operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS) and stream:
         raise GatewayError(400, "This endpoint does not stream.", param="stream")
     return model, stream
+
+
+def _check_responses(body: dict[str, Any]) -> None:
+    if body.get("background") not in (None, False):
+        # The provider answers "queued" without usage and bills the run later, and its result
+        # is fetched with GET /v1/responses/{id}, which the gateway does not serve.
+        raise GatewayError(400, "Background responses are not supported through the gateway: "
+                                "it can neither meter them nor fetch their result. Leave out "
+                                "'background'.", param="background", code="unsupported_parameter")

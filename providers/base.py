@@ -205,7 +205,12 @@ class HTTPAdapter:
 
     async def call(self, ctx: RequestContext, deployment: Deployment, send: Send) -> None:
         if ctx.operation in self.answered_locally:
-            await self.answer_locally(ctx, send)
+            try:
+                await self.answer_locally(ctx, send)
+            except GatewayError:
+                raise
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+                raise GatewayError(400, f"The request cannot be counted: {exc}") from None
             return
         try:
             exchange = self.plan(ctx, deployment)

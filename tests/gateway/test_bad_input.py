@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.harness import AUTH, TEST_KEY, ThreadedServer
+from tests.mock_providers import MockProviderServer
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -201,3 +202,32 @@ def test_embeddings_to_anthropic_is_unsupported_400(gateway: ThreadedServer) -> 
                           json={"model": "claude-mock", "input": "hello"})
     error = assert_openai_error(response, 400, "does not support /v1/embeddings")
     assert error["code"] == "unsupported_operation"
+
+
+def test_count_tokens_of_an_odd_message_is_not_a_500(gateway: ThreadedServer) -> None:
+    response = httpx.post(gateway.url + "/v1/messages/count_tokens", json={
+        "model": "gpt-mock", "messages": [{"role": "user", "content": "hi", "tool_calls": 1}]},
+        headers={"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"})
+    assert response.status_code != 500, response.text
+    assert response.status_code in (200, 400), response.text
+
+
+def test_responses_without_input_go_to_the_provider(gateway: ThreadedServer,
+                                                    mock: MockProviderServer) -> None:
+    # `input` is optional in the Responses API (a stored prompt, a conversation can stand for
+    # it): the provider decides.
+    httpx.post(gateway.url + "/v1/responses", headers=AUTH, json={
+        "model": "gpt-mock", "prompt": {"id": "pmpt_123", "variables": {"city": "Paris"}}})
+    assert any(r["path"].endswith("/responses") for r in mock.requests)
+    bad = httpx.post(gateway.url + "/v1/responses", headers=AUTH,
+                     json={"model": "gpt-mock", "input": 5})
+    assert_openai_error(bad, 400, "'input' is required")
+
+
+def test_background_responses_are_refused_in_the_callers_shape(gateway: ThreadedServer,
+                                                               mock: MockProviderServer) -> None:
+    response = httpx.post(gateway.url + "/v1/responses", headers=AUTH, json={
+        "model": "gpt-mock", "input": "hi", "background": True})
+    error = assert_openai_error(response, 400, "Background responses are not supported")
+    assert error["param"] == "background"
+    assert mock.requests == []
