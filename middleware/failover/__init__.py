@@ -15,11 +15,13 @@ before the response started (the provider adapter holds the start back until the
 event, so this covers error statuses, connection errors, an error event inside a 200 and a
 missing first byte) is classified (policy.classify) and leads to, in order: another key of
 the same deployment (401/402/403), another deployment of the model, the model's fallbacks,
-then — after a backoff that honours Retry-After within the deadline — another round. Every
-attempt after the first needs the retry budget. After the response started, a failure ends
-the stream with an in-band error event (the adapter's job) and counts against the breaker,
-unless the route asks for continuation (continuation.py): then the next deployment goes on
-from the text the client already has.
+then — after a backoff that honours Retry-After within the deadline — another round. A 429
+with Retry-After also cools its deployment down: requests with nowhere else to go wait for
+the cool-down's end and then for the probe that goes first (routing.DeploymentState), never
+past their deadline. Every attempt after the first needs the retry budget. After the
+response started, a failure ends the stream with an in-band error event (the adapter's job)
+and counts against the breaker, unless the route asks for continuation (continuation.py):
+then the next deployment goes on from the text the client already has.
 
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
@@ -178,8 +180,10 @@ class FailoverMiddleware:
             elif not state.available(began):
                 state = None
         if state is None or state.keys:
-            if state is not None:  # picked (a half-open breaker counted its probe): `_serve`
-                state.breaker.release()  # picks again, so the slot is given back first
+            if state is not None:  # picked (a half-open breaker or a cool-down counted its
+                state.breaker.release()  # probe): `_serve` picks again, so the slots go back
+                if state.cool_probes:
+                    state.probe_ended(False)
             await self._serve(scope, receive, send, ctx, route, Tried(), None)
             return
         # The common request's first attempt, inline: every await below this frame is resumed
@@ -197,7 +201,7 @@ class FailoverMiddleware:
         finally:
             state.finished(ctx.usage if answered else None)
             if not answered and failure is None:  # client gone, or a refusal from below
-                state.breaker.release()
+                state.release()
         if failure is None:
             self.succeeded(ctx, state, None, began)
             return
@@ -247,11 +251,11 @@ class FailoverMiddleware:
                     continue
                 key = state.pick_key(tried.bad_keys)
                 if state.keys and key is None:  # every key failed or is broken
-                    state.breaker.release()
+                    state.release()
                     tried.exclude(state)
                     continue
                 if tried.attempts and not self._may_retry(tried, time.monotonic(), deadline):
-                    state.breaker.release()
+                    state.release()
                     if key is not None:
                         key.breaker.release()
                     raise self._final_error(tried, requested, chain)
@@ -276,16 +280,22 @@ class FailoverMiddleware:
                 if next_chain is not None:
                     chain, position = next_chain, 0
             rounds += 1
-            # A round after a wait that found nothing to call (breakers open, every key
-            # refused) would find nothing after a backoff either: it waits only for an open
-            # breaker of the chain to let a probe through, when that comes in the deadline.
+            # A round that found nothing to call (cool-downs, their probes out, breakers open,
+            # every key refused) would find nothing after a backoff either: it waits for one
+            # of those to end, when that comes in the deadline (for an open breaker only after
+            # a first round: the first answers "not now" at once). After failures, a backoff.
             now = time.monotonic()
-            wait = self._reopening_wait(tried, chain, now, deadline) \
-                if rounds > 1 and tried.attempts == attempts_before \
-                else self._next_round_wait(tried, chain, rounds, now, deadline)
+            if tried.attempts == attempts_before and (rounds > 1 or tried.last_error is None):
+                wait, probes = self._reopening_wait(tried, chain, now, deadline,
+                                                    breakers=rounds > 1)
+            else:
+                wait, probes = self._next_round_wait(tried, rounds, now, deadline), []
             if wait is None:
                 raise self._final_error(tried, requested, chain)
-            await asyncio.sleep(wait)
+            if probes:  # (a probe's end wakes it early; the futures are shared: never cancelled)
+                await asyncio.wait(probes, timeout=wait)
+            else:
+                await asyncio.sleep(wait)
             tried.excluded = set(tried.ineligible)
 
     def may_hedge(self, tried: Tried) -> bool:
@@ -334,6 +344,7 @@ class FailoverMiddleware:
             key.last_error = f"{error.status} {error.upstream_error_type or ''}".strip()
             key.breaker.record(True)
             state.breaker.record(False)  # the deployment answered; its key is the problem
+            state.probe_ended(False)  # (which says nothing of a 429's pause: no verdict)
             tried.exclude_key(key.key.env)
             logger.warning("provider key %s of %s failed with %s; trying another",
                            key.key.env, state.name, error.status)
@@ -341,19 +352,19 @@ class FailoverMiddleware:
         if kind in (RETRYABLE, FATAL, AUTH):
             # AUTH here: the provider's own key failed; another deployment may have a good one.
             state.failures += 1
-            state.breaker.record(True)
+            state.record(True)
             if key is not None:
                 key.breaker.record(False)
             tried.exclude(state)
             if error.status == 429:
                 retry_after = parse_retry_after(error.retry_after, self.retry.max_retry_after_s)
                 if retry_after:
-                    state.cool_until = time.monotonic() + retry_after
+                    state.cool_down(time.monotonic() + retry_after)
                     tried.retry_after_s = retry_after
             if kind == FATAL:
                 raise error
             return None
-        state.breaker.record(False)  # the deployment works; the request was the problem
+        state.record(False)  # the deployment works; the request was the problem
         if key is not None:
             key.breaker.release()
         if kind in (CONTEXT_WINDOW, CONTENT_POLICY):
@@ -370,45 +381,46 @@ class FailoverMiddleware:
                 return chain
         raise error
 
-    def _next_round_wait(self, tried: Tried, chain: list[str], rounds: int, now: float,
+    def _next_round_wait(self, tried: Tried, rounds: int, now: float,
                          deadline: float) -> float | None:
-        """How long to wait before trying the chain again; None to give up."""
+        """How long to wait after failed attempts before trying the chain again (the
+        provider's Retry-After when it fits); None to give up."""
         if tried.attempts >= self.retry.max_attempts:
             return None
-        retry_after = tried.retry_after_s
-        if tried.last_error is None:
-            # Nothing was tried: every deployment is cooling down after a 429 or its breaker
-            # is open. Wait once for the soonest cool-down when it fits; an open breaker
-            # means "not now" and is answered at once. (The requests that waited all go when
-            # it ends: a half-open probe, as for a breaker, would answer them 503 instead of
-            # serving them, and a breaker opened here alone RedisHealth closes again.)
-            cooling = self._cooling_s(chain)
-            if not cooling or rounds > 1:
-                return None
-            retry_after = min(cooling)
-        tried.retry_after_s = None
+        retry_after, tried.retry_after_s = tried.retry_after_s, None
         return backoff_s(rounds, base_s=self.retry.backoff_base_s,
                          cap_s=self.retry.backoff_cap_s, retry_after_s=retry_after,
                          remaining_s=deadline - now)
 
-    def _reopening_wait(self, tried: Tried, chain: list[str], now: float,
-                        deadline: float) -> float | None:
-        """Until the soonest open breaker of the chain's eligible deployments half-opens,
-        when that is before the deadline; None (answer now) otherwise."""
-        soonest = min((reopens for model in chain
-                       if (group := self.groups.get(model)) is not None
-                       for state in group.deployments if state not in tried.ineligible
-                       and (reopens := state.breaker.reopens_in_s()) is not None),
-                      default=None)
-        if soonest is None or now + soonest >= deadline:
-            return None
-        return soonest + 0.001  # (a hair past it: the breaker's own clock decides)
+    def _reopening_wait(self, tried: Tried, chain: list[str], now: float, deadline: float, *,
+                        breakers: bool) -> tuple[float | None, list[asyncio.Future[None]]]:
+        """For a round that found nothing to call: until the soonest cool-down of the chain's
+        eligible deployments ends or (`breakers`) an open breaker half-opens, when that is
+        before the deadline, and the probes out after a cool-down, whose end (their futures)
+        ends the wait early; with only probes to wait for, at most until the deadline. None
+        (answer now) when nothing comes in time."""
+        soonest, probes = math.inf, []
+        for model in chain:
+            group = self.groups.get(model)
+            for state in group.deployments if group is not None else ():
+                if state in tried.ineligible:
+                    continue
+                cooling = state.cooling_s(now)
+                if cooling == 0.0:  # its cool-down ended, its probes are out
+                    probes.append(state.probe_settled())
+                elif cooling is not None:
+                    soonest = min(soonest, cooling)
+                if breakers and (reopens := state.breaker.reopens_in_s()) is not None:
+                    soonest = min(soonest, reopens)
+        left = deadline - now
+        if soonest < left:  # (a hair past it: the deployment's own clock decides)
+            return min(soonest + 0.001, left), probes
+        return (left, probes) if probes and left > 0 else (None, [])
 
     def _cooling_s(self, chain: list[str]) -> list[float]:
         now = time.monotonic()
-        return [state.cool_until - now for model in chain
-                if (group := self.groups.get(model)) is not None
-                for state in group.deployments if state.cool_until > now]
+        return [cooling for model in chain if (group := self.groups.get(model)) is not None
+                for state in group.deployments if (cooling := state.cooling_s(now)) is not None]
 
     def _final_error(self, tried: Tried, requested: str, chain: list[str]) -> GatewayError:
         if tried.last_error is not None:
@@ -459,7 +471,7 @@ class FailoverMiddleware:
         finally:
             state.finished(ctx.usage if outcome == "answered" else None)
             if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
-                state.breaker.release()
+                state.release()
                 if key is not None:
                     key.breaker.release()
         self.succeeded(ctx, state, key, began)
@@ -491,7 +503,7 @@ class FailoverMiddleware:
                               interrupted: StreamInterrupted) -> None:
         """Records a stream that broke after it started, then continues it elsewhere."""
         state.failures += 1
-        state.breaker.record(True)
+        state.record(True)
         if key is not None:
             key.breaker.record(False)
         tried.exclude(state)
@@ -544,7 +556,7 @@ class FailoverMiddleware:
             ctx.body = original
             state.finished(ctx.usage if outcome == "answered" else None)
             if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
-                state.breaker.release()
+                state.release()
                 if key is not None:
                     key.breaker.release()
         self.succeeded(ctx, state, key, began)
@@ -561,11 +573,11 @@ class FailoverMiddleware:
                 continue
             key = state.pick_key(tried.bad_keys)
             if state.keys and key is None:
-                state.breaker.release()
+                state.release()
                 continue
             if not self.budget.try_retry():  # asked only with somewhere to go
                 self.counters["budget_refusals"] += 1
-                state.breaker.release()
+                state.release()
                 if key is not None:
                     key.breaker.release()
                 return None
@@ -580,7 +592,7 @@ class FailoverMiddleware:
         state.failures += 1
         kind = classify(error, self.retry.retry_on)
         key_failed = kind == AUTH and key is not None  # the key, not the deployment
-        state.breaker.record(not key_failed and kind in (RETRYABLE, FATAL, AUTH))
+        state.record(not key_failed and kind in (RETRYABLE, FATAL, AUTH))
         if key is not None:
             key.breaker.record(key_failed)
 
@@ -621,6 +633,8 @@ class FailoverMiddleware:
             state.failures += 1
         now = time.monotonic()
         state.breaker.record(failed, now)
+        if state.cool_until:  # (`state.record`, inline: the success path pays one test)
+            state.probe_ended(not failed, now)
         if key is not None:
             key.breaker.record(False, now)
         if state.tracks_ttft and ctx.first_byte_s is not None:
@@ -636,7 +650,7 @@ class FailoverMiddleware:
             return None
         key = second.pick_key(tried.bad_keys)
         if second.keys and key is None:
-            second.breaker.release()
+            second.release()
             return None
         return second, key
 

@@ -73,7 +73,7 @@ class Hedge:
                     self.layer.may_hedge(self.tried):
                 calls[self._launch(*second)] = second
             else:
-                second[0].breaker.release()
+                second[0].release()
                 if second[1] is not None:
                     second[1].breaker.release()
             await self._finish(calls)
@@ -156,7 +156,7 @@ class Hedge:
                     answer = refusal
                 continue
             # Cancelled as the loser, lost the race, or ended otherwise: no verdict on health.
-            state.breaker.release()
+            state.release()
             if key is not None:
                 key.breaker.release()
             if error is not None and not isinstance(error, _Lost):

@@ -4,6 +4,14 @@ Pure and clock-driven (no I/O). A `Group` holds one public model's deployments; 
 the next one to try among those that are healthy (breaker allows), not yet failed in this
 request, not cooling down after a 429, and within their rpm/tpm capacity.
 
+After a 429's cool-down (`DeploymentState.cool_down`) a deployment takes `half_open_probes`
+calls at a time, as a breaker does after its own: the others wait (the layer's
+`_reopening_wait`) for a probe to answer, which ends the cool-down, to be refused with
+another 429, which starts a new one, or to end otherwise, which gives its slot to the next.
+Like the breaker's, the count is per process and any call's outcome counts for it. (It is
+not the breaker itself: a cool-down is no failure, and with shared health a breaker opened
+by one process alone is closed again by the others' view.)
+
 Strategies (`Route.strategy`):
 - "weighted": weighted random (the default);
 - "least-busy": fewest calls in flight (ties broken at random);
@@ -15,6 +23,7 @@ Strategies (`Route.strategy`):
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -56,9 +65,10 @@ class KeyState:
 class DeploymentState:
     """A deployment's health, load and latency as this process sees them."""
 
-    __slots__ = ("_ewma_at", "_rpm_tokens", "_tpm_tokens", "_updated", "breaker", "clock",
-                 "cool_until", "cost", "deployment", "ewma_ttft_s", "failures", "first_headers",
-                 "header", "in_flight", "keys", "requests", "shared_ttft_s", "tags", "tracks_ttft")
+    __slots__ = ("_ewma_at", "_rpm_tokens", "_settled", "_tpm_tokens", "_updated", "breaker",
+                 "clock", "cool_probes", "cool_until", "cost", "deployment", "ewma_ttft_s",
+                 "failures", "first_headers", "header", "in_flight", "keys", "requests",
+                 "shared_ttft_s", "tags", "tracks_ttft")
 
     def __init__(self, deployment: Deployment, breaker: BreakerSettings,
                  clock: Callable[[], float]) -> None:
@@ -80,7 +90,12 @@ class DeploymentState:
         # an exp() per call, which other strategies need not pay.
         self.tracks_ttft = False
         self._ewma_at = 0.0
-        self.cool_until = 0.0  # after a 429 with Retry-After
+        # After a 429 with Retry-After: when its cool-down ends, kept (then in the past) until
+        # a call after it answered; 0.0 otherwise. `cool_probes`: the calls let through since
+        # it ended, awaited by `_settled` (made when a request waits on them).
+        self.cool_until = 0.0
+        self.cool_probes = 0
+        self._settled: asyncio.Future[None] | None = None
         price = deployment.price
         self.cost = (price.input_per_mtok + price.output_per_mtok) if price is not None \
             else Decimal("Infinity")
@@ -93,16 +108,84 @@ class DeploymentState:
         return self.deployment.name
 
     def available(self, now: float) -> bool:
-        """Healthy and within capacity; a half-open breaker counts its probe here."""
-        if now < self.cool_until:
-            return False
+        """Healthy and within capacity; a half-open breaker counts its probe here, and so does
+        a 429's cool-down that ended (`_may_probe`)."""
         if self.deployment.rpm is not None or self.deployment.tpm is not None:
             self._refill(now)
             if self.deployment.rpm is not None and self._rpm_tokens < 1 - 1e-9:
                 return False
             if self.deployment.tpm is not None and self._tpm_tokens <= 0:
                 return False
+        if self.cool_until:  # (one test, as the comparison it replaced, when not cooling)
+            return self._may_probe(now)
         return self.breaker.allows()
+
+    def _may_probe(self, now: float) -> bool:
+        """Nothing until the cool-down ends, then `half_open_probes` calls at a time (each
+        counted here) until one answers: the requests that waited for it do not all go at
+        once into the provider's rate limit."""
+        if now < self.cool_until or self.cool_probes >= self.breaker.settings.half_open_probes:
+            return False
+        if not self.breaker.allows():
+            return False
+        self.cool_probes += 1
+        return True
+
+    def cool_down(self, until: float) -> None:
+        """A 429 asked for a pause until `until` (this clock): no call until then, then a
+        probe. A probe out now is over (this may be its answer); its waiters look again."""
+        self.cool_until, self.cool_probes = until, 0
+        self._wake()
+
+    def cooling_s(self, now: float) -> float | None:
+        """How long a cool-down holds calls back: the seconds until it ends, 0.0 when it ended
+        but its probes are out (until one of them ends: `probe_settled`); None when it does
+        not (no cool-down, or a probe may go now)."""
+        if not self.cool_until:
+            return None
+        if now < self.cool_until:
+            return self.cool_until - now
+        return 0.0 if self.cool_probes >= self.breaker.settings.half_open_probes else None
+
+    def probe_settled(self) -> asyncio.Future[None]:
+        """Done when a probe after the cool-down ends, or a new cool-down starts."""
+        if self._settled is None:
+            self._settled = asyncio.get_running_loop().create_future()
+        return self._settled
+
+    def probe_ended(self, answered: bool, now: float | None = None) -> None:
+        """A call `available` let through ended. Answered (the provider took it) after the
+        cool-down: the cool-down is over and everyone may go. Otherwise (refused, failed,
+        cancelled): its probe slot is given back, for the next waiter to take."""
+        if not self.cool_until:
+            return
+        if answered:
+            if (self.clock() if now is None else now) < self.cool_until:
+                return  # a call made before the 429 says nothing of the pause it asked for
+            self.cool_until, self.cool_probes = 0.0, 0
+        elif self.cool_probes:
+            self.cool_probes -= 1
+        else:
+            return
+        self._wake()
+
+    def record(self, failed: bool, now: float | None = None) -> None:
+        """The outcome of a call `available` let through, for the breaker and the cool-down."""
+        self.breaker.record(failed, now)
+        if self.cool_until:
+            self.probe_ended(not failed, now)
+
+    def release(self) -> None:
+        """A call `available` let through ended without a verdict (cancelled, or refused
+        before it reached the deployment): the breaker's and the cool-down's slots go back."""
+        self.breaker.release()
+        if self.cool_until:
+            self.probe_ended(False)
+
+    def _wake(self) -> None:
+        settled, self._settled = self._settled, None
+        if settled is not None and not settled.done():
+            settled.set_result(None)
 
     def _refill(self, now: float) -> None:
         elapsed, self._updated = now - self._updated, now
@@ -163,6 +246,7 @@ class DeploymentState:
             "shared_ttft_ms": None if self.shared_ttft_s is None
             else round(self.shared_ttft_s * 1000, 3),
             "cooling_s": round(max(0.0, self.cool_until - self.clock()), 3),
+            "cool_down_probes": self.cool_probes,
             "rpm": self.deployment.rpm, "tpm": self.deployment.tpm,
             "keys": [key.describe() for key in self.keys],
         }

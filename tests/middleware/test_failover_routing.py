@@ -362,6 +362,33 @@ def test_a_deployment_cooling_after_a_429_is_skipped_until_then(clock: Clock) ->
     assert a.breaker.state == CLOSED  # cooling is not a breaker failure
 
 
+def test_after_a_429_cool_down_one_probe_goes_first(clock: Clock) -> None:
+    # (a breaker that one failure does not open: the cool-down's probe is what is tested)
+    g = Group("gpt-test", [dep("a"), dep("b")], strategy="priority", breaker=BreakerSettings(),
+              clock=clock)
+    a, b = g.deployments
+    a.cool_down(clock.now + 5)
+    assert g.pick(set()) is b and a.cooling_s(clock.now) == 5
+    a.record(failed=False)  # a call made before the 429 answers: the pause it asked for stands
+    clock.now += 5
+    assert g.pick(set()) is a and a.cool_probes == 1  # the probe
+    assert g.pick(set()) is b and g.pick({b}) is None  # nobody else, until it ends
+    assert a.cooling_s(clock.now) == 0.0  # (0: waiting on the probe, not on the clock)
+    a.release()  # it never reached the deployment (its client left): the slot comes back
+    assert a.cooling_s(clock.now) is None
+    assert g.pick({b}) is a and g.pick({b}) is None
+    a.record(failed=True)  # it failed: the slot goes to the next
+    assert g.pick({b}) is a and g.pick({b}) is None
+    a.cool_down(clock.now + 1)  # it was refused with another 429: a new cool-down
+    assert a.cool_probes == 0 and g.pick({b}) is None
+    clock.now += 1
+    assert g.pick({b}) is a and g.pick({b}) is None
+    a.record(failed=False)  # it answered: the cool-down is over
+    assert (a.cool_until, a.cool_probes, a.cooling_s(clock.now)) == (0.0, 0, None)
+    assert names(g, 5, {b}) == {"openai/a": 5}
+    assert a.breaker.state == CLOSED  # cooling is not a breaker failure
+
+
 def test_the_single_deployment_fast_path(clock: Clock) -> None:
     for strategy in STRATEGIES:
         g = group(clock, dep("only", rpm=1), strategy=strategy)
