@@ -12,6 +12,8 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   without a schema, so it adds one sentence to the system prompt asking for a JSON object.
 - `user` (or `safety_identifier`) becomes `metadata.user_id`.
 - `temperature` is clamped to Anthropic's 0..1 (OpenAI allows up to 2).
+- A history with tool calls but no `tools` declares the tools it called, with
+  `tool_choice` none: Anthropic refuses tool blocks in a request without tools.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
   presence_penalty, logit_bias, stream_options (Anthropic streams always report usage),
   service_tier, store, metadata, prediction, reasoning_effort, verbosity,
@@ -96,6 +98,8 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
     if body.get("tools"):
         request.update(_anthropic_tools(body["tools"], body.get("tool_choice"),
                                         body.get("parallel_tool_calls")))
+    else:
+        request.update(_tools_of_history(messages))
     if format_type == "json_schema":
         schema = (body["response_format"].get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
@@ -281,6 +285,20 @@ def _anthropic_tools(tools: list[JSON], choice: Any, parallel: Any) -> JSON:
     if anthropic_choice:
         out["tool_choice"] = anthropic_choice
     return out
+
+
+def _tools_of_history(messages: list[JSON]) -> JSON:
+    """For a history with tool calls but no `tools`: the tools it called, declared with
+    `tool_choice` none. Anthropic refuses tool blocks in a request that defines no tools
+    (BerriAI/litellm#4689 quotes the error); OpenAI takes them, and without `tools` its model
+    cannot call one, which `none` keeps true."""
+    names = {block["name"]: None for message in messages for block in message["content"]
+             if block["type"] == "tool_use"}
+    if not names:
+        return {}
+    return {"tools": [{"name": name, "input_schema": {"type": "object", "properties": {}}}
+                      for name in names],
+            "tool_choice": {"type": "none"}}
 
 
 def _anthropic_tool(tool: JSON) -> JSON:

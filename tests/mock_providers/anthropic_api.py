@@ -175,7 +175,19 @@ def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
     if last.get("role") == "assistant" and block_text(last.get("content")) != \
             block_text(last.get("content")).rstrip():
         raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
+    if not body.get("tools") and any(_tool_blocks(m.get("content")) for m in messages):
+        # The API's answer to a tool history without tool definitions, as quoted in
+        # BerriAI/litellm#4689 (the reason LiteLLM adds a dummy tool).
+        raise BadRequest("Requests which include `tool_use` or `tool_result` blocks must "
+                         "define tools.")
     return messages
+
+
+def _tool_blocks(content: Any) -> list[JSON]:
+    if not isinstance(content, list):
+        return []
+    return [b for b in content if isinstance(b, dict)
+            and b.get("type") in ("tool_use", "tool_result")]
 
 
 def messages_conversation(body: JSON, messages: list[JSON]) -> Conversation:

@@ -1,0 +1,66 @@
+"""Requests that cross from one provider's API to another's, through the gateway.
+
+Each test sends what a client of one API may send and asserts what reaches the mock of the
+other provider, whose validation follows the real provider's (the source is cited where the
+mock refuses). What the other provider cannot take becomes a 400 in the caller's shape,
+said by the gateway before any provider call.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway import create_app
+from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
+from tests.mock_providers import MockProviderServer
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
+                  mock_url: str) -> Iterator[ThreadedServer]:
+    """A gateway without layers (nothing cached between tests) and the default mock models."""
+    config = write_config(tmp_path_factory.mktemp("cross"),
+                          mock_config(mock_url, middleware="none"))
+    with ThreadedServer(create_app(config)) as server:
+        yield server
+
+
+def oai(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def last_request(mock: MockProviderServer, provider: str) -> dict[str, Any]:
+    seen = [r for r in mock.requests if r["provider"] == provider]
+    assert seen, f"no request reached the {provider} mock"
+    return seen[-1]["json"]  # type: ignore[no-any-return]
+
+
+def tool_history(call_id: str = "call_abc123") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": "Weather in Paris please"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny and 22C"}]
+
+
+# -- a tool history without `tools` ----------------------------------------------------------
+
+def test_a_tool_history_without_tools_reaches_anthropic_with_its_tools_declared_unusable(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """OpenAI takes past tool calls without `tools` (a summarising turn, say); Anthropic
+    refuses tool blocks without tool definitions. The tools the history called are declared,
+    with `tool_choice` none: the model cannot call them, as it could not on OpenAI."""
+    reply = oai(cross_gateway).chat.completions.create(model="claude-mock",
+                                                       messages=tool_history())
+    assert reply.choices[0].message.content == "Tool result received: sunny and 22C"
+    sent = last_request(mock, "anthropic")
+    assert sent["tools"] == [{"name": "get_weather",
+                              "input_schema": {"type": "object", "properties": {}}}]
+    assert sent["tool_choice"] == {"type": "none"}
