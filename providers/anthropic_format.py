@@ -11,7 +11,9 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   models; the older beta `output_format` is deprecated). json_object has no Anthropic mode
   without a schema, so it adds one sentence to the system prompt asking for a JSON object.
 - `user` (or `safety_identifier`) becomes `metadata.user_id`.
-- `temperature` is clamped to Anthropic's 0..1 (OpenAI allows up to 2).
+- `temperature` is clamped to Anthropic's 0..1 (OpenAI allows up to 2). With `top_p` as
+  well, only one goes (Claude 4.5 models refuse both): the temperature, unless it is 1 (the
+  default of both APIs), in which case the top_p.
 - A history with tool calls but no `tools` declares the tools it called, with
   `tool_choice` none: Anthropic refuses tool blocks in a request without tools.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
@@ -130,10 +132,19 @@ def _refuse_inexpressible(body: JSON) -> None:
 
 def _sampling(body: JSON) -> JSON:
     out: JSON = {}
-    if body.get("temperature") is not None:
-        out["temperature"] = min(float(body["temperature"]), 1.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    if temperature is not None and top_p is not None:
+        # Claude 4.5 models and Opus 4.1 refuse the pair (the 4.5 migration guide: "Use only
+        # temperature OR top_p, not both"). A temperature of 1 is both APIs' default, so
+        # then the top_p is what the caller chose.
+        if float(temperature) == 1.0:
+            temperature = None
+        else:
+            top_p = None
+    if temperature is not None:
+        out["temperature"] = min(float(temperature), 1.0)
+    if top_p is not None:
+        out["top_p"] = top_p
     if isinstance(body.get("top_k"), int):  # a common extension; Anthropic takes it natively
         out["top_k"] = body["top_k"]
     stop = body.get("stop")

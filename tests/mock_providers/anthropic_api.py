@@ -15,6 +15,7 @@ what was neither read nor written; `cache_creation` splits the writes by TTL.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -223,9 +224,25 @@ def messages_conversation(body: JSON, messages: list[JSON]) -> Conversation:
 
 # -- endpoints --------------------------------------------------------------------------------
 
+# Models that take `temperature` or `top_p`, not both: Claude Sonnet and Haiku 4.5 (the
+# migration guide, platform.claude.com/docs/en/about-claude/models/migrating-to-claude-4:
+# "Use only temperature OR top_p, not both"), Opus 4.1 (the 400 reported in
+# open-webui/functions#9) and their successors: `claude-<family>-4-<minor>`.
+_ONE_SAMPLER = re.compile(r"claude-(?:opus|sonnet|haiku)-4-[1-9](?:-|$)")
+
+
+def validate_sampling(body: JSON) -> None:
+    if body.get("temperature") is not None and body.get("top_p") is not None and \
+            _ONE_SAMPLER.search(str(body.get("model"))):
+        # The message as the API words it (Vali-98/ChatterUI#564).
+        raise BadRequest("`temperature` and `top_p` cannot both be specified for this model. "
+                         "Please use only one.")
+
+
 async def messages(call: Call) -> web.StreamResponse:
     body = body_dict(call)
     conv = messages_conversation(body, validate_messages(body, need_max_tokens=True))
+    validate_sampling(body)
     reply = reply_for(conv, id_prefix="toolu_01")
     cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)

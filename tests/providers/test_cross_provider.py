@@ -20,14 +20,18 @@ from tests.mock_providers import MockProviderServer
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
                                           "properties": {"city": {"type": "string"}}}}}
+EXTRA_MODELS = """
+models["claude-45-mock"] = [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=MOCK_PRICE)]
+"""
 
 
 @pytest.fixture(scope="module")
 def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
                   mock_url: str) -> Iterator[ThreadedServer]:
-    """A gateway without layers (nothing cached between tests) and the default mock models."""
+    """A gateway without layers (nothing cached between tests): the default mock models and
+    `claude-45-mock`, a Claude 4.5 model."""
     config = write_config(tmp_path_factory.mktemp("cross"),
-                          mock_config(mock_url, middleware="none"))
+                          mock_config(mock_url, middleware="none", extra=EXTRA_MODELS))
     with ThreadedServer(create_app(config)) as server:
         yield server
 
@@ -64,3 +68,23 @@ def test_a_tool_history_without_tools_reaches_anthropic_with_its_tools_declared_
     assert sent["tools"] == [{"name": "get_weather",
                               "input_schema": {"type": "object", "properties": {}}}]
     assert sent["tool_choice"] == {"type": "none"}
+
+
+# -- temperature and top_p together ----------------------------------------------------------
+
+@pytest.mark.parametrize(("sampling", "sent"), [
+    ({"temperature": 0.2, "top_p": 0.9}, {"temperature": 0.2}),
+    ({"temperature": 1, "top_p": 0.9}, {"top_p": 0.9}),  # 1: both APIs' default temperature
+    ({"temperature": 1.5, "top_p": 1}, {"temperature": 1.0}),
+    ({"top_p": 0.5}, {"top_p": 0.5}),
+])
+def test_claude_45_gets_temperature_or_top_p_never_both(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, sampling: dict[str, float],
+        sent: dict[str, float]) -> None:
+    """OpenAI clients often send both (some SDKs fill in defaults); Claude 4.5 models refuse
+    the pair. The temperature is what Anthropic suggests changing, unless it is the default."""
+    reply = oai(cross_gateway).chat.completions.create(
+        model="claude-45-mock", messages=[{"role": "user", "content": "Hello"}], **sampling)
+    assert reply.choices[0].message.content == "Mock reply to: Hello"
+    body = last_request(mock, "anthropic")
+    assert {key: body[key] for key in ("temperature", "top_p") if key in body} == sent
