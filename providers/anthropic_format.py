@@ -29,7 +29,8 @@ Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
 - A tool_result's `is_error` has no OpenAI field; the result text, which states the
   error, is kept unchanged. Images in a tool_result (OpenAI tool messages hold text only)
   follow the tool messages in a user message, labelled with the tool call id.
-- Server tools, server-tool blocks, MCP servers and file/URL documents are refused.
+- Server tools, server-tool blocks, MCP servers and file/URL documents are refused, and
+  more than 4 `stop_sequences` for OpenAI and Azure (their `stop` takes 4).
 - In a response, tool-call arguments that are not a JSON object become `input: {}`: a
   tool_use block must hold an object, and the Anthropic API rejects unknown block fields
   when a client echoes the message back, so the raw text cannot travel with it.
@@ -374,12 +375,15 @@ def messages_response_to_chat(resp: JSON, public_model: str) -> JSON:
 
 # -- Anthropic Messages request -> OpenAI chat request ---------------------------------------
 
-def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens") -> JSON:
+def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens",
+                             max_stop_sequences: int | None = None) -> JSON:
     """Anthropic Messages request -> OpenAI chat request; `model` is kept for the caller.
 
     `max_tokens_field` names the limit: OpenAI's own API has deprecated `max_tokens` for
     `max_completion_tokens` (which its o-series and gpt-5 models require); the
-    OpenAI-compatible servers read `max_tokens`.
+    OpenAI-compatible servers read `max_tokens`. More `stop_sequences` than
+    `max_stop_sequences` (OpenAI's `stop` takes 4) are refused: dropping some would let the
+    model write past where the caller wanted it to stop.
     """
     if body.get("mcp_servers"):
         raise TranslationError("MCP servers are only available on Anthropic models.")
@@ -399,6 +403,9 @@ def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens"
             chat[key] = body[key]
     if body.get("stop_sequences"):
         chat["stop"] = list(body["stop_sequences"])
+        if max_stop_sequences is not None and len(chat["stop"]) > max_stop_sequences:
+            raise TranslationError(f"OpenAI models take at most {max_stop_sequences} stop "
+                                   f"sequences; this request has {len(chat['stop'])}.")
     user_id = (body.get("metadata") or {}).get("user_id")
     if isinstance(user_id, str) and user_id:
         chat["user"] = user_id

@@ -29,7 +29,7 @@ penalty). System and developer messages anywhere in the list all go to `systemIn
 Refused with TranslationError (the answer would silently be something else): legacy
 `functions`/`function_call`, audio output, tools other than functions, content part types
 Gemini cannot take (`file_id` files, unknown types), unparsable tool-call arguments, tool
-results for unknown call ids, and token-array embedding input.
+results for unknown call ids, more than 5 stop sequences, and token-array embedding input.
 """
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ _MIME_BY_EXTENSION = {
     "gif": "image/gif", "heic": "image/heic", "heif": "image/heif", "pdf": "application/pdf",
 }
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+# GenerationConfig.stopSequences: "The set of character sequences (up to 5)"; more are
+# refused (continuedev/continue#2702), and dropping some would change where the answer ends.
+MAX_STOP_SEQUENCES = 5
 # google.rpc.Code names for bodies that carry none (an HTML page from a proxy, say).
 _STATUS_BY_HTTP = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -299,6 +302,10 @@ def _generation_config(body: JSON) -> JSON:
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+        if len(config["stopSequences"]) > MAX_STOP_SEQUENCES:
+            raise TranslationError(f"Gemini models take at most {MAX_STOP_SEQUENCES} stop "
+                                   f"sequences; this request has "
+                                   f"{len(config['stopSequences'])}.")
     if body.get("logprobs"):
         config["responseLogprobs"] = True
         if body.get("top_logprobs") is not None:

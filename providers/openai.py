@@ -95,6 +95,9 @@ class OpenAIAdapter(HTTPAdapter):
         # max_tokens: they get max_tokens.
         self.max_tokens_field = "max_completion_tokens" if type_name == "openai" \
             else "max_tokens"
+        # `stop`: "Up to 4 sequences" (OpenAI's chat reference; Azure refuses more alike,
+        # QwenLM/Qwen-Agent#228). The compatible servers set limits of their own, or none.
+        self.max_stop_sequences = 4 if type_name in ("openai", "azure") else None
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
         super().__init__(**options)
@@ -132,7 +135,8 @@ class OpenAIAdapter(HTTPAdapter):
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:
         body = anthropic_format.messages_request_to_chat(
-            ctx.body, max_tokens_field=self.max_tokens_field)
+            ctx.body, max_tokens_field=self.max_tokens_field,
+            max_stop_sequences=self.max_stop_sequences)
         body["model"] = deployment.model
         public_model = ctx.model
 

@@ -39,6 +39,10 @@ from tests.mock_providers.wire import (
 )
 
 JSON_TYPE = "application/json; charset=UTF-8"
+# GenerationConfig.stopSequences: "The set of character sequences (up to 5)"
+# (ai.google.dev/api/generate-content); more is refused with the message quoted in
+# continuedev/continue#2702.
+MAX_STOP_SEQUENCES = 5
 SSE_TYPE = "text/event-stream"
 FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
 _STATUS: dict[int, tuple[str, str]] = {
@@ -161,6 +165,9 @@ def generate_conversation(body: JSON) -> Conversation:
     texts += _texts(_field(body, "systemInstruction", "system_instruction"))
     last = contents[-1]
     config = _field(body, "generationConfig", "generation_config")
+    stops = _field(config, "stopSequences", "stop_sequences")
+    if isinstance(stops, list) and len(stops) > MAX_STOP_SEQUENCES:
+        raise BadRequest("the number of stop_sequences must not exceed 5")
     limit = _field(config, "maxOutputTokens", "max_output_tokens")
     conv = Conversation(input_tokens=count_input(texts, len(contents)),
                         max_tokens=limit if isinstance(limit, int) else None,

@@ -36,6 +36,7 @@ from tests.mock_providers.wire import (
 )
 
 FINGERPRINT = "fp_mock0001"
+MAX_STOP_SEQUENCES = 4  # `stop`: "Up to 4 sequences" (the chat API reference)
 DONE = b"data: [DONE]\n\n"
 TOKEN_PATTERN = re.compile(r"\s*\S+|\s+")
 _AZURE_FILTER = {name: {"filtered": False, "severity": "safe"}
@@ -90,6 +91,12 @@ def validate_chat(body: JSON, *, need_model: bool) -> None:
         if not isinstance(message, dict) or "role" not in message:
             raise BadRequest(f"Missing required parameter: 'messages[{index}].role'.",
                              param=f"messages[{index}].role", code="missing_required_parameter")
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+        # As OpenAI and Azure answer it (continuedev/continue#1572, QwenLM/Qwen-Agent#228).
+        raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum "
+                         f"length {MAX_STOP_SEQUENCES}, but got an array with length "
+                         f"{len(stop)} instead.", param="stop", code="array_above_max_length")
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
         raise BadRequest(f"Invalid 'n': expected an integer between 1 and 128, got {n!r}.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -38,6 +39,10 @@ def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
 
 def oai(server: ThreadedServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def claude(server: ThreadedServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
 
 
 def last_request(mock: MockProviderServer, provider: str) -> dict[str, Any]:
@@ -88,3 +93,55 @@ def test_claude_45_gets_temperature_or_top_p_never_both(
     assert reply.choices[0].message.content == "Mock reply to: Hello"
     body = last_request(mock, "anthropic")
     assert {key: body[key] for key in ("temperature", "top_p") if key in body} == sent
+
+
+# -- stop sequences --------------------------------------------------------------------------
+
+FIVE_STOPS = ["one", "two", "three", "four", "five"]
+SIX_STOPS = [*FIVE_STOPS, "six"]
+
+
+@pytest.mark.parametrize(("model", "stops", "limit"), [
+    ("gpt-mock", FIVE_STOPS, "OpenAI models take at most 4 stop sequences; this request has 5"),
+    ("azure-mock", FIVE_STOPS, "OpenAI models take at most 4 stop sequences; this request has 5"),
+    ("gemini-mock", SIX_STOPS, "Gemini models take at most 5 stop sequences; this request has 6"),
+])
+def test_more_stop_sequences_than_the_provider_takes_are_a_400_in_anthropic_shape(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str, stops: list[str],
+        limit: str) -> None:
+    """Anthropic sets no such limit; OpenAI's `stop` takes 4, Gemini's `stopSequences` 5.
+    Dropping some would let the model write past where the caller wanted it to stop."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude(cross_gateway).messages.create(
+            model=model, max_tokens=50, stop_sequences=stops,
+            messages=[{"role": "user", "content": "Hello"}])
+    assert refused.value.status_code == 400
+    assert refused.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+        "type": "invalid_request_error",
+        "message": f"The request cannot be sent to this model: {limit}."}}
+    assert mock.requests == []  # refused before any provider call
+
+
+def test_six_stop_sequences_from_an_openai_client_are_a_400_before_gemini(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(cross_gateway).chat.completions.create(
+            model="gemini-mock", stop=SIX_STOPS, messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "The request cannot be sent to this model: Gemini models take at most 5 "
+                   "stop sequences; this request has 6.",
+        "type": "invalid_request_error", "param": None, "code": None}
+    assert mock.requests == []
+
+
+@pytest.mark.parametrize(("model", "stops"), [("gpt-mock", FIVE_STOPS[:4]),
+                                              ("gemini-mock", FIVE_STOPS)])
+def test_as_many_stop_sequences_as_the_provider_takes_all_reach_it(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        stops: list[str]) -> None:
+    message = claude(cross_gateway).messages.create(
+        model=model, max_tokens=50, stop_sequences=stops,
+        messages=[{"role": "user", "content": "Hello"}])
+    assert message.content[0].text == "Mock reply to: Hello"  # type: ignore[union-attr]
+    body = last_request(mock, "openai" if model == "gpt-mock" else "gemini")
+    assert (body.get("stop") or body["generationConfig"]["stopSequences"]) == stops
