@@ -29,7 +29,9 @@ penalty). System and developer messages anywhere in the list all go to `systemIn
 Refused with TranslationError (the answer would silently be something else): legacy
 `functions`/`function_call`, audio output, tools other than functions, content part types
 Gemini cannot take (`file_id` files, unknown types), unparsable tool-call arguments, tool
-results for unknown call ids, more than 5 stop sequences, and token-array embedding input.
+results for unknown call ids, more than 5 stop sequences, token-array embedding input, and
+image URLs (but Files API and YouTube URIs) for the Gemini 2.0 models, which do not fetch
+them. Other models get an http(s) image URL as `fileData` and fetch it themselves.
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ _MIME_BY_EXTENSION = {
     "gif": "image/gif", "heic": "image/heic", "heif": "image/heif", "pdf": "application/pdf",
 }
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+# URIs every model fetches: the Files API's and YouTube's (the file input methods guide).
+_ALWAYS_FETCHED = ("https://generativelanguage.googleapis.com/", "https://www.youtube.com/",
+                   "https://youtube.com/", "https://youtu.be/")
 # GenerationConfig.stopSequences: "The set of character sequences (up to 5)"; more are
 # refused (continuedev/continue#2702), and dropping some would change where the answer ends.
 MAX_STOP_SEQUENCES = 5
@@ -80,10 +85,13 @@ __all__ = [
 
 # -- chat request ----------------------------------------------------------------------------
 
-def chat_request_to_gemini(body: JSON) -> JSON:
-    """OpenAI chat request -> GenerateContentRequest body (the model goes in the URL)."""
+def chat_request_to_gemini(body: JSON, *, fetches_urls: bool = True) -> JSON:
+    """OpenAI chat request -> GenerateContentRequest body (the model goes in the URL).
+
+    `fetches_urls`: whether the model fetches image URLs itself (see `fetches_urls`).
+    """
     _refuse_inexpressible(body)
-    system, contents = _contents(body.get("messages") or [])
+    system, contents = _contents(body.get("messages") or [], fetches_urls)
     request: JSON = {"contents": contents}
     if system:
         request["systemInstruction"] = {"parts": system}
@@ -109,7 +117,19 @@ def _refuse_inexpressible(body: JSON) -> None:
         raise TranslationError("audio output is not available through this Gemini route.")
 
 
-def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
+def fetches_urls(model: str) -> bool:
+    """Whether a Gemini model fetches public http(s) URLs in `fileData.fileUri`.
+
+    Gemini does since January 2026 ("Increased file size limits and expanded inputs support
+    in Gemini API", blog.google; the file input methods guide), except the Gemini 2.0
+    models, which answer "Invalid or unsupported file uri" (BoundaryML/baml#1548); the
+    Vercel AI SDK's google provider draws the same line (`supportsExternalFileUrls`).
+    Files API and YouTube URIs work with every model.
+    """
+    return not model.removeprefix("models/").startswith("gemini-2.0")
+
+
+def _contents(messages: list[JSON], fetches: bool) -> tuple[list[JSON], list[JSON]]:
     system: list[JSON] = []
     contents: list[JSON] = []
     call_names: dict[str, str] = {}  # tool_call id -> function name, for the tool results
@@ -119,7 +139,7 @@ def _contents(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
             system.extend(_text_parts(message.get("content"), str(role)))
             continue
         if role == "user":
-            gemini_role, parts = "user", _user_parts(message.get("content"))
+            gemini_role, parts = "user", _user_parts(message.get("content"), fetches)
         elif role == "assistant":
             gemini_role, parts = "model", _assistant_parts(message, call_names)
         elif role in ("tool", "function"):
@@ -151,7 +171,7 @@ def _text_parts(content: Any, role: str) -> list[JSON]:
     return parts
 
 
-def _user_parts(content: Any) -> list[JSON]:
+def _user_parts(content: Any, fetches: bool) -> list[JSON]:
     if content is None or isinstance(content, str):
         return _text_parts(content, "user")
     parts = []
@@ -162,7 +182,8 @@ def _user_parts(content: Any) -> list[JSON]:
                 parts.append({"text": part["text"]})
         elif kind == "image_url":
             image = part["image_url"]
-            parts.append(_media_part(image["url"] if isinstance(image, dict) else image))
+            parts.append(_media_part(image["url"] if isinstance(image, dict) else image,
+                                     fetches))
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}",
@@ -174,10 +195,13 @@ def _user_parts(content: Any) -> list[JSON]:
     return parts
 
 
-def _media_part(url: str) -> JSON:
+def _media_part(url: str, fetches: bool) -> JSON:
     if url.startswith("data:"):
         return {"inlineData": _data_url(url)}
     if url.startswith(("https://", "http://")):
+        if not fetches and not url.startswith(_ALWAYS_FETCHED):
+            raise TranslationError("Gemini 2.0 models do not fetch images from URLs; send the "
+                                   "image inline as a base64 data: URL.")
         extension = urlsplit(url).path.rpartition(".")[2].lower()
         mime = _MIME_BY_EXTENSION.get(extension, "image/jpeg")
         return {"fileData": {"mimeType": mime, "fileUri": url}}

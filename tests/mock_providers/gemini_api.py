@@ -211,13 +211,34 @@ async def model_method(call: Call) -> web.StreamResponse:
     return await handler(call, model)
 
 
+# The URIs every model fetches: the Files API's and YouTube's (ai.google.dev/gemini-api/docs/
+# file-input-methods). Other public URLs are fetched since January 2026 ("Increased file
+# size limits and expanded inputs support in Gemini API", blog.google), but not by the
+# Gemini 2.0 models, which refuse them as quoted in BoundaryML/baml#1548 (the Vercel AI SDK's
+# google provider leaves them out alike: `supportsExternalFileUrls`).
+_ALWAYS_FETCHED = ("https://generativelanguage.googleapis.com/", "https://www.youtube.com/",
+                   "https://youtube.com/", "https://youtu.be/")
+
+
+def validate_file_uris(body: JSON, model: str) -> None:
+    if not model.startswith("gemini-2.0"):
+        return
+    for content in _field(body, "contents", "contents") or ():
+        for part in _parts(content):
+            uri = _field(_field(part, "fileData", "file_data"), "fileUri", "file_uri")
+            if isinstance(uri, str) and not uri.startswith(_ALWAYS_FETCHED):
+                raise BadRequest(f"Invalid or unsupported file uri: {uri}")
+
+
 async def generate(call: Call, model: str) -> web.StreamResponse:
+    validate_file_uris(body_dict(call), model)
     reply = reply_for(generate_conversation(body_dict(call)))
     return await respond_json(call, generate_response(model, reply, random_id("", 22)),
                               JSON_TYPE)
 
 
 async def stream_generate(call: Call, model: str) -> web.StreamResponse:
+    validate_file_uris(body_dict(call), model)
     reply = reply_for(generate_conversation(body_dict(call)))
     chunks = stream_chunks(model, reply, random_id("", 22), call.config.chunk_chars)
     if call.request.query.get("alt") == "sse":

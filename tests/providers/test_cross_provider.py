@@ -23,14 +23,16 @@ WEATHER_TOOL = {"type": "function", "function": {
                                           "properties": {"city": {"type": "string"}}}}}
 EXTRA_MODELS = """
 models["claude-45-mock"] = [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=MOCK_PRICE)]
+models["gemini-25-mock"] = [Deployment("gemini", "gemini-2.5-flash", price=MOCK_PRICE)]
 """
 
 
 @pytest.fixture(scope="module")
 def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
                   mock_url: str) -> Iterator[ThreadedServer]:
-    """A gateway without layers (nothing cached between tests): the default mock models and
-    `claude-45-mock`, a Claude 4.5 model."""
+    """A gateway without layers (nothing cached between tests): the default mock models,
+    `claude-45-mock` (Claude Sonnet 4.5) and `gemini-25-mock` (Gemini 2.5 Flash; the default
+    `gemini-mock` is Gemini 2.0 Flash)."""
     config = write_config(tmp_path_factory.mktemp("cross"),
                           mock_config(mock_url, middleware="none", extra=EXTRA_MODELS))
     with ThreadedServer(create_app(config)) as server:
@@ -145,3 +147,45 @@ def test_as_many_stop_sequences_as_the_provider_takes_all_reach_it(
     assert message.content[0].text == "Mock reply to: Hello"  # type: ignore[union-attr]
     body = last_request(mock, "openai" if model == "gpt-mock" else "gemini")
     assert (body.get("stop") or body["generationConfig"]["stopSequences"]) == stops
+
+
+# -- image URLs to Gemini --------------------------------------------------------------------
+
+PHOTO_URL = "https://upload.wikimedia.org/wikipedia/commons/4/4d/Cat_November_2010-1a.jpg"
+
+
+def describe(url: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "Describe this"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.mark.parametrize("url", [PHOTO_URL, "https://example.com/cat.png?size=2"])
+def test_gemini_25_fetches_an_image_url_itself(cross_gateway: ThreadedServer,
+                                               mock: MockProviderServer, url: str) -> None:
+    reply = oai(cross_gateway).chat.completions.create(model="gemini-25-mock",
+                                                       messages=describe(url))
+    assert reply.choices[0].message.content == "Mock reply to: Describe this [1 image]"
+    parts = last_request(mock, "gemini")["contents"][0]["parts"]
+    mime = "image/jpeg" if url == PHOTO_URL else "image/png"
+    assert parts[1] == {"fileData": {"mimeType": mime, "fileUri": url}}
+
+
+def test_an_image_url_for_gemini_20_is_a_400_that_says_what_works(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """Gemini 2.0 models fetch only Files API and YouTube URIs."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(cross_gateway).chat.completions.create(model="gemini-mock",
+                                                   messages=describe(PHOTO_URL))
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "The request cannot be sent to this model: Gemini 2.0 models do not fetch "
+                   "images from URLs; send the image inline as a base64 data: URL.",
+        "type": "invalid_request_error", "param": None, "code": None}
+    assert mock.requests == []
+
+
+def test_a_files_api_uri_still_reaches_gemini_20(cross_gateway: ThreadedServer,
+                                                 mock: MockProviderServer) -> None:
+    uri = "https://generativelanguage.googleapis.com/v1beta/files/abc-123"
+    reply = oai(cross_gateway).chat.completions.create(model="gemini-mock", messages=describe(uri))
+    assert reply.choices[0].message.content == "Mock reply to: Describe this [1 image]"
+    assert last_request(mock, "gemini")["contents"][0]["parts"][1]["fileData"]["fileUri"] == uri

@@ -19,6 +19,7 @@ from providers.gemini_format import (
     UpstreamStreamError,
     chat_request_to_gemini,
     embeddings_request_to_gemini,
+    fetches_urls,
     gemini_count_tokens_result,
     gemini_embeddings_to_openai,
     gemini_response_to_chat,
@@ -138,6 +139,28 @@ def test_http_image_urls_become_file_data_with_a_guessed_type(url: str, mime: st
     request = chat_request_to_gemini(chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}]}]))
     assert request["contents"][0]["parts"] == [{"fileData": {"mimeType": mime, "fileUri": url}}]
+
+
+@pytest.mark.parametrize(("model", "fetches"), [
+    ("gemini-2.0-flash", False), ("models/gemini-2.0-flash-lite-001", False),
+    ("gemini-2.5-flash", True), ("gemini-3-pro-preview", True),
+])
+def test_only_the_gemini_20_models_do_not_fetch_urls(model: str, fetches: bool) -> None:
+    assert fetches_urls(model) is fetches
+
+
+def test_image_urls_for_a_model_that_does_not_fetch_them_are_refused_but_files_api_uris(
+        ) -> None:
+    def parts(url: str) -> list[dict[str, Any]]:
+        return chat_request_to_gemini(chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]),
+            fetches_urls=False)["contents"][0]["parts"]  # type: ignore[no-any-return]
+    with pytest.raises(TranslationError, match="Gemini 2.0 models do not fetch images"):
+        parts("https://example.com/cat.png")
+    uri = "https://generativelanguage.googleapis.com/v1beta/files/abc-123"
+    assert parts(uri) == [{"fileData": {"mimeType": "image/jpeg", "fileUri": uri}}]
+    assert parts("data:image/png;base64,iVBO") == [
+        {"inlineData": {"mimeType": "image/png", "data": "iVBO"}}]
 
 
 def test_audio_and_inline_files_become_inline_data() -> None:
