@@ -1,8 +1,9 @@
 """OpenAI and every OpenAI-compatible API (Groq, Together, vLLM, Ollama, ...), and Azure OpenAI.
 
 Same format in and out: the request gets the upstream model id (and, for streams, a request
-for the usage chunk) and the response bytes pass through untouched. Anthropic-shaped callers
-are translated through providers.anthropic_format.
+for the usage chunk, except from the services that refuse `stream_options`) and the response
+bytes pass through untouched. Anthropic-shaped callers are translated through
+providers.anthropic_format.
 """
 from __future__ import annotations
 
@@ -61,16 +62,31 @@ def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
     return None, Usage.from_openai(payload.get("usage"))
 
 
+# OpenAI-compatible services that refuse `stream_options`: Mistral answers 422 to
+# `include_usage` ("Extra inputs are not permitted", openai/openai-agents-python#442,
+# avante.nvim#2347) and sends the usage on a stream's last chunk unasked
+# (mistralai/client-python#40).
+_REFUSE_STREAM_OPTIONS = frozenset({"mistral"})
+# Azure takes `stream_options` from API version 2024-10-21 (the GA spec has it,
+# griptape-ai/griptape#1640); older versions refuse it ("Unrecognized request argument
+# supplied: stream_options", langchain-ai/langchain#23552).
+_AZURE_STREAM_OPTIONS_SINCE = "2024-10-21"
+
+
 def client_wants_usage(body: dict[str, Any]) -> bool:
     """Whether an OpenAI-shaped stream request asked for the final usage chunk."""
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def with_usage_requested(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Asks an OpenAI-family stream for its usage chunk; says whether the client had asked."""
+def with_usage_requested(body: dict[str, Any], *,
+                         provider_takes_it: bool = True) -> tuple[dict[str, Any], bool]:
+    """Asks an OpenAI-family stream for its usage chunk; says whether the client had asked.
+    A provider that refuses `stream_options` gets none, not even the client's."""
     client_asked = client_wants_usage(body)
-    if not client_asked:
+    if not provider_takes_it:
+        body.pop("stream_options", None)
+    elif not client_asked:
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                   "include_usage": True}
@@ -100,6 +116,7 @@ class OpenAIAdapter(HTTPAdapter):
         self.max_stop_sequences = 4 if type_name in ("openai", "azure") else None
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
+        self.takes_stream_options = type_name not in _REFUSE_STREAM_OPTIONS
         super().__init__(**options)
 
     def url(self, operation: str, deployment: Deployment) -> str:
@@ -126,7 +143,8 @@ class OpenAIAdapter(HTTPAdapter):
                                                      _responses_event_has_content,
                                                      end_markers=_RESPONSES_END,
                                                      final_event="response.completed"))
-        body, client_asked = with_usage_requested(body)
+        body, client_asked = with_usage_requested(
+            body, provider_takes_it=self.takes_stream_options)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
                         lambda: PassthroughCodec(_chat_usage, chat_chunk_has_content,
                                                  drop_usage_event=not client_asked,
@@ -149,7 +167,7 @@ class OpenAIAdapter(HTTPAdapter):
             return TranslatingCodec(OpenAIChunkSource(), sink)
 
         if ctx.stream:
-            body, _ = with_usage_requested(body)
+            body, _ = with_usage_requested(body, provider_takes_it=self.takes_stream_options)
         return Exchange(url, headers, orjson.dumps(body), ctx.stream, decode, codec)
 
     answered_locally = frozenset({c.ANTHROPIC_COUNT_TOKENS})  # OpenAI has no counting API
@@ -219,6 +237,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     def __init__(self, *, api_version: str = "2024-10-21", **options: Any) -> None:
         super().__init__(type_name="azure", responses_api=False, **options)
         self.api_version = api_version
+        self.takes_stream_options = api_version[:10] >= _AZURE_STREAM_OPTIONS_SINCE
 
     def url(self, operation: str, deployment: Deployment) -> str:
         return (f"{self.base_url}/openai/deployments/{deployment.model}{_PATHS[operation]}"

@@ -14,7 +14,7 @@ import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-PROVIDERS = ("openai", "azure", "anthropic", "gemini")
+PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
 FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate")
 
 
@@ -24,7 +24,7 @@ class MockConfig:
 
     `ttft_s` delays the response headers (and so the first chunk); `chunk_delay_s` is slept
     between content chunks of a stream, which carries `chunk_chars` characters per chunk.
-    `expected_keys` maps a provider ("openai", "azure", "anthropic", "gemini") to the only key
+    `expected_keys` maps a provider (one of `PROVIDERS`) to the only key
     it accepts; a provider missing from it (or `None`) accepts any non-empty key.
     `record_requests` keeps the request log (`max_recorded` newest entries).
 

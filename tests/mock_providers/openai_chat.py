@@ -1,8 +1,12 @@
-"""`POST /v1/chat/completions` for OpenAI and Azure: JSON and SSE, tools, `n`, logprobs.
+"""`POST /v1/chat/completions` for OpenAI, Azure and Mistral: JSON and SSE, tools, `n`,
+logprobs.
 
 Shapes follow https://platform.openai.com/docs/api-reference/chat: a stream is
 `chat.completion.chunk` objects, then `data: [DONE]`; with `stream_options.include_usage`
 every chunk carries `"usage": null` and a last chunk has `choices: []` and the usage.
+Mistral refuses `stream_options.include_usage` and always puts the usage on the stream's
+last chunk, the one with the finish reason (mistralai/client-python#40); Azure refuses
+`stream_options` on API versions before it was added.
 """
 from __future__ import annotations
 
@@ -54,11 +58,14 @@ class Chat:
     top_logprobs: int | None  # None: no logprobs asked for
     include_usage: bool
     azure: bool
+    usage_on_finish: bool = False  # (Mistral's, whatever was asked)
 
 
 async def chat_completions(call: Call) -> web.StreamResponse:
     body = body_dict(call)
-    validate_chat(body, need_model=call.provider != "azure")
+    validate_chat(body, need_model=call.provider != "azure",
+                  max_stops=None if call.provider == "mistral" else MAX_STOP_SEQUENCES)
+    validate_stream_options(call, body)
     conv = chat_conversation(body)
     reply = reply_for(conv)
     chat = _chat_settings(call, body)
@@ -73,7 +80,25 @@ async def chat_completions(call: Call) -> web.StreamResponse:
     return await respond_json(call, chat_completion(chat, reply, finish))
 
 
-def validate_chat(body: JSON, *, need_model: bool) -> None:
+# Azure API versions without `stream_options`: 2023-05-15 (openai/openai-python#1469) and
+# those before mid-2024 ("Unrecognized request argument supplied: stream_options",
+# langchain-ai/langchain#23552, June 2024); the 2024-10-21 GA version has it
+# (griptape-ai/griptape#1640). The versions between are left accepting it.
+_AZURE_STREAM_OPTIONS_SINCE = "2024-07-01"
+
+
+def validate_stream_options(call: Call, body: JSON) -> None:
+    options = body.get("stream_options")
+    if call.provider == "mistral" and isinstance(options, dict) and "include_usage" in options:
+        raise BadRequest("Extra inputs are not permitted", status=422,
+                         param="stream_options.include_usage", code="extra_forbidden")
+    version = call.request.query.get("api-version", "")
+    if call.provider == "azure" and options is not None and \
+            version[:10] < _AZURE_STREAM_OPTIONS_SINCE:
+        raise BadRequest("Unrecognized request argument supplied: stream_options")
+
+
+def validate_chat(body: JSON, *, need_model: bool, max_stops: int | None) -> None:
     if need_model and not body.get("model"):
         raise BadRequest("you must provide a model parameter")
     messages = body.get("messages")
@@ -92,10 +117,10 @@ def validate_chat(body: JSON, *, need_model: bool) -> None:
             raise BadRequest(f"Missing required parameter: 'messages[{index}].role'.",
                              param=f"messages[{index}].role", code="missing_required_parameter")
     stop = body.get("stop")
-    if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+    if isinstance(stop, list) and max_stops is not None and len(stop) > max_stops:
         # As OpenAI and Azure answer it (continuedev/continue#1572, QwenLM/Qwen-Agent#228).
         raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum "
-                         f"length {MAX_STOP_SEQUENCES}, but got an array with length "
+                         f"length {max_stops}, but got an array with length "
                          f"{len(stop)} instead.", param="stop", code="array_above_max_length")
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
@@ -149,8 +174,9 @@ def _chat_settings(call: Call, body: JSON) -> Chat:
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     model = str(body.get("model") or call.request.match_info.get("deployment", ""))
+    mistral = call.provider == "mistral"
     return Chat(random_id("chatcmpl-", 29), int(time.time()), model, int(body.get("n") or 1),
-                top, include_usage, call.provider == "azure")
+                top, include_usage and not mistral, call.provider == "azure", mistral)
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -217,8 +243,10 @@ def chat_chunks(chat: Chat, reply: Reply, finish: str, chunk_chars: int = 8) -> 
     for piece in pieces:
         for index in range(chat.n):
             items.append((_chunk(chat, index, *_piece_delta(reply, piece, chat)), True))
+    usage_now = usage(reply.input_tokens, reply.output_tokens * chat.n) \
+        if chat.usage_on_finish else None
     for index in range(chat.n):
-        items.append((_chunk(chat, index, {}, finish=finish), False))
+        items.append((_chunk(chat, index, {}, finish=finish, usage_now=usage_now), False))
     if chat.include_usage:
         final = _envelope(chat, [])
         final["usage"] = usage(reply.input_tokens, reply.output_tokens * chat.n)
@@ -255,12 +283,15 @@ def _envelope(chat: Chat, choices: list[JSON]) -> JSON:
 
 
 def _chunk(chat: Chat, index: int, delta: JSON, finish: str | None = None,
-           logprobs: JSON | None = None) -> bytes:
+           logprobs: JSON | None = None, usage_now: JSON | None = None) -> bytes:
     choice: JSON = {"index": index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish}
     if chat.azure:
         choice["content_filter_results"] = {} if finish else _AZURE_FILTER
-    return b"data: " + dumps(_envelope(chat, [choice])) + b"\n\n"
+    chunk = _envelope(chat, [choice])
+    if usage_now is not None:
+        chunk["usage"] = usage_now
+    return b"data: " + dumps(chunk) + b"\n\n"
 
 
 def azure_prompt_filter_chunk() -> StreamItem:

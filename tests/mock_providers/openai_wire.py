@@ -1,4 +1,4 @@
-"""OpenAI and Azure OpenAI: authentication, response headers and error bodies.
+"""OpenAI, Azure OpenAI and Mistral: authentication, response headers and error bodies.
 
 OpenAI errors are `{"error": {"message", "type", "param", "code"}}`
 (https://platform.openai.com/docs/guides/error-codes). Azure's own front door (auth, quota,
@@ -145,6 +145,31 @@ class AzureWire(OpenAIWire):
                        "retry-after-ms": str(int(retry_after_s * 1000))}
         text = message or _AZURE_MESSAGES.get(status, f"HTTP {status}")
         body = orjson.dumps({"error": {"code": str(status), "message": text}})
+        return error_response(status, body, headers)
+
+
+class MistralWire(OpenAIWire):
+    """La Plateforme (api.mistral.ai), an OpenAI-compatible API: Bearer keys. Its request
+    validation answers 422 with pydantic's error list, as in the refusal of
+    `stream_options.include_usage` quoted in openai/openai-agents-python#442:
+    `{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": [...],
+    "msg": ..., "input": ...}]}, "type": "invalid_request_error", "param": null, "code": null}`.
+    """
+
+    name = "mistral"
+
+    def response_headers(self, config: MockConfig) -> dict[str, str]:
+        return {}
+
+    def error(self, status: int, message: str | None, headers: dict[str, str], *,
+              param: str | None = None, code: str | None = None,
+              retry_after_s: float | None = None) -> web.Response:
+        if status != 422 or param is None:
+            return super().error(status, message, headers, param=param, code=code,
+                                 retry_after_s=retry_after_s)
+        detail = {"type": code, "loc": ["body", *param.split(".")], "msg": message}
+        body = orjson.dumps({"object": "error", "message": {"detail": [detail]},
+                             "type": "invalid_request_error", "param": None, "code": None})
         return error_response(status, body, headers)
 
 

@@ -23,12 +23,12 @@ from tests.mock_providers.faults import Fault, MockConfig
 from tests.mock_providers.gemini_api import GeminiWire
 from tests.mock_providers.openai_chat import chat_completions
 from tests.mock_providers.openai_responses import responses
-from tests.mock_providers.openai_wire import AzureWire, OpenAIWire
+from tests.mock_providers.openai_wire import AzureWire, MistralWire, OpenAIWire
 from tests.mock_providers.wire import BadRequest, Call, ProviderWire, ServerState
 
 Handler = Callable[[Call], Awaitable[web.StreamResponse]]
 PREFIXES = {"openai": "/openai/v1", "azure": "/azure", "anthropic": "/anthropic",
-            "gemini": "/gemini"}
+            "gemini": "/gemini", "mistral": "/mistral/v1"}
 _BAD_JSON = {
     "openai": "We could not parse the JSON body of your request. (HINT: This likely means you "
               "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
@@ -101,7 +101,7 @@ def build_app(state: ServerState) -> web.Application:
     """The aiohttp application: provider routes, per-provider 404s and `/_mock` controls."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     wires = {"openai": OpenAIWire(), "azure": AzureWire(), "anthropic": AnthropicWire(),
-             "gemini": GeminiWire()}
+             "gemini": GeminiWire(), "mistral": MistralWire()}
     version = "{version:v1beta|v1}"
     routes: list[tuple[str, str, str, Handler]] = [
         ("POST", "/openai/v1/chat/completions", "openai", chat_completions),
@@ -122,6 +122,7 @@ def build_app(state: ServerState) -> web.Application:
         ("POST", f"/gemini/{version}/models/{{target}}", "gemini", gemini_api.model_method),
         ("GET", f"/gemini/{version}/models", "gemini", gemini_api.list_models),
         ("GET", f"/gemini/{version}/models/{{target}}", "gemini", gemini_api.get_model),
+        ("POST", "/mistral/v1/chat/completions", "mistral", chat_completions),
     ]
     for method, path, provider, handler in routes:
         app.router.add_route(method, path, endpoint(state, wires[provider], handler))

@@ -24,6 +24,12 @@ WEATHER_TOOL = {"type": "function", "function": {
 EXTRA_MODELS = """
 models["claude-45-mock"] = [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=MOCK_PRICE)]
 models["gemini-25-mock"] = [Deployment("gemini", "gemini-2.5-flash", price=MOCK_PRICE)]
+providers["mistral"] = Provider("mistral", base_url=MOCK + "/mistral/v1",
+                                api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
+models["mistral-mock"] = [Deployment("mistral", "mistral-small-latest", price=MOCK_PRICE)]
+providers["azure-2024-02"] = Provider("azure", base_url=MOCK + "/azure", api_version="2024-02-01",
+                                      api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
+models["azure-2024-02-mock"] = [Deployment("azure-2024-02", "my-gpt-deployment", price=MOCK_PRICE)]
 """
 
 
@@ -31,8 +37,9 @@ models["gemini-25-mock"] = [Deployment("gemini", "gemini-2.5-flash", price=MOCK_
 def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
                   mock_url: str) -> Iterator[ThreadedServer]:
     """A gateway without layers (nothing cached between tests): the default mock models,
-    `claude-45-mock` (Claude Sonnet 4.5) and `gemini-25-mock` (Gemini 2.5 Flash; the default
-    `gemini-mock` is Gemini 2.0 Flash)."""
+    `claude-45-mock` (Claude Sonnet 4.5), `gemini-25-mock` (Gemini 2.5 Flash; the default
+    `gemini-mock` is Gemini 2.0 Flash), `mistral-mock` (the Mistral preset) and
+    `azure-2024-02-mock` (Azure, API version 2024-02-01; `azure-mock` has the default)."""
     config = write_config(tmp_path_factory.mktemp("cross"),
                           mock_config(mock_url, middleware="none", extra=EXTRA_MODELS))
     with ThreadedServer(create_app(config)) as server:
@@ -189,3 +196,53 @@ def test_a_files_api_uri_still_reaches_gemini_20(cross_gateway: ThreadedServer,
     reply = oai(cross_gateway).chat.completions.create(model="gemini-mock", messages=describe(uri))
     assert reply.choices[0].message.content == "Mock reply to: Describe this [1 image]"
     assert last_request(mock, "gemini")["contents"][0]["parts"][1]["fileData"]["fileUri"] == uri
+
+
+# -- stream_options ----------------------------------------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France"}]
+REPLY = "Mock reply to: What is the capital of France"
+
+
+@pytest.mark.parametrize("model", ["mistral-mock", "azure-2024-02-mock"])
+@pytest.mark.parametrize("client_asks", [False, True])
+def test_providers_that_refuse_stream_options_never_get_them(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        client_asks: bool) -> None:
+    """The gateway asks OpenAI-family streams for their usage chunk; Mistral refuses the
+    field (422, openai/openai-agents-python#442) and sends the usage anyway, on its last
+    chunk; Azure refuses it before API version 2024-10-21. Neither gets it, even from the
+    client."""
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if client_asks else {}
+    chunks = list(oai(cross_gateway).chat.completions.create(
+        model=model, stream=True, messages=QUESTION, **extra))  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+    provider = "mistral" if model == "mistral-mock" else "azure"
+    assert "stream_options" not in last_request(mock, provider)
+    usages = [c.usage for c in chunks if c.usage is not None]
+    if provider == "mistral":  # Mistral's own usage, on the finish chunk
+        assert [u.completion_tokens for u in usages] == [len(REPLY.split())]
+    else:
+        assert usages == []
+
+
+def test_an_anthropic_stream_from_mistral_has_its_usage(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    with claude(cross_gateway).messages.stream(model="mistral-mock", max_tokens=100,
+                                               messages=QUESTION) as stream:
+        text = "".join(stream.text_stream)
+        message = stream.get_final_message()
+    assert text == REPLY
+    assert message.usage.output_tokens == len(REPLY.split())
+    assert "stream_options" not in last_request(mock, "mistral")
+
+
+@pytest.mark.parametrize(("model", "provider"), [("gpt-mock", "openai"),
+                                                 ("azure-mock", "azure")])
+def test_openai_and_current_azure_are_still_asked_for_the_usage_chunk(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        provider: str) -> None:
+    chunks = list(oai(cross_gateway).chat.completions.create(model=model, stream=True,
+                                                             messages=QUESTION))
+    assert last_request(mock, provider)["stream_options"] == {"include_usage": True}
+    assert all(c.usage is None for c in chunks)  # (the client did not ask for it)
