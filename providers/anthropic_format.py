@@ -11,6 +11,10 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   models; the older beta `output_format` is deprecated). json_object has no Anthropic mode
   without a schema, so it adds one sentence to the system prompt asking for a JSON object.
 - `user` (or `safety_identifier`) becomes `metadata.user_id`.
+- Tool call ids Anthropic refuses (it takes ^[a-zA-Z0-9_-]+$; other providers' ids may
+  hold `.` or `:`) become `toolu_` and a hash of the id, alike in the tool_use and the
+  tool_result, and in responses translated for Anthropic clients, so those clients only
+  ever hold ids Anthropic takes.
 - `temperature` is clamped to Anthropic's 0..1 (OpenAI allows up to 2). With `top_p` as
   well, only one goes (Claude 4.5 models refuse both): the temperature, unless it is 1 (the
   default of both APIs), in which case the top_p.
@@ -52,6 +56,7 @@ from providers.anthropic_stream import (
     finish_reason,
     message_id,
     stop_reason,
+    tool_use_id,
 )
 from providers.streams import StreamError as UpstreamStreamError
 from providers.translation import TranslationError, tool_arguments
@@ -270,13 +275,15 @@ def _assistant_blocks(message: JSON) -> list[JSON]:
             raise TranslationError(f"tool calls of type {call.get('type')!r} cannot be sent "
                                    "to Anthropic models.")
         function = call.get("function") or {}
-        blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+        blocks.append({"type": "tool_use", "id": tool_use_id(call.get("id")),
+                       "name": function.get("name"),
                        "input": tool_arguments(function.get("arguments"))})
     return blocks
 
 
 def _tool_result(message: JSON) -> JSON:
-    block: JSON = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
+    block: JSON = {"type": "tool_result",
+                   "tool_use_id": tool_use_id(message.get("tool_call_id"))}
     content = message.get("content")
     if isinstance(content, str):
         if content:
@@ -584,7 +591,8 @@ def chat_response_to_messages(resp: JSON, public_model: str) -> JSON:
 
 def _tool_use_block(call: JSON) -> JSON:
     function = call.get("function") or {}
-    return {"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+    return {"type": "tool_use",
+            "id": tool_use_id(call.get("id")) or "toolu_" + uuid.uuid4().hex[:24],
             "name": function.get("name"), "input": _parsed_or_empty(function.get("arguments"))}
 
 

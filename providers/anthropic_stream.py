@@ -17,6 +17,8 @@ providers.anthropic_format re-exports the public names.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from typing import Any
@@ -50,6 +52,21 @@ def message_id(chat_id: Any) -> str:
     if isinstance(chat_id, str) and chat_id:
         return "msg_" + chat_id.removeprefix("chatcmpl-")
     return "msg_" + uuid.uuid4().hex
+
+
+# tool_use.id and tool_result.tool_use_id must match this (the API's 400 is quoted in
+# maximhq/bifrost#5097); other providers' call ids need not, e.g. Kimi's
+# `functions.get_weather:0`.
+_ANTHROPIC_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def tool_use_id(call_id: Any) -> Any:
+    """An id Anthropic takes for a tool call id from another API: the id itself when valid,
+    else `toolu_` and a hash of it. The same id always maps alike, so a tool_use and the
+    tool_result that answers it still match, in this request and in the next."""
+    if not isinstance(call_id, str) or _ANTHROPIC_TOOL_ID.fullmatch(call_id):
+        return call_id
+    return "toolu_" + hashlib.sha256(call_id.encode()).hexdigest()[:24]
 
 
 def created_now() -> int:
@@ -360,7 +377,7 @@ class ChatStreamToMessages:
         out: list[Event] = []
         function = call.get("function") or {}
         position = call["index"] if isinstance(call.get("index"), int) else 0
-        new_id = call.get("id")
+        new_id = tool_use_id(call.get("id"))
         if (self._kind != "tool_use" or self._tool is None or position != self._tool[0]
                 or (new_id and new_id != self._tool[1])):
             out += self._close_block()

@@ -176,12 +176,32 @@ def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
     if last.get("role") == "assistant" and block_text(last.get("content")) != \
             block_text(last.get("content")).rstrip():
         raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
+    for index, message in enumerate(messages):
+        _check_tool_ids(index, message.get("content"))
     if not body.get("tools") and any(_tool_blocks(m.get("content")) for m in messages):
         # The API's answer to a tool history without tool definitions, as quoted in
         # BerriAI/litellm#4689 (the reason LiteLLM adds a dummy tool).
         raise BadRequest("Requests which include `tool_use` or `tool_result` blocks must "
                          "define tools.")
     return messages
+
+
+# tool_use.id and tool_result.tool_use_id must match this; the API's 400 for an id from
+# another provider (such as Kimi's `functions.Bash:0`) is quoted in maximhq/bifrost#5097.
+TOOL_ID_PATTERN = "^[a-zA-Z0-9_-]+$"
+_TOOL_ID = re.compile(TOOL_ID_PATTERN)
+
+
+def _check_tool_ids(index: int, content: Any) -> None:
+    if not isinstance(content, list):
+        return
+    for position, block in enumerate(content):
+        if not isinstance(block, dict):
+            continue
+        field = {"tool_use": "id", "tool_result": "tool_use_id"}.get(str(block.get("type")))
+        if field is not None and not _TOOL_ID.match(str(block.get(field))):
+            raise BadRequest(f"messages.{index}.content.{position}.{block['type']}.{field}: "
+                             f"String should match pattern '{TOOL_ID_PATTERN}'")
 
 
 def _tool_blocks(content: Any) -> list[JSON]:

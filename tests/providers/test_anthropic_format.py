@@ -8,6 +8,7 @@ models for responses and chunks, `accumulate_event` (anthropic) and
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -893,6 +894,31 @@ def test_tool_calls_become_tool_use_blocks_and_bad_arguments_become_empty_input(
     Message.model_validate(out)
 
 
+KIMI_ID = "functions.get_weather:0"  # an OpenAI-compatible provider's id Anthropic refuses
+KIMI_ID_FOR_ANTHROPIC = anthropic_stream.tool_use_id(KIMI_ID)
+
+
+def test_tool_ids_anthropic_refuses_are_mapped_alike_in_every_direction() -> None:
+    assert re.fullmatch(r"toolu_[0-9a-f]{24}", KIMI_ID_FOR_ANTHROPIC)
+    assert anthropic_stream.tool_use_id("call_ab-C9") == "call_ab-C9"  # valid: unchanged
+    assert anthropic_stream.tool_use_id("call.1") != anthropic_stream.tool_use_id("call:1")
+    history = chat_request_to_messages(chat(*tool_conversation_with(KIMI_ID)), "m")["messages"]
+    assert history[1]["content"][0]["id"] == history[2]["content"][0]["tool_use_id"] == \
+        KIMI_ID_FOR_ANTHROPIC
+    resp = completion({"content": None, "tool_calls": [{"id": KIMI_ID, "type": "function",
+                                                        "function": {"name": "get_weather",
+                                                                     "arguments": "{}"}}]})
+    assert chat_response_to_messages(resp, "p")["content"][0]["id"] == KIMI_ID_FOR_ANTHROPIC
+
+
+def tool_conversation_with(call_id: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny"}]
+
+
 def test_usage_with_cached_prompt_tokens() -> None:
     usage = {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306,
              "prompt_tokens_details": {"cached_tokens": 1920}}
@@ -1029,6 +1055,22 @@ def test_parallel_tool_call_chunks_become_sequential_tool_use_blocks() -> None:
         message_delta("tool_use", ANTHROPIC_USAGE),
         MESSAGE_STOP,
     ]
+
+
+def test_a_streamed_tool_id_anthropic_refuses_is_mapped_and_repeating_it_keeps_one_block(
+        ) -> None:
+    """Some compatible servers repeat the id in every delta of a call."""
+    def call(arguments: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": 0, "id": KIMI_ID, "type": "function",
+                                "function": {"name": "get_weather", "arguments": arguments}}]}
+
+    _, events = run_to_messages([openai_chunk(call("")), openai_chunk(call("{\"city\"")),
+                                 openai_chunk(call(": \"Paris\"}")),
+                                 openai_chunk({}, "tool_calls", usage=OPENAI_USAGE)])
+    assert events[2:6] == [
+        block_start(0, {"type": "tool_use", "id": KIMI_ID_FOR_ANTHROPIC, "name": "get_weather",
+                        "input": {}}),
+        json_delta(0, "{\"city\""), json_delta(0, ": \"Paris\"}"), block_stop(0)]
 
 
 def test_text_after_a_tool_call_opens_a_new_block_and_same_index_new_id_too() -> None:

@@ -7,6 +7,7 @@ said by the gateway before any provider call.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -246,3 +247,33 @@ def test_openai_and_current_azure_are_still_asked_for_the_usage_chunk(
                                                              messages=QUESTION))
     assert last_request(mock, provider)["stream_options"] == {"include_usage": True}
     assert all(c.usage is None for c in chunks)  # (the client did not ask for it)
+
+
+# -- tool-call ids -----------------------------------------------------------------------------
+
+def test_tool_call_ids_anthropic_would_refuse_are_mapped_alike_in_call_and_result(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """Anthropic takes tool ids matching ^[a-zA-Z0-9_-]+$; other providers' ids need not
+    (Kimi's are like `functions.get_weather:0`). The same id becomes the same valid id in
+    the assistant's tool_use and in the tool_result, and again on the next request."""
+    sent = []
+    for _ in range(2):
+        reply = oai(cross_gateway).chat.completions.create(
+            model="claude-mock", tools=[WEATHER_TOOL],
+            messages=tool_history("functions.get_weather:0"))
+        assert reply.choices[0].message.content == "Tool result received: sunny and 22C"
+        turns = last_request(mock, "anthropic")["messages"]
+        use, result = turns[1]["content"][0], turns[2]["content"][0]
+        assert use["id"] == result["tool_use_id"]
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", use["id"])
+        sent.append(use["id"])
+    assert sent[0] == sent[1]
+
+
+def test_valid_tool_call_ids_reach_anthropic_unchanged(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    oai(cross_gateway).chat.completions.create(model="claude-mock", tools=[WEATHER_TOOL],
+                                               messages=tool_history("call_abc-123"))
+    turns = last_request(mock, "anthropic")["messages"]
+    assert turns[1]["content"][0]["id"] == turns[2]["content"][0]["tool_use_id"] == \
+        "call_abc-123"
