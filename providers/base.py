@@ -342,6 +342,7 @@ class HTTPAdapter:
                         last = await self._relay(response, codec, send, first, deadline,
                                                  delivered, marker)
                         tail = await self._finish_codec(codec, last, send, delivered, marker)
+                        delivered[0] += tail.count(marker)  # (sent below)
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
@@ -552,7 +553,12 @@ def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: boo
                  delivered: int) -> Usage | None:
     """A stream's usage at its end: the codec's, or for a stream cut short after it started
     (the client left, the provider broke) at least what it delivered, as its provider may
-    never have said (see `gateway.tokens.delivered_usage`)."""
-    if finished or not streaming:
+    never have said (see `gateway.tokens.delivered_usage`). A stream that finished without
+    a usage report (a provider or API version that sends none) is billed what it delivered
+    too, never nothing."""
+    if not streaming:
         return codec.usage  # type: ignore[no-any-return]
+    if finished:
+        usage: Usage | None = codec.usage
+        return usage if usage is not None else delivered_usage(ctx, None, delivered)
     return delivered_usage(ctx, codec.usage, delivered)

@@ -8,14 +8,17 @@ said by the gateway before any provider call.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
 from gateway import create_app
+from gateway.tokens import estimate_messages
 from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 
@@ -225,6 +228,28 @@ def test_providers_that_refuse_stream_options_never_get_them(
         assert [u.completion_tokens for u in usages] == [len(REPLY.split())]
     else:
         assert usages == []
+
+
+def test_a_stream_that_finished_without_usage_is_billed_what_it_delivered(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """Azure before 2024-10-21 sends no usage in a stream: it is billed the estimate a stream
+    cut short gets (its input estimated, one output token per delta chunk: the role's and
+    the finish's too, an upper bound), not nothing."""
+    def tokens(direction: str) -> float:
+        text = httpx.get(cross_gateway.url + "/metrics").text
+        found = re.search(r'^sluicegate_tokens_total\{[^}]*model="azure-2024-02-mock"[^}]*'
+                          rf'direction="{direction}"[^}}]*\}} (\S+)$', text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    before = (tokens("input"), tokens("output"))
+    chunks = list(oai(cross_gateway).chat.completions.create(
+        model="azure-2024-02-mock", stream=True, messages=QUESTION))
+    deltas = sum(1 for c in chunks if c.choices)
+    deadline = time.monotonic() + 5
+    while tokens("output") == before[1] and time.monotonic() < deadline:
+        time.sleep(0.01)  # (counted just after the last byte went out)
+    assert tokens("output") - before[1] == deltas > 0
+    assert tokens("input") - before[0] == estimate_messages(QUESTION)
 
 
 def test_an_anthropic_stream_from_mistral_has_its_usage(
