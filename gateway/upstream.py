@@ -5,12 +5,19 @@ the gateway never imports them.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.ingress import OPERATIONS_BY_PATH
+
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+
+# Every ingress operation, with the path an error names it by ("openai.embeddings":
+# "/v1/embeddings").
+OPERATION_PATHS = {operation: path for path, operation in OPERATIONS_BY_PATH.items()
+                   if path.startswith("/v1/")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +112,11 @@ class ProviderAdapter(Protocol):
 
     async def call(self, ctx: Any, deployment: Deployment, send: Send) -> None:
         """Serves one request: raises UpstreamError before the response starts, or sends it."""
+
+
+def serving_deployments(model: Model, providers: Mapping[str, ProviderAdapter],
+                        operation: str) -> tuple[Deployment, ...]:
+    """The deployments of `model` whose provider can serve `operation`, in declared order
+    (asked once per model and operation when the gateway is built, never per request)."""
+    return tuple(deployment for deployment in model.deployments
+                 if providers[deployment.provider].supports(operation))

@@ -9,19 +9,21 @@
                shared=RedisHealth("redis://127.0.0.1:6379/0"),
                admin_token_env="SLUICEGATE_ADMIN_TOKEN")
 
-Per request it picks a deployment of the model (`Route.strategy`, healthy ones only), puts it
-and one of its provider keys in the context, and calls the app below. An upstream failure
-before the response started (the provider adapter holds the start back until the first
-event, so this covers error statuses, connection errors, an error event inside a 200 and a
-missing first byte) is classified (policy.classify) and leads to, in order: another key of
-the same deployment (401/402/403), another deployment of the model, the model's fallbacks,
-then — after a backoff that honours Retry-After within the deadline — another round. A 429
-with Retry-After also cools its deployment down: requests with nowhere else to go wait for
-the cool-down's end and then for the probe that goes first (routing.DeploymentState), never
-past their deadline. Every attempt after the first needs the retry budget. After the
-response started, a failure ends the stream with an in-band error event (the adapter's job)
-and counts against the breaker, unless the route asks for continuation (continuation.py):
-then the next deployment goes on from the text the client already has.
+Per request it picks a deployment of the model (`Route.strategy`, healthy ones only, and only
+among those whose provider serves the request's operation: `check_config` notes the others
+once), puts it and one of its provider keys in the context, and calls the app below. An
+upstream failure before the response started (the provider adapter holds the start back until
+the first event, so this covers error statuses, connection errors, an error event inside a
+200 and a missing first byte) is classified (policy.classify) and leads to, in order: another
+key of the same deployment (401/402/403), another deployment of the model, the model's
+fallbacks, then — after a backoff that honours Retry-After within the deadline — another
+round. A 429 with Retry-After also cools its deployment down: requests with nowhere else to
+go wait for the cool-down's end and then for the probe that goes first
+(routing.DeploymentState), never past their deadline. Every attempt after the first needs the
+retry budget. After the response started, a failure ends the stream with an in-band error
+event (the adapter's job) and counts against the breaker, unless the route asks for
+continuation (continuation.py): then the next deployment goes on from the text the client
+already has.
 
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
@@ -48,6 +50,7 @@ from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, strea
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
 from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
+from gateway.upstream import OPERATION_PATHS, serving_deployments
 from middleware.failover.continuation import (
     CONTINUABLE,
     ContinuationRelay,
@@ -72,6 +75,7 @@ from middleware.failover.policy import (
 )
 from middleware.failover.routing import (
     NO_STATES,
+    NO_TAGS,
     DeploymentState,
     Group,
     KeyState,
@@ -119,6 +123,11 @@ class FailoverMiddleware:
         # the request context), then shared by every request of this process.
         self.groups: dict[str, Group] = {}
         self._chains: dict[str, list[str]] = {}  # model -> [model, *fallbacks] (never mutated)
+        # operation -> model -> the names of its deployments whose provider cannot serve that
+        # operation (only models with some; made by `check_config`), and the states of those
+        # of a model and all its fallbacks (made on the first such request).
+        self.unable: dict[str, dict[str, frozenset[str]]] = {}
+        self._unable_states: dict[tuple[str, str], frozenset[DeploymentState]] = {}
         self.budget = RetryBudget(ratio=self.retry.budget_ratio,
                                   window_s=self.retry.budget_window_s,
                                   min_per_s=self.retry.budget_min_per_s)
@@ -126,7 +135,18 @@ class FailoverMiddleware:
                          "budget_refusals": 0}
 
     def check_config(self, config: GatewayConfig) -> None:
-        """Every model a route names (and its fallbacks) must be a configured model."""
+        """Every model a route names (and its fallbacks) must be a configured model. Notes
+        which deployments cannot serve which operation (an Azure one /v1/responses, an
+        Anthropic one /v1/embeddings), so that requests never go to them."""
+        for operation in OPERATION_PATHS:
+            unable: dict[str, frozenset[str]] = {}
+            for name, declared in config.models.items():
+                serving = {d.name for d in
+                           serving_deployments(declared, config.providers, operation)}
+                if len(serving) < len(declared.deployments):
+                    unable[name] = frozenset(d.name for d in declared.deployments) - serving
+            if unable:
+                self.unable[operation] = unable
         for model, route in self.routes.items():
             named = [model, *route.fallbacks, *route.context_window_fallbacks,
                      *route.content_policy_fallbacks]
@@ -168,9 +188,11 @@ class FailoverMiddleware:
         began = time.monotonic()  # this layer's clock, like the groups' (time.monotonic)
         self.budget.request(began)
         route = self.routes.get(ctx.model, self.default)
-        if group.tagged and (wanted := requested_tags(ctx.headers)):
-            await self._serve(scope, receive, send, ctx, route, self._tried_with_tags(
-                ctx, route, wanted), None)
+        wanted = requested_tags(ctx.headers) if group.tagged else NO_TAGS
+        unable = self.unable.get(ctx.operation)  # (None for most operations)
+        if wanted or (unable is not None and ctx.model in unable):
+            await self._serve(scope, receive, send, ctx, route,
+                              self._tried(ctx, route, wanted), None)
             return
         state = None
         if route.plain:
@@ -184,7 +206,8 @@ class FailoverMiddleware:
                 state.breaker.release()  # probe): `_serve` picks again, so the slots go back
                 if state.cool_probes:
                     state.probe_ended(False)
-            await self._serve(scope, receive, send, ctx, route, Tried(), None)
+            await self._serve(scope, receive, send, ctx, route,
+                              self._tried(ctx, route, NO_TAGS), None)
             return
         # The common request's first attempt, inline: every await below this frame is resumed
         # through each frame above it, so the success path keeps to one.
@@ -207,7 +230,7 @@ class FailoverMiddleware:
             return
         if ctx.status:
             raise failure  # the response started: never a second one
-        tried = Tried()
+        tried = Tried() if unable is None else self._tried(ctx, route, NO_TAGS)
         tried.attempts, tried.headers = 1, state.first_headers
         next_chain = self.after_failure(failure, state, None, tried, ctx.model)
         await self._serve(scope, receive, send, ctx, route, tried, next_chain)
@@ -258,7 +281,7 @@ class FailoverMiddleware:
                     state.release()
                     if key is not None:
                         key.breaker.release()
-                    raise self._final_error(tried, requested, chain)
+                    raise self._final_error(ctx, tried, chain)
                 fallback_model = model if model != requested else None
                 partner = None
                 if route.hedge_after_s is not None and not tried.attempts:
@@ -291,7 +314,7 @@ class FailoverMiddleware:
             else:
                 wait, probes = self._next_round_wait(tried, rounds, now, deadline), []
             if wait is None:
-                raise self._final_error(tried, requested, chain)
+                raise self._final_error(ctx, tried, chain)
             if probes:  # (a probe's end wakes it early; the futures are shared: never cancelled)
                 await asyncio.wait(probes, timeout=wait)
             else:
@@ -305,19 +328,41 @@ class FailoverMiddleware:
         self.counters["hedges"] += 1
         return True
 
-    def _tried_with_tags(self, ctx: RequestContext, route: Route, wanted: frozenset[str]) -> Tried:
-        """Bookkeeping for a request that asks for deployment tags (`x-sluicegate-tags`):
-        every deployment of the model and its fallbacks without all of them is out, for
-        every round (a region pin must hold on the fallbacks too)."""
+    def _tried(self, ctx: RequestContext, route: Route, wanted: frozenset[str]) -> Tried:
+        """Bookkeeping for a request, with the deployments of its model and of every fallback
+        it may go to that it can never use out for every round: those whose provider cannot
+        serve its operation, and those without every tag it asks for (`x-sluicegate-tags`:
+        a region pin must hold on the fallbacks too)."""
         tried = Tried()
-        models = [*(self._chains.get(ctx.model) or self._chain(ctx.model, route)),
-                  *route.context_window_fallbacks, *route.content_policy_fallbacks]
-        tried.ineligible = frozenset(
-            state for model in models if (group := self.group(ctx, model)) is not None
+        unable = self._unable_for(ctx, route)
+        untagged = NO_STATES if not wanted else frozenset(
+            state for model in self._every_model(ctx.model, route)
+            if (group := self.group(ctx, model)) is not None
             for state in group.deployments if not wanted <= state.tags)
-        tried.excluded = set(tried.ineligible)
+        if unable or untagged:
+            tried.unable, tried.ineligible = unable, unable | untagged
+            tried.excluded = set(tried.ineligible)
         tried.wanted_tags = wanted
         return tried
+
+    def _unable_for(self, ctx: RequestContext, route: Route) -> frozenset[DeploymentState]:
+        """The deployments of the model and its fallbacks that cannot serve the request's
+        operation (remembered per operation and model: the groups never change)."""
+        by_model = self.unable.get(ctx.operation)
+        if by_model is None:
+            return NO_STATES
+        states = self._unable_states.get((ctx.operation, ctx.model))
+        if states is None:
+            states = self._unable_states[ctx.operation, ctx.model] = frozenset(
+                state for model in self._every_model(ctx.model, route)
+                if (names := by_model.get(model)) and (group := self.group(ctx, model)) is not None
+                for state in group.deployments if state.name in names)
+        return states
+
+    def _every_model(self, model: str, route: Route) -> list[str]:
+        """The model and every fallback a request for it may go to."""
+        return [*(self._chains.get(model) or self._chain(model, route)),
+                *route.context_window_fallbacks, *route.content_policy_fallbacks]
 
     def _chain(self, model: str, route: Route) -> list[str]:
         chain = self._chains[model] = [model, *route.fallbacks]
@@ -417,27 +462,38 @@ class FailoverMiddleware:
             return min(soonest + 0.001, left), probes
         return (left, probes) if probes and left > 0 else (None, [])
 
-    def _cooling_s(self, chain: list[str]) -> list[float]:
+    def _cooling_s(self, chain: list[str], tried: Tried) -> list[float]:
         now = time.monotonic()
         return [cooling for model in chain if (group := self.groups.get(model)) is not None
-                for state in group.deployments if (cooling := state.cooling_s(now)) is not None]
+                for state in group.deployments if state not in tried.ineligible
+                and (cooling := state.cooling_s(now)) is not None]
 
-    def _final_error(self, tried: Tried, requested: str, chain: list[str]) -> GatewayError:
+    def _final_error(self, ctx: RequestContext, tried: Tried, chain: list[str]) -> GatewayError:
         if tried.last_error is not None:
             return tried.last_error
-        cooling = self._cooling_s(chain)
+        requested = ctx.model
+        cooling = self._cooling_s(chain, tried)
         if cooling:
             return GatewayError(
                 429, f"Every deployment of model '{requested}' (and its fallbacks) is "
                      "rate-limited by its provider right now.", code="rate_limited",
                 headers=[(b"retry-after", b"%d" % max(1, math.ceil(min(cooling))))])
-        if tried.wanted_tags and all(
-                state in tried.ineligible for model in chain
-                if (group := self.groups.get(model)) is not None for state in group.deployments):
+        usable = [] if not tried.ineligible else [
+            state for model in chain if model == requested or _may_use(ctx, model)
+            if (group := self.groups.get(model)) is not None for state in group.deployments]
+        if usable and all(state in tried.ineligible for state in usable):
+            operation = OPERATION_PATHS.get(ctx.operation, ctx.operation)
+            if all(state in tried.unable for state in usable):
+                return GatewayError(
+                    400, f"Model '{requested}' does not support {operation}: no deployment of it"
+                         f"{' or of its fallbacks' if len(chain) > 1 else ''} is on a provider "
+                         "that serves it.", param="model", code="unsupported_operation")
+            serving = f" that serves {operation}" if tried.unable else ""
             return GatewayError(
-                400, f"No deployment of model '{requested}' (or its fallbacks) has the tags "
-                     f"{', '.join(sorted(tried.wanted_tags))} asked for in x-sluicegate-tags.",
-                code="no_deployment_with_tags", param="x-sluicegate-tags")
+                400, f"No deployment of model '{requested}' (or its fallbacks){serving} has the "
+                     f"tags {', '.join(sorted(tried.wanted_tags))} asked for in "
+                     "x-sluicegate-tags.", code="no_deployment_with_tags",
+                param="x-sluicegate-tags")
         return GatewayError(
             503, f"No deployment of model '{requested}' (or its fallbacks) is healthy right "
                  "now: their circuit breakers are open.", code="no_healthy_deployment",

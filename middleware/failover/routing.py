@@ -1,8 +1,10 @@
 """Picking a deployment: per-deployment state and the load-balancing strategies.
 
 Pure and clock-driven (no I/O). A `Group` holds one public model's deployments; `pick` returns
-the next one to try among those that are healthy (breaker allows), not yet failed in this
-request, not cooling down after a 429, and within their rpm/tpm capacity.
+the next one to try among those that are healthy (breaker allows), not excluded by the request
+(failed in it already, or out for all of it: `Tried.ineligible`, which holds those whose
+provider cannot serve its operation), not cooling down after a 429, and within their rpm/tpm
+capacity.
 
 After a 429's cool-down (`DeploymentState.cool_down`) a deployment takes `half_open_probes`
 calls at a time, as a breaker does after its own: the others wait (the layer's
@@ -37,7 +39,7 @@ from gateway.errors import UpstreamError
 from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
-__all__ = ["NO_STATES", "STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried",
+__all__ = ["NO_STATES", "NO_TAGS", "STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried",
            "requested_tags", "route_headers"]
 
 STRATEGIES = ("weighted", "least-busy", "latency", "lowest-cost", "priority")
@@ -374,12 +376,14 @@ class Tried:
     failure: the common request never needs them)."""
 
     __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "retry_after_s", "started", "wanted_tags")
+                 "retry_after_s", "started", "unable", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
         self.ineligible: frozenset[DeploymentState] = NO_STATES  # out for every round
-        self.wanted_tags: frozenset[str] = frozenset()
+        # Of those, the ones whose provider cannot serve the request's operation.
+        self.unable: frozenset[DeploymentState] = NO_STATES
+        self.wanted_tags: frozenset[str] = NO_TAGS
         self.started = False  # a hedged call started the response: nothing may be retried
         self.excluded: set[DeploymentState] | frozenset[DeploymentState] = NO_STATES
         self.bad_keys: set[str] | frozenset[str] = _NO_KEYS
@@ -402,4 +406,5 @@ class Tried:
 
 
 NO_STATES: frozenset[DeploymentState] = frozenset()
+NO_TAGS: frozenset[str] = frozenset()
 _NO_KEYS: frozenset[str] = frozenset()
