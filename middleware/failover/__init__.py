@@ -67,6 +67,7 @@ from middleware.failover.policy import (
     CONTENT_POLICY,
     CONTEXT_WINDOW,
     FATAL,
+    NO_VERDICT_OPERATIONS,
     RETRYABLE,
     RetryPolicy,
     Route,
@@ -232,7 +233,7 @@ class FailoverMiddleware:
             raise failure  # the response started: never a second one
         tried = Tried() if unable is None else self._tried(ctx, route, NO_TAGS)
         tried.attempts, tried.headers = 1, state.first_headers
-        next_chain = self.after_failure(failure, state, None, tried, ctx.model)
+        next_chain = self.after_failure(failure, state, None, tried, ctx)
         await self._serve(scope, receive, send, ctx, route, tried, next_chain)
 
     # -- the attempt loop ------------------------------------------------------------------
@@ -299,7 +300,7 @@ class FailoverMiddleware:
                 except UpstreamError as error:
                     if tried.started or ctx.status or partner is not None:
                         raise  # never a second response start
-                    next_chain = self.after_failure(error, state, key, tried, requested)
+                    next_chain = self.after_failure(error, state, key, tried, ctx)
                 if next_chain is not None:
                     chain, position = next_chain, 0
             rounds += 1
@@ -377,43 +378,34 @@ class FailoverMiddleware:
         self.counters["retries"] += 1
         return True
 
-    def after_failure(self, error: UpstreamError, state: DeploymentState,
-                      key: KeyState | None, tried: Tried, requested: str) -> list[str] | None:
-        """Records a failed attempt; returns a new fallback chain when the error asks for one,
-        None to go on with the current one, and raises when the error goes back to the caller
-        as it is."""
+    def after_failure(self, error: UpstreamError, state: DeploymentState, key: KeyState | None,
+                      tried: Tried, ctx: RequestContext) -> list[str] | None:
+        """Records a failed attempt (an operation in NO_VERDICT_OPERATIONS records nothing: the
+        deployment, or its key, is only out for this request); returns a new fallback chain
+        when the error asks for one, None to go on with the current one, and raises when the
+        error goes back to the caller as it is."""
         tried.last_error = error
         kind = classify(error, self.retry.retry_on)
+        retry_after = parse_retry_after(error.retry_after, self.retry.max_retry_after_s) \
+            if error.status == 429 else None
+        if ctx.operation in NO_VERDICT_OPERATIONS:
+            _no_verdict(state, key)
+        else:
+            self._record_failure(error, kind, retry_after, state, key)
         if kind == AUTH and key is not None:
-            key.failures += 1
-            key.last_error = f"{error.status} {error.upstream_error_type or ''}".strip()
-            key.breaker.record(True)
-            state.breaker.record(False)  # the deployment answered; its key is the problem
-            state.probe_ended(False)  # (which says nothing of a 429's pause: no verdict)
             tried.exclude_key(key.key.env)
             logger.warning("provider key %s of %s failed with %s; trying another",
                            key.key.env, state.name, error.status)
             return None
         if kind in (RETRYABLE, FATAL, AUTH):
-            # AUTH here: the provider's own key failed; another deployment may have a good one.
-            state.failures += 1
-            state.record(True)
-            if key is not None:
-                key.breaker.record(False)
             tried.exclude(state)
-            if error.status == 429:
-                retry_after = parse_retry_after(error.retry_after, self.retry.max_retry_after_s)
-                if retry_after:
-                    state.cool_down(time.monotonic() + retry_after)
-                    tried.retry_after_s = retry_after
+            if retry_after:
+                tried.retry_after_s = retry_after
             if kind == FATAL:
                 raise error
             return None
-        state.record(False)  # the deployment works; the request was the problem
-        if key is not None:
-            key.breaker.release()
         if kind in (CONTEXT_WINDOW, CONTENT_POLICY):
-            route = self.routes.get(requested, self.default)
+            route = self.routes.get(ctx.model, self.default)
             fallbacks = route.context_window_fallbacks if kind == CONTEXT_WINDOW \
                 else route.content_policy_fallbacks
             # It would refuse this request again: out for every round, and so is a fallback
@@ -425,6 +417,28 @@ class FailoverMiddleware:
             if chain:
                 return chain
         raise error
+
+    def _record_failure(self, error: UpstreamError, kind: str, retry_after: float | None,
+                        state: DeploymentState, key: KeyState | None) -> None:
+        """What a failed call says of its deployment's health and of its key's."""
+        if kind == AUTH and key is not None:
+            key.failures += 1
+            key.last_error = f"{error.status} {error.upstream_error_type or ''}".strip()
+            key.breaker.record(True)
+            state.breaker.record(False)  # the deployment answered; its key is the problem
+            state.probe_ended(False)  # (which says nothing of a 429's pause: no verdict)
+        elif kind in (RETRYABLE, FATAL, AUTH):
+            # AUTH here: the provider's own key failed; another deployment may have a good one.
+            state.failures += 1
+            state.record(True)
+            if key is not None:
+                key.breaker.record(False)
+            if retry_after:
+                state.cool_down(time.monotonic() + retry_after)
+        else:
+            state.record(False)  # the deployment works; the request was the problem
+            if key is not None:
+                key.breaker.release()
 
     def _next_round_wait(self, tried: Tried, rounds: int, now: float,
                          deadline: float) -> float | None:
@@ -683,7 +697,11 @@ class FailoverMiddleware:
     def succeeded(self, ctx: RequestContext, state: DeploymentState, key: KeyState | None,
                   began: float) -> None:
         """Records a call that answered; a stream that broke after it started (it ended with
-        an in-band error event) counts as a failure of the deployment."""
+        an in-band error event) counts as a failure of the deployment. An operation in
+        NO_VERDICT_OPERATIONS records nothing (its breaker and cool-down slots go back)."""
+        if ctx.operation in NO_VERDICT_OPERATIONS:
+            _no_verdict(state, key)
+            return
         failed = ctx.error_type is not None
         if failed:
             state.failures += 1
@@ -728,6 +746,14 @@ class FailoverMiddleware:
                               "deployments": [state.describe() for state in group.deployments]}
                        for name, group in sorted(self.groups.items())},
         }
+
+
+def _no_verdict(state: DeploymentState, key: KeyState | None) -> None:
+    """A call ended with nothing learnt of its deployment's health (or its key's): the slots
+    `available` and `pick_key` counted (half-open, after a cool-down) go back."""
+    state.release()
+    if key is not None:
+        key.breaker.release()
 
 
 def _may_use(ctx: RequestContext, model: str) -> bool:

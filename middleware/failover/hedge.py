@@ -151,7 +151,7 @@ class Hedge:
             if isinstance(error, UpstreamError):
                 try:
                     next_chain = self.layer.after_failure(error, state, key, self.tried,
-                                                          self.ctx.model) or next_chain
+                                                          self.ctx) or next_chain
                 except UpstreamError as refusal:  # the caller's, unless the other call answered
                     answer = refusal
                 continue

@@ -7,11 +7,20 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from gateway.context import ANTHROPIC_COUNT_TOKENS
 from gateway.errors import UpstreamError
 from middleware.failover.routing import STRATEGIES
 
-__all__ = ["AUTH", "CALLER", "CONTENT_POLICY", "CONTEXT_WINDOW", "FATAL", "RETRYABLE",
-           "RetryPolicy", "Route", "classify", "parse_retry_after"]
+__all__ = ["AUTH", "CALLER", "CONTENT_POLICY", "CONTEXT_WINDOW", "FATAL", "NO_VERDICT_OPERATIONS",
+           "RETRYABLE", "RetryPolicy", "Route", "classify", "parse_retry_after"]
+
+# Operations whose outcomes say nothing of a deployment's health: they never count for its
+# breaker, cool-down or latency average, and a deployment that fails one is out for that
+# request only. Anthropic's token counting: "Token counting and message creation have separate
+# and independent rate limits — usage of one does not count against the limits of the
+# other" (https://docs.anthropic.com/en/docs/build-with-claude/token-counting, "Pricing and
+# rate limits"), so its 429 is no reason to keep messages away.
+NO_VERDICT_OPERATIONS = frozenset({ANTHROPIC_COUNT_TOKENS})
 
 # What an upstream error means for the next step.
 RETRYABLE = "retryable"  # try another deployment, or this one again after a backoff

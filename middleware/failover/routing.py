@@ -10,9 +10,10 @@ After a 429's cool-down (`DeploymentState.cool_down`) a deployment takes `half_o
 calls at a time, as a breaker does after its own: the others wait (the layer's
 `_reopening_wait`) for a probe to answer, which ends the cool-down, to be refused with
 another 429, which starts a new one, or to end otherwise, which gives its slot to the next.
-Like the breaker's, the count is per process and any call's outcome counts for it. (It is
-not the breaker itself: a cool-down is no failure, and with shared health a breaker opened
-by one process alone is closed again by the others' view.)
+Like the breaker's, the count is per process and any call's outcome counts for it, but token
+counting's (the layer records none: policy.NO_VERDICT_OPERATIONS). (It is not the breaker
+itself: a cool-down is no failure, and with shared health a breaker opened by one process
+alone is closed again by the others' view.)
 
 Strategies (`Route.strategy`):
 - "weighted": weighted random (the default);

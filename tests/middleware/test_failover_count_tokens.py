@@ -1,0 +1,186 @@
+"""Token counting says nothing of a deployment's health.
+
+Anthropic's token counting has rate limits of its own ("Token counting and message creation
+have separate and independent rate limits", docs.anthropic.com/en/docs/build-with-claude/
+token-counting): a 429 or a 5xx from `/v1/messages/count_tokens` must not cool the deployment
+down, count against its breaker or feed its latency average, so `/v1/messages` on the same
+deployment goes on as before. The failing deployment is out for that one request only. Two
+mock servers play two Anthropic upstreams ("a", "b"); the official anthropic SDK is the client.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from gateway import create_app
+from tests.harness import TEST_KEY, ThreadedServer, write_config
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
+
+ADMIN_TOKEN = "count-tokens-admin-token-0123456789"
+QUESTION: Any = [{"role": "user", "content": "one two three four five"}]
+CLAUDE_A, CLAUDE_B = "a/claude-3-5-haiku-latest", "b/claude-3-5-haiku-latest"
+
+
+@pytest.fixture(scope="module")
+def upstream_a() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream_b() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
+    server.clear_faults()
+    server.reset_log()
+    yield server
+    server.clear_faults()
+
+
+@pytest.fixture
+def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_a)
+
+
+@pytest.fixture
+def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_b)
+
+
+def config(a: MockProviderServer, b: MockProviderServer, layer: str) -> str:
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Price, Timeouts
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.failover import BreakerSettings, FailoverMiddleware, RetryPolicy, Route
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
+os.environ.setdefault("SG_COUNT_TOKENS_ADMIN", "{ADMIN_TOKEN}")
+fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
+KEY = "MOCK_PROVIDER_KEY"
+providers = {{
+    "a": Provider("anthropic", base_url="{a.base_url("anthropic")}", api_key_env=KEY,
+                  timeouts=fast),
+    "b": Provider("anthropic", base_url="{b.base_url("anthropic")}", api_key_env=KEY,
+                  timeouts=fast),
+}}
+PRICE = Price(input_per_mtok="1", output_per_mtok="2")
+models = {{
+    "claude": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE)],
+    "pair": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE),
+             Deployment("b", "claude-3-5-haiku-latest", price=PRICE)],
+}}
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(FailoverMiddleware, admin_token_env="SG_COUNT_TOKENS_ADMIN", {layer}),
+]
+'''
+
+
+@contextmanager
+def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        yield server
+
+
+def client(server: ThreadedServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
+
+
+def count(server: ThreadedServer, model: str) -> int:
+    """The status of a count_tokens request."""
+    try:
+        client(server).messages.count_tokens(model=model, messages=QUESTION)
+    except anthropic.APIStatusError as error:
+        return error.status_code
+    return 200
+
+
+def deployment(server: ThreadedServer, model: str, index: int = 0) -> dict[str, Any]:
+    response = httpx.get(server.url + "/admin/deployments",
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    state: dict[str, Any] = response.json()["models"][model]["deployments"][index]
+    return state
+
+
+def test_a_429_from_count_tokens_leaves_messages_on_the_deployment_alone(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Before: the 429 cooled the deployment down for its Retry-After (3 s), and the next
+    # message request waited for it.
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=3))
+    layer = "retry=RetryPolicy(max_attempts=1, deadline_s=10)"
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        assert count(gateway, "claude") == 429
+        began = time.monotonic()
+        message = client(gateway).messages.create(model="claude", max_tokens=20,
+                                                  messages=QUESTION)
+        took = time.monotonic() - began
+        state = deployment(gateway, "claude")
+    assert message.content
+    assert took < 1.0, f"the message request waited {took:.1f} s"
+    assert state["cooling_s"] == 0 and state["cool_down_probes"] == 0
+    assert state["breaker"] == "closed" and state["failures"] == 0
+    assert [entry["path"] for entry in a.requests] == ["/anthropic/v1/messages/count_tokens",
+                                                       "/anthropic/v1/messages"]
+
+
+def test_5xx_from_count_tokens_never_open_the_breaker(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Before: two failed counts opened the breaker (two failures in a row), and the message
+    # request got 503 no_healthy_deployment.
+    for _ in range(2):
+        a.push_fault(Fault("status", provider="anthropic", status=503))
+    layer = ("retry=RetryPolicy(max_attempts=1), "
+             "breaker=BreakerSettings(consecutive_failures=2, cooldown_s=30)")
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        assert [count(gateway, "claude") for _ in range(2)] == [503, 503]
+        message = client(gateway).messages.create(model="claude", max_tokens=20,
+                                                  messages=QUESTION)
+        state = deployment(gateway, "claude")
+    assert message.content
+    assert state["breaker"] == "closed" and state["failures"] == 0
+
+
+def test_the_deployment_a_count_failed_on_is_out_for_that_request_only(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The count that got a 429 on a is answered by b; the next message request goes to a
+    # first (priority), as if the count had never been refused. Before, a cooled down for
+    # 30 s and the message went to b.
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=30))
+    layer = 'routes={"pair": Route(strategy="priority")}, retry=RetryPolicy(max_attempts=3)'
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        counted = client(gateway).messages.with_raw_response.count_tokens(
+            model="pair", messages=QUESTION)
+        message = client(gateway).messages.with_raw_response.create(
+            model="pair", max_tokens=20, messages=QUESTION)
+    assert counted.parse().input_tokens > 0
+    assert counted.headers["x-sluicegate-deployment"] == CLAUDE_B
+    assert counted.headers["x-sluicegate-attempts"] == "2"
+    assert message.headers["x-sluicegate-deployment"] == CLAUDE_A
+    assert message.headers["x-sluicegate-attempts"] == "1"
+
+
+def test_count_tokens_latency_does_not_feed_the_latency_average(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("slow_first_byte", provider="anthropic", delay_s=0.3))
+    layer = 'routes={"claude": Route(strategy="latency")}'
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        assert count(gateway, "claude") == 200
+        after_count = deployment(gateway, "claude")["ewma_ttft_ms"]
+        client(gateway).messages.create(model="claude", max_tokens=20, messages=QUESTION)
+        after_message = deployment(gateway, "claude")["ewma_ttft_ms"]
+    assert after_count == 0  # before: >= 300
+    assert 0 < after_message < 300  # (the check can fail: messages do feed it)
