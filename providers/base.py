@@ -30,8 +30,11 @@ _MAX_ERROR_BODY = 64 * 1024
 _SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}")
 
 # In-band error types -> the status a caller would have seen had it come as a response.
+# (`rate_limit_exceeded`: the Responses API's code for it, in `response.failed`;
+# `too_many_requests`: the type of its live `error` event, openai/openai-dotnet#881.)
 _STREAM_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "RESOURCE_EXHAUSTED": 429,
-                        "UNAVAILABLE": 503, "api_error": 502, "server_error": 502}
+                        "UNAVAILABLE": 503, "api_error": 502, "server_error": 502,
+                        "rate_limit_exceeded": 429, "too_many_requests": 429}
 
 
 @dataclass(slots=True)
@@ -324,6 +327,7 @@ class HTTPAdapter:
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         broken: GatewayError | None = None
+        ended_by_provider = False  # its own error event, sent on, ended the stream
         # Content deltas sent on (what a stream cut short is billed at least): a `"delta"`
         # per chunk in every stream format but the legacy completions' (`"text"`).
         delivered = [0]
@@ -346,15 +350,18 @@ class HTTPAdapter:
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
+                        ended_by_provider = isinstance(exc, StreamError) and exc.forwarded
             except TimeoutError:
                 if not deadline.streaming:
                     raise self._timeout_error("waiting for the first event") from None
                 broken = self._mid_stream_error(TimeoutError())
             if broken is not None:
-                if ctx.continue_streams:  # the failover layer goes on from elsewhere
+                # The failover layer goes on from elsewhere, unless the client already has
+                # the provider's error event.
+                if ctx.continue_streams and not ended_by_provider:
                     raise StreamInterrupted(broken)
                 ctx.error_type = broken.code
-                tail = stream_error_event(ctx.api_format, broken)
+                tail = b"" if ended_by_provider else stream_error_event(ctx.api_format, broken)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])

@@ -21,8 +21,10 @@ from providers.streams import (
     AnthropicEventSink,
     OpenAIChunkSource,
     PassthroughCodec,
+    StreamError,
     TranslatingCodec,
     chat_chunk_has_content,
+    error_of,
 )
 
 _PATHS = {
@@ -38,8 +40,9 @@ _PATHS = {
 # chat and completions end with `data: [DONE]`, Responses with its terminal response event.
 # A chat stream's end: `[DONE]`, or a choice's finish reason in its last events (some
 # OpenAI-compatible servers end without `[DONE]`; orjson and Python's json spell it apart).
+# (A Responses stream's third ending, `response.failed`, is an error: see _responses_error.)
 _CHAT_END = (b"[DONE]\n", b'"finish_reason":"', b'"finish_reason": "')
-_RESPONSES_END = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+_RESPONSES_END = (b'"response.completed"', b'"response.incomplete"')
 
 
 def _chat_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
@@ -53,9 +56,32 @@ def _responses_usage(payload: dict[str, Any], previous: Usage | None) -> Usage |
 
 
 def _responses_event_has_content(event: dict[str, Any]) -> bool:
+    # `response.incomplete` is a normal end ("a response finishes as incomplete": out of
+    # max_output_tokens, or filtered), with its usage, even before any text.
     kind = str(event.get("type", ""))
     return kind.endswith((".delta", ".done")) or kind in ("response.completed",
                                                             "response.incomplete")
+
+
+def _responses_error(event: dict[str, Any]) -> StreamError | None:
+    """The error a Responses stream event reports, else None.
+
+    `response.failed` carries it as `response.error` (`code`, `message`). The `error` event
+    has `code`, `message` and `param` at its top level in OpenAI's streaming reference
+    (ResponseErrorEvent), but the live API nests them in an `error` object
+    (openai/openai-dotnet#881, Effect-TS/effect#7262): both are read.
+    """
+    kind = event.get("type")
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+        return error_of(error if isinstance(error, dict) else {})
+    nested = event.get("error")
+    if isinstance(nested, dict):
+        return error_of(nested)
+    if kind == "error":
+        return error_of({name: event.get(name) for name in ("code", "message", "param")})
+    return None
 
 
 def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
@@ -138,11 +164,15 @@ class OpenAIAdapter(HTTPAdapter):
         if not ctx.stream:
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
         if ctx.operation == c.OPENAI_RESPONSES:
+            # An error event before any output fails the call (failover may retry it); after
+            # it, the event goes on as it was and ends the stream.
             return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
                             lambda: PassthroughCodec(_responses_usage,
                                                      _responses_event_has_content,
                                                      end_markers=_RESPONSES_END,
-                                                     final_event="response.completed"))
+                                                     final_event="response.completed",
+                                                     read_error=_responses_error,
+                                                     forward_error_event=True))
         body, client_asked = with_usage_requested(
             body, provider_takes_it=self.takes_stream_options)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,

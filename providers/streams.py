@@ -21,7 +21,9 @@ class StreamError(Exception):
 
     `from_provider`: the provider's own error event, whose `error_type` (and for OpenAI
     `code` and `param`) are its words; else the gateway found the stream broken
-    (`error_type` "bad_response", "incomplete_stream").
+    (`error_type` "bad_response", "incomplete_stream"). `forwarded`: that event went to the
+    client as it was (a Responses stream's `error` or `response.failed` after output), so
+    it is what ends the stream: nothing is added after it.
     """
 
     def __init__(self, error_type: str, message: str, *, code: str | None = None,
@@ -32,6 +34,7 @@ class StreamError(Exception):
         self.code = code
         self.param = param
         self.from_provider = from_provider
+        self.forwarded = False
 
 
 def incomplete_stream(final_event: str) -> StreamError:
@@ -57,6 +60,13 @@ class StreamCodec(Protocol):
 
 UsageReader = Callable[[dict[str, Any], "Usage | None"], "Usage | None"]
 ContentTest = Callable[[dict[str, Any]], bool]
+ErrorReader = Callable[[dict[str, Any]], "StreamError | None"]
+
+
+def error_object(payload: dict[str, Any]) -> StreamError | None:
+    """The error of an event that holds an `error` object (OpenAI chat, Anthropic, Gemini)."""
+    error = payload.get("error")
+    return error_of(error) if isinstance(error, dict) else None
 
 
 def chat_chunk_has_content(chunk: dict[str, Any]) -> bool:
@@ -82,6 +92,11 @@ class PassthroughCodec:
     `end_markers` are bytes of which one is in the stream's final event (`[DONE]\n`,
     `"message_stop"`): only the events of the last two reads are searched, once the upstream
     ended.
+
+    `read_error` finds the error an event reports (every event holding `"error"` is asked).
+    An error event after output is cut off, for the caller to end the stream with its own
+    error event; with `forward_error_event` it goes to the client as it was and ends the
+    stream itself (the Responses API's error events are its stream's last).
     """
 
     __slots__ = (
@@ -89,9 +104,11 @@ class PassthroughCodec:
         "_drop_usage_event",
         "_end_markers",
         "_final_event",
+        "_forward_error_event",
         "_has_content",
         "_held",
         "_last",
+        "_read_error",
         "_read_usage",
         "_tail",
         "error",
@@ -100,7 +117,8 @@ class PassthroughCodec:
 
     def __init__(self, read_usage: UsageReader, has_content: ContentTest, *,
                  drop_usage_event: bool = False, end_markers: tuple[bytes, ...] = (),
-                 final_event: str = "final event") -> None:
+                 final_event: str = "final event", read_error: ErrorReader = error_object,
+                 forward_error_event: bool = False) -> None:
         self.usage: Usage | None = None
         self.error: StreamError | None = None
         self._tail = b""
@@ -112,6 +130,8 @@ class PassthroughCodec:
         self._has_content = has_content
         self._end_markers = end_markers
         self._final_event = final_event
+        self._read_error = read_error
+        self._forward_error_event = forward_error_event
 
     def feed(self, chunk: bytes) -> bytes:
         buffer = self._tail + chunk if self._tail else chunk
@@ -145,9 +165,9 @@ class PassthroughCodec:
             payload = orjson.loads(data)
             if not isinstance(payload, dict):
                 continue
-            if isinstance(payload.get("error"), dict):  # failed before any output
-                raise _split_at_error(block + b"\n\n")[1] or StreamError("api_error",
-                                                                         "stream error")
+            error = self._read_error(payload)
+            if error is not None:  # failed before any output
+                raise error
             if self._has_content(payload):
                 events, self._held = self._held + events, None
                 return events
@@ -158,7 +178,8 @@ class PassthroughCodec:
         # As few scans as possible: JSON-escaped output text can never hold `"error"`
         # (its quotes are escaped), so one scan rules errors out.
         if b'"error"' in events:
-            events, self.error = _split_at_error(events)
+            events, self.error = _split_at_error(events, self._read_error,
+                                                 self._forward_error_event)
             if self.error is not None and not events:
                 raise self.error
         usage_at = _find_usage(events, 0)
@@ -213,8 +234,10 @@ def _data_of(block: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _split_at_error(events: bytes) -> tuple[bytes, StreamError | None]:
-    """(the events before the first error event, that error) — or (events, None)."""
+def _split_at_error(events: bytes, read_error: ErrorReader,
+                    keep_error_event: bool) -> tuple[bytes, StreamError | None]:
+    """(the events before the first error event, that error) — or (events, None). With
+    `keep_error_event` the error event stays, last, and the error is `forwarded`."""
     blocks = events.split(b"\n\n")
     for index, block in enumerate(blocks):
         if b'"error"' not in block:
@@ -224,10 +247,11 @@ def _split_at_error(events: bytes) -> tuple[bytes, StreamError | None]:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
-            error = payload.get("error") if isinstance(payload, dict) else None
-            if isinstance(error, dict):
-                before = b"".join(b + b"\n\n" for b in blocks[:index] if b)
-                return before, error_of(error)
+            error = read_error(payload) if isinstance(payload, dict) else None
+            if error is not None:
+                error.forwarded = keep_error_event
+                kept = blocks[:index + 1] if keep_error_event else blocks[:index]
+                return b"".join(b + b"\n\n" for b in kept if b), error
     return events, None
 
 

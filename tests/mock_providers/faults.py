@@ -16,6 +16,7 @@ from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
 FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate")
+RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
 
 
 @dataclass(slots=True)
@@ -152,9 +153,13 @@ class Fault:
                          ends cleanly without its closing events (no finish reason, usage,
                          `[DONE]` or `message_stop`), as when a proxy cuts it short.
     `provider` None matches any provider. `message` overrides the error message; `code` and
-    `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only).
+    `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
+    the code of a Responses API stream's error event.
     `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
     OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
+    `event` picks the Responses API's in-band failure (see `RESPONSES_ERROR_EVENTS`): "error"
+    as its reference documents it, "error.nested" as the live API sends it, or
+    "response.failed".
     """
 
     kind: str
@@ -167,10 +172,14 @@ class Fault:
     sent_status: int | None = None
     code: str | None = None
     param: str | None = None
+    event: str = "error"
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {FAULT_KINDS}")
+        if self.event not in RESPONSES_ERROR_EVENTS:
+            raise ValueError(f"unknown Responses error event {self.event!r}; expected one of "
+                             f"{RESPONSES_ERROR_EVENTS}")
         if self.provider is not None and self.provider not in PROVIDERS:
             raise ValueError(f"unknown provider {self.provider!r}; expected one of {PROVIDERS}")
 

@@ -50,7 +50,7 @@ async def responses(call: Call) -> web.StreamResponse:
     if body.get("stream") is not True:
         return await respond_json(call, final)
     items = response_events(final, reply, call.config.chunk_chars)
-    return await respond_stream(call, items, _error_event(call, items))
+    return await respond_stream(call, items, _error_event(call, items, final))
 
 
 def responses_conversation(body: JSON) -> Conversation:
@@ -173,11 +173,28 @@ def _arguments_events(item: JSON, chunk_chars: int) -> list[tuple[str, JSON, boo
     return events
 
 
-def _error_event(call: Call, items: list[StreamItem]) -> bytes:
-    """The Responses API's in-band `error` event, numbered after the events before the cut."""
+def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
+    """The Responses API's in-band failure, numbered after the events before the cut.
+
+    "error": the `error` event as OpenAI's streaming reference documents it
+    (ResponseErrorEvent: `code`, `message`, `param`, `sequence_number` at the top level).
+    "error.nested": as the live API sends it, `code`, `message` and `param` (and a `type`)
+    in an `error` object (openai/openai-dotnet#881, Effect-TS/effect#7262).
+    "response.failed": the terminal event of a failed response (ResponseFailedEvent), the
+    response with `status: "failed"` and `error: {code, message}` (ResponseError).
+    """
     fault = call.fault_of("error_event")
     number = cut_index(items, fault.after_chunks) if fault is not None else len(items)
-    return sse({"type": "error", "code": "server_error", "param": None, "sequence_number": number,
-                "message": (fault.message if fault else None)
-                or "The server had an error while processing your request. Sorry about that!"},
-               "error")
+    code = (fault.code if fault else None) or "server_error"
+    message = (fault.message if fault else None) or \
+        "The server had an error while processing your request. Sorry about that!"
+    kind = fault.event if fault is not None else "error"
+    if kind == "response.failed":
+        failed = {**final, "status": "failed", "incomplete_details": None, "output": [],
+                  "usage": None, "error": {"code": code, "message": message}}
+        return sse({"type": kind, "sequence_number": number, "response": failed}, kind)
+    if kind == "error.nested":
+        nested = {"type": code, "code": code, "message": message, "param": None}
+        return sse({"type": "error", "sequence_number": number, "error": nested}, "error")
+    return sse({"type": "error", "code": code, "param": None, "sequence_number": number,
+                "message": message}, "error")

@@ -160,6 +160,34 @@ def test_error_event_ends_streams_in_band(mock: MockProviderServer) -> None:
     assert '"status":"UNAVAILABLE"' in lines[1] and lines[1].startswith("data: {\"error\"")
 
 
+def test_responses_error_events_in_their_three_shapes(mock: MockProviderServer) -> None:
+    """The documented flat `error` event and `response.failed` reach the SDK as typed events;
+    the live API's nested `error` makes it raise, as openai-python's `_streaming.py` does."""
+    client = openai.OpenAI(base_url=mock.base_url("openai"), api_key="k", max_retries=0)
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, message="boom",
+                          code="rate_limit_exceeded"))
+    events = list(client.responses.create(model="m", input=QUESTION, stream=True))
+    flat = events[-1]
+    assert (flat.type, flat.code, flat.message, flat.param) == (  # type: ignore[union-attr]
+        "error", "rate_limit_exceeded", "boom", None)
+    assert flat.sequence_number == events[-2].sequence_number + 1
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, event="error.nested"))
+    with pytest.raises(openai.APIError) as nested:
+        list(client.responses.create(model="m", input=QUESTION, stream=True))
+    assert nested.value.body["code"] == "server_error"  # type: ignore[index]
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=0,
+                          event="response.failed", message="boom"))
+    events = list(client.responses.create(model="m", input=QUESTION, stream=True))
+    assert [e.type for e in events] == ["response.created", "response.in_progress",
+                                        "response.output_item.added",
+                                        "response.content_part.added", "response.failed"]
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None
+    assert (failed.error.code, failed.error.message) == ("server_error", "boom")
+    with pytest.raises(ValueError, match="unknown Responses error event"):
+        Fault("error_event", event="response.cancelled")
+
+
 def test_truncate_ends_streams_cleanly_without_their_closing_events(
         mock: MockProviderServer) -> None:
     for provider, ending in (("openai", b"[DONE]"), ("anthropic", b"message_stop"),

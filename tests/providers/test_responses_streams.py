@@ -1,0 +1,239 @@
+"""OpenAI Responses API streams (`/v1/responses`) that fail, through the gateway.
+
+A Responses stream fails with `response.failed` (its error under `response.error`) or with
+the API's `error` event (documented flat, sent nested by the live API). Before any output
+that is an ordinary error the failover layer retries elsewhere, unseen by the client; after
+it, the provider's event goes to the client as it was and ends the stream, recorded with the
+provider's error type and counted against its deployment. `response.incomplete` is a normal
+end.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from middleware.metering.journal import Journal
+from middleware.metering.record import UsageRecord
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
+
+ADMIN_TOKEN = "responses-admin-token-0123456789"
+QUESTION = "one two three four five six seven eight nine ten"
+REPLY = "Mock reply to: " + QUESTION
+FAILURES = ["response.failed", "error", "error.nested"]
+MESSAGE = "The model had a problem; try again."
+
+
+@pytest.fixture(scope="module")
+def upstream_a() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream_b() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
+    server.clear_faults()
+    server.reset_log()
+    yield server
+    server.clear_faults()
+
+
+@pytest.fixture
+def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_a)
+
+
+@pytest.fixture
+def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
+    yield from _clean(upstream_b)
+
+
+def config(a: MockProviderServer, b: MockProviderServer, journal: Path) -> str:
+    """`primary` (on a) falls back to `backup` (on b); a breaker opens at one failure; the
+    metering layer journals every request."""
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Price, Timeouts
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.failover import BreakerSettings, FailoverMiddleware, Route
+from middleware.metering import MeteringMiddleware
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
+os.environ.setdefault("SG_RESPONSES_ADMIN", "{ADMIN_TOKEN}")
+fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
+providers = {{
+    "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
+                  timeouts=fast),
+    "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
+                  timeouts=fast),
+}}
+PRICE = Price(input_per_mtok="1", output_per_mtok="2")
+models = {{
+    "primary": [Deployment("a", "gpt-4o-mini", price=PRICE)],
+    "backup": [Deployment("b", "gpt-4o-mini", price=PRICE)],
+}}
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, flush_interval_s=0.05),
+    Middleware(FailoverMiddleware, admin_token_env="SG_RESPONSES_ADMIN",
+               routes={{"primary": Route(fallbacks=("backup",))}},
+               breaker=BreakerSettings(consecutive_failures=1, cooldown_s=60)),
+]
+'''
+
+
+@contextmanager
+def serve(tmp_path: Path, a: MockProviderServer,
+          b: MockProviderServer) -> Iterator[tuple[ThreadedServer, Path]]:
+    journal = tmp_path / "journal"
+    path = write_config(tmp_path, config(a, b, journal))
+    with ThreadedServer(create_app(path)) as server:
+        yield server, journal
+
+
+def stream_events(url: str, **body: Any) -> tuple[httpx.Response, list[tuple[str | None,
+                                                                              dict[str, Any]]]]:
+    """The (event name, data) of every event of a streamed `/v1/responses` call."""
+    with httpx.stream("POST", url + "/v1/responses", headers=AUTH, timeout=30,
+                      json={"model": "primary", "input": QUESTION, "stream": True,
+                            **body}) as response:
+        raw = response.read().decode()
+    events = []
+    for block in raw.split("\n\n"):
+        name = next((line[7:] for line in block.split("\n") if line.startswith("event: ")), None)
+        data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
+        if data:
+            events.append((name, json.loads("\n".join(data))))
+    return response, events
+
+
+def breaker_of(server: ThreadedServer, model: str) -> str:
+    state = httpx.get(server.url + "/admin/deployments",
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    return str(state["models"][model]["deployments"][0]["breaker"])
+
+
+def journaled_record(journal: Path, request_id: str, timeout_s: float = 5.0) -> UsageRecord:
+    """The one usage record of `request_id` in the gateway's (one) journal slot."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found: list[UsageRecord] = []
+        for slot in sorted(journal.glob("slot-*")):
+            reader = Journal(slot, read_only=True)
+            reader.open()
+            try:
+                found += [r for r in (UsageRecord.decode(p) for _, p in reader.pending())
+                          if r.request_id == request_id]
+            finally:
+                reader.close()
+        if found or time.monotonic() > deadline:
+            [record] = found
+            return record
+        time.sleep(0.02)
+
+
+def failure_fault(event: str, after_chunks: int, code: str = "server_error") -> Fault:
+    return Fault("error_event", provider="openai", after_chunks=after_chunks, event=event,
+                 code=code, message=MESSAGE)
+
+
+# -- before any output: an ordinary error, which the failover layer retries ---------------------
+
+@pytest.mark.parametrize("event", FAILURES)
+def test_a_failure_before_any_output_fails_over_invisibly(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, event: str) -> None:
+    a.push_fault(failure_fault(event, after_chunks=0))
+    with serve(tmp_path, a, b) as (gateway, journal):
+        response, events = stream_events(gateway.url)
+        assert response.status_code == 200
+        kinds = [data["type"] for _, data in events]
+        assert kinds[-1] == "response.completed" and "error" not in kinds
+        assert "response.failed" not in kinds
+        assert "".join(d["delta"] for _, d in events
+                       if d["type"] == "response.output_text.delta") == REPLY
+        assert response.headers["x-sluicegate-fallback"] == "backup"
+        assert len(a.requests) == 1 and len(b.requests) == 1
+        assert breaker_of(gateway, "primary") == "open"  # a's failure counted
+        record = journaled_record(journal, response.headers["x-request-id"])
+        assert (record.status, record.error_type, record.attempts, record.deployment) == \
+            (200, None, 2, "b/gpt-4o-mini")
+        # The official SDK sees one clean stream.
+        a.push_fault(failure_fault(event, after_chunks=0))
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        with client.responses.stream(model="backup", input=QUESTION) as stream:
+            assert stream.get_final_response().output_text == REPLY
+
+
+@pytest.mark.parametrize("event,code,status", [
+    ("response.failed", "server_error", 502), ("response.failed", "rate_limit_exceeded", 429),
+    ("error", "server_error", 502), ("error.nested", "server_error", 502)])
+def test_a_failure_before_any_output_without_a_fallback_is_an_error_response(
+        gateway: ThreadedServer, mock: MockProviderServer, event: str, code: str,
+        status: int) -> None:
+    mock.push_fault(failure_fault(event, after_chunks=0, code=code))
+    response = httpx.post(gateway.url + "/v1/responses", headers=AUTH, timeout=30,
+                          json={"model": "gpt-mock", "input": QUESTION, "stream": True})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"] == f"Provider 'openai' reported an error in its stream: {MESSAGE}"
+
+
+# -- after output: the provider's event ends the stream -------------------------------------------
+
+@pytest.mark.parametrize("event", FAILURES)
+def test_a_failure_after_output_ends_the_stream_with_the_providers_event(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, event: str) -> None:
+    a.push_fault(failure_fault(event, after_chunks=2))
+    with serve(tmp_path, a, b) as (gateway, journal):
+        response, events = stream_events(gateway.url)
+        assert response.status_code == 200
+        deltas = [d for _, d in events if d["type"] == "response.output_text.delta"]
+        assert len(deltas) == 2
+        name, last = events[-1]
+        # The provider's own event, as it sent it, and nothing after it.
+        assert (name, last["type"]) == (("error", "error") if event.startswith("error")
+                                        else ("response.failed", "response.failed"))
+        assert last["sequence_number"] == events[-2][1]["sequence_number"] + 1
+        assert all("type" in data for _, data in events)  # no chat-style error added
+        assert sum(d["type"] in ("error", "response.failed") for _, d in events) == 1
+        assert len(b.requests) == 0  # nothing is retried once output went out
+        assert breaker_of(gateway, "primary") == "open"
+        record = journaled_record(journal, response.headers["x-request-id"])
+        assert (record.status, record.error_type) == (200, "server_error")
+
+
+def test_response_incomplete_is_a_normal_end_with_its_usage(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """`response.incomplete`: a response that ran out of `max_output_tokens` (OpenAI takes
+    16 at least), its usage in the event."""
+    words = " ".join(f"w{n}" for n in range(30))
+    with serve(tmp_path, a, b) as (gateway, journal):
+        response, events = stream_events(gateway.url, input=words, max_output_tokens=16)
+        name, last = events[-1]
+        assert (name, last["type"], last["response"]["status"]) == (
+            "response.incomplete", "response.incomplete", "incomplete")
+        assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+        record = journaled_record(journal, response.headers["x-request-id"])
+        assert (record.status, record.error_type) == (200, None)
+        assert (record.input_tokens, record.output_tokens) == (
+            last["response"]["usage"]["input_tokens"], 16)
+        assert breaker_of(gateway, "primary") == "closed"
+        assert len(b.requests) == 0
