@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from gateway.context import OPENAI_RESPONSES
+
 # Status -> (OpenAI error type, Anthropic error type). Sources: OpenAI "Error codes" guide,
 # Anthropic "Errors" page (https://docs.anthropic.com/en/api/errors).
 _TYPES_BY_STATUS: dict[int, tuple[str, str]] = {
@@ -150,9 +152,27 @@ class ClientDisconnected(Exception):
     """The caller went away; there is nobody to answer. Layers may record it and re-raise."""
 
 
-def stream_error_event(api_format: str, error: GatewayError) -> bytes:
-    """The in-band SSE event that ends a stream whose response has already started."""
-    body = orjson.dumps(error.body(api_format))
+def stream_error_event(api_format: str, error: GatewayError, *, operation: str = "",
+                       sequence_number: int = 0) -> bytes:
+    """The in-band SSE event that ends a stream whose response has already started.
+
+    A Responses API stream (`operation` "openai.responses") ends with that API's own `error`
+    event, numbered `sequence_number`: the number the stream's next event would take (its
+    events are numbered from 0).
+    """
+    body = error.body(api_format)
+    if operation == OPENAI_RESPONSES:
+        return b"event: error\ndata: " + orjson.dumps(
+            _responses_error_event(body["error"], sequence_number)) + b"\n\n"
     if api_format == "anthropic":
-        return b"event: error\ndata: " + body + b"\n\n"
-    return b"data: " + body + b"\n\n"
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _responses_error_event(fields: dict[str, Any], sequence_number: int) -> dict[str, Any]:
+    # `code`, `message`, `param` and `sequence_number` at the top level, as OpenAI's streaming
+    # reference documents the event (ResponseErrorEvent); the same fields in an `error`
+    # object too, as the live API sends them (openai/openai-dotnet#881), which is what the
+    # openai SDKs raise an error for.
+    return {"type": "error", "code": fields["code"], "message": fields["message"],
+            "param": fields["param"], "sequence_number": sequence_number, "error": fields}

@@ -361,7 +361,9 @@ class HTTPAdapter:
                 if ctx.continue_streams and not ended_by_provider:
                     raise StreamInterrupted(broken)
                 ctx.error_type = broken.code
-                tail = b"" if ended_by_provider else stream_error_event(ctx.api_format, broken)
+                tail = b"" if ended_by_provider else stream_error_event(
+                    ctx.api_format, broken, operation=ctx.operation,
+                    sequence_number=getattr(codec, "next_sequence_number", 0))
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])

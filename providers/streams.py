@@ -7,6 +7,7 @@ search). `TranslatingCodec` parses every event and re-encodes it through the Ope
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -201,6 +202,17 @@ class PassthroughCodec:
             out, self._held = self._forward(self._held) + out, None
         return out
 
+    @property
+    def next_sequence_number(self) -> int:
+        """In a Responses stream (whose events are numbered from 0, `sequence_number`), the
+        number of an event added after the latest ones: one more than the last found."""
+        for events in (self._last, self._before):
+            at = events.rfind(b'"sequence_number":')
+            number = _SEQUENCE_NUMBER.match(events, at) if at >= 0 else None
+            if number is not None:
+                return int(number[1]) + 1
+        return 0
+
     def _take_usage(self, events: bytes, marker: int) -> bytes:
         """Parses just the events holding a usage object, found by byte search."""
         while True:
@@ -218,6 +230,9 @@ class PassthroughCodec:
                     # The usage-only chunk the gateway asked for, not the client.
                     events, search_from = events[:start] + events[end:], start
             marker = _find_usage(events, search_from)
+
+
+_SEQUENCE_NUMBER = re.compile(rb'"sequence_number": ?(\d+)')
 
 
 def _find_usage(events: bytes, start: int) -> int:

@@ -237,3 +237,35 @@ def test_response_incomplete_is_a_normal_end_with_its_usage(
             last["response"]["usage"]["input_tokens"], 16)
         assert breaker_of(gateway, "primary") == "closed"
         assert len(b.requests) == 0
+
+
+# -- the gateway's own in-band error: the Responses API's `error` event ---------------------------
+
+@pytest.mark.parametrize("kind,code,what", [
+    ("reset", "connection_error", "the connection broke mid-stream"),
+    ("truncate", "incomplete_stream", "the stream ended before its response.completed")])
+def test_a_stream_the_gateway_ends_ends_with_the_responses_error_event(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, kind: str, code: str,
+        what: str) -> None:
+    """Broken after output (reset, or cut short without its final event): the gateway's error
+    event is the Responses API's, numbered after the last event sent."""
+    a.push_fault(Fault(kind, provider="openai", after_chunks=2))
+    message = f"Provider 'a' failed mid-stream: {what}"
+    with serve(tmp_path, a, b) as (gateway, journal):
+        response, events = stream_events(gateway.url)
+        assert len([d for _, d in events if d["type"] == "response.output_text.delta"]) == 2
+        name, last = events[-1]
+        assert name == "error"
+        assert last == {"type": "error", "code": code, "message": message, "param": None,
+                        "sequence_number": events[-2][1]["sequence_number"] + 1,
+                        "error": {"message": message, "type": "server_error", "param": None,
+                                  "code": code}}
+        record = journaled_record(journal, response.headers["x-request-id"])
+        assert (record.status, record.error_type) == (200, code)
+        # The official SDK raises it, as it does the live API's error event (a's breaker is
+        # open now: b serves).
+        b.push_fault(Fault(kind, provider="openai", after_chunks=2))
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        with pytest.raises(openai.APIError) as failure:
+            list(client.responses.create(model="backup", input=QUESTION, stream=True))
+        assert failure.value.message == message.replace("'a'", "'b'")
