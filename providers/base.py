@@ -9,7 +9,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -27,6 +27,7 @@ JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache")]
 _MAX_ERROR_BODY = 64 * 1024
+_MAX_PARTS_AT_ONCE = 4  # requests in flight for one call sent in parts (Exchange.more_bodies)
 _SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}")
 
 # In-band error types -> the status a caller would have seen had it come as a response.
@@ -49,6 +50,11 @@ class Exchange:
     decode: Callable[[dict[str, Any]], tuple[dict[str, Any] | None, Usage | None]]
     # Stream: builds the codec for this call (providers/streams.py).
     codec: Callable[[], Any] | None = None
+    # Non-stream: more bodies for the same URL, when one request cannot carry the call (a
+    # provider's batch limit), and how the JSON answers to all of them, in order, combine
+    # into the one `decode` reads (which then gives the client JSON).
+    more_bodies: tuple[bytes, ...] = ()
+    combine: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
 
 
 class HTTPAdapter:
@@ -294,17 +300,14 @@ class HTTPAdapter:
 
     async def _call_json(self, ctx: RequestContext, exchange: Exchange, send: Send,
                          attempt: Attempt) -> None:
-        response = await self._post(exchange)
-        await self._raise_for_status(response, attempt)
-        try:
-            raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._connection_error(exc) from None
-        finally:
-            response.release()
+        parts: list[bytes] | None = None
+        if exchange.more_bodies:
+            raw, parts = b"", await self._read_answers(exchange, attempt)
+        else:
+            raw = await self._read_answer(exchange, attempt)
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
         try:
-            payload = orjson.loads(raw)
+            payload = orjson.loads(raw) if parts is None else _combined(exchange, parts)
             if ctx.trace is not None:
                 ctx.finish_reasons = finish_reasons(payload)
             client_json, ctx.usage = exchange.decode(payload)
@@ -314,10 +317,50 @@ class HTTPAdapter:
                                 error_type="bad_response") from None
         if client_json is not None:
             raw = orjson.dumps(client_json)
+        assert raw, "an answer combined from parts is the decoder's client JSON"
         ctx.sent_json = (raw, payload if client_json is None else client_json)
         headers = [*JSON_RESPONSE_HEADERS, (b"content-length", str(len(raw)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
+
+    async def _read_answer(self, exchange: Exchange, attempt: Attempt) -> bytes:
+        response = await self._post(exchange)
+        await self._raise_for_status(response, attempt)
+        try:
+            return await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._connection_error(exc) from None
+        finally:
+            response.release()
+
+    async def _read_answers(self, exchange: Exchange, attempt: Attempt) -> list[bytes]:
+        """The answers to each of the exchange's bodies, in order, a few posted at once; the
+        first failure is the call's (the parts still in flight are cancelled), and the
+        attempt's status and error type are that part's."""
+        slots = asyncio.Semaphore(_MAX_PARTS_AT_ONCE)
+        bodies = (exchange.body, *exchange.more_bodies)
+        records = [replace(attempt) for _ in bodies]  # each part's own (they end in any order)
+        failed: list[Attempt] = []
+
+        async def answer(body: bytes, record: Attempt) -> bytes:
+            try:
+                async with slots:
+                    return await self._read_answer(replace(exchange, body=body, more_bodies=()),
+                                                   record)
+            except Exception:
+                failed.append(record)
+                raise
+
+        try:
+            async with asyncio.TaskGroup() as parts:
+                answers = [parts.create_task(answer(body, record))
+                           for body, record in zip(bodies, records, strict=True)]
+        except BaseExceptionGroup as group:  # (a cancellation of the call is not grouped)
+            if failed:
+                attempt.status, attempt.error_type = failed[0].status, failed[0].error_type
+            raise group.exceptions[0] from None
+        attempt.status = records[-1].status
+        return [task.result() for task in answers]
 
     async def _call_stream(self, ctx: RequestContext, exchange: Exchange, send: Send,
                            attempt: Attempt) -> None:
@@ -476,6 +519,11 @@ class HTTPAdapter:
 
 
 StreamErrorTypes = (StreamError, aiohttp.ClientError)
+
+
+def _combined(exchange: Exchange, parts: list[bytes]) -> dict[str, Any]:
+    assert exchange.combine is not None, "an exchange sent in parts says how they combine"
+    return exchange.combine([orjson.loads(part) for part in parts])
 
 
 def finish_reasons(payload: Any) -> list[str] | None:

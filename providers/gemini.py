@@ -143,8 +143,10 @@ class GeminiAdapter(HTTPAdapter):
                     item["embedding"] = _base64_floats(item["embedding"])
             return result, Usage(input_tokens=input_tokens)
 
-        return Exchange(self._url(deployment, "batchEmbedContents"), self._headers(),
-                        orjson.dumps(request), False, decode)
+        first, *more = (orjson.dumps(batch) for batch in fmt.embeddings_batches(request))
+        return Exchange(self._url(deployment, "batchEmbedContents"), self._headers(), first,
+                        False, decode, more_bodies=tuple(more),
+                        combine=fmt.combine_embeddings)
 
     def _plan_count_tokens(self, request: dict[str, Any], deployment: Deployment) -> Exchange:
         body = fmt.messages_count_request_to_gemini({**request,

@@ -392,6 +392,12 @@ def _choice(candidate: JSON, index: int, response_id: Any) -> JSON:
 
 # -- embeddings, token counting, errors ------------------------------------------------------
 
+# batchEmbedContents takes at most 100 requests ("We do have a limit of 100 in a batch", a
+# Gemini API maintainer in lancedb/lancedb#3618; more is a 400, "at most 100 requests can be
+# in one batch", geldata/gel#9032). OpenAI takes up to 2,048 inputs.
+MAX_EMBED_BATCH = 100
+
+
 def embeddings_request_to_gemini(body: JSON, upstream_model: str) -> JSON:
     """OpenAI embeddings request -> batchEmbedContents body, one request per input text."""
     texts = _embedding_texts(body.get("input"))
@@ -401,6 +407,20 @@ def embeddings_request_to_gemini(body: JSON, upstream_model: str) -> JSON:
         options["outputDimensionality"] = body["dimensions"]
     return {"requests": [{"model": model, "content": {"parts": [{"text": text}]}, **options}
                          for text in texts]}
+
+
+def embeddings_batches(request: JSON) -> list[JSON]:
+    """A batchEmbedContents body as the bodies of at most MAX_EMBED_BATCH requests each."""
+    requests = request["requests"]
+    return [{"requests": requests[at:at + MAX_EMBED_BATCH]}
+            for at in range(0, len(requests), MAX_EMBED_BATCH)]
+
+
+def combine_embeddings(responses: list[JSON]) -> JSON:
+    """The batchEmbedContents responses to consecutive batches as the one response to all
+    (each lists its embeddings in the order of its requests)."""
+    return {"embeddings": [embedding for response in responses
+                           for embedding in response["embeddings"]]}
 
 
 def _embedding_texts(value: Any) -> list[str]:

@@ -43,6 +43,10 @@ JSON_TYPE = "application/json; charset=UTF-8"
 # (ai.google.dev/api/generate-content); more is refused with the message quoted in
 # continuedev/continue#2702.
 MAX_STOP_SEQUENCES = 5
+# batchEmbedContents takes at most 100 requests: "We do have a limit of 100 in a batch" (a
+# Gemini API maintainer, lancedb/lancedb#3618); more is a 400 INVALID_ARGUMENT with the
+# message quoted in geldata/gel#9032 and StarTrail-org/LEANN#214.
+MAX_EMBED_BATCH = 100
 SSE_TYPE = "text/event-stream"
 FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
 _STATUS: dict[int, tuple[str, str]] = {
@@ -270,6 +274,9 @@ async def batch_embed_contents(call: Call, model: str) -> web.StreamResponse:
     requests = body_dict(call).get("requests")
     if not isinstance(requests, list) or not requests:
         raise BadRequest("* BatchEmbedContentsRequest.requests: requests is not specified\n")
+    if len(requests) > MAX_EMBED_BATCH:
+        raise BadRequest("* BatchEmbedContentsRequest.requests: at most 100 requests can be in "
+                         "one batch\n")
     for index, request in enumerate(requests):
         named = _field(request, "model", "model")
         if named != f"models/{model}":

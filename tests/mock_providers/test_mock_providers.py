@@ -417,6 +417,14 @@ def test_gemini_count_embed_models_and_auth(srv: MockProviderServer) -> None:
          "outputDimensionality": 4 if t == "two" else 8} for t in ("one", "two")]}).json()
     assert [len(e["values"]) for e in batch["embeddings"]] == [8, 4]
     assert batch["embeddings"][0]["values"] == one
+    requests = [{"model": "models/text-embedding-004", "content": {"parts": [{"text": "t"}]}}]
+    full = gemini(srv, "text-embedding-004:batchEmbedContents", {"requests": requests * 100})
+    assert len(full.json()["embeddings"]) == 100
+    over = gemini(srv, "text-embedding-004:batchEmbedContents", {"requests": requests * 101})
+    assert (over.status_code, over.json()) == (400, {"error": {
+        "code": 400, "status": "INVALID_ARGUMENT",
+        "message": "* BatchEmbedContentsRequest.requests: at most 100 requests can be in one "
+                   "batch\n"}})
     listed = httpx.get(srv.base_url("gemini") + "/v1beta/models?key=k").json()
     assert "models/gemini-2.0-flash" in [m["name"] for m in listed["models"]]
     missing = gemini(srv, "gemini-2.0-flash:generateContent", {"contents": contents}, key="")

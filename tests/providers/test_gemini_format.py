@@ -18,6 +18,8 @@ from providers.gemini_format import (
     TranslationError,
     UpstreamStreamError,
     chat_request_to_gemini,
+    combine_embeddings,
+    embeddings_batches,
     embeddings_request_to_gemini,
     fetches_urls,
     gemini_count_tokens_result,
@@ -669,6 +671,19 @@ def test_embeddings_request() -> None:
 def test_embeddings_input_gemini_cannot_take(value: Any) -> None:
     with pytest.raises(TranslationError):
         embeddings_request_to_gemini({"input": value}, "gemini-embedding-001")
+
+
+def test_embeddings_in_batches_of_at_most_100_and_their_answers_as_one() -> None:
+    request = embeddings_request_to_gemini({"input": [f"t{n}" for n in range(201)]}, "e")
+    batches = embeddings_batches(request)
+    assert [len(batch["requests"]) for batch in batches] == [100, 100, 1]
+    assert [r for batch in batches for r in batch["requests"]] == request["requests"]
+    assert embeddings_batches({"requests": request["requests"][:100]}) == [
+        {"requests": request["requests"][:100]}]
+    answers = [{"embeddings": [{"values": [float(n)]} for n in range(at, at + len(b["requests"]))]}
+               for at, b in zip((0, 100, 200), batches, strict=True)]
+    assert combine_embeddings(answers) == {"embeddings": [{"values": [float(n)]}
+                                                          for n in range(201)]}
 
 
 def test_embeddings_response() -> None:
