@@ -670,7 +670,8 @@ class FailoverMiddleware:
                                  interrupted: StreamInterrupted) -> None:
         ctx.error_type = interrupted.error.code
         await send({"type": "http.response.body", "more_body": False,
-                    "body": stream_error_event(ctx.api_format, interrupted.error)})
+                    "body": stream_error_event(ctx.api_format, interrupted.error,
+                                               operation=ctx.operation)})
 
     async def call_with_ttft_timeout(self, scope: Scope, receive: Receive, send: Send,
                                      ttft_s: float, state: DeploymentState,

@@ -694,7 +694,9 @@ class _Responder:
                                   "of the budget.", code="budget_exceeded")
         self.ctx.error_type = "budget_exceeded"
         await self._send({"type": "http.response.body",
-                          "body": stream_error_event(self.ctx.api_format, error),
+                          "body": stream_error_event(self.ctx.api_format, error,
+                                                     operation=self.ctx.operation,
+                                                     sequence_number=self.events),
                           "more_body": False})
         raise _StreamCutOff()
 

@@ -718,6 +718,26 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_stream_cutoff_ends_a_responses_stream_with_its_own_error_event(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    wait_streams_done(slow)
+    response = httpx.post(gateway.url + "/v1/responses", timeout=10, json={
+        "model": "gpt-mock", "input": PROMPT[0]["content"], "max_output_tokens": OUTPUT,
+        "stream": True}, headers={"authorization": f"Bearer {TEST_KEY}"})
+    assert response.status_code == 200
+    events = [event for event in response.text.split("\n\n") if event]
+    datas = [json.loads(event.split("data: ", 1)[1]) for event in events]
+    assert [d["sequence_number"] for d in datas[:-1]] == list(range(len(datas) - 1))
+    assert events[-1].startswith("event: error\ndata: ")
+    last = datas[-1]
+    assert last["type"] == "error" and last["code"] == "budget_exceeded"
+    assert last["message"] == CUTOFF_MESSAGE
+    assert last["sequence_number"] == len(datas) - 1  # (the next number of the stream)
+    assert "response.completed" not in response.text
+    wait_streams_done(slow)
+
+
 def test_stream_cutoff_charges_the_events_delivered(start: Start, store: str,
                                                     slow: MockProviderServer) -> None:
     gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
