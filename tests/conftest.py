@@ -13,7 +13,7 @@ from gateway import create_app
 from gateway.logs import JsonFormatter
 from tests import redis_topologies
 from tests.harness import ThreadedServer, find_secrets_in_logs, mock_config, write_config
-from tests.mock_providers import MockProviderServer
+from tests.mock_providers import MockConfig, MockProviderServer
 
 # Gateways in tests keep their usage journals in a directory of the run's own, not in the
 # checkout (each process claims a free slot in it; see middleware/metering).
@@ -98,3 +98,36 @@ def sentinel_redis(tmp_path_factory: pytest.TempPathFactory
 def cluster_redis(tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[redis_topologies.ClusterRedis]:
     yield from redis_topologies.cluster_redis(tmp_path_factory.mktemp("redis-cluster"))
+
+
+# -- two more mock provider servers, for tests that need two upstreams (failover) ---------------
+
+@pytest.fixture(scope="module")
+def upstream_a() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream_b() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
+    server.clear_faults()
+    server.reset_log()
+    yield server
+    server.clear_faults()
+
+
+@pytest.fixture
+def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
+    """A mock provider server of the test module's own, its faults and log cleared."""
+    yield from _clean(upstream_a)
+
+
+@pytest.fixture
+def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
+    """A second one, as `a`."""
+    yield from _clean(upstream_b)

@@ -17,44 +17,17 @@ from typing import Any
 
 import anthropic
 import httpx
-import pytest
 
 from gateway import create_app
 from tests.harness import TEST_KEY, ThreadedServer, write_config
-from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "count-tokens-admin-token-0123456789"
 QUESTION: Any = [{"role": "user", "content": "one two three four five"}]
 CLAUDE_A, CLAUDE_B = "a/claude-3-5-haiku-latest", "b/claude-3-5-haiku-latest"
 
 
-@pytest.fixture(scope="module")
-def upstream_a() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream_b() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
-    server.clear_faults()
-    server.reset_log()
-    yield server
-    server.clear_faults()
-
-
-@pytest.fixture
-def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_a)
-
-
-@pytest.fixture
-def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_b)
+# (`a` and `b`: two mock provider servers, tests/conftest.py)
 
 
 def config(a: MockProviderServer, b: MockProviderServer, layer: str) -> str:

@@ -24,7 +24,7 @@ from gateway import create_app
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
-from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "responses-admin-token-0123456789"
 QUESTION = "one two three four five six seven eight nine ten"
@@ -33,33 +33,7 @@ FAILURES = ["response.failed", "error", "error.nested"]
 MESSAGE = "The model had a problem; try again."
 
 
-@pytest.fixture(scope="module")
-def upstream_a() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream_b() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
-    server.clear_faults()
-    server.reset_log()
-    yield server
-    server.clear_faults()
-
-
-@pytest.fixture
-def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_a)
-
-
-@pytest.fixture
-def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_b)
+# (`a` and `b`: two mock provider servers, tests/conftest.py)
 
 
 def config(a: MockProviderServer, b: MockProviderServer, journal: Path) -> str:
