@@ -138,6 +138,13 @@ class UpstreamError(GatewayError):
         return body
 
 
+class UntranslatableRequest(GatewayError):
+    """A request one deployment's provider adapter cannot express (more stop sequences than
+    the provider takes, an image URL a model does not fetch): refused before any upstream
+    call, by providers/base.py only. Another deployment of the model may take it, so the
+    failover layer tries one before this reaches the caller."""
+
+
 class StreamInterrupted(Exception):
     """A stream broke after its response started, and the request asked to continue it
     (`ctx.continue_streams`, set by the failover layer): the response is still open, nothing

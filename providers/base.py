@@ -18,7 +18,13 @@ import orjson
 
 from gateway.config import ConfigError
 from gateway.context import OPENAI_COMPLETIONS, Attempt, RequestContext, Usage
-from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
+from gateway.errors import (
+    GatewayError,
+    StreamInterrupted,
+    UntranslatableRequest,
+    UpstreamError,
+    stream_error_event,
+)
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
@@ -223,11 +229,16 @@ class HTTPAdapter:
             return
         try:
             exchange = self.plan(ctx, deployment)
-        except GatewayError:
+        except UntranslatableRequest:
             raise
+        except GatewayError as error:
+            raise UntranslatableRequest(error.status, error.message, code=error.code,
+                                        param=error.param, error_type=error.error_type,
+                                        headers=error.headers) from error
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             # Translators raise these on request shapes they cannot express or read.
-            raise GatewayError(400, f"The request cannot be sent to this model: {exc}") from None
+            raise UntranslatableRequest(
+                400, f"The request cannot be sent to this model: {exc}") from None
         key = ctx.provider_key or (deployment.keys[0] if deployment.keys else None)
         if key is not None:
             exchange.headers.update(self.key_headers(key.secret))

@@ -11,7 +11,9 @@
 
 Per request it picks a deployment of the model (`Route.strategy`, healthy ones only, and only
 among those whose provider serves the request's operation: `check_config` notes the others
-once), puts it and one of its provider keys in the context, and calls the app below. An
+once), puts it and one of its provider keys in the context, and calls the app below. A
+deployment whose adapter refuses to translate the request (`UntranslatableRequest`, raised
+before any upstream call) is out for that request only, with no verdict on its health. An
 upstream failure before the response started (the provider adapter holds the start back until
 the first event, so this covers error statuses, connection errors, an error event inside a
 200 and a missing first byte) is classified (policy.classify) and leads to, in order: another
@@ -46,7 +48,13 @@ from typing import Any
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import CONTEXT_KEY, RequestContext, Usage
-from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
+from gateway.errors import (
+    GatewayError,
+    StreamInterrupted,
+    UntranslatableRequest,
+    UpstreamError,
+    stream_error_event,
+)
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
 from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
@@ -215,25 +223,30 @@ class FailoverMiddleware:
         ctx.deployment = state.deployment
         ctx.response_headers.extend(state.first_headers)
         state.started()
-        failure: UpstreamError | None = None
+        failure: UpstreamError | UntranslatableRequest | None = None
         answered = False
         try:
             await self.app(scope, receive, send)
             answered = True
-        except UpstreamError as error:
+        except (UpstreamError, UntranslatableRequest) as error:
             failure = error
         finally:
             state.finished(ctx.usage if answered else None)
-            if not answered and failure is None:  # client gone, or a refusal from below
-                state.release()
+            if not answered and not isinstance(failure, UpstreamError):
+                state.release()  # client gone, or a refusal from below: no verdict
         if failure is None:
             self.succeeded(ctx, state, None, began)
             return
         if ctx.status:
             raise failure  # the response started: never a second one
         tried = Tried() if unable is None else self._tried(ctx, route, NO_TAGS)
-        tried.attempts, tried.headers = 1, state.first_headers
-        next_chain = self.after_failure(failure, state, None, tried, ctx)
+        tried.headers = state.first_headers
+        next_chain = None
+        if isinstance(failure, UntranslatableRequest):
+            tried.refuse(state, failure)  # no call went out: not an attempt
+        else:
+            tried.attempts = 1
+            next_chain = self.after_failure(failure, state, None, tried, ctx)
         await self._serve(scope, receive, send, ctx, route, tried, next_chain)
 
     # -- the attempt loop ------------------------------------------------------------------
@@ -297,6 +310,9 @@ class FailoverMiddleware:
                     return
                 except HedgeFailed as failed:  # both calls' failures are recorded
                     next_chain = failed.next_chain
+                except UntranslatableRequest as refusal:  # (no call went out: `_attempt`)
+                    tried.refuse(state, refusal)
+                    continue
                 except UpstreamError as error:
                     if tried.started or ctx.status or partner is not None:
                         raise  # never a second response start
@@ -496,6 +512,8 @@ class FailoverMiddleware:
             state for model in chain if model == requested or _may_use(ctx, model)
             if (group := self.groups.get(model)) is not None for state in group.deployments]
         if usable and all(state in tried.ineligible for state in usable):
+            if tried.refusal is not None:  # (those that could serve it could not express it)
+                return tried.refusal
             operation = OPERATION_PATHS.get(ctx.operation, ctx.operation)
             if all(state in tried.unable for state in usable):
                 return GatewayError(
@@ -531,6 +549,12 @@ class FailoverMiddleware:
             outcome = "answered"
         except UpstreamError:
             outcome = "failed"  # after_failure records it
+            raise
+        except UntranslatableRequest:  # refused before any call: neither an attempt nor a
+            tried.attempts -= 1  # fallback (and, as "cancelled", no verdict on health)
+            if fallback_model is not None:
+                ctx.state["failover.fallbacks"] -= 1
+                self.counters["fallbacks"] -= 1
             raise
         except StreamInterrupted as interrupted:
             outcome = "broken"

@@ -21,7 +21,7 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.context import CONTEXT_KEY, RequestContext
-from gateway.errors import StreamInterrupted, UpstreamError
+from gateway.errors import StreamInterrupted, UntranslatableRequest, UpstreamError
 from gateway.layers import Message, Receive, Scope, Send
 from middleware.failover.routing import DeploymentState, KeyState, Tried, route_headers
 
@@ -155,11 +155,15 @@ class Hedge:
                 except UpstreamError as refusal:  # the caller's, unless the other call answered
                     answer = refusal
                 continue
-            # Cancelled as the loser, lost the race, or ended otherwise: no verdict on health.
+            # Cancelled as the loser, lost the race, refused by its adapter before any call,
+            # or ended otherwise: no verdict on health.
             state.release()
             if key is not None:
                 key.breaker.release()
-            if error is not None and not isinstance(error, _Lost):
+            if isinstance(error, UntranslatableRequest):  # not an attempt: out for this request
+                self.tried.attempts -= 1
+                self.tried.refuse(state, error)
+            elif error is not None and not isinstance(error, _Lost):
                 other = error
         if self.winner is None:
             if answer is not None:

@@ -3,8 +3,8 @@
 Pure and clock-driven (no I/O). A `Group` holds one public model's deployments; `pick` returns
 the next one to try among those that are healthy (breaker allows), not excluded by the request
 (failed in it already, or out for all of it: `Tried.ineligible`, which holds those whose
-provider cannot serve its operation), not cooling down after a 429, and within their rpm/tpm
-capacity.
+provider cannot serve its operation and those whose adapter refused to translate it), not
+cooling down after a 429, and within their rpm/tpm capacity.
 
 After a 429's cool-down (`DeploymentState.cool_down`) a deployment takes `half_open_probes`
 calls at a time, as a breaker does after its own: the others wait (the layer's
@@ -36,7 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.context import RequestContext, Usage
-from gateway.errors import UpstreamError
+from gateway.errors import UntranslatableRequest, UpstreamError
 from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
@@ -377,7 +377,7 @@ class Tried:
     failure: the common request never needs them)."""
 
     __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "retry_after_s", "started", "unable", "wanted_tags")
+                 "refusal", "retry_after_s", "started", "unable", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
@@ -390,10 +390,19 @@ class Tried:
         self.bad_keys: set[str] | frozenset[str] = _NO_KEYS
         self.headers: list[tuple[bytes, bytes]] = []  # this layer's, in ctx.response_headers
         self.last_error: UpstreamError | None = None
+        self.refusal: UntranslatableRequest | None = None  # the first adapter's refusal
         self.retry_after_s: float | None = None
 
     def exclude(self, state: DeploymentState) -> None:
         self.excluded = {*self.excluded, state}
+
+    def refuse(self, state: DeploymentState, refusal: UntranslatableRequest) -> None:
+        """`state`'s adapter cannot express this request: out for every round of it (and of
+        it only: no call was made, so nothing is learnt of the deployment's health)."""
+        self.ineligible = self.ineligible | {state}
+        self.exclude(state)
+        if self.refusal is None:
+            self.refusal = refusal
 
     def exclude_key(self, env: str) -> None:
         self.bad_keys = {*self.bad_keys, env}

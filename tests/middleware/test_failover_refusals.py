@@ -1,0 +1,201 @@
+"""A deployment whose adapter cannot express the request is skipped for that request only.
+
+Gemini 2.0 models do not fetch image URLs and take at most 5 stop sequences; OpenAI takes at
+most 4 (providers/gemini_format.py, providers/openai.py). Such a request is refused before any
+upstream call; the failover layer tries the model's next deployment, then its fallbacks, and
+answers the first refusal (400) only when every one of them refused. No refusal counts against
+a deployment's health, as an attempt or as a retry. Two mock servers ("a", "b") play the
+upstreams; their request logs say who was called, `/admin/deployments` what the layer saw.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from gateway import create_app
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.mock_providers import MockProviderServer
+
+ADMIN_TOKEN = "refusals-admin-token-0123456789"
+IMAGE_URL = "https://example.com/cat.png"
+GEMINI_SAYS = ("The request cannot be sent to this model: Gemini 2.0 models do not fetch images "
+               "from URLs; send the image inline as a base64 data: URL.")
+LOOK: Any = [{"role": "user", "content": [
+    {"type": "text", "text": "What is in this picture?"},
+    {"type": "image_url", "image_url": {"url": IMAGE_URL}}]}]
+HI: Any = [{"role": "user", "content": "hi"}]
+
+
+# (`a` and `b`: two mock provider servers, tests/conftest.py)
+
+
+def config(a: MockProviderServer, b: MockProviderServer, routes: str) -> str:
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Price, Timeouts
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.failover import FailoverMiddleware, RetryPolicy, Route
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
+os.environ.setdefault("SG_REFUSALS_ADMIN", "{ADMIN_TOKEN}")
+fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
+KEY = "MOCK_PROVIDER_KEY"
+providers = {{
+    "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env=KEY, timeouts=fast),
+    "a-gemini": Provider("gemini", base_url="{a.base_url("gemini")}", api_key_env=KEY,
+                         timeouts=fast),
+    "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env=KEY, timeouts=fast),
+    "b-gemini": Provider("gemini", base_url="{b.base_url("gemini")}", api_key_env=KEY,
+                         timeouts=fast),
+}}
+PRICE = Price(input_per_mtok="1", output_per_mtok="2")
+models = {{
+    "vision": [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE),
+               Deployment("b", "gpt-4o", price=PRICE)],
+    "stops": [Deployment("a", "gpt-4o", price=PRICE),
+              Deployment("b-gemini", "gemini-2.0-flash", price=PRICE)],
+    "flash": [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE)],
+    "flash-b": [Deployment("b-gemini", "gemini-2.0-flash", price=PRICE)],
+    "gpt": [Deployment("b", "gpt-4o", price=PRICE)],
+}}
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(FailoverMiddleware, admin_token_env="SG_REFUSALS_ADMIN",
+               retry=RetryPolicy(max_attempts=1), routes={{{routes}}}),
+]
+'''
+
+
+@contextmanager
+def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        yield server
+
+
+def client(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def layer_state(server: ThreadedServer) -> dict[str, Any]:
+    response = httpx.get(server.url + "/admin/deployments",
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    state: dict[str, Any] = response.json()
+    return state
+
+
+def assert_untouched(deployment: dict[str, Any]) -> None:
+    """Nothing was learnt of a deployment's health (and nothing is left held)."""
+    assert deployment["breaker"] == "closed" and deployment["failures"] == 0
+    assert deployment["cooling_s"] == 0 and deployment["cool_down_probes"] == 0
+    assert deployment["in_flight"] == 0
+
+
+@pytest.mark.parametrize("route", ['Route(strategy="priority")',
+                                   'Route(strategy="priority", hedge_after_s=2)'])
+def test_an_image_url_gemini_2_0_refuses_is_served_by_the_openai_deployment(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, route: str) -> None:
+    # Before: every such request got Gemini's 400 (it comes first by priority). With
+    # max_attempts=1, the refusal must not count as the one attempt either.
+    with serve(tmp_path, config(a, b, f'"vision": {route}')) as gateway:
+        raw = client(gateway).chat.completions.with_raw_response.create(
+            model="vision", messages=LOOK)
+        after = client(gateway).chat.completions.with_raw_response.create(
+            model="vision", messages=HI)
+        state = layer_state(gateway)
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert raw.headers["x-sluicegate-attempts"] == "1"
+    assert [entry["path"] for entry in b.requests] == ["/openai/v1/chat/completions"]
+    sent = b.requests[0]["json"]["messages"][0]["content"][1]
+    assert sent == {"type": "image_url", "image_url": {"url": IMAGE_URL}}
+    # Out for that request only: the next one goes to Gemini first again.
+    assert after.headers["x-sluicegate-deployment"] == "a-gemini/gemini-2.0-flash"
+    assert [entry["provider"] for entry in a.requests] == ["gemini"]
+    gemini, gpt = state["models"]["vision"]["deployments"]
+    assert_untouched(gemini)
+    assert_untouched(gpt)
+    assert state["counters"]["retries"] == 0 and state["counters"]["budget_refusals"] == 0
+
+
+def test_five_stop_sequences_openai_refuses_are_served_by_gemini(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Anthropic's Messages API to an OpenAI deployment: the adapter translates, and refuses
+    # more than OpenAI's 4 `stop`; Gemini takes 5. Before: that 400 (OpenAI first by priority).
+    stops = ["one", "two", "three", "four", "five"]
+    with serve(tmp_path, config(a, b, '"stops": Route(strategy="priority")')) as gateway:
+        sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+        with sdk.messages.with_streaming_response.create(
+                model="stops", max_tokens=20, messages=HI, stop_sequences=stops,
+                stream=True) as raw:
+            text = "".join(event.delta.text for event in raw.parse()
+                           if event.type == "content_block_delta"
+                           and event.delta.type == "text_delta")
+            served_by = raw.headers["x-sluicegate-deployment"]
+        state = layer_state(gateway)
+    assert text
+    assert served_by == "b-gemini/gemini-2.0-flash"
+    assert a.requests == []
+    [sent] = b.requests
+    assert sent["json"]["generationConfig"]["stopSequences"] == stops
+    assert_untouched(state["models"]["stops"]["deployments"][0])
+
+
+def test_a_fallback_model_serves_what_the_model_refuses(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Before: 400 from the model's only deployment; the fallback was never asked.
+    with serve(tmp_path, config(a, b, '"flash": Route(fallbacks=("gpt",))')) as gateway:
+        raw = client(gateway).chat.completions.with_raw_response.create(
+            model="flash", messages=LOOK)
+        state = layer_state(gateway)
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-sluicegate-fallback"] == "gpt"
+    assert raw.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert a.requests == [] and len(b.requests) == 1
+    assert state["counters"]["fallbacks"] == 1
+    assert_untouched(state["models"]["flash"]["deployments"][0])
+
+
+ANTHROPIC_LOOK: Any = [{"role": "user", "content": [
+    {"type": "text", "text": "What is in this picture?"},
+    {"type": "image", "source": {"type": "url", "url": IMAGE_URL}}]}]
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_when_every_deployment_and_fallback_refuses_the_first_refusal_is_the_answer(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, api: str) -> None:
+    # Before: the same 400, but from the first deployment alone: the fallback was never
+    # asked (its `requests` stayed 0).
+    with serve(tmp_path, config(a, b, '"flash": Route(fallbacks=("flash-b",))')) as gateway:
+        if api == "openai":
+            response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
+                                  json={"model": "flash", "messages": LOOK}, timeout=10)
+        else:
+            response = httpx.post(gateway.url + "/v1/messages", headers=AUTH, timeout=10,
+                                  json={"model": "flash", "max_tokens": 20,
+                                        "messages": ANTHROPIC_LOOK})
+        state = layer_state(gateway)
+    assert response.status_code == 400
+    if api == "openai":
+        assert response.json() == {"error": {"message": GEMINI_SAYS,
+                                             "type": "invalid_request_error",
+                                             "param": None, "code": None}}
+    else:
+        assert response.json() == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": GEMINI_SAYS}}
+    assert a.requests == [] and b.requests == []
+    models = state["models"]
+    for model in ("flash", "flash-b"):
+        [deployment] = models[model]["deployments"]
+        assert deployment["requests"] == 1, model  # asked once each, in this request
+        assert_untouched(deployment)
+    assert state["counters"]["fallbacks"] == 0 and state["counters"]["retries"] == 0
