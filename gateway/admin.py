@@ -5,14 +5,13 @@ config, is at least 16 characters, and is compared in constant time.
 """
 from __future__ import annotations
 
-import hmac
 import os
 from typing import Any
 
 import orjson
 
 from gateway.config import ConfigError
-from gateway.kernel import Scope, Send, route_path
+from gateway.kernel import Scope, Send, bearer_is, route_path
 
 __all__ = ["admin_token_from_env", "admitted", "is_admin", "read_json", "route_path",
            "send_json"]
@@ -27,11 +26,7 @@ def admin_token_from_env(name: str, owner: str) -> bytes:
 
 
 def is_admin(scope: Scope, token: bytes) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, given = value.partition(b" ")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
-    return False
+    return bearer_is(scope["headers"], token)
 
 
 async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:

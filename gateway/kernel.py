@@ -99,8 +99,9 @@ async def drain_body(receive: Receive, message: Message | None = None,
         drained += len(message.get("body", b""))
 
 
-def _bearer_is(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
-    """Whether the request's `Authorization: Bearer` is `token` (compared in constant time)."""
+def bearer_is(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
+    """Whether the request's `Authorization: Bearer` is `token` (compared in constant time):
+    the metrics token here, the admin token in gateway.admin."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, given = value.partition(b" ")
@@ -316,36 +317,28 @@ class Kernel:
             raise self._too_large()
         raw = await self._read_body(receive, content_length)
         text = request_id.decode()
-        if self._body_after_auth:
-            # Parsed and checked only once the caller is: see `body_after_auth`.
-            ctx = RequestContext(
-                request_id=text, unique_id=text, operation=operation, api_format=api_format,
-                body={}, raw_body=raw, model="", stream=False, headers=scope["headers"],
-                models=self.config.models,
-            )
-            ctx.body_parser = self._parse_body
-            return ctx
-        body, model, stream = self._checked_body(operation, raw)
-        return RequestContext(
+        ctx = RequestContext(
             request_id=text, unique_id=text, operation=operation, api_format=api_format,
-            body=body, raw_body=raw, model=model, stream=stream, headers=scope["headers"],
+            body={}, raw_body=raw, model="", stream=False, headers=scope["headers"],
             models=self.config.models,
         )
+        if self._body_after_auth:  # parsed once the caller is checked (`body_after_auth`)
+            ctx.body_parser = self._parse_body
+        else:
+            self._parse_body(ctx)
+        return ctx
 
     def _parse_body(self, ctx: RequestContext) -> None:
-        """`RequestContext.parse_body` of a request whose body the kernel left unparsed."""
-        ctx.body, ctx.model, ctx.stream = self._checked_body(ctx.operation, ctx.raw_body)
-        if ctx.trace is not None:
-            ctx.trace.read_request(ctx)
-
-    def _checked_body(self, operation: str, raw: bytes) -> tuple[Any, str, bool]:
-        """The parsed body, its model and whether it streams; or the 4xx it gets."""
+        """Parses and checks the body (`RequestContext.parse_body` when the kernel left it
+        unparsed): fills in `body`, `model` and `stream`, or raises the 4xx it gets."""
         try:
-            body = orjson.loads(raw)
+            body = orjson.loads(ctx.raw_body)
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
-        model, stream = check_body(operation, body, self.config.models)
-        return body, model, stream
+        ctx.model, ctx.stream = check_body(ctx.operation, body, self.config.models)
+        ctx.body = body
+        if ctx.trace is not None:
+            ctx.trace.read_request(ctx)
 
     def _check_headers(self, headers: list[tuple[bytes, bytes]]) -> int | None:
         content_length = None
@@ -495,7 +488,7 @@ class Kernel:
             await self._send_models(scope, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
             if self._metrics_token is not None and \
-                    not _bearer_is(scope["headers"], self._metrics_token):
+                    not bearer_is(scope["headers"], self._metrics_token):
                 error = GatewayError(401, "The metrics need the metrics token: send it as "
                                           "'Authorization: Bearer <token>'.",
                                      code="invalid_metrics_token")
