@@ -1,11 +1,13 @@
 """Bench target: the bare passthrough (kernel + passthrough, no layers)."""
 import os
 
-from gateway.config import Deployment, Model
+from gateway.config import Deployment, Model, Price
 from providers import Provider
 
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
-# free=True: the bench upstream is a mock, so there is nothing to bill.
-models = {"bench": Model([Deployment("mock", "bench", free=True)])}
+# Priced as in real use (the same price in every bench config): the kernel prices each
+# response for /metrics, so a free model here would leave that work out of every ratio.
+models = {"bench": Model([Deployment("mock", "bench",
+                                     price=Price(input_per_mtok="0.15", output_per_mtok="0.60"))])}
 middleware: list = []

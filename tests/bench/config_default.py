@@ -1,7 +1,7 @@
 """Bench target: the default stack (every built-in layer, in the default order)."""
 import os
 
-from gateway.config import Deployment, Middleware, Model
+from gateway.config import Deployment, Middleware, Model, Price
 from middleware.auth import AuthMiddleware, StaticKey
 from middleware.cache import CacheMiddleware
 from middleware.failover import FailoverMiddleware
@@ -13,8 +13,10 @@ from providers import Provider
 os.environ.setdefault("SLUICEGATE_API_KEY", "sk-sg-bench-not-a-secret-0123456789")
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
-# free=True: the bench upstream is a mock, so there is nothing to bill.
-models = {"bench": Model([Deployment("mock", "bench", free=True)])}
+# Priced as in real use (the same price in every bench config): the kernel prices each
+# response for /metrics, so a free model here would leave that work out of every ratio.
+models = {"bench": Model([Deployment("mock", "bench",
+                                     price=Price(input_per_mtok="0.15", output_per_mtok="0.60"))])}
 middleware = [
     # Virtual keys: one declared here (its plaintext in $SLUICEGATE_API_KEY; only the hash is
     # kept), or store=PostgresKeyStore(dsn) for keys made with the admin API.

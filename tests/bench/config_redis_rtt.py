@@ -9,14 +9,17 @@ the gateway's own Redis client before each call, and queues one unawaited comman
 import hashlib
 import os
 
-from gateway.config import Deployment, Middleware, Model
+from gateway.config import Deployment, Middleware, Model, Price
 from gateway.resp import RespClient, encode_command
 from providers import Provider
 
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 redis_url = os.environ.get("SLUICEGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
-models = {"bench": Model([Deployment("mock", "bench", free=True)])}
+# Priced as in real use (the same price in every bench config): the kernel prices each
+# response for /metrics, so a free model here would leave that work out of every ratio.
+models = {"bench": Model([Deployment("mock", "bench",
+                                     price=Price(input_per_mtok="0.15", output_per_mtok="0.60"))])}
 
 _SCRIPT = "return ARGV[1]"
 _SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()

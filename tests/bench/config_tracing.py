@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from gateway.config import Deployment, Model, Settings
+from gateway.config import Deployment, Model, Price, Settings
 from providers import Provider
 
 
@@ -19,7 +19,10 @@ class DroppingExporter(SpanExporter):
 
 upstream = os.environ.get("SLUICEGATE_BENCH_UPSTREAM", "http://127.0.0.1:18080/json/v1")
 providers = {"mock": Provider("openai", base_url=upstream, max_connections=1024)}
-models = {"bench": Model([Deployment("mock", "bench", free=True)])}  # a mock: nothing to bill
+# Priced as in real use (the same price in every bench config): the kernel prices each
+# response for /metrics, so a free model here would leave that work out of every ratio.
+models = {"bench": Model([Deployment("mock", "bench",
+                                     price=Price(input_per_mtok="0.15", output_per_mtok="0.60"))])}
 middleware: list = []
 tracer_provider = TracerProvider()
 tracer_provider.add_span_processor(BatchSpanProcessor(DroppingExporter()))
