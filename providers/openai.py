@@ -8,6 +8,7 @@ providers.anthropic_format.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -91,8 +92,11 @@ def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
 # OpenAI-compatible services that refuse `stream_options`: Mistral answers 422 to
 # `include_usage` ("Extra inputs are not permitted", openai/openai-agents-python#442,
 # avante.nvim#2347) and sends the usage on a stream's last chunk unasked
-# (mistralai/client-python#40).
+# (mistralai/client-python#40). Known by the preset's name, or by the base URL's host for
+# any other type aimed at Mistral's API (Codestral keys use codestral.mistral.ai, Continue's
+# "Set up Codestral" guide).
 _REFUSE_STREAM_OPTIONS = frozenset({"mistral"})
+_REFUSE_STREAM_OPTIONS_HOSTS = frozenset({"api.mistral.ai", "codestral.mistral.ai"})
 # Azure takes `stream_options` from API version 2024-10-21 (the GA spec has it,
 # griptape-ai/griptape#1640); older versions refuse it ("Unrecognized request argument
 # supplied: stream_options", langchain-ai/langchain#23552).
@@ -142,8 +146,9 @@ class OpenAIAdapter(HTTPAdapter):
         self.max_stop_sequences = 4 if type_name in ("openai", "azure") else None
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
-        self.takes_stream_options = type_name not in _REFUSE_STREAM_OPTIONS
         super().__init__(**options)
+        self.takes_stream_options = type_name not in _REFUSE_STREAM_OPTIONS and \
+            urlsplit(self.base_url).hostname not in _REFUSE_STREAM_OPTIONS_HOSTS
 
     def url(self, operation: str, deployment: Deployment) -> str:
         return self.base_url + _PATHS[operation]

@@ -1,0 +1,55 @@
+"""providers/openai.py without a server: what a planned request to each service holds.
+
+(The tests through the gateway, against the mock providers, are in test_cross_provider.py;
+Mistral's own host cannot be reached from tests, so what it is sent is read off the plan.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.context import OPENAI_CHAT, RequestContext
+from gateway.upstream import Deployment
+from providers import Provider
+
+QUESTION = [{"role": "user", "content": "Hello"}]
+
+
+def planned_body(provider: Any, **body: Any) -> dict[str, Any]:
+    """The JSON body `provider` would send for an OpenAI chat request with `body`."""
+    body = {"model": "public", "messages": QUESTION, **body}
+    ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai", body=body,
+                         raw_body=orjson.dumps(body), model="public",
+                         stream=body.get("stream") is True)
+    exchange = provider.plan(ctx, Deployment("p", "upstream-model"))
+    return orjson.loads(exchange.body)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("base_url", ["https://api.mistral.ai/v1", "https://API.Mistral.ai:443/v1/",
+                                      "https://codestral.mistral.ai/v1"])
+@pytest.mark.parametrize("client_asks", [False, True])
+def test_a_generic_openai_compatible_provider_on_mistrals_api_gets_no_stream_options(
+        base_url: str, client_asks: bool) -> None:
+    """Mistral's API refuses `stream_options` (422, "Extra inputs are not permitted") whatever
+    the provider type is called in the config: its host decides."""
+    extra = {"stream_options": {"include_usage": True}} if client_asks else {}
+    body = planned_body(Provider("openai-compatible", base_url=base_url), stream=True, **extra)
+    assert "stream_options" not in body
+    assert body["model"] == "upstream-model"
+
+
+@pytest.mark.parametrize("base_url", ["https://api.groq.com/openai/v1",
+                                      "https://mistral.example.com/v1",
+                                      "http://127.0.0.1:8000/v1"])
+def test_other_openai_compatible_hosts_are_still_asked_for_the_usage_chunk(
+        base_url: str) -> None:
+    body = planned_body(Provider("openai-compatible", base_url=base_url), stream=True)
+    assert body["stream_options"] == {"include_usage": True}
+
+
+def test_the_mistral_preset_on_any_host_gets_no_stream_options() -> None:
+    body = planned_body(Provider("mistral", base_url="http://127.0.0.1:9/mistral/v1"),
+                        stream=True, stream_options={"include_usage": True})
+    assert "stream_options" not in body
