@@ -36,12 +36,23 @@ _MAX_ERROR_BODY = 64 * 1024
 _MAX_PARTS_AT_ONCE = 4  # requests in flight for one call sent in parts (Exchange.more_bodies)
 _SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}")
 
-# In-band error types -> the status a caller would have seen had it come as a response.
-# (`rate_limit_exceeded`: the Responses API's code for it, in `response.failed`;
+# In-band errors the caller must fix, a 400 as they would be as a response (never retried
+# elsewhere): OpenAI's type for them, and the Responses API's ResponseError codes for a
+# prompt or an image it refuses (the enum in OpenAI's API spec; its other codes,
+# server_error, rate_limit_exceeded and vector_store_timeout, are the provider's).
+_CALLERS_STREAM_ERRORS = (
+    "invalid_request_error", "invalid_prompt", "invalid_image", "invalid_image_format",
+    "invalid_base64_image", "invalid_image_url", "image_too_large", "image_too_small",
+    "image_parse_error", "image_content_policy_violation", "invalid_image_mode",
+    "image_file_too_large", "unsupported_image_media_type", "empty_image_file",
+    "failed_to_download_image", "image_file_not_found")
+# In-band error types (or codes) -> the status a caller would have seen had it come as a
+# response. (`rate_limit_exceeded`: the Responses API's code for it, in `response.failed`;
 # `too_many_requests`: the type of its live `error` event, openai/openai-dotnet#881.)
 _STREAM_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "RESOURCE_EXHAUSTED": 429,
                         "UNAVAILABLE": 503, "api_error": 502, "server_error": 502,
-                        "rate_limit_exceeded": 429, "too_many_requests": 429}
+                        "rate_limit_exceeded": 429, "too_many_requests": 429,
+                        **dict.fromkeys(_CALLERS_STREAM_ERRORS, 400)}
 
 
 @dataclass(slots=True)
@@ -511,11 +522,11 @@ class HTTPAdapter:
     def _stream_error(self, exc: StreamError, what: str) -> UpstreamError:
         """An error event (or a broken stream) as an UpstreamError with the status its type
         would have had as a response; the provider's own words kept for its own format."""
-        status = _STREAM_ERROR_STATUS.get(exc.error_type, 502) if exc.from_provider else 502
+        status = _stream_error_status(exc) if exc.from_provider else 502
         return UpstreamError(status, f"{what}: {self.redact(exc.message)}", provider=self.name,
                              error_type=self.redact(exc.error_type),
                              wire_format=self.wire_format if exc.from_provider else None,
-                             native_type=self._redacted(exc.error_type),
+                             native_type=self._redacted(exc.native_type),
                              native_code=self._redacted(exc.code),
                              param=self._redacted(exc.param))
 
@@ -530,6 +541,16 @@ class HTTPAdapter:
 
 
 StreamErrorTypes = (StreamError, aiohttp.ClientError)
+
+
+def _stream_error_status(error: StreamError) -> int:
+    """The status of a provider's error event: by its type, else by its code (the live
+    Responses API's `error` event may say `"type": "tokens"`, `"code":
+    "rate_limit_exceeded"`, vercel/ai#6534), else 502."""
+    status = _STREAM_ERROR_STATUS.get(error.error_type)
+    if status is None and error.code is not None:
+        status = _STREAM_ERROR_STATUS.get(error.code)
+    return status or 502
 
 
 def _combined(exchange: Exchange, parts: list[bytes]) -> dict[str, Any]:

@@ -73,16 +73,18 @@ def _responses_error(event: dict[str, Any]) -> StreamError | None:
     (openai/openai-dotnet#881, Effect-TS/effect#7262): both are read.
     """
     kind = event.get("type")
+    found: StreamError | None = None
     if kind == "response.failed":
         response = event.get("response")
         error = response.get("error") if isinstance(response, dict) else None
-        return error_of(error if isinstance(error, dict) else {})
-    nested = event.get("error")
-    if isinstance(nested, dict):
-        return error_of(nested)
-    if kind == "error":
-        return error_of({name: event.get(name) for name in ("code", "message", "param")})
-    return None
+        found = error_of(error if isinstance(error, dict) else {})
+    elif isinstance(event.get("error"), dict):
+        return error_of(event["error"])
+    elif kind == "error":
+        found = error_of({name: event.get(name) for name in ("code", "message", "param")})
+    if found is not None:  # (a code, no type: the caller's gets the type of its status)
+        found.native_type = None
+    return found
 
 
 def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:

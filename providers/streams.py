@@ -22,7 +22,9 @@ class StreamError(Exception):
 
     `from_provider`: the provider's own error event, whose `error_type` (and for OpenAI
     `code` and `param`) are its words; else the gateway found the stream broken
-    (`error_type` "bad_response", "incomplete_stream"). `forwarded`: that event went to the
+    (`error_type` "bad_response", "incomplete_stream"). `native_type`: the type the event
+    gave, None when it has none (a Responses API ResponseError has only a code, which is
+    then also its `error_type`). `forwarded`: that event went to the
     client as it was (a Responses stream's `error` or `response.failed` after output), so
     it is what ends the stream: nothing is added after it.
     """
@@ -35,6 +37,7 @@ class StreamError(Exception):
         self.code = code
         self.param = param
         self.from_provider = from_provider
+        self.native_type: str | None = error_type
         self.forwarded = False
 
 

@@ -36,6 +36,16 @@ from tests.mock_providers.wire import (
     sse,
 )
 
+# ResponseError codes (OpenAI's API spec) that say the request must change: the prompt, an
+# image in it; and the chat API's code for an input over the context window, which the
+# Responses API reports in its `error` event (openai/openai-dotnet#849).
+CALLER_FAULT_CODES = frozenset({
+    "invalid_prompt", "invalid_image", "invalid_image_format", "invalid_base64_image",
+    "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
+    "image_content_policy_violation", "invalid_image_mode", "image_file_too_large",
+    "unsupported_image_media_type", "empty_image_file", "failed_to_download_image",
+    "image_file_not_found", "context_length_exceeded"})
+
 
 async def responses(call: Call) -> web.StreamResponse:
     body = body_dict(call)
@@ -179,7 +189,9 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
     "error": the `error` event as OpenAI's streaming reference documents it
     (ResponseErrorEvent: `code`, `message`, `param`, `sequence_number` at the top level).
     "error.nested": as the live API sends it, `code`, `message` and `param` (and a `type`)
-    in an `error` object (openai/openai-dotnet#881, Effect-TS/effect#7262).
+    in an `error` object (openai/openai-dotnet#881, Effect-TS/effect#7262); the `type` of a
+    request the caller must fix is `invalid_request_error` (openai/openai-dotnet#849:
+    `context_length_exceeded`), else the code (#881: `too_many_requests`).
     "response.failed": the terminal event of a failed response (ResponseFailedEvent), the
     response with `status: "failed"` and `error: {code, message}` (ResponseError).
     """
@@ -194,7 +206,8 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
                   "usage": None, "error": {"code": code, "message": message}}
         return sse({"type": kind, "sequence_number": number, "response": failed}, kind)
     if kind == "error.nested":
-        nested = {"type": code, "code": code, "message": message, "param": None}
+        kind_of = "invalid_request_error" if code in CALLER_FAULT_CODES else code
+        nested = {"type": kind_of, "code": code, "message": message, "param": None}
         return sse({"type": "error", "sequence_number": number, "error": nested}, "error")
     return sse({"type": "error", "code": code, "param": None, "sequence_number": number,
                 "message": message}, "error")

@@ -175,6 +175,11 @@ def test_responses_error_events_in_their_three_shapes(mock: MockProviderServer) 
     with pytest.raises(openai.APIError) as nested:
         list(client.responses.create(model="m", input=QUESTION, stream=True))
     assert nested.value.body["code"] == "server_error"  # type: ignore[index]
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=0, event="error.nested",
+                          code="invalid_prompt"))
+    with pytest.raises(openai.APIError) as refused:
+        list(client.responses.create(model="m", input=QUESTION, stream=True))
+    assert (refused.value.type, refused.value.code) == ("invalid_request_error", "invalid_prompt")
     mock.push_fault(Fault("error_event", provider="openai", after_chunks=0,
                           event="response.failed", message="boom"))
     events = list(client.responses.create(model="m", input=QUESTION, stream=True))

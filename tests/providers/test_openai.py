@@ -53,3 +53,36 @@ def test_the_mistral_preset_on_any_host_gets_no_stream_options() -> None:
     body = planned_body(Provider("mistral", base_url="http://127.0.0.1:9/mistral/v1"),
                         stream=True, stream_options={"include_usage": True})
     assert "stream_options" not in body
+
+
+# -- a Responses stream's error event: the status it would have had as a response ---------------
+
+@pytest.mark.parametrize(("event", "status", "kind"), [
+    # The live API's rate limit (vercel/ai#6534): its `type` says nothing, its code does.
+    ({"type": "error", "sequence_number": 2, "error": {
+        "type": "tokens", "code": "rate_limit_exceeded", "param": None,
+        "message": "Request too large for gpt-4.1 on tokens per min (TPM)"}}, 429, "tokens"),
+    # An input over the context window (openai/openai-dotnet#849): the caller's to fix.
+    ({"type": "error", "sequence_number": 2, "error": {
+        "type": "invalid_request_error", "code": "context_length_exceeded", "param": "input",
+        "message": "Your input exceeds the context window of this model."}}, 400,
+     "invalid_request_error"),
+    # A ResponseError has a code and no type: the caller's type is its status's.
+    ({"type": "response.failed", "sequence_number": 3, "response": {
+        "status": "failed", "error": {"code": "invalid_prompt", "message": "Flagged."}}}, 400,
+     "invalid_request_error"),
+    ({"type": "response.failed", "sequence_number": 3, "response": {
+        "status": "failed", "error": {"code": "vector_store_timeout", "message": "Slow."}}}, 502,
+     "server_error"),
+])
+def test_a_responses_error_event_has_the_status_its_type_or_code_says(
+        event: dict[str, Any], status: int, kind: str) -> None:
+    from providers.openai import _responses_error
+
+    adapter = Provider("openai", base_url="http://127.0.0.1:9/v1")
+    found = _responses_error(event)
+    assert found is not None
+    error = adapter._stream_error(found, "Provider 'openai' reported an error in its stream")
+    assert error.status == status
+    assert error.retryable is (status >= 500 or status == 429)
+    assert error.body("openai")["error"]["type"] == kind

@@ -170,6 +170,33 @@ def test_a_failure_before_any_output_without_a_fallback_is_an_error_response(
     assert error["message"] == f"Provider 'openai' reported an error in its stream: {MESSAGE}"
 
 
+@pytest.mark.parametrize("event,code", [
+    ("response.failed", "invalid_prompt"), ("response.failed", "image_too_large"),
+    ("error", "invalid_prompt"), ("error.nested", "invalid_prompt"),
+    ("error.nested", "context_length_exceeded")])
+def test_a_failure_the_caller_must_fix_is_its_400_and_never_fails_over(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, event: str,
+        code: str) -> None:
+    """A prompt the provider refuses (ResponseError codes `invalid_prompt` and the image
+    ones, or an `error` event of type `invalid_request_error`) fails the same everywhere:
+    the caller gets the 400 a non-stream call gets, and the deployment stays healthy."""
+    a.push_fault(failure_fault(event, after_chunks=0, code=code))
+    with serve(tmp_path, a, b) as (gateway, journal):
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            list(client.responses.create(model="primary", input=QUESTION, stream=True))
+        assert refused.value.status_code == 400
+        assert refused.value.body == {  # type: ignore[comparison-overlap]
+            "message": f"Provider 'a' reported an error in its stream: {MESSAGE}",
+            "type": "invalid_request_error", "param": None, "code": code}
+        assert len(a.requests) == 1 and len(b.requests) == 0
+        assert "x-sluicegate-fallback" not in refused.value.response.headers
+        assert breaker_of(gateway, "primary") == "closed"
+        record = journaled_record(journal, refused.value.response.headers["x-request-id"])
+        assert (record.status, record.error_type, record.attempts) == (
+            400, "invalid_request_error", 1)
+
+
 # -- after output: the provider's event ends the stream -------------------------------------------
 
 @pytest.mark.parametrize("event", FAILURES)
