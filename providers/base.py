@@ -392,7 +392,6 @@ class HTTPAdapter:
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         broken: GatewayError | None = None
-        ended_by_provider = False  # its own error event, sent on, ended the stream
         # Content deltas sent on (what a stream cut short is billed at least): a `"delta"`
         # per chunk in every stream format but the legacy completions' (`"text"`).
         delivered = [0]
@@ -415,11 +414,16 @@ class HTTPAdapter:
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
-                        ended_by_provider = isinstance(exc, StreamError) and exc.forwarded
             except TimeoutError:
                 if not deadline.streaming:
                     raise self._timeout_error("waiting for the first event") from None
                 broken = self._mid_stream_error(TimeoutError())
+            # The provider's own error event went to the client (a Responses stream's): it
+            # is the stream's error, even when the stream then broke before its last event.
+            sent: StreamError | None = getattr(codec, "sent_error", None)
+            ended_by_provider = False
+            if broken is not None and sent is not None:
+                broken, ended_by_provider = self._mid_stream_error(sent), True
             if broken is not None:
                 # The failover layer goes on from elsewhere, unless the client already has
                 # the provider's error event.

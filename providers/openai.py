@@ -67,24 +67,39 @@ def _responses_event_has_content(event: dict[str, Any]) -> bool:
 def _responses_error(event: dict[str, Any]) -> StreamError | None:
     """The error a Responses stream event reports, else None.
 
-    `response.failed` carries it as `response.error` (`code`, `message`). The `error` event
-    has `code`, `message` and `param` at its top level in OpenAI's streaming reference
-    (ResponseErrorEvent), but the live API nests them in an `error` object
-    (openai/openai-dotnet#881, Effect-TS/effect#7262): both are read.
+    `response.failed` carries it as `response.error` (`code`, `message`: a ResponseError,
+    no type). The `error` event has `code`, `message` and `param` at its top level in
+    OpenAI's streaming reference (ResponseErrorEvent), but the live API nests them in an
+    `error` object (openai/openai-dotnet#881, Effect-TS/effect#7262): both are read. The
+    live API follows its `error` event with `response.failed`, the failed response's last
+    event (vercel/ai#6534; prism-php/prism's recorded stream-unknown-error-responses-1).
     """
     kind = event.get("type")
-    found: StreamError | None = None
     if kind == "response.failed":
         response = event.get("response")
         error = response.get("error") if isinstance(response, dict) else None
-        found = error_of(error if isinstance(error, dict) else {})
-    elif isinstance(event.get("error"), dict):
-        return error_of(event["error"])
+        failed = error_of(error if isinstance(error, dict) else {})
+        failed.native_type = None  # (the caller's gets the type of its status)
+        return failed
+    nested = event.get("error")
+    if isinstance(nested, dict):
+        found = error_of(nested)
     elif kind == "error":
         found = error_of({name: event.get(name) for name in ("code", "message", "param")})
-    if found is not None:  # (a code, no type: the caller's gets the type of its status)
         found.native_type = None
+    else:
+        return None
+    found.ends_stream = kind != "error"
     return found
+
+
+def responses_codec() -> PassthroughCodec:
+    """A Responses stream to a Responses caller. An error event before any output fails the
+    call (failover may retry it); after it, the event goes on as it was and ends the stream
+    (with the `response.failed` that follows an `error` event)."""
+    return PassthroughCodec(_responses_usage, _responses_event_has_content,
+                            end_markers=_RESPONSES_END, final_event="response.completed",
+                            read_error=_responses_error, forward_error_event=True)
 
 
 def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
@@ -171,15 +186,8 @@ class OpenAIAdapter(HTTPAdapter):
         if not ctx.stream:
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
         if ctx.operation == c.OPENAI_RESPONSES:
-            # An error event before any output fails the call (failover may retry it); after
-            # it, the event goes on as it was and ends the stream.
             return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
-                            lambda: PassthroughCodec(_responses_usage,
-                                                     _responses_event_has_content,
-                                                     end_markers=_RESPONSES_END,
-                                                     final_event="response.completed",
-                                                     read_error=_responses_error,
-                                                     forward_error_event=True))
+                            responses_codec)
         body, client_asked = with_usage_requested(
             body, provider_takes_it=self.takes_stream_options)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,

@@ -26,7 +26,8 @@ class StreamError(Exception):
     gave, None when it has none (a Responses API ResponseError has only a code, which is
     then also its `error_type`). `forwarded`: that event went to the
     client as it was (a Responses stream's `error` or `response.failed` after output), so
-    it is what ends the stream: nothing is added after it.
+    it is what ends the stream: nothing is added after it. `ends_stream`: the event is its
+    stream's last; a Responses API `error` event is not, `response.failed` follows it.
     """
 
     def __init__(self, error_type: str, message: str, *, code: str | None = None,
@@ -39,6 +40,7 @@ class StreamError(Exception):
         self.from_provider = from_provider
         self.native_type: str | None = error_type
         self.forwarded = False
+        self.ends_stream = True
 
 
 def incomplete_stream(final_event: str) -> StreamError:
@@ -100,13 +102,16 @@ class PassthroughCodec:
     `read_error` finds the error an event reports (every event holding `"error"` is asked).
     An error event after output is cut off, for the caller to end the stream with its own
     error event; with `forward_error_event` it goes to the client as it was and ends the
-    stream itself (the Responses API's error events are its stream's last).
+    stream itself, or, when it is not its stream's last (`StreamError.ends_stream`: the
+    Responses API follows its `error` event with `response.failed`), the events up to the
+    next error event do, which the client's SDK reads as the stream's end.
     """
 
     __slots__ = (
         "_before",
         "_drop_usage_event",
         "_end_markers",
+        "_ending",
         "_final_event",
         "_forward_error_event",
         "_has_content",
@@ -136,6 +141,7 @@ class PassthroughCodec:
         self._final_event = final_event
         self._read_error = read_error
         self._forward_error_event = forward_error_event
+        self._ending: StreamError | None = None  # sent on; the stream's last event to come
 
     def feed(self, chunk: bytes) -> bytes:
         buffer = self._tail + chunk if self._tail else chunk
@@ -181,9 +187,16 @@ class PassthroughCodec:
     def _forward(self, events: bytes) -> bytes:
         # As few scans as possible: JSON-escaped output text can never hold `"error"`
         # (its quotes are escaped), so one scan rules errors out.
-        if b'"error"' in events:
-            events, self.error = _split_at_error(events, self._read_error,
-                                                 self._forward_error_event)
+        if self._ending is not None:
+            events = self._up_to_the_last_event(events)
+        elif b'"error"' in events:
+            events, error, after = _split_at_error(events, self._read_error,
+                                                   self._forward_error_event)
+            if error is not None and error.forwarded and not error.ends_stream:
+                self._ending = error
+                events += self._up_to_the_last_event(after)
+            else:
+                self.error = error
             if self.error is not None and not events:
                 raise self.error
         usage_at = _find_usage(events, 0)
@@ -191,9 +204,29 @@ class PassthroughCodec:
             return self._take_usage(events, usage_at)
         return events
 
+    def _up_to_the_last_event(self, events: bytes) -> bytes:
+        """After an error event sent on that is not its stream's last: the events up to the
+        next error event (`response.failed`), which ends the stream with the first error."""
+        if b'"error"' not in events:
+            return events
+        events, last, _ = _split_at_error(events, self._read_error, True)
+        if last is not None:
+            self.error, self._ending = self._ending, None
+        return events
+
+    @property
+    def sent_error(self) -> StreamError | None:
+        """The provider's error event that went to the client as it was (nothing is to be
+        added after it), else None."""
+        error = self._ending or self.error
+        return error if error is not None and error.forwarded else None
+
     def finish(self) -> bytes:
         tail, self._tail = self._tail, b""
         out = self.feed(tail + b"\n\n") if tail.strip() else b""
+        if self._ending is not None:  # the upstream ended before its last event: its error
+            self.error, self._ending = self._ending, None
+            return out
         if self.error is None and self._last and self._end_markers and not any(
                 marker in self._last or marker in self._before for marker in self._end_markers):
             error = incomplete_stream(self._final_event)
@@ -253,9 +286,10 @@ def _data_of(block: bytes) -> bytes | None:
 
 
 def _split_at_error(events: bytes, read_error: ErrorReader,
-                    keep_error_event: bool) -> tuple[bytes, StreamError | None]:
-    """(the events before the first error event, that error) — or (events, None). With
-    `keep_error_event` the error event stays, last, and the error is `forwarded`."""
+                    keep_error_event: bool) -> tuple[bytes, StreamError | None, bytes]:
+    """(the events before the first error event, that error, the events after it) — or
+    (events, None, b""). With `keep_error_event` the error event stays, last of the events
+    before, and the error is `forwarded`."""
     blocks = events.split(b"\n\n")
     for index, block in enumerate(blocks):
         if b'"error"' not in block:
@@ -269,8 +303,12 @@ def _split_at_error(events: bytes, read_error: ErrorReader,
             if error is not None:
                 error.forwarded = keep_error_event
                 kept = blocks[:index + 1] if keep_error_event else blocks[:index]
-                return b"".join(b + b"\n\n" for b in kept if b), error
-    return events, None
+                return _joined(kept), error, _joined(blocks[index + 1:])
+    return events, None, b""
+
+
+def _joined(blocks: list[bytes]) -> bytes:
+    return b"".join(block + b"\n\n" for block in blocks if block)
 
 
 def error_of(error: dict[str, Any]) -> StreamError:

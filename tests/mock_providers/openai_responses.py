@@ -192,8 +192,10 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
     in an `error` object (openai/openai-dotnet#881, Effect-TS/effect#7262); the `type` of a
     request the caller must fix is `invalid_request_error` (openai/openai-dotnet#849:
     `context_length_exceeded`), else the code (#881: `too_many_requests`).
-    "response.failed": the terminal event of a failed response (ResponseFailedEvent), the
-    response with `status: "failed"` and `error: {code, message}` (ResponseError).
+    Either is followed, as on the live API, by `response.failed` with the same error
+    (vercel/ai#6534's trace: `error` then `response.failed`, the next sequence number).
+    "response.failed" alone: the terminal event of a failed response (ResponseFailedEvent),
+    the response with `status: "failed"` and `error: {code, message}` (ResponseError).
     """
     fault = call.fault_of("error_event")
     number = cut_index(items, fault.after_chunks) if fault is not None else len(items)
@@ -201,13 +203,16 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
     message = (fault.message if fault else None) or \
         "The server had an error while processing your request. Sorry about that!"
     kind = fault.event if fault is not None else "error"
+    failed = {**final, "status": "failed", "incomplete_details": None, "output": [],
+              "usage": None, "error": {"code": code, "message": message}}
     if kind == "response.failed":
-        failed = {**final, "status": "failed", "incomplete_details": None, "output": [],
-                  "usage": None, "error": {"code": code, "message": message}}
         return sse({"type": kind, "sequence_number": number, "response": failed}, kind)
     if kind == "error.nested":
         kind_of = "invalid_request_error" if code in CALLER_FAULT_CODES else code
         nested = {"type": kind_of, "code": code, "message": message, "param": None}
-        return sse({"type": "error", "sequence_number": number, "error": nested}, "error")
-    return sse({"type": "error", "code": code, "param": None, "sequence_number": number,
-                "message": message}, "error")
+        error = sse({"type": "error", "sequence_number": number, "error": nested}, "error")
+    else:
+        error = sse({"type": "error", "code": code, "param": None, "sequence_number": number,
+                     "message": message}, "error")
+    return error + sse({"type": "response.failed", "sequence_number": number + 1,
+                        "response": failed}, "response.failed")

@@ -162,15 +162,20 @@ def test_error_event_ends_streams_in_band(mock: MockProviderServer) -> None:
 
 def test_responses_error_events_in_their_three_shapes(mock: MockProviderServer) -> None:
     """The documented flat `error` event and `response.failed` reach the SDK as typed events;
-    the live API's nested `error` makes it raise, as openai-python's `_streaming.py` does."""
+    the live API's nested `error` makes it raise, as openai-python's `_streaming.py` does.
+    An `error` event is followed by `response.failed`."""
     client = openai.OpenAI(base_url=mock.base_url("openai"), api_key="k", max_retries=0)
     mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, message="boom",
                           code="rate_limit_exceeded"))
     events = list(client.responses.create(model="m", input=QUESTION, stream=True))
-    flat = events[-1]
+    flat, failed_after = events[-2], events[-1]
     assert (flat.type, flat.code, flat.message, flat.param) == (  # type: ignore[union-attr]
         "error", "rate_limit_exceeded", "boom", None)
-    assert flat.sequence_number == events[-2].sequence_number + 1
+    assert flat.sequence_number == events[-3].sequence_number + 1
+    # ... then, as on the live API, the failed response.
+    assert failed_after.type == "response.failed"
+    assert failed_after.sequence_number == flat.sequence_number + 1
+    assert failed_after.response.error.code == "rate_limit_exceeded"  # type: ignore[union-attr]
     mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, event="error.nested"))
     with pytest.raises(openai.APIError) as nested:
         list(client.responses.create(model="m", input=QUESTION, stream=True))

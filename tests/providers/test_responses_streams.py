@@ -1,7 +1,8 @@
 """OpenAI Responses API streams (`/v1/responses`) that fail, through the gateway.
 
 A Responses stream fails with `response.failed` (its error under `response.error`) or with
-the API's `error` event (documented flat, sent nested by the live API). Before any output
+the API's `error` event (documented flat, sent nested by the live API), which the live API
+follows with `response.failed`. Before any output
 that is an ordinary error the failover layer retries elsewhere, unseen by the client; after
 it, the provider's event goes to the client as it was and ends the stream, recorded with the
 provider's error type and counted against its deployment. `response.incomplete` is a normal
@@ -208,17 +209,46 @@ def test_a_failure_after_output_ends_the_stream_with_the_providers_event(
         assert response.status_code == 200
         deltas = [d for _, d in events if d["type"] == "response.output_text.delta"]
         assert len(deltas) == 2
-        name, last = events[-1]
-        # The provider's own event, as it sent it, and nothing after it.
-        assert (name, last["type"]) == (("error", "error") if event.startswith("error")
-                                        else ("response.failed", "response.failed"))
-        assert last["sequence_number"] == events[-2][1]["sequence_number"] + 1
+        # The provider's own events, as it sent them, and nothing after them: an `error`
+        # event and the `response.failed` the live API follows it with, or that alone.
+        ending = ["error", "response.failed"] if event.startswith("error") \
+            else ["response.failed"]
+        assert [name for name, _ in events[-len(ending):]] == ending
+        assert [data["type"] for _, data in events[-len(ending):]] == ending
+        numbers = [data["sequence_number"] for _, data in events]
+        assert numbers == list(range(len(events)))
+        assert events[-1][1]["response"]["error"] == {"code": "server_error", "message": MESSAGE}
         assert all("type" in data for _, data in events)  # no chat-style error added
-        assert sum(d["type"] in ("error", "response.failed") for _, d in events) == 1
+        assert sum(d["type"] in ("error", "response.failed") for _, d in events) == len(ending)
         assert len(b.requests) == 0  # nothing is retried once output went out
         assert breaker_of(gateway, "primary") == "open"
         record = journaled_record(journal, response.headers["x-request-id"])
         assert (record.status, record.error_type) == (200, "server_error")
+
+
+@pytest.mark.parametrize("event", ["error", "error.nested"])
+def test_after_an_error_event_the_sdk_sees_the_failed_response(
+        gateway: ThreadedServer, mock: MockProviderServer, event: str) -> None:
+    """The openai SDK raises on the live API's nested `error` event; it yields the
+    documented flat one as a typed event and then, as from the API itself, the
+    `response.failed` that ends the stream: the failed response, with its error."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    mock.push_fault(failure_fault(event, after_chunks=2, code="rate_limit_exceeded"))
+    received: list[Any] = []
+    if event == "error.nested":
+        with pytest.raises(openai.APIError) as failure:
+            received.extend(client.responses.create(model="gpt-mock", input=QUESTION,
+                                                    stream=True))
+        assert (failure.value.message, failure.value.code) == (MESSAGE, "rate_limit_exceeded")
+        return
+    received.extend(client.responses.create(model="gpt-mock", input=QUESTION, stream=True))
+    error, failed = received[-2:]
+    assert (error.type, error.code, error.message) == ("error", "rate_limit_exceeded", MESSAGE)
+    assert failed.type == "response.failed"
+    assert failed.sequence_number == error.sequence_number + 1
+    assert failed.response.status == "failed"
+    assert (failed.response.error.code, failed.response.error.message) == (
+        "rate_limit_exceeded", MESSAGE)
 
 
 def test_response_incomplete_is_a_normal_end_with_its_usage(
