@@ -7,6 +7,7 @@ providers.anthropic_format.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -93,13 +94,32 @@ def _responses_error(event: dict[str, Any]) -> StreamError | None:
     return found
 
 
-def responses_codec() -> PassthroughCodec:
+def responses_codec(redact: Callable[[str], str]) -> PassthroughCodec:
     """A Responses stream to a Responses caller. An error event before any output fails the
-    call (failover may retry it); after it, the event goes on as it was and ends the stream
-    (with the `response.failed` that follows an `error` event)."""
+    call (failover may retry it); after it, the event goes on and ends the stream (with the
+    `response.failed` that follows an `error` event), its error `redact`ed as an error
+    response's is (the adapter's `redact`: the provider keys it quotes)."""
     return PassthroughCodec(_responses_usage, _responses_event_has_content,
                             end_markers=_RESPONSES_END, final_event="response.completed",
-                            read_error=_responses_error, forward_error_event=True)
+                            read_error=_responses_error, forward_error_event=True,
+                            scrub_error=lambda event: _redact_error(event, redact))
+
+
+def _redact_error(event: dict[str, Any], redact: Callable[[str], str]) -> bool:
+    """Redacts, in place, the strings of a Responses error event's error: its `error`
+    object, a failed response's `error`, or a flat `error` event's own fields (the caller's
+    words a failed response echoes are left as they are). Says whether any changed."""
+    response = event.get("response")
+    holders = (event.get("error"), response.get("error") if isinstance(response, dict) else None,
+               event if event.get("type") == "error" else None)
+    changed = False
+    for holder in holders:
+        if not isinstance(holder, dict):
+            continue
+        for name, value in holder.items():
+            if isinstance(value, str) and (clean := redact(value)) != value:
+                holder[name], changed = clean, True
+    return changed
 
 
 def _decode_openai(payload: dict[str, Any]) -> tuple[None, Usage | None]:
@@ -187,7 +207,7 @@ class OpenAIAdapter(HTTPAdapter):
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
         if ctx.operation == c.OPENAI_RESPONSES:
             return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,
-                            responses_codec)
+                            lambda: responses_codec(self.redact))
         body, client_asked = with_usage_requested(
             body, provider_takes_it=self.takes_stream_options)
         return Exchange(url, headers, orjson.dumps(body), True, _decode_openai,

@@ -67,6 +67,9 @@ class StreamCodec(Protocol):
 UsageReader = Callable[[dict[str, Any], "Usage | None"], "Usage | None"]
 ContentTest = Callable[[dict[str, Any]], bool]
 ErrorReader = Callable[[dict[str, Any]], "StreamError | None"]
+# Takes what must not reach the client (a provider key it quotes) out of an error event's
+# payload, in place; says whether it changed anything.
+ErrorScrubber = Callable[[dict[str, Any]], bool]
 
 
 def error_object(payload: dict[str, Any]) -> StreamError | None:
@@ -104,7 +107,8 @@ class PassthroughCodec:
     error event; with `forward_error_event` it goes to the client as it was and ends the
     stream itself, or, when it is not its stream's last (`StreamError.ends_stream`: the
     Responses API follows its `error` event with `response.failed`), the events up to the
-    next error event do, which the client's SDK reads as the stream's end.
+    next error event do, which the client's SDK reads as the stream's end. `scrub_error`
+    redacts such an event's error first (it is re-encoded only when that changed it).
     """
 
     __slots__ = (
@@ -119,6 +123,7 @@ class PassthroughCodec:
         "_last",
         "_read_error",
         "_read_usage",
+        "_scrub_error",
         "_tail",
         "error",
         "usage",
@@ -127,7 +132,8 @@ class PassthroughCodec:
     def __init__(self, read_usage: UsageReader, has_content: ContentTest, *,
                  drop_usage_event: bool = False, end_markers: tuple[bytes, ...] = (),
                  final_event: str = "final event", read_error: ErrorReader = error_object,
-                 forward_error_event: bool = False) -> None:
+                 forward_error_event: bool = False,
+                 scrub_error: ErrorScrubber | None = None) -> None:
         self.usage: Usage | None = None
         self.error: StreamError | None = None
         self._tail = b""
@@ -141,6 +147,7 @@ class PassthroughCodec:
         self._final_event = final_event
         self._read_error = read_error
         self._forward_error_event = forward_error_event
+        self._scrub_error = scrub_error
         self._ending: StreamError | None = None  # sent on; the stream's last event to come
 
     def feed(self, chunk: bytes) -> bytes:
@@ -191,7 +198,7 @@ class PassthroughCodec:
             events = self._up_to_the_last_event(events)
         elif b'"error"' in events:
             events, error, after = _split_at_error(events, self._read_error,
-                                                   self._forward_error_event)
+                                                   self._forward_error_event, self._scrub_error)
             if error is not None and error.forwarded and not error.ends_stream:
                 self._ending = error
                 events += self._up_to_the_last_event(after)
@@ -209,7 +216,7 @@ class PassthroughCodec:
         next error event (`response.failed`), which ends the stream with the first error."""
         if b'"error"' not in events:
             return events
-        events, last, _ = _split_at_error(events, self._read_error, True)
+        events, last, _ = _split_at_error(events, self._read_error, True, self._scrub_error)
         if last is not None:
             self.error, self._ending = self._ending, None
         return events
@@ -285,16 +292,17 @@ def _data_of(block: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _split_at_error(events: bytes, read_error: ErrorReader,
-                    keep_error_event: bool) -> tuple[bytes, StreamError | None, bytes]:
+def _split_at_error(events: bytes, read_error: ErrorReader, keep_error_event: bool,
+                    scrub: ErrorScrubber | None = None) -> tuple[bytes, StreamError | None,
+                                                                 bytes]:
     """(the events before the first error event, that error, the events after it) — or
     (events, None, b""). With `keep_error_event` the error event stays, last of the events
-    before, and the error is `forwarded`."""
+    before (re-encoded if `scrub` changed it), and the error is `forwarded`."""
     blocks = events.split(b"\n\n")
     for index, block in enumerate(blocks):
         if b'"error"' not in block:
             continue
-        for _, data in SSEParser().feed(block + b"\n\n"):
+        for name, data in SSEParser().feed(block + b"\n\n"):
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -302,6 +310,9 @@ def _split_at_error(events: bytes, read_error: ErrorReader,
             error = read_error(payload) if isinstance(payload, dict) else None
             if error is not None:
                 error.forwarded = keep_error_event
+                if keep_error_event and scrub is not None and scrub(payload):
+                    event = named_event(name, payload) if name else openai_event(payload)
+                    blocks[index] = event[:-2]  # (without its blank line, as split)
                 kept = blocks[:index + 1] if keep_error_event else blocks[:index]
                 return _joined(kept), error, _joined(blocks[index + 1:])
     return events, None, b""

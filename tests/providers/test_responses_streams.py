@@ -89,13 +89,18 @@ def stream_events(url: str, **body: Any) -> tuple[httpx.Response, list[tuple[str
                       json={"model": "primary", "input": QUESTION, "stream": True,
                             **body}) as response:
         raw = response.read().decode()
+    return response, stream_events_of(raw)
+
+
+def stream_events_of(raw: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """The (event name, data) of each SSE event in `raw`."""
     events = []
     for block in raw.split("\n\n"):
         name = next((line[7:] for line in block.split("\n") if line.startswith("event: ")), None)
         data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
         if data:
             events.append((name, json.loads("\n".join(data))))
-    return response, events
+    return events
 
 
 def breaker_of(server: ThreadedServer, model: str) -> str:
@@ -249,6 +254,49 @@ def test_after_an_error_event_the_sdk_sees_the_failed_response(
     assert failed.response.status == "failed"
     assert (failed.response.error.code, failed.response.error.message) == (
         "rate_limit_exceeded", MESSAGE)
+
+
+PROVIDER_KEY = "provider-secret-123456789"  # the mock provider's key (tests/harness.py)
+KEY_LIKE = "sk-proj-" + "a1B2c3D4" * 4
+
+
+@pytest.mark.parametrize("event", FAILURES)
+@pytest.mark.parametrize("after_chunks", [0, 2])
+def test_the_providers_error_event_reaches_the_client_redacted(
+        gateway: ThreadedServer, mock: MockProviderServer, event: str, after_chunks: int) -> None:
+    """Provider error messages may quote the key they were sent: it never reaches the
+    caller, whether the gateway renders the error (before any output) or passes the
+    provider's own events on (after it), as it never does in a non-stream error."""
+    said = f"Incorrect API key provided: {PROVIDER_KEY}. Or was it {KEY_LIKE}?"
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=after_chunks,
+                          event=event, code="server_error", message=said))
+    response = httpx.post(gateway.url + "/v1/responses", headers=AUTH, timeout=30,
+                          json={"model": "gpt-mock", "input": QUESTION, "stream": True})
+    assert PROVIDER_KEY not in response.text and KEY_LIKE not in response.text
+    clean = "Incorrect API key provided: [redacted]. Or was it [redacted]?"
+    if after_chunks == 0:
+        assert response.json()["error"]["message"] == \
+            f"Provider 'openai' reported an error in its stream: {clean}"
+        return
+    events = stream_events_of(response.text)
+    deltas = [d["delta"] for _, d in events if d["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == REPLY[:16]  # (the output before it untouched)
+    messages = [d.get("message") or d.get("error", {}).get("message") for _, d in events
+                if d["type"] == "error"]
+    messages += [d["response"]["error"]["message"] for _, d in events
+                 if d["type"] == "response.failed"]
+    assert messages == [clean] * (2 if event.startswith("error") else 1)
+    # The official SDK's view of it.
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=2, event=event,
+                          code="server_error", message=said))
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    if event == "error.nested":
+        with pytest.raises(openai.APIError) as failure:
+            list(client.responses.create(model="gpt-mock", input=QUESTION, stream=True))
+        assert failure.value.message == clean
+    else:
+        last = list(client.responses.create(model="gpt-mock", input=QUESTION, stream=True))[-1]
+        assert last.response.error.message == clean  # type: ignore[union-attr]
 
 
 def test_response_incomplete_is_a_normal_end_with_its_usage(
