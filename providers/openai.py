@@ -2,7 +2,8 @@
 
 Same format in and out: the request gets the upstream model id (and, for streams, a request
 for the usage chunk, except from the services that refuse `stream_options`) and the response
-bytes pass through untouched. Anthropic-shaped callers are translated through
+bytes pass through untouched; a chat request with more stop sequences than OpenAI and Azure
+take is refused before the call, as a translated one is. Anthropic-shaped callers are translated through
 providers.anthropic_format.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from providers.streams import (
     chat_chunk_has_content,
     error_of,
 )
+from providers.translation import TranslationError
 
 _PATHS = {
     c.OPENAI_CHAT: "/chat/completions",
@@ -203,6 +205,8 @@ class OpenAIAdapter(HTTPAdapter):
             return self._plan_from_anthropic(ctx, deployment, url, headers)
         body = dict(ctx.body)
         body["model"] = deployment.model
+        if ctx.operation == c.OPENAI_CHAT:
+            self._check_stop(body.get("stop"))
         if not ctx.stream:
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
         if ctx.operation == c.OPENAI_RESPONSES:
@@ -214,6 +218,16 @@ class OpenAIAdapter(HTTPAdapter):
                         lambda: PassthroughCodec(_chat_usage, chat_chunk_has_content,
                                                  drop_usage_event=not client_asked,
                                                  end_markers=_CHAT_END, final_event="[DONE]"))
+
+    def _check_stop(self, stop: Any) -> None:
+        """A same-format chat request with more stop sequences than the service takes is
+        refused as a translated one is (anthropic_format.messages_request_to_chat), before
+        the call: failover can then try a deployment that takes it, rather than answer with
+        this provider's 400."""
+        limit = self.max_stop_sequences
+        if limit is not None and isinstance(stop, list) and len(stop) > limit:
+            raise TranslationError(f"OpenAI models take at most {limit} stop sequences; "
+                                   f"this request has {len(stop)}.")
 
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -145,6 +146,55 @@ def test_six_stop_sequences_from_an_openai_client_are_a_400_before_gemini(
                    "stop sequences; this request has 6.",
         "type": "invalid_request_error", "param": None, "code": None}
     assert mock.requests == []
+
+
+@pytest.mark.parametrize("model", ["gpt-mock", "azure-mock"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_five_stop_sequences_from_an_openai_client_are_the_gateways_400_before_openai(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        stream: bool) -> None:
+    """The same refusal as for a translated request: said by the gateway, before any
+    provider call, so that a model's other deployments may still take the request."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(cross_gateway).chat.completions.create(
+            model=model, stop=FIVE_STOPS, stream=stream,
+            messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "The request cannot be sent to this model: OpenAI models take at most 4 "
+                   "stop sequences; this request has 5.",
+        "type": "invalid_request_error", "param": None, "code": None}
+    assert mock.requests == []
+
+
+def test_five_stop_sequences_reach_an_openai_compatible_server_that_sets_no_limit(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    reply = oai(cross_gateway).chat.completions.create(
+        model="mistral-mock", stop=FIVE_STOPS, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == "Mock reply to: Hi"
+    assert last_request(mock, "mistral")["stop"] == FIVE_STOPS
+
+
+def test_five_stop_sequences_go_to_the_deployment_that_takes_them(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """[OpenAI, Anthropic] by priority: OpenAI's deployment cannot take the request, so
+    Anthropic's serves it, every time, as it would serve an Anthropic client's."""
+    text = mock_config(a.url, middleware="none", extra=f"""
+from middleware.failover import Route
+providers["b"] = Provider("anthropic", base_url="{b.base_url("anthropic")}",
+                          api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
+models["stops"] = [Deployment("openai", "gpt-4o", price=MOCK_PRICE),
+                   Deployment("b", "claude-3-5-haiku-latest", price=MOCK_PRICE)]
+middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1),
+                         routes={{"stops": Route(strategy="priority")}})]
+""")
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as gateway:
+        raw = oai(gateway).chat.completions.with_raw_response.create(
+            model="stops", stop=FIVE_STOPS, messages=[{"role": "user", "content": "Hi"}])
+    assert raw.parse().choices[0].message.content == "Mock reply to: Hi"
+    assert raw.headers["x-sluicegate-deployment"] == "b/claude-3-5-haiku-latest"
+    assert raw.headers["x-sluicegate-attempts"] == "1"
+    assert a.requests == []
+    assert [entry["json"]["stop_sequences"] for entry in b.requests] == [FIVE_STOPS]
 
 
 @pytest.mark.parametrize(("model", "stops"), [("gpt-mock", FIVE_STOPS[:4]),
