@@ -34,7 +34,13 @@ SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache")]
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_PARTS_AT_ONCE = 4  # requests in flight for one call sent in parts (Exchange.more_bodies)
-_SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}")
+# Provider keys (masked with asterisks, as OpenAI quotes a wrong one, or with an ellipsis),
+# and the OpenAI organization and project ids its rate-limit messages name ("... in project
+# proj_... organization org-... on tokens per min", vercel/ai#6534): the operator's account,
+# none of a caller's business.
+_SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}"
+                          r"|\bsk-[-_A-Za-z0-9]*(?:\.\.\.|\u2026)[-_A-Za-z0-9]+"
+                          r"|\b(?:org-|proj_)[A-Za-z0-9]{16,}")
 
 # In-band errors the caller must fix, a 400 as they would be as a response (never retried
 # elsewhere): OpenAI's type for them, and the Responses API's ResponseError codes for a

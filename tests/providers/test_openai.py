@@ -86,3 +86,25 @@ def test_a_responses_error_event_has_the_status_its_type_or_code_says(
     assert error.status == status
     assert error.retryable is (status >= 500 or status == 429)
     assert error.body("openai")["error"]["type"] == kind
+
+
+# -- what the adapter takes out of a provider's error message -----------------------------------
+
+# OpenAI's live rate-limit messages name the operator's organization and project
+# (vercel/ai#6534; prism-php/prism's recorded stream-unknown-error-responses-1).
+TOO_LARGE = ("Request too large for gpt-4o in project proj_f4H0b30rYp2y52CGw64BafkL "
+             "organization org-H9rGLigVW0aTEjgfHIg3Ircj on tokens per min (TPM).")
+
+
+@pytest.mark.parametrize(("said", "shown"), [
+    (TOO_LARGE, TOO_LARGE.replace("proj_f4H0b30rYp2y52CGw64BafkL", "[redacted]")
+     .replace("org-H9rGLigVW0aTEjgfHIg3Ircj", "[redacted]")),
+    # A key fragment with an ellipsis, and OpenAI's asterisk-masked key.
+    ("Incorrect API key provided: sk-abc...xyz.", "Incorrect API key provided: [redacted]."),
+    ("Incorrect API key provided: sk-proj-" + "*" * 40 + "abcd.",
+     "Incorrect API key provided: [redacted]."),
+    # Words alone stay.
+    ("Your keys... org-wide limits, proj_x", "Your keys... org-wide limits, proj_x"),
+])
+def test_provider_error_messages_lose_keys_and_account_ids(said: str, shown: str) -> None:
+    assert Provider("openai", base_url="http://127.0.0.1:9/v1").redact(said) == shown

@@ -258,6 +258,7 @@ def test_after_an_error_event_the_sdk_sees_the_failed_response(
 
 PROVIDER_KEY = "provider-secret-123456789"  # the mock provider's key (tests/harness.py)
 KEY_LIKE = "sk-proj-" + "a1B2c3D4" * 4
+ORG = "org-H9rGLigVW0aTEjgfHIg3Ircj"  # (as OpenAI's rate-limit messages name it)
 
 
 @pytest.mark.parametrize("event", FAILURES)
@@ -267,13 +268,14 @@ def test_the_providers_error_event_reaches_the_client_redacted(
     """Provider error messages may quote the key they were sent: it never reaches the
     caller, whether the gateway renders the error (before any output) or passes the
     provider's own events on (after it), as it never does in a non-stream error."""
-    said = f"Incorrect API key provided: {PROVIDER_KEY}. Or was it {KEY_LIKE}?"
+    said = f"Incorrect API key provided: {PROVIDER_KEY}. Or was it {KEY_LIKE}? ({ORG})"
     mock.push_fault(Fault("error_event", provider="openai", after_chunks=after_chunks,
                           event=event, code="server_error", message=said))
     response = httpx.post(gateway.url + "/v1/responses", headers=AUTH, timeout=30,
                           json={"model": "gpt-mock", "input": QUESTION, "stream": True})
     assert PROVIDER_KEY not in response.text and KEY_LIKE not in response.text
-    clean = "Incorrect API key provided: [redacted]. Or was it [redacted]?"
+    assert ORG not in response.text
+    clean = "Incorrect API key provided: [redacted]. Or was it [redacted]? ([redacted])"
     if after_chunks == 0:
         assert response.json()["error"]["message"] == \
             f"Provider 'openai' reported an error in its stream: {clean}"

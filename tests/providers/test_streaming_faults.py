@@ -290,6 +290,18 @@ def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
     assert "[redacted]" in response.json()["error"]["message"]
 
 
+def test_the_operators_openai_organization_in_an_upstream_error_is_redacted(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    said = ("Rate limit reached for gpt-4o in organization org-H9rGLigVW0aTEjgfHIg3Ircj on "
+            "tokens per min (TPM): Limit 30000, Used 25265, Requested 8020.")
+    mock.push_fault(Fault(kind="status", provider="openai", status=429, message=said))
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "gpt-mock", "messages": QUESTION})
+    assert response.status_code == 429
+    assert response.json()["error"]["message"] == "Provider 'openai' returned 429: " + \
+        said.replace("org-H9rGLigVW0aTEjgfHIg3Ircj", "[redacted]")
+
+
 def test_a_key_like_error_type_is_redacted_where_it_becomes_the_callers_code() -> None:
     # A provider's error type (of a response or an in-band event) becomes the caller's
     # `code` and the recorded error type: redacted as the message is.
