@@ -3,8 +3,8 @@
 Same format in and out: the request gets the upstream model id (and, for streams, a request
 for the usage chunk, except from the services that refuse `stream_options`) and the response
 bytes pass through untouched; a chat request with more stop sequences than OpenAI and Azure
-take is refused before the call, as a translated one is. Anthropic-shaped callers are translated through
-providers.anthropic_format.
+take is refused before the call, as a translated one is. Anthropic-shaped callers are
+translated through providers.anthropic_format.
 """
 from __future__ import annotations
 
