@@ -38,7 +38,7 @@ _MAX_PARTS_AT_ONCE = 4  # requests in flight for one call sent in parts (Exchang
 # and the OpenAI organization and project ids its rate-limit messages name ("... in project
 # proj_... organization org-... on tokens per min", vercel/ai#6534): the operator's account,
 # none of a caller's business.
-_SECRET_LIKE = re.compile(r"(sk|key|AIza)[-_A-Za-z0-9*]{8,}"
+_SECRET_LIKE = re.compile(r"\b(?:sk|key|AIza)[-_A-Za-z0-9*]{8,}"
                           r"|\bsk-[-_A-Za-z0-9]*(?:\.\.\.|\u2026)[-_A-Za-z0-9]+"
                           r"|\b(?:org-|proj_)[A-Za-z0-9]{16,}")
 

@@ -105,6 +105,11 @@ TOO_LARGE = ("Request too large for gpt-4o in project proj_f4H0b30rYp2y52CGw64Ba
      "Incorrect API key provided: [redacted]."),
     # Words alone stay.
     ("Your keys... org-wide limits, proj_x", "Your keys... org-wide limits, proj_x"),
+    # Letters that spell a key's prefix inside a word are not a key.
+    ("Ask-me-anything mode and monkey_business_2024 are not supported.",
+     "Ask-me-anything mode and monkey_business_2024 are not supported."),
+    ("Bad key (sk-live-0123456789abcdef) and AIzaSyA0123456789abcdef.",
+     "Bad key ([redacted]) and [redacted]."),
 ])
 def test_provider_error_messages_lose_keys_and_account_ids(said: str, shown: str) -> None:
     assert Provider("openai", base_url="http://127.0.0.1:9/v1").redact(said) == shown
