@@ -13,7 +13,8 @@ Per request it picks a deployment of the model (`Route.strategy`, healthy ones o
 among those whose provider serves the request's operation: `check_config` notes the others
 once), puts it and one of its provider keys in the context, and calls the app below. A
 deployment whose adapter refuses to translate the request (`UntranslatableRequest`, raised
-before any upstream call) is out for that request only, with no verdict on its health. An
+before any upstream call) is out for that request only, with no verdict on its health, and
+what its pick took (an rpm token, a retry or hedge from the budget) is given back. An
 upstream failure before the response started (the provider adapter holds the start back until
 the first event, so this covers error statuses, connection errors, an error event inside a
 200 and a missing first byte) is classified (policy.classify) and leads to, in order: another
@@ -243,7 +244,8 @@ class FailoverMiddleware:
         tried.headers = state.first_headers
         next_chain = None
         if isinstance(failure, UntranslatableRequest):
-            tried.refuse(state, failure)  # no call went out: not an attempt
+            state.refused()  # no call went out: not an attempt, and no rpm token spent
+            tried.refuse(state, failure)
         else:
             tried.attempts = 1
             next_chain = self.after_failure(failure, state, None, tried, ctx)
@@ -312,6 +314,8 @@ class FailoverMiddleware:
                     next_chain = failed.next_chain
                 except UntranslatableRequest as refusal:  # (no call went out: `_attempt`)
                     tried.refuse(state, refusal)
+                    if tried.attempts:  # the pick was a retry, and `_may_retry` counted it
+                        self.retry_not_made()
                     continue
                 except UpstreamError as error:
                     if tried.started or ctx.status or partner is not None:
@@ -344,6 +348,16 @@ class FailoverMiddleware:
             return False
         self.counters["hedges"] += 1
         return True
+
+    def hedge_not_made(self) -> None:
+        """A hedged call `may_hedge` allowed was refused by its adapter: it never went out."""
+        self.budget.give_back()
+        self.counters["hedges"] -= 1
+
+    def retry_not_made(self) -> None:
+        """A retry `_may_retry` allowed was refused by its adapter: it never went out."""
+        self.budget.give_back()
+        self.counters["retries"] -= 1
 
     def _tried(self, ctx: RequestContext, route: Route, wanted: frozenset[str]) -> Tried:
         """Bookkeeping for a request, with the deployments of its model and of every fallback
@@ -552,6 +566,7 @@ class FailoverMiddleware:
             raise
         except UntranslatableRequest:  # refused before any call: neither an attempt nor a
             tried.attempts -= 1  # fallback (and, as "cancelled", no verdict on health)
+            state.refused()
             if fallback_model is not None:
                 ctx.state["failover.fallbacks"] -= 1
                 self.counters["fallbacks"] -= 1

@@ -54,6 +54,15 @@ class Window:
         self.first += first
         self.second += second
 
+    def take_back_second(self) -> None:
+        """Takes back one `second` event, from the newest slice holding one (none left in the
+        window: nothing to take back)."""
+        for newest in reversed(self._slices):
+            if newest[2] > 0:
+                newest[2] -= 1
+                self.second -= 1
+                return
+
     def totals(self, now: float) -> tuple[int, int]:
         self._trim(int(now // self.width))
         return self.first, self.second
@@ -201,6 +210,11 @@ class RetryBudget:
             return False
         self._window.add(now, 0, 1)
         return True
+
+    def give_back(self) -> None:
+        """A retry `try_retry` allowed was not made after all (its call was refused before it
+        went out): it no longer counts."""
+        self._window.take_back_second()
 
 
 def backoff_s(attempt: int, *, base_s: float = 0.1, cap_s: float = 5.0,

@@ -59,6 +59,7 @@ class Hedge:
         self.route, self.tried, self.fallback_model = route, tried, fallback_model
         self.receive = _SharedReceive(receive)
         self.winner: asyncio.Task[None] | None = None
+        self.hedged: asyncio.Task[None] | None = None  # the second call, when it was made
         self.started = asyncio.Event()
         self.copies: dict[asyncio.Task[None], RequestContext] = {}
         self.began: dict[asyncio.Task[None], float] = {}
@@ -71,7 +72,8 @@ class Hedge:
             await self._wait_start_or_end(calls, self.route.hedge_after_s)
             if not self.started.is_set() and not all(task.done() for task in calls) and \
                     self.layer.may_hedge(self.tried):
-                calls[self._launch(*second)] = second
+                self.hedged = self._launch(*second)
+                calls[self.hedged] = second
             else:
                 second[0].release()
                 if second[1] is not None:
@@ -163,6 +165,9 @@ class Hedge:
             if isinstance(error, UntranslatableRequest):  # not an attempt: out for this request
                 self.tried.attempts -= 1
                 self.tried.refuse(state, error)
+                state.refused()
+                if task is self.hedged:
+                    self.layer.hedge_not_made()
             elif error is not None and not isinstance(error, _Lost):
                 other = error
         if self.winner is None:

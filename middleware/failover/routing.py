@@ -206,6 +206,14 @@ class DeploymentState:
             self._refill(self.clock())
             self._rpm_tokens -= 1
 
+    def refused(self) -> None:
+        """The call `started` counted never went out (its adapter refused the request): its
+        rpm token goes back. (`finished` still ends the call, `release` its slots.)"""
+        rpm = self.deployment.rpm
+        if rpm is not None:
+            self._refill(self.clock())
+            self._rpm_tokens = min(rpm, self._rpm_tokens + 1)
+
     def finished(self, usage: Usage | None) -> None:
         """A call ended; what it used (None: nothing known) counts against the tpm capacity."""
         self.in_flight -= 1

@@ -111,6 +111,22 @@ def test_a_quiet_gateway_may_still_retry() -> None:
     assert sum(budget.try_retry() for _ in range(10)) == 5  # 0.2 + 0.5 * 10
 
 
+def test_a_retry_given_back_no_longer_counts_and_leaves_with_its_slice() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0, window_s=10, min_per_s=0.2, clock=clock)  # 2 per window
+    assert budget.try_retry()
+    clock.now += 6
+    assert budget.try_retry() and not budget.try_retry()
+    budget.give_back()  # the newest one: the older still leaves the window first
+    assert budget.try_retry() and not budget.try_retry()
+    budget.give_back()
+    clock.now += 4.5  # the first retry's slice has left: two may go again
+    assert budget.try_retry() and budget.try_retry() and not budget.try_retry()
+    clock.now += 20
+    budget.give_back()  # nothing left in the window to give back: no credit either
+    assert budget.try_retry() and budget.try_retry() and not budget.try_retry()
+
+
 def test_backoff_is_full_jitter_under_a_cap_and_honours_retry_after() -> None:
     assert backoff_s(1, base_s=0.1, rand=lambda: 1.0) == pytest.approx(0.1)
     assert backoff_s(4, base_s=0.1, rand=lambda: 1.0) == pytest.approx(0.8)

@@ -4,7 +4,8 @@ Gemini 2.0 models do not fetch image URLs and take at most 5 stop sequences; Ope
 most 4 (providers/gemini_format.py, providers/openai.py). Such a request is refused before any
 upstream call; the failover layer tries the model's next deployment, then its fallbacks, and
 answers the first refusal (400) only when every one of them refused. No refusal counts against
-a deployment's health, as an attempt or as a retry. Two mock servers ("a", "b") play the
+a deployment's health, as an attempt or as a retry, and what the refused pick took (an rpm
+token, a retry or hedge from the retry budget) is given back. Two mock servers ("a", "b") play the
 upstreams; their request logs say who was called, `/admin/deployments` what the layer saw.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from gateway import create_app
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
-from tests.mock_providers import MockProviderServer
+from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "refusals-admin-token-0123456789"
 IMAGE_URL = "https://example.com/cat.png"
@@ -36,7 +37,8 @@ HI: Any = [{"role": "user", "content": "hi"}]
 # (`a` and `b`: two mock provider servers, tests/conftest.py)
 
 
-def config(a: MockProviderServer, b: MockProviderServer, routes: str) -> str:
+def config(a: MockProviderServer, b: MockProviderServer, routes: str,
+           retry: str = "RetryPolicy(max_attempts=1)") -> str:
     return f'''
 import os
 from gateway.config import Deployment, Middleware, Price, Timeouts
@@ -66,11 +68,19 @@ models = {{
     "flash": [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE)],
     "flash-b": [Deployment("b-gemini", "gemini-2.0-flash", price=PRICE)],
     "gpt": [Deployment("b", "gpt-4o", price=PRICE)],
+    "vision-1rpm": [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE, rpm=1),
+                    Deployment("b", "gpt-4o", price=PRICE)],
+    "three": [Deployment("a", "gpt-4o", price=PRICE),
+              Deployment("a-gemini", "gemini-2.0-flash", price=PRICE),
+              Deployment("b", "gpt-4o", price=PRICE)],
+    "hedged": [Deployment("a", "gpt-4o", price=PRICE),
+               Deployment("a-gemini", "gemini-2.0-flash", price=PRICE)],
+    "streamer": [Deployment("a", "gpt-4o", price=PRICE)],
 }}
 middleware = [
     Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
     Middleware(FailoverMiddleware, admin_token_env="SG_REFUSALS_ADMIN",
-               retry=RetryPolicy(max_attempts=1), routes={{{routes}}}),
+               retry={retry}, routes={{{routes}}}),
 ]
 '''
 
@@ -199,3 +209,76 @@ def test_when_every_deployment_and_fallback_refuses_the_first_refusal_is_the_ans
         assert deployment["requests"] == 1, model  # asked once each, in this request
         assert_untouched(deployment)
     assert state["counters"]["fallbacks"] == 0 and state["counters"]["retries"] == 0
+
+
+# -- what a refused pick took is given back ------------------------------------------------------
+
+@pytest.mark.parametrize("route", ['Route(strategy="priority")',
+                                   'Route(strategy="priority", hedge_after_s=2)',
+                                   'Route(strategy="priority", ttft_timeout_s=5)'],
+                         ids=["first-attempt", "hedged", "attempt-loop"])
+def test_a_refused_pick_gives_its_rpm_token_back(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, route: str) -> None:
+    # Gemini's deployment takes one request a minute. Before, the image URL it refused took
+    # that one, and the next request, which it can serve, went to b.
+    with serve(tmp_path, config(a, b, f'"vision-1rpm": {route}')) as gateway:
+        refused = client(gateway).chat.completions.with_raw_response.create(
+            model="vision-1rpm", messages=LOOK)
+        served = [client(gateway).chat.completions.with_raw_response.create(
+            model="vision-1rpm", messages=HI) for _ in range(2)]
+        state = layer_state(gateway)
+    assert refused.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert [raw.headers["x-sluicegate-deployment"] for raw in served] == [
+        "a-gemini/gemini-2.0-flash", "b/gpt-4o"]  # (the one token a minute is held to)
+    assert [entry["provider"] for entry in a.requests] == ["gemini"]
+    for deployment in state["models"]["vision-1rpm"]["deployments"]:
+        assert_untouched(deployment)
+
+
+# One retry in the budget's window, for the whole gateway (no share earned by requests).
+ONE_RETRY = "RetryPolicy(max_attempts=3, budget_ratio=0, budget_window_s=10, budget_min_per_s=0.1)"
+
+
+def test_a_retry_whose_pick_refused_gives_the_retry_back(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # a's OpenAI deployment fails; the retry's pick, Gemini 2.0, refuses the image URL; b
+    # serves it. Before, the refused pick had spent the one retry the budget holds, and the
+    # request was answered the 503.
+    a.push_fault(Fault("status", provider="openai", status=503))
+    routes = '"three": Route(strategy="priority")'
+    with serve(tmp_path, config(a, b, routes, ONE_RETRY)) as gateway:
+        raw = client(gateway).chat.completions.with_raw_response.create(
+            model="three", messages=LOOK)
+        state = layer_state(gateway)
+    assert raw.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert raw.headers["x-sluicegate-attempts"] == "2"
+    assert [entry["provider"] for entry in a.requests] == ["openai"] and len(b.requests) == 1
+    assert state["counters"]["retries"] == 1 and state["counters"]["budget_refusals"] == 0
+    assert_untouched(state["models"]["three"]["deployments"][1])
+
+
+def test_a_hedged_call_refused_gives_the_retry_back(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # a is slow to answer; the hedged call to Gemini 2.0 refuses the image URL, and a answers.
+    # Before, that hedge kept the one retry the budget holds: the next request's retry was
+    # refused, and its first call's 503 was its answer.
+    a.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+    a.push_fault(Fault("status", provider="openai", status=503))
+    routes = ('"hedged": Route(strategy="priority", hedge_after_s=0.2), '
+              '"three": Route(strategy="priority")')
+    with serve(tmp_path, config(a, b, routes, ONE_RETRY)) as gateway:
+        hedged = client(gateway).chat.completions.with_raw_response.create(
+            model="hedged", messages=LOOK)
+        retried = client(gateway).chat.completions.with_raw_response.create(
+            model="three", messages=HI)
+        state = layer_state(gateway)
+    assert hedged.headers["x-sluicegate-deployment"] == "a/gpt-4o"
+    assert hedged.headers["x-sluicegate-attempts"] == "1"
+    assert retried.headers["x-sluicegate-deployment"] == "a-gemini/gemini-2.0-flash"
+    assert retried.headers["x-sluicegate-attempts"] == "2"
+    assert [entry["provider"] for entry in a.requests] == ["openai", "openai", "gemini"]
+    counters = state["counters"]
+    assert (counters["hedges"], counters["retries"], counters["budget_refusals"]) == (0, 1, 0)
+    for deployment in state["models"]["hedged"]["deployments"]:
+        assert_untouched(deployment)
+
