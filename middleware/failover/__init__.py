@@ -622,25 +622,39 @@ class FailoverMiddleware:
                         ctx: RequestContext, route: Route, tried: Tried, transcript: Transcript,
                         interrupted: StreamInterrupted) -> None:
         """Continues a broken stream from the next deployment (see continuation.py), or ends
-        it with the in-band error event when that is not possible."""
+        it with the in-band error event when that is not possible. A deployment whose adapter
+        cannot express the continuation is passed over, as in the attempt loop."""
         ctx.continue_streams = False  # one continuation per request
-        # What the broken call used: its provider's counts, or (when it never said) the
-        # passthrough's floor for a stream cut short, raised to the estimate of the text it
-        # delivered (one token a delta undercounts deltas of several words).
-        estimate = estimated_usage(ctx, transcript.text)
-        reported = ctx.usage
-        broken_usage = estimate if reported is None else Usage(
-            reported.input_tokens or estimate.input_tokens,
-            max(reported.output_tokens, estimate.output_tokens),
-            reported.cached_input_tokens, reported.reasoning_tokens,
-            reported.cache_write_tokens, reported.cache_write_1h_tokens)
-        target = self._next_for_continuation(ctx, route, tried) \
-            if transcript.plain and transcript.text else None
-        if target is None:
-            await self._end_broken_stream(send, ctx, interrupted)
-            return
-        state, key = target
+        if transcript.plain and transcript.text:
+            # What the broken call used: its provider's counts, or (when it never said) the
+            # passthrough's floor for a stream cut short, raised to the estimate of the text
+            # it delivered (one token a delta undercounts deltas of several words).
+            estimate = estimated_usage(ctx, transcript.text)
+            reported = ctx.usage
+            broken_usage = estimate if reported is None else Usage(
+                reported.input_tokens or estimate.input_tokens,
+                max(reported.output_tokens, estimate.output_tokens),
+                reported.cached_input_tokens, reported.reasoning_tokens,
+                reported.cache_write_tokens, reported.cache_write_1h_tokens)
+            while (target := self._next_for_continuation(ctx, route, tried)) is not None:
+                try:
+                    await self._continue_at(scope, receive, send, ctx, tried, transcript,
+                                            interrupted, broken_usage, *target)
+                    return
+                except UntranslatableRequest as refusal:  # (no call went out: `_continue_at`)
+                    tried.refuse(target[0], refusal)
+                    self.retry_not_made()
+        await self._end_broken_stream(send, ctx, interrupted)
+
+    async def _continue_at(self, scope: Scope, receive: Receive, send: Send,
+                           ctx: RequestContext, tried: Tried, transcript: Transcript,
+                           interrupted: StreamInterrupted, broken_usage: Usage,
+                           state: DeploymentState, key: KeyState | None) -> None:
+        """One continuation call, relayed into the open response; its failure ends the
+        stream with the in-band error event. A refusal by its adapter leaves the request as
+        it found it, and goes to the caller (`_continue`) to try the next deployment."""
         tried.attempts += 1
+        reported, served = ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment)
         ctx.state["failover.continuations"] = 1
         # What the broken attempt streamed costs what it cost where it ran (the price is
         # still the served deployment's here), whatever the continuation's price.
@@ -661,6 +675,12 @@ class FailoverMiddleware:
             ctx.usage = broken_usage
             await self._end_broken_stream(send, ctx, interrupted)
             return
+        except UntranslatableRequest:  # refused before any call: neither an attempt nor a
+            tried.attempts -= 1  # continuation (and, as "cancelled", no verdict on health)
+            state.refused()
+            ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment) = reported, served
+            del ctx.state["failover.continuations"], ctx.state[EARLIER_ATTEMPT]
+            raise
         finally:
             ctx.body = original
             state.finished(ctx.usage if outcome == "answered" else None)

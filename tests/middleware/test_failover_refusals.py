@@ -10,6 +10,7 @@ upstreams; their request logs say who was called, `/admin/deployments` what the 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from gateway import create_app
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.middleware.test_failover_layer import journaled_record, metered
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "refusals-admin-token-0123456789"
@@ -44,6 +46,7 @@ import os
 from gateway.config import Deployment, Middleware, Price, Timeouts
 from middleware.auth import AuthMiddleware, StaticKey
 from middleware.failover import FailoverMiddleware, RetryPolicy, Route
+from middleware.metering import MeteringMiddleware
 from providers import Provider
 
 os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
@@ -282,3 +285,57 @@ def test_a_hedged_call_refused_gives_the_retry_back(
     for deployment in state["models"]["hedged"]["deployments"]:
         assert_untouched(deployment)
 
+
+# -- a continuation's target that refuses ----------------------------------------------------------
+
+def stream_events(gateway: ThreadedServer, model: str) -> tuple[list[str], str]:
+    """The data of every event of a chat stream that asks about the picture, and the
+    request's id."""
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH, timeout=10,
+                      json={"model": model, "messages": LOOK, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        return events, response.headers["x-request-id"]
+
+
+def test_a_continuation_whose_fallback_refuses_goes_on_at_the_next(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The stream breaks on a; the first fallback (Gemini 2.0) cannot take the image URL, the
+    # second (b) continues from the text the client has.
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    routes = '"streamer": Route(fallbacks=("flash", "gpt"), continuation=True)'
+    with serve(tmp_path, config(a, b, routes, "RetryPolicy(max_attempts=2)")) as gateway:
+        events, _ = stream_events(gateway, "streamer")
+        state = layer_state(gateway)
+    assert events[-1] == "[DONE]" and not any('"error"' in event for event in events)
+    assert [entry["provider"] for entry in a.requests] == ["openai"]
+    [continued] = b.requests
+    assert continued["json"]["messages"][-1]["role"] == "assistant"
+    assert state["counters"]["retries"] == 1
+    assert_untouched(state["models"]["flash"]["deployments"][0])
+
+
+def test_a_continuation_whose_only_fallback_refuses_ends_with_the_error_event(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # Before: the refusal went up through the open response, which was cut off without an
+    # ending (the client read an incomplete chunked body).
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    routes = '"streamer": Route(fallbacks=("flash",), continuation=True)'
+    journal = tmp_path / "journal"
+    text = metered(config(a, b, routes, "RetryPolicy(max_attempts=2)"), journal)
+    with serve(tmp_path, text) as gateway:
+        events, request_id = stream_events(gateway, "streamer")
+        state = layer_state(gateway)
+    record = journaled_record(journal, request_id)
+    assert json.loads(events[-1])["error"]["code"]  # well-formed, and the last event
+    assert sum('"error"' in event for event in events) == 1
+    assert [entry["provider"] for entry in a.requests] == ["openai"] and b.requests == []
+    assert state["counters"]["retries"] == 0 and state["counters"]["budget_refusals"] == 0
+    [flash] = state["models"]["flash"]["deployments"]
+    assert flash["requests"] == 1
+    assert_untouched(flash)
+    # Metered as the broken stream it is, served by a, as if there were no fallback.
+    assert (record.deployment, record.provider, record.served_model) == (
+        "a/gpt-4o", "a", "gpt-4o")
+    assert record.attempts == 1 and record.fallbacks == 0 and record.error_type
+    assert record.output_tokens > 0 and record.cost_micros > 0
