@@ -22,8 +22,10 @@ key of the same deployment (401/402/403), another deployment of the model, the m
 fallbacks, then — after a backoff that honours Retry-After within the deadline — another
 round. A 429 with Retry-After also cools its deployment down: requests with nowhere else to
 go wait for the cool-down's end and then for the probe that goes first
-(routing.DeploymentState), never past their deadline. Every attempt after the first needs the
-retry budget. After the response started, a failure ends the stream with an in-band error
+(routing.DeploymentState), never past their deadline. Token counting, rate-limited apart from
+messages (policy.NO_VERDICT_OPERATIONS), neither waits for those cool-downs nor takes rpm
+tokens, and its outcomes change no deployment's health. Every attempt after the first needs
+the retry budget. After the response started, a failure ends the stream with an in-band error
 event (the adapter's job) and counts against the breaker, unless the route asks for
 continuation (continuation.py): then the next deployment goes on from the text the client
 already has.
@@ -200,7 +202,8 @@ class FailoverMiddleware:
         route = self.routes.get(ctx.model, self.default)
         wanted = requested_tags(ctx.headers) if group.tagged else NO_TAGS
         unable = self.unable.get(ctx.operation)  # (None for most operations)
-        if wanted or (unable is not None and ctx.model in unable):
+        if wanted or (unable is not None and ctx.model in unable) or \
+                ctx.operation in NO_VERDICT_OPERATIONS:  # (picked apart: `Tried.rate_limited`)
             await self._serve(scope, receive, send, ctx, route,
                               self._tried(ctx, route, wanted), None)
             return
@@ -284,17 +287,18 @@ class FailoverMiddleware:
                 model = chain[position]
                 group = self.group(ctx, model) if model == requested or _may_use(ctx, model) \
                     else None  # (a fallback the caller's key may not use is no way round)
-                state = group.pick(tried.excluded) if group is not None else None
+                state = group.pick(tried.excluded, tried.rate_limited) \
+                    if group is not None else None
                 if state is None:
                     position += 1
                     continue
                 key = state.pick_key(tried.bad_keys)
                 if state.keys and key is None:  # every key failed or is broken
-                    state.release()
+                    state.release(tried.rate_limited)
                     tried.exclude(state)
                     continue
                 if tried.attempts and not self._may_retry(tried, time.monotonic(), deadline):
-                    state.release()
+                    state.release(tried.rate_limited)
                     if key is not None:
                         key.breaker.release()
                     raise self._final_error(ctx, tried, chain)
@@ -365,6 +369,7 @@ class FailoverMiddleware:
         serve its operation, and those without every tag it asks for (`x-sluicegate-tags`:
         a region pin must hold on the fallbacks too)."""
         tried = Tried()
+        tried.rate_limited = ctx.operation not in NO_VERDICT_OPERATIONS
         unable = self._unable_for(ctx, route)
         untagged = NO_STATES if not wanted else frozenset(
             state for model in self._every_model(ctx.model, route)
@@ -494,7 +499,7 @@ class FailoverMiddleware:
             for state in group.deployments if group is not None else ():
                 if state in tried.ineligible:
                     continue
-                cooling = state.cooling_s(now)
+                cooling = state.cooling_s(now) if tried.rate_limited else None
                 if cooling == 0.0:  # its cool-down ended, its probes are out
                     probes.append(state.probe_settled())
                 elif cooling is not None:
@@ -507,6 +512,8 @@ class FailoverMiddleware:
         return (left, probes) if probes and left > 0 else (None, [])
 
     def _cooling_s(self, chain: list[str], tried: Tried) -> list[float]:
+        if not tried.rate_limited:
+            return []
         now = time.monotonic()
         return [cooling for model in chain if (group := self.groups.get(model)) is not None
                 for state in group.deployments if state not in tried.ineligible
@@ -555,7 +562,7 @@ class FailoverMiddleware:
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
         tried.set_headers(ctx, route_headers(state, tried.attempts, fallback_model))
         send, transcript = self.continuable(send, ctx, route)
-        state.started()
+        state.started(tried.rate_limited)
         began = time.monotonic()
         outcome = "cancelled"
         try:
@@ -566,7 +573,7 @@ class FailoverMiddleware:
             raise
         except UntranslatableRequest:  # refused before any call: neither an attempt nor a
             tried.attempts -= 1  # fallback (and, as "cancelled", no verdict on health)
-            state.refused()
+            state.refused(tried.rate_limited)
             if fallback_model is not None:
                 ctx.state["failover.fallbacks"] -= 1
                 self.counters["fallbacks"] -= 1
@@ -580,7 +587,7 @@ class FailoverMiddleware:
         finally:
             state.finished(ctx.usage if outcome == "answered" else None)
             if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
-                state.release()
+                state.release(tried.rate_limited)
                 if key is not None:
                     key.breaker.release()
         self.succeeded(ctx, state, key, began)
@@ -779,12 +786,12 @@ class FailoverMiddleware:
         group = self.groups.get(model)
         if group is None or len(group.deployments) < 2:
             return None
-        second = group.pick(tried.excluded | {first})
+        second = group.pick(tried.excluded | {first}, tried.rate_limited)
         if second is None:
             return None
         key = second.pick_key(tried.bad_keys)
         if second.keys and key is None:
-            second.release()
+            second.release(tried.rate_limited)
             return None
         return second, key
 
@@ -809,9 +816,10 @@ class FailoverMiddleware:
 
 
 def _no_verdict(state: DeploymentState, key: KeyState | None) -> None:
-    """A call ended with nothing learnt of its deployment's health (or its key's): the slots
-    `available` and `pick_key` counted (half-open, after a cool-down) go back."""
-    state.release()
+    """A call of an operation in NO_VERDICT_OPERATIONS ended, with nothing learnt of its
+    deployment's health (or its key's): the slots `available` and `pick_key` counted
+    (half-open breakers; no cool-down's: such calls are not `Tried.rate_limited`) go back."""
+    state.release(rate_limited=False)
     if key is not None:
         key.breaker.release()
 

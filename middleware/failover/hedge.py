@@ -75,7 +75,7 @@ class Hedge:
                 self.hedged = self._launch(*second)
                 calls[self.hedged] = second
             else:
-                second[0].release()
+                second[0].release(self.tried.rate_limited)
                 if second[1] is not None:
                     second[1].breaker.release()
             await self._finish(calls)
@@ -111,7 +111,7 @@ class Hedge:
         send, transcript = self.layer.continuable(send_if_first, copy, self.route)
 
         async def call() -> None:
-            state.started()
+            state.started(self.tried.rate_limited)
             try:
                 await self.layer.call(scope, self.receive, send, copy, self.route, state)
             finally:
@@ -159,13 +159,13 @@ class Hedge:
                 continue
             # Cancelled as the loser, lost the race, refused by its adapter before any call,
             # or ended otherwise: no verdict on health.
-            state.release()
+            state.release(self.tried.rate_limited)
             if key is not None:
                 key.breaker.release()
             if isinstance(error, UntranslatableRequest):  # not an attempt: out for this request
                 self.tried.attempts -= 1
                 self.tried.refuse(state, error)
-                state.refused()
+                state.refused(self.tried.rate_limited)
                 if task is self.hedged:
                     self.layer.hedge_not_made()
             elif error is not None and not isinstance(error, _Lost):

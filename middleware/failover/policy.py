@@ -16,10 +16,12 @@ __all__ = ["AUTH", "CALLER", "CONTENT_POLICY", "CONTEXT_WINDOW", "FATAL", "NO_VE
 
 # Operations whose outcomes say nothing of a deployment's health: they never count for its
 # breaker, cool-down or latency average, and a deployment that fails one is out for that
-# request only. Anthropic's token counting: "Token counting and message creation have separate
-# and independent rate limits — usage of one does not count against the limits of the
-# other" (https://docs.anthropic.com/en/docs/build-with-claude/token-counting, "Pricing and
-# rate limits"), so its 429 is no reason to keep messages away.
+# request only. Nor do they share its rate limits: they take none of its rpm tokens and go
+# to it while it cools down after a 429 (`Tried.rate_limited`); only its breaker steers them.
+# Anthropic's token counting: "Token counting and message creation have separate and
+# independent rate limits — usage of one does not count against the limits of the other"
+# (https://docs.anthropic.com/en/docs/build-with-claude/token-counting, "Pricing and rate
+# limits"), so its 429 is no reason to keep messages away, nor theirs to keep it away.
 NO_VERDICT_OPERATIONS = frozenset({ANTHROPIC_COUNT_TOKENS})
 
 # What an upstream error means for the next step.

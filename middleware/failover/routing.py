@@ -4,7 +4,9 @@ Pure and clock-driven (no I/O). A `Group` holds one public model's deployments; 
 the next one to try among those that are healthy (breaker allows), not excluded by the request
 (failed in it already, or out for all of it: `Tried.ineligible`, which holds those whose
 provider cannot serve its operation and those whose adapter refused to translate it), not
-cooling down after a 429, and within their rpm/tpm capacity.
+cooling down after a 429, and within their rpm/tpm capacity. A request that is not
+`rate_limited` (token counting, limited apart from messages: policy.NO_VERDICT_OPERATIONS)
+needs only a healthy breaker, and takes no rpm token and no cool-down probe.
 
 After a 429's cool-down (`DeploymentState.cool_down`) a deployment takes `half_open_probes`
 calls at a time, as a breaker does after its own: the others wait (the layer's
@@ -110,9 +112,11 @@ class DeploymentState:
     def name(self) -> str:
         return self.deployment.name
 
-    def available(self, now: float) -> bool:
+    def available(self, now: float, rate_limited: bool = True) -> bool:
         """Healthy and within capacity; a half-open breaker counts its probe here, and so does
-        a 429's cool-down that ended (`_may_probe`)."""
+        a 429's cool-down that ended (`_may_probe`). Not `rate_limited`: healthy."""
+        if not rate_limited:
+            return self.breaker.allows()
         if self.deployment.rpm is not None or self.deployment.tpm is not None:
             self._refill(now)
             if self.deployment.rpm is not None and self._rpm_tokens < 1 - 1e-9:
@@ -178,11 +182,12 @@ class DeploymentState:
         if self.cool_until:
             self.probe_ended(not failed, now)
 
-    def release(self) -> None:
+    def release(self, rate_limited: bool = True) -> None:
         """A call `available` let through ended without a verdict (cancelled, or refused
-        before it reached the deployment): the breaker's and the cool-down's slots go back."""
+        before it reached the deployment): the breaker's and the cool-down's slots go back
+        (a call that is not `rate_limited` took none of the cool-down's)."""
         self.breaker.release()
-        if self.cool_until:
+        if self.cool_until and rate_limited:
             self.probe_ended(False)
 
     def _wake(self) -> None:
@@ -199,18 +204,19 @@ class DeploymentState:
             tpm = self.deployment.tpm
             self._tpm_tokens = min(tpm, self._tpm_tokens + elapsed * tpm / 60)
 
-    def started(self) -> None:
+    def started(self, rate_limited: bool = True) -> None:
+        """A call goes out; it takes an rpm token when it is `rate_limited`."""
         self.in_flight += 1
         self.requests += 1
-        if self.deployment.rpm is not None:
+        if rate_limited and self.deployment.rpm is not None:
             self._refill(self.clock())
             self._rpm_tokens -= 1
 
-    def refused(self) -> None:
+    def refused(self, rate_limited: bool = True) -> None:
         """The call `started` counted never went out (its adapter refused the request): its
         rpm token goes back. (`finished` still ends the call, `release` its slots.)"""
         rpm = self.deployment.rpm
-        if rpm is not None:
+        if rate_limited and rpm is not None:
             self._refill(self.clock())
             self._rpm_tokens = min(rpm, self._rpm_tokens + 1)
 
@@ -290,28 +296,31 @@ class Group:
             running += weight
             self._cumulative.append(running)
 
-    def pick(self, excluded: AbstractSet[DeploymentState]) -> DeploymentState | None:
-        """The next deployment to try, or None when none is available."""
+    def pick(self, excluded: AbstractSet[DeploymentState],
+             rate_limited: bool = True) -> DeploymentState | None:
+        """The next deployment to try, or None when none is available (`rate_limited`: see
+        the module docstring)."""
         now = self.clock()
         only = self.only
         if only is not None:  # the common single-deployment group
-            return None if only in excluded or not only.available(now) else only
+            return None if only in excluded or not only.available(now, rate_limited) else only
         if self.strategy == "weighted":
-            return self._weighted(excluded, now)
+            return self._weighted(excluded, now, rate_limited)
         candidates = [s for s in self.deployments if s not in excluded]
         if self.strategy in ("priority", "lowest-cost"):
-            return next((s for s in candidates if s.available(now)), None)
+            return next((s for s in candidates if s.available(now, rate_limited)), None)
         if self.strategy == "least-busy":
             random.shuffle(candidates)
             candidates.sort(key=lambda state: state.in_flight)
-            return next((s for s in candidates if s.available(now)), None)
-        return self._two_choices(candidates, now)
+            return next((s for s in candidates if s.available(now, rate_limited)), None)
+        return self._two_choices(candidates, now, rate_limited)
 
-    def _weighted(self, excluded: AbstractSet[DeploymentState], now: float) -> DeploymentState | None:
+    def _weighted(self, excluded: AbstractSet[DeploymentState], now: float,
+                  rate_limited: bool) -> DeploymentState | None:
         if not excluded and self._total_weight > 0:
             first = self.deployments[_bisect(self._cumulative,
                                              random.random() * self._total_weight)]
-            if first.available(now):
+            if first.available(now, rate_limited):
                 return first
             excluded = {*excluded, first}
         rest = [s for s in self.deployments if s not in excluded]
@@ -326,21 +335,21 @@ class Group:
                         break
             else:
                 chosen = random.choice(rest)
-            if chosen.available(now):
+            if chosen.available(now, rate_limited):
                 return chosen
             rest.remove(chosen)
         return None
 
-    def _two_choices(self, candidates: list[DeploymentState],
-                     now: float) -> DeploymentState | None:
+    def _two_choices(self, candidates: list[DeploymentState], now: float,
+                     rate_limited: bool) -> DeploymentState | None:
         # Score first, then ask `available` only of the one chosen (it may count a probe).
         random.shuffle(candidates)
         while candidates:
             if len(candidates) == 1:
-                return candidates[0] if candidates[0].available(now) else None
+                return candidates[0] if candidates[0].available(now, rate_limited) else None
             a, b = candidates[0], candidates[1]
             best, other = (a, b) if a.latency_score() <= b.latency_score() else (b, a)
-            if best.available(now):
+            if best.available(now, rate_limited):
                 return best
             candidates.remove(best)
             del other
@@ -385,10 +394,13 @@ class Tried:
     failure: the common request never needs them)."""
 
     __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "refusal", "retry_after_s", "started", "unable", "wanted_tags")
+                 "rate_limited", "refusal", "retry_after_s", "started", "unable", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
+        # Whether the request counts against the deployments' rpm/tpm and is held back by
+        # their 429 cool-downs: all but policy.NO_VERDICT_OPERATIONS (limited apart).
+        self.rate_limited = True
         self.ineligible: frozenset[DeploymentState] = NO_STATES  # out for every round
         # Of those, the ones whose provider cannot serve the request's operation.
         self.unable: frozenset[DeploymentState] = NO_STATES

@@ -1,22 +1,26 @@
-"""Token counting says nothing of a deployment's health.
+"""Token counting says nothing of a deployment's health, and shares none of its rate limits.
 
 Anthropic's token counting has rate limits of its own ("Token counting and message creation
 have separate and independent rate limits", docs.anthropic.com/en/docs/build-with-claude/
 token-counting): a 429 or a 5xx from `/v1/messages/count_tokens` must not cool the deployment
 down, count against its breaker or feed its latency average, so `/v1/messages` on the same
-deployment goes on as before. The failing deployment is out for that one request only. Two
-mock servers play two Anthropic upstreams ("a", "b"); the official anthropic SDK is the client.
+deployment goes on as before. The failing deployment is out for that one request only. The
+other way round, a count takes none of the deployment's `rpm` and is neither held back nor
+sent elsewhere by a messages 429's cool-down (only an open breaker keeps it out). Two mock
+servers play two Anthropic upstreams ("a", "b"); the official anthropic SDK is the client.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
+import pytest
 
 from gateway import create_app
 from tests.harness import TEST_KEY, ThreadedServer, write_config
@@ -54,6 +58,7 @@ models = {{
     "claude": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE)],
     "pair": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE),
              Deployment("b", "claude-3-5-haiku-latest", price=PRICE)],
+    "claude-1rpm": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE, rpm=1)],
 }}
 middleware = [
     Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
@@ -157,3 +162,112 @@ def test_count_tokens_latency_does_not_feed_the_latency_average(
         after_message = deployment(gateway, "claude")["ewma_ttft_ms"]
     assert after_count == 0  # before: >= 300
     assert 0 < after_message < 300  # (the check can fail: messages do feed it)
+
+
+def test_count_tokens_neither_takes_nor_waits_for_the_deployments_message_rpm(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # One message a minute. Before: the first count took that one, so the second count and
+    # the message found no capacity (503 no_healthy_deployment).
+    layer = "retry=RetryPolicy(max_attempts=1, deadline_s=5)"
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        counted = [count(gateway, "claude-1rpm") for _ in range(2)]
+        message = client(gateway).messages.with_raw_response.create(
+            model="claude-1rpm", max_tokens=20, messages=QUESTION)
+        counted.append(count(gateway, "claude-1rpm"))  # the message took the one: counts go
+        with pytest.raises(anthropic.APIStatusError) as second:
+            client(gateway).messages.create(model="claude-1rpm", max_tokens=20,
+                                            messages=QUESTION)
+    assert counted == [200, 200, 200]
+    assert message.headers["x-sluicegate-deployment"] == CLAUDE_A
+    assert second.value.status_code == 503  # (the rpm holds messages to one a minute)
+    assert [entry["path"] for entry in a.requests] == [
+        "/anthropic/v1/messages/count_tokens", "/anthropic/v1/messages/count_tokens",
+        "/anthropic/v1/messages", "/anthropic/v1/messages/count_tokens"]
+
+
+def test_count_tokens_goes_to_a_deployment_cooling_down_after_a_message_429(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # A message's 429 (Retry-After 30) cools the deployment down for messages only. Before:
+    # the count was answered 429 at once, never asked (the cool-down outlasts its deadline).
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=30))
+    layer = "retry=RetryPolicy(max_attempts=1, deadline_s=10)"
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        with pytest.raises(anthropic.RateLimitError):
+            client(gateway).messages.create(model="claude", max_tokens=20, messages=QUESTION)
+        assert count(gateway, "claude") == 200
+        state = deployment(gateway, "claude")
+    assert state["cooling_s"] > 20  # still cooling down for messages
+    assert state["cool_down_probes"] == 0 and state["in_flight"] == 0
+    assert [entry["path"] for entry in a.requests] == ["/anthropic/v1/messages",
+                                                       "/anthropic/v1/messages/count_tokens"]
+
+
+def test_a_message_cool_down_does_not_steer_count_tokens_elsewhere(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # a (first by priority) cools down after a message's 429; the message goes to b. Before:
+    # the count went to b as well.
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=30))
+    layer = 'routes={"pair": Route(strategy="priority")}, retry=RetryPolicy(max_attempts=2)'
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        message = client(gateway).messages.with_raw_response.create(
+            model="pair", max_tokens=20, messages=QUESTION)
+        counted = client(gateway).messages.with_raw_response.count_tokens(
+            model="pair", messages=QUESTION)
+        state = deployment(gateway, "pair")
+    assert message.headers["x-sluicegate-deployment"] == CLAUDE_B
+    assert counted.headers["x-sluicegate-deployment"] == CLAUDE_A
+    assert counted.headers["x-sluicegate-attempts"] == "1"
+    assert state["cooling_s"] > 20 and state["cool_down_probes"] == 0
+
+
+@pytest.mark.parametrize("retry_after_s", [2, 30])
+def test_a_count_an_open_breaker_keeps_out_is_not_held_by_the_message_cool_down(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        retry_after_s: int) -> None:
+    # A message's 429 opens the breaker (one failure does) and cools the deployment down.
+    # The breaker keeps the count out, and with nowhere else to go it is answered at once,
+    # as for any open breaker. Before: with Retry-After 2 it waited the cool-down out, then
+    # for the breaker to half-open (3 s), and went as its probe; with 30 (past its deadline)
+    # it was answered 429 "rate-limited", Retry-After 30.
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=retry_after_s))
+    layer = ("retry=RetryPolicy(max_attempts=1, deadline_s=10), "
+             "breaker=BreakerSettings(consecutive_failures=1, cooldown_s=3)")
+    with serve(tmp_path, config(a, b, layer)) as gateway:
+        with pytest.raises(anthropic.RateLimitError):
+            client(gateway).messages.create(model="claude", max_tokens=20, messages=QUESTION)
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            client(gateway).messages.count_tokens(model="claude", messages=QUESTION)
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "3"
+    assert [entry["path"] for entry in a.requests] == ["/anthropic/v1/messages"]
+
+
+def test_a_count_leaves_a_cool_downs_probe_slot_alone(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # After a message's 429 cool-down, a message goes as its one probe (held 2 s by the
+    # mock); a count meanwhile takes no probe slot, so it must give none back (that would
+    # let a second message go before the probe's answer).
+    a.push_fault(Fault("status", provider="anthropic", status=429, retry_after_s=1))
+    a.push_fault(Fault("slow_first_byte", provider="anthropic", delay_s=2.0))
+    layer = "retry=RetryPolicy(max_attempts=1, deadline_s=10)"
+    with serve(tmp_path, config(a, b, layer)) as gateway, ThreadPoolExecutor(1) as pool:
+        with pytest.raises(anthropic.RateLimitError):
+            client(gateway).messages.create(model="claude", max_tokens=20, messages=QUESTION)
+        time.sleep(1.1)  # the cool-down ended
+        probe = pool.submit(client(gateway).messages.create, model="claude", max_tokens=20,
+                            messages=QUESTION)
+        assert wait_for(lambda: deployment(gateway, "claude")["cool_down_probes"] == 1)
+        assert count(gateway, "claude") == 200
+        assert deployment(gateway, "claude")["cool_down_probes"] == 1  # before: 0
+        assert probe.result(timeout=10).content
+        state = deployment(gateway, "claude")
+    assert state["cooling_s"] == 0 and state["cool_down_probes"] == 0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
