@@ -334,7 +334,7 @@ class FailoverMiddleware:
             # a first round: the first answers "not now" at once). After failures, a backoff.
             now = time.monotonic()
             if tried.attempts == attempts_before and (rounds > 1 or tried.last_error is None):
-                wait, probes = self._reopening_wait(tried, chain, now, deadline,
+                wait, probes = self._reopening_wait(tried, _usable(ctx, chain), now, deadline,
                                                     breakers=rounds > 1)
             else:
                 wait, probes = self._next_round_wait(tried, rounds, now, deadline), []
@@ -486,15 +486,16 @@ class FailoverMiddleware:
                          cap_s=self.retry.backoff_cap_s, retry_after_s=retry_after,
                          remaining_s=deadline - now)
 
-    def _reopening_wait(self, tried: Tried, chain: list[str], now: float, deadline: float, *,
+    def _reopening_wait(self, tried: Tried, models: list[str], now: float, deadline: float, *,
                         breakers: bool) -> tuple[float | None, list[asyncio.Future[None]]]:
-        """For a round that found nothing to call: until the soonest cool-down of the chain's
-        eligible deployments ends or (`breakers`) an open breaker half-opens, when that is
-        before the deadline, and the probes out after a cool-down, whose end (their futures)
-        ends the wait early; with only probes to wait for, at most until the deadline. None
-        (answer now) when nothing comes in time."""
+        """For a round that found nothing to call: until the soonest cool-down of the eligible
+        deployments of `models` (the chain's that the caller's key may use) ends or
+        (`breakers`) an open breaker half-opens, when that is before the deadline, and the
+        probes out after a cool-down, whose end (their futures) ends the wait early; with only
+        probes to wait for, at most until the deadline. None (answer now) when nothing comes
+        in time."""
         soonest, probes = math.inf, []
-        for model in chain:
+        for model in models:
             group = self.groups.get(model)
             for state in group.deployments if group is not None else ():
                 if state in tried.ineligible:
@@ -511,11 +512,11 @@ class FailoverMiddleware:
             return min(soonest + 0.001, left), probes
         return (left, probes) if probes and left > 0 else (None, [])
 
-    def _cooling_s(self, chain: list[str], tried: Tried) -> list[float]:
+    def _cooling_s(self, models: list[str], tried: Tried) -> list[float]:
         if not tried.rate_limited:
             return []
         now = time.monotonic()
-        return [cooling for model in chain if (group := self.groups.get(model)) is not None
+        return [cooling for model in models if (group := self.groups.get(model)) is not None
                 for state in group.deployments if state not in tried.ineligible
                 and (cooling := state.cooling_s(now)) is not None]
 
@@ -523,14 +524,15 @@ class FailoverMiddleware:
         if tried.last_error is not None:
             return tried.last_error
         requested = ctx.model
-        cooling = self._cooling_s(chain, tried)
+        usable_models = _usable(ctx, chain)
+        cooling = self._cooling_s(usable_models, tried)
         if cooling:
             return GatewayError(
                 429, f"Every deployment of model '{requested}' (and its fallbacks) is "
                      "rate-limited by its provider right now.", code="rate_limited",
                 headers=[(b"retry-after", b"%d" % max(1, math.ceil(min(cooling))))])
         usable = [] if not tried.ineligible else [
-            state for model in chain if model == requested or _may_use(ctx, model)
+            state for model in usable_models
             if (group := self.groups.get(model)) is not None for state in group.deployments]
         if usable and all(state in tried.ineligible for state in usable):
             if tried.refusal is not None:  # (those that could serve it could not express it)
@@ -822,6 +824,12 @@ def _no_verdict(state: DeploymentState, key: KeyState | None) -> None:
     state.release(rate_limited=False)
     if key is not None:
         key.breaker.release()
+
+
+def _usable(ctx: RequestContext, chain: list[str]) -> list[str]:
+    """The models of `chain` the caller's key may be served by (the one it asked for, and
+    the fallbacks `_may_use` allows): only their cool-downs are worth waiting for."""
+    return [model for model in chain if model == ctx.model or _may_use(ctx, model)]
 
 
 def _may_use(ctx: RequestContext, model: str) -> bool:

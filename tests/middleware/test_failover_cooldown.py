@@ -5,7 +5,9 @@ go wait for the cool-down to end. Then one call (`half_open_probes`) goes first:
 lets the others go; another 429 starts a new cool-down, which they wait out within their
 deadlines or answer 429 for; any other end (a failure, a client that left) gives its slot to
 the next. One mock provider plays the only deployment. Each request carries its name as its
-message, so the mock's request log tells which of them reached it, and in what order.
+message, so the mock's request log tells which of them reached it, and in what order. A
+fallback model the caller's key may not use is never waited for (last test: two models on
+the mock, two keys).
 """
 from __future__ import annotations
 
@@ -265,3 +267,66 @@ def test_requests_waiting_on_a_probe_are_answered_at_their_deadline(
             assert deployment(gateway)["cool_down_probes"] == 1  # still out
         assert wait_for(lambda: deployment(gateway)["cool_down_probes"] == 0)
         assert wait_for(lambda: deployment(gateway)["in_flight"] == 0)
+
+
+LIMITED_KEY = "sk-sg-primary-only-0123456789abcdef0123456789"
+
+
+def fallback_config(mock: MockProviderServer) -> str:
+    """"primary" falls back to "backup" (both on the mock); the "limited" key may use only
+    "primary"."""
+    return f'''
+import os
+from gateway.config import Deployment, Middleware, Price, Timeouts
+from middleware.auth import AuthMiddleware, StaticKey
+from middleware.failover import FailoverMiddleware, RetryPolicy, Route
+from providers import Provider
+
+os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
+os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
+os.environ.setdefault("SG_LIMITED_KEY", "{LIMITED_KEY}")
+os.environ.setdefault("SG_COOLDOWN_ADMIN", "{ADMIN_TOKEN}")
+timeouts = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=60)
+providers = {{"a": Provider("openai", base_url="{mock.base_url("openai")}",
+                           api_key_env="MOCK_PROVIDER_KEY", timeouts=timeouts)}}
+PRICE = Price(input_per_mtok="1", output_per_mtok="2")
+models = {{"primary": [Deployment("a", "gpt-4o-mini", price=PRICE)],
+          "backup": [Deployment("a", "gpt-4o", price=PRICE)]}}
+middleware = [
+    Middleware(AuthMiddleware, keys=[
+        StaticKey("tests", key_env="SG_TEST_KEY"),
+        StaticKey("limited", key_env="SG_LIMITED_KEY", allowed_models=("primary",))]),
+    Middleware(FailoverMiddleware, admin_token_env="SG_COOLDOWN_ADMIN",
+               routes={{"primary": Route(fallbacks=("backup",))}},
+               retry=RetryPolicy(max_attempts=1, deadline_s=10)),
+]
+'''
+
+
+def ask_as(gateway: ThreadedServer, key: str, model: str) -> Outcome:
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    try:
+        sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": model}])
+    except openai.APIStatusError as error:
+        retry_after = error.response.headers.get("retry-after")
+        return error.status_code, None if retry_after is None else math.ceil(float(retry_after))
+    return 200, None
+
+
+@pytest.mark.parametrize("backup_cooling_s", [5, 20])
+def test_a_fallback_the_key_may_not_use_is_not_waited_for(
+        tmp_path: Path, mock: MockProviderServer, backup_cooling_s: int) -> None:
+    # Both models cool down, "primary" for 30 s (past the 10 s deadline). The limited key's
+    # request has nowhere to go: it is answered at once, 429 with primary's time left.
+    # Before: it waited out backup's 5 s cool-down (then heard 25 s), or was told backup's
+    # 20 s, although it may never go there.
+    mock.push_fault(Fault("status", provider="openai", status=429,
+                          retry_after_s=backup_cooling_s))
+    mock.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
+    with serve(tmp_path, fallback_config(mock)) as gateway:
+        assert ask_as(gateway, TEST_KEY, "backup") == (429, backup_cooling_s)
+        assert ask_as(gateway, TEST_KEY, "primary") == (429, 30)
+        status, retry_after = ask_as(gateway, LIMITED_KEY, "primary")
+    assert status == 429
+    assert retry_after is not None and 28 < retry_after <= 30, retry_after
+    assert reached(mock) == ["backup", "primary"]
