@@ -403,7 +403,8 @@ def test_a_concurrency_lease_is_released_when_the_client_hangs_up(
     with httpx.Client(timeout=10) as client, client.stream(
             "POST", gateway.url + "/v1/chat/completions",
             headers={"authorization": f"Bearer {TEST_KEY}"}, json=body) as streaming:
-        next(streaming.iter_raw())
+        chunks = streaming.iter_raw()  # (kept: dropped after `next`, it hangs up)
+        next(chunks)
         refused = gateway.chat()
         assert refused.status_code == 429
         assert refused.json()["error"]["message"] == (
@@ -427,8 +428,10 @@ def test_requests_sent_with_one_request_id_hold_a_lease_each(
                           json=body) as second:
         assert (first.status_code, second.status_code) == (200, 200)
         assert first.headers["x-request-id"] == "same-id"  # still the caller's, as sent
-        next(first.iter_raw())
-        next(second.iter_raw())
+        # (iterators kept: one dropped after `next` closes its response, a hang-up)
+        first_chunks, second_chunks = first.iter_raw(), second.iter_raw()
+        next(first_chunks)
+        next(second_chunks)
         again = httpx.post(gateway.url + "/v1/chat/completions", headers=headers,
                            json={**body, "stream": False}, timeout=10)
         assert again.status_code == 429
