@@ -82,7 +82,8 @@ class QuotaMiddleware:
 
     `store`: "memory" (one process), a `redis://` URL, or a QuotaStore. `limits`: the
     gateway-wide Limits; `model_limits`: per public model. `default_max_output_tokens` is the
-    output reserved for requests that set no max_tokens. `ledger`: a SpendLedger (e.g.
+    output reserved for requests that set no max_tokens (a legacy completion reserves its
+    API's own default, 16). `ledger`: a SpendLedger (e.g.
     `PostgresSpendLedger(dsn)`) that records spend and rebuilds budget counters after a
     Redis flush. `alert_webhook_url`: where 50/80/100% budget alerts are POSTed.
     `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).

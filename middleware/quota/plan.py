@@ -64,12 +64,18 @@ class Estimate:
 # -- estimates -----------------------------------------------------------------------------
 
 _NO_OUTPUT_OPERATIONS = frozenset({c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS})
+# What a legacy completion without max_tokens may generate: OpenAI's Completions API
+# defaults max_tokens to 16 (API reference, "Create completion"; the OpenAPI spec's
+# CreateCompletionRequest, github.com/openai/openai-openapi: `default: 16`). Only
+# OpenAI-compatible adapters serve the operation, and they send the body as it came.
+LEGACY_COMPLETION_MAX_TOKENS = 16
 
 
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
-    """The most output tokens the request can produce: its own cap, else the default, for
-    each choice (`n`) and, in a legacy completion, for each prompt of a batch and each of
-    `best_of` candidates (all generated and billed)."""
+    """The most output tokens the request can produce: its own cap, else the default (in a
+    legacy completion, the API's own default of 16), for each choice (`n`) and, in a legacy
+    completion, for each prompt of a batch and each of `best_of` candidates (all generated
+    and billed)."""
     if ctx.operation in _NO_OUTPUT_OPERATIONS:
         return 0
     body = ctx.body
@@ -86,6 +92,7 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     n = _positive(body.get("n")) or 1
     if ctx.operation == c.OPENAI_COMPLETIONS:
         n = max(n, _positive(body.get("best_of")) or 1) * _prompts(body.get("prompt"))
+        return (cap or LEGACY_COMPLETION_MAX_TOKENS) * n
     return (cap or default_max_output_tokens) * n
 
 

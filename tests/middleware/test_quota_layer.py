@@ -344,6 +344,26 @@ def test_a_batched_completion_reserves_every_prompts_output(
     assert single.status_code == 200, single.text
 
 
+def test_a_completion_without_max_tokens_reserves_the_apis_default_of_16(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # OpenAI's legacy Completions API defaults max_tokens to 16 (its API reference; the
+    # OpenAPI spec's CreateCompletionRequest: `default: 16`), so the bound is 16 per choice,
+    # not default_max_output_tokens: "a b" reserves 1 + 2 x 16 = 33 of the 70. (Before, it
+    # reserved 1 + 2 x 4096, and the budget refused a call it could afford.)
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.00007', period='lifetime'),))")),
+                    quota(store))
+    headers = {"authorization": f"Bearer {TEST_KEY}"}
+    body = {"model": "gpt-mock", "prompt": "a b"}
+    answered = httpx.post(gateway.url + "/v1/completions", json=body, headers=headers,
+                          timeout=10)
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["x-sluicegate-budget-remaining"] == "0.000037"  # 70 - 33
+    assert len(mock.requests) == 1 and "max_tokens" not in mock.requests[0]["json"]
+    batch = httpx.post(gateway.url + "/v1/completions", headers=headers, timeout=10,
+                       json={**body, "prompt": ["a b", "a b"], "n": 2})  # 2 + 2 x 2 x 16 > 70
+    assert batch.status_code == 402, batch.text
+
+
 # -- 3. headers ----------------------------------------------------------------------------------
 
 def test_rate_limit_and_budget_headers(start: Start, store: str) -> None:

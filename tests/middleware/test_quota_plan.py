@@ -147,7 +147,10 @@ def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default
     assert bound({"prompt": [1, 2, 3], "max_tokens": 5}, OPENAI_COMPLETIONS) == 5  # (one)
     assert bound({"prompt": "x", "max_tokens": 5, "best_of": 4, "n": 2},
                  OPENAI_COMPLETIONS) == 20
-    assert bound({"prompt": ["x", "y"], "n": 3}, OPENAI_COMPLETIONS) == 2 * 3 * 4096
+    # Without max_tokens, the Completions API's own default, 16 (not the gateway's 4096).
+    assert bound({"prompt": ["x", "y"], "n": 3}, OPENAI_COMPLETIONS) == 2 * 3 * 16
+    assert bound({"prompt": "x", "best_of": 5, "n": 2}, OPENAI_COMPLETIONS) == 5 * 16
+    assert bound({"prompt": "x", "max_tokens": None}, OPENAI_COMPLETIONS) == 16
     assert bound({"max_tokens": 300}, ANTHROPIC_MESSAGES) == 300
     assert bound({"max_tokens": 10}, OPENAI_EMBEDDINGS) == 0
 
