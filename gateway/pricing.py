@@ -507,6 +507,24 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
     return before_cost + cost
 
 
+CACHE_HITS = ("hit", "semantic-hit")  # the `cache_status` of an answer no call was made for
+
+
+def billed_usage(ctx: RequestContext) -> Usage | None:
+    """The usage a finished request is billed for: what the layers below recorded in
+    `ctx.usage` (the provider's report; for a stream cut short, or one that finished without
+    a report, what it delivered: `gateway.tokens.delivered_usage`); none for a cache hit.
+    The usage ledger (metering) bills it and the quota layer settles budgets to it, so a
+    budget is charged what the bill says."""
+    return None if ctx.cache_status in CACHE_HITS else ctx.usage
+
+
+def billed_micros(ctx: RequestContext) -> int:
+    """What a finished request is billed (`billed_usage` at the served deployment's price)."""
+    # (`billed_usage`, inline: a call frame on every record)
+    return 0 if ctx.cache_status in CACHE_HITS else call_cost_micros(ctx, ctx.usage)
+
+
 # The usage of an attempt that broke after it had streamed, and its cost at its own
 # deployment (set by the failover layer before it continues the stream elsewhere).
 EARLIER_ATTEMPT = "pricing.earlier_attempt"

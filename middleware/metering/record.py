@@ -22,7 +22,7 @@ import orjson
 
 from gateway.context import RequestContext, Usage
 from gateway.policy import micros_to_usd
-from gateway.pricing import call_cost_micros
+from gateway.pricing import CACHE_HITS, billed_micros
 
 __all__ = ["UsageRecord", "labels_of", "record_of"]
 
@@ -30,7 +30,6 @@ _TAG_PREFIX = b"x-sluicegate-tag-"
 _MAX_LABELS = 16
 _MAX_LABEL_KEY = 64
 _MAX_LABEL_VALUE = 256
-_CACHE_HITS = ("hit", "semantic-hit")
 
 
 @dataclass(slots=True)
@@ -184,7 +183,7 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
     if ended_at is None:
         ended_at = ctx.started_at + elapsed_s
     principal = ctx.principal
-    hit = ctx.cache_status in _CACHE_HITS
+    hit = ctx.cache_status in CACHE_HITS
     usage = ctx.usage or _NO_USAGE
     if hit:
         served_model = provider = deployment = ttft = None
@@ -198,7 +197,8 @@ def values_of(ctx: RequestContext, ended_at: float | None = None,
         # round(x * 1e6) / 1000, not round(x * 1000, 3): that one formats the float as
         # decimal digits first, and costs a record as much as its labels.
         ttft = None if first_byte is None else round(first_byte * 1e6) / 1000
-        cost, saved, attempts = call_cost_micros(ctx, usage), 0, len(ctx.attempts)
+        # (what the quota layer settles budgets to: the one definition of the bill)
+        cost, saved, attempts = billed_micros(ctx), 0, len(ctx.attempts)
     values = (
         # (the caller may send one x-request-id with many requests: a record of such a
         # request carries it with random digits added, `unique_id`, so no two records

@@ -53,7 +53,7 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import call_cost_micros, estimate_micros
+from gateway.pricing import billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
 from middleware.quota import plan
 from middleware.quota.lane import Lane, lane_for
@@ -208,20 +208,20 @@ class QuotaMiddleware:
         if store is None:  # nothing applies: no reservation, nothing to settle
             await self.app(scope, receive, send)
             return
-        if not ctx.stream:  # nothing to count, nothing to cut off: `send` is not wrapped
+        allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream else None
+        if allowance is None:  # nothing to cut off: `send` is not wrapped
             try:
                 await self.app(scope, receive, send)
             finally:
-                self._settle(store, ctx, planned, checks, decision, est, 0)
+                self._settle(store, ctx, planned, checks, decision)
             return
-        responder = _Responder(ctx, send, self._cutoff_allowance(planned, checks, decision),
-                               est)
+        responder = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             pass
         finally:
-            self._settle(store, ctx, planned, checks, decision, est, responder.events)
+            self._settle(store, ctx, planned, checks, decision)
 
     async def _admit_in_lane(self, scope: Scope, receive: Receive, send: Send,
                              ctx: RequestContext, lane: Lane) -> Any:
@@ -245,21 +245,20 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
-        if not ctx.stream:
+        if not ctx.stream or not lane.cutoff:  # nothing to cut off: `send` is not wrapped
             try:
                 await self.app(scope, receive, send)
             finally:
-                self._settle_in_lane(ctx, lane, est, values, 0)
+                self._settle_in_lane(ctx, lane, est, values)
             return _SERVED
-        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff]) \
-            if lane.cutoff else None
+        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff])
         responder = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             pass
         finally:
-            self._settle_in_lane(ctx, lane, est, values, responder.events)
+            self._settle_in_lane(ctx, lane, est, values)
         return _SERVED
 
     def _lane(self, ctx: RequestContext, redis: RedisQuotaStore) -> Lane | None:
@@ -451,21 +450,23 @@ class QuotaMiddleware:
     # -- after the response ------------------------------------------------------------------
 
     def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
-                checks: list[Check], decision: Decision, est: Estimate, events: int) -> None:
+                checks: list[Check], decision: Decision) -> None:
         """Queues the replacement of the reservation by the actual usage. Settles queued in
         one event-loop step go to the store together, after the responses went out."""
-        tokens, cost = self._charge(ctx, est, events)
+        tokens, cost = self._charge(ctx)
         self._settles.setdefault(store, []).append(
             (_lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
-    def _charge(self, ctx: RequestContext, est: Estimate, events: int) -> tuple[int, int]:
-        """What the request actually used, (tokens, cost): noted for the metrics, recorded
-        in the ledger, and a flush of the queued settles scheduled for the end of this
-        event-loop step (the caller queues the request's)."""
-        usage = plan.actual_usage(ctx, est, events)
+    def _charge(self, ctx: RequestContext) -> tuple[int, int]:
+        """What the request actually used, (tokens, cost): what the usage ledger bills for it
+        (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
+        stream cut short what it delivered), noted for the metrics, recorded in the spend
+        ledger, and a flush of the queued settles scheduled for the end of this event-loop
+        step (the caller queues the request's)."""
+        usage = billed_usage(ctx)
         cost = call_cost_micros(ctx, usage)
         ctx.state["quota.cost_micros"] = cost
         if not self._settle_scheduled:
@@ -474,14 +475,14 @@ class QuotaMiddleware:
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
-        tokens = usage.total_tokens
+        tokens = usage.total_tokens if usage is not None else 0
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
                 cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 
     def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
-                        values: list[Any], events: int) -> None:
+                        values: list[Any]) -> None:
         """`_settle` for a request its Lane admitted."""
-        tokens, cost = self._charge(ctx, est, events)
+        tokens, cost = self._charge(ctx)
         self._lane_settles.append((lane, _lease(ctx), est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
@@ -649,8 +650,9 @@ class QuotaMiddleware:
 
 
 class _Responder:
-    """Wraps a stream's `send`: counts its events, and ends it in-band when it would cross a
-    stream_cutoff budget."""
+    """Wraps the `send` of a stream a stream_cutoff budget applies to: counts its events, and
+    ends it in-band before one would cross the budget (each event counted as an output token:
+    never fewer than the content deltas the stream is billed)."""
 
     __slots__ = (
         "_send",
@@ -662,15 +664,14 @@ class _Responder:
         "streaming",
     )
 
-    def __init__(self, ctx: RequestContext, send: Send, allowance: int | None,
-                 est: Estimate) -> None:
+    def __init__(self, ctx: RequestContext, send: Send, allowance: int, est: Estimate) -> None:
         self.ctx = ctx
         self._send = send
         self.allowance = allowance
         self.est = est
         self.events = 0
         self.streaming = False
-        self.price = plan.reservation_price(ctx) if allowance is not None else None
+        self.price = plan.reservation_price(ctx)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine function: it returns what the caller awaits (the next `send`, or
@@ -679,14 +680,13 @@ class _Responder:
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
             events = self.events + message.get("body", b"").count(b"\n\n")
-            if self.price is not None and self.allowance is not None and \
-                    self._over_budget(events):
+            if self.price is not None and self._over_budget(events):
                 return self._cut_off()  # this message is replaced, so not counted
             self.events = events
         return self._send(message)
 
     def _over_budget(self, events: int) -> bool:
-        assert self.price is not None and self.allowance is not None
+        assert self.price is not None
         spent = estimate_micros(self.price, self.est.input_tokens, events)
         return spent > self.allowance
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gateway import context as c
-from gateway.context import RequestContext, Usage
+from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.policy import (
     AMOUNT_MAX,
@@ -143,30 +143,6 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
     cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
     return Estimate(input_tokens, output_tokens,
                     cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
-
-
-def actual_usage(ctx: RequestContext, est: Estimate, streamed_events: int) -> Usage:
-    """What the request really used. Cache hits and calls that never reached a model cost
-    nothing; a stream cut short is charged at least its input estimate plus one token per
-    event it delivered (more if the provider reported more)."""
-    if ctx.cache_status in ("hit", "semantic-hit"):
-        return Usage()
-    usage = ctx.usage
-    cut_short = ctx.stream and (ctx.client_disconnected or ctx.error_type is not None)
-    if usage is not None and cut_short:
-        # A stream cut short may carry only an early usage report (Anthropic's message_start
-        # says output_tokens=1): never charge less than what was delivered.
-        return Usage(input_tokens=max(usage.input_tokens, est.input_tokens),
-                     output_tokens=max(usage.output_tokens, streamed_events),
-                     cached_input_tokens=usage.cached_input_tokens,
-                     reasoning_tokens=usage.reasoning_tokens,
-                     cache_write_tokens=usage.cache_write_tokens,
-                     cache_write_1h_tokens=usage.cache_write_1h_tokens)
-    if usage is not None:
-        return usage
-    if ctx.first_byte_s is not None and ctx.stream:
-        return Usage(input_tokens=est.input_tokens, output_tokens=streamed_events)
-    return Usage()
 
 
 # -- which limits apply --------------------------------------------------------------------

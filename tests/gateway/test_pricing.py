@@ -18,6 +18,8 @@ from gateway.pricing import (
     FREE,
     Price,
     PriceTable,
+    billed_micros,
+    billed_usage,
     call_cost_micros,
     cost_micros,
     estimate_micros,
@@ -527,6 +529,23 @@ def test_a_requests_cost_is_kept_only_while_the_price_and_counts_are_the_same() 
     assert call_cost_micros(ctx, Usage(input_tokens=1_000_000, cached_input_tokens=1_000_000,
                                        output_tokens=2_000_000)) == 11_000_000  # no cached rate: input
     assert call_cost_micros(ctx, Usage()) == 0
+
+
+def test_a_request_is_billed_its_recorded_usage_and_a_cache_hit_nothing() -> None:
+    """The one definition of the bill, which the ledger records and the quota layer settles
+    budgets to: the usage the layers below recorded, at the served price; a hit, nothing."""
+    ctx = RequestContext(request_id="r", operation="openai.chat", api_format="openai", body={},
+                         raw_body=b"", model="m", stream=True,
+                         served_deployment=Deployment("p", "m", price=price("1", "2")))
+    assert billed_usage(ctx) is None and billed_micros(ctx) == 0  # (never reached a model)
+    ctx.usage = Usage(input_tokens=10, output_tokens=20)
+    assert billed_usage(ctx) is ctx.usage
+    assert billed_micros(ctx) == call_cost_micros(ctx, ctx.usage) == 50
+    for hit in ("hit", "semantic-hit"):
+        ctx.cache_status = hit
+        assert billed_usage(ctx) is None and billed_micros(ctx) == 0
+    ctx.cache_status = "miss"
+    assert billed_micros(ctx) == 50
 
 
 def test_a_price_resolved_before_it_changes_bills_the_new_one_from_its_date(

@@ -547,7 +547,7 @@ def read_events_then_hang_up(url: str, path: str, body: dict[str, Any],
     return received
 
 
-def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
+def test_client_disconnect_settles_to_input_estimate_plus_deltas_delivered(
         start: Start, store: str, slow: MockProviderServer) -> None:
     # Nothing else arrives between our last read and hang-up, even on a loaded host.
     slow.config.chunk_delay_s = 0.6
@@ -558,9 +558,12 @@ def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
         gateway.url, "/v1/chat/completions",
         {"model": "gpt-mock", "messages": PROMPT, "max_tokens": 100, "stream": True},
         {"authorization": f"Bearer {TEST_KEY}"}, events=3)
-    delivered = received.count(b"\n\n")
+    assert received.count(b"\n\n") == 3
+    # No usage came: billed (and charged) what was delivered, one token a content delta (see
+    # gateway.tokens.delivered_usage); each of these chunks is one.
+    delivered = received.count(b'"delta"')
     assert delivered == 3
-    expected = estimate_messages(PROMPT) + 2 * delivered  # plan.actual_usage, no usage came
+    expected = estimate_messages(PROMPT) + 2 * delivered
     assert settled(gateway.committed, RESERVED_100) == expected
     wait_streams_done(slow)
     assert slow.cancelled_streams == cancelled + 1
@@ -570,7 +573,7 @@ def test_client_disconnect_settles_to_input_estimate_plus_events_delivered(
     ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS}),
     ("/v1/chat/completions", "gemini-mock", {"authorization": f"Bearer {TEST_KEY}"}),
 ])
-def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_events_delivered(
+def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_deltas_delivered(
         start: Start, slow: MockProviderServer, path: str, model: str,
         headers: dict[str, str]) -> None:
     slow.config.chunk_delay_s = 0.6  # (as above)
@@ -579,7 +582,9 @@ def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_events_d
         gateway.url, path,
         {"model": model, "messages": PROMPT, "max_tokens": 100, "stream": True},
         headers, events=6)
-    expected = INPUT + 2 * received.count(b"\n\n")  # at least 6 events, 3+ of them text
+    # At least 6 events, 3+ of them content deltas; the others (message_start,
+    # content_block_start, ...) are not charged, as they are not billed.
+    expected = INPUT + 2 * received.count(b'"delta"')
     assert settled(gateway.committed, RESERVED_100) == expected
     wait_streams_done(slow)
 
@@ -761,7 +766,7 @@ def test_stream_cutoff_ends_a_responses_stream_with_its_own_error_event(
     wait_streams_done(slow)
 
 
-def test_stream_cutoff_charges_the_events_delivered(start: Start, store: str,
+def test_stream_cutoff_charges_the_deltas_delivered(start: Start, store: str,
                                                     slow: MockProviderServer) -> None:
     gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
     response = cut_off_stream(gateway, "openai")

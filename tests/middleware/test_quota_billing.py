@@ -1,0 +1,156 @@
+"""What the quota layer charges a budget is what the metering layer bills: one request, one
+amount, whether it answered, streamed to its end, was cut off at its budget, broke midway or
+lost its client.
+
+Each gateway here runs the metering layer (its journal is the ledger) above the quota layer,
+as the default stack does, against the mock providers; the budget's counter, once the
+request has settled, must equal the ledger's cost of that request to the micro-dollar. The
+arithmetic is test_quota_layer's: $1 per 1M input and $2 per 1M output tokens.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.tokens import estimate_text
+from middleware.metering import JournalError, journal_usage
+from tests.harness import TEST_KEY
+from tests.middleware.test_quota_layer import (
+    ANTHROPIC_HEADERS,
+    COST,
+    CUTOFF_BUDGET,
+    CUTOFF_MESSAGE,
+    INPUT,
+    LIFETIME_BUDGET,
+    OUTPUT,
+    PROMPT,
+    RESERVED_100,
+    Gateway,
+    Start,
+    auth,
+    eventually,
+    prefix,
+    quota,
+    read_events_then_hang_up,
+    settled,
+    slow,
+    slow_mock,
+    start,
+    static_key,
+    store,
+    wait_streams_done,
+)
+from tests.mock_providers import Fault, MockProviderServer
+
+__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
+
+OPENAI_HEADERS = {"authorization": f"Bearer {TEST_KEY}"}
+# api -> (path, model, headers, the input the ledger bills a stream cut short before its
+# usage report: the provider's count where it sent one early, else the gateway's estimate)
+APIS = {
+    "openai": ("/v1/chat/completions", "gpt-mock", OPENAI_HEADERS, INPUT),
+    "anthropic": ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS},
+                  INPUT),  # (message_start reports the input)
+    "responses": ("/v1/responses", "gpt-mock", OPENAI_HEADERS,
+                  estimate_text(PROMPT[0]["content"])),
+}
+
+
+def streamed(api: str, max_tokens: int) -> dict[str, Any]:
+    _, model, _, _ = APIS[api]
+    if api == "responses":
+        return {"model": model, "input": PROMPT[0]["content"], "max_output_tokens": max_tokens,
+                "stream": True}
+    return {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
+
+
+def post(gateway: Gateway, api: str, body: dict[str, Any]) -> httpx.Response:
+    path, _, headers, _ = APIS[api]
+    return httpx.post(gateway.url + path, headers=headers, json=body, timeout=10)
+
+
+def metering(journal: Path, durability: str = "batch") -> str:
+    return (f"Middleware(MeteringMiddleware, journal_dir={str(journal)!r}, "
+            f"durability={durability!r})")
+
+
+def billed(journal: Path) -> int:
+    """What the ledger (the metering layer's journal) bills for the one request it holds, in
+    micro-dollars, once the request is recorded."""
+    def rows() -> list[dict[str, Any]]:
+        try:
+            return journal_usage(journal, group_by="key")
+        except JournalError:  # (not opened yet)
+            return []
+    assert eventually(lambda: [row["requests"] for row in rows()], [1]) == [1]
+    return int(Decimal(rows()[0]["cost_usd"]) * 1_000_000)
+
+
+def deltas(received: bytes) -> int:
+    """The content deltas in a stream's bytes (each carries a `"delta"` member)."""
+    return received.count(b'"delta"')
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_a_stream_cut_off_at_its_budget_is_charged_what_the_ledger_bills(
+        start: Start, store: str, slow: MockProviderServer, tmp_path: Path, api: str) -> None:
+    # The quota layer charged a cut stream one output token per event, the ledger one per
+    # content delta: a Responses stream's lifecycle events (response.created, ...), an
+    # Anthropic stream's message_start and content_block_start, went on the budget alone.
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal), quota(store),
+                    upstream=slow.url)
+    wait_streams_done(slow)
+    response = post(gateway, api, streamed(api, OUTPUT))
+    assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]  # (cut off)
+    wait_streams_done(slow)
+    cost = billed(journal)
+    assert cost == APIS[api][3] + 2 * deltas(response.content)
+    assert settled(gateway.committed, COST) == cost
+
+
+@pytest.mark.parametrize("kind", ["error_event", "reset", "truncate"])
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_a_stream_its_provider_breaks_is_charged_what_the_ledger_bills(
+        start: Start, mock: MockProviderServer, tmp_path: Path, api: str, kind: str) -> None:
+    # The quota layer counted the error event the gateway ends such a stream with, and every
+    # event that carries no content, as output tokens.
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), metering(journal), quota("'memory'"))
+    mock.push_fault(Fault(kind=kind, after_chunks=3))
+    response = post(gateway, api, streamed(api, 100))
+    assert response.status_code == 200
+    assert settled(gateway.committed, RESERVED_100) == billed(journal)
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_a_stream_the_client_leaves_is_charged_what_the_ledger_bills(
+        start: Start, slow: MockProviderServer, tmp_path: Path, api: str) -> None:
+    slow.config.chunk_delay_s = 0.6  # nothing else arrives between our last read and hang-up
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), metering(journal), quota("'memory'"),
+                    upstream=slow.url)
+    wait_streams_done(slow)
+    path, _, headers, billed_input = APIS[api]
+    received = read_events_then_hang_up(gateway.url, path, streamed(api, 100), headers,
+                                        events=6)
+    wait_streams_done(slow)
+    cost = billed(journal)
+    assert cost == billed_input + 2 * deltas(received)
+    assert settled(gateway.committed, RESERVED_100) == cost
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answered_request_is_charged_what_the_ledger_bills(
+        start: Start, mock: MockProviderServer, tmp_path: Path, api: str,
+        stream: bool) -> None:
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), metering(journal), quota("'memory'"))
+    response = post(gateway, api, {**streamed(api, 100), "stream": stream})
+    assert response.status_code == 200
+    assert settled(gateway.committed, RESERVED_100) == billed(journal)
