@@ -219,7 +219,7 @@ class QuotaMiddleware:
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
-            pass
+            await responder.end_in_band()
         finally:
             self._settle(store, ctx, planned, checks, decision)
 
@@ -256,7 +256,7 @@ class QuotaMiddleware:
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
-            pass
+            await responder.end_in_band()
         finally:
             self._settle_in_lane(ctx, lane, est, values)
         return _SERVED
@@ -691,15 +691,21 @@ class _Responder:
         return spent > self.allowance
 
     async def _cut_off(self) -> None:
+        # Raised, not sent here: the layers below unwind first and report what the stream
+        # delivered (`ctx.usage`), which a layer above may record as the last event passes
+        # (the metering layer's durability="response" does).
+        self.ctx.error_type = "budget_exceeded"
+        raise _StreamCutOff()
+
+    async def end_in_band(self) -> None:
+        """Ends a stream `_cut_off` stopped with the error event of its API."""
         error = GatewayError(402, "The stream was ended because its cost reached what is left "
                                   "of the budget.", code="budget_exceeded")
-        self.ctx.error_type = "budget_exceeded"
         await self._send({"type": "http.response.body",
                           "body": stream_error_event(self.ctx.api_format, error,
                                                      operation=self.ctx.operation,
                                                      sequence_number=self.events),
                           "more_body": False})
-        raise _StreamCutOff()
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:

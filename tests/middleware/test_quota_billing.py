@@ -113,6 +113,22 @@ def test_a_stream_cut_off_at_its_budget_is_charged_what_the_ledger_bills(
     assert settled(gateway.committed, COST) == cost
 
 
+def test_a_stream_cut_off_at_its_budget_is_billed_what_it_delivered_when_recorded_at_once(
+        start: Start, slow: MockProviderServer, tmp_path: Path) -> None:
+    # durability="response" records a request as its last message goes out. The cut-off's
+    # error event went out before the layers below had said what the stream used, so the
+    # ledger billed it nothing while the budget was charged what it delivered.
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal, "response"),
+                    quota("'memory'"), upstream=slow.url)
+    wait_streams_done(slow)
+    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    assert response.text.count("\n\n") == 13  # 12 chunks, then the error event
+    wait_streams_done(slow)
+    assert billed(journal) == INPUT + 2 * 12
+    assert settled(gateway.committed, COST) == INPUT + 2 * 12
+
+
 @pytest.mark.parametrize("kind", ["error_event", "reset", "truncate"])
 @pytest.mark.parametrize("api", sorted(APIS))
 def test_a_stream_its_provider_breaks_is_charged_what_the_ledger_bills(
