@@ -424,9 +424,15 @@ class PostgresUsageStore:
 
     async def spent_micros(self, subject_kind: str, subject_id: str, since: datetime) -> int:
         """A SpendLedger for the quota layer: the cost of `subject` since `since` (a period
-        start, so a whole number of UTC days), from the day rollups."""
-        rows = await self.usage(group_by=subject_kind, since=since,
-                                until=datetime(9999, 1, 1, tzinfo=UTC), subject=subject_id)
+        start, so a whole number of UTC days), from the day rollups. The gateway-wide
+        subject ("global") is every request: the sum over all models (every record has
+        one; an anonymous caller's has no key or project)."""
+        until = datetime(9999, 1, 1, tzinfo=UTC)
+        if subject_kind == "global":
+            rows = await self.usage(group_by="model", since=since, until=until)
+        else:
+            rows = await self.usage(group_by=subject_kind, since=since, until=until,
+                                    subject=subject_id)
         return sum(usd_to_micros(row["cost_usd"]) for row in rows)
 
 

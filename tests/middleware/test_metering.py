@@ -297,6 +297,9 @@ async def test_batches_are_written_exactly_once_and_rollups_equal_events(prefix:
         expected = sum(r.cost_micros for r in [*batch, *extra] if r.key_id == "k1"
                        and r.started_at >= start.timestamp())
         assert await store.spent_micros("key", "k1", start) == expected
+        # The gateway-wide budgets' subject: every request.
+        everyone = sum(r.cost_micros for r in [*batch, *extra] if r.started_at >= start.timestamp())
+        assert await store.spent_micros("global", "all", start) == everyone
     finally:
         await store.shutdown()
 

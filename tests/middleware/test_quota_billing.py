@@ -1,24 +1,30 @@
 """What the quota layer charges a budget is what the metering layer bills: one request, one
 amount, whether it answered, streamed to its end, was cut off at its budget, broke midway or
-lost its client.
+lost its client; and a budget counter rebuilt from the usage ledger is what it billed.
 
-Each gateway here runs the metering layer (its journal is the ledger) above the quota layer,
-as the default stack does, against the mock providers; the budget's counter, once the
-request has settled, must equal the ledger's cost of that request to the micro-dollar. The
-arithmetic is test_quota_layer's: $1 per 1M input and $2 per 1M output tokens.
+Each gateway here runs the metering layer (its journal, or PostgreSQL, is the ledger) above
+the quota layer, as the default stack does, against the mock providers; the budget's
+counter, once the request has settled, must equal the ledger's cost of that request to the
+micro-dollar. The arithmetic is test_quota_layer's: $1 per 1M input and $2 per 1M output
+tokens.
 """
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from psycopg import sql
 
 from gateway.tokens import estimate_text
 from middleware.metering import JournalError, journal_usage
 from tests.harness import TEST_KEY
+from tests.middleware.test_metering import drop_tables
 from tests.middleware.test_quota_layer import (
     ANTHROPIC_HEADERS,
     COST,
@@ -27,15 +33,18 @@ from tests.middleware.test_quota_layer import (
     INPUT,
     LIFETIME_BUDGET,
     OUTPUT,
+    PG_DSN,
     PROMPT,
     RESERVED_100,
     Gateway,
     Start,
     auth,
+    delete_prefix,
     eventually,
     prefix,
     quota,
     read_events_then_hang_up,
+    redis_store,
     settled,
     slow,
     slow_mock,
@@ -170,3 +179,48 @@ def test_an_answered_request_is_charged_what_the_ledger_bills(
     response = post(gateway, api, {**streamed(api, 100), "stream": stream})
     assert response.status_code == 200
     assert settled(gateway.committed, RESERVED_100) == billed(journal)
+
+
+@pytest.fixture
+def usage_tables() -> Iterator[str]:
+    """A prefix for the usage ledger's PostgreSQL tables of this test's own."""
+    name = "sgqb_" + uuid.uuid4().hex[:10]
+    yield name
+    drop_tables(name)
+
+
+def test_a_gateway_wide_budget_is_rebuilt_from_the_usage_ledger(
+        start: Start, prefix: str, usage_tables: str, tmp_path: Path) -> None:
+    # The usage ledger is a SpendLedger (README: `ledger=PostgresUsageStore(dsn)`), but it
+    # answered only for keys, projects, customers and models: a gateway-wide budget's
+    # counter could not be seeded, and the budget (closed on store errors) refused all.
+    usage = f"PostgresUsageStore({PG_DSN!r}, prefix={usage_tables!r})"
+    gateway = start(
+        auth(), f"Middleware(MeteringMiddleware, store={usage}, "
+                f"journal_dir={str(tmp_path / 'journal')!r})",
+        quota(redis_store(prefix), ledger=usage,
+              limits="Limits(budgets=(Budget('0.001', period='daily'),))"))
+    for remaining in ("0.000970", "0.000940"):
+        response = gateway.chat()
+        assert response.status_code == 200, response.text
+        assert response.headers["x-sluicegate-budget-remaining"] == remaining
+    assert eventually(lambda: gateway.committed("daily", "global:all"), 2 * COST) == 2 * COST
+
+    # Once the ledger holds both, a flush loses the counter, and it is rebuilt from the bill.
+    assert eventually(lambda: ledger_cost(usage_tables), 2 * COST) == 2 * COST
+    delete_prefix(prefix)  # what FLUSHDB does, to this test's keys only
+    assert gateway.committed("daily", "global:all") is None
+    assert gateway.chat().headers["x-sluicegate-budget-remaining"] == "0.000910"
+    assert gateway.committed("daily", "global:all") == 3 * COST
+
+
+def ledger_cost(tables: str) -> int:
+    """Every request's cost in the usage ledger's day rollups, in micro-dollars."""
+    query = sql.SQL("SELECT coalesce(sum(cost), 0) FROM {} WHERE grain = 'day' "
+                    "AND kind = 'model'").format(sql.Identifier(f"{tables}_rollups"))
+    try:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            row = conn.execute(query).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(Decimal(row[0]) * 1_000_000) if row else 0

@@ -61,6 +61,7 @@ T = TypeVar("T")
 PRELUDE = '''
 import orjson
 from gateway.context import Usage, find_request_context
+from middleware.metering import PostgresUsageStore
 from middleware.quota import PostgresSpendLedger, RedisQuotaStore
 
 
