@@ -261,7 +261,7 @@ def _compile(applicable: Sequence[tuple[str, str, Limits]], now: datetime,
                              on_error, who, kind, subject, limits, None, None, None))
         for budget in limits.budgets:
             start, end, expires, label_of_period = _period(budget.period, now)
-            owner = "the gateway-wide" if kind == "global" else who
+            owner = "gateway-wide" if kind == "global" else who
             rows.append((BUDGET, f"{base}:budget:{budget.period}:{label_of_period}",
                          budget.limit_micros, 60.0, lease_s, expires, budget.on_store_error,
                          f"{owner} {budget.period} budget", kind, subject, limits, budget,

@@ -1029,6 +1029,14 @@ def test_gateway_wide_refusal_reads_as_a_sentence(start: Start) -> None:
     assert "The gateway-wide may" not in gateway.chat(key=None).json()["error"]["message"]
 
 
+def test_a_gateway_wide_budget_refusal_reads_as_a_sentence(start: Start) -> None:
+    gateway = start(quota("'memory'", limits="Limits(budgets=(Budget('0.00001', "
+                                             "period='lifetime'),))"))
+    message = gateway.chat(key=None).json()["error"]["message"]
+    assert message == ("Budget exceeded: the gateway-wide lifetime budget of $0.00001 USD does "
+                       "not leave enough for this request; it does not reset.")
+
+
 # -- 11. admin usage -----------------------------------------------------------------------------
 
 def test_admin_usage_reports_committed_spend(start: Start, store: str,
