@@ -473,7 +473,7 @@ class QuotaMiddleware:
             self._settle_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_settles)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
-            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost))
+            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost), ctx.started_at)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
         tokens = usage.total_tokens if usage is not None else 0
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)

@@ -85,12 +85,17 @@ class PostgresSpendLedger:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def record(self, request_id: str, spend: Iterable[tuple[str, str, int]]) -> None:
-        """Queues (subject kind, subject id, micro-dollars) rows; never blocks."""
-        now = datetime.now(UTC)
+    def record(self, request_id: str, spend: Iterable[tuple[str, str, int]],
+               started_at: float | None = None) -> None:
+        """Queues (subject kind, subject id, micro-dollars) rows, dated when the request
+        started (epoch seconds; None: now), as the usage ledger bills it and its budget
+        counters charged it: a stream that runs past midnight UTC is the day's it began.
+        Never blocks."""
+        at = datetime.now(UTC) if started_at is None else datetime.fromtimestamp(started_at,
+                                                                                 UTC)
         for kind, subject, micros in spend:
             if micros:
-                self._pending.append((now, request_id, kind, subject, micros))
+                self._pending.append((at, request_id, kind, subject, micros))
         while len(self._pending) > self.max_pending_rows:
             self._pending.popleft()
             logger.error("spend ledger backlog full: dropped the oldest row")

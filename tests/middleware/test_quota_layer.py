@@ -929,6 +929,28 @@ def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(
     assert gateway.committed("daily") == 3 * COST
 
 
+def test_spend_is_dated_when_the_request_started(
+        spend_table: str, prefix: str, start: Start, slow: MockProviderServer) -> None:
+    # The usage ledger bills a request on the day it started, and its budget counter is
+    # charged in the period it was admitted in; the spend ledger dated it when it settled,
+    # so a stream that ran past midnight UTC was counted in the next day's budget by a
+    # counter rebuilt after a flush (and missing from its own day's).
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.001', period='daily'),))")),
+                    quota(redis_store(prefix), ledger=ledger), upstream=slow.url)
+    wait_streams_done(slow)
+    began = time.time()
+    response = gateway.chat(stream=True)  # one character every 0.1 s: about 3 s
+    ended = time.time()
+    assert response.status_code == 200 and ended - began > 2
+    assert eventually(lambda: ledger_spend(spend_table), COST) == COST
+    query = sql.SQL("SELECT extract(epoch FROM ts) FROM {} WHERE subject_kind = 'key'"
+                    ).format(sql.Identifier(spend_table))
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None and began <= float(row[0]) < began + 1
+
+
 # -- 9. budget alerts ----------------------------------------------------------------------------
 
 class AlertReceiver:
