@@ -5,6 +5,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -115,10 +116,17 @@ def upstream_b() -> Iterator[MockProviderServer]:
 
 
 def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
-    server.clear_faults()
-    server.reset_log()
+    # The config too: one test's latency or chunking must not slow the module's next ones.
+    config = {f.name: getattr(server.config, f.name) for f in fields(server.config) if f.init}
+
+    def reset() -> None:
+        server.clear_faults()
+        server.reset_log()
+        server.reset_ratio_failures()
+        server.config.update(config)
+    reset()
     yield server
-    server.clear_faults()
+    reset()
 
 
 @pytest.fixture

@@ -23,44 +23,10 @@ from gateway.tokens import estimate_text
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
-from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "failover-admin-token-0123456789"
 QUESTION = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
-
-
-@pytest.fixture(scope="module")
-def upstream_a() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream_b() -> Iterator[MockProviderServer]:
-    with MockProviderServer(MockConfig()) as server:
-        yield server
-
-
-@pytest.fixture
-def a(upstream_a: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_a)
-
-
-@pytest.fixture
-def b(upstream_b: MockProviderServer) -> Iterator[MockProviderServer]:
-    yield from _clean(upstream_b)
-
-
-def _clean(server: MockProviderServer) -> Iterator[MockProviderServer]:
-    def reset() -> None:
-        server.clear_faults()
-        server.reset_log()
-        server.reset_ratio_failures()
-        server.config.update({"fail_ratio": 0.0, "expected_keys": None, "ttft_s": 0.0,
-                              "chunk_chars": 8})
-    reset()
-    yield server
-    reset()
 
 
 def failover_config(a: MockProviderServer, b: MockProviderServer, layer: str,
