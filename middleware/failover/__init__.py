@@ -686,6 +686,7 @@ class FailoverMiddleware:
             return
         except UntranslatableRequest:  # refused before any call: neither an attempt nor a
             tried.attempts -= 1  # continuation (and, as "cancelled", no verdict on health)
+            outcome = "refused"
             state.refused()
             ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment) = reported, served
             del ctx.state["failover.continuations"], ctx.state[EARLIER_ATTEMPT]
@@ -693,10 +694,12 @@ class FailoverMiddleware:
         finally:
             ctx.body = original
             state.finished(ctx.usage if outcome == "answered" else None)
-            if outcome == "cancelled":  # client gone, or a refusal from below: no verdict
-                state.release()
+            if outcome in ("cancelled", "refused"):  # client gone, a cut-off from above or a
+                state.release()  # refusal from below: no verdict
                 if key is not None:
                     key.breaker.release()
+            if outcome == "cancelled":  # what both parts delivered: the broken one's is
+                ctx.usage = add_usage(broken_usage, ctx.usage)  # priced where it ran
         self.succeeded(ctx, state, key, began)
         ctx.usage = add_usage(broken_usage, ctx.usage)
 

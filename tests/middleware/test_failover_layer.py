@@ -424,6 +424,45 @@ def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
                                   + later["completion_tokens"] * 200)
 
 
+def test_a_continued_stream_the_client_leaves_bills_both_parts(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    # The client leaves during the continuation: the record held only the continuation's
+    # usage, from which the broken attempt's was then taken away again when it was priced
+    # (the broken part billed at its price, the continuation's part mostly not at all).
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    b.config.update({"chunk_delay_s": 0.3})
+    journal = tmp_path / "journal"
+    text = failover_config(
+        a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
+        extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
+              'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
+    with serve(tmp_path, metered(text, journal)) as gateway:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "primary", "messages": QUESTION,
+                                "stream": True}) as r:
+            request_id = r.headers["x-request-id"]
+            content = 0
+            for line in r.iter_lines():
+                content += line.startswith('data: {"id"')
+                if content == 5:  # three from the broken attempt, two from the fallback
+                    break
+        assert wait_for(lambda: deployments(gateway)["models"]["big"]  # type: ignore[index]
+                        ["deployments"][0]["in_flight"] == 0)
+    record = journaled_record(journal, request_id)
+    partial = b.requests[-1]["json"]["messages"][-1]["content"]
+    prefill = partial if isinstance(partial, str) else "".join(p["text"] for p in partial)
+    asked = b.requests[-1]["json"]
+    assert record.attempts == 2
+    # Both parts' input (the fallback read the question and the text so far) and output.
+    broken_out = estimate_text(prefill)
+    assert record.output_tokens > broken_out > 3
+    assert record.input_tokens > estimate_text(QUESTION[0]["content"]) + broken_out
+    # The fallback's part at its own price ($100 per 1M input: 100 micros a token), its
+    # prompt at least the question and the text so far.
+    assert asked["messages"][0]["role"] == "user"
+    assert record.cost_micros >= 100 * (estimate_text(QUESTION[0]["content"]) + broken_out)
+
+
 @pytest.mark.parametrize("chunk_chars,after_chunks", [(8, 2), (5, 1)],
                          ids=["mid-word", "after-a-space"])
 def test_a_broken_anthropic_stream_is_continued_as_one_message(
