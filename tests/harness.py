@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -318,3 +318,14 @@ def find_secrets_in_logs(directory: Path) -> Iterator[tuple[str, str]]:
                 yield str(path), secret[:10] + "..."
         for match in _VIRTUAL_KEY.finditer(data):
             yield str(path), match.group().decode()[:10] + "..."
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Whether `condition()` holds within `timeout_s` (asked every 20 ms, and once more at
+    the end)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

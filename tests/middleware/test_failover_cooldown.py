@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import socket
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import orjson
 import pytest
 
 from gateway import create_app
-from tests.harness import TEST_KEY, ThreadedServer, write_config
+from tests.harness import TEST_KEY, ThreadedServer, wait_for, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 ADMIN_TOKEN = "cooldown-admin-token-0123456789"
@@ -112,15 +111,6 @@ def deployment(gateway: ThreadedServer) -> dict[str, Any]:
 def reached(mock: MockProviderServer) -> list[str]:
     """The requests that reached the mock, by name, in the order they did."""
     return [entry["json"]["messages"][0]["content"] for entry in mock.requests]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def wait_out_a_cool_down(gateway: ThreadedServer, mock: MockProviderServer,

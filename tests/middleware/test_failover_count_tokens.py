@@ -12,7 +12,7 @@ servers play two Anthropic upstreams ("a", "b"); the official anthropic SDK is t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from gateway import create_app
-from tests.harness import TEST_KEY, ThreadedServer, write_config
+from tests.harness import TEST_KEY, ThreadedServer, wait_for, write_config
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "count-tokens-admin-token-0123456789"
@@ -262,12 +262,3 @@ def test_a_count_leaves_a_cool_downs_probe_slot_alone(
         assert probe.result(timeout=10).content
         state = deployment(gateway, "claude")
     assert state["cooling_s"] == 0 and state["cool_down_probes"] == 0
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()

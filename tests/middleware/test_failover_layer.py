@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from gateway import create_app
 from gateway.tokens import estimate_text
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, wait_for, write_config
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "failover-admin-token-0123456789"
@@ -100,14 +100,6 @@ def breaker_of(server: ThreadedServer, model: str, index: int = 0) -> str:
     state = deployments(server)["models"][model]["deployments"][index]  # type: ignore[index]
     return str(state["breaker"])
 
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # -- acceptance: a flaky primary, a dead primary, Retry-After -------------------------------
