@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
+import openai
+
+from gateway import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,6 +219,18 @@ TEST_KEY = "sk-sg-" + "test-key-" * 4 + "0123456789"
 
 
 AUTH = {"authorization": f"Bearer {TEST_KEY}"}
+
+
+@contextmanager
+def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
+    """A gateway on the config module `text` (written into `tmp_path`), in a thread."""
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        yield server
+
+
+def openai_client(server: ThreadedServer) -> openai.OpenAI:
+    """The official SDK on `server` with TEST_KEY, never retrying on its own."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
 
 
 def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") -> str:

@@ -24,8 +24,7 @@ import openai
 import orjson
 import pytest
 
-from gateway import create_app
-from tests.harness import TEST_KEY, ThreadedServer, wait_for, write_config
+from tests.harness import TEST_KEY, ThreadedServer, serve, wait_for
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 ADMIN_TOKEN = "cooldown-admin-token-0123456789"
@@ -72,12 +71,6 @@ middleware = [
                retry=RetryPolicy(deadline_s={deadline_s})),
 ]
 '''
-
-
-@contextmanager
-def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
-        yield server
 
 
 def ask(gateway: ThreadedServer, name: str) -> Outcome:

@@ -12,9 +12,7 @@ servers play two Anthropic upstreams ("a", "b"); the official anthropic SDK is t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,7 @@ import anthropic
 import httpx
 import pytest
 
-from gateway import create_app
-from tests.harness import TEST_KEY, ThreadedServer, wait_for, write_config
+from tests.harness import TEST_KEY, ThreadedServer, serve, wait_for
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "count-tokens-admin-token-0123456789"
@@ -65,12 +62,6 @@ middleware = [
     Middleware(FailoverMiddleware, admin_token_env="SG_COUNT_TOKENS_ADMIN", {layer}),
 ]
 '''
-
-
-@contextmanager
-def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
-        yield server
 
 
 def client(server: ThreadedServer) -> anthropic.Anthropic:

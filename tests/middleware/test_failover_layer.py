@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anthropic
@@ -22,7 +20,16 @@ from gateway import create_app
 from gateway.tokens import estimate_text
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, wait_for, write_config
+from tests.harness import (
+    AUTH,
+    TEST_KEY,
+    ThreadedServer,
+    mock_config,
+    openai_client,
+    serve,
+    wait_for,
+    write_config,
+)
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "failover-admin-token-0123456789"
@@ -69,16 +76,6 @@ middleware = [
 '''
 
 
-@contextmanager
-def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
-        yield server
-
-
-def client(server: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
-
-
 def chat(server: ThreadedServer, model: str, **options: object) -> httpx.Response:
     return chat_at(server.url, model, **options)
 
@@ -111,7 +108,7 @@ def test_half_failing_primary_with_a_healthy_fallback_succeeds_within_the_retry_
              'retry=RetryPolicy(max_attempts=3, budget_ratio=0.2, budget_window_s=10, '
              'budget_min_per_s=1)')
     with serve(tmp_path, failover_config(a, b, layer)) as gateway:
-        sdk = client(gateway)
+        sdk = openai_client(gateway)
         ok, began = 0, time.monotonic()
         for _ in range(1000):
             try:
@@ -238,7 +235,7 @@ def test_a_stream_failing_before_its_first_chunk_fails_over_invisibly(
     a.push_fault(fault)
     layer = 'routes={"primary": Route(fallbacks=("backup",))}'
     with serve(tmp_path, failover_config(a, b, layer)) as gateway:
-        stream = client(gateway).chat.completions.create(model="primary", messages=QUESTION,
+        stream = openai_client(gateway).chat.completions.create(model="primary", messages=QUESTION,
                                                          stream=True)
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text  # one clean stream from b: the SDK saw no error
@@ -293,7 +290,7 @@ def test_a_fallback_is_metered_at_the_deployment_that_served_it(
         extra='DEAR = Price(input_per_mtok="3", output_per_mtok="6")\n'
               'models["backup"] = [Deployment("b", "gpt-4o-mini", price=DEAR)]')
     with serve(tmp_path, metered(text, journal)) as gateway:
-        answered = client(gateway).chat.completions.with_raw_response.create(
+        answered = openai_client(gateway).chat.completions.with_raw_response.create(
             model="primary", messages=QUESTION)
         request_id = answered.headers["x-request-id"]
         usage = answered.parse().usage
@@ -695,7 +692,7 @@ def test_a_hedge_losers_refusal_does_not_replace_the_winners_answer(
     journal = tmp_path / "journal"
     layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=0.2)}'
     with serve(tmp_path, metered(failover_config(a, b, layer), journal)) as gateway:
-        answered = client(gateway).chat.completions.with_raw_response.create(
+        answered = openai_client(gateway).chat.completions.with_raw_response.create(
             model="pair", messages=QUESTION)
         request_id = answered.headers["x-request-id"]
         usage = answered.parse().usage

@@ -10,16 +10,12 @@ Anthropic prefixes; the mocks' request logs say which deployment was called.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-from gateway import create_app
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.harness import AUTH, TEST_KEY, openai_client, serve
 from tests.mock_providers import Fault, MockProviderServer
 
 OPENAI_A, AZURE_A, CLAUDE_A, OPENAI_B = ("a/gpt-4o", "a-azure/gpt-4o-eu",
@@ -72,16 +68,6 @@ middleware = [
 '''
 
 
-@contextmanager
-def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
-        yield server
-
-
-def client(server: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
-
-
 def called(*servers: MockProviderServer) -> list[str]:
     """The provider prefixes the mocks were called at, in order per server."""
     return [entry["provider"] for server in servers for entry in server.requests]
@@ -94,7 +80,7 @@ def test_responses_to_a_model_with_an_azure_deployment_go_to_the_openai_one(
     # them, each answered 400 unsupported_operation.
     layer = f'routes={{"smart": Route(strategy="{strategy}")}}'
     with serve(tmp_path, config(a, b, layer)) as gateway:
-        sdk = client(gateway)
+        sdk = openai_client(gateway)
         served = []
         for _ in range(24):
             raw = sdk.responses.with_raw_response.create(model="smart", input="hello there")
@@ -113,7 +99,7 @@ def test_responses_to_a_model_with_an_azure_deployment_go_to_the_openai_one(
 def test_embeddings_and_completions_to_a_model_with_an_anthropic_deployment(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     with serve(tmp_path, config(a, b, 'routes={"mixed": Route(strategy="priority")}')) as gateway:
-        sdk = client(gateway)
+        sdk = openai_client(gateway)
         embedded = sdk.embeddings.with_raw_response.create(model="mixed", input="hello")
         assert embedded.parse().data[0].embedding
         completed = sdk.completions.with_raw_response.create(model="mixed", prompt="Say hi")
@@ -133,7 +119,7 @@ def test_a_retry_skips_the_deployment_that_cannot_serve_the_operation(
     a.push_fault(Fault("status", provider="openai", status=503))
     layer = 'routes={"three": Route(strategy="priority")}, retry=RetryPolicy(max_attempts=3)'
     with serve(tmp_path, config(a, b, layer)) as gateway:
-        raw = client(gateway).responses.with_raw_response.create(model="three", input="hello")
+        raw = openai_client(gateway).responses.with_raw_response.create(model="three", input="hello")
     assert raw.headers["x-sluicegate-deployment"] == OPENAI_B
     assert raw.headers["x-sluicegate-attempts"] == "2"
     assert called(a, b) == ["openai", "openai"]
@@ -148,7 +134,7 @@ def test_a_hedge_goes_to_a_deployment_that_can_serve_the_operation(
              'retry=RetryPolicy(max_attempts=3)')
     with serve(tmp_path, config(a, b, layer)) as gateway:
         began = time.monotonic()
-        raw = client(gateway).responses.with_raw_response.create(model="three", input="hello")
+        raw = openai_client(gateway).responses.with_raw_response.create(model="three", input="hello")
         took = time.monotonic() - began
     assert raw.headers["x-sluicegate-deployment"] == OPENAI_B
     assert took < 1.2
@@ -159,7 +145,7 @@ def test_a_fallback_model_serves_what_the_model_cannot(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     layer = 'routes={"claude-only": Route(fallbacks=("gpt",))}'
     with serve(tmp_path, config(a, b, layer)) as gateway:
-        raw = client(gateway).embeddings.with_raw_response.create(model="claude-only",
+        raw = openai_client(gateway).embeddings.with_raw_response.create(model="claude-only",
                                                                   input="hello")
     assert raw.parse().data[0].embedding
     assert raw.headers["x-sluicegate-fallback"] == "gpt"
@@ -203,7 +189,7 @@ def test_a_quota_downgrade_is_routed_by_the_operation_too(
              "on_overflow='downgrade', downgrade_to='smart')}),")
     layer = 'routes={"smart": Route(strategy="priority")}'
     with serve(tmp_path, config(a, b, layer, quota)) as gateway:
-        sdk = client(gateway)
+        sdk = openai_client(gateway)
         first = sdk.responses.with_raw_response.create(model="gpt", input="hello")
         second = sdk.responses.with_raw_response.create(model="gpt", input="hello")
     assert "x-sluicegate-downgraded" not in first.headers

@@ -11,18 +11,14 @@ upstreams; their request logs say who was called, `/admin/deployments` what the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
-import openai
 import pytest
 
-from gateway import create_app
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, openai_client, serve
 from tests.middleware.test_failover_layer import journaled_record, metered
 from tests.mock_providers import Fault, MockProviderServer
 
@@ -88,16 +84,6 @@ middleware = [
 '''
 
 
-@contextmanager
-def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
-        yield server
-
-
-def client(server: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
-
-
 def layer_state(server: ThreadedServer) -> dict[str, Any]:
     response = httpx.get(server.url + "/admin/deployments",
                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -120,9 +106,9 @@ def test_an_image_url_gemini_2_0_refuses_is_served_by_the_openai_deployment(
     # Before: every such request got Gemini's 400 (it comes first by priority). With
     # max_attempts=1, the refusal must not count as the one attempt either.
     with serve(tmp_path, config(a, b, f'"vision": {route}')) as gateway:
-        raw = client(gateway).chat.completions.with_raw_response.create(
+        raw = openai_client(gateway).chat.completions.with_raw_response.create(
             model="vision", messages=LOOK)
-        after = client(gateway).chat.completions.with_raw_response.create(
+        after = openai_client(gateway).chat.completions.with_raw_response.create(
             model="vision", messages=HI)
         state = layer_state(gateway)
     assert raw.parse().choices[0].message.content
@@ -167,7 +153,7 @@ def test_a_fallback_model_serves_what_the_model_refuses(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     # Before: 400 from the model's only deployment; the fallback was never asked.
     with serve(tmp_path, config(a, b, '"flash": Route(fallbacks=("gpt",))')) as gateway:
-        raw = client(gateway).chat.completions.with_raw_response.create(
+        raw = openai_client(gateway).chat.completions.with_raw_response.create(
             model="flash", messages=LOOK)
         state = layer_state(gateway)
     assert raw.parse().choices[0].message.content
@@ -225,9 +211,9 @@ def test_a_refused_pick_gives_its_rpm_token_back(
     # Gemini's deployment takes one request a minute. Before, the image URL it refused took
     # that one, and the next request, which it can serve, went to b.
     with serve(tmp_path, config(a, b, f'"vision-1rpm": {route}')) as gateway:
-        refused = client(gateway).chat.completions.with_raw_response.create(
+        refused = openai_client(gateway).chat.completions.with_raw_response.create(
             model="vision-1rpm", messages=LOOK)
-        served = [client(gateway).chat.completions.with_raw_response.create(
+        served = [openai_client(gateway).chat.completions.with_raw_response.create(
             model="vision-1rpm", messages=HI) for _ in range(2)]
         state = layer_state(gateway)
     assert refused.headers["x-sluicegate-deployment"] == "b/gpt-4o"
@@ -250,7 +236,7 @@ def test_a_retry_whose_pick_refused_gives_the_retry_back(
     a.push_fault(Fault("status", provider="openai", status=503))
     routes = '"three": Route(strategy="priority")'
     with serve(tmp_path, config(a, b, routes, ONE_RETRY)) as gateway:
-        raw = client(gateway).chat.completions.with_raw_response.create(
+        raw = openai_client(gateway).chat.completions.with_raw_response.create(
             model="three", messages=LOOK)
         state = layer_state(gateway)
     assert raw.headers["x-sluicegate-deployment"] == "b/gpt-4o"
@@ -270,9 +256,9 @@ def test_a_hedged_call_refused_gives_the_retry_back(
     routes = ('"hedged": Route(strategy="priority", hedge_after_s=0.2), '
               '"three": Route(strategy="priority")')
     with serve(tmp_path, config(a, b, routes, ONE_RETRY)) as gateway:
-        hedged = client(gateway).chat.completions.with_raw_response.create(
+        hedged = openai_client(gateway).chat.completions.with_raw_response.create(
             model="hedged", messages=LOOK)
-        retried = client(gateway).chat.completions.with_raw_response.create(
+        retried = openai_client(gateway).chat.completions.with_raw_response.create(
             model="three", messages=HI)
         state = layer_state(gateway)
     assert hedged.headers["x-sluicegate-deployment"] == "a/gpt-4o"
