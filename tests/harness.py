@@ -221,6 +221,28 @@ TEST_KEY = "sk-sg-" + "test-key-" * 4 + "0123456789"
 AUTH = {"authorization": f"Bearer {TEST_KEY}"}
 
 
+
+def config_head(admin_env: str | None = None, admin_token: str = "") -> str:
+    """The start of a test's config module for its own mock provider servers: the classes
+    its layers and deployments use, the providers' key and TEST_KEY in environment variables
+    (and `admin_token` in `admin_env`), `fast` timeouts, `KEY` (the providers' key variable)
+    and `PRICE` ($1 in, $2 out per 1M tokens)."""
+    admin = f'os.environ.setdefault("{admin_env}", "{admin_token}")\n' if admin_env else ""
+    return ("import os\n"
+            "from gateway.config import Deployment, Middleware, Price, Timeouts\n"
+            "from gateway.policy import Limits\n"
+            "from middleware.auth import AuthMiddleware, StaticKey\n"
+            "from middleware.failover import (BreakerSettings, FailoverMiddleware, RedisHealth,\n"
+            "                                 RetryPolicy, Route)\n"
+            "from middleware.metering import MeteringMiddleware\n"
+            "from middleware.quota import QuotaMiddleware\n"
+            "from providers import Provider\n\n"
+            'os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")\n'
+            f'os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")\n{admin}'
+            "fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)\n"
+            'KEY = "MOCK_PROVIDER_KEY"\n'
+            'PRICE = Price(input_per_mtok="1", output_per_mtok="2")\n')
+
 @contextmanager
 def serve(tmp_path: Path, text: str) -> Iterator[ThreadedServer]:
     """A gateway on the config module `text` (written into `tmp_path`), in a thread."""

@@ -20,7 +20,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.harness import TEST_KEY, ThreadedServer, serve, wait_for
+from tests.harness import TEST_KEY, ThreadedServer, config_head, serve, wait_for
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "count-tokens-admin-token-0123456789"
@@ -33,24 +33,12 @@ CLAUDE_A, CLAUDE_B = "a/claude-3-5-haiku-latest", "b/claude-3-5-haiku-latest"
 
 def config(a: MockProviderServer, b: MockProviderServer, layer: str) -> str:
     return f'''
-import os
-from gateway.config import Deployment, Middleware, Price, Timeouts
-from middleware.auth import AuthMiddleware, StaticKey
-from middleware.failover import BreakerSettings, FailoverMiddleware, RetryPolicy, Route
-from providers import Provider
-
-os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
-os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
-os.environ.setdefault("SG_COUNT_TOKENS_ADMIN", "{ADMIN_TOKEN}")
-fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
-KEY = "MOCK_PROVIDER_KEY"
-providers = {{
+{config_head("SG_COUNT_TOKENS_ADMIN", ADMIN_TOKEN)}providers = {{
     "a": Provider("anthropic", base_url="{a.base_url("anthropic")}", api_key_env=KEY,
                   timeouts=fast),
     "b": Provider("anthropic", base_url="{b.base_url("anthropic")}", api_key_env=KEY,
                   timeouts=fast),
 }}
-PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 models = {{
     "claude": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE)],
     "pair": [Deployment("a", "claude-3-5-haiku-latest", price=PRICE),

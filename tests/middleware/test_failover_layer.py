@@ -24,6 +24,7 @@ from tests.harness import (
     AUTH,
     TEST_KEY,
     ThreadedServer,
+    config_head,
     mock_config,
     openai_client,
     serve,
@@ -39,18 +40,7 @@ QUESTION = [{"role": "user", "content": "one two three four five six seven eight
 def failover_config(a: MockProviderServer, b: MockProviderServer, layer: str,
                     extra: str = "") -> str:
     return f'''
-import os
-from gateway.config import Deployment, Middleware, Price, Timeouts
-from middleware.auth import AuthMiddleware, StaticKey
-from middleware.failover import BreakerSettings, FailoverMiddleware, RedisHealth, RetryPolicy, Route
-from middleware.metering import MeteringMiddleware
-from providers import Provider
-
-os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
-os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
-os.environ.setdefault("SG_FAILOVER_ADMIN", "{ADMIN_TOKEN}")
-fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
-providers = {{
+{config_head("SG_FAILOVER_ADMIN", ADMIN_TOKEN)}providers = {{
     "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
                   timeouts=fast),
     "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
@@ -60,7 +50,6 @@ providers = {{
     "a-claude": Provider("anthropic", base_url="{a.base_url("anthropic")}",
                          api_key_env="MOCK_PROVIDER_KEY", timeouts=fast),
 }}
-PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 models = {{
     "primary": [Deployment("a", "gpt-4o-mini", price=PRICE)],
     "backup": [Deployment("b", "gpt-4o-mini", price=PRICE)],

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import AUTH, TEST_KEY, openai_client, serve
+from tests.harness import AUTH, config_head, openai_client, serve
 from tests.mock_providers import Fault, MockProviderServer
 
 OPENAI_A, AZURE_A, CLAUDE_A, OPENAI_B = ("a/gpt-4o", "a-azure/gpt-4o-eu",
@@ -27,19 +27,7 @@ OPENAI_A, AZURE_A, CLAUDE_A, OPENAI_B = ("a/gpt-4o", "a-azure/gpt-4o-eu",
 
 def config(a: MockProviderServer, b: MockProviderServer, layer: str, quota: str = "") -> str:
     return f'''
-import os
-from gateway.config import Deployment, Middleware, Price, Timeouts
-from gateway.policy import Limits
-from middleware.auth import AuthMiddleware, StaticKey
-from middleware.failover import FailoverMiddleware, RetryPolicy, Route
-from middleware.quota import QuotaMiddleware
-from providers import Provider
-
-os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
-os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
-fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
-KEY = "MOCK_PROVIDER_KEY"
-providers = {{
+{config_head()}providers = {{
     "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env=KEY, timeouts=fast),
     "a-azure": Provider("azure", base_url="{a.base_url("azure")}", api_key_env=KEY,
                         timeouts=fast),
@@ -47,7 +35,6 @@ providers = {{
                          timeouts=fast),
     "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env=KEY, timeouts=fast),
 }}
-PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 azure = Deployment("a-azure", "gpt-4o-eu", price=PRICE, tags=("eu",))
 claude = Deployment("a-claude", "claude-3-5-haiku-latest", price=PRICE)
 models = {{

@@ -18,7 +18,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, openai_client, serve
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, openai_client, serve
 from tests.middleware.test_failover_layer import journaled_record, metered
 from tests.mock_providers import Fault, MockProviderServer
 
@@ -38,19 +38,7 @@ HI: Any = [{"role": "user", "content": "hi"}]
 def config(a: MockProviderServer, b: MockProviderServer, routes: str,
            retry: str = "RetryPolicy(max_attempts=1)") -> str:
     return f'''
-import os
-from gateway.config import Deployment, Middleware, Price, Timeouts
-from middleware.auth import AuthMiddleware, StaticKey
-from middleware.failover import FailoverMiddleware, RetryPolicy, Route
-from middleware.metering import MeteringMiddleware
-from providers import Provider
-
-os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
-os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
-os.environ.setdefault("SG_REFUSALS_ADMIN", "{ADMIN_TOKEN}")
-fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
-KEY = "MOCK_PROVIDER_KEY"
-providers = {{
+{config_head("SG_REFUSALS_ADMIN", ADMIN_TOKEN)}providers = {{
     "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env=KEY, timeouts=fast),
     "a-gemini": Provider("gemini", base_url="{a.base_url("gemini")}", api_key_env=KEY,
                          timeouts=fast),
@@ -58,7 +46,6 @@ providers = {{
     "b-gemini": Provider("gemini", base_url="{b.base_url("gemini")}", api_key_env=KEY,
                          timeouts=fast),
 }}
-PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 models = {{
     "vision": [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE),
                Deployment("b", "gpt-4o", price=PRICE)],

@@ -24,7 +24,7 @@ import pytest
 from gateway import create_app
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, write_config
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "responses-admin-token-0123456789"
@@ -41,24 +41,12 @@ def config(a: MockProviderServer, b: MockProviderServer, journal: Path) -> str:
     """`primary` (on a) falls back to `backup` (on b); a breaker opens at one failure; the
     metering layer journals every request."""
     return f'''
-import os
-from gateway.config import Deployment, Middleware, Price, Timeouts
-from middleware.auth import AuthMiddleware, StaticKey
-from middleware.failover import BreakerSettings, FailoverMiddleware, Route
-from middleware.metering import MeteringMiddleware
-from providers import Provider
-
-os.environ.setdefault("MOCK_PROVIDER_KEY", "provider-secret-123456789")
-os.environ.setdefault("SG_TEST_KEY", "{TEST_KEY}")
-os.environ.setdefault("SG_RESPONSES_ADMIN", "{ADMIN_TOKEN}")
-fast = Timeouts(connect_s=2, first_byte_s=5, idle_s=5, total_s=30)
-providers = {{
+{config_head("SG_RESPONSES_ADMIN", ADMIN_TOKEN)}providers = {{
     "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
                   timeouts=fast),
     "b": Provider("openai", base_url="{b.base_url("openai")}", api_key_env="MOCK_PROVIDER_KEY",
                   timeouts=fast),
 }}
-PRICE = Price(input_per_mtok="1", output_per_mtok="2")
 models = {{
     "primary": [Deployment("a", "gpt-4o-mini", price=PRICE)],
     "backup": [Deployment("b", "gpt-4o-mini", price=PRICE)],
