@@ -370,17 +370,22 @@ def test_a_deployment_with_provider_keys_closes_its_breaker_after_the_cooldown(
     assert state["breaker"] == "closed"
 
 
+def continued_at_a_higher_price(a: MockProviderServer, b: MockProviderServer) -> str:
+    """`primary` (on a, $1/$2 per 1M) continues broken streams at `big` (Claude on b, $100 in,
+    $200 out)."""
+    return failover_config(
+        a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
+        extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
+              'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
+
+
 def test_a_continued_stream_bills_each_part_at_its_own_deployments_price(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     # The broken attempt's usage was added to the continuation's and the sum priced at the
     # continuation's deployment: here 100 times the broken attempt's price.
     a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
     journal = tmp_path / "journal"
-    text = failover_config(
-        a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
-        extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
-              'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
-    with serve(tmp_path, metered(text, journal)) as gateway:
+    with serve(tmp_path, metered(continued_at_a_higher_price(a, b), journal)) as gateway:
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "primary", "messages": QUESTION, "stream": True,
                                 "stream_options": {"include_usage": True}}) as r:
@@ -410,11 +415,7 @@ def test_a_continued_stream_the_client_leaves_bills_both_parts(
     a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
     b.config.update({"chunk_delay_s": 0.3})
     journal = tmp_path / "journal"
-    text = failover_config(
-        a, b, 'routes={"primary": Route(fallbacks=("big",), continuation=True)}',
-        extra='models["big"] = [Deployment("b-claude", "claude-3-5-haiku-latest", '
-              'price=Price(input_per_mtok="100", output_per_mtok="200"))]')
-    with serve(tmp_path, metered(text, journal)) as gateway:
+    with serve(tmp_path, metered(continued_at_a_higher_price(a, b), journal)) as gateway:
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH,
                           json={"model": "primary", "messages": QUESTION,
                                 "stream": True}) as r:
