@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.context import RequestContext
-from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
+from gateway.pricing import CACHE_HITS, EARLIER_ATTEMPT, call_cost_micros
 
 __all__ = ["METRICS_DIR_ENV", "RequestMetrics", "Sample", "render", "request_cost_micros"]
 
@@ -163,7 +163,7 @@ class RequestMetrics:
 def request_cost_micros(ctx: RequestContext) -> int:
     """What a request cost at its served deployment's price (a cache hit, a free
     deployment: nothing)."""
-    if ctx.usage is None or ctx.cache_status in ("hit", "semantic-hit"):
+    if ctx.usage is None or ctx.cache_status in CACHE_HITS:
         return 0
     price = getattr(ctx.served_deployment, "price", None)
     if price is not None and not price.input_per_mtok and not price.output_per_mtok \

@@ -29,6 +29,7 @@ from gateway.context import (
     OPENAI_RESPONSES,
     RequestContext,
 )
+from gateway.pricing import CACHE_HITS
 
 __all__ = ["RequestTrace", "Tracing", "tracing_from"]
 
@@ -136,7 +137,7 @@ class RequestTrace:
             _usage_attributes(span, ctx)
         if ctx.cache_status:
             span.set_attribute("sluicegate.cache", ctx.cache_status)
-            if ctx.cache_status in ("hit", "semantic-hit"):
+            if ctx.cache_status in CACHE_HITS:
                 span.add_event("sluicegate.cache.hit", {"sluicegate.cache": ctx.cache_status})
         refusal = ctx.state.get("quota.refused")
         if refusal:
