@@ -493,15 +493,24 @@ def call_cost_micros(ctx: RequestContext, usage: Usage | None) -> int:
                       max(usage.reasoning_tokens - before.reasoning_tokens, 0),
                       max(usage.cache_write_tokens - before.cache_write_tokens, 0),
                       max(usage.cache_write_1h_tokens - before.cache_write_1h_tokens, 0))
-    price = served_price(ctx)
-    if price is None or price is FREE or usage is None or (
-            usage.input_tokens == 0 and usage.output_tokens == 0):
+    if usage is None:
+        return before_cost
+    deployment = ctx.served_deployment
+    if deployment is None:
+        price = served_price(ctx)
+    else:  # (`served_price`, inline: several layers price every request)
+        price = getattr(deployment, "price", None)
+        if price is not None and price.successor is not None:
+            price = in_force(price, ctx.started_at)
+    if price is None or price is FREE:
         return before_cost
     counts = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
               usage.reasoning_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens)
     memo: tuple[Price, tuple[int, ...], int] | None = state.get(_COST_MEMO)
     if memo is not None and memo[0] is price and memo[1] == counts:
         return before_cost + memo[2]
+    if counts[0] == 0 and counts[1] == 0:
+        return before_cost
     cost = cost_micros(price, usage)
     state[_COST_MEMO] = (price, counts, cost)
     return before_cost + cost

@@ -36,7 +36,7 @@ import orjson
 from gateway import context as c
 from gateway.admin import admin_token_from_env, admitted, read_json, route_path, send_json
 from gateway.config import ConfigError
-from gateway.context import RequestContext, Usage, find_request_context
+from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.layers import json_passes_through
@@ -131,12 +131,15 @@ class CacheMiddleware:
         self.ttl_s = ttl_s
         self.model_ttl_s = dict(model_ttl_s or {})
         self.project_ttl_s = dict(project_ttl_s or {})
+        self._ttl_varies = bool(self.model_ttl_s or self.project_ttl_s)
         self.scope = scope
         self.policy = policy
         self.max_entry_bytes = max_entry_bytes
         self._writes: set[asyncio.Task[None]] = set()
         # Misses to store, queued by the requests of one event-loop step and written by one
-        # callback (`_flush_queue`); only writes that must be awaited get a task.
+        # callback (`_flush_queue`) once their answers have gone out (hypercorn's writes go
+        # at the end of the loop's turn: gateway/hypercorn_writes.py); only writes that must
+        # be awaited get a task.
         self._queued: list[tuple[RequestContext, str, _Tee | tuple[bytes, Any],
                                  tuple[str, ...], SemanticQuery | None,
                                  list[float] | None]] = []
@@ -184,7 +187,7 @@ class CacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = find_request_context(scope)
+        ctx: RequestContext | None = scope.get(CONTEXT_KEY)  # (`find_request_context`)
         if ctx is None and self.admin_token is not None and \
                 route_path(scope) == "/admin/cache/invalidate":
             await self._invalidate(scope, receive, send)
@@ -476,10 +479,14 @@ class CacheMiddleware:
             return None  # not a JSON object, or not a success (a 200 with an error body)
         # Created when the request began: an invalidation after that point must not keep
         # out an answer that may be older than it (see MemoryCacheStore).
+        # (Its cost, what a hit on it saves, is what the call is billed: the quota layer,
+        # metering and the metrics priced the same usage; found in the request's memo.)
         entry = CachedResponse(body, ctx.api_format, 200, ctx.started_at,
-                               usage if isinstance(usage, dict) else None,
-                               ctx.served_model or ctx.model, _cost_of(ctx), tags, None,
-                               stream_operation)
+                               usage if type(usage) is dict else None,
+                               ctx.served_model or ctx.model, call_cost_micros(ctx, ctx.usage),
+                               tags, None, stream_operation)
+        if not self._ttl_varies:
+            return entry, self.ttl_s
         project = (ctx.principal or ANONYMOUS).project
         return entry, self.model_ttl_s.get(ctx.model, self.project_ttl_s.get(project,
                                                                              self.ttl_s))
@@ -659,13 +666,6 @@ def _parsed(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-
-
-def _cost_of(ctx: RequestContext) -> int:
-    """What the answer cost (what a hit on it saves): the quota layer's figure if it ran,
-    else the served deployment's price of the usage."""
-    cost = ctx.state.get("quota.cost_micros")
-    return int(cost) if cost is not None else call_cost_micros(ctx, ctx.usage)
 
 
 def _not_cached() -> GatewayError:

@@ -235,6 +235,8 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
     than 256 bytes raises ValueError (the caller answers 400) rather than being dropped, which
     would merge it with the default namespace.
     """
+    if _CONTROL_HEADERS.isdisjoint(dict(headers)):  # (nearly every request: a loop in C)
+        return DEFAULT_CACHE_CONTROL
     directives: list[str] = []
     pragma_no_cache = seen_cache_control = opt_in = opt_out = False
     namespace: str | None = None

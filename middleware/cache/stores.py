@@ -381,7 +381,8 @@ class MemoryCacheStore:
         rather than as a copy (`set` copies what it is given)."""
         if ttl_s <= 0:  # (NaN goes on, to be refused as `set` refuses it)
             return True
-        _check_ttl(ttl_s)
+        if not ttl_s < math.inf:  # (infinite or NaN; `_check_ttl` inline: on every miss)
+            _check_ttl(ttl_s)
         entry.body = b"".join((entry.body, b""))  # (as `set`, for the same reason)
         entry.expires_at = time.time() + ttl_s
         self._keep(key, entry)
@@ -395,7 +396,7 @@ class MemoryCacheStore:
             self._catch_up(log)
         if entry.created_at <= self._newest_cutoff and self._is_cut(entry):
             return
-        size = memory_size(key, entry)
+        size = len(entry.body) + len(key) + ENTRY_OVERHEAD_BYTES  # (`memory_size`, inline)
         entries = self._entries
         if key in entries:
             self._remove(key)
