@@ -28,6 +28,7 @@ from gateway.errors import (
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
+from providers.translation import TranslationError
 
 JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -255,7 +256,8 @@ class HTTPAdapter:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             # Translators raise these on request shapes they cannot express or read.
             raise UntranslatableRequest(
-                400, f"The request cannot be sent to this model: {exc}") from None
+                400, f"The request cannot be sent to this model: {exc}",
+                param=exc.param if isinstance(exc, TranslationError) else None) from None
         key = ctx.provider_key or (deployment.keys[0] if deployment.keys else None)
         if key is not None:
             exchange.headers.update(self.key_headers(key.secret))

@@ -2,8 +2,8 @@
 
 Same format in and out: the request gets the upstream model id (and, for streams, a request
 for the usage chunk, except from the services that refuse `stream_options`) and the response
-bytes pass through untouched; a chat request with more stop sequences than OpenAI and Azure
-take is refused before the call, as a translated one is. Anthropic-shaped callers are
+bytes pass through untouched; a chat or completions request with more stop sequences than
+OpenAI and Azure take is refused before the call, as a translated one is. Anthropic-shaped callers are
 translated through providers.anthropic_format.
 """
 from __future__ import annotations
@@ -180,8 +180,8 @@ class OpenAIAdapter(HTTPAdapter):
         # max_tokens: they get max_tokens.
         self.max_tokens_field = "max_completion_tokens" if type_name == "openai" \
             else "max_tokens"
-        # `stop`: "Up to 4 sequences" (OpenAI's chat reference; Azure refuses more alike,
-        # QwenLM/Qwen-Agent#228). The compatible servers set limits of their own, or none.
+        # `stop`: "Up to 4 sequences" (OpenAI's chat and completions references; Azure
+        # refuses more alike, QwenLM/Qwen-Agent#228). The compatible servers set limits of their own, or none.
         self.max_stop_sequences = 4 if type_name in ("openai", "azure") else None
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
@@ -205,7 +205,7 @@ class OpenAIAdapter(HTTPAdapter):
             return self._plan_from_anthropic(ctx, deployment, url, headers)
         body = dict(ctx.body)
         body["model"] = deployment.model
-        if ctx.operation == c.OPENAI_CHAT:
+        if ctx.operation in (c.OPENAI_CHAT, c.OPENAI_COMPLETIONS):
             self._check_stop(body.get("stop"))
         if not ctx.stream:
             return Exchange(url, headers, orjson.dumps(body), False, _decode_openai)
@@ -220,14 +220,14 @@ class OpenAIAdapter(HTTPAdapter):
                                                  end_markers=_CHAT_END, final_event="[DONE]"))
 
     def _check_stop(self, stop: Any) -> None:
-        """A same-format chat request with more stop sequences than the service takes is
-        refused as a translated one is (anthropic_format.messages_request_to_chat), before
-        the call: failover can then try a deployment that takes it, rather than answer with
-        this provider's 400."""
+        """A same-format chat or completions request with more stop sequences than the
+        service takes is refused as a translated one is
+        (anthropic_format.messages_request_to_chat), before the call: failover can then try
+        a deployment that takes it, rather than answer with this provider's 400."""
         limit = self.max_stop_sequences
         if limit is not None and isinstance(stop, list) and len(stop) > limit:
             raise TranslationError(f"OpenAI models take at most {limit} stop sequences; "
-                                   f"this request has {len(stop)}.")
+                                   f"this request has {len(stop)}.", param="stop")
 
     def _plan_from_anthropic(self, ctx: RequestContext, deployment: Deployment, url: str,
                              headers: dict[str, str]) -> Exchange:

@@ -11,7 +11,12 @@ import orjson
 
 
 class TranslationError(ValueError):
-    """A request the other API cannot express without silently changing the answer."""
+    """A request the other API cannot express without silently changing the answer;
+    `param` names the request field at fault, where the refusal names one."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:
