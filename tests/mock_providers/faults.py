@@ -160,6 +160,9 @@ class Fault:
     `event` picks the Responses API's in-band failure (see `RESPONSES_ERROR_EVENTS`): "error"
     as its reference documents it, "error.nested" as the live API sends it, or
     "response.failed".
+    `stall_s` holds an "error_event" stream open, silent, for that long after its error event
+    before it ends, as a provider that hung after it; a Responses stream's `error` event then
+    comes without the `response.failed` that follows it on the live API.
     """
 
     kind: str
@@ -173,6 +176,7 @@ class Fault:
     code: str | None = None
     param: str | None = None
     event: str = "error"
+    stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -196,6 +196,7 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
     (vercel/ai#6534's trace: `error` then `response.failed`, the next sequence number).
     "response.failed" alone: the terminal event of a failed response (ResponseFailedEvent),
     the response with `status: "failed"` and `error: {code, message}` (ResponseError).
+    A fault with `stall_s` sends the `error` event alone: the provider hung after it.
     """
     fault = call.fault_of("error_event")
     number = cut_index(items, fault.after_chunks) if fault is not None else len(items)
@@ -214,5 +215,7 @@ def _error_event(call: Call, items: list[StreamItem], final: JSON) -> bytes:
     else:
         error = sse({"type": "error", "code": code, "param": None, "sequence_number": number,
                      "message": message}, "error")
+    if fault is not None and fault.stall_s > 0:
+        return error
     return error + sse({"type": "response.failed", "sequence_number": number + 1,
                         "response": failed}, "response.failed")

@@ -198,6 +198,23 @@ def test_responses_error_events_in_their_three_shapes(mock: MockProviderServer) 
         Fault("error_event", event="response.cancelled")
 
 
+def test_a_stalled_responses_error_event_comes_alone_and_holds_the_stream_open(
+        mock: MockProviderServer) -> None:
+    """`stall_s`: the `error` event without its `response.failed`, then silence (a read
+    that waits less than the stall times out), then the end of the stream."""
+    client = openai.OpenAI(base_url=mock.base_url("openai"), api_key="k", max_retries=0)
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, stall_s=0.3))
+    events = list(client.responses.create(model="m", input=QUESTION, stream=True))
+    assert [e.type for e in events[-2:]] == ["response.output_text.delta", "error"]
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, stall_s=5))
+    with httpx.stream("POST", mock.base_url("openai") + "/responses",
+                      headers={"authorization": "Bearer k"}, timeout=httpx.Timeout(30, read=1),
+                      json={"model": "m", "input": QUESTION, "stream": True}) as response, \
+            pytest.raises(httpx.ReadTimeout):
+        for _ in response.iter_raw():
+            pass
+
+
 def test_truncate_ends_streams_cleanly_without_their_closing_events(
         mock: MockProviderServer) -> None:
     for provider, ending in (("openai", b"[DONE]"), ("anthropic", b"message_stop"),

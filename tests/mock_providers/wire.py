@@ -173,6 +173,8 @@ async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: b
             await _write_paced(call, response, items, cut, error_event)
             if cut is not None and cut.kind == "reset":
                 return response
+            if cut is not None and cut.kind == "error_event":
+                await asyncio.sleep(cut.stall_s)
         await response.write_eof()
     except ConnectionError:  # the client went away mid-stream
         state.cancelled_streams += 1
