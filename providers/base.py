@@ -164,6 +164,16 @@ class HTTPAdapter:
         """The headers that carry a provider key (each provider family names its own)."""
         raise NotImplementedError
 
+    def broken_stream_ending(self, ctx: RequestContext, codec: Any, error: GatewayError,
+                             by_provider: bool) -> bytes:
+        """The last bytes of a stream that broke after it started: the gateway's error event
+        in the caller's API, or nothing after the provider's own error event (`by_provider`:
+        it went to the client as it was)."""
+        if by_provider:
+            return b""
+        return stream_error_event(ctx.api_format, error, operation=ctx.operation,
+                                  sequence_number=getattr(codec, "next_sequence_number", 0))
+
     def redact(self, text: str) -> str:
         """Provider messages sometimes quote the key they were sent; never pass that on."""
         if self._api_key:
@@ -438,9 +448,7 @@ class HTTPAdapter:
                 if ctx.continue_streams and not ended_by_provider:
                     raise StreamInterrupted(broken)
                 ctx.error_type = broken.code
-                tail = b"" if ended_by_provider else stream_error_event(
-                    ctx.api_format, broken, operation=ctx.operation,
-                    sequence_number=getattr(codec, "next_sequence_number", 0))
+                tail = self.broken_stream_ending(ctx, codec, broken, ended_by_provider)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])

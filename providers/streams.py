@@ -126,6 +126,7 @@ class PassthroughCodec:
         "_scrub_error",
         "_tail",
         "error",
+        "first_event",
         "usage",
     )
 
@@ -136,6 +137,9 @@ class PassthroughCodec:
                  scrub_error: ErrorScrubber | None = None) -> None:
         self.usage: Usage | None = None
         self.error: StreamError | None = None
+        # (A Responses stream's is `response.created`: its response, which an ending the
+        # gateway adds repeats; parsed anyway with the preamble.)
+        self.first_event: dict[str, Any] | None = None
         self._tail = b""
         self._last = b""  # the latest complete events
         self._before = b""  # the read before them
@@ -182,6 +186,8 @@ class PassthroughCodec:
             payload = orjson.loads(data)
             if not isinstance(payload, dict):
                 continue
+            if self.first_event is None:
+                self.first_event = payload
             error = self._read_error(payload)
             if error is not None:  # failed before any output
                 raise error

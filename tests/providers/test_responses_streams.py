@@ -20,11 +20,19 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.responses import ResponseFailedEvent
 
 from gateway import create_app
 from middleware.metering.journal import Journal
 from middleware.metering.record import UsageRecord
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, write_config
+from tests.harness import (
+    AUTH,
+    TEST_KEY,
+    ThreadedServer,
+    config_head,
+    openai_client,
+    write_config,
+)
 from tests.mock_providers import Fault, MockProviderServer
 
 ADMIN_TOKEN = "responses-admin-token-0123456789"
@@ -308,27 +316,45 @@ def test_response_incomplete_is_a_normal_end_with_its_usage(
         assert len(b.requests) == 0
 
 
-# -- the gateway's own in-band error: the Responses API's `error` event ---------------------------
+def failed_ending(events: list[tuple[str | None, dict[str, Any]]]) -> ResponseFailedEvent:
+    """The stream's last event, a `response.failed` as the openai SDK's own type reads it
+    (every field a Response needs), after an `error` event and numbered on from it, for the
+    response the stream's `response.created` opened."""
+    (error_name, error), (failed_name, failed) = events[-2:]
+    assert (error_name, error["type"], failed_name) == ("error", "error", "response.failed")
+    ending = ResponseFailedEvent.model_validate(failed)
+    assert ending.sequence_number == error["sequence_number"] + 1
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert ending.response.id == events[0][1]["response"]["id"]
+    assert ending.response.status == "failed"
+    return ending
+
+
+# -- the gateway's own in-band error: the Responses API's `error`, then `response.failed` ---------
 
 @pytest.mark.parametrize("kind,code,what", [
     ("reset", "connection_error", "the connection broke mid-stream"),
     ("truncate", "incomplete_stream", "the stream ended before its response.completed")])
-def test_a_stream_the_gateway_ends_ends_with_the_responses_error_event(
+def test_a_stream_the_gateway_ends_ends_as_the_live_api_ends_a_failed_one(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer, kind: str, code: str,
         what: str) -> None:
     """Broken after output (reset, or cut short without its final event): the gateway's error
-    event is the Responses API's, numbered after the last event sent."""
+    event is the Responses API's, numbered after the last event sent, and the stream's last
+    event is the `response.failed` the live API follows its `error` event with: the stream's
+    response, failed with a server error (a ResponseError's code)."""
     a.push_fault(Fault(kind, provider="openai", after_chunks=2))
     message = f"Provider 'a' failed mid-stream: {what}"
     with serve(tmp_path, a, b) as (gateway, journal):
-        response, events = stream_events(gateway.url)
+        with openai_client(gateway).responses.with_streaming_response.create(
+                model="primary", input=QUESTION, stream=True) as response:
+            events = stream_events_of(response.text())
         assert len([d for _, d in events if d["type"] == "response.output_text.delta"]) == 2
-        name, last = events[-1]
-        assert name == "error"
-        assert last == {"type": "error", "code": code, "message": message, "param": None,
-                        "sequence_number": events[-2][1]["sequence_number"] + 1,
-                        "error": {"message": message, "type": "server_error", "param": None,
-                                  "code": code}}
+        assert events[-2][1] == {
+            "type": "error", "code": code, "message": message, "param": None,
+            "sequence_number": events[-3][1]["sequence_number"] + 1,
+            "error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        failed = failed_ending(events).response.error
+        assert failed is not None and (failed.code, failed.message) == ("server_error", message)
         record = journaled_record(journal, response.headers["x-request-id"])
         assert (record.status, record.error_type) == (200, code)
         # The official SDK raises it, as it does the live API's error event (a's breaker is
