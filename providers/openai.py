@@ -238,15 +238,23 @@ class OpenAIAdapter(HTTPAdapter):
     def broken_stream_ending(self, ctx: RequestContext, codec: Any, error: GatewayError,
                              by_provider: bool) -> bytes:
         """A Responses stream ends as the live API ends a failed one, with its `error` event
-        and then `response.failed` (vercel/ai#6534): after the gateway's own error event."""
+        and then `response.failed` (vercel/ai#6534): after the gateway's own error event, and
+        after the provider's when the upstream broke, ended or stalled before its own
+        `response.failed`."""
         ending = super().broken_stream_ending(ctx, codec, error, by_provider)
-        if ctx.operation != c.OPENAI_RESPONSES or by_provider:
+        if ctx.operation != c.OPENAI_RESPONSES:
             return ending
-        # The gateway's own failure (a timeout, a broken connection): a server error in the
-        # words of a ResponseError, whose codes are a closed set; the `error` event before it
-        # has the gateway's code.
-        return ending + failed_response_event(codec.first_event, "server_error", error.message,
-                                              codec.next_sequence_number + 1)
+        number = codec.next_sequence_number
+        if not by_provider:
+            # The gateway's own failure (a timeout, a broken connection): a server error in
+            # the words of a ResponseError, whose codes are a closed set; the `error` event
+            # before it has the gateway's code.
+            code, message, number = "server_error", error.message, number + 1
+        elif (unended := codec.unended_error) is not None:
+            code, message = unended.code or "server_error", self.redact(unended.message)
+        else:
+            return ending  # (the provider's `response.failed` went out)
+        return ending + failed_response_event(codec.first_event, code, message, number)
 
     def _check_stop(self, stop: Any) -> None:
         """A same-format chat or completions request with more stop sequences than the

@@ -228,6 +228,13 @@ class PassthroughCodec:
         return events
 
     @property
+    def unended_error(self) -> StreamError | None:
+        """The provider's error event that went to the client without the event that was to
+        end the stream after it (a Responses `error` event whose `response.failed` never
+        came: the upstream broke, ended or stalled first), else None."""
+        return self._ending
+
+    @property
     def sent_error(self) -> StreamError | None:
         """The provider's error event that went to the client as it was (nothing is to be
         added after it), else None."""
@@ -238,7 +245,7 @@ class PassthroughCodec:
         tail, self._tail = self._tail, b""
         out = self.feed(tail + b"\n\n") if tail.strip() else b""
         if self._ending is not None:  # the upstream ended before its last event: its error
-            self.error, self._ending = self._ending, None
+            self.error = self._ending
             return out
         if self.error is None and self._last and self._end_markers and not any(
                 marker in self._last or marker in self._before for marker in self._end_markers):

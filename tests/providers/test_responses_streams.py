@@ -70,10 +70,11 @@ middleware = [
 
 
 @contextmanager
-def serve(tmp_path: Path, a: MockProviderServer,
-          b: MockProviderServer) -> Iterator[tuple[ThreadedServer, Path]]:
+def serve(tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+          idle_s: float = 5) -> Iterator[tuple[ThreadedServer, Path]]:
+    """The gateway of `config`, its providers' longest idle gap in a stream `idle_s`."""
     journal = tmp_path / "journal"
-    path = write_config(tmp_path, config(a, b, journal))
+    path = write_config(tmp_path, config(a, b, journal).replace("idle_s=5", f"idle_s={idle_s}"))
     with ThreadedServer(create_app(path)) as server:
         yield server, journal
 
@@ -364,3 +365,34 @@ def test_a_stream_the_gateway_ends_ends_as_the_live_api_ends_a_failed_one(
         with pytest.raises(openai.APIError) as failure:
             list(client.responses.create(model="backup", input=QUESTION, stream=True))
         assert failure.value.message == message.replace("'a'", "'b'")
+
+
+@pytest.mark.parametrize("stall_s", [0.01, 60])
+def test_a_provider_silent_after_its_error_event_gets_the_failed_response_it_owes(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, stall_s: float) -> None:
+    """The provider sends its `error` event after output, then never its `response.failed`:
+    the upstream ends at once (0.01 s), or stays open and silent (60 s) until the gateway's
+    idle timeout (1 s) gives up on it. Either way the client's stream ends, well before its
+    own 20 s timeout, with the provider's event as it was and then the `response.failed` it
+    was owed, with the same error; the request is recorded with the provider's error and
+    billed what it delivered."""
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=2, event="error",
+                       code="rate_limit_exceeded", message=MESSAGE, stall_s=stall_s))
+    with serve(tmp_path, a, b, idle_s=1) as (gateway, journal):
+        client = openai_client(gateway).with_options(timeout=20)
+        with client.responses.with_streaming_response.create(
+                model="primary", input=QUESTION, stream=True) as response:
+            assert response.status_code == 200
+            events = stream_events_of(response.text())
+        deltas = [d["delta"] for _, d in events if d["type"] == "response.output_text.delta"]
+        assert "".join(deltas) == REPLY[:16]
+        assert {key: events[-2][1][key] for key in ("code", "message")} == {
+            "code": "rate_limit_exceeded", "message": MESSAGE}
+        failed = failed_ending(events).response.error
+        assert failed is not None and (failed.code, failed.message) == (
+            "rate_limit_exceeded", MESSAGE)
+        record = journaled_record(journal, response.headers["x-request-id"])
+        assert (record.status, record.error_type) == (200, "rate_limit_exceeded")
+        assert record.input_tokens > 0 and record.output_tokens == len(deltas)
+        assert record.cost_micros == record.input_tokens + 2 * record.output_tokens  # PRICE
+        assert len(b.requests) == 0
