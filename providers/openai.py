@@ -3,8 +3,8 @@
 Same format in and out: the request gets the upstream model id (and, for streams, a request
 for the usage chunk, except from the services that refuse `stream_options`) and the response
 bytes pass through untouched; a chat or completions request with more stop sequences than
-OpenAI and Azure take is refused before the call, as a translated one is. Anthropic-shaped callers are
-translated through providers.anthropic_format.
+OpenAI and Azure take is refused before the call, as a translated one is. Anthropic-shaped
+callers are translated through providers.anthropic_format.
 """
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ class OpenAIAdapter(HTTPAdapter):
         self.max_tokens_field = "max_completion_tokens" if type_name == "openai" \
             else "max_tokens"
         # `stop`: "Up to 4 sequences" (OpenAI's chat and completions references; Azure
-        # refuses more alike, QwenLM/Qwen-Agent#228). The compatible servers set limits of their own, or none.
+        # refuses more alike, QwenLM/Qwen-Agent#228). The compatible servers set limits of
+        # their own, or none.
         self.max_stop_sequences = 4 if type_name in ("openai", "azure") else None
         if not responses_api:
             self.operations = self.operations - {c.OPENAI_RESPONSES}
