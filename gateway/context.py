@@ -147,6 +147,10 @@ class RequestContext:
     provider: str | None = None
     usage: Usage | None = None
     first_byte_s: float | None = None
+    # A stream that ended with an in-band error after it started: that error (a
+    # gateway.errors.UpstreamError with the status it would have had as a response), so the
+    # failover layer can tell the provider's failures from the caller's.
+    stream_error: Any = None
     # The JSON body the passthrough sent a non-stream client: (the bytes, their parse), so
     # the cache keeps an answer without parsing it again. Read-only: it went out as is.
     sent_json: tuple[bytes, Any] | None = None

@@ -447,7 +447,7 @@ class HTTPAdapter:
                 # the provider's error event.
                 if ctx.continue_streams and not ended_by_provider:
                     raise StreamInterrupted(broken)
-                ctx.error_type = broken.code
+                ctx.error_type, ctx.stream_error = broken.code, broken
                 tail = self.broken_stream_ending(ctx, codec, broken, ended_by_provider)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
