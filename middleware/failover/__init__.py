@@ -26,9 +26,9 @@ go wait for the cool-down's end and then for the probe that goes first
 messages (policy.NO_VERDICT_OPERATIONS), neither waits for those cool-downs nor takes rpm
 tokens, and its outcomes change no deployment's health. Every attempt after the first needs
 the retry budget. After the response started, a failure ends the stream with an in-band error
-event (the adapter's job) and counts against the breaker, unless the route asks for
-continuation (continuation.py): then the next deployment goes on from the text the client
-already has.
+event (the adapter's job) and is recorded as it would be before (a request the caller must
+fix is no failure of the deployment), unless the route asks for continuation
+(continuation.py): then the next deployment goes on from the text the client already has.
 
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
@@ -768,21 +768,24 @@ class FailoverMiddleware:
 
     def succeeded(self, ctx: RequestContext, state: DeploymentState, key: KeyState | None,
                   began: float) -> None:
-        """Records a call that answered; a stream that broke after it started (it ended with
-        an in-band error event) counts as a failure of the deployment. An operation in
-        NO_VERDICT_OPERATIONS records nothing (its breaker and cool-down slots go back)."""
+        """Records a call that answered. A stream that broke after it started (it ended with
+        an in-band error event) is judged as its error would be before output: the provider's
+        failure counts against the deployment, a request the caller must fix does not. An
+        operation in NO_VERDICT_OPERATIONS records nothing (its breaker and cool-down slots
+        go back)."""
         if ctx.operation in NO_VERDICT_OPERATIONS:
             _no_verdict(state, key)
             return
-        failed = ctx.error_type is not None
-        if failed:
-            state.failures += 1
         now = time.monotonic()
-        state.breaker.record(failed, now)
-        if state.cool_until:  # (`state.record`, inline: the success path pays one test)
-            state.probe_ended(not failed, now)
-        if key is not None:
-            key.breaker.record(False, now)
+        error: UpstreamError | None = ctx.stream_error
+        if error is not None:  # (an in-band error has no Retry-After: no cool-down)
+            self._record_failure(error, classify(error, self.retry.retry_on), None, state, key)
+        else:
+            state.breaker.record(False, now)
+            if state.cool_until:  # (`state.record`, inline: the success path pays one test)
+                state.probe_ended(True, now)
+            if key is not None:
+                key.breaker.record(False, now)
         if state.tracks_ttft and ctx.first_byte_s is not None:
             state.observe_ttft(max(0.0, ctx.started_monotonic + ctx.first_byte_s - began), now)
 

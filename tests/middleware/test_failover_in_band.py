@@ -1,0 +1,125 @@
+"""In-band errors after a stream started, and the health of the deployment that sent them.
+
+Once output went out nothing is retried: the provider's error event ends the stream. What it
+says of the deployment follows the rule for errors before output (policy.classify): the
+provider's failures (server errors, rate limits) count against its breaker, a request the
+caller must fix (a prompt or an image the provider refuses) does not.
+
+Each test gets a gateway of its own (breaker state lives in the layer) over the two mock
+servers `a` and `b` (tests/conftest.py); a breaker opens at the first failure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from tests.harness import TEST_KEY, ThreadedServer, openai_client, serve
+from tests.middleware.test_failover_layer import chat, deployments, failover_config
+from tests.mock_providers import Fault, MockProviderServer
+
+QUESTION = "one two three four five six seven eight nine ten"
+OPENS_AT_ONCE = "breaker=BreakerSettings(consecutive_failures=1, cooldown_s=60)"
+WITH_FALLBACK = 'routes={"primary": Route(fallbacks=("backup",))}, ' + OPENS_AT_ONCE
+# (event, code) of a Responses stream failure: `error.nested` is the live API's `error`
+# event, whose type is `invalid_request_error` for a request the caller must fix.
+CALLERS = [("response.failed", "invalid_prompt"), ("response.failed", "image_too_large"),
+           ("error", "invalid_image_url"), ("error.nested", "invalid_prompt"),
+           ("error.nested", "context_length_exceeded")]
+PROVIDERS = [("response.failed", "server_error"), ("error.nested", "server_error"),
+             ("response.failed", "rate_limit_exceeded"), ("error.nested", "rate_limit_exceeded")]
+
+
+def responses_failure(event: str, code: str) -> Fault:
+    return Fault("error_event", provider="openai", after_chunks=2, event=event, code=code)
+
+
+def streamed_responses(gateway: ThreadedServer, model: str) -> tuple[list[str], str | None]:
+    """The event types the official SDK reads from a streamed `/v1/responses` call, and the
+    code of the error that ended it: the last event's (`response.failed`, or the documented
+    flat `error` event), or the one the SDK raised (the live API's nested `error` event)."""
+    types, code = [], None
+    try:
+        for event in openai_client(gateway).responses.create(model=model, input=QUESTION,
+                                                              stream=True):
+            types.append(event.type)
+            if event.type == "error":
+                code = event.code
+            elif event.type == "response.failed":
+                code = code or event.response.error.code  # type: ignore[union-attr]
+    except openai.APIError as error:
+        code = error.code
+    return types, code
+
+
+def health(gateway: ThreadedServer, model: str, index: int = 0) -> tuple[str, int, float]:
+    """A deployment's breaker, failures and cool-down left, from `GET /admin/deployments`."""
+    state = deployments(gateway)["models"][model]["deployments"][index]  # type: ignore[index]
+    return state["breaker"], state["failures"], state["cooling_s"]
+
+
+@pytest.mark.parametrize("event,code", CALLERS)
+def test_a_failure_after_output_the_caller_must_fix_leaves_the_deployment_healthy(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, event: str,
+        code: str) -> None:
+    a.push_fault(responses_failure(event, code))
+    with serve(tmp_path, failover_config(a, b, WITH_FALLBACK)) as gateway:
+        types, error_code = streamed_responses(gateway, "primary")
+        assert types.count("response.output_text.delta") == 2
+        assert error_code == code
+        assert health(gateway, "primary") == ("closed", 0, 0)
+        # The next request still goes to it, not to the fallback.
+        response = chat(gateway, "primary")
+        assert response.status_code == 200
+        assert "x-sluicegate-fallback" not in response.headers
+    assert len(a.requests) == 2 and len(b.requests) == 0
+
+
+@pytest.mark.parametrize("event,code", PROVIDERS)
+def test_a_provider_failure_after_output_counts_against_the_deployment(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, event: str,
+        code: str) -> None:
+    a.push_fault(responses_failure(event, code))
+    with serve(tmp_path, failover_config(a, b, WITH_FALLBACK)) as gateway:
+        types, error_code = streamed_responses(gateway, "primary")
+        assert types.count("response.output_text.delta") == 2
+        assert error_code == code
+        # A rate limit in-band has no Retry-After to cool the deployment down for: like a 429
+        # without one before output, it is a failure for the breaker only.
+        assert health(gateway, "primary") == ("open", 1, 0)
+        response = chat(gateway, "primary")
+        assert response.headers["x-sluicegate-fallback"] == "backup"
+    assert len(a.requests) == 1 and len(b.requests) == 1
+
+
+def test_an_anthropic_error_event_after_output_counts_against_the_deployment(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    a.push_fault(Fault("error_event", provider="anthropic", after_chunks=2))  # overloaded_error
+    with serve(tmp_path, failover_config(a, b, OPENS_AT_ONCE)) as gateway:
+        client = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+        types: list[str] = []
+        with pytest.raises(anthropic.APIStatusError) as failed, client.messages.stream(
+                model="claude-a", max_tokens=100,
+                messages=[{"role": "user", "content": QUESTION}]) as stream:
+            for event in stream:
+                types.append(event.type)
+        assert types.count("content_block_delta") == 2
+        assert failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+        assert health(gateway, "claude-a") == ("open", 1, 0)
+
+
+@pytest.mark.parametrize("code,judged", [("invalid_prompt", ("closed", 0, 0)),
+                                          ("server_error", ("open", 1, 0))])
+def test_a_hedged_streams_failure_after_output_is_judged_as_an_unhedged_ones(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, code: str,
+        judged: tuple[str, int, float]) -> None:
+    """A route that hedges runs its calls on copies of the request context (hedge.py): the
+    error must come back from the copy for its deployment to be judged."""
+    a.push_fault(responses_failure("response.failed", code))
+    layer = 'routes={"pair": Route(strategy="priority", hedge_after_s=30)}, ' + OPENS_AT_ONCE
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        assert streamed_responses(gateway, "pair")[1] == code
+        assert len(a.requests) == 1 and len(b.requests) == 0  # no hedge: a answered at once
+        assert health(gateway, "pair", 0) == judged
