@@ -132,7 +132,7 @@ class AnthropicWire(ProviderWire):
                              "request_id": request_id})
         return error_response(status, body, headers)
 
-    def stream_error_event(self, message: str | None) -> bytes:
+    def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
         return sse({"type": "error", "error": {"type": "overloaded_error",
                                                "message": message or "Overloaded"}}, "error")
 

@@ -154,7 +154,9 @@ class Fault:
                          `[DONE]` or `message_stop`), as when a proxy cuts it short.
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
-    the code of a Responses API stream's error event.
+    `code` the code of a Responses API stream's error event and of an OpenAI chat stream's
+    error chunk (whose type is then `invalid_request_error` for a request the caller must
+    fix: `openai_wire.CALLER_FAULT_CODES`).
     `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
     OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
     `event` picks the Responses API's in-band failure (see `RESPONSES_ERROR_EVENTS`): "error"

@@ -114,7 +114,7 @@ class GeminiWire(ProviderWire):
         body = orjson.dumps(error_object(status, message, details))
         return error_response(status, body, headers, JSON_TYPE)
 
-    def stream_error_event(self, message: str | None) -> bytes:
+    def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
         return b"data: " + orjson.dumps(error_object(503, message)) + b"\n\n"
 
 

@@ -22,7 +22,7 @@ from tests.mock_providers.behaviour import (
     reply_for,
     split_chunks,
 )
-from tests.mock_providers.openai_wire import content_images, content_text
+from tests.mock_providers.openai_wire import CALLER_FAULT_CODES, content_images, content_text
 from tests.mock_providers.wire import (
     JSON,
     BadRequest,
@@ -35,16 +35,6 @@ from tests.mock_providers.wire import (
     respond_stream,
     sse,
 )
-
-# ResponseError codes (OpenAI's API spec) that say the request must change: the prompt, an
-# image in it; and the chat API's code for an input over the context window, which the
-# Responses API reports in its `error` event (openai/openai-dotnet#849).
-CALLER_FAULT_CODES = frozenset({
-    "invalid_prompt", "invalid_image", "invalid_image_format", "invalid_base64_image",
-    "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
-    "image_content_policy_violation", "invalid_image_mode", "image_file_too_large",
-    "unsupported_image_media_type", "empty_image_file", "failed_to_download_image",
-    "image_file_not_found", "context_length_exceeded"})
 
 
 async def responses(call: Call) -> web.StreamResponse:

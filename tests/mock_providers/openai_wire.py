@@ -45,6 +45,17 @@ _AZURE_MESSAGES = {
 _STREAM_ERROR = "The server had an error while processing your request. Sorry about that!"
 
 
+# ResponseError codes (OpenAI's API spec) that say the request must change: the prompt, an
+# image in it; and the chat API's code for an input over the context window, which the
+# Responses API reports in its `error` event (openai/openai-dotnet#849).
+CALLER_FAULT_CODES = frozenset({
+    "invalid_prompt", "invalid_image", "invalid_image_format", "invalid_base64_image",
+    "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
+    "image_content_policy_violation", "invalid_image_mode", "image_file_too_large",
+    "unsupported_image_media_type", "empty_image_file", "failed_to_download_image",
+    "image_file_not_found", "context_length_exceeded"})
+
+
 def openai_error_body(message: str, kind: str, param: str | None = None,
                       code: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param,
@@ -101,9 +112,11 @@ class OpenAIWire(ProviderWire):
         body = openai_error_body(message or default_message, kind, param, code or default_code)
         return error_response(status, body, headers)
 
-    def stream_error_event(self, message: str | None) -> bytes:
-        # An error inside a 200 stream is a bare `data:` line holding the usual error object.
-        return b"data: " + openai_error_body(message or _STREAM_ERROR, "server_error") + b"\n\n"
+    def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
+        # An error inside a 200 stream is a bare `data:` line holding the usual error object,
+        # of OpenAI's 400 type when the caller must fix its request.
+        kind = "invalid_request_error" if code in CALLER_FAULT_CODES else "server_error"
+        return b"data: " + openai_error_body(message or _STREAM_ERROR, kind, code=code) + b"\n\n"
 
 
 class AzureWire(OpenAIWire):

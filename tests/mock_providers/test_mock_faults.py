@@ -148,6 +148,11 @@ def test_error_event_ends_streams_in_band(mock: MockProviderServer) -> None:
                                                     stream=True):
             received += "".join(c.delta.content or "" for c in chunk.choices)
     assert (received, failure.value.message) == (REPLY[:8], "boom")
+    assert (failure.value.type, failure.value.code) == ("server_error", None)
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=1, code="invalid_prompt"))
+    with pytest.raises(openai.APIError) as refused:
+        list(client.chat.completions.create(model="m", messages=USER, stream=True))
+    assert (refused.value.type, refused.value.code) == ("invalid_request_error", "invalid_prompt")
     claude = anthropic.Anthropic(base_url=mock.base_url("anthropic"), api_key="k", max_retries=0)
     mock.push_fault(Fault("error_event", provider="anthropic", after_chunks=0))
     with pytest.raises(anthropic.APIStatusError) as overloaded, claude.messages.stream(

@@ -82,8 +82,9 @@ class ProviderWire(ABC):
         """The provider's error response; `message` None means its usual text for `status`."""
 
     @abstractmethod
-    def stream_error_event(self, message: str | None) -> bytes:
-        """The in-band error event a 200 stream ends with on an "error_event" fault."""
+    def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
+        """The in-band error event a 200 stream ends with on an "error_event" fault (`code`:
+        the fault's, for the providers whose events carry one)."""
 
 
 @dataclass(slots=True)
@@ -106,8 +107,11 @@ class Call:
         return self.state.config
 
     def stream_error(self) -> bytes:
-        """The provider's in-band error event, with the fault's message if it has one."""
-        return self.wire.stream_error_event(self.fault.message if self.fault else None)
+        """The provider's in-band error event, with the fault's message and code if it has
+        them."""
+        fault = self.fault
+        return self.wire.stream_error_event(fault.message if fault else None,
+                                            fault.code if fault else None)
 
     def fault_of(self, kind: str) -> Fault | None:
         return self.fault if self.fault is not None and self.fault.kind == kind else None
