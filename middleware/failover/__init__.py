@@ -28,7 +28,8 @@ tokens, and its outcomes change no deployment's health. Every attempt after the 
 the retry budget. After the response started, a failure ends the stream with an in-band error
 event (the adapter's job) and is recorded as it would be before (a request the caller must
 fix is no failure of the deployment), unless the route asks for continuation
-(continuation.py): then the next deployment goes on from the text the client already has.
+(continuation.py): then, after a failure of the provider's, the next deployment goes on
+from the text the client already has.
 
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
@@ -619,11 +620,16 @@ class FailoverMiddleware:
                               ctx: RequestContext, route: Route, state: DeploymentState,
                               key: KeyState | None, tried: Tried, transcript: Transcript,
                               interrupted: StreamInterrupted) -> None:
-        """Records a stream that broke after it started, then continues it elsewhere."""
-        state.failures += 1
-        state.record(True)
-        if key is not None:
-            key.breaker.record(False)
+        """Records a stream that broke after it started as its error would be before output,
+        then continues it elsewhere; unless the caller must fix its request, which another
+        deployment would refuse too: then its error ends the stream."""
+        error = interrupted.error
+        assert isinstance(error, UpstreamError)  # (the passthrough's, providers/base.py)
+        kind = classify(error, self.retry.retry_on)
+        self._record_failure(error, kind, None, state, key)
+        if kind not in (RETRYABLE, FATAL, AUTH):
+            await self._end_broken_stream(send, ctx, interrupted)
+            return
         tried.exclude(state)
         await self._continue(scope, receive, send, ctx, route, tried, transcript, interrupted)
 

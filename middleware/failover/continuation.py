@@ -16,6 +16,8 @@ Limits:
   so point continuation at deployments that prefill.
 - Text only: a stream that was sending tool calls, several choices (`n > 1`), or thinking
   blocks ends with the in-band error event instead.
+- The provider's failures only: an error event saying the caller must fix its request (a
+  400, as `policy.classify` reads it) would come back from anywhere, and ends the stream.
 - One continuation per request; the continued part's chunks carry the fallback's ids.
 - Usage is the sum of both calls; the broken call's is the provider's when it reported one,
   else estimated (its output from the text received, its input from the request).

@@ -123,3 +123,28 @@ def test_a_hedged_streams_failure_after_output_is_judged_as_an_unhedged_ones(
         assert streamed_responses(gateway, "pair")[1] == code
         assert len(a.requests) == 1 and len(b.requests) == 0  # no hedge: a answered at once
         assert health(gateway, "pair", 0) == judged
+
+
+@pytest.mark.parametrize("code,judged,continued", [("invalid_prompt", ("closed", 0, 0), False),
+                                                   (None, ("open", 1, 0), True)])
+def test_a_continued_routes_failure_after_output_is_judged_as_any_other(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, code: str | None,
+        judged: tuple[str, int, float], continued: bool) -> None:
+    """A route that continues broken chat streams (continuation.py) continues the provider's
+    failures elsewhere; a request the caller must fix would be refused there too, and is
+    answered with its error, as before output, with no verdict against the deployment."""
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3, code=code))
+    layer = 'routes={"primary": Route(fallbacks=("backup",), continuation=True)}, ' + \
+        OPENS_AT_ONCE
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        text, error_code = "", None
+        try:
+            for chunk in openai_client(gateway).chat.completions.create(
+                    model="primary", messages=[{"role": "user", "content": QUESTION}],
+                    stream=True):
+                text += "".join(choice.delta.content or "" for choice in chunk.choices)
+        except openai.APIError as error:
+            error_code = error.code
+        assert text.startswith("Mock reply to: ")
+        assert (error_code, len(b.requests)) == ((None, 1) if continued else (code, 0))
+        assert health(gateway, "primary") == judged
