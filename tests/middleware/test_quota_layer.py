@@ -181,13 +181,13 @@ Start = Callable[..., Gateway]
 
 @pytest.fixture
 def start(tmp_path: Path, mock_url: str, prefix: str) -> Iterator[Start]:
-    """Starts gateways whose `middleware` list is the given layer expressions; they stop
-    before the test's Redis keys are deleted."""
+    """Starts gateways whose `middleware` list is the given layer expressions (after the
+    config lines `extra`); they stop before the test's Redis keys are deleted."""
     running: list[ThreadedServer] = []
 
-    def start(*layers: str, upstream: str = mock_url) -> Gateway:
+    def start(*layers: str, upstream: str = mock_url, extra: str = "") -> Gateway:
         text = mock_config(upstream, middleware="none",
-                           extra=PRELUDE + f"\nmiddleware = [{', '.join(layers)}]\n")
+                           extra=PRELUDE + extra + f"\nmiddleware = [{', '.join(layers)}]\n")
         path = write_config(tmp_path, text, name=f"config_{len(running)}.py")
         app = create_app(path)
         server = ThreadedServer(app).__enter__()
