@@ -4,10 +4,17 @@ Before the call it reserves, for every limit that applies (the caller's key, cus
 project from the auth layer's `Principal`, the model's, and the gateway-wide ones): one
 request against RPM, the estimated tokens (input estimate plus the output bound) against
 TPM, a concurrency lease, and the estimated cost against each budget. All of them are checked
-and reserved in one atomic store call (one Lua script in Redis). After the response has gone
-out, the reservation is replaced with the actual usage: the requests that finished in one
-event-loop step are settled together, in one store call (one script call in Redis, which
-settles each request on its own).
+and reserved in one atomic store call (one Lua script in Redis). Once the request has ended
+(`RequestContext.on_end`), the reservation is replaced with the actual usage: the requests
+that finished in one event-loop step are settled together, in one store call (one script
+call in Redis, which settles each request on its own).
+
+A request is admitted and settled once, however often a layer above calls the layers under
+this one for it. With a failover layer listed above this one, each of its attempts (a retry,
+a fallback, a broken stream's continuation) passes through here, but the caller sent one
+request: it counts once against RPM and concurrency (a caller's limits count its requests,
+not the gateway's attempts at them), holds its one reservation until it has ended, and is
+settled to what the usage ledger bills for it, every attempt in it.
 
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
@@ -24,9 +31,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -136,6 +144,10 @@ class QuotaMiddleware:
         # Admissions through a Lane (middleware/quota/lane.py): with the Redis store only.
         self._redis = self.store if type(self.store) is RedisQuotaStore else None
         self._lane_settles: list[tuple[Lane, str, Estimate, int, int]] = []
+        # ctx.state[self._admitted_key]: this layer admitted the request (`_call_again`); its
+        # _Responder, or None when `send` is not wrapped. A key of this instance's own: two
+        # quota layers in one stack each admit the request.
+        self._admitted_key = f"quota.admitted.{id(self)}"
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -194,6 +206,9 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        if self._admitted_key in ctx.state:  # the same request again: see `_call_again`
+            await self._call_again(scope, receive, send, ctx)
+            return
         handed: bytes | QuotaStoreError | None = None
         lane = self._lane(ctx, self._redis) if self._redis is not None else None
         if lane is not None:
@@ -206,22 +221,39 @@ class QuotaMiddleware:
         if headers:  # the kernel puts them on the response start, or on the error it renders
             ctx.response_headers += headers
         if store is None:  # nothing applies: no reservation, nothing to settle
+            ctx.state[self._admitted_key] = None
             await self.app(scope, receive, send)
             return
+        _settle_at_end(ctx, partial(self._settle, store, planned, checks, decision))
         allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream else None
         if allowance is None:  # nothing to cut off: `send` is not wrapped
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self._settle(store, ctx, planned, checks, decision)
+            ctx.state[self._admitted_key] = None
+            await self.app(scope, receive, send)
             return
-        responder = _Responder(ctx, send, allowance, est)
+        responder = ctx.state[self._admitted_key] = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             await responder.end_in_band()
-        finally:
-            self._settle(store, ctx, planned, checks, decision)
+
+    async def _call_again(self, scope: Scope, receive: Receive, send: Send,
+                          ctx: RequestContext) -> None:
+        """Calls the layers below again for a request this layer has admitted: a layer above
+        it makes another attempt (a failover layer listed above this one: a retry, a
+        fallback, a broken stream's continuation). The caller sent one request, so nothing
+        is admitted again (a caller's RPM counts its requests, not the gateway's attempts)
+        and nothing is settled here: the one admission holds until the request has ended,
+        then settles to what the request is billed, every attempt in it. A stream_cutoff
+        budget goes on counting the stream's events."""
+        earlier: _Responder | None = ctx.state[self._admitted_key]
+        if earlier is None:
+            await self.app(scope, receive, send)
+            return
+        responder = ctx.state[self._admitted_key] = earlier.again(send)
+        try:
+            await self.app(scope, receive, responder.send)
+        except _StreamCutOff:
+            await responder.end_in_band()
 
     async def _admit_in_lane(self, scope: Scope, receive: Receive, send: Send,
                              ctx: RequestContext, lane: Lane) -> Any:
@@ -245,20 +277,17 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
+        _settle_at_end(ctx, partial(self._settle_in_lane, lane, est, values))
         if not ctx.stream or not lane.cutoff:  # nothing to cut off: `send` is not wrapped
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self._settle_in_lane(ctx, lane, est, values)
+            ctx.state[self._admitted_key] = None
+            await self.app(scope, receive, send)
             return _SERVED
         allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff])
-        responder = _Responder(ctx, send, allowance, est)
+        responder = ctx.state[self._admitted_key] = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             await responder.end_in_band()
-        finally:
-            self._settle_in_lane(ctx, lane, est, values)
         return _SERVED
 
     def _lane(self, ctx: RequestContext, redis: RedisQuotaStore) -> Lane | None:
@@ -449,10 +478,12 @@ class QuotaMiddleware:
 
     # -- after the response ------------------------------------------------------------------
 
-    def _settle(self, store: QuotaStore, ctx: RequestContext, planned: list[Planned],
-                checks: list[Check], decision: Decision) -> None:
-        """Queues the replacement of the reservation by the actual usage. Settles queued in
-        one event-loop step go to the store together, after the responses went out."""
+    def _settle(self, store: QuotaStore, planned: list[Planned], checks: list[Check],
+                decision: Decision, ctx: RequestContext) -> None:
+        """Queues the replacement of the reservation by the actual usage, once the request
+        has ended (`RequestContext.on_end`: after every call a layer above made below this
+        one for it). Settles queued in one event-loop step go to the store together, after
+        the responses went out."""
         tokens, cost = self._charge(ctx)
         self._settles.setdefault(store, []).append(
             (_lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
@@ -479,8 +510,8 @@ class QuotaMiddleware:
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
                 cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 
-    def _settle_in_lane(self, ctx: RequestContext, lane: Lane, est: Estimate,
-                        values: list[Any]) -> None:
+    def _settle_in_lane(self, lane: Lane, est: Estimate, values: list[Any],
+                        ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
         tokens, cost = self._charge(ctx)
         self._lane_settles.append((lane, _lease(ctx), est, tokens, cost))
@@ -697,6 +728,13 @@ class _Responder:
         self.ctx.error_type = "budget_exceeded"
         raise _StreamCutOff()
 
+    def again(self, send: Send) -> _Responder:
+        """This responder for another call below for the same request, with its own `send`:
+        the events sent so far still count."""
+        responder = _Responder(self.ctx, send, self.allowance, self.est)
+        responder.events = self.events
+        return responder
+
     async def end_in_band(self) -> None:
         """Ends a stream `_cut_off` stopped with the error event of its API."""
         error = GatewayError(402, "The stream was ended because its cost reached what is left "
@@ -746,6 +784,13 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
 
 
 _UNSURE_MAX = 10_000  # releases kept for an unreachable store (see `_unsure_admit`)
+
+
+def _settle_at_end(ctx: RequestContext, settle: Callable[[RequestContext], None]) -> None:
+    if ctx.on_end is None:
+        ctx.on_end = [settle]
+    else:
+        ctx.on_end.append(settle)
 
 
 def _lease(ctx: RequestContext) -> str:

@@ -1,0 +1,125 @@
+"""The quota layer under a failover layer: one request, one admission, one settle.
+
+With the failover layer above the quota layer (an order the operator may choose), every
+attempt the failover layer makes passes through the quota layer. The caller still sent one
+request: it counts once against RPM and a concurrency limit, and its budget is charged once,
+what the usage ledger bills for it (the ledger records the request once, every attempt in
+it). Here `gpt-mock` has two deployments on the session's mock, so a fault injected for the
+next call hits the first attempt only; prices and arithmetic are test_quota_layer's. The
+layer knows a request it admitted by a mark of its own, so two quota layers in one stack
+still each admit it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.middleware.test_quota_billing import billed, deltas, metering, post, streamed
+from tests.middleware.test_quota_layer import (
+    CUTOFF_BUDGET,
+    CUTOFF_MESSAGE,
+    INPUT,
+    LIFETIME_BUDGET,
+    OUTPUT,
+    Gateway,
+    Start,
+    auth,
+    eventually,
+    prefix,
+    quota,
+    slow,
+    slow_mock,
+    start,
+    static_key,
+    store,
+    wait_streams_done,
+)
+from tests.mock_providers import Fault, MockProviderServer
+
+__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
+
+TWO_DEPLOYMENTS = '''
+from middleware.failover import Route
+models["gpt-mock"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE),
+                      Deployment("openai", "gpt-4o", price=MOCK_PRICE)]
+'''
+FAILOVER = ("Middleware(FailoverMiddleware, breaker=NEVER_OPENS, "
+            "routes={'gpt-mock': Route(strategy='priority', continuation=True)})")
+# kind -> the fault the first attempt meets: an error before any output (failed over to the
+# second deployment), or a stream broken after three content events (continued there).
+FAULTS = {
+    "error_before_output": Fault(kind="status", provider="openai", status=500),
+    "stream_broken_after_output": Fault(kind="error_event", provider="openai",
+                                        after_chunks=3),
+}
+
+
+def failover_above_quota(start: Start, store: str, limits: str, journal: Path,
+                         **options: str) -> Gateway:
+    return start(auth(static_key(limits)), metering(journal), FAILOVER, quota(store),
+                 extra=TWO_DEPLOYMENTS, **options)
+
+
+@pytest.mark.parametrize("kind,stream", [("error_before_output", False),
+                                         ("error_before_output", True),
+                                         ("stream_broken_after_output", True)])
+def test_a_request_that_failed_over_is_charged_once_what_the_ledger_bills(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path, kind: str,
+        stream: bool) -> None:
+    # Each attempt was admitted under the request's one lease id, so the second reservation
+    # took the first's place in the store and the first was never given back (240 for 30
+    # billed); a continued stream was charged its broken part twice.
+    journal = tmp_path / "journal"
+    gateway = failover_above_quota(start, store, LIFETIME_BUDGET, journal)
+    mock.push_fault(FAULTS[kind])
+    response = post(gateway, "openai", {**streamed("openai", 100), "stream": stream})
+    assert response.status_code == 200
+    assert len(mock.requests) == 2  # (failed over)
+    cost = billed(journal)
+    assert eventually(gateway.committed, cost) == cost
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_a_request_that_failed_over_counts_once_against_rpm(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        kind: str) -> None:
+    # The caller's RPM counts the caller's requests, not the gateway's attempts at them.
+    gateway = failover_above_quota(start, store, "Limits(rpm=2)", tmp_path / "journal")
+    mock.push_fault(FAULTS[kind])
+    response = post(gateway, "openai", streamed("openai", 100))
+    assert response.status_code == 200
+    assert len(mock.requests) == 2  # (failed over)
+    assert response.headers.get_list("x-ratelimit-remaining-requests") == ["1"]
+    assert gateway.chat().headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_stream_that_failed_over_is_still_cut_off_at_its_budget(
+        start: Start, slow: MockProviderServer, tmp_path: Path) -> None:
+    # The second attempt was admitted against the first one's reservation as well, and
+    # refused (402) though the request was within its budget.
+    journal = tmp_path / "journal"
+    gateway = failover_above_quota(start, "'memory'", CUTOFF_BUDGET, journal,
+                                   upstream=slow.url)
+    wait_streams_done(slow)
+    slow.push_fault(FAULTS["error_before_output"])
+    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    assert response.status_code == 200
+    assert len(slow.requests) == 2  # (failed over)
+    assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]  # (cut off)
+    wait_streams_done(slow)
+    cost = billed(journal)
+    assert cost == INPUT + 2 * deltas(response.content)
+    assert eventually(gateway.committed, cost) == cost
+
+
+def test_two_quota_layers_in_one_stack_each_admit_the_request(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # (The inner layer must not take the outer one's admission for its own.)
+    gateway = start(auth(static_key("Limits(rpm=5)")), quota(store),
+                    quota("'memory'", limits="Limits(rpm=1)"))
+    assert gateway.chat().status_code == 200
+    refused = gateway.chat()
+    assert refused.status_code == 429
+    assert "All callers together may use 1 requests per minute" in refused.text
+    assert len(mock.requests) == 1
