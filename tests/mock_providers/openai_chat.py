@@ -116,16 +116,22 @@ def validate_chat(body: JSON, *, need_model: bool, max_stops: int | None) -> Non
         if not isinstance(message, dict) or "role" not in message:
             raise BadRequest(f"Missing required parameter: 'messages[{index}].role'.",
                              param=f"messages[{index}].role", code="missing_required_parameter")
-    stop = body.get("stop")
-    if isinstance(stop, list) and max_stops is not None and len(stop) > max_stops:
-        # As OpenAI and Azure answer it (continuedev/continue#1572, QwenLM/Qwen-Agent#228).
-        raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum "
-                         f"length {max_stops}, but got an array with length "
-                         f"{len(stop)} instead.", param="stop", code="array_above_max_length")
+    if max_stops is not None:
+        validate_stop(body, max_stops)
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
         raise BadRequest(f"Invalid 'n': expected an integer between 1 and 128, got {n!r}.",
                          param="n", code="invalid_value")
+
+
+def validate_stop(body: JSON, max_stops: int) -> None:
+    """`stop` with more sequences than the API takes, refused as OpenAI and Azure refuse it
+    (continuedev/continue#1572, QwenLM/Qwen-Agent#228)."""
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > max_stops:
+        raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum "
+                         f"length {max_stops}, but got an array with length "
+                         f"{len(stop)} instead.", param="stop", code="array_above_max_length")
 
 
 def chat_conversation(body: JSON) -> Conversation:

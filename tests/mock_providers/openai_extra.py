@@ -23,7 +23,13 @@ from tests.mock_providers.behaviour import (
     word_logprob,
     words,
 )
-from tests.mock_providers.openai_chat import DONE, FINGERPRINT, TOKEN_PATTERN
+from tests.mock_providers.openai_chat import (
+    DONE,
+    FINGERPRINT,
+    MAX_STOP_SEQUENCES,
+    TOKEN_PATTERN,
+    validate_stop,
+)
 from tests.mock_providers.wire import (
     JSON,
     BadRequest,
@@ -50,6 +56,7 @@ async def completions(call: Call) -> web.StreamResponse:
     if "prompt" not in body:
         raise BadRequest("Missing required parameter: 'prompt'.", param="prompt",
                          code="missing_required_parameter")
+    validate_stop(body, MAX_STOP_SEQUENCES)  # "Up to 4 sequences", as chat
     prompts = _prompts(body["prompt"])
     max_tokens = body.get("max_tokens", LEGACY_DEFAULT_MAX_TOKENS)
     replies = [reply_for(Conversation(last_user_text=p, input_tokens=words(p),

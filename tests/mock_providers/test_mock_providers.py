@@ -181,6 +181,23 @@ def test_openai_legacy_completions_and_models(oai: openai.OpenAI) -> None:
     assert "gpt-4o-mini" in [model.id for model in oai.models.list()]
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_openai_more_than_four_stop_sequences_are_a_400(oai: openai.OpenAI,
+                                                        endpoint: str) -> None:
+    """Chat and legacy completions both take "up to 4 sequences" (the API reference)."""
+    stops = ["one", "two", "three", "four", "five"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        if endpoint == "chat":
+            oai.chat.completions.create(model="m", stop=stops,
+                                        messages=[{"role": "user", "content": "Hi"}])
+        else:
+            oai.completions.create(model="gpt-3.5-turbo-instruct", prompt="Hi", stop=stops)
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "Invalid 'stop': array too long. Expected an array with maximum length 4, "
+                   "but got an array with length 5 instead.",
+        "type": "invalid_request_error", "param": "stop", "code": "array_above_max_length"}
+
+
 def test_openai_responses_json_and_event_sequence(oai: openai.OpenAI,
                                                   srv: MockProviderServer) -> None:
     response = oai.responses.create(model="gpt-4o-mini", input="Say hi")
