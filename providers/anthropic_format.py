@@ -111,7 +111,8 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
     if format_type == "json_schema":
         schema = (body["response_format"].get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise TranslationError("response_format json_schema needs a `schema` object.")
+            raise TranslationError("response_format json_schema needs a `schema` object.",
+                                   param="response_format")
         request["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     user = body.get("user") or body.get("safety_identifier")
     if isinstance(user, str) and user:
@@ -123,9 +124,11 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
 
 def _refuse_inexpressible(body: JSON) -> None:
     if (body.get("n") or 1) > 1:
-        raise TranslationError("Anthropic models return one choice per request; `n` must be 1.")
+        raise TranslationError("Anthropic models return one choice per request; `n` must be 1.",
+                               param="n")
     if body.get("logprobs"):
-        raise TranslationError("Anthropic models do not return log probabilities (`logprobs`).")
+        raise TranslationError("Anthropic models do not return log probabilities (`logprobs`).",
+                               param="logprobs")
     if body.get("functions") or body.get("function_call"):
         raise TranslationError("legacy `functions`/`function_call` are not supported for "
                                "Anthropic models; send `tools` and `tool_choice` instead.")
@@ -133,7 +136,8 @@ def _refuse_inexpressible(body: JSON) -> None:
         raise TranslationError("audio output is not available from Anthropic models.")
     format_type = (body.get("response_format") or {}).get("type")
     if format_type not in (None, "text", "json_object", "json_schema"):
-        raise TranslationError(f"response_format {format_type!r} has no Anthropic equivalent.")
+        raise TranslationError(f"response_format {format_type!r} has no Anthropic equivalent.",
+                               param="response_format")
 
 
 def _sampling(body: JSON) -> JSON:
@@ -323,7 +327,7 @@ def _tools_of_history(messages: list[JSON]) -> JSON:
 def _anthropic_tool(tool: JSON) -> JSON:
     if tool.get("type") != "function":
         raise TranslationError(f"tools of type {tool.get('type')!r} have no Anthropic "
-                               "equivalent.")
+                               "equivalent.", param="tools")
     function = tool["function"]
     declared: JSON = {"name": function["name"]}
     if function.get("description"):
@@ -348,7 +352,8 @@ def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
         allowed = choice.get("allowed_tools") or {}
         names = {tool["function"]["name"] for tool in allowed.get("tools") or ()}
         return {"type": "any" if allowed.get("mode") == "required" else "auto"}, names
-    raise TranslationError(f"tool_choice {choice!r} has no Anthropic equivalent.")
+    raise TranslationError(f"tool_choice {choice!r} has no Anthropic equivalent.",
+                           param="tool_choice")
 
 
 # -- Anthropic Message -> OpenAI chat.completion ---------------------------------------------
@@ -412,7 +417,8 @@ def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens"
         chat["stop"] = list(body["stop_sequences"])
         if max_stop_sequences is not None and len(chat["stop"]) > max_stop_sequences:
             raise TranslationError(f"OpenAI models take at most {max_stop_sequences} stop "
-                                   f"sequences; this request has {len(chat['stop'])}.")
+                                   f"sequences; this request has {len(chat['stop'])}.",
+                                   param="stop_sequences")
     user_id = (body.get("metadata") or {}).get("user_id")
     if isinstance(user_id, str) and user_id:
         chat["user"] = user_id

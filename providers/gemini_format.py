@@ -277,7 +277,8 @@ def _result_object(content: str) -> JSON:
 
 def _declaration(tool: JSON) -> JSON:
     if tool.get("type") != "function":
-        raise TranslationError(f"tools of type {tool.get('type')!r} have no Gemini equivalent.")
+        raise TranslationError(f"tools of type {tool.get('type')!r} have no Gemini equivalent.",
+                               param="tools")
     function = tool["function"]
     declaration: JSON = {"name": function["name"]}
     if function.get("description"):
@@ -305,7 +306,8 @@ def _function_calling_config(choice: Any) -> tuple[JSON, set[str] | None]:
         if allowed.get("mode") == "required":  # allowedFunctionNames is only valid with ANY
             return {"mode": "ANY", "allowedFunctionNames": sorted(names)}, names
         return {"mode": "AUTO"}, names
-    raise TranslationError(f"tool_choice {choice!r} has no Gemini equivalent.")
+    raise TranslationError(f"tool_choice {choice!r} has no Gemini equivalent.",
+                           param="tool_choice")
 
 
 def _generation_config(body: JSON) -> JSON:
@@ -329,7 +331,7 @@ def _generation_config(body: JSON) -> JSON:
         if len(config["stopSequences"]) > MAX_STOP_SEQUENCES:
             raise TranslationError(f"Gemini models take at most {MAX_STOP_SEQUENCES} stop "
                                    f"sequences; this request has "
-                                   f"{len(config['stopSequences'])}.")
+                                   f"{len(config['stopSequences'])}.", param="stop")
     if body.get("logprobs"):
         config["responseLogprobs"] = True
         if body.get("top_logprobs") is not None:
@@ -350,7 +352,8 @@ def _response_format(response_format: Any) -> JSON:
         if schema:
             config["responseJsonSchema"] = _json_schema(schema)
         return config
-    raise TranslationError(f"response_format {response_format!r} has no Gemini equivalent.")
+    raise TranslationError(f"response_format {response_format!r} has no Gemini equivalent.",
+                           param="response_format")
 
 
 # -- chat response ---------------------------------------------------------------------------
@@ -429,8 +432,10 @@ def _embedding_texts(value: Any) -> list[str]:
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
         return value
     if isinstance(value, list) and value:
-        raise TranslationError("Gemini embeddings take text input, not token arrays.")
-    raise TranslationError("`input` must be a string or a non-empty list of strings.")
+        raise TranslationError("Gemini embeddings take text input, not token arrays.",
+                               param="input")
+    raise TranslationError("`input` must be a string or a non-empty list of strings.",
+                           param="input")
 
 
 def gemini_embeddings_to_openai(resp: JSON, public_model: str, input_tokens: int) -> JSON:

@@ -301,21 +301,24 @@ def test_allowed_tools_keeps_only_the_named_tools() -> None:
     assert out["tool_choice"] == {"type": "any"}
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"tools": [{"type": "custom", "custom": {"name": "grammar"}}]}, "'custom'"),
+@pytest.mark.parametrize(("fields", "message", "param"), [
+    ({"tools": [{"type": "custom", "custom": {"name": "grammar"}}]}, "'custom'", "tools"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "custom", "custom": {"name": "x"}}},
-     "tool_choice"),
-    ({"n": 2}, "`n` must be 1"),
-    ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
-    ({"functions": [WEATHER_TOOL["function"]]}, "legacy"),
-    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"response_format": {"type": "grammar"}}, "no Anthropic equivalent"),
+     "tool_choice", "tool_choice"),
+    ({"n": 2}, "`n` must be 1", "n"),
+    ({"logprobs": True, "top_logprobs": 3}, "logprobs", "logprobs"),
+    ({"functions": [WEATHER_TOOL["function"]]}, "legacy", None),  # (or `function_call`)
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio",
+     None),  # (`modalities` or `audio`)
+    ({"response_format": {"type": "grammar"}}, "no Anthropic equivalent", "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "needs a `schema`"),
+     "needs a `schema`", "response_format"),
 ])
-def test_inexpressible_requests_are_refused(fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(TranslationError, match=message):
+def test_inexpressible_requests_are_refused_naming_the_field(
+        fields: dict[str, Any], message: str, param: str | None) -> None:
+    with pytest.raises(TranslationError, match=message) as refused:
         chat_request_to_messages(chat(**fields), "m")
+    assert refused.value.param == param
 
 
 def test_sampling_stop_user_and_stream() -> None:
@@ -836,6 +839,15 @@ def test_strict_tools_and_tools_without_schema() -> None:
 def test_anthropic_only_features_are_refused(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(TranslationError, match=message):
         messages_request_to_chat(messages_body(**fields))
+
+
+def test_more_stop_sequences_than_openai_takes_are_refused_naming_the_callers_field() -> None:
+    """(An Anthropic error names no field; `param` still says which one, for the logs'
+    readers and any caller format that shows it.)"""
+    with pytest.raises(TranslationError, match="at most 4 stop sequences") as refused:
+        messages_request_to_chat(messages_body(stop_sequences=["1", "2", "3", "4", "5"]),
+                                 max_stop_sequences=4)
+    assert refused.value.param == "stop_sequences"
 
 
 def test_parameters_stream_and_dropped_fields() -> None:

@@ -144,7 +144,7 @@ def test_six_stop_sequences_from_an_openai_client_are_a_400_before_gemini(
     assert refused.value.body == {  # type: ignore[comparison-overlap]
         "message": "The request cannot be sent to this model: Gemini models take at most 5 "
                    "stop sequences; this request has 6.",
-        "type": "invalid_request_error", "param": None, "code": None}
+        "type": "invalid_request_error", "param": "stop", "code": None}
     assert mock.requests == []
 
 

@@ -289,16 +289,19 @@ def test_allowed_tools_keeps_only_the_named_declarations(mode: str,
     assert [d["name"] for d in request["tools"][0]["functionDeclarations"]] == ["get_time"]
 
 
-@pytest.mark.parametrize("fields", [
-    {"tools": [WEATHER_TOOL], "tool_choice": "sometimes"},
-    {"tools": [{"type": "custom", "custom": {"name": "grammar"}}]},
-    {"functions": [WEATHER_TOOL["function"]], "function_call": "auto"},
-    {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
-    {"response_format": {"type": "grammar", "grammar": "root ::= 'a'"}},
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "custom", "custom": {"name": "grammar"}}]}, "tools"),
+    ({"functions": [WEATHER_TOOL["function"]], "function_call": "auto"}, None),  # (two fields)
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, None),
+    ({"response_format": {"type": "grammar", "grammar": "root ::= 'a'"}}, "response_format"),
+    ({"stop": ["1", "2", "3", "4", "5", "6"]}, "stop"),  # stopSequences takes up to 5
 ])
-def test_requests_gemini_cannot_express_are_refused(fields: dict[str, Any]) -> None:
-    with pytest.raises(TranslationError):
+def test_requests_gemini_cannot_express_are_refused_naming_the_field(
+        fields: dict[str, Any], param: str | None) -> None:
+    with pytest.raises(TranslationError) as refused:
         chat_request_to_gemini(chat(**fields))
+    assert refused.value.param == param
 
 
 def test_a_function_without_parameters_declares_none() -> None:
@@ -669,8 +672,9 @@ def test_embeddings_request() -> None:
 
 @pytest.mark.parametrize("value", [[1, 2, 3], [[1, 2], [3]], [], None, 5])
 def test_embeddings_input_gemini_cannot_take(value: Any) -> None:
-    with pytest.raises(TranslationError):
+    with pytest.raises(TranslationError) as refused:
         embeddings_request_to_gemini({"input": value}, "gemini-embedding-001")
+    assert refused.value.param == "input"
 
 
 def test_embeddings_in_batches_of_at_most_100_and_their_answers_as_one() -> None:
