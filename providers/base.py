@@ -293,7 +293,7 @@ class HTTPAdapter:
         finally:
             attempt.duration_s = time.monotonic() - began
             if span is not None:
-                trace.end_attempt(span, ctx, attempt.status, failure)
+                trace.end_attempt(span, ctx, attempt.status, failure or attempt.error_type)
 
     async def _post(self, exchange: Exchange) -> aiohttp.ClientResponse:
         assert self._session is not None, "provider used before startup"
@@ -443,6 +443,9 @@ class HTTPAdapter:
             if broken is not None and sent is not None:
                 broken, ended_by_provider = self._mid_stream_error(sent), True
             if broken is not None:
+                # (the attempt failed, though its status is 200: its span says so, as it
+                # says so of a call that failed before output)
+                attempt.error_type = broken.code
                 # The failover layer goes on from elsewhere, unless the client already has
                 # the provider's error event.
                 if ctx.continue_streams and not ended_by_provider:

@@ -164,6 +164,24 @@ def test_failed_attempts_and_cache_hits_are_visible(
     assert children(spans, hits[0]) == []  # no upstream call for a hit
 
 
+def test_a_stream_that_ends_with_an_in_band_error_after_output_is_an_error_span(
+        traced: ThreadedServer, mock: MockProviderServer, spans: Any) -> None:
+    """The stream's status is 200, but it failed: both spans say so, as for a failed call
+    before output (GenAI conventions: `error.type`, status ERROR)."""
+    mock.push_fault(Fault("error_event", provider="openai", after_chunks=2))
+    sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        for _ in sdk.chat.completions.create(model="gpt-mock", stream=True, messages=[
+                {"role": "user", "content": "fails after output"}]):
+            pass
+    span = request_span(spans)
+    assert span.attributes["http.response.status_code"] == 200
+    (attempt,) = children(spans, span)
+    for failed in (span, attempt):
+        assert failed.attributes["error.type"] == "server_error"
+        assert failed.status.status_code.name == "ERROR"
+
+
 def test_tracing_is_off_without_a_provider_or_otel_environment(
         tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
