@@ -65,6 +65,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     504: ("timeout_error", "Request timeout"),
     529: ("overloaded_error", "Overloaded"),
 }
+_MESSAGES = {kind: message for kind, message in _ERRORS.values()}
 MODELS = (("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
           ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
           ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
@@ -133,8 +134,12 @@ class AnthropicWire(ProviderWire):
         return error_response(status, body, headers)
 
     def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
-        return sse({"type": "error", "error": {"type": "overloaded_error",
-                                               "message": message or "Overloaded"}}, "error")
+        # An error event has a type and no code: the fault's code is the type
+        # (invalid_request_error for a request the caller must fix), else overloaded_error.
+        kind = code or "overloaded_error"
+        return sse({"type": "error", "error": {"type": kind,
+                                               "message": message or _MESSAGES.get(kind, kind)}},
+                   "error")
 
 
 # -- reading a request ------------------------------------------------------------------------

@@ -154,9 +154,13 @@ class Fault:
                          `[DONE]` or `message_stop`), as when a proxy cuts it short.
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
-    `code` the code of a Responses API stream's error event and of an OpenAI chat stream's
-    error chunk (whose type is then `invalid_request_error` for a request the caller must
-    fix: `openai_wire.CALLER_FAULT_CODES`).
+    `code` an "error_event" fault's error: the code of a Responses API stream's error event
+    and of an OpenAI chat stream's error chunk (whose type is then `invalid_request_error`
+    for a request the caller must fix: `openai_wire.CALLER_FAULT_CODES`); the `type` of
+    Anthropic's `error` event (its error types: `invalid_request_error` for a request the
+    caller must fix; `overloaded_error` without a code); the `status` of Gemini's error
+    object, whose `code` is then that status's HTTP code (`INVALID_ARGUMENT`: 400; without a
+    code, `UNAVAILABLE`: 503).
     `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
     OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
     `event` picks the Responses API's in-band failure (see `RESPONSES_ERROR_EVENTS`): "error"

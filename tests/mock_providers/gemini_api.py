@@ -69,6 +69,9 @@ MODELS = (("gemini-2.0-flash", "Gemini 2.0 Flash", ["generateContent", "countTok
           ("gemini-embedding-001", "Gemini Embedding 001", ["embedContent", "countTokens"]))
 
 
+_CODE_OF_STATUS = {status: code for code, (status, _) in _STATUS.items()}
+
+
 def _status(code: int) -> tuple[str, str]:
     return _STATUS.get(code, ("INTERNAL" if code >= 500 else "FAILED_PRECONDITION",
                               f"HTTP {code}"))
@@ -80,6 +83,12 @@ def error_object(code: int, message: str | None, details: list[JSON] | None = No
     if details:
         error["details"] = details
     return {"error": error}
+
+
+def stream_error_object(message: str | None, status: str | None) -> JSON:
+    """The error a stream ends with: UNAVAILABLE, or the status a fault's code names
+    (INVALID_ARGUMENT for a request the caller must fix), with its HTTP code."""
+    return error_object(_CODE_OF_STATUS[status] if status else 503, message)
 
 
 class GeminiWire(ProviderWire):
@@ -115,7 +124,7 @@ class GeminiWire(ProviderWire):
         return error_response(status, body, headers, JSON_TYPE)
 
     def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
-        return b"data: " + orjson.dumps(error_object(503, message)) + b"\n\n"
+        return b"data: " + orjson.dumps(stream_error_object(message, code)) + b"\n\n"
 
 
 # -- reading a request ------------------------------------------------------------------------
@@ -253,8 +262,9 @@ async def stream_generate(call: Call, model: str) -> web.StreamResponse:
     items = [((b"[" if i == 0 else b",\r\n") + dumps(chunk), is_content)
              for i, (chunk, is_content) in enumerate(chunks)]
     items.append((b"]", False))
-    error = b",\r\n" + orjson.dumps(error_object(503, call.fault.message if call.fault else None))
-    return await respond_stream(call, items, error + b"]", JSON_TYPE)
+    fault = call.fault
+    error = stream_error_object(fault.message if fault else None, fault.code if fault else None)
+    return await respond_stream(call, items, b",\r\n" + orjson.dumps(error) + b"]", JSON_TYPE)
 
 
 async def count_tokens(call: Call, model: str) -> web.StreamResponse:

@@ -1,6 +1,7 @@
 """The mock's fault injection, key checks, HTTP control endpoints, CLI and pure rules."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -163,6 +164,35 @@ def test_error_event_ends_streams_in_band(mock: MockProviderServer) -> None:
     lines = [line for line in call(mock, "gemini", stream=True).text.splitlines() if line]
     assert len(lines) == 2 and '"candidates"' in lines[0]
     assert '"status":"UNAVAILABLE"' in lines[1] and lines[1].startswith("data: {\"error\"")
+
+
+def test_error_event_of_a_request_the_caller_must_fix_in_anthropic_and_gemini_streams(
+        mock: MockProviderServer) -> None:
+    """A fault's code is the type of Anthropic's `error` event and the status of Gemini's
+    error object (with its HTTP code), as a chat stream's code sets its chunk's."""
+    claude = anthropic.Anthropic(base_url=mock.base_url("anthropic"), api_key="k", max_retries=0)
+    mock.push_fault(Fault("error_event", provider="anthropic", after_chunks=1,
+                          code="invalid_request_error"))
+    received = ""
+    with pytest.raises(anthropic.APIStatusError) as refused, claude.messages.stream(
+            model="c", max_tokens=50, messages=USER) as stream:
+        for text in stream.text_stream:
+            received += text
+    assert received == REPLY[:8]
+    assert refused.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+        "type": "invalid_request_error", "message": "Invalid request."}}
+    invalid = {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}
+    mock.push_fault(Fault("error_event", provider="gemini", after_chunks=1, message="bad",
+                          code="INVALID_ARGUMENT"))
+    lines = [line for line in call(mock, "gemini", stream=True).text.splitlines() if line]
+    assert len(lines) == 2 and '"candidates"' in lines[0]
+    assert json.loads(lines[1].removeprefix("data: ")) == invalid
+    mock.push_fault(Fault("error_event", provider="gemini", after_chunks=1, message="bad",
+                          code="INVALID_ARGUMENT"))
+    array = httpx.post(mock.base_url("gemini") + "/v1beta/models/gemini-2.0-flash:"
+                       "streamGenerateContent", headers={"x-goog-api-key": "k"},
+                       json={"contents": [{"role": "user", "parts": [{"text": QUESTION}]}]})
+    assert json.loads(array.text)[-1] == invalid  # (the JSON array form, without alt=sse)
 
 
 def test_responses_error_events_in_their_three_shapes(mock: MockProviderServer) -> None:

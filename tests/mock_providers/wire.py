@@ -84,7 +84,7 @@ class ProviderWire(ABC):
     @abstractmethod
     def stream_error_event(self, message: str | None, code: str | None = None) -> bytes:
         """The in-band error event a 200 stream ends with on an "error_event" fault (`code`:
-        the fault's, for the providers whose events carry one)."""
+        the fault's; see `Fault` for what it sets in each provider's event)."""
 
 
 @dataclass(slots=True)
