@@ -55,10 +55,17 @@ _CALLERS_STREAM_ERRORS = (
     "failed_to_download_image", "image_file_not_found")
 # In-band error types (or codes) -> the status a caller would have seen had it come as a
 # response. (`rate_limit_exceeded`: the Responses API's code for it, in `response.failed`;
-# `too_many_requests`: the type of its live `error` event, openai/openai-dotnet#881.)
+# `too_many_requests`: the type of its live `error` event, openai/openai-dotnet#881.
+# Anthropic's error types and Gemini's google.rpc statuses map as their responses do: the
+# Anthropic API's errors page; Gemini's troubleshooting page, google.rpc.Code.)
 _STREAM_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "RESOURCE_EXHAUSTED": 429,
                         "UNAVAILABLE": 503, "api_error": 502, "server_error": 502,
                         "rate_limit_exceeded": 429, "too_many_requests": 429,
+                        "authentication_error": 401, "permission_error": 403,
+                        "not_found_error": 404, "request_too_large": 413,
+                        "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
+                        "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+                        "NOT_FOUND": 404, "INTERNAL": 500, "DEADLINE_EXCEEDED": 504,
                         **dict.fromkeys(_CALLERS_STREAM_ERRORS, 400)}
 
 

@@ -69,7 +69,10 @@ MODELS = (("gemini-2.0-flash", "Gemini 2.0 Flash", ["generateContent", "countTok
           ("gemini-embedding-001", "Gemini Embedding 001", ["embedContent", "countTokens"]))
 
 
-_CODE_OF_STATUS = {status: code for code, (status, _) in _STATUS.items()}
+# (FAILED_PRECONDITION too is a 400: e.g. the free tier where it is not offered, the
+# Gemini API's troubleshooting page)
+_CODE_OF_STATUS = {**{status: code for code, (status, _) in _STATUS.items()},
+                   "FAILED_PRECONDITION": 400}
 
 
 def _status(code: int) -> tuple[str, str]:
