@@ -137,14 +137,7 @@ def test_a_continued_routes_failure_after_output_is_judged_as_any_other(
     layer = 'routes={"primary": Route(fallbacks=("backup",), continuation=True)}, ' + \
         OPENS_AT_ONCE
     with serve(tmp_path, failover_config(a, b, layer)) as gateway:
-        text, error_code = "", None
-        try:
-            for chunk in openai_client(gateway).chat.completions.create(
-                    model="primary", messages=[{"role": "user", "content": QUESTION}],
-                    stream=True):
-                text += "".join(choice.delta.content or "" for choice in chunk.choices)
-        except openai.APIError as error:
-            error_code = error.code
+        text, error_code = streamed_chat(gateway, "primary")
         assert text.startswith("Mock reply to: ")
         assert (error_code, len(b.requests)) == ((None, 1) if continued else (code, 0))
         assert health(gateway, "primary") == judged
@@ -178,3 +171,35 @@ def test_an_anthropic_or_gemini_error_after_output_the_caller_must_fix_leaves_it
                 text += "".join(choice.delta.content or "" for choice in chunk.choices)
         assert text  # the error came after output
         assert health(gateway, model) == ("closed", 0, 0)
+
+
+def streamed_chat(gateway: ThreadedServer, model: str) -> tuple[str, str | None]:
+    """The text the official SDK reads from a streamed chat completion, and the code of the
+    error that ended it (None when it ended well)."""
+    text, code = "", None
+    try:
+        for chunk in openai_client(gateway).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": QUESTION}], stream=True):
+            text += "".join(choice.delta.content or "" for choice in chunk.choices)
+    except openai.APIError as error:
+        code = error.code
+    return text, code
+
+
+def test_a_continuation_the_caller_must_fix_is_no_failure_of_its_deployment(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """The continuation call itself is refused for the request: the stream ends with the
+    broken call's error, and the deployment that refused it has no failure to show (its
+    breaker stays closed, and so does its count in GET /admin/deployments)."""
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    b.push_fault(Fault("status", provider="openai", status=400,
+                       message="Invalid value for 'messages'."))
+    layer = 'routes={"primary": Route(fallbacks=("backup",), continuation=True)}, ' + \
+        OPENS_AT_ONCE
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        text, error_code = streamed_chat(gateway, "primary")
+        assert text.startswith("Mock reply to: ") and error_code is not None
+        assert len(b.requests) == 1
+        assert health(gateway, "primary") == ("open", 1, 0)
+        assert health(gateway, "backup") == ("closed", 0, 0)  # (was counted: 1)
+
