@@ -621,13 +621,15 @@ class FailoverMiddleware:
                               key: KeyState | None, tried: Tried, transcript: Transcript,
                               interrupted: StreamInterrupted) -> None:
         """Records a stream that broke after it started as its error would be before output,
-        then continues it elsewhere; unless the caller must fix its request, which another
-        deployment would refuse too: then its error ends the stream."""
+        then continues it elsewhere when its error would be retried before output: not when
+        the caller must fix its request (another deployment would refuse it too), nor when
+        the operator chose not to retry it (FATAL, outside `RetryPolicy.retry_on`). Then its
+        error ends the stream."""
         error = interrupted.error
         assert isinstance(error, UpstreamError)  # (the passthrough's, providers/base.py)
         kind = classify(error, self.retry.retry_on)
         self._record_failure(error, kind, None, state, key)
-        if kind not in (RETRYABLE, FATAL, AUTH):
+        if kind not in (RETRYABLE, AUTH):
             await self._end_broken_stream(send, ctx, interrupted)
             return
         tried.exclude(state)

@@ -203,3 +203,18 @@ def test_a_continuation_the_caller_must_fix_is_no_failure_of_its_deployment(
         assert health(gateway, "primary") == ("open", 1, 0)
         assert health(gateway, "backup") == ("closed", 0, 0)  # (was counted: 1)
 
+
+def test_a_failure_the_operator_does_not_retry_is_not_continued(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """With `retry_on` leaving server errors out, a server error before output is answered
+    as it is (policy.FATAL): after output it ends the stream as it is too, though the route
+    continues streams. It still counts against its deployment."""
+    a.push_fault(Fault("error_event", provider="openai", after_chunks=3))
+    layer = ('routes={"primary": Route(fallbacks=("backup",), continuation=True)}, '
+             'retry=RetryPolicy(retry_on=frozenset({429})), ' + OPENS_AT_ONCE)
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        text, error_code = streamed_chat(gateway, "primary")
+        assert text.startswith("Mock reply to: ")
+        assert error_code is not None
+        assert len(b.requests) == 0  # (was continued there)
+        assert health(gateway, "primary") == ("open", 1, 0)
