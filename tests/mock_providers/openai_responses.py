@@ -36,6 +36,8 @@ from tests.mock_providers.wire import (
     sse,
 )
 
+_MAX_STORED = 100_000  # ids per key: a long test run keeps no more
+
 
 async def responses(call: Call) -> web.StreamResponse:
     body = body_dict(call)
@@ -45,12 +47,29 @@ async def responses(call: Call) -> web.StreamResponse:
     if "input" not in body:
         raise BadRequest("Missing required parameter: 'input'.", param="input",
                          code="missing_required_parameter")
+    stored = _stored_responses(call)
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in stored:
+        raise BadRequest(f"Previous response with id '{previous}' not found.",
+                         param="previous_response_id", code="previous_response_not_found")
     reply = reply_for(responses_conversation(body))
     final = response_object(body, reply, random_id("resp_", 48), _item_id(reply))
+    if body.get("store", True) is not False and len(stored) < _MAX_STORED:
+        stored.add(final["id"])
     if body.get("stream") is not True:
         return await respond_json(call, final)
     items = response_events(final, reply, call.config.chunk_chars)
     return await respond_stream(call, items, _error_event(call, items, final))
+
+
+def _stored_responses(call: Call) -> set[str]:
+    """The ids of the responses stored for the call's API key. OpenAI keeps a response
+    (`store`, true by default) for its own organization and project only: a
+    `previous_response_id` it does not hold is refused with 400 `previous_response_not_found`,
+    "Previous response with id '...' not found." (as clients quote it: bigduu/Bamboo-agent#513,
+    maximhq/bifrost#2441). The mock keeps only the ids, so a follow-up has no more context."""
+    header = call.request.headers.get("authorization", "")
+    return call.state.stored_responses.setdefault(header[7:].strip(), set())
 
 
 def responses_conversation(body: JSON) -> Conversation:

@@ -221,6 +221,28 @@ def test_openai_responses_json_and_event_sequence(oai: openai.OpenAI,
     assert json.loads(tool.output[0].arguments) == WEATHER_ARGS
 
 
+def test_openai_responses_previous_response_id_is_found_only_by_the_key_that_made_it(
+        srv: MockProviderServer) -> None:
+    url = srv.base_url("openai")
+    mine = openai.OpenAI(base_url=url, api_key="sk-mine", max_retries=0)
+    other = openai.OpenAI(base_url=url, api_key="sk-other", max_retries=0)
+    first = mine.responses.create(model="m", input="Say hi")
+    assert mine.responses.create(model="m", input="And again",
+                                 previous_response_id=first.id).previous_response_id == first.id
+    with mine.responses.stream(model="m", input="Say hi") as events:
+        streamed = events.get_final_response().id
+    assert mine.responses.create(model="m", input="Go on", previous_response_id=streamed).output
+    unstored = mine.responses.create(model="m", input="Say hi", store=False)
+    for client, previous in [(other, first.id), (mine, unstored.id), (mine, "resp_unknown")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="m", input="Go on", previous_response_id=previous)
+        assert refused.value.status_code == 400
+        assert refused.value.body == {
+            "message": f"Previous response with id '{previous}' not found.",
+            "type": "invalid_request_error", "param": "previous_response_id",
+            "code": "previous_response_not_found"}
+
+
 def test_azure_sdk_chat_embeddings_and_api_version(srv: MockProviderServer) -> None:
     azure = openai.AzureOpenAI(azure_endpoint=srv.base_url("azure"), api_key="azure-key",
                                api_version="2024-10-21", max_retries=0)

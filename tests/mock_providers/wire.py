@@ -43,6 +43,9 @@ class ServerState:
     ratio_failures: dict[str, int] = field(default_factory=dict)  # per provider, by fail_ratio
     # Anthropic's prompt cache: a cached prefix's key -> when it expires (time.monotonic())
     prompt_cache: dict[str, float] = field(default_factory=dict)
+    # The Responses API's stored responses: API key -> the ids of the responses made with it
+    # (an account sees only its own: `previous_response_id` of another is not found).
+    stored_responses: dict[str, set[str]] = field(default_factory=dict)
 
     def record(self, entry: JSON) -> None:
         log = self.requests
