@@ -31,6 +31,10 @@ fix is no failure of the deployment), unless the route asks for continuation
 (continuation.py): then, after a failure of the provider's, the next deployment goes on
 from the text the client already has.
 
+A Responses API request with a `previous_response_id` this gateway saw made goes to the
+deployment and provider key that made it, and fails over only to those that see it
+(affinity.py).
+
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
 metering as `ctx.state["failover.fallbacks"]`; every attempt is in `ctx.attempts`.
@@ -51,7 +55,7 @@ from typing import Any
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError, GatewayConfig
-from gateway.context import CONTEXT_KEY, RequestContext, Usage
+from gateway.context import CONTEXT_KEY, OPENAI_RESPONSES, RequestContext, Usage
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -63,6 +67,15 @@ from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
 from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
 from gateway.upstream import OPERATION_PATHS, serving_deployments
+from middleware.failover.affinity import (
+    Pin,
+    ResponseAffinity,
+    pin_of,
+    previous_response_id,
+    response_id_of,
+    send_noting_response_id,
+    unavailable,
+)
 from middleware.failover.continuation import (
     CONTINUABLE,
     ContinuationRelay,
@@ -120,6 +133,7 @@ class FailoverMiddleware:
         breaker: BreakerSettings | None = None,
         shared: RedisHealth | None = None,
         admin_token_env: str | None = None,
+        response_affinity_entries: int = 100_000,
     ) -> None:
         self.app = app
         self.routes = dict(routes or {})
@@ -144,6 +158,8 @@ class FailoverMiddleware:
         self.budget = RetryBudget(ratio=self.retry.budget_ratio,
                                   window_s=self.retry.budget_window_s,
                                   min_per_s=self.retry.budget_min_per_s)
+        # Responses API: where each response this process saw was made (affinity.py).
+        self.affinity = ResponseAffinity(max_entries=response_affinity_entries)
         self.counters = {"requests": 0, "retries": 0, "fallbacks": 0, "hedges": 0,
                          "budget_refusals": 0}
 
@@ -202,6 +218,9 @@ class FailoverMiddleware:
         self.budget.request(began)
         route = self.routes.get(ctx.model, self.default)
         wanted = requested_tags(ctx.headers) if group.tagged else NO_TAGS
+        if ctx.operation == OPENAI_RESPONSES:  # (the one test any other request pays)
+            await self._serve_responses(scope, receive, send, ctx, route, wanted)
+            return
         unable = self.unable.get(ctx.operation)  # (None for most operations)
         if wanted or (unable is not None and ctx.model in unable) or \
                 ctx.operation in NO_VERDICT_OPERATIONS:  # (picked apart: `Tried.rate_limited`)
@@ -253,6 +272,79 @@ class FailoverMiddleware:
         else:
             tried.attempts = 1
             next_chain = self.after_failure(failure, state, None, tried, ctx)
+        await self._serve(scope, receive, send, ctx, route, tried, next_chain)
+
+    # -- Responses API affinity (affinity.py) ------------------------------------------------
+
+    async def _serve_responses(self, scope: Scope, receive: Receive, send: Send,
+                               ctx: RequestContext, route: Route,
+                               wanted: frozenset[str]) -> None:
+        """A Responses API request: one with a `previous_response_id` this gateway saw made
+        goes where that response is; every answer's id is noted for the next turn."""
+        tried = self._tried(ctx, route, wanted)
+        previous = previous_response_id(ctx)
+        pin = None
+        if previous is not None:
+            pin = self.affinity.get(previous)
+            if pin is None and self.shared is not None:
+                pin = await self.shared.pin_of(previous)
+        noted: list[str] = []
+        if ctx.stream:
+            send = send_noting_response_id(send, noted)
+        if pin is None or previous is None:
+            await self._serve(scope, receive, send, ctx, route, tried, None)
+        else:
+            await self._serve_pinned(scope, receive, send, ctx, route, tried, previous, pin)
+        made = response_id_of(ctx, noted)
+        made_at = pin_of(ctx) if made is not None else None
+        if made is not None and made_at is not None:
+            self.affinity.remember(made, made_at)
+            if self.shared is not None:
+                self.shared.share_pin(made, made_at)
+
+    async def _serve_pinned(self, scope: Scope, receive: Receive, send: Send,
+                            ctx: RequestContext, route: Route, tried: Tried, previous: str,
+                            pin: Pin) -> None:
+        """Calls the deployment and key that made the previous response first; the others
+        that see it (same provider entry and key) are the only ways round. When the model and
+        its fallbacks have none, the request routes as any other (the provider will say)."""
+        seeing, first_model, first = [], ctx.model, None
+        for model in self._every_model(ctx.model, route):
+            group = self.group(ctx, model) if model == ctx.model or _may_use(ctx, model) \
+                else None
+            for state in group.deployments if group is not None else ():
+                if state in tried.ineligible or not pin.sees(state.deployment):
+                    continue
+                seeing.append(state)
+                if first is None and state.name == pin.deployment:
+                    first_model, first = model, state
+        if not seeing:
+            await self._serve(scope, receive, send, ctx, route, tried, None)
+            return
+        blind = frozenset(state for model in self._every_model(ctx.model, route)
+                          if (group := self.groups.get(model)) is not None
+                          for state in group.deployments if state not in seeing)
+        tried.ineligible = tried.ineligible | blind
+        tried.excluded = set(tried.ineligible)
+        tried.bad_keys = {key.key.env for state in seeing for key in state.keys
+                          if key.key.env != pin.key}
+        tried.pinned = (previous, pin)
+        next_chain = None
+        if first is not None and first.available(time.monotonic(), tried.rate_limited):
+            key = first.pick_key(tried.bad_keys)
+            if first.keys and key is None:  # its key's breaker is open: no call
+                first.release(tried.rate_limited)
+            else:
+                try:
+                    await self._attempt(scope, receive, send, ctx, route, first, key, tried,
+                                        None if first_model == ctx.model else first_model)
+                    return
+                except UntranslatableRequest as refusal:  # (no call went out: `_attempt`)
+                    tried.refuse(first, refusal)
+                except UpstreamError as error:
+                    if ctx.status:
+                        raise  # never a second response start
+                    next_chain = self.after_failure(error, first, key, tried, ctx)
         await self._serve(scope, receive, send, ctx, route, tried, next_chain)
 
     # -- the attempt loop ------------------------------------------------------------------
@@ -524,6 +616,10 @@ class FailoverMiddleware:
     def _final_error(self, ctx: RequestContext, tried: Tried, chain: list[str]) -> GatewayError:
         if tried.last_error is not None:
             return tried.last_error
+        if tried.pinned is not None:  # nothing that sees the previous response could go
+            cooling = self._cooling_s(_usable(ctx, chain), tried)
+            return unavailable(*tried.pinned, min(cooling) if cooling
+                               else self.breaker.cooldown_s)
         requested = ctx.model
         usable_models = _usable(ctx, chain)
         cooling = self._cooling_s(usable_models, tried)

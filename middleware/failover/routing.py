@@ -394,7 +394,8 @@ class Tried:
     failure: the common request never needs them)."""
 
     __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "rate_limited", "refusal", "retry_after_s", "started", "unable", "wanted_tags")
+                 "pinned", "rate_limited", "refusal", "retry_after_s", "started", "unable",
+                 "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
@@ -412,6 +413,9 @@ class Tried:
         self.last_error: UpstreamError | None = None
         self.refusal: UntranslatableRequest | None = None  # the first adapter's refusal
         self.retry_after_s: float | None = None
+        # A Responses API follow-up: (its previous_response_id, the affinity.Pin of where
+        # that response was made); only the deployments that see it are eligible.
+        self.pinned: tuple[str, Any] | None = None
 
     def exclude(self, state: DeploymentState) -> None:
         self.excluded = {*self.excluded, state}

@@ -7,7 +7,15 @@
   breaker another instance closed (its half-open probe succeeded) is closed here, and the
   latency strategy sees the slowest recent view of each deployment.
 
-Nothing of this is on the request path: a breaker change only marks the breaker for the next
+It also shares Responses API affinity (failover/affinity.py): each response id this process
+saw made, with where, is written at the next sync as its own key `<prefix>-response:<id>`
+with a TTL (`response_ttl_s`, a day by default; the keys spread over a Cluster's slots), and a
+follow-up whose `previous_response_id` this process has not seen asks Redis for it: one GET,
+held to `lookup_timeout_s`, the only Redis call on a request path here (a failure routes the
+request as one with an unknown id). A follow-up that reaches another instance before the
+first one's next sync is routed as an unknown id.
+
+Nothing else is on the request path: a breaker change only marks the breaker for the next
 sync. So instances agree within two `sync_interval_s` (the change is written at its process's
 next sync and read at each other's) plus one Redis round trip. When Redis
 is unreachable each instance keeps its own breakers (the per-process behaviour) and the task
@@ -24,6 +32,7 @@ import uuid
 from typing import Any
 
 from gateway.resp import RespClient, RespError, parse_redis_url
+from middleware.failover.affinity import Pin
 from middleware.failover.health import CLOSED, OPEN, CircuitBreaker
 from middleware.failover.routing import Group
 
@@ -31,6 +40,7 @@ __all__ = ["RedisHealth"]
 
 logger = logging.getLogger("sluicegate.failover")
 _TTFT_FRESH_S = 30.0
+_MAX_PENDING_PINS = 100_000
 
 
 class RedisHealth:
@@ -38,7 +48,8 @@ class RedisHealth:
 
     def __init__(self, url: str | None = None, *, url_env: str | None = None,
                  prefix: str = "sluicegate", sync_interval_s: float = 0.5,
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, response_ttl_s: int = 86_400,
+                 lookup_timeout_s: float = 0.2) -> None:
         if url is None and url_env is not None:
             url = os.environ.get(url_env)
         if not url:
@@ -51,6 +62,14 @@ class RedisHealth:
         self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tag = "{" + prefix + "-health}"
         self.open_key, self.ttft_key = f"{tag}:open", f"{tag}:ttft"
+        if response_ttl_s < 1 or not lookup_timeout_s > 0:
+            raise ValueError("RedisHealth.response_ttl_s must be >= 1 and lookup_timeout_s "
+                             "positive")
+        self.response_prefix = f"{prefix}-response:"
+        self.response_ttl_s = response_ttl_s
+        self.lookup_timeout_s = lookup_timeout_s
+        self._pins: dict[str, str] = {}  # response id -> encoded Pin, for the next sync
+        self._lookups: RespClient | None = None
         self._breakers: dict[str, CircuitBreaker] = {}
         self._groups: list[Group] = []
         self._changed: dict[str, CircuitBreaker] = {}
@@ -76,6 +95,7 @@ class RedisHealth:
 
     async def startup(self) -> None:
         self._client = RespClient(self.url, timeout_s=2.0)
+        self._lookups = RespClient(self.url, timeout_s=self.lookup_timeout_s)
         self._task = asyncio.create_task(self._run(), name="sluicegate-failover-health")
 
     async def shutdown(self) -> None:
@@ -90,6 +110,9 @@ class RedisHealth:
                 pass
             await self._client.close()
             self._client = None
+        if self._lookups is not None:
+            await self._lookups.close()
+            self._lookups = None
 
     async def check_ready(self) -> dict[str, str]:
         assert self._client is not None
@@ -103,6 +126,30 @@ class RedisHealth:
         return {"instance": self.instance_id, "sync_interval_s": self.sync_interval_s,
                 "last_sync_age_s": None if self.last_sync is None
                 else round(time.monotonic() - self.last_sync, 3), "errors": self.errors}
+
+    # -- Responses API affinity --------------------------------------------------------------
+
+    def share_pin(self, response_id: str, pin: Pin) -> None:
+        """Where a response was made, for the other instances (written at the next sync; at
+        most `_MAX_PENDING_PINS` wait, the oldest dropped)."""
+        pins = self._pins
+        pins[response_id] = pin.encode()
+        if len(pins) > _MAX_PENDING_PINS:
+            del pins[next(iter(pins))]
+
+    async def pin_of(self, response_id: str) -> Pin | None:
+        """Where another instance saw a response made; None when unknown or Redis fails."""
+        if self._lookups is None:
+            return None
+        try:
+            raw = await self._lookups.call("GET", self.response_prefix + response_id)
+        except (RespError, OSError) as exc:
+            self.errors += 1
+            logger.warning("failover affinity lookup in Redis failed (%s); the request "
+                           "routes as one with an unknown previous_response_id",
+                           type(exc).__name__)
+            return None
+        return Pin.decode(raw) if isinstance(raw, bytes) else None
 
     # -- the sync --------------------------------------------------------------------------
 
@@ -121,6 +168,7 @@ class RedisHealth:
         """One exchange with Redis: write what changed here, read what changed elsewhere."""
         assert self._client is not None
         changed, self._changed = self._changed, {}
+        pins, self._pins = self._pins, {}
         wall, mono = time.time(), time.monotonic()
         opened: dict[Any, Any] = {name: f"{wall + b.opened_at + b.settings.cooldown_s - mono:.3f}"
                   for name, b in changed.items() if b.state == OPEN}
@@ -134,6 +182,9 @@ class RedisHealth:
             commands.append(["HDEL", self.open_key, *closed])
         if ttft:
             commands.append(["HSET", self.ttft_key, *_flat(ttft)])
+        ttl = str(self.response_ttl_s)
+        commands += [["SET", self.response_prefix + response_id, pin, "EX", ttl]
+                     for response_id, pin in pins.items()]
         commands += [["HGETALL", self.open_key], ["HGETALL", self.ttft_key]]
         try:
             replies = await self._client.call_many(commands)
@@ -143,6 +194,8 @@ class RedisHealth:
         except BaseException:
             for name, breaker in changed.items():  # tell the others next time
                 self._changed.setdefault(name, breaker)
+            for response_id, pin in pins.items():
+                self._pins.setdefault(response_id, pin)
             raise
         self._apply_open(_pairs(replies[-2]), time.time(), time.monotonic())
         self._apply_ttft(_pairs(replies[-1]), time.time())
