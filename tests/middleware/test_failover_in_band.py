@@ -143,36 +143,6 @@ def test_a_continued_routes_failure_after_output_is_judged_as_any_other(
         assert health(gateway, "primary") == judged
 
 
-GEMINI_A = '''
-providers["a-gemini"] = Provider("gemini", base_url="{url}", api_key_env="MOCK_PROVIDER_KEY",
-                                 timeouts=fast)
-models["gemini-a"] = [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE)]
-'''
-
-
-@pytest.mark.parametrize("provider,model,code", [
-    ("anthropic", "claude-a", "invalid_request_error"),
-    ("gemini", "gemini-a", "INVALID_ARGUMENT"),
-    ("gemini", "gemini-a", "FAILED_PRECONDITION"),
-], ids=["anthropic", "gemini-invalid-argument", "gemini-failed-precondition"])
-def test_an_anthropic_or_gemini_error_after_output_the_caller_must_fix_leaves_it_healthy(
-        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, provider: str,
-        model: str, code: str) -> None:
-    """Their in-band errors name the caller's fault in their own words: Anthropic's error
-    types, Gemini's google.rpc status (an OpenAI client here, translated)."""
-    a.push_fault(Fault("error_event", provider=provider, after_chunks=2, code=code))
-    extra = GEMINI_A.format(url=a.base_url("gemini"))
-    with serve(tmp_path, failover_config(a, b, OPENS_AT_ONCE, extra)) as gateway:
-        text = ""
-        with pytest.raises(openai.APIError):
-            for chunk in openai_client(gateway).chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": QUESTION}],
-                    stream=True):
-                text += "".join(choice.delta.content or "" for choice in chunk.choices)
-        assert text  # the error came after output
-        assert health(gateway, model) == ("closed", 0, 0)
-
-
 def streamed_chat(gateway: ThreadedServer, model: str) -> tuple[str, str | None]:
     """The text the official SDK reads from a streamed chat completion, and the code of the
     error that ended it (None when it ended well)."""
@@ -218,3 +188,28 @@ def test_a_failure_the_operator_does_not_retry_is_not_continued(
         assert error_code is not None
         assert len(b.requests) == 0  # (was continued there)
         assert health(gateway, "primary") == ("open", 1, 0)
+
+
+GEMINI_A = '''
+providers["a-gemini"] = Provider("gemini", base_url="{url}", api_key_env="MOCK_PROVIDER_KEY",
+                                 timeouts=fast)
+models["gemini-a"] = [Deployment("a-gemini", "gemini-2.0-flash", price=PRICE)]
+'''
+
+
+@pytest.mark.parametrize("provider,model,code", [
+    ("anthropic", "claude-a", "invalid_request_error"),
+    ("gemini", "gemini-a", "INVALID_ARGUMENT"),
+    ("gemini", "gemini-a", "FAILED_PRECONDITION"),
+], ids=["anthropic", "gemini-invalid-argument", "gemini-failed-precondition"])
+def test_an_anthropic_or_gemini_error_after_output_the_caller_must_fix_leaves_it_healthy(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, provider: str,
+        model: str, code: str) -> None:
+    """Their in-band errors name the caller's fault in their own words: Anthropic's error
+    types, Gemini's google.rpc status (an OpenAI client here, translated)."""
+    a.push_fault(Fault("error_event", provider=provider, after_chunks=2, code=code))
+    extra = GEMINI_A.format(url=a.base_url("gemini"))
+    with serve(tmp_path, failover_config(a, b, OPENS_AT_ONCE, extra)) as gateway:
+        text, error_code = streamed_chat(gateway, model)
+        assert text and error_code is not None  # the error came after output
+        assert health(gateway, model) == ("closed", 0, 0)
