@@ -148,35 +148,24 @@ def test_six_stop_sequences_from_an_openai_client_are_a_400_before_gemini(
     assert mock.requests == []
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
 @pytest.mark.parametrize("model", ["gpt-mock", "azure-mock"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_five_stop_sequences_from_an_openai_client_are_the_gateways_400_before_openai(
-        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        cross_gateway: ThreadedServer, mock: MockProviderServer, endpoint: str, model: str,
         stream: bool) -> None:
     """The same refusal as for a translated request: said by the gateway, before any
     provider call, so that a model's other deployments may still take the request; its
-    `param` is the one OpenAI's own refusal names."""
+    `param` is the one OpenAI's own refusal names. `/v1/completions` takes "up to 4
+    sequences" too (OpenAI's completions reference)."""
+    client = oai(cross_gateway)
     with pytest.raises(openai.BadRequestError) as refused:
-        oai(cross_gateway).chat.completions.create(
-            model=model, stop=FIVE_STOPS, stream=stream,
-            messages=[{"role": "user", "content": "Hi"}])
-    assert refused.value.body == {  # type: ignore[comparison-overlap]
-        "message": "The request cannot be sent to this model: OpenAI models take at most 4 "
-                   "stop sequences; this request has 5.",
-        "type": "invalid_request_error", "param": "stop", "code": None}
-    assert mock.requests == []
-
-
-@pytest.mark.parametrize("model", ["gpt-mock", "azure-mock"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_five_stop_sequences_to_legacy_completions_are_the_gateways_400_before_openai(
-        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
-        stream: bool) -> None:
-    """`/v1/completions` takes "up to 4 sequences" too (OpenAI's completions reference):
-    the same refusal as a chat request's."""
-    with pytest.raises(openai.BadRequestError) as refused:
-        oai(cross_gateway).completions.create(model=model, prompt="Hi", stop=FIVE_STOPS,
-                                              stream=stream)
+        if endpoint == "chat":
+            client.chat.completions.create(model=model, stop=FIVE_STOPS, stream=stream,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        else:
+            client.completions.create(model=model, prompt="Hi", stop=FIVE_STOPS,
+                                      stream=stream)
     assert refused.value.status_code == 400
     assert refused.value.body == {  # type: ignore[comparison-overlap]
         "message": "The request cannot be sent to this model: OpenAI models take at most 4 "
