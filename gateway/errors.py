@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from gateway.context import OPENAI_RESPONSES
+from gateway.sse import named_event
 
 # Status -> (OpenAI error type, Anthropic error type). Sources: OpenAI "Error codes" guide,
 # Anthropic "Errors" page (https://docs.anthropic.com/en/api/errors).
@@ -157,6 +158,40 @@ class StreamInterrupted(Exception):
 
 class ClientDisconnected(Exception):
     """The caller went away; there is nobody to answer. Layers may record it and re-raise."""
+
+
+def stream_error_ending(api_format: str, error: GatewayError, *, operation: str = "",
+                        sequence_number: int = 0, first_event: dict[str, Any] | None = None,
+                        failed_code: str = "server_error") -> bytes:
+    """The last bytes of a stream the gateway ends after its response started: the in-band
+    error event of its API (`stream_error_event`).
+
+    A Responses stream ends as the live API ends a failed one (vercel/ai#6534): its `error`
+    event, numbered `sequence_number`, then `response.failed` numbered one more, failed with
+    `failed_code` (see `failed_response_event`).
+    """
+    ending = stream_error_event(api_format, error, operation=operation,
+                                sequence_number=sequence_number)
+    if operation != OPENAI_RESPONSES:
+        return ending
+    return ending + failed_response_event(first_event, failed_code, error.message,
+                                          sequence_number + 1)
+
+
+def failed_response_event(first_event: dict[str, Any] | None, code: str, message: str,
+                          sequence_number: int) -> bytes:
+    """`response.failed` for a Responses stream the gateway ends: the response its first
+    event, `response.created`, opened (its id, model and settings; a minimal response when
+    that is not at hand), failed with a ResponseError: `code` is one of that type's closed
+    set of codes (openai-python's types/responses/response_error.py)."""
+    opened = first_event.get("response") \
+        if first_event is not None and first_event.get("type") == "response.created" else None
+    response = dict(opened) if isinstance(opened, dict) else {"object": "response",
+                                                              "output": []}
+    response.update(status="failed", error={"code": code, "message": message})
+    return named_event("response.failed", {"type": "response.failed",
+                                           "sequence_number": sequence_number,
+                                           "response": response})
 
 
 def stream_error_event(api_format: str, error: GatewayError, *, operation: str = "",

@@ -23,7 +23,7 @@ from gateway.errors import (
     StreamInterrupted,
     UntranslatableRequest,
     UpstreamError,
-    stream_error_event,
+    stream_error_ending,
 )
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
@@ -173,13 +173,16 @@ class HTTPAdapter:
 
     def broken_stream_ending(self, ctx: RequestContext, codec: Any, error: GatewayError,
                              by_provider: bool) -> bytes:
-        """The last bytes of a stream that broke after it started: the gateway's error event
-        in the caller's API, or nothing after the provider's own error event (`by_provider`:
+        """The last bytes of a stream that broke after it started: the gateway's ending in
+        the caller's API, or nothing after the provider's own error event (`by_provider`:
         it went to the client as it was)."""
         if by_provider:
             return b""
-        return stream_error_event(ctx.api_format, error, operation=ctx.operation,
-                                  sequence_number=getattr(codec, "next_sequence_number", 0))
+        # (A Responses stream's `response.failed`: a server error in the words of a
+        # ResponseError, whose codes are a closed set; its `error` event has the gateway's.)
+        return stream_error_ending(ctx.api_format, error, operation=ctx.operation,
+                                   sequence_number=getattr(codec, "next_sequence_number", 0),
+                                   first_event=getattr(codec, "first_event", None))
 
     def redact(self, text: str) -> str:
         """Provider messages sometimes quote the key they were sent; never pass that on."""

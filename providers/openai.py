@@ -16,8 +16,7 @@ import orjson
 
 from gateway import context as c
 from gateway.context import RequestContext, Usage
-from gateway.errors import GatewayError
-from gateway.sse import named_event
+from gateway.errors import GatewayError, failed_response_event
 from gateway.tokens import estimate_messages
 from gateway.upstream import Deployment, Send
 from providers import anthropic_format
@@ -107,20 +106,6 @@ def responses_codec(redact: Callable[[str], str]) -> PassthroughCodec:
                             end_markers=_RESPONSES_END, final_event="response.completed",
                             read_error=_responses_error, forward_error_event=True,
                             scrub_error=lambda event: _redact_error(event, redact))
-
-
-def failed_response_event(first_event: dict[str, Any] | None, code: str, message: str,
-                          sequence_number: int) -> bytes:
-    """`response.failed` for a Responses stream the gateway ends: the response its
-    `response.created` opened (its id, model and settings), failed with a ResponseError."""
-    opened = first_event.get("response") \
-        if first_event is not None and first_event.get("type") == "response.created" else None
-    response = dict(opened) if isinstance(opened, dict) else {"object": "response",
-                                                              "output": []}
-    response.update(status="failed", error={"code": code, "message": message})
-    return named_event("response.failed", {"type": "response.failed",
-                                           "sequence_number": sequence_number,
-                                           "response": response})
 
 
 def _redact_error(event: dict[str, Any], redact: Callable[[str], str]) -> bool:
@@ -239,23 +224,14 @@ class OpenAIAdapter(HTTPAdapter):
     def broken_stream_ending(self, ctx: RequestContext, codec: Any, error: GatewayError,
                              by_provider: bool) -> bytes:
         """A Responses stream ends as the live API ends a failed one, with its `error` event
-        and then `response.failed` (vercel/ai#6534): after the gateway's own error event, and
-        after the provider's when the upstream broke, ended or stalled before its own
-        `response.failed`."""
-        ending = super().broken_stream_ending(ctx, codec, error, by_provider)
-        if ctx.operation != c.OPENAI_RESPONSES:
-            return ending
-        number = codec.next_sequence_number
-        if not by_provider:
-            # The gateway's own failure (a timeout, a broken connection): a server error in
-            # the words of a ResponseError, whose codes are a closed set; the `error` event
-            # before it has the gateway's code.
-            code, message, number = "server_error", error.message, number + 1
-        elif (unended := codec.unended_error) is not None:
-            code, message = unended.code or "server_error", self.redact(unended.message)
-        else:
-            return ending  # (the provider's `response.failed` went out)
-        return ending + failed_response_event(codec.first_event, code, message, number)
+        and then `response.failed` (vercel/ai#6534): after the gateway's own error event
+        (see HTTPAdapter's), and after the provider's when the upstream broke, ended or
+        stalled before its own `response.failed`."""
+        unended = codec.unended_error if ctx.operation == c.OPENAI_RESPONSES else None
+        if not by_provider or unended is None:
+            return super().broken_stream_ending(ctx, codec, error, by_provider)
+        return failed_response_event(codec.first_event, unended.code or "server_error",
+                                     self.redact(unended.message), codec.next_sequence_number)
 
     def _check_stop(self, stop: Any) -> None:
         """A same-format chat or completions request with more stop sequences than the
