@@ -41,8 +41,8 @@ import orjson
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError
-from gateway.context import RequestContext, find_request_context, route_to
-from gateway.errors import GatewayError, stream_error_event
+from gateway.context import OPENAI_RESPONSES, RequestContext, find_request_context, route_to
+from gateway.errors import GatewayError, stream_error_ending
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import (
     AMOUNT_MAX,
@@ -63,6 +63,7 @@ from gateway.policy import (
 )
 from gateway.pricing import billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
+from gateway.sse import parse_sse_block
 from middleware.quota import plan
 from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
@@ -683,7 +684,11 @@ class QuotaMiddleware:
 class _Responder:
     """Wraps the `send` of a stream a stream_cutoff budget applies to: counts its events, and
     ends it in-band before one would cross the budget (each event counted as an output token:
-    never fewer than the content deltas the stream is billed)."""
+    never fewer than the content deltas the stream is billed).
+
+    The adapters send whole events, each ending in one blank line, so `events` is also the
+    number of events sent: in a Responses stream (numbered from 0), the next one's number.
+    """
 
     __slots__ = (
         "_send",
@@ -691,6 +696,7 @@ class _Responder:
         "ctx",
         "est",
         "events",
+        "first_body",
         "price",
         "streaming",
     )
@@ -701,6 +707,7 @@ class _Responder:
         self.allowance = allowance
         self.est = est
         self.events = 0
+        self.first_body = b""  # the first events sent; parsed only if the stream is cut off
         self.streaming = False
         self.price = plan.reservation_price(ctx)
 
@@ -710,9 +717,12 @@ class _Responder:
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
-            events = self.events + message.get("body", b"").count(b"\n\n")
+            body = message.get("body", b"")
+            events = self.events + body.count(b"\n\n")
             if self.price is not None and self._over_budget(events):
                 return self._cut_off()  # this message is replaced, so not counted
+            if not self.events:
+                self.first_body = body
             self.events = events
         return self._send(message)
 
@@ -732,18 +742,36 @@ class _Responder:
         """This responder for another call below for the same request, with its own `send`:
         the events sent so far still count."""
         responder = _Responder(self.ctx, send, self.allowance, self.est)
-        responder.events = self.events
+        responder.events, responder.first_body = self.events, self.first_body
         return responder
 
     async def end_in_band(self) -> None:
-        """Ends a stream `_cut_off` stopped with the error event of its API."""
+        """Ends a stream `_cut_off` stopped as its API ends a failed stream: its error event
+        (a Responses stream's then `response.failed`, for the response it opened)."""
         error = GatewayError(402, "The stream was ended because its cost reached what is left "
                                   "of the budget.", code="budget_exceeded")
-        await self._send({"type": "http.response.body",
-                          "body": stream_error_event(self.ctx.api_format, error,
-                                                     operation=self.ctx.operation,
-                                                     sequence_number=self.events),
-                          "more_body": False})
+        responses = self.ctx.operation == OPENAI_RESPONSES
+        ending = stream_error_ending(
+            self.ctx.api_format, error, operation=self.ctx.operation,
+            sequence_number=self.events,
+            first_event=_first_event(self.first_body) if responses else None,
+            # ResponseError's codes are a closed set with none for a budget. Not
+            # "server_error": nothing failed, and retrying at once will not help. A limit on
+            # the caller's spending stopped it, and OpenAI answers its own spend limit
+            # (insufficient_quota) with a 429, as it does its rate limits.
+            failed_code="rate_limit_exceeded")
+        await self._send({"type": "http.response.body", "body": ending, "more_body": False})
+
+
+def _first_event(events: bytes) -> dict[str, Any] | None:
+    """The data of the first of `events` (a Responses stream's `response.created`), or None
+    when it is not a JSON object."""
+    parsed = parse_sse_block(events.partition(b"\n\n")[0])
+    try:
+        data = orjson.loads(parsed[1]) if parsed is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:

@@ -32,6 +32,7 @@ import openai
 import psycopg
 import pytest
 import redis
+from openai.types.responses import Response
 from psycopg import sql
 
 from gateway import create_app
@@ -41,6 +42,7 @@ from gateway.tokens import estimate_messages
 from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.providers.test_responses_streams import failed_ending, stream_events_of
 from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -747,23 +749,26 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def test_stream_cutoff_ends_a_responses_stream_with_its_own_error_event(
+def test_stream_cutoff_ends_a_responses_stream_as_the_live_api_ends_a_failed_one(
         start: Start, store: str, slow: MockProviderServer) -> None:
+    """The Responses API's `error` event, numbered after the last event sent, with the
+    gateway's code; then `response.failed` for the stream's response (as its
+    `response.created` gave it), failed with the ResponseError code chosen for a budget."""
     gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
     wait_streams_done(slow)
-    response = httpx.post(gateway.url + "/v1/responses", timeout=10, json={
-        "model": "gpt-mock", "input": PROMPT[0]["content"], "max_output_tokens": OUTPUT,
-        "stream": True}, headers={"authorization": f"Bearer {TEST_KEY}"})
-    assert response.status_code == 200
-    events = [event for event in response.text.split("\n\n") if event]
-    datas = [json.loads(event.split("data: ", 1)[1]) for event in events]
-    assert [d["sequence_number"] for d in datas[:-1]] == list(range(len(datas) - 1))
-    assert events[-1].startswith("event: error\ndata: ")
-    last = datas[-1]
-    assert last["type"] == "error" and last["code"] == "budget_exceeded"
-    assert last["message"] == CUTOFF_MESSAGE
-    assert last["sequence_number"] == len(datas) - 1  # (the next number of the stream)
-    assert "response.completed" not in response.text
+    with gateway.openai().responses.with_streaming_response.create(
+            model="gpt-mock", input=PROMPT[0]["content"], max_output_tokens=OUTPUT,
+            stream=True) as response:
+        assert response.status_code == 200
+        events = stream_events_of(response.text())
+    error = events[-2][1]
+    assert (error["code"], error["message"]) == ("budget_exceeded", CUTOFF_MESSAGE)
+    failed = failed_ending(events).response
+    assert failed.error is not None
+    assert (failed.error.code, failed.error.message) == ("rate_limit_exceeded", CUTOFF_MESSAGE)
+    assert failed.model_dump(exclude={"status", "error"}) == \
+        Response.model_validate(events[0][1]["response"]).model_dump(exclude={"status", "error"})
+    assert not any(name == "response.completed" for name, _ in events)
     wait_streams_done(slow)
 
 
