@@ -61,7 +61,7 @@ from gateway.errors import (
     StreamInterrupted,
     UntranslatableRequest,
     UpstreamError,
-    stream_error_event,
+    stream_error_ending,
 )
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
@@ -850,10 +850,12 @@ class FailoverMiddleware:
 
     async def _end_broken_stream(self, send: Send, ctx: RequestContext,
                                  interrupted: StreamInterrupted) -> None:
+        # Only a stream `continuable` made so gets here (StreamInterrupted needs
+        # ctx.continue_streams): a CONTINUABLE operation, whose error event has no number.
         ctx.error_type = interrupted.error.code
         await send({"type": "http.response.body", "more_body": False,
-                    "body": stream_error_event(ctx.api_format, interrupted.error,
-                                               operation=ctx.operation)})
+                    "body": stream_error_ending(ctx.api_format, interrupted.error,
+                                                operation=ctx.operation)})
 
     async def call_with_ttft_timeout(self, scope: Scope, receive: Receive, send: Send,
                                      ttft_s: float, state: DeploymentState,

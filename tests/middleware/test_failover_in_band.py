@@ -19,6 +19,7 @@ import pytest
 from tests.harness import TEST_KEY, ThreadedServer, openai_client, serve
 from tests.middleware.test_failover_layer import chat, deployments, failover_config
 from tests.mock_providers import Fault, MockProviderServer
+from tests.providers.test_responses_streams import failed_ending, stream_events_of
 
 QUESTION = "one two three four five six seven eight nine ten"
 OPENS_AT_ONCE = "breaker=BreakerSettings(consecutive_failures=1, cooldown_s=60)"
@@ -127,6 +128,24 @@ def test_a_continued_routes_failure_after_output_is_judged_as_any_other(
         assert text.startswith("Mock reply to: ")
         assert (error_code, len(b.requests)) == ((None, 1) if continued else (code, 0))
         assert health(gateway, "primary") == judged
+
+
+def test_a_responses_stream_on_a_continued_route_ends_as_the_live_api_ends_a_failed_one(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """Continuation is for chat streams: a Responses stream the gateway breaks off on a route
+    that continues streams is not continued, and never ends with the failover layer's
+    unnumbered error event, but as the adapter ends it: the `error` event numbered on, then
+    `response.failed` for the stream's response."""
+    a.push_fault(Fault("reset", provider="openai", after_chunks=2))
+    layer = 'routes={"primary": Route(fallbacks=("backup",), continuation=True)}, ' + \
+        OPENS_AT_ONCE
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        with openai_client(gateway).responses.with_streaming_response.create(
+                model="primary", input=QUESTION, stream=True) as response:
+            events = stream_events_of(response.text())
+        assert events[-2][1]["code"] == "connection_error"
+        assert failed_ending(events).response.error is not None
+        assert len(b.requests) == 0
 
 
 def streamed_chat(gateway: ThreadedServer, model: str) -> tuple[str, str | None]:
