@@ -28,6 +28,7 @@ or restart, budget counters are rebuilt from the spend ledger before they are us
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -61,9 +62,10 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import billed_usage, call_cost_micros, estimate_micros
+from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
 from gateway.sse import parse_sse_block
+from gateway.tokens import estimate_input_tokens
 from middleware.quota import plan
 from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
@@ -688,16 +690,23 @@ class _Responder:
 
     The adapters send whole events, each ending in one blank line, so `events` is also the
     number of events sent: in a Responses stream (numbered from 0), the next one's number.
+
+    A stream the failover layer continues elsewhere (continuation.py) is billed its broken
+    part's cost and then the continuation's call, whose input (the prompt and the text so
+    far) is billed again: once it has begun, the stream is counted so (`_count_continuation`).
     """
 
     __slots__ = (
         "_send",
         "allowance",
+        "continued",
         "ctx",
-        "est",
         "events",
+        "events_before",
         "first_body",
+        "input_tokens",
         "price",
+        "spent_before",
         "streaming",
     )
 
@@ -705,7 +714,9 @@ class _Responder:
         self.ctx = ctx
         self._send = send
         self.allowance = allowance
-        self.est = est
+        self.input_tokens = est.input_tokens  # the current call's (estimated)
+        self.continued = False
+        self.spent_before = self.events_before = 0  # what the broken part of it cost, sent
         self.events = 0
         self.first_body = b""  # the first events sent; parsed only if the stream is cut off
         self.streaming = False
@@ -728,8 +739,20 @@ class _Responder:
 
     def _over_budget(self, events: int) -> bool:
         assert self.price is not None
-        spent = estimate_micros(self.price, self.est.input_tokens, events)
+        if not self.continued and EARLIER_ATTEMPT in self.ctx.state:
+            self._count_continuation()
+        spent = self.spent_before + estimate_micros(self.price, self.input_tokens,
+                                                    events - self.events_before)
         return spent > self.allowance
+
+    def _count_continuation(self) -> None:
+        """From the first event of a continuation call on (the failover layer has set
+        EARLIER_ATTEMPT, and `ctx.body` to the continuation's request), the stream costs what
+        pricing bills its broken part, plus the continuation's input and its own events."""
+        self.continued = True
+        self.spent_before = self.ctx.state[EARLIER_ATTEMPT][1]
+        self.input_tokens = estimate_input_tokens(self.ctx)
+        self.events_before = self.events
 
     async def _cut_off(self) -> None:
         # Raised, not sent here: the layers below unwind first and report what the stream
@@ -741,8 +764,8 @@ class _Responder:
     def again(self, send: Send) -> _Responder:
         """This responder for another call below for the same request, with its own `send`:
         the events sent so far still count."""
-        responder = _Responder(self.ctx, send, self.allowance, self.est)
-        responder.events, responder.first_body = self.events, self.first_body
+        responder = copy.copy(self)
+        responder._send = send
         return responder
 
     async def end_in_band(self) -> None:

@@ -39,6 +39,8 @@ from tests.mock_providers import Fault, MockProviderServer
 
 __all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
 
+BUDGET = 35  # CUTOFF_BUDGET's, in micro-dollars
+
 TWO_DEPLOYMENTS = '''
 from middleware.failover import Route
 models["gpt-mock"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE),
@@ -123,3 +125,24 @@ def test_two_quota_layers_in_one_stack_each_admit_the_request(
     assert refused.status_code == 429
     assert "All callers together may use 1 requests per minute" in refused.text
     assert len(mock.requests) == 1
+
+
+@pytest.mark.parametrize("failover_first", [True, False], ids=["failover-above", "quota-above"])
+def test_a_continued_stream_is_cut_off_within_its_budget(
+        start: Start, slow: MockProviderServer, tmp_path: Path, failover_first: bool) -> None:
+    # A continuation's input (the prompt plus the text so far) is billed again: counted at
+    # the first attempt's input alone, the stream went on past its budget.
+    journal = tmp_path / "journal"
+    layers = [FAILOVER, quota("'memory'")] if failover_first else [quota("'memory'"), FAILOVER]
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal), *layers,
+                    extra=TWO_DEPLOYMENTS, upstream=slow.url)
+    wait_streams_done(slow)
+    slow.push_fault(FAULTS["stream_broken_after_output"])
+    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    assert response.status_code == 200
+    assert len(slow.requests) == 2  # (continued)
+    assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]  # (cut off)
+    wait_streams_done(slow)
+    cost = billed(journal)
+    assert cost <= BUDGET  # (was 48: 24 input tokens, the continuation's 14 among them)
+    assert eventually(gateway.committed, cost) == cost
