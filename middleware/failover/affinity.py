@@ -33,6 +33,7 @@ import orjson
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.layers import Message, Send
+from gateway.sse import first_event_json
 
 __all__ = ["Pin", "ResponseAffinity", "pin_of", "response_id_of", "send_noting_response_id",
            "unavailable"]
@@ -137,10 +138,9 @@ def send_noting_response_id(send: Send, noted: list[str]) -> Send:
         nonlocal head
         if head is not None and message["type"] == "http.response.body":
             head += message.get("body", b"")
-            event, ended = _first_event(head)
-            if ended or len(head) > _HEAD_LIMIT:
+            if b"\n\n" in head or len(head) > _HEAD_LIMIT:
+                found = _created_id(first_event_json(head))
                 head = None
-                found = _created_id(event) if event is not None else None
                 if found is not None:
                     noted.append(found)
         return send(message)
@@ -148,22 +148,8 @@ def send_noting_response_id(send: Send, noted: list[str]) -> Send:
     return send_noting
 
 
-def _first_event(head: bytes) -> tuple[bytes | None, bool]:
-    """The data of the first SSE event in `head`, and whether it is complete."""
-    text = head.replace(b"\r\n", b"\n")
-    end = text.find(b"\n\n")
-    if end < 0:
-        return None, False
-    lines = text[:end].split(b"\n")
-    return b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:")), True
-
-
-def _created_id(data: bytes) -> str | None:
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(event, dict) or event.get("type") != "response.created":
+def _created_id(event: dict[str, Any] | None) -> str | None:
+    if event is None or event.get("type") != "response.created":
         return None
     response = event.get("response")
     found = response.get("id") if isinstance(response, dict) else None

@@ -64,7 +64,7 @@ from gateway.policy import (
 )
 from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
-from gateway.sse import parse_sse_block
+from gateway.sse import first_event_json
 from gateway.tokens import estimate_input_tokens
 from middleware.quota import plan
 from middleware.quota.lane import Lane, lane_for
@@ -777,24 +777,13 @@ class _Responder:
         ending = stream_error_ending(
             self.ctx.api_format, error, operation=self.ctx.operation,
             sequence_number=self.events,
-            first_event=_first_event(self.first_body) if responses else None,
+            first_event=first_event_json(self.first_body) if responses else None,
             # ResponseError's codes are a closed set with none for a budget. Not
             # "server_error": nothing failed, and retrying at once will not help. A limit on
             # the caller's spending stopped it, and OpenAI answers its own spend limit
             # (insufficient_quota) with a 429, as it does its rate limits.
             failed_code="rate_limit_exceeded")
         await self._send({"type": "http.response.body", "body": ending, "more_body": False})
-
-
-def _first_event(events: bytes) -> dict[str, Any] | None:
-    """The data of the first of `events` (a Responses stream's `response.created`), or None
-    when it is not a JSON object."""
-    parsed = parse_sse_block(events.partition(b"\n\n")[0])
-    try:
-        data = orjson.loads(parsed[1]) if parsed is not None else None
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:
