@@ -14,7 +14,8 @@ this one for it. With a failover layer listed above this one, each of its attemp
 a fallback, a broken stream's continuation) passes through here, but the caller sent one
 request: it counts once against RPM and concurrency (a caller's limits count its requests,
 not the gateway's attempts at them), holds its one reservation until it has ended, and is
-settled to what the usage ledger bills for it, every attempt in it.
+settled to what the usage ledger bills for it, every attempt in it. A request this layer
+downgraded goes to the cheaper model on every attempt (middleware/quota/downgrade.py).
 
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
@@ -41,7 +42,7 @@ from typing import Any
 import orjson
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
-from gateway.config import ConfigError
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import OPENAI_RESPONSES, RequestContext, find_request_context, route_to
 from gateway.errors import GatewayError, stream_error_ending
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
@@ -66,7 +67,9 @@ from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, est
 from gateway.resp import RespError, is_redis_url
 from gateway.sse import first_event_json
 from gateway.tokens import estimate_input_tokens
+from gateway.upstream import OPERATION_PATHS, Deployment, serving_deployments
 from middleware.quota import plan
+from middleware.quota.downgrade import Downgrade
 from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
@@ -151,6 +154,10 @@ class QuotaMiddleware:
         # _Responder, or None when `send` is not wrapped. A key of this instance's own: two
         # quota layers in one stack each admit the request.
         self._admitted_key = f"quota.admitted.{id(self)}"
+        # ctx.state[self._downgrade_key]: the Downgrade of a request a layer above routed.
+        self._downgrade_key = f"quota.downgrade.{id(self)}"
+        # (operation, model) -> the deployments a downgrade may call (`check_config`)
+        self._serving: dict[tuple[str, str], tuple[Deployment, ...]] = {}
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -162,6 +169,14 @@ class QuotaMiddleware:
             Principal, int, tuple[list[tuple[Any, ...]], dict[Any, Any]] | None]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    def check_config(self, config: GatewayConfig) -> None:
+        """Notes each model's deployments that serve each operation (as the passthrough
+        does), for the calls of requests downgraded to it (middleware/quota/downgrade.py)."""
+        self._serving = {
+            (operation, name): serving_deployments(model, config.providers, operation)
+            or model.deployments
+            for operation in OPERATION_PATHS for name, model in config.models.items()}
 
     async def startup(self) -> None:
         await self.fallback.startup()
@@ -248,6 +263,9 @@ class QuotaMiddleware:
         and nothing is settled here: the one admission holds until the request has ended,
         then settles to what the request is billed, every attempt in it. A stream_cutoff
         budget goes on counting the stream's events."""
+        downgrade: Downgrade | None = ctx.state.get(self._downgrade_key)
+        if downgrade is not None:  # the layer above routed the call for the model asked for
+            downgrade.route(ctx)
         earlier: _Responder | None = ctx.state[self._admitted_key]
         if earlier is None:
             await self.app(scope, receive, send)
@@ -347,8 +365,19 @@ class QuotaMiddleware:
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
                 overflowed.add(item.check.key)
-            route_to(ctx, target)
+            self._downgrade(ctx, target)
         raise refused(ctx, item, decision)
+
+    def _downgrade(self, ctx: RequestContext, target: str) -> None:
+        """Sends the request to `target`, a cheaper model. A request a layer above had routed
+        (a failover layer listed above this one: it routes each attempt for the model asked
+        for) has every call below sent to `target` from now on (`_call_again`)."""
+        routed_above = ctx.deployment is not None or self._downgrade_key in ctx.state
+        route_to(ctx, target)
+        serving = self._serving.get((ctx.operation, target))
+        if routed_above and serving:
+            downgrade = ctx.state[self._downgrade_key] = Downgrade(target, serving)
+            downgrade.route(ctx)
 
     def _template(self, principal: Principal, model: str
                   ) -> tuple[list[tuple[Any, ...]], dict[Any, Any]] | None:

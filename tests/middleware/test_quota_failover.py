@@ -146,3 +146,69 @@ def test_a_continued_stream_is_cut_off_within_its_budget(
     cost = billed(journal)
     assert cost <= BUDGET  # (was 48: 24 input tokens, the continuation's 14 among them)
     assert eventually(gateway.committed, cost) == cost
+
+
+# -- a downgrade under a failover layer ----------------------------------------------------------
+
+# The key's budget (10) is below a gpt-mock request's reservation (30), above cheap-mock's
+# (3), so every request is downgraded. cheap-mock has two deployments on the mock, priced a
+# tenth of the others: what it serves costs 3.
+DOWNGRADING_BUDGET = ("Limits(budgets=(Budget('0.00001', period='lifetime', "
+                      "on_overflow='downgrade', downgrade_to='cheap-mock'),))")
+CHEAP_COST = 3
+TWO_CHEAP_DEPLOYMENTS = TWO_DEPLOYMENTS + '''
+CHEAP_PRICE = Price(input_per_mtok="0.1", output_per_mtok="0.2")
+models["cheap-mock"] = [Deployment("openai", "cheap-upstream", price=CHEAP_PRICE),
+                        Deployment("openai", "cheap-second", price=CHEAP_PRICE)]
+'''
+
+
+def downgrading(start: Start, store: str, journal: Path, *, failover_first: bool,
+                max_attempts: int = 3) -> Gateway:
+    failover = (f"Middleware(FailoverMiddleware, breaker=NEVER_OPENS, "
+                f"retry=RetryPolicy(max_attempts={max_attempts}), "
+                "routes={'gpt-mock': Route(strategy='priority', continuation=True), "
+                "'cheap-mock': Route(strategy='priority')})")
+    layers = [failover, quota(store)] if failover_first else [quota(store), failover]
+    return start(auth(static_key(DOWNGRADING_BUDGET)), metering(journal), *layers,
+                 extra=TWO_CHEAP_DEPLOYMENTS)
+
+
+@pytest.mark.parametrize("failover_first", [True, False], ids=["failover-above", "quota-above"])
+def test_a_downgraded_request_is_retried_on_the_cheaper_model(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        failover_first: bool) -> None:
+    # With the failover layer above, its retry went to the deployment it picked for
+    # gpt-mock (gpt-4o): the caller was told cheap-mock and billed gpt-4o's 30, past a
+    # budget of 10 that reserved cheap-mock's 3.
+    journal = tmp_path / "journal"
+    gateway = downgrading(start, store, journal, failover_first=failover_first)
+    mock.push_fault(FAULTS["error_before_output"])
+    response = gateway.chat()
+    assert response.status_code == 200
+    assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
+    assert response.headers["x-sluicegate-downgraded"] == \
+        "gpt-mock -> cheap-mock (key k-test lifetime budget)"
+    assert billed(journal) == CHEAP_COST
+    assert eventually(gateway.committed, CHEAP_COST) == CHEAP_COST
+
+
+def test_a_downgraded_request_whose_cheaper_deployments_fail_gets_their_error(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path) -> None:
+    # The failover layer above makes three attempts; cheap-mock has two deployments. Every
+    # attempt stays on cheap-mock (its first deployment again for the third), and the caller
+    # gets the last one's error: never an answer of the model the budget had no room for.
+    journal = tmp_path / "journal"
+    gateway = downgrading(start, store, journal, failover_first=True)
+    for _ in range(3):
+        mock.push_fault(Fault(kind="status", provider="openai", status=500,
+                              message="cheap-mock is down"))
+    response = gateway.chat()
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == \
+        "Provider 'openai' returned 500: cheap-mock is down"
+    assert [r["json"]["model"] for r in mock.requests] == \
+        ["cheap-upstream", "cheap-second", "cheap-upstream"]
+    assert response.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> cheap-mock")
+    assert billed(journal) == 0
+    assert eventually(gateway.committed, 0) == 0
