@@ -9,6 +9,10 @@ layer does not see why an attempt failed, only that another one comes, so it tak
 cheaper model's deployments in turn, its first again after its last: how many attempts there
 are stays the failover layer's decision, and when they are spent the caller gets the last
 one's error, never an answer of the model the limit had no room for.
+
+The failover layer names the deployment it picked in `x-sluicegate-deployment`; the quota
+layer puts the one it sent the call to in its place, so the header names the deployment
+that answered, as it does without a downgrade.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from gateway.context import RequestContext, route_to
 from gateway.upstream import Deployment
 
 __all__ = ["Downgrade"]
+
+DEPLOYMENT_HEADER = b"x-sluicegate-deployment"
 
 
 @dataclass(slots=True)
@@ -31,5 +37,9 @@ class Downgrade:
     def route(self, ctx: RequestContext) -> None:
         """Sends the next call below to the next of the cheaper model's deployments."""
         route_to(ctx, self.model)
-        ctx.deployment = self.deployments[self.calls % len(self.deployments)]
+        deployment = ctx.deployment = self.deployments[self.calls % len(self.deployments)]
         self.calls += 1
+        # (all of them: the failover layer adds its own for each attempt)
+        headers = [h for h in ctx.response_headers if h[0] != DEPLOYMENT_HEADER]
+        headers.append((DEPLOYMENT_HEADER, deployment.name.encode("latin-1", "replace")))
+        ctx.response_headers[:] = headers

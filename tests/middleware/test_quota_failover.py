@@ -187,10 +187,22 @@ def test_a_downgraded_request_is_retried_on_the_cheaper_model(
     response = gateway.chat()
     assert response.status_code == 200
     assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
+    assert response.headers["x-sluicegate-deployment"] == "openai/cheap-second"
     assert response.headers["x-sluicegate-downgraded"] == \
         "gpt-mock -> cheap-mock (key k-test lifetime budget)"
     assert billed(journal) == CHEAP_COST
     assert eventually(gateway.committed, CHEAP_COST) == CHEAP_COST
+
+
+def test_a_downgraded_request_names_the_deployment_that_served_it(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path) -> None:
+    # The failover layer above named the deployment it picked for gpt-mock (gpt-4o-mini),
+    # though cheap-mock's first deployment served the request.
+    gateway = downgrading(start, store, tmp_path / "journal", failover_first=True)
+    response = gateway.chat()
+    assert response.status_code == 200
+    assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream"]
+    assert response.headers["x-sluicegate-deployment"] == "openai/cheap-upstream"
 
 
 def test_a_downgraded_request_whose_cheaper_deployments_fail_gets_their_error(
