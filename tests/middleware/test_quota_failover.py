@@ -168,30 +168,38 @@ def downgrading(start: Start, store: str, journal: Path, *, failover_first: bool
     failover = (f"Middleware(FailoverMiddleware, breaker=NEVER_OPENS, "
                 f"retry=RetryPolicy(max_attempts={max_attempts}), "
                 "routes={'gpt-mock': Route(strategy='priority', continuation=True), "
-                "'cheap-mock': Route(strategy='priority')})")
+                "'cheap-mock': Route(strategy='priority', continuation=True)})")
     layers = [failover, quota(store)] if failover_first else [quota(store), failover]
     return start(auth(static_key(DOWNGRADING_BUDGET)), metering(journal), *layers,
                  extra=TWO_CHEAP_DEPLOYMENTS)
 
 
 @pytest.mark.parametrize("failover_first", [True, False], ids=["failover-above", "quota-above"])
+@pytest.mark.parametrize("kind", sorted(FAULTS))
 def test_a_downgraded_request_is_retried_on_the_cheaper_model(
         start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
-        failover_first: bool) -> None:
-    # With the failover layer above, its retry went to the deployment it picked for
-    # gpt-mock (gpt-4o): the caller was told cheap-mock and billed gpt-4o's 30, past a
-    # budget of 10 that reserved cheap-mock's 3.
+        failover_first: bool, kind: str) -> None:
+    # With the failover layer above, its retry (or continuation) went to the deployment it
+    # picked for gpt-mock (gpt-4o): the caller was told cheap-mock and billed gpt-4o's 30,
+    # past a budget of 10 that reserved cheap-mock's 3.
     journal = tmp_path / "journal"
     gateway = downgrading(start, store, journal, failover_first=failover_first)
-    mock.push_fault(FAULTS["error_before_output"])
-    response = gateway.chat()
+    mock.push_fault(FAULTS[kind])
+    before_output = kind == "error_before_output"
+    response = post(gateway, "openai", {**streamed("openai", OUTPUT), "stream": not before_output})
     assert response.status_code == 200
     assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
-    assert response.headers["x-sluicegate-deployment"] == "openai/cheap-second"
+    # (a continued stream's response started with its first deployment's answer)
+    assert response.headers["x-sluicegate-deployment"] == \
+        ("openai/cheap-second" if before_output else "openai/cheap-upstream")
     assert response.headers["x-sluicegate-downgraded"] == \
         "gpt-mock -> cheap-mock (key k-test lifetime budget)"
-    assert billed(journal) == CHEAP_COST
-    assert eventually(gateway.committed, CHEAP_COST) == CHEAP_COST
+    cost = billed(journal)
+    if before_output:
+        assert cost == CHEAP_COST
+    else:  # the broken part, then the continuation with its input billed again
+        assert CHEAP_COST < cost <= 10
+    assert eventually(gateway.committed, cost) == cost
 
 
 def test_a_downgraded_request_names_the_deployment_that_served_it(
