@@ -526,12 +526,10 @@ class QuotaMiddleware:
     def _charge(self, ctx: RequestContext) -> tuple[int, int]:
         """What the request actually used, (tokens, cost): what the usage ledger bills for it
         (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
-        stream cut short what it delivered), noted for the metrics, recorded in the spend
-        ledger, and a flush of the queued settles scheduled for the end of this event-loop
+        stream cut short what it delivered), recorded in the spend ledger, and a flush of the queued settles scheduled for the end of this event-loop
         step (the caller queues the request's)."""
         usage = billed_usage(ctx)
         cost = call_cost_micros(ctx, usage)
-        ctx.state["quota.cost_micros"] = cost
         if not self._settle_scheduled:
             self._settle_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_settles)
