@@ -832,21 +832,11 @@ class FailoverMiddleware:
 
     def after_failure_quietly(self, error: UpstreamError, state: DeploymentState,
                               key: KeyState | None, tried: Tried) -> None:
-        """Records a failed call whose error goes nowhere (the response already started):
-        its breakers as before output, and its failure counted only where `_record_failure`
-        would count it (a request the caller must fix is no failure of the deployment)."""
+        """Records a failed call whose error goes nowhere (the response already started), as
+        a failure before output is recorded (a request the caller must fix is no failure of
+        the deployment), with no cool-down (nothing here says how long)."""
         tried.last_error = error
-        kind = classify(error, self.retry.retry_on)
-        key_failed = kind == AUTH and key is not None  # the key, not the deployment
-        if key_failed:
-            assert key is not None
-            key.failures += 1
-            key.last_error = f"{error.status} {error.upstream_error_type or ''}".strip()
-        elif kind in (RETRYABLE, FATAL, AUTH):
-            state.failures += 1
-        state.record(not key_failed and kind in (RETRYABLE, FATAL, AUTH))
-        if key is not None:
-            key.breaker.record(key_failed)
+        self._record_failure(error, classify(error, self.retry.retry_on), None, state, key)
 
     async def _end_broken_stream(self, send: Send, ctx: RequestContext,
                                  interrupted: StreamInterrupted) -> None:
