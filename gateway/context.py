@@ -154,6 +154,9 @@ class RequestContext:
     # The JSON body the passthrough sent a non-stream client: (the bytes, their parse), so
     # the cache keeps an answer without parsing it again. Read-only: it went out as is.
     sent_json: tuple[bytes, Any] | None = None
+    # A stream's first event from the provider, parsed (a Responses stream's
+    # `response.created`: which response it is), for the layers that need it. Read-only.
+    first_event: dict[str, Any] | None = None
     finish_reasons: list[str] | None = None  # only while tracing (gateway.tracing)
     # Written by whoever ends the request.
     status: int = 0

@@ -69,19 +69,6 @@ def parse_sse_block(block: bytes) -> tuple[str | None, str] | None:
     return name, "\n".join(data)
 
 
-def first_event_json(events: bytes) -> dict[str, Any] | None:
-    """The JSON object the first event of `events` carries (what the gateway sends: whole
-    events, "\n" line ends), or None: no complete event yet, or its data is not an object.
-    (A Responses stream's first event, `response.created`, says which response it is.)"""
-    end = events.find(b"\n\n")
-    parsed = parse_sse_block(events[:end]) if end >= 0 else None
-    try:
-        data = orjson.loads(parsed[1]) if parsed is not None else None
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def split_complete_events(buffer: bytes) -> tuple[bytes, bytes]:
     """Splits raw SSE bytes into (complete events, the unfinished tail), without parsing."""
     end = buffer.rfind(b"\n\n")

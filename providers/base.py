@@ -431,6 +431,7 @@ class HTTPAdapter:
                     await self._raise_for_status(response, attempt)
                     first = await self._first_events(response, codec)
                     ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
+                    ctx.first_event = getattr(codec, "first_event", None)
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": SSE_RESPONSE_HEADERS})
                     deadline.streaming = True

@@ -73,7 +73,6 @@ from middleware.failover.affinity import (
     pin_of,
     previous_response_id,
     response_id_of,
-    send_noting_response_id,
     unavailable,
 )
 from middleware.failover.continuation import (
@@ -288,14 +287,11 @@ class FailoverMiddleware:
             pin = self.affinity.get(previous)
             if pin is None and self.shared is not None:
                 pin = await self.shared.pin_of(previous)
-        noted: list[str] = []
-        if ctx.stream:
-            send = send_noting_response_id(send, noted)
         if pin is None or previous is None:
             await self._serve(scope, receive, send, ctx, route, tried, None)
         else:
             await self._serve_pinned(scope, receive, send, ctx, route, tried, previous, pin)
-        made = response_id_of(ctx, noted)
+        made = response_id_of(ctx)
         made_at = pin_of(ctx) if made is not None else None
         if made is not None and made_at is not None:
             self.affinity.remember(made, made_at)

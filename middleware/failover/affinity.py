@@ -10,8 +10,8 @@ same provider entry and the same provider key: `Pin.sees`); when none of them ca
 the caller gets `previous_response_unavailable` rather than another account's 400.
 
 The id is read where it is already at hand: a JSON answer's `id` from the passthrough's
-`RequestContext.sent_json`, a stream's from its first event, `response.created`
-(`send_noting_response_id`, which looks at the first event only). Ids stay as OpenAI made
+`RequestContext.sent_json`, a stream's from its first event, `response.created`, which the
+passthrough parsed (`RequestContext.first_event`). Ids stay as OpenAI made
 them (LiteLLM instead encodes the deployment into the id it returns, BerriAI/litellm#10193,
 and clients then see ids that are not OpenAI's: BerriAI/litellm#15918, #17204).
 
@@ -24,7 +24,6 @@ routes as any request does.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +31,10 @@ import orjson
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.layers import Message, Send
-from gateway.sse import first_event_json
 
-__all__ = ["Pin", "ResponseAffinity", "pin_of", "response_id_of", "send_noting_response_id",
-           "unavailable"]
+__all__ = ["Pin", "ResponseAffinity", "pin_of", "response_id_of", "unavailable"]
 
 PREVIOUS = "previous_response_id"
-_HEAD_LIMIT = 256 * 1024  # a first event longer than this is not looked into
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,38 +109,19 @@ def pin_of(ctx: RequestContext) -> Pin | None:
     return Pin(deployment.name, deployment.provider, None if key is None else key.env)
 
 
-def response_id_of(ctx: RequestContext, noted: list[str]) -> str | None:
+def response_id_of(ctx: RequestContext) -> str | None:
     """The id of the response the request was answered with, when OpenAI stores it (`store`
-    not false): from the stream's first event (`noted`) or the JSON answer."""
+    not false): from the stream's first event or the JSON answer."""
     if ctx.body.get("store") is False:
         return None
-    if noted:
-        return noted[0]
+    if ctx.stream:
+        return _created_id(ctx.first_event)
     sent = ctx.sent_json
     answer = sent[1] if sent is not None else None
     if isinstance(answer, dict) and answer.get("object") == "response":
         found = answer.get("id")
         return found if isinstance(found, str) and found else None
     return None
-
-
-def send_noting_response_id(send: Send, noted: list[str]) -> Send:
-    """`send`, noting in `noted` the response id a Responses stream's first event
-    (`response.created`) carries; the later messages only pass (one test each)."""
-    head: bytes | None = b""
-
-    def send_noting(message: Message) -> Awaitable[None]:
-        nonlocal head
-        if head is not None and message["type"] == "http.response.body":
-            head += message.get("body", b"")
-            if b"\n\n" in head or len(head) > _HEAD_LIMIT:
-                found = _created_id(first_event_json(head))
-                head = None
-                if found is not None:
-                    noted.append(found)
-        return send(message)
-
-    return send_noting
 
 
 def _created_id(event: dict[str, Any] | None) -> str | None:

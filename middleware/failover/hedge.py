@@ -34,8 +34,8 @@ __all__ = ["Hedge", "HedgeFailed"]
 
 # What the winning call wrote into its context copy, and goes back into the request's.
 _RESULT_FIELDS = ("deployment", "provider_key", "served_deployment", "served_model", "provider",
-                  "usage", "first_byte_s", "sent_json", "error_type", "stream_error",
-                  "client_disconnected")
+                  "usage", "first_byte_s", "first_event", "sent_json", "error_type",
+                  "stream_error", "client_disconnected")
 
 
 class HedgeFailed(Exception):

@@ -65,7 +65,6 @@ from gateway.policy import (
 )
 from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
-from gateway.sse import first_event_json
 from gateway.tokens import estimate_input_tokens
 from gateway.upstream import OPERATION_PATHS, Deployment, serving_deployments
 from middleware.quota import plan
@@ -730,7 +729,6 @@ class _Responder:
         "ctx",
         "events",
         "events_before",
-        "first_body",
         "input_tokens",
         "price",
         "spent_before",
@@ -745,7 +743,6 @@ class _Responder:
         self.continued = False
         self.spent_before = self.events_before = 0  # what the broken part of it cost, sent
         self.events = 0
-        self.first_body = b""  # the first events sent; parsed only if the stream is cut off
         self.streaming = False
         self.price = plan.reservation_price(ctx)
 
@@ -755,12 +752,9 @@ class _Responder:
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
-            body = message.get("body", b"")
-            events = self.events + body.count(b"\n\n")
+            events = self.events + message.get("body", b"").count(b"\n\n")
             if self.price is not None and self._over_budget(events):
                 return self._cut_off()  # this message is replaced, so not counted
-            if not self.events:
-                self.first_body = body
             self.events = events
         return self._send(message)
 
@@ -804,7 +798,7 @@ class _Responder:
         ending = stream_error_ending(
             self.ctx.api_format, error, operation=self.ctx.operation,
             sequence_number=self.events,
-            first_event=first_event_json(self.first_body) if responses else None,
+            first_event=self.ctx.first_event if responses else None,
             # ResponseError's codes are a closed set with none for a budget. Not
             # "server_error": nothing failed, and retrying at once will not help. A limit on
             # the caller's spending stopped it, and OpenAI answers its own spend limit
