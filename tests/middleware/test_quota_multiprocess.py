@@ -466,7 +466,15 @@ def named(commands: Sequence[list[bytes]]) -> list[tuple[str, ...]]:
 
 
 async def quiet(proxy: RedisProxy, quiet_s: float = 0.3, timeout_s: float = 5.0) -> None:
-    """Waits until the gateways have sent Redis nothing for `quiet_s`."""
+    """Waits until every admission seen has its settle (which goes out after the response,
+    later still on a loaded machine), then until the gateways have sent Redis nothing for
+    `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        scripts = [name[1] for name in named(proxy.commands) if name[0] == "EVALSHA"]
+        if scripts.count("admit") <= scripts.count("settle"):
+            break
+        await asyncio.sleep(0.01)
     deadline = time.monotonic() + timeout_s
     seen = -1
     while time.monotonic() < deadline:
