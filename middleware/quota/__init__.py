@@ -261,7 +261,8 @@ class QuotaMiddleware:
         is admitted again (a caller's RPM counts its requests, not the gateway's attempts)
         and nothing is settled here: the one admission holds until the request has ended,
         then settles to what the request is billed, every attempt in it. A stream_cutoff
-        budget goes on counting the stream's events."""
+        budget goes on counting the stream's events, and ends a continuation that has no room
+        left in it without calling below (`_Responder.no_room_to_continue`)."""
         downgrade: Downgrade | None = ctx.state.get(self._downgrade_key)
         if downgrade is not None:  # the layer above routed the call for the model asked for
             downgrade.route(ctx)
@@ -270,6 +271,9 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         responder = ctx.state[self._admitted_key] = earlier.again(send)
+        if responder.no_room_to_continue():
+            await responder.end_in_band()
+            return
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
@@ -719,7 +723,8 @@ class _Responder:
 
     A stream the failover layer continues elsewhere (continuation.py) is billed its broken
     part's cost and then the continuation's call, whose input (the prompt and the text so
-    far) is billed again: once it has begun, the stream is counted so (`_count_continuation`).
+    far) is billed again: once it has begun, the stream is counted so (`_count_continuation`),
+    and one with no room left for its first event is not called (`no_room_to_continue`).
     """
 
     __slots__ = (
@@ -766,10 +771,25 @@ class _Responder:
                                                     events - self.events_before)
         return spent > self.allowance
 
+    def no_room_to_continue(self) -> bool:
+        """Whether the call about to go below is a continuation (the failover layer has set
+        EARLIER_ATTEMPT, and `ctx.body` to the continuation's request) whose input, billed
+        again, leaves no room in the budget for its first event: the cut-off would end it
+        there, and the call would buy the caller nothing but that input (past the budget,
+        when the input alone does not fit). Then the stream ends as the cut-off ends it,
+        and the call is not made."""
+        if self.price is None or self.continued or EARLIER_ATTEMPT not in self.ctx.state:
+            return False
+        self._count_continuation()
+        if not self._over_budget(self.events + 1):
+            return False
+        self.ctx.error_type = "budget_exceeded"
+        return True
+
     def _count_continuation(self) -> None:
-        """From the first event of a continuation call on (the failover layer has set
-        EARLIER_ATTEMPT, and `ctx.body` to the continuation's request), the stream costs what
-        pricing bills its broken part, plus the continuation's input and its own events."""
+        """From a continuation call on (the failover layer has set EARLIER_ATTEMPT, and
+        `ctx.body` to the continuation's request), the stream costs what pricing bills its
+        broken part, plus the continuation's input and its own events."""
         self.continued = True
         self.spent_before = self.ctx.state[EARLIER_ATTEMPT][1]
         self.input_tokens = estimate_input_tokens(self.ctx)
