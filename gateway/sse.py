@@ -69,6 +69,17 @@ def parse_sse_block(block: bytes) -> tuple[str | None, str] | None:
     return name, "\n".join(data)
 
 
+def count_events(events: bytes) -> int:
+    """The events in `events`, whole events each ending in one blank line ("\n" line ends, as
+    the provider adapters send them): its blank lines, less the blocks of comment lines
+    alone (`: keepalive`), which no client reads as an event."""
+    count = events.count(b"\n\n")
+    if events.startswith(b":") or b"\n:" in events:  # (a line starting with `:`: a comment)
+        count -= sum(1 for block in events.split(b"\n\n")[:-1]
+                     if all(not line or line.startswith(b":") for line in block.split(b"\n")))
+    return count
+
+
 def split_complete_events(buffer: bytes) -> tuple[bytes, bytes]:
     """Splits raw SSE bytes into (complete events, the unfinished tail), without parsing."""
     end = buffer.rfind(b"\n\n")

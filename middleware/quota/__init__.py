@@ -65,6 +65,7 @@ from gateway.policy import (
 )
 from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, estimate_micros
 from gateway.resp import RespError, is_redis_url
+from gateway.sse import count_events
 from gateway.tokens import estimate_input_tokens
 from gateway.upstream import OPERATION_PATHS, Deployment, serving_deployments
 from middleware.quota import plan
@@ -720,6 +721,8 @@ class _Responder:
 
     The adapters send whole events, each ending in one blank line, so `events` is also the
     number of events sent: in a Responses stream (numbered from 0), the next one's number.
+    SSE comments (`: keepalive`, which providers and proxies send on slow streams) pass on
+    to the client but are no events: neither numbered nor output (`count_events`).
 
     A stream the failover layer continues elsewhere (continuation.py) is billed its broken
     part's cost and then the continuation's call, whose input (the prompt and the text so
@@ -757,7 +760,7 @@ class _Responder:
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
-            events = self.events + message.get("body", b"").count(b"\n\n")
+            events = self.events + count_events(message.get("body", b""))
             if self.price is not None and self._over_budget(events):
                 return self._cut_off()  # this message is replaced, so not counted
             self.events = events

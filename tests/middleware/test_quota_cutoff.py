@@ -1,4 +1,5 @@
-"""The budget stream cut-off at its edges: a continuation with no room left in its budget.
+"""The budget stream cut-off at its edges: a continuation with no room left in its budget,
+and SSE comments between a stream's events.
 
 Prices, prompt and budget are test_quota_layer's: a cost in micro-dollars is input tokens +
 2 x output tokens, the budget (CUTOFF_BUDGET) is 35, and the slow mock streams one
@@ -7,6 +8,7 @@ of 10 input tokens is ended before its 13th event (10 + 2 x 13 > 35).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from tests.middleware.test_quota_billing import billed, metering
+from gateway.sse import count_events
+from tests.middleware.test_quota_billing import billed, metering, post, streamed
 from tests.middleware.test_quota_failover import BUDGET, FAILOVER, TWO_DEPLOYMENTS
 from tests.middleware.test_quota_layer import (
     CUTOFF_BUDGET,
@@ -33,11 +36,14 @@ from tests.middleware.test_quota_layer import (
     slow_mock,
     start,
     static_key,
+    store,
     wait_streams_done,
 )
-from tests.mock_providers import Fault, MockProviderServer
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
+from tests.mock_providers.wire import KEEPALIVE
+from tests.providers.test_responses_streams import failed_ending, stream_events_of
 
-__all__ = ["prefix", "slow", "slow_mock", "start"]  # (fixtures, used by name)
+__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
 
 # -- a continuation with no room left -----------------------------------------------------------
 
@@ -124,3 +130,77 @@ def test_a_continuation_with_no_room_in_the_budget_is_not_called(
     assert cost == INPUT + 2 * read.deltas <= BUDGET  # (the broken part's)
     committed: int | None = cost
     assert eventually(lambda: gateway.committed(), committed) == cost
+
+
+# -- SSE comments ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("events,count", [
+    (b"data: 1\n\ndata: 2\n\n", 2),
+    (b": keepalive\n\ndata: 1\n\n: keepalive\n\n", 1),
+    (b": a\n: b\n\n", 0),  # (one block of comments)
+    (b"event: x\n: note\ndata: 1\n\n", 1),  # (a comment line inside an event)
+    (b"data: 1\n\n\n: keepalive\n\n", 1),  # (an extra blank line before a comment)
+    (b'data: {"a":":"}\n\n', 1),
+])
+def test_the_cut_off_counts_events_not_comments(events: bytes, count: int) -> None:
+    assert count_events(events) == count
+
+
+@pytest.fixture(scope="module")
+def keepalive_mock() -> Iterator[MockProviderServer]:
+    """The slow mock, with a `: keepalive` comment before each content event."""
+    server = MockProviderServer(MockConfig(chunk_delay_s=0.1, chunk_chars=1,
+                                           keepalive_comments=True))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def keepalive(keepalive_mock: MockProviderServer) -> MockProviderServer:
+    keepalive_mock.clear_faults()
+    keepalive_mock.reset_log()
+    wait_streams_done(keepalive_mock)  # (an earlier test's stream is not cut in this one)
+    return keepalive_mock
+
+
+def events_and_comments(raw: str) -> tuple[list[str], int]:
+    blocks = raw.split("\n\n")
+    assert blocks[-1] == ""
+    comments = [block for block in blocks[:-1] if block.startswith(":")]
+    assert set(comments) == {KEEPALIVE.decode().strip()}
+    return [block for block in blocks[:-1] if not block.startswith(":")], len(comments)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_keepalive_comments_are_not_counted_as_events(
+        start: Start, store: str, keepalive: MockProviderServer, api: str) -> None:
+    # Each comment was counted as an event, an output token: the stream was ended after 6
+    # (Anthropic: 7) of the 12 events its budget pays for (test_quota_layer's, without them).
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=keepalive.url)
+    response = post(gateway, api, streamed(api, OUTPUT))
+    assert response.status_code == 200
+    events, comments = events_and_comments(response.text)
+    assert comments > 0  # (passed on, as the client's SDK skips them)
+    assert len(events) == 13  # 12 delivered, then the error event
+    assert CUTOFF_MESSAGE in events[-1]
+    wait_streams_done(keepalive)
+
+
+def test_keepalive_comments_are_not_numbered_in_a_responses_stream(
+        start: Start, store: str, keepalive: MockProviderServer) -> None:
+    # Each comment was counted as an event: the cut-off's `error` and `response.failed` were
+    # numbered past the events the stream had sent, by the comments among them.
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=keepalive.url)
+    with gateway.openai().responses.with_streaming_response.create(
+            model="gpt-mock", input=PROMPT[0]["content"], max_output_tokens=OUTPUT,
+            stream=True) as response:
+        assert response.status_code == 200
+        raw = response.text()
+    assert events_and_comments(raw)[1] > 0
+    events = stream_events_of(raw)
+    assert events[-2][1]["code"] == "budget_exceeded"
+    failed = failed_ending(events)  # (numbered on from the events sent, 0, 1, 2, ...)
+    assert failed.response.error is not None
+    assert failed.response.error.code == "rate_limit_exceeded"
+    wait_streams_done(keepalive)

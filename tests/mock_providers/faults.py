@@ -28,6 +28,9 @@ class MockConfig:
     `expected_keys` maps a provider (one of `PROVIDERS`) to the only key
     it accepts; a provider missing from it (or `None`) accepts any non-empty key.
     `record_requests` keeps the request log (`max_recorded` newest entries).
+    `keepalive_comments` puts a `: keepalive` SSE comment before each content event of every
+    stream, as providers and proxies keep a slow stream's connection alive (OpenRouter's
+    `: OPENROUTER PROCESSING`); clients skip comments, which are no events.
 
     Random failures: each provider request that drew no queued `Fault` fails with probability
     `fail_ratio` (0..1), answered exactly as `Fault("status", status=fail_status,
@@ -50,6 +53,7 @@ class MockConfig:
     # Some OpenAI-compatible servers end a chat stream after its finish (and usage) chunk,
     # without `data: [DONE]`.
     omit_done: bool = False
+    keepalive_comments: bool = False
     fail_ratio: float = 0.0
     fail_status: int = 503
     fail_retry_after_s: float | None = None

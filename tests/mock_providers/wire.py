@@ -29,6 +29,7 @@ JSON_TYPE = "application/json"
 SSE_TYPE = "text/event-stream; charset=utf-8"
 _FLUSH_WAIT_S = 2.0
 _CUT_PAUSE_S = 0.02
+KEEPALIVE = b": keepalive\n\n"
 
 
 @dataclass(slots=True)
@@ -164,8 +165,11 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
 async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: bytes,
                          content_type: str = SSE_TYPE) -> web.StreamResponse:
     """Send `items` as a paced SSE stream, honouring a "reset", "error_event" or "truncate"
-    fault."""
+    fault (and `keepalive_comments`)."""
     await call.wait_first_byte()
+    if call.config.keepalive_comments:
+        items = [part for item in items
+                 for part in ([(KEEPALIVE, False), item] if item[1] else [item])]
     response = web.StreamResponse(status=200, headers=call.headers)
     response.headers["content-type"] = content_type
     response.headers["cache-control"] = "no-cache"
