@@ -63,7 +63,13 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import EARLIER_ATTEMPT, billed_usage, call_cost_micros, estimate_micros
+from gateway.pricing import (
+    CACHE_HITS,
+    EARLIER_ATTEMPT,
+    billed_usage,
+    call_cost_micros,
+    estimate_micros,
+)
 from gateway.resp import RespError, is_redis_url
 from gateway.sse import count_events
 from gateway.tokens import estimate_input_tokens
@@ -761,7 +767,7 @@ class _Responder:
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
             events = self.events + count_events(message.get("body", b""))
-            if self.price is not None and self._over_budget(events):
+            if self.price is not None and self._over_budget(events) and self._costs():
                 return self._cut_off()  # this message is replaced, so not counted
             self.events = events
         return self._send(message)
@@ -773,6 +779,11 @@ class _Responder:
         spent = self.spent_before + estimate_micros(self.price, self.input_tokens,
                                                     events - self.events_before)
         return spent > self.allowance
+
+    def _costs(self) -> bool:
+        """Whether the stream, which the event count puts past the budget, costs the caller:
+        not a cache hit (the cache layer is below this one), which is charged nothing."""
+        return self.ctx.cache_status not in CACHE_HITS
 
     def no_room_to_continue(self) -> bool:
         """Whether the call about to go below is a continuation (the failover layer has set

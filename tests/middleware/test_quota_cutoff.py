@@ -64,6 +64,12 @@ FAILOVER_BOTH = FAILOVER.replace("continuation=True)}", "continuation=True), "
                                  "'claude-mock': Route(strategy='priority', continuation=True)}")
 
 
+def committed(gateway: Gateway, amount: int) -> int | None:
+    """The key's budget counter, once it holds `amount` (read until then, or a timeout)."""
+    expected: int | None = amount
+    return eventually(lambda: gateway.committed(), expected)
+
+
 @dataclass
 class Read:
     """What a client read of a stream: its text, and its content deltas (what the ledger
@@ -128,8 +134,7 @@ def test_a_continuation_with_no_room_in_the_budget_is_not_called(
     wait_streams_done(slow)
     cost = billed(journal)
     assert cost == INPUT + 2 * read.deltas <= BUDGET  # (the broken part's)
-    committed: int | None = cost
-    assert eventually(lambda: gateway.committed(), committed) == cost
+    assert committed(gateway, cost) == cost
 
 
 # -- SSE comments ---------------------------------------------------------------------------------
@@ -204,3 +209,28 @@ def test_keepalive_comments_are_not_numbered_in_a_responses_stream(
     assert failed.response.error is not None
     assert failed.response.error.code == "rate_limit_exceeded"
     wait_streams_done(keepalive)
+
+
+# -- what costs nothing more -----------------------------------------------------------------------
+
+def test_a_cache_hit_is_not_cut_off(start: Start, store: str, slow: MockProviderServer) -> None:
+    # A budget of 24 pays for one answer of max_tokens=1 (10 + 2 x 1 = 12) and has 12 left
+    # for a second, the same: a cache hit, charged nothing. Its replay's events (the role,
+    # the text, the finish, [DONE]) counted 10 + 2 x 4 = 18 past those 12: the caller got
+    # the cut-off's error and nothing of the answer.
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.000024', period='lifetime', "
+                                    "stream_cutoff=True),))")),
+                    quota(store), "Middleware(CacheMiddleware)", upstream=slow.url)
+    wait_streams_done(slow)
+    body = {**streamed("openai", 1), "temperature": 0}  # (cached: deterministic)
+    first = post(gateway, "openai", body)
+    assert first.headers["x-sluicegate-cache"] == "miss"
+    assert committed(gateway, 12) == 12
+    hit = post(gateway, "openai", body)
+    assert hit.headers["x-sluicegate-cache"] == "hit"
+    assert CUTOFF_MESSAGE not in hit.text
+    assert hit.text.endswith("data: [DONE]\n\n")
+    assert '"content":"Mock"' in hit.text
+    assert len(slow.requests) == 1
+    assert committed(gateway, 12) == 12
+    wait_streams_done(slow)
