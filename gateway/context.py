@@ -137,6 +137,10 @@ class RequestContext:
     # provider's own key when it has none).
     deployment: Any = None
     provider_key: Any = None
+    # Written by the failover layer: it routes every call below it, so a layer below that
+    # sends the request to another model (a quota downgrade) raises `Rerouted` instead of
+    # calling below, and the failover layer routes the request for that model.
+    reroutable: bool = False
     # A stream that breaks after it started raises gateway.errors.StreamInterrupted instead
     # of ending with an error event, so the failover layer can continue it elsewhere.
     continue_streams: bool = False
@@ -213,6 +217,16 @@ def route_to(ctx: RequestContext, model: str) -> None:
     ctx.body["model"] = model
     ctx.deployment = None
     ctx.provider_key = None
+
+
+class Rerouted(Exception):
+    """Raised by a layer that sent the request to `model` (`route_to`) instead of calling the
+    layers below, when a layer above routes every call (`RequestContext.reroutable`): nothing
+    was sent, and that layer calls again with a deployment of `model` it chose."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the request goes to model {model!r}")
+        self.model = model
 
 
 def find_request_context(scope: Scope) -> RequestContext | None:

@@ -35,6 +35,13 @@ A Responses API request with a `previous_response_id` this gateway saw made goes
 deployment and provider key that made it, and fails over only to those that see it
 (affinity.py).
 
+A layer below that sends the request to another model (the quota layer's downgrade, listed
+below this one) raises `Rerouted` instead of calling below (`ctx.reroutable`, set here): the
+pick that met it is given back as a refused one (no attempt, no verdict on health), and from
+then on the request is routed as one for that model, every attempt of it (a retry, a hedge, a
+continuation: its deployments and their health, its fallbacks), so each call is recorded
+against the deployment it went to.
+
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
 metering as `ctx.state["failover.fallbacks"]`; every attempt is in `ctx.attempts`.
@@ -55,7 +62,14 @@ from typing import Any
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
 from gateway.config import ConfigError, GatewayConfig
-from gateway.context import CONTEXT_KEY, OPENAI_RESPONSES, RequestContext, Usage
+from gateway.context import (
+    CONTEXT_KEY,
+    OPENAI_RESPONSES,
+    RequestContext,
+    Rerouted,
+    Usage,
+    route_to,
+)
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -213,6 +227,7 @@ class FailoverMiddleware:
             await self.app(scope, receive, send)
             return
         self.counters["requests"] += 1
+        ctx.reroutable = True  # (a layer below may send it to another model: `_rerouted`)
         began = time.monotonic()  # this layer's clock, like the groups' (time.monotonic)
         self.budget.request(began)
         route = self.routes.get(ctx.model, self.default)
@@ -246,12 +261,12 @@ class FailoverMiddleware:
         ctx.deployment = state.deployment
         ctx.response_headers.extend(state.first_headers)
         state.started()
-        failure: UpstreamError | UntranslatableRequest | None = None
+        failure: UpstreamError | UntranslatableRequest | Rerouted | None = None
         answered = False
         try:
             await self.app(scope, receive, send)
             answered = True
-        except (UpstreamError, UntranslatableRequest) as error:
+        except (UpstreamError, UntranslatableRequest, Rerouted) as error:
             failure = error
         finally:
             state.finished(ctx.usage if answered else None)
@@ -268,6 +283,9 @@ class FailoverMiddleware:
         if isinstance(failure, UntranslatableRequest):
             state.refused()  # no call went out: not an attempt, and no rpm token spent
             tried.refuse(state, failure)
+        elif isinstance(failure, Rerouted):
+            state.refused()  # (as above)
+            route, tried = self._rerouted(ctx, failure, tried)
         else:
             tried.attempts = 1
             next_chain = self.after_failure(failure, state, None, tried, ctx)
@@ -337,6 +355,11 @@ class FailoverMiddleware:
                     return
                 except UntranslatableRequest as refusal:  # (no call went out: `_attempt`)
                     tried.refuse(first, refusal)
+                except Rerouted as rerouted:  # (nor here): pinned among the new model's
+                    route, tried = self._rerouted(ctx, rerouted, tried)
+                    await self._serve_pinned(scope, receive, send, ctx, route, tried, previous,
+                                             pin)
+                    return
                 except UpstreamError as error:
                     if ctx.status:
                         raise  # never a second response start
@@ -410,6 +433,18 @@ class FailoverMiddleware:
                     if tried.attempts:  # the pick was a retry, and `_may_retry` counted it
                         self.retry_not_made()
                     continue
+                except Rerouted as rerouted:  # (nor here)
+                    if tried.attempts:
+                        self.retry_not_made()
+                    pinned = tried.pinned
+                    route, tried = self._rerouted(ctx, rerouted, tried)
+                    if pinned is not None:  # a Responses follow-up: where its response is
+                        await self._serve_pinned(scope, receive, send, ctx, route, tried,
+                                                 *pinned)
+                        return
+                    requested, position = ctx.model, 0
+                    chain = self._chains.get(requested) or self._chain(requested, route)
+                    continue
                 except UpstreamError as error:
                     if tried.started or ctx.status or partner is not None:
                         raise  # never a second response start
@@ -434,6 +469,18 @@ class FailoverMiddleware:
             else:
                 await asyncio.sleep(wait)
             tried.excluded = set(tried.ineligible)
+
+    def _rerouted(self, ctx: RequestContext, rerouted: Rerouted,
+                  tried: Tried) -> tuple[Route, Tried]:
+        """A layer below sent the request to another model before any call went out (a quota
+        downgrade): from now on it is a request for that model, and is routed as one (its
+        route, its deployments, their health, its fallbacks). The route headers already on
+        the response give way to the next attempt's."""
+        route_to(ctx, rerouted.model)  # (a hedged call met it in a copy of the context)
+        route = self.routes.get(ctx.model, self.default)
+        renewed = self._tried(ctx, route, tried.wanted_tags)
+        renewed.attempts, renewed.headers = tried.attempts, tried.headers
+        return route, renewed
 
     def may_hedge(self, tried: Tried) -> bool:
         """A hedged second call is a retry: it needs an attempt and the retry budget."""
@@ -666,8 +713,10 @@ class FailoverMiddleware:
         except UpstreamError:
             outcome = "failed"  # after_failure records it
             raise
-        except UntranslatableRequest:  # refused before any call: neither an attempt nor a
-            tried.attempts -= 1  # fallback (and, as "cancelled", no verdict on health)
+        except (UntranslatableRequest, Rerouted):
+            # Refused (or sent to another model) before any call: neither an attempt nor a
+            # fallback (and, as "cancelled", no verdict on health).
+            tried.attempts -= 1
             state.refused(tried.rate_limited)
             if fallback_model is not None:
                 ctx.state["failover.fallbacks"] -= 1

@@ -20,7 +20,7 @@ import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.context import CONTEXT_KEY, RequestContext
+from gateway.context import CONTEXT_KEY, RequestContext, Rerouted
 from gateway.errors import StreamInterrupted, UntranslatableRequest, UpstreamError
 from gateway.layers import Message, Receive, Scope, Send
 from middleware.failover.routing import DeploymentState, KeyState, Tried, route_headers
@@ -147,6 +147,7 @@ class Hedge:
         next_chain: list[str] | None = None
         answer: UpstreamError | None = None  # a failure that goes back to the caller as it is
         other: BaseException | None = None  # a refusal from below, or the client went away
+        rerouted: Rerouted | None = None  # a layer below sent the request to another model
         for task, (state, key) in calls.items():
             error = task.exception() if not task.cancelled() else None
             if task is self.winner:
@@ -163,15 +164,21 @@ class Hedge:
             state.release(self.tried.rate_limited)
             if key is not None:
                 key.breaker.release()
-            if isinstance(error, UntranslatableRequest):  # not an attempt: out for this request
+            if isinstance(error, (UntranslatableRequest, Rerouted)):  # no call: not an attempt
                 self.tried.attempts -= 1
-                self.tried.refuse(state, error)
                 state.refused(self.tried.rate_limited)
                 if task is self.hedged:
                     self.layer.hedge_not_made()
+            if isinstance(error, UntranslatableRequest):  # out for this request
+                self.tried.refuse(state, error)
+            elif isinstance(error, Rerouted):  # (with the headers it put on the response)
+                rerouted = error
+                self.ctx.response_headers += self.copies[task].response_headers
             elif error is not None and not isinstance(error, _Lost):
                 other = error
         if self.winner is None:
+            if rerouted is not None:  # (before any failure: every later call goes there)
+                raise rerouted
             if answer is not None:
                 raise answer
             if other is not None:

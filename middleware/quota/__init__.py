@@ -15,7 +15,8 @@ a fallback, a broken stream's continuation) passes through here, but the caller 
 request: it counts once against RPM and concurrency (a caller's limits count its requests,
 not the gateway's attempts at them), holds its one reservation until it has ended, and is
 settled to what the usage ledger bills for it, every attempt in it. A request this layer
-downgraded goes to the cheaper model on every attempt (middleware/quota/downgrade.py).
+downgrades under a failover layer goes back up to it (`Rerouted`), admitted at the cheaper
+model's price, and the failover layer routes every attempt for the cheaper model.
 
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
@@ -42,8 +43,14 @@ from typing import Any
 import orjson
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
-from gateway.config import ConfigError, GatewayConfig
-from gateway.context import OPENAI_RESPONSES, RequestContext, find_request_context, route_to
+from gateway.config import ConfigError
+from gateway.context import (
+    OPENAI_RESPONSES,
+    RequestContext,
+    Rerouted,
+    find_request_context,
+    route_to,
+)
 from gateway.errors import GatewayError, stream_error_ending
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.policy import (
@@ -73,9 +80,7 @@ from gateway.pricing import (
 from gateway.resp import RespError, is_redis_url
 from gateway.sse import count_events
 from gateway.tokens import estimate_input_tokens
-from gateway.upstream import OPERATION_PATHS, Deployment, serving_deployments
 from middleware.quota import plan
-from middleware.quota.downgrade import Downgrade
 from middleware.quota.lane import Lane, lane_for
 from middleware.quota.ledger import PostgresSpendLedger
 from middleware.quota.plan import Estimate, Planned
@@ -160,10 +165,6 @@ class QuotaMiddleware:
         # _Responder, or None when `send` is not wrapped. A key of this instance's own: two
         # quota layers in one stack each admit the request.
         self._admitted_key = f"quota.admitted.{id(self)}"
-        # ctx.state[self._downgrade_key]: the Downgrade of a request a layer above routed.
-        self._downgrade_key = f"quota.downgrade.{id(self)}"
-        # (operation, model) -> the deployments a downgrade may call (`check_config`)
-        self._serving: dict[tuple[str, str], tuple[Deployment, ...]] = {}
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -175,14 +176,6 @@ class QuotaMiddleware:
             Principal, int, tuple[list[tuple[Any, ...]], dict[Any, Any]] | None]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def check_config(self, config: GatewayConfig) -> None:
-        """Notes each model's deployments that serve each operation (as the passthrough
-        does), for the calls of requests downgraded to it (middleware/quota/downgrade.py)."""
-        self._serving = {
-            (operation, name): serving_deployments(model, config.providers, operation)
-            or model.deployments
-            for operation in OPERATION_PATHS for name, model in config.models.items()}
 
     async def startup(self) -> None:
         await self.fallback.startup()
@@ -233,6 +226,7 @@ class QuotaMiddleware:
         if self._admitted_key in ctx.state:  # the same request again: see `_call_again`
             await self._call_again(scope, receive, send, ctx)
             return
+        asked = ctx.model
         handed: bytes | QuotaStoreError | None = None
         lane = self._lane(ctx, self._redis) if self._redis is not None else None
         if lane is not None:
@@ -244,17 +238,21 @@ class QuotaMiddleware:
         store, planned, checks, decision, est, headers = await self._admit(ctx, handed, lane)
         if headers:  # the kernel puts them on the response start, or on the error it renders
             ctx.response_headers += headers
-        if store is None:  # nothing applies: no reservation, nothing to settle
-            ctx.state[self._admitted_key] = None
+        responder = None  # (`send` is not wrapped when nothing is to be cut off)
+        if store is not None:  # (None: nothing applies, no reservation, nothing to settle)
+            _settle_at_end(ctx, partial(self._settle, store, planned, checks, decision))
+            allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream \
+                else None
+            if allowance is not None:
+                responder = _Responder(ctx, send, allowance, est)
+        ctx.state[self._admitted_key] = responder
+        if ctx.model != asked and ctx.reroutable:
+            # Downgraded under a layer that routes every call (a failover layer): it routes
+            # this one, and every later one, for the cheaper model. Admitted, nothing sent.
+            raise Rerouted(ctx.model)
+        if responder is None:
             await self.app(scope, receive, send)
             return
-        _settle_at_end(ctx, partial(self._settle, store, planned, checks, decision))
-        allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream else None
-        if allowance is None:  # nothing to cut off: `send` is not wrapped
-            ctx.state[self._admitted_key] = None
-            await self.app(scope, receive, send)
-            return
-        responder = ctx.state[self._admitted_key] = _Responder(ctx, send, allowance, est)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
@@ -270,9 +268,6 @@ class QuotaMiddleware:
         then settles to what the request is billed, every attempt in it. A stream_cutoff
         budget goes on counting the stream's events, and ends a continuation that has no room
         left in it without calling below (`_Responder.no_room_to_continue`)."""
-        downgrade: Downgrade | None = ctx.state.get(self._downgrade_key)
-        if downgrade is not None:  # the layer above routed the call for the model asked for
-            downgrade.route(ctx)
         earlier: _Responder | None = ctx.state[self._admitted_key]
         if earlier is None:
             await self.app(scope, receive, send)
@@ -375,19 +370,8 @@ class QuotaMiddleware:
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
                 overflowed.add(item.check.key)
-            self._downgrade(ctx, target)
+            route_to(ctx, target)
         raise refused(ctx, item, decision)
-
-    def _downgrade(self, ctx: RequestContext, target: str) -> None:
-        """Sends the request to `target`, a cheaper model. A request a layer above had routed
-        (a failover layer listed above this one: it routes each attempt for the model asked
-        for) has every call below sent to `target` from now on (`_call_again`)."""
-        routed_above = ctx.deployment is not None or self._downgrade_key in ctx.state
-        route_to(ctx, target)
-        serving = self._serving.get((ctx.operation, target))
-        if routed_above and serving:
-            downgrade = ctx.state[self._downgrade_key] = Downgrade(target, serving)
-            downgrade.route(ctx)
 
     def _template(self, principal: Principal, model: str
                   ) -> tuple[list[tuple[Any, ...]], dict[Any, Any]] | None:

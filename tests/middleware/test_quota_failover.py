@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from middleware.failover import FailoverMiddleware
 from tests.middleware.test_quota_billing import billed, deltas, metering, post, streamed
 from tests.middleware.test_quota_layer import (
     CUTOFF_BUDGET,
@@ -163,15 +164,18 @@ models["cheap-mock"] = [Deployment("openai", "cheap-upstream", price=CHEAP_PRICE
 '''
 
 
+CONTINUED = "Route(strategy='priority', continuation=True)"
+
+
 def downgrading(start: Start, store: str, journal: Path, *, failover_first: bool,
-                max_attempts: int = 3) -> Gateway:
-    failover = (f"Middleware(FailoverMiddleware, breaker=NEVER_OPENS, "
+                max_attempts: int = 3, limits: str = DOWNGRADING_BUDGET,
+                breaker: str = "NEVER_OPENS", gpt_route: str = CONTINUED,
+                cheap_route: str = CONTINUED, extra: str = TWO_CHEAP_DEPLOYMENTS) -> Gateway:
+    failover = (f"Middleware(FailoverMiddleware, breaker={breaker}, "
                 f"retry=RetryPolicy(max_attempts={max_attempts}), "
-                "routes={'gpt-mock': Route(strategy='priority', continuation=True), "
-                "'cheap-mock': Route(strategy='priority', continuation=True)})")
+                f"routes={{'gpt-mock': {gpt_route}, 'cheap-mock': {cheap_route}}})")
     layers = [failover, quota(store)] if failover_first else [quota(store), failover]
-    return start(auth(static_key(DOWNGRADING_BUDGET)), metering(journal), *layers,
-                 extra=TWO_CHEAP_DEPLOYMENTS)
+    return start(auth(static_key(limits)), metering(journal), *layers, extra=extra)
 
 
 @pytest.mark.parametrize("failover_first", [True, False], ids=["failover-above", "quota-above"])
@@ -232,3 +236,111 @@ def test_a_downgraded_request_whose_cheaper_deployments_fail_gets_their_error(
     assert response.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> cheap-mock")
     assert billed(journal) == 0
     assert eventually(gateway.committed, 0) == 0
+
+
+# -- the failover layer above routes a downgraded request for the cheaper model ------------------
+
+OPENS_AT_ONCE = "BreakerSettings(consecutive_failures=1, cooldown_s=60)"
+# gpt-mock's route -> how the failover layer makes its first call: inline (a plain route), in
+# its attempt loop (a route that continues streams), or in a hedge (a route that hedges).
+FIRST_CALLS = {"plain": "Route(strategy='priority')", "attempt-loop": CONTINUED,
+               "hedged": "Route(strategy='priority', hedge_after_s=30)"}
+
+
+def failover_of(gateway: Gateway) -> FailoverMiddleware:
+    return next(c for c in gateway.app.components if isinstance(c, FailoverMiddleware))
+
+
+def health(gateway: Gateway, model: str) -> dict[str, tuple[str, int]]:
+    """Each deployment of `model` as the failover layer sees it: (its breaker, its failures)."""
+    group = failover_of(gateway).groups[model]
+    return {state.name: (state.breaker.state, state.failures) for state in group.deployments}
+
+
+@pytest.mark.parametrize("first_call", sorted(FIRST_CALLS))
+def test_a_downgraded_request_is_routed_by_the_cheaper_models_health(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        first_call: str) -> None:
+    # The quota layer below took cheap-mock's deployments in turn, blind to their health, and
+    # the failover layer recorded cheap-upstream's failure against the gpt-mock deployment it
+    # had picked (its breaker opened: gpt-mock's first deployment, never called, was out).
+    journal = tmp_path / "journal"
+    gateway = downgrading(start, store, journal, failover_first=True, breaker=OPENS_AT_ONCE,
+                          gpt_route=FIRST_CALLS[first_call])
+    mock.push_fault(Fault(kind="status", provider="openai", status=500))
+    first = gateway.chat()
+    assert first.status_code == 200
+    assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
+    assert first.headers["x-sluicegate-deployment"] == "openai/cheap-second"
+    assert first.headers["x-sluicegate-attempts"] == "2"
+    assert first.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> cheap-mock")
+    assert health(gateway, "cheap-mock")["openai/cheap-upstream"] == ("open", 1)
+    assert set(health(gateway, "gpt-mock").values()) == {("closed", 0)}
+    cost = billed(journal)
+    assert cost == CHEAP_COST
+    assert eventually(gateway.committed, cost) == cost
+    # cheap-upstream's breaker is open: the failover layer sends the next one elsewhere.
+    second = gateway.chat()
+    assert second.status_code == 200
+    assert [r["json"]["model"] for r in mock.requests[2:]] == ["cheap-second"]
+    assert second.headers["x-sluicegate-deployment"] == "openai/cheap-second"
+    assert second.headers["x-sluicegate-attempts"] == "1"
+
+
+def test_a_downgraded_request_is_hedged_on_the_cheaper_models_route(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path) -> None:
+    # The failover layer went on with gpt-mock's route, which does not hedge: the caller
+    # waited for cheap-upstream's slow answer.
+    journal = tmp_path / "journal"
+    gateway = downgrading(start, store, journal, failover_first=True,
+                          cheap_route="Route(strategy='priority', hedge_after_s=0.2)")
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=5))
+    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "openai/cheap-second"
+    assert response.headers["x-sluicegate-attempts"] == "2"
+    assert response.text.count("data: [DONE]") == 1
+    assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
+    assert failover_of(gateway).counters["hedges"] == 1
+    cost = billed(journal)
+    assert cost == CHEAP_COST
+    assert eventually(gateway.committed, cost) == cost
+
+
+# cheap-mock's first deployment calls another account (a key of its own), which does not
+# hold the responses made by gpt-mock's deployments (the provider's own key).
+CHEAP_ON_ANOTHER_ACCOUNT = TWO_DEPLOYMENTS + '''
+os.environ.setdefault("OTHER_ACCOUNT_KEY", "provider-secret-other-account-0123")
+CHEAP_PRICE = Price(input_per_mtok="0.1", output_per_mtok="0.2")
+models["cheap-mock"] = [Deployment("openai", "cheap-upstream", price=CHEAP_PRICE,
+                                   api_key_envs=("OTHER_ACCOUNT_KEY",)),
+                        Deployment("openai", "cheap-second", price=CHEAP_PRICE)]
+'''
+
+
+@pytest.mark.parametrize("first_call", ["pinned", "attempt-loop"])
+def test_a_downgraded_follow_up_goes_where_its_previous_response_is(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        first_call: str) -> None:
+    # A Responses follow-up goes first to the deployment that made its previous response
+    # (pinned), or, when that one is out, into the attempt loop with the others that see
+    # it. The downgrade it met in the first reached the caller as a 500; in the second the
+    # follow-up went to cheap-upstream, whose account does not hold the previous response.
+    gateway = downgrading(start, store, tmp_path / "journal", failover_first=True,
+                          limits="Limits(rpm=2, on_overflow='downgrade', "
+                                 "downgrade_to='cheap-mock')",
+                          breaker=OPENS_AT_ONCE, extra=CHEAP_ON_ANOTHER_ACCOUNT)
+    sdk = gateway.openai()
+    first = sdk.responses.with_raw_response.create(model="gpt-mock", input="hello")
+    assert first.headers["x-sluicegate-deployment"] == "openai/gpt-4o-mini"
+    if first_call == "attempt-loop":  # gpt-4o-mini fails, and its breaker opens
+        mock.push_fault(Fault(kind="status", provider="openai", status=500))
+    assert gateway.chat().status_code == 200  # (the caller's second request of the minute)
+    second = sdk.responses.with_raw_response.create(
+        model="gpt-mock", input="go on", previous_response_id=first.parse().id)
+    assert second.parse().output_text.startswith("Mock reply to: ")
+    assert second.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> cheap-mock")
+    assert second.headers["x-sluicegate-deployment"] == "openai/cheap-second"
+    assert [r["json"]["model"] for r in mock.requests] == \
+        ["gpt-4o-mini", *(["gpt-4o-mini", "gpt-4o"] if first_call == "attempt-loop" else
+                          ["gpt-4o-mini"]), "cheap-second"]
