@@ -5,9 +5,11 @@ a second deployment is called too (it needs the retry budget, like any retry). T
 the two to start its response wins; the other is cancelled, which closes its upstream
 connection. Each call runs in its own task with its own copy of the request context, so the
 two never write the same fields; the winner's fields are copied back, the loser's attempt is
-kept in `ctx.attempts`. A call that failed while the other went on to answer counts against
-its deployment, but never replaces the answer (nor its metering). Each call is held to the
-route's TTFT timeout, and the winner's stream continued when it breaks, as an unhedged call.
+kept in `ctx.attempts`. The response headers stay the request's: what a layer below puts on
+them (the quota layer's, listed below this one) is on the response whichever call wins. A
+call that failed while the other went on to answer counts against its deployment, but never
+replaces the answer (nor its metering). Each call is held to the route's TTFT timeout, and
+the winner's stream continued when it breaks, as an unhedged call.
 
 Limits: a provider may bill the loser's input tokens even though it was cancelled before its
 first byte; those are not in the usage record (nobody told us how many there were).
@@ -89,8 +91,7 @@ class Hedge:
     def _launch(self, state: DeploymentState, key: KeyState | None) -> asyncio.Task[None]:
         self.tried.attempts += 1
         number = self.tried.attempts
-        copy = dataclasses.replace(self.ctx, attempts=[], response_headers=[],
-                                   deployment=state.deployment,
+        copy = dataclasses.replace(self.ctx, attempts=[], deployment=state.deployment,
                                    provider_key=None if key is None else key.key)
         scope = dict(self.scope)
         scope[CONTEXT_KEY] = copy
@@ -171,9 +172,8 @@ class Hedge:
                     self.layer.hedge_not_made()
             if isinstance(error, UntranslatableRequest):  # out for this request
                 self.tried.refuse(state, error)
-            elif isinstance(error, Rerouted):  # (with the headers it put on the response)
+            elif isinstance(error, Rerouted):
                 rerouted = error
-                self.ctx.response_headers += self.copies[task].response_headers
             elif error is not None and not isinstance(error, _Lost):
                 other = error
         if self.winner is None:

@@ -344,3 +344,21 @@ def test_a_downgraded_follow_up_goes_where_its_previous_response_is(
     assert [r["json"]["model"] for r in mock.requests] == \
         ["gpt-4o-mini", *(["gpt-4o-mini", "gpt-4o"] if first_call == "attempt-loop" else
                           ["gpt-4o-mini"]), "cheap-second"]
+
+
+@pytest.mark.parametrize("hedged", [False, True], ids=["one-call", "hedged"])
+def test_a_hedging_route_keeps_the_quota_layers_headers(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        hedged: bool) -> None:
+    # A hedging route makes its calls in copies of the context, and the headers the quota
+    # layer below put on the copy that answered were lost.
+    route = f"Route(strategy='priority', hedge_after_s={0.2 if hedged else 30})"
+    gateway = downgrading(start, store, tmp_path / "journal", failover_first=True,
+                          limits="Limits(rpm=5)", gpt_route=route)
+    if hedged:
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=5))
+    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == \
+        ("openai/gpt-4o" if hedged else "openai/gpt-4o-mini")
+    assert response.headers.get_list("x-ratelimit-remaining-requests") == ["4"]
