@@ -474,12 +474,13 @@ class FailoverMiddleware:
                   tried: Tried) -> tuple[Route, Tried]:
         """A layer below sent the request to another model before any call went out (a quota
         downgrade): from now on it is a request for that model, and is routed as one (its
-        route, its deployments, their health, its fallbacks). The route headers already on
-        the response give way to the next attempt's."""
+        route, its deployments, their health, its fallbacks). The pick that met it was
+        never called: its route headers go."""
         route_to(ctx, rerouted.model)  # (a hedged call met it in a copy of the context)
+        tried.set_headers(ctx, [])
         route = self.routes.get(ctx.model, self.default)
         renewed = self._tried(ctx, route, tried.wanted_tags)
-        renewed.attempts, renewed.headers = tried.attempts, tried.headers
+        renewed.attempts = tried.attempts
         return route, renewed
 
     def may_hedge(self, tried: Tried) -> bool:

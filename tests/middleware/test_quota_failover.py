@@ -307,6 +307,29 @@ def test_a_downgraded_request_is_hedged_on_the_cheaper_models_route(
     assert eventually(gateway.committed, cost) == cost
 
 
+@pytest.mark.parametrize("first_call", sorted(FIRST_CALLS))
+def test_a_downgraded_request_with_no_healthy_cheap_deployment_names_none(
+        start: Start, store: str, mock: MockProviderServer, tmp_path: Path,
+        first_call: str) -> None:
+    # The refusal named the gpt-mock deployment the failover layer had picked before the
+    # downgrade, which was never called.
+    journal = tmp_path / "journal"
+    gateway = downgrading(start, store, journal, failover_first=True, max_attempts=2,
+                          breaker=OPENS_AT_ONCE, gpt_route=FIRST_CALLS[first_call])
+    for _ in range(2):  # (both cheap-mock deployments fail, and their breakers open)
+        mock.push_fault(Fault(kind="status", provider="openai", status=500))
+    assert gateway.chat().status_code == 500
+    response = gateway.chat()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_healthy_deployment"
+    assert "model 'cheap-mock'" in response.json()["error"]["message"]
+    assert response.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> cheap-mock")
+    assert "x-sluicegate-deployment" not in response.headers
+    assert "x-sluicegate-attempts" not in response.headers
+    assert [r["json"]["model"] for r in mock.requests] == ["cheap-upstream", "cheap-second"]
+    assert eventually(gateway.committed, 0) == 0
+
+
 # cheap-mock's first deployment calls another account (a key of its own), which does not
 # hold the responses made by gpt-mock's deployments (the provider's own key).
 CHEAP_ON_ANOTHER_ACCOUNT = TWO_DEPLOYMENTS + '''
