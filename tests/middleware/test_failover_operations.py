@@ -25,7 +25,8 @@ OPENAI_A, AZURE_A, CLAUDE_A, OPENAI_B = ("a/gpt-4o", "a-azure/gpt-4o-eu",
 # (`a` and `b`: two mock provider servers, tests/conftest.py)
 
 
-def config(a: MockProviderServer, b: MockProviderServer, layer: str, quota: str = "") -> str:
+def config(a: MockProviderServer, b: MockProviderServer, layer: str, quota: str = "",
+           quota_below: str = "") -> str:
     return f'''
 {config_head()}providers = {{
     "a": Provider("openai", base_url="{a.base_url("openai")}", api_key_env=KEY, timeouts=fast),
@@ -51,6 +52,7 @@ middleware = [
     Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
     {quota}
     Middleware(FailoverMiddleware, {layer}),
+    {quota_below}
 ]
 '''
 
@@ -168,14 +170,17 @@ def test_the_400_comes_only_when_no_deployment_of_the_model_or_its_fallbacks_ser
     assert called(a, b) == []
 
 
+@pytest.mark.parametrize("quota_first", [True, False], ids=["quota-above", "failover-above"])
 def test_a_quota_downgrade_is_routed_by_the_operation_too(
-        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, quota_first: bool) -> None:
     # Past its limit a request for `gpt` goes to `smart`, whose first deployment by priority
-    # is Azure's: the downgraded request must still go to one that serves /v1/responses.
+    # is Azure's: the downgraded request must still go to one that serves /v1/responses,
+    # whichever layer is listed first.
     quota = ("Middleware(QuotaMiddleware, store='memory', model_limits={'gpt': Limits(rpm=1, "
              "on_overflow='downgrade', downgrade_to='smart')}),")
     layer = 'routes={"smart": Route(strategy="priority")}'
-    with serve(tmp_path, config(a, b, layer, quota)) as gateway:
+    layers = config(a, b, layer, quota) if quota_first else config(a, b, layer, quota_below=quota)
+    with serve(tmp_path, layers) as gateway:
         sdk = openai_client(gateway)
         first = sdk.responses.with_raw_response.create(model="gpt", input="hello")
         second = sdk.responses.with_raw_response.create(model="gpt", input="hello")
