@@ -180,6 +180,7 @@ class FailoverMiddleware:
         """Every model a route names (and its fallbacks) must be a configured model. Notes
         which deployments cannot serve which operation (an Azure one /v1/responses, an
         Anthropic one /v1/embeddings), so that requests never go to them."""
+        self.affinity.learn_accounts(config.providers, config.models)
         for operation in OPERATION_PATHS:
             unable: dict[str, frozenset[str]] = {}
             for name, declared in config.models.items():
@@ -327,7 +328,7 @@ class FailoverMiddleware:
             group = self.group(ctx, model) if model == ctx.model or _may_use(ctx, model) \
                 else None
             for state in group.deployments if group is not None else ():
-                if state in tried.ineligible or not pin.sees(state.deployment):
+                if state in tried.ineligible or not self.affinity.sees(pin, state.deployment):
                     continue
                 seeing.append(state)
                 if first is None and state.name == pin.deployment:
@@ -340,8 +341,7 @@ class FailoverMiddleware:
                           for state in group.deployments if state not in seeing)
         tried.ineligible = tried.ineligible | blind
         tried.excluded = set(tried.ineligible)
-        tried.bad_keys = {key.key.env for state in seeing for key in state.keys
-                          if key.key.env != pin.key}
+        tried.bad_keys = self.affinity.foreign_keys(pin, seeing)
         tried.pinned = (previous, pin)
         next_chain = None
         if first is not None and first.available(time.monotonic(), tried.rate_limited):

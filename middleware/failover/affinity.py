@@ -5,9 +5,16 @@ made it; a request with `previous_response_id` sent anywhere else is refused wit
 `previous_response_not_found` ("Previous response with id '...' not found."). So the layer
 notes, for every Responses API answer that passes through, its id and where it was made: the
 deployment and the provider key (`Pin`). A later request naming that id goes first to that
-deployment and key, and can fail over only to the deployments that share the account (the
-same provider entry and the same provider key: `Pin.sees`); when none of them can take it,
-the caller gets `previous_response_unavailable` rather than another account's 400.
+deployment and key, and can fail over only to the deployments that call the same account
+(`ResponseAffinity.sees`); when none of them can take it, the caller gets
+`previous_response_unavailable` rather than another account's 400.
+
+An account is the provider kind, its base URL and the credential, known by a keyed hash
+(HMAC-SHA256 under a key made at random per process, so the hash is no fingerprint of the
+key outside it): two provider entries, or two key variables, holding the same base URL and
+key are one account. Pins name the provider entry and the key's variable, never the account,
+so instances with the same config read each other's pins (through Redis) without sharing a
+hash key.
 
 The id is read where it is already at hand: a JSON answer's `id` from the passthrough's
 `RequestContext.sent_json`, a stream's from its first event, `response.created`, which the
@@ -23,14 +30,23 @@ routes as any request does.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import secrets
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from middleware.failover.routing import DeploymentState
 
 __all__ = ["Pin", "ResponseAffinity", "pin_of", "response_id_of", "unavailable"]
 
@@ -45,15 +61,6 @@ class Pin:
     deployment: str
     provider: str
     key: str | None
-
-    def sees(self, deployment: Any) -> bool:
-        """Whether a deployment (a gateway.upstream.Deployment) calls the same account, and
-        so sees the response: the same provider entry, and the key among its keys (or, for
-        the provider's own key, no keys of its own)."""
-        if deployment.provider != self.provider:
-            return False
-        keys = deployment.keys
-        return self.key is None if not keys else any(k.env == self.key for k in keys)
 
     def encode(self) -> str:
         return orjson.dumps([self.deployment, self.provider, self.key]).decode()
@@ -71,13 +78,17 @@ class Pin:
 
 
 class ResponseAffinity:
-    """Response id -> `Pin`, bounded, least recently used out first."""
+    """Response id -> `Pin`, bounded, least recently used out first; and which account each
+    provider entry and key calls (`learn_accounts`)."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 1:
             raise ValueError("ResponseAffinity.max_entries must be >= 1")
         self.max_entries = max_entries
         self._pins: OrderedDict[str, Pin] = OrderedDict()
+        # (provider entry, key variable or None) -> account; never shown, never shared
+        self._accounts: dict[tuple[str, str | None], str] = {}
+        self._hash_key = secrets.token_bytes(32)
 
     def __len__(self) -> int:
         return len(self._pins)
@@ -93,6 +104,50 @@ class ResponseAffinity:
         self._pins.move_to_end(response_id)
         if len(self._pins) > self.max_entries:
             self._pins.popitem(last=False)
+
+    # -- accounts ----------------------------------------------------------------------------
+
+    def learn_accounts(self, providers: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+        """The account of each provider entry's own key and of each deployment's keys (from
+        the loaded config: `providers` name -> adapter, `models` name -> gateway.upstream.Model).
+        Until then (a layer used without a config) an account is its entry and key names."""
+        for name, adapter in providers.items():
+            own = os.environ.get(adapter.api_key_env, "") if adapter.api_key_env else ""
+            self._accounts[name, None] = self._account(adapter, own)
+        for model in models.values():
+            for deployment in model.deployments:
+                adapter = providers[deployment.provider]
+                for key in deployment.keys:
+                    self._accounts[deployment.provider, key.env] = \
+                        self._account(adapter, key.secret)
+
+    def _account(self, adapter: Any, secret: str) -> str:
+        url = urlsplit(str(adapter.base_url).rstrip("/"))
+        # A user and password in the URL are a credential too: hashed with the key.
+        userinfo, _, host = url.netloc.rpartition("@")
+        where = url._replace(scheme=url.scheme.lower(), netloc=host.lower()).geturl()
+        digest = hmac.new(self._hash_key, f"{userinfo}\0{secret}".encode(),
+                          hashlib.sha256).hexdigest()
+        return f"{adapter.type_name} {where} {digest}"
+
+    def account(self, provider: str, key: str | None) -> str:
+        found = self._accounts.get((provider, key))
+        return found if found is not None else f"entry:{provider}|{key}"
+
+    def sees(self, pin: Pin, deployment: Any) -> bool:
+        """Whether a deployment (a gateway.upstream.Deployment) calls the account that made
+        the pinned response with one of its keys (or, without keys, the provider's own)."""
+        account = self.account(pin.provider, pin.key)
+        keys = deployment.keys
+        if not keys:
+            return self.account(deployment.provider, None) == account
+        return any(self.account(deployment.provider, key.env) == account for key in keys)
+
+    def foreign_keys(self, pin: Pin, states: Iterable[DeploymentState]) -> set[str]:
+        """The keys of `states` (key variables) on another account than the pinned one."""
+        account = self.account(pin.provider, pin.key)
+        return {key.key.env for state in states for key in state.keys
+                if self.account(state.deployment.provider, key.key.env) != account}
 
 
 def previous_response_id(ctx: RequestContext) -> str | None:
