@@ -86,6 +86,7 @@ from middleware.failover.affinity import (
     ResponseAffinity,
     pin_of,
     previous_response_id,
+    ready_in_s,
     response_id_of,
     unavailable,
 )
@@ -661,9 +662,11 @@ class FailoverMiddleware:
         if tried.last_error is not None:
             return tried.last_error
         if tried.pinned is not None:  # nothing that sees the previous response could go
-            cooling = self._cooling_s(_usable(ctx, chain), tried)
-            return unavailable(*tried.pinned, min(cooling) if cooling
-                               else self.breaker.cooldown_s)
+            seeing = [state for model in _usable(ctx, chain)
+                      if (group := self.groups.get(model)) is not None
+                      for state in group.deployments if state not in tried.ineligible]
+            return unavailable(*tried.pinned, ready_in_s(seeing, tried.bad_keys,
+                                                         time.monotonic(), tried.rate_limited))
         requested = ctx.model
         usable_models = _usable(ctx, chain)
         cooling = self._cooling_s(usable_models, tried)

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from gateway.upstream import Deployment, Model, ProviderKey
-from middleware.failover.affinity import Pin, ResponseAffinity
+from middleware.failover.affinity import Pin, ResponseAffinity, unavailable
 from providers import Provider
 from tests.harness import openai_client, serve
 from tests.middleware.test_failover_affinity import KEYS, affinity_config, keys_called, turn
@@ -129,3 +129,10 @@ def test_a_pin_sees_the_deployments_on_its_account_and_names_their_other_keys(
     assert not affinity.sees(pin, on_b_only)
     # A pin another instance wrote for an entry this config does not have sees nothing.
     assert not affinity.sees(Pin("gone/m", "gone", "A"), own_key)
+
+
+@pytest.mark.parametrize("wait_s,header", [(0.0, b"1"), (0.2, b"1"), (2.4, b"3"), (59.6, b"60")])
+def test_the_retry_after_of_an_unavailable_previous_response_is_rounded_up(
+        wait_s: float, header: bytes) -> None:
+    error = unavailable("resp_1", Pin("a/gpt-4o", "a", None), wait_s)
+    assert error.headers == [(b"retry-after", header)]
