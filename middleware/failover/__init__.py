@@ -84,10 +84,8 @@ from gateway.upstream import OPERATION_PATHS, serving_deployments
 from middleware.failover.affinity import (
     Pin,
     ResponseAffinity,
-    pin_of,
     previous_response_id,
     ready_in_s,
-    response_id_of,
     unavailable,
 )
 from middleware.failover.continuation import (
@@ -302,21 +300,12 @@ class FailoverMiddleware:
         goes where that response is; every answer's id is noted for the next turn."""
         tried = self._tried(ctx, route, wanted)
         previous = previous_response_id(ctx)
-        pin = None
-        if previous is not None:
-            pin = self.affinity.get(previous)
-            if pin is None and self.shared is not None:
-                pin = await self.shared.pin_of(previous)
+        pin = None if previous is None else await self.affinity.find(previous, self.shared)
+        send = self.affinity.noting_pins(send, ctx, self.shared)
         if pin is None or previous is None:
             await self._serve(scope, receive, send, ctx, route, tried, None)
         else:
             await self._serve_pinned(scope, receive, send, ctx, route, tried, previous, pin)
-        made = response_id_of(ctx)
-        made_at = pin_of(ctx) if made is not None else None
-        if made is not None and made_at is not None:
-            self.affinity.remember(made, made_at)
-            if self.shared is not None:
-                self.shared.share_pin(made, made_at)
 
     async def _serve_pinned(self, scope: Scope, receive: Receive, send: Send,
                             ctx: RequestContext, route: Route, tried: Tried, previous: str,

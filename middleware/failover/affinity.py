@@ -24,10 +24,11 @@ them (LiteLLM instead encodes the deployment into the id it returns, BerriAI/lit
 and clients then see ids that are not OpenAI's: BerriAI/litellm#15918, #17204).
 
 The map is bounded (`ResponseAffinity.max_entries`, least recently used out first) and lives
-in this process; with `shared=RedisHealth(...)` it is also written to Redis in the
-background, with a TTL, and a follow-up whose id this process has not seen asks Redis once
-(failover/shared.py). An id the gateway never saw (made before, elsewhere, or forgotten)
-routes as any request does.
+in this process; with `shared=RedisHealth(...)` each pin is also written to Redis, with a
+TTL, and a follow-up whose id this process has not seen asks Redis once (failover/shared.py).
+A pin is noted (and written) before the first byte of its answer's body goes out, since that
+is where the client learns the id: a follow-up, on any instance, finds it. An id the gateway
+never saw (made before, elsewhere, or forgotten) routes as any request does.
 """
 from __future__ import annotations
 
@@ -40,18 +41,20 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.layers import Message, Send
 
 if TYPE_CHECKING:
     from middleware.failover.routing import DeploymentState
 
-__all__ = ["Pin", "ResponseAffinity", "pin_of", "ready_in_s", "response_id_of", "unavailable"]
+__all__ = ["Pin", "PinStore", "ResponseAffinity", "pin_of", "ready_in_s", "response_id_of",
+           "unavailable"]
 
 PREVIOUS = "previous_response_id"
 
@@ -78,6 +81,14 @@ class Pin:
                 and (key is None or isinstance(key, str))):
             return None
         return cls(deployment, provider, key)
+
+
+class PinStore(Protocol):
+    """Pins shared with other instances (failover.shared.RedisHealth)."""
+
+    async def pin_of(self, response_id: str) -> Pin | None: ...
+
+    async def publish_pin(self, response_id: str, pin: Pin) -> None: ...
 
 
 class ResponseAffinity:
@@ -107,6 +118,36 @@ class ResponseAffinity:
         self._pins.move_to_end(response_id)
         if len(self._pins) > self.max_entries:
             self._pins.popitem(last=False)
+
+    async def find(self, response_id: str, shared: PinStore | None) -> Pin | None:
+        """Where `response_id` was made: known here, or (not known here, with a shared store)
+        as the store has it, then known here too (a retried follow-up asks no more)."""
+        pin = self.get(response_id)
+        if pin is None and shared is not None:
+            pin = await shared.pin_of(response_id)
+            if pin is not None:
+                self.remember(response_id, pin)
+        return pin
+
+    def noting_pins(self, send: Send, ctx: RequestContext, shared: PinStore | None) -> Send:
+        """`send`, noting where the answer was made (here, and in `shared`) before its body's
+        first message goes out: the client has the response id only then, so a follow-up it
+        sends to any instance finds the pin."""
+        noted = False
+
+        async def send_noting_pin(message: Message) -> None:
+            nonlocal noted
+            if not noted and message["type"] == "http.response.body":
+                noted = True
+                made = response_id_of(ctx)
+                pin = pin_of(ctx) if made is not None else None
+                if made is not None and pin is not None:
+                    self.remember(made, pin)
+                    if shared is not None:
+                        await shared.publish_pin(made, pin)
+            await send(message)
+
+        return send_noting_pin
 
     # -- accounts ----------------------------------------------------------------------------
 

@@ -8,12 +8,13 @@
   latency strategy sees the slowest recent view of each deployment.
 
 It also shares Responses API affinity (failover/affinity.py): each response id this process
-saw made, with where, is written at the next sync as its own key `<prefix>-response:<id>`
-with a TTL (`response_ttl_s`, a day by default; the keys spread over a Cluster's slots), and a
-follow-up whose `previous_response_id` this process has not seen asks Redis for it: one GET,
-held to `lookup_timeout_s`, the only Redis call on a request path here (a failure routes the
-request as one with an unknown id). A follow-up that reaches another instance before the
-first one's next sync is routed as an unknown id.
+makes, with where, is written as its own key `<prefix>-response:<id>` with a TTL
+(`response_ttl_s`, a day by default; the keys spread over a Cluster's slots) before the
+answer's body goes out (one SET), so a follow-up may reach any instance at once; and a
+follow-up whose `previous_response_id` this process has not seen asks Redis for it (one
+GET). Those two calls are the only ones on a request path here, each held to
+`lookup_timeout_s`: a SET that fails is left to the next sync (the answer goes out without
+waiting longer), a GET that fails routes the request as one with an unknown id.
 
 Nothing else is on the request path: a breaker change only marks the breaker for the next
 sync. So instances agree within two `sync_interval_s` (the change is written at its process's
@@ -136,6 +137,21 @@ class RedisHealth:
         pins[response_id] = pin.encode()
         if len(pins) > _MAX_PENDING_PINS:
             del pins[next(iter(pins))]
+
+    async def publish_pin(self, response_id: str, pin: Pin) -> None:
+        """Where a response was made, for the other instances, now (one SET, held to
+        `lookup_timeout_s`); when Redis fails, at the next sync that reaches it."""
+        if self._lookups is None:  # not started
+            self.share_pin(response_id, pin)
+            return
+        try:
+            await self._lookups.call("SET", self.response_prefix + response_id, pin.encode(),
+                                     "EX", str(self.response_ttl_s))
+        except (RespError, OSError) as exc:
+            self.errors += 1
+            logger.warning("failover affinity write to Redis failed (%s); the response's pin "
+                           "waits for the next sync", type(exc).__name__)
+            self.share_pin(response_id, pin)
 
     async def pin_of(self, response_id: str) -> Pin | None:
         """Where another instance saw a response made; None when unknown or Redis fails."""

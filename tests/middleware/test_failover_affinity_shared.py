@@ -1,8 +1,10 @@
 """Responses API affinity shared through Redis (`shared=RedisHealth(...)`).
 
-A previous response whose holder cannot take calls (its breaker, or its key's, opened by
-another instance) is answered 503 with a Retry-After of the time left until it can, not a
-whole cool-down.
+Two gateways on one Redis: a follow-up may reach the other one at once, before any sync, and
+still goes to the account that holds its previous response. A previous response whose holder
+cannot take calls (its breaker, or its key's, opened by another instance) is answered 503 with
+a Retry-After of the time left until it can, not a whole cool-down. Redis down: answers and
+follow-ups go on in each process.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tests.middleware.test_failover_affinity import (
 from tests.middleware.test_failover_layer import deployments
 from tests.mock_providers import MockProviderServer
 
+NO_REDIS = "redis://127.0.0.1:9/0"  # (the discard port: nothing listens)
 DUO = 'Deployment("a", "gpt-4o-mini", **on_a), Deployment("b", "gpt-4o-mini", **on_b)'
 
 
@@ -52,6 +55,32 @@ def shared_config(a: MockProviderServer, b: MockProviderServer, shared: str, *,
     return text.replace('routes={"trio": Route(strategy="priority")}',
                         'routes={"trio": Route(strategy="priority"), '
                         '"duo": Route(strategy="priority")}')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_follow_up_reaching_another_instance_at_once_goes_where_its_response_is(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, prefix: str,
+        stream: bool) -> None:
+    """The two route `duo` by priority in opposite orders and sync once an hour (the first
+    sync, at startup, is before any response): only the pin written before the answer went
+    out can send the follow-up to the account that holds its previous response."""
+    shared = f'RedisHealth("{REDIS_URL}", prefix="{prefix}", sync_interval_s=3600)'
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with serve(tmp_path / "one", shared_config(a, b, shared)) as one, \
+            serve(tmp_path / "two", shared_config(a, b, shared, b_first=True)) as two:
+        sdk1, sdk2 = openai_client(one), openai_client(two)
+        previous, served = turn(sdk1, "duo", None, stream)
+        assert served == A_MINI
+        assert redis.Redis.from_url(REDIS_URL).ttl(f"{prefix}-response:{previous}") > 0
+        for _ in range(2):
+            previous, served = turn(sdk2, "duo", previous, stream)
+            assert served == A_MINI
+        # And the other way round: started on the second (on b), on through the first.
+        previous, served = turn(sdk2, "duo", None, stream)
+        assert served == B_MINI
+        assert turn(sdk1, "duo", previous, stream)[1] == B_MINI
+    assert len(a.requests) == 3 and len(b.requests) == 2  # no call was refused
 
 
 @pytest.mark.parametrize("opened", ["deployment", "key"])
@@ -87,3 +116,17 @@ def test_an_unavailable_previous_response_is_retried_after_the_time_left_not_a_c
     assert refused.json()["error"]["code"] == "previous_response_unavailable"
     assert 1 <= int(refused.headers["retry-after"]) <= 30
     assert len(a.requests) + len(b.requests) == 1  # the follow-up went nowhere
+
+
+def test_without_redis_answers_and_follow_ups_go_on_in_each_process(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """Each answer's pin fails to reach Redis (and waits for a sync), each follow-up's
+    lookup is not needed: the process knows where it made its responses."""
+    shared = f'RedisHealth("{NO_REDIS}", sync_interval_s=0.1)'
+    with serve(tmp_path, shared_config(a, b, shared)) as gateway:
+        sdk = openai_client(gateway)
+        previous = turn(sdk, "keys", None, False)[0]
+        made_with = keys_called(a)[-1]
+        for _ in range(3):
+            previous, _ = turn(sdk, "keys", previous, True)
+        assert keys_called(a)[1:] == [made_with] * 3
