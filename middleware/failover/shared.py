@@ -14,7 +14,9 @@ answer's body goes out (one SET), so a follow-up may reach any instance at once;
 follow-up whose `previous_response_id` this process has not seen asks Redis for it (one
 GET). Those two calls are the only ones on a request path here, each held to
 `lookup_timeout_s`: a SET that fails is left to the next sync (the answer goes out without
-waiting longer), a GET that fails routes the request as one with an unknown id.
+waiting longer), a GET that fails routes the request as one with an unknown id. After a
+failure (theirs or the sync's) requests leave Redis alone, as if it failed at once, until a
+sync reaches it again: while Redis hangs, no request waits for it more than once a sync.
 
 Nothing else is on the request path: a breaker change only marks the breaker for the next
 sync. So instances agree within two `sync_interval_s` (the change is written at its process's
@@ -78,6 +80,8 @@ class RedisHealth:
         self._task: asyncio.Task[None] | None = None
         self.last_sync: float | None = None
         self.errors = 0
+        self.lookup_errors = 0  # affinity's calls on the request path that failed
+        self._redis_down = False  # since a call failed, until a sync reaches Redis
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -126,7 +130,8 @@ class RedisHealth:
     def describe(self) -> dict[str, Any]:
         return {"instance": self.instance_id, "sync_interval_s": self.sync_interval_s,
                 "last_sync_age_s": None if self.last_sync is None
-                else round(time.monotonic() - self.last_sync, 3), "errors": self.errors}
+                else round(time.monotonic() - self.last_sync, 3), "errors": self.errors,
+                "lookup_errors": self.lookup_errors}
 
     # -- Responses API affinity --------------------------------------------------------------
 
@@ -141,31 +146,35 @@ class RedisHealth:
     async def publish_pin(self, response_id: str, pin: Pin) -> None:
         """Where a response was made, for the other instances, now (one SET, held to
         `lookup_timeout_s`); when Redis fails, at the next sync that reaches it."""
-        if self._lookups is None:  # not started
+        if self._lookups is None or self._redis_down:
             self.share_pin(response_id, pin)
             return
         try:
             await self._lookups.call("SET", self.response_prefix + response_id, pin.encode(),
                                      "EX", str(self.response_ttl_s))
         except (RespError, OSError) as exc:
-            self.errors += 1
-            logger.warning("failover affinity write to Redis failed (%s); the response's pin "
-                           "waits for the next sync", type(exc).__name__)
+            self._request_path_failed(exc)
             self.share_pin(response_id, pin)
 
     async def pin_of(self, response_id: str) -> Pin | None:
         """Where another instance saw a response made; None when unknown or Redis fails."""
-        if self._lookups is None:
+        if self._lookups is None or self._redis_down:
             return None
         try:
             raw = await self._lookups.call("GET", self.response_prefix + response_id)
         except (RespError, OSError) as exc:
-            self.errors += 1
-            logger.warning("failover affinity lookup in Redis failed (%s); the request "
-                           "routes as one with an unknown previous_response_id",
-                           type(exc).__name__)
+            self._request_path_failed(exc)
             return None
         return Pin.decode(raw) if isinstance(raw, bytes) else None
+
+    def _request_path_failed(self, exc: Exception) -> None:
+        self.lookup_errors += 1
+        if not self._redis_down:  # (one warning an outage: calls in flight fail together)
+            self._redis_down = True
+            logger.warning("failover affinity call to Redis failed (%s); until a sync reaches "
+                           "it, new pins wait for the sync and follow-ups whose "
+                           "previous_response_id is not known here route as unknown ones",
+                           type(exc).__name__)
 
     # -- the sync --------------------------------------------------------------------------
 
@@ -175,6 +184,7 @@ class RedisHealth:
                 await self.sync()
             except (RespError, OSError) as exc:
                 self.errors += 1
+                self._redis_down = True
                 if self.errors == 1 or self.errors % 100 == 0:
                     logger.warning("failover health sync with Redis failed (%s); breakers stay "
                                    "per process until it is back", type(exc).__name__)
@@ -216,6 +226,7 @@ class RedisHealth:
         self._apply_open(_pairs(replies[-2]), time.time(), time.monotonic())
         self._apply_ttft(_pairs(replies[-1]), time.time())
         self.last_sync = time.monotonic()
+        self._redis_down = False
 
     def _apply_open(self, raw: dict[bytes, bytes], wall: float, mono: float) -> None:
         remote: dict[str, float] = {}

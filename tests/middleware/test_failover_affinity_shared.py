@@ -4,10 +4,14 @@ Two gateways on one Redis: a follow-up may reach the other one at once, before a
 still goes to the account that holds its previous response. A previous response whose holder
 cannot take calls (its breaker, or its key's, opened by another instance) is answered 503 with
 a Retry-After of the time left until it can, not a whole cool-down. Redis down: answers and
-follow-ups go on in each process.
+follow-ups go on in each process; Redis slow: after one call waited for it, requests leave it
+alone until a sync reaches it again.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +22,8 @@ import httpx
 import pytest
 import redis
 
+from middleware.failover import RedisHealth
+from middleware.failover.affinity import Pin
 from tests.harness import AUTH, openai_client, serve, wait_for
 from tests.middleware.test_failover_affinity import (
     A_MINI,
@@ -29,6 +35,7 @@ from tests.middleware.test_failover_affinity import (
 )
 from tests.middleware.test_failover_layer import deployments
 from tests.mock_providers import MockProviderServer
+from tests.tcp_proxy import TcpProxy
 
 NO_REDIS = "redis://127.0.0.1:9/0"  # (the discard port: nothing listens)
 DUO = 'Deployment("a", "gpt-4o-mini", **on_a), Deployment("b", "gpt-4o-mini", **on_b)'
@@ -130,3 +137,70 @@ def test_without_redis_answers_and_follow_ups_go_on_in_each_process(
         for _ in range(3):
             previous, _ = turn(sdk, "keys", previous, True)
         assert keys_called(a)[1:] == [made_with] * 3
+        # (the first pin's SET failed, unless the first sync had failed already)
+        assert deployments(gateway)["shared"]["lookup_errors"] <= 1  # type: ignore[index]
+
+
+@pytest.fixture
+def late_redis() -> Iterator[TcpProxy]:
+    """A relay to Redis (on a loop of its own) whose replies can be held back."""
+    proxy = TcpProxy(6379)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
+    yield proxy
+    asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_while_redis_is_late_requests_wait_for_it_once_not_each(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer, prefix: str,
+        late_redis: TcpProxy) -> None:
+    """Redis's replies come after `lookup_timeout_s`: one answer waits for its pin's SET,
+    then neither answers nor follow-ups call Redis (no connection is even opened) until a
+    sync reaches it (once an hour here)."""
+    shared = (f'RedisHealth("redis://127.0.0.1:{late_redis.port}/0", prefix="{prefix}", '
+              'sync_interval_s=3600, lookup_timeout_s=0.2)')
+    with serve(tmp_path, shared_config(a, b, shared)) as gateway:
+        sdk = openai_client(gateway)
+        made = turn(sdk, "trio", None, False)[0]
+        assert redis.Redis.from_url(REDIS_URL).exists(f"{prefix}-response:{made}")
+        late_redis.reply_delay_s = 1.0
+        assert turn(sdk, "trio", None, False)[1] == "a/gpt-4o-mini"  # its SET timed out
+        connections = late_redis.accepted
+        for _ in range(3):
+            turn(sdk, "trio", None, True)
+        unknown = httpx.post(gateway.url + "/v1/responses", headers=AUTH, timeout=10,
+                             json={"model": "trio", "input": "Go on",
+                                   "previous_response_id": "resp_made_elsewhere"})
+        assert unknown.json()["error"]["code"] == "previous_response_not_found"
+        assert late_redis.accepted == connections
+        assert deployments(gateway)["shared"]["lookup_errors"] == 1  # type: ignore[index]
+
+
+async def test_requests_call_redis_again_once_a_sync_reaches_it(
+        late_redis: TcpProxy, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    shared = RedisHealth(f"redis://127.0.0.1:{late_redis.port}/0", prefix=prefix,
+                         sync_interval_s=3600, lookup_timeout_s=0.2)
+    pin = Pin("a/gpt-4o-mini", "a", "AFFINITY_KEY_A")
+    await shared.startup()
+    try:
+        await shared.sync()
+        late_redis.reply_delay_s = 1.0
+        with caplog.at_level(logging.WARNING, logger="sluicegate.failover"):
+            assert await shared.pin_of("resp_1") is None  # timed out
+            await shared.publish_pin("resp_2", pin)  # left to the sync
+            assert await shared.pin_of("resp_3") is None
+        assert shared.lookup_errors == 1
+        late_redis.reply_delay_s = 0.0
+        await shared.sync()
+        assert await shared.pin_of("resp_2") == pin  # written by the sync, read by a request
+    finally:
+        await shared.shutdown()
+    warned = ("failover affinity call to Redis failed (TimeoutError); until a sync reaches "
+              "it, new pins wait for the sync and follow-ups whose previous_response_id is not "
+              "known here route as unknown ones")
+    assert [record.getMessage() for record in caplog.records
+            if "affinity" in record.getMessage()] == [warned]  # one, for the whole outage
