@@ -74,9 +74,12 @@ class Pin:
     @classmethod
     def decode(cls, raw: bytes | str) -> Pin | None:
         try:
-            deployment, provider, key = orjson.loads(raw)
-        except (orjson.JSONDecodeError, TypeError, ValueError):
+            fields = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             return None
+        if not (isinstance(fields, list) and len(fields) == 3):
+            return None
+        deployment, provider, key = fields
         if not (isinstance(deployment, str) and isinstance(provider, str)
                 and (key is None or isinstance(key, str))):
             return None

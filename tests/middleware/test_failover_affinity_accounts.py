@@ -131,6 +131,15 @@ def test_a_pin_sees_the_deployments_on_its_account_and_names_their_other_keys(
     assert not affinity.sees(Pin("gone/m", "gone", "A"), own_key)
 
 
+def test_a_pin_read_back_from_redis_is_the_three_fields_it_was_written_as() -> None:
+    pin = Pin("a/gpt-4o", "a", None)
+    assert Pin.decode(pin.encode()) == pin
+    # Anything else is no pin (a three-character string or a three-key object unpacks as
+    # three strings).
+    for raw in (b'"abc"', b'{"d": 1, "p": 2, "k": 3}', b"[1, 2, 3]", b"[]", b"nope", b"7"):
+        assert Pin.decode(raw) is None, raw
+
+
 @pytest.mark.parametrize("wait_s,header", [(0.0, b"1"), (0.2, b"1"), (2.4, b"3"), (59.6, b"60")])
 def test_the_retry_after_of_an_unavailable_previous_response_is_rounded_up(
         wait_s: float, header: bytes) -> None:
