@@ -7,6 +7,7 @@ key is another account. The mock OpenAI servers hold each response for the key t
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import openai
@@ -14,6 +15,8 @@ import pytest
 
 from gateway.upstream import Deployment, Model, ProviderKey
 from middleware.failover.affinity import Pin, ResponseAffinity, unavailable
+from middleware.failover.health import BreakerSettings
+from middleware.failover.routing import DeploymentState
 from providers import Provider
 from tests.harness import openai_client, serve
 from tests.middleware.test_failover_affinity import KEYS, affinity_config, keys_called, turn
@@ -129,6 +132,13 @@ def test_a_pin_sees_the_deployments_on_its_account_and_names_their_other_keys(
     assert not affinity.sees(pin, on_b_only)
     # A pin another instance wrote for an entry this config does not have sees nothing.
     assert not affinity.sees(Pin("gone/m", "gone", "A"), own_key)
+    # A pinned request may use A and A_AGAIN (one account), never B.
+    every_key = Deployment("openai_two", "m", keys=(ProviderKey("A", SECRET_A),
+                                                    ProviderKey("A_AGAIN", SECRET_A),
+                                                    ProviderKey("B", SECRET_B)))
+    states = [DeploymentState(deployment, BreakerSettings(), time.monotonic)
+              for deployment in (every_key, on_b_only, own_key)]
+    assert affinity.foreign_keys(pin, states) == {"B"}
 
 
 def test_a_pin_read_back_from_redis_is_the_three_fields_it_was_written_as() -> None:
