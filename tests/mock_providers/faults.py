@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
-FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate")
+FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall")
 RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
 
 
@@ -59,6 +59,9 @@ class MockConfig:
     fail_retry_after_s: float | None = None
     fail_seed: int | None = None
     fail_providers: list[str] | None = None
+    # Keep a bill per provider call (`MockProviderServer.bills`): what it was asked, what it
+    # answered and how much of a stream went out, for tests that check a gateway's ledger.
+    record_bills: bool = False
     # The random failure draw: its generator, the seed it was last seeded with, a lock.
     _rng: random.Random = field(default_factory=random.Random, init=False, repr=False,
                                 compare=False)
@@ -156,6 +159,9 @@ class Fault:
       "truncate"         streams: status 200, `after_chunks` content events, then the stream
                          ends cleanly without its closing events (no finish reason, usage,
                          `[DONE]` or `message_stop`), as when a proxy cuts it short.
+      "stall"            streams: status 200, `after_chunks` content events, then silence for
+                         `delay_s`, then the rest of the stream (a provider that hung midway);
+                         non-streams: as "slow_first_byte".
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
     `code` an "error_event" fault's error: the code of a Responses API stream's error event
@@ -173,6 +179,8 @@ class Fault:
     `stall_s` holds an "error_event" stream open, silent, for that long after its error event
     before it ends, as a provider that hung after it; a Responses stream's `error` event then
     comes without the `response.failed` that follows it on the live API.
+    `match` limits the fault to requests whose raw body holds that text (a marker in the
+    prompt), so concurrent requests each meet their own faults, in order.
     """
 
     kind: str
@@ -187,6 +195,7 @@ class Fault:
     param: str | None = None
     event: str = "error"
     stall_s: float = 0.0
+    match: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -216,12 +225,14 @@ class FaultQueue:
         with self._lock:
             self._items.clear()
 
-    def take(self, provider: str) -> Fault | None:
+    def take(self, provider: str, body: bytes = b"") -> Fault | None:
+        """The first fault for `provider` whose `match` (if any) is in the request `body`."""
         if not self._items:  # the common case, without the lock
             return None
         with self._lock:
             for index, fault in enumerate(self._items):
-                if fault.provider is None or fault.provider == provider:
+                if (fault.provider is None or fault.provider == provider) and \
+                        (fault.match is None or fault.match.encode() in body):
                     return self._items.pop(index)
         return None
 

@@ -66,7 +66,7 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         headers = wire.response_headers(config)
         if isinstance(body, bytes):
             return wire.error(400, bad_json, headers)
-        fault = state.faults.take(wire.name)
+        fault = state.faults.take(wire.name, raw)
         if fault is None:
             fault = config.draw_failure(wire.name)
             if fault is not None:
@@ -76,6 +76,7 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         status_fault = call.fault_of("status")
         if status_fault is not None:
             await call.wait_first_byte()
+            call.keep_bill(status_fault.sent_status or status_fault.status)
             refused = wire.error(status_fault.status, status_fault.message, headers,
                                  retry_after_s=status_fault.retry_after_s,
                                  param=status_fault.param, code=status_fault.code)
@@ -85,6 +86,7 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
         try:
             return await handler(call)
         except BadRequest as exc:
+            call.keep_bill(exc.status)
             return wire.error(exc.status, exc.message, headers, param=exc.param, code=exc.code)
 
     return handle
@@ -271,6 +273,12 @@ class MockProviderServer:
 
     def reset_log(self) -> None:
         self._state.requests.clear()
+        self._state.bills.clear()
+
+    @property
+    def bills(self) -> list[dict[str, Any]]:
+        """One bill per provider call while `config.record_bills` is on (see `wire.Call`)."""
+        return self._state.bills
 
     @property
     def active_streams(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
@@ -258,6 +259,54 @@ def test_truncate_ends_streams_cleanly_without_their_closing_events(
         body = call(mock, provider, stream=True).content  # ends without an error
         assert body.count(REPLY[8:16].encode()) == 1 and REPLY[16:24].encode() not in body
         assert ending not in body and b"error" not in body
+
+
+def test_a_fault_with_a_match_waits_for_a_request_that_holds_it(
+        mock: MockProviderServer) -> None:
+    mock.push_fault(Fault("status", status=500, match="marker-7"))
+    assert call(mock, "openai").status_code == 200  # (USER holds no marker: passed over)
+    marked = {"model": "m", "messages": [{"role": "user", "content": "hi marker-7"}]}
+    response = httpx.post(mock.base_url("openai") + "/chat/completions", json=marked,
+                          headers={"authorization": "Bearer k"})
+    assert response.status_code == 500 and mock.pending_faults == []
+
+
+def test_stall_holds_a_stream_silent_after_its_content_events(mock: MockProviderServer) -> None:
+    mock.push_fault(Fault("stall", provider="openai", after_chunks=2, delay_s=3.0))
+    body = b""
+    with pytest.raises(httpx.ReadTimeout), httpx.stream(
+            "POST", mock.base_url("openai") + "/chat/completions",
+            headers={"authorization": "Bearer k"}, timeout=httpx.Timeout(5.0, read=0.5),
+            json={"model": "m", "messages": USER, "stream": True}) as response:
+        for piece in response.iter_raw():
+            body += piece
+    assert body.count(b'"content":"') == 3  # the opening chunk's "" and two content chunks
+    assert REPLY[8:16].encode() in body and REPLY[16:24].encode() not in body
+    mock.push_fault(Fault("stall", provider="openai", after_chunks=1, delay_s=0.2))
+    assert call(mock, "openai", stream=True).content.endswith(b"data: [DONE]\n\n")
+
+
+def test_bills_keep_what_each_call_answered(mock: MockProviderServer) -> None:
+    mock.config.record_bills = True
+    try:
+        mock.push_fault(Fault("status", provider="openai", status=429, retry_after_s=1))
+        assert call(mock, "openai").status_code == 429
+        answer = call(mock, "openai").json()
+        mock.push_fault(Fault("truncate", provider="anthropic", after_chunks=2))
+        call(mock, "anthropic", stream=True)
+        assert call(mock, "anthropic", stream=True).status_code == 200
+    finally:
+        mock.config.record_bills = False
+    refused, answered, cut, whole = mock.bills
+    assert (refused["status"], refused["sent"], refused["complete"]) == (429, b"", False)
+    assert answered["complete"] and orjson.loads(answered["sent"]) == answer
+    assert answered["json"]["messages"] == USER and answered["path"].endswith("/completions")
+    assert (cut["content_sent"], cut["complete"], cut["stream"]) == (2, False, True)
+    assert cut["content_events"] == whole["content_events"] == whole["content_sent"] > 2
+    assert whole["complete"] and whole["sent"].endswith(b"event: message_stop\n"
+                                                        b"data: {\"type\":\"message_stop\"}\n\n")
+    mock.reset_log()
+    assert mock.bills == []
 
 
 def test_status_fault_code_and_param_in_openai_shape(mock: MockProviderServer) -> None:

@@ -47,6 +47,8 @@ class ServerState:
     # The Responses API's stored responses: API key -> the ids of the responses made with it
     # (an account sees only its own: `previous_response_id` of another is not found).
     stored_responses: dict[str, set[str]] = field(default_factory=dict)
+    # One bill per provider call while `MockConfig.record_bills` is on (see `Call.bill`).
+    bills: list[JSON] = field(default_factory=list)
 
     def record(self, entry: JSON) -> None:
         log = self.requests
@@ -101,6 +103,19 @@ class Call:
     fault: Fault | None
     state: ServerState
     headers: dict[str, str]
+    # What this call answered, kept in `state.bills` when the config records bills:
+    # provider, path, json (the request), status (None: no answer), stream, sent (the body
+    # bytes written), content_sent and content_events (a stream's content events: sent, in
+    # all), complete (the whole answer went out) and cancelled (its client left).
+    bill: JSON | None = None
+
+    def keep_bill(self, status: int | None, *, stream: bool = False) -> None:
+        if not self.config.record_bills:
+            return
+        self.bill = {"provider": self.provider, "path": self.request.path, "json": self.body,
+                     "status": status, "stream": stream, "sent": b"", "content_sent": 0,
+                     "content_events": 0, "complete": False, "cancelled": False}
+        self.state.bills.append(self.bill)
 
     @property
     def provider(self) -> str:
@@ -120,9 +135,11 @@ class Call:
     def fault_of(self, kind: str) -> Fault | None:
         return self.fault if self.fault is not None and self.fault.kind == kind else None
 
-    async def wait_first_byte(self) -> None:
+    async def wait_first_byte(self, *, streaming: bool = False) -> None:
         delay = self.config.ttft_s
         slow = self.fault_of("slow_first_byte")
+        if slow is None and not streaming:  # (a stall holds a JSON answer back whole)
+            slow = self.fault_of("stall")
         if slow is not None:
             delay += slow.delay_s
         if delay > 0:
@@ -157,8 +174,15 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
     """
     await call.wait_first_byte()
     if call.fault_of("reset") is not None:
+        call.keep_bill(None)
         abort_connection(call.request)  # aiohttp then fails to send this, quietly
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    if call.fault_of("reset") is None:
+        call.keep_bill(200)
+        transport = call.request.transport
+        if call.bill is not None:  # (a client that gave up waiting never reads the answer)
+            gone = transport is None or transport.is_closing()
+            call.bill.update(sent=b"" if gone else body, complete=not gone, cancelled=gone)
     return _response(200, body, call.headers, content_type)
 
 
@@ -166,7 +190,7 @@ async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: b
                          content_type: str = SSE_TYPE) -> web.StreamResponse:
     """Send `items` as a paced SSE stream, honouring a "reset", "error_event" or "truncate"
     fault (and `keepalive_comments`)."""
-    await call.wait_first_byte()
+    await call.wait_first_byte(streaming=True)
     if call.config.keepalive_comments:
         items = [part for item in items
                  for part in ([(KEEPALIVE, False), item] if item[1] else [item])]
@@ -175,23 +199,41 @@ async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: b
     response.headers["cache-control"] = "no-cache"
     state = call.state
     state.active_streams += 1
+    call.keep_bill(200, stream=True)
+    bill = call.bill
+    if bill is not None:
+        bill["content_events"] = sum(is_content for _, is_content in items)
     try:
         await response.prepare(call.request)
         cut = _cut_fault(call)
-        if cut is None and call.config.chunk_delay_s <= 0:
-            await response.write(b"".join(item for item, _ in items))  # the fast path
+        if cut is None and call.config.chunk_delay_s <= 0 and call.fault_of("stall") is None:
+            await _write(call, response, b"".join(item for item, _ in items),  # the fast path
+                         sum(is_content for _, is_content in items))
         else:
             await _write_paced(call, response, items, cut, error_event)
             if cut is not None and cut.kind == "reset":
                 return response
             if cut is not None and cut.kind == "error_event":
                 await asyncio.sleep(cut.stall_s)
+        if bill is not None:  # (every event is written: the client may close before the EOF)
+            bill["complete"] = cut is None
         await response.write_eof()
     except ConnectionError:  # the client went away mid-stream
         state.cancelled_streams += 1
+        if bill is not None:
+            bill["cancelled"] = True
     finally:
         state.active_streams -= 1
     return response
+
+
+async def _write(call: Call, response: web.StreamResponse, data: bytes, content: int) -> None:
+    """Writes `data` (holding `content` content events), on the call's bill too."""
+    await response.write(data)
+    bill = call.bill
+    if bill is not None:
+        bill["sent"] += data
+        bill["content_sent"] += content
 
 
 def _cut_fault(call: Call) -> Fault | None:
@@ -205,18 +247,23 @@ async def _write_paced(call: Call, response: web.StreamResponse, items: Sequence
         # Failing before any content: the opening events and the failure leave in one write,
         # as from a provider that gave up at once.
         failure = error_event if cut.kind == "error_event" else b""
-        await response.write(b"".join(item for item, _ in head) + failure)
+        await _write(call, response, b"".join(item for item, _ in head) + failure, 0)
         if cut.kind == "reset":
             await _flush(call.request)
             abort_connection(call.request)
         return
     delay = call.config.chunk_delay_s
+    stall = call.fault_of("stall")
+    stall_at = -1 if stall is None else cut_index(items, stall.after_chunks)
     seen_content = False
-    for item, is_content in head:
-        if is_content and seen_content and delay > 0:
+    for index, (item, is_content) in enumerate(head):
+        if index == stall_at and stall is not None:
+            await _flush(call.request)  # (what came before the stall reaches the client)
+            await asyncio.sleep(stall.delay_s)
+        elif is_content and seen_content and delay > 0:
             await asyncio.sleep(delay)
         seen_content = seen_content or is_content
-        await response.write(item)
+        await _write(call, response, item, int(is_content))
     if cut is None or cut.kind == "truncate":
         return
     # Failing mid-stream: the content sent so far reaches the client before the failure
@@ -224,7 +271,7 @@ async def _write_paced(call: Call, response: web.StreamResponse, items: Sequence
     await _flush(call.request)
     await asyncio.sleep(_CUT_PAUSE_S)
     if cut.kind == "error_event":
-        await response.write(error_event)
+        await _write(call, response, error_event, 0)
         return
     abort_connection(call.request)
 
