@@ -582,6 +582,9 @@ def compare(entries: list[Planned], seconds: list[tuple[Planned, Planned]],
                 problems.append(f"{second.again}: a miss billed {row} != {expected}")
             continue
         original = rows[first.request_id or ""]
+        if first.cut_off or first.hang_up_after is not None:
+            problems.append(f"{second.again}: a hit on a stream that did not end well "
+                            f"({first})")
         if micros(row[3]) != 0 or row[4] != original[3] or bills.get(second.again or ""):
             problems.append(f"{second.again} ({second.api}, stream={second.stream}): a hit "
                             f"billed {row[3]} saved {row[4]}, its miss cost {original[3]}")
