@@ -803,7 +803,9 @@ class FailoverMiddleware:
                            state: DeploymentState, key: KeyState | None) -> None:
         """One continuation call, relayed into the open response; its failure ends the
         stream with the in-band error event. A refusal by its adapter leaves the request as
-        it found it, and goes to the caller (`_continue`) to try the next deployment."""
+        it found it, and goes to the caller (`_continue`) to try the next deployment. A layer
+        below that ends the stream without a call (no Attempt in `ctx.attempts`) leaves no
+        verdict on the deployment, and no attempt or retry is counted."""
         tried.attempts += 1
         reported, served = ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment)
         ctx.state["failover.continuations"] = 1
@@ -814,12 +816,16 @@ class FailoverMiddleware:
         ctx.body = continuation_body(ctx, transcript.text)
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
         ctx.usage = None
+        calls_before = len(ctx.attempts)  # (the passthrough notes each call it makes there)
         state.started()
         began = time.monotonic()
         outcome = "cancelled"
         try:
             await self.app(scope, receive, ContinuationRelay(send, ctx.api_format, transcript))
-            outcome = "answered"
+            # A layer below may end the stream itself instead of calling (the quota layer's
+            # cut-off, with no room left in the budget for the continuation): nothing was
+            # learnt of the deployment.
+            outcome = "answered" if len(ctx.attempts) > calls_before else "uncalled"
         except UpstreamError as error:
             outcome = "failed"
             self.after_failure_quietly(error, state, key, tried)
@@ -836,13 +842,18 @@ class FailoverMiddleware:
         finally:
             ctx.body = original
             state.finished(ctx.usage if outcome == "answered" else None)
-            if outcome in ("cancelled", "refused"):  # client gone, a cut-off from above or a
-                state.release()  # refusal from below: no verdict
+            if outcome in ("cancelled", "refused", "uncalled"):  # client gone, a cut-off
+                state.release()  # from above, a refusal from below, no call: no verdict
                 if key is not None:
                     key.breaker.release()
             if outcome == "cancelled":  # what both parts delivered: the broken one's is
                 ctx.usage = add_usage(broken_usage, ctx.usage)  # priced where it ran
-        self.succeeded(ctx, state, key, began)
+        if outcome == "uncalled":  # neither an attempt nor a retry, and no rpm token spent
+            tried.attempts -= 1
+            state.refused()
+            self.retry_not_made()
+        else:
+            self.succeeded(ctx, state, key, began)
         ctx.usage = add_usage(broken_usage, ctx.usage)
 
     def _next_for_continuation(self, ctx: RequestContext, route: Route,

@@ -1,0 +1,79 @@
+"""The failover layer above a quota layer: a call the quota layer ends without calling below
+says nothing of a deployment's health.
+
+Prices, prompt and budgets are test_quota_layer's (a cost in micro-dollars is input tokens +
+2 x output tokens); `gpt-mock` and `claude-mock` have two deployments each on one mock,
+routed by priority, so a fault injected for the next call hits the first deployment.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import wait_for
+from tests.middleware.test_quota_billing import post, streamed
+from tests.middleware.test_quota_cutoff import (
+    NO_ROOM,
+    TWO_CLAUDE_DEPLOYMENTS,
+    committed,
+    read_until_cut_off,
+)
+from tests.middleware.test_quota_failover import failover_of
+from tests.middleware.test_quota_layer import (
+    CUTOFF_BUDGET,
+    INPUT,
+    OUTPUT,
+    Start,
+    auth,
+    eventually,
+    prefix,
+    quota,
+    slow,
+    slow_mock,
+    start,
+    static_key,
+    wait_streams_done,
+)
+from tests.mock_providers import Fault, MockProviderServer
+
+__all__ = ["prefix", "slow", "slow_mock", "start"]  # (fixtures, used by name)
+
+MODELS = {"openai": "gpt-mock", "anthropic": "claude-mock"}
+PRIORITY = ("routes={'gpt-mock': Route(strategy='priority', continuation=True), "
+            "'claude-mock': Route(strategy='priority', continuation=True)}")
+
+
+# -- a continuation the quota layer ends without calling below -----------------------------------
+
+# Each breaker opens at its first failure and half-opens 0.3 s later; two attempts a request.
+HALF_OPENING = ("Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), "
+                "breaker=BreakerSettings(consecutive_failures=1, cooldown_s=0.3), "
+                f"{PRIORITY})")
+
+
+@pytest.mark.parametrize("api,after_chunks", NO_ROOM)
+def test_a_continuation_the_quota_layer_ends_uncalled_is_no_verdict_on_its_deployment(
+        start: Start, slow: MockProviderServer, api: str, after_chunks: int) -> None:
+    # The quota layer below ends a continuation with no room left in its budget without
+    # calling below (test_quota_cutoff). The failover layer took that for an answer, and
+    # recorded a success for the deployment it had picked, which was never called: its
+    # half-open breaker closed on a call that never went out.
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), HALF_OPENING, quota("'memory'"),
+                    extra=TWO_CLAUDE_DEPLOYMENTS, upstream=slow.url)
+    wait_streams_done(slow)
+    for _ in range(2):  # both deployments fail: both breakers open
+        slow.push_fault(Fault(kind="status", provider=api, status=500))
+    assert post(gateway, api, streamed(api, OUTPUT)).status_code == 500
+    broken, continuation = failover_of(gateway).groups[MODELS[api]].deployments
+    assert wait_for(lambda: broken.breaker.reopens_in_s() == continuation.breaker.reopens_in_s()
+                    == 0.0)
+    assert eventually(gateway.committed, 0) == 0  # (the failed request cost nothing)
+    slow.push_fault(Fault(kind="error_event", provider=api, after_chunks=after_chunks))
+    read = read_until_cut_off(gateway, api)  # (the broken stream's half-open probe failed)
+    assert len(slow.requests) == 3  # (no continuation call)
+    cost = INPUT + 2 * read.deltas  # (settled once the request has ended, the failover
+    assert committed(gateway, cost) == cost  # layer's bookkeeping included)
+    assert broken.breaker.state == "open"
+    assert (continuation.breaker.state, continuation.breaker.probes_in_flight) == \
+        ("half_open", 0)
+    assert continuation.failures == 1  # (its failure in the first request, no other)
+    wait_streams_done(slow)
