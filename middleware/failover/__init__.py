@@ -85,7 +85,6 @@ from middleware.failover.affinity import (
     Pin,
     ResponseAffinity,
     previous_response_id,
-    ready_in_s,
     unavailable,
 )
 from middleware.failover.continuation import (
@@ -118,7 +117,9 @@ from middleware.failover.routing import (
     Group,
     KeyState,
     Tried,
+    ready_in_s,
     requested_tags,
+    retry_after,
     route_headers,
 )
 from middleware.failover.shared import RedisHealth
@@ -639,31 +640,30 @@ class FailoverMiddleware:
             return min(soonest + 0.001, left), probes
         return (left, probes) if probes and left > 0 else (None, [])
 
-    def _cooling_s(self, models: list[str], tried: Tried) -> list[float]:
-        if not tried.rate_limited:
-            return []
-        now = time.monotonic()
-        return [cooling for model in models if (group := self.groups.get(model)) is not None
-                for state in group.deployments if state not in tried.ineligible
-                and (cooling := state.cooling_s(now)) is not None]
+    def _eligible(self, models: list[str], tried: Tried) -> list[DeploymentState]:
+        """The deployments of `models` the request may still go to in a later round."""
+        return [state for model in models if (group := self.groups.get(model)) is not None
+                for state in group.deployments if state not in tried.ineligible]
 
     def _final_error(self, ctx: RequestContext, tried: Tried, chain: list[str]) -> GatewayError:
+        """The answer when no call can be made: the last call's failure, or why none went
+        (with a Retry-After of the time until one of the deployments left may take it)."""
         if tried.last_error is not None:
             return tried.last_error
-        if tried.pinned is not None:  # nothing that sees the previous response could go
-            seeing = [state for model in _usable(ctx, chain)
-                      if (group := self.groups.get(model)) is not None
-                      for state in group.deployments if state not in tried.ineligible]
-            return unavailable(*tried.pinned, ready_in_s(seeing, tried.bad_keys,
-                                                         time.monotonic(), tried.rate_limited))
         requested = ctx.model
         usable_models = _usable(ctx, chain)
-        cooling = self._cooling_s(usable_models, tried)
+        eligible = self._eligible(usable_models, tried)
+        now = time.monotonic()
+        if tried.pinned is not None:  # nothing that sees the previous response could go
+            return unavailable(*tried.pinned, ready_in_s(eligible, tried.bad_keys, now,
+                                                         tried.rate_limited))
+        cooling = [] if not tried.rate_limited else [
+            cooling for state in eligible if (cooling := state.cooling_s(now)) is not None]
         if cooling:
             return GatewayError(
                 429, f"Every deployment of model '{requested}' (and its fallbacks) is "
                      "rate-limited by its provider right now.", code="rate_limited",
-                headers=[(b"retry-after", b"%d" % max(1, math.ceil(min(cooling))))])
+                headers=[retry_after(min(cooling))])
         usable = [] if not tried.ineligible else [
             state for model in usable_models
             if (group := self.groups.get(model)) is not None for state in group.deployments]
@@ -685,7 +685,8 @@ class FailoverMiddleware:
         return GatewayError(
             503, f"No deployment of model '{requested}' (or its fallbacks) is healthy right "
                  "now: their circuit breakers are open.", code="no_healthy_deployment",
-            headers=[(b"retry-after", b"%d" % max(1, math.ceil(self.breaker.cooldown_s)))])
+            headers=[retry_after(ready_in_s(eligible, tried.bad_keys, now,
+                                            tried.rate_limited))])
 
     async def _attempt(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
                        route: Route, state: DeploymentState, key: KeyState | None,

@@ -8,7 +8,7 @@ deployment and the provider key (`Pin`). A later request naming that id goes fir
 deployment and key, and can fail over only to the deployments that call the same account
 (`ResponseAffinity.sees`); when none of them can take it, the caller gets
 `previous_response_unavailable` rather than another account's 400, with a Retry-After of the
-time until one of them can (`ready_in_s`).
+time until one of them can (`routing.ready_in_s`).
 
 An account is the provider kind, its base URL and the credential, known by a keyed hash
 (HMAC-SHA256 under a key made at random per process, so the hash is no fingerprint of the
@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -49,12 +47,9 @@ import orjson
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.layers import Message, Send
+from middleware.failover.routing import DeploymentState, retry_after
 
-if TYPE_CHECKING:
-    from middleware.failover.routing import DeploymentState
-
-__all__ = ["Pin", "PinStore", "ResponseAffinity", "pin_of", "ready_in_s", "response_id_of",
-           "unavailable"]
+__all__ = ["Pin", "PinStore", "ResponseAffinity", "pin_of", "response_id_of", "unavailable"]
 
 PREVIOUS = "previous_response_id"
 
@@ -234,27 +229,6 @@ def _created_id(event: dict[str, Any] | None) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-def ready_in_s(states: Iterable[DeploymentState], bad_keys: AbstractSet[str], now: float,
-               rate_limited: bool) -> float:
-    """How long until one of `states` (those that see a previous response) may take a call:
-    for each, the longest of its breaker's time to half-open, its 429 cool-down (for a
-    `rate_limited` request) and the soonest of its usable keys' breakers; the shortest of
-    those. 0.0 when nothing says (a probe out, its rpm used up)."""
-    soonest = math.inf
-    for state in states:
-        waits = [state.breaker.reopens_in_s() or 0.0]
-        if rate_limited:
-            waits.append(state.cooling_s(now) or 0.0)
-        if state.keys:
-            keys = [key.breaker.reopens_in_s() or 0.0 for key in state.keys
-                    if key.key.env not in bad_keys]
-            if not keys:
-                continue  # none of its keys may go in this request
-            waits.append(min(keys))
-        soonest = min(soonest, max(waits))
-    return 0.0 if soonest == math.inf else soonest
-
-
 def unavailable(response_id: str, pin: Pin, retry_after_s: float) -> GatewayError:
     """No deployment that sees the previous response can take the request right now (for
     `retry_after_s`, rounded up: a client that waits as told finds one that can)."""
@@ -264,4 +238,4 @@ def unavailable(response_id: str, pin: Pin, retry_after_s: float) -> GatewayErro
              "none of them can take requests right now. Retry later, or send the "
              "conversation without previous_response_id.",
         code="previous_response_unavailable", param=PREVIOUS,
-        headers=[(b"retry-after", b"%d" % max(1, math.ceil(retry_after_s)))])
+        headers=[retry_after(retry_after_s)])

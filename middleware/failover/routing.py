@@ -32,7 +32,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any
@@ -43,7 +43,7 @@ from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
 __all__ = ["NO_STATES", "NO_TAGS", "STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried",
-           "requested_tags", "route_headers"]
+           "ready_in_s", "requested_tags", "retry_after", "route_headers"]
 
 STRATEGIES = ("weighted", "least-busy", "latency", "lowest-cost", "priority")
 EWMA_TAU_S = 10.0
@@ -364,6 +364,33 @@ def _bisect(cumulative: list[float], point: float) -> int:
         if point < bound:
             return index
     return len(cumulative) - 1
+
+
+def ready_in_s(states: Iterable[DeploymentState], bad_keys: AbstractSet[str], now: float,
+               rate_limited: bool) -> float:
+    """How long until one of `states` may take a call: for each, the longest of its
+    breaker's time to half-open, its 429 cool-down (for a `rate_limited` request) and the
+    soonest of its usable keys' breakers; the shortest of those. 0.0 when nothing says (a
+    probe out, its rpm used up)."""
+    soonest = math.inf
+    for state in states:
+        waits = [state.breaker.reopens_in_s() or 0.0]
+        if rate_limited:
+            waits.append(state.cooling_s(now) or 0.0)
+        if state.keys:
+            keys = [key.breaker.reopens_in_s() or 0.0 for key in state.keys
+                    if key.key.env not in bad_keys]
+            if not keys:
+                continue  # none of its keys may go in this request
+            waits.append(min(keys))
+        soonest = min(soonest, max(waits))
+    return 0.0 if soonest == math.inf else soonest
+
+
+def retry_after(wait_s: float) -> tuple[bytes, bytes]:
+    """The Retry-After header for a wait: whole seconds, rounded up (a client that waits as
+    told finds the deployment ready), at least 1."""
+    return b"retry-after", b"%d" % max(1, math.ceil(wait_s))
 
 
 TAGS_HEADER = b"x-sluicegate-tags"
