@@ -28,7 +28,8 @@ in this process; with `shared=RedisHealth(...)` each pin is also written to Redi
 TTL, and a follow-up whose id this process has not seen asks Redis once (failover/shared.py).
 A pin is noted (and written) before the first byte of its answer's body goes out, since that
 is where the client learns the id: a follow-up, on any instance, finds it. An id the gateway
-never saw (made before, elsewhere, or forgotten) routes as any request does.
+never saw (made before, elsewhere, or forgotten) routes as any request does; one that cannot
+be an id (`previous_response_id`) is refused before it goes anywhere, a Redis key included.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ from middleware.failover.routing import DeploymentState, retry_after
 __all__ = ["Pin", "PinStore", "ResponseAffinity", "pin_of", "response_id_of", "unavailable"]
 
 PREVIOUS = "previous_response_id"
+# OpenAI's response ids are "resp_" and about 50 hex digits: room for other servers' longer
+# ones, not for a body's worth of text used as a Redis key.
+MAX_ID_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +197,23 @@ class ResponseAffinity:
 
 
 def previous_response_id(ctx: RequestContext) -> str | None:
+    """The request's `previous_response_id`. One that cannot be an id is refused (400, as
+    OpenAI refuses a malformed one) before it is looked up anywhere: longer than
+    `MAX_ID_CHARS`, or with characters other than printable ASCII."""
     value = ctx.body.get(PREVIOUS)
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    if len(value) > MAX_ID_CHARS:
+        raise GatewayError(
+            400, f"Invalid '{PREVIOUS}': string too long. Expected a string with maximum "
+                 f"length {MAX_ID_CHARS}, but got a string with length {len(value)} instead.",
+            code="string_above_max_length", param=PREVIOUS)
+    if not (value.isascii() and value.isprintable()):
+        raise GatewayError(
+            400, f"Invalid '{PREVIOUS}': expected the id of a response (such as "
+                 "'resp_...'), but this value contained characters other than printable "
+                 "ASCII.", code="invalid_value", param=PREVIOUS)
+    return value
 
 
 def pin_of(ctx: RequestContext) -> Pin | None:
