@@ -6,7 +6,9 @@ the two to start its response wins; the other is cancelled, which closes its ups
 connection. Each call runs in its own task with its own copy of the request context, so the
 two never write the same fields; the winner's fields are copied back, the loser's attempt is
 kept in `ctx.attempts`. The response headers stay the request's: what a layer below puts on
-them (the quota layer's, listed below this one) is on the response whichever call wins. A
+them (the quota layer's, listed below this one) is on the response whichever call wins; so
+do the hooks a layer below adds to run once the request has ended (`RequestContext.on_end`:
+the quota layer's settle), which run whichever call added them. A
 call that failed while the other went on to answer counts against its deployment, but never
 replaces the answer (nor its metering). Each call is held to the route's TTFT timeout, and
 the winner's stream continued when it breaks, as an unhedged call.
@@ -60,6 +62,8 @@ class Hedge:
                  fallback_model: str | None) -> None:
         self.layer, self.scope, self.send, self.ctx = layer, scope, send, ctx
         self.route, self.tried, self.fallback_model = route, tried, fallback_model
+        if ctx.on_end is None:  # (the copies share the request's list: `_launch`)
+            ctx.on_end = []
         self.receive = _SharedReceive(receive)
         self.winner: asyncio.Task[None] | None = None
         self.hedged: asyncio.Task[None] | None = None  # the second call, when it was made

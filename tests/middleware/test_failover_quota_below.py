@@ -1,5 +1,5 @@
 """The failover layer above a quota layer: a call the quota layer ends without calling below
-says nothing of a deployment's health.
+says nothing of a deployment's health, and a hedged request is settled once.
 
 Prices, prompt and budgets are test_quota_layer's (a cost in micro-dollars is input tokens +
 2 x output tokens); `gpt-mock` and `claude-mock` have two deployments each on one mock,
@@ -17,11 +17,13 @@ from tests.middleware.test_quota_cutoff import (
     committed,
     read_until_cut_off,
 )
-from tests.middleware.test_quota_failover import failover_of
+from tests.middleware.test_quota_failover import TWO_DEPLOYMENTS, failover_of
 from tests.middleware.test_quota_layer import (
+    COST,
     CUTOFF_BUDGET,
     INPUT,
     OUTPUT,
+    RESERVED_100,
     Start,
     auth,
     eventually,
@@ -31,11 +33,12 @@ from tests.middleware.test_quota_layer import (
     slow_mock,
     start,
     static_key,
+    store,
     wait_streams_done,
 )
 from tests.mock_providers import Fault, MockProviderServer
 
-__all__ = ["prefix", "slow", "slow_mock", "start"]  # (fixtures, used by name)
+__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
 
 MODELS = {"openai": "gpt-mock", "anthropic": "claude-mock"}
 PRIORITY = ("routes={'gpt-mock': Route(strategy='priority', continuation=True), "
@@ -77,3 +80,27 @@ def test_a_continuation_the_quota_layer_ends_uncalled_is_no_verdict_on_its_deplo
         ("half_open", 0)
     assert continuation.failures == 1  # (its failure in the first request, no other)
     wait_streams_done(slow)
+
+
+# -- hedged calls ----------------------------------------------------------------------------------
+
+def hedging(hedge_after_s: float) -> str:
+    return ("Middleware(FailoverMiddleware, routes={'gpt-mock': Route(strategy='priority', "
+            f"hedge_after_s={hedge_after_s})}})")
+
+
+def test_a_hedged_request_is_settled_without_a_metering_layer(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # The quota layer asks to settle the request once it has ended (RequestContext.on_end).
+    # It asked in the hedged call's copy of the context, which had no such list yet (the
+    # metering layer makes one): the request was never settled. Its reservation stood
+    # (210 for 30) and so did its concurrency lease, which shut the key out for lease_s.
+    limits = "Limits(max_concurrent=1, budgets=(Budget('0.001', period='lifetime'),))"
+    gateway = start(auth(static_key(limits)), hedging(0.2), quota(store),
+                    extra=TWO_DEPLOYMENTS)
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=5))
+    response = gateway.chat(max_tokens=100)
+    assert response.status_code == 200
+    assert response.headers["x-sluicegate-deployment"] == "openai/gpt-4o"  # (hedged)
+    assert eventually(gateway.committed, COST) == COST != RESERVED_100
+    assert gateway.chat().status_code == 200
