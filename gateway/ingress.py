@@ -32,6 +32,34 @@ _REQUIRED_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
+# orjson reads arrays and objects nested up to 1024 levels deep but writes only 254 ("Recursion
+# limit reached"): a body nested between the two would be read, then fail wherever a layer or
+# a translator writes it again (the cache key, a translated request, the admin API's answer).
+# 128 leaves room for the levels a translation adds around a tool's schema.
+MAX_NESTING = 128
+
+
+def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether `value`, parsed from `raw`, nests arrays and objects more than `limit` levels
+    deep. No body with at most `limit` brackets can, so most are never walked."""
+    if raw.count(b"[") + raw.count(b"{") <= limit or not isinstance(value, (dict, list)):
+        return False
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                pending.append((child, depth + 1))
+    return False
+
+
+def too_deep(code: str | None = None) -> GatewayError:
+    return GatewayError(400, f"The request body nests arrays and objects more than "
+                             f"{MAX_NESTING} levels deep.", code=code)
+
+
 def api_format_of(operation: str) -> str:
     return "anthropic" if operation.startswith("anthropic") else "openai"
 

@@ -39,7 +39,14 @@ from gateway.context import (
     RequestContext,
 )
 from gateway.errors import ClientDisconnected, GatewayError
-from gateway.ingress import OPERATIONS_BY_PATH, api_format_of, check_body, guess_api_format
+from gateway.ingress import (
+    OPERATIONS_BY_PATH,
+    api_format_of,
+    check_body,
+    guess_api_format,
+    nesting_exceeds,
+    too_deep,
+)
 from gateway.logs import REQUEST_IDS
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
@@ -335,6 +342,8 @@ class Kernel:
             body = orjson.loads(ctx.raw_body)
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
+        if nesting_exceeds(ctx.raw_body, body):
+            raise too_deep()
         ctx.model, ctx.stream = check_body(ctx.operation, body, self.config.models)
         ctx.body = body
         if ctx.trace is not None:
