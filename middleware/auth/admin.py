@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.ingress import nesting_exceeds, too_deep
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
 from gateway.policy import Limits
 from middleware.auth.keys import (
@@ -92,14 +93,17 @@ class _Request:
                 raise _too_large(self.max_body_bytes)
             chunks.append(chunk)
             more = message.get("more_body", False)
+        raw = b"".join(chunks)
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise GatewayError(400, f"The request body is not valid JSON: {exc}.",
                                code="invalid_json") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "The request body must be a JSON object.",
                                code="invalid_json")
+        if nesting_exceeds(raw, body):  # stored, it would fail every listing that holds it
+            raise too_deep(code="invalid_json")
         return body
 
 
