@@ -360,6 +360,14 @@ class Kernel:
                              f"{media_type.decode('latin-1')!r}.")
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else None
+            elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # RFC 9110 15.5.16: 415 for a content coding the server does not take, with
+                # Accept-Encoding saying which it does. Read as JSON, a gzipped body would be
+                # a 400 about invalid UTF-8.
+                raise GatewayError(
+                    415, f"Content-Encoding {value.strip().decode('latin-1')!r} is not "
+                         "supported: send the request body uncompressed.",
+                    headers=[(b"accept-encoding", b"identity")])
         return content_length
 
     def _too_large(self) -> GatewayError:
