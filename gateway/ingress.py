@@ -86,7 +86,7 @@ def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, 
         raise GatewayError(400, "The model parameter must be a string.", param="model")
     if model not in models:
         raise GatewayError(
-            404, f"The model '{model}' does not exist or you do not have access to it.",
+            404, f"The model '{_echoed(model)}' does not exist or you do not have access to it.",
             param="model", code="model_not_found",
         )
     stream = body.get("stream", False)
@@ -109,6 +109,12 @@ def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, 
     if operation in (c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS) and stream:
         raise GatewayError(400, "This endpoint does not stream.", param="stream")
     return model, stream
+
+
+def _echoed(name: str, limit: int = 256) -> str:
+    # A caller's name goes back in an error message only so long: the body it came in may
+    # hold megabytes of it.
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def _check_responses(body: dict[str, Any]) -> None:
