@@ -35,6 +35,15 @@ _TYPES_BY_STATUS: dict[int, tuple[str, str]] = {
     529: ("service_unavailable", "overloaded_error"),
 }
 
+# Status -> Gemini's (Google API) error status name, for requests on Gemini's paths, which the
+# gateway does not serve (https://ai.google.dev/gemini-api/docs/troubleshooting).
+_GEMINI_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
+    415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -68,6 +77,9 @@ class GatewayError(Exception):
         return anthropic_type if api_format == "anthropic" else openai_type
 
     def body(self, api_format: str) -> dict[str, Any]:
+        if api_format == "gemini":
+            return {"error": {"code": self.status, "message": self.message,
+                              "status": _GEMINI_STATUS.get(self.status, "INTERNAL")}}
         error_type = self.type_for(api_format)
         if api_format == "anthropic":
             return {"type": "error", "error": {"type": error_type, "message": self.message}}

@@ -64,10 +64,19 @@ def api_format_of(operation: str) -> str:
     return "anthropic" if operation.startswith("anthropic") else "openai"
 
 
+# How a Gemini API path looks: `/v1beta/models/{model}:generateContent`, `.../{model}:embedContent`
+_GEMINI_METHODS = (":generateContent", ":streamGenerateContent", ":countTokens", ":embedContent",
+                   ":batchEmbedContents")
+
+
 def guess_api_format(path: str, headers: list[tuple[bytes, bytes]]) -> str:
-    """The error shape for requests that matched no route: Anthropic if it looks like one."""
+    """The error shape for requests that matched no route: Anthropic's or Gemini's if it
+    looks like one of theirs (the gateway serves neither Gemini's paths nor its shape
+    otherwise; its SDK reads this one)."""
     if "/messages" in path:
         return "anthropic"
+    if path.startswith("/v1beta/") or path.endswith(_GEMINI_METHODS):
+        return "gemini"
     for name, _ in headers:
         if name == b"anthropic-version":
             return "anthropic"
