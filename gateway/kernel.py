@@ -275,7 +275,7 @@ class Kernel:
                     path in MODELS_PATHS and self._models_guarded):
                 await self._serve_by_layers(scope, receive, send, path)
             else:
-                await self._serve_builtin(scope, path, send)
+                await self._serve_builtin(scope, path, receive, send)
             return
         callers = _callers_request_id(scope["headers"], self.request_id_header)
         # (`_new_request_id`, inline: a call frame on every request)
@@ -316,9 +316,14 @@ class Kernel:
         self, scope: Scope, receive: Receive, operation: str, api_format: str, request_id: bytes
     ) -> RequestContext:
         if scope["method"] != "POST":
+            await drain_body(receive)
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use POST.",
                                headers=[(b"allow", b"POST")])
-        content_length = self._check_headers(scope["headers"])
+        try:
+            content_length = self._check_headers(scope["headers"])
+        except GatewayError:
+            await drain_body(receive)  # (see `_send_error`)
+            raise
         if content_length is not None and content_length > self.max_body_bytes:
             await drain_body(receive)  # so the client reads the 413
             raise self._too_large()
@@ -449,6 +454,9 @@ class Kernel:
 
     async def _send_error(self, send: Send, error: GatewayError, api_format: str,
                           request_id: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Sends `error`. A refusal made before the request's body was read is sent once the
+        body is drained (`drain_body`): answered first, hypercorn (h11) does not recycle the
+        connection when the body arrives, and the client, still sending, may find it reset."""
         status, headers, body = error.render(api_format)
         headers.append((b"x-request-id", request_id))
         headers.extend(extra)
@@ -467,16 +475,25 @@ class Kernel:
         api_format = guess_api_format(path, scope["headers"]) if path in MODELS_PATHS \
             else "openai"
         started = False
+        body_read = False
+
+        async def receive_tracked() -> Message:
+            nonlocal body_read
+            message = await receive()
+            body_read = body_read or not message.get("more_body", False)
+            return message
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
+                if not body_read:  # (a layer's refusal from the headers: see `_send_error`)
+                    await drain_body(receive_tracked)
                 started = True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_tracked)
+            await self.app(scope, receive_tracked, send_tracked)
         except GatewayError as exc:
             if not started:
                 await self._send_error(send, exc, api_format, request_id)
@@ -490,6 +507,8 @@ class Kernel:
                                                                "gateway log."),
                                        api_format, request_id)
             return
+        if not started and not body_read:
+            await drain_body(receive_tracked)
         if not started and path in MODELS_PATHS:
             await self._send_models(scope, send, request_id, scope.get(PRINCIPAL_KEY))
         elif not started:
@@ -499,8 +518,11 @@ class Kernel:
             error = GatewayError(404, message, code="unknown_url")
             await self._send_error(send, error, api_format, request_id)
 
-    async def _serve_builtin(self, scope: Scope, path: str, send: Send) -> None:
+    async def _serve_builtin(self, scope: Scope, path: str, receive: Receive,
+                             send: Send) -> None:
         request_id = _request_id(scope["headers"], self.request_id_header)
+        if scope["method"] not in ("GET", "HEAD"):  # (a body: refused, drained first)
+            await drain_body(receive)
         if path in MODELS_PATHS:
             await self._send_models(scope, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
