@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from gateway import context as c
 from gateway.errors import GatewayError
 
@@ -32,26 +34,40 @@ _REQUIRED_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
+def _deepest_written() -> int:
+    """How many levels of arrays orjson writes (254 in orjson 3): found once, not assumed."""
+    value: list[Any] = []
+    for depth in range(1, 4096):
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            return depth - 1
+        value = [value]
+    return 4096
+
+
 # orjson reads arrays and objects nested up to 1024 levels deep but writes only 254 ("Recursion
 # limit reached"): a body nested between the two would be read, then fail wherever a layer or
 # a translator writes it again (the cache key, a translated request, the admin API's answer).
 # 128 leaves room for the levels a translation adds around a tool's schema.
 MAX_NESTING = 128
+_WRITTEN = _deepest_written()
 
 
 def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_NESTING) -> bool:
     """Whether `value`, parsed from `raw`, nests arrays and objects more than `limit` levels
-    deep. No body with at most `limit` brackets can, so most are never walked."""
-    if raw.count(b"[") + raw.count(b"{") <= limit or not isinstance(value, (dict, list)):
+    deep. No body with at most `limit` brackets can, so most are never looked at."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
         return False
-    pending = [(value, 1)]
-    while pending:
-        node, depth = pending.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                pending.append((child, depth + 1))
+    # Wrapped in `_WRITTEN - limit` arrays, `value` is written only if it nests at most `limit`
+    # deep: orjson measures it in C (a walk in Python costs five times as much: 58 us for a
+    # body of 50 messages).
+    for _ in range(_WRITTEN - limit):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return True
     return False
 
 
