@@ -95,6 +95,8 @@ alerts_logger = logging.getLogger("sluicegate.alerts")
 _MAX_DOWNGRADES = 2
 _TEMPLATES_MAX = 10_000  # remembered (principal, model) templates; starts over when full
 _SERVED = object()  # what QuotaMiddleware._admit_in_lane gives for a request it served
+# ctx.state[_admitted_key] while a call's admission awaits the store (`_mark_admitted`)
+_ADMITTING = object()
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
 
 
@@ -165,6 +167,9 @@ class QuotaMiddleware:
         # _Responder, or None when `send` is not wrapped. A key of this instance's own: two
         # quota layers in one stack each admit the request.
         self._admitted_key = f"quota.admitted.{id(self)}"
+        # ctx.state[self._waiting_key]: the future a concurrent call for a request whose
+        # admission is under way waits on (`_call_again`).
+        self._waiting_key = f"quota.waiting.{id(self)}"
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -223,9 +228,20 @@ class QuotaMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        if self._admitted_key in ctx.state:  # the same request again: see `_call_again`
+        state = ctx.state
+        if self._admitted_key in state:  # the same request again: see `_call_again`
             await self._call_again(scope, receive, send, ctx)
             return
+        state[self._admitted_key] = _ADMITTING
+        try:
+            await self._admit_and_call(scope, receive, send, ctx)
+        except BaseException as exc:
+            if state.get(self._admitted_key) is _ADMITTING:  # (it ended before admitted)
+                self._not_admitted(ctx, exc)
+            raise
+
+    async def _admit_and_call(self, scope: Scope, receive: Receive, send: Send,
+                              ctx: RequestContext) -> None:
         asked = ctx.model
         handed: bytes | QuotaStoreError | None = None
         lane = self._lane(ctx, self._redis) if self._redis is not None else None
@@ -245,11 +261,13 @@ class QuotaMiddleware:
                 else None
             if allowance is not None:
                 responder = _Responder(ctx, send, allowance, est)
-        ctx.state[self._admitted_key] = responder
         if ctx.model != asked and ctx.reroutable:
             # Downgraded under a layer that routes every call (a failover layer): it routes
             # this one, and every later one, for the cheaper model. Admitted, nothing sent.
-            raise Rerouted(ctx.model)
+            rerouted = Rerouted(ctx.model)
+            self._mark_admitted(ctx, responder, rerouted)
+            raise rerouted
+        self._mark_admitted(ctx, responder)
         if responder is None:
             await self.app(scope, receive, send)
             return
@@ -268,7 +286,18 @@ class QuotaMiddleware:
         then settles to what the request is billed, every attempt in it. A stream_cutoff
         budget goes on counting the stream's events, and ends a continuation that has no room
         left in it without calling below (`_Responder.no_room_to_continue`)."""
-        earlier: _Responder | None = ctx.state[self._admitted_key]
+        earlier: Any = ctx.state[self._admitted_key]
+        if earlier is _ADMITTING:  # (a call made while the first one's admission is under way)
+            waiter = ctx.state.get(self._waiting_key)
+            if waiter is None:
+                waiter = ctx.state[self._waiting_key] = \
+                    asyncio.get_running_loop().create_future()
+                waiter.add_done_callback(_retrieved)  # (its waiter may have gone: cancelled)
+            await asyncio.shield(waiter)  # (raises what refused or rerouted the first call)
+            if self._admitted_key not in ctx.state:  # the first call ended before admitted
+                await self(scope, receive, send)
+                return
+            earlier = ctx.state[self._admitted_key]
         if earlier is None:
             await self.app(scope, receive, send)
             return
@@ -305,16 +334,46 @@ class QuotaMiddleware:
             return reply
         _settle_at_end(ctx, partial(self._settle_in_lane, lane, est, values))
         if not ctx.stream or not lane.cutoff:  # nothing to cut off: `send` is not wrapped
-            ctx.state[self._admitted_key] = None
+            self._mark_admitted(ctx, None)
             await self.app(scope, receive, send)
             return _SERVED
         allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff])
-        responder = ctx.state[self._admitted_key] = _Responder(ctx, send, allowance, est)
+        responder = _Responder(ctx, send, allowance, est)
+        self._mark_admitted(ctx, responder)
         try:
             await self.app(scope, receive, responder.send)
         except _StreamCutOff:
             await responder.end_in_band()
         return _SERVED
+
+    def _mark_admitted(self, ctx: RequestContext, responder: _Responder | None,
+                       rerouted: Rerouted | None = None) -> None:
+        """Marks the request admitted: `responder` wraps its `send` (None: not wrapped). A
+        layer above that calls below concurrently (a failover layer's hedge) may have sent
+        another call for it meanwhile, which waits (`_call_again`) and goes on now, as a
+        call again of an admitted request (or goes where `rerouted` sends the request)."""
+        state = ctx.state
+        state[self._admitted_key] = responder
+        if self._waiting_key in state:
+            waiter: asyncio.Future[None] = state.pop(self._waiting_key)
+            if not waiter.done():
+                if rerouted is not None:
+                    waiter.set_exception(rerouted)
+                else:
+                    waiter.set_result(None)
+
+    def _not_admitted(self, ctx: RequestContext, error: BaseException) -> None:
+        """The call admitting the request ended before it was admitted: a call waiting for
+        that admission gets the same refusal, or (the call was cancelled, or failed below this
+        layer's refusals) admits the request itself."""
+        state = ctx.state
+        del state[self._admitted_key]
+        waiter: asyncio.Future[None] | None = state.pop(self._waiting_key, None)
+        if waiter is not None and not waiter.done():
+            if isinstance(error, GatewayError):
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(None)
 
     def _lane(self, ctx: RequestContext, redis: RedisQuotaStore) -> Lane | None:
         """The Lane for this caller and model in the Redis store, when one may admit now."""
@@ -870,6 +929,11 @@ def _settle_at_end(ctx: RequestContext, settle: Callable[[RequestContext], None]
         ctx.on_end = [settle]
     else:
         ctx.on_end.append(settle)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _lease(ctx: RequestContext) -> str:

@@ -109,19 +109,14 @@ def test_a_hedged_request_is_settled_without_a_metering_layer(
     assert gateway.chat().status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the quota layer's check-then-admit race: a second call for a request that arrives while "
-    "the first call's admission awaits the store finds no admission mark and admits the "
-    "request again under the same lease id (a fix for middleware/quota: mark the admission "
-    "as pending before awaiting the store, and let a concurrent call wait for it)"))
 def test_a_hedge_made_while_the_first_call_is_admitted_is_not_admitted_again(
         start: Start, prefix: str, late_redis: TcpProxy) -> None:
     # Redis answers 0.5 s late; the route hedges after 0.05 s. The first call is still in
     # its admission when the hedge goes, and the hedge's call reaches the quota layer below
-    # before the first one marked the request admitted (ctx.state, which the copies share):
-    # it is admitted again, one more request against RPM and another reservation under the
-    # same lease id, which nothing settles (the first call wins, the second is cancelled
-    # while its admission runs): 90 committed for the two requests' 60.
+    # before the first one is admitted. It waits for that admission (ctx.state, which the
+    # copies share, marks it under way). It was admitted again: one more request against
+    # RPM and another reservation under the same lease id, which nothing settled (the first
+    # call won, the second was cancelled while its admission ran): 90 committed for 60.
     url = f"redis://127.0.0.1:{late_redis.port}/0"
     limits = "Limits(rpm=5, budgets=(Budget('0.001', period='lifetime'),))"
     gateway = start(auth(static_key(limits)), hedging(0.05),
