@@ -766,7 +766,10 @@ class QuotaMiddleware:
 class _Responder:
     """Wraps the `send` of a stream a stream_cutoff budget applies to: counts its events, and
     ends it in-band before one would cross the budget (each event counted as an output token:
-    never fewer than the content deltas the stream is billed).
+    never fewer than the content deltas the stream is billed; but never more than the output
+    bound the caller set, `output_cap`, where the provider stops generating: a stream's
+    opening and closing events are events too, and a stream its admission reserved room for
+    is never cut off at its end by them).
 
     The adapters send whole events, each ending in one blank line, so `events` is also the
     number of events sent: in a Responses stream (numbered from 0), the next one's number.
@@ -787,6 +790,7 @@ class _Responder:
         "events",
         "events_before",
         "input_tokens",
+        "output_cap",
         "price",
         "spent_before",
         "streaming",
@@ -802,6 +806,7 @@ class _Responder:
         self.events = 0
         self.streaming = False
         self.price = plan.reservation_price(ctx)
+        self.output_cap = plan.output_cap(ctx, est)  # (per call: a continuation's too)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine function: it returns what the caller awaits (the next `send`, or
@@ -819,8 +824,11 @@ class _Responder:
         assert self.price is not None
         if not self.continued and EARLIER_ATTEMPT in self.ctx.state:
             self._count_continuation()
-        spent = self.spent_before + estimate_micros(self.price, self.input_tokens,
-                                                    events - self.events_before)
+        output = events - self.events_before
+        cap = self.output_cap
+        if cap is not None and output > cap:
+            output = cap
+        spent = self.spent_before + estimate_micros(self.price, self.input_tokens, output)
         return spent > self.allowance
 
     def _costs(self) -> bool:

@@ -1,13 +1,20 @@
-"""The budget stream cut-off at its edges: a continuation with no room left in its budget,
-and SSE comments between a stream's events.
+"""The budget stream cut-off at its edges: a continuation with little or no room left in its
+budget, SSE comments between a stream's events, a cache hit, and a stream its admission
+made room for.
 
 Prices, prompt and budget are test_quota_layer's: a cost in micro-dollars is input tokens +
 2 x output tokens, the budget (CUTOFF_BUDGET) is 35, and the slow mock streams one
-character per content event. The cut-off counts each event as an output token, so a stream
-of 10 input tokens is ended before its 13th event (10 + 2 x 13 > 35).
+character per content event. The cut-off counts each event as an output token, but no more
+than a call's max_tokens (where the provider stops: 10 here, which the admission reserved),
+so a stream that sets it is cut only when a continuation's input, billed again, takes its
+room. A stream without max_tokens reserves the quota layer's default_max_output_tokens
+(`cutoff_quota`: 10), which bounds nothing the provider knows of: a stream of 10 input
+tokens is ended before its 13th event (10 + 2 x 13 > 35).
 """
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +28,7 @@ from gateway.sse import count_events
 from tests.middleware.test_quota_billing import billed, metering, post, streamed
 from tests.middleware.test_quota_failover import BUDGET, FAILOVER, TWO_DEPLOYMENTS
 from tests.middleware.test_quota_layer import (
+    COST,
     CUTOFF_BUDGET,
     CUTOFF_MESSAGE,
     INPUT,
@@ -29,6 +37,7 @@ from tests.middleware.test_quota_layer import (
     Gateway,
     Start,
     auth,
+    cutoff_quota,
     eventually,
     prefix,
     quota,
@@ -44,6 +53,8 @@ from tests.mock_providers.wire import KEEPALIVE
 from tests.providers.test_responses_streams import failed_ending, stream_events_of
 
 __all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
+
+REPLY = "Mock reply to: a b c d e f g"  # (the mock's whole answer to PROMPT)
 
 # -- a continuation with no room left -----------------------------------------------------------
 
@@ -137,6 +148,44 @@ def test_a_continuation_with_no_room_in_the_budget_is_not_called(
     assert committed(gateway, cost) == cost
 
 
+def test_an_anthropic_stream_cut_off_ends_as_the_api_ends_a_failed_one(
+        start: Start, slow: MockProviderServer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An Anthropic stream sets max_tokens, and is cut off only where a continuation's input
+    # takes its room. Broken after "M" (10 + 2 x 1 = 12), it is continued with an input of
+    # 14: the continuation's first four events fit (12 + 14 + 2 x 4 = 34; the relay drops
+    # the message_start, content_block_start and ping the stream has sent already), its
+    # fifth does not. The error event, the upstream cancelled and the charge are those
+    # test_quota_layer and test_quota_billing check of OpenAI streams.
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal), FAILOVER_BOTH,
+                    quota("'memory'"), extra=TWO_CLAUDE_DEPLOYMENTS, upstream=slow.url)
+    wait_streams_done(slow)
+    cancelled = slow.cancelled_streams
+    slow.push_fault(Fault(kind="error_event", provider="anthropic", after_chunks=1))
+    response = post(gateway, "anthropic", streamed("anthropic", OUTPUT))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == ""
+    events = events[:-1]
+    assert events[0].startswith("event: message_start\n")
+    assert [event.startswith("event: content_block_delta\n") for event in events[3:-1]] == \
+        [True, True]  # "M", then the continuation's "o"
+    assert events[-1].startswith("event: error\ndata: ")
+    assert json.loads(events[-1].split("data: ", 1)[1]) == {
+        "type": "error", "error": {"type": "billing_error", "message": CUTOFF_MESSAGE}}
+    assert "message_stop" not in response.text
+    assert len(slow.requests) == 2  # (continued)
+    wait_streams_done(slow)
+    assert slow.cancelled_streams == cancelled + 1
+    cost = billed(journal)
+    assert cost == INPUT + 2 * 1 + 14 + 2 * 1 <= BUDGET
+    assert committed(gateway, cost) == cost
+    # (Nothing was sent after the end: the kernel would log it as an unhandled error.)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 # -- SSE comments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("events,count", [
@@ -177,13 +226,13 @@ def events_and_comments(raw: str) -> tuple[list[str], int]:
     return [block for block in blocks[:-1] if not block.startswith(":")], len(comments)
 
 
-@pytest.mark.parametrize("api", ["openai", "anthropic"])
 def test_keepalive_comments_are_not_counted_as_events(
-        start: Start, store: str, keepalive: MockProviderServer, api: str) -> None:
+        start: Start, store: str, keepalive: MockProviderServer) -> None:
     # Each comment was counted as an event, an output token: the stream was ended after 6
-    # (Anthropic: 7) of the 12 events its budget pays for (test_quota_layer's, without them).
-    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=keepalive.url)
-    response = post(gateway, api, streamed(api, OUTPUT))
+    # of the 12 events its budget pays for (test_quota_layer's, without them).
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store),
+                    upstream=keepalive.url)
+    response = post(gateway, "openai", streamed("openai", None))
     assert response.status_code == 200
     events, comments = events_and_comments(response.text)
     assert comments > 0  # (passed on, as the client's SDK skips them)
@@ -192,14 +241,32 @@ def test_keepalive_comments_are_not_counted_as_events(
     wait_streams_done(keepalive)
 
 
+def test_a_stream_within_its_max_tokens_passes_its_keepalive_comments_on_whole(
+        start: Start, store: str, keepalive: MockProviderServer) -> None:
+    # An Anthropic stream of max_tokens=10, with as many comments as events: its 34 events
+    # are more than the 12 this budget pays for as output tokens, but the provider stops at
+    # 10 tokens, and the admission reserved them.
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store),
+                    upstream=keepalive.url)
+    response = post(gateway, "anthropic", streamed("anthropic", OUTPUT))
+    assert response.status_code == 200
+    events, comments = events_and_comments(response.text)
+    assert comments > 0
+    assert len(events) == 34
+    assert events[-1].startswith("event: message_stop\n")
+    assert CUTOFF_MESSAGE not in response.text
+    assert committed(gateway, COST) == COST
+    wait_streams_done(keepalive)
+
+
 def test_keepalive_comments_are_not_numbered_in_a_responses_stream(
         start: Start, store: str, keepalive: MockProviderServer) -> None:
     # Each comment was counted as an event: the cut-off's `error` and `response.failed` were
     # numbered past the events the stream had sent, by the comments among them.
-    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=keepalive.url)
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store),
+                    upstream=keepalive.url)
     with gateway.openai().responses.with_streaming_response.create(
-            model="gpt-mock", input=PROMPT[0]["content"], max_output_tokens=OUTPUT,
-            stream=True) as response:
+            model="gpt-mock", input=PROMPT[0]["content"], stream=True) as response:
         assert response.status_code == 200
         raw = response.text()
     assert events_and_comments(raw)[1] > 0
@@ -213,24 +280,101 @@ def test_keepalive_comments_are_not_numbered_in_a_responses_stream(
 
 # -- what costs nothing more -----------------------------------------------------------------------
 
-def test_a_cache_hit_is_not_cut_off(start: Start, store: str, slow: MockProviderServer) -> None:
-    # A budget of 24 pays for one answer of max_tokens=1 (10 + 2 x 1 = 12) and has 12 left
-    # for a second, the same: a cache hit, charged nothing. Its replay's events (the role,
-    # the text, the finish, [DONE]) counted 10 + 2 x 4 = 18 past those 12: the caller got
-    # the cut-off's error and nothing of the answer.
-    gateway = start(auth(static_key("Limits(budgets=(Budget('0.000024', period='lifetime', "
+def test_a_cache_hit_is_not_cut_off(start: Start, store: str, mock: MockProviderServer) -> None:
+    # A budget of 42 pays for one answer (30: without max_tokens, a request reserves the
+    # quota layer's default_max_output_tokens, here 1, so 12, and is billed what it used)
+    # and has 12 left for a second, the same: a cache hit, charged nothing. Its replay's
+    # events (the role, the text in two, the finish, [DONE]) counted 10 + 2 x 5 = 20 past
+    # those 12: the caller got the cut-off's error and nothing of the answer. (With
+    # max_tokens, the count of a stream that is no continuation never passes its
+    # reservation.)
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.000042', period='lifetime', "
                                     "stream_cutoff=True),))")),
-                    quota(store), "Middleware(CacheMiddleware)", upstream=slow.url)
-    wait_streams_done(slow)
-    body = {**streamed("openai", 1), "temperature": 0}  # (cached: deterministic)
+                    quota(store, default_max_output_tokens="1"),
+                    "Middleware(CacheMiddleware)")
+    body = {**streamed("openai", None), "temperature": 0}  # (cached: deterministic)
     first = post(gateway, "openai", body)
     assert first.headers["x-sluicegate-cache"] == "miss"
-    assert committed(gateway, 12) == 12
+    assert CUTOFF_MESSAGE not in first.text
+    assert committed(gateway, COST) == COST
     hit = post(gateway, "openai", body)
     assert hit.headers["x-sluicegate-cache"] == "hit"
     assert CUTOFF_MESSAGE not in hit.text
     assert hit.text.endswith("data: [DONE]\n\n")
-    assert '"content":"Mock"' in hit.text
-    assert len(slow.requests) == 1
-    assert committed(gateway, 12) == 12
-    wait_streams_done(slow)
+    chunks = stream_events_of(hit.text.removesuffix("data: [DONE]\n\n"))
+    assert "".join(chunk["choices"][0]["delta"].get("content") or ""
+                   for _, chunk in chunks) == REPLY
+    assert len(mock.requests) == 1
+    assert committed(gateway, COST) == COST
+
+
+# -- a stream its admission made room for ---------------------------------------------------------
+
+# A budget of 30 admits exactly one answer of max_tokens=10: the reservation, 10 + 2 x 10,
+# is what the answer is billed. This mock streams the reply three characters an event: ten
+# content events for its ten tokens, as a provider streams about a token an event. Each
+# event counted as an output token, the stream's opening and closing events took it past
+# its 30 at its end: the cut-off's error came in place of the last text, the finish and
+# [DONE] (message_stop, response.completed) of an answer the budget had paid for.
+EXACT_BUDGET = "Limits(budgets=(Budget('0.000030', period='lifetime', stream_cutoff=True),))"
+
+
+@pytest.fixture(scope="module")
+def token_mock() -> Iterator[MockProviderServer]:
+    """A mock that streams its reply about a token (three characters) an event."""
+    server = MockProviderServer(MockConfig(chunk_chars=3))
+    server.start()
+    yield server
+    server.stop()
+
+
+def read_whole_openai_stream(gateway: Gateway) -> None:
+    sdk = gateway.openai()
+    with sdk.chat.completions.with_streaming_response.create(
+            model="gpt-mock", messages=[{"role": "user", "content": PROMPT[0]["content"]}],
+            max_tokens=OUTPUT, stream=True) as response:
+        raw = response.read()  # (kept: the SDK's stream below reads these bytes)
+        chunks = list(response.parse())
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks
+                   if chunk.choices) == REPLY
+    assert [chunk.choices[0].finish_reason for chunk in chunks
+            if chunk.choices and chunk.choices[0].finish_reason] == ["stop"]
+
+
+def read_whole_anthropic_stream(gateway: Gateway) -> None:
+    with gateway.anthropic().messages.stream(
+            model="claude-mock", messages=[{"role": "user", "content": PROMPT[0]["content"]}],
+            max_tokens=OUTPUT) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    assert events[-1].type == "message_stop"
+    assert [block.text for block in message.content if block.type == "text"] == [REPLY]
+    assert message.stop_reason == "end_turn"
+
+
+def read_whole_responses_stream(gateway: Gateway) -> None:
+    events = list(gateway.openai().responses.create(
+        model="gpt-mock", input=PROMPT[0]["content"], max_output_tokens=OUTPUT, stream=True))
+    assert events[-1].type == "response.completed"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(event.delta for event in events
+                   if event.type == "response.output_text.delta") == REPLY
+    assert events[-1].response.output_text == REPLY
+
+
+READ_WHOLE = {"openai": read_whole_openai_stream, "anthropic": read_whole_anthropic_stream,
+              "responses": read_whole_responses_stream}
+
+
+@pytest.mark.parametrize("api", sorted(READ_WHOLE))
+def test_a_stream_its_admission_made_room_for_is_not_cut_off_at_its_end(
+        start: Start, store: str, token_mock: MockProviderServer, tmp_path: Path,
+        api: str) -> None:
+    journal = tmp_path / "journal"
+    gateway = start(auth(static_key(EXACT_BUDGET)), metering(journal), quota(store),
+                    upstream=token_mock.url)
+    READ_WHOLE[api](gateway)  # (an in-band error raises in the SDK)
+    assert billed(journal) == COST
+    assert committed(gateway, COST) == COST
+

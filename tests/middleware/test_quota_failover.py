@@ -26,6 +26,7 @@ from tests.middleware.test_quota_layer import (
     Gateway,
     Start,
     auth,
+    cutoff_quota,
     eventually,
     prefix,
     quota,
@@ -102,11 +103,11 @@ def test_a_stream_that_failed_over_is_still_cut_off_at_its_budget(
     # The second attempt was admitted against the first one's reservation as well, and
     # refused (402) though the request was within its budget.
     journal = tmp_path / "journal"
-    gateway = failover_above_quota(start, "'memory'", CUTOFF_BUDGET, journal,
-                                   upstream=slow.url)
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal), FAILOVER,
+                    cutoff_quota("'memory'"), extra=TWO_DEPLOYMENTS, upstream=slow.url)
     wait_streams_done(slow)
     slow.push_fault(FAULTS["error_before_output"])
-    response = post(gateway, "openai", streamed("openai", OUTPUT))
+    response = post(gateway, "openai", streamed("openai", None))  # (see CUTOFF_BUDGET)
     assert response.status_code == 200
     assert len(slow.requests) == 2  # (failed over)
     assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]  # (cut off)

@@ -700,48 +700,50 @@ def test_downgrade_header_names_the_budget_once(start: Start, store: str) -> Non
 
 # -- 6. stream cutoff ----------------------------------------------------------------------------
 
-# 35 micro-dollars: the reservation (30) fits; a stream of one character per event crosses
+# 35 micro-dollars. The cut-off counts a stream's events as output tokens, but no more than
+# the output bound the caller set (max_tokens), where the provider stops: a stream that sets
+# one has its admission's room, and is cut only where a failover continuation's input takes
+# it (test_quota_cutoff). These streams set none, and the quota layer's
+# default_max_output_tokens is OUTPUT (`cutoff_quota`), which the provider does not know of:
+# the reservation (30) fits, and a stream of one character per event crosses
 # 10 + 2 x events > 35 at its 13th event, so 12 events are delivered before the error event.
 CUTOFF_BUDGET = "Limits(budgets=(Budget('0.000035', period='lifetime', stream_cutoff=True),))"
-STREAMS = {
-    "openai": ("/v1/chat/completions", "gpt-mock", {"authorization": f"Bearer {TEST_KEY}"}),
-    "anthropic": ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS}),
-}
 CUTOFF_MESSAGE = "The stream was ended because its cost reached what is left of the budget."
 
 
-def cut_off_stream(gateway: Gateway, api: str) -> httpx.Response:
-    path, model, headers = STREAMS[api]
-    body = {"model": model, "messages": PROMPT, "max_tokens": OUTPUT, "stream": True}
-    return httpx.post(gateway.url + path, headers=headers, json=body, timeout=10)
+def cutoff_quota(store: str) -> str:
+    """The quota layer of the cut-off tests: a request without max_tokens reserves OUTPUT."""
+    return quota(store, default_max_output_tokens=str(OUTPUT))
 
 
-@pytest.mark.parametrize("api", sorted(STREAMS))
+def cut_off_stream(gateway: Gateway) -> httpx.Response:
+    """An OpenAI chat stream without max_tokens (see CUTOFF_BUDGET)."""
+    body = {"model": "gpt-mock", "messages": PROMPT, "stream": True}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": f"Bearer {TEST_KEY}"})
+
+
 def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
-        start: Start, store: str, slow: MockProviderServer, api: str,
+        start: Start, store: str, slow: MockProviderServer,
         caplog: pytest.LogCaptureFixture) -> None:
-    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    # (An Anthropic stream sets max_tokens, and is cut only when a continuation's input,
+    # billed again, takes its room: see test_quota_cutoff.)
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
     wait_streams_done(slow)  # an earlier test's stream is not cancelled in this one
     cancelled = slow.cancelled_streams
-    response = cut_off_stream(gateway, api)
+    response = cut_off_stream(gateway)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = response.text.split("\n\n")
     assert events[-1] == ""
     events = events[:-1]
     assert len(events) == 13  # 12 delivered, then the error event
-    if api == "openai":
-        assert all(json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk"
-                   for e in events[:-1])
-        assert json.loads(events[-1].removeprefix("data: ")) == {"error": {
-            "message": CUTOFF_MESSAGE, "type": "insufficient_quota", "param": None,
-            "code": "budget_exceeded"}}
-    else:
-        assert events[0].startswith("event: message_start\n")
-        assert events[-1].startswith("event: error\ndata: ")
-        assert json.loads(events[-1].split("data: ", 1)[1]) == {
-            "type": "error", "error": {"type": "billing_error", "message": CUTOFF_MESSAGE}}
-    assert "[DONE]" not in response.text and "message_stop" not in response.text
+    assert all(json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk"
+               for e in events[:-1])
+    assert json.loads(events[-1].removeprefix("data: ")) == {"error": {
+        "message": CUTOFF_MESSAGE, "type": "insufficient_quota", "param": None,
+        "code": "budget_exceeded"}}
+    assert "[DONE]" not in response.text
     wait_streams_done(slow)
     assert slow.cancelled_streams == cancelled + 1
     # Sending after the end (or a second response start) fails in the server, once the
@@ -749,16 +751,38 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_a_stream_within_its_max_tokens_is_not_cut_off(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    # An Anthropic stream of max_tokens=10: one character an event, 34 events, far more
+    # than the 10 tokens the provider stops at and bills, or the 12 this budget pays for
+    # counted a token each.
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
+    wait_streams_done(slow)
+    cancelled = slow.cancelled_streams
+    body = {"model": "claude-mock", "messages": PROMPT, "max_tokens": OUTPUT, "stream": True}
+    response = httpx.post(gateway.url + "/v1/messages", json=body, timeout=10,
+                          headers={"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS})
+    assert response.status_code == 200
+    events = response.text.split("\n\n")[:-1]
+    assert len(events) == 34  # (28 deltas among them)
+    assert events[0].startswith("event: message_start\n")
+    assert events[-1].startswith("event: message_stop\n")
+    assert "event: error" not in response.text and CUTOFF_MESSAGE not in response.text
+    wait_streams_done(slow)
+    assert slow.cancelled_streams == cancelled
+    expected: int | None = COST  # (what the provider reported)
+    assert eventually(lambda: gateway.committed(), expected) == COST
+
+
 def test_stream_cutoff_ends_a_responses_stream_as_the_live_api_ends_a_failed_one(
         start: Start, store: str, slow: MockProviderServer) -> None:
     """The Responses API's `error` event, numbered after the last event sent, with the
     gateway's code; then `response.failed` for the stream's response (as its
     `response.created` gave it), failed with the ResponseError code chosen for a budget."""
-    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
     wait_streams_done(slow)
     with gateway.openai().responses.with_streaming_response.create(
-            model="gpt-mock", input=PROMPT[0]["content"], max_output_tokens=OUTPUT,
-            stream=True) as response:
+            model="gpt-mock", input=PROMPT[0]["content"], stream=True) as response:
         assert response.status_code == 200
         events = stream_events_of(response.text())
     error = events[-2][1]
@@ -774,8 +798,8 @@ def test_stream_cutoff_ends_a_responses_stream_as_the_live_api_ends_a_failed_one
 
 def test_stream_cutoff_charges_the_deltas_delivered(start: Start, store: str,
                                                     slow: MockProviderServer) -> None:
-    gateway = start(auth(static_key(CUTOFF_BUDGET)), quota(store), upstream=slow.url)
-    response = cut_off_stream(gateway, "openai")
+    gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
+    response = cut_off_stream(gateway)
     assert response.text.count("\n\n") == 13
     wait_streams_done(slow)
     assert settled(gateway.committed, COST) == INPUT + 2 * 12
