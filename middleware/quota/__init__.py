@@ -97,6 +97,7 @@ _TEMPLATES_MAX = 10_000  # remembered (principal, model) templates; starts over 
 _SERVED = object()  # what QuotaMiddleware._admit_in_lane gives for a request it served
 # ctx.state[_admitted_key] while a call's admission awaits the store (`_mark_admitted`)
 _ADMITTING = object()
+_USAGE_KINDS = ("key", "project", "customer", "model", "global")  # whose spend (plan.subjects)
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
 
 
@@ -743,6 +744,11 @@ class QuotaMiddleware:
                 "message": "Use /admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
             return
         kind, subject = parts
+        if kind not in _USAGE_KINDS:
+            await send_json(send, 404, {"error": {
+                "message": f"Unknown kind; use one of {', '.join(_USAGE_KINDS)}: "
+                           "/admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
+            return
         now = datetime.now(UTC)
         checks, starts = [], []
         for period in PERIODS:
