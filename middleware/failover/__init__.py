@@ -77,6 +77,7 @@ from gateway.errors import (
     UpstreamError,
     stream_error_ending,
 )
+from gateway.kernel import stack_components
 from gateway.layers import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Sample
 from gateway.pricing import EARLIER_ATTEMPT, call_cost_micros
@@ -179,7 +180,9 @@ class FailoverMiddleware:
     def check_config(self, config: GatewayConfig) -> None:
         """Every model a route names (and its fallbacks) must be a configured model. Notes
         which deployments cannot serve which operation (an Azure one /v1/responses, an
-        Anthropic one /v1/embeddings), so that requests never go to them."""
+        Anthropic one /v1/embeddings), so that requests never go to them. Tells the layers
+        below that price a request by the models that may serve it (`learn_routes`: the
+        quota layer) of this layer's routes (`models_serving`)."""
         self.affinity.learn_accounts(config.providers, config.models)
         for operation in OPERATION_PATHS:
             unable: dict[str, frozenset[str]] = {}
@@ -199,6 +202,19 @@ class FailoverMiddleware:
                                   f"{', '.join(map(repr, unknown))}, which "
                                   f"{'is not a model' if len(unknown) == 1 else 'are not models'}"
                                   " in `models`.")
+        for component in stack_components(self.app):  # layers below that price by route
+            learn = getattr(component, "learn_routes", None)
+            if callable(learn):
+                learn(self, config)
+
+    def models_serving(self, model: str) -> tuple[str, ...]:
+        """The public models a request for `model` may be served by: the model, then every
+        fallback its route may go to (the chain, and the context-window and content-policy
+        fallbacks), before the caller's key rules any out (`_may_use`). For a layer that
+        must know before the call: the quota layer reserves at the dearest of them."""
+        route = self.routes.get(model, self.default)
+        return tuple(dict.fromkeys((model, *route.fallbacks, *route.context_window_fallbacks,
+                                    *route.content_policy_fallbacks)))
 
     async def startup(self) -> None:
         if self.shared is not None:
