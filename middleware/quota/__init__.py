@@ -3,7 +3,9 @@
 Before the call it reserves, for every limit that applies (the caller's key, customer and
 project from the auth layer's `Principal`, the model's, and the gateway-wide ones): one
 request against RPM, the estimated tokens (input estimate plus the output bound) against
-TPM, a concurrency lease, and the estimated cost against each budget. All of them are checked
+TPM, a concurrency lease, and the estimated cost against each budget, at the price of the
+dearest model that may serve the request (with a failover layer: the fallbacks its route may
+go to that the caller's key may use, `learn_routes`). All of them are checked
 and reserved in one atomic store call (one Lua script in Redis). Once the request has ended
 (`RequestContext.on_end`), the reservation is replaced with the actual usage: the requests
 that finished in one event-loop step are settled together, in one store call (one script
@@ -16,7 +18,8 @@ request: it counts once against RPM and concurrency (a caller's limits count its
 not the gateway's attempts at them), holds its one reservation until it has ended, and is
 settled to what the usage ledger bills for it, every attempt in it. A request this layer
 downgrades under a failover layer goes back up to it (`Rerouted`), admitted at the cheaper
-model's price, and the failover layer routes every attempt for the cheaper model.
+model's price (and its route's fallbacks'), and the failover layer routes every attempt for
+the cheaper model.
 
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
@@ -43,7 +46,7 @@ from typing import Any
 import orjson
 
 from gateway.admin import admin_token_from_env, admitted, route_path, send_json
-from gateway.config import ConfigError
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     OPENAI_RESPONSES,
     RequestContext,
@@ -52,7 +55,15 @@ from gateway.context import (
     route_to,
 )
 from gateway.errors import GatewayError, stream_error_ending
-from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
+from gateway.kernel import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    degraded,
+    stack_components,
+)
 from gateway.policy import (
     AMOUNT_MAX,
     ANONYMOUS,
@@ -180,6 +191,31 @@ class QuotaMiddleware:
         # (id(principal), model) -> (principal, UTC day, its template or None)
         self._templates: dict[tuple[int, str], tuple[
             Principal, int, tuple[list[tuple[Any, ...]], dict[Any, Any]] | None]] = {}
+        # model -> the other models a failover layer's route may send a request for it to
+        # (only models with some; learnt by `learn_routes`): a request reserves at the
+        # dearest of them that the caller's key may use.
+        self._fallbacks: dict[str, tuple[str, ...]] = {}
+
+    def check_config(self, config: GatewayConfig) -> None:
+        """Learns the routes of a failover layer listed below this one (found by walking
+        `.app`, as the kernel does). One listed above learns it of this layer in its own
+        `check_config`, which the kernel calls first (outermost first)."""
+        for component in stack_components(self.app):
+            if callable(getattr(component, "models_serving", None)):
+                self.learn_routes(component, config)
+
+    def learn_routes(self, router: Any, config: GatewayConfig) -> None:
+        """Notes the models `router` (a layer with `models_serving(model)`: the failover
+        layer) may serve a request for each configured model with, so that the request is
+        reserved, and a stream cut off, at the dearest of them, not at the price of the
+        model asked for only: a fallback to a pricier model is billed at its price, and
+        concurrent requests near a cap would each overshoot it by the difference."""
+        for model in config.models:
+            known = self._fallbacks.get(model, ())
+            others = tuple(name for name in router.models_serving(model)
+                           if name != model and name not in known)
+            if others:
+                self._fallbacks[model] = (*known, *others)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -320,7 +356,8 @@ class QuotaMiddleware:
         client = redis.direct_client() if redis is not None else None
         if redis is None or client is None:
             return None
-        est = plan.estimate(ctx, self.default_max_output_tokens)
+        est = plan.estimate(ctx, self.default_max_output_tokens,
+                            self._fallbacks.get(ctx.model, ()))
         try:
             reply = await client.call_encoded(lane.admit_payload(
                 redis.argv_prefix(_lease(ctx)), est.input_tokens + est.output_tokens,
@@ -403,7 +440,8 @@ class QuotaMiddleware:
             template = self._template(principal, ctx.model)
             if template is None and not downgraded:  # no limit applies: nothing to estimate
                 return None, [], [], Decision(allowed=True), _NOTHING_RESERVED, []
-            est = plan.estimate(ctx, self.default_max_output_tokens)
+            est = plan.estimate(ctx, self.default_max_output_tokens,
+                                self._fallbacks.get(ctx.model, ()))
             planned: list[Planned]
             checks: list[Check]
             planned, checks = ([], []) if template is None else plan.planned_from(template, est)
@@ -811,7 +849,7 @@ class _Responder:
         self.spent_before = self.events_before = 0  # what the broken part of it cost, sent
         self.events = 0
         self.streaming = False
-        self.price = plan.reservation_price(ctx)
+        self.price = est.price  # (the reservation's: the dearest model that may serve it)
         self.output_cap = plan.output_cap(ctx, est)  # (per call: a continuation's too)
 
     def send(self, message: Message) -> Awaitable[None]:

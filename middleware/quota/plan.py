@@ -55,6 +55,7 @@ class Estimate:
     input_tokens: int
     output_tokens: int
     cost_micros: int
+    price: Price | None = None  # what it was priced at (`reservation_price`)
 
     @property
     def tokens(self) -> int:
@@ -124,26 +125,74 @@ def _prompts(prompt: Any) -> int:
 _DEAREST: dict[int, tuple[Any, Price | None, float]] = {}
 
 
-def reservation_price(ctx: RequestContext) -> Price | None:
+def reservation_price(ctx: RequestContext, fallbacks: tuple[str, ...] = ()) -> Price | None:
     """The dearest price among the deployments that may serve the request (the failover
-    layer may pick any of them), so the reservation is never too small. Cached per Model
-    (config objects live as long as the gateway; the entry keeps its Model alive)."""
-    model = (ctx.models or {}).get(ctx.model)
+    layer may pick any of them), so the reservation is never too small: those of the model
+    asked for and of each model in `fallbacks` (the others its failover route may go to)
+    that the caller's key may use, as the failover layer uses them. Cached per Model
+    (config objects live as long as the gateway; the entry keeps its Model alive) and, with
+    fallbacks, per caller and model."""
+    if fallbacks:
+        return _dearest_served(ctx, fallbacks)
+    model = (ctx.models or {}).get(ctx.model)  # (the common case: no call until a miss)
     found = _DEAREST.get(id(model))
     if found is not None and found[0] is model and ctx.started_at < found[2]:
         return found[1]
-    prices = [in_force(d.price, ctx.started_at)
+    return _dearest(ctx.models, ctx.model, ctx.started_at)[0]
+
+
+def _dearest(models: Mapping[str, Any] | None, name: str, at_s: float
+             ) -> tuple[Price | None, float]:
+    """The dearest price of model `name`'s deployments at `at_s`, and until when it holds."""
+    model = (models or {}).get(name)
+    found = _DEAREST.get(id(model))
+    if found is not None and found[0] is model and at_s < found[2]:
+        return found[1], found[2]
+    prices = [in_force(d.price, at_s)
               for d in (model.deployments if model is not None else ()) if d.price is not None]
-    dearest = max(prices, key=lambda p: (p.output_per_mtok, p.input_per_mtok)) if prices \
-        else None
+    dearest = max(prices, key=_rank) if prices else None
     # (until the first of these prices is followed by another)
     until = min([p.successor.starts_at_s for p in prices if p.successor is not None],
                 default=math.inf)
     _DEAREST[id(model)] = (model, dearest, until)
+    return dearest, until
+
+
+def _rank(price: Price) -> tuple[Any, Any]:
+    return price.output_per_mtok, price.input_per_mtok
+
+
+# (id(principal), model, id(fallbacks)) -> (principal, fallbacks, models, price, until)
+_SERVED: dict[tuple[int, str, int], tuple[Any, tuple[str, ...], Any, Price | None,
+                                          float]] = {}
+
+
+def _dearest_served(ctx: RequestContext, fallbacks: tuple[str, ...]) -> Price | None:
+    """`reservation_price` of a model with fallbacks, remembered per caller (the models its
+    key may use), model and set of models (the entry keeps them alive)."""
+    principal, models, at_s = ctx.principal, ctx.models, ctx.started_at
+    key = (id(principal), ctx.model, id(fallbacks))
+    found = _SERVED.get(key)
+    if found is not None and found[0] is principal and found[1] is fallbacks \
+            and found[2] is models and at_s < found[4]:
+        return found[3]
+    dearest, until = _dearest(models, ctx.model, at_s)
+    for name in fallbacks:
+        if principal is not None and not principal.allows_model(name):
+            continue  # (the failover layer does not send this caller there)
+        price, holds = _dearest(models, name, at_s)
+        until = min(until, holds)
+        if price is not None and (dearest is None or _rank(price) > _rank(dearest)):
+            dearest = price
+    if len(_SERVED) > 50_000:
+        _SERVED.clear()
+    _SERVED[key] = (principal, fallbacks, models, dearest, until)
     return dearest
 
 
-def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
+def estimate(ctx: RequestContext, default_max_output_tokens: int,
+             fallbacks: tuple[str, ...] = ()) -> Estimate:
+    """What the request reserves, priced at `reservation_price(ctx, fallbacks)`."""
     if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:  # answered without a model call
         return Estimate(0, 0, 0)
     input_tokens = estimate_input_tokens(ctx)
@@ -152,10 +201,10 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int) -> Estimate:
     # (conditional expressions, not min(): the builtin parses keyword arguments per call)
     output_tokens = output_bound(ctx, default_max_output_tokens)
     output_tokens = output_tokens if output_tokens < LIMIT_MAX else LIMIT_MAX  # noqa: FURB136
-    price = reservation_price(ctx)
+    price = reservation_price(ctx, fallbacks)
     cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
     return Estimate(input_tokens, output_tokens,
-                    cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
+                    cost if cost < AMOUNT_MAX else AMOUNT_MAX, price)  # noqa: FURB136
 
 
 # -- which limits apply --------------------------------------------------------------------
