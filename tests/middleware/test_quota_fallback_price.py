@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,13 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.config import Deployment, Model
+from gateway.context import OPENAI_CHAT, RequestContext
+from gateway.policy import Principal
+from gateway.pricing import Price
 from middleware.metering import JournalError, journal_usage
+from middleware.quota.plan import reservation_price
+from tests.gateway.test_pricing import dated_table
 from tests.harness import TEST_KEY
 from tests.middleware.test_quota_billing import deltas, metering
 from tests.middleware.test_quota_layer import (
@@ -213,3 +220,28 @@ def test_a_stream_a_pricier_fallback_serves_is_cut_off_at_its_price(
     spent = eventually(gateway.committed, cap)
     assert spent == cap == ledger_total(journal, 1)
     wait_streams_done(failing_slowly)
+
+
+def test_the_reservation_follows_a_fallbacks_price_into_force(tmp_path: Path) -> None:
+    # The dearest price is remembered per caller and model until one of the prices it was
+    # chosen from is followed by another: a fallback's too.
+    table = dated_table(tmp_path)  # (1 until 2026, 3 from 2026-01-01, 5 from 2026-06-01)
+    dated = table.lookup("acme", "m", at=datetime(2025, 12, 31, tzinfo=UTC))
+    models = {"primary": Model([Deployment("p", "a", price=Price("2", "2"))]),
+              "fallback": Model([Deployment("p", "m", price=dated)])}
+    fallbacks = ("fallback",)
+    caller = Principal(key_id="k", project="p")
+    narrow = Principal(key_id="n", project="p", allowed_models=("primary",))
+
+    def reserved_input_price(principal: Principal, when: datetime) -> Decimal:
+        ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai",
+                             body={}, raw_body=b"", model="primary", stream=False,
+                             models=models, started_at=when.timestamp(), principal=principal)
+        found = reservation_price(ctx, fallbacks)
+        assert found is not None
+        return found.input_per_mtok
+
+    assert reserved_input_price(caller, datetime(2025, 12, 31, 23, tzinfo=UTC)) == 2
+    assert reserved_input_price(caller, datetime(2026, 1, 2, tzinfo=UTC)) == 3
+    assert reserved_input_price(caller, datetime(2026, 6, 2, tzinfo=UTC)) == 5
+    assert reserved_input_price(narrow, datetime(2026, 6, 2, tzinfo=UTC)) == 2
