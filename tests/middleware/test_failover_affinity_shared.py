@@ -9,9 +9,7 @@ alone until a sync reaches it again.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,11 +32,14 @@ from tests.middleware.test_failover_affinity import (
     turn,
 )
 from tests.middleware.test_failover_layer import deployments
+from tests.middleware.test_quota_layer import late_redis
 from tests.mock_providers import MockProviderServer
 from tests.tcp_proxy import TcpProxy
 
 NO_REDIS = "redis://127.0.0.1:9/0"  # (the discard port: nothing listens)
 DUO = 'Deployment("a", "gpt-4o-mini", **on_a), Deployment("b", "gpt-4o-mini", **on_b)'
+
+__all__ = ["late_redis"]  # (a fixture, used by name)
 
 
 @pytest.fixture
@@ -139,20 +140,6 @@ def test_without_redis_answers_and_follow_ups_go_on_in_each_process(
         assert keys_called(a)[1:] == [made_with] * 3
         # (the first pin's SET failed, unless the first sync had failed already)
         assert deployments(gateway)["shared"]["lookup_errors"] <= 1  # type: ignore[index]
-
-
-@pytest.fixture
-def late_redis() -> Iterator[TcpProxy]:
-    """A relay to Redis (on a loop of its own) whose replies can be held back."""
-    proxy = TcpProxy(6379)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
-    yield proxy
-    asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 def test_while_redis_is_late_requests_wait_for_it_once_not_each(
