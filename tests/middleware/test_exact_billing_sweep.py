@@ -38,7 +38,6 @@ import openai
 import orjson
 import psycopg
 import pytest
-import redis
 
 from gateway import create_app
 from gateway.kernel import Kernel
@@ -47,7 +46,7 @@ from middleware.metering.journal import Journal
 from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.middleware.test_metering import PG_DSN, drop_tables, started_process_writes
-from tests.middleware.test_quota_layer import budget_check
+from tests.middleware.test_quota_layer import budget_check, delete_prefix
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 from tests.tcp_proxy import TcpProxy
 
@@ -401,13 +400,7 @@ def tables() -> Iterator[str]:
 def redis_prefix() -> Iterator[str]:
     value = f"{{sgx-{uuid.uuid4().hex}}}"
     yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{value}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_prefix(value)
 
 
 def config_text(mock_url: str, order: str, dsn: str, tables: str, journal: Path,
