@@ -328,7 +328,7 @@ class FailoverMiddleware:
                             ctx: RequestContext, route: Route, tried: Tried, previous: str,
                             pin: Pin) -> None:
         """Calls the deployment and key that made the previous response first; the others
-        that see it (same provider entry and key) are the only ways round. When the model and
+        that see it (on the same account: `ResponseAffinity.sees`) are the only ways round. When the model and
         its fallbacks have none, the request routes as any other (the provider will say)."""
         seeing, first_model, first = [], ctx.model, None
         for model in self._every_model(ctx.model, route):
