@@ -185,6 +185,13 @@ class RequestContext:
     # `stream` False (`raw_body` is read).
     body_parser: Callable[[RequestContext], None] | None = None
 
+    def at_end(self, hook: Callable[[RequestContext], object]) -> None:
+        """Adds `hook` to `on_end`: the kernel calls it once the request has ended."""
+        if self.on_end is None:
+            self.on_end = [hook]
+        else:
+            self.on_end.append(hook)
+
     def parse_body(self) -> None:
         """Parses and checks the request body the kernel left unparsed (`body_parser`),
         filling in `body`, `model` and `stream`; raises the GatewayError (400, 404) a bad

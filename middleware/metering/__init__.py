@@ -214,7 +214,7 @@ class MeteringMiddleware:
             return self._serve(scope, receive, send)
         if self.durability == "response":
             return self._call_durable(ctx, scope, receive, send)
-        if ctx.on_end is None:
+        if ctx.on_end is None:  # (`ctx.at_end`, inline: a call frame on every request)
             ctx.on_end = [self._record]
         else:
             ctx.on_end.append(self._record)

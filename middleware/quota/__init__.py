@@ -37,7 +37,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -293,7 +293,7 @@ class QuotaMiddleware:
             ctx.response_headers += headers
         responder = None  # (`send` is not wrapped when nothing is to be cut off)
         if store is not None:  # (None: nothing applies, no reservation, nothing to settle)
-            _settle_at_end(ctx, partial(self._settle, store, planned, checks, decision))
+            ctx.at_end(partial(self._settle, store, planned, checks, decision))
             allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream \
                 else None
             if allowance is not None:
@@ -370,7 +370,7 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
-        _settle_at_end(ctx, partial(self._settle_in_lane, lane, est, values))
+        ctx.at_end(partial(self._settle_in_lane, lane, est, values))
         if not ctx.stream or not lane.cutoff:  # nothing to cut off: `send` is not wrapped
             self._mark_admitted(ctx, None)
             await self.app(scope, receive, send)
@@ -618,8 +618,9 @@ class QuotaMiddleware:
     def _charge(self, ctx: RequestContext) -> tuple[int, int]:
         """What the request actually used, (tokens, cost): what the usage ledger bills for it
         (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
-        stream cut short what it delivered), recorded in the spend ledger, and a flush of the queued settles scheduled for the end of this event-loop
-        step (the caller queues the request's)."""
+        stream cut short what it delivered), recorded in the spend ledger, and a flush of the
+        queued settles scheduled for the end of this event-loop step (the caller queues the
+        request's)."""
         usage = billed_usage(ctx)
         cost = call_cost_micros(ctx, usage)
         if not self._settle_scheduled:
@@ -974,13 +975,6 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
 
 
 _UNSURE_MAX = 10_000  # releases kept for an unreachable store (see `_unsure_admit`)
-
-
-def _settle_at_end(ctx: RequestContext, settle: Callable[[RequestContext], None]) -> None:
-    if ctx.on_end is None:
-        ctx.on_end = [settle]
-    else:
-        ctx.on_end.append(settle)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:
