@@ -33,6 +33,10 @@ is journaled and fsynced (group commit: the requests of one moment share one wri
 fsync), so every answer a client received survives a crash, for the price of an fsync in each
 response's latency. If the queue grows past `queue_max` (the disk cannot keep up), requests
 append to the journal themselves (a short blocking write) rather than drop anything.
+
+Listed below a failover layer, the layer is called for each call that layer makes for a
+request, and records the request once, as it ended; `durability="response"` is refused
+there (`learn_routes`).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.admin import admin_token_from_env, route_path
-from gateway.config import ConfigError
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import SELF_USAGE_PATH, RequestContext, find_request_context
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
@@ -142,6 +146,22 @@ class MeteringMiddleware:
         self._stopping = False
         self.written = 0  # rows PostgreSQL took (for tests and /admin)
 
+    def learn_routes(self, router: Any, config: GatewayConfig) -> None:
+        """Called by a layer listed above this one that routes every call it makes below
+        (the failover layer's `check_config`). Then this layer is called once per call
+        (each retry, fallback, continuation, hedge) and records the request once, as it
+        ended. With durability="response" it would hold a response's last byte until the
+        record is on disk, but the router answers some requests itself (its error after
+        the last attempt, a stream it ends in-band), past this layer: refused."""
+        if self.durability == "response":
+            name, routing = type(self).__name__, type(router).__name__
+            raise ConfigError(
+                f"{config.path}: {name}(durability='response') is listed below {routing}, "
+                "which answers some requests itself (its error after the last attempt, a "
+                "stream it ends in-band), so their last byte cannot wait for their record; "
+                f"list {name} above {routing} (auth, metering, quota, cache, failover), or "
+                "use durability='batch' there.")
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
@@ -212,12 +232,17 @@ class MeteringMiddleware:
         ctx = find_request_context(scope)
         if ctx is None:
             return self._serve(scope, receive, send)
-        if self.durability == "response":
+        if self.durability == "response" and not ctx.reroutable:
             return self._call_durable(ctx, scope, receive, send)
-        if ctx.on_end is None:  # (`ctx.at_end`, inline: a call frame on every request)
+        on_end = ctx.on_end
+        if on_end is None:  # (`ctx.at_end`, inline: a call frame on every request)
             ctx.on_end = [self._record]
-        else:
-            ctx.on_end.append(self._record)
+        elif self._record not in on_end:
+            # Below a layer that routes every call (failover: `ctx.reroutable`) this runs for
+            # each of its calls (retries, fallbacks, a downgrade's or a refusal's call again,
+            # a continuation, a hedge, whose copies share the list): the caller sent one
+            # request, and it is recorded once, as it ended, every attempt in it.
+            on_end.append(self._record)
         return self.app(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
