@@ -36,6 +36,11 @@ class Settings:
     """Kernel settings; every field has a safe default."""
 
     max_body_bytes: int = 16 * 1024 * 1024
+    # A request's body must have arrived whole this long after the request started (its
+    # headers read), or it is answered 408 and its connection closed: a client that stops
+    # sending, or sends a byte now and then, holds a connection that long at most. A total,
+    # not a time between chunks, which such a client would never exceed. None: no deadline.
+    body_timeout_s: float | None = 30.0
     request_id_header: str = "x-request-id"
     log_level: str = "info"
     log_format: str = "json"  # one JSON object per line with request and trace ids, or "text"
@@ -164,6 +169,12 @@ def _settings(module: Any) -> Settings:
         raise ConfigError("`settings` must be a Settings(...).")
     if not isinstance(settings.max_body_bytes, int) or settings.max_body_bytes <= 0:
         raise ConfigError("Settings.max_body_bytes must be a positive number of bytes.")
+    timeout_s = settings.body_timeout_s
+    if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                  not isinstance(timeout_s, (int, float)) or
+                                  not 0 < timeout_s < float("inf")):
+        raise ConfigError("Settings.body_timeout_s must be a positive number of seconds, "
+                          "or None.")
     if settings.log_format not in ("json", "text"):
         raise ConfigError("Settings.log_format must be 'json' or 'text'.")
     if str(settings.log_level).lower() not in _LOG_LEVELS:

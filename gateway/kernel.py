@@ -2,11 +2,11 @@
 
 It answers health, readiness and model-list requests itself; admin requests and a key's own
 usage (`/v1/usage/self`) go down the stack without a context, for the layer that owns the
-path to answer. For API requests it assigns the request id, reads the body once (bounded),
-parses it once, detects the ingress format, puts a `RequestContext` in the scope, runs the
-operator's stack (with auth outermost, the body is parsed only once the caller's key is
-checked: `body_after_auth`), and turns refusals into API-shaped errors while the response
-has not started. It also owns startup and shutdown of every component in the stack that has
+path to answer. For API requests it assigns the request id, reads the body once (bounded in
+size, and in time: `Settings.body_timeout_s`), parses it once, detects the ingress format,
+puts a `RequestContext` in the scope, runs the operator's stack (with auth outermost, the
+body is parsed only once the caller's key is checked: `body_after_auth`), and turns refusals
+into API-shaped errors while the response has not started. It also owns startup and shutdown of every component in the stack that has
 `startup`/`shutdown` methods.
 """
 from __future__ import annotations
@@ -165,6 +165,7 @@ class Kernel:
         self.app = app
         self.config = config
         self.max_body_bytes = config.settings.max_body_bytes
+        self.body_timeout_s = config.settings.body_timeout_s
         self.request_id_header = config.settings.request_id_header.lower().encode()
         self.server_timing = config.settings.server_timing
         self.metrics_path = config.settings.metrics_path
@@ -315,19 +316,20 @@ class Kernel:
     async def _make_context(
         self, scope: Scope, receive: Receive, operation: str, api_format: str, request_id: bytes
     ) -> RequestContext:
+        deadline = self._body_deadline()
         if scope["method"] != "POST":
-            await drain_body(receive)
+            await self._drain(receive, deadline)
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use POST.",
                                headers=[(b"allow", b"POST")])
         try:
             content_length = self._check_headers(scope["headers"])
         except GatewayError:
-            await drain_body(receive)  # (see `_send_error`)
+            await self._drain(receive, deadline)  # (see `_send_error`)
             raise
         if content_length is not None and content_length > self.max_body_bytes:
-            await drain_body(receive)  # so the client reads the 413
+            await self._drain(receive, deadline)  # so the client reads the 413
             raise self._too_large()
-        raw = await self._read_body(receive, content_length)
+        raw = await self._read_body(receive, deadline)
         text = request_id.decode()
         ctx = RequestContext(
             request_id=text, unique_id=text, operation=operation, api_format=api_format,
@@ -379,15 +381,49 @@ class Kernel:
         return GatewayError(413, f"The request body exceeds {self.max_body_bytes} bytes.",
                             code="request_too_large")
 
-    async def _read_body(self, receive: Receive, content_length: int | None) -> bytes:
+    def _body_deadline(self) -> float | None:
+        """When a request's body must have arrived whole (`Settings.body_timeout_s` from the
+        request's start, as the event loop tells time); None: no deadline."""
+        timeout_s = self.body_timeout_s
+        return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+    def _body_timed_out(self) -> GatewayError:
+        # RFC 9110 15.5.9: a server that sends 408 should close the connection (hypercorn
+        # closes it anyway: the body never ended).
+        return GatewayError(408, f"The request body did not arrive within "
+                                 f"{self.body_timeout_s:g} s of the request's start.",
+                            code="request_timeout", headers=[(b"connection", b"close")])
+
+    async def _drain(self, receive: Receive, deadline: float | None,
+                     message: Message | None = None) -> None:
+        """`drain_body` for a refusal made before the body was read, until `deadline`: the
+        refusal goes out then whatever is left unsent (and the connection is closed)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await drain_body(receive, message)
+        except TimeoutError:
+            pass
+
+    async def _read_body(self, receive: Receive, deadline: float | None) -> bytes:
+        """The whole body, by `deadline` (else 408), at most `max_body_bytes` (else 413)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await self._receive_body(receive)
+        except TimeoutError:
+            raise self._body_timed_out() from None
+        if not isinstance(body, bytes):  # the message that went past max_body_bytes
+            await self._drain(receive, deadline, body)  # so the client reads the 413
+            raise self._too_large()
+        return body
+
+    async def _receive_body(self, receive: Receive) -> bytes | Message:
+        """The body's bytes, or the message that took it past `max_body_bytes`."""
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False):
-            if len(body) > self.max_body_bytes:
-                raise self._too_large()
-            return body
+            return body if len(body) <= self.max_body_bytes else message
         chunks, size = [body], len(body)
         while message.get("more_body", False):
             message = await receive()
@@ -396,8 +432,7 @@ class Kernel:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await drain_body(receive, message)
-                raise self._too_large()
+                return message
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -476,18 +511,25 @@ class Kernel:
             else "openai"
         started = False
         body_read = False
+        deadline = self._body_deadline()
 
         async def receive_tracked() -> Message:
             nonlocal body_read
-            message = await receive()
-            body_read = body_read or not message.get("more_body", False)
+            if body_read:  # (what is left to receive is the client's disconnect: no deadline)
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise self._body_timed_out() from None
+            body_read = not message.get("more_body", False)
             return message
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 if not body_read:  # (a layer's refusal from the headers: see `_send_error`)
-                    await drain_body(receive_tracked)
+                    await self._drain(receive, deadline)
                 started = True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
@@ -508,7 +550,7 @@ class Kernel:
                                        api_format, request_id)
             return
         if not started and not body_read:
-            await drain_body(receive_tracked)
+            await self._drain(receive, deadline)
         if not started and path in MODELS_PATHS:
             await self._send_models(scope, send, request_id, scope.get(PRINCIPAL_KEY))
         elif not started:
@@ -522,7 +564,7 @@ class Kernel:
                              send: Send) -> None:
         request_id = _request_id(scope["headers"], self.request_id_header)
         if scope["method"] not in ("GET", "HEAD"):  # (a body: refused, drained first)
-            await drain_body(receive)
+            await self._drain(receive, self._body_deadline())
         if path in MODELS_PATHS:
             await self._send_models(scope, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
