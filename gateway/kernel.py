@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from gateway.body_deadline import BodyDeadlines
 from gateway.config import GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
@@ -166,6 +167,8 @@ class Kernel:
         self.config = config
         self.max_body_bytes = config.settings.max_body_bytes
         self.body_timeout_s = config.settings.body_timeout_s
+        self._bodies = None if self.body_timeout_s is None \
+            else BodyDeadlines(self.body_timeout_s)
         self.request_id_header = config.settings.request_id_header.lower().encode()
         self.server_timing = config.settings.server_timing
         self.metrics_path = config.settings.metrics_path
@@ -383,9 +386,9 @@ class Kernel:
 
     def _body_deadline(self) -> float | None:
         """When a request's body must have arrived whole (`Settings.body_timeout_s` from the
-        request's start, as the event loop tells time); None: no deadline."""
-        timeout_s = self.body_timeout_s
-        return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        request's start, `time.monotonic`); None: no deadline."""
+        bodies = self._bodies
+        return None if bodies is None else bodies.deadline()
 
     def _body_timed_out(self) -> GatewayError:
         # RFC 9110 15.5.9: a server that sends 408 should close the connection (hypercorn
@@ -398,19 +401,34 @@ class Kernel:
                      message: Message | None = None) -> None:
         """`drain_body` for a refusal made before the body was read, until `deadline`: the
         refusal goes out then whatever is left unsent (and the connection is closed)."""
+        bodies = self._bodies
+        if bodies is None or deadline is None:
+            await drain_body(receive, message)
+            return
+        task = bodies.enter(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
-                await drain_body(receive, message)
-        except TimeoutError:
-            pass
+            await drain_body(receive, message)
+        except asyncio.CancelledError:
+            if not bodies.expired(task):
+                raise
+        finally:
+            bodies.leave(task)
 
     async def _read_body(self, receive: Receive, deadline: float | None) -> bytes:
         """The whole body, by `deadline` (else 408), at most `max_body_bytes` (else 413)."""
-        try:
-            async with asyncio.timeout_at(deadline):
+        bodies = self._bodies
+        if bodies is None or deadline is None:
+            body = await self._receive_body(receive)
+        else:  # (one timer for all requests, `gateway.body_deadline`: none of its own)
+            task = bodies.enter(deadline)
+            try:
                 body = await self._receive_body(receive)
-        except TimeoutError:
-            raise self._body_timed_out() from None
+            except asyncio.CancelledError:
+                if not bodies.expired(task):
+                    raise
+                raise self._body_timed_out() from None
+            finally:
+                bodies.leave(task)
         if not isinstance(body, bytes):  # the message that went past max_body_bytes
             await self._drain(receive, deadline, body)  # so the client reads the 413
             raise self._too_large()
@@ -517,11 +535,19 @@ class Kernel:
             nonlocal body_read
             if body_read:  # (what is left to receive is the client's disconnect: no deadline)
                 return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
+            bodies = self._bodies
+            if bodies is None or deadline is None:
+                message = await receive()
+            else:
+                task = bodies.enter(deadline)
+                try:
                     message = await receive()
-            except TimeoutError:
-                raise self._body_timed_out() from None
+                except asyncio.CancelledError:
+                    if not bodies.expired(task):
+                        raise
+                    raise self._body_timed_out() from None
+                finally:
+                    bodies.leave(task)
             body_read = not message.get("more_body", False)
             return message
 

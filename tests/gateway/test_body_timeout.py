@@ -9,6 +9,7 @@ that send what the test says and read until the server closes the connection (a 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from gateway import create_app
+from gateway.body_deadline import BodyDeadlines
 from gateway.config import ConfigError
 from tests.harness import (
     AUTH,
@@ -215,3 +217,48 @@ def test_body_timeout_s_must_be_a_positive_number_or_none(
                                           "of seconds, or None"):
         create_app(config_path(tmp_path, mock_url, value))
     create_app(config_path(tmp_path, mock_url, "None"))
+
+
+# -- the one timer (gateway.body_deadline) --------------------------------------------------
+
+async def _read(bodies: BodyDeadlines, deadline: float, wait_s: float) -> str:
+    """A body read as the kernel's: what the deadline's cancellation turns into ("late"),
+    any other cancellation going on."""
+    task = bodies.enter(deadline)
+    try:
+        await asyncio.sleep(wait_s)
+    except asyncio.CancelledError:
+        if not bodies.expired(task):
+            raise
+        return "late"
+    finally:
+        bodies.leave(task)
+    return "read"
+
+
+async def test_the_timer_cancels_only_the_reads_past_their_deadline() -> None:
+    bodies = BodyDeadlines(0.2)
+    stalled = asyncio.create_task(_read(bodies, bodies.deadline(), 30))
+    quick = asyncio.create_task(_read(bodies, bodies.deadline(), 0.01))
+    later = asyncio.create_task(_read(bodies, bodies.deadline() + 30, 0.6))
+    assert await asyncio.wait_for(stalled, 10) == "late"
+    assert await quick == "read"
+    assert await asyncio.wait_for(later, 10) == "read"  # (its deadline had not come)
+    assert not stalled.cancelling() and not later.cancelling()
+
+
+async def test_a_cancellation_that_is_not_the_deadlines_goes_on() -> None:
+    """A client that leaves (hypercorn cancels the request's task) is no late body."""
+    bodies = BodyDeadlines(30)
+    read = asyncio.create_task(_read(bodies, bodies.deadline(), 30))
+    await asyncio.sleep(0.01)
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read
+
+
+async def test_a_task_whose_read_ended_is_not_cancelled_by_its_old_deadline() -> None:
+    bodies = BodyDeadlines(0.1)
+    assert await _read(bodies, bodies.deadline(), 0) == "read"
+    await asyncio.sleep(0.5)  # (ticks at 0.025 s: the read's deadline passes, and more)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
