@@ -9,10 +9,10 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install run mock test services pgvector lint bench bench-tools bench-peers bench-instructions bench-paired check-config eval-cache metering-demo
 
-install:  ## the package (editable) with the test and lint tools and the semantic-cache extra
+install:  ## the package (editable) with the test and lint tools, the semantic-cache and tokenizers extras
 	@# CPU torch first: sentence-transformers would otherwise pull a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check '$(TORCH)'
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,semantic]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,semantic,tokenizers]'
 
 run: install  ## offline demo: mock provider on $(MOCK_PORT), gateway on $(PORT)
 	@$(PYTHON) -m tests.mock_providers --host 127.0.0.1 --port $(MOCK_PORT) & \
