@@ -90,7 +90,9 @@ def check_config(path: str) -> int:
     for name, model in config.models.items():
         print(f"  {name}:")
         for deployment in model.deployments:
-            print(f"    -> {deployment.provider} / {deployment.model} (weight {deployment.weight:g})")
+            tokens = deployment.tokenizer.source if deployment.tokenizer else "estimated"
+            print(f"    -> {deployment.provider} / {deployment.model} (weight "
+                  f"{deployment.weight:g}; input tokens: {tokens})")
     return 0
 
 

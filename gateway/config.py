@@ -13,17 +13,26 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
 
 from gateway.pricing import Price, resolve_price
+from gateway.tokenizers import (
+    HuggingFaceTokenizer,
+    LoadedTokenizer,
+    TiktokenFile,
+    TokenizerError,
+    automatic_tokenizer,
+    load_tokenizer,
+)
 from gateway.upstream import Deployment, Model, ProviderAdapter, ProviderKey, Timeouts
 
 __all__ = [
-    "ConfigError", "Deployment", "GatewayConfig", "Middleware", "Model", "Price", "ProviderKey",
-    "Settings", "Timeouts", "load_config",
+    "ConfigError", "Deployment", "GatewayConfig", "HuggingFaceTokenizer", "Middleware", "Model",
+    "Price", "ProviderKey", "Settings", "TiktokenFile", "Timeouts", "load_config",
 ]
 
 
@@ -91,6 +100,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         _check_references(config)
         _resolve_keys(config)
         _resolve_prices(config)
+        _resolve_tokenizers(config, _tokenizers(module))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config
@@ -148,6 +158,15 @@ def _models(module: Any) -> dict[str, Model]:
                 raise ConfigError(f"model {name!r} lists {deployment!r}, not a Deployment(...).")
         models[str(name)] = value
     return models
+
+
+def _tokenizers(module: Any) -> dict[str, Any]:
+    table = getattr(module, "tokenizers", {})
+    if not isinstance(table, dict) or not all(isinstance(glob, str) and glob for glob in table):
+        raise ConfigError("`tokenizers` must be a dict of model name or glob -> "
+                          "TiktokenFile(...), HuggingFaceTokenizer(...), an object with "
+                          "encode(text), or None.")
+    return table
 
 
 def _middleware(module: Any) -> list[Middleware]:
@@ -261,3 +280,42 @@ def _resolve_prices(config: GatewayConfig) -> None:
             resolved.append(dataclasses.replace(deployment, price=price))
         config.models[name] = Model(resolved, description=model.description,
                                     owned_by=model.owned_by, extra=model.extra)
+
+
+def _resolve_tokenizers(config: GatewayConfig, table: dict[str, Any]) -> None:
+    """Gives every deployment its tokenizer (gateway/tokenizers.py), loaded here, once: the
+    deployment's own, else the first `tokenizers` entry whose glob matches its model id or
+    the public model name, else tiktoken's cached encoding for an OpenAI model id. One that
+    cannot load refuses to start."""
+    loaded: dict[int, LoadedTokenizer] = {}  # per spec: one table entry loads once
+    logged: set[str] = set()  # the automatic encodings said (once each, at info level)
+    for name, model in list(config.models.items()):
+        resolved = []
+        for deployment in model.deployments:
+            try:
+                tokenizer = _tokenizer(name, deployment, table, loaded, logged)
+            except TokenizerError as exc:
+                raise ConfigError(f"model {name!r}: the tokenizer of {deployment.name}: "
+                                  f"{exc}") from None
+            resolved.append(dataclasses.replace(deployment, tokenizer=tokenizer))
+        config.models[name] = Model(resolved, description=model.description,
+                                    owned_by=model.owned_by, extra=model.extra)
+
+
+_UNLISTED = object()  # a deployment no `tokenizers` entry matches
+
+
+def _tokenizer(name: str, deployment: Deployment, table: dict[str, Any],
+               loaded: dict[int, LoadedTokenizer], logged: set[str]) -> LoadedTokenizer | None:
+    spec = deployment.tokenizer
+    if spec is None:
+        spec = next((value for glob, value in table.items()
+                     if fnmatchcase(deployment.model, glob) or fnmatchcase(name, glob)),
+                    _UNLISTED)
+        if spec is _UNLISTED:
+            return automatic_tokenizer(deployment.model, logged)
+        if spec is None:  # listed as None: the heuristic
+            return None
+    if id(spec) not in loaded:
+        loaded[id(spec)] = load_tokenizer(spec)
+    return loaded[id(spec)]

@@ -54,6 +54,11 @@ class Deployment:
     tpm: int | None = None
     label: str = ""
     keys: tuple[ProviderKey, ...] = ()  # filled from `api_key_envs` when the config loads
+    # How its input tokens are counted (gateway.tokenizers): a TiktokenFile, a
+    # HuggingFaceTokenizer, an object with `encode(text)`, or None for the config's
+    # `tokenizers` table, else tiktoken's cached encoding for OpenAI model ids, else the
+    # heuristic. Loaded when the config loads: a gateway.tokenizers.LoadedTokenizer or None.
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:

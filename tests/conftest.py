@@ -19,6 +19,10 @@ from tests.mock_providers import MockConfig, MockProviderServer
 # Gateways in tests keep their usage journals in a directory of the run's own, not in the
 # checkout (each process claims a free slot in it; see middleware/metering).
 os.environ.setdefault("SLUICEGATE_JOURNAL_DIR", tempfile.mkdtemp(prefix="sluicegate-journals-"))
+# The harness serves "gpt-4o-mini", which gets tiktoken's exact count wherever tiktoken's cache
+# holds its encoding (gateway/tokenizers.py): the run's own, empty cache keeps the heuristic
+# every test computes its reservations with, whatever the machine has cached.
+os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="sluicegate-tiktoken-cache-")
 # Every log line of the run (this process at DEBUG, and every `sluicegate serve` the tests
 # start) lands in one directory, which is searched for secrets when the run ends.
 LOG_DIR = Path(os.environ.setdefault("SLUICEGATE_TEST_LOG_DIR",
