@@ -4,8 +4,8 @@ Each deployment's tokenizer is resolved once, when the config loads (gateway/con
 kept on the deployment; gateway/tokens.py counts with it and falls back to its heuristic
 where there is none. Where a tokenizer comes from, first match wins:
 
-1. explicit: `Deployment(tokenizer=...)`, or the config module's `tokenizers` table (glob ->
-   spec, matched against the deployment's model id, then the public model name): a
+1. explicit: `Deployment(tokenizer=...)`, or the first entry of the config module's
+   `tokenizers` table (glob -> spec) matching the deployment's model id or public name: a
    `TiktokenFile` (a `.tiktoken` BPE file and the OpenAI split pattern its ranks go with), a
    `HuggingFaceTokenizer` (a `tokenizer.json`), any object with `encode(str) -> sequence`, or
    None for the heuristic. One that cannot load is a `TokenizerError` (the gateway refuses to
