@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from gateway import context as c
@@ -126,12 +127,14 @@ _DEAREST: dict[int, tuple[Any, Price | None, float]] = {}
 
 
 def reservation_price(ctx: RequestContext, fallbacks: tuple[str, ...] = ()) -> Price | None:
-    """The dearest price among the deployments that may serve the request (the failover
-    layer may pick any of them), so the reservation is never too small: those of the model
-    asked for and of each model in `fallbacks` (the others its failover route may go to)
-    that the caller's key may use, as the failover layer uses them. Cached per Model
-    (config objects live as long as the gateway; the entry keeps its Model alive) and, with
-    fallbacks, per caller and model."""
+    """A price no cheaper, for any request, than any deployment that may serve it (the
+    failover layer may pick any of them), so the reservation is never too small: of those
+    of the model asked for and of each model in `fallbacks` (the others its failover route
+    may go to) that the caller's key may use, as the failover layer uses them. Each rate is
+    the dearest of theirs (`dearest_of`): a fallback with cheaper output and dearer input
+    is not reserved at the output's price for a request that is mostly input. Cached per
+    Model (config objects live as long as the gateway; the entry keeps its Model alive)
+    and, with fallbacks, per caller and model."""
     if fallbacks:
         return _dearest_served(ctx, fallbacks)
     model = (ctx.models or {}).get(ctx.model)  # (the common case: no call until a miss)
@@ -150,7 +153,7 @@ def _dearest(models: Mapping[str, Any] | None, name: str, at_s: float
         return found[1], found[2]
     prices = [in_force(d.price, at_s)
               for d in (model.deployments if model is not None else ()) if d.price is not None]
-    dearest = max(prices, key=_rank) if prices else None
+    dearest = dearest_of(prices)
     # (until the first of these prices is followed by another)
     until = min([p.successor.starts_at_s for p in prices if p.successor is not None],
                 default=math.inf)
@@ -158,8 +161,59 @@ def _dearest(models: Mapping[str, Any] | None, name: str, at_s: float
     return dearest, until
 
 
-def _rank(price: Price) -> tuple[Any, Any]:
-    return price.output_per_mtok, price.input_per_mtok
+Rates = tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]
+
+
+def _rates(price: Price) -> Rates:
+    """Each rate a Price bills at, the ones it leaves out as it bills them: input, output,
+    cache reads (as input), reasoning (as output), cache writes (as input) and 1-hour cache
+    writes (as cache writes)."""
+    write = price.input_per_mtok if price.cache_write_per_mtok is None \
+        else price.cache_write_per_mtok
+    return (price.input_per_mtok, price.output_per_mtok,
+            price.input_per_mtok if price.cached_input_per_mtok is None
+            else price.cached_input_per_mtok,
+            price.output_per_mtok if price.reasoning_per_mtok is None
+            else price.reasoning_per_mtok,
+            write, write if price.cache_write_1h_per_mtok is None
+            else price.cache_write_1h_per_mtok)
+
+
+def _highest(rates: Iterable[Rates]) -> Rates:
+    input_rate, output, cached, reasoning, write, write_1h = zip(*rates, strict=True)
+    return (max(input_rate), max(output), max(cached), max(reasoning), max(write),
+            max(write_1h))
+
+
+def dearest_of(prices: Sequence[Price]) -> Price | None:
+    """A price at least as dear as each of `prices` for any usage: every rate the highest
+    of theirs; with a long-context tier from the lowest of their thresholds, above which
+    every rate is the highest of all their rates, short and long (a price without a tier,
+    or with a higher threshold, bills its own there). One of `prices` when it is that
+    already (the usual case: one price, or the same for all)."""
+    if not prices:
+        return None
+    first = prices[0]
+    if all(price is first for price in prices):
+        return first
+    short = _highest(_rates(price) for price in prices)
+    thresholds = [p.long_context_threshold for p in prices if p.long_context_threshold is not None]
+    threshold = min(thresholds) if thresholds else None
+    long = None if threshold is None else _highest(
+        [_rates(p) for p in prices] + [_rates(p.long_context) for p in prices
+                                       if p.long_context is not None])
+    for price in prices:  # (one of them may be the dearest in every part)
+        if _rates(price) == short and price.long_context_threshold == threshold and (
+                long is None or (price.long_context is not None
+                                 and _rates(price.long_context) == long)):
+            return price
+    return Price(*short[:2], cached_input_per_mtok=short[2], reasoning_per_mtok=short[3],
+                 cache_write_per_mtok=short[4], cache_write_1h_per_mtok=short[5],
+                 source="the dearest rates of the deployments that may serve the request",
+                 long_context_threshold=threshold,
+                 long_context=None if long is None else Price(
+                     *long[:2], cached_input_per_mtok=long[2], reasoning_per_mtok=long[3],
+                     cache_write_per_mtok=long[4], cache_write_1h_per_mtok=long[5]))
 
 
 # (id(principal), model, id(fallbacks)) -> (principal, fallbacks, models, price, until)
@@ -177,13 +231,15 @@ def _dearest_served(ctx: RequestContext, fallbacks: tuple[str, ...]) -> Price | 
             and found[2] is models and at_s < found[4]:
         return found[3]
     dearest, until = _dearest(models, ctx.model, at_s)
+    prices = [] if dearest is None else [dearest]
     for name in fallbacks:
         if principal is not None and not principal.allows_model(name):
             continue  # (the failover layer does not send this caller there)
         price, holds = _dearest(models, name, at_s)
         until = min(until, holds)
-        if price is not None and (dearest is None or _rank(price) > _rank(dearest)):
-            dearest = price
+        if price is not None:
+            prices.append(price)
+    dearest = dearest_of(prices)
     if len(_SERVED) > 50_000:
         _SERVED.clear()
     _SERVED[key] = (principal, fallbacks, models, dearest, until)

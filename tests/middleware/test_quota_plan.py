@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Deployment, Model
-from gateway.context import OPENAI_CHAT, RequestContext
+from gateway.context import OPENAI_CHAT, RequestContext, Usage
 from gateway.policy import (
     AMOUNT_MAX,
     BUDGET,
@@ -20,8 +20,10 @@ from gateway.policy import (
     Check,
     Decision,
     Limits,
+    Principal,
     micros_to_usd,
 )
+from gateway.pricing import Price, cost_micros, estimate_micros
 from middleware.quota.plan import (
     Estimate,
     Planned,
@@ -219,3 +221,65 @@ def test_the_quota_layer_reserves_at_the_price_in_force_when_the_request_starts(
     assert reserved_input_price(datetime(2025, 12, 31, 23, tzinfo=UTC)) == 1
     assert reserved_input_price(datetime(2026, 1, 2, tzinfo=UTC)) == 3  # (past its memo)
     assert reserved_input_price(datetime(2026, 6, 2, tzinfo=UTC)) == 5
+
+
+# A model's deployments (or its fallbacks) priced each dearer in some part: cheaper output
+# and dearer input, cache reads, writes and reasoning, long-context tiers from different
+# thresholds.
+RIVALS = {
+    "output": Price("1", "8"),
+    "input": Price("6", "2"),  # (cheaper output: ranked below "output", and reserved so)
+    "cache": Price("1", "1", cached_input_per_mtok="3", cache_write_per_mtok="9",
+                   cache_write_1h_per_mtok="12", reasoning_per_mtok="20"),
+    "long": Price("2", "3", long_context_threshold=100, long_context=Price("7", "9")),
+    "later-long": Price("1", "2", long_context_threshold=1000,
+                        long_context=Price("4", "30")),
+}
+USAGES = [Usage(input_tokens, output_tokens, cached, reasoning, written, written_1h)
+          for input_tokens, output_tokens in ((5000, 1), (50, 1), (1, 50), (50, 5000),
+                                              (500, 20), (2000, 2000))
+          for cached, reasoning, written, written_1h in ((0, 0, 0, 0), (20, 0, 0, 0),
+                                                         (0, 1, 20, 10), (10, 0, 30, 0))]
+
+
+def reserved_price(prices: dict[str, Price], fallbacks: dict[str, Price] | None = None
+                   ) -> Price:
+    models = {"m": Model([Deployment("p", name, price=price) for name, price in prices.items()]),
+              **{name: Model([Deployment("p", name, price=price)])
+                 for name, price in (fallbacks or {}).items()}}
+    ctx = RequestContext(request_id="r", operation=OPENAI_CHAT, api_format="openai", body={},
+                         raw_body=b"", model="m", stream=False, models=models,
+                         principal=Principal(key_id="k", project="p"))
+    routes = tuple(fallbacks or ())  # (one tuple per model, as the quota layer keeps them)
+    found = reservation_price(ctx, routes)
+    assert found is not None
+    assert reservation_price(ctx, routes) is found  # (remembered)
+    return found
+
+
+@pytest.mark.parametrize("names", [("output", "input"), ("input", "output"), tuple(RIVALS),
+                                   ("cache", "output"), ("long", "later-long", "input")])
+def test_the_reservation_is_priced_at_least_as_dear_as_any_deployment_for_any_request(
+        names: tuple[str, ...]) -> None:
+    # Ranked by output price, then input, the dearest was "output" ($1 in, $8 out): a
+    # request of 5,000 input tokens and one output token was reserved 5,008 micro-dollars,
+    # and billed 30,002 on "input" ($6 in, $2 out).
+    candidates = {name: RIVALS[name] for name in names}
+    for reserved in (reserved_price(candidates),
+                     reserved_price({names[0]: RIVALS[names[0]]},
+                                    {name: RIVALS[name] for name in names[1:]})):
+        for usage in USAGES:
+            dearest = max(cost_micros(price, usage) for price in candidates.values())
+            assert cost_micros(reserved, usage) >= dearest, (names, usage)
+            assert estimate_micros(reserved, usage.input_tokens, usage.output_tokens) >= max(
+                estimate_micros(price, usage.input_tokens, usage.output_tokens)
+                for price in candidates.values())
+
+
+def test_a_price_dearest_in_every_part_is_reserved_itself() -> None:
+    cheaper = Price("1", "2")
+    dearer = Price("3", "4", cached_input_per_mtok="3")
+    assert reserved_price({"a": cheaper, "b": dearer}) is dearer
+    assert reserved_price({"a": cheaper}, {"b": dearer}) is dearer
+    mixed = reserved_price({"a": RIVALS["output"], "b": RIVALS["input"]})
+    assert (mixed.input_per_mtok, mixed.output_per_mtok) == (6, 8)
