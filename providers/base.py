@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from gateway.config import ConfigError
-from gateway.context import OPENAI_COMPLETIONS, Attempt, RequestContext, Usage
+from gateway.context import Attempt, RequestContext, Usage
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -25,6 +25,7 @@ from gateway.errors import (
     UpstreamError,
     stream_error_ending,
 )
+from gateway.sse import ContentCount, content_counters, count_content
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
@@ -420,10 +421,9 @@ class HTTPAdapter:
         deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
         finished = False
         broken: GatewayError | None = None
-        # Content deltas sent on (what a stream cut short is billed at least): a `"delta"`
-        # per chunk in every stream format but the legacy completions' (`"text"`).
+        # Content deltas sent on (what a stream cut short is billed at least: gateway/sse.py).
         delivered = [0]
-        marker = b'"text"' if ctx.operation == OPENAI_COMPLETIONS else b'"delta"'
+        counters = content_counters(ctx.operation)
         try:
             try:
                 async with deadline:
@@ -437,9 +437,9 @@ class HTTPAdapter:
                     deadline.streaming = True
                     try:
                         last = await self._relay(response, codec, send, first, deadline,
-                                                 delivered, marker)
-                        tail = await self._finish_codec(codec, last, send, delivered, marker)
-                        delivered[0] += tail.count(marker)  # (sent below)
+                                                 delivered, counters)
+                        tail = await self._finish_codec(codec, last, send, delivered, counters)
+                        delivered[0] += count_content(counters, tail, delivered[0])  # (sent below)
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
@@ -498,7 +498,7 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _finish_codec(self, codec: Any, last: bytes, send: Send, delivered: list[int],
-                            marker: bytes) -> bytes:
+                            counters: tuple[ContentCount, ContentCount]) -> bytes:
         """The stream's last bytes once the upstream ended. An error found at the end (a
         stream without its final event, a last error event) is raised after the output
         before it has gone out."""
@@ -513,12 +513,12 @@ class HTTPAdapter:
             return tail
         if tail:
             await send({"type": "http.response.body", "body": tail, "more_body": True})
-            delivered[0] += tail.count(marker)
+            delivered[0] += count_content(counters, tail, delivered[0])
         raise error
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
                      pending: bytes, deadline: StreamDeadline, delivered: list[int],
-                     marker: bytes) -> bytes:
+                     counters: tuple[ContentCount, ContentCount]) -> bytes:
         """Forwards the stream; returns the last bytes, to go out with the end of the body.
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
@@ -529,13 +529,14 @@ class HTTPAdapter:
         while True:
             if codec.error is not None:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                delivered[0] += pending.count(marker)
+                delivered[0] += count_content(counters, pending, delivered[0])
                 raise codec.error
             if content.at_eof():
                 return pending
             if pending:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                delivered[0] += pending.count(marker)
+                counted = delivered[0]
+                delivered[0] = counted + (counters[0] if counted else counters[1])(pending)
             chunk = await content.readany()
             if not chunk:
                 return b""

@@ -89,7 +89,7 @@ from gateway.pricing import (
     estimate_micros,
 )
 from gateway.resp import RespError, is_redis_url
-from gateway.sse import count_events
+from gateway.sse import content_counters, count_content, count_events
 from gateway.tokens import estimate_input_tokens
 from middleware.quota import plan
 from middleware.quota.lane import Lane, lane_for
@@ -809,33 +809,37 @@ class QuotaMiddleware:
 
 
 class _Responder:
-    """Wraps the `send` of a stream a stream_cutoff budget applies to: counts its events, and
-    ends it in-band before one would cross the budget (each event counted as an output token:
-    never fewer than the content deltas the stream is billed; but never more than the output
-    bound the caller set, `output_cap`, where the provider stops generating: a stream's
-    opening and closing events are events too, and a stream its admission reserved room for
-    is never cut off at its end by them).
+    """Wraps the `send` of a stream a stream_cutoff budget applies to: counts its content
+    deltas (`gateway.sse.content_counters`: the events that carry output), an output token
+    each, as a stream cut short is billed, and ends the stream in-band before one would
+    cross the budget. A stream within the output bound its admission reserved is never cut
+    (a provider streams at least a token a delta); one whose provider goes past the
+    caller's max_tokens is, once its cost crosses the budget.
 
-    The adapters send whole events, each ending in one blank line, so `events` is also the
+    It is priced at the reservation's price (the dearest deployment that may serve it).
+
+    The adapters send whole events, each ending in one blank line, so `events` is the
     number of events sent: in a Responses stream (numbered from 0), the next one's number.
     SSE comments (`: keepalive`, which providers and proxies send on slow streams) pass on
-    to the client but are no events: neither numbered nor output (`count_events`).
+    to the client but are no events (`count_events`), and no output.
 
     A stream the failover layer continues elsewhere (continuation.py) is billed its broken
     part's cost and then the continuation's call, whose input (the prompt and the text so
-    far) is billed again: once it has begun, the stream is counted so (`_count_continuation`),
-    and one with no room left for its first event is not called (`no_room_to_continue`).
+    far) is billed again: once it has begun, the stream is counted so
+    (`_count_continuation`), and one with no room left for its first content delta is not
+    called (`no_room_to_continue`).
     """
 
     __slots__ = (
         "_send",
         "allowance",
         "continued",
+        "counters",
         "ctx",
+        "deltas",
+        "deltas_before",
         "events",
-        "events_before",
         "input_tokens",
-        "output_cap",
         "price",
         "spent_before",
         "streaming",
@@ -847,11 +851,11 @@ class _Responder:
         self.allowance = allowance
         self.input_tokens = est.input_tokens  # the current call's (estimated)
         self.continued = False
-        self.spent_before = self.events_before = 0  # what the broken part of it cost, sent
-        self.events = 0
+        self.spent_before = self.deltas_before = 0  # what the broken part of it cost, sent
+        self.events = self.deltas = 0
+        self.counters = content_counters(ctx.operation)
         self.streaming = False
         self.price = est.price  # (the reservation's: the dearest model that may serve it)
-        self.output_cap = plan.output_cap(ctx, est)  # (per call: a continuation's too)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine function: it returns what the caller awaits (the next `send`, or
@@ -859,39 +863,38 @@ class _Responder:
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
         elif self.streaming and message["type"] == "http.response.body":
-            events = self.events + count_events(message.get("body", b""))
-            if self.price is not None and self._over_budget(events) and self._costs():
+            body = message.get("body", b"")
+            if not self.continued and EARLIER_ATTEMPT in self.ctx.state:
+                self._count_continuation()
+            deltas = self.deltas + count_content(self.counters, body, self.deltas)
+            if self.price is not None and self._over_budget(deltas) and self._costs():
                 return self._cut_off()  # this message is replaced, so not counted
-            self.events = events
+            self.deltas = deltas
+            self.events += count_events(body)
         return self._send(message)
 
-    def _over_budget(self, events: int) -> bool:
+    def _over_budget(self, deltas: int) -> bool:
         assert self.price is not None
-        if not self.continued and EARLIER_ATTEMPT in self.ctx.state:
-            self._count_continuation()
-        output = events - self.events_before
-        cap = self.output_cap
-        if cap is not None and output > cap:
-            output = cap
+        output = deltas - self.deltas_before
         spent = self.spent_before + estimate_micros(self.price, self.input_tokens, output)
         return spent > self.allowance
 
     def _costs(self) -> bool:
-        """Whether the stream, which the event count puts past the budget, costs the caller:
-        not a cache hit (the cache layer is below this one), which is charged nothing."""
+        """Whether the stream, which its deltas put past the budget, costs the caller: not
+        a cache hit (the cache layer is below this one), which is charged nothing."""
         return self.ctx.cache_status not in CACHE_HITS
 
     def no_room_to_continue(self) -> bool:
         """Whether the call about to go below is a continuation (the failover layer has set
         EARLIER_ATTEMPT, and `ctx.body` to the continuation's request) whose input, billed
-        again, leaves no room in the budget for its first event: the cut-off would end it
-        there, and the call would buy the caller nothing but that input (past the budget,
-        when the input alone does not fit). Then the stream ends as the cut-off ends it,
-        and the call is not made."""
-        if self.price is None or self.continued or EARLIER_ATTEMPT not in self.ctx.state:
+        again, leaves no room in the budget for its first content delta: the cut-off would
+        end it there, and the call would buy the caller nothing but that input (past the
+        budget, when the input alone does not fit). Then the stream ends as the cut-off
+        ends it, and the call is not made."""
+        if self.continued or EARLIER_ATTEMPT not in self.ctx.state:
             return False
         self._count_continuation()
-        if not self._over_budget(self.events + 1):
+        if self.price is None or not self._over_budget(self.deltas + 1):
             return False
         self.ctx.error_type = "budget_exceeded"
         return True
@@ -899,11 +902,12 @@ class _Responder:
     def _count_continuation(self) -> None:
         """From a continuation call on (the failover layer has set EARLIER_ATTEMPT, and
         `ctx.body` to the continuation's request), the stream costs what pricing bills its
-        broken part, plus the continuation's input and its own events."""
+        broken part, plus the continuation's input and its own deltas."""
+        ctx = self.ctx
         self.continued = True
-        self.spent_before = self.ctx.state[EARLIER_ATTEMPT][1]
-        self.input_tokens = estimate_input_tokens(self.ctx)
-        self.events_before = self.events
+        self.spent_before = ctx.state[EARLIER_ATTEMPT][1]
+        self.input_tokens = estimate_input_tokens(ctx)
+        self.deltas_before = self.deltas
 
     async def _cut_off(self) -> None:
         # Raised, not sent here: the layers below unwind first and report what the stream
@@ -914,7 +918,7 @@ class _Responder:
 
     def again(self, send: Send) -> _Responder:
         """This responder for another call below for the same request, with its own `send`:
-        the events sent so far still count."""
+        what has been sent so far still counts."""
         responder = copy.copy(self)
         responder._send = send
         return responder

@@ -98,19 +98,6 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
     return (cap or default_max_output_tokens) * n
 
 
-def output_cap(ctx: RequestContext, est: Estimate) -> int | None:
-    """`est`'s output tokens when they are a bound the provider holds the call to: the
-    caller's own max tokens (or a legacy completion's default of 16, the API's own); None
-    when they are the gateway's default, which the provider does not know of."""
-    if ctx.operation == c.OPENAI_COMPLETIONS:
-        return est.output_tokens
-    body = ctx.body
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if _positive(body.get(name)):
-            return est.output_tokens
-    return None
-
-
 def _positive(value: Any) -> int | None:
     return value if type(value) is int and value > 0 else None
 

@@ -316,12 +316,6 @@ def text_sent(bill: dict[str, Any]) -> str:
     return text
 
 
-# An OpenAI chat stream the gateway cuts short is billed one output token per chunk with a
-# `"delta"` it sent on, and its first chunk (the role, no content) has one: one token more
-# than the content events (README: "at least one output token per content delta").
-OPENING_DELTAS = {"chat": 1, "responses": 0, "messages": 0}
-
-
 def expected_cost(entry: Planned, bills: list[dict[str, Any]]) -> Cost:
     cost = Cost()
     for index, bill in enumerate(bills):
@@ -341,8 +335,9 @@ def expected_cost(entry: Planned, bills: list[dict[str, Any]]) -> Cost:
             cost.add(price, input_tokens or asked,
                      max(output_tokens, estimate_text(text_sent(bill))))
         else:
-            cost.add(price, input_tokens or asked,
-                     max(output_tokens, bill["content_sent"] + OPENING_DELTAS[entry.api]))
+            # (one output token per content event it sent: README, "at least one output
+            # token per content delta"; not its opening role chunk, nor its closing one)
+            cost.add(price, input_tokens or asked, max(output_tokens, bill["content_sent"]))
     return cost
 
 

@@ -7,7 +7,7 @@ the quota layer, as the default stack does, against the mock providers; the budg
 counter, once the request has settled, must equal the ledger's cost of that request to the
 micro-dollar. The arithmetic is test_quota_layer's: $1 per 1M input and $2 per 1M output
 tokens; a stream cut off at its budget sets no max_tokens (`streamed(api, None)`), as there,
-and is cut after 12 events.
+and is cut after 12 content deltas.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from tests.middleware.test_quota_layer import (
     auth,
     cutoff_quota,
     delete_prefix,
+    deltas,
     eventually,
     prefix,
     quota,
@@ -56,7 +57,8 @@ from tests.middleware.test_quota_layer import (
 )
 from tests.mock_providers import Fault, MockProviderServer
 
-__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
+# (fixtures, used by name; and `deltas`, which other tests import from here)
+__all__ = ["deltas", "prefix", "slow", "slow_mock", "start", "store"]
 
 OPENAI_HEADERS = {"authorization": f"Bearer {TEST_KEY}"}
 # api -> (path, model, headers, the input the ledger bills a stream cut short before its
@@ -105,11 +107,6 @@ def billed(journal: Path) -> int:
     return int(Decimal(rows()[0]["cost_usd"]) * 1_000_000)
 
 
-def deltas(received: bytes) -> int:
-    """The content deltas in a stream's bytes (each carries a `"delta"` member)."""
-    return received.count(b'"delta"')
-
-
 @pytest.mark.parametrize("api", ["openai", "responses"])
 def test_a_stream_cut_off_at_its_budget_is_charged_what_the_ledger_bills(
         start: Start, store: str, slow: MockProviderServer, tmp_path: Path, api: str) -> None:
@@ -139,7 +136,7 @@ def test_a_stream_cut_off_at_its_budget_is_billed_what_it_delivered_when_recorde
                     cutoff_quota("'memory'"), upstream=slow.url)
     wait_streams_done(slow)
     response = post(gateway, "openai", streamed("openai", None))
-    assert response.text.count("\n\n") == 13  # 12 chunks, then the error event
+    assert response.text.count("\n\n") == 14  # the role chunk, 12 deltas, the error event
     wait_streams_done(slow)
     assert billed(journal) == INPUT + 2 * 12
     assert settled(gateway.committed, COST) == INPUT + 2 * 12

@@ -1,15 +1,13 @@
 """The budget stream cut-off at its edges: a continuation with little or no room left in its
-budget, SSE comments between a stream's events, a cache hit, and a stream its admission
-made room for.
+budget, SSE comments between a stream's events, a cache hit, a stream its admission made
+room for, and one whose provider goes past the caller's max_tokens.
 
 Prices, prompt and budget are test_quota_layer's: a cost in micro-dollars is input tokens +
 2 x output tokens, the budget (CUTOFF_BUDGET) is 35, and the slow mock streams one
-character per content event. The cut-off counts each event as an output token, but no more
-than a call's max_tokens (where the provider stops: 10 here, which the admission reserved),
-so a stream that sets it is cut only when a continuation's input, billed again, takes its
-room. A stream without max_tokens reserves the quota layer's default_max_output_tokens
-(`cutoff_quota`: 10), which bounds nothing the provider knows of: a stream of 10 input
-tokens is ended before its 13th event (10 + 2 x 13 > 35).
+character per content event. The cut-off counts each content delta as an output token, as
+a stream cut short is billed. A stream without max_tokens reserves the quota layer's
+default_max_output_tokens (`cutoff_quota`: 10), which bounds nothing the provider knows
+of: a stream of 10 input tokens is ended before its 13th delta (10 + 2 x 13 > 35).
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from gateway.sse import count_events
-from tests.middleware.test_quota_billing import billed, metering, post, streamed
+from tests.middleware.test_quota_billing import billed, deltas, metering, post, streamed
 from tests.middleware.test_quota_failover import BUDGET, FAILOVER, TWO_DEPLOYMENTS
 from tests.middleware.test_quota_layer import (
     COST,
@@ -61,12 +59,12 @@ REPLY = "Mock reply to: a b c d e f g"  # (the mock's whole answer to PROMPT)
 # With the failover layer above the quota layer, a stream broken after `after_chunks`
 # content events is continued on gpt-mock's (claude-mock's) second deployment, and that
 # call's input is the prompt plus the text so far, billed again. The broken part costs
-# 10 + 2 x its deltas (OpenAI's opening role chunk is one; Anthropic's message_start,
-# content_block_start and ping are events but no deltas). A continuation of "Mock r" has
-# 15 input tokens: 24 (OpenAI) or 22 (Anthropic) + 15 > 35, its input alone over the
-# budget. After "Mock" (OpenAI) or "Mock " (Anthropic, whose prefill goes without the
-# space) the input fits, 20 + 14 = 34, and its first event does not: 36.
-NO_ROOM = [("openai", 6), ("openai", 4), ("anthropic", 6), ("anthropic", 5)]
+# 10 + 2 x its deltas (neither OpenAI's opening role chunk nor Anthropic's message_start,
+# content_block_start and ping are deltas). A continuation of "Mock r" has 15 input tokens:
+# 22 + 15 > 35, its input alone over the budget. After "Mock " the input fits, 20 + 15 = 35
+# (OpenAI), or 20 + 14 = 34 (Anthropic, whose prefill goes without the space), and its
+# first delta does not: 37, 36.
+NO_ROOM = [("openai", 6), ("openai", 5), ("anthropic", 6), ("anthropic", 5)]
 TWO_CLAUDE_DEPLOYMENTS = TWO_DEPLOYMENTS + '''
 models["claude-mock"] = [Deployment("anthropic", "claude-3-5-haiku", price=MOCK_PRICE),
                          Deployment("anthropic", "claude-3-5-sonnet", price=MOCK_PRICE)]
@@ -113,7 +111,7 @@ def read_openai_stream(gateway: Gateway, read: Read) -> None:
             model="gpt-mock", messages=[{"role": "user", "content": PROMPT[0]["content"]}],
             max_tokens=OUTPUT, stream=True):
         assert isinstance(chunk, ChatCompletionChunk)
-        read.deltas += 1  # (every chunk has a delta, the opening role chunk too)
+        read.deltas += bool(chunk.choices[0].delta.content)  # (not the opening role chunk)
         read.text += chunk.choices[0].delta.content or ""
 
 
@@ -131,8 +129,8 @@ def read_anthropic_stream(gateway: Gateway, read: Read) -> None:
 def test_a_continuation_with_no_room_in_the_budget_is_not_called(
         start: Start, slow: MockProviderServer, tmp_path: Path, api: str,
         after_chunks: int) -> None:
-    # The continuation went upstream and was cut at its first event, billed its input: 39
-    # for a budget of 35; after "Mock", the budget's last 14 for nothing the caller
+    # The continuation went upstream and was cut at its first delta, billed its input: 37
+    # for a budget of 35; after "Mock ", the budget's last 15 for nothing the caller
     # received (OpenAI), or 36 (Anthropic, whose message_start reports an output token).
     journal = tmp_path / "journal"
     gateway = start(auth(static_key(CUTOFF_BUDGET)), metering(journal), FAILOVER_BOTH,
@@ -153,8 +151,8 @@ def test_an_anthropic_stream_cut_off_ends_as_the_api_ends_a_failed_one(
         caplog: pytest.LogCaptureFixture) -> None:
     # An Anthropic stream sets max_tokens, and is cut off only where a continuation's input
     # takes its room. Broken after "M" (10 + 2 x 1 = 12), it is continued with an input of
-    # 14: the continuation's first four events fit (12 + 14 + 2 x 4 = 34; the relay drops
-    # the message_start, content_block_start and ping the stream has sent already), its
+    # 14: the continuation's first four deltas fit (12 + 14 + 2 x 4 = 34; its
+    # message_start, content_block_start and ping are none, and the relay drops them), its
     # fifth does not. The error event, the upstream cancelled and the charge are those
     # test_quota_layer and test_quota_billing check of OpenAI streams.
     journal = tmp_path / "journal"
@@ -171,7 +169,7 @@ def test_an_anthropic_stream_cut_off_ends_as_the_api_ends_a_failed_one(
     events = events[:-1]
     assert events[0].startswith("event: message_start\n")
     assert [event.startswith("event: content_block_delta\n") for event in events[3:-1]] == \
-        [True, True]  # "M", then the continuation's "o"
+        [True] * 5  # "M", then the continuation's "ock r"
     assert events[-1].startswith("event: error\ndata: ")
     assert json.loads(events[-1].split("data: ", 1)[1]) == {
         "type": "error", "error": {"type": "billing_error", "message": CUTOFF_MESSAGE}}
@@ -180,7 +178,7 @@ def test_an_anthropic_stream_cut_off_ends_as_the_api_ends_a_failed_one(
     wait_streams_done(slow)
     assert slow.cancelled_streams == cancelled + 1
     cost = billed(journal)
-    assert cost == INPUT + 2 * 1 + 14 + 2 * 1 <= BUDGET
+    assert cost == INPUT + 2 * 1 + 14 + 2 * 4 <= BUDGET
     assert committed(gateway, cost) == cost
     # (Nothing was sent after the end: the kernel would log it as an unhandled error.)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
@@ -212,6 +210,7 @@ def keepalive_mock() -> Iterator[MockProviderServer]:
 
 @pytest.fixture
 def keepalive(keepalive_mock: MockProviderServer) -> MockProviderServer:
+    keepalive_mock.config.chunk_chars = 1
     keepalive_mock.clear_faults()
     keepalive_mock.reset_log()
     wait_streams_done(keepalive_mock)  # (an earlier test's stream is not cut in this one)
@@ -236,23 +235,25 @@ def test_keepalive_comments_are_not_counted_as_events(
     assert response.status_code == 200
     events, comments = events_and_comments(response.text)
     assert comments > 0  # (passed on, as the client's SDK skips them)
-    assert len(events) == 13  # 12 delivered, then the error event
+    assert len(events) == 14  # the role chunk, 12 deltas, then the error event
     assert CUTOFF_MESSAGE in events[-1]
     wait_streams_done(keepalive)
 
 
 def test_a_stream_within_its_max_tokens_passes_its_keepalive_comments_on_whole(
         start: Start, store: str, keepalive: MockProviderServer) -> None:
-    # An Anthropic stream of max_tokens=10, with as many comments as events: its 34 events
-    # are more than the 12 this budget pays for as output tokens, but the provider stops at
-    # 10 tokens, and the admission reserved them.
+    # An Anthropic stream of max_tokens=10 in 16 events, with a comment before each of its
+    # 10 content deltas (three characters each, about a token): the 26 are more than the
+    # 12 this budget pays for as output tokens, but the provider stops at 10 tokens, and the
+    # admission reserved them.
+    keepalive.config.chunk_chars = 3
     gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store),
                     upstream=keepalive.url)
     response = post(gateway, "anthropic", streamed("anthropic", OUTPUT))
     assert response.status_code == 200
     events, comments = events_and_comments(response.text)
-    assert comments > 0
-    assert len(events) == 34
+    assert comments == 10
+    assert len(events) == 16
     assert events[-1].startswith("event: message_stop\n")
     assert CUTOFF_MESSAGE not in response.text
     assert committed(gateway, COST) == COST
@@ -284,10 +285,8 @@ def test_a_cache_hit_is_not_cut_off(start: Start, store: str, mock: MockProvider
     # A budget of 42 pays for one answer (30: without max_tokens, a request reserves the
     # quota layer's default_max_output_tokens, here 1, so 12, and is billed what it used)
     # and has 12 left for a second, the same: a cache hit, charged nothing. Its replay's
-    # events (the role, the text in two, the finish, [DONE]) counted 10 + 2 x 5 = 20 past
-    # those 12: the caller got the cut-off's error and nothing of the answer. (With
-    # max_tokens, the count of a stream that is no continuation never passes its
-    # reservation.)
+    # deltas (the text in two) counted 10 + 2 x 2 = 14 past those 12: the caller got the
+    # cut-off's error and nothing of the answer.
     gateway = start(auth(static_key("Limits(budgets=(Budget('0.000042', period='lifetime', "
                                     "stream_cutoff=True),))")),
                     quota(store, default_max_output_tokens="1"),
@@ -312,9 +311,9 @@ def test_a_cache_hit_is_not_cut_off(start: Start, store: str, mock: MockProvider
 
 # A budget of 30 admits exactly one answer of max_tokens=10: the reservation, 10 + 2 x 10,
 # is what the answer is billed. This mock streams the reply three characters an event: ten
-# content events for its ten tokens, as a provider streams about a token an event. Each
-# event counted as an output token, the stream's opening and closing events took it past
-# its 30 at its end: the cut-off's error came in place of the last text, the finish and
+# content events for its ten tokens, as a provider streams about a token an event. Were
+# each event counted as an output token, the stream's opening and closing events would take
+# it past its 30 at its end: the cut-off's error in place of the last text, the finish and
 # [DONE] (message_stop, response.completed) of an answer the budget had paid for.
 EXACT_BUDGET = "Limits(budgets=(Budget('0.000030', period='lifetime', stream_cutoff=True),))"
 
@@ -378,3 +377,29 @@ def test_a_stream_its_admission_made_room_for_is_not_cut_off_at_its_end(
     assert billed(journal) == COST
     assert committed(gateway, COST) == COST
 
+
+
+# -- a provider that goes past max_tokens ---------------------------------------------------------
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_a_stream_past_its_max_tokens_is_cut_off_at_its_budget(
+        start: Start, store: str, slow: MockProviderServer, tmp_path: Path,
+        api: str) -> None:
+    # max_tokens=2 reserves 10 + 2 x 2 = 14 of a budget of 25, but the provider ignores it
+    # and streams its whole reply, ten deltas (30). The cut-off counted no more output than
+    # the caller's max_tokens: the stream ran to its end, billed 30 against a budget of 25.
+    # Each delta counted, it is ended before its 8th (10 + 2 x 8 > 25).
+    journal = tmp_path / "journal"
+    budget = "Limits(budgets=(Budget('0.000025', period='lifetime', stream_cutoff=True),))"
+    gateway = start(auth(static_key(budget)), metering(journal), quota(store),
+                    upstream=slow.url)
+    slow.config.chunk_chars = 3  # (about a token an event, as a provider streams)
+    wait_streams_done(slow)
+    slow.push_fault(Fault(kind="ignore_max_tokens", provider=api))
+    response = post(gateway, api, streamed(api, 2))
+    assert response.status_code == 200
+    assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]
+    assert deltas(response.content) == 7
+    assert billed(journal) == INPUT + 2 * 7 <= 25
+    assert committed(gateway, INPUT + 2 * 7) == INPUT + 2 * 7
+    wait_streams_done(slow)

@@ -202,9 +202,10 @@ def test_a_stream_a_pricier_fallback_serves_is_cut_off_at_its_price(
         start: Start, store: str, failing_slowly: MockProviderServer, tmp_path: Path,
         order: str) -> None:
     # A stream without max_tokens, reserved at 10 output tokens (90 at pricey-mock's price),
-    # and cut off when its events, each counted a token, would cost more than the budget
-    # of 102: after 12 (30 + 6 x 12 = 102). Counted at gpt-mock's price (10 + 2 x 12 = 34),
-    # it was never cut off, and a longer one would have run on to three times its budget.
+    # and cut off when its content deltas, each counted a token, would cost more than the
+    # budget of 102: after 12 (30 + 6 x 12 = 102). Counted at gpt-mock's price
+    # (10 + 2 x 12 = 34), it was never cut off, and a longer one would have run on to three
+    # times its budget.
     journal = tmp_path / "journal"
     cap = 3 * INPUT + 6 * 12
     gateway = start(auth(key(lifetime(cap, stream_cutoff=True))), metering(journal),
@@ -216,7 +217,7 @@ def test_a_stream_a_pricier_fallback_serves_is_cut_off_at_its_price(
     assert response.headers["x-sluicegate-fallback"] == "pricey-mock"
     events = response.text.split("\n\n")[:-1]
     assert CUTOFF_MESSAGE in events[-1]
-    assert deltas(response.content) == len(events) - 1 == 12
+    assert deltas(response.content) == len(events) - 2 == 12  # (and the role chunk)
     spent = eventually(gateway.committed, cap)
     assert spent == cap == ledger_total(journal, 1)
     wait_streams_done(failing_slowly)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import anthropic
 import httpx
 import openai
+import orjson
 import psycopg
 import pytest
 import redis
@@ -241,11 +242,11 @@ def slow_mock() -> Iterator[MockProviderServer]:
 
 @pytest.fixture
 def slow(slow_mock: MockProviderServer) -> Iterator[MockProviderServer]:
-    slow_mock.config.chunk_delay_s = 0.1
+    slow_mock.config.update({"chunk_delay_s": 0.1, "chunk_chars": 1})
     slow_mock.clear_faults()
     slow_mock.reset_log()
     yield slow_mock
-    slow_mock.config.chunk_delay_s = 0.1
+    slow_mock.config.update({"chunk_delay_s": 0.1, "chunk_chars": 1})
 
 
 def wait_streams_done(mock: MockProviderServer) -> None:
@@ -550,6 +551,27 @@ def read_events_then_hang_up(url: str, path: str, body: dict[str, Any],
     return received
 
 
+def deltas(received: bytes) -> int:
+    """The content deltas in a stream's bytes (OpenAI chat, Anthropic or Responses): the
+    events that carry output, not a chat stream's opening role chunk or its closing chunk,
+    nor an Anthropic message_delta or a Responses lifecycle event."""
+    found = 0
+    for block in received.split(b"\n\n"):
+        data = next((line[6:] for line in block.split(b"\n") if line.startswith(b"data: {")),
+                    None)
+        event = orjson.loads(data) if data is not None else {}
+        delta = event.get("delta")
+        if isinstance(delta, str):  # a Responses output_text.delta
+            found += bool(delta)
+        elif isinstance(delta, dict):  # an Anthropic content_block_delta (or message_delta)
+            found += bool(delta.get("text") or delta.get("partial_json"))
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            found += bool(delta.get("content") or delta.get("tool_calls"))
+    return found
+
+
+
 def test_client_disconnect_settles_to_input_estimate_plus_deltas_delivered(
         start: Start, store: str, slow: MockProviderServer) -> None:
     # Nothing else arrives between our last read and hang-up, even on a loaded host.
@@ -563,9 +585,9 @@ def test_client_disconnect_settles_to_input_estimate_plus_deltas_delivered(
         {"authorization": f"Bearer {TEST_KEY}"}, events=3)
     assert received.count(b"\n\n") == 3
     # No usage came: billed (and charged) what was delivered, one token a content delta (see
-    # gateway.tokens.delivered_usage); each of these chunks is one.
-    delivered = received.count(b'"delta"')
-    assert delivered == 3
+    # gateway.tokens.delivered_usage); the first chunk (the role) is none.
+    delivered = deltas(received)
+    assert delivered == 2
     expected = estimate_messages(PROMPT) + 2 * delivered
     assert settled(gateway.committed, RESERVED_100) == expected
     wait_streams_done(slow)
@@ -587,7 +609,7 @@ def test_client_disconnect_from_a_stream_with_partial_usage_charges_the_deltas_d
         headers, events=6)
     # At least 6 events, 3+ of them content deltas; the others (message_start,
     # content_block_start, ...) are not charged, as they are not billed.
-    expected = INPUT + 2 * received.count(b'"delta"')
+    expected = INPUT + 2 * deltas(received)
     assert settled(gateway.committed, RESERVED_100) == expected
     wait_streams_done(slow)
 
@@ -700,13 +722,14 @@ def test_downgrade_header_names_the_budget_once(start: Start, store: str) -> Non
 
 # -- 6. stream cutoff ----------------------------------------------------------------------------
 
-# 35 micro-dollars. The cut-off counts a stream's events as output tokens, but no more than
-# the output bound the caller set (max_tokens), where the provider stops: a stream that sets
-# one has its admission's room, and is cut only where a failover continuation's input takes
-# it (test_quota_cutoff). These streams set none, and the quota layer's
-# default_max_output_tokens is OUTPUT (`cutoff_quota`), which the provider does not know of:
-# the reservation (30) fits, and a stream of one character per event crosses
-# 10 + 2 x events > 35 at its 13th event, so 12 events are delivered before the error event.
+# 35 micro-dollars. The cut-off counts a stream's content deltas as output tokens, as a stream
+# cut short is billed (not its opening role chunk or its closing chunk). These streams set no
+# max_tokens, and the quota layer's default_max_output_tokens is OUTPUT (`cutoff_quota`),
+# which the provider does not know of: the reservation (30) fits, and a stream of one
+# character per event crosses 10 + 2 x deltas > 35 at its 13th delta, so the role chunk and
+# 12 deltas are delivered before the error event. (A stream that sets max_tokens, where the
+# provider stops, has its admission's room: it is cut only where a failover continuation's
+# input takes it, test_quota_cutoff, or where its provider goes past it.)
 CUTOFF_BUDGET = "Limits(budgets=(Budget('0.000035', period='lifetime', stream_cutoff=True),))"
 CUTOFF_MESSAGE = "The stream was ended because its cost reached what is left of the budget."
 
@@ -737,7 +760,7 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
     events = response.text.split("\n\n")
     assert events[-1] == ""
     events = events[:-1]
-    assert len(events) == 13  # 12 delivered, then the error event
+    assert len(events) == 14  # the role chunk, 12 deltas, then the error event
     assert all(json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk"
                for e in events[:-1])
     assert json.loads(events[-1].removeprefix("data: ")) == {"error": {
@@ -753,9 +776,10 @@ def test_stream_cutoff_ends_the_stream_in_band_and_cancels_upstream(
 
 def test_a_stream_within_its_max_tokens_is_not_cut_off(
         start: Start, store: str, slow: MockProviderServer) -> None:
-    # An Anthropic stream of max_tokens=10: one character an event, 34 events, far more
-    # than the 10 tokens the provider stops at and bills, or the 12 this budget pays for
-    # counted a token each.
+    # An Anthropic stream of max_tokens=10, in 16 events: more than the 12 this budget pays
+    # for counted a token each, but 10 of them content deltas (three characters each, about
+    # a token, as a provider streams), each counted a token, which the admission reserved.
+    slow.config.chunk_chars = 3
     gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
     wait_streams_done(slow)
     cancelled = slow.cancelled_streams
@@ -764,7 +788,8 @@ def test_a_stream_within_its_max_tokens_is_not_cut_off(
                           headers={"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS})
     assert response.status_code == 200
     events = response.text.split("\n\n")[:-1]
-    assert len(events) == 34  # (28 deltas among them)
+    assert len(events) == 16
+    assert deltas(response.content) == 10
     assert events[0].startswith("event: message_start\n")
     assert events[-1].startswith("event: message_stop\n")
     assert "event: error" not in response.text and CUTOFF_MESSAGE not in response.text
@@ -800,7 +825,8 @@ def test_stream_cutoff_charges_the_deltas_delivered(start: Start, store: str,
                                                     slow: MockProviderServer) -> None:
     gateway = start(auth(static_key(CUTOFF_BUDGET)), cutoff_quota(store), upstream=slow.url)
     response = cut_off_stream(gateway)
-    assert response.text.count("\n\n") == 13
+    assert response.text.count("\n\n") == 14
+    assert deltas(response.content) == 12
     wait_streams_done(slow)
     assert settled(gateway.committed, COST) == INPUT + 2 * 12
 

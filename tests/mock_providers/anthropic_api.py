@@ -268,7 +268,7 @@ async def messages(call: Call) -> web.StreamResponse:
     body = body_dict(call)
     conv = messages_conversation(body, validate_messages(body, need_max_tokens=True))
     validate_sampling(body)
-    reply = reply_for(conv, id_prefix="toolu_01")
+    reply = reply_for(call.bounded(conv), id_prefix="toolu_01")
     cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)
     if body.get("stream") is True:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
-FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall")
+FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall",
+               "ignore_max_tokens")
 RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
 
 
@@ -162,6 +163,9 @@ class Fault:
       "stall"            streams: status 200, `after_chunks` content events, then silence for
                          `delay_s`, then the rest of the stream (a provider that hung midway);
                          non-streams: as "slow_first_byte".
+      "ignore_max_tokens" answers in full, past the request's token limit (max_tokens,
+                         max_output_tokens...), as a provider or a self-hosted server that
+                         does not hold a call to it (chat, Responses, Anthropic, Gemini).
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
     `code` an "error_event" fault's error: the code of a Responses API stream's error event

@@ -255,7 +255,7 @@ async def generate(call: Call, model: str) -> web.StreamResponse:
 
 async def stream_generate(call: Call, model: str) -> web.StreamResponse:
     validate_file_uris(body_dict(call), model)
-    reply = reply_for(generate_conversation(body_dict(call)))
+    reply = reply_for(call.bounded(generate_conversation(body_dict(call))))
     chunks = stream_chunks(model, reply, random_id("", 22), call.config.chunk_chars)
     if call.request.query.get("alt") == "sse":
         items = [(b"data: " + dumps(chunk) + b"\r\n\r\n", is_content)

@@ -66,8 +66,7 @@ async def chat_completions(call: Call) -> web.StreamResponse:
     validate_chat(body, need_model=call.provider != "azure",
                   max_stops=None if call.provider == "mistral" else MAX_STOP_SEQUENCES)
     validate_stream_options(call, body)
-    conv = chat_conversation(body)
-    reply = reply_for(conv)
+    reply = reply_for(call.bounded(chat_conversation(body)))
     chat = _chat_settings(call, body)
     finish = finish_reason(reply, body.get("tool_choice"))
     if body.get("stream") is True:

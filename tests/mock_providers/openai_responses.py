@@ -52,7 +52,7 @@ async def responses(call: Call) -> web.StreamResponse:
     if previous is not None and previous not in stored:
         raise BadRequest(f"Previous response with id '{previous}' not found.",
                          param="previous_response_id", code="previous_response_not_found")
-    reply = reply_for(responses_conversation(body))
+    reply = reply_for(call.bounded(responses_conversation(body)))
     final = response_object(body, reply, random_id("resp_", 48), _item_id(reply))
     if body.get("store", True) is not False and len(stored) < _MAX_STORED:
         stored.add(final["id"])

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.mock_providers.behaviour import Conversation
 from tests.mock_providers.faults import Fault, FaultQueue, MockConfig
 
 JSON = dict[str, Any]
@@ -131,6 +132,13 @@ class Call:
         fault = self.fault
         return self.wire.stream_error_event(fault.message if fault else None,
                                             fault.code if fault else None)
+
+    def bounded(self, conv: Conversation) -> Conversation:
+        """`conv`, whose reply keeps to its token limit, unless the call drew an
+        "ignore_max_tokens" fault."""
+        if self.fault_of("ignore_max_tokens") is not None:
+            conv.max_tokens = None
+        return conv
 
     def fault_of(self, kind: str) -> Fault | None:
         return self.fault if self.fault is not None and self.fault.kind == kind else None
