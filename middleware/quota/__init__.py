@@ -84,9 +84,11 @@ from gateway.policy import (
 from gateway.pricing import (
     CACHE_HITS,
     EARLIER_ATTEMPT,
+    Price,
     billed_usage,
     call_cost_micros,
     estimate_micros,
+    in_force,
 )
 from gateway.resp import RespError, is_redis_url
 from gateway.sse import content_counters, count_content, count_events
@@ -338,7 +340,7 @@ class QuotaMiddleware:
         if earlier is None:
             await self.app(scope, receive, send)
             return
-        responder = ctx.state[self._admitted_key] = earlier.again(send)
+        responder = ctx.state[self._admitted_key] = earlier.again(send, ctx)
         if responder.no_room_to_continue():
             await responder.end_in_band()
             return
@@ -816,7 +818,10 @@ class _Responder:
     (a provider streams at least a token a delta); one whose provider goes past the
     caller's max_tokens is, once its cost crosses the budget.
 
-    It is priced at the reservation's price (the dearest deployment that may serve it).
+    Until its response starts, the stream is priced at the reservation's price (the dearest
+    deployment that may serve it); from then on at the price of the deployment serving it
+    (`ctx.served_deployment`, the passthrough's), in force when the request started, as
+    pricing bills it.
 
     The adapters send whole events, each ending in one blank line, so `events` is the
     number of events sent: in a Responses stream (numbered from 0), the next one's number.
@@ -825,9 +830,9 @@ class _Responder:
 
     A stream the failover layer continues elsewhere (continuation.py) is billed its broken
     part's cost and then the continuation's call, whose input (the prompt and the text so
-    far) is billed again: once it has begun, the stream is counted so
-    (`_count_continuation`), and one with no room left for its first content delta is not
-    called (`no_room_to_continue`).
+    far) is billed again, at the continuation's deployment's price: once it has begun, the
+    stream is counted so (`_count_continuation`), and one with no room left for its first
+    content delta is not called (`no_room_to_continue`).
     """
 
     __slots__ = (
@@ -855,13 +860,15 @@ class _Responder:
         self.events = self.deltas = 0
         self.counters = content_counters(ctx.operation)
         self.streaming = False
-        self.price = est.price  # (the reservation's: the dearest model that may serve it)
+        self.price = est.price  # (the reservation's, until the response starts)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine function: it returns what the caller awaits (the next `send`, or
         # the cut-off), so a stream's every event costs no coroutine of this layer's own.
         if message["type"] == "http.response.start":
             self.streaming = message.get("status") == 200
+            if self.streaming and self.ctx.served_deployment is not None:
+                self.price = _price_in_force(self.ctx.served_deployment, self.ctx)
         elif self.streaming and message["type"] == "http.response.body":
             body = message.get("body", b"")
             if not self.continued and EARLIER_ATTEMPT in self.ctx.state:
@@ -900,14 +907,18 @@ class _Responder:
         return True
 
     def _count_continuation(self) -> None:
-        """From a continuation call on (the failover layer has set EARLIER_ATTEMPT, and
-        `ctx.body` to the continuation's request), the stream costs what pricing bills its
-        broken part, plus the continuation's input and its own deltas."""
+        """From a continuation call on (the failover layer has set EARLIER_ATTEMPT, `ctx.body`
+        to the continuation's request and `ctx.deployment` to where it goes), the stream
+        costs what pricing bills its broken part, plus the continuation's input and its own
+        deltas at its deployment's price."""
         ctx = self.ctx
         self.continued = True
         self.spent_before = ctx.state[EARLIER_ATTEMPT][1]
         self.input_tokens = estimate_input_tokens(ctx)
         self.deltas_before = self.deltas
+        deployment = ctx.deployment or ctx.served_deployment
+        if deployment is not None:
+            self.price = _price_in_force(deployment, ctx)
 
     async def _cut_off(self) -> None:
         # Raised, not sent here: the layers below unwind first and report what the stream
@@ -916,11 +927,12 @@ class _Responder:
         self.ctx.error_type = "budget_exceeded"
         raise _StreamCutOff()
 
-    def again(self, send: Send) -> _Responder:
-        """This responder for another call below for the same request, with its own `send`:
-        what has been sent so far still counts."""
+    def again(self, send: Send, ctx: RequestContext) -> _Responder:
+        """This responder for another call below for the same request, with its own `send`
+        and context (a failover layer's hedged call has a copy of the request's): what has
+        been sent so far still counts."""
         responder = copy.copy(self)
-        responder._send = send
+        responder._send, responder.ctx = send, ctx
         return responder
 
     async def end_in_band(self) -> None:
@@ -939,6 +951,14 @@ class _Responder:
             # (insufficient_quota) with a 429, as it does its rate limits.
             failed_code="rate_limit_exceeded")
         await self._send({"type": "http.response.body", "body": ending, "more_body": False})
+
+
+def _price_in_force(deployment: Any, ctx: RequestContext) -> Price | None:
+    """`deployment`'s price in force when the request started (as pricing bills it)."""
+    price: Price | None = getattr(deployment, "price", None)
+    if price is not None and price.successor is not None:
+        return in_force(price, ctx.started_at)
+    return price
 
 
 def _make_store(store: QuotaStore | str) -> QuotaStore:

@@ -386,3 +386,36 @@ def test_a_hedging_route_keeps_the_quota_layers_headers(
     assert response.headers["x-sluicegate-deployment"] == \
         ("openai/gpt-4o" if hedged else "openai/gpt-4o-mini")
     assert response.headers.get_list("x-ratelimit-remaining-requests") == ["4"]
+
+
+DEARER_SECOND = TWO_DEPLOYMENTS.replace(
+    'Deployment("openai", "gpt-4o", price=MOCK_PRICE)',
+    'Deployment("openai", "gpt-4o", price=Price(input_per_mtok="2", output_per_mtok="4"))')
+
+
+@pytest.mark.parametrize("order", ["failover-above", "quota-above"])
+def test_a_continuation_is_cut_off_at_its_own_deployments_price(
+        start: Start, slow: MockProviderServer, tmp_path: Path, order: str) -> None:
+    # A stream without max_tokens (reserved 20 + 4 x 10 = 60 at the dearer deployment's
+    # price, of a budget of 60) breaks after "Moc" on the first deployment ($1 in, $2 out:
+    # 10 + 2 x 3 = 16), and goes on from the second ($2 in, $4 out), whose input of 14 is
+    # billed again: 16 + 28 + 4 x 4 = 60, so its fifth delta is cut off. Counted at the
+    # price the stream started at, it ran to its 16th (16 + 14 + 2 x 16 > 60), and was
+    # billed 16 + 28 + 4 x 15 = 104.
+    journal = tmp_path / "journal"
+    limits = "Limits(budgets=(Budget('0.00006', period='lifetime', stream_cutoff=True),))"
+    quota_layer = cutoff_quota("'memory'")
+    layers = [FAILOVER, quota_layer] if order == "failover-above" else [quota_layer, FAILOVER]
+    gateway = start(auth(static_key(limits)), metering(journal), *layers,
+                    extra=DEARER_SECOND, upstream=slow.url)
+    wait_streams_done(slow)
+    slow.push_fault(Fault(kind="error_event", provider="openai", after_chunks=3))
+    response = post(gateway, "openai", streamed("openai", None))
+    assert response.status_code == 200
+    assert len(slow.requests) == 2  # (continued)
+    assert CUTOFF_MESSAGE in response.text.split("\n\n")[-2]
+    assert deltas(response.content) == 3 + 4
+    wait_streams_done(slow)
+    cost = billed(journal)
+    assert cost == INPUT + 2 * 3 + 2 * 14 + 4 * 4 == 60
+    assert eventually(gateway.committed, cost) == cost

@@ -45,6 +45,8 @@ from tests.middleware.test_quota_layer import (
     eventually,
     prefix,
     quota,
+    slow,
+    slow_mock,
     start,
     static_key,
     store,
@@ -52,7 +54,7 @@ from tests.middleware.test_quota_layer import (
 )
 from tests.mock_providers import MockConfig, MockProviderServer
 
-__all__ = ["prefix", "start", "store"]  # (fixtures, used by name)
+__all__ = ["prefix", "slow", "slow_mock", "start", "store"]  # (fixtures, used by name)
 
 PRICEY = 3 * COST  # micro-dollars: what PROMPT with max_tokens=10 costs on pricey-mock
 CHEAP = COST // 10  # and on cheap-mock (the prelude's: $0.1 in, $0.2 out per 1M)
@@ -221,6 +223,29 @@ def test_a_stream_a_pricier_fallback_serves_is_cut_off_at_its_price(
     spent = eventually(gateway.committed, cap)
     assert spent == cap == ledger_total(journal, 1)
     wait_streams_done(failing_slowly)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_stream_its_own_model_serves_is_cut_off_at_its_own_price(
+        start: Start, store: str, slow: MockProviderServer, tmp_path: Path,
+        order: str) -> None:
+    # The same stream and budget of 102, reserved at pricey-mock's price (90), but gpt-mock
+    # answers: the stream costs 10 + 2 x 10 = 30, and the cut-off ended it after 12 deltas
+    # (30 + 6 x 12 = 102), counted at the dearest price that might have served it, not
+    # the price it is billed at. Counted at gpt-mock's price, it has room for 46 deltas.
+    journal = tmp_path / "journal"
+    cap = 3 * INPUT + 6 * 12
+    gateway = start(auth(key(lifetime(cap, stream_cutoff=True))), metering(journal),
+                    *stack(order, cutoff_quota(store)), extra=ROUTED, upstream=slow.url)
+    wait_streams_done(slow)
+    response = cut_off_stream(gateway)
+    assert response.status_code == 200
+    assert "x-sluicegate-fallback" not in response.headers
+    assert CUTOFF_MESSAGE not in response.text
+    assert response.text.endswith("data: [DONE]\n\n")
+    assert deltas(response.content) == len("Mock reply to: a b c d e f g")
+    assert eventually(gateway.committed, COST) == COST == ledger_total(journal, 1)
+    wait_streams_done(slow)
 
 
 def test_the_reservation_follows_a_fallbacks_price_into_force(tmp_path: Path) -> None:
