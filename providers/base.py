@@ -535,7 +535,7 @@ class HTTPAdapter:
                 return pending
             if pending:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                counted = delivered[0]
+                counted = delivered[0]  # (`count_content`, inline: this runs every message)
                 delivered[0] = counted + (counters[0] if counted else counters[1])(pending)
             chunk = await content.readany()
             if not chunk:
