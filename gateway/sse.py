@@ -186,6 +186,52 @@ def count_content(counters: tuple[ContentCount, ContentCount], events: bytes,
     return counters[0](events) if counted else counters[1](events)
 
 
+_MARKERS = {ANTHROPIC_MESSAGES: b'"content_block_delta"', OPENAI_RESPONSES: b'"delta"'}
+_CHAT_MARKER = b'"delta":{"'  # (compact JSON: not the closing `"delta":{}`)
+
+
+def delivered_counting(operation: str, first: bytes) -> tuple[bytes | None, ContentCount]:
+    """How the passthrough counts the content deltas of a stream it sends on (what a stream
+    cut short, or one that ends without a usage report, is billed at least), from the
+    stream's first bytes: a marker, counted with one `bytes.count` a message, less the
+    marker's hits in the first event that are no content delta (`opening_excess`, a chat
+    stream's opening role chunk, taken off only when the count is used); or None, and the
+    format's exact count (the second item, always returned) is run on each message instead.
+
+    A marker a message, on every stream: the counts above take two or three scans (~2x the
+    instructions). A chat stream's marker is `"delta":{"` (not its closing `"delta":{}`),
+    an Anthropic stream's `"content_block_delta"` (not `message_delta`; a thinking block's
+    one signature delta is counted), a Responses stream's `"delta"` (only `*.delta` events
+    have one). The exact count runs instead on a chat stream written with spaces (its
+    first delta says so) and on legacy completions (`"text"` is in a choice's last, empty
+    chunk too), both rare. An empty delta in the middle of a stream counts as one, as does a
+    chat stream's tool-call opening chunk (its name, empty arguments) after its first event
+    (OpenAI opens a call in its first chunk; an Anthropic tool_use block translated to chat
+    opens it later), so a stream cut short is billed at most a token over its content a
+    call."""
+    exact = content_counters(operation)[1]
+    marker = _MARKERS.get(operation)
+    if marker is not None:
+        return marker, exact
+    if operation == OPENAI_COMPLETIONS:
+        return None, exact
+    at = first.find(b'"delta"')
+    return (None if at >= 0 and first[at + 7:at + 9] == b": " else _CHAT_MARKER), exact
+
+
+def opening_excess(operation: str, first: bytes, marker: bytes | None) -> int:
+    """The hits of `marker` in a stream's first event (at the start of `first`, its first
+    bytes) that are no content delta: 1 for a chat stream's role chunk (`"delta":{"role":
+    "assistant","content":""}`), 0 for a first event that carries content and in the other
+    formats. A regular expression (~14k instructions), run only when a count is used."""
+    if marker is None:
+        return 0
+    end = first.find(b"\n\n")
+    event = first if end < 0 else first[:end]
+    hits = event.count(marker)
+    return hits - content_counters(operation)[1](event) if hits else 0
+
+
 def split_complete_events(buffer: bytes) -> tuple[bytes, bytes]:
     """Splits raw SSE bytes into (complete events, the unfinished tail), without parsing."""
     end = buffer.rfind(b"\n\n")

@@ -25,7 +25,7 @@ from gateway.errors import (
     UpstreamError,
     stream_error_ending,
 )
-from gateway.sse import ContentCount, content_counters, count_content
+from gateway.sse import ContentCount, delivered_counting, opening_excess
 from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
@@ -423,13 +423,19 @@ class HTTPAdapter:
         broken: GatewayError | None = None
         # Content deltas sent on (what a stream cut short is billed at least: gateway/sse.py).
         delivered = [0]
-        counters = content_counters(ctx.operation)
+        # How they are counted, from the stream's first bytes (`gateway.sse.delivered_counting`:
+        # one `bytes.count` of a marker a message; the opening's hits are taken off only when
+        # the count is used, `_final_usage`).
+        marker: bytes | None = None
+        count: ContentCount | None = None
+        first = b""
         try:
             try:
                 async with deadline:
                     response = await self._post(exchange)
                     await self._raise_for_status(response, attempt)
                     first = await self._first_events(response, codec)
+                    marker, count = delivered_counting(ctx.operation, first)
                     ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
                     ctx.first_event = getattr(codec, "first_event", None)
                     await send({"type": "http.response.start", "status": 200,
@@ -437,9 +443,10 @@ class HTTPAdapter:
                     deadline.streaming = True
                     try:
                         last = await self._relay(response, codec, send, first, deadline,
-                                                 delivered, counters)
-                        tail = await self._finish_codec(codec, last, send, delivered, counters)
-                        delivered[0] += count_content(counters, tail, delivered[0])  # (sent below)
+                                                 delivered, marker, count)
+                        tail = await self._finish_codec(codec, last, send, delivered, marker,
+                                                        count)
+                        _count_delivered(delivered, tail, marker, count)  # (sent below)
                         finished = True
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
@@ -465,7 +472,8 @@ class HTTPAdapter:
                 tail = self.broken_stream_ending(ctx, codec, broken, ended_by_provider)
             # (set before the last message: a layer may record the request as it passes,
             # the metering layer's durability="response" does)
-            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])
+            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming,
+                                     (delivered[0], first, marker))
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             # A stream cut short (error, timeout, cancellation on client disconnect) closes the
@@ -474,7 +482,8 @@ class HTTPAdapter:
                 response.release()
             elif response is not None:
                 response.close()
-            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming, delivered[0])
+            ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming,
+                                     (delivered[0], first, marker))
 
     async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
         """Reads until the codec yields client bytes; failures here are still retryable."""
@@ -498,7 +507,7 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _finish_codec(self, codec: Any, last: bytes, send: Send, delivered: list[int],
-                            counters: tuple[ContentCount, ContentCount]) -> bytes:
+                            marker: bytes | None, count: ContentCount | None) -> bytes:
         """The stream's last bytes once the upstream ended. An error found at the end (a
         stream without its final event, a last error event) is raised after the output
         before it has gone out."""
@@ -513,12 +522,12 @@ class HTTPAdapter:
             return tail
         if tail:
             await send({"type": "http.response.body", "body": tail, "more_body": True})
-            delivered[0] += count_content(counters, tail, delivered[0])
+            _count_delivered(delivered, tail, marker, count)
         raise error
 
     async def _relay(self, response: aiohttp.ClientResponse, codec: Any, send: Send,
                      pending: bytes, deadline: StreamDeadline, delivered: list[int],
-                     counters: tuple[ContentCount, ContentCount]) -> bytes:
+                     marker: bytes | None, count: ContentCount | None) -> bytes:
         """Forwards the stream; returns the last bytes, to go out with the end of the body.
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
@@ -529,14 +538,16 @@ class HTTPAdapter:
         while True:
             if codec.error is not None:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                delivered[0] += count_content(counters, pending, delivered[0])
+                _count_delivered(delivered, pending, marker, count)
                 raise codec.error
             if content.at_eof():
                 return pending
             if pending:
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
-                counted = delivered[0]  # (`count_content`, inline: this runs every message)
-                delivered[0] = counted + (counters[0] if counted else counters[1])(pending)
+                if marker is not None:  # (`_count_delivered`, inline: it runs every message)
+                    delivered[0] += pending.count(marker)
+                else:
+                    _count_delivered(delivered, pending, marker, count)
             chunk = await content.readany()
             if not chunk:
                 return b""
@@ -673,16 +684,33 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _count_delivered(delivered: list[int], sent: bytes, marker: bytes | None,
+                     count: ContentCount | None) -> None:
+    """Adds the content deltas of bytes sent on to `delivered` by `marker`, else by `count`
+    (`gateway.sse.delivered_counting`); the opening's are taken off at the end."""
+    if marker is not None:
+        delivered[0] += sent.count(marker)
+    elif count is not None:
+        delivered[0] += count(sent)
+
+
 def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: bool,
-                 delivered: int) -> Usage | None:
+                 delivered: tuple[int, bytes, bytes | None]) -> Usage | None:
     """A stream's usage at its end: the codec's, or for a stream cut short after it started
     (the client left, the provider broke) at least what it delivered, as its provider may
     never have said (see `gateway.tokens.delivered_usage`). A stream that finished without
     a usage report (a provider or API version that sends none) is billed what it delivered
-    too, never nothing."""
+    too, never nothing. `delivered`: the marker's count of what was sent on, the stream's
+    first bytes and the marker (`gateway.sse.opening_excess`, only when it is used)."""
     if not streaming:
         return codec.usage  # type: ignore[no-any-return]
     if finished:
         usage: Usage | None = codec.usage
-        return usage if usage is not None else delivered_usage(ctx, None, delivered)
-    return delivered_usage(ctx, codec.usage, delivered)
+        return usage if usage is not None else \
+            delivered_usage(ctx, None, _content_deltas(ctx, delivered))
+    return delivered_usage(ctx, codec.usage, _content_deltas(ctx, delivered))
+
+
+def _content_deltas(ctx: RequestContext, delivered: tuple[int, bytes, bytes | None]) -> int:
+    counted, first, marker = delivered
+    return max(0, counted - opening_excess(ctx.operation, first, marker)) if counted else 0

@@ -5,13 +5,14 @@ output count, not a chat stream's opening role chunk or closing chunk, nor an An
 message_delta, a Responses lifecycle event or an empty delta."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
 
 from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_COMPLETIONS, OPENAI_RESPONSES
-from gateway.sse import content_counters, count_content
+from gateway.sse import content_counters, count_content, delivered_counting, opening_excess
 from providers.anthropic import AnthropicSource
 from providers.anthropic_format import ChatStreamToMessages, MessagesStreamToChat
 from providers.gemini import GeminiSource
@@ -69,6 +70,15 @@ def count(operation: str, messages: list[bytes]) -> int:
     return counted
 
 
+def delivered(operation: str, messages: list[bytes]) -> int:
+    """A stream's content deltas as the passthrough counts what it sends on (providers/
+    base.py: a marker a message, less the opening; `gateway.sse.delivered_counting`)."""
+    marker, exact = delivered_counting(operation, messages[0])
+    total = sum(message.count(marker) if marker is not None else exact(message)
+                for message in messages)
+    return total - opening_excess(operation, messages[0], marker)
+
+
 def events_of(stream: bytes) -> list[bytes]:
     return [block + b"\n\n" for block in stream.split(b"\n\n")[:-1]]
 
@@ -109,6 +119,35 @@ def test_a_stream_counts_its_content_events_only(name: str, reply: Reply) -> Non
     # (At 3 characters an event: the text in 10, the arguments in 9.)
     expected = 10 if reply is TEXT else 1 if name.startswith("gemini") else 9
     assert every_way(operation, stream) == {expected}
+
+
+@pytest.mark.parametrize("reply", [TEXT, TOOL], ids=["text", "tool"])
+def test_a_chat_stream_written_with_spaces_is_counted_exactly(reply: Reply) -> None:
+    """The passthrough's marker is compact JSON's; a provider that writes `"delta": {` (as
+    Python's json.dumps does) is counted by the exact count, from its first event on."""
+    spaced = b"".join(
+        b"data: " + (json.dumps(json.loads(event[6:])).encode() if event[6:7] == b"{"
+                     else event[6:].strip()) + b"\n\n"
+        for event in (e.strip() for e in events_of(STREAMS["chat"](reply)[1])))
+    assert b'"delta": {' in spaced
+    expected = 10 if reply is TEXT else 9
+    assert delivered(OPENAI_CHAT, [spaced]) == expected
+    assert delivered(OPENAI_CHAT, events_of(spaced)) == expected
+
+
+@pytest.mark.parametrize("reply", [TEXT, TOOL], ids=["text", "tool"])
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_the_passthrough_counts_a_streams_content_events_with_a_marker(
+        name: str, reply: Reply) -> None:
+    """What providers/base.py counts as it sends a stream on, whole or an event a message:
+    the content events, and a tool call's opening chunk (its name, empty arguments) where it
+    is not the stream's first event (an Anthropic tool_use block translated to chat: OpenAI
+    opens a call in its first chunk)."""
+    operation, stream = STREAMS[name](reply)
+    expected = 10 if reply is TEXT else 1 if name.startswith("gemini") else 9
+    if name == "anthropic->chat" and reply is TOOL:
+        expected += 1
+    assert delivered(operation, [stream]) == delivered(operation, events_of(stream)) == expected
 
 
 def test_the_mocks_content_events_are_what_is_counted() -> None:
