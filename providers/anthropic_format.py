@@ -59,7 +59,29 @@ from providers.anthropic_stream import (
     tool_use_id,
 )
 from providers.streams import StreamError as UpstreamStreamError
-from providers.translation import TranslationError, tool_arguments
+from providers.translation import (
+    TranslationError,
+    a_flag,
+    a_number,
+    a_string,
+    a_string_or_none,
+    allowed_tools,
+    an_array,
+    an_integer,
+    an_object,
+    bad_tool_choice,
+    chosen_function,
+    content_parts,
+    function_tool,
+    image_url,
+    invalid,
+    part_text,
+    part_type,
+    response_format_type,
+    strings,
+    tool_arguments,
+    tool_call,
+)
 
 JSON = dict[str, Any]
 
@@ -87,62 +109,73 @@ __all__ = [
 def chat_request_to_messages(body: JSON, upstream_model: str, *,
                              default_max_tokens: int = 4096) -> JSON:
     """OpenAI chat request -> Anthropic Messages request (see the module docstring)."""
-    _refuse_inexpressible(body)
-    system, messages = _anthropic_messages(body.get("messages") or [])
+    format_type = _refuse_inexpressible(body)
+    system, messages = _anthropic_messages(an_array(body.get("messages"), "messages"))
     if not messages:
-        raise TranslationError("Anthropic models need at least one user or assistant message.")
-    format_type = (body.get("response_format") or {}).get("type")
+        raise TranslationError("Anthropic models need at least one user or assistant message.",
+                               param="messages")
     if format_type == "json_object":
         system.append({"type": "text", "text": _JSON_INSTRUCTION})
-    max_tokens = body.get("max_completion_tokens")
+    max_tokens = an_integer(body, "max_completion_tokens")
     if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+        max_tokens = an_integer(body, "max_tokens")
     request: JSON = {"model": upstream_model, "messages": messages,
                      "max_tokens": default_max_tokens if max_tokens is None else max_tokens}
     if system:
         plain = len(system) == 1 and set(system[0]) == {"type", "text"}
         request["system"] = system[0]["text"] if plain else system
     request.update(_sampling(body))
-    if body.get("tools"):
-        request.update(_anthropic_tools(body["tools"], body.get("tool_choice"),
-                                        body.get("parallel_tool_calls")))
+    tools = an_array(body.get("tools"), "tools")
+    if tools:
+        request.update(_anthropic_tools(tools, body.get("tool_choice"), a_flag(
+            body.get("parallel_tool_calls"), "parallel_tool_calls")))
     else:
         request.update(_tools_of_history(messages))
     if format_type == "json_schema":
-        schema = (body["response_format"].get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
+        json_schema = body["response_format"].get("json_schema")
+        schema = None if json_schema is None else an_object(
+            json_schema, "response_format.json_schema").get("schema")
+        if schema is None:
             raise TranslationError("response_format json_schema needs a `schema` object.",
                                    param="response_format")
-        request["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
-    user = body.get("user") or body.get("safety_identifier")
-    if isinstance(user, str) and user:
+        request["output_config"] = {"format": {
+            "type": "json_schema", "schema": an_object(schema,
+                                                       "response_format.json_schema.schema")}}
+    user = a_string_or_none(body.get("user"), "user") or \
+        a_string_or_none(body.get("safety_identifier"), "safety_identifier")
+    if user:
         request["metadata"] = {"user_id": user}
     if body.get("stream") is not None:
         request["stream"] = bool(body["stream"])
     return request
 
 
-def _refuse_inexpressible(body: JSON) -> None:
-    if (body.get("n") or 1) > 1:
+def _refuse_inexpressible(body: JSON) -> str | None:
+    """Refuses what Anthropic cannot express; returns the `response_format` type."""
+    if (an_integer(body, "n") or 1) > 1:
         raise TranslationError("Anthropic models return one choice per request; `n` must be 1.",
                                param="n")
-    if body.get("logprobs"):
+    if a_flag(body.get("logprobs"), "logprobs"):
         raise TranslationError("Anthropic models do not return log probabilities (`logprobs`).",
                                param="logprobs")
     if body.get("functions") or body.get("function_call"):
         raise TranslationError("legacy `functions`/`function_call` are not supported for "
                                "Anthropic models; send `tools` and `tool_choice` instead.")
-    if "audio" in (body.get("modalities") or ()) or body.get("audio"):
+    if "audio" in strings(body.get("modalities"), "modalities", "an array of strings") or \
+            body.get("audio"):
         raise TranslationError("audio output is not available from Anthropic models.")
-    format_type = (body.get("response_format") or {}).get("type")
+    format_type = response_format_type(body)
     if format_type not in (None, "text", "json_object", "json_schema"):
         raise TranslationError(f"response_format {format_type!r} has no Anthropic equivalent.",
                                param="response_format")
+    return format_type
+
+
 
 
 def _sampling(body: JSON) -> JSON:
     out: JSON = {}
-    temperature, top_p = body.get("temperature"), body.get("top_p")
+    temperature, top_p = a_number(body, "temperature"), a_number(body, "top_p")
     if temperature is not None and top_p is not None:
         # Claude 4.5 models and Opus 4.1 refuse the pair (the 4.5 migration guide: "Use only
         # temperature OR top_p, not both"). A temperature of 1 is both APIs' default, so
@@ -157,29 +190,32 @@ def _sampling(body: JSON) -> JSON:
         out["top_p"] = top_p
     if isinstance(body.get("top_k"), int):  # a common extension; Anthropic takes it natively
         out["top_k"] = body["top_k"]
-    stop = body.get("stop")
+    stop = strings(body.get("stop"), "stop")
     if stop:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        out["stop_sequences"] = list(stop)
     return out
 
 
-def _anthropic_messages(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
+def _anthropic_messages(messages: list[Any]) -> tuple[list[JSON], list[JSON]]:
     """(system text blocks, alternating messages whose content is always a block list)."""
     system: list[JSON] = []
     turns: list[JSON] = []
-    for message in messages:
-        role = message.get("role")
+    for index, item in enumerate(messages):
+        at = f"messages[{index}]"
+        message = an_object(item, at)
+        role = a_string(message.get("role"), at + ".role")
         if role in ("system", "developer"):
-            system += _text_blocks(message.get("content"), str(role))
+            system += _text_blocks(message.get("content"), role, at + ".content")
             continue
         if role == "user":
-            kind, blocks = "user", _user_blocks(message.get("content"))
+            kind, blocks = "user", _user_blocks(message.get("content"), at + ".content")
         elif role == "assistant":
-            kind, blocks = "assistant", _assistant_blocks(message)
+            kind, blocks = "assistant", _assistant_blocks(message, at)
         elif role == "tool":
-            kind, blocks = "user", [_tool_result(message)]
+            kind, blocks = "user", [_tool_result(message, at)]
         else:
-            raise TranslationError(f"message role {role!r} is not supported for Anthropic models.")
+            raise TranslationError(f"message role {role!r} is not supported for Anthropic "
+                                   "models.", param=at + ".role")
         if not blocks:
             continue  # Anthropic rejects empty content
         if turns and turns[-1]["role"] == kind:  # the API wants user/assistant to alternate
@@ -192,17 +228,25 @@ def _anthropic_messages(messages: list[JSON]) -> tuple[list[JSON], list[JSON]]:
     return system, turns
 
 
-def _text_blocks(content: Any, role: str) -> list[JSON]:
+
+
+
+
+
+
+def _text_blocks(content: Any, role: str, param: str) -> list[JSON]:
     if content is None:
         return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     blocks = []
-    for part in content:
-        if part.get("type") not in ("text", "refusal"):
+    for index, item in enumerate(content_parts(content, param)):
+        at = f"{param}[{index}]"
+        part, kind = part_type(item, at)
+        if kind not in ("text", "refusal"):
             raise TranslationError(f"{role} messages can only hold text for Anthropic models, "
-                                   f"not {part.get('type')!r} parts.")
-        text = part.get("text", part.get("refusal"))
+                                   f"not {kind!r} parts.", param=at + ".type")
+        text = part_text(part, kind, at)
         if text:
             blocks.append(_with_cache_control({"type": "text", "text": text}, part))
     return blocks
@@ -216,90 +260,97 @@ def _with_cache_control(block: JSON, part: JSON) -> JSON:
     return block
 
 
-def _user_blocks(content: Any) -> list[JSON]:
+def _user_blocks(content: Any, param: str) -> list[JSON]:
     if content is None or isinstance(content, str):
-        return _text_blocks(content, "user")
+        return _text_blocks(content, "user", param)
     blocks = []
-    for part in content:
-        kind = part.get("type")
+    for index, item in enumerate(content_parts(content, param)):
+        at = f"{param}[{index}]"
+        part, kind = part_type(item, at)
         if kind == "text":
-            blocks += _text_blocks([part], "user")
+            text = a_string(part.get("text"), at + ".text")
+            if text:
+                blocks.append(_with_cache_control({"type": "text", "text": text}, part))
         elif kind == "image_url":
-            image = part["image_url"]
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(_with_cache_control(_image_block(str(url)), part))
+            url = image_url(part, at)
+            blocks.append(_with_cache_control(_image_block(url, at + ".image_url"), part))
         elif kind == "file":
-            blocks.append(_with_cache_control(_document_block(part.get("file") or {}), part))
+            file = an_object(part.get("file"), at + ".file")
+            blocks.append(_with_cache_control(_document_block(file, at + ".file"), part))
         else:
             raise TranslationError(f"content parts of type {kind!r} cannot be sent to "
-                                   "Anthropic models.")
+                                   "Anthropic models.", param=at + ".type")
     return blocks
 
 
-def _image_block(url: str) -> JSON:
+
+
+def _image_block(url: str, param: str) -> JSON:
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     if not url.startswith("data:"):
-        raise TranslationError("image URLs must be http(s) or base64 data: URLs.")
-    media_type, data = _data_url(url)
+        raise TranslationError("image URLs must be http(s) or base64 data: URLs.",
+                               param=param + ".url")
+    media_type, data = _data_url(url, param + ".url")
     if media_type not in _IMAGE_TYPES:
         raise TranslationError(f"Anthropic models take JPEG, PNG, GIF or WebP images, "
-                               f"not {media_type!r}.")
+                               f"not {media_type!r}.", param=param + ".url")
     return {"type": "image", "source": {"type": "base64", "media_type": media_type,
                                         "data": data}}
 
 
-def _data_url(url: str) -> tuple[str, str]:
+def _data_url(url: str, param: str) -> tuple[str, str]:
     header, comma, data = url[len("data:"):].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise TranslationError("data: URLs must be base64-encoded.")
+        raise TranslationError("data: URLs must be base64-encoded.", param=param)
     return header.split(";")[0], data
 
 
-def _document_block(file: JSON) -> JSON:
-    data = file.get("file_data")
-    if not isinstance(data, str) or not data:
-        raise TranslationError("files must be sent inline (`file_data`) to Anthropic models; "
-                               "uploaded `file_id`s are not available there.")
+def _document_block(file: JSON, param: str) -> JSON:
+    data = a_string_or_none(file.get("file_data"), param + ".file_data")
+    if not data:
+        raise TranslationError(f"'{param}.file_data' is required: files must be sent inline "
+                               "to Anthropic models; uploaded `file_id`s are not available "
+                               "there.", param=param + ".file_data")
+    name = (a_string_or_none(file.get("filename"), param + ".filename") or "").lower()
     if data.startswith("data:"):
-        media_type, data = _data_url(data)
+        media_type, data = _data_url(data, param + ".file_data")
     else:
-        name = str(file.get("filename") or "").lower()
         media_type = "application/pdf" if name.endswith(".pdf") else "unknown"
     if media_type != "application/pdf":
-        raise TranslationError("Anthropic models take files as PDF documents only.")
+        raise TranslationError("Anthropic models take files as PDF documents only.",
+                               param=param + ".file_data")
     return {"type": "document", "source": {"type": "base64", "media_type": media_type,
                                            "data": data}}
 
 
-def _assistant_blocks(message: JSON) -> list[JSON]:
-    blocks = _text_blocks(message.get("content"), "assistant")
-    for call in message.get("tool_calls") or ():
-        if call.get("type", "function") != "function":
-            raise TranslationError(f"tool calls of type {call.get('type')!r} cannot be sent "
-                                   "to Anthropic models.")
-        function = call.get("function") or {}
-        blocks.append({"type": "tool_use", "id": tool_use_id(call.get("id")),
-                       "name": function.get("name"),
-                       "input": tool_arguments(function.get("arguments"))})
+def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
+    blocks = _text_blocks(message.get("content"), "assistant", param + ".content")
+    for index, call in enumerate(an_array(message.get("tool_calls"), param + ".tool_calls")):
+        at = f"{param}.tool_calls[{index}]"
+        call_id, name, arguments = tool_call(call, at)
+        blocks.append({"type": "tool_use", "id": tool_use_id(call_id), "name": name,
+                       "input": tool_arguments(arguments, at + ".function.arguments")})
     return blocks
 
 
-def _tool_result(message: JSON) -> JSON:
-    block: JSON = {"type": "tool_result",
-                   "tool_use_id": tool_use_id(message.get("tool_call_id"))}
+
+
+def _tool_result(message: JSON, param: str) -> JSON:
+    block: JSON = {"type": "tool_result", "tool_use_id": tool_use_id(
+        a_string(message.get("tool_call_id"), param + ".tool_call_id"))}
     content = message.get("content")
     if isinstance(content, str):
         if content:
             block["content"] = content
     elif content:
-        block["content"] = _text_blocks(content, "tool")
+        block["content"] = _text_blocks(content, "tool", param + ".content")
     return block
 
 
-def _anthropic_tools(tools: list[JSON], choice: Any, parallel: Any) -> JSON:
+def _anthropic_tools(tools: list[Any], choice: Any, parallel: bool | None) -> JSON:
     anthropic_choice, allowed = _anthropic_tool_choice(choice)
-    declared = [_anthropic_tool(tool) for tool in tools]
+    declared = [_anthropic_tool(tool, f"tools[{index}]") for index, tool in enumerate(tools)]
     if allowed is not None:
         declared = [tool for tool in declared if tool["name"] in allowed]
     if parallel is False and anthropic_choice.get("type") != "none":
@@ -324,12 +375,15 @@ def _tools_of_history(messages: list[JSON]) -> JSON:
             "tool_choice": {"type": "none"}}
 
 
-def _anthropic_tool(tool: JSON) -> JSON:
-    if tool.get("type") != "function":
+
+
+def _anthropic_tool(tool: Any, param: str) -> JSON:
+    found = function_tool(tool, param)
+    if found is None:
         raise TranslationError(f"tools of type {tool.get('type')!r} have no Anthropic "
                                "equivalent.", param="tools")
-    function = tool["function"]
-    declared: JSON = {"name": function["name"]}
+    function, name = found
+    declared: JSON = {"name": name}
     if function.get("description"):
         declared["description"] = function["description"]
     # input_schema is required and must describe an object.
@@ -340,6 +394,10 @@ def _anthropic_tool(tool: JSON) -> JSON:
     return declared
 
 
+
+
+
+
 def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
     """(Anthropic tool_choice or {} for the default, the tool names to keep or None)."""
     if choice is None:
@@ -347,13 +405,13 @@ def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
     if isinstance(choice, str) and choice in _ANTHROPIC_CHOICES:
         return dict(_ANTHROPIC_CHOICES[choice]), None
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "tool", "name": choice["function"]["name"]}, None
+        return {"type": "tool", "name": chosen_function(choice)}, None
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools") or {}
-        names = {tool["function"]["name"] for tool in allowed.get("tools") or ()}
-        return {"type": "any" if allowed.get("mode") == "required" else "auto"}, names
-    raise TranslationError(f"tool_choice {choice!r} has no Anthropic equivalent.",
-                           param="tool_choice")
+        names, required = allowed_tools(choice)
+        return {"type": "any" if required else "auto"}, names
+    raise bad_tool_choice(choice, "Anthropic")
+
+
 
 
 # -- Anthropic Message -> OpenAI chat.completion ---------------------------------------------
@@ -398,32 +456,44 @@ def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens"
     model write past where the caller wanted it to stop.
     """
     if body.get("mcp_servers"):
-        raise TranslationError("MCP servers are only available on Anthropic models.")
+        raise TranslationError("MCP servers are only available on Anthropic models.",
+                               param="mcp_servers")
     messages = _system_messages(body.get("system"))
-    for message in body.get("messages") or ():
-        if message.get("role") == "assistant":
-            messages.append(_chat_assistant(message.get("content")))
-        elif message.get("role") == "user":
-            messages += _chat_user(message.get("content"))
+    for index, item in enumerate(an_array(body.get("messages"), "messages")):
+        at = f"messages[{index}]"
+        message = an_object(item, at)
+        role = a_string(message.get("role"), at + ".role")
+        if role == "assistant":
+            messages.append(_chat_assistant(message.get("content"), at + ".content"))
+        elif role == "user":
+            messages += _chat_user(message.get("content"), at + ".content")
         else:
-            raise TranslationError(f"message role {message.get('role')!r} is not supported.")
+            raise TranslationError(f"message role {role!r} is not supported.",
+                                   param=at + ".role")
     chat: JSON = {"model": body.get("model"), "messages": messages}
-    if body.get("max_tokens") is not None:
-        chat[max_tokens_field] = body["max_tokens"]
+    max_tokens = an_integer(body, "max_tokens")
+    if max_tokens is not None:
+        chat[max_tokens_field] = max_tokens
     for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            chat[key] = body[key]
-    if body.get("stop_sequences"):
-        chat["stop"] = list(body["stop_sequences"])
+        value = a_number(body, key)
+        if value is not None:
+            chat[key] = value
+    stop = an_array(body.get("stop_sequences"), "stop_sequences", "an array of strings")
+    if stop:
+        chat["stop"] = [a_string(item, f"stop_sequences[{index}]")
+                        for index, item in enumerate(stop)]
         if max_stop_sequences is not None and len(chat["stop"]) > max_stop_sequences:
             raise TranslationError(f"OpenAI models take at most {max_stop_sequences} stop "
                                    f"sequences; this request has {len(chat['stop'])}.",
                                    param="stop_sequences")
-    user_id = (body.get("metadata") or {}).get("user_id")
-    if isinstance(user_id, str) and user_id:
+    metadata = body.get("metadata")
+    user_id = None if metadata is None else a_string_or_none(
+        an_object(metadata, "metadata").get("user_id"), "metadata.user_id")
+    if user_id:
         chat["user"] = user_id
-    if body.get("tools"):
-        chat.update(_chat_tools(body["tools"], body.get("tool_choice")))
+    tools = an_array(body.get("tools"), "tools")
+    if tools:
+        chat.update(_chat_tools(tools, body.get("tool_choice")))
     chat.update(_chat_response_format(body))
     if body.get("stream") is not None:
         chat["stream"] = bool(body["stream"])
@@ -435,27 +505,54 @@ def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens"
 def _system_messages(system: Any) -> list[JSON]:
     if isinstance(system, str):
         return [{"role": "system", "content": system}] if system else []
-    texts = [block.get("text") or "" for block in system or () if block.get("type") == "text"]
+    texts = []
+    for index, item in enumerate(an_array(system, "system",
+                                          "a string or an array of text blocks")):
+        block, kind = _block(item, f"system[{index}]")
+        if kind == "text":
+            texts.append(_block_text(block, f"system[{index}]"))
     text = "\n".join(t for t in texts if t)
     return [{"role": "system", "content": text}] if text else []
 
 
-def _chat_assistant(content: Any) -> JSON:
+def _blocks(content: Any, param: str) -> list[Any]:
+    if isinstance(content, list):
+        return content
+    raise invalid(param, "a string or an array of content blocks", content)
+
+
+def _block(block: Any, param: str) -> tuple[JSON, str]:
+    """(the content block, its `type`)."""
+    block = an_object(block, param)
+    return block, a_string(block.get("type"), param + ".type")
+
+
+def _block_text(block: JSON, param: str) -> str:
+    return a_string(block.get("text"), param + ".text")
+
+
+def _chat_assistant(content: Any, param: str) -> JSON:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts: list[str] = []
     calls: list[JSON] = []
-    for block in content or ():
-        kind = block.get("type")
+    for index, item in enumerate(_blocks(content, param)):
+        at = f"{param}[{index}]"
+        block, kind = _block(item, at)
         if kind == "text":
-            texts.append(block.get("text") or "")
+            texts.append(_block_text(block, at))
         elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"),
-                "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+            tool_input = block.get("input")
+            calls.append({"id": a_string(block.get("id"), at + ".id"), "type": "function",
+                          "function": {
+                              "name": a_string(block.get("name"), at + ".name"),
+                              "arguments": orjson.dumps(
+                                  {} if tool_input is None else an_object(tool_input,
+                                                                          at + ".input")
+                              ).decode()}})
         elif kind not in ("thinking", "redacted_thinking"):
             raise TranslationError(f"assistant content blocks of type {kind!r} only work "
-                                   "with Anthropic models.")
+                                   "with Anthropic models.", param=at + ".type")
     message: JSON = {"role": "assistant", "content": "".join(texts) if texts or not calls
                      else None}
     if calls:
@@ -463,20 +560,22 @@ def _chat_assistant(content: Any) -> JSON:
     return message
 
 
-def _chat_user(content: Any) -> list[JSON]:
+def _chat_user(content: Any, param: str) -> list[JSON]:
     """A user turn -> tool messages (for its tool_results) then one user message."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     tool_messages: list[JSON] = []
     tool_media: list[JSON] = []
     parts: list[JSON] = []
-    for block in content or ():
-        if block.get("type") == "tool_result":
-            message, media = _chat_tool_result(block)
+    for index, item in enumerate(_blocks(content, param)):
+        at = f"{param}[{index}]"
+        block, kind = _block(item, at)
+        if kind == "tool_result":
+            message, media = _chat_tool_result(block, at)
             tool_messages.append(message)
             tool_media += media
         else:
-            parts += _chat_parts(block)
+            parts += _chat_parts(block, kind, at)
     parts = tool_media + parts
     if not parts:
         return tool_messages
@@ -485,82 +584,105 @@ def _chat_user(content: Any) -> list[JSON]:
     return [*tool_messages, {"role": "user", "content": parts}]
 
 
-def _chat_tool_result(block: JSON) -> tuple[JSON, list[JSON]]:
+def _chat_tool_result(block: JSON, param: str) -> tuple[JSON, list[JSON]]:
     """(the tool message, image/document parts it returned, labelled for a user message)."""
-    tool_id = block.get("tool_use_id")
+    tool_id = a_string(block.get("tool_use_id"), param + ".tool_use_id")
     content = block.get("content")
     texts: list[str] = []
     media: list[JSON] = []
     if isinstance(content, str):
         texts.append(content)
-    for item in content if isinstance(content, list) else ():
-        for part in _chat_parts(item):
-            if part["type"] == "text":
-                texts.append(part["text"])
-            else:
-                media.append(part)
+    elif content is not None:
+        for index, item in enumerate(_blocks(content, param + ".content")):
+            at = f"{param}.content[{index}]"
+            for part in _chat_parts(*_block(item, at), at):
+                if part["type"] == "text":
+                    texts.append(part["text"])
+                else:
+                    media.append(part)
     if media:
         media.insert(0, {"type": "text", "text": f"Attachments returned by tool call {tool_id}:"})
     return {"role": "tool", "tool_call_id": tool_id, "content": "\n".join(texts)}, media
 
 
-def _chat_parts(block: JSON) -> list[JSON]:
-    kind = block.get("type")
+def _chat_parts(block: JSON, kind: str, param: str) -> list[JSON]:
     if kind == "text":
-        return [{"type": "text", "text": block.get("text") or ""}]
+        return [{"type": "text", "text": _block_text(block, param)}]
     if kind == "image":
-        return [{"type": "image_url", "image_url": {"url": _source_url(block, "image")}}]
+        return [{"type": "image_url", "image_url": {"url": _source_url(block, "image",
+                                                                       param)}}]
     if kind == "document":
-        return _chat_document(block)
-    raise TranslationError(f"content blocks of type {kind!r} only work with Anthropic models.")
+        return _chat_document(block, param)
+    raise TranslationError(f"content blocks of type {kind!r} only work with Anthropic models.",
+                           param=param + ".type")
 
 
-def _source_url(block: JSON, kind: str) -> str:
-    source = block.get("source") or {}
-    if source.get("type") == "base64":
-        return f"data:{source.get('media_type')};base64,{source.get('data')}"
-    if source.get("type") == "url" and kind == "image":
-        return str(source.get("url"))
-    raise TranslationError(f"{kind} sources of type {source.get('type')!r} only work with "
-                           "Anthropic models.")
+def _source(block: JSON, param: str) -> tuple[JSON, str]:
+    """(a block's `source`, its `type`)."""
+    source = an_object(block.get("source"), param + ".source")
+    return source, a_string(source.get("type"), param + ".source.type")
 
 
-def _chat_document(block: JSON) -> list[JSON]:
-    source = block.get("source") or {}
-    if source.get("type") == "text":
-        return [{"type": "text", "text": source.get("data") or ""}]
-    if source.get("type") == "content":
-        return [part for item in source.get("content") or () for part in _chat_parts(item)]
-    filename = str(block.get("title") or "document.pdf")
+def _source_url(block: JSON, kind: str, param: str) -> str:
+    source, source_type = _source(block, param)
+    if source_type == "base64":
+        media_type = a_string(source.get("media_type"), param + ".source.media_type")
+        return f"data:{media_type};base64,{a_string(source.get('data'), param + '.source.data')}"
+    if source_type == "url" and kind == "image":
+        return a_string(source.get("url"), param + ".source.url")
+    raise TranslationError(f"{kind} sources of type {source_type!r} only work with "
+                           "Anthropic models.", param=param + ".source.type")
+
+
+def _chat_document(block: JSON, param: str) -> list[JSON]:
+    source, source_type = _source(block, param)
+    if source_type == "text":
+        return [{"type": "text", "text": a_string(source.get("data"), param + ".source.data")}]
+    if source_type == "content":
+        at = param + ".source.content"
+        parts = []
+        for index, item in enumerate(_blocks(source.get("content"), at)):
+            parts += _chat_parts(*_block(item, f"{at}[{index}]"), f"{at}[{index}]")
+        return parts
+    filename = a_string_or_none(block.get("title"), param + ".title") or "document.pdf"
     return [{"type": "file", "file": {"filename": filename,
-                                      "file_data": _source_url(block, "document")}}]
+                                      "file_data": _source_url(block, "document", param)}}]
 
 
-def _chat_tools(tools: list[JSON], choice: Any) -> JSON:
-    out: JSON = {"tools": [_chat_tool(tool) for tool in tools]}
-    if not isinstance(choice, dict):
+def _chat_tools(tools: list[Any], choice: Any) -> JSON:
+    out: JSON = {"tools": [_chat_tool(tool, f"tools[{index}]")
+                           for index, tool in enumerate(tools)]}
+    if choice is None:
         return out
-    kind = choice.get("type")
+    kind = a_string(an_object(choice, "tool_choice").get("type"), "tool_choice.type")
     if kind == "tool":
-        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        out["tool_choice"] = {"type": "function", "function": {
+            "name": a_string(choice.get("name"), "tool_choice.name")}}
     elif kind in _CHAT_CHOICES:
         out["tool_choice"] = _CHAT_CHOICES[kind]
     else:
-        raise TranslationError(f"tool_choice type {kind!r} is not supported.")
-    if choice.get("disable_parallel_tool_use") and kind != "none":
+        raise TranslationError(f"tool_choice type {kind!r} is not supported.",
+                               param="tool_choice.type")
+    if a_flag(choice.get("disable_parallel_tool_use"),
+              "tool_choice.disable_parallel_tool_use") and kind != "none":
         out["parallel_tool_calls"] = False
     return out
 
 
-def _chat_tool(tool: JSON) -> JSON:
-    if tool.get("type") not in (None, "custom"):
-        raise TranslationError(f"the Anthropic server tool {tool.get('type')!r} only works "
-                               "with Anthropic models.")
-    function: JSON = {"name": tool["name"]}
-    if tool.get("description"):
+def _chat_tool(tool: Any, param: str) -> JSON:
+    tool = an_object(tool, param)
+    kind = a_string_or_none(tool.get("type"), param + ".type")
+    if kind not in (None, "custom"):
+        raise TranslationError(f"the Anthropic server tool {kind!r} only works "
+                               "with Anthropic models.", param=param + ".type")
+    function: JSON = {"name": a_string(tool.get("name"), param + ".name")}
+    if a_string_or_none(tool.get("description"), param + ".description"):
         function["description"] = tool["description"]
-    function["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
-    if tool.get("strict"):
+    schema = tool.get("input_schema")
+    if schema is not None:
+        an_object(schema, param + ".input_schema")
+    function["parameters"] = schema or {"type": "object", "properties": {}}
+    if a_flag(tool.get("strict"), param + ".strict"):
         function["strict"] = True
     return {"type": "function", "function": function}
 
@@ -569,14 +691,19 @@ def _chat_response_format(body: JSON) -> JSON:
     # Not `strict`: OpenAI's strict mode demands every property be required, which an
     # Anthropic schema need not do; the schema still guides the model.
     config = body.get("output_config")
-    output_format = (config.get("format") if isinstance(config, dict) else None) or body.get(
-        "output_format")
-    if not isinstance(output_format, dict):
+    param = "output_config.format"
+    output_format = None if config is None else an_object(config, "output_config").get("format")
+    if output_format is None:
+        output_format, param = body.get("output_format"), "output_format"
+    if output_format is None:
         return {}
-    if output_format.get("type") != "json_schema":
-        raise TranslationError(f"output format {output_format.get('type')!r} is not supported.")
+    kind = a_string(an_object(output_format, param).get("type"), param + ".type")
+    if kind != "json_schema":
+        raise TranslationError(f"output format {kind!r} is not supported.", param=param + ".type")
+    schema = output_format.get("schema")
     return {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "response", "schema": output_format.get("schema") or {}}}}
+        "name": "response", "schema": {} if schema is None else an_object(schema,
+                                                                          param + ".schema")}}}
 
 
 # -- OpenAI chat.completion -> Anthropic Message ---------------------------------------------

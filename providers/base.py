@@ -5,6 +5,7 @@ the first complete event (so a failure before it can still be retried elsewhere)
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -30,6 +31,8 @@ from gateway.tokens import delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
 from providers.translation import TranslationError
+
+logger = logging.getLogger("sluicegate")
 
 JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -264,7 +267,7 @@ class HTTPAdapter:
             except GatewayError:
                 raise
             except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-                raise GatewayError(400, f"The request cannot be counted: {exc}") from None
+                raise _unreadable(exc, "The request cannot be counted") from None
             return
         try:
             exchange = self.plan(ctx, deployment)
@@ -275,10 +278,7 @@ class HTTPAdapter:
                                         param=error.param, error_type=error.error_type,
                                         headers=error.headers) from error
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            # Translators raise these on request shapes they cannot express or read.
-            raise UntranslatableRequest(
-                400, f"The request cannot be sent to this model: {exc}",
-                param=exc.param if isinstance(exc, TranslationError) else None) from None
+            raise _unreadable(exc, "The request cannot be sent to this model") from None
         key = ctx.provider_key or (deployment.keys[0] if deployment.keys else None)
         if key is not None:
             exchange.headers.update(self.key_headers(key.secret))
@@ -664,6 +664,27 @@ class StreamDeadline:
             self._handle.cancel()
         if self._expired and exc_type is asyncio.CancelledError and self._task.uncancel() == 0:
             raise TimeoutError from exc
+
+
+def _unreadable(exc: Exception, what: str) -> UntranslatableRequest:
+    """The refusal of a request a translator (or a local answer) could not read.
+
+    Translators raise TranslationError, in API words, naming the field. Any other error is
+    a request shape one of them failed to check: its Python words ("'int' object is not
+    iterable") mean nothing to an API caller, so it gets the API's, and the log the kind
+    and place of the error (never its text, which may quote the request)."""
+    if isinstance(exc, TranslationError):
+        return UntranslatableRequest(400, f"{what}: {exc}", param=exc.param, code=exc.code)
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = "?" if frame is None else \
+        f"{frame.tb_frame.f_code.co_filename.rpartition('/')[2]}:{frame.tb_lineno}"
+    logger.warning("a request shape was not checked before it was read: %s at %s",
+                   type(exc).__name__, where)
+    return UntranslatableRequest(400, f"{what}: a field has a type or value this model's API "
+                                      "does not take; check the request against the API "
+                                      "reference.", code="invalid_request")
 
 
 def _one_line(text: str, limit: int = 240) -> str:

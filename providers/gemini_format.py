@@ -51,7 +51,29 @@ from providers.gemini_stream import (
     walk_parts,
 )
 from providers.streams import StreamError as UpstreamStreamError
-from providers.translation import TranslationError, tool_arguments
+from providers.translation import (
+    TranslationError,
+    a_flag,
+    a_number,
+    a_string,
+    a_string_or_none,
+    allowed_tools,
+    an_array,
+    an_integer,
+    an_object,
+    bad_tool_choice,
+    chosen_function,
+    content_parts,
+    function_tool,
+    image_url,
+    invalid,
+    part_text,
+    part_type,
+    response_format_type,
+    strings,
+    tool_arguments,
+    tool_call,
+)
 
 JSON = dict[str, Any]
 
@@ -91,13 +113,15 @@ def chat_request_to_gemini(body: JSON, *, fetches_urls: bool = True) -> JSON:
     `fetches_urls`: whether the model fetches image URLs itself (see `fetches_urls`).
     """
     _refuse_inexpressible(body)
-    system, contents = _contents(body.get("messages") or [], fetches_urls)
+    system, contents = _contents(an_array(body.get("messages"), "messages"), fetches_urls)
     request: JSON = {"contents": contents}
     if system:
         request["systemInstruction"] = {"parts": system}
-    if body.get("tools"):
+    tools = an_array(body.get("tools"), "tools")
+    if tools:
         calling, allowed = _function_calling_config(body.get("tool_choice"))
-        declarations = [_declaration(tool) for tool in body["tools"]]
+        declarations = [_declaration(tool, f"tools[{index}]")
+                        for index, tool in enumerate(tools)]
         if allowed is not None:
             declarations = [d for d in declarations if d["name"] in allowed]
         request["tools"] = [{"functionDeclarations": declarations}]
@@ -113,7 +137,8 @@ def _refuse_inexpressible(body: JSON) -> None:
     if body.get("functions") or body.get("function_call"):
         raise TranslationError("legacy `functions`/`function_call` are not supported for "
                                "Gemini models; send `tools` and `tool_choice` instead.")
-    if "audio" in (body.get("modalities") or ()) or body.get("audio"):
+    if "audio" in strings(body.get("modalities"), "modalities", "an array of strings") or \
+            body.get("audio"):
         raise TranslationError("audio output is not available through this Gemini route.")
 
 
@@ -129,23 +154,27 @@ def fetches_urls(model: str) -> bool:
     return not model.removeprefix("models/").startswith("gemini-2.0")
 
 
-def _contents(messages: list[JSON], fetches: bool) -> tuple[list[JSON], list[JSON]]:
+def _contents(messages: list[Any], fetches: bool) -> tuple[list[JSON], list[JSON]]:
     system: list[JSON] = []
     contents: list[JSON] = []
     call_names: dict[str, str] = {}  # tool_call id -> function name, for the tool results
-    for message in messages:
-        role = message.get("role")
+    for index, item in enumerate(messages):
+        at = f"messages[{index}]"
+        message = an_object(item, at)
+        role = a_string(message.get("role"), at + ".role")
         if role in ("system", "developer"):
-            system.extend(_text_parts(message.get("content"), str(role)))
+            system.extend(_text_parts(message.get("content"), role, at + ".content"))
             continue
         if role == "user":
-            gemini_role, parts = "user", _user_parts(message.get("content"), fetches)
+            gemini_role, parts = "user", _user_parts(message.get("content"), fetches,
+                                                     at + ".content")
         elif role == "assistant":
-            gemini_role, parts = "model", _assistant_parts(message, call_names)
+            gemini_role, parts = "model", _assistant_parts(message, call_names, at)
         elif role in ("tool", "function"):
-            gemini_role, parts = "user", [_tool_result_part(message, call_names)]
+            gemini_role, parts = "user", [_tool_result_part(message, call_names, at)]
         else:
-            raise TranslationError(f"message role {role!r} is not supported.")
+            raise TranslationError(f"message role {role!r} is not supported.",
+                                   param=at + ".role")
         if not parts:
             continue  # Gemini rejects a content without parts
         if contents and contents[-1]["role"] == gemini_role:
@@ -155,49 +184,53 @@ def _contents(messages: list[JSON], fetches: bool) -> tuple[list[JSON], list[JSO
     return system, contents
 
 
-def _text_parts(content: Any, role: str) -> list[JSON]:
+def _text_parts(content: Any, role: str, param: str) -> list[JSON]:
     if content is None:
         return []
     if isinstance(content, str):
         return [{"text": content}] if content else []
     parts = []
-    for part in content:
-        if part.get("type") not in ("text", "refusal"):
+    for index, item in enumerate(content_parts(content, param)):
+        at = f"{param}[{index}]"
+        part, kind = part_type(item, at)
+        if kind not in ("text", "refusal"):
             raise TranslationError(f"{role} messages can only hold text for Gemini models, "
-                                   f"not {part.get('type')!r} parts.")
-        text = part.get("text", part.get("refusal"))
+                                   f"not {kind!r} parts.", param=at + ".type")
+        text = part_text(part, kind, at)
         if text:
             parts.append({"text": text})
     return parts
 
 
-def _user_parts(content: Any, fetches: bool) -> list[JSON]:
+def _user_parts(content: Any, fetches: bool, param: str) -> list[JSON]:
     if content is None or isinstance(content, str):
-        return _text_parts(content, "user")
-    parts = []
-    for part in content:
-        kind = part.get("type")
+        return _text_parts(content, "user", param)
+    parts: list[JSON] = []
+    for index, item in enumerate(content_parts(content, param)):
+        at = f"{param}[{index}]"
+        part, kind = part_type(item, at)
         if kind == "text":
-            if part.get("text"):
-                parts.append({"text": part["text"]})
+            text = a_string(part.get("text"), at + ".text")
+            if text:
+                parts.append({"text": text})
         elif kind == "image_url":
-            image = part["image_url"]
-            parts.append(_media_part(image["url"] if isinstance(image, dict) else image,
-                                     fetches))
+            parts.append(_media_part(image_url(part, at), fetches, at + ".image_url"))
         elif kind == "input_audio":
-            audio = part["input_audio"]
-            parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}",
-                                         "data": audio["data"]}})
+            audio = an_object(part.get("input_audio"), at + ".input_audio")
+            audio_format = a_string(audio.get("format"), at + ".input_audio.format")
+            parts.append({"inlineData": {"mimeType": f"audio/{audio_format}", "data": a_string(
+                audio.get("data"), at + ".input_audio.data")}})
         elif kind == "file":
-            parts.append(_file_part(part["file"]))
+            parts.append(_file_part(an_object(part.get("file"), at + ".file"), at + ".file"))
         else:
-            raise TranslationError(f"content parts of type {kind!r} cannot be sent to Gemini.")
+            raise TranslationError(f"content parts of type {kind!r} cannot be sent to Gemini.",
+                                   param=at + ".type")
     return parts
 
 
-def _media_part(url: str, fetches: bool) -> JSON:
+def _media_part(url: str, fetches: bool, param: str) -> JSON:
     if url.startswith("data:"):
-        return {"inlineData": _data_url(url)}
+        return {"inlineData": _data_url(url, param + ".url")}
     if url.startswith(("https://", "http://")):
         if not fetches and not url.startswith(_ALWAYS_FETCHED):
             raise TranslationError("Gemini 2.0 models do not fetch images from URLs; send the "
@@ -205,39 +238,42 @@ def _media_part(url: str, fetches: bool) -> JSON:
         extension = urlsplit(url).path.rpartition(".")[2].lower()
         mime = _MIME_BY_EXTENSION.get(extension, "image/jpeg")
         return {"fileData": {"mimeType": mime, "fileUri": url}}
-    raise TranslationError("image URLs must be http(s) or base64 data: URLs.")
+    raise TranslationError("image URLs must be http(s) or base64 data: URLs.",
+                           param=param + ".url")
 
 
-def _data_url(url: str) -> JSON:
+def _data_url(url: str, param: str) -> JSON:
     header, comma, data = url[len("data:"):].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise TranslationError("data: URLs must be base64-encoded.")
+        raise TranslationError("data: URLs must be base64-encoded.", param=param)
     return {"mimeType": header.split(";")[0] or "application/octet-stream", "data": data}
 
 
-def _file_part(file: JSON) -> JSON:
-    data = file.get("file_data")
+def _file_part(file: JSON, param: str) -> JSON:
+    data = a_string_or_none(file.get("file_data"), param + ".file_data")
     if not data:
-        raise TranslationError("files must be sent inline (`file_data`) to Gemini models; "
-                               "uploaded `file_id`s are not available there.")
+        raise TranslationError(f"'{param}.file_data' is required: files must be sent inline "
+                               "to Gemini models; uploaded `file_id`s are not available there.",
+                               param=param + ".file_data")
+    filename = a_string_or_none(file.get("filename"), param + ".filename") or ""
     if data.startswith("data:"):
-        return {"inlineData": _data_url(data)}
-    extension = str(file.get("filename") or "").rpartition(".")[2].lower()
+        return {"inlineData": _data_url(data, param + ".file_data")}
+    extension = filename.rpartition(".")[2].lower()
     if extension not in _MIME_BY_EXTENSION:
-        raise TranslationError("`file_data` needs a data: URL or a filename with a known type.")
+        raise TranslationError("`file_data` needs a data: URL or a filename with a known type.",
+                               param=param + ".filename")
     return {"inlineData": {"mimeType": _MIME_BY_EXTENSION[extension], "data": data}}
 
 
-def _assistant_parts(message: JSON, call_names: dict[str, str]) -> list[JSON]:
-    parts = _text_parts(message.get("content"), "assistant")
-    for position, call in enumerate(message.get("tool_calls") or ()):
-        if call.get("type", "function") != "function":
-            raise TranslationError(f"tool calls of type {call.get('type')!r} cannot be sent "
-                                   "to Gemini.")
-        function = call["function"]
-        call_names[call.get("id", "")] = function["name"]
-        part: JSON = {"functionCall": {"name": function["name"],
-                                       "args": tool_arguments(function.get("arguments"))}}
+def _assistant_parts(message: JSON, call_names: dict[str, str], param: str) -> list[JSON]:
+    parts = _text_parts(message.get("content"), "assistant", param + ".content")
+    for position, call in enumerate(an_array(message.get("tool_calls"),
+                                             param + ".tool_calls")):
+        at = f"{param}.tool_calls[{position}]"
+        call_id, name, arguments = tool_call(call, at)
+        call_names[call_id] = name
+        part: JSON = {"functionCall": {"name": name, "args": tool_arguments(
+            arguments, at + ".function.arguments")}}
         signature = _signature(call)
         if signature or position == 0:
             part["thoughtSignature"] = signature or PLACEHOLDER_SIGNATURE
@@ -252,17 +288,25 @@ def _signature(call: JSON) -> str | None:
     return signature if isinstance(signature, str) and signature else None
 
 
-def _tool_result_part(message: JSON, call_names: dict[str, str]) -> JSON:
+def _tool_result_part(message: JSON, call_names: dict[str, str], param: str) -> JSON:
     if message.get("role") == "function":  # the legacy shape names the function itself
-        name = message.get("name")
+        name = a_string(message.get("name"), param + ".name")
     else:
-        name = call_names.get(message.get("tool_call_id") or "")
-    if not name:
-        raise TranslationError(f"the tool result for call {message.get('tool_call_id')!r} "
-                               "does not answer any earlier assistant tool call.")
+        call_id = a_string(message.get("tool_call_id"), param + ".tool_call_id")
+        name = call_names.get(call_id, "")
+        if not name:
+            raise TranslationError(f"'{param}.tool_call_id' ({call_id!r}) does not answer "
+                                   "any earlier assistant tool call.",
+                                   param=param + ".tool_call_id")
     content = message.get("content")
     if not isinstance(content, str):
-        content = "".join(p.get("text", "") for p in content or () if p.get("type") == "text")
+        texts = []
+        for index, item in enumerate(an_array(content, param + ".content",
+                                              "a string or an array of content parts")):
+            part, kind = part_type(item, f"{param}.content[{index}]")
+            if kind == "text":
+                texts.append(a_string(part.get("text"), f"{param}.content[{index}].text"))
+        content = "".join(texts)
     return {"functionResponse": {"name": name, "response": _result_object(content)}}
 
 
@@ -275,12 +319,13 @@ def _result_object(content: str) -> JSON:
     return parsed if isinstance(parsed, dict) else {"result": content}
 
 
-def _declaration(tool: JSON) -> JSON:
-    if tool.get("type") != "function":
+def _declaration(tool: Any, param: str) -> JSON:
+    found = function_tool(tool, param)
+    if found is None:
         raise TranslationError(f"tools of type {tool.get('type')!r} have no Gemini equivalent.",
                                param="tools")
-    function = tool["function"]
-    declaration: JSON = {"name": function["name"]}
+    function, name = found
+    declaration: JSON = {"name": name}
     if function.get("description"):
         declaration["description"] = function["description"]
     if function.get("parameters"):
@@ -299,60 +344,64 @@ def _function_calling_config(choice: Any) -> tuple[JSON, set[str] | None]:
     if isinstance(choice, str) and choice in _TOOL_MODES:
         return {"mode": _TOOL_MODES[choice]}, None
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}, None
+        return {"mode": "ANY", "allowedFunctionNames": [chosen_function(choice)]}, None
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice["allowed_tools"]
-        names = {tool["function"]["name"] for tool in allowed.get("tools") or ()}
-        if allowed.get("mode") == "required":  # allowedFunctionNames is only valid with ANY
+        names, required = allowed_tools(choice)
+        if required:  # allowedFunctionNames is only valid with ANY
             return {"mode": "ANY", "allowedFunctionNames": sorted(names)}, names
         return {"mode": "AUTO"}, names
-    raise TranslationError(f"tool_choice {choice!r} has no Gemini equivalent.",
-                           param="tool_choice")
+    raise bad_tool_choice(choice, "Gemini")
 
 
 def _generation_config(body: JSON) -> JSON:
     config: JSON = {}
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"),
-                         ("seed", "seed")):
-        if body.get(ours) is not None:
-            config[theirs] = body[ours]
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "topP")):
+        if (number := a_number(body, ours)) is not None:
+            config[theirs] = number
+    for ours, theirs in (("top_k", "topK"), ("seed", "seed")):
+        if (integer := an_integer(body, ours)) is not None:
+            config[theirs] = integer
     for ours, theirs in (("presence_penalty", "presencePenalty"),
                          ("frequency_penalty", "frequencyPenalty")):
-        if body.get(ours):
+        if a_number(body, ours):
             config[theirs] = body[ours]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = an_integer(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = an_integer(body, "max_tokens")
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
-    if body.get("n") not in (None, 1):
+    if an_integer(body, "n") not in (None, 1):
         config["candidateCount"] = body["n"]
-    stop = body.get("stop")
+    stop = strings(body.get("stop"), "stop")
     if stop:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-        if len(config["stopSequences"]) > MAX_STOP_SEQUENCES:
+        config["stopSequences"] = list(stop)
+        if len(stop) > MAX_STOP_SEQUENCES:
             raise TranslationError(f"Gemini models take at most {MAX_STOP_SEQUENCES} stop "
-                                   f"sequences; this request has "
-                                   f"{len(config['stopSequences'])}.", param="stop")
-    if body.get("logprobs"):
+                                   f"sequences; this request has {len(stop)}.", param="stop")
+    if a_flag(body.get("logprobs"), "logprobs"):
         config["responseLogprobs"] = True
-        if body.get("top_logprobs") is not None:
-            config["logprobs"] = body["top_logprobs"]
-    config.update(_response_format(body.get("response_format")))
+        if (top_logprobs := an_integer(body, "top_logprobs")) is not None:
+            config["logprobs"] = top_logprobs
+    config.update(_response_format(body))
     return config
 
 
-def _response_format(response_format: Any) -> JSON:
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if response_format is None or kind == "text":
+def _response_format(body: JSON) -> JSON:
+    kind = response_format_type(body)
+    if kind is None or kind == "text":
         return {}
     if kind == "json_object":
         return {"responseMimeType": "application/json"}
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        json_schema = an_object(body["response_format"].get("json_schema"),
+                                "response_format.json_schema")
         config: JSON = {"responseMimeType": "application/json"}
-        if schema:
-            config["responseJsonSchema"] = _json_schema(schema)
+        schema = json_schema.get("schema")
+        if schema is not None:
+            config["responseJsonSchema"] = _json_schema(
+                an_object(schema, "response_format.json_schema.schema"))
         return config
-    raise TranslationError(f"response_format {response_format!r} has no Gemini equivalent.",
+    raise TranslationError(f"response_format {kind!r} has no Gemini equivalent.",
                            param="response_format")
 
 
@@ -405,9 +454,14 @@ def embeddings_request_to_gemini(body: JSON, upstream_model: str) -> JSON:
     """OpenAI embeddings request -> batchEmbedContents body, one request per input text."""
     texts = _embedding_texts(body.get("input"))
     model = upstream_model if upstream_model.startswith("models/") else f"models/{upstream_model}"
+    encoding = a_string_or_none(body.get("encoding_format"), "encoding_format")
+    if encoding not in (None, "float", "base64"):
+        raise TranslationError(f"encoding_format {encoding!r} is not supported; use 'float' "
+                               "or 'base64'.", param="encoding_format")
     options: JSON = {}
-    if body.get("dimensions") is not None:
-        options["outputDimensionality"] = body["dimensions"]
+    dimensions = an_integer(body, "dimensions")
+    if dimensions is not None:
+        options["outputDimensionality"] = dimensions
     return {"requests": [{"model": model, "content": {"parts": [{"text": text}]}, **options}
                          for text in texts]}
 
@@ -429,11 +483,14 @@ def combine_embeddings(responses: list[JSON]) -> JSON:
 def _embedding_texts(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        return value
     if isinstance(value, list) and value:
-        raise TranslationError("Gemini embeddings take text input, not token arrays.",
-                               param="input")
+        if all(isinstance(item, str) for item in value):
+            return value
+        if all(isinstance(item, (int, list)) and not isinstance(item, bool) for item in value):
+            raise TranslationError("Gemini embeddings take text input, not token arrays.",
+                                   param="input")
+        index, item = next((i, item) for i, item in enumerate(value) if not isinstance(item, str))
+        raise invalid(f"input[{index}]", "a string", item)
     raise TranslationError("`input` must be a string or a non-empty list of strings.",
                            param="input")
 

@@ -309,9 +309,12 @@ def openai_error_fields(body: bytes) -> tuple[str | None, str | None, str | None
 
 
 async def send_count_tokens(ctx: RequestContext, send: Send) -> None:
-    """Anthropic's count_tokens for providers without one: the gateway's local count, marked
-    `exact` where the deployment's tokenizer counted every part, else `estimated`."""
+    """Anthropic's count_tokens for providers without one: the gateway's local count, of a
+    request the model could be sent (translated, it is checked as a messages request is: a
+    field of the wrong type is refused naming it), marked `exact` where the deployment's
+    tokenizer counted every part, else `estimated`."""
     body = ctx.body
+    anthropic_format.messages_request_to_chat(body)
     tokenizer = tokenizer_of(ctx)
     if tokenizer is None:
         tokens, exact = estimate_messages(body.get("messages") or [], body.get("system"),
