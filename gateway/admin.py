@@ -1,7 +1,13 @@
-"""What the layers' admin routes share: the admin token and JSON answers.
+"""What the layers' admin routes share: the admin token, JSON answers and refusals.
 
 The admin token is never a virtual key: it comes from an environment variable named in the
 config, is at least 16 characters, and is compared in constant time.
+
+Every admin refusal has one shape, the auth admin API's (middleware/auth/admin.py): OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, rendered by `GatewayError`, always with a
+`code`, and with `param` where one request parameter is at fault. A route that answers GET
+answers HEAD alike, without the body (RFC 9110 9.3.2); other methods get a 405 whose `Allow`
+lists what the route takes.
 """
 from __future__ import annotations
 
@@ -11,10 +17,14 @@ from typing import Any
 import orjson
 
 from gateway.config import ConfigError
-from gateway.kernel import Scope, Send, bearer_is, route_path
+from gateway.errors import GatewayError
+from gateway.kernel import Message, Scope, Send, bearer_is, drain_body, route_path
 
-__all__ = ["admin_token_from_env", "admitted", "is_admin", "read_json", "route_path",
-           "send_json"]
+__all__ = ["admin_error", "admin_token_from_env", "admitted", "allowed_methods", "is_admin",
+           "read_json", "route_path", "send_error", "send_json", "without_body_for_head"]
+
+_NO_STORE = (b"cache-control", b"no-store")
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="sluicegate-admin"')
 
 
 def admin_token_from_env(name: str, owner: str) -> bytes:
@@ -29,31 +39,67 @@ def is_admin(scope: Scope, token: bytes) -> bool:
     return bearer_is(scope["headers"], token)
 
 
+def admin_error(status: int, message: str, code: str, *, param: str | None = None,
+                headers: list[tuple[bytes, bytes]] | None = None) -> GatewayError:
+    """An admin refusal: always a `code`, and `param` where a parameter is at fault."""
+    return GatewayError(status, message, code=code, param=param, headers=headers)
+
+
+def allowed_methods(method: str) -> tuple[str, ...]:
+    """The methods a route that serves `method` takes: HEAD wherever GET (RFC 9110 9.3.2)."""
+    return (method, "HEAD") if method == "GET" else (method,)
+
+
 async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:
-    """True for a request with the admin token and `method`; else answers 401 or 405 (in
-    OpenAI's error shape) and says False."""
+    """True for a request with the admin token and `method` (HEAD for GET: answer it through
+    `without_body_for_head`); else answers 401 or 405 and says False."""
     if not is_admin(scope, token):
-        await send_json(send, 401, {"error": {"message": "A valid admin token is required.",
-                                               "type": "authentication_error"}})
+        await send_error(send, admin_error(
+            401, "A valid admin token is required: send 'Authorization: Bearer <admin token>'.",
+            "invalid_admin_token", headers=[_CHALLENGE]))
         return False
-    if scope["method"] != method:
-        await send_json(send, 405, {"error": {"message": f"Use {method}.",
-                                               "type": "invalid_request_error"}})
+    allowed = allowed_methods(method)
+    if scope["method"] not in allowed:
+        await send_error(send, admin_error(
+            405, f"Method {scope['method']} is not allowed here; use {' or '.join(allowed)}.",
+            "method_not_allowed", headers=[(b"allow", ", ".join(allowed).encode())]))
         return False
     return True
+
+
+def without_body_for_head(scope: Scope, send: Send) -> Send:
+    """`send` for answering `scope`: for HEAD, the same status and headers (Content-Length
+    too) with an empty body."""
+    if scope["method"] != "HEAD":
+        return send
+
+    async def send_without_body(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_without_body
 
 
 async def send_json(send: Send, status: int, payload: Any) -> None:
     body = orjson.dumps(payload)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", b"%d" % len(body)),
-                            (b"cache-control", b"no-store")]})
+                            (b"content-length", b"%d" % len(body)), _NO_STORE]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    status, headers, body = error.render("openai")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, _NO_STORE]})
     await send({"type": "http.response.body", "body": body})
 
 
 async def read_json(receive: Any, limit_bytes: int = 64 * 1024) -> Any:
-    """The request body as JSON, or None when it is empty, too large or not JSON."""
+    """The request body as JSON, None when it is empty; a 400 (`invalid_json`) when it is not
+    JSON, a 413 when it is over `limit_bytes` (read to its end first, so that the client
+    reads the answer)."""
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -61,11 +107,14 @@ async def read_json(receive: Any, limit_bytes: int = 64 * 1024) -> Any:
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit_bytes:
-            return None
-        chunks.append(chunk)
         more = message.get("more_body", False)
+        if size > limit_bytes:
+            if more:
+                await drain_body(receive)
+            raise admin_error(413, f"The request body exceeds {limit_bytes} bytes.",
+                              "request_too_large")
+        chunks.append(chunk)
     try:
         return orjson.loads(b"".join(chunks)) if size else None
     except orjson.JSONDecodeError:
-        return None
+        raise admin_error(400, "The request body is not valid JSON.", "invalid_json") from None

@@ -643,8 +643,9 @@ class Kernel:
     async def _send_json(self, send: Send, status: int, body: bytes, request_id: bytes,
                          scope: Scope, content_type: bytes = b"application/json") -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET.",
-                                 headers=[(b"allow", b"GET")])
+            error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET "
+                                      "or HEAD.", code="method_not_allowed",
+                                 headers=[(b"allow", b"GET, HEAD")])
             await self._send_error(send, error, "openai", request_id)
             return
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),

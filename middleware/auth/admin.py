@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from gateway.admin import allowed_methods
 from gateway.errors import GatewayError
 from gateway.ingress import nesting_exceeds, too_deep
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
@@ -84,7 +85,8 @@ class _Request:
         while more:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise GatewayError(400, "The client went away while sending the body.")
+                raise GatewayError(400, "The client went away while sending the body.",
+                                   code="client_disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -152,19 +154,23 @@ class AdminAPI:
             logger.exception("admin API: unhandled error on %s %r", scope["method"],
                              _loggable_path(route_path(scope)))
             status, headers, body = GatewayError(
-                500, "The admin API failed to handle this request; see the gateway log."
-            ).render("openai")
+                500, "The admin API failed to handle this request; see the gateway log.",
+                code="internal_error").render("openai")
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # HEAD: GET's status and headers, Content-Length included, without the body.
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})
 
     async def _respond(self, scope: Scope, receive: Receive) -> Payload:
         self._authenticate(scope["headers"])
         methods, params = self._route(route_path(scope), _path_segments(scope))
-        handler = methods.get(scope["method"])
+        # HEAD wherever GET (RFC 9110 9.3.2), answered as GET (without the body: __call__).
+        handler = methods.get("GET" if scope["method"] == "HEAD" else scope["method"])
         if handler is None:
-            allowed = ", ".join(methods)
+            allowed = ", ".join(method for name in methods for method in allowed_methods(name))
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use "
-                                    f"{allowed}.", headers=[(b"allow", allowed.encode())])
+                                    f"{allowed}.", code="method_not_allowed",
+                               headers=[(b"allow", allowed.encode())])
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         request = _Request(params, query, receive, _content_length(scope["headers"]),
                            self.max_body_bytes)
@@ -179,7 +185,7 @@ class AdminAPI:
             raise GatewayError(503, f"The key store is unavailable: {exc}.",
                                code="store_unavailable") from None
         except ValueError as exc:  # a value the store refused
-            raise GatewayError(400, f"{exc}.") from None
+            raise GatewayError(400, f"{exc}.", code="invalid_request") from None
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
         value = next((v for k, v in headers if k == b"authorization"), None)
@@ -232,7 +238,7 @@ class AdminAPI:
         project = body.pop("project", None)
         if not isinstance(project, str) or not project:
             raise GatewayError(400, "'project' is required: the project the key belongs to.",
-                               param="project")
+                               param="project", code="missing_required_parameter")
         plaintext, key = await self.store.create(project, **_key_settings(body))
         return 201, {"key": plaintext, **key.to_public_json()}
 
@@ -242,7 +248,8 @@ class AdminAPI:
             try:
                 check_project(project)
             except ValueError as exc:
-                raise GatewayError(400, f"Invalid project: {exc}.", param="project") from None
+                raise GatewayError(400, f"Invalid project: {exc}.", param="project",
+                                   code="invalid_parameter") from None
         keys = await self.store.list(project)
         return 200, {"object": "list", "data": [key.to_public_json() for key in keys]}
 
@@ -257,7 +264,8 @@ class AdminAPI:
         _refuse_unknown(body, UPDATABLE_FIELDS)
         if not body:
             raise GatewayError(400, "Nothing to update: send one or more of "
-                                    f"{', '.join(sorted(UPDATABLE_FIELDS))}.")
+                                    f"{', '.join(sorted(UPDATABLE_FIELDS))}.",
+                               code="missing_required_parameter")
         key = await self.store.update(_key_id(request.params[0]), **_key_settings(body))
         if key is None:
             raise _no_key(request.params[0])
@@ -342,7 +350,8 @@ def _key_settings(body: dict[str, Any]) -> dict[str, Any]:
         try:
             settings.update(check_storable_key_fields(**{name: value}))
         except (ValueError, TypeError) as exc:
-            raise GatewayError(400, f"Invalid {name}: {exc}.", param=name) from None
+            raise GatewayError(400, f"Invalid {name}: {exc}.", param=name,
+                               code="invalid_parameter") from None
     return settings
 
 
@@ -352,25 +361,27 @@ def _parse_datetime(value: Any) -> datetime:
     except (ValueError, TypeError):
         raise GatewayError(400, "Invalid expires_at: an ISO 8601 date and time with a "
                                 "timezone, e.g. 2030-01-01T00:00:00Z, or null.",
-                           param="expires_at") from None
+                           param="expires_at", code="invalid_parameter") from None
 
 
 def _parse_limits(value: Any) -> Limits:
     if not isinstance(value, dict):
         raise GatewayError(400, "Invalid limits: an object like {\"rpm\": 60, \"budgets\": "
                                 "[{\"limit_usd\": \"10\", \"period\": \"monthly\"}]}.",
-                           param="limits")
+                           param="limits", code="invalid_parameter")
     try:
         return Limits.from_json(value)
     except (ValueError, TypeError, ArithmeticError) as exc:  # (decimal's, on odd amounts)
-        raise GatewayError(400, f"Invalid limits: {exc}.", param="limits") from None
+        raise GatewayError(400, f"Invalid limits: {exc}.", param="limits",
+                           code="invalid_parameter") from None
 
 
 def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise GatewayError(400, f"Unknown field(s): {', '.join(unknown)}; known: "
-                                f"{', '.join(sorted(known))}.", param=unknown[0])
+                                f"{', '.join(sorted(known))}.", param=unknown[0],
+                           code="unknown_parameter")
 
 
 def _subject(request: _Request) -> tuple[str, str]:
@@ -382,7 +393,8 @@ def _subject(request: _Request) -> tuple[str, str]:
         try:
             check_subject_id(kind, subject_id)
         except ValueError as exc:
-            raise GatewayError(400, f"Invalid {kind} id: {exc}.") from None
+            raise GatewayError(400, f"Invalid {kind} id: {exc}.", param="subject_id",
+                               code="invalid_parameter") from None
     return kind, subject_id
 
 
@@ -396,7 +408,8 @@ def _key_id(key_id: str) -> str:
 def _check_kind(kind: str) -> None:
     if kind not in ADMIN_LIMIT_KINDS:
         raise GatewayError(400, f"Unknown limit kind {kind!r}; use one of "
-                                f"{', '.join(ADMIN_LIMIT_KINDS)}.", param="kind")
+                                f"{', '.join(ADMIN_LIMIT_KINDS)}.", param="kind",
+                           code="invalid_parameter")
 
 
 def _path_segments(scope: Scope) -> list[str]:

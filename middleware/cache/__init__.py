@@ -34,7 +34,15 @@ import lz4.block
 import orjson
 
 from gateway import context as c
-from gateway.admin import admin_token_from_env, admitted, read_json, route_path, send_json
+from gateway.admin import (
+    admin_error,
+    admin_token_from_env,
+    admitted,
+    read_json,
+    route_path,
+    send_error,
+    send_json,
+)
 from gateway.config import ConfigError
 from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.errors import GatewayError
@@ -345,29 +353,15 @@ class CacheMiddleware:
         assert self.admin_token is not None
         if not await admitted(scope, send, self.admin_token, "POST"):
             return
-        body = await read_json(receive)
-        fields = {k: v for k, v in body.items() if v is not None} \
-            if isinstance(body, dict) else {}
-        tags = []
-        for name, make in (("project", project_tag), ("model", model_tag),
-                           ("namespace", namespace_tag)):
-            value = fields.pop(name, None)
-            if value is None:
-                continue
-            if not isinstance(value, str) or not value:  # (dropping it would widen the call)
-                fields[name] = value
-                break
-            tags.append(make(value))
-        if not tags or fields:
-            await send_json(send, 400, _admin_error(
-                'Send a JSON object with at least one of "project", "model" and "namespace" '
-                "(strings), and nothing else.", "invalid_request_error"))
-            return
         try:
+            tags = _invalidation_tags(await read_json(receive))
             dropped = await self.store.invalidate(*tags)
+        except GatewayError as error:
+            await send_error(send, error)
+            return
         except CacheStoreError as exc:
-            await send_json(send, 503, _admin_error(f"The cache store is unavailable: {exc}",
-                                                    "service_unavailable"))
+            await send_error(send, admin_error(503, f"The cache store is unavailable: {exc}",
+                                               "cache_store_unavailable"))
             return
         await send_json(send, 200, {"object": "cache.invalidation", "tags": tags,
                                     "dropped": dropped})
@@ -677,8 +671,36 @@ def _not_cached() -> GatewayError:
                         headers=[(b"x-should-retry", b"false")])
 
 
-def _admin_error(message: str, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind}}
+_INVALIDATION_FIELDS = (("project", project_tag), ("model", model_tag),
+                        ("namespace", namespace_tag))
+
+
+def _invalidation_tags(body: Any) -> list[str]:
+    """The tags an invalidation's body names (at least one), or the admin 400 naming the
+    field at fault; a field of the wrong type is refused, not dropped (which would widen the
+    call)."""
+    usage = ('Send a JSON object with at least one of "project", "model" and "namespace" '
+             "(non-empty strings), and nothing else.")
+    if not isinstance(body, dict):
+        raise admin_error(400, usage, "invalid_json" if body is not None else
+                          "missing_required_parameter")
+    known = {name for name, _ in _INVALIDATION_FIELDS}
+    unknown = sorted(name for name in body if name not in known)
+    if unknown:
+        raise admin_error(400, f"Unknown field {unknown[0]!r}. {usage}", "unknown_parameter",
+                          param=unknown[0])
+    tags = []
+    for name, make in _INVALIDATION_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise admin_error(400, f"{name!r} must be a non-empty string.", "invalid_type",
+                              param=name)
+        tags.append(make(value))
+    if not tags:
+        raise admin_error(400, usage, "missing_required_parameter")
+    return tags
 
 
 def _make_store(store: CacheStore | str, max_bytes: int) -> CacheStore:

@@ -60,7 +60,13 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from gateway.admin import admin_token_from_env, admitted, route_path, send_json
+from gateway.admin import (
+    admin_token_from_env,
+    admitted,
+    route_path,
+    send_json,
+    without_body_for_head,
+)
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
@@ -235,7 +241,7 @@ class FailoverMiddleware:
         if ctx is None:
             if self.admin_token is not None and route_path(scope) == ADMIN_PATH:
                 if await admitted(scope, send, self.admin_token, "GET"):
-                    await send_json(send, 200, self.describe())
+                    await send_json(without_body_for_head(scope, send), 200, self.describe())
                 return
             await self.app(scope, receive, send)
             return

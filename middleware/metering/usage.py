@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from gateway.admin import admitted, send_json
+from gateway.admin import (
+    admin_error,
+    admitted,
+    send_error,
+    send_json,
+    without_body_for_head,
+)
 from gateway.context import PRINCIPAL_KEY
 from gateway.errors import GatewayError
 from gateway.kernel import Scope, Send
@@ -50,10 +56,11 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
     """`GET /admin/usage?group_by=key|project|customer|model&since=&until=&grain=[&subject=]`"""
     if not await admitted(scope, send, admin_token, "GET"):
         return
+    send = without_body_for_head(scope, send)
     if store is None:
-        await send_json(send, 404, {"error": {
-            "message": "No PostgreSQL usage store is configured; use `sluicegate usage "
-                       "--journal DIR`.", "type": "not_found_error"}})
+        await send_error(send, admin_error(
+            404, "No PostgreSQL usage store is configured; use `sluicegate usage --journal "
+                 "DIR`.", "usage_unavailable"))
         return
     query = _query(scope)
     try:
@@ -63,13 +70,14 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
         since, until, grain = _window(query)
         rows = await store.usage(group_by=group_by, grain=grain, since=since, until=until,
                                  subject=query.get("subject"))
-    except ValueError as exc:
-        await send_json(send, 400, {"error": {"message": str(exc),
-                                               "type": "invalid_request_error"}})
+    except _BadParameter as exc:
+        await send_error(send, admin_error(400, str(exc), "invalid_parameter", param=exc.param))
+        return
+    except ValueError as exc:  # (a value the store refused)
+        await send_error(send, admin_error(400, str(exc), "invalid_parameter"))
         return
     except UsageStoreError as exc:
-        await send_json(send, 503, {"error": {"message": str(exc),
-                                               "type": "service_unavailable"}})
+        await send_error(send, admin_error(503, str(exc), "usage_store_unavailable"))
         return
     await send_json(send, 200, {"object": "usage", "group_by": group_by, "grain": grain,
                                 "since": since.isoformat(), "until": until.isoformat(),
@@ -85,9 +93,11 @@ async def serve_own_usage(store: PostgresUsageStore | None, scope: Scope, send: 
         raise GatewayError(401, "This gateway cannot verify API keys for /v1/usage/self (no "
                                 "AuthMiddleware before MeteringMiddleware).",
                            code="authentication_unavailable")
-    if scope["method"] != "GET":
-        raise GatewayError(405, f"Method {scope['method']} is not allowed here; use GET.",
-                           headers=[(b"allow", b"GET")])
+    if scope["method"] not in ("GET", "HEAD"):
+        raise GatewayError(405, f"Method {scope['method']} is not allowed here; use GET or "
+                                "HEAD.", code="method_not_allowed",
+                           headers=[(b"allow", b"GET, HEAD")])
+    send = without_body_for_head(scope, send)
     if store is None:
         raise GatewayError(404, "This gateway keeps no usage database (its MeteringMiddleware "
                                 "has no PostgreSQL store), so it cannot report usage.",

@@ -45,7 +45,15 @@ from typing import Any
 
 import orjson
 
-from gateway.admin import admin_token_from_env, admitted, route_path, send_json
+from gateway.admin import (
+    admin_error,
+    admin_token_from_env,
+    admitted,
+    route_path,
+    send_error,
+    send_json,
+    without_body_for_head,
+)
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     OPENAI_RESPONSES,
@@ -779,16 +787,17 @@ class QuotaMiddleware:
         assert self.admin_token is not None
         if not await admitted(scope, send, self.admin_token, "GET"):
             return
+        send = without_body_for_head(scope, send)
         parts = route_path(scope)[len("/admin/usage/"):].split("/", 1)
         if len(parts) != 2 or not all(parts):
-            await send_json(send, 404, {"error": {
-                "message": "Use /admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
+            await send_error(send, admin_error(404, "Use /admin/usage/{kind}/{subject}.",
+                                               "unknown_url"))
             return
         kind, subject = parts
         if kind not in _USAGE_KINDS:
-            await send_json(send, 404, {"error": {
-                "message": f"Unknown kind; use one of {', '.join(_USAGE_KINDS)}: "
-                           "/admin/usage/{kind}/{subject}.", "type": "not_found_error"}})
+            await send_error(send, admin_error(
+                404, f"Unknown kind; use one of {', '.join(_USAGE_KINDS)}: "
+                     "/admin/usage/{kind}/{subject}.", "unknown_kind", param="kind"))
             return
         now = datetime.now(UTC)
         checks, starts = [], []
@@ -800,8 +809,8 @@ class QuotaMiddleware:
         try:
             values = await self.store.committed(checks)
         except QuotaStoreError:
-            await send_json(send, 503, {"error": {"message": "The quota store is unavailable.",
-                                                   "type": "service_unavailable"}})
+            await send_error(send, admin_error(503, "The quota store is unavailable.",
+                                               "quota_store_unavailable"))
             return
         periods = {period: {"period_start": start.isoformat(),
                             "committed_usd": None if value is None

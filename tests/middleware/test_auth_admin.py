@@ -494,12 +494,12 @@ def test_unknown_paths_are_404(client: httpx.Client, path: str) -> None:
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("DELETE", "/admin/keys", "GET, POST"),
-    ("PUT", "/admin/keys/key_x", "GET, PATCH"),
+    ("DELETE", "/admin/keys", "GET, HEAD, POST"),
+    ("PUT", "/admin/keys/key_x", "GET, HEAD, PATCH"),
     ("GET", "/admin/keys/key_x/revoke", "POST"),
     ("DELETE", "/admin/keys/key_x/rotate", "POST"),
-    ("POST", "/admin/limits", "GET"),
-    ("POST", "/admin/limits/project/acme", "GET, PUT, DELETE"),
+    ("POST", "/admin/limits", "GET, HEAD"),
+    ("POST", "/admin/limits/project/acme", "GET, HEAD, PUT, DELETE"),
 ])
 def test_wrong_methods_are_405(client: httpx.Client, method: str, path: str,
                                allowed: str) -> None:

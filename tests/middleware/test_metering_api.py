@@ -235,7 +235,7 @@ def test_missing_unknown_and_revoked_keys_are_401(ledger: Ledger) -> None:
 def test_only_get_is_allowed(ledger: Ledger) -> None:
     response = httpx.post(ledger.url + SELF, headers=auth(ledger.alice.key), json={})
     error = error_of(response, 405)
-    assert error["type"] == "invalid_request_error" and response.headers["allow"] == "GET"
+    assert error["type"] == "invalid_request_error" and response.headers["allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize(("query", "param"), [

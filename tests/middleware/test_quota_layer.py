@@ -1127,8 +1127,10 @@ def test_admin_usage_reports_committed_spend(start: Start, store: str,
                     {"authorization": f"Bearer {TEST_KEY}"}):
         refused = httpx.get(url, headers=headers)
         assert refused.status_code == 401
-        assert refused.json() == {"error": {"message": "A valid admin token is required.",
-                                            "type": "authentication_error"}}
+        assert refused.json() == {"error": {
+            "message": "A valid admin token is required: send 'Authorization: Bearer <admin "
+                       "token>'.", "type": "authentication_error", "param": None,
+            "code": "invalid_admin_token"}}
 
     now = datetime.now(UTC)
 
