@@ -2,16 +2,18 @@
 
 The first call starts at once. If its response has not started after `Route.hedge_after_s`,
 a second deployment is called too (it needs the retry budget, like any retry). The first of
-the two to start its response wins; the other is cancelled, which closes its upstream
+the two to start its response wins; the other is cancelled then, which closes its upstream
 connection. Each call runs in its own task with its own copy of the request context, so the
-two never write the same fields; the winner's fields are copied back, the loser's attempt is
-kept in `ctx.attempts`. The response headers stay the request's: what a layer below puts on
-them (the quota layer's, listed below this one) is on the response whichever call wins; so
-do the hooks a layer below adds to run once the request has ended (`RequestContext.on_end`:
-the quota layer's settle), which run whichever call added them. A
-call that failed while the other went on to answer counts against its deployment, but never
-replaces the answer (nor its metering). Each call is held to the route's TTFT timeout, and
-the winner's stream continued when it breaks, as an unhedged call.
+two never write the same fields; the winner's fields are copied back, and both calls'
+attempts put in `ctx.attempts`, before its last message goes up: a layer above may record
+the request as it passes (the metering layer's durability="response"). The response headers
+stay the request's: what a layer below puts on them (the quota layer's, listed below this
+one) is on the response whichever call wins; so do the hooks a layer below adds to run once
+the request has ended (`RequestContext.on_end`: the quota layer's settle), which run
+whichever call added them. A call that failed while the other went on to answer counts
+against its deployment, but never replaces the answer (nor its metering). Each call is held
+to the route's TTFT timeout, and the winner's stream continued when it breaks, as an
+unhedged call.
 
 Limits: a provider may bill the loser's input tokens even though it was cancelled before its
 first byte; those are not in the usage record (nobody told us how many there were).
@@ -64,6 +66,7 @@ class Hedge:
         self.route, self.tried, self.fallback_model = route, tried, fallback_model
         if ctx.on_end is None:  # (the copies share the request's list: `_launch`)
             ctx.on_end = []
+        self.attempts_before = len(ctx.attempts)  # (the calls' attempts go after these)
         self.receive = _SharedReceive(receive)
         self.winner: asyncio.Task[None] | None = None
         self.hedged: asyncio.Task[None] | None = None  # the second call, when it was made
@@ -109,8 +112,16 @@ class Hedge:
                 self.winner = task
                 self.tried.started = True
                 self.started.set()
+                for other in self.copies:  # (now: no attempt of theirs comes after this)
+                    if other is not task:
+                        other.cancel()
                 self._copy_back(copy)
                 self.tried.set_headers(self.ctx, extra)  # the kernel adds them to this start
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # A layer above may record the request as its last message passes (metering's
+                # durability="response"): the call's usage and every attempt are in by then.
+                self._copy_back(copy)
+                self._gather_attempts()
             await self.send(message)
 
         # Each call as an unhedged attempt makes it: the TTFT timeout, and continuation.
@@ -144,11 +155,8 @@ class Hedge:
         while pending and self.winner is None:
             await self._wait_start_or_end({task: None for task in pending}, None)
             pending = {task for task in pending if not task.done()}
-        for task, (state, key) in calls.items():
-            if task is not self.winner and not task.done():
-                task.cancel()
-        await asyncio.wait(calls)
-        self.ctx.attempts.extend(a for task in calls for a in self.copies[task].attempts)
+        await asyncio.wait(calls)  # (the loser was cancelled when the winner started)
+        self._gather_attempts()
         next_chain: list[str] | None = None
         answer: UpstreamError | None = None  # a failure that goes back to the caller as it is
         other: BaseException | None = None  # a refusal from below, or the client went away
@@ -204,6 +212,12 @@ class Hedge:
         if error is not None:
             raise error
         self.layer.succeeded(self.ctx, state, key, self.began[self.winner])
+
+    def _gather_attempts(self) -> None:
+        """Puts the calls' attempts so far in the request's context, in the order the calls
+        were made (again: the winner's last message put them there first)."""
+        self.ctx.attempts[self.attempts_before:] = [
+            attempt for copy in self.copies.values() for attempt in copy.attempts]
 
     def _copy_back(self, copy: RequestContext) -> None:
         for name in _RESULT_FIELDS:
