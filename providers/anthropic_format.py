@@ -74,7 +74,6 @@ from providers.translation import (
     content_parts,
     function_tool,
     image_url,
-    invalid,
     part_text,
     part_type,
     response_format_type,
@@ -508,7 +507,7 @@ def _system_messages(system: Any) -> list[JSON]:
     texts = []
     for index, item in enumerate(an_array(system, "system",
                                           "a string or an array of text blocks")):
-        block, kind = _block(item, f"system[{index}]")
+        block, kind = part_type(item, f"system[{index}]")
         if kind == "text":
             texts.append(_block_text(block, f"system[{index}]"))
     text = "\n".join(t for t in texts if t)
@@ -516,15 +515,7 @@ def _system_messages(system: Any) -> list[JSON]:
 
 
 def _blocks(content: Any, param: str) -> list[Any]:
-    if isinstance(content, list):
-        return content
-    raise invalid(param, "a string or an array of content blocks", content)
-
-
-def _block(block: Any, param: str) -> tuple[JSON, str]:
-    """(the content block, its `type`)."""
-    block = an_object(block, param)
-    return block, a_string(block.get("type"), param + ".type")
+    return content_parts(content, param, "content blocks")
 
 
 def _block_text(block: JSON, param: str) -> str:
@@ -538,7 +529,7 @@ def _chat_assistant(content: Any, param: str) -> JSON:
     calls: list[JSON] = []
     for index, item in enumerate(_blocks(content, param)):
         at = f"{param}[{index}]"
-        block, kind = _block(item, at)
+        block, kind = part_type(item, at)
         if kind == "text":
             texts.append(_block_text(block, at))
         elif kind == "tool_use":
@@ -569,7 +560,7 @@ def _chat_user(content: Any, param: str) -> list[JSON]:
     parts: list[JSON] = []
     for index, item in enumerate(_blocks(content, param)):
         at = f"{param}[{index}]"
-        block, kind = _block(item, at)
+        block, kind = part_type(item, at)
         if kind == "tool_result":
             message, media = _chat_tool_result(block, at)
             tool_messages.append(message)
@@ -595,7 +586,7 @@ def _chat_tool_result(block: JSON, param: str) -> tuple[JSON, list[JSON]]:
     elif content is not None:
         for index, item in enumerate(_blocks(content, param + ".content")):
             at = f"{param}.content[{index}]"
-            for part in _chat_parts(*_block(item, at), at):
+            for part in _chat_parts(*part_type(item, at), at):
                 if part["type"] == "text":
                     texts.append(part["text"])
                 else:
@@ -642,7 +633,7 @@ def _chat_document(block: JSON, param: str) -> list[JSON]:
         at = param + ".source.content"
         parts = []
         for index, item in enumerate(_blocks(source.get("content"), at)):
-            parts += _chat_parts(*_block(item, f"{at}[{index}]"), f"{at}[{index}]")
+            parts += _chat_parts(*part_type(item, f"{at}[{index}]"), f"{at}[{index}]")
         return parts
     filename = a_string_or_none(block.get("title"), param + ".title") or "document.pdf"
     return [{"type": "file", "file": {"filename": filename,

@@ -137,11 +137,12 @@ def response_format_type(body: JSON) -> str | None:
                     "response_format.type")
 
 
-def content_parts(content: Any, param: str) -> list[Any]:
-    """A message's content as its list of parts (a string or null is not one)."""
+def content_parts(content: Any, param: str, parts: str = "content parts") -> list[Any]:
+    """A message's content as its list of parts (a string or null is not one); `parts`: what
+    the API calls them (Anthropic: content blocks)."""
     if isinstance(content, list):
         return content
-    raise invalid(param, "a string or an array of content parts", content)
+    raise invalid(param, f"a string or an array of {parts}", content)
 
 
 def part_type(part: Any, param: str) -> tuple[JSON, str]:
