@@ -96,9 +96,9 @@ from middleware.failover.affinity import (
 )
 from middleware.failover.continuation import (
     CONTINUABLE,
+    BothParts,
     ContinuationRelay,
     Transcript,
-    add_usage,
     continuation_body,
     estimated_usage,
     transcript_tee,
@@ -840,11 +840,13 @@ class FailoverMiddleware:
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
         ctx.usage = None
         calls_before = len(ctx.attempts)  # (the passthrough notes each call it makes there)
+        both = BothParts(ctx, broken_usage)
         state.started()
         began = time.monotonic()
         outcome = "cancelled"
         try:
-            await self.app(scope, receive, ContinuationRelay(send, ctx.api_format, transcript))
+            await self.app(scope, receive,
+                           ContinuationRelay(both.tee(send), ctx.api_format, transcript))
             # A layer below may end the stream itself instead of calling (the quota layer's
             # cut-off, with no room left in the budget for the continuation): nothing was
             # learnt of the deployment.
@@ -864,20 +866,20 @@ class FailoverMiddleware:
             raise
         finally:
             ctx.body = original
-            state.finished(ctx.usage if outcome == "answered" else None)
+            state.finished(both.continuation if outcome == "answered" else None)
             if outcome in ("cancelled", "refused", "uncalled"):  # client gone, a cut-off
                 state.release()  # from above, a refusal from below, no call: no verdict
                 if key is not None:
                     key.breaker.release()
             if outcome == "cancelled":  # what both parts delivered: the broken one's is
-                ctx.usage = add_usage(broken_usage, ctx.usage)  # priced where it ran
+                both.sum()  # priced where it ran
         if outcome == "uncalled":  # neither an attempt nor a retry, and no rpm token spent
             tried.attempts -= 1
             state.refused()
             self.retry_not_made()
         else:
             self.succeeded(ctx, state, key, began)
-        ctx.usage = add_usage(broken_usage, ctx.usage)
+        both.sum()
 
     def _next_for_continuation(self, ctx: RequestContext, route: Route,
                                tried: Tried) -> tuple[DeploymentState, KeyState | None] | None:

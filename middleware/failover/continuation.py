@@ -20,7 +20,9 @@ Limits:
   400, as `policy.classify` reads it) would come back from anywhere, and ends the stream.
 - One continuation per request; the continued part's chunks carry the fallback's ids.
 - Usage is the sum of both calls; the broken call's is the provider's when it reported one,
-  else estimated (its output from the text received, its input from the request).
+  else estimated (its output from the text received, its input from the request). The sum is
+  in the request's context before the continuation's last message goes up: a layer above may
+  record the request as it passes (the metering layer's durability="response").
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ from gateway.layers import Message, Send
 from gateway.sse import SSEParser, split_complete_events
 from gateway.tokens import estimate_messages, estimate_text
 
-__all__ = ["CONTINUABLE", "ContinuationRelay", "Transcript", "add_usage", "continuation_body",
-           "estimated_usage", "transcript_tee"]
+__all__ = ["CONTINUABLE", "BothParts", "ContinuationRelay", "Transcript", "add_usage",
+           "continuation_body", "estimated_usage", "transcript_tee"]
 
 CONTINUABLE = frozenset({OPENAI_CHAT, ANTHROPIC_MESSAGES})
 _DROPPED_ANTHROPIC = (b"event: message_start", b"event: ping")
@@ -120,6 +122,38 @@ def add_usage(first: Usage, second: Usage | None) -> Usage:
                  first.reasoning_tokens + second.reasoning_tokens,
                  first.cache_write_tokens + second.cache_write_tokens,
                  first.cache_write_1h_tokens + second.cache_write_1h_tokens)
+
+
+class BothParts:
+    """Puts the request's usage, the broken call's plus the continuation's, in its context:
+    as the continuation's last message goes up (a layer above may record the request as it
+    passes: metering's durability="response"), and again when the continuation has ended
+    (once: a usage already summed is not summed again)."""
+
+    __slots__ = ("broken", "ctx", "own", "summed")
+
+    def __init__(self, ctx: RequestContext, broken: Usage) -> None:
+        self.ctx, self.broken = ctx, broken
+        self.own: Usage | None = None  # the continuation's, when it was summed
+        self.summed: Usage | None = None
+
+    @property
+    def continuation(self) -> Usage | None:
+        """The continuation call's own usage (what its deployment's capacity pays)."""
+        summed = self.summed is not None and self.ctx.usage is self.summed
+        return self.own if summed else self.ctx.usage
+
+    def tee(self, send: Send) -> Send:
+        async def send_summing_usage_at_end(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.sum()
+            await send(message)
+        return send_summing_usage_at_end
+
+    def sum(self) -> None:
+        if self.summed is None or self.ctx.usage is not self.summed:
+            self.own = self.ctx.usage
+            self.ctx.usage = self.summed = add_usage(self.broken, self.own)
 
 
 def continuation_body(ctx: RequestContext, partial: str) -> dict[str, object]:

@@ -92,11 +92,12 @@ FAILOVER = ("Middleware(FailoverMiddleware, breaker=NEVER_OPENS, retry=RetryPoli
             f"strategy='priority', hedge_after_s={HEDGE_AFTER_S}) for name in models}})")
 
 
-def config_file(tmp_path: Path, mock_url: str, durability: str, prefix: str) -> Path:
+def config_file(tmp_path: Path, mock_url: str, durability: str, prefix: str,
+                failover: str = FAILOVER) -> Path:
     metering = (f"Middleware(MeteringMiddleware, journal_dir={str(tmp_path / 'journal')!r}, "
                 f"durability={durability!r}, flush_interval_s=0.05)")
     quota = f"Middleware(QuotaMiddleware, store=RedisQuotaStore({REDIS_URL!r}, prefix={prefix!r}))"
-    layers = [AUTH, metering, quota, "Middleware(CacheMiddleware)", FAILOVER]  # (the README's)
+    layers = [AUTH, metering, quota, "Middleware(CacheMiddleware)", failover]  # (the README's)
     extra = ("from middleware.failover import Route\n"
              "from middleware.quota import RedisQuotaStore\n"
              + MODELS + f"middleware = [{', '.join(layers)}]\n")
