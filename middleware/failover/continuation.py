@@ -20,9 +20,10 @@ Limits:
   400, as `policy.classify` reads it) would come back from anywhere, and ends the stream.
 - One continuation per request; the continued part's chunks carry the fallback's ids.
 - Usage is the sum of both calls; the broken call's is the provider's when it reported one,
-  else estimated (its output from the text received, its input from the request). The sum is
-  in the request's context before the continuation's last message goes up: a layer above may
-  record the request as it passes (the metering layer's durability="response").
+  else estimated (its output from the text received, its input from the request: with the
+  deployment's tokenizer where it has one). The sum is in the request's context before the
+  continuation's last message goes up: a layer above may record the request as it passes
+  (the metering layer's durability="response").
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import orjson
 from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, RequestContext, Usage
 from gateway.layers import Message, Send
 from gateway.sse import SSEParser, split_complete_events
-from gateway.tokens import estimate_messages, estimate_text
+from gateway.tokens import estimate_input_tokens, estimate_text, tokenizer_of
 
 __all__ = ["CONTINUABLE", "BothParts", "ContinuationRelay", "Transcript", "add_usage",
            "continuation_body", "estimated_usage", "transcript_tee"]
@@ -105,12 +106,13 @@ def transcript_tee(send: Send, transcript: Transcript) -> Send:
 
 
 def estimated_usage(ctx: RequestContext, partial: str) -> Usage:
-    """The broken call's usage when its provider never reported one."""
-    body = ctx.body
-    messages = body.get("messages")
-    return Usage(input_tokens=estimate_messages(messages if isinstance(messages, list) else [],
-                                                body.get("system"), body.get("tools")),
-                 output_tokens=estimate_text(partial))
+    """The broken call's usage when its provider never reported one: the request's input and
+    the text it delivered, counted with its deployment's tokenizer where it has one (else
+    the heuristic)."""
+    tokenizer = tokenizer_of(ctx)
+    return Usage(input_tokens=estimate_input_tokens(ctx),
+                 output_tokens=estimate_text(partial) if tokenizer is None
+                 else tokenizer.count(partial))
 
 
 def add_usage(first: Usage, second: Usage | None) -> Usage:
