@@ -93,11 +93,12 @@ FAILOVER = ("Middleware(FailoverMiddleware, breaker=NEVER_OPENS, retry=RetryPoli
 
 
 def config_file(tmp_path: Path, mock_url: str, durability: str, prefix: str,
-                failover: str = FAILOVER) -> Path:
+                failover: str | None = None) -> Path:
     metering = (f"Middleware(MeteringMiddleware, journal_dir={str(tmp_path / 'journal')!r}, "
                 f"durability={durability!r}, flush_interval_s=0.05)")
     quota = f"Middleware(QuotaMiddleware, store=RedisQuotaStore({REDIS_URL!r}, prefix={prefix!r}))"
-    layers = [AUTH, metering, quota, "Middleware(CacheMiddleware)", failover]  # (the README's)
+    layers = [AUTH, metering, quota, "Middleware(CacheMiddleware)",
+              failover or FAILOVER]  # (the README's order)
     extra = ("from middleware.failover import Route\n"
              "from middleware.quota import RedisQuotaStore\n"
              + MODELS + f"middleware = [{', '.join(layers)}]\n")
