@@ -25,6 +25,7 @@ from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
+from gateway.kernel import check_stack, stack_components
 from gateway.logs import configure_logging
 from gateway.metrics import METRICS_DIR_ENV
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
@@ -75,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_config(path: str) -> int:
     config = load_config(path)
     stack = build_stack(config)
+    check_stack(stack_components(stack), config)  # (what the gateway checks as it starts)
     print(f"config: {path}")
     print("stack (outermost first):")
     print("  kernel (errors, request id, body, context, /healthz, /readyz, /v1/models)")

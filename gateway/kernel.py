@@ -144,6 +144,15 @@ def stack_components(app: Any) -> list[Any]:
     return components
 
 
+def check_stack(components: Sequence[Any], config: GatewayConfig) -> None:
+    """Runs each layer's `check_config(config)` (the layers that check their options against
+    the config, and learn from it what the layers below them are), raising ConfigError."""
+    for component in components:
+        check = getattr(component, "check_config", None)
+        if callable(check):
+            check(config)
+
+
 def body_after_auth(components: Sequence[Any]) -> bool:
     """Whether the kernel leaves a request's body unparsed for the layer that checks the
     caller (gateway/layers.py): when the outermost layers, before one that says it parses the
@@ -183,10 +192,7 @@ class Kernel:
         if self.metrics is not None and self._meter_provider is None and otlp_exporter_wanted():
             self._meter_provider, self._owns_meter_provider = otlp_meter_provider(), True
         self.components = stack_components(app)
-        for component in self.components:  # layers that check options against the config
-            check = getattr(component, "check_config", None)
-            if callable(check):
-                check(config)
+        check_stack(self.components, config)
         self._models_openai = orjson.dumps(self._model_list_openai(list(config.models)))
         self._models_anthropic = orjson.dumps(self._model_list_anthropic(list(config.models)))
         # With a layer that says who the caller is, the model list goes down the stack to it.

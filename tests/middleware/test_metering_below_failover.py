@@ -32,6 +32,7 @@ from gateway import create_app
 from gateway.config import ConfigError
 from middleware.metering import UsageRecord
 from middleware.metering.journal import Journal
+from tests.gateway.test_config import run_cli
 from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.middleware.test_quota_failover import TWO_DEPLOYMENTS
 from tests.middleware.test_quota_layer import (
@@ -273,3 +274,19 @@ def test_durable_metering_below_a_custom_router_records_a_rerouted_request_once(
                   if record.request_id == responses[1].headers["x-request-id"])
     assert (second.model, second.served_model, second.status, second.error_type) == \
         ("cheap-mock", "cheap-upstream", 200, None)
+
+
+def test_check_config_refuses_what_the_gateway_would_refuse_at_startup(
+        tmp_path: Path, mock_url: str) -> None:
+    """`sluicegate check-config` runs the layers' own checks (it only built the stack, and
+    said such a config was fine)."""
+    path = config_file(tmp_path, mock_url, stack("below_failover", tmp_path / "journal",
+                                                 DOWNGRADING, "response"))
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "MeteringMiddleware(durability='response') is listed below FailoverMiddleware" \
+        in result.stderr
+    accepted = config_file(tmp_path / "default", mock_url,
+                           stack("default", tmp_path / "journal", DOWNGRADING, "response"))
+    assert run_cli("check-config", str(accepted)).returncode == 0
