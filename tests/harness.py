@@ -25,6 +25,25 @@ from gateway import create_app
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pg_names(stem: str) -> Iterator[str]:
+    """A unique name for a test module's PostgreSQL usage tables (`<name>_events`,
+    `<name>_rollups`, `<name>_schema_version`) and key schema (`<name>`), all dropped once the
+    module is done (a module fixture's `yield from`)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    name = stem + uuid.uuid4().hex[:10]
+    yield name
+    with psycopg.connect("host=127.0.0.1 port=5432 user=root dbname=test",
+                         autocommit=True) as conn:
+        for table in ("events", "rollups", "schema_version"):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(
+                sql.Identifier(f"{name}_{table}")))
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,16 +10,13 @@ methods the route takes.
 """
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
 
-from tests.harness import TEST_KEY, mock_config, serve
+from tests.harness import TEST_KEY, mock_config, pg_names, serve
 
 PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
 ADMIN_TOKEN = "admin-sweep-token-0123456789"
@@ -30,13 +27,7 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
     """This module's PostgreSQL tables (usage) and schema (keys), dropped afterwards."""
-    name = "adminsweep_" + uuid.uuid4().hex[:10]
-    yield name
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        for table in ("events", "rollups", "schema_version"):
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(
-                sql.Identifier(f"{name}_{table}")))
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    yield from pg_names("adminsweep_")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 from gateway.ingress import MAX_NESTING
-from tests.harness import TEST_KEY, ThreadedServer, mock_config, serve
+from tests.harness import TEST_KEY, ThreadedServer, mock_config, pg_names, serve
 from tests.mock_providers import MockProviderServer
 
 PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
@@ -71,13 +71,7 @@ def body_with(path: str, model: str, fields: dict[str, Any]) -> bytes:
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
     """This module's PostgreSQL tables (usage) and schema (keys), dropped afterwards."""
-    name = "sweep_" + uuid.uuid4().hex[:10]
-    yield name
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        for table in ("events", "rollups", "schema_version"):
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(
-                sql.Identifier(f"{name}_{table}")))
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    yield from pg_names("sweep_")
 
 
 @pytest.fixture(scope="module")
