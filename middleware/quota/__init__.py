@@ -833,7 +833,8 @@ class _Responder:
     pricing bills it.
 
     The adapters send whole events, each ending in one blank line, so `events` is the
-    number of events sent: in a Responses stream (numbered from 0), the next one's number.
+    number of events sent: in a Responses stream (numbered from 0), the next one's number
+    (counted only there).
     SSE comments (`: keepalive`, which providers and proxies send on slow streams) pass on
     to the client but are no events (`count_events`), and no output.
 
@@ -854,6 +855,7 @@ class _Responder:
         "deltas_before",
         "events",
         "input_tokens",
+        "numbered",
         "price",
         "spent_before",
         "streaming",
@@ -867,6 +869,9 @@ class _Responder:
         self.continued = False
         self.spent_before = self.deltas_before = 0  # what the broken part of it cost, sent
         self.events = self.deltas = 0
+        # (events are counted only where they are numbered: the error event that ends a
+        # Responses stream takes the next number; no other format reads the count)
+        self.numbered = ctx.operation == OPENAI_RESPONSES
         self.counters = content_counters(ctx.operation)
         self.streaming = False
         self.price = est.price  # (the reservation's, until the response starts)
@@ -886,7 +891,8 @@ class _Responder:
             if self.price is not None and self._over_budget(deltas) and self._costs():
                 return self._cut_off()  # this message is replaced, so not counted
             self.deltas = deltas
-            self.events += count_events(body)
+            if self.numbered:
+                self.events += count_events(body)
         return self._send(message)
 
     def _over_budget(self, deltas: int) -> bool:
@@ -949,7 +955,7 @@ class _Responder:
         (a Responses stream's then `response.failed`, for the response it opened)."""
         error = GatewayError(402, "The stream was ended because its cost reached what is left "
                                   "of the budget.", code="budget_exceeded")
-        responses = self.ctx.operation == OPENAI_RESPONSES
+        responses = self.numbered
         ending = stream_error_ending(
             self.ctx.api_format, error, operation=self.ctx.operation,
             sequence_number=self.events,
