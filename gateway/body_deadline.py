@@ -8,14 +8,15 @@ request. Here a read registers its task and deadline in a dict instead; one time
 only while some body is awaited, looks at them every `tick_s` and cancels the tasks whose
 time is up. The read that was cancelled so (`expired`) takes the cancellation back and
 answers as the deadline says (408, or a drain that gives up); any other cancellation goes on.
-A late body is found up to `tick_s` late.
+A late body is found up to `tick_s` late. `within(deadline)` wraps a read as
+`asyncio.timeout_at` would: past the deadline, the read raises TimeoutError.
 """
 from __future__ import annotations
 
 import asyncio
 from time import monotonic
 
-__all__ = ["BodyDeadlines"]
+__all__ = ["BodyDeadlines", "Within"]
 
 
 class BodyDeadlines:
@@ -34,6 +35,10 @@ class BodyDeadlines:
     def deadline(self) -> float:
         """The deadline of a request starting now (`time.monotonic`)."""
         return monotonic() + self.timeout_s
+
+    def within(self, deadline: float) -> Within:
+        """A context for one read: TimeoutError out of it if `deadline` passes during it."""
+        return Within(self, deadline)
 
     def enter(self, deadline: float) -> asyncio.Task[object] | None:
         """Registers the current task as awaiting its body until `deadline`; the task, for
@@ -71,3 +76,23 @@ class BodyDeadlines:
                 self._expired.add(task)
                 task.cancel()
         self._handle = loop.call_later(self.tick_s, self._tick) if self._reading else None
+
+
+class Within:
+    """`BodyDeadlines.within`: registers the read's task on entry, and on exit turns the
+    watch's cancellation into TimeoutError (any other goes on)."""
+
+    __slots__ = ("_bodies", "_deadline", "_task")
+
+    def __init__(self, bodies: BodyDeadlines, deadline: float) -> None:
+        self._bodies, self._deadline = bodies, deadline
+        self._task: asyncio.Task[object] | None = None
+
+    def __enter__(self) -> None:
+        self._task = self._bodies.enter(self._deadline)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: object) -> None:
+        self._bodies.leave(self._task)
+        if kind is asyncio.CancelledError and self._bodies.expired(self._task):
+            raise TimeoutError from None

@@ -25,7 +25,7 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 import orjson
@@ -69,6 +69,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("sluicegate")
+_NO_DEADLINE = nullcontext()  # (`Kernel._within` without a deadline; reusable)
 _random_bits = random.Random().getrandbits  # seeded from os.urandom
 
 
@@ -403,29 +404,28 @@ class Kernel:
                                  f"{self.body_timeout_s:g} s of the request's start.",
                             code="request_timeout", headers=[(b"connection", b"close")])
 
+    def _within(self, deadline: float | None) -> AbstractContextManager[None]:
+        """A read that raises TimeoutError once `deadline` passes (one timer for all
+        requests, `gateway.body_deadline`: none of its own); no deadline: a plain read."""
+        bodies = self._bodies
+        return _NO_DEADLINE if bodies is None or deadline is None else bodies.within(deadline)
+
     async def _drain(self, receive: Receive, deadline: float | None,
                      message: Message | None = None) -> None:
         """`drain_body` for a refusal made before the body was read, until `deadline`: the
         refusal goes out then whatever is left unsent (and the connection is closed)."""
-        bodies = self._bodies
-        if bodies is None or deadline is None:
-            await drain_body(receive, message)
-            return
-        task = bodies.enter(deadline)
         try:
-            await drain_body(receive, message)
-        except asyncio.CancelledError:
-            if not bodies.expired(task):
-                raise
-        finally:
-            bodies.leave(task)
+            with self._within(deadline):
+                await drain_body(receive, message)
+        except TimeoutError:
+            pass
 
     async def _read_body(self, receive: Receive, deadline: float | None) -> bytes:
         """The whole body, by `deadline` (else 408), at most `max_body_bytes` (else 413)."""
         bodies = self._bodies
         if bodies is None or deadline is None:
             body = await self._receive_body(receive)
-        else:  # (one timer for all requests, `gateway.body_deadline`: none of its own)
+        else:  # (`_within` spelled out: ~4k instructions less on every request's body read)
             task = bodies.enter(deadline)
             try:
                 body = await self._receive_body(receive)
@@ -541,19 +541,11 @@ class Kernel:
             nonlocal body_read
             if body_read:  # (what is left to receive is the client's disconnect: no deadline)
                 return await receive()
-            bodies = self._bodies
-            if bodies is None or deadline is None:
-                message = await receive()
-            else:
-                task = bodies.enter(deadline)
-                try:
+            try:
+                with self._within(deadline):
                     message = await receive()
-                except asyncio.CancelledError:
-                    if not bodies.expired(task):
-                        raise
-                    raise self._body_timed_out() from None
-                finally:
-                    bodies.leave(task)
+            except TimeoutError:
+                raise self._body_timed_out() from None
             body_read = not message.get("more_body", False)
             return message
 

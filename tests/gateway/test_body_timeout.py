@@ -222,17 +222,13 @@ def test_body_timeout_s_must_be_a_positive_number_or_none(
 # -- the one timer (gateway.body_deadline) --------------------------------------------------
 
 async def _read(bodies: BodyDeadlines, deadline: float, wait_s: float) -> str:
-    """A body read as the kernel's: what the deadline's cancellation turns into ("late"),
-    any other cancellation going on."""
-    task = bodies.enter(deadline)
+    """A body read as the kernel's (`within`): what the deadline's cancellation turns into
+    ("late"), any other cancellation going on."""
     try:
-        await asyncio.sleep(wait_s)
-    except asyncio.CancelledError:
-        if not bodies.expired(task):
-            raise
+        with bodies.within(deadline):
+            await asyncio.sleep(wait_s)
+    except TimeoutError:
         return "late"
-    finally:
-        bodies.leave(task)
     return "read"
 
 
