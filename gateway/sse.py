@@ -138,13 +138,19 @@ def exact_anthropic_content_deltas(events: bytes) -> int:
     return len(_ANTHROPIC_DELTA.findall(events))
 
 
+def _non_empty_strings(events: bytes, key: bytes, exact: Callable[[bytes], int]) -> int:
+    """The non-empty strings under `key` (quoted) in compact JSON, two scans; JSON written
+    with spaces after the key goes to `exact`."""
+    found = events.count(key + b':"')
+    if found:
+        return found - events.count(key + b':""')
+    return exact(events) if events.count(key + b': ') else 0
+
+
 def responses_content_deltas(events: bytes) -> int:
     """The content deltas in Responses events: each non-empty `delta` (output text, a
     refusal, function call arguments, reasoning text), which only `*.delta` events have."""
-    deltas = events.count(b'"delta":"')
-    if deltas:
-        return deltas - events.count(b'"delta":""')
-    return exact_responses_content_deltas(events) if events.count(b'"delta": ') else 0
+    return _non_empty_strings(events, b'"delta"', exact_responses_content_deltas)
 
 
 def exact_responses_content_deltas(events: bytes) -> int:
@@ -154,10 +160,7 @@ def exact_responses_content_deltas(events: bytes) -> int:
 def completion_content_deltas(events: bytes) -> int:
     """The content deltas in legacy completion chunks: each non-empty choice `text` (a
     choice's last chunk has an empty one, with its finish reason)."""
-    texts = events.count(b'"text":"')
-    if texts:
-        return texts - events.count(b'"text":""')
-    return exact_completion_content_deltas(events) if events.count(b'"text": ') else 0
+    return _non_empty_strings(events, b'"text"', exact_completion_content_deltas)
 
 
 def exact_completion_content_deltas(events: bytes) -> int:
