@@ -7,7 +7,8 @@ Every admin refusal has one shape, the auth admin API's (middleware/auth/admin.p
 `{"error": {"message", "type", "param", "code"}}`, rendered by `GatewayError`, always with a
 `code`, and with `param` where one request parameter is at fault. A route that answers GET
 answers HEAD alike, without the body (RFC 9110 9.3.2); other methods get a 405 whose `Allow`
-lists what the route takes.
+lists what the route takes. A route that reads a body refuses one it cannot read as JSON from
+its headers, before reading it: `check_json_body`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from gateway.config import ConfigError
 from gateway.errors import GatewayError
 from gateway.kernel import Message, Scope, Send, bearer_is, drain_body, route_path
 
-__all__ = ["admin_error", "admin_token_from_env", "admitted", "allowed_methods", "is_admin",
-           "read_json", "route_path", "send_error", "send_json", "without_body_for_head"]
+__all__ = ["admin_error", "admin_token_from_env", "admitted", "allowed_methods",
+           "check_json_body", "is_admin", "read_json", "route_path", "send_error", "send_json",
+           "without_body_for_head"]
 
 _NO_STORE = (b"cache-control", b"no-store")
 _CHALLENGE = (b"www-authenticate", b'Bearer realm="sluicegate-admin"')
@@ -96,10 +98,40 @@ async def send_error(send: Send, error: GatewayError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_json(receive: Any, limit_bytes: int = 64 * 1024) -> Any:
-    """The request body as JSON, None when it is empty; a 400 (`invalid_json`) when it is not
-    JSON, a 413 when it is over `limit_bytes` (read to its end first, so that the client
-    reads the answer)."""
+def check_json_body(headers: list[tuple[bytes, bytes]]) -> None:
+    """Refuses, from the headers alone, a request body an admin route cannot read as JSON:
+    a 415 (`unsupported_media_type`) for a Content-Type other than JSON, and a 415
+    (`unsupported_content_encoding`) with `Accept-Encoding: identity` for a compressed body
+    (RFC 9110 15.5.16). Lenient where the public API is strict: `application/json` may have
+    parameters (`; charset=utf-8`), `application/*+json` is JSON too, and so is a body sent
+    without a Content-Type (`curl -d` sends one, form-urlencoded, which is refused)."""
+    for name, value in headers:
+        if name == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            if not _is_json(media_type):
+                raise admin_error(415, f"Content-Type must be application/json, not "
+                                       f"{media_type.decode('latin-1')!r}.",
+                                  "unsupported_media_type")
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise admin_error(415, f"Content-Encoding {value.strip().decode('latin-1')!r} is "
+                                   "not supported: send the request body uncompressed.",
+                              "unsupported_content_encoding",
+                              headers=[(b"accept-encoding", b"identity")])
+
+
+def _is_json(media_type: bytes) -> bool:
+    # RFC 6839 3.1: a "+json" suffix names a JSON-based media type.
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+        and len(media_type) > len(b"application/+json"))
+
+
+async def read_json(scope: Scope, receive: Any, limit_bytes: int = 64 * 1024) -> Any:
+    """The request body as JSON, None when it is empty; a 415 when its headers say it is not
+    JSON (`check_json_body`: the body unread, the kernel reads it to its end before the
+    answer), a 400 (`invalid_json`) when it is not JSON, a 413 when it is over `limit_bytes`
+    (read to its end first, so that the client reads the answer)."""
+    check_json_body(scope["headers"])
     chunks, size, more = [], 0, True
     while more:
         message = await receive()

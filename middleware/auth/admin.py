@@ -1,8 +1,9 @@
 """The admin HTTP API for virtual keys and per-subject limits: a pure ASGI handler.
 
 Mount it where the operator wants it (it routes on the path below `root_path`), behind an
-admin token that is never a virtual key. JSON in and out; refusals are OpenAI-shaped
-errors rendered by the one shared helper. A plaintext key appears in exactly two responses:
+admin token that is never a virtual key. JSON in and out (a body its headers say is not
+JSON is a 415: `gateway.admin.check_json_body`); refusals are OpenAI-shaped errors rendered
+by the one shared helper. A plaintext key appears in exactly two responses:
 the one that creates it and the one that rotates to it.
 
     POST   /admin/keys                     create a key (201, plaintext shown once)
@@ -31,7 +32,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.admin import allowed_methods
+from gateway.admin import allowed_methods, check_json_body
 from gateway.errors import GatewayError
 from gateway.ingress import nesting_exceeds, too_deep
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
@@ -74,11 +75,17 @@ class _Request:
     params: list[str]
     query: dict[str, str]
     receive: Receive
-    content_length: int | None
+    headers: list[tuple[bytes, bytes]]
     max_body_bytes: int
 
     async def json(self) -> dict[str, Any]:
-        if self.content_length is not None and self.content_length > self.max_body_bytes:
+        try:
+            check_json_body(self.headers)  # (a 415 before a 413, as in the kernel)
+        except GatewayError:
+            await drain_body(self.receive, limit_bytes=16 * 1024 * 1024)  # (as for the 413)
+            raise
+        content_length = _content_length(self.headers)
+        if content_length is not None and content_length > self.max_body_bytes:
             await drain_body(self.receive, limit_bytes=16 * 1024 * 1024)  # so the client reads the 413, not a reset
             raise _too_large(self.max_body_bytes)
         chunks, size, more = [], 0, True
@@ -172,8 +179,7 @@ class AdminAPI:
                                     f"{allowed}.", code="method_not_allowed",
                                headers=[(b"allow", allowed.encode())])
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        request = _Request(params, query, receive, _content_length(scope["headers"]),
-                           self.max_body_bytes)
+        request = _Request(params, query, receive, scope["headers"], self.max_body_bytes)
         try:
             return await handler(request)
         except KeyStoreReadOnly as exc:

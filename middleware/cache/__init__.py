@@ -354,7 +354,7 @@ class CacheMiddleware:
         if not await admitted(scope, send, self.admin_token, "POST"):
             return
         try:
-            tags = _invalidation_tags(await read_json(receive))
+            tags = _invalidation_tags(await read_json(scope, receive))
             dropped = await self.store.invalidate(*tags)
         except GatewayError as error:
             await send_error(send, error)

@@ -6,14 +6,17 @@ invalidation and the deployments' state (failover). Every refusal has the auth a
 shape: OpenAI's `{"error": {"message", "type", "param", "code"}}`, always with a `code`, with
 `param` where one parameter is at fault. A route that answers GET answers HEAD alike (RFC 9110
 9.3.2: the same status and headers, no body); other methods get a 405 whose `Allow` lists the
-methods the route takes.
+methods the route takes. A route that reads a body refuses one whose headers say it is not
+JSON (415), once the admin token is checked and before the body is read or acted on.
 """
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.harness import TEST_KEY, mock_config, pg_names, serve
@@ -237,3 +240,125 @@ def test_other_methods_are_a_405_listing_the_allowed_ones(
     response = http.request(method, path, headers=headers)
     assert_admin_error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == allowed
+
+
+# -- the body's media type and coding, on every route that reads a body ---------------------------
+
+# (method, path, body, the GET showing what the request would change, or None)
+REFUSED_ROUTES: list[tuple[str, str, dict[str, Any], str | None]] = [
+    ("POST", "/admin/keys", {"project": "sweep-refused"}, "/admin/keys?project=sweep-refused"),
+    ("PATCH", "/admin/keys/{key}", {"metadata": {"refused": True}}, "/admin/keys/{key}"),
+    ("PUT", "/admin/limits/project/sweep-refused", {"rpm": 5},
+     "/admin/limits/project/sweep-refused"),
+    ("POST", "/admin/cache/invalidate", {"project": "sweep-refused"}, None),
+]
+NOT_JSON: list[tuple[dict[str, str], str]] = [
+    ({"content-type": "text/plain"}, "unsupported_media_type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, "unsupported_media_type"),  # curl -d
+    ({"content-type": "multipart/form-data; boundary=sweep"}, "unsupported_media_type"),
+    ({"content-type": "application/jsonp"}, "unsupported_media_type"),
+    ({"content-type": "application/json", "content-encoding": "gzip"},
+     "unsupported_content_encoding"),
+    ({"content-encoding": "br"}, "unsupported_content_encoding"),
+]
+REFUSED_CASES = [(method, path, body, probe, headers, code)
+                 for method, path, body, probe in REFUSED_ROUTES for headers, code in NOT_JSON]
+
+
+@pytest.fixture(scope="module")
+def key_id(http: httpx.Client) -> str:
+    """A key for the PATCH route to change (or not)."""
+    created = http.post("/admin/keys", json={"project": "sweep-media"}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def encoded(body: dict[str, Any], headers: dict[str, str]) -> bytes:
+    content = orjson.dumps(body)
+    return gzip.compress(content) if "content-encoding" in headers else content
+
+
+@pytest.mark.parametrize(("method", "path", "body", "probe", "headers", "code"), REFUSED_CASES,
+                         ids=[f"{c[0]} {c[1]} {c[4]}" for c in REFUSED_CASES])
+def test_a_body_that_is_not_json_by_its_headers_is_a_415_and_changes_nothing(
+        http: httpx.Client, key_id: str, method: str, path: str, body: dict[str, Any],
+        probe: str | None, headers: dict[str, str], code: str) -> None:
+    before = http.get(probe.format(key=key_id), headers=ADMIN) if probe else None
+    response = http.request(method, path.format(key=key_id), content=encoded(body, headers),
+                            headers={**ADMIN, **headers})
+    error = assert_admin_error(response, 415, code)
+    if code == "unsupported_content_encoding":  # RFC 9110 15.5.16
+        assert response.headers["accept-encoding"] == "identity"
+        assert repr(headers["content-encoding"]) in error["message"]
+    else:
+        assert "accept-encoding" not in response.headers
+        assert repr(headers["content-type"].split(";")[0]) in error["message"]
+    if probe is not None and before is not None:  # (not read, so not acted on)
+        after = http.get(probe.format(key=key_id), headers=ADMIN)
+        assert (after.status_code, after.json()) == (before.status_code, before.json())
+    assert http.get("/healthz").status_code == 200  # (and the connection was usable)
+
+
+ACCEPTED_ROUTES: list[tuple[str, str, dict[str, Any], int]] = [
+    ("POST", "/admin/keys", {"project": "sweep-accepted"}, 201),
+    ("PATCH", "/admin/keys/{key}", {"metadata": {"accepted": True}}, 200),
+    ("PUT", "/admin/limits/project/sweep-accepted", {"rpm": 5}, 200),
+    ("POST", "/admin/cache/invalidate", {"project": "sweep-accepted"}, 200),
+]
+JSON_HEADERS: list[dict[str, str]] = [
+    {},  # no Content-Type: taken as JSON (README)
+    {"content-type": "application/json; charset=utf-8"},
+    {"content-type": "Application/JSON"},
+    {"content-type": "application/merge-patch+json"},
+    {"content-type": "application/json", "content-encoding": "identity"},
+]
+ACCEPTED_CASES = [(method, path, body, status, headers)
+                  for method, path, body, status in ACCEPTED_ROUTES for headers in JSON_HEADERS]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "headers"), ACCEPTED_CASES,
+                         ids=[f"{c[0]} {c[1]} {c[4]}" for c in ACCEPTED_CASES])
+def test_a_json_body_is_taken_without_a_content_type_and_with_parameters(
+        http: httpx.Client, key_id: str, method: str, path: str, body: dict[str, Any],
+        status: int, headers: dict[str, str]) -> None:
+    response = http.request(method, path.format(key=key_id), content=orjson.dumps(body),
+                            headers={**ADMIN, **headers})
+    assert response.request.headers.get("content-type") == headers.get("content-type")
+    assert response.status_code == status, response.text
+    if method == "PATCH":
+        assert response.json()["metadata"] == {"accepted": True}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "probe"), REFUSED_ROUTES,
+                         ids=[f"{r[0]} {r[1]}" for r in REFUSED_ROUTES])
+def test_the_admin_token_is_checked_before_the_content_type(
+        http: httpx.Client, key_id: str, method: str, path: str, body: dict[str, Any],
+        probe: str | None) -> None:
+    for headers in ({"content-type": "text/plain"}, {"content-encoding": "gzip"}):
+        response = http.request(method, path.format(key=key_id), content=b"not json",
+                                headers=headers)
+        error = assert_admin_error(response, 401, response.json()["error"]["code"])
+        assert error["code"] in ("missing_admin_token", "invalid_admin_token"), error
+
+
+BODILESS: list[tuple[str, str]] = [
+    ("GET", "/admin/keys"), ("HEAD", "/admin/keys"), ("GET", "/admin/keys/{key}"),
+    ("GET", "/admin/limits"), ("GET", "/admin/limits/project/never-set"),
+    ("DELETE", "/admin/limits/project/never-set"), ("POST", f"/admin/keys/{UNKNOWN_KEY}/revoke"),
+    ("POST", f"/admin/keys/{UNKNOWN_KEY}/rotate"), ("GET", "/admin/usage?group_by=key"),
+    ("GET", "/admin/usage/key/x"), ("GET", "/admin/deployments"),
+    ("GET", "/admin/cache/invalidate"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODILESS, ids=[f"{m} {p}" for m, p in BODILESS])
+def test_a_route_that_reads_no_body_ignores_its_content_headers(
+        http: httpx.Client, key_id: str, method: str, path: str) -> None:
+    plain = http.request(method, path.format(key=key_id), headers=ADMIN)
+    for headers in ({"content-type": "text/plain"},
+                    {"content-type": "application/x-www-form-urlencoded"},
+                    {"content-encoding": "gzip"}):
+        response = http.request(method, path.format(key=key_id), headers={**ADMIN, **headers})
+        assert response.status_code == plain.status_code != 415, response.text
+        if plain.status_code >= 400:
+            assert response.json()["error"]["code"] == plain.json()["error"]["code"]

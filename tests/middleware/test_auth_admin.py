@@ -523,6 +523,20 @@ def test_bodies_over_one_mebibyte_are_413(client: httpx.Client) -> None:
     assert client.post("/admin/keys", content=just_under).status_code == 201
 
 
+def test_a_body_that_is_not_json_by_its_headers_is_415_before_413(client: httpx.Client) -> None:
+    name = project()
+    big = orjson.dumps({"project": name, "metadata": {"pad": "x" * (2 << 20)}})
+    for headers, code in (({"content-type": "text/plain"}, "unsupported_media_type"),
+                          ({"content-encoding": "gzip"}, "unsupported_content_encoding")):
+        for content in (big, orjson.dumps({"project": name})):  # (big: drained, then answered)
+            response = client.post("/admin/keys", content=content, headers=headers)
+            assert_error(response, 415, code, "invalid_request_error")
+    assert client.get("/admin/keys", params={"project": name}).json()["data"] == []
+    assert client.post("/admin/keys", content=orjson.dumps({"project": name}),
+                       headers={"content-type": "application/json; charset=utf-8"}
+                       ).status_code == 201
+
+
 def test_a_read_only_store_answers_409_to_changes(client: httpx.Client) -> None:
     listed = client.get("/static/admin/keys")
     assert listed.status_code == 200
