@@ -7,12 +7,23 @@ PYTEST_ARGS ?=
 
 TORCH ?= torch==2.13.0
 
-.PHONY: install run mock test services pgvector lint bench bench-tools bench-peers bench-instructions bench-paired check-config eval-cache metering-demo
+.PHONY: install compile uncompile run mock test services pgvector lint bench bench-tools bench-peers bench-instructions bench-paired check-config eval-cache metering-demo
 
 install:  ## the package (editable) with the test and lint tools, the semantic-cache and tokenizers extras
 	@# CPU torch first: sentence-transformers would otherwise pull a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check '$(TORCH)'
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,semantic,tokenizers]'
+
+# mypyc (with mypy, in the dev extra) compiles the auth and quota layers' hot path in place
+# (gateway/compiled.py lists it); the sources run again after `make uncompile`, and a build
+# older than its sources is never used (gateway/compiled.py).
+COMPILED = $(shell $(PYTHON) -c "from gateway.compiled import main; main(['--sources'])")
+compile:  ## compile the hot-path modules with mypyc, in place (~2 min)
+	cd $(CURDIR) && $(PYTHON) -m mypyc $(COMPILED)
+	$(PYTHON) -c "from gateway.compiled import main; main([])"
+
+uncompile:  ## remove the compiled modules: the sources run again
+	$(PYTHON) -c "from gateway.compiled import main; main(['--remove'])"
 
 run: install  ## offline demo: mock provider on $(MOCK_PORT), gateway on $(PORT)
 	@$(PYTHON) -m tests.mock_providers --host 127.0.0.1 --port $(MOCK_PORT) & \

@@ -23,6 +23,7 @@ import orjson
 
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
+from gateway.compiled import build_of
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
 from gateway.kernel import check_stack, stack_components
@@ -84,6 +85,8 @@ def check_config(path: str) -> int:
         options = ", ".join(f"{k}=..." for k in item.kwargs)  # values may hold secrets (DSNs)
         print(f"  {getattr(item.cls, '__name__', item.cls)}({options})")
     print(f"  {type(_innermost(stack)).__name__} (innermost)")
+    build = build_of()
+    print(f"build: {build.state}{' (' + build.reason + ')' if build.reason else ''}")
     print("providers:")
     for name, adapter in config.providers.items():
         key = f", key from ${adapter.api_key_env}" if adapter.api_key_env else ", no key"

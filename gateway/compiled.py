@@ -1,0 +1,150 @@
+"""The hot-path modules mypyc can compile (`make compile`), and what keeps a stale build out.
+
+`make compile` compiles `MODULES` in place with mypyc (shipped with mypy): each gets a C
+extension beside its source, which Python imports instead of the `.py`. The code is the same
+Python, type-checked by `mypy --strict`; compiled, its native classes and typed locals run as
+C. `make uncompile` removes the extensions, and the sources run again.
+
+An extension built from an older source would run the older code. Python prefers an extension
+to a source beside it, so when any compiled module's source is newer than its extension (or
+an extension of the group is missing) `use_sources_if_stale` imports every one of `MODULES`
+from source, and says so once: the group is compiled together and calls across itself in C,
+so one module from source and another compiled would mix two versions. `gateway/__init__`
+runs it before any of them is imported.
+
+`main` is what the Makefile runs (`sluicegate check-config` prints the state too):
+    main([])             compiled, source or stale, and which modules
+    main(["--sources"])  their paths (what `make compile` passes to mypyc)
+    main(["--remove"])   the extensions and the group's shared library (`make uncompile`)
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["MODULES", "ROOT", "Build", "build_of", "use_sources_if_stale"]
+
+logger = logging.getLogger("sluicegate")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What runs on every request of the auth and quota layers. Not here: modules whose objects the
+# interpreted kernel reads on every request (gateway/context.py: from interpreted code, a
+# native class's attributes are slower than __slots__), and the cache layer (compiled, its
+# miss path counted the same: its work is in orjson, hashlib and the store).
+MODULES = (
+    "gateway.policy",
+    "gateway.pricing",
+    "gateway.resp",
+    "gateway.tokens",
+    "middleware.auth",
+    "middleware.auth.keys",
+    "middleware.quota",
+    "middleware.quota.lane",
+    "middleware.quota.plan",
+    "middleware.quota.store_redis",
+)
+
+
+def _source(root: Path, module: str) -> Path:
+    path = root.joinpath(*module.split("."))
+    package = path / "__init__.py"
+    return package if package.exists() else path.with_suffix(".py")
+
+
+def _extension(source: Path) -> Path:
+    return source.with_name(source.stem + importlib.machinery.EXTENSION_SUFFIXES[0])
+
+
+class Build:
+    """What is on disk for `modules` under `root`: `compiled` (every extension there and none
+    older than any source), `source` (no extension) or `stale` (the rest), with `reason`."""
+
+    def __init__(self, state: str, reason: str = "") -> None:
+        self.state = state
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Build({self.state!r}, {self.reason!r})"
+
+
+def build_of(root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
+    sources = [_source(root, module) for module in modules]
+    built = [(source, _extension(source)) for source in sources]
+    present = [(source, ext) for source, ext in built if ext.exists()]
+    if not present:
+        return Build("source")
+    if len(present) < len(built):
+        missing = [str(ext.relative_to(root)) for _, ext in built if not ext.exists()]
+        return Build("stale", f"no extension for {', '.join(missing)}")
+    oldest = min(ext.stat().st_mtime for _, ext in present)
+    changed = [str(source.relative_to(root)) for source, _ in present
+               if source.stat().st_mtime > oldest]
+    if changed:
+        return Build("stale", f"{', '.join(changed)} changed after the build")
+    return Build("compiled")
+
+
+class _SourcesOnly(importlib.abc.MetaPathFinder):
+    """Finds `names` as their `.py` (or cached bytecode), never as an extension."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.names or not path:
+            return None
+        finder = importlib.machinery.FileFinder(
+            path[0],
+            (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+            (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
+        return finder.find_spec(fullname, target)
+
+
+def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
+    """Imports `modules` from source from now on when their build is stale (see the module
+    docstring); the build's state either way."""
+    build = build_of(root, modules)
+    names = frozenset(modules)
+    if build.state == "stale" and not any(isinstance(finder, _SourcesOnly)
+                                          and finder.names == names for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SourcesOnly(names))
+        logger.warning("compiled modules are stale (%s): running them from source; "
+                       "`make compile` builds them again, `make uncompile` removes them",
+                       build.reason)
+    return build
+
+
+def _remove(root: Path) -> list[Path]:
+    removed = []
+    for module in MODULES:
+        extension = _extension(_source(root, module))
+        if extension.exists():
+            extension.unlink()
+            removed.append(extension)
+    for shared in root.glob("*__mypyc" + importlib.machinery.EXTENSION_SUFFIXES[0]):
+        shared.unlink()
+        removed.append(shared)
+    return removed
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv == ["--sources"]:
+        print(" ".join(str(_source(ROOT, module).relative_to(ROOT)) for module in MODULES))
+    elif argv == ["--remove"]:
+        for path in _remove(ROOT):
+            print(f"removed {path.relative_to(ROOT)}")
+    elif not argv:
+        build = build_of()
+        print(f"{build.state}{': ' + build.reason if build.reason else ''} "
+              f"({len(MODULES)} modules: {', '.join(MODULES)})")
+    else:
+        print("usage: main([] | ['--sources'] | ['--remove'])", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,126 @@
+"""The compiled build's guard (gateway/compiled.py): a stale extension never runs.
+
+Built on a package made for each test (two modules, a subpackage's `__init__` and a module
+in it, as the real group has both), whose "extensions" are files that are not extensions: importing
+one fails, so a test that imports the module's source proves the extension was passed over.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import compiled
+from gateway.compiled import MODULES, ROOT, build_of, use_sources_if_stale
+
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[tuple[Path, tuple[str, ...]]]:
+    name = f"sg_compiled_probe_{os.getpid()}_{abs(hash(tmp_path)) % 10**8}"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("")
+    package = tmp_path / name / "sub"
+    package.mkdir()
+    (package / "__init__.py").write_text("WHERE = 'source'\n")
+    (package / "inner.py").write_text("WHERE = 'source'\n")
+    modules = (f"{name}.sub", f"{name}.sub.inner")
+    sys.path.insert(0, str(tmp_path))
+    before = list(sys.meta_path)
+    try:
+        yield tmp_path, modules
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.meta_path[:] = before
+        for module in (name, *modules):
+            sys.modules.pop(module, None)
+
+
+def _extensions(root: Path, modules: tuple[str, ...], *, at: float) -> None:
+    package = root.joinpath(*modules[0].split("."))
+    for ext in (package / f"__init__{SUFFIX}", package / f"inner{SUFFIX}"):
+        ext.write_bytes(b"not an extension module")
+        os.utime(ext, (at, at))
+
+
+def _sources_at(root: Path, modules: tuple[str, ...], at: float) -> None:
+    package = root.joinpath(*modules[0].split("."))
+    for source in (package / "__init__.py", package / "inner.py"):
+        os.utime(source, (at, at))
+
+
+def test_without_extensions_the_build_is_source(tree: tuple[Path, tuple[str, ...]]) -> None:
+    root, modules = tree
+    assert build_of(root, modules).state == "source"
+
+
+def test_extensions_newer_than_every_source_are_the_build(
+        tree: tuple[Path, tuple[str, ...]]) -> None:
+    root, modules = tree
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    assert build_of(root, modules).state == "compiled"
+
+
+def test_a_source_changed_after_the_build_makes_it_stale(
+        tree: tuple[Path, tuple[str, ...]]) -> None:
+    root, modules = tree
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    os.utime(root.joinpath(*modules[0].split(".")) / "inner.py", (3_000_000, 3_000_000))
+    build = build_of(root, modules)
+    assert build.state == "stale"
+    assert "inner.py changed after the build" in build.reason
+
+
+def test_a_missing_extension_makes_the_build_stale(tree: tuple[Path, tuple[str, ...]]) -> None:
+    root, modules = tree
+    _extensions(root, modules, at=2_000_000)
+    (root.joinpath(*modules[0].split(".")) / f"inner{SUFFIX}").unlink()
+    build = build_of(root, modules)
+    assert build.state == "stale"
+    assert f"inner{SUFFIX}" in build.reason
+
+
+def test_a_stale_group_is_imported_from_source_whole(
+        tree: tuple[Path, tuple[str, ...]], caplog: pytest.LogCaptureFixture) -> None:
+    root, modules = tree
+    _extensions(root, modules, at=1_000_000)  # built before its sources' last change
+    _sources_at(root, modules, 2_000_000)
+    with pytest.raises(ImportError):  # Python's own choice: the extension, which is stale
+        importlib.import_module(modules[1])
+    for module in modules:
+        sys.modules.pop(module, None)
+    with caplog.at_level("WARNING", logger="sluicegate"):
+        assert use_sources_if_stale(root, modules).state == "stale"
+        use_sources_if_stale(root, modules)  # (once: no second finder, no second warning)
+    assert [r.getMessage().startswith("compiled modules are stale") for r in caplog.records] \
+        == [True]
+    assert importlib.import_module(modules[0]).WHERE == "source"
+    assert importlib.import_module(modules[1]).WHERE == "source"
+
+
+def test_a_current_build_is_left_to_python(tree: tuple[Path, tuple[str, ...]]) -> None:
+    root, modules = tree
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    before = list(sys.meta_path)
+    assert use_sources_if_stale(root, modules).state == "compiled"
+    assert sys.meta_path == before
+    with pytest.raises(ImportError):  # the (fake) extension is what Python imports
+        importlib.import_module(modules[1])
+
+
+def test_every_listed_module_has_a_source_and_the_make_target_names_them_all(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert compiled.main(["--sources"]) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == len(MODULES)
+    for path in paths:
+        assert (ROOT / path).is_file(), path
