@@ -18,7 +18,9 @@ install:  ## the package (editable) with the test and lint tools, the semantic-c
 # (gateway/compiled.py lists it); the sources run again after `make uncompile`, and a build
 # older than its sources is never used (gateway/compiled.py).
 COMPILED = $(shell $(PYTHON) -c "from gateway.compiled import main; main(['--sources'])")
-compile:  ## compile the hot-path modules with mypyc, in place (~2 min)
+compile:  ## (not yet: refuses) compile the hot-path modules with mypyc, in place
+	@echo "make compile: refused: compiled, ~300 tests fail on annotations mypyc checks at run time; the fixes are not on main yet (set SLUICEGATE_COMPILE_ANYWAY=1 to build for measuring only)" >&2
+	@test "$$SLUICEGATE_COMPILE_ANYWAY" = 1
 	cd $(CURDIR) && $(PYTHON) -m mypyc $(COMPILED)
 	$(PYTHON) -c "from gateway.compiled import main; main([])"
 
