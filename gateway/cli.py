@@ -23,7 +23,7 @@ import orjson
 
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
-from gateway.compiled import build_of
+from gateway.compiled import MODULES, build_of, remove, sources
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
 from gateway.kernel import check_stack, stack_components
@@ -55,8 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S,
                         metavar="S", help="bound of each check, in seconds "
                                           f"(default {DEFAULT_TIMEOUT_S:g})")
+    build = commands.add_parser("build", help="whether the hot path runs compiled (make compile)")
+    build.add_argument("--sources", action="store_true", help="print the modules' paths")
+    build.add_argument("--remove", action="store_true", help="delete the compiled modules")
     _add_admin_commands(commands)
     args = parser.parse_args(argv)
+    if args.command == "build":
+        return _build(args)
     if args.command == "usage" and args.journal is not None:
         return usage_from_journals(args)
     if args.command in ("keys", "budgets", "usage"):
@@ -72,6 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sluicegate: {exc}", file=sys.stderr)
         return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    if args.sources:
+        print(" ".join(str(path) for path in sources()))
+    elif args.remove:
+        for path in remove():
+            print(f"removed {path}")
+    else:
+        state = build_of()
+        print(f"{state.state}{': ' + state.reason if state.reason else ''} "
+              f"({len(MODULES)} modules: {', '.join(MODULES)})")
+    return 0
 
 
 def check_config(path: str) -> int:

@@ -12,10 +12,8 @@ from source, and says so once: the group is compiled together and calls across i
 so one module from source and another compiled would mix two versions. `gateway/__init__`
 runs it before any of them is imported.
 
-`main` is what the Makefile runs (`sluicegate check-config` prints the state too):
-    main([])             compiled, source or stale, and which modules
-    main(["--sources"])  their paths (what `make compile` passes to mypyc)
-    main(["--remove"])   the extensions and the group's shared library (`make uncompile`)
+`sluicegate build` prints the state (`--sources`: the paths `make compile` gives mypyc;
+`--remove`: deletes the extensions, `make uncompile`); `sluicegate check-config` prints it too.
 """
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MODULES", "ROOT", "Build", "build_of", "use_sources_if_stale"]
+__all__ = ["MODULES", "ROOT", "Build", "build_of", "remove", "sources", "use_sources_if_stale"]
 
 logger = logging.getLogger("sluicegate")
 
@@ -49,6 +47,11 @@ MODULES = (
     "middleware.quota.plan",
     "middleware.quota.store_redis",
 )
+
+
+def sources(root: Path = ROOT) -> list[Path]:
+    """The sources of `MODULES`, relative to `root` (what `make compile` gives mypyc)."""
+    return [_source(root, module).relative_to(root) for module in MODULES]
 
 
 def _source(root: Path, module: str) -> Path:
@@ -121,7 +124,8 @@ def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) ->
     return build
 
 
-def _remove(root: Path) -> list[Path]:
+def remove(root: Path = ROOT) -> list[Path]:
+    """Deletes the group's extensions and its shared library; what it deleted."""
     removed = []
     for module in MODULES:
         extension = _extension(_source(root, module))
@@ -132,19 +136,3 @@ def _remove(root: Path) -> list[Path]:
         shared.unlink()
         removed.append(shared)
     return removed
-
-
-def main(argv: Sequence[str]) -> int:
-    if argv == ["--sources"]:
-        print(" ".join(str(_source(ROOT, module).relative_to(ROOT)) for module in MODULES))
-    elif argv == ["--remove"]:
-        for path in _remove(ROOT):
-            print(f"removed {path.relative_to(ROOT)}")
-    elif not argv:
-        build = build_of()
-        print(f"{build.state}{': ' + build.reason if build.reason else ''} "
-              f"({len(MODULES)} modules: {', '.join(MODULES)})")
-    else:
-        print("usage: main([] | ['--sources'] | ['--remove'])", file=sys.stderr)
-        return 2
-    return 0

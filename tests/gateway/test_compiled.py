@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import compiled
+from gateway import cli
 from gateway.compiled import MODULES, ROOT, build_of, use_sources_if_stale
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -119,7 +119,7 @@ def test_a_current_build_is_left_to_python(tree: tuple[Path, tuple[str, ...]]) -
 
 def test_every_listed_module_has_a_source_and_the_make_target_names_them_all(
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert compiled.main(["--sources"]) == 0
+    assert cli.main(["build", "--sources"]) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == len(MODULES)
     for path in paths:
