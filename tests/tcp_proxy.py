@@ -15,6 +15,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = port
         self.reply_delay_s = 0.0
+        self.sent: bytearray | None = None  # a bytearray: what clients send is recorded in it
         self.accepted = 0
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -45,6 +46,8 @@ class TcpProxy:
                 while data := await src.read(65536):
                     if replies and self.reply_delay_s:
                         await asyncio.sleep(self.reply_delay_s)
+                    if not replies and self.sent is not None:
+                        self.sent += data
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

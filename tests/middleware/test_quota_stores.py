@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,7 +38,8 @@ from middleware.quota.store_redis import (
 )
 from tests.tcp_proxy import TcpProxy
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_PORT = 6379
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
 
 Store = MemoryQuotaStore | RedisQuotaStore
 
@@ -339,7 +340,9 @@ async def test_settle_never_creates_a_budget_nor_fails_on_missing_state(
     await store.settle("r1", [rpm(10), tpm(100, 5), leases(2), money], [1, 500, 1, 900])
     assert await store.committed([money]) == [None]
     assert (await store.admit("r2", [rpm(10)])).remaining == (9,)
-    assert await store.admit("r3", [tpm(100, 1)]) == refused(0, pytest.approx(396 * 0.6))  # 100 + 5 - 500
+    decision = await store.admit("r3", [tpm(100, 1)])
+    assert decision == refused(0, decision.retry_after_s)
+    assert decision.retry_after_s == pytest.approx(396 * 0.6)  # 100 + 5 - 500
 
 
 async def test_budget_counter_expires_after_its_period(store: Store, clock: FakeClock) -> None:
@@ -496,42 +499,58 @@ async def test_memory_and_redis_decide_identically(prefix: str, seed: int) -> No
 
 # -- Redis only --------------------------------------------------------------------------------
 
-def command_names(sent: Iterable[bytes]) -> list[bytes]:
-    return [packed.split(b"\r\n")[2].upper() for packed in sent]
+def command_names(stream: bytes) -> list[bytes]:
+    """The name of each command in `stream`, the bytes a client wrote to Redis (RESP arrays
+    of bulk strings)."""
+    names, at = [], 0
+    while at < len(stream):
+        assert stream[at:at + 1] == b"*", stream[at:at + 20]
+        end = stream.index(b"\r\n", at)
+        count, at = int(stream[at + 1:end]), end + 2
+        for index in range(count):
+            assert stream[at:at + 1] == b"$"
+            end = stream.index(b"\r\n", at)
+            length, at = int(stream[at + 1:end]), end + 2
+            if index == 0:
+                names.append(stream[at:at + length].upper())
+            at += length + 2
+    return names
 
 
-async def test_admit_and_settle_are_one_evalsha_each(redis_store: RedisQuotaStore,
-                                                     clock: FakeClock,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    checks = [rpm(100), tpm(1000, 10), leases(5), budget(1000, 1, clock.now + 3600)]
-    await redis_store.seed(checks[3], 0)
-    await redis_store.admit("warm", checks)  # connects and caches the scripts
-    await redis_store.settle("warm", checks, [1, 10, 1, 1])
-    sent: list[bytes] = []
-    request = resp._Connection.request
+async def test_admit_and_settle_are_one_evalsha_each(clock: FakeClock, prefix: str) -> None:
+    # Counted on the wire: a relay records every byte the store writes to Redis.
+    proxy = TcpProxy(REDIS_PORT)
+    await proxy.start()
+    redis_store = RedisQuotaStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
+                                  clock=clock, socket_timeout_s=_SOCKET_TIMEOUT_S)
+    await redis_store.startup()
+    try:
+        checks = [rpm(100), tpm(1000, 10), leases(5), budget(1000, 1, clock.now + 3600)]
+        await redis_store.seed(checks[3], 0)
+        await redis_store.admit("warm", checks)  # connects and caches the scripts
+        await redis_store.settle("warm", checks, [1, 10, 1, 1])
+        proxy.sent = bytearray()
 
-    def counting(self: resp._Connection, payload: bytes, timeout_s: float) -> Any:
-        sent.append(payload)  # every command written to the socket, as encoded
-        return request(self, payload, timeout_s)
+        assert (await redis_store.admit("r1", checks)).allowed
+        assert command_names(proxy.sent) == [b"EVALSHA"]
+        proxy.sent.clear()
+        await redis_store.settle("r1", checks, [1, 20, 1, 2])
+        assert command_names(proxy.sent) == [b"EVALSHA"]
 
-    monkeypatch.setattr(resp._Connection, "request", counting)
-
-    assert (await redis_store.admit("r1", checks)).allowed
-    assert command_names(sent) == [b"EVALSHA"]
-    sent.clear()
-    await redis_store.settle("r1", checks, [1, 20, 1, 2])
-    assert command_names(sent) == [b"EVALSHA"]
-
-    admin = aioredis.Redis.from_url(REDIS_URL)
-    await admin.script_flush()
-    await admin.aclose()
-    sent.clear()
-    decision = await redis_store.admit("r2", checks)
-    assert decision.allowed and decision.remaining == (97, 960, 4, 996)
-    assert command_names(sent) == [b"EVALSHA", b"EVAL"]  # NOSCRIPT, then the full script
-    sent.clear()
-    await redis_store.admit("r3", checks)
-    assert command_names(sent) == [b"EVALSHA"]
+        admin = aioredis.Redis.from_url(REDIS_URL)
+        await admin.script_flush()
+        await admin.aclose()
+        proxy.sent.clear()
+        decision = await redis_store.admit("r2", checks)
+        assert decision.allowed and decision.remaining == (97, 960, 4, 996)
+        # NOSCRIPT, then the full script
+        assert command_names(proxy.sent) == [b"EVALSHA", b"EVAL"]
+        proxy.sent.clear()
+        await redis_store.admit("r3", checks)
+        assert command_names(proxy.sent) == [b"EVALSHA"]
+    finally:
+        await redis_store.shutdown()
+        await proxy.stop()
 
 
 def test_the_encoded_hot_path_sends_exactly_the_command(clock: FakeClock) -> None:
