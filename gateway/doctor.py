@@ -402,11 +402,14 @@ def _add_resource(found: dict[int, Resource], path: str, holder: Any, raw: str,
 
 
 def _attributes(holder: Any) -> dict[str, Any]:
-    """Instance attributes (`__dict__` and slots), read without running properties."""
+    """Instance attributes (`__dict__`, slots, and a compiled native class's attributes,
+    which mypyc lists in `__mypyc_attrs__`), read without running properties."""
     attributes = dict(getattr(holder, "__dict__", {}))
     for cls in type(holder).__mro__:
         slots = getattr(cls, "__slots__", ())
-        for slot in (slots,) if isinstance(slots, str) else slots:
+        names = (*((slots,) if isinstance(slots, str) else slots),
+                 *cls.__dict__.get("__mypyc_attrs__", ()))
+        for slot in names:
             if slot in ("__dict__", "__weakref__") or slot in attributes:
                 continue
             try:
