@@ -14,6 +14,8 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
+from mypy_extensions import mypyc_attr
+
 MICROS_PER_USD = 1_000_000
 
 PERIODS = ("daily", "weekly", "monthly", "lifetime")
@@ -45,6 +47,10 @@ def micros_to_usd(micros: int) -> Decimal:
     return Decimal(micros) / MICROS_PER_USD
 
 
+# Config-time values (made once, not per request) are plain Python classes when compiled
+# (mypyc's native_class=False): a wrong-typed field must reach __post_init__'s checks and give
+# their ValueError, not a TypeError from a compiled constructor.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class Budget:
     """A spending cap in USD over a calendar-aligned UTC period (or for ever: "lifetime").
@@ -64,7 +70,7 @@ class Budget:
     alert_at_percent: tuple[int, ...] = (50, 80, 100)
 
     def __post_init__(self) -> None:
-        limit = _money(self.limit_usd)
+        limit = _money(given(self, "limit_usd"))
         object.__setattr__(self, "limit_usd", limit)
         if limit < 0:
             raise ValueError("a budget's limit_usd cannot be negative")
@@ -72,20 +78,22 @@ class Budget:
         if limit > micros_to_usd(LIMIT_MAX):
             raise ValueError(f"a budget's limit_usd can be at most {micros_to_usd(LIMIT_MAX)}")
         usd_to_micros(limit)  # finer than a micro-dollar: ValueError
-        _check_choice("period", self.period, PERIODS)
-        _check_overflow(self.on_overflow, self.downgrade_to)
-        _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
-        if not isinstance(self.stream_cutoff, bool):
+        _check_choice("period", given(self, "period"), PERIODS)
+        _check_overflow(given(self, "on_overflow"), given(self, "downgrade_to"))
+        _check_choice("on_store_error", given(self, "on_store_error"), STORE_ERROR_POLICIES)
+        if not isinstance(given(self, "stream_cutoff"), bool):
             raise TypeError("a budget's stream_cutoff must be true or false")
-        if not _is_int(self.status) or self.status not in (402, 429):
+        status = given(self, "status")
+        if not _is_int(status) or status not in (402, 429):
             raise ValueError("a budget's status must be 402 or 429")
-        object.__setattr__(self, "alert_at_percent", _percents(self.alert_at_percent))
+        object.__setattr__(self, "alert_at_percent", _percents(given(self, "alert_at_percent")))
 
     @property
     def limit_micros(self) -> int:
         return usd_to_micros(self.limit_usd)
 
 
+@mypyc_attr(native_class=False)  # config-time, as Budget
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Rate limits and budgets for one subject (a key, project, customer, model, or all).
@@ -105,19 +113,19 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "max_concurrent"):
-            value = getattr(self, name)
+            value = given(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 0 <= value <= LIMIT_MAX):
                 raise ValueError(f"{name} must be a whole number from 0 to {LIMIT_MAX}, or None")
-        budgets = self.budgets
+        budgets: Any = given(self, "budgets")
         if isinstance(budgets, Budget):
             budgets = (budgets,)
         budgets = tuple(budgets)
         if any(not isinstance(b, Budget) for b in budgets):
             raise ValueError("budgets must be Budget(...) values")
         object.__setattr__(self, "budgets", budgets)
-        _check_overflow(self.on_overflow, self.downgrade_to)
-        _check_choice("on_store_error", self.on_store_error, STORE_ERROR_POLICIES)
+        _check_overflow(given(self, "on_overflow"), given(self, "downgrade_to"))
+        _check_choice("on_store_error", given(self, "on_store_error"), STORE_ERROR_POLICIES)
 
     @property
     def empty(self) -> bool:
@@ -308,6 +316,14 @@ class SpendLedger(Protocol):
                            since: datetime) -> int: ...
 
 
+def given(obj: object, name: str) -> object:
+    """A field's value as it was given, for a `__post_init__` to check: read as `object`, so
+    that compiled (mypyc), a wrong-typed value reaches the check and its ValueError rather
+    than failing the declared type's own check (a TypeError naming no field)."""
+    value: object = getattr(obj, name)
+    return value
+
+
 def _money(value: Any) -> Decimal:
     if isinstance(value, float):
         raise TypeError("money must be a Decimal, an int or a string, not a float")
@@ -339,7 +355,7 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _check_overflow(action: str, downgrade_to: object) -> None:
+def _check_overflow(action: object, downgrade_to: object) -> None:
     _check_choice("on_overflow", action, OVERFLOW_ACTIONS)
     if downgrade_to is not None and not _is_model_name(downgrade_to):
         raise ValueError("downgrade_to must be a model's name (1-256 printable characters) "

@@ -342,8 +342,8 @@ def _parse_table(text: str, origin: str) -> PriceTable:
         return _read_document(data)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{origin}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except ValueError as exc:
-        raise ValueError(f"{origin}: {exc}") from None
+    except ValueError as bad:  # (named apart: compiled, one name holds one type)
+        raise ValueError(f"{origin}: {bad}") from None
 
 
 def _read_document(data: object) -> PriceTable:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from gateway.config import ConfigError
 from gateway.context import (
@@ -64,9 +65,12 @@ _REASONS = {
 class AuthMiddleware:
     """Authenticates every API request with a virtual key (see the module docstring)."""
 
-    passes_json_through = True  # a JSON answer from below goes on as it came
-    identifies_caller = True  # quota and cache go under it (gateway.app.check_order)
-    loads_body = True  # parses the body once the key is checked (gateway.kernel.body_after_auth)
+    # (ClassVar: compiled, a native class's plain attribute is its instances', and the
+    # kernel reads these on the class)
+    passes_json_through: ClassVar[bool] = True  # a JSON answer from below goes on as is
+    identifies_caller: ClassVar[bool] = True  # quota and cache go under it (app.check_order)
+    # it parses the body once the key is checked (gateway.kernel.body_after_auth)
+    loads_body: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -160,7 +164,8 @@ class AuthMiddleware:
             raise GatewayError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
                                     "or in the 'x-api-key' header.", code="missing_api_key")
         key_hash = hash_key(credential)
-        key = self.static.find_now(key_hash) if self.static is not None else None
+        # Any: it may hold the UNKNOWN sentinel (compiled, a typed local would refuse it)
+        key: Any = self.static.find_now(key_hash) if self.static is not None else None
         if key is None and self.cache is not None:
             # From memory while the cache holds it fresh; the store is awaited otherwise.
             key = self.cache.find_now(key_hash)
@@ -171,11 +176,12 @@ class AuthMiddleware:
                     raise _store_unavailable() from None
         if key is None:
             raise GatewayError(401, "Invalid API key.", code="invalid_api_key")
-        reason = key.usable()  # (reads the clock only for a key that expires)
+        found: VirtualKey = key
+        reason = found.usable()  # (reads the clock only for a key that expires)
         if reason is not None:
             raise GatewayError(401, _REASONS.get(reason, "This API key cannot be used."),
                                code=f"key_{reason}")
-        return key
+        return found
 
     async def _principal(self, key: VirtualKey, ctx: RequestContext) -> Principal:
         if not key.allows_model(ctx.model):
@@ -231,9 +237,10 @@ class AuthMiddleware:
 
     async def _stored_limits(self, kind: str, subject: str) -> Limits | None:
         assert self.cache is not None
-        limits: Limits | None = self.cache.subject_limits_now(kind, subject)  # (while fresh)
+        limits: Any = self.cache.subject_limits_now(kind, subject)  # (while fresh; or UNKNOWN)
         if limits is not UNKNOWN:
-            return limits
+            fresh: Limits | None = limits
+            return fresh
         try:
             return await self.cache.subject_limits(kind, subject)
         except KeyStoreUnavailable:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.policy import Limits, model_allowed
+from mypy_extensions import mypyc_attr
+
+from gateway.policy import Limits, given, model_allowed
 
 KEY_PREFIX = "sk-sg-"
 KEY_ID_PREFIX = "key_"
@@ -113,6 +115,7 @@ class VirtualKey:
         return public
 
 
+@mypyc_attr(native_class=False)  # config-time, as gateway.policy.Budget
 @dataclass(frozen=True, slots=True)
 class StaticKey:
     """A key declared in the config module, by hash or by the env var holding it.
@@ -160,14 +163,15 @@ class StaticKey:
             raise ValueError(f"StaticKey for project {self.project!r}: key_hash must be 64 "
                              "lowercase hex characters (the SHA-256 of the key)")
         fields = check_key_fields(
-            allowed_models=self.allowed_models, expires_at=self.expires_at,
-            require_customer=self.require_customer, metadata=self.metadata or {},
-            limits=self.limits or Limits())
-        check_project(self.project)
+            allowed_models=given(self, "allowed_models"), expires_at=given(self, "expires_at"),
+            require_customer=given(self, "require_customer"),
+            metadata=given(self, "metadata") or {}, limits=given(self, "limits") or Limits())
+        check_project(given(self, "project"))
         for name, value in fields.items():
             object.__setattr__(self, name, value)
-        if self.id is not None and not _is_name(self.id):
-            raise ValueError(f"StaticKey id {self.id!r} must be 1-{MAX_NAME_CHARS} printable "
+        key_id = given(self, "id")
+        if key_id is not None and not (isinstance(key_id, str) and _is_name(key_id)):
+            raise ValueError(f"StaticKey id {key_id!r} must be 1-{MAX_NAME_CHARS} printable "
                              "characters without spaces or '/'")
 
     def to_virtual_key(self) -> VirtualKey:

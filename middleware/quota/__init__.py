@@ -33,7 +33,6 @@ or restart, budget counters are rebuilt from the spend ledger before they are us
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import math
 import time
@@ -41,7 +40,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -119,7 +118,7 @@ _SERVED = object()  # what QuotaMiddleware._admit_in_lane gives for a request it
 # ctx.state[_admitted_key] while a call's admission awaits the store (`_mark_admitted`)
 _ADMITTING = object()
 _USAGE_KINDS = ("key", "project", "customer", "model", "global")  # whose spend (plan.subjects)
-_NOTHING_RESERVED = Estimate(0, 0, 0)  # (read by nobody: with no store there is no settle)
+_NOTHING_RESERVED = Estimate(0, 0, 0)  # (with no store there is no settle; `again` overwrites it)
 
 
 class _StreamCutOff(Exception):
@@ -138,8 +137,10 @@ class QuotaMiddleware:
     `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).
     """
 
-    passes_json_through = True  # a JSON answer from below goes on as it came
-    acts_per_caller = True  # admits by the caller before calling the layers under it
+    # (ClassVar: compiled, a native class's plain attribute is its instances', and the
+    # kernel reads these on the class)
+    passes_json_through: ClassVar[bool] = True  # a JSON answer from below goes on as is
+    acts_per_caller: ClassVar[bool] = True  # admits by the caller before calling below
 
     def __init__(
         self,
@@ -295,9 +296,10 @@ class QuotaMiddleware:
         if lane is not None:
             # The general path's admission, as one command made for the template (see
             # middleware/quota/lane.py); what is not an admission is handed to it.
-            handed = await self._admit_in_lane(scope, receive, send, ctx, lane)
-            if handed is _SERVED:
+            got = await self._admit_in_lane(scope, receive, send, ctx, lane)
+            if got is _SERVED:
                 return
+            handed = got  # (compiled, an assignment to `handed` checks its type: not _SERVED)
         store, planned, checks, decision, est, headers = await self._admit(ctx, handed, lane)
         if headers:  # the kernel puts them on the response start, or on the error it renders
             ctx.response_headers += headers
@@ -375,8 +377,9 @@ class QuotaMiddleware:
         except RespError as exc:  # NOSCRIPT: nothing ran; the general path sends it whole
             return None if str(exc).startswith("NOSCRIPT") else \
                 QuotaStoreError(f"Redis quota store: {exc}")
-        except (OSError, ValueError) as exc:  # never re-sent: it may have run
-            return QuotaStoreError(f"Redis quota store: {exc}")
+        except (OSError, ValueError) as failed:  # never re-sent: it may have run
+            # (named apart from `exc`: compiled, one name holds one type)
+            return QuotaStoreError(f"Redis quota store: {failed}")
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
@@ -946,8 +949,15 @@ class _Responder:
         """This responder for another call below for the same request, with its own `send`
         and context (a failover layer's hedged call has a copy of the request's): what has
         been sent so far still counts."""
-        responder = copy.copy(self)
-        responder._send, responder.ctx = send, ctx
+        # Field by field, not copy.copy: compiled (mypyc), the class makes its instances
+        # only through __init__. Every slot is set here: `numbered` and `counters` follow
+        # from the operation, which a later call for the same request keeps.
+        responder = _Responder(ctx, send, self.allowance, _NOTHING_RESERVED)
+        responder.input_tokens, responder.price = self.input_tokens, self.price
+        responder.continued, responder.streaming = self.continued, self.streaming
+        responder.spent_before, responder.deltas_before = self.spent_before, self.deltas_before
+        responder.events, responder.deltas = self.events, self.deltas
+        responder.numbered, responder.counters = self.numbered, self.counters
         return responder
 
     async def end_in_band(self) -> None:

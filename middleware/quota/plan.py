@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from gateway import context as c
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
@@ -271,6 +273,7 @@ def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits
     return found
 
 
+@mypyc_attr(native_class=False)  # mypyc: a native class cannot subclass list
 class Templated(list[_Item]):
     """A list made from one limit template (same subjects, limits, periods and order; only
     the amounts differ from request to request), with the template's `memo`: a dict shared by

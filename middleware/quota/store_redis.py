@@ -311,8 +311,9 @@ class RedisQuotaStore:
                         raise QuotaStoreError(f"Redis quota store: {exc}") from exc
                     reply = await self._eval(ADMIT, request_id, checks,
                                              [_args(check) for check in checks])
-                except (OSError, ValueError) as exc:  # never re-sent: it may have run
-                    raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+                except (OSError, ValueError) as failed:  # never re-sent: it may have run
+                    # (named apart from `exc`: compiled, one name holds one type)
+                    raise QuotaStoreError(f"Redis quota store: {failed}") from failed
             else:
                 reply = await self._run(ADMIT, request_id, checks, [wire.admit_args(checks)])
         return self.decision(reply)
@@ -562,8 +563,8 @@ class RedisQuotaStore:
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
-            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        except (OSError, ValueError) as failed:  # TimeoutError is an OSError
+            raise QuotaStoreError(f"Redis quota store: {failed}") from failed  # (see admit)
         return await self._eval(script, request_id, checks, args)
 
     async def _eval(self, script: _Script, request_id: str, checks: Sequence[Check],
