@@ -501,19 +501,13 @@ async def test_memory_and_redis_decide_identically(prefix: str, seed: int) -> No
 
 def command_names(stream: bytes) -> list[bytes]:
     """The name of each command in `stream`, the bytes a client wrote to Redis (RESP arrays
-    of bulk strings)."""
-    names, at = [], 0
-    while at < len(stream):
-        assert stream[at:at + 1] == b"*", stream[at:at + 20]
-        end = stream.index(b"\r\n", at)
-        count, at = int(stream[at + 1:end]), end + 2
-        for index in range(count):
-            assert stream[at:at + 1] == b"$"
-            end = stream.index(b"\r\n", at)
-            length, at = int(stream[at + 1:end]), end + 2
-            if index == 0:
-                names.append(stream[at:at + length].upper())
-            at += length + 2
+    of bulk strings, which the client's own reply parser reads as lists of bytes)."""
+    names, at, buffer = [], 0, bytearray(stream)
+    while at < len(buffer):
+        parsed = resp.parse_reply(buffer, at)
+        assert isinstance(parsed, tuple), stream[at:at + 40]  # (not cut off mid-command)
+        command, at = parsed
+        names.append(command[0].upper())
     return names
 
 
