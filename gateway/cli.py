@@ -23,7 +23,7 @@ import orjson
 
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import build_stack
-from gateway.compiled import MODULES, build_of, remove, sources
+from gateway.compiled import MODULES, Build, build_of, remove, sources
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
 from gateway.kernel import check_stack, stack_components
@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S,
                         metavar="S", help="bound of each check, in seconds "
                                           f"(default {DEFAULT_TIMEOUT_S:g})")
-    build = commands.add_parser("build", help="whether the hot path runs compiled (make compile)")
+    build = commands.add_parser(
+        "build", help="whether the hot path runs compiled (make compile); exit 1 when stale")
     build.add_argument("--sources", action="store_true", help="print the modules' paths")
     build.add_argument("--remove", action="store_true", help="delete the compiled modules")
     _add_admin_commands(commands)
@@ -86,10 +87,16 @@ def _build(args: argparse.Namespace) -> int:
         for path in remove():
             print(f"removed {path}")
     else:
-        state = build_of()
-        print(f"{state.state}{': ' + state.reason if state.reason else ''} "
-              f"({len(MODULES)} modules: {', '.join(MODULES)})")
+        return report_build(build_of())
     return 0
+
+
+def report_build(build: Build, modules: Sequence[str] = MODULES) -> int:
+    """Prints `build`'s state; 1 when it is stale (its modules then run from source), so that
+    `make compile` fails on a build that would not be used."""
+    print(f"{build.state}{': ' + build.reason if build.reason else ''} "
+          f"({len(modules)} modules: {', '.join(modules)})")
+    return 1 if build.state == "stale" else 0
 
 
 def check_config(path: str) -> int:

@@ -12,7 +12,7 @@ from source, and says so once: the group is compiled together and calls across i
 so one module from source and another compiled would mix two versions. `gateway/__init__`
 runs it before any of them is imported.
 
-`sluicegate build` prints the state (`--sources`: the paths `make compile` gives mypyc;
+`sluicegate build` prints the state, and exits 1 when it is stale (`--sources`: the paths `make compile` gives mypyc;
 `--remove`: deletes the extensions, `make uncompile`); `sluicegate check-config` prints it too.
 """
 from __future__ import annotations

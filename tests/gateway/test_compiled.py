@@ -79,6 +79,23 @@ def test_a_source_changed_after_the_build_makes_it_stale(
     assert "inner.py changed after the build" in build.reason
 
 
+def test_the_build_command_fails_on_a_stale_build_only(
+        tree: tuple[Path, tuple[str, ...]], capsys: pytest.CaptureFixture[str]) -> None:
+    # (`make compile` ends with it: a fresh build that reads as stale fails the target)
+    root, modules = tree
+    assert cli.report_build(build_of(root, modules), modules) == 0  # source
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    assert cli.report_build(build_of(root, modules), modules) == 0  # compiled
+    os.utime(root.joinpath(*modules[0].split(".")) / "inner.py", (3_000_000, 3_000_000))
+    assert cli.report_build(build_of(root, modules), modules) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"source (2 modules: {', '.join(modules)})",
+        f"compiled (2 modules: {', '.join(modules)})",
+        (f"stale: {modules[0].replace('.', '/')}/inner.py changed after the build "
+         f"(2 modules: {', '.join(modules)})")]
+
+
 def test_a_missing_extension_makes_the_build_stale(tree: tuple[Path, tuple[str, ...]]) -> None:
     root, modules = tree
     _extensions(root, modules, at=2_000_000)
