@@ -34,7 +34,13 @@ class RespError(Exception):
 
 
 class _Incomplete:
-    """The buffer ends inside a reply."""
+    """The buffer ends inside a reply: `needed`, how long the buffer must be for it to end
+    there (a bulk string's, known from its header), or 0 when that is not known yet."""
+
+    __slots__ = ("needed",)
+
+    def __init__(self, needed: int = 0) -> None:
+        self.needed = needed
 
 
 _INCOMPLETE = _Incomplete()
@@ -53,23 +59,24 @@ def encode_command(args: Sequence[str | bytes]) -> bytes:
     return b"".join(parts)
 
 
-def parse_reply(buffer: bytearray, pos: int) -> tuple[Any, int] | _Incomplete:
-    """One reply from `pos`: (value, position after it), or _INCOMPLETE."""
+def parse_reply(buffer: bytes, pos: int) -> tuple[Any, int] | _Incomplete:
+    """One reply from `pos`: (value, position after it), or an _Incomplete."""
     end = buffer.find(b"\r\n", pos)
     if end < 0:
         return _INCOMPLETE
-    kind, line, after = buffer[pos], bytes(buffer[pos + 1:end]), end + 2
-    if kind == 0x3A:  # ':' integer
-        return int(line), after
-    if kind == 0x24:  # '$' bulk string
-        size = int(line)
+    kind, after = buffer[pos], end + 2
+    if kind == 0x24:  # '$' bulk string (the scripts' replies, GET)
+        size = _number(buffer, pos + 1, end)
         if size < 0:
             return None, after
-        if len(buffer) < after + size + 2:
-            return _INCOMPLETE
-        return bytes(buffer[after:after + size]), after + size + 2
+        stop = after + size
+        if len(buffer) < stop + 2:
+            return _Incomplete(stop + 2)
+        return buffer[after:stop], stop + 2
+    if kind == 0x3A:  # ':' integer
+        return _number(buffer, pos + 1, end), after
     if kind == 0x2A:  # '*' array
-        count = int(line)
+        count = _number(buffer, pos + 1, end)
         if count < 0:
             return None, after
         items = []
@@ -81,10 +88,26 @@ def parse_reply(buffer: bytearray, pos: int) -> tuple[Any, int] | _Incomplete:
             items.append(item)
         return items, after
     if kind == 0x2B:  # '+' simple string
-        return line.decode(), after
+        return buffer[pos + 1:end].decode(), after
     if kind == 0x2D:  # '-' error
-        return RespError(line.decode(errors="replace")), after
+        return RespError(buffer[pos + 1:end].decode(errors="replace")), after
     raise ConnectionError(f"Redis sent an unknown reply type {chr(kind)!r}")
+
+
+def _number(buffer: bytes, start: int, end: int) -> int:
+    """The decimal integer `buffer[start:end]` (a RESP length or integer), read in place:
+    compiled, a loop over the digits costs less than `int()` of a slice."""
+    negative = start < end and buffer[start] == 0x2D  # '-'
+    first = start + 1 if negative else start
+    if first >= end or end - first > 20:
+        raise ValueError(f"not a RESP integer: {buffer[start:end]!r}")
+    value = 0
+    for index in range(first, end):
+        digit = buffer[index] - 0x30
+        if digit < 0 or digit > 9:
+            raise ValueError(f"not a RESP integer: {buffer[start:end]!r}")
+        value = value * 10 + digit
+    return -value if negative else value
 
 
 class _Unawaited:
@@ -112,7 +135,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiters: deque[asyncio.Future[Any] | _Unawaited] = deque()
         self.deadlines: deque[float] = deque()  # the waiters' deadlines, same order
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # what is left of a reply not yet whole (see data_received)
+        self.needed = 0  # how long `buffer` must grow before it is parsed again (0: any)
         self.outgoing: list[bytes] = []
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -166,14 +190,25 @@ class _Connection(asyncio.Protocol):
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
+        # Parsed from bytes: the data itself when nothing was left over (nearly always), else
+        # the leftover with it. A reply known to need more bytes than have come is not parsed
+        # again until they have (a large bulk string arriving in many reads is copied once).
+        pending = self.buffer
+        if pending:
+            pending += data
+            if len(pending) < self.needed:
+                return
+            buffer = bytes(pending)
+        else:
+            buffer = data
         pos = 0
         waiters, deadlines = self.waiters, self.deadlines
+        incomplete: _Incomplete | None = None
         try:
             while waiters:
                 parsed = parse_reply(buffer, pos)
                 if isinstance(parsed, _Incomplete):
+                    incomplete = parsed
                     break
                 value, pos = parsed
                 future = waiters.popleft()
@@ -191,14 +226,24 @@ class _Connection(asyncio.Protocol):
             while self.on_push is not None and not waiters:  # pub/sub messages
                 parsed = parse_reply(buffer, pos)
                 if isinstance(parsed, _Incomplete):
+                    incomplete = parsed
                     break
                 value, pos = parsed
                 self.on_push(value)
         except (ValueError, ConnectionError) as exc:
             self.abort(ConnectionError(f"unreadable reply from Redis: {exc}"))
             return
-        if pos:
-            del buffer[:pos]
+        if pos == len(buffer):
+            if pending:
+                pending.clear()
+            self.needed = 0
+            return
+        if pending:
+            del pending[:pos]
+        else:
+            self.buffer = bytearray(buffer[pos:])
+        self.needed = incomplete.needed - pos if incomplete is not None and incomplete.needed \
+            else 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError("the connection to Redis was lost"))

@@ -15,6 +15,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = port
         self.reply_delay_s = 0.0
+        self.reply_chunk = 0  # >0: replies go on in pieces of this many bytes, one write each
         self.sent: bytearray | None = None  # a bytearray: what clients send is recorded in it
         self.accepted = 0
         self.server: asyncio.Server | None = None
@@ -48,8 +49,12 @@ class TcpProxy:
                         await asyncio.sleep(self.reply_delay_s)
                     if not replies and self.sent is not None:
                         self.sent += data
-                    dst.write(data)
-                    await dst.drain()
+                    step = self.reply_chunk if replies and self.reply_chunk else len(data)
+                    for at in range(0, len(data), step):
+                        dst.write(data[at:at + step])
+                        await dst.drain()
+                        if step < len(data):
+                            await asyncio.sleep(0.001)  # (so the client reads each on its own)
             dst.transport.abort()
 
         await asyncio.gather(pipe(reader, upstream_writer, False),

@@ -502,7 +502,7 @@ async def test_memory_and_redis_decide_identically(prefix: str, seed: int) -> No
 def command_names(stream: bytes) -> list[bytes]:
     """The name of each command in `stream`, the bytes a client wrote to Redis (RESP arrays
     of bulk strings, which the client's own reply parser reads as lists of bytes)."""
-    names, at, buffer = [], 0, bytearray(stream)
+    names, at, buffer = [], 0, bytes(stream)
     while at < len(buffer):
         parsed = resp.parse_reply(buffer, at)
         assert isinstance(parsed, tuple), stream[at:at + 40]  # (not cut off mid-command)
