@@ -20,9 +20,11 @@ install:  ## the package (editable) with the test and lint tools, the semantic-c
 COMPILED = $(shell $(PYTHON) -c "from gateway.cli import main; main(['build', '--sources'])")
 # build/ goes first: from an earlier build, setuptools copies each module's (unchanged) shim
 # extension with its old time, which gateway/compiled.py would take for a stale build. The
-# last line fails the target on a build that reads as stale (it would not be used).
+# last line fails the target on a build that reads as stale (it would not be used). Every
+# extension is removed first, strays of an earlier module list too (gateway/compiled.py).
 compile:  ## compile the auth and quota hot path with mypyc, in place (`make uncompile` undoes it)
-	cd $(CURDIR) && rm -rf build && $(PYTHON) -m mypyc $(COMPILED)
+	cd $(CURDIR) && rm -rf build && $(PYTHON) -m gateway.cli build --remove >/dev/null && \
+	  $(PYTHON) -m mypyc $(COMPILED)
 	$(PYTHON) -m gateway.cli build
 
 # The tests of what is compiled, run against the compiled build; the sources run again after,

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MODULES", "ROOT", "Build", "build_of", "remove", "sources", "use_sources_if_stale"]
+__all__ = ["MODULES", "ROOT", "Build", "build_of", "remove", "sources", "strays",
+           "use_sources_if_stale"]
 
 logger = logging.getLogger("sluicegate")
 
@@ -60,8 +61,11 @@ def _source(root: Path, module: str) -> Path:
     return package if package.exists() else path.with_suffix(".py")
 
 
+_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
 def _extension(source: Path) -> Path:
-    return source.with_name(source.stem + importlib.machinery.EXTENSION_SUFFIXES[0])
+    return source.with_name(source.stem + _SUFFIX)
 
 
 class Build:
@@ -76,7 +80,28 @@ class Build:
         return f"Build({self.state!r}, {self.reason!r})"
 
 
+def strays(root: Path = ROOT, modules: Sequence[str] = MODULES) -> dict[str, Path]:
+    """Extensions beside a source in the group's packages that are not the group's (a build
+    of an earlier `MODULES`), by module name. Python would import one, and with it the other
+    group's shared library, which fails ("native module ... replaced after
+    initialization") or runs code of another build."""
+    listed = {_extension(_source(root, module)) for module in modules}
+    found: dict[str, Path] = {}
+    for package in sorted({module.split(".")[0] for module in modules}):
+        for extension in sorted((root / package).rglob("*" + _SUFFIX)):
+            stem = extension.name[:-len(_SUFFIX)]
+            if extension in listed or not extension.with_name(stem + ".py").exists():
+                continue
+            parts = extension.relative_to(root).parent.parts
+            found[".".join(parts if stem == "__init__" else (*parts, stem))] = extension
+    return found
+
+
 def build_of(root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
+    stray = strays(root, modules)
+    if stray:
+        return Build("stale", "extensions of modules the build does not list: " +
+                     ", ".join(str(path.relative_to(root)) for path in stray.values()))
     sources = [_source(root, module) for module in modules]
     built = [(source, _extension(source)) for source in sources]
     present = [(source, ext) for source, ext in built if ext.exists()]
@@ -114,7 +139,7 @@ def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) ->
     """Imports `modules` from source from now on when their build is stale (see the module
     docstring); the build's state either way."""
     build = build_of(root, modules)
-    names = frozenset(modules)
+    names = frozenset(modules) | frozenset(strays(root, modules))
     if build.state == "stale" and not any(isinstance(finder, _SourcesOnly)
                                           and finder.names == names for finder in sys.meta_path):
         sys.meta_path.insert(0, _SourcesOnly(names))
@@ -124,15 +149,16 @@ def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) ->
     return build
 
 
-def remove(root: Path = ROOT) -> list[Path]:
-    """Deletes the group's extensions and its shared library; what it deleted."""
+def remove(root: Path = ROOT, modules: Sequence[str] = MODULES) -> list[Path]:
+    """Deletes the group's extensions, any stray one (`strays`) and the shared libraries;
+    what it deleted. (`make compile` runs it first: a build never leaves another's behind.)"""
     removed = []
-    for module in MODULES:
-        extension = _extension(_source(root, module))
+    for extension in [_extension(_source(root, module)) for module in modules] + \
+            list(strays(root, modules).values()):
         if extension.exists():
             extension.unlink()
             removed.append(extension)
-    for shared in root.glob("*__mypyc" + importlib.machinery.EXTENSION_SUFFIXES[0]):
+    for shared in root.glob("*__mypyc" + _SUFFIX):
         shared.unlink()
         removed.append(shared)
     return removed

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway.compiled import MODULES, ROOT, build_of, use_sources_if_stale
+from gateway.compiled import MODULES, ROOT, build_of, remove, use_sources_if_stale
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
@@ -38,7 +38,7 @@ def tree(tmp_path: Path) -> Iterator[tuple[Path, tuple[str, ...]]]:
     finally:
         sys.path.remove(str(tmp_path))
         sys.meta_path[:] = before
-        for module in (name, *modules):
+        for module in (name, *modules, f"{modules[0]}.other"):
             sys.modules.pop(module, None)
 
 
@@ -121,6 +121,30 @@ def test_a_stale_group_is_imported_from_source_whole(
         == [True]
     assert importlib.import_module(modules[0]).WHERE == "source"
     assert importlib.import_module(modules[1]).WHERE == "source"
+
+
+def test_an_extension_the_build_does_not_list_is_stale_and_removed(
+        tree: tuple[Path, tuple[str, ...]]) -> None:
+    # A build of an earlier module list left an extension behind: importing it would load that
+    # build's shared library beside this one's. The build reads as stale, the module is
+    # imported from source, and removing the build (`make compile` does first) deletes it.
+    root, modules = tree
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    package = root.joinpath(*modules[0].split("."))
+    (package / "other.py").write_text("WHERE = 'source'\n")
+    (package / f"other{SUFFIX}").write_bytes(b"not an extension module")
+    (package / f"orphan{SUFFIX}").write_bytes(b"no source beside it: not the build's")
+    build = build_of(root, modules)
+    assert build.state == "stale"
+    assert f"other{SUFFIX}" in build.reason and "orphan" not in build.reason
+    assert use_sources_if_stale(root, modules).state == "stale"
+    assert importlib.import_module(f"{modules[0]}.other").WHERE == "source"
+    assert importlib.import_module(modules[1]).WHERE == "source"
+    assert sorted(path.name for path in remove(root, modules)) == \
+        sorted([f"__init__{SUFFIX}", f"inner{SUFFIX}", f"other{SUFFIX}"])
+    assert build_of(root, modules).state == "source"
+    assert (package / f"orphan{SUFFIX}").exists()
 
 
 def test_a_current_build_is_left_to_python(tree: tuple[Path, tuple[str, ...]]) -> None:
