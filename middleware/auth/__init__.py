@@ -27,12 +27,12 @@ from typing import Any, ClassVar
 
 from gateway.config import ConfigError
 from gateway.context import (
+    CONTEXT_KEY,
     MODELS_PATHS,
     PRINCIPAL_KEY,
     SELF_USAGE_PATH,
     RequestContext,
     ScopePrincipal,
-    find_request_context,
 )
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
@@ -92,6 +92,10 @@ class AuthMiddleware:
             if not isinstance(key, StaticKey):
                 raise ConfigError(f"AuthMiddleware keys must be StaticKey(...), not {key!r}.")
         self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) if keys else None
+        # (the static store's own dictionaries, read on every request: see StaticKeyStore)
+        self._static_keys: dict[str, VirtualKey] = self.static.by_hash if self.static else {}
+        self._static_limits: dict[tuple[str, str], Limits] = \
+            self.static.limits if self.static else {}
         self.store = store
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s) if store is not None else None
         self.customer_header = customer_header.lower().encode()
@@ -132,7 +136,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = find_request_context(scope)
+        ctx: RequestContext | None = scope.get(CONTEXT_KEY)  # (`find_request_context`)
         if ctx is None:
             path = route_path(scope)
             if path == SELF_USAGE_PATH or path in MODELS_PATHS:
@@ -165,7 +169,7 @@ class AuthMiddleware:
                                     "or in the 'x-api-key' header.", code="missing_api_key")
         key_hash = hash_key(credential)
         # Any: it may hold the UNKNOWN sentinel (compiled, a typed local would refuse it)
-        key: Any = self.static.find_now(key_hash) if self.static is not None else None
+        key: Any = self._static_keys.get(key_hash)  # (StaticKeyStore.find_now, inline)
         if key is None and self.cache is not None:
             # From memory while the cache holds it fresh; the store is awaited otherwise.
             key = self.cache.find_now(key_hash)
@@ -199,16 +203,14 @@ class AuthMiddleware:
             raise _limits_unreadable()
         # Static limits first, without a coroutine each (the store's are awaited only when
         # there is a store and the config has none).
-        static = self.static
-        project_limits = static.subject_limits_now("project", key.project) \
-            if static is not None else None
+        static = self._static_limits  # (StaticKeyStore.subject_limits_now, inline)
+        project_limits = static.get(("project", key.project))
         if project_limits is None and self.cache is not None:
             project_limits = await self._stored_limits("project", key.project)
         customer_limits = None
         if customer:
             subject = f"{key.project}/{customer}"
-            customer_limits = static.subject_limits_now("customer", subject) \
-                if static is not None else None
+            customer_limits = static.get(("customer", subject))
             if customer_limits is None and self.cache is not None:
                 customer_limits = await self._stored_limits("customer", subject)
         # One Principal per key, customer and limits while none of them changes: making one
@@ -304,7 +306,10 @@ def _take_credential(scope: Scope) -> str | None:
         name = pair[0]
         if name in _CREDENTIAL_HEADERS:
             if credential is None:
-                text = pair[1].decode("latin-1").strip()
+                value = pair[1]
+                # (typed, compiled: decode, partition and lower run as C, not method calls)
+                raw: bytes = value if type(value) is bytes else bytes(value)
+                text = raw.decode("latin-1").strip()
                 if name == b"authorization":
                     scheme, _, text = text.partition(" ")
                     text = text.strip() if scheme.lower() == "bearer" else ""

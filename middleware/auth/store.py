@@ -145,26 +145,28 @@ class KeyStore(Protocol):
 # -- the config module's keys ------------------------------------------------------------------
 
 class StaticKeyStore:
-    """The keys and limits declared in the config module: read-only, no I/O."""
+    """The keys and limits declared in the config module: read-only, no I/O. (`by_hash`
+    and `limits`, never changed after __init__, are read directly by the auth layer on
+    every request: a dictionary lookup costs less than a call of `find_now`.)"""
 
     def __init__(self, keys: Sequence[StaticKey],
                  limits: Mapping[tuple[str, str], Limits] | None = None) -> None:
-        self._by_hash: dict[str, VirtualKey] = {}
+        self.by_hash: dict[str, VirtualKey] = {}
         self._by_id: dict[str, VirtualKey] = {}
         for static in keys:
             key = static.to_virtual_key()
-            if key.key_hash in self._by_hash:
-                raise ValueError(f"keys {self._by_hash[key.key_hash].id} and {key.id} in the "
+            if key.key_hash in self.by_hash:
+                raise ValueError(f"keys {self.by_hash[key.key_hash].id} and {key.id} in the "
                                  "config module are the same key")
             if key.id in self._by_id:
                 raise ValueError(f"two keys in the config module have the id {key.id!r}")
-            self._by_hash[key.key_hash] = self._by_id[key.id] = key
-        self._limits: dict[tuple[str, str], Limits] = {}
+            self.by_hash[key.key_hash] = self._by_id[key.id] = key
+        self.limits: dict[tuple[str, str], Limits] = {}
         for (kind, subject_id), value in (limits or {}).items():
             check_subject_id(kind, subject_id)
             if not isinstance(value, Limits):
                 raise TypeError(f"the limits of {kind} {subject_id!r} must be Limits(...)")
-            self._limits[kind, subject_id] = value
+            self.limits[kind, subject_id] = value
 
     async def startup(self) -> None:
         pass
@@ -180,13 +182,13 @@ class StaticKeyStore:
 
     def find_now(self, key_hash: str) -> VirtualKey | None:
         """`find` without a coroutine to make and await (the auth layer's per-request path)."""
-        return self._by_hash.get(key_hash)
+        return self.by_hash.get(key_hash)
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
         return self.subject_limits_now(kind, subject_id)
 
     def subject_limits_now(self, kind: str, subject_id: str) -> Limits | None:
-        return self._limits.get((kind, subject_id))
+        return self.limits.get((kind, subject_id))
 
     async def get(self, key_id: str) -> VirtualKey | None:
         return self._by_id.get(key_id)
@@ -195,10 +197,10 @@ class StaticKeyStore:
         return [k for k in self._by_id.values() if project is None or k.project == project]
 
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
-        return self._limits.get((kind, subject_id))
+        return self.limits.get((kind, subject_id))
 
     async def list_limits(self, kind: str | None = None) -> LimitsList:
-        return [SubjectLimits(k, s, v) for (k, s), v in sorted(self._limits.items())
+        return [SubjectLimits(k, s, v) for (k, s), v in sorted(self.limits.items())
                 if kind is None or k == kind]
 
     def subscribe(self, callback: Invalidation) -> None:
@@ -350,7 +352,7 @@ class PostgresKeyStore:
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self._keys = sql.Identifier(schema, "sluicegate_keys")
-        self._limits = sql.Identifier(schema, "sluicegate_subject_limits")
+        self.limits = sql.Identifier(schema, "sluicegate_subject_limits")
         self._subscribers: list[Invalidation] = []
         self._pool: _Connections | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -491,7 +493,7 @@ class PostgresKeyStore:
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
         _check_limit_kind(kind)
         query = sql.SQL("SELECT limits FROM {} WHERE kind = %s AND subject_id = %s").format(
-            self._limits)
+            self.limits)
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind, subject_id))
             row = await cur.fetchone()
@@ -508,7 +510,7 @@ class PostgresKeyStore:
             _check_limit_kind(kind)
         where = sql.SQL("WHERE kind = %s" if kind is not None else "")
         query = sql.SQL("SELECT kind, subject_id, limits FROM {} {} "
-                        "ORDER BY kind, subject_id").format(self._limits, where)
+                        "ORDER BY kind, subject_id").format(self.limits, where)
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind,) if kind is not None else ())
             rows = await cur.fetchall()
@@ -606,13 +608,13 @@ class PostgresKeyStore:
         check_subject_id(kind, subject_id)
         if limits is None:
             query = sql.SQL("DELETE FROM {} WHERE kind = %s AND subject_id = %s "
-                            "RETURNING 1").format(self._limits)
+                            "RETURNING 1").format(self.limits)
             params: tuple[Any, ...] = (kind, subject_id)
         elif isinstance(limits, Limits):
             query = sql.SQL("INSERT INTO {} (kind, subject_id, limits) VALUES (%s, %s, %s) "
                             "ON CONFLICT (kind, subject_id) DO UPDATE "
                             "SET limits = excluded.limits, updated_at = now() "
-                            "RETURNING 1").format(self._limits)
+                            "RETURNING 1").format(self.limits)
             params = (kind, subject_id, Jsonb(limits.to_json()))
         else:
             raise TypeError("limits must be a Limits(...) value or None")
