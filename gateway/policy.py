@@ -12,24 +12,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
-MICROS_PER_USD = 1_000_000
+# (Final: compiled, the constants below are inlined where they are read, not looked up)
+MICROS_PER_USD: Final = 1_000_000
 
 PERIODS = ("daily", "weekly", "monthly", "lifetime")
 OVERFLOW_ACTIONS = ("block", "downgrade")
 STORE_ERROR_POLICIES = ("open", "closed")
 
 # Kinds of check, and the subjects a limit can be set on.
-REQUESTS, TOKENS, CONCURRENT, BUDGET = "requests", "tokens", "concurrent", "budget"
+REQUESTS: Final = "requests"
+TOKENS: Final = "tokens"
+CONCURRENT: Final = "concurrent"
+BUDGET: Final = "budget"
 # Limits and amounts go to Redis's Lua as doubles, exact only up to 2**53. A limit is at most
 # LIMIT_MAX (rpm, tpm or concurrent requests, or a budget of $4.5 billion in micro-dollars),
 # and a reservation or a settled amount at most AMOUNT_MAX, above every limit (so an amount
 # made smaller is refused as its whole would be): both stores then decide alike.
-LIMIT_MAX = 2 ** 52
-AMOUNT_MAX = 2 ** 53 - 1
+LIMIT_MAX: Final = 2 ** 52
+AMOUNT_MAX: Final = 2 ** 53 - 1
 SUBJECT_KINDS = ("key", "project", "customer", "model", "global")
 
 

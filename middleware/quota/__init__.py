@@ -55,10 +55,10 @@ from gateway.admin import (
 )
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
+    CONTEXT_KEY,
     OPENAI_RESPONSES,
     RequestContext,
     Rerouted,
-    find_request_context,
     route_to,
 )
 from gateway.errors import GatewayError, stream_error_ending
@@ -269,7 +269,7 @@ class QuotaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = find_request_context(scope)
+        ctx: RequestContext | None = scope.get(CONTEXT_KEY)  # (`find_request_context`)
         if ctx is None:
             if self.admin_token is not None and route_path(scope).startswith("/admin/usage/"):
                 await self._serve_usage(scope, send)
@@ -383,7 +383,11 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
-        ctx.at_end(partial(self._settle_in_lane, lane, est, values))
+        settle = partial(self._settle_in_lane, lane, est, values)
+        if ctx.on_end is None:  # (RequestContext.at_end, inline: an interpreted call)
+            ctx.on_end = [settle]
+        else:
+            ctx.on_end.append(settle)
         if not ctx.stream or not lane.cutoff:  # nothing to cut off: `send` is not wrapped
             self._mark_admitted(ctx, None)
             await self.app(scope, receive, send)
@@ -642,7 +646,8 @@ class QuotaMiddleware:
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(ctx.request_id, _spend_rows(ctx, cost), ctx.started_at)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
-        tokens = usage.total_tokens if usage is not None else 0
+        # (Usage.total_tokens, inline: a property is an interpreted call)
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
                 cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 

@@ -51,14 +51,22 @@ class Planned:
     period_end: datetime | None = None
 
 
-@dataclass(slots=True)
 class Estimate:
-    """What a request reserves before the call."""
+    """What a request reserves before the call. (Not a dataclass: compiled, a dataclass
+    keeps the __init__ `dataclasses` writes, which runs interpreted, once a request.)"""
 
-    input_tokens: int
-    output_tokens: int
-    cost_micros: int
-    price: Price | None = None  # what it was priced at (`reservation_price`)
+    __slots__ = ("cost_micros", "input_tokens", "output_tokens", "price")
+
+    def __init__(self, input_tokens: int, output_tokens: int, cost_micros: int,
+                 price: Price | None = None) -> None:
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cost_micros = cost_micros
+        self.price = price  # what it was priced at (`reservation_price`)
+
+    def __repr__(self) -> str:
+        return (f"Estimate(input_tokens={self.input_tokens}, output_tokens="
+                f"{self.output_tokens}, cost_micros={self.cost_micros}, price={self.price!r})")
 
     @property
     def tokens(self) -> int:
@@ -571,8 +579,11 @@ def _reset_at(index: int, reply: bool) -> str:
 
 def _usd_text(left: int) -> bytes:
     """A budget's remaining micro-dollars as USD text (an overdrawn one shows 0)."""
-    # (A comparison, not max(): that parses keyword arguments on every call.)
-    return b"%d.%06d" % divmod(left if left > 0 else 0, MICROS_PER_USD)  # noqa: FURB136
+    # (A comparison, not max(): that parses keyword arguments on every call. Compiled,
+    # integer division and str() of an int run as C; bytes' % formatting does not.)
+    micros = left if left > 0 else 0  # noqa: FURB136
+    cents = str(MICROS_PER_USD + micros % MICROS_PER_USD)  # "1" and the six digits after
+    return (str(micros // MICROS_PER_USD) + "." + cents[1:]).encode()
 
 
 def budget_indexes(planned: Sequence[Planned], *, cutoff: bool = False) -> tuple[int, ...]:

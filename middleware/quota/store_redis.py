@@ -541,7 +541,9 @@ class RedisQuotaStore:
         """What every script's ARGV string starts with: the clock (`clock`, a reading as
         float.hex(), or read now), the request id, the budget slack, and a space before the
         checks' words."""
-        if not request_id or " " in request_id or not request_id.isprintable():
+        # (isalnum first: compiled, it runs as C, and the kernel's ids pass it)
+        if not request_id.isalnum() and (not request_id or " " in request_id or
+                                         not request_id.isprintable()):
             request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
         if clock is None:  # (clock_text, inline: this runs for every admission)
             clock = float(self.clock()).hex()
