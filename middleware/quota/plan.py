@@ -581,9 +581,10 @@ def _usd_text(left: int) -> bytes:
     """A budget's remaining micro-dollars as USD text (an overdrawn one shows 0)."""
     # (A comparison, not max(): that parses keyword arguments on every call. Compiled,
     # integer division and str() of an int run as C; bytes' % formatting does not.)
+    # (str() of 1 and the six digits after the point, less the 1: the digits, zero-padded)
     micros = left if left > 0 else 0  # noqa: FURB136
-    cents = str(MICROS_PER_USD + micros % MICROS_PER_USD)  # "1" and the six digits after
-    return (str(micros // MICROS_PER_USD) + "." + cents[1:]).encode()
+    return f"{micros // MICROS_PER_USD}.{str(MICROS_PER_USD + micros % MICROS_PER_USD)[1:]}" \
+        .encode()
 
 
 def budget_indexes(planned: Sequence[Planned], *, cutoff: bool = False) -> tuple[int, ...]:
