@@ -31,8 +31,9 @@ compile:  ## compile the auth and quota hot path with mypyc, in place (`make unc
 # whatever the tests did.
 COMPILED_TESTS = tests/gateway/test_policy.py tests/gateway/test_pricing.py \
   tests/gateway/test_tokens.py tests/gateway/test_compiled.py tests/gateway/test_doctor.py \
-  tests/gateway/test_redis_topologies.py tests/middleware/test_auth_*.py \
-  tests/middleware/test_quota_*.py tests/middleware/test_failover_quota_below.py
+  tests/gateway/test_redis_topologies.py tests/gateway/test_resp_replies.py \
+  tests/middleware/test_auth_*.py tests/middleware/test_quota_*.py \
+  tests/middleware/test_failover_quota_below.py
 test-compiled: install services  ## compile, run the compiled modules' tests against the build, uncompile
 	$(MAKE) compile
 	$(PYTHON) -m pytest $(COMPILED_TESTS) $(PYTEST_ARGS); rc=$$?; $(MAKE) uncompile; exit $$rc
