@@ -352,7 +352,7 @@ class PostgresKeyStore:
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self._keys = sql.Identifier(schema, "sluicegate_keys")
-        self.limits = sql.Identifier(schema, "sluicegate_subject_limits")
+        self._limits = sql.Identifier(schema, "sluicegate_subject_limits")
         self._subscribers: list[Invalidation] = []
         self._pool: _Connections | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -493,7 +493,7 @@ class PostgresKeyStore:
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
         _check_limit_kind(kind)
         query = sql.SQL("SELECT limits FROM {} WHERE kind = %s AND subject_id = %s").format(
-            self.limits)
+            self._limits)
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind, subject_id))
             row = await cur.fetchone()
@@ -510,7 +510,7 @@ class PostgresKeyStore:
             _check_limit_kind(kind)
         where = sql.SQL("WHERE kind = %s" if kind is not None else "")
         query = sql.SQL("SELECT kind, subject_id, limits FROM {} {} "
-                        "ORDER BY kind, subject_id").format(self.limits, where)
+                        "ORDER BY kind, subject_id").format(self._limits, where)
         async with self._connection() as conn:
             cur = await conn.execute(query, (kind,) if kind is not None else ())
             rows = await cur.fetchall()
@@ -608,13 +608,13 @@ class PostgresKeyStore:
         check_subject_id(kind, subject_id)
         if limits is None:
             query = sql.SQL("DELETE FROM {} WHERE kind = %s AND subject_id = %s "
-                            "RETURNING 1").format(self.limits)
+                            "RETURNING 1").format(self._limits)
             params: tuple[Any, ...] = (kind, subject_id)
         elif isinstance(limits, Limits):
             query = sql.SQL("INSERT INTO {} (kind, subject_id, limits) VALUES (%s, %s, %s) "
                             "ON CONFLICT (kind, subject_id) DO UPDATE "
                             "SET limits = excluded.limits, updated_at = now() "
-                            "RETURNING 1").format(self.limits)
+                            "RETURNING 1").format(self._limits)
             params = (kind, subject_id, Jsonb(limits.to_json()))
         else:
             raise TypeError("limits must be a Limits(...) value or None")
