@@ -70,11 +70,14 @@ def _extension(source: Path) -> Path:
 
 class Build:
     """What is on disk for `modules` under `root`: `compiled` (every extension there and none
-    older than any source), `source` (no extension) or `stale` (the rest), with `reason`."""
+    older than any source), `source` (no extension) or `stale` (the rest), with `reason`;
+    `strays`: the modules whose extensions are not the group's (`strays`)."""
 
-    def __init__(self, state: str, reason: str = "") -> None:
+    def __init__(self, state: str, reason: str = "",
+                 strays: tuple[str, ...] = ()) -> None:
         self.state = state
         self.reason = reason
+        self.strays = strays
 
     def __repr__(self) -> str:
         return f"Build({self.state!r}, {self.reason!r})"
@@ -101,7 +104,8 @@ def build_of(root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
     stray = strays(root, modules)
     if stray:
         return Build("stale", "extensions of modules the build does not list: " +
-                     ", ".join(str(path.relative_to(root)) for path in stray.values()))
+                     ", ".join(str(path.relative_to(root)) for path in stray.values()),
+                     tuple(stray))
     sources = [_source(root, module) for module in modules]
     built = [(source, _extension(source)) for source in sources]
     present = [(source, ext) for source, ext in built if ext.exists()]
@@ -139,7 +143,7 @@ def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) ->
     """Imports `modules` from source from now on when their build is stale (see the module
     docstring); the build's state either way."""
     build = build_of(root, modules)
-    names = frozenset(modules) | frozenset(strays(root, modules))
+    names = frozenset(modules) | frozenset(build.strays)
     if build.state == "stale" and not any(isinstance(finder, _SourcesOnly)
                                           and finder.names == names for finder in sys.meta_path):
         sys.meta_path.insert(0, _SourcesOnly(names))

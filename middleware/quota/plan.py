@@ -579,9 +579,9 @@ def _reset_at(index: int, reply: bool) -> str:
 
 def _usd_text(left: int) -> bytes:
     """A budget's remaining micro-dollars as USD text (an overdrawn one shows 0)."""
-    # (A comparison, not max(): that parses keyword arguments on every call. Compiled,
-    # integer division and str() of an int run as C; bytes' % formatting does not.)
-    # (str() of 1 and the six digits after the point, less the 1: the digits, zero-padded)
+    # (A comparison, not max(): that parses keyword arguments on every call. An f-string,
+    # not bytes' % formatting: compiled, // and str() of an int run as C. The cents: str()
+    # of 1 and the six digits after the point, less the 1, so they keep their zeros.)
     micros = left if left > 0 else 0  # noqa: FURB136
     return f"{micros // MICROS_PER_USD}.{str(MICROS_PER_USD + micros % MICROS_PER_USD)[1:]}" \
         .encode()
