@@ -447,6 +447,29 @@ def test_dockerfile() -> None:
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     assert "**" in ignored and {f"!{s.rstrip('/')}" for s in sources} <= \
         {line.rstrip("/") for line in ignored}
+    assert "**/*.so" in ignored  # (a local `make compile` never goes into the image as is)
+
+
+def test_the_image_compiles_the_hot_path_as_make_compile_does() -> None:
+    # The build stage compiles what `sluicegate build --sources` lists, as `make compile`
+    # does, strays removed first; the runtime stage copies the extensions in after the
+    # package and runs `sluicegate build`, which fails the image build on a stale build.
+    instructions = dockerfile_instructions()
+    runtime_from = [index for index, (name, _) in enumerate(instructions) if name == "FROM"][1]
+    build, runtime = instructions[:runtime_from], instructions[runtime_from:]
+    assert ("ARG", "COMPILE=1") in build
+    (compile_step,) = [" ".join(args.split()) for name, args in build
+                       if name == "RUN" and "mypyc" in args]
+    assert compile_step.index("gateway.cli build --remove") < \
+        compile_step.index("python -m mypyc $(python -m gateway.cli build --sources)") < \
+        compile_step.rindex("python -m gateway.cli build ")
+    assert "cp *__mypyc.*.so /compiled/" in compile_step
+    assert 'find gateway middleware -name "*.so" -exec cp --parents {} /compiled/' in compile_step
+    (install,) = [" ".join(args.split()) for name, args in runtime
+                  if name == "RUN" and "pip install" in args]
+    assert "source=/compiled,target=/compiled" in install
+    assert install.index('"sluicegate[redis,postgres,otel]"') < \
+        install.index("cp -r /compiled/. ") < install.index("&& sluicegate build &&")
 
 
 def test_compose_services_healthchecks_and_env() -> None:
