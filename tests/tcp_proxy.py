@@ -53,8 +53,8 @@ class TcpProxy:
                     for at in range(0, len(data), step):
                         dst.write(data[at:at + step])
                         await dst.drain()
-                        if step < len(data):
-                            await asyncio.sleep(0.001)  # (so the client reads each on its own)
+                        if at + step < len(data):  # (a pause between pieces, so the
+                            await asyncio.sleep(0.001)  # client reads each on its own)
             dst.transport.abort()
 
         await asyncio.gather(pipe(reader, upstream_writer, False),
