@@ -472,3 +472,33 @@ def test_streams_a_review_built_collect_as_every_event_read_in_full(raw: bytes) 
     operation = "anthropic.messages" if api_format == "anthropic" else "openai.chat"
     expected = by_events(raw, api_format, operation)
     assert orjson.dumps(collect_sse(raw, api_format, operation)) == orjson.dumps(expected)
+
+
+def chat_chunks(*deltas: JSON) -> bytes:
+    chunks = [{"id": "c1", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({"id": "c1", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks) + \
+        b"data: [DONE]\n\n"
+
+
+def test_an_object_sent_in_several_deltas_makes_no_answer() -> None:
+    """OpenAI's streamed audio sends its transcript and its data in pieces, each an `audio`
+    object: the answer must hold the whole of each, and replacing one object by the next
+    kept only the last piece (a silent answer, served to every later caller). Such a stream
+    makes no answer (a miss); one object sent once is kept as it came."""
+    audio = chat_chunks({"role": "assistant", "content": None},
+                        {"audio": {"id": "audio_1", "transcript": "Hello "}},
+                        {"audio": {"transcript": "world."}},
+                        {"audio": {"data": "AAAA"}}, {"audio": {"data": "BBBB"}},
+                        {"audio": {"expires_at": 123}})
+    for raw in (audio, audio.replace(b"\n\n", b"\r\n\r\n")):
+        assert collect_sse(raw, "openai", "openai.chat") is None
+        assert by_events(raw, "openai", "openai.chat") is None
+    once = chat_chunks({"role": "assistant", "content": "Hi"},
+                       {"annotation": {"kind": "note", "text": "x"}})
+    collected = collect_sse(once, "openai", "openai.chat")
+    assert collected is not None
+    assert collected["choices"][0]["message"] == {
+        "role": "assistant", "content": "Hi", "annotation": {"kind": "note", "text": "x"}}
