@@ -223,7 +223,8 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         principal = ctx.principal or ANONYMOUS
-        key = cache_key(self._scope_id(principal), ctx.model, ctx.operation, ctx.body,
+        model = ctx.model
+        key = cache_key(self._scope_id(principal), model, ctx.operation, ctx.body,
                         namespace=control.namespace, headers=varies)
         if not control.no_cache:
             get_now = self._get_now
@@ -258,7 +259,8 @@ class CacheMiddleware:
             tee = _Tee(send, self.max_entry_bytes)
             await self.app(scope, receive, tee.send)
             # (a stream that broke ends with an error event, complete and said so: not kept)
-            if not tee.complete or ctx.error_type is not None:
+            if not tee.complete or ctx.error_type is not None or \
+                    not _answered_as_asked(ctx, model):
                 return
             answer = tee
         else:
@@ -266,16 +268,17 @@ class CacheMiddleware:
             # passthrough sent (and parsed), so `send` is not wrapped to copy it.
             await self.app(scope, receive, send)
             sent = ctx.sent_json
-            if sent is None or len(sent[0]) > self.max_entry_bytes:
+            if sent is None or len(sent[0]) > self.max_entry_bytes or \
+                    not _answered_as_asked(ctx, model):
                 return
             answer = sent
-        tags_of = (ctx.model, principal.project, control.namespace)
+        tags_of = (model, principal.project, control.namespace)
         tags = self._tags.get(tags_of)
         if tags is None:
             if len(self._tags) >= 4096:  # namespaces come from requests: keep it bounded
                 self._tags.clear()
             tags = self._tags[tags_of] = cache_tags(
-                model=ctx.model, project=principal.project, namespace=control.namespace)
+                model=model, project=principal.project, namespace=control.namespace)
         if not self._queued:
             asyncio.get_running_loop().call_soon(self._flush_queue)
         self._queued.append((ctx, key, answer, tags, query, vector))
@@ -624,6 +627,21 @@ def _is_answer(parsed: Any, operation: str) -> bool:
         return False
     member = _ANSWER_MEMBERS.get(operation)
     return member is None or isinstance(parsed.get(member), list)
+
+
+def _answered_as_asked(ctx: RequestContext, model: str) -> bool:
+    """Whether an answer is one the model its key was made for (`model`) gave, to be kept
+    under that key. Not when a layer below sent the request to another public model (the
+    quota layer's downgrade, `Rerouted`), failover tried a fallback model (its answer is
+    the fallback's, and may be one a key that may not use that model would then be served),
+    or a broken stream was continued elsewhere (two calls' answers spliced): kept, any of
+    these would answer every later caller of `model` so for the whole TTL. They are misses
+    that store nothing (a fallback that failed before the model answered included: rare,
+    and a miss is never wrong)."""
+    if ctx.model != model:
+        return False
+    state = ctx.state
+    return not state.get("failover.fallbacks") and "failover.continuations" not in state
 
 
 def _asked_for_usage(body: Mapping[str, Any]) -> bool:
