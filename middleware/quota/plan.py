@@ -83,11 +83,28 @@ _NO_OUTPUT_OPERATIONS = frozenset({c.OPENAI_EMBEDDINGS, c.ANTHROPIC_COUNT_TOKENS
 LEGACY_COMPLETION_MAX_TOKENS = 16
 
 
+# The output caps each operation's API defines: the ones its adapters send on (translated
+# or as they came). Another API's cap in the body is not read by anyone downstream (the
+# translators read their own API's; a provider ignores a field it does not know), so it
+# bounds nothing: a chat request with `max_output_tokens: 1` is sent without a cap.
+_OUTPUT_CAPS = {
+    # Both: the translators read max_completion_tokens first, an OpenAI-compatible server
+    # may read max_tokens; the larger is what either can generate.
+    c.OPENAI_CHAT: ("max_completion_tokens", "max_tokens"),
+    c.OPENAI_COMPLETIONS: ("max_tokens",),
+    c.OPENAI_RESPONSES: ("max_output_tokens",),
+    c.ANTHROPIC_MESSAGES: ("max_tokens",),
+}
+_ANY_CAP = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
-    """The most output tokens the request can produce: its own cap, else the default (in a
-    legacy completion, the API's own default of 16), for each choice (`n`) and, in a legacy
-    completion, for each prompt of a batch and each of `best_of` candidates (all generated
-    and billed)."""
+    """The most output tokens the request can produce: its own cap (the largest of those its
+    API defines, `_OUTPUT_CAPS`), else the default (in a legacy completion, the API's own
+    default of 16), for each choice (`n`) and, in a legacy completion, for each prompt of a
+    batch and each of `best_of` candidates (all generated and billed). A number written as
+    a float (`100.0`) counts as the integer it is: an OpenAI-compatible server that takes
+    the body as it came may read it so."""
     if ctx.operation in _NO_OUTPUT_OPERATIONS:
         return 0
     body = ctx.body
@@ -95,12 +112,11 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
             and "max_output_tokens" not in body and "n" not in body \
             and ctx.operation != c.OPENAI_COMPLETIONS:
         return default_max_output_tokens  # (four lookups, not the loop below)
-    cap = None
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+    cap = 0
+    for name in _OUTPUT_CAPS.get(ctx.operation, _ANY_CAP):
         value = _positive(body.get(name))
-        if value:
+        if value is not None and value > cap:
             cap = value
-            break
     n = _positive(body.get("n")) or 1
     if ctx.operation == c.OPENAI_COMPLETIONS:
         n = max(n, _positive(body.get("best_of")) or 1) * _prompts(body.get("prompt"))
@@ -109,7 +125,11 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
 
 
 def _positive(value: Any) -> int | None:
-    return value if type(value) is int and value > 0 else None
+    if type(value) is int:
+        return value if value > 0 else None
+    if type(value) is float and value.is_integer() and 0 < value < 2 ** 53:
+        return int(value)
+    return None
 
 
 def _prompts(prompt: Any) -> int:

@@ -348,6 +348,30 @@ def test_a_batched_completion_reserves_every_prompts_output(
     assert single.status_code == 200, single.text
 
 
+def test_only_the_output_caps_sent_on_bound_the_reservation(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # A cap of another API in the body is read by nobody downstream: an Anthropic request's
+    # max_completion_tokens of 1 beside its max_tokens of 100,000 (sent on as the OpenAI
+    # call's cap), or a chat request's max_output_tokens of 1 (sent without any cap), once
+    # reserved one output token, and each call could cost far more than the budget.
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.0002', period='lifetime'),))")),
+                    quota(store))
+    headers = {"authorization": f"Bearer {TEST_KEY}"}
+    hi = [{"role": "user", "content": "hi"}]
+    refused = httpx.post(gateway.url + "/v1/messages", headers=headers, timeout=10, json={
+        "model": "gpt-mock", "max_tokens": 100_000, "max_completion_tokens": 1,
+        "messages": hi})
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["type"] == "error"
+    chat = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=10,
+                      json={"model": "gpt-mock", "max_output_tokens": 1, "messages": hi})
+    assert chat.status_code == 402, chat.text  # the default bound, 4096 tokens
+    assert mock.requests == []
+    answered = httpx.post(gateway.url + "/v1/messages", headers=headers, timeout=10, json={
+        "model": "gpt-mock", "max_tokens": 20, "messages": hi})
+    assert answered.status_code == 200, answered.text
+
+
 def test_a_completion_without_max_tokens_reserves_the_apis_default_of_16(
         start: Start, store: str, mock: MockProviderServer) -> None:
     # OpenAI's legacy Completions API defaults max_tokens to 16 (its API reference; the

@@ -123,7 +123,13 @@ def test_each_request_gets_its_own_checks_and_the_templates_planned_list() -> No
 
 
 def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default() -> None:
-    from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_EMBEDDINGS, RequestContext
+    from gateway.context import (
+        ANTHROPIC_MESSAGES,
+        OPENAI_CHAT,
+        OPENAI_EMBEDDINGS,
+        OPENAI_RESPONSES,
+        RequestContext,
+    )
     from middleware.quota.plan import output_bound
 
     def bound(body: dict[str, object], operation: str = OPENAI_CHAT) -> int:
@@ -133,8 +139,21 @@ def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default
 
     assert bound({}) == 4096
     assert bound({"max_tokens": 100}) == 100
-    assert bound({"max_completion_tokens": 50, "max_tokens": 100}) == 50
-    assert bound({"max_output_tokens": 70}) == 70
+    # Both chat caps: the translators read the first, a server may read the other.
+    assert bound({"max_completion_tokens": 50, "max_tokens": 100}) == 100
+    assert bound({"max_completion_tokens": 100, "max_tokens": 50}) == 100
+    # Another API's cap is read by nobody downstream: it bounds nothing.
+    assert bound({"max_output_tokens": 70}) == 4096
+    assert bound({"max_output_tokens": 70}, OPENAI_RESPONSES) == 70
+    assert bound({"max_tokens": 70, "max_output_tokens": 5}, OPENAI_RESPONSES) == 5
+    assert bound({"max_tokens": 70}, OPENAI_RESPONSES) == 4096
+    assert bound({"max_tokens": 100_000, "max_completion_tokens": 1},
+                 ANTHROPIC_MESSAGES) == 100_000
+    # A float that is an integer is that integer (a server taking the body as it came may
+    # read it so); other floats are no cap.
+    assert bound({"max_tokens": 100_000.0}) == 100_000
+    assert bound({"max_tokens": 10.0, "n": 3.0}) == 30
+    assert bound({"max_tokens": 10.5}) == bound({"max_tokens": float("inf")}) == 4096
     assert bound({"max_tokens": 0}) == bound({"max_tokens": True}) == 4096
     assert bound({"max_tokens": "100"}) == bound({"max_tokens": None}) == 4096
     assert bound({"n": 3}) == 3 * 4096
