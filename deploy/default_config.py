@@ -62,6 +62,8 @@ auth = Middleware(AuthMiddleware, keys=static_keys,
 # Rate limits and budgets: in process, or shared by every gateway through $SLUICEGATE_REDIS_URL
 # (with the spend ledger in PostgreSQL, so a Redis flush never resets a budget). Limits are
 # set per key, project and customer with the admin API; gateway-wide ones go in `limits=`.
+# In process, they hold in one process only: `serve --workers 2` (the image's and the unit's
+# command) refuses to start without $SLUICEGATE_REDIS_URL, as each worker would hold them alone.
 redis_url = os.environ.get("SLUICEGATE_REDIS_URL")
 quota = Middleware(QuotaMiddleware, store=redis_url or "memory",
                    ledger=PostgresSpendLedger(database_url) if database_url else None,

@@ -5,7 +5,7 @@ import gc
 import os
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.kernel import ASGIApp, Kernel
+from gateway.kernel import ASGIApp, Kernel, stack_components
 from gateway.passthrough import Passthrough
 
 
@@ -25,6 +25,21 @@ def build_stack(config: GatewayConfig) -> ASGIApp:
             raise ConfigError(f"{config.path}: layer {getattr(cls, '__name__', cls)!s} failed "
                               f"to build: {type(exc).__name__}: {exc}") from None
     return app
+
+
+# How many worker processes `sluicegate serve` runs (set for them: a reload checks it too).
+WORKERS_ENV = "SLUICEGATE_WORKERS"
+
+
+def check_workers(app: ASGIApp, workers: int) -> None:
+    """Refuses several worker processes (ConfigError) when a layer keeps state the workers
+    cannot share (its `check_workers(workers)` says so: the quota layer on its in-process
+    store, whose limits each worker would hold on its own)."""
+    if workers > 1:
+        for layer in stack_components(app):
+            check = getattr(layer, "check_workers", None)
+            if callable(check):
+                check(workers)
 
 
 def check_order(config: GatewayConfig) -> None:

@@ -2,7 +2,8 @@
 
 A reload (SIGHUP to `sluicegate serve --workers N`: new workers start and import this module
 again, then the old ones drain, see gateway/supervisor.py) reads the config file anew.
-When the new file is broken, the workers keep serving the last config that loaded
+When the new file is broken (or names a layer that cannot run in several workers:
+`gateway.app.check_workers`), the workers keep serving the last config that loaded
 (`$SLUICEGATE_CONFIG_LAST_GOOD`, a copy `serve` keeps) and log why, so a bad edit never
 takes the gateway down.
 """
@@ -12,7 +13,7 @@ import logging
 import os
 import shutil
 
-from gateway.app import create_app, tune_gc
+from gateway.app import WORKERS_ENV, check_workers, create_app, tune_gc
 from gateway.config import ConfigError
 from gateway.h11_body import install as install_h11_body_shortcut
 from gateway.h11_cycle import install as install_h11_cycle_shortcut
@@ -33,6 +34,7 @@ def _load() -> Kernel:
     last_good = os.environ.get("SLUICEGATE_CONFIG_LAST_GOOD")
     try:
         kernel = create_app(path)
+        check_workers(kernel, int(os.environ.get(WORKERS_ENV, "1")))
     except ConfigError as exc:
         if not last_good or not os.path.isfile(last_good):
             raise

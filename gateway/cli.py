@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from gateway.admin_client import AdminClient, AdminError
-from gateway.app import build_stack
+from gateway.app import WORKERS_ENV, build_stack, check_workers
 from gateway.compiled import MODULES, Build, build_of, remove, sources
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
@@ -141,7 +141,8 @@ def serve_forever(args: argparse.Namespace) -> int:
 
     path = os.path.abspath(args.config)
     config: GatewayConfig = load_config(path)  # fail fast, in the parent, with one sentence
-    build_stack(config)
+    check_workers(build_stack(config), args.workers)
+    os.environ[WORKERS_ENV] = str(max(args.workers, 1))  # (a reload checks its config too)
     os.environ["SLUICEGATE_CONFIG"] = path
     # This serve's own directory: the last config that loaded (a reload with a broken file
     # keeps serving it, see gateway/asgi.py) and, with several workers, their metrics.

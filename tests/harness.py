@@ -274,16 +274,24 @@ def openai_client(server: ThreadedServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
 
 
-def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "") -> str:
+# The quota store of a gateway served by several worker processes (`serve --workers N`
+# refuses the in-process one: each worker would hold every limit on its own).
+SHARED_QUOTA = "redis://127.0.0.1:6379/0"
+
+
+def mock_config(mock_url: str, *, middleware: str = "default", extra: str = "",
+                quota_store: str = "memory") -> str:
     """A config module serving one public model per mock provider (the default stack's
-    failover layer makes one attempt per request and never opens a breaker).
+    failover layer makes one attempt per request and never opens a breaker; its quota
+    layer keeps its counters in `quota_store`: `SHARED_QUOTA` for several workers).
 
     Models: `gpt-mock` (OpenAI), `azure-mock` (Azure), `claude-mock` (Anthropic),
     `gemini-mock` (Gemini), and `*-embed` embedding models for OpenAI and Gemini.
     """
     layers = {
         "default": "[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
-                   "Middleware(MeteringMiddleware), Middleware(QuotaMiddleware), "
+                   "Middleware(MeteringMiddleware), "
+                   f"Middleware(QuotaMiddleware, store={quota_store!r}), "
                    "Middleware(CacheMiddleware), Middleware(FailoverMiddleware, "
                    "retry=RetryPolicy(max_attempts=1), breaker=NEVER_OPENS)]",
         "none": "[]",

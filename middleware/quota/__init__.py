@@ -228,6 +228,18 @@ class QuotaMiddleware:
             if others:
                 self._fallbacks[model] = (*known, *others)
 
+    def check_workers(self, workers: int) -> None:
+        """Refuses to serve with several worker processes (`sluicegate serve --workers N`)
+        on the in-process store: each worker would keep its own counters, and admit a whole
+        budget and every rate limit, N times the limits in all."""
+        if workers > 1 and isinstance(self.store, MemoryQuotaStore):
+            raise ConfigError(
+                f"QuotaMiddleware store='memory' keeps limits and budgets in one process: with "
+                f"--workers {workers}, each worker would admit a whole budget and rate limit "
+                f"({workers} times the limits in all). Share them through Redis (store="
+                f"'redis://...'; in the default config, set SLUICEGATE_REDIS_URL), or serve "
+                f"with --workers 1.")
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:

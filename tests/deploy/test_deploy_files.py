@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from gateway import create_app
+from gateway.config import ConfigError
 from tests.harness import REPO, ThreadedServer
 
 DEPLOY = REPO / "deploy"
@@ -264,6 +265,13 @@ def test_hypercorn_toml_is_what_serve_configures(monkeypatch: pytest.MonkeyPatch
     # With --workers 2 `serve` runs the workers itself (gateway/supervisor.py), on this config.
     monkeypatch.setattr(gateway.supervisor.Supervisor, "run",
                         lambda self: recorder(configured)(self.config))
+    # Two workers share limits and budgets through Redis; without it (the in-process store,
+    # one per worker) `serve` refuses them, saying what to do.
+    with pytest.raises(ConfigError, match="with --workers 2, each worker would admit a whole "
+                                          "budget.*set SLUICEGATE_REDIS_URL"):
+        gateway.cli.serve_forever(args)
+    assert configured == []
+    os.environ["SLUICEGATE_REDIS_URL"] = "redis://127.0.0.1:6379/0"
     assert gateway.cli.serve_forever(args) == 0
     (served,) = configured
 

@@ -16,6 +16,7 @@ from gateway import create_app
 from gateway.config import ConfigError
 from gateway.metrics import LATENCY_BUCKETS, RequestMetrics, render
 from tests.harness import (
+    SHARED_QUOTA,
     TEST_KEY,
     ThreadedServer,
     mock_config,
@@ -209,7 +210,7 @@ def test_render_merges_workers_and_escapes_labels() -> None:
 
 def test_workers_are_aggregated(tmp_path: Path, mock_url: str) -> None:
     """`serve --workers 2`: whichever worker answers a scrape, the counts are everyone's."""
-    config = write_config(tmp_path, mock_config(mock_url))
+    config = write_config(tmp_path, mock_config(mock_url, quota_store=SHARED_QUOTA))
     process, url = start_cli_gateway(config, workers=2)
     try:
         with httpx.Client(headers={"authorization": f"Bearer {TEST_KEY}"}) as client:

@@ -15,7 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import AUTH, mock_config, start_cli_gateway, stop_process, write_config
+from tests.harness import (
+    AUTH,
+    SHARED_QUOTA,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
 from tests.mock_providers import MockProviderServer
 
 LONG = " ".join(f"word{i}" for i in range(150))
@@ -85,7 +92,7 @@ def old_workers_gone(url: str, old: set[str], timeout_s: float = 60) -> set[str]
 
 def test_sighup_reloads_the_config_without_failing_requests(
         tmp_path: Path, mock_url: str, slow_streams: MockProviderServer) -> None:
-    config = write_config(tmp_path, mock_config(mock_url))
+    config = write_config(tmp_path, mock_config(mock_url, quota_store=SHARED_QUOTA))
     log = tmp_path / "serve.log"
     process, url = start_cli_gateway(config, workers=2, log_path=log)
     try:
@@ -95,7 +102,7 @@ def test_sighup_reloads_the_config_without_failing_requests(
         slow_streams.config.update({"chunk_delay_s": 0.1})
         streaming, streamed = stream_in_background(url)
         time.sleep(0.3)
-        write_config(tmp_path, mock_config(mock_url, extra=NEW_MODEL))
+        write_config(tmp_path, mock_config(mock_url, extra=NEW_MODEL, quota_store=SHARED_QUOTA))
         os.kill(process.pid, signal.SIGHUP)
         statuses, unanswered = [], 0
         deadline = time.monotonic() + 30
@@ -124,10 +131,19 @@ def test_sighup_reloads_the_config_without_failing_requests(
         # A broken edit: the new workers keep the last config that loaded, and say why.
         write_config(tmp_path, "providers = {\n")
         os.kill(process.pid, signal.SIGHUP)
-        assert not old_workers_gone(url, after) & after  # swapped again
+        current = old_workers_gone(url, after)
+        assert not current & after  # swapped again
         assert process.poll() is None
         assert chat(url, "gpt-mock-2").status_code == 200
         assert "serving the last config that did" in log.read_text()
+
+        # So does an edit that puts the quota layer's counters in each worker's memory,
+        # where each of the two would hold every limit on its own.
+        write_config(tmp_path, mock_config(mock_url, extra=NEW_MODEL))
+        os.kill(process.pid, signal.SIGHUP)
+        assert not old_workers_gone(url, current) & current
+        assert chat(url, "gpt-mock-2").status_code == 200
+        assert "keeps limits and budgets in one process: with --workers 2" in log.read_text()
     finally:
         stop_process(process)
 
@@ -172,7 +188,7 @@ middleware = [Middleware(FailsToStartWhenFlagged)]
 
 def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
         tmp_path: Path, mock_url: str, slow_streams: MockProviderServer) -> None:
-    config = write_config(tmp_path, mock_config(mock_url))
+    config = write_config(tmp_path, mock_config(mock_url, quota_store=SHARED_QUOTA))
     process, url = start_cli_gateway(config, workers=2, log_path=tmp_path / "serve.log")
     try:
         slow_streams.config.update({"chunk_delay_s": 0.05})  # about 7 s of stream
@@ -194,7 +210,7 @@ def test_sigterm_with_workers_drains_streams_in_flight_then_exits(
 
 
 def test_a_worker_that_dies_while_serving_is_replaced(tmp_path: Path, mock_url: str) -> None:
-    config = write_config(tmp_path, mock_config(mock_url))
+    config = write_config(tmp_path, mock_config(mock_url, quota_store=SHARED_QUOTA))
     log = tmp_path / "serve.log"
     process, url = start_cli_gateway(config, workers=2, log_path=log)
     try:

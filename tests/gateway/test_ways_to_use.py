@@ -20,6 +20,7 @@ from gateway import create_app
 from gateway.config import ConfigError
 from tests.harness import (
     REPO,
+    SHARED_QUOTA,
     TEST_KEY,
     ThreadedServer,
     mock_config,
@@ -41,7 +42,7 @@ def ask(base_url: str, text: str = "ping") -> str:
 
 
 def test_standalone_under_hypercorn_with_workers(tmp_path: Path, mock_url: str) -> None:
-    config = write_config(tmp_path, mock_config(mock_url))
+    config = write_config(tmp_path, mock_config(mock_url, quota_store=SHARED_QUOTA))
     process, url = start_cli_gateway(config, workers=2, log_path=tmp_path / "serve.log")
     try:
         assert [ask(url + "/v1", f"hello {i}") for i in range(6)] == \
