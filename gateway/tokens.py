@@ -203,3 +203,50 @@ def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Us
                  reasoning_tokens=usage.reasoning_tokens,
                  cache_write_tokens=usage.cache_write_tokens,
                  cache_write_1h_tokens=usage.cache_write_1h_tokens)
+
+
+# The member a successful non-stream answer of each operation has, a list (what an error
+# some OpenAI-compatible servers send with status 200 lacks), and the members in it that
+# are not generated text.
+_ANSWER_MEMBERS = {c.OPENAI_CHAT: "choices", c.OPENAI_COMPLETIONS: "choices",
+                   c.OPENAI_RESPONSES: "output", c.ANTHROPIC_MESSAGES: "content",
+                   c.OPENAI_EMBEDDINGS: "data"}
+_NOT_GENERATED = frozenset({"id", "call_id", "type", "role", "object", "index", "status",
+                            "finish_reason", "stop_reason", "logprobs", "annotations"})
+
+
+def answered_usage(ctx: RequestContext, answer: Any) -> Usage | None:
+    """What a non-stream answer its provider sent without a `usage` is billed (never
+    nothing, as a stream that ended without its usage report is not): the request's input
+    and the text it answered (every string it generated: contents, tool calls' names and
+    arguments, reasoning), counted with the deployment's tokenizer where it has one, else
+    estimated; embeddings, the input alone. None for a body that is not the operation's
+    answer (`answer`: the caller's JSON)."""
+    member = _ANSWER_MEMBERS.get(ctx.operation)
+    if type(answer) is not dict or member is None or answer.get("error") is not None:
+        return None
+    generated = answer.get(member)
+    if not isinstance(generated, list):
+        return None
+    output = 0
+    if ctx.operation != c.OPENAI_EMBEDDINGS:
+        text = "".join(_generated_texts(generated))
+        tokenizer = tokenizer_of(ctx)
+        output = estimate_text(text) if tokenizer is None else tokenizer.count(text)
+    return Usage(input_tokens=estimate_input_tokens(ctx), output_tokens=output)
+
+
+def _generated_texts(value: Any) -> list[str]:
+    """The strings of an answer's generated part, but for `_NOT_GENERATED` members
+    (iterative: an answer may nest as deep as its JSON parser allowed)."""
+    texts: list[str] = []
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, dict):
+            pending.extend(reversed([v for k, v in item.items() if k not in _NOT_GENERATED]))
+    return texts

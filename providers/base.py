@@ -27,7 +27,7 @@ from gateway.errors import (
     stream_error_ending,
 )
 from gateway.sse import ContentCount, delivered_counting, opening_excess
-from gateway.tokens import delivered_usage
+from gateway.tokens import answered_usage, delivered_usage
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
 from providers.translation import TranslationError
@@ -369,7 +369,10 @@ class HTTPAdapter:
         if client_json is not None:
             raw = orjson.dumps(client_json)
         assert raw, "an answer combined from parts is the decoder's client JSON"
-        ctx.sent_json = (raw, payload if client_json is None else client_json)
+        answer = payload if client_json is None else client_json
+        ctx.sent_json = (raw, answer)
+        if ctx.usage is None:  # (a server that sends none: billed what it answered)
+            ctx.usage = answered_usage(ctx, answer)
         headers = [*JSON_RESPONSE_HEADERS, (b"content-length", str(len(raw)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": raw})

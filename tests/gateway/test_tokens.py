@@ -48,3 +48,52 @@ def test_tool_calls_that_are_not_a_list_are_not_counted_and_raise_nothing() -> N
     for calls in (1, "call", {"id": "c1"}, None):
         messages = [{"role": "assistant", "content": "hi", "tool_calls": calls}]
         assert estimate_messages(messages) == 3 + 1 + 3
+
+
+def test_an_answer_without_usage_is_billed_its_input_and_every_string_it_generated() -> None:
+    from gateway import context as c
+    from gateway.context import RequestContext, Usage
+    from gateway.tokens import answered_usage, estimate_input_tokens
+
+    def usage(operation: str, answer: object, body: dict[str, object] | None = None
+              ) -> Usage | None:
+        ctx = RequestContext(request_id="r", operation=operation, api_format="openai",
+                             body=body or {"messages": [{"role": "user", "content": "hi"}]},
+                             raw_body=b"", model="m", stream=False)
+        made = answered_usage(ctx, answer)
+        if made is not None:
+            assert made.input_tokens == estimate_input_tokens(ctx) > 0
+        return made
+
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "logprobs": {"content": [{"token": "x"}]},
+        "message": {"role": "assistant", "content": "abcdefgh",
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                        "name": "look", "arguments": '{"q":"z"}'}}]}}]}
+    made = usage(c.OPENAI_CHAT, chat)
+    # "abcdefgh" + "look" + '{"q":"z"}': 21 bytes, ids, types, roles and logprobs left out
+    assert made is not None and made.output_tokens == (21 + 3) // 4
+    claude = {"type": "message", "role": "assistant", "content": [
+        {"type": "text", "text": "hello"}, {"type": "tool_use", "id": "toolu_1",
+                                             "name": "f", "input": {"a": "bc"}}]}
+    made = usage(c.ANTHROPIC_MESSAGES, claude)
+    assert made is not None and made.output_tokens == (len("hello") + len("f") + 2 + 3) // 4
+    responses = {"object": "response", "output": [{"type": "message", "id": "msg_1",
+                                                   "status": "completed", "content": [
+                                                       {"type": "output_text", "text": "x" * 40,
+                                                        "annotations": []}]}]}
+    made = usage(c.OPENAI_RESPONSES, responses, {"input": "hello there"})
+    assert made is not None and made.output_tokens == 10
+    embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.1]}]}
+    made = usage(c.OPENAI_EMBEDDINGS, embeddings, {"input": "hello there"})
+    assert made is not None and made.output_tokens == 0
+    # Not the operation's answer: an error sent with a 200, a body without its member.
+    assert usage(c.OPENAI_CHAT, {"error": {"message": "no"}, "choices": []}) is None
+    assert usage(c.OPENAI_CHAT, {"choices": "x"}) is None
+    assert usage(c.OPENAI_CHAT, ["x"]) is None
+    # A deeply nested answer is read without recursion.
+    deep: object = "x" * 8
+    for _ in range(5000):
+        deep = [deep]
+    made = usage(c.OPENAI_CHAT, {"choices": [deep]})
+    assert made is not None and made.output_tokens == 2

@@ -550,6 +550,21 @@ def test_non_stream_settles_to_the_reported_usage(start: Start, store: str) -> N
     assert second.headers["x-sluicegate-budget-remaining"] == "0.000760"  # 1000 - 30 - 210
 
 
+def test_a_json_answer_without_usage_is_billed_its_input_and_its_text(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # Some OpenAI-compatible servers answer without `usage`; such an answer was billed
+    # nothing. Now: the input's estimate and the answer's text, four ASCII bytes a token.
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
+    mock.push_fault(Fault("omit_usage", provider="openai"))
+    response = gateway.chat(max_tokens=100)
+    assert response.status_code == 200
+    assert "usage" not in response.json()
+    content = response.json()["choices"][0]["message"]["content"]
+    output = (len(content) + 3) // 4
+    assert output > 0
+    assert settled(gateway.committed, RESERVED_100) == INPUT + 2 * output
+
+
 def test_stream_settles_to_the_usage_in_the_stream(start: Start, store: str) -> None:
     gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
     response = gateway.chat(max_tokens=100, stream=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
 FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall",
-               "ignore_max_tokens")
+               "ignore_max_tokens", "omit_usage")
 RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
 
 
@@ -166,6 +166,8 @@ class Fault:
       "ignore_max_tokens" answers in full, past the request's token limit (max_tokens,
                          max_output_tokens...), as a provider or a self-hosted server that
                          does not hold a call to it (chat, Responses, Anthropic, Gemini).
+      "omit_usage"       non-streams: the answer without its `usage` (Gemini's
+                         `usageMetadata`), as some OpenAI-compatible servers send one.
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
     `code` an "error_event" fault's error: the code of a Responses API stream's error event

@@ -184,6 +184,8 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
     if call.fault_of("reset") is not None:
         call.keep_bill(None)
         abort_connection(call.request)  # aiohttp then fails to send this, quietly
+    if call.fault_of("omit_usage") is not None and isinstance(payload, dict):
+        payload = {k: v for k, v in payload.items() if k not in ("usage", "usageMetadata")}
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     if call.fault_of("reset") is None:
         call.keep_bill(200)
