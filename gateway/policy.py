@@ -158,7 +158,12 @@ class Limits:
         if unknown:
             raise ValueError(f"unknown limit field(s): {', '.join(sorted(unknown))}")
         budgets = []
-        for item in data.get("budgets") or ():
+        listed = data.get("budgets")
+        if listed is None:
+            listed = ()
+        if not isinstance(listed, list | tuple):  # (an object would give its keys)
+            raise TypeError("budgets must be an array of budget objects")
+        for item in listed:
             if not isinstance(item, Mapping):
                 raise TypeError("each budget must be an object")
             budgets.append(Budget(**item))

@@ -252,7 +252,8 @@ def check_storable_key_fields(**fields: Any) -> dict[str, Any]:
 
 
 def _check_models(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    # (not any iterable: an object's keys, a set's arbitrary order, are not a list)
+    if isinstance(value, str | Mapping) or not isinstance(value, Iterable):
         raise TypeError("allowed_models must be a list of model names or globs")
     models = tuple(value)
     if any(not isinstance(m, str) or not m or len(m) > 256 or not m.isprintable()
@@ -285,10 +286,14 @@ def _check_metadata(value: object) -> dict[str, Any]:
         raise ValueError("metadata must be an object with string keys")
     try:  # what the stores will write: plain JSON, no NaN (PostgreSQL's jsonb refuses it)
         size = len(json.dumps(dict(value), allow_nan=False).encode())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise ValueError("metadata must hold only JSON values") from None
     if _holds_nul(value):  # jsonb refuses \u0000 too
         raise ValueError("metadata must not hold NUL characters")
+    if _holds_wide_number(value):
+        # jsonb keeps 1e20 as the integer 100000000000000000000, which no 64-bit JSON
+        # reader (the admin API's answers, orjson) can write back.
+        raise ValueError("metadata numbers must lie between -2**63 and 2**63")
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return dict(value)
@@ -314,6 +319,21 @@ def _holds_nul(value: object) -> bool:
         return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
     if isinstance(value, list | tuple):
         return any(_holds_nul(item) for item in value)
+    return False
+
+
+_WIDEST = 2 ** 63
+
+
+def _holds_wide_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return not -_WIDEST <= value < _WIDEST
+    if isinstance(value, Mapping):
+        return any(_holds_wide_number(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_wide_number(item) for item in value)
     return False
 
 

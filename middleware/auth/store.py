@@ -738,8 +738,23 @@ def _key_from_row(row: TupleRow) -> VirtualKey:
     return VirtualKey(
         id=key_id, key_hash=key_hash, hint=hint, project=project, allowed_models=tuple(models),
         expires_at=_utc(expires_at), disabled=disabled, require_customer=require_customer,
-        metadata=metadata, limits=limits, limits_error=limits_error,
+        metadata=_narrowed(metadata), limits=limits, limits_error=limits_error,
         created_at=created_at.astimezone(UTC), revoked_at=_utc(revoked_at))
+
+
+def _narrowed(value: Any) -> Any:
+    """Metadata as read back, its integers past 64 bits as floats: jsonb keeps 1e20 as the
+    integer it is, which JSON writers of 64-bit integers (orjson, the admin API's answers)
+    refuse. Such numbers are refused when written now (keys.py); this reads the rows an
+    earlier version let in."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            not -2 ** 63 <= value < 2 ** 63:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _narrowed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_narrowed(item) for item in value]
+    return value
 
 
 def _read_limits(document: Any) -> tuple[Limits, str | None]:

@@ -68,8 +68,11 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
         if group_by not in GROUPS:
             raise _BadParameter("group_by", f"group_by must be one of {', '.join(GROUPS)}")
         since, until, grain = _window(query)
+        subject = query.get("subject")
+        if subject is not None and "\0" in subject:  # (PostgreSQL refuses NUL in text)
+            raise _BadParameter("subject", "subject must not hold a NUL character")
         rows = await store.usage(group_by=group_by, grain=grain, since=since, until=until,
-                                 subject=query.get("subject"))
+                                 subject=subject)
     except _BadParameter as exc:
         await send_error(send, admin_error(400, str(exc), "invalid_parameter", param=exc.param))
         return

@@ -227,6 +227,10 @@ def test_create_a_key(client: httpx.Client, server: ThreadedServer) -> None:
     ({"project": "acme", "limits": {"rpm": 1, "burst": 2}}, "limits"),
     ({"project": "acme", "limits": {"budgets": [{"limit_usd": 1.5}]}}, "limits"),
     ({"project": "acme", "limits": "fast"}, "limits"),
+    # An object is no list (its keys were taken for one).
+    ({"project": "acme", "allowed_models": {"gpt-4o": 1}}, "allowed_models"),
+    ({"project": "acme", "limits": {"budgets": {}}}, "limits"),
+    ({"project": "acme", "limits": {"budgets": {"limit_usd": "1"}}}, "limits"),
 ])
 def test_create_refuses_bad_fields(client: httpx.Client, body: dict[str, Any],
                                    param: str | None) -> None:
@@ -624,6 +628,38 @@ def test_nul_and_control_characters_in_key_settings_are_400(client: httpx.Client
     key = create(client)
     error = assert_error(client.patch(f"/admin/keys/{key['id']}", json={field: value}), 400)
     assert error["param"] == field
+
+
+@pytest.mark.parametrize("value", [1e20, -1e19, 2 ** 64, [1, {"n": -(2 ** 64)}]])
+def test_a_number_past_64_bits_in_metadata_is_400(client: httpx.Client, value: Any) -> None:
+    # jsonb kept 1e20 as the integer it is, which the admin API could not write back: the
+    # key was stored (its plaintext never shown) and every listing of its project was a 500.
+    name = project()
+    error = assert_error(client.post("/admin/keys", json={"project": name,
+                                                          "metadata": {"n": value}}), 400)
+    assert error["param"] == "metadata"
+    key = create(client, project=name)
+    error = assert_error(client.patch(f"/admin/keys/{key['id']}",
+                                      json={"metadata": {"n": value}}), 400)
+    assert error["param"] == "metadata"
+    listed = client.get("/admin/keys", params={"project": name})
+    assert listed.status_code == 200 and [k["id"] for k in listed.json()["data"]] == [key["id"]]
+    assert client.post("/admin/keys", json={"project": name, "metadata": {
+        "n": 2 ** 63 - 1, "m": -(2 ** 63), "f": 1.5}}).status_code == 201
+
+
+def test_a_row_an_earlier_version_stored_with_a_wide_number_is_listed(
+        client: httpx.Client, server: ThreadedServer) -> None:
+    key = create(client)
+    schema = server.store.schema  # type: ignore[attr-defined]
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {}.sluicegate_keys SET metadata = '{{\"n\": 1e20, "
+                             "\"m\": [-1e19, 7]}}'::jsonb WHERE id = %s").format(
+                                 sql.Identifier(schema)), (key["id"],))
+    listed = client.get("/admin/keys", params={"project": key["project"]})
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["data"][0]["metadata"] == {"n": 1e20, "m": [-1e19, 7]}
+    assert client.get(f"/admin/keys/{key['id']}").json()["metadata"]["n"] == 1e20
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [

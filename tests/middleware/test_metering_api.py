@@ -251,6 +251,15 @@ def test_bad_query_values_are_400(ledger: Ledger, query: dict[str, str], param: 
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
 
 
+@pytest.mark.parametrize("group_by", ["project", "key"])
+def test_a_nul_in_the_admin_usage_subject_is_400_not_an_outage(ledger: Ledger,
+                                                                group_by: str) -> None:
+    # PostgreSQL refuses NUL in text: that read as the store being down (503).
+    error = error_of(httpx.get(ledger.url + "/admin/usage", headers=auth(ADMIN_TOKEN),
+                               params={"subject": "a\0b", "group_by": group_by}), 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "subject")
+
+
 def test_the_admin_usage_api_agrees_with_each_key(ledger: Ledger) -> None:
     response = httpx.get(ledger.url + "/admin/usage", params={"group_by": "key"},
                          headers=auth(ADMIN_TOKEN))
