@@ -33,6 +33,7 @@ from tests.mock_providers.wire import (
     Call,
     StreamItem,
     body_dict,
+    check_openai_types,
     dumps,
     random_id,
     respond_json,
@@ -63,6 +64,7 @@ class Chat:
 
 async def chat_completions(call: Call) -> web.StreamResponse:
     body = body_dict(call)
+    check_openai_types(body)
     validate_chat(body, need_model=call.provider != "azure",
                   max_stops=None if call.provider == "mistral" else MAX_STOP_SEQUENCES)
     validate_stream_options(call, body)

@@ -36,6 +36,7 @@ from tests.mock_providers.wire import (
     Call,
     StreamItem,
     body_dict,
+    check_openai_types,
     dumps,
     random_id,
     respond_json,
@@ -51,6 +52,7 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "o3-mini", "gpt-3.5-turbo-instruct
 
 async def completions(call: Call) -> web.StreamResponse:
     body = body_dict(call)
+    check_openai_types(body)
     if call.provider != "azure" and not body.get("model"):
         raise BadRequest("you must provide a model parameter")
     if "prompt" not in body:
@@ -142,6 +144,7 @@ def _data(payload: JSON) -> bytes:
 
 async def embeddings(call: Call) -> web.StreamResponse:
     body = body_dict(call)
+    check_openai_types(body)
     if call.provider != "azure" and not body.get("model"):
         raise BadRequest("you must provide a model parameter")
     texts = embedding_inputs(body.get("input"))

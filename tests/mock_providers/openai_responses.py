@@ -29,6 +29,7 @@ from tests.mock_providers.wire import (
     Call,
     StreamItem,
     body_dict,
+    check_openai_types,
     cut_index,
     random_id,
     respond_json,
@@ -41,6 +42,7 @@ _MAX_STORED = 100_000  # ids per key: a long test run keeps no more
 
 async def responses(call: Call) -> web.StreamResponse:
     body = body_dict(call)
+    check_openai_types(body)
     if not body.get("model"):
         raise BadRequest("Missing required parameter: 'model'.", param="model",
                          code="missing_required_parameter")

@@ -471,3 +471,28 @@ def test_gemini_count_embed_models_and_auth(srv: MockProviderServer) -> None:
     empty = gemini(srv, "gemini-2.0-flash:generateContent", {"contents": []})
     assert empty.status_code == 400
     assert empty.json()["error"]["status"] == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize(("path", "body", "param", "code"), [
+    ("/chat/completions", {"tools": True}, "tools", "invalid_type"),
+    ("/chat/completions", {"max_tokens": "5"}, "max_tokens", "invalid_type"),
+    ("/chat/completions", {"max_completion_tokens": 1.5}, "max_completion_tokens",
+     "invalid_type"),
+    ("/completions", {"n": 129}, "n", "integer_above_max_value"),
+    ("/completions", {"n": 1e308}, "n", "invalid_type"),
+    ("/responses", {"max_output_tokens": [1]}, "max_output_tokens", "invalid_type"),
+    ("/embeddings", {"dimensions": 2 ** 63 - 1}, "dimensions", "integer_above_max_value"),
+])
+def test_openai_fields_of_the_wrong_type_or_size_are_a_400(
+        oai: openai.OpenAI, path: str, body: dict[str, Any], param: str, code: str) -> None:
+    """As the API answers them; the mock once failed with a 500 (which opened the gateway's
+    breaker on a caller's mistake), or allocated gigabytes for a huge `n`."""
+    base = {"/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+            "/completions": {"prompt": "Hi"}, "/responses": {"input": "Hi"},
+            "/embeddings": {"input": "Hi"}}[path]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.post(path, cast_to=object, body={"model": "m", **base, **body})
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", param, code)

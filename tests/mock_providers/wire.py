@@ -335,3 +335,35 @@ def body_dict(call: Call) -> JSON:
     if not isinstance(call.body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return call.body
+
+
+# OpenAI-format fields whose type the API checks before anything else, and the most a count
+# may be (OpenAI's API reference: n at most 128; text-embedding-3-large's 3,072 dimensions):
+# a mock that took them as they came failed with a 500, or allocated gigabytes for an `n`
+# of 1e308, where the API answers 400.
+_OPENAI_COUNTS = {"max_tokens": None, "max_completion_tokens": None, "max_output_tokens": None,
+                  "n": 128, "best_of": 128, "dimensions": 3072, "top_logprobs": 20}
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string",
+               list: "an array", dict: "an object"}
+
+
+def check_openai_types(body: JSON) -> None:
+    """Refuses, as OpenAI does (400 `invalid_type` / `integer_above_max_value`), a `tools`
+    that is not an array and a count that is not an integer or is past its maximum."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRequest(f"Invalid type for 'tools': expected an array, but got "
+                         f"{_JSON_TYPES.get(type(tools), 'a value')} instead.", param="tools",
+                         code="invalid_type")
+    for name, most in _OPENAI_COUNTS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise BadRequest(f"Invalid type for '{name}': expected an integer, but got "
+                             f"{_JSON_TYPES.get(type(value), 'a value')} instead.", param=name,
+                             code="invalid_type")
+        if most is not None and value > most:
+            raise BadRequest(f"Invalid '{name}': integer above maximum value. Expected a value "
+                             f"<= {most}, but got {value} instead.", param=name,
+                             code="integer_above_max_value")
