@@ -27,7 +27,7 @@ from gateway.errors import (
     stream_error_ending,
 )
 from gateway.sse import ContentCount, delivered_counting, opening_excess
-from gateway.tokens import answered_usage, delivered_usage
+from gateway.tokens import answered_usage, delivered_usage, estimate_input_tokens
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
 from providers.streams import StreamError
 from providers.translation import TranslationError
@@ -300,6 +300,11 @@ class HTTPAdapter:
         except BaseException as exc:  # noted on the attempt's span, then on its way
             failure = attempt.error_type or getattr(exc, "upstream_error_type", None) or \
                 type(exc).__name__
+            if ctx.usage is None and ctx.client_disconnected and attempt.status in (0, 200) \
+                    and isinstance(exc, asyncio.CancelledError):
+                # The client left before the answer came (a stream cut after it started
+                # bills itself): the provider has the request, and bills its input at least.
+                ctx.usage = Usage(input_tokens=estimate_input_tokens(ctx))
             raise
         finally:
             attempt.duration_s = time.monotonic() - began

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -631,6 +632,31 @@ def test_client_disconnect_settles_to_input_estimate_plus_deltas_delivered(
     assert settled(gateway.committed, RESERVED_100) == expected
     wait_streams_done(slow)
     assert slow.cancelled_streams == cancelled + 1
+
+
+def hang_up_before_the_answer(url: str, body: dict[str, Any], wait_s: float) -> None:
+    """Sends a chat request on a raw connection and closes it `wait_s` later, unanswered."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = orjson.dumps(body)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
+                     b"content-type: application/json\r\nauthorization: Bearer " +
+                     TEST_KEY.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(payload) +
+                     payload)
+        time.sleep(wait_s)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_client_that_leaves_before_the_answer_is_billed_the_input(
+        start: Start, store: str, mock: MockProviderServer, stream: bool) -> None:
+    # The provider has the request, and bills its input at least; it was billed nothing
+    # (a stream cut after it started is billed its input and what it delivered).
+    gateway = start(auth(static_key(LIFETIME_BUDGET)), quota(store))
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=3))
+    hang_up_before_the_answer(gateway.url, {"model": "gpt-mock", "messages": PROMPT,
+                                            "max_tokens": 100, "stream": stream}, wait_s=0.8)
+    assert settled(gateway.committed, RESERVED_100) == INPUT
+    assert len(mock.requests) == 1
 
 
 @pytest.mark.parametrize("path,model,headers", [
