@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     check = commands.add_parser("check-config", help="load a config module and print it")
     check.add_argument("path")
+    check.add_argument("--workers", type=int, default=1,
+                       help="check it as `serve --workers N` would run it")
     doctor = commands.add_parser(
         "doctor", help="check that the config's stores and providers answer",
         description="Starts the config's stack, checks every store its layers report, "
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_admin_command(args)
     try:
         if args.command == "check-config":
-            return check_config(args.path)
+            return check_config(args.path, args.workers)
         if args.command == "doctor":
             rows = run_doctor(args.config, timeout_s=args.timeout)
             print(report(rows, as_json=args.as_json))
@@ -99,10 +101,11 @@ def report_build(build: Build, modules: Sequence[str] = MODULES) -> int:
     return 1 if build.state == "stale" else 0
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, workers: int = 1) -> int:
     config = load_config(path)
     stack = build_stack(config)
     check_stack(stack_components(stack), config)  # (what the gateway checks as it starts)
+    check_workers(stack, workers)
     print(f"config: {path}")
     print("stack (outermost first):")
     print("  kernel (errors, request id, body, context, /healthz, /readyz, /v1/models)")

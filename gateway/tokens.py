@@ -212,7 +212,9 @@ _ANSWER_MEMBERS = {c.OPENAI_CHAT: "choices", c.OPENAI_COMPLETIONS: "choices",
                    c.OPENAI_RESPONSES: "output", c.ANTHROPIC_MESSAGES: "content",
                    c.OPENAI_EMBEDDINGS: "data"}
 _NOT_GENERATED = frozenset({"id", "call_id", "type", "role", "object", "index", "status",
-                            "finish_reason", "stop_reason", "logprobs", "annotations"})
+                            "finish_reason", "stop_reason", "logprobs", "annotations",
+                            # base64 audio and images, signed and encrypted reasoning
+                            "data", "result", "signature", "encrypted_content"})
 
 
 def answered_usage(ctx: RequestContext, answer: Any) -> Usage | None:

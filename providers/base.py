@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 
 from gateway.config import ConfigError
-from gateway.context import Attempt, RequestContext, Usage
+from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -301,9 +301,12 @@ class HTTPAdapter:
             failure = attempt.error_type or getattr(exc, "upstream_error_type", None) or \
                 type(exc).__name__
             if ctx.usage is None and ctx.client_disconnected and attempt.status in (0, 200) \
-                    and isinstance(exc, asyncio.CancelledError):
+                    and isinstance(exc, asyncio.CancelledError) \
+                    and ctx.operation != ANTHROPIC_COUNT_TOKENS:  # (free)
                 # The client left before the answer came (a stream cut after it started
-                # bills itself): the provider has the request, and bills its input at least.
+                # bills itself). A departure is seen from `WATCH_AFTER_S` into the request
+                # (gateway/disconnect.py), by when the request has as a rule gone out: the
+                # provider bills its input at least.
                 ctx.usage = Usage(input_tokens=estimate_input_tokens(ctx))
             raise
         finally:

@@ -291,9 +291,8 @@ def _check_metadata(value: object) -> dict[str, Any]:
     if _holds_nul(value):  # jsonb refuses \u0000 too
         raise ValueError("metadata must not hold NUL characters")
     if _holds_wide_number(value):
-        # jsonb keeps 1e20 as the integer 100000000000000000000, which no 64-bit JSON
-        # reader (the admin API's answers, orjson) can write back.
-        raise ValueError("metadata numbers must lie between -2**63 and 2**63")
+        # No 64-bit JSON writer (the admin API's answers, orjson) can write it back.
+        raise ValueError("metadata integers must lie between -2**63 and 2**63")
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return dict(value)
@@ -326,9 +325,11 @@ _WIDEST = 2 ** 63
 
 
 def _holds_wide_number(value: object) -> bool:
+    # (only integers: a float such as 1e20, which jsonb keeps as an integer too, is read back
+    # as the float it was: PostgresKeyStore's `_narrowed`)
     if isinstance(value, bool):
         return False
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return not -_WIDEST <= value < _WIDEST
     if isinstance(value, Mapping):
         return any(_holds_wide_number(v) for v in value.values())

@@ -743,13 +743,16 @@ def _key_from_row(row: TupleRow) -> VirtualKey:
 
 
 def _narrowed(value: Any) -> Any:
-    """Metadata as read back, its integers past 64 bits as floats: jsonb keeps 1e20 as the
-    integer it is, which JSON writers of 64-bit integers (orjson, the admin API's answers)
-    refuse. Such numbers are refused when written now (keys.py); this reads the rows an
-    earlier version let in."""
+    """Metadata as read back, its integers past 64 bits as floats: jsonb keeps a float
+    such as 1e20 as the integer it equals, which JSON writers of 64-bit integers (orjson,
+    the admin API's answers) refuse. (Integers that wide are refused when written: keys.py;
+    this also reads the rows an earlier version let in.)"""
     if isinstance(value, int) and not isinstance(value, bool) and \
             not -2 ** 63 <= value < 2 ** 63:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # (past 2**1024: an integer some earlier Python caller stored)
+            return str(value)
     if isinstance(value, dict):
         return {k: _narrowed(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -489,13 +489,13 @@ def _merge_logprobs(current: JSON | None, delta: Any) -> JSON | None:
 
 def _accumulate(current: Any, value: Any) -> Any:
     """Strings and lists grow by their deltas; anything else is replaced (None never wins).
-    An object that follows another is refused (ValueError: the stream makes no answer, a
-    miss): how its members add up is the member's own (OpenAI's streamed `audio` sends the
+    An object that follows a different one is refused (ValueError: the stream makes no
+    answer, a miss): how its members add up is the member's own (OpenAI's streamed `audio` sends the
     transcript and base64 pieces of its data in turn, and its answer holds the whole of
     each), and replacing it would keep only the last piece."""
     if value is None:
         return current
-    if type(value) is dict and current is not None:
+    if type(value) is dict and current is not None and value != current:
         raise ValueError("no way to rebuild an object sent in several deltas")
     if isinstance(value, str) and (type(current) is _Text or isinstance(current, str)):
         return _grow(current, value)

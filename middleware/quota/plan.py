@@ -127,8 +127,8 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
 def _positive(value: Any) -> int | None:
     if type(value) is int:
         return value if value > 0 else None
-    if type(value) is float and value.is_integer() and 0 < value < 2 ** 53:
-        return int(value)
+    if type(value) is float and value.is_integer() and value > 0:
+        return int(min(value, 2 ** 53))  # (1e20 is a cap of that much, not none)
     return None
 
 

@@ -383,11 +383,12 @@ def test_secret_holds_placeholders_only() -> None:
     assert all(values[name] == "" for name in PROVIDER_KEYS)
 
 
-def check_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def check_config(env: dict[str, str], tmp_path: Path,
+                 *options: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items()
              if k not in REQUIRED_ENV | PROVIDER_KEYS and not k.startswith("SLUICEGATE_")}
     clean["SLUICEGATE_JOURNAL_DIR"] = str(tmp_path)
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "check-config",
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", *options,
                            str(DEPLOY / "default_config.py")], check=False, cwd=REPO,
                           capture_output=True, text=True, env={**clean, **env}, timeout=60)
 
@@ -401,6 +402,19 @@ def test_forgotten_placeholders_fail_closed(tmp_path: Path) -> None:
     accepted = check_config({**env, "SLUICEGATE_API_KEY": VALID_KEY,
                              "SLUICEGATE_ADMIN_TOKEN": VALID_ADMIN_TOKEN}, tmp_path)
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_check_config_checks_a_config_for_the_workers_it_will_run_in(tmp_path: Path) -> None:
+    # The unit's and the image's `serve --workers 2` refuse the in-process quota store; the
+    # check the unit tells operators to run before a restart says so too, given --workers.
+    env = {"SLUICEGATE_API_KEY": VALID_KEY, "SLUICEGATE_ADMIN_TOKEN": VALID_ADMIN_TOKEN}
+    assert check_config(env, tmp_path).returncode == 0
+    refused = check_config(env, tmp_path, "--workers", "2")
+    assert refused.returncode == 2
+    assert "with --workers 2, each worker would admit a whole budget" in refused.stderr
+    shared = check_config({**env, "SLUICEGATE_REDIS_URL": "redis://127.0.0.1:6379/0"},
+                          tmp_path, "--workers", "2")
+    assert shared.returncode == 0, shared.stderr
 
 
 # -- the gateway serves the probe paths --------------------------------------------------------

@@ -502,3 +502,11 @@ def test_an_object_sent_in_several_deltas_makes_no_answer() -> None:
     assert collected is not None
     assert collected["choices"][0]["message"] == {
         "role": "assistant", "content": "Hi", "annotation": {"kind": "note", "text": "x"}}
+    # The same object in every chunk is no piece of anything: kept once.
+    repeated = chat_chunks({"role": "assistant", "content": "Hi"}, {"extra": {"k": 1}},
+                           {"content": "!", "extra": {"k": 1}}, {"extra": {"k": 1}})
+    collected = collect_sse(repeated, "openai", "openai.chat")
+    assert collected is not None
+    assert collected["choices"][0]["message"] == {"role": "assistant", "content": "Hi!",
+                                                  "extra": {"k": 1}}
+    assert by_events(repeated, "openai", "openai.chat") == collected

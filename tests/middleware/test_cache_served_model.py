@@ -48,43 +48,57 @@ STACKS = {
     # the cache below failover: it is called for the fallback's attempt too
     "cache-below-failover": f"[Middleware(AuthMiddleware, {KEYS}), {FAILOVER}, "
                             f"Middleware(CacheMiddleware)]",
+    # gpt-mock's deployment out after one failure: the next request's first pick is
+    # cheap-mock, hedged between its two deployments
+    "hedged-fallback": f"[Middleware(AuthMiddleware, {KEYS}), Middleware(CacheMiddleware), "
+                       "Middleware(FailoverMiddleware, breaker=BreakerSettings("
+                       "consecutive_failures=1, min_requests=10**9, cooldown_s=600), "
+                       "retry=RetryPolicy(max_attempts=2, budget_ratio=1.0, "
+                       "budget_min_per_s=1000), routes={'gpt-mock': Route(strategy='priority', "
+                       "fallbacks=('cheap-mock',), hedge_after_s=5)})]",
 }
+TWO_CHEAP = '''
+models["cheap-mock"] = [Deployment("azure", "cheap-a", price=MOCK_PRICE),
+                        Deployment("azure", "cheap-b", price=MOCK_PRICE)]
+'''
 
 
 @pytest.fixture
 def gateway(request: pytest.FixtureRequest, tmp_path: Path, mock_url: str,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedServer]:
     monkeypatch.setenv("SG_OTHER_KEY", OTHER_KEY)
-    text = mock_config(mock_url, middleware=STACKS[request.param], extra=CHEAP)
+    text = mock_config(mock_url, middleware=STACKS[request.param],
+                       extra=TWO_CHEAP if request.param == "hedged-fallback" else CHEAP)
     config = write_config(tmp_path, text.replace(
         "import BreakerSettings,", "import BreakerSettings, Route,"))
     with ThreadedServer(create_app(config)) as server:
         yield server
 
 
-def ask(server: ThreadedServer, text: str, *, key: str = OTHER_KEY, **extra: Any) -> Any:
+def ask(server: ThreadedServer, text: str, *, key: str = OTHER_KEY, model: str = "gpt-mock",
+        **extra: Any) -> Any:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     return client.chat.completions.with_raw_response.create(
-        model="gpt-mock", temperature=0, messages=[{"role": "user", "content": text}], **extra)
+        model=model, temperature=0, messages=[{"role": "user", "content": text}], **extra)
 
 
-def cached(server: ThreadedServer, text: str) -> bool:
+def cached(server: ThreadedServer, text: str, model: str = "gpt-mock") -> bool:
     """Whether `text` is stored (asked of the cache only, by the key without a limit)."""
     try:
-        ask(server, text, extra_headers={"cache-control": "only-if-cached"})
+        ask(server, text, model=model, extra_headers={"cache-control": "only-if-cached"})
     except openai.APIStatusError as exc:
         assert exc.status_code == 504, exc
         return False
     return True
 
 
-def wait_cached(server: ThreadedServer, text: str) -> None:
+def wait_cached(server: ThreadedServer, text: str, model: str = "gpt-mock") -> None:
     """Waits until `text` is stored; misses are stored in the order they were answered, so
     every answer before it has been stored or left out by then."""
     deadline = time.monotonic() + 10
-    while not cached(server, text) and time.monotonic() < deadline:
+    while not cached(server, text, model) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert cached(server, text)
+    assert cached(server, text, model)
 
 
 def upstreams(mock: MockProviderServer, text: str) -> list[str]:
@@ -152,3 +166,19 @@ def test_a_stream_continued_elsewhere_is_not_kept(gateway: ThreadedServer,
     ask(gateway, after)
     wait_cached(gateway, after)
     assert not cached(gateway, broken)
+
+
+@pytest.mark.parametrize("gateway", ["hedged-fallback"], indirect=True)
+def test_a_hedged_call_to_a_fallback_model_is_not_kept_for_the_model_asked(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    failed, hedged, after = (f"{name} {marker()}" for name in ("failed", "hedged", "after"))
+    mock.push_fault(Fault("status", provider="openai", status=500, match=failed))
+    assert ask(gateway, failed).headers["x-sluicegate-fallback"] == "cheap-mock"
+    # gpt-mock's one deployment is out: the first pick is a fallback, hedged.
+    answered = ask(gateway, hedged)
+    assert answered.headers["x-sluicegate-fallback"] == "cheap-mock"
+    assert upstreams(mock, hedged) == ["azure"]
+    ask(gateway, after, model="cheap-mock")
+    wait_cached(gateway, after, model="cheap-mock")
+    assert not cached(gateway, hedged)
+    assert not cached(gateway, failed)

@@ -154,6 +154,7 @@ def test_the_output_bound_is_the_requests_cap_times_its_choices_else_the_default
     assert bound({"max_tokens": 100_000.0}) == 100_000
     assert bound({"max_tokens": 10.0, "n": 3.0}) == 30
     assert bound({"max_tokens": 10.5}) == bound({"max_tokens": float("inf")}) == 4096
+    assert bound({"max_tokens": 1e20}) == 2 ** 53
     assert bound({"max_tokens": 0}) == bound({"max_tokens": True}) == 4096
     assert bound({"max_tokens": "100"}) == bound({"max_tokens": None}) == 4096
     assert bound({"n": 3}) == 3 * 4096
