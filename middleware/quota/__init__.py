@@ -206,6 +206,9 @@ class QuotaMiddleware:
         # (only models with some; learnt by `learn_routes`): a request reserves at the
         # dearest of them that the caller's key may use.
         self._fallbacks: dict[str, tuple[str, ...]] = {}
+        # model -> the output bound of its requests without a cap, where one of its
+        # deployments (or its fallbacks') sends a larger cap of its own (`_learn_defaults`)
+        self._output_defaults: dict[str, int] = {}
 
     def check_config(self, config: GatewayConfig) -> None:
         """Learns the routes of a failover layer listed below this one (found by walking
@@ -214,6 +217,23 @@ class QuotaMiddleware:
         for component in stack_components(self.app):
             if callable(getattr(component, "models_serving", None)):
                 self.learn_routes(component, config)
+        self._learn_defaults(config)
+
+    def _learn_defaults(self, config: GatewayConfig) -> None:
+        """Where a deployment that may serve a model sends a cap of its own to a request
+        without one, larger than `default_max_output_tokens` (the Anthropic adapter's
+        `default_max_tokens`: Anthropic requires a cap), that cap is the bound of the model's
+        requests without one: it is what the call may generate."""
+        sent: dict[str, int] = {}
+        for name, model in config.models.items():
+            caps = [getattr(config.providers.get(deployment.provider), "default_max_tokens",
+                            None) for deployment in model.deployments]
+            sent[name] = max((cap for cap in caps if type(cap) is int), default=0)
+        self._output_defaults = {}
+        for name in config.models:
+            widest = max(sent.get(other, 0) for other in (name, *self._fallbacks.get(name, ())))
+            if widest > self.default_max_output_tokens:
+                self._output_defaults[name] = widest
 
     def learn_routes(self, router: Any, config: GatewayConfig) -> None:
         """Notes the models `router` (a layer with `models_serving(model)`: the failover
@@ -227,6 +247,7 @@ class QuotaMiddleware:
                            if name != model and name not in known)
             if others:
                 self._fallbacks[model] = (*known, *others)
+        self._learn_defaults(config)
 
     def check_workers(self, workers: int) -> None:
         """Refuses to serve with several worker processes (`sluicegate serve --workers N`)
@@ -380,7 +401,8 @@ class QuotaMiddleware:
         client = redis.direct_client() if redis is not None else None
         if redis is None or client is None:
             return None
-        est = plan.estimate(ctx, self.default_max_output_tokens,
+        est = plan.estimate(ctx, self._output_defaults.get(ctx.model,
+                                                           self.default_max_output_tokens),
                             self._fallbacks.get(ctx.model, ()))
         try:
             reply = await client.call_encoded(lane.admit_payload(
@@ -469,8 +491,8 @@ class QuotaMiddleware:
             template = self._template(principal, ctx.model)
             if template is None and not downgraded:  # no limit applies: nothing to estimate
                 return None, [], [], Decision(allowed=True), _NOTHING_RESERVED, []
-            est = plan.estimate(ctx, self.default_max_output_tokens,
-                                self._fallbacks.get(ctx.model, ()))
+            est = plan.estimate(ctx, self._output_defaults.get(
+                ctx.model, self.default_max_output_tokens), self._fallbacks.get(ctx.model, ()))
             planned: list[Planned]
             checks: list[Check]
             planned, checks = ([], []) if template is None else plan.planned_from(template, est)

@@ -373,6 +373,28 @@ def test_only_the_output_caps_sent_on_bound_the_reservation(
     assert answered.status_code == 200, answered.text
 
 
+def test_a_request_without_a_cap_reserves_the_cap_its_deployment_sends(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # The Anthropic adapter sends a chat request without a cap with its default_max_tokens
+    # (4096; Anthropic requires one): that is what the call may generate, and what it
+    # reserves, not the quota layer's smaller default (10 here), which an OpenAI model's
+    # request without a cap still reserves.
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.0002', period='lifetime'),))")),
+                    quota(store, default_max_output_tokens="10"))
+    headers = {"authorization": f"Bearer {TEST_KEY}"}
+    hi = [{"role": "user", "content": "hi"}]
+    refused = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=10,
+                         json={"model": "claude-mock", "messages": hi})
+    assert refused.status_code == 402, refused.text
+    assert mock.requests == []
+    capped = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=10,
+                        json={"model": "claude-mock", "messages": hi, "max_tokens": 10})
+    assert capped.status_code == 200, capped.text
+    openai_model = httpx.post(gateway.url + "/v1/chat/completions", headers=headers,
+                              timeout=10, json={"model": "gpt-mock", "messages": hi})
+    assert openai_model.status_code == 200, openai_model.text
+
+
 def test_a_completion_without_max_tokens_reserves_the_apis_default_of_16(
         start: Start, store: str, mock: MockProviderServer) -> None:
     # OpenAI's legacy Completions API defaults max_tokens to 16 (its API reference; the
