@@ -30,6 +30,22 @@ OPENAI_RESPONSES = "openai.responses"
 ANTHROPIC_MESSAGES = "anthropic.messages"
 ANTHROPIC_COUNT_TOKENS = "anthropic.count_tokens"
 
+# The member a successful non-stream answer of each operation has, a list: what an error some
+# OpenAI-compatible servers send with status 200 lacks. (Not its `object`: servers spell it
+# their own way, Together's completions "text.completion".)
+ANSWER_MEMBERS = {OPENAI_CHAT: "choices", OPENAI_COMPLETIONS: "choices",
+                  OPENAI_RESPONSES: "output", OPENAI_EMBEDDINGS: "data",
+                  ANTHROPIC_MESSAGES: "content"}
+
+
+def is_answer(parsed: Any, operation: str) -> bool:
+    """Whether a 200's body is the operation's answer, not an error some OpenAI-compatible
+    servers (OpenRouter, proxies) send with status 200 (`{"error": {...}}`)."""
+    if type(parsed) is not dict or parsed.get("error") is not None:
+        return False
+    member = ANSWER_MEMBERS.get(operation)
+    return member is None or isinstance(parsed.get(member), list)
+
 
 @dataclass(slots=True)
 class Usage:

@@ -205,12 +205,7 @@ def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Us
                  cache_write_1h_tokens=usage.cache_write_1h_tokens)
 
 
-# The member a successful non-stream answer of each operation has, a list (what an error
-# some OpenAI-compatible servers send with status 200 lacks), and the members in it that
-# are not generated text.
-_ANSWER_MEMBERS = {c.OPENAI_CHAT: "choices", c.OPENAI_COMPLETIONS: "choices",
-                   c.OPENAI_RESPONSES: "output", c.ANTHROPIC_MESSAGES: "content",
-                   c.OPENAI_EMBEDDINGS: "data"}
+# The members of an answer's generated part (`ANSWER_MEMBERS`) that are not generated text.
 _NOT_GENERATED = frozenset({"id", "call_id", "type", "role", "object", "index", "status",
                             "finish_reason", "stop_reason", "logprobs", "annotations",
                             # base64 audio and images, signed and encrypted reasoning
@@ -224,15 +219,12 @@ def answered_usage(ctx: RequestContext, answer: Any) -> Usage | None:
     arguments, reasoning), counted with the deployment's tokenizer where it has one, else
     estimated; embeddings, the input alone. None for a body that is not the operation's
     answer (`answer`: the caller's JSON)."""
-    member = _ANSWER_MEMBERS.get(ctx.operation)
-    if type(answer) is not dict or member is None or answer.get("error") is not None:
-        return None
-    generated = answer.get(member)
-    if not isinstance(generated, list):
+    member = c.ANSWER_MEMBERS.get(ctx.operation)
+    if member is None or not c.is_answer(answer, ctx.operation):
         return None
     output = 0
     if ctx.operation != c.OPENAI_EMBEDDINGS:
-        text = "".join(_generated_texts(generated))
+        text = "".join(_generated_texts(answer[member]))
         tokenizer = tokenizer_of(ctx)
         output = estimate_text(text) if tokenizer is None else tokenizer.count(text)
     return Usage(input_tokens=estimate_input_tokens(ctx), output_tokens=output)

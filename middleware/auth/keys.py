@@ -321,7 +321,10 @@ def _holds_nul(value: object) -> bool:
     return False
 
 
-_WIDEST = 2 ** 63
+def fits_64_bits(value: int) -> bool:
+    """Whether a JSON writer of 64-bit integers (orjson, the admin API's answers) can write
+    `value`."""
+    return -2 ** 63 <= value < 2 ** 63
 
 
 def _holds_wide_number(value: object) -> bool:
@@ -330,7 +333,7 @@ def _holds_wide_number(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return not -_WIDEST <= value < _WIDEST
+        return not fits_64_bits(value)
     if isinstance(value, Mapping):
         return any(_holds_wide_number(v) for v in value.values())
     if isinstance(value, list | tuple):

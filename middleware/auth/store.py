@@ -34,6 +34,7 @@ from middleware.auth.keys import (
     check_project,
     check_storable_key_fields,
     check_subject_id,
+    fits_64_bits,
     generate_key,
     hash_key,
     key_hint,
@@ -747,8 +748,7 @@ def _narrowed(value: Any) -> Any:
     such as 1e20 as the integer it equals, which JSON writers of 64-bit integers (orjson,
     the admin API's answers) refuse. (Integers that wide are refused when written: keys.py;
     this also reads the rows an earlier version let in.)"""
-    if isinstance(value, int) and not isinstance(value, bool) and \
-            not -2 ** 63 <= value < 2 ** 63:
+    if isinstance(value, int) and not isinstance(value, bool) and not fits_64_bits(value):
         try:
             return float(value)
         except OverflowError:  # (past 2**1024: an integer some earlier Python caller stored)

@@ -44,7 +44,7 @@ from gateway.admin import (
     send_json,
 )
 from gateway.config import ConfigError
-from gateway.context import CONTEXT_KEY, RequestContext, Usage
+from gateway.context import CONTEXT_KEY, RequestContext, Usage, is_answer
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
 from gateway.layers import json_passes_through
@@ -470,7 +470,7 @@ class CacheMiddleware:
             # (providers/openai.py), and the call's usage is kept here for the answer.
             usage = None if ctx.api_format == "anthropic" or _asked_for_usage(ctx.body) \
                 else _openai_usage(ctx.usage)
-        elif _is_answer(parsed, ctx.operation):
+        elif is_answer(parsed, ctx.operation):
             usage = parsed.get("usage")
         else:
             return None  # not a JSON object, or not a success (a 200 with an error body)
@@ -601,7 +601,7 @@ def _answer_of(entry: CachedResponse, max_bytes: int
     try:
         operation = entry.stream_operation or ""
         parsed = collect_sse(lz4.block.decompress(body), entry.api_format, operation)
-        if parsed is None or not _is_answer(parsed, operation):
+        if parsed is None or not is_answer(parsed, operation):
             return None
         if not isinstance(parsed.get("usage"), dict) and entry.usage is not None:
             parsed["usage"] = entry.usage  # (the call's usage, which its stream did not carry)
@@ -611,22 +611,6 @@ def _answer_of(entry: CachedResponse, max_bytes: int
         logger.warning("cache: a kept stream could not be read into its answer; a miss",
                        exc_info=True)
         return None
-
-
-# The member a successful answer of each operation has, a list: what an error some
-# OpenAI-compatible servers send with status 200 lacks. (Not its `object`: servers spell it
-# their own way, Together's completions "text.completion".)
-_ANSWER_MEMBERS = {c.OPENAI_CHAT: "choices", c.OPENAI_COMPLETIONS: "choices",
-                   c.OPENAI_EMBEDDINGS: "data", c.ANTHROPIC_MESSAGES: "content"}
-
-
-def _is_answer(parsed: Any, operation: str) -> bool:
-    """Whether a 200's body is the operation's answer, not an error some OpenAI-compatible
-    servers (OpenRouter, proxies) send with status 200 (`{"error": {...}}`)."""
-    if type(parsed) is not dict or parsed.get("error") is not None:
-        return False
-    member = _ANSWER_MEMBERS.get(operation)
-    return member is None or isinstance(parsed.get(member), list)
 
 
 def _answered_as_asked(ctx: RequestContext, model: str) -> bool:

@@ -433,8 +433,6 @@ class FailoverMiddleware:
                     partner = self._hedge_partner(ctx, model, state, tried)
                 try:
                     if partner is not None:
-                        if fallback_model is not None:  # (as `_attempt` counts its own)
-                            self._count_fallback(ctx, 1)
                         await Hedge(self, scope, receive, send, ctx, route, tried,
                                     fallback_model).run((state, key), partner)
                     else:
@@ -444,15 +442,11 @@ class FailoverMiddleware:
                 except HedgeFailed as failed:  # both calls' failures are recorded
                     next_chain = failed.next_chain
                 except UntranslatableRequest as refusal:  # (no call went out: `_attempt`)
-                    if partner is not None and fallback_model is not None:
-                        self._count_fallback(ctx, -1)  # (`_attempt` undoes its own)
                     tried.refuse(state, refusal)
                     if tried.attempts:  # the pick was a retry, and `_may_retry` counted it
                         self.retry_not_made()
                     continue
                 except Rerouted as rerouted:  # (nor here)
-                    if partner is not None and fallback_model is not None:
-                        self._count_fallback(ctx, -1)
                     if tried.attempts:
                         self.retry_not_made()
                     pinned = tried.pinned
@@ -721,7 +715,7 @@ class FailoverMiddleware:
                        tried: Tried, fallback_model: str | None) -> None:
         tried.attempts += 1
         if fallback_model is not None:
-            self._count_fallback(ctx, 1)
+            self.count_fallback(ctx, 1)
         ctx.deployment, ctx.provider_key = state.deployment, None if key is None else key.key
         tried.set_headers(ctx, route_headers(state, tried.attempts, fallback_model))
         send, transcript = self.continuable(send, ctx, route)
@@ -740,7 +734,7 @@ class FailoverMiddleware:
             tried.attempts -= 1
             state.refused(tried.rate_limited)
             if fallback_model is not None:
-                self._count_fallback(ctx, -1)
+                self.count_fallback(ctx, -1)
             raise
         except StreamInterrupted as interrupted:
             outcome = "broken"
@@ -756,10 +750,11 @@ class FailoverMiddleware:
                     key.breaker.release()
         self.succeeded(ctx, state, key, began)
 
-    def _count_fallback(self, ctx: RequestContext, step: int) -> None:
+    def count_fallback(self, ctx: RequestContext, step: int) -> None:
         """A call to a fallback model made (1), or found not made (-1): the request's
         count (`failover.fallbacks`: metering, metrics, and the cache, which keeps no
-        answer of a fallback under the model asked for) and the layer's."""
+        answer of a fallback under the model asked for) and the layer's. Each call counts,
+        `_attempt`'s and each of a hedge's (`Hedge`)."""
         ctx.state["failover.fallbacks"] = ctx.state.get("failover.fallbacks", 0) + step
         self.counters["fallbacks"] += step
 

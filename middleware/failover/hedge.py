@@ -97,6 +97,8 @@ class Hedge:
 
     def _launch(self, state: DeploymentState, key: KeyState | None) -> asyncio.Task[None]:
         self.tried.attempts += 1
+        if self.fallback_model is not None:
+            self.layer.count_fallback(self.ctx, 1)
         number = self.tried.attempts
         copy = dataclasses.replace(self.ctx, attempts=[], deployment=state.deployment,
                                    provider_key=None if key is None else key.key)
@@ -179,6 +181,8 @@ class Hedge:
                 key.breaker.release()
             if isinstance(error, (UntranslatableRequest, Rerouted)):  # no call: not an attempt
                 self.tried.attempts -= 1
+                if self.fallback_model is not None:
+                    self.layer.count_fallback(self.ctx, -1)
                 state.refused(self.tried.rate_limited)
                 if task is self.hedged:
                     self.layer.hedge_not_made()

@@ -95,7 +95,6 @@ _OUTPUT_CAPS = {
     c.OPENAI_RESPONSES: ("max_output_tokens",),
     c.ANTHROPIC_MESSAGES: ("max_tokens",),
 }
-_ANY_CAP = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
@@ -113,7 +112,7 @@ def output_bound(ctx: RequestContext, default_max_output_tokens: int) -> int:
             and ctx.operation != c.OPENAI_COMPLETIONS:
         return default_max_output_tokens  # (four lookups, not the loop below)
     cap = 0
-    for name in _OUTPUT_CAPS.get(ctx.operation, _ANY_CAP):
+    for name in _OUTPUT_CAPS.get(ctx.operation, ()):
         value = _positive(body.get(name))
         if value is not None and value > cap:
             cap = value

@@ -1011,7 +1011,7 @@ def test_the_usage_kept_for_a_stream_reads_back_as_the_calls_usage() -> None:
 
 def test_an_answer_is_told_from_an_error_by_its_members_not_its_object() -> None:
     from gateway import context as c
-    from middleware.cache import _is_answer
+    from gateway.context import is_answer as _is_answer
 
     # Together's completions say "text.completion"; an answer that says nothing is one too
     together = {"id": "8f3317dd3c3a39ef-YYZ", "object": "text.completion",
