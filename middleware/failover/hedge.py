@@ -27,7 +27,12 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.context import CONTEXT_KEY, RequestContext, Rerouted
-from gateway.errors import StreamInterrupted, UntranslatableRequest, UpstreamError
+from gateway.errors import (
+    ClientDisconnected,
+    StreamInterrupted,
+    UntranslatableRequest,
+    UpstreamError,
+)
 from gateway.layers import Message, Receive, Scope, Send
 from middleware.failover.routing import DeploymentState, KeyState, Tried, route_headers
 
@@ -198,6 +203,8 @@ class Hedge:
             if answer is not None:
                 raise answer
             if other is not None:
+                if isinstance(other, ClientDisconnected):
+                    self._client_left(calls)
                 raise other
             raise HedgeFailed(next_chain)
         state, key = calls[self.winner]
@@ -216,6 +223,18 @@ class Hedge:
         if error is not None:
             raise error
         self.layer.succeeded(self.ctx, state, key, self.began[self.winner])
+
+    def _client_left(self, calls: dict[asyncio.Task[None], Any]) -> None:
+        """The client left before either call answered: the request is billed as an
+        unhedged call would be (`providers.base`: the input it sent, estimated), the first
+        call that has such usage, in the order they were made; the other is a loser, unbilled
+        (see the module docstring)."""
+        for task in calls:
+            copy = self.copies[task]
+            if copy.usage is not None:
+                self._copy_back(copy)
+                break
+        self.ctx.client_disconnected = True
 
     def _gather_attempts(self) -> None:
         """Puts the calls' attempts so far in the request's context, in the order the calls

@@ -39,7 +39,7 @@ from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.middleware.test_exact_billing_sweep import reported, wait_until
 from tests.middleware.test_metering_below_failover import journaled
-from tests.middleware.test_quota_layer import budget_check, delete_prefix
+from tests.middleware.test_quota_layer import budget_check, delete_prefix, hang_up_before_the_answer
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -188,3 +188,41 @@ def test_a_hedged_request_is_billed_what_its_providers_billed(
 def row(record: UsageRecord) -> tuple[Any, ...]:
     return (record.deployment, record.status, record.attempts, record.input_tokens,
             record.output_tokens, record.cost_micros)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_hedged_request_whose_client_leaves_before_an_answer_is_billed_its_input(
+        billing_mock: MockProviderServer, tmp_path: Path, redis_prefix: str,
+        stream: bool) -> None:
+    # Both calls slow to start, and the client leaves before either answers: the request is
+    # billed its estimated input at the first call's deployment, as an unhedged one is
+    # (providers.base); the hedge, a loser, is not. It was billed nothing.
+    mock = billing_mock
+    marker = f"zh{uuid.uuid4().hex[:12]}x"
+    for _ in range(2):
+        mock.push_fault(Fault("slow_first_byte", delay_s=3.0, match=marker))
+    app = create_app(config_file(tmp_path, mock.url, "batch", redis_prefix))
+    assert isinstance(app, Kernel)
+    quota = next(c for c in app.components if isinstance(c, QuotaMiddleware))
+    with ThreadedServer(app) as server:
+        hang_up_before_the_answer(server.url, {
+            "model": "pair", "messages": [{"role": "user", "content": f"{marker} say it"}],
+            "max_tokens": 30, "stream": stream}, wait_s=0.8)
+        assert wait_until(lambda: len(bills_of(mock, marker)) == 2)  # (the hedge was sent)
+
+        def records() -> list[UsageRecord]:
+            return [r for r in journaled(tmp_path / "journal") if r.client_disconnected]
+        assert wait_until(lambda: len(records()) == 1)
+        [record] = records()
+
+        def spent() -> int | None:
+            value: int | None = server.run(quota.store.committed(
+                [budget_check("lifetime", f"key:{KEY_ID}")]))[0]
+            return value
+        wait_until(lambda: spent() == record.cost_micros, 5)
+        budget = spent()
+    assert record.input_tokens > 0 and record.output_tokens == 0
+    assert record.deployment == "openai/gpt-4o-mini"  # (the first call's: $1 a 1M input)
+    assert record.cost_micros == record.input_tokens
+    assert record.attempts == 2
+    assert budget == record.cost_micros
