@@ -733,9 +733,14 @@ def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: boo
     never have said (see `gateway.tokens.delivered_usage`). A stream that finished without
     a usage report (a provider or API version that sends none) is billed what it delivered
     too, never nothing. `delivered`: the marker's count of what was sent on, the stream's
-    first bytes and the marker (`gateway.sse.opening_excess`, only when it is used)."""
+    first bytes and the marker (`gateway.sse.opening_excess`, only when it is used). A
+    stream that ended before its response started has none: it failed before any content
+    (an error costs nothing), whatever its opening said (a translated Anthropic
+    `message_start` gives a usage at once), as a passthrough stream's codec, which reads no
+    usage from its held opening, has none; a client that left then is billed the estimate
+    (`ProviderAdapter.call`)."""
     if not streaming:
-        return codec.usage  # type: ignore[no-any-return]
+        return None
     if finished:
         usage: Usage | None = codec.usage
         return usage if usage is not None else \
