@@ -354,6 +354,27 @@ class HTTPAdapter:
             wire_format=self.wire_format if status == response.status else None,
             native_type=native_type, native_code=native_code, param=param)
 
+    def _error_answered(self, error: dict[str, Any], body: bytes,
+                        attempt: Attempt) -> UpstreamError:
+        """The failure a 200 reports in its body instead of an answer: `{"error": {...}}`,
+        as OpenRouter answers an error met while generating, and some OpenAI-compatible
+        servers and proxies do. It is the call's failure, as the same error sent with its
+        status would be (retried, failed over, never cached or answered as an empty
+        message): at the status its `code` gives (a number from 400 to 599), else 502."""
+        code = error.get("code")
+        status = code if type(code) is int and 400 <= code <= 599 else 502
+        error_type, message = self.parse_error(status, body)
+        error_type = self.redact(error_type)
+        attempt.status, attempt.error_type = status, error_type
+        native_type, native_code, param = (self._redacted(field) for field in
+                                           self.native_error(error_type, body))
+        return UpstreamError(
+            status, f"Provider '{self.name}' answered 200 with an error: "
+                    f"{self.redact(message)}",
+            provider=self.name, error_type=error_type,
+            retryable=status in (401, 402, 403, 408, 429) or status >= 500,
+            native_type=native_type, native_code=native_code, param=param)
+
     def _redacted(self, text: str | None) -> str | None:
         return None if text is None else self.redact(text)
 
@@ -367,6 +388,9 @@ class HTTPAdapter:
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
         try:
             payload = orjson.loads(raw) if parts is None else _combined(exchange, parts)
+            if type(payload) is dict and type(payload.get("error")) is dict \
+                    and _ANSWER_KEYS.isdisjoint(payload):
+                raise self._error_answered(payload["error"], raw, attempt)
             if ctx.trace is not None:
                 ctx.finish_reasons = finish_reasons(payload)
             client_json, ctx.usage = exchange.decode(payload)
@@ -724,6 +748,13 @@ def _count_delivered(delivered: list[int], sent: bytes, marker: bytes | None,
         delivered[0] += sent.count(marker)
     elif count is not None:
         delivered[0] += count(sent)
+
+
+# The members an answer has, whatever the API (chat and completions' `choices`, Responses'
+# `output`, embeddings' `data`, Anthropic's `content`, Gemini's `candidates`, `embedding` and
+# `embeddings`): a 200 with an `error` object and none of them is a failure (`_error_answered`).
+_ANSWER_KEYS = frozenset({"choices", "output", "data", "content", "candidates", "embedding",
+                          "embeddings"})
 
 
 def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: bool,

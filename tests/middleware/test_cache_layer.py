@@ -926,14 +926,15 @@ def test_an_invalidation_during_a_miss_in_flight_keeps_its_answer_out(
 def test_an_error_answered_with_a_200_is_not_stored(gateway: ThreadedServer,
                                                     mock: MockProviderServer) -> None:
     """OpenRouter and some OpenAI-compatible proxies answer certain failures with HTTP 200
-    and an `{"error": ...}` body: it goes to the caller as it came, and is not kept."""
+    and an `{"error": ...}` body: it goes to the caller as the error it is, and is not
+    kept."""
     from tests.mock_providers import Fault
     text = "error body " + uuid.uuid4().hex
     mock.push_fault(Fault("status", provider="openai", status=502, sent_status=200))
     body = {"model": "gpt-mock", "temperature": 0,
             "messages": [{"role": "user", "content": text}]}
     first = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=AUTH)
-    assert first.status_code == 200 and "error" in first.json()
+    assert first.status_code == 502 and "error" in first.json()
     time.sleep(0.5)  # (what its write would take)
     assert probe(gateway, text) == "none"
     assert_answered(ask(gateway, text), text, "miss")

@@ -178,7 +178,8 @@ class Fault:
     object, whose `code` is then that status's HTTP code (`INVALID_ARGUMENT`: 400; without a
     code, `UNAVAILABLE`: 503).
     `sent_status` sends a "status" fault's error body with another HTTP status: 200 is what
-    OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with.
+    OpenRouter and some OpenAI-compatible proxies answer certain upstream failures with; the
+    error's `code` is then `status`, a number, as OpenRouter sends it (unless `code` is set).
     `event` picks the Responses API's in-band failure (see `RESPONSES_ERROR_EVENTS`): "error"
     as its reference documents it, "error.nested" as the live API sends it, or
     "response.failed".

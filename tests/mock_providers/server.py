@@ -82,6 +82,8 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
                                  param=status_fault.param, code=status_fault.code)
             if status_fault.sent_status is not None:
                 refused.set_status(status_fault.sent_status)
+                if status_fault.code is None:  # (OpenRouter's shape: the status as its code)
+                    refused.body = _with_status_code(refused.body, status_fault.status)
             return refused
         try:
             return await handler(call)
@@ -90,6 +92,14 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
             return wire.error(exc.status, exc.message, headers, param=exc.param, code=exc.code)
 
     return handle
+
+
+def _with_status_code(body: Any, status: int) -> Any:
+    """An error body whose error object's `code` is `status`, a number."""
+    payload = orjson.loads(body)
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        payload["error"]["code"] = status
+    return orjson.dumps(payload)
 
 
 def _not_found() -> Handler:

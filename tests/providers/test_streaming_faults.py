@@ -356,3 +356,51 @@ def test_redirects_are_not_followed_with_the_provider_key(tmp_path: Path) -> Non
     finally:
         thief.shutdown()
         redirector.shutdown()
+
+
+def test_an_error_answered_with_a_200_is_an_error_in_the_callers_shape(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    # OpenRouter and some OpenAI-compatible proxies answer a failure with HTTP 200 and an
+    # `{"error": {...}}` body. It went to an OpenAI caller as a 200 (billed as an answer
+    # without usage), and to an Anthropic caller as an empty, successful message.
+    mock.push_fault(Fault("status", provider="openai", status=503, sent_status=200,
+                          message="Upstream provider overloaded"))
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=AUTH,
+                          json={"model": "gpt-mock", "messages": QUESTION})
+    assert response.status_code == 503  # (the status its code gives)
+    error = response.json()["error"]
+    assert "answered 200 with an error: Upstream provider overloaded" in error["message"]
+    mock.push_fault(Fault("status", provider="openai", status=503, sent_status=200,
+                          code="overloaded", message="Upstream provider overloaded"))
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        claude(gateway).messages.create(model="gpt-mock", max_tokens=20, messages=QUESTION)
+    assert failed.value.status_code == 502  # (a code that is no status)
+    body = failed.value.response.json()
+    assert body["type"] == "error" and "Upstream provider overloaded" in \
+        body["error"]["message"]
+
+
+def test_an_error_answered_with_a_200_fails_over_as_its_status_would(
+        tmp_path: Path, mock: MockProviderServer) -> None:
+    extra = ('models["pair"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
+             'Deployment("openai", "gpt-4o", price=MOCK_PRICE)]\n'
+             'from middleware.failover import Route\n'
+             'middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), '
+             'breaker=NEVER_OPENS, routes={"pair": Route(strategy="priority")})]\n')
+    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=extra))
+    with ThreadedServer(create_app(config)) as server:
+        mock.push_fault(Fault("status", provider="openai", status=429, sent_status=200))
+        raw = oai(server).chat.completions.with_raw_response.create(model="pair",
+                                                                  messages=QUESTION)
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-sluicegate-deployment"] == "openai/gpt-4o"
+        assert raw.headers["x-sluicegate-attempts"] == "2"
+        # A caller's error (400) is not retried: it goes back as it is, after one call.
+        calls = len(mock.requests)
+        mock.push_fault(Fault("status", provider="openai", status=400, sent_status=200,
+                              message="Input too long"))
+        response = httpx.post(server.url + "/v1/chat/completions", headers=AUTH,
+                              json={"model": "pair", "messages": QUESTION})
+    assert response.status_code == 400
+    assert "Input too long" in response.json()["error"]["message"]
+    assert len(mock.requests) == calls + 1
