@@ -36,7 +36,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -266,6 +266,8 @@ class QuotaMiddleware:
     async def startup(self) -> None:
         await self.fallback.startup()
         await self.store.startup()
+        if isinstance(self.store, RedisQuotaStore):
+            self.store.on_unsettled = self._unsure_settles
         if isinstance(self.ledger, PostgresSpendLedger):
             await self.ledger.startup()
         if self.alert_webhook_url is not None:
@@ -572,7 +574,16 @@ class QuotaMiddleware:
                                headers=[(b"retry-after", b"1")])
         return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
 
-    def _unsure_admit(self, lease: str, checks: list[Check]) -> None:
+    def _unsure_settles(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
+                        ) -> None:
+        """Settles that failed, perhaps after they ran (Redis went away, or answered late,
+        as the request ended): their concurrency leases are released once the store answers
+        again, as an unsure admit's are (`_unsure_admit`); a budget or a rate limit keeps
+        what the request reserved (a settle sent twice would charge it twice)."""
+        for lease, checks, _ in batch:
+            self._unsure_admit(lease, checks)
+
+    def _unsure_admit(self, lease: str, checks: Sequence[Check]) -> None:
         """An admit to the store failed, perhaps after it ran (its reply timed out): the
         request is served by the fallback or refused, and never settled in the store. Its
         concurrency leases would stand for `lease_s` (15 minutes by default) and shut out a
@@ -719,10 +730,12 @@ class QuotaMiddleware:
                                   self._lane_settles_failed):
                 return
         # Not connected (or a Sentinel's writes): the general path's settle, in a task.
+        general = [_general_settle(settle) for settle in settles]
         try:
-            store.settle_soon([_general_settle(settle) for settle in settles])
+            store.settle_soon(general)
         except QuotaStoreError as exc:
             logger.warning("could not settle %d request(s) (%s)", len(settles), exc)
+            self._unsure_settles(general)
 
     def _lane_settles_failed(self, error: Exception,
                              settles: list[tuple[Lane, str, Estimate, int, int]]) -> None:
@@ -741,6 +754,7 @@ class QuotaMiddleware:
                     settle_soon(batch)
                 except QuotaStoreError as exc:
                     logger.warning("could not settle %d request(s) (%s)", len(batch), exc)
+                    self._unsure_settles(batch)
             else:
                 self._spawn(self._settle_batch(store, batch))
 
@@ -756,6 +770,7 @@ class QuotaMiddleware:
         except QuotaStoreError as exc:
             logger.warning("could not settle %d request(s) (%s); their reservations stand "
                            "until the limits refill", len(batch), exc)
+            self._unsure_settles(batch)
 
     def _crossed_thresholds(self, planned: list[Planned], checks: list[Check],
                             decision: Decision, cost: int) -> list[tuple[Planned, int, int]]:

@@ -35,6 +35,9 @@ from middleware.quota.store_memory import BUCKET_TTL_MAX_S, BUDGET_SLACK_S, vali
 
 logger = logging.getLogger("sluicegate.quota")
 
+# One request's settle: (its id, its checks, the actual amounts, one a check).
+Settle = tuple[str, Sequence[Check], Sequence[int]]
+
 # ARGV[1], split on spaces: now, request_id, budget_slack_s, then per check: kind, limit,
 # amount, param, [actual]
 # where param is window_s (requests, tokens), lease_s (concurrent) or expires_at (budget).
@@ -263,6 +266,9 @@ class RedisQuotaStore:
         self._pending: set[asyncio.Future[Any]] = set()  # settles in flight
         self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}  # see _payload
         self._slack = repr(float(budget_slack_s))
+        # Told of settles that may not have run (a connection lost or timed out, an error
+        # reply): the quota layer releases their concurrency leases once Redis answers.
+        self.on_unsettled: Callable[[Sequence[Settle]], None] | None = None
 
     def __repr__(self) -> str:  # the URL may hold a password
         return f"RedisQuotaStore(prefix={self.prefix!r})"
@@ -336,7 +342,7 @@ class RedisQuotaStore:
         client = self._client
         if client is None or client.routed:
             if client is not None:
-                self._track(asyncio.ensure_future(self.settle_many(batch)))
+                self._track(asyncio.ensure_future(self._settle_or_tell(batch)))
             return
         settles = [settle for settle in batch if settle[1]]
         clock = self.clock_text()  # one reading for the batch: they settle together
@@ -354,7 +360,19 @@ class RedisQuotaStore:
             counts.append(len(checks))
         if settles and not self.send_settles(client, keys, counts, argvs, settles,
                                              self.settle_batch_failed):
-            self._track(asyncio.ensure_future(self.settle_many(batch)))
+            self._track(asyncio.ensure_future(self._settle_or_tell(batch)))
+
+    async def _settle_or_tell(self, batch: Sequence[Settle]) -> None:
+        """`settle_many` in a task: when it fails, `on_unsettled` is told (then logged)."""
+        try:
+            await self.settle_many(batch)
+        except Exception:
+            self._unsettled(batch)
+            raise
+
+    def _unsettled(self, batch: Sequence[Settle]) -> None:
+        if self.on_unsettled is not None:
+            self.on_unsettled(batch)
 
     @staticmethod
     def send_settles(client: RespClient, keys: Sequence[bytes], counts: Sequence[int],
@@ -389,25 +407,39 @@ class RedisQuotaStore:
                             ) -> None:
         """What a batched settle's failure does: NOSCRIPT (nothing ran) sends each again
         whole (EVAL); anything else is logged once (the script settles each request on its
-        own, so those it did not name went through)."""
+        own, so those it did not name went through), and `on_unsettled` told: which ran is
+        not known (a connection lost, a reply late), and only a release of a lease may be
+        sent again safely."""
         if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
             for settle in batch:
                 self.settle_failed(error, settle)
         else:
             logger.warning("settling %d request(s) in Redis failed (%s); what did not settle "
-                           "stays reserved until the limits refill", len(batch), error)
+                           "stays reserved until the limits refill (concurrency leases: "
+                           "until Redis answers)", len(batch), error)
+            self._unsettled(batch)
 
     def settle_failed(self, error: Exception,
                       settle: tuple[str, Sequence[Check], Sequence[int]]) -> None:
         """What an unawaited settle's failure does: NOSCRIPT sends it again whole (EVAL),
-        anything else is logged."""
+        anything else is logged, and `on_unsettled` told."""
         if isinstance(error, RespError) and str(error).startswith("NOSCRIPT"):
-            request_id, checks, actual = settle  # (the same words as the wire's encoding)
-            command = self._command(SETTLE, request_id, checks, _settle_args(checks, actual))
-            self._track(asyncio.ensure_future(self._call("EVAL", SETTLE.source, *command[1:])))
+            self._track(asyncio.ensure_future(self._settle_again(settle)))
         else:
             logger.warning("could not settle a request in Redis (%s); its reservation stands "
-                           "until the limits refill", error)
+                           "until the limits refill (a concurrency lease: until Redis "
+                           "answers)", error)
+            self._unsettled([settle])
+
+    async def _settle_again(self, settle: Settle) -> None:
+        """A settle sent whole (EVAL) after NOSCRIPT; when it fails, `on_unsettled` is told."""
+        request_id, checks, actual = settle  # (the same words as the wire's encoding)
+        command = self._command(SETTLE, request_id, checks, _settle_args(checks, actual))
+        try:
+            await self._call("EVAL", SETTLE.source, *command[1:])
+        except Exception:
+            self._unsettled([settle])
+            raise
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._pending.add(task)

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -553,6 +554,34 @@ def test_a_lease_whose_admit_reply_timed_out_is_released_when_redis_answers_agai
     assert len(held) == 1  # the timed-out admit ran, and holds a lease
     # Once Redis answers again (the next request after store_retry_s, or the release's own
     # try), the lease is released, and the key may send a request again.
+    assert eventually(lambda: leases_in_redis(prefix), []) == []
+    assert gateway.chat().status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_lease_whose_settle_failed_is_released_when_redis_answers_again(
+        start: Start, prefix: str, late_redis: TcpProxy, mock: MockProviderServer,
+        stream: bool) -> None:
+    # The request is admitted, and Redis goes away while it runs: its settle (sent as the
+    # response ends) fails, and its lease stood for lease_s (15 minutes), every later
+    # request of the key (max_concurrent=1) refused meanwhile.
+    url = f"redis://127.0.0.1:{late_redis.port}/0"
+    gateway = start(auth(static_key("Limits(max_concurrent=1)")),
+                    quota(redis_store(prefix, url, socket_timeout_s=0.2), store_retry_s=1.0))
+    assert gateway.chat().status_code == 200  # connected, scripts loaded
+    assert eventually(lambda: leases_in_redis(prefix), []) == []  # (its settle is in)
+    assert late_redis.server is not None
+    relay = late_redis.server.get_loop()
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(gateway.chat, stream=stream)
+        assert eventually(lambda: len(leases_in_redis(prefix)), 1) == 1  # admitted
+        asyncio.run_coroutine_threadsafe(late_redis.stop(), relay).result(10)
+        assert slow.result(10).status_code == 200
+    time.sleep(0.3)  # (the settle fails)
+    assert len(leases_in_redis(prefix)) == 1
+    asyncio.run_coroutine_threadsafe(late_redis.start(), relay).result(10)
+    # Once Redis answers again, the lease is released, and the key may send a request.
     assert eventually(lambda: leases_in_redis(prefix), []) == []
     assert gateway.chat().status_code == 200
 
