@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import time
@@ -480,7 +481,7 @@ class HTTPAdapter:
                         last = await self._relay(response, codec, send, first, deadline,
                                                  delivered, marker, count)
                         tail = await self._finish_codec(codec, last, send, delivered, marker,
-                                                        count)
+                                                        count, deadline)
                         _count_delivered(delivered, tail, marker, count)  # (sent below)
                         finished = True
                     except StreamErrorTypes as exc:
@@ -542,7 +543,8 @@ class HTTPAdapter:
             raise self._connection_error(exc) from None
 
     async def _finish_codec(self, codec: Any, last: bytes, send: Send, delivered: list[int],
-                            marker: bytes | None, count: ContentCount | None) -> bytes:
+                            marker: bytes | None, count: ContentCount | None,
+                            deadline: StreamDeadline) -> bytes:
         """The stream's last bytes once the upstream ended. An error found at the end (a
         stream without its final event, a last error event) is raised after the output
         before it has gone out."""
@@ -556,6 +558,7 @@ class HTTPAdapter:
         if error is None:
             return tail
         if tail:
+            deadline.pause()
             await send({"type": "http.response.body", "body": tail, "more_body": True})
             _count_delivered(delivered, tail, marker, count)
         raise error
@@ -567,18 +570,22 @@ class HTTPAdapter:
 
         Each output is sent as soon as the next read shows the upstream is not done, so a
         short stream (often one read) costs one body message. Every read moves the idle
-        deadline on.
+        deadline on, and so does the end of every send: the time a send waits on the client
+        (one that reads slowly) is not the provider's (`StreamDeadline.pause`).
         """
         content = response.content
         while True:
             if codec.error is not None:
+                deadline.pause()
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
                 _count_delivered(delivered, pending, marker, count)
                 raise codec.error
             if content.at_eof():
                 return pending
             if pending:
+                deadline.pause()
                 await send({"type": "http.response.body", "body": pending, "more_body": True})
+                deadline.touch()
                 if marker is not None:  # (`_count_delivered`, inline: it runs every message)
                     delivered[0] += pending.count(marker)
                 else:
@@ -686,9 +693,19 @@ class StreamDeadline:
     def touch(self) -> None:
         self.deadline = self._loop.time() + self.idle_s
 
+    def pause(self) -> None:
+        """Stops the clock until the next `touch`: while the stream waits on its client (a
+        send held by a client that reads slowly), which says nothing about the provider. Such
+        a wait was taken for the provider's idle gap: the stream was cut as a provider
+        failure, counted against its deployment (and its breaker), and continued
+        elsewhere."""
+        self.deadline = math.inf
+
     def _on_timer(self) -> None:
-        if self.deadline > self._loop.time():
-            self._handle = self._loop.call_at(self.deadline, self._on_timer)
+        now = self._loop.time()
+        if self.deadline > now:  # (paused: looks again an idle gap later)
+            self._handle = self._loop.call_at(min(self.deadline, now + self.idle_s),
+                                              self._on_timer)
             return
         self._expired = True
         self._task.cancel()

@@ -7,6 +7,7 @@ in the caller's format (never a second response start).
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,16 @@ import openai
 import pytest
 
 from gateway import create_app
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
-from tests.mock_providers import Fault, MockProviderServer
+from tests.harness import (
+    AUTH,
+    TEST_KEY,
+    ThreadedServer,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 QUESTION = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
 
@@ -404,3 +413,41 @@ def test_an_error_answered_with_a_200_fails_over_as_its_status_would(
     assert response.status_code == 400
     assert "Input too long" in response.json()["error"]["message"]
     assert len(mock.requests) == calls + 1
+
+
+def test_a_client_that_reads_slowly_is_no_provider_stall(tmp_path: Path) -> None:
+    # A client that stops reading a long stream for longer than the provider's idle_s holds
+    # the gateway's sends: that wait was timed as the provider's idle gap, and the stream
+    # was cut as a provider failure (counted against the deployment, its breaker opened by
+    # three such clients), though the provider was streaming all along.
+    with MockProviderServer(MockConfig(chunk_chars=2_000)) as mock:
+        extra = ('middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1), '
+                 'breaker=BreakerSettings(consecutive_failures=1, min_requests=1))]\n')
+        text = mock_config(mock.url, middleware="none", extra=extra) \
+            .replace("idle_s=5", "idle_s=1")
+        process, url = start_cli_gateway(write_config(tmp_path, text))
+        try:
+            body = json.dumps({"model": "gpt-mock", "stream": True, "messages": [
+                {"role": "user", "content": "word " * 1_200_000}]}).encode()  # (6 MB back)
+            host, port = url.removeprefix("http://").split(":")
+            with socket.socket() as conn:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                conn.connect((host, int(port)))
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n"
+                             b"content-type: application/json\r\nauthorization: Bearer " +
+                             TEST_KEY.encode() + b"\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n" % len(body) + body)
+                data = bytearray(conn.recv(4096))
+                time.sleep(5.0)  # (busy: not reading, once the buffers between are full)
+                while chunk := conn.recv(1 << 20):
+                    data += chunk
+            # (no failure was counted: the breaker, which one failure opens, lets this by)
+            after = httpx.post(url + "/v1/chat/completions", headers=AUTH,
+                               json={"model": "gpt-mock", "messages": QUESTION})
+        finally:
+            stop_process(process)
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"timed out" not in data
+    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # (chunked: its last chunk)
+    assert len(data) > 6_000_000
+    assert after.status_code == 200
