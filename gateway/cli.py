@@ -449,8 +449,10 @@ def _budgets_show(client: AdminClient, args: argparse.Namespace) -> int:
     limits = _stored_limits(client, kind, subject)
     usage: dict[str, Any] | None = None
     unavailable = None
+    # A key's spend is kept under its account (the first key of its rotation line).
+    account = client.get_key(subject).get("account") if kind == "key" else None
     try:
-        usage = client.usage(kind, subject)
+        usage = client.usage(kind, account if isinstance(account, str) else subject)
     except AdminError as exc:
         if exc.status != 404:
             raise

@@ -141,7 +141,7 @@ class AuthMiddleware:
             path = route_path(scope)
             if path == SELF_USAGE_PATH or path in MODELS_PATHS:
                 key = await self._find(_take_credential(scope))
-                scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.id, project=key.project,
+                scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.account_id, project=key.project,
                                                       allowed_models=key.allowed_models)
                 await self.app(scope, receive, send)
             elif self.admin is not None and self.admin.handles(path):
@@ -156,7 +156,7 @@ class AuthMiddleware:
             try:
                 ctx.parse_body()
             except GatewayError:  # a bad body of a known caller: its record names the key
-                ctx.principal = Principal(key_id=key.id, project=key.project,
+                ctx.principal = Principal(key_id=key.account_id, project=key.project,
                                           allowed_models=key.allowed_models,
                                           metadata=key.metadata)
                 raise
@@ -229,7 +229,7 @@ class AuthMiddleware:
                                      ("customer", customer_limits)):
             if subject_limits is not None and not subject_limits.empty:
                 limits[kind] = subject_limits
-        principal = Principal(key_id=key.id, project=key.project, customer=customer,
+        principal = Principal(key_id=key.account_id, project=key.project, customer=customer,
                               allowed_models=key.allowed_models, metadata=key.metadata,
                               limits=limits)
         if len(self._principals) >= _PRINCIPALS_MAX:

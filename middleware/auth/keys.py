@@ -77,6 +77,14 @@ class VirtualKey:
     # Why the stored limits cannot be read (then `limits` is empty and must not be applied:
     # the auth layer refuses the key's requests until the operator replaces them).
     limits_error: str | None = None
+    # The id its limits, spend and usage are kept under (None: its own): a key made by a
+    # rotation keeps the account of the key it replaced, so a rotation grants no budget or
+    # rate limit afresh (the first key of the line's id).
+    account: str | None = None
+
+    @property
+    def account_id(self) -> str:
+        return self.account if self.account is not None else self.id
 
     def allows_model(self, name: str) -> bool:
         return model_allowed(self.allowed_models, name)
@@ -98,6 +106,7 @@ class VirtualKey:
         public: dict[str, Any] = {
             "id": self.id,
             "object": "virtual_key",
+            "account": self.account_id,
             "hint": self.hint,
             "project": self.project,
             "status": self.usable(now or datetime.now(UTC)) or "active",

@@ -254,15 +254,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             PRIMARY KEY (kind, subject_id)
         );
     """),
+    (3, "key accounts (a rotated key keeps its limits and spend)", """
+        ALTER TABLE sluicegate_keys ADD COLUMN account text;
+    """),
 )
 VERSION_TABLE = "sluicegate_auth_schema_version"
 _LOCK_CLASS = 0x53474155  # "SGAU": the advisory-lock namespace of these migrations
 
 _KEY_COLUMNS = sql.SQL("id, key_hash, hint, project, allowed_models, expires_at, disabled, "
-                       "require_customer, metadata, limits, created_at, revoked_at")
+                       "require_customer, metadata, limits, created_at, revoked_at, account")
 _INSERT_KEY = ("INSERT INTO {keys} (id, key_hash, hint, project, allowed_models, expires_at, "
-               "disabled, require_customer, metadata, limits) "
-               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {columns}")
+               "disabled, require_customer, metadata, limits, account) "
+               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {columns}")
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
 
 Connection = psycopg.AsyncConnection[TupleRow]
@@ -538,13 +541,14 @@ class PostgresKeyStore:
 
     async def _insert_key(self, conn: Connection, project: str, *, allowed_models: Sequence[str],
                           expires_at: datetime | None, disabled: bool, require_customer: bool,
-                          metadata: Mapping[str, Any], limits: Limits) -> tuple[str, VirtualKey]:
+                          metadata: Mapping[str, Any], limits: Limits,
+                          account: str | None = None) -> tuple[str, VirtualKey]:
         plaintext = generate_key()
         cur = await conn.execute(
             sql.SQL(_INSERT_KEY).format(keys=self._keys, columns=_KEY_COLUMNS),
             (new_key_id(), hash_key(plaintext), key_hint(plaintext), project,
              list(allowed_models), expires_at, disabled, require_customer, Jsonb(metadata),
-             Jsonb(limits.to_json())))
+             Jsonb(limits.to_json()), account))
         row = await cur.fetchone()
         assert row is not None  # INSERT ... RETURNING always returns the row
         return plaintext, _key_from_row(row)
@@ -599,7 +603,7 @@ class PostgresKeyStore:
             plaintext, new = await self._insert_key(
                 conn, old.project, allowed_models=old.allowed_models, expires_at=old.expires_at,
                 disabled=old.disabled, require_customer=old.require_customer,
-                metadata=old.metadata, limits=old.limits)
+                metadata=old.metadata, limits=old.limits, account=old.account_id)
             await self._notify(conn, key_token(old.key_hash), key_token(new.key_hash))
         self._emit(key_token(old.key_hash))
         logger.info("key store: rotated key %s to %s", old.id, new.id)
@@ -734,13 +738,13 @@ def _check_limit_kind(kind: str) -> None:
 
 def _key_from_row(row: TupleRow) -> VirtualKey:
     (key_id, key_hash, hint, project, models, expires_at, disabled, require_customer, metadata,
-     document, created_at, revoked_at) = row
+     document, created_at, revoked_at, account) = row
     limits, limits_error = _read_limits(document)
     return VirtualKey(
         id=key_id, key_hash=key_hash, hint=hint, project=project, allowed_models=tuple(models),
         expires_at=_utc(expires_at), disabled=disabled, require_customer=require_customer,
         metadata=_narrowed(metadata), limits=limits, limits_error=limits_error,
-        created_at=created_at.astimezone(UTC), revoked_at=_utc(revoked_at))
+        created_at=created_at.astimezone(UTC), revoked_at=_utc(revoked_at), account=account)
 
 
 def _narrowed(value: Any) -> Any:

@@ -367,3 +367,34 @@ def test_the_admin_token_never_reaches_the_log(gateway: Gateway) -> None:
     log = gateway.log_path.read_text()
     assert "Running on" in log
     assert ADMIN_TOKEN not in log and WRONG_TOKEN not in log and plaintext not in log
+
+
+def test_a_rotated_key_keeps_its_budget_and_spend(gateway: Gateway) -> None:
+    # Its limits and spend are kept under its account, the first key's id: a rotation
+    # granted a key's budget afresh (a lifetime one too), and its spend started from $0.
+    old_id, old = created(sluicegate(gateway, "keys", "create", "--project", project()))
+    ok(sluicegate(gateway, "budgets", "set", "--key", old_id, "--usd", "5",
+                  "--period", "lifetime"))
+    ask(gateway, old)
+
+    def spent(key_id: str) -> Decimal:
+        usage = orjson.loads(ok(sluicegate(gateway, "budgets", "show", "--key", key_id,
+                                           "--json")))["usage"]
+        return Decimal(usage["periods"]["lifetime"]["committed_usd"] or 0)
+    deadline = time.monotonic() + 2
+    while spent(old_id) == 0 and time.monotonic() < deadline:  # (settled after the answer)
+        time.sleep(0.05)
+    before = spent(old_id)
+    assert before > 0
+    new_id, new = created(sluicegate(gateway, "keys", "rotate", old_id))
+    assert admin_get(gateway, f"/admin/keys/{new_id}")["account"] == old_id
+    assert spent(new_id) == before  # carried on, not $0
+    ask(gateway, new)
+    deadline = time.monotonic() + 2
+    while spent(new_id) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spent(new_id) == 2 * before  # (the same request again)
+    # Rotated again: still the first key's account.
+    newer_id, _ = created(sluicegate(gateway, "keys", "rotate", new_id))
+    assert admin_get(gateway, f"/admin/keys/{newer_id}")["account"] == old_id
+    assert spent(newer_id) == 2 * before

@@ -106,7 +106,8 @@ def test_public_json_never_holds_the_hash() -> None:
     assert "key_hash" not in public
     assert key.key_hash not in orjson.dumps(public).decode()
     assert public == {
-        "id": "key_0123456789abcdef", "object": "virtual_key", "hint": "sk-sg-…abcd",
+        "id": "key_0123456789abcdef", "object": "virtual_key", "account": "key_0123456789abcdef",
+        "hint": "sk-sg-…abcd",
         "project": "acme", "status": "active", "allowed_models": ["gpt-*"],
         "expires_at": "2026-03-01T12:00:00+00:00", "disabled": False,
         "require_customer": False, "metadata": {"team": "ml"},

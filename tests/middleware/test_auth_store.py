@@ -190,6 +190,33 @@ async def test_migrations_are_idempotent(store: PostgresKeyStore, schema: str) -
         await again.shutdown()
 
 
+async def test_keys_of_a_version_2_schema_are_their_own_accounts(schema: str) -> None:
+    # A schema as version 2 left it, one key in it: migration 3 adds the account, and the
+    # key (no account stored) is its own; a rotation of it gives its account to the new key.
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(b"CREATE TABLE sluicegate_auth_schema_version (version integer PRIMARY "
+                     b"KEY, description text NOT NULL, applied_at timestamptz NOT NULL "
+                     b"DEFAULT now())")
+        for version, description, statements in MIGRATIONS[:2]:
+            conn.execute(statements.encode())
+            conn.execute(b"INSERT INTO sluicegate_auth_schema_version (version, description) "
+                         b"VALUES (%s, %s)", (version, description))
+        conn.execute(b"INSERT INTO sluicegate_keys (id, key_hash, hint, project) "
+                     b"VALUES ('key_old', %s, 'sk-sg-...old', 'acme')", (hash_key("sk-sg-old"),))
+    store = new_store(schema)
+    await store.startup()
+    try:
+        assert schema_versions(schema) == [(v, d) for v, d, _ in MIGRATIONS]
+        old = await store.find(hash_key("sk-sg-old"))
+        assert old is not None and (old.account, old.account_id) == (None, "key_old")
+        rotated = await store.rotate("key_old")
+        assert rotated is not None and rotated[1].account_id == "key_old"
+    finally:
+        await store.shutdown()
+
+
 async def test_concurrent_startup_migrates_once(schema: str) -> None:
     stores = [new_store(schema) for _ in range(5)]
     try:
@@ -302,6 +329,7 @@ async def test_rotate(store: PostgresKeyStore) -> None:
     assert (new.project, new.allowed_models, new.metadata, new.limits) == (
         "acme", ("gpt-*",), {"a": 1}, Limits(rpm=3))
     assert new.revoked_at is None
+    assert (old.account_id, new.account_id) == (old.id, old.id)  # (its limits and spend)
     old_now = await store.find(old.key_hash)
     assert old_now is not None and old_now.revoked_at is not None
     with pytest.raises(KeyConflict, match="revoked"):
