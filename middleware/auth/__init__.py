@@ -91,7 +91,9 @@ class AuthMiddleware:
         for key in keys:
             if not isinstance(key, StaticKey):
                 raise ConfigError(f"AuthMiddleware keys must be StaticKey(...), not {key!r}.")
-        self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) if keys else None
+        # (limits without keys too: a PostgreSQL store's keys under the config's limits)
+        self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) \
+            if keys or limits else None
         # (the static store's own dictionaries, read on every request: see StaticKeyStore)
         self._static_keys: dict[str, VirtualKey] = self.static.by_hash if self.static else {}
         self._static_limits: dict[tuple[str, str], Limits] = \
@@ -112,7 +114,8 @@ class AuthMiddleware:
                     self.static is not None and self.static.find_now(hash_key(token))):
                 raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} holds a "
                                   "virtual key: the admin token must be a secret of its own.")
-            self.admin = AdminAPI(store or self.static, token=token)  # type: ignore[arg-type]
+            self.admin = AdminAPI(store or self.static, token=token,  # type: ignore[arg-type]
+                                  config=self.static if store is not None else None)
 
     # -- lifecycle (called by the kernel) ----------------------------------------------------
 

@@ -50,6 +50,7 @@ from middleware.auth.store import (
     KeyStore,
     KeyStoreReadOnly,
     KeyStoreUnavailable,
+    StaticKeyStore,
     UnreadableLimits,
 )
 
@@ -129,12 +130,16 @@ class AdminAPI:
     known_prefixes = ("/admin/keys", "/admin/limits")
 
     def __init__(self, store: KeyStore, *, token: str,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES,
+                 config: StaticKeyStore | None = None) -> None:
         if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the admin token must be at least {MIN_TOKEN_CHARS} characters")
         if token.startswith(KEY_PREFIX):
             raise ValueError(f"the admin token must not be a virtual key ({KEY_PREFIX}...)")
         self.store = store
+        # The config module's keys and limits beside a store of its own (PostgreSQL): shown,
+        # never changed here (a change is refused, 409 `read_only`, naming where they are).
+        self.config = config
         self.max_body_bytes = max_body_bytes
         self._token = token.encode()
 
@@ -178,7 +183,8 @@ class AdminAPI:
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use "
                                     f"{allowed}.", code="method_not_allowed",
                                headers=[(b"allow", allowed.encode())])
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                               keep_blank_values=True))
         request = _Request(params, query, receive, scope["headers"], self.max_body_bytes)
         try:
             return await handler(request)
@@ -245,25 +251,46 @@ class AdminAPI:
         if not isinstance(project, str) or not project:
             raise GatewayError(400, "'project' is required: the project the key belongs to.",
                                param="project", code="missing_required_parameter")
+        _check_project(project)
         plaintext, key = await self.store.create(project, **_key_settings(body))
         return 201, {"key": plaintext, **key.to_public_json()}
 
     async def _list_keys(self, request: _Request) -> Payload:
+        _refuse_unknown_query(request, ("project",))
         project = request.query.get("project")
         if project is not None:
-            try:
-                check_project(project)
-            except ValueError as exc:
-                raise GatewayError(400, f"Invalid project: {exc}.", param="project",
-                                   code="invalid_parameter") from None
+            _check_project(project)
         keys = await self.store.list(project)
-        return 200, {"object": "list", "data": [key.to_public_json() for key in keys]}
+        data = [key.to_public_json() for key in keys]
+        if self.config is not None:
+            data += [_from_config(key.to_public_json()) for key in await self.config.list(project)]
+        return 200, {"object": "list", "data": data}
 
     async def _get_key(self, request: _Request) -> Payload:
-        key = await self.store.get(_key_id(request.params[0]))
+        key_id = _key_id(request.params[0])
+        if self.config is not None:
+            declared = await self.config.get(key_id)
+            if declared is not None:
+                return 200, _from_config(declared.to_public_json())
+        key = await self.store.get(key_id)
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
+
+    async def _refuse_a_declared_key(self, key_id: str) -> None:
+        """A key the config module declares is changed there, not here."""
+        if self.config is not None and await self.config.get(key_id) is not None:
+            raise GatewayError(409, f"Key {key_id} is declared in the config module: change or "
+                                    "remove it there (and reload).", code="read_only")
+
+    async def _refuse_configured_limits(self, kind: str, subject_id: str) -> None:
+        """Limits the config module sets for a project or customer apply over stored ones:
+        storing some would change nothing."""
+        if self.config is not None and await self.config.get_limits(kind, subject_id) \
+                is not None:
+            raise GatewayError(409, f"The limits of {kind} {subject_id!r} are set in the config "
+                                    "module (AuthMiddleware limits=), which apply over stored "
+                                    "ones: change them there (and reload).", code="read_only")
 
     async def _update_key(self, request: _Request) -> Payload:
         body = await request.json()
@@ -272,18 +299,21 @@ class AdminAPI:
             raise GatewayError(400, "Nothing to update: send one or more of "
                                     f"{', '.join(sorted(UPDATABLE_FIELDS))}.",
                                code="missing_required_parameter")
+        await self._refuse_a_declared_key(_key_id(request.params[0]))
         key = await self.store.update(_key_id(request.params[0]), **_key_settings(body))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
 
     async def _revoke_key(self, request: _Request) -> Payload:
+        await self._refuse_a_declared_key(_key_id(request.params[0]))
         key = await self.store.revoke(_key_id(request.params[0]))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
 
     async def _rotate_key(self, request: _Request) -> Payload:
+        await self._refuse_a_declared_key(_key_id(request.params[0]))
         rotated = await self.store.rotate(_key_id(request.params[0]))
         if rotated is None:
             raise _no_key(request.params[0])
@@ -294,13 +324,27 @@ class AdminAPI:
     # -- limits ------------------------------------------------------------------------------
 
     async def _list_limits(self, request: _Request) -> Payload:
+        _refuse_unknown_query(request, ("kind",))
         kind = request.query.get("kind")
         if kind is not None:
             _check_kind(kind)
         data = []
+        configured = set()
+        if self.config is not None:
+            if kind != "key":
+                for item in await self.config.list_limits(kind):
+                    configured.add((item.kind, item.subject_id))
+                    data.append(_from_config(_limits_json(item.kind, item.subject_id,
+                                                          item.limits)))
+            if kind in (None, "key"):
+                for key in await self.config.list():
+                    if not key.limits.empty:
+                        data.append(_from_config(_limits_json("key", key.id, key.limits)))
         if kind != "key":
             for item in await self.store.list_limits(kind):
-                data.append(_limits_json(item.kind, item.subject_id, item.limits, item.error))
+                if (item.kind, item.subject_id) not in configured:  # (not applied)
+                    data.append(_limits_json(item.kind, item.subject_id, item.limits,
+                                             item.error))
         if kind in (None, "key"):
             for key in await self.store.list():
                 if (not key.limits.empty or key.limits_error) and key.revoked_at is None:
@@ -309,6 +353,15 @@ class AdminAPI:
 
     async def _get_limits(self, request: _Request) -> Payload:
         kind, subject_id = _subject(request)
+        if self.config is not None:
+            if kind == "key":
+                declared = await self.config.get(subject_id)
+                if declared is not None:
+                    return 200, _from_config(_limits_json(kind, subject_id, declared.limits))
+            else:
+                configured = await self.config.get_limits(kind, subject_id)
+                if configured is not None:
+                    return 200, _from_config(_limits_json(kind, subject_id, configured))
         if kind == "key":
             key = await self.store.get(subject_id)
             if key is None:
@@ -326,19 +379,24 @@ class AdminAPI:
         kind, subject_id = _subject(request)
         limits = _parse_limits(await request.json())
         if kind == "key":
+            await self._refuse_a_declared_key(subject_id)
             if await self.store.update(subject_id, limits=limits) is None:
                 raise _no_key(subject_id)
         else:
+            await self._refuse_configured_limits(kind, subject_id)
             await self.store.set_limits(kind, subject_id, limits)
         return 200, _limits_json(kind, subject_id, limits)
 
     async def _delete_limits(self, request: _Request) -> Payload:
         kind, subject_id = _subject(request)
         if kind == "key":
+            await self._refuse_a_declared_key(subject_id)
             if await self.store.update(subject_id, limits=Limits()) is None:
                 raise _no_key(subject_id)
-        elif not await self.store.set_limits(kind, subject_id, None):
-            raise _no_limits(kind, subject_id)
+        else:
+            await self._refuse_configured_limits(kind, subject_id)
+            if not await self.store.set_limits(kind, subject_id, None):
+                raise _no_limits(kind, subject_id)
         return 200, {"object": "limits", "kind": kind, "subject_id": subject_id,
                      "deleted": True}
 
@@ -464,6 +522,29 @@ def _shown(key_id: str) -> str:
 def _loggable_path(path: str) -> str:
     # Someone may paste a plaintext key into the URL: what follows the prefix is not logged.
     return _PASTED_KEY.sub(KEY_PREFIX + "…", path)
+
+
+def _from_config(public: dict[str, Any]) -> dict[str, Any]:
+    """A key or limits the config module declares, as the admin API shows them."""
+    return {**public, "source": "config"}
+
+
+def _check_project(project: str) -> None:
+    try:
+        check_project(project)
+    except ValueError as exc:
+        raise GatewayError(400, f"Invalid project: {exc}.", param="project",
+                           code="invalid_parameter") from None
+
+
+def _refuse_unknown_query(request: _Request, known: tuple[str, ...]) -> None:
+    """A query parameter this route does not take is refused, not ignored (a misspelled
+    filter would list everything)."""
+    for name in request.query:
+        if name not in known:
+            raise GatewayError(400, f"Unknown query parameter {name!r}; this route takes "
+                                    f"{', '.join(repr(k) for k in known)}.", param=name,
+                               code="unknown_parameter")
 
 
 def _no_key(key_id: str) -> GatewayError:

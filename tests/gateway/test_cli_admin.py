@@ -26,7 +26,7 @@ from psycopg import sql
 
 from gateway.cli import NEW_KEY_NOTE
 from middleware.auth.keys import hash_key
-from tests.harness import REPO, mock_config, start_cli_gateway, stop_process, write_config
+from tests.harness import REPO, TEST_KEY, mock_config, start_cli_gateway, stop_process, write_config
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 ADMIN_TOKEN = "sg-admin-" + secrets.token_urlsafe(24)
@@ -59,6 +59,7 @@ from middleware.auth import PostgresKeyStore
 middleware = [
     Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")],
                store=PostgresKeyStore({DSN!r}, schema={schema!r}, channel={schema!r}),
+               limits={{("project", "configured"): Limits(rpm=7)}},
                admin_token_env="SG_ADMIN_TOKEN"),
     Middleware(QuotaMiddleware, admin_token_env="SG_ADMIN_TOKEN"),
 ]
@@ -398,3 +399,93 @@ def test_a_rotated_key_keeps_its_budget_and_spend(gateway: Gateway) -> None:
     newer_id, _ = created(sluicegate(gateway, "keys", "rotate", new_id))
     assert admin_get(gateway, f"/admin/keys/{newer_id}")["account"] == old_id
     assert spent(newer_id) == 2 * before
+
+
+# -- the config module's keys and limits beside the store -----------------------------------------
+
+def admin(server: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, server.url + path, **kwargs,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+
+
+def test_a_config_key_is_shown_and_its_changes_refused(gateway: Gateway) -> None:
+    # A config key was a 404 to the admin API beside a store ("No key with id"), and a
+    # revoke of a leaked one was told it did not exist, while the key kept working.
+    listed = [k for k in admin_get(gateway, "/admin/keys?project=tests")["data"]
+              if k.get("source") == "config"]
+    assert [k["project"] for k in listed] == ["tests"]
+    key_id = listed[0]["id"]
+    assert admin_get(gateway, f"/admin/keys/{key_id}")["source"] == "config"
+    for method, path, body in [("POST", f"/admin/keys/{key_id}/revoke", None),
+                               ("POST", f"/admin/keys/{key_id}/rotate", None),
+                               ("PATCH", f"/admin/keys/{key_id}", {"disabled": True}),
+                               ("PUT", f"/admin/limits/key/{key_id}", {"rpm": 1})]:
+        refused = admin(gateway, method, path, json=body)
+        assert refused.status_code == 409, (path, refused.text)
+        assert refused.json()["error"]["code"] == "read_only"
+        assert "declared in the config module" in refused.json()["error"]["message"]
+    assert ask(gateway, TEST_KEY) == "Mock reply to: hello"
+
+
+def test_limits_the_config_sets_are_shown_and_not_stored_over(gateway: Gateway) -> None:
+    # Stored limits for a subject the config sets were accepted (200, and shown by GET) but
+    # never applied: the config's apply over stored ones.
+    shown = admin_get(gateway, "/admin/limits/project/configured")
+    assert (shown["source"], shown["limits"]["rpm"]) == ("config", 7)
+    refused = admin(gateway, "PUT", "/admin/limits/project/configured", json={"rpm": 1})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "read_only"
+    assert "set in the config module" in refused.json()["error"]["message"]
+    result = sluicegate(gateway, "budgets", "set", "--project", "configured", "--rpm", "1")
+    assert result.returncode == 1 and "set in the config module" in result.stderr
+    assert admin(gateway, "DELETE", "/admin/limits/project/configured").status_code == 409
+    listed = admin_get(gateway, "/admin/limits?kind=project")["data"]
+    assert [item["limits"]["rpm"] for item in listed
+            if item["subject_id"] == "configured"] == [7]
+
+
+@pytest.mark.parametrize("query,param,code", [
+    ("project=", "project", "invalid_parameter"),  # (it listed every project's keys)
+    ("projet=acme", "projet", "unknown_parameter"),  # (so did a misspelled filter)
+])
+def test_a_key_listing_filter_that_is_empty_or_unknown_is_refused(
+        gateway: Gateway, query: str, param: str, code: str) -> None:
+    refused = admin(gateway, "GET", f"/admin/keys?{query}")
+    assert refused.status_code == 400
+    assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (param, code)
+    assert admin(gateway, "GET", "/admin/limits?kind=").status_code == 400
+    result = sluicegate(gateway, "keys", "list", "--project", "")
+    assert result.returncode == 1 and result.stdout == ""
+
+
+def test_a_key_for_an_invalid_project_is_refused_naming_the_project(gateway: Gateway) -> None:
+    refused = admin(gateway, "POST", "/admin/keys", json={"project": "a b"})
+    assert refused.status_code == 400
+    assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (
+        "project", "invalid_parameter")
+
+
+def test_config_limits_apply_to_stored_keys_without_config_keys(
+        tmp_path: Path, mock_url: str) -> None:
+    # `limits=` beside a store and no `keys=` was dropped: nothing held the project's rpm.
+    schema = "sg_cli_test_" + uuid.uuid4().hex[:12]
+    extra = f"""
+from middleware.auth import PostgresKeyStore
+middleware = [
+    Middleware(AuthMiddleware, store=PostgresKeyStore({DSN!r}, schema={schema!r},
+                                                      channel={schema!r}),
+               limits={{("project", "limited"): Limits(rpm=1)}},
+               admin_token_env="SG_ADMIN_TOKEN"),
+    Middleware(QuotaMiddleware),
+]
+"""
+    process, server = serve(tmp_path, mock_url, extra=extra)
+    try:
+        _, plaintext = created(sluicegate(server, "keys", "create", "--project", "limited"))
+        assert ask(server, plaintext) == "Mock reply to: hello"
+        with pytest.raises(openai.RateLimitError):
+            ask(server, plaintext)
+    finally:
+        stop_process(process)
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema)))
