@@ -3,15 +3,17 @@
 A reload (SIGHUP to `sluicegate serve --workers N`: new workers start and import this module
 again, then the old ones drain, see gateway/supervisor.py) reads the config file anew.
 When the new file is broken (or names a layer that cannot run in several workers:
-`gateway.app.check_workers`), the workers keep serving the last config that loaded
-(`$SLUICEGATE_CONFIG_LAST_GOOD`, a copy `serve` keeps) and log why, so a bad edit never
-takes the gateway down.
+`gateway.app.check_workers`), the workers keep serving the last config that started
+(`$SLUICEGATE_CONFIG_LAST_GOOD`: a copy of the text a worker loaded, written once its
+startup completed) and log why, so a bad edit never takes the gateway down. A worker that
+replaces one that died loads that copy too (gateway/supervisor.py). The first start has no
+copy yet: its broken config is an error (`serve` checks it before any worker starts).
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+from functools import partial
 
 from gateway.app import WORKERS_ENV, check_workers, create_app, tune_gc
 from gateway.config import ConfigError
@@ -24,33 +26,49 @@ from gateway.hypercorn_idle import install as install_idle_timer
 from gateway.hypercorn_writes import install as install_gathering_writer
 from gateway.kernel import Kernel
 from gateway.logs import configure_logging
-from gateway.supervisor import announce_ready
+from gateway.supervisor import REPLACEMENT_ENV, announce_ready
 
 logger = logging.getLogger("sluicegate")
 
 
-def _load() -> Kernel:
+def _load() -> tuple[Kernel, bytes | None]:
+    """The app, and the config's text to keep as the last good once its startup completed
+    (None: nothing new to keep)."""
     path = os.environ["SLUICEGATE_CONFIG"]
     last_good = os.environ.get("SLUICEGATE_CONFIG_LAST_GOOD")
+    if os.environ.get(REPLACEMENT_ENV) == "1" and last_good and os.path.isfile(last_good):
+        # A worker replacing one that died: the running workers' config, whatever the file
+        # says now (an edit not yet reloaded is the next reload's). It failing is a failure.
+        return create_app(last_good), None
     try:
+        with open(path, "rb") as file:
+            text = file.read()
         kernel = create_app(path)
         check_workers(kernel, int(os.environ.get(WORKERS_ENV, "1")))
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         if not last_good or not os.path.isfile(last_good):
             raise
         logger.error("the config did not load (%s); serving the last config that did", exc)
-        return create_app(last_good)
-    if last_good:
-        temporary = last_good + f".{os.getpid()}.tmp"
-        shutil.copyfile(path, temporary)
-        os.replace(temporary, last_good)  # the other workers see the old or the new copy
-    return kernel
+        return create_app(last_good), None
+    return kernel, text if last_good else None
+
+
+def _keep_as_last_good(text: bytes) -> None:
+    """Keeps `text` as the last good config: after this worker's startup completed, so a
+    config whose startup fails is never the one a later worker falls back to."""
+    last_good = os.environ["SLUICEGATE_CONFIG_LAST_GOOD"]
+    temporary = last_good + f".{os.getpid()}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(text)
+    os.replace(temporary, last_good)  # the other workers see the old or the new copy
 
 
 # A spawned worker starts with no logging set up: the serve process's handler, first with
 # the defaults (so loading the config logs as JSON too), then as the config says.
 configure_logging("info", "json")
-app = _load()
+app, _loaded_text = _load()
+if _loaded_text is not None:
+    app.after_startup.append(partial(_keep_as_last_good, _loaded_text))
 app.after_startup.append(announce_ready)  # a reload waits for this before old workers stop
 configure_logging(app.config.settings.log_level, app.config.settings.log_format)
 tune_gc()

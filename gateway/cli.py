@@ -28,8 +28,9 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
 from gateway.kernel import check_stack, stack_components
 from gateway.logs import configure_logging
-from gateway.metrics import METRICS_DIR_ENV
+from gateway.metrics import METRICS_DIR_ENV, check_otlp_metrics
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
+from gateway.tracing import check_tracing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,11 +102,21 @@ def report_build(build: Build, modules: Sequence[str] = MODULES) -> int:
     return 1 if build.state == "stale" else 0
 
 
+def check_as_the_gateway_starts(config: GatewayConfig, workers: int) -> object:
+    """Builds the stack and checks what the gateway checks as it starts (the layers against
+    the config, the workers, tracing and OTLP metrics), without starting anything; returns
+    the stack. A ConfigError is the one sentence `serve` and `check-config` exit 2 with."""
+    stack = build_stack(config)
+    check_stack(stack_components(stack), config)
+    check_workers(stack, workers)
+    check_tracing(config.settings.tracer_provider)
+    check_otlp_metrics(config.settings.metrics_path, config.settings.meter_provider)
+    return stack
+
+
 def check_config(path: str, workers: int = 1) -> int:
     config = load_config(path)
-    stack = build_stack(config)
-    check_stack(stack_components(stack), config)  # (what the gateway checks as it starts)
-    check_workers(stack, workers)
+    stack = check_as_the_gateway_starts(config, workers)
     print(f"config: {path}")
     print("stack (outermost first):")
     print("  kernel (errors, request id, body, context, /healthz, /readyz, /v1/models)")
@@ -143,17 +154,18 @@ def serve_forever(args: argparse.Namespace) -> int:
     from gateway.supervisor import Supervisor
 
     path = os.path.abspath(args.config)
-    config: GatewayConfig = load_config(path)  # fail fast, in the parent, with one sentence
-    check_workers(build_stack(config), args.workers)
+    # Fail fast, in the parent, with one sentence (exit 2: systemd does not restart it).
+    config: GatewayConfig = load_config(path)
+    check_as_the_gateway_starts(config, args.workers)
     os.environ[WORKERS_ENV] = str(max(args.workers, 1))  # (a reload checks its config too)
     os.environ["SLUICEGATE_CONFIG"] = path
-    # This serve's own directory: the last config that loaded (a reload with a broken file
-    # keeps serving it, see gateway/asgi.py) and, with several workers, their metrics.
+    # This serve's own directory: the last config whose startup completed (a reload with a
+    # broken file keeps serving it, and a worker replacing a dead one loads it; see
+    # gateway/asgi.py: written by the first worker that started) and, with several workers,
+    # their metrics.
     run_dir = tempfile.mkdtemp(prefix="sluicegate-serve-")
     atexit.register(shutil.rmtree, run_dir, True)
-    last_good = os.path.join(run_dir, "last-good-config.py")
-    shutil.copyfile(path, last_good)
-    os.environ["SLUICEGATE_CONFIG_LAST_GOOD"] = last_good
+    os.environ["SLUICEGATE_CONFIG_LAST_GOOD"] = os.path.join(run_dir, "last-good-config.py")
     if args.workers > 1:
         os.environ.setdefault(METRICS_DIR_ENV, os.path.join(run_dir, "metrics"))
         os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)

@@ -358,6 +358,18 @@ def register_otlp(metrics: RequestMetrics, gauges: Any, meter_provider: Any) -> 
 
 def otlp_meter_provider() -> Any:
     """A MeterProvider exporting over OTLP (endpoint, headers, interval from OTEL_*)."""
+    exporter, provider, reader = _otlp_metric_classes()
+    return provider(metric_readers=[reader(exporter())])
+
+
+def check_otlp_metrics(metrics_path: str | None, meter_provider: Any) -> None:
+    """Refuses, as the gateway would when it starts, OTEL_* asking for metrics over OTLP
+    without the packages for it (without making the provider: no exporter thread)."""
+    if metrics_path is not None and meter_provider is None and otlp_exporter_wanted():
+        _otlp_metric_classes()
+
+
+def _otlp_metric_classes() -> tuple[Any, Any, Any]:
     from gateway.config import ConfigError
 
     try:
@@ -368,4 +380,4 @@ def otlp_meter_provider() -> Any:
         raise ConfigError("OTEL_* asks for metrics over OTLP, but opentelemetry-sdk and "
                           "opentelemetry-exporter-otlp-proto-http are not installed (pip "
                           "install 'sluicegate[otel]').") from None
-    return MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+    return OTLPMetricExporter, MeterProvider, PeriodicExportingMetricReader

@@ -12,9 +12,12 @@ end normally, up to hypercorn's `graceful_timeout`. If the new workers do not co
 `start_timeout_s`, they are stopped, the old ones go on serving, and the error is logged.
 
 SIGTERM or SIGINT: every worker stops accepting and drains, then `serve` exits. A worker that
-dies while serving (a crash, the OOM killer) is replaced, and the others serve on; one that
-fails before it is ready stops `serve` with its exit status (it cannot start: restarting it
-would only loop).
+dies while serving (a crash, the OOM killer) is replaced, and the others serve on. The
+replacement loads the config the running workers loaded (`$SLUICEGATE_CONFIG_LAST_GOOD`), not
+the file as it is now: an edit not yet reloaded is a reload's, not a crash's. A worker of the
+first start that fails before it is ready stops `serve` with its exit status (it cannot start:
+restarting it would only loop); a replacement that fails so while others serve (a store
+briefly unreachable at its startup) is tried again `RETRY_S` later, and the others serve on.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ READY_DIR_ENV = "SLUICEGATE_READY_DIR"
 # A directory the workers share (every worker of this serve, across reloads): what they must
 # agree on lives there (the memory cache's invalidations, middleware/cache/shared.py).
 SHARED_DIR_ENV = "SLUICEGATE_SHARED_DIR"
+# Set ("1") in a replacement worker's environment: it loads the running workers' config.
+REPLACEMENT_ENV = "SLUICEGATE_REPLACEMENT_WORKER"
+RETRY_S = 2.0  # before another replacement, after one that failed to start
 
 
 def announce_ready() -> None:
@@ -53,6 +59,7 @@ def announce_ready() -> None:
 class _Worker:
     process: BaseProcess
     stop: Event
+    replacement: bool = False
 
 
 class Supervisor:
@@ -87,17 +94,24 @@ class Supervisor:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self._signals.append("reload"))
         exitcode = 0
+        missing, respawn_at = 0, 0.0  # workers to replace, and not before when
         try:
             while True:
                 wait([w.process.sentinel for w in current + draining], timeout=0.5)
                 draining = [w for w in draining if not self._reaped(w)]
                 exited = [w for w in current if not w.process.is_alive()]
                 if exited:
-                    exitcode = self._fatal(exited)
+                    current = [w for w in current if w not in exited]
+                    exitcode, retry = self._fatal(exited, serving=len(current))
                     if exitcode:
                         break
-                    current = [w for w in current if w not in exited]
-                    current += [self._spawn(uvloop_worker) for _ in exited]
+                    missing += len(exited)
+                    if retry:
+                        respawn_at = time.monotonic() + RETRY_S
+                if missing and time.monotonic() >= respawn_at:
+                    current += [self._spawn(uvloop_worker, replacement=True)
+                                for _ in range(missing)]
+                    missing = 0
                 if "stop" in self._signals:
                     break
                 if self._signals:
@@ -112,41 +126,50 @@ class Supervisor:
                 sock.close()
         return exitcode
 
-    def _fatal(self, exited: list[_Worker]) -> int:
-        """The status to stop `serve` with (0: replace the workers and go on). A worker that
-        failed before it was ready cannot start; one that died while serving (a crash, the
-        OOM killer) is replaced and the others serve on."""
-        status = 0
+    def _fatal(self, exited: list[_Worker], serving: int) -> tuple[int, bool]:
+        """(the status to stop `serve` with, 0: replace the workers and go on; whether to
+        wait `RETRY_S` first). A worker of the first start that failed before it was ready
+        cannot start; a replacement that failed so, while `serving` others serve, is tried
+        again later; one that died while serving (a crash, the OOM killer) is replaced and
+        the others serve on."""
+        status, retry = 0, False
         for worker in exited:
             ready = self._ready(worker)
             code = worker.process.exitcode or 0
             self._reaped(worker)
-            if code and not ready:
+            if code and not ready and worker.replacement and serving:
+                logger.error("a replacement worker exited with status %s before it was ready; "
+                             "the others serve on, and another starts in %g s", code, RETRY_S)
+                retry = True
+            elif code and not ready:
                 logger.error("a worker exited with status %s before it was ready; stopping",
                              code)
                 status = status or code
             elif code:
                 logger.error("a worker (pid %s) exited with status %s while serving; starting "
                              "another", worker.process.pid, code)
-        return status
+        return status, retry
 
     def _ready(self, worker: _Worker) -> bool:
         return (self.ready_dir / str(worker.process.pid)).exists()
 
-    def _spawn(self, target: Any) -> _Worker:
+    def _spawn(self, target: Any, *, replacement: bool = False) -> _Worker:
         stop = self._ctx.Event()
         process = self._ctx.Process(target=target, kwargs={
             "config": self.config, "sockets": self._sockets, "shutdown_event": stop})
         process.daemon = False
         # A worker inherits SIGINT ignored (a handler would not survive the exec): a Ctrl-C
         # in a terminal reaches the whole process group, and the supervisor alone decides
-        # how workers stop (drained, not killed).
+        # how workers stop (drained, not killed). It inherits the environment as it is now.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if replacement:
+            os.environ[REPLACEMENT_ENV] = "1"
         try:
             process.start()
         finally:
             signal.signal(signal.SIGINT, handler)
-        return _Worker(process, stop)
+            os.environ.pop(REPLACEMENT_ENV, None)
+        return _Worker(process, stop, replacement)
 
     def _reload(self, current: list[_Worker], target: Any
                 ) -> tuple[list[_Worker], list[_Worker]]:

@@ -209,26 +209,44 @@ def tracing_from(provider: Any = None) -> Tracing | None:
     return Tracing(_sdk_provider(exporter or "otlp"))
 
 
-def _sdk_provider(exporter: str) -> Any:
+def check_tracing(provider: Any = None) -> None:
+    """Refuses what `tracing_from` would (OTEL_* asking for an exporter this cannot make),
+    without making a provider or its exporter's thread: `check-config`, and `serve` before
+    its workers start, give the one sentence the gateway would."""
+    if provider is not None or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or \
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if (exporter and exporter != "none") or (endpoint and exporter != "none"):
+        _exporter_class(exporter or "otlp")
+
+
+def _exporter_class(exporter: str) -> Any:
+    """The span exporter class OTEL_TRACES_EXPORTER names (ConfigError: none here)."""
     try:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
     except ImportError:
         raise ConfigError("OTEL_* asks for traces, but opentelemetry-sdk is not installed "
                           "(pip install 'sluicegate[otel]').") from None
     if exporter == "console":
-        span_exporter: Any = ConsoleSpanExporter()
-    elif exporter == "otlp":
+        return ConsoleSpanExporter
+    if exporter == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
             raise ConfigError("OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp-"
                               "proto-http (pip install 'sluicegate[otel]').") from None
-        span_exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_* variables
-    else:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r} is not supported here "
-                          "(use otlp, console or none).")
+        return OTLPSpanExporter
+    raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r} is not supported here "
+                      "(use otlp, console or none).")
+
+
+def _sdk_provider(exporter: str) -> Any:
+    span_exporter = _exporter_class(exporter)()  # (OTLP: endpoint, headers from OTEL_*)
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get(
         "OTEL_SERVICE_NAME", "sluicegate")}))
     provider.add_span_processor(BatchSpanProcessor(span_exporter))

@@ -97,6 +97,20 @@ def test_serve_refuses_to_start_with_one_sentence(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_tracing_the_gateway_cannot_make_is_refused_before_it_starts(
+        tmp_path: Path, command: str) -> None:
+    # check-config passed this (the Kernel, which sets tracing up, was never built), and
+    # serve refused it only inside its workers.
+    path = write_config(tmp_path, mock_config("http://127.0.0.1:9"))
+    args = ["--config", str(path), "--port", "0"] if command == "serve" else [str(path)]
+    result = run_cli(command, *args, env={"OTEL_TRACES_EXPORTER": "zipkin",
+                                          "OTEL_SDK_DISABLED": "false"})
+    assert result.returncode == 2
+    assert "OTEL_TRACES_EXPORTER='zipkin' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_prints_stack_models_and_deployments(tmp_path: Path) -> None:
     path = write_config(tmp_path, mock_config("http://127.0.0.1:9"))
     result = run_cli("check-config", str(path))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import pytest
 
 from tests.harness import (
     AUTH,
+    REPO,
     SHARED_QUOTA,
     mock_config,
     start_cli_gateway,
@@ -237,3 +240,76 @@ def test_a_worker_that_dies_while_serving_is_replaced(tmp_path: Path, mock_url: 
         assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
     finally:
         stop_process(process)
+
+
+def test_a_replacement_worker_loads_the_running_config_and_is_retried(
+        tmp_path: Path, mock_url: str) -> None:
+    """A worker that dies is replaced with the config the running workers loaded, not the
+    file as edited since (a reload's, not a crash's); one that fails its startup while the
+    other serves is tried again, never the end of `serve` (it stopped it, the healthy worker
+    with it, and the port went dead)."""
+    flag = tmp_path / "fail-startup"
+    layer = f'''
+class FailsToStartWhenFlagged:
+    def __init__(self, app):
+        self.app = app
+
+    async def startup(self):
+        if os.path.exists({str(flag)!r}):
+            raise RuntimeError("flagged to fail")
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+middleware = [Middleware(FailsToStartWhenFlagged)]
+'''
+    config = write_config(tmp_path, mock_config(mock_url, middleware="none") + layer)
+    log = tmp_path / "serve.log"
+    process, url = start_cli_gateway(config, workers=2, log_path=log)
+    try:
+        before = both_workers(url)
+        config.write_text(config.read_text() + f"\n{NEW_MODEL}\nraise SyntaxError\n")  # (no reload)
+        flag.touch()  # (a store briefly unreachable, as a worker starts)
+        victim = min(before)
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "another starts in" not in log.read_text() and time.monotonic() < deadline:
+            try:
+                assert chat(url, "gpt-mock").status_code == 200  # the other one serves
+            except SWAP_RACE:
+                pass
+            time.sleep(0.1)
+        assert "a replacement worker exited with status" in log.read_text()
+        assert process.poll() is None
+        flag.unlink()
+        pids = worker_pids(url)
+        while (victim in pids or len(pids) < 2) and time.monotonic() < deadline:
+            assert chat(url, "gpt-mock").status_code == 200
+            pids = worker_pids(url) | pids - {victim}
+        assert victim not in pids and len(pids) == 2, pids
+        # The replacement serves the running config: the edit (a new model) is not in it.
+        assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
+        assert {chat(url, "gpt-mock-2").status_code for _ in range(6)} == {404}
+    finally:
+        stop_process(process)
+
+
+def test_serve_refuses_what_check_config_refuses_in_one_sentence(
+        tmp_path: Path, mock_url: str) -> None:
+    """A config the layers refuse (a fallback to a model that does not exist) stopped
+    `serve --workers 2` with worker tracebacks and status 1 (systemd restarts on 1, in a
+    loop), naming a temporary copy of the config; `check-config` says one sentence, exit 2."""
+    extra = ('from middleware.failover import FailoverMiddleware, Route\n'
+             'middleware = [Middleware(FailoverMiddleware, '
+             'routes={"gpt-mock": Route(fallbacks=["no-such-model"])})]\n')
+    config = write_config(tmp_path, mock_config(mock_url, middleware="none", extra=extra))
+    for workers in ("1", "2"):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+             "--port", "0", "--workers", workers], cwd=REPO, capture_output=True, text=True,
+            timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "no-such-model" in result.stderr
+        assert "last-good" not in result.stderr
