@@ -25,12 +25,41 @@ from gateway.admin_client import AdminClient, AdminError
 from gateway.app import WORKERS_ENV, build_stack, check_workers
 from gateway.compiled import MODULES, Build, build_of, remove, sources
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.doctor import DEFAULT_TIMEOUT_S, FAIL, positive_seconds, report, run_doctor
+from gateway.doctor import (
+    DEFAULT_TIMEOUT_S,
+    FAIL,
+    positive_seconds,
+    redact_target,
+    report,
+    run_doctor,
+)
 from gateway.kernel import check_stack, stack_components
 from gateway.logs import configure_logging
 from gateway.metrics import METRICS_DIR_ENV, check_otlp_metrics
 from gateway.policy import OVERFLOW_ACTIONS, PERIODS, Limits, usd_to_micros
 from gateway.tracing import check_tracing
+
+
+def _port(text: str) -> int:
+    """argparse type of `--port`: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a port number, 0 to 65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 0 to 65535")
+    return value
+
+
+def _workers(text: str) -> int:
+    """argparse type of `--workers`: 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number, 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number, 1 or more")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,12 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gateway under hypercorn")
     serve.add_argument("--config", required=True, help="path of the config module")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=_port, default=8080)
+    serve.add_argument("--workers", type=_workers, default=1)
     serve.add_argument("--access-log", action="store_true", help="log every request")
     check = commands.add_parser("check-config", help="load a config module and print it")
     check.add_argument("path")
-    check.add_argument("--workers", type=int, default=1,
+    check.add_argument("--workers", type=_workers, default=1,
                        help="check it as `serve --workers N` would run it")
     doctor = commands.add_parser(
         "doctor", help="check that the config's stores and providers answer",
@@ -129,7 +158,7 @@ def check_config(path: str, workers: int = 1) -> int:
     print("providers:")
     for name, adapter in config.providers.items():
         key = f", key from ${adapter.api_key_env}" if adapter.api_key_env else ", no key"
-        print(f"  {name}: {adapter.type_name} at {adapter.base_url}{key}")
+        print(f"  {name}: {adapter.type_name} at {redact_target(adapter.base_url)}{key}")
     print("models:")
     for name, model in config.models.items():
         print(f"  {name}:")

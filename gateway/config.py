@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ def _middleware(module: Any) -> list[Middleware]:
     return list(stack)
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # (RFC 9110 token)
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -186,7 +188,7 @@ def _settings(module: Any) -> Settings:
     settings = getattr(module, "settings", Settings())
     if not isinstance(settings, Settings):
         raise ConfigError("`settings` must be a Settings(...).")
-    if not isinstance(settings.max_body_bytes, int) or settings.max_body_bytes <= 0:
+    if type(settings.max_body_bytes) is not int or settings.max_body_bytes <= 0:
         raise ConfigError("Settings.max_body_bytes must be a positive number of bytes.")
     timeout_s = settings.body_timeout_s
     if timeout_s is not None and (isinstance(timeout_s, bool) or
@@ -198,11 +200,13 @@ def _settings(module: Any) -> Settings:
         raise ConfigError("Settings.log_format must be 'json' or 'text'.")
     if str(settings.log_level).lower() not in _LOG_LEVELS:
         raise ConfigError(f"Settings.log_level must be one of {', '.join(_LOG_LEVELS)}.")
-    if settings.metrics_path is not None and (not isinstance(settings.metrics_path, str) or
-                                              not settings.metrics_path.startswith("/") or
-                                              settings.metrics_path.startswith("/v1/")):
-        raise ConfigError("Settings.metrics_path must be a path such as '/metrics' (not under "
-                          "/v1/), or None.")
+    if settings.metrics_path is not None and (
+            not isinstance(settings.metrics_path, str) or
+            not settings.metrics_path.startswith("/") or
+            settings.metrics_path.rstrip("/") in ("", "/healthz", "/readyz", "/v1", "/admin")
+            or settings.metrics_path.startswith(("/v1/", "/admin/"))):
+        raise ConfigError("Settings.metrics_path must be a path such as '/metrics' (not /, "
+                          "/healthz, /readyz, nor under /v1/ or /admin/), or None.")
     if settings.metrics_token_env is not None:
         if not isinstance(settings.metrics_token_env, str) or not settings.metrics_token_env:
             raise ConfigError("Settings.metrics_token_env must name an environment variable, "
@@ -214,8 +218,10 @@ def _settings(module: Any) -> Settings:
         if token.startswith("sk-sg-"):
             raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} holds "
                               "a virtual key: the metrics token must be a secret of its own.")
-    if not settings.request_id_header or not settings.request_id_header.isascii():
-        raise ConfigError("Settings.request_id_header must be a non-empty ASCII header name.")
+    if not isinstance(settings.request_id_header, str) or \
+            not _HEADER_NAME.fullmatch(settings.request_id_header):
+        raise ConfigError("Settings.request_id_header must be a header name (letters, digits "
+                          "and - _ . ! # $ % & ' * + ^ ` | ~).")
     return settings
 
 

@@ -201,6 +201,13 @@ class Principal:
         return model_allowed(self.allowed_models, name)
 
 
+def downgrade_targets(limits: Limits) -> list[str]:
+    """The public models `limits` (and its budgets) may downgrade a request to."""
+    targets = [limits.downgrade_to] if limits.downgrade_to is not None else []
+    return targets + [budget.downgrade_to for budget in limits.budgets
+                      if budget.downgrade_to is not None]
+
+
 def model_allowed(allowed_models: Sequence[str], name: str) -> bool:
     """Whether a key allowed `allowed_models` (names or globs; none: every model) may use
     the public model `name`."""

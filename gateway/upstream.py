@@ -60,6 +60,31 @@ class Deployment:
     # heuristic. Loaded when the config loads: a gateway.tokenizers.LoadedTokenizer or None.
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        from gateway.config import ConfigError
+        for name in ("provider", "model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"Deployment {name} must be a non-empty string, not "
+                                  f"{getattr(self, name)!r}.")
+        where = f"Deployment({self.provider!r}, {self.model!r})"
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) \
+                or not 0 <= self.weight < float("inf"):
+            raise ConfigError(f"{where}: weight must be a finite number >= 0, not "
+                              f"{self.weight!r}.")
+        for name in ("tags", "api_key_envs"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value:  # one name given as a plain string (it was
+                value = (value,)  # split into its characters, tags="prod" as p, r, o, d)
+            if not isinstance(value, tuple | list) or \
+                    not all(isinstance(item, str) and item for item in value):
+                raise ConfigError(f"{where}: {name} must be a tuple of strings such as "
+                                  f"('eu',), not {value!r}.")
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.free, bool):
+            raise ConfigError(f"{where}: free must be True or False, not {self.free!r}.")
+        if not isinstance(self.label, str):
+            raise ConfigError(f"{where}: label must be a string, not {self.label!r}.")
+
     @property
     def name(self) -> str:
         return self.label or f"{self.provider}/{self.model}"
@@ -96,6 +121,15 @@ class Timeouts:
     first_byte_s: float = 120.0
     idle_s: float = 120.0
     total_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "first_byte_s", "idle_s", "total_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 < value < float("inf"):
+                from gateway.config import ConfigError
+                raise ConfigError(f"Timeouts.{name} must be a positive number of seconds, "
+                                  f"not {value!r}.")
 
 
 class ProviderAdapter(Protocol):

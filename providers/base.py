@@ -111,12 +111,29 @@ class HTTPAdapter:
         max_connections_per_host: int = 0,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.base_url = (base_url or self.default_base_url).rstrip("/")
-        if not self.base_url.startswith(("http://", "https://")):
+        url = base_url or self.default_base_url
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"a {self.type_name} provider needs an http(s) base_url, "
-                              f"not {self.base_url!r}.")
+                              f"not {_url_shown(url)}.")
+        self.base_url = url.rstrip("/")
+        if "?" in self.base_url or "#" in self.base_url:
+            # (a query would end up before every path the adapter appends, silently sent
+            # nowhere: headers go in headers=, the key in api_key_env)
+            raise ConfigError(f"a {self.type_name} provider's base_url must have no query or "
+                              f"fragment (not {_url_shown(self.base_url)}): put headers in "
+                              "headers=, the key in api_key_env.")
         self.api_key_env = api_key_env
         self.timeouts = timeouts or Timeouts()
+        if not isinstance(self.timeouts, Timeouts):
+            raise ConfigError(f"a {self.type_name} provider's timeouts must be "
+                              f"Timeouts(...), not {self.timeouts!r}.")
+        for name in ("max_connections", "max_connections_per_host"):
+            value = max_connections if name == "max_connections" else max_connections_per_host
+            if type(value) is not int or value < 0 or (name == "max_connections" and not value):
+                raise ConfigError(f"a {self.type_name} provider's {name} must be a "
+                                  f"{'positive' if name == 'max_connections' else 'whole'} "
+                                  f"number{'' if name == 'max_connections' else ' (0: none)'}, "
+                                  f"not {value!r}.")
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
         self.extra_headers = dict(headers or {})
@@ -772,6 +789,15 @@ def _count_delivered(delivered: list[int], sent: bytes, marker: bytes | None,
 # `embeddings`): a 200 with an `error` object and none of them is a failure (`_error_answered`).
 _ANSWER_KEYS = frozenset({"choices", "output", "data", "content", "candidates", "embedding",
                           "embeddings"})
+
+
+def _url_shown(url: Any) -> str:
+    """A base URL as an error may print it: without credentials, query or fragment (each may
+    hold a secret)."""
+    if not isinstance(url, str):
+        return repr(url)
+    from gateway.doctor import redact_target
+    return repr(redact_target(url))
 
 
 def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: bool,

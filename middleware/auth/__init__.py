@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
     MODELS_PATHS,
@@ -36,7 +36,7 @@ from gateway.context import (
 )
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
-from gateway.policy import Limits, Principal
+from gateway.policy import Limits, Principal, downgrade_targets
 from middleware.auth.admin import AdminAPI
 from middleware.auth.keys import StaticKey, VirtualKey, hash_key
 from middleware.auth.store import (
@@ -116,6 +116,20 @@ class AuthMiddleware:
                                   "virtual key: the admin token must be a secret of its own.")
             self.admin = AdminAPI(store or self.static, token=token,  # type: ignore[arg-type]
                                   config=self.static if store is not None else None)
+
+    def check_config(self, config: GatewayConfig) -> None:
+        """The config's keys and limits downgrade only to models the config has (a typo
+        would leave the overflow a refusal, silently)."""
+        if self.static is None:
+            return
+        declared = [(f"key {key.id}", key.limits) for key in self.static.by_hash.values()]
+        declared += [(f"{kind} {subject!r}", limits)
+                     for (kind, subject), limits in self.static.limits.items()]
+        for where, limits in declared:
+            for target in downgrade_targets(limits):
+                if target not in config.models:
+                    raise ConfigError(f"{config.path}: AuthMiddleware: the limits of {where} "
+                                      f"downgrade to {target!r}, not a model in `models`.")
 
     # -- lifecycle (called by the kernel) ----------------------------------------------------
 

@@ -199,12 +199,13 @@ class FailoverMiddleware:
                     unable[name] = frozenset(d.name for d in declared.deployments) - serving
             if unable:
                 self.unable[operation] = unable
-        for model, route in self.routes.items():
-            named = [model, *route.fallbacks, *route.context_window_fallbacks,
-                     *route.content_policy_fallbacks]
+        for model, route in [*self.routes.items(), (None, self.default)]:
+            named = [*([model] if model is not None else []), *route.fallbacks,
+                     *route.context_window_fallbacks, *route.content_policy_fallbacks]
             unknown = [name for name in named if name not in config.models]
             if unknown:
-                raise ConfigError(f"{config.path}: FailoverMiddleware routes[{model!r}] names "
+                where = "default" if model is None else f"routes[{model!r}]"
+                raise ConfigError(f"{config.path}: FailoverMiddleware {where} names "
                                   f"{', '.join(map(repr, unknown))}, which "
                                   f"{'is not a model' if len(unknown) == 1 else 'are not models'}"
                                   " in `models`.")

@@ -124,7 +124,10 @@ class RedisHealth:
         try:
             await self._client.ping()
         except (RespError, OSError) as exc:
-            return {"failover-redis": f"unreachable ({type(exc).__name__})"}
+            # Still ready: breakers and cool-downs go on per process meanwhile (a NotReady for
+            # this alone would take every instance out of service at once).
+            return {"failover-redis": f"degraded: unreachable ({type(exc).__name__}); "
+                                      "breakers per process"}
         return {"failover-redis": "ok"}
 
     def describe(self) -> dict[str, Any]:

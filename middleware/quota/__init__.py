@@ -84,6 +84,7 @@ from gateway.policy import (
     QuotaStore,
     QuotaStoreError,
     SpendLedger,
+    downgrade_targets,
     micros_to_usd,
     period_bounds,
     period_label,
@@ -218,6 +219,16 @@ class QuotaMiddleware:
             if callable(getattr(component, "models_serving", None)):
                 self.learn_routes(component, config)
         self._learn_defaults(config)
+        unknown = [name for name in self.model_limits if name not in config.models]
+        if unknown:
+            raise ConfigError(f"{config.path}: QuotaMiddleware model_limits names "
+                              f"{', '.join(map(repr, unknown))}, not a model in `models`.")
+        for name, limits in [("limits", self.limits),
+                             *((f"model_limits[{m!r}]", v) for m, v in self.model_limits.items())]:
+            for target in downgrade_targets(limits) if limits is not None else ():
+                if target not in config.models:
+                    raise ConfigError(f"{config.path}: QuotaMiddleware {name} downgrades to "
+                                      f"{target!r}, not a model in `models`.")
 
     def _learn_defaults(self, config: GatewayConfig) -> None:
         """Where a deployment that may serve a model sends a cap of its own to a request

@@ -189,3 +189,106 @@ def test_two_deployments_of_a_model_need_distinct_names(tmp_path: Path) -> None:
         'providers = {"oa": Provider("openai")}\n'
         'models = {"m": [Deployment("oa", "y", free=True, rpm=0)]}\n'))
     assert "rpm/tpm that are positive integers" in error_for_rpm
+
+
+# Values of the wrong type or range are refused as the config loads, in one sentence (each
+# was accepted and failed later: at the first request, in a traceback, or silently).
+@pytest.mark.parametrize(("text", "expected"), [
+    ('providers = {"oa": Provider("openai", base_url="https://h/v1?api-key=s3cret")}\n',
+     "base_url must have no query or fragment"),
+    ('providers = {"oa": Provider("openai", base_url=42)}\n', "needs an http(s) base_url"),
+    ('providers = {"oa": Provider("openai", timeouts=30)}\n', "timeouts must be Timeouts(...)"),
+    (('from gateway.upstream import Timeouts\n'
+     'providers = {"oa": Provider("openai", timeouts=Timeouts(first_byte_s=0))}\n'),
+     "Timeouts.first_byte_s must be a positive number of seconds"),
+    ('providers = {"oa": Provider("openai", max_connections=0)}\n',
+     "max_connections must be a positive number"),
+    ('providers = {"oa": Provider("openai", max_connections_per_host=-1)}\n',
+     "max_connections_per_host must be a whole number"),
+], ids=["query", "not-a-url", "timeouts-number", "timeout-zero", "connections-0",
+        "per-host-negative"])
+def test_a_provider_with_a_bad_option_refuses_to_start(tmp_path: Path, text: str,
+                                                       expected: str) -> None:
+    message = error_for(tmp_path, HEAD + text + 'models = {"m": [Deployment("oa", "y", '
+                        'free=True)]}\n')
+    assert expected in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(("deployment", "expected"), [
+    ('Deployment("oa", "")', "Deployment model must be a non-empty string"),
+    ('Deployment("oa", "y", weight=-1)', "weight must be a finite number >= 0"),
+    ('Deployment("oa", "y", weight=True)', "weight must be a finite number >= 0"),
+    ('Deployment("oa", "y", tags=("eu", 3))', "tags must be a tuple of strings"),
+    ('Deployment("oa", "y", free="yes")', "free must be True or False"),
+], ids=["model", "weight", "weight-bool", "tags", "free"])
+def test_a_deployment_with_a_bad_field_refuses_to_start(tmp_path: Path, deployment: str,
+                                                        expected: str) -> None:
+    message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
+                        f'models = {{"m": [{deployment}]}}\n')
+    assert expected in message
+
+
+def test_a_tag_given_as_a_plain_string_is_one_tag(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, HEAD + (
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True, tags="eu")]}\n')))
+    assert config.models["m"].deployments[0].tags == ("eu",)  # (it was "e", "u")
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ('metrics_path="/healthz"', "Settings.metrics_path must be a path such as '/metrics'"),
+    ('metrics_path="/admin/metrics"', "Settings.metrics_path must be a path"),
+    ('metrics_path="/"', "Settings.metrics_path must be a path"),
+    ('request_id_header="x request id"', "Settings.request_id_header must be a header name"),
+    ('max_body_bytes=True', "Settings.max_body_bytes must be a positive number"),
+], ids=["healthz", "admin", "root", "header-space", "body-bool"])
+def test_settings_with_a_bad_value_refuse_to_start(tmp_path: Path, settings: str,
+                                                   expected: str) -> None:
+    message = error_for(tmp_path, HEAD + 'from gateway.config import Settings\n'
+                        'providers = {"oa": Provider("openai")}\n'
+                        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+                        f'settings = Settings({settings})\n')
+    assert expected in message
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    ('Middleware(FailoverMiddleware, default=Route(fallbacks=("gone",)))',
+     "FailoverMiddleware default names 'gone', which is not a model"),
+    ('Middleware(QuotaMiddleware, model_limits={"mm": Limits(rpm=1)})',
+     "QuotaMiddleware model_limits names 'mm', not a model"),
+    (('Middleware(QuotaMiddleware, limits=Limits(rpm=1, on_overflow="downgrade", '
+     'downgrade_to="cheap"))'), "QuotaMiddleware limits downgrades to 'cheap', not a model"),
+    ('Middleware(AuthMiddleware, keys=[StaticKey("p", key_hash="' + "a" * 64 + '", '
+     'limits=Limits(rpm=1, on_overflow="downgrade", downgrade_to="cheap"))])',
+     "downgrade to 'cheap', not a model in `models`"),
+], ids=["failover-default", "quota-model-limits", "quota-downgrade", "auth-downgrade"])
+def test_a_layer_naming_a_model_the_config_lacks_refuses_to_start(
+        tmp_path: Path, layer: str, expected: str) -> None:
+    message = create_error_for(tmp_path, FAILOVER_HEAD + (
+        'from gateway.policy import Limits\n'
+        'from middleware.auth import StaticKey\n'
+        'from middleware.quota import QuotaMiddleware\n'
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        f'middleware = [{layer}]\n'))
+    assert expected in message
+
+
+def test_check_config_hides_credentials_in_a_base_url(tmp_path: Path) -> None:
+    path = write_config(tmp_path, HEAD + (
+        'providers = {"oa": Provider("openai", base_url="https://user:pw-s3cret@proxy/v1")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "https://proxy/v1" in done.stdout and "s3cret" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("argument", [["--port", "70000"], ["--port", "x"],
+                                      ["--workers", "0"]])
+def test_serve_refuses_a_bad_port_or_worker_count(tmp_path: Path, argument: list[str]) -> None:
+    path = write_config(tmp_path, HEAD + ('providers = {"oa": Provider("openai")}\n'
+                                          'models = {"m": [Deployment("oa", "y", free=True)]}\n'))
+    done = run_cli("serve", "--config", str(path), *argument)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "must be a" in done.stderr.splitlines()[-1]

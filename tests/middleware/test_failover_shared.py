@@ -102,5 +102,10 @@ def test_without_redis_breakers_stay_per_process_and_requests_still_flow(
         state = httpx.get(url + "/admin/deployments",
                           headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
         assert state["shared"]["errors"] >= 1
+        # Still ready (a Redis outage taking every instance out of service at once would be
+        # worse than breakers per process), and /readyz says so.
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["failover-redis"].startswith("degraded: unreachable")
     finally:
         stop_process(process)
