@@ -76,6 +76,7 @@ from gateway.context import (
     Usage,
     route_to,
 )
+from gateway.disconnect import run_until_disconnect
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -478,10 +479,10 @@ class FailoverMiddleware:
                 wait, probes = self._next_round_wait(tried, rounds, now, deadline), []
             if wait is None:
                 raise self._final_error(ctx, tried, chain)
-            if probes:  # (a probe's end wakes it early; the futures are shared: never cancelled)
-                await asyncio.wait(probes, timeout=wait)
-            else:
-                await asyncio.sleep(wait)
+            # A client that leaves while the request waits ends it there (ClientDisconnected:
+            # the layers above settle it as they would a call cut short), not after the wait
+            # with another call it would never read, its quota slot held meanwhile.
+            await run_until_disconnect(_round_wait(wait, probes), receive, ctx)
             tried.excluded = set(tried.ineligible)
 
     def _rerouted(self, ctx: RequestContext, rerouted: Rerouted,
@@ -1020,6 +1021,15 @@ def _usable(ctx: RequestContext, chain: list[str]) -> list[str]:
     """The models of `chain` the caller's key may be served by (the one it asked for, and
     the fallbacks `_may_use` allows): only their cool-downs are worth waiting for."""
     return [model for model in chain if model == ctx.model or _may_use(ctx, model)]
+
+
+async def _round_wait(wait: float, probes: list[asyncio.Future[Any]]) -> None:
+    """The wait between rounds: `wait` seconds, or until one of `probes` ends (the futures
+    are shared with other requests: never cancelled here; `asyncio.wait` leaves them be)."""
+    if probes:
+        await asyncio.wait(probes, timeout=wait)
+    else:
+        await asyncio.sleep(wait)
 
 
 def _may_use(ctx: RequestContext, model: str) -> bool:

@@ -313,3 +313,24 @@ def test_a_fallback_the_key_may_not_use_is_not_waited_for(
     assert status == 429
     assert retry_after is not None and 28 < retry_after <= 30, retry_after
     assert reached(mock) == ["backup", "primary"]
+
+
+def test_a_client_that_leaves_while_its_request_waits_ends_the_wait(
+        tmp_path: Path, mock: MockProviderServer) -> None:
+    # "request 0" earns a 3 s cool-down and waits it out (its deadline is 30 s); its client
+    # leaves meanwhile. The wait ends there: no call after the cool-down (it would be a call
+    # nobody reads), and its concurrency slot (max_concurrent=1) is free at once, so the
+    # next request is admitted while the deployment still cools down, and served after it.
+    mock.push_fault(Fault("status", provider="openai", status=429, retry_after_s=3))
+    text = "from gateway.policy import Limits\nfrom middleware.quota import QuotaMiddleware\n" \
+        + config(mock, deadline_s=30).replace("    Middleware(FailoverMiddleware", (
+            "    Middleware(QuotaMiddleware, limits=Limits(max_concurrent=1)),\n"
+            "    Middleware(FailoverMiddleware"))
+    with serve(tmp_path, text) as gateway:
+        with leaving_client(gateway, "request 0"):
+            assert wait_for(lambda: len(mock.requests) == 1)
+            assert wait_for(lambda: deployment(gateway)["cooling_s"] > 0)
+        assert wait_for(lambda: "sluicegate_client_disconnects_total{" in httpx.get(
+            gateway.url + "/metrics").text)  # its request has ended
+        assert ask(gateway, "request 1") == (200, None)  # (waits out the rest of it)
+    assert reached(mock) == ["request 0", "request 1"]
