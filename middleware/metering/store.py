@@ -426,7 +426,9 @@ class PostgresUsageStore:
         """A SpendLedger for the quota layer: the cost of `subject` since `since` (a period
         start, so a whole number of UTC days), from the day rollups. The gateway-wide
         subject ("global") is every request: the sum over all models (every record has
-        one; an anonymous caller's has no key or project)."""
+        one; an anonymous caller's has no key or project). Only what the metering layers
+        have written counts: records still queued, or journalled while PostgreSQL is down,
+        do not (PostgresSpendLedger adds its own unwritten spend)."""
         until = datetime(9999, 1, 1, tzinfo=UTC)
         if subject_kind == "global":
             rows = await self.usage(group_by="model", since=since, until=until)
