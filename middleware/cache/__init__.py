@@ -43,7 +43,7 @@ from gateway.admin import (
     send_error,
     send_json,
 )
-from gateway.config import ConfigError
+from gateway.config import ConfigError, GatewayConfig
 from gateway.context import CONTEXT_KEY, RequestContext, Usage, is_answer
 from gateway.errors import GatewayError
 from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
@@ -167,6 +167,14 @@ class CacheMiddleware:
         # `passes_json_through`): then a non-stream miss is kept from the passthrough's copy.
         self._json_passes_below = json_passes_through(app)
         self._tags: dict[tuple[str, str | None, str | None], tuple[str, ...]] = {}
+
+    def check_config(self, config: GatewayConfig) -> None:
+        """`model_ttl_s` names models the config has (a typo would leave that model at the
+        default TTL, silently)."""
+        unknown = [name for name in self.model_ttl_s if name not in config.models]
+        if unknown:
+            raise ConfigError(f"{config.path}: CacheMiddleware model_ttl_s names "
+                              f"{', '.join(map(repr, unknown))}, not a model in `models`.")
 
     async def startup(self) -> None:
         await self.store.startup()

@@ -123,6 +123,12 @@ class RetryPolicy:
         if self.budget_ratio < 0 or not self.budget_window_s > 0 or self.budget_min_per_s < 0:
             raise ValueError("RetryPolicy budget_ratio and budget_min_per_s must be >= 0, "
                              "budget_window_s positive")
+        if isinstance(self.retry_on, str) or not all(
+                (type(item) is int and 400 <= item <= 599) or (isinstance(item, str) and item)
+                for item in self.retry_on):
+            raise ValueError("RetryPolicy.retry_on must be a set of HTTP statuses (400 to 599) "
+                             "and error kinds such as 'timeout', not "
+                             f"{self.retry_on!r}")
         object.__setattr__(self, "retry_on", frozenset(self.retry_on))
 
 

@@ -292,3 +292,22 @@ def test_serve_refuses_a_bad_port_or_worker_count(tmp_path: Path, argument: list
     done = run_cli("serve", "--config", str(path), *argument)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "must be a" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    ('Middleware(CacheMiddleware, model_ttl_s={"mm": 60})',
+     "CacheMiddleware model_ttl_s names 'mm', not a model"),
+    ('Middleware(FailoverMiddleware, retry=RetryPolicy(retry_on="timeout"))',
+     "RetryPolicy.retry_on must be a set of HTTP statuses"),
+    ('Middleware(FailoverMiddleware, retry=RetryPolicy(retry_on={429, 5030}))',
+     "RetryPolicy.retry_on must be a set of HTTP statuses"),
+], ids=["cache-ttl", "retry-on-string", "retry-on-status"])
+def test_a_cache_ttl_or_retry_status_that_cannot_apply_refuses_to_start(
+        tmp_path: Path, layer: str, expected: str) -> None:
+    message = create_error_for(tmp_path, FAILOVER_HEAD + (
+        'from middleware.cache import CacheMiddleware\n'
+        'from middleware.failover import RetryPolicy\n'
+        'providers = {"oa": Provider("openai")}\n'
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        f'middleware = [{layer}]\n'))
+    assert expected in message
