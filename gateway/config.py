@@ -136,6 +136,8 @@ def _providers(module: Any) -> dict[str, ProviderAdapter]:
     if not isinstance(providers, dict) or not providers:
         raise ConfigError("it must define `providers`, a non-empty dict of name -> Provider(...).")
     for name, adapter in providers.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"provider name {name!r} must be a non-empty string.")
         if not callable(getattr(adapter, "call", None)) or not hasattr(adapter, "resolve"):
             raise ConfigError(f"provider {name!r} is not a Provider(...) from the providers package.")
         adapter.resolve(name)
@@ -148,6 +150,8 @@ def _models(module: Any) -> dict[str, Model]:
         raise ConfigError("it must define `models`, a non-empty dict of public name -> Model(...).")
     models: dict[str, Model] = {}
     for name, value in declared.items():
+        if not isinstance(name, str) or not name:  # (1 and "1" were one model, the last won)
+            raise ConfigError(f"model name {name!r} must be a non-empty string.")
         if isinstance(value, (list, tuple)):
             value = Model(list(value))
         if not isinstance(value, Model):
@@ -157,7 +161,7 @@ def _models(module: Any) -> dict[str, Model]:
         for deployment in value.deployments:
             if not isinstance(deployment, Deployment):
                 raise ConfigError(f"model {name!r} lists {deployment!r}, not a Deployment(...).")
-        models[str(name)] = value
+        models[name] = value
     return models
 
 

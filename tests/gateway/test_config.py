@@ -311,3 +311,16 @@ def test_a_cache_ttl_or_retry_status_that_cannot_apply_refuses_to_start(
         'models = {"m": [Deployment("oa", "y", free=True)]}\n'
         f'middleware = [{layer}]\n'))
     assert expected in message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (('providers = {"oa": Provider("openai")}\n'
+     'models = {1: [Deployment("oa", "y", free=True)],\n'
+      '          "1": [Deployment("oa", "z", free=True)]}\n'),
+     "model name 1 must be a non-empty string"),
+    ('providers = {7: Provider("openai")}\nmodels = {"m": [Deployment("oa", "y", free=True)]}\n',
+     "provider name 7 must be a non-empty string"),
+], ids=["model", "provider"])
+def test_a_model_or_provider_named_by_a_number_refuses_to_start(
+        tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_for(tmp_path, HEAD + text)
