@@ -297,6 +297,8 @@ class Kernel:
             if callers is not None:  # (it may come with other requests: see `unique_id`)
                 ctx.unique_id = f"{ctx.request_id}.{_random_bits(64):016x}"
         except GatewayError as exc:
+            if self.metrics is not None:  # (no layer saw it: counted here)
+                self.metrics.refused(exc.status, operation)
             await self._send_error(send, exc, api_format, request_id)
             return
         except ClientDisconnected:  # gone while sending the body: nobody to answer

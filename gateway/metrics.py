@@ -121,6 +121,12 @@ class RequestMetrics:
             if refusal:
                 self._count("sluicegate_quota_refusals_total", (model, str(refusal)))
 
+    def refused(self, status: int, operation: str) -> None:
+        """Counts an API request the kernel refused before any layer saw it (a 405, 408, 413,
+        415, or a 400 for its body): model "other", answered by nobody."""
+        key = ("other", "", _STATUS.get(status) or str(status), operation)
+        self._requests[key] = self._requests.get(key, 0) + 1
+
     def _count(self, name: str, key: tuple[str, ...], amount: float = 1) -> None:
         values = self.counters[name]
         values[key] = values.get(key, 0) + amount

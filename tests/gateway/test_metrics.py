@@ -151,6 +151,22 @@ def test_quota_refusals_breakers_and_unknown_models(tmp_path: Path, mock_url: st
         in samples
 
 
+def test_requests_the_kernel_refuses_are_counted(metered_gateway: ThreadedServer) -> None:
+    # Refused before any layer saw them (a wrong method, a wrong content type, a body too
+    # large); a flood of them was invisible in /metrics.
+    url = metered_gateway.url + "/v1/chat/completions"
+    auth = {"authorization": f"Bearer {TEST_KEY}"}
+    statuses = [httpx.get(url, headers=auth).status_code,
+                httpx.post(url, headers={**auth, "content-type": "text/plain"},
+                           content=b"{}").status_code,
+                httpx.post(url, headers=auth, content=b"x" * (17 << 20)).status_code]
+    assert statuses == [405, 415, 413]
+    samples = scrape_until(metered_gateway.url, "sluicegate_requests_total", 3)
+    for status in statuses:
+        assert value(samples, "sluicegate_requests_total", model="other", provider="",
+                     status=str(status), operation="openai.chat") == 1, status
+
+
 METRICS_TOKEN = "metrics-token-5f0c2e9a"
 
 
