@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -54,6 +55,7 @@ __all__ = ["AuthMiddleware", "PostgresKeyStore", "StaticKey"]
 logger = logging.getLogger("sluicegate.auth")
 
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-goog-api-key"})
+_DEGRADED_LOG_EVERY_S = 60.0
 _PRINCIPALS_MAX = 10_000  # remembered (key, customer) principals; the memo starts over when full
 _REASONS = {
     "revoked": "This API key has been revoked.",
@@ -101,6 +103,7 @@ class AuthMiddleware:
         self.store = store
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s) if store is not None else None
         self.customer_header = customer_header.lower().encode()
+        self._degraded_logged_at = -_DEGRADED_LOG_EVERY_S  # (a warning a minute at most)
         # (id(key), customer) -> (key, project limits, customer limits, Principal)
         self._principals: dict[tuple[int, str | None],
                                tuple[VirtualKey, Limits | None, Limits | None, Principal]] = {}
@@ -229,7 +232,9 @@ class AuthMiddleware:
             subject = f"{key.project}/{customer}"
             customer_limits = static.get(("customer", subject))
             if customer_limits is None and self.cache is not None:
-                customer_limits = await self._stored_limits("customer", subject)
+                customer_limits = await self._stored_customer_limits(key.project, subject, ctx)
+        if self.cache is not None and self.cache.has_customer_limits_now(key.project) is UNKNOWN:
+            await self._learn_whether_customers_have_limits(key.project)
         # One Principal per key, customer and limits while none of them changes: making one
         # (a frozen dataclass) cost more than the rest of this method, and the quota layer
         # keys its compiled limits by it. A key or limit changed by the admin API is a new
@@ -268,6 +273,48 @@ class AuthMiddleware:
             logger.error("auth: %s; the requests they govern are refused until they are "
                          "replaced", exc)
             raise _limits_unreadable() from None
+
+    async def _stored_customer_limits(self, project: str, subject: str,
+                                      ctx: RequestContext) -> Limits | None:
+        """A customer's stored limits; while the store is down, for a customer not looked up
+        recently, none, if no customer of the project had limits when last asked.
+
+        Most customers are new ids (an app's end users) without limits of their own: the
+        key's and the project's limits, known from the cache, still bound them, so refusing
+        every new end user for as long as PostgreSQL is away would turn the outage into
+        theirs. But once a project stores limits for some of its customers, this one may be
+        among them, and serving it without its budget could overspend it: that request is
+        refused (503), as it is when nothing is known of the project.
+        """
+        try:
+            return await self._stored_limits("customer", subject)
+        except GatewayError as exc:
+            if exc.code != "key_store_unavailable" or not await self._no_customer_limits(project):
+                raise
+        ctx.response_headers.append((b"x-sluicegate-degraded", b"customer-limits-unknown"))
+        now = time.monotonic()
+        if now - self._degraded_logged_at >= _DEGRADED_LOG_EVERY_S:
+            self._degraded_logged_at = now
+            logger.warning("auth: the key store is unavailable; customers not seen recently "
+                           "(of project %s, ...) are served under their key's and project's "
+                           "limits, as no customer of their project had limits when last "
+                           "asked", project)
+        return None
+
+    async def _no_customer_limits(self, project: str) -> bool:
+        assert self.cache is not None
+        try:
+            return not await self.cache.has_customer_limits(project)
+        except KeyStoreUnavailable:  # not known either: maybe some
+            return False
+
+    async def _learn_whether_customers_have_limits(self, project: str) -> None:
+        # Looked up while the store answers, so that it is known when it no longer does.
+        assert self.cache is not None
+        try:
+            await self.cache.has_customer_limits(project)
+        except KeyStoreUnavailable:
+            pass  # only a request naming a customer needs it (_stored_customer_limits)
 
     def _customer(self, ctx: RequestContext) -> str | None:
         for name, value in ctx.headers:

@@ -59,6 +59,11 @@ def limits_token(kind: str, subject_id: str) -> str:
     return f"limits:{kind}:{subject_id}"
 
 
+def customer_limits_token(project: str) -> str:
+    """Whether any customer of `project` has stored limits (dropped with any of theirs)."""
+    return "customer-limits:" + project
+
+
 class KeyStoreError(Exception):
     """Base of the errors a key store raises on purpose."""
 
@@ -109,6 +114,9 @@ class KeyStore(Protocol):
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
         """The limits stored for a project ("acme") or a customer ("acme/alice")."""
+
+    async def has_customer_limits(self, project: str) -> bool:
+        """Whether limits are stored for any customer of `project`."""
 
     async def create(
         self, project: str, *, allowed_models: Sequence[str] = (),
@@ -190,6 +198,10 @@ class StaticKeyStore:
 
     def subject_limits_now(self, kind: str, subject_id: str) -> Limits | None:
         return self.limits.get((kind, subject_id))
+
+    async def has_customer_limits(self, project: str) -> bool:
+        return any(kind == "customer" and subject_id.startswith(project + "/")
+                   for kind, subject_id in self.limits)
 
     async def get(self, key_id: str) -> VirtualKey | None:
         return self._by_id.get(key_id)
@@ -493,6 +505,14 @@ class PostgresKeyStore:
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
         return await self.get_limits(kind, subject_id)
+
+    async def has_customer_limits(self, project: str) -> bool:
+        query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE kind = 'customer' "
+                        "AND starts_with(subject_id, %s))").format(self._limits)
+        async with self._connection() as conn:
+            cur = await conn.execute(query, (project + "/",))
+            row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
         _check_limit_kind(kind)
@@ -844,6 +864,10 @@ class CachedKeys:
         """`subject_limits` from memory while fresh, else `UNKNOWN` (see `find_now`)."""
         return self._fresh(limits_token(kind, subject_id))
 
+    def has_customer_limits_now(self, project: str) -> Any:
+        """`has_customer_limits` from memory while fresh, else `UNKNOWN`."""
+        return self._fresh(customer_limits_token(project))
+
     def _fresh(self, token: str) -> Any:
         # (The first step of `_get`, which does the same when this says UNKNOWN.)
         entry = self._entries.get(token)
@@ -865,14 +889,28 @@ class CachedKeys:
             stale_none=True)
         return limits
 
+    async def has_customer_limits(self, project: str) -> bool:
+        """Served stale like limits: the auth layer reads it while the store is down, to
+        know whether a customer it has not seen may have limits of its own."""
+        exists: bool = await self._get(customer_limits_token(project),
+                                       lambda: self.store.has_customer_limits(project),
+                                       stale_none=True)
+        return exists
+
     def invalidate(self, token: str) -> None:
         """Drops what a token names ("key:<hash>", "limits:<kind>:<id>") or, for "*", all."""
         if token == EVERYTHING:
             self._entries.clear()
             self._loading.clear()
-        else:
-            self._entries.pop(token, None)
-            self._loading.pop(token, None)  # a load in flight may have read the old value
+            return
+        self._drop(token)
+        customer = _CUSTOMER_LIMITS_PREFIX
+        if token.startswith(customer) and "/" in token:
+            self._drop(customer_limits_token(token[len(customer):].split("/", 1)[0]))
+
+    def _drop(self, token: str) -> None:
+        self._entries.pop(token, None)
+        self._loading.pop(token, None)  # a load in flight may have read the old value
 
     async def _get(self, token: str, load: Callable[[], Awaitable[Any]], *,
                    stale_none: bool) -> Any:
@@ -925,6 +963,9 @@ class CachedKeys:
             return entry.value
         raise KeyStoreUnavailable(
             "the key store is unavailable and this was not looked up recently") from error
+
+
+_CUSTOMER_LIMITS_PREFIX = limits_token("customer", "")
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:

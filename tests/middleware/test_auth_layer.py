@@ -2,12 +2,17 @@
 API shapes, the customer, and no attempted key in any log line."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Self
 
 import anthropic
 import httpx
@@ -20,12 +25,14 @@ from gateway import create_app
 from tests.harness import (
     TEST_KEY,
     ThreadedServer,
+    free_port,
     mock_config,
     start_cli_gateway,
     stop_process,
     write_config,
 )
 from tests.middleware.stored_limits import OLD_DOCS, UNREADABLE
+from tests.tcp_proxy import TcpProxy
 
 RESTRICTED_KEY = "sk-sg-restricted-key-for-auth-tests-0123456789"
 CUSTOMER_KEY = "sk-sg-needs-a-customer-key-0123456789abcdef"
@@ -218,3 +225,104 @@ def test_a_key_whose_limits_cannot_be_read_is_503_in_both_shapes_until_replaced(
                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
     assert repaired.status_code == 200, repaired.text
     assert chat(server.url, {"authorization": f"Bearer {broken}"}).status_code == 200
+
+
+class ProxyThread:
+    """A `TcpProxy` in front of PostgreSQL on an event loop of its own, so that it answers
+    before the gateway starts (its key store connects at startup) and can be switched off
+    while the gateway runs: a PostgreSQL outage as the gateway sees it."""
+
+    def __init__(self) -> None:
+        self.proxy = TcpProxy(5432, port=free_port())
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        self.run(self.proxy.start())
+        return self
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.run(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def pg_behind_a_proxy(tmp_path: Path, mock_url: str
+                      ) -> Iterator[tuple[ThreadedServer, ProxyThread]]:
+    """A gateway whose key store reaches PostgreSQL through a relay the test switches off."""
+    schema = "sg_auth_outage_" + uuid.uuid4().hex[:10]
+    os.environ["SG_AUTH_LAYER_ADMIN"] = ADMIN_TOKEN
+    try:
+        with ProxyThread() as relay:
+            dsn = DSN.replace("port=5432", f"port={relay.proxy.port}")
+            stack = (f"[Middleware(AuthMiddleware, store=PostgresKeyStore({dsn!r}, "
+                     f"schema={schema!r}, channel={schema!r}, connect_timeout_s=1, "
+                     "query_timeout_s=2), admin_token_env='SG_AUTH_LAYER_ADMIN'), "
+                     "Middleware(QuotaMiddleware)]")
+            config = write_config(tmp_path, mock_config(
+                mock_url, middleware="[]",
+                extra="from middleware.auth import PostgresKeyStore\nmiddleware = " + stack))
+            with ThreadedServer(create_app(config)) as server:
+                yield server, relay
+    finally:
+        del os.environ["SG_AUTH_LAYER_ADMIN"]
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema)))
+
+
+def admin(server: ThreadedServer, method: str, path: str, **body: object) -> httpx.Response:
+    return httpx.request(method, server.url + path, json=body or None, timeout=10,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+
+
+def test_a_new_customer_is_served_while_postgresql_is_down_unless_customers_have_limits(
+        pg_behind_a_proxy: tuple[ThreadedServer, ProxyThread]) -> None:
+    """A known key naming a customer the gateway has not looked up keeps working while
+    PostgreSQL is away, under its key's and project's limits, when no customer of the
+    project has limits of its own; in a project where some do, this one might be among
+    them, and it is refused rather than served without its budget."""
+    server, relay = pg_behind_a_proxy
+    made = {project: admin(server, "POST", "/admin/keys", project=project).json()
+            for project in ("plain", "shop")}
+    assert admin(server, "PUT", "/admin/limits/project/plain", rpm=1000).status_code == 200
+    assert admin(server, "PUT", "/admin/limits/customer/shop/vip",
+                 budgets=[{"limit_usd": "1", "period": "monthly"}]).status_code == 200
+    sdks = {project: openai.OpenAI(base_url=server.url + "/v1", api_key=key["key"],
+                                   max_retries=0) for project, key in made.items()}
+    for sdk in sdks.values():  # known keys (and what their projects' limits are)
+        sdk.chat.completions.create(model="gpt-mock", messages=QUESTION, user="known")
+
+    relay.run(relay.proxy.stop())
+    served = sdks["plain"].chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=QUESTION, user="new-" + uuid.uuid4().hex)
+    assert served.status_code == 200
+    assert served.headers["x-sluicegate-degraded"] == "customer-limits-unknown"
+    assert served.headers["x-ratelimit-limit-requests"] == "1000"  # the project's still apply
+    header = sdks["plain"].chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=QUESTION, extra_headers={"X-Sluicegate-Customer": "other"})
+    assert header.status_code == 200
+    with pytest.raises(openai.InternalServerError) as refused:
+        sdks["shop"].chat.completions.create(model="gpt-mock", messages=QUESTION,
+                                             user="vip")  # its budget is not known here
+    assert refused.value.status_code == 503
+    assert refused.value.body["code"] == "key_store_unavailable"  # type: ignore[index]
+    known = sdks["shop"].chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=QUESTION, user="known")  # looked up, so known: no limits
+    assert known.status_code == 200 and "x-sluicegate-degraded" not in known.headers
+
+    relay.run(relay.proxy.start())
+    deadline = time.monotonic() + 10
+    while True:  # back (once a pooled connection cut by the outage was dropped): asked
+        with contextlib.suppress(openai.InternalServerError):  # again, known to have none
+            again = sdks["plain"].chat.completions.with_raw_response.create(
+                model="gpt-mock", messages=QUESTION, user="another-new")
+            if "x-sluicegate-degraded" not in again.headers:
+                break
+        assert time.monotonic() < deadline, "PostgreSQL was never asked again"
+        time.sleep(0.2)

@@ -643,6 +643,34 @@ async def test_revoke_reaches_another_instances_cache_within_a_second(
     assert await eventually(limited, 1.0)
 
 
+async def test_whether_customers_have_limits_is_cached_and_dropped_with_theirs(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    """What the auth layer reads during an outage for a customer it has not seen: known per
+    project, and dropped on every instance when any of its customers' limits change."""
+    cache = CachedKeys(other, ttl_s=300)
+    await store.set_limits("project", "acme", Limits(rpm=7))  # a project's own: not a customer's
+    await store.set_limits("customer", "acme2/bob", Limits(rpm=1))  # another project's
+    await drain_notifications(other)
+    assert await cache.has_customer_limits("acme") is False
+    assert cache.has_customer_limits_now("acme") is False
+    assert await cache.has_customer_limits("acme2") is True
+    await store.set_limits("customer", "acme/alice", Limits(rpm=1))
+
+    async def heard() -> bool:
+        return await cache.has_customer_limits("acme")
+
+    assert await eventually(heard, 1.0)
+    await store.set_limits("customer", "acme/alice", None)
+
+    async def gone() -> bool:
+        return not await cache.has_customer_limits("acme")
+
+    assert await eventually(gone, 1.0)
+    static = StaticKeyStore([], limits={("customer", "acme/alice"): Limits(rpm=1)})
+    assert await static.has_customer_limits("acme") is True
+    assert await static.has_customer_limits("acm") is False
+
+
 async def test_lost_listener_drops_the_cache(
         store: PostgresKeyStore, other: PostgresKeyStore, schema: str) -> None:
     cache = CachedKeys(other, ttl_s=300)
