@@ -357,6 +357,8 @@ class AdminAPI:
             if kind == "key":
                 declared = await self.config.get(subject_id)
                 if declared is not None:
+                    if declared.limits.empty:
+                        raise _no_limits(kind, subject_id)
                     return 200, _from_config(_limits_json(kind, subject_id, declared.limits))
             else:
                 configured = await self.config.get_limits(kind, subject_id)
@@ -366,6 +368,8 @@ class AdminAPI:
             key = await self.store.get(subject_id)
             if key is None:
                 raise _no_key(subject_id)
+            if key.limits.empty and key.limits_error is None:  # as for a project or customer
+                raise _no_limits(kind, subject_id)
             return 200, _limits_json(kind, subject_id, key.limits, key.limits_error)
         try:
             limits = await self.store.get_limits(kind, subject_id)
@@ -391,7 +395,11 @@ class AdminAPI:
         kind, subject_id = _subject(request)
         if kind == "key":
             await self._refuse_a_declared_key(subject_id)
-            if await self.store.update(subject_id, limits=Limits()) is None:
+            key = await self.store.get(subject_id)
+            if (key is not None and key.limits.empty and key.limits_error is None
+                    and not isinstance(self.store, StaticKeyStore)):  # (that one: 409 below)
+                raise _no_limits(kind, subject_id)  # nothing to delete, as for the others
+            if key is None or await self.store.update(subject_id, limits=Limits()) is None:
                 raise _no_key(subject_id)
         else:
             await self._refuse_configured_limits(kind, subject_id)

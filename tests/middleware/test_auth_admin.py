@@ -408,6 +408,21 @@ def test_key_limits(client: httpx.Client) -> None:
     assert_error(client.get("/admin/limits/key/key_missing"), 404, "key_not_found")
 
 
+def test_a_key_without_limits_has_none_to_show_or_delete(client: httpx.Client) -> None:
+    """As for a project or customer without stored limits: 404 `limits_not_found`."""
+    key = create(client)
+    path = f"/admin/limits/key/{key['id']}"
+    error = assert_error(client.get(path), 404, "limits_not_found")
+    assert key["id"] in error["message"]
+    assert_error(client.delete(path), 404, "limits_not_found")
+    assert client.put(path, json={"rpm": 7}).status_code == 200
+    assert client.delete(path).json()["deleted"] is True
+    assert_error(client.get(path), 404, "limits_not_found")
+    assert_error(client.delete(path), 404, "limits_not_found")
+    assert client.head(path).status_code == 404
+    assert_error(client.delete("/static/admin/limits/key/static-acme"), 409, "read_only")
+
+
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("PUT", "/admin/limits/model/gpt-4o", {"rpm": 1}),
     ("GET", "/admin/limits/global/all", None),
