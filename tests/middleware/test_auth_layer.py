@@ -252,11 +252,11 @@ class ProxyThread:
 
 
 @pytest.fixture
-def pg_behind_a_proxy(tmp_path: Path, mock_url: str
+def pg_behind_a_proxy(tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch
                       ) -> Iterator[tuple[ThreadedServer, ProxyThread]]:
     """A gateway whose key store reaches PostgreSQL through a relay the test switches off."""
     schema = "sg_auth_outage_" + uuid.uuid4().hex[:10]
-    os.environ["SG_AUTH_LAYER_ADMIN"] = ADMIN_TOKEN
+    monkeypatch.setenv("SG_AUTH_LAYER_ADMIN", ADMIN_TOKEN)  # (pg_gateway's may be set too)
     try:
         with ProxyThread() as relay:
             dsn = DSN.replace("port=5432", f"port={relay.proxy.port}")
@@ -270,7 +270,6 @@ def pg_behind_a_proxy(tmp_path: Path, mock_url: str
             with ThreadedServer(create_app(config)) as server:
                 yield server, relay
     finally:
-        del os.environ["SG_AUTH_LAYER_ADMIN"]
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                 sql.Identifier(schema)))
