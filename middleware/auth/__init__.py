@@ -233,8 +233,9 @@ class AuthMiddleware:
             customer_limits = static.get(("customer", subject))
             if customer_limits is None and self.cache is not None:
                 customer_limits = await self._stored_customer_limits(key.project, subject, ctx)
-        if self.cache is not None and self.cache.has_customer_limits_now(key.project) is UNKNOWN:
-            await self._learn_whether_customers_have_limits(key.project)
+                # (learnt from requests naming customers only: the others need not pay)
+                if self.cache.has_customer_limits_now(key.project) is UNKNOWN:
+                    await self._learn_whether_customers_have_limits(key.project)
         # One Principal per key, customer and limits while none of them changes: making one
         # (a frozen dataclass) cost more than the rest of this method, and the quota layer
         # keys its compiled limits by it. A key or limit changed by the admin API is a new
