@@ -821,6 +821,7 @@ def _describe(exc: BaseException) -> str:
 class _Entry:
     value: Any  # VirtualKey, Limits, or None (a negative entry)
     fetched_at: float
+    due: bool = False  # to be asked again before use (kept to serve stale if that fails)
 
 
 class CachedKeys:
@@ -871,7 +872,7 @@ class CachedKeys:
     def _fresh(self, token: str) -> Any:
         # (The first step of `_get`, which does the same when this says UNKNOWN.)
         entry = self._entries.get(token)
-        if entry is not None and self.clock() - entry.fetched_at < (
+        if entry is not None and not entry.due and self.clock() - entry.fetched_at < (
                 self.ttl_s if entry.value is not None else self.negative_ttl_s):
             self._entries.move_to_end(token)
             return entry.value
@@ -898,9 +899,14 @@ class CachedKeys:
         return exists
 
     def invalidate(self, token: str) -> None:
-        """Drops what a token names ("key:<hash>", "limits:<kind>:<id>") or, for "*", all."""
+        """Drops what a token names ("key:<hash>", "limits:<kind>:<id>"); "*" (changes may
+        have been missed: the listener reconnected) has every entry asked for again before
+        its next use, each kept meanwhile as the stale answer should that ask fail (a store
+        just back often fails a first query on a connection the outage broke: dropped, every
+        known key would be a 503 then)."""
         if token == EVERYTHING:
-            self._entries.clear()
+            for entry in self._entries.values():
+                entry.due = True
             self._loading.clear()
             return
         self._drop(token)
@@ -916,7 +922,7 @@ class CachedKeys:
                    stale_none: bool) -> Any:
         now = self.clock()
         entry = self._entries.get(token)
-        if entry is not None:
+        if entry is not None and not entry.due:
             ttl_s = self.ttl_s if entry.value is not None else self.negative_ttl_s
             if now - entry.fetched_at < ttl_s:
                 self._entries.move_to_end(token)
