@@ -21,6 +21,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Iterable,
     Mapping,
     MutableMapping,
     Sequence,
@@ -202,29 +203,54 @@ class Kernel:
         self._body_after_auth = body_after_auth(self.components)
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._lazy_start: asyncio.Task[None] | None = None  # (see `_start_lazily`)
         # Called once the server's lifespan startup has completed (see gateway/asgi.py).
         self.after_startup: list[Callable[[], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Opens every component's resources, innermost first (idempotent)."""
+        """Opens every component's resources, innermost first (idempotent). When one fails
+        to start (or the start is cancelled), those already started are shut down again,
+        outermost first, and its error is raised."""
         async with self._start_lock:
             if self._started:
                 return
-            for component in reversed(self.components):
-                start = getattr(component, "startup", None)
-                if callable(start):
-                    await start()
-            if self.metrics is not None and self.metrics.directory is not None:
-                self._snapshots = asyncio.create_task(self._write_snapshots(),
-                                                      name="sluicegate-metrics-snapshots")
-            if self.metrics is not None and self._meter_provider is not None:
-                register_otlp(self.metrics, self._gauges, self._meter_provider)
+            started: list[Any] = []
+            try:
+                for component in reversed(self.components):
+                    start = getattr(component, "startup", None)
+                    if callable(start):
+                        await start()
+                        started.append(component)
+                self._start_own()
+            except BaseException:  # (CancelledError too: re-raised once the rollback is done)
+                await self._stop_snapshots()
+                await _roll_back(reversed(started))
+                raise
             self._started = True
 
+    def _start_own(self) -> None:
+        if self.metrics is not None and self.metrics.directory is not None:
+            self._snapshots = asyncio.create_task(self._write_snapshots(),
+                                                  name="sluicegate-metrics-snapshots")
+        if self.metrics is not None and self._meter_provider is not None:
+            register_otlp(self.metrics, self._gauges, self._meter_provider)
+
+    async def _stop_snapshots(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            await asyncio.gather(self._snapshots, return_exceptions=True)
+            self._snapshots = None
+
     async def shutdown(self) -> None:
-        """Closes resources in the reverse order of startup: outermost first."""
+        """Closes resources in the reverse order of startup: outermost first. A start on a
+        request that is still under way (`_start_lazily`) is cancelled: it shuts down what it
+        had started."""
+        starting, self._lazy_start = self._lazy_start, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.wait([starting])
         async with self._start_lock:
             if not self._started:
                 return
@@ -232,10 +258,7 @@ class Kernel:
             if self._owns_meter_provider:
                 self._meter_provider.shutdown()  # the last export
                 self._owns_meter_provider, self._meter_provider = False, None
-            if self._snapshots is not None:
-                self._snapshots.cancel()
-                await asyncio.gather(self._snapshots, return_exceptions=True)
-                self._snapshots = None
+            await self._stop_snapshots()
             for component in self.components:
                 stop = getattr(component, "shutdown", None)
                 if callable(stop):
@@ -313,17 +336,29 @@ class Kernel:
             REQUEST_IDS.reset(ids)
 
     async def _start_lazily(self, scope: Scope, send: Send) -> bool:
-        """Mounted in a host that never forwards lifespan: start on the first request."""
+        """Mounted in a host that never forwards lifespan: start on the first request. The
+        start runs in a task of its own, which the requests that arrive meanwhile wait for, a
+        client gone does not cancel, and `shutdown` does; after a failed one, the next
+        request tries again."""
+        starting = self._lazy_start
+        if starting is None or starting.done():
+            starting = self._lazy_start = asyncio.create_task(
+                self._start_for_requests(), name="sluicegate-lazy-startup")
+        await asyncio.wait([starting])
+        if not starting.cancelled() and starting.exception() is None:
+            return True
+        error = GatewayError(503, "The gateway could not start; see its log.")
+        api_format = guess_api_format(route_path(scope), scope["headers"])
+        await self._send_error(send, error, api_format,
+                               _request_id(scope["headers"], self.request_id_header))
+        return False
+
+    async def _start_for_requests(self) -> None:
         try:
             await self.startup()
-            return True
         except Exception:
             logger.exception("startup failed")
-            error = GatewayError(503, "The gateway could not start; see its log.")
-            api_format = guess_api_format(route_path(scope), scope["headers"])
-            await self._send_error(send, error, api_format,
-                                   _request_id(scope["headers"], self.request_id_header))
-            return False
+            raise
 
     async def _make_context(
         self, scope: Scope, receive: Receive, operation: str, api_format: str, request_id: bytes
@@ -701,6 +736,19 @@ class Kernel:
             "has_more": False, "first_id": names[0] if names else None,
             "last_id": names[-1] if names else None,
         }
+
+
+async def _roll_back(started: Iterable[Any]) -> None:
+    """Shuts down the components a failed startup had started, in turn; one whose shutdown
+    fails is logged (the startup's own error is the one raised) and the next still stops."""
+    for component in started:
+        stop = getattr(component, "shutdown", None)
+        try:
+            if callable(stop):
+                await stop()
+        except Exception:
+            logger.exception("shutdown of %s failed (after a failed startup)",
+                             type(component).__name__)
 
 
 def _run_end_hooks(ctx: RequestContext) -> None:
