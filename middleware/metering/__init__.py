@@ -165,17 +165,35 @@ class MeteringMiddleware:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="sluicegate-journal")
+        """Claims a journal slot, connects the store and starts the writer. A start that
+        fails (or is cancelled) part-way lets go of the slot and the store again, so the
+        kernel's next try (a request's, see gateway/kernel.py) claims the same slot."""
+        self._io = io = ThreadPoolExecutor(1, thread_name_prefix="sluicegate-journal")
         loop = asyncio.get_running_loop()
-        self.journal = await loop.run_in_executor(self._io, self._open_free_slot)
-        if self.store is not None:
-            await self.store.startup()
-            pending = await loop.run_in_executor(self._io, self.journal.pending_count)
-            self._replaying = pending > 0
-            if pending:
-                logger.info("metering: %d record(s) in the journal to replay", pending)
+        opening = loop.run_in_executor(io, self._open_free_slot)
+        try:
+            self.journal = await asyncio.shield(opening)
+            if self.store is not None:
+                await self.store.startup()
+                pending = await loop.run_in_executor(io, self.journal.pending_count)
+                self._replaying = pending > 0
+                if pending:
+                    logger.info("metering: %d record(s) in the journal to replay", pending)
+        except BaseException:  # (CancelledError too: re-raised once the slot is let go)
+            await self._undo_start(io, opening)
+            raise
+        self._stopping = False  # (after a shutdown: this is a restart)
         self._wake = asyncio.Event()
         self._writer = loop.create_task(self._run(), name="sluicegate-metering-writer")
+
+    async def _undo_start(self, io: ThreadPoolExecutor, opening: asyncio.Future[Journal]) -> None:
+        if self.store is not None:
+            await self.store.shutdown()
+        await asyncio.wait([opening])  # (cancelled while opening: the slot is taken even so)
+        if opening.exception() is None:
+            await asyncio.get_running_loop().run_in_executor(io, opening.result().close)
+        io.shutdown(wait=False)
+        self._io = None
 
     def _open_free_slot(self) -> Journal:
         """The journal of the first `slot-NNN` no live process holds (each journal holds an

@@ -177,6 +177,27 @@ async def test_a_failing_rollback_is_logged_and_the_startup_error_raised(
     assert component(app, "Recorder").events[-1] == "stop b"
 
 
+async def test_a_start_retried_by_requests_holds_one_journal_slot_and_one_writer(
+        tmp_path: Path, usage_prefix: str) -> None:
+    layers = ("Middleware(StoreGate, name='gate', events=EVENTS, failures=2), "
+              + stateful_layers(tmp_path, usage_prefix))
+    app = kernel(tmp_path, layers)
+    assert [await get(app), await get(app)] == [503, 503]
+    assert running_tasks() == []
+    assert await get(app) == 200
+    try:
+        assert running_tasks() == sorted(TASK_NAMES)
+        assert component(app, "MeteringMiddleware").journal.directory.name == "slot-000"
+        assert component(app, "Recorder").events == [
+            "start b", "start a", "stop a", "stop b",
+            "start b", "start a", "stop a", "stop b",
+            "start b", "start a", "start gate"]
+    finally:
+        await app.shutdown()
+    assert running_tasks() == []
+    assert slot_is_free(tmp_path)
+
+
 async def test_shutdown_cancels_a_pending_lazy_start(tmp_path: Path, usage_prefix: str) -> None:
     layers = ("Middleware(StoreGate, name='gate', events=EVENTS, hangs=True), "
               + stateful_layers(tmp_path, usage_prefix))
@@ -192,3 +213,34 @@ async def test_shutdown_cancels_a_pending_lazy_start(tmp_path: Path, usage_prefi
     assert component(app, "Recorder").events == ["start b", "start a", "stop a", "stop b"]
     assert running_tasks() == []
     assert slot_is_free(tmp_path)
+
+
+async def test_metering_cancelled_while_its_store_connects_lets_go_of_its_journal(
+        tmp_path: Path) -> None:
+    """Shut down while metering's PostgreSQL does not answer (a server that accepted the
+    connection and never replies): its half-done start closes the journal it opened."""
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dsn = f"host=127.0.0.1 port={port} user=root dbname=test"
+    app = kernel(tmp_path, f"Middleware(MeteringMiddleware, "
+                           f"journal_dir={str(tmp_path / 'journal')!r}, "
+                           f"store=PostgresUsageStore({dsn!r}, timeout_s=600))")
+    request = asyncio.create_task(get(app))
+    try:
+        await accepted.wait()
+        await asyncio.wait_for(app.shutdown(), timeout=30)
+        assert await request == 503
+    finally:
+        request.cancel()
+        server.close()
+    metering = component(app, "MeteringMiddleware")
+    assert slot_is_free(tmp_path)
+    assert metering._io is None
+    assert running_tasks() == []
