@@ -259,10 +259,18 @@ class Kernel:
                 self._meter_provider.shutdown()  # the last export
                 self._owns_meter_provider, self._meter_provider = False, None
             await self._stop_snapshots()
-            for component in self.components:
-                stop = getattr(component, "shutdown", None)
-                if callable(stop):
+            failed: BaseException | None = None
+            for component in self.components:  # each, though one before it failed (its
+                stop = getattr(component, "shutdown", None)  # pools and tasks left open)
+                if not callable(stop):
+                    continue
+                try:
                     await stop()
+                except Exception as exc:
+                    logger.exception("shutdown of %s failed", type(component).__name__)
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[Kernel]:
@@ -287,7 +295,11 @@ class Kernel:
                     hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
+                try:
+                    await self.shutdown()
+                except Exception as exc:  # noqa: BLE001 (each was logged as it failed)
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -344,6 +356,7 @@ class Kernel:
         if starting is None or starting.done():
             starting = self._lazy_start = asyncio.create_task(
                 self._start_for_requests(), name="sluicegate-lazy-startup")
+            starting.add_done_callback(_retrieved)  # (logged already: its waiters may be gone)
         await asyncio.wait([starting])
         if not starting.cancelled() and starting.exception() is None:
             return True
@@ -736,6 +749,11 @@ class Kernel:
             "has_more": False, "first_id": names[0] if names else None,
             "last_id": names[-1] if names else None,
         }
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _roll_back(started: Iterable[Any]) -> None:

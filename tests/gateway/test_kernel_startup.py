@@ -177,6 +177,18 @@ async def test_a_failing_rollback_is_logged_and_the_startup_error_raised(
     assert component(app, "Recorder").events[-1] == "stop b"
 
 
+async def test_a_failing_shutdown_still_stops_the_layers_after_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = kernel(tmp_path, "Middleware(Recorder, name='a', events=EVENTS), "
+                           "Middleware(FailsToStop, name='pool', events=EVENTS), "
+                           "Middleware(Recorder, name='b', events=EVENTS)")
+    await app.startup()
+    with pytest.raises(OSError, match="pool could not close its pool"):
+        await app.shutdown()
+    assert component(app, "Recorder").events[-3:] == ["stop a", "stop pool", "stop b"]
+    assert "shutdown of FailsToStop failed" in caplog.text
+
+
 async def test_a_start_retried_by_requests_holds_one_journal_slot_and_one_writer(
         tmp_path: Path, usage_prefix: str) -> None:
     layers = ("Middleware(StoreGate, name='gate', events=EVENTS, failures=2), "
