@@ -751,6 +751,17 @@ class Kernel:
         }
 
 
+async def stop_after_failed_start(component: Any) -> None:
+    """For a component whose own startup failed part-way: its `shutdown()`, which closes
+    what it had opened (a failure of that is logged: the startup's error is the one to
+    raise)."""
+    try:
+        await component.shutdown()
+    except Exception:
+        logger.exception("shutdown of %s failed (after a failed startup)",
+                         type(component).__name__)
+
+
 def _retrieved(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from gateway.context import find_request_context
 from gateway.disconnect import run_until_disconnect
 from gateway.errors import GatewayError
-from gateway.kernel import Receive, Scope, Send
+from gateway.kernel import Receive, Scope, Send, stop_after_failed_start
 from gateway.upstream import (
     OPERATION_PATHS,
     Deployment,
@@ -37,8 +37,12 @@ class Passthrough:
             for operation in OPERATION_PATHS}
 
     async def startup(self) -> None:
-        for adapter in self.providers.values():
-            await adapter.startup()
+        try:
+            for adapter in self.providers.values():
+                await adapter.startup()
+        except BaseException:  # (the sessions opened are closed again)
+            await stop_after_failed_start(self)
+            raise
 
     async def shutdown(self) -> None:
         for adapter in reversed(list(self.providers.values())):

@@ -46,7 +46,15 @@ from gateway.admin import (
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import CONTEXT_KEY, RequestContext, Usage, is_answer
 from gateway.errors import GatewayError
-from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, degraded
+from gateway.kernel import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    degraded,
+    stop_after_failed_start,
+)
 from gateway.layers import json_passes_through
 from gateway.policy import ANONYMOUS
 from gateway.pricing import call_cost_micros
@@ -177,10 +185,14 @@ class CacheMiddleware:
                               f"{', '.join(map(repr, unknown))}, not a model in `models`.")
 
     async def startup(self) -> None:
-        await self.store.startup()
-        self._get_now = getattr(self.store, "get_now", None)  # (a store's startup may set it)
-        if self.semantic is not None:
-            await self.semantic.startup()
+        try:
+            await self.store.startup()
+            self._get_now = getattr(self.store, "get_now", None)  # (its startup may set it)
+            if self.semantic is not None:
+                await self.semantic.startup()
+        except BaseException:  # (what started is closed: the kernel stops started layers only)
+            await stop_after_failed_start(self)
+            raise
 
     async def shutdown(self) -> None:
         if self._queued:

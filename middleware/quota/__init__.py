@@ -70,6 +70,7 @@ from gateway.kernel import (
     Send,
     degraded,
     stack_components,
+    stop_after_failed_start,
 )
 from gateway.policy import (
     AMOUNT_MAX,
@@ -275,15 +276,19 @@ class QuotaMiddleware:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self.fallback.startup()
-        await self.store.startup()
-        if isinstance(self.store, RedisQuotaStore):
-            self.store.on_unsettled = self._unsure_settles
-        if isinstance(self.ledger, PostgresSpendLedger):
-            await self.ledger.startup()
-        if self.alert_webhook_url is not None:
-            import aiohttp  # only when alerts go to a webhook
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            await self.fallback.startup()
+            await self.store.startup()
+            if isinstance(self.store, RedisQuotaStore):
+                self.store.on_unsettled = self._unsure_settles
+            if isinstance(self.ledger, PostgresSpendLedger):
+                await self.ledger.startup()
+            if self.alert_webhook_url is not None:
+                import aiohttp  # only when alerts go to a webhook
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        except BaseException:  # (what started is closed: the kernel stops started layers only)
+            await stop_after_failed_start(self)
+            raise
 
     async def shutdown(self) -> None:
         if self._settles or self._lane_settles:

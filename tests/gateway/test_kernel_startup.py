@@ -5,6 +5,7 @@ failing component is a custom layer of the test's config module."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ TASK_NAMES = {"sluicegate-metering-writer", "sluicegate-failover-health"}
 
 LAYERS = '''
 import asyncio
+from middleware.cache import CacheMiddleware
+from middleware.cache.semantic import SemanticCache
+from middleware.cache.stores import PostgresCacheStore
 from middleware.failover.shared import RedisHealth
 from middleware.metering.store import PostgresUsageStore
 
@@ -62,6 +66,17 @@ class StoreGate(Recorder):
             self.failures -= 1
             raise RuntimeError(f"the store of {self.name} is unreachable")
         await super().startup()
+
+
+class BrokenEmbedder:
+    async def startup(self):
+        raise RuntimeError("the embedding model is not on disk")
+
+    async def shutdown(self):
+        pass
+
+    async def embed(self, texts):
+        raise RuntimeError("not started")
 
 
 class FailsToStop(Recorder):
@@ -256,3 +271,18 @@ async def test_metering_cancelled_while_its_store_connects_lets_go_of_its_journa
     assert slot_is_free(tmp_path)
     assert metering._io is None
     assert running_tasks() == []
+
+
+async def test_a_layer_that_fails_part_way_through_its_startup_closes_what_it_opened(
+        tmp_path: Path) -> None:
+    # The cache layer's PostgreSQL store starts (a pool, a maintenance task); then its
+    # semantic cache's embedder fails to load. The kernel stops only layers that started;
+    # the cache layer closes its own store.
+    table = f"startup_cache_{uuid.uuid4().hex[:12]}"
+    layers = ("Middleware(CacheMiddleware, store=PostgresCacheStore("
+              f"{PG_DSN!r}, table={table!r}), semantic=SemanticCache(BrokenEmbedder()))")
+    app = kernel(tmp_path, layers)
+    with pytest.raises(RuntimeError, match="the embedding model is not on disk"):
+        await app.startup()
+    store = component(app, "CacheMiddleware").store
+    assert store._pool is None and store._maintainer is None
