@@ -79,14 +79,20 @@ def error_object(payload: dict[str, Any]) -> StreamError | None:
 
 
 def chat_chunk_has_content(chunk: dict[str, Any]) -> bool:
-    """Whether an OpenAI chat/completions chunk carries output (not just the role preamble)."""
+    """Whether an OpenAI chat/completions chunk carries output (not just the role preamble):
+    text, a refusal, tool calls, reasoning, or the finish."""
     choices = chunk.get("choices")
     if not choices:
         return bool(chunk.get("usage"))  # Azure opens with a choices-less prompt-filter chunk
     for choice in choices:
         delta = choice.get("delta") or {}
+        # A reasoning model's first output is its reasoning: `reasoning_content` (DeepSeek and
+        # many OpenAI-compatible servers) or `reasoning` (OpenRouter, vLLM); waiting for its
+        # text instead let the first-byte timeout cut a model that was streaming.
         if (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
-                or delta.get("function_call") or choice.get("text") or choice.get("finish_reason")):
+                or delta.get("function_call") or delta.get("reasoning_content")
+                or delta.get("reasoning") or choice.get("text")
+                or choice.get("finish_reason")):
             return True
     return False
 

@@ -18,6 +18,7 @@ PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
 FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall",
                "ignore_max_tokens", "omit_usage")
 RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
+REASONING_FIELDS = (None, "reasoning_content", "reasoning")
 
 
 @dataclass(slots=True)
@@ -55,6 +56,12 @@ class MockConfig:
     # without `data: [DONE]`.
     omit_done: bool = False
     keepalive_comments: bool = False
+    # A reasoning model behind an OpenAI-compatible chat API: the reply comes after its
+    # reasoning, "Reasoning about: <last user text>", in this field of the stream's deltas
+    # (before the first text delta) and of the answer's message: "reasoning_content"
+    # (DeepSeek and many compatible servers) or "reasoning" (OpenRouter, vLLM). Its words
+    # count in completion_tokens and in completion_tokens_details.reasoning_tokens.
+    reasoning_field: str | None = None
     fail_ratio: float = 0.0
     fail_status: int = 503
     fail_retry_after_s: float | None = None
@@ -117,6 +124,9 @@ class MockConfig:
         self._rng_seed = seed
 
     def _check_failures(self) -> None:
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise ValueError(f"reasoning_field must be one of {REASONING_FIELDS}, "
+                             f"not {self.reasoning_field!r}")
         ratio = self.fail_ratio
         if not _is_number(ratio) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"fail_ratio must be a number from 0 to 1, not {ratio!r}")

@@ -25,6 +25,7 @@ from tests.mock_providers.behaviour import (
     reply_for,
     split_chunks,
     word_logprob,
+    words,
 )
 from tests.mock_providers.openai_wire import content_images, content_text
 from tests.mock_providers.wire import (
@@ -60,6 +61,13 @@ class Chat:
     include_usage: bool
     azure: bool
     usage_on_finish: bool = False  # (Mistral's, whatever was asked)
+    # `MockConfig.reasoning_field`, and the reasoning that comes before the reply in it.
+    reasoning_field: str | None = None
+    reasoning: str = ""
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return words(self.reasoning)
 
 
 async def chat_completions(call: Call) -> web.StreamResponse:
@@ -68,8 +76,12 @@ async def chat_completions(call: Call) -> web.StreamResponse:
     validate_chat(body, need_model=call.provider != "azure",
                   max_stops=None if call.provider == "mistral" else MAX_STOP_SEQUENCES)
     validate_stream_options(call, body)
-    reply = reply_for(call.bounded(chat_conversation(body)))
+    conversation = call.bounded(chat_conversation(body))
+    reply = reply_for(conversation)
     chat = _chat_settings(call, body)
+    if call.config.reasoning_field is not None:
+        chat.reasoning_field = call.config.reasoning_field
+        chat.reasoning = "Reasoning about: " + conversation.last_user_text
     finish = finish_reason(reply, body.get("tool_choice"))
     if body.get("stream") is True:
         items = chat_chunks(chat, reply, finish, call.config.chunk_chars)
@@ -188,13 +200,19 @@ def _chat_settings(call: Call, body: JSON) -> Chat:
 
 # -- rendering --------------------------------------------------------------------------------
 
-def usage(prompt: int, completion: int) -> JSON:
+def usage(prompt: int, completion: int, reasoning: int = 0) -> JSON:
+    """`completion` includes the `reasoning` tokens, as OpenAI counts them."""
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0}}
+
+
+def _usage(chat: Chat, reply: Reply) -> JSON:
+    reasoning = chat.reasoning_tokens * chat.n
+    return usage(reply.input_tokens, reply.output_tokens * chat.n + reasoning, reasoning)
 
 
 def logprobs_content(text: str, top: int) -> list[JSON]:
@@ -218,6 +236,8 @@ def _logprobs(chat: Chat, text: str) -> JSON | None:
 def chat_completion(chat: Chat, reply: Reply, finish: str) -> JSON:
     message: JSON = {"role": "assistant", "content": reply.text, "refusal": None,
                      "annotations": []}
+    if chat.reasoning_field is not None:
+        message[chat.reasoning_field] = chat.reasoning
     if reply.tool_call is not None:
         call = reply.tool_call
         message["tool_calls"] = [{"id": call.id, "type": "function",
@@ -231,8 +251,7 @@ def chat_completion(chat: Chat, reply: Reply, finish: str) -> JSON:
         choices.append(choice)
     body: JSON = {"id": chat.id, "object": "chat.completion", "created": chat.created,
                   "model": chat.model, "choices": choices,
-                  "usage": usage(reply.input_tokens, reply.output_tokens * chat.n),
-                  "system_fingerprint": FINGERPRINT}
+                  "usage": _usage(chat, reply), "system_fingerprint": FINGERPRINT}
     if chat.azure:
         body["prompt_filter_results"] = [{"prompt_index": 0,
                                           "content_filter_results": _AZURE_FILTER}]
@@ -245,18 +264,26 @@ def chat_chunks(chat: Chat, reply: Reply, finish: str, chunk_chars: int = 8) -> 
     """Every event of the stream; content events are the text and arguments deltas."""
     opening, pieces = _opening_and_pieces(reply, chunk_chars)
     items: list[StreamItem] = []
+    call_start: JSON | None = None
+    if chat.reasoning_field is not None and "tool_calls" in opening:  # (after the reasoning)
+        call_start = {"tool_calls": opening.pop("tool_calls")}
     for index in range(chat.n):
         items.append((_chunk(chat, index, opening), False))
+    if chat.reasoning_field is not None:
+        for piece in split_chunks(chat.reasoning, chunk_chars):
+            for index in range(chat.n):
+                items.append((_chunk(chat, index, {chat.reasoning_field: piece}), True))
+    for index in range(chat.n if call_start is not None else 0):
+        items.append((_chunk(chat, index, call_start or {}), False))
     for piece in pieces:
         for index in range(chat.n):
             items.append((_chunk(chat, index, *_piece_delta(reply, piece, chat)), True))
-    usage_now = usage(reply.input_tokens, reply.output_tokens * chat.n) \
-        if chat.usage_on_finish else None
+    usage_now = _usage(chat, reply) if chat.usage_on_finish else None
     for index in range(chat.n):
         items.append((_chunk(chat, index, {}, finish=finish, usage_now=usage_now), False))
     if chat.include_usage:
         final = _envelope(chat, [])
-        final["usage"] = usage(reply.input_tokens, reply.output_tokens * chat.n)
+        final["usage"] = _usage(chat, reply)
         items.append((b"data: " + dumps(final) + b"\n\n", False))
     items.append((DONE, False))
     return items
