@@ -35,6 +35,9 @@ Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
   follow the tool messages in a user message, labelled with the tool call id.
 - Server tools, server-tool blocks, MCP servers and file/URL documents are refused, and
   more than 4 `stop_sequences` for OpenAI and Azure (their `stop` takes 4).
+- In a response, the upstream's reasoning (`reasoning_content` or `reasoning`, in the
+  message and in stream deltas) becomes a thinking block before the text, with an empty
+  signature: it has none (sent back, the translation to OpenAI drops thinking blocks).
 - In a response, tool-call arguments that are not a JSON object become `input: {}`: a
   tool_use block must hold an object, and the Anthropic API rejects unknown block fields
   when a client echoes the message back, so the raw text cannot travel with it.
@@ -50,6 +53,7 @@ from providers.anthropic_stream import (
     ChatStreamToMessages,
     MessagesStreamToChat,
     anthropic_usage,
+    chat_reasoning,
     chat_usage,
     completion_id,
     created_now,
@@ -705,7 +709,11 @@ def chat_response_to_messages(resp: JSON, public_model: str) -> JSON:
     message = choice.get("message") or {}
     text = _message_text(message.get("content"))
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else ""
-    blocks = [{"type": "text", "text": text or refusal}] if text or refusal else []
+    reasoning = chat_reasoning(message)
+    blocks: list[JSON] = [{"type": "thinking", "thinking": reasoning, "signature": ""}] \
+        if reasoning else []
+    if text or refusal:
+        blocks.append({"type": "text", "text": text or refusal})
     calls = [_tool_use_block(call) for call in message.get("tool_calls") or ()]
     reason = stop_reason(choice.get("finish_reason"), bool(calls), bool(refusal) and not text)
     return {"id": message_id(resp.get("id")), "type": "message", "role": "assistant",

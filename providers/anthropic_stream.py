@@ -141,6 +141,17 @@ def anthropic_usage(usage: Any) -> JSON:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
+def chat_reasoning(message: JSON) -> str:
+    """The reasoning text of an OpenAI chat message or stream delta: `reasoning_content`
+    (DeepSeek and many OpenAI-compatible servers) or `reasoning` (OpenRouter, vLLM); one
+    of them, as a server that sends both sends the same text twice."""
+    for field in ("reasoning_content", "reasoning"):
+        text = message.get(field)
+        if isinstance(text, str) and text:
+            return text
+    return ""
+
+
 def stream_error(error: Any, default_type: str) -> UpstreamStreamError:
     """UpstreamStreamError from an `error` object of either API (or a bare string)."""
     if isinstance(error, dict):
@@ -288,7 +299,8 @@ class ChatStreamToMessages:
     message_start carries zero input tokens and message_delta the real counts, input
     included, which Anthropic's own message_delta may do too (its usage is cumulative).
     Tool calls are expected one after another, as OpenAI sends them: a delta for a new
-    index (or a new id) closes the previous block. Only choice 0 is translated.
+    index (or a new id) closes the previous block. Reasoning deltas (`reasoning_content`,
+    `reasoning`) become a thinking block. Only choice 0 is translated.
     """
 
     __slots__ = ("_block", "_finish", "_id", "_kind", "_model", "_refused", "_sent_delta",
@@ -299,7 +311,7 @@ class ChatStreamToMessages:
         self._id: str | None = None
         self._usage: JSON | None = None
         self._block = 0             # index of the open block, or of the next one
-        self._kind: str | None = None  # "text" or "tool_use" while a block is open
+        self._kind: str | None = None  # "thinking", "text" or "tool_use" while one is open
         self._tool: tuple[int, str] | None = None  # (OpenAI index, id) of the open tool block
         self._tool_seen = False
         self._refused = False
@@ -356,6 +368,9 @@ class ChatStreamToMessages:
 
     def _delta(self, delta: JSON) -> list[Event]:
         out: list[Event] = []
+        reasoning = chat_reasoning(delta)
+        if reasoning:  # (before the text, should one delta carry both)
+            out += self._thinking(reasoning)
         if isinstance(delta.get("content"), str) and delta["content"]:
             out += self._text(delta["content"])
         if isinstance(delta.get("refusal"), str) and delta["refusal"]:
@@ -371,6 +386,19 @@ class ChatStreamToMessages:
             out += self._close_block()
             out += self._open("text", {"type": "text", "text": ""})
         out.append(self._block_delta({"type": "text_delta", "text": text}))
+        return out
+
+    def _thinking(self, text: str) -> list[Event]:
+        """A thinking block for the upstream's reasoning. Anthropic ends its own with a
+        `signature_delta` (what authenticates the thinking when a client sends it back to
+        Anthropic); another provider's reasoning has no signature, so none is sent, and the
+        block keeps the empty one it starts with (a ThinkingBlock's `signature` is required).
+        """
+        out: list[Event] = []
+        if self._kind != "thinking":
+            out += self._close_block()
+            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        out.append(self._block_delta({"type": "thinking_delta", "thinking": text}))
         return out
 
     def _tool_delta(self, call: JSON) -> list[Event]:

@@ -1031,6 +1031,33 @@ def test_text_chunks_become_anthropic_events() -> None:
     assert translator.usage == OPENAI_USAGE
 
 
+def test_reasoning_chunks_become_a_thinking_block_before_the_text() -> None:
+    """DeepSeek sends `reasoning_content` (vLLM once sent `reasoning` with the same text:
+    one of them goes); a delta that carries reasoning and text opens the text block after
+    the thinking one. No signature_delta: the reasoning has no signature."""
+    def thinking(index: int, text: str) -> tuple[str, dict[str, Any]]:
+        return ev("content_block_delta", index=index,
+                  delta={"type": "thinking_delta", "thinking": text})
+
+    _, events = run_to_messages([
+        openai_chunk({"role": "assistant", "content": ""}),
+        openai_chunk({"content": None, "reasoning_content": "The user"}),
+        openai_chunk({"reasoning_content": " greets.", "reasoning": " greets."}),
+        openai_chunk({"reasoning": " Answer.", "content": "Hello"}),
+        openai_chunk({}, "stop"),
+        openai_chunk(None, usage=OPENAI_USAGE),
+    ])
+    assert events == [
+        START, PING,
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        thinking(0, "The user"), thinking(0, " greets."), thinking(0, " Answer."),
+        block_stop(0),
+        block_start(1, {"type": "text", "text": ""}), text_delta(1, "Hello"), block_stop(1),
+        message_delta("end_turn", ANTHROPIC_USAGE),
+        MESSAGE_STOP,
+    ]
+
+
 def test_message_delta_waits_for_the_usage_chunk() -> None:
     translator = ChatStreamToMessages("gpt-public")
     translator.feed(openai_chunk({"role": "assistant", "content": "Hi"}))

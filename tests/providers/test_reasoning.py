@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
+import httpx
 import openai
+import orjson
 import pytest
 
 from gateway.app import create_app
-from tests.harness import TEST_KEY, ThreadedServer, config_head, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
 
 QUESTION = "why is the sky blue"
@@ -66,6 +69,10 @@ def oai(gateway: ThreadedServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
 
 
+def claude(gateway: ThreadedServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+
+
 def ask(content: str = QUESTION) -> list[Any]:
     return [{"role": "user", "content": content}]
 
@@ -83,3 +90,49 @@ def test_reasoning_streamed_before_any_text_is_the_first_output(
             text.append(choice.delta.content or "")
             finishes.extend([choice.finish_reason] if choice.finish_reason else [])
     assert ("".join(reasoning), "".join(text), finishes) == (REASONING, REPLY, ["stop"])
+
+
+def test_reasoning_is_a_thinking_block_before_the_text_for_an_anthropic_client(
+        gateway: ThreadedServer, field: str) -> None:
+    message = claude(gateway).messages.create(model="reasoner", max_tokens=100,
+                                              messages=ask())
+    assert [block.to_dict() for block in message.content] == [
+        {"type": "thinking", "thinking": REASONING, "signature": ""},
+        {"type": "text", "text": REPLY}]
+    with claude(gateway).messages.stream(model="reasoner", max_tokens=100,
+                                         messages=ask()) as stream:
+        thinking = "".join(event.thinking for event in stream if event.type == "thinking")
+        streamed = stream.get_final_message()
+    assert thinking == REASONING
+    assert [block.to_dict() for block in streamed.content] == [
+        {"type": "thinking", "thinking": REASONING, "signature": ""},
+        {"type": "text", "text": REPLY}]
+
+
+def test_a_streamed_thinking_block_and_the_blocks_after_it_are_numbered_in_order(
+        gateway: ThreadedServer, reasoner: MockProviderServer, field: str) -> None:
+    """The raw events: thinking at index 0 (no signature_delta: the reasoning has no
+    signature), then the tool call the mock makes at index 1."""
+    reasoner.config.update({"chunk_chars": 8})
+    tool = {"name": "get_weather", "description": "Weather of a city.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    response = httpx.post(gateway.url + "/v1/messages",
+                          headers={**AUTH, "anthropic-version": "2023-06-01"},
+                          json={"model": "reasoner", "max_tokens": 100, "stream": True,
+                                "messages": ask(), "tools": [tool]})
+    events = [orjson.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ")]
+    blocks = [(e["type"], e["index"], (e.get("content_block") or e.get("delta") or {}).get("type"))
+              for e in events if e["type"].startswith("content_block")]
+    thinking_deltas = len(range(0, len(REASONING), 8))
+    assert blocks == [("content_block_start", 0, "thinking"),
+                      *[("content_block_delta", 0, "thinking_delta")] * thinking_deltas,
+                      ("content_block_stop", 0, None),
+                      ("content_block_start", 1, "tool_use"),
+                      *[("content_block_delta", 1, "input_json_delta")]
+                      * (len(blocks) - thinking_deltas - 4),
+                      ("content_block_stop", 1, None)]
+    assert "".join(e["delta"]["thinking"] for e in events
+                   if e["type"] == "content_block_delta" and e["index"] == 0) == REASONING
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
