@@ -93,7 +93,9 @@ class Usage:
     @classmethod
     def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
         """Reads an Anthropic `usage` object; its `input_tokens` excludes cache reads/writes.
-        `cache_creation` splits the writes by how long they are kept (5 minutes, 1 hour)."""
+        `cache_creation` splits the writes by how long they are kept (5 minutes, 1 hour).
+        `output_tokens_details.thinking_tokens` are the reasoning part of output_tokens (also
+        where the translation of an OpenAI-format answer keeps its reasoning_tokens)."""
         if not isinstance(usage, dict):
             return None
         cache_read = int(usage.get("cache_read_input_tokens") or 0)
@@ -104,10 +106,13 @@ class Usage:
             written_1h = int(by_ttl.get("ephemeral_1h_input_tokens") or 0)
             split = int(by_ttl.get("ephemeral_5m_input_tokens") or 0) + written_1h
             cache_write = max(cache_write, split)  # (the total is their sum: the larger)
+        out_details = usage.get("output_tokens_details")
         return cls(
             input_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
             output_tokens=int(usage.get("output_tokens") or 0),
             cached_input_tokens=cache_read,
+            reasoning_tokens=int(out_details.get("thinking_tokens") or 0)
+            if isinstance(out_details, dict) else 0,
             cache_write_tokens=cache_write,
             cache_write_1h_tokens=written_1h,
         )

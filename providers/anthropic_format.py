@@ -38,6 +38,7 @@ Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
 - In a response, the upstream's reasoning (`reasoning_content` or `reasoning`, in the
   message and in stream deltas) becomes a thinking block before the text, with an empty
   signature: it has none (sent back, the translation to OpenAI drops thinking blocks).
+  Reasoning tokens are `usage.output_tokens_details.thinking_tokens`.
 - In a response, tool-call arguments that are not a JSON object become `input: {}`: a
   tool_use block must hold an object, and the Anthropic API rejects unknown block fields
   when a client echoes the message back, so the raw text cannot travel with it.

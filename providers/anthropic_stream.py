@@ -130,15 +130,24 @@ def chat_usage(usage: Any) -> JSON | None:
 
 
 def anthropic_usage(usage: Any) -> JSON:
-    """OpenAI usage (None: all zero) -> Anthropic usage, whose input_tokens excludes cache."""
+    """OpenAI usage (None: all zero) -> Anthropic usage, whose input_tokens excludes cache.
+
+    Reasoning tokens become `output_tokens_details.thinking_tokens` (Anthropic's breakdown
+    of output_tokens, which include them as completion_tokens include reasoning_tokens;
+    anthropic-sdk-python's Usage and MessageDeltaUsage), only when there are some.
+    """
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details")
     details = details if isinstance(details, dict) else {}
     cached = _count(details.get("cached_tokens"))
     written = _count(details.get("cache_write_tokens"))
+    out_details = usage.get("completion_tokens_details")
+    reasoning = _count(out_details.get("reasoning_tokens")) \
+        if isinstance(out_details, dict) else 0
     return {"input_tokens": max(_count(usage.get("prompt_tokens")) - cached - written, 0),
             "output_tokens": _count(usage.get("completion_tokens")),
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
+            **({"output_tokens_details": {"thinking_tokens": reasoning}} if reasoning else {})}
 
 
 def chat_reasoning(message: JSON) -> str:

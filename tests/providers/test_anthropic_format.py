@@ -391,6 +391,23 @@ def test_usage_counts_cache_reads_and_writes_in_the_prompt() -> None:
                             "completion_tokens_details": {"reasoning_tokens": 120}}
 
 
+def test_reasoning_tokens_are_anthropics_thinking_tokens_both_ways() -> None:
+    """Anthropic's `usage.output_tokens_details.thinking_tokens` (a part of output_tokens,
+    as reasoning_tokens are of completion_tokens); left out when there are none."""
+    openai_usage = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42,
+                    "completion_tokens_details": {"reasoning_tokens": 21}}
+    translated = anthropic_stream.anthropic_usage(openai_usage)
+    assert translated == {"input_tokens": 12, "output_tokens": 30,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+                          "output_tokens_details": {"thinking_tokens": 21}}
+    assert Usage.from_anthropic(translated) == Usage.from_openai(openai_usage) == Usage(
+        input_tokens=12, output_tokens=30, reasoning_tokens=21)
+    assert anthropic_stream.chat_usage(translated)["completion_tokens_details"] == {  # type: ignore[index]
+        "reasoning_tokens": 21}
+    no_reasoning = {**openai_usage, "completion_tokens_details": {"reasoning_tokens": 0}}
+    assert "output_tokens_details" not in anthropic_stream.anthropic_usage(no_reasoning)
+
+
 def test_tool_use_message_becomes_tool_calls_and_thinking_is_dropped() -> None:
     resp = anthropic_message(
         {"type": "thinking", "thinking": "The user wants weather.", "signature": "EqQBCgIYAh"},

@@ -4,7 +4,7 @@ The mock reasons before it answers (`MockConfig.reasoning_field`): "Reasoning ab
 question>" in `reasoning_content` (DeepSeek and many compatible servers) or `reasoning`
 (OpenRouter, vLLM), in the stream's deltas and the answer's message, its words counted in
 `completion_tokens_details.reasoning_tokens`. The official openai and anthropic SDKs are the
-clients.
+clients; a layer of this module, where the metering layer sits, sees the usage it would meter.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from gateway.app import create_app
+from gateway.context import Usage, request_context
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
 
@@ -26,16 +27,41 @@ REASONING = "Reasoning about: " + QUESTION
 REASONING_TOKENS = len(REASONING.split())
 REPLY = "Mock reply to: " + QUESTION
 FIELDS = ["reasoning_content", "reasoning"]
+# What the layer below saw of each request, newest last.
+SEEN: list[Usage | None] = []
+
+
+class UsageSeen:
+    """Where the metering layer sits: keeps the usage each request ended with."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            try:
+                SEEN.append(request_context(scope).usage)
+            except KeyError:  # (/healthz: no API request)
+                pass
+
+
 def config(mock: MockProviderServer) -> str:
     # A first-byte timeout shorter than the reasoning takes to stream when it is paced.
     return f'''{config_head()}
 from middleware.cache import CacheMiddleware
+from tests.providers.test_reasoning import UsageSeen
 slow_start = Timeouts(connect_s=2, first_byte_s=1, idle_s=5, total_s=30)
 providers = {{"deepseek": Provider("openai", base_url="{mock.base_url("openai")}",
                                    api_key_env=KEY, timeouts=slow_start)}}
 models = {{"reasoner": [Deployment("deepseek", "deepseek-reasoner", price=PRICE)]}}
 middleware = [
     Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(UsageSeen),
     Middleware(CacheMiddleware),
     Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1)),
 ]
@@ -61,6 +87,7 @@ def field(request: pytest.FixtureRequest, reasoner: MockProviderServer) -> Itera
     """The mock reasoning in this field, paced as configured; reset afterwards."""
     name: str = request.param
     reasoner.config.update({"reasoning_field": name})
+    SEEN.clear()
     yield name
     reasoner.config.update({"reasoning_field": None, "chunk_delay_s": 0.0, "chunk_chars": 8})
 
@@ -136,3 +163,35 @@ def test_a_streamed_thinking_block_and_the_blocks_after_it_are_numbered_in_order
                    if e["type"] == "content_block_delta" and e["index"] == 0) == REASONING
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
 
+
+def test_reasoning_tokens_reach_an_anthropic_client_and_stay_metered(
+        gateway: ThreadedServer, field: str) -> None:
+    """The count is Anthropic's `usage.output_tokens_details.thinking_tokens` (a part of
+    output_tokens); the usage below is the upstream's, live and (temperature 0: cached) on
+    a cache hit."""
+    sdk = claude(gateway)
+    question = ask(f"{QUESTION} {field}")
+    reasoning_tokens = REASONING_TOKENS + 1
+    zero = {"temperature": 0}
+    message = sdk.messages.create(model="reasoner", max_tokens=100, messages=question,
+                                  extra_body=zero)
+    with sdk.messages.stream(model="reasoner", max_tokens=100, messages=question) as stream:
+        streamed = stream.get_final_message()
+    hit = sdk.messages.with_raw_response.create(model="reasoner", max_tokens=100,
+                                                messages=question, extra_body=zero)
+    assert hit.headers["x-sluicegate-cache"] == "hit"
+    for usage in (message.usage, streamed.usage, hit.parse().usage):
+        assert usage.output_tokens_details is not None
+        assert usage.output_tokens_details.to_dict() == {"thinking_tokens": reasoning_tokens}
+    assert [seen.reasoning_tokens if seen else None for seen in SEEN] == [reasoning_tokens] * 3
+    assert SEEN[0] == SEEN[1] == SEEN[2] and SEEN[0] is not None
+    assert SEEN[0].output_tokens == reasoning_tokens + len(f"{REPLY} {field}".split())
+
+
+def test_without_reasoning_the_usage_has_no_thinking_tokens(gateway: ThreadedServer) -> None:
+    message = claude(gateway).messages.create(model="reasoner", max_tokens=100,
+                                              messages=ask())
+    assert [block.type for block in message.content] == ["text"]
+    assert set(message.usage.to_dict()) == {"input_tokens", "output_tokens",
+                                            "cache_read_input_tokens",
+                                            "cache_creation_input_tokens"}
