@@ -10,7 +10,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
@@ -189,6 +189,12 @@ class HTTPAdapter:
         same format; by default the type `parse_error` found, alone."""
         return error_type, None, None
 
+    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The Retry-After of an error answer (delta-seconds or an HTTP date), which the
+        failover layer waits or cools the deployment down for, and the caller is given: its
+        header, by default; a provider that says it in the body reads it there."""
+        return headers.get("retry-after")
+
     def key_headers(self, secret: str) -> dict[str, str]:
         """The headers that carry a provider key (each provider family names its own)."""
         raise NotImplementedError
@@ -366,7 +372,7 @@ class HTTPAdapter:
             status, f"Provider '{self.name}' returned {response.status}: "
                     f"{self.redact(message)}",
             provider=self.name, error_type=error_type,
-            retry_after=response.headers.get("retry-after"),
+            retry_after=self.retry_after(response.headers, body),
             # A provider key that fails auth or billing may work on another deployment.
             retryable=status in (401, 402, 403, 408, 429) or status >= 500,
             wire_format=self.wire_format if status == response.status else None,

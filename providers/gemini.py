@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -160,3 +161,7 @@ class GeminiAdapter(HTTPAdapter):
 
     def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
         return fmt.parse_gemini_error(status, body)
+
+    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """Gemini's 429 sends no Retry-After header: its delay is the body's RetryInfo."""
+        return super().retry_after(headers, body) or fmt.gemini_retry_delay(body)

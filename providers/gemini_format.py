@@ -35,6 +35,8 @@ them. Other models get an http(s) image URL as `fileData` and fetch it themselve
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -524,14 +526,38 @@ def gemini_count_tokens_result(resp: JSON) -> int:
 def parse_gemini_error(status: int, body: bytes) -> tuple[str, str]:
     """(error type such as RESOURCE_EXHAUSTED, message) from any Gemini error body."""
     fallback = _STATUS_BY_HTTP.get(status, "UNKNOWN")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        payload = None
-    if isinstance(payload, list) and payload:  # non-SSE streams wrap everything in a list
-        payload = payload[0]
-    error = payload.get("error") if isinstance(payload, dict) else None
+    error = _error_object(body)
     text = body.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if not isinstance(error, dict):
         return fallback, text
     return str(error.get("status") or fallback), str(error.get("message") or text)
+
+
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+# A google.protobuf.Duration in JSON: seconds, with up to 9 fractional digits, and "s".
+_DURATION = re.compile(r"\d+(?:\.\d{1,9})?s")
+
+
+def gemini_retry_delay(body: bytes) -> str | None:
+    """The Retry-After (whole seconds, rounded up) of a Gemini error body's RetryInfo
+    detail (`{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "31s"}`,
+    https://ai.google.dev/gemini-api/docs/rate-limits), None without one."""
+    error = _error_object(body)
+    details = error.get("details") if error is not None else None
+    for detail in details if isinstance(details, list) else ():
+        if isinstance(detail, dict) and detail.get("@type") == _RETRY_INFO:
+            delay = detail.get("retryDelay")
+            if isinstance(delay, str) and _DURATION.fullmatch(delay):
+                return str(math.ceil(float(delay[:-1])))
+    return None
+
+
+def _error_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(payload, list) and payload:  # non-SSE streams wrap everything in a list
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else None

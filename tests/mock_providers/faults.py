@@ -196,6 +196,9 @@ class Fault:
     `stall_s` holds an "error_event" stream open, silent, for that long after its error event
     before it ends, as a provider that hung after it; a Responses stream's `error` event then
     comes without the `response.failed` that follows it on the live API.
+    `retry_after_header` False leaves the `retry-after` header out of a "status" fault's
+    answer, as Gemini's API answers a 429: its delay is only in the body (the
+    `google.rpc.RetryInfo` detail the mock's Gemini error adds for `retry_after_s`).
     `match` limits the fault to requests whose raw body holds that text (a marker in the
     prompt), so concurrent requests each meet their own faults, in order.
     """
@@ -213,6 +216,7 @@ class Fault:
     event: str = "error"
     stall_s: float = 0.0
     match: str | None = None
+    retry_after_header: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -80,6 +80,8 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
             refused = wire.error(status_fault.status, status_fault.message, headers,
                                  retry_after_s=status_fault.retry_after_s,
                                  param=status_fault.param, code=status_fault.code)
+            if not status_fault.retry_after_header:
+                refused.headers.popall("retry-after", None)
             if status_fault.sent_status is not None:
                 refused.set_status(status_fault.sent_status)
                 if status_fault.code is None:  # (OpenRouter's shape: the status as its code)

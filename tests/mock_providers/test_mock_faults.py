@@ -96,6 +96,15 @@ def test_status_fault_uses_the_provider_shape_then_is_consumed(mock: MockProvide
     assert mock.pending_faults == []
 
 
+def test_a_status_fault_may_leave_the_retry_after_header_out(mock: MockProviderServer) -> None:
+    """As Gemini's API answers a 429: the delay only in the body's RetryInfo."""
+    mock.push_fault(Fault("status", provider="gemini", status=429, retry_after_s=6.2,
+                          retry_after_header=False))
+    limited = call(mock, "gemini")
+    assert limited.status_code == 429 and "retry-after" not in limited.headers
+    assert RATE_LIMIT_SHAPES["gemini"](limited.json())
+
+
 def test_anthropic_overloaded_through_the_sdk(mock: MockProviderServer) -> None:
     client = anthropic.Anthropic(base_url=mock.base_url("anthropic"), api_key="k", max_retries=0)
     mock.push_fault(Fault("status", provider="anthropic", status=529, message="Overloaded"))
