@@ -232,8 +232,9 @@ class CacheMiddleware:
         except ValueError as exc:
             raise GatewayError(400, f"Bad cache header: {exc}", code="invalid_cache_header") \
                 from None
-        # (Anthropic callers only: the headers the adapter sends on change the answer)
-        varies = forwarded_headers(ctx.headers) if ctx.api_format == "anthropic" else None
+        # (the deployment tags asked for; for Anthropic callers, the headers the adapter sends
+        # on: each changes the answer)
+        varies = forwarded_headers(ctx.headers, anthropic=ctx.api_format == "anthropic")
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
             ctx.cache_status = "bypass"

@@ -114,13 +114,22 @@ def _around(scope_id: str, namespace: str | None, model: str, operation: str,
 ANTHROPIC_FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
 
 
-def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> Headers | None:
-    """The output-changing headers an Anthropic-format request sends on to the provider, as
-    `cache_key` and the semantic partition take them (None: none). The beta list is read as
-    a set (`a,b` is `b, a`); several lines of one header count as one list."""
+# The deployment tags a request asks for (middleware/failover/routing.py `TAGS_HEADER`): they
+# choose which deployments may answer (a region, a tier), so an answer from one set of
+# deployments must not answer a request pinned to another (nor one no deployment could serve,
+# which failover refuses).
+TAGS_HEADER = b"x-sluicegate-tags"
+
+
+def forwarded_headers(headers: list[tuple[bytes, bytes]], *,
+                      anthropic: bool = True) -> Headers | None:
+    """The output-changing headers of a request, as `cache_key` and the semantic partition
+    take them (None: none): the deployment tags it asks for, and for an Anthropic-format
+    request (`anthropic`) those the adapter sends on to the provider. A list is read as a set
+    (`a,b` is `b, a`); several lines of one header count as one list."""
     found: dict[str, set[str]] | None = None
     for name, value in headers:
-        if name in ANTHROPIC_FORWARDED_HEADERS:
+        if name == TAGS_HEADER or (anthropic and name in ANTHROPIC_FORWARDED_HEADERS):
             if found is None:
                 found = {}
             found.setdefault(name.decode("latin-1"), set()).update(

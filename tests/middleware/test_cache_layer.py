@@ -1029,3 +1029,42 @@ def test_an_answer_is_told_from_an_error_by_its_members_not_its_object() -> None
         operation = c.ANTHROPIC_MESSAGES if isinstance(error, dict) and \
             error.get("type") == "error" else c.OPENAI_CHAT
         assert not _is_answer(error, operation), error
+
+
+def test_an_answer_is_kept_apart_per_deployment_tags_asked_for(tmp_path: Path,
+                                                              mock_url: str,
+                                                              mock: MockProviderServer) -> None:
+    # `x-sluicegate-tags` chooses the deployments that may answer (a region, a tier): an
+    # answer from the untagged one must not answer a request pinned to "eu" (it did, from
+    # the cache above the failover layer), nor one no deployment has the tags of (a 400).
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
+              "Middleware(CacheMiddleware), Middleware(FailoverMiddleware, "
+              "retry=RetryPolicy(max_attempts=1), breaker=NEVER_OPENS)]")
+    extra = ('models["smart"] = Model([Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
+             'Deployment("azure", "gpt-4o-eu", price=MOCK_PRICE, tags=("eu",))])\n')
+    text = "tags " + uuid.uuid4().hex
+    client = openai.OpenAI(base_url="http://unused/v1", api_key=TEST_KEY, max_retries=0)
+    with ThreadedServer(create_app(write_config(
+            tmp_path, mock_config(mock_url, middleware=layers, extra=extra)))) as server:
+        client = client.with_options(base_url=server.url + "/v1")
+
+        def ask_smart(tags: str | None) -> Any:
+            return client.chat.completions.with_raw_response.create(
+                model="smart", temperature=0, messages=[{"role": "user", "content": text}],
+                extra_headers={"x-sluicegate-tags": tags} if tags else None)
+        assert cache_status(ask_smart(None)) == "miss"
+        wait_for(lambda: cache_status(ask_smart(None)) == "hit")
+        pinned = ask_smart("eu")
+        assert cache_status(pinned) == "miss"
+        assert pinned.headers["x-sluicegate-deployment"] == "azure/gpt-4o-eu"
+        wait_for(lambda: cache_status(ask_smart("eu,eu")) == "hit")  # (the tag set, as read)
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask_smart("nowhere")
+        assert refused.value.body["code"] == "no_deployment_with_tags"  # type: ignore[index]
+    assert upstream_calls(mock, text) == 2
+
+
+def test_the_tags_header_keyed_is_the_one_failover_reads() -> None:
+    from middleware.cache.keys import TAGS_HEADER as KEYED
+    from middleware.failover.routing import TAGS_HEADER
+    assert KEYED == TAGS_HEADER
