@@ -397,6 +397,7 @@ class _OpenAICollector:
         envelope = self.envelope
         body: JSON = {"id": envelope.get("id"), "object": self.body_object, **envelope,
                       "choices": ordered}
+        body.pop(_PADDING, None)  # (a chunk's random pad: the answer has none, nor a replay)
         if self.usage is not None:
             body["usage"] = self.usage
         return body

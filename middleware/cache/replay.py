@@ -156,8 +156,9 @@ def _replay_openai(body: JSON, include_usage: bool, chunk_object: str,
 def _chat_choice_chunks(choice: JSON) -> list[JSON]:
     message = choice.get("message") or {}
     opening: JSON = {"role": message.get("role") or "assistant"}
-    if "content" in message:
-        opening["content"] = "" if isinstance(message["content"], str) else None
+    if "content" in message:  # (a list of parts, as Mistral's reasoning models send: whole)
+        content = message["content"]
+        opening["content"] = "" if isinstance(content, str) else content
     if "refusal" in message:
         opening["refusal"] = None
     opening.update((k, v) for k, v in message.items() if k not in _MESSAGE_STREAMED)

@@ -670,3 +670,33 @@ def test_anthropic_sdk_reads_the_stored_message(server: ThreadedServer, body: JS
     reply = anthropic_client(serving(server, body)).messages.create(
         model="claude-mock", max_tokens=256, messages=ASK)
     assert reply.to_dict() == mark_cached(body)
+
+
+def test_a_chat_answer_whose_content_is_a_list_of_parts_replays_it_whole() -> None:
+    # (Mistral's reasoning models answer with a list of parts; the replay sent none of it,
+    # an empty answer marked as a hit)
+    parts = [{"type": "text", "text": "The answer is 42."}]
+    body = {"id": "x", "object": "chat.completion", "created": 1, "model": "magistral",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": parts},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+    raw = b"".join(replay_stream(body, "openai", include_usage=True, cached=False))
+    collected = collect_sse(raw, "openai", "openai.chat")
+    assert collected is not None
+    assert collected["choices"][0]["message"]["content"] == parts
+
+
+def test_a_collected_openai_stream_keeps_no_obfuscation_pad() -> None:
+    # (the first chunk's random pad became a field of the stored chat.completion, which the
+    # real non-stream answer never has, and was copied into every replayed chunk)
+    chunks = [{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+               "obfuscation": pad}
+              for delta, finish, pad in [({"role": "assistant", "content": ""}, None, "abcd"),
+                                         ({"content": "hi"}, None, "xy"), ({}, "stop", "q")]]
+    raw = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
+    collected = collect_sse(raw + b"data: [DONE]\n\n", "openai", "openai.chat")
+    assert collected is not None and "obfuscation" not in collected
+    assert collected["choices"][0]["message"]["content"] == "hi"
+    replayed = b"".join(replay_stream(collected, "openai", include_usage=False))
+    assert b"obfuscation" not in replayed
