@@ -268,6 +268,11 @@ class CacheMiddleware:
                 if entry is not None and \
                         await self._answer(ctx, entry, send, status="semantic-hit"):
                     return
+        if control.no_cache and control.no_store and not control.only_if_cached:
+            ctx.cache_status = "bypass"  # (`x-sluicegate-cache: off`, or both directives:
+            ctx.response_headers.append(_BYPASS)  # neither read nor written, not a miss)
+            await self.app(scope, receive, send)
+            return
         ctx.cache_status = "miss"
         if control.only_if_cached:
             raise _not_cached()

@@ -500,6 +500,9 @@ def test_controls_bypass_no_cache_and_no_store(gateway: ThreadedServer,
     wait_stored(gateway, text)
     fresh = ask(gateway, text, extra_headers={"cache-control": "no-cache"})
     assert fresh.headers["x-sluicegate-cache"] == "miss"
+    # Neither read nor written: a bypass (counted as a miss, it skewed the hit ratio).
+    for off in ({"x-sluicegate-cache": "off"}, {"cache-control": "no-cache, no-store"}):
+        assert ask(gateway, text, extra_headers=off).headers["x-sluicegate-cache"] == "bypass"
     spaced = ask(gateway, text, extra_headers={"x-sluicegate-cache-namespace": "eval"})
     assert spaced.headers["x-sluicegate-cache"] == "miss"
     bad = httpx.post(gateway.url + "/v1/chat/completions",
