@@ -112,6 +112,7 @@ def _around(scope_id: str, namespace: str | None, model: str, operation: str,
 # test_cache_keys checks the two agree). A beta enables features, output limits and response
 # shapes; a version changes the response format: both change the answer.
 ANTHROPIC_FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
+_VERSION = b"anthropic-version"
 
 
 # The deployment tags a request asks for (middleware/failover/routing.py `TAGS_HEADER`): they
@@ -126,14 +127,19 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]], *,
     """The output-changing headers of a request, as `cache_key` and the semantic partition
     take them (None: none): the deployment tags it asks for, and for an Anthropic-format
     request (`anthropic`) those the adapter sends on to the provider. A list is read as a set
-    (`a,b` is `b, a`); several lines of one header count as one list."""
+    (`a,b` is `b, a`); several lines of one header count as one list, but for the version,
+    of which the last line is the one sent."""
     found: dict[str, set[str]] | None = None
     for name, value in headers:
         if name == TAGS_HEADER or (anthropic and name in ANTHROPIC_FORWARDED_HEADERS):
             if found is None:
                 found = {}
+            text = value.decode("latin-1")
+            if name == _VERSION:  # one value, the last line's, as the adapter sends it on
+                found["anthropic-version"] = {text.strip()}
+                continue
             found.setdefault(name.decode("latin-1"), set()).update(
-                item.strip() for item in value.decode("latin-1").split(",") if item.strip())
+                item.strip() for item in text.split(",") if item.strip())
     if found is None:
         return None
     return tuple((name, ",".join(sorted(values))) for name, values in sorted(found.items()))

@@ -478,3 +478,6 @@ def test_a_beta_or_a_version_changes_the_key_and_other_headers_do_not() -> None:
         key_with((b"anthropic-beta", b"b-2"), (b"anthropic-beta", b"a-1"))
     assert two != key_with((b"anthropic-beta", b"a-1"))
     assert forwarded_headers([(b"x-api-key", b"k"), (b"accept", b"*/*")]) is None
+    # of two version lines, the adapter sends the last: the key is that one's
+    first, last = (b"anthropic-version", b"2023-01-01"), (b"anthropic-version", b"2023-06-01")
+    assert key_with(first, last) == version != key_with(last, first)
