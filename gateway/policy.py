@@ -127,6 +127,10 @@ class Limits:
         budgets = tuple(budgets)
         if any(not isinstance(b, Budget) for b in budgets):
             raise ValueError("budgets must be Budget(...) values")
+        periods = [b.period for b in budgets]
+        twice = sorted({period for period in periods if periods.count(period) > 1})
+        if twice:  # (one counter per subject and period: two caps on it cannot both hold)
+            raise ValueError(f"one budget per period: two are {', '.join(twice)}")
         object.__setattr__(self, "budgets", budgets)
         _check_overflow(given(self, "on_overflow"), given(self, "downgrade_to"))
         _check_choice("on_store_error", given(self, "on_store_error"), STORE_ERROR_POLICIES)

@@ -54,6 +54,17 @@ def test_limits_refuse_wrongly_typed_fields(fields: dict[str, Any]) -> None:
         Limits.from_json(fields)
 
 
+def test_two_budgets_of_one_period_are_refused() -> None:
+    # (they shared one counter, and every request of the subject was a 500)
+    tiered = {"budgets": [{"limit_usd": "100", "period": "monthly", "on_overflow": "downgrade",
+                           "downgrade_to": "cheap"}, {"limit_usd": "200", "period": "monthly"}]}
+    with pytest.raises(ValueError, match="one budget per period: two are monthly"):
+        Limits.from_json(tiered)
+    daily_and_monthly = {"budgets": [{"limit_usd": "5", "period": "daily"},
+                                     {"limit_usd": "100", "period": "monthly"}]}
+    assert len(Limits.from_json(daily_and_monthly).budgets) == 2
+
+
 @pytest.mark.parametrize("fields", [
     {"stream_cutoff": "no"},
     {"stream_cutoff": 1},
