@@ -505,6 +505,7 @@ class QuotaMiddleware:
         principal = ctx.principal or ANONYMOUS
         downgraded: list[str] = []
         overflowed: set[str] = set()
+        visited = {ctx.model}
         for _ in range(_MAX_DOWNGRADES + 1):
             template = self._template(principal, ctx.model)
             if template is None and not downgraded:  # no limit applies: nothing to estimate
@@ -531,12 +532,16 @@ class QuotaMiddleware:
             assert decision.failed is not None
             item = replace(planned[decision.failed], check=checks[decision.failed])
             target = plan.overflow_target(item)
+            # (a target already tried is a cycle, A -> B -> A: back on A with its overflowed
+            # limits left out, it would be admitted with nothing checked)
             if target is None or target == ctx.model or ctx.models is None \
-                    or target not in ctx.models or not principal.allows_model(target):
+                    or target not in ctx.models or not principal.allows_model(target) \
+                    or target in visited:
                 raise refused(ctx, item, decision)  # (no way round the limit for this caller)
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
                 overflowed.add(item.check.key)
+            visited.add(target)
             route_to(ctx, target)
         raise refused(ctx, item, decision)
 

@@ -774,6 +774,22 @@ def test_model_rpm_overflow_downgrades_to_the_cheaper_model(
     assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
 
 
+def test_a_downgrade_cycle_is_refused_not_a_way_round_every_limit(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # gpt-mock past its rpm goes to azure-mock, which past its own goes back to gpt-mock:
+    # there, with both limits overflowed, the request was admitted with nothing checked.
+    cycle = ("{'gpt-mock': Limits(rpm=1, on_overflow='downgrade', downgrade_to='azure-mock'), "
+             "'azure-mock': Limits(rpm=1, on_overflow='downgrade', downgrade_to='gpt-mock')}")
+    gateway = start(auth(), quota(store, model_limits=cycle))
+    assert gateway.chat().status_code == 200  # on gpt-mock
+    assert gateway.chat().headers["x-sluicegate-downgraded"].startswith("gpt-mock -> azure")
+    for _ in range(3):
+        refused = gateway.chat()
+        assert refused.status_code == 429, refused.text
+        assert "x-sluicegate-downgraded" not in refused.headers
+    assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
+
+
 def test_downgrade_to_a_model_without_limits_still_says_so(
         start: Start, store: str, mock: MockProviderServer) -> None:
     gateway = start(auth(), quota(store, model_limits=DOWNGRADING_MODEL))
