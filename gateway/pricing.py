@@ -201,14 +201,32 @@ def cost_micros(price: Price, usage: Usage) -> int:
         return int(total.to_integral_value(rounding=ROUND_CEILING))
 
 
-def estimate_micros(price: Price, input_tokens: int, output_tokens: int) -> int:
-    """A cost estimate for uncached input and plain output, rounded like `cost_micros`
-    (which it is, without the Usage it would build: this runs on every admission)."""
+def estimate_micros(price: Price, input_tokens: int, output_tokens: int,
+                    cache_writes: bool = False) -> int:
+    """A cost bound, rounded like `cost_micros`: input at the fresh rate or, for a request
+    that asks the provider to write its prompt cache (`cache_writes`: Anthropic's
+    `cache_control`), at the dearest of that and the 5-minute and 1-hour write rates (a
+    write costs 1.25 to 2 times fresh input); output at the dearer of the plain and reasoning
+    rates (the output bound covers reasoning). Integer arithmetic where the rates allow: this
+    runs on every admission."""
     if input_tokens >= 0 and output_tokens >= 0:
         scaled = _scaled_rates(_tier(price, input_tokens))
         if scaled is not None:
-            return -(-(input_tokens * scaled[0] + output_tokens * scaled[4]) // _NANO)
-    return cost_micros(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+            input_rate = scaled[0]
+            if cache_writes:  # (comparisons, not max(): see `_counts`)
+                if scaled[2] > input_rate:  # noqa: PLR1730
+                    input_rate = scaled[2]
+                if scaled[3] > input_rate:  # noqa: PLR1730
+                    input_rate = scaled[3]
+            output_rate = scaled[4] if scaled[4] >= scaled[5] else scaled[5]  # noqa: FURB136
+            return -(-(input_tokens * input_rate + output_tokens * output_rate) // _NANO)
+    # (rates below a nano-dollar per token: the dearest reading of the same tokens)
+    written = (0, input_tokens) if cache_writes else (0,)
+    return max(cost_micros(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens,
+                                        cache_write_tokens=write, cache_write_1h_tokens=write_1h,
+                                        reasoning_tokens=reasoning))
+               for write in written for write_1h in (0, write)
+               for reasoning in (0, output_tokens))
 
 
 class PriceTable:

@@ -926,6 +926,7 @@ class _Responder:
     __slots__ = (
         "_send",
         "allowance",
+        "cache_writes",
         "continued",
         "counters",
         "ctx",
@@ -953,6 +954,7 @@ class _Responder:
         self.counters = content_counters(ctx.operation)
         self.streaming = False
         self.price = est.price  # (the reservation's, until the response starts)
+        self.cache_writes = plan.CACHE_CONTROL in ctx.raw_body  # (priced as `plan.estimate`)
 
     def send(self, message: Message) -> Awaitable[None]:
         # Not a coroutine function: it returns what the caller awaits (the next `send`, or
@@ -976,7 +978,8 @@ class _Responder:
     def _over_budget(self, deltas: int) -> bool:
         assert self.price is not None
         output = deltas - self.deltas_before
-        spent = self.spent_before + estimate_micros(self.price, self.input_tokens, output)
+        spent = self.spent_before + estimate_micros(self.price, self.input_tokens, output,
+                                                    self.cache_writes)
         return spent > self.allowance
 
     def _costs(self) -> bool:

@@ -262,6 +262,9 @@ def _dearest_served(ctx: RequestContext, fallbacks: tuple[str, ...]) -> Price | 
     return dearest
 
 
+CACHE_CONTROL = b'"cache_control"'
+
+
 def estimate(ctx: RequestContext, default_max_output_tokens: int,
              fallbacks: tuple[str, ...] = ()) -> Estimate:
     """What the request reserves, priced at `reservation_price(ctx, fallbacks)`."""
@@ -274,7 +277,9 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int,
     output_tokens = output_bound(ctx, default_max_output_tokens)
     output_tokens = output_tokens if output_tokens < LIMIT_MAX else LIMIT_MAX  # noqa: FURB136
     price = reservation_price(ctx, fallbacks)
-    cost = estimate_micros(price, input_tokens, output_tokens) if price is not None else 0
+    # (a prompt-cache write, dearer than fresh input, is asked for with `cache_control`)
+    cost = estimate_micros(price, input_tokens, output_tokens,
+                           CACHE_CONTROL in ctx.raw_body) if price is not None else 0
     return Estimate(input_tokens, output_tokens,
                     cost if cost < AMOUNT_MAX else AMOUNT_MAX, price)  # noqa: FURB136
 

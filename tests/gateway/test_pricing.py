@@ -184,6 +184,24 @@ def test_estimate_is_the_cost_of_the_same_usage_on_every_price_form() -> None:
                     (p, input_tokens, output_tokens)
 
 
+def test_estimate_is_a_bound_for_prompt_cache_writes_and_reasoning() -> None:
+    # (reserved at the plain rates, a request writing a 50k-token prompt to Anthropic's
+    # 1-hour cache was billed twice its reservation: a budget near its cap overspent by it)
+    claude = price("3", "15", cache_write_per_mtok=Decimal("3.75"),
+                   cache_write_1h_per_mtok=Decimal(6), reasoning_per_mtok=Decimal(20))
+    assert estimate_micros(claude, 50_000, 100) == 50_000 * 3 + 100 * 20  # (micro-dollars)
+    assert estimate_micros(claude, 50_000, 100, cache_writes=True) == \
+        cost_micros(claude, Usage(input_tokens=50_000, cache_write_tokens=50_000,
+                                  cache_write_1h_tokens=50_000, output_tokens=100,
+                                  reasoning_tokens=100))
+    fine = price("0.0000000001", "0.3333333333333", cache_write_per_mtok=Decimal("0.5"))
+    for writes in (False, True):  # (rates finer than a nano-dollar: the same bound)
+        every = [cost_micros(fine, Usage(input_tokens=7, output_tokens=3,
+                                         cache_write_tokens=7 if written else 0))
+                 for written in ({False, writes})]
+        assert estimate_micros(fine, 7, 3, cache_writes=writes) == max(every)
+
+
 def test_free_costs_nothing() -> None:
     usage = Usage(input_tokens=10**9, output_tokens=10**9, cached_input_tokens=5)
     assert cost_micros(FREE, usage) == 0

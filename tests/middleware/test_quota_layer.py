@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -740,6 +741,37 @@ def test_upstream_error_before_the_first_byte_costs_nothing(
     # The error carries the quota headers too (as of the admission, before the settle).
     assert response.headers["x-sluicegate-budget-remaining"] == "0.000790"
     assert settled(gateway.committed, RESERVED_100) == 0  # the reservation is given back
+
+
+def test_a_prompt_cache_write_is_reserved_at_its_dearer_rate(
+        start: Start, store: str, mock: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Input Anthropic is asked to cache costs the 1-hour write rate (here 2x fresh input):
+    # reserved at the fresh rate, requests near the cap overspent it by their writes. Two
+    # keys, each with its first request: what each reserved is the budget less its header.
+    monkeypatch.setenv("SG_KEY_B", SECOND_KEY)
+    extra = ('models["claude-writes"] = [Deployment("anthropic", "claude-3-5-haiku-latest", '
+             'price=Price(input_per_mtok="1", output_per_mtok="2", '
+             'cache_write_1h_per_mtok="2"))]\n')
+    gateway = start(auth(static_key(LIFETIME_BUDGET, key_id="k-plain"),
+                         static_key(LIFETIME_BUDGET, key_id="k-writes", env="SG_KEY_B")),
+                    quota(store), extra=extra)
+    system = "You answer briefly. " * 40
+
+    def reserved(key: str, cached: bool) -> int:
+        block: dict[str, Any] = {"type": "text", "text": system}
+        if cached:
+            block["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+        response = httpx.post(gateway.url + "/v1/messages", timeout=10, json={
+            "model": "claude-writes", "max_tokens": 10, "system": [block], "messages": PROMPT},
+            headers={"x-api-key": key, **ANTHROPIC_HEADERS})
+        assert response.status_code == 200, response.text
+        remaining = Decimal(response.headers["x-sluicegate-budget-remaining"])
+        return int((Decimal("0.001") - remaining) * 1_000_000)
+
+    plain, written = reserved(TEST_KEY, False), reserved(SECOND_KEY, True)
+    assert plain > 100 + 10 * 2  # the estimated input at $1/M, and the output bound at $2/M
+    assert written - plain == plain - 10 * 2  # its input again: written at twice the rate
 
 
 @pytest.mark.parametrize("cache_status,cost", [("hit", 0), ("semantic-hit", 0), (None, COST)])
