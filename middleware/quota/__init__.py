@@ -182,6 +182,7 @@ class QuotaMiddleware:
         self.store_retry_s = store_retry_s
         self.lease_s = lease_s
         self._store_down_until = 0.0
+        self._store_failed_at = -math.inf  # (the last failure of the store: outages apart)
         self._alerted: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
@@ -580,7 +581,16 @@ class QuotaMiddleware:
                     decision = await self._seed_and_admit(store, ctx, planned, checks, decision)
                 return store, decision
             except QuotaStoreError as exc:
-                self._store_down_until = time.monotonic() + self.store_retry_s
+                now = time.monotonic()
+                if self.ledger is not None and \
+                        now - self._store_failed_at > 3 * self.store_retry_s + 2:
+                    # An outage begins (the store was not refused for a while: it answered
+                    # meanwhile, or nothing asked): what the fallback counted of the budgets
+                    # is stale by what went through the store since, so the next admission
+                    # that needs them seeds them again from the ledger.
+                    self.fallback.forget_budgets()
+                self._store_failed_at = now
+                self._store_down_until = now + self.store_retry_s
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
                 self._unsure_admit(_lease(ctx), checks)
@@ -593,7 +603,14 @@ class QuotaMiddleware:
                                     f"unavailable), and the {closed[0].label} fails closed.",
                                code="quota_store_unavailable",
                                headers=[(b"retry-after", b"1")])
-        return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
+        try:
+            return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
+        except QuotaStoreError:  # (the ledger is unavailable too: what was spent is unknown)
+            ctx.state["quota.refused"] = "store_unavailable"
+            raise GatewayError(503, "Limits cannot be checked right now (the quota store and "
+                                    "the spend ledger are unavailable).",
+                               code="quota_store_unavailable",
+                               headers=[(b"retry-after", b"1")]) from None
 
     def _unsure_settles(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
                         ) -> None:

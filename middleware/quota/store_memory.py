@@ -81,6 +81,13 @@ class MemoryQuotaStore:
         """How many buckets, lease sets and counters are held (swept or not)."""
         return len(self._state)
 
+    def forget_budgets(self) -> None:
+        """Drops every budget counter: the next admission seeds each again from the ledger
+        (the quota layer's fallback, as an outage of the shared store begins: spend that
+        went through that store since the fallback last counted is not in its counters)."""
+        for key in [key for key, value in self._state.items() if type(value) is _Counter]:
+            del self._state[key]
+
     async def startup(self) -> None:
         pass
 

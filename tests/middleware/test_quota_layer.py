@@ -1148,6 +1148,47 @@ def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(
     assert gateway.committed("daily") == 3 * COST
 
 
+def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
+        spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
+    # A budget of 5 requests that stays open while Redis is down. Outage 1: 2 go through
+    # the in-process fallback. Redis back: 3 more fill the budget there. Outage 2: the
+    # fallback still counted 2 (what went through Redis was never in it), and let 3 more
+    # past the cap; it is counted again from the ledger now, and refuses.
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
+    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
+                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
+                          store_retry_s="0.2"))
+    redis_proxy.stop()
+    assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+    redis_proxy.start()
+    assert eventually(lambda: ledger_spend(spend_table), 2 * COST) == 2 * COST
+    assert eventually(lambda: gateway.chat().status_code, 200) == 200  # (Redis again)
+    assert [gateway.chat().status_code for _ in range(3)] == [200, 200, 402]
+    assert eventually(lambda: ledger_spend(spend_table), 5 * COST) == 5 * COST
+    time.sleep(3)  # (the store's last failure long enough ago: a new outage)
+    redis_proxy.stop()
+    refused = gateway.chat()
+    assert refused.status_code == 402, refused.text
+    assert ledger_spend(spend_table) == 5 * COST
+
+
+def test_an_open_budget_whose_ledger_is_down_too_is_a_503(
+        prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
+    # Redis down: the fallback needs the budget's spend, and the ledger cannot say (it was
+    # a 500, a traceback in the log).
+    unreachable = f"host=127.0.0.1 port={free_port()} user=root dbname=test connect_timeout=1"
+    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
+    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
+                    quota(redis_store(prefix, redis_proxy.url),
+                          ledger=f"PostgresSpendLedger({unreachable!r})", store_retry_s="0.2"))
+    redis_proxy.stop()
+    refused = gateway.chat()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "quota_store_unavailable"
+    assert refused.headers["retry-after"] == "1"
+
+
 def test_spend_is_dated_when_the_request_started(
         spend_table: str, prefix: str, start: Start, slow: MockProviderServer) -> None:
     # The usage ledger bills a request on the day it started, and its budget counter is
