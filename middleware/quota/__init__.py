@@ -538,6 +538,8 @@ class QuotaMiddleware:
             if target is None or target == ctx.model or ctx.models is None \
                     or target not in ctx.models or not principal.allows_model(target) \
                     or target in visited:
+                if item.check.kind == BUDGET:
+                    self._alert_refusing(store, item)
                 raise refused(ctx, item, decision)  # (no way round the limit for this caller)
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
@@ -833,6 +835,34 @@ class QuotaMiddleware:
             if percent >= threshold and \
                     f"{item.check.key}:alert:{threshold}" not in self._alerted:
                 crossed.append((item, threshold, used))
+
+    def _alert_refusing(self, store: QuotaStore, item: Planned) -> None:
+        """A budget that refuses a request (no way round it) is at its end: alerted at the
+        thresholds what it has committed reached, and at 100% (once per period, as any): an
+        admission keeps what is committed and reserved within the cap, and a call costs
+        less than it reserved, so settles alone rarely bring a budget to 100%, and its
+        alert never came while every request was refused."""
+        budget = item.budget
+        if budget is None or all(f"{item.check.key}:alert:{threshold}" in self._alerted
+                                 for threshold in budget.alert_at_percent):
+            return
+        self._spawn(self._alert_refused(store, item))
+
+    async def _alert_refused(self, store: QuotaStore, item: Planned) -> None:
+        try:
+            committed = (await store.committed([item.check]))[0]
+        except QuotaStoreError:
+            return  # (the next refusal tries again)
+        if committed is None:
+            return
+        crossed: list[tuple[Planned, int, int]] = []
+        self._crossed(item, committed, crossed)
+        assert item.budget is not None
+        if 100 in item.budget.alert_at_percent and \
+                f"{item.check.key}:alert:100" not in self._alerted and \
+                all(reached != 100 for _, reached, _ in crossed):
+            crossed.append((item, 100, committed))
+        await self._send_alerts(store, crossed)
 
     async def _send_alerts(self, store: QuotaStore,
                            crossed: list[tuple[Planned, int, int]]) -> None:

@@ -1264,6 +1264,23 @@ def test_budget_alerts_once_per_threshold(start: Start, store: str,
     assert logged == expected
 
 
+def test_a_budget_that_refuses_alerts_at_100_percent(start: Start, store: str) -> None:
+    # Each request reserves 210 (max_tokens=100) and costs 30: admissions keep the committed
+    # spend and the reservation within 300, so no settle brings the budget to 100%. Its
+    # alert never came, while every request after the 4th was refused.
+    receiver = AlertReceiver()
+    with ThreadedServer(receiver) as hook:
+        gateway = start(auth(static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")),
+                        quota(store, alert_webhook_url=repr(hook.url + "/hook")))
+        statuses = [gateway.chat(max_tokens=100).status_code for _ in range(6)]
+        assert statuses == [200, 200, 200, 200, 402, 402]
+        assert eventually(lambda: len(receiver.posts), 1) == 1
+        time.sleep(0.3)  # room for a duplicate to arrive, if one were coming
+    # (40% spent: refusing a request that needs 210 of the 180 left, the budget is at its end)
+    assert [(event["threshold_percent"], event["used_usd"]) for _, event in receiver.posts] \
+        == [(100, "0.00012")]
+
+
 def test_budget_alerts_once_per_threshold_across_gateways(
         start: Start, prefix: str) -> None:
     """Two gateways sharing Redis: the threshold marker in Redis, not each process's memory,
