@@ -11,6 +11,12 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   models; the older beta `output_format` is deprecated). json_object has no Anthropic mode
   without a schema, so it adds one sentence to the system prompt asking for a JSON object.
 - `user` (or `safety_identifier`) becomes `metadata.user_id`.
+- `thinking` (not OpenAI's, but the extension LiteLLM's callers send: Anthropic's own
+  `{"type": "enabled", "budget_tokens": N}`) is sent as it is. An assistant message's
+  `thinking_blocks` (the response translation's, below) open its content again: with
+  thinking on, Anthropic refuses a tool-use continuation whose assistant turn does not
+  start with its thinking. A thinking block without a signature is left out (Anthropic
+  checks the signature; another provider's reasoning has none).
 - Tool call ids Anthropic refuses (it takes ^[a-zA-Z0-9_-]+$; other providers' ids may
   hold `.` or `:`) become `toolu_` and a hash of the id, alike in the tool_use and the
   tool_result, and in responses translated for Anthropic clients, so those clients only
@@ -22,7 +28,8 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   `tool_choice` none: Anthropic refuses tool blocks in a request without tools.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
   presence_penalty, logit_bias, stream_options (Anthropic streams always report usage),
-  service_tier, store, metadata, prediction, reasoning_effort, verbosity,
+  service_tier, store, metadata, prediction, verbosity, reasoning_effort (Anthropic's
+  thinking takes a token budget, which the effort does not name: a caller sends `thinking`),
   web_search_options, prompt_cache_key, message `name`, image `detail`.
 - Refused with TranslationError: n > 1, logprobs, audio, legacy functions/function_call,
   non-function tools, content parts Anthropic cannot take, unparsable tool arguments.
@@ -149,6 +156,8 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
         a_string_or_none(body.get("safety_identifier"), "safety_identifier")
     if user:
         request["metadata"] = {"user_id": user}
+    if body.get("thinking") is not None:
+        request["thinking"] = an_object(body["thinking"], "thinking")
     if body.get("stream") is not None:
         request["stream"] = bool(body["stream"])
     return request
@@ -329,7 +338,8 @@ def _document_block(file: JSON, param: str) -> JSON:
 
 
 def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
-    blocks = _text_blocks(message.get("content"), "assistant", param + ".content")
+    blocks = _thinking_blocks(message.get("thinking_blocks"), param + ".thinking_blocks")
+    blocks += _text_blocks(message.get("content"), "assistant", param + ".content")
     for index, call in enumerate(an_array(message.get("tool_calls"), param + ".tool_calls")):
         at = f"{param}.tool_calls[{index}]"
         call_id, name, arguments = tool_call(call, at)
@@ -338,6 +348,25 @@ def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
     return blocks
 
 
+
+
+def _thinking_blocks(blocks: Any, param: str) -> list[JSON]:
+    """An assistant message's `thinking_blocks` -> the blocks Anthropic takes back: only
+    the fields each type has (see the module docstring for the unsigned ones)."""
+    out: list[JSON] = []
+    for index, item in enumerate(an_array(blocks, param)):
+        at = f"{param}[{index}]"
+        block, kind = part_type(item, at)
+        if kind == "redacted_thinking":
+            out.append({"type": kind, "data": a_string(block.get("data"), at + ".data")})
+        elif kind != "thinking":
+            raise TranslationError(f"thinking_blocks of type {kind!r} cannot be sent to "
+                                   "Anthropic models.", param=at + ".type")
+        elif a_string_or_none(block.get("signature"), at + ".signature"):
+            out.append({"type": kind, "thinking": a_string(block.get("thinking"),
+                                                           at + ".thinking"),
+                        "signature": block["signature"]})
+    return out
 
 
 def _tool_result(message: JSON, param: str) -> JSON:

@@ -11,6 +11,15 @@ block marked `cache_control` ends a cacheable prefix (tools, then system, then m
 at least PROMPT_CACHE_MIN_TOKENS; the longest prefix cached before is read, the rest up to
 the last mark written, for 5 minutes or for `"ttl": "1h"`. `usage.input_tokens` counts only
 what was neither read nor written; `cache_creation` splits the writes by TTL.
+
+Extended thinking (https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking):
+with `thinking` enabled (or adaptive) the answer opens with a thinking block, "Thinking about:
+<last user text, or the tool result>", and a `signature` (streamed as a `signature_delta` after
+the `thinking_delta`s); its words count in output_tokens and in
+`output_tokens_details.thinking_tokens`. A prompt holding REDACTED_TRIGGER (the test string of
+those docs) gets a `redacted_thinking` block before it. A thinking block sent back must carry
+the signature the mock gave it, and with thinking on, an assistant message whose tool calls the
+last message answers must open with its thinking, as the API demands.
 """
 from __future__ import annotations
 
@@ -268,15 +277,85 @@ async def messages(call: Call) -> web.StreamResponse:
     body = body_dict(call)
     conv = messages_conversation(body, validate_messages(body, need_max_tokens=True))
     validate_sampling(body)
+    thinking = thinking_for(body, conv)
     reply = reply_for(call.bounded(conv), id_prefix="toolu_01")
     cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)
     if body.get("stream") is True:
         items = message_events(message_id, str(body["model"]), reply, call.config.chunk_chars,
-                               cache)
+                               cache, thinking)
         return await respond_stream(call, items, call.stream_error())
     return await respond_json(call, message_object(message_id, str(body["model"]), reply,
-                                                   cache))
+                                                   cache, thinking))
+
+
+# The extended-thinking docs' string for testing redacted thinking.
+REDACTED_TRIGGER = ("ANTHROPIC_MAGIC_STRING_TRIGGER_REDACTED_THINKING_"
+                    "46C9A13E193C177646C7398A98432ECCCE4C1253")
+_THINKING_ORDER = ("When `thinking` is enabled, a final `assistant` message must start with a "
+                   "thinking block (preceeding the lastmost set of `tool_use` and "
+                   "`tool_result` blocks). We recommend you include thinking blocks from "
+                   "previous turns. To avoid this requirement, disable `thinking`.")
+
+
+def thinking_signature(thinking: str) -> str:
+    """The mock's signature of a thinking text (Anthropic's is opaque and checked alike)."""
+    return "EqMB" + hashlib.sha256(b"mock-thinking:" + thinking.encode()).hexdigest()
+
+
+def redacted_data(prompt: str) -> str:
+    return "EmwK" + hashlib.sha256(b"mock-redacted:" + prompt.encode()).hexdigest()
+
+
+def thinking_for(body: JSON, conv: Conversation) -> list[JSON]:
+    """The thinking blocks the answer opens with ([] without `thinking`), after checking the
+    ones the request sends back."""
+    enabled = _thinking_enabled(body)
+    messages = body["messages"]
+    for index, message in enumerate(messages):
+        blocks = message.get("content") if isinstance(message.get("content"), list) else []
+        for position, block in enumerate(blocks):
+            if isinstance(block, dict) and block.get("type") == "thinking" and \
+                    block.get("signature") != thinking_signature(str(block.get("thinking"))):
+                raise BadRequest(f"messages.{index}.content.{position}: Invalid `signature` "
+                                 "in `thinking` block")
+    if not enabled:
+        return []
+    if conv.tool_result is not None and len(messages) >= 2:
+        opening = messages[-2].get("content")
+        first = opening[0] if isinstance(opening, list) and opening else {}
+        if first.get("type") not in ("thinking", "redacted_thinking"):
+            raise BadRequest(f"messages.{len(messages) - 2}.content.0.type: Expected "
+                             f"`thinking` or `redacted_thinking`, but found "
+                             f"`{first.get('type')}`. {_THINKING_ORDER}")
+    about = conv.last_user_text if conv.tool_result is None else conv.tool_result
+    text = "Thinking about: " + about
+    blocks = [{"type": "thinking", "thinking": text, "signature": thinking_signature(text)}]
+    if REDACTED_TRIGGER in conv.last_user_text:
+        blocks.insert(0, {"type": "redacted_thinking", "data": redacted_data(about)})
+    return blocks
+
+
+def _thinking_enabled(body: JSON) -> bool:
+    config = body.get("thinking")
+    if config is None:
+        return False
+    kind = str(config.get("type")) if isinstance(config, dict) else None
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise BadRequest("thinking: Input tag does not match any of the expected tags: "
+                         "'adaptive', 'disabled', 'enabled'")
+    if kind == "enabled":
+        budget = config.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            raise BadRequest("thinking.enabled.budget_tokens: Input should be greater than "
+                             "or equal to 1024")
+        if not budget < int(body.get("max_tokens") or 0):
+            raise BadRequest("`max_tokens` must be greater than `thinking.budget_tokens`.")
+    return kind != "disabled"
+
+
+def thinking_tokens(thinking: list[JSON]) -> int:
+    return sum(words(str(block.get("thinking") or "")) for block in thinking)
 
 
 PROMPT_CACHE_MIN_TOKENS = 1024  # (Claude Sonnet and Opus; Haiku's is larger)
@@ -353,22 +432,28 @@ async def list_models(call: Call) -> web.StreamResponse:
 
 # -- rendering --------------------------------------------------------------------------------
 
-def usage(input_tokens: int, output_tokens: int, cache: Cached = (0, 0, 0)) -> JSON:
+def usage(input_tokens: int, output_tokens: int, cache: Cached = (0, 0, 0),
+          thinking: int = 0) -> JSON:
+    """`output_tokens` includes the `thinking` tokens, as Anthropic counts them."""
     read, written_5m, written_1h = cache
-    return {"input_tokens": input_tokens - read - written_5m - written_1h,
-            "cache_creation_input_tokens": written_5m + written_1h,
-            "cache_read_input_tokens": read,
-            "cache_creation": {"ephemeral_5m_input_tokens": written_5m,
-                               "ephemeral_1h_input_tokens": written_1h},
-            "output_tokens": output_tokens, "service_tier": "standard"}
+    out: JSON = {"input_tokens": input_tokens - read - written_5m - written_1h,
+                 "cache_creation_input_tokens": written_5m + written_1h,
+                 "cache_read_input_tokens": read,
+                 "cache_creation": {"ephemeral_5m_input_tokens": written_5m,
+                                    "ephemeral_1h_input_tokens": written_1h},
+                 "output_tokens": output_tokens + thinking, "service_tier": "standard"}
+    if thinking:
+        out["output_tokens_details"] = {"thinking_tokens": thinking}
+    return out
 
 
-def delta_usage(reply: Reply, cache: Cached) -> JSON:
+def delta_usage(reply: Reply, cache: Cached, thinking: int = 0) -> JSON:
     """message_delta's usage (MessageDeltaUsage): the cumulative counts, without
     `cache_creation`'s split by TTL."""
-    whole = usage(reply.input_tokens, reply.output_tokens, cache)
+    whole = usage(reply.input_tokens, reply.output_tokens, cache, thinking)
     return {name: whole[name] for name in ("input_tokens", "cache_creation_input_tokens",
-                                           "cache_read_input_tokens", "output_tokens")}
+                                           "cache_read_input_tokens", "output_tokens",
+                                           "output_tokens_details") if name in whole}
 
 
 def content_blocks(reply: Reply) -> list[JSON]:
@@ -379,15 +464,40 @@ def content_blocks(reply: Reply) -> list[JSON]:
 
 
 def message_object(message_id: str, model: str, reply: Reply,
-                   cache: Cached = (0, 0, 0)) -> JSON:
+                   cache: Cached = (0, 0, 0), thinking: list[JSON] | None = None) -> JSON:
+    thinking = thinking or []
     return {"id": message_id, "type": "message", "role": "assistant", "model": model,
-            "content": content_blocks(reply), "stop_reason": STOP_REASONS[reply.finish],
-            "stop_sequence": None,
-            "usage": usage(reply.input_tokens, reply.output_tokens, cache)}
+            "content": thinking + content_blocks(reply),
+            "stop_reason": STOP_REASONS[reply.finish], "stop_sequence": None,
+            "usage": usage(reply.input_tokens, reply.output_tokens, cache,
+                           thinking_tokens(thinking))}
 
 
-def message_events(message_id: str, model: str, reply: Reply,
-                   chunk_chars: int, cache: Cached = (0, 0, 0)) -> list[StreamItem]:
+def thinking_events(thinking: list[JSON], chunk_chars: int) -> list[StreamItem]:
+    """The thinking blocks at indexes 0..: a thinking block streams its text, then its
+    signature; a redacted one comes whole in its content_block_start."""
+    items: list[StreamItem] = []
+    for index, block in enumerate(thinking):
+        opening = block if block["type"] == "redacted_thinking" else \
+            {"type": "thinking", "thinking": "", "signature": ""}
+        deltas = [] if block["type"] == "redacted_thinking" else [
+            *({"type": "thinking_delta", "thinking": piece}
+              for piece in split_chunks(block["thinking"], chunk_chars)),
+            {"type": "signature_delta", "signature": block["signature"]}]
+        items.append((sse({"type": "content_block_start", "index": index,
+                           "content_block": opening}, "content_block_start"), False))
+        items += [(sse({"type": "content_block_delta", "index": index, "delta": delta},
+                       "content_block_delta"), True) for delta in deltas]
+        items.append((sse({"type": "content_block_stop", "index": index},
+                          "content_block_stop"), False))
+    return items
+
+
+def message_events(message_id: str, model: str, reply: Reply, chunk_chars: int,
+                   cache: Cached = (0, 0, 0),
+                   thinking: list[JSON] | None = None) -> list[StreamItem]:
+    thinking = thinking or []
+    at = len(thinking)  # the answer's block index
     start: JSON = {"id": message_id, "type": "message", "role": "assistant", "model": model,
              "content": [], "stop_reason": None, "stop_sequence": None,
              "usage": usage(reply.input_tokens, 1, cache)}
@@ -403,15 +513,17 @@ def message_events(message_id: str, model: str, reply: Reply,
                   for piece in split_chunks(reply.text or "", chunk_chars)]
     items: list[StreamItem] = [
         (sse({"type": "message_start", "message": start}, "message_start"), False),
-        (sse({"type": "content_block_start", "index": 0, "content_block": block},
+        *thinking_events(thinking, chunk_chars),
+        (sse({"type": "content_block_start", "index": at, "content_block": block},
              "content_block_start"), False),
         (sse({"type": "ping"}, "ping"), False)]
-    items += [(sse({"type": "content_block_delta", "index": 0, "delta": delta},
+    items += [(sse({"type": "content_block_delta", "index": at, "delta": delta},
                    "content_block_delta"), True) for delta in deltas]
     items += [
-        (sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), False),
+        (sse({"type": "content_block_stop", "index": at}, "content_block_stop"), False),
         (sse({"type": "message_delta", "delta": {"stop_reason": STOP_REASONS[reply.finish],
                                                  "stop_sequence": None},
-              "usage": delta_usage(reply, cache)}, "message_delta"), False),
+              "usage": delta_usage(reply, cache, thinking_tokens(thinking))},
+             "message_delta"), False),
         (sse({"type": "message_stop"}, "message_stop"), False)]
     return items

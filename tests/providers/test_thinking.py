@@ -1,0 +1,147 @@
+"""Extended thinking of an Anthropic model for an OpenAI chat client, through the gateway.
+
+The mock Anthropic server thinks when `thinking` is on (tests.mock_providers.anthropic_api):
+"Thinking about: <the question>" in a thinking block with a signature, its words counted in
+`output_tokens_details.thinking_tokens`, and it refuses a tool-use continuation whose
+assistant turn does not open with its (signed) thinking, as Anthropic does. The official
+openai SDK is the client; `thinking` and `thinking_blocks` travel as LiteLLM's callers send
+them. A layer where the metering layer sits sees the usage each request ended with.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.context import Usage, request_context
+from tests.harness import TEST_KEY, ThreadedServer, config_head, write_config
+from tests.mock_providers import MockConfig, MockProviderServer
+from tests.mock_providers.anthropic_api import thinking_signature
+
+QUESTION = "why is the sky blue"
+THINKING = "Thinking about: " + QUESTION
+SIGNATURE = thinking_signature(THINKING)
+REPLY = "Mock reply to: " + QUESTION
+THINK: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+WEATHER: Any = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+SEEN: list[Usage | None] = []
+
+
+class UsageSeen:
+    """Where the metering layer sits: keeps the usage each request ended with."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            try:
+                SEEN.append(request_context(scope).usage)
+            except KeyError:  # (/healthz: no API request)
+                pass
+
+
+def config(mock: MockProviderServer) -> str:
+    return f'''{config_head()}
+from middleware.cache import CacheMiddleware
+from tests.providers.test_thinking import UsageSeen
+providers = {{"anthropic": Provider("anthropic", base_url="{mock.base_url("anthropic")}",
+                                    api_key_env=KEY, timeouts=fast)}}
+models = {{"claude": [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=PRICE)]}}
+middleware = [
+    Middleware(AuthMiddleware, keys=[StaticKey("tests", key_env="SG_TEST_KEY")]),
+    Middleware(UsageSeen),
+    Middleware(CacheMiddleware),
+    Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1)),
+]
+'''
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockProviderServer]:
+    with MockProviderServer(MockConfig()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(mock: MockProviderServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    path = write_config(tmp_path_factory.mktemp("thinking"), config(mock))
+    with ThreadedServer(create_app(path)) as server:
+        yield server
+
+
+@pytest.fixture
+def oai(gateway: ThreadedServer) -> openai.OpenAI:
+    SEEN.clear()
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+
+def ask(content: str = QUESTION) -> list[Any]:
+    return [{"role": "user", "content": content}]
+
+
+def last_anthropic_request(mock: MockProviderServer) -> dict[str, Any]:
+    seen = [r for r in mock.requests if r["provider"] == "anthropic"]
+    return seen[-1]["json"]  # type: ignore[no-any-return]
+
+
+def tool_turn(thinking_blocks: list[Any]) -> list[Any]:
+    """The weather question, the assistant's call (with `thinking_blocks`) and its result."""
+    thinking = "Thinking about: weather in Paris"
+    return [*ask("weather in Paris"),
+            {"role": "assistant", "content": None, "thinking_blocks": thinking_blocks,
+             "reasoning_content": thinking,
+             "tool_calls": [{"id": "toolu_01abc", "type": "function", "function": {
+                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "toolu_01abc", "content": "sunny"}]
+
+
+# -- the request: thinking on, thinking blocks sent back -------------------------------------
+
+def test_thinking_blocks_sent_back_open_the_assistant_turn_of_a_tool_continuation(
+        oai: openai.OpenAI, mock: MockProviderServer) -> None:
+    """Anthropic refuses a tool result after an assistant turn without its thinking when
+    thinking is on; the blocks go back first, with their signatures, an unsigned one (another
+    provider's reasoning) left out."""
+    thinking = "Thinking about: weather in Paris"
+    blocks = [{"type": "redacted_thinking", "data": "EmwKopaque"},
+              {"type": "thinking", "thinking": "another model's reasoning", "signature": ""},
+              {"type": "thinking", "thinking": thinking,
+               "signature": thinking_signature(thinking)}]
+    answer = oai.chat.completions.create(model="claude", messages=tool_turn(blocks),
+                                         tools=[WEATHER], extra_body=THINK)
+    assert answer.choices[0].message.content == "Tool result received: sunny"
+    sent = last_anthropic_request(mock)
+    assert sent["thinking"] == THINK["thinking"]
+    assert sent["messages"][1]["content"] == [
+        {"type": "redacted_thinking", "data": "EmwKopaque"},
+        {"type": "thinking", "thinking": thinking, "signature": thinking_signature(thinking)},
+        {"type": "tool_use", "id": "toolu_01abc", "name": "get_weather",
+         "input": {"city": "Paris"}}]
+
+
+def test_a_tool_continuation_without_its_thinking_is_anthropics_400(
+        oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="must start with a thinking block"):
+        oai.chat.completions.create(model="claude", messages=tool_turn([]), tools=[WEATHER],
+                                    extra_body=THINK)
+
+
+def test_thinking_blocks_of_an_unknown_type_are_refused(oai: openai.OpenAI,
+                                                        mock: MockProviderServer) -> None:
+    calls = len(mock.requests)
+    with pytest.raises(openai.BadRequestError, match="thinking_blocks of type 'text'"):
+        oai.chat.completions.create(model="claude", messages=tool_turn(
+            [{"type": "text", "text": "hi"}]), tools=[WEATHER], extra_body=THINK)
+    assert len(mock.requests) == calls
