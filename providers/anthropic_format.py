@@ -62,6 +62,7 @@ from providers.anthropic_stream import (
     MessagesStreamToChat,
     anthropic_usage,
     chat_reasoning,
+    chat_thinking_block,
     chat_usage,
     completion_id,
     created_now,
@@ -450,9 +451,15 @@ def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
 # -- Anthropic Message -> OpenAI chat.completion ---------------------------------------------
 
 def messages_response_to_chat(resp: JSON, public_model: str) -> JSON:
-    """Anthropic Message -> OpenAI `chat.completion` (thinking and server-tool blocks dropped)."""
+    """Anthropic Message -> OpenAI `chat.completion` (server-tool blocks dropped).
+
+    Thinking becomes the message's `reasoning_content` (the text of its thinking blocks)
+    and `thinking_blocks` (them and the redacted ones, signatures included, for the
+    client to send back), as LiteLLM answers.
+    """
     texts: list[str] = []
     calls: list[JSON] = []
+    thinking: list[JSON] = []
     for block in resp.get("content") or ():
         if block.get("type") == "text":
             texts.append(block.get("text") or "")
@@ -460,8 +467,14 @@ def messages_response_to_chat(resp: JSON, public_model: str) -> JSON:
             calls.append({"id": block.get("id"), "type": "function", "function": {
                 "name": block.get("name"),
                 "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif block.get("type") in ("thinking", "redacted_thinking"):
+            thinking.append(chat_thinking_block(block))
     content = "".join(texts) if texts or not calls else None
     message: JSON = {"role": "assistant", "content": content, "refusal": None}
+    if thinking:
+        message["reasoning_content"] = "".join(block.get("thinking") or ""
+                                               for block in thinking)
+        message["thinking_blocks"] = thinking
     if calls:
         message["tool_calls"] = calls
     completion: JSON = {

@@ -2,8 +2,8 @@
 
 Anthropic (https://docs.anthropic.com/en/api/messages-streaming): `message_start` carries a
 Message with empty content and the input usage; each content block is a
-`content_block_start`, deltas (`text_delta`, `input_json_delta`, and `thinking_delta`,
-`signature_delta`, `citations_delta` which have no chat equivalent) and a
+`content_block_start`, deltas (`text_delta`, `input_json_delta`, `thinking_delta`,
+`signature_delta`, and `citations_delta` which has no chat equivalent) and a
 `content_block_stop`; then `message_delta` (stop_reason and cumulative usage, which may
 repeat the input counts) and `message_stop`. `ping` may come anywhere; an `error` event
 ends a stream that already answered 200. The SDKs index `content[event.index]`, so block
@@ -161,6 +161,15 @@ def chat_reasoning(message: JSON) -> str:
     return ""
 
 
+def chat_thinking_block(block: JSON) -> JSON:
+    """An Anthropic thinking or redacted_thinking block as a chat message's `thinking_blocks`
+    hold it (LiteLLM's shape: the block's own fields)."""
+    if block.get("type") == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": block.get("data") or ""}
+    return {"type": "thinking", "thinking": block.get("thinking") or "",
+            "signature": block.get("signature") or ""}
+
+
 def stream_error(error: Any, default_type: str) -> UpstreamStreamError:
     """UpstreamStreamError from an `error` object of either API (or a bare string)."""
     if isinstance(error, dict):
@@ -170,10 +179,16 @@ def stream_error(error: Any, default_type: str) -> UpstreamStreamError:
 
 
 class MessagesStreamToChat:
-    """Anthropic stream events -> OpenAI `chat.completion.chunk` dicts, one message's worth."""
+    """Anthropic stream events -> OpenAI `chat.completion.chunk` dicts, one message's worth.
+
+    Thinking streams as `reasoning_content` deltas; each thinking block, once it stopped
+    (its signature is its last delta), follows whole with its signature in a delta's
+    `thinking_blocks`, a redacted one as soon as it starts. LiteLLM sends every piece there
+    too, but then the pieces a client (or the cache) collects are no blocks it can send back.
+    """
 
     __slots__ = ("_calls", "_created", "_finish_sent", "_finished", "_id", "_include_usage",
-                 "_model", "_opened", "_usage", "_with_arguments")
+                 "_model", "_opened", "_thinking", "_usage", "_with_arguments")
 
     def __init__(self, public_model: str, include_usage: bool) -> None:
         self._model = public_model
@@ -182,6 +197,7 @@ class MessagesStreamToChat:
         self._created = created_now()
         self._calls: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._with_arguments: set[int] = set()  # tool_calls indexes that got argument text
+        self._thinking: dict[int, JSON] = {}  # Anthropic block index -> the thinking so far
         self._usage: JSON | None = None   # Anthropic-shaped, merged as events arrive
         self._opened = False
         self._finish_sent = False
@@ -236,12 +252,27 @@ class MessagesStreamToChat:
             return self._emit({"tool_calls": [call]})
         if block.get("type") == "text" and block.get("text"):
             return self._emit({"content": block["text"]})
-        return []  # thinking and server-tool blocks are not part of a chat answer
+        if block.get("type") == "thinking":
+            self._thinking[int(data.get("index", 0))] = {
+                "type": "thinking", "thinking": [block.get("thinking") or ""],
+                "signature": block.get("signature") or ""}
+            return self._emit({"reasoning_content": block["thinking"]}) \
+                if block.get("thinking") else []
+        if block.get("type") == "redacted_thinking":
+            return self._emit({"thinking_blocks": [chat_thinking_block(block)]})
+        return []  # server-tool blocks are not part of a chat answer
 
     def _block_delta(self, data: JSON) -> list[JSON]:
         delta = data.get("delta") or {}
         if delta.get("type") == "text_delta" and delta.get("text"):
             return self._emit({"content": delta["text"]})
+        thinking = self._thinking.get(int(data.get("index", -1)))
+        if thinking is not None and delta.get("type") == "signature_delta":
+            thinking["signature"] = delta.get("signature") or ""
+        if thinking is not None and delta.get("type") == "thinking_delta" and \
+                delta.get("thinking"):
+            thinking["thinking"].append(delta["thinking"])
+            return self._emit({"reasoning_content": delta["thinking"]})
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
             position = self._calls.get(int(data.get("index", -1)))
             if position is not None:  # else a server tool's input, not a client call
@@ -253,6 +284,10 @@ class MessagesStreamToChat:
     def _block_stop(self, data: JSON) -> list[JSON]:
         """A call without arguments streams `input: {}` and an empty partial_json; its
         OpenAI arguments are "{}", as OpenAI's own and the non-stream translation say."""
+        thinking = self._thinking.pop(int(data.get("index", -1)), None)
+        if thinking is not None:
+            return self._emit({"thinking_blocks": [
+                {**thinking, "thinking": "".join(thinking["thinking"])}]})
         position = self._calls.get(int(data.get("index", -1)))
         if position is None or position in self._with_arguments:
             return []

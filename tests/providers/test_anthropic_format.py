@@ -408,7 +408,7 @@ def test_reasoning_tokens_are_anthropics_thinking_tokens_both_ways() -> None:
     assert "output_tokens_details" not in anthropic_stream.anthropic_usage(no_reasoning)
 
 
-def test_tool_use_message_becomes_tool_calls_and_thinking_is_dropped() -> None:
+def test_tool_use_message_becomes_tool_calls_and_thinking_reasoning_and_blocks() -> None:
     resp = anthropic_message(
         {"type": "thinking", "thinking": "The user wants weather.", "signature": "EqQBCgIYAh"},
         {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"},
@@ -418,7 +418,13 @@ def test_tool_use_message_becomes_tool_calls_and_thinking_is_dropped() -> None:
     out = messages_response_to_chat(resp, "p")
     assert out["choices"][0] == {
         "index": 0, "logprobs": None, "finish_reason": "tool_calls",
-        "message": {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+        "message": {"role": "assistant", "content": None, "refusal": None,
+                    "reasoning_content": "The user wants weather.",
+                    "thinking_blocks": [
+                        {"type": "thinking", "thinking": "The user wants weather.",
+                         "signature": "EqQBCgIYAh"},
+                        {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}],
+                    "tool_calls": [
             {"id": "toolu_01A09q90qw90lq917835lq9", "type": "function", "function": {
                 "name": "get_weather",
                 "arguments": "{\"location\":\"San Francisco, CA\",\"unit\":\"celsius\"}"}}]}}
@@ -555,6 +561,9 @@ def test_tool_stream_chunks() -> None:
         "{\"location\":", " \"San Francisc", "o, CA\", \"unit\": \"fahrenheit\"}")]
     assert out[:-1] == [
         chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "I need the weather tool."}),
+        chunk({"thinking_blocks": [{"type": "thinking", "thinking": "I need the weather tool.",
+                                    "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"}]}),
         chunk({"content": "Okay"}),
         chunk({"content": ", let's check the weather for San Francisco, CA:"}),
         chunk({"tool_calls": [{"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",

@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.context import Usage, request_context
 from tests.harness import TEST_KEY, ThreadedServer, config_head, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
-from tests.mock_providers.anthropic_api import thinking_signature
+from tests.mock_providers.anthropic_api import REDACTED_TRIGGER, redacted_data, thinking_signature
 
 QUESTION = "why is the sky blue"
 THINKING = "Thinking about: " + QUESTION
@@ -145,3 +145,111 @@ def test_thinking_blocks_of_an_unknown_type_are_refused(oai: openai.OpenAI,
         oai.chat.completions.create(model="claude", messages=tool_turn(
             [{"type": "text", "text": "hi"}]), tools=[WEATHER], extra_body=THINK)
     assert len(mock.requests) == calls
+
+
+# -- the answer: reasoning_content and thinking_blocks ---------------------------------------
+
+def test_an_answer_carries_the_thinking_as_reasoning_content_and_thinking_blocks(
+        oai: openai.OpenAI) -> None:
+    message = oai.chat.completions.create(model="claude", messages=ask(),
+                                          extra_body=THINK).choices[0].message
+    assert message.content == REPLY
+    assert message.model_extra == {
+        "reasoning_content": THINKING,
+        "thinking_blocks": [{"type": "thinking", "thinking": THINKING,
+                             "signature": SIGNATURE}]}
+
+
+def test_a_stream_carries_reasoning_content_pieces_then_each_whole_signed_block(
+        oai: openai.OpenAI, mock: MockProviderServer) -> None:
+    mock.config.update({"chunk_chars": 8})
+    reasoning, blocks, text = [], [], []
+    for chunk in oai.chat.completions.create(model="claude", messages=ask(), stream=True,
+                                             extra_body=THINK):
+        for choice in chunk.choices:
+            extra = choice.delta.model_extra or {}
+            reasoning.append(extra.get("reasoning_content") or "")
+            blocks += extra.get("thinking_blocks") or []
+            text.append(choice.delta.content or "")
+    assert len([piece for piece in reasoning if piece]) == len(range(0, len(THINKING), 8))
+    assert ("".join(reasoning), blocks, "".join(text)) == (
+        THINKING, [{"type": "thinking", "thinking": THINKING, "signature": SIGNATURE}], REPLY)
+
+
+def test_redacted_thinking_comes_back_as_a_thinking_block_in_its_place(
+        oai: openai.OpenAI) -> None:
+    question = QUESTION + " " + REDACTED_TRIGGER
+    thinking = "Thinking about: " + question
+    expected = [{"type": "redacted_thinking", "data": redacted_data(question)},
+                {"type": "thinking", "thinking": thinking,
+                 "signature": thinking_signature(thinking)}]
+    message = oai.chat.completions.create(model="claude", messages=ask(question),
+                                          extra_body=THINK).choices[0].message
+    assert (message.model_extra or {})["thinking_blocks"] == expected
+    streamed = []
+    for chunk in oai.chat.completions.create(model="claude", messages=ask(question),
+                                             stream=True, extra_body=THINK):
+        for choice in chunk.choices:
+            streamed += (choice.delta.model_extra or {}).get("thinking_blocks") or []
+    assert streamed == expected
+
+
+def test_the_blocks_of_an_answer_sent_back_continue_its_tool_call(oai: openai.OpenAI) -> None:
+    """The assistant message as the SDK returned it goes back in the history, unchanged."""
+    question = ask("weather in Paris")
+    first = oai.chat.completions.create(model="claude", messages=question, tools=[WEATHER],
+                                        extra_body=THINK).choices[0].message
+    assert first.tool_calls is not None
+    call = first.tool_calls[0]
+    history = [*question, first.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answer = oai.chat.completions.create(model="claude", messages=history, tools=[WEATHER],
+                                         extra_body=THINK).choices[0].message
+    assert answer.content == "Tool result received: sunny"
+    assert (answer.model_extra or {})["reasoning_content"] == "Thinking about: sunny"
+
+
+def test_thinking_tokens_are_reasoning_tokens_live_streamed_and_from_the_cache(
+        oai: openai.OpenAI) -> None:
+    """Anthropic's `output_tokens_details.thinking_tokens` (a part of output_tokens) are the
+    reasoning_tokens of the client's usage and of the metered one; a cached answer replays
+    its thinking too."""
+    question = ask(QUESTION + " counted")
+    thinking_tokens = len(("Thinking about: " + QUESTION + " counted").split())
+    output_tokens = thinking_tokens + len((REPLY + " counted").split())
+    zero: dict[str, Any] = {**THINK, "temperature": 0}
+    live = oai.chat.completions.create(model="claude", messages=question, extra_body=zero)
+    streamed = [chunk.usage for chunk in oai.chat.completions.create(
+        model="claude", messages=question, stream=True, stream_options={"include_usage": True},
+        extra_body=THINK) if chunk.usage is not None]
+    hit = oai.chat.completions.with_raw_response.create(model="claude", messages=question,
+                                                        extra_body=zero)
+    assert hit.headers["x-sluicegate-cache"] == "hit"
+    cached = hit.parse()
+    for answer in (live, cached):
+        extra = answer.choices[0].message.model_extra or {}
+        assert extra.get("reasoning_content") == "Thinking about: " + QUESTION + " counted"
+    for usage in (live.usage, *streamed, cached.usage):
+        assert usage is not None and usage.completion_tokens_details is not None
+        assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) \
+            == (output_tokens, thinking_tokens)
+    assert [(seen.output_tokens, seen.reasoning_tokens) if seen else None for seen in SEEN] \
+        == [(output_tokens, thinking_tokens)] * 3
+
+
+def test_a_collected_stream_answers_from_the_cache_with_its_whole_blocks(
+        oai: openai.OpenAI) -> None:
+    question = ask(QUESTION + " collected")
+    thinking = "Thinking about: " + QUESTION + " collected"
+    zero: dict[str, Any] = {**THINK, "temperature": 0}
+    for _ in oai.chat.completions.create(model="claude", messages=question, stream=True,
+                                         extra_body=zero):
+        pass
+    hit = oai.chat.completions.with_raw_response.create(model="claude", messages=question,
+                                                        extra_body=zero)
+    assert hit.headers["x-sluicegate-cache"] == "hit"
+    assert hit.parse().choices[0].message.model_extra == {
+        "reasoning_content": thinking,
+        "thinking_blocks": [{"type": "thinking", "thinking": thinking,
+                             "signature": thinking_signature(thinking)}]}
+
