@@ -25,8 +25,8 @@ _MESSAGE_STOP = (b'"message_stop"',)
 def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | None:
     """message_start carries the input usage; message_delta the cumulative output and, from
     the API of 2025 on, the cumulative input counts again, without `cache_creation`'s split
-    by TTL: a count the delta carries replaces its earlier value, one it lacks (or sends
-    as null) keeps it."""
+    by TTL, and the output's thinking tokens (`output_tokens_details`): a count the delta
+    carries replaces its earlier value, one it lacks (or sends as null) keeps it."""
     if payload.get("type") == "message_start":
         return Usage.from_anthropic((payload.get("message") or {}).get("usage"))
     delta = payload.get("usage")
@@ -51,6 +51,9 @@ def _stream_usage(payload: dict[str, Any], previous: Usage | None) -> Usage | No
             usage.cache_write_1h_tokens = usage.cache_write_tokens
     usage.input_tokens = fresh + usage.cached_input_tokens + usage.cache_write_tokens
     usage.output_tokens = int(delta.get("output_tokens") or usage.output_tokens)
+    details = delta.get("output_tokens_details")  # (thinking is counted once it is done)
+    if isinstance(details, dict) and details.get("thinking_tokens") is not None:
+        usage.reasoning_tokens = int(details["thinking_tokens"])
     return usage
 
 

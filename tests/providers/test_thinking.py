@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -253,3 +254,17 @@ def test_a_collected_stream_answers_from_the_cache_with_its_whole_blocks(
         "thinking_blocks": [{"type": "thinking", "thinking": thinking,
                              "signature": thinking_signature(thinking)}]}
 
+
+def test_an_anthropic_callers_stream_meters_its_thinking_tokens(
+        gateway: ThreadedServer) -> None:
+    """Same format in and out: the bytes pass through, and the usage read from them takes
+    the thinking tokens from message_delta (message_start has none yet)."""
+    SEEN.clear()
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+    with sdk.messages.stream(model="claude", max_tokens=2048, messages=ask(),
+                             thinking={"type": "enabled", "budget_tokens": 1024}) as stream:
+        message = stream.get_final_message()
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    thinking_tokens = len(THINKING.split())
+    assert [(seen.output_tokens, seen.reasoning_tokens) if seen else None for seen in SEEN] \
+        == [(thinking_tokens + len(REPLY.split()), thinking_tokens)]
