@@ -91,7 +91,7 @@ def chat_chunk_has_content(chunk: dict[str, Any]) -> bool:
         # text instead let the first-byte timeout cut a model that was streaming.
         if (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
                 or delta.get("function_call") or delta.get("reasoning_content")
-                or delta.get("reasoning") or choice.get("text")
+                or delta.get("reasoning") or delta.get("thinking_blocks") or choice.get("text")
                 or choice.get("finish_reason")):
             return True
     return False

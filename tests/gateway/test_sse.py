@@ -198,3 +198,14 @@ def test_done_in_the_answers_text_is_not_the_end() -> None:
     said = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"Reply [DONE] when"}}]}\n\n'
     error = _verdict(_chat_codec(), [CHUNK, said])
     assert error is not None and error.error_type == "incomplete_stream"
+
+
+def test_a_chunk_carrying_only_reasoning_or_thinking_blocks_is_output() -> None:
+    # (the first-byte timeout waits for output: a reasoning model's first is its reasoning,
+    # and an OpenAI-compatible server in front of Claude may open with a redacted block)
+    def chunk(delta: dict[str, object]) -> dict[str, object]:
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    assert not chat_chunk_has_content(chunk({"role": "assistant", "content": ""}))
+    for delta in ({"reasoning_content": "Let me"}, {"reasoning": "Let me"},
+                  {"thinking_blocks": [{"type": "redacted_thinking", "data": "EmwK"}]}):
+        assert chat_chunk_has_content(chunk(delta)), delta
