@@ -466,12 +466,16 @@ def refusal(item: Planned, decision: Decision) -> GatewayError:
     if check.kind == BUDGET:
         return _budget_refusal(item)
     headers: list[tuple[bytes, bytes]] = []
-    if check.kind == CONCURRENT:  # a slot frees when any request ends, usually in seconds
+    if check.kind == CONCURRENT and check.limit > 0:  # a slot frees when any request ends
         headers.append((b"retry-after", b"1"))
     elif decision.retry_after_s is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(decision.retry_after_s))).encode()))
     who = check.label[0].upper() + check.label[1:]
-    if check.kind == CONCURRENT:
+    if check.limit == 0:  # (no waiting lets one through: no Retry-After)
+        unit = {REQUESTS: "requests per minute", TOKENS: "tokens per minute",
+                CONCURRENT: "concurrent requests"}[check.kind]
+        message = (f"Not permitted: {check.label} may make no requests ({unit} is 0).")
+    elif check.kind == CONCURRENT:
         message = (f"Too many concurrent requests: {check.label} may have {check.limit} "
                    "requests in flight.")
     elif decision.retry_after_s is None and check.amount > check.limit:

@@ -280,6 +280,21 @@ def test_rpm_admits_exactly_n_then_429_in_openai_shape(
     assert len(mock.requests) == 3  # the refused request never reached the provider
 
 
+@pytest.mark.parametrize("limit", ["rpm=0", "tpm=0", "max_concurrent=0"])
+def test_a_limit_of_zero_refuses_without_a_retry_after(start: Start, store: str,
+                                                       mock: MockProviderServer,
+                                                       limit: str) -> None:
+    # (rpm=0 was "Request too large: it needs about 1 tokens", and max_concurrent=0 told
+    # the client to retry every second, forever)
+    gateway = start(auth(static_key(f"Limits({limit})")), quota(store))
+    refused = gateway.chat()
+    assert refused.status_code == 429
+    assert "retry-after" not in refused.headers
+    message = refused.json()["error"]["message"]
+    assert message.startswith("Not permitted: key k-test may make no requests"), message
+    assert mock.requests == []
+
+
 def test_rpm_refusal_in_anthropic_shape(start: Start, store: str,
                                         mock: MockProviderServer) -> None:
     gateway = start(auth(static_key("Limits(rpm=2)")), quota(store))
