@@ -30,7 +30,7 @@ _CHALLENGE = (b"www-authenticate", b'Bearer realm="sluicegate-admin"')
 
 
 def admin_token_from_env(name: str, owner: str) -> bytes:
-    token = os.environ.get(name, "")
+    token = os.environ.get(name, "").strip()  # (see AuthMiddleware: a trailing newline)
     if len(token) < 16 or token.startswith("sk-sg-"):
         raise ConfigError(f"{owner} admin_token_env={name!r} must name an environment variable "
                           "holding an admin token of at least 16 characters (not a virtual key).")

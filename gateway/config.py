@@ -215,7 +215,7 @@ def _settings(module: Any) -> Settings:
         if not isinstance(settings.metrics_token_env, str) or not settings.metrics_token_env:
             raise ConfigError("Settings.metrics_token_env must name an environment variable, "
                               "or be None.")
-        token = os.environ.get(settings.metrics_token_env, "")
+        token = os.environ.get(settings.metrics_token_env, "").strip()
         if not token:
             raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} "
                               "names an environment variable that is not set.")
@@ -265,7 +265,7 @@ def _resolve_keys(config: GatewayConfig) -> None:
             if missing:
                 raise ConfigError(f"model {name!r}: {deployment.name} needs the environment "
                                   f"variable(s) {', '.join(missing)}, which are not set.")
-            keys = tuple(ProviderKey(env, os.environ[env]) for env in dict.fromkeys(envs))
+            keys = tuple(ProviderKey(env, os.environ[env].strip()) for env in dict.fromkeys(envs))
             resolved.append(dataclasses.replace(deployment, keys=keys))
         config.models[name] = Model(resolved, description=model.description,
                                     owned_by=model.owned_by, extra=model.extra)

@@ -184,7 +184,7 @@ class Kernel:
         self.server_timing = config.settings.server_timing
         self.metrics_path = config.settings.metrics_path
         token_env = config.settings.metrics_token_env  # (set and checked by load_config)
-        self._metrics_token = os.environ[token_env].encode() if token_env else None
+        self._metrics_token = os.environ[token_env].strip().encode() if token_env else None
         self.metrics = RequestMetrics(config.models, directory=os.environ.get(METRICS_DIR_ENV)) \
             if self.metrics_path is not None else None
         self._snapshots: asyncio.Task[None] | None = None

@@ -153,7 +153,7 @@ class HTTPAdapter:
     def resolve(self, name: str) -> None:
         self.name = name
         if self.api_key_env:
-            key = os.environ.get(self.api_key_env, "")
+            key = os.environ.get(self.api_key_env, "").strip()  # (a trailing newline)
             if not key:
                 raise ConfigError(f"provider {name!r} needs the environment variable "
                                   f"{self.api_key_env}, which is not set.")

@@ -109,7 +109,9 @@ class AuthMiddleware:
                                tuple[VirtualKey, Limits | None, Limits | None, Principal]] = {}
         self.admin: AdminAPI | None = None
         if admin_token_env is not None:
-            token = os.environ.get(admin_token_env, "")
+            # (stripped: a secret mounted from a file often ends in a newline, which no
+            # HTTP header can carry, so the token could never be matched)
+            token = os.environ.get(admin_token_env, "").strip()
             if not token:
                 raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} names an "
                                   "environment variable that is not set.")

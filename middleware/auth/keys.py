@@ -153,7 +153,7 @@ class StaticKey:
             raise ValueError(f"StaticKey for project {self.project!r} needs exactly one of "
                              "key_hash= (the key's SHA-256 hex) or key_env= (an env var name)")
         if self.key_env is not None:
-            plaintext = os.environ.get(self.key_env)
+            plaintext = (os.environ.get(self.key_env) or "").strip()  # (a trailing newline)
             if not plaintext:
                 raise ValueError(f"environment variable {self.key_env} (a virtual key for "
                                  f"project {self.project!r}) is not set")

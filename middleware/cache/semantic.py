@@ -433,7 +433,7 @@ class OpenAIEmbedder(_HttpEmbedderBase):
                  timeout_s: float = 5.0) -> None:
         headers = {}
         if key_env is not None:
-            key = os.environ.get(key_env, "")
+            key = os.environ.get(key_env, "").strip()
             if not key:
                 raise ConfigError(f"OpenAIEmbedder key_env={key_env!r} names an environment "
                                   "variable that is not set.")

@@ -158,7 +158,7 @@ class ResponseAffinity:
         the loaded config: `providers` name -> adapter, `models` name -> gateway.upstream.Model).
         Until then (a layer used without a config) an account is its entry and key names."""
         for name, adapter in providers.items():
-            own = os.environ.get(adapter.api_key_env, "") if adapter.api_key_env else ""
+            own = os.environ.get(adapter.api_key_env, "").strip() if adapter.api_key_env else ""
             self._accounts[name, None] = self._account(adapter, own)
         for model in models.values():
             for deployment in model.deployments:

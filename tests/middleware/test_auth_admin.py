@@ -785,3 +785,25 @@ async def test_a_key_pasted_into_an_admin_url_never_reaches_the_log(
     leaked = pasted[6:] in caplog.text
     assert not leaked  # (not `pasted not in caplog.text`: pytest would print the key)
     assert "'/admin/keys/sk-sg-…'" in caplog.text and "Bearer:sk-sg-…'" in caplog.text
+
+
+def test_a_secret_read_from_a_file_with_its_newline_still_works(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, mock_url: str) -> None:
+    # (a Kubernetes secret or an EnvironmentFile often ends in a newline, which no header
+    # can carry: the admin token, and a static key's hash, could never be matched)
+    from gateway import create_app
+    from tests.harness import mock_config, write_config
+    key = "sk-sg-newline-" + uuid.uuid4().hex
+    monkeypatch.setenv("SG_NL_KEY", key + "\n")
+    monkeypatch.setenv("SG_NL_ADMIN", "newline-admin-token-0123456789\n")
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('nl', key_env='SG_NL_KEY')], "
+              "admin_token_env='SG_NL_ADMIN')]")
+    app = create_app(write_config(tmp_path, mock_config(mock_url, middleware=layers)))
+    with ThreadedServer(app) as server:
+        listed = httpx.get(server.url + "/admin/keys", headers={
+            "authorization": "Bearer newline-admin-token-0123456789"})
+        assert listed.status_code == 200, listed.text
+        answered = httpx.post(server.url + "/v1/chat/completions", headers={
+            "authorization": f"Bearer {key}"}, json={
+            "model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]})
+        assert answered.status_code == 200, answered.text
