@@ -327,7 +327,11 @@ class AuthMiddleware:
         user = body.get("user")
         if user is None and isinstance(body.get("metadata"), dict):
             user = body["metadata"].get("user_id")
-        return _clean_customer(user) if isinstance(user, str) and user else None
+        if user is None or user == "":
+            return None
+        if not isinstance(user, str):  # (a number or an object named nobody: served without
+            raise _bad_customer()  # the customer's limits; OpenAI refuses it too)
+        return _clean_customer(user)
 
 
 def _store_unavailable() -> GatewayError:

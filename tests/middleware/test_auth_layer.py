@@ -121,6 +121,12 @@ def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "customer_required"
     assert chat(url, {**auth, "x-sluicegate-customer": "alice"}).status_code == 200
     assert chat(url, auth, user="bob").status_code == 200
+    # A `user` that is no string names nobody: a 400 saying so (it was served without the
+    # customer's limits, or told to send the `user` it had sent).
+    for user in (123, {"id": "bob"}):
+        wrong = chat(url, auth, user=user)
+        assert wrong.status_code == 400, wrong.text
+        assert wrong.json()["error"]["code"] == "invalid_customer"
 
 
 def test_the_customer_header_is_utf8_else_latin1(gateway: tuple[str, Path]) -> None:
