@@ -579,11 +579,19 @@ class PostgresKeyStore:
             return await self.get(key_id)
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = %s").format(sql.Identifier(name)) for name in fields)
-        query = sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE id = %s RETURNING {}").format(
+        # (a revoked key is never changed: a limit set on it would never apply, and a change
+        # that waited on a rotation's row lock would land on the old key, not its successor)
+        query = sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE id = %s "
+                        "AND revoked_at IS NULL RETURNING {}").format(
             self._keys, assignments, _KEY_COLUMNS)
         key = await self._change_key(query, (*map(_db_value, fields.values()), key_id))
-        if key is not None:
-            logger.info("key store: updated %s of key %s", ", ".join(fields), key.id)
+        if key is None:
+            existing = await self.get(key_id)
+            if existing is not None and existing.revoked_at is not None:
+                raise KeyConflict(f"key {key_id} is revoked, and a change to it would never "
+                                  "apply; change the key that replaced it, or create one")
+            return None
+        logger.info("key store: updated %s of key %s", ", ".join(fields), key.id)
         return key
 
     async def revoke(self, key_id: str) -> VirtualKey | None:

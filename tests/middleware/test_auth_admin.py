@@ -312,6 +312,12 @@ def test_revoke_a_key(client: httpx.Client, server: ThreadedServer) -> None:
     again = client.post(f"/admin/keys/{key['id']}/revoke").json()
     assert again["revoked_at"] == revoked["revoked_at"]
     assert_error(client.post("/admin/keys/key_missing/revoke"), 404, "key_not_found")
+    # A revoked key is not changed: a 409, not a 200 for limits that would never apply.
+    for change in (client.put(f"/admin/limits/key/{key['id']}", json={"rpm": 5}),
+                   client.patch(f"/admin/keys/{key['id']}", json={"disabled": False})):
+        error = assert_error(change, 409, "conflict")
+        assert "is revoked" in error["message"]
+    assert client.get(f"/admin/keys/{key['id']}").json()["limits"]["rpm"] is None
 
 
 def test_rotate_a_key(client: httpx.Client, server: ThreadedServer) -> None:
