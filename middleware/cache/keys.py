@@ -22,6 +22,7 @@ __all__ = [
     "CacheControl",
     "cache_key",
     "cache_tags",
+    "canonical",
     "forwarded_headers",
     "is_cacheable",
     "model_tag",
@@ -143,6 +144,11 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]], *,
     if found is None:
         return None
     return tuple((name, ",".join(sorted(values))) for name, values in sorted(found.items()))
+
+
+def canonical(value: Any) -> Any:
+    """`value` with JSON's one number type: 0.0 is 0 (what the key hashes)."""
+    return _canonical(value)
 
 
 def _canonical(value: Any) -> Any:

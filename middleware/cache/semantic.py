@@ -8,11 +8,16 @@ What is compared (`semantic_query`), per the documented conversation policy:
   window, and the roles of the window's messages. So two requests only ever match when they
   share a tenant, a model, a system prompt and tools, and the conversation up to its last turns.
 - The *window* is what is embedded: the conversation's last messages, newest last, at most
-  `window_messages` of them and `window_chars` characters, plain text only. It always holds
-  the last message; a conversation whose last message is longer than `window_chars`, or is
-  not plain text (images, tool results), is not looked up semantically (exact caching still
-  applies). Older turns beyond the window are in the partition, so in a long conversation the
-  history has to match exactly and only the recent turns may be paraphrased.
+  `window_messages` (1) of them and `window_chars` (1,000) characters, plain text only. It
+  always holds the last message; a conversation whose last message is longer than
+  `window_chars`, or is not plain text (images, tool results), is not looked up semantically
+  (exact caching still applies). Older turns are in the partition, so the conversation before
+  its last message has to match exactly and only that message may be paraphrased: embedded
+  with the turns before it, a short new question ("Translate it into German") barely moves
+  the vector of a long conversation, and matched another ("Give it a short title"). A wider
+  window is an option, with that risk. A text longer than the embedder reads (the local
+  model: 256 tokens) is not embedded either: cut silently, a document followed by different
+  questions about it would be one vector.
 - The *guard* (on by default) refuses a match whose window differs in its numbers (digits or
   number words), in how many negations it has ("not", "never", "without", "n't", ...), or
   that swaps a word for its opposite ("ascending"/"descending", "before"/"after", "for"/
@@ -43,7 +48,7 @@ import orjson
 
 from gateway import context as c
 from gateway.config import ConfigError
-from middleware.cache.keys import IGNORED_FIELDS
+from middleware.cache.keys import IGNORED_FIELDS, canonical
 
 __all__ = [
     "HttpEmbedder",
@@ -160,9 +165,10 @@ def guards_agree(first: str, second: str) -> bool:
 
 
 def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str, Any], *,
-                   namespace: str | None = None, window_messages: int = 4,
-                   window_chars: int = 2000,
-                   headers: tuple[tuple[str, str], ...] | None = None) -> SemanticQuery | None:
+                   namespace: str | None = None, window_messages: int = 1,
+                   window_chars: int = 1000,
+                   headers: tuple[tuple[str, str], ...] | None = None,
+                   embedder: str = "") -> SemanticQuery | None:
     """The partition and embedded window of a request (module docstring), or None when the
     request is not looked up semantically. `headers`: the output-changing request headers
     sent on to the provider (`keys.forwarded_headers`), part of the partition."""
@@ -170,6 +176,8 @@ def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str,
         return None
     rest = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
     if operation == c.OPENAI_COMPLETIONS:
+        if rest.get("echo") or rest.get("logprobs") is not None:
+            return None  # (its answer holds the prompt, or per-token facts of its own text)
         prompt = rest.pop("prompt", None)
         if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > window_chars:
             return None
@@ -189,9 +197,12 @@ def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str,
                  for m in messages[start:]]
         window_text = "\n".join(f"{role}: {text}" if len(texts) > 1 else text
                                 for role, text in zip(roles, texts, strict=True))
+    # (numbers as the exact key reads them: temperature 0 and 0.0 are one partition; the
+    # embedder too: another model's vectors, even of the same size, are not comparable)
     document: dict[str, Any] = {"scope": scope_id, "namespace": namespace, "model": model,
-                                "operation": operation, "request": rest, "history": history,
-                                "roles": roles}
+                                "operation": operation, "request": canonical(rest),
+                                "history": canonical(history), "roles": roles,
+                                "embedder": embedder}
     if headers:
         document["headers"] = headers
     try:
@@ -331,15 +342,27 @@ class LocalEmbedder:
                             future.set_exception(error)
                     continue
                 for (_, future), vector in zip(batch, vectors, strict=True):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if vector is None:
+                        future.set_exception(EmbedderError(
+                            "the text is longer than the local model reads"))
+                    else:
                         future.set_result(vector)
         finally:
             self._running = False
 
-    def _encode(self, texts: list[str]) -> list[list[float]]:
-        matrix = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        return [list(map(float, row)) for row in matrix]
+    def _encode(self, texts: list[str]) -> list[list[float] | None]:
+        """The texts' vectors; None for a text longer than the model reads (256 tokens): it
+        would be cut silently, so two texts that differ only past that point (a long
+        document, then different questions about it) would be one vector."""
+        model = self._model
+        fits = [len(ids) <= model.max_seq_length
+                for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        kept = [text for text, fit in zip(texts, fits, strict=True) if fit]
+        rows = iter(model.encode(kept, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=False) if kept else [])
+        return [list(map(float, next(rows))) if fit else None for fit in fits]
 
 
 class _HttpEmbedderBase:
@@ -799,7 +822,7 @@ class SemanticCache:
     def __init__(self, embedder: Embedder, index: VectorIndex | str = "memory", *,
                  threshold: float = 0.95, projects: Sequence[str] | None = None,
                  models: Sequence[str] | None = None, guard: bool = True, top_k: int = 4,
-                 window_messages: int = 4, window_chars: int = 2000) -> None:
+                 window_messages: int = 1, window_chars: int = 1000) -> None:
         if not callable(getattr(embedder, "embed", None)):
             raise ConfigError(f"SemanticCache embedder {embedder!r} has no embed().")
         if not 0.0 < threshold <= 1.0:
@@ -839,7 +862,8 @@ class SemanticCache:
               ) -> SemanticQuery | None:
         return semantic_query(scope_id, model, operation, body, namespace=namespace,
                               window_messages=self.window_messages,
-                              window_chars=self.window_chars, headers=headers)
+                              window_chars=self.window_chars, headers=headers,
+                              embedder=str(getattr(self.embedder, "name", "")))
 
     async def embed(self, text: str) -> list[float]:
         vectors = await self.embedder.embed([text])

@@ -84,6 +84,19 @@ def test_the_partition_holds_everything_but_the_embedded_window() -> None:
         assert other is not None and other.partition != base.partition
 
 
+def test_numbers_are_read_as_the_exact_key_reads_them_and_the_embedder_partitions() -> None:
+    zero = semantic_query("project:a", "m", "openai.chat", {**chat("hi"), "temperature": 0})
+    zero_point = semantic_query("project:a", "m", "openai.chat",
+                                {**chat("hi"), "temperature": 0.0})
+    assert zero is not None and zero_point is not None
+    assert zero.partition == zero_point.partition  # (a lost hit, it was)
+    other_model = semantic_query("project:a", "m", "openai.chat", chat("hi"),
+                                 embedder="openai:text-embedding-3-small")
+    assert other_model is not None
+    assert other_model.partition != semantic_query("project:a", "m", "openai.chat", chat("hi"),
+                                                   embedder="all-MiniLM-L6-v2").partition
+
+
 def test_the_speaker_name_and_the_forwarded_headers_are_part_of_the_partition() -> None:
     """`name` says who is speaking (multi-party chats, personas): the answer to alice is not
     bob's, however alike their words. The headers the Anthropic adapter sends on (a beta, a
@@ -108,13 +121,22 @@ def test_the_speaker_name_and_the_forwarded_headers_are_part_of_the_partition() 
 def test_the_window_is_the_recent_plain_text_turns_and_older_ones_must_match() -> None:
     turns = [{"role": "user", "content": f"turn {i}"} if i % 2 == 0 else
              {"role": "assistant", "content": f"answer {i}"} for i in range(7)]
+    # By default the window is the last message: every turn before it must match exactly
+    # (embedded with them, a short new question barely moved the vector: "Translate it
+    # into German" after a long policy answered "Give it a short title").
     found = query({"messages": turns})
-    assert found is not None
-    assert found.text == "assistant: answer 3\nuser: turn 4\nassistant: answer 5\nuser: turn 6"
+    assert found is not None and found.text == "turn 6"
+    earlier = [dict(t) for t in turns]
+    earlier[4]["content"] = "turn four, put otherwise"
+    other = query({"messages": earlier})
+    assert other is not None and other.partition != found.partition
+    wide = query({"messages": turns}, window_messages=4, window_chars=2000)
+    assert wide is not None
+    assert wide.text == "assistant: answer 3\nuser: turn 4\nassistant: answer 5\nuser: turn 6"
     changed_history = [dict(t) for t in turns]
     changed_history[0]["content"] = "something else"
-    other = query({"messages": changed_history})
-    assert other is not None and other.partition != found.partition
+    other = query({"messages": changed_history}, window_messages=4, window_chars=2000)
+    assert other is not None and other.partition != wide.partition
     # Two messages when the window is two; text parts count as plain text.
     parts = [{"role": "user", "content": [{"type": "text", "text": "hello"},
                                           {"type": "text", "text": "there"}]}]
@@ -124,7 +146,7 @@ def test_the_window_is_the_recent_plain_text_turns_and_older_ones_must_match() -
 
 
 @pytest.mark.parametrize("body", [
-    chat("x" * 2001),  # longer than the window
+    chat("x" * 1001),  # longer than the window
     {"messages": [{"role": "user", "content": [{"type": "image_url",
                                                 "image_url": {"url": "data:,"}}]}]},
     {"messages": [{"role": "tool", "tool_call_id": "1", "content": "42"}]},
@@ -140,6 +162,9 @@ def test_what_is_not_looked_up_by_meaning(body: dict[str, Any]) -> None:
 def test_completions_embed_the_prompt_and_embeddings_are_never_semantic() -> None:
     found = query({"prompt": "Say hi", "max_tokens": 5}, operation="openai.completions")
     assert found is not None and found.text == "Say hi"
+    # (an echoed prompt is part of the answer; logprobs are of the answer's own tokens)
+    for extra in ({"echo": True}, {"logprobs": 2}):
+        assert query({"prompt": "Say hi", **extra}, operation="openai.completions") is None
     assert query({"input": "Say hi"}, operation="openai.embeddings") is None
 
 
@@ -439,6 +464,26 @@ def local_embedder() -> Iterator[LocalEmbedder]:
     yield embedder
     loop.run_until_complete(embedder.shutdown())
     loop.close()
+
+
+def test_local_embedder_refuses_a_text_longer_than_it_reads(local_embedder: LocalEmbedder
+                                                             ) -> None:
+    # The model reads 256 tokens and cut the rest silently: a policy document followed by
+    # different questions about it was one vector (a hit answering another question).
+    policy = "Employees may claim travel costs within the limits set out below. " * 25
+    async def run() -> tuple[list[BaseException | list[list[float]]], list[list[float]]]:
+        long_ones = await asyncio.gather(
+            local_embedder.embed([policy + "What does this policy say about taxis?"]),
+            local_embedder.embed([policy + "Translate this policy into Spanish."]),
+            return_exceptions=True)
+        return long_ones, await local_embedder.embed(["What does the policy say?"])
+    loop = asyncio.new_event_loop()
+    try:
+        long_ones, short = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert all(isinstance(error, EmbedderError) for error in long_ones), long_ones
+    assert len(short) == 1 and len(short[0]) == 384  # (batched with them, still answered)
 
 
 def test_local_embedder_puts_paraphrases_closer_than_near_topics(local_embedder: LocalEmbedder
