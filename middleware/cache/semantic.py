@@ -85,8 +85,10 @@ class SemanticQuery:
     guard: str  # numbers and negation count of `text`; must match when guarding
 
 
-_NUMBER = re.compile(r"\d+(?:[.,:/]\d+)*")
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+# A number (with its sign, where a minus is no hyphen: "-40 degrees", not "COVID-19") or a
+# word, in the order they come: numbers are compared in order ("Is 7 greater than 9?" is
+# not "Is 9 greater than 7?").
+_TOKEN = re.compile(r"(?P<number>(?:(?<![\w-])-)?\d+(?:[.,:/]\d+)*)|(?P<word>[a-z]+(?:'[a-z]+)?)")
 
 
 def _words(text: str) -> list[str]:
@@ -100,7 +102,7 @@ _CARDINALS.update({word: str(30 + 10 * i) for i, word in enumerate(_words(
     "thirty forty fifty sixty seventy eighty ninety"))})
 _MAGNITUDES = frozenset(_words("hundred thousand million billion trillion half dozen twice"))
 _NEGATIONS = frozenset(_words("not no never without none nothing nobody nowhere neither nor "
-                              "cannot except excluding unless"))
+                              "cannot except excluding unless non"))
 # Words that turn an answer around when swapped for their opposite ("ascending" and
 # "descending", "before" and "after") while leaving the embedding almost unchanged.
 _OPPOSITES_TEXT = (
@@ -120,19 +122,22 @@ _OPPOSITES_TEXT = (
     "synchronous:asynchronous sync:async inner:outer horizontal:vertical")
 _OPPOSITES = tuple(tuple(pair.split(":")) for pair in _words(_OPPOSITES_TEXT))
 _POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
-_CONVERSION = re.compile(r"([a-z]+) (?:to|into) ([a-z]+)")
+_CONVERSION = re.compile(r"([a-z]+) (?:to|into) (?:(?:a|an|the) )?([a-z]+)")
 
 
 def guard_of(text: str) -> str:
     """What two texts must agree on besides their meaning, as one string: the count of
-    negations, the numbers (digits or number words, as a multiset), the words that have an
+    negations, the numbers (digits or number words, in order), the words that have an
     opposite, and the "x to y" turns (see `guards_agree`)."""
-    lowered = text.lower()
-    numbers = _NUMBER.findall(lowered)
+    lowered = text.lower().replace("\u2019", "'")  # (a typographic apostrophe: "doesn’t")
+    numbers: list[str] = []
     negations = 0
     polar = set()
-    for word in _WORD.findall(lowered):
-        if word in _CARDINALS:
+    for match in _TOKEN.finditer(lowered):
+        word = match["word"]
+        if word is None:
+            numbers.append(match["number"])
+        elif word in _CARDINALS:
             numbers.append(_CARDINALS[word])
         elif word in _MAGNITUDES:
             numbers.append(word)
@@ -141,7 +146,7 @@ def guard_of(text: str) -> str:
         elif word in _POLAR:
             polar.add(word)
     conversions = sorted(f"{x}>{y}" for x, y in _CONVERSION.findall(lowered) if x != y)
-    return (f"{negations}|{' '.join(sorted(numbers))}|{' '.join(sorted(polar))}|"
+    return (f"{negations}|{' '.join(numbers)}|{' '.join(sorted(polar))}|"
             f"{' '.join(conversions)}")
 
 

@@ -182,6 +182,17 @@ def test_completions_embed_the_prompt_and_embeddings_are_never_semantic() -> Non
     ("Convert 5 miles to kilometers", "Convert 5 kilometers to miles", False),
     ("Convert 5 miles to kilometers", "How many kilometers are 5 miles", True),
     ("Arguments for raising the wage", "Arguments against raising the wage", False),
+    # (each of these passed: a typographic apostrophe, a minus sign, an article between the
+    # turned words, numbers in another order, "non-")
+    ("Why does my Python script print anything?", ("Why doesn’t my Python script print "
+     "anything?"), False),
+    ("Convert -40 degrees Celsius to Fahrenheit.", "Convert 40 degrees Celsius to Fahrenheit.",
+     False),
+    ("How do I convert a string to an int?", "How do I convert an int to a string?", False),
+    ("Is 7 greater than 9?", "Is 9 greater than 7?", False),
+    ("Explain deterministic algorithms", "Explain non-deterministic algorithms", False),
+    ("What was the death toll of COVID-19?", "What was the death toll of COVID-19 so far?",
+     True),
 ])
 def test_the_guard(a: str, b: str, agree: bool) -> None:
     assert guards_agree(guard_of(a), guard_of(b)) is agree
