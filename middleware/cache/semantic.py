@@ -519,8 +519,10 @@ class _Partition:
         self.keys: list[str] = []
         self.guards: list[str] = []
         self.rows: dict[str, int] = {}
-        self.matrix = np.empty((8, dimensions), dtype=np.float32)
-        self.expires = np.empty(8, dtype=np.float64)
+        # (one row to start: most partitions, a conversation's or a system prompt's own,
+        # hold one entry, and 8 reserved eight times the memory `max_entries` suggests)
+        self.matrix = np.empty((1, dimensions), dtype=np.float32)
+        self.expires = np.empty(1, dtype=np.float64)
 
     def put(self, np: Any, key: str, vector: Any, guard: str, expires_at: float) -> None:
         row = self.rows.get(key)

@@ -263,6 +263,18 @@ async def test_memory_index_nearest_first_within_a_partition_until_expiry() -> N
     assert await index.search("nowhere", unit([1, 0, 0]), 5) == []
 
 
+async def test_memory_index_reserves_no_more_than_a_partition_holds() -> None:
+    # (each partition reserved 8 rows: most hold one, so 100,000 entries took ~1.2 GB)
+    index = MemoryVectorIndex()
+    for number in range(20):
+        await index.add(f"p{number}", unit([1, 0, 0]), f"k{number}", "g", 2e9)
+    rows = sum(len(partition.matrix) for partition in index._partitions.values())
+    assert rows == 20
+    for number in range(5):  # (a partition that holds more still grows by doubling)
+        await index.add("p0", unit([1, number, 0]), f"more{number}", "g", 2e9)
+    assert len(index._partitions["p0"].matrix) == 8
+
+
 async def test_memory_index_takes_no_vector_of_another_size() -> None:
     """An embedder redeployed with another model answers vectors of another size: a search
     is a VectorIndexError (the layer's miss), not NumPy's; an add replaces the partition's
