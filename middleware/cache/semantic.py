@@ -638,6 +638,10 @@ def _check_dimensions(found: _Partition, vector: Sequence[float]) -> None:
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
+class _WrongDimensions(Exception):
+    """The table's vectors are not of the embedder's size."""
+
+
 class PgVectorIndex:
     """PostgreSQL + pgvector, with an HNSW index (cosine distance): shared by every process,
     survives restarts. The table and the extension are created at startup (`CREATE EXTENSION
@@ -670,6 +674,7 @@ class PgVectorIndex:
         self.purge_interval_s = purge_interval_s
         self._pool: Any = None
         self._ready = False
+        self._unusable: str | None = None  # why the table cannot be used (its dimensions)
         self._migrator: asyncio.Task[None] | None = None
         self._purger: asyncio.Task[None] | None = None
 
@@ -708,6 +713,10 @@ class PgVectorIndex:
             try:
                 await self._migrate()
                 self._ready = True
+            except _WrongDimensions as exc:
+                self._unusable = str(exc)
+                logger.error("semantic cache: %s; semantic lookups miss until then", exc)
+                return
             except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
                 logger.warning("cannot prepare the pgvector table %s (%s); retrying in %.1fs",
                                self.table, type(exc).__name__, delay)
@@ -748,6 +757,15 @@ class PgVectorIndex:
             async with conn, conn.transaction():
                 for statement in statements:
                     await conn.execute(sql.SQL(statement).format(**names))
+                cur = await conn.execute(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = %s::regclass AND attname = 'embedding'", (self.table,))
+                row = await cur.fetchone()
+        wanted = f"vector({int(self.dimensions)})"
+        if row is None or row[0] != wanted:  # (made for another embedder: every search and
+            raise _WrongDimensions(  # write would fail, each a miss, for ever, unsaid)
+                f"table {self.table} holds {row[0] if row else 'no embedding column'}, the "
+                f"embedder gives {wanted}: drop the table or name another (table=...)")
 
     async def shutdown(self) -> None:
         for task in (self._migrator, self._purger):
@@ -760,6 +778,8 @@ class PgVectorIndex:
             self._pool = None
 
     async def check_ready(self) -> dict[str, str]:
+        if self._unusable is not None:
+            return {"semantic_index": f"error: {self._unusable}"}
         try:
             async with self._connection() as conn:
                 await conn.execute("SELECT 1")

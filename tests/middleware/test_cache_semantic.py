@@ -299,6 +299,22 @@ async def pg_index() -> Any:
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
+async def test_a_pgvector_table_of_another_size_is_said_not_used(pg_index: PgVectorIndex
+                                                                   ) -> None:
+    # (configured for 6 dimensions over a table of 3: every search and write failed, each a
+    # miss and a warning, for ever, while readiness said "ok")
+    other = PgVectorIndex(PG_DSN, dimensions=6, table=pg_index.table)
+    await other.startup()
+    try:
+        ready = await other.check_ready()
+        assert ready["semantic_index"].startswith("error: table " + pg_index.table), ready
+        assert "holds vector(3), the embedder gives vector(6)" in ready["semantic_index"]
+        with pytest.raises(VectorIndexError):
+            await other.search("p", unit([1, 0, 0, 0, 0, 0]), 1)
+    finally:
+        await other.shutdown()
+
+
 async def test_pgvector_index_search_partitions_expiry_and_upsert(pg_index: PgVectorIndex
                                                                   ) -> None:
     import time
