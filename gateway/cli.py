@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -62,8 +62,22 @@ def _workers(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors never echo what was typed: a mistyped option's value may be
+    a secret (`--admin-token sk-...`), and stderr lands in CI logs."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            message = "unrecognized arguments (not shown: one may be a secret)"
+        elif "invalid choice:" in message:
+            where, _, rest = message.partition("invalid choice:")
+            choices = rest[rest.find("(choose from"):] if "(choose from" in rest else ""
+            message = f"{where}invalid choice (not shown) {choices}".rstrip()
+        super().error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sluicegate", description="The Sluicegate LLM gateway.")
+    parser = _Parser(prog="sluicegate", description="The Sluicegate LLM gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway under hypercorn")
     serve.add_argument("--config", required=True, help="path of the config module")
@@ -330,7 +344,8 @@ def _admin_parser(parent: Any, name: str, text: str, *,
                              f"(default {DEFAULT_TOKEN_ENV})")
     parser.add_argument("--json", dest="as_json", action="store_true",
                         default=default(False), help="print the API's JSON")
-    parser.add_argument("--token", nargs="?", action=_RefuseTokenOption, help=argparse.SUPPRESS)
+    parser.add_argument("--token", "--admin-token", nargs="?", action=_RefuseTokenOption,
+                        help=argparse.SUPPRESS)
     return parser
 
 

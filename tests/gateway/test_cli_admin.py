@@ -357,9 +357,13 @@ def test_a_virtual_key_as_the_admin_token_is_refused_before_it_is_sent(gateway: 
 
 def test_a_token_on_the_command_line_is_refused_without_echo(gateway: Gateway) -> None:
     for args in (["--token", ADMIN_TOKEN], [f"--token={ADMIN_TOKEN}"],
-                 ["--token-env", ADMIN_TOKEN]):
+                 ["--token-env", ADMIN_TOKEN], ["--admin-token", ADMIN_TOKEN],
+                 ["--admin-tokn", ADMIN_TOKEN]):
         result = sluicegate(gateway, "keys", "list", *args, token=None)
         assert result.returncode == 2 and result.stdout == ""  # sluicegate() checks the echo
+    # (a mistyped option's value, or one put before the command, was echoed in the error)
+    misplaced = sluicegate(gateway, "--token", ADMIN_TOKEN, "keys", "list", token=None)
+    assert misplaced.returncode == 2
 
 
 def test_the_admin_token_never_reaches_the_log(gateway: Gateway) -> None:
