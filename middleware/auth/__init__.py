@@ -84,8 +84,14 @@ class AuthMiddleware:
         admin_token_env: str | None = None,
         customer_header: str = "x-sluicegate-customer",
         cache_ttl_s: float = 30.0,
+        stale_max_s: float = 3600.0,
     ) -> None:
         self.app = app
+        for name, value in (("cache_ttl_s", cache_ttl_s), ("stale_max_s", stale_max_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 < value < float("inf"):
+                raise ConfigError(f"AuthMiddleware {name} must be a positive number of "
+                                  f"seconds, not {value!r}.")
         if not keys and store is None:
             raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
                               "store=PostgresKeyStore(dsn) (remove the layer to serve "
@@ -101,7 +107,13 @@ class AuthMiddleware:
         self._static_limits: dict[tuple[str, str], Limits] = \
             self.static.limits if self.static else {}
         self.store = store
-        self.cache = CachedKeys(store, ttl_s=cache_ttl_s) if store is not None else None
+        # `stale_max_s`: how long a known key keeps working from the cache while the store
+        # cannot be asked (an outage, or a partition from PostgreSQL, during which a revoke
+        # made through another instance cannot reach this one): availability against how
+        # long a revoked key may go on working there. Down to `cache_ttl_s` at the least.
+        self.cache = CachedKeys(store, ttl_s=cache_ttl_s,
+                                stale_max_s=max(stale_max_s, cache_ttl_s)) \
+            if store is not None else None
         self.customer_header = customer_header.lower().encode()
         self._degraded_logged_at = -_DEGRADED_LOG_EVERY_S  # (a warning a minute at most)
         # (id(key), customer) -> (key, project limits, customer limits, Principal)

@@ -22,6 +22,8 @@ import pytest
 from psycopg import sql
 
 from gateway import create_app
+from gateway.config import ConfigError
+from middleware.auth import AuthMiddleware, PostgresKeyStore
 from tests.harness import (
     TEST_KEY,
     ThreadedServer,
@@ -258,9 +260,12 @@ class ProxyThread:
 
 
 @pytest.fixture
-def pg_behind_a_proxy(tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch
+def pg_behind_a_proxy(tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch,
+                      request: pytest.FixtureRequest
                       ) -> Iterator[tuple[ThreadedServer, ProxyThread]]:
-    """A gateway whose key store reaches PostgreSQL through a relay the test switches off."""
+    """A gateway whose key store reaches PostgreSQL through a relay the test switches off
+    (the auth layer's further options: the fixture's param, indirectly)."""
+    options = getattr(request, "param", "")
     schema = "sg_auth_outage_" + uuid.uuid4().hex[:10]
     monkeypatch.setenv("SG_AUTH_LAYER_ADMIN", ADMIN_TOKEN)  # (pg_gateway's may be set too)
     try:
@@ -268,7 +273,7 @@ def pg_behind_a_proxy(tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyP
             dsn = DSN.replace("port=5432", f"port={relay.proxy.port}")
             stack = (f"[Middleware(AuthMiddleware, store=PostgresKeyStore({dsn!r}, "
                      f"schema={schema!r}, channel={schema!r}, connect_timeout_s=1, "
-                     "query_timeout_s=2), admin_token_env='SG_AUTH_LAYER_ADMIN'), "
+                     f"query_timeout_s=2), admin_token_env='SG_AUTH_LAYER_ADMIN'{options}), "
                      "Middleware(QuotaMiddleware)]")
             config = write_config(tmp_path, mock_config(
                 mock_url, middleware="[]",
@@ -279,6 +284,31 @@ def pg_behind_a_proxy(tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyP
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                 sql.Identifier(schema)))
+
+
+@pytest.mark.parametrize("pg_behind_a_proxy", [", cache_ttl_s=0.5, stale_max_s=1"],
+                         indirect=True)
+def test_stale_max_s_bounds_how_long_a_known_key_works_while_postgresql_is_away(
+        pg_behind_a_proxy: tuple[ThreadedServer, ProxyThread]) -> None:
+    # (an hour, always: an instance cut off from PostgreSQL served a key revoked elsewhere
+    # for that long, whatever the operator wanted)
+    server, relay = pg_behind_a_proxy
+    key = admin(server, "POST", "/admin/keys", project="stale").json()["key"]
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)
+    relay.run(relay.proxy.stop())
+    sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)  # from the cache
+    time.sleep(1.5)
+    with pytest.raises(openai.InternalServerError) as refused:
+        sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)
+    assert refused.value.status_code == 503
+
+
+def test_auth_timings_that_are_not_positive_refuse_to_start() -> None:
+    for option in ({"cache_ttl_s": 0}, {"stale_max_s": -1}, {"stale_max_s": float("inf")}):
+        with pytest.raises(ConfigError, match="must be a positive number of seconds"):
+            AuthMiddleware(lambda *a: None, keys=[], store=PostgresKeyStore(DSN),
+                           **option)  # type: ignore[arg-type]
 
 
 def admin(server: ThreadedServer, method: str, path: str, **body: object) -> httpx.Response:
