@@ -280,6 +280,7 @@ def _add_admin_commands(commands: Any) -> None:
                         stream_cutoff=None)
     listing = _admin_parser(actions, "list", "list keys (never their plaintext or hash)")
     listing.add_argument("--project")
+    listing.add_argument("--status", choices=("active", "revoked", "disabled", "expired"))
     listing.set_defaults(handler=_keys_list)
     for name, handler, text in (
             ("revoke", _keys_revoke, "revoke a key at once, on every gateway"),
@@ -421,7 +422,7 @@ def _keys_create(client: AdminClient, args: argparse.Namespace) -> int:
 
 def _keys_list(client: AdminClient, args: argparse.Namespace) -> int:
     keys = [{k: v for k, v in key.items() if k not in ("key", "key_hash")}
-            for key in client.list_keys(args.project)]
+            for key in client.list_keys(args.project, status=args.status)]
     if args.as_json:
         _print_json({"object": "list", "data": keys})
     elif not keys:

@@ -46,6 +46,7 @@ from middleware.auth.keys import (
     is_key_id,
 )
 from middleware.auth.store import (
+    KEY_STATUSES,
     KeyConflict,
     KeyStore,
     KeyStoreReadOnly,
@@ -256,15 +257,33 @@ class AdminAPI:
         return 201, {"key": plaintext, **key.to_public_json()}
 
     async def _list_keys(self, request: _Request) -> Payload:
-        _refuse_unknown_query(request, ("project",))
-        project = request.query.get("project")
+        """Oldest first, a page at a time (`limit`, 100 by default, at most 1000; `after`:
+        the last id of the page before; `has_more` says whether there is another), as
+        OpenAI's lists page. The config's keys come on the first page, beside the store's."""
+        _refuse_unknown_query(request, ("project", "status", "limit", "after"))
+        project, status = request.query.get("project"), request.query.get("status")
+        after = request.query.get("after")
         if project is not None:
             _check_project(project)
-        keys = await self.store.list(project)
-        data = [key.to_public_json() for key in keys]
-        if self.config is not None:
-            data += [_from_config(key.to_public_json()) for key in await self.config.list(project)]
-        return 200, {"object": "list", "data": data}
+        if status is not None and status not in KEY_STATUSES:
+            raise GatewayError(400, f"status must be one of {', '.join(KEY_STATUSES)}.",
+                               param="status", code="invalid_parameter")
+        if after is not None and not after:
+            raise GatewayError(400, "after must be a key id.", param="after",
+                               code="invalid_parameter")
+        text = request.query.get("limit", str(_PAGE))
+        if not text.isdigit() or not 1 <= int(text) <= _PAGE_MAX:
+            raise GatewayError(400, f"limit must be a whole number from 1 to {_PAGE_MAX}.",
+                               param="limit", code="invalid_parameter")
+        limit = int(text)
+        keys = await self.store.list(project, status=status, after=after, limit=limit + 1)
+        has_more = len(keys) > limit
+        data = [key.to_public_json() for key in keys[:limit]]
+        last_id = data[-1]["id"] if data else None
+        if self.config is not None and after is None:
+            data = [_from_config(key.to_public_json())
+                    for key in await self.config.list(project, status=status)] + data
+        return 200, {"object": "list", "data": data, "has_more": has_more, "last_id": last_id}
 
     async def _get_key(self, request: _Request) -> Payload:
         key_id = _key_id(request.params[0])
@@ -543,6 +562,9 @@ def _check_project(project: str) -> None:
     except ValueError as exc:
         raise GatewayError(400, f"Invalid project: {exc}.", param="project",
                            code="invalid_parameter") from None
+
+
+_PAGE, _PAGE_MAX = 100, 1000  # keys a listing gives by default, and at most
 
 
 def _refuse_unknown_query(request: _Request, known: tuple[str, ...]) -> None:

@@ -64,6 +64,16 @@ def customer_limits_token(project: str) -> str:
     return "customer-limits:" + project
 
 
+# A key's status (`VirtualKey.usable`, "active" when usable) as a condition on its row.
+_STATUS_CONDITIONS = {
+    "revoked": "revoked_at IS NOT NULL",
+    "disabled": "revoked_at IS NULL AND disabled",
+    "expired": "revoked_at IS NULL AND NOT disabled AND expires_at <= now()",
+    "active": "revoked_at IS NULL AND NOT disabled AND (expires_at IS NULL OR expires_at > now())",
+}
+KEY_STATUSES = tuple(_STATUS_CONDITIONS)
+
+
 class KeyStoreError(Exception):
     """Base of the errors a key store raises on purpose."""
 
@@ -127,7 +137,10 @@ class KeyStore(Protocol):
 
     async def get(self, key_id: str) -> VirtualKey | None: ...
 
-    async def list(self, project: str | None = None) -> KeyList: ...
+    async def list(self, project: str | None = None, *, status: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> KeyList:
+        """Keys oldest first (by creation, then id): of `project`, of `status` (active,
+        revoked, disabled or expired), after the key `after`, at most `limit`."""
 
     async def revoke(self, key_id: str) -> VirtualKey | None: ...
 
@@ -206,8 +219,15 @@ class StaticKeyStore:
     async def get(self, key_id: str) -> VirtualKey | None:
         return self._by_id.get(key_id)
 
-    async def list(self, project: str | None = None) -> KeyList:
-        return [k for k in self._by_id.values() if project is None or k.project == project]
+    async def list(self, project: str | None = None, *, status: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> KeyList:
+        keys = sorted(self._by_id.values(), key=lambda k: (k.created_at, k.id))
+        if after is not None:
+            position = next((i for i, k in enumerate(keys) if k.id == after), None)
+            keys = keys[position + 1:] if position is not None else []
+        found = [k for k in keys if (project is None or k.project == project)
+                 and (status is None or (k.usable() or "active") == status)]
+        return found if limit is None else found[:limit]
 
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
         return self.limits.get((kind, subject_id))
@@ -495,12 +515,28 @@ class PostgresKeyStore:
         return await self._fetch_key(sql.SQL("SELECT {} FROM {} WHERE id = %s").format(
             _KEY_COLUMNS, self._keys), (key_id,))
 
-    async def list(self, project: str | None = None) -> KeyList:
-        where = sql.SQL("WHERE project = %s" if project is not None else "")
-        query = sql.SQL("SELECT {} FROM {} {} ORDER BY created_at, id").format(
-            _KEY_COLUMNS, self._keys, where)
+    async def list(self, project: str | None = None, *, status: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> KeyList:
+        conditions: list[sql.Composable] = []
+        params: list[Any] = []
+        if project is not None:
+            conditions.append(sql.SQL("project = %s"))
+            params.append(project)
+        if status is not None:
+            conditions.append(sql.SQL(_STATUS_CONDITIONS[status]))
+        if after is not None:  # (a key that is not there: nothing after it)
+            conditions.append(sql.SQL("(created_at, id) > (SELECT created_at, id FROM {} "
+                                      "WHERE id = %s)").format(self._keys))
+            params.append(after)
+        where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions \
+            else sql.SQL("")
+        query = sql.SQL("SELECT {} FROM {} {} ORDER BY created_at, id {}").format(
+            _KEY_COLUMNS, self._keys, where,
+            sql.SQL("LIMIT %s") if limit is not None else sql.SQL(""))
+        if limit is not None:
+            params.append(limit)
         async with self._connection() as conn:
-            cur = await conn.execute(query, (project,) if project is not None else ())
+            cur = await conn.execute(query, params)
             return [_key_from_row(row) for row in await cur.fetchall()]
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:

@@ -813,3 +813,29 @@ def test_a_secret_read_from_a_file_with_its_newline_still_works(
             "authorization": f"Bearer {key}"}, json={
             "model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]})
         assert answered.status_code == 200, answered.text
+
+
+def test_keys_are_listed_a_page_at_a_time_and_by_status(client: httpx.Client,
+                                                        server: ThreadedServer) -> None:
+    # (every key ever made, revoked ones too, came in one response, however many)
+    name = project()
+    made = [create(client, project=name)["id"] for _ in range(5)]
+    client.post(f"/admin/keys/{made[1]}/revoke")
+    first = client.get("/admin/keys", params={"project": name, "limit": 2}).json()
+    assert [key["id"] for key in first["data"]] == made[:2]
+    assert first["has_more"] is True and first["last_id"] == made[1]
+    rest = client.get("/admin/keys", params={"project": name, "limit": 3,
+                                             "after": first["last_id"]}).json()
+    assert [key["id"] for key in rest["data"]] == made[2:] and rest["has_more"] is False
+    revoked = client.get("/admin/keys", params={"project": name, "status": "revoked"}).json()
+    assert [key["id"] for key in revoked["data"]] == [made[1]]
+    active = client.get("/admin/keys", params={"project": name, "status": "active"}).json()
+    assert [key["id"] for key in active["data"]] == [made[0], *made[2:]]
+    for params in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"status": "gone"},
+                   {"after": ""}):
+        error = assert_error(client.get("/admin/keys", params=params), 400, "invalid_parameter")
+        assert error["param"] == next(iter(params))
+    # The CLI's client reads every page.
+    from gateway.admin_client import AdminClient
+    every = AdminClient(server.url, TOKEN).list_keys(name, page_size=2)
+    assert [key["id"] for key in every] == made
