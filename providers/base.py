@@ -366,17 +366,23 @@ class HTTPAdapter:
         error_type = self.redact(error_type)  # (it reaches the caller as `code`, and logs)
         attempt.error_type = error_type
         status = response.status if response.status >= 400 else 502  # a redirect we won't follow
+        raise self._failure(status, f"Provider '{self.name}' returned {response.status}: "
+                                    f"{self.redact(message)}", error_type, body,
+                            response.headers,
+                            self.wire_format if status == response.status else None)
+
+    def _failure(self, status: int, said: str, error_type: str, body: bytes,
+                 headers: Mapping[str, str], wire_format: str | None) -> UpstreamError:
+        """The UpstreamError of a failed call (`error_type` redacted already)."""
         native_type, native_code, param = (self._redacted(field) for field in
                                            self.native_error(error_type, body))
-        raise UpstreamError(
-            status, f"Provider '{self.name}' returned {response.status}: "
-                    f"{self.redact(message)}",
-            provider=self.name, error_type=error_type,
-            retry_after=self.retry_after(response.headers, body),
+        return UpstreamError(
+            status, said, provider=self.name, error_type=error_type,
+            retry_after=self.retry_after(headers, body),
             # A provider key that fails auth or billing may work on another deployment.
             retryable=status in (401, 402, 403, 408, 429) or status >= 500,
-            wire_format=self.wire_format if status == response.status else None,
-            native_type=native_type, native_code=native_code, param=param)
+            wire_format=wire_format, native_type=native_type, native_code=native_code,
+            param=param)
 
     def _error_answered(self, error: dict[str, Any], body: bytes,
                         attempt: Attempt) -> UpstreamError:
@@ -390,14 +396,9 @@ class HTTPAdapter:
         error_type, message = self.parse_error(status, body)
         error_type = self.redact(error_type)
         attempt.status, attempt.error_type = status, error_type
-        native_type, native_code, param = (self._redacted(field) for field in
-                                           self.native_error(error_type, body))
-        return UpstreamError(
-            status, f"Provider '{self.name}' answered 200 with an error: "
-                    f"{self.redact(message)}",
-            provider=self.name, error_type=error_type,
-            retryable=status in (401, 402, 403, 408, 429) or status >= 500,
-            native_type=native_type, native_code=native_code, param=param)
+        # (a delay it names in the body, as Gemini's RetryInfo, is waited for as a header's)
+        return self._failure(status, f"Provider '{self.name}' answered 200 with an error: "
+                                     f"{self.redact(message)}", error_type, body, {}, None)
 
     def _redacted(self, text: str | None) -> str | None:
         return None if text is None else self.redact(text)

@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.context import Usage, request_context
 from tests.harness import TEST_KEY, ThreadedServer, config_head, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
 from tests.mock_providers.anthropic_api import REDACTED_TRIGGER, redacted_data, thinking_signature
+from tests.providers.test_reasoning import SEEN
 
 QUESTION = "why is the sky blue"
 THINKING = "Thinking about: " + QUESTION
@@ -30,32 +30,10 @@ THINK: dict[str, Any] = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
 WEATHER: Any = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-SEEN: list[Usage | None] = []
-
-
-class UsageSeen:
-    """Where the metering layer sits: keeps the usage each request ended with."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            try:
-                SEEN.append(request_context(scope).usage)
-            except KeyError:  # (/healthz: no API request)
-                pass
-
-
 def config(mock: MockProviderServer) -> str:
     return f'''{config_head()}
 from middleware.cache import CacheMiddleware
-from tests.providers.test_thinking import UsageSeen
+from tests.providers.test_reasoning import UsageSeen
 providers = {{"anthropic": Provider("anthropic", base_url="{mock.base_url("anthropic")}",
                                     api_key_env=KEY, timeouts=fast)}}
 models = {{"claude": [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=PRICE)]}}
