@@ -38,10 +38,12 @@ def ask(gateway: ThreadedServer) -> openai.APIStatusError:
     return refused.value
 
 
+@pytest.mark.parametrize("sent_status", [None, 200], ids=["as-429", "as-200-with-error"])
 def test_the_retry_delay_in_a_gemini_429_body_cools_the_deployment_down(
-        tmp_path: Path, mock: MockProviderServer) -> None:
+        tmp_path: Path, mock: MockProviderServer, sent_status: int | None) -> None:
+    # (also where the error came in a 200's body, as a proxy in front of Gemini may send it)
     mock.push_fault(Fault("status", provider="gemini", status=429, retry_after_s=45,
-                          retry_after_header=False))
+                          retry_after_header=False, sent_status=sent_status))
     with serve(tmp_path, config(mock)) as gateway:
         refused = ask(gateway)
         layer = next(c for c in gateway.app.components if isinstance(c, FailoverMiddleware))
