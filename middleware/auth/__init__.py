@@ -336,13 +336,15 @@ class AuthMiddleware:
             if name == self.customer_header and value:
                 return _clean_customer(_header_text(value))
         body = ctx.body
-        user = body.get("user")
+        user, field = body.get("user"), "user"
         if user is None and isinstance(body.get("metadata"), dict):
-            user = body["metadata"].get("user_id")
+            user, field = body["metadata"].get("user_id"), "metadata.user_id"
         if user is None or user == "":
             return None
         if not isinstance(user, str):  # (a number or an object named nobody: served without
-            raise _bad_customer()  # the customer's limits; OpenAI refuses it too)
+            # the customer's limits; OpenAI and Anthropic refuse it too)
+            raise GatewayError(400, f"'{field}' must be a string: the end user's id.",
+                               param=field, code="invalid_customer")
         return _clean_customer(user)
 
 
