@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -61,6 +62,7 @@ from gateway.pricing import call_cost_micros
 from gateway.resp import is_redis_url
 from middleware.cache.collect import collect_sse
 from middleware.cache.keys import (
+    TAGS_HEADER,
     cache_key,
     cache_tags,
     forwarded_headers,
@@ -94,6 +96,7 @@ _CACHED_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.OPENAI_EM
 _SCOPES = ("project", "key", "global")
 _JSON = (b"content-type", b"application/json")
 _MISS = (b"x-sluicegate-cache", b"miss")
+_NAME = operator.itemgetter(0)  # a header's name
 _BYPASS = (b"x-sluicegate-cache", b"bypass")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
@@ -234,7 +237,12 @@ class CacheMiddleware:
                 from None
         # (the deployment tags asked for; for Anthropic callers, the headers the adapter sends
         # on: each changes the answer)
-        varies = forwarded_headers(ctx.headers, anthropic=ctx.api_format == "anthropic")
+        if ctx.api_format == "anthropic":
+            varies = forwarded_headers(ctx.headers)
+        elif TAGS_HEADER in map(_NAME, ctx.headers):  # (C's loop: this runs on every request)
+            varies = forwarded_headers(ctx.headers, anthropic=False)
+        else:
+            varies = None
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
             ctx.cache_status = "bypass"

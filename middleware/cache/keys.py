@@ -19,6 +19,7 @@ __all__ = [
     "ANTHROPIC_FORWARDED_HEADERS",
     "CACHE_POLICIES",
     "IGNORED_FIELDS",
+    "TAGS_HEADER",
     "CacheControl",
     "cache_key",
     "cache_tags",
