@@ -21,7 +21,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Mapping,
     MutableMapping,
     Sequence,
@@ -226,7 +225,8 @@ class Kernel:
                 self._start_own()
             except BaseException:  # (CancelledError too: re-raised once the rollback is done)
                 await self._stop_snapshots()
-                await _roll_back(reversed(started))
+                for component in reversed(started):  # (outermost first)
+                    await stop_after_failed_start(component)
                 raise
             self._started = True
 
@@ -752,11 +752,14 @@ class Kernel:
 
 
 async def stop_after_failed_start(component: Any) -> None:
-    """For a component whose own startup failed part-way: its `shutdown()`, which closes
-    what it had opened (a failure of that is logged: the startup's error is the one to
-    raise)."""
+    """After a failed startup (the kernel's, or a component's own part-way): the component's
+    `shutdown()`, if it has one, which closes what it had opened; a failure of that is
+    logged, since the startup's error is the one to raise."""
+    stop = getattr(component, "shutdown", None)
+    if not callable(stop):
+        return
     try:
-        await component.shutdown()
+        await stop()
     except Exception:
         logger.exception("shutdown of %s failed (after a failed startup)",
                          type(component).__name__)
@@ -765,19 +768,6 @@ async def stop_after_failed_start(component: Any) -> None:
 def _retrieved(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-async def _roll_back(started: Iterable[Any]) -> None:
-    """Shuts down the components a failed startup had started, in turn; one whose shutdown
-    fails is logged (the startup's own error is the one raised) and the next still stops."""
-    for component in started:
-        stop = getattr(component, "shutdown", None)
-        try:
-            if callable(stop):
-                await stop()
-        except Exception:
-            logger.exception("shutdown of %s failed (after a failed startup)",
-                             type(component).__name__)
 
 
 def _run_end_hooks(ctx: RequestContext) -> None:

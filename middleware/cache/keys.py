@@ -65,14 +65,14 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     (`forwarded_headers`)."""
     # The canonical form differs from the body only where a float is integral (1.0 -> 1).
     # Top-level floats (temperature, top_p) are made canonical here; deeper ones are rare, and
-    # orjson writes every one of them that _canonical would change (|x| <= 2**53) as "N.0",
+    # orjson writes every one of them that canonical would change (|x| <= 2**53) as "N.0",
     # so a document without ".0" anywhere is canonical already and needs no walk through it.
-    request = {name: _canonical(value) if type(value) is float else value
+    request = {name: canonical(value) if type(value) is float else value
                for name, value in body.items() if name not in IGNORED_FIELDS}
     text = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
     # (find, not `in`: bytes' `in` first tries its argument as an integer, and raises)
     if text.find(b".0") != -1:  # perhaps a nested integral float (or only ".0" in a string)
-        text = orjson.dumps({name: _canonical(value) for name, value in request.items()},
+        text = orjson.dumps({name: canonical(value) for name, value in request.items()},
                             option=orjson.OPT_SORT_KEYS)
     # The document's other members, written once per scope, namespace, model and operation:
     # sorted, they sit before and after "request", so the bytes are the whole document's.
@@ -148,21 +148,17 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]], *,
 
 
 def canonical(value: Any) -> Any:
-    """`value` with JSON's one number type: 0.0 is 0 (what the key hashes)."""
-    return _canonical(value)
-
-
-def _canonical(value: Any) -> Any:
-    # JSON has one number type: `"temperature": 0` and `0.0` are the same request.
+    """`value` with JSON's one number type, as the key hashes it: `"temperature": 0` and
+    `0.0` are the same request."""
     kind = type(value)
     if kind is float:
         if value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
             return int(value)
         return value
     if kind is dict:
-        return {name: _canonical(item) for name, item in value.items()}
+        return {name: canonical(item) for name, item in value.items()}
     if kind is list:
-        return [_canonical(item) for item in value]
+        return [canonical(item) for item in value]
     return value
 
 
