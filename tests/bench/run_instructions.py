@@ -22,6 +22,7 @@ and the count moves with them: the production stack's moved by 12% between runs.
 
     python tests/bench/run_instructions.py                       # all layer targets (~15 min)
     python tests/bench/run_instructions.py --targets bare,failover --scenarios json-c16
+    python tests/bench/run_instructions.py --targets cache-miss --keep   # then callgrind_annotate
 """
 from __future__ import annotations
 
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=20, help="seconds of counted load")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--output", type=Path, default=HERE / "INSTRUCTIONS.md")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the callgrind dumps (for callgrind_annotate) and say where")
     args = parser.parse_args(argv)
     preflight(["valgrind", "callgrind_control", "wrk"])
     keys = pick(args.targets, dict(TARGETS), "targets")
@@ -205,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 count = count_target(procs, target, scenario, settings, args.duration)
                 if count is not None:
                     counts.append(count)
-    shutil.rmtree(rundir, ignore_errors=True)
+    if args.keep:
+        log(f"callgrind dumps kept in {rundir}")
+    else:
+        shutil.rmtree(rundir, ignore_errors=True)
     text = render(counts, scenarios, args.duration)
     args.output.write_text(text)
     print(text)
