@@ -80,15 +80,22 @@ class Usage:
         out_details = (
             usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         )
-        return cls(
+        output, reasoning = int(completion), int(out_details.get("reasoning_tokens") or 0)
+        if reasoning and reasoning_is_extra(int(prompt), output, reasoning,
+                                             usage.get("total_tokens")):
+            output += reasoning
+        # (DeepSeek's own name for the cached part, where the OpenAI one is not sent)
+        cached = in_details.get("cached_tokens", usage.get("prompt_cache_hit_tokens"))
+        made = cls(
             input_tokens=int(prompt),
-            output_tokens=int(completion),
-            cached_input_tokens=int(in_details.get("cached_tokens") or 0),
-            reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
+            output_tokens=output,
+            cached_input_tokens=int(cached or 0),
+            reasoning_tokens=reasoning,
             # (not OpenAI's own: what the Anthropic translation and some routers report)
             cache_write_tokens=int(in_details.get("cache_write_tokens") or 0),
             cache_write_1h_tokens=int(in_details.get("cache_write_1h_tokens") or 0),
         )
+        return _checked(made)
 
     @classmethod
     def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
@@ -101,21 +108,48 @@ class Usage:
         cache_read = int(usage.get("cache_read_input_tokens") or 0)
         cache_write = int(usage.get("cache_creation_input_tokens") or 0)
         by_ttl = usage.get("cache_creation")
-        written_1h = 0
+        written_5m = written_1h = 0
         if isinstance(by_ttl, dict):
+            written_5m = int(by_ttl.get("ephemeral_5m_input_tokens") or 0)
             written_1h = int(by_ttl.get("ephemeral_1h_input_tokens") or 0)
-            split = int(by_ttl.get("ephemeral_5m_input_tokens") or 0) + written_1h
-            cache_write = max(cache_write, split)  # (the total is their sum: the larger)
+            # (the total is their sum: the larger)
+            cache_write = max(cache_write, written_5m + written_1h)
         out_details = usage.get("output_tokens_details")
-        return cls(
-            input_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
+        fresh = int(usage.get("input_tokens") or 0)
+        if (fresh | written_5m) < 0:  # (the rest are checked as the result holds them)
+            raise ValueError("a negative token count in usage")
+        return _checked(cls(
+            input_tokens=fresh + cache_read + cache_write,
             output_tokens=int(usage.get("output_tokens") or 0),
             cached_input_tokens=cache_read,
             reasoning_tokens=int(out_details.get("thinking_tokens") or 0)
             if isinstance(out_details, dict) else 0,
             cache_write_tokens=cache_write,
             cache_write_1h_tokens=written_1h,
-        )
+        ))
+
+
+def reasoning_is_extra(prompt: int, completion: int, reasoning: int, total: Any) -> bool:
+    """Whether an OpenAI-format usage counts its reasoning tokens beside `completion_tokens`
+    rather than in them. OpenAI's are a part of the completion; xAI's (Grok) are not: its
+    `total_tokens` is prompt + completion + reasoning ("reasoning token consumption will be
+    counted separately from completion_tokens, but will be counted in the total_tokens",
+    docs.x.ai, consumption and rate limits). Read from the numbers, whoever sent them: a
+    total that adds the reasoning on, or reasoning that a completion could not hold."""
+    if type(total) is int and total != prompt + completion:
+        return total == prompt + completion + reasoning
+    return reasoning > completion
+
+
+def _checked(usage: Usage) -> Usage:
+    """`usage`, unless a count in it is negative (ValueError): a provider's usage that
+    cannot be read, as one that is not a number, never a bill lowered by it. (The bitwise
+    or of integers is negative when one of them is: one test for the six.)"""
+    if (usage.input_tokens | usage.output_tokens | usage.cached_input_tokens
+            | usage.reasoning_tokens | usage.cache_write_tokens
+            | usage.cache_write_1h_tokens) < 0:
+        raise ValueError("a negative token count in usage")
+    return usage
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+from gateway.context import reasoning_is_extra
 from providers.streams import StreamError as UpstreamStreamError
 from providers.streams import chat_chunk
 
@@ -134,7 +135,8 @@ def anthropic_usage(usage: Any) -> JSON:
 
     Reasoning tokens become `output_tokens_details.thinking_tokens` (Anthropic's breakdown
     of output_tokens, which include them as completion_tokens include reasoning_tokens;
-    anthropic-sdk-python's Usage and MessageDeltaUsage), only when there are some.
+    anthropic-sdk-python's Usage and MessageDeltaUsage), only when there are some; those a
+    provider counts beside its completion_tokens (xAI) are added to output_tokens.
     """
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details")
@@ -144,8 +146,11 @@ def anthropic_usage(usage: Any) -> JSON:
     out_details = usage.get("completion_tokens_details")
     reasoning = _count(out_details.get("reasoning_tokens")) \
         if isinstance(out_details, dict) else 0
-    return {"input_tokens": max(_count(usage.get("prompt_tokens")) - cached - written, 0),
-            "output_tokens": _count(usage.get("completion_tokens")),
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if reasoning and reasoning_is_extra(prompt, completion, reasoning, usage.get("total_tokens")):
+        completion += reasoning  # (xAI's: beside the completion, and output as Anthropic counts)
+    return {"input_tokens": max(prompt - cached - written, 0),
+            "output_tokens": completion,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
             **({"output_tokens_details": {"thinking_tokens": reasoning}} if reasoning else {})}
 

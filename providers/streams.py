@@ -456,8 +456,12 @@ class OpenAIChunkSource:
         chunk = orjson.loads(data)
         if "error" in chunk and isinstance(chunk["error"], dict):
             raise error_of(chunk["error"])
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
+        usage = chunk.get("usage")
+        if usage:
+            # Read now, as a passthrough stream's is: usage that cannot be read (a count not
+            # a number, or negative) is an unreadable event, not an error once the stream ended.
+            Usage.from_openai(usage)
+            self.usage = usage
         if not self.ended:
             for choice in chunk.get("choices") or ():
                 if isinstance(choice, dict) and choice.get("finish_reason"):

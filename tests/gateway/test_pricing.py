@@ -122,6 +122,60 @@ def test_anthropic_usage_says_what_was_written_and_for_how_long() -> None:
         Usage(input_tokens=10, output_tokens=1, cached_input_tokens=2, cache_write_tokens=3)
 
 
+def test_reasoning_counted_beside_the_completion_is_billed_as_output() -> None:
+    # xAI (Grok) chat usage: reasoning is not in completion_tokens; the total adds it on
+    # (a real grok-4.20 reasoning answer's numbers: 10120 + 1499 + 2809 = 14428).
+    grok = {"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 14428,
+            "prompt_tokens_details": {"cached_tokens": 128},
+            "completion_tokens_details": {"reasoning_tokens": 2809}}
+    assert Usage.from_openai(grok) == Usage(input_tokens=10120, output_tokens=4308,
+                                            cached_input_tokens=128, reasoning_tokens=2809)
+    # without a total: reasoning a completion could not hold (grok-3-mini: 2 and 317)
+    assert Usage.from_openai({"prompt_tokens": 12, "completion_tokens": 2,
+                              "completion_tokens_details": {"reasoning_tokens": 317}}
+                             ).output_tokens == 319
+    # OpenAI's own: reasoning is a part of the completion, with or without a total
+    for total in ({"total_tokens": 110}, {}):
+        assert Usage.from_openai({"prompt_tokens": 10, "completion_tokens": 100, **total,
+                                  "completion_tokens_details": {"reasoning_tokens": 60}}
+                                 ) == Usage(input_tokens=10, output_tokens=100,
+                                            reasoning_tokens=60)
+
+
+def test_deepseeks_own_cache_hit_count_is_read_when_the_openai_one_is_missing() -> None:
+    usage = Usage.from_openai({"prompt_tokens": 100_000, "completion_tokens": 10,
+                               "prompt_cache_hit_tokens": 90_000,
+                               "prompt_cache_miss_tokens": 10_000})
+    assert usage is not None and usage.cached_input_tokens == 90_000
+    both = Usage.from_openai({"prompt_tokens": 100, "completion_tokens": 1,
+                              "prompt_cache_hit_tokens": 64,
+                              "prompt_tokens_details": {"cached_tokens": 64}})
+    assert both is not None and both.cached_input_tokens == 64
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -5, "completion_tokens": 10},
+    {"prompt_tokens": 5, "completion_tokens": 10,
+     "completion_tokens_details": {"reasoning_tokens": -3}},
+    {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": -1}},
+    {"prompt_tokens": "n/a", "completion_tokens": 1},
+])
+def test_openai_usage_that_cannot_be_a_bill_is_unreadable(usage: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Usage.from_openai(usage)
+
+
+@pytest.mark.parametrize("usage", [
+    {"input_tokens": -50, "cache_read_input_tokens": 100, "output_tokens": 1},
+    {"input_tokens": 5, "output_tokens": -1},
+    {"input_tokens": 5, "cache_creation_input_tokens": 9, "output_tokens": 1,
+     "cache_creation": {"ephemeral_5m_input_tokens": -2, "ephemeral_1h_input_tokens": 4}},
+])
+def test_anthropic_usage_with_a_negative_count_is_unreadable(usage: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Usage.from_anthropic(usage)
+
+
 def test_rounds_up_once_at_the_end_never_per_bucket() -> None:
     p = price("0.3", "0.3", cached_input_per_mtok=Decimal("0.3"))
     usage = Usage(input_tokens=2, output_tokens=1, cached_input_tokens=1)

@@ -33,7 +33,13 @@ from providers.anthropic_format import (
     messages_response_to_chat,
     parse_anthropic_error,
 )
-from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCodec
+from providers.streams import (
+    AnthropicEventSink,
+    OpenAIChunkSink,
+    OpenAIChunkSource,
+    PassthroughCodec,
+    TranslatingCodec,
+)
 
 CREATED = 1_700_000_000
 PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
@@ -406,6 +412,17 @@ def test_reasoning_tokens_are_anthropics_thinking_tokens_both_ways() -> None:
         "reasoning_tokens": 21}
     no_reasoning = {**openai_usage, "completion_tokens_details": {"reasoning_tokens": 0}}
     assert "output_tokens_details" not in anthropic_stream.anthropic_usage(no_reasoning)
+
+
+def test_reasoning_counted_beside_the_completion_is_anthropic_output_too() -> None:
+    # xAI's: reasoning outside completion_tokens (the total adds it on). An Anthropic caller
+    # is told the output it is billed for, thinking included, as Anthropic counts it.
+    grok = {"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 14428,
+            "prompt_tokens_details": {"cached_tokens": 128},
+            "completion_tokens_details": {"reasoning_tokens": 2809}}
+    translated = anthropic_stream.anthropic_usage(grok)
+    assert translated["output_tokens"] == 4308
+    assert Usage.from_anthropic(translated) == Usage.from_openai(grok)
 
 
 def test_tool_use_message_becomes_tool_calls_and_thinking_reasoning_and_blocks() -> None:
@@ -1288,3 +1305,19 @@ def test_stream_survives_a_trip_through_chat() -> None:
 ])
 def test_parse_anthropic_error(status: int, body: bytes, expected: tuple[str, str]) -> None:
     assert parse_anthropic_error(status, body) == expected
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "n/a", "completion_tokens": 1},
+                                   {"prompt_tokens": 9, "completion_tokens": -4}])
+def test_an_openai_streams_unreadable_usage_breaks_its_translation_as_it_comes(
+        usage: dict[str, Any]) -> None:
+    # As a passthrough stream's: an unreadable event once output has begun, the stream then
+    # ends in an error event, and the usage read so far (none) is what is billed from, with
+    # what was delivered; never an exception when the stream's usage is asked for at its end.
+    codec = TranslatingCodec(OpenAIChunkSource(),
+                             AnthropicEventSink(ChatStreamToMessages("claude-public")))
+    events = [chunk({"role": "assistant", "content": "Hi"}), usage_chunk(usage)]
+    out = codec.feed(b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events))
+    assert b'"Hi"' in out
+    assert codec.error is not None and codec.error.error_type == "bad_response"
+    assert codec.usage is None
