@@ -256,7 +256,7 @@ class FailoverMiddleware:
         began = time.monotonic()  # this layer's clock, like the groups' (time.monotonic)
         self.budget.request(began)
         route = self.routes.get(ctx.model, self.default)
-        wanted = requested_tags(ctx.headers) if group.tagged else NO_TAGS
+        wanted = requested_tags(ctx.headers)
         if ctx.operation == OPENAI_RESPONSES:  # (the one test any other request pays)
             await self._serve_responses(scope, receive, send, ctx, route, wanted)
             return

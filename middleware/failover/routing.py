@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -273,7 +274,7 @@ class Group:
     """One public model's deployments and the strategy that picks among them."""
 
     __slots__ = ("_cumulative", "_total_weight", "clock", "deployments", "model", "only",
-                 "strategy", "tagged")
+                 "strategy")
 
     def __init__(self, model: str, deployments: Sequence[Deployment], *, strategy: str,
                  breaker: BreakerSettings, clock: Callable[[], float] = time.monotonic) -> None:
@@ -288,7 +289,6 @@ class Group:
         if strategy == "lowest-cost":
             self.deployments.sort(key=lambda state: state.cost)
         self.only = self.deployments[0] if len(self.deployments) == 1 else None
-        self.tagged = any(state.tags for state in self.deployments)
         weights = [max(0.0, float(state.deployment.weight)) for state in self.deployments]
         self._total_weight = sum(weights)
         running, self._cumulative = 0.0, []
@@ -394,11 +394,15 @@ def retry_after(wait_s: float) -> tuple[bytes, bytes]:
 
 
 TAGS_HEADER = b"x-sluicegate-tags"
+_NAME = operator.itemgetter(0)  # a header's name
 
 
 def requested_tags(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
     """The deployment tags a request asks for: `x-sluicegate-tags: eu, premium` (all must
-    be on the deployment)."""
+    be on the deployment). Read whatever the model's own deployments carry: a pin must hold
+    on its fallbacks too, and tags no deployment has are the caller's error."""
+    if TAGS_HEADER not in map(_NAME, headers):  # (C's loop: every request pays this scan)
+        return NO_TAGS
     for name, value in headers:
         if name == TAGS_HEADER:
             return frozenset(tag.strip() for tag in value.decode("latin-1").split(",")

@@ -643,6 +643,27 @@ def test_x_sluicegate_tags_pins_requests_to_deployments_with_those_tags(
             {"a/gpt-4o-mini", "b/gpt-4o"}
 
 
+def test_x_sluicegate_tags_hold_on_a_model_whose_own_deployments_have_none(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """The pin is read whatever the requested model's deployments carry: its fallback's
+    tagged deployment serves, and tags that no deployment has are a 400."""
+    extra = 'models["eu-backup"] = [Deployment("b", "gpt-4o", price=PRICE, tags=("eu",))]'
+    layer = 'routes={"primary": Route(fallbacks=("eu-backup",))}'
+    with serve(tmp_path, failover_config(a, b, layer, extra)) as gateway:
+        client = openai_client(gateway)
+        pinned = client.chat.completions.with_raw_response.create(
+            model="primary", messages=QUESTION, extra_headers={"x-sluicegate-tags": "eu"})
+        with pytest.raises(openai.BadRequestError) as unknown:
+            client.chat.completions.create(model="primary", messages=QUESTION,
+                                           extra_headers={"x-sluicegate-tags": "apac"})
+        unpinned = chat(gateway, "primary")
+    assert pinned.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert pinned.headers["x-sluicegate-fallback"] == "eu-backup"
+    assert unknown.value.code == "no_deployment_with_tags"
+    assert unpinned.headers["x-sluicegate-deployment"] == "a/gpt-4o-mini"
+    assert len(a.requests) == 1  # only the request without a pin went to the untagged one
+
+
 def test_a_hedged_answer_is_cached_like_any_other(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     """The cache above keeps what the winning call sent (its context copy's record of it)."""
