@@ -19,12 +19,12 @@ upstream failure before the response started (the provider adapter holds the sta
 the first event, so this covers error statuses, connection errors, an error event inside a
 200 and a missing first byte) is classified (policy.classify) and leads to, in order: another
 key of the same deployment (401/402/403), another deployment of the model, the model's
-fallbacks, then — after a backoff that honours Retry-After within the deadline — another
-round. A 429 with Retry-After also cools its deployment down: requests with nowhere else to
-go wait for the cool-down's end and then for the probe that goes first
-(routing.DeploymentState), never past their deadline. Token counting, rate-limited apart from
-messages (policy.NO_VERDICT_OPERATIONS), neither waits for those cool-downs nor takes rpm
-tokens, and its outcomes change no deployment's health. Every attempt after the first needs
+fallbacks, then — after a backoff within the deadline, or a 429's Retry-After when every
+deployment left asked for one — another round. A 429 with Retry-After also cools its
+deployment down: requests with nowhere else to go wait for the cool-down's end and then for
+the probe that goes first (routing.DeploymentState), never past their deadline. Token
+counting, rate-limited apart from messages (policy.NO_VERDICT_OPERATIONS), neither waits for
+those cool-downs nor takes rpm tokens, and its outcomes change no deployment's health. Every attempt after the first needs
 the retry budget. After the response started, a failure ends the stream with an in-band error
 event (the adapter's job) and is recorded as it would be before (a request the caller must
 fix is no failure of the deployment), unless the route asks for continuation
@@ -470,13 +470,14 @@ class FailoverMiddleware:
             # A round that found nothing to call (cool-downs, their probes out, breakers open,
             # every key refused) would find nothing after a backoff either: it waits for one
             # of those to end, when that comes in the deadline (for an open breaker only after
-            # a first round: the first answers "not now" at once). After failures, a backoff.
-            now = time.monotonic()
+            # a first round: the first answers "not now" at once). After failures, a backoff,
+            # or the Retry-After of a 429 when every deployment left asked for a pause.
+            now, usable = time.monotonic(), _usable(ctx, chain)
             if tried.attempts == attempts_before and (rounds > 1 or tried.last_error is None):
-                wait, probes = self._reopening_wait(tried, _usable(ctx, chain), now, deadline,
+                wait, probes = self._reopening_wait(tried, usable, now, deadline,
                                                     breakers=rounds > 1)
             else:
-                wait, probes = self._next_round_wait(tried, rounds, now, deadline), []
+                wait, probes = self._next_round_wait(tried, usable, rounds, now, deadline), []
             if wait is None:
                 raise self._final_error(ctx, tried, chain)
             # A client that leaves while the request waits ends it there (ClientDisconnected:
@@ -587,7 +588,7 @@ class FailoverMiddleware:
         if kind in (RETRYABLE, FATAL, AUTH):
             tried.exclude(state)
             if retry_after:
-                tried.retry_after_s = retry_after
+                tried.pause(state, time.monotonic() + retry_after)
             if kind == FATAL:
                 raise error
             return None
@@ -627,15 +628,18 @@ class FailoverMiddleware:
             if key is not None:
                 key.breaker.release()
 
-    def _next_round_wait(self, tried: Tried, rounds: int, now: float,
+    def _next_round_wait(self, tried: Tried, models: list[str], rounds: int, now: float,
                          deadline: float) -> float | None:
-        """How long to wait after failed attempts before trying the chain again (the
-        provider's Retry-After when it fits); None to give up."""
+        """How long to wait after failed attempts before trying the chain again: a backoff
+        while any eligible deployment of `models` may be called after one, else until the
+        first of their 429 pauses (the provider's Retry-After) ends; None to give up, when
+        that does not fit the deadline."""
         if tried.attempts >= self.retry.max_attempts:
             return None
-        retry_after, tried.retry_after_s = tried.retry_after_s, None
+        eligible = self._eligible(models, tried)
         return backoff_s(rounds, base_s=self.retry.backoff_base_s,
-                         cap_s=self.retry.backoff_cap_s, retry_after_s=retry_after,
+                         cap_s=self.retry.backoff_cap_s,
+                         retry_after_s=tried.pause_s(eligible, now) if eligible else None,
                          remaining_s=deadline - now)
 
     def _reopening_wait(self, tried: Tried, models: list[str], now: float, deadline: float, *,

@@ -425,7 +425,7 @@ class Tried:
     failure: the common request never needs them)."""
 
     __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "pinned", "rate_limited", "refusal", "retry_after_s", "started", "unable",
+                 "paused", "pinned", "rate_limited", "refusal", "started", "unable",
                  "wanted_tags")
 
     def __init__(self) -> None:
@@ -443,7 +443,9 @@ class Tried:
         self.headers: list[tuple[bytes, bytes]] = []  # this layer's, in ctx.response_headers
         self.last_error: UpstreamError | None = None
         self.refusal: UntranslatableRequest | None = None  # the first adapter's refusal
-        self.retry_after_s: float | None = None
+        # Deployment -> until when (this layer's clock) its 429's Retry-After asked this
+        # request to leave it alone: one deployment's pause is no reason to stop trying others.
+        self.paused: dict[DeploymentState, float] | None = None
         # A Responses API follow-up: (its previous_response_id, the affinity.Pin of where
         # that response was made); only the deployments that see it are eligible.
         self.pinned: tuple[str, Any] | None = None
@@ -458,6 +460,20 @@ class Tried:
         self.exclude(state)
         if self.refusal is None:
             self.refusal = refusal
+
+    def pause(self, state: DeploymentState, until: float) -> None:
+        if self.paused is None:
+            self.paused = {}
+        self.paused[state] = until
+
+    def pause_s(self, states: Iterable[DeploymentState], now: float) -> float | None:
+        """When every one of `states` is paused (`pause`): the seconds until the first may be
+        called again; None when one may go after an ordinary backoff."""
+        paused = self.paused
+        if paused is None:
+            return None
+        soonest = min((paused.get(state, now) - now for state in states), default=0.0)
+        return soonest if soonest > 0 else None
 
     def exclude_key(self, env: str) -> None:
         self.bad_keys = {*self.bad_keys, env}

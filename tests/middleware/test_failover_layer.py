@@ -212,6 +212,23 @@ def test_429_on_one_deployment_moves_to_the_other_at_once(
         assert len(a.requests) == 1
 
 
+def test_a_long_retry_after_on_one_deployment_does_not_stop_retrying_another(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """a asks for 30 s, past the deadline; b fails once with a 503. a's pause is a's: b is
+    tried again after a backoff, and answers."""
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
+    b.push_fault(Fault("status", provider="openai", status=503))
+    layer = ('routes={"pair": Route(strategy="priority")}, '
+             'retry=RetryPolicy(max_attempts=3, deadline_s=10)')
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        answer = openai_client(gateway).chat.completions.with_raw_response.create(
+            model="pair", messages=QUESTION)
+    assert answer.headers["x-sluicegate-deployment"] == "b/gpt-4o"
+    assert answer.headers["x-sluicegate-attempts"] == "3"
+    assert answer.parse().choices[0].message.content
+    assert (len(a.requests), len(b.requests)) == (1, 2)  # a, cooling down, was not asked again
+
+
 # -- streams ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fault", [
