@@ -574,8 +574,7 @@ class FailoverMiddleware:
         error goes back to the caller as it is."""
         tried.last_error = error
         kind = classify(error, self.retry.retry_on)
-        retry_after = parse_retry_after(error.retry_after, self.retry.max_retry_after_s) \
-            if error.status == 429 else None
+        retry_after = parse_retry_after(error.retry_after) if error.status == 429 else None
         if ctx.operation in NO_VERDICT_OPERATIONS:
             _no_verdict(state, key)
         else:
@@ -621,8 +620,9 @@ class FailoverMiddleware:
             state.record(True)
             if key is not None:
                 key.breaker.record(False)
-            if retry_after:
-                state.cool_down(time.monotonic() + retry_after)
+            if retry_after:  # (a huge or bogus one takes it out of rotation only so long)
+                state.cool_down(time.monotonic() + min(retry_after,
+                                                       self.retry.max_retry_after_s))
         else:
             state.record(False)  # the deployment works; the request was the problem
             if key is not None:

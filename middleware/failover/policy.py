@@ -97,7 +97,9 @@ class RetryPolicy:
     fallbacks together); `deadline_s` bounds the time spent on them, backoff included.
     `retry_on` holds statuses and error kinds ("connection_error", "timeout") worth another
     try. Backoff is exponential with full jitter (`backoff_base_s`, `backoff_cap_s`), or the
-    provider's Retry-After when it fits in the deadline. The retry budget allows at most
+    provider's Retry-After when it fits in the deadline. `max_retry_after_s` bounds how long
+    a 429 cools its deployment down for everyone; a request waits for a longer Retry-After
+    only when the whole of it fits its deadline. The retry budget allows at most
     `budget_ratio` retries per request seen in the last `budget_window_s` seconds, plus
     `budget_min_per_s` per second, so an outage does not multiply the load on a provider.
     """
@@ -149,9 +151,10 @@ def classify(error: UpstreamError, retry_on: frozenset[int | str]) -> str:
     return CALLER if 400 <= status < 500 else FATAL
 
 
-def parse_retry_after(value: str | None, cap_s: float) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date, RFC 9110 §10.2.3),
-    capped; None when absent or unreadable."""
+    as asked (whether a request can wait for it is decided on the whole of it); None when
+    absent or unreadable."""
     if not value:
         return None
     seconds: float | None
@@ -164,7 +167,7 @@ def parse_retry_after(value: str | None, cap_s: float) -> float | None:
             return None
     if seconds is None or not math.isfinite(seconds):
         return None
-    return min(max(0.0, seconds), cap_s)
+    return max(0.0, seconds)
 
 
 def _http_date_in(value: str) -> float | None:

@@ -198,6 +198,22 @@ def test_429_whose_retry_after_exceeds_the_deadline_is_answered_at_once(
         assert len(a.requests) == 1
 
 
+def test_429_whose_retry_after_exceeds_the_deadline_is_answered_at_once_despite_the_cap(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """max_retry_after_s bounds the cool-down, not the pause asked for: 30 s do not fit an 8 s
+    deadline, so the 429 goes back at once (not after 2 s, to a provider that said 30)."""
+    a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
+    layer = "retry=RetryPolicy(deadline_s=8, max_retry_after_s=2)"
+    with serve(tmp_path, failover_config(a, b, layer)) as gateway:
+        with pytest.raises(openai.RateLimitError) as refused:
+            openai_client(gateway).chat.completions.create(model="primary", messages=QUESTION)
+        state = deployments(gateway)["models"]["primary"]["deployments"][0]  # type: ignore[index]
+    assert refused.value.response.headers["retry-after"] == "30"
+    assert refused.value.response.headers["x-sluicegate-attempts"] == "1"
+    assert len(a.requests) == 1
+    assert 0 < state["cooling_s"] <= 2  # the deployment is out for the cap only
+
+
 def test_429_on_one_deployment_moves_to_the_other_at_once(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     a.push_fault(Fault("status", provider="openai", status=429, retry_after_s=30))
