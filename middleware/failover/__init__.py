@@ -125,6 +125,7 @@ from middleware.failover.routing import (
     Group,
     KeyState,
     Tried,
+    paced_in_s,
     ready_in_s,
     requested_tags,
     retry_after,
@@ -710,6 +711,12 @@ class FailoverMiddleware:
                      f"tags {', '.join(sorted(tried.wanted_tags))} asked for in "
                      "x-sluicegate-tags.", code="no_deployment_with_tags",
                 param="x-sluicegate-tags")
+        paced = paced_in_s(eligible, tried.bad_keys, now) if tried.rate_limited else None
+        if paced is not None:  # healthy, only paced by their own rpm/tpm: a rate limit
+            return GatewayError(
+                429, f"Every deployment of model '{requested}' (and its fallbacks) is at its "
+                     "requests- or tokens-per-minute limit right now.", code="rate_limited",
+                headers=[retry_after(paced)])
         return GatewayError(
             503, f"No deployment of model '{requested}' (or its fallbacks) is healthy right "
                  "now: their circuit breakers are open.", code="no_healthy_deployment",

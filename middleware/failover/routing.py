@@ -44,7 +44,7 @@ from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
 __all__ = ["NO_STATES", "NO_TAGS", "STRATEGIES", "DeploymentState", "Group", "KeyState", "Tried",
-           "ready_in_s", "requested_tags", "retry_after", "route_headers"]
+           "paced_in_s", "ready_in_s", "requested_tags", "retry_after", "route_headers"]
 
 STRATEGIES = ("weighted", "least-busy", "latency", "lowest-cost", "priority")
 EWMA_TAU_S = 10.0
@@ -204,6 +204,20 @@ class DeploymentState:
         if self.deployment.tpm is not None:
             tpm = self.deployment.tpm
             self._tpm_tokens = min(tpm, self._tpm_tokens + elapsed * tpm / 60)
+
+    def refills_in_s(self, now: float) -> float | None:
+        """How long until its own rpm/tpm capacity takes a call again (inf: never, a limit of
+        0); None when it has some, or no such limit."""
+        rpm, tpm = self.deployment.rpm, self.deployment.tpm
+        if rpm is None and tpm is None:
+            return None
+        self._refill(now)
+        wait = None  # (the tests are `available`'s)
+        if rpm is not None and self._rpm_tokens < 1 - 1e-9:
+            wait = (1 - self._rpm_tokens) * 60 / rpm if rpm > 0 else math.inf
+        if tpm is not None and self._tpm_tokens <= 0:
+            wait = max(wait or 0.0, -self._tpm_tokens * 60 / tpm if tpm > 0 else math.inf)
+        return wait
 
     def started(self, rate_limited: bool = True) -> None:
         """A call goes out; it takes an rpm token when it is `rate_limited`."""
@@ -369,14 +383,15 @@ def _bisect(cumulative: list[float], point: float) -> int:
 def ready_in_s(states: Iterable[DeploymentState], bad_keys: AbstractSet[str], now: float,
                rate_limited: bool) -> float:
     """How long until one of `states` may take a call: for each, the longest of its
-    breaker's time to half-open, its 429 cool-down (for a `rate_limited` request) and the
-    soonest of its usable keys' breakers; the shortest of those. 0.0 when nothing says (a
-    probe out, its rpm used up)."""
+    breaker's time to half-open, its 429 cool-down and its rpm/tpm refill (for a
+    `rate_limited` request) and the soonest of its usable keys' breakers; the shortest of
+    those. 0.0 when nothing says (a probe out)."""
     soonest = math.inf
     for state in states:
         waits = [state.breaker.reopens_in_s() or 0.0]
         if rate_limited:
             waits.append(state.cooling_s(now) or 0.0)
+            waits.append(state.refills_in_s(now) or 0.0)
         if state.keys:
             keys = [key.breaker.reopens_in_s() or 0.0 for key in state.keys
                     if key.key.env not in bad_keys]
@@ -385,6 +400,23 @@ def ready_in_s(states: Iterable[DeploymentState], bad_keys: AbstractSet[str], no
             waits.append(min(keys))
         soonest = min(soonest, max(waits))
     return 0.0 if soonest == math.inf else soonest
+
+
+def paced_in_s(states: Iterable[DeploymentState], bad_keys: AbstractSet[str],
+               now: float) -> float | None:
+    """When only their own rpm/tpm capacity keeps every one of `states` from a call (the
+    breakers of each, and of a key of it, would let one through): the seconds until the
+    first refills. None otherwise: something else holds one back, or one is not paced."""
+    soonest = math.inf
+    for state in states:
+        refill = state.refills_in_s(now)
+        if refill is None or state.breaker.reopens_in_s() is not None:
+            return None
+        if state.keys and all(key.key.env in bad_keys or key.breaker.reopens_in_s() is not None
+                              for key in state.keys):
+            return None
+        soonest = min(soonest, refill)
+    return soonest if soonest < math.inf else None
 
 
 def retry_after(wait_s: float) -> tuple[bytes, bytes]:

@@ -146,7 +146,7 @@ def test_count_tokens_latency_does_not_feed_the_latency_average(
 def test_count_tokens_neither_takes_nor_waits_for_the_deployments_message_rpm(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     # One message a minute. Before: the first count took that one, so the second count and
-    # the message found no capacity (503 no_healthy_deployment).
+    # the message found no capacity (then a 503 no_healthy_deployment, now a 429).
     layer = "retry=RetryPolicy(max_attempts=1, deadline_s=5)"
     with serve(tmp_path, config(a, b, layer)) as gateway:
         counted = [count(gateway, "claude-1rpm") for _ in range(2)]
@@ -158,7 +158,7 @@ def test_count_tokens_neither_takes_nor_waits_for_the_deployments_message_rpm(
                                             messages=QUESTION)
     assert counted == [200, 200, 200]
     assert message.headers["x-sluicegate-deployment"] == CLAUDE_A
-    assert second.value.status_code == 503  # (the rpm holds messages to one a minute)
+    assert second.value.status_code == 429  # (the rpm holds messages to one a minute)
     assert [entry["path"] for entry in a.requests] == [
         "/anthropic/v1/messages/count_tokens", "/anthropic/v1/messages/count_tokens",
         "/anthropic/v1/messages", "/anthropic/v1/messages/count_tokens"]

@@ -697,6 +697,23 @@ def test_x_sluicegate_tags_hold_on_a_model_whose_own_deployments_have_none(
     assert len(a.requests) == 1  # only the request without a pin went to the untagged one
 
 
+def test_a_deployment_out_of_its_own_rpm_is_a_rate_limit_not_an_open_breaker(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """Two requests a minute: the third is a 429 in OpenAI's shape, told when a request's
+    worth has refilled (30 s a request, whole seconds), not a 503 'breakers are open'."""
+    extra = 'models["limited"] = [Deployment("a", "gpt-4o-mini", price=PRICE, rpm=2)]'
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(deadline_s=60)",
+                                         extra)) as gateway:
+        client = openai_client(gateway)
+        for _ in range(2):
+            client.chat.completions.create(model="limited", messages=QUESTION)
+        with pytest.raises(openai.RateLimitError) as paced:
+            client.chat.completions.create(model="limited", messages=QUESTION)
+    assert paced.value.code == "rate_limited"
+    assert 25 <= int(paced.value.response.headers["retry-after"]) <= 30
+    assert len(a.requests) == 2
+
+
 def test_a_hedged_answer_is_cached_like_any_other(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     """The cache above keeps what the winning call sent (its context copy's record of it)."""

@@ -35,6 +35,7 @@ from middleware.failover.routing import (
     DeploymentState,
     Group,
     KeyState,
+    paced_in_s,
 )
 
 # One failure opens a breaker for 10 s; then one probe at a time.
@@ -323,6 +324,24 @@ def test_rpm_refill_is_gradual_and_capped(clock: Clock) -> None:
         limited.started()
     assert g.pick(set()) is spare
     assert limited.requests == 4 and limited.in_flight == 4
+
+
+def test_paced_in_s_is_the_time_until_the_first_refill_when_capacity_alone_is_missing(
+        clock: Clock) -> None:
+    g = group(clock, dep("rpm", rpm=2), dep("tpm", tpm=1000), strategy="priority")
+    by_rpm, by_tpm = g.deployments
+    assert paced_in_s(g.deployments, set(), clock.now) is None  # both have capacity
+    by_rpm.started()
+    by_rpm.started()
+    by_tpm.started()
+    by_tpm.finished(Usage(1500, 0))  # 500 tokens short: 30 s
+    clock.now += 10
+    assert by_rpm.refills_in_s(clock.now) == pytest.approx(20)
+    assert by_tpm.refills_in_s(clock.now) == pytest.approx(20)
+    assert paced_in_s(g.deployments, set(), clock.now) == pytest.approx(20)
+    by_tpm.breaker.record(True)  # (one failure opens it): not capacity alone any more
+    assert by_tpm.breaker.state == OPEN
+    assert paced_in_s(g.deployments, set(), clock.now) is None
 
 
 def test_tpm_capacity_is_spent_by_finished_calls(clock: Clock) -> None:
