@@ -189,10 +189,10 @@ class HTTPAdapter:
         same format; by default the type `parse_error` found, alone."""
         return error_type, None, None
 
-    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
-        """The Retry-After of an error answer (delta-seconds or an HTTP date), which the
-        failover layer waits or cools the deployment down for, and the caller is given: its
-        header, by default; a provider that says it in the body reads it there."""
+    def retry_after(self, status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+        """The Retry-After of an error answer with `status` (delta-seconds or an HTTP date),
+        which the failover layer waits or cools the deployment down for, and the caller is
+        given: its header, by default; a provider that says it elsewhere reads it there."""
         return headers.get("retry-after")
 
     def key_headers(self, secret: str) -> dict[str, str]:
@@ -378,7 +378,7 @@ class HTTPAdapter:
                                            self.native_error(error_type, body))
         return UpstreamError(
             status, said, provider=self.name, error_type=error_type,
-            retry_after=self.retry_after(headers, body),
+            retry_after=self.retry_after(status, headers, body),
             # A provider key that fails auth or billing may work on another deployment.
             retryable=status in (401, 402, 403, 408, 429) or status >= 500,
             wire_format=wire_format, native_type=native_type, native_code=native_code,

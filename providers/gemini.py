@@ -162,6 +162,6 @@ class GeminiAdapter(HTTPAdapter):
     def parse_error(self, status: int, body: bytes) -> tuple[str, str]:
         return fmt.parse_gemini_error(status, body)
 
-    def retry_after(self, headers: Mapping[str, str], body: bytes) -> str | None:
+    def retry_after(self, status: int, headers: Mapping[str, str], body: bytes) -> str | None:
         """Gemini's 429 sends no Retry-After header: its delay is the body's RetryInfo."""
-        return super().retry_after(headers, body) or fmt.gemini_retry_delay(body)
+        return super().retry_after(status, headers, body) or fmt.gemini_retry_delay(body)

@@ -8,7 +8,9 @@ callers are translated through providers.anthropic_format.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -274,6 +276,46 @@ class OpenAIAdapter(HTTPAdapter):
     def native_error(self, error_type: str, body: bytes) -> tuple[str | None, str | None,
                                                                   str | None]:
         return openai_error_fields(body)
+
+    def retry_after(self, status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+        """A 429 without Retry-After may give its pause only in OpenAI's (and Azure's)
+        headers of its own (`rate_limit_pause_s`): as whole seconds, rounded up."""
+        said = super().retry_after(status, headers, body)
+        if said or status != 429:
+            return said
+        pause_s = rate_limit_pause_s(headers)
+        return None if pause_s is None else str(math.ceil(pause_s))
+
+
+# Only on a 429: every OpenAI answer carries the x-ratelimit-reset-* headers (when the limits
+# would be whole again, "6ms" after any call), which say nothing of a pause otherwise.
+_RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+_RESET = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")  # "6m0s", "1s", "20ms", "7.66s"
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def rate_limit_pause_s(headers: Mapping[str, str]) -> float | None:
+    """The seconds a 429 without Retry-After asks for: `retry-after-ms` (which OpenAI's and
+    Azure's SDKs read first), else the longer of the `x-ratelimit-reset-requests` and
+    `-tokens` durations (https://platform.openai.com/docs/guides/rate-limits, "Rate limits
+    in headers"); None when none of them is readable."""
+    millis = headers.get("retry-after-ms")
+    try:
+        pause_s = float(millis) / 1000 if millis is not None else math.nan
+    except ValueError:
+        pause_s = math.nan
+    if math.isfinite(pause_s) and pause_s >= 0:
+        return pause_s
+    resets = [reset_s for name in _RESET_HEADERS
+              if (reset_s := _reset_duration_s(headers.get(name))) is not None]
+    return max(resets) if resets else None
+
+
+def _reset_duration_s(value: str | None) -> float | None:
+    if value is None or not _RESET.fullmatch(value.strip()):
+        return None
+    return sum(float(number) * _UNIT_S[unit] for number, unit in _RESET_PART.findall(value))
 
 
 def parse_openai_error(status: int, body: bytes) -> tuple[str, str]:

@@ -199,6 +199,8 @@ class Fault:
     `retry_after_header` False leaves the `retry-after` header out of a "status" fault's
     answer, as Gemini's API answers a 429: its delay is only in the body (the
     `google.rpc.RetryInfo` detail the mock's Gemini error adds for `retry_after_s`).
+    `headers` adds (or replaces) headers of a "status" fault's answer, as a provider that
+    says its pause in headers of its own (OpenAI's `x-ratelimit-reset-requests: 20s`).
     `match` limits the fault to requests whose raw body holds that text (a marker in the
     prompt), so concurrent requests each meet their own faults, in order.
     """
@@ -217,6 +219,7 @@ class Fault:
     stall_s: float = 0.0
     match: str | None = None
     retry_after_header: bool = True
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -82,6 +82,7 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
                                  param=status_fault.param, code=status_fault.code)
             if not status_fault.retry_after_header:
                 refused.headers.popall("retry-after", None)
+            refused.headers.update(status_fault.headers or {})
             if status_fault.sent_status is not None:
                 refused.set_status(status_fault.sent_status)
                 if status_fault.code is None:  # (OpenRouter's shape: the status as its code)

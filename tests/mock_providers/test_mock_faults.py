@@ -105,6 +105,15 @@ def test_a_status_fault_may_leave_the_retry_after_header_out(mock: MockProviderS
     assert RATE_LIMIT_SHAPES["gemini"](limited.json())
 
 
+def test_a_status_fault_may_carry_headers_of_its_own(mock: MockProviderServer) -> None:
+    """As OpenAI says a pause only in its rate-limit headers."""
+    mock.push_fault(Fault("status", provider="openai", status=429, retry_after_header=False,
+                          headers={"x-ratelimit-reset-requests": "20s"}))
+    limited = call(mock, "openai")
+    assert limited.status_code == 429 and "retry-after" not in limited.headers
+    assert limited.headers["x-ratelimit-reset-requests"] == "20s"
+
+
 def test_anthropic_overloaded_through_the_sdk(mock: MockProviderServer) -> None:
     client = anthropic.Anthropic(base_url=mock.base_url("anthropic"), api_key="k", max_retries=0)
     mock.push_fault(Fault("status", provider="anthropic", status=529, message="Overloaded"))
