@@ -10,6 +10,9 @@ below. A background writer takes the queued records in batches (up to `batch_siz
 checksummed records, fsync by `fsync` policy), then writes it to PostgreSQL (COPY into staging,
 INSERT ... ON CONFLICT DO NOTHING into `usage_events`, and the rollups, in one transaction) and
 acknowledges the journal. A record is keyed by its request id, so a replay never counts twice.
+A record PostgreSQL refuses (a value it cannot store) is found by writing its batch again in
+halves, and set aside in the dead letter beside the journals (`DEAD_LETTER`), so that it
+cannot hold up every record after it.
 
 When PostgreSQL is slow or down, batches only go to the journal; once it answers again, the
 journal is replayed in order, then writing goes direct again. On startup after a crash the
@@ -50,6 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.admin import admin_token_from_env, route_path
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import SELF_USAGE_PATH, RequestContext, find_request_context
@@ -57,7 +62,7 @@ from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
 from gateway.metrics import Sample
 from middleware.metering.journal import FSYNC_POLICIES, Journal, JournalError, Position
-from middleware.metering.record import UsageRecord, clean_labels, payload_of
+from middleware.metering.record import UsageRecord, cleaned, payload_of
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
 from middleware.metering.usage import journal_usage, serve_admin_usage, serve_own_usage
 
@@ -67,6 +72,8 @@ __all__ = ["JournalError", "MeteringMiddleware", "PostgresUsageStore", "UsageRec
 logger = logging.getLogger("sluicegate.metering")
 
 DURABILITY = ("batch", "response")
+# Beside the journals: records PostgreSQL refused, one JSON object a line (`_set_aside`).
+DEAD_LETTER = "dead-letter.jsonl"
 ORPHAN_SCAN_S = 60.0  # how often a process looks for journals no process holds
 # Records kept in memory while the journal fails and PostgreSQL cannot take them either;
 # past this many, the oldest are dropped (and logged).
@@ -145,6 +152,7 @@ class MeteringMiddleware:
         self._overflow_retry = 0.0  # (`_queue_full`: after the journal failed it)
         self._stopping = False
         self.written = 0  # rows PostgreSQL took (for tests and /admin)
+        self.set_aside = 0  # records in the dead letter (PostgreSQL refused them, or unreadable)
 
     def learn_routes(self, router: Any, config: GatewayConfig) -> None:
         """Called by a layer listed above this one that routes every call it makes below
@@ -345,6 +353,9 @@ class MeteringMiddleware:
              "Age of the oldest usage record the writer has not taken yet.", {}, lag),
             ("sluicegate_metering_replaying", "1 while PostgreSQL is behind the journal.", {},
              float(self._replaying)),
+            ("sluicegate_metering_set_aside_records",
+             f"Usage records this process set aside in {DEAD_LETTER} (PostgreSQL refused them).",
+             {}, float(self.set_aside)),
         ]
 
     def _queue_full(self) -> None:
@@ -475,8 +486,8 @@ class MeteringMiddleware:
         if self.store is None or self._replaying:
             return  # the journal is the ledger, or PostgreSQL is behind it
         try:
-            self.written += await self.store.write_payloads(payloads)
-        except UsageStoreError as exc:
+            self.written += await self._store_batch(payloads)
+        except (UsageStoreError, OSError) as exc:  # (OSError: the dead letter failed)
             if position is None:
                 raise
             logger.warning("metering: %s; usage goes to the journal until it answers", exc)
@@ -488,6 +499,42 @@ class MeteringMiddleware:
                 await self._acknowledge(position)
             except (OSError, JournalError) as exc:  # written: a replay writes it again, once
                 logger.error("metering: the journal could not be acknowledged: %s", exc)
+
+    async def _store_batch(self, payloads: list[bytes],
+                           unreadable: list[tuple[bytes, str]] | None = None) -> int:
+        """Writes records to PostgreSQL, and sets aside the ones it refuses (and `unreadable`
+        ones, of a journal) in the dead letter: rows new. Refused, a record would fail its
+        batch at every try, and the journal is replayed in order, so every later record
+        would wait behind it, for ever. UsageStoreError: PostgreSQL did not answer; OSError:
+        the dead letter could not be written; the batch is then written again later (what
+        was written of it is found there, and not written twice)."""
+        assert self.store is not None
+        written, refused = await self.store.write_each(payloads) if payloads else (0, [])
+        refused += unreadable or []
+        if refused:
+            await asyncio.get_running_loop().run_in_executor(self._io, self._set_aside, refused)
+        return written
+
+    def _set_aside(self, refused: list[tuple[bytes, str]]) -> None:
+        """Appends records to the dead letter, `<journal_dir>/dead-letter.jsonl`, and fsyncs
+        it before the journal lets go of them: each line a JSON object with the time, the
+        error and the record as the journal held it (a string of its JSON), so an operator
+        can mend it and write it again (a record already in PostgreSQL is not counted
+        twice). O_APPEND, one write: processes sharing the directory append whole lines."""
+        at = time.time()
+        data = b"".join(orjson.dumps({"set_aside_at": at, "error": why, "record": payload.decode(
+            "utf-8", "backslashreplace")}) + b"\n" for payload, why in refused)
+        path = self.journal_root / DEAD_LETTER
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.set_aside += len(refused)
+        logger.error("metering: %d usage record(s) could not be written to PostgreSQL and are "
+                     "set aside in %s (they would have held up every later record): %s",
+                     len(refused), path, refused[0][1])
 
     async def _journal_batch(self, payloads: list[bytes], *, sync: bool = False) -> Position:
         journal = self.journal
@@ -526,7 +573,7 @@ class MeteringMiddleware:
                         self._io, functools.partial(orphan.pending, limit=self.batch_size))
                     if not pending:
                         break
-                    self.written += await self.store.write_payloads(_checked(pending))
+                    self.written += await self._store_batch(*_checked(pending))
                     await loop.run_in_executor(self._io, orphan.acknowledge, pending[-1][0])
                     logger.info("metering: replayed %d record(s) of %s, which no process "
                                 "holds", len(pending), path.name)
@@ -554,8 +601,8 @@ class MeteringMiddleware:
                 logger.info("metering: the journal is replayed; writing directly again")
                 return
             try:
-                self.written += await self.store.write_payloads(_checked(pending))
-            except UsageStoreError as exc:
+                self.written += await self._store_batch(*_checked(pending))
+            except (UsageStoreError, OSError) as exc:  # (OSError: the dead letter failed)
                 logger.warning("metering: replay paused (%s)", exc)
                 self._next_retry = time.monotonic() + self.retry_interval_s
                 return
@@ -564,16 +611,18 @@ class MeteringMiddleware:
                 return  # new requests first; the replay continues on the next turn
 
 
-def _checked(pending: list[tuple[Position, bytes]]) -> list[bytes]:
-    """Journaled records as PostgreSQL takes them: checked (and older formats rewritten)
-    before SQL; an unreadable one is skipped and logged."""
-    payloads = []
+def _checked(pending: list[tuple[Position, bytes]]
+             ) -> tuple[list[bytes], list[tuple[bytes, str]]]:
+    """Journaled records as PostgreSQL takes them: checked, cleaned (a NUL journaled by a
+    gateway from before `cleaned`) and older formats rewritten; and the records that are
+    not usage records, with why (for the dead letter)."""
+    payloads, unreadable = [], []
     for _, payload in pending:
         try:
-            payloads.append(clean_labels(UsageRecord.decode(payload)).encode())
-        except ValueError:
-            logger.error("metering: an unreadable record in the journal was skipped")
-    return payloads
+            payloads.append(cleaned(UsageRecord.decode(payload)).encode())
+        except (ValueError, TypeError, AttributeError) as exc:  # (a field of the wrong type)
+            unreadable.append((payload, f"not a usage record: {exc}"))
+    return payloads, unreadable
 
 
 def _resolve(waiting: list[asyncio.Future[None]]) -> None:

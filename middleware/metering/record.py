@@ -24,7 +24,7 @@ from gateway.context import RequestContext, Usage
 from gateway.policy import micros_to_usd
 from gateway.pricing import CACHE_HITS, billed_micros
 
-__all__ = ["UsageRecord", "labels_of", "record_of"]
+__all__ = ["UsageRecord", "cleaned", "labels_of", "record_of"]
 
 _TAG_PREFIX = b"x-sluicegate-tag-"
 _MAX_LABELS = 16
@@ -124,14 +124,18 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
-def clean_labels(record: UsageRecord) -> UsageRecord:
-    """`record`, with a NUL in its labels replaced as `labels_of` does (a record journaled
-    by a gateway from before it did would stop every replay)."""
+def cleaned(record: UsageRecord) -> UsageRecord:
+    """`record`, with a NUL in any of its strings (its labels too) replaced as `_text` does:
+    an upstream's error type, a model it names, a customer id all come from outside, and a
+    record journaled by a gateway from before they were cleaned would stop every replay."""
+    changes: dict[str, Any] = {
+        name: _text(value) for name, value in zip(ARRAY_FIELDS, _array_values(record),
+                                                  strict=True)
+        if isinstance(value, str) and "\x00" in value}
     labels = record.labels
-    if not labels or not any("\x00" in key or "\x00" in value for key, value in labels.items()):
-        return record
-    return dataclasses.replace(record, labels={_text(key): _text(value)
-                                               for key, value in labels.items()})
+    if labels and any("\x00" in key or "\x00" in value for key, value in labels.items()):
+        changes["labels"] = {_text(key): _text(value) for key, value in labels.items()}
+    return dataclasses.replace(record, **changes) if changes else record
 
 
 def labels_of(ctx: RequestContext) -> dict[str, str]:
@@ -160,18 +164,24 @@ def record_of(ctx: RequestContext, *, ended_at: float | None = None,
               ended_monotonic: float | None = None) -> UsageRecord:
     """The record of a finished request. Cache hits cost 0 and record what they saved;
     calls that never reached a model (refused, failed before upstream) cost 0."""
-    return UsageRecord(*values_of(ctx, ended_at, ended_monotonic))
+    return cleaned(UsageRecord(*values_of(ctx, ended_at, ended_monotonic)))
 
 
 def payload_of(ctx: RequestContext, ended_at: float | None = None,
                ended_monotonic: float | None = None) -> bytes:
     """`record_of(ctx).encode()`, without building the record: what the request path
     queues."""
+    payload = orjson.dumps((ARRAY_FORMAT, *values_of(ctx, ended_at, ended_monotonic)))
+    # PostgreSQL refuses NUL in text and jsonb, and a record holding one failed its whole
+    # batch. Any string here may hold one (an upstream's error type, a customer id), and
+    # orjson writes it as this escape: one scan of the bytes costs less than a test of each
+    # string (a backslash the caller sent before "u0000" matches too, and is only cleaned).
+    if b"\\u0000" in payload:
+        return cleaned(UsageRecord.decode(payload)).encode()
     # orjson hands back its whole 4 KiB output buffer with every result, however short; a
     # queued record would hold it until the writer took the batch (~3 MB of scattered 4 KiB
     # blocks at full speed). The join keeps the ~250 bytes only, for ~50 ns.
-    return b"".join((orjson.dumps((ARRAY_FORMAT, *values_of(ctx, ended_at, ended_monotonic))),
-                     b""))
+    return b"".join((payload, b""))
 
 
 def values_of(ctx: RequestContext, ended_at: float | None = None,

@@ -35,7 +35,8 @@ from middleware.metering.record import ARRAY_FIELDS, UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
 
-__all__ = ["GRAINS", "GROUPS", "PostgresUsageStore", "UsageStoreError"]
+__all__ = ["GRAINS", "GROUPS", "PostgresUsageStore", "UsageRecordRefused",
+           "UsageStoreError"]
 
 _COLUMNS = (
     "request_id", "started_at", "ended_at", "key_id", "project", "customer", "labels",
@@ -199,6 +200,11 @@ class UsageStoreError(Exception):
     """PostgreSQL could not take or answer (the writer keeps the records in the journal)."""
 
 
+class UsageRecordRefused(UsageStoreError):
+    """PostgreSQL answered, and refused what the batch holds (a value it cannot store), not
+    the connection: written again, the same batch fails again (`write_each`)."""
+
+
 def _month_start(at: datetime) -> datetime:
     return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
@@ -352,9 +358,29 @@ class PostgresUsageStore:
                 self._partitions |= months  # they exist once the batch has committed
                 return new
         except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
+            said = f"PostgreSQL did not take the usage batch: {type(exc).__name__}: {exc}"
+            if _refuses_data(exc):  # (rolled back; the connection is as good as before)
+                raise UsageRecordRefused(said) from None
             await self._drop_connection()
-            raise UsageStoreError(f"PostgreSQL did not take the usage batch: "
-                                  f"{type(exc).__name__}: {exc}") from None
+            raise UsageStoreError(said) from None
+
+    async def write_each(self, payloads: Sequence[bytes]) -> tuple[int, list[tuple[bytes, str]]]:
+        """`write_payloads`, with the records PostgreSQL refuses left out: (rows new, [(a
+        refused record, why)]). A batch is one transaction, so one record it cannot store
+        (a value out of range, say) fails the rest with it, every time it is written: a
+        refused batch is written again in halves, down to the record, ~2 log2(n)
+        transactions for one such record. A record is still written once at most: halves
+        already written before a failure are written again as a replay is (ON CONFLICT DO
+        NOTHING). UsageStoreError when PostgreSQL does not answer."""
+        try:
+            return await self.write_payloads(payloads), []
+        except UsageRecordRefused as exc:
+            if len(payloads) == 1:
+                return 0, [(payloads[0], str(exc))]
+        half = len(payloads) // 2
+        new_first, refused_first = await self.write_each(payloads[:half])
+        new_rest, refused_rest = await self.write_each(payloads[half:])
+        return new_first + new_rest, refused_first + refused_rest
 
     async def _create_partitions(self, cur: Any, months: set[datetime]) -> None:
         """Creates monthly partitions in the batch's transaction (an advisory lock per
@@ -436,6 +462,17 @@ class PostgresUsageStore:
             rows = await self.usage(group_by=subject_kind, since=since, until=until,
                                     subject=subject_id)
         return sum(usd_to_micros(row["cost_usd"]) for row in rows)
+
+
+def _refuses_data(exc: Exception) -> bool:
+    """Whether PostgreSQL refused a value of the batch rather than failed: a data exception
+    (SQLSTATE class 22: a NUL in text, a number out of range, a malformed timestamp), an
+    integrity one (23: a NULL where a column needs a value), or a program limit (54000: a
+    text too long for an index, as a rollup's subject). Not a connection lost, a timeout, a
+    missing table: those pass, and the batch waits in the journal until they do."""
+    import psycopg
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError |
+                      psycopg.errors.ProgramLimitExceeded)
 
 
 def _quote(name: str) -> str:

@@ -27,7 +27,7 @@ from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.kernel import _run_end_hooks
 from gateway.pricing import Price
 from gateway.upstream import Deployment
-from middleware.metering import MeteringMiddleware
+from middleware.metering import DEAD_LETTER, MeteringMiddleware
 from middleware.metering.journal import Journal
 from middleware.metering.record import (
     ARRAY_FIELDS,
@@ -363,6 +363,100 @@ async def test_a_journaled_nul_from_an_older_gateway_is_replayed_cleaned(
     assert labels[dirty[1].request_id] == {"te\ufffdam": "a\ufffdb"} and len(labels) == 3
 
 
+async def test_a_journaled_nul_in_any_field_is_replayed_cleaned(
+        tmp_path: Path, prefix: str) -> None:
+    # Only labels were cleaned: a NUL in any other string (an upstream's error type, the
+    # model it named) was journaled as it came, and failed every replay of its batch.
+    dirty = sample(3)
+    dirty[1] = dataclasses.replace(
+        dirty[1], request_id="r\x00" + dirty[1].request_id, key_id="k\x00", project="p\x00",
+        customer="c\x00", model="m\x00", served_model="s\x00", provider="v\x00",
+        deployment="d\x00", status=400, error_type="invalid\x00request", cache_status="x\x00")
+    journal_records(tmp_path / "slot-000", dirty)
+    await started_process_writes(tmp_path, prefix, 3)
+    found = {row[0]: row[1:] for row in rows(
+        f"SELECT request_id, key_id, project, customer, model, served_model, provider, "
+        f"deployment, error_type, cache_status FROM {prefix}_events")}
+    assert len(found) == 3 and not (tmp_path / DEAD_LETTER).exists()
+    assert found["r\ufffd" + dirty[1].request_id[2:]] == (
+        "k\ufffd", "p\ufffd", "c\ufffd", "m\ufffd", "s\ufffd", "v\ufffd", "d\ufffd",
+        "invalid\ufffdrequest", "x\ufffd")
+
+
+def dead_letters(journal_dir: Path) -> list[dict[str, Any]]:
+    path = journal_dir / DEAD_LETTER
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] \
+        if path.exists() else []
+
+
+async def test_a_record_postgresql_refuses_is_set_aside_and_the_rest_written_once(
+        tmp_path: Path, prefix: str) -> None:
+    # A batch is one transaction: one record PostgreSQL cannot store (here a token count
+    # past bigint, as a provider may report) failed the whole batch at every replay, and
+    # every later record waited behind it. Two of the batch's records had been written
+    # before (a crash before the journal's acknowledgement): they still count once.
+    records = sample(6)
+    poison = records[3] = dataclasses.replace(records[3], input_tokens=2**63)
+    store = PostgresUsageStore(PG_DSN, prefix=prefix)
+    await store.startup()
+    try:
+        assert await store.write(records[:2]) == 2
+    finally:
+        await store.shutdown()
+    journal_records(tmp_path / "slot-000", records)
+    assert await started_process_writes(tmp_path, prefix, 3, settle_s=0.2) == 3
+    written = [row[0] for row in rows(f"SELECT request_id FROM {prefix}_events")]
+    assert sorted(written) == sorted(r.request_id for r in records if r is not poison)
+    assert_rollups_match_events(prefix)
+    [letter] = dead_letters(tmp_path)
+    assert UsageRecord.decode(letter["record"].encode()) == poison
+    assert "NumericValueOutOfRange" in letter["error"]
+    # The journal let go of the batch: a restart writes nothing again, sets nothing aside.
+    assert await started_process_writes(tmp_path, prefix, 0, settle_s=0.3) == 0
+    assert len(dead_letters(tmp_path)) == 1
+    assert rows(f"SELECT count(*) FROM {prefix}_events")[0][0] == 5
+
+
+async def test_a_refused_record_leaves_the_writer_writing_directly(
+        tmp_path: Path, prefix: str) -> None:
+    # Refused in a direct write, the batch sent the writer to the journal: every later
+    # batch queued behind it there, and the replay retried it for ever.
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    layer = MeteringMiddleware(answer, store=PostgresUsageStore(PG_DSN, prefix=prefix),
+                               journal_dir=str(tmp_path), flush_interval_s=0.05)
+    await layer.startup()
+
+    async def request(input_tokens: int) -> str:
+        ctx = context(status=200)
+        ctx.usage = Usage(input_tokens=input_tokens, output_tokens=1)
+        await layer({"type": "http", CONTEXT_KEY: ctx}, None, send)  # type: ignore[arg-type]
+        _run_end_hooks(ctx)
+        return ctx.request_id
+
+    async def written(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while layer.written < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    try:
+        poison = [await request(tokens) for tokens in (1, 2**63, 3)][1]
+        await written(2)
+        later = await request(4)
+        await written(3)
+        gauges = {name: value for name, _, _, value in layer.metric_samples()}
+    finally:
+        await layer.shutdown()
+    assert layer.written == 3 and gauges["sluicegate_metering_replaying"] == 0.0
+    assert gauges["sluicegate_metering_set_aside_records"] == 1.0
+    assert later in {row[0] for row in rows(f"SELECT request_id FROM {prefix}_events")}
+    assert [orjson.loads(letter["record"])[1] for letter in dead_letters(tmp_path)] == [poison]
+
+
 async def test_events_are_partitioned_by_month_and_old_months_drop(prefix: str) -> None:
     store = PostgresUsageStore(PG_DSN, prefix=prefix)
     await store.startup()
@@ -605,6 +699,30 @@ def test_a_nul_in_a_label_does_not_stop_the_ledger(
     assert len(found) == 6
     assert found[poisoned.headers["x-request-id"]][-1] == {"team": "a\ufffdb",
                                                            "o\ufffdk": "v"}
+
+
+def test_a_nul_in_an_upstream_error_type_does_not_stop_the_ledger(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer, prefix: str,
+        journal: Path) -> None:
+    # A provider's error type is any JSON string, "\u0000" too, and went into the record as
+    # it came (only labels were cleaned): PostgreSQL refused the batch holding it, and the
+    # replay retried that batch for ever, so no later record reached PostgreSQL.
+    mock.push_fault(Fault("status", provider="openai", status=400,
+                          error_type="invalid\u0000request"))
+    config = metering_config(tmp_path, mock_url, PG_DSN, prefix, journal)
+    with ThreadedServer(create_app(config)) as server:
+        sdk = client(server)
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(model="gpt-mock",
+                                        messages=[{"role": "user", "content": "nul type"}])
+        for i in range(5):
+            sdk.chat.completions.create(model="gpt-mock",
+                                        messages=[{"role": "user", "content": f"after {i}"}])
+        found = wait_for_rows(prefix, 6)
+    assert len(found) == 6
+    status, *_, error_type, _ = found[refused.value.response.headers["x-request-id"]]
+    assert (status, error_type) == (400, "invalid\ufffdrequest")
+    assert dead_letters(journal) == []  # (cleaned, not set aside)
 
 
 def test_a_stream_recorded_before_its_end_is_sent_has_its_usage(

@@ -196,6 +196,9 @@ class Fault:
     `stall_s` holds an "error_event" stream open, silent, for that long after its error event
     before it ends, as a provider that hung after it; a Responses stream's `error` event then
     comes without the `response.failed` that follows it on the live API.
+    `error_type` replaces a "status" fault's error `type` (OpenAI's and Anthropic's shapes),
+    as a provider or a proxy in front of one names its own errors: any JSON string, one
+    holding a NUL (`"\\u0000"`) too.
     `retry_after_header` False leaves the `retry-after` header out of a "status" fault's
     answer, as Gemini's API answers a 429: its delay is only in the body (the
     `google.rpc.RetryInfo` detail the mock's Gemini error adds for `retry_after_s`).
@@ -220,6 +223,7 @@ class Fault:
     match: str | None = None
     retry_after_header: bool = True
     headers: dict[str, str] | None = None
+    error_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -83,6 +83,8 @@ def endpoint(state: ServerState, wire: ProviderWire, handler: Handler) -> Callab
             if not status_fault.retry_after_header:
                 refused.headers.popall("retry-after", None)
             refused.headers.update(status_fault.headers or {})
+            if status_fault.error_type is not None:
+                refused.body = _with_error_type(refused.body, status_fault.error_type)
             if status_fault.sent_status is not None:
                 refused.set_status(status_fault.sent_status)
                 if status_fault.code is None:  # (OpenRouter's shape: the status as its code)
@@ -102,6 +104,14 @@ def _with_status_code(body: Any, status: int) -> Any:
     payload = orjson.loads(body)
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         payload["error"]["code"] = status
+    return orjson.dumps(payload)
+
+
+def _with_error_type(body: Any, error_type: str) -> Any:
+    """An error body whose error object's `type` is `error_type`."""
+    payload = orjson.loads(body)
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        payload["error"]["type"] = error_type
     return orjson.dumps(payload)
 
 

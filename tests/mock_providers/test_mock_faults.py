@@ -335,6 +335,15 @@ def test_status_fault_code_and_param_in_openai_shape(mock: MockProviderServer) -
         "code": "context_length_exceeded"}}
 
 
+def test_status_fault_error_type_any_json_string(mock: MockProviderServer) -> None:
+    # A provider names its own error types; JSON lets one hold a NUL (a ledger must cope).
+    mock.push_fault(Fault("status", provider="openai", status=400,
+                          error_type="invalid\u0000request"))
+    mock.push_fault(Fault("status", provider="anthropic", status=400, error_type="odd_error"))
+    assert b'"type":"invalid\\u0000request"' in call(mock, "openai").content
+    assert call(mock, "anthropic").json()["error"]["type"] == "odd_error"
+
+
 def test_slow_first_byte_and_ttft_hold_back_the_headers(mock: MockProviderServer) -> None:
     mock.push_fault(Fault("slow_first_byte", provider="gemini", delay_s=3.0))
     with pytest.raises(httpx.ReadTimeout):
