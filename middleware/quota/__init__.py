@@ -196,6 +196,10 @@ class QuotaMiddleware:
         # ctx.state[self._waiting_key]: the future a concurrent call for a request whose
         # admission is under way waits on (`_call_again`).
         self._waiting_key = f"quota.waiting.{id(self)}"
+        # ctx.state[self._lease_key]: the id the stores know this request's reservation by,
+        # once an admit to the store failed (`_lease`). Not `ctx.unique_id`, which the ledger
+        # and the response know the request by.
+        self._lease_key = f"quota.lease.{id(self)}"
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -425,7 +429,7 @@ class QuotaMiddleware:
                             self._fallbacks.get(ctx.model, ()))
         try:
             reply = await client.call_encoded(lane.admit_payload(
-                redis.argv_prefix(_lease(ctx)), est.input_tokens + est.output_tokens,
+                redis.argv_prefix(self._lease(ctx)), est.input_tokens + est.output_tokens,
                 est.cost_micros))
         except RespError as exc:  # NOSCRIPT: nothing ran; the general path sends it whole
             return None if str(exc).startswith("NOSCRIPT") else \
@@ -565,6 +569,17 @@ class QuotaMiddleware:
         self._templates[(id(principal), model)] = (principal, day, template)
         return template
 
+    def _lease(self, ctx: RequestContext) -> str:
+        """What the stores know a request's reservation by (its leases, its settle): an id no
+        other request shares, not the caller's request id, which one caller may send with any
+        number of requests at once (each would replace the other's concurrency lease). Its
+        own key in `ctx.state` once an admit failed (`_reserve`), shared by the copies of a
+        hedged call as the admission is; else the request's unique id."""
+        lease: str | None = ctx.state.get(self._lease_key)
+        if lease is not None:
+            return lease
+        return ctx.unique_id or ctx.request_id  # (contexts made outside the kernel: theirs)
+
     async def _reserve(self, ctx: RequestContext, planned: list[Planned],
                        checks: list[Check], handed: bytes | QuotaStoreError | None = None
                        ) -> tuple[QuotaStore, Decision]:
@@ -574,7 +589,7 @@ class QuotaMiddleware:
                 # store.admit awaited here, not through _admit_seeded: every await below is
                 # resumed through each frame above it, so the common path keeps to one.
                 if handed is None:
-                    decision = await store.admit(_lease(ctx), checks)
+                    decision = await store.admit(self._lease(ctx), checks)
                 elif isinstance(handed, QuotaStoreError):
                     raise handed
                 else:  # a Lane's reply for these checks (the same template, in order)
@@ -595,9 +610,10 @@ class QuotaMiddleware:
                 self._store_down_until = now + self.store_retry_s
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
-                self._unsure_admit(_lease(ctx), checks)
+                lease = self._lease(ctx)
+                self._unsure_admit(lease, checks)
                 # (admitted again later, by Redis, under an id its release cannot remove)
-                ctx.unique_id = _lease(ctx) + ".r"
+                ctx.state[self._lease_key] = lease + ".r"
         closed = [c for c in checks if c.on_store_error == "closed"]
         if closed:
             ctx.state["quota.refused"] = "store_unavailable"
@@ -668,7 +684,7 @@ class QuotaMiddleware:
 
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
                             planned: list[Planned], checks: list[Check]) -> Decision:
-        decision = await store.admit(_lease(ctx), checks)
+        decision = await store.admit(self._lease(ctx), checks)
         if not decision.unseeded:
             return decision
         return await self._seed_and_admit(store, ctx, planned, checks, decision)
@@ -679,7 +695,7 @@ class QuotaMiddleware:
         """Seeds the budget counters the store did not have, then asks again."""
         for index in decision.unseeded:  # a new period, or Redis lost its data
             await store.seed(checks[index], await self._spent(planned[index]))
-        decision = await store.admit(_lease(ctx), checks)
+        decision = await store.admit(self._lease(ctx), checks)
         if decision.unseeded:
             raise QuotaStoreError("budget counters vanished while being seeded")
         return decision
@@ -712,7 +728,7 @@ class QuotaMiddleware:
         the responses went out."""
         tokens, cost = self._charge(ctx)
         self._settles.setdefault(store, []).append(
-            (_lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
+            (self._lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
@@ -740,7 +756,7 @@ class QuotaMiddleware:
                         ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
         tokens, cost = self._charge(ctx)
-        self._lane_settles.append((lane, _lease(ctx), est, tokens, cost))
+        self._lane_settles.append((lane, self._lease(ctx), est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:
@@ -1156,11 +1172,6 @@ def _retrieved(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-def _lease(ctx: RequestContext) -> str:
-    """What the stores know a request's reservation by (its leases, its settle): an id no
-    other request shares, not the caller's request id, which one caller may send with any
-    number of requests at once (each would replace the other's concurrency lease)."""
-    return ctx.unique_id or ctx.request_id  # (contexts made outside the kernel: theirs)
 
 def _spend_rows(ctx: RequestContext, cost: int) -> list[tuple[str, str, int]]:
     principal = ctx.principal or ANONYMOUS

@@ -11,6 +11,7 @@ and is cut after 12 content deltas.
 """
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -18,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psycopg
 import pytest
 from psycopg import sql
 
 from gateway.tokens import estimate_text
-from middleware.metering import JournalError, journal_usage
-from tests.harness import TEST_KEY
+from middleware.metering import JournalError, UsageRecord, journal_usage
+from middleware.metering.journal import Journal
+from tests.harness import TEST_KEY, free_port
 from tests.middleware.test_metering import drop_tables
 from tests.middleware.test_quota_layer import (
     ANTHROPIC_HEADERS,
@@ -105,6 +108,42 @@ def billed(journal: Path) -> int:
             return []
     assert eventually(lambda: [row["requests"] for row in rows()], [1]) == [1]
     return int(Decimal(rows()[0]["cost_usd"]) * 1_000_000)
+
+
+def recorded_ids(journal: Path) -> list[str]:
+    """The request ids of the records in the metering layer's journal (its first slot)."""
+    reader = Journal(journal / "slot-000", read_only=True)
+    try:
+        reader.open()
+    except JournalError:  # (not made yet)
+        return []
+    try:
+        return [UsageRecord.decode(payload).request_id for _, payload in reader.pending()]
+    finally:
+        reader.close()
+
+
+def test_with_redis_down_a_record_keeps_the_request_id_its_response_carried(
+        start: Start, prefix: str, tmp_path: Path) -> None:
+    # An admit to a quota store that failed renamed the request's lease, and did so by
+    # adding ".r" to the request's unique id, which is also what the ledger keys its record
+    # by: with Redis down, no row carried the x-request-id its response had.
+    journal = tmp_path / "journal"
+    down = redis_store(prefix, f"redis://127.0.0.1:{free_port()}/0")
+    gateway = start(auth(static_key("Limits(rpm=1000, max_concurrent=5)")), metering(journal),
+                    quota(down, store_retry_s="0.01"))  # (each request asks Redis again)
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    made = sdk.chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=[{"role": "user", "content": "redis is down"}])
+    sent = sdk.chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=[{"role": "user", "content": "with my own id"}],
+        extra_headers={"x-request-id": "caller-id-7"})
+    assert (made.status_code, sent.status_code) == (200, 200)  # (rpm fails open)
+    assert sent.headers["x-request-id"] == "caller-id-7"
+    assert eventually(lambda: len(recorded_ids(journal)), 2) == 2
+    first, second = recorded_ids(journal)
+    assert first == made.headers["x-request-id"]
+    assert re.fullmatch(r"caller-id-7\.[0-9a-f]{16}", second)  # (README: 16 digits added)
 
 
 @pytest.mark.parametrize("api", ["openai", "responses"])
