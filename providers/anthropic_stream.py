@@ -190,10 +190,15 @@ class MessagesStreamToChat:
     (its signature is its last delta), follows whole with its signature in a delta's
     `thinking_blocks`, a redacted one as soon as it starts. LiteLLM sends every piece there
     too, but then the pieces a client (or the cache) collects are no blocks it can send back.
+    Each entry carries its `index` among the message's thinking blocks, as a tool call's
+    delta does: the openai SDK's stream helper merges the entries of a delta's lists by
+    `index` and raises without one (openai-python lib/streaming/_deltas.py); the translation
+    back to Anthropic reads a block's own fields only, so a block sent back with it is taken.
     """
 
     __slots__ = ("_calls", "_created", "_finish_sent", "_finished", "_id", "_include_usage",
-                 "_model", "_opened", "_thinking", "_usage", "_with_arguments")
+                 "_model", "_opened", "_thinking", "_thinking_count", "_usage",
+                 "_with_arguments")
 
     def __init__(self, public_model: str, include_usage: bool) -> None:
         self._model = public_model
@@ -203,6 +208,7 @@ class MessagesStreamToChat:
         self._calls: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._with_arguments: set[int] = set()  # tool_calls indexes that got argument text
         self._thinking: dict[int, JSON] = {}  # Anthropic block index -> the thinking so far
+        self._thinking_count = 0  # thinking blocks started: the next one's `index`
         self._usage: JSON | None = None   # Anthropic-shaped, merged as events arrive
         self._opened = False
         self._finish_sent = False
@@ -259,13 +265,19 @@ class MessagesStreamToChat:
             return self._emit({"content": block["text"]})
         if block.get("type") == "thinking":
             self._thinking[int(data.get("index", 0))] = {
-                "type": "thinking", "thinking": [block.get("thinking") or ""],
+                "index": self._next_thinking_index(), "type": "thinking",
+                "thinking": [block.get("thinking") or ""],
                 "signature": block.get("signature") or ""}
             return self._emit({"reasoning_content": block["thinking"]}) \
                 if block.get("thinking") else []
         if block.get("type") == "redacted_thinking":
-            return self._emit({"thinking_blocks": [chat_thinking_block(block)]})
+            return self._emit({"thinking_blocks": [
+                {"index": self._next_thinking_index(), **chat_thinking_block(block)}]})
         return []  # server-tool blocks are not part of a chat answer
+
+    def _next_thinking_index(self) -> int:
+        self._thinking_count += 1
+        return self._thinking_count - 1
 
     def _block_delta(self, data: JSON) -> list[JSON]:
         delta = data.get("delta") or {}

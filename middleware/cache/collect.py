@@ -460,8 +460,19 @@ def _merge_delta(message: JSON, delta: JSON) -> None:
         elif key == "function_call":
             if isinstance(value, dict):
                 _merge_function(message.setdefault("function_call", {}), value)
+        elif key == "thinking_blocks" and type(value) is list:
+            message[key] = _accumulate(message.get(key), [_unindexed(b) for b in value])
         else:
             message[key] = _accumulate(message.get(key), value)
+
+
+def _unindexed(block: Any) -> Any:
+    """A streamed thinking block as the answer holds it: a stream numbers each whole block
+    with its `index` (for the openai SDK's merging: providers/anthropic_stream.py), which a
+    non-stream answer's blocks do not carry."""
+    if type(block) is not dict or "index" not in block:
+        return block
+    return {key: value for key, value in block.items() if key != "index"}
 
 
 def _merge_call(call: JSON, delta: JSON) -> None:

@@ -579,7 +579,8 @@ def test_tool_stream_chunks() -> None:
     assert out[:-1] == [
         chunk({"role": "assistant", "content": ""}),
         chunk({"reasoning_content": "I need the weather tool."}),
-        chunk({"thinking_blocks": [{"type": "thinking", "thinking": "I need the weather tool.",
+        chunk({"thinking_blocks": [{"index": 0, "type": "thinking",
+                                    "thinking": "I need the weather tool.",
                                     "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"}]}),
         chunk({"content": "Okay"}),
         chunk({"content": ", let's check the weather for San Francisco, CA:"}),

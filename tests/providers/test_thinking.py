@@ -151,8 +151,8 @@ def test_a_stream_carries_reasoning_content_pieces_then_each_whole_signed_block(
             blocks += extra.get("thinking_blocks") or []
             text.append(choice.delta.content or "")
     assert len([piece for piece in reasoning if piece]) == len(range(0, len(THINKING), 8))
-    assert ("".join(reasoning), blocks, "".join(text)) == (
-        THINKING, [{"type": "thinking", "thinking": THINKING, "signature": SIGNATURE}], REPLY)
+    assert ("".join(reasoning), blocks, "".join(text)) == (THINKING, [
+        {"index": 0, "type": "thinking", "thinking": THINKING, "signature": SIGNATURE}], REPLY)
 
 
 def test_redacted_thinking_comes_back_as_a_thinking_block_in_its_place(
@@ -170,7 +170,26 @@ def test_redacted_thinking_comes_back_as_a_thinking_block_in_its_place(
                                              stream=True, extra_body=THINK):
         for choice in chunk.choices:
             streamed += (choice.delta.model_extra or {}).get("thinking_blocks") or []
-    assert streamed == expected
+    assert streamed == [{"index": index, **block} for index, block in enumerate(expected)]
+
+
+def test_the_sdks_stream_helper_collects_every_thinking_block(oai: openai.OpenAI) -> None:
+    """The helper merges a delta's list entries by their `index` (a redacted block and a
+    thinking block are two entries: without it, a RuntimeError); its message's blocks, sent
+    back with their `index`, continue the tool call."""
+    question = ask("weather in Paris " + REDACTED_TRIGGER)
+    with oai.chat.completions.stream(model="claude", messages=question, tools=[WEATHER],
+                                     extra_body=THINK) as stream:
+        first = stream.get_final_completion().choices[0].message
+    blocks = (first.model_extra or {})["thinking_blocks"]
+    assert [(block["index"], block["type"]) for block in blocks] == [
+        (0, "redacted_thinking"), (1, "thinking")]
+    assert first.tool_calls is not None
+    history = [*question, first.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"}]
+    answer = oai.chat.completions.create(model="claude", messages=history, tools=[WEATHER],
+                                         extra_body=THINK).choices[0].message
+    assert answer.content == "Tool result received: sunny"
 
 
 def test_the_blocks_of_an_answer_sent_back_continue_its_tool_call(oai: openai.OpenAI) -> None:
