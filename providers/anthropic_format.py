@@ -26,6 +26,8 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   default of both APIs), in which case the top_p.
 - A history with tool calls but no `tools` declares the tools it called, with
   `tool_choice` none: Anthropic refuses tool blocks in a request without tools.
+- A final assistant message (a prefill) goes without the whitespace its last text ends with
+  (the text, if that is all it holds): Anthropic refuses a prefill ending in whitespace.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
   presence_penalty, logit_bias, stream_options (Anthropic streams always report usage),
   service_tier, store, metadata, prediction, verbosity, reasoning_effort (Anthropic's
@@ -239,7 +241,27 @@ def _anthropic_messages(messages: list[Any]) -> tuple[list[JSON], list[JSON]]:
     for turn in turns:  # tool_result blocks must open their user message
         if turn["role"] == "user":
             turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+    _strip_prefill(turns)
     return system, turns
+
+
+def _strip_prefill(turns: list[JSON]) -> None:
+    """A final assistant turn (a prefill) without the whitespace its last text ends with:
+    OpenAI takes it, Anthropic answers 400 "final assistant content cannot end with trailing
+    whitespace"."""
+    if not turns or turns[-1]["role"] != "assistant":
+        return
+    content = turns[-1]["content"]
+    for position in range(len(content) - 1, -1, -1):
+        if content[position]["type"] == "text":
+            text = content[position]["text"].rstrip()
+            if text:
+                content[position] = {**content[position], "text": text}
+            else:
+                del content[position]
+            break
+    if not content:  # (Anthropic rejects empty content)
+        turns.pop()
 
 
 

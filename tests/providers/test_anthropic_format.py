@@ -246,6 +246,31 @@ def test_consecutive_same_role_messages_merge_and_empty_ones_vanish() -> None:
                                           {"type": "text", "text": "sure"}]}]
 
 
+@pytest.mark.parametrize(("prefill", "sent"), [
+    ("Sure: ", [{"type": "text", "text": "Sure:"}]),
+    ([{"type": "text", "text": "Sure"}, {"type": "text", "text": ":\n"}],
+     [{"type": "text", "text": "Sure"}, {"type": "text", "text": ":"}]),
+    ([{"type": "text", "text": "Sure:"}, {"type": "text", "text": " ", "cache_control": {
+        "type": "ephemeral"}}], [{"type": "text", "text": "Sure:"}]),
+    ("Sure:", [{"type": "text", "text": "Sure:"}]),
+])
+def test_a_prefill_goes_without_the_whitespace_its_text_ends_with(prefill: Any,
+                                                                   sent: Any) -> None:
+    out = chat_request_to_messages(chat({"role": "user", "content": "Write a haiku"},
+                                        {"role": "assistant", "content": prefill}), "m")
+    assert out["messages"][-1] == {"role": "assistant", "content": sent}
+
+
+def test_a_prefill_of_whitespace_only_is_left_out_and_earlier_turns_keep_theirs() -> None:
+    out = chat_request_to_messages(chat(
+        {"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "Sure: "},
+        {"role": "user", "content": "Go on "}, {"role": "assistant", "content": " \n"}), "m")
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Write a haiku"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Sure: "}]},
+        {"role": "user", "content": [{"type": "text", "text": "Go on "}]}]
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ("{\"location\": \"Par", "not valid JSON"),
     ("[\"Paris\"]", "must be a JSON object"),

@@ -89,6 +89,19 @@ def test_a_tool_history_without_tools_reaches_anthropic_with_its_tools_declared_
     assert sent["tool_choice"] == {"type": "none"}
 
 
+# -- whitespace OpenAI takes and Anthropic refuses -------------------------------------------
+
+def test_a_prefill_ending_in_whitespace_reaches_anthropic_without_it(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """OpenAI takes a final assistant message ending in whitespace; Anthropic refuses it
+    (the mock as the API: "final assistant content cannot end with trailing whitespace")."""
+    reply = oai(cross_gateway).chat.completions.create(model="claude-mock", messages=[
+        {"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "Sure: "}])
+    assert reply.choices[0].message.content == "Mock reply to: Write a haiku"
+    assert last_request(mock, "anthropic")["messages"][-1] == {
+        "role": "assistant", "content": [{"type": "text", "text": "Sure:"}]}
+
+
 # -- temperature and top_p together ----------------------------------------------------------
 
 @pytest.mark.parametrize(("sampling", "sent"), [
