@@ -34,7 +34,8 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   thinking takes a token budget, which the effort does not name: a caller sends `thinking`),
   web_search_options, prompt_cache_key, message `name`, image `detail`.
 - Refused with TranslationError: n > 1, logprobs, audio, legacy functions/function_call,
-  non-function tools, content parts Anthropic cannot take, unparsable tool arguments.
+  non-function tools, content parts Anthropic cannot take, unparsable tool arguments, a
+  `stop` entry that is only whitespace (`"\\n"`) or empty, which Anthropic refuses.
 
 Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
 - Thinking blocks and the `thinking`/`output_config.effort` settings, top_k,
@@ -207,6 +208,10 @@ def _sampling(body: JSON) -> JSON:
     if isinstance(body.get("top_k"), int):  # a common extension; Anthropic takes it natively
         out["top_k"] = body["top_k"]
     stop = strings(body.get("stop"), "stop")
+    for sequence in stop:
+        if not sequence.strip():  # Anthropic: "each stop sequence must contain non-whitespace"
+            raise TranslationError(f"Anthropic models take no stop sequence that is only "
+                                   f"whitespace or empty, such as {sequence!r}.", param="stop")
     if stop:
         out["stop_sequences"] = list(stop)
     return out

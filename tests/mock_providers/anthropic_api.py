@@ -186,6 +186,9 @@ def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise BadRequest(f"messages.{index}.role: Input should be 'user' or 'assistant'")
+    for sequence in body.get("stop_sequences") or ():
+        if isinstance(sequence, str) and not sequence.strip():
+            raise BadRequest("stop_sequences: each stop sequence must contain non-whitespace")
     last = messages[-1]
     if last.get("role") == "assistant" and block_text(last.get("content")) != \
             block_text(last.get("content")).rstrip():

@@ -365,6 +365,13 @@ def test_sampling_stop_user_and_stream() -> None:
                                                                          False)
 
 
+@pytest.mark.parametrize("stop", ["\n", ["END", " \n\t"], [""]])
+def test_a_stop_sequence_of_whitespace_only_is_refused_naming_stop(stop: Any) -> None:
+    with pytest.raises(TranslationError, match="only whitespace or empty") as refused:
+        chat_request_to_messages(chat(stop=stop), "m")
+    assert refused.value.param == "stop"
+
+
 def test_openai_only_fields_are_dropped() -> None:
     body = chat(seed=7, frequency_penalty=0.5, presence_penalty=0.1, logit_bias={"50256": -100},
                 stream_options={"include_usage": True}, service_tier="auto", store=True,

@@ -218,6 +218,45 @@ middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1),
     assert [entry["json"]["stop_sequences"] for entry in b.requests] == [FIVE_STOPS]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_whitespace_stop_sequence_is_the_gateways_400_before_anthropic(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, stream: bool) -> None:
+    """OpenAI takes `stop: ["\\n"]`; Anthropic refuses a stop sequence of whitespace only
+    (the mock as the API: "each stop sequence must contain non-whitespace")."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(cross_gateway).chat.completions.create(
+            model="claude-mock", stop=["\n", "END"], stream=stream,
+            messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.status_code == 400
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "The request cannot be sent to this model: Anthropic models take no stop "
+                   "sequence that is only whitespace or empty, such as '\\n'.",
+        "type": "invalid_request_error", "param": "stop", "code": None}
+    assert mock.requests == []
+
+
+def test_a_whitespace_stop_sequence_goes_to_the_deployment_that_takes_it(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """[Anthropic, OpenAI] by priority: Anthropic's deployment cannot take the request, so
+    OpenAI's serves it, with the stop sequence."""
+    text = mock_config(a.url, middleware="none", extra=f"""
+from middleware.failover import Route
+providers["b"] = Provider("anthropic", base_url="{b.base_url("anthropic")}",
+                          api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
+models["stops"] = [Deployment("b", "claude-3-5-haiku-latest", price=MOCK_PRICE),
+                   Deployment("openai", "gpt-4o", price=MOCK_PRICE)]
+middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1),
+                         routes={{"stops": Route(strategy="priority")}})]
+""")
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as gateway:
+        raw = oai(gateway).chat.completions.with_raw_response.create(
+            model="stops", stop=["\n"], messages=[{"role": "user", "content": "Hi"}])
+    assert raw.parse().choices[0].message.content == "Mock reply to: Hi"
+    assert raw.headers["x-sluicegate-deployment"] == "openai/gpt-4o"
+    assert b.requests == []
+    assert [entry["json"]["stop"] for entry in a.requests] == [["\n"]]
+
+
 @pytest.mark.parametrize(("model", "stops"), [("gpt-mock", FIVE_STOPS[:4]),
                                               ("gemini-mock", FIVE_STOPS)])
 def test_as_many_stop_sequences_as_the_provider_takes_all_reach_it(
