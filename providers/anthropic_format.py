@@ -26,6 +26,10 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   default of both APIs), in which case the top_p.
 - A history with tool calls but no `tools` declares the tools it called, with
   `tool_choice` none: Anthropic refuses tool blocks in a request without tools.
+- Text that is empty or only whitespace (a message's, a content part's) is left out:
+  Anthropic refuses such text blocks, and with no other content the message goes too
+  (consecutive messages of one role are merged, as the API wants them to alternate). A
+  request with no message left is refused.
 - A final assistant message (a prefill) goes without the whitespace its last text ends with
   (the text, if that is all it holds): Anthropic refuses a prefill ending in whitespace.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
@@ -127,8 +131,8 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
     format_type = _refuse_inexpressible(body)
     system, messages = _anthropic_messages(an_array(body.get("messages"), "messages"))
     if not messages:
-        raise TranslationError("Anthropic models need at least one user or assistant message.",
-                               param="messages")
+        raise TranslationError("Anthropic models need at least one user or assistant message "
+                               "with content that is not only whitespace.", param="messages")
     if format_type == "json_object":
         system.append({"type": "text", "text": _JSON_INSTRUCTION})
     max_tokens = an_integer(body, "max_completion_tokens")
@@ -279,7 +283,7 @@ def _text_blocks(content: Any, role: str, param: str) -> list[JSON]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []
     blocks = []
     for index, item in enumerate(content_parts(content, param)):
         at = f"{param}[{index}]"
@@ -288,7 +292,7 @@ def _text_blocks(content: Any, role: str, param: str) -> list[JSON]:
             raise TranslationError(f"{role} messages can only hold text for Anthropic models, "
                                    f"not {kind!r} parts.", param=at + ".type")
         text = part_text(part, kind, at)
-        if text:
+        if text.strip():  # (see the module docstring)
             blocks.append(_with_cache_control({"type": "text", "text": text}, part))
     return blocks
 
@@ -310,7 +314,7 @@ def _user_blocks(content: Any, param: str) -> list[JSON]:
         part, kind = part_type(item, at)
         if kind == "text":
             text = a_string(part.get("text"), at + ".text")
-            if text:
+            if text.strip():  # (see the module docstring)
                 blocks.append(_with_cache_control({"type": "text", "text": text}, part))
         elif kind == "image_url":
             url = image_url(part, at)
@@ -405,7 +409,9 @@ def _tool_result(message: JSON, param: str) -> JSON:
         if content:
             block["content"] = content
     elif content:
-        block["content"] = _text_blocks(content, "tool", param + ".content")
+        blocks = _text_blocks(content, "tool", param + ".content")
+        if blocks:
+            block["content"] = blocks
     return block
 
 

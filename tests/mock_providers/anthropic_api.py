@@ -195,6 +195,11 @@ def validate_messages(body: JSON, *, need_max_tokens: bool) -> list[JSON]:
         raise BadRequest("messages: final assistant content cannot end with trailing whitespace")
     for index, message in enumerate(messages):
         _check_tool_ids(index, message.get("content"))
+        content = message.get("content")
+        if isinstance(content, list) and any(
+                isinstance(block, dict) and block.get("type") == "text" and
+                not str(block.get("text") or "").strip() for block in content):
+            raise BadRequest("messages: text content blocks must contain non-whitespace text")
     if not body.get("tools") and any(_tool_blocks(m.get("content")) for m in messages):
         # The API's answer to a tool history without tool definitions, as quoted in
         # BerriAI/litellm#4689 (the reason LiteLLM adds a dummy tool).

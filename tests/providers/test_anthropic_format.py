@@ -246,6 +246,38 @@ def test_consecutive_same_role_messages_merge_and_empty_ones_vanish() -> None:
                                           {"type": "text", "text": "sure"}]}]
 
 
+def test_text_of_whitespace_only_is_left_out_and_a_message_of_it_too() -> None:
+    out = chat_request_to_messages(chat(
+        {"role": "system", "content": [{"type": "text", "text": " "},
+                                       {"type": "text", "text": "Be terse."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                     {"type": "text", "text": "\n"},
+                                     {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+        {"role": "assistant", "content": " "}, {"role": "user", "content": "\n\t"},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "tool_calls": [{"id": "toolu_01A", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{}"}}], "content": [{"type": "text",
+                                                                      "text": "  "}]},
+        {"role": "tool", "tool_call_id": "toolu_01A", "content": [{"type": "text",
+                                                                   "text": "\n"}]}), "m")
+    assert out["system"] == "Be terse."
+    assert out["messages"] == [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look:"},
+            {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}},
+            {"type": "text", "text": "And?"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01A",
+                                           "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01A"}]}]
+
+
+@pytest.mark.parametrize("content", ["\n", [{"type": "text", "text": " "}]])
+def test_a_request_of_whitespace_only_is_refused_naming_messages(content: Any) -> None:
+    with pytest.raises(TranslationError, match="not only whitespace") as refused:
+        chat_request_to_messages(chat({"role": "user", "content": content}), "m")
+    assert refused.value.param == "messages"
+
+
 @pytest.mark.parametrize(("prefill", "sent"), [
     ("Sure: ", [{"type": "text", "text": "Sure:"}]),
     ([{"type": "text", "text": "Sure"}, {"type": "text", "text": ":\n"}],

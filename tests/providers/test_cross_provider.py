@@ -102,6 +102,31 @@ def test_a_prefill_ending_in_whitespace_reaches_anthropic_without_it(
         "role": "assistant", "content": [{"type": "text", "text": "Sure:"}]}
 
 
+def test_text_of_whitespace_only_never_reaches_anthropic(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """OpenAI takes a text part of whitespace only; Anthropic refuses the text block (the
+    mock as the API: "text content blocks must contain non-whitespace text")."""
+    reply = oai(cross_gateway).chat.completions.create(model="claude-mock", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                     {"type": "text", "text": "\n"}]},
+        {"role": "assistant", "content": " "}, {"role": "user", "content": "Hello"}])
+    assert reply.choices[0].message.content == "Mock reply to: Look: Hello"
+    assert last_request(mock, "anthropic")["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Look:"}, {"type": "text", "text": "Hello"}]}]
+
+
+def test_a_request_of_whitespace_only_is_a_400_before_anthropic(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai(cross_gateway).chat.completions.create(
+            model="claude-mock", messages=[{"role": "user", "content": "\n"}])
+    assert refused.value.body == {  # type: ignore[comparison-overlap]
+        "message": "The request cannot be sent to this model: Anthropic models need at least "
+                   "one user or assistant message with content that is not only whitespace.",
+        "type": "invalid_request_error", "param": "messages", "code": None}
+    assert mock.requests == []
+
+
 # -- temperature and top_p together ----------------------------------------------------------
 
 @pytest.mark.parametrize(("sampling", "sent"), [
