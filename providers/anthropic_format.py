@@ -42,8 +42,10 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   `stop` entry that is only whitespace (`"\\n"`) or empty, which Anthropic refuses.
 
 Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
-- Thinking blocks and the `thinking`/`output_config.effort` settings, top_k,
-  cache_control, service_tier and container are dropped.
+- Thinking blocks and the `thinking`/`output_config.effort` settings, cache_control,
+  service_tier and container are dropped. `top_k` goes as the chat request's `top_k`, which
+  the Gemini translation sends as `topK`; the OpenAI adapter drops it (OpenAI's and Azure's
+  chat APIs have none).
 - A tool_result's `is_error` has no OpenAI field; the result text, which states the
   error, is kept unchanged. Images in a tool_result (OpenAI tool messages hold text only)
   follow the tool messages in a user message, labelled with the tool call id.
@@ -557,6 +559,9 @@ def messages_request_to_chat(body: JSON, *, max_tokens_field: str = "max_tokens"
         value = a_number(body, key)
         if value is not None:
             chat[key] = value
+    top_k = an_integer(body, "top_k")
+    if top_k is not None:
+        chat["top_k"] = top_k
     stop = an_array(body.get("stop_sequences"), "stop_sequences", "an array of strings")
     if stop:
         chat["stop"] = [a_string(item, f"stop_sequences[{index}]")

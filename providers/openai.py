@@ -4,7 +4,7 @@ Same format in and out: the request gets the upstream model id (and, for streams
 for the usage chunk, except from the services that refuse `stream_options`) and the response
 bytes pass through untouched; a chat or completions request with more stop sequences than
 OpenAI and Azure take is refused before the call, as a translated one is. Anthropic-shaped
-callers are translated through providers.anthropic_format.
+callers are translated through providers.anthropic_format, without their `top_k`.
 """
 from __future__ import annotations
 
@@ -250,6 +250,7 @@ class OpenAIAdapter(HTTPAdapter):
         body = anthropic_format.messages_request_to_chat(
             ctx.body, max_tokens_field=self.max_tokens_field,
             max_stop_sequences=self.max_stop_sequences)
+        body.pop("top_k", None)  # OpenAI's API has none (see the anthropic_format docstring)
         body["model"] = deployment.model
         public_model = ctx.model
 

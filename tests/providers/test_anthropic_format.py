@@ -966,10 +966,17 @@ def test_parameters_stream_and_dropped_fields() -> None:
         tool_choice={"type": "auto"}))
     assert out == {"model": "gpt-public", "max_tokens": 1024,
                    "messages": [{"role": "user", "content": "Hello, Claude"}],
-                   "temperature": 0.5, "top_p": 0.8, "stop": ["\n\nHuman:"],
+                   "temperature": 0.5, "top_p": 0.8, "top_k": 40, "stop": ["\n\nHuman:"],
                    "user": "13803d75-b4b5-4c3e-b2a2-6f21399b021b", "stream": True,
                    "stream_options": {"include_usage": True}}
     assert "stream_options" not in messages_request_to_chat(messages_body(stream=False))
+
+
+@pytest.mark.parametrize("top_k", [0.5, "5", True])
+def test_a_top_k_that_is_no_integer_is_refused_naming_it(top_k: Any) -> None:
+    with pytest.raises(TranslationError, match="expected an integer") as refused:
+        messages_request_to_chat(messages_body(top_k=top_k))
+    assert refused.value.param == "top_k"
 
 
 @pytest.mark.parametrize("field", ["output_config", "output_format"])

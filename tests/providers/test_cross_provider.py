@@ -295,6 +295,44 @@ def test_as_many_stop_sequences_as_the_provider_takes_all_reach_it(
     assert (body.get("stop") or body["generationConfig"]["stopSequences"]) == stops
 
 
+# -- top_k -----------------------------------------------------------------------------------
+
+def test_an_anthropic_callers_top_k_reaches_gemini_as_top_k(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    message = claude(cross_gateway).messages.create(
+        model="gemini-mock", max_tokens=50, extra_body={"top_k": 5},
+        messages=[{"role": "user", "content": "Hello"}])
+    assert message.content[0].text == "Mock reply to: Hello"  # type: ignore[union-attr]
+    assert last_request(mock, "gemini")["generationConfig"]["topK"] == 5
+
+
+@pytest.mark.parametrize(("model", "provider"), [("gpt-mock", "openai"),
+                                                 ("azure-mock", "azure")])
+def test_an_anthropic_callers_top_k_never_reaches_openai_or_azure(
+        cross_gateway: ThreadedServer, mock: MockProviderServer, model: str,
+        provider: str) -> None:
+    """OpenAI's and Azure's chat APIs have no top_k (an argument they do not know is their
+    400); the translation drops it."""
+    message = claude(cross_gateway).messages.create(
+        model=model, max_tokens=50, extra_body={"top_k": 5},
+        messages=[{"role": "user", "content": "Hello"}])
+    assert message.content[0].text == "Mock reply to: Hello"  # type: ignore[union-attr]
+    assert "top_k" not in last_request(mock, provider)
+
+
+def test_a_top_k_that_is_no_integer_is_a_400_naming_it(cross_gateway: ThreadedServer,
+                                                       mock: MockProviderServer) -> None:
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude(cross_gateway).messages.create(
+            model="gemini-mock", max_tokens=50, messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"top_k": "5"})
+    assert refused.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+        "type": "invalid_request_error",
+        "message": "The request cannot be sent to this model: Invalid type for 'top_k': "
+                   "expected an integer, but got a string instead."}}
+    assert mock.requests == []
+
+
 # -- image URLs to Gemini --------------------------------------------------------------------
 
 PHOTO_URL = "https://upload.wikimedia.org/wikipedia/commons/4/4d/Cat_November_2010-1a.jpg"
