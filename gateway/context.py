@@ -19,7 +19,8 @@ CONTEXT_KEY = "sluicegate.context"
 PRINCIPAL_KEY = "sluicegate.principal"
 SELF_USAGE_PATH = "/v1/usage/self"
 # The model list: answered by the kernel, but with an auth layer only to a caller it let
-# through, and only with the models its key may use (the auth layer sets PRINCIPAL_KEY).
+# through, and only with the models its key may use (the auth layer sets PRINCIPAL_KEY). So
+# is one model of it (`GET /v1/models/{model}`: gateway.ingress.model_of_path).
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
 
 # Ingress operations: which API the caller spoke. The first word is the wire format.

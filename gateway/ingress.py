@@ -83,6 +83,30 @@ def api_format_of(operation: str) -> str:
 # How a Gemini API path looks: `/v1beta/models/{model}:generateContent`, `.../{model}:embedContent`
 _GEMINI_METHODS = (":generateContent", ":streamGenerateContent", ":countTokens", ":embedContent",
                    ":batchEmbedContents")
+_MODEL_PREFIXES = ("/v1/models/", "/models/")  # (below MODELS_PATHS: one model's paths)
+
+
+def model_of_path(path: str) -> str | None:
+    """The model a `GET /v1/models/{model}` (OpenAI's and Anthropic's retrieve) names, None
+    for another path; a Gemini method's (`/v1/models/{model}:generateContent`) is not one."""
+    for prefix in _MODEL_PREFIXES:
+        if path.startswith(prefix) and len(path) > len(prefix) and \
+                not path.endswith(_GEMINI_METHODS):
+            return path[len(prefix):]
+    return None
+
+
+def is_models_path(path: str) -> bool:
+    """The model list's path (`c.MODELS_PATHS`), or one model's (`model_of_path`)."""
+    return path in c.MODELS_PATHS or model_of_path(path) is not None
+
+
+def unknown_model(model: str) -> GatewayError:
+    """The 404 for a model the config lacks, in OpenAI's words (its `model_not_found`)."""
+    return GatewayError(
+        404, f"The model '{_echoed(model)}' does not exist or you do not have access to it.",
+        param="model", code="model_not_found",
+    )
 
 
 def guess_api_format(path: str, headers: list[tuple[bytes, bytes]]) -> str:
@@ -110,10 +134,7 @@ def check_body(operation: str, body: Any, models: dict[str, Any]) -> tuple[str, 
     if not isinstance(model, str):
         raise GatewayError(400, "The model parameter must be a string.", param="model")
     if model not in models:
-        raise GatewayError(
-            404, f"The model '{_echoed(model)}' does not exist or you do not have access to it.",
-            param="model", code="model_not_found",
-        )
+        raise unknown_model(model)
     stream = body.get("stream", False)
     if stream is None:
         stream = False

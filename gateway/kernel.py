@@ -34,7 +34,6 @@ from gateway.body_deadline import BodyDeadlines
 from gateway.config import GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
-    MODELS_PATHS,
     PRINCIPAL_KEY,
     SELF_USAGE_PATH,
     RequestContext,
@@ -45,8 +44,11 @@ from gateway.ingress import (
     api_format_of,
     check_body,
     guess_api_format,
+    is_models_path,
+    model_of_path,
     nesting_exceeds,
     too_deep,
+    unknown_model,
 )
 from gateway.logs import REQUEST_IDS
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -318,7 +320,7 @@ class Kernel:
         operation = OPERATIONS_BY_PATH.get(path)
         if operation is None:
             if path.startswith("/admin/") or path == SELF_USAGE_PATH or (
-                    path in MODELS_PATHS and self._models_guarded):
+                    self._models_guarded and is_models_path(path)):
                 await self._serve_by_layers(scope, receive, send, path)
             else:
                 await self._serve_builtin(scope, path, receive, send)
@@ -581,7 +583,7 @@ class Kernel:
         nobody answering is a 404. So does the model list when an auth layer is configured:
         it lets the caller through, and the kernel answers with the models its key may use."""
         request_id = _request_id(scope["headers"], self.request_id_header)
-        api_format = guess_api_format(path, scope["headers"]) if path in MODELS_PATHS \
+        api_format = guess_api_format(path, scope["headers"]) if is_models_path(path) \
             else "openai"
         started = False
         body_read = False
@@ -625,8 +627,8 @@ class Kernel:
             return
         if not started and not body_read:
             await self._drain(receive, deadline)
-        if not started and path in MODELS_PATHS:
-            await self._send_models(scope, send, request_id, scope.get(PRINCIPAL_KEY))
+        if not started and is_models_path(path):
+            await self._send_models(scope, path, send, request_id, scope.get(PRINCIPAL_KEY))
         elif not started:
             message = (f"Unknown admin path {path!r} (is the layer that serves it configured "
                        "with an admin token?)." if path.startswith("/admin/") else
@@ -639,8 +641,8 @@ class Kernel:
         request_id = _request_id(scope["headers"], self.request_id_header)
         if scope["method"] not in ("GET", "HEAD"):  # (a body: refused, drained first)
             await self._drain(receive, self._body_deadline())
-        if path in MODELS_PATHS:
-            await self._send_models(scope, send, request_id, None)
+        if is_models_path(path):
+            await self._send_models(scope, path, send, request_id, None)
         elif path == self.metrics_path and self.metrics is not None:
             if self._metrics_token is not None and \
                     not bearer_is(scope["headers"], self._metrics_token):
@@ -690,17 +692,23 @@ class Kernel:
 
     async def _send_json(self, send: Send, status: int, body: bytes, request_id: bytes,
                          scope: Scope, content_type: bytes = b"application/json") -> None:
-        if scope["method"] not in ("GET", "HEAD"):
-            error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET "
-                                      "or HEAD.", code="method_not_allowed",
-                                 headers=[(b"allow", b"GET, HEAD")])
-            await self._send_error(send, error, "openai", request_id)
+        if await self._refused_method(scope, send, request_id):
             return
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                    (b"x-request-id", request_id)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body",
                     "body": b"" if scope["method"] == "HEAD" else body})
+
+    async def _refused_method(self, scope: Scope, send: Send, request_id: bytes) -> bool:
+        """Sends the 405 for a method other than GET and HEAD; True when it did."""
+        if scope["method"] in ("GET", "HEAD"):
+            return False
+        error = GatewayError(405, f"Method {scope['method']} is not allowed here; use GET "
+                                  "or HEAD.", code="method_not_allowed",
+                             headers=[(b"allow", b"GET, HEAD")])
+        await self._send_error(send, error, "openai", request_id)
+        return True
 
     async def _readiness(self) -> tuple[int, bytes]:
         """Asks each component with a `check_ready()` for {store name: "ok" | problem}."""
@@ -720,13 +728,17 @@ class Kernel:
                    "checks": checks}
         return (200 if ready else 503), orjson.dumps(payload)
 
-    async def _send_models(self, scope: Scope, send: Send, request_id: bytes,
+    async def _send_models(self, scope: Scope, path: str, send: Send, request_id: bytes,
                            caller: Mapping[str, Any] | None) -> None:
-        """The model list, in the caller's shape (Anthropic's when it sent anthropic-version),
-        of the models `caller`'s key may use (every model: no caller, or a key without
-        allowed models)."""
+        """The model list, or the one model its path names, in the caller's shape
+        (Anthropic's when it sent anthropic-version), of the models `caller`'s key may use
+        (every model: no caller, or a key without allowed models)."""
         anthropic = any(name == b"anthropic-version" for name, _ in scope["headers"])
         allowed = caller.get("allowed_models") if caller is not None else None
+        model = model_of_path(path)
+        if model is not None:
+            await self._send_model(scope, send, request_id, model, anthropic, allowed)
+            return
         if allowed:
             names = [name for name in self.config.models if model_allowed(allowed, name)]
             body = orjson.dumps(self._model_list_anthropic(names) if anthropic
@@ -735,17 +747,33 @@ class Kernel:
             body = self._models_anthropic if anthropic else self._models_openai
         await self._send_json(send, 200, body, request_id, scope)
 
+    async def _send_model(self, scope: Scope, send: Send, request_id: bytes, model: str,
+                          anthropic: bool, allowed: Sequence[str] | None) -> None:
+        """`GET /v1/models/{model}`: the model as the list shows it; a model the list leaves
+        out (unknown, or not one the key may use) is a 404, as OpenAI's own retrieve says
+        of a model the caller cannot use."""
+        if model not in self.config.models or (allowed and not model_allowed(allowed, model)):
+            if not await self._refused_method(scope, send, request_id):
+                await self._send_error(send, unknown_model(model),
+                                       "anthropic" if anthropic else "openai", request_id)
+            return
+        body = self._model_anthropic(model) if anthropic else self._model_openai(model)
+        await self._send_json(send, 200, orjson.dumps(body), request_id, scope)
+
+    def _model_openai(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0,
+                "owned_by": self.config.models[name].owned_by}
+
+    def _model_anthropic(self, name: str) -> dict[str, Any]:
+        return {"type": "model", "id": name, "display_name": name,
+                "created_at": "1970-01-01T00:00:00Z"}
+
     def _model_list_openai(self, names: list[str]) -> dict[str, Any]:
-        models = self.config.models
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": models[name].owned_by}
-            for name in names
-        ]}
+        return {"object": "list", "data": [self._model_openai(name) for name in names]}
 
     def _model_list_anthropic(self, names: list[str]) -> dict[str, Any]:
         return {
-            "data": [{"type": "model", "id": name, "display_name": name,
-                      "created_at": "1970-01-01T00:00:00Z"} for name in names],
+            "data": [self._model_anthropic(name) for name in names],
             "has_more": False, "first_id": names[0] if names else None,
             "last_id": names[-1] if names else None,
         }

@@ -29,13 +29,13 @@ from typing import Any, ClassVar
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
-    MODELS_PATHS,
     PRINCIPAL_KEY,
     SELF_USAGE_PATH,
     RequestContext,
     ScopePrincipal,
 )
 from gateway.errors import GatewayError
+from gateway.ingress import is_models_path
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
 from gateway.policy import Limits, Principal, downgrade_targets
 from middleware.auth.admin import AdminAPI
@@ -173,7 +173,7 @@ class AuthMiddleware:
         ctx: RequestContext | None = scope.get(CONTEXT_KEY)  # (`find_request_context`)
         if ctx is None:
             path = route_path(scope)
-            if path == SELF_USAGE_PATH or path in MODELS_PATHS:
+            if path == SELF_USAGE_PATH or is_models_path(path):
                 key = await self._find(_take_credential(scope))
                 scope[PRINCIPAL_KEY] = ScopePrincipal(key_id=key.account_id, project=key.project,
                                                       allowed_models=key.allowed_models)

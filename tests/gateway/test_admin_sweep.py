@@ -198,7 +198,7 @@ GET_ROUTES: list[tuple[str, dict[str, str]]] = [
     ("/admin/usage?grain=hour", ADMIN), ("/admin/usage/key/x", ADMIN),
     ("/admin/deployments", ADMIN), ("/admin/keys", {}), ("/admin/usage/key/x", {}),
     ("/v1/usage/self", {"authorization": f"Bearer {TEST_KEY}"}), ("/v1/models", {}),
-    ("/healthz", {}), ("/readyz", {}), ("/metrics", {}),
+    ("/v1/models/gpt-mock", {"authorization": f"Bearer {TEST_KEY}"}), ("/healthz", {}), ("/readyz", {}), ("/metrics", {}),
 ]
 VARYING = {"date", "x-request-id", "server"}
 
@@ -224,7 +224,8 @@ ALLOWED = [("/admin/keys", "GET, HEAD, POST"), (f"/admin/keys/{UNKNOWN_KEY}", "G
            ("/admin/usage", "GET, HEAD"), ("/admin/usage/key/x", "GET, HEAD"),
            ("/admin/deployments", "GET, HEAD"), ("/admin/cache/invalidate", "POST"),
            ("/v1/usage/self", "GET, HEAD"), ("/healthz", "GET, HEAD"), ("/readyz", "GET, HEAD"),
-           ("/metrics", "GET, HEAD"), ("/v1/models", "GET, HEAD")]
+           ("/metrics", "GET, HEAD"), ("/v1/models", "GET, HEAD"),
+           ("/v1/models/gpt-mock", "GET, HEAD")]
 
 
 METHOD_CASES = [(path, allowed, method) for path, allowed in ALLOWED

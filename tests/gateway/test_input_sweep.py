@@ -395,7 +395,7 @@ PATH_CASES = [
     ("/v1/chat/completions/", 404), ("/v1/messages/", 404), ("//v1/chat/completions", 404),
     ("/v1//chat/completions", 404), ("/V1/CHAT/COMPLETIONS", 404), ("/v1/chat/%zz", 404),
     ("/v1/%FF", 404), ("/v1/chat/completions%00", 404), ("/v1/../v1/chat/completions", 404),
-    ("/v1/images/generations", 404), ("/v1/messages/batches", 404), ("/v1/models/gpt-mock", 404),
+    ("/v1/images/generations", 404), ("/v1/messages/batches", 404), ("/v1/models/", 404),
     # hypercorn decodes the path: these are the endpoints themselves
     ("/v1/chat%2Fcompletions", 200), ("/v1/%63hat/completions", 200),
     ("/v1/chat/completions?a=%zz%ff&&=", 200),

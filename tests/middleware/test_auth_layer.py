@@ -116,6 +116,24 @@ def test_the_model_list_needs_a_key_and_shows_the_models_it_may_use(
         name for name in every if name.startswith("claude-"))
 
 
+def test_one_model_needs_a_key_and_is_one_the_key_may_use(gateway: tuple[str, Path]) -> None:
+    """`models.retrieve()` shows what the list shows: a model the key may not use is as
+    unknown, a 404, in the caller's shape."""
+    url, _ = gateway
+    assert httpx.get(url + "/v1/models/gpt-mock", timeout=10).status_code == 401
+    restricted = openai.OpenAI(base_url=url + "/v1", api_key=RESTRICTED_KEY, max_retries=0)
+    assert restricted.models.retrieve("claude-mock").id == "claude-mock"
+    with pytest.raises(openai.NotFoundError) as hidden:
+        restricted.models.retrieve("gpt-mock")
+    assert hidden.value.code == "model_not_found"
+    claude = anthropic.Anthropic(base_url=url, api_key=RESTRICTED_KEY, max_retries=0)
+    assert claude.models.retrieve("claude-mock").display_name == "claude-mock"
+    with pytest.raises(anthropic.NotFoundError):
+        claude.models.retrieve("gpt-mock")
+    every = openai.OpenAI(base_url=url + "/v1", api_key=TEST_KEY, max_retries=0)
+    assert every.models.retrieve("gpt-mock").id == "gpt-mock"
+
+
 def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
     url, _ = gateway
     auth = {"authorization": f"Bearer {CUSTOMER_KEY}"}
