@@ -118,12 +118,9 @@ class DeploymentState:
         a 429's cool-down that ended (`_may_probe`). Not `rate_limited`: healthy."""
         if not rate_limited:
             return self.breaker.allows()
-        if self.deployment.rpm is not None or self.deployment.tpm is not None:
-            self._refill(now)
-            if self.deployment.rpm is not None and self._rpm_tokens < 1 - 1e-9:
-                return False
-            if self.deployment.tpm is not None and self._tpm_tokens <= 0:
-                return False
+        if (self.deployment.rpm is not None or self.deployment.tpm is not None) and \
+                self.refills_in_s(now) is not None:
+            return False
         if self.cool_until:  # (one test, as the comparison it replaced, when not cooling)
             return self._may_probe(now)
         return self.breaker.allows()
@@ -212,7 +209,7 @@ class DeploymentState:
         if rpm is None and tpm is None:
             return None
         self._refill(now)
-        wait = None  # (the tests are `available`'s)
+        wait = None
         if rpm is not None and self._rpm_tokens < 1 - 1e-9:
             wait = (1 - self._rpm_tokens) * 60 / rpm if rpm > 0 else math.inf
         if tpm is not None and self._tpm_tokens <= 0:
