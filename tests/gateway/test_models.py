@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway import create_app
-from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
+from tests.harness import TEST_KEY, ThreadedServer, mock_config, openai_client, write_config
 
 EXTRA = 'models["acme/llama-mock"] = models["gpt-mock"]  # (a name with a slash)\n'
 UNKNOWN = "The model 'gpt-nope' does not exist or you do not have access to it."
@@ -25,10 +25,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, mock_url: str) -> Iterator[
         yield gateway
 
 
-def oai(server: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
-
-
 def claude(server: ThreadedServer) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
 
@@ -36,8 +32,8 @@ def claude(server: ThreadedServer) -> anthropic.Anthropic:
 @pytest.mark.parametrize("name", ["gpt-mock", "claude-mock", "acme/llama-mock"])
 def test_an_openai_client_retrieves_a_model_as_the_list_shows_it(server: ThreadedServer,
                                                                  name: str) -> None:
-    listed = {model.id: model for model in oai(server).models.list()}
-    retrieved = oai(server).models.retrieve(name)
+    listed = {model.id: model for model in openai_client(server).models.list()}
+    retrieved = openai_client(server).models.retrieve(name)
     assert retrieved.to_dict() == listed[name].to_dict()
     assert retrieved.to_dict() == {"id": name, "object": "model", "created": 0,
                                    "owned_by": listed[name].owned_by}
@@ -55,7 +51,7 @@ def test_an_anthropic_client_retrieves_a_model_as_the_list_shows_it(server: Thre
 
 def test_an_unknown_model_is_a_404_in_the_callers_shape(server: ThreadedServer) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
-        oai(server).models.retrieve("gpt-nope")
+        openai_client(server).models.retrieve("gpt-nope")
     assert missing.value.body == {  # type: ignore[comparison-overlap]
         "message": UNKNOWN, "type": "not_found_error", "param": "model",
         "code": "model_not_found"}  # (as a chat request's unknown model)
