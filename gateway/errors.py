@@ -20,7 +20,7 @@ _TYPES_BY_STATUS: dict[int, tuple[str, str]] = {
     401: ("authentication_error", "authentication_error"),
     402: ("insufficient_quota", "billing_error"),
     403: ("permission_error", "permission_error"),
-    404: ("not_found_error", "not_found_error"),
+    404: ("invalid_request_error", "not_found_error"),  # OpenAI: `model_not_found` is one too
     405: ("invalid_request_error", "invalid_request_error"),
     408: ("timeout_error", "timeout_error"),
     409: ("conflict_error", "invalid_request_error"),

@@ -53,7 +53,7 @@ def test_an_unknown_model_is_a_404_in_the_callers_shape(server: ThreadedServer) 
     with pytest.raises(openai.NotFoundError) as missing:
         openai_client(server).models.retrieve("gpt-nope")
     assert missing.value.body == {  # type: ignore[comparison-overlap]
-        "message": UNKNOWN, "type": "not_found_error", "param": "model",
+        "message": UNKNOWN, "type": "invalid_request_error", "param": "model",
         "code": "model_not_found"}  # (as a chat request's unknown model)
     with pytest.raises(anthropic.NotFoundError) as not_found:
         claude(server).models.retrieve("gpt-nope")

@@ -515,7 +515,7 @@ def test_limits_that_cannot_be_read_are_flagged_and_the_operator_replaces_them(
                                   "/admin/keys/key_x/explode", "/admin/keys/key_x/revoke/now",
                                   "/admin/limits/project", "/v1/chat/completions"])
 def test_unknown_paths_are_404(client: httpx.Client, path: str) -> None:
-    assert_error(client.get(path), 404, "unknown_url", "not_found_error")
+    assert_error(client.get(path), 404, "unknown_url", "invalid_request_error")
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
