@@ -194,8 +194,6 @@ def _refuse_inexpressible(body: JSON) -> str | None:
     return format_type
 
 
-
-
 def _sampling(body: JSON) -> JSON:
     out: JSON = {}
     temperature, top_p = a_number(body, "temperature"), a_number(body, "top_p")
@@ -275,12 +273,6 @@ def _strip_prefill(turns: list[JSON]) -> None:
         turns.pop()
 
 
-
-
-
-
-
-
 def _text_blocks(content: Any, role: str, param: str) -> list[JSON]:
     if content is None:
         return []
@@ -328,8 +320,6 @@ def _user_blocks(content: Any, param: str) -> list[JSON]:
             raise TranslationError(f"content parts of type {kind!r} cannot be sent to "
                                    "Anthropic models.", param=at + ".type")
     return blocks
-
-
 
 
 def _image_block(url: str, param: str) -> JSON:
@@ -380,8 +370,6 @@ def _assistant_blocks(message: JSON, param: str) -> list[JSON]:
         blocks.append({"type": "tool_use", "id": tool_use_id(call_id), "name": name,
                        "input": tool_arguments(arguments, at + ".function.arguments")})
     return blocks
-
-
 
 
 def _thinking_blocks(blocks: Any, param: str) -> list[JSON]:
@@ -444,8 +432,6 @@ def _tools_of_history(messages: list[JSON]) -> JSON:
             "tool_choice": {"type": "none"}}
 
 
-
-
 def _anthropic_tool(tool: Any, param: str) -> JSON:
     found = function_tool(tool, param)
     if found is None:
@@ -463,10 +449,6 @@ def _anthropic_tool(tool: Any, param: str) -> JSON:
     return declared
 
 
-
-
-
-
 def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
     """(Anthropic tool_choice or {} for the default, the tool names to keep or None)."""
     if choice is None:
@@ -479,8 +461,6 @@ def _anthropic_tool_choice(choice: Any) -> tuple[JSON, set[str] | None]:
         names, required = allowed_tools(choice)
         return {"type": "any" if required else "auto"}, names
     raise bad_tool_choice(choice, "Anthropic")
-
-
 
 
 # -- Anthropic Message -> OpenAI chat.completion ---------------------------------------------

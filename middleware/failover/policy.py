@@ -87,8 +87,6 @@ class Route:
                            self.ttft_timeout_s is None and not self.continuation)
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When and how often a failed call is tried again.

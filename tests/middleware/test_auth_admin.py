@@ -443,8 +443,6 @@ def test_bad_limits_requests_are_400(client: httpx.Client, method: str, path: st
     assert_error(client.request(method, path, json=body), 400, error_type="invalid_request_error")
 
 
-
-
 def store_limits(server: ThreadedServer, table: str, where: str, document: Any,
                  *params: str) -> None:
     """Writes a limits document straight to PostgreSQL, as an older version did."""

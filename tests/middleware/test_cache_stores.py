@@ -68,8 +68,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float =
         await asyncio.sleep(0.05)
 
 
-
-
 # -- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture
