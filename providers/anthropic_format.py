@@ -17,6 +17,12 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   thinking on, Anthropic refuses a tool-use continuation whose assistant turn does not
   start with its thinking. A thinking block without a signature is left out (Anthropic
   checks the signature; another provider's reasoning has none).
+- `reasoning_effort` (without `thinking`) turns thinking on: adaptive thinking at that
+  `output_config.effort` on Claude 4.6 and later, a `budget_tokens` of 1024/2048/4096/16384
+  (minimal and low/medium/high/xhigh) below `max_tokens` on Claude 3.7 to 4.5; the sampling
+  settings thinking refuses go (see `_think_with_effort`). With thinking on (from either),
+  so do a temperature other than 1, top_k and a top_p below 0.95, which Anthropic refuses
+  with thinking.
 - Tool call ids Anthropic refuses (it takes ^[a-zA-Z0-9_-]+$; other providers' ids may
   hold `.` or `:`) become `toolu_` and a hash of the id, alike in the tool_use and the
   tool_result, and in responses translated for Anthropic clients, so those clients only
@@ -34,9 +40,8 @@ OpenAI -> Anthropic (an OpenAI client on an Anthropic model):
   (the text, if that is all it holds): Anthropic refuses a prefill ending in whitespace.
 - Dropped (no Anthropic equivalent, the answer stays usable): seed, frequency_penalty,
   presence_penalty, logit_bias, stream_options (Anthropic streams always report usage),
-  service_tier, store, metadata, prediction, verbosity, reasoning_effort (Anthropic's
-  thinking takes a token budget, which the effort does not name: a caller sends `thinking`),
-  web_search_options, prompt_cache_key, message `name`, image `detail`.
+  service_tier, store, metadata, prediction, verbosity, web_search_options,
+  prompt_cache_key, message `name`, image `detail`.
 - Refused with TranslationError: n > 1, logprobs, audio, legacy functions/function_call,
   non-function tools, content parts Anthropic cannot take, unparsable tool arguments, a
   `stop` entry that is only whitespace (`"\\n"`) or empty, which Anthropic refuses.
@@ -61,6 +66,7 @@ Anthropic -> OpenAI (our /v1/messages ingress on an OpenAI-format model):
 """
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -168,6 +174,10 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
         request["metadata"] = {"user_id": user}
     if body.get("thinking") is not None:
         request["thinking"] = an_object(body["thinking"], "thinking")
+    elif body.get("reasoning_effort") is not None:
+        _think_with_effort(request, a_string(body["reasoning_effort"], "reasoning_effort"))
+    if request.get("thinking", {}).get("type") in ("enabled", "adaptive"):
+        _sample_as_thinking_allows(request)
     if body.get("stream") is not None:
         request["stream"] = bool(body["stream"])
     return request
@@ -192,6 +202,68 @@ def _refuse_inexpressible(body: JSON) -> str | None:
         raise TranslationError(f"response_format {format_type!r} has no Anthropic equivalent.",
                                param="response_format")
     return format_type
+
+
+# OpenAI's reasoning efforts, as Anthropic's adaptive thinking's `output_config.effort` (Claude
+# 4.6 and later) and as a thinking budget for the models before (LiteLLM's budgets: 1024 is
+# Anthropic's least). "max" is Opus's alone: other models' xhigh is their high.
+_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+            "xhigh": "max"}
+_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 16384}
+_LEAST_BUDGET = 1024
+# Claude's version in a model name: "claude-opus-4-6", "claude-sonnet-4-20250514" (4.0),
+# "claude-3-7-sonnet-20250219", "anthropic.claude-haiku-4-5-20251001-v1:0".
+_CLAUDE_VERSION = re.compile(r"claude-(?:[a-z]+-)?(\d+)(?:-(\d)(?!\d))?")
+
+
+def _think_with_effort(request: JSON, effort: str) -> None:
+    """OpenAI's `reasoning_effort` as Anthropic's thinking (a caller's own `thinking` goes
+    as it is). On Claude 4.6 and later, and on models whose name gives no version (the
+    newest take adaptive thinking only): adaptive thinking at that effort. On Claude 3.7
+    to 4.5: a thinking budget, below `max_tokens` as Anthropic demands (without room for
+    Anthropic's least budget, no thinking). Claude 3.5 and older do not think: nothing.
+    "none" is no thinking.
+
+    Anthropic refuses thinking with a tool_choice that forces a tool and with a prefill
+    (extended thinking docs, "important considerations"): those requests go as asked,
+    without thinking. (The sampling settings it refuses with thinking go instead:
+    `_sample_as_thinking_allows`.)"""
+    if effort == "none":
+        return
+    if effort not in _EFFORTS:
+        raise TranslationError(f"reasoning_effort {effort!r} is not one of none, minimal, "
+                               "low, medium, high, xhigh.", param="reasoning_effort")
+    if request.get("tool_choice", {}).get("type") in ("any", "tool") or \
+            request["messages"][-1]["role"] == "assistant":
+        return
+    model = request["model"]
+    found = _CLAUDE_VERSION.search(model)
+    version = (int(found[1]), int(found[2] or 0)) if found else None
+    if version is not None and version < (3, 7):
+        return
+    if version is None or version >= (4, 6):
+        level = _EFFORTS[effort]
+        if level == "max" and "opus" not in model:
+            level = "high"
+        request["thinking"] = {"type": "adaptive"}
+        request.setdefault("output_config", {})["effort"] = level
+    else:
+        budget = min(_BUDGETS[effort], request["max_tokens"] - 1)
+        if budget < _LEAST_BUDGET:
+            return
+        request["thinking"] = {"type": "enabled", "budget_tokens": budget}
+
+
+def _sample_as_thinking_allows(request: JSON) -> None:
+    """With thinking on, Anthropic refuses a temperature other than 1, any top_k and a top_p
+    below 0.95 (extended thinking docs, "important considerations"; its 400: "`temperature`
+    may only be set to 1 when thinking is enabled"). The thinking asked for wins: those
+    settings go, as OpenAI's reasoning models take none of them either."""
+    if request.get("temperature", 1.0) != 1.0:
+        del request["temperature"]
+    request.pop("top_k", None)
+    if request.get("top_p", 1.0) < 0.95:
+        del request["top_p"]
 
 
 def _sampling(body: JSON) -> JSON:

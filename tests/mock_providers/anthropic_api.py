@@ -352,6 +352,8 @@ def _thinking_enabled(body: JSON) -> bool:
     if kind not in ("enabled", "adaptive", "disabled"):
         raise BadRequest("thinking: Input tag does not match any of the expected tags: "
                          "'adaptive', 'disabled', 'enabled'")
+    if kind != "disabled":
+        _check_thinking_allowed(body, kind)
     if kind == "enabled":
         budget = config.get("budget_tokens")
         if not isinstance(budget, int) or budget < 1024:
@@ -360,6 +362,49 @@ def _thinking_enabled(body: JSON) -> bool:
         if not budget < int(body.get("max_tokens") or 0):
             raise BadRequest("`max_tokens` must be greater than `thinking.budget_tokens`.")
     return kind != "disabled"
+
+
+# Claude's version in a model name ("claude-opus-4-6", "claude-sonnet-4-20250514" is 4.0,
+# "claude-3-7-sonnet-20250219").
+_CLAUDE_VERSION = re.compile(r"claude-(?:[a-z]+-)?(\d+)(?:-(\d)(?!\d))?")
+_THINKING_DOCS = ("https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking"
+                  "#important-considerations-when-using-extended-thinking")
+
+
+def _check_thinking_allowed(body: JSON, kind: str) -> None:
+    """What Anthropic refuses with thinking on: sampling other than its own (a temperature
+    other than 1, top_k, a top_p below 0.95) and a forced tool (the extended thinking
+    docs' "important considerations"); adaptive thinking before Claude 4.6, a budget
+    (`enabled`) from Opus 4.7 on (Bedrock's adaptive thinking page: "Older models (Claude
+    Sonnet 4.5, Claude Opus 4.5, etc.) do not support adaptive thinking"; on Opus 4.7
+    "type: enabled ... will return a 400 error"); an effort that is none of Anthropic's."""
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise BadRequest("`temperature` may only be set to 1 when thinking is enabled. "
+                         f"Please consult our documentation at {_THINKING_DOCS}")
+    if body.get("top_k") is not None:
+        raise BadRequest(f"`top_k` must be unset when thinking is enabled. Please consult our "
+                         f"documentation at {_THINKING_DOCS}")
+    top_p = body.get("top_p")
+    if isinstance(top_p, (int, float)) and top_p < 0.95:
+        raise BadRequest("`top_p` must be greater than or equal to 0.95 or unset when "
+                         f"thinking is enabled. Please consult our documentation at "
+                         f"{_THINKING_DOCS}")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise BadRequest("Thinking may not be enabled when tool_choice forces tool use.")
+    found = _CLAUDE_VERSION.search(str(body.get("model")))
+    version = (int(found[1]), int(found[2] or 0)) if found else None
+    if kind == "adaptive" and version is not None and version < (4, 6):
+        raise BadRequest("adaptive thinking is not supported on this model")
+    if kind == "enabled" and version is not None and version >= (4, 7):
+        raise BadRequest("thinking.type.enabled is not supported for this model. Use "
+                         "thinking.type.adaptive and output_config.effort instead.")
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if effort is not None and effort not in ("low", "medium", "high", "max"):
+        raise BadRequest("output_config.effort: Input should be 'low', 'medium', 'high' or "
+                         "'max'")
 
 
 def thinking_tokens(thinking: list[JSON]) -> int:

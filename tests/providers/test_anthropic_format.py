@@ -407,9 +407,92 @@ def test_a_stop_sequence_of_whitespace_only_is_refused_naming_stop(stop: Any) ->
 def test_openai_only_fields_are_dropped() -> None:
     body = chat(seed=7, frequency_penalty=0.5, presence_penalty=0.1, logit_bias={"50256": -100},
                 stream_options={"include_usage": True}, service_tier="auto", store=True,
-                metadata={"team": "search"}, reasoning_effort="low", n=1, logprobs=False,
+                metadata={"team": "search"}, reasoning_effort="none", n=1, logprobs=False,
                 response_format={"type": "text"})
     assert set(chat_request_to_messages(body, "m")) == {"model", "messages", "max_tokens"}
+
+
+@pytest.mark.parametrize("model, effort, thinking, config", [
+    # Claude 4.6 and later, and names without a version: adaptive thinking at an effort
+    ("claude-opus-4-6", "high", {"type": "adaptive"}, {"effort": "high"}),
+    ("claude-sonnet-4-6", "minimal", {"type": "adaptive"}, {"effort": "low"}),
+    ("claude-opus-4-7", "xhigh", {"type": "adaptive"}, {"effort": "max"}),
+    ("claude-sonnet-4-6", "xhigh", {"type": "adaptive"}, {"effort": "high"}),  # (max: Opus)
+    ("anthropic.claude-opus-4-7-v1:0", "medium", {"type": "adaptive"}, {"effort": "medium"}),
+    ("claude-mythos-preview", "low", {"type": "adaptive"}, {"effort": "low"}),
+    # Claude 3.7 to 4.5: a budget below max_tokens (4096 here)
+    ("claude-sonnet-4-5-20250929", "low", {"type": "enabled", "budget_tokens": 1024}, None),
+    ("claude-haiku-4-5", "medium", {"type": "enabled", "budget_tokens": 2048}, None),
+    ("claude-opus-4-20250514", "high", {"type": "enabled", "budget_tokens": 4095}, None),
+    ("claude-3-7-sonnet-20250219", "minimal", {"type": "enabled", "budget_tokens": 1024},
+     None),
+    # no thinking: Claude 3.5 and older, and "none"
+    ("claude-3-5-haiku-20241022", "high", None, None),
+    ("claude-opus-4-6", "none", None, None),
+])
+def test_reasoning_effort_turns_thinking_on(model: str, effort: str, thinking: Any,
+                                            config: Any) -> None:
+    out = chat_request_to_messages(chat(reasoning_effort=effort), model)
+    assert (out.get("thinking"), out.get("output_config")) == (thinking, config)
+    assert out["max_tokens"] == 4096
+
+
+def test_thinking_from_the_effort_fits_below_max_tokens() -> None:
+    def thinking(max_tokens: int, effort: str = "xhigh") -> Any:
+        return chat_request_to_messages(chat(reasoning_effort=effort, max_tokens=max_tokens),
+                                        "claude-sonnet-4-5").get("thinking")
+    assert thinking(20000) == {"type": "enabled", "budget_tokens": 16384}
+    assert thinking(3000) == {"type": "enabled", "budget_tokens": 2999}
+    assert thinking(1025, "low") == {"type": "enabled", "budget_tokens": 1024}
+    assert thinking(1024, "low") is None  # no room for Anthropic's least budget
+    adaptive = chat_request_to_messages(chat(reasoning_effort="high", max_tokens=200),
+                                        "claude-opus-4-6")
+    assert adaptive["thinking"] == {"type": "adaptive"} and adaptive["max_tokens"] == 200
+
+
+def test_thinking_drops_the_sampling_anthropic_refuses_with_it() -> None:
+    def sampling(**fields: Any) -> dict[str, Any]:
+        out = chat_request_to_messages(chat(**fields), "claude-sonnet-4-5")
+        return {name: out[name] for name in ("temperature", "top_p", "top_k", "thinking")
+                if name in out}
+    think = {"type": "enabled", "budget_tokens": 1024}
+    assert sampling(reasoning_effort="low", temperature=0.2, top_k=5) == {"thinking": think}
+    assert sampling(reasoning_effort="low", temperature=1, top_p=0.5) == {"thinking": think}
+    assert sampling(reasoning_effort="low", top_p=0.97) == {"top_p": 0.97, "thinking": think}
+    assert sampling(thinking=think, temperature=0) == {"thinking": think}  # (a caller's own)
+    assert sampling(temperature=0.2, top_k=5) == {"temperature": 0.2, "top_k": 5}
+    disabled = {"type": "disabled"}
+    assert sampling(thinking=disabled, temperature=0) == {"temperature": 0.0,
+                                                          "thinking": disabled}
+
+
+def test_an_effort_with_a_forced_tool_or_a_prefill_does_not_think() -> None:
+    forced = chat(reasoning_effort="high", tools=[WEATHER_TOOL], tool_choice="required",
+                  temperature=0)
+    out = chat_request_to_messages(forced, "claude-opus-4-6")
+    assert "thinking" not in out and out["tool_choice"] == {"type": "any"}
+    assert out["temperature"] == 0
+    prefill = chat({"role": "user", "content": "Name a colour."},
+                   {"role": "assistant", "content": "The colour is"}, reasoning_effort="high")
+    assert "thinking" not in chat_request_to_messages(prefill, "claude-opus-4-6")
+    auto = chat(reasoning_effort="high", tools=[WEATHER_TOOL], tool_choice="auto")
+    assert chat_request_to_messages(auto, "claude-opus-4-6")["thinking"] == {"type": "adaptive"}
+
+
+def test_an_effort_and_a_schema_share_output_config() -> None:
+    schema = {"type": "object", "properties": {}}
+    out = chat_request_to_messages(chat(reasoning_effort="low", response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+        "claude-opus-4-6")
+    assert out["output_config"] == {"format": {"type": "json_schema", "schema": schema},
+                                    "effort": "low"}
+
+
+@pytest.mark.parametrize("effort", ["maximum", "HIGH", "", 3])
+def test_an_unknown_reasoning_effort_is_refused(effort: Any) -> None:
+    with pytest.raises(TranslationError) as refused:
+        chat_request_to_messages(chat(reasoning_effort=effort), "claude-opus-4-6")
+    assert refused.value.param == "reasoning_effort"
 
 
 def test_json_schema_becomes_output_config_format() -> None:

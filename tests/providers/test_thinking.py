@@ -155,6 +155,29 @@ def test_a_stream_carries_reasoning_content_pieces_then_each_whole_signed_block(
         {"index": 0, "type": "thinking", "thinking": THINKING, "signature": SIGNATURE}], REPLY)
 
 
+def test_reasoning_effort_thinks_with_a_budget_and_without_the_sampling_thinking_refuses(
+        oai: openai.OpenAI, mock: MockProviderServer) -> None:
+    """The openai SDK's own `reasoning_effort` turns thinking on (this Claude 4.5 deployment:
+    a budget); the temperature and top_p Anthropic refuses with thinking do not go."""
+    question = ask(QUESTION + " with effort")
+    thinking = "Thinking about: " + QUESTION + " with effort"
+    answer = oai.chat.completions.create(model="claude", messages=question,
+                                         reasoning_effort="medium", temperature=0.3,
+                                         top_p=0.5)
+    assert (answer.choices[0].message.model_extra or {})["reasoning_content"] == thinking
+    details = answer.usage.completion_tokens_details if answer.usage else None
+    assert details is not None and details.reasoning_tokens == len(thinking.split())
+    sent = last_anthropic_request(mock)
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert not {"temperature", "top_p", "top_k"} & set(sent)
+    streamed = [chunk for chunk in oai.chat.completions.create(
+        model="claude", messages=question, reasoning_effort="low", stream=True)]
+    assert "".join((choice.delta.model_extra or {}).get("reasoning_content") or ""
+                   for chunk in streamed for choice in chunk.choices) == thinking
+    assert last_anthropic_request(mock)["thinking"] == {"type": "enabled",
+                                                        "budget_tokens": 1024}
+
+
 def test_redacted_thinking_comes_back_as_a_thinking_block_in_its_place(
         oai: openai.OpenAI) -> None:
     question = QUESTION + " " + REDACTED_TRIGGER
