@@ -90,10 +90,9 @@ def estimate_input_tokens(ctx: RequestContext) -> int:
     if ctx.operation in _MESSAGES_OPERATIONS:
         return estimate_messages(body.get("messages") or [], body.get("system"),
                                  body.get("tools"))
-    field = _INPUT_FIELDS.get(ctx.operation, "input")
-    value = body.get(field)
-    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
-        return estimate_messages(value, body.get("instructions"), body.get("tools"))
+    if ctx.operation == c.OPENAI_RESPONSES:
+        return _responses_input(body, None)[0]
+    value = body.get(_INPUT_FIELDS.get(ctx.operation, "input"))
     return estimate_input(value) if isinstance(value, (str, list)) else 0
 
 
@@ -117,11 +116,66 @@ def count_input_tokens(ctx: RequestContext, tokenizer: LoadedTokenizer) -> tuple
     if ctx.operation in _MESSAGES_OPERATIONS:
         return count_messages(body.get("messages") or [], tokenizer, body.get("system"),
                               body.get("tools"))
-    field = _INPUT_FIELDS.get(ctx.operation, "input")
-    value = body.get(field)
-    if isinstance(value, list) and value and isinstance(value[0], dict):  # responses messages
-        return count_messages(value, tokenizer, body.get("instructions"), body.get("tools"))
+    if ctx.operation == c.OPENAI_RESPONSES:
+        return _responses_input(body, tokenizer)
+    value = body.get(_INPUT_FIELDS.get(ctx.operation, "input"))
     return (count_input(value, tokenizer) if isinstance(value, (str, list)) else 0), True
+
+
+# Members of a Responses input item that are no text the model reads: ids, kinds, states,
+# files and images (counted apart), signed or encrypted reasoning.
+_NOT_INPUT_TEXT = frozenset({"id", "call_id", "type", "role", "status", "detail", "image_url",
+                             "file_id", "file_data", "file_url", "filename", "signature",
+                             "encrypted_content"})
+_IMAGE_PARTS = frozenset({"input_image", "image_url", "image", "computer_screenshot"})
+
+
+def _responses_input(body: dict[str, Any], tokenizer: LoadedTokenizer | None
+                     ) -> tuple[int, bool]:
+    """(input tokens, exact) of a Responses request: its `instructions`, `tools` and
+    `input`, a string (one user message) or a list of items. Messages count as chat
+    messages do; the other items (function calls and their outputs, reasoning summaries,
+    ...) by the text they hold, and their images at `_PER_IMAGE`."""
+    value = body.get("input")
+    items: list[Any] = [{"role": "user", "content": value}] if isinstance(value, str) else \
+        value if isinstance(value, list) else []
+    messages, others = [], []
+    for item in items:
+        if isinstance(item, dict) and "role" in item and item.get("type", "message") == "message":
+            messages.append(item)
+        else:
+            others.append(item)
+    instructions, tools = body.get("instructions"), body.get("tools")
+    if tokenizer is None:
+        total, exact = estimate_messages(messages, instructions, tools), False
+    else:
+        total, exact = count_messages(messages, tokenizer, instructions, tools)
+    if others:
+        texts, images = _input_texts(others)
+        text = "".join(texts)
+        total += (estimate_text(text) if tokenizer is None else tokenizer.count(text)) + \
+            _PER_IMAGE * images + _PER_MESSAGE * len(others)
+        exact = False
+    return total, exact
+
+
+def _input_texts(value: Any) -> tuple[list[str], int]:
+    """(the strings, the number of images) in Responses input items, but for the members
+    `_NOT_INPUT_TEXT` names (iterative, as `_generated_texts`)."""
+    texts: list[str] = []
+    images = 0
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, dict):
+            if item.get("type") in _IMAGE_PARTS:
+                images += 1
+            pending.extend(reversed([v for k, v in item.items() if k not in _NOT_INPUT_TEXT]))
+    return texts, images
 
 
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})

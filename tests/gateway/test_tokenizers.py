@@ -305,7 +305,7 @@ def test_every_operation_counts_with_the_deployments_tokenizer(
          (3 + exact("system") + 1) + (3 + exact("user") + 10) + 3),
         (c.OPENAI_EMBEDDINGS, {"input": [text, text, [1, 2, 3]]}, 10 + 10 + 3),
         (c.OPENAI_COMPLETIONS, {"prompt": text}, 10),
-        (c.OPENAI_RESPONSES, {"input": text}, 10),
+        (c.OPENAI_RESPONSES, {"input": text}, 3 + exact("user") + 10 + 3),  # (a user message)
         (c.OPENAI_RESPONSES, {"instructions": "hello", "input": [
             {"role": "user", "content": [{"type": "input_text", "text": text}]}]},
          (3 + exact("system") + 1) + (3 + exact("user") + 10) + 3),

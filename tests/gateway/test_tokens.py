@@ -97,3 +97,35 @@ def test_an_answer_without_usage_is_billed_its_input_and_every_string_it_generat
         deep = [deep]
     made = usage(c.OPENAI_CHAT, {"choices": [deep]})
     assert made is not None and made.output_tokens == 2
+
+
+def test_a_responses_input_counts_every_item_instructions_and_tools() -> None:
+    """Agent loops send tool output as `function_call_output` items: a stream cut short
+    before its usage, and the quota's reservation, count them, and a string input's
+    `instructions` and `tools`; an image is `_PER_IMAGE` (85), not its base64."""
+    from gateway import context as c
+    from gateway.context import RequestContext
+    from gateway.tokens import estimate_input_tokens
+
+    def tokens(body: dict[str, object]) -> int:
+        return estimate_input_tokens(RequestContext(
+            request_id="r", operation=c.OPENAI_RESPONSES, api_format="openai", body=body,
+            raw_body=b"", model="m", stream=False))
+
+    output = "x" * 4000  # 1000 tokens
+    assert tokens({"input": "hi"}) == 3 + 1 + 3
+    assert tokens({"input": "hi", "instructions": output}) == 1000 + 3 + 1 + 3
+    assert tokens({"input": "hi", "tools": [{"type": "function", "name": output}]}) > 1000
+    loop = [{"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "call_1", "name": "read",
+             "arguments": '{"id": 7}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": output}]
+    # the message (3 + 1), each item (3 each), "read" + '{"id": 7}' + the output, priming 3
+    assert tokens({"input": loop}) == 3 + 1 + 3 * 2 + (4 + 9 + 4000 + 3) // 4 + 3
+    image = "data:image/png;base64," + "A" * 40000
+    parts = [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_text", "text": "abcd"},
+        {"type": "input_image", "image_url": image, "detail": "low"}]},
+        {"type": "reasoning", "id": "rs_1", "encrypted_content": "Z" * 4000,
+         "summary": [{"type": "summary_text", "text": "efgh"}]}]
+    assert tokens({"input": parts}) == 3 * 2 + 2 + 85 + 3

@@ -279,9 +279,7 @@ def reported(bill: dict[str, Any]) -> tuple[int, int]:
 def estimate(entry: Planned, prefill: str | None = None) -> int:
     """The gateway's estimate of the request's input, in its caller's format (what a cut
     stream without a report bills); a continuation's request ends with the text so far."""
-    if entry.api == "responses":
-        return estimate_text(entry.text)
-    messages = [{"role": "user", "content": entry.text}]
+    messages = [{"role": "user", "content": entry.text}]  # (a Responses string input too)
     if prefill is not None:
         messages.append({"role": "assistant", "content": prefill})
     return estimate_messages(messages)

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from gateway.tokens import estimate_text
+from gateway.tokens import estimate_messages
 from middleware.metering import JournalError, UsageRecord, journal_usage
 from middleware.metering.journal import Journal
 from tests.harness import TEST_KEY, free_port
@@ -70,8 +70,8 @@ APIS = {
     "openai": ("/v1/chat/completions", "gpt-mock", OPENAI_HEADERS, INPUT),
     "anthropic": ("/v1/messages", "claude-mock", {"x-api-key": TEST_KEY, **ANTHROPIC_HEADERS},
                   INPUT),  # (message_start reports the input)
-    "responses": ("/v1/responses", "gpt-mock", OPENAI_HEADERS,
-                  estimate_text(PROMPT[0]["content"])),
+    "responses": ("/v1/responses", "gpt-mock", OPENAI_HEADERS,  # (a string input: a user
+                  estimate_messages(PROMPT)),  # message, counted as chat messages are)
 }
 
 
