@@ -91,6 +91,7 @@ from providers.translation import (
     TranslationError,
     a_flag,
     a_number,
+    a_reasoning_effort,
     a_string,
     a_string_or_none,
     allowed_tools,
@@ -174,8 +175,8 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
         request["metadata"] = {"user_id": user}
     if body.get("thinking") is not None:
         request["thinking"] = an_object(body["thinking"], "thinking")
-    elif body.get("reasoning_effort") is not None:
-        _think_with_effort(request, a_string(body["reasoning_effort"], "reasoning_effort"))
+    elif (effort := a_reasoning_effort(body)) is not None:
+        _think_with_effort(request, effort)
     if request.get("thinking", {}).get("type") in ("enabled", "adaptive"):
         _sample_as_thinking_allows(request)
     if body.get("stream") is not None:
@@ -230,9 +231,6 @@ def _think_with_effort(request: JSON, effort: str) -> None:
     `_sample_as_thinking_allows`.)"""
     if effort == "none":
         return
-    if effort not in _EFFORTS:
-        raise TranslationError(f"reasoning_effort {effort!r} is not one of none, minimal, "
-                               "low, medium, high, xhigh.", param="reasoning_effort")
     if request.get("tool_choice", {}).get("type") in ("any", "tool") or \
             request["messages"][-1]["role"] == "assistant":
         return

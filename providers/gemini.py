@@ -94,8 +94,8 @@ class GeminiAdapter(HTTPAdapter):
         chat = ctx.body
         if ctx.api_format == "anthropic":
             chat = anthropic_format.messages_request_to_chat(ctx.body)
-        request = fmt.chat_request_to_gemini(chat,
-                                             fetches_urls=fmt.fetches_urls(deployment.model))
+        request = fmt.chat_request_to_gemini(chat, fetches_urls=fmt.fetches_urls(
+            deployment.model), model=deployment.model)
         if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:
             return self._plan_count_tokens(request, deployment)
         method = "streamGenerateContent" if ctx.stream else "generateContent"

@@ -20,8 +20,12 @@ Gemini's own OpenAI-compatible endpoint uses, so clients that echo the assistant
 return it; a history without one (another model's, or an SDK that dropped the field) gets the
 placeholder those docs give for histories not produced by Gemini, on its first call per turn.
 
+`reasoning_effort` becomes `generationConfig.thinkingConfig`: a `thinkingLevel` on Gemini 3
+and later, a `thinkingBudget` on Gemini 2.5 (see `thinking_config`); models that do not
+think get none.
+
 Dropped request fields (no Gemini equivalent, and the answer stays usable without them):
-`logit_bias`, `parallel_tool_calls`, `reasoning_effort`, `verbosity`, `prediction`,
+`logit_bias`, `parallel_tool_calls`, `verbosity`, `prediction`,
 `web_search_options`, `service_tier`, `store`, `metadata`, `user`, `safety_identifier`,
 `prompt_cache_key`, `stream`/`stream_options` (the URL decides), image `detail`, message
 `name`, tool `strict`, and presence/frequency penalties equal to 0 (some models reject any
@@ -57,6 +61,7 @@ from providers.translation import (
     TranslationError,
     a_flag,
     a_number,
+    a_reasoning_effort,
     a_string,
     a_string_or_none,
     allowed_tools,
@@ -109,10 +114,11 @@ __all__ = [
 
 # -- chat request ----------------------------------------------------------------------------
 
-def chat_request_to_gemini(body: JSON, *, fetches_urls: bool = True) -> JSON:
+def chat_request_to_gemini(body: JSON, *, fetches_urls: bool = True, model: str = "") -> JSON:
     """OpenAI chat request -> GenerateContentRequest body (the model goes in the URL).
 
-    `fetches_urls`: whether the model fetches image URLs itself (see `fetches_urls`).
+    `fetches_urls`: whether the model fetches image URLs itself (see `fetches_urls`);
+    `model`: the upstream model, whose generation decides how `reasoning_effort` is said.
     """
     _refuse_inexpressible(body)
     system, contents = _contents(an_array(body.get("messages"), "messages"), fetches_urls)
@@ -130,9 +136,48 @@ def chat_request_to_gemini(body: JSON, *, fetches_urls: bool = True) -> JSON:
         if calling:
             request["toolConfig"] = {"functionCallingConfig": calling}
     config = _generation_config(body)
+    effort = a_reasoning_effort(body)
+    if effort is not None and (thinking := thinking_config(effort, model)) is not None:
+        config["thinkingConfig"] = thinking
     if config:
         request["generationConfig"] = config
     return request
+
+
+# Gemini's version in a model name: "gemini-2.5-flash", "models/gemini-3-pro-preview".
+_GEMINI_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
+# Gemini 2.5's thinking budgets per effort, as Gemini's own OpenAI-compatible endpoint sets
+# them (low 1024, medium 8192, high 24576); minimal is Flash-Lite's least (512), 2.5 Pro's
+# least is 128 (it cannot turn thinking off) and its most 32768.
+_GEMINI_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
+                   "xhigh": 24576}
+
+
+def thinking_config(effort: str, model: str) -> JSON | None:
+    """OpenAI's `reasoning_effort` as Gemini's `thinkingConfig` for `model`
+    (https://ai.google.dev/gemini-api/docs/thinking): Gemini 3 and later take a
+    `thinkingLevel` (Pro models low or high; the others minimal, low, medium or high) and
+    cannot turn thinking off, "none" being their least; Gemini 2.5 takes a `thinkingBudget`
+    (`_GEMINI_BUDGETS`; "none" is 0, but 2.5 Pro's least, 128). None for models that do
+    not think (Gemini 2.0 and older) or whose name says no Gemini version (Gemma, a
+    proxy's own names): they refuse a `thinkingConfig`."""
+    name = model.removeprefix("models/")
+    found = _GEMINI_VERSION.search(name)
+    if found is None:
+        return None
+    version = (int(found[1]), int(found[2] or 0))
+    pro = "-pro" in name
+    if version >= (3, 0):
+        if pro:
+            return {"thinkingLevel": "low" if effort in ("none", "minimal", "low") else "high"}
+        return {"thinkingLevel": {"none": "minimal", "xhigh": "high"}.get(effort, effort)}
+    if version < (2, 5):
+        return None
+    if pro:
+        budget = {"none": 128, "minimal": 128, "xhigh": 32768}.get(effort)
+    else:
+        budget = 0 if effort == "none" else None
+    return {"thinkingBudget": _GEMINI_BUDGETS[effort] if budget is None else budget}
 
 
 def _refuse_inexpressible(body: JSON) -> None:

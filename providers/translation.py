@@ -82,6 +82,19 @@ def a_string_or_none(value: Any, param: str) -> str | None:
     raise invalid(param, "a string", value)
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def a_reasoning_effort(body: JSON) -> str | None:
+    """The request's OpenAI `reasoning_effort` (None when absent or null); a value OpenAI
+    does not take is refused, as OpenAI refuses it."""
+    effort = a_string_or_none(body.get("reasoning_effort"), "reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise TranslationError(f"reasoning_effort {effort!r} is not one of "
+                               f"{', '.join(REASONING_EFFORTS)}.", param="reasoning_effort")
+    return effort
+
+
 def an_integer(body: JSON, name: str) -> int | None:
     """`body[name]` when it is an integer (a boolean is not), None when absent or null."""
     value = body.get(name)

@@ -295,6 +295,28 @@ def test_as_many_stop_sequences_as_the_provider_takes_all_reach_it(
     assert (body.get("stop") or body["generationConfig"]["stopSequences"]) == stops
 
 
+# -- reasoning_effort ------------------------------------------------------------------------
+
+def test_an_openai_callers_reasoning_effort_reaches_gemini_25_as_a_thinking_budget(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    reply = oai(cross_gateway).chat.completions.create(
+        model="gemini-25-mock", reasoning_effort="medium",
+        messages=[{"role": "user", "content": "Hello"}])
+    assert reply.choices[0].message.content == "Mock reply to: Hello"
+    assert last_request(mock, "gemini")["generationConfig"]["thinkingConfig"] == {
+        "thinkingBudget": 8192}
+
+
+def test_an_unknown_reasoning_effort_is_a_400_before_gemini(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    calls = len(mock.requests)
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort 'maximum'"):
+        oai(cross_gateway).chat.completions.create(
+            model="gemini-25-mock", reasoning_effort="maximum",  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "Hello"}])
+    assert len(mock.requests) == calls
+
+
 # -- top_k -----------------------------------------------------------------------------------
 
 def test_an_anthropic_callers_top_k_reaches_gemini_as_top_k(

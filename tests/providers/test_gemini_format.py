@@ -321,6 +321,39 @@ def test_generation_config_from_sampling_fields() -> None:
         "logprobs": 3}
 
 
+@pytest.mark.parametrize("model, effort, thinking", [
+    # Gemini 3 and later: a level (Pro: low or high; thinking cannot be turned off)
+    ("gemini-3-pro-preview", "medium", {"thinkingLevel": "high"}),
+    ("gemini-3-pro-preview", "none", {"thinkingLevel": "low"}),
+    ("models/gemini-3-flash-preview", "medium", {"thinkingLevel": "medium"}),
+    ("gemini-3.5-flash", "none", {"thinkingLevel": "minimal"}),
+    ("gemini-3-flash-preview", "xhigh", {"thinkingLevel": "high"}),
+    # Gemini 2.5: a budget (Pro's least is 128, its most 32768)
+    ("gemini-2.5-flash", "none", {"thinkingBudget": 0}),
+    ("gemini-2.5-flash-lite", "minimal", {"thinkingBudget": 512}),
+    ("gemini-2.5-flash", "medium", {"thinkingBudget": 8192}),
+    ("gemini-2.5-pro", "none", {"thinkingBudget": 128}),
+    ("gemini-2.5-pro", "xhigh", {"thinkingBudget": 32768}),
+    ("gemini-2.5-pro", "high", {"thinkingBudget": 24576}),
+    # no thinking to control
+    ("gemini-2.0-flash", "high", None),
+    ("gemma-3-27b-it", "high", None),
+])
+def test_reasoning_effort_becomes_a_thinking_config(model: str, effort: str,
+                                                    thinking: Any) -> None:
+    request = chat_request_to_gemini(chat(reasoning_effort=effort, temperature=0.2),
+                                     model=model)
+    assert request["generationConfig"].get("thinkingConfig") == thinking
+    assert request["generationConfig"]["temperature"] == 0.2
+
+
+@pytest.mark.parametrize("effort", ["maximum", "High", 2, ["low"]])
+def test_an_unknown_reasoning_effort_is_refused_for_gemini(effort: Any) -> None:
+    with pytest.raises(TranslationError) as refused:
+        chat_request_to_gemini(chat(reasoning_effort=effort), model="gemini-2.5-flash")
+    assert refused.value.param == "reasoning_effort"
+
+
 def test_generation_config_single_stop_string_and_defaults() -> None:
     config = chat_request_to_gemini(chat(stop="END", max_tokens=10, n=1))["generationConfig"]
     assert config == {"stopSequences": ["END"], "maxOutputTokens": 10}
