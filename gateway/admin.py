@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, env_name, env_name_shown
 from gateway.errors import GatewayError
 from gateway.kernel import Message, Scope, Send, bearer_is, drain_body, route_path
 
@@ -30,10 +30,12 @@ _CHALLENGE = (b"www-authenticate", b'Bearer realm="sluicegate-admin"')
 
 
 def admin_token_from_env(name: str, owner: str) -> bytes:
+    env_name(name, f"{owner} admin_token_env")
     token = os.environ.get(name, "").strip()  # (see AuthMiddleware: a trailing newline)
     if len(token) < 16 or token.startswith("sk-sg-"):
-        raise ConfigError(f"{owner} admin_token_env={name!r} must name an environment variable "
-                          "holding an admin token of at least 16 characters (not a virtual key).")
+        shown = f"admin_token_env={name!r}" if env_name_shown(name) else "admin_token_env"
+        raise ConfigError(f"{owner} {shown} must name an environment variable holding an "
+                          "admin token of at least 16 characters (not a virtual key).")
     return token.encode()
 
 

@@ -9,7 +9,6 @@ import atexit
 import importlib
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -24,7 +23,7 @@ import orjson
 from gateway.admin_client import AdminClient, AdminError
 from gateway.app import WORKERS_ENV, build_stack, check_workers
 from gateway.compiled import MODULES, Build, build_of, remove, sources
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, env_name_shown, load_config
 from gateway.doctor import (
     DEFAULT_TIMEOUT_S,
     FAIL,
@@ -242,7 +241,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_ENV = "SLUICEGATE_ADMIN_TOKEN"
 NEW_KEY_NOTE = ("Store the key now: this is the only time it is shown (the gateway keeps only "
                 "its hash).")
-_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 VIRTUAL_KEY_PREFIX = "sk-sg-"  # middleware.auth.keys.KEY_PREFIX (the gateway package may not
                                # import a layer)
 
@@ -386,13 +384,13 @@ def _admin_client(args: argparse.Namespace) -> AdminClient:
     token = os.environ.get(name, "").strip()
     if not token:
         # If a token was given where the variable's name belongs, do not print it.
-        shown = (f"${name}" if _CONVENTIONAL_ENV_NAME.fullmatch(name)
+        shown = (f"${name}" if env_name_shown(name)
                  else "the variable named by --token-env")
         raise UsageError(f"The admin token is read from {shown}, which is empty or not set; "
                          "export it or name another variable with --token-env.")
     if token.startswith(VIRTUAL_KEY_PREFIX):  # the admin API would refuse it: not sent at all
         raise UsageError(f"${name} holds a virtual key ({VIRTUAL_KEY_PREFIX}...), not the admin "
-                         "token." if _CONVENTIONAL_ENV_NAME.fullmatch(name) else
+                         "token." if env_name_shown(name) else
                          "The variable named by --token-env holds a virtual key, not the "
                          "admin token.")
     url = args.url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL

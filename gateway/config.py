@@ -33,12 +33,38 @@ from gateway.upstream import Deployment, Model, ProviderAdapter, ProviderKey, Ti
 
 __all__ = [
     "ConfigError", "Deployment", "GatewayConfig", "HuggingFaceTokenizer", "Middleware", "Model",
-    "Price", "ProviderKey", "Settings", "TiktokenFile", "Timeouts", "load_config",
+    "Price", "ProviderKey", "Settings", "TiktokenFile", "Timeouts", "env_name",
+    "env_name_shown", "load_config",
 ]
 
 
 class ConfigError(Exception):
     """A configuration problem, stated as one sentence for the operator."""
+
+
+# What can be an environment variable's name: letters, digits and _, not a digit first.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# The conventional form (POSIX: upper case), the only one an error shows: a secret of
+# letters and digits alone has the form above too.
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+
+
+def env_name(value: object, setting: str) -> str:
+    """`value`, given as `setting` (an environment variable's name), if it can be one; else
+    a ConfigError that names `setting` but never quotes the value: the slip
+    `api_key_env=os.environ["OPENAI_API_KEY"]` gives the secret itself."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ConfigError(f"{setting} must be the name of an environment variable (letters, "
+                          "digits and _); what it holds is not one, and is not shown: it may "
+                          "be the secret itself.")
+    return value
+
+
+def env_name_shown(name: str) -> bool:
+    """Whether a message may show `name`, an environment variable's name from the config or
+    the command line: only in the conventional form, and never when it is the value of a
+    set variable (a secret given where its variable's name belongs)."""
+    return bool(_CONVENTIONAL_ENV_NAME.fullmatch(name)) and name not in os.environ.values()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,16 +238,15 @@ def _settings(module: Any) -> Settings:
         raise ConfigError("Settings.metrics_path must be a path such as '/metrics' (not /, "
                           "/healthz, /readyz, nor under /v1/ or /admin/), or None.")
     if settings.metrics_token_env is not None:
-        if not isinstance(settings.metrics_token_env, str) or not settings.metrics_token_env:
-            raise ConfigError("Settings.metrics_token_env must name an environment variable, "
-                              "or be None.")
-        token = os.environ.get(settings.metrics_token_env, "").strip()
+        name = env_name(settings.metrics_token_env, "Settings.metrics_token_env")
+        shown = f"Settings.metrics_token_env={name!r}" if env_name_shown(name) else \
+            "Settings.metrics_token_env"
+        token = os.environ.get(name, "").strip()
         if not token:
-            raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} "
-                              "names an environment variable that is not set.")
+            raise ConfigError(f"{shown} names an environment variable that is not set.")
         if token.startswith("sk-sg-"):
-            raise ConfigError(f"Settings.metrics_token_env={settings.metrics_token_env!r} holds "
-                              "a virtual key: the metrics token must be a secret of its own.")
+            raise ConfigError(f"{shown} holds a virtual key: the metrics token must be a "
+                              "secret of its own.")
     if not isinstance(settings.request_id_header, str) or \
             not _HEADER_NAME.fullmatch(settings.request_id_header):
         raise ConfigError("Settings.request_id_header must be a header name (letters, digits "
@@ -261,10 +286,16 @@ def _resolve_keys(config: GatewayConfig) -> None:
                     not all(isinstance(env, str) and env for env in envs):
                 raise ConfigError(f"model {name!r}: api_key_envs of {deployment.name} must be a "
                                   "tuple of environment variable names.")
+            for env in envs:
+                env_name(env, f"model {name!r}: api_key_envs of {deployment.name}")
             missing = [env for env in envs if not os.environ.get(env)]
             if missing:
+                shown = [env for env in missing if env_name_shown(env)]
+                hidden = len(missing) - len(shown)
+                named = ", ".join(shown + ([f"{hidden} named in api_key_envs but not shown"]
+                                           if hidden else []))
                 raise ConfigError(f"model {name!r}: {deployment.name} needs the environment "
-                                  f"variable(s) {', '.join(missing)}, which are not set.")
+                                  f"variable(s) {named}, which are not set.")
             keys = tuple(ProviderKey(env, os.environ[env].strip()) for env in dict.fromkeys(envs))
             resolved.append(dataclasses.replace(deployment, keys=keys))
         config.models[name] = Model(resolved, description=model.description,

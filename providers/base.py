@@ -18,7 +18,7 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, env_name, env_name_shown
 from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage
 from gateway.errors import (
     GatewayError,
@@ -122,7 +122,8 @@ class HTTPAdapter:
             raise ConfigError(f"a {self.type_name} provider's base_url must have no query or "
                               f"fragment (not {_url_shown(self.base_url)}): put headers in "
                               "headers=, the key in api_key_env.")
-        self.api_key_env = api_key_env
+        self.api_key_env = env_name(api_key_env, f"Provider({self.type_name!r}) api_key_env") \
+            if api_key_env else None
         self.timeouts = timeouts or Timeouts()
         if not isinstance(self.timeouts, Timeouts):
             raise ConfigError(f"a {self.type_name} provider's timeouts must be "
@@ -155,8 +156,10 @@ class HTTPAdapter:
         if self.api_key_env:
             key = os.environ.get(self.api_key_env, "").strip()  # (a trailing newline)
             if not key:
-                raise ConfigError(f"provider {name!r} needs the environment variable "
-                                  f"{self.api_key_env}, which is not set.")
+                shown = self.api_key_env if env_name_shown(self.api_key_env) else \
+                    "its api_key_env names (not shown)"
+                raise ConfigError(f"provider {name!r} needs the environment variable {shown}, "
+                                  "which is not set.")
             self._api_key = key
 
     def supports(self, operation: str) -> bool:

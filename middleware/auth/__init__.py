@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, env_name, env_name_shown
 from gateway.context import (
     CONTEXT_KEY,
     PRINCIPAL_KEY,
@@ -123,14 +123,16 @@ class AuthMiddleware:
         if admin_token_env is not None:
             # (stripped: a secret mounted from a file often ends in a newline, which no
             # HTTP header can carry, so the token could never be matched)
-            token = os.environ.get(admin_token_env, "").strip()
+            name = env_name(admin_token_env, "AuthMiddleware admin_token_env")
+            shown = f"admin_token_env={name!r}" if env_name_shown(name) else "admin_token_env"
+            token = os.environ.get(name, "").strip()
             if not token:
-                raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} names an "
-                                  "environment variable that is not set.")
+                raise ConfigError(f"AuthMiddleware {shown} names an environment variable that "
+                                  "is not set.")
             if token.startswith("sk-sg-") or (
                     self.static is not None and self.static.find_now(hash_key(token))):
-                raise ConfigError(f"AuthMiddleware admin_token_env={admin_token_env!r} holds a "
-                                  "virtual key: the admin token must be a secret of its own.")
+                raise ConfigError(f"AuthMiddleware {shown} holds a virtual key: the admin token "
+                                  "must be a secret of its own.")
             self.admin = AdminAPI(store or self.static, token=token,  # type: ignore[arg-type]
                                   config=self.static if store is not None else None)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
+from gateway.config import ConfigError, env_name, env_name_shown
 from gateway.policy import Limits, given, model_allowed
 
 KEY_PREFIX = "sk-sg-"
@@ -153,16 +154,21 @@ class StaticKey:
             raise ValueError(f"StaticKey for project {self.project!r} needs exactly one of "
                              "key_hash= (the key's SHA-256 hex) or key_env= (an env var name)")
         if self.key_env is not None:
-            plaintext = (os.environ.get(self.key_env) or "").strip()  # (a trailing newline)
+            try:
+                name = env_name(self.key_env, f"StaticKey for project {self.project!r}: key_env")
+            except ConfigError as exc:
+                raise ValueError(str(exc).rstrip(".")) from None
+            shown = name if env_name_shown(name) else f"named by the key_env of {self.project!r}"
+            plaintext = (os.environ.get(name) or "").strip()  # (a trailing newline)
             if not plaintext:
-                raise ValueError(f"environment variable {self.key_env} (a virtual key for "
+                raise ValueError(f"environment variable {shown} (a virtual key for "
                                  f"project {self.project!r}) is not set")
             if len(plaintext) < MIN_ENV_KEY_CHARS:
-                raise ValueError(f"the key in environment variable {self.key_env} is shorter "
+                raise ValueError(f"the key in environment variable {shown} is shorter "
                                  f"than {MIN_ENV_KEY_CHARS} characters")
             # Only a virtual key: the admin token (never "sk-sg-...") must not open the API too.
             if not plaintext.startswith(KEY_PREFIX):
-                raise ValueError(f"the key in environment variable {self.key_env} must start "
+                raise ValueError(f"the key in environment variable {shown} must start "
                                  f"with {KEY_PREFIX!r} (a virtual key, not a token or a "
                                  "provider's key)")
             object.__setattr__(self, "key_hash", hash_key(plaintext))

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway import context as c
-from gateway.config import ConfigError
+from gateway.config import ConfigError, env_name, env_name_shown
 from middleware.cache.keys import IGNORED_FIELDS, canonical
 
 __all__ = [
@@ -461,10 +461,12 @@ class OpenAIEmbedder(_HttpEmbedderBase):
                  timeout_s: float = 5.0) -> None:
         headers = {}
         if key_env is not None:
-            key = os.environ.get(key_env, "").strip()
+            name = env_name(key_env, "OpenAIEmbedder key_env")
+            key = os.environ.get(name, "").strip()
             if not key:
-                raise ConfigError(f"OpenAIEmbedder key_env={key_env!r} names an environment "
-                                  "variable that is not set.")
+                shown = f"key_env={name!r}" if env_name_shown(name) else "key_env"
+                raise ConfigError(f"OpenAIEmbedder {shown} names an environment variable that "
+                                  "is not set.")
             headers["authorization"] = f"Bearer {key}"
         super().__init__(base_url.rstrip("/") + "/embeddings", timeout_s=timeout_s,
                          headers=headers)

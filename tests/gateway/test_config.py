@@ -55,6 +55,37 @@ def test_missing_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert "provider 'oa' needs the environment variable SG_TEST_MISSING_KEY" in message
 
 
+# A secret given where its environment variable's name belongs (api_key_env=os.environ[...]):
+# the sentence names the setting, never the value. One secret cannot be a variable's name
+# and is refused as one; the other could be, and is not shown: it is a set variable's value.
+SECRET_AS_NAME = ["sk-proj-REALPROVIDERKEY0123456789abcdef", "REALSECRET0123456789ABCDEF"]
+
+
+@pytest.mark.parametrize("secret", SECRET_AS_NAME)
+@pytest.mark.parametrize("setting,line", [
+    ("api_key_env", 'providers = {"oa": Provider("openai", api_key_env=SECRET)}'),
+    ("api_key_envs", 'models = {"m": [Deployment("oa", "y", free=True, api_key_envs=[SECRET])]}'),
+    ("admin_token_env", "middleware = auth(keys=KEYS, admin_token_env=SECRET)"),
+    ("key_env", 'middleware = auth(keys=[StaticKey("t", key_env=SECRET)])'),
+    ("Settings.metrics_token_env", "settings = Settings(metrics_token_env=SECRET)"),
+], ids=["provider", "deployment", "admin", "static_key", "metrics"])
+def test_a_secret_given_as_a_variable_name_is_never_printed(tmp_path: Path, setting: str,
+                                                            line: str, secret: str) -> None:
+    path = write_config(tmp_path, HEAD + "import os\nfrom gateway.config import Settings\n"
+                        "from middleware.auth import StaticKey\n"
+                        "SECRET = os.environ['SG_TEST_SECRET']\n"
+                        'KEYS = [StaticKey("t", key_env="SG_TEST_VK")]\n'
+                        "def auth(**options): return [Middleware(AuthMiddleware, **options)]\n"
+                        'providers = {"oa": Provider("openai")}\n'
+                        'models = {"m": [Deployment("oa", "y", free=True)]}\n' + line + "\n")
+    env = {"SG_TEST_SECRET": secret, "SG_TEST_VK": "sk-sg-" + "v" * 32}
+    for command in (["check-config", str(path)], ["serve", "--config", str(path), "--port", "0"]):
+        result = run_cli(*command, env=env)
+        assert result.returncode == 2, result.stderr
+        assert secret not in result.stdout + result.stderr
+        assert setting in result.stderr and "environment variable" in result.stderr
+
+
 def test_layer_with_wrong_options(tmp_path: Path) -> None:
     message = error_for(tmp_path, HEAD + 'providers = {"oa": Provider("openai")}\n'
                         'models = {"m": [Deployment("oa", "y", free=True)]}\n'
