@@ -41,7 +41,7 @@ import orjson
 from gateway.app import create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.kernel import stack_components
-from gateway.resp import RedisEndpoint, RespClient
+from gateway.resp import RedisEndpoint, RespClient, parse_redis_url, split_userinfo
 from gateway.upstream import ProviderKey
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -482,6 +482,14 @@ def redact_target(address: str) -> str:
         host = params.get("host") or params.get("hostaddr") or "localhost"
         return f"postgresql://{_host_port(host, params.get('port') or '5432')}/" \
                f"{params.get('dbname', '')}"
+    scheme, _, rest = text.partition("://")
+    if scheme.lower() in _REDIS_SCHEMES:
+        # (as the gateway reads it: urllib ends the host at a password's unencoded "/")
+        try:
+            parse_redis_url(text)
+        except ValueError:
+            return _HIDDEN
+        text = f"{scheme}://{split_userinfo(rest)[2]}"
     try:
         parts = urlsplit(text)
     except ValueError:
@@ -526,6 +534,13 @@ def libpq_params(dsn: str) -> dict[str, str] | None:
 def _address_secrets(address: str) -> set[str]:
     """The password (and the whole address, which may hold one) of a store address."""
     secrets = {address}
+    if address.partition("://")[0].lower() in _REDIS_SCHEMES:
+        try:  # (as the gateway reads it; urllib below gives a password's encoded form)
+            endpoint = parse_redis_url(address)
+        except ValueError:
+            return secrets
+        secrets |= {secret for secret in (endpoint.password, endpoint.sentinel_password)
+                    if secret}
     if "://" in address:
         try:
             parts = urlsplit(address)

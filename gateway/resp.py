@@ -18,6 +18,7 @@ key's slot, MOVED and ASK redirections are followed and the slot map is refreshe
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 __all__ = ["RedisEndpoint", "RespClient", "RespError", "has_hash_tag", "is_redis_url",
-           "key_slot", "parse_redis_url", "require_hash_tag"]
+           "key_slot", "parse_redis_url", "require_hash_tag", "split_userinfo"]
 
 
 class RespError(Exception):
@@ -278,6 +279,8 @@ _DEFAULT_PORTS = {"direct": 6379, "unix": 0, "sentinel": 26379, "cluster": 6379}
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
                 "ssl_check_hostname")
 _OPTIONS = (*_TLS_OPTIONS, "db", "sentinel_username", "sentinel_password")
+_QUERY_START = re.compile(rf"\?(?:{'|'.join(_OPTIONS)})=")
+_OPTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,21 +322,29 @@ def parse_redis_url(url: str) -> RedisEndpoint:
 
     TLS options in the query, as redis-py names them: `ssl_ca_certs`, `ssl_certfile`,
     `ssl_keyfile`, `ssl_cert_reqs` (required, optional, none), `ssl_check_hostname`.
+    A password may hold an unencoded "/", "?" or "#" (`split_userinfo`). No error quotes
+    the URL's text (a password's part may be anywhere in a URL that cannot be read).
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _SCHEMES:
+    if not sep:  # (the text is not quoted: it may be a password, or hold one)
+        raise ValueError("the Redis URL has no scheme (redis://, rediss://, unix://, "
+                         "redis+sentinel://, redis+cluster://, or rediss+...)")
+    if scheme.lower() not in _SCHEMES:
         raise ValueError(f"unsupported Redis URL scheme {scheme!r} (redis://, rediss://, "
                          "unix://, redis+sentinel://, redis+cluster://, or rediss+...)")
     mode, tls = _SCHEMES[scheme.lower()]
+    userinfo, at, rest = split_userinfo(rest)
     rest = rest.partition("#")[0]
     rest, _, query = rest.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown Redis URL option(s) {', '.join(unknown)} "
+        # (named only as name=value: what else is there may be a password's end)
+        given = {pair.partition("=")[0] for pair in query.split("&") if "=" in pair}
+        shown = [name for name in unknown if name in given and _OPTION_NAME.fullmatch(name)]
+        raise ValueError(f"unknown Redis URL option(s) {', '.join(shown) or '(not shown)'} "
                          f"(known: {', '.join(_OPTIONS)})")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
+    hosts, slash, path = rest.partition("/")
     username = password = None
     if at:
         user, colon, secret = userinfo.partition(":")
@@ -357,7 +368,8 @@ def parse_redis_url(url: str) -> RedisEndpoint:
                              "redis+sentinel://host:26379/mymaster[/db]")
         service, segments = segments[0], segments[1:]
     if len(segments) > 1:
-        raise ValueError(f"unexpected path in the Redis URL: /{'/'.join(segments)}")
+        raise ValueError("unexpected path in the Redis URL: it names a database (/0), and "
+                         "for Sentinel the service before it (/mymaster/0)")
     db = _db(segments[0] if segments else options.get("db", "0"))
     if mode == "cluster" and db:
         raise ValueError("Redis Cluster has only database 0")
@@ -370,9 +382,24 @@ def parse_redis_url(url: str) -> RedisEndpoint:
                          tls=_tls_context(options) if tls else None)
 
 
+def split_userinfo(rest: str) -> tuple[str, str, str]:
+    """(userinfo, "@" or "", the rest) of a Redis URL after its scheme. RFC 3986 wants a "/",
+    "?" or "#" in a password percent-encoded, and redis-py (urllib) ends the host at the
+    first of them; but passwords made by `openssl rand -base64` hold "/", and pasted as they
+    are their first part became the port. So when the host part so split has no "@", the
+    userinfo ends at the last "@" before the query (a "?" that starts a known option: an "@"
+    may be in an option's value, a sentinel_password's)."""
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" not in authority:
+        query = _QUERY_START.search(rest)
+        authority = rest[:query.start() if query else len(rest)]
+    userinfo, at, _ = authority.rpartition("@")
+    return (userinfo, at, rest[len(userinfo) + 1:]) if at else ("", "", rest)
+
+
 def _db(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"the Redis database must be a number, not {text!r}")
+    if not text.isdigit():  # (not quoted: a password with an unencoded "/" may be there)
+        raise ValueError("the Redis database must be a number")
     return int(text)
 
 
@@ -382,8 +409,8 @@ def _address(text: str, default_port: int) -> tuple[str, int]:
         port = port.removeprefix(":")
     else:
         host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if port and not port.isdigit():
-        raise ValueError(f"bad port in Redis address {text!r}")
+    if port and not port.isdigit():  # (not quoted: it may be part of a password)
+        raise ValueError("bad port in Redis address (not a number)")
     return unquote(host) or "127.0.0.1", int(port) if port else default_port
 
 

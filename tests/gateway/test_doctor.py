@@ -319,6 +319,8 @@ def test_timeout_must_be_positive(tmp_path: Path) -> None:
     ("redis://:pw-1@cache.internal:6380/2", "redis://cache.internal:6380/2"),
     ("rediss://user:pw-1@cache.internal/0?ssl_cert_reqs=none", "rediss://cache.internal:6379/0"),
     ("redis://127.0.0.1", "redis://127.0.0.1:6379"),
+    ("redis://:pw-1/x?y#z@cache.internal:6380/2", "redis://cache.internal:6380/2"),  # (unencoded)
+    ("redis://:pw-1/x", "(hidden)"),  # (no "@": a URL the gateway cannot read)
     ("unix://:pw-1@/run/redis.sock?db=3", "unix:///run/redis.sock"),
     ("postgresql://app:pw-1@db.internal/gateway?sslmode=require&password=pw-2",
      "postgresql://db.internal:5432/gateway"),

@@ -56,6 +56,45 @@ def test_bad_urls_say_why(url: str, reason: str) -> None:
         parse_redis_url(url)
 
 
+# Passwords as `openssl rand -base64` makes them hold "/" (and "?" and "#" happen), pasted
+# unencoded: the host is after the last "@" (the port was the password's first part, and the
+# error quoted it), and an "@" in a sentinel_password is still the query's.
+@pytest.mark.parametrize("password", ["SECRETpw4Ax9/kQ2", "SECRETpw4Ax9?kQ2", "SECRETpw4Ax9#kQ2",
+                                      "SE/CR?ET#pw@4Ax9"])
+def test_a_password_with_an_unencoded_slash_query_or_hash_mark_connects(password: str) -> None:
+    user = f"sg-test-{uuid.uuid4().hex[:8]}"
+    admin = redis.Redis()
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], commands=["+ping"])
+    try:
+        endpoint = parse_redis_url(f"redis://{user}:{password}@127.0.0.1:6379/0")
+        assert (endpoint.username, endpoint.password) == (user, password)
+        assert (endpoint.addresses, endpoint.db) == ((("127.0.0.1", 6379),), 0)
+
+        async def ping() -> object:
+            client = RespClient(f"redis://{user}:{password}@127.0.0.1:6379/0")
+            try:
+                return await client.call("PING")
+            finally:
+                await client.close()
+        assert asyncio.run(ping()) in ("PONG", b"PONG")
+    finally:
+        admin.acl_deluser(user)
+    sentinel = parse_redis_url(f"redis+sentinel://:{password}@s1:26379/m/1"
+                               "?sentinel_password=a@b/c")
+    assert (sentinel.password, sentinel.sentinel_password) == (password, "a@b/c")
+    assert sentinel.addresses == (("s1", 26379),) and sentinel.service == "m"
+
+
+@pytest.mark.parametrize("url", ["redis://:SECRETpw4Ax9/kQ2", "redis://:SECRETpw4Ax9?kQ2",
+                                 "redis://:1234/SECRETpw4Ax9/kQ2", "redis://h/SECRETpw4Ax9",
+                                 "redis://h/0?SECRETpw4Ax9", ":SECRETpw4Ax9@h:6379"])
+def test_errors_never_quote_what_may_be_a_password(url: str) -> None:
+    # (a password's "/", "?" or "#" and no "@" after it: the URL cannot be read)
+    with pytest.raises(ValueError) as caught:
+        parse_redis_url(url)
+    assert "SECRETpw4Ax9" not in str(caught.value)
+
+
 def test_the_password_never_shows() -> None:
     client = RespClient("redis+sentinel://:hunter2@s1:26379/m?sentinel_password=swordfish")
     assert "hunter2" not in repr(client) and "swordfish" not in repr(client)
