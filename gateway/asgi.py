@@ -17,6 +17,7 @@ from functools import partial
 
 from gateway.app import WORKERS_ENV, check_workers, create_app, tune_gc
 from gateway.config import ConfigError
+from gateway.doctor import Scrubber
 from gateway.h11_body import install as install_h11_body_shortcut
 from gateway.h11_cycle import install as install_h11_cycle_shortcut
 from gateway.h11_headers import install as install_h11_header_memo
@@ -24,7 +25,7 @@ from gateway.h11_headers import install_hypercorn as install_hypercorn_header_me
 from gateway.hypercorn_h11 import install as install_hypercorn_plain_requests
 from gateway.hypercorn_idle import install as install_idle_timer
 from gateway.hypercorn_writes import install as install_gathering_writer
-from gateway.kernel import Kernel
+from gateway.kernel import Kernel, stack_components
 from gateway.logs import configure_logging
 from gateway.supervisor import REPLACEMENT_ENV, announce_ready
 
@@ -70,7 +71,9 @@ app, _loaded_text = _load()
 if _loaded_text is not None:
     app.after_startup.append(partial(_keep_as_last_good, _loaded_text))
 app.after_startup.append(announce_ready)  # a reload waits for this before old workers stop
-configure_logging(app.config.settings.log_level, app.config.settings.log_format)
+# Libraries log what they like (psycopg a DSN's password): the config's secrets go out.
+configure_logging(app.config.settings.log_level, app.config.settings.log_format,
+                  redact=Scrubber.for_config(app.config, stack_components(app.app)).redact)
 tune_gc()
 install_h11_header_memo()  # this process is a server of ours: see gateway/h11_headers.py
 install_hypercorn_header_memo()

@@ -27,6 +27,7 @@ from gateway.config import ConfigError, GatewayConfig, env_name_shown, load_conf
 from gateway.doctor import (
     DEFAULT_TIMEOUT_S,
     FAIL,
+    Scrubber,
     positive_seconds,
     redact_target,
     report,
@@ -198,7 +199,7 @@ def serve_forever(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.config)
     # Fail fast, in the parent, with one sentence (exit 2: systemd does not restart it).
     config: GatewayConfig = load_config(path)
-    check_as_the_gateway_starts(config, args.workers)
+    stack = check_as_the_gateway_starts(config, args.workers)
     os.environ[WORKERS_ENV] = str(max(args.workers, 1))  # (a reload checks its config too)
     os.environ["SLUICEGATE_CONFIG"] = path
     # This serve's own directory: the last config whose startup completed (a reload with a
@@ -211,7 +212,8 @@ def serve_forever(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ.setdefault(METRICS_DIR_ENV, os.path.join(run_dir, "metrics"))
         os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
-    configure_logging(config.settings.log_level, config.settings.log_format)
+    configure_logging(config.settings.log_level, config.settings.log_format,
+                      redact=Scrubber.for_config(config, stack_components(stack)).redact)
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.worker_class = "uvloop"

@@ -564,8 +564,10 @@ _PASSWORD_PAIR = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.
 
 
 class Scrubber:
-    """Takes secrets out of a line: provider keys, deployment keys, store passwords and
-    addresses, any URL userinfo and any password=...; then one line, bounded."""
+    """Takes secrets out of a line: provider keys, deployment keys, admin and metrics tokens,
+    virtual keys named in the config, store passwords and addresses, any URL userinfo and
+    any password=...; then one line, bounded. `redact` alone keeps the text's lines and
+    length (the serving process's log filter, gateway/logs.py)."""
 
     def __init__(self, secrets: Iterable[str], limit: int = 300) -> None:
         # Longest first, so a secret that contains another goes whole.
@@ -578,19 +580,45 @@ class Scrubber:
         for adapter in config.providers.values():
             env = getattr(adapter, "api_key_env", None)
             if env:
-                secrets.add(os.environ.get(env, ""))
+                secrets.add(os.environ.get(env, "").strip())
         for model in config.models.values():
             for deployment in model.deployments:
                 secrets |= {key.secret for key in deployment.keys}
+        if config.settings.metrics_token_env:
+            secrets.add(os.environ.get(config.settings.metrics_token_env, "").strip())
+        for item in config.middleware:
+            secrets |= _env_secrets(item.kwargs, depth=0)
         for component in components:
             for resource in find_resources(component):
                 secrets |= resource.secrets
         return cls(secrets)
 
-    def __call__(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         for secret in self.secrets:
-            text = text.replace(secret, _REDACTED)
+            if secret in text:
+                text = text.replace(secret, _REDACTED)
         text = _USERINFO.sub(rf"\1{_REDACTED}@", text)
-        text = _PASSWORD_PAIR.sub(rf"\1{_REDACTED}", text)
-        text = " ".join(text.split())
+        return _PASSWORD_PAIR.sub(rf"\1{_REDACTED}", text)
+
+    def __call__(self, text: str) -> str:
+        text = " ".join(self.redact(text).split())
         return text if len(text) <= self.limit else text[:self.limit - 3] + "..."
+
+
+def _env_secrets(options: Any, depth: int) -> set[str]:
+    """What the environment variables a layer's options name hold: every `*_env` option or
+    attribute of an option's objects (admin_token_env, a StaticKey's key_env, an embedder's
+    key_env, a RedisHealth's url_env), with the passwords of those that are addresses."""
+    secrets: set[str] = set()
+    items = options.items() if isinstance(options, dict) else \
+        enumerate(options) if isinstance(options, (list, tuple)) else \
+        _attributes(options).items()
+    for name, value in items:
+        if isinstance(name, str) and name.endswith("_env") and isinstance(value, str):
+            secret = os.environ.get(value, "").strip()
+            secrets |= _address_secrets(secret) if _is_store_address(secret) else {secret}
+        elif depth < _MAX_DEPTH and not isinstance(value, (str, bytes, int, float, type,
+                                                           ModuleType, FunctionType,
+                                                           BuiltinFunctionType, MethodType)):
+            secrets |= _env_secrets(value, depth + 1)
+    return secrets

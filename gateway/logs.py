@@ -3,17 +3,22 @@ request being served (`Settings(log_format="json")`, the default; "text" for peo
 
 The kernel puts the current request's ids in a context variable, so any log call made while
 serving it — in a layer, an adapter, a store — carries them without being passed anything.
-Nothing here adds secrets: messages are what the code logs, and the code never logs keys.
+Our code never logs keys, but libraries' loggers reach the same handler and say what they
+like (psycopg's pool logs a DSN's unreadable password): the serving process's handler
+redacts the config's known secrets, any URL userinfo and any password=... from every
+record's message, exception and extra fields (`gateway.doctor.Scrubber`). It runs only for a
+record that is emitted, which on the request path is rare.
 """
 from __future__ import annotations
 
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
-__all__ = ["REQUEST_IDS", "JsonFormatter", "configure_logging"]
+__all__ = ["REQUEST_IDS", "JsonFormatter", "RedactingFilter", "configure_logging"]
 
 # (request id, trace id or None) of the request this task serves.
 REQUEST_IDS: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
@@ -40,18 +45,52 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
-        if record.exc_info:
+        if record.exc_text:  # (as RedactingFilter left it)
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """The serving process's root handler: JSON lines (or plain text) on stderr."""
+class RedactingFilter(logging.Filter):
+    """Passes every record with `redact` applied to its message (args merged in), its
+    exception and stack text and its string extra fields."""
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and isinstance(value, str):
+                record.__dict__[key] = self.redact(value)
+        return True
+
+
+_FORMATTER = logging.Formatter()
+
+
+def configure_logging(level: str, log_format: str, *,
+                      redact: Callable[[str], str] | None = None) -> None:
+    """The serving process's root handler: JSON lines (or plain text) on stderr; with
+    `redact` (a config's `Scrubber(...).redact`), applied to every record it emits."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if redact is not None:
+        handler.addFilter(RedactingFilter(redact))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

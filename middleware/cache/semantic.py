@@ -472,6 +472,7 @@ class OpenAIEmbedder(_HttpEmbedderBase):
                          headers=headers)
         self.model = model
         self.name = f"openai:{model}"
+        self.key_env = key_env  # (the serving process's log filter redacts what it names)
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         answer = await self._post({"model": self.model, "input": list(texts)})
