@@ -153,6 +153,18 @@ def _checked(usage: Usage) -> Usage:
     return usage
 
 
+def add_usage(first: Usage, second: Usage | None) -> Usage:
+    """The usage of two calls (or parts of calls) together."""
+    if second is None:
+        return first
+    return Usage(first.input_tokens + second.input_tokens,
+                 first.output_tokens + second.output_tokens,
+                 first.cached_input_tokens + second.cached_input_tokens,
+                 first.reasoning_tokens + second.reasoning_tokens,
+                 first.cache_write_tokens + second.cache_write_tokens,
+                 first.cache_write_1h_tokens + second.cache_write_1h_tokens)
+
+
 @dataclass(slots=True)
 class Attempt:
     """One upstream call made for this request (written by the passthrough)."""

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gateway.context import RequestContext, Usage
+from gateway.context import RequestContext, Usage, add_usage
 
 _PRICE_FIELDS = frozenset({
     "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "reasoning_per_mtok",
@@ -552,9 +552,33 @@ def billed_micros(ctx: RequestContext) -> int:
     return 0 if ctx.cache_status in CACHE_HITS else call_cost_micros(ctx, ctx.usage)
 
 
-# The usage of an attempt that broke after it had streamed, and its cost at its own
-# deployment (set by the failover layer before it continues the stream elsewhere).
+# The usage of a request's earlier attempts that cost something, and their cost at their own
+# deployments: of a stream that broke after it had streamed (set by the failover layer
+# before it continues the stream elsewhere), or of non-stream calls that failed after their
+# provider answered some of their parts (`bill_failed_call`).
 EARLIER_ATTEMPT = "pricing.earlier_attempt"
+
+
+def bill_failed_call(ctx: RequestContext, usage: Usage) -> Usage:
+    """The request's usage once `usage`, what a non-stream call that failed still cost (the
+    parts of it its provider answered), is billed at the served deployment's price: added
+    to its earlier attempts' (`EARLIER_ATTEMPT`), which a later call of the request that
+    answers adds to its own (`with_earlier_calls`). Each call is billed once, at its own
+    deployment's price, however many the failover layer makes."""
+    earlier: tuple[Usage, int] | None = ctx.state.get(EARLIER_ATTEMPT)
+    total = usage if earlier is None else add_usage(earlier[0], usage)
+    # (priced before the total becomes the earlier part: the cost of `usage` alone, here)
+    ctx.state[EARLIER_ATTEMPT] = (total, call_cost_micros(ctx, total))
+    return total
+
+
+def with_earlier_calls(ctx: RequestContext, usage: Usage | None) -> Usage | None:
+    """A non-stream call's own `usage` with what the request's earlier calls that failed
+    cost (`bill_failed_call`), as the request is billed for it."""
+    earlier: tuple[Usage, int] | None = ctx.state.get(EARLIER_ATTEMPT)
+    if earlier is None:
+        return usage
+    return earlier[0] if usage is None else add_usage(earlier[0], usage)
 
 
 _COST_MEMO = "pricing.cost"

@@ -5,6 +5,7 @@ the first complete event (so a failure before it can still be retried elsewhere)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import aiohttp
 import orjson
 
 from gateway.config import ConfigError, env_name, env_name_shown
-from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage
+from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage, add_usage
 from gateway.errors import (
     GatewayError,
     StreamInterrupted,
@@ -27,6 +28,7 @@ from gateway.errors import (
     UpstreamError,
     stream_error_ending,
 )
+from gateway.pricing import bill_failed_call, with_earlier_calls
 from gateway.sse import ContentCount, delivered_counting, opening_excess
 from gateway.tokens import answered_usage, delivered_usage, estimate_input_tokens
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
@@ -91,6 +93,10 @@ class Exchange:
     # into the one `decode` reads (which then gives the client JSON).
     more_bodies: tuple[bytes, ...] = ()
     combine: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    # What each body (`body`, then `more_bodies`) costs once its provider has answered it:
+    # when another part fails, the call is billed the parts answered (their provider bills
+    # each request it answers, Gemini's batchEmbedContents does).
+    part_usage: tuple[Usage, ...] = ()
 
 
 class HTTPAdapter:
@@ -319,6 +325,9 @@ class HTTPAdapter:
             self.type_name, self.name, deployment.model, exchange.url, exchange.headers)
         began = time.monotonic()
         failure: str | None = None
+        # (a non-stream call's usage before it has its own: earlier calls' that failed and
+        # cost something, `_call_json`)
+        unbilled = None if exchange.stream else ctx.usage
         try:
             if exchange.stream:
                 await self._call_stream(ctx, exchange, send, attempt)
@@ -327,14 +336,15 @@ class HTTPAdapter:
         except BaseException as exc:  # noted on the attempt's span, then on its way
             failure = attempt.error_type or getattr(exc, "upstream_error_type", None) or \
                 type(exc).__name__
-            if ctx.usage is None and ctx.client_disconnected and attempt.status in (0, 200) \
-                    and isinstance(exc, asyncio.CancelledError) \
+            if ctx.usage is unbilled and ctx.client_disconnected \
+                    and attempt.status in (0, 200) and isinstance(exc, asyncio.CancelledError) \
                     and ctx.operation != ANTHROPIC_COUNT_TOKENS:  # (free)
                 # The client left before the answer came (a stream cut after it started
                 # bills itself). A departure is seen from `WATCH_AFTER_S` into the request
                 # (gateway/disconnect.py), by when the request has as a rule gone out: the
                 # provider bills its input at least.
-                ctx.usage = Usage(input_tokens=estimate_input_tokens(ctx))
+                estimate = Usage(input_tokens=estimate_input_tokens(ctx))
+                ctx.usage = estimate if exchange.stream else with_earlier_calls(ctx, estimate)
             raise
         finally:
             attempt.duration_s = time.monotonic() - began
@@ -410,7 +420,7 @@ class HTTPAdapter:
                          attempt: Attempt) -> None:
         parts: list[bytes] | None = None
         if exchange.more_bodies:
-            raw, parts = b"", await self._read_answers(exchange, attempt)
+            raw, parts = b"", await self._read_answers(ctx, exchange, attempt)
         else:
             raw = await self._read_answer(exchange, attempt)
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
@@ -433,6 +443,10 @@ class HTTPAdapter:
         ctx.sent_json = (raw, answer)
         if ctx.usage is None:  # (a server that sends none: billed what it answered)
             ctx.usage = answered_usage(ctx, answer)
+        # An earlier call of the request that failed may have cost something (a call sent in
+        # parts, some of them answered: `_read_answers`). (A stream's earlier attempt, broken
+        # and continued, is the failover layer's to add.)
+        ctx.usage = with_earlier_calls(ctx, ctx.usage)
         headers = [*JSON_RESPONSE_HEADERS, (b"content-length", str(len(raw)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
@@ -447,34 +461,41 @@ class HTTPAdapter:
         finally:
             response.release()
 
-    async def _read_answers(self, exchange: Exchange, attempt: Attempt) -> list[bytes]:
-        """The answers to each of the exchange's bodies, in order, a few posted at once; the
-        first failure is the call's (the parts still in flight are cancelled), and the
-        attempt's status and error type are that part's."""
+    async def _read_answers(self, ctx: RequestContext, exchange: Exchange,
+                            attempt: Attempt) -> list[bytes]:
+        """The answers to each of the exchange's bodies, in order, a few posted at once. The
+        first failure is the call's, and the attempt's status and error type are that
+        part's; after it no other part is sent, and the parts in flight are waited for: sent,
+        they are answered and billed whether read or not. Those answered are billed
+        (`Exchange.part_usage`)."""
         slots = asyncio.Semaphore(_MAX_PARTS_AT_ONCE)
         bodies = (exchange.body, *exchange.more_bodies)
         records = [replace(attempt) for _ in bodies]  # each part's own (they end in any order)
-        failed: list[Attempt] = []
+        failed: list[tuple[Attempt, Exception]] = []
 
-        async def answer(body: bytes, record: Attempt) -> bytes:
-            try:
-                async with slots:
+        async def answer(body: bytes, record: Attempt) -> bytes | None:
+            async with slots:
+                if failed:
+                    return None
+                try:
                     return await self._read_answer(replace(exchange, body=body, more_bodies=()),
                                                    record)
-            except Exception:
-                failed.append(record)
-                raise
+                except Exception as exc:  # noqa: BLE001 (the call raises it: below)
+                    failed.append((record, exc))
+                    return None
 
-        try:
-            async with asyncio.TaskGroup() as parts:
-                answers = [parts.create_task(answer(body, record))
-                           for body, record in zip(bodies, records, strict=True)]
-        except BaseExceptionGroup as group:  # (a cancellation of the call is not grouped)
-            if failed:
-                attempt.status, attempt.error_type = failed[0].status, failed[0].error_type
-            raise group.exceptions[0] from None
+        # (cancelled, the call cancels every part: gather's)
+        answers = await asyncio.gather(*map(answer, bodies, records))
+        if failed:
+            record, error = failed[0]
+            attempt.status, attempt.error_type = record.status, record.error_type
+            answered = [usage for got, usage in zip(answers, exchange.part_usage, strict=False)
+                        if got is not None]
+            if answered:
+                ctx.usage = bill_failed_call(ctx, functools.reduce(add_usage, answered))
+            raise error
         attempt.status = records[-1].status
-        return [task.result() for task in answers]
+        return [got for got in answers if got is not None]
 
     async def _call_stream(self, ctx: RequestContext, exchange: Exchange, send: Send,
                            attempt: Attempt) -> None:

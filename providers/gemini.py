@@ -133,7 +133,14 @@ class GeminiAdapter(HTTPAdapter):
 
     def _plan_embeddings(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         request = fmt.embeddings_request_to_gemini(ctx.body, deployment.model)
-        input_tokens = estimate_input(ctx.body["input"])
+        batches = fmt.embeddings_batches(request)
+        # Gemini reports no usage here: each batch's input is counted (a batch Gemini
+        # answered is billed even when another fails, `Exchange.part_usage`).
+        texts = fmt.embedding_texts(ctx.body["input"])
+        size = fmt.MAX_EMBED_BATCH
+        part_usage = tuple(Usage(input_tokens=estimate_input(texts[at:at + size]))
+                           for at in range(0, len(texts), size))
+        input_tokens = sum(usage.input_tokens for usage in part_usage)
         public_model = ctx.model
         as_base64 = ctx.body.get("encoding_format") == "base64"
 
@@ -144,10 +151,10 @@ class GeminiAdapter(HTTPAdapter):
                     item["embedding"] = _base64_floats(item["embedding"])
             return result, Usage(input_tokens=input_tokens)
 
-        first, *more = (orjson.dumps(batch) for batch in fmt.embeddings_batches(request))
+        first, *more = (orjson.dumps(batch) for batch in batches)
         return Exchange(self._url(deployment, "batchEmbedContents"), self._headers(), first,
                         False, decode, more_bodies=tuple(more),
-                        combine=fmt.combine_embeddings)
+                        combine=fmt.combine_embeddings, part_usage=part_usage)
 
     def _plan_count_tokens(self, request: dict[str, Any], deployment: Deployment) -> Exchange:
         body = fmt.messages_count_request_to_gemini({**request,

@@ -499,7 +499,7 @@ MAX_EMBED_BATCH = 100
 
 def embeddings_request_to_gemini(body: JSON, upstream_model: str) -> JSON:
     """OpenAI embeddings request -> batchEmbedContents body, one request per input text."""
-    texts = _embedding_texts(body.get("input"))
+    texts = embedding_texts(body.get("input"))
     model = upstream_model if upstream_model.startswith("models/") else f"models/{upstream_model}"
     encoding = a_string_or_none(body.get("encoding_format"), "encoding_format")
     if encoding not in (None, "float", "base64"):
@@ -527,7 +527,8 @@ def combine_embeddings(responses: list[JSON]) -> JSON:
                            for embedding in response["embeddings"]]}
 
 
-def _embedding_texts(value: Any) -> list[str]:
+def embedding_texts(value: Any) -> list[str]:
+    """An embeddings request's `input` as its list of texts (TranslationError: not text)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value:

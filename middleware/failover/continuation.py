@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, RequestContext, Usage
+from gateway.context import ANTHROPIC_MESSAGES, OPENAI_CHAT, RequestContext, Usage, add_usage
 from gateway.layers import Message, Send
 from gateway.sse import SSEParser, split_complete_events
 from gateway.tokens import estimate_input_tokens, estimate_text, tokenizer_of
@@ -113,17 +113,6 @@ def estimated_usage(ctx: RequestContext, partial: str) -> Usage:
     return Usage(input_tokens=estimate_input_tokens(ctx),
                  output_tokens=estimate_text(partial) if tokenizer is None
                  else tokenizer.count(partial))
-
-
-def add_usage(first: Usage, second: Usage | None) -> Usage:
-    if second is None:
-        return first
-    return Usage(first.input_tokens + second.input_tokens,
-                 first.output_tokens + second.output_tokens,
-                 first.cached_input_tokens + second.cached_input_tokens,
-                 first.reasoning_tokens + second.reasoning_tokens,
-                 first.cache_write_tokens + second.cache_write_tokens,
-                 first.cache_write_1h_tokens + second.cache_write_1h_tokens)
 
 
 class BothParts:
