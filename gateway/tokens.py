@@ -1,5 +1,6 @@
 """Input-token counts of requests, used where no provider counts for us (admission, the
-count_tokens endpoint for providers without one, a stream cut short before its usage).
+count_tokens endpoint for providers without one, a stream cut short before its usage, an
+answer without one: Gemini's embeddings).
 
 Exact where the deployment has a local tokenizer (gateway/tokenizers.py, resolved when the
 config loads): text is encoded, and chat messages are counted as OpenAI's cookbook counts
@@ -241,6 +242,12 @@ def count_input(texts: str | list[Any], tokenizer: LoadedTokenizer) -> int:
         return count(texts)
     return sum(count(t) if isinstance(t, str) else len(t) if isinstance(t, list)
                else 1 if type(t) is int else 0 for t in texts)
+
+
+def input_tokens(texts: str | list[Any], tokenizer: LoadedTokenizer | None) -> int:
+    """Input tokens of an embeddings/completions `input` or `prompt` as the gateway counts
+    them for a deployment: with its `tokenizer` where it has one, else estimated."""
+    return estimate_input(texts) if tokenizer is None else count_input(texts, tokenizer)
 
 
 def delivered_usage(ctx: RequestContext, usage: Usage | None, deltas: int) -> Usage:

@@ -14,7 +14,7 @@ import orjson
 
 from gateway import context as c
 from gateway.context import RequestContext, Usage
-from gateway.tokens import estimate_input
+from gateway.tokens import input_tokens
 from gateway.upstream import Deployment
 from providers import anthropic_format
 from providers import gemini_format as fmt
@@ -134,22 +134,23 @@ class GeminiAdapter(HTTPAdapter):
     def _plan_embeddings(self, ctx: RequestContext, deployment: Deployment) -> Exchange:
         request = fmt.embeddings_request_to_gemini(ctx.body, deployment.model)
         batches = fmt.embeddings_batches(request)
-        # Gemini reports no usage here: each batch's input is counted (a batch Gemini
-        # answered is billed even when another fails, `Exchange.part_usage`).
-        texts = fmt.embedding_texts(ctx.body["input"])
+        # Gemini reports no usage here: each batch's input is counted, with the deployment's
+        # tokenizer where it has one, as the quota layer counts it (a batch Gemini answered
+        # is billed even when another fails, `Exchange.part_usage`).
+        texts, tokenizer = fmt.embedding_texts(ctx.body["input"]), deployment.tokenizer
         size = fmt.MAX_EMBED_BATCH
-        part_usage = tuple(Usage(input_tokens=estimate_input(texts[at:at + size]))
+        part_usage = tuple(Usage(input_tokens=input_tokens(texts[at:at + size], tokenizer))
                            for at in range(0, len(texts), size))
-        input_tokens = sum(usage.input_tokens for usage in part_usage)
+        total = sum(usage.input_tokens for usage in part_usage)
         public_model = ctx.model
         as_base64 = ctx.body.get("encoding_format") == "base64"
 
         def decode(payload: dict[str, Any]) -> Decoded:
-            result = fmt.gemini_embeddings_to_openai(payload, public_model, input_tokens)
+            result = fmt.gemini_embeddings_to_openai(payload, public_model, total)
             if as_base64:
                 for item in result["data"]:
                     item["embedding"] = _base64_floats(item["embedding"])
-            return result, Usage(input_tokens=input_tokens)
+            return result, Usage(input_tokens=total)
 
         first, *more = (orjson.dumps(batch) for batch in batches)
         return Exchange(self._url(deployment, "batchEmbedContents"), self._headers(), first,

@@ -5,7 +5,8 @@ gateway sends batches of 100 and answers as one: the embeddings in input order, 
 across batches, the usage of all of them. A batch that fails fails the request, which is
 billed the batches Gemini answered (Gemini bills them): the ledger's record of it (the
 metering journal) has their input at their deployment's price, and a retry elsewhere adds
-its own call's at its own price.
+its own call's at its own price. Gemini says no usage: the input is counted, with the
+deployment's tokenizer where it has one.
 """
 from __future__ import annotations
 
@@ -68,11 +69,17 @@ def test_a_failing_batch_fails_the_request(gateway: ThreadedServer,
     assert "Provider 'gemini' returned 429" in failure.value.message
 
 
-# `embed-pair`: two Gemini deployments priced apart ($1 and $3 per 1M input tokens: a
+# `embed-words`: a Gemini deployment with a tokenizer of its own. `embed-pair`: two Gemini
+# deployments priced apart ($1 and $3 per 1M input tokens: a
 # micro-dollar and three a token), called in that order, each call's failure retried once
 # on the other.
 METERED = '''
 from middleware.failover import Route
+class Words:  # a stand-in tokenizer: a token a word
+    def encode(self, text):
+        return text.split()
+models["embed-words"] = [Deployment("gemini", "text-embedding-004", price=Price("1", "2"),
+                                    tokenizer=Words())]
 models["embed-pair"] = [Deployment("gemini", "text-embedding-004", price=Price("1", "2")),
                         Deployment("gemini", "gemini-embedding-001", price=Price("3", "5"))]
 middleware = [
@@ -177,3 +184,14 @@ def test_a_retry_that_fails_too_bills_both_calls_answered_batches(
     assert (record.status, record.attempts) == (503, 2)
     assert record.input_tokens == first_two.prompt_tokens + last_two.prompt_tokens
     assert record.cost_micros == first_two.prompt_tokens * 1 + last_two.prompt_tokens * 3
+
+
+def test_the_input_is_counted_with_the_deployments_tokenizer(
+        metered: tuple[ThreadedServer, Path]) -> None:
+    server, journal = metered
+    texts = [" ".join(["word"] * words) for words in range(1, 151)]  # (two batches)
+    raw = client(server).embeddings.with_raw_response.create(model="embed-words", input=texts)
+    words = sum(range(1, 151))  # (the heuristic, a token per 4 bytes, says 14,175)
+    assert raw.parse().usage.prompt_tokens == words
+    record = record_of(journal, raw.headers["x-request-id"])
+    assert (record.input_tokens, record.cost_micros) == (words, words)
