@@ -57,7 +57,9 @@ def _base64_floats(vector: list[float]) -> str:
 
 
 class GeminiAdapter(HTTPAdapter):
-    """`Provider("gemini", api_key_env="GEMINI_API_KEY")`."""
+    """`Provider("gemini", api_key_env="GEMINI_API_KEY")`. A deployment names its model by
+    id (`gemini-2.5-flash`) or by resource name (`models/gemini-2.5-flash`, as Gemini's model
+    list does): either is called at `/v1beta/models/gemini-2.5-flash:{method}`."""
 
     type_name = "gemini"
     wire_format = "gemini"
@@ -71,7 +73,8 @@ class GeminiAdapter(HTTPAdapter):
 
     def _url(self, deployment: Deployment, method: str) -> str:
         suffix = "?alt=sse" if method == "streamGenerateContent" else ""
-        return f"{self.base_url}/{self.api_version}/models/{deployment.model}:{method}{suffix}"
+        return (f"{self.base_url}/{self.api_version}/{fmt.resource_name(deployment.model)}:"
+                f"{method}{suffix}")
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", **self.extra_headers}
@@ -158,8 +161,8 @@ class GeminiAdapter(HTTPAdapter):
                         combine=fmt.combine_embeddings, part_usage=part_usage)
 
     def _plan_count_tokens(self, request: dict[str, Any], deployment: Deployment) -> Exchange:
-        body = fmt.messages_count_request_to_gemini({**request,
-                                                     "model": f"models/{deployment.model}"})
+        body = fmt.messages_count_request_to_gemini(
+            {**request, "model": fmt.resource_name(deployment.model)})
 
         def decode(payload: dict[str, Any]) -> Decoded:
             return {"input_tokens": fmt.gemini_count_tokens_result(payload)}, None

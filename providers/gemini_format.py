@@ -497,10 +497,18 @@ def _choice(candidate: JSON, index: int, response_id: Any) -> JSON:
 MAX_EMBED_BATCH = 100
 
 
+def resource_name(model: str) -> str:
+    """A deployment's Gemini model as its resource name, `models/{id}`: the part of the
+    method's path before the colon (`v1beta/{model=models/*}:batchEmbedContents`) and the
+    `model` of a request body. A deployment may name it either way (`text-embedding-004`,
+    `models/text-embedding-004`)."""
+    return model if model.startswith("models/") else f"models/{model}"
+
+
 def embeddings_request_to_gemini(body: JSON, upstream_model: str) -> JSON:
     """OpenAI embeddings request -> batchEmbedContents body, one request per input text."""
     texts = embedding_texts(body.get("input"))
-    model = upstream_model if upstream_model.startswith("models/") else f"models/{upstream_model}"
+    model = resource_name(upstream_model)
     encoding = a_string_or_none(body.get("encoding_format"), "encoding_format")
     if encoding not in (None, "float", "base64"):
         raise TranslationError(f"encoding_format {encoding!r} is not supported; use 'float' "

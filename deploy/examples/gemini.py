@@ -13,6 +13,8 @@ from providers import Provider
 providers = {
     "gemini": Provider("gemini", api_key_env="GEMINI_API_KEY", timeouts=Timeouts(connect_s=5, first_byte_s=60, idle_s=60, total_s=600)),
 }
+# A model by its id, or by its resource name as Gemini's model list gives it
+# ("models/gemini-3.8-flash"): either is called at /v1beta/models/gemini-3.8-flash:...
 models: dict[str, Model | list[Deployment]] = {
     "gemini-flash": [Deployment("gemini", "gemini-3.8-flash")],
     "gemini-embedding": [Deployment("gemini", "gemini-embedding-2")],

@@ -22,6 +22,7 @@ from gateway import create_app
 from gateway.tokens import estimate_messages
 from tests.harness import TEST_KEY, ThreadedServer, mock_config, write_config
 from tests.mock_providers import MockProviderServer
+from tests.mock_providers.behaviour import embed
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
@@ -29,6 +30,9 @@ WEATHER_TOOL = {"type": "function", "function": {
 EXTRA_MODELS = """
 models["claude-45-mock"] = [Deployment("anthropic", "claude-sonnet-4-5-20250929", price=MOCK_PRICE)]
 models["gemini-25-mock"] = [Deployment("gemini", "gemini-2.5-flash", price=MOCK_PRICE)]
+models["gemini-named-mock"] = [Deployment("gemini", "models/gemini-2.5-flash", price=MOCK_PRICE)]
+models["gemini-named-embed"] = [Deployment("gemini", "models/text-embedding-004",
+                                           price=MOCK_PRICE)]
 providers["mistral"] = Provider("mistral", base_url=MOCK + "/mistral/v1",
                                 api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
 models["mistral-mock"] = [Deployment("mistral", "mistral-small-latest", price=MOCK_PRICE)]
@@ -43,7 +47,8 @@ def cross_gateway(tmp_path_factory: pytest.TempPathFactory,
                   mock_url: str) -> Iterator[ThreadedServer]:
     """A gateway without layers (nothing cached between tests): the default mock models,
     `claude-45-mock` (Claude Sonnet 4.5), `gemini-25-mock` (Gemini 2.5 Flash; the default
-    `gemini-mock` is Gemini 2.0 Flash), `mistral-mock` (the Mistral preset) and
+    `gemini-mock` is Gemini 2.0 Flash; `gemini-named-mock` and `gemini-named-embed` name
+    their Gemini models by resource name), `mistral-mock` (the Mistral preset) and
     `azure-2024-02-mock` (Azure, API version 2024-02-01; `azure-mock` has the default)."""
     config = write_config(tmp_path_factory.mktemp("cross"),
                           mock_config(mock_url, middleware="none", extra=EXTRA_MODELS))
@@ -326,6 +331,32 @@ def test_an_anthropic_callers_top_k_reaches_gemini_as_top_k(
         messages=[{"role": "user", "content": "Hello"}])
     assert message.content[0].text == "Mock reply to: Hello"  # type: ignore[union-attr]
     assert last_request(mock, "gemini")["generationConfig"]["topK"] == 5
+
+
+def test_a_gemini_model_named_by_its_resource_name_is_called_at_its_path(
+        cross_gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    """`models/gemini-2.5-flash` is the path's `{model=models/*}` as it is: the method
+    follows it (https://ai.google.dev/api/generate-content), never a second `models/`."""
+    answer = oai(cross_gateway).chat.completions.create(
+        model="gemini-named-mock", messages=[{"role": "user", "content": "Hello"}])
+    assert answer.choices[0].message.content == "Mock reply to: Hello"
+    streamed = oai(cross_gateway).chat.completions.create(
+        model="gemini-named-mock", messages=[{"role": "user", "content": "Hello"}], stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed
+                   if chunk.choices) == "Mock reply to: Hello"
+    counted = claude(cross_gateway).messages.count_tokens(
+        model="gemini-named-mock", messages=[{"role": "user", "content": "Hello"}])
+    embedded = oai(cross_gateway).embeddings.create(model="gemini-named-embed", input="Hello")
+    assert counted.input_tokens > 0 and embedded.data[0].embedding == embed("Hello")
+    calls = [(request["path"], request["json"]) for request in mock.requests
+             if request["path"].startswith("/gemini/")]
+    assert [path for path, _ in calls] == [
+        "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+        "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        "/gemini/v1beta/models/gemini-2.5-flash:countTokens",
+        "/gemini/v1beta/models/text-embedding-004:batchEmbedContents"]
+    assert calls[2][1]["generateContentRequest"]["model"] == "models/gemini-2.5-flash"
+    assert calls[3][1]["requests"][0]["model"] == "models/text-embedding-004"
 
 
 @pytest.mark.parametrize(("model", "provider"), [("gpt-mock", "openai"),
