@@ -233,7 +233,7 @@ class Kernel:
             self._started = True
 
     def _start_own(self) -> None:
-        if self.metrics is not None and self.metrics.directory is not None:
+        if self._writes_snapshots:
             self._snapshots = asyncio.create_task(self._write_snapshots(),
                                                   name="sluicegate-metrics-snapshots")
         if self.metrics is not None and self._meter_provider is not None:
@@ -248,7 +248,8 @@ class Kernel:
     async def shutdown(self) -> None:
         """Closes resources in the reverse order of startup: outermost first. A start on a
         request that is still under way (`_start_lazily`) is cancelled: it shuts down what it
-        had started."""
+        had started. With several workers, the metrics snapshot is written one last time
+        first: the requests a draining worker ended since its timer's last one still count."""
         starting, self._lazy_start = self._lazy_start, None
         if starting is not None and not starting.done():
             starting.cancel()
@@ -261,6 +262,8 @@ class Kernel:
                 self._meter_provider.shutdown()  # the last export
                 self._owns_meter_provider, self._meter_provider = False, None
             await self._stop_snapshots()
+            if self._writes_snapshots:
+                self._write_snapshot()
             failed: BaseException | None = None
             for component in self.components:  # each, though one before it failed (its
                 stop = getattr(component, "shutdown", None)  # pools and tasks left open)
@@ -677,18 +680,25 @@ class Kernel:
                     logger.exception("metric_samples() of %s failed", type(component).__name__)
         return samples
 
+    @property
+    def _writes_snapshots(self) -> bool:
+        return self.metrics is not None and self.metrics.directory is not None
+
     async def _write_snapshots(self) -> None:
-        """Several workers: this one's metrics on disk for the others' scrapes, every second."""
-        metrics = self.metrics
-        assert metrics is not None
+        """Several workers: this one's metrics on disk for the others' scrapes, every second
+        (and once more at shutdown, after its last request: see `shutdown`)."""
         while True:
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
-            try:
-                metrics.write_snapshot(self._gauges())
-            except OSError as exc:
-                logger.warning("cannot write the metrics snapshot: %s", exc)
-            except Exception:
-                logger.exception("counting the metrics failed")
+            self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.write_snapshot(self._gauges())
+        except OSError as exc:
+            logger.warning("cannot write the metrics snapshot: %s", exc)
+        except Exception:
+            logger.exception("counting the metrics failed")
 
     async def _send_json(self, send: Send, status: int, body: bytes, request_id: bytes,
                          scope: Scope, content_type: bytes = b"application/json") -> None:

@@ -6,11 +6,11 @@ exposition format 0.0.4. Layers add gauges at scrape time through `metric_sample
 method the kernel looks for on every component (e.g. breaker states, the metering queue).
 
 Several workers (`sluicegate serve --workers N`): each worker writes a snapshot of its
-registry into `$SLUICEGATE_METRICS_DIR` (set by `serve`) every `SNAPSHOT_INTERVAL_S` and on
-each scrape, and the worker answering a scrape merges every snapshot: counters and
-histograms are summed over the workers (those of a worker that has exited still count, so
-totals never go backwards), gauges carry a `worker` label and are shown only for live
-workers. A single process needs no directory.
+registry into `$SLUICEGATE_METRICS_DIR` (set by `serve`) every `SNAPSHOT_INTERVAL_S`, on
+each scrape and at its shutdown (after the last request it drained), and the worker
+answering a scrape merges every snapshot: counters and histograms are summed over the
+workers (those of a worker that has exited still count, so totals never go backwards),
+gauges carry a `worker` label and are shown only for live workers. A single process needs no directory.
 """
 from __future__ import annotations
 

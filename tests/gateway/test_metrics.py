@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from gateway import create_app
@@ -24,7 +26,7 @@ from tests.harness import (
     stop_process,
     write_config,
 )
-from tests.mock_providers import Fault, MockProviderServer
+from tests.mock_providers import Fault, MockConfig, MockProviderServer
 
 LINE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -253,6 +255,32 @@ def test_workers_are_aggregated(tmp_path: Path, mock_url: str) -> None:
         assert len(pids) == 2
     finally:
         stop_process(process)
+
+
+def test_a_stream_that_ends_while_its_worker_drains_is_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker told to stop (a reload's old one) drains its stream, then exits: the final
+    snapshot it leaves for the others' scrapes counts that stream."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    monkeypatch.setenv("SLUICEGATE_METRICS_DIR", str(directory))
+    with MockProviderServer(MockConfig(chunk_delay_s=0.05, chunk_chars=8)) as slow:
+        server = ThreadedServer(create_app(write_config(
+            tmp_path, mock_config(f"http://127.0.0.1:{slow.port}", middleware="none"))))
+        with server:
+            sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+            stream = sdk.chat.completions.create(
+                model="gpt-mock", stream=True,
+                messages=[{"role": "user", "content": "drain " * 12}])
+            chunks = [next(stream)]
+            stopping = threading.Thread(target=server.__exit__, args=(None, None, None))
+            stopping.start()  # (its `with` exits again at the end: a second stop is a no-op)
+            chunks += list(stream)
+            stopping.join()
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    (path,) = directory.glob("worker-*.json")
+    samples = parse(render([orjson.loads(path.read_bytes())], {}, multi=True).decode())
+    assert value(samples, "sluicegate_requests_total", model="gpt-mock", status="200") == 1
 
 
 def test_the_same_metrics_go_out_over_otlp(tmp_path: Path, mock_url: str) -> None:
