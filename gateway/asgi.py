@@ -3,11 +3,14 @@
 A reload (SIGHUP to `sluicegate serve --workers N`: new workers start and import this module
 again, then the old ones drain, see gateway/supervisor.py) reads the config file anew.
 When the new file is broken (or names a layer that cannot run in several workers:
-`gateway.app.check_workers`), the workers keep serving the last config that started
-(`$SLUICEGATE_CONFIG_LAST_GOOD`: a copy of the text a worker loaded, written once its
-startup completed) and log why, so a bad edit never takes the gateway down. A worker that
-replaces one that died loads that copy too (gateway/supervisor.py). The first start has no
-copy yet: its broken config is an error (`serve` checks it before any worker starts).
+`gateway.app.check_workers`), the workers keep serving the last good config
+(`$SLUICEGATE_CONFIG_LAST_GOOD`: a copy of the text the running workers loaded) and log
+why, so a bad edit never takes the gateway down. A worker that replaces one that died loads
+that copy too. Only the supervisor writes it, from the text a worker hands over once its
+startup completed, when it accepts that worker's whole generation (gateway/supervisor.py):
+a reload rejected because one of its workers failed to start never becomes the last good.
+The first start has no copy yet: its broken config is an error (`serve` checks it before any
+worker starts).
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ logger = logging.getLogger("sluicegate")
 
 
 def _load() -> tuple[Kernel, bytes | None]:
-    """The app, and the config's text to keep as the last good once its startup completed
-    (None: nothing new to keep)."""
+    """The app, and the text of the config file it loaded, for the supervisor to keep as
+    the last good once it accepts this worker (None: it loaded the last good copy)."""
     path = os.environ["SLUICEGATE_CONFIG"]
     last_good = os.environ.get("SLUICEGATE_CONFIG_LAST_GOOD")
     if os.environ.get(REPLACEMENT_ENV) == "1" and last_good and os.path.isfile(last_good):
@@ -51,26 +54,15 @@ def _load() -> tuple[Kernel, bytes | None]:
             raise
         logger.error("the config did not load (%s); serving the last config that did", exc)
         return create_app(last_good), None
-    return kernel, text if last_good else None
-
-
-def _keep_as_last_good(text: bytes) -> None:
-    """Keeps `text` as the last good config: after this worker's startup completed, so a
-    config whose startup fails is never the one a later worker falls back to."""
-    last_good = os.environ["SLUICEGATE_CONFIG_LAST_GOOD"]
-    temporary = last_good + f".{os.getpid()}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(text)
-    os.replace(temporary, last_good)  # the other workers see the old or the new copy
+    return kernel, text
 
 
 # A spawned worker starts with no logging set up: the serve process's handler, first with
 # the defaults (so loading the config logs as JSON too), then as the config says.
 configure_logging("info", "json")
 app, _loaded_text = _load()
-if _loaded_text is not None:
-    app.after_startup.append(partial(_keep_as_last_good, _loaded_text))
-app.after_startup.append(announce_ready)  # a reload waits for this before old workers stop
+# A reload waits for this before old workers stop (and the config becomes the last good).
+app.after_startup.append(partial(announce_ready, _loaded_text))
 # Libraries log what they like (psycopg a DSN's password): the config's secrets go out.
 configure_logging(app.config.settings.log_level, app.config.settings.log_format,
                   redact=Scrubber.for_config(app.config, stack_components(app.app)).redact)

@@ -202,10 +202,10 @@ def serve_forever(args: argparse.Namespace) -> int:
     stack = check_as_the_gateway_starts(config, args.workers)
     os.environ[WORKERS_ENV] = str(max(args.workers, 1))  # (a reload checks its config too)
     os.environ["SLUICEGATE_CONFIG"] = path
-    # This serve's own directory: the last config whose startup completed (a reload with a
+    # This serve's own directory: the config the running workers loaded (a reload with a
     # broken file keeps serving it, and a worker replacing a dead one loads it; see
-    # gateway/asgi.py: written by the first worker that started) and, with several workers,
-    # their metrics.
+    # gateway/asgi.py: written by the supervisor once a generation of workers all started)
+    # and, with several workers, their metrics.
     run_dir = tempfile.mkdtemp(prefix="sluicegate-serve-")
     atexit.register(shutil.rmtree, run_dir, True)
     os.environ["SLUICEGATE_CONFIG_LAST_GOOD"] = os.path.join(run_dir, "last-good-config.py")
@@ -233,7 +233,8 @@ def serve_forever(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("sluicegate").warning(
             "SIGHUP ignored: reloading the config needs --workers 2 or more"))
     if hyper.workers > 1:  # reloads start the new workers before the old ones drain
-        return Supervisor(hyper, hyper.workers, ready_dir=os.path.join(run_dir, "ready")).run()
+        return Supervisor(hyper, hyper.workers, ready_dir=os.path.join(run_dir, "ready"),
+                          last_good=os.environ["SLUICEGATE_CONFIG_LAST_GOOD"]).run()
     return run(hyper)
 
 

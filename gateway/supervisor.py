@@ -6,15 +6,20 @@ their last requests have ended, and only then starting new ones. While a long st
 
 Here a reload starts the new workers first, beside the old ones, on the same listening
 sockets. Each new worker loads the config and runs its startup, then says it is ready (a
-file named by its pid in `$SLUICEGATE_READY_DIR`, written by gateway/asgi.py). Once all are
-ready, the old workers are told to stop accepting and to drain: their requests in flight
-end normally, up to hypercorn's `graceful_timeout`. If the new workers do not come up within
-`start_timeout_s`, they are stopped, the old ones go on serving, and the error is logged.
+file named by its pid in `$SLUICEGATE_READY_DIR`, written by gateway/asgi.py), next to the
+config text it loaded (`<pid>.config`: a candidate). Once all are ready, the generation is
+accepted: the supervisor makes its config the last good one, and the old workers are told
+to stop accepting and to drain: their requests in flight end normally, up to hypercorn's
+`graceful_timeout`. If the new workers do not all come up within `start_timeout_s`, they
+are stopped, the old ones go on serving, the last good config stays as it was (the one they
+serve), and the error is logged. The first start's workers are accepted so too, once all
+are ready.
 
 SIGTERM or SIGINT: every worker stops accepting and drains, then `serve` exits. A worker that
 dies while serving (a crash, the OOM killer) is replaced, and the others serve on. The
-replacement loads the config the running workers loaded (`$SLUICEGATE_CONFIG_LAST_GOOD`), not
-the file as it is now: an edit not yet reloaded is a reload's, not a crash's. A worker of the
+replacement loads the config the running workers loaded (`$SLUICEGATE_CONFIG_LAST_GOOD`, which
+only the supervisor writes), not the file as it is now: an edit not yet reloaded, or a reload
+that was rejected, is not a crash's to serve. A worker of the
 first start that fails before it is ready stops `serve` with its exit status (it cannot start:
 restarting it would only loop); a replacement that fails so while others serve (a store
 briefly unreachable at its startup) is tried again `RETRY_S` later, and the others serve on.
@@ -48,10 +53,17 @@ REPLACEMENT_ENV = "SLUICEGATE_REPLACEMENT_WORKER"
 RETRY_S = 2.0  # before another replacement, after one that failed to start
 
 
-def announce_ready() -> None:
-    """Called in a worker once its startup has completed (see the module docstring)."""
+def announce_ready(config_text: bytes | None = None) -> None:
+    """Called in a worker once its startup has completed (see the module docstring), with
+    the text of the config file it loaded (None: it loaded the last good copy): the
+    supervisor makes that the last good config once the worker's generation is accepted."""
     directory = os.environ.get(READY_DIR_ENV)
     if directory:
+        if config_text is not None:
+            candidate = Path(directory, f"{os.getpid()}.config")
+            temporary = candidate.with_suffix(".tmp")
+            temporary.write_bytes(config_text)
+            os.replace(temporary, candidate)  # whole before the worker says it is ready
         Path(directory, str(os.getpid())).touch()
 
 
@@ -66,12 +78,14 @@ class Supervisor:
     """Runs `workers` hypercorn uvloop workers on `config`'s sockets until told to stop."""
 
     def __init__(self, config: Config, workers: int, *, ready_dir: str,
-                 shared_dir: str | None = None, start_timeout_s: float = 120.0) -> None:
+                 last_good: str | None = None, shared_dir: str | None = None,
+                 start_timeout_s: float = 120.0) -> None:
         if workers < 1:
             raise ValueError("the supervisor needs at least one worker")
         self.config = config
         self.workers = workers
         self.ready_dir = Path(ready_dir)
+        self.last_good = Path(last_good) if last_good else None  # (None: none kept)
         # (beside the ready directory by default: in the serve's own directory, removed at exit)
         self.shared_dir = Path(shared_dir) if shared_dir else self.ready_dir.with_name("shared")
         self.start_timeout_s = start_timeout_s
@@ -88,6 +102,7 @@ class Supervisor:
         os.environ[SHARED_DIR_ENV] = str(self.shared_dir)
         self._sockets = self.config.create_sockets()
         current = [self._spawn(uvloop_worker) for _ in range(self.workers)]
+        starting = list(current)  # the first start, until it is accepted
         draining: list[_Worker] = []
         for name in ("SIGINT", "SIGTERM"):
             signal.signal(getattr(signal, name), lambda *_: self._signals.append("stop"))
@@ -108,6 +123,10 @@ class Supervisor:
                     missing += len(exited)
                     if retry:
                         respawn_at = time.monotonic() + RETRY_S
+                starting = [w for w in starting if w in current]
+                if starting and all(self._ready(w) for w in starting):
+                    self._accept(starting)
+                    starting = []
                 if missing and time.monotonic() >= respawn_at:
                     current += [self._spawn(uvloop_worker, replacement=True)
                                 for _ in range(missing)]
@@ -180,6 +199,7 @@ class Supervisor:
         while True:
             if all(self._ready(w) for w in fresh):
                 logger.info("reload: the new workers are ready; the old ones drain")
+                self._accept(fresh)
                 return fresh, current
             failed = [w for w in fresh if not w.process.is_alive()]
             if failed or time.monotonic() > deadline or "stop" in self._signals:
@@ -191,13 +211,29 @@ class Supervisor:
                 return current, []
             wait([w.process.sentinel for w in fresh], timeout=0.1)
 
+    def _accept(self, generation: list[_Worker]) -> None:
+        """Makes the config `generation` loaded the last good one (the first candidate its
+        workers left; none: they all loaded the last good copy, which stays)."""
+        candidates = [self._candidate(w) for w in generation]
+        offered = [path for path in candidates if path.exists()]
+        if offered and self.last_good is not None:
+            os.replace(offered[0], self.last_good)
+        for path in candidates:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _candidate(self, worker: _Worker) -> Path:
+        return self.ready_dir / f"{worker.process.pid}.config"
+
     def _reaped(self, worker: _Worker) -> bool:
-        """True (and its ready file removed) once the worker's process has exited."""
+        """True (and its ready file and candidate removed) once the worker's process has
+        exited."""
         if worker.process.is_alive():
             return False
         worker.process.join()
-        with contextlib.suppress(FileNotFoundError):
-            (self.ready_dir / str(worker.process.pid)).unlink()
+        for path in (self.ready_dir / str(worker.process.pid), self._candidate(worker)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         return True
 
     def _stop_all(self, workers: list[_Worker]) -> None:

@@ -4,6 +4,7 @@ new workers serve before the old ones drain; a broken edit keeps the last config
 loaded."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from tests.harness import (
     mock_config,
     start_cli_gateway,
     stop_process,
+    wait_for,
     write_config,
 )
 from tests.mock_providers import MockProviderServer
@@ -91,6 +93,59 @@ def old_workers_gone(url: str, old: set[str], timeout_s: float = 60) -> set[str]
         time.sleep(0.2)
         pids = worker_pids(url)
     return pids
+
+
+def test_a_rejected_reload_never_reaches_a_replacement_worker(
+        tmp_path: Path, mock_url: str) -> None:
+    """A reload one of whose new workers cannot start is rejected, and its config is not the
+    last good: a worker that replaces a crashed one later serves the running config (the new
+    worker that did start had made its config the last good, and a replacement served the
+    rejected model beside an old worker serving the running one)."""
+    started, fail = tmp_path / "one-started", tmp_path / "fail-the-second"
+    layer = f'''
+{NEW_MODEL}
+
+
+class OnlyOneStarts:
+    def __init__(self, app):
+        self.app = app
+
+    async def startup(self):
+        try:
+            os.close(os.open({str(started)!r}, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            if os.path.exists({str(fail)!r}):
+                raise RuntimeError("the second worker cannot start")
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+middleware = [Middleware(OnlyOneStarts)]
+'''
+    config = write_config(tmp_path, mock_config(mock_url, middleware="none"))
+    log = tmp_path / "serve.log"
+    process, url = start_cli_gateway(config, workers=2, log_path=log)
+    try:
+        before = both_workers(url)
+        write_config(tmp_path, mock_config(mock_url, middleware="none") + layer)
+        fail.touch()
+        os.kill(process.pid, signal.SIGHUP)
+        assert wait_for(lambda: "reload: the new workers did not start" in log.read_text(), 60)
+        assert wait_for(lambda: worker_pids(url) <= before)  # the one that started has gone
+        fail.unlink()  # whatever kept it from starting is over; the file is as it was reloaded
+        pids = set(before)
+        for victim in sorted(before):  # each old worker crashes in turn: replacements answer
+            os.kill(int(victim), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (victim in pids or len(pids) < 2) and time.monotonic() < deadline:
+                with contextlib.suppress(*SWAP_RACE):
+                    pids = worker_pids(url) | pids - {victim}
+        assert not pids & before and len(pids) == 2, pids
+        assert {chat(url, "gpt-mock-2").status_code for _ in range(6)} == {404}
+        assert {chat(url, "gpt-mock").status_code for _ in range(6)} == {200}
+    finally:
+        stop_process(process)
 
 
 def test_sighup_reloads_the_config_without_failing_requests(
