@@ -4,7 +4,9 @@ Tracing is on when any of these holds, and otherwise costs the hot path one `is 
 - `Settings(tracer_provider=...)` gives a provider (a host app's, or a test's);
 - the standard environment asks for an exporter: `OTEL_TRACES_EXPORTER` (otlp, console) or
   `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the gateway then
-  builds an SDK provider with a batch processor; `OTEL_SDK_DISABLED=true` turns it off);
+  builds an SDK provider with a batch processor, its resource from `OTEL_SERVICE_NAME` and
+  `OTEL_RESOURCE_ATTRIBUTES`, "sluicegate" when they name no service;
+  `OTEL_SDK_DISABLED=true` turns it off);
 - the process already has a global SDK provider (set by the app the gateway is mounted in).
 
 Per API request: a SERVER span named `{gen_ai.operation.name} {gen_ai.request.model}` whose
@@ -244,10 +246,20 @@ def _exporter_class(exporter: str) -> Any:
 
 def _sdk_provider(exporter: str) -> Any:
     span_exporter = _exporter_class(exporter)()  # (OTLP: endpoint, headers from OTEL_*)
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get(
-        "OTEL_SERVICE_NAME", "sluicegate")}))
+    provider = TracerProvider(resource=_resource())
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     return provider
+
+
+def _resource() -> Any:
+    """The resource as OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES say, its service.name
+    "sluicegate" when neither names one (where the SDK would say "unknown_service:python",
+    the fallback the resource semantic conventions give for an unnamed service)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "sluicegate"}))
+    return resource

@@ -191,6 +191,34 @@ def test_tracing_is_off_without_a_provider_or_otel_environment(
     assert app.tracing is None
 
 
+@pytest.mark.parametrize(("service_name", "attributes", "expected"), [
+    (None, "service.name=llm-gw-eu,deployment.environment=prod", "llm-gw-eu"),
+    ("from-service-name", "service.name=llm-gw-eu,deployment.environment=prod",
+     "from-service-name"),
+    (None, "deployment.environment=prod", "sluicegate"),
+])
+def test_the_environment_names_the_service(
+        tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch,
+        service_name: str | None, attributes: str, expected: str) -> None:
+    """OTEL_SERVICE_NAME, else service.name in OTEL_RESOURCE_ATTRIBUTES (the OTel
+    environment variable spec), "sluicegate" when neither names one; "sluicegate" (or
+    OTEL_SERVICE_NAME) overrode the service.name the attributes gave."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", attributes)
+    if service_name is None:
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_SERVICE_NAME", service_name)
+    app = create_app(write_config(tmp_path, mock_config(mock_url)))
+    assert app.tracing is not None
+    try:
+        resource = app.tracing.provider.resource.attributes
+        assert resource["service.name"] == expected
+        assert resource["deployment.environment"] == "prod"
+    finally:
+        app.tracing.provider.shutdown()
+
+
 def test_the_span_of_a_request_refused_before_its_body_was_parsed_names_no_model(
         traced: ThreadedServer, spans: Any) -> None:
     # Refused for its key, the body was never parsed: the span is named by the operation
