@@ -230,6 +230,10 @@ class RequestContext:
     # `response.created`: which response it is), for the layers that need it. Read-only.
     first_event: dict[str, Any] | None = None
     finish_reasons: list[str] | None = None  # only while tracing (gateway.tracing)
+    # The model the provider said answered (its answer's `model`, a stream's first event
+    # that names one), not the deployment's configured name (`served_model`, what is billed);
+    # None when no provider answered. A JSON answer's only while tracing.
+    response_model: str | None = None
     # Written by whoever ends the request.
     status: int = 0
     error_type: str | None = None

@@ -11,9 +11,10 @@ Tracing is on when any of these holds, and otherwise costs the hot path one `is 
 
 Per API request: a SERVER span named `{gen_ai.operation.name} {gen_ai.request.model}` whose
 parent is the caller's W3C `traceparent`, with `gen_ai.*` attributes (operation, provider,
-request and response model, token usage, finish reasons) and events for a cache hit, a
-quota refusal and a fallback; one CLIENT child span per upstream attempt, whose context goes
-upstream in `traceparent`. Prompts and completions are never recorded.
+request model, the response model the provider reported, token usage, finish reasons) and
+events for a cache hit, a quota refusal and a fallback; one CLIENT child span per upstream
+attempt, whose context goes upstream in `traceparent`. Prompts and completions are never
+recorded.
 """
 from __future__ import annotations
 
@@ -133,8 +134,8 @@ class RequestTrace:
         span.set_attribute("http.response.status_code", ctx.status)
         if ctx.provider:
             span.set_attribute("sluicegate.provider", ctx.provider)
-        if ctx.served_model:
-            span.set_attribute("gen_ai.response.model", ctx.served_model)
+        if ctx.response_model:  # (GenAI conventions: the model that generated the response)
+            span.set_attribute("gen_ai.response.model", ctx.response_model)
         if ctx.usage is not None:
             _usage_attributes(span, ctx)
         if ctx.cache_status:

@@ -32,7 +32,7 @@ from gateway.pricing import bill_failed_call, with_earlier_calls
 from gateway.sse import ContentCount, delivered_counting, opening_excess
 from gateway.tokens import answered_usage, delivered_usage, estimate_input_tokens
 from gateway.upstream import Deployment, ProviderKey, Send, Timeouts
-from providers.streams import StreamError
+from providers.streams import StreamError, reported_model
 from providers.translation import TranslationError
 
 logger = logging.getLogger("sluicegate")
@@ -431,6 +431,7 @@ class HTTPAdapter:
                 raise self._error_answered(payload["error"], raw, attempt)
             if ctx.trace is not None:
                 ctx.finish_reasons = finish_reasons(payload)
+                ctx.response_model = reported_model(payload)
             client_json, ctx.usage = exchange.decode(payload)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UpstreamError(502, f"Provider '{self.name}' sent an unreadable response "
@@ -522,6 +523,7 @@ class HTTPAdapter:
                     marker, count = delivered_counting(ctx.operation, first)
                     ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
                     ctx.first_event = getattr(codec, "first_event", None)
+                    ctx.response_model = getattr(codec, "reported_model", None)
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": SSE_RESPONSE_HEADERS})
                     deadline.streaming = True

@@ -72,6 +72,20 @@ ErrorReader = Callable[[dict[str, Any]], "StreamError | None"]
 ErrorScrubber = Callable[[dict[str, Any]], bool]
 
 
+def reported_model(payload: Any) -> str | None:
+    """The model a provider says answered, from an answer or a stream event: `model` (OpenAI,
+    Anthropic answers), `message.model` (Anthropic's message_start), `response.model` (a
+    Responses stream's events), `modelVersion` (Gemini); None when it says none (Azure's
+    prompt-filter chunk says "")."""
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model") or payload.get("modelVersion")
+    if model is None:
+        inner = payload.get("message") or payload.get("response")
+        model = inner.get("model") if isinstance(inner, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def error_object(payload: dict[str, Any]) -> StreamError | None:
     """The error of an event that holds an `error` object (OpenAI chat, Anthropic, Gemini)."""
     error = payload.get("error")
@@ -133,6 +147,7 @@ class PassthroughCodec:
         "_tail",
         "error",
         "first_event",
+        "reported_model",
         "usage",
     )
 
@@ -146,6 +161,7 @@ class PassthroughCodec:
         # (A Responses stream's is `response.created`: its response, which an ending the
         # gateway adds repeats; parsed anyway with the preamble.)
         self.first_event: dict[str, Any] | None = None
+        self.reported_model: str | None = None  # (`reported_model`, from the preamble)
         self._tail = b""
         self._last = b""  # the latest complete events
         self._before = b""  # the read before them
@@ -194,6 +210,8 @@ class PassthroughCodec:
                 continue
             if self.first_event is None:
                 self.first_event = payload
+            if self.reported_model is None:
+                self.reported_model = reported_model(payload)
             error = self._read_error(payload)
             if error is not None:  # failed before any output
                 raise error

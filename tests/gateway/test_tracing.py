@@ -142,6 +142,48 @@ def test_anthropic_messages_span(traced: ThreadedServer, mock: MockProviderServe
     assert_no_prompt(spans)
 
 
+@pytest.fixture
+def snapshots(mock: MockProviderServer) -> Iterator[MockProviderServer]:
+    """The mock answering as the live APIs do: with the snapshot an alias resolved to (Azure:
+    the model behind the deployment), not the name asked for."""
+    mock.config.update({"answered_models": {
+        "gpt-4o-mini": "gpt-4o-mini-2024-07-18", "my-gpt-deployment": "gpt-4o-2024-08-06",
+        "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022"}})
+    yield mock
+    mock.config.update({"answered_models": None, "azure_prompt_filter_chunk": False})
+
+
+def test_the_response_model_is_the_one_the_provider_says_answered(
+        traced: ThreadedServer, snapshots: MockProviderServer, spans: Any) -> None:
+    """gen_ai.response.model: "the name of the model that generated the response" (GenAI
+    conventions), as the answer or the stream says it; it was the deployment's configured
+    name, and was set on a request no provider answered."""
+    sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0)
+    answer = sdk.chat.completions.create(model="gpt-mock", messages=[
+        {"role": "user", "content": "which snapshot"}])
+    assert answer.model == "gpt-4o-mini-2024-07-18"
+    assert request_span(spans).attributes["gen_ai.response.model"] == answer.model
+    spans.clear()
+    snapshots.config.update({"azure_prompt_filter_chunk": True})  # (its model is "")
+    chunks = list(sdk.chat.completions.create(model="azure-mock", stream=True, messages=[
+        {"role": "user", "content": "which deployment"}]))
+    assert chunks[-1].model == "gpt-4o-2024-08-06"
+    assert request_span(spans).attributes["gen_ai.response.model"] == "gpt-4o-2024-08-06"
+    spans.clear()
+    claude = anthropic.Anthropic(base_url=traced.url, api_key=TEST_KEY, max_retries=0)
+    with claude.messages.stream(model="claude-mock", max_tokens=64, messages=[
+            {"role": "user", "content": "which claude"}]) as stream:
+        message = stream.get_final_message()
+    assert message.model == "claude-3-5-haiku-20241022"
+    assert request_span(spans).attributes["gen_ai.response.model"] == message.model
+    spans.clear()
+    snapshots.push_fault(Fault("status", provider="openai", status=503))
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="gpt-mock", messages=[
+            {"role": "user", "content": "nobody answers"}])
+    assert "gen_ai.response.model" not in request_span(spans).attributes
+
+
 def test_failed_attempts_and_cache_hits_are_visible(
         traced: ThreadedServer, mock: MockProviderServer, spans: Any) -> None:
     mock.push_fault(Fault("status", provider="openai", status=503))

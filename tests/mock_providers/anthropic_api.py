@@ -289,12 +289,12 @@ async def messages(call: Call) -> web.StreamResponse:
     reply = reply_for(call.bounded(conv), id_prefix="toolu_01")
     cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)
+    model = call.answered_model(str(body["model"]))
     if body.get("stream") is True:
-        items = message_events(message_id, str(body["model"]), reply, call.config.chunk_chars,
-                               cache, thinking)
+        items = message_events(message_id, model, reply, call.config.chunk_chars, cache,
+                               thinking)
         return await respond_stream(call, items, call.stream_error())
-    return await respond_json(call, message_object(message_id, str(body["model"]), reply,
-                                                   cache, thinking))
+    return await respond_json(call, message_object(message_id, model, reply, cache, thinking))
 
 
 # The extended-thinking docs' string for testing redacted thinking.

@@ -62,6 +62,11 @@ class MockConfig:
     # (DeepSeek and many compatible servers) or "reasoning" (OpenRouter, vLLM). Its words
     # count in completion_tokens and in completion_tokens_details.reasoning_tokens.
     reasoning_field: str | None = None
+    # The model an answer says answered, by the model asked for, as the live APIs answer an
+    # alias with the snapshot that served it (OpenAI: gpt-4o-mini -> gpt-4o-mini-2024-07-18;
+    # Anthropic: claude-3-5-sonnet-latest -> claude-3-5-sonnet-20241022). OpenAI chat and
+    # Anthropic messages, answers and streams; a model not in it is echoed.
+    answered_models: dict[str, str] | None = None
     fail_ratio: float = 0.0
     fail_status: int = 503
     fail_retry_after_s: float | None = None

@@ -192,7 +192,8 @@ def _chat_settings(call: Call, body: JSON) -> Chat:
         top = int(body.get("top_logprobs") or 0)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    model = str(body.get("model") or call.request.match_info.get("deployment", ""))
+    model = call.answered_model(str(body.get("model")
+                                     or call.request.match_info.get("deployment", "")))
     mistral = call.provider == "mistral"
     return Chat(random_id("chatcmpl-", 29), int(time.time()), model, int(body.get("n") or 1),
                 top, include_usage and not mistral, call.provider == "azure", mistral)

@@ -143,6 +143,10 @@ class Call:
     def fault_of(self, kind: str) -> Fault | None:
         return self.fault if self.fault is not None and self.fault.kind == kind else None
 
+    def answered_model(self, asked: str) -> str:
+        """The model the answer says answered (`MockConfig.answered_models`)."""
+        return (self.config.answered_models or {}).get(asked, asked)
+
     async def wait_first_byte(self, *, streaming: bool = False) -> None:
         delay = self.config.ttft_s
         slow = self.fault_of("slow_first_byte")
