@@ -27,8 +27,11 @@ response says so in `x-sluicegate-downgraded`. A budget with `stream_cutoff=True
 stream whose cost crosses what is left of it with an in-band error event.
 
 When the store (Redis) cannot be reached, each limit follows its `on_store_error`: "open"
-limits fall back to an in-process store, "closed" ones refuse with 503. After a Redis flush
-or restart, budget counters are rebuilt from the spend ledger before they are used.
+limits fall back to an in-process store, "closed" ones refuse with 503. The store is asked
+again every `store_retry_s`; once it answers, what the fallback's budget counters took in the
+outage is added to its counters (one store call), and admissions go back to it. After a
+Redis flush or restart, budget counters are rebuilt from the spend ledger before they are
+used.
 """
 from __future__ import annotations
 
@@ -183,6 +186,9 @@ class QuotaMiddleware:
         self.lease_s = lease_s
         self._store_down_until = 0.0
         self._store_failed_at = -math.inf  # (the last failure of the store: outages apart)
+        # Through an outage of the store: hands the fallback's budget spend to the store once
+        # it answers again, then lets admissions go back to it (`_hand_over_when_back`).
+        self._recovering: asyncio.Task[None] | None = None
         self._alerted: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
@@ -300,6 +306,8 @@ class QuotaMiddleware:
             self._flush_settles()
         if self._releasing is not None:  # (its leases lapse after lease_s by themselves)
             self._releasing.cancel()
+        if self._recovering is not None:  # (the ledger has what the fallback spent)
+            self._recovering.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
         if self._http is not None:
@@ -607,7 +615,11 @@ class QuotaMiddleware:
                     # that needs them seeds them again from the ledger.
                     self.fallback.forget_budgets()
                 self._store_failed_at = now
-                self._store_down_until = now + self.store_retry_s
+                # Not asked again until the fallback's spend is handed over to it: an
+                # admission there before that would not count it.
+                self._store_down_until = math.inf
+                if self._recovering is None or self._recovering.done():
+                    self._recovering = self._spawn(self._hand_over_when_back())
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
                 lease = self._lease(ctx)
@@ -629,6 +641,44 @@ class QuotaMiddleware:
                                     "the spend ledger are unavailable).",
                                code="quota_store_unavailable",
                                headers=[(b"retry-after", b"1")]) from None
+
+    async def _hand_over_when_back(self) -> None:
+        """Asks the store every `store_retry_s`, through an outage, until it takes what the
+        fallback's budget counters took meanwhile (`_hand_over`); then admissions go back to
+        the store. Without this, a budget the fallback spent in would be counted in Redis
+        without that spend, and admit past its cap."""
+        while True:
+            await asyncio.sleep(self.store_retry_s)
+            if await self._hand_over():
+                break
+        self._store_down_until = 0.0
+        logger.info("quota store available again")
+
+    async def _hand_over(self) -> bool:
+        """Adds to the store's budget counters what the fallback's took since they were
+        seeded or last handed over (its requests' spend, and the reservations of those still
+        running, whose settles there are handed over after them): one store call. A counter
+        the store does not have is seeded from the ledger, which has that spend: only the
+        reservations are kept for it. True when the store answered."""
+        spent = self.fallback.take_spend_to_hand_over()
+        add = getattr(self.store, "add_committed", None)
+        try:
+            if spent and add is not None:
+                added = await add([check for check, _ in spent])
+            else:  # (nothing to hand over: a ping says whether the store answers)
+                ping = getattr(self.store, "ping", None)
+                return ping is None or bool(await ping())
+        except QuotaStoreError:
+            for check, held in spent:
+                self.fallback.owe(check.key, check.expires_at, check.amount, held)
+            return False
+        for (check, held), counted in zip(spent, added, strict=True):
+            if not counted:
+                self.fallback.owe(check.key, check.expires_at, held, held)
+        if spent:
+            logger.info("quota: handed %d budget counter(s) of the in-process fallback over "
+                        "to the store", len(spent))
+        return True
 
     def _unsure_settles(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
                         ) -> None:
@@ -813,6 +863,10 @@ class QuotaMiddleware:
                     self._unsure_settles(batch)
             else:
                 self._spawn(self._settle_batch(store, batch))
+        if self.fallback in batches and self._store_down_until < math.inf:
+            # (requests the fallback admitted before the store answered again: what they
+            # spent in the end goes to the store as their reservations did)
+            self._spawn(self._hand_over())
 
     async def _settle_batch(self, store: QuotaStore,
                             batch: list[tuple[str, list[Check], list[int]]]) -> None:

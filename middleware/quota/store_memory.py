@@ -45,6 +45,10 @@ class _Counter:
     # one it replaces is there: not when the counter was lost and seeded again after the
     # admit (in Redis; the seed counts only what the ledger has, never what is in flight).
     held: dict[str, int] = field(default_factory=dict)
+    expires_at: float = 0.0  # the end of its period (its check's), 0 for a lifetime budget
+    # What of `value` another store counts too: what it was seeded with, and what has been
+    # handed over since (`take_spend_to_hand_over`). The rest went through this store only.
+    handed: int = 0
 
 
 _State = TypeVar("_State", _Bucket, _Leases, _Counter)
@@ -76,6 +80,9 @@ class MemoryQuotaStore:
         self.sweep_every_s = sweep_every_s
         self._state: dict[str, _Bucket | _Leases | _Counter] = {}
         self._next_sweep = -math.inf
+        # budget counter key -> (expires_at, amount, held): spend not handed over yet of
+        # counters since forgotten, or that a hand-over gave back (`owe`)
+        self._owed: dict[str, tuple[float, int, int]] = {}
 
     def __len__(self) -> int:
         """How many buckets, lease sets and counters are held (swept or not)."""
@@ -84,15 +91,44 @@ class MemoryQuotaStore:
     def forget_budgets(self) -> None:
         """Drops every budget counter: the next admission seeds each again from the ledger
         (the quota layer's fallback, as an outage of the shared store begins: spend that
-        went through that store since the fallback last counted is not in its counters)."""
-        for key in [key for key, value in self._state.items() if type(value) is _Counter]:
-            del self._state[key]
+        went through that store since the fallback last counted is not in its counters).
+        What a counter took that was not handed over yet is kept for the next hand-over."""
+        for key, entry in list(self._state.items()):
+            if type(entry) is _Counter:
+                self.owe(key, entry.expires_at, entry.value - entry.handed)
+                del self._state[key]
+
+    def take_spend_to_hand_over(self) -> list[tuple[Check, int]]:
+        """What the budget counters took since they were seeded or last handed over (spend
+        and reservations), for the shared store to add to its own counters when it answers
+        again (the quota layer's fallback): per counter, a budget Check whose amount it is,
+        and the part of it reservations still hold. Taken: `owe` gives back what was not
+        handed over."""
+        now = self.clock()
+        owed, self._owed = self._owed, {}
+        for key, entry in self._state.items():
+            if type(entry) is _Counter and entry.value != entry.handed and entry.expires > now:
+                expires_at, amount, held = owed.get(key, (entry.expires_at, 0, 0))
+                owed[key] = (expires_at, amount + entry.value - entry.handed,
+                             held + sum(entry.held.values()))
+                entry.handed = entry.value
+        return [(Check(BUDGET, key, 0, amount, expires_at=expires_at), held)
+                for key, (expires_at, amount, held) in owed.items()
+                if amount and not (expires_at > 0 and now >= expires_at + self.budget_slack_s)]
+
+    def owe(self, key: str, expires_at: float, amount: int, held: int = 0) -> None:
+        """Keeps `amount` of the budget counter `key` (`held` of it reserved) for the next
+        `take_spend_to_hand_over`."""
+        if amount:
+            _, owed, owed_held = self._owed.get(key, (expires_at, 0, 0))
+            self._owed[key] = (expires_at, owed + amount, owed_held + held)
 
     async def startup(self) -> None:
         pass
 
     async def shutdown(self) -> None:
         self._state.clear()
+        self._owed.clear()
 
     async def admit(self, request_id: str, checks: Sequence[Check]) -> Decision:
         validate(checks)
@@ -157,9 +193,24 @@ class MemoryQuotaStore:
             raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
         now = self._now()
         if self._get(check.key, _Counter, now) is None:
-            self._state[check.key] = _Counter(committed, self._counter_expiry(check))
+            self._state[check.key] = _Counter(committed, self._counter_expiry(check),
+                                              expires_at=check.expires_at, handed=committed)
             return True
         return False
+
+    async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
+        """Adds each budget check's amount to its counter where the counter is there (one
+        that is not is seeded from the ledger, which has that spend): whether it was."""
+        validate(checks)
+        now = self._now()
+        added = []
+        for check in checks:
+            counter = self._get(check.key, _Counter, now) if check.kind == BUDGET else None
+            if counter is not None:
+                counter.value += check.amount
+                counter.handed += check.amount
+            added.append(counter is not None)
+        return added
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         now = self.clock()

@@ -241,6 +241,24 @@ _SETTLE_SHA = SETTLE.sha.encode()
 # requests holds Redis (and every other gateway's admissions) for at most ~0.4 ms at a time.
 SETTLE_BATCH_MAX = 32
 
+# Adds to budget counters that are there (checks as the admit script reads them, the amount
+# to add as a check's amount): spend the quota layer's in-process fallback took while Redis
+# was unreachable. A counter that is not there is left to its seed from the ledger, which has
+# that spend. Returns a JSON array of 1 (added) or 0, one per key.
+_ADD = _PRELUDE + """
+local out = {}
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 4
+  out[i] = '0'
+  if A[a] == 'budget' and counter(KEYS[i], tonumber(A[a + 3])) ~= nil then
+    redis.call('INCRBY', KEYS[i], A[a + 2])
+    out[i] = '1'
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+ADD = _Script(_ADD)
+
 
 class RedisQuotaStore:
     """Quota state in Redis, shared by every gateway process: one round trip per admission.
@@ -478,6 +496,23 @@ class RedisQuotaStore:
         seeding = Check(check.kind, check.key, check.limit, committed,
                         expires_at=check.expires_at)
         return bool(await self._run(SEED, "", [seeding], [_args(seeding)]))
+
+    async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
+        """Adds each budget check's amount to its counter where the counter is there (one
+        that is not is seeded from the ledger, which has that spend), in one script call:
+        whether it was, per check."""
+        validate(checks)
+        if not checks:
+            return []
+        reply = await self._run(ADD, "", checks, [_args(check) for check in checks])
+        try:
+            added = orjson.loads(reply)
+            if type(added) is not list or len(added) != len(checks):
+                raise ValueError("not one answer per counter")
+        except (TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
+                from exc
+        return [value == 1 for value in added]
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         if not checks:

@@ -1188,6 +1188,51 @@ def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
     assert ledger_spend(spend_table) == 5 * COST
 
 
+def test_what_an_open_budget_spent_in_a_redis_outage_is_added_to_its_counter_in_redis(
+        spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
+    # A budget of 5 requests. 2 through Redis; in an outage 2 more through the in-process
+    # fallback (seeded from the ledger: 4 spent). Redis, back, still counted 2 and let 3
+    # more through: 7 requests against a cap of 5.
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
+    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
+                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
+                          store_retry_s="0.2"))
+    assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+    assert eventually(lambda: ledger_spend(spend_table), 2 * COST) == 2 * COST
+    redis_proxy.stop()
+    assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+    redis_proxy.start()
+    assert eventually(gateway.committed, 4 * COST) == 4 * COST  # (handed over)
+    assert [gateway.chat().status_code for _ in range(2)] == [200, 402]
+    assert eventually(lambda: ledger_spend(spend_table), 5 * COST) == 5 * COST
+    assert gateway.committed() == 5 * COST
+
+
+def test_a_request_the_fallback_admitted_settles_in_redis_once_redis_is_back(
+        spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy,
+        mock: MockProviderServer) -> None:
+    # Its reservation (210) is handed to Redis with the fallback's spend when Redis answers
+    # again; what it costs in the end (30) replaces it there when it ends.
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    budget = "Budget('0.001', period='lifetime', on_store_error='open')"
+    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
+                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
+                          store_retry_s="0.2"))
+    assert gateway.chat().status_code == 200
+    assert eventually(lambda: ledger_spend(spend_table), COST) == COST
+    redis_proxy.stop()
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=2.0))
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(gateway.chat, max_tokens=100)
+        assert eventually(lambda: mock.pending_faults, []) == []  # (the fallback admitted it)
+        redis_proxy.start()
+        assert eventually(gateway.committed, COST + RESERVED_100) == COST + RESERVED_100
+        assert slow.result(10).status_code == 200
+    assert eventually(gateway.committed, 2 * COST) == 2 * COST
+    assert eventually(lambda: ledger_spend(spend_table), 2 * COST) == 2 * COST
+
+
 def test_an_open_budget_whose_ledger_is_down_too_is_a_503(
         prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
     # Redis down: the fallback needs the budget's spend, and the ledger cannot say (it was
