@@ -185,7 +185,6 @@ class QuotaMiddleware:
         self.store_retry_s = store_retry_s
         self.lease_s = lease_s
         self._store_down_until = 0.0
-        self._store_failed_at = -math.inf  # (the last failure of the store: outages apart)
         # Through an outage of the store: hands the fallback's budget spend to the store once
         # it answers again, then lets admissions go back to it (`_hand_over_when_back`).
         self._recovering: asyncio.Task[None] | None = None
@@ -606,20 +605,17 @@ class QuotaMiddleware:
                     decision = await self._seed_and_admit(store, ctx, planned, checks, decision)
                 return store, decision
             except QuotaStoreError as exc:
-                now = time.monotonic()
-                if self.ledger is not None and \
-                        now - self._store_failed_at > 3 * self.store_retry_s + 2:
-                    # An outage begins (the store was not refused for a while: it answered
-                    # meanwhile, or nothing asked): what the fallback counted of the budgets
-                    # is stale by what went through the store since, so the next admission
-                    # that needs them seeds them again from the ledger.
-                    self.fallback.forget_budgets()
-                self._store_failed_at = now
+                if self._recovering is None or self._recovering.done():
+                    # An outage begins (the store answered since the last one, and took
+                    # what the fallback spent then): what the fallback counted of the
+                    # budgets is stale by what went through the store since, so the next
+                    # admission that needs them seeds them again from the ledger.
+                    if self.ledger is not None:
+                        self.fallback.forget_budgets()
+                    self._recovering = self._spawn(self._hand_over_when_back())
                 # Not asked again until the fallback's spend is handed over to it: an
                 # admission there before that would not count it.
                 self._store_down_until = math.inf
-                if self._recovering is None or self._recovering.done():
-                    self._recovering = self._spawn(self._hand_over_when_back())
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
                 lease = self._lease(ctx)

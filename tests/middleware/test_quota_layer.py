@@ -1181,7 +1181,6 @@ def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
     assert eventually(lambda: gateway.chat().status_code, 200) == 200  # (Redis again)
     assert [gateway.chat().status_code for _ in range(3)] == [200, 200, 402]
     assert eventually(lambda: ledger_spend(spend_table), 5 * COST) == 5 * COST
-    time.sleep(3)  # (the store's last failure long enough ago: a new outage)
     redis_proxy.stop()
     refused = gateway.chat()
     assert refused.status_code == 402, refused.text
@@ -1207,6 +1206,30 @@ def test_what_an_open_budget_spent_in_a_redis_outage_is_added_to_its_counter_in_
     assert [gateway.chat().status_code for _ in range(2)] == [200, 402]
     assert eventually(lambda: ledger_spend(spend_table), 5 * COST) == 5 * COST
     assert gateway.committed() == 5 * COST
+
+
+def test_a_second_redis_outage_soon_after_the_first_counts_an_open_budget_afresh(
+        spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
+    # A budget of 5 requests. 1 through Redis, 2 through the fallback in an outage, handed
+    # over to Redis when it is back, 2 more through Redis: the budget is spent. Redis drops
+    # again a moment later: a new outage began only once the last failure was 5 s old
+    # (3 x store_retry_s + 2), so the fallback still counted 3, and let 2 more past the cap.
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
+    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
+                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
+                          store_retry_s="1"))
+    assert gateway.chat().status_code == 200
+    assert eventually(lambda: ledger_spend(spend_table), COST) == COST
+    redis_proxy.stop()
+    assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+    redis_proxy.start()
+    assert eventually(gateway.committed, 3 * COST) == 3 * COST  # (handed over)
+    assert [gateway.chat().status_code for _ in range(3)] == [200, 200, 402]
+    assert eventually(lambda: ledger_spend(spend_table), 5 * COST) == 5 * COST
+    redis_proxy.stop()
+    assert [gateway.chat().status_code for _ in range(2)] == [402, 402]
+    assert ledger_spend(spend_table) == 5 * COST
 
 
 def test_a_request_the_fallback_admitted_settles_in_redis_once_redis_is_back(
