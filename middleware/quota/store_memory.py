@@ -212,6 +212,14 @@ class MemoryQuotaStore:
             added.append(counter is not None)
         return added
 
+    async def spent(self, checks: Sequence[Check]) -> list[int | None]:
+        """What each budget counter has spent: what it has committed less the reservations
+        of the requests still running (None: not seeded)."""
+        now = self._now()
+        counters = [self._get(check.key, _Counter, now) for check in checks]
+        return [None if counter is None else counter.value - sum(counter.held.values())
+                for counter in counters]
+
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         now = self.clock()
         counters = [self._state.get(check.key) for check in checks]

@@ -259,6 +259,26 @@ return '[' .. table.concat(out, ',') .. ']'
 """
 ADD = _Script(_ADD)
 
+# What each budget counter has spent: its committed amount less the reservations it holds
+# (checks as the admit script reads them). Returns a JSON array, null for a counter that is
+# not there.
+_SPENT = _PRELUDE + """
+local out = {}
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 4
+  local value = counter(KEYS[i], tonumber(A[a + 3]))
+  out[i] = 'null'
+  if value ~= nil then
+    for _, held in ipairs(redis.call('HVALS', KEYS[i] .. ':held')) do
+      value = value - tonumber(held)
+    end
+    out[i] = string.format('%d', value)
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+SPENT = _Script(_SPENT)
+
 
 class RedisQuotaStore:
     """Quota state in Redis, shared by every gateway process: one round trip per admission.
@@ -513,6 +533,22 @@ class RedisQuotaStore:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
                 from exc
         return [value == 1 for value in added]
+
+    async def spent(self, checks: Sequence[Check]) -> list[int | None]:
+        """What each budget counter has spent: what it has committed less the reservations
+        of the requests still running (None: not seeded). One script call."""
+        validate(checks)
+        if not checks:
+            return []
+        reply = await self._run(SPENT, "", checks, [_args(check) for check in checks])
+        try:
+            values = orjson.loads(reply)
+            if type(values) is not list or len(values) != len(checks):
+                raise ValueError("not one answer per counter")
+            return [None if value is None else int(value) for value in values]
+        except (TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
+                from exc
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         if not checks:

@@ -1364,6 +1364,29 @@ def test_a_budget_that_refuses_alerts_at_100_percent(start: Start, store: str) -
         == [(100, "0.00012")]
 
 
+def test_budget_alerts_count_requests_in_flight_at_their_cost_not_their_reservation(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # 12 requests at once, each reserving 210 (max_tokens=100) and costing 30, against a
+    # budget of 3000: one settling while the others ran saw 2550 committed, and alerted at
+    # 50% and 80% "used" for a budget 12% spent.
+    receiver = AlertReceiver()
+    mock.config.update({"ttft_s": 0.5})
+    try:
+        with ThreadedServer(receiver) as hook:
+            gateway = start(auth(static_key("Limits(budgets=(Budget('0.003', "
+                                            "period='daily'),))")),
+                            quota(store, alert_webhook_url=repr(hook.url + "/hook")))
+            with ThreadPoolExecutor(12) as pool:
+                statuses = list(pool.map(lambda _: gateway.chat(max_tokens=100).status_code,
+                                         range(12)))
+            assert statuses == [200] * 12
+            assert eventually(lambda: gateway.committed("daily"), 12 * COST) == 12 * COST
+            time.sleep(0.3)  # room for an alert to arrive, if one were coming
+    finally:
+        mock.config.update({"ttft_s": 0.0})
+    assert receiver.posts == []
+
+
 def test_budget_alerts_once_per_threshold_across_gateways(
         start: Start, prefix: str) -> None:
     """Two gateways sharing Redis: the threshold marker in Redis, not each process's memory,
