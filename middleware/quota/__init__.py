@@ -977,12 +977,27 @@ class QuotaMiddleware:
         }
         alerts_logger.warning("%s", orjson.dumps(event).decode())
         if self._http is not None:
+            await self._deliver(event)
+
+    async def _deliver(self, event: dict[str, Any]) -> None:
+        """POSTs an alert to the webhook, and again after each of `_ALERT_RETRIES_S` while it
+        fails in a way that may pass (no answer, a 5xx, 408 or 429): the marker in the store
+        made this process the one that sends it, so no other gateway will."""
+        for wait_s in (*_ALERT_RETRIES_S, None):
             try:
                 async with self._http.post(self.alert_webhook_url, json=event) as response:
-                    if response.status >= 300:
-                        logger.warning("budget alert webhook answered %d", response.status)
+                    if response.status < 300:
+                        return
+                    failure = f"answered {response.status}"
+                    if response.status < 500 and response.status not in (408, 429):
+                        wait_s = None  # (the same alert will not be taken later either)
             except Exception as exc:  # noqa: BLE001 (a webhook failure must not fail anything)
-                logger.warning("budget alert webhook failed: %s", type(exc).__name__)
+                failure = f"failed: {type(exc).__name__}"
+            if wait_s is None:
+                logger.warning("budget alert webhook %s; the alert is not sent", failure)
+                return
+            logger.warning("budget alert webhook %s; trying again in %g s", failure, wait_s)
+            await asyncio.sleep(wait_s)
 
     def _spawn(self, work: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
@@ -1234,6 +1249,7 @@ def _general_settle(settle: tuple[Lane, str, Estimate, int, int]
 
 
 _UNSURE_MAX = 10_000  # releases kept for an unreachable store (see `_unsure_admit`)
+_ALERT_RETRIES_S = (1.0, 2.0, 4.0)  # waits before a failed alert webhook POST is sent again
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

@@ -1297,10 +1297,12 @@ def test_spend_is_dated_when_the_request_started(
 # -- 9. budget alerts ----------------------------------------------------------------------------
 
 class AlertReceiver:
-    """An ASGI app that records every POST body."""
+    """An ASGI app that records every POST body, answering `statuses` to the first POSTs,
+    200 to the others."""
 
-    def __init__(self) -> None:
+    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
         self.posts: list[tuple[str, Any]] = []
+        self.statuses = list(statuses)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -1315,9 +1317,11 @@ class AlertReceiver:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
+        status = 200
         if scope["method"] == "POST":
             self.posts.append((scope["path"], json.loads(body)))
-        await send({"type": "http.response.start", "status": 200,
+            status = self.statuses.pop(0) if self.statuses else 200
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
 
@@ -1362,6 +1366,21 @@ def test_a_budget_that_refuses_alerts_at_100_percent(start: Start, store: str) -
     # (40% spent: refusing a request that needs 210 of the 180 left, the budget is at its end)
     assert [(event["threshold_percent"], event["used_usd"]) for _, event in receiver.posts] \
         == [(100, "0.00012")]
+
+
+def test_a_budget_alert_the_webhook_failed_to_take_is_sent_again(
+        start: Start, store: str) -> None:
+    # The webhook answers the first POST 503: the alert was lost (its marker was set
+    # before the POST, so no gateway sent it again).
+    receiver = AlertReceiver(statuses=(503,))
+    with ThreadedServer(receiver) as hook:
+        gateway = start(auth(static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")),
+                        quota(store, alert_webhook_url=repr(hook.url + "/hook")))
+        assert [gateway.chat().status_code for _ in range(5)] == [200] * 5  # 50% at the 5th
+        assert eventually(lambda: len(receiver.posts), 2) == 2
+    sent, again = receiver.posts
+    assert sent == again
+    assert (again[1]["threshold_percent"], again[1]["used_usd"]) == (50, "0.00015")
 
 
 def test_budget_alerts_count_requests_in_flight_at_their_cost_not_their_reservation(
