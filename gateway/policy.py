@@ -317,9 +317,12 @@ class QuotaStore(Protocol):
         buckets and budgets move by actual - amount (a bucket may go below zero),
         and concurrency leases are released. Raises `QuotaStoreError`."""
 
-    async def seed(self, check: Check, committed: int) -> bool:
+    async def seed(self, check: Check, committed: int,
+                   held: Mapping[str, int] | None = None) -> bool:
         """Sets a budget counter that does not exist yet (never overwrites); True if it did.
-        Also serves as a once-per-period marker (e.g. for budget alerts)."""
+        `held`: reservations in flight (request id -> amount), added to `committed` and held
+        as an admit holds its own, so that their settles replace them. Also serves as a
+        once-per-period marker (e.g. for budget alerts)."""
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         """The current counter of each budget check (None: not seeded)."""

@@ -194,6 +194,10 @@ class QuotaMiddleware:
         # Admissions through a Lane (middleware/quota/lane.py): with the Redis store only.
         self._redis = self.store if type(self.store) is RedisQuotaStore else None
         self._lane_settles: list[tuple[Lane, str, Estimate, int, int]] = []
+        # The requests admitted in Redis against budgets and not settled yet: id -> (the
+        # budget counters, the amount reserved in each). A counter Redis lost, seeded again
+        # here, holds them again (`_seed_and_admit`): their settles replace them exactly.
+        self._in_flight: dict[str, tuple[tuple[str, ...], int]] = {}
         # ctx.state[self._admitted_key]: this layer admitted the request (`_call_again`); its
         # _Responder, or None when `send` is not wrapped. A key of this instance's own: two
         # quota layers in one stack each admit the request.
@@ -369,6 +373,10 @@ class QuotaMiddleware:
         responder = None  # (`send` is not wrapped when nothing is to be cut off)
         if store is not None:  # (None: nothing applies, no reservation, nothing to settle)
             ctx.at_end(partial(self._settle, store, planned, checks, decision))
+            if store is self._redis:
+                budget_keys = tuple([checks[i].key for i in plan.budget_indexes(planned)])
+                if budget_keys:
+                    self._in_flight[self._lease(ctx)] = (budget_keys, est.cost_micros)
             allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream \
                 else None
             if allowance is not None:
@@ -434,9 +442,10 @@ class QuotaMiddleware:
         est = plan.estimate(ctx, self._output_defaults.get(ctx.model,
                                                            self.default_max_output_tokens),
                             self._fallbacks.get(ctx.model, ()))
+        lease = self._lease(ctx)
         try:
             reply = await client.call_encoded(lane.admit_payload(
-                redis.argv_prefix(self._lease(ctx)), est.input_tokens + est.output_tokens,
+                redis.argv_prefix(lease), est.input_tokens + est.output_tokens,
                 est.cost_micros))
         except RespError as exc:  # NOSCRIPT: nothing ran; the general path sends it whole
             return None if str(exc).startswith("NOSCRIPT") else \
@@ -447,6 +456,8 @@ class QuotaMiddleware:
         values = _admitted(reply, lane, ctx)
         if values is None:
             return reply
+        if lane.budget_keys:
+            self._in_flight[lease] = (lane.budget_keys, est.cost_micros)
         settle = partial(self._settle_in_lane, lane, est, values)
         if ctx.on_end is None:  # (RequestContext.at_end, inline: an interpreted call)
             ctx.on_end = [settle]
@@ -738,13 +749,25 @@ class QuotaMiddleware:
     async def _seed_and_admit(self, store: QuotaStore, ctx: RequestContext,
                               planned: list[Planned], checks: list[Check],
                               decision: Decision) -> Decision:
-        """Seeds the budget counters the store did not have, then asks again."""
+        """Seeds the budget counters the store did not have, then asks again. A counter
+        Redis lost (a flush, a restart) is seeded with what the ledger has and this
+        process's requests in flight against it, whose reservations went with it."""
         for index in decision.unseeded:  # a new period, or Redis lost its data
-            await store.seed(checks[index], await self._spent(planned[index]))
+            check = checks[index]
+            spent = await self._spent(planned[index])
+            # (read as the seed is sent: the settle of a request it holds comes after it)
+            held = self._held(check.key) if store is self._redis else None
+            await store.seed(check, spent, held)
         decision = await store.admit(self._lease(ctx), checks)
         if decision.unseeded:
             raise QuotaStoreError("budget counters vanished while being seeded")
         return decision
+
+    def _held(self, key: str) -> dict[str, int]:
+        """The reservations of this process's requests in flight in the budget counter
+        `key` (request id -> amount)."""
+        return {lease: amount for lease, (keys, amount) in self._in_flight.items()
+                if key in keys}
 
     async def _spent(self, item: Planned) -> int:
         if self.ledger is None or item.period_start is None:
@@ -773,8 +796,11 @@ class QuotaMiddleware:
         one for it). Settles queued in one event-loop step go to the store together, after
         the responses went out."""
         tokens, cost = self._charge(ctx)
+        lease = self._lease(ctx)
+        if store is self._redis:
+            self._in_flight.pop(lease, None)
         self._settles.setdefault(store, []).append(
-            (self._lease(ctx), checks, plan.actual_amounts(checks, tokens, cost)))
+            (lease, checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
@@ -802,7 +828,10 @@ class QuotaMiddleware:
                         ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
         tokens, cost = self._charge(ctx)
-        self._lane_settles.append((lane, self._lease(ctx), est, tokens, cost))
+        lease = self._lease(ctx)
+        if lane.budget_keys:
+            self._in_flight.pop(lease, None)
+        self._lane_settles.append((lane, lease, est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:

@@ -42,12 +42,12 @@ class Lane:
     docstring). `admit_payload` gives the whole EVALSHA command; `settle_argv` a request's
     ARGV string in the settle script's (batched) call, after its keys, `settle_keys`;
     `headers` reads an admitted reply; `planned` is the template's Planned list,
-    `budgets` the (index, Planned) of its budget checks, `cutoff` the indexes of those that
-    cut streams off."""
+    `budgets` the (index, Planned) of its budget checks, `budget_keys` their keys, `cutoff`
+    the indexes of those that cut streams off."""
 
-    __slots__ = ("admit_args", "admit_bytes", "admit_head", "budgets", "compiled", "cutoff",
-                 "headers", "key_count", "planned", "reply_size", "settle_args",
-                 "settle_bytes", "settle_keys")
+    __slots__ = ("admit_args", "admit_bytes", "admit_head", "budget_keys", "budgets",
+                 "compiled", "cutoff", "headers", "key_count", "planned", "reply_size",
+                 "settle_args", "settle_bytes", "settle_keys")
 
     def __init__(self, compiled: _Compiled, planned: Sequence[Planned], wire: Any) -> None:
         self.compiled = compiled
@@ -66,6 +66,7 @@ class Lane:
         self.headers = plan.reply_header_maker(planned)
         self.reply_size = 1 + 2 * len(planned)  # an admitted reply: 1, then two per check
         self.budgets = tuple([(index, planned[index]) for index in plan.budget_indexes(planned)])
+        self.budget_keys = tuple([item.check.key for _, item in self.budgets])
         self.cutoff = plan.budget_indexes(planned, cutoff=True)
 
     def admit_payload(self, prefix: bytes, tokens: int, cost: int) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -43,7 +43,8 @@ class _Counter:
     expires: float
     # The reservations in `value` (request id -> amount), so that a settle knows whether the
     # one it replaces is there: not when the counter was lost and seeded again after the
-    # admit (in Redis; the seed counts only what the ledger has, never what is in flight).
+    # admit by a gateway that did not have the request in flight (in Redis; a seed counts
+    # what the ledger has and the seeding gateway's own requests in flight).
     held: dict[str, int] = field(default_factory=dict)
     expires_at: float = 0.0  # the end of its period (its check's), 0 for a lifetime budget
     # What of `value` another store counts too: what it was seeded with, and what has been
@@ -187,16 +188,22 @@ class MemoryQuotaStore:
         for request_id, checks, actual in batch:
             await self.settle(request_id, checks, actual)
 
-    async def seed(self, check: Check, committed: int) -> bool:
+    async def seed(self, check: Check, committed: int,
+                   held: Mapping[str, int] | None = None) -> bool:
         validate([check])
         if check.kind != BUDGET:
             raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
         now = self._now()
-        if self._get(check.key, _Counter, now) is None:
-            self._state[check.key] = _Counter(committed, self._counter_expiry(check),
-                                              expires_at=check.expires_at, handed=committed)
-            return True
-        return False
+        if self._get(check.key, _Counter, now) is not None:
+            return False
+        reserved = {request_id: amount for request_id, amount in (held or {}).items()
+                    if amount}
+        # (the ledger's spend and the requests in flight, admitted elsewhere: both counted
+        # by the other store too, so none of it is handed over to it)
+        total = committed + sum(reserved.values())
+        self._state[check.key] = _Counter(total, self._counter_expiry(check), reserved,
+                                          expires_at=check.expires_at, handed=total)
+        return True
 
     async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
         """Adds each budget check's amount to its counter where the counter is there (one

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from string import Formatter
 from typing import Any
 
@@ -214,11 +214,21 @@ end
 return 0
 """
 
-# One budget check (amount = the committed value to seed). Returns 1 if it set the counter.
+# One budget check (amount = the committed value to seed), then the reservations in flight
+# to add and hold: their number, then request id and amount of each. Returns 1 if it set the
+# counter.
 _SEED = _PRELUDE + """
-local value, expires_at = A[6], tonumber(A[7])
+local value, expires_at = tonumber(A[6]), tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
-redis.call('DEL', KEYS[1] .. ':held')  -- (what the lost counter held, if any of it is left)
+local held = KEYS[1] .. ':held'
+redis.call('DEL', held)  -- (what the lost counter held, if any of it is left)
+local in_flight = tonumber(A[8] or '0')
+for i = 9, 8 + 2 * in_flight, 2 do
+  value = value + tonumber(A[i + 1])
+  redis.call('HSET', held, A[i], A[i + 1])
+end
+if in_flight > 0 then redis.call('PEXPIRE', held, HELD_TTL_MS) end
+value = string.format('%d', value)
 if expires_at > 0 then
   local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
   redis.call('SET', KEYS[1], value, 'PXAT', at_ms)
@@ -509,13 +519,20 @@ class RedisQuotaStore:
             elif isinstance(reply, BaseException):
                 raise QuotaStoreError(f"Redis quota store: {reply}") from reply
 
-    async def seed(self, check: Check, committed: int) -> bool:
+    async def seed(self, check: Check, committed: int,
+                   held: Mapping[str, int] | None = None) -> bool:
         validate([check])
         if check.kind != BUDGET:
             raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
         seeding = Check(check.kind, check.key, check.limit, committed,
                         expires_at=check.expires_at)
-        return bool(await self._run(SEED, "", [seeding], [_args(seeding)]))
+        words = [_args(seeding)]
+        if held:
+            reserved = [(script_id(request_id), amount) for request_id, amount in held.items()
+                        if amount]
+            words.append(f"{len(reserved)}")
+            words.extend(f"{request_id} {int(amount)}" for request_id, amount in reserved)
+        return bool(await self._run(SEED, "", [seeding], words))
 
     async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
         """Adds each budget check's amount to its counter where the counter is there (one
@@ -647,7 +664,7 @@ class RedisQuotaStore:
         # (isalnum first: compiled, it runs as C, and the kernel's ids pass it)
         if not request_id.isalnum() and (not request_id or " " in request_id or
                                          not request_id.isprintable()):
-            request_id = "".join(c if c.isalnum() else "_" for c in request_id) or "_"
+            request_id = script_id(request_id)
         if clock is None:  # (clock_text, inline: this runs for every admission)
             clock = float(self.clock()).hex()
         return f"{clock} {request_id} {self._slack} "
@@ -685,6 +702,13 @@ class RedisQuotaStore:
             return await self._client.call(*command)
         except (RespError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+
+
+def script_id(request_id: str) -> str:
+    """A request id as the scripts know it: one word of their ARGV string."""
+    if not request_id or " " in request_id or not request_id.isprintable():
+        return "".join(c if c.isalnum() else "_" for c in request_id) or "_"
+    return request_id
 
 
 def _log_task_failure(task: asyncio.Future[Any]) -> None:

@@ -1163,6 +1163,34 @@ def test_budget_counters_are_rebuilt_from_the_ledger_after_a_flush(
     assert gateway.committed("daily") == 3 * COST
 
 
+def test_requests_in_flight_across_a_flush_are_held_by_the_rebuilt_counter(
+        spend_table: str, prefix: str, start: Start, mock: MockProviderServer) -> None:
+    # A budget of 10 requests, all 10 in flight when Redis loses its data. The counter was
+    # rebuilt from the ledger alone (nothing settled yet), and admitted 10 more: 600 spent
+    # against 300. It holds the gateway's requests in flight again: the next is refused.
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")),
+                    quota(redis_store(prefix), ledger=ledger))
+    client = gateway.openai()
+
+    def create() -> Any:
+        return client.chat.completions.create(model="gpt-mock", messages=PROMPT,  # type: ignore[arg-type]
+                                              max_tokens=OUTPUT)
+
+    for _ in range(10):
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=3))
+    with ThreadPoolExecutor(10) as pool:
+        in_flight = [pool.submit(create) for _ in range(10)]
+        assert eventually(lambda: gateway.committed("daily"), 10 * COST) == 10 * COST
+        delete_prefix(prefix)  # what FLUSHDB does, to this test's keys only
+        with pytest.raises(openai.APIStatusError) as refused:
+            create()
+        assert refused.value.status_code == 402
+        assert [f.result(10).usage.total_tokens for f in in_flight] == [INPUT + OUTPUT] * 10
+    assert eventually(lambda: ledger_spend(spend_table), 10 * COST) == 10 * COST
+    assert gateway.committed("daily") == 10 * COST  # each settle replaced its reservation
+
+
 def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
         spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
     # A budget of 5 requests that stays open while Redis is down. Outage 1: 2 go through

@@ -322,6 +322,25 @@ async def test_in_flight_reservations_do_not_refund_a_counter_rebuilt_after_a_fl
     assert not (await redis_store.admit("q3", [budget(1000, 990, limit.expires_at)])).allowed
 
 
+async def test_a_seed_holds_the_reservations_in_flight_it_is_given(
+        store: Store, clock: FakeClock) -> None:
+    # A counter Redis lost is seeded with what the ledger has and the seeding gateway's
+    # requests in flight, whose reservations went with it: the counter holds each again, so
+    # only what is left of the budget is admitted meanwhile, and each settle replaces its
+    # reservation (an id with a space is a word of the scripts' arguments as the admit's is).
+    check = budget(1000, 300, clock.now + 3600)
+    assert await store.seed(check, 100, {"q1": 300, "q 2": 300, "q3": 0})
+    assert await store.committed([check]) == [700]
+    assert not (await store.admit("q4", [budget(1000, 301, check.expires_at)])).allowed
+    await store.settle("q1", [check], [40])
+    await store.settle("q 2", [check], [50])
+    assert await store.committed([check]) == [190]
+    await store.settle("q 2", [check], [50])  # no longer held: it adds
+    assert await store.committed([check]) == [240]
+    assert not await store.seed(check, 0, {"q5": 100})  # never overwrites
+    assert await store.committed([check]) == [240]
+
+
 async def test_a_debt_that_takes_longer_than_redis_can_expire_is_kept(
         store: Store, clock: FakeClock) -> None:
     # A usage this absurd (reported upstream) leaves a debt that refills in 6.3 million
