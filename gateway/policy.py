@@ -7,7 +7,7 @@ another. Money is integer micro-dollars (1 USD = 1_000_000) or `Decimal`, never 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -318,11 +318,21 @@ class QuotaStore(Protocol):
         and concurrency leases are released. Raises `QuotaStoreError`."""
 
     async def seed(self, check: Check, committed: int,
-                   held: Mapping[str, int] | None = None) -> bool:
+                   held: Mapping[str, int] | None = None,
+                   settled: Collection[str] | None = None, counted: Collection[str] = ()
+                   ) -> bool:
         """Sets a budget counter that does not exist yet (never overwrites); True if it did.
         `held`: reservations in flight (request id -> amount), added to `committed` and held
-        as an admit holds its own, so that their settles replace them. Also serves as a
-        once-per-period marker (e.g. for budget alerts)."""
+        as an admit holds its own, so that their settles replace them. The settles that
+        found the counter lost (`unseeded_settles`) are added too, but for the request ids
+        in `counted` (which `committed` has); `settled`: the request ids of those the
+        caller read: when there are others by now, nothing is set (False: read them again;
+        None: unchecked). Also serves as a once-per-period marker (e.g. for budget
+        alerts)."""
+
+    async def unseeded_settles(self, check: Check) -> dict[str, int]:
+        """The settles (request id -> actual amount) that found the budget counter lost
+        (Redis flushed or restarted) and not seeded again, which its seed adds."""
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
         """The current counter of each budget check (None: not seeded)."""

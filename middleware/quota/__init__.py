@@ -123,6 +123,7 @@ _SERVED = object()  # what QuotaMiddleware._admit_in_lane gives for a request it
 # ctx.state[_admitted_key] while a call's admission awaits the store (`_mark_admitted`)
 _ADMITTING = object()
 _USAGE_KINDS = ("key", "project", "customer", "model", "global")  # whose spend (plan.subjects)
+_SEED_ATTEMPTS = 3  # (see `_seed_and_admit`)
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (with no store there is no settle; `again` overwrites it)
 
 
@@ -750,18 +751,25 @@ class QuotaMiddleware:
                               planned: list[Planned], checks: list[Check],
                               decision: Decision) -> Decision:
         """Seeds the budget counters the store did not have, then asks again. A counter
-        Redis lost (a flush, a restart) is seeded with what the ledger has and this
-        process's requests in flight against it, whose reservations went with it."""
-        for index in decision.unseeded:  # a new period, or Redis lost its data
-            check = checks[index]
-            spent = await self._spent(planned[index])
-            # (read as the seed is sent: the settle of a request it holds comes after it)
-            held = self._held(check.key) if store is self._redis else None
-            await store.seed(check, spent, held)
-        decision = await store.admit(self._lease(ctx), checks)
-        if decision.unseeded:
-            raise QuotaStoreError("budget counters vanished while being seeded")
-        return decision
+        Redis lost (a flush, a restart) is seeded with what the ledger has, this process's
+        requests in flight against it, whose reservations went with it, and the settles
+        that found it lost (any gateway's) that the ledger does not have yet. When more of
+        those came while the ledger was asked (it may have them too), it is not seeded, and
+        they are read again (the last time, added unchecked: a few may count twice, none
+        not at all)."""
+        for attempt in range(_SEED_ATTEMPTS):
+            checked = attempt < _SEED_ATTEMPTS - 1
+            for index in decision.unseeded:  # a new period, or Redis lost its data
+                check = checks[index]
+                settles = list(await store.unseeded_settles(check))
+                spent, counted = await self._spent(planned[index], settles)
+                # (read as the seed is sent: the settle of a request it holds comes after it)
+                held = self._held(check.key) if store is self._redis else None
+                await store.seed(check, spent, held, settles if checked else None, counted)
+            decision = await store.admit(self._lease(ctx), checks)
+            if not decision.unseeded:
+                return decision
+        raise QuotaStoreError("budget counters vanished while being seeded")
 
     def _held(self, key: str) -> dict[str, int]:
         """The reservations of this process's requests in flight in the budget counter
@@ -769,12 +777,17 @@ class QuotaMiddleware:
         return {lease: amount for lease, (keys, amount) in self._in_flight.items()
                 if key in keys}
 
-    async def _spent(self, item: Planned) -> int:
+    async def _spent(self, item: Planned, request_ids: list[str]) -> tuple[int, set[str]]:
+        """What the ledger has of the budget's subject this period, and which of
+        `request_ids` it counts (with a ledger that cannot tell, none)."""
         if self.ledger is None or item.period_start is None:
-            return 0
+            return 0, set()
         try:
+            if isinstance(self.ledger, PostgresSpendLedger):
+                return await self.ledger.spent_counting(item.subject_kind, item.subject_id,
+                                                        item.period_start, request_ids)
             return await self.ledger.spent_micros(item.subject_kind, item.subject_id,
-                                                  item.period_start)
+                                                  item.period_start), set()
         except Exception as exc:  # noqa: BLE001 (the ledger is PostgreSQL: any failure)
             raise QuotaStoreError(f"the spend ledger is unavailable: {type(exc).__name__}") \
                 from None
@@ -795,8 +808,8 @@ class QuotaMiddleware:
         has ended (`RequestContext.on_end`: after every call a layer above made below this
         one for it). Settles queued in one event-loop step go to the store together, after
         the responses went out."""
-        tokens, cost = self._charge(ctx)
         lease = self._lease(ctx)
+        tokens, cost = self._charge(ctx, lease)
         if store is self._redis:
             self._in_flight.pop(lease, None)
         self._settles.setdefault(store, []).append(
@@ -805,7 +818,7 @@ class QuotaMiddleware:
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
-    def _charge(self, ctx: RequestContext) -> tuple[int, int]:
+    def _charge(self, ctx: RequestContext, lease: str) -> tuple[int, int]:
         """What the request actually used, (tokens, cost): what the usage ledger bills for it
         (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
         stream cut short what it delivered), recorded in the spend ledger, and a flush of the
@@ -817,7 +830,8 @@ class QuotaMiddleware:
             self._settle_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_settles)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
-            self.ledger.record(ctx.request_id, _spend_rows(ctx, cost), ctx.started_at)
+            # (by the id the stores know its settle by: see `_seed_and_admit`)
+            self.ledger.record(lease, _spend_rows(ctx, cost), ctx.started_at)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
         # (Usage.total_tokens, inline: a property is an interpreted call)
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
@@ -827,8 +841,8 @@ class QuotaMiddleware:
     def _settle_in_lane(self, lane: Lane, est: Estimate, values: list[Any],
                         ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
-        tokens, cost = self._charge(ctx)
         lease = self._lease(ctx)
+        tokens, cost = self._charge(ctx, lease)
         if lane.budget_keys:
             self._in_flight.pop(lease, None)
         self._lane_settles.append((lane, lease, est, tokens, cost))

@@ -2,10 +2,11 @@
 
 Redis holds the live counters; if it restarts or is flushed, a budget's counter is missing
 and the quota layer seeds it from here (the spend of that subject since the period began),
-so a flush never resets anyone's budget. Rows are written by a background task in batches
-with COPY, never on the response path; while PostgreSQL is down they wait in memory (up to
-`max_pending_rows`, then the oldest are dropped with an error in the log) and are written
-once it is back.
+so a flush never resets anyone's budget. Each row carries the id the quota store knows its
+request's settle by, so the seed can tell which settles of a lost counter it already has.
+Rows are written by a background task in batches with COPY, never on the response path;
+while PostgreSQL is down they wait in memory (up to `max_pending_rows`, then the oldest are
+dropped with an error in the log) and are written once it is back.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,14 +143,26 @@ class PostgresSpendLedger:
 
     async def spent_micros(self, subject_kind: str, subject_id: str, since: datetime) -> int:
         """Spend recorded for the subject since `since`, plus rows not yet written."""
+        return (await self.spent_counting(subject_kind, subject_id, since, ()))[0]
+
+    async def spent_counting(self, subject_kind: str, subject_id: str, since: datetime,
+                             request_ids: Collection[str]) -> tuple[int, set[str]]:
+        """`spent_micros`, and which of `request_ids` it counts (written or not). A row the
+        writer moves into PostgreSQL meanwhile may count twice, never not at all: the rows
+        not yet written are read before the query."""
         assert self._pool is not None
         if not self._ready:
             await self._create_schema()
-        query = sql.SQL("SELECT coalesce(sum(micros), 0) FROM {} WHERE subject_kind = %s "
-                        "AND subject_id = %s AND ts >= %s").format(sql.Identifier(self.table))
+        unwritten = [row for row in self._pending
+                     if row[2] == subject_kind and row[3] == subject_id and row[0] >= since]
+        query = sql.SQL("SELECT coalesce(sum(micros), 0), coalesce(array_agg(DISTINCT "
+                        "request_id) FILTER (WHERE request_id = ANY(%s)), '{{}}') FROM {} "
+                        "WHERE subject_kind = %s AND subject_id = %s AND ts >= %s"
+                        ).format(sql.Identifier(self.table))
         async with self._pool.connection(timeout=2.0) as conn:
-            cursor = await conn.execute(query, (subject_kind, subject_id, since))
+            cursor = await conn.execute(query, (list(request_ids), subject_kind, subject_id,
+                                                since))
             row: Any = await cursor.fetchone()
-        pending = sum(r[4] for r in self._pending
-                      if r[2] == subject_kind and r[3] == subject_id and r[0] >= since)
-        return int(row[0]) + pending
+        wanted = set(request_ids)
+        counted = set(row[1]) | {r[1] for r in unwritten if r[1] in wanted}
+        return int(row[0]) + sum(r[4] for r in unwritten), counted

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -52,7 +52,18 @@ class _Counter:
     handed: int = 0
 
 
-_State = TypeVar("_State", _Bucket, _Leases, _Counter)
+@dataclass(slots=True)
+class _Settled:
+    # Beside a budget counter that was lost (`<key>:settled`): the settles that found it
+    # missing (request id -> actual amount), which the seed that rebuilds it adds.
+    amounts: dict[str, int]
+    expires: float
+
+
+# The settles of a lost counter are kept a day past the last (as Redis keeps them).
+_SETTLED_TTL_S = 86_400.0
+
+_State = TypeVar("_State", _Bucket, _Leases, _Counter, _Settled)
 
 
 # What judging one check found: (passes, retry_after_s, unseeded, level, state) where level is
@@ -79,7 +90,7 @@ class MemoryQuotaStore:
         self.clock = clock
         self.budget_slack_s = budget_slack_s
         self.sweep_every_s = sweep_every_s
-        self._state: dict[str, _Bucket | _Leases | _Counter] = {}
+        self._state: dict[str, _Bucket | _Leases | _Counter | _Settled] = {}
         self._next_sweep = -math.inf
         # budget counter key -> (expires_at, amount, held): spend not handed over yet of
         # counters since forgotten, or that a hand-over gave back (`owe`)
@@ -174,6 +185,8 @@ class MemoryQuotaStore:
                 if counter is not None:  # (its reservation, if it holds it, becomes `used`)
                     held = counter.held.pop(request_id, None) is not None
                     counter.value += used - check.amount if held else used
+                elif used and now < self._counter_expiry(check):  # lost, not seeded again
+                    self._settled_while_lost(check.key, request_id, used, now)
             elif check.kind == CONCURRENT:
                 leases = self._get(check.key, _Leases, now)
                 if leases is not None:
@@ -188,22 +201,45 @@ class MemoryQuotaStore:
         for request_id, checks, actual in batch:
             await self.settle(request_id, checks, actual)
 
+    def _settled_while_lost(self, key: str, request_id: str, used: int, now: float) -> None:
+        settled = self._get(f"{key}:settled", _Settled, now)
+        if settled is None:
+            settled = self._state[f"{key}:settled"] = _Settled({}, 0.0)
+        settled.amounts[request_id] = used
+        settled.expires = now + _SETTLED_TTL_S
+
     async def seed(self, check: Check, committed: int,
-                   held: Mapping[str, int] | None = None) -> bool:
+                   held: Mapping[str, int] | None = None,
+                   settled: Collection[str] | None = None, counted: Collection[str] = ()
+                   ) -> bool:
         validate([check])
         if check.kind != BUDGET:
             raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
         now = self._now()
         if self._get(check.key, _Counter, now) is not None:
             return False
+        lost = self._get(f"{check.key}:settled", _Settled, now)
+        amounts = lost.amounts if lost is not None else {}
+        if settled is not None and len(amounts) != len(settled):
+            return False  # (settled since the caller read them: read them again)
+        known = set(counted)
+        value = committed + sum([used for request_id, used in amounts.items()
+                                 if request_id not in known])
+        self._state.pop(f"{check.key}:settled", None)
         reserved = {request_id: amount for request_id, amount in (held or {}).items()
                     if amount}
-        # (the ledger's spend and the requests in flight, admitted elsewhere: both counted
-        # by the other store too, so none of it is handed over to it)
-        total = committed + sum(reserved.values())
-        self._state[check.key] = _Counter(total, self._counter_expiry(check), reserved,
-                                          expires_at=check.expires_at, handed=total)
+        # (the ledger's spend and the requests in flight, admitted elsewhere, are counted by
+        # the other store too: not handed over to it; the settles kept while the counter
+        # was lost went through this store alone)
+        handed = committed + sum(reserved.values())
+        self._state[check.key] = _Counter(value + sum(reserved.values()),
+                                          self._counter_expiry(check), reserved,
+                                          expires_at=check.expires_at, handed=handed)
         return True
+
+    async def unseeded_settles(self, check: Check) -> dict[str, int]:
+        lost = self._get(f"{check.key}:settled", _Settled, self._now())
+        return dict(lost.amounts) if lost is not None else {}
 
     async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
         """Adds each budget check's amount to its counter where the counter is there (one
@@ -346,7 +382,7 @@ def _level(bucket: _Bucket | None, check: Check, now: float) -> float:
     return level if level < limit else limit  # noqa: FURB136
 
 
-def _expired(entry: _Bucket | _Leases | _Counter, now: float) -> bool:
+def _expired(entry: _Bucket | _Leases | _Counter | _Settled, now: float) -> bool:
     if isinstance(entry, _Leases):
         # Same rule as the Redis store's ZREMRANGEBYSCORE -inf now: a lease ends at its expiry.
         for request_id in [r for r, until in entry.until.items() if until <= now]:

@@ -2,8 +2,9 @@
 
 `admit` and `settle` are one Lua script call each (one round trip, atomic), run with EVALSHA
 and sent in full with EVAL when the server has lost its script cache (SCRIPT FLUSH, restart,
-failover). Every key a script touches arrives in KEYS, but for the hash of reservations
-beside each budget counter (`<counter>:held`), and all share the prefix's hash tag
+failover). Every key a script touches arrives in KEYS, but for the hashes beside each budget
+counter (`<counter>:held`, the reservations in it; `<counter>:settled`, the settles that
+found it lost, which its seed adds), and all share the prefix's hash tag
 (`{sluicegate}`), so a call never spans Redis Cluster slots. The time is the caller's clock,
 passed as an argument, never Redis TIME: the arithmetic is the memory store's, step for step.
 Floats cross the Lua boundary exactly: to Lua as Python's shortest repr or, for the clock,
@@ -17,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from string import Formatter
 from typing import Any
 
@@ -178,11 +179,16 @@ local function settle(first, count)
     local actual = tonumber(A[a + 4])
     if kind == 'budget' then
       -- The reservation becomes the actual amount, if the counter holds it: it does not
-      -- when Redis lost the counter after the admit and it was seeded again from the
-      -- ledger, which counts no request in flight; then the actual amount is added.
+      -- when Redis lost the counter after the admit and another gateway seeded it again
+      -- (from the ledger and its own requests in flight); then the actual amount is added.
       if counter(key, param) ~= nil then
         if redis.call('HDEL', key .. ':held', request_id) == 1 then actual = actual - amount end
         redis.call('INCRBY', key, string.format('%d', actual))
+      elseif actual > 0 and (param <= 0 or now < param + slack) then
+        -- Redis lost the counter, and it is not seeded again yet: the amount waits beside
+        -- it for the seed, which adds it unless the ledger has it by then.
+        redis.call('HSET', key .. ':settled', request_id, string.format('%d', actual))
+        redis.call('PEXPIRE', key .. ':settled', HELD_TTL_MS)
       end
     elseif kind == 'concurrent' then
       redis.call('ZREM', key, request_id)
@@ -215,15 +221,25 @@ return 0
 """
 
 # One budget check (amount = the committed value to seed), then the reservations in flight
-# to add and hold: their number, then request id and amount of each. Returns 1 if it set the
-# counter.
+# to add and hold: their number, then request id and amount of each; then how many of the
+# lost counter's settles (`<counter>:settled`) the caller read (-1: unchecked), and the
+# request ids of those the committed value counts. Returns 1 if it set the counter; 0 if it
+# was set, or if the lost counter has settles the caller did not read (read them again).
 _SEED = _PRELUDE + """
 local value, expires_at = tonumber(A[6]), tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
-local held = KEYS[1] .. ':held'
-redis.call('DEL', held)  -- (what the lost counter held, if any of it is left)
+local held, settled = KEYS[1] .. ':held', KEYS[1] .. ':settled'
 local in_flight = tonumber(A[8] or '0')
-for i = 9, 8 + 2 * in_flight, 2 do
+local after = 9 + 2 * in_flight
+local read, counted = tonumber(A[after] or '-1'), {}
+if read >= 0 and redis.call('HLEN', settled) ~= read then return 0 end
+for i = after + 1, #A do counted[A[i]] = true end
+local amounts = redis.call('HGETALL', settled)
+for i = 1, #amounts, 2 do
+  if not counted[amounts[i]] then value = value + tonumber(amounts[i + 1]) end
+end
+redis.call('DEL', held, settled)  -- (what the lost counter held, if any of it is left)
+for i = 9, after - 1, 2 do
   value = value + tonumber(A[i + 1])
   redis.call('HSET', held, A[i], A[i + 1])
 end
@@ -520,18 +536,20 @@ class RedisQuotaStore:
                 raise QuotaStoreError(f"Redis quota store: {reply}") from reply
 
     async def seed(self, check: Check, committed: int,
-                   held: Mapping[str, int] | None = None) -> bool:
+                   held: Mapping[str, int] | None = None,
+                   settled: Collection[str] | None = None, counted: Collection[str] = ()
+                   ) -> bool:
         validate([check])
         if check.kind != BUDGET:
             raise ValueError(f"only budget checks are seeded, not {check.kind!r}")
         seeding = Check(check.kind, check.key, check.limit, committed,
                         expires_at=check.expires_at)
-        words = [_args(seeding)]
-        if held:
-            reserved = [(script_id(request_id), amount) for request_id, amount in held.items()
-                        if amount]
-            words.append(f"{len(reserved)}")
-            words.extend(f"{request_id} {int(amount)}" for request_id, amount in reserved)
+        reserved = [(script_id(request_id), amount)
+                    for request_id, amount in (held or {}).items() if amount]
+        words = [_args(seeding), f"{len(reserved)}"]
+        words.extend(f"{request_id} {int(amount)}" for request_id, amount in reserved)
+        words.append(f"{-1 if settled is None else len(settled)}")
+        words.extend(script_id(request_id) for request_id in counted)
         return bool(await self._run(SEED, "", [seeding], words))
 
     async def add_committed(self, checks: Sequence[Check]) -> list[bool]:
@@ -565,6 +583,14 @@ class RedisQuotaStore:
             return [None if value is None else int(value) for value in values]
         except (TypeError, ValueError) as exc:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
+                from exc
+
+    async def unseeded_settles(self, check: Check) -> dict[str, int]:
+        values = await self._call("HGETALL", f"{self._key(check)}:settled")
+        try:
+            return {_text(values[i]): int(values[i + 1]) for i in range(0, len(values), 2)}
+        except (TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"a settle of a lost budget counter is not a number: {exc}") \
                 from exc
 
     async def committed(self, checks: Sequence[Check]) -> list[int | None]:
@@ -702,6 +728,10 @@ class RedisQuotaStore:
             return await self._client.call(*command)
         except (RespError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def script_id(request_id: str) -> str:

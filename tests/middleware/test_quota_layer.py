@@ -1191,6 +1191,48 @@ def test_requests_in_flight_across_a_flush_are_held_by_the_rebuilt_counter(
     assert gateway.committed("daily") == 10 * COST  # each settle replaced its reservation
 
 
+def settled_while_lost(prefix: str, period: str = "daily") -> dict[bytes, bytes]:
+    """The settles kept beside a lost budget counter, by request id."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return client.hgetall(f"{prefix}:{budget_check(period).key}:settled")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["unwritten", "written"])
+def test_another_gateways_settles_while_a_counter_is_lost_are_counted(
+        spend_table: str, prefix: str, start: Start, mock: MockProviderServer,
+        written: bool) -> None:
+    # Two gateways share Redis and the spend ledger, a budget of 10 requests. B has 8 in
+    # flight when Redis loses its data; they settle before the counter is seeded again.
+    # Those settles changed nothing, and A rebuilt the counter from the ledger, where B had
+    # not written them yet: A admitted 9 more (540 spent against 300). Now the seed adds
+    # them, unless the ledger has them by then (`written`), which then counts them once.
+    key = static_key("Limits(budgets=(Budget('0.0003', period='daily'),))")
+    a = start(auth(key), quota(redis_store(prefix), ledger=(
+        f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})")))
+    interval = 0.2 if written else 600  # (B writes its rows at once, or after this test)
+    b = start(auth(key), quota(redis_store(prefix), ledger=(
+        f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r}, "
+        f"flush_interval_s={interval})")))
+    assert a.openai().chat.completions.create(
+        model="gpt-mock", messages=PROMPT, max_tokens=OUTPUT).usage is not None  # type: ignore[arg-type]
+    for _ in range(8):
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=2))
+    with ThreadPoolExecutor(8) as pool:
+        in_flight = [pool.submit(b.chat) for _ in range(8)]
+        assert eventually(lambda: b.committed("daily"), 9 * COST) == 9 * COST
+        delete_prefix(prefix)  # what FLUSHDB does, to this test's keys only
+        assert [f.result(10).status_code for f in in_flight] == [200] * 8
+    eventually(lambda: len(settled_while_lost(prefix)), 8)  # (B's settles are in)
+    if written:
+        assert eventually(lambda: ledger_spend(spend_table), 9 * COST) == 9 * COST
+    assert [a.chat().status_code for _ in range(3)] == [200, 402, 402]
+    assert a.committed("daily") == 10 * COST
+    assert settled_while_lost(prefix) == {}
+
+
 def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
         spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
     # A budget of 5 requests that stays open while Redis is down. Outage 1: 2 go through

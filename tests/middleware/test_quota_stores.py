@@ -341,6 +341,31 @@ async def test_a_seed_holds_the_reservations_in_flight_it_is_given(
     assert await store.committed([check]) == [240]
 
 
+async def test_settles_that_find_a_budget_counter_lost_are_added_by_its_seed(
+        store: Store, clock: FakeClock) -> None:
+    # A settle that found the counter lost (Redis flushed, not seeded again yet) changed
+    # nothing, and the seed counted the ledger alone, which may not have that request yet
+    # (its gateway writes it later): its spend was never counted. It waits beside the
+    # counter; the seed adds it, but for the requests the ledger already counts.
+    check = budget(1000, 100, clock.now + 3600)
+    await store.settle("s1", [check], [40])
+    await store.settle("s2", [check], [25])
+    await store.settle("s3", [check], [0])  # nothing spent: nothing kept
+    assert await store.committed([check]) == [None]
+    settles = await store.unseeded_settles(check)
+    assert settles == {"s1": 40, "s2": 25}
+    await store.settle("s4", [check], [10])  # after they were read: maybe in the ledger too
+    assert not await store.seed(check, 500, None, list(settles), ["s1"])
+    assert await store.committed([check]) == [None]
+    settles = await store.unseeded_settles(check)
+    assert await store.seed(check, 500, {"q1": 100}, list(settles), ["s1"])
+    assert await store.committed([check]) == [500 + 25 + 10 + 100]
+    assert await store.unseeded_settles(check) == {}
+    ended = budget(1000, 100, clock.now - BUDGET_SLACK_S - 1, key="budget:ended")
+    await store.settle("s5", [ended], [30])  # its period is over: nobody seeds it again
+    assert await store.unseeded_settles(ended) == {}
+
+
 async def test_a_debt_that_takes_longer_than_redis_can_expire_is_kept(
         store: Store, clock: FakeClock) -> None:
     # A usage this absurd (reported upstream) leaves a debt that refills in 6.3 million
