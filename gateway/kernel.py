@@ -34,6 +34,7 @@ from gateway.body_deadline import BodyDeadlines
 from gateway.config import GatewayConfig
 from gateway.context import (
     CONTEXT_KEY,
+    OPENAI_RESPONSES,
     PRINCIPAL_KEY,
     SELF_USAGE_PATH,
     RequestContext,
@@ -62,6 +63,7 @@ from gateway.metrics import (
     register_otlp,
 )
 from gateway.policy import model_allowed
+from gateway.tokens import remember_conversation
 from gateway.tracing import tracing_from
 
 Scope = MutableMapping[str, Any]
@@ -563,6 +565,8 @@ class Kernel:
                 metrics.record(ctx, time.monotonic())
             if ctx.trace is not None:
                 ctx.trace.end(ctx)
+            if ctx.operation == OPENAI_RESPONSES:  # (its follow-ups are billed it as input)
+                remember_conversation(ctx)
             if ctx.on_end is not None:
                 _run_end_hooks(ctx)
 

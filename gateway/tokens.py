@@ -12,6 +12,7 @@ the call.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +137,8 @@ def _responses_input(body: dict[str, Any], tokenizer: LoadedTokenizer | None
     """(input tokens, exact) of a Responses request: its `instructions`, `tools` and
     `input`, a string (one user message) or a list of items. Messages count as chat
     messages do; the other items (function calls and their outputs, reasoning summaries,
-    ...) by the text they hold, and their images at `_PER_IMAGE`."""
+    ...) by the text they hold, and their images at `_PER_IMAGE`; a `previous_response_id`
+    this process answered, the conversation it ends (`remember_conversation`)."""
     value = body.get("input")
     items: list[Any] = [{"role": "user", "content": value}] if isinstance(value, str) else \
         value if isinstance(value, list) else []
@@ -151,6 +153,10 @@ def _responses_input(body: dict[str, Any], tokenizer: LoadedTokenizer | None
         total, exact = estimate_messages(messages, instructions, tools), False
     else:
         total, exact = count_messages(messages, tokenizer, instructions, tools)
+    previous = body.get("previous_response_id")
+    if type(previous) is str and previous in _CONVERSATIONS:
+        total += _CONVERSATIONS[previous]
+        exact = False
     if others:
         texts, images = _input_texts(others)
         text = "".join(texts)
@@ -158,6 +164,33 @@ def _responses_input(body: dict[str, Any], tokenizer: LoadedTokenizer | None
             _PER_IMAGE * images + _PER_MESSAGE * len(others)
         exact = False
     return total, exact
+
+
+# Response id -> the tokens of the conversation it ends (its input and its output, less the
+# reasoning, which OpenAI leaves out of a follow-up's context), for the follow-ups that
+# name it in `previous_response_id`: OpenAI bills them that conversation as input, which
+# their own body does not show (50k tokens of history behind a 5-token question). In this
+# process, bounded; a follow-up served by another instance is estimated by its body alone.
+_CONVERSATIONS: OrderedDict[str, int] = OrderedDict()
+_CONVERSATIONS_MAX = 100_000
+
+
+def remember_conversation(ctx: RequestContext) -> None:
+    """Notes the conversation a Responses request ended with (`_CONVERSATIONS`), once it is
+    answered: its id, from the JSON answer or the stream's `response.created`, and its
+    size, from the usage it was billed."""
+    usage = ctx.usage
+    if usage is None or ctx.status != 200 or ctx.cache_status in ("hit", "semantic-hit"):
+        return
+    answer = ctx.sent_json[1] if ctx.sent_json is not None else \
+        (ctx.first_event or {}).get("response")
+    response_id = answer.get("id") if isinstance(answer, dict) else None
+    if type(response_id) is not str:
+        return
+    _CONVERSATIONS[response_id] = max(
+        usage.input_tokens + usage.output_tokens - usage.reasoning_tokens, 0)
+    if len(_CONVERSATIONS) > _CONVERSATIONS_MAX:
+        _CONVERSATIONS.popitem(last=False)
 
 
 def _input_texts(value: Any) -> tuple[list[str], int]:

@@ -129,3 +129,36 @@ def test_a_responses_input_counts_every_item_instructions_and_tools() -> None:
         {"type": "reasoning", "id": "rs_1", "encrypted_content": "Z" * 4000,
          "summary": [{"type": "summary_text", "text": "efgh"}]}]
     assert tokens({"input": parts}) == 3 * 2 + 2 + 85 + 3
+
+
+def test_a_responses_follow_up_counts_the_conversation_it_continues() -> None:
+    """OpenAI bills a follow-up (`previous_response_id`) the stored conversation as input:
+    the answer's input and output, less its reasoning (which a follow-up's context leaves
+    out). Noted from a JSON answer's id or a stream's `response.created`; not from a cache
+    hit (its usage is the original call's) nor from a failed request."""
+    from gateway import context as c
+    from gateway.context import RequestContext, Usage
+    from gateway.tokens import estimate_input_tokens, remember_conversation
+
+    def ctx(body: dict[str, object], **fields: object) -> RequestContext:
+        made = RequestContext(request_id="r", operation=c.OPENAI_RESPONSES, api_format="openai",
+                              body=body, raw_body=b"", model="m", stream=False)
+        for name, value in fields.items():
+            setattr(made, name, value)
+        return made
+
+    def follow_up(previous: str) -> int:
+        return estimate_input_tokens(ctx({"input": "hi", "previous_response_id": previous}))
+
+    alone = estimate_input_tokens(ctx({"input": "hi"}))
+    usage = Usage(input_tokens=4000, output_tokens=300, reasoning_tokens=100)
+    remember_conversation(ctx({}, status=200, usage=usage, sent_json=(b"", {"id": "resp_j"})))
+    remember_conversation(ctx({}, status=200, usage=usage, stream=True,
+                              first_event={"type": "response.created",
+                                           "response": {"id": "resp_s"}}))
+    assert follow_up("resp_j") == follow_up("resp_s") == alone + 4200
+    for unnoted in ({"status": 200, "cache_status": "hit"}, {"status": 500},
+                    {"status": 200, "usage": None}):
+        remember_conversation(ctx({}, **{"usage": usage, **unnoted},
+                                  sent_json=(b"", {"id": "resp_x"})))
+    assert follow_up("resp_x") == follow_up("resp_unknown") == alone

@@ -1563,3 +1563,38 @@ def test_admin_usage_reports_committed_spend(start: Start, store: str,
     shown = httpx.get(url, headers=admin)
     assert shown.status_code == 200
     assert shown.json() == usage("0.00006")
+
+
+def test_a_responses_follow_up_reserves_the_conversation_it_is_billed(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    """A follow-up naming `previous_response_id` is billed the stored conversation as input
+    (the mock, as OpenAI, bills it); its body holds only the new turn. Six at once, each
+    billed about 4,000 micro-dollars, against the 16,000 a 20,000 budget has left after the
+    first call: before, each reserved its body's few tokens, all six were admitted, and the
+    budget was spent to about 28,000."""
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.02', period='lifetime'),))")),
+                    quota(store))
+    headers = {"authorization": f"Bearer {TEST_KEY}"}
+    history = " ".join(f"w{n}" for n in range(4000))  # 4,000 tokens to the mock
+    first = httpx.post(gateway.url + "/v1/responses", headers=headers, timeout=10, json={
+        "model": "gpt-mock", "input": history, "max_output_tokens": 16})
+    assert first.status_code == 200, first.text
+    usage = first.json()["usage"]  # ($1 per 1M input tokens, $2 per 1M output)
+    cost = usage["input_tokens"] + 2 * usage["output_tokens"]
+    assert eventually(lambda: gateway.committed("lifetime"), cost) == cost
+    assert 4000 <= cost < 4100
+
+    def follow_up(_: int) -> int:
+        return httpx.post(gateway.url + "/v1/responses", headers=headers, timeout=10, json={
+            "model": "gpt-mock", "input": "go on", "max_output_tokens": 16,
+            "previous_response_id": first.json()["id"]}).status_code
+
+    mock.config.update({"ttft_s": 0.5})
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = sorted(pool.map(follow_up, range(6)))
+    finally:
+        mock.config.update({"ttft_s": 0.0})
+    assert statuses == [200] * 3 + [402] * 3
+    time.sleep(0.3)
+    assert (gateway.committed("lifetime") or 0) <= 20_000

@@ -54,24 +54,29 @@ async def responses(call: Call) -> web.StreamResponse:
     if previous is not None and previous not in stored:
         raise BadRequest(f"Previous response with id '{previous}' not found.",
                          param="previous_response_id", code="previous_response_not_found")
-    reply = reply_for(call.bounded(responses_conversation(body)))
+    conv = responses_conversation(body)
+    if previous is not None:  # (billed as input: the stored conversation the reply follows)
+        conv.input_tokens += stored[previous]
+    reply = reply_for(call.bounded(conv))
     final = response_object(body, reply, random_id("resp_", 48), _item_id(reply))
     if body.get("store", True) is not False and len(stored) < _MAX_STORED:
-        stored.add(final["id"])
+        stored[final["id"]] = reply.input_tokens + reply.output_tokens
     if body.get("stream") is not True:
         return await respond_json(call, final)
     items = response_events(final, reply, call.config.chunk_chars)
     return await respond_stream(call, items, _error_event(call, items, final))
 
 
-def _stored_responses(call: Call) -> set[str]:
-    """The ids of the responses stored for the call's API key. OpenAI keeps a response
+def _stored_responses(call: Call) -> dict[str, int]:
+    """The responses stored for the call's API key: id -> the tokens of the conversation it
+    ends (its input and output), which a follow-up naming it is billed as input, as OpenAI
+    bills the stored context (the reply is not made from it). OpenAI keeps a response
     (`store`, true by default) for its own organization and project only: a
     `previous_response_id` it does not hold is refused with 400 `previous_response_not_found`,
     "Previous response with id '...' not found." (as clients quote it: bigduu/Bamboo-agent#513,
-    maximhq/bifrost#2441). The mock keeps only the ids, so a follow-up has no more context."""
+    maximhq/bifrost#2441)."""
     header = call.request.headers.get("authorization", "")
-    return call.state.stored_responses.setdefault(header[7:].strip(), set())
+    return call.state.stored_responses.setdefault(header[7:].strip(), {})
 
 
 def responses_conversation(body: JSON) -> Conversation:

@@ -47,7 +47,7 @@ class ServerState:
     prompt_cache: dict[str, float] = field(default_factory=dict)
     # The Responses API's stored responses: API key -> the ids of the responses made with it
     # (an account sees only its own: `previous_response_id` of another is not found).
-    stored_responses: dict[str, set[str]] = field(default_factory=dict)
+    stored_responses: dict[str, dict[str, int]] = field(default_factory=dict)
     # One bill per provider call while `MockConfig.record_bills` is on (see `Call.bill`).
     bills: list[JSON] = field(default_factory=list)
 
