@@ -6,6 +6,8 @@ response has already started. A bug is any other exception.
 """
 from __future__ import annotations
 
+import email.utils
+import re
 from typing import Any
 
 import orjson
@@ -45,6 +47,11 @@ _GEMINI_STATUS: dict[int, str] = {
 }
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+
+# A Retry-After's seconds: RFC 9110's delay-seconds, or with a fraction, which the failover
+# layer and the SDKs read as well (`float`). ASCII only: `\d` and `float` take any script's
+# digits too.
+_RETRY_AFTER_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class GatewayError(Exception):
@@ -109,6 +116,7 @@ class UpstreamError(GatewayError):
     "gemini") reaches a caller of that same format as it was: `native_type`, and for OpenAI
     `native_code` (when it gave one) and `param`. Other callers get the type their API uses
     for the status: for OpenAI's any 5xx is a `server_error`, as its own are.
+    A `retry_after` that is no Retry-After value (`_retry_after_value`) is dropped.
     """
 
     def __init__(
@@ -125,7 +133,8 @@ class UpstreamError(GatewayError):
         native_code: str | None = None,
         param: str | None = None,
     ) -> None:
-        headers = [(b"retry-after", retry_after.encode("latin-1"))] if retry_after else []
+        retry_after = _retry_after_value(retry_after)
+        headers = [(b"retry-after", retry_after.encode("ascii"))] if retry_after else []
         super().__init__(status, message, headers=headers, code=error_type, param=param)
         self.provider = provider
         self.upstream_error_type = error_type
@@ -149,6 +158,20 @@ class UpstreamError(GatewayError):
         if api_format == "openai" == self.wire_format and self.native_code is not None:
             body["error"]["code"] = self.native_code  # (else the error's kind, `code`)
         return body
+
+
+def _retry_after_value(value: str | None) -> str | None:
+    """`value` if it is a Retry-After, seconds or an HTTP date (RFC 9110 §10.2.3), else None.
+
+    A provider's header comes as it sent it: a full-width digit in UTF-8 or a stray byte
+    could not be encoded for the caller's response (a 500 where its 429 was), a control
+    character would be passed on.
+    """
+    if not value or not value.isascii():
+        return None
+    if _RETRY_AFTER_SECONDS.fullmatch(value):
+        return value
+    return value if value.isprintable() and email.utils.parsedate_tz(value) else None
 
 
 class UntranslatableRequest(GatewayError):

@@ -589,7 +589,7 @@ def parse_gemini_error(status: int, body: bytes) -> tuple[str, str]:
 
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 # A google.protobuf.Duration in JSON: seconds, with up to 9 fractional digits, and "s".
-_DURATION = re.compile(r"\d+(?:\.\d{1,9})?s")
+_DURATION = re.compile(r"\d+(?:\.\d{1,9})?s", re.ASCII)
 
 
 def gemini_retry_delay(body: bytes) -> str | None:
@@ -602,7 +602,8 @@ def gemini_retry_delay(body: bytes) -> str | None:
         if isinstance(detail, dict) and detail.get("@type") == _RETRY_INFO:
             delay = detail.get("retryDelay")
             if isinstance(delay, str) and _DURATION.fullmatch(delay):
-                return str(math.ceil(float(delay[:-1])))
+                seconds = float(delay[:-1])  # (400 digits are a float's inf)
+                return str(math.ceil(seconds)) if math.isfinite(seconds) else None
     return None
 
 

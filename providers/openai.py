@@ -291,8 +291,8 @@ class OpenAIAdapter(HTTPAdapter):
 # Only on a 429: every OpenAI answer carries the x-ratelimit-reset-* headers (when the limits
 # would be whole again, "6ms" after any call), which say nothing of a pause otherwise.
 _RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-_RESET = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")  # "6m0s", "1s", "20ms", "7.66s"
-_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_RESET = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+", re.ASCII)  # "6m0s", "1s", "20ms", "7.66s"
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)", re.ASCII)
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
@@ -316,7 +316,8 @@ def rate_limit_pause_s(headers: Mapping[str, str]) -> float | None:
 def _reset_duration_s(value: str | None) -> float | None:
     if value is None or not _RESET.fullmatch(value.strip()):
         return None
-    return sum(float(number) * _UNIT_S[unit] for number, unit in _RESET_PART.findall(value))
+    seconds = sum(float(number) * _UNIT_S[unit] for number, unit in _RESET_PART.findall(value))
+    return seconds if math.isfinite(seconds) else None  # (400 digits are a float's inf)
 
 
 def parse_openai_error(status: int, body: bytes) -> tuple[str, str]:

@@ -68,6 +68,10 @@ def test_a_retry_delay_is_whole_seconds_rounded_up(delay: str, seconds: str) -> 
     b'{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo"}]}}',
     (b'{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", '
      b'"retryDelay": "soon"}]}}'),
+    (b'{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", '
+     b'"retryDelay": "' + b"9" * 400 + b's"}]}}'),  # (a float's inf: it was an OverflowError)
+    (b'{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", '
+     b'"retryDelay": "\xef\xbc\x95s"}]}}'),  # a full-width 5
     b"<html>Too Many Requests</html>", b""])
 def test_a_body_without_a_readable_retry_delay_has_none(body: bytes) -> None:
     assert gemini_retry_delay(body) is None

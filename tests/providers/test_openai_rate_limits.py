@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 
@@ -80,6 +81,33 @@ def test_the_reset_headers_of_an_answer_that_is_no_429_are_no_pause(
         cooling = cooling_s(gateway, "openai")
     assert refused.status_code == 503 and "retry-after" not in refused.response.headers
     assert cooling is None
+
+
+@pytest.mark.parametrize("headers", [
+    {"retry-after": "\uff15"},  # a full-width 5, in UTF-8 on the wire
+    {"retry-after": "5 x"},
+    dict.fromkeys(("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"),
+                  "9" * 400 + "s"),  # a float's inf
+], ids=["full-width-digit", "not-a-value", "overflowing-reset"])
+def test_a_429_with_an_unreadable_pause_is_passed_on_without_one(
+        tmp_path: Path, mock: MockProviderServer, headers: dict[str, str]) -> None:
+    # (it was a 500 in either shape: the header could not be encoded for the caller, or
+    # the reset's seconds rounded)
+    for _ in range(2):
+        mock.push_fault(Fault("status", provider="openai", status=429,
+                              retry_after_header=False, headers=headers))
+    with serve(tmp_path, config(mock)) as gateway:
+        refused = ask(gateway, "openai")
+        cooling = cooling_s(gateway, "openai")
+        claude = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+        with pytest.raises(anthropic.RateLimitError) as as_anthropic:
+            claude.messages.create(model="openai", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert refused.status_code == 429 and refused.code == "rate_limit_exceeded"
+    assert "retry-after" not in refused.response.headers and cooling is None
+    assert as_anthropic.value.body == {"type": "error", "error": {
+        "type": "rate_limit_error", "message": as_anthropic.value.body["error"]["message"]}}
+    assert "retry-after" not in as_anthropic.value.response.headers
 
 
 @pytest.mark.parametrize("headers,pause_s", [
