@@ -238,6 +238,9 @@ class RequestContext:
     status: int = 0
     error_type: str | None = None
     client_disconnected: bool = False
+    # Written by the kernel as the response's last message goes to the server: a disconnect
+    # that comes after it is no client leaving (gateway/disconnect.py).
+    response_ended: bool = False
     # Written by the cache layer.
     cache_status: str | None = None
     # Headers any layer wants on the response: the kernel adds them to the response start (or

@@ -8,6 +8,11 @@ The watcher starts `WATCH_AFTER_S` into the request, not at once: a task per req
 largest single cost on the hot path, most fast calls are over before then, and a disconnect
 that happened earlier is still seen at once when the watcher starts (it is queued). So the
 provider call is cancelled at most `WATCH_AFTER_S` after the client left.
+
+A disconnect that comes once the response's last message has gone out (`ctx.response_ended`)
+is no client leaving: hypercorn reports one as it sends the end of every response, which a
+layer that awaits after forwarding that message (an audit write) would otherwise see as a
+departure, cancelling and flagging a request answered in full.
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ async def run_until_disconnect(
 
     def on_message(received: asyncio.Future[MutableMapping[str, Any]]) -> None:
         # Runs in a later loop step. The disconnect is always recorded (the server sends it
-        # once, and a retry of `work` must see it); the task is cancelled only while `work`
-        # runs, so a late disconnect never cancels whatever the task does next.
-        if received.cancelled() or received.exception() is not None:
+        # once, and a retry of `work` must see it), unless the response has ended; the task
+        # is cancelled only while `work` runs, so a late disconnect never cancels whatever
+        # the task does next.
+        if received.cancelled() or received.exception() is not None or ctx.response_ended:
             return
         if received.result().get("type") == "http.disconnect":
             ctx.client_disconnected = True

@@ -537,6 +537,8 @@ class Kernel:
                 if server_timing:
                     elapsed_ms = (time.monotonic() - ctx.started_monotonic) * 1000
                     message["headers"].append((b"server-timing", b"gateway;dur=%.3f" % elapsed_ms))
+            elif not message.get("more_body", False):
+                ctx.response_ended = True
             return send(message)
 
         metrics = self.metrics

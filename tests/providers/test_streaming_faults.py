@@ -25,6 +25,7 @@ from tests.harness import (
     mock_config,
     start_cli_gateway,
     stop_process,
+    wait_for,
     write_config,
 )
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
@@ -286,6 +287,65 @@ def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
             assert slow.cancelled_streams == 1
     finally:
         slow.stop()
+
+
+AUDITS_AFTER_SENDING = '''
+import asyncio
+
+
+class AuditsAfterSending:
+    """A custom layer that awaits an audit write after each message it forwards, and notes
+    how each request ended."""
+
+    def __init__(self, app):
+        self.app = app
+        self.seen = []
+
+    async def __call__(self, scope, receive, send):
+        from gateway.context import find_request_context
+        ctx = find_request_context(scope)
+        if ctx is not None:
+            ctx.at_end(lambda ctx: self.seen.append((ctx.status, ctx.client_disconnected)))
+
+        async def send_then_audit(message):
+            await send(message)
+            await asyncio.sleep(0.01)  # the audit sink's write
+
+        await self.app(scope, receive, send_then_audit)
+
+
+middleware = [Middleware(AuditsAfterSending), Middleware(CacheMiddleware)]
+'''
+
+
+def test_a_response_sent_in_full_is_no_disconnect_whatever_a_layer_awaits_after_it(
+        tmp_path: Path) -> None:
+    # hypercorn reports a disconnect as it sends the end of every response; one that came
+    # while the audit layer awaited, past the watcher's start, was taken for the client
+    # leaving: the request cancelled and flagged, its answer never cached.
+    slow = MockProviderServer(MockConfig(ttft_s=0.3))
+    slow.start()
+    try:
+        config = write_config(tmp_path, mock_config(slow.url, middleware="[]",
+                                                    extra=AUDITS_AFTER_SENDING))
+        with ThreadedServer(create_app(config)) as server:
+            sdk = oai(server)
+            streamed = [chunk for chunk in sdk.chat.completions.create(
+                model="gpt-mock", messages=QUESTION, stream=True)]
+
+            def cached() -> str:  # (the answer is stored after it went out)
+                return sdk.chat.completions.with_raw_response.create(
+                    model="gpt-mock", messages=QUESTION, temperature=0
+                ).headers["x-sluicegate-cache"]
+
+            first = cached()
+            stored = wait_for(lambda: cached() == "hit", timeout_s=5)
+            seen = server.app.components[0].seen
+    finally:
+        slow.stop()
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    assert first == "miss" and stored
+    assert len(seen) >= 3 and set(seen) == {(200, False)}
 
 
 def test_provider_key_in_an_upstream_error_is_redacted(gateway: ThreadedServer,
