@@ -519,6 +519,14 @@ class HTTPAdapter:
                 async with deadline:
                     response = await self._post(exchange)
                     await self._raise_for_status(response, attempt)
+                    if "content-type" in response.headers and \
+                            response.content_type != "text/event-stream":
+                        # (a server that ignored `stream`, and answered JSON: no event in it)
+                        attempt.error_type = "bad_response"
+                        raise UpstreamError(502, f"Provider '{self.name}' answered a stream "
+                                                 "request without an event stream "
+                                                 f"({self.redact(response.content_type)[:60]}).",
+                                            provider=self.name, error_type="bad_response")
                     first = await self._first_events(response, codec)
                     marker, count = delivered_counting(ctx.operation, first)
                     ctx.first_byte_s = time.monotonic() - ctx.started_monotonic

@@ -119,8 +119,9 @@ class PassthroughCodec:
     is still a plain error response that the failover layer can retry elsewhere.
 
     `end_markers` are bytes of which one is in the stream's final event (`[DONE]\n`,
-    `"message_stop"`): only the events of the last two reads are searched, once the upstream
-    ended.
+    `"message_stop"`): only the data of the events of the last two reads is searched, once
+    the upstream ended. A stream in which no event was parsed (a JSON answer sent for it)
+    ended before its final event too.
 
     `read_error` finds the error an event reports (every event holding `"error"` is asked).
     An error event after output is cut off, for the caller to end the stream with its own
@@ -271,8 +272,9 @@ class PassthroughCodec:
         if self._ending is not None:  # the upstream ended before its last event: its error
             self.error = self._ending
             return out
-        if self.error is None and self._last and self._end_markers and not any(
-                marker in self._last or marker in self._before for marker in self._end_markers):
+        if self.first_event is None and self.error is None and self._last:  # (none sent)
+            raise incomplete_stream(self._final_event)
+        if self.error is None and self._last and self._end_markers and not self._ended():
             error = incomplete_stream(self._final_event)
             if not out:  # (a preamble still held back is dropped: nothing went out)
                 raise error
@@ -281,6 +283,13 @@ class PassthroughCodec:
         if self._held:  # a stream without any output: deliver its preamble as it was
             out, self._held = self._forward(self._held) + out, None
         return out
+
+    def _ended(self) -> bool:
+        """Whether the data of the last reads' events holds an end marker (each event's
+        data lines, ended as an event ends; not a comment, nor bytes that are no event)."""
+        data = b"".join(found + b"\n\n" for events in (self._before, self._last)
+                        for block in events.split(b"\n\n") if (found := _data_of(block)))
+        return any(marker in data for marker in self._end_markers)
 
     @property
     def next_sequence_number(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import orjson
 
 from gateway.sse import SSEParser, split_complete_events
-from providers.openai import _chat_usage
+from providers.openai import _CHAT_END, _chat_usage
 from providers.streams import PassthroughCodec, StreamError, chat_chunk_has_content
 
 CHUNK = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
@@ -209,3 +209,36 @@ def test_a_chunk_carrying_only_reasoning_or_thinking_blocks_is_output() -> None:
     for delta in ({"reasoning_content": "Let me"}, {"reasoning": "Let me"},
                   {"thinking_blocks": [{"type": "redacted_thinking", "data": "EmwK"}]}):
         assert chat_chunk_has_content(chunk(delta)), delta
+
+
+def finish_error(codec: PassthroughCodec) -> StreamError | None:
+    """The error `finish` raises or leaves in `codec.error`."""
+    try:
+        codec.finish()
+    except StreamError as exc:
+        return exc
+    return codec.error
+
+
+def test_a_json_answer_to_a_stream_request_is_an_incomplete_stream() -> None:
+    # (a server that ignores `stream`: its answer holds `"finish_reason":"`, an end marker,
+    # in no event; the body went out as a stream without any)
+    answer = orjson.dumps({"id": "1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"},
+         "finish_reason": "stop"}]})
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END)
+    assert codec.feed(answer) == b""
+    error = finish_error(codec)
+    assert error is not None and error.error_type == "incomplete_stream"
+
+
+def test_an_end_marker_outside_an_events_data_ends_no_stream() -> None:
+    comment = b': "finish_reason":"stop" [DONE]\n\n'
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END)
+    assert codec.feed(CHUNK + comment) == CHUNK + comment
+    error = finish_error(codec)
+    assert error is not None and error.error_type == "incomplete_stream"
+    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END)
+    assert codec.feed(CHUNK + comment) + codec.feed(DONE) + codec.finish() == \
+        CHUNK + comment + DONE
+    assert codec.error is None

@@ -290,7 +290,7 @@ async def messages(call: Call) -> web.StreamResponse:
     cache = prompt_cache(call, body, reply.input_tokens)
     message_id = random_id("msg_01", 22)
     model = call.answered_model(str(body["model"]))
-    if body.get("stream") is True:
+    if body.get("stream") is True and call.fault_of("ignore_stream") is None:
         items = message_events(message_id, model, reply, call.config.chunk_chars, cache,
                                thinking)
         return await respond_stream(call, items, call.stream_error())

@@ -83,7 +83,7 @@ async def chat_completions(call: Call) -> web.StreamResponse:
         chat.reasoning_field = call.config.reasoning_field
         chat.reasoning = "Reasoning about: " + conversation.last_user_text
     finish = finish_reason(reply, body.get("tool_choice"))
-    if body.get("stream") is True:
+    if body.get("stream") is True and call.fault_of("ignore_stream") is None:
         items = chat_chunks(chat, reply, finish, call.config.chunk_chars)
         if chat.azure and call.config.azure_prompt_filter_chunk:
             items.insert(0, azure_prompt_filter_chunk())

@@ -475,6 +475,45 @@ def test_an_error_answered_with_a_200_fails_over_as_its_status_would(
     assert len(mock.requests) == calls + 1
 
 
+def test_a_json_answer_to_a_stream_request_is_a_502_before_the_stream(
+        gateway: ThreadedServer, mock: MockProviderServer) -> None:
+    # A server that ignores `stream` answers the JSON completion: it went to an OpenAI
+    # caller of an OpenAI deployment as a 200 event stream holding no event (the SDK
+    # yielded no chunk, and no error).
+    mock.push_fault(Fault("ignore_stream", provider="openai"))
+    with pytest.raises(openai.APIStatusError) as failed:
+        list(oai(gateway).chat.completions.create(model="gpt-mock", messages=QUESTION,
+                                                  stream=True))
+    assert (failed.value.status_code, failed.value.code) == (502, "bad_response")
+    assert "without an event stream (application/json)" in failed.value.message
+    mock.push_fault(Fault("ignore_stream", provider="anthropic"))
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        claude(gateway).messages.create(model="claude-mock", max_tokens=20, messages=QUESTION,
+                                        stream=True)
+    assert refused.value.status_code == 502
+    assert refused.value.body == {"type": "error", "error": {
+        "type": "api_error", "message": refused.value.body["error"]["message"]}}
+
+
+def test_a_json_answer_to_a_stream_request_fails_over(tmp_path: Path,
+                                                      mock: MockProviderServer) -> None:
+    extra = ('models["pair"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
+             'Deployment("openai", "gpt-4o", price=MOCK_PRICE)]\n'
+             'from middleware.failover import Route\n'
+             'middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), '
+             'breaker=NEVER_OPENS, routes={"pair": Route(strategy="priority")})]\n')
+    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=extra))
+    with ThreadedServer(create_app(config)) as server:
+        mock.push_fault(Fault("ignore_stream", provider="openai"))
+        raw = oai(server).chat.completions.with_raw_response.create(
+            model="pair", messages=QUESTION, stream=True)
+        text = "".join(choice.delta.content or "" for chunk in raw.parse()
+                       for choice in chunk.choices)
+    assert text
+    assert raw.headers["x-sluicegate-deployment"] == "openai/gpt-4o"
+    assert raw.headers["x-sluicegate-attempts"] == "2"
+
+
 def test_a_client_that_reads_slowly_is_no_provider_stall(tmp_path: Path) -> None:
     # A client that stops reading a long stream for longer than the provider's idle_s holds
     # the gateway's sends: that wait was timed as the provider's idle gap, and the stream
