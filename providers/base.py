@@ -457,7 +457,9 @@ class HTTPAdapter:
         await self._raise_for_status(response, attempt)
         try:
             return await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except TimeoutError:  # (total_s, after the headers; aiohttp's ServerTimeoutError too)
+            raise self._timeout_error("reading the response") from None
+        except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
         finally:
             response.release()

@@ -16,7 +16,7 @@ from typing import Any
 
 PROVIDERS = ("openai", "azure", "anthropic", "gemini", "mistral")
 FAULT_KINDS = ("status", "slow_first_byte", "reset", "error_event", "truncate", "stall",
-               "ignore_max_tokens", "omit_usage", "ignore_stream")
+               "ignore_max_tokens", "omit_usage", "ignore_stream", "slow_body")
 RESPONSES_ERROR_EVENTS = ("error", "error.nested", "response.failed")
 REASONING_FIELDS = (None, "reasoning_content", "reasoning")
 
@@ -185,6 +185,8 @@ class Fault:
                          `usageMetadata`), as some OpenAI-compatible servers send one.
       "ignore_stream"    streams (OpenAI chat, Anthropic): the JSON answer of the same
                          request without the stream, as a server that ignores `stream`.
+      "slow_body"        non-streams: the response headers at once, then silence for
+                         `delay_s`, then the answer (a provider that hung while sending it).
     `provider` None matches any provider. `message` overrides the error message; `code` and
     `param` set a "status" fault's `error.code` and `error.param` (OpenAI's shape only), and
     `code` an "error_event" fault's error: the code of a Responses API stream's error event

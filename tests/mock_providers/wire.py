@@ -191,6 +191,9 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
     if call.fault_of("omit_usage") is not None and isinstance(payload, dict):
         payload = {k: v for k, v in payload.items() if k not in ("usage", "usageMetadata")}
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    slow_body = call.fault_of("slow_body")
+    if slow_body is not None:
+        return await _respond_after_a_pause(call, body, content_type, slow_body.delay_s)
     if call.fault_of("reset") is None:
         call.keep_bill(200)
         transport = call.request.transport
@@ -198,6 +201,23 @@ async def respond_json(call: Call, payload: Any, content_type: str = JSON_TYPE) 
             gone = transport is None or transport.is_closing()
             call.bill.update(sent=b"" if gone else body, complete=not gone, cancelled=gone)
     return _response(200, body, call.headers, content_type)
+
+
+async def _respond_after_a_pause(call: Call, body: bytes, content_type: str,
+                                 delay_s: float) -> web.StreamResponse:
+    """A "slow_body" fault: the headers at once, the body `delay_s` later."""
+    response = web.StreamResponse(status=200, headers=call.headers)
+    response.headers["content-type"] = content_type
+    response.content_length = len(body)
+    call.keep_bill(200)
+    await response.prepare(call.request)  # (a StreamResponse sends its headers at once)
+    await asyncio.sleep(delay_s)
+    try:
+        await response.write(body)
+        await response.write_eof()
+    except ConnectionError:  # the client gave up waiting
+        pass
+    return response
 
 
 async def respond_stream(call: Call, items: Sequence[StreamItem], error_event: bytes,

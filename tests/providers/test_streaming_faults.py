@@ -100,6 +100,20 @@ def test_slow_first_byte_times_out_with_504(impatient_gateway: ThreadedServer,
     assert time.monotonic() - began < 2.0  # gave up at the first-byte timeout, not the mock
 
 
+@pytest.mark.parametrize("kind", ["slow_first_byte", "slow_body"])
+def test_an_answer_past_total_s_is_a_504_before_or_after_its_headers(
+        tmp_path: Path, mock: MockProviderServer, kind: str) -> None:
+    # (its headers in time, its body not: it was a 502 connection_error, "Could not reach
+    # provider", which no failover policy reads as a timeout)
+    text = mock_config(mock.url).replace("total_s=30", "total_s=1")
+    mock.push_fault(Fault(kind=kind, provider="openai", delay_s=3.0))
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server, \
+            pytest.raises(openai.APIStatusError) as failure:
+        oai(server).chat.completions.create(model="gpt-mock", messages=QUESTION)
+    assert (failure.value.status_code, failure.value.code) == (504, "timeout")
+    assert "timed out" in failure.value.message
+
+
 @pytest.mark.parametrize("model,provider", [("gpt-mock", "openai"), ("claude-mock", "anthropic"),
                                             ("gemini-mock", "gemini")])
 def test_error_event_before_content_is_an_error_response(
