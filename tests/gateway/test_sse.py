@@ -230,15 +230,3 @@ def test_a_json_answer_to_a_stream_request_is_an_incomplete_stream() -> None:
     assert codec.feed(answer) == b""
     error = finish_error(codec)
     assert error is not None and error.error_type == "incomplete_stream"
-
-
-def test_an_end_marker_outside_an_events_data_ends_no_stream() -> None:
-    comment = b': "finish_reason":"stop" [DONE]\n\n'
-    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END)
-    assert codec.feed(CHUNK + comment) == CHUNK + comment
-    error = finish_error(codec)
-    assert error is not None and error.error_type == "incomplete_stream"
-    codec = PassthroughCodec(_chat_usage, chat_chunk_has_content, end_markers=_CHAT_END)
-    assert codec.feed(CHUNK + comment) + codec.feed(DONE) + codec.finish() == \
-        CHUNK + comment + DONE
-    assert codec.error is None
