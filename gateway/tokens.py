@@ -195,21 +195,8 @@ def remember_conversation(ctx: RequestContext) -> None:
 
 def _input_texts(value: Any) -> tuple[list[str], int]:
     """(the strings, the number of images) in Responses input items, but for the members
-    `_NOT_INPUT_TEXT` names (iterative, as `_generated_texts`)."""
-    texts: list[str] = []
-    images = 0
-    pending: list[Any] = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, list):
-            pending.extend(reversed(item))
-        elif isinstance(item, dict):
-            if item.get("type") in _IMAGE_PARTS:
-                images += 1
-            pending.extend(reversed([v for k, v in item.items() if k not in _NOT_INPUT_TEXT]))
-    return texts, images
+    `_NOT_INPUT_TEXT` names."""
+    return _strings(value, _NOT_INPUT_TEXT, _IMAGE_PARTS)
 
 
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
@@ -325,9 +312,17 @@ def answered_usage(ctx: RequestContext, answer: Any) -> Usage | None:
 
 
 def _generated_texts(value: Any) -> list[str]:
-    """The strings of an answer's generated part, but for `_NOT_GENERATED` members
-    (iterative: an answer may nest as deep as its JSON parser allowed)."""
+    """The strings of an answer's generated part, but for `_NOT_GENERATED` members."""
+    return _strings(value, _NOT_GENERATED)[0]
+
+
+def _strings(value: Any, skipped: frozenset[str], images: frozenset[str] = frozenset()
+             ) -> tuple[list[str], int]:
+    """(the strings in `value`, but under the members `skipped` names; the number of objects
+    whose `type` is one of `images`), iterative: a body may nest as deep as its JSON parser
+    allowed."""
     texts: list[str] = []
+    counted = 0
     pending: list[Any] = [value]
     while pending:
         item = pending.pop()
@@ -336,5 +331,8 @@ def _generated_texts(value: Any) -> list[str]:
         elif isinstance(item, list):
             pending.extend(reversed(item))
         elif isinstance(item, dict):
-            pending.extend(reversed([v for k, v in item.items() if k not in _NOT_GENERATED]))
-    return texts
+            kind = item.get("type")
+            if images and type(kind) is str and kind in images:  # (a list is unhashable)
+                counted += 1
+            pending.extend(reversed([v for k, v in item.items() if k not in skipped]))
+    return texts, counted

@@ -129,6 +129,9 @@ def test_a_responses_input_counts_every_item_instructions_and_tools() -> None:
         {"type": "reasoning", "id": "rs_1", "encrypted_content": "Z" * 4000,
          "summary": [{"type": "summary_text", "text": "efgh"}]}]
     assert tokens({"input": parts}) == 3 * 2 + 2 + 85 + 3
+    # (items of no known shape count by their text, and raise nothing)
+    assert tokens({"input": [{"type": ["x"], "text": "abcd"}, {"type": {}}, 7]}) == \
+        3 * 3 + 1 + 3
 
 
 def test_a_responses_follow_up_counts_the_conversation_it_continues() -> None:
