@@ -1233,17 +1233,24 @@ def test_another_gateways_settles_while_a_counter_is_lost_are_counted(
     assert settled_while_lost(prefix) == {}
 
 
+def open_budget_of_five(start: Start, prefix: str, spend_table: str, redis_proxy: RedisProxy,
+                        store_retry_s: str) -> Gateway:
+    """A gateway whose key has a lifetime budget of 5 requests that stays open while Redis
+    (behind `redis_proxy`) is down, with a spend ledger."""
+    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
+    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
+    return start(auth(static_key(f"Limits(budgets=({budget},))")),
+                 quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
+                       store_retry_s=store_retry_s))
+
+
 def test_an_open_budget_is_counted_afresh_from_the_ledger_in_each_redis_outage(
         spend_table: str, prefix: str, start: Start, redis_proxy: RedisProxy) -> None:
     # A budget of 5 requests that stays open while Redis is down. Outage 1: 2 go through
     # the in-process fallback. Redis back: 3 more fill the budget there. Outage 2: the
     # fallback still counted 2 (what went through Redis was never in it), and let 3 more
     # past the cap; it is counted again from the ledger now, and refuses.
-    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
-    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
-    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
-                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
-                          store_retry_s="0.2"))
+    gateway = open_budget_of_five(start, prefix, spend_table, redis_proxy, '0.2')
     redis_proxy.stop()
     assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
     redis_proxy.start()
@@ -1262,11 +1269,7 @@ def test_what_an_open_budget_spent_in_a_redis_outage_is_added_to_its_counter_in_
     # A budget of 5 requests. 2 through Redis; in an outage 2 more through the in-process
     # fallback (seeded from the ledger: 4 spent). Redis, back, still counted 2 and let 3
     # more through: 7 requests against a cap of 5.
-    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
-    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
-    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
-                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
-                          store_retry_s="0.2"))
+    gateway = open_budget_of_five(start, prefix, spend_table, redis_proxy, '0.2')
     assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
     assert eventually(lambda: ledger_spend(spend_table), 2 * COST) == 2 * COST
     redis_proxy.stop()
@@ -1284,11 +1287,7 @@ def test_a_second_redis_outage_soon_after_the_first_counts_an_open_budget_afresh
     # over to Redis when it is back, 2 more through Redis: the budget is spent. Redis drops
     # again a moment later: a new outage began only once the last failure was 5 s old
     # (3 x store_retry_s + 2), so the fallback still counted 3, and let 2 more past the cap.
-    ledger = f"PostgresSpendLedger({PG_DSN!r}, table={spend_table!r})"
-    budget = "Budget('0.00015', period='lifetime', on_store_error='open')"
-    gateway = start(auth(static_key(f"Limits(budgets=({budget},))")),
-                    quota(redis_store(prefix, redis_proxy.url), ledger=ledger,
-                          store_retry_s="1"))
+    gateway = open_budget_of_five(start, prefix, spend_table, redis_proxy, '1')
     assert gateway.chat().status_code == 200
     assert eventually(lambda: ledger_spend(spend_table), COST) == COST
     redis_proxy.stop()

@@ -463,14 +463,17 @@ def test_an_error_answered_with_a_200_is_an_error_in_the_callers_shape(
         body["error"]["message"]
 
 
+# Two OpenAI deployments of one model, tried in order, the second after any failure.
+PAIR = ('models["pair"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
+        'Deployment("openai", "gpt-4o", price=MOCK_PRICE)]\n'
+        'from middleware.failover import Route\n'
+        'middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), '
+        'breaker=NEVER_OPENS, routes={"pair": Route(strategy="priority")})]\n')
+
+
 def test_an_error_answered_with_a_200_fails_over_as_its_status_would(
         tmp_path: Path, mock: MockProviderServer) -> None:
-    extra = ('models["pair"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
-             'Deployment("openai", "gpt-4o", price=MOCK_PRICE)]\n'
-             'from middleware.failover import Route\n'
-             'middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), '
-             'breaker=NEVER_OPENS, routes={"pair": Route(strategy="priority")})]\n')
-    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=extra))
+    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=PAIR))
     with ThreadedServer(create_app(config)) as server:
         mock.push_fault(Fault("status", provider="openai", status=429, sent_status=200))
         raw = oai(server).chat.completions.with_raw_response.create(model="pair",
@@ -511,12 +514,7 @@ def test_a_json_answer_to_a_stream_request_is_a_502_before_the_stream(
 
 def test_a_json_answer_to_a_stream_request_fails_over(tmp_path: Path,
                                                       mock: MockProviderServer) -> None:
-    extra = ('models["pair"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
-             'Deployment("openai", "gpt-4o", price=MOCK_PRICE)]\n'
-             'from middleware.failover import Route\n'
-             'middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2), '
-             'breaker=NEVER_OPENS, routes={"pair": Route(strategy="priority")})]\n')
-    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=extra))
+    config = write_config(tmp_path, mock_config(mock.url, middleware="none", extra=PAIR))
     with ThreadedServer(create_app(config)) as server:
         mock.push_fault(Fault("ignore_stream", provider="openai"))
         raw = oai(server).chat.completions.with_raw_response.create(
