@@ -225,20 +225,29 @@ def test_five_stop_sequences_reach_an_openai_compatible_server_that_sets_no_limi
     assert last_request(mock, "mistral")["stop"] == FIVE_STOPS
 
 
-def test_five_stop_sequences_go_to_the_deployment_that_takes_them(
-        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
-    """[OpenAI, Anthropic] by priority: OpenAI's deployment cannot take the request, so
-    Anthropic's serves it, every time, as it would serve an Anthropic client's."""
+def stops_gateway(tmp_path: Path, a: MockProviderServer, b: MockProviderServer, *,
+                  anthropic_first: bool) -> ThreadedServer:
+    """A gateway whose model `stops` is an OpenAI deployment (on `a`) and an Anthropic one
+    (on `b`), tried in the order asked, once each."""
+    openai_one = 'Deployment("openai", "gpt-4o", price=MOCK_PRICE)'
+    anthropic_one = 'Deployment("b", "claude-3-5-haiku-latest", price=MOCK_PRICE)'
+    order = [anthropic_one, openai_one] if anthropic_first else [openai_one, anthropic_one]
     text = mock_config(a.url, middleware="none", extra=f"""
 from middleware.failover import Route
 providers["b"] = Provider("anthropic", base_url="{b.base_url("anthropic")}",
                           api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
-models["stops"] = [Deployment("openai", "gpt-4o", price=MOCK_PRICE),
-                   Deployment("b", "claude-3-5-haiku-latest", price=MOCK_PRICE)]
+models["stops"] = [{", ".join(order)}]
 middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1),
                          routes={{"stops": Route(strategy="priority")}})]
 """)
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as gateway:
+    return ThreadedServer(create_app(write_config(tmp_path, text)))
+
+
+def test_five_stop_sequences_go_to_the_deployment_that_takes_them(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
+    """[OpenAI, Anthropic] by priority: OpenAI's deployment cannot take the request, so
+    Anthropic's serves it, every time, as it would serve an Anthropic client's."""
+    with stops_gateway(tmp_path, a, b, anthropic_first=False) as gateway:
         raw = oai(gateway).chat.completions.with_raw_response.create(
             model="stops", stop=FIVE_STOPS, messages=[{"role": "user", "content": "Hi"}])
     assert raw.parse().choices[0].message.content == "Mock reply to: Hi"
@@ -269,16 +278,7 @@ def test_a_whitespace_stop_sequence_goes_to_the_deployment_that_takes_it(
         tmp_path: Path, a: MockProviderServer, b: MockProviderServer) -> None:
     """[Anthropic, OpenAI] by priority: Anthropic's deployment cannot take the request, so
     OpenAI's serves it, with the stop sequence."""
-    text = mock_config(a.url, middleware="none", extra=f"""
-from middleware.failover import Route
-providers["b"] = Provider("anthropic", base_url="{b.base_url("anthropic")}",
-                          api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)
-models["stops"] = [Deployment("b", "claude-3-5-haiku-latest", price=MOCK_PRICE),
-                   Deployment("openai", "gpt-4o", price=MOCK_PRICE)]
-middleware = [Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=1),
-                         routes={{"stops": Route(strategy="priority")}})]
-""")
-    with ThreadedServer(create_app(write_config(tmp_path, text))) as gateway:
+    with stops_gateway(tmp_path, a, b, anthropic_first=True) as gateway:
         raw = oai(gateway).chat.completions.with_raw_response.create(
             model="stops", stop=["\n"], messages=[{"role": "user", "content": "Hi"}])
     assert raw.parse().choices[0].message.content == "Mock reply to: Hi"
