@@ -14,7 +14,12 @@ from gateway.upstream import Deployment
 from providers import anthropic_format as fmt
 from providers.base import Exchange, HTTPAdapter
 from providers.openai import client_wants_usage
-from providers.streams import OpenAIChunkSink, PassthroughCodec, TranslatingCodec
+from providers.streams import (
+    OpenAIChunkSink,
+    PassthroughCodec,
+    TranslatingCodec,
+    reported_model,
+)
 
 API_VERSION = "2023-06-01"
 _FORWARDED_HEADERS = (b"anthropic-beta", b"anthropic-version")
@@ -68,13 +73,17 @@ def _decode_native(payload: dict[str, Any]) -> tuple[None, Usage | None]:
 class AnthropicSource:
     """Anthropic events -> hub chunks (the translator raises StreamError on error events)."""
 
-    __slots__ = ("_translator",)
+    __slots__ = ("_translator", "reported_model")
 
     def __init__(self, translator: fmt.MessagesStreamToChat) -> None:
         self._translator = translator
+        self.reported_model: str | None = None  # (message_start's message.model)
 
     def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
-        return self._translator.feed(event or "", orjson.loads(data))
+        payload = orjson.loads(data)
+        if self.reported_model is None:
+            self.reported_model = reported_model(payload)
+        return self._translator.feed(event or "", payload)
 
     def finish(self) -> list[dict[str, Any]]:
         return []

@@ -20,7 +20,12 @@ from providers import anthropic_format
 from providers import gemini_format as fmt
 from providers.base import Exchange, HTTPAdapter
 from providers.openai import client_wants_usage
-from providers.streams import AnthropicEventSink, OpenAIChunkSink, TranslatingCodec
+from providers.streams import (
+    AnthropicEventSink,
+    OpenAIChunkSink,
+    TranslatingCodec,
+    reported_model,
+)
 
 Decoded = tuple[dict[str, Any], "Usage | None"]
 
@@ -28,15 +33,18 @@ Decoded = tuple[dict[str, Any], "Usage | None"]
 class GeminiSource:
     """Gemini SSE chunks -> hub chunks (the translator raises StreamError on error payloads)."""
 
-    __slots__ = ("_translator",)
+    __slots__ = ("_translator", "reported_model")
 
     def __init__(self, translator: fmt.GeminiStreamToChat) -> None:
         self._translator = translator
+        self.reported_model: str | None = None  # (a chunk's modelVersion)
 
     def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
         payload = orjson.loads(data)
         if isinstance(payload, list):  # errors may arrive wrapped in a one-element list
             payload = payload[0] if payload else {}
+        if self.reported_model is None:
+            self.reported_model = reported_model(payload)
         return self._translator.feed(payload)
 
     def finish(self) -> list[dict[str, Any]]:

@@ -391,6 +391,10 @@ class HubSource(Protocol):
     def ended(self) -> bool:
         """Whether the upstream's final event (or finish reason) arrived."""
 
+    @property
+    def reported_model(self) -> str | None:
+        """The model the upstream's events say answered (`reported_model`), once one has."""
+
 
 class HubSink(Protocol):
     """OpenAI chat chunks -> client bytes in the ingress format."""
@@ -415,6 +419,11 @@ class TranslatingCodec:
     @property
     def usage(self) -> Usage | None:
         return Usage.from_openai(self._source.usage)
+
+    @property
+    def reported_model(self) -> str | None:
+        """The model the upstream's own events say answered (before translation)."""
+        return self._source.reported_model
 
     def feed(self, chunk: bytes) -> bytes:
         return self._translate(self._parser.feed(chunk))
@@ -468,11 +477,12 @@ class OpenAIChunkSource:
     The stream's end is its `[DONE]`, or a choice's finish reason (some OpenAI-compatible
     servers end without `[DONE]`)."""
 
-    __slots__ = ("ended", "usage")
+    __slots__ = ("ended", "reported_model", "usage")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
         self.ended = False
+        self.reported_model: str | None = None
 
     def feed(self, event: str | None, data: str) -> list[dict[str, Any]]:
         if data == "[DONE]":
@@ -483,6 +493,8 @@ class OpenAIChunkSource:
         chunk = orjson.loads(data)
         if "error" in chunk and isinstance(chunk["error"], dict):
             raise error_of(chunk["error"])
+        if self.reported_model is None:
+            self.reported_model = reported_model(chunk)
         usage = chunk.get("usage")
         if usage:
             # Read now, as a passthrough stream's is: usage that cannot be read (a count not

@@ -156,8 +156,8 @@ def snapshots(mock: MockProviderServer) -> Iterator[MockProviderServer]:
 def test_the_response_model_is_the_one_the_provider_says_answered(
         traced: ThreadedServer, snapshots: MockProviderServer, spans: Any) -> None:
     """gen_ai.response.model: "the name of the model that generated the response" (GenAI
-    conventions), as the answer or the stream says it; it was the deployment's configured
-    name, and was set on a request no provider answered."""
+    conventions), as the answer or the stream says it, translated or not; it was the
+    deployment's configured name, and was set on a request no provider answered."""
     sdk = openai.OpenAI(base_url=traced.url + "/v1", api_key=TEST_KEY, max_retries=0)
     answer = sdk.chat.completions.create(model="gpt-mock", messages=[
         {"role": "user", "content": "which snapshot"}])
@@ -176,6 +176,20 @@ def test_the_response_model_is_the_one_the_provider_says_answered(
         message = stream.get_final_message()
     assert message.model == "claude-3-5-haiku-20241022"
     assert request_span(spans).attributes["gen_ai.response.model"] == message.model
+    spans.clear()
+    # Translated streams: the model the upstream's own events name, not the public name
+    # the client's chunks carry.
+    for model, answered in (("claude-mock", "claude-3-5-haiku-20241022"),
+                            ("gemini-mock", "gemini-2.0-flash")):
+        chunks = list(sdk.chat.completions.create(model=model, stream=True, messages=[
+            {"role": "user", "content": "translated"}]))
+        assert chunks[0].model == model
+        assert request_span(spans).attributes["gen_ai.response.model"] == answered
+        spans.clear()
+    with claude.messages.stream(model="gpt-mock", max_tokens=64, messages=[
+            {"role": "user", "content": "an OpenAI answer to Claude's SDK"}]) as stream:
+        assert stream.get_final_message().model == "gpt-mock"
+    assert request_span(spans).attributes["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
     spans.clear()
     snapshots.push_fault(Fault("status", provider="openai", status=503))
     with pytest.raises(openai.InternalServerError):
