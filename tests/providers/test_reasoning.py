@@ -19,7 +19,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.context import Usage, request_context
-from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, write_config
+from tests.harness import AUTH, TEST_KEY, ThreadedServer, config_head, wait_for, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
 
 QUESTION = "why is the sky blue"
@@ -183,6 +183,8 @@ def test_reasoning_tokens_reach_an_anthropic_client_and_stay_metered(
     for usage in (message.usage, streamed.usage, hit.parse().usage):
         assert usage.output_tokens_details is not None
         assert usage.output_tokens_details.to_dict() == {"thinking_tokens": reasoning_tokens}
+    assert wait_for(lambda: len(SEEN) == 3)  # (appended once the app returns: after the
+    # client has the last byte)
     assert [seen.reasoning_tokens if seen else None for seen in SEEN] == [reasoning_tokens] * 3
     assert SEEN[0] == SEEN[1] == SEEN[2] and SEEN[0] is not None
     assert SEEN[0].output_tokens == reasoning_tokens + len(f"{REPLY} {field}".split())

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from tests.harness import TEST_KEY, ThreadedServer, config_head, write_config
+from tests.harness import TEST_KEY, ThreadedServer, config_head, wait_for, write_config
 from tests.mock_providers import MockConfig, MockProviderServer
 from tests.mock_providers.anthropic_api import REDACTED_TRIGGER, redacted_data, thinking_signature
 from tests.providers.test_reasoning import SEEN
@@ -254,6 +254,7 @@ def test_thinking_tokens_are_reasoning_tokens_live_streamed_and_from_the_cache(
         assert usage is not None and usage.completion_tokens_details is not None
         assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) \
             == (output_tokens, thinking_tokens)
+    assert wait_for(lambda: len(SEEN) == 3)  # (appended after the client has the last byte)
     assert [(seen.output_tokens, seen.reasoning_tokens) if seen else None for seen in SEEN] \
         == [(output_tokens, thinking_tokens)] * 3
 
@@ -286,5 +287,6 @@ def test_an_anthropic_callers_stream_meters_its_thinking_tokens(
         message = stream.get_final_message()
     assert [block.type for block in message.content] == ["thinking", "text"]
     thinking_tokens = len(THINKING.split())
+    assert wait_for(lambda: len(SEEN) == 1)
     assert [(seen.output_tokens, seen.reasoning_tokens) if seen else None for seen in SEEN] \
         == [(thinking_tokens + len(REPLY.split()), thinking_tokens)]
