@@ -263,6 +263,8 @@ class Kernel:
             if self._owns_meter_provider:
                 self._meter_provider.shutdown()  # the last export
                 self._owns_meter_provider, self._meter_provider = False, None
+            if self.tracing is not None:
+                self.tracing.flush()  # (the batch's last spans; not only at process exit)
             await self._stop_snapshots()
             if self._writes_snapshots:
                 self._write_snapshot()

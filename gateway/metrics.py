@@ -24,6 +24,7 @@ import orjson
 
 from gateway.context import RequestContext
 from gateway.pricing import CACHE_HITS, EARLIER_ATTEMPT, call_cost_micros
+from gateway.tracing import service_resource
 
 __all__ = ["METRICS_DIR_ENV", "RequestMetrics", "Sample", "render", "request_cost_micros"]
 
@@ -363,9 +364,10 @@ def register_otlp(metrics: RequestMetrics, gauges: Any, meter_provider: Any) -> 
 
 
 def otlp_meter_provider() -> Any:
-    """A MeterProvider exporting over OTLP (endpoint, headers, interval from OTEL_*)."""
+    """A MeterProvider exporting over OTLP (endpoint, headers, interval from OTEL_*), its
+    resource the one the traces carry (service.name "sluicegate" unless OTEL_* names one)."""
     exporter, provider, reader = _otlp_metric_classes()
-    return provider(metric_readers=[reader(exporter())])
+    return provider(metric_readers=[reader(exporter())], resource=service_resource())
 
 
 def check_otlp_metrics(metrics_path: str | None, meter_provider: Any) -> None:

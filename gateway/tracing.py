@@ -48,12 +48,19 @@ _PROVIDER_NAMES = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": 
 class Tracing:
     """The tracer and propagator a gateway uses; built once per app."""
 
-    def __init__(self, provider: Any) -> None:
+    def __init__(self, provider: Any, *, owned: bool = False) -> None:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
+        self.owned = owned  # (built here from OTEL_*: its batch is flushed at shutdown)
         self.tracer = provider.get_tracer("sluicegate")
         self.propagator = TraceContextTextMapPropagator()
+
+    def flush(self) -> None:
+        """Exports the spans the provider built here still holds in its batch (a host's or
+        a test's provider is its owner's to flush)."""
+        if self.owned:
+            self.provider.force_flush()
 
     def start(self, ctx: RequestContext) -> RequestTrace:
         from opentelemetry.trace import SpanKind
@@ -209,7 +216,7 @@ def tracing_from(provider: Any = None) -> Tracing | None:
         return Tracing(current)  # the host process set one up: use it
     if not wanted:
         return None
-    return Tracing(_sdk_provider(exporter or "otlp"))
+    return Tracing(_sdk_provider(exporter or "otlp"), owned=True)
 
 
 def check_tracing(provider: Any = None) -> None:
@@ -249,12 +256,12 @@ def _sdk_provider(exporter: str) -> Any:
     span_exporter = _exporter_class(exporter)()  # (OTLP: endpoint, headers from OTEL_*)
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    provider = TracerProvider(resource=_resource())
+    provider = TracerProvider(resource=service_resource())
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     return provider
 
 
-def _resource() -> Any:
+def service_resource() -> Any:
     """The resource as OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES say, its service.name
     "sluicegate" when neither names one (where the SDK would say "unknown_service:python",
     the fallback the resource semantic conventions give for an unnamed service)."""

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +316,70 @@ def test_the_same_metrics_go_out_over_otlp(tmp_path: Path, mock_url: str) -> Non
     (in_flight,) = points["sluicegate_requests_in_flight"]
     assert in_flight.value == 0 and in_flight.attributes["worker"].isdigit()
     assert "sluicegate_metering_queue_depth" in points
+
+
+class OTLPReceiver(ThreadingHTTPServer):
+    """An OTLP/HTTP collector on 127.0.0.1: keeps each export's protobuf body by path."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, list[bytes]] = {}
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.setdefault(self.path, []).append(body)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_metrics_exported_over_otlp_name_the_service_as_the_traces_do(
+        tmp_path: Path, mock_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard environment's OTLP exporter, to a real receiver: the metrics' resource
+    says service.name "sluicegate", as the traces' does (it said "unknown_service")."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    receiver = OTLPReceiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT",
+                           f"http://127.0.0.1:{receiver.server_address[1]}")
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+        with ThreadedServer(create_app(write_config(tmp_path, mock_config(mock_url)))) as server:
+            assert httpx.post(server.url + "/v1/chat/completions",
+                              headers={"authorization": f"Bearer {TEST_KEY}"},
+                              json={"model": "gpt-mock", "messages": [
+                                  {"role": "user", "content": "exported"}]}).status_code == 200
+            scrape_until(server.url, "sluicegate_requests_total", 1)
+        # (stopping the server flushes both: the last metrics export, the batched spans)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    services: dict[str, set[str]] = {}
+    names: set[str] = set()
+    for path, message in (("/v1/metrics", ExportMetricsServiceRequest),
+                          ("/v1/traces", ExportTraceServiceRequest)):
+        for body in receiver.bodies.get(path, []):
+            export = message.FromString(body)
+            for resource in getattr(export, "resource_metrics", None) or export.resource_spans:
+                services.setdefault(path, set()).update(
+                    a.value.string_value for a in resource.resource.attributes
+                    if a.key == "service.name")
+                for scope in getattr(resource, "scope_metrics", ()):
+                    names.update(metric.name for metric in scope.metrics)
+    assert services == {"/v1/metrics": {"sluicegate"}, "/v1/traces": {"sluicegate"}}
+    assert "sluicegate_requests_total" in names
