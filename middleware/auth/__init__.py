@@ -138,7 +138,10 @@ class AuthMiddleware:
 
     def check_config(self, config: GatewayConfig) -> None:
         """The config's keys and limits downgrade only to models the config has (a typo
-        would leave the overflow a refusal, silently)."""
+        would leave the overflow a refusal, silently); the admin API then refuses to store
+        limits that downgrade to another."""
+        if self.admin is not None:
+            self.admin.models = frozenset(config.models)
         if self.static is None:
             return
         declared = [(f"key {key.id}", key.limits) for key in self.static.by_hash.values()]

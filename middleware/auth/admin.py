@@ -24,7 +24,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -125,14 +125,17 @@ class AdminAPI:
     """The admin API over a key store, guarded by `token` (`Authorization: Bearer <token>`).
 
     It answers every path it is given (unknown ones with 404); a host that serves other
-    `/admin/` paths itself asks `handles(path)` first.
+    `/admin/` paths itself asks `handles(path)` first. With `models` (the config's public
+    model names), limits that downgrade to another model are refused (400); AuthMiddleware
+    gives them at startup.
     """
 
     known_prefixes = ("/admin/keys", "/admin/limits")
 
     def __init__(self, store: KeyStore, *, token: str,
                  max_body_bytes: int = MAX_BODY_BYTES,
-                 config: StaticKeyStore | None = None) -> None:
+                 config: StaticKeyStore | None = None,
+                 models: Collection[str] | None = None) -> None:
         if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the admin token must be at least {MIN_TOKEN_CHARS} characters")
         if token.startswith(KEY_PREFIX):
@@ -142,6 +145,9 @@ class AdminAPI:
         # never changed here (a change is refused, 409 `read_only`, naming where they are).
         self.config = config
         self.max_body_bytes = max_body_bytes
+        # A downgrade to a model the gateway does not have (a typo) would leave the overflow a
+        # refusal, silently: refused when stored, as the config's own limits are at startup.
+        self.models = frozenset(models) if models is not None else None
         self._token = token.encode()
 
     def __repr__(self) -> str:  # never the token
@@ -253,7 +259,7 @@ class AdminAPI:
             raise GatewayError(400, "'project' is required: the project the key belongs to.",
                                param="project", code="missing_required_parameter")
         _check_project(project)
-        plaintext, key = await self.store.create(project, **_key_settings(body))
+        plaintext, key = await self.store.create(project, **_key_settings(body, self.models))
         return 201, {"key": plaintext, **key.to_public_json()}
 
     async def _list_keys(self, request: _Request) -> Payload:
@@ -319,7 +325,8 @@ class AdminAPI:
                                     f"{', '.join(sorted(UPDATABLE_FIELDS))}.",
                                code="missing_required_parameter")
         await self._refuse_a_declared_key(_key_id(request.params[0]))
-        key = await self.store.update(_key_id(request.params[0]), **_key_settings(body))
+        key = await self.store.update(_key_id(request.params[0]),
+                                      **_key_settings(body, self.models))
         if key is None:
             raise _no_key(request.params[0])
         return 200, key.to_public_json()
@@ -400,7 +407,7 @@ class AdminAPI:
 
     async def _put_limits(self, request: _Request) -> Payload:
         kind, subject_id = _subject(request)
-        limits = _parse_limits(await request.json())
+        limits = _parse_limits(await request.json(), self.models)
         if kind == "key":
             await self._refuse_a_declared_key(subject_id)
             if await self.store.update(subject_id, limits=limits) is None:
@@ -430,14 +437,14 @@ class AdminAPI:
 
 # -- request parsing ---------------------------------------------------------------------------
 
-def _key_settings(body: dict[str, Any]) -> dict[str, Any]:
+def _key_settings(body: dict[str, Any], models: frozenset[str] | None) -> dict[str, Any]:
     """JSON key settings to `KeyStore` values, checked; GatewayError(400) names the field."""
     settings: dict[str, Any] = {}
     for name, value in body.items():
         if name == "expires_at" and value is not None:
             value = _parse_datetime(value)
         elif name == "limits":
-            value = _parse_limits(value)
+            value = _parse_limits(value, models, field="limits.")
         try:
             settings.update(check_storable_key_fields(**{name: value}))
         except (ValueError, TypeError) as exc:
@@ -455,16 +462,36 @@ def _parse_datetime(value: Any) -> datetime:
                            param="expires_at", code="invalid_parameter") from None
 
 
-def _parse_limits(value: Any) -> Limits:
+def _parse_limits(value: Any, models: frozenset[str] | None, *, field: str = "") -> Limits:
+    """`value` (limits' JSON, at `field` of the body) as Limits; with `models`, its
+    downgrades go to one of them."""
     if not isinstance(value, dict):
         raise GatewayError(400, "Invalid limits: an object like {\"rpm\": 60, \"budgets\": "
                                 "[{\"limit_usd\": \"10\", \"period\": \"monthly\"}]}.",
                            param="limits", code="invalid_parameter")
     try:
-        return Limits.from_json(value)
+        limits = Limits.from_json(value)
     except (ValueError, TypeError, ArithmeticError) as exc:  # (decimal's, on odd amounts)
         raise GatewayError(400, f"Invalid limits: {exc}.", param="limits",
                            code="invalid_parameter") from None
+    if models is not None:
+        _check_downgrades(limits, models, field)
+    return limits
+
+
+def _check_downgrades(limits: Limits, models: frozenset[str], field: str) -> None:
+    if limits.downgrade_to is not None and limits.downgrade_to not in models:
+        raise _unknown_downgrade(limits.downgrade_to, field + "downgrade_to")
+    for index, budget in enumerate(limits.budgets):
+        if budget.downgrade_to is not None and budget.downgrade_to not in models:
+            raise _unknown_downgrade(budget.downgrade_to,
+                                     f"{field}budgets[{index}].downgrade_to")
+
+
+def _unknown_downgrade(target: str, param: str) -> GatewayError:
+    return GatewayError(400, f"Invalid {param}: {target!r} is not a model of this gateway "
+                             "(its config's `models`).", param=param,
+                        code="invalid_parameter")
 
 
 def _refuse_unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:

@@ -268,6 +268,40 @@ def test_budgets_on_every_customer_the_auth_layer_accepts(gateway: Gateway) -> N
         assert shown.startswith(f"Limits of customer {subject}:\n  rpm: 7\n"), shown
 
 
+def test_a_downgrade_to_a_model_the_gateway_does_not_have_is_refused(gateway: Gateway) -> None:
+    """A typo in the target would leave the overflow a refusal, silently: the admin API
+    refuses it (400, naming the field) as the config check does, and the CLI exits 1."""
+    name = project()
+    admin = httpx.Client(base_url=gateway.url, timeout=10,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    typo = {"rpm": 1, "on_overflow": "downgrade", "downgrade_to": "azure-mokc"}
+    response = admin.put(f"/admin/limits/project/{name}", json=typo)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_parameter", "downgrade_to")
+    assert "'azure-mokc'" in error["message"]
+    budget = {"limit_usd": "1", "on_overflow": "downgrade", "downgrade_to": "azure-mokc"}
+    response = admin.post("/admin/keys", json={"project": name,
+                                               "limits": {"budgets": [budget]}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "limits.budgets[0].downgrade_to"
+    assert admin.get(f"/admin/limits/project/{name}").status_code == 404
+    assert admin.get("/admin/keys", params={"project": name}).json()["data"] == []
+
+    result = sluicegate(gateway, "budgets", "set", "--project", name, "--rpm", "1",
+                        "--on-overflow", "downgrade", "--downgrade-to", "azure-mokc")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("sluicegate: HTTP 400: Invalid downgrade_to: 'azure-mokc' "
+                                    "is not a model of this gateway"), result.stderr
+    assert admin.get(f"/admin/limits/project/{name}").status_code == 404
+
+    ok(sluicegate(gateway, "budgets", "set", "--project", name, "--rpm", "1",
+                  "--on-overflow", "downgrade", "--downgrade-to", "azure-mock"))
+    assert admin_get(gateway, f"/admin/limits/project/{name}")["limits"]["downgrade_to"] == \
+        "azure-mock"
+    admin.close()
+
+
 def test_limits_set_while_a_key_is_in_use_apply_to_its_next_requests(gateway: Gateway) -> None:
     """The auth layer reuses a caller's Principal and the quota layer its compiled limits;
     limits set with the CLI still reach the key's next requests (through NOTIFY)."""
