@@ -85,6 +85,8 @@ class AuthMiddleware:
         customer_header: str = "x-sluicegate-customer",
         cache_ttl_s: float = 30.0,
         stale_max_s: float = 3600.0,
+        cache_max_keys: int = 100_000,
+        cache_max_unknown_keys: int = 10_000,
     ) -> None:
         self.app = app
         for name, value in (("cache_ttl_s", cache_ttl_s), ("stale_max_s", stale_max_s)):
@@ -92,6 +94,11 @@ class AuthMiddleware:
                     or not 0 < value < float("inf"):
                 raise ConfigError(f"AuthMiddleware {name} must be a positive number of "
                                   f"seconds, not {value!r}.")
+        for name, count in (("cache_max_keys", cache_max_keys),
+                            ("cache_max_unknown_keys", cache_max_unknown_keys)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"AuthMiddleware {name} must be a whole number, 1 or more, "
+                                  f"not {count!r}.")
         if not keys and store is None:
             raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
                               "store=PostgresKeyStore(dsn) (remove the layer to serve "
@@ -111,8 +118,12 @@ class AuthMiddleware:
         # cannot be asked (an outage, or a partition from PostgreSQL, during which a revoke
         # made through another instance cannot reach this one): availability against how
         # long a revoked key may go on working there. Down to `cache_ttl_s` at the least.
+        # `cache_max_keys` bounds the keys (and limits) kept, `cache_max_unknown_keys` the
+        # keys the store does not have, apart: made-up keys never push a known one out.
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s,
-                                stale_max_s=max(stale_max_s, cache_ttl_s)) \
+                                stale_max_s=max(stale_max_s, cache_ttl_s),
+                                max_entries=cache_max_keys,
+                                max_unknown_keys=cache_max_unknown_keys) \
             if store is not None else None
         self.customer_header = customer_header.lower().encode()
         self._degraded_logged_at = -_DEGRADED_LOG_EVERY_S  # (a warning a minute at most)

@@ -878,20 +878,28 @@ class CachedKeys:
     seen raises `KeyStoreUnavailable`. After a failure the store is left alone for
     `retry_after_failure_s`, so an outage costs one slow request per interval, not one
     per request. Concurrent misses for the same key share one store query.
+
+    Known keys and limits are kept in one LRU of `max_entries`; keys the store does not
+    have in another, of `max_unknown_keys`, so that requests with made-up keys (anyone
+    can send them) never push a known key out, and with it its stale entry for an outage.
     """
 
     def __init__(self, store: KeyStore, *, ttl_s: float = 30.0, negative_ttl_s: float = 2.0,
                  stale_max_s: float = 3600.0, max_entries: int = 100_000,
-                 retry_after_failure_s: float = 1.0,
+                 max_unknown_keys: int = 10_000, retry_after_failure_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.stale_max_s = stale_max_s
         self.max_entries = max_entries
+        self.max_unknown_keys = max_unknown_keys
         self.retry_after_failure_s = retry_after_failure_s
         self.clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # key token -> when the store said it has no such key (never served stale: it may
+        # have been created since)
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._loading: dict[str, asyncio.Task[Any]] = {}
         self._failed_at: float | None = None
         store.subscribe(self.invalidate)
@@ -916,10 +924,16 @@ class CachedKeys:
     def _fresh(self, token: str) -> Any:
         # (The first step of `_get`, which does the same when this says UNKNOWN.)
         entry = self._entries.get(token)
-        if entry is not None and not entry.due and self.clock() - entry.fetched_at < (
-                self.ttl_s if entry.value is not None else self.negative_ttl_s):
-            self._entries.move_to_end(token)
-            return entry.value
+        if entry is not None:
+            if not entry.due and self.clock() - entry.fetched_at < (
+                    self.ttl_s if entry.value is not None else self.negative_ttl_s):
+                self._entries.move_to_end(token)
+                return entry.value
+            return UNKNOWN
+        fetched_at = self._unknown.get(token)
+        if fetched_at is not None and self.clock() - fetched_at < self.negative_ttl_s:
+            self._unknown.move_to_end(token)
+            return None
         return UNKNOWN
 
     async def find(self, key_hash: str) -> VirtualKey | None:
@@ -951,6 +965,7 @@ class CachedKeys:
         if token == EVERYTHING:
             for entry in self._entries.values():
                 entry.due = True
+            self._unknown.clear()  # (never served stale: nothing to keep)
             self._loading.clear()
             return
         self._drop(token)
@@ -960,17 +975,15 @@ class CachedKeys:
 
     def _drop(self, token: str) -> None:
         self._entries.pop(token, None)
+        self._unknown.pop(token, None)
         self._loading.pop(token, None)  # a load in flight may have read the old value
 
     async def _get(self, token: str, load: Callable[[], Awaitable[Any]], *,
                    stale_none: bool) -> Any:
+        fresh = self._fresh(token)
+        if fresh is not UNKNOWN:
+            return fresh
         now = self.clock()
-        entry = self._entries.get(token)
-        if entry is not None and not entry.due:
-            ttl_s = self.ttl_s if entry.value is not None else self.negative_ttl_s
-            if now - entry.fetched_at < ttl_s:
-                self._entries.move_to_end(token)
-                return entry.value
         if self._failed_at is not None and now - self._failed_at < self.retry_after_failure_s:
             return self._stale(token, now, stale_none, None)
         try:
@@ -999,11 +1012,22 @@ class CachedKeys:
                 del self._loading[token]
         self._failed_at = None
         if current:  # not invalidated meanwhile
-            self._entries[token] = _Entry(value, started)
-            self._entries.move_to_end(token)
-            if len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._keep(token, value, started)
         return value
+
+    def _keep(self, token: str, value: Any, fetched_at: float) -> None:
+        if value is None and token.startswith(_KEY_PREFIX):
+            self._entries.pop(token, None)  # (a key deleted since)
+            self._unknown[token] = fetched_at
+            self._unknown.move_to_end(token)
+            if len(self._unknown) > self.max_unknown_keys:
+                self._unknown.popitem(last=False)
+            return
+        self._unknown.pop(token, None)
+        self._entries[token] = _Entry(value, fetched_at)
+        self._entries.move_to_end(token)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
     def _stale(self, token: str, now: float, stale_none: bool,
                error: KeyStoreUnavailable | None) -> Any:
@@ -1016,6 +1040,7 @@ class CachedKeys:
 
 
 _CUSTOMER_LIMITS_PREFIX = limits_token("customer", "")
+_KEY_PREFIX = key_token("")
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:

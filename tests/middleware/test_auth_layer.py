@@ -322,6 +322,35 @@ def test_stale_max_s_bounds_how_long_a_known_key_works_while_postgresql_is_away(
     assert refused.value.status_code == 503
 
 
+@pytest.mark.parametrize("pg_behind_a_proxy",
+                         [", cache_max_keys=50, cache_max_unknown_keys=20"], indirect=True)
+def test_made_up_keys_never_push_a_known_key_out_of_the_cache(
+        pg_behind_a_proxy: tuple[ThreadedServer, ProxyThread]) -> None:
+    """Anyone can send made-up keys: their "no such key" entries are kept apart, so that
+    after a flood of them a known key is still served from the cache while PostgreSQL is
+    away (it shared one LRU with them, pushed out: a 503)."""
+    server, relay = pg_behind_a_proxy
+    key = admin(server, "POST", "/admin/keys", project="flooded").json()["key"]
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for n in range(200):  # ten times the unknown keys' room, four times the known's
+            made_up = f"sk-sg-made-up-{n:04d}-" + uuid.uuid4().hex
+            refused = client.get("/v1/models", headers={"authorization": f"Bearer {made_up}"})
+            assert refused.status_code == 401
+    relay.run(relay.proxy.stop())
+    for _ in range(3):
+        sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)  # from the cache
+
+
+def test_auth_cache_bounds_that_are_not_whole_numbers_refuse_to_start() -> None:
+    for option in ({"cache_max_keys": 0}, {"cache_max_unknown_keys": 1.5},
+                   {"cache_max_keys": True}):
+        with pytest.raises(ConfigError, match="must be a whole number, 1 or more"):
+            AuthMiddleware(lambda *a: None, keys=[], store=PostgresKeyStore(DSN),
+                           **option)  # type: ignore[arg-type]
+
+
 def test_auth_timings_that_are_not_positive_refuse_to_start() -> None:
     for option in ({"cache_ttl_s": 0}, {"stale_max_s": -1}, {"stale_max_s": float("inf")}):
         with pytest.raises(ConfigError, match="must be a positive number of seconds"):
