@@ -561,12 +561,15 @@ def _address_secrets(address: str) -> set[str]:
 
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _PASSWORD_PAIR = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+# Any virtual key (middleware.auth.keys.KEY_PREFIX; the gateway package may not import a
+# layer): one pasted into a URL's path reaches hypercorn's access log, which no layer sees.
+_VIRTUAL_KEY = re.compile(r"sk-sg-[\w-]+")
 
 
 class Scrubber:
     """Takes secrets out of a line: provider keys, deployment keys, admin and metrics tokens,
-    virtual keys named in the config, store passwords and addresses, any URL userinfo and
-    any password=...; then one line, bounded. `redact` alone keeps the text's lines and
+    any virtual key (sk-sg-...), store passwords and addresses, any URL userinfo and any
+    password=...; then one line, bounded. `redact` alone keeps the text's lines and
     length (the serving process's log filter, gateway/logs.py)."""
 
     def __init__(self, secrets: Iterable[str], limit: int = 300) -> None:
@@ -598,6 +601,8 @@ class Scrubber:
             if secret in text:
                 text = text.replace(secret, _REDACTED)
         text = _USERINFO.sub(rf"\1{_REDACTED}@", text)
+        if "sk-sg-" in text:
+            text = _VIRTUAL_KEY.sub(_REDACTED, text)
         return _PASSWORD_PAIR.sub(rf"\1{_REDACTED}", text)
 
     def __call__(self, text: str) -> str:

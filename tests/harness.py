@@ -338,8 +338,10 @@ middleware = {layers}
 
 
 def start_cli_gateway(config_path: Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                      log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`sluicegate serve` as a subprocess; returns (process, base URL) once /healthz answers."""
+                      log_path: Path | None = None,
+                      access_log: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """`sluicegate serve` (`--access-log` too with `access_log`) as a subprocess; returns
+    (process, base URL) once /healthz answers."""
     port = free_port()
     if log_path is None and os.environ.get("SLUICEGATE_TEST_LOG_DIR"):
         # Kept with the run's logs, which are searched for secrets when the run ends.
@@ -347,7 +349,8 @@ def start_cli_gateway(config_path: Path, *, workers: int = 1, env: dict[str, str
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (Popen keeps it)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         *(["--access-log"] if access_log else [])],
         cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

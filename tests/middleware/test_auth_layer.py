@@ -179,6 +179,30 @@ def test_the_attempted_key_never_reaches_a_log_line(gateway: tuple[str, Path]) -
     assert TEST_KEY not in text and RESTRICTED_KEY not in text
 
 
+def test_a_key_pasted_into_a_url_never_reaches_the_access_log(tmp_path: Path,
+                                                             mock_url: str) -> None:
+    """`serve --access-log` logs each request's line, path included, from hypercorn (no
+    layer sees it): a key pasted into the path is redacted there too."""
+    config = write_config(tmp_path, mock_config(mock_url, middleware=STACK))
+    log = tmp_path / "gateway.log"
+    process, url = start_cli_gateway(config, log_path=log, access_log=True, env={
+        "SG_RESTRICTED_KEY": RESTRICTED_KEY, "SG_CUSTOMER_KEY": CUSTOMER_KEY})
+    try:
+        auth = {"authorization": f"Bearer {TEST_KEY}"}
+        assert httpx.get(f"{url}/v1/models/{ATTEMPTED}", headers=auth).status_code == 404
+        assert httpx.get(f"{url}/admin/keys/{ATTEMPTED}").status_code == 404
+        assert httpx.get(f"{url}/{ATTEMPTED}/x").status_code == 404
+        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+    finally:
+        stop_process(process)
+    lines = log.read_text().splitlines()
+    access = [json.loads(line)["message"] for line in lines if '"hypercorn.access"' in line]
+    assert [line.split('"')[1] for line in access][-4:] == [  # (after the /healthz waits)
+        "GET /v1/models/[redacted] 1.1", "GET /admin/keys/[redacted] 1.1",
+        "GET /[redacted]/x 1.1", "GET /v1/models 1.1"]
+    assert not any("sk-sg-" in line or "Zq7" in line for line in lines)
+
+
 # -- keys and limits in PostgreSQL -------------------------------------------------------------
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "host=127.0.0.1 port=5432 dbname=test user=postgres")
