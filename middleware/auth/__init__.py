@@ -243,9 +243,7 @@ class AuthMiddleware:
                                param="model", code="model_not_allowed")
         customer = self._customer(ctx)
         if customer is None and key.require_customer:
-            raise GatewayError(400, "This API key requires the end user to be named: send the "
-                                    "'X-Sluicegate-Customer' header or the 'user' field.",
-                               param="user", code="customer_required")
+            raise _customer_required(ctx.api_format)
         ctx.customer = customer
         if key.limits_error is not None:
             logger.error("auth: the limits stored for key %s cannot be read (%s); its requests "
@@ -367,6 +365,14 @@ class AuthMiddleware:
 def _store_unavailable() -> GatewayError:
     return GatewayError(503, "The key store is unavailable; try again shortly.",
                         code="key_store_unavailable")
+
+
+def _customer_required(api_format: str) -> GatewayError:
+    # The body's field that names the end user in the caller's API (Anthropic has no `user`).
+    field = "metadata.user_id" if api_format == "anthropic" else "user"
+    return GatewayError(400, "This API key requires the end user to be named: send the "
+                             f"'X-Sluicegate-Customer' header or the '{field}' field.",
+                        param=field, code="customer_required")
 
 
 def _limits_unreadable() -> GatewayError:

@@ -149,6 +149,26 @@ def test_a_key_may_require_the_customer(gateway: tuple[str, Path]) -> None:
         assert wrong.json()["error"]["code"] == "invalid_customer"
 
 
+def test_the_customer_required_error_names_the_field_of_the_callers_api(
+        gateway: tuple[str, Path]) -> None:
+    """Anthropic's Messages API has no `user`: an Anthropic caller is told of
+    `metadata.user_id`, which the layer reads (it was told to send 'the user field')."""
+    url, _ = gateway
+    refused = chat(url, {"authorization": f"Bearer {CUSTOMER_KEY}"})
+    assert refused.json()["error"]["param"] == "user"
+    assert "or the 'user' field." in refused.json()["error"]["message"]
+    claude = anthropic.Anthropic(base_url=url, api_key=CUSTOMER_KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as told:
+        claude.messages.create(model="claude-mock", max_tokens=5, messages=QUESTION)
+    assert told.value.body == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "This API key requires the end user to be named: send the "
+                   "'X-Sluicegate-Customer' header or the 'metadata.user_id' field."}}
+    answer = claude.messages.create(model="claude-mock", max_tokens=5, messages=QUESTION,
+                                    metadata={"user_id": "bob"})
+    assert answer.content[0].type == "text"
+
+
 def test_the_customer_header_is_utf8_else_latin1(gateway: tuple[str, Path]) -> None:
     url, _ = gateway
     auth = {"authorization": f"Bearer {CUSTOMER_KEY}"}
