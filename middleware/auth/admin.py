@@ -26,7 +26,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -259,7 +259,14 @@ class AdminAPI:
             raise GatewayError(400, "'project' is required: the project the key belongs to.",
                                param="project", code="missing_required_parameter")
         _check_project(project)
-        plaintext, key = await self.store.create(project, **_key_settings(body, self.models))
+        settings = _key_settings(body, self.models)
+        # Dead on arrival, its plaintext shown once for nothing (PATCH may set a past expiry:
+        # that is how a key is expired now).
+        expires_at = settings.get("expires_at")
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise GatewayError(400, "Invalid expires_at: a new key must expire in the future.",
+                               param="expires_at", code="invalid_parameter")
+        plaintext, key = await self.store.create(project, **settings)
         return 201, {"key": plaintext, **key.to_public_json()}
 
     async def _list_keys(self, request: _Request) -> Payload:

@@ -155,6 +155,16 @@ def test_create_prints_a_working_key_once(gateway: Gateway) -> None:
         [("12.50", "daily")]
 
 
+def test_create_refuses_an_expiry_in_the_past(gateway: Gateway) -> None:
+    name = project()
+    result = sluicegate(gateway, "keys", "create", "--project", name,
+                        "--expires", "2020-01-01T00:00:00Z")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("sluicegate: HTTP 400: Invalid expires_at: a new key must expire "
+                             "in the future.\n")
+    assert admin_get(gateway, f"/admin/keys?project={name}")["data"] == []
+
+
 def test_create_with_json_output(gateway: Gateway) -> None:
     result = sluicegate(gateway, "keys", "create", "--project", project(), "--json")
     payload = orjson.loads(ok(result))

@@ -631,6 +631,20 @@ def test_an_expiry_past_the_edge_of_the_calendar_is_400(client: httpx.Client, wh
     assert error["param"] == "expires_at"
 
 
+def test_a_new_key_cannot_be_expired_already_but_a_key_can_be_expired_now(
+        client: httpx.Client) -> None:
+    """A key created expired is dead on arrival (its plaintext shown once for nothing);
+    a PATCH to a past expiry is how an operator expires a key now."""
+    name = project()
+    error = assert_error(client.post("/admin/keys", json={
+        "project": name, "expires_at": "2020-01-01T00:00:00Z"}), 400, "invalid_parameter")
+    assert error["param"] == "expires_at"
+    assert client.get("/admin/keys", params={"project": name}).json()["data"] == []
+    key = create(client, expires_at="2099-01-01T00:00:00Z")
+    expired = client.patch(f"/admin/keys/{key['id']}", json={"expires_at": "2020-01-01T00:00:00Z"})
+    assert expired.status_code == 200 and expired.json()["status"] == "expired"
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("metadata", {"note": "x\u0000y"}),
     ("metadata", {"n\u0000te": "x"}),
