@@ -285,7 +285,8 @@ class AdminAPI:
             raise GatewayError(400, "after must be a key id.", param="after",
                                code="invalid_parameter")
         text = request.query.get("limit", str(_PAGE))
-        if not text.isdigit() or not 1 <= int(text) <= _PAGE_MAX:
+        # (ASCII: "²" is a digit to isdigit, not to int; "٣" is 3 to int, but no API's limit)
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _PAGE_MAX:
             raise GatewayError(400, f"limit must be a whole number from 1 to {_PAGE_MAX}.",
                                param="limit", code="invalid_parameter")
         limit = int(text)

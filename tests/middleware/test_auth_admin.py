@@ -843,8 +843,10 @@ def test_keys_are_listed_a_page_at_a_time_and_by_status(client: httpx.Client,
     assert [key["id"] for key in revoked["data"]] == [made[1]]
     active = client.get("/admin/keys", params={"project": name, "status": "active"}).json()
     assert [key["id"] for key in active["data"]] == [made[0], *made[2:]]
-    for params in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"status": "gone"},
-                   {"after": ""}):
+    # ("²" and "٣" are digits to str.isdigit, not to int: they were a 400 invalid_request
+    # quoting int()'s "invalid literal", without the param)
+    for params in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"limit": "\u00b2"},
+                   {"limit": "\u0663"}, {"limit": " 5"}, {"status": "gone"}, {"after": ""}):
         error = assert_error(client.get("/admin/keys", params=params), 400, "invalid_parameter")
         assert error["param"] == next(iter(params))
     # The CLI's client reads every page.
