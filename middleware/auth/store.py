@@ -359,14 +359,18 @@ class _Connections:
             await conn.close()
 
 
+_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1 (a channel name is an identifier)
+
+
 class PostgresKeyStore:
     """Keys and per-subject limits in PostgreSQL, shared by every gateway process.
 
     `startup` creates or migrates the tables in `schema`, opens a small connection pool
-    and a dedicated LISTEN connection on `channel`; every change sends a NOTIFY in its own
-    transaction, and the listener passes it to the subscribers of every process. When the
-    listener loses its connection it reconnects with backoff and then announces "*",
-    since it may have missed changes meanwhile.
+    and a dedicated LISTEN connection on `channel` (at most 63 bytes, PostgreSQL's limit on
+    a name); every change sends a NOTIFY in its own transaction, and the listener passes it
+    to the subscribers of every process. When the listener loses its connection it
+    reconnects with backoff and then announces "*", since it may have missed changes
+    meanwhile.
     """
 
     def __init__(self, dsn: str, *, schema: str = "public", channel: str = "sluicegate_auth",
@@ -375,6 +379,10 @@ class PostgresKeyStore:
                  reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0) -> None:
         if not schema or not channel:
             raise ValueError("PostgresKeyStore needs a schema and a channel name")
+        if len(channel.encode()) > _MAX_IDENTIFIER_BYTES:
+            # LISTEN would take it cut short, and pg_notify refuse it: every change would fail.
+            raise ValueError(f"the PostgresKeyStore channel name is {len(channel.encode())} "
+                             f"bytes long; PostgreSQL's limit is {_MAX_IDENTIFIER_BYTES}")
         if not _valid_dsn(dsn):
             raise ValueError("the PostgreSQL DSN given to PostgresKeyStore is not a valid "
                              "connection string or URI")

@@ -504,6 +504,33 @@ async def test_every_change_notifies_every_instance(
     assert "key:" + key.key_hash in heard
 
 
+async def test_a_channel_name_past_postgresqls_63_bytes_is_refused_at_construction(
+        schema: str) -> None:
+    """LISTEN takes such a name cut short and pg_notify refuses it: the store started, and
+    then every change failed (a ValueError naming a NUL or a date, a 400 in the admin API)."""
+    for channel in ("c" * 64, "é" * 32):
+        with pytest.raises(ValueError, match="channel name is 64 bytes long; PostgreSQL's "
+                                             "limit is 63"):
+            new_store(schema, channel=channel)
+    longest = (schema + "_" + "c" * 63)[:63]
+    store, other = new_store(schema, channel=longest), new_store(schema, channel=longest)
+    await store.startup()
+    await other.startup()
+    try:
+        heard: list[str] = []
+        other.subscribe(heard.append)
+        _, key = await store.create("acme")
+        await store.revoke(key.id)
+
+        async def heard_it() -> bool:
+            return "key:" + key.key_hash in heard
+
+        assert await eventually(heard_it, 2.0)
+    finally:
+        await store.shutdown()
+        await other.shutdown()
+
+
 async def test_local_subscribers_hear_their_own_changes(store: PostgresKeyStore) -> None:
     heard: list[str] = []
     store.subscribe(heard.append)
