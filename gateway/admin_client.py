@@ -16,6 +16,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
+from gateway.doctor import redact_target
+
 _MAX_ERROR_CHARS = 300
 
 
@@ -44,15 +46,22 @@ class AdminClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the gateway URL must be http:// or https:// with a host")
+        if "@" in parts.netloc:
+            # A proxy's user and password could only go as Basic auth, in the Authorization
+            # header the admin token holds; urllib would take them for the host (and its
+            # error print the password).
+            raise ValueError("the gateway URL must not hold a user name or password "
+                             "(user:password@): the admin API takes the admin token alone")
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("the admin token must be printable ASCII without spaces")
         self.url = url.rstrip("/")
+        self.shown_url = redact_target(self.url)  # (in messages: no query string)
         self.timeout_s = timeout_s
         self._authorization = f"Bearer {token}"
         self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def __repr__(self) -> str:  # never the token
-        return f"AdminClient(url={self.url!r})"
+        return f"AdminClient(url={self.shown_url!r})"
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -141,7 +150,8 @@ class AdminClient:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             reason = getattr(reason, "strerror", None) or reason
-            raise AdminError(0, f"Cannot reach the gateway at {self.url}: {reason}.") from None
+            raise AdminError(0, f"Cannot reach the gateway at {self.shown_url}: "
+                                f"{reason}.") from None
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -26,7 +26,15 @@ from psycopg import sql
 
 from gateway.cli import NEW_KEY_NOTE
 from middleware.auth.keys import hash_key
-from tests.harness import REPO, TEST_KEY, mock_config, start_cli_gateway, stop_process, write_config
+from tests.harness import (
+    REPO,
+    TEST_KEY,
+    free_port,
+    mock_config,
+    start_cli_gateway,
+    stop_process,
+    write_config,
+)
 
 DSN = os.environ.get("SLUICEGATE_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/test")
 ADMIN_TOKEN = "sg-admin-" + secrets.token_urlsafe(24)
@@ -380,6 +388,27 @@ def test_a_missing_token_variable_exits_2_with_one_sentence(gateway: Gateway) ->
     named = sluicegate(gateway, "keys", "list", "--token-env", "SG_MINE", token=None,
                        env={"SG_MINE": ADMIN_TOKEN})
     assert named.returncode == 0, named.stderr
+
+
+def test_a_url_with_a_password_is_refused_and_no_url_printed_holds_one(gateway: Gateway
+                                                                      ) -> None:
+    """user:password@ (a proxy's basic auth) cannot go with the admin token: a usage error
+    that does not print it (urllib took it for the host name, and the error printed it)."""
+    host = gateway.url.removeprefix("http://")
+    for url in (f"http://ops:Pr0xyS3cret@{host}", f"http://Pr0xyS3cret@{host}/"):
+        for place in (["--url", url], []):
+            result = sluicegate(gateway, "keys", "list", *place, env={"SLUICEGATE_URL": url})
+            assert (result.returncode, result.stdout) == (2, "")
+            assert result.stderr == ("sluicegate: The gateway URL must not hold a user name or "
+                                     "password (user:password@): the admin API takes the admin "
+                                     "token alone.\n")
+    # Where the URL is printed, it is without its query string.
+    down = f"http://127.0.0.1:{free_port()}/gw?sig=Pr0xyS3cret"
+    result = sluicegate(gateway, "keys", "list", "--url", down)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"sluicegate: Cannot reach the gateway at "
+                                    f"{down.partition('?')[0]}: "), result.stderr
+    assert "Pr0xyS3cret" not in result.stderr
 
 
 def test_a_wrong_token_exits_1(gateway: Gateway) -> None:
