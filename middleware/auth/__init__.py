@@ -87,9 +87,11 @@ class AuthMiddleware:
         stale_max_s: float = 3600.0,
         cache_max_keys: int = 100_000,
         cache_max_unknown_keys: int = 10_000,
+        lookup_timeout_s: float = 1.0,
     ) -> None:
         self.app = app
-        for name, value in (("cache_ttl_s", cache_ttl_s), ("stale_max_s", stale_max_s)):
+        for name, value in (("cache_ttl_s", cache_ttl_s), ("stale_max_s", stale_max_s),
+                            ("lookup_timeout_s", lookup_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not 0 < value < float("inf"):
                 raise ConfigError(f"AuthMiddleware {name} must be a positive number of "
@@ -120,10 +122,13 @@ class AuthMiddleware:
         # long a revoked key may go on working there. Down to `cache_ttl_s` at the least.
         # `cache_max_keys` bounds the keys (and limits) kept, `cache_max_unknown_keys` the
         # keys the store does not have, apart: made-up keys never push a known one out.
+        # `lookup_timeout_s`: how long a request waits on the store before it is answered
+        # as in an outage (a hung PostgreSQL: see CachedKeys).
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s,
                                 stale_max_s=max(stale_max_s, cache_ttl_s),
                                 max_entries=cache_max_keys,
-                                max_unknown_keys=cache_max_unknown_keys) \
+                                max_unknown_keys=cache_max_unknown_keys,
+                                lookup_timeout_s=lookup_timeout_s) \
             if store is not None else None
         self.customer_header = customer_header.lower().encode()
         self._degraded_logged_at = -_DEGRADED_LOG_EVERY_S  # (a warning a minute at most)

@@ -348,9 +348,11 @@ class _Connections:
                 return conn
             except psycopg.Error:
                 await conn.close()
-        return await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, application_name="sluicegate-auth",
-            connect_timeout=max(2, int(self.connect_timeout_s)))
+        # (libpq's connect_timeout counts whole seconds, 2 at the least)
+        async with asyncio.timeout(self.connect_timeout_s):
+            return await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, application_name="sluicegate-auth",
+                connect_timeout=max(2, int(self.connect_timeout_s)))
 
     async def close(self) -> None:
         self._closed = True
@@ -883,9 +885,14 @@ class CachedKeys:
     Entries are dropped as soon as the store announces a change (from any process). When
     the store fails, a known key is served from its last good entry for up to
     `stale_max_s`, so a PostgreSQL outage does not lock out known callers; a key never
-    seen raises `KeyStoreUnavailable`. After a failure the store is left alone for
-    `retry_after_failure_s`, so an outage costs one slow request per interval, not one
-    per request. Concurrent misses for the same key share one store query.
+    seen raises `KeyStoreUnavailable`. A request waits on the store for `lookup_timeout_s`
+    at most: a PostgreSQL that accepts connections but never answers would otherwise hold
+    it for the store's own timeouts (5 s for a query, then up to 10 s more as psycopg
+    cancels it). The lookup goes on in the background; while the store is failing (a
+    lookup failed or took longer than that), no other starts until it ended and then
+    `retry_after_failure_s` passed: one lookup at a time probes the store, the other
+    requests are answered from memory at once. Concurrent misses for the same key share
+    one store query.
 
     Known keys and limits are kept in one LRU of `max_entries`; keys the store does not
     have in another, of `max_unknown_keys`, so that requests with made-up keys (anyone
@@ -895,6 +902,7 @@ class CachedKeys:
     def __init__(self, store: KeyStore, *, ttl_s: float = 30.0, negative_ttl_s: float = 2.0,
                  stale_max_s: float = 3600.0, max_entries: int = 100_000,
                  max_unknown_keys: int = 10_000, retry_after_failure_s: float = 1.0,
+                 lookup_timeout_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.ttl_s = ttl_s
@@ -903,6 +911,7 @@ class CachedKeys:
         self.max_entries = max_entries
         self.max_unknown_keys = max_unknown_keys
         self.retry_after_failure_s = retry_after_failure_s
+        self.lookup_timeout_s = lookup_timeout_s
         self.clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         # key token -> when the store said it has no such key (never served stale: it may
@@ -992,10 +1001,18 @@ class CachedKeys:
         if fresh is not UNKNOWN:
             return fresh
         now = self.clock()
-        if self._failed_at is not None and now - self._failed_at < self.retry_after_failure_s:
+        if self._failed_at is not None and (
+                self._loading or now - self._failed_at < self.retry_after_failure_s):
+            return self._stale(token, now, stale_none, None)  # (a probe is out, or was lately)
+        # Not cancelled when the wait ends: other callers may share it, and its answer is
+        # kept for the next request.
+        task = self._load_once(token, load)
+        done, _ = await asyncio.wait((task,), timeout=self.lookup_timeout_s)
+        if not done:  # the store hangs: this lookup is the probe, the others wait for it
+            self._failed_at = self.clock()
             return self._stale(token, now, stale_none, None)
         try:
-            return await asyncio.shield(self._load_once(token, load))
+            return task.result()
         except KeyStoreUnavailable as exc:
             return self._stale(token, now, stale_none, exc)
 

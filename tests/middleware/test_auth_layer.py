@@ -387,6 +387,39 @@ def test_made_up_keys_never_push_a_known_key_out_of_the_cache(
         sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)  # from the cache
 
 
+def store_attempts(sent: bytes) -> int:
+    """The key store's lookups in what the gateway sent PostgreSQL: queries of its tables,
+    and connections its pool opened (the listener's is named apart)."""
+    return (sent.count(b"sluicegate_keys") + sent.count(b"sluicegate_subject_limits")
+            + sent.count(b"\x00sluicegate-auth\x00"))
+
+
+@pytest.mark.parametrize("pg_behind_a_proxy", [", lookup_timeout_s=0.5"], indirect=True)
+def test_a_hung_postgresql_is_asked_once_while_new_customers_are_served(
+        pg_behind_a_proxy: tuple[ThreadedServer, ProxyThread]) -> None:
+    """PostgreSQL taking queries and never answering: the first new customer waits for
+    `lookup_timeout_s`, then it and the next ones are served as in an outage, without
+    another lookup while that one is out (each waited 5 s, the first 15, psycopg cancelling
+    the hung query; a refused connection costs nothing). The client's timeout, 4 s, is
+    below those stalls."""
+    server, relay = pg_behind_a_proxy
+    key = admin(server, "POST", "/admin/keys", project="hung").json()["key"]
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=4)
+    sdk.chat.completions.create(model="gpt-mock", messages=QUESTION, user="known")
+    relay.proxy.sent = bytearray()
+    relay.proxy.reply_delay_s = 60  # what the gateway sends arrives; no reply comes back
+    for n in range(4):
+        served = sdk.chat.completions.with_raw_response.create(
+            model="gpt-mock", messages=QUESTION, user=f"new-{n}")
+        assert served.status_code == 200
+        assert served.headers["x-sluicegate-degraded"] == "customer-limits-unknown"
+    known = sdk.chat.completions.with_raw_response.create(
+        model="gpt-mock", messages=QUESTION, user="known")
+    assert known.status_code == 200 and "x-sluicegate-degraded" not in known.headers
+    assert store_attempts(relay.proxy.sent) == 1
+    relay.run(relay.proxy.stop())  # (the hung lookup ends, and the gateway stops at once)
+
+
 def test_auth_cache_bounds_that_are_not_whole_numbers_refuse_to_start() -> None:
     for option in ({"cache_max_keys": 0}, {"cache_max_unknown_keys": 1.5},
                    {"cache_max_keys": True}):
@@ -396,7 +429,8 @@ def test_auth_cache_bounds_that_are_not_whole_numbers_refuse_to_start() -> None:
 
 
 def test_auth_timings_that_are_not_positive_refuse_to_start() -> None:
-    for option in ({"cache_ttl_s": 0}, {"stale_max_s": -1}, {"stale_max_s": float("inf")}):
+    for option in ({"cache_ttl_s": 0}, {"stale_max_s": -1}, {"stale_max_s": float("inf")},
+                   {"lookup_timeout_s": 0}):
         with pytest.raises(ConfigError, match="must be a positive number of seconds"):
             AuthMiddleware(lambda *a: None, keys=[], store=PostgresKeyStore(DSN),
                            **option)  # type: ignore[arg-type]

@@ -869,6 +869,37 @@ async def test_after_a_failure_the_store_is_left_alone_for_a_while() -> None:
     assert store.calls == 3
 
 
+async def test_a_store_that_hangs_is_probed_by_one_lookup_at_a_time() -> None:
+    """A lookup that outlasts `lookup_timeout_s` goes on in the background, and until it
+    has ended no other starts, however long ago it began: each new key would have waited
+    for its own (a hung PostgreSQL: 5 s each). Its answer opens the store again."""
+    plaintexts = ["sk-sg-key-a-aaaaaaaa", "sk-sg-key-b-bbbbbbbb", "sk-sg-key-c-cccccccc"]
+    store = CountingStore(static_keys(*plaintexts))
+    clock = FakeClock()
+    cache = CachedKeys(store, ttl_s=10, retry_after_failure_s=1.0, lookup_timeout_s=0.05,
+                       clock=clock)
+    a, b, c = (hash_key(p) for p in plaintexts)
+    assert await cache.find(a) is not None
+    store.delay_s = 2.0  # it takes the query, and answers long after lookup_timeout_s
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.find(b)
+    store.delay_s = 0
+    clock.now += 11  # past the retry interval, and a's TTL
+    assert await cache.find(a) is not None  # stale
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.find(c)
+    assert store.calls == 2  # b's lookup, still out: the only one
+
+    async def answered() -> bool:
+        with contextlib.suppress(KeyStoreUnavailable):
+            return await cache.find(c) is not None
+        return False
+
+    assert await eventually(answered, 10.0)
+    assert store.calls == 3
+    assert cache.find_now(b) is not None  # (kept: the answer came after its caller left)
+
+
 async def test_an_unknown_key_is_not_served_stale() -> None:
     store = CountingStore(static_keys("sk-sg-key-a-aaaaaaaa"))
     clock = FakeClock()
