@@ -87,6 +87,7 @@ class AuthMiddleware:
         stale_max_s: float = 3600.0,
         cache_max_keys: int = 100_000,
         cache_max_unknown_keys: int = 10_000,
+        cache_max_customers_without_limits: int = 100_000,
         lookup_timeout_s: float = 1.0,
     ) -> None:
         self.app = app
@@ -97,7 +98,9 @@ class AuthMiddleware:
                 raise ConfigError(f"AuthMiddleware {name} must be a positive number of "
                                   f"seconds, not {value!r}.")
         for name, count in (("cache_max_keys", cache_max_keys),
-                            ("cache_max_unknown_keys", cache_max_unknown_keys)):
+                            ("cache_max_unknown_keys", cache_max_unknown_keys),
+                            ("cache_max_customers_without_limits",
+                             cache_max_customers_without_limits)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"AuthMiddleware {name} must be a whole number, 1 or more, "
                                   f"not {count!r}.")
@@ -121,13 +124,17 @@ class AuthMiddleware:
         # made through another instance cannot reach this one): availability against how
         # long a revoked key may go on working there. Down to `cache_ttl_s` at the least.
         # `cache_max_keys` bounds the keys (and limits) kept, `cache_max_unknown_keys` the
-        # keys the store does not have, apart: made-up keys never push a known one out.
+        # keys the store does not have, apart: made-up keys never push a known one out;
+        # `cache_max_customers_without_limits` the customers known to have none, apart too
+        # (a caller may name any number of them).
         # `lookup_timeout_s`: how long a request waits on the store before it is answered
         # as in an outage (a hung PostgreSQL: see CachedKeys).
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s,
                                 stale_max_s=max(stale_max_s, cache_ttl_s),
                                 max_entries=cache_max_keys,
                                 max_unknown_keys=cache_max_unknown_keys,
+                                max_customers_without_limits=(
+                                    cache_max_customers_without_limits),
                                 lookup_timeout_s=lookup_timeout_s) \
             if store is not None else None
         self.customer_header = customer_header.lower().encode()

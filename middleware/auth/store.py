@@ -896,13 +896,15 @@ class CachedKeys:
 
     Known keys and limits are kept in one LRU of `max_entries`; keys the store does not
     have in another, of `max_unknown_keys`, so that requests with made-up keys (anyone
-    can send them) never push a known key out, and with it its stale entry for an outage.
+    can send them) never push a known key out, and with it its stale entry for an outage;
+    customers without limits of their own in a third, of `max_customers_without_limits`,
+    as any caller with a valid key can name as many customers as it likes.
     """
 
     def __init__(self, store: KeyStore, *, ttl_s: float = 30.0, negative_ttl_s: float = 2.0,
                  stale_max_s: float = 3600.0, max_entries: int = 100_000,
-                 max_unknown_keys: int = 10_000, retry_after_failure_s: float = 1.0,
-                 lookup_timeout_s: float = 1.0,
+                 max_unknown_keys: int = 10_000, max_customers_without_limits: int = 100_000,
+                 retry_after_failure_s: float = 1.0, lookup_timeout_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.ttl_s = ttl_s
@@ -910,6 +912,7 @@ class CachedKeys:
         self.stale_max_s = stale_max_s
         self.max_entries = max_entries
         self.max_unknown_keys = max_unknown_keys
+        self.max_customers_without_limits = max_customers_without_limits
         self.retry_after_failure_s = retry_after_failure_s
         self.lookup_timeout_s = lookup_timeout_s
         self.clock = clock
@@ -917,6 +920,8 @@ class CachedKeys:
         # key token -> when the store said it has no such key (never served stale: it may
         # have been created since)
         self._unknown: OrderedDict[str, float] = OrderedDict()
+        # customer limits token -> "no limits" (served stale, as in `_entries`)
+        self._without_limits: OrderedDict[str, _Entry] = OrderedDict()
         self._loading: dict[str, asyncio.Task[Any]] = {}
         self._failed_at: float | None = None
         store.subscribe(self.invalidate)
@@ -946,6 +951,12 @@ class CachedKeys:
                     self.ttl_s if entry.value is not None else self.negative_ttl_s):
                 self._entries.move_to_end(token)
                 return entry.value
+            return UNKNOWN
+        entry = self._without_limits.get(token)
+        if entry is not None:
+            if not entry.due and self.clock() - entry.fetched_at < self.negative_ttl_s:
+                self._without_limits.move_to_end(token)
+                return None
             return UNKNOWN
         fetched_at = self._unknown.get(token)
         if fetched_at is not None and self.clock() - fetched_at < self.negative_ttl_s:
@@ -980,8 +991,9 @@ class CachedKeys:
         just back often fails a first query on a connection the outage broke: dropped, every
         known key would be a 503 then)."""
         if token == EVERYTHING:
-            for entry in self._entries.values():
-                entry.due = True
+            for entries in (self._entries, self._without_limits):
+                for entry in entries.values():
+                    entry.due = True
             self._unknown.clear()  # (never served stale: nothing to keep)
             self._loading.clear()
             return
@@ -993,6 +1005,7 @@ class CachedKeys:
     def _drop(self, token: str) -> None:
         self._entries.pop(token, None)
         self._unknown.pop(token, None)
+        self._without_limits.pop(token, None)
         self._loading.pop(token, None)  # a load in flight may have read the old value
 
     async def _get(self, token: str, load: Callable[[], Awaitable[Any]], *,
@@ -1041,22 +1054,24 @@ class CachedKeys:
         return value
 
     def _keep(self, token: str, value: Any, fetched_at: float) -> None:
+        # (a token is in one of the three at most: an answer that changed since, a key
+        # deleted or limits set or deleted, moves it)
         if value is None and token.startswith(_KEY_PREFIX):
-            self._entries.pop(token, None)  # (a key deleted since)
-            self._unknown[token] = fetched_at
-            self._unknown.move_to_end(token)
-            if len(self._unknown) > self.max_unknown_keys:
-                self._unknown.popitem(last=False)
-            return
-        self._unknown.pop(token, None)
-        self._entries[token] = _Entry(value, fetched_at)
-        self._entries.move_to_end(token)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._entries.pop(token, None)
+            _remember(self._unknown, token, fetched_at, self.max_unknown_keys)
+        elif value is None and token.startswith(_CUSTOMER_LIMITS_PREFIX):
+            self._entries.pop(token, None)
+            _remember(self._without_limits, token, _Entry(None, fetched_at),
+                      self.max_customers_without_limits)
+        else:
+            self._unknown.pop(token, None)
+            self._without_limits.pop(token, None)
+            _remember(self._entries, token, _Entry(value, fetched_at), self.max_entries)
 
     def _stale(self, token: str, now: float, stale_none: bool,
                error: KeyStoreUnavailable | None) -> Any:
-        entry = self._entries.get(token)  # read again: it may have been invalidated
+        # (read again: it may have been invalidated)
+        entry = self._entries.get(token) or self._without_limits.get(token)
         if (entry is not None and (entry.value is not None or stale_none)
                 and now - entry.fetched_at < self.stale_max_s):
             return entry.value
@@ -1066,6 +1081,13 @@ class CachedKeys:
 
 _CUSTOMER_LIMITS_PREFIX = limits_token("customer", "")
 _KEY_PREFIX = key_token("")
+
+
+def _remember(lru: OrderedDict[str, Any], token: str, value: Any, max_size: int) -> None:
+    lru[token] = value
+    lru.move_to_end(token)
+    if len(lru) > max_size:
+        lru.popitem(last=False)
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:

@@ -387,6 +387,30 @@ def test_made_up_keys_never_push_a_known_key_out_of_the_cache(
         sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)  # from the cache
 
 
+@pytest.mark.parametrize(
+    "pg_behind_a_proxy",
+    [", cache_max_keys=50, cache_max_customers_without_limits=20"], indirect=True)
+def test_made_up_customers_never_push_a_known_key_out_of_the_cache(
+        pg_behind_a_proxy: tuple[ThreadedServer, ProxyThread]) -> None:
+    """A caller with a valid key can name any number of customers: their "no limits"
+    entries are kept apart, so that after a flood of them another known key is still
+    served from the cache while PostgreSQL is away (it shared one LRU with them: a 503)."""
+    server, relay = pg_behind_a_proxy
+    keys = [admin(server, "POST", "/admin/keys", project=project).json()["key"]
+            for project in ("quiet", "busy")]
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=keys[0], max_retries=0)
+    sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for n in range(200):  # ten times the customers' room, four times the keys'
+            served = client.post("/v1/chat/completions", json={
+                "model": "gpt-mock", "messages": QUESTION, "user": f"made-up-{n:04d}"},
+                headers={"authorization": f"Bearer {keys[1]}"})
+            assert served.status_code == 200
+    relay.run(relay.proxy.stop())
+    for _ in range(3):
+        sdk.chat.completions.create(model="gpt-mock", messages=QUESTION)  # from the cache
+
+
 def store_attempts(sent: bytes) -> int:
     """The key store's lookups in what the gateway sent PostgreSQL: queries of its tables,
     and connections its pool opened (the listener's is named apart)."""
@@ -422,7 +446,7 @@ def test_a_hung_postgresql_is_asked_once_while_new_customers_are_served(
 
 def test_auth_cache_bounds_that_are_not_whole_numbers_refuse_to_start() -> None:
     for option in ({"cache_max_keys": 0}, {"cache_max_unknown_keys": 1.5},
-                   {"cache_max_keys": True}):
+                   {"cache_max_keys": True}, {"cache_max_customers_without_limits": 0}):
         with pytest.raises(ConfigError, match="must be a whole number, 1 or more"):
             AuthMiddleware(lambda *a: None, keys=[], store=PostgresKeyStore(DSN),
                            **option)  # type: ignore[arg-type]

@@ -698,6 +698,40 @@ async def test_whether_customers_have_limits_is_cached_and_dropped_with_theirs(
     assert await static.has_customer_limits("acm") is False
 
 
+async def test_customers_without_limits_are_kept_apart_served_stale_and_dropped_when_changed(
+        store: PostgresKeyStore, other: PostgresKeyStore) -> None:
+    """Customers known to have no limits are an LRU of their own (any caller may name
+    any number of them), dropped on every instance as their limits change, and served
+    stale while the store is away, as long as they are kept."""
+    clock = FakeClock()
+    cache = CachedKeys(other, ttl_s=300, max_entries=1, max_customers_without_limits=1,
+                       clock=clock)
+    await store.set_limits("project", "acme", Limits(rpm=7))
+    await drain_notifications(other)
+    assert await cache.subject_limits("project", "acme") == Limits(rpm=7)
+    assert await cache.subject_limits("customer", "acme/alice") is None
+    await store.set_limits("customer", "acme/alice", Limits(rpm=1))
+
+    async def limited() -> bool:
+        return await cache.subject_limits("customer", "acme/alice") == Limits(rpm=1)
+
+    assert await eventually(limited, 1.0)  # (kept where the project's were: pushed out)
+    await store.set_limits("customer", "acme/alice", None)
+
+    async def unlimited() -> bool:
+        return await cache.subject_limits("customer", "acme/alice") is None
+
+    assert await eventually(unlimited, 1.0)
+    assert await cache.subject_limits("project", "acme") == Limits(rpm=7)
+    assert await cache.subject_limits("customer", "acme/bob") is None  # alice's room
+    await other.shutdown()
+    clock.now += 301
+    assert await cache.subject_limits("project", "acme") == Limits(rpm=7)  # stale
+    assert await cache.subject_limits("customer", "acme/bob") is None  # stale
+    with pytest.raises(KeyStoreUnavailable):
+        await cache.subject_limits("customer", "acme/alice")
+
+
 async def test_lost_listener_drops_the_cache(
         store: PostgresKeyStore, other: PostgresKeyStore, schema: str) -> None:
     cache = CachedKeys(other, ttl_s=300)
