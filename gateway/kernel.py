@@ -63,6 +63,7 @@ from gateway.metrics import (
     register_otlp,
 )
 from gateway.policy import model_allowed
+from gateway.readiness import ReadinessChecks
 from gateway.tokens import remember_conversation
 from gateway.tracing import tracing_from
 
@@ -204,6 +205,7 @@ class Kernel:
         self._models_guarded = any(getattr(component, "identifies_caller", False) is True
                                    for component in self.components)
         self._body_after_auth = body_after_auth(self.components)
+        self._ready_checks = ReadinessChecks(self.components)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._lazy_start: asyncio.Task[None] | None = None  # (see `_start_lazily`)
@@ -260,6 +262,7 @@ class Kernel:
             if not self._started:
                 return
             self._started = False
+            self._ready_checks.abandon()
             if self._owns_meter_provider:
                 self._meter_provider.shutdown()  # the last export
                 self._owns_meter_provider, self._meter_provider = False, None
@@ -729,15 +732,8 @@ class Kernel:
         return True
 
     async def _readiness(self) -> tuple[int, bytes]:
-        """Asks each component with a `check_ready()` for {store name: "ok" | problem}."""
-        checks: dict[str, str] = {}
-        for component in self.components:
-            check = getattr(component, "check_ready", None)
-            if callable(check):
-                try:
-                    checks.update(await asyncio.wait_for(check(), timeout=2.0))
-                except Exception as exc:  # noqa: BLE001 (a failing store is a report)
-                    checks[type(component).__name__] = f"error: {type(exc).__name__}"
+        """{store name: "ok" | problem} from each component with a `check_ready()`."""
+        checks = await self._ready_checks.report()
         # "degraded: ..." is still ready: the gateway serves (e.g. known keys from its cache
         # while PostgreSQL is down); taking every pod out of the balancer would be worse.
         ready = self._started and all(value == "ok" or value.startswith("degraded")

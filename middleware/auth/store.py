@@ -28,6 +28,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from gateway.policy import Limits
+from gateway.readiness import postgres_answers
 from middleware.auth.keys import (
     StaticKey,
     VirtualKey,
@@ -441,11 +442,12 @@ class PostgresKeyStore:
 
     async def check_ready(self) -> dict[str, str]:
         name = "auth_keys_postgres"
-        try:
-            async with self._connection() as conn:
-                await conn.execute("SELECT 1")
-        except KeyStoreUnavailable as exc:
-            return {name: f"error: {exc}"}
+        if self._pool is None:
+            return {name: "error: the key store is not started"}
+        try:  # (not on a pooled connection: `postgres_answers`)
+            await postgres_answers(self._dsn, "sluicegate-auth-ready")
+        except _UNREACHABLE as exc:
+            return {name: f"error: the key store cannot reach PostgreSQL ({_describe(exc)})"}
         if self.listener_pid is None:
             return {name: "error: the notification listener is reconnecting"}
         return {name: "ok"}

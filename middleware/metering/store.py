@@ -31,6 +31,7 @@ from typing import Any
 
 from gateway.config import ConfigError
 from gateway.policy import usd_to_micros
+from gateway.readiness import postgres_answers
 from middleware.metering.record import ARRAY_FIELDS, UsageRecord
 
 logger = logging.getLogger("sluicegate.metering")
@@ -320,13 +321,11 @@ class PostgresUsageStore:
                 logger.debug("metering: closing the connection failed: %s", exc)
 
     async def check_ready(self) -> dict[str, str]:
+        # Not on the writer's connection: a batch holds it up to `timeout_s`, and a check
+        # waiting behind it was no answer for as long (`postgres_answers`).
         try:
-            async with self._lock, asyncio.timeout(self.timeout_s):
-                conn = await self._connection()
-                async with conn.transaction():
-                    await conn.execute("SELECT 1")
-        except Exception as exc:  # noqa: BLE001
-            await self._drop_connection()
+            await postgres_answers(self._dsn, "sluicegate-metering-ready")
+        except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
             return {"usage_postgres": f"error: {type(exc).__name__}"}
         return {"usage_postgres": "ok"}
 

@@ -21,6 +21,8 @@ from typing import Any
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from gateway.readiness import postgres_answers
+
 logger = logging.getLogger("sluicegate.quota")
 
 _SCHEMA = """
@@ -77,9 +79,7 @@ class PostgresSpendLedger:
 
     async def check_ready(self) -> dict[str, str]:
         try:
-            assert self._pool is not None
-            async with self._pool.connection(timeout=1.0) as conn:
-                await conn.execute("SELECT 1")
+            await postgres_answers(self._dsn, "sluicegate-spend-ledger-ready")
             return {"spend_ledger": "ok"}
         except Exception as exc:  # noqa: BLE001 (a report, not a failure)
             return {"spend_ledger": f"unavailable: {type(exc).__name__}"}
