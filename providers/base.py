@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -144,6 +145,7 @@ class HTTPAdapter:
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
         self.extra_headers = dict(headers or {})
+        self._check_url_credentials()
         self.name = self.type_name
         self._api_key = ""
         self._secrets: set[str] = set()  # deployments' own keys, seen in calls (for redact)
@@ -154,6 +156,22 @@ class HTTPAdapter:
         self._timeout = aiohttp.ClientTimeout(
             total=self.timeouts.total_s, connect=self.timeouts.connect_s,
             sock_connect=self.timeouts.connect_s)
+
+    def _check_url_credentials(self) -> None:
+        """A base URL's `user:password@` (for an authenticating proxy in front of the
+        provider) goes, as HTTP Basic, in the Authorization header: not where the provider's
+        key already goes there (the OpenAI family's Bearer), nor with an Authorization of
+        `headers=` (aiohttp refused every call, a 500). Anthropic's, Gemini's and Azure's keys
+        travel in headers of their own and keep it."""
+        if "@" not in urlsplit(self.base_url).netloc:
+            return
+        filled = {name.lower() for name in (*self.key_headers(""), *self.extra_headers)}
+        if "authorization" in filled:
+            raise ConfigError(f"Provider({self.type_name!r}): its base_url "
+                              f"({_url_shown(self.base_url)}) cannot carry user:password@: "
+                              "they would go in the Authorization header, which its key or "
+                              "headers= fills; give a server that takes no key its proxy's "
+                              "credentials as headers={'Authorization': 'Basic ...'} instead.")
 
     # -- configuration and lifecycle ----------------------------------------------------------
 

@@ -1,15 +1,19 @@
 """Config modules: loading, the one-sentence errors, check-config, every example in deploy/."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
 
+import anthropic
+import openai
 import pytest
 
 from gateway.app import build_stack, create_app
 from gateway.config import ConfigError, load_config
-from tests.harness import REPO, TEST_KEY, mock_config, write_config
+from tests.harness import REPO, TEST_KEY, ThreadedServer, mock_config, write_config
+from tests.mock_providers import MockProviderServer
 
 EXAMPLES = sorted((REPO / "deploy/examples").glob("*.py"))
 EXAMPLE_KEYS = {
@@ -308,11 +312,56 @@ def test_a_layer_naming_a_model_the_config_lacks_refuses_to_start(
 
 def test_check_config_hides_credentials_in_a_base_url(tmp_path: Path) -> None:
     path = write_config(tmp_path, HEAD + (
-        'providers = {"oa": Provider("openai", base_url="https://user:pw-s3cret@proxy/v1")}\n'
-        'models = {"m": [Deployment("oa", "y", free=True)]}\n'))
+        'providers = {"an": Provider("anthropic", base_url="https://user:pw-s3cret@proxy")}\n'
+        'models = {"m": [Deployment("an", "y", free=True)]}\n'))
     done = run_cli("check-config", str(path))
     assert done.returncode == 0, done.stderr
-    assert "https://proxy/v1" in done.stdout and "s3cret" not in done.stdout + done.stderr
+    assert "https://proxy" in done.stdout and "s3cret" not in done.stdout + done.stderr
+
+
+# A base URL's user:password@ goes as HTTP Basic in the Authorization header: a provider whose
+# key goes there too had every call refused by aiohttp ("Cannot combine AUTHORIZATION header
+# with AUTH argument or credentials encoded in URL"), a 500 with a traceback.
+@pytest.mark.parametrize("provider", [
+    'Provider("openai", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
+    'Provider("groq", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
+    'Provider("vllm", base_url="http://proxy-admin:pw-s3cret@127.0.0.1:8000/v1")',
+    ('Provider("anthropic", base_url="https://proxy-admin:pw-s3cret@proxy", '
+     'headers={"Authorization": "Bearer team-token"})'),
+], ids=["openai", "groq", "vllm-without-key", "anthropic-with-an-authorization-header"])
+def test_a_base_url_with_credentials_for_the_authorization_header_refuses_to_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
+    monkeypatch.setenv("SG_T_PROVIDER_KEY", "sk-provider-key-123456")
+    message = error_for(tmp_path, HEAD + f'providers = {{"p": {provider}}}\n'
+                        'models = {"m": [Deployment("p", "y", free=True)]}\n')
+    assert "cannot carry user:password@" in message and "headers={'Authorization'" in message
+    assert "s3cret" not in message and "proxy-admin" not in message
+
+
+def test_a_base_url_with_credentials_reaches_providers_whose_key_has_its_own_header(
+        tmp_path: Path, mock: MockProviderServer, mock_url: str) -> None:
+    # Anthropic (x-api-key), Gemini (x-goog-api-key) and Azure (api-key) behind a proxy that
+    # takes HTTP Basic: the key and the proxy's credentials both reach it.
+    proxied = mock_url.replace("://", "://proxy-user:pw-s3cret@")
+    extra = "\n".join(
+        f'providers["{name}"] = Provider("{name}", base_url="{proxied}/{name}", '
+        'api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)'
+        for name in ("anthropic", "gemini", "azure"))
+    config = write_config(tmp_path, mock_config(mock_url, middleware="[]", extra=extra))
+    with ThreadedServer(create_app(config)) as server:
+        claude = anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
+        assert claude.messages.create(model="claude-mock", max_tokens=16, messages=[
+            {"role": "user", "content": "hi"}]).content
+        oai = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        for model in ("gemini-mock", "azure-mock"):
+            assert oai.chat.completions.create(model=model, messages=[
+                {"role": "user", "content": "hi"}]).choices
+    basic = "Basic " + base64.b64encode(b"proxy-user:pw-s3cret").decode()
+    seen = {request["provider"]: request["headers"] for request in mock.requests}
+    assert sorted(seen) == ["anthropic", "azure", "gemini"]
+    assert all(headers["authorization"] == basic for headers in seen.values())
+    assert seen["anthropic"]["x-api-key"] == seen["gemini"]["x-goog-api-key"] == \
+        seen["azure"]["api-key"] == "provider-secret-123456789"
 
 
 @pytest.mark.parametrize("argument", [["--port", "70000"], ["--port", "x"],

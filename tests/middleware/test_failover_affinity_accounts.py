@@ -99,8 +99,9 @@ def test_an_account_is_the_provider_kind_its_base_url_and_its_key(
     affinity = accounts(monkeypatch, openai_one="https://API.example.com/v1/",
                         openai_two="https://api.example.com/v1", openai_other="https://other/v1",
                         groq_one="https://api.example.com/v1",
-                        openai_user1="https://user:pw-1@api.example.com/v1",
-                        openai_user2="https://user:pw-2@api.example.com/v1")
+                        azure_one="https://api.example.com",
+                        azure_user1="https://user:pw-1@api.example.com",  # (Azure: the OpenAI
+                        azure_user2="https://user:pw-2@api.example.com")  # family refuses it)
     account = affinity.account
     # The same kind, base URL (but for a final slash and the host's case) and key: one.
     assert account("openai_one", "A") == account("openai_two", "A") == \
@@ -109,9 +110,9 @@ def test_an_account_is_the_provider_kind_its_base_url_and_its_key(
     assert account("openai_one", "A") != account("openai_other", "A")  # another server
     assert account("openai_one", "A") != account("groq_one", "A")  # another kind
     # A password in the URL is a credential too.
-    assert len({account("openai_one", "A"), account("openai_user1", "A"),
-                account("openai_user2", "A")}) == 3
-    assert "pw-1" not in account("openai_user1", "A")
+    assert len({account("azure_one", "A"), account("azure_user1", "A"),
+                account("azure_user2", "A")}) == 3
+    assert "pw-1" not in account("azure_user1", "A")
     # The key is known by a keyed hash only: never in it, and another process hashes it
     # under another key.
     assert SECRET_A not in account("openai_one", "A")
