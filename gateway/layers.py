@@ -34,6 +34,7 @@ request parsed and checked.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.context import RequestContext, find_request_context, request_context
@@ -42,7 +43,8 @@ from gateway.kernel import ASGIApp, Message, Receive, Scope, Send, stack_compone
 
 __all__ = [
     "ASGIApp", "GatewayError", "Message", "Receive", "RequestContext", "Scope", "Send",
-    "find_request_context", "json_passes_through", "request_context", "text_of_messages",
+    "find_request_context", "json_passes_through", "map_prompt_texts", "request_context",
+    "text_of_messages",
 ]
 
 
@@ -54,29 +56,73 @@ def json_passes_through(app: Any) -> bool:
                for component in stack_components(app))
 
 
+# Where a request body holds prompt text: in the body, Anthropic's `system`, the Responses
+# API's `instructions`, Completions' `prompt` (and a Responses prompt template's `variables`),
+# Embeddings' and Responses' `input`, and `messages`. In the messages and items under them: a
+# part's `text`, a message's `content`, a tool result's `output` (Responses'
+# `function_call_output`, and the custom and MCP tools'), a tool call's `arguments` (Chat's in
+# `tool_calls`) or `input` (Responses' custom tools, Anthropic's `tool_use`). The model's own
+# reasoning (Anthropic's signed thinking, a Responses reasoning item with its encrypted
+# content) is left out: it goes back as the model wrote it.
+_BODY_FIELDS = frozenset({"system", "instructions", "prompt", "input", "messages"})
+_ITEM_FIELDS = frozenset({"text", "content", "output", "arguments", "input", "tool_calls",
+                          "function", "variables"})
+
+
 def text_of_messages(body: dict[str, Any]) -> list[str]:
-    """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers)."""
+    """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers):
+    the system text and instructions, messages and input items, tool calls and tool results."""
     texts: list[str] = []
-    for key in ("system", "prompt", "input"):
-        texts.extend(_texts(body.get(key)))
-    for message in body.get("messages") or ():
-        if isinstance(message, dict):
-            texts.extend(_texts(message.get("content")))
+    _collect(body, _BODY_FIELDS, texts)
     return texts
 
 
-def _texts(value: Any) -> list[str]:
+def map_prompt_texts(body: dict[str, Any], rewrite: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of `body` where each text `text_of_messages` reads is `rewrite(text)` (e.g. a
+    secret redacted); everything else is left as it is."""
+    rewritten: dict[str, Any] = _rewritten(body, _BODY_FIELDS, rewrite)
+    return rewritten
+
+
+def _fields_under(key: str, fields: frozenset[str] | None) -> frozenset[str] | None:
+    """The fields holding prompt text in a mapping found under `key` in a mapping where
+    `fields` hold it; None: every field, all the way down (a tool call's `input`, its fields
+    named by the tool)."""
+    if fields is None or (key == "input" and fields is _ITEM_FIELDS):
+        return None
+    return _ITEM_FIELDS
+
+
+def _collect(value: Any, fields: frozenset[str] | None, texts: list[str]) -> None:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        out: list[str] = []
+        texts.append(value)
+    elif isinstance(value, list):
         for item in value:
-            if isinstance(item, str):
-                out.append(item)
-            elif isinstance(item, dict):
-                if isinstance(item.get("text"), str):
-                    out.append(item["text"])
-                elif "content" in item:
-                    out.extend(_texts(item["content"]))
-        return out
-    return []
+            _collect(item, _ITEM_FIELDS if fields is not None else None, texts)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if fields is not None and key == "variables" and isinstance(item, dict):
+                _collect(list(item.values()), _ITEM_FIELDS, texts)  # (named by the template)
+            elif fields is None or key in fields:
+                _collect(item, _fields_under(key, fields), texts)
+
+
+def _rewritten(value: Any, fields: frozenset[str] | None,
+               rewrite: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return rewrite(value)
+    if isinstance(value, list):
+        return [_rewritten(item, _ITEM_FIELDS if fields is not None else None, rewrite)
+                for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if fields is not None and key == "variables" and isinstance(item, dict):
+            out[key] = {name: _rewritten(text, _ITEM_FIELDS, rewrite)
+                        for name, text in item.items()}
+        elif fields is None or key in fields:
+            out[key] = _rewritten(item, _fields_under(key, fields), rewrite)
+        else:
+            out[key] = item
+    return out

@@ -9,7 +9,6 @@ Run it against the local mock: `make mock &` then
 """
 import os
 import re
-from typing import Any
 
 from gateway.config import Deployment, Middleware, Model
 from gateway.layers import (
@@ -19,6 +18,7 @@ from gateway.layers import (
     Scope,
     Send,
     find_request_context,
+    map_prompt_texts,
     text_of_messages,
 )
 from middleware.auth import AuthMiddleware, StaticKey
@@ -63,21 +63,14 @@ class PromptGuard:
                     raise GatewayError(400, "The prompt was blocked by the gateway's content "
                                             "policy.", code="prompt_blocked")
             if self.redact is not None and any(self.redact.search(text) for text in texts):
-                ctx.body = self._redacted(ctx.body)
+                # (the texts text_of_messages read, wherever the request's API puts them)
+                ctx.body = map_prompt_texts(ctx.body, self._redacted)
                 ctx.state["prompt_guard_redacted"] = True
         await self.app(scope, receive, send)
 
-    def _redacted(self, value: Any) -> Any:
+    def _redacted(self, text: str) -> str:
         assert self.redact is not None
-        if isinstance(value, str):
-            return self.redact.sub(self.replacement, value)
-        if isinstance(value, list):
-            return [self._redacted(item) for item in value]
-        if isinstance(value, dict):
-            return {key: (self._redacted(item) if key in ("content", "text", "system", "input",
-                                                          "prompt", "messages") else item)
-                    for key, item in value.items()}
-        return value
+        return self.redact.sub(self.replacement, text)
 
 
 os.environ.setdefault("SLUICEGATE_DEMO_KEY", "demo-key-not-a-secret")
