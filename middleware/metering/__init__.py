@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable
@@ -117,9 +118,10 @@ class MeteringMiddleware:
         self.durability = durability
         if fsync not in FSYNC_POLICIES:
             raise ConfigError(f"MeteringMiddleware fsync must be one of {FSYNC_POLICIES}.")
-        if batch_size < 1 or queue_max < batch_size or flush_interval_s <= 0:
-            raise ConfigError("MeteringMiddleware needs batch_size >= 1, queue_max >= "
-                              "batch_size and flush_interval_s > 0.")
+        _check_counts(batch_size, queue_max)
+        _check_seconds("flush_interval_s", flush_interval_s)
+        _check_seconds("retry_interval_s", retry_interval_s)
+        _check_seconds("fsync_interval_s", fsync_interval_s, zero_ok=True)
         if isinstance(store, str):
             if not store.startswith(("postgresql://", "postgres://", "host=")):
                 raise ConfigError("MeteringMiddleware store must be a PostgreSQL DSN or a "
@@ -144,6 +146,7 @@ class MeteringMiddleware:
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._writer_failed: str | None = None  # what ended it, if it raised (`_writer_ended`)
         self._io: ThreadPoolExecutor | None = None
         self._replaying = False  # PostgreSQL is behind the journal: replay before direct writes
         self._next_retry = 0.0
@@ -191,8 +194,21 @@ class MeteringMiddleware:
             await self._undo_start(io, opening)
             raise
         self._stopping = False  # (after a shutdown: this is a restart)
+        self._writer_failed = None
         self._wake = asyncio.Event()
         self._writer = loop.create_task(self._run(), name="sluicegate-metering-writer")
+        self._writer.add_done_callback(self._writer_ended)
+
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        """The writer ends only at shutdown; one that raised is a bug, said loudly and on
+        /readyz: from then on records only pile up in memory (journaled by requests past
+        queue_max, and at shutdown) and none reaches PostgreSQL."""
+        if writer.cancelled() or (exc := writer.exception()) is None:
+            return
+        self._writer_failed = type(exc).__name__
+        logger.critical("metering: the usage writer stopped; usage records wait in memory "
+                        "(journaled past queue_max, and at shutdown) and none reaches "
+                        "PostgreSQL until a restart", exc_info=exc)
 
     async def _undo_start(self, io: ThreadPoolExecutor, opening: asyncio.Future[Journal]) -> None:
         if self.store is not None:
@@ -225,11 +241,14 @@ class MeteringMiddleware:
         if self._wake is not None:
             self._wake.set()
         if self._writer is not None:
-            try:
-                await asyncio.wait_for(self._writer, timeout=30)
-            except TimeoutError:
+            # (asyncio.wait: a writer that raised is no reason to lose its queue, just below;
+            # `_writer_ended` said why it stopped)
+            finished, _ = await asyncio.wait([self._writer], timeout=30)
+            if not finished:
                 logger.error("metering: the writer did not finish in 30 s; what it had not "
                              "written is in the journal or lost with the queue")
+                self._writer.cancel()
+                await asyncio.wait([self._writer])
         if self._queue:  # the writer failed: keep the records anyway
             payloads, waiting = self._drain()
             await self._journal_batch(payloads, sync=True)
@@ -242,6 +261,8 @@ class MeteringMiddleware:
             self._io = None
 
     async def check_ready(self) -> dict[str, str]:
+        if self._writer_failed is not None:  # not ready: this process records no usage
+            return {"usage_journal": f"error: the usage writer stopped ({self._writer_failed})"}
         checks = {"usage_journal": "ok"}
         if self.store is not None:
             checks.update(degraded(await self.store.check_ready(),
@@ -623,6 +644,30 @@ def _checked(pending: list[tuple[Position, bytes]]
         except (ValueError, TypeError, AttributeError) as exc:  # (a field of the wrong type)
             unreadable.append((payload, f"not a usage record: {exc}"))
     return payloads, unreadable
+
+
+def _check_counts(batch_size: int, queue_max: int) -> None:
+    """Whole numbers only: the writer slices its queue by `batch_size` (2.5 raised there,
+    in the writer, which then recorded nothing more)."""
+    for name, value in (("batch_size", batch_size), ("queue_max", queue_max)):
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"MeteringMiddleware {name} must be a whole number, 1 or more, "
+                              f"not {value!r}.")
+    if queue_max < batch_size:
+        raise ConfigError(f"MeteringMiddleware queue_max ({queue_max}) must be at least "
+                          f"batch_size ({batch_size}).")
+
+
+def _check_seconds(name: str, value: float, *, zero_ok: bool = False) -> None:
+    """A finite number of seconds, more than 0 (or 0 too): a NaN flush interval ended the
+    writer at its first wait (uvloop's timers refuse it; asyncio's spin), a negative fsync
+    interval failed the journal at startup, and a negative retry interval retried a failing
+    PostgreSQL without a pause."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not (0 <= value if zero_ok else 0 < value) or not value < math.inf:
+        least = "0 or more" if zero_ok else "more than 0"
+        raise ConfigError(f"MeteringMiddleware {name} must be a finite number of seconds, "
+                          f"{least}, not {value!r}.")
 
 
 def _resolve(waiting: list[asyncio.Future[None]]) -> None:

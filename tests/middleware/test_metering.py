@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from gateway.app import create_app
+from gateway.config import ConfigError
 from gateway.context import CONTEXT_KEY, RequestContext, Usage
 from gateway.kernel import _run_end_hooks
 from gateway.pricing import Price
@@ -229,6 +230,62 @@ async def test_a_quiet_journal_reaches_the_disk_within_the_fsync_interval(
         assert fsync_calls
     finally:
         await asyncio.wait_for(layer.shutdown(), timeout=10)
+
+
+@pytest.mark.parametrize("option", [
+    {"batch_size": 2.5}, {"batch_size": True}, {"queue_max": 0}, {"queue_max": "100"},
+    {"flush_interval_s": float("nan")}, {"flush_interval_s": 0},
+    {"retry_interval_s": -5}, {"retry_interval_s": float("inf")},
+    {"fsync_interval_s": -1}, {"fsync_interval_s": float("nan")}], ids=str)
+def test_options_the_writer_cannot_use_are_refused_in_one_sentence(
+        tmp_path: Path, option: dict[str, Any]) -> None:
+    """Each of these passed check-config, then failed the startup (fsync_interval_s=-1) or
+    ended the writer after the first request (NaN, 2.5: every later record was lost), or
+    retried a failing PostgreSQL without a pause (-5)."""
+    (name, value), = option.items()
+    with pytest.raises(ConfigError) as refused:
+        MeteringMiddleware(lambda *_: None, journal_dir=str(tmp_path), **option)
+    message = str(refused.value)
+    assert message.startswith(f"MeteringMiddleware {name} must be ")
+    assert message.endswith(f", not {value!r}.") and message.count(". ") == 0
+
+
+def test_a_zero_fsync_interval_is_allowed(tmp_path: Path) -> None:  # (an fsync a batch)
+    layer = MeteringMiddleware(lambda *_: None, journal_dir=str(tmp_path), fsync_interval_s=0)
+    assert layer.fsync_interval_s == 0
+
+
+async def test_a_writer_that_dies_says_so_and_its_queue_is_journaled_at_shutdown(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A writer ended by an exception (a bug: here an interval set past the checks) used to
+    end silently, and shutdown raised its exception again, losing the queue with it."""
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    layer = MeteringMiddleware(answer, journal_dir=str(tmp_path))
+    layer.batch_size = 2.5  # type: ignore[assignment]  # slicing a batch of 3 raises TypeError
+    await layer.startup()
+    try:
+        for project in ("a", "b", "c"):  # (queued together: the writer waits for more)
+            ctx = context(status=200)
+            ctx.principal = type("P", (), {"key_id": "k", "project": project})()
+            await layer({"type": "http", CONTEXT_KEY: ctx}, None, send)  # type: ignore[arg-type]
+            _run_end_hooks(ctx)
+        deadline = time.monotonic() + 5
+        while await layer.check_ready() == {"usage_journal": "ok"}:
+            assert time.monotonic() < deadline, "the writer's end was never reported"
+            await asyncio.sleep(0.01)
+        assert await layer.check_ready() == {
+            "usage_journal": "error: the usage writer stopped (TypeError)"}
+        assert "metering: the usage writer stopped" in caplog.text
+    finally:
+        await asyncio.wait_for(layer.shutdown(), timeout=10)
+    assert {row["subject"]: row["requests"] for row in journal_usage(tmp_path)} == \
+        {"a": 1, "b": 1, "c": 1}
 
 
 # -- the PostgreSQL ledger -----------------------------------------------------------------------
