@@ -48,6 +48,7 @@ import functools
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,9 +131,13 @@ class MeteringMiddleware:
         self.store = store
         self.journal_root = Path(journal_dir or os.environ.get("SLUICEGATE_JOURNAL_DIR")
                                  or "./sluicegate-journal")
+        _check_journal_root(self.journal_root)
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
-        self.journal = Journal(self.journal_root / "unclaimed", fsync=fsync)  # set at startup
+        # Until startup claims a slot: a reader, which creates nothing (check-config and
+        # doctor build the stack, as the service's user, in a directory it may not write)
+        # and refuses appends, as an unopened journal does.
+        self.journal = Journal(self.journal_root / "unclaimed", read_only=True)
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.queue_max = queue_max
@@ -644,6 +649,25 @@ def _checked(pending: list[tuple[Position, bytes]]
         except (ValueError, TypeError, AttributeError) as exc:  # (a field of the wrong type)
             unreadable.append((payload, f"not a usage record: {exc}"))
     return payloads, unreadable
+
+
+def _check_journal_root(root: Path) -> None:
+    """Refuses a journal directory that is clearly unusable, seen without writing anything:
+    where it, or the nearest of its parents that exists, is not a directory (a file), its
+    creation at startup would fail. What cannot be seen (a parent this user may not search)
+    is left to startup."""
+    absolute = root.absolute()
+    for path in (absolute, *absolute.parents):
+        try:
+            is_directory = stat.S_ISDIR(path.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return
+        if not is_directory:
+            raise ConfigError(f"MeteringMiddleware journal_dir {str(root)!r} cannot be "
+                              f"created: {str(path)!r} is not a directory.")
+        return
 
 
 def _check_counts(batch_size: int, queue_max: int) -> None:

@@ -549,6 +549,20 @@ def test_systemd_unit() -> None:
     assert unit_value("Install", "WantedBy") == "multi-user.target"
 
 
+def test_the_documented_check_runs_where_the_service_runs() -> None:
+    """The comment's systemd-run check-config line sets the unit's working directory,
+    journal directory and environment file (systemd-run applies none of the unit's own:
+    the check ran in /, its journal directory ./sluicegate-journal)."""
+    text = (DEPLOY / "systemd/sluicegate.service").read_text()
+    start = text.index("#   systemd-run ") + 1
+    check = shlex.split(text[start:text.index("\n\n", start)].replace("\\\n#", " "))
+    properties = [check[at + 1] for at, arg in enumerate(check) if arg == "-p"]
+    for key in ("User", "WorkingDirectory", "EnvironmentFile"):
+        assert f"{key}={unit_value('Service', key)}" in properties
+    assert f"Environment=SLUICEGATE_JOURNAL_DIR={JOURNAL_DIR}" in properties
+    assert "check-config" in check
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_accepts_every_directive(tmp_path: Path) -> None:
     unit = tmp_path / "sluicegate.service"

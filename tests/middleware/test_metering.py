@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -40,7 +43,7 @@ from middleware.metering.record import (
 )
 from middleware.metering.store import PostgresUsageStore, UsageStoreError
 from middleware.metering.usage import journal_usage
-from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
+from tests.harness import REPO, TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import MockProviderServer
 from tests.mock_providers.faults import Fault
 from tests.tcp_proxy import TcpProxy
@@ -253,6 +256,41 @@ def test_options_the_writer_cannot_use_are_refused_in_one_sentence(
 def test_a_zero_fsync_interval_is_allowed(tmp_path: Path) -> None:  # (an fsync a batch)
     layer = MeteringMiddleware(lambda *_: None, journal_dir=str(tmp_path), fsync_interval_s=0)
     assert layer.fsync_interval_s == 0
+
+
+def check_config_in(cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    """`sluicegate check-config` run in `cwd`, with no SLUICEGATE_JOURNAL_DIR (as the
+    systemd unit's documented check ran it: systemd-run leaves the unit's Environment= out)."""
+    env = {name: value for name, value in os.environ.items()
+           if name != "SLUICEGATE_JOURNAL_DIR"}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(config)],
+                          cwd=cwd, env={**env, "PYTHONPATH": str(REPO)}, text=True,
+                          capture_output=True, timeout=60, check=False)
+
+
+def test_check_config_writes_nothing_in_its_working_directory(tmp_path: Path) -> None:
+    """The layer's construction made ./sluicegate-journal/unclaimed, so check-config (and
+    doctor) failed on a valid config in a directory its user cannot write (/, where
+    systemd-run starts it); the journal directory is made at startup only."""
+    config = write_config(tmp_path, mock_config("http://127.0.0.1:9"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    checked = check_config_in(cwd, config)
+    assert checked.returncode == 0, checked.stderr
+    assert "MeteringMiddleware" in checked.stdout
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_journal_dir_under_a_file_is_refused_at_check_config(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = write_config(tmp_path, mock_config("http://127.0.0.1:9", middleware=(
+        f"[Middleware(MeteringMiddleware, journal_dir={str(tmp_path / 'a-file' / 'j')!r})]")))
+    checked = check_config_in(tmp_path, config)
+    assert checked.returncode == 2
+    assert checked.stderr == (
+        f"sluicegate: {config}: layer MeteringMiddleware has wrong options: MeteringMiddleware "
+        f"journal_dir '{tmp_path / 'a-file' / 'j'}' cannot be created: "
+        f"'{tmp_path / 'a-file'}' is not a directory.\n")
 
 
 async def test_a_writer_that_dies_says_so_and_its_queue_is_journaled_at_shutdown(
