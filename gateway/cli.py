@@ -193,8 +193,9 @@ def _innermost(app: object) -> object:
 def serve_forever(args: argparse.Namespace) -> int:
     from hypercorn.config import Config
     from hypercorn.run import run
+    from hypercorn.utils import LifespanFailureError
 
-    from gateway.supervisor import Supervisor
+    from gateway.supervisor import Supervisor, lifespan_failure
 
     path = os.path.abspath(args.config)
     # Fail fast, in the parent, with one sentence (exit 2: systemd does not restart it).
@@ -212,8 +213,9 @@ def serve_forever(args: argparse.Namespace) -> int:
     if args.workers > 1:
         os.environ.setdefault(METRICS_DIR_ENV, os.path.join(run_dir, "metrics"))
         os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
+    scrub = Scrubber.for_config(config, stack_components(stack))
     configure_logging(config.settings.log_level, config.settings.log_format,
-                      redact=Scrubber.for_config(config, stack_components(stack)).redact)
+                      redact=scrub.redact)
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.worker_class = "uvloop"
@@ -233,9 +235,19 @@ def serve_forever(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("sluicegate").warning(
             "SIGHUP ignored: reloading the config needs --workers 2 or more"))
     if hyper.workers > 1:  # reloads start the new workers before the old ones drain
-        return Supervisor(hyper, hyper.workers, ready_dir=os.path.join(run_dir, "ready"),
-                          last_good=os.environ["SLUICEGATE_CONFIG_LAST_GOOD"]).run()
-    return run(hyper)
+        supervisor = Supervisor(hyper, hyper.workers, ready_dir=os.path.join(run_dir, "ready"),
+                                last_good=os.environ["SLUICEGATE_CONFIG_LAST_GOOD"])
+        status, failure = supervisor.run(), supervisor.startup_failure
+    else:
+        try:
+            status, failure = run(hyper), None
+        except LifespanFailureError as exc:
+            status, failure = 1, lifespan_failure(exc)
+    if failure is not None:
+        # A store unreachable at startup, say: one sentence, as doctor says it (the worker
+        # logged the traceback), and 1, not 2: starting again later may succeed.
+        print(f"sluicegate: {scrub(failure)}", file=sys.stderr)
+    return status
 
 
 # -- keys and budgets: a running gateway's admin API -------------------------------------------

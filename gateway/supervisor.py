@@ -23,13 +23,18 @@ that was rejected, is not a crash's to serve. A worker of the
 first start that fails before it is ready stops `serve` with its exit status (it cannot start:
 restarting it would only loop); a replacement that fails so while others serve (a store
 briefly unreachable at its startup) is tried again `RETRY_S` later, and the others serve on.
+A worker whose startup failed leaves the error's message beside its ready file
+(`<pid>.failed`) and exits 1 without a traceback; `startup_failure` holds the message of the
+first start's, for `serve` to print as one sentence.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from hypercorn.config import Config, Sockets
+from hypercorn.utils import LifespanFailureError
 
 logger = logging.getLogger("sluicegate")
 
@@ -65,6 +71,28 @@ def announce_ready(config_text: bytes | None = None) -> None:
             temporary.write_bytes(config_text)
             os.replace(temporary, candidate)  # whole before the worker says it is ready
         Path(directory, str(os.getpid())).touch()
+
+
+def lifespan_failure(error: LifespanFailureError) -> str:
+    """The message of the exception that failed the app's startup (or shutdown), out of
+    hypercorn's "Lifespan failure in startup. '<message>'" (the kernel sends str(exc))."""
+    text = str(error)
+    match = re.fullmatch(r"Lifespan failure in \w+\. '(.*)'", text, re.DOTALL)
+    return match[1] if match else text
+
+
+def run_worker(**kwargs: Any) -> None:
+    """A worker process: hypercorn's uvloop worker. Its startup failing (a store it cannot
+    do without unreachable) is no crash: the kernel logged it; its message goes to the
+    supervisor, and the worker exits 1 (multiprocessing would print the traceback)."""
+    from hypercorn.asyncio.run import uvloop_worker
+
+    try:
+        uvloop_worker(**kwargs)
+    except LifespanFailureError as exc:
+        Path(os.environ[READY_DIR_ENV], f"{os.getpid()}.failed").write_text(
+            lifespan_failure(exc))
+        sys.exit(1)
 
 
 @dataclass(slots=True)
@@ -92,16 +120,15 @@ class Supervisor:
         self._ctx: SpawnContext = get_context("spawn")
         self._sockets: Sockets | None = None
         self._signals: list[str] = []  # "reload" or "stop", acted on by the loop
+        self.startup_failure: str | None = None  # why the first start failed, if it did
 
     def run(self) -> int:
-        from hypercorn.asyncio.run import uvloop_worker
-
         self.ready_dir.mkdir(parents=True, exist_ok=True)
         os.environ[READY_DIR_ENV] = str(self.ready_dir)  # the workers inherit it
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         os.environ[SHARED_DIR_ENV] = str(self.shared_dir)
         self._sockets = self.config.create_sockets()
-        current = [self._spawn(uvloop_worker) for _ in range(self.workers)]
+        current = [self._spawn(run_worker) for _ in range(self.workers)]
         starting = list(current)  # the first start, until it is accepted
         draining: list[_Worker] = []
         for name in ("SIGINT", "SIGTERM"):
@@ -128,14 +155,14 @@ class Supervisor:
                     self._accept(starting)
                     starting = []
                 if missing and time.monotonic() >= respawn_at:
-                    current += [self._spawn(uvloop_worker, replacement=True)
+                    current += [self._spawn(run_worker, replacement=True)
                                 for _ in range(missing)]
                     missing = 0
                 if "stop" in self._signals:
                     break
                 if self._signals:
                     self._signals.clear()
-                    current, old = self._reload(current, uvloop_worker)
+                    current, old = self._reload(current, run_worker)
                     for worker in old:
                         worker.stop.set()  # stop accepting; drain what is in flight
                     draining += old
@@ -155,6 +182,7 @@ class Supervisor:
         for worker in exited:
             ready = self._ready(worker)
             code = worker.process.exitcode or 0
+            failure = self._failure(worker)
             self._reaped(worker)
             if code and not ready and worker.replacement and serving:
                 logger.error("a replacement worker exited with status %s before it was ready; "
@@ -164,6 +192,7 @@ class Supervisor:
                 logger.error("a worker exited with status %s before it was ready; stopping",
                              code)
                 status = status or code
+                self.startup_failure = self.startup_failure or failure
             elif code:
                 logger.error("a worker (pid %s) exited with status %s while serving; starting "
                              "another", worker.process.pid, code)
@@ -204,9 +233,10 @@ class Supervisor:
             failed = [w for w in fresh if not w.process.is_alive()]
             if failed or time.monotonic() > deadline or "stop" in self._signals:
                 if failed or time.monotonic() > deadline:
+                    why = (f"one exited: {self._failure(failed[0]) or 'see its log'}"
+                           if failed else "timed out")
                     logger.error("reload: the new workers did not start (%s); the running "
-                                 "ones go on serving",
-                                 "one exited" if failed else "timed out")
+                                 "ones go on serving", why)
                 self._stop_all(fresh)
                 return current, []
             wait([w.process.sentinel for w in fresh], timeout=0.1)
@@ -225,13 +255,21 @@ class Supervisor:
     def _candidate(self, worker: _Worker) -> Path:
         return self.ready_dir / f"{worker.process.pid}.config"
 
+    def _failure(self, worker: _Worker) -> str | None:
+        """The message a worker whose startup failed left (`run_worker`), if it did."""
+        try:
+            return (self.ready_dir / f"{worker.process.pid}.failed").read_text()
+        except FileNotFoundError:
+            return None
+
     def _reaped(self, worker: _Worker) -> bool:
         """True (and its ready file and candidate removed) once the worker's process has
         exited."""
         if worker.process.is_alive():
             return False
         worker.process.join()
-        for path in (self.ready_dir / str(worker.process.pid), self._candidate(worker)):
+        for path in (self.ready_dir / str(worker.process.pid), self._candidate(worker),
+                     self.ready_dir / f"{worker.process.pid}.failed"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return True

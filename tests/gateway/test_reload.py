@@ -22,6 +22,7 @@ from tests.harness import (
     AUTH,
     REPO,
     SHARED_QUOTA,
+    free_port,
     mock_config,
     start_cli_gateway,
     stop_process,
@@ -368,3 +369,28 @@ def test_serve_refuses_what_check_config_refuses_in_one_sentence(
         assert "Traceback" not in result.stderr
         assert "no-such-model" in result.stderr
         assert "last-good" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_startup_that_cannot_reach_postgresql_stops_serve_in_one_sentence(
+        tmp_path: Path, mock_url: str, workers: str) -> None:
+    """The key store's PostgreSQL unreachable at startup stopped `serve` with hypercorn's
+    LifespanFailureError traceback (65 lines with one worker, 118 with two: each worker's),
+    printed past the log's redaction; doctor said it in one line. Status 1, not 2: the
+    config is right, and a start once PostgreSQL answers succeeds."""
+    password = "pg-password-" + "x" * 16
+    dsn = f"postgresql://sg:{password}@127.0.0.1:{free_port()}/sluicegate"  # nothing listens
+    extra = ("from middleware.auth import PostgresKeyStore\n"
+             "middleware = [Middleware(AuthMiddleware, store=PostgresKeyStore("
+             f"{dsn!r}), keys=[StaticKey('tests', key_env='SG_TEST_KEY')])]\n")
+    config = write_config(tmp_path, mock_config(mock_url, middleware="none", extra=extra))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+         "--port", str(free_port()), "--workers", workers], cwd=REPO, capture_output=True,
+        text=True, timeout=90, check=False)
+    assert result.returncode == 1, result.stderr
+    said = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(said) == 1, said
+    assert said[0].startswith("sluicegate: the key store could not reach PostgreSQL at "
+                              "startup (OperationalError: connection failed: ")
+    assert password not in result.stderr + result.stdout
