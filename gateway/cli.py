@@ -327,12 +327,14 @@ def _add_admin_commands(commands: Any) -> None:
                        help="total per project (default), key, customer or model")
     usage.add_argument("--since", type=_usage_time, metavar="ISO",
                        help="from, e.g. 2025-01-01 or 2025-01-01T12:00:00Z (UTC unless an "
-                            "offset is given; default: 30 days ago; with --journal, no limit)")
+                            "offset is given; default: 30 days before --until; with "
+                            "--journal, no limit)")
     usage.add_argument("--until", type=_usage_time, metavar="ISO",
                        help="up to, excluded (default: now)")
     usage.add_argument("--grain", choices=("day", "minute"),
-                       help="the gateway's rollups to sum: whole days (default) or minutes, "
-                            "so how finely --since and --until cut")
+                       help="the gateway's rollups to sum: whole days (default) or minutes; "
+                            "--since and --until widen to whole ones, as the report's "
+                            "header shows")
     usage.add_argument("--journal", metavar="DIR",
                        help="read the journals under DIR instead of asking a gateway (read-only, "
                             "safe while a gateway runs): every request when the gateway has no "

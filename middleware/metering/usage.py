@@ -3,8 +3,10 @@
 `GET /admin/usage` (an operator, with the admin token) totals every key, project, customer or
 model; `GET /v1/usage/self` totals the calling key alone, which the auth layer verified and
 put in the scope (`gateway.context.PRINCIPAL_KEY`). Both take `since` and `until` (ISO 8601;
-UTC when no offset is given; default: the last 30 days) and `grain` (`day`, the default, or
-`minute`: which rollups are summed, so how finely `since` and `until` cut).
+UTC when no offset is given; default: until now, since 30 days before until) and `grain`
+(`day`, the default, or `minute`: which rollups are summed). The window is widened to whole
+grains, `since` down and `until` up (UTC), and the answer gives it so: it is exactly what
+the rollups summed (a record 29 days 23 hours old is in the default report).
 
 `journal_usage` sums the records in the journals on disk, read-only, for `sluicegate usage
 --journal DIR`: with no PostgreSQL store the journal is the ledger; with one, those are the
@@ -133,17 +135,32 @@ def _window(query: dict[str, str]) -> tuple[datetime, datetime, str]:
     if grain not in GRAINS:
         raise _BadParameter("grain", f"grain must be one of {', '.join(GRAINS)}, not "
                                      f"{_echo(grain)}")
-    now = datetime.now(UTC)
-    since = _time("since", query.get("since"), now - DEFAULT_WINDOW)
-    until = _time("until", query.get("until"), now + timedelta(minutes=1))
+    until = _time("until", query.get("until")) or datetime.now(UTC)
+    since = _time("since", query.get("since")) or until - DEFAULT_WINDOW
     if since >= until:
         raise _BadParameter("since", "since must be before until")
-    return since, until, grain
+    return _grain_start(since, grain), _grain_end(until, grain), grain
 
 
-def _time(param: str, value: str | None, default: datetime) -> datetime:
+def _grain_start(moment: datetime, grain: str) -> datetime:
+    """The start of the UTC minute or day holding `moment` (the rollups' bucket)."""
+    moment = moment.astimezone(UTC)
+    if grain == "day":
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    return moment.replace(second=0, microsecond=0)
+
+
+def _grain_end(moment: datetime, grain: str) -> datetime:
+    """`moment` if a bucket starts there, else the start of the next one."""
+    start = _grain_start(moment, grain)
+    if start == moment:
+        return start
+    return start + (timedelta(days=1) if grain == "day" else timedelta(minutes=1))
+
+
+def _time(param: str, value: str | None) -> datetime | None:
     if value is None:
-        return default
+        return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:

@@ -4,6 +4,7 @@ PostgreSQL. Real gateways on real sockets, keys in PostgreSQL created through th
 usage made with the official openai SDK."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -28,6 +29,7 @@ from gateway.app import create_app
 from middleware.metering import journal_usage
 from middleware.metering.journal import Journal, JournalError
 from middleware.metering.record import UsageRecord
+from middleware.metering.store import PostgresUsageStore
 from tests.harness import REPO, ThreadedServer, free_port, mock_config, write_config
 from tests.middleware.test_metering import PG_DSN, drop_tables, wait_for_rows
 
@@ -195,7 +197,12 @@ def test_the_window_and_grain_come_from_the_query(ledger: Ledger) -> None:
               "until": (now + timedelta(hours=1)).isoformat(), "grain": "minute"}
     usage = httpx.get(ledger.url + SELF, params=window, headers=auth(ledger.bob.key)).json()
     assert usage["grain"] == "minute" and usage["data"][0]["requests"] == ledger.bob.requests
-    assert datetime.fromisoformat(usage["since"]) == datetime.fromisoformat(window["since"])
+    # (the minutes summed: since down to its minute, until up)
+    assert datetime.fromisoformat(usage["since"]) == \
+        datetime.fromisoformat(window["since"]).replace(second=0, microsecond=0)
+    assert datetime.fromisoformat(usage["until"]) == \
+        datetime.fromisoformat(window["until"]).replace(second=0, microsecond=0) + \
+        timedelta(minutes=1)
     past = {"since": "2020-01-01", "until": "2020-02-01"}  # no offset: UTC
     usage = httpx.get(ledger.url + SELF, params=past, headers=auth(ledger.bob.key)).json()
     assert usage["data"] == [] and usage["since"] == "2020-01-01T00:00:00+00:00"
@@ -371,6 +378,53 @@ def test_the_cli_reports_the_apis_refusals(ledger: Ledger) -> None:
                         "2025-02-01", "--until", "2025-01-01")
     assert result.returncode == 1
     assert result.stderr == "sluicegate: HTTP 400: since must be before until\n"
+
+
+def test_the_cli_window_is_the_days_it_sums(tmp_path: Path, mock_url: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--since defaults to 30 days before --until (it was 30 days before now, so an --until
+    older than that was refused, "since must be before until"), and the report is of the
+    whole days summed, from the start of the first: a record 29 days 18 hours before --until
+    was missing from its day-grain report, whose header said it was in."""
+    name = "sg_usage_window_" + uuid.uuid4().hex[:10]
+    until = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - \
+        timedelta(days=5)
+    first_day = (until - timedelta(days=30)).replace(hour=0)
+    started = (until - timedelta(days=30, hours=-6)).timestamp()  # 18:00 on the first day
+    record = UsageRecord(request_id=uuid.uuid4().hex, started_at=started, ended_at=started + 1,
+                         key_id="key_window", project="p-window", model="gpt-mock",
+                         input_tokens=10, output_tokens=10, cost_micros=1_234_567, status=200)
+    store = PostgresUsageStore(PG_DSN, prefix=name)
+
+    async def write() -> int:
+        await store.startup()
+        try:
+            return await store.write([record])
+        finally:
+            await store.shutdown()
+    monkeypatch.setenv(ADMIN_ENV, ADMIN_TOKEN)
+    layers = (f"middleware = [Middleware(MeteringMiddleware, store=PostgresUsageStore("
+              f"{PG_DSN!r}, prefix={name!r}), journal_dir={str(tmp_path / 'journal')!r}, "
+              f"admin_token_env={ADMIN_ENV!r})]\n")
+    try:
+        assert asyncio.run(write()) == 1
+        with serve(tmp_path, mock_url, layers) as server:
+            result = sluicegate("--url", server.url, "--token-env", ADMIN_ENV, "--until",
+                                until.isoformat())
+            assert result.returncode == 0, result.stderr
+            title, rows = table(result.stdout)
+            assert title == (f"Usage by project from {first_day.isoformat()} to "
+                             f"{(until + timedelta(hours=12)).isoformat()} (day rollups):")
+            assert rows == [["p-window", "1", "10", "10", "1.234567", "0.000000"]]
+            older = (until - timedelta(days=40)).replace(hour=0)
+            result = sluicegate("--url", server.url, "--token-env", ADMIN_ENV, "--until",
+                                older.date().isoformat(), "--json")
+            assert result.returncode == 0, result.stderr
+            printed = orjson.loads(result.stdout)
+            assert (printed["since"], printed["until"], printed["data"]) == \
+                ((older - timedelta(days=30)).isoformat(), older.isoformat(), [])
+    finally:
+        drop_tables(name)
 
 
 # -- sluicegate usage --journal: the ledger of a gateway without PostgreSQL --------------------
