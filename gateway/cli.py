@@ -24,6 +24,7 @@ from gateway.admin_client import AdminClient, AdminError
 from gateway.app import WORKERS_ENV, build_stack, check_workers
 from gateway.compiled import MODULES, Build, build_of, remove, sources
 from gateway.config import ConfigError, GatewayConfig, env_name_shown, load_config
+from gateway.context import SELF_USAGE_PATH
 from gateway.doctor import (
     DEFAULT_TIMEOUT_S,
     FAIL,
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         return _build(args)
+    if args.command == "usage" and args.own:
+        return own_usage(args)
     if args.command == "usage" and args.journal is not None:
         return usage_from_journals(args)
     if args.command in ("keys", "budgets", "usage"):
@@ -323,7 +326,7 @@ def _add_admin_commands(commands: Any) -> None:
     usage = _admin_parser(commands, "usage", "usage totals from a running gateway, or with "
                                              "--journal from the usage journals on disk",
                           group=True)
-    usage.add_argument("--group-by", choices=USAGE_GROUPS, default="project",
+    usage.add_argument("--group-by", choices=USAGE_GROUPS,
                        help="total per project (default), key, customer or model")
     usage.add_argument("--since", type=_usage_time, metavar="ISO",
                        help="from, e.g. 2025-01-01 or 2025-01-01T12:00:00Z (UTC unless an "
@@ -339,6 +342,12 @@ def _add_admin_commands(commands: Any) -> None:
                        help="read the journals under DIR instead of asking a gateway (read-only, "
                             "safe while a gateway runs): every request when the gateway has no "
                             "PostgreSQL, else those not written to it yet")
+    usage.add_argument("--self", dest="own", action="store_true",
+                       help="a virtual key's own totals (GET /v1/usage/self), the key read "
+                            "from the variable --key-env names; no admin token needed")
+    usage.add_argument("--key-env", default=DEFAULT_KEY_ENV, metavar="NAME",
+                       help=f"with --self: the environment variable holding the virtual key "
+                            f"(default {DEFAULT_KEY_ENV})")
     usage.set_defaults(handler=_usage)
 
 
@@ -665,19 +674,83 @@ def _percent(spent: Any, limit: Any) -> str:
 USAGE_GROUPS = ("project", "key", "customer", "model")
 
 
+DEFAULT_KEY_ENV = "SLUICEGATE_API_KEY"
+
+
+class _KeyClient(AdminClient):
+    """The admin API's client, holding a virtual key instead of the admin token: with it the
+    gateway answers only the key's own usage."""
+
+    def own_usage(self, *, since: str | None, until: str | None,
+                  grain: str | None) -> dict[str, Any]:
+        query = {"since": since, "until": until, "grain": grain}
+        return self._call("GET", SELF_USAGE_PATH,
+                          query={name: value for name, value in query.items()
+                                 if value is not None})
+
+
 def _usage(client: AdminClient, args: argparse.Namespace) -> int:
-    report = client.usage_totals(args.group_by, since=_iso(args.since), until=_iso(args.until),
+    group_by = args.group_by or "project"
+    report = client.usage_totals(group_by, since=_iso(args.since), until=_iso(args.until),
                                  grain=args.grain)
     if args.as_json:
         _print_json(report)
         return 0
+    _print_usage(group_by, report, _rows(report))
+    return 0
+
+
+def own_usage(args: argparse.Namespace) -> int:
+    """Runs `usage --self`: 0 done, 1 the gateway refused, 2 a usage error. The table is
+    `usage --group-by key`'s, of one key."""
+    try:
+        if args.journal is not None or args.group_by not in (None, "key"):
+            raise UsageError("--self asks a gateway for one key's totals: it takes no "
+                             "--journal or --group-by.")
+        report = _key_client(args).own_usage(since=_iso(args.since), until=_iso(args.until),
+                                             grain=args.grain)
+        if args.as_json:
+            _print_json(report)
+            return 0
+        rows = [{**row, "subject": report.get("key_id")} for row in _rows(report)]
+    except UsageError as exc:
+        print(f"sluicegate: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
+        print(f"sluicegate: {exc}", file=sys.stderr)
+        return 1
+    _print_usage("key", report, rows)
+    return 0
+
+
+def _key_client(args: argparse.Namespace) -> _KeyClient:
+    name: str = args.key_env
+    shown = f"${name}" if env_name_shown(name) else "the variable named by --key-env"
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise UsageError(f"The virtual key is read from {shown}, which is empty or not set; "
+                         "export it or name another variable with --key-env.")
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise UsageError(f"The virtual key in {shown} must be printable ASCII without "
+                         "spaces.")
+    url = args.url or os.environ.get("SLUICEGATE_URL") or DEFAULT_URL
+    try:
+        return _KeyClient(url, key)
+    except ValueError as exc:  # (the URL: the key was checked above)
+        raise UsageError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+
+
+def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = report.get("data")
     if not isinstance(rows, list):
         raise AdminError(200, "The gateway answered the usage request without a 'data' list.")
-    print(f"Usage by {args.group_by} from {_text(report.get('since'))} to "
+    return rows
+
+
+def _print_usage(group_by: str, report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    print(f"Usage by {group_by} from {_text(report.get('since'))} to "
           f"{_text(report.get('until'))} ({_text(report.get('grain'))} rollups):")
-    print(_usage_table(args.group_by, rows))
-    return 0
+    print(_usage_table(group_by, rows))
 
 
 def usage_from_journals(args: argparse.Namespace) -> int:
@@ -686,24 +759,25 @@ def usage_from_journals(args: argparse.Namespace) -> int:
         print("sluicegate: --journal reads the journals on disk, so it takes no --url or "
               "--grain.", file=sys.stderr)
         return 2
+    group_by = args.group_by or "project"
     # gateway/ never imports a layer (DESIGN.md), but the journal's format is the metering
     # layer's own: this offline command loads the layer's reader by name when it runs, as a
     # config module names its layers.
     metering = importlib.import_module("middleware.metering")
     try:
         rows: list[dict[str, Any]] = metering.journal_usage(
-            args.journal, group_by=args.group_by, since=args.since, until=args.until)
+            args.journal, group_by=group_by, since=args.since, until=args.until)
     except (metering.JournalError, OSError) as exc:
         print(f"sluicegate: {_sentence(str(exc))}", file=sys.stderr)
         return 1
     if args.as_json:
         _print_json({"object": "usage", "source": "journal", "journal": args.journal,
-                     "group_by": args.group_by, "since": _iso(args.since),
+                     "group_by": group_by, "since": _iso(args.since),
                      "until": _iso(args.until), "data": rows})
         return 0
-    print(f"Usage by {args.group_by} in the journals under {_text(args.journal)} (requests "
+    print(f"Usage by {group_by} in the journals under {_text(args.journal)} (requests "
           "not written to PostgreSQL; with no PostgreSQL, every request):")
-    print(_usage_table(args.group_by, rows))
+    print(_usage_table(group_by, rows))
     return 0
 
 

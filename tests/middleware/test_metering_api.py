@@ -97,10 +97,11 @@ def serve(directory: Path, mock_url: str, layers: str) -> ThreadedServer:
     return ThreadedServer(create_app(config))
 
 
-def sluicegate(*args: str) -> subprocess.CompletedProcess[str]:
+def sluicegate(*args: str, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEGATE_")}
     result = subprocess.run([sys.executable, "-m", "gateway.cli", "usage", *args], check=False,
-                            cwd=REPO, env={**environ, ADMIN_ENV: ADMIN_TOKEN},
+                            cwd=REPO, env={**environ, ADMIN_ENV: ADMIN_TOKEN, **(env or {})},
                             capture_output=True, text=True, timeout=60)
     assert ADMIN_TOKEN not in result.stdout + result.stderr
     return result
@@ -378,6 +379,38 @@ def test_the_cli_reports_the_apis_refusals(ledger: Ledger) -> None:
                         "2025-02-01", "--until", "2025-01-01")
     assert result.returncode == 1
     assert result.stderr == "sluicegate: HTTP 400: since must be before until\n"
+
+
+def test_the_cli_prints_a_keys_own_usage_with_the_key_from_the_environment(
+        ledger: Ledger) -> None:
+    """`usage --self` asks /v1/usage/self with the virtual key in the variable --key-env
+    names (the README said `sluicegate usage` printed it; the CLI could not, and refused a
+    virtual key as the admin token)."""
+    alice = ledger.alice
+    key_env = {"SG_MY_KEY": alice.key}
+    result = sluicegate("--url", ledger.url, "--self", "--key-env", "SG_MY_KEY", env=key_env)
+    assert result.returncode == 0, result.stderr
+    title, rows = table(result.stdout)
+    assert title.startswith("Usage by key from ") and title.endswith("(day rollups):")
+    assert rows == [row_of(alice, alice.key_id)]
+    result = sluicegate("--url", ledger.url, "--self", "--key-env", "SG_MY_KEY", "--json",
+                        "--grain", "minute", env=key_env)
+    printed = orjson.loads(result.stdout)
+    assert (printed["object"], printed["key_id"], printed["grain"]) == \
+        ("usage", alice.key_id, "minute")
+    assert [row["requests"] for row in printed["data"]] == [alice.requests]
+    # Never from argv (nor echoed), and never with the admin token in its place.
+    typed = sluicegate("--url", ledger.url, "--self", alice.key)
+    assert typed.returncode == 2 and "unrecognized arguments (not shown" in typed.stderr
+    unset = sluicegate("--url", ledger.url, "--self", env={"SLUICEGATE_API_KEY": ""})
+    assert unset.returncode == 2
+    assert unset.stderr == ("sluicegate: The virtual key is read from $SLUICEGATE_API_KEY, "
+                            "which is empty or not set; export it or name another variable "
+                            "with --key-env.\n")
+    as_admin = sluicegate("--url", ledger.url, "--self", "--key-env", ADMIN_ENV)
+    assert as_admin.returncode == 1 and as_admin.stderr.startswith("sluicegate: HTTP 401: ")
+    for result in (typed, unset, as_admin):
+        assert alice.key not in result.stdout + result.stderr
 
 
 def test_the_cli_window_is_the_days_it_sums(tmp_path: Path, mock_url: str,
