@@ -297,6 +297,10 @@ def _resolve_keys(config: GatewayConfig) -> None:
                 raise ConfigError(f"model {name!r}: {deployment.name} needs the environment "
                                   f"variable(s) {named}, which are not set.")
             keys = tuple(ProviderKey(env, os.environ[env].strip()) for env in dict.fromkeys(envs))
+            # (its keys go where the provider's would; an operator's own adapter may not check)
+            check = getattr(config.providers[deployment.provider], "check_url_credentials", None)
+            if keys and check is not None:
+                check(keyed=True)
             resolved.append(dataclasses.replace(deployment, keys=keys))
         config.models[name] = Model(resolved, description=model.description,
                                     owned_by=model.owned_by, extra=model.extra)

@@ -158,20 +158,25 @@ class HTTPAdapter:
             sock_connect=self.timeouts.connect_s)
 
     def _check_url_credentials(self) -> None:
+        self.check_url_credentials(keyed=bool(self.api_key_env))
+
+    def check_url_credentials(self, *, keyed: bool) -> None:
         """A base URL's `user:password@` (for an authenticating proxy in front of the
-        provider) goes, as HTTP Basic, in the Authorization header: not where the provider's
-        key already goes there (the OpenAI family's Bearer), nor with an Authorization of
-        `headers=` (aiohttp refused every call, a 500). Anthropic's, Gemini's and Azure's keys
-        travel in headers of their own and keep it."""
+        provider) goes, as HTTP Basic, in the Authorization header: not where a key goes
+        there too (the OpenAI family's Bearer: `keyed`, the provider's own key or a
+        deployment's), nor with an Authorization of `headers=` (aiohttp refused every call,
+        a 500). Anthropic's, Gemini's and Azure's keys travel in headers of their own, and a
+        server that takes no key has none: those keep it."""
         if "@" not in urlsplit(self.base_url).netloc:
             return
-        filled = {name.lower() for name in (*self.key_headers(""), *self.extra_headers)}
+        filled = {name.lower() for name in self.extra_headers}
+        if keyed:
+            filled.update(name.lower() for name in self.key_headers(""))
         if "authorization" in filled:
             raise ConfigError(f"Provider({self.type_name!r}): its base_url "
                               f"({_url_shown(self.base_url)}) cannot carry user:password@: "
                               "they would go in the Authorization header, which its key or "
-                              "headers= fills; give a server that takes no key its proxy's "
-                              "credentials as headers={'Authorization': 'Basic ...'} instead.")
+                              "headers= fills.")
 
     # -- configuration and lifecycle ----------------------------------------------------------
 

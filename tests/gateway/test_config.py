@@ -322,31 +322,38 @@ def test_check_config_hides_credentials_in_a_base_url(tmp_path: Path) -> None:
 # A base URL's user:password@ goes as HTTP Basic in the Authorization header: a provider whose
 # key goes there too had every call refused by aiohttp ("Cannot combine AUTHORIZATION header
 # with AUTH argument or credentials encoded in URL"), a 500 with a traceback.
-@pytest.mark.parametrize("provider", [
-    'Provider("openai", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
-    'Provider("groq", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
-    'Provider("vllm", base_url="http://proxy-admin:pw-s3cret@127.0.0.1:8000/v1")',
-    ('Provider("anthropic", base_url="https://proxy-admin:pw-s3cret@proxy", '
-     'headers={"Authorization": "Bearer team-token"})'),
-], ids=["openai", "groq", "vllm-without-key", "anthropic-with-an-authorization-header"])
+@pytest.mark.parametrize(("provider", "deployment"), [
+    ('Provider("openai", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
+     'Deployment("p", "y", free=True)'),
+    ('Provider("groq", api_key_env="SG_T_PROVIDER_KEY", base_url="https://proxy-admin:pw-s3cret@proxy/v1")',
+     'Deployment("p", "y", free=True)'),
+    ('Provider("vllm", base_url="http://proxy-admin:pw-s3cret@127.0.0.1:8000/v1")',
+     'Deployment("p", "y", free=True, api_key_envs=("SG_T_PROVIDER_KEY",))'),
+    (('Provider("anthropic", base_url="https://proxy-admin:pw-s3cret@proxy", '
+      'headers={"Authorization": "Bearer team-token"})'), 'Deployment("p", "y", free=True)'),
+], ids=["openai", "groq", "vllm-with-a-deployments-key", "anthropic-with-an-authorization-header"])
 def test_a_base_url_with_credentials_for_the_authorization_header_refuses_to_start(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: str, deployment: str) -> None:
     monkeypatch.setenv("SG_T_PROVIDER_KEY", "sk-provider-key-123456")
     message = error_for(tmp_path, HEAD + f'providers = {{"p": {provider}}}\n'
-                        'models = {"m": [Deployment("p", "y", free=True)]}\n')
-    assert "cannot carry user:password@" in message and "headers={'Authorization'" in message
+                        f'models = {{"m": [{deployment}]}}\n')
+    assert "cannot carry user:password@" in message
     assert "s3cret" not in message and "proxy-admin" not in message
 
 
 def test_a_base_url_with_credentials_reaches_providers_whose_key_has_its_own_header(
         tmp_path: Path, mock: MockProviderServer, mock_url: str) -> None:
     # Anthropic (x-api-key), Gemini (x-goog-api-key) and Azure (api-key) behind a proxy that
-    # takes HTTP Basic: the key and the proxy's credentials both reach it.
+    # takes HTTP Basic: the key and the proxy's credentials both reach it; so do the
+    # credentials alone for an OpenAI-compatible server that takes no key (the mock's OpenAI
+    # then refuses the call for its missing key: a 401 passed on, not a 500).
     proxied = mock_url.replace("://", "://proxy-user:pw-s3cret@")
     extra = "\n".join(
         f'providers["{name}"] = Provider("{name}", base_url="{proxied}/{name}", '
         'api_key_env="MOCK_PROVIDER_KEY", timeouts=fast)'
         for name in ("anthropic", "gemini", "azure"))
+    extra += (f'\nproviders["openai"] = Provider("openai-compatible", base_url="{proxied}/openai'
+              '/v1", timeouts=fast)')
     config = write_config(tmp_path, mock_config(mock_url, middleware="[]", extra=extra))
     with ThreadedServer(create_app(config)) as server:
         claude = anthropic.Anthropic(base_url=server.url, api_key=TEST_KEY, max_retries=0)
@@ -356,9 +363,12 @@ def test_a_base_url_with_credentials_reaches_providers_whose_key_has_its_own_hea
         for model in ("gemini-mock", "azure-mock"):
             assert oai.chat.completions.create(model=model, messages=[
                 {"role": "user", "content": "hi"}]).choices
+        with pytest.raises(openai.AuthenticationError):
+            oai.chat.completions.create(model="gpt-mock", messages=[
+                {"role": "user", "content": "hi"}])
     basic = "Basic " + base64.b64encode(b"proxy-user:pw-s3cret").decode()
     seen = {request["provider"]: request["headers"] for request in mock.requests}
-    assert sorted(seen) == ["anthropic", "azure", "gemini"]
+    assert sorted(seen) == ["anthropic", "azure", "gemini", "openai"]
     assert all(headers["authorization"] == basic for headers in seen.values())
     assert seen["anthropic"]["x-api-key"] == seen["gemini"]["x-goog-api-key"] == \
         seen["azure"]["api-key"] == "provider-secret-123456789"
