@@ -246,9 +246,9 @@ class CacheMiddleware:
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
             ctx.cache_status = "bypass"
+            ctx.response_headers.append(_BYPASS)  # the kernel puts it on the answer (or error)
             if control.only_if_cached:
                 raise _not_cached()
-            ctx.response_headers.append(_BYPASS)  # the kernel puts it on the answer
             await self.app(scope, receive, send)
             return
         principal = ctx.principal or ANONYMOUS
@@ -282,9 +282,9 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         ctx.cache_status = "miss"
+        ctx.response_headers.append(_MISS)  # on the answer, or on the error the kernel renders
         if control.only_if_cached:
             raise _not_cached()
-        ctx.response_headers.append(_MISS)  # on the answer, or on the error the kernel renders
         if control.no_store:
             await self.app(scope, receive, send)
             return

@@ -519,6 +519,7 @@ def test_only_if_cached_answers_from_the_cache_or_with_a_504(gateway: ThreadedSe
         ask(gateway, text, extra_headers=ONLY_IF_CACHED)
     assert refused.value.status_code == 504
     assert refused.value.response.headers["x-should-retry"] == "false"  # the SDKs give up
+    assert refused.value.response.headers["x-sluicegate-cache"] == "miss"  # (as any miss's)
     assert refused.value.body["code"] == "not_cached"  # type: ignore[index]
     assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     with pytest.raises(anthropic.APIStatusError) as claude_refused:
@@ -533,6 +534,7 @@ def test_only_if_cached_answers_from_the_cache_or_with_a_504(gateway: ThreadedSe
     with pytest.raises(openai.APIStatusError) as uncacheable:  # bypass: never stored either
         ask(gateway, text, temperature=0.7, extra_headers=ONLY_IF_CACHED)
     assert uncacheable.value.status_code == 504
+    assert uncacheable.value.response.headers["x-sluicegate-cache"] == "bypass"
     assert upstream_calls(mock, text) == 0
     ask(gateway, text)
     wait_stored(gateway, text)
