@@ -240,6 +240,7 @@ class CacheControl:
 
 
 DEFAULT_CACHE_CONTROL = CacheControl()
+_DELTA_SECONDS_MAX = 2**31  # RFC 9111 §1.2.2: what a larger delta-seconds counts as
 _CONTROL_HEADERS = frozenset({b"cache-control", b"pragma", b"x-sluicegate-cache",
                               b"x-sluicegate-cache-namespace"})
 
@@ -248,10 +249,10 @@ def parse_cache_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
     """Reads `Cache-Control` (and HTTP/1.0 `Pragma: no-cache` when there is no Cache-Control),
     `x-sluicegate-cache` and `x-sluicegate-cache-namespace` from ASGI (lower-case) headers.
 
-    Unknown directives and an unreadable `max-age` are ignored (RFC 9111 §5.2); with several
-    `max-age` values the strictest wins. A namespace that is not printable ASCII or is longer
-    than 256 bytes raises ValueError (the caller answers 400) rather than being dropped, which
-    would merge it with the default namespace.
+    Unknown directives and an unreadable `max-age` are ignored (RFC 9111 §5.2); one past 2^31
+    counts as 2^31 (§1.2.2); with several `max-age` values the strictest wins. A namespace
+    that is not printable ASCII or is longer than 256 bytes raises ValueError (the caller
+    answers 400) rather than being dropped, which would merge it with the default namespace.
     """
     if _CONTROL_HEADERS.isdisjoint(dict(headers)):  # (nearly every request: a loop in C)
         return DEFAULT_CACHE_CONTROL
@@ -301,11 +302,16 @@ def _directives(directives: list[str]) -> tuple[bool, bool, int | None, bool]:
 
 
 def _delta_seconds(argument: str) -> int | None:
-    # RFC 9111 §1.2.2: delta-seconds is 1*DIGIT; §5.2 allows the quoted-string form too.
+    # RFC 9111 §1.2.2: delta-seconds is 1*DIGIT; §5.2 allows the quoted-string form too. A
+    # value past 2^31 counts as 2^31 (ibid.): judged by its length before int(), which refuses
+    # more than 4300 digits (a ValueError, which would make the header a 400).
     text = argument.strip()
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()):
+        return None
+    text = text.lstrip("0") or "0"
+    return _DELTA_SECONDS_MAX if len(text) > 10 else min(int(text), _DELTA_SECONDS_MAX)
 
 
 def _namespace(value: bytes) -> str | None:

@@ -398,6 +398,19 @@ def test_cache_control_directives(value: str, expected: CacheControl) -> None:
     assert parse_cache_control(headers(("cache-control", value))) == expected
 
 
+@pytest.mark.parametrize(("digits", "expected"), [
+    ("9" * 5000, 2**31),  # (int() refuses more than 4300 digits)
+    ("9" * 20, 2**31),
+    ("2147483649", 2**31),
+    ("2147483647", 2**31 - 1),
+    ("0" * 5000 + "7", 7),
+], ids=["5000 nines", "20 nines", "2^31+1", "2^31-1", "5000 zeros then 7"])
+def test_a_max_age_past_2_to_the_31_counts_as_2_to_the_31(digits: str, expected: int) -> None:
+    """RFC 9111 §1.2.2, however many digits it has (a 400 is no answer to a large one)."""
+    parsed = parse_cache_control(headers(("cache-control", f"max-age={digits}")))
+    assert parsed == CacheControl(max_age_s=expected)
+
+
 def test_cache_control_in_several_headers_adds_up() -> None:
     parsed = parse_cache_control(headers(("cache-control", "no-cache"),
                                          ("accept", "application/json"),
