@@ -154,6 +154,11 @@ class CacheMiddleware:
         self.scope = scope
         self.policy = policy
         self.max_entry_bytes = max_entry_bytes
+        # A stream is measured against max_entry_bytes as stored (LZ4-compressed); as sent it
+        # is 20-50 times its answer (each token's event repeats the envelope), so its copy
+        # in flight has a bound of its own: a long answer streamed is kept as it is asked
+        # without a stream.
+        self.max_stream_copy_bytes = STREAM_COPY_FACTOR * max_entry_bytes
         self._writes: set[asyncio.Task[None]] = set()
         # Misses to store, queued by the requests of one event-loop step and written by one
         # callback (`_flush_queue`) once their answers have gone out (hypercorn's writes go
@@ -290,7 +295,7 @@ class CacheMiddleware:
             return
         answer: _Tee | tuple[bytes, Any]
         if ctx.stream or not self._json_passes_below:
-            tee = _Tee(send, self.max_entry_bytes)
+            tee = _Tee(send, self.max_entry_bytes, self.max_stream_copy_bytes)
             await self.app(scope, receive, tee.send)
             # (a stream that broke ends with an error event, complete and said so: not kept)
             if not tee.complete or ctx.error_type is not None or \
@@ -491,6 +496,8 @@ class CacheMiddleware:
             body = b"".join(answer.chunks)
             if answer.streaming:
                 body = lz4.block.compress(body, store_size=True)
+                if len(body) > self.max_entry_bytes:
+                    return None
                 stream_operation = ctx.operation
             else:
                 # The passthrough parsed what it sent; other bytes (a custom layer below this
@@ -535,7 +542,7 @@ class CacheMiddleware:
         kept = self._set_soon if self._get_now is not None else None
         made = self._streams.get(entry.body, _UNREAD)
         if made is _UNREAD:
-            made = _answer_of(entry, self.max_entry_bytes)
+            made = _answer_of(entry, self.max_stream_copy_bytes)
             # (a stream that makes no answer is remembered by every store: it stays stored
             # until a miss that may store replaces it, and is not read again meanwhile)
             if kept is None or made is None:
@@ -573,14 +580,16 @@ class CacheMiddleware:
 
 
 class _Tee:
-    """Wraps `send`: keeps a copy of a 200 answer (up to a size) until its last byte went
-    out."""
+    """Wraps `send`: keeps a copy of a 200 answer (up to `limit` bytes, or `stream_limit`
+    for an event stream) until its last byte went out."""
 
-    __slots__ = ("_send", "chunks", "complete", "limit", "size", "status", "streaming")
+    __slots__ = ("_send", "chunks", "complete", "limit", "size", "status", "stream_limit",
+                 "streaming")
 
-    def __init__(self, send: Send, limit: int) -> None:
+    def __init__(self, send: Send, limit: int, stream_limit: int) -> None:
         self._send = send
         self.limit = limit
+        self.stream_limit = stream_limit
         self.chunks: list[bytes] = []
         self.size = 0
         self.status = 0
@@ -594,18 +603,25 @@ class _Tee:
             if self.status == 200 and self.size <= self.limit:
                 body = message.get("body", b"")
                 self.size += len(body)
-                self.chunks.append(body)
-                if not message.get("more_body", False) and self.size <= self.limit:
-                    self.complete = True
+                if self.size > self.limit:  # not kept: its copy goes now, not at its end
+                    self.chunks.clear()
+                else:
+                    self.chunks.append(body)
+                    if not message.get("more_body", False):
+                        self.complete = True
         elif kind == "http.response.start":
             self.status = message["status"]
             for name, value in message.get("headers", ()):
                 if name == b"content-type" and value.startswith(b"text/event-stream"):
                     self.streaming = True
+                    self.limit = self.stream_limit
         return self._send(message)
 
 
 MEMO_BYTES = 32 * 1024 * 1024  # per memo of rendered hits: stored body plus rendering
+# A stream's raw copy may take this many times max_entry_bytes (16 MiB by default: some
+# 70,000 tokens of OpenAI chunks) before it is compressed and measured as stored.
+STREAM_COPY_FACTOR = 16
 
 
 def _remember(memo: dict[Any, Any], used: int, key: Any, value: Any, size: int = -1) -> int:

@@ -8,6 +8,7 @@ too: the gateway reaches its stores through TCP relays (tests/tcp_proxy.py) swit
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 import uuid
@@ -359,6 +360,36 @@ def test_a_stream_is_kept_as_sent_and_read_into_its_answer_when_asked_again(
         assert after.expires_at == pytest.approx(entry.expires_at, abs=1)
     else:
         assert after.body == entry.body and after.stream_operation == "openai.chat"
+
+
+def test_a_stream_is_measured_against_max_entry_bytes_as_stored_not_as_sent(
+        backend: Backend, start_gateway: StartGateway, mock: MockProviderServer) -> None:
+    """Every token's event repeats the envelope: a stream is 20-50 times its answer as sent,
+    about its answer LZ4-compressed. It is kept if it fits max_entry_bytes as stored, and its
+    copy in flight is bounded at 16 times that."""
+    limit = 4096
+    gateway = start_gateway(f"max_entry_bytes={limit}")
+    rng = random.Random(7)  # (CJK at random: 8 characters an event, which LZ4 barely shrinks)
+    texts = {"fits stored": " ".join(f"w{i}" for i in range(200)),
+             "too large stored": "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(1500)),
+             "too long a copy": " ".join(f"w{i}" for i in range(450))}
+    texts = {case: f"{case} {uuid.uuid4().hex} {text}" for case, text in texts.items()}
+    sent = {case: stream_raw(gateway, text)
+            for case, text in reversed(texts.items())}  # (the kept one last: see below)
+    stored_size = {case: len(lz4.block.compress(raw, store_size=True))
+                   for case, raw in sent.items()}
+    assert len(sent["fits stored"]) > limit >= stored_size["fits stored"]
+    assert len(sent["too large stored"]) <= 16 * limit < 16 * stored_size["too large stored"]
+    assert len(sent["too long a copy"]) > 16 * limit and stored_size["too long a copy"] <= limit
+    wait_stored(gateway, texts["fits stored"])  # (the others' fate was decided before it)
+    replayed = ask(gateway, texts["fits stored"], stream=True)
+    assert cache_status(replayed) == "hit"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in replayed.parse()
+                   if chunk.choices) == f"Mock reply to: {texts['fits stored']}"
+    assert_answered(ask(gateway, texts["fits stored"]), texts["fits stored"], "hit")
+    assert probe(gateway, texts["too large stored"]) == "none"
+    assert probe(gateway, texts["too long a copy"]) == "none"
+    assert [upstream_calls(mock, text) for text in texts.values()] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("damage", ["cut short", "not compressed", "too large",
