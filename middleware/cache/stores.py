@@ -11,7 +11,8 @@ those entries:
 - Redis: per tag a sorted set of entry keys scored by expiry (`<prefix>:t:<tag>`), written
   atomically with the entry by one Lua call and trimmed of expired members on each write; it
   expires with its last entry, so nothing outlives the entries it points at;
-- PostgreSQL: a `tags text[]` column with a GIN index (`DELETE ... WHERE tags @> $1`).
+- PostgreSQL: a `tags text[]` column with a GIN index (`DELETE ... WHERE tags @> $1`, in
+  batches walked by key).
 
 Any failure of a store is a `CacheStoreError`: the layer answers it as a miss, never an error.
 A store that cannot reach its server fails fast for `retry_interval_s` afterwards, so an
@@ -828,11 +829,25 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 )
 _LOCK_CLASS = 0x53474341  # "SGCA": the advisory-lock namespace of these migrations
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # room for the index and version suffixes
-_PURGE_BATCH = 5000
+# Rows one DELETE of a purge, an invalidation or a forget takes (each a statement of its own
+# under admin_timeout_s: a large one is neither one long transaction nor one long wait).
+_DELETE_BATCH = 5000
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError,
                 TimeoutError)
 
 Connection = psycopg.AsyncConnection[TupleRow]
+
+
+def _batch(where: str, counted: str) -> str:
+    """A DELETE of the first %(batch)s rows matching `where` by key after %(after)s,
+    answering how many it deleted, `counted` of them, and the last key. (Walked by key, each
+    batch starts where the last one ended: from the start, every batch would step again over
+    the rows the ones before it deleted, which stay in the table and its indexes until
+    vacuumed. A row locked by a write is skipped: replaced, it is newer than what goes.)"""
+    return ("WITH gone AS (DELETE FROM {table} WHERE key = ANY(ARRAY(SELECT key FROM {table} "
+            f"WHERE {where} AND key > %(after)s ORDER BY key LIMIT %(batch)s "
+            "FOR UPDATE SKIP LOCKED)) RETURNING key, expires_at) "
+            f"SELECT count(*), {counted}, max(key) FROM gone")
 
 
 class PostgresCacheStore:
@@ -844,6 +859,11 @@ class PostgresCacheStore:
     small psycopg pool and purges expired rows every `purge_interval_s`. Until then, and
     while PostgreSQL cannot be reached, every call raises CacheStoreError at once. Expired
     rows are never returned, purged or not.
+
+    Lookups and writes have `timeout_s`, and one that takes longer counts as an outage.
+    Invalidations and purges delete in batches of a statement each, every one with
+    `admin_timeout_s`: one that takes longer fails that call only (lookups already skip the
+    rows an invalidation covers; asked again, it goes on where it stopped).
     """
 
     name = "postgres"
@@ -851,7 +871,8 @@ class PostgresCacheStore:
     def __init__(self, dsn: str, *, table: str = "sluicegate_cache", pool_max_size: int = 4,
                  timeout_s: float = 1.0, connect_timeout_s: float = 2.0,
                  startup_wait_s: float = 2.0, purge_interval_s: float = 60.0,
-                 retry_interval_s: float = 1.0, migrate_retry_max_s: float = 30.0) -> None:
+                 retry_interval_s: float = 1.0, migrate_retry_max_s: float = 30.0,
+                 admin_timeout_s: float = 10.0) -> None:
         if not _TABLE_NAME.fullmatch(table):
             raise ValueError(f"invalid cache table name {table!r}: lower-case letters, digits "
                              "and underscores, at most 40 characters")
@@ -859,6 +880,7 @@ class PostgresCacheStore:
         self.table = table
         self.pool_max_size = pool_max_size
         self.timeout_s = timeout_s
+        self.admin_timeout_s = admin_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.startup_wait_s = startup_wait_s
         self.purge_interval_s = purge_interval_s
@@ -887,14 +909,14 @@ class PostgresCacheStore:
             "record": "INSERT INTO {invalidations} (tags, at) VALUES (%s, to_timestamp(%s)) "
                       "ON CONFLICT (tags) DO UPDATE SET at = greatest({invalidations}.at, "
                       "EXCLUDED.at)",
-            # Kept a day, longer than any request; the entries one covers go with it.
-            "forget": "WITH old AS (DELETE FROM {invalidations} WHERE "
-                      "at < now() - interval '1 day' RETURNING tags, at) "
-                      "DELETE FROM {table} t USING old WHERE t.tags @> old.tags "
-                      "AND t.created_at <= old.at",
-            "invalidate": "WITH gone AS (DELETE FROM {table} WHERE tags @> %s "
-                          "RETURNING expires_at) SELECT count(*) FILTER "
-                          "(WHERE expires_at > to_timestamp(%s)) FROM gone",
+            # Kept a day, longer than any request; the entries one covers go first.
+            "forgotten": "SELECT tags, at FROM {invalidations} "
+                         "WHERE at < now() - interval '1 day'",
+            "forget": "DELETE FROM {invalidations} WHERE tags = %s AND at = %s",
+            # The batches of `_delete_batches`.
+            "forget_batch": _batch("tags @> %(tags)s AND created_at <= %(at)s", "count(*)"),
+            "invalidate_batch": _batch("tags @> %(tags)s", "count(*) FILTER "
+                                       "(WHERE expires_at > to_timestamp(%(now)s))"),
             "purge": "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
                      "WHERE expires_at <= now() LIMIT %s FOR UPDATE SKIP LOCKED))",
             "versions": "CREATE TABLE IF NOT EXISTS {versions} (version integer PRIMARY KEY, "
@@ -964,8 +986,7 @@ class PostgresCacheStore:
             await asyncio.sleep(self.purge_interval_s)
             try:
                 await self.purge_expired()
-                async with self._connection() as conn:
-                    await conn.execute(self._sql["forget"])
+                await self._forget()
             except CacheStoreError as exc:
                 logger.warning("the PostgreSQL cache could not purge expired rows (%s)", exc)
 
@@ -995,15 +1016,23 @@ class PostgresCacheStore:
     # -- entries -----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
+    async def _connection(self, *, admin: bool = False) -> AsyncIterator[Connection]:
+        """A pooled connection, its use bounded by `timeout_s`, or `admin_timeout_s` for an
+        admin statement (a batch of a purge or an invalidation): that one taking longer is
+        no outage, and does not make lookups miss."""
         pool = self._pool
         if pool is None:
             raise CacheStoreError(f"the PostgreSQL cache is not ready ({self._not_ready_reason})")
         self._gate.check()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.admin_timeout_s if admin else self.timeout_s):
                 async with pool.connection(timeout=self.timeout_s) as conn:
                     yield conn
+        except TimeoutError as exc:
+            if admin:
+                raise CacheStoreError(f"the PostgreSQL cache did not finish a statement in "
+                                      f"admin_timeout_s ({self.admin_timeout_s:g}s)") from exc
+            raise self._gate.trip(exc) from exc
         except _UNREACHABLE as exc:
             raise self._gate.trip(exc) from exc
         except psycopg.Error as exc:
@@ -1033,22 +1062,48 @@ class PostgresCacheStore:
 
     async def invalidate(self, *tags: str) -> int:
         _check_tags(tags)
-        async with self._connection() as conn:
-            # Remembered first (committed: writes from before it are refused), then dropped.
+        async with self._connection(admin=True) as conn:
+            # Remembered first (committed: writes from before it are refused, lookups skip
+            # what it covers), then dropped.
             await conn.execute(self._sql["record"], (sorted(set(tags)), time.time()))
-            cur = await conn.execute(self._sql["invalidate"], (list(tags), time.time()))
-            row = await cur.fetchone()
-        return int(row[0]) if row is not None else 0
+        return await self._delete_batches("invalidate_batch",
+                                          {"tags": list(tags), "now": time.time()})
 
     async def purge_expired(self) -> int:
         """Deletes expired rows in batches (several processes may purge at once); how many."""
         purged = 0
         while True:
-            async with self._connection() as conn:
-                cur = await conn.execute(self._sql["purge"], (_PURGE_BATCH,))
+            async with self._connection(admin=True) as conn:
+                cur = await conn.execute(self._sql["purge"], (_DELETE_BATCH,))
             purged += cur.rowcount
-            if cur.rowcount < _PURGE_BATCH:
+            if cur.rowcount < _DELETE_BATCH:
                 return purged
+
+    async def _forget(self) -> None:
+        """Forgets the invalidations older than a day, each once the rows it covers are
+        deleted (forgotten first, they would be read again)."""
+        async with self._connection(admin=True) as conn:
+            cur = await conn.execute(self._sql["forgotten"])
+            old = await cur.fetchall()
+        for tags, at in old:
+            await self._delete_batches("forget_batch", {"tags": tags, "at": at})
+            async with self._connection(admin=True) as conn:
+                await conn.execute(self._sql["forget"], (tags, at))
+
+    async def _delete_batches(self, statement: str, params: dict[str, Any]) -> int:
+        """Runs a batch DELETE (`_batch`) until one deletes less than a batch; the rows it
+        counted."""
+        counted, after = 0, ""
+        while True:
+            async with self._connection(admin=True) as conn:
+                cur = await conn.execute(self._sql[statement],
+                                         {**params, "after": after, "batch": _DELETE_BATCH})
+                row = await cur.fetchone()
+            assert row is not None  # (an aggregate's one row)
+            deleted, batch_counted, after = row
+            counted += int(batch_counted)
+            if int(deleted) < _DELETE_BATCH:
+                return counted
 
 
 # -- tiers ---------------------------------------------------------------------------------------

@@ -865,6 +865,121 @@ async def test_postgres_ignores_a_row_it_did_not_write(table: str) -> None:
         await store.shutdown()
 
 
+@asynccontextmanager
+async def deletes_held_back(table: str) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """Holds a lock on `table` that lets reads through and makes every DELETE wait (until
+    the block ends); yields a check that a DELETE of it is waiting."""
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as lock, \
+            await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as watch, \
+            lock.transaction():
+        await lock.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.Identifier(table)))
+
+        async def delete_waits() -> bool:
+            cur = await watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'WITH gone AS (DELETE%%' AND position(%s in query) > 0",
+                (table,))
+            row = await cur.fetchone()
+            return row is not None and row[0] > 0
+
+        yield delete_waits
+
+
+async def test_postgres_invalidation_is_not_judged_by_the_lookup_timeout(table: str) -> None:
+    """A large invalidation's DELETE outlasts timeout_s, the lookups' bound: it has
+    admin_timeout_s, and lookups go on meanwhile (they are not taken for an outage)."""
+    store = PostgresCacheStore(PG_DSN, table=table, timeout_s=0.5, retry_interval_s=60)
+    await store.startup()
+    try:
+        await store.set("gone", entry(project_tag("big")), 60)
+        await store.set("kept", entry(project_tag("small")), 60)
+        async with deletes_held_back(table) as delete_waits:
+            invalidation = asyncio.ensure_future(store.invalidate(project_tag("big")))
+            await eventually(delete_waits)
+            await asyncio.sleep(3 * store.timeout_s)  # (past what a lookup may take)
+            assert not invalidation.done()
+            assert await store.get("kept") is not None
+            assert await store.get("gone") is None  # (skipped from the moment it is asked)
+        assert await invalidation == 1
+        assert await pg_rows(table) == 1
+        assert (await store.check_ready())["cache_postgres"] == "ok"
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_invalidation_past_admin_timeout_fails_alone(table: str) -> None:
+    """Past admin_timeout_s the admin call fails, and nothing else: lookups still skip what
+    it covers, and asked again it drops the rest."""
+    store = PostgresCacheStore(PG_DSN, table=table, admin_timeout_s=0.3, retry_interval_s=60)
+    await store.startup()
+    try:
+        await store.set("gone", entry(project_tag("big")), 60)
+        await store.set("kept", entry(project_tag("small")), 60)
+        async with deletes_held_back(table):
+            with pytest.raises(CacheStoreError, match="admin_timeout_s"):
+                await store.invalidate(project_tag("big"))
+            assert await store.get("kept") is not None
+            assert await store.get("gone") is None
+            assert (await store.check_ready())["cache_postgres"] == "ok"
+        assert await pg_rows(table) == 2
+        assert await store.invalidate(project_tag("big")) == 1
+        assert await pg_rows(table) == 1
+    finally:
+        await store.shutdown()
+
+
+async def insert_rows(table: str, count: int, tags: list[str], *, created: str = "now()",
+                      expires: str = "now() + interval '1 hour'") -> None:
+    """`count` rows straight into the table (the store would take a statement each)."""
+    async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+        await conn.execute(sql.SQL(
+            "INSERT INTO {} (key, tags, entry, created_at, expires_at) "
+            "SELECT %s || g, %s, %s, " + created + ", " + expires +
+            " FROM generate_series(1, %s) g").format(sql.Identifier(table)),
+            (uuid.uuid4().hex, tags, entry(*tags).encode(), count))
+
+
+async def test_postgres_invalidation_drops_many_batches(table: str) -> None:
+    store = PostgresCacheStore(PG_DSN, table=table)
+    await store.startup()
+    try:
+        await insert_rows(table, 11_000, [project_tag("big")])
+        await insert_rows(table, 1_000, [project_tag("big")], expires="now()")  # expired
+        await insert_rows(table, 10, [project_tag("small")])
+
+        assert await store.invalidate(project_tag("big")) == 11_000  # (live ones)
+        assert await pg_rows(table) == 10
+    finally:
+        await store.shutdown()
+
+
+async def test_postgres_forgets_day_old_invalidations_after_their_rows(table: str) -> None:
+    store = PostgresCacheStore(PG_DSN, table=table, purge_interval_s=0.1)
+    await store.startup()
+    try:
+        old = [project_tag("old")]
+        await insert_rows(table, 6_000, old, created="now() - interval '3 days'",
+                          expires="now() + interval '7 days'")
+        await insert_rows(table, 10, old, created="now() - interval '1 hour'",
+                          expires="now() + interval '7 days'")
+        invalidations = sql.Identifier(table + "_invalidations")
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(sql.SQL("INSERT INTO {} (tags, at) VALUES "
+                                       "(%s, now() - interval '2 days')").format(invalidations),
+                               (old,))
+
+            async def forgotten() -> bool:
+                cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                    invalidations))
+                row = await cur.fetchone()
+                return row is not None and row[0] == 0
+
+            await eventually(forgotten)
+        assert await pg_rows(table) == 10  # (what came after it stays)
+    finally:
+        await store.shutdown()
+
+
 def test_postgres_refuses_an_unsafe_table_name() -> None:
     with pytest.raises(ValueError, match="invalid cache table name"):
         PostgresCacheStore(PG_DSN, table='cache"; DROP TABLE x; --')
