@@ -167,12 +167,13 @@ class CacheMiddleware:
         self._queued: list[tuple[RequestContext, str, _Tee | tuple[bytes, Any],
                                  tuple[str, ...], SemanticQuery | None,
                                  list[float] | None]] = []
-        # What hits send, per stored body (bounded by MEMO_BYTES each).
+        # What hits send, per stored body, and what kept streams made (each memo bounded by
+        # a quarter of max_bytes, at most MEMO_BYTES; emptied by an invalidation).
+        self._memo_bytes = min(MEMO_BYTES, max_bytes // 4)
         self._replays: dict[tuple[bytes, str, bool], bytes] = {}
         self._replays_bytes = 0
         self._marked: dict[bytes, bytes] = {}
         self._marked_bytes = 0
-        # What kept streams made, per stream (see `_collected`).
         self._streams: dict[bytes, tuple[bytes, dict[str, Any] | None] | None] = {}
         self._streams_bytes = 0
         # Stores that answer without I/O (the memory store) are called without a coroutine.
@@ -397,7 +398,10 @@ class CacheMiddleware:
             return
         try:
             tags = _invalidation_tags(await read_json(scope, receive))
-            dropped = await self.store.invalidate(*tags)
+            try:
+                dropped = await self.store.invalidate(*tags)
+            finally:
+                self._forget_renderings()
         except GatewayError as error:
             await send_error(send, error)
             return
@@ -407,6 +411,15 @@ class CacheMiddleware:
             return
         await send_json(send, 200, {"object": "cache.invalidation", "tags": tags,
                                     "dropped": dropped})
+
+    def _forget_renderings(self) -> None:
+        """Empties the memos of what hits send: an invalidated answer is never served from
+        them (they are read once the store returned it), but would stay in memory. (All of
+        them: invalidations are rare, and the memos hold no tags.)"""
+        self._marked.clear()
+        self._replays.clear()
+        self._streams.clear()
+        self._marked_bytes = self._replays_bytes = self._streams_bytes = 0
 
     def _scope_id(self, principal: Any) -> str:
         if self.scope == "global":
@@ -459,7 +472,8 @@ class CacheMiddleware:
         marked = self._marked.get(body)
         if marked is None:
             marked = marked_json(body)
-            self._marked_bytes = _remember(self._marked, self._marked_bytes, body, marked)
+            self._marked_bytes = _remember(self._marked, self._marked_bytes, self._memo_bytes,
+                                           body, marked)
         return marked
 
     def _replayed(self, entry: CachedResponse, api_format: str, include_usage: bool) -> bytes:
@@ -470,8 +484,8 @@ class CacheMiddleware:
         if payload is None:
             payload = b"".join(replay_stream(orjson.loads(entry.body), api_format,
                                              include_usage=include_usage))
-            self._replays_bytes = _remember(self._replays, self._replays_bytes, memo_key,
-                                            payload)
+            self._replays_bytes = _remember(self._replays, self._replays_bytes,
+                                            self._memo_bytes, memo_key, payload)
         return payload
 
     def _entry_of(self, ctx: RequestContext, answer: _Tee | tuple[bytes, Any],
@@ -547,7 +561,8 @@ class CacheMiddleware:
             # until a miss that may store replaces it, and is not read again meanwhile)
             if kept is None or made is None:
                 self._streams_bytes = _remember(self._streams, self._streams_bytes,
-                                                entry.body, made, len(made[0]) if made else 0)
+                                                self._memo_bytes, entry.body, made,
+                                                len(made[0]) if made else 0)
         if made is None:
             return None
         body, usage = made
@@ -624,13 +639,17 @@ MEMO_BYTES = 32 * 1024 * 1024  # per memo of rendered hits: stored body plus ren
 STREAM_COPY_FACTOR = 16
 
 
-def _remember(memo: dict[Any, Any], used: int, key: Any, value: Any, size: int = -1) -> int:
+def _remember(memo: dict[Any, Any], used: int, limit: int, key: Any, value: Any,
+              size: int = -1) -> int:
     """Adds to a memo of renderings of stored bodies (the body is the key or its first
     item; `size`: the rendering's, if it is not bytes); empties it first when it would grow
-    past MEMO_BYTES. Returns the bytes it holds."""
+    past `limit` bytes, and leaves out a rendering larger than that (made again on every
+    hit). Returns the bytes it holds."""
     size = (len(value) if size < 0 else size) + len(key if isinstance(key, bytes) else key[0])
-    if used + size > MEMO_BYTES:
+    if used + size > limit:
         memo.clear()
+        if size > limit:
+            return 0
         used = 0
     memo[key] = value
     return used + size

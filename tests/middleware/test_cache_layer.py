@@ -392,6 +392,43 @@ def test_a_stream_is_measured_against_max_entry_bytes_as_stored_not_as_sent(
     assert [upstream_calls(mock, text) for text in texts.values()] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"], indirect=True)
+def test_what_hits_reuse_is_bounded_by_max_bytes_and_goes_with_an_invalidation(
+        backend: Backend, start_gateway: StartGateway, mock: MockProviderServer) -> None:
+    """Each memo of what hits send (marked answers, stream forms, kept streams' answers: the
+    memory store keeps those in place) holds at most a quarter of max_bytes; an invalidation
+    empties them, so an answer dropped from the store is not kept in memory by them."""
+    max_bytes = 256 * 1024
+    gateway = start_gateway(f"max_bytes={max_bytes}")
+    layer = cache_layer(gateway)
+    words = " ".join(f"w{i}" for i in range(2500))  # (answers of ~15 KB)
+    texts = [f"memo {i} {uuid.uuid4().hex} {words}" for i in range(2)]
+    for text in texts:
+        ask(gateway, text, stream=True)  # (kept as a stream: read into its answer once asked)
+        wait_stored(gateway, text)
+        assert_answered(ask(gateway, text), text, "hit")
+        assert cache_status(ask(gateway, text, stream=True)) == "hit"
+    memos = {"marked": (layer._marked, layer._marked_bytes),
+             "replays": (layer._replays, layer._replays_bytes),
+             "streams": (layer._streams, layer._streams_bytes)}
+    for name, (memo, held) in memos.items():
+        kept = name != "streams" or backend.kind != "memory"
+        assert bool(memo) == kept and held <= max_bytes // 4, name
+    many = [f"memo more {i} {uuid.uuid4().hex} {words}" for i in range(12)]
+    for text in many:
+        ask(gateway, text)
+        wait_stored(gateway, text)
+        ask(gateway, text, stream=True)
+    assert 0 < layer._marked_bytes <= max_bytes // 4
+    assert 0 < layer._replays_bytes <= max_bytes // 4
+    assert [upstream_calls(mock, text) for text in [*texts, *many]] == [1] * 14
+    invalidated = httpx.post(gateway.url + "/admin/cache/invalidate", json={"project": "tests"},
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert invalidated.status_code == 200
+    assert (layer._marked, layer._replays, layer._streams) == ({}, {}, {})
+    assert (layer._marked_bytes, layer._replays_bytes, layer._streams_bytes) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("damage", ["cut short", "not compressed", "too large",
                                     "nested too deep"])
 def test_a_kept_stream_that_makes_no_answer_is_a_miss_whose_answer_replaces_it(
