@@ -284,8 +284,9 @@ class Decision:
     """The answer of `QuotaStore.admit`, with one entry per check in `remaining`/`reset_s`.
 
     When refused, nothing was reserved; `failed` is the index of the first failing check and
-    `retry_after_s` says when it could pass (None: not by waiting, e.g. a full budget or a
-    request larger than a bucket). `unseeded` lists the budget checks whose counter did not
+    `retry_after_s` says when every failing check could pass, the longest of their waits (0
+    for a full concurrency limit: a request may end at once; None: one never passes by
+    waiting, e.g. a full budget or a request larger than a bucket). `unseeded` lists the budget checks whose counter did not
     exist (a new period, or Redis lost its data): the store reserved nothing, and the caller
     should `seed` them from the ledger and ask again.
     """

@@ -466,9 +466,7 @@ def refusal(item: Planned, decision: Decision) -> GatewayError:
     if check.kind == BUDGET:
         return _budget_refusal(item)
     headers: list[tuple[bytes, bytes]] = []
-    if check.kind == CONCURRENT and check.limit > 0:  # a slot frees when any request ends
-        headers.append((b"retry-after", b"1"))
-    elif decision.retry_after_s is not None:
+    if decision.retry_after_s is not None:  # (when every limit that refused lets one through)
         headers.append((b"retry-after", str(max(1, math.ceil(decision.retry_after_s))).encode()))
     who = check.label[0].upper() + check.label[1:]
     if check.limit == 0:  # (no waiting lets one through: no Retry-After)
@@ -483,8 +481,9 @@ def refusal(item: Planned, decision: Decision) -> GatewayError:
                    f" may use {check.limit} tokens per minute.")
     else:
         unit = "tokens" if check.kind == TOKENS else "requests"
-        message = (f"Rate limit exceeded: {who} may use {check.limit} {unit} per minute; "
-                   "retry after the number of seconds in the Retry-After header.")
+        message = (f"Rate limit exceeded: {who} may use {check.limit} {unit} per minute"
+                   + ("; retry after the number of seconds in the Retry-After header."
+                      if headers else "."))
     return GatewayError(429, message, code="rate_limit_exceeded", headers=headers)
 
 

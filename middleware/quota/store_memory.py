@@ -159,12 +159,16 @@ class MemoryQuotaStore:
 
     @staticmethod
     def _refusal(verdicts: list[_Verdict]) -> Decision:
-        """Budgets to seed first, if any; else the first check that does not pass."""
+        """Budgets to seed first, if any; else the first check that does not pass, and the
+        longest wait of all that do not (None if waiting never lets one pass): a caller
+        told the first one's wait would be refused again by the others."""
         unseeded = tuple([i for i, verdict in enumerate(verdicts) if verdict[2]])
         if unseeded:
             return Decision(allowed=False, unseeded=unseeded)
         failed = next(i for i, verdict in enumerate(verdicts) if not verdict[0])
-        return Decision(allowed=False, failed=failed, retry_after_s=verdicts[failed][1])
+        waits = [verdict[1] for verdict in verdicts if not verdict[0]]
+        retry = None if None in waits else max([wait for wait in waits if wait is not None])
+        return Decision(allowed=False, failed=failed, retry_after_s=retry)
 
     async def settle(self, request_id: str, checks: Sequence[Check],
                      actual: Sequence[int]) -> None:
@@ -289,8 +293,9 @@ class MemoryQuotaStore:
             until = leases.until if leases else {}
             if len(until) < check.limit:
                 return (True, None, False, len(until), leases)
-            retry = min(until.values()) - now if check.limit > 0 else None
-            return (False, retry, False, 0.0, None)
+            # A slot frees as soon as any request in flight ends, which may be at once: the
+            # first lease's expiry bounds the wait, but requests end long before theirs.
+            return (False, 0.0 if check.limit > 0 else None, False, 0.0, None)
         if check.limit <= 0 or check.amount > check.limit:
             return _REFUSED  # waiting never helps
         bucket = self._get(check.key, _Bucket, now)

@@ -104,7 +104,9 @@ end
 # Every check is judged before anything is reserved.
 _ADMIT = _PRELUDE + """
 local levels, updated, unseeded = {}, {}, {}
-local failed, retry = nil, false
+-- The first check that fails (named in the refusal), and the longest wait of all that fail
+-- (false once one of them never passes by waiting), as the memory store's _refusal.
+local failed, retry = nil, 0
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
   local key, kind = KEYS[i], A[a]
@@ -124,16 +126,19 @@ for i = 1, #KEYS do
     redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
     local count = redis.call('ZCARD', key)
     passes = count < limit
-    if not passes and limit > 0 then wait = fmt(lease_score(key, 0) - now) end
+    if limit > 0 then wait = 0 end  -- (a slot frees when any request ends: see _judge)
   elseif limit > 0 and amount <= limit then
     levels[i], updated[i] = bucket_level(key, limit, param)
     passes = levels[i] >= amount
-    if not passes then wait = fmt((amount - levels[i]) / (limit / param)) end
+    wait = (amount - levels[i]) / (limit / param)
   end
-  if not passes and failed == nil then failed, retry = i - 1, wait end
+  if not passes then
+    if failed == nil then failed = i - 1 end
+    if not wait then retry = false elseif retry and wait > retry then retry = wait end
+  end
 end
 if #unseeded > 0 then return '[2,' .. table.concat(unseeded, ',') .. ']' end
-if failed ~= nil then return '[0,' .. failed .. ',' .. (retry or 'null') .. ']' end
+if failed ~= nil then return '[0,' .. failed .. ',' .. (retry and fmt(retry) or 'null') .. ']' end
 
 local out = {'1'}
 for i = 1, #KEYS do

@@ -193,6 +193,31 @@ async def test_retry_after_is_when_the_bucket_holds_enough(store: Store,
     assert (await store.admit("r8", [check])).allowed
 
 
+async def test_retry_after_is_the_longest_wait_of_the_failing_checks(
+        store: Store, clock: FakeClock) -> None:
+    # The key's tokens refill 10 a second, the project's requests one every 30 s: both refuse
+    # the third request, the first named, and only the project's wait lets it through.
+    def checks(tokens: int) -> list[Check]:
+        return [tpm(600, tokens, key="key:tpm"), rpm(2, key="project:rpm"), leases(1)]
+
+    assert (await store.admit("r1", checks(590)[:2])).allowed
+    assert (await store.admit("r2", checks(10))).allowed
+
+    assert await store.admit("r3", checks(100)) == refused(0, 30.0)
+    clock.advance(10)  # the key's wait: the project's bucket still refuses
+    decision = await store.admit("r4", checks(100))
+    assert decision == refused(1, decision.retry_after_s)
+    assert decision.retry_after_s == pytest.approx(20.0)
+    await store.settle("r2", checks(10), [10, 1, 1])
+    clock.advance(20)
+    assert (await store.admit("r5", checks(100))).allowed
+
+    # One failing check that no wait lets through: no wait at all.
+    money = budget(100, 60, clock.now + 3600)
+    await store.seed(money, 50)
+    assert await store.admit("r6", [*checks(100), money]) == refused(1, None)
+
+
 async def test_more_than_the_capacity_never_passes(store: Store, clock: FakeClock) -> None:
     assert await store.admit("r1", [tpm(100, 101)]) == refused(0, None)
     clock.advance(3600)
@@ -233,17 +258,18 @@ async def test_leases_are_limited_released_and_expire(store: Store, clock: FakeC
     for request_id, left in (("r1", 2), ("r2", 1), ("r3", 0)):
         decision = await store.admit(request_id, [check])
         assert decision.remaining == (left,) and decision.reset_s == (30.0,)
-    assert await store.admit("r4", [check]) == refused(0, 30.0)
+    # (no wait: a slot frees as soon as a request in flight ends)
+    assert await store.admit("r4", [check]) == refused(0, 0.0)
 
     await store.settle("r2", [check], [1])
     clock.advance(10)
     assert (await store.admit("r4", [check])).reset_s == (30.0,)  # r4's lease, the latest
-    assert await store.admit("r5", [check]) == refused(0, 20.0)  # r1's ends first
+    assert await store.admit("r5", [check]) == refused(0, 0.0)
 
     clock.advance(20)  # r1 and r3 were never released: their leases end now
     assert (await store.admit("r5", [check])).remaining == (1,)
     assert (await store.admit("r6", [check])).remaining == (0,)
-    assert await store.admit("r7", [check]) == refused(0, 10.0)
+    assert await store.admit("r7", [check]) == refused(0, 0.0)
 
 
 # -- budgets -----------------------------------------------------------------------------------
