@@ -58,6 +58,7 @@ from gateway.admin import (
 )
 from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
+    ANTHROPIC_COUNT_TOKENS,
     CONTEXT_KEY,
     OPENAI_RESPONSES,
     RequestContext,
@@ -343,6 +344,11 @@ class QuotaMiddleware:
                 await self._serve_usage(scope, send)
             else:
                 await self.app(scope, receive, send)
+            return
+        if ctx.operation == ANTHROPIC_COUNT_TOKENS:
+            # A token count generates nothing and costs nothing (Anthropic limits it apart
+            # from messages): no limit of the caller's counts it.
+            await self.app(scope, receive, send)
             return
         state = ctx.state
         if self._admitted_key in state:  # the same request again: see `_call_again`

@@ -268,8 +268,6 @@ CACHE_CONTROL = b'"cache_control"'
 def estimate(ctx: RequestContext, default_max_output_tokens: int,
              fallbacks: tuple[str, ...] = ()) -> Estimate:
     """What the request reserves, priced at `reservation_price(ctx, fallbacks)`."""
-    if ctx.operation == c.ANTHROPIC_COUNT_TOKENS:  # answered without a model call
-        return Estimate(0, 0, 0)
     input_tokens = estimate_input_tokens(ctx)
     # (max_tokens is the caller's: 10**30 asks more than any limit, and is kept below 2**53,
     # where Redis's Lua counts exactly, as more than any limit still: see AMOUNT_MAX)

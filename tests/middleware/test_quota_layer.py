@@ -316,6 +316,27 @@ def test_rpm_refusal_in_anthropic_shape(start: Start, store: str,
     assert len(mock.requests) == 2
 
 
+def test_a_token_count_takes_no_limit_of_the_callers(start: Start, store: str,
+                                                     mock: MockProviderServer) -> None:
+    # (two counts used up rpm=2, and the lease of max_concurrent=1 while they ran: the
+    # key's first message was a 429)
+    gateway = start(auth(static_key("Limits(rpm=2, max_concurrent=1, budgets=(Budget("
+                                    "'0.00003', period='lifetime'),))")), quota(store))
+    client = gateway.anthropic()
+    for _ in range(3):
+        raw = client.messages.with_raw_response.count_tokens(
+            model="claude-mock", messages=PROMPT)  # type: ignore[arg-type]
+        assert raw.parse().input_tokens == INPUT
+        assert "x-ratelimit-remaining-requests" not in raw.headers
+    raw_message = client.messages.with_raw_response.create(
+        model="claude-mock", max_tokens=OUTPUT, messages=PROMPT)  # type: ignore[arg-type]
+    assert raw_message.headers["x-ratelimit-remaining-requests"] == "1"
+    assert raw_message.headers["x-sluicegate-budget-remaining"] == "0.000000"
+    with pytest.raises(anthropic.AuthenticationError):  # (it still needs a key)
+        gateway.anthropic(key="sk-sg-not-a-key-0123456789").messages.count_tokens(
+            model="claude-mock", messages=PROMPT)  # type: ignore[arg-type]
+
+
 # -- 2. budgets that block -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("status", [402, 429])
