@@ -5,11 +5,16 @@ and sent in full with EVAL when the server has lost its script cache (SCRIPT FLU
 failover). Every key a script touches arrives in KEYS, but for the hashes beside each budget
 counter (`<counter>:held`, the reservations in it; `<counter>:settled`, the settles that
 found it lost, which its seed adds), and all share the prefix's hash tag
-(`{sluicegate}`), so a call never spans Redis Cluster slots. The time is the caller's clock,
-passed as an argument, never Redis TIME: the arithmetic is the memory store's, step for step.
-Floats cross the Lua boundary exactly: to Lua as Python's shortest repr or, for the clock,
-as a hexadecimal float (`float.hex()`, a tenth of the cost of a repr; Lua's `tonumber` reads
-it with C's strtod), and back as "%.17g" strings.
+(`{sluicegate}`), so a call never spans Redis Cluster slots. The time is Redis's own (TIME,
+read once per script call): every gateway sharing the store reads one clock, so buckets
+refill and leases expire alike whatever the gateways' hosts' clocks say (a gateway whose
+clock ran ahead refilled the buckets by its lead, and expired the others' live leases).
+Redis 5 and later replicate a script's effects, not the script, so a replica or the AOF
+stores the values the script wrote. A store given a `clock` passes its readings instead
+(tests that move time). The arithmetic is the memory store's, step for step. Floats cross
+the Lua boundary exactly: to Lua as Python's shortest repr or, for a given clock, as a
+hexadecimal float (`float.hex()`, a tenth of the cost of a repr; Lua's `tonumber` reads it
+with C's strtod), and back as "%.17g" strings.
 """
 from __future__ import annotations
 
@@ -39,17 +44,28 @@ logger = logging.getLogger("sluicegate.quota")
 # One request's settle: (its id, its checks, the actual amounts, one a check).
 Settle = tuple[str, Sequence[Check], Sequence[int]]
 
-# ARGV[1], split on spaces: now, request_id, budget_slack_s, then per check: kind, limit,
-# amount, param, [actual]
+# ARGV[1], split on spaces: now (SERVER_TIME: Redis's TIME), request_id, budget_slack_s, then
+# per check: kind, limit, amount, param, [actual]
 # where param is window_s (requests, tokens), lease_s (concurrent) or expires_at (budget).
+SERVER_TIME = "t"
 _PRELUDE = """
 -- All arguments arrive as one space-separated string: one RESP argument to encode and
 -- send instead of twenty, and splitting it is Redis's work, not the gateway's.
 local A, now, request_id, slack
+local server_now
 local function read_args(text)
   A = {}
   for word in string.gmatch(text, '%S+') do A[#A + 1] = word end
-  now, request_id, slack = tonumber(A[1]), A[2], tonumber(A[3])
+  request_id, slack = A[2], tonumber(A[3])
+  if A[1] ~= '{server_time}' then
+    now = tonumber(A[1])
+  else
+    if server_now == nil then  -- (one reading for every request a call settles)
+      local time = redis.call('TIME')
+      server_now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+    end
+    now = server_now
+  end
 end
 read_args(ARGV[1])
 
@@ -96,7 +112,7 @@ local function lease_score(key, index)
   local found = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
   return tonumber(found[2])
 end
-""".replace("{bucket_ttl_max_s}", str(BUCKET_TTL_MAX_S))
+""".replace("{bucket_ttl_max_s}", str(BUCKET_TTL_MAX_S)).replace("{server_time}", SERVER_TIME)
 
 # Returns one string (one reply to parse), a JSON array (one orjson call reads every number):
 # [1, remaining_1, reset_1, remaining_2, reset_2, ...] when admitted; [0, failed, retry_after
@@ -316,14 +332,15 @@ class RedisQuotaStore:
 
     Any connection error, timeout or error reply becomes `QuotaStoreError`; commands are not
     retried (a script that timed out may have run), and a connection the server dropped is
-    replaced on the next call. `clock` gives epoch seconds and should follow real time: key
-    expiry (garbage collection only) runs on the Redis server's clock.
+    replaced on the next call. The scripts read the Redis server's clock (one for every
+    gateway); `clock`, when given, gives them epoch seconds instead, and should follow real
+    time: key expiry (garbage collection only) runs on the server's clock.
     """
 
     name = "redis"
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "{sluicegate}",
-                 socket_timeout_s: float = 0.5, clock: Callable[[], float] = time.time,
+                 socket_timeout_s: float = 0.5, clock: Callable[[], float] | None = None,
                  budget_slack_s: float = BUDGET_SLACK_S) -> None:
         self.url = url
         self.prefix = prefix
@@ -602,7 +619,7 @@ class RedisQuotaStore:
         if not checks:
             return []
         values = await self._call("MGET", *(self._key(check) for check in checks))
-        now = self.clock()
+        now = time.time() if self.clock is None else self.clock()
         try:
             return [None if value is None or _over(check, now, self.budget_slack_s)
                     else int(value) for check, value in zip(checks, values, strict=True)]
@@ -661,8 +678,8 @@ class RedisQuotaStore:
 
     def clock_text(self) -> str:
         """A reading of the store's clock as the scripts take it (one per batch of settles,
-        which settle together)."""
-        return float(self.clock()).hex()
+        which settle together): SERVER_TIME, or the given clock's reading."""
+        return SERVER_TIME if self.clock is None else float(self.clock()).hex()
 
     @staticmethod
     def decision(reply: Any) -> Decision:
@@ -689,15 +706,15 @@ class RedisQuotaStore:
         return self._prefix_args(request_id) + " ".join(args)
 
     def _prefix_args(self, request_id: str, clock: str | None = None) -> str:
-        """What every script's ARGV string starts with: the clock (`clock`, a reading as
-        float.hex(), or read now), the request id, the budget slack, and a space before the
+        """What every script's ARGV string starts with: the clock (`clock`, as `clock_text`
+        gives it, or read now), the request id, the budget slack, and a space before the
         checks' words."""
         # (isalnum first: compiled, it runs as C, and the kernel's ids pass it)
         if not request_id.isalnum() and (not request_id or " " in request_id or
                                          not request_id.isprintable()):
             request_id = script_id(request_id)
         if clock is None:  # (clock_text, inline: this runs for every admission)
-            clock = float(self.clock()).hex()
+            clock = SERVER_TIME if self.clock is None else float(self.clock()).hex()
         return f"{clock} {request_id} {self._slack} "
 
     async def _run(self, script: _Script, request_id: str, checks: Sequence[Check],

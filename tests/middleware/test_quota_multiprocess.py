@@ -14,8 +14,8 @@ that uses the same Redis meanwhile, so a count taken there is only right on an i
 The same proxy, stopped and started again, is how Redis "goes away" for the gateways without
 stopping the Redis that other tests share.
 
-Both processes normally read the same clock; one test gives process B a quota-store clock that
-runs ahead, as on two hosts whose clocks disagree.
+Both processes normally read the same clock; one test runs process B with every reading of
+`time.time` ahead, as on two hosts whose clocks disagree.
 """
 from __future__ import annotations
 
@@ -125,25 +125,32 @@ class KeySpec:
     limits: str  # a Limits(...) expression
 
 
+# First in the config module, before it imports any layer: a process whose environment sets
+# SG_MP_CLOCK_AHEAD_S reads the time that many seconds ahead, as on a host whose clock is.
+CLOCK_AHEAD = """
+import os, time
+if os.environ.get("SG_MP_CLOCK_AHEAD_S"):
+    _host_time, _ahead_s = time.time, float(os.environ["SG_MP_CLOCK_AHEAD_S"])
+    time.time = lambda: _host_time() + _ahead_s
+"""
+
+
 def config(mock_url: str, layers: str) -> str:
     """The harness's config module (its models and prices) with `layers` as the stack."""
-    extra = ("import time\n"
-             "from middleware.auth import PostgresKeyStore\n"
+    extra = ("from middleware.auth import PostgresKeyStore\n"
              "from middleware.quota import RedisQuotaStore\n"
              f"middleware = {layers}\n")
-    return mock_config(mock_url, middleware="[]", extra=extra)
+    return CLOCK_AHEAD + mock_config(mock_url, middleware="[]", extra=extra)
 
 
 def quota_stack(redis_url: str, prefix: str, keys: Sequence[KeySpec],
                 quota_options: str = "") -> str:
-    """Auth with static keys, then quota on Redis. A process whose environment sets
-    SG_MP_CLOCK_AHEAD_S gives its quota store a clock that many seconds ahead."""
+    """Auth with static keys, then quota on Redis."""
     static = ", ".join(f"StaticKey('mp', key_env={k.env!r}, id={k.id!r}, limits={k.limits})"
                        for k in keys)
-    clock = "lambda: time.time() + float(os.environ.get('SG_MP_CLOCK_AHEAD_S', '0'))"
     return (f"[Middleware(AuthMiddleware, keys=[{static}]), "
             f"Middleware(QuotaMiddleware, store=RedisQuotaStore({redis_url!r}, "
-            f"prefix={prefix!r}, clock={clock}){quota_options})]")
+            f"prefix={prefix!r}){quota_options})]")
 
 
 def new_key() -> str:
@@ -289,23 +296,45 @@ async def test_rate_limit_admits_exactly_n_requests_across_two_processes(
     assert level is not None and float(level) < limit / RATE_ADMITTED  # the shared bucket
 
 
+@pytest.mark.parametrize("first", ["ahead", "behind"])
 async def test_rate_limit_holds_when_the_two_processes_clocks_differ(
-        mock_url: str, prefix: str, start_two: StartTwo) -> None:
-    rpm, ahead_s = 100, 3.0
+        mock_url: str, prefix: str, start_two: StartTwo, first: str) -> None:
+    # Either process may create the bucket. Each used to pass its own clock to the scripts:
+    # with the one behind (A) first, B's requests refilled the bucket by B's lead (20 s, a
+    # third of the limit) on top of the real time elapsed; the scripts now read Redis's.
+    rpm, ahead_s = 100, 20.0
     key = new_key()
     stack = quota_stack(REDIS_URL, prefix, [KeySpec("k_mp", "SG_MP_KEY", f"Limits(rpm={rpm})")])
     a, b = start_two(config(mock_url, stack), {"SG_MP_KEY": key},
                      {"SG_MP_CLOCK_AHEAD_S": str(ahead_s)})
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as client:
-        # B, the clock ahead, creates the bucket: from then on no clock that reads the bucket
-        # is ahead of the one that created it, so it may refill for the real time elapsed only.
-        first = await chat(client, b, key)
+        opening = await chat(client, b if first == "ahead" else a, key)
     outcomes, _ = await burst((a, b), key, BURST)
     elapsed_s = time.monotonic() - started
 
-    admitted = sum(o.status == 200 for o in [first, *outcomes])
+    admitted = sum(o.status == 200 for o in [opening, *outcomes])
     assert rpm <= admitted <= rpm + math.floor(elapsed_s * rpm / 60), (admitted, elapsed_s)
+
+
+async def test_a_process_whose_clock_is_ahead_leaves_the_others_leases_alone(
+        mock: MockProviderServer, mock_url: str, prefix: str, start_two: StartTwo) -> None:
+    # (B, 60 s ahead, expired A's 30 s lease of the one slot while A's request still ran,
+    # and admitted a second request beside it)
+    key = new_key()
+    stack = quota_stack(REDIS_URL, prefix, [KeySpec("k_mp", "SG_MP_KEY",
+                                                    "Limits(max_concurrent=1)")], ", lease_s=30")
+    a, b = start_two(config(mock_url, stack), {"SG_MP_KEY": key}, {"SG_MP_CLOCK_AHEAD_S": "60"})
+    async with httpx.AsyncClient(timeout=10) as client:
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=2))
+        calls = len(mock.requests)
+        held = asyncio.create_task(chat(client, a, key))
+        while len(mock.requests) == calls:  # A's request holds the slot, its answer 2 s away
+            await asyncio.sleep(0.01)
+        beside = await chat(client, b, key)
+        assert (await held).status == 200
+    assert (beside.status, beside.code) == (429, "rate_limit_exceeded")
+    assert len(mock.requests) == calls + 1
 
 
 # -- c. revocation -----------------------------------------------------------------------------
