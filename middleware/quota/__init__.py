@@ -534,7 +534,7 @@ class QuotaMiddleware:
         template is still the Lane's (a new UTC day makes a new one: then ask again)."""
         principal = ctx.principal or ANONYMOUS
         downgraded: list[str] = []
-        overflowed: set[str] = set()
+        overflowed: dict[str, tuple[Planned, float]] = {}  # key -> (its limit, its reset_s)
         visited = {ctx.model}
         for _ in range(_MAX_DOWNGRADES + 1):
             template = self._template(principal, ctx.model)
@@ -550,14 +550,17 @@ class QuotaMiddleware:
                 planned, checks = [planned[i] for i in kept], [checks[i] for i in kept]
             notice = ([(b"x-sluicegate-downgraded", "; ".join(downgraded).encode())]
                       if downgraded else [])
-            if not planned:
-                return None, [], [], Decision(allowed=True), est, notice
+            if not planned:  # (every limit left overflowed: nothing to reserve)
+                headers = plan.downgraded_headers([], Decision(allowed=True),
+                                                  list(overflowed.values())) if overflowed else []
+                return None, [], [], Decision(allowed=True), est, headers + notice
             if isinstance(handed, bytes) and (lane is None or planned is not lane.planned):
                 handed = None  # (a reply that admitted nothing: nothing to undo)
             store, decision = await self._reserve(ctx, planned, checks, handed)
             handed = None
             if decision.allowed:
-                headers = plan.rate_limit_headers(planned, decision)
+                headers = plan.rate_limit_headers(planned, decision) if not overflowed else \
+                    plan.downgraded_headers(planned, decision, list(overflowed.values()))
                 return store, planned, checks, decision, est, headers + notice
             assert decision.failed is not None
             item = replace(planned[decision.failed], check=checks[decision.failed])
@@ -572,7 +575,7 @@ class QuotaMiddleware:
                 raise refused(ctx, item, decision)  # (no way round the limit for this caller)
             downgraded.append(f"{ctx.model} -> {target} ({plan.overflow_reason(item)})")
             if item.check.kind != BUDGET:
-                overflowed.add(item.check.key)
+                overflowed[item.check.key] = (item, plan.overflow_reset_s(item.check, decision))
             visited.add(target)
             route_to(ctx, target)
         raise refused(ctx, item, decision)

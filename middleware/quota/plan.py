@@ -459,6 +459,15 @@ def overflow_reason(item: Planned) -> str:
     return f"{check.label} {unit}"
 
 
+def overflow_reset_s(check: Check, decision: Decision) -> float:
+    """When the bucket of a rate limit that refused (`decision`) is full again: its wait for
+    the request, then the rest of its limit; a window when it may never pass (`None`). (The
+    wait is the longest of every limit that refused, so rarely an overestimate.)"""
+    if decision.retry_after_s is None or check.limit <= 0:
+        return check.window_s
+    return decision.retry_after_s + (check.limit - check.amount) * check.window_s / check.limit
+
+
 def refusal(item: Planned, decision: Decision) -> GatewayError:
     check = item.check
     if check.kind == BUDGET:
@@ -541,6 +550,18 @@ def rate_limit_headers(planned: Sequence[Planned],
         headers.append((b"x-sluicegate-budget-remaining",
                         _usd_text(min([remaining[index] for index in indexes]))))
     return headers
+
+
+def downgraded_headers(planned: Sequence[Planned], decision: Decision,
+                       overflowed: Sequence[tuple[Planned, float]]) -> list[tuple[bytes, bytes]]:
+    """`rate_limit_headers` of a request a rate limit sent to a cheaper model: the limits it
+    was admitted against and those that overflowed ((limit, reset_s): none left), the
+    caller's limits on the model it asked for, the tightest of which is the one that sent it
+    elsewhere."""
+    return rate_limit_headers(
+        [item for item, _ in overflowed] + list(planned),
+        Decision(True, remaining=(0,) * len(overflowed) + decision.remaining,
+                 reset_s=tuple([reset_s for _, reset_s in overflowed]) + decision.reset_s))
 
 
 _MAKERS = "header maker"  # template memo entry: (check count, its maker)

@@ -876,6 +876,27 @@ def test_key_rpm_overflow_downgrades_to_the_cheaper_model(
     second = gateway.chat()
     assert second.status_code == 200
     assert second.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> azure-mock")
+    # (no limit is left to check on azure-mock: the headers are the overflowed one's alone)
+    assert second.headers["x-ratelimit-limit-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
+
+
+def test_a_downgraded_response_reports_the_limit_that_overflowed(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # (the overflowed limit was left out of the headers with the checks: the second answer
+    # had no x-ratelimit-*-requests at all, and here the key's roomy ones)
+    gateway = start(auth(static_key("Limits(rpm=100, tpm=10_000)")),
+                    quota(store, model_limits=DOWNGRADING_MODEL))
+    assert gateway.chat().headers["x-ratelimit-remaining-requests"] == "0"  # the model's
+    second = gateway.chat()
+    assert second.headers["x-sluicegate-downgraded"].startswith("gpt-mock -> azure-mock")
+    assert second.headers["x-ratelimit-limit-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    # (a minute, less the moment since the first request took the one request of it)
+    assert second.headers["x-ratelimit-reset-requests"] in {"1m0s", *map("{}s".format,
+                                                                          range(50, 60))}
+    assert second.headers["x-ratelimit-limit-tokens"] == "10000"  # the key's, admitted
     assert [r["provider"] for r in mock.requests] == ["openai", "azure"]
 
 
