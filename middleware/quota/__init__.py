@@ -216,6 +216,12 @@ class QuotaMiddleware:
         # the script may have run), released once the store answers again (`_unsure_admit`).
         self._unsure: list[tuple[str, list[Check], list[int], float]] = []
         self._releasing: asyncio.Task[None] | None = None
+        # The concurrency leases of this process's requests still running, renewed every
+        # lease_s / 3 while they run (`_renew_leases`): lease id -> (its store, its checks),
+        # admitted since the last renewal, and before it (renewed at the next one).
+        self._leases_new: dict[str, tuple[QuotaStore, Sequence[Check]]] = {}
+        self._leases_old: dict[str, tuple[QuotaStore, Sequence[Check]]] = {}
+        self._renewing: asyncio.Task[None] | None = None
         self._http: Any = None
         # (id(principal), model) -> (principal, UTC day, its template or None)
         self._templates: dict[tuple[int, str], tuple[
@@ -299,6 +305,8 @@ class QuotaMiddleware:
                 self.store.on_unsettled = self._unsure_settles
             if isinstance(self.ledger, PostgresSpendLedger):
                 await self.ledger.startup()
+            self._renewing = asyncio.ensure_future(self._renew_leases())
+            self._renewing.add_done_callback(_log_failure)
             if self.alert_webhook_url is not None:
                 import aiohttp  # only when alerts go to a webhook
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -311,6 +319,8 @@ class QuotaMiddleware:
             self._flush_settles()
         if self._releasing is not None:  # (its leases lapse after lease_s by themselves)
             self._releasing.cancel()
+        if self._renewing is not None:
+            self._renewing.cancel()
         if self._recovering is not None:  # (the ledger has what the fallback spent)
             self._recovering.cancel()
         if self._background:
@@ -380,10 +390,12 @@ class QuotaMiddleware:
         responder = None  # (`send` is not wrapped when nothing is to be cut off)
         if store is not None:  # (None: nothing applies, no reservation, nothing to settle)
             ctx.at_end(partial(self._settle, store, planned, checks, decision))
+            lease = self._lease(ctx)
+            self._leases_new[lease] = (store, checks)
             if store is self._redis:
                 budget_keys = tuple([checks[i].key for i in plan.budget_indexes(planned)])
                 if budget_keys:
-                    self._in_flight[self._lease(ctx)] = (budget_keys, est.cost_micros)
+                    self._in_flight[lease] = (budget_keys, est.cost_micros)
             allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream \
                 else None
             if allowance is not None:
@@ -465,6 +477,8 @@ class QuotaMiddleware:
             return reply
         if lane.budget_keys:
             self._in_flight[lease] = (lane.budget_keys, est.cost_micros)
+        if lane.leases:
+            self._leases_new[lease] = (redis, lane.leases)
         settle = partial(self._settle_in_lane, lane, est, values)
         if ctx.on_end is None:  # (RequestContext.at_end, inline: an interpreted call)
             ctx.on_end = [settle]
@@ -749,6 +763,31 @@ class QuotaMiddleware:
             logger.info("quota: released %d concurrency lease(s) of admits whose replies "
                         "never came", len(batch))
 
+    async def _renew_leases(self) -> None:
+        """Every lease_s / 3, extends the concurrency leases of this process's requests that
+        were running at the previous renewal too: a lease is set for lease_s at admission
+        and lapses then, though its request (a long stream, a long reasoning call) still
+        runs, and more than max_concurrent would run at once. One store call per store
+        (batched); a request that ends within lease_s / 3 of its admission is never renewed.
+        (A lease is renewed when between a third and two thirds of lease_s old.)"""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            by_store: dict[QuotaStore, list[tuple[str, Sequence[Check]]]] = {}
+            for lease, (store, checks) in self._leases_old.items():
+                by_store.setdefault(store, []).append((lease, checks))
+            self._leases_old.update(self._leases_new)
+            self._leases_new = {}
+            for store, leases in by_store.items():
+                renew = getattr(store, "renew", None)
+                if renew is None:
+                    continue  # (a custom store without renewals: its leases lapse)
+                try:
+                    await renew(leases)
+                except QuotaStoreError as exc:
+                    logger.warning("could not renew %d concurrency lease(s) (%s); they lapse "
+                                   "after lease_s unless the next renewal takes", len(leases),
+                                   exc)
+
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
                             planned: list[Planned], checks: list[Check]) -> Decision:
         decision = await store.admit(self._lease(ctx), checks)
@@ -821,6 +860,8 @@ class QuotaMiddleware:
         tokens, cost = self._charge(ctx, lease)
         if store is self._redis:
             self._in_flight.pop(lease, None)
+        if self._leases_new.pop(lease, None) is None:
+            self._leases_old.pop(lease, None)
         self._settles.setdefault(store, []).append(
             (lease, checks, plan.actual_amounts(checks, tokens, cost)))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
@@ -854,6 +895,8 @@ class QuotaMiddleware:
         tokens, cost = self._charge(ctx, lease)
         if lane.budget_keys:
             self._in_flight.pop(lease, None)
+        if lane.leases and self._leases_new.pop(lease, None) is None:
+            self._leases_old.pop(lease, None)
         self._lane_settles.append((lane, lease, est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []

@@ -205,6 +205,18 @@ class MemoryQuotaStore:
         for request_id, checks, actual in batch:
             await self.settle(request_id, checks, actual)
 
+    async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
+        """Extends the concurrency leases (the CONCURRENT checks of each (request id, checks))
+        that are still held to `lease_s` from now: those of requests still running. One that
+        is gone (released, or lapsed) stays gone."""
+        now = self._now()
+        for request_id, checks in leases:
+            for check in checks:
+                if check.kind == CONCURRENT:
+                    held = self._get(check.key, _Leases, now)
+                    if held is not None and request_id in held.until:
+                        held.until[request_id] = now + check.lease_s
+
     def _settled_while_lost(self, key: str, request_id: str, used: int, now: float) -> None:
         settled = self._get(f"{key}:settled", _Settled, now)
         if settled is None:

@@ -282,11 +282,36 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-ADMIT, SETTLE, SEED = _Script(_ADMIT), _Script(_SETTLE), _Script(_SEED)
+# Extends concurrency leases still held to lease_s from now (one released, or past its
+# expiry though the admit script has not removed it yet, stays gone, as in the memory store),
+# one request per ARGV string (read as the admit script reads ARGV[1], its concurrent checks
+# only), its keys in KEYS in the same order. Returns 0.
+_RENEW = _PRELUDE + """
+local first = 0
+for j = 1, #ARGV do
+  if j > 1 then read_args(ARGV[j]) end
+  local count = (#A - 3) / 4
+  for i = 1, count do
+    local key = KEYS[first + i]
+    local held = redis.call('ZSCORE', key, request_id)
+    if held and tonumber(held) > now then
+      redis.call('ZADD', key, fmt(now + tonumber(A[4 + (i - 1) * 4 + 3])), request_id)
+      local latest = lease_score(key, -1)
+      redis.call('PEXPIRE', key, string.format('%d', math.ceil((latest - now) * 1000)))
+    end
+  end
+  first = first + count
+end
+return 0
+"""
+
+ADMIT, SETTLE, SEED, RENEW = _Script(_ADMIT), _Script(_SETTLE), _Script(_SEED), _Script(_RENEW)
 _SETTLE_SHA = SETTLE.sha.encode()
 # Settles per call of the settle script: about 13 us of Redis each, so a burst of finished
 # requests holds Redis (and every other gateway's admissions) for at most ~0.4 ms at a time.
 SETTLE_BATCH_MAX = 32
+# Requests per call of the renew script: a few microseconds of Redis each.
+RENEW_BATCH_MAX = 128
 
 # Adds to budget counters that are there (checks as the admit script reads them, the amount
 # to add as a check's amount): spend the quota layer's in-process fallback took while Redis
@@ -554,6 +579,33 @@ class RedisQuotaStore:
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
                 await self._call("EVAL", SETTLE.source, *command[1:])
+            elif isinstance(reply, BaseException):
+                raise QuotaStoreError(f"Redis quota store: {reply}") from reply
+
+    async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
+        """Extends the concurrency leases (the CONCURRENT checks of each (request id, checks))
+        that are still held to `lease_s` from now: those of requests still running. One that
+        is gone (released, or lapsed) stays gone. One script call per RENEW_BATCH_MAX
+        requests, pipelined in one write."""
+        commands = []
+        for start in range(0, len(leases), RENEW_BATCH_MAX):
+            keys, argvs = [], []
+            for request_id, checks in leases[start:start + RENEW_BATCH_MAX]:
+                held = [check for check in checks if check.kind == CONCURRENT]
+                if held:
+                    keys.extend([self._key(check) for check in held])
+                    argvs.append(self._argv(request_id, [_args(check) for check in held]))
+            if argvs:
+                commands.append([RENEW.sha, str(len(keys)), *keys, *argvs])
+        if not commands or self._client is None:
+            return
+        try:
+            replies = await self._client.call_many([("EVALSHA", *cmd) for cmd in commands])
+        except (OSError, ValueError) as exc:
+            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
+                await self._call("EVAL", RENEW.source, *command[1:])
             elif isinstance(reply, BaseException):
                 raise QuotaStoreError(f"Redis quota store: {reply}") from reply
 

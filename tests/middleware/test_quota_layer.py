@@ -503,6 +503,28 @@ def test_a_request_larger_than_the_tpm_bucket_is_refused_without_retry_after(
     assert gateway.chat().headers["x-ratelimit-remaining-tokens"] == "80"
 
 
+def test_a_concurrency_lease_is_renewed_while_its_request_runs(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    # (a lease was set for lease_s once, at admission: 2.5 s into a 6 s stream, with
+    # max_concurrent=1 and lease_s=2, a second request was admitted beside it)
+    slow.config.chunk_delay_s = 0.2  # (a reply of 28 characters, one an event)
+    gateway = start(auth(static_key("Limits(max_concurrent=1)")), quota(store, lease_s="2.0"),
+                    upstream=slow.url)
+    stream = gateway.openai().chat.completions.create(
+        model="gpt-mock", messages=PROMPT, max_tokens=OUTPUT,  # type: ignore[arg-type]
+        stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    time.sleep(2.5)  # past the lease taken at admission
+    beside = gateway.chat()
+    assert beside.status_code == 429, beside.text
+    assert beside.json()["error"]["message"] == (
+        "Too many concurrent requests: key k-test may have 1 requests in flight.")
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text.endswith("f g")  # (the stream went on to its end)
+    assert eventually(lambda: gateway.chat().status_code, 200) == 200  # its lease released
+
+
 def test_a_concurrency_lease_is_released_when_the_client_hangs_up(
         start: Start, store: str, slow: MockProviderServer) -> None:
     slow.config.chunk_delay_s = 0.3

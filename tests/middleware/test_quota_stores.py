@@ -272,6 +272,26 @@ async def test_leases_are_limited_released_and_expire(store: Store, clock: FakeC
     assert await store.admit("r7", [check]) == refused(0, 0.0)
 
 
+async def test_renew_extends_the_leases_still_held(store: Store, clock: FakeClock) -> None:
+    check, other = leases(2, lease_s=30.0), leases(1, key="conc:other", lease_s=30.0)
+    assert (await store.admit("r1", [check, other])).allowed
+    assert (await store.admit("r2", [check, rpm(10)])).allowed
+    await store.settle("r2", [check, rpm(10)], [1, 1])
+    clock.advance(20)
+
+    await store.renew([("r1", [check, other]), ("r2", [check, rpm(10)])])
+
+    clock.advance(20)  # r1's leases hold 30 s from the renewal, not from the admission
+    assert await store.admit("r3", [other]) == refused(0, 0.0)
+    decision = await store.admit("r3", [check])
+    assert decision.remaining == (0,) and decision.reset_s == (30.0,)  # (r2 was not revived)
+    clock.advance(10)
+    assert (await store.admit("r4", [other])).allowed  # (r1's renewed lease ends now)
+    await store.renew([("r1", [check, other])])  # (one that lapsed stays gone)
+    assert (await store.admit("r5", [check])).remaining == (0,)  # r3's and r5's
+    assert await store.admit("r6", [check]) == refused(0, 0.0)
+
+
 # -- budgets -----------------------------------------------------------------------------------
 
 async def test_budget_is_seeded_then_admits_up_to_exactly_its_limit(store: Store,
