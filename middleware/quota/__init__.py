@@ -24,7 +24,9 @@ the cheaper model.
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
 response says so in `x-sluicegate-downgraded`. A budget with `stream_cutoff=True` ends a
-stream whose cost crosses what is left of it with an in-band error event.
+stream whose cost crosses what is left of it with an in-band error event: a stream past its
+reservation takes more of the budget from the store as it goes, in steps of its reservation,
+and is ended when the store has none left for it.
 
 When the store (Redis) cannot be reached, each limit follows its `on_store_error`: "open"
 limits fall back to an in-process store, "closed" ones refuse with 503. The store is asked
@@ -39,7 +41,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -396,10 +398,11 @@ class QuotaMiddleware:
                 budget_keys = tuple([checks[i].key for i in plan.budget_indexes(planned)])
                 if budget_keys:
                     self._in_flight[lease] = (budget_keys, est.cost_micros)
-            allowance = self._cutoff_allowance(planned, checks, decision) if ctx.stream \
-                else None
-            if allowance is not None:
-                responder = _Responder(ctx, send, allowance, est)
+            cutoff = plan.budget_indexes(planned, cutoff=True) if ctx.stream else ()
+            if cutoff:
+                responder = _Responder(ctx, send, est, partial(
+                    self._top_up, store, lease, [checks[i] for i in cutoff],
+                    est.cost_micros))
         if ctx.model != asked and ctx.reroutable:
             # Downgraded under a layer that routes every call (a failover layer): it routes
             # this one, and every later one, for the cheaper model. Admitted, nothing sent.
@@ -441,7 +444,7 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         responder = ctx.state[self._admitted_key] = earlier.again(send, ctx)
-        if responder.no_room_to_continue():
+        if await responder.no_room_to_continue():
             await responder.end_in_band()
             return
         try:
@@ -488,8 +491,7 @@ class QuotaMiddleware:
             self._mark_admitted(ctx, None)
             await self.app(scope, receive, send)
             return _SERVED
-        allowance = min([values[1 + 2 * index] + est.cost_micros for index in lane.cutoff])
-        responder = _Responder(ctx, send, allowance, est)
+        responder = _Responder(ctx, send, est, partial(self._top_up_in_lane, lane, est, lease))
         self._mark_admitted(ctx, responder)
         try:
             await self.app(scope, receive, responder.send)
@@ -840,13 +842,30 @@ class QuotaMiddleware:
             raise QuotaStoreError(f"the spend ledger is unavailable: {type(exc).__name__}") \
                 from None
 
-    def _cutoff_allowance(self, planned: list[Planned], checks: list[Check],
-                          decision: Decision) -> int | None:
-        """What a stream may cost before a stream_cutoff budget ends it (None: no cutoff)."""
-        indexes = plan.budget_indexes(planned, cutoff=True)
-        if not indexes:
-            return None
-        return min([decision.remaining[i] + checks[i].amount for i in indexes])
+    async def _top_up(self, store: QuotaStore, lease: str, cutoff: list[Check],
+                      step: int) -> int:
+        """More of the stream_cutoff budgets `cutoff` for a stream past what it holds of them
+        (`_Responder`): its reservation again (at least a micro-dollar), or what is left, if
+        less, added to what it holds in the store (its settle replaces it all with what it
+        cost). What the store added; 0 when none is left, or the store cannot say (the
+        stream ends: closed, as the money's default is)."""
+        more = getattr(store, "top_up", None)
+        if more is None:
+            return 0
+        try:
+            added: int = await more(lease, [replace(check, amount=max(step, 1))
+                                            for check in cutoff])
+        except QuotaStoreError as exc:
+            logger.warning("quota store unavailable (%s): a stream past its budget "
+                           "reservation is ended", exc)
+            return 0
+        return added
+
+    async def _top_up_in_lane(self, lane: Lane, est: Estimate, lease: str) -> int:
+        """`_top_up` for a stream its Lane admitted."""
+        checks = lane.checks(est)
+        return await self._top_up(self.store, lease, [checks[i] for i in lane.cutoff],
+                                  est.cost_micros)
 
     # -- after the response ------------------------------------------------------------------
 
@@ -1147,6 +1166,12 @@ class _Responder:
     (a provider streams at least a token a delta); one whose provider goes past the
     caller's max_tokens is, once its cost crosses the budget.
 
+    The stream may cost what it holds of the budget in the store (`allowance`): its
+    reservation, and what it took on top (`top_up`, the quota layer's `_top_up`) each time
+    a delta would take it past that, until the store has no more for it. So streams running
+    side by side each spend only what they hold, and together no more than the budget (the
+    room left at each one's admission was each one's to spend, twice over).
+
     Until its response starts, the stream is priced at the reservation's price (the dearest
     deployment that may serve it); from then on at the price of the deployment serving it
     (`ctx.served_deployment`, the passthrough's), in force when the request started, as
@@ -1180,12 +1205,15 @@ class _Responder:
         "price",
         "spent_before",
         "streaming",
+        "top_up",
     )
 
-    def __init__(self, ctx: RequestContext, send: Send, allowance: int, est: Estimate) -> None:
+    def __init__(self, ctx: RequestContext, send: Send, est: Estimate,
+                 top_up: Callable[[], Awaitable[int]]) -> None:
         self.ctx = ctx
         self._send = send
-        self.allowance = allowance
+        self.allowance = est.cost_micros  # (what the admission holds for it)
+        self.top_up = top_up
         self.input_tokens = est.input_tokens  # the current call's (estimated)
         self.continued = False
         self.spent_before = self.deltas_before = 0  # what the broken part of it cost, sent
@@ -1211,11 +1239,33 @@ class _Responder:
                 self._count_continuation()
             deltas = self.deltas + count_content(self.counters, body, self.deltas)
             if self.price is not None and self._over_budget(deltas) and self._costs():
-                return self._cut_off()  # this message is replaced, so not counted
-            self.deltas = deltas
-            if self.numbered:
-                self.events += count_events(body)
+                return self._send_with_more_room(message, deltas)
+            self._count(body, deltas)
         return self._send(message)
+
+    def _count(self, body: bytes, deltas: int) -> None:
+        self.deltas = deltas
+        if self.numbered:
+            self.events += count_events(body)
+
+    async def _send_with_more_room(self, message: Message, deltas: int) -> None:
+        """Sends `message`, which takes the stream past what it holds of the budget, once
+        the store has added room for it; else the stream is cut off (and the message, which
+        it replaces, not counted)."""
+        if not await self._room_for(deltas):
+            await self._cut_off()
+        self._count(message.get("body", b""), deltas)
+        await self._send(message)
+
+    async def _room_for(self, deltas: int) -> bool:
+        """Whether `deltas` fit in what the stream holds, taking more from the store until
+        they do (a message may carry more deltas than one step pays for)."""
+        while self._over_budget(deltas):
+            added = await self.top_up()
+            if added <= 0:
+                return False
+            self.allowance += added
+        return True
 
     def _over_budget(self, deltas: int) -> bool:
         assert self.price is not None
@@ -1229,7 +1279,7 @@ class _Responder:
         a cache hit (the cache layer is below this one), which is charged nothing."""
         return self.ctx.cache_status not in CACHE_HITS
 
-    def no_room_to_continue(self) -> bool:
+    async def no_room_to_continue(self) -> bool:
         """Whether the call about to go below is a continuation (the failover layer has set
         EARLIER_ATTEMPT, and `ctx.body` to the continuation's request) whose input, billed
         again, leaves no room in the budget for its first content delta: the cut-off would
@@ -1239,7 +1289,7 @@ class _Responder:
         if self.continued or EARLIER_ATTEMPT not in self.ctx.state:
             return False
         self._count_continuation()
-        if self.price is None or not self._over_budget(self.deltas + 1):
+        if self.price is None or await self._room_for(self.deltas + 1):
             return False
         self.ctx.error_type = "budget_exceeded"
         return True
@@ -1272,7 +1322,8 @@ class _Responder:
         # Field by field, not copy.copy: compiled (mypyc), the class makes its instances
         # only through __init__. Every slot is set here: `numbered` and `counters` follow
         # from the operation, which a later call for the same request keeps.
-        responder = _Responder(ctx, send, self.allowance, _NOTHING_RESERVED)
+        responder = _Responder(ctx, send, _NOTHING_RESERVED, self.top_up)
+        responder.allowance = self.allowance
         responder.input_tokens, responder.price = self.input_tokens, self.price
         responder.continued, responder.streaming = self.continued, self.streaming
         responder.spent_before, responder.deltas_before = self.spent_before, self.deltas_before

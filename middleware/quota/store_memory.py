@@ -41,8 +41,9 @@ class _Leases:
 class _Counter:
     value: int
     expires: float
-    # The reservations in `value` (request id -> amount), so that a settle knows whether the
-    # one it replaces is there: not when the counter was lost and seeded again after the
+    # The reservations in `value` (request id -> amount: an admission's, and what a stream
+    # took on top, `top_up`), so that a settle knows whether the one it replaces is there,
+    # and how much it is: not when the counter was lost and seeded again after the
     # admit by a gateway that did not have the request in flight (in Redis; a seed counts
     # what the ledger has and the seeding gateway's own requests in flight).
     held: dict[str, int] = field(default_factory=dict)
@@ -187,8 +188,8 @@ class MemoryQuotaStore:
             if check.kind == BUDGET:
                 counter = self._get(check.key, _Counter, now)
                 if counter is not None:  # (its reservation, if it holds it, becomes `used`)
-                    held = counter.held.pop(request_id, None) is not None
-                    counter.value += used - check.amount if held else used
+                    held = counter.held.pop(request_id, None)
+                    counter.value += used if held is None else used - held
                 elif used and now < self._counter_expiry(check):  # lost, not seeded again
                     self._settled_while_lost(check.key, request_id, used, now)
             elif check.kind == CONCURRENT:
@@ -271,6 +272,28 @@ class MemoryQuotaStore:
             added.append(counter is not None)
         return added
 
+    async def top_up(self, request_id: str, checks: Sequence[Check]) -> int:
+        """Adds to the request's reservation in each budget counter of `checks` up to their
+        amount (the same in each), as much as every one has room for: what it added (0:
+        none has room, or a counter is not there)."""
+        validate(checks)
+        if not checks:
+            return 0
+        now = self._now()
+        counters, grant = [], checks[0].amount
+        for check in checks:
+            counter = self._get(check.key, _Counter, now) if check.kind == BUDGET else None
+            if counter is None:
+                return 0
+            grant = min(grant, check.limit - counter.value)
+            if grant <= 0:
+                return 0
+            counters.append(counter)
+        for counter in counters:
+            counter.value += grant
+            counter.held[request_id] = counter.held.get(request_id, 0) + grant
+        return grant
+
     async def spent(self, checks: Sequence[Check]) -> list[int | None]:
         """What each budget counter has spent: what it has committed less the reservations
         of the requests still running (None: not seeded)."""
@@ -327,7 +350,8 @@ class MemoryQuotaStore:
             assert type(counter) is _Counter
             counter.value += check.amount
             if check.amount:  # (settling an amount of 0 adds `used` either way)
-                counter.held[request_id] = check.amount
+                held = counter.held
+                held[request_id] = held.get(request_id, 0) + check.amount
             left = check.expires_at - now
             reset = (0.0 if 0.0 > left else left) if check.expires_at > 0 else 0.0  # noqa: FURB136
             left_amount = check.limit - counter.value

@@ -97,10 +97,17 @@ end
 
 -- What a budget counter holds: its committed amount (a string, INCRBY), and beside it,
 -- `<counter>:held`, the reservations in that amount (request id -> amount; none for an
--- amount of 0), so a settle knows whether the one it replaces is there (see the settle
--- script). Kept a day past the last reservation added: one lost with its settle (a crash)
--- does not stay for ever in a lifetime budget's.
+-- amount of 0), so a settle knows whether the one it replaces is there, and how much it is
+-- (see the settle script). Kept a day past the last reservation added: one lost with its
+-- settle (a crash) does not stay for ever in a lifetime budget's.
 local HELD_TTL_MS = 86400000
+
+-- Holds `amount` (a string) more of budget counter `key` for `id`, which the counter has
+-- just added (an admission's reservation, or more of it: `_TOP_UP`).
+local function hold(key, id, amount)
+  redis.call('HINCRBY', key .. ':held', id, amount)
+  redis.call('PEXPIRE', key .. ':held', HELD_TTL_MS)
+end
 
 local function counter(key, expires_at)
   local value = redis.call('GET', key)
@@ -163,10 +170,7 @@ for i = 1, #KEYS do
   local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
     local value = redis.call('INCRBY', key, A[a + 2])
-    if amount ~= 0 then
-      redis.call('HSET', key .. ':held', request_id, A[a + 2])
-      redis.call('PEXPIRE', key .. ':held', HELD_TTL_MS)
-    end
+    if amount ~= 0 then hold(key, request_id, A[a + 2]) end
     out[#out + 1] = string.format('%d', math.max(limit - value, 0))
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
@@ -199,11 +203,17 @@ local function settle(first, count)
     local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
     local actual = tonumber(A[a + 4])
     if kind == 'budget' then
-      -- The reservation becomes the actual amount, if the counter holds it: it does not
-      -- when Redis lost the counter after the admit and another gateway seeded it again
-      -- (from the ledger and its own requests in flight); then the actual amount is added.
+      -- The reservation (what the counter holds for the request: its admission's, and
+      -- what a stream took on top, `_TOP_UP`) becomes the actual amount, if the counter
+      -- holds it: it does not when Redis lost the counter after the admit and another
+      -- gateway seeded it again (from the ledger and its own requests in flight); then the
+      -- actual amount is added.
       if counter(key, param) ~= nil then
-        if redis.call('HDEL', key .. ':held', request_id) == 1 then actual = actual - amount end
+        local held = redis.call('HGET', key .. ':held', request_id)
+        if held then
+          redis.call('HDEL', key .. ':held', request_id)
+          actual = actual - tonumber(held)
+        end
         redis.call('INCRBY', key, string.format('%d', actual))
       elseif actual > 0 and (param <= 0 or now < param + slack) then
         -- Redis lost the counter, and it is not seeded again yet: the amount waits beside
@@ -330,6 +340,28 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 ADD = _Script(_ADD)
+
+# More of a reservation, for a stream past it (budget checks as the admit script reads them,
+# their amount the most to add, the same in each): as much as every counter has room for
+# under its limit, added and held for the request (its settle replaces it all). Returns
+# what it added: 0 when a counter has no room left, or is not there.
+_TOP_UP = _PRELUDE + """
+local grant = tonumber(A[6])
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 4
+  local value = counter(KEYS[i], tonumber(A[a + 3]))
+  if value == nil then return 0 end
+  grant = math.min(grant, tonumber(A[a + 1]) - value)
+  if grant <= 0 then return 0 end
+end
+local added = string.format('%d', grant)
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], added)
+  hold(KEYS[i], request_id, added)
+end
+return grant
+"""
+TOP_UP = _Script(_TOP_UP)
 
 # What each budget counter has spent: its committed amount less the reservations it holds
 # (checks as the admit script reads them). Returns a JSON array, null for a counter that is
@@ -642,6 +674,18 @@ class RedisQuotaStore:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
                 from exc
         return [value == 1 for value in added]
+
+    async def top_up(self, request_id: str, checks: Sequence[Check]) -> int:
+        """Adds to the request's reservation in each budget counter of `checks` up to their
+        amount (the same in each), as much as every one has room for: what it added (0:
+        none has room, or a counter is not there). One script call."""
+        validate(checks)
+        if not checks:
+            return 0
+        reply = await self._run(TOP_UP, request_id, checks, [_args(check) for check in checks])
+        if type(reply) is not int:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}")
+        return reply
 
     async def spent(self, checks: Sequence[Check]) -> list[int | None]:
         """What each budget counter has spent: what it has committed less the reservations

@@ -1,6 +1,6 @@
 """The budget stream cut-off at its edges: a continuation with little or no room left in its
 budget, SSE comments between a stream's events, a cache hit, a stream its admission made
-room for, and one whose provider goes past the caller's max_tokens.
+room for, one whose provider goes past the caller's max_tokens, and streams side by side.
 
 Prices, prompt and budget are test_quota_layer's: a cost in micro-dollars is input tokens +
 2 x output tokens, the budget (CUTOFF_BUDGET) is 35, and the slow mock streams one
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -403,3 +405,45 @@ def test_a_stream_past_its_max_tokens_is_cut_off_at_its_budget(
     assert billed(journal) == INPUT + 2 * 7 <= 25
     assert committed(gateway, INPUT + 2 * 7) == INPUT + 2 * 7
     wait_streams_done(slow)
+
+
+# -- streams side by side -------------------------------------------------------------------------
+
+# A budget of 70 admits two streams without max_tokens (each reserves 10 + 2 x 10 = 30) and
+# has 10 left. Each stream's reply is 28 one-character deltas (66 in all). Each one could
+# spend what was left at its admission on top of its reservation: the first 40 + 30 (all
+# of its reply, 66), the second 10 + 30 (15 deltas, 40), 106 in all against 70. What is
+# left goes to the first to cross its reservation: 10 + 2 x 15 = 40, and the other is cut
+# at its reservation, 10 + 2 x 10 = 30.
+SIDE_BY_SIDE_BUDGET = ("Limits(budgets=(Budget('0.000070', period='lifetime', "
+                       "stream_cutoff=True),))")
+
+
+def deltas_until_cut_off(gateway: Gateway, started: threading.Event) -> int:
+    """The content deltas an openai SDK client read of a stream without max_tokens before
+    its in-band error, which must be the cut-off's; `started` is set at its first chunk."""
+    read = 0
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in gateway.openai().chat.completions.create(
+                model="gpt-mock", messages=[{"role": "user", "content": PROMPT[0]["content"]}],
+                stream=True):
+            started.set()
+            read += bool(chunk.choices[0].delta.content)
+    assert raised.value.message == CUTOFF_MESSAGE
+    return read
+
+
+def test_streams_side_by_side_spend_no_more_than_the_budget_together(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    gateway = start(auth(static_key(SIDE_BY_SIDE_BUDGET)), cutoff_quota(store),
+                    upstream=slow.url)
+    wait_streams_done(slow)
+    first_started, second_started = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(deltas_until_cut_off, gateway, first_started)
+        assert first_started.wait(10)  # (admitted, and streaming: the second comes beside it)
+        second = pool.submit(deltas_until_cut_off, gateway, second_started)
+        read = sorted([first.result(), second.result()])
+    assert read == [10, 15]
+    wait_streams_done(slow)
+    assert committed(gateway, 70) == 70  # (10 + 2 x 15, and 10 + 2 x 10)

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -350,6 +351,31 @@ async def test_a_settle_replaces_only_a_reservation_the_counter_holds(
     await store.settle("r1", [check], [40])
     await store.settle("r1", [check], [40])  # the second time, r1 is no longer held
     assert await store.committed([check]) == [30 + 40 + 40]
+
+
+async def test_a_top_up_adds_what_every_counter_has_room_for_and_its_settle_replaces_it(
+        store: Store, clock: FakeClock) -> None:
+    # A stream past its reservation (stream_cutoff) takes more of its budgets as it goes, no
+    # more than each has room for; its settle replaces all it holds with what it cost.
+    ends = clock.now + 3600
+    small, large = budget(100, 30, ends, key="b:small"), budget(1000, 30, ends, key="b:large")
+    for check in (small, large):
+        await store.seed(check, 0)
+    assert (await store.admit("r1", [small, large])).allowed
+    assert (await store.admit("r2", [small])).allowed
+    more = [replace(small, amount=30), replace(large, amount=30)]
+    assert await store.top_up("r1", more) == 30
+    assert await store.top_up("r1", more) == 10  # (what is left of the small one)
+    assert await store.top_up("r1", more) == 0
+    assert await store.committed([small, large]) == [100, 70]
+    await store.settle("r1", [small, large], [45, 45])
+    assert await store.committed([small, large]) == [30 + 45, 45]
+    # One whose reservation the counter does not hold (it went with a counter Redis
+    # lost): what it takes is held, and replaced.
+    assert await store.top_up("r3", [replace(large, amount=30)]) == 30
+    await store.settle("r3", [large], [50])
+    assert await store.committed([small, large]) == [75, 95]
+    assert await store.top_up("r4", [budget(100, 5, ends, key="b:unseeded")]) == 0
 
 
 async def test_in_flight_reservations_do_not_refund_a_counter_rebuilt_after_a_flush(
