@@ -144,6 +144,8 @@ class QuotaMiddleware:
     `PostgresSpendLedger(dsn)`) that records spend and rebuilds budget counters after a
     Redis flush. `alert_webhook_url`: where 50/80/100% budget alerts are POSTed.
     `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).
+    `lease_s`: how long a request holds its concurrency lease and its budget reservations
+    when their release never comes (its gateway died mid-request): longer than any call.
     """
 
     # (ClassVar: compiled, a native class's plain attribute is its instances', and the

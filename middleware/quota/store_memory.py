@@ -45,8 +45,11 @@ class _Counter:
     # took on top, `top_up`), so that a settle knows whether the one it replaces is there,
     # and how much it is: not when the counter was lost and seeded again after the
     # admit by a gateway that did not have the request in flight (in Redis; a seed counts
-    # what the ledger has and the seeding gateway's own requests in flight).
+    # what the ledger has and the seeding gateway's own requests in flight), or lapsed.
     held: dict[str, int] = field(default_factory=dict)
+    # When each of `held` lapses (request id -> time): one whose settle has not come by then
+    # is taken back when the room is wanted (`_take_back_lapsed`).
+    until: dict[str, float] = field(default_factory=dict)
     expires_at: float = 0.0  # the end of its period (its check's), 0 for a lifetime budget
     # What of `value` another store counts too: what it was seeded with, and what has been
     # handed over since (`take_spend_to_hand_over`). The rest went through this store only.
@@ -63,6 +66,8 @@ class _Settled:
 
 # The settles of a lost counter are kept a day past the last (as Redis keeps them).
 _SETTLED_TTL_S = 86_400.0
+# Lapsed reservations taken back per counter and call, at most (as the Redis scripts do).
+_LAPSED_MAX = 16
 
 _State = TypeVar("_State", _Bucket, _Leases, _Counter, _Settled)
 
@@ -189,6 +194,8 @@ class MemoryQuotaStore:
                 counter = self._get(check.key, _Counter, now)
                 if counter is not None:  # (its reservation, if it holds it, becomes `used`)
                     held = counter.held.pop(request_id, None)
+                    if held is not None:
+                        del counter.until[request_id]
                     counter.value += used if held is None else used - held
                 elif used and now < self._counter_expiry(check):  # lost, not seeded again
                     self._settled_while_lost(check.key, request_id, used, now)
@@ -245,12 +252,13 @@ class MemoryQuotaStore:
         self._state.pop(f"{check.key}:settled", None)
         reserved = {request_id: amount for request_id, amount in (held or {}).items()
                     if amount}
+        until = dict.fromkeys(reserved, now + check.lease_s)
         # (the ledger's spend and the requests in flight, admitted elsewhere, are counted by
         # the other store too: not handed over to it; the settles kept while the counter
         # was lost went through this store alone)
         handed = committed + sum(reserved.values())
         self._state[check.key] = _Counter(value + sum(reserved.values()),
-                                          self._counter_expiry(check), reserved,
+                                          self._counter_expiry(check), reserved, until,
                                           expires_at=check.expires_at, handed=handed)
         return True
 
@@ -275,7 +283,8 @@ class MemoryQuotaStore:
     async def top_up(self, request_id: str, checks: Sequence[Check]) -> int:
         """Adds to the request's reservation in each budget counter of `checks` up to their
         amount (the same in each), as much as every one has room for: what it added (0:
-        none has room, or a counter is not there)."""
+        none has room, or a counter is not there). It is held as the admission's is, until
+        lease_s from now."""
         validate(checks)
         if not checks:
             return 0
@@ -285,13 +294,16 @@ class MemoryQuotaStore:
             counter = self._get(check.key, _Counter, now) if check.kind == BUDGET else None
             if counter is None:
                 return 0
+            if counter.value + grant > check.limit:
+                _take_back_lapsed(counter, now)
             grant = min(grant, check.limit - counter.value)
             if grant <= 0:
                 return 0
             counters.append(counter)
-        for counter in counters:
+        for check, counter in zip(checks, counters, strict=True):
             counter.value += grant
             counter.held[request_id] = counter.held.get(request_id, 0) + grant
+            counter.until[request_id] = now + check.lease_s  # (renewed)
         return grant
 
     async def spent(self, checks: Sequence[Check]) -> list[int | None]:
@@ -321,6 +333,8 @@ class MemoryQuotaStore:
                 return _REFUSED
             if counter is None:
                 return _UNSEEDED
+            if counter.value + check.amount > check.limit and counter.until:
+                _take_back_lapsed(counter, now)
             return (counter.value + check.amount <= check.limit, None, False, counter.value,
                     counter)
         if kind == CONCURRENT:
@@ -352,6 +366,7 @@ class MemoryQuotaStore:
             if check.amount:  # (settling an amount of 0 adds `used` either way)
                 held = counter.held
                 held[request_id] = held.get(request_id, 0) + check.amount
+                counter.until[request_id] = now + check.lease_s
             left = check.expires_at - now
             reset = (0.0 if 0.0 > left else left) if check.expires_at > 0 else 0.0  # noqa: FURB136
             left_amount = check.limit - counter.value
@@ -421,6 +436,18 @@ def _level(bucket: _Bucket | None, check: Check, now: float) -> float:
     elapsed = elapsed if elapsed > 0.0 else 0.0  # noqa: FURB136
     level = bucket.tokens + elapsed * (check.limit / check.window_s)
     return level if level < limit else limit  # noqa: FURB136
+
+
+def _take_back_lapsed(counter: _Counter, now: float) -> None:
+    """Takes back from `counter` the reservations whose settle never came by their lapse
+    (their request ran past lease_s, or its gateway died mid-request), the earliest first,
+    at most _LAPSED_MAX, as the Redis scripts do. A late settle of one adds its actual
+    amount."""
+    lapsed = sorted([(until, request_id) for request_id, until in counter.until.items()
+                     if until <= now])[:_LAPSED_MAX]
+    for _, request_id in lapsed:
+        del counter.until[request_id]
+        counter.value -= counter.held.pop(request_id, 0)
 
 
 def _expired(entry: _Bucket | _Leases | _Counter | _Settled, now: float) -> bool:

@@ -2,19 +2,19 @@
 
 `admit` and `settle` are one Lua script call each (one round trip, atomic), run with EVALSHA
 and sent in full with EVAL when the server has lost its script cache (SCRIPT FLUSH, restart,
-failover). Every key a script touches arrives in KEYS, but for the hashes beside each budget
-counter (`<counter>:held`, the reservations in it; `<counter>:settled`, the settles that
-found it lost, which its seed adds), and all share the prefix's hash tag
-(`{sluicegate}`), so a call never spans Redis Cluster slots. The time is Redis's own (TIME,
-read once per script call): every gateway sharing the store reads one clock, so buckets
-refill and leases expire alike whatever the gateways' hosts' clocks say (a gateway whose
-clock ran ahead refilled the buckets by its lead, and expired the others' live leases).
-Redis 5 and later replicate a script's effects, not the script, so a replica or the AOF
-stores the values the script wrote. A store given a `clock` passes its readings instead
-(tests that move time). The arithmetic is the memory store's, step for step. Floats cross
-the Lua boundary exactly: to Lua as Python's shortest repr or, for a given clock, as a
-hexadecimal float (`float.hex()`, a tenth of the cost of a repr; Lua's `tonumber` reads it
-with C's strtod), and back as "%.17g" strings.
+failover). Every key a script touches arrives in KEYS, but for the keys beside each budget
+counter (`<counter>:held`, the reservations in it; `<counter>:until`, when each lapses;
+`<counter>:settled`, the settles that found it lost, which its seed adds), and all share the
+prefix's hash tag (`{sluicegate}`), so a call never spans Redis Cluster slots. The time is
+Redis's own (TIME, read once per script call): every gateway sharing the store reads one
+clock, so buckets refill, leases expire and reservations lapse alike whatever the gateways'
+hosts' clocks say (a gateway whose clock ran ahead refilled the buckets by its lead, and
+expired the others' live leases). Redis 5 and later replicate a script's effects, not the
+script, so a replica or the AOF stores the values the script wrote. A store given a `clock`
+passes its readings instead (tests that move time). The arithmetic is the memory store's,
+step for step. Floats cross the Lua boundary exactly: to Lua as Python's shortest repr or,
+for a given clock, as a hexadecimal float (`float.hex()`, a tenth of the cost of a repr;
+Lua's `tonumber` reads it with C's strtod), and back as "%.17g" strings.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ _PRELUDE = """
 -- send instead of twenty, and splitting it is Redis's work, not the gateway's.
 local A, now, request_id, slack
 local server_now
+local hold_s = 0  -- (how long a budget reservation is held: the scripts that hold set it)
 local function read_args(text)
   A = {}
   for word in string.gmatch(text, '%S+') do A[#A + 1] = word end
@@ -97,16 +98,40 @@ end
 
 -- What a budget counter holds: its committed amount (a string, INCRBY), and beside it,
 -- `<counter>:held`, the reservations in that amount (request id -> amount; none for an
--- amount of 0), so a settle knows whether the one it replaces is there, and how much it is
--- (see the settle script). Kept a day past the last reservation added: one lost with its
--- settle (a crash) does not stay for ever in a lifetime budget's.
+-- amount of 0), so a settle knows whether the one it replaces is there, and how much it
+-- is (see the settle script), and `<counter>:until`, when each lapses (a sorted set: request
+-- id by time). Both are kept as long as the counter: their entries go with their settles,
+-- or lapse (`take_back_lapsed`). The settles that find a counter lost are kept a day past
+-- the last (see the settle script).
 local HELD_TTL_MS = 86400000
+local LAPSED_MAX = 16  -- reservations taken back per counter and call, at most
 
 -- Holds `amount` (a string) more of budget counter `key` for `id`, which the counter has
--- just added (an admission's reservation, or more of it: `_TOP_UP`).
-local function hold(key, id, amount)
+-- just added (an admission's reservation, or more of it: `_TOP_UP`), until now + hold_s.
+local function hold(key, id, amount, expires_at)
   redis.call('HINCRBY', key .. ':held', id, amount)
-  redis.call('PEXPIRE', key .. ':held', HELD_TTL_MS)
+  redis.call('ZADD', key .. ':until', fmt(now + hold_s), id)
+  if expires_at > 0 then
+    local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
+    redis.call('PEXPIREAT', key .. ':held', at_ms)
+    redis.call('PEXPIREAT', key .. ':until', at_ms)
+  end
+end
+
+-- Takes back from budget counter `key` (its value `value`) the reservations whose settle
+-- never came by their lapse (their gateway died mid-request), the earliest first, at most
+-- LAPSED_MAX; returns the counter's value after. A late settle of one adds its actual amount.
+local function take_back_lapsed(key, value)
+  local ids = redis.call('ZRANGEBYSCORE', key .. ':until', '-inf', fmt(now), 'LIMIT', 0,
+                         LAPSED_MAX)
+  if #ids == 0 then return value end
+  local amounts = redis.call('HMGET', key .. ':held', unpack(ids))
+  local freed = 0
+  for i = 1, #ids do freed = freed + (tonumber(amounts[i]) or 0) end
+  redis.call('HDEL', key .. ':held', unpack(ids))
+  redis.call('ZREM', key .. ':until', unpack(ids))
+  if freed == 0 then return value end
+  return redis.call('INCRBY', key, string.format('%d', -freed))
 end
 
 local function counter(key, expires_at)
@@ -124,8 +149,11 @@ end
 # Returns one string (one reply to parse), a JSON array (one orjson call reads every number):
 # [1, remaining_1, reset_1, remaining_2, reset_2, ...] when admitted; [0, failed, retry_after
 # or null] when refused; [2, i, j, ...] when budgets are unseeded. Indices are 0-based.
-# Every check is judged before anything is reserved.
+# Every check is judged before anything is reserved. After the checks' words, one more: how
+# long a budget reservation is held (`_hold_word`). A budget short of room takes back its
+# lapsed reservations first.
 _ADMIT = _PRELUDE + """
+hold_s = tonumber(A[4 + #KEYS * 4])
 local levels, updated, unseeded = {}, {}, {}
 -- The first check that fails (named in the refusal), and the longest wait of all that fail
 -- (false once one of them never passes by waiting), as the memory store's _refusal.
@@ -144,6 +172,7 @@ for i = 1, #KEYS do
       unseeded[#unseeded + 1] = i - 1
     else
       passes = value + amount <= limit
+      if not passes then passes = take_back_lapsed(key, value) + amount <= limit end
     end
   elseif kind == 'concurrent' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
@@ -170,7 +199,7 @@ for i = 1, #KEYS do
   local limit, amount, param = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   if kind == 'budget' then
     local value = redis.call('INCRBY', key, A[a + 2])
-    if amount ~= 0 then hold(key, request_id, A[a + 2]) end
+    if amount ~= 0 then hold(key, request_id, A[a + 2], param) end
     out[#out + 1] = string.format('%d', math.max(limit - value, 0))
     out[#out + 1] = fmt(param > 0 and math.max(param - now, 0) or 0)
   elseif kind == 'concurrent' then
@@ -205,13 +234,14 @@ local function settle(first, count)
     if kind == 'budget' then
       -- The reservation (what the counter holds for the request: its admission's, and
       -- what a stream took on top, `_TOP_UP`) becomes the actual amount, if the counter
-      -- holds it: it does not when Redis lost the counter after the admit and another
-      -- gateway seeded it again (from the ledger and its own requests in flight); then the
-      -- actual amount is added.
+      -- holds it: it does not when it lapsed (`take_back_lapsed`), or when Redis lost the
+      -- counter after the admit and another gateway seeded it again (from the ledger and
+      -- its own requests in flight); then the actual amount is added.
       if counter(key, param) ~= nil then
         local held = redis.call('HGET', key .. ':held', request_id)
         if held then
           redis.call('HDEL', key .. ':held', request_id)
+          redis.call('ZREM', key .. ':until', request_id)
           actual = actual - tonumber(held)
         end
         redis.call('INCRBY', key, string.format('%d', actual))
@@ -252,29 +282,31 @@ return 0
 """
 
 # One budget check (amount = the committed value to seed), then the reservations in flight
-# to add and hold: their number, then request id and amount of each; then how many of the
-# lost counter's settles (`<counter>:settled`) the caller read (-1: unchecked), and the
-# request ids of those the committed value counts. Returns 1 if it set the counter; 0 if it
-# was set, or if the lost counter has settles the caller did not read (read them again).
+# to add and hold: their number, then request id and amount of each; then how long they are
+# held (`_hold_word`); then how many of the lost counter's settles (`<counter>:settled`) the
+# caller read (-1: unchecked), and the request ids of those the committed value counts.
+# Returns 1 if it set the counter; 0 if it was set, or if the lost counter has settles the
+# caller did not read (read them again).
 _SEED = _PRELUDE + """
 local value, expires_at = tonumber(A[6]), tonumber(A[7])
 if counter(KEYS[1], expires_at) ~= nil then return 0 end
 local held, settled = KEYS[1] .. ':held', KEYS[1] .. ':settled'
 local in_flight = tonumber(A[8] or '0')
 local after = 9 + 2 * in_flight
-local read, counted = tonumber(A[after] or '-1'), {}
+hold_s = tonumber(A[after] or '0')
+local read, counted = tonumber(A[after + 1] or '-1'), {}
 if read >= 0 and redis.call('HLEN', settled) ~= read then return 0 end
-for i = after + 1, #A do counted[A[i]] = true end
+for i = after + 2, #A do counted[A[i]] = true end
 local amounts = redis.call('HGETALL', settled)
 for i = 1, #amounts, 2 do
   if not counted[amounts[i]] then value = value + tonumber(amounts[i + 1]) end
 end
-redis.call('DEL', held, settled)  -- (what the lost counter held, if any of it is left)
+-- (what the lost counter held, if any of it is left)
+redis.call('DEL', held, KEYS[1] .. ':until', settled)
 for i = 9, after - 1, 2 do
   value = value + tonumber(A[i + 1])
-  redis.call('HSET', held, A[i], A[i + 1])
+  hold(KEYS[1], A[i], A[i + 1], expires_at)
 end
-if in_flight > 0 then redis.call('PEXPIRE', held, HELD_TTL_MS) end
 value = string.format('%d', value)
 if expires_at > 0 then
   local at_ms = string.format('%d', math.ceil((expires_at + slack) * 1000))
@@ -342,22 +374,26 @@ return '[' .. table.concat(out, ',') .. ']'
 ADD = _Script(_ADD)
 
 # More of a reservation, for a stream past it (budget checks as the admit script reads them,
-# their amount the most to add, the same in each): as much as every counter has room for
-# under its limit, added and held for the request (its settle replaces it all). Returns
-# what it added: 0 when a counter has no room left, or is not there.
+# their amount the most to add, the same in each; then `_hold_word`): as much as every counter
+# has room for under its limit, a budget short of room taking back its lapsed reservations
+# first, added and held for the request (its settle replaces it all), which renews the
+# hold's lapse. Returns what it added: 0 when a counter has no room left, or is not there.
 _TOP_UP = _PRELUDE + """
+hold_s = tonumber(A[4 + #KEYS * 4])
 local grant = tonumber(A[6])
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 4
-  local value = counter(KEYS[i], tonumber(A[a + 3]))
+  local key, limit = KEYS[i], tonumber(A[a + 1])
+  local value = counter(key, tonumber(A[a + 3]))
   if value == nil then return 0 end
-  grant = math.min(grant, tonumber(A[a + 1]) - value)
+  if value + grant > limit then value = take_back_lapsed(key, value) end
+  grant = math.min(grant, limit - value)
   if grant <= 0 then return 0 end
 end
 local added = string.format('%d', grant)
 for i = 1, #KEYS do
   redis.call('INCRBY', KEYS[i], added)
-  hold(KEYS[i], request_id, added)
+  hold(KEYS[i], request_id, added, tonumber(A[4 + (i - 1) * 4 + 3]))
 end
 return grant
 """
@@ -448,7 +484,8 @@ class RedisQuotaStore:
             validate(checks)
             if not checks:
                 return Decision(allowed=True)
-            reply = await self._run(ADMIT, request_id, checks, [_args(check) for check in checks])
+            reply = await self._run(ADMIT, request_id, checks,
+                                    [*map(_args, checks), _hold_word(checks)])
         else:
             client = self._client
             if client is not None and not client.routed:
@@ -459,7 +496,7 @@ class RedisQuotaStore:
                     if not str(exc).startswith("NOSCRIPT"):
                         raise QuotaStoreError(f"Redis quota store: {exc}") from exc
                     reply = await self._eval(ADMIT, request_id, checks,
-                                             [_args(check) for check in checks])
+                                             [*map(_args, checks), _hold_word(checks)])
                 except (OSError, ValueError) as failed:  # never re-sent: it may have run
                     # (named apart from `exc`: compiled, one name holds one type)
                     raise QuotaStoreError(f"Redis quota store: {failed}") from failed
@@ -654,6 +691,7 @@ class RedisQuotaStore:
                     for request_id, amount in (held or {}).items() if amount]
         words = [_args(seeding), f"{len(reserved)}"]
         words.extend(f"{request_id} {int(amount)}" for request_id, amount in reserved)
+        words.append(_hold_word([check]))
         words.append(f"{-1 if settled is None else len(settled)}")
         words.extend(script_id(request_id) for request_id in counted)
         return bool(await self._run(SEED, "", [seeding], words))
@@ -682,7 +720,8 @@ class RedisQuotaStore:
         validate(checks)
         if not checks:
             return 0
-        reply = await self._run(TOP_UP, request_id, checks, [_args(check) for check in checks])
+        reply = await self._run(TOP_UP, request_id, checks,
+                                [*map(_args, checks), _hold_word(checks)])
         if type(reply) is not int:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}")
         return reply
@@ -868,6 +907,13 @@ def _args(check: Check) -> str:
     return f"{check.kind} {int(check.limit)} {int(check.amount)} {_param(check)}"
 
 
+def _hold_word(checks: Sequence[Check]) -> str:
+    """How long the budget reservations of `checks` are held (their lease_s, the quota
+    layer's: the same in each), the word after their checks' in the scripts that hold."""
+    held = [check.lease_s for check in checks if check.kind == BUDGET]
+    return _repr(max(held)) if held else "0"
+
+
 def _param(check: Check) -> str:
     kind = check.kind
     param = check.expires_at if kind == BUDGET else \
@@ -899,7 +945,7 @@ class _Wire:
             head = f"{check.kind} {int(check.limit)} {{{index}}} {_param(check)}"
             admit.append(head)
             settle.append(f"{head} {{{count + index}}}")
-        self.admit_format = " ".join(admit)
+        self.admit_format = " ".join([*admit, _hold_word(checks)])
         self.settle_format = " ".join(settle)
         # The same again for bytes %-formatting: amounts (and actual amounts, each after its
         # check's) in check order. The words hold no "%" (kinds, integers, float reprs).

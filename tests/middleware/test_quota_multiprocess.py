@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -264,6 +265,47 @@ async def test_budget_admits_exactly_n_requests_across_two_processes(
         usage = (await http.get(b + "/admin/usage/key/k_mp",
                                 headers={"authorization": f"Bearer {ADMIN_TOKEN}"})).json()
     assert Decimal(usage["periods"]["lifetime"]["committed_usd"]) == micros_to_usd(recorded)
+
+
+def test_the_reservation_of_a_gateway_that_died_is_taken_back_after_its_lease(
+        mock: MockProviderServer, mock_url: str, prefix: str, tmp_path: Path) -> None:
+    # Process A is killed while a request of max_tokens=400 (9 + 2 x 400 = 809 of a budget
+    # of 1000) waits for its answer: its settle never comes. The reservation stood for good
+    # in a lifetime budget: the next request of max_tokens=100 (9 + 2 x 100 = 209) was
+    # refused, the budget spent by nothing. Process B's clock runs past A's by more than
+    # the quota layer's lease_s (900 s), as anyone's does once the lease has gone by: the
+    # reservation has lapsed, and is taken back.
+    limits = "Limits(budgets=(Budget('0.001', period='lifetime'),))"
+    key = new_key()
+    path = write_config(tmp_path, config(mock_url, quota_stack(
+        REDIS_URL, prefix, [KeySpec("k_mp", "SG_MP_KEY", limits)])))
+    env = {"SG_MP_KEY": key}
+    headers = {"authorization": f"Bearer {key}"}
+    dying, a = start_cli_gateway(path, env=env, log_path=tmp_path / "gateway-a.log")
+    try:
+        mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=10.0))
+        with ThreadPoolExecutor(1) as pool:
+            lost = pool.submit(httpx.post, a + "/v1/chat/completions", headers=headers,
+                               json={**CHAT, "max_tokens": 400}, timeout=30)
+            deadline = time.monotonic() + 10
+            while mock.pending_faults and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert mock.pending_faults == []  # (A admitted it, and called the provider)
+            dying.kill()  # (SIGKILL: nothing runs after it)
+            dying.wait(10)
+            with pytest.raises(httpx.TransportError):
+                lost.result(30)
+    finally:
+        stop_process(dying)
+    later, b = start_cli_gateway(path, env={**env, "SG_MP_CLOCK_AHEAD_S": "1000"},
+                                 log_path=tmp_path / "gateway-b.log")
+    try:
+        response = httpx.post(b + "/v1/chat/completions", headers=headers,
+                              json={**CHAT, "max_tokens": 100}, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-sluicegate-budget-remaining"] == "0.000791"  # 1000 - 209
+    finally:
+        stop_process(later)
 
 
 # -- b. RPM and TPM ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from middleware.quota.store_redis import (
     SETTLE_BATCH_MAX,
     RedisQuotaStore,
     _args,
+    _hold_word,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -370,12 +371,37 @@ async def test_a_top_up_adds_what_every_counter_has_room_for_and_its_settle_repl
     assert await store.committed([small, large]) == [100, 70]
     await store.settle("r1", [small, large], [45, 45])
     assert await store.committed([small, large]) == [30 + 45, 45]
-    # One whose reservation the counter does not hold (it went with a counter Redis
-    # lost): what it takes is held, and replaced.
+    # One whose reservation the counter does not hold (it lapsed, or went with a counter
+    # Redis lost): what it takes is held, and replaced.
     assert await store.top_up("r3", [replace(large, amount=30)]) == 30
     await store.settle("r3", [large], [50])
     assert await store.committed([small, large]) == [75, 95]
     assert await store.top_up("r4", [budget(100, 5, ends, key="b:unseeded")]) == 0
+
+
+async def test_a_reservation_whose_settle_never_comes_is_taken_back_after_its_lease(
+        store: Store, clock: FakeClock) -> None:
+    # A gateway that dies mid-request never settles: its reservation stood until the
+    # period's end (a lifetime budget's, for ever). Once its lease_s has passed, a request
+    # the budget has no room for otherwise takes it back; a late settle adds what it cost.
+    # A stream that takes more of its reservation renews its lease.
+    ends = clock.now + 3600
+    dead = replace(budget(1000, 800, ends), lease_s=60.0)
+    streaming = replace(budget(1000, 100, ends), lease_s=60.0)
+    needs = budget(1000, 300, ends)
+    await store.seed(dead, 0)
+    assert (await store.admit("dead", [dead])).allowed
+    assert (await store.admit("stream", [streaming])).allowed
+    clock.advance(50)
+    assert await store.top_up("stream", [streaming]) == 100
+    clock.advance(9)
+    assert not (await store.admit("r1", [needs])).allowed  # (not lapsed yet)
+    clock.advance(1)
+    decision = await store.admit("r1", [needs])
+    assert decision.allowed and decision.remaining == (1000 - 200 - 300,)  # (the stream holds)
+    await store.settle("dead", [dead], [40])  # late: added
+    await store.settle("stream", [streaming], [150])  # replaces all it holds
+    assert await store.committed([needs]) == [300 + 40 + 150]
 
 
 async def test_in_flight_reservations_do_not_refund_a_counter_rebuilt_after_a_flush(
@@ -689,7 +715,7 @@ def test_a_template_encodes_once_and_sends_exactly_the_command(clock: FakeClock)
         wire = store.wire(checks)
         assert wire is not None and memo[store] is wire
         for request_id in ("r1", "r 2", "", "ключ", "a\tb"):
-            admit = [_args(check) for check in checks]
+            admit = [*map(_args, checks), _hold_word(checks)]
             settle = [f"{_args(check)} {used}" for check, used in zip(checks, actual)]
             for script, args, head, sent in (
                     (ADMIT, admit, wire.admit_head, wire.admit_args(checks)),
@@ -917,6 +943,8 @@ async def test_redis_keys_expire_when_they_no_longer_matter(redis_store: RedisQu
         assert 25_000 <= leases_ms <= 30_000  # the latest lease
         at_ms = await admin.pexpiretime(keys[2])
         assert at_ms == int((ends + BUDGET_SLACK_S) * 1000)
+        for beside in (":held", ":until"):  # (the reservations, kept as long as the counter)
+            assert await admin.pexpiretime(keys[2] + beside) == at_ms
     finally:
         await admin.aclose()
 
