@@ -272,13 +272,13 @@ def test_the_reservation_of_a_gateway_that_died_is_taken_back_after_its_lease(
     # Process A is killed while a request of max_tokens=400 (9 + 2 x 400 = 809 of a budget
     # of 1000) waits for its answer: its settle never comes. The reservation stood for good
     # in a lifetime budget: the next request of max_tokens=100 (9 + 2 x 100 = 209) was
-    # refused, the budget spent by nothing. Process B's clock runs past A's by more than
-    # the quota layer's lease_s (900 s), as anyone's does once the lease has gone by: the
-    # reservation has lapsed, and is taken back.
+    # refused, the budget spent by nothing. Once the quota layer's lease_s (2 s here; 900 s
+    # by default) has gone by on Redis's clock, the one every gateway reads, the reservation
+    # has lapsed, and process B takes it back.
     limits = "Limits(budgets=(Budget('0.001', period='lifetime'),))"
     key = new_key()
     path = write_config(tmp_path, config(mock_url, quota_stack(
-        REDIS_URL, prefix, [KeySpec("k_mp", "SG_MP_KEY", limits)])))
+        REDIS_URL, prefix, [KeySpec("k_mp", "SG_MP_KEY", limits)], ", lease_s=2")))
     env = {"SG_MP_KEY": key}
     headers = {"authorization": f"Bearer {key}"}
     dying, a = start_cli_gateway(path, env=env, log_path=tmp_path / "gateway-a.log")
@@ -292,14 +292,15 @@ def test_the_reservation_of_a_gateway_that_died_is_taken_back_after_its_lease(
                 time.sleep(0.02)
             assert mock.pending_faults == []  # (A admitted it, and called the provider)
             dying.kill()  # (SIGKILL: nothing runs after it)
+            lapsed_at = time.monotonic() + 2.5  # (admitted before the kill)
             dying.wait(10)
             with pytest.raises(httpx.TransportError):
                 lost.result(30)
     finally:
         stop_process(dying)
-    later, b = start_cli_gateway(path, env={**env, "SG_MP_CLOCK_AHEAD_S": "1000"},
-                                 log_path=tmp_path / "gateway-b.log")
+    later, b = start_cli_gateway(path, env=env, log_path=tmp_path / "gateway-b.log")
     try:
+        time.sleep(max(0.0, lapsed_at - time.monotonic()))  # (the lease runs out, no more)
         response = httpx.post(b + "/v1/chat/completions", headers=headers,
                               json={**CHAT, "max_tokens": 100}, timeout=10)
         assert response.status_code == 200, response.text
