@@ -394,9 +394,14 @@ def _add_limit_options(parser: argparse.ArgumentParser, *, budget_flag: str) -> 
 
 def run_admin_command(args: argparse.Namespace) -> int:
     """Runs `keys ...`, `budgets ...` or `usage`: 0 done, 1 the API refused, 2 a usage error."""
+    handler: Handler = args.handler
+    return _exit_code(lambda: handler(_admin_client(args), args))
+
+
+def _exit_code(run: Callable[[], int]) -> int:
+    """`run()`'s exit code, or the one sentence of a usage error (2) or a refusal (1)."""
     try:
-        handler: Handler = args.handler
-        return handler(_admin_client(args), args)
+        return run()
     except UsageError as exc:
         print(f"sluicegate: {exc}", file=sys.stderr)
         return 2
@@ -703,22 +708,19 @@ def _usage(client: AdminClient, args: argparse.Namespace) -> int:
 def own_usage(args: argparse.Namespace) -> int:
     """Runs `usage --self`: 0 done, 1 the gateway refused, 2 a usage error. The table is
     `usage --group-by key`'s, of one key."""
-    try:
-        if args.journal is not None or args.group_by not in (None, "key"):
-            raise UsageError("--self asks a gateway for one key's totals: it takes no "
-                             "--journal or --group-by.")
-        report = _key_client(args).own_usage(since=_iso(args.since), until=_iso(args.until),
-                                             grain=args.grain)
-        if args.as_json:
-            _print_json(report)
-            return 0
-        rows = [{**row, "subject": report.get("key_id")} for row in _rows(report)]
-    except UsageError as exc:
-        print(f"sluicegate: {exc}", file=sys.stderr)
-        return 2
-    except AdminError as exc:
-        print(f"sluicegate: {exc}", file=sys.stderr)
-        return 1
+    return _exit_code(lambda: _own_usage(args))
+
+
+def _own_usage(args: argparse.Namespace) -> int:
+    if args.journal is not None or args.group_by not in (None, "key"):
+        raise UsageError("--self asks a gateway for one key's totals: it takes no "
+                         "--journal or --group-by.")
+    report = _key_client(args).own_usage(since=_iso(args.since), until=_iso(args.until),
+                                         grain=args.grain)
+    if args.as_json:
+        _print_json(report)
+        return 0
+    rows = [{**row, "subject": report.get("key_id")} for row in _rows(report)]
     _print_usage("key", report, rows)
     return 0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Iterator
 
 
 class TcpProxy:
@@ -60,3 +62,20 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, upstream_writer, False),
                              pipe(upstream_reader, writer, True))
         self.writers -= {writer, upstream_writer}
+
+
+@contextlib.contextmanager
+def relay_in_thread(target_port: int, port: int = 0) -> Iterator[TcpProxy]:
+    """A TcpProxy on an event loop of its own, in a thread: a relay for synchronous tests,
+    which hold its replies back (`reply_delay_s`) while clients on other loops wait."""
+    proxy = TcpProxy(target_port, port)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
+    try:
+        yield proxy
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

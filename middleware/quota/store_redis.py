@@ -638,18 +638,7 @@ class RedisQuotaStore:
     async def settle_many(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
                           ) -> None:
         """Settles many requests in one write (one script call each, pipelined)."""
-        commands = self._settle_commands(batch)
-        if not commands or self._client is None:
-            return
-        try:
-            replies = await self._client.call_many([("EVALSHA", *cmd) for cmd in commands])
-        except (OSError, ValueError) as exc:
-            raise QuotaStoreError(f"Redis quota store: {exc}") from exc
-        for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-                await self._call("EVAL", SETTLE.source, *command[1:])
-            elif isinstance(reply, BaseException):
-                raise QuotaStoreError(f"Redis quota store: {reply}") from reply
+        await self._pipelined(SETTLE, self._settle_commands(batch))
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
         """Extends the concurrency leases (the CONCURRENT checks of each (request id, checks))
@@ -666,6 +655,11 @@ class RedisQuotaStore:
                     argvs.append(self._argv(request_id, [_args(check) for check in held]))
             if argvs:
                 commands.append([RENEW.sha, str(len(keys)), *keys, *argvs])
+        await self._pipelined(RENEW, commands)
+
+    async def _pipelined(self, script: _Script, commands: list[list[str]]) -> None:
+        """Runs `script` once per command (its sha, key count, keys, argv), all in one write;
+        one the server lost the script for is sent again whole (EVAL)."""
         if not commands or self._client is None:
             return
         try:
@@ -674,7 +668,7 @@ class RedisQuotaStore:
             raise QuotaStoreError(f"Redis quota store: {exc}") from exc
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-                await self._call("EVAL", RENEW.source, *command[1:])
+                await self._call("EVAL", script.source, *command[1:])
             elif isinstance(reply, BaseException):
                 raise QuotaStoreError(f"Redis quota store: {reply}") from reply
 

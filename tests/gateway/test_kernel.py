@@ -1,8 +1,6 @@
 """The kernel driven directly over ASGI: disconnects, lifespan and settings."""
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from psycopg import sql
 from gateway import create_app
 from gateway.config import ConfigError, load_config
 from tests.harness import ThreadedServer, free_port, mock_config, write_config
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, relay_in_thread
 
 
 async def call(app: Any, scope: dict[str, Any], messages: list[dict[str, Any]]) -> list[Any]:
@@ -138,15 +136,8 @@ class HungCheck:
 @pytest.fixture
 def postgres_relay() -> Iterator[TcpProxy]:
     """A relay to PostgreSQL (on a loop of its own) whose replies can be held back."""
-    proxy = TcpProxy(5432, port=free_port())
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
-    yield proxy
-    asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with relay_in_thread(5432, port=free_port()) as proxy:
+        yield proxy
 
 
 def test_a_hung_postgresql_leaves_the_gateway_ready_and_says_which_stores_lack_it(

@@ -47,7 +47,7 @@ from middleware.quota import QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 from tests.providers.test_responses_streams import failed_ending, stream_events_of
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, relay_in_thread
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_DSN = "postgresql://root@127.0.0.1:5432/test"
@@ -585,15 +585,8 @@ def leases_in_redis(prefix: str) -> list[bytes]:
 @pytest.fixture
 def late_redis() -> Iterator[TcpProxy]:
     """A relay to Redis (on a loop of its own) whose replies can be held back."""
-    proxy = TcpProxy(6379)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
-    yield proxy
-    asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with relay_in_thread(6379) as proxy:
+        yield proxy
 
 
 def test_a_lease_whose_admit_reply_timed_out_is_released_when_redis_answers_again(
