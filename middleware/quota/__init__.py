@@ -220,8 +220,9 @@ class QuotaMiddleware:
         # the script may have run), released once the store answers again (`_unsure_admit`).
         self._unsure: list[tuple[str, list[Check], list[int], float]] = []
         self._releasing: asyncio.Task[None] | None = None
-        # The concurrency leases of this process's requests still running, renewed every
-        # lease_s / 3 while they run (`_renew_leases`): lease id -> (its store, its checks),
+        # The concurrency leases and budget reservations of this process's requests still
+        # running, renewed every lease_s / 3 while they run (`_renew_leases`): lease id ->
+        # (its store, its checks),
         # admitted since the last renewal, and before it (renewed at the next one).
         self._leases_new: dict[str, tuple[QuotaStore, Sequence[Check]]] = {}
         self._leases_old: dict[str, tuple[QuotaStore, Sequence[Check]]] = {}
@@ -768,12 +769,14 @@ class QuotaMiddleware:
                         "never came", len(batch))
 
     async def _renew_leases(self) -> None:
-        """Every lease_s / 3, extends the concurrency leases of this process's requests that
-        were running at the previous renewal too: a lease is set for lease_s at admission
-        and lapses then, though its request (a long stream, a long reasoning call) still
-        runs, and more than max_concurrent would run at once. One store call per store
-        (batched); a request that ends within lease_s / 3 of its admission is never renewed.
-        (A lease is renewed when between a third and two thirds of lease_s old.)"""
+        """Every lease_s / 3, extends the concurrency leases and budget reservations of this
+        process's requests that were running at the previous renewal too: each is held for
+        lease_s from admission and lapses then, though its request (a long stream, a long
+        reasoning call) still runs: more than max_concurrent would run at once, and a budget
+        short of room would take the reservation back while its request spends it. One
+        store call per store (batched); a request that ends within lease_s / 3 of its
+        admission is never renewed. (A lease is renewed when between a third and two thirds
+        of lease_s old.)"""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             by_store: dict[QuotaStore, list[tuple[str, Sequence[Check]]]] = {}
@@ -788,7 +791,7 @@ class QuotaMiddleware:
                 try:
                     await renew(leases)
                 except QuotaStoreError as exc:
-                    logger.warning("could not renew %d concurrency lease(s) (%s); they lapse "
+                    logger.warning("could not renew what %d request(s) hold (%s); it lapses "
                                    "after lease_s unless the next renewal takes", len(leases),
                                    exc)
 

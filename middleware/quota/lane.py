@@ -43,8 +43,8 @@ class Lane:
     ARGV string in the settle script's (batched) call, after its keys, `settle_keys`;
     `headers` reads an admitted reply; `planned` is the template's Planned list,
     `budgets` the (index, Planned) of its budget checks, `budget_keys` their keys, `cutoff`
-    the indexes of those that cut streams off, `leases` its concurrency checks (renewed while
-    their requests run)."""
+    the indexes of those that cut streams off, `leases` its concurrency and budget checks
+    (what a request holds: renewed while it runs)."""
 
     __slots__ = ("admit_args", "admit_bytes", "admit_head", "budget_keys", "budgets",
                  "compiled", "cutoff", "headers", "key_count", "leases", "planned", "reply_size",
@@ -69,7 +69,8 @@ class Lane:
         self.budgets = tuple([(index, planned[index]) for index in plan.budget_indexes(planned)])
         self.budget_keys = tuple([item.check.key for _, item in self.budgets])
         self.cutoff = plan.budget_indexes(planned, cutoff=True)
-        self.leases = tuple([item.check for item in planned if item.check.kind == CONCURRENT])
+        self.leases = tuple([item.check for item in planned
+                             if item.check.kind == CONCURRENT or item.check.kind == BUDGET])
 
     def admit_payload(self, prefix: bytes, tokens: int, cost: int) -> bytes:
         data = prefix + self.admit_bytes % self.admit_args(tokens, cost)

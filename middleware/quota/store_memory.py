@@ -214,9 +214,10 @@ class MemoryQuotaStore:
             await self.settle(request_id, checks, actual)
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
-        """Extends the concurrency leases (the CONCURRENT checks of each (request id, checks))
-        that are still held to `lease_s` from now: those of requests still running. One that
-        is gone (released, or lapsed) stays gone."""
+        """Extends what the requests still running hold to `lease_s` from now (the checks of
+        each (request id, checks)): a concurrency lease still held, and a budget reservation
+        not taken back (lapsed or not). One that is gone (released, settled, taken back)
+        stays gone."""
         now = self._now()
         for request_id, checks in leases:
             for check in checks:
@@ -224,6 +225,10 @@ class MemoryQuotaStore:
                     held = self._get(check.key, _Leases, now)
                     if held is not None and request_id in held.until:
                         held.until[request_id] = now + check.lease_s
+                elif check.kind == BUDGET:
+                    counter = self._get(check.key, _Counter, now)
+                    if counter is not None and request_id in counter.until:
+                        counter.until[request_id] = now + check.lease_s
 
     def _settled_while_lost(self, key: str, request_id: str, used: int, now: float) -> None:
         settled = self._get(f"{key}:settled", _Settled, now)

@@ -334,12 +334,17 @@ for j = 1, #ARGV do
   if j > 1 then read_args(ARGV[j]) end
   local count = (#A - 3) / 4
   for i = 1, count do
-    local key = KEYS[first + i]
-    local held = redis.call('ZSCORE', key, request_id)
-    if held and tonumber(held) > now then
-      redis.call('ZADD', key, fmt(now + tonumber(A[4 + (i - 1) * 4 + 3])), request_id)
-      local latest = lease_score(key, -1)
-      redis.call('PEXPIRE', key, string.format('%d', math.ceil((latest - now) * 1000)))
+    local key, a = KEYS[first + i], 4 + (i - 1) * 4
+    if A[a] == 'budget' then
+      -- (a reservation still held, lapsed or not: its request runs; one taken back stays so)
+      redis.call('ZADD', key .. ':until', 'XX', fmt(now + tonumber(A[a + 3])), request_id)
+    else
+      local held = redis.call('ZSCORE', key, request_id)
+      if held and tonumber(held) > now then
+        redis.call('ZADD', key, fmt(now + tonumber(A[a + 3])), request_id)
+        local latest = lease_score(key, -1)
+        redis.call('PEXPIRE', key, string.format('%d', math.ceil((latest - now) * 1000)))
+      end
     end
   end
   first = first + count
@@ -641,18 +646,18 @@ class RedisQuotaStore:
         await self._pipelined(SETTLE, self._settle_commands(batch))
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
-        """Extends the concurrency leases (the CONCURRENT checks of each (request id, checks))
-        that are still held to `lease_s` from now: those of requests still running. One that
-        is gone (released, or lapsed) stays gone. One script call per RENEW_BATCH_MAX
-        requests, pipelined in one write."""
+        """Extends what the requests still running hold to `lease_s` from now (the checks of
+        each (request id, checks)): a concurrency lease still held, and a budget reservation
+        not taken back (lapsed or not). One that is gone (released, settled, taken back)
+        stays gone. One script call per RENEW_BATCH_MAX requests, pipelined in one write."""
         commands = []
         for start in range(0, len(leases), RENEW_BATCH_MAX):
             keys, argvs = [], []
             for request_id, checks in leases[start:start + RENEW_BATCH_MAX]:
-                held = [check for check in checks if check.kind == CONCURRENT]
+                held = [check for check in checks if check.kind in _HELD]
                 if held:
                     keys.extend([self._key(check) for check in held])
-                    argvs.append(self._argv(request_id, [_args(check) for check in held]))
+                    argvs.append(self._argv(request_id, [_renew_args(check) for check in held]))
             if argvs:
                 commands.append([RENEW.sha, str(len(keys)), *keys, *argvs])
         await self._pipelined(RENEW, commands)
@@ -906,6 +911,14 @@ def _hold_word(checks: Sequence[Check]) -> str:
     layer's: the same in each), the word after their checks' in the scripts that hold."""
     held = [check.lease_s for check in checks if check.kind == BUDGET]
     return _repr(max(held)) if held else "0"
+
+
+_HELD = (CONCURRENT, BUDGET)  # the kinds a request holds while it runs (renewed)
+
+
+def _renew_args(check: Check) -> str:
+    """A check's words for the renew script: its param is how long to hold it for."""
+    return f"{check.kind} {int(check.limit)} 0 {_repr(check.lease_s)}"
 
 
 def _param(check: Check) -> str:

@@ -525,6 +525,28 @@ def test_a_concurrency_lease_is_renewed_while_its_request_runs(
     assert eventually(lambda: gateway.chat().status_code, 200) == 200  # its lease released
 
 
+def test_a_budget_reservation_is_renewed_while_its_request_runs(
+        start: Start, store: str, slow: MockProviderServer) -> None:
+    # (held for lease_s from admission only: 2.5 s into a 6 s stream, with lease_s=2 and a
+    # budget with room for its reservation alone, a second request took that back, and was
+    # admitted while the stream still spent it)
+    limits = f"Limits(budgets=(Budget('{2 * COST / 1_000_000:.6f}', period='lifetime'),))"
+    gateway = start(auth(static_key(limits)), quota(store, lease_s="2.0"), upstream=slow.url)
+    assert gateway.chat().status_code == 200  # (COST spent; the budget seeded, so the
+    slow.config.chunk_delay_s = 0.2  # stream is admitted as every later request is)
+    stream = gateway.openai().chat.completions.create(
+        model="gpt-mock", messages=PROMPT, max_tokens=OUTPUT,  # type: ignore[arg-type]
+        stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    time.sleep(2.5)  # past the reservation's lease taken at admission
+    beside = gateway.chat()
+    assert beside.status_code == 402, beside.text
+    assert beside.json()["error"]["code"] == "budget_exceeded"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text.endswith("f g")  # (the stream went on to its end)
+
+
 def test_a_concurrency_lease_is_released_when_the_client_hangs_up(
         start: Start, store: str, slow: MockProviderServer) -> None:
     slow.config.chunk_delay_s = 0.3

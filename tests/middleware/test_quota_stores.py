@@ -404,6 +404,28 @@ async def test_a_reservation_whose_settle_never_comes_is_taken_back_after_its_le
     assert await store.committed([needs]) == [300 + 40 + 150]
 
 
+async def test_renew_keeps_the_reservation_of_a_request_still_running(
+        store: Store, clock: FakeClock) -> None:
+    # A call that runs past lease_s (a long reasoning call, not a stream: nothing tops it up)
+    # held its reservation for lease_s from admission only: a request the budget had no room
+    # for took it back while its call still spent it. Renewed, it is held lease_s from the
+    # renewal; one already taken back, or settled, stays gone.
+    ends = clock.now + 3600
+    running = replace(budget(1000, 800, ends), lease_s=60.0)
+    needs = budget(1000, 300, ends)
+    await store.seed(running, 0)
+    assert (await store.admit("long", [running])).allowed
+    clock.advance(50)
+    await store.renew([("long", [running])])
+    clock.advance(50)  # 100 s after its admission, 50 after its renewal
+    assert not (await store.admit("r1", [needs])).allowed
+    clock.advance(11)
+    assert (await store.admit("r1", [needs])).allowed  # (lapsed now: taken back)
+    await store.renew([("long", [running])])  # (taken back: stays so)
+    await store.settle("long", [running], [700])
+    assert await store.committed([needs]) == [300 + 700]
+
+
 async def test_in_flight_reservations_do_not_refund_a_counter_rebuilt_after_a_flush(
         redis_store: RedisQuotaStore, clock: FakeClock, prefix: str) -> None:
     limit = budget(1000, 1000, clock.now + 3600)
