@@ -85,9 +85,11 @@ class AuthMiddleware:
         customer_header: str = "x-sluicegate-customer",
         cache_ttl_s: float = 30.0,
         stale_max_s: float = 3600.0,
-        cache_max_keys: int = 100_000,
-        cache_max_unknown_keys: int = 10_000,
-        cache_max_customers_without_limits: int = 100_000,
+        # (object, checked below: compiled, an `int` parameter refuses a float with a
+        # TypeError that names no option)
+        cache_max_keys: object = 100_000,
+        cache_max_unknown_keys: object = 10_000,
+        cache_max_customers_without_limits: object = 100_000,
         lookup_timeout_s: float = 1.0,
     ) -> None:
         self.app = app
@@ -97,13 +99,10 @@ class AuthMiddleware:
                     or not 0 < value < float("inf"):
                 raise ConfigError(f"AuthMiddleware {name} must be a positive number of "
                                   f"seconds, not {value!r}.")
-        for name, count in (("cache_max_keys", cache_max_keys),
-                            ("cache_max_unknown_keys", cache_max_unknown_keys),
-                            ("cache_max_customers_without_limits",
-                             cache_max_customers_without_limits)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ConfigError(f"AuthMiddleware {name} must be a whole number, 1 or more, "
-                                  f"not {count!r}.")
+        max_keys = _whole_count("cache_max_keys", cache_max_keys)
+        max_unknown_keys = _whole_count("cache_max_unknown_keys", cache_max_unknown_keys)
+        max_without_limits = _whole_count("cache_max_customers_without_limits",
+                                          cache_max_customers_without_limits)
         if not keys and store is None:
             raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
                               "store=PostgresKeyStore(dsn) (remove the layer to serve "
@@ -131,10 +130,8 @@ class AuthMiddleware:
         # as in an outage (a hung PostgreSQL: see CachedKeys).
         self.cache = CachedKeys(store, ttl_s=cache_ttl_s,
                                 stale_max_s=max(stale_max_s, cache_ttl_s),
-                                max_entries=cache_max_keys,
-                                max_unknown_keys=cache_max_unknown_keys,
-                                max_customers_without_limits=(
-                                    cache_max_customers_without_limits),
+                                max_entries=max_keys, max_unknown_keys=max_unknown_keys,
+                                max_customers_without_limits=max_without_limits,
                                 lookup_timeout_s=lookup_timeout_s) \
             if store is not None else None
         self.customer_header = customer_header.lower().encode()
@@ -377,6 +374,14 @@ class AuthMiddleware:
 def _store_unavailable() -> GatewayError:
     return GatewayError(503, "The key store is unavailable; try again shortly.",
                         code="key_store_unavailable")
+
+
+def _whole_count(name: str, value: object) -> int:
+    """An AuthMiddleware count option, 1 or more (ConfigError otherwise, naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"AuthMiddleware {name} must be a whole number, 1 or more, "
+                          f"not {value!r}.")
+    return value
 
 
 def _customer_required(api_format: str) -> GatewayError:
