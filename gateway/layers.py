@@ -73,7 +73,12 @@ def text_of_messages(body: dict[str, Any]) -> list[str]:
     """Every prompt text in an OpenAI or Anthropic request body (for guardrail-style layers):
     the system text and instructions, messages and input items, tool calls and tool results."""
     texts: list[str] = []
-    _collect(body, _BODY_FIELDS, texts)
+
+    def kept(text: str) -> str:
+        texts.append(text)
+        return text
+
+    _rewritten(body, _BODY_FIELDS, kept)  # (one walk of the fields for both: read, rewrite)
     return texts
 
 
@@ -91,20 +96,6 @@ def _fields_under(key: str, fields: frozenset[str] | None) -> frozenset[str] | N
     if fields is None or (key == "input" and fields is _ITEM_FIELDS):
         return None
     return _ITEM_FIELDS
-
-
-def _collect(value: Any, fields: frozenset[str] | None, texts: list[str]) -> None:
-    if isinstance(value, str):
-        texts.append(value)
-    elif isinstance(value, list):
-        for item in value:
-            _collect(item, _ITEM_FIELDS if fields is not None else None, texts)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if fields is not None and key == "variables" and isinstance(item, dict):
-                _collect(list(item.values()), _ITEM_FIELDS, texts)  # (named by the template)
-            elif fields is None or key in fields:
-                _collect(item, _fields_under(key, fields), texts)
 
 
 def _rewritten(value: Any, fields: frozenset[str] | None,
