@@ -699,18 +699,7 @@ class RedisQuotaStore:
         """Adds each budget check's amount to its counter where the counter is there (one
         that is not is seeded from the ledger, which has that spend), in one script call:
         whether it was, per check."""
-        validate(checks)
-        if not checks:
-            return []
-        reply = await self._run(ADD, "", checks, [_args(check) for check in checks])
-        try:
-            added = orjson.loads(reply)
-            if type(added) is not list or len(added) != len(checks):
-                raise ValueError("not one answer per counter")
-        except (TypeError, ValueError) as exc:
-            raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
-                from exc
-        return [value == 1 for value in added]
+        return [value == 1 for value in await self._per_check(ADD, checks)]
 
     async def top_up(self, request_id: str, checks: Sequence[Check]) -> int:
         """Adds to the request's reservation in each budget counter of `checks` up to their
@@ -728,18 +717,27 @@ class RedisQuotaStore:
     async def spent(self, checks: Sequence[Check]) -> list[int | None]:
         """What each budget counter has spent: what it has committed less the reservations
         of the requests still running (None: not seeded). One script call."""
+        values = await self._per_check(SPENT, checks)
+        try:
+            return [None if value is None else int(value) for value in values]
+        except (TypeError, ValueError) as exc:
+            raise QuotaStoreError(f"the Redis quota store answered nonsense: {values!r}") \
+                from exc
+
+    async def _per_check(self, script: _Script, checks: Sequence[Check]) -> list[Any]:
+        """`script`'s JSON array over `checks`, one answer per check (one script call)."""
         validate(checks)
         if not checks:
             return []
-        reply = await self._run(SPENT, "", checks, [_args(check) for check in checks])
+        reply = await self._run(script, "", checks, [_args(check) for check in checks])
         try:
-            values = orjson.loads(reply)
-            if type(values) is not list or len(values) != len(checks):
+            answers = orjson.loads(reply)
+            if type(answers) is not list or len(answers) != len(checks):
                 raise ValueError("not one answer per counter")
-            return [None if value is None else int(value) for value in values]
         except (TypeError, ValueError) as exc:
             raise QuotaStoreError(f"the Redis quota store answered nonsense: {reply!r}") \
                 from exc
+        return answers
 
     async def unseeded_settles(self, check: Check) -> dict[str, int]:
         values = await self._call("HGETALL", f"{self._key(check)}:settled")
