@@ -42,6 +42,11 @@ then on the request is routed as one for that model, every attempt of it (a retr
 continuation: its deployments and their health, its fallbacks), so each call is recorded
 against the deployment it went to.
 
+A layer that must pass a request before it goes to a fallback model registers a gate
+(`add_gate`: the quota layer, which admits the request against that model's own limits). A
+gate that refuses (a GatewayError) takes the model out for the rest of the request, as if
+none of its deployments could serve it; the refusal is the answer when nothing else is.
+
 Headers: `x-sluicegate-deployment`, `x-sluicegate-attempts`, and `x-sluicegate-fallback` (the
 public model that served) when a fallback model answered. The number of fallbacks reaches
 metering as `ctx.state["failover.fallbacks"]`; every attempt is in `ctx.attempts`.
@@ -57,7 +62,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.admin import (
@@ -184,6 +189,7 @@ class FailoverMiddleware:
         self.affinity = ResponseAffinity(max_entries=response_affinity_entries)
         self.counters = {"requests": 0, "retries": 0, "fallbacks": 0, "hedges": 0,
                          "budget_refusals": 0}
+        self.gates: list[Callable[[RequestContext, str], Awaitable[None]]] = []
 
     def check_config(self, config: GatewayConfig) -> None:
         """Every model a route names (and its fallbacks) must be a configured model. Notes
@@ -224,6 +230,26 @@ class FailoverMiddleware:
         route = self.routes.get(model, self.default)
         return tuple(dict.fromkeys((model, *route.fallbacks, *route.context_window_fallbacks,
                                     *route.content_policy_fallbacks)))
+
+    def add_gate(self, gate: Callable[[RequestContext, str], Awaitable[None]]) -> None:
+        """Has `gate(ctx, model)` awaited before a request's calls to a fallback `model`
+        (each call: a gate answers a request it has passed at once). A GatewayError it
+        raises takes the model out for the rest of the request (`_passes_gates`)."""
+        if gate not in self.gates:
+            self.gates.append(gate)
+
+    async def _passes_gates(self, ctx: RequestContext, model: str, tried: Tried) -> bool:
+        """Whether every gate lets the request go to fallback `model`; a refusal takes
+        every deployment of the model out for the rest of the request, and is the answer
+        when no call can be made and none failed (`_final_error`)."""
+        for gate in self.gates:
+            try:
+                await gate(ctx, model)
+            except GatewayError as refusal:
+                group = self.groups.get(model)
+                tried.gate_refused(refusal, group.deployments if group is not None else ())
+                return False
+        return True
 
     async def startup(self) -> None:
         if self.shared is not None:
@@ -364,6 +390,11 @@ class FailoverMiddleware:
             key = first.pick_key(tried.bad_keys)
             if first.keys and key is None:  # its key's breaker is open: no call
                 first.release(tried.rate_limited)
+            elif first_model != ctx.model and self.gates and \
+                    not await self._passes_gates(ctx, first_model, tried):
+                first.release(tried.rate_limited)
+                if key is not None:
+                    key.breaker.release()
             else:
                 try:
                     await self._attempt(scope, receive, send, ctx, route, first, key, tried,
@@ -431,6 +462,15 @@ class FailoverMiddleware:
                         key.breaker.release()
                     raise self._final_error(ctx, tried, chain)
                 fallback_model = model if model != requested else None
+                if fallback_model is not None and self.gates and \
+                        not await self._passes_gates(ctx, model, tried):
+                    state.release(tried.rate_limited)
+                    if key is not None:
+                        key.breaker.release()
+                    if tried.attempts:  # the pick was a retry, and `_may_retry` counted it
+                        self.retry_not_made()
+                    position += 1
+                    continue
                 partner = None
                 if route.hedge_after_s is not None and not tried.attempts:
                     partner = self._hedge_partner(ctx, model, state, tried)
@@ -679,6 +719,8 @@ class FailoverMiddleware:
         (with a Retry-After of the time until one of the deployments left may take it)."""
         if tried.last_error is not None:
             return tried.last_error
+        if tried.gate_refusal is not None:  # a fallback's limits: what the caller can act on
+            return tried.gate_refusal
         requested = ctx.model
         usable_models = _usable(ctx, chain)
         eligible = self._eligible(usable_models, tried)
@@ -829,7 +871,7 @@ class FailoverMiddleware:
                 max(reported.output_tokens, estimate.output_tokens),
                 reported.cached_input_tokens, reported.reasoning_tokens,
                 reported.cache_write_tokens, reported.cache_write_1h_tokens)
-            while (target := self._next_for_continuation(ctx, route, tried)) is not None:
+            while (target := await self._next_for_continuation(ctx, route, tried)) is not None:
                 try:
                     await self._continue_at(scope, receive, send, ctx, tried, transcript,
                                             interrupted, broken_usage, *target)
@@ -900,8 +942,8 @@ class FailoverMiddleware:
             self.succeeded(ctx, state, key, began)
         both.sum()
 
-    def _next_for_continuation(self, ctx: RequestContext, route: Route,
-                               tried: Tried) -> tuple[DeploymentState, KeyState | None] | None:
+    async def _next_for_continuation(self, ctx: RequestContext, route: Route, tried: Tried
+                                     ) -> tuple[DeploymentState, KeyState | None] | None:
         if tried.attempts >= self.retry.max_attempts:
             return None
         for model in self._chains.get(ctx.model) or self._chain(ctx.model, route):
@@ -912,6 +954,12 @@ class FailoverMiddleware:
             key = state.pick_key(tried.bad_keys)
             if state.keys and key is None:
                 state.release()
+                continue
+            if model != ctx.model and self.gates and \
+                    not await self._passes_gates(ctx, model, tried):
+                state.release()
+                if key is not None:
+                    key.breaker.release()
                 continue
             if not self.budget.try_retry():  # asked only with somewhere to go
                 self.counters["budget_refusals"] += 1

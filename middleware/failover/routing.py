@@ -39,7 +39,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.context import RequestContext, Usage
-from gateway.errors import UntranslatableRequest, UpstreamError
+from gateway.errors import GatewayError, UntranslatableRequest, UpstreamError
 from gateway.upstream import Deployment, ProviderKey
 from middleware.failover.health import BreakerSettings, CircuitBreaker
 
@@ -453,9 +453,9 @@ class Tried:
     """Per-request bookkeeping of the attempts made so far (the sets are made on the first
     failure: the common request never needs them)."""
 
-    __slots__ = ("attempts", "bad_keys", "excluded", "headers", "ineligible", "last_error",
-                 "paused", "pinned", "rate_limited", "refusal", "started", "unable",
-                 "wanted_tags")
+    __slots__ = ("attempts", "bad_keys", "excluded", "gate_refusal", "headers", "ineligible",
+                 "last_error", "paused", "pinned", "rate_limited", "refusal", "started",
+                 "unable", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
@@ -472,6 +472,8 @@ class Tried:
         self.headers: list[tuple[bytes, bytes]] = []  # this layer's, in ctx.response_headers
         self.last_error: UpstreamError | None = None
         self.refusal: UntranslatableRequest | None = None  # the first adapter's refusal
+        # The first refusal of a fallback model by a gate (FailoverMiddleware.add_gate).
+        self.gate_refusal: GatewayError | None = None
         # Deployment -> until when (this layer's clock) its 429's Retry-After asked this
         # request to leave it alone: one deployment's pause is no reason to stop trying others.
         self.paused: dict[DeploymentState, float] | None = None
@@ -489,6 +491,15 @@ class Tried:
         self.exclude(state)
         if self.refusal is None:
             self.refusal = refusal
+
+    def gate_refused(self, refusal: GatewayError,
+                     states: Iterable[DeploymentState]) -> None:
+        """A gate refused the request a fallback model, whose deployments are `states`: out
+        for every round of it."""
+        self.ineligible = self.ineligible | frozenset(states)
+        self.excluded = {*self.excluded, *states}
+        if self.gate_refusal is None:
+            self.gate_refusal = refusal
 
     def pause(self, state: DeploymentState, until: float) -> None:
         if self.paused is None:

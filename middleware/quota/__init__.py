@@ -21,6 +21,14 @@ downgrades under a failover layer goes back up to it (`Rerouted`), admitted at t
 model's price (and its route's fallbacks'), and the failover layer routes every attempt for
 the cheaper model.
 
+A fallback model's own limits (`model_limits`) hold too, in either order of the two layers:
+before the failover layer first calls a fallback model for a request, it asks this layer
+(`admit_fallback`, a gate of the failover layer's), which reserves the request against that
+model's limits, at its price; when they refuse, the failover layer goes on without that
+model. A model's tokens and cost count against the model that answered: the model asked for
+is charged none of them when a fallback answered (its requests and concurrency count as
+asked), and the spend ledger records the cost against the model that answered.
+
 Refusals: 429 with Retry-After for rate limits; 402 (or 429) naming the budget and when it
 resets. With `on_overflow="downgrade"` the request goes to a cheaper model instead and the
 response says so in `x-sluicegate-downgraded`. A budget with `stream_cutoff=True` ends a
@@ -128,6 +136,8 @@ _ADMITTING = object()
 _USAGE_KINDS = ("key", "project", "customer", "model", "global")  # whose spend (plan.subjects)
 _SEED_ATTEMPTS = 3  # (see `_seed_and_admit`)
 _NOTHING_RESERVED = Estimate(0, 0, 0)  # (with no store there is no settle; `again` overwrites it)
+# ctx.state's count of the calls the failover layer made to fallback models (its own key)
+_FALLBACKS_CALLED = "failover.fallbacks"
 
 
 class _StreamCutOff(Exception):
@@ -215,6 +225,8 @@ class QuotaMiddleware:
         # once an admit to the store failed (`_lease`). Not `ctx.unique_id`, which the ledger
         # and the response know the request by.
         self._lease_key = f"quota.lease.{id(self)}"
+        # ctx.state[f"{self._lease_key}>{model}"]: the id of the request's reservation
+        # against fallback `model`'s own limits (`admit_fallback`).
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -287,6 +299,10 @@ class QuotaMiddleware:
             if others:
                 self._fallbacks[model] = (*known, *others)
         self._learn_defaults(config)
+        add_gate = getattr(router, "add_gate", None)
+        if callable(add_gate) and any(name in self.model_limits
+                                      for names in self._fallbacks.values() for name in names):
+            add_gate(self.admit_fallback)  # (a fallback with limits of its own: checked)
 
     def check_workers(self, workers: int) -> None:
         """Refuses to serve with several worker processes (`sluicegate serve --workers N`)
@@ -616,33 +632,109 @@ class QuotaMiddleware:
         self._templates[(id(principal), model)] = (principal, day, template)
         return template
 
-    def _lease(self, ctx: RequestContext) -> str:
+    async def admit_fallback(self, ctx: RequestContext, model: str) -> None:
+        """The failover layer's gate (`FailoverMiddleware.add_gate`), before it calls
+        fallback `model` for a request: reserves the request against that model's own limits
+        (`model_limits`), at its price, once per request and model, settled when the request
+        ends (to what it cost when that model answered it, else to nothing but the request).
+        The caller's limits and the gateway-wide ones hold the request's one admission
+        already, priced at the dearest model that may serve it. Raises the refusal when the
+        model's limits do not admit the request: the failover layer goes on without the
+        model (a downgrade they ask for is a refusal here: the route is the way round)."""
+        limits = self.model_limits.get(model)
+        if limits is None or limits.empty or ctx.operation == ANTHROPIC_COUNT_TOKENS:
+            return
+        slot = f"{self._lease_key}>{model}"
+        state = ctx.state
+        if slot in state:
+            return  # admitted for this request already
+        state[slot] = f"{self._lease(ctx)}>{model}"
+        template = plan.template([("model", model, limits)], datetime.now(UTC), self.lease_s)
+        est = plan.estimate_at(ctx, model, plan.estimate(
+            ctx, self._output_defaults.get(ctx.model, self.default_max_output_tokens),
+            self._fallbacks.get(ctx.model, ())))
+        planned, checks = plan.planned_from(template, est)
+        try:
+            store, decision = await self._reserve(ctx, planned, checks, model=model)
+        except BaseException:
+            del state[slot]
+            raise
+        if not decision.allowed:
+            del state[slot]
+            assert decision.failed is not None
+            item = replace(planned[decision.failed], check=checks[decision.failed])
+            if item.check.kind == BUDGET:
+                self._alert_refusing(store, item)
+            raise plan.refusal(item, decision)
+        lease = self._lease(ctx, model)
+        self._leases_new[lease] = (store, checks)
+        budget_keys = tuple([checks[i].key for i in plan.budget_indexes(planned)])
+        if budget_keys and store is self._redis:
+            self._in_flight[lease] = (budget_keys, est.cost_micros)
+        ctx.at_end(partial(self._settle_fallback, model, store, planned, checks, decision))
+
+    def _settle_fallback(self, model: str, store: QuotaStore, planned: list[Planned],
+                         checks: list[Check], decision: Decision, ctx: RequestContext) -> None:
+        """`_settle` of a request's reservation against fallback `model`'s limits."""
+        lease = self._lease(ctx, model)
+        tokens, cost = self._used(ctx) if self._served_model(ctx) == model else (0, 0)
+        self._schedule_flush()
+        if store is self._redis:
+            self._in_flight.pop(lease, None)
+        if self._leases_new.pop(lease, None) is None:
+            self._leases_old.pop(lease, None)
+        self._settles.setdefault(store, []).append(
+            (lease, checks, plan.actual_amounts(checks, tokens, cost)))
+        crossed = self._crossed_thresholds(planned, checks, decision, cost)
+        if crossed:
+            self._spawn(self._send_alerts(store, crossed))
+
+    def _served_model(self, ctx: RequestContext) -> str:
+        """The public model whose deployment answered the request: the one asked for, unless
+        the failover layer called a fallback (`failover.fallbacks`, its count) that did."""
+        if not ctx.state.get(_FALLBACKS_CALLED):
+            return ctx.model
+        deployment, models = ctx.served_deployment, ctx.models or {}
+        for name in (ctx.model, *self._fallbacks.get(ctx.model, ())):
+            declared = models.get(name)
+            if declared is not None and any(d is deployment for d in declared.deployments):
+                return name
+        return ctx.model
+
+    def _lease(self, ctx: RequestContext, model: str | None = None) -> str:
         """What the stores know a request's reservation by (its leases, its settle): an id no
         other request shares, not the caller's request id, which one caller may send with any
         number of requests at once (each would replace the other's concurrency lease). Its
         own key in `ctx.state` once an admit failed (`_reserve`), shared by the copies of a
-        hedged call as the admission is; else the request's unique id."""
+        hedged call as the admission is; else the request's unique id. With `model`: the
+        reservation against that fallback's own limits (`admit_fallback`)."""
+        if model is not None:
+            found: str = ctx.state[f"{self._lease_key}>{model}"]
+            return found
         lease: str | None = ctx.state.get(self._lease_key)
         if lease is not None:
             return lease
         return ctx.unique_id or ctx.request_id  # (contexts made outside the kernel: theirs)
 
     async def _reserve(self, ctx: RequestContext, planned: list[Planned],
-                       checks: list[Check], handed: bytes | QuotaStoreError | None = None
-                       ) -> tuple[QuotaStore, Decision]:
+                       checks: list[Check], handed: bytes | QuotaStoreError | None = None,
+                       model: str | None = None) -> tuple[QuotaStore, Decision]:
+        """Admits `checks` in the store, or (it is unavailable) as each one's on_store_error
+        says. `model`: the reservation against that fallback's limits (`admit_fallback`)."""
         if time.monotonic() >= self._store_down_until or handed is not None:
             store = self.store
             try:
                 # store.admit awaited here, not through _admit_seeded: every await below is
                 # resumed through each frame above it, so the common path keeps to one.
                 if handed is None:
-                    decision = await store.admit(self._lease(ctx), checks)
+                    decision = await store.admit(self._lease(ctx, model), checks)
                 elif isinstance(handed, QuotaStoreError):
                     raise handed
                 else:  # a Lane's reply for these checks (the same template, in order)
                     decision = RedisQuotaStore.decision(handed)
                 if decision.unseeded:
-                    decision = await self._seed_and_admit(store, ctx, planned, checks, decision)
+                    decision = await self._seed_and_admit(store, ctx, planned, checks, decision,
+                                                          model)
                 return store, decision
             except QuotaStoreError as exc:
                 if self._recovering is None or self._recovering.done():
@@ -658,10 +750,11 @@ class QuotaMiddleware:
                 self._store_down_until = math.inf
                 logger.warning("quota store unavailable (%s); following each limit's "
                                "on_store_error policy", exc)
-                lease = self._lease(ctx)
+                lease = self._lease(ctx, model)
                 self._unsure_admit(lease, checks)
                 # (admitted again later, by Redis, under an id its release cannot remove)
-                ctx.state[self._lease_key] = lease + ".r"
+                ctx.state[self._lease_key if model is None
+                          else f"{self._lease_key}>{model}"] = lease + ".r"
         closed = [c for c in checks if c.on_store_error == "closed"]
         if closed:
             ctx.state["quota.refused"] = "store_unavailable"
@@ -670,7 +763,8 @@ class QuotaMiddleware:
                                code="quota_store_unavailable",
                                headers=[(b"retry-after", b"1")])
         try:
-            return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks)
+            return self.fallback, await self._admit_seeded(self.fallback, ctx, planned, checks,
+                                                           model)
         except QuotaStoreError:  # (the ledger is unavailable too: what was spent is unknown)
             ctx.state["quota.refused"] = "store_unavailable"
             raise GatewayError(503, "Limits cannot be checked right now (the quota store and "
@@ -796,15 +890,16 @@ class QuotaMiddleware:
                                    exc)
 
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
-                            planned: list[Planned], checks: list[Check]) -> Decision:
-        decision = await store.admit(self._lease(ctx), checks)
+                            planned: list[Planned], checks: list[Check],
+                            model: str | None = None) -> Decision:
+        decision = await store.admit(self._lease(ctx, model), checks)
         if not decision.unseeded:
             return decision
-        return await self._seed_and_admit(store, ctx, planned, checks, decision)
+        return await self._seed_and_admit(store, ctx, planned, checks, decision, model)
 
     async def _seed_and_admit(self, store: QuotaStore, ctx: RequestContext,
                               planned: list[Planned], checks: list[Check],
-                              decision: Decision) -> Decision:
+                              decision: Decision, model: str | None = None) -> Decision:
         """Seeds the budget counters the store did not have, then asks again. A counter
         Redis lost (a flush, a restart) is seeded with what the ledger has, this process's
         requests in flight against it, whose reservations went with it, and the settles
@@ -821,7 +916,7 @@ class QuotaMiddleware:
                 # (read as the seed is sent: the settle of a request it holds comes after it)
                 held = self._held(check.key) if store is self._redis else None
                 await store.seed(check, spent, held, settles if checked else None, counted)
-            decision = await store.admit(self._lease(ctx), checks)
+            decision = await store.admit(self._lease(ctx, model), checks)
             if not decision.unseeded:
                 return decision
         raise QuotaStoreError("budget counters vanished while being seeded")
@@ -881,47 +976,71 @@ class QuotaMiddleware:
         one for it). Settles queued in one event-loop step go to the store together, after
         the responses went out."""
         lease = self._lease(ctx)
-        tokens, cost = self._charge(ctx, lease)
+        tokens, cost, elsewhere = self._charge(ctx, lease)
         if store is self._redis:
             self._in_flight.pop(lease, None)
         if self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
-        self._settles.setdefault(store, []).append(
-            (lease, checks, plan.actual_amounts(checks, tokens, cost)))
+        amounts = plan.actual_amounts(checks, tokens, cost)
+        if elsewhere:
+            plan.served_elsewhere(planned, amounts)
+        self._settles.setdefault(store, []).append((lease, checks, amounts))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
-    def _charge(self, ctx: RequestContext, lease: str) -> tuple[int, int]:
-        """What the request actually used, (tokens, cost): what the usage ledger bills for it
-        (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
-        stream cut short what it delivered), recorded in the spend ledger, and a flush of the
-        queued settles scheduled for the end of this event-loop step (the caller queues the
-        request's)."""
-        usage = billed_usage(ctx)
-        cost = call_cost_micros(ctx, usage)
-        if not self._settle_scheduled:
-            self._settle_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_settles)
+    def _charge(self, ctx: RequestContext, lease: str) -> tuple[int, int, bool]:
+        """What the request actually used, (tokens, cost, whether a fallback model answered
+        it: `_served_model`), recorded in the spend ledger (the model's part against the
+        model that answered), and a flush of the queued settles scheduled for the end of
+        this event-loop step (the caller queues the request's)."""
+        tokens, cost = self._used(ctx)
+        self._schedule_flush()
+        served = ctx.model if not ctx.state.get(_FALLBACKS_CALLED) else self._served_model(ctx)
         if cost and isinstance(self.ledger, PostgresSpendLedger):
             # (by the id the stores know its settle by: see `_seed_and_admit`)
-            self.ledger.record(lease, _spend_rows(ctx, cost), ctx.started_at)
+            self.ledger.record(lease, _spend_rows(ctx, cost, served == ctx.model),
+                               ctx.started_at)
+            if served != ctx.model:  # (by the id of its reservation there, if it has one)
+                self.ledger.record(ctx.state.get(f"{self._lease_key}>{served}")
+                                   or f"{lease}>{served}", [("model", served, cost)],
+                                   ctx.started_at)
+        return tokens, cost, served != ctx.model
+
+    def _used(self, ctx: RequestContext) -> tuple[int, int]:
+        """What the request actually used, (tokens, cost): what the usage ledger bills for it
+        (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
+        stream cut short what it delivered)."""
+        usage = billed_usage(ctx)
+        cost = call_cost_micros(ctx, usage)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
         # (Usage.total_tokens, inline: a property is an interpreted call)
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
                 cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
 
+    def _schedule_flush(self) -> None:
+        """A flush of the queued settles at the end of this event-loop step."""
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_settles)
+
     def _settle_in_lane(self, lane: Lane, est: Estimate, values: list[Any],
                         ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
         lease = self._lease(ctx)
-        tokens, cost = self._charge(ctx, lease)
+        tokens, cost, elsewhere = self._charge(ctx, lease)
         if lane.budget_keys:
             self._in_flight.pop(lease, None)
         if lane.leases and self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
-        self._lane_settles.append((lane, lease, est, tokens, cost))
+        if elsewhere:  # (the model asked for is charged nothing: the general path's settle)
+            _, checks, amounts = _general_settle((lane, lease, est, tokens, cost))
+            plan.served_elsewhere(lane.planned, amounts)
+            assert self._redis is not None  # (only a Redis store has Lanes)
+            self._settles.setdefault(self._redis, []).append((lease, checks, amounts))
+        else:
+            self._lane_settles.append((lane, lease, est, tokens, cost))
         if lane.budgets:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:
@@ -1409,10 +1528,13 @@ def _retrieved(future: asyncio.Future[None]) -> None:
 
 
 
-def _spend_rows(ctx: RequestContext, cost: int) -> list[tuple[str, str, int]]:
+def _spend_rows(ctx: RequestContext, cost: int, model: bool) -> list[tuple[str, str, int]]:
+    """The spend ledger's rows of a request (`model`: with the model asked for's)."""
     principal = ctx.principal or ANONYMOUS
     rows = [("key", principal.key_id, cost), ("project", principal.project, cost),
-            ("model", ctx.model, cost), ("global", "all", cost)]
+            ("global", "all", cost)]
+    if model:
+        rows.append(("model", ctx.model, cost))
     if principal.customer:
         rows.append(("customer", f"{principal.project}/{principal.customer}", cost))
     return rows

@@ -282,6 +282,16 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int,
                     cost if cost < AMOUNT_MAX else AMOUNT_MAX, price)  # noqa: FURB136
 
 
+def estimate_at(ctx: RequestContext, model: str, base: Estimate) -> Estimate:
+    """`base` (the request's estimate) priced at the dearest deployment of `model` alone:
+    what the request reserves against that model's own limits when the failover layer
+    sends it there (a fallback)."""
+    price = _dearest(ctx.models, model, ctx.started_at)[0]
+    cost = estimate_micros(price, base.input_tokens, base.output_tokens,
+                           CACHE_CONTROL in ctx.raw_body) if price is not None else 0
+    return Estimate(base.input_tokens, base.output_tokens, min(cost, AMOUNT_MAX), price)
+
+
 # -- which limits apply --------------------------------------------------------------------
 
 def subjects(principal: Principal, model: str, model_limits: Mapping[str, Limits],
@@ -430,6 +440,14 @@ def actual_amounts(checks: Sequence[Check], tokens: int, cost: int) -> list[int]
         kind = check.kind
         out.append(tokens if kind == TOKENS else cost if kind == BUDGET else check.amount)
     return out
+
+
+def served_elsewhere(planned: Sequence[Planned], amounts: list[int]) -> None:
+    """`amounts` (`actual_amounts`) of a request a fallback model answered: the model asked
+    for is charged none of its tokens or cost (its requests and concurrency count)."""
+    for index, item in enumerate(planned):
+        if item.subject_kind == "model" and item.check.kind in (TOKENS, BUDGET):
+            amounts[index] = 0
 
 
 def _who(kind: str, subject: str) -> str:
