@@ -813,44 +813,57 @@ class QuotaMiddleware:
     def _unsure_settles(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
                         ) -> None:
         """Settles that failed, perhaps after they ran (Redis went away, or answered late,
-        as the request ended): their concurrency leases are released once the store answers
-        again, as an unsure admit's are (`_unsure_admit`); a budget or a rate limit keeps
-        what the request reserved (a settle sent twice would charge it twice)."""
-        for lease, checks, _ in batch:
-            self._unsure_admit(lease, checks)
+        as the request ended): sent again once the store answers (`_release_unsure`), as
+        settles of what is still held only (`RedisQuotaStore.resettle`): a budget
+        reservation still in its counter becomes what the request cost, so the counter is
+        exact again within seconds of the store's return, not when the reservation lapses
+        (`lease_s`, then missing the cost until a rebuild); a concurrency lease is released.
+        What a settle that did run changed is not changed twice. A rate limit keeps what
+        the request reserved (its bucket refills)."""
+        for lease, checks, actual in batch:
+            self._unsure_admit(lease, checks, actual)
 
-    def _unsure_admit(self, lease: str, checks: Sequence[Check]) -> None:
+    def _unsure_admit(self, lease: str, checks: Sequence[Check],
+                      actual: Sequence[int] | None = None) -> None:
         """An admit to the store failed, perhaps after it ran (its reply timed out): the
         request is served by the fallback or refused, and never settled in the store. Its
         concurrency leases would stand for `lease_s` (15 minutes by default) and shut out a
-        small max_concurrent meanwhile, so they are released once the store answers again:
-        a settle of the leases alone at their reserved amounts (removing a lease that is not
-        there changes nothing, so the release is right whether the admit ran or not). What
-        it reserved against budgets and rate limits stays reserved: undoing that is right
-        only if it ran, and a reservation kept by mistake refuses early, where one undone by
-        mistake would let spend past a cap."""
-        leases = [check for check in checks if check.kind == CONCURRENT]
-        if not leases:
+        small max_concurrent meanwhile, and its budget reservations would hold room no
+        request spends until they lapse, so both are settled once the store answers again,
+        as `_unsure_settles` does (what the request spends, the fallback's counters hand to
+        the store: here it is 0). A store without `resettle` gets the release of the leases
+        alone (removing a lease that is not there changes nothing). (`actual`: a failed
+        settle's amounts; None for an admit.)"""
+        kinds = (CONCURRENT, BUDGET) if hasattr(self.store, "resettle") else (CONCURRENT,)
+        kept = [i for i, check in enumerate(checks) if check.kind in kinds]
+        if not kept:
             return
         if len(self._unsure) >= _UNSURE_MAX:  # (an outage long enough: drop the oldest)
             del self._unsure[:len(self._unsure) - _UNSURE_MAX + 1]
-        self._unsure.append((lease, leases, [check.amount for check in leases],
-                             time.monotonic() + self.lease_s))
+        self._unsure.append((
+            lease, [checks[i] for i in kept],
+            [checks[i].amount if checks[i].kind == CONCURRENT
+             else (0 if actual is None else actual[i]) for i in kept],
+            time.monotonic() + self.lease_s))
         if self._releasing is None or self._releasing.done():
             self._releasing = self._spawn(self._release_unsure())
 
     async def _release_unsure(self) -> None:
-        """Sends the releases `_unsure_admit` keeps, every `store_retry_s` until the store
-        takes them (a lease past its `lease_s` is gone by itself and is not sent)."""
+        """Sends the settles `_unsure_admit` keeps, every `store_retry_s` until the store
+        takes them (one past its `lease_s` is not sent: a lease is gone by itself then, and
+        a budget reservation may have been taken back)."""
         while self._unsure:
             await asyncio.sleep(self.store_retry_s)
             now = time.monotonic()
             batch = [(lease, checks, amounts)
                      for lease, checks, amounts, until in self._unsure if until > now]
             taken = len(self._unsure)
+            resettle = getattr(self.store, "resettle", None)
             settle_many = getattr(self.store, "settle_many", None)
             try:
-                if settle_many is not None:
+                if resettle is not None:
+                    await resettle(batch)
+                elif settle_many is not None:
                     await settle_many(batch)
                 else:
                     for lease, checks, amounts in batch:
@@ -859,7 +872,7 @@ class QuotaMiddleware:
                 self._unsure = [item for item in self._unsure if item[3] > now]
                 continue
             del self._unsure[:taken]  # (what came while this was sent waits for the next)
-            logger.info("quota: released %d concurrency lease(s) of admits whose replies "
+            logger.info("quota: settled again %d request(s) whose admit or settle replies "
                         "never came", len(batch))
 
     async def _renew_leases(self) -> None:

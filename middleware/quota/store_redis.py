@@ -352,7 +352,32 @@ end
 return 0
 """
 
+# Settles a request again whose settle (or admit) failed, perhaps after it ran (a reply that
+# never came): only what is still there is settled, so one that ran is not counted twice. A
+# budget reservation the counter still holds (`<counter>:held`) is replaced by the actual
+# amount; a concurrency lease is released; a rate limit's bucket is left alone (a refund
+# sent twice would give its tokens back twice; the bucket refills). The settle script's
+# arguments, one request per call. Returns 0.
+_RESETTLE = _PRELUDE + """
+for i = 1, #KEYS do
+  local a = 4 + (i - 1) * 5
+  local key, kind = KEYS[i], A[a]
+  if kind == 'budget' then
+    local held = redis.call('HGET', key .. ':held', request_id)
+    if held and counter(key, tonumber(A[a + 3])) ~= nil then
+      redis.call('HDEL', key .. ':held', request_id)
+      redis.call('ZREM', key .. ':until', request_id)
+      redis.call('INCRBY', key, string.format('%d', tonumber(A[a + 4]) - tonumber(held)))
+    end
+  elseif kind == 'concurrent' then
+    redis.call('ZREM', key, request_id)
+  end
+end
+return 0
+"""
+
 ADMIT, SETTLE, SEED, RENEW = _Script(_ADMIT), _Script(_SETTLE), _Script(_SEED), _Script(_RENEW)
+RESETTLE = _Script(_RESETTLE)
 _SETTLE_SHA = SETTLE.sha.encode()
 # Settles per call of the settle script: about 13 us of Redis each, so a burst of finished
 # requests holds Redis (and every other gateway's admissions) for at most ~0.4 ms at a time.
@@ -644,6 +669,15 @@ class RedisQuotaStore:
                           ) -> None:
         """Settles many requests in one write (one script call each, pipelined)."""
         await self._pipelined(SETTLE, self._settle_commands(batch))
+
+    async def resettle(self, batch: Sequence[Settle]) -> None:
+        """Settles requests again whose settle (or admit) failed and may have run (see
+        `_RESETTLE`): what they still hold of budgets becomes their actual amounts, their
+        concurrency leases are released, nothing else changes. One script call each,
+        pipelined in one write."""
+        await self._pipelined(RESETTLE, [
+            self._command(RESETTLE, request_id, checks, _settle_args(checks, actual))
+            for request_id, checks, actual in batch if checks])
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
         """Extends what the requests still running hold to `lease_s` from now (the checks of

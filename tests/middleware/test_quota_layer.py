@@ -660,6 +660,35 @@ def test_a_lease_whose_settle_failed_is_released_when_redis_answers_again(
     assert gateway.chat().status_code == 200
 
 
+def test_a_budget_whose_settle_failed_is_settled_to_the_cost_when_redis_answers_again(
+        start: Start, prefix: str, late_redis: TcpProxy, mock: MockProviderServer) -> None:
+    # Each request reserves 10 + 2 x 1000 = 2010 (max_tokens=1000) and costs 30. Redis goes
+    # away while the second runs: its settle fails. Its reservation stood in the counter
+    # until it lapsed (lease_s, 15 minutes: 1980 of the budget held for nothing), and was
+    # then taken back whole, its 30 missing from the counter until a rebuild.
+    url = f"redis://127.0.0.1:{late_redis.port}/0"
+    gateway = start(auth(static_key("Limits(budgets=(Budget('0.01', period='lifetime'),))")),
+                    quota(redis_store(prefix, url, socket_timeout_s=0.2), store_retry_s=1.0))
+    reserved = INPUT + 2 * 1000
+    assert gateway.chat(max_tokens=1000).status_code == 200
+    assert settled(gateway.committed, reserved) == COST
+    assert late_redis.server is not None
+    relay = late_redis.server.get_loop()
+    mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(gateway.chat, max_tokens=1000)
+        assert eventually(gateway.committed, COST + reserved) == COST + reserved  # admitted
+        asyncio.run_coroutine_threadsafe(late_redis.stop(), relay).result(10)
+        assert slow.result(10).status_code == 200
+    time.sleep(0.3)  # (the settle fails)
+    asyncio.run_coroutine_threadsafe(late_redis.start(), relay).result(10)
+    # Once Redis answers again, what the request still holds becomes what it cost, once:
+    # settled again and again, it stays so.
+    assert eventually(gateway.committed, 2 * COST) == 2 * COST
+    time.sleep(2.5)
+    assert gateway.committed() == 2 * COST
+
+
 # -- 4. reconciliation to actual usage ----------------------------------------------------------
 
 LIFETIME_BUDGET = "Limits(budgets=(Budget('0.001', period='lifetime'),))"

@@ -354,6 +354,27 @@ async def test_a_settle_replaces_only_a_reservation_the_counter_holds(
     assert await store.committed([check]) == [30 + 40 + 40]
 
 
+async def test_a_settle_sent_again_changes_only_what_the_request_still_holds(
+        redis_store: RedisQuotaStore, clock: FakeClock) -> None:
+    # A settle (or an admit) whose reply never came may or may not have run: it is sent
+    # again as a resettle, which settles a budget reservation the counter still holds and
+    # releases a concurrency lease, and changes nothing a settle that ran changed. Sent as
+    # a settle, it would have added the actual amount a second time.
+    check = budget(1000, 100, clock.now + 3600)
+    lease = leases(1)
+    await redis_store.seed(check, 0)
+    await redis_store.admit("ran", [check, lease])
+    await redis_store.settle("ran", [check, lease], [40, 1])
+    await redis_store.resettle([("ran", [check, lease], [40, 1])])
+    assert await redis_store.committed([check]) == [40]
+    await redis_store.admit("never-settled", [check, lease])
+    assert (await redis_store.admit("other", [lease])).allowed is False  # (the lease holds)
+    for _ in range(2):
+        await redis_store.resettle([("never-settled", [check, lease], [25, 1])])
+        assert await redis_store.committed([check]) == [40 + 25]
+    assert (await redis_store.admit("other", [lease])).allowed is True
+
+
 async def test_a_top_up_adds_what_every_counter_has_room_for_and_its_settle_replaces_it(
         store: Store, clock: FakeClock) -> None:
     # A stream past its reservation (stream_cutoff) takes more of its budgets as it goes, no
