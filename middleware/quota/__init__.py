@@ -677,8 +677,9 @@ class QuotaMiddleware:
                          checks: list[Check], decision: Decision, ctx: RequestContext) -> None:
         """`_settle` of a request's reservation against fallback `model`'s limits."""
         lease = self._lease(ctx, model)
-        tokens, cost = self._used(ctx) if self._served_model(ctx) == model else (0, 0)
-        self._schedule_flush()
+        tokens, cost, served = self._charge(ctx, lease, record=False)
+        if served != model:
+            tokens = cost = 0
         if store is self._redis:
             self._in_flight.pop(lease, None)
         if self._leases_new.pop(lease, None) is None:
@@ -989,28 +990,34 @@ class QuotaMiddleware:
         one for it). Settles queued in one event-loop step go to the store together, after
         the responses went out."""
         lease = self._lease(ctx)
-        tokens, cost, elsewhere = self._charge(ctx, lease)
+        tokens, cost, served = self._charge(ctx, lease)
         if store is self._redis:
             self._in_flight.pop(lease, None)
         if self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
         amounts = plan.actual_amounts(checks, tokens, cost)
-        if elsewhere:
+        if served != ctx.model:
             plan.served_elsewhere(planned, amounts)
         self._settles.setdefault(store, []).append((lease, checks, amounts))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
-    def _charge(self, ctx: RequestContext, lease: str) -> tuple[int, int, bool]:
-        """What the request actually used, (tokens, cost, whether a fallback model answered
-        it: `_served_model`), recorded in the spend ledger (the model's part against the
-        model that answered), and a flush of the queued settles scheduled for the end of
-        this event-loop step (the caller queues the request's)."""
-        tokens, cost = self._used(ctx)
-        self._schedule_flush()
+    def _charge(self, ctx: RequestContext, lease: str, record: bool = True
+                ) -> tuple[int, int, str]:
+        """What the request actually used, (tokens, cost, the model that answered it:
+        `_served_model`): what the usage ledger bills for it (`billed_usage`: cache hits and
+        calls that never reached a model cost nothing, a stream cut short what it
+        delivered), recorded in the spend ledger unless not `record` (the model's part
+        against the model that answered), and a flush of the queued settles scheduled for
+        the end of this event-loop step (the caller queues the request's)."""
+        usage = billed_usage(ctx)
+        cost = call_cost_micros(ctx, usage)
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_settles)
         served = ctx.model if not ctx.state.get(_FALLBACKS_CALLED) else self._served_model(ctx)
-        if cost and isinstance(self.ledger, PostgresSpendLedger):
+        if cost and record and isinstance(self.ledger, PostgresSpendLedger):
             # (by the id the stores know its settle by: see `_seed_and_admit`)
             self.ledger.record(lease, _spend_rows(ctx, cost, served == ctx.model),
                                ctx.started_at)
@@ -1018,36 +1025,22 @@ class QuotaMiddleware:
                 self.ledger.record(ctx.state.get(f"{self._lease_key}>{served}")
                                    or f"{lease}>{served}", [("model", served, cost)],
                                    ctx.started_at)
-        return tokens, cost, served != ctx.model
-
-    def _used(self, ctx: RequestContext) -> tuple[int, int]:
-        """What the request actually used, (tokens, cost): what the usage ledger bills for it
-        (`billed_usage`: cache hits and calls that never reached a model cost nothing, a
-        stream cut short what it delivered)."""
-        usage = billed_usage(ctx)
-        cost = call_cost_micros(ctx, usage)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
         # (Usage.total_tokens, inline: a property is an interpreted call)
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         return (tokens if tokens < AMOUNT_MAX else AMOUNT_MAX,  # noqa: FURB136 (min is slower)
-                cost if cost < AMOUNT_MAX else AMOUNT_MAX)  # noqa: FURB136
-
-    def _schedule_flush(self) -> None:
-        """A flush of the queued settles at the end of this event-loop step."""
-        if not self._settle_scheduled:
-            self._settle_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_settles)
+                cost if cost < AMOUNT_MAX else AMOUNT_MAX, served)  # noqa: FURB136
 
     def _settle_in_lane(self, lane: Lane, est: Estimate, values: list[Any],
                         ctx: RequestContext) -> None:
         """`_settle` for a request its Lane admitted."""
         lease = self._lease(ctx)
-        tokens, cost, elsewhere = self._charge(ctx, lease)
+        tokens, cost, served = self._charge(ctx, lease)
         if lane.budget_keys:
             self._in_flight.pop(lease, None)
         if lane.leases and self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
-        if elsewhere:  # (the model asked for is charged nothing: the general path's settle)
+        if served != ctx.model:  # (the model asked for is charged nothing: the general path)
             _, checks, amounts = _general_settle((lane, lease, est, tokens, cost))
             plan.served_elsewhere(lane.planned, amounts)
             assert self._redis is not None  # (only a Redis store has Lanes)
