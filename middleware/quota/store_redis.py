@@ -4,7 +4,9 @@
 and sent in full with EVAL when the server has lost its script cache (SCRIPT FLUSH, restart,
 failover). Every key a script touches arrives in KEYS, but for the keys beside each budget
 counter (`<counter>:held`, the reservations in it; `<counter>:until`, when each lapses;
-`<counter>:settled`, the settles that found it lost, which its seed adds), and all share the
+`<counter>:settled`, the settles that found it lost, which its seed adds;
+`<counter>:resettled`, the reservations settled again after a settle's reply never came,
+`resettle`), and all share the
 prefix's hash tag (`{sluicegate}`), so a call never spans Redis Cluster slots. The time is
 Redis's own (TIME, read once per script call): every gateway sharing the store reads one
 clock, so buckets refill, leases expire and reservations lapse alike whatever the gateways'
@@ -243,6 +245,8 @@ local function settle(first, count)
           redis.call('HDEL', key .. ':held', request_id)
           redis.call('ZREM', key .. ':until', request_id)
           actual = actual - tonumber(held)
+        elseif redis.call('HDEL', key .. ':resettled', request_id) == 1 then
+          actual = 0  -- settled again before this came (`_RESETTLE`): counted once
         end
         redis.call('INCRBY', key, string.format('%d', actual))
       elseif actual > 0 and (param <= 0 or now < param + slack) then
@@ -356,8 +360,10 @@ return 0
 # never came): only what is still there is settled, so one that ran is not counted twice. A
 # budget reservation the counter still holds (`<counter>:held`) is replaced by the actual
 # amount; a concurrency lease is released; a rate limit's bucket is left alone (a refund
-# sent twice would give its tokens back twice; the bucket refills). The settle script's
-# arguments, one request per call. Returns 0.
+# sent twice would give its tokens back twice; the bucket refills). A reservation it settles
+# leaves a mark (`<counter>:resettled`, a day), so the first settle, should it come after all
+# (held back on its way), adds nothing. The settle script's arguments, one request per
+# call. Returns 0.
 _RESETTLE = _PRELUDE + """
 for i = 1, #KEYS do
   local a = 4 + (i - 1) * 5
@@ -368,6 +374,8 @@ for i = 1, #KEYS do
       redis.call('HDEL', key .. ':held', request_id)
       redis.call('ZREM', key .. ':until', request_id)
       redis.call('INCRBY', key, string.format('%d', tonumber(A[a + 4]) - tonumber(held)))
+      redis.call('HSET', key .. ':resettled', request_id, '1')
+      redis.call('PEXPIRE', key .. ':resettled', HELD_TTL_MS)
     end
   elseif kind == 'concurrent' then
     redis.call('ZREM', key, request_id)

@@ -375,6 +375,21 @@ async def test_a_settle_sent_again_changes_only_what_the_request_still_holds(
     assert (await redis_store.admit("other", [lease])).allowed is True
 
 
+async def test_a_settle_that_comes_after_its_resettle_adds_nothing(
+        redis_store: RedisQuotaStore, clock: FakeClock) -> None:
+    # The first settle was held back on its way (a proxy, a slow link) and reached Redis
+    # after the resettle had replaced the reservation: finding no reservation, it added its
+    # actual amount again (100 -> 30 -> 60).
+    check = budget(1000, 100, clock.now + 3600)
+    await redis_store.seed(check, 0)
+    await redis_store.admit("late", [check])
+    await redis_store.resettle([("late", [check], [30])])
+    await redis_store.settle("late", [check], [30])
+    assert await redis_store.committed([check]) == [30]
+    await redis_store.settle("late", [check], [30])  # (a third one is a stranger's again)
+    assert await redis_store.committed([check]) == [60]
+
+
 async def test_a_top_up_adds_what_every_counter_has_room_for_and_its_settle_replaces_it(
         store: Store, clock: FakeClock) -> None:
     # A stream past its reservation (stream_cutoff) takes more of its budgets as it goes, no
