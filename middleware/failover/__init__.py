@@ -241,13 +241,22 @@ class FailoverMiddleware:
     async def _passes_gates(self, ctx: RequestContext, model: str, tried: Tried) -> bool:
         """Whether every gate lets the request go to fallback `model`; a refusal takes
         every deployment of the model out for the rest of the request, and is the answer
-        when no call can be made and none failed (`_final_error`)."""
+        when no call can be made and none failed (`_final_error`). What a refusing gate
+        noted in `ctx.state` (the quota layer: the kind of limit, for the metrics) is taken
+        back, and noted again only if its refusal is the answer."""
         for gate in self.gates:
+            state = ctx.state
+            before = dict(state)
             try:
                 await gate(ctx, model)
             except GatewayError as refusal:
+                notes = {name: value for name, value in state.items()
+                         if name not in before or before[name] is not value}
+                state.clear()
+                state.update(before)
                 group = self.groups.get(model)
-                tried.gate_refused(refusal, group.deployments if group is not None else ())
+                tried.gate_refused(refusal, group.deployments if group is not None else (),
+                                   notes)
                 return False
         return True
 
@@ -720,6 +729,7 @@ class FailoverMiddleware:
         if tried.last_error is not None:
             return tried.last_error
         if tried.gate_refusal is not None:  # a fallback's limits: what the caller can act on
+            ctx.state.update(tried.gate_notes)
             return tried.gate_refusal
         requested = ctx.model
         usable_models = _usable(ctx, chain)
@@ -884,13 +894,20 @@ class FailoverMiddleware:
     async def _continue_at(self, scope: Scope, receive: Receive, send: Send,
                            ctx: RequestContext, tried: Tried, transcript: Transcript,
                            interrupted: StreamInterrupted, broken_usage: Usage,
-                           state: DeploymentState, key: KeyState | None) -> None:
+                           state: DeploymentState, key: KeyState | None,
+                           model: str) -> None:
         """One continuation call, relayed into the open response; its failure ends the
         stream with the in-band error event. A refusal by its adapter leaves the request as
         it found it, and goes to the caller (`_continue`) to try the next deployment. A layer
         below that ends the stream without a call (no Attempt in `ctx.attempts`) leaves no
-        verdict on the deployment, and no attempt or retry is counted."""
+        verdict on the deployment, and no attempt or retry is counted. A continuation on a
+        fallback `model` is a call to a fallback (`count_fallback`): the layers that charge
+        the model that answered (the quota layer) and keep no fallback's answer (the cache)
+        see it."""
         tried.attempts += 1
+        fallback = model != ctx.model
+        if fallback:
+            self.count_fallback(ctx, 1)
         reported, served = ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment)
         ctx.state["failover.continuations"] = 1
         # What the broken attempt streamed costs what it cost where it ran (the price is
@@ -924,6 +941,8 @@ class FailoverMiddleware:
             state.refused()
             ctx.usage, (ctx.deployment, ctx.provider_key, ctx.served_deployment) = reported, served
             del ctx.state["failover.continuations"], ctx.state[EARLIER_ATTEMPT]
+            if fallback:
+                self.count_fallback(ctx, -1)
             raise
         finally:
             ctx.body = original
@@ -936,6 +955,8 @@ class FailoverMiddleware:
                 both.sum()  # priced where it ran
         if outcome == "uncalled":  # neither an attempt nor a retry, and no rpm token spent
             tried.attempts -= 1
+            if fallback:
+                self.count_fallback(ctx, -1)
             state.refused()
             self.retry_not_made()
         else:
@@ -943,7 +964,7 @@ class FailoverMiddleware:
         both.sum()
 
     async def _next_for_continuation(self, ctx: RequestContext, route: Route, tried: Tried
-                                     ) -> tuple[DeploymentState, KeyState | None] | None:
+                                     ) -> tuple[DeploymentState, KeyState | None, str] | None:
         if tried.attempts >= self.retry.max_attempts:
             return None
         for model in self._chains.get(ctx.model) or self._chain(ctx.model, route):
@@ -955,12 +976,6 @@ class FailoverMiddleware:
             if state.keys and key is None:
                 state.release()
                 continue
-            if model != ctx.model and self.gates and \
-                    not await self._passes_gates(ctx, model, tried):
-                state.release()
-                if key is not None:
-                    key.breaker.release()
-                continue
             if not self.budget.try_retry():  # asked only with somewhere to go
                 self.counters["budget_refusals"] += 1
                 state.release()
@@ -968,7 +983,15 @@ class FailoverMiddleware:
                     key.breaker.release()
                 return None
             self.counters["retries"] += 1
-            return state, key
+            # (after the retry budget: a gate admits the request where it is sure to go)
+            if model != ctx.model and self.gates and \
+                    not await self._passes_gates(ctx, model, tried):
+                state.release()
+                if key is not None:
+                    key.breaker.release()
+                self.retry_not_made()
+                continue
+            return state, key, model
         return None
 
     def after_failure_quietly(self, error: UpstreamError, state: DeploymentState,

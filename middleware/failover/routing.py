@@ -453,9 +453,9 @@ class Tried:
     """Per-request bookkeeping of the attempts made so far (the sets are made on the first
     failure: the common request never needs them)."""
 
-    __slots__ = ("attempts", "bad_keys", "excluded", "gate_refusal", "headers", "ineligible",
-                 "last_error", "paused", "pinned", "rate_limited", "refusal", "started",
-                 "unable", "wanted_tags")
+    __slots__ = ("attempts", "bad_keys", "excluded", "gate_notes", "gate_refusal", "headers",
+                 "ineligible", "last_error", "paused", "pinned", "rate_limited", "refusal",
+                 "started", "unable", "wanted_tags")
 
     def __init__(self) -> None:
         self.attempts = 0
@@ -474,6 +474,7 @@ class Tried:
         self.refusal: UntranslatableRequest | None = None  # the first adapter's refusal
         # The first refusal of a fallback model by a gate (FailoverMiddleware.add_gate).
         self.gate_refusal: GatewayError | None = None
+        self.gate_notes: dict[str, Any] = {}  # what that gate noted in ctx.state
         # Deployment -> until when (this layer's clock) its 429's Retry-After asked this
         # request to leave it alone: one deployment's pause is no reason to stop trying others.
         self.paused: dict[DeploymentState, float] | None = None
@@ -492,14 +493,14 @@ class Tried:
         if self.refusal is None:
             self.refusal = refusal
 
-    def gate_refused(self, refusal: GatewayError,
-                     states: Iterable[DeploymentState]) -> None:
+    def gate_refused(self, refusal: GatewayError, states: Iterable[DeploymentState],
+                     notes: dict[str, Any]) -> None:
         """A gate refused the request a fallback model, whose deployments are `states`: out
-        for every round of it."""
+        for every round of it. `notes`: what the gate noted in ctx.state as it refused."""
         self.ineligible = self.ineligible | frozenset(states)
         self.excluded = {*self.excluded, *states}
         if self.gate_refusal is None:
-            self.gate_refusal = refusal
+            self.gate_refusal, self.gate_notes = refusal, notes
 
     def pause(self, state: DeploymentState, until: float) -> None:
         if self.paused is None:

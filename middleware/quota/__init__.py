@@ -226,7 +226,9 @@ class QuotaMiddleware:
         # and the response know the request by.
         self._lease_key = f"quota.lease.{id(self)}"
         # ctx.state[f"{self._lease_key}>{model}"]: the id of the request's reservation
-        # against fallback `model`'s own limits (`admit_fallback`).
+        # against fallback `model`'s own limits (`admit_fallback`), and in
+        # ctx.state[self._gated_key], model -> (its store, its checks).
+        self._gated_key = f"quota.gated.{id(self)}"
         self._settle_scheduled = False
         # Concurrency leases an admit may have taken though its reply never came (a timeout:
         # the script may have run), released once the store answers again (`_unsure_admit`).
@@ -405,7 +407,12 @@ class QuotaMiddleware:
             if got is _SERVED:
                 return
             handed = got  # (compiled, an assignment to `handed` checks its type: not _SERVED)
-        store, planned, checks, decision, est, headers = await self._admit(ctx, handed, lane)
+        try:
+            store, planned, checks, decision, est, headers = await self._admit(ctx, handed, lane)
+        except GatewayError:
+            if self._gated_key in ctx.state:  # (asked first: below the failover layer)
+                await self._give_back_fallbacks(ctx)
+            raise
         if headers:  # the kernel puts them on the response start, or on the error it renders
             ctx.response_headers += headers
         responder = None  # (`send` is not wrapped when nothing is to be cut off)
@@ -427,6 +434,8 @@ class QuotaMiddleware:
             # this one, and every later one, for the cheaper model. Admitted, nothing sent.
             rerouted = Rerouted(ctx.model)
             self._mark_admitted(ctx, responder, rerouted)
+            if self._gated_key in ctx.state:  # (asked first: below the failover layer)
+                await self._give_back_fallbacks(ctx)
             raise rerouted
         self._mark_admitted(ctx, responder)
         if responder is None:
@@ -612,6 +621,8 @@ class QuotaMiddleware:
             if item.check.kind != BUDGET:
                 overflowed[item.check.key] = (item, plan.overflow_reset_s(item.check, decision))
             visited.add(target)
+            if self._gated_key in ctx.state:  # (asked first: below the failover layer)
+                await self._give_back_fallbacks(ctx)
             route_to(ctx, target)
         raise refused(ctx, item, decision)
 
@@ -640,9 +651,14 @@ class QuotaMiddleware:
         The caller's limits and the gateway-wide ones hold the request's one admission
         already, priced at the dearest model that may serve it. Raises the refusal when the
         model's limits do not admit the request: the failover layer goes on without the
-        model (a downgrade they ask for is a refusal here: the route is the way round)."""
+        model (a downgrade they ask for is a refusal here: the route is the way round).
+        Listed below the failover layer, this layer may be asked before it admitted the
+        request itself (its first call goes to a fallback): what is reserved here is given
+        back if that admission then refuses the request or sends it to another model
+        (`_give_back_fallbacks`)."""
         limits = self.model_limits.get(model)
-        if limits is None or limits.empty or ctx.operation == ANTHROPIC_COUNT_TOKENS:
+        if limits is None or limits.empty or ctx.operation == ANTHROPIC_COUNT_TOKENS \
+                or model == ctx.model:  # (the request's own model: its admission holds it)
             return
         slot = f"{self._lease_key}>{model}"
         state = ctx.state
@@ -665,21 +681,49 @@ class QuotaMiddleware:
             item = replace(planned[decision.failed], check=checks[decision.failed])
             if item.check.kind == BUDGET:
                 self._alert_refusing(store, item)
-            raise plan.refusal(item, decision)
+            # (noted as the request's refusal: the failover layer keeps the note only if
+            # this refusal is its answer)
+            raise refused(ctx, item, decision)
         lease = self._lease(ctx, model)
         self._leases_new[lease] = (store, checks)
         budget_keys = tuple([checks[i].key for i in plan.budget_indexes(planned)])
         if budget_keys and store is self._redis:
             self._in_flight[lease] = (budget_keys, est.cost_micros)
+        gated: dict[str, tuple[QuotaStore, list[Check]]] | None = state.get(self._gated_key)
+        if gated is None:
+            gated = state[self._gated_key] = {}
+        gated[model] = (store, checks)
         ctx.at_end(partial(self._settle_fallback, model, store, planned, checks, decision))
+
+    async def _give_back_fallbacks(self, ctx: RequestContext) -> None:
+        """Gives back in full what `admit_fallback` reserved for a request this layer then
+        refuses or sends to another model (it was asked first, below the failover layer): no
+        call went to those models. Awaited, before a downgrade's admission, which may need
+        the very room given back. Their settles at the request's end find nothing left."""
+        for model, (store, checks) in ctx.state.pop(self._gated_key).items():
+            lease = ctx.state.pop(f"{self._lease_key}>{model}")
+            self._in_flight.pop(lease, None)
+            if self._leases_new.pop(lease, None) is None:
+                self._leases_old.pop(lease, None)
+            try:
+                await store.settle(lease, checks, [0] * len(checks))
+            except QuotaStoreError as exc:
+                logger.warning("could not give back a fallback's reservation (%s)", exc)
+                self._unsure_admit(lease, checks)
 
     def _settle_fallback(self, model: str, store: QuotaStore, planned: list[Planned],
                          checks: list[Check], decision: Decision, ctx: RequestContext) -> None:
-        """`_settle` of a request's reservation against fallback `model`'s limits."""
-        lease = self._lease(ctx, model)
+        """`_settle` of a request's reservation against fallback `model`'s limits; its
+        spend, when that model answered, goes to the spend ledger under the reservation's
+        id (`_charge` leaves it out)."""
+        lease: str | None = ctx.state.get(f"{self._lease_key}>{model}")
+        if lease is None:
+            return  # given back (`_give_back_fallbacks`)
         tokens, cost, served = self._charge(ctx, lease, record=False)
         if served != model:
             tokens = cost = 0
+        elif cost and isinstance(self.ledger, PostgresSpendLedger):
+            self.ledger.record(lease, [("model", model, cost)], ctx.started_at)
         if store is self._redis:
             self._in_flight.pop(lease, None)
         if self._leases_new.pop(lease, None) is None:
@@ -1021,9 +1065,9 @@ class QuotaMiddleware:
             # (by the id the stores know its settle by: see `_seed_and_admit`)
             self.ledger.record(lease, _spend_rows(ctx, cost, served == ctx.model),
                                ctx.started_at)
-            if served != ctx.model:  # (by the id of its reservation there, if it has one)
-                self.ledger.record(ctx.state.get(f"{self._lease_key}>{served}")
-                                   or f"{lease}>{served}", [("model", served, cost)],
+            if served != ctx.model and f"{self._lease_key}>{served}" not in ctx.state:
+                # (a fallback without a reservation of its own: with one, its settle says it)
+                self.ledger.record(f"{lease}>{served}", [("model", served, cost)],
                                    ctx.started_at)
         # (an upstream's usage is not checked: past AMOUNT_MAX, the stores would differ)
         # (Usage.total_tokens, inline: a property is an interpreted call)
