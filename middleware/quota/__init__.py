@@ -724,21 +724,13 @@ class QuotaMiddleware:
             tokens = cost = 0
         elif cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(lease, [("model", model, cost)], ctx.started_at)
-        if store is self._redis:
-            self._in_flight.pop(lease, None)
-        if self._leases_new.pop(lease, None) is None:
-            self._leases_old.pop(lease, None)
-        self._settles.setdefault(store, []).append(
-            (lease, checks, plan.actual_amounts(checks, tokens, cost)))
-        crossed = self._crossed_thresholds(planned, checks, decision, cost)
-        if crossed:
-            self._spawn(self._send_alerts(store, crossed))
+        self._queue_settle(store, lease, planned, checks, decision,
+                           plan.actual_amounts(checks, tokens, cost), cost)
 
     def _served_model(self, ctx: RequestContext) -> str:
-        """The public model whose deployment answered the request: the one asked for, unless
-        the failover layer called a fallback (`failover.fallbacks`, its count) that did."""
-        if not ctx.state.get(_FALLBACKS_CALLED):
-            return ctx.model
+        """The public model whose deployment answered a request the failover layer called a
+        fallback for (`failover.fallbacks`, its count: `_charge` asks only then): the one
+        asked for, or the fallback that answered."""
         deployment, models = ctx.served_deployment, ctx.models or {}
         for name in (ctx.model, *self._fallbacks.get(ctx.model, ())):
             declared = models.get(name)
@@ -1035,13 +1027,21 @@ class QuotaMiddleware:
         the responses went out."""
         lease = self._lease(ctx)
         tokens, cost, served = self._charge(ctx, lease)
+        amounts = plan.actual_amounts(checks, tokens, cost)
+        if served != ctx.model:
+            plan.served_elsewhere(planned, amounts)
+        self._queue_settle(store, lease, planned, checks, decision, amounts, cost)
+
+    def _queue_settle(self, store: QuotaStore, lease: str, planned: list[Planned],
+                      checks: list[Check], decision: Decision, amounts: list[int],
+                      cost: int) -> None:
+        """Queues the settle of reservation `lease` to `amounts` (sent by `_flush_settles`),
+        forgets it among those in flight and those renewed, and alerts on the budget
+        thresholds `cost` crossed."""
         if store is self._redis:
             self._in_flight.pop(lease, None)
         if self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
-        amounts = plan.actual_amounts(checks, tokens, cost)
-        if served != ctx.model:
-            plan.served_elsewhere(planned, amounts)
         self._settles.setdefault(store, []).append((lease, checks, amounts))
         crossed = self._crossed_thresholds(planned, checks, decision, cost)
         if crossed:

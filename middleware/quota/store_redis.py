@@ -664,12 +664,14 @@ class RedisQuotaStore:
         task.add_done_callback(self._pending.discard)
         task.add_done_callback(_log_task_failure)
 
-    def _settle_commands(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]]
-                         ) -> list[list[str]]:
+    def _settle_commands(self, batch: Sequence[tuple[str, Sequence[Check], Sequence[int]]],
+                         script: _Script = SETTLE) -> list[list[str]]:
+        """One command of `script` (the settle script, or another that takes its
+        arguments: RESETTLE) per settle of `batch`."""
         commands = []
         for request_id, checks, actual in batch:
             if checks:  # (the layer built these checks; zip(strict) guards the lengths)
-                commands.append(self._command(SETTLE, request_id, checks,
+                commands.append(self._command(script, request_id, checks,
                                               _settle_args(checks, actual)))
         return commands
 
@@ -683,9 +685,7 @@ class RedisQuotaStore:
         `_RESETTLE`): what they still hold of budgets becomes their actual amounts, their
         concurrency leases are released, nothing else changes. One script call each,
         pipelined in one write."""
-        await self._pipelined(RESETTLE, [
-            self._command(RESETTLE, request_id, checks, _settle_args(checks, actual))
-            for request_id, checks, actual in batch if checks])
+        await self._pipelined(RESETTLE, self._settle_commands(batch, RESETTLE))
 
     async def renew(self, leases: Sequence[tuple[str, Sequence[Check]]]) -> None:
         """Extends what the requests still running hold to `lease_s` from now (the checks of
