@@ -75,28 +75,27 @@ class Usage:
         """Reads an OpenAI `usage` object (chat, completions, embeddings or responses)."""
         if not isinstance(usage, dict):
             return None
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
-        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        prompt = token_count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        output = token_count(usage.get("completion_tokens", usage.get("output_tokens")))
         in_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         out_details = (
             usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
         )
-        output, reasoning = int(completion), int(out_details.get("reasoning_tokens") or 0)
-        if reasoning and reasoning_is_extra(int(prompt), output, reasoning,
-                                             usage.get("total_tokens")):
+        reasoning = token_count(out_details.get("reasoning_tokens"))
+        if reasoning and reasoning_is_extra(prompt, output, reasoning,
+                                            usage.get("total_tokens")):
             output += reasoning
         # (DeepSeek's own name for the cached part, where the OpenAI one is not sent)
         cached = in_details.get("cached_tokens", usage.get("prompt_cache_hit_tokens"))
-        made = cls(
-            input_tokens=int(prompt),
+        return cls(
+            input_tokens=prompt,
             output_tokens=output,
-            cached_input_tokens=int(cached or 0),
+            cached_input_tokens=token_count(cached),
             reasoning_tokens=reasoning,
             # (not OpenAI's own: what the Anthropic translation and some routers report)
-            cache_write_tokens=int(in_details.get("cache_write_tokens") or 0),
-            cache_write_1h_tokens=int(in_details.get("cache_write_1h_tokens") or 0),
+            cache_write_tokens=token_count(in_details.get("cache_write_tokens")),
+            cache_write_1h_tokens=token_count(in_details.get("cache_write_1h_tokens")),
         )
-        return _checked(made)
 
     @classmethod
     def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
@@ -106,28 +105,25 @@ class Usage:
         where the translation of an OpenAI-format answer keeps its reasoning_tokens)."""
         if not isinstance(usage, dict):
             return None
-        cache_read = int(usage.get("cache_read_input_tokens") or 0)
-        cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+        cache_read = token_count(usage.get("cache_read_input_tokens"))
+        cache_write = token_count(usage.get("cache_creation_input_tokens"))
         by_ttl = usage.get("cache_creation")
-        written_5m = written_1h = 0
+        written_1h = 0
         if isinstance(by_ttl, dict):
-            written_5m = int(by_ttl.get("ephemeral_5m_input_tokens") or 0)
-            written_1h = int(by_ttl.get("ephemeral_1h_input_tokens") or 0)
+            written_1h = token_count(by_ttl.get("ephemeral_1h_input_tokens"))
             # (the total is their sum: the larger)
-            cache_write = max(cache_write, written_5m + written_1h)
+            cache_write = max(cache_write, token_count(by_ttl.get("ephemeral_5m_input_tokens"))
+                              + written_1h)
         out_details = usage.get("output_tokens_details")
-        fresh = int(usage.get("input_tokens") or 0)
-        if (fresh | written_5m) < 0:  # (the rest are checked as the result holds them)
-            raise ValueError("a negative token count in usage")
-        return _checked(cls(
-            input_tokens=fresh + cache_read + cache_write,
-            output_tokens=int(usage.get("output_tokens") or 0),
+        return cls(
+            input_tokens=token_count(usage.get("input_tokens")) + cache_read + cache_write,
+            output_tokens=token_count(usage.get("output_tokens")),
             cached_input_tokens=cache_read,
-            reasoning_tokens=int(out_details.get("thinking_tokens") or 0)
+            reasoning_tokens=token_count(out_details.get("thinking_tokens"))
             if isinstance(out_details, dict) else 0,
             cache_write_tokens=cache_write,
             cache_write_1h_tokens=written_1h,
-        ))
+        )
 
 
 def reasoning_is_extra(prompt: int, completion: int, reasoning: int, total: Any) -> bool:
@@ -142,15 +138,28 @@ def reasoning_is_extra(prompt: int, completion: int, reasoning: int, total: Any)
     return reasoning > completion
 
 
-def _checked(usage: Usage) -> Usage:
-    """`usage`, unless a count in it is negative (ValueError): a provider's usage that
-    cannot be read, as one that is not a number, never a bill lowered by it. (The bitwise
-    or of integers is negative when one of them is: one test for the six.)"""
-    if (usage.input_tokens | usage.output_tokens | usage.cached_input_tokens
-            | usage.reasoning_tokens | usage.cache_write_tokens
-            | usage.cache_write_1h_tokens) < 0:
-        raise ValueError("a negative token count in usage")
-    return usage
+# No call's token count comes near this (a trillion tokens), and the bill of any count below
+# it fits the ledger's 64-bit micro-dollars (at $1,000 per million tokens: 1.1e15).
+MAX_TOKEN_COUNT = 2**40
+
+
+def token_count(value: Any) -> int:
+    """A token count in a provider's usage. Missing (None) is 0; a whole number is read, as
+    an int, a float without a fraction or a string of digits (proto3 JSON writes 64-bit
+    integers as strings), from 0 below `MAX_TOKEN_COUNT`. Anything else (negative, 1e300,
+    2.5, true, "n/a") is a ValueError: usage that cannot be read, never a bill lowered by it
+    or one no ledger can hold."""
+    if type(value) is int:
+        count = value
+    elif value is None:
+        return 0
+    elif (type(value) is float and value.is_integer()) or type(value) is str:
+        count = int(value)  # (a string not of digits: a ValueError)
+    else:
+        raise ValueError("a token count that is not a whole number")
+    if 0 <= count < MAX_TOKEN_COUNT:
+        return count
+    raise ValueError("a token count out of range")
 
 
 def add_usage(first: Usage, second: Usage | None) -> Usage:

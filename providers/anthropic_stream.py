@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from gateway.context import reasoning_is_extra
+from gateway.context import reasoning_is_extra, token_count
 from providers.streams import StreamError as UpstreamStreamError
 from providers.streams import chat_chunk
 
@@ -98,10 +98,6 @@ def stop_reason(finish: Any, has_tool_use: bool, refused: bool) -> str:
     return _STOP_BY_FINISH.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
 
 
-def _count(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) else 0
-
-
 def chat_usage(usage: Any) -> JSON | None:
     """Anthropic usage -> OpenAI usage.
 
@@ -112,15 +108,15 @@ def chat_usage(usage: Any) -> JSON | None:
     """
     if not isinstance(usage, dict):
         return None
-    cache_read = _count(usage.get("cache_read_input_tokens"))
-    cache_write = _count(usage.get("cache_creation_input_tokens"))
+    cache_read = token_count(usage.get("cache_read_input_tokens"))
+    cache_write = token_count(usage.get("cache_creation_input_tokens"))
     by_ttl = usage.get("cache_creation")
-    written_1h = _count(by_ttl.get("ephemeral_1h_input_tokens")) \
+    written_1h = token_count(by_ttl.get("ephemeral_1h_input_tokens")) \
         if isinstance(by_ttl, dict) else 0
-    prompt = _count(usage.get("input_tokens")) + cache_read + cache_write
-    completion = _count(usage.get("output_tokens"))
+    prompt = token_count(usage.get("input_tokens")) + cache_read + cache_write
+    completion = token_count(usage.get("output_tokens"))
     details = usage.get("output_tokens_details")
-    thinking = _count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
+    thinking = token_count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cache_read,
@@ -141,12 +137,12 @@ def anthropic_usage(usage: Any) -> JSON:
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details")
     details = details if isinstance(details, dict) else {}
-    cached = _count(details.get("cached_tokens"))
-    written = _count(details.get("cache_write_tokens"))
+    cached = token_count(details.get("cached_tokens"))
+    written = token_count(details.get("cache_write_tokens"))
     out_details = usage.get("completion_tokens_details")
-    reasoning = _count(out_details.get("reasoning_tokens")) \
+    reasoning = token_count(out_details.get("reasoning_tokens")) \
         if isinstance(out_details, dict) else 0
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
     if reasoning and reasoning_is_extra(prompt, completion, reasoning, usage.get("total_tokens")):
         completion += reasoning  # (xAI's: beside the completion, and output as Anthropic counts)
     return {"input_tokens": max(prompt - cached - written, 0),
@@ -250,6 +246,7 @@ class MessagesStreamToChat:
         if self._id is None:
             self._id = completion_id(message.get("id"))
         if isinstance(message.get("usage"), dict):
+            chat_usage(message["usage"])  # (read now: unreadable, it is an unreadable event)
             self._usage = dict(message["usage"])
         return self._emit(None)
 
@@ -316,6 +313,7 @@ class MessagesStreamToChat:
         if isinstance(usage, dict):  # cumulative: overwrite, keeping fields it omits
             merged = dict(self._usage or {})
             merged.update({key: value for key, value in usage.items() if value is not None})
+            chat_usage(merged)
             self._usage = merged
         reason = (data.get("delta") or {}).get("stop_reason")
         if not reason or self._finish_sent:

@@ -881,11 +881,13 @@ def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: boo
     (`ProviderAdapter.call`)."""
     if not streaming:
         return None
-    if finished:
+    try:
         usage: Usage | None = codec.usage
-        return usage if usage is not None else \
-            delivered_usage(ctx, None, _content_deltas(ctx, delivered))
-    return delivered_usage(ctx, codec.usage, _content_deltas(ctx, delivered))
+    except (ValueError, TypeError, KeyError, AttributeError):  # (unreadable: none said)
+        usage = None
+    if finished and usage is not None:
+        return usage
+    return delivered_usage(ctx, usage, _content_deltas(ctx, delivered))
 
 
 def _content_deltas(ctx: RequestContext, delivered: tuple[int, bytes, bytes | None]) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from gateway.context import token_count
 from providers.streams import StreamError as UpstreamStreamError
 from providers.streams import chat_chunk
 
@@ -50,14 +51,14 @@ def chat_usage(metadata: Any) -> JSON | None:
     if not isinstance(metadata, dict):
         return None
     # Tool-use prompt tokens (results of Gemini's built-in tools) are billed as input.
-    prompt = int(metadata.get("promptTokenCount") or 0) + int(
-        metadata.get("toolUsePromptTokenCount") or 0)
-    thoughts = int(metadata.get("thoughtsTokenCount") or 0)
-    completion = int(metadata.get("candidatesTokenCount") or 0) + thoughts
+    prompt = token_count(metadata.get("promptTokenCount")) + token_count(
+        metadata.get("toolUsePromptTokenCount"))
+    thoughts = token_count(metadata.get("thoughtsTokenCount"))
+    completion = token_count(metadata.get("candidatesTokenCount")) + thoughts
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens":
-                                      int(metadata.get("cachedContentTokenCount") or 0)},
+                                      token_count(metadata.get("cachedContentTokenCount"))},
             "completion_tokens_details": {"reasoning_tokens": thoughts}}
 
 
@@ -159,6 +160,7 @@ class GeminiStreamToChat:
             self._response_id = data.get("responseId")
             self._id = completion_id(self._response_id)
         if isinstance(data.get("usageMetadata"), dict):
+            chat_usage(data["usageMetadata"])  # (read now: unreadable, it is an unreadable event)
             self._metadata = data["usageMetadata"]
         out: list[JSON] = []
         candidates = data.get("candidates") or ()

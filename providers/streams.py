@@ -464,11 +464,21 @@ class TranslatingCodec:
                 raise incomplete_stream("final event")
             self.error = incomplete_stream("final event")
             return out[0]
-        final = self._source.finish()
-        if self._held is not None:
-            final, self._held = self._held + final, None
-        out.append(self._sink.feed(final))
-        out.append(self._sink.finish())
+        try:
+            try:
+                final = self._source.finish()
+                if self._held is not None:
+                    final, self._held = self._held + final, None
+                out.append(self._sink.feed(final))
+                out.append(self._sink.finish())
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise StreamError("bad_response", f"unreadable end ({type(exc).__name__})",
+                                  from_provider=False) from None
+        except StreamError as exc:  # (as `_translate`'s: raised when no output went before)
+            if not out[0]:
+                raise
+            self.error = exc
+            return out[0]
         return b"".join(out)
 
 

@@ -170,8 +170,12 @@ def test_openai_usage_that_cannot_be_a_bill_is_unreadable(usage: dict[str, objec
     {"input_tokens": 5, "output_tokens": -1},
     {"input_tokens": 5, "cache_creation_input_tokens": 9, "output_tokens": 1,
      "cache_creation": {"ephemeral_5m_input_tokens": -2, "ephemeral_1h_input_tokens": 4}},
+    {"input_tokens": 1e300, "output_tokens": 1},
+    {"input_tokens": 5, "output_tokens": True},
+    {"input_tokens": 5, "output_tokens": 2.5},
+    {"input_tokens": 5, "output_tokens": 1, "cache_read_input_tokens": 2**40},
 ])
-def test_anthropic_usage_with_a_negative_count_is_unreadable(usage: dict[str, object]) -> None:
+def test_anthropic_usage_with_a_count_that_is_no_count_is_unreadable(usage: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Usage.from_anthropic(usage)
 

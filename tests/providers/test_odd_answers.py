@@ -1,0 +1,180 @@
+"""Answers no provider means to send, which still reach a gateway: usage counts that are not
+counts (1e300, true, "x"), a translated answer too deeply nested to write back, the deltas of
+parallel tool calls interleaved. Each is an error in the caller's shape or a correct
+translation; never a 500, a cut-short body or a record lost. The upstream is a scripted
+server on 127.0.0.1 (`tests.mock_providers.scripted`); the clients are the official SDKs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway import create_app
+from gateway.context import Usage, request_context
+from gateway.errors import UpstreamError
+from tests.harness import ThreadedServer, config_head, openai_client, write_config
+from tests.mock_providers.scripted import Scripted, ScriptedUpstream
+
+# What each request ended with, seen where the metering layer sits: its usage, and its error
+# type (the stream's, or the error's that went up).
+ENDED: list[tuple[Usage | None, str | None]] = []
+
+
+class EndSeen:
+    """Keeps each request's final usage and error type, as a metering layer reads them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        ctx = request_context(scope)
+        try:
+            await self.app(scope, receive, send)
+        except UpstreamError as exc:
+            ENDED.append((ctx.usage, exc.upstream_error_type))
+            raise
+        ENDED.append((ctx.usage, ctx.error_type))
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: ScriptedUpstream,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    text = f'''{config_head()}
+from tests.providers.test_odd_answers import EndSeen
+providers = {{
+    "oai": Provider("openai", base_url="{upstream.url}/v1", api_key_env=KEY, timeouts=fast),
+    "gem": Provider("gemini", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
+}}
+models = {{"gpt": [Deployment("oai", "gpt-4o-mini", price=PRICE)],
+           "gemini": [Deployment("gem", "gemini-2.0-flash", price=PRICE)]}}
+middleware = [Middleware(EndSeen)]
+'''
+    with ThreadedServer(create_app(write_config(tmp_path_factory.mktemp("odd"), text))) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def fresh(upstream: ScriptedUpstream) -> None:
+    ENDED.clear()
+    upstream.requests.clear()
+
+
+ASK = [{"role": "user", "content": "hello"}]
+
+
+def chat_answer(usage: Any, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": message or {"role": "assistant", "content": "hi"}}],
+            "usage": usage}
+
+
+def chunk(delta: dict[str, Any] | None, finish: str | None = None,
+          usage: Any = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-4o-mini", "usage": usage,
+            "choices": [] if delta is None else
+            [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def gemini_event(text: str | None, usage: Any, finish: str | None = None) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"role": "model",
+                                             "parts": [{"text": text}] if text else []},
+                                 "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    return {"candidates": [candidate], "usageMetadata": usage,
+            "modelVersion": "gemini-2.0-flash", "responseId": "resp-1"}
+
+
+def ended(count: int = 1) -> list[tuple[Usage | None, str | None]]:
+    # (appended when the app returns, after the client has the body's last byte)
+    for _ in range(500):
+        if len(ENDED) >= count:
+            break
+        __import__("time").sleep(0.01)
+    return ENDED
+
+
+BAD_COUNTS = [1e300, 2**64, True, 2.5, -1, "many"]
+
+
+@pytest.mark.parametrize("count", BAD_COUNTS)
+def test_a_usage_count_that_is_not_a_count_is_a_502_not_a_lost_record(
+        gateway: ThreadedServer, upstream: ScriptedUpstream, count: Any) -> None:
+    upstream.queue(Scripted.json(chat_answer({"prompt_tokens": count, "completion_tokens": 1,
+                                              "total_tokens": 2})))
+    with pytest.raises(openai.APIStatusError) as failed:
+        openai_client(gateway).chat.completions.create(model="gpt", messages=ASK)
+    assert failed.value.status_code == 502
+    assert "unreadable response" in failed.value.message
+    assert ended() == [(None, "bad_response")]
+
+
+def test_whole_counts_written_as_floats_or_digit_strings_are_read(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    upstream.queue(Scripted.json(chat_answer({"prompt_tokens": 12.0, "completion_tokens": "3",
+                                              "total_tokens": 15})))
+    answer = openai_client(gateway).chat.completions.create(model="gpt", messages=ASK)
+    assert answer.choices[0].message.content == "hi"
+    assert ended() == [(Usage(input_tokens=12, output_tokens=3), None)]
+
+
+def test_a_huge_count_at_a_passthrough_streams_end_is_an_error_event_and_a_delivered_bill(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": "one"}), chunk({"content": " two"}, "stop"),
+        chunk(None, usage={"prompt_tokens": 1e300, "completion_tokens": 2}), "[DONE]"))
+    stream = openai_client(gateway).chat.completions.create(
+        model="gpt", messages=ASK, stream=True, stream_options={"include_usage": True})
+    texts = []
+    with pytest.raises(openai.APIError, match="unreadable"):
+        for part in stream:
+            texts += [choice.delta.content for choice in part.choices]
+    assert "".join(text or "" for text in texts) == "one two"
+    [(usage, error_type)] = ended()
+    assert error_type == "bad_response"
+    assert usage is not None and 0 < usage.input_tokens < 100 and usage.output_tokens >= 1
+
+
+@pytest.mark.parametrize("count", ["x", 1e300])
+def test_gemini_stream_usage_that_is_not_a_count_before_any_text_is_a_502(
+        gateway: ThreadedServer, upstream: ScriptedUpstream, count: Any) -> None:
+    upstream.queue(Scripted.stream(
+        gemini_event("hello", {"promptTokenCount": count, "candidatesTokenCount": 1}, "STOP")))
+    with pytest.raises(openai.APIStatusError) as failed:
+        list(openai_client(gateway).chat.completions.create(model="gemini", messages=ASK,
+                                                           stream=True))
+    assert failed.value.status_code == 502
+    assert ended() == [(None, "bad_response")]
+
+
+@pytest.mark.parametrize("count", ["x", 1e300])
+def test_gemini_stream_usage_that_is_not_a_count_after_text_ends_the_stream_with_an_error(
+        gateway: ThreadedServer, upstream: ScriptedUpstream, count: Any) -> None:
+    upstream.queue(Scripted.stream(
+        gemini_event("hello", {"promptTokenCount": 3, "candidatesTokenCount": 1}),
+        gemini_event(" there", {"promptTokenCount": count, "candidatesTokenCount": 2},
+                     "STOP")))
+    stream = openai_client(gateway).chat.completions.create(
+        model="gemini", messages=ASK, stream=True, stream_options={"include_usage": True})
+    texts = []
+    with pytest.raises(openai.APIError, match="unreadable"):
+        for part in stream:
+            texts += [choice.delta.content or "" for choice in part.choices]
+    assert "".join(texts) == "hello"
+    [(usage, error_type)] = ended()
+    # (billed as a stream cut short: the input Gemini last said, an output token per delta)
+    assert (usage, error_type) == (Usage(input_tokens=3, output_tokens=1), "bad_response")
