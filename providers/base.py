@@ -456,12 +456,12 @@ class HTTPAdapter:
                 ctx.finish_reasons = finish_reasons(payload)
                 ctx.response_model = reported_model(payload)
             client_json, ctx.usage = exchange.decode(payload)
+            if client_json is not None:  # (orjson's JSONEncodeError, nested too deep, a TypeError)
+                raw = orjson.dumps(client_json)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise UpstreamError(502, f"Provider '{self.name}' sent an unreadable response "
                                      f"({type(exc).__name__}).", provider=self.name,
                                 error_type="bad_response") from None
-        if client_json is not None:
-            raw = orjson.dumps(client_json)
         assert raw, "an answer combined from parts is the decoder's client JSON"
         answer = payload if client_json is None else client_json
         ctx.sent_json = (raw, answer)

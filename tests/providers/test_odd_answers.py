@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
 from gateway import create_app
 from gateway.context import Usage, request_context
 from gateway.errors import UpstreamError
-from tests.harness import ThreadedServer, config_head, openai_client, write_config
+from tests.harness import TEST_KEY, ThreadedServer, config_head, openai_client, write_config
 from tests.mock_providers.scripted import Scripted, ScriptedUpstream
 
 # What each request ended with, seen where the metering layer sits: its usage, and its error
@@ -178,3 +179,19 @@ def test_gemini_stream_usage_that_is_not_a_count_after_text_ends_the_stream_with
     [(usage, error_type)] = ended()
     # (billed as a stream cut short: the input Gemini last said, an output token per delta)
     assert (usage, error_type) == (Usage(input_tokens=3, output_tokens=1), "bad_response")
+
+
+def test_an_answer_too_deep_to_write_back_is_a_502_in_the_anthropic_shape(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    deep = '{"a":' * 300 + "1" + "}" * 300  # (orjson writes 254 levels at most)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "nest", "arguments": deep}}
+    upstream.queue(Scripted.json(chat_answer(
+        {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+        {"role": "assistant", "content": None, "tool_calls": [call]})))
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        sdk.messages.create(model="gpt", max_tokens=50, messages=ASK)  # type: ignore[arg-type]
+    assert failed.value.status_code == 502
+    assert isinstance(failed.value.body, dict) and failed.value.body["type"] == "error"
+    assert "unreadable response" in failed.value.message
