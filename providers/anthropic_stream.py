@@ -23,6 +23,8 @@ import time
 import uuid
 from typing import Any
 
+import orjson
+
 from gateway.context import reasoning_is_extra, token_count
 from providers.streams import StreamError as UpstreamStreamError
 from providers.streams import chat_chunk
@@ -351,27 +353,53 @@ class MessagesStreamToChat:
         return chat_chunk(self._id, self._created, self._model, choices, self._include_usage)
 
 
+class _ToolBlock:
+    """One tool call's tool_use block (`ChatStreamToMessages`): its id, its block index, the
+    argument text sent so far, and whether the block is still open."""
+
+    __slots__ = ("arguments", "id", "index", "open")
+
+    def __init__(self, tool_id: str, index: int) -> None:
+        self.id, self.index = tool_id, index
+        self.arguments: list[str] = []
+        self.open = True
+
+    def whole(self) -> bool:
+        """Whether the arguments so far are a whole JSON value (more would break it)."""
+        try:
+            orjson.loads("".join(self.arguments))
+        except orjson.JSONDecodeError:
+            return False
+        return True
+
+
 class ChatStreamToMessages:
     """OpenAI `chat.completion.chunk` dicts -> Anthropic stream events, one message's worth.
 
     OpenAI sends usage only at the end (often in a chunk after the finish_reason), so
     message_start carries zero input tokens and message_delta the real counts, input
     included, which Anthropic's own message_delta may do too (its usage is cumulative).
-    Tool calls are expected one after another, as OpenAI sends them: a delta for a new
-    index (or a new id) closes the previous block. Reasoning deltas (`reasoning_content`,
+    Each tool call is a tool_use block. OpenAI sends a call's deltas one after another, and
+    the blocks are too: a call for a new index (or a new id at the same index) closes the
+    call before it. A server may interleave parallel calls' deltas (index 0, 1, 0, 1): a
+    call whose arguments are not yet whole JSON when the next one starts stays open, its
+    deltas still going to its own block, and every open call closes when the calls end
+    (anthropic-sdk-python accumulates each block by its index). Arguments for a call
+    already closed whole are an unreadable event. Reasoning deltas (`reasoning_content`,
     `reasoning`) become a thinking block. Only choice 0 is translated.
     """
 
     __slots__ = ("_block", "_finish", "_id", "_kind", "_model", "_refused", "_sent_delta",
-                 "_started", "_stopped", "_tool", "_tool_seen", "_usage")
+                 "_started", "_stopped", "_tool_seen", "_tools", "_usage")
 
     def __init__(self, public_model: str) -> None:
         self._model = public_model
         self._id: str | None = None
         self._usage: JSON | None = None
-        self._block = 0             # index of the open block, or of the next one
+        # The index of the open text or thinking block, else of the next block to open.
+        self._block = 0
         self._kind: str | None = None  # "thinking", "text" or "tool_use" while one is open
-        self._tool: tuple[int, str] | None = None  # (OpenAI index, id) of the open tool block
+        self._tools: dict[int, _ToolBlock] = {}  # OpenAI index -> its call, while "tool_use"
         self._tool_seen = False
         self._refused = False
         self._finish: str | None = None
@@ -463,19 +491,38 @@ class ChatStreamToMessages:
     def _tool_delta(self, call: JSON) -> list[Event]:
         out: list[Event] = []
         function = call.get("function") or {}
+        arguments = function.get("arguments")
         position = call["index"] if isinstance(call.get("index"), int) else 0
         new_id = tool_use_id(call.get("id"))
-        if (self._kind != "tool_use" or self._tool is None or position != self._tool[0]
-                or (new_id and new_id != self._tool[1])):
+        if self._kind != "tool_use":
             out += self._close_block()
-            tool_id = new_id or "toolu_" + uuid.uuid4().hex[:24]
-            self._tool, self._tool_seen = (position, tool_id), True
-            out += self._open("tool_use", {"type": "tool_use", "id": tool_id,
-                                           "name": function.get("name") or "", "input": {}})
-        if function.get("arguments"):
-            out.append(self._block_delta({"type": "input_json_delta",
-                                          "partial_json": function["arguments"]}))
+            self._kind, self._tools = "tool_use", {}
+        tool = self._tools.get(position)
+        if tool is None or (new_id and new_id != tool.id):
+            if tool is not None and tool.open:  # (a server that numbers every call 0)
+                out.append(self._stop(tool))
+            out += [self._stop(other) for other in self._tools.values()
+                    if other.open and other.whole()]
+            tool = self._tools[position] = _ToolBlock(
+                new_id or "toolu_" + uuid.uuid4().hex[:24], self._block)
+            self._block += 1
+            self._tool_seen = True
+            out.append(("content_block_start", {
+                "type": "content_block_start", "index": tool.index,
+                "content_block": {"type": "tool_use", "id": tool.id,
+                                  "name": function.get("name") or "", "input": {}}}))
+        elif not tool.open and isinstance(arguments, str) and arguments.strip():
+            raise ValueError("arguments for a tool call that was already whole")
+        if arguments and tool.open:
+            tool.arguments.append(arguments)
+            out.append(("content_block_delta", {
+                "type": "content_block_delta", "index": tool.index,
+                "delta": {"type": "input_json_delta", "partial_json": arguments}}))
         return out
+
+    def _stop(self, tool: _ToolBlock) -> Event:
+        tool.open = False
+        return ("content_block_stop", {"type": "content_block_stop", "index": tool.index})
 
     def _open(self, kind: str, block: JSON) -> list[Event]:
         self._kind = kind
@@ -489,8 +536,14 @@ class ChatStreamToMessages:
     def _close_block(self) -> list[Event]:
         if self._kind is None:
             return []
+        if self._kind == "tool_use":  # (each has its index already; the next is `_block`)
+            events = [self._stop(tool) for tool in sorted(self._tools.values(),
+                                                          key=lambda tool: tool.index)
+                      if tool.open]
+            self._kind, self._tools = None, {}
+            return events
         event = ("content_block_stop", {"type": "content_block_stop", "index": self._block})
-        self._kind, self._tool = None, None
+        self._kind = None
         self._block += 1
         return [event]
 

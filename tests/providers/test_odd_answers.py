@@ -16,6 +16,7 @@ import pytest
 from gateway import create_app
 from gateway.context import Usage, request_context
 from gateway.errors import UpstreamError
+from providers.anthropic_stream import ChatStreamToMessages
 from tests.harness import TEST_KEY, ThreadedServer, config_head, openai_client, write_config
 from tests.mock_providers.scripted import Scripted, ScriptedUpstream
 
@@ -191,7 +192,84 @@ def test_an_answer_too_deep_to_write_back_is_a_502_in_the_anthropic_shape(
         {"role": "assistant", "content": None, "tool_calls": [call]})))
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
     with pytest.raises(anthropic.APIStatusError) as failed:
-        sdk.messages.create(model="gpt", max_tokens=50, messages=ASK)  # type: ignore[arg-type]
+        sdk.messages.create(model="gpt", max_tokens=50, messages=ASK)
     assert failed.value.status_code == 502
     assert isinstance(failed.value.body, dict) and failed.value.body["type"] == "error"
     assert "unreadable response" in failed.value.message
+
+
+def interleaved_calls() -> Scripted:
+    def call(position: int, arguments: str, name: str | None = None) -> dict[str, Any]:
+        made: dict[str, Any] = {"index": position, "function": {"arguments": arguments}}
+        if name is not None:
+            made.update(id=f"call_{name}", type="function")
+            made["function"]["name"] = name
+        return chunk({"tool_calls": [made]})
+
+    return Scripted.stream(
+        chunk({"role": "assistant", "content": None}),
+        call(0, "", "get_weather"), call(1, "", "get_time"),
+        call(0, '{"city": '), call(1, '{"zone": '), call(0, '"Paris"}'), call(1, '"UTC"}'),
+        chunk({}, "tool_calls"),
+        chunk(None, usage={"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}),
+        "[DONE]")
+
+
+def test_interleaved_parallel_tool_calls_reach_an_anthropic_client_whole(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    upstream.queue(interleaved_calls())
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+    with sdk.messages.stream(model="gpt", max_tokens=50,
+                             messages=ASK) as stream:
+        message = stream.get_final_message()
+    assert [(block.type, getattr(block, "name", None), getattr(block, "input", None))
+            for block in message.content] == [("tool_use", "get_weather", {"city": "Paris"}),
+                                              ("tool_use", "get_time", {"zone": "UTC"})]
+    assert len({getattr(block, "id", None) for block in message.content}) == 2
+    assert message.stop_reason == "tool_use"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (20, 12)
+    assert ended() == [(Usage(input_tokens=20, output_tokens=12), None)]
+
+
+def events_of(translator: ChatStreamToMessages, *chunks: dict[str, Any]) -> list[tuple[Any, ...]]:
+    out = []
+    for made in chunks:
+        out += translator.feed(made)
+    out += translator.finish()
+    return [(name, data.get("index")) for name, data in out
+            if name.startswith("content_block")]
+
+
+def tool_chunk(position: int, arguments: str, call_id: str | None = None) -> dict[str, Any]:
+    made: dict[str, Any] = {"index": position, "function": {"arguments": arguments}}
+    if call_id:
+        made.update(id=call_id, type="function")
+        made["function"]["name"] = "f"
+    return chunk({"tool_calls": [made]})
+
+
+def test_calls_sent_one_after_another_stay_one_block_after_another() -> None:
+    # As Anthropic sends its own: a block stops before the next starts.
+    assert events_of(ChatStreamToMessages("m"),
+                     tool_chunk(0, '{"a": 1}', "call_a"), tool_chunk(1, "", "call_b"),
+                     tool_chunk(1, '{"b": 2}'), chunk({}, "tool_calls")) == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1)]
+
+
+def test_a_server_that_numbers_every_call_zero_gets_a_block_per_call() -> None:
+    assert events_of(ChatStreamToMessages("m"),
+                     tool_chunk(0, '{"a": ', "call_a"), tool_chunk(0, "1}"),
+                     tool_chunk(0, '{"b": 2}', "call_b"), chunk({}, "tool_calls")) == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+        ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+        ("content_block_stop", 1)]
+
+
+def test_arguments_for_a_call_already_whole_are_unreadable_not_a_new_block() -> None:
+    translator = ChatStreamToMessages("m")
+    translator.feed(tool_chunk(0, '{"a": 1}', "call_a"))
+    translator.feed(tool_chunk(1, '{"b": 2}', "call_b"))  # (closes call 0: whole)
+    assert translator.feed(tool_chunk(0, "  ")) == []  # (white space adds nothing)
+    with pytest.raises(ValueError, match="already whole"):
+        translator.feed(tool_chunk(0, ', "c": 3}'))
