@@ -449,9 +449,11 @@ class HTTPAdapter:
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
         try:
             payload = orjson.loads(raw) if parts is None else _combined(exchange, parts)
-            if type(payload) is dict and type(payload.get("error")) is dict \
+            if type(payload) is dict and payload.get("error") is not None \
                     and _ANSWER_KEYS.isdisjoint(payload):
-                raise self._error_answered(payload["error"], raw, attempt)
+                error = payload["error"]  # (an object; some servers send a bare message)
+                raise self._error_answered(error if type(error) is dict else
+                                           {"message": str(error)}, raw, attempt)
             if ctx.trace is not None:
                 ctx.finish_reasons = finish_reasons(payload)
                 ctx.response_model = reported_model(payload)

@@ -182,6 +182,16 @@ def test_gemini_stream_usage_that_is_not_a_count_after_text_ends_the_stream_with
     assert (usage, error_type) == (Usage(input_tokens=3, output_tokens=1), "bad_response")
 
 
+def test_a_200_whose_error_is_a_bare_message_is_the_calls_failure(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # As `{"error": {...}}` with status 200 is (OpenRouter's): never passed on as an answer.
+    upstream.queue(Scripted.json({"error": "upstream overloaded"}))
+    with pytest.raises(openai.APIStatusError) as failed:
+        openai_client(gateway).chat.completions.create(model="gpt", messages=ASK)
+    assert failed.value.status_code == 502
+    assert failed.value.message.endswith("answered 200 with an error: upstream overloaded")
+
+
 def test_an_answer_too_deep_to_write_back_is_a_502_in_the_anthropic_shape(
         gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
     deep = '{"a":' * 300 + "1" + "}" * 300  # (orjson writes 254 levels at most)
