@@ -323,13 +323,18 @@ async def test_rate_limit_admits_exactly_n_requests_across_two_processes(
     outcomes, elapsed_s = await burst((a, b), key, BURST)
 
     refill_s = 60 / RATE_ADMITTED  # the time the bucket takes to refill one request
-    assert elapsed_s < refill_s, f"the burst took {elapsed_s:.1f} s; exactness needs < {refill_s}"
+    # The full bucket, and one more request for each refill the burst lasted: exactly
+    # RATE_ADMITTED when it took less than refill_s, as it does on an idle machine; a loaded
+    # one (a 2-core CI box) may take longer, and the limit then rightly admits what refilled.
+    refills = int(elapsed_s // refill_s)
+    admitted = sum(o.status == 200 for o in outcomes)
+    assert RATE_ADMITTED <= admitted <= RATE_ADMITTED + refills, (admitted, elapsed_s)
     assert Counter((o.status, o.code) for o in outcomes) == {
-        (200, None): RATE_ADMITTED, (429, "rate_limit_exceeded"): BURST - RATE_ADMITTED}
+        (200, None): admitted, (429, "rate_limit_exceeded"): BURST - admitted}
     waits = [o.retry_after for o in outcomes if o.status == 429]
     assert all(w is not None and 1 <= int(w) <= math.ceil(refill_s) for w in waits), waits
     used = [o.usage for o in outcomes if o.usage is not None]
-    assert [u["total_tokens"] for u in used] == [RESERVED_TOKENS] * RATE_ADMITTED
+    assert [u["total_tokens"] for u in used] == [RESERVED_TOKENS] * admitted
     suffix = "requests" if kind == "rpm" else "tokens"
     assert {o.headers[f"x-ratelimit-limit-{suffix}"] for o in outcomes if o.status == 200} \
         == {str(limit)}
