@@ -26,6 +26,7 @@ from gateway.h11_cycle import install as install_h11_cycle_shortcut
 from gateway.h11_headers import install as install_h11_header_memo
 from gateway.h11_headers import install_hypercorn as install_hypercorn_header_memo
 from gateway.hypercorn_h11 import install as install_hypercorn_plain_requests
+from gateway.hypercorn_h11 import install_error_bodies as install_hypercorn_error_bodies
 from gateway.hypercorn_idle import install as install_idle_timer
 from gateway.hypercorn_writes import install as install_gathering_writer
 from gateway.kernel import Kernel, stack_components
@@ -72,5 +73,6 @@ install_hypercorn_header_memo()
 install_h11_body_shortcut()  # body chunks straight to the writer: see gateway/h11_body.py
 install_h11_cycle_shortcut()  # a plain request/response cycle: see gateway/h11_cycle.py
 install_hypercorn_plain_requests()  # no upgrade checks for those: gateway/hypercorn_h11.py
+install_hypercorn_error_bodies()  # a request h11 cannot read: a JSON 400 that says so
 install_idle_timer()  # one timer per idle connection: see gateway/hypercorn_idle.py
 install_gathering_writer()  # one send(2) per turn: see gateway/hypercorn_writes.py

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import hypercorn.config
+import orjson
 import pytest
 from hypercorn.protocol.h11 import H11Protocol
 
@@ -143,3 +144,41 @@ async def test_raw_header_names_when_hypercorn_passes_them(installed) -> None:
         theirs = await _serve(EXCHANGES[:1], h11_pass_raw_headers=True)
     assert ours == theirs
     assert (b"X-Custom", b"A b") in ours[0][0][0]["headers"]
+
+
+UNREADABLE = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nBad Header: x\r\n\r\n",
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ntransfer-encoding: chunked\r\n\r\n"
+     b"zz\r\n{}\r\n0\r\n\r\n"),
+    b"NOT-HTTP\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", UNREADABLE)
+async def test_a_request_h11_cannot_read_gets_a_json_400_that_says_so(
+        installed: None, request_bytes: bytes) -> None:
+    assert hypercorn_h11.install_error_bodies()
+    assert hypercorn_h11.install_error_bodies()  # once is enough
+    seen, [answer] = await _serve([[request_bytes]])
+    assert [body for _scope, body in seen] in ([], [b""])  # (a bad body: after its head)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 400 "
+    assert b"content-type: application/json" in lines and b"connection: close" in lines
+    assert f"content-length: {len(body)}".encode() in lines
+    error = orjson.loads(body)
+    # (read by both SDKs: OpenAI's error object in Anthropic's envelope)
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["code"] == "malformed_request"
+    assert "not valid HTTP/1.1" in error["error"]["message"]
+
+
+async def test_a_header_block_too_large_is_a_json_431(installed: None) -> None:
+    assert hypercorn_h11.install_error_bodies()
+    huge = b"GET / HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    seen, [answer] = await _serve([[huge]])
+    assert seen == [] and answer.startswith(b"HTTP/1.1 431 ")
+    assert b"too large" in answer.partition(b"\r\n\r\n")[2]
