@@ -257,8 +257,14 @@ class MessagesStreamToChat:
         if block.get("type") == "tool_use":
             position = len(self._calls)
             self._calls[int(data.get("index", 0))] = position
+            arguments = ""
+            given = block.get("input")
+            if isinstance(given, dict) and given:  # (Anthropic's is {}, its input in deltas;
+                # a compatible server may send the whole input here, and no delta)
+                arguments = orjson.dumps(given).decode()
+                self._with_arguments.add(position)
             call = {"index": position, "id": block.get("id"), "type": "function",
-                    "function": {"name": block.get("name"), "arguments": ""}}
+                    "function": {"name": block.get("name"), "arguments": arguments}}
             return self._emit({"tool_calls": [call]})
         if block.get("type") == "text" and block.get("text"):
             return self._emit({"content": block["text"]})
@@ -426,7 +432,10 @@ class ChatStreamToMessages:
             if choice.get("finish_reason"):
                 out += self._close_block()
                 self._finish = choice["finish_reason"]
-        if self._finish is not None and self._usage is not None and not self._sent_delta:
+        # The usage that came with the finish or after it (a server that reports a running
+        # usage on its content chunks sends the final one last): the message_delta's.
+        if self._finish is not None and isinstance(chunk.get("usage"), dict) \
+                and not self._sent_delta:
             out += self._message_delta()
         return out
 
@@ -493,7 +502,8 @@ class ChatStreamToMessages:
         function = call.get("function") or {}
         arguments = function.get("arguments")
         position = call["index"] if isinstance(call.get("index"), int) else 0
-        new_id = tool_use_id(call.get("id"))
+        # (an empty id is none: DashScope's and GLM's later deltas of a call repeat `"id": ""`)
+        new_id = tool_use_id(call.get("id") or None)
         if self._kind != "tool_use":
             out += self._close_block()
             self._kind, self._tools = "tool_use", {}

@@ -546,15 +546,11 @@ class HTTPAdapter:
                 async with deadline:
                     response = await self._post(exchange)
                     await self._raise_for_status(response, attempt)
+                    opening = b""
                     if "content-type" in response.headers and \
                             response.content_type != "text/event-stream":
-                        # (a server that ignored `stream`, and answered JSON: no event in it)
-                        attempt.error_type = "bad_response"
-                        raise UpstreamError(502, f"Provider '{self.name}' answered a stream "
-                                                 "request without an event stream "
-                                                 f"({self.redact(response.content_type)[:60]}).",
-                                            provider=self.name, error_type="bad_response")
-                    first = await self._first_events(response, codec)
+                        opening = await self._sniffed_events(response, attempt)
+                    first = await self._first_events(response, codec, opening)
                     marker, count = delivered_counting(ctx.operation, first)
                     ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
                     ctx.first_event = getattr(codec, "first_event", None)
@@ -606,9 +602,35 @@ class HTTPAdapter:
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming,
                                      (delivered[0], first, marker))
 
-    async def _first_events(self, response: aiohttp.ClientResponse, codec: Any) -> bytes:
-        """Reads until the codec yields client bytes; failures here are still retryable."""
+    async def _sniffed_events(self, response: aiohttp.ClientResponse,
+                              attempt: Attempt) -> bytes:
+        """The first bytes of a stream answered with another content type: events all the
+        same when they read as such (LitServe's OpenAI spec says `application/x-ndjson`,
+        some proxies `application/json`, of a body of `data:` events, which the SDKs read);
+        a JSON body is a server that ignored `stream` (502, no event in it)."""
         try:
+            opening = await response.content.readany()
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc) from None
+        start = opening.lstrip()[:6]
+        if start.startswith((b"data:", b"event:", b":", b"id:", b"retry:")) or (
+                not start and opening):
+            return opening
+        attempt.error_type = "bad_response"
+        raise UpstreamError(502, f"Provider '{self.name}' answered a stream request without "
+                                 "an event stream "
+                                 f"({self.redact(response.content_type)[:60]}).",
+                            provider=self.name, error_type="bad_response")
+
+    async def _first_events(self, response: aiohttp.ClientResponse, codec: Any,
+                            opening: bytes = b"") -> bytes:
+        """Reads until the codec yields client bytes (`opening`: read already); failures
+        here are still retryable."""
+        try:
+            if opening:
+                out = codec.feed(opening)
+                if out:
+                    return bytes(out)
             while True:
                 chunk = await response.content.readany()
                 if not chunk:

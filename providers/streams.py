@@ -184,7 +184,8 @@ class PassthroughCodec:
         events, self._tail = split_complete_events(buffer)
         if not events:
             return b""
-        self._before, self._last = self._last, events
+        if events[:1] != b":" or not _comments_only(events):  # (`: keep-alive` ends nothing)
+            self._before, self._last = self._last, events
         try:
             return self._feed_events(events)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -285,10 +286,11 @@ class PassthroughCodec:
         return out
 
     def _ended(self) -> bool:
-        """Whether the last reads hold an end marker. Searched as bytes, not in each event's
-        data: splitting the events cost ~15 µs a stream (~8 times the search), for a marker
-        outside an event's data (a comment's) that no provider sends."""
-        return any(marker in self._last or marker in self._before
+        """Whether the last reads with events (not only comments) hold an end marker.
+        Searched as bytes, not in each event's data: splitting the events cost ~15 µs a
+        stream (~8 times the search), for a marker outside an event's data (a comment's)
+        that no provider sends."""
+        return any(_holds(self._last, marker) or _holds(self._before, marker)
                    for marker in self._end_markers)
 
     @property
@@ -402,6 +404,26 @@ class HubSink(Protocol):
     def feed(self, chunks: Iterable[dict[str, Any]]) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+
+def _comments_only(events: bytes) -> bool:
+    """Whether every line of `events` is an SSE comment (or blank)."""
+    return all(not line or line[:1] == b":" for line in events.split(b"\n"))
+
+
+def _holds(events: bytes, marker: bytes) -> bool:
+    """Whether `marker` is in `events`; one that ends where a string value starts
+    (`"finish_reason":"`) only with a value after it: an empty string ends nothing (Ollama
+    and SGLang send `"finish_reason": ""` on every chunk)."""
+    at = events.find(marker)
+    if at < 0 or not marker.endswith((b':"', b': "')):
+        return at >= 0
+    while at >= 0:
+        after = at + len(marker)
+        if events[after:after + 1] != b'"':
+            return True
+        at = events.find(marker, after)
+    return False
 
 
 class TranslatingCodec:

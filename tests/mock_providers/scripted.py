@@ -22,7 +22,8 @@ from aiohttp import web
 @dataclass(slots=True)
 class Scripted:
     """One answer: `body` as it is, or `events` as an SSE stream (`data: <json>` each, a
-    str sent as it is, as `[DONE]`), `pause_s` apart (so the gateway reads them apart)."""
+    str sent as it is, as `[DONE]`; bytes written as they are), `pause_s` apart (so the
+    gateway reads them apart)."""
 
     status: int = 200
     body: bytes = b""
@@ -37,8 +38,9 @@ class Scripted:
         return cls(body=json.dumps(payload).encode())
 
     @classmethod
-    def stream(cls, *events: Any, pause_s: float = 0.05) -> Scripted:
-        return cls(events=list(events), content_type="text/event-stream", pause_s=pause_s)
+    def stream(cls, *events: Any, pause_s: float = 0.05,
+               content_type: str = "text/event-stream") -> Scripted:
+        return cls(events=list(events), content_type=content_type, pause_s=pause_s)
 
 
 class ScriptedUpstream:
@@ -75,6 +77,9 @@ class ScriptedUpstream:
         for position, event in enumerate(answer.events):
             if position:
                 await asyncio.sleep(answer.pause_s)
+            if isinstance(event, bytes):  # (raw SSE text: a comment, an `event:` line)
+                await response.write(event)
+                continue
             data = event if isinstance(event, str) else json.dumps(event)
             await response.write(f"data: {data}\n\n".encode())
         await response.write_eof()

@@ -58,9 +58,11 @@ from tests.providers.test_odd_answers import EndSeen
 providers = {{
     "oai": Provider("openai", base_url="{upstream.url}/v1", api_key_env=KEY, timeouts=fast),
     "gem": Provider("gemini", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
+    "ant": Provider("anthropic", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
 }}
 models = {{"gpt": [Deployment("oai", "gpt-4o-mini", price=PRICE)],
-           "gemini": [Deployment("gem", "gemini-2.0-flash", price=PRICE)]}}
+           "gemini": [Deployment("gem", "gemini-2.0-flash", price=PRICE)],
+           "claude": [Deployment("ant", "claude-sonnet-4-5", price=PRICE)]}}
 middleware = [Middleware(EndSeen)]
 '''
     with ThreadedServer(create_app(write_config(tmp_path_factory.mktemp("odd"), text))) as server:
@@ -283,3 +285,126 @@ def test_arguments_for_a_call_already_whole_are_unreadable_not_a_new_block() -> 
     assert translator.feed(tool_chunk(0, "  ")) == []  # (white space adds nothing)
     with pytest.raises(ValueError, match="already whole"):
         translator.feed(tool_chunk(0, ', "c": 3}'))
+
+
+def claude_sdk(gateway: ThreadedServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=TEST_KEY, max_retries=0)
+
+
+def test_a_calls_later_deltas_with_an_empty_id_stay_in_its_block(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # DashScope (Qwen) and GLM repeat `"id": ""` and `"name": ""` on a call's later deltas.
+    def call(arguments: str, call_id: str = "", name: str = "") -> dict[str, Any]:
+        return chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                      "function": {"name": name, "arguments": arguments}}]})
+
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": None}), call("", "call_1", "bash"),
+        call('{"cmd": '), call('"ls"}'), chunk({}, "tool_calls"),
+        chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 5}), "[DONE]"))
+    with claude_sdk(gateway).messages.stream(model="gpt", max_tokens=50,
+                                             messages=ASK) as stream:
+        message = stream.get_final_message()
+    assert [(block.type, getattr(block, "id", None), getattr(block, "name", None),
+             getattr(block, "input", None)) for block in message.content] == [
+        ("tool_use", "call_1", "bash", {"cmd": "ls"})]
+
+
+def test_a_passthrough_stream_cut_short_is_no_success_when_every_chunk_says_finish_reason_empty(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # Ollama and SGLang send `"finish_reason": ""` (not null) on every chunk before the last.
+    upstream.queue(Scripted.stream(
+        {**chunk({"role": "assistant", "content": ""}), "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": ""}]},
+        {**chunk({"content": "Hel"}), "choices": [
+            {"index": 0, "delta": {"content": "Hel"}, "finish_reason": ""}]}))
+    stream = openai_client(gateway).chat.completions.create(model="gpt", messages=ASK,
+                                                            stream=True)
+    texts = []
+    with pytest.raises(openai.APIError, match="ended before"):
+        for part in stream:
+            texts += [choice.delta.content or "" for choice in part.choices]
+    assert "".join(texts) == "Hel"
+    assert ended()[0][1] == "incomplete_stream"
+
+
+def test_a_keep_alive_comment_before_the_usage_chunk_is_no_cut_short_stream(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # No `[DONE]` (some OpenAI-compatible servers): the finish chunk ends the stream, also
+    # when a comment came in a read of its own after it.
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello"}),
+        chunk({}, "stop"), b": keep-alive\n\n",
+        chunk(None, usage={"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5})))
+    stream = openai_client(gateway).chat.completions.create(
+        model="gpt", messages=ASK, stream=True, stream_options={"include_usage": True})
+    parts = list(stream)
+    assert "".join(choice.delta.content or "" for part in parts
+                   for choice in part.choices) == "Hello"
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 1
+    assert ended() == [(Usage(input_tokens=4, output_tokens=1), None)]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/json"])
+def test_events_sent_under_another_content_type_are_read_as_events(
+        gateway: ThreadedServer, upstream: ScriptedUpstream, content_type: str) -> None:
+    # LitServe's OpenAI spec says application/x-ndjson, some proxies application/json.
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello"}),
+        chunk({}, "stop"), "[DONE]", content_type=content_type))
+    stream = openai_client(gateway).chat.completions.create(model="gpt", messages=ASK,
+                                                            stream=True)
+    assert "".join(choice.delta.content or "" for part in stream
+                   for choice in part.choices) == "Hello"
+
+
+def test_a_json_answer_to_a_stream_request_is_still_a_502(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    upstream.queue(Scripted.json(chat_answer({"prompt_tokens": 1, "completion_tokens": 1})))
+    with pytest.raises(openai.APIStatusError) as failed:
+        list(openai_client(gateway).chat.completions.create(model="gpt", messages=ASK,
+                                                           stream=True))
+    assert failed.value.status_code == 502
+    assert "without an event stream" in failed.value.message
+
+
+def test_an_anthropic_caller_gets_the_usage_that_came_after_the_finish(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # A running usage on the content chunks, none on the finish chunk, the final one last.
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": "one"},
+              usage={"prompt_tokens": 7, "completion_tokens": 1}),
+        chunk({"content": " two"}, usage={"prompt_tokens": 7, "completion_tokens": 2}),
+        chunk({}, "stop"), chunk(None, usage={"prompt_tokens": 7, "completion_tokens": 3}),
+        "[DONE]"))
+    with claude_sdk(gateway).messages.stream(model="gpt", max_tokens=50,
+                                             messages=ASK) as stream:
+        message = stream.get_final_message()
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
+    assert ended() == [(Usage(input_tokens=7, output_tokens=3), None)]
+
+
+def test_a_tool_input_sent_whole_in_its_block_start_reaches_an_openai_caller(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # Anthropic's own content_block_start says `input: {}` and deltas follow; a compatible
+    # server may put the whole input there instead.
+    upstream.queue(Scripted.stream(
+        {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+            "model": "claude-sonnet-4-5", "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 12, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_01", "name": "weather",
+            "input": {"city": "Paris"}}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"output_tokens": 8}},
+        {"type": "message_stop"}))
+    stream = openai_client(gateway).chat.completions.create(model="claude", messages=ASK,
+                                                            stream=True)
+    calls = [call for part in stream for choice in part.choices
+             for call in choice.delta.tool_calls or ()]
+    assert "".join(call.function.arguments or "" for call in calls
+                   if call.function is not None) == '{"city":"Paris"}'
+    assert [call.function.name for call in calls if call.function and call.function.name] \
+        == ["weather"]
