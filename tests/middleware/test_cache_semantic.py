@@ -42,6 +42,7 @@ from tests.harness import (
     write_config,
 )
 from tests.mock_providers import MockProviderServer
+from tests.tcp_proxy import TcpProxy
 
 PG_DSN = "host=127.0.0.1 port=5432 user=root dbname=test"
 OTHER_KEY = "sk-sg-another-project-key-0123456789abcdef"
@@ -193,10 +194,30 @@ def test_completions_embed_the_prompt_and_embeddings_are_never_semantic() -> Non
     ("Explain deterministic algorithms", "Explain non-deterministic algorithms", False),
     ("What was the death toll of COVID-19?", "What was the death toll of COVID-19 so far?",
      True),
+    # (each of these passed too: the same words in another order, an opposite made with a
+    # prefix, a negation in another language)
+    ("Is the earth bigger than the sun?", "Is the sun bigger than the earth?", False),
+    ("What is 100 degrees Celsius in Fahrenheit?", "What is 100 degrees Fahrenheit in Celsius?",
+     False),
+    ("Did Google acquire YouTube?", "Did YouTube acquire Google?", False),
+    ("Convert the date to the format DD/MM/YYYY.", "Convert the date to the format MM/DD/YYYY.",
+     False),
+    ("Is it safe to eat raw chicken?", "Is it unsafe to eat raw chicken?", False),
+    ("Is it possible to resume a download?", "Is it impossible to resume a download?", False),
+    ("Ist es sicher, rohes Huhn zu essen?", "Ist es nicht sicher, rohes Huhn zu essen?", False),
+    ("Is it safe to eat raw chicken?", "It is safe to eat raw chicken?", True),  # (word order)
+    ("How do I reverse a list in Python?", "what's the way to reverse a python list", True),
 ])
 def test_the_guard(a: str, b: str, agree: bool) -> None:
     assert guards_agree(guard_of(a), guard_of(b)) is agree
     assert guards_agree(guard_of(b), guard_of(a)) is agree
+
+
+def test_a_guard_of_another_version_agrees_with_none() -> None:
+    # (stored before the content words were kept: "negations|numbers|polar|turns")
+    assert not guards_agree("0|||", guard_of("hello there"))
+    assert not guards_agree(guard_of("hello there"), "0|||")
+    assert guards_agree(guard_of("hello there"), guard_of("hello there"))
 
 
 def test_best_applies_the_threshold_and_the_guard() -> None:
@@ -366,6 +387,44 @@ async def test_pgvector_index_uses_hnsw(pg_index: PgVectorIndex) -> None:
     assert "USING hnsw (embedding vector_cosine_ops)" in definitions
 
 
+async def test_a_pgvector_that_stops_answering_is_skipped_until_it_answers_again() -> None:
+    # A server that accepts connections but never answers cost every lookup the whole
+    # timeout; after a failure the index now fails at once for retry_interval_s.
+    table = "sg_semantic_" + uuid.uuid4().hex[:12]
+    proxy = TcpProxy(5432)
+    await proxy.start()
+    dsn = PG_DSN.replace("port=5432", f"port={proxy.port}")
+    assert dsn != PG_DSN
+    index = PgVectorIndex(dsn, dimensions=3, table=table, timeout_s=0.5, retry_interval_s=60)
+    await index.startup()
+    try:
+        await index.add("p", unit([1, 0, 0]), "k", "g", 2e9)
+        assert [c.key for c in await index.search("p", unit([1, 0, 0]), 1)] == ["k"]
+        proxy.reply_delay_s = 30  # (what it is asked arrives; its answers never come)
+        with pytest.raises(VectorIndexError, match="failed: TimeoutError"):
+            await index.search("p", unit([1, 0, 0]), 1)
+        accepted = proxy.accepted
+        for _ in range(3):
+            with pytest.raises(VectorIndexError, match="unavailable"):
+                await index.search("p", unit([1, 0, 0]), 1)
+            with pytest.raises(VectorIndexError, match="unavailable"):
+                await index.add("p", unit([1, 0, 0]), "k2", "g", 2e9)
+        assert proxy.accepted == accepted  # (not even a connection was tried)
+        proxy.reply_delay_s = 0
+        await proxy.stop()  # (the held connections dropped: the pool makes new ones)
+        await proxy.start()
+        for _ in range(100):  # the readiness probe goes through the gate, and opens it
+            if (await index.check_ready())["semantic_index"] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        assert [c.key for c in await index.search("p", unit([1, 0, 0]), 1)] == ["k"]
+    finally:
+        await index.shutdown()
+        await proxy.stop()
+        async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as conn:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 async def test_an_unreachable_pgvector_is_an_error_the_layer_turns_into_a_miss() -> None:
     index = PgVectorIndex(f"host=127.0.0.1 port={free_port()} user=root dbname=test "
                           "connect_timeout=1", dimensions=3)
@@ -523,6 +582,35 @@ def test_local_embedder_refuses_a_text_longer_than_it_reads(local_embedder: Loca
         loop.close()
     assert all(isinstance(error, EmbedderError) for error in long_ones), long_ones
     assert len(short) == 1 and len(short[0]) == 384  # (batched with them, still answered)
+
+
+def test_local_embedder_refuses_a_text_with_characters_it_cannot_read(
+        local_embedder: LocalEmbedder) -> None:
+    # Outside its vocabulary a run of characters is one [UNK] token: "how to make tom yum"
+    # and "why is the sky blue" in Thai, or two emoji questions, were one vector (a hit
+    # answering another question). Such texts are cached exactly, never by meaning.
+    async def run() -> list[BaseException | list[list[float]]]:
+        return await asyncio.gather(*(local_embedder.embed([text]) for text in (
+            "วิธีทำต้มยำกุ้ง", "ทำไมท้องฟ้าเป็นสีฟ้า", "🚀🌕?", "What does 🍕 mean?",
+            "Ist es nicht sicher?", "Café au lait, naïve résumé")), return_exceptions=True)
+    loop = asyncio.new_event_loop()
+    try:
+        results = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert [type(result).__name__ for result in results] == [
+        "TextNotEmbedded"] * 4 + ["list", "list"]
+
+
+def test_a_local_model_at_a_path_of_its_own_is_named_by_it(tmp_path: Path) -> None:
+    # The embedder's name is in the semantic partition: another model's vectors, even of
+    # the same size, are never compared with the packaged model's.
+    packaged = LocalEmbedder()
+    other = LocalEmbedder(model_path=str(tmp_path))
+    assert packaged.name == "all-MiniLM-L6-v2"
+    assert other.name == f"local:{tmp_path.resolve()}"
+    assert query(chat("hi"), embedder=packaged.name).partition != \
+        query(chat("hi"), embedder=other.name).partition
 
 
 def test_local_embedder_puts_paraphrases_closer_than_near_topics(local_embedder: LocalEmbedder
@@ -714,12 +802,12 @@ def test_the_http_embedder_drives_semantic_hits(
     with start_gateway(tmp_path, mock_url, f"SemanticCache(HttpEmbedder({service.url!r}))"
                        ) as server:
         ask_until_stored(server, "reverse a python list", session=session)
-        # The bag-of-words service sees the same words in another order as the same text.
-        assert ask(server, "python list reverse a", session=session) \
+        # The bag-of-words service sees the same words, capitalised and asked, as the same text.
+        assert ask(server, "Reverse a Python list?", session=session) \
             .headers["x-sluicegate-cache"] == "semantic-hit"
         embedded = service_app.calls
         with pytest.raises(openai.APIStatusError) as refused:  # nothing to look up or store
-            ask(server, "python list reverse a", session=session,
+            ask(server, "Reverse a Python list?", session=session,
                 extra_headers={"cache-control": "only-if-cached, no-cache"})
         assert refused.value.status_code == 504
         assert service_app.calls == embedded  # so nothing was embedded
@@ -761,12 +849,12 @@ def test_an_embedder_that_changes_its_dimensions_is_a_miss_not_an_error(
         ask_until_stored(server, "reverse a python list", session=session)
         service_app.dimensions = 96  # the service was redeployed with another model
         try:
-            again = ask(server, "python list reverse a", session=session)  # an exact miss
+            again = ask(server, "Reverse a Python list?", session=session)  # an exact miss
             assert again.status_code == 200 and again.headers["x-sluicegate-cache"] == "miss"
             # its answer is indexed with the new size: the next paraphrase is a hit again
-            wait_until_cached(lambda: ask(server, "python list reverse a", session=session,
+            wait_until_cached(lambda: ask(server, "Reverse a Python list?", session=session,
                                           extra_headers=ONLY_IF_CACHED))
-            assert ask(server, "a reverse list python", session=session) \
+            assert ask(server, "reverse a python list?", session=session) \
                 .headers["x-sluicegate-cache"] == "semantic-hit"
         finally:
             service_app.dimensions = 64
