@@ -508,7 +508,10 @@ class ChatStreamToMessages:
             out += self._close_block()
             self._kind, self._tools = "tool_use", {}
         tool = self._tools.get(position)
-        if tool is None or (new_id and new_id != tool.id):
+        # A new call: one at a new index, a new id at the same index, or, from a server that
+        # sends neither (every call at index 0, no ids), a name after the arguments are whole.
+        if tool is None or (new_id and new_id != tool.id) or (
+                not new_id and function.get("name") and tool.whole()):
             if tool is not None and tool.open:  # (a server that numbers every call 0)
                 out.append(self._stop(tool))
             out += [self._stop(other) for other in self._tools.values()

@@ -408,3 +408,18 @@ def test_a_tool_input_sent_whole_in_its_block_start_reaches_an_openai_caller(
                    if call.function is not None) == '{"city":"Paris"}'
     assert [call.function.name for call in calls if call.function and call.function.name] \
         == ["weather"]
+
+
+def test_calls_at_index_zero_without_ids_are_told_apart_by_their_names() -> None:
+    def nameless(arguments: str, name: str | None = None) -> dict[str, Any]:
+        function: dict[str, Any] = {"arguments": arguments}
+        if name is not None:
+            function["name"] = name
+        return chunk({"tool_calls": [{"index": 0, "function": function}]})
+
+    assert events_of(ChatStreamToMessages("m"),
+                     nameless('{"a": ', "f"), nameless("1}"), nameless('{"b": 2}', "g"),
+                     nameless("", ""), chunk({}, "tool_calls")) == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+        ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+        ("content_block_stop", 1)]
