@@ -228,7 +228,27 @@ def _contents(messages: list[Any], fetches: bool) -> tuple[list[JSON], list[JSON
             contents[-1]["parts"].extend(parts)  # Gemini wants user/model turns to alternate
         else:
             contents.append({"role": gemini_role, "parts": parts})
+    for content in contents:
+        if content["role"] == "user":
+            _in_call_order(content["parts"], call_names)
     return system, contents
+
+
+def _in_call_order(parts: list[JSON], call_names: dict[str, str]) -> None:
+    """The function responses of a turn in the order of the calls they answer. OpenAI pairs
+    a tool result with its call by `tool_call_id`, so the results may come in any order;
+    Gemini pairs them by position (and name), so the results of two calls of one function
+    (the weather in Paris, then in London), sent London first, answered Paris with
+    London's. (`call_names` holds the call ids in the order the calls came.)"""
+    slots = [index for index, part in enumerate(parts) if "_call_id" in part]
+    if not slots:
+        return
+    order = {call_id: position for position, call_id in enumerate(call_names)}
+    answers = sorted((parts[index] for index in slots),
+                     key=lambda part: order.get(part["_call_id"], len(order)))
+    for index, answer in zip(slots, answers, strict=True):
+        del answer["_call_id"]
+        parts[index] = answer
 
 
 def _text_parts(content: Any, role: str, param: str) -> list[JSON]:
@@ -318,6 +338,7 @@ def _assistant_parts(message: JSON, call_names: dict[str, str], param: str) -> l
                                              param + ".tool_calls")):
         at = f"{param}.tool_calls[{position}]"
         call_id, name, arguments = tool_call(call, at)
+        call_names.pop(call_id, None)  # (an id used again: its place is its latest call's)
         call_names[call_id] = name
         part: JSON = {"functionCall": {"name": name, "args": tool_arguments(
             arguments, at + ".function.arguments")}}
@@ -336,6 +357,7 @@ def _signature(call: JSON) -> str | None:
 
 
 def _tool_result_part(message: JSON, call_names: dict[str, str], param: str) -> JSON:
+    call_id: str | None = None
     if message.get("role") == "function":  # the legacy shape names the function itself
         name = a_string(message.get("name"), param + ".name")
     else:
@@ -354,7 +376,10 @@ def _tool_result_part(message: JSON, call_names: dict[str, str], param: str) -> 
             if kind == "text":
                 texts.append(a_string(part.get("text"), f"{param}.content[{index}].text"))
         content = "".join(texts)
-    return {"functionResponse": {"name": name, "response": _result_object(content)}}
+    answer: JSON = {"functionResponse": {"name": name, "response": _result_object(content)}}
+    if call_id is not None:
+        answer["_call_id"] = call_id  # (put in call order, then dropped: `_in_call_order`)
+    return answer
 
 
 def _result_object(content: str) -> JSON:

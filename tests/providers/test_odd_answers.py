@@ -423,3 +423,34 @@ def test_calls_at_index_zero_without_ids_are_told_apart_by_their_names() -> None
         ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
         ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
         ("content_block_stop", 1)]
+
+
+def gemini_answer(text: str) -> dict[str, Any]:
+    return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 4},
+            "modelVersion": "gemini-2.0-flash", "responseId": "r-1"}
+
+
+def test_results_of_two_calls_of_one_function_reach_gemini_in_the_calls_order(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # OpenAI pairs results by tool_call_id, in any order; Gemini pairs them by position.
+    def call(call_id: str, city: str) -> dict[str, Any]:
+        return {"id": call_id, "type": "function",
+                "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+
+    upstream.queue(Scripted.json(gemini_answer("Sunny in Paris, rain in London.")))
+    answer = openai_client(gateway).chat.completions.create(model="gemini", messages=[
+        {"role": "user", "content": "Weather in Paris and London?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [call("call_paris", "Paris"), call("call_london", "London")]},
+        {"role": "tool", "tool_call_id": "call_london", "content": "London: rain"},
+        {"role": "tool", "tool_call_id": "call_paris", "content": "Paris: sun"},
+    ])
+    assert answer.choices[0].message.content == "Sunny in Paris, rain in London."
+    [(_path, sent)] = upstream.requests
+    calls, results = sent["contents"][1]["parts"], sent["contents"][2]["parts"]
+    assert [part["functionCall"]["args"]["city"] for part in calls] == ["Paris", "London"]
+    assert [part["functionResponse"] for part in results] == [
+        {"name": "get_weather", "response": {"result": "Paris: sun"}},
+        {"name": "get_weather", "response": {"result": "London: rain"}}]
