@@ -175,8 +175,11 @@ def chat_request_to_messages(body: JSON, upstream_model: str, *,
         request["metadata"] = {"user_id": user}
     if body.get("thinking") is not None:
         request["thinking"] = an_object(body["thinking"], "thinking")
+        budget = request["thinking"].get("budget_tokens")
+        if max_tokens is None and type(budget) is int and budget >= request["max_tokens"]:
+            request["max_tokens"] = default_max_tokens + budget  # (room for the answer)
     elif (effort := a_reasoning_effort(body)) is not None:
-        _think_with_effort(request, effort)
+        _think_with_effort(request, effort, given_max=max_tokens is not None)
     if request.get("thinking", {}).get("type") in ("enabled", "adaptive"):
         _sample_as_thinking_allows(request)
     if body.get("stream") is not None:
@@ -217,12 +220,15 @@ _LEAST_BUDGET = 1024
 _CLAUDE_VERSION = re.compile(r"claude-(?:[a-z]+-)?(\d+)(?:-(\d)(?!\d))?")
 
 
-def _think_with_effort(request: JSON, effort: str) -> None:
+def _think_with_effort(request: JSON, effort: str, *, given_max: bool = True) -> None:
     """OpenAI's `reasoning_effort` as Anthropic's thinking (a caller's own `thinking` goes
     as it is). On Claude 4.6 and later, and on models whose name gives no version (the
     newest take adaptive thinking only): adaptive thinking at that effort. On Claude 3.7
     to 4.5: a thinking budget, below `max_tokens` as Anthropic demands (without room for
-    Anthropic's least budget, no thinking). Claude 3.5 and older do not think: nothing.
+    Anthropic's least budget, no thinking); when the caller set no maximum (`given_max`),
+    `max_tokens` grows by the budget, as OpenAI caps no reasoning by a default: the default's
+    4,096 tokens less a 4,095-token budget left the answer one. Claude 3.5 and older do not
+    think: nothing.
     "none" is no thinking.
 
     Anthropic refuses thinking with a tool_choice that forces a tool and with a prefill
@@ -246,6 +252,8 @@ def _think_with_effort(request: JSON, effort: str) -> None:
         request["thinking"] = {"type": "adaptive"}
         request.setdefault("output_config", {})["effort"] = level
     else:
+        if not given_max:
+            request["max_tokens"] += _BUDGETS[effort]
         budget = min(_BUDGETS[effort], request["max_tokens"] - 1)
         if budget < _LEAST_BUDGET:
             return

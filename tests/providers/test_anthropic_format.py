@@ -420,10 +420,12 @@ def test_openai_only_fields_are_dropped() -> None:
     ("claude-sonnet-4-6", "xhigh", {"type": "adaptive"}, {"effort": "high"}),  # (max: Opus)
     ("anthropic.claude-opus-4-7-v1:0", "medium", {"type": "adaptive"}, {"effort": "medium"}),
     ("claude-mythos-preview", "low", {"type": "adaptive"}, {"effort": "low"}),
-    # Claude 3.7 to 4.5: a budget below max_tokens (4096 here)
+    # Claude 3.7 to 4.5: the effort's budget, which max_tokens (the caller set none: the
+    # default 4096) grows by, so the answer keeps the default's room
     ("claude-sonnet-4-5-20250929", "low", {"type": "enabled", "budget_tokens": 1024}, None),
     ("claude-haiku-4-5", "medium", {"type": "enabled", "budget_tokens": 2048}, None),
-    ("claude-opus-4-20250514", "high", {"type": "enabled", "budget_tokens": 4095}, None),
+    ("claude-opus-4-20250514", "high", {"type": "enabled", "budget_tokens": 4096}, None),
+    ("claude-sonnet-4-5", "xhigh", {"type": "enabled", "budget_tokens": 16384}, None),
     ("claude-3-7-sonnet-20250219", "minimal", {"type": "enabled", "budget_tokens": 1024},
      None),
     # no thinking: Claude 3.5 and older, and "none"
@@ -434,7 +436,19 @@ def test_reasoning_effort_turns_thinking_on(model: str, effort: str, thinking: A
                                             config: Any) -> None:
     out = chat_request_to_messages(chat(reasoning_effort=effort), model)
     assert (out.get("thinking"), out.get("output_config")) == (thinking, config)
-    assert out["max_tokens"] == 4096
+    assert out["max_tokens"] == 4096 + (thinking or {}).get("budget_tokens", 0)
+
+
+def test_a_callers_own_thinking_budget_leaves_the_answer_the_default_room() -> None:
+    # (Anthropic demands budget_tokens < max_tokens: 8000 with the default 4096 was its 400)
+    think = {"type": "enabled", "budget_tokens": 8000}
+    out = chat_request_to_messages(chat(thinking=think), "claude-sonnet-4-5")
+    assert (out["thinking"], out["max_tokens"]) == (think, 4096 + 8000)
+    small = {"type": "enabled", "budget_tokens": 1024}
+    assert chat_request_to_messages(chat(thinking=small), "claude-sonnet-4-5")[
+        "max_tokens"] == 4096
+    given = chat_request_to_messages(chat(thinking=think, max_tokens=9000), "claude-sonnet-4-5")
+    assert given["max_tokens"] == 9000  # (what the caller set goes as it is)
 
 
 def test_thinking_from_the_effort_fits_below_max_tokens() -> None:
