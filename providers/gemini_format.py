@@ -184,6 +184,11 @@ def _refuse_inexpressible(body: JSON) -> None:
     if body.get("functions") or body.get("function_call"):
         raise TranslationError("legacy `functions`/`function_call` are not supported for "
                                "Gemini models; send `tools` and `tool_choice` instead.")
+    if body.get("moderation") is not None:  # (OpenAI's own check of input and output)
+        raise TranslationError("`moderation` is run by OpenAI and has no Gemini equivalent: "
+                               "its policy would not be applied, nor its result returned. "
+                               "Send it to an OpenAI deployment, or leave it out.",
+                               param="moderation")
     if "audio" in strings(body.get("modalities"), "modalities", "an array of strings") or \
             body.get("audio"):
         raise TranslationError("audio output is not available through this Gemini route.")

@@ -454,3 +454,16 @@ def test_results_of_two_calls_of_one_function_reach_gemini_in_the_calls_order(
     assert [part["functionResponse"] for part in results] == [
         {"name": "get_weather", "response": {"result": "Paris: sun"}},
         {"name": "get_weather", "response": {"result": "London: rain"}}]
+
+
+@pytest.mark.parametrize("model", ["claude", "gemini"])
+def test_openai_moderation_is_refused_where_it_cannot_run_not_dropped(
+        gateway: ThreadedServer, upstream: ScriptedUpstream, model: str) -> None:
+    moderation = {"model": "omni-moderation-latest",
+                  "policy": {"input": {"mode": "block"}, "output": {"mode": "block"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client(gateway).chat.completions.create(
+            model=model, messages=ASK, extra_body={"moderation": moderation})
+    assert refused.value.status_code == 400
+    assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "moderation"
+    assert upstream.requests == []  # (nothing was sent)
