@@ -774,18 +774,34 @@ def _source_url(block: JSON, kind: str, param: str) -> str:
 
 
 def _chat_document(block: JSON, param: str) -> list[JSON]:
+    """A document block as chat content parts. Its `title` and `context` are passed to the
+    model (Anthropic's citations docs: "title and context are optional fields that will be
+    passed to the model"): a text part before the document says them (a file's title is its
+    filename). Citations cannot be made by another API's model: `citations.enabled` is
+    refused."""
+    citations = block.get("citations")
+    if citations is not None and a_flag(an_object(citations, param + ".citations").get(
+            "enabled"), param + ".citations.enabled"):
+        raise TranslationError("citations are made by Anthropic models only; this model "
+                               "cannot cite a document.", param=param + ".citations")
+    title = a_string_or_none(block.get("title"), param + ".title")
+    context = a_string_or_none(block.get("context"), param + ".context")
     source, source_type = _source(block, param)
+    # (a file's title is its filename, which the model sees with it)
+    said = [f"Document title: {title}"] if title and source_type in ("text", "content") else []
+    said += [f"Document context: {context}"] if context else []
+    parts: list[JSON] = [{"type": "text", "text": "\n".join(said)}] if said else []
     if source_type == "text":
-        return [{"type": "text", "text": a_string(source.get("data"), param + ".source.data")}]
+        return [*parts, {"type": "text",
+                         "text": a_string(source.get("data"), param + ".source.data")}]
     if source_type == "content":
         at = param + ".source.content"
-        parts = []
         for index, item in enumerate(_blocks(source.get("content"), at)):
             parts += _chat_parts(*part_type(item, f"{at}[{index}]"), f"{at}[{index}]")
         return parts
-    filename = a_string_or_none(block.get("title"), param + ".title") or "document.pdf"
-    return [{"type": "file", "file": {"filename": filename,
-                                      "file_data": _source_url(block, "document", param)}}]
+    return [*parts, {"type": "file", "file": {
+        "filename": title or "document.pdf",
+        "file_data": _source_url(block, "document", param)}}]
 
 
 def _chat_tools(tools: list[Any], choice: Any) -> JSON:

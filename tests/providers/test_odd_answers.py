@@ -467,3 +467,26 @@ def test_openai_moderation_is_refused_where_it_cannot_run_not_dropped(
     assert refused.value.status_code == 400
     assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "moderation"
     assert upstream.requests == []  # (nothing was sent)
+
+
+def test_a_documents_title_and_context_reach_another_apis_model(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # Anthropic passes a document's title and context to the model (its citations docs).
+    document = {"type": "document", "title": "Q3 report (ACME Corp)",
+                "context": "Unaudited; figures in EUR.",
+                "source": {"type": "text", "media_type": "text/plain",
+                           "data": "Revenue grew 12%."}}
+    question = {"type": "text", "text": "Which company, and in what currency?"}
+    upstream.queue(Scripted.json(chat_answer({"prompt_tokens": 30, "completion_tokens": 5})))
+    claude_sdk(gateway).messages.create(model="gpt", max_tokens=50, messages=[
+        {"role": "user", "content": [document, question]}])
+    [(_path, sent)] = upstream.requests
+    texts = [part["text"] for part in sent["messages"][-1]["content"]]
+    assert texts == ["Document title: Q3 report (ACME Corp)\nDocument context: Unaudited; "
+                     "figures in EUR.", "Revenue grew 12%.", "Which company, and in what currency?"]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_sdk(gateway).messages.create(model="gpt", max_tokens=50, messages=[
+            {"role": "user", "content": [{**document, "citations": {"enabled": True}},
+                                         question]}])
+    assert "cannot cite" in refused.value.message
+    assert len(upstream.requests) == 1  # (the refused one was not sent)
