@@ -307,7 +307,11 @@ def _media_part(url: str, fetches: bool, param: str) -> JSON:
         if not fetches and not url.startswith(_ALWAYS_FETCHED):
             raise TranslationError("Gemini 2.0 models do not fetch images from URLs; send the "
                                    "image inline as a base64 data: URL.")
-        extension = urlsplit(url).path.rpartition(".")[2].lower()
+        try:
+            extension = urlsplit(url).path.rpartition(".")[2].lower()
+        except ValueError:  # ("https://[bad/x.png": an unclosed IPv6 bracket)
+            raise TranslationError("the image URL cannot be read as a URL.",
+                                   param=param + ".url") from None
         mime = _MIME_BY_EXTENSION.get(extension, "image/jpeg")
         return {"fileData": {"mimeType": mime, "fileUri": url}}
     raise TranslationError("image URLs must be http(s) or base64 data: URLs.",

@@ -61,7 +61,7 @@ providers = {{
     "ant": Provider("anthropic", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
 }}
 models = {{"gpt": [Deployment("oai", "gpt-4o-mini", price=PRICE)],
-           "gemini": [Deployment("gem", "gemini-2.0-flash", price=PRICE)],
+           "gemini": [Deployment("gem", "gemini-2.5-flash", price=PRICE)],
            "claude": [Deployment("ant", "claude-sonnet-4-5", price=PRICE)]}}
 middleware = [Middleware(EndSeen)]
 '''
@@ -482,11 +482,23 @@ def test_a_documents_title_and_context_reach_another_apis_model(
         {"role": "user", "content": [document, question]}])
     [(_path, sent)] = upstream.requests
     texts = [part["text"] for part in sent["messages"][-1]["content"]]
-    assert texts == ["Document title: Q3 report (ACME Corp)\nDocument context: Unaudited; "
-                     "figures in EUR.", "Revenue grew 12%.", "Which company, and in what currency?"]
+    said = "Document title: Q3 report (ACME Corp)\nDocument context: Unaudited; figures in EUR."
+    assert texts == [said, "Revenue grew 12%.", "Which company, and in what currency?"]
     with pytest.raises(anthropic.BadRequestError) as refused:
         claude_sdk(gateway).messages.create(model="gpt", max_tokens=50, messages=[
             {"role": "user", "content": [{**document, "citations": {"enabled": True}},
                                          question]}])
     assert "cannot cite" in refused.value.message
     assert len(upstream.requests) == 1  # (the refused one was not sent)
+
+
+def test_an_image_url_gemini_cannot_read_is_a_400_naming_it(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client(gateway).chat.completions.create(model="gemini", messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://[bad/x.png"}}]}])
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["param"] == "messages[0].content[1].image_url.url"
+    assert upstream.requests == []
