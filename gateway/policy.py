@@ -7,10 +7,11 @@ another. Money is integer micro-dollars (1 USD = 1_000_000) or `Decimal`, never 
 from __future__ import annotations
 
 import calendar
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Final, Protocol
 
@@ -37,11 +38,17 @@ AMOUNT_MAX: Final = 2 ** 53 - 1
 SUBJECT_KINDS = ("key", "project", "customer", "model", "global")
 
 
+# Exact arithmetic for converting money: every digit kept, nothing flushed to zero. In the
+# default context "1e-999999999" * 10**6 underflowed to 0, which passed the micro-dollar
+# check below: a budget shown as entered and enforced as $0.
+_EXACT = Context(prec=MAX_PREC, Emin=MIN_EMIN, Emax=MAX_EMAX)
+
+
 def usd_to_micros(value: Decimal | int | str) -> int:
     """Dollars (a Decimal, an int or a decimal string; never a float) to micro-dollars."""
     if isinstance(value, float):
         raise TypeError("money must be a Decimal, an int or a string, not a float")
-    micros = Decimal(value) * MICROS_PER_USD
+    micros = _EXACT.multiply(Decimal(value), MICROS_PER_USD)
     if micros != micros.to_integral_value():
         raise ValueError(f"{value} USD is finer than a micro-dollar")
     return int(micros)
@@ -358,11 +365,20 @@ def given(obj: object, name: str) -> object:
     return value
 
 
+# A decimal string as money is written, or one of the non-finite ones (refused below, by name)
+_PLAIN_AMOUNT = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|(?i:s?nan|inf|infinity))")
+
+
 def _money(value: Any) -> Decimal:
     if isinstance(value, float):
         raise TypeError("money must be a Decimal, an int or a string, not a float")
     if not isinstance(value, Decimal | int | str) or isinstance(value, bool):
         raise TypeError(f"{value!r} is not an amount of money")
+    if isinstance(value, str) and not _PLAIN_AMOUNT.fullmatch(value):
+        # (Decimal also reads "5_0" as 50 and Arabic-Indic digits: shown as typed, not meant)
+        raise TypeError(f"{value[:40]!r} is not an amount of money: ASCII digits with an "
+                        "optional sign, point and exponent, such as 12.50")
     try:
         amount = Decimal(value)
     except ArithmeticError:

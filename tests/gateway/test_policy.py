@@ -34,6 +34,22 @@ def test_a_budget_amount_of_another_type_is_refused(amount: Any) -> None:
         Budget(amount)
 
 
+@pytest.mark.parametrize("amount", ["1e-999999999", "1e-1000", "1.0000001", "0.0000005"])
+def test_an_amount_finer_than_a_micro_dollar_is_refused_however_fine(amount: str) -> None:
+    # ("1e-999999999" * 10**6 underflowed to 0 in the default decimal context and passed:
+    # a budget shown as entered and enforced as $0)
+    with pytest.raises(ValueError, match="finer than a micro-dollar"):
+        Budget(amount)
+
+
+@pytest.mark.parametrize("amount", ["5_0", "\u0665", " 12", "12 ", "1,5"])
+def test_an_amount_is_plain_ascii_digits(amount: str) -> None:
+    # (Decimal reads "5_0" as 50 and Arabic-Indic digits as digits: stored and shown as typed)
+    with pytest.raises(TypeError, match="not an amount of money"):
+        Budget(amount)
+    assert Budget("12.50").limit_micros == 12_500_000 and Budget(".5").limit_micros == 500_000
+
+
 @pytest.mark.parametrize("fields", [
     {"on_overflow": "downgrade", "downgrade_to": 5},
     {"downgrade_to": ["x"]},
