@@ -136,9 +136,20 @@ def _window(query: dict[str, str]) -> tuple[datetime, datetime, str]:
         raise _BadParameter("grain", f"grain must be one of {', '.join(GRAINS)}, not "
                                      f"{_echo(grain)}")
     until = _time("until", query.get("until")) or datetime.now(UTC)
-    since = _time("since", query.get("since")) or until - DEFAULT_WINDOW
+    try:
+        since = _time("since", query.get("since")) or until - DEFAULT_WINDOW
+    except OverflowError:  # (the default window before year 1)
+        raise _BadParameter("until", "until is too early for the default window; give "
+                                     "since too") from None
     if since >= until:
         raise _BadParameter("since", "since must be before until")
+    # (a time at the calendar's ends, in UTC or a bucket on, is past what datetime holds)
+    for param, moment in (("since", since), ("until", until)):
+        try:
+            _grain_end(moment, grain)
+        except OverflowError:
+            raise _BadParameter(param, f"{param} must be a time from year 1 to 9999 in UTC, "
+                                       "a bucket short of either end") from None
     return _grain_start(since, grain), _grain_end(until, grain), grain
 
 

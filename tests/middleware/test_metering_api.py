@@ -252,6 +252,11 @@ def test_only_get_is_allowed(ledger: Ledger) -> None:
     ({"since": ""}, "since"),
     ({"grain": "hour"}, "grain"),
     ({"since": "2025-02-01", "until": "2025-01-01"}, "since"),
+    # (the calendar's ends: an OverflowError, a 500 and a traceback any key holder could cause)
+    ({"until": "9999-12-31T23:59:59Z"}, "until"),
+    ({"until": "9999-12-31T00:00:01Z"}, "until"),
+    ({"until": "0001-01-01T00:00:00Z"}, "until"),
+    ({"since": "0001-01-01T00:00:00+00:01"}, "since"),
 ])
 def test_bad_query_values_are_400(ledger: Ledger, query: dict[str, str], param: str) -> None:
     error = error_of(httpx.get(ledger.url + SELF, params=query,
