@@ -12,6 +12,7 @@ its headers, before reading it: `check_json_body`.
 """
 from __future__ import annotations
 
+import hmac
 import os
 from typing import Any
 
@@ -19,10 +20,10 @@ import orjson
 
 from gateway.config import ConfigError, env_name, env_name_shown
 from gateway.errors import GatewayError
-from gateway.kernel import Message, Scope, Send, bearer_is, drain_body, route_path
+from gateway.kernel import Message, Scope, Send, drain_body, route_path
 
-__all__ = ["admin_error", "admin_token_from_env", "admitted", "allowed_methods",
-           "check_json_body", "is_admin", "read_json", "route_path", "send_error", "send_json",
+__all__ = ["admin_error", "admin_refusal", "admin_token_from_env", "admitted", "allowed_methods",
+           "check_json_body", "read_json", "route_path", "send_error", "send_json",
            "without_body_for_head"]
 
 _NO_STORE = (b"cache-control", b"no-store")
@@ -39,10 +40,6 @@ def admin_token_from_env(name: str, owner: str) -> bytes:
     return token.encode()
 
 
-def is_admin(scope: Scope, token: bytes) -> bool:
-    return bearer_is(scope["headers"], token)
-
-
 def admin_error(status: int, message: str, code: str, *, param: str | None = None,
                 headers: list[tuple[bytes, bytes]] | None = None) -> GatewayError:
     """An admin refusal: always a `code`, and `param` where a parameter is at fault."""
@@ -54,13 +51,35 @@ def allowed_methods(method: str) -> tuple[str, ...]:
     return (method, "HEAD") if method == "GET" else (method,)
 
 
+def admin_refusal(headers: list[tuple[bytes, bytes]], token: bytes) -> GatewayError | None:
+    """The 401 of a request without the admin token, else None; one code for each way it
+    can lack it, on every admin route of every layer: `missing_admin_token` (no
+    Authorization header), `virtual_key_not_admin` (a virtual key sent as the token),
+    `invalid_admin_token` (another scheme, or another token). Compared in constant time."""
+    value = next((v for k, v in headers if k == b"authorization"), None)
+    if value is None:
+        return admin_error(401, "Missing admin token: send 'Authorization: Bearer <admin "
+                                "token>'.", "missing_admin_token", headers=[_CHALLENGE])
+    scheme, _, given = value.partition(b" ")
+    given = given.strip()
+    if scheme.lower() != b"bearer" or not given:
+        return admin_error(401, "The Authorization header must be 'Bearer <admin token>'.",
+                           "invalid_admin_token", headers=[_CHALLENGE])
+    if given.startswith(b"sk-sg-"):  # (a virtual key's prefix: middleware.auth.keys)
+        return admin_error(401, "A virtual key is not an admin token.",
+                           "virtual_key_not_admin", headers=[_CHALLENGE])
+    if not hmac.compare_digest(given, token):
+        return admin_error(401, "Invalid admin token.", "invalid_admin_token",
+                           headers=[_CHALLENGE])
+    return None
+
+
 async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:
     """True for a request with the admin token and `method` (HEAD for GET: answer it through
-    `without_body_for_head`); else answers 401 or 405 and says False."""
-    if not is_admin(scope, token):
-        await send_error(send, admin_error(
-            401, "A valid admin token is required: send 'Authorization: Bearer <admin token>'.",
-            "invalid_admin_token", headers=[_CHALLENGE]))
+    `without_body_for_head`); else answers 401 (`admin_refusal`) or 405 and says False."""
+    refusal = admin_refusal(scope["headers"], token)
+    if refusal is not None:
+        await send_error(send, refusal)
         return False
     allowed = allowed_methods(method)
     if scope["method"] not in allowed:

@@ -21,7 +21,6 @@ listings too, so that the operator sees them and can PUT new ones.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -32,7 +31,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.admin import allowed_methods, check_json_body
+from gateway.admin import admin_refusal, allowed_methods, check_json_body
 from gateway.errors import GatewayError
 from gateway.ingress import nesting_exceeds, too_deep
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
@@ -64,7 +63,6 @@ CREATE_FIELDS = frozenset({"project", "allowed_models", "expires_at", "require_c
                            "metadata", "limits"})
 
 _HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-_CHALLENGE = [(b"www-authenticate", b'Bearer realm="sluicegate-admin"')]
 
 Payload = tuple[int, dict[str, Any]]
 _PASTED_KEY = re.compile(re.escape(KEY_PREFIX) + "[^/]*")
@@ -207,21 +205,9 @@ class AdminAPI:
             raise GatewayError(400, f"{exc}.", code="invalid_request") from None
 
     def _authenticate(self, headers: list[tuple[bytes, bytes]]) -> None:
-        value = next((v for k, v in headers if k == b"authorization"), None)
-        if value is None:
-            raise GatewayError(401, "Missing admin token: send 'Authorization: Bearer <admin "
-                                    "token>'.", code="missing_admin_token", headers=_CHALLENGE)
-        scheme, _, token = value.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            raise GatewayError(401, "The Authorization header must be 'Bearer <admin token>'.",
-                               code="invalid_admin_token", headers=_CHALLENGE)
-        if token.startswith(KEY_PREFIX.encode()):
-            raise GatewayError(401, "A virtual key is not an admin token.",
-                               code="virtual_key_not_admin", headers=_CHALLENGE)
-        if not hmac.compare_digest(token, self._token):
-            raise GatewayError(401, "Invalid admin token.", code="invalid_admin_token",
-                               headers=_CHALLENGE)
+        refusal = admin_refusal(headers, self._token)
+        if refusal is not None:
+            raise refusal
 
     def _route(self, path: str,
                segments: list[str]) -> tuple[Mapping[str, Handler], list[str]]:

@@ -1647,14 +1647,18 @@ def test_admin_usage_reports_committed_spend(start: Start, store: str,
                     quota(store, admin_token_env="'SG_QUOTA_ADMIN'"))
     url = gateway.url + f"/admin/usage/key/{KEY_ID}"
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-    for headers in ({}, {"authorization": "Bearer not-the-admin-token-at-all"},
-                    {"authorization": f"Bearer {TEST_KEY}"}):
+    # (one code for each way a request lacks the token, as on the auth layer's routes)
+    for headers, code in (({}, "missing_admin_token"),
+                          ({"authorization": "Bearer not-the-admin-token-at-all"},
+                           "invalid_admin_token"),
+                          ({"authorization": f"Bearer {TEST_KEY}"}, "virtual_key_not_admin")):
         refused = httpx.get(url, headers=headers)
         assert refused.status_code == 401
-        assert refused.json() == {"error": {
-            "message": "A valid admin token is required: send 'Authorization: Bearer <admin "
-                       "token>'.", "type": "authentication_error", "param": None,
-            "code": "invalid_admin_token"}}
+        error = refused.json()["error"]
+        assert (error["type"], error["param"], error["code"]) == (
+            "authentication_error", None, code)
+        assert refused.headers["www-authenticate"] == 'Bearer realm="sluicegate-admin"'
+
 
     now = datetime.now(UTC)
 
