@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import os
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -74,9 +75,12 @@ def admin_refusal(headers: list[tuple[bytes, bytes]], token: bytes) -> GatewayEr
     return None
 
 
-async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:
+async def admitted(scope: Scope, send: Send, token: bytes, method: str,
+                   params: tuple[str, ...] = ()) -> bool:
     """True for a request with the admin token and `method` (HEAD for GET: answer it through
-    `without_body_for_head`); else answers 401 (`admin_refusal`) or 405 and says False."""
+    `without_body_for_head`) whose query holds only `params`, each once; else answers 401
+    (`admin_refusal`), 405 or 400 (`unknown_parameter`, `invalid_parameter`: a query
+    parameter the route does not take is refused, not ignored) and says False."""
     refusal = admin_refusal(scope["headers"], token)
     if refusal is not None:
         await send_error(send, refusal)
@@ -87,6 +91,22 @@ async def admitted(scope: Scope, send: Send, token: bytes, method: str) -> bool:
             405, f"Method {scope['method']} is not allowed here; use {' or '.join(allowed)}.",
             "method_not_allowed", headers=[(b"allow", ", ".join(allowed).encode())]))
         return False
+    seen: set[str] = set()
+    for name, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                             keep_blank_values=True):
+        if name not in params:
+            takes = (f"takes {', '.join(repr(p) for p in params)}" if params else
+                     "takes no query parameters")
+            await send_error(send, admin_error(
+                400, f"Unknown query parameter {name[:64]!r}; this route {takes}.",
+                "unknown_parameter", param=name[:64]))
+            return False
+        if name in seen:
+            await send_error(send, admin_error(
+                400, f"Query parameter {name!r} is given more than once.",
+                "invalid_parameter", param=name))
+            return False
+        seen.add(name)
     return True
 
 

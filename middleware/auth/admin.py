@@ -188,9 +188,16 @@ class AdminAPI:
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use "
                                     f"{allowed}.", code="method_not_allowed",
                                headers=[(b"allow", allowed.encode())])
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
-                               keep_blank_values=True))
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                          keep_blank_values=True)
+        query = dict(pairs)
         request = _Request(params, query, receive, scope["headers"], self.max_body_bytes)
+        _refuse_unknown_query(request, _QUERY_PARAMS.get(handler.__name__, ()))
+        if len(query) < len(pairs):  # (the last one would be taken, the others dropped)
+            name = next(name for index, (name, _) in enumerate(pairs)
+                        if any(other == name for other, _ in pairs[index + 1:]))
+            raise GatewayError(400, f"Query parameter {name!r} is given more than once.",
+                               param=name, code="invalid_parameter")
         try:
             return await handler(request)
         except KeyStoreReadOnly as exc:
@@ -259,7 +266,6 @@ class AdminAPI:
         """Oldest first, a page at a time (`limit`, 100 by default, at most 1000; `after`:
         the last id of the page before; `has_more` says whether there is another), as
         OpenAI's lists page. The config's keys come on the first page, beside the store's."""
-        _refuse_unknown_query(request, ("project", "status", "limit", "after"))
         project, status = request.query.get("project"), request.query.get("status")
         after = request.query.get("after")
         if project is not None:
@@ -344,7 +350,6 @@ class AdminAPI:
     # -- limits ------------------------------------------------------------------------------
 
     async def _list_limits(self, request: _Request) -> Payload:
-        _refuse_unknown_query(request, ("kind",))
         kind = request.query.get("kind")
         if kind is not None:
             _check_kind(kind)
@@ -588,14 +593,20 @@ def _check_project(project: str) -> None:
 _PAGE, _PAGE_MAX = 100, 1000  # keys a listing gives by default, and at most
 
 
+# The query parameters each handler takes; every other route takes none.
+_QUERY_PARAMS = {"_list_keys": ("project", "status", "limit", "after"),
+                 "_list_limits": ("kind",)}
+
+
 def _refuse_unknown_query(request: _Request, known: tuple[str, ...]) -> None:
     """A query parameter this route does not take is refused, not ignored (a misspelled
-    filter would list everything)."""
+    filter would list everything; `?force=1` on a revoke would do what it does without)."""
     for name in request.query:
         if name not in known:
-            raise GatewayError(400, f"Unknown query parameter {name!r}; this route takes "
-                                    f"{', '.join(repr(k) for k in known)}.", param=name,
-                               code="unknown_parameter")
+            takes = (f"takes {', '.join(repr(k) for k in known)}" if known else
+                     "takes no query parameters")
+            raise GatewayError(400, f"Unknown query parameter {name!r}; this route {takes}.",
+                               param=name, code="unknown_parameter")
 
 
 def _no_key(key_id: str) -> GatewayError:

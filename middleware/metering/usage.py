@@ -46,9 +46,10 @@ _MAX_ECHOED_CHARS = 64
 
 
 class _BadParameter(ValueError):
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str = "invalid_parameter") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 # -- the API -----------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ class _BadParameter(ValueError):
 async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes, scope: Scope,
                             send: Send) -> None:
     """`GET /admin/usage?group_by=key|project|customer|model&since=&until=&grain=[&subject=]`"""
-    if not await admitted(scope, send, admin_token, "GET"):
+    if not await admitted(scope, send, admin_token, "GET", _ADMIN_PARAMS):
         return
     send = without_body_for_head(scope, send)
     if store is None:
@@ -64,8 +65,8 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
             404, "No PostgreSQL usage store is configured; use `sluicegate usage --journal "
                  "DIR`.", "usage_unavailable"))
         return
-    query = _query(scope)
     try:
+        query = _query(scope, _ADMIN_PARAMS)
         group_by = query.get("group_by", "project")
         if group_by not in GROUPS:
             raise _BadParameter("group_by", f"group_by must be one of {', '.join(GROUPS)}")
@@ -76,7 +77,7 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
         rows = await store.usage(group_by=group_by, grain=grain, since=since, until=until,
                                  subject=subject)
     except _BadParameter as exc:
-        await send_error(send, admin_error(400, str(exc), "invalid_parameter", param=exc.param))
+        await send_error(send, admin_error(400, str(exc), exc.code, param=exc.param))
         return
     except ValueError as exc:  # (a value the store refused)
         await send_error(send, admin_error(400, str(exc), "invalid_parameter"))
@@ -108,9 +109,9 @@ async def serve_own_usage(store: PostgresUsageStore | None, scope: Scope, send: 
                                 "has no PostgreSQL store), so it cannot report usage.",
                            code="usage_unavailable")
     try:
-        since, until, grain = _window(_query(scope))
+        since, until, grain = _window(_query(scope, _OWN_PARAMS))
     except _BadParameter as exc:
-        raise GatewayError(400, str(exc), param=exc.param, code="invalid_parameter") from None
+        raise GatewayError(400, str(exc), param=exc.param, code=exc.code) from None
     key_id: str = principal["key_id"]
     try:
         rows = await store.usage(group_by="key", subject=key_id, grain=grain, since=since,
@@ -124,9 +125,24 @@ async def serve_own_usage(store: PostgresUsageStore | None, scope: Scope, send: 
                                 "data": data})
 
 
-def _query(scope: Scope) -> dict[str, str]:
+_ADMIN_PARAMS = ("group_by", "since", "until", "grain", "subject")
+_OWN_PARAMS = ("since", "until", "grain")
+
+
+def _query(scope: Scope, known: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters: one a route does not take, or one given twice, is refused
+    (a misspelled `grian=minute` would answer by day; of `group_by=project&group_by=key`
+    the last would win, silently)."""
     raw = scope.get("query_string", b"").decode("latin-1")
-    return {name: values[-1] for name, values in parse_qs(raw, keep_blank_values=True).items()}
+    query: dict[str, str] = {}
+    for name, values in parse_qs(raw, keep_blank_values=True).items():
+        if name not in known:
+            raise _BadParameter(name[:64], f"Unknown query parameter {_echo(name)}; this route "
+                                      f"takes {', '.join(known)}.", "unknown_parameter")
+        if len(values) > 1:
+            raise _BadParameter(name, f"Query parameter {name!r} is given more than once.")
+        query[name] = values[0]
+    return query
 
 
 def _window(query: dict[str, str]) -> tuple[datetime, datetime, str]:

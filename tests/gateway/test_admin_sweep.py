@@ -124,6 +124,20 @@ CASES: list[tuple[str, str, bytes, int, str, str | None]] = [
     ("GET", "/admin/usage?since=2025-02-01&until=2025-01-01", b"", 400, "invalid_parameter",
      "since"),
     ("POST", "/admin/usage", b"{}", 405, "method_not_allowed", None),
+    # a query parameter a route does not take, or one given twice, on every layer's routes
+    # (they were ignored: a revoke with ?bogus=1 revoked)
+    ("GET", "/admin/usage?bogus=1", b"", 400, "unknown_parameter", "bogus"),
+    ("GET", "/admin/usage?group_by=project&group_by=key", b"", 400, "invalid_parameter",
+     "group_by"),
+    ("GET", "/admin/usage/key/x?bogus=1", b"", 400, "unknown_parameter", "bogus"),
+    ("GET", "/admin/deployments?bogus=1", b"", 400, "unknown_parameter", "bogus"),
+    ("POST", "/admin/cache/invalidate?bogus=1", b'{"project": "p"}', 400,
+     "unknown_parameter", "bogus"),
+    ("GET", f"/admin/keys/{UNKNOWN_KEY}?bogus=1", b"", 400, "unknown_parameter", "bogus"),
+    ("POST", f"/admin/keys/{UNKNOWN_KEY}/revoke?bogus=1", b"", 400, "unknown_parameter",
+     "bogus"),
+    ("GET", "/admin/keys?project=a&project=b", b"", 400, "invalid_parameter", "project"),
+    ("GET", "/admin/limits/project/p?bogus=1", b"", 400, "unknown_parameter", "bogus"),
     # quota: current spend
     ("GET", "/admin/usage/planet/x", b"", 404, "unknown_kind", "kind"),
     ("GET", "/admin/usage/key", b"", 404, "unknown_url", None),
