@@ -636,6 +636,8 @@ class FailoverMiddleware:
             return None
         if kind in (RETRYABLE, FATAL, AUTH):
             tried.exclude(state)
+            if kind == AUTH:  # (its one key: the same call would fail again, every round)
+                tried.ineligible = tried.ineligible | {state}
             if retry_after:
                 tried.pause(state, time.monotonic() + retry_after)
             if kind == FATAL:

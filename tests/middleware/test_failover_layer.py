@@ -860,6 +860,22 @@ def test_a_deployment_whose_only_key_is_refused_answers_at_once(
     assert len(a.requests) == 1
 
 
+def test_a_deployment_whose_provider_key_is_refused_is_not_called_again_with_it(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deployment with one key (api_key_env): it was called again with that key after the
+    # backoff, max_attempts times, each a breaker failure, before the 401 went back.
+    extra = 'models["single"] = [Deployment("a", "gpt-4o-mini", price=PRICE)]'
+    with serve(tmp_path, failover_config(a, b, "retry=RetryPolicy(max_attempts=3)",
+                                         extra)) as gateway:
+        a.push_fault(Fault("status", provider="openai", status=401))
+        calls = len(a.requests)
+        response = chat(gateway, "single")
+        assert response.status_code == 401
+        assert len(a.requests) == calls + 1
+        assert response.headers["x-sluicegate-attempts"] == "1"
+
+
 def key_breaker_of(server: ThreadedServer, model: str) -> str:
     state = deployments(server)["models"][model]["deployments"][0]  # type: ignore[index]
     return str(state["keys"][0]["breaker"])
