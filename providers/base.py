@@ -616,6 +616,17 @@ class HTTPAdapter:
         if start.startswith((b"data:", b"event:", b":", b"id:", b"retry:")) or (
                 not start and opening):
             return opening
+        if start.startswith(b"{"):  # an error answered with 200, as a non-stream one is
+            try:
+                body = opening + await response.content.read()
+                payload = orjson.loads(body)
+            except (aiohttp.ClientError, ValueError):
+                payload = None
+            if type(payload) is dict and payload.get("error") is not None \
+                    and _ANSWER_KEYS.isdisjoint(payload):
+                error = payload["error"]
+                raise self._error_answered(error if type(error) is dict else
+                                           {"message": str(error)}, body, attempt)
         attempt.error_type = "bad_response"
         raise UpstreamError(502, f"Provider '{self.name}' answered a stream request without "
                                  "an event stream "

@@ -502,3 +502,15 @@ def test_an_image_url_gemini_cannot_read_is_a_400_naming_it(
     assert isinstance(refused.value.body, dict)
     assert refused.value.body["param"] == "messages[0].content[1].image_url.url"
     assert upstream.requests == []
+
+
+def test_a_stream_request_answered_200_with_a_json_error_is_that_error(
+        gateway: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # (as a non-stream request's is: at the status its code gives, not a retried 502)
+    upstream.queue(Scripted.json({"error": {"code": 400, "type": "invalid_request_error",
+                                            "message": "maximum context length exceeded"}}))
+    with pytest.raises(openai.BadRequestError) as refused:
+        list(openai_client(gateway).chat.completions.create(model="gpt", messages=ASK,
+                                                           stream=True))
+    assert "maximum context length" in refused.value.message
+    assert len(upstream.requests) == 1
