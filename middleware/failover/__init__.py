@@ -142,6 +142,9 @@ __all__ = ["BreakerSettings", "FailoverMiddleware", "RedisHealth", "RetryPolicy"
 
 logger = logging.getLogger("sluicegate.failover")
 _BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+# The last event of an Anthropic stream, after its message_delta: what a stream that broke
+# after its answer ended lacks (an OpenAI stream's is `data: [DONE]`).
+_ANTHROPIC_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 ADMIN_PATH = "/admin/deployments"
 
 
@@ -854,11 +857,18 @@ class FailoverMiddleware:
         then continues it elsewhere when its error would be retried before output: not when
         the caller must fix its request (another deployment would refuse it too), nor when
         the operator chose not to retry it (FATAL, outside `RetryPolicy.retry_on`). Then its
-        error ends the stream."""
+        error ends the stream. A stream whose answer had ended (its finish reason or
+        stop_reason went out; the break lost only `[DONE]` or `message_stop`) is ended as it
+        would have been: continued, it got a second answer after the first, billed."""
         error = interrupted.error
         assert isinstance(error, UpstreamError)  # (the passthrough's, providers/base.py)
         kind = classify(error, self.retry.retry_on)
         self._record_failure(error, kind, None, state, key)
+        if transcript.finished:  # (the answer ended: only its last event was lost)
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": _ANTHROPIC_STOP if ctx.api_format == "anthropic" else
+                        b"data: [DONE]\n\n"})
+            return
         if kind not in (RETRYABLE, AUTH):
             await self._end_broken_stream(send, ctx, interrupted)
             return

@@ -44,13 +44,16 @@ _DROPPED_ANTHROPIC = (b"event: message_start", b"event: ping")
 class Transcript:
     """The assistant text a stream has sent, read from its SSE events (ingress format)."""
 
-    __slots__ = ("_parser", "anthropic", "parts", "plain")
+    __slots__ = ("_parser", "anthropic", "finished", "parts", "plain")
 
     def __init__(self, api_format: str) -> None:
         self._parser = SSEParser()
         self.anthropic = api_format == "anthropic"
         self.parts: list[str] = []
         self.plain = True  # only text so far: nothing a prefill could not express
+        # The answer's end went out (a finish reason, Anthropic's stop_reason): a break after
+        # it has nothing left to continue.
+        self.finished = False
 
     @property
     def text(self) -> str:
@@ -79,6 +82,8 @@ class Transcript:
             content = delta.get("content")
             if isinstance(content, str):
                 self.parts.append(content)
+            if choice.get("finish_reason") and choice.get("index", 0) == 0:
+                self.finished = True
 
     def _anthropic(self, event: dict[str, object]) -> None:
         kind = event.get("type")
@@ -94,6 +99,10 @@ class Transcript:
                 self.parts.append(str(delta["text"]))
             else:
                 self.plain = False
+        elif kind == "message_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason"):
+                self.finished = True
 
 
 def transcript_tee(send: Send, transcript: Transcript) -> Send:

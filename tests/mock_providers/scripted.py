@@ -30,6 +30,7 @@ class Scripted:
     events: list[Any] = field(default_factory=list)
     content_type: str = "application/json"
     pause_s: float = 0.0
+    reset: bool = False  # a stream's connection is reset after its events, not ended
 
     @classmethod
     def json(cls, payload: Any) -> Scripted:
@@ -39,8 +40,9 @@ class Scripted:
 
     @classmethod
     def stream(cls, *events: Any, pause_s: float = 0.05,
-               content_type: str = "text/event-stream") -> Scripted:
-        return cls(events=list(events), content_type=content_type, pause_s=pause_s)
+               content_type: str = "text/event-stream", reset: bool = False) -> Scripted:
+        return cls(events=list(events), content_type=content_type, pause_s=pause_s,
+                   reset=reset)
 
 
 class ScriptedUpstream:
@@ -82,6 +84,10 @@ class ScriptedUpstream:
                 continue
             data = event if isinstance(event, str) else json.dumps(event)
             await response.write(f"data: {data}\n\n".encode())
+        if answer.reset and request.transport is not None:
+            await asyncio.sleep(answer.pause_s)  # (the events reach the client first)
+            request.transport.abort()
+            return response
         await response.write_eof()
         return response
 

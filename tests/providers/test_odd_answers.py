@@ -6,6 +6,7 @@ server on 127.0.0.1 (`tests.mock_providers.scripted`); the clients are the offic
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -513,4 +514,77 @@ def test_a_stream_request_answered_200_with_a_json_error_is_that_error(
         list(openai_client(gateway).chat.completions.create(model="gpt", messages=ASK,
                                                            stream=True))
     assert "maximum context length" in refused.value.message
+    assert len(upstream.requests) == 1
+
+
+@pytest.fixture(scope="module")
+def continuing(upstream: ScriptedUpstream,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    """A gateway whose failover layer continues a broken stream on the second deployment
+    (both at the scripted upstream, which answers them in turn)."""
+    text = f'''{config_head()}
+from tests.providers.test_odd_answers import EndSeen
+providers = {{
+    "one": Provider("openai", base_url="{upstream.url}/v1", api_key_env=KEY, timeouts=fast),
+    "two": Provider("openai", base_url="{upstream.url}/v1", api_key_env=KEY, timeouts=fast),
+    "ant": Provider("anthropic", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
+    "ant2": Provider("anthropic", base_url="{upstream.url}", api_key_env=KEY, timeouts=fast),
+}}
+models = {{"gpt": [Deployment("one", "gpt-4o-mini", price=PRICE),
+                   Deployment("two", "gpt-4o", price=PRICE)],
+           "claude": [Deployment("ant", "claude-sonnet-4-5", price=PRICE),
+                      Deployment("ant2", "claude-opus-4-5", price=PRICE)]}}
+NEVER = BreakerSettings(consecutive_failures=10**9, min_requests=10**9)
+middleware = [Middleware(EndSeen), Middleware(
+    FailoverMiddleware, breaker=NEVER, retry=RetryPolicy(max_attempts=2),
+    routes={{name: Route(strategy="priority", continuation=True) for name in models}})]
+'''
+    path = write_config(tmp_path_factory.mktemp("continuing"), text)
+    with ThreadedServer(create_app(path)) as server:
+        yield server
+
+
+def test_a_stream_broken_after_its_finish_is_ended_not_continued(
+        continuing: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    # (continued, it got a second answer after the first, and a second call was billed)
+    upstream.queue(Scripted.stream(
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello world."}),
+        chunk({}, "stop"), reset=True))
+    parts = list(openai_client(continuing).chat.completions.create(
+        model="gpt", messages=ASK, stream=True))
+    assert "".join(choice.delta.content or "" for part in parts
+                   for choice in part.choices) == "Hello world."
+    assert [choice.finish_reason for part in parts for choice in part.choices
+            if choice.finish_reason] == ["stop"]
+    assert len(upstream.requests) == 1
+
+
+def test_an_anthropic_stream_broken_after_its_stop_reason_is_ended_not_continued(
+        continuing: ThreadedServer, upstream: ScriptedUpstream) -> None:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    upstream.queue(Scripted.stream(
+        event("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+            "model": "claude-sonnet-4-5", "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}),
+        event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta",
+                                                "text": "The answer is 42."}}),
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("message_delta", {"type": "message_delta",
+                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 6}}),
+        reset=True))
+    with claude_sdk(continuing).messages.stream(model="claude", max_tokens=50,
+                                                messages=ASK) as stream:
+        kinds = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert [block.text for block in message.content if block.type == "text"] == [
+        "The answer is 42."]
+    assert kinds.count("message_delta") == 1 and kinds[-1] == "message_stop"
+    assert message.stop_reason == "end_turn"
     assert len(upstream.requests) == 1
