@@ -229,7 +229,9 @@ class ContinuationRelay:
         while common < min(len(self._skip), len(text)) and text[common].isspace():
             common += 1
         holder[field] = text[common:]
-        self._skip = ""  # the first text decides: the rest is the model's
+        # The first text that is not all white space decides: the rest is the model's. One
+        # that is ("\n", then "\nLine two.") leaves the rest of the skip to the next.
+        self._skip = self._skip[common:] if common == len(text) else ""
         return head + sep + orjson.dumps(event)
 
 

@@ -7,9 +7,11 @@ without those words is a token a byte, far from the heuristic's quarter.
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway import context as c
@@ -17,7 +19,7 @@ from gateway.config import Deployment, Model
 from gateway.context import RequestContext, Usage
 from gateway.tokenizers import LoadedTokenizer, TiktokenFile, load_tokenizer
 from gateway.tokens import count_messages, estimate_messages, estimate_text
-from middleware.failover.continuation import estimated_usage
+from middleware.failover.continuation import ContinuationRelay, Transcript, estimated_usage
 from tests.gateway.test_tokenizers import RANKS, exact, write_tiktoken
 
 PARTIAL = "hello world, \u6f22\u5b57 and so on "  # (what the client received)
@@ -62,3 +64,29 @@ def test_a_broken_call_is_counted_with_its_deployments_tokenizer(
     assert heuristic.output_tokens != expected.output_tokens
     # Without a tokenizer at the deployment that broke, the heuristic.
     assert estimated_usage(broken(operation, body, None), PARTIAL) == heuristic
+
+
+def test_the_white_space_a_continuation_repeats_is_dropped_across_its_deltas() -> None:
+    # The client has "Line one.\n\n"; the prefill went without its white space, which the
+    # continuation repeats, here split over two deltas ("\n", then "\nLine two."). Only the
+    # first delta was trimmed: the client got one newline too many.
+    def delta(text: str) -> bytes:
+        return b"event: content_block_delta\ndata: " + orjson.dumps(
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": text}}) + b"\n\n"
+
+    transcript = Transcript("anthropic")
+    transcript.feed(delta("Line one.\n\n"))
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message.get("body", b""))
+
+    relay = ContinuationRelay(send, "anthropic", transcript)
+
+    async def run() -> None:
+        await relay({"type": "http.response.body", "body": delta("\n"), "more_body": True})
+        await relay({"type": "http.response.body", "body": delta("\nLine two."),
+                     "more_body": False})
+    asyncio.run(run())
+    assert transcript.text == "Line one.\n\nLine two."
