@@ -24,7 +24,7 @@ from gateway.errors import GatewayError
 from gateway.kernel import Message, Scope, Send, drain_body, route_path
 
 __all__ = ["admin_error", "admin_refusal", "admin_token_from_env", "admitted", "allowed_methods",
-           "check_json_body", "read_json", "route_path", "send_error", "send_json",
+           "check_json_body", "query_refusal", "read_json", "route_path", "send_error", "send_json",
            "without_body_for_head"]
 
 _NO_STORE = (b"cache-control", b"no-store")
@@ -91,23 +91,31 @@ async def admitted(scope: Scope, send: Send, token: bytes, method: str,
             405, f"Method {scope['method']} is not allowed here; use {' or '.join(allowed)}.",
             "method_not_allowed", headers=[(b"allow", ", ".join(allowed).encode())]))
         return False
+    refusal = query_refusal(scope, params)
+    if refusal is not None:
+        await send_error(send, refusal)
+        return False
+    return True
+
+
+def query_refusal(scope: Scope, params: tuple[str, ...]) -> GatewayError | None:
+    """The 400 of a query holding a parameter other than `params` (`unknown_parameter`: a
+    misspelled filter would list everything, `?force=1` on a revoke would revoke), or one of
+    them twice (`invalid_parameter`: the last would win, silently); else None."""
     seen: set[str] = set()
     for name, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                              keep_blank_values=True):
+        shown = name[:64]
         if name not in params:
             takes = (f"takes {', '.join(repr(p) for p in params)}" if params else
                      "takes no query parameters")
-            await send_error(send, admin_error(
-                400, f"Unknown query parameter {name[:64]!r}; this route {takes}.",
-                "unknown_parameter", param=name[:64]))
-            return False
+            return admin_error(400, f"Unknown query parameter {shown!r}; this route {takes}.",
+                               "unknown_parameter", param=shown)
         if name in seen:
-            await send_error(send, admin_error(
-                400, f"Query parameter {name!r} is given more than once.",
-                "invalid_parameter", param=name))
-            return False
+            return admin_error(400, f"Query parameter {shown!r} is given more than once.",
+                               "invalid_parameter", param=shown)
         seen.add(name)
-    return True
+    return None
 
 
 def without_body_for_head(scope: Scope, send: Send) -> Send:

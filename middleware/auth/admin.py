@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.admin import admin_refusal, allowed_methods, check_json_body
+from gateway.admin import admin_refusal, allowed_methods, check_json_body, query_refusal
 from gateway.errors import GatewayError
 from gateway.ingress import nesting_exceeds, too_deep
 from gateway.kernel import Receive, Scope, Send, drain_body, route_path
@@ -188,16 +188,12 @@ class AdminAPI:
             raise GatewayError(405, f"Method {scope['method']} is not allowed here; use "
                                     f"{allowed}.", code="method_not_allowed",
                                headers=[(b"allow", allowed.encode())])
-        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
-                          keep_blank_values=True)
-        query = dict(pairs)
+        refusal = query_refusal(scope, _QUERY_PARAMS.get(handler.__name__, ()))
+        if refusal is not None:
+            raise refusal
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                               keep_blank_values=True))
         request = _Request(params, query, receive, scope["headers"], self.max_body_bytes)
-        _refuse_unknown_query(request, _QUERY_PARAMS.get(handler.__name__, ()))
-        if len(query) < len(pairs):  # (the last one would be taken, the others dropped)
-            name = next(name for index, (name, _) in enumerate(pairs)
-                        if any(other == name for other, _ in pairs[index + 1:]))
-            raise GatewayError(400, f"Query parameter {name!r} is given more than once.",
-                               param=name, code="invalid_parameter")
         try:
             return await handler(request)
         except KeyStoreReadOnly as exc:
@@ -596,17 +592,6 @@ _PAGE, _PAGE_MAX = 100, 1000  # keys a listing gives by default, and at most
 # The query parameters each handler takes; every other route takes none.
 _QUERY_PARAMS = {"_list_keys": ("project", "status", "limit", "after"),
                  "_list_limits": ("kind",)}
-
-
-def _refuse_unknown_query(request: _Request, known: tuple[str, ...]) -> None:
-    """A query parameter this route does not take is refused, not ignored (a misspelled
-    filter would list everything; `?force=1` on a revoke would do what it does without)."""
-    for name in request.query:
-        if name not in known:
-            takes = (f"takes {', '.join(repr(k) for k in known)}" if known else
-                     "takes no query parameters")
-            raise GatewayError(400, f"Unknown query parameter {name!r}; this route {takes}.",
-                               param=name, code="unknown_parameter")
 
 
 def _no_key(key_id: str) -> GatewayError:

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 from gateway.admin import (
     admin_error,
     admitted,
+    query_refusal,
     send_error,
     send_json,
     without_body_for_head,
@@ -46,10 +47,9 @@ _MAX_ECHOED_CHARS = 64
 
 
 class _BadParameter(ValueError):
-    def __init__(self, param: str, message: str, code: str = "invalid_parameter") -> None:
+    def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
-        self.code = code
 
 
 # -- the API -----------------------------------------------------------------------------------
@@ -65,8 +65,8 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
             404, "No PostgreSQL usage store is configured; use `sluicegate usage --journal "
                  "DIR`.", "usage_unavailable"))
         return
+    query = _query(scope)  # (`admitted` refused any other parameter, and any twice)
     try:
-        query = _query(scope, _ADMIN_PARAMS)
         group_by = query.get("group_by", "project")
         if group_by not in GROUPS:
             raise _BadParameter("group_by", f"group_by must be one of {', '.join(GROUPS)}")
@@ -77,7 +77,7 @@ async def serve_admin_usage(store: PostgresUsageStore | None, admin_token: bytes
         rows = await store.usage(group_by=group_by, grain=grain, since=since, until=until,
                                  subject=subject)
     except _BadParameter as exc:
-        await send_error(send, admin_error(400, str(exc), exc.code, param=exc.param))
+        await send_error(send, admin_error(400, str(exc), "invalid_parameter", param=exc.param))
         return
     except ValueError as exc:  # (a value the store refused)
         await send_error(send, admin_error(400, str(exc), "invalid_parameter"))
@@ -108,10 +108,13 @@ async def serve_own_usage(store: PostgresUsageStore | None, scope: Scope, send: 
         raise GatewayError(404, "This gateway keeps no usage database (its MeteringMiddleware "
                                 "has no PostgreSQL store), so it cannot report usage.",
                            code="usage_unavailable")
+    refusal = query_refusal(scope, _OWN_PARAMS)
+    if refusal is not None:
+        raise refusal
     try:
-        since, until, grain = _window(_query(scope, _OWN_PARAMS))
+        since, until, grain = _window(_query(scope))
     except _BadParameter as exc:
-        raise GatewayError(400, str(exc), param=exc.param, code=exc.code) from None
+        raise GatewayError(400, str(exc), param=exc.param, code="invalid_parameter") from None
     key_id: str = principal["key_id"]
     try:
         rows = await store.usage(group_by="key", subject=key_id, grain=grain, since=since,
@@ -129,20 +132,10 @@ _ADMIN_PARAMS = ("group_by", "since", "until", "grain", "subject")
 _OWN_PARAMS = ("since", "until", "grain")
 
 
-def _query(scope: Scope, known: tuple[str, ...]) -> dict[str, str]:
-    """The query's parameters: one a route does not take, or one given twice, is refused
-    (a misspelled `grian=minute` would answer by day; of `group_by=project&group_by=key`
-    the last would win, silently)."""
+def _query(scope: Scope) -> dict[str, str]:
+    """The query's parameters (`query_refusal` checked them: each a known one, once)."""
     raw = scope.get("query_string", b"").decode("latin-1")
-    query: dict[str, str] = {}
-    for name, values in parse_qs(raw, keep_blank_values=True).items():
-        if name not in known:
-            raise _BadParameter(name[:64], f"Unknown query parameter {_echo(name)}; this route "
-                                      f"takes {', '.join(known)}.", "unknown_parameter")
-        if len(values) > 1:
-            raise _BadParameter(name, f"Query parameter {name!r} is given more than once.")
-        query[name] = values[0]
-    return query
+    return dict(parse_qsl(raw, keep_blank_values=True))
 
 
 def _window(query: dict[str, str]) -> tuple[datetime, datetime, str]:
@@ -160,13 +153,18 @@ def _window(query: dict[str, str]) -> tuple[datetime, datetime, str]:
     if since >= until:
         raise _BadParameter("since", "since must be before until")
     # (a time at the calendar's ends, in UTC or a bucket on, is past what datetime holds)
-    for param, moment in (("since", since), ("until", until)):
-        try:
-            _grain_end(moment, grain)
-        except OverflowError:
-            raise _BadParameter(param, f"{param} must be a time from year 1 to 9999 in UTC, "
-                                       "a bucket short of either end") from None
-    return _grain_start(since, grain), _grain_end(until, grain), grain
+    try:
+        start = _grain_start(since, grain)
+    except OverflowError:
+        raise _BadParameter("since", _OUT_OF_RANGE.format("since")) from None
+    try:
+        end = _grain_end(until, grain)
+    except OverflowError:
+        raise _BadParameter("until", _OUT_OF_RANGE.format("until")) from None
+    return start, end, grain
+
+
+_OUT_OF_RANGE = "{} must be a time from year 1 to 9999 in UTC, a bucket short of either end"
 
 
 def _grain_start(moment: datetime, grain: str) -> datetime:

@@ -257,6 +257,7 @@ def test_only_get_is_allowed(ledger: Ledger) -> None:
     ({"until": "9999-12-31T00:00:01Z"}, "until"),
     ({"until": "0001-01-01T00:00:00Z"}, "until"),
     ({"since": "0001-01-01T00:00:00+00:01"}, "since"),
+    ({"grian": "minute"}, "grian"),  # (a parameter it does not take: not ignored)
 ])
 def test_bad_query_values_are_400(ledger: Ledger, query: dict[str, str], param: str) -> None:
     error = error_of(httpx.get(ledger.url + SELF, params=query,
