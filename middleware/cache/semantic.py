@@ -52,6 +52,7 @@ import orjson
 from gateway import context as c
 from gateway.config import ConfigError, env_name, env_name_shown
 from middleware.cache.keys import IGNORED_FIELDS, canonical
+from middleware.cache.stores import OutageGate
 
 __all__ = [
     "HttpEmbedder",
@@ -750,8 +751,7 @@ class PgVectorIndex:
         self.ef_search = ef_search
         self.purge_interval_s = purge_interval_s
         self.retry_interval_s = retry_interval_s
-        self._closed_until = 0.0  # (monotonic) until when uses fail at once: an outage
-        self._outage = ""
+        self._gate = OutageGate("the pgvector index", retry_interval_s, VectorIndexError)
         self._pool: Any = None
         self._ready = False
         self._unusable: str | None = None  # why the table cannot be used (its dimensions)
@@ -870,13 +870,12 @@ class PgVectorIndex:
     @asynccontextmanager
     async def _connection(self, *, probe: bool = False) -> AsyncIterator[Any]:
         """A pooled connection, within `timeout_s`. After a failure, for `retry_interval_s`,
-        every use but a readiness `probe` fails at once (a miss, as the exact stores' outage
-        gate makes it): a server that accepts connections but never answers cost every
-        request `timeout_s`. A probe that succeeds opens the gate again."""
+        every use but a readiness `probe` fails at once (the exact stores' `OutageGate`); a
+        probe that gets an answer opens the gate again."""
         if self._pool is None or not self._ready:
             raise VectorIndexError("the pgvector index is not ready")
-        if not probe and time.monotonic() < self._closed_until:
-            raise VectorIndexError(f"the pgvector index is unavailable ({self._outage})")
+        if not probe:
+            self._gate.check()
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._pool.connection(timeout=self.timeout_s) as conn:
@@ -884,16 +883,11 @@ class PgVectorIndex:
         except VectorIndexError:
             raise
         except Exception as exc:  # noqa: BLE001 (psycopg errors, OSError, timeouts)
-            self._outage = type(exc).__name__
-            if not self._closed_until:
-                logger.warning("semantic cache: the pgvector index failed (%s); semantic "
-                               "lookups miss for %.1fs at a time until it answers",
-                               self._outage, self.retry_interval_s)
-            self._closed_until = time.monotonic() + self.retry_interval_s
-            raise VectorIndexError(f"the pgvector index failed: {self._outage}") from None
-        if self._closed_until:
-            self._closed_until = 0.0
-            logger.warning("semantic cache: the pgvector index answers again")
+            self._gate.trip(exc)
+            raise VectorIndexError(f"the pgvector index failed: {type(exc).__name__}") \
+                from None
+        if probe:
+            self._gate.reopen()
 
     def _literal(self, vector: Sequence[float]) -> str:
         if len(vector) != self.dimensions:

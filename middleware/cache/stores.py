@@ -223,25 +223,33 @@ class CacheStore(Protocol):
         """Drops every entry carrying all of `tags` (at least one); how many were dropped."""
 
 
-class _OutageGate:
-    """After a store could not reach its server, refuses at once for `retry_interval_s`."""
+class OutageGate:
+    """After a store (or the semantic index) could not reach its server, refuses at once
+    for `retry_interval_s`, with `error` (a miss, as the server's failure is): a server that
+    accepts connections but never answers would cost every request its timeout."""
 
-    def __init__(self, what: str, retry_interval_s: float) -> None:
+    def __init__(self, what: str, retry_interval_s: float,
+                 error: type[Exception] = CacheStoreError) -> None:
         self.what = what
         self.retry_interval_s = retry_interval_s
+        self.error = error
         self._closed_until = 0.0
         self._reason = ""
 
     def check(self) -> None:
         if self._closed_until and time.monotonic() < self._closed_until:
-            raise CacheStoreError(f"{self.what} is unavailable ({self._reason})")
+            raise self.error(f"{self.what} is unavailable ({self._reason})")
 
-    def trip(self, exc: BaseException) -> CacheStoreError:
+    def trip(self, exc: BaseException) -> Exception:
         self._reason = _describe(exc)
         self._closed_until = time.monotonic() + self.retry_interval_s
         logger.warning("%s is unavailable (%s); cache lookups miss for %.1fs", self.what,
                        self._reason, self.retry_interval_s)
-        return CacheStoreError(f"{self.what} is unavailable ({self._reason})")
+        return self.error(f"{self.what} is unavailable ({self._reason})")
+
+    def reopen(self) -> None:
+        """The server answered (a readiness probe gets through the gate): open at once."""
+        self._closed_until = 0.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -609,7 +617,7 @@ class RedisCacheStore:
         # own connection and patience: they neither time out on a busy server nor queue
         # lookups behind them on the hot connection.
         self._admin = RespClient(url, timeout_s=admin_timeout_s)
-        self._gate = _OutageGate("the Redis cache", retry_interval_s)
+        self._gate = OutageGate("the Redis cache", retry_interval_s)
         # Hot entries decoded once per process: the exact bytes Redis returned map to the
         # (immutable) entry they decode to, so a hit skips parsing and checking the header.
         # Keyed by the bytes themselves, a rewritten or re-expiring entry is a new key.
@@ -885,7 +893,7 @@ class PostgresCacheStore:
         self.startup_wait_s = startup_wait_s
         self.purge_interval_s = purge_interval_s
         self.migrate_retry_max_s = migrate_retry_max_s
-        self._gate = _OutageGate("the PostgreSQL cache", retry_interval_s)
+        self._gate = OutageGate("the PostgreSQL cache", retry_interval_s)
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self._not_ready_reason = "not started"
