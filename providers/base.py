@@ -449,11 +449,8 @@ class HTTPAdapter:
         ctx.first_byte_s = time.monotonic() - ctx.started_monotonic
         try:
             payload = orjson.loads(raw) if parts is None else _combined(exchange, parts)
-            if type(payload) is dict and payload.get("error") is not None \
-                    and _ANSWER_KEYS.isdisjoint(payload):
-                error = payload["error"]  # (an object; some servers send a bare message)
-                raise self._error_answered(error if type(error) is dict else
-                                           {"message": str(error)}, raw, attempt)
+            if (error := _answered_error(payload)) is not None:
+                raise self._error_answered(error, raw, attempt)
             if ctx.trace is not None:
                 ctx.finish_reasons = finish_reasons(payload)
                 ctx.response_model = reported_model(payload)
@@ -622,11 +619,8 @@ class HTTPAdapter:
                 payload = orjson.loads(body)
             except (aiohttp.ClientError, ValueError):
                 payload = None
-            if type(payload) is dict and payload.get("error") is not None \
-                    and _ANSWER_KEYS.isdisjoint(payload):
-                error = payload["error"]
-                raise self._error_answered(error if type(error) is dict else
-                                           {"message": str(error)}, body, attempt)
+            if (error := _answered_error(payload)) is not None:
+                raise self._error_answered(error, body, attempt)
         attempt.error_type = "bad_response"
         raise UpstreamError(502, f"Provider '{self.name}' answered a stream request without "
                                  "an event stream "
@@ -890,6 +884,16 @@ def _count_delivered(delivered: list[int], sent: bytes, marker: bytes | None,
 # `embeddings`): a 200 with an `error` object and none of them is a failure (`_error_answered`).
 _ANSWER_KEYS = frozenset({"choices", "output", "data", "content", "candidates", "embedding",
                           "embeddings"})
+
+
+def _answered_error(payload: Any) -> dict[str, Any] | None:
+    """The error a 200 reports in its body instead of an answer (an error and none of
+    `_ANSWER_KEYS`), as an object (some servers send a bare message), else None."""
+    if type(payload) is not dict or payload.get("error") is None \
+            or not _ANSWER_KEYS.isdisjoint(payload):
+        return None
+    error = payload["error"]
+    return error if type(error) is dict else {"message": str(error)}
 
 
 def _url_shown(url: Any) -> str:
