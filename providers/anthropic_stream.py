@@ -144,7 +144,8 @@ def anthropic_usage(usage: Any) -> JSON:
     out_details = usage.get("completion_tokens_details")
     reasoning = token_count(out_details.get("reasoning_tokens")) \
         if isinstance(out_details, dict) else 0
-    prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
     if reasoning and reasoning_is_extra(prompt, completion, reasoning, usage.get("total_tokens")):
         completion += reasoning  # (xAI's: beside the completion, and output as Anthropic counts)
     return {"input_tokens": max(prompt - cached - written, 0),
@@ -194,9 +195,9 @@ class MessagesStreamToChat:
     back to Anthropic reads a block's own fields only, so a block sent back with it is taken.
     """
 
-    __slots__ = ("_calls", "_created", "_finish_sent", "_finished", "_id", "_include_usage",
-                 "_model", "_opened", "_thinking", "_thinking_count", "_usage",
-                 "_with_arguments")
+    __slots__ = ("_calls", "_chat_usage", "_created", "_finish_sent", "_finished", "_id",
+                 "_include_usage", "_model", "_opened", "_thinking", "_thinking_count",
+                 "_usage", "_with_arguments")
 
     def __init__(self, public_model: str, include_usage: bool) -> None:
         self._model = public_model
@@ -208,6 +209,7 @@ class MessagesStreamToChat:
         self._thinking: dict[int, JSON] = {}  # Anthropic block index -> the thinking so far
         self._thinking_count = 0  # thinking blocks started: the next one's `index`
         self._usage: JSON | None = None   # Anthropic-shaped, merged as events arrive
+        self._chat_usage: JSON | None = None  # the same, OpenAI-shaped
         self._opened = False
         self._finish_sent = False
         self._finished = False
@@ -218,7 +220,7 @@ class MessagesStreamToChat:
 
         None until message_start; an interrupted stream still bills its prompt.
         """
-        return chat_usage(self._usage)
+        return self._chat_usage
 
     @property
     def finished(self) -> bool:
@@ -248,8 +250,9 @@ class MessagesStreamToChat:
         if self._id is None:
             self._id = completion_id(message.get("id"))
         if isinstance(message.get("usage"), dict):
-            chat_usage(message["usage"])  # (read now: unreadable, it is an unreadable event)
-            self._usage = dict(message["usage"])
+            usage = dict(message["usage"])
+            # (read now: unreadable, it is an unreadable event, not a failure at the end)
+            self._usage, self._chat_usage = usage, chat_usage(usage)
         return self._emit(None)
 
     def _block_start(self, data: JSON) -> list[JSON]:
@@ -321,8 +324,7 @@ class MessagesStreamToChat:
         if isinstance(usage, dict):  # cumulative: overwrite, keeping fields it omits
             merged = dict(self._usage or {})
             merged.update({key: value for key, value in usage.items() if value is not None})
-            chat_usage(merged)
-            self._usage = merged
+            self._usage, self._chat_usage = merged, chat_usage(merged)
         reason = (data.get("delta") or {}).get("stop_reason")
         if not reason or self._finish_sent:
             return []

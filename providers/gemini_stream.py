@@ -122,10 +122,10 @@ class GeminiStreamToChat:
         "_finished",
         "_id",
         "_include_usage",
-        "_metadata",
         "_model",
         "_opened",
         "_response_id",
+        "_usage",
     )
 
     def __init__(self, public_model: str, include_usage: bool) -> None:
@@ -137,12 +137,12 @@ class GeminiStreamToChat:
         self._opened: list[int] = []          # choice indexes that got their role delta
         self._calls: dict[int, int] = {}      # choice index -> tool calls sent so far
         self._finished: set[int] = set()
-        self._metadata: JSON | None = None
+        self._usage: JSON | None = None  # OpenAI-shaped, from the latest usageMetadata
 
     @property
     def usage(self) -> JSON | None:
         """The latest (cumulative) usage, OpenAI-shaped; None until Gemini sent any."""
-        return chat_usage(self._metadata)
+        return self._usage
 
     @property
     def ended(self) -> bool:
@@ -160,8 +160,8 @@ class GeminiStreamToChat:
             self._response_id = data.get("responseId")
             self._id = completion_id(self._response_id)
         if isinstance(data.get("usageMetadata"), dict):
-            chat_usage(data["usageMetadata"])  # (read now: unreadable, it is an unreadable event)
-            self._metadata = data["usageMetadata"]
+            # (read now: unreadable, it is an unreadable event, not a failure at the end)
+            self._usage = chat_usage(data["usageMetadata"])
         out: list[JSON] = []
         candidates = data.get("candidates") or ()
         for position, candidate in enumerate(candidates):
