@@ -233,22 +233,23 @@ def _contents(messages: list[Any], fetches: bool) -> tuple[list[JSON], list[JSON
             contents[-1]["parts"].extend(parts)  # Gemini wants user/model turns to alternate
         else:
             contents.append({"role": gemini_role, "parts": parts})
-    for content in contents:
-        if content["role"] == "user":
-            _in_call_order(content["parts"], call_names)
+    if call_names:  # (the calls' ids in the order they came)
+        order = {call_id: position for position, call_id in enumerate(call_names)}
+        for content in contents:
+            if content["role"] == "user":
+                _in_call_order(content["parts"], order)
     return system, contents
 
 
-def _in_call_order(parts: list[JSON], call_names: dict[str, str]) -> None:
-    """The function responses of a turn in the order of the calls they answer. OpenAI pairs
-    a tool result with its call by `tool_call_id`, so the results may come in any order;
-    Gemini pairs them by position (and name), so the results of two calls of one function
-    (the weather in Paris, then in London), sent London first, answered Paris with
-    London's. (`call_names` holds the call ids in the order the calls came.)"""
+def _in_call_order(parts: list[JSON], order: dict[str, int]) -> None:
+    """The function responses of a turn in the order of the calls they answer (`order`:
+    each call id's place). OpenAI pairs a tool result with its call by `tool_call_id`, so
+    the results may come in any order; Gemini pairs them by position (and name), so the
+    results of two calls of one function (the weather in Paris, then in London), sent London
+    first, answered Paris with London's."""
     slots = [index for index, part in enumerate(parts) if "_call_id" in part]
     if not slots:
         return
-    order = {call_id: position for position, call_id in enumerate(call_names)}
     answers = sorted((parts[index] for index in slots),
                      key=lambda part: order.get(part["_call_id"], len(order)))
     for index, answer in zip(slots, answers, strict=True):
