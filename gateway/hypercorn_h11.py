@@ -55,8 +55,13 @@ def installed() -> bool:
 
 def fingerprint(protocol: type) -> str:
     """What the shortcut was written against: the source of the two methods it replaces."""
-    source = inspect.getsource(protocol._check_protocol) + inspect.getsource(  # type: ignore[attr-defined]
-        protocol._create_stream)  # type: ignore[attr-defined]
+    return _source_hash(protocol._check_protocol,  # type: ignore[attr-defined]
+                        protocol._create_stream)  # type: ignore[attr-defined]
+
+
+def _source_hash(*functions: Any) -> str:
+    """sha256 of the functions' source, one after another."""
+    source = "".join(inspect.getsource(function) for function in functions)
     return hashlib.sha256(source.encode()).hexdigest()
 
 
@@ -140,8 +145,8 @@ def install_error_bodies() -> bool:
         return False
     server = getattr(protocol, "H11Protocol", None)
     try:
-        known = server is not None and hashlib.sha256(inspect.getsource(
-            server._send_error_response).encode()).hexdigest() == _ERROR_FINGERPRINT
+        known = server is not None and \
+            _source_hash(server._send_error_response) == _ERROR_FINGERPRINT
     except (OSError, TypeError, AttributeError):
         known = False
     if not known:
