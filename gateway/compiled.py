@@ -139,10 +139,34 @@ class _SourcesOnly(importlib.abc.MetaPathFinder):
         return finder.find_spec(fullname, target)
 
 
+class _SharedLibraries(importlib.abc.MetaPathFinder):
+    """Finds a build's shared library (`<hash>__mypyc`, which mypyc puts in `root`, not in a
+    package) when `root` is not on sys.path: an editable install made by an import hook (what
+    current setuptools makes) finds the packages, not what lies beside them. Without it the
+    first compiled module's import fails with "No module named '<hash>__mypyc'"."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None or not fullname.endswith("__mypyc"):
+            return None
+        finder = importlib.machinery.FileFinder(
+            str(self.root),
+            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+        return finder.find_spec(fullname, target)
+
+
 def use_sources_if_stale(root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
     """Imports `modules` from source from now on when their build is stale (see the module
-    docstring); the build's state either way."""
+    docstring); the build's state either way. A current build's shared library is found in
+    `root` whether or not `root` is on sys.path (`_SharedLibraries`)."""
     build = build_of(root, modules)
+    if build.state == "compiled" and not any(isinstance(finder, _SharedLibraries)
+                                             and finder.root == root
+                                             for finder in sys.meta_path):
+        sys.meta_path.append(_SharedLibraries(root))
     names = frozenset(modules) | frozenset(build.strays)
     if build.state == "stale" and not any(isinstance(finder, _SourcesOnly)
                                           and finder.names == names for finder in sys.meta_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.machinery
+import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,9 +155,45 @@ def test_a_current_build_is_left_to_python(tree: tuple[Path, tuple[str, ...]]) -
     _extensions(root, modules, at=2_000_000)
     before = list(sys.meta_path)
     assert use_sources_if_stale(root, modules).state == "compiled"
-    assert sys.meta_path == before
+    use_sources_if_stale(root, modules)  # (once: no second finder)
+    added = [finder for finder in sys.meta_path if finder not in before]
+    assert [type(finder).__name__ for finder in added] == ["_SharedLibraries"]
+    assert sys.meta_path[:len(before)] == before  # (last: it never shadows a source)
     with pytest.raises(ImportError):  # the (fake) extension is what Python imports
         importlib.import_module(modules[1])
+
+
+def test_a_current_builds_shared_library_is_found_off_sys_path(
+        tree: tuple[Path, tuple[str, ...]]) -> None:
+    # mypyc puts the group's shared library in the root, beside the packages; an editable
+    # install by import hook does not put the root on sys.path.
+    root, modules = tree
+    _sources_at(root, modules, 1_000_000)
+    _extensions(root, modules, at=2_000_000)
+    name = f"{modules[0].split('.')[0]}_0123abcd__mypyc"
+    (root / f"{name}{SUFFIX}").write_bytes(b"not an extension module")
+    sys.path.remove(str(root))
+    try:
+        assert importlib.util.find_spec(name) is None
+        use_sources_if_stale(root, modules)
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin == str(root / f"{name}{SUFFIX}")
+        assert importlib.util.find_spec(f"{modules[0].split('.')[0]}_other") is None
+    finally:
+        sys.path.insert(0, str(root))
+
+
+@pytest.mark.skipif(build_of().state != "compiled",
+                    reason="the real build: under `make test-compiled`")
+def test_the_compiled_build_imports_from_any_directory(tmp_path: Path) -> None:
+    # Started as `sluicegate serve` is, from outside the checkout: the shared library is
+    # found wherever the process runs (it was a ModuleNotFoundError at start-up).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import middleware.quota as q; print(q.__file__)"],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(SUFFIX)
 
 
 def test_every_listed_module_has_a_source_and_the_make_target_names_them_all(
