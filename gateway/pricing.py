@@ -229,6 +229,18 @@ def estimate_micros(price: Price, input_tokens: int, output_tokens: int,
                for reasoning in (0, output_tokens))
 
 
+def writes_cost_more(price: Price, input_tokens: int) -> bool:
+    """Whether a request of `input_tokens` that asks for prompt-cache writes is estimated
+    dearer at `price` than one that does not (`estimate_micros`' `cache_writes`): its tier
+    prices a write above fresh input. Only then need a request's body be searched for
+    `cache_control` (on every admission, through the whole body)."""
+    tier = _tier(price, input_tokens)
+    scaled = _scaled_rates(tier)
+    if scaled is None:  # (rates finer than a nano-dollar: the body decides, as before)
+        return True
+    return scaled[2] > scaled[0] or scaled[3] > scaled[0]
+
+
 class PriceTable:
     """Prices by vendor and model id, with aliases and effective dates.
 

@@ -32,7 +32,7 @@ from gateway.policy import (
     period_bounds,
     period_label,
 )
-from gateway.pricing import Price, estimate_micros, in_force
+from gateway.pricing import Price, estimate_micros, in_force, writes_cost_more
 from gateway.tokens import estimate_input_tokens
 
 _Item = TypeVar("_Item")
@@ -275,9 +275,10 @@ def estimate(ctx: RequestContext, default_max_output_tokens: int,
     output_tokens = output_bound(ctx, default_max_output_tokens)
     output_tokens = output_tokens if output_tokens < LIMIT_MAX else LIMIT_MAX  # noqa: FURB136
     price = reservation_price(ctx, fallbacks)
-    # (a prompt-cache write, dearer than fresh input, is asked for with `cache_control`)
-    cost = estimate_micros(price, input_tokens, output_tokens,
-                           CACHE_CONTROL in ctx.raw_body) if price is not None else 0
+    # (a prompt-cache write, dearer than fresh input, is asked for with `cache_control`;
+    # the body is searched only at a price where that makes a difference)
+    cost = estimate_micros(price, input_tokens, output_tokens, cache_writes(
+        ctx, price, input_tokens)) if price is not None else 0
     return Estimate(input_tokens, output_tokens,
                     cost if cost < AMOUNT_MAX else AMOUNT_MAX, price)  # noqa: FURB136
 
@@ -287,9 +288,16 @@ def estimate_at(ctx: RequestContext, model: str, base: Estimate) -> Estimate:
     what the request reserves against that model's own limits when the failover layer
     sends it there (a fallback)."""
     price = _dearest(ctx.models, model, ctx.started_at)[0]
-    cost = estimate_micros(price, base.input_tokens, base.output_tokens,
-                           CACHE_CONTROL in ctx.raw_body) if price is not None else 0
+    cost = estimate_micros(price, base.input_tokens, base.output_tokens, cache_writes(
+        ctx, price, base.input_tokens)) if price is not None else 0
     return Estimate(base.input_tokens, base.output_tokens, min(cost, AMOUNT_MAX), price)
+
+
+def cache_writes(ctx: RequestContext, price: Price, input_tokens: int) -> bool:
+    """Whether the request is estimated as one that writes the provider's prompt cache
+    (`estimate_micros`' `cache_writes`): it asks for it, at a price where a write costs
+    more than fresh input (elsewhere the body is not searched: the answer changes nothing)."""
+    return writes_cost_more(price, input_tokens) and CACHE_CONTROL in ctx.raw_body
 
 
 # -- which limits apply --------------------------------------------------------------------

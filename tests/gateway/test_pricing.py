@@ -26,6 +26,7 @@ from gateway.pricing import (
     in_force,
     resolve_price,
     vendor_for_provider_type,
+    writes_cost_more,
 )
 
 SHIPPED = Path(__file__).resolve().parents[2] / "gateway" / "prices.json"
@@ -258,6 +259,25 @@ def test_estimate_is_a_bound_for_prompt_cache_writes_and_reasoning() -> None:
                                          cache_write_tokens=7 if written else 0))
                  for written in ({False, writes})]
         assert estimate_micros(fine, 7, 3, cache_writes=writes) == max(every)
+
+
+def test_a_body_is_searched_for_cache_writes_only_where_a_write_costs_more() -> None:
+    # (`plan.estimate` searches the whole body for "cache_control" only where the answer can
+    # change the estimate; the answer must then be the one estimate_micros would use)
+    plain = price("0.15", "0.60")
+    claude = price("3", "15", cache_write_per_mtok=Decimal("3.75"))
+    hour_only = price("3", "15", cache_write_1h_per_mtok=Decimal(6))
+    cheaper = price("3", "15", cache_write_per_mtok=Decimal(1))
+    long_writes = price("1", "2", long_context_threshold=1_000,
+                        long_context=price("2", "4", cache_write_per_mtok=Decimal(3)))
+    fine = price("0.0000000001", "0.3", cache_write_per_mtok=Decimal("0.5"))
+    for p, tokens, expected in ((plain, 10, False), (claude, 10, True), (hour_only, 10, True),
+                                (cheaper, 10, False), (long_writes, 1_000, False),
+                                (long_writes, 1_001, True), (fine, 10, True)):
+        assert writes_cost_more(p, tokens) is expected, (p, tokens)
+        if not expected:  # the search it spares could not have changed the estimate
+            assert estimate_micros(p, tokens, 50, cache_writes=True) == \
+                estimate_micros(p, tokens, 50, cache_writes=False)
 
 
 def test_free_costs_nothing() -> None:
