@@ -109,6 +109,20 @@ class AnthropicAdapter(HTTPAdapter):
         super().__init__(**options)
         self.default_max_tokens = default_max_tokens
 
+    def chat_output_cap(self, body: dict[str, Any], upstream_model: str) -> int | None:
+        """The `max_tokens` an OpenAI chat request `body` goes to `upstream_model` with: the
+        caller's cap, else `default_max_tokens` plus the room the translation makes for the
+        thinking the request asks for (`reasoning_effort` or `thinking` on Claude 3.7 to
+        4.5). The quota layer reserves it (the most the call may generate). None for a body
+        the translation refuses (the call fails before it reaches the provider)."""
+        try:
+            request = fmt.chat_request_to_messages(body, upstream_model,
+                                                   default_max_tokens=self.default_max_tokens)
+        except fmt.TranslationError:
+            return None
+        cap = request.get("max_tokens")
+        return cap if type(cap) is int else None
+
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
                    **self.extra_headers}

@@ -70,6 +70,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.context import (
     ANTHROPIC_COUNT_TOKENS,
     CONTEXT_KEY,
+    OPENAI_CHAT,
     OPENAI_RESPONSES,
     RequestContext,
     Rerouted,
@@ -252,6 +253,9 @@ class QuotaMiddleware:
         # model -> the output bound of its requests without a cap, where one of its
         # deployments (or its fallbacks') sends a larger cap of its own (`_learn_defaults`)
         self._output_defaults: dict[str, int] = {}
+        # model -> (chat_output_cap, upstream model) of its deployments (and its fallbacks')
+        # whose adapter sends a cap that depends on the request (`_output_default`)
+        self._chat_caps: dict[str, tuple[tuple[Any, str], ...]] = {}
 
     def check_config(self, config: GatewayConfig) -> None:
         """Learns the routes of a failover layer listed below this one (found by walking
@@ -278,15 +282,44 @@ class QuotaMiddleware:
         `default_max_tokens`: Anthropic requires a cap), that cap is the bound of the model's
         requests without one: it is what the call may generate."""
         sent: dict[str, int] = {}
+        chat_caps: dict[str, list[tuple[Any, str]]] = {}
         for name, model in config.models.items():
-            caps = [getattr(config.providers.get(deployment.provider), "default_max_tokens",
-                            None) for deployment in model.deployments]
+            adapters = [(config.providers.get(deployment.provider), deployment.model)
+                        for deployment in model.deployments]
+            caps = [getattr(adapter, "default_max_tokens", None) for adapter, _ in adapters]
             sent[name] = max((cap for cap in caps if type(cap) is int), default=0)
+            offered = [(getattr(adapter, "chat_output_cap", None), upstream)
+                       for adapter, upstream in adapters]
+            chat_caps[name] = [(cap_of, upstream) for cap_of, upstream in offered
+                               if callable(cap_of)]
         self._output_defaults = {}
+        self._chat_caps = {}
         for name in config.models:
             widest = max(sent.get(other, 0) for other in (name, *self._fallbacks.get(name, ())))
             if widest > self.default_max_output_tokens:
                 self._output_defaults[name] = widest
+            found = [cap for other in (name, *self._fallbacks.get(name, ()))
+                     for cap in chat_caps.get(other, ())]
+            if found:
+                self._chat_caps[name] = tuple(found)
+
+    def _output_default(self, ctx: RequestContext) -> int:
+        """The output bound of a request that sets no cap of its own (`plan.output_bound`):
+        `_output_defaults`', or, for a chat request that asks for thinking
+        (`reasoning_effort`, `thinking`), the largest cap a deployment that may serve it
+        sends with it (`chat_output_cap`: the Anthropic adapter makes room for a thinking
+        budget on top of its default, up to 16k tokens more: reserved at the default alone,
+        a budget was overspent several times by concurrent thinking requests)."""
+        default = self._output_defaults.get(ctx.model, self.default_max_output_tokens)
+        caps = self._chat_caps.get(ctx.model)
+        if caps is not None and ctx.operation == OPENAI_CHAT:
+            body = ctx.body
+            if "reasoning_effort" in body or "thinking" in body:
+                for cap_of, upstream_model in caps:
+                    cap = cap_of(body, upstream_model)
+                    if type(cap) is int and cap > default:
+                        default = cap
+        return default
 
     def learn_routes(self, router: Any, config: GatewayConfig) -> None:
         """Notes the models `router` (a layer with `models_serving(model)`: the failover
@@ -489,9 +522,7 @@ class QuotaMiddleware:
         client = redis.direct_client() if redis is not None else None
         if redis is None or client is None:
             return None
-        est = plan.estimate(ctx, self._output_defaults.get(ctx.model,
-                                                           self.default_max_output_tokens),
-                            self._fallbacks.get(ctx.model, ()))
+        est = plan.estimate(ctx, self._output_default(ctx), self._fallbacks.get(ctx.model, ()))
         lease = self._lease(ctx)
         try:
             reply = await client.call_encoded(lane.admit_payload(
@@ -584,8 +615,8 @@ class QuotaMiddleware:
             template = self._template(principal, ctx.model)
             if template is None and not downgraded:  # no limit applies: nothing to estimate
                 return None, [], [], Decision(allowed=True), _NOTHING_RESERVED, []
-            est = plan.estimate(ctx, self._output_defaults.get(
-                ctx.model, self.default_max_output_tokens), self._fallbacks.get(ctx.model, ()))
+            est = plan.estimate(ctx, self._output_default(ctx),
+                                self._fallbacks.get(ctx.model, ()))
             planned: list[Planned]
             checks: list[Check]
             planned, checks = ([], []) if template is None else plan.planned_from(template, est)
@@ -667,8 +698,7 @@ class QuotaMiddleware:
         state[slot] = f"{self._lease(ctx)}>{model}"
         template = plan.template([("model", model, limits)], datetime.now(UTC), self.lease_s)
         est = plan.estimate_at(ctx, model, plan.estimate(
-            ctx, self._output_defaults.get(ctx.model, self.default_max_output_tokens),
-            self._fallbacks.get(ctx.model, ())))
+            ctx, self._output_default(ctx), self._fallbacks.get(ctx.model, ())))
         planned, checks = plan.planned_from(template, est)
         try:
             store, decision = await self._reserve(ctx, planned, checks, model=model)

@@ -433,6 +433,44 @@ def test_a_request_without_a_cap_reserves_the_cap_its_deployment_sends(
     assert openai_model.status_code == 200, openai_model.text
 
 
+def test_a_request_asking_for_thinking_reserves_the_room_its_translation_makes(
+        start: Start, store: str, mock: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A chat request without a cap that asks for thinking goes to Claude 3.7 to 4.5 with
+    # max_tokens = the adapter's default + the thinking budget (xhigh: 4096 + 16384). It
+    # reserved the default alone, and concurrent thinking requests overspent a budget several
+    # times. Claude 4.6 thinks adaptively within the default: that is what it reserves. One
+    # key per request: each one's reservation is its budget less its header.
+    cases = [("claude-thinks", {"reasoning_effort": "xhigh"}),
+             ("claude-thinks", {"thinking": {"type": "enabled", "budget_tokens": 6000}}),
+             ("claude-adaptive", {"reasoning_effort": "xhigh"}),
+             ("claude-thinks", {"reasoning_effort": "xhigh", "max_tokens": 2000})]
+    keys = [f"sk-sg-thinking-key-{i}-0123456789" for i in range(len(cases))]
+    for i, key in enumerate(keys):
+        monkeypatch.setenv(f"SG_KEY_T{i}", key)
+    budget = "Limits(budgets=(Budget('1', period='lifetime'),))"
+    extra = ('models["claude-thinks"] = [Deployment("anthropic", "claude-3-7-sonnet-20250219",'
+             ' price=MOCK_PRICE)]\n'
+             'models["claude-adaptive"] = [Deployment("anthropic", "claude-opus-4-6", '
+             'price=MOCK_PRICE)]\n')
+    gateway = start(auth(*[static_key(budget, key_id=f"k-t{i}", env=f"SG_KEY_T{i}")
+                           for i in range(len(cases))]), quota(store), extra=extra)
+    input_parts = set()
+    for key, (model, fields) in zip(keys, cases, strict=True):
+        response = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                              json={"model": model, "messages": PROMPT, **fields},
+                              headers={"authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+        sent = mock.requests[-1]["json"]["max_tokens"]
+        reserved = 1_000_000 - int(
+            Decimal(response.headers["x-sluicegate-budget-remaining"]) * 1_000_000)
+        input_parts.add(reserved - 2 * sent)  # (MOCK_PRICE: output at 2 micro-USD a token)
+    assert [request["json"]["max_tokens"] for request in mock.requests] == \
+        [4096 + 16384, 4096 + 6000, 4096, 2000]
+    (input_part,) = input_parts  # the same estimated input in every request, at $1/M
+    assert 0 < input_part < 100
+
+
 def test_a_completion_without_max_tokens_reserves_the_apis_default_of_16(
         start: Start, store: str, mock: MockProviderServer) -> None:
     # OpenAI's legacy Completions API defaults max_tokens to 16 (its API reference; the
