@@ -46,7 +46,7 @@ __all__ = ["Hedge", "HedgeFailed"]
 # What the winning call wrote into its context copy, and goes back into the request's.
 _RESULT_FIELDS = ("deployment", "provider_key", "served_deployment", "served_model", "provider",
                   "usage", "first_byte_s", "first_event", "sent_json", "error_type",
-                  "stream_error", "client_disconnected", "response_model")
+                  "stream_error", "client_disconnected", "response_model", "finish_reasons")
 
 
 class HedgeFailed(Exception):

@@ -287,3 +287,30 @@ def test_the_span_of_a_request_refused_before_its_body_was_parsed_names_no_model
     assert "gen_ai.request.model" not in span.attributes
     assert span.attributes["gen_ai.operation.name"] == "chat"
     assert_no_prompt(spans)
+
+
+def test_a_hedged_requests_span_has_the_answers_finish_reasons(
+        tmp_path: Path, mock: MockProviderServer, mock_url: str, spans: Any) -> None:
+    # A hedged route runs each call on a copy of the request's context; the finish reasons
+    # the call read stayed on the copy, so the request span of every non-stream answer on a
+    # hedged route had none, whether or not the hedge fired.
+    text = mock_config(mock_url, extra=(
+        "from middleware.failover import Route\n"
+        "from tests.tracing_support import PROVIDER\n"
+        "settings = Settings(tracer_provider=PROVIDER)\n"
+        'models["hedged"] = [Deployment("openai", "gpt-4o-mini", price=MOCK_PRICE), '
+        'Deployment("anthropic", "claude-3-5-haiku-latest", price=MOCK_PRICE)]\n'
+        "middleware = [Middleware(AuthMiddleware, keys=[StaticKey('tests', "
+        "key_env='SG_TEST_KEY')]), Middleware(FailoverMiddleware, routes={'hedged': "
+        "Route(strategy='priority', hedge_after_s=0.2)}, breaker=NEVER_OPENS)]\n"))
+    with ThreadedServer(create_app(write_config(tmp_path, text))) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+        for hedged, reason in ((False, "stop"), (True, "end_turn")):
+            spans.clear()
+            if hedged:  # the first deployment answers late: the second one's answer wins
+                mock.push_fault(Fault("slow_first_byte", provider="openai", delay_s=1.0))
+            answer = sdk.chat.completions.create(
+                model="hedged", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].finish_reason == "stop"
+            span = request_span(spans)
+            assert list(span.attributes["gen_ai.response.finish_reasons"]) == [reason]
