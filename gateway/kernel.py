@@ -87,8 +87,11 @@ def _request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes:
 def _callers_request_id(headers: list[tuple[bytes, bytes]], header: bytes) -> bytes | None:
     for name, value in headers:
         if name == header:
-            # Passed through only when it is short and printable, so it is safe in logs.
-            if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").isalnum():
+            # Passed through only when it is short and printable, so it is safe in logs, and
+            # does not look like a key (`sk-sg-`, `sk-proj-`, `sk-ant-`...): a client that sends
+            # its key as its request id would have it in every log line, record and trace.
+            if 0 < len(value) <= 128 and value.isascii() and value.replace(b"-", b"").isalnum() \
+                    and value[:3].lower() != b"sk-":
                 return value
             break
     return None

@@ -188,6 +188,12 @@ def test_request_id_is_generated_or_passed_through(gateway: ThreadedServer) -> N
     assert len(generated) == 32 and generated != "abc-123"
     unsafe = httpx.post(gateway.url + CHAT, content=b"{", headers={"x-request-id": "a b\tc"})
     assert unsafe.headers["x-request-id"] != "a b\tc"
+    # A key sent as the request id would be in every log line, record and span of the
+    # request: one that looks like a key is replaced.
+    for key_like in (TEST_KEY, "SK-proj-abc123", "sk-ant-api03-xyz"):
+        keyed = httpx.post(gateway.url + CHAT, content=b"{", headers={"x-request-id": key_like})
+        assert keyed.headers["x-request-id"] != key_like
+        assert len(keyed.headers["x-request-id"]) == 32
 
 
 def test_translation_refusal_is_400_not_500(gateway: ThreadedServer) -> None:
