@@ -206,6 +206,10 @@ class QuotaMiddleware:
         # it answers again, then lets admissions go back to it (`_hand_over_when_back`).
         self._recovering: asyncio.Task[None] | None = None
         self._alerted: set[str] = set()
+        # budget key -> (its store, the budget, the highest alert threshold a settle's
+        # estimate reached that its spend had not yet: judged again at the budget's next
+        # settle here, and at each lease renewal: `_send_alerts`)
+        self._pending_alerts: dict[str, tuple[QuotaStore, Planned, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
         # Admissions through a Lane (middleware/quota/lane.py): with the Redis store only.
@@ -968,6 +972,8 @@ class QuotaMiddleware:
                     logger.warning("could not renew what %d request(s) hold (%s); it lapses "
                                    "after lease_s unless the next renewal takes", len(leases),
                                    exc)
+            if self._pending_alerts:
+                self._judge_pending_alerts()
 
     async def _admit_seeded(self, store: QuotaStore, ctx: RequestContext,
                             planned: list[Planned], checks: list[Check],
@@ -1214,11 +1220,15 @@ class QuotaMiddleware:
         budget = item.budget
         if budget is None or item.check.limit <= 0:
             return
+        before = len(crossed)
         percent = used * 100 // item.check.limit
         for threshold in budget.alert_at_percent:
             if percent >= threshold and \
                     f"{item.check.key}:alert:{threshold}" not in self._alerted:
                 crossed.append((item, threshold, used))
+        pending = self._pending_alerts.get(item.check.key)
+        if pending is not None and len(crossed) == before:  # judged again on this settle
+            crossed.append((item, pending[2], used))
 
     def _alert_refusing(self, store: QuotaStore, item: Planned) -> None:
         """A budget that refuses a request (no way round it) is at its end: alerted at the
@@ -1255,22 +1265,56 @@ class QuotaMiddleware:
         settle judged them by the admission's reply, which counts the requests still running
         at their reservations (12 running requests that reserve 7 times what they cost make
         a budget look half spent at 12%): so they are judged again here, on what the store
-        counts once the settle is in (sent before this asks: one connection, in order)."""
+        counts once the settle is in (sent before this asks: one connection, in order), at
+        every threshold the spend reached. One the spend has not reached yet waits in
+        `_pending_alerts` (the requests it counted settle later, maybe elsewhere)."""
         spent_in = getattr(store, "spent", None)
-        if spent_in is not None:
-            items = list({item.check.key: item for item, _, _ in crossed}.values())
-            try:
-                values = await spent_in([item.check for item in items])
-            except QuotaStoreError:
-                return  # (the next settle past the threshold tries again)
-            spent = {item.check.key: value for item, value in zip(items, values, strict=True)}
-        for item, threshold, used in crossed:
-            if spent_in is not None:
-                reached = spent[item.check.key]
-                if reached is None or reached * 100 // item.check.limit < threshold:
-                    continue
-                used = reached
-            await self._alert_once(store, item, threshold, used)
+        if spent_in is None:
+            for item, threshold, used in crossed:
+                await self._alert_once(store, item, threshold, used)
+            return
+        claimed: dict[str, tuple[Planned, int]] = {}  # key -> (budget, highest threshold)
+        for item, threshold, _ in crossed:
+            known = claimed.get(item.check.key)
+            if known is None or threshold > known[1]:
+                claimed[item.check.key] = (item, threshold)
+        items = [item for item, _ in claimed.values()]
+        try:
+            values = await spent_in([item.check for item in items])
+        except QuotaStoreError:
+            values = [None] * len(items)
+        # Every threshold the spend has reached is alerted, not only those the estimate
+        # named (a stream's top-ups spend past them). One the estimate reached but the
+        # spend has not (requests admitted before this one settle after it) waits: judged
+        # again at the budget's next settle, or the next lease renewal (another process's
+        # settle brings it there).
+        for (item, highest), reached in zip(claimed.values(), values, strict=True):
+            key = item.check.key
+            assert item.budget is not None
+            if reached is None:  # (unreadable now: judged again later)
+                self._pending_alerts[key] = (store, item, highest)
+                continue
+            percent = reached * 100 // item.check.limit
+            for threshold in item.budget.alert_at_percent:
+                if percent >= threshold:
+                    await self._alert_once(store, item, threshold, reached)
+            if percent < highest and f"{key}:alert:{highest}" not in self._alerted:
+                self._pending_alerts[key] = (store, item, highest)
+            else:
+                self._pending_alerts.pop(key, None)
+
+    def _judge_pending_alerts(self) -> None:
+        """Judges again the thresholds that wait (`_pending_alerts`) on what their budgets
+        have spent; forgets those whose period is over."""
+        now = time.time()
+        by_store: dict[QuotaStore, list[tuple[Planned, int, int]]] = {}
+        for key, (store, item, highest) in list(self._pending_alerts.items()):
+            if item.check.expires_at and item.check.expires_at <= now:
+                del self._pending_alerts[key]
+            else:
+                by_store.setdefault(store, []).append((item, highest, 0))
+        for store, crossed in by_store.items():
+            self._spawn(self._send_alerts(store, crossed))
 
     async def _alert_once(self, store: QuotaStore, item: Planned, threshold: int,
                           used: int) -> None:

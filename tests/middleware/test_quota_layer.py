@@ -1621,6 +1621,30 @@ def test_budget_alerts_count_requests_in_flight_at_their_cost_not_their_reservat
     assert receiver.posts == []
 
 
+def test_a_threshold_reached_by_requests_settling_out_of_order_is_alerted(
+        start: Start, store: str, mock: MockProviderServer) -> None:
+    # A (slow) and B (fast) cost 30 each against 100. B settles first: its estimate (A's
+    # reservation and its own cost: 60) crossed 50%, but the spend was 30, so it waited; A's
+    # estimate (30, from its admission) crossed nothing. The budget ended 60% spent, never
+    # alerted at 50%.
+    receiver = AlertReceiver()
+    with ThreadedServer(receiver) as hook:
+        gateway = start(auth(static_key("Limits(budgets=(Budget('0.0001', "
+                                        "period='daily'),))")),
+                        quota(store, alert_webhook_url=repr(hook.url + "/hook")))
+        mock.push_fault(Fault("slow_first_byte", delay_s=1.0))
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(gateway.chat)
+            time.sleep(0.3)
+            assert gateway.chat().status_code == 200
+            assert slow.result().status_code == 200
+        assert eventually(lambda: gateway.committed("daily"), 2 * COST) == 2 * COST
+        assert eventually(lambda: len(receiver.posts), 1) == 1
+        time.sleep(0.3)  # room for a duplicate to arrive, if one were coming
+    assert [(event["threshold_percent"], event["used_usd"]) for _, event in receiver.posts] \
+        == [(50, "0.00006")]
+
+
 def test_budget_alerts_once_per_threshold_across_gateways(
         start: Start, prefix: str) -> None:
     """Two gateways sharing Redis: the threshold marker in Redis, not each process's memory,
