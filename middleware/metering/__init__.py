@@ -493,7 +493,11 @@ class MeteringMiddleware:
                     logger.error("metering: the journal could not be synced: %s", exc)
             if self._stopping and not self._queue:
                 if self._replaying:
-                    await self._replay()
+                    try:
+                        await self._replay()
+                    except Exception:  # (as above: what is left stays in the journal)
+                        logger.exception("metering: the replay at shutdown failed; the "
+                                         "journal is replayed at the next start")
                 return
 
     async def _write_batch(self, payloads: list[bytes], *, durable: bool = False) -> None:
@@ -505,11 +509,13 @@ class MeteringMiddleware:
         try:
             position = await self._journal_batch(payloads, sync=durable)
         except (OSError, JournalError) as exc:  # (a full or failing disk)
-            if self.store is None or self._replaying:
+            if self.store is None:
                 raise
+            # Even while the journal is replayed: the batch would wait in memory for a
+            # journal that may never take it (its disk filled during the outage).
             logger.error("metering: the journal failed (%s); this batch goes to PostgreSQL "
                          "alone", exc)
-        if self.store is None or self._replaying:
+        if self.store is None or (self._replaying and position is not None):
             return  # the journal is the ledger, or PostgreSQL is behind it
         try:
             self.written += await self._store_batch(payloads)
@@ -523,7 +529,7 @@ class MeteringMiddleware:
         if position is not None:
             try:
                 await self._acknowledge(position)
-            except (OSError, JournalError) as exc:  # written: a replay writes it again, once
+            except JournalError as exc:  # written: a replay writes it again, once
                 logger.error("metering: the journal could not be acknowledged: %s", exc)
 
     async def _store_batch(self, payloads: list[bytes],
@@ -573,8 +579,22 @@ class MeteringMiddleware:
         return await asyncio.get_running_loop().run_in_executor(self._io, append)
 
     async def _acknowledge(self, position: Position) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._io, self.journal.acknowledge,
-                                                         position)
+        """Moves the journal past records PostgreSQL holds. A checkpoint the journal cannot
+        save (a full disk) stops nothing: the journal reads on from the position in memory
+        and saves it at a later acknowledgement; a restart meanwhile replays the records
+        since the saved one, which PostgreSQL takes once."""
+        journal = self.journal
+        was_saved = journal.checkpoint_saved
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, journal.acknowledge,
+                                                             position)
+        except OSError as exc:
+            if was_saved:  # (said once, not at every batch)
+                logger.error("metering: the journal's checkpoint cannot be saved (%s); the "
+                             "journal goes on from its position in memory", exc)
+            return
+        if not was_saved:
+            logger.info("metering: the journal's checkpoint is saved again")
 
     async def _adopt_orphans(self) -> None:
         """Replays the journals of slots no live process holds: one whose process crashed

@@ -13,6 +13,7 @@ On disk, one directory holds:
   4-byte big-endian payload length, the payload's 4-byte big-endian CRC-32, and the payload.
   Only the last segment is appended to; segments wholly acknowledged are deleted.
 - `checkpoint`: the acknowledged position, replaced atomically (temporary file, fsync, rename).
+  One that cannot be written (a full disk) holds in memory until it can (`acknowledge`).
 - `lock`: held with flock(2) while the journal is open, so that a second journal (another
   process) cannot append to the same segments.
 
@@ -23,6 +24,7 @@ reads around a torn tail instead of cutting it (the tail may be an append in pro
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -110,7 +112,8 @@ class Journal:
         self._segment = 0
         self._offset = 0
         self._segments: list[int] = []
-        self._checkpoint = Position(0, 0)
+        self._checkpoint = Position(0, 0)      # acknowledged: `pending` reads on after it
+        self._saved = Position(0, 0)           # the checkpoint on disk (a restart's)
         self._unsynced = False
         self._synced_at = 0.0
         self._reported: set[tuple[int, int]] = set()
@@ -163,6 +166,8 @@ class Journal:
                                                                         strict=True)]
         with self._lock:
             self._require_writable()
+            if self._fd is None:  # (its last start failed: `_replace_open_segment`)
+                self._start_segment(self._segment + 1)
             batch_bytes = _FRAME.size * len(sizes) + sum(sizes)
             if self._offset + batch_bytes <= self.segment_bytes:  # the usual case: one write
                 self._write([*itertools.chain.from_iterable(zip(headers, payloads, strict=True))])
@@ -205,26 +210,65 @@ class Journal:
             if self._fd is not None:
                 self._sync_locked()
 
+    @property
+    def checkpoint_saved(self) -> bool:
+        """Whether the acknowledged position is the one on disk (`acknowledge`)."""
+        return self._saved == self._checkpoint
+
     def acknowledge(self, position: Position) -> None:
         """Record that everything up to and including `position` is safely elsewhere.
 
         The checkpoint is persisted first, then the segments wholly before it are deleted
-        (the open segment stays). An older position than the checkpoint changes nothing.
+        (the open segment stays). An older position than the checkpoint changes nothing, but
+        saves the checkpoint if it is not saved yet.
+
+        A checkpoint that cannot be written (a full disk, a directory that takes no new file)
+        raises OSError, and the position holds even so: `pending` reads on after it (else a
+        replay would send the same records for ever), the segments it passed are deleted,
+        and on a full disk so is a wholly acknowledged open segment (a new one is started),
+        which frees the room to try once more; otherwise the next `acknowledge` (or `close`)
+        tries. Until it is saved, a restart delivers again the records after the checkpoint
+        on disk (at-least-once, as after any crash).
         """
         with self._ack_lock:
             with self._lock:
                 self._require_writable()
-                if position <= self._checkpoint:
-                    return
                 if position > self._tail():
                     raise ValueError(f"{position} is past the end of the journal")
-            self._write_checkpoint(position)
-            with self._lock:
-                self._checkpoint = position
-                done = self._forget_acknowledged_segments()
-            for number in done:
-                with contextlib.suppress(FileNotFoundError):
-                    self._segment_path(number).unlink()
+                position = max(position, self._checkpoint)
+                if position == self._saved:
+                    return
+            try:
+                self._write_checkpoint(position)
+            except OSError as exc:
+                self._let_go(position, disk_full=exc.errno in (errno.ENOSPC, errno.EDQUOT))
+                self._write_checkpoint(position)
+            else:
+                self._let_go(position)
+            self._saved = position
+
+    def _let_go(self, position: Position, *, disk_full: bool = False) -> None:
+        """Moves the acknowledged position to `position` and deletes the segments before it."""
+        with self._lock:
+            self._checkpoint = position
+            done = self._forget_acknowledged_segments()
+            if disk_full and self._fd is not None and position == self._tail() \
+                    and self._offset > _HEADER_BYTES:
+                self._replace_open_segment()
+        for number in done:
+            with contextlib.suppress(FileNotFoundError):
+                self._segment_path(number).unlink()
+
+    def _replace_open_segment(self) -> None:
+        """Deletes the open segment (wholly acknowledged) and starts the next. If that start
+        fails too, the next append tries it again."""
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        self._segments.remove(self._segment)
+        self._segment_path(self._segment).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._start_segment(self._segment + 1)
 
     def pending(self, *, limit: int | None = None) -> list[tuple[Position, bytes]]:
         """The unacknowledged records, oldest first, each with the position just after it.
@@ -247,17 +291,21 @@ class Journal:
 
     def close(self) -> None:
         """fsync and close the open segment and let go of the directory; idempotent."""
+        if self._open and not self.read_only and not self.checkpoint_saved:
+            with contextlib.suppress(OSError):  # (said by whoever acknowledged)
+                self.acknowledge(self._checkpoint)
         with self._lock:
             if not self._open:
                 return
             self._open = False
-            if self._fd is None:        # a reader holds nothing
+            if self.read_only:          # a reader holds nothing
                 return
             try:
                 self._sync_locked()
             finally:
-                os.close(self._fd)
-                self._fd = None
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
                 self._release_directory()
 
     # -- opening and recovery
@@ -280,7 +328,7 @@ class Journal:
             self._lock_fd = None
 
     def _recover(self) -> None:
-        self._checkpoint = self._read_checkpoint()
+        self._checkpoint = self._saved = self._read_checkpoint()
         self._segments = self._existing_segments()
         self._unsynced, self._synced_at = False, time.monotonic()
         with contextlib.suppress(FileNotFoundError):
