@@ -152,8 +152,8 @@ class QuotaMiddleware:
     gateway-wide Limits; `model_limits`: per public model. `default_max_output_tokens` is the
     output reserved for requests that set no max_tokens (a legacy completion reserves its
     API's own default, 16). `ledger`: a SpendLedger (e.g.
-    `PostgresSpendLedger(dsn)`) that records spend and rebuilds budget counters after a
-    Redis flush. `alert_webhook_url`: where 50/80/100% budget alerts are POSTed.
+    `PostgresSpendLedger(dsn)`, or its PostgreSQL DSN) that records spend and rebuilds budget
+    counters after a Redis flush. `alert_webhook_url`: where 50/80/100% budget alerts are POSTed.
     `admin_token_env`: serves `GET /admin/usage/{kind}/{subject}` (current spend).
     `lease_s`: how long a request holds its concurrency lease and its budget reservations
     when their release never comes (its gateway died mid-request): longer than any call.
@@ -172,7 +172,7 @@ class QuotaMiddleware:
         limits: Limits | None = None,
         model_limits: Mapping[str, Limits] | None = None,
         default_max_output_tokens: int = 4096,
-        ledger: SpendLedger | None = None,
+        ledger: SpendLedger | str | None = None,
         alert_webhook_url: str | None = None,
         admin_token_env: str | None = None,
         store_retry_s: float = 1.0,
@@ -189,7 +189,7 @@ class QuotaMiddleware:
         if default_max_output_tokens <= 0:
             raise ConfigError("QuotaMiddleware default_max_output_tokens must be positive.")
         self.default_max_output_tokens = default_max_output_tokens
-        self.ledger = ledger
+        self.ledger = _make_ledger(ledger)
         self.alert_webhook_url = alert_webhook_url
         if alert_webhook_url is not None and not alert_webhook_url.startswith(("http://",
                                                                              "https://")):
@@ -1617,6 +1617,25 @@ def _make_store(store: QuotaStore | str) -> QuotaStore:
     if not callable(getattr(store, "admit", None)):
         raise ConfigError(f"QuotaMiddleware store {store!r} is not a QuotaStore.")
     return store
+
+
+def _make_ledger(ledger: object) -> SpendLedger | None:
+    """The `ledger` option as a SpendLedger: a PostgreSQL DSN is a PostgresSpendLedger; what
+    has no `spent_micros` is refused (it was taken, never started, and every budgeted request
+    got a 503 while /readyz said ready). The value is never shown: a DSN holds a password."""
+    if ledger is None or isinstance(ledger, PostgresSpendLedger):
+        return ledger
+    if isinstance(ledger, str):  # (as MeteringMiddleware's store)
+        if not ledger.startswith(("postgresql://", "postgres://", "host=")):
+            raise ConfigError("QuotaMiddleware ledger must be a PostgreSQL DSN or a "
+                              "SpendLedger such as PostgresSpendLedger(dsn).")
+        return PostgresSpendLedger(ledger)
+    if not callable(getattr(ledger, "spent_micros", None)):
+        raise ConfigError(f"QuotaMiddleware ledger must be a SpendLedger such as "
+                          f"PostgresSpendLedger(dsn) or a PostgreSQL DSN, not a "
+                          f"{type(ledger).__name__}.")
+    spend_ledger: SpendLedger = ledger  # type: ignore[assignment]
+    return spend_ledger
 
 
 def _admitted(reply: Any, lane: Lane, ctx: RequestContext) -> list[Any] | None:

@@ -40,10 +40,11 @@ from openai.types.responses import Response
 from psycopg import sql
 
 from gateway import create_app
+from gateway.config import ConfigError
 from gateway.kernel import Kernel
 from gateway.policy import BUDGET, Check, period_bounds, period_label
 from gateway.tokens import estimate_messages
-from middleware.quota import QuotaMiddleware
+from middleware.quota import PostgresSpendLedger, QuotaMiddleware
 from tests.harness import TEST_KEY, ThreadedServer, free_port, mock_config, write_config
 from tests.mock_providers import Fault, MockConfig, MockProviderServer
 from tests.providers.test_responses_streams import failed_ending, stream_events_of
@@ -1771,3 +1772,23 @@ def test_a_responses_follow_up_reserves_the_conversation_it_is_billed(
     assert statuses == [200] * 3 + [402] * 3
     time.sleep(0.3)
     assert (gateway.committed("lifetime") or 0) <= 20_000
+
+
+def test_the_ledger_is_a_spend_ledger_or_its_dsn_and_nothing_else() -> None:
+    # A DSN given as the ledger (as MeteringMiddleware's store takes one) was kept as a
+    # string, never started, and every budgeted request got a 503 while /readyz said ready.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    given = QuotaMiddleware(app, ledger=PG_DSN).ledger
+    assert isinstance(given, PostgresSpendLedger)
+    assert PG_DSN not in repr(given)
+    ledger = PostgresSpendLedger(PG_DSN)
+    assert QuotaMiddleware(app, ledger=ledger).ledger is ledger
+    for wrong, says in (("redis://:hunter2@127.0.0.1:6379/0", "a PostgreSQL DSN"),
+                        (5, "not a int"), (object(), "not a object")):
+        with pytest.raises(ConfigError) as refused:
+            QuotaMiddleware(app, ledger=wrong)
+        assert "QuotaMiddleware ledger must be" in str(refused.value)
+        assert says in str(refused.value)
+        assert "hunter2" not in str(refused.value)
