@@ -409,8 +409,10 @@ def _address(text: str, default_port: int) -> tuple[str, int]:
         port = port.removeprefix(":")
     else:
         host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if port and not port.isdigit():  # (not quoted: it may be part of a password)
+    if port and not (port.isascii() and port.isdigit()):  # (not quoted: maybe a password's)
         raise ValueError("bad port in Redis address (not a number)")
+    if port and not 0 < int(port) < 65536:
+        raise ValueError("bad port in Redis address (not 1 to 65535)")
     return unquote(host) or "127.0.0.1", int(port) if port else default_port
 
 

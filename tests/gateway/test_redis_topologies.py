@@ -49,6 +49,9 @@ def test_url_forms() -> None:
     ("redis://h?timeout=3", "unknown Redis URL option"),
     ("rediss://h?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
     ("redis://h:port", "bad port"),
+    ("redis://h:99999/0", "not 1 to 65535"),  # (it started, degraded, for ever)
+    ("redis://h:0", "not 1 to 65535"),
+    ("redis+sentinel://s1:70000/mymaster", "not 1 to 65535"),
     ("rediss://h?ssl_ca_certs=/nonexistent/ca.pem", "TLS files cannot be used"),
 ])
 def test_bad_urls_say_why(url: str, reason: str) -> None:
