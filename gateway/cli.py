@@ -104,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           f"(default {DEFAULT_TIMEOUT_S:g})")
     build = commands.add_parser(
         "build", help="whether the hot path runs compiled (make compile); exit 1 when stale")
-    build.add_argument("--sources", action="store_true", help="print the modules' paths")
-    build.add_argument("--remove", action="store_true", help="delete the compiled modules")
+    either = build.add_mutually_exclusive_group()  # (both given: one was ignored)
+    either.add_argument("--sources", action="store_true", help="print the modules' paths")
+    either.add_argument("--remove", action="store_true", help="delete the compiled modules")
     _add_admin_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "build":

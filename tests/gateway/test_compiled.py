@@ -203,3 +203,12 @@ def test_every_listed_module_has_a_source_and_the_make_target_names_them_all(
     assert len(paths) == len(MODULES)
     for path in paths:
         assert (ROOT / path).is_file(), path
+
+
+def test_the_build_command_takes_one_of_sources_and_remove(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Both given, --remove was ignored without a word.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["build", "--sources", "--remove"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
