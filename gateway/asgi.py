@@ -53,9 +53,18 @@ def _load() -> tuple[Kernel, bytes | None]:
     except (ConfigError, OSError) as exc:
         if not last_good or not os.path.isfile(last_good):
             raise
-        logger.error("the config did not load (%s); serving the last config that did", exc)
-        return create_app(last_good), None
-    return kernel, text
+        why = str(exc)
+    else:
+        return kernel, text
+    # (out of the except: the last good failing too chains no unredacted `why` to its error)
+    kernel = create_app(last_good)
+    # Nothing redacts this process's logs yet (set up once a config loaded): `why` goes out
+    # without the last good config's secrets, URL userinfo, virtual keys or password=...
+    # (a config module's own exception may quote any of them).
+    scrub = Scrubber.for_config(kernel.config, stack_components(kernel.app))
+    logger.error("the config did not load (%s); serving the last config that did",
+                 scrub.redact(why))
+    return kernel, None
 
 
 # A spawned worker starts with no logging set up: the serve process's handler, first with

@@ -484,12 +484,14 @@ def redact_target(address: str) -> str:
                f"{params.get('dbname', '')}"
     scheme, _, rest = text.partition("://")
     if scheme.lower() in _REDIS_SCHEMES:
-        # (as the gateway reads it: urllib ends the host at a password's unencoded "/")
         try:
             parse_redis_url(text)
         except ValueError:
             return _HIDDEN
-        text = f"{scheme}://{split_userinfo(rest)[2]}"
+    # Every scheme's userinfo ends at its last "@", as the gateway reads a Redis URL: urllib
+    # ends it at a password's first unencoded "/", "?" or "#" and would show the rest of it
+    # (`openssl rand -base64` makes passwords holding "/").
+    text = f"{scheme}://{split_userinfo(rest)[2]}"
     try:
         parts = urlsplit(text)
     except ValueError:

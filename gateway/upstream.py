@@ -78,7 +78,7 @@ class Deployment:
             if not isinstance(value, tuple | list) or \
                     not all(isinstance(item, str) and item for item in value):
                 raise ConfigError(f"{where}: {name} must be a tuple of strings such as "
-                                  f"('eu',), not {value!r}.")
+                                  f"('eu',), not {_not_names(value)}.")
             object.__setattr__(self, name, tuple(value))
         if not isinstance(self.free, bool):
             raise ConfigError(f"{where}: free must be True or False, not {self.free!r}.")
@@ -88,6 +88,20 @@ class Deployment:
     @property
     def name(self) -> str:
         return self.label or f"{self.provider}/{self.model}"
+
+
+def _not_names(value: object) -> str:
+    """What a value that is not a tuple of non-empty strings is, told by its type alone:
+    `api_key_envs=[os.environ.get("OPENAI_API_KEY")]` gives the keys themselves."""
+    if not isinstance(value, tuple | list):
+        return _a_type(value)
+    wrong = next(item for item in value if not (isinstance(item, str) and item))
+    return f"{_a_type(value)} holding " + ("an empty string" if wrong == "" else _a_type(wrong))
+
+
+def _a_type(value: object) -> str:
+    name = type(value).__name__
+    return "None" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 @dataclass(frozen=True, slots=True)

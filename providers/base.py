@@ -123,6 +123,14 @@ class HTTPAdapter:
             raise ConfigError(f"a {self.type_name} provider needs an http(s) base_url, "
                               f"not {_url_shown(url)}.")
         self.base_url = url.rstrip("/")
+        if not _authority_readable(self.base_url):
+            # (aiohttp refused every call, a 500; a "/", "?" or "#" in a proxy's password
+            # ends its host early, and the rest of the password became the port)
+            raise ConfigError(f"a {self.type_name} provider's base_url "
+                              f"{_url_shown(self.base_url)} has no host and port that can be "
+                              "read: a port is a number from 1 to 65535, and a '/', '?', '#' or "
+                              "'@' in a user:password@ must be percent-encoded (%2F, %3F, "
+                              "%23, %40).")
         if "?" in self.base_url or "#" in self.base_url:
             # (a query would end up before every path the adapter appends, silently sent
             # nowhere: headers go in headers=, the key in api_key_env)
@@ -144,7 +152,7 @@ class HTTPAdapter:
                                   f"not {value!r}.")
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
-        self.extra_headers = dict(headers or {})
+        self.extra_headers = _checked_headers(self.type_name, headers)
         self._check_url_credentials()
         self.name = self.type_name
         self._api_key = ""
@@ -898,11 +906,52 @@ def _answered_error(payload: Any) -> dict[str, Any] | None:
 
 def _url_shown(url: Any) -> str:
     """A base URL as an error may print it: without credentials, query or fragment (each may
-    hold a secret)."""
+    hold a secret); what is not a string, by its type alone."""
     if not isinstance(url, str):
-        return repr(url)
+        return "None" if url is None else type(url).__name__
     from gateway.doctor import redact_target
     return repr(redact_target(url))
+
+
+def _authority_readable(url: str) -> bool:
+    """Whether `url` has a host, and a port (if any) from 1 to 65535, where aiohttp (yarl)
+    and urllib find them (RFC 3986: the authority ends at the first "/", "?" or "#")."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # (a ValueError for one that is not a number up to 65535)
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
+
+
+# RFC 9110: a field name is a token (section 5.1); a value holds no control character but
+# the tab (section 5.5), and a CR or LF would end the header early.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+def _checked_headers(type_name: str, headers: object) -> dict[str, str]:
+    """`headers=` as a dict of header names to string values, else a ConfigError that names
+    the header but never shows a value (an Authorization's holds a key). aiohttp took any
+    and refused each at every call, a 500."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"a {type_name} provider's headers must be a dict such as "
+                          f"{{'x-org-id': 'org-1'}}, not {type(headers).__name__}.")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"a {type_name} provider's headers must be named by HTTP "
+                              "header names (letters, digits and !#$%&'*+-.^_`|~), which one "
+                              "of them is not (not shown: it may hold a key).")
+        if not isinstance(value, str):
+            raise ConfigError(f"a {type_name} provider's header {name!r} must be a string, "
+                              f"not {type(value).__name__}.")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ConfigError(f"a {type_name} provider's header {name!r} holds a line break "
+                              "or another control character, which HTTP does not allow (its "
+                              "value is not shown).")
+    return dict(headers)
 
 
 def _final_usage(ctx: RequestContext, codec: Any, finished: bool, streaming: bool,

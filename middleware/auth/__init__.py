@@ -109,7 +109,12 @@ class AuthMiddleware:
                               "without authentication).")
         for key in keys:
             if not isinstance(key, StaticKey):
-                raise ConfigError(f"AuthMiddleware keys must be StaticKey(...), not {key!r}.")
+                # (its type, never its value: keys=[os.environ["SLUICEGATE_API_KEY"]] is
+                # the key itself)
+                raise ConfigError("AuthMiddleware keys must be StaticKey(...) objects, such "
+                                  "as StaticKey('team', key_env='TEAM_KEY'), not "
+                                  f"{type(key).__name__} (a key is never written in the "
+                                  "config).")
         # (limits without keys too: a PostgreSQL store's keys under the config's limits)
         self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) \
             if keys or limits else None

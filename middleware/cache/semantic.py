@@ -448,14 +448,17 @@ class _HttpEmbedderBase:
     def __init__(self, url: str, *, timeout_s: float = 5.0,
                  headers: Mapping[str, str] | None = None) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{type(self).__name__} needs an http(s) URL, not {url!r}.")
+            from gateway.doctor import redact_target  # (without its credentials or query)
+            raise ConfigError(f"{type(self).__name__} needs an http(s) URL, not "
+                              f"{redact_target(url)!r}.")
         self.url = url
         self.timeout_s = timeout_s
         self._headers = dict(headers or {})
         self._session: Any = None
 
-    def __repr__(self) -> str:  # never the headers (they may carry a key)
-        return f"{type(self).__name__}({self.url!r})"
+    def __repr__(self) -> str:  # never the headers (they may carry a key), nor userinfo
+        from gateway.doctor import redact_target
+        return f"{type(self).__name__}({redact_target(self.url)!r})"
 
     async def startup(self) -> None:
         import aiohttp
@@ -939,7 +942,10 @@ class SemanticCache:
                  models: Sequence[str] | None = None, guard: bool = True, top_k: int = 4,
                  window_messages: int = 1, window_chars: int = 1000) -> None:
         if not callable(getattr(embedder, "embed", None)):
-            raise ConfigError(f"SemanticCache embedder {embedder!r} has no embed().")
+            # (its type, never its value: an embedder's URL given alone may hold a password)
+            raise ConfigError(f"SemanticCache embedder (a {type(embedder).__name__}) has no "
+                              "embed(): give LocalEmbedder(), HttpEmbedder(url) or "
+                              "OpenAIEmbedder(base_url, model).")
         if not 0.0 < threshold <= 1.0:
             raise ConfigError("SemanticCache threshold must be in (0, 1].")
         if top_k < 1 or window_messages < 1 or window_chars < 1:
