@@ -561,7 +561,10 @@ def _address_secrets(address: str) -> set[str]:
 
 # -- secrets out of every line -----------------------------------------------------------------
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# (to the last "@" before a space or quote: a password pasted unencoded may hold "/", "?"
+# or "#", which end the userinfo of a URL read by the RFC; a path holding "@" loses its
+# start to the redaction, which shows less, never more)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^@\s'\"<>]+@")
 _PASSWORD_PAIR = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 # Any virtual key (middleware.auth.keys.KEY_PREFIX; the gateway package may not import a
 # layer): one pasted into a URL's path reaches hypercorn's access log, which no layer sees.

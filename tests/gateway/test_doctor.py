@@ -346,6 +346,10 @@ def test_scrubber_removes_known_secrets_userinfo_and_passwords() -> None:
     assert line == ("auth failed for [redacted] at postgresql://[redacted]@h/db "
                     "password=[redacted] then '[redacted]'")
     assert len(Scrubber([], limit=40)("x" * 100)) == 40
+    # A password pasted unencoded, holding "/", "?" or "#", as a library quotes its URL.
+    for password in ("pa/ss", "pa?ss", "pa#ss", "p/a?s#s"):
+        line = scrub(f"cannot connect to 'redis://:{password}@cache:6379/0': refused")
+        assert line == "cannot connect to 'redis://[redacted]@cache:6379/0': refused"
 
 
 class _Component:
