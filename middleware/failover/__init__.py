@@ -97,6 +97,8 @@ from gateway.upstream import OPERATION_PATHS, serving_deployments
 from middleware.failover.affinity import (
     Pin,
     ResponseAffinity,
+    not_found,
+    owner_of,
     previous_response_id,
     unavailable,
 )
@@ -365,6 +367,11 @@ class FailoverMiddleware:
         tried = self._tried(ctx, route, wanted)
         previous = previous_response_id(ctx)
         pin = None if previous is None else await self.affinity.find(previous, self.shared)
+        if pin is not None and previous is not None and pin.owner is not None \
+                and pin.owner != owner_of(ctx):
+            # (another project's response: the provider would serve it, under the gateway's
+            # one account, to any caller that knows its id)
+            raise not_found(previous)
         send = self.affinity.noting_pins(send, ctx, self.shared)
         if pin is None or previous is None:
             await self._serve(scope, receive, send, ctx, route, tried, None)

@@ -50,7 +50,8 @@ from gateway.errors import GatewayError
 from gateway.layers import Message, Send
 from middleware.failover.routing import DeploymentState, retry_after
 
-__all__ = ["Pin", "PinStore", "ResponseAffinity", "pin_of", "response_id_of", "unavailable"]
+__all__ = ["Pin", "PinStore", "ResponseAffinity", "not_found", "owner_of", "pin_of",
+           "response_id_of", "unavailable"]
 
 PREVIOUS = "previous_response_id"
 # OpenAI's response ids are "resp_" and about 50 hex digits: room for other servers' longer
@@ -61,14 +62,16 @@ MAX_ID_CHARS = 256
 @dataclass(frozen=True, slots=True)
 class Pin:
     """Where a response was made: the deployment's name, its provider entry and the provider
-    key's environment variable (None: the provider's own key). No secret is kept."""
+    key's environment variable (None: the provider's own key); and whose it is, the project
+    of the virtual key that made it (None: no auth layer). No secret is kept."""
 
     deployment: str
     provider: str
     key: str | None
+    owner: str | None = None
 
     def encode(self) -> str:
-        return orjson.dumps([self.deployment, self.provider, self.key]).decode()
+        return orjson.dumps([self.deployment, self.provider, self.key, self.owner]).decode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Pin | None:
@@ -76,13 +79,14 @@ class Pin:
             fields = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
-        if not (isinstance(fields, list) and len(fields) == 3):
+        if not (isinstance(fields, list) and len(fields) in (3, 4)):  # (3: an older writer's)
             return None
-        deployment, provider, key = fields
+        deployment, provider, key, owner = (*fields, None)[:4]
         if not (isinstance(deployment, str) and isinstance(provider, str)
-                and (key is None or isinstance(key, str))):
+                and (key is None or isinstance(key, str))
+                and (owner is None or isinstance(owner, str))):
             return None
-        return cls(deployment, provider, key)
+        return cls(deployment, provider, key, owner)
 
 
 class PinStore(Protocol):
@@ -217,12 +221,29 @@ def previous_response_id(ctx: RequestContext) -> str | None:
 
 
 def pin_of(ctx: RequestContext) -> Pin | None:
-    """Where the request's answer was made (the deployment and key of its last attempt)."""
+    """Where the request's answer was made (the deployment and key of its last attempt), and
+    whose it is (`owner_of`)."""
     deployment = ctx.deployment
     if deployment is None:
         return None
     key = ctx.provider_key or (deployment.keys[0] if deployment.keys else None)
-    return Pin(deployment.name, deployment.provider, None if key is None else key.env)
+    return Pin(deployment.name, deployment.provider, None if key is None else key.env,
+               owner_of(ctx))
+
+
+def owner_of(ctx: RequestContext) -> str | None:
+    """The project of the request's virtual key (None without an auth layer): a response
+    it made may be continued by its project's keys only. The provider holds every response
+    under the gateway's one account, so its own scoping never tells two projects apart."""
+    project = getattr(ctx.principal, "project", None)
+    return project if isinstance(project, str) else None
+
+
+def not_found(response_id: str) -> GatewayError:
+    """OpenAI's answer to a `previous_response_id` it does not hold: what a caller gets for
+    another project's response (whether it exists is not said)."""
+    return GatewayError(400, f"Previous response with id '{response_id}' not found.",
+                        code="previous_response_not_found", param=PREVIOUS)
 
 
 def response_id_of(ctx: RequestContext) -> str | None:

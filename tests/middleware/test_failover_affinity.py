@@ -209,3 +209,33 @@ def test_instances_sharing_redis_send_a_follow_up_where_another_saw_its_response
         keys = list(client.scan_iter(f"{prefix}-*"))
         if keys:
             client.delete(*keys)
+
+
+def test_another_projects_response_cannot_be_continued(
+        tmp_path: Path, a: MockProviderServer, b: MockProviderServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The provider holds every response under the gateway's one account: a key of project
+    # "other" that knew a "tests" response's id continued it (its context, billed to
+    # "other"). It now gets OpenAI's answer for an id it does not hold; the project's other
+    # keys continue it as before.
+    monkeypatch.setenv("SG_SAME_PROJECT_KEY", "sk-sg-same-project-key-0123456789")
+    monkeypatch.setenv("SG_OTHER_PROJECT_KEY", "sk-sg-other-project-key-0123456789")
+    config = affinity_config(a, b).replace(
+        'keys=[StaticKey("tests", key_env="SG_TEST_KEY")]',
+        'keys=[StaticKey("tests", key_env="SG_TEST_KEY"), StaticKey("tests", '
+        'key_env="SG_SAME_PROJECT_KEY", id="k-same"), StaticKey("other", '
+        'key_env="SG_OTHER_PROJECT_KEY", id="k-other")]')
+    assert "SG_OTHER_PROJECT_KEY" in config
+    with serve(tmp_path, config) as gateway:
+        made, served = turn(openai_client(gateway), "duo", None, False)
+        calls = len(a.requests) + len(b.requests)
+        other = openai.OpenAI(base_url=gateway.url + "/v1", max_retries=0,
+                              api_key="sk-sg-other-project-key-0123456789")
+        with pytest.raises(openai.BadRequestError) as refused:
+            other.responses.create(model="duo", input="Go on", previous_response_id=made)
+        assert refused.value.code == "previous_response_not_found"
+        assert refused.value.param == "previous_response_id"
+        assert len(a.requests) + len(b.requests) == calls  # (nothing went upstream)
+        same = openai.OpenAI(base_url=gateway.url + "/v1", max_retries=0,
+                             api_key="sk-sg-same-project-key-0123456789")
+        assert turn(same, "duo", made, True)[1] == served
