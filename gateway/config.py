@@ -148,8 +148,25 @@ def _execute(path: str) -> Any:
         raise ConfigError(f"{path}{_config_line(exc, path)}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 (the operator's module may raise anything)
         line = _config_line(exc, path)
-        raise ConfigError(f"{path}{line}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{path}{line}: {type(exc).__name__}: "
+                          f"{_without_secrets(str(exc))}") from None
     return module
+
+
+# Environment variables whose values are secrets by their names' look.
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|DSN)$", re.IGNORECASE)
+
+
+def _without_secrets(text: str) -> str:
+    """An exception of the operator's module as its error may print it (check-config, serve
+    and a reload's log): it may quote anything the module read ("bad key " + os.environ[...]),
+    and the config's secrets are not known, as it did not load. So the values of environment
+    variables named like secrets (…_KEY, …_TOKEN, …_SECRET, …_PASSWORD…) go, with what the
+    log filter takes out of any line (URL userinfo, sk-sg-… keys, password=…)."""
+    from gateway.doctor import Scrubber  # (imports this module)
+    secrets = [value.strip() for name, value in os.environ.items()
+               if _SECRET_NAME.search(name) and len(value.strip()) >= 8]
+    return Scrubber(secrets).redact(text)
 
 
 def _config_line(exc: BaseException, path: str) -> str:

@@ -169,3 +169,16 @@ def test_a_reload_logs_why_its_config_did_not_load_without_secrets(tmp_path: Pat
         in done.stderr
     for secret in (PROVIDER_SECRET, VIRTUAL_KEY, PASSWORD):
         assert secret not in done.stderr
+
+
+def test_a_config_modules_own_exception_is_printed_without_secrets(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The config did not load, so its secrets are not known: the values of environment
+    # variables named like secrets go, and what any log line loses (URL userinfo, sk-sg-).
+    message = refused(tmp_path, HEAD + PROVIDERS + (
+        'raise RuntimeError("this key was refused: " + os.environ["SG_T_SECRET_KEY"] + '
+        '", this one too: " + os.environ["SG_T_VIRTUAL_KEY"] + '
+        '", by redis://:pgSECRET/x@cache:6379")\n'), capsys)
+    assert message.endswith("RuntimeError: this key was refused: [redacted], this one too: "
+                            "[redacted], by redis://[redacted]@cache:6379")
+    assert ", line " in message
