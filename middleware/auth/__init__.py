@@ -39,7 +39,7 @@ from gateway.ingress import is_models_path
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded, route_path
 from gateway.policy import Limits, Principal, downgrade_targets
 from middleware.auth.admin import AdminAPI
-from middleware.auth.keys import StaticKey, VirtualKey, hash_key
+from middleware.auth.keys import StaticKey, VirtualKey, check_subject_id, hash_key
 from middleware.auth.store import (
     UNKNOWN,
     CachedKeys,
@@ -79,10 +79,12 @@ class AuthMiddleware:
         app: ASGIApp,
         *,
         keys: Sequence[StaticKey] = (),
-        store: KeyStore | None = None,
+        # (object, checked below: a DSN string becomes a PostgresKeyStore; see also
+        # cache_max_keys)
+        store: object = None,
         limits: Mapping[tuple[str, str], Limits] | None = None,
         admin_token_env: str | None = None,
-        customer_header: str = "x-sluicegate-customer",
+        customer_header: object = "x-sluicegate-customer",
         cache_ttl_s: float = 30.0,
         stale_max_s: float = 3600.0,
         # (object, checked below: compiled, an `int` parameter refuses a float with a
@@ -103,6 +105,9 @@ class AuthMiddleware:
         max_unknown_keys = _whole_count("cache_max_unknown_keys", cache_max_unknown_keys)
         max_without_limits = _whole_count("cache_max_customers_without_limits",
                                           cache_max_customers_without_limits)
+        store = _key_store(store)
+        customer_header = _header_name(customer_header)
+        _check_limits_subjects(limits)
         if not keys and store is None:
             raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
                               "store=PostgresKeyStore(dsn) (remove the layer to serve "
@@ -379,6 +384,54 @@ class AuthMiddleware:
 def _store_unavailable() -> GatewayError:
     return GatewayError(503, "The key store is unavailable; try again shortly.",
                         code="key_store_unavailable")
+
+
+def _key_store(store: object) -> KeyStore | None:
+    """The `store` option: a KeyStore, or a PostgreSQL DSN (as MeteringMiddleware's store)
+    for a PostgresKeyStore on it; anything else is a ConfigError naming the option (its
+    value never shown: a DSN holds a password)."""
+    if isinstance(store, str):
+        if not store.startswith(("postgresql://", "postgres://", "host=")):
+            raise ConfigError("AuthMiddleware store must be a PostgreSQL DSN or a key store "
+                              "such as PostgresKeyStore(dsn).")
+        return PostgresKeyStore(store)
+    if store is not None and not callable(getattr(store, "find", None)):
+        raise ConfigError(f"AuthMiddleware store must be a key store such as "
+                          f"PostgresKeyStore(dsn) or a PostgreSQL DSN, not a "
+                          f"{type(store).__name__}.")
+    found: KeyStore | None = store  # type: ignore[assignment]
+    return found
+
+
+def _header_name(value: object) -> str:
+    """The `customer_header` option: an HTTP header name (RFC 9110 token), lower-cased."""
+    if not isinstance(value, str) or not value or not all(
+            char.isascii() and (char.isalnum() or char in "!#$%&'*+-.^_`|~") for char in value):
+        raise ConfigError("AuthMiddleware customer_header must be an HTTP header name such as "
+                          "'x-sluicegate-customer'.")
+    return value
+
+
+def _check_limits_subjects(limits: object) -> None:
+    """The `limits` option: {(kind, subject): Limits(...)}, kind "project" or "customer"."""
+    if limits is None:
+        return
+    if not isinstance(limits, Mapping):
+        raise ConfigError(f"AuthMiddleware limits must be a dict such as {{('project', "
+                          f"'acme'): Limits(rpm=60)}}, not a {type(limits).__name__}.")
+    for subject, value in limits.items():
+        if not (isinstance(subject, tuple) and len(subject) == 2
+                and all(isinstance(part, str) for part in subject)):
+            raise ConfigError("AuthMiddleware limits are keyed by (kind, subject) pairs such "
+                              "as ('project', 'acme') or ('customer', 'acme/alice'), not "
+                              f"{subject!r}.")
+        try:
+            check_subject_id(subject[0], subject[1])
+        except ValueError as exc:
+            raise ConfigError(f"AuthMiddleware limits {subject!r}: {exc}.") from None
+        if not isinstance(value, Limits):
+            raise ConfigError(f"AuthMiddleware limits of {subject!r} must be Limits(...), "
+                              f"not a {type(value).__name__}.")
 
 
 def _whole_count(name: str, value: object) -> int:

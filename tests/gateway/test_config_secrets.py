@@ -182,3 +182,40 @@ def test_a_config_modules_own_exception_is_printed_without_secrets(
     assert message.endswith("RuntimeError: this key was refused: [redacted], this one too: "
                             "[redacted], by redis://[redacted]@cache:6379")
     assert ", line " in message
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    ('store="redis://:pgSECRET@cache:6379/0"', "store must be a PostgreSQL DSN"),
+    ("store=5", "store must be a key store such as PostgresKeyStore(dsn)"),
+    ("customer_header=5", "customer_header must be an HTTP header name"),
+    ('customer_header="x customer"', "customer_header must be an HTTP header name"),
+    ('limits={"project": Limits()}', "limits are keyed by (kind, subject) pairs"),
+    ('limits={("team", "acme"): Limits()}', "not per 'team'"),
+    ('limits={("project", "acme"): 5}', "must be Limits(...), not a int."),
+])
+def test_auth_options_of_the_wrong_kind_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, says: str) -> None:
+    # They were AttributeErrors and unpacking errors naming no option.
+    message = refused(tmp_path, HEAD + PROVIDERS + (
+        "from gateway.policy import Limits\n"
+        "from middleware.auth import StaticKey\n"
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        'middleware = [Middleware(AuthMiddleware, keys=[StaticKey("t", '
+        f'key_env="SG_T_VIRTUAL_KEY")], {option})]\n'), capsys)
+    assert f"AuthMiddleware {option.split('=')[0]}" in message
+    assert says in message
+
+
+def test_an_auth_store_given_as_its_dsn_is_a_postgresql_key_store(tmp_path: Path) -> None:
+    from middleware.auth import AuthMiddleware, PostgresKeyStore
+    path = write_config(tmp_path, HEAD + PROVIDERS + (
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        'middleware = [Middleware(AuthMiddleware, '
+        'store="postgresql://root@127.0.0.1:5432/test")]\n'))
+    stack = build_stack(load_config(path))
+    layers = []
+    while stack is not None:
+        layers.append(stack)
+        stack = getattr(stack, "app", None)
+    (auth,) = [layer for layer in layers if isinstance(layer, AuthMiddleware)]
+    assert isinstance(auth.store, PostgresKeyStore)
