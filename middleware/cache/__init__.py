@@ -139,6 +139,10 @@ class CacheMiddleware:
             raise ConfigError(f"CacheMiddleware scope must be one of {', '.join(_SCOPES)}.")
         if policy not in ("deterministic", "always", "never"):
             raise ConfigError("CacheMiddleware policy must be deterministic, always or never.")
+        for name, value in (("ttl_s", ttl_s), ("max_entry_bytes", max_entry_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"CacheMiddleware {name} must be a number, not a "
+                                  f"{type(value).__name__}.")
         if not 0 < ttl_s < math.inf or max_entry_bytes <= 0:
             raise ConfigError("CacheMiddleware ttl_s and max_entry_bytes must be positive "
                               "(and the TTL finite).")

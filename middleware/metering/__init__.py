@@ -129,6 +129,9 @@ class MeteringMiddleware:
                                   "PostgresUsageStore.")
             store = PostgresUsageStore(store)
         self.store = store
+        if journal_dir is not None and not isinstance(journal_dir, str | os.PathLike):
+            raise ConfigError(f"MeteringMiddleware journal_dir must be a directory's path, "
+                              f"not a {type(journal_dir).__name__}.")
         self.journal_root = Path(journal_dir or os.environ.get("SLUICEGATE_JOURNAL_DIR")
                                  or "./sluicegate-journal")
         _check_journal_root(self.journal_root)

@@ -219,3 +219,21 @@ def test_an_auth_store_given_as_its_dsn_is_a_postgresql_key_store(tmp_path: Path
         stack = getattr(stack, "app", None)
     (auth,) = [layer for layer in layers if isinstance(layer, AuthMiddleware)]
     assert isinstance(auth.store, PostgresKeyStore)
+
+
+@pytest.mark.parametrize(("layer", "option", "says"), [
+    ("CacheMiddleware", 'ttl_s="5"', "CacheMiddleware ttl_s must be a number, not a str."),
+    ("MeteringMiddleware", "journal_dir=5",
+     "MeteringMiddleware journal_dir must be a directory's path, not a int."),
+])
+def test_layer_options_of_the_wrong_type_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], layer: str, option: str,
+        says: str) -> None:
+    # ("'<' not supported between instances of 'int' and 'str'" and "expected str, bytes
+    # or os.PathLike object, not int" named neither the layer's option nor what it takes.)
+    message = refused(tmp_path, HEAD + PROVIDERS + (
+        "from middleware.cache import CacheMiddleware\n"
+        "from middleware.metering import MeteringMiddleware\n"
+        'models = {"m": [Deployment("oa", "y", free=True)]}\n'
+        f"middleware = [Middleware({layer}, {option})]\n"), capsys)
+    assert message.endswith(says)
