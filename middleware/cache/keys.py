@@ -47,6 +47,11 @@ IGNORED_FIELDS = frozenset({
     "prompt_cache_retention",  # OpenAI: how long the provider keeps that prompt cache
 })
 
+# The request fields that hold JSON schemas, whose key order changes the answer: OpenAI's
+# response_format and tools (functions), the Responses API's text.format and tools,
+# Anthropic's tools (input_schema) and output_config.
+_ORDERED_FIELDS = ("response_format", "tools", "functions", "text", "output_config")
+
 CACHE_POLICIES = ("deterministic", "always", "never")
 _DETERMINISTIC_OPERATIONS = frozenset({"openai.embeddings"})  # no sampling at all
 
@@ -72,8 +77,14 @@ def cache_key(scope_id: str, model: str, operation: str, body: Mapping[str, Any]
     text = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
     # (find, not `in`: bytes' `in` first tries its argument as an integer, and raises)
     if text.find(b".0") != -1:  # perhaps a nested integral float (or only ".0" in a string)
-        text = orjson.dumps({name: canonical(value) for name, value in request.items()},
-                            option=orjson.OPT_SORT_KEYS)
+        request = {name: canonical(value) for name, value in request.items()}
+        text = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
+    # Sorted keys make key order no difference, but in a JSON schema it is one: a model
+    # writes structured output, and a tool's arguments, in the schema's order ("reasoning"
+    # before "answer", or after). Those fields are written again as they came.
+    ordered = [request[name] for name in _ORDERED_FIELDS if name in request]
+    if ordered:
+        text += b"\n" + orjson.dumps(ordered)
     # The document's other members, written once per scope, namespace, model and operation:
     # sorted, they sit before and after "request", so the bytes are the whole document's.
     # (A copy of a hash that has read the text before: no new hash object to set up.)

@@ -117,12 +117,45 @@ def test_key_order_and_whitespace_do_not_matter(operation: str, body: dict[str, 
         key_of(reordered, operation) == key_of(body, operation)
 
 
-def _reverse_keys(value: Any) -> Any:
+def _reverse_keys(value: Any, *, top: bool = True) -> Any:
+    """`value` with its objects' keys in reverse order, but in the fields holding JSON
+    schemas, whose order is part of the request (see the next test)."""
     if isinstance(value, dict):
-        return {k: _reverse_keys(v) for k, v in reversed(list(value.items()))}
+        return {k: v if top and k in ORDERED else _reverse_keys(v, top=False)
+                for k, v in reversed(list(value.items()))}
     if isinstance(value, list):
-        return [_reverse_keys(v) for v in value]
+        return [_reverse_keys(v, top=False) for v in value]
     return value
+
+
+ORDERED = ("response_format", "tools", "functions", "text", "output_config")
+
+
+@pytest.mark.parametrize("field", ["response_format", "tools"])
+def test_a_schemas_property_order_is_part_of_the_request(field: str) -> None:
+    # A model writes structured output (and tool arguments) in the schema's order: "reasoning"
+    # before "answer" is another answer than "answer" before "reasoning". Sorted keys made
+    # the two one entry, and the second caller got the first's order.
+    def schema(first: str, second: str) -> dict[str, Any]:
+        return {"type": "object", "required": ["reasoning", "answer"],
+                "properties": {first: {"type": "string"}, second: {"type": "string"}}}
+
+    def body(first: str, second: str) -> dict[str, Any]:
+        messages = [{"role": "user", "content": "Is 1001 prime?"}]
+        if field == "response_format":
+            return {"model": "m", "temperature": 0, "messages": messages, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "a", "schema":
+                                                       schema(first, second)}}}
+        return {"model": "m", "temperature": 0, "messages": messages, "tools": [{
+            "type": "function", "function": {"name": "f", "parameters": schema(first, second)}}]}
+
+    reasoning_first = key_of(body("reasoning", "answer"), "openai.chat")
+    assert reasoning_first != key_of(body("answer", "reasoning"), "openai.chat")
+    assert reasoning_first == key_of(body("reasoning", "answer"), "openai.chat")
+    # Elsewhere order still makes no difference: the messages' keys, the top level.
+    shuffled = body("reasoning", "answer")
+    shuffled["messages"] = [{"content": "Is 1001 prime?", "role": "user"}]
+    assert key_of(dict(reversed(list(shuffled.items()))), "openai.chat") == reasoning_first
 
 
 def test_escaped_and_raw_unicode_are_the_same_request() -> None:
