@@ -102,6 +102,21 @@ _BYPASS = (b"x-sluicegate-cache", b"bypass")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
+def _mark(ctx: RequestContext, status: str, header: tuple[bytes, bytes]) -> None:
+    """Notes the request's cache status and its `x-sluicegate-cache` header, once: a layer
+    above that calls below again for the request (a failover layer's retry or fallback)
+    calls this layer again, and each call's header went out beside the earlier ones."""
+    if ctx.cache_status is not None:
+        _drop_marks(ctx)
+    ctx.cache_status = status
+    ctx.response_headers.append(header)
+
+
+def _drop_marks(ctx: RequestContext) -> None:
+    ctx.response_headers[:] = [header for header in ctx.response_headers
+                               if header[0] != b"x-sluicegate-cache"]
+
+
 class CacheMiddleware:
     """Exact cache (see the module docstring).
 
@@ -256,8 +271,7 @@ class CacheMiddleware:
             varies = None
         if not is_cacheable(ctx.body, policy=self.policy, opt_in=control.opt_in,
                             operation=ctx.operation):
-            ctx.cache_status = "bypass"
-            ctx.response_headers.append(_BYPASS)  # the kernel puts it on the answer (or error)
+            _mark(ctx, "bypass", _BYPASS)  # the kernel puts it on the answer (or error)
             if control.only_if_cached:
                 raise _not_cached()
             await self.app(scope, receive, send)
@@ -288,12 +302,11 @@ class CacheMiddleware:
                         await self._answer(ctx, entry, send, status="semantic-hit"):
                     return
         if control.no_cache and control.no_store and not control.only_if_cached:
-            ctx.cache_status = "bypass"  # (`x-sluicegate-cache: off`, or both directives:
-            ctx.response_headers.append(_BYPASS)  # neither read nor written, not a miss)
+            # (`x-sluicegate-cache: off`, or both directives: neither read nor written)
+            _mark(ctx, "bypass", _BYPASS)
             await self.app(scope, receive, send)
             return
-        ctx.cache_status = "miss"
-        ctx.response_headers.append(_MISS)  # on the answer, or on the error the kernel renders
+        _mark(ctx, "miss", _MISS)  # on the answer, or on the error the kernel renders
         if control.only_if_cached:
             raise _not_cached()
         if control.no_store:
@@ -464,6 +477,8 @@ class CacheMiddleware:
             payload = self._marked_json(entry.body)
             headers = [_JSON, (b"content-length", b"%d" % len(payload)),
                        (b"x-sluicegate-cache", marker)]
+        if ctx.cache_status is not None:  # (an earlier call's mark: see `_mark`)
+            _drop_marks(ctx)
         ctx.cache_status = status
         usage = entry.usage if isinstance(entry.usage, dict) else None
         ctx.usage = (Usage.from_anthropic(usage) if ctx.api_format == "anthropic"

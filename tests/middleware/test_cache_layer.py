@@ -35,7 +35,7 @@ from middleware.cache import CacheMiddleware
 from middleware.cache.replay import mark_cached
 from middleware.cache.stores import CachedResponse, MemoryCacheStore
 from tests.harness import AUTH, TEST_KEY, ThreadedServer, mock_config, write_config
-from tests.mock_providers import MockProviderServer
+from tests.mock_providers import Fault, MockProviderServer
 from tests.tcp_proxy import TcpProxy
 
 OTHER_KEY = "sk-sg-another-project-key-0123456789abcdef"
@@ -1141,3 +1141,25 @@ def test_the_tags_header_keyed_is_the_one_failover_reads() -> None:
     from middleware.cache.keys import TAGS_HEADER as KEYED
     from middleware.failover.routing import TAGS_HEADER
     assert KEYED == TAGS_HEADER
+
+
+def test_calls_again_from_a_failover_layer_above_mark_the_answer_once(
+        tmp_path: Path, mock_url: str, mock: MockProviderServer) -> None:
+    # With the failover layer above the cache, a retry calls the cache again: each call's
+    # `x-sluicegate-cache` went out (miss, miss), and a hit after a miss beside the miss.
+    layers = ("[Middleware(AuthMiddleware, keys=[StaticKey('tests', key_env='SG_TEST_KEY')]), "
+              "Middleware(FailoverMiddleware, retry=RetryPolicy(max_attempts=2, "
+              "backoff_base_s=0), breaker=NEVER_OPENS), Middleware(CacheMiddleware)]")
+    text = "marked once " + uuid.uuid4().hex
+    with ThreadedServer(create_app(write_config(
+            tmp_path, mock_config(mock_url, middleware=layers)))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=TEST_KEY, max_retries=0)
+
+        def ask_retried() -> Any:
+            return client.chat.completions.with_raw_response.create(
+                model="gpt-mock", temperature=0, messages=[{"role": "user", "content": text}])
+        mock.push_fault(Fault("status", status=500))
+        first = ask_retried()
+        assert first.headers.get_list("x-sluicegate-cache") == ["miss"]
+        assert upstream_calls(mock, text) == 2
+        wait_for(lambda: ask_retried().headers.get_list("x-sluicegate-cache") == ["hit"])
