@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -302,6 +302,11 @@ _INSERT_KEY = ("INSERT INTO {keys} (id, key_hash, hint, project, allowed_models,
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError)
 
 Connection = psycopg.AsyncConnection[TupleRow]
+T = TypeVar("T")
+
+
+class _BrokenWhileIdle(Exception):
+    """A reused connection failed before its work could have changed anything."""
 
 
 class _Connections:
@@ -310,56 +315,100 @@ class _Connections:
     Not psycopg_pool: its background reconnection backs off exponentially, so after a long
     outage it may wait minutes before trying again; opening on demand uses a recovered
     PostgreSQL at once (and `CachedKeys` already limits how often we try while it is down).
+
+    An idle connection is reused without a check (that would be a round trip more on every
+    lookup). One cut while idle (PostgreSQL restarted or failed over, `idle_session_timeout`,
+    PgBouncer or a firewall reaping idle sessions) fails its first command instead, and `run`
+    then does the work again on a new connection: while PostgreSQL answers, a connection
+    broken in the pool is never the caller's problem.
     """
 
-    def __init__(self, dsn: str, *, max_size: int, connect_timeout_s: float,
-                 recheck_idle_s: float = 30.0) -> None:
+    def __init__(self, dsn: str, *, max_size: int, connect_timeout_s: float) -> None:
         self._dsn = dsn
         self.connect_timeout_s = connect_timeout_s
-        self.recheck_idle_s = recheck_idle_s
         self._slots = asyncio.Semaphore(max_size)
-        self._idle: list[tuple[Connection, float]] = []  # (connection, idle since)
+        self._idle: list[Connection] = []
         self._closed = False
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        if self._closed:
-            raise KeyStoreUnavailable("the key store is shut down")
+        """A connection as it comes, not tried again (the migrations at startup)."""
+        self._check_open()
         async with self._slots:
-            conn = await self._checkout()
+            conn = self._take_idle() or await self._open()
             try:
                 yield conn
             finally:
-                # Reused only when idle: a cancelled query or a broken link is not.
-                if (self._closed or conn.closed
-                        or conn.info.transaction_status != TransactionStatus.IDLE):
-                    await conn.close()
-                else:
-                    self._idle.append((conn, time.monotonic()))
+                await self._release(conn)
 
-    async def _checkout(self) -> Connection:
+    async def run(self, work: Callable[[Connection], Awaitable[T]], *, writes: bool) -> T:
+        """`work(conn)`, in a transaction when it `writes`. When a reused connection turns
+        out broken before `work` could have changed anything, the idle connections are
+        dropped (a restart cut them all) and `work` runs once more on a new connection."""
+        self._check_open()
+        async with self._slots:
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    return await self._attempt(conn, work, writes=writes, reused=True)
+                except _BrokenWhileIdle as exc:
+                    logger.info("key store: a pooled connection was broken (%s); "
+                                "trying a new one", exc)
+                    await self._drop_idle()
+            return await self._attempt(await self._open(), work, writes=writes, reused=False)
+
+    async def _attempt(self, conn: Connection, work: Callable[[Connection], Awaitable[T]], *,
+                       writes: bool, reused: bool) -> T:
+        applying = False  # whether the server may have run part of a write
+        try:
+            if not writes:  # (a read run twice changes nothing)
+                return await work(conn)
+            # Nothing is written before BEGIN has answered, and a session that ends inside
+            # its transaction rolls it back: a write whose BEGIN failed never happened.
+            async with conn.transaction():
+                applying = True
+                return await work(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if reused and conn.closed and not applying:
+                raise _BrokenWhileIdle(_describe(exc)) from exc
+            raise
+        finally:
+            await self._release(conn)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyStoreUnavailable("the key store is shut down")
+
+    def _take_idle(self) -> Connection | None:
         while self._idle:
-            conn, since = self._idle.pop()
-            if conn.closed:
-                continue
-            if time.monotonic() - since < self.recheck_idle_s:
+            conn = self._idle.pop()
+            if not conn.closed:
                 return conn
-            try:  # idle for a while: a firewall or a restart may have cut it
-                await conn.execute("SELECT 1")
-                return conn
-            except psycopg.Error:
-                await conn.close()
+        return None
+
+    async def _open(self) -> Connection:
         # (libpq's connect_timeout counts whole seconds, 2 at the least)
         async with asyncio.timeout(self.connect_timeout_s):
             return await psycopg.AsyncConnection.connect(
                 self._dsn, autocommit=True, application_name="sluicegate-auth",
                 connect_timeout=max(2, int(self.connect_timeout_s)))
 
+    async def _release(self, conn: Connection) -> None:
+        # Reused only when idle: a cancelled query or a broken link is not.
+        if (self._closed or conn.closed
+                or conn.info.transaction_status != TransactionStatus.IDLE):
+            await conn.close()
+        else:
+            self._idle.append(conn)
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
     async def close(self) -> None:
         self._closed = True
-        idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            await conn.close()
+        await self._drop_idle()
 
 
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1 (a channel name is an identifier)
@@ -485,14 +534,24 @@ class PostgresKeyStore:
 
     # -- connections -------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
+    async def _read(self, query: sql.Composed, params: Sequence[Any]) -> list[TupleRow]:
+
+        async def fetch(conn: Connection) -> list[TupleRow]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._run(fetch, writes=False)
+
+    async def _write(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """`work` in a transaction (never run twice: `_Connections.run`)."""
+        return await self._run(work, writes=True)
+
+    async def _run(self, work: Callable[[Connection], Awaitable[T]], *, writes: bool) -> T:
         if self._pool is None:
             raise KeyStoreUnavailable("the key store is not started")
         try:
             async with asyncio.timeout(self.query_timeout_s):
-                async with self._pool.connection() as conn:
-                    yield conn
+                return await self._pool.run(work, writes=writes)
         except _UNREACHABLE as exc:
             raise KeyStoreUnavailable(f"the key store cannot reach PostgreSQL "
                                       f"({_describe(exc)})") from exc
@@ -502,20 +561,13 @@ class PostgresKeyStore:
             raise ValueError("PostgreSQL cannot store or read a value of this request "
                              "(a NUL character, or a date out of range)") from None
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Connection]:
-        async with self._connection() as conn, conn.transaction():
-            yield conn
-
     async def _notify(self, conn: Connection, *tokens: str) -> None:
         for token in tokens:
             await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, token))
 
     async def _fetch_key(self, query: sql.Composed, params: Sequence[Any]) -> VirtualKey | None:
-        async with self._connection() as conn:
-            cur = await conn.execute(query, params)
-            row = await cur.fetchone()
-        return _key_from_row(row) if row is not None else None
+        rows = await self._read(query, params)
+        return _key_from_row(rows[0]) if rows else None
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -547,9 +599,7 @@ class PostgresKeyStore:
             sql.SQL("LIMIT %s") if limit is not None else sql.SQL(""))
         if limit is not None:
             params.append(limit)
-        async with self._connection() as conn:
-            cur = await conn.execute(query, params)
-            return [_key_from_row(row) for row in await cur.fetchall()]
+        return [_key_from_row(row) for row in await self._read(query, params)]
 
     async def subject_limits(self, kind: str, subject_id: str) -> Limits | None:
         return await self.get_limits(kind, subject_id)
@@ -557,21 +607,17 @@ class PostgresKeyStore:
     async def has_customer_limits(self, project: str) -> bool:
         query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE kind = 'customer' "
                         "AND starts_with(subject_id, %s))").format(self._limits)
-        async with self._connection() as conn:
-            cur = await conn.execute(query, (project + "/",))
-            row = await cur.fetchone()
-        return bool(row and row[0])
+        rows = await self._read(query, (project + "/",))
+        return bool(rows and rows[0][0])
 
     async def get_limits(self, kind: str, subject_id: str) -> Limits | None:
         _check_limit_kind(kind)
         query = sql.SQL("SELECT limits FROM {} WHERE kind = %s AND subject_id = %s").format(
             self._limits)
-        async with self._connection() as conn:
-            cur = await conn.execute(query, (kind, subject_id))
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._read(query, (kind, subject_id))
+        if not rows:
             return None
-        limits, error = _read_limits(row[0])
+        limits, error = _read_limits(rows[0][0])
         if error is not None:
             raise UnreadableLimits(f"the limits stored for {kind} {subject_id!r} cannot be "
                                    f"read ({error})")
@@ -583,9 +629,7 @@ class PostgresKeyStore:
         where = sql.SQL("WHERE kind = %s" if kind is not None else "")
         query = sql.SQL("SELECT kind, subject_id, limits FROM {} {} "
                         "ORDER BY kind, subject_id").format(self._limits, where)
-        async with self._connection() as conn:
-            cur = await conn.execute(query, (kind,) if kind is not None else ())
-            rows = await cur.fetchall()
+        rows = await self._read(query, (kind,) if kind is not None else ())
         return [SubjectLimits(k, s, *_read_limits(v)) for k, s, v in rows]
 
     # -- changes -----------------------------------------------------------------------------
@@ -600,9 +644,13 @@ class PostgresKeyStore:
             allowed_models=allowed_models, expires_at=expires_at,
             require_customer=require_customer, metadata=metadata or {},
             limits=limits or Limits())
-        async with self._transaction() as conn:
+
+        async def insert(conn: Connection) -> tuple[str, VirtualKey]:
             plaintext, key = await self._insert_key(conn, project, disabled=False, **settings)
             await self._notify(conn, key_token(key.key_hash))
+            return plaintext, key
+
+        plaintext, key = await self._write(insert)
         self._emit(key_token(key.key_hash))
         logger.info("key store: created key %s for project %s", key.id, project)
         return plaintext, key
@@ -653,14 +701,19 @@ class PostgresKeyStore:
 
     async def _change_key(self, query: sql.Composed,
                           params: Sequence[Any]) -> VirtualKey | None:
-        async with self._transaction() as conn:
+
+        async def change(conn: Connection) -> VirtualKey | None:
             cur = await conn.execute(query, params)
             row = await cur.fetchone()
             if row is None:
                 return None
             key = _key_from_row(row)
             await self._notify(conn, key_token(key.key_hash))
-        self._emit(key_token(key.key_hash))
+            return key
+
+        key = await self._write(change)
+        if key is not None:
+            self._emit(key_token(key.key_hash))
         return key
 
     async def rotate(self, key_id: str) -> tuple[str, VirtualKey] | None:
@@ -668,7 +721,8 @@ class PostgresKeyStore:
             _KEY_COLUMNS, self._keys)
         revoke = sql.SQL("UPDATE {} SET revoked_at = now(), updated_at = now() "
                          "WHERE id = %s").format(self._keys)
-        async with self._transaction() as conn:
+
+        async def replace(conn: Connection) -> tuple[VirtualKey, str, VirtualKey] | None:
             cur = await conn.execute(lock, (key_id,))
             row = await cur.fetchone()
             if row is None:
@@ -681,6 +735,12 @@ class PostgresKeyStore:
                 disabled=old.disabled, require_customer=old.require_customer,
                 metadata=old.metadata, limits=old.limits, account=old.account_id)
             await self._notify(conn, key_token(old.key_hash), key_token(new.key_hash))
+            return old, plaintext, new
+
+        rotated = await self._write(replace)
+        if rotated is None:
+            return None
+        old, plaintext, new = rotated
         self._emit(key_token(old.key_hash))
         logger.info("key store: rotated key %s to %s", old.id, new.id)
         return plaintext, new
@@ -700,11 +760,15 @@ class PostgresKeyStore:
         else:
             raise TypeError("limits must be a Limits(...) value or None")
         token = limits_token(kind, subject_id)
-        async with self._transaction() as conn:
+
+        async def change(conn: Connection) -> bool:
             cur = await conn.execute(query, params)
-            changed = await cur.fetchone() is not None
-            if changed:
-                await self._notify(conn, token)
+            if await cur.fetchone() is None:
+                return False
+            await self._notify(conn, token)
+            return True
+
+        changed = await self._write(change)
         if changed:
             self._emit(token)
             logger.info("key store: %s the limits of %s %s",
