@@ -626,6 +626,11 @@ class RedisCacheStore:
         self._resends: set[asyncio.Task[Any]] = set()  # writes re-sent after NOSCRIPT
         self._invalidations_key = f"{prefix}:i"
         self._tag_sets: dict[tuple[str, ...], list[str]] = {}  # (see `_write`)
+        # Invalidations this process is deleting the entries of (tags -> when made), and
+        # those whose deleting failed: lookups here skip what they cover meanwhile
+        # (`_cut_off`), as the other stores do. (Another instance's lookups do not see them:
+        # a GET takes no more round trips; the deleting takes seconds.)
+        self._sweeps: dict[frozenset[str], float] = {}
 
     def __repr__(self) -> str:
         return f"RedisCacheStore({self._client!r}, prefix={self.prefix!r})"
@@ -667,7 +672,7 @@ class RedisCacheStore:
             return None
         decoded = self._decoded.get(data)
         if decoded is not None:
-            return decoded
+            return None if self._sweeps and self._cut_off(decoded) else decoded
         try:
             entry = CachedResponse.decode(data)
         except ValueError as exc:
@@ -680,7 +685,12 @@ class RedisCacheStore:
                 self._decoded_bytes = 0
             self._decoded[data] = entry
             self._decoded_bytes += len(data)
-        return entry
+        return None if self._sweeps and self._cut_off(entry) else entry
+
+    def _cut_off(self, entry: CachedResponse) -> bool:
+        """Whether an invalidation this process is deleting (`_sweeps`) covers `entry`."""
+        return any(entry.created_at <= at and wanted.issubset(entry.tags)
+                   for wanted, at in self._sweeps.items())
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if ttl_s <= 0:
@@ -741,9 +751,21 @@ class RedisCacheStore:
         tags = tuple(dict.fromkeys(tags))
         # First remembered (a write of an answer from before it is refused from then on),
         # then the entries already written are dropped.
+        made = time.time()
         await self._run(_RECORD, [self._invalidations_key],
-                        [_tag_set(tags), str(int(time.time() * 1e6)),
+                        [_tag_set(tags), str(int(made * 1e6)),
                          str(_KEEP_INVALIDATIONS_MS)], client=self._admin)
+        wanted = frozenset(tags)
+        if len(self._sweeps) >= 1024 and wanted not in self._sweeps:  # (bounded)
+            self._sweeps.pop(next(iter(self._sweeps)))
+        self._sweeps[wanted] = max(made, self._sweeps.get(wanted, made))
+        dropped = await self._drop_entries(tags)
+        # (all deleted: nothing left to skip; a failure above keeps skipping them here)
+        if self._sweeps.get(wanted) == made:
+            del self._sweeps[wanted]
+        return dropped
+
+    async def _drop_entries(self, tags: tuple[str, ...]) -> int:
         tag_keys = [self.tag_key(tag) for tag in tags]
         if len(tag_keys) == 1:
             return await self._drop_members(tag_keys[0], tags, tag_keys)
