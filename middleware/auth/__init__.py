@@ -78,7 +78,9 @@ class AuthMiddleware:
         self,
         app: ASGIApp,
         *,
-        keys: Sequence[StaticKey] = (),
+        # (object items, checked below: compiled, a StaticKey item type refuses a str with
+        # mypyc's own words)
+        keys: Sequence[object] = (),
         # (object, checked below: a DSN string becomes a PostgresKeyStore; see also
         # cache_max_keys)
         store: object = None,
@@ -112,6 +114,7 @@ class AuthMiddleware:
             raise ConfigError("AuthMiddleware needs keys=[StaticKey(...)] or "
                               "store=PostgresKeyStore(dsn) (remove the layer to serve "
                               "without authentication).")
+        static_keys: list[StaticKey] = []
         for key in keys:
             if not isinstance(key, StaticKey):
                 # (its type, never its value: keys=[os.environ["SLUICEGATE_API_KEY"]] is
@@ -120,8 +123,9 @@ class AuthMiddleware:
                                   "as StaticKey('team', key_env='TEAM_KEY'), not "
                                   f"{type(key).__name__} (a key is never written in the "
                                   "config).")
+            static_keys.append(key)
         # (limits without keys too: a PostgreSQL store's keys under the config's limits)
-        self.static = StaticKeyStore(list(keys), limits=dict(limits or {})) \
+        self.static = StaticKeyStore(static_keys, limits=dict(limits or {})) \
             if keys or limits else None
         # (the static store's own dictionaries, read on every request: see StaticKeyStore)
         self._static_keys: dict[str, VirtualKey] = self.static.by_hash if self.static else {}
