@@ -22,6 +22,7 @@ class TcpProxy:
         self.accepted = 0
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.relays: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
@@ -37,8 +38,20 @@ class TcpProxy:
         await self.server.wait_closed()
         self.server = None
 
+    async def close(self) -> None:
+        """`stop`, then waits for the relays to end (their connections are gone), so none is
+        left pending on a loop that stops next: collected, its "Task was destroyed but it is
+        pending!" is logged, and failed a later test that checks the error log."""
+        await self.stop()
+        if self.relays:
+            await asyncio.wait(list(self.relays), timeout=5)
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.relays.add(task)
+        task.add_done_callback(self.relays.discard)
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1",
                                                                          self.target_port)
         self.writers |= {writer, upstream_writer}
@@ -76,6 +89,6 @@ def relay_in_thread(target_port: int, port: int = 0) -> Iterator[TcpProxy]:
     try:
         yield proxy
     finally:
-        asyncio.run_coroutine_threadsafe(proxy.stop(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
