@@ -15,30 +15,101 @@ import orjson
 
 from gateway.context import ANTHROPIC_MESSAGES, OPENAI_COMPLETIONS, OPENAI_RESPONSES
 
+# The longest an event may grow before its blank line (`EventBuffer`): room for the largest
+# events providers send, a Responses stream's `response.created` and `response.completed`
+# (they repeat the request's `instructions` and `tools`, up to the 16 MiB request body
+# allowed by default, twice that when JSON escapes them) and a generated image in one event
+# (base64: gpt-image-1's results, again all of them in `response.completed`; a Gemini image
+# part). An upstream that never ends its event fails its stream here instead of growing a
+# buffer until the stream's total time runs out.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 
-class SSEParser:
-    """Turns arbitrary byte chunks into complete (event name, data) pairs."""
 
-    __slots__ = ("_buffer",)
+class EventTooLong(ValueError):
+    """An event that grew past `max_event_bytes` without its blank line."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
 
-    def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
-        buffer = self._buffer + chunk
+class EventBuffer:
+    """The events complete so far in arbitrary byte chunks, "\n" line ends; keeps the
+    unfinished end between reads, at most `max_event_bytes` (else `EventTooLong`).
+
+    Linear in the bytes read: a read that cannot end an event (no blank line in it or
+    across its start) is appended to the unfinished end, which is not searched again, so an
+    upstream that sends one endless line costs a copy of each byte, not a search of all of
+    them at every read.
+    """
+
+    __slots__ = ("_max_event_bytes", "_tail")
+
+    def __init__(self, *, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._tail: bytes | bytearray = b""
+        self._max_event_bytes = max_event_bytes
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events up to the last that `chunk` ends (each ending in a blank line),
+        b"" while none has ended."""
+        tail = self._tail
+        if not tail:
+            buffer = chunk
+        elif b"\n\n" in chunk or _may_end_an_event(tail, chunk):
+            buffer = b"".join((tail, chunk))
+        else:
+            if not isinstance(tail, bytearray):  # (the first read it grows by)
+                tail = self._tail = bytearray(tail)
+            tail += chunk
+            if len(tail) > self._max_event_bytes:
+                raise self._too_long()
+            return b""
         if b"\r" in buffer:  # CRLF line ends; a trailing "\r" waits for its "\n"
             buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = buffer
+        end = buffer.rfind(b"\n\n") + 2
+        if end == 1:
+            events, self._tail = b"", buffer
+        else:
+            events, self._tail = buffer[:end], buffer[end:]
+        if len(self._tail) > self._max_event_bytes:
+            raise self._too_long()
+        return events
+
+    def rest(self) -> bytes:
+        """The unfinished end ("\n" line ends), emptied: what is left once the upstream
+        closed."""
+        rest, self._tail = bytes(self._tail), b""
+        return rest.replace(b"\r\n", b"\n") if b"\r" in rest else rest
+
+    def _too_long(self) -> EventTooLong:
+        self._tail = b""
+        return EventTooLong(f"an event went past {self._max_event_bytes} bytes without its end")
+
+
+def _may_end_an_event(tail: bytes | bytearray, chunk: bytes) -> bool:
+    """Whether a blank line is across `tail`'s end and `chunk`'s start, or in `chunk` with CRLF
+    line ends ("\n\r\n" before they are made LF); `chunk` has no "\n\n"."""
+    if b"\n" not in chunk:
+        return False
+    edge = tail[-2:] + chunk[:2]
+    return b"\n\r\n" in chunk or b"\n\n" in edge or b"\n\r\n" in edge
+
+
+class SSEParser:
+    """Turns arbitrary byte chunks into complete (event name, data) pairs; an event that
+    grows past `max_event_bytes` unfinished raises `EventTooLong`."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, *, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._events = EventBuffer(max_event_bytes=max_event_bytes)
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
+        events = self._events.feed(chunk)
+        if not events:
             return []
-        self._buffer = buffer[end + 2:]
-        return [event for block in buffer[:end].split(b"\n\n") if (event := parse_sse_block(block))]
+        return [event for block in events.split(b"\n\n")[:-1]
+                if (event := parse_sse_block(block))]
 
     def flush(self) -> list[tuple[str | None, str]]:
         """What is left once the upstream closed (a last event without its blank line)."""
-        rest, self._buffer = self._buffer, b""
-        event = parse_sse_block(rest.strip(b"\n"))
+        event = parse_sse_block(self._events.rest().strip(b"\n"))
         return [event] if event else []
 
 

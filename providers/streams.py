@@ -14,7 +14,13 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.context import Usage
-from gateway.sse import OPENAI_DONE, SSEParser, named_event, openai_event, split_complete_events
+from gateway.sse import OPENAI_DONE, EventBuffer, EventTooLong, SSEParser, named_event, openai_event
+
+# The most a stream may hold back before its first output (its preamble: a role chunk,
+# `message_start`, a Responses stream's `response.created` and `response.in_progress`,
+# each of these two at most an event, `MAX_EVENT_BYTES`); past it the upstream sends events
+# that never become output (endless role chunks) and the stream fails.
+MAX_PREAMBLE_BYTES = 128 * 1024 * 1024
 
 
 class StreamError(Exception):
@@ -41,6 +47,17 @@ class StreamError(Exception):
         self.native_type: str | None = error_type
         self.forwarded = False
         self.ends_stream = True
+
+
+def broken_stream(exc: EventTooLong) -> StreamError:
+    """An upstream event that never ended (`MAX_EVENT_BYTES`)."""
+    return StreamError("bad_response", str(exc), from_provider=False)
+
+
+def preamble_too_long() -> StreamError:
+    """A stream that held back `MAX_PREAMBLE_BYTES` of events without any output."""
+    return StreamError("bad_response", f"the stream sent {MAX_PREAMBLE_BYTES} bytes of events "
+                       "without any output", from_provider=False)
 
 
 def incomplete_stream(final_event: str) -> StreamError:
@@ -137,6 +154,7 @@ class PassthroughCodec:
         "_drop_usage_event",
         "_end_markers",
         "_ending",
+        "_events",
         "_final_event",
         "_forward_error_event",
         "_has_content",
@@ -145,7 +163,6 @@ class PassthroughCodec:
         "_read_error",
         "_read_usage",
         "_scrub_error",
-        "_tail",
         "error",
         "first_event",
         "reported_model",
@@ -163,10 +180,10 @@ class PassthroughCodec:
         # gateway adds repeats; parsed anyway with the preamble.)
         self.first_event: dict[str, Any] | None = None
         self.reported_model: str | None = None  # (`reported_model`, from the preamble)
-        self._tail = b""
+        self._events = EventBuffer()
         self._last = b""  # the latest complete events
         self._before = b""  # the read before them
-        self._held: bytes | None = b""  # None once output has started flowing
+        self._held: bytearray | None = bytearray()  # None once output has started flowing
         self._read_usage = read_usage
         self._drop_usage_event = drop_usage_event
         self._has_content = has_content
@@ -178,10 +195,10 @@ class PassthroughCodec:
         self._ending: StreamError | None = None  # sent on; the stream's last event to come
 
     def feed(self, chunk: bytes) -> bytes:
-        buffer = self._tail + chunk if self._tail else chunk
-        if b"\r" in buffer:  # CRLF servers (sse-starlette): same events, LF line ends
-            buffer = buffer.replace(b"\r\n", b"\n")
-        events, self._tail = split_complete_events(buffer)
+        try:  # (CRLF servers, sse-starlette: same events, LF line ends)
+            events = self._events.feed(chunk)
+        except EventTooLong as exc:
+            raise broken_stream(exc) from None
         if not events:
             return b""
         if events[:1] != b":" or not _comments_only(events):  # (`: keep-alive` ends nothing)
@@ -218,9 +235,12 @@ class PassthroughCodec:
             if error is not None:  # failed before any output
                 raise error
             if self._has_content(payload):
-                events, self._held = self._held + events, None
+                events, self._held = b"".join((self._held, events)), None
                 return events
         self._held += events
+        if len(self._held) > MAX_PREAMBLE_BYTES:
+            self._held = None
+            raise preamble_too_long()
         return b""
 
     def _forward(self, events: bytes) -> bytes:
@@ -268,7 +288,7 @@ class PassthroughCodec:
         return error if error is not None and error.forwarded else None
 
     def finish(self) -> bytes:
-        tail, self._tail = self._tail, b""
+        tail = self._events.rest()
         out = self.feed(tail + b"\n\n") if tail.strip() else b""
         if self._ending is not None:  # the upstream ended before its last event: its error
             self.error = self._ending
@@ -282,7 +302,7 @@ class PassthroughCodec:
             self.error = error
             return out
         if self._held:  # a stream without any output: deliver its preamble as it was
-            out, self._held = self._forward(self._held) + out, None
+            out, self._held = self._forward(bytes(self._held)) + out, None
         return out
 
     def _ended(self) -> bool:
@@ -429,11 +449,12 @@ def _holds(events: bytes, marker: bytes) -> bool:
 class TranslatingCodec:
     """Different formats: parse each upstream event, translate via the hub, re-encode."""
 
-    __slots__ = ("_held", "_parser", "_sink", "_source", "error")
+    __slots__ = ("_held", "_held_bytes", "_parser", "_sink", "_source", "error")
 
     def __init__(self, source: HubSource, sink: HubSink) -> None:
         self.error: StreamError | None = None
         self._held: list[dict[str, Any]] | None = []  # hub chunks before the first output
+        self._held_bytes = 0  # the data of the events they came from
         self._parser = SSEParser()
         self._source = source
         self._sink = sink
@@ -448,14 +469,20 @@ class TranslatingCodec:
         return self._source.reported_model
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._translate(self._parser.feed(chunk))
+        try:
+            events = self._parser.feed(chunk)
+        except EventTooLong as exc:
+            raise broken_stream(exc) from None
+        return self._translate(events)
 
     def _translate(self, events: list[tuple[str | None, str]]) -> bytes:
         out: list[bytes] = []
         for name, data in events:
             try:
                 try:
-                    chunks = self._hold_preamble(self._source.feed(name, data))
+                    chunks = self._source.feed(name, data)
+                    if self._held is not None:
+                        chunks = self._hold_preamble(chunks, len(data))
                     out.append(self._sink.feed(chunks))
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     raise StreamError("bad_response",
@@ -468,11 +495,14 @@ class TranslatingCodec:
                 break
         return b"".join(out)
 
-    def _hold_preamble(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self._held is None:
-            return chunks
+    def _hold_preamble(self, chunks: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        assert self._held is not None
         self._held.extend(chunks)
         if not any(chat_chunk_has_content(chunk) for chunk in chunks):
+            self._held_bytes += size
+            if self._held_bytes > MAX_PREAMBLE_BYTES:
+                self._held = None
+                raise preamble_too_long()
             return []
         chunks, self._held = self._held, None
         return chunks
