@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import os
 import re
 import time
@@ -23,6 +22,7 @@ import orjson
 from gateway.config import ConfigError, env_name, env_name_shown
 from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage, add_usage
 from gateway.errors import (
+    ClientDisconnected,
     GatewayError,
     StreamInterrupted,
     UntranslatableRequest,
@@ -42,6 +42,10 @@ JSON_RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 SSE_RESPONSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache")]
 _MAX_ERROR_BODY = 64 * 1024
+# The largest answer read (`max_answer_bytes`): an embeddings call's answer is the largest a
+# provider gives, 2048 inputs of 3072 floats each (OpenAI's limits) written as JSON one float a
+# line ("        -0.0012345678,\n", about 25 bytes) is 6.3 M floats, about 150 MiB.
+_MAX_ANSWER_BYTES = 256 * 1024 * 1024
 _MAX_PARTS_AT_ONCE = 4  # requests in flight for one call sent in parts (Exchange.more_bodies)
 # Provider keys (masked with asterisks, as OpenAI quotes a wrong one, or with an ellipsis),
 # and the OpenAI organization and project ids its rate-limit messages name ("... in project
@@ -116,6 +120,7 @@ class HTTPAdapter:
         timeouts: Timeouts | None = None,
         max_connections: int = 512,
         max_connections_per_host: int = 0,
+        max_answer_bytes: int = _MAX_ANSWER_BYTES,
         headers: dict[str, str] | None = None,
     ) -> None:
         url = base_url or self.default_base_url
@@ -150,8 +155,14 @@ class HTTPAdapter:
                                   f"{'positive' if name == 'max_connections' else 'whole'} "
                                   f"number{'' if name == 'max_connections' else ' (0: none)'}, "
                                   f"not {value!r}.")
+        if type(max_answer_bytes) is not int or max_answer_bytes < 1:
+            raise ConfigError(f"a {self.type_name} provider's max_answer_bytes must be a "
+                              f"positive number of bytes, not {max_answer_bytes!r}.")
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
+        # (an answer is read whole before it is decoded: an endless or huge one would take
+        # all the memory there is; one over this is a 502 bad_response)
+        self.max_answer_bytes = max_answer_bytes
         self.extra_headers = _checked_headers(self.type_name, headers)
         self._check_url_credentials()
         self.name = self.type_name
@@ -486,13 +497,21 @@ class HTTPAdapter:
         response = await self._post(exchange)
         await self._raise_for_status(response, attempt)
         try:
-            return await response.read()
+            if (response.content_length or 0) <= self.max_answer_bytes:
+                body = await _read_capped(response, self.max_answer_bytes + 1)
+                if len(body) <= self.max_answer_bytes:
+                    return body
+            response.close()  # (the rest unread: the connection cannot be used again)
         except TimeoutError:  # (total_s, after the headers; aiohttp's ServerTimeoutError too)
             raise self._timeout_error("reading the response") from None
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc) from None
         finally:
             response.release()
+        attempt.error_type = "bad_response"
+        raise UpstreamError(502, f"Provider '{self.name}' sent a response larger than its "
+                                 f"max_answer_bytes ({self.max_answer_bytes}).",
+                            provider=self.name, error_type="bad_response")
 
     async def _read_answers(self, ctx: RequestContext, exchange: Exchange,
                             attempt: Attempt) -> list[bytes]:
@@ -535,7 +554,8 @@ class HTTPAdapter:
         assert exchange.codec is not None
         codec = exchange.codec()
         response: aiohttp.ClientResponse | None = None
-        deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s)
+        deadline = StreamDeadline(self.timeouts.first_byte_s, self.timeouts.idle_s,
+                                  self.timeouts.total_s)
         finished = False
         broken: GatewayError | None = None
         # Content deltas sent on (what a stream cut short is billed at least: gateway/sse.py).
@@ -573,6 +593,8 @@ class HTTPAdapter:
                     except StreamErrorTypes as exc:
                         broken = self._mid_stream_error(exc)
             except TimeoutError:
+                if deadline.waiting_on_client:
+                    raise self._client_gone(ctx) from None
                 if not deadline.streaming:
                     raise self._timeout_error("waiting for the first event") from None
                 broken = self._mid_stream_error(TimeoutError())
@@ -596,14 +618,14 @@ class HTTPAdapter:
             # the metering layer's durability="response" does)
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming,
                                      (delivered[0], first, marker))
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            _let_go(response, finished)  # (the upstream is done with: not held by the client)
+            try:
+                async with asyncio.timeout_at(deadline.total_at):
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+            except TimeoutError:
+                raise self._client_gone(ctx) from None
         finally:
-            # A stream cut short (error, timeout, cancellation on client disconnect) closes the
-            # connection so the provider stops generating; a finished one returns to the pool.
-            if response is not None and finished:
-                response.release()
-            elif response is not None:
-                response.close()
+            _let_go(response, finished)
             ctx.usage = _final_usage(ctx, codec, finished, deadline.streaming,
                                      (delivered[0], first, marker))
 
@@ -623,7 +645,7 @@ class HTTPAdapter:
             return opening
         if start.startswith(b"{"):  # an error answered with 200, as a non-stream one is
             try:
-                body = opening + await response.content.read()
+                body = opening + await _read_capped(response, _MAX_ERROR_BODY)
                 payload = orjson.loads(body)
             except (aiohttp.ClientError, ValueError):
                 payload = None
@@ -738,6 +760,14 @@ class HTTPAdapter:
                              native_code=self._redacted(exc.code),
                              param=self._redacted(exc.param))
 
+    @staticmethod
+    def _client_gone(ctx: RequestContext) -> ClientDisconnected:
+        """A stream's end when its time (`total_s`) ran out while it waited on its client: a
+        client that stopped reading, as one that left (billed what it was sent, no verdict on
+        the provider, which had the next bytes ready)."""
+        ctx.client_disconnected = True
+        return ClientDisconnected()
+
     def _connection_error(self, exc: BaseException) -> UpstreamError:
         return UpstreamError(502, f"Could not reach provider '{self.name}': "
                                   f"{type(exc).__name__}.",
@@ -783,7 +813,9 @@ def finish_reasons(payload: Any) -> list[str] | None:
 
 class StreamDeadline:
     """One timer for a whole stream: first the time to the first event, then the longest
-    idle gap between reads.
+    idle gap between reads, and while the stream waits on its client, what is left of the
+    total time (`waiting_on_client` then tells a client that stopped reading from a provider
+    that stalled).
 
     `asyncio.timeout` would need its timer moved on every chunk (a cancelled handle and a new
     heap entry each time). Here a read only records a new deadline, and the timer, when it
@@ -792,13 +824,15 @@ class StreamDeadline:
     """
 
     __slots__ = ("_expired", "_handle", "_loop", "_task", "deadline", "first_byte_s", "idle_s",
-                 "streaming")
+                 "streaming", "total_at", "total_s", "waiting_on_client")
 
-    def __init__(self, first_byte_s: float, idle_s: float) -> None:
+    def __init__(self, first_byte_s: float, idle_s: float, total_s: float) -> None:
         self.first_byte_s = first_byte_s
         self.idle_s = idle_s
+        self.total_s = total_s
         self.streaming = False  # set once the response has started
-        self.deadline = 0.0
+        self.waiting_on_client = False  # between a `pause` and the next `touch`
+        self.deadline = self.total_at = 0.0
         self._expired = False
         self._handle: asyncio.TimerHandle | None = None
 
@@ -806,20 +840,29 @@ class StreamDeadline:
         task = asyncio.current_task()
         assert task is not None
         self._task, self._loop = task, task.get_loop()
-        self.deadline = self._loop.time() + self.first_byte_s
+        now = self._loop.time()
+        self.deadline, self.total_at = now + self.first_byte_s, now + self.total_s
         self._handle = self._loop.call_at(self.deadline, self._on_timer)
         return self
 
     def touch(self) -> None:
         self.deadline = self._loop.time() + self.idle_s
+        self.waiting_on_client = False
 
     def pause(self) -> None:
-        """Stops the clock until the next `touch`: while the stream waits on its client (a
-        send held by a client that reads slowly), which says nothing about the provider. Such
-        a wait was taken for the provider's idle gap: the stream was cut as a provider
-        failure, counted against its deployment (and its breaker), and continued
-        elsewhere."""
-        self.deadline = math.inf
+        """Holds the idle clock until the next `touch`: while the stream waits on its client
+        (a send held by a client that reads slowly), which says nothing about the provider.
+        Such a wait was taken for the provider's idle gap: the stream was cut as a provider
+        failure, counted against its deployment (and its breaker), and continued elsewhere.
+        The wait still ends with the total time: the server's send to a client that stopped
+        reading waits for as long as it stays away, and aiohttp's `total` fires only in a
+        read that waits, never while the stream waits here (the connection was held, a slot
+        of the provider's pool, until the client left)."""
+        self.deadline, self.waiting_on_client = self.total_at, True
+        handle = self._handle
+        if handle is not None and handle.when() > self.total_at:  # (due after it: sooner)
+            handle.cancel()
+            self._handle = self._loop.call_at(self.total_at, self._on_timer)
 
     def _on_timer(self) -> None:
         now = self._loop.time()
@@ -875,6 +918,16 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts)
+
+
+def _let_go(response: aiohttp.ClientResponse | None, finished: bool) -> None:
+    """A stream's upstream response, once the gateway is done with it: a finished one goes
+    back to the pool; one cut short (an error, a timeout, the client gone) is closed, so the
+    provider stops generating."""
+    if response is not None and finished:
+        response.release()
+    elif response is not None:
+        response.close()
 
 
 def _count_delivered(delivered: list[int], sent: bytes, marker: bytes | None,
