@@ -562,6 +562,12 @@ class Kernel:
                                        ctx.response_headers)
         except ClientDisconnected:
             ctx.client_disconnected = True
+        except asyncio.CancelledError:
+            # The server cancelled the request (the grace period of its shutdown ran out, or
+            # its connection was torn down): an answer it cut short is no success.
+            if started and not ctx.response_ended and not ctx.client_disconnected:
+                ctx.error_type = ctx.error_type or "cancelled"
+            raise
         except Exception:
             logger.exception("unhandled error in request %s", ctx.request_id)
             ctx.status, ctx.error_type = 500, "internal_error"
