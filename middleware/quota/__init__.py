@@ -207,9 +207,10 @@ class QuotaMiddleware:
         self._recovering: asyncio.Task[None] | None = None
         self._alerted: set[str] = set()
         # budget key -> (its store, the budget, the highest alert threshold a settle's
-        # estimate reached that its spend had not yet: judged again at the budget's next
-        # settle here, and at each lease renewal: `_send_alerts`)
-        self._pending_alerts: dict[str, tuple[QuotaStore, Planned, int]] = {}
+        # estimate reached that its spend had not yet, when (monotonic)): judged again at
+        # the settle of a request here that was running then, and at each lease renewal
+        # (`_send_alerts`)
+        self._pending_alerts: dict[str, tuple[QuotaStore, Planned, int, float]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._settles: dict[QuotaStore, list[tuple[str, list[Check], list[int]]]] = {}
         # Admissions through a Lane (middleware/quota/lane.py): with the Redis store only.
@@ -759,7 +760,8 @@ class QuotaMiddleware:
         elif cost and isinstance(self.ledger, PostgresSpendLedger):
             self.ledger.record(lease, [("model", model, cost)], ctx.started_at)
         self._queue_settle(store, lease, planned, checks, decision,
-                           plan.actual_amounts(checks, tokens, cost), cost)
+                           plan.actual_amounts(checks, tokens, cost), cost,
+                           ctx.started_monotonic)
 
     def _served_model(self, ctx: RequestContext) -> str:
         """The public model whose deployment answered a request the failover layer called a
@@ -1066,11 +1068,12 @@ class QuotaMiddleware:
         amounts = plan.actual_amounts(checks, tokens, cost)
         if served != ctx.model:
             plan.served_elsewhere(planned, amounts)
-        self._queue_settle(store, lease, planned, checks, decision, amounts, cost)
+        self._queue_settle(store, lease, planned, checks, decision, amounts, cost,
+                           ctx.started_monotonic)
 
     def _queue_settle(self, store: QuotaStore, lease: str, planned: list[Planned],
                       checks: list[Check], decision: Decision, amounts: list[int],
-                      cost: int) -> None:
+                      cost: int, started: float) -> None:
         """Queues the settle of reservation `lease` to `amounts` (sent by `_flush_settles`),
         forgets it among those in flight and those renewed, and alerts on the budget
         thresholds `cost` crossed."""
@@ -1079,7 +1082,7 @@ class QuotaMiddleware:
         if self._leases_new.pop(lease, None) is None:
             self._leases_old.pop(lease, None)
         self._settles.setdefault(store, []).append((lease, checks, amounts))
-        crossed = self._crossed_thresholds(planned, checks, decision, cost)
+        crossed = self._crossed_thresholds(planned, checks, decision, cost, started)
         if crossed:
             self._spawn(self._send_alerts(store, crossed))
 
@@ -1131,7 +1134,7 @@ class QuotaMiddleware:
             crossed: list[tuple[Planned, int, int]] = []
             for index, item in lane.budgets:
                 used = item.check.limit - values[1 + 2 * index] - est.cost_micros + cost
-                self._crossed(item, used, crossed)
+                self._crossed(item, used, crossed, ctx.started_monotonic)
             if crossed:
                 self._spawn(self._send_alerts(self.store, crossed))
 
@@ -1203,18 +1206,19 @@ class QuotaMiddleware:
             self._unsure_settles(batch)
 
     def _crossed_thresholds(self, planned: list[Planned], checks: list[Check],
-                            decision: Decision, cost: int) -> list[tuple[Planned, int, int]]:
+                            decision: Decision, cost: int,
+                            started: float) -> list[tuple[Planned, int, int]]:
         """(budget, threshold, used) for alert thresholds this request reached that this
         process has not alerted on yet in the period."""
         crossed: list[tuple[Planned, int, int]] = []
         for index in plan.budget_indexes(planned):
             item = planned[index]
             used = item.check.limit - decision.remaining[index] - checks[index].amount + cost
-            self._crossed(item, used, crossed)
+            self._crossed(item, used, crossed, started)
         return crossed
 
-    def _crossed(self, item: Planned, used: int,
-                 crossed: list[tuple[Planned, int, int]]) -> None:
+    def _crossed(self, item: Planned, used: int, crossed: list[tuple[Planned, int, int]],
+                 started: float = math.inf) -> None:
         """Adds (budget, threshold, used) for each threshold of `item`'s budget that `used`
         reaches and this process has not alerted on yet in the period."""
         budget = item.budget
@@ -1227,7 +1231,9 @@ class QuotaMiddleware:
                     f"{item.check.key}:alert:{threshold}" not in self._alerted:
                 crossed.append((item, threshold, used))
         pending = self._pending_alerts.get(item.check.key)
-        if pending is not None and len(crossed) == before:  # judged again on this settle
+        if pending is not None and len(crossed) == before and started < pending[3]:
+            # (a request running when a threshold waited: one whose reservation counted in
+            # the estimate that reached it. A later one's own estimate says when it is.)
             crossed.append((item, pending[2], used))
 
     def _alert_refusing(self, store: QuotaStore, item: Planned) -> None:
@@ -1292,14 +1298,14 @@ class QuotaMiddleware:
             key = item.check.key
             assert item.budget is not None
             if reached is None:  # (unreadable now: judged again later)
-                self._pending_alerts[key] = (store, item, highest)
+                self._pending_alerts[key] = (store, item, highest, time.monotonic())
                 continue
             percent = reached * 100 // item.check.limit
             for threshold in item.budget.alert_at_percent:
                 if percent >= threshold:
                     await self._alert_once(store, item, threshold, reached)
             if percent < highest and f"{key}:alert:{highest}" not in self._alerted:
-                self._pending_alerts[key] = (store, item, highest)
+                self._pending_alerts[key] = (store, item, highest, time.monotonic())
             else:
                 self._pending_alerts.pop(key, None)
 
@@ -1308,7 +1314,7 @@ class QuotaMiddleware:
         have spent; forgets those whose period is over."""
         now = time.time()
         by_store: dict[QuotaStore, list[tuple[Planned, int, int]]] = {}
-        for key, (store, item, highest) in list(self._pending_alerts.items()):
+        for key, (store, item, highest, _) in list(self._pending_alerts.items()):
             if item.check.expires_at and item.check.expires_at <= now:
                 del self._pending_alerts[key]
             else:
