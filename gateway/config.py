@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from starlette.middleware import Middleware
 
@@ -34,7 +34,7 @@ from gateway.upstream import Deployment, Model, ProviderAdapter, ProviderKey, Ti
 __all__ = [
     "ConfigError", "Deployment", "GatewayConfig", "HuggingFaceTokenizer", "Middleware", "Model",
     "Price", "ProviderKey", "Settings", "TiktokenFile", "Timeouts", "env_name",
-    "env_name_shown", "load_config",
+    "env_name_shown", "is_header_name", "is_postgres_dsn", "load_config",
 ]
 
 
@@ -47,6 +47,22 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # The conventional form (POSIX: upper case), the only one an error shows: a secret of
 # letters and digits alone has the form above too.
 _CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+
+
+# RFC 9110 5.1: a field name is a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def is_header_name(value: object) -> TypeGuard[str]:
+    """Whether `value` is a string an HTTP header can be named by (a layer's or a provider's
+    option)."""
+    return isinstance(value, str) and _HEADER_NAME.fullmatch(value) is not None
+
+
+def is_postgres_dsn(value: str) -> bool:
+    """Whether a layer's store option given as a string is a PostgreSQL DSN (a URL, or libpq's
+    key=value form), which the layer then opens its store on."""
+    return value.startswith(("postgresql://", "postgres://", "host="))
 
 
 def env_name(value: object, setting: str) -> str:

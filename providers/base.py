@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from gateway.config import ConfigError, env_name, env_name_shown
+from gateway.config import ConfigError, env_name, env_name_shown, is_header_name
 from gateway.context import ANTHROPIC_COUNT_TOKENS, Attempt, RequestContext, Usage, add_usage
 from gateway.errors import (
     ClientDisconnected,
@@ -977,9 +977,8 @@ def _authority_readable(url: str) -> bool:
     return bool(parts.hostname) and port != 0
 
 
-# RFC 9110: a field name is a token (section 5.1); a value holds no control character but
-# the tab (section 5.5), and a CR or LF would end the header early.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 5.5: a value holds no control character but the tab, and a CR or LF would end
+# the header early. (A name: `gateway.config.is_header_name`.)
 _HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 
@@ -993,7 +992,7 @@ def _checked_headers(type_name: str, headers: object) -> dict[str, str]:
         raise ConfigError(f"a {type_name} provider's headers must be a dict such as "
                           f"{{'x-org-id': 'org-1'}}, not {type(headers).__name__}.")
     for name, value in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        if not is_header_name(name):
             raise ConfigError(f"a {type_name} provider's headers must be named by HTTP "
                               "header names (letters, digits and !#$%&'*+-.^_`|~), which one "
                               "of them is not (not shown: it may hold a key).")

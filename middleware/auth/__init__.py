@@ -26,7 +26,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from gateway.config import ConfigError, GatewayConfig, env_name, env_name_shown
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    env_name,
+    env_name_shown,
+    is_header_name,
+    is_postgres_dsn,
+)
 from gateway.context import (
     CONTEXT_KEY,
     PRINCIPAL_KEY,
@@ -395,7 +402,7 @@ def _key_store(store: object) -> KeyStore | None:
     for a PostgresKeyStore on it; anything else is a ConfigError naming the option (its
     value never shown: a DSN holds a password)."""
     if isinstance(store, str):
-        if not store.startswith(("postgresql://", "postgres://", "host=")):
+        if not is_postgres_dsn(store):
             raise ConfigError("AuthMiddleware store must be a PostgreSQL DSN or a key store "
                               "such as PostgresKeyStore(dsn).")
         return PostgresKeyStore(store)
@@ -409,8 +416,7 @@ def _key_store(store: object) -> KeyStore | None:
 
 def _header_name(value: object) -> str:
     """The `customer_header` option: an HTTP header name (RFC 9110 token), lower-cased."""
-    if not isinstance(value, str) or not value or not all(
-            char.isascii() and (char.isalnum() or char in "!#$%&'*+-.^_`|~") for char in value):
+    if not is_header_name(value):
         raise ConfigError("AuthMiddleware customer_header must be an HTTP header name such as "
                           "'x-sluicegate-customer'.")
     return value

@@ -58,7 +58,7 @@ from typing import Any
 import orjson
 
 from gateway.admin import admin_token_from_env, route_path
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, is_postgres_dsn
 from gateway.context import SELF_USAGE_PATH, RequestContext, find_request_context
 from gateway.errors import ClientDisconnected, GatewayError
 from gateway.kernel import ASGIApp, Receive, Scope, Send, degraded
@@ -124,7 +124,7 @@ class MeteringMiddleware:
         _check_seconds("retry_interval_s", retry_interval_s)
         _check_seconds("fsync_interval_s", fsync_interval_s, zero_ok=True)
         if isinstance(store, str):
-            if not store.startswith(("postgresql://", "postgres://", "host=")):
+            if not is_postgres_dsn(store):
                 raise ConfigError("MeteringMiddleware store must be a PostgreSQL DSN or a "
                                   "PostgresUsageStore.")
             store = PostgresUsageStore(store)

@@ -66,7 +66,7 @@ from gateway.admin import (
     send_json,
     without_body_for_head,
 )
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, is_postgres_dsn
 from gateway.context import (
     ANTHROPIC_COUNT_TOKENS,
     CONTEXT_KEY,
@@ -1632,7 +1632,7 @@ def _make_ledger(ledger: object) -> SpendLedger | None:
     if ledger is None or isinstance(ledger, PostgresSpendLedger):
         return ledger
     if isinstance(ledger, str):  # (as MeteringMiddleware's store)
-        if not ledger.startswith(("postgresql://", "postgres://", "host=")):
+        if not is_postgres_dsn(ledger):
             raise ConfigError("QuotaMiddleware ledger must be a PostgreSQL DSN or a "
                               "SpendLedger such as PostgresSpendLedger(dsn).")
         return PostgresSpendLedger(ledger)
