@@ -31,7 +31,7 @@ import struct
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -258,6 +258,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _covered(entry: CachedResponse, cutoffs: Mapping[frozenset[str], float]) -> bool:
+    """Whether an invalidation in `cutoffs` (its tags -> when it was made) covers `entry`: it
+    carries all of one's tags and was written before it."""
+    return any(entry.created_at <= at and wanted.issubset(entry.tags)
+               for wanted, at in cutoffs.items())
+
+
 def _check_tags(tags: Sequence[str]) -> None:
     if not tags:
         raise ValueError("invalidate() needs at least one tag")
@@ -475,11 +482,7 @@ class MemoryCacheStore:
         self._newest_cutoff = max(self._newest_cutoff, at)
 
     def _is_cut(self, entry: CachedResponse) -> bool:
-        created = entry.created_at
-        if created <= self._floor:
-            return True
-        return any(created <= at and wanted.issubset(entry.tags)
-                   for wanted, at in self._cutoffs.items())
+        return entry.created_at <= self._floor or _covered(entry, self._cutoffs)
 
     def _catch_up(self, log: InvalidationLog) -> None:
         """Applies the invalidations other workers made since the last look: remembered at
@@ -689,8 +692,7 @@ class RedisCacheStore:
 
     def _cut_off(self, entry: CachedResponse) -> bool:
         """Whether an invalidation this process is deleting (`_sweeps`) covers `entry`."""
-        return any(entry.created_at <= at and wanted.issubset(entry.tags)
-                   for wanted, at in self._sweeps.items())
+        return _covered(entry, self._sweeps)
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if ttl_s <= 0:
